@@ -1,0 +1,617 @@
+#include "broker/broker.hpp"
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+namespace sidecast::broker {
+
+using proto::Envelope;
+
+struct broker::metrics {
+  explicit metrics(prometheus::Registry& r)
+      : received{prometheus::BuildCounter()
+                     .Name("sidecast_broker_messages_received_total")
+                     .Help("Messages received on the ROUTER socket, by kind")
+                     .Register(r)},
+        requests{prometheus::BuildCounter()
+                     .Name("sidecast_broker_requests_total")
+                     .Help("Requests by service and outcome")
+                     .Register(r)},
+        dropped{prometheus::BuildCounter()
+                    .Name("sidecast_broker_dropped_total")
+                    .Help("Messages dropped, by reason")
+                    .Register(r)},
+        reports{prometheus::BuildCounter()
+                    .Name("sidecast_broker_delivery_reports_total")
+                    .Help("Delivery reports the broker produced, by status")
+                    .Register(r)},
+        events{prometheus::BuildCounter()
+                   .Name("sidecast_broker_events_total")
+                   .Help("Room and broadcast events forwarded from XSUB to XPUB")
+                   .Register(r)
+                   .Add({})},
+        queue_depth{prometheus::BuildGauge()
+                        .Name("sidecast_broker_queue_depth")
+                        .Help("Requests waiting for a worker, by service")
+                        .Register(r)},
+        workers{prometheus::BuildGauge()
+                    .Name("sidecast_broker_workers")
+                    .Help("Live workers, by service")
+                    .Register(r)},
+        peers{prometheus::BuildGauge().Name("sidecast_broker_peers").Help("Live peers, by role").Register(r)},
+        in_flight{prometheus::BuildGauge()
+                      .Name("sidecast_broker_in_flight")
+                      .Help("Requests held by workers")
+                      .Register(r)
+                      .Add({})},
+        dispatch_latency{prometheus::BuildHistogram()
+                             .Name("sidecast_broker_dispatch_seconds")
+                             .Help("Time from a request's arrival to its dispatch to a worker")
+                             .Register(r)
+                             .Add({}, core::latency_buckets())},
+        request_latency{prometheus::BuildHistogram()
+                            .Name("sidecast_broker_request_seconds")
+                            .Help("Time from a request's arrival to its worker's reply")
+                            .Register(r)
+                            .Add({}, core::latency_buckets())} {}
+
+  prometheus::Counter& outcome(const std::string& service, const char* what) {
+    auto key = service + '\0' + what;
+    auto it = outcomes.find(key);
+    if (it == outcomes.end())
+      it = outcomes.emplace(key, &requests.Add({{"service", service}, {"outcome", what}})).first;
+    return *it->second;
+  }
+  prometheus::Counter& drop(std::string_view reason) {
+    auto it = drops.find(std::string{reason});
+    if (it == drops.end())
+      it = drops.emplace(std::string{reason}, &dropped.Add({{"reason", std::string{reason}}})).first;
+    return *it->second;
+  }
+
+  prometheus::Family<prometheus::Counter>& received;
+  prometheus::Family<prometheus::Counter>& requests;
+  prometheus::Family<prometheus::Counter>& dropped;
+  prometheus::Family<prometheus::Counter>& reports;
+  prometheus::Counter& events;
+  prometheus::Family<prometheus::Gauge>& queue_depth;
+  prometheus::Family<prometheus::Gauge>& workers;
+  prometheus::Family<prometheus::Gauge>& peers;
+  prometheus::Gauge& in_flight;
+  prometheus::Histogram& dispatch_latency;
+  prometheus::Histogram& request_latency;
+  std::unordered_map<std::string, prometheus::Counter*> outcomes;
+  std::unordered_map<std::string, prometheus::Counter*> drops;
+  std::array<prometheus::Counter*, 12> by_kind{};
+};
+
+namespace {
+
+double seconds_since(clock::time_point then, clock::time_point now) {
+  return std::chrono::duration<double>(now - then).count();
+}
+
+const char* outcome_name(proto::Code code) {
+  switch (code) {
+    case proto::OK: return "ok";
+    case proto::UNAVAILABLE: return "unavailable";
+    case proto::TIMEOUT: return "timeout";
+    case proto::BUSY: return "busy";
+    case proto::WORKER_LOST: return "worker_lost";
+    case proto::CANCELLED: return "cancelled";
+    default: return "error";
+  }
+}
+
+}  // namespace
+
+broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr registry)
+    : config_{std::move(config)},
+      context_{context},
+      router_{context_, zmq::socket_type::router},
+      xsub_{context_, zmq::socket_type::xsub},
+      xpub_{context_, zmq::socket_type::xpub},
+      table_{config_.limits},
+      registry_{std::move(registry)},
+      metrics_{std::make_unique<metrics>(*registry_)} {}
+
+broker::~broker() = default;
+
+void broker::bind() {
+  router_.set(zmq::sockopt::router_mandatory, 1);
+  router_.set(zmq::sockopt::router_handover, 1);
+  router_.set(zmq::sockopt::sndhwm, config_.sndhwm);
+  router_.set(zmq::sockopt::rcvhwm, config_.rcvhwm);
+  router_.set(zmq::sockopt::linger, 0);
+  router_.bind(config_.router_endpoint);
+  xsub_.set(zmq::sockopt::rcvhwm, config_.rcvhwm);
+  xsub_.set(zmq::sockopt::linger, 0);
+  xsub_.bind(config_.xsub_endpoint);
+  // Publishers send everything to the broker; gateways' subscriptions are
+  // applied here, at the XPUB, so a join takes effect after one hop.
+  const char subscribe_all = 1;
+  xsub_.send(zmq::buffer(&subscribe_all, 1));
+  xpub_.set(zmq::sockopt::sndhwm, config_.sndhwm);
+  xpub_.set(zmq::sockopt::linger, 0);
+  xpub_.bind(config_.xpub_endpoint);
+  spdlog::info("broker {} listening: router {}, xsub {}, xpub {}", config_.id,
+               config_.router_endpoint, config_.xsub_endpoint, config_.xpub_endpoint);
+}
+
+void broker::stop() {
+  stopping_ = true;
+  wakeup_.signal();
+}
+
+bool broker::healthy() const {
+  auto last = std::chrono::steady_clock::time_point{std::chrono::nanoseconds{last_turn_ns_.load()}};
+  return !stopping_ && clock::now() - last < config_.heartbeat_interval * 5;
+}
+
+void broker::run() {
+  next_tick_ = clock::now();
+  while (!stopping_) {
+    auto now = clock::now();
+    last_turn_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count();
+    if (now >= next_tick_) tick(now);
+    if (auto d = table_.next_deadline(); d && *d <= now) {
+      for (const auto& f : table_.expire(now)) fail(f);
+    }
+    auto wake = next_tick_;
+    if (auto d = table_.next_deadline()) wake = std::min(wake, *d);
+    auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(wake - now) +
+                   std::chrono::milliseconds(1);
+
+    zmq::pollitem_t items[] = {
+        {router_.handle(), 0, ZMQ_POLLIN, 0},
+        {xsub_.handle(), 0, ZMQ_POLLIN, 0},
+        {xpub_.handle(), 0, ZMQ_POLLIN, 0},
+        {nullptr, wakeup_.fd(), ZMQ_POLLIN, 0},
+    };
+    try {
+      zmq::poll(items, 4, std::max(timeout, std::chrono::milliseconds(0)));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == EINTR) continue;
+      throw;
+    }
+    if (items[3].revents & ZMQ_POLLIN) wakeup_.drain();
+    if (items[0].revents & ZMQ_POLLIN) {
+      for (std::size_t i = 0; i < config_.batch; ++i) {
+        zmq::message_t identity, payload;
+        if (!router_.recv(identity, zmq::recv_flags::dontwait)) break;
+        if (!identity.more() || !router_.recv(payload, zmq::recv_flags::dontwait)) {
+          drop("malformed", "a message without a payload frame");
+          continue;
+        }
+        if (payload.more()) {
+          zmq::message_t extra;
+          while (router_.recv(extra, zmq::recv_flags::dontwait) && extra.more()) {
+          }
+          drop("malformed", "extra frames");
+          continue;
+        }
+        on_router_message(identity.to_string_view(), payload);
+      }
+      dispatch(clock::now());
+    }
+    if (items[1].revents & ZMQ_POLLIN) forward_events();
+    if (items[2].revents & ZMQ_POLLIN) drain_subscriptions();
+  }
+  spdlog::info("broker {} stopped", config_.id);
+}
+
+void broker::on_router_message(std::string_view routing_id_view, const zmq::message_t& payload) {
+  ++stats_.received;
+  auto bytes = payload.to_string_view();
+  auto env = proto::decode(bytes);
+  if (!env) {
+    drop("malformed", "undecodable envelope");
+    return;
+  }
+  auto kind = env->kind_case();
+  auto*& kind_counter = metrics_->by_kind[static_cast<std::size_t>(kind) % metrics_->by_kind.size()];
+  if (!kind_counter) kind_counter = &metrics_->received.Add({{"kind", std::string{proto::kind_name(*env)}}});
+  kind_counter->Increment();
+
+  std::string routing_id{routing_id_view};
+  auto now = clock::now();
+  if (kind == Envelope::kHello) {
+    on_hello(routing_id, env->hello(), now);
+    return;
+  }
+  auto it = peers_.find(routing_id);
+  proto::Role role = proto::ROLE_CLIENT;
+  if (it == peers_.end()) {
+    // A peer we do not know: most likely the broker restarted. Ask it to
+    // announce itself; requests are still served so nothing is lost.
+    send_error(routing_id, proto::NOT_REGISTERED, "send Hello first");
+    if (kind != Envelope::kRequest && kind != Envelope::kLifecycle) {
+      drop("unknown_peer", routing_id);
+      return;
+    }
+  } else {
+    it->second.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
+    role = it->second.role;
+  }
+  if (it != peers_.end() && !allowed(role, kind)) {
+    send_error(routing_id, proto::BAD_REQUEST,
+               std::string{"message not allowed for this role: "} + std::string{proto::kind_name(*env)});
+    drop("not_allowed", proto::kind_name(*env));
+    return;
+  }
+  switch (kind) {
+    case Envelope::kHeartbeat: break;
+    case Envelope::kRequest:
+    case Envelope::kLifecycle: on_job(routing_id, *env, bytes, now); break;
+    case Envelope::kReply: on_reply(routing_id, env->reply(), bytes); break;
+    case Envelope::kEmit:
+    case Envelope::kControl:
+    case Envelope::kReport: on_addressed(routing_id, *env, bytes); break;
+    case Envelope::kCancel: on_cancel(env->cancel()); break;
+    default: break;
+  }
+}
+
+bool broker::allowed(proto::Role role, Envelope::KindCase kind) const {
+  switch (kind) {
+    case Envelope::kHeartbeat:
+    case Envelope::kRequest:
+    case Envelope::kCancel:
+    case Envelope::kReply:  // workers end jobs; gateways return clients' acks
+      return true;
+    case Envelope::kLifecycle:
+    case Envelope::kReport: return role == proto::ROLE_GATEWAY;
+    case Envelope::kEmit: return role == proto::ROLE_WORKER || role == proto::ROLE_GATEWAY;
+    case Envelope::kControl: return role == proto::ROLE_WORKER;
+    default: return false;  // Welcome and Error only flow from the broker
+  }
+}
+
+void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now) {
+  if (hello.protocol_version() != proto::protocol_version) {
+    send_error(routing_id, proto::UNSUPPORTED_VERSION,
+               "broker speaks protocol version " + std::to_string(proto::protocol_version));
+    drop("bad_hello", "unsupported version");
+    return;
+  }
+  if (!proto::valid_peer_id(hello.id()) || hello.id() != routing_id) {
+    send_error(routing_id, proto::BAD_REQUEST, "peer id must be valid and equal the routing id");
+    drop("bad_hello", "bad id");
+    return;
+  }
+  if (hello.role() != proto::ROLE_GATEWAY && hello.role() != proto::ROLE_WORKER &&
+      hello.role() != proto::ROLE_CLIENT) {
+    send_error(routing_id, proto::BAD_REQUEST, "unknown role");
+    drop("bad_hello", "bad role");
+    return;
+  }
+  auto existing = peers_.find(routing_id);
+  if (existing != peers_.end()) {
+    // A peer announcing itself again lost its state (it reconnected or
+    // restarted under the same id): whatever it held goes elsewhere.
+    remove_peer(routing_id);
+  }
+  peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness};
+  if (hello.role() == proto::ROLE_WORKER) {
+    for (const auto& s : hello.services()) {
+      if (!s.name().empty()) table_.add_worker(routing_id, s.name(), s.capacity());
+    }
+  }
+  Envelope env;
+  auto* w = env.mutable_welcome();
+  w->set_protocol_version(proto::protocol_version);
+  w->set_heartbeat_interval_ms(static_cast<std::uint32_t>(config_.heartbeat_interval.count()));
+  w->set_heartbeat_liveness(config_.heartbeat_liveness);
+  w->set_broker_id(config_.id);
+  send(routing_id, env);
+  spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
+               hello.services_size());
+  dispatch(now);
+}
+
+void broker::on_job(const std::string& routing_id, const Envelope& env, std::string_view payload,
+                    clock::time_point now) {
+  job work;
+  std::uint32_t timeout_ms = 0;
+  if (env.has_request()) {
+    const auto& r = env.request();
+    work.id = r.id();
+    work.service = r.service();
+    work.wants_reply = r.wants_reply();
+    timeout_ms = r.timeout_ms();
+  } else {
+    const auto& l = env.lifecycle();
+    work.id = l.id();
+    work.service = l.service();
+    work.wants_reply = l.kind() == proto::Lifecycle::CONNECT;
+    timeout_ms = l.timeout_ms();
+  }
+  if (work.id.empty() || work.service.empty()) {
+    if (!work.id.empty()) send_reply(routing_id, work.id, proto::BAD_REQUEST, "request without a service");
+    drop("malformed", "request without id or service");
+    return;
+  }
+  auto timeout = timeout_ms ? std::chrono::milliseconds(timeout_ms) : config_.default_timeout;
+  timeout = std::min(timeout, config_.max_timeout);
+  work.requester = routing_id;
+  work.payload.assign(payload);
+  work.received = now;
+  work.deadline = now + timeout;
+  auto service = work.service;
+  auto id = work.id;
+  bool wants_reply = work.wants_reply;
+  switch (table_.submit(std::move(work))) {
+    case service_table::admit::queued: break;
+    case service_table::admit::busy:
+      metrics_->outcome(service, "busy").Increment();
+      if (wants_reply) send_reply(routing_id, id, proto::BUSY, "service queue is full: " + service);
+      break;
+    case service_table::admit::duplicate:
+      // A retransmission of a request still in progress: the first answers.
+      drop("duplicate", id);
+      break;
+  }
+}
+
+void broker::dispatch(clock::time_point now) {
+  std::vector<std::string> unreachable;
+  for (const auto& a : table_.dispatch()) {
+    const job& work = *a.work;
+    bool ok;
+    auto waited = now - work.received;
+    if (work.attempt > 1 || waited > std::chrono::milliseconds(1)) {
+      // The timeout and attempt in the envelope no longer hold: rewrite them.
+      auto env = proto::decode(work.payload);
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(work.deadline - now).count();
+      auto left_ms = static_cast<std::uint32_t>(std::max<long long>(left, 1));
+      if (env && env->has_request()) {
+        env->mutable_request()->set_attempt(work.attempt);
+        env->mutable_request()->set_timeout_ms(left_ms);
+      } else if (env && env->has_lifecycle()) {
+        env->mutable_lifecycle()->set_attempt(work.attempt);
+        env->mutable_lifecycle()->set_timeout_ms(left_ms);
+      }
+      ok = env ? send(a.worker, *env) : send(a.worker, work.payload);
+    } else {
+      ok = send(a.worker, work.payload);
+    }
+    ++stats_.dispatched;
+    metrics_->outcome(work.service, "dispatched").Increment();
+    metrics_->dispatch_latency.Observe(seconds_since(work.received, now));
+    if (!ok) unreachable.push_back(a.worker);
+  }
+  if (unreachable.empty()) return;
+  // A worker whose pipe is gone or full is treated as lost: its jobs retry
+  // on the others.
+  std::sort(unreachable.begin(), unreachable.end());
+  unreachable.erase(std::unique(unreachable.begin(), unreachable.end()), unreachable.end());
+  for (const auto& worker : unreachable) {
+    spdlog::warn("worker {} unreachable; dropping it", worker);
+    remove_peer(worker);
+  }
+  dispatch(now);
+}
+
+void broker::on_reply(const std::string& routing_id, const proto::Reply& reply, std::string_view payload) {
+  bool held = false;
+  auto done = table_.complete(reply.id(), routing_id, &held);
+  if (done) {
+    ++stats_.replies;
+    auto now = clock::now();
+    metrics_->request_latency.Observe(seconds_since(done->received, now));
+    metrics_->outcome(done->service, outcome_name(reply.code())).Increment();
+    if (done->wants_reply) send(done->requester, payload);
+    return;
+  }
+  if (held) return;  // a late answer to a job that expired or was cancelled
+  // Not a job: a client's ack of an Emit, routed to the peer named by the id.
+  auto owner = std::string{proto::id_owner(reply.id())};
+  if (owner.empty() || !peers_.contains(owner) || !send(owner, payload)) drop("unroutable", reply.id());
+}
+
+void broker::on_addressed(const std::string& routing_id, const Envelope& env, std::string_view payload) {
+  std::string sid, origin, ref;
+  if (env.has_emit()) {
+    const auto& e = env.emit();
+    if (e.to_case() != proto::Emit::kSid) {
+      publish(e, payload);
+      return;
+    }
+    sid = e.sid();
+    origin = e.origin().empty() ? routing_id : e.origin();
+    ref = e.ref();
+  } else if (env.has_control()) {
+    sid = env.control().sid();
+    origin = env.control().origin().empty() ? routing_id : env.control().origin();
+    ref = env.control().ref();
+  } else {
+    // A gateway's delivery report goes to the origin it names.
+    const auto& to = env.report().to();
+    if (to.empty() || !peers_.contains(to) || !send(to, payload)) drop("unroutable", "delivery report");
+    return;
+  }
+  auto gateway = std::string{proto::sid_owner(sid)};
+  auto it = peers_.find(gateway);
+  if (gateway.empty() || it == peers_.end() || it->second.role != proto::ROLE_GATEWAY ||
+      !send(gateway, payload)) {
+    send_report(origin, proto::DeliveryReport::GATEWAY_GONE, sid, ref,
+                gateway.empty() ? "sid has no gateway prefix" : "no live gateway " + gateway);
+  }
+}
+
+void broker::publish(const proto::Emit& emit, std::string_view payload) {
+  auto topic = proto::topic_for(emit);
+  if (topic.empty()) {
+    drop("malformed", "emit without a target");
+    return;
+  }
+  xpub_.send(zmq::buffer(topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+  xpub_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+  ++stats_.events;
+  metrics_->events.Increment();
+}
+
+void broker::forward_events() {
+  for (std::size_t i = 0; i < config_.batch; ++i) {
+    zmq::message_t topic;
+    if (!xsub_.recv(topic, zmq::recv_flags::dontwait)) return;
+    if (!topic.more()) {
+      drop("malformed", "event without a body");
+      continue;
+    }
+    zmq::message_t body;
+    if (!xsub_.recv(body, zmq::recv_flags::dontwait)) return;
+    if (body.more()) {
+      zmq::message_t extra;
+      while (xsub_.recv(extra, zmq::recv_flags::dontwait) && extra.more()) {
+      }
+      drop("malformed", "event with extra frames");
+      continue;
+    }
+    // XPUB never blocks: a subscriber over its HWM loses the event.
+    xpub_.send(topic, zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+    xpub_.send(body, zmq::send_flags::dontwait);
+    ++stats_.events;
+    metrics_->events.Increment();
+  }
+}
+
+void broker::drain_subscriptions() {
+  // Subscriptions are applied by the XPUB itself; nothing goes upstream
+  // because the XSUB already takes everything.
+  for (std::size_t i = 0; i < config_.batch; ++i) {
+    zmq::message_t msg;
+    if (!xpub_.recv(msg, zmq::recv_flags::dontwait)) return;
+  }
+}
+
+void broker::on_cancel(const proto::Cancel& cancel) {
+  std::string worker;
+  auto gone = table_.cancel(cancel.id(), &worker);
+  if (!gone) return;
+  metrics_->outcome(gone->service, "cancelled").Increment();
+  if (!worker.empty()) {
+    Envelope env;
+    env.mutable_cancel()->set_id(cancel.id());
+    env.mutable_cancel()->set_reason(proto::CANCELLED);
+    send(worker, env);
+  }
+}
+
+void broker::fail(const failure& f) {
+  metrics_->outcome(f.work.service, outcome_name(f.code)).Increment();
+  if (!f.worker.empty()) {
+    Envelope env;
+    env.mutable_cancel()->set_id(f.work.id);
+    env.mutable_cancel()->set_reason(f.code);
+    send(f.worker, env);
+  }
+  if (!f.work.wants_reply) return;
+  std::string message;
+  switch (f.code) {
+    case proto::UNAVAILABLE: message = "no worker for service " + f.work.service; break;
+    case proto::TIMEOUT: message = "deadline passed"; break;
+    case proto::WORKER_LOST: message = "worker lost " + std::to_string(f.work.attempt) + " times"; break;
+    default: message = proto::Code_Name(f.code); break;
+  }
+  send_reply(f.work.requester, f.work.id, f.code, std::move(message));
+}
+
+void broker::remove_peer(const std::string& routing_id) {
+  auto it = peers_.find(routing_id);
+  if (it == peers_.end()) return;
+  auto role = it->second.role;
+  peers_.erase(it);
+  if (role == proto::ROLE_WORKER) {
+    for (const auto& f : table_.remove_worker(routing_id)) fail(f);
+  }
+  spdlog::info("{} {} left", proto::Role_Name(role), routing_id);
+}
+
+void broker::tick(clock::time_point now) {
+  std::vector<std::string> dead;
+  for (const auto& [routing_id, p] : peers_) {
+    if (now >= p.expiry) dead.push_back(routing_id);
+  }
+  for (const auto& routing_id : dead) {
+    spdlog::warn("peer {} missed {} heartbeats; dropping it", routing_id, config_.heartbeat_liveness);
+    remove_peer(routing_id);
+  }
+  if (!dead.empty()) dispatch(now);
+  Envelope hb;
+  hb.mutable_heartbeat();
+  auto bytes = proto::encode(hb);
+  std::size_t counts[4] = {};
+  for (const auto& [routing_id, p] : peers_) {
+    send(routing_id, bytes);
+    ++counts[std::min<std::size_t>(static_cast<std::size_t>(p.role), 3)];
+  }
+  for (auto role : {proto::ROLE_GATEWAY, proto::ROLE_WORKER, proto::ROLE_CLIENT}) {
+    metrics_->peers.Add({{"role", proto::Role_Name(role)}}).Set(static_cast<double>(counts[role]));
+  }
+  for (const auto& service : table_.services()) {
+    metrics_->queue_depth.Add({{"service", service}}).Set(static_cast<double>(table_.queued(service)));
+    metrics_->workers.Add({{"service", service}}).Set(static_cast<double>(table_.workers(service)));
+  }
+  metrics_->in_flight.Set(static_cast<double>(table_.in_flight()));
+  if (auto n = log_limit_.take_suppressed()) spdlog::warn("{} log lines suppressed", n);
+  next_tick_ = now + config_.heartbeat_interval;
+}
+
+bool broker::send(const std::string& routing_id, std::string_view payload) {
+  try {
+    if (!router_.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
+      drop("hwm", routing_id);
+      return false;
+    }
+    router_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+    return true;
+  } catch (const zmq::error_t& e) {
+    // EHOSTUNREACH: the peer's connection is gone (ROUTER_MANDATORY).
+    drop("unreachable", routing_id);
+    return false;
+  }
+}
+
+bool broker::send(const std::string& routing_id, const Envelope& env) {
+  return send(routing_id, proto::encode(env));
+}
+
+void broker::send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message) {
+  Envelope env;
+  auto* r = env.mutable_reply();
+  r->set_id(id);
+  r->set_code(code);
+  r->set_message(std::move(message));
+  send(to, env);
+}
+
+void broker::send_error(const std::string& to, proto::Code code, std::string message) {
+  Envelope env;
+  env.mutable_error()->set_code(code);
+  env.mutable_error()->set_message(std::move(message));
+  send(to, env);
+}
+
+void broker::send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
+                         std::string ref, std::string detail) {
+  metrics_->reports.Add({{"status", proto::DeliveryReport::Status_Name(status)}}).Increment();
+  if (to.empty() || !peers_.contains(to)) return;
+  Envelope env;
+  auto* r = env.mutable_report();
+  r->set_status(status);
+  r->set_sid(std::move(sid));
+  r->set_ref(std::move(ref));
+  r->set_detail(std::move(detail));
+  r->set_to(to);
+  send(to, env);
+}
+
+void broker::drop(std::string_view reason, std::string_view detail) {
+  ++stats_.dropped;
+  metrics_->drop(reason).Increment();
+  if (log_limit_.allow()) spdlog::warn("dropped message ({}): {}", reason, detail);
+}
+
+}  // namespace sidecast::broker

@@ -1,0 +1,114 @@
+#pragma once
+// The broker: one thread, one zmq::poll loop. A ROUTER socket for gateways,
+// workers and plain clients (requests, replies, addressed traffic), and an
+// XSUB/XPUB pair that carries room and broadcast events. See docs/protocol.md.
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+
+#include <zmq.hpp>
+
+#include "broker/service_table.hpp"
+#include "core/log.hpp"
+#include "core/metrics.hpp"
+#include "core/wakeup.hpp"
+
+namespace sidecast::broker {
+
+struct broker_config {
+  std::string id = "broker";
+  std::string router_endpoint = "tcp://127.0.0.1:7700";  // gateways, workers, clients
+  std::string xsub_endpoint = "tcp://127.0.0.1:7701";    // workers' PUB sockets connect here
+  std::string xpub_endpoint = "tcp://127.0.0.1:7702";    // gateways' SUB sockets connect here
+  std::chrono::milliseconds heartbeat_interval{1000};
+  unsigned heartbeat_liveness = 3;
+  std::chrono::milliseconds default_timeout{30000};  // requests that name none
+  std::chrono::milliseconds max_timeout{3600000};
+  table_limits limits;
+  int sndhwm = 100000;  // per peer, messages
+  int rcvhwm = 100000;
+  std::size_t batch = 1024;  // messages handled per socket per loop turn
+};
+
+struct broker_stats {
+  std::uint64_t received = 0;
+  std::uint64_t dropped = 0;
+  std::uint64_t dispatched = 0;
+  std::uint64_t replies = 0;
+  std::uint64_t events = 0;
+};
+
+class broker {
+ public:
+  broker(broker_config config, zmq::context_t& context, core::registry_ptr registry);
+  ~broker();
+  broker(const broker&) = delete;
+  broker& operator=(const broker&) = delete;
+
+  /// Binds all sockets. Throws zmq::error_t on a bad or busy endpoint.
+  void bind();
+  /// Runs the loop until stop(). Never throws for peer input.
+  void run();
+  /// Thread-safe.
+  void stop();
+  /// Thread-safe: the loop turned recently.
+  bool healthy() const;
+
+  /// Loop-thread only (tests call it after stop()).
+  const broker_stats& stats() const { return stats_; }
+  const service_table& table() const { return table_; }
+
+ private:
+  struct peer {
+    proto::Role role = proto::ROLE_UNSPECIFIED;
+    clock::time_point expiry{};
+  };
+  struct metrics;
+
+  void on_router_message(std::string_view routing_id, const zmq::message_t& payload);
+  void on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now);
+  void on_job(const std::string& routing_id, const proto::Envelope& env, std::string_view payload,
+              clock::time_point now);
+  void on_reply(const std::string& routing_id, const proto::Reply& reply, std::string_view payload);
+  void on_addressed(const std::string& routing_id, const proto::Envelope& env, std::string_view payload);
+  void on_cancel(const proto::Cancel& cancel);
+  void publish(const proto::Emit& emit, std::string_view payload);
+  void forward_events();
+  void drain_subscriptions();
+  void dispatch(clock::time_point now);
+  void fail(const failure& f);
+  void remove_peer(const std::string& routing_id);
+  void tick(clock::time_point now);
+  bool allowed(proto::Role role, proto::Envelope::KindCase kind) const;
+
+  bool send(const std::string& routing_id, std::string_view payload);
+  bool send(const std::string& routing_id, const proto::Envelope& env);
+  void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
+  void send_error(const std::string& to, proto::Code code, std::string message);
+  void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
+                   std::string ref, std::string detail);
+  void drop(std::string_view reason, std::string_view detail);
+
+  broker_config config_;
+  zmq::context_t& context_;
+  zmq::socket_t router_;
+  zmq::socket_t xsub_;
+  zmq::socket_t xpub_;
+  core::wakeup wakeup_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<std::int64_t> last_turn_ns_{0};
+
+  service_table table_;
+  std::unordered_map<std::string, peer> peers_;
+  clock::time_point next_tick_{};
+  std::uint64_t next_ref_ = 0;
+
+  core::registry_ptr registry_;
+  std::unique_ptr<metrics> metrics_;
+  broker_stats stats_;
+  core::log_limiter log_limit_;
+};
+
+}  // namespace sidecast::broker

@@ -1,0 +1,34 @@
+#include "broker/options.hpp"
+
+#include "core/config.hpp"
+
+namespace sidecast::broker {
+
+void add_options(CLI::App& app, broker_config& c) {
+  app.add_option("--id", c.id, "Broker id (in logs and Welcome)")->capture_default_str();
+  app.add_option("--router", c.router_endpoint, "ROUTER endpoint for gateways, workers and clients")
+      ->capture_default_str();
+  app.add_option("--xsub", c.xsub_endpoint, "XSUB endpoint workers publish room events to")
+      ->capture_default_str();
+  app.add_option("--xpub", c.xpub_endpoint, "XPUB endpoint gateways subscribe to")->capture_default_str();
+  core::add_millis(app, "--heartbeat-interval", c.heartbeat_interval, "Heartbeat interval, ms");
+  app.add_option("--heartbeat-liveness", c.heartbeat_liveness,
+                 "Missed heartbeats before a peer is dropped")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100u));
+  core::add_millis(app, "--default-timeout", c.default_timeout, "Deadline for requests that carry none, ms");
+  core::add_millis(app, "--max-timeout", c.max_timeout, "Upper bound on any request's deadline, ms");
+  app.add_option("--queue-limit", c.limits.queue_limit,
+                 "Waiting requests per service before new ones get 'busy'")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{10000000}));
+  app.add_option("--max-attempts", c.limits.max_attempts,
+                 "Dispatches of one request before 'worker_lost'")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100u));
+  app.add_option("--hwm", c.sndhwm, "Send/receive high-water mark per peer, messages")
+      ->capture_default_str()
+      ->each([&c](const std::string&) { c.rcvhwm = c.sndhwm; });
+}
+
+}  // namespace sidecast::broker

@@ -1,0 +1,55 @@
+# Shared build helpers: one place for the language level, warnings and
+# sanitizer presets, so every component library is built the same way.
+
+option(SIDECAST_WERROR "Treat warnings as errors" OFF)
+set(SIDECAST_SANITIZE "" CACHE STRING "Sanitizers: '' or 'address,undefined'")
+
+function(sidecast_apply_defaults target)
+  target_compile_features(${target} PUBLIC cxx_std_20)
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic -Wshadow
+                                           -Wnon-virtual-dtor -Wno-missing-field-initializers)
+  if(SIDECAST_WERROR)
+    target_compile_options(${target} PRIVATE -Werror)
+  endif()
+endfunction()
+
+if(SIDECAST_SANITIZE)
+  add_compile_options(-fsanitize=${SIDECAST_SANITIZE} -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=${SIDECAST_SANITIZE})
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
+    # clang's function sanitizer misfires on coroutine frames.
+    add_compile_options(-fno-sanitize=function)
+  endif()
+endif()
+
+# sidecast_library(name SOURCES ... DEPS ...): a static component library.
+function(sidecast_library name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;DEPS" ${ARGN})
+  add_library(${name} STATIC ${ARG_SOURCES})
+  target_include_directories(${name} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_link_libraries(${name} PUBLIC ${ARG_DEPS})
+  sidecast_apply_defaults(${name})
+endfunction()
+
+# sidecast_executable(name SOURCES ... DEPS ...): a thin main over libraries.
+function(sidecast_executable name)
+  cmake_parse_arguments(ARG "" "" "SOURCES;DEPS" ${ARGN})
+  add_executable(${name} ${ARG_SOURCES})
+  target_link_libraries(${name} PRIVATE ${ARG_DEPS})
+  sidecast_apply_defaults(${name})
+endfunction()
+
+# sidecast_test(name LABEL label SOURCES ... DEPS ...): a GoogleTest binary
+# registered with ctest under the given label.
+function(sidecast_test name)
+  cmake_parse_arguments(ARG "" "LABEL;TIMEOUT" "SOURCES;DEPS" ${ARGN})
+  add_executable(${name} ${ARG_SOURCES})
+  target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main)
+  sidecast_apply_defaults(${name})
+  set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 120)
+  endif()
+  add_test(NAME ${name} COMMAND ${name})
+  set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABEL}" TIMEOUT ${ARG_TIMEOUT})
+endfunction()

@@ -1,0 +1,148 @@
+#include "core/config.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <cstdlib>
+#include <sstream>
+
+#include <toml++/toml.h>
+
+namespace sidecast::core {
+namespace {
+
+std::string scalar_text(const toml::node& node) {
+  if (auto s = node.value<std::string>()) return *s;
+  if (auto b = node.value_exact<bool>()) return *b ? "true" : "false";
+  if (auto i = node.value_exact<std::int64_t>()) return std::to_string(*i);
+  if (auto d = node.value_exact<double>()) {
+    std::ostringstream out;
+    out << *d;
+    return out.str();
+  }
+  // Dates and times: their TOML text.
+  std::ostringstream out;
+  node.visit([&out](const auto& v) {
+    if constexpr (toml::is_date<decltype(v)> || toml::is_time<decltype(v)> ||
+                  toml::is_date_time<decltype(v)>)
+      out << v;
+  });
+  return out.str();
+}
+
+void flatten(const toml::table& table, std::vector<std::string>& parents,
+             std::vector<CLI::ConfigItem>& items) {
+  for (const auto& [key, node] : table) {
+    std::string name{key.str()};
+    if (const auto* sub = node.as_table()) {
+      parents.push_back(name);
+      flatten(*sub, parents, items);
+      parents.pop_back();
+      continue;
+    }
+    CLI::ConfigItem item;
+    item.parents = parents;
+    item.name = name;
+    if (const auto* array = node.as_array()) {
+      for (const auto& element : *array) item.inputs.push_back(scalar_text(element));
+    } else {
+      item.inputs.push_back(scalar_text(node));
+    }
+    items.push_back(std::move(item));
+  }
+}
+
+std::string env_name(std::string long_name) {
+  std::transform(long_name.begin(), long_name.end(), long_name.begin(), [](unsigned char c) {
+    return c == '-' ? '_' : static_cast<char>(std::toupper(c));
+  });
+  return "SIDECAST_" + long_name;
+}
+
+}  // namespace
+
+std::string toml_config::to_config(const CLI::App* app, bool default_also, bool,
+                                   std::string) const {
+  toml::table table;
+  for (const CLI::Option* opt : app->get_options()) {
+    if (opt->get_lnames().empty() || !opt->get_configurable()) continue;
+    const auto& name = opt->get_lnames().front();
+    if (name == "help" || name == "config") continue;
+    std::string value = opt->as<std::string>();
+    if (value.empty() && default_also) value = opt->get_default_str();
+    if (!value.empty()) table.insert(name, value);
+  }
+  std::ostringstream out;
+  out << table;
+  return out.str();
+}
+
+std::vector<CLI::ConfigItem> toml_config::from_config(std::istream& input) const {
+  std::string text{std::istreambuf_iterator<char>(input), std::istreambuf_iterator<char>()};
+  toml::table table;
+  try {
+    table = toml::parse(text);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream where;
+    where << e.source().begin;
+    throw CLI::ConversionError("TOML config: " + std::string(e.description()) + " at " + where.str());
+  }
+  std::vector<CLI::ConfigItem> result;
+  std::vector<std::string> parents;
+  flatten(table, parents, result);
+  // CLI11 applies a config file before the environment; the environment
+  // should win (a container overrides one key of a shared file), so keys
+  // whose SIDECAST_ variable is set are left to CLI11's environment step.
+  std::erase_if(result, [](const CLI::ConfigItem& item) {
+    return item.parents.empty() && std::getenv(env_name(item.name).c_str()) != nullptr;
+  });
+  return result;
+}
+
+void finish_app(CLI::App& app) {
+  for (CLI::Option* opt : app.get_options()) {
+    if (opt->get_lnames().empty() || !opt->get_envname().empty()) continue;
+    const auto& name = opt->get_lnames().front();
+    if (name == "help") continue;
+    opt->envname(env_name(name));
+  }
+  app.config_formatter(std::make_shared<toml_config>());
+  app.set_config("--config", "", "TOML file with the same keys as the long flags")
+      ->envname("SIDECAST_CONFIG");
+}
+
+std::optional<int> parse(CLI::App& app, int argc, char** argv) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  return std::nullopt;
+}
+
+CLI::Option* add_millis(CLI::App& app, const std::string& name, std::chrono::milliseconds& target,
+                        const std::string& help) {
+  return app
+      .add_option_function<std::int64_t>(
+          name, [&target](std::int64_t ms) { target = std::chrono::milliseconds(ms); }, help)
+      ->default_str(std::to_string(target.count()))
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{86400000}));
+}
+
+std::optional<host_port> parse_host_port(const std::string& text) {
+  auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon + 1 >= text.size()) return std::nullopt;
+  host_port hp;
+  hp.host = text.substr(0, colon);
+  if (hp.host.size() >= 2 && hp.host.front() == '[' && hp.host.back() == ']')
+    hp.host = hp.host.substr(1, hp.host.size() - 2);
+  if (hp.host.empty()) hp.host = "0.0.0.0";
+  unsigned port = 0;
+  const char* first = text.data() + colon + 1;
+  const char* last = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(first, last, port);
+  if (ec != std::errc{} || ptr != last || port > 65535) return std::nullopt;
+  hp.port = static_cast<unsigned short>(port);
+  return hp;
+}
+
+}  // namespace sidecast::core

@@ -1,0 +1,41 @@
+#pragma once
+// Command-line setup shared by every binary: flags, SIDECAST_* environment
+// variables and a TOML file, in that order of precedence.
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+namespace sidecast::core {
+
+/// Reads TOML (via toml++) for CLI11. Keys are flag names without dashes
+/// (`ping-interval = 25000`); tables become dotted parents.
+class toml_config : public CLI::Config {
+ public:
+  std::string to_config(const CLI::App* app, bool default_also, bool write_description,
+                        std::string prefix) const override;
+  std::vector<CLI::ConfigItem> from_config(std::istream& input) const override;
+};
+
+/// Adds `--config FILE` (TOML) and gives every long option that has none an
+/// environment variable: `--ping-interval` -> `SIDECAST_PING_INTERVAL`.
+/// Call after all options are defined.
+void finish_app(CLI::App& app);
+
+/// Parses argv; returns an exit code when the program should stop now
+/// (--help, or a usage error already printed).
+std::optional<int> parse(CLI::App& app, int argc, char** argv);
+
+/// Adds an option taking milliseconds into a std::chrono field.
+CLI::Option* add_millis(CLI::App& app, const std::string& name, std::chrono::milliseconds& target,
+                        const std::string& help);
+
+/// Splits "host:port" (port required). Returns nullopt when malformed.
+struct host_port {
+  std::string host;
+  unsigned short port = 0;
+};
+std::optional<host_port> parse_host_port(const std::string& text);
+
+}  // namespace sidecast::core

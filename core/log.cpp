@@ -1,0 +1,38 @@
+#include "core/log.hpp"
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+namespace sidecast::core {
+
+bool init_logging(const std::string& level, const std::string& component) {
+  auto lvl = spdlog::level::from_str(level);
+  if (lvl == spdlog::level::off && level != "off") return false;
+  auto logger = spdlog::stderr_color_mt(component);
+  logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [%n] %v");
+  logger->set_level(lvl);
+  spdlog::set_default_logger(logger);
+  return true;
+}
+
+bool log_limiter::allow() {
+  auto now = std::chrono::steady_clock::now();
+  if (now - window_ >= std::chrono::seconds(1)) {
+    window_ = now;
+    used_ = 0;
+  }
+  if (used_ < per_second_) {
+    ++used_;
+    return true;
+  }
+  ++suppressed_;
+  return false;
+}
+
+std::uint64_t log_limiter::take_suppressed() {
+  auto n = suppressed_;
+  suppressed_ = 0;
+  return n;
+}
+
+}  // namespace sidecast::core

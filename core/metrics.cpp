@@ -1,0 +1,16 @@
+#include "core/metrics.hpp"
+
+#include <prometheus/text_serializer.h>
+
+namespace sidecast::core {
+
+std::string serialize(const prometheus::Registry& registry) {
+  return prometheus::TextSerializer{}.Serialize(registry.Collect());
+}
+
+prometheus::Histogram::BucketBoundaries latency_buckets() {
+  return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+          0.025,   0.05,   0.1,     0.25,   0.5,   1.0,    2.5,    10.0};
+}
+
+}  // namespace sidecast::core

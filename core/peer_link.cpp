@@ -1,0 +1,122 @@
+#include "core/peer_link.hpp"
+
+#include <spdlog/spdlog.h>
+
+namespace sidecast::core {
+
+peer_link::peer_link(zmq::context_t& context, peer_link_options options)
+    : context_{context},
+      options_{std::move(options)},
+      interval_{options_.heartbeat_interval},
+      liveness_{options_.heartbeat_liveness} {
+  connect();
+}
+
+void peer_link::connect() {
+  socket_ = zmq::socket_t{context_, zmq::socket_type::dealer};
+  socket_.set(zmq::sockopt::routing_id, options_.id);
+  socket_.set(zmq::sockopt::linger, 0);
+  socket_.set(zmq::sockopt::sndhwm, options_.sndhwm);
+  socket_.set(zmq::sockopt::rcvhwm, options_.rcvhwm);
+  socket_.connect(options_.endpoint);
+  welcomed_ = false;
+  auto now = clock::now();
+  broker_expiry_ = now + interval_ * liveness_;
+  send_hello();
+}
+
+void peer_link::send_hello() {
+  proto::Envelope env;
+  auto* hello = env.mutable_hello();
+  hello->set_role(options_.role);
+  hello->set_id(options_.id);
+  hello->set_protocol_version(proto::protocol_version);
+  for (const auto& [name, capacity] : options_.services) {
+    auto* s = hello->add_services();
+    s->set_name(name);
+    s->set_capacity(capacity);
+  }
+  ++stats_.hellos;
+  send(env);
+}
+
+void peer_link::heard_from_broker(clock::time_point now) {
+  broker_expiry_ = now + interval_ * liveness_;
+}
+
+std::optional<proto::Envelope> peer_link::receive() {
+  for (;;) {
+    zmq::message_t msg;
+    if (!socket_.recv(msg, zmq::recv_flags::dontwait)) return std::nullopt;
+    // Extra frames are not part of protocol v1: drain and drop them.
+    bool extra = false;
+    while (msg.more()) {
+      extra = true;
+      if (!socket_.recv(msg, zmq::recv_flags::dontwait)) break;
+    }
+    auto now = clock::now();
+    heard_from_broker(now);
+    auto env = extra ? std::nullopt : proto::decode(msg.to_string_view());
+    if (!env) {
+      ++stats_.malformed;
+      if (log_limit_.allow()) spdlog::warn("peer link: dropped a malformed message from the broker");
+      continue;
+    }
+    switch (env->kind_case()) {
+      case proto::Envelope::kHeartbeat:
+        continue;
+      case proto::Envelope::kWelcome: {
+        const auto& w = env->welcome();
+        if (w.heartbeat_interval_ms() > 0) interval_ = std::chrono::milliseconds(w.heartbeat_interval_ms());
+        if (w.heartbeat_liveness() > 0) liveness_ = w.heartbeat_liveness();
+        heard_from_broker(now);
+        if (!welcomed_) spdlog::info("connected to broker {} at {}", w.broker_id(), options_.endpoint);
+        welcomed_ = true;
+        continue;
+      }
+      case proto::Envelope::kError:
+        if (env->error().code() == proto::NOT_REGISTERED) {
+          // The broker restarted and the connection came back by itself.
+          welcomed_ = false;
+          send_hello();
+          continue;
+        }
+        if (log_limit_.allow())
+          spdlog::warn("broker error {}: {}", proto::Code_Name(env->error().code()), env->error().message());
+        return env;
+      default:
+        return env;
+    }
+  }
+}
+
+bool peer_link::send(const proto::Envelope& env) { return send_bytes(proto::encode(env)); }
+
+bool peer_link::send_bytes(std::string_view bytes) {
+  auto sent = socket_.send(zmq::buffer(bytes), zmq::send_flags::dontwait);
+  if (!sent) {
+    ++stats_.send_dropped;
+    return false;
+  }
+  next_heartbeat_ = clock::now() + interval_;
+  return true;
+}
+
+void peer_link::tick(clock::time_point now) {
+  if (now >= broker_expiry_) {
+    if (welcomed_) spdlog::warn("broker at {} went silent; reconnecting", options_.endpoint);
+    ++stats_.reconnects;
+    connect();
+    return;
+  }
+  if (now >= next_heartbeat_) {
+    proto::Envelope env;
+    env.mutable_heartbeat();
+    send(env);
+    next_heartbeat_ = now + interval_;
+  }
+}
+
+clock::time_point peer_link::next_tick() const { return std::min(broker_expiry_, next_heartbeat_); }
+
+}  // namespace sidecast::core

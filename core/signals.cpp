@@ -1,0 +1,41 @@
+#include "core/signals.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+
+namespace sidecast::core {
+namespace {
+
+sigset_t terminate_set() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGUSR1);  // used only to release the waiting thread
+  return set;
+}
+
+}  // namespace
+
+terminate_signals::terminate_signals() {
+  auto set = terminate_set();
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+}
+
+terminate_signals::~terminate_signals() {
+  if (thread_.joinable()) {
+    pthread_kill(thread_.native_handle(), SIGUSR1);
+    thread_.join();
+  }
+}
+
+void terminate_signals::start(std::function<void(int)> on_signal) {
+  thread_ = std::thread([on_signal = std::move(on_signal)] {
+    auto set = terminate_set();
+    int sig = 0;
+    if (sigwait(&set, &sig) == 0 && sig != SIGUSR1) on_signal(sig);
+  });
+}
+
+}  // namespace sidecast::core

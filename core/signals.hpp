@@ -1,0 +1,24 @@
+#pragma once
+// SIGINT/SIGTERM handling for process mains: block the signals in every
+// thread (construct this before starting any), and handle them on one
+// dedicated thread that calls back with ordinary code, not a signal handler.
+#include <functional>
+#include <thread>
+
+namespace sidecast::core {
+
+class terminate_signals {
+ public:
+  terminate_signals();
+  ~terminate_signals();
+  terminate_signals(const terminate_signals&) = delete;
+  terminate_signals& operator=(const terminate_signals&) = delete;
+
+  /// Starts the waiting thread; `on_signal` runs on it for the first signal.
+  void start(std::function<void(int)> on_signal);
+
+ private:
+  std::thread thread_;
+};
+
+}  // namespace sidecast::core

@@ -1,0 +1,23 @@
+#pragma once
+// An eventfd that one thread polls (with zmq::poll, next to its sockets) and
+// any thread signals. Signals coalesce: one wake-up may cover many.
+namespace sidecast::core {
+
+class wakeup {
+ public:
+  wakeup();
+  ~wakeup();
+  wakeup(const wakeup&) = delete;
+  wakeup& operator=(const wakeup&) = delete;
+
+  int fd() const { return fd_; }
+  /// Thread-safe, never blocks.
+  void signal();
+  /// Called by the polling thread when fd() is readable.
+  void drain();
+
+ private:
+  int fd_;
+};
+
+}  // namespace sidecast::core

@@ -1,0 +1,42 @@
+#pragma once
+// The envelope codec: pure functions from bytes to messages and back, plus
+// the PUB/SUB topic layout and the id conventions shared by every component.
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "sidecast/v1/envelope.pb.h"
+
+namespace sidecast::proto {
+
+using namespace sidecast::v1;
+
+/// Major version of the wire protocol this build speaks.
+inline constexpr unsigned protocol_version = 1;
+
+/// Parses one envelope. Returns nullopt for bytes that are not a valid
+/// Envelope or that carry no kind.
+std::optional<Envelope> decode(std::string_view bytes);
+
+/// Serializes an envelope.
+std::string encode(const Envelope& env);
+
+/// Short name of the envelope's kind, for logs and metric labels.
+std::string_view kind_name(const Envelope& env);
+
+/// PUB/SUB topics. A topic ends with '\0' so that subscribing to one room
+/// never matches a room whose name merely starts with it.
+std::string room_topic(std::string_view nsp, std::string_view room);
+std::string namespace_topic(std::string_view nsp);
+/// The topic an Emit travels under; empty for addressed (sid) emits.
+std::string topic_for(const Emit& emit);
+
+/// Peer ids and sids: a sid is "<gateway id>.<random>", a request or ack id is
+/// "<peer id>:<n>". Ids are non-empty and contain neither '.' nor ':'.
+bool valid_peer_id(std::string_view id);
+/// The gateway id that owns a sid, or empty if the sid has no prefix.
+std::string_view sid_owner(std::string_view sid);
+/// The peer id that issued a request or ack id, or empty.
+std::string_view id_owner(std::string_view id);
+
+}  // namespace sidecast::proto

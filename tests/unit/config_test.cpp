@@ -1,0 +1,78 @@
+#include <cstdlib>
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "core/config.hpp"
+
+namespace sidecast::core {
+namespace {
+
+struct args {
+  std::vector<std::string> items;
+  std::vector<char*> argv() {
+    std::vector<char*> out;
+    for (auto& s : items) out.push_back(s.data());
+    return out;
+  }
+};
+
+TEST(Config, FlagsEnvAndTomlInOrderOfPrecedence) {
+  auto path = std::string(::testing::TempDir()) + "/sidecast-config-test.toml";
+  {
+    std::ofstream f{path};
+    f << "ping-interval = 111\nname = \"from-file\"\nlevel = \"file\"\nlist = [\"a\", \"b\"]\n";
+  }
+  int ping = 0;
+  std::string name, level;
+  std::vector<std::string> list;
+  CLI::App app{"test"};
+  app.add_option("--ping-interval", ping);
+  app.add_option("--name", name);
+  app.add_option("--level", level);
+  app.add_option("--list", list);
+  finish_app(app);
+  ::setenv("SIDECAST_NAME", "from-env", 1);
+  ::setenv("SIDECAST_LEVEL", "env", 1);
+  args a{{"prog", "--config", path, "--level", "flag"}};
+  auto argv = a.argv();
+  ASSERT_FALSE(parse(app, static_cast<int>(argv.size()), argv.data()));
+  ::unsetenv("SIDECAST_NAME");
+  ::unsetenv("SIDECAST_LEVEL");
+  EXPECT_EQ(ping, 111);
+  EXPECT_EQ(name, "from-env");
+  EXPECT_EQ(level, "flag");
+  EXPECT_EQ(list, (std::vector<std::string>{"a", "b"}));
+}
+
+TEST(Config, BadTomlIsAUsageError) {
+  auto path = std::string(::testing::TempDir()) + "/sidecast-bad.toml";
+  {
+    std::ofstream f{path};
+    f << "ping-interval = = 3\n";
+  }
+  int ping = 0;
+  CLI::App app{"test"};
+  app.add_option("--ping-interval", ping);
+  finish_app(app);
+  args a{{"prog", "--config", path}};
+  auto argv = a.argv();
+  auto code = parse(app, static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(code);
+  EXPECT_NE(*code, 0);
+}
+
+TEST(Config, HostPort) {
+  auto hp = parse_host_port("127.0.0.1:8080");
+  ASSERT_TRUE(hp);
+  EXPECT_EQ(hp->host, "127.0.0.1");
+  EXPECT_EQ(hp->port, 8080);
+  EXPECT_EQ(parse_host_port(":9")->host, "0.0.0.0");
+  EXPECT_EQ(parse_host_port("[::1]:9")->host, "::1");
+  EXPECT_FALSE(parse_host_port("nohost"));
+  EXPECT_FALSE(parse_host_port("h:99999"));
+  EXPECT_FALSE(parse_host_port("h:12x"));
+}
+
+}  // namespace
+}  // namespace sidecast::core

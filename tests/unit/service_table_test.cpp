@@ -1,0 +1,183 @@
+#include <gtest/gtest.h>
+
+#include "broker/service_table.hpp"
+
+namespace sidecast::broker {
+namespace {
+
+using namespace std::chrono_literals;
+
+const clock::time_point t0{std::chrono::seconds(1000)};
+
+job make_job(std::string id, std::string service = "svc", clock::duration timeout = 10s,
+             bool wants_reply = true) {
+  job j;
+  j.id = std::move(id);
+  j.service = std::move(service);
+  j.requester = "gw";
+  j.payload = "p:" + j.id;
+  j.wants_reply = wants_reply;
+  j.received = t0;
+  j.deadline = t0 + timeout;
+  return j;
+}
+
+std::vector<std::pair<std::string, std::string>> pairs(const std::vector<assignment>& as) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const auto& a : as) out.emplace_back(a.worker, a.work->id);
+  return out;
+}
+
+using P = std::vector<std::pair<std::string, std::string>>;
+
+TEST(ServiceTable, WaitsForAWorkerThenDispatches) {
+  service_table t{{}};
+  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::queued);
+  EXPECT_TRUE(t.dispatch().empty());
+  EXPECT_EQ(t.queued("svc"), 1u);
+  t.add_worker("w1", "svc", 1);
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}}));
+  EXPECT_EQ(t.queued("svc"), 0u);
+  EXPECT_EQ(t.in_flight(), 1u);
+}
+
+TEST(ServiceTable, LeastRecentlyUsedWorkerFirst) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 1);
+  t.add_worker("w2", "svc", 1);
+  t.add_worker("w3", "svc", 1);
+  for (auto id : {"a", "b", "c", "d"}) t.submit(make_job(id));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}, {"w2", "b"}, {"w3", "c"}}));
+  ASSERT_TRUE(t.complete("b", "w2"));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "d"}}));
+  ASSERT_TRUE(t.complete("a", "w1"));
+  ASSERT_TRUE(t.complete("c", "w3"));
+  for (auto id : {"e", "f"}) t.submit(make_job(id));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "e"}, {"w3", "f"}}));
+}
+
+TEST(ServiceTable, CapacityCreditsRotate) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 2);
+  t.add_worker("w2", "svc", 1);
+  for (auto id : {"a", "b", "c", "d"}) t.submit(make_job(id));
+  // w1 gets one, goes to the back, w2 one, then w1 its second; d waits.
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}, {"w2", "b"}, {"w1", "c"}}));
+  EXPECT_EQ(t.queued("svc"), 1u);
+  ASSERT_TRUE(t.complete("c", "w1"));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "d"}}));
+}
+
+TEST(ServiceTable, ServicesAreSeparate) {
+  service_table t{{}};
+  t.add_worker("w1", "chat", 1);
+  t.submit(make_job("a", "vm"));
+  t.submit(make_job("b", "chat"));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "b"}}));
+  EXPECT_EQ(t.queued("vm"), 1u);
+  EXPECT_EQ(t.workers("vm"), 0u);
+  EXPECT_EQ(t.workers("chat"), 1u);
+}
+
+TEST(ServiceTable, QueueBoundAnswersBusyAndDuplicatesAreRefused) {
+  service_table t{{.queue_limit = 2, .max_attempts = 3}};
+  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::queued);
+  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::duplicate);
+  EXPECT_EQ(t.submit(make_job("b")), service_table::admit::queued);
+  EXPECT_EQ(t.submit(make_job("c")), service_table::admit::busy);
+  EXPECT_EQ(t.submit(make_job("d", "other")), service_table::admit::queued) << "bound is per service";
+  t.add_worker("w1", "svc", 1);
+  t.dispatch();
+  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::duplicate) << "held jobs are known too";
+  EXPECT_EQ(t.submit(make_job("c")), service_table::admit::queued);
+}
+
+TEST(ServiceTable, ExpiryTellsUnavailableFromTimeout) {
+  service_table t{{}};
+  t.submit(make_job("queued", "nobody", 1s));
+  t.submit(make_job("held", "svc", 2s));
+  t.submit(make_job("later", "svc", 5s));
+  t.add_worker("w1", "svc", 1);
+  t.dispatch();
+  EXPECT_EQ(t.next_deadline(), t0 + 1s);
+  EXPECT_TRUE(t.expire(t0 + 999ms).empty());
+  auto first = t.expire(t0 + 1s);
+  ASSERT_EQ(first.size(), 1u);
+  EXPECT_EQ(first[0].work.id, "queued");
+  EXPECT_EQ(first[0].code, proto::UNAVAILABLE);
+  EXPECT_TRUE(first[0].worker.empty());
+  auto second = t.expire(t0 + 2s);
+  ASSERT_EQ(second.size(), 1u);
+  EXPECT_EQ(second[0].work.id, "held");
+  EXPECT_EQ(second[0].code, proto::TIMEOUT);
+  EXPECT_EQ(second[0].worker, "w1") << "the holder gets a Cancel";
+  // The worker keeps its credit until it answers the expired job.
+  EXPECT_TRUE(t.dispatch().empty());
+  bool held = false;
+  EXPECT_FALSE(t.complete("held", "w1", &held));
+  EXPECT_TRUE(held);
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "later"}}));
+}
+
+TEST(ServiceTable, DeadWorkerJobsRetryFirstThenFail) {
+  service_table t{{.queue_limit = 100, .max_attempts = 2}};
+  t.add_worker("w1", "svc", 2);
+  t.submit(make_job("a"));
+  t.submit(make_job("b"));
+  t.submit(make_job("c"));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}, {"w1", "b"}}));
+  EXPECT_TRUE(t.remove_worker("w1").empty());
+  EXPECT_EQ(t.workers("svc"), 0u);
+  EXPECT_EQ(t.queued("svc"), 3u);
+  t.add_worker("w2", "svc", 3);
+  auto second = t.dispatch();
+  EXPECT_EQ(pairs(second), (P{{"w2", "a"}, {"w2", "b"}, {"w2", "c"}})) << "retried jobs keep their place";
+  EXPECT_EQ(second[0].work->attempt, 2u);
+  EXPECT_EQ(second[2].work->attempt, 1u);
+  auto lost = t.remove_worker("w2");
+  ASSERT_EQ(lost.size(), 2u);
+  for (const auto& f : lost) EXPECT_EQ(f.code, proto::WORKER_LOST);
+  EXPECT_EQ(t.queued("svc"), 1u) << "c has one attempt left";
+}
+
+TEST(ServiceTable, CompleteOnlyByTheHolder) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 1);
+  t.add_worker("w2", "svc", 1);
+  t.submit(make_job("a"));
+  t.dispatch();
+  bool held = true;
+  EXPECT_FALSE(t.complete("a", "w2", &held));
+  EXPECT_FALSE(held) << "an id a worker never held is not a job completion";
+  EXPECT_TRUE(t.complete("a", "w1"));
+  EXPECT_FALSE(t.complete("a", "w1")) << "a second reply is ignored";
+  EXPECT_EQ(t.in_flight(), 0u);
+}
+
+TEST(ServiceTable, CancelQueuedAndHeld) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 1);
+  t.submit(make_job("a"));
+  t.submit(make_job("b"));
+  t.dispatch();
+  std::string worker;
+  EXPECT_TRUE(t.cancel("b", &worker));
+  EXPECT_TRUE(worker.empty());
+  EXPECT_EQ(t.queued("svc"), 0u);
+  EXPECT_TRUE(t.cancel("a", &worker));
+  EXPECT_EQ(worker, "w1");
+  EXPECT_FALSE(t.cancel("a", &worker));
+  EXPECT_FALSE(t.next_deadline());
+}
+
+TEST(ServiceTable, ReRegisteringChangesCapacity) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 1);
+  t.add_worker("w1", "svc", 3);
+  EXPECT_EQ(t.workers("svc"), 1u);
+  for (auto id : {"a", "b", "c"}) t.submit(make_job(id));
+  EXPECT_EQ(t.dispatch().size(), 3u);
+}
+
+}  // namespace
+}  // namespace sidecast::broker
