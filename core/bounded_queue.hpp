@@ -14,8 +14,9 @@ class bounded_queue {
  public:
   explicit bounded_queue(std::size_t limit) : limit_{limit} {}
 
-  /// Adds an item unless the queue is full. Returns false when full.
-  bool try_push(T item) {
+  /// Adds an item unless the queue is full. Returns false when full, and
+  /// then leaves `item` untouched so the caller may retry.
+  bool try_push(T&& item) {
     std::lock_guard lock{mutex_};
     if (items_.size() >= limit_) return false;
     items_.push_back(std::move(item));
@@ -24,7 +25,7 @@ class bounded_queue {
 
   /// Waits up to `timeout` for room. Returns false on timeout or close.
   template <typename Rep, typename Period>
-  bool push_wait(T item, std::chrono::duration<Rep, Period> timeout) {
+  bool push_wait(T&& item, std::chrono::duration<Rep, Period> timeout) {
     std::unique_lock lock{mutex_};
     if (!room_.wait_for(lock, timeout, [&] { return closed_ || items_.size() < limit_; }) ||
         closed_)

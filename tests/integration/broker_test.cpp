@@ -1,0 +1,309 @@
+// The broker and the worker SDK on real inproc sockets; the test plays the
+// gateways and clients.
+#include <atomic>
+
+#include <gtest/gtest.h>
+
+#include "broker/broker.hpp"
+#include "tests/integration/harness.hpp"
+#include "workers/demo/demo.hpp"
+
+namespace sidecast::test {
+namespace {
+
+class BrokerTest : public ::testing::Test {
+ protected:
+  void start(broker::broker_config config = {}) {
+    config.router_endpoint = "inproc://router";
+    config.xsub_endpoint = "inproc://xsub";
+    config.xpub_endpoint = "inproc://xpub";
+    config.heartbeat_interval = 100ms;
+    broker_ = std::make_unique<broker::broker>(config, ctx_, std::make_shared<prometheus::Registry>());
+    broker_->bind();
+    thread_ = std::thread([this] { broker_->run(); });
+  }
+  void TearDown() override { stop(); }
+  void stop() {
+    workers_.clear();
+    if (thread_.joinable()) {
+      broker_->stop();
+      thread_.join();
+    }
+  }
+
+  worker& add_worker(std::vector<service> services, std::string id) {
+    worker_options o;
+    o.id = std::move(id);
+    o.broker = "inproc://router";
+    o.publish = "inproc://xsub";
+    o.heartbeat_interval = 100ms;
+    auto w = std::make_unique<worker>(o, &ctx_);
+    for (auto& s : services) w->add(std::move(s));
+    w->start();
+    auto* raw = w.get();
+    workers_.push_back(std::move(w));
+    EXPECT_TRUE(eventually([raw] { return raw->connected(); })) << raw->id() << " never joined";
+    return *raw;
+  }
+
+  zmq::context_t ctx_{1};
+  std::unique_ptr<broker::broker> broker_;
+  std::thread thread_;
+  std::vector<std::unique_ptr<worker>> workers_;
+};
+
+TEST_F(BrokerTest, EchoRoundTrip) {
+  start();
+  add_worker({workers::echo_service(4)}, "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto reply = client.call("echo", "anything", R"(["a",{"b":"\u2028😀"}])");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->code(), proto::OK);
+  EXPECT_EQ(reply->args(), R"(["a",{"b":"\u2028😀"}])");
+}
+
+TEST_F(BrokerTest, TwoWorkersShareLoad) {
+  start();
+  auto& w1 = add_worker({workers::echo_service(1)}, "w1");
+  auto& w2 = add_worker({workers::echo_service(1)}, "w2");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  std::set<std::string> ids;
+  for (int i = 0; i < 10; ++i) ids.insert(client.submit("echo", "delay", "[20," + std::to_string(i) + "]"));
+  int ok = 0;
+  while (!ids.empty()) {
+    auto env = client.next(Envelope::kReply, 5s);
+    ASSERT_TRUE(env) << ids.size() << " replies missing";
+    EXPECT_EQ(env->reply().code(), proto::OK) << env->reply().message();
+    ok += ids.erase(env->reply().id()) == 1;
+  }
+  EXPECT_EQ(ok, 10);
+  EXPECT_GT(w1.stats().requests, 0u);
+  EXPECT_GT(w2.stats().requests, 0u);
+  EXPECT_EQ(w1.stats().requests + w2.stats().requests, 10u);
+}
+
+TEST_F(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
+  start();
+  std::atomic<bool> saw_cancel{false};
+  // The handler ignores its own deadline and waits for the broker's Cancel.
+  add_worker({service{"slow", 1}.on("wait",
+                                    [&](request req) {
+                                      auto until = std::chrono::steady_clock::now() + 10s;
+                                      while (!req.cancel().stop_token().stop_requested() &&
+                                             std::chrono::steady_clock::now() < until)
+                                        std::this_thread::sleep_for(5ms);
+                                      saw_cancel = req.cancel().stop_token().stop_requested();
+                                      req.reply();
+                                    })},
+             "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto started = std::chrono::steady_clock::now();
+  auto reply = client.call("slow", "wait", "[]", 200ms);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->code(), proto::TIMEOUT);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
+  EXPECT_TRUE(eventually([&] { return saw_cancel.load(); })) << "the worker never saw the Cancel";
+}
+
+TEST_F(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
+  start();
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto reply = client.call("nobody", "x", "[]", 150ms);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->code(), proto::UNAVAILABLE);
+}
+
+TEST_F(BrokerTest, RequestWaitsForAWorkerThatArrivesLater) {
+  start();
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("echo", "x", "[1]", 5s);
+  add_worker({workers::echo_service(1)}, "late");
+  auto env = client.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->reply().id(), id);
+  EXPECT_EQ(env->reply().code(), proto::OK);
+}
+
+TEST_F(BrokerTest, FullQueueAnswersBusyAtOnce) {
+  broker::broker_config config;
+  config.limits.queue_limit = 2;
+  start(config);
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  client.submit("nobody", "x", "[]", 10s);
+  client.submit("nobody", "x", "[]", 10s);
+  auto third = client.submit("nobody", "x", "[]", 10s);
+  auto env = client.next(Envelope::kReply, 1s);
+  ASSERT_TRUE(env) << "busy must come at once, not at the deadline";
+  EXPECT_EQ(env->reply().id(), third);
+  EXPECT_EQ(env->reply().code(), proto::BUSY);
+}
+
+TEST_F(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {
+  start();
+  add_worker({workers::echo_service(1)}, "w1");
+  peer raw{ctx_, "inproc://router", "raw"};
+  raw.send_raw("this is not protobuf");
+  raw.send_raw("");
+  raw.send_frames({"two", "frames"});
+  Envelope old;
+  old.mutable_hello()->set_id("raw");
+  old.mutable_hello()->set_role(proto::ROLE_CLIENT);
+  old.mutable_hello()->set_protocol_version(99);
+  raw.send(old);
+  auto refusal = raw.next(Envelope::kError, 2s);
+  ASSERT_TRUE(refusal);
+  EXPECT_EQ(refusal->error().code(), proto::UNSUPPORTED_VERSION);
+
+  peer liar{ctx_, "inproc://router", "liar"};
+  ASSERT_TRUE(liar.hello());
+  Envelope welcome;
+  welcome.mutable_welcome()->set_broker_id("fake");
+  liar.send(welcome);  // only the broker may send Welcome
+  auto error = liar.next(Envelope::kError, 2s);
+  ASSERT_TRUE(error);
+  EXPECT_EQ(error->error().code(), proto::BAD_REQUEST);
+  Envelope control;  // a client may not steer sockets
+  control.mutable_control()->set_sid("gw.x");
+  liar.send(control);
+  ASSERT_TRUE(liar.next(Envelope::kError, 2s));
+
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto reply = client.call("echo", "x", "[42]");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->args(), "[42]");
+  stop();
+  EXPECT_GE(broker_->stats().dropped, 6u);
+}
+
+class GatewayPathTest : public BrokerTest {
+ protected:
+  void SetUp() override {
+    start();
+    add_worker({workers::demo_service(8)}, "demo1");
+    gateway_ = std::make_unique<peer>(ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY);
+    ASSERT_TRUE(gateway_->hello());
+  }
+
+  std::string request(const std::string& event, const std::string& args, const std::string& sid = "gwT.s1") {
+    return gateway_->submit("demo", event, args, 5s, sid);
+  }
+
+  std::unique_ptr<peer> gateway_;
+};
+
+TEST_F(GatewayPathTest, JoinControlArrivesBeforeTheAck) {
+  auto id = request("join", R"(["room1"])");
+  auto first = gateway_->receive(5s);
+  ASSERT_TRUE(first);
+  ASSERT_TRUE(first->has_control()) << proto::kind_name(*first);
+  EXPECT_EQ(first->control().action(), proto::Control::JOIN);
+  EXPECT_EQ(first->control().sid(), "gwT.s1");
+  EXPECT_EQ(first->control().room(), "room1");
+  auto second = gateway_->next(Envelope::kReply, 5s);
+  ASSERT_TRUE(second);
+  EXPECT_EQ(second->reply().id(), id);
+  EXPECT_EQ(second->reply().args(), R"(["room1"])");
+}
+
+TEST_F(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
+  zmq::socket_t sub{ctx_, zmq::socket_type::sub};
+  sub.connect("inproc://xpub");
+  auto topic = proto::room_topic("/", "room1");
+  sub.set(zmq::sockopt::subscribe, topic);
+  // The subscription travels asynchronously: retry until one arrives.
+  zmq::message_t got_topic, body;
+  bool received = eventually(
+      [&] {
+        request("say", R"([{"room":"room1","text":"hi"}])");
+        zmq::pollitem_t item{sub.handle(), 0, ZMQ_POLLIN, 0};
+        zmq::poll(&item, 1, 100ms);
+        return (item.revents & ZMQ_POLLIN) && sub.recv(got_topic) && sub.recv(body);
+      },
+      5s);
+  ASSERT_TRUE(received);
+  EXPECT_EQ(got_topic.to_string(), topic);
+  auto env = proto::decode(body.to_string_view());
+  ASSERT_TRUE(env && env->has_emit());
+  EXPECT_EQ(env->emit().event(), "said");
+  EXPECT_EQ(env->emit().args(), R"([{"room":"room1","text":"hi","from":"gwT.s1"}])");
+  auto ack = gateway_->next(Envelope::kReply, 5s);
+  ASSERT_TRUE(ack);
+  EXPECT_EQ(ack->reply().args(), "[true]");
+}
+
+TEST_F(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
+  auto id = request("call-me-back", R"(["ping",1])");
+  auto emit = gateway_->next(Envelope::kEmit, 5s);
+  ASSERT_TRUE(emit);
+  EXPECT_EQ(emit->emit().event(), "callback");
+  EXPECT_EQ(emit->emit().args(), R"(["ping",1])");
+  EXPECT_EQ(emit->emit().sid(), "gwT.s1");
+  ASSERT_FALSE(emit->emit().ack_id().empty());
+  EXPECT_EQ(proto::id_owner(emit->emit().ack_id()), "demo1");
+  Envelope ack;
+  ack.mutable_reply()->set_id(emit->emit().ack_id());
+  ack.mutable_reply()->set_args(R"(["pong"])");
+  ack.mutable_reply()->add_attachments(std::string("\0\xff", 2));
+  gateway_->send(ack);
+  auto reply = gateway_->next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().args(), R"(["pong"])");
+  ASSERT_EQ(reply->reply().attachments_size(), 1);
+  EXPECT_EQ(reply->reply().attachments(0), std::string("\0\xff", 2));
+}
+
+TEST_F(GatewayPathTest, ConnectToForbiddenIsRefused) {
+  Envelope env;
+  auto* l = env.mutable_lifecycle();
+  l->set_kind(proto::Lifecycle::CONNECT);
+  l->set_id("gwT:c1");
+  l->set_service("demo");
+  l->set_sid("gwT.s2");
+  l->set_nsp("/forbidden");
+  gateway_->send(env);
+  auto reply = gateway_->next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->reply().code(), proto::REFUSED);
+  EXPECT_EQ(reply->reply().message(), "forbidden");
+}
+
+TEST_F(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
+  std::mutex m;
+  std::vector<proto::DeliveryReport> reports;
+  auto& w = *workers_.front();
+  w.on_report([&](const proto::DeliveryReport& r) {
+    std::lock_guard lock{m};
+    reports.push_back(r);
+  });
+  ASSERT_TRUE(w.emit_to_sid("/", "nogw.abc", "vm_response", "[1]"));
+  ASSERT_TRUE(eventually([&] {
+    std::lock_guard lock{m};
+    return !reports.empty();
+  }));
+  EXPECT_EQ(reports[0].status(), proto::DeliveryReport::GATEWAY_GONE);
+  EXPECT_EQ(reports[0].sid(), "nogw.abc");
+}
+
+TEST_F(GatewayPathTest, GatewayReportsReachTheOrigin) {
+  std::atomic<int> client_gone{0};
+  workers_.front()->on_report([&](const proto::DeliveryReport& r) {
+    if (r.status() == proto::DeliveryReport::CLIENT_GONE) ++client_gone;
+  });
+  Envelope env;
+  env.mutable_report()->set_status(proto::DeliveryReport::CLIENT_GONE);
+  env.mutable_report()->set_sid("gwT.dead");
+  env.mutable_report()->set_to("demo1");
+  gateway_->send(env);
+  EXPECT_TRUE(eventually([&] { return client_gone.load() == 1; }));
+}
+
+}  // namespace
+}  // namespace sidecast::test

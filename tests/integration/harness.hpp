@@ -1,0 +1,179 @@
+#pragma once
+// Test helpers that play the broker's neighbours over real sockets: a peer
+// (client or gateway) speaking the envelope protocol, child processes for the
+// real binaries, and waiting on conditions instead of sleeping.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <functional>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <zmq.hpp>
+
+#include "proto/codec.hpp"
+
+extern char** environ;
+
+namespace sidecast::test {
+
+using namespace std::chrono_literals;
+using proto::Envelope;
+
+/// Polls `condition` every 5 ms until it holds or `limit` passes.
+inline bool eventually(const std::function<bool()>& condition, std::chrono::milliseconds limit = 5s) {
+  auto until = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < until) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(5ms);
+  }
+  return condition();
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released: good enough for tests).
+inline int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+/// A DEALER peer of the broker, driven synchronously by the test.
+class peer {
+ public:
+  peer(zmq::context_t& ctx, const std::string& endpoint, std::string id,
+       proto::Role role = proto::ROLE_CLIENT)
+      : id_{std::move(id)}, role_{role}, socket_{ctx, zmq::socket_type::dealer} {
+    socket_.set(zmq::sockopt::routing_id, id_);
+    socket_.set(zmq::sockopt::linger, 0);
+    socket_.connect(endpoint);
+  }
+
+  /// Sends Hello and waits for Welcome.
+  bool hello() {
+    Envelope env;
+    env.mutable_hello()->set_role(role_);
+    env.mutable_hello()->set_id(id_);
+    env.mutable_hello()->set_protocol_version(proto::protocol_version);
+    send(env);
+    return next(Envelope::kWelcome, 3s).has_value();
+  }
+
+  void send(const Envelope& env) { send_raw(proto::encode(env)); }
+  void send_raw(std::string_view bytes) { socket_.send(zmq::buffer(bytes), zmq::send_flags::none); }
+  void send_frames(const std::vector<std::string>& frames) {
+    for (std::size_t i = 0; i < frames.size(); ++i)
+      socket_.send(zmq::buffer(frames[i]), i + 1 < frames.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
+  }
+
+  /// Next envelope of any kind except heartbeats, or nullopt after `limit`.
+  std::optional<Envelope> receive(std::chrono::milliseconds limit) {
+    auto until = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return std::nullopt;
+      zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, left);
+      if (!(item.revents & ZMQ_POLLIN)) continue;
+      zmq::message_t msg;
+      if (!socket_.recv(msg)) continue;
+      auto env = proto::decode(msg.to_string_view());
+      if (!env || env->has_heartbeat()) continue;
+      return env;
+    }
+  }
+
+  /// Next envelope of `kind`, skipping others, or nullopt after `limit`.
+  std::optional<Envelope> next(Envelope::KindCase kind, std::chrono::milliseconds limit) {
+    auto until = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+      auto env = receive(left);
+      if (!env) return std::nullopt;
+      if (env->kind_case() == kind) return env;
+    }
+  }
+
+  std::string submit(const std::string& service, const std::string& event, const std::string& args,
+                     std::chrono::milliseconds timeout = 5s, const std::string& sid = {}) {
+    auto id = id_ + ":" + std::to_string(++next_id_);
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(id);
+    r->set_service(service);
+    r->set_event(event);
+    r->set_args(args);
+    r->set_sid(sid);
+    r->set_nsp("/");
+    r->set_wants_reply(true);
+    r->set_timeout_ms(static_cast<std::uint32_t>(timeout.count()));
+    send(env);
+    return id;
+  }
+
+  /// Sends a request and waits for its reply.
+  std::optional<proto::Reply> call(const std::string& service, const std::string& event, const std::string& args,
+                                   std::chrono::milliseconds timeout = 5s) {
+    auto id = submit(service, event, args, timeout);
+    auto until = std::chrono::steady_clock::now() + timeout + 2s;
+    for (;;) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+      auto env = next(Envelope::kReply, left);
+      if (!env) return std::nullopt;
+      if (env->reply().id() == id) return env->reply();
+    }
+  }
+
+  const std::string& id() const { return id_; }
+
+ private:
+  std::string id_;
+  proto::Role role_;
+  zmq::socket_t socket_;
+  std::uint64_t next_id_ = 0;
+};
+
+/// A child process running one of the project's binaries.
+class child {
+ public:
+  child(const std::string& binary, std::vector<std::string> args) {
+    std::vector<std::string> argv_s{std::string{SIDECAST_BIN_DIR} + "/" + binary};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (::posix_spawn(&pid_, argv[0], nullptr, nullptr, argv.data(), environ) != 0) pid_ = -1;
+  }
+  ~child() { kill(SIGKILL); }
+  child(const child&) = delete;
+  child& operator=(const child&) = delete;
+
+  bool running() const { return pid_ > 0; }
+  /// Sends `sig` and reaps the process; returns its wait status.
+  int kill(int sig) {
+    if (pid_ <= 0) return -1;
+    ::kill(pid_, sig);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return status;
+  }
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+}  // namespace sidecast::test

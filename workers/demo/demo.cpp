@@ -1,0 +1,119 @@
+#include "workers/demo/demo.hpp"
+
+#include <boost/json.hpp>
+
+namespace sidecast::workers {
+namespace json = boost::json;
+
+namespace {
+
+// The first argument as a string, or empty.
+std::string first_string(const json::array& args) {
+  if (!args.empty() && args[0].is_string()) return std::string{args[0].as_string()};
+  return {};
+}
+
+void echo(request req) { req.reply(req.args_text(), req.attachments()); }
+
+void whoami(request req) {
+  json::error_code ec;
+  auto auth = json::parse(req.auth_text(), ec);
+  if (ec) auth = json::object{};
+  req.reply(json::array{json::object{{"sid", req.sid()}, {"nsp", req.nsp()}, {"auth", std::move(auth)}}});
+}
+
+void membership(request req, bool joining) {
+  auto room = first_string(req.args());
+  if (room.empty()) {
+    req.fail(proto::BAD_REQUEST, "a room name is required");
+    return;
+  }
+  joining ? req.join(room) : req.leave(room);
+  req.reply(json::array{json::string{room}});
+}
+
+void say(request req) {
+  auto args = req.args();
+  if (args.empty() || !args[0].is_object()) {
+    req.fail(proto::BAD_REQUEST, "say needs {room, text}");
+    return;
+  }
+  const auto& msg = args[0].as_object();
+  auto room = msg.if_contains("room");
+  if (!room || !room->is_string()) {
+    req.fail(proto::BAD_REQUEST, "say needs a room");
+    return;
+  }
+  json::value text = msg.contains("text") ? msg.at("text") : json::value{""};
+  json::object said{{"room", *room}, {"text", text}, {"from", req.sid()}};
+  req.emit_to_room(std::string{room->as_string()}, "said", json::serialize(json::array{said}));
+  req.reply(json::array{true});
+}
+
+// Emits `callback` with our arguments and acks the original event with the
+// client's answer, binary included.
+void call_me_back(request req) {
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(req.cancel().deadline() -
+                                                                    std::chrono::steady_clock::now());
+  req.emit_with_ack(
+      "callback", req.args_text(), req.attachments(),
+      [req](ack_result ack) mutable {
+        if (ack.code == proto::OK) req.reply(std::move(ack.args), std::move(ack.attachments));
+        else req.fail(ack.code, "the client did not ack the callback");
+      },
+      std::max(left, std::chrono::milliseconds(1)));
+}
+
+void bye(request req) { req.disconnect(); }
+
+service with_demo_handlers(service s) {
+  return s.on("echo", echo)
+      .on("echo-bin", echo)
+      .on("whoami", whoami)
+      .on("join", [](request r) { membership(std::move(r), true); })
+      .on("leave", [](request r) { membership(std::move(r), false); })
+      .on("say", say)
+      .on("call-me-back", call_me_back)
+      .on("bye", bye);
+}
+
+}  // namespace
+
+service demo_service(unsigned capacity) {
+  return with_demo_handlers(service{"demo", capacity}).on_connect([](request req) {
+    if (req.nsp() == "/forbidden") req.fail(proto::REFUSED, "forbidden");
+    else req.reply("{}");
+  });
+}
+
+// delay(ms, ...rest): waits ms (or until cancelled), then acks [...rest].
+// Simulates slow work for tests and benchmarks.
+void delay(request req) {
+  auto args = req.args();
+  if (args.empty() || !args[0].is_number()) {
+    req.fail(proto::BAD_REQUEST, "delay needs a number of milliseconds");
+    return;
+  }
+  auto ms = std::chrono::milliseconds(static_cast<std::int64_t>(args[0].to_number<double>()));
+  if (!req.cancel().sleep_for(ms)) {
+    req.fail(proto::CANCELLED, "cancelled");
+    return;
+  }
+  args.erase(args.begin());
+  req.reply(args);
+}
+
+service echo_service(unsigned capacity) {
+  // Any event: the dispatcher falls back to the "*" handler.
+  return service{"echo", capacity}.on("*", echo).on("delay", delay);
+}
+
+const std::map<std::string, service_factory>& builtin_services() {
+  static const std::map<std::string, service_factory> all{
+      {"demo", demo_service},
+      {"echo", echo_service},
+  };
+  return all;
+}
+
+}  // namespace sidecast::workers

@@ -1,0 +1,63 @@
+// sidecast-worker: hosts the built-in services (demo, echo, ...) behind a broker.
+#include <spdlog/spdlog.h>
+
+#include "core/config.hpp"
+#include "core/log.hpp"
+#include "core/signals.hpp"
+#include "workers/demo/demo.hpp"
+
+int main(int argc, char** argv) {
+  using namespace sidecast;
+  core::terminate_signals signals;
+  CLI::App app{"sidecast-worker: serves built-in services behind a sidecast-broker"};
+  worker_options options;
+  std::vector<std::string> services;
+  unsigned capacity = 16;
+  std::string log_level = "info";
+  std::string names;
+  for (const auto& [name, factory] : workers::builtin_services()) names += (names.empty() ? "" : ", ") + name;
+  app.add_option("--service", services, "Service to serve (repeatable): " + names)->required();
+  app.add_option("--capacity", capacity, "Requests run at once per service")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100000u));
+  app.add_option("--id", options.id, "Worker id (default w-<host>-<pid>)");
+  app.add_option("--broker", options.broker, "Broker ROUTER endpoint")->capture_default_str();
+  app.add_option("--publish", options.publish, "Broker XSUB endpoint for room events")->capture_default_str();
+  core::add_millis(app, "--heartbeat-interval", options.heartbeat_interval,
+                   "Heartbeat interval until the broker's Welcome, ms");
+  app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();
+  app.add_option("--outbox-limit", options.outbox_limit, "Messages handlers may queue for sending")
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
+  core::finish_app(app);
+  if (auto code = core::parse(app, argc, argv)) return *code;
+  if (!core::init_logging(log_level, "worker")) {
+    std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());
+    return 2;
+  }
+  if (!options.id.empty() && !proto::valid_peer_id(options.id)) {
+    spdlog::critical("worker id '{}' must be 1-64 characters without '.' or ':'", options.id);
+    return 2;
+  }
+  try {
+    worker w{options};
+    for (const auto& name : services) {
+      auto it = workers::builtin_services().find(name);
+      if (it == workers::builtin_services().end()) {
+        spdlog::critical("unknown service '{}' (known: {})", name, names);
+        return 2;
+      }
+      w.add(it->second(capacity));
+    }
+    signals.start([&w](int sig) {
+      spdlog::info("signal {}: stopping", sig);
+      w.stop();
+    });
+    spdlog::info("worker {} serving {} via {}", w.id(), fmt::join(services, ", "), options.broker);
+    w.run();
+  } catch (const std::exception& e) {
+    spdlog::critical("worker failed: {}", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,646 @@
+#include "workers/sdk/worker.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <spdlog/spdlog.h>
+
+#include "core/bounded_queue.hpp"
+#include "core/log.hpp"
+#include "core/peer_link.hpp"
+#include "core/wakeup.hpp"
+
+namespace sidecast {
+namespace detail {
+
+using clock = std::chrono::steady_clock;
+using proto::Envelope;
+
+// What a handler thread hands to the I/O thread.
+struct outgoing {
+  std::string topic;  // non-empty: publish on the PUB socket under this topic
+  std::string bytes;  // the serialized envelope
+};
+
+// A pending emit_with_ack.
+struct pending_ack {
+  std::function<void(ack_result)> callback;
+  clock::time_point deadline;
+};
+
+struct request_state {
+  std::shared_ptr<worker_core> core;
+  request::kind type = request::kind::event;
+  std::string id, service, sid, nsp, event, user, args, auth;
+  sidecast::attachments att;
+  bool wants_reply = true;
+  unsigned attempt = 1;
+  std::stop_source stop;
+  cancel_token token{stop.get_token(), {}};
+  std::atomic<bool> answered{false};
+
+  ~request_state();
+};
+
+// A fixed pool of handler threads fed through one queue. The queue is bounded
+// by the broker's credits (a worker never holds more requests than its
+// capacity), plus acks and reports, which are bounded by their own limits.
+class thread_pool {
+ public:
+  void start(std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
+  }
+  void post(std::function<void()> task) {
+    {
+      std::lock_guard lock{mutex_};
+      tasks_.push_back(std::move(task));
+    }
+    ready_.notify_one();
+  }
+  void stop() {
+    {
+      std::lock_guard lock{mutex_};
+      stopping_ = true;
+    }
+    ready_.notify_all();
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+    threads_.clear();
+  }
+
+ private:
+  void run() {
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock lock{mutex_};
+        ready_.wait(lock, [&] { return stopping_ || !tasks_.empty(); });
+        if (tasks_.empty()) return;
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      task();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> tasks_;
+  std::vector<std::thread> threads_;
+  bool stopping_ = false;
+};
+
+struct worker_core : std::enable_shared_from_this<worker_core> {
+  worker_options options;
+  zmq::context_t* context;
+  std::unique_ptr<zmq::context_t> own_context;
+  std::vector<service> services;
+  std::unordered_map<std::string, const service*> by_name;
+
+  core::bounded_queue<outgoing> outbox;
+  core::wakeup wake;
+  std::thread io_thread;
+  thread_pool pool;
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> started{false};
+  std::atomic<bool> welcomed{false};
+  std::mutex done_mutex;
+  std::condition_variable done;
+
+  // I/O thread only.
+  std::unordered_map<std::string, std::weak_ptr<request_state>> in_flight;
+  std::unordered_map<std::string, pending_ack> acks;
+  std::multimap<clock::time_point, std::string> ack_deadlines;
+  std::size_t sweep_at = 1024;
+  core::log_limiter log_limit;
+
+  // Shared between threads.
+  std::mutex acks_mutex;  // guards acks/ack_deadlines registration from handler threads
+  std::atomic<std::uint64_t> next_ack{0};
+  std::function<void(const proto::DeliveryReport&)> report_callback;
+  std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
+      n_reconnects{0};
+
+  explicit worker_core(worker_options o, zmq::context_t* ctx)
+      : options{std::move(o)}, context{ctx}, outbox{options.outbox_limit} {
+    if (!context) {
+      own_context = std::make_unique<zmq::context_t>(1);
+      context = own_context.get();
+    }
+    if (options.id.empty()) {
+      char host[64] = {};
+      ::gethostname(host, sizeof host - 1);
+      std::string h{host};
+      std::erase_if(h, [](char c) { return c == '.' || c == ':'; });
+      options.id = "w-" + h + "-" + std::to_string(::getpid());
+    }
+  }
+
+  bool enqueue(outgoing out) {
+    if (stopping) return false;
+    // The I/O thread drains the outbox, so it must never wait for room.
+    bool may_wait = std::this_thread::get_id() != io_thread.get_id();
+    if (!outbox.try_push(std::move(out)) &&
+        !(may_wait && outbox.push_wait(std::move(out), options.outbox_wait))) {
+      ++n_dropped;
+      return false;
+    }
+    wake.signal();
+    return true;
+  }
+
+  bool send(const Envelope& env) { return enqueue({{}, proto::encode(env)}); }
+
+  // A room (room != nullptr) or namespace emit, over the PUB socket.
+  bool publish_to(const std::string& nsp, const std::string* room, std::string event, std::string args,
+                  std::vector<std::string> except_sids, sidecast::attachments att) {
+    Envelope env;
+    auto* e = env.mutable_emit();
+    *e = make_emit(nsp, std::move(event), std::move(args), std::move(att));
+    if (room) e->set_room(*room);
+    else e->set_broadcast(true);
+    for (auto& s : except_sids) e->add_except_sids(std::move(s));
+    return enqueue({proto::topic_for(*e), proto::encode(env)});
+  }
+
+  proto::Emit make_emit(const std::string& nsp, std::string event, std::string args,
+                        sidecast::attachments att) {
+    proto::Emit e;
+    e.set_nsp(nsp);
+    e.set_event(std::move(event));
+    e.set_args(std::move(args));
+    for (auto& a : att) e.add_attachments(std::move(a));
+    e.set_origin(options.id);
+    return e;
+  }
+
+  bool emit_to_sid(const std::string& nsp, const std::string& sid, std::string event, std::string args,
+                   sidecast::attachments att, std::string ack_id = {}) {
+    Envelope env;
+    auto* e = env.mutable_emit();
+    *e = make_emit(nsp, std::move(event), std::move(args), std::move(att));
+    e->set_sid(sid);
+    e->set_ack_id(std::move(ack_id));
+    return send(env);
+  }
+
+  bool control(proto::Control::Action action, const std::string& nsp, const std::string& sid,
+               const std::string& room) {
+    Envelope env;
+    auto* c = env.mutable_control();
+    c->set_action(action);
+    c->set_nsp(nsp);
+    c->set_sid(sid);
+    c->set_room(room);
+    c->set_origin(options.id);
+    return send(env);
+  }
+
+  bool answer(request_state& st, proto::Code code, std::string message, std::string args,
+              sidecast::attachments att, bool silent) {
+    if (st.answered.exchange(true)) return false;
+    Envelope env;
+    auto* r = env.mutable_reply();
+    r->set_id(st.id);
+    r->set_code(code);
+    r->set_message(std::move(message));
+    r->set_args(std::move(args));
+    for (auto& a : att) r->add_attachments(std::move(a));
+    r->set_silent(silent);
+    ++n_replies;
+    // A reply must not be lost to a full outbox: it also frees the credit.
+    if (!send(env) && !stopping) {
+      spdlog::error("outbox full: reply for {} dropped", st.id);
+    }
+    return true;
+  }
+
+  void start() {
+    std::size_t capacity = 0;
+    for (const auto& s : services) capacity += s.capacity();
+    auto threads = options.threads ? options.threads : std::min<std::size_t>(std::max<std::size_t>(capacity, 1), 256);
+    pool.start(threads);
+    started = true;
+    io_thread = std::thread([self = shared_from_this()] { self->io_loop(); });
+  }
+
+  void stop() {
+    if (stopping.exchange(true)) return;
+    wake.signal();
+    if (io_thread.joinable() && io_thread.get_id() != std::this_thread::get_id()) io_thread.join();
+    outbox.close();
+    pool.stop();
+    {
+      std::lock_guard lock{done_mutex};
+    }
+    done.notify_all();
+  }
+
+  void io_loop() {
+    core::peer_link_options lo;
+    lo.endpoint = options.broker;
+    lo.id = options.id;
+    lo.role = proto::ROLE_WORKER;
+    lo.heartbeat_interval = options.heartbeat_interval;
+    lo.heartbeat_liveness = options.heartbeat_liveness;
+    lo.sndhwm = lo.rcvhwm = options.hwm;
+    for (const auto& s : services) lo.services.emplace_back(s.name(), s.capacity());
+    try {
+      core::peer_link link{*context, lo};
+      zmq::socket_t pub{*context, zmq::socket_type::pub};
+      pub.set(zmq::sockopt::linger, 0);
+      pub.set(zmq::sockopt::sndhwm, options.hwm);
+      if (!options.publish.empty()) pub.connect(options.publish);
+      std::deque<outgoing> batch;
+      std::uint64_t seen_reconnects = 0;
+      while (!stopping) {
+        auto now = clock::now();
+        auto wake_at = link.next_tick();
+        {
+          std::lock_guard lock{acks_mutex};
+          if (!ack_deadlines.empty()) wake_at = std::min(wake_at, ack_deadlines.begin()->first);
+        }
+        auto timeout = std::max(std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now),
+                                std::chrono::milliseconds(0));
+        zmq::pollitem_t items[] = {{link.socket().handle(), 0, ZMQ_POLLIN, 0},
+                                   {nullptr, wake.fd(), ZMQ_POLLIN, 0}};
+        try {
+          zmq::poll(items, 2, timeout + std::chrono::milliseconds(1));
+        } catch (const zmq::error_t& e) {
+          if (e.num() == EINTR) continue;
+          throw;
+        }
+        if (items[1].revents & ZMQ_POLLIN) wake.drain();
+        for (int i = 0; i < 1024; ++i) {
+          auto env = link.receive();
+          if (!env) break;
+          on_message(std::move(*env));
+        }
+        outbox.drain(batch);
+        for (auto& out : batch) {
+          if (out.topic.empty()) {
+            if (!link.send_bytes(out.bytes)) ++n_dropped;
+          } else {
+            pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+            pub.send(zmq::buffer(out.bytes), zmq::send_flags::dontwait);
+          }
+        }
+        batch.clear();
+        now = clock::now();
+        if (now >= link.next_tick()) link.tick(now);
+        welcomed = link.welcomed();
+        if (link.stats().reconnects != seen_reconnects) {
+          seen_reconnects = link.stats().reconnects;
+          ++n_reconnects;
+        }
+        expire_acks(now);
+      }
+    } catch (const std::exception& e) {
+      spdlog::critical("worker {} I/O thread failed: {}", options.id, e.what());
+    }
+    welcomed = false;
+    // Whatever still runs learns that the worker is going away.
+    for (auto& [id, weak] : in_flight)
+      if (auto st = weak.lock()) st->stop.request_stop();
+    in_flight.clear();
+  }
+
+  void on_message(Envelope env) {
+    switch (env.kind_case()) {
+      case Envelope::kRequest: on_request(env); break;
+      case Envelope::kLifecycle: on_request(env); break;
+      case Envelope::kCancel: {
+        auto it = in_flight.find(env.cancel().id());
+        if (it == in_flight.end()) break;
+        if (auto st = it->second.lock()) st->stop.request_stop();
+        ++n_cancels;
+        in_flight.erase(it);
+        break;
+      }
+      case Envelope::kReply: on_ack(env.reply()); break;
+      case Envelope::kReport:
+        if (report_callback) {
+          pool.post([cb = report_callback, r = env.report()] {
+            try {
+              cb(r);
+            } catch (const std::exception& e) {
+              spdlog::error("delivery report callback threw: {}", e.what());
+            }
+          });
+        }
+        break;
+      case Envelope::kError:
+        if (log_limit.allow()) spdlog::warn("broker error: {}", env.error().message());
+        break;
+      default:
+        if (log_limit.allow()) spdlog::warn("unexpected {} from the broker", proto::kind_name(env));
+        break;
+    }
+  }
+
+  void on_request(const Envelope& env) {
+    ++n_requests;
+    auto st = std::make_shared<request_state>();
+    st->core = shared_from_this();
+    std::uint32_t timeout_ms = 0;
+    if (env.has_request()) {
+      const auto& r = env.request();
+      st->type = request::kind::event;
+      st->id = r.id();
+      st->service = r.service();
+      st->sid = r.sid();
+      st->nsp = r.nsp();
+      st->event = r.event();
+      st->user = r.user();
+      st->args = r.args().empty() ? "[]" : r.args();
+      st->auth = r.auth().empty() ? "{}" : r.auth();
+      st->att.assign(r.attachments().begin(), r.attachments().end());
+      st->wants_reply = r.wants_reply();
+      st->attempt = r.attempt();
+      timeout_ms = r.timeout_ms();
+    } else {
+      const auto& l = env.lifecycle();
+      bool connect = l.kind() == proto::Lifecycle::CONNECT;
+      st->type = connect ? request::kind::connect : request::kind::disconnect;
+      st->id = l.id();
+      st->service = l.service();
+      st->sid = l.sid();
+      st->nsp = l.nsp();
+      st->event = connect ? "connect" : "disconnect";
+      st->user = l.user();
+      st->args = connect ? "[]" : boost::json::serialize(boost::json::array{boost::json::string{l.reason()}});
+      st->auth = l.auth().empty() ? "{}" : l.auth();
+      st->wants_reply = connect;
+      st->attempt = l.attempt();
+      timeout_ms = l.timeout_ms();
+    }
+    st->token = cancel_token{st->stop.get_token(),
+                             clock::now() + std::chrono::milliseconds(timeout_ms ? timeout_ms : 30000)};
+    auto svc = by_name.find(st->service);
+    if (svc == by_name.end()) {
+      answer(*st, proto::BAD_REQUEST, "service not served here: " + st->service, "[]", {}, false);
+      return;
+    }
+    const service& s = *svc->second;
+    handler h;
+    switch (st->type) {
+      case request::kind::connect: h = s.on_connect_; break;
+      case request::kind::disconnect: h = s.on_disconnect_; break;
+      case request::kind::event:
+        if (auto it = s.events_.find(st->event); it != s.events_.end()) h = it->second;
+        else if (auto any = s.events_.find("*"); any != s.events_.end()) h = any->second;
+        break;
+    }
+    if (!h) {
+      // Defaults: accept connects, ignore disconnects and unknown events.
+      if (st->type == request::kind::connect) answer(*st, proto::OK, {}, "{}", {}, false);
+      else answer(*st, proto::OK, {}, "[]", {}, true);
+      return;
+    }
+    in_flight[st->id] = st;
+    if (in_flight.size() > sweep_at) {
+      // Answered requests leave only expired weak pointers behind.
+      std::erase_if(in_flight, [](const auto& kv) { return kv.second.expired(); });
+      sweep_at = std::max<std::size_t>(1024, 2 * in_flight.size());
+    }
+    pool.post([this, h = std::move(h), st = std::move(st)]() mutable {
+      request req{std::move(st)};
+      try {
+        h(req);
+      } catch (const std::exception& e) {
+        ++n_errors;
+        req.fail(proto::INTERNAL, e.what());
+      }
+    });
+  }
+
+  void on_ack(const proto::Reply& reply) {
+    pending_ack ack;
+    {
+      std::lock_guard lock{acks_mutex};
+      auto it = acks.find(reply.id());
+      if (it == acks.end()) return;  // late: already timed out
+      ack = std::move(it->second);
+      acks.erase(it);
+      std::erase_if(ack_deadlines, [&](const auto& kv) { return kv.second == reply.id(); });
+    }
+    ack_result result;
+    result.code = reply.code();
+    result.args = reply.args();
+    result.attachments.assign(reply.attachments().begin(), reply.attachments().end());
+    pool.post([cb = std::move(ack.callback), result = std::move(result)]() mutable { cb(std::move(result)); });
+  }
+
+  void expire_acks(clock::time_point now) {
+    std::vector<std::function<void(ack_result)>> expired;
+    {
+      std::lock_guard lock{acks_mutex};
+      while (!ack_deadlines.empty() && ack_deadlines.begin()->first <= now) {
+        auto it = acks.find(ack_deadlines.begin()->second);
+        if (it != acks.end()) {
+          expired.push_back(std::move(it->second.callback));
+          acks.erase(it);
+        }
+        ack_deadlines.erase(ack_deadlines.begin());
+      }
+    }
+    for (auto& cb : expired) {
+      pool.post([cb = std::move(cb)] { cb(ack_result{proto::TIMEOUT, "[]", {}}); });
+    }
+  }
+
+  std::optional<std::string> register_ack(std::function<void(ack_result)> cb, std::chrono::milliseconds timeout) {
+    std::lock_guard lock{acks_mutex};
+    if (acks.size() >= options.pending_acks_limit) return std::nullopt;
+    auto id = options.id + ":" + std::to_string(++next_ack);
+    auto deadline = clock::now() + timeout;
+    acks.emplace(id, pending_ack{std::move(cb), deadline});
+    ack_deadlines.emplace(deadline, id);
+    return id;
+  }
+};
+
+request_state::~request_state() {
+  // The last handle is gone: make sure the broker hears the worker is free.
+  if (!answered && core) {
+    if (type == request::kind::connect)
+      core->answer(*this, proto::OK, {}, "{}", {}, false);
+    else
+      core->answer(*this, proto::OK, {}, "[]", {}, true);
+  }
+}
+
+}  // namespace detail
+
+// ---- cancel_token ----
+
+bool cancel_token::cancelled() const {
+  return stop_.stop_requested() || std::chrono::steady_clock::now() >= deadline_;
+}
+
+bool cancel_token::sleep_for(std::chrono::milliseconds d) const {
+  std::mutex m;
+  std::condition_variable_any cv;
+  std::unique_lock lock{m};
+  auto until = std::min(std::chrono::steady_clock::now() + d, deadline_);
+  cv.wait_until(lock, stop_, until, [] { return false; });
+  return !cancelled();
+}
+
+// ---- request ----
+
+request::kind request::type() const { return state_->type; }
+const std::string& request::id() const { return state_->id; }
+const std::string& request::service() const { return state_->service; }
+const std::string& request::sid() const { return state_->sid; }
+const std::string& request::nsp() const { return state_->nsp; }
+const std::string& request::event() const { return state_->event; }
+const std::string& request::user() const { return state_->user; }
+const std::string& request::args_text() const { return state_->args; }
+const std::string& request::auth_text() const { return state_->auth; }
+const attachments& request::attachments() const { return state_->att; }
+bool request::wants_reply() const { return state_->wants_reply; }
+unsigned request::attempt() const { return state_->attempt; }
+const cancel_token& request::cancel() const { return state_->token; }
+
+boost::json::array request::args() const {
+  boost::system::error_code ec;
+  auto v = boost::json::parse(state_->args, ec);
+  if (ec || !v.is_array()) return {};
+  return std::move(v.as_array());
+}
+
+bool request::reply(std::string args_json, sidecast::attachments att) {
+  return state_->core->answer(*state_, proto::OK, {}, std::move(args_json), std::move(att), false);
+}
+
+bool request::reply(const boost::json::array& args) { return reply(boost::json::serialize(args)); }
+
+bool request::fail(proto::Code code, std::string message) {
+  return state_->core->answer(*state_, code, std::move(message), "[]", {}, false);
+}
+
+bool request::emit(std::string event, std::string args_json, sidecast::attachments att) {
+  return state_->core->emit_to_sid(state_->nsp, state_->sid, std::move(event), std::move(args_json),
+                                   std::move(att));
+}
+
+bool request::emit_with_ack(std::string event, std::string args_json, sidecast::attachments att,
+                            std::function<void(ack_result)> on_ack, std::chrono::milliseconds timeout) {
+  auto id = state_->core->register_ack(std::move(on_ack), timeout);
+  if (!id) return false;
+  return state_->core->emit_to_sid(state_->nsp, state_->sid, std::move(event), std::move(args_json),
+                                   std::move(att), std::move(*id));
+}
+
+bool request::join(std::string room) {
+  return state_->core->control(proto::Control::JOIN, state_->nsp, state_->sid, room);
+}
+bool request::leave(std::string room) {
+  return state_->core->control(proto::Control::LEAVE, state_->nsp, state_->sid, room);
+}
+bool request::disconnect() {
+  return state_->core->control(proto::Control::DISCONNECT, state_->nsp, state_->sid, {});
+}
+
+bool request::emit_to_room(const std::string& room, std::string event, std::string args_json,
+                           std::vector<std::string> except_sids, sidecast::attachments att) {
+  return state_->core->publish_to(state_->nsp, &room, std::move(event), std::move(args_json),
+                                  std::move(except_sids), std::move(att));
+}
+
+bool request::broadcast(std::string event, std::string args_json, std::vector<std::string> except_sids,
+                        sidecast::attachments att) {
+  return state_->core->publish_to(state_->nsp, nullptr, std::move(event), std::move(args_json),
+                                  std::move(except_sids), std::move(att));
+}
+
+// ---- service ----
+
+service::service(std::string name, unsigned capacity) : name_{std::move(name)}, capacity_{capacity} {}
+
+service& service::on(std::string event, handler h) {
+  events_[std::move(event)] = std::move(h);
+  return *this;
+}
+service& service::on_connect(handler h) {
+  on_connect_ = std::move(h);
+  return *this;
+}
+service& service::on_disconnect(handler h) {
+  on_disconnect_ = std::move(h);
+  return *this;
+}
+
+// ---- worker ----
+
+worker::worker(worker_options options, zmq::context_t* context)
+    : core_{std::make_shared<detail::worker_core>(std::move(options), context)} {}
+
+worker::~worker() { stop(); }
+
+void worker::add(service s) {
+  if (core_->started) throw std::logic_error("worker::add after start()");
+  core_->services.push_back(std::move(s));
+  core_->by_name.clear();
+  for (const auto& svc : core_->services) core_->by_name[svc.name()] = &svc;
+}
+
+void worker::start() { core_->start(); }
+void worker::stop() { core_->stop(); }
+
+void worker::run() {
+  if (!core_->started) start();
+  std::unique_lock lock{core_->done_mutex};
+  core_->done.wait(lock, [&] { return core_->stopping.load(); });
+}
+
+bool worker::emit_to_sid(const std::string& nsp, const std::string& sid, std::string event,
+                         std::string args_json, sidecast::attachments att) {
+  return core_->emit_to_sid(nsp, sid, std::move(event), std::move(args_json), std::move(att));
+}
+
+bool worker::emit_to_room(const std::string& nsp, const std::string& room, std::string event,
+                          std::string args_json, std::vector<std::string> except_sids,
+                          sidecast::attachments att) {
+  return core_->publish_to(nsp, &room, std::move(event), std::move(args_json), std::move(except_sids),
+                           std::move(att));
+}
+
+bool worker::broadcast(const std::string& nsp, std::string event, std::string args_json,
+                       std::vector<std::string> except_sids, sidecast::attachments att) {
+  return core_->publish_to(nsp, nullptr, std::move(event), std::move(args_json), std::move(except_sids),
+                           std::move(att));
+}
+
+bool worker::join(const std::string& nsp, const std::string& sid, const std::string& room) {
+  return core_->control(proto::Control::JOIN, nsp, sid, room);
+}
+bool worker::leave(const std::string& nsp, const std::string& sid, const std::string& room) {
+  return core_->control(proto::Control::LEAVE, nsp, sid, room);
+}
+bool worker::disconnect(const std::string& nsp, const std::string& sid) {
+  return core_->control(proto::Control::DISCONNECT, nsp, sid, {});
+}
+
+void worker::on_report(std::function<void(const proto::DeliveryReport&)> callback) {
+  core_->report_callback = std::move(callback);
+}
+
+const std::string& worker::id() const { return core_->options.id; }
+bool worker::connected() const { return core_->welcomed; }
+
+worker_stats worker::stats() const {
+  return {core_->n_requests, core_->n_replies, core_->n_cancels,
+          core_->n_dropped,  core_->n_errors,  core_->n_reconnects};
+}
+
+}  // namespace sidecast

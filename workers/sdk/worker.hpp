@@ -1,0 +1,203 @@
+#pragma once
+// The worker SDK: serve one or more services behind the broker.
+//
+//   sidecast::worker w{options};
+//   w.add(sidecast::service{"demo", 16}
+//             .on("echo", [](sidecast::request req) { req.reply(req.args_text()); }));
+//   w.run();  // until stop()
+//
+// Handlers run on a thread pool, so a long task never delays heartbeats.
+// A `request` is a cheap shared handle: keep a copy to answer later from any
+// thread. Every request is answered exactly once; if the last handle goes
+// away unanswered the requester gets no ack (as in Socket.IO), and the broker
+// still learns that the worker is free.
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <stop_token>
+#include <string>
+#include <vector>
+
+#include <boost/json/array.hpp>
+#include <boost/json/value.hpp>
+#include <zmq.hpp>
+
+#include "proto/codec.hpp"
+
+namespace sidecast {
+
+using attachments = std::vector<std::string>;
+
+struct worker_options {
+  std::string id;                                 // peer id; default "w-<host>-<pid>"
+  std::string broker = "tcp://127.0.0.1:7700";    // the broker's ROUTER
+  std::string publish = "tcp://127.0.0.1:7701";   // the broker's XSUB (room events)
+  std::chrono::milliseconds heartbeat_interval{1000};
+  unsigned heartbeat_liveness = 3;
+  std::size_t threads = 0;          // handler threads; 0: the total capacity, at most 256
+  std::size_t outbox_limit = 10000; // messages handlers may queue for the I/O thread
+  std::chrono::milliseconds outbox_wait{5000};  // a handler waits this long for room, then drops
+  std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack
+  int hwm = 100000;
+};
+
+/// Fires when the broker cancels a request (deadline passed, requester gave
+/// up) or the worker stops. Long handlers poll it or sleep on it.
+class cancel_token {
+ public:
+  cancel_token(std::stop_token stop, std::chrono::steady_clock::time_point deadline)
+      : stop_{std::move(stop)}, deadline_{deadline} {}
+
+  bool cancelled() const;
+  /// Sleeps up to `d`; returns false if cancelled (or the deadline passed) first.
+  bool sleep_for(std::chrono::milliseconds d) const;
+  std::chrono::steady_clock::time_point deadline() const { return deadline_; }
+  const std::stop_token& stop_token() const { return stop_; }
+
+ private:
+  std::stop_token stop_;
+  std::chrono::steady_clock::time_point deadline_;
+};
+
+/// The result of a client's ack to emit_with_ack.
+struct ack_result {
+  proto::Code code = proto::OK;  // TIMEOUT when no ack arrived in time
+  std::string args;              // JSON array text
+  sidecast::attachments attachments;
+};
+
+class worker;
+namespace detail {
+struct request_state;
+struct worker_core;
+}  // namespace detail
+
+class request {
+ public:
+  enum class kind { event, connect, disconnect };
+
+  kind type() const;
+  const std::string& id() const;
+  const std::string& service() const;
+  const std::string& sid() const;
+  const std::string& nsp() const;
+  const std::string& event() const;  // "connect" / "disconnect" for lifecycle
+  const std::string& user() const;
+  /// The event's arguments as JSON array text, untouched.
+  const std::string& args_text() const;
+  /// The arguments parsed; an empty array if they are not a JSON array.
+  boost::json::array args() const;
+  /// The socket's CONNECT auth payload (JSON text; "{}" when none).
+  const std::string& auth_text() const;
+  const sidecast::attachments& attachments() const;
+  bool wants_reply() const;
+  unsigned attempt() const;
+  const cancel_token& cancel() const;
+
+  /// Answers (the ack for events; accepts a connect with data). Once only:
+  /// later answers are ignored and return false.
+  bool reply(std::string args_json = "[]", sidecast::attachments att = {});
+  bool reply(const boost::json::array& args);
+  /// Answers with an error (REFUSED refuses a connect with `message`).
+  bool fail(proto::Code code, std::string message);
+
+  /// Emits to the socket that asked.
+  bool emit(std::string event, std::string args_json, sidecast::attachments att = {});
+  /// Emits to the asking socket and calls `on_ack` (on a handler thread) with
+  /// the client's ack, or with TIMEOUT after `timeout`.
+  bool emit_with_ack(std::string event, std::string args_json, sidecast::attachments att,
+                     std::function<void(ack_result)> on_ack, std::chrono::milliseconds timeout);
+  bool join(std::string room);
+  bool leave(std::string room);
+  /// Disconnects the asking socket from this namespace.
+  bool disconnect();
+  /// Emits to every socket in a room of this namespace (except `except_sids`).
+  bool emit_to_room(const std::string& room, std::string event, std::string args_json,
+                    std::vector<std::string> except_sids = {}, sidecast::attachments att = {});
+  /// Emits to every socket of this namespace.
+  bool broadcast(std::string event, std::string args_json, std::vector<std::string> except_sids = {},
+                 sidecast::attachments att = {});
+
+ private:
+  friend class worker;
+  friend struct detail::worker_core;
+  explicit request(std::shared_ptr<detail::request_state> state) : state_{std::move(state)} {}
+  std::shared_ptr<detail::request_state> state_;
+};
+
+using handler = std::function<void(request)>;
+
+class service {
+ public:
+  explicit service(std::string name, unsigned capacity = 16);
+  /// Handles one event ("*": every event without its own handler); events
+  /// with no handler are ignored (answered silently).
+  service& on(std::string event, handler h);
+  /// Connect hook: reply() accepts (default), fail(REFUSED, msg) refuses.
+  service& on_connect(handler h);
+  service& on_disconnect(handler h);
+
+  const std::string& name() const { return name_; }
+  unsigned capacity() const { return capacity_; }
+
+ private:
+  friend struct detail::worker_core;
+  std::string name_;
+  unsigned capacity_;
+  std::unordered_map<std::string, handler> events_;
+  handler on_connect_;
+  handler on_disconnect_;
+};
+
+struct worker_stats {
+  std::uint64_t requests = 0;
+  std::uint64_t replies = 0;
+  std::uint64_t cancels = 0;
+  std::uint64_t outbox_dropped = 0;
+  std::uint64_t handler_errors = 0;
+  std::uint64_t reconnects = 0;
+};
+
+class worker {
+ public:
+  /// `context` may be shared (inproc endpoints need the broker's context).
+  explicit worker(worker_options options, zmq::context_t* context = nullptr);
+  ~worker();
+  worker(const worker&) = delete;
+  worker& operator=(const worker&) = delete;
+
+  /// Adds a service; before start() only.
+  void add(service s);
+  /// Starts the I/O thread and the handler pool.
+  void start();
+  /// Cancels what runs, stops the threads. Idempotent, thread-safe.
+  void stop();
+  /// start(), then blocks until stop().
+  void run();
+
+  // Traffic not tied to a request. Thread-safe; false when the outbox stayed full.
+  bool emit_to_sid(const std::string& nsp, const std::string& sid, std::string event,
+                   std::string args_json, sidecast::attachments att = {});
+  bool emit_to_room(const std::string& nsp, const std::string& room, std::string event,
+                    std::string args_json, std::vector<std::string> except_sids = {},
+                    sidecast::attachments att = {});
+  bool broadcast(const std::string& nsp, std::string event, std::string args_json,
+                 std::vector<std::string> except_sids = {}, sidecast::attachments att = {});
+  bool join(const std::string& nsp, const std::string& sid, const std::string& room);
+  bool leave(const std::string& nsp, const std::string& sid, const std::string& room);
+  bool disconnect(const std::string& nsp, const std::string& sid);
+
+  /// Called (on a handler thread) for every delivery report: failures always,
+  /// successes only for emits that asked for them.
+  void on_report(std::function<void(const proto::DeliveryReport&)> callback);
+
+  const std::string& id() const;
+  /// True while the broker has welcomed this worker.
+  bool connected() const;
+  worker_stats stats() const;
+
+ private:
+  std::shared_ptr<detail::worker_core> core_;
+};
+
+}  // namespace sidecast
