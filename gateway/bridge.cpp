@@ -1,0 +1,341 @@
+#include "gateway/bridge.hpp"
+
+#include <algorithm>
+
+#include <boost/asio/post.hpp>
+#include <boost/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "core/peer_link.hpp"
+#include "gateway/codec/socketio.hpp"
+#include "gateway/codec/ws_json.hpp"
+
+namespace sidecast::gateway {
+
+using proto::Envelope;
+using clock = std::chrono::steady_clock;
+
+// ---- outbound_event ----
+
+const std::string& outbound_event::socketio_frame() const {
+  std::call_once(sio_once_, [this] {
+    socketio::packet p;
+    p.type = attachments_.empty() ? socketio::packet_type::event : socketio::packet_type::binary_event;
+    p.nsp = nsp_;
+    p.data = socketio::join_event(event_, args_);
+    p.attachments = attachments_.size();
+    sio_ = "4" + socketio::encode(p);
+  });
+  return sio_;
+}
+
+const std::string& outbound_event::ws_frame() const {
+  std::call_once(ws_once_, [this] {
+    // /ws events carry one value: a single argument is sent as it is, no
+    // argument as no data, several as an array.
+    std::string data = args_;
+    boost::system::error_code ec;
+    auto v = boost::json::parse(args_, ec);
+    if (!ec && v.is_array() && v.as_array().size() == 1) data = boost::json::serialize(v.as_array()[0]);
+    else if (!ec && v.is_array() && v.as_array().empty()) data.clear();
+    ws_ = ws_json::encode_event(event_, data, nsp_);
+  });
+  return ws_;
+}
+
+// ---- bridge ----
+
+bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics)
+    : config_{config}, context_{context}, metrics_{metrics}, id_{config.id}, commands_{config.bridge_queue} {}
+
+bridge::~bridge() { stop(); }
+
+void bridge::start() {
+  thread_ = std::thread([this] { run(); });
+}
+
+void bridge::stop() {
+  if (stopping_.exchange(true)) return;
+  wake_.signal();
+  if (thread_.joinable()) thread_.join();
+  commands_.close();
+}
+
+std::string bridge::next_id() { return id_ + ":" + std::to_string(++next_id_); }
+
+bool bridge::post(std::function<void()> command) {
+  if (!commands_.try_push(std::move(command))) {
+    metrics_.bridge_full.Increment();
+    return false;
+  }
+  wake_.signal();
+  return true;
+}
+
+bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink) {
+  return post([this, sid = std::move(sid), nsp = std::move(nsp), sink = std::move(sink)]() mutable {
+    auto topic = proto::namespace_topic(nsp);
+    members_[sid] = member{std::move(sink), std::move(nsp), {}};
+    add_to_topic(topic, sid);
+  });
+}
+
+bool bridge::detach(std::string sid) {
+  return post([this, sid = std::move(sid)] {
+    auto it = members_.find(sid);
+    if (it == members_.end()) return;
+    for (const auto& topic : it->second.topics) remove_from_topic(topic, sid);
+    remove_from_topic(proto::namespace_topic(it->second.nsp), sid);
+    members_.erase(it);
+  });
+}
+
+bool bridge::request(Envelope env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
+                     std::chrono::milliseconds timeout) {
+  auto id = env.has_request() ? env.request().id() : env.lifecycle().id();
+  return post([this, id = std::move(id), bytes = proto::encode(env), sink = std::move(sink), tag, timeout]() mutable {
+    // Our own deadline is a little later than the broker's, which answers
+    // first unless the broker itself is unreachable.
+    auto deadline = clock::now() + timeout + std::chrono::seconds(1);
+    auto pos = deadlines_.emplace(deadline, id);
+    pending_[id] = pending{std::move(sink), tag, deadline, pos};
+    if (!link_->send_bytes(bytes)) spdlog::warn("broker link full: request {} waits for its deadline", id);
+  });
+}
+
+bool bridge::send(const Envelope& env) {
+  return post([this, bytes = proto::encode(env)] { link_->send_bytes(bytes); });
+}
+
+bool bridge::join(std::string sid, std::string nsp, std::string room) {
+  proto::Control c;
+  c.set_action(proto::Control::JOIN);
+  c.set_sid(std::move(sid));
+  c.set_nsp(std::move(nsp));
+  c.set_room(std::move(room));
+  return post([this, c = std::move(c)] { on_control(c); });
+}
+
+void bridge::run() {
+  try {
+    core::peer_link_options lo;
+    lo.endpoint = config_.broker;
+    lo.id = id_;
+    lo.role = proto::ROLE_GATEWAY;
+    lo.heartbeat_interval = config_.heartbeat_interval;
+    link_ = std::make_unique<core::peer_link>(context_, lo);
+    sub_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::sub);
+    sub_->set(zmq::sockopt::linger, 0);
+    sub_->set(zmq::sockopt::rcvhwm, 100000);
+    sub_->connect(config_.events);
+    std::deque<std::function<void()>> batch;
+    while (!stopping_) {
+      auto now = clock::now();
+      auto wake_at = link_->next_tick();
+      if (!deadlines_.empty()) wake_at = std::min(wake_at, deadlines_.begin()->first);
+      auto timeout = std::max(std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now),
+                              std::chrono::milliseconds(0));
+      zmq::pollitem_t items[] = {{link_->socket().handle(), 0, ZMQ_POLLIN, 0},
+                                 {sub_->handle(), 0, ZMQ_POLLIN, 0},
+                                 {nullptr, wake_.fd(), ZMQ_POLLIN, 0}};
+      try {
+        zmq::poll(items, 3, timeout + std::chrono::milliseconds(1));
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) continue;
+        throw;
+      }
+      if (items[2].revents & ZMQ_POLLIN) wake_.drain();
+      commands_.drain(batch);
+      for (auto& command : batch) command();
+      batch.clear();
+      for (int i = 0; i < 1024; ++i) {
+        auto env = link_->receive();
+        if (!env) break;
+        on_broker(std::move(*env));
+      }
+      for (int i = 0; i < 1024; ++i) {
+        zmq::message_t topic, body;
+        if (!sub_->recv(topic, zmq::recv_flags::dontwait)) break;
+        if (!topic.more() || !sub_->recv(body, zmq::recv_flags::dontwait)) continue;
+        on_event(topic.to_string_view(), body.to_string_view());
+      }
+      now = clock::now();
+      if (now >= link_->next_tick()) link_->tick(now);
+      welcomed_ = link_->welcomed();
+      metrics_.broker_connected.Set(welcomed_ ? 1 : 0);
+      expire(now);
+    }
+  } catch (const std::exception& e) {
+    spdlog::critical("gateway bridge failed: {}", e.what());
+  }
+  welcomed_ = false;
+}
+
+void bridge::on_broker(Envelope env) {
+  switch (env.kind_case()) {
+    case Envelope::kReply: {
+      auto it = pending_.find(env.reply().id());
+      if (it == pending_.end()) return;  // late: the sink already got a timeout
+      auto p = std::move(it->second);
+      deadlines_.erase(p.deadline_pos);
+      pending_.erase(it);
+      reply_to(std::move(p), std::move(*env.mutable_reply()));
+      return;
+    }
+    case Envelope::kEmit: deliver_emit(env.emit()); return;
+    case Envelope::kControl: on_control(env.control()); return;
+    case Envelope::kError:
+    case Envelope::kReport: return;
+    default:
+      if (log_limit_.allow()) spdlog::warn("bridge: unexpected {} from the broker", proto::kind_name(env));
+  }
+}
+
+void bridge::reply_to(pending p, proto::Reply reply) {
+  auto sink = p.sink.lock();
+  if (!sink) return;
+  boost::asio::post(sink->executor(), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
+    sink->deliver_reply(tag, std::move(reply));
+  });
+}
+
+void bridge::expire(clock::time_point now) {
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
+    auto id = deadlines_.begin()->second;
+    deadlines_.erase(deadlines_.begin());
+    auto it = pending_.find(id);
+    if (it == pending_.end()) continue;
+    auto p = std::move(it->second);
+    pending_.erase(it);
+    proto::Reply r;
+    r.set_id(id);
+    r.set_code(proto::TIMEOUT);
+    r.set_message("no answer from the broker");
+    reply_to(std::move(p), std::move(r));
+    Envelope cancel;
+    cancel.mutable_cancel()->set_id(id);
+    cancel.mutable_cancel()->set_reason(proto::TIMEOUT);
+    link_->send(cancel);
+  }
+}
+
+void bridge::deliver_emit(const proto::Emit& emit) {
+  if (emit.to_case() != proto::Emit::kSid) return;
+  auto it = members_.find(emit.sid());
+  auto sink = it == members_.end() ? nullptr : it->second.sink.lock();
+  if (!sink) {
+    metrics_.client_gone.Increment();
+    report(emit.origin(), proto::DeliveryReport::CLIENT_GONE, emit.sid(), emit.ref());
+    return;
+  }
+  auto ev = std::make_shared<const outbound_event>(
+      emit.nsp(), emit.event(), emit.args(),
+      std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()));
+  boost::asio::post(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
+    sink->deliver(std::move(ev), std::move(ack));
+  });
+  if (emit.report_delivery()) report(emit.origin(), proto::DeliveryReport::DELIVERED, emit.sid(), emit.ref());
+}
+
+void bridge::on_control(const proto::Control& control) {
+  auto it = members_.find(control.sid());
+  if (it == members_.end()) {
+    report(control.origin(), proto::DeliveryReport::CLIENT_GONE, control.sid(), control.ref());
+    return;
+  }
+  auto& m = it->second;
+  switch (control.action()) {
+    case proto::Control::JOIN: {
+      auto topic = proto::room_topic(m.nsp, control.room());
+      if (std::find(m.topics.begin(), m.topics.end(), topic) == m.topics.end()) {
+        m.topics.push_back(topic);
+        add_to_topic(topic, control.sid());
+      }
+      return;
+    }
+    case proto::Control::LEAVE: {
+      auto topic = proto::room_topic(m.nsp, control.room());
+      auto pos = std::find(m.topics.begin(), m.topics.end(), topic);
+      if (pos != m.topics.end()) {
+        m.topics.erase(pos);
+        remove_from_topic(topic, control.sid());
+      }
+      return;
+    }
+    case proto::Control::DISCONNECT:
+      if (auto sink = m.sink.lock())
+        boost::asio::post(sink->executor(), [sink] { sink->deliver_disconnect(); });
+      return;
+    default: return;
+  }
+}
+
+void bridge::on_event(std::string_view topic, std::string_view body) {
+  auto members = topics_.find(std::string{topic});
+  if (members == topics_.end()) return;
+  auto env = proto::decode(body);
+  if (!env || !env->has_emit()) {
+    if (log_limit_.allow()) spdlog::warn("bridge: malformed room event dropped");
+    return;
+  }
+  const auto& emit = env->emit();
+  std::unordered_set<std::string_view> except(emit.except_sids().begin(), emit.except_sids().end());
+  auto ev = std::make_shared<const outbound_event>(
+      emit.nsp(), emit.event(), emit.args(),
+      std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()));
+  // One post per executor (I/O thread), not per member.
+  std::vector<std::pair<boost::asio::any_io_executor, std::vector<std::shared_ptr<client_sink>>>> groups;
+  for (const auto& sid : members->second) {
+    if (except.contains(sid)) continue;
+    auto m = members_.find(sid);
+    if (m == members_.end()) continue;
+    auto sink = m->second.sink.lock();
+    if (!sink) continue;
+    auto ex = sink->executor();
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const auto& grp) { return grp.first == ex; });
+    if (g == groups.end()) {
+      groups.emplace_back(ex, std::vector<std::shared_ptr<client_sink>>{});
+      g = std::prev(groups.end());
+    }
+    g->second.push_back(std::move(sink));
+  }
+  for (auto& [ex, sinks] : groups) {
+    boost::asio::post(ex, [sinks = std::move(sinks), ev] {
+      for (const auto& s : sinks) s->deliver(ev, {});
+    });
+  }
+}
+
+void bridge::add_to_topic(const std::string& topic, const std::string& sid) {
+  auto& set = topics_[topic];
+  if (set.empty()) {
+    sub_->set(zmq::sockopt::subscribe, topic);
+    if (topic.front() == 'r') metrics_.rooms.Increment();
+  }
+  set.insert(sid);
+}
+
+void bridge::remove_from_topic(const std::string& topic, const std::string& sid) {
+  auto it = topics_.find(topic);
+  if (it == topics_.end()) return;
+  it->second.erase(sid);
+  if (it->second.empty()) {
+    sub_->set(zmq::sockopt::unsubscribe, topic);
+    if (topic.front() == 'r') metrics_.rooms.Decrement();
+    topics_.erase(it);
+  }
+}
+
+void bridge::report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
+                    const std::string& ref) {
+  if (to.empty()) return;
+  Envelope env;
+  auto* r = env.mutable_report();
+  r->set_status(status);
+  r->set_sid(sid);
+  r->set_ref(ref);
+  r->set_to(to);
+  link_->send(env);
+}
+
+}  // namespace sidecast::gateway

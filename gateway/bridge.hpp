@@ -1,0 +1,109 @@
+#pragma once
+// The gateway's ZeroMQ side: one thread that owns the DEALER to the broker
+// and the SUB for room events. Sessions (on Asio threads) hand it commands
+// through a bounded queue with an eventfd wake-up; it hands deliveries back by
+// posting onto each sink's executor. It also owns the gateway's view of who
+// is where: sid -> sink, room -> local sids, and requests awaiting replies.
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <zmq.hpp>
+
+#include "core/bounded_queue.hpp"
+#include "core/log.hpp"
+#include "core/wakeup.hpp"
+#include "gateway/config.hpp"
+#include "gateway/metrics.hpp"
+#include "gateway/sink.hpp"
+
+namespace sidecast::core {
+class peer_link;
+}
+
+namespace sidecast::gateway {
+
+class bridge {
+ public:
+  bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics);
+  ~bridge();
+  bridge(const bridge&) = delete;
+  bridge& operator=(const bridge&) = delete;
+
+  void start();
+  void stop();
+
+  // Thread-safe. Each returns false when the command queue is full (counted).
+
+  /// Makes `sid` reachable for addressed traffic and namespace broadcasts.
+  bool attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink);
+  /// Forgets `sid` and its rooms; replies still on their way are dropped.
+  bool detach(std::string sid);
+  /// Sends a Request or a Lifecycle CONNECT; the Reply reaches
+  /// sink->deliver_reply(tag, ...), or a TIMEOUT reply after `timeout` + 1 s.
+  bool request(proto::Envelope env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
+               std::chrono::milliseconds timeout);
+  /// Sends anything else (client acks, publish API emits, notices).
+  bool send(const proto::Envelope& env);
+  /// Joins/leaves a room on the gateway's own authority (publish API tools).
+  bool join(std::string sid, std::string nsp, std::string room);
+
+  /// A new request id "<gateway id>:<n>".
+  std::string next_id();
+  const std::string& id() const { return id_; }
+  bool connected() const { return welcomed_; }
+
+ private:
+  struct member {
+    std::weak_ptr<client_sink> sink;
+    std::string nsp;
+    std::vector<std::string> topics;  // rooms joined (topic form)
+  };
+  struct pending {
+    std::weak_ptr<client_sink> sink;
+    std::uint64_t tag;
+    std::chrono::steady_clock::time_point deadline;
+    std::multimap<std::chrono::steady_clock::time_point, std::string>::iterator deadline_pos;
+  };
+
+  bool post(std::function<void()> command);
+  void run();
+  void on_broker(proto::Envelope env);
+  void on_event(std::string_view topic, std::string_view body);
+  void on_control(const proto::Control& control);
+  void deliver_emit(const proto::Emit& emit);
+  void reply_to(pending p, proto::Reply reply);
+  void add_to_topic(const std::string& topic, const std::string& sid);
+  void remove_from_topic(const std::string& topic, const std::string& sid);
+  void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
+              const std::string& ref);
+  void expire(std::chrono::steady_clock::time_point now);
+
+  const gateway_config& config_;
+  zmq::context_t& context_;
+  gateway_metrics& metrics_;
+  std::string id_;
+  std::atomic<std::uint64_t> next_id_{0};
+  core::bounded_queue<std::function<void()>> commands_;
+  core::wakeup wake_;
+  std::thread thread_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> welcomed_{false};
+
+  // Bridge thread only.
+  std::unique_ptr<core::peer_link> link_;
+  std::unique_ptr<zmq::socket_t> sub_;
+  std::unordered_map<std::string, member> members_;
+  std::unordered_map<std::string, std::unordered_set<std::string>> topics_;  // topic -> local sids
+  std::unordered_map<std::string, pending> pending_;
+  std::multimap<std::chrono::steady_clock::time_point, std::string> deadlines_;
+  core::log_limiter log_limit_;
+};
+
+}  // namespace sidecast::gateway

@@ -1,0 +1,236 @@
+#include "gateway/codec/ws_json.hpp"
+
+#include <array>
+
+#include <boost/json/monotonic_resource.hpp>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+
+#include "gateway/codec/json_scan.hpp"
+#include "gateway/codec/socketio.hpp"
+
+namespace sidecast::gateway::ws_json {
+namespace {
+
+namespace json = boost::json;
+using namespace codec_detail;
+
+// Boost's error_category has a protected non-virtual destructor by design:
+// categories are static objects never deleted through the base.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wnon-virtual-dtor"
+class error_category_impl final : public boost::system::error_category {
+ public:
+  const char* name() const noexcept override { return "sidecast.ws_json"; }
+
+  std::string message(int ev) const override {
+    switch (static_cast<error>(ev)) {
+      case error::empty: return "empty frame";
+      case error::invalid_json: return "invalid JSON";
+      case error::not_object: return "frame is not a JSON object";
+      case error::unknown_key: return "unknown key";
+      case error::duplicate_key: return "duplicate key";
+      case error::missing_event: return "missing \"event\"";
+      case error::event_not_string: return "\"event\" is not a string";
+      case error::reserved_event_name: return "reserved event name";
+      case error::bad_id: return "\"id\" is neither a number nor a string";
+      case error::bad_namespace: return "bad \"nsp\"";
+    }
+    return "unknown ws_json codec error";
+  }
+};
+#pragma GCC diagnostic pop
+
+enum key_index : std::size_t { key_event, key_data, key_id, key_nsp, key_count };
+
+struct span {
+  std::size_t begin = npos;
+  std::size_t end = npos;
+  bool present() const noexcept { return begin != npos; }
+};
+
+std::optional<key_index> known_key(std::string_view key) noexcept {
+  if (key == "event") return key_event;
+  if (key == "data") return key_data;
+  if (key == "id") return key_id;
+  if (key == "nsp") return key_nsp;
+  return std::nullopt;
+}
+
+// Walks the members of the top-level object of already validated JSON and
+// records where each known value's text lies.
+boost::system::result<std::array<span, key_count>> locate_members(std::string_view text) {
+  std::array<span, key_count> spans{};
+  std::size_t i = skip_space(text, 0);
+  if (i >= text.size() || text[i] != '{') {
+    return error::not_object;
+  }
+  i = skip_space(text, i + 1);
+  if (i < text.size() && text[i] == '}') {
+    return spans;
+  }
+  for (;;) {
+    if (i >= text.size() || text[i] != '"') {
+      return error::invalid_json;
+    }
+    const std::size_t key_end = string_end(text, i);
+    if (key_end == npos) {
+      return error::invalid_json;
+    }
+    std::string_view key = text.substr(i + 1, key_end - i - 2);
+    std::string unescaped;
+    if (key.find('\\') != std::string_view::npos) {
+      boost::system::error_code ec;
+      const json::value k = json::parse(json::string_view(text.data() + i, key_end - i), ec);
+      if (ec || !k.is_string()) {
+        return error::invalid_json;
+      }
+      unescaped.assign(k.get_string().data(), k.get_string().size());
+      key = unescaped;
+    }
+    const auto index = known_key(key);
+    if (!index) {
+      return error::unknown_key;
+    }
+    if (spans[*index].present()) {
+      return error::duplicate_key;
+    }
+    i = skip_space(text, key_end);
+    if (i >= text.size() || text[i] != ':') {
+      return error::invalid_json;
+    }
+    i = skip_space(text, i + 1);
+    const std::size_t value_stop = value_end(text, i);
+    if (value_stop == npos || value_stop == i) {
+      return error::invalid_json;
+    }
+    spans[*index] = span{i, value_stop};
+    i = skip_space(text, value_stop);
+    if (i >= text.size()) {
+      return error::invalid_json;
+    }
+    if (text[i] == '}') {
+      return spans;
+    }
+    if (text[i] != ',') {
+      return error::invalid_json;
+    }
+    i = skip_space(text, i + 1);
+  }
+}
+
+std::string quote(std::string_view s) {
+  return json::serialize(json::string_view(s.data(), s.size()));
+}
+
+}  // namespace
+
+const boost::system::error_category& error_category() noexcept {
+  static const error_category_impl category;
+  return category;
+}
+
+boost::system::error_code make_error_code(error e) noexcept {
+  return {static_cast<int>(e), error_category()};
+}
+
+boost::system::result<client_frame> decode(std::string_view text) {
+  if (text.empty()) {
+    return error::empty;
+  }
+  std::array<unsigned char, 4096> buffer;
+  json::monotonic_resource resource(buffer.data(), buffer.size());
+  json::parse_options opts;
+  opts.max_depth = socketio::max_json_depth;
+  boost::system::error_code ec;
+  const json::value v =
+      json::parse(json::string_view(text.data(), text.size()), ec, &resource, opts);
+  if (ec) {
+    return error::invalid_json;
+  }
+  const auto* obj = v.if_object();
+  if (obj == nullptr) {
+    return error::not_object;
+  }
+  const auto spans = locate_members(text);
+  if (!spans) {
+    return spans.error();
+  }
+  const auto raw = [&](key_index k) {
+    const span s = (*spans)[k];
+    return text.substr(s.begin, s.end - s.begin);
+  };
+
+  client_frame frame;
+  const auto* event = obj->if_contains("event");
+  if (event == nullptr) {
+    return error::missing_event;
+  }
+  if (!event->is_string()) {
+    return error::event_not_string;
+  }
+  frame.event.assign(event->get_string().data(), event->get_string().size());
+  if (socketio::is_reserved_event(frame.event)) {
+    return error::reserved_event_name;
+  }
+
+  if (const auto* nsp = obj->if_contains("nsp")) {
+    if (!nsp->is_string()) {
+      return error::bad_namespace;
+    }
+    frame.nsp.assign(nsp->get_string().data(), nsp->get_string().size());
+    if (!socketio::valid_namespace(frame.nsp)) {
+      return error::bad_namespace;
+    }
+  }
+
+  if (const auto* id = obj->if_contains("id")) {
+    if (!id->is_number() && !id->is_string()) {
+      return error::bad_id;
+    }
+    frame.id.emplace(raw(key_id));
+  }
+
+  if ((*spans)[key_data].present()) {
+    frame.data.assign(raw(key_data));
+  }
+  return frame;
+}
+
+std::string encode_event(std::string_view event, std::string_view data_json, std::string_view nsp) {
+  std::string out;
+  out.reserve(32 + event.size() + data_json.size() + nsp.size());
+  out += R"({"event":)";
+  out += quote(event);
+  if (!data_json.empty()) {
+    out += R"(,"data":)";
+    out += data_json;
+  }
+  if (!nsp.empty() && nsp != "/") {
+    out += R"(,"nsp":)";
+    out += quote(nsp);
+  }
+  out += '}';
+  return out;
+}
+
+std::string encode_reply(std::string_view id_json, std::string_view data_json,
+                         std::optional<std::string_view> error_message) {
+  std::string out;
+  out.reserve(32 + id_json.size() + data_json.size());
+  out += R"({"id":)";
+  out += id_json.empty() ? std::string_view("null") : id_json;
+  if (!data_json.empty()) {
+    out += R"(,"data":)";
+    out += data_json;
+  }
+  if (error_message) {
+    out += R"(,"error":)";
+    out += quote(*error_message);
+  }
+  out += '}';
+  return out;
+}
+
+}  // namespace sidecast::gateway::ws_json

@@ -1,0 +1,63 @@
+// The `/ws` endpoint's JSON frames, for clients that speak plain WebSocket
+// instead of Socket.IO. Format: gateway/codec/README.md.
+//
+// Pure functions: no I/O, clocks, logging or global state. Malformed input is
+// an error value, never an exception. "data" and "id" keep their original
+// JSON text so they pass through byte for byte.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include <boost/system/error_code.hpp>
+#include <boost/system/result.hpp>
+
+namespace sidecast::gateway::ws_json {
+
+// Client -> server: {"event": string, "data"?: any, "id"?: number|string,
+// "nsp"?: string}.
+struct client_frame {
+  std::string event;
+  std::string data;               // raw JSON text of "data", empty when absent
+  std::optional<std::string> id;  // raw JSON text of "id", echoed in the reply
+  std::string nsp = "/";
+
+  friend bool operator==(const client_frame&, const client_frame&) = default;
+};
+
+enum class error {
+  empty = 1,            // no input at all
+  invalid_json,         // not exactly one JSON value (or nested too deep)
+  not_object,           // the frame is not a JSON object
+  unknown_key,          // a key other than event, data, id, nsp
+  duplicate_key,        // a key given twice
+  missing_event,        // no "event"
+  event_not_string,     // "event" is not a string
+  reserved_event_name,  // socketio::is_reserved_event
+  bad_id,               // "id" is neither a number nor a string
+  bad_namespace,        // "nsp" is not a string or not socketio::valid_namespace
+};
+
+const boost::system::error_category& error_category() noexcept;
+boost::system::error_code make_error_code(error e) noexcept;
+
+boost::system::result<client_frame> decode(std::string_view text);
+
+// Server -> client event: {"event":"...","data":<data_json>,"nsp":"..."}.
+// "data" is left out when data_json is empty, "nsp" when it is "/" or empty.
+// data_json must be valid JSON; it is copied as it is.
+std::string encode_event(std::string_view event, std::string_view data_json,
+                         std::string_view nsp = "/");
+
+// Reply to a frame that carried an id: {"id":<id_json>,"data":<data_json>,
+// "error":"..."}. "data" is left out when empty, "error" when absent; an empty
+// id_json is written as null.
+std::string encode_reply(std::string_view id_json, std::string_view data_json,
+                         std::optional<std::string_view> error_message = std::nullopt);
+
+}  // namespace sidecast::gateway::ws_json
+
+template <>
+struct boost::system::is_error_code_enum<sidecast::gateway::ws_json::error> : std::true_type {};

@@ -1,0 +1,60 @@
+#include "gateway/config.hpp"
+
+#include <stdexcept>
+
+#include "core/config.hpp"
+#include "gateway/codec/socketio.hpp"
+
+namespace sidecast::gateway {
+
+std::vector<route> parse_routes(const std::vector<std::string>& entries) {
+  std::vector<route> out;
+  for (const auto& e : entries) {
+    auto eq = e.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == e.size())
+      throw std::invalid_argument("route '" + e + "' is not NSP=SERVICE");
+    route r{e.substr(0, eq), e.substr(eq + 1)};
+    if (!socketio::valid_namespace(r.nsp))
+      throw std::invalid_argument("route '" + e + "': bad namespace");
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+void add_options(CLI::App& app, gateway_config& c) {
+  app.add_option("--gateway-id", c.id, "Gateway id, the prefix of every sid it issues (default gw-<random>)");
+  app.add_option("--http", c.http, "HOST:PORT to serve HTTP and WebSocket on")->capture_default_str();
+  app.add_option("--broker", c.broker, "Broker ROUTER endpoint")->capture_default_str();
+  app.add_option("--events", c.events, "Broker XPUB endpoint (room events)")->capture_default_str();
+  app.add_option("--threads", c.threads, "I/O threads, one io_context each (0: cores)")->capture_default_str();
+  core::add_millis(app, "--ping-interval", c.ping_interval, "Engine.IO ping interval, ms");
+  core::add_millis(app, "--ping-timeout", c.ping_timeout, "Engine.IO ping timeout, ms");
+  core::add_millis(app, "--gateway-heartbeat", c.heartbeat_interval, "Heartbeat to the broker until its Welcome, ms");
+  app.add_option("--max-payload", c.max_payload, "Largest POST body / WebSocket frame, bytes (maxHttpBufferSize)")
+      ->capture_default_str();
+  app.add_option("--max-attachments", c.max_attachments, "Binary attachments per Socket.IO packet")
+      ->capture_default_str();
+  app.add_option("--max-namespaces", c.max_namespaces, "Namespaces one connection may join")
+      ->capture_default_str();
+  app.add_option("--outbound-messages", c.outbound_messages,
+                 "Frames queued for one connection before it is dropped as too slow")
+      ->capture_default_str();
+  app.add_option("--outbound-bytes", c.outbound_bytes,
+                 "Bytes queued for one connection before it is dropped as too slow")
+      ->capture_default_str();
+  core::add_millis(app, "--request-timeout", c.request_timeout, "Deadline of each event and connect, ms");
+  core::add_millis(app, "--idle-timeout", c.idle_timeout, "Close idle HTTP keep-alive connections after, ms");
+  app.add_option("--bridge-queue", c.bridge_queue, "Commands queued from sessions to the ZeroMQ thread")
+      ->capture_default_str();
+  app.add_option("--cors-origin", c.cors_origins,
+                 "Browser origin allowed besides the gateway's own (repeatable; '*' allows any)");
+  app.add_option("--route", c.routes, "Namespace served by a service, NSP=SERVICE (repeatable)")
+      ->capture_default_str();
+  app.add_option("--api-key", c.api_keys, "Key accepted by POST /api/v1/publish (repeatable)");
+  core::add_millis(app, "--api-session-ttl", c.api_session_ttl, "Close API sessions not polled for, ms");
+  app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str();
+  app.add_option("--static-dir", c.static_dir, "Directory served at / (the demo page)");
+  app.add_option("--client-js", c.client_js, "socket.io.min.js served at /socket.io/socket.io.min.js");
+}
+
+}  // namespace sidecast::gateway

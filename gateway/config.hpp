@@ -1,0 +1,52 @@
+#pragma once
+// Everything a gateway can be told: endpoints, Engine.IO timings, limits and
+// routes. One struct, so tests and `sidecast demo` build gateways in-process
+// with inproc:// endpoints.
+#include <chrono>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+namespace sidecast::gateway {
+
+/// A namespace served by a service.
+struct route {
+  std::string nsp;
+  std::string service;
+};
+
+struct gateway_config {
+  std::string id;                                 // sid prefix; default "gw-<random>"
+  std::string http = "127.0.0.1:8080";            // HOST:PORT to listen on
+  std::string broker = "tcp://127.0.0.1:7700";    // the broker's ROUTER
+  std::string events = "tcp://127.0.0.1:7702";    // the broker's XPUB
+  unsigned threads = 0;                           // io_context threads; 0: cores
+  std::chrono::milliseconds ping_interval{25000};
+  std::chrono::milliseconds ping_timeout{20000};
+  std::chrono::milliseconds heartbeat_interval{1000};  // to the broker, until its Welcome
+  std::size_t max_payload = 1000000;              // maxHttpBufferSize: POST body and WS frame bytes
+  std::size_t max_attachments = 10;               // binary attachments per packet
+  std::size_t max_namespaces = 32;                // namespaces one connection may join
+  std::size_t outbound_messages = 4096;           // queued frames per connection before it is dropped
+  std::size_t outbound_bytes = 8 << 20;           // queued bytes per connection before it is dropped
+  std::chrono::milliseconds request_timeout{30000};  // deadline of each event / connect request
+  std::chrono::milliseconds idle_timeout{60000};     // HTTP keep-alive connections with no request
+  std::size_t bridge_queue = 65536;               // commands from sessions to the ZeroMQ thread
+  std::vector<std::string> cors_origins;          // allowed browser origins besides same-origin; "*": any
+  std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo"};  // NSP=SERVICE
+  std::vector<std::string> api_keys;              // keys accepted by POST /api/v1/publish
+  std::chrono::milliseconds api_session_ttl{60000};  // an API session not polled this long is closed
+  std::size_t api_buffer = 1024;                  // events buffered per API session
+  std::string static_dir;                         // files served at / (the demo page)
+  std::string client_js;                          // socket.io.min.js served at /socket.io/
+};
+
+/// Parsed routes; throws std::invalid_argument on a malformed entry.
+std::vector<route> parse_routes(const std::vector<std::string>& entries);
+
+/// The gateway's flags, shared by sidecast-gateway and `sidecast demo`.
+void add_options(CLI::App& app, gateway_config& config);
+
+}  // namespace sidecast::gateway

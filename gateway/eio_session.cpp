@@ -1,0 +1,618 @@
+#include "gateway/eio_session.hpp"
+
+#include <boost/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "gateway/gateway.hpp"
+#include "gateway/sink.hpp"
+
+namespace sidecast::gateway {
+
+namespace json = boost::json;
+using clock = std::chrono::steady_clock;
+
+namespace {
+
+std::shared_ptr<const std::string> shared_text(std::string s) {
+  return std::make_shared<const std::string>(std::move(s));
+}
+
+// The ack arguments a client sees when its event failed in the backend:
+// [{"error":"timeout","message":"deadline passed"}].
+std::string error_args(const proto::Reply& reply) {
+  auto code = proto::Code_Name(reply.code());
+  std::transform(code.begin(), code.end(), code.begin(), [](unsigned char c) { return std::tolower(c); });
+  return json::serialize(json::array{json::object{{"error", code}, {"message", reply.message()}}});
+}
+
+// Reply args must be a JSON array for an ACK; anything else is wrapped.
+std::string as_array(const std::string& args) {
+  auto first = args.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && args[first] == '[') return args;
+  if (first == std::string::npos) return "[]";
+  return "[" + args + "]";
+}
+
+constexpr std::size_t max_early_events = 64;  // emits that arrive before CONNECT is answered
+constexpr std::size_t max_pending_acks = 1024;
+constexpr std::size_t max_server_acks = 1024;
+
+}  // namespace
+
+// One Socket.IO namespace socket on an Engine.IO session.
+class sio_socket : public client_sink, public std::enable_shared_from_this<sio_socket> {
+ public:
+  sio_socket(std::shared_ptr<eio_session> eio, std::string nsp, std::string service, std::string auth)
+      : eio_{eio},
+        gw_{eio->gw()},
+        ex_{eio->executor()},
+        nsp_{std::move(nsp)},
+        service_{std::move(service)},
+        auth_{std::move(auth)},
+        sid_{gw_.new_sid()} {}
+
+  boost::asio::any_io_executor executor() const override { return ex_; }
+  const std::string& sid() const { return sid_; }
+  bool connected() const { return state_ == state::connected; }
+
+  void connect() {
+    gw_.link().attach(sid_, nsp_, weak_from_this());
+    proto::Envelope env;
+    auto* l = env.mutable_lifecycle();
+    l->set_kind(proto::Lifecycle::CONNECT);
+    l->set_id(gw_.link().next_id());
+    l->set_service(service_);
+    l->set_sid(sid_);
+    l->set_nsp(nsp_);
+    l->set_auth(auth_);
+    l->set_timeout_ms(static_cast<std::uint32_t>(gw_.config().request_timeout.count()));
+    if (!gw_.link().request(std::move(env), weak_from_this(), 0, gw_.config().request_timeout))
+      refuse("server busy");
+  }
+
+  void on_event(socketio::packet p, std::vector<std::string> attachments) {
+    auto split = socketio::split_event(p.data);
+    if (!split) return;
+    gw_.metrics().sio_in.Increment();
+    proto::Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(gw_.link().next_id());
+    r->set_service(service_);
+    r->set_sid(sid_);
+    r->set_nsp(nsp_);
+    r->set_event(std::move(split->first));
+    r->set_args(std::move(split->second));
+    for (auto& a : attachments) r->add_attachments(std::move(a));
+    r->set_wants_reply(p.id.has_value());
+    r->set_timeout_ms(static_cast<std::uint32_t>(gw_.config().request_timeout.count()));
+    r->set_auth(auth_);
+    std::uint64_t tag = 0;
+    if (p.id) {
+      tag = ++next_tag_;
+      acks_.push_back(ack_entry{tag, *p.id, std::nullopt, clock::now()});
+      if (acks_.size() > max_pending_acks) {
+        proto::Reply busy;
+        busy.set_code(proto::BUSY);
+        busy.set_message("too many events waiting for their ack");
+        acks_.back().reply = std::move(busy);
+        flush_acks();
+        return;
+      }
+    }
+    bool queued = p.id ? gw_.link().request(std::move(env), weak_from_this(), tag, gw_.config().request_timeout)
+                       : gw_.link().send(env);
+    if (!queued && p.id) {
+      proto::Reply busy;
+      busy.set_code(proto::BUSY);
+      busy.set_message("gateway busy");
+      deliver_reply(tag, std::move(busy));
+    }
+  }
+
+  void on_ack(socketio::packet p, std::vector<std::string> attachments) {
+    auto it = server_acks_.find(*p.id);
+    if (it == server_acks_.end()) return;  // unknown or expired: ignored, as Socket.IO does
+    proto::Envelope env;
+    auto* r = env.mutable_reply();
+    r->set_id(std::move(it->second));
+    r->set_args(std::move(p.data));
+    for (auto& a : attachments) r->add_attachments(std::move(a));
+    server_acks_.erase(it);
+    gw_.link().send(env);
+  }
+
+  // ---- client_sink ----
+
+  void deliver(std::shared_ptr<const outbound_event> ev, std::string ack_id) override {
+    if (state_ == state::closed) return;
+    if (state_ == state::connecting) {
+      if (early_.size() < max_early_events) early_.emplace_back(std::move(ev), std::move(ack_id));
+      return;
+    }
+    auto eio = eio_.lock();
+    if (!eio) return;
+    gw_.metrics().sio_out.Increment();
+    if (ack_id.empty()) {
+      // The shared frame: encoded once for every receiver of a broadcast.
+      std::vector<frame> frames;
+      frames.push_back(frame{std::shared_ptr<const std::string>(ev, &ev->socketio_frame()), false});
+      for (const auto& a : ev->attachments())
+        frames.push_back(frame{std::shared_ptr<const std::string>(ev, &a), true});
+      eio->send(std::move(frames));
+      return;
+    }
+    socketio::packet p;
+    p.type = ev->attachments().empty() ? socketio::packet_type::event : socketio::packet_type::binary_event;
+    p.nsp = nsp_;
+    p.id = ++next_server_ack_;
+    p.data = socketio::join_event(ev->event(), ev->args());
+    p.attachments = ev->attachments().size();
+    if (server_acks_.size() >= max_server_acks) server_acks_.erase(server_acks_.begin());
+    server_acks_.emplace(*p.id, std::move(ack_id));
+    eio->send_socketio(p, ev->attachments());
+  }
+
+  void deliver_reply(std::uint64_t tag, proto::Reply reply) override {
+    if (state_ == state::closed) return;
+    if (tag == 0) return on_connect_answer(std::move(reply));
+    if (acks_.empty() || tag < acks_.front().tag) return;
+    auto index = tag - acks_.front().tag;
+    if (index >= acks_.size()) return;
+    acks_[index].reply = std::move(reply);
+    flush_acks();
+  }
+
+  void deliver_disconnect() override {
+    if (state_ != state::connected) return;
+    if (auto eio = eio_.lock()) {
+      socketio::packet p;
+      p.type = socketio::packet_type::disconnect;
+      p.nsp = nsp_;
+      eio->send_socketio(p);
+      close("server namespace disconnect");
+      eio->forget(nsp_);
+    }
+  }
+
+  /// Ends the socket: the service hears about it, the bridge forgets it.
+  void close(const std::string& reason) {
+    if (state_ == state::closed) return;
+    bool was_connected = state_ == state::connected;
+    state_ = state::closed;
+    gw_.link().detach(sid_);
+    if (!was_connected) return;
+    proto::Envelope env;
+    auto* l = env.mutable_lifecycle();
+    l->set_kind(proto::Lifecycle::DISCONNECT);
+    l->set_id(gw_.link().next_id());
+    l->set_service(service_);
+    l->set_sid(sid_);
+    l->set_nsp(nsp_);
+    l->set_reason(reason);
+    l->set_timeout_ms(static_cast<std::uint32_t>(gw_.config().request_timeout.count()));
+    gw_.link().send(env);
+  }
+
+ private:
+  enum class state { connecting, connected, closed };
+  struct ack_entry {
+    std::uint64_t tag;
+    std::uint64_t client_id;
+    std::optional<proto::Reply> reply;
+    clock::time_point sent;
+  };
+
+  void on_connect_answer(proto::Reply reply) {
+    if (state_ != state::connecting) return;
+    if (reply.code() != proto::OK) {
+      refuse(reply.code() == proto::REFUSED ? reply.message()
+                                            : "service unavailable: " + proto::Code_Name(reply.code()));
+      return;
+    }
+    auto eio = eio_.lock();
+    if (!eio) return;
+    state_ = state::connected;
+    socketio::packet p;
+    p.type = socketio::packet_type::connect;
+    p.nsp = nsp_;
+    p.data = json::serialize(json::object{{"sid", sid_}});
+    eio->send_socketio(p);
+    for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
+  }
+
+  void refuse(const std::string& message) {
+    state_ = state::closed;
+    gw_.link().detach(sid_);
+    if (auto eio = eio_.lock()) {
+      socketio::packet p;
+      p.type = socketio::packet_type::connect_error;
+      p.nsp = nsp_;
+      p.data = json::serialize(json::object{{"message", message}});
+      eio->send_socketio(p);
+      eio->forget(nsp_);
+    }
+  }
+
+  // Acks leave in the order their events arrived.
+  void flush_acks() {
+    auto eio = eio_.lock();
+    while (!acks_.empty() && acks_.front().reply) {
+      auto entry = std::move(acks_.front());
+      acks_.pop_front();
+      if (!eio) continue;
+      auto& reply = *entry.reply;
+      gw_.metrics().ack_latency.Observe(std::chrono::duration<double>(clock::now() - entry.sent).count());
+      if (reply.code() == proto::OK && reply.silent()) continue;
+      socketio::packet p;
+      p.nsp = nsp_;
+      p.id = entry.client_id;
+      std::vector<std::string> attachments;
+      if (reply.code() == proto::OK) {
+        p.data = as_array(reply.args());
+        attachments.assign(reply.attachments().begin(), reply.attachments().end());
+      } else {
+        p.data = error_args(reply);
+      }
+      p.type = attachments.empty() ? socketio::packet_type::ack : socketio::packet_type::binary_ack;
+      p.attachments = attachments.size();
+      eio->send_socketio(p, attachments);
+    }
+  }
+
+  std::weak_ptr<eio_session> eio_;
+  gateway& gw_;
+  boost::asio::any_io_executor ex_;
+  std::string nsp_, service_, auth_, sid_;
+  state state_ = state::connecting;
+  std::deque<ack_entry> acks_;
+  std::uint64_t next_tag_ = 0;
+  std::unordered_map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's
+  std::uint64_t next_server_ack_ = 0;
+  std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;
+};
+
+// ---- eio_session ----
+
+eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::string sid)
+    : gw_{gw},
+      ex_{ex},
+      sid_{std::move(sid)},
+      ping_timer_{ex},
+      assembler_{gw.config().max_attachments, gw.config().max_payload} {}
+
+eio_session::~eio_session() = default;
+
+void eio_session::open_polling(std::shared_ptr<reply_slot> handshake) {
+  gw_.metrics().polling.Increment();
+  const auto& c = gw_.config();
+  handshake->complete({200, "text/plain; charset=UTF-8",
+                       "0" + engineio::open_payload(sid_, true, static_cast<unsigned>(c.ping_interval.count()),
+                                                    static_cast<unsigned>(c.ping_timeout.count()), c.max_payload)});
+  schedule_ping();
+}
+
+void eio_session::open_websocket(std::shared_ptr<ws_conn> ws) {
+  transport_ = transport::websocket;
+  upgrade_started_ = true;
+  ws_ = std::move(ws);
+  gw_.metrics().websocket.Increment();
+  const auto& c = gw_.config();
+  send_text("0" + engineio::open_payload(sid_, false, static_cast<unsigned>(c.ping_interval.count()),
+                                         static_cast<unsigned>(c.ping_timeout.count()), c.max_payload));
+  schedule_ping();
+}
+
+void eio_session::poll(std::shared_ptr<reply_slot> get) {
+  if (closed_) {
+    get->complete({400, "application/json", std::string{engineio::error_body(engineio::error_code::session_id_unknown)}});
+    return;
+  }
+  if (transport_ == transport::websocket) {
+    get->complete({400, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}});
+    return;
+  }
+  if (pending_get_) {
+    // Two GETs at once: the protocol's answer is to end the session.
+    get->complete({400, "text/plain; charset=UTF-8", ""});
+    close("multiple polls");
+    return;
+  }
+  if (probed_) {
+    // Upgrading: polling is paused with a noop; packets wait for the WebSocket.
+    get->complete({200, "text/plain; charset=UTF-8", "6"});
+    return;
+  }
+  pending_get_ = std::move(get);
+  if (!buffer_.empty()) flush_poll();
+}
+
+void eio_session::post(std::string body, std::shared_ptr<reply_slot> answer) {
+  if (closed_) {
+    answer->complete({400, "application/json", std::string{engineio::error_body(engineio::error_code::session_id_unknown)}});
+    return;
+  }
+  if (transport_ == transport::websocket) {
+    answer->complete({400, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}});
+    return;
+  }
+  gw_.metrics().bytes_in.Increment(static_cast<double>(body.size()));
+  auto packets = engineio::decode_payload(body);
+  if (!packets) {
+    gw_.metrics().bad_packet.Increment();
+    answer->complete({400, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}});
+    close("parse error");
+    return;
+  }
+  answer->complete({200, "text/html", "ok"});
+  for (auto& p : *packets) {
+    if (closed_) break;
+    on_packet(std::move(p));
+  }
+}
+
+void eio_session::upgrade(std::shared_ptr<ws_conn> ws) {
+  if (closed_ || probe_ || transport_ == transport::websocket) {
+    ws->close();
+    return;
+  }
+  probe_ = std::move(ws);
+}
+
+void eio_session::on_ws_message(const ws_conn* from, std::string data, bool binary) {
+  if (closed_) return;
+  if (probe_ && from == probe_.get()) {
+    if (!binary && data == "2probe") {
+      probe_->send(frame{shared_text("3probe"), false});
+      probed_ = true;
+      if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+      return;
+    }
+    if (!binary && data == "5" && probed_) {
+      // The upgrade is complete: what waited for polling goes on the socket.
+      ws_ = std::move(probe_);
+      transport_ = transport::websocket;
+      gw_.metrics().polling.Decrement();
+      gw_.metrics().websocket.Increment();
+      if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+      std::vector<frame> frames(std::make_move_iterator(buffer_.begin()), std::make_move_iterator(buffer_.end()));
+      buffer_.clear();
+      buffered_bytes_ = 0;
+      if (!frames.empty()) ws_->send(std::move(frames));
+      return;
+    }
+    gw_.metrics().bad_packet.Increment();
+    close("bad upgrade");
+    return;
+  }
+  if (!ws_ || from != ws_.get()) return;
+  gw_.metrics().bytes_in.Increment(static_cast<double>(data.size()));
+  if (binary) {
+    on_packet(engineio::decode_binary(data));
+    return;
+  }
+  auto p = engineio::decode_text(data);
+  if (!p) {
+    gw_.metrics().bad_packet.Increment();
+    close("parse error");
+    return;
+  }
+  on_packet(std::move(*p));
+}
+
+void eio_session::on_ws_closed(const ws_conn* from) {
+  if (probe_ && from == probe_.get()) {
+    // A failed upgrade: polling carries on.
+    probe_.reset();
+    probed_ = false;
+    upgrade_started_ = false;
+    if (!buffer_.empty() && pending_get_) flush_poll();
+    return;
+  }
+  if (ws_ && from == ws_.get()) close("transport close");
+}
+
+void eio_session::on_packet(engineio::packet p) {
+  switch (p.type) {
+    case engineio::packet_type::message:
+      if (p.binary) {
+        if (!assembler_.waiting()) {
+          gw_.metrics().bad_packet.Increment();
+          close("parse error");
+          return;
+        }
+        auto done = assembler_.add(std::move(p.data));
+        if (!done) {
+          gw_.metrics().bad_packet.Increment();
+          close("parse error");
+          return;
+        }
+        if (*done) {
+          auto msg = assembler_.take();
+          on_socketio_packet(std::move(msg->header), std::move(msg->attachments));
+        }
+        return;
+      }
+      on_socketio(p.data);
+      return;
+    case engineio::packet_type::pong:
+      if (awaiting_pong_) {
+        awaiting_pong_ = false;
+        schedule_ping();
+      }
+      return;
+    case engineio::packet_type::ping:
+      send_text("3" + p.data);
+      return;
+    case engineio::packet_type::close:
+      if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+      close("client close");
+      return;
+    case engineio::packet_type::noop:
+      return;
+    default:
+      gw_.metrics().bad_packet.Increment();
+      close("parse error");
+      return;
+  }
+}
+
+void eio_session::on_socketio(std::string_view text) {
+  if (assembler_.waiting()) {
+    gw_.metrics().bad_packet.Increment();
+    close("parse error");
+    return;
+  }
+  auto p = socketio::decode(text, gw_.config().max_attachments);
+  if (!p) {
+    gw_.metrics().bad_packet.Increment();
+    close("parse error");
+    return;
+  }
+  if (p->type == socketio::packet_type::binary_event || p->type == socketio::packet_type::binary_ack) {
+    auto started = assembler_.start(std::move(*p));
+    if (!started) {
+      gw_.metrics().bad_packet.Increment();
+      close("parse error");
+      return;
+    }
+    if (*started) {
+      auto msg = assembler_.take();
+      on_socketio_packet(std::move(msg->header), std::move(msg->attachments));
+    }
+    return;
+  }
+  on_socketio_packet(std::move(*p), {});
+}
+
+void eio_session::on_socketio_packet(socketio::packet p, std::vector<std::string> attachments) {
+  if (p.type == socketio::packet_type::connect) return on_connect(std::move(p));
+  auto it = sockets_.find(p.nsp);
+  if (it == sockets_.end() || (!it->second->connected() && p.type != socketio::packet_type::disconnect)) {
+    // A packet for a namespace the client has not joined ends the connection.
+    gw_.metrics().bad_packet.Increment();
+    close("parse error");
+    return;
+  }
+  switch (p.type) {
+    case socketio::packet_type::event:
+    case socketio::packet_type::binary_event: it->second->on_event(std::move(p), std::move(attachments)); return;
+    case socketio::packet_type::ack:
+    case socketio::packet_type::binary_ack: it->second->on_ack(std::move(p), std::move(attachments)); return;
+    case socketio::packet_type::disconnect: {
+      auto socket = it->second;
+      sockets_.erase(it);
+      socket->close("client namespace disconnect");
+      return;
+    }
+    default:
+      gw_.metrics().bad_packet.Increment();
+      close("parse error");
+      return;
+  }
+}
+
+void eio_session::on_connect(socketio::packet p) {
+  socketio::packet refusal;
+  refusal.type = socketio::packet_type::connect_error;
+  refusal.nsp = p.nsp;
+  const auto* service = gw_.service_for(p.nsp);
+  if (!service) {
+    refusal.data = R"({"message":"Invalid namespace"})";
+    send_socketio(refusal);
+    return;
+  }
+  if (sockets_.contains(p.nsp)) return;  // already connected (or connecting) there
+  if (sockets_.size() >= gw_.config().max_namespaces) {
+    refusal.data = R"({"message":"Too many namespaces"})";
+    send_socketio(refusal);
+    return;
+  }
+  auto socket = std::make_shared<sio_socket>(shared_from_this(), p.nsp, *service, p.data.empty() ? "{}" : p.data);
+  sockets_.emplace(p.nsp, socket);
+  socket->connect();
+}
+
+void eio_session::forget(const std::string& nsp) { sockets_.erase(nsp); }
+
+void eio_session::send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments) {
+  std::vector<frame> frames;
+  frames.reserve(1 + attachments.size());
+  frames.push_back(frame{shared_text("4" + socketio::encode(p)), false});
+  for (const auto& a : attachments) frames.push_back(frame{shared_text(a), true});
+  send(std::move(frames));
+}
+
+void eio_session::send_text(std::string text) { send({frame{shared_text(std::move(text)), false}}); }
+
+void eio_session::send(std::vector<frame> frames) {
+  if (closed_) return;
+  if (transport_ == transport::websocket) {
+    ws_->send(std::move(frames));
+    return;
+  }
+  for (auto& f : frames) {
+    buffered_bytes_ += f.data->size();
+    buffer_.push_back(std::move(f));
+  }
+  const auto& c = gw_.config();
+  if (buffer_.size() > c.outbound_messages || buffered_bytes_ > c.outbound_bytes) {
+    // A poller this far behind is gone or too slow: cap its buffer by closing.
+    gw_.metrics().slow_consumer.Increment();
+    close("slow consumer");
+    return;
+  }
+  if (pending_get_ && !probed_) flush_poll();
+}
+
+void eio_session::flush_poll() {
+  std::string body;
+  std::size_t limit = gw_.config().max_payload;
+  while (!buffer_.empty()) {
+    auto& f = buffer_.front();
+    std::string segment = f.binary ? "b" + engineio::base64_encode(*f.data) : *f.data;
+    if (!body.empty() && body.size() + 1 + segment.size() > limit) break;
+    if (!body.empty()) body += engineio::payload_separator;
+    body += segment;
+    buffered_bytes_ -= f.data->size();
+    buffer_.pop_front();
+  }
+  gw_.metrics().bytes_out.Increment(static_cast<double>(body.size()));
+  std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", std::move(body)});
+}
+
+void eio_session::schedule_ping() {
+  ping_timer_.expires_after(gw_.config().ping_interval);
+  ping_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (ec || self->closed_) return;
+    self->after_ping();
+  });
+}
+
+void eio_session::after_ping() {
+  send_text("2");
+  awaiting_pong_ = true;
+  ping_timer_.expires_after(gw_.config().ping_timeout);
+  ping_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (ec || self->closed_ || !self->awaiting_pong_) return;
+    self->close("ping timeout");
+  });
+}
+
+void eio_session::close(const char* reason) {
+  if (closed_) return;
+  closed_ = true;
+  ping_timer_.cancel();
+  for (auto& [nsp, socket] : std::exchange(sockets_, {})) socket->close(reason);
+  gw_.remove_session(sid_);
+  if (transport_ == transport::websocket) {
+    gw_.metrics().websocket.Decrement();
+    if (ws_) ws_->close();
+  } else {
+    gw_.metrics().polling.Decrement();
+    if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "1"});
+  }
+  if (probe_) probe_->close();
+  buffer_.clear();
+}
+
+}  // namespace sidecast::gateway

@@ -1,0 +1,81 @@
+#pragma once
+// One Engine.IO connection (its sid) and the Socket.IO namespace sockets
+// multiplexed on it. It lives on one io_context; HTTP requests and WebSocket
+// frames that reach other threads are posted to it. Transports: polling,
+// WebSocket, and the upgrade from the first to the second with nothing lost.
+#include <atomic>
+#include <chrono>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <boost/asio/steady_timer.hpp>
+
+#include "gateway/codec/engineio.hpp"
+#include "gateway/codec/socketio.hpp"
+#include "gateway/reply_slot.hpp"
+#include "gateway/ws_conn.hpp"
+
+namespace sidecast::gateway {
+
+class gateway;
+class sio_socket;
+
+class eio_session : public std::enable_shared_from_this<eio_session> {
+ public:
+  eio_session(gateway& gw, boost::asio::any_io_executor ex, std::string sid);
+  ~eio_session();
+
+  const std::string& sid() const { return sid_; }
+  boost::asio::any_io_executor executor() const { return ex_; }
+  /// Thread-safe: true once a WebSocket took over or is taking over.
+  bool upgrading() const { return upgrade_started_; }
+
+  // Entry points. Each runs on executor(); callers post.
+  void open_polling(std::shared_ptr<reply_slot> handshake);
+  void open_websocket(std::shared_ptr<ws_conn> ws);
+  void poll(std::shared_ptr<reply_slot> get);
+  void post(std::string body, std::shared_ptr<reply_slot> answer);
+  void upgrade(std::shared_ptr<ws_conn> ws);
+  void on_ws_message(const ws_conn* from, std::string data, bool binary);
+  void on_ws_closed(const ws_conn* from);
+
+  // For the sockets (same executor).
+  void send(std::vector<frame> frames);
+  void send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments = {});
+  void forget(const std::string& nsp);
+  void close(const char* reason);
+  gateway& gw() { return gw_; }
+
+ private:
+  enum class transport { polling, websocket };
+
+  void on_packet(engineio::packet p);
+  void on_socketio(std::string_view text);
+  void on_socketio_packet(socketio::packet p, std::vector<std::string> attachments);
+  void on_connect(socketio::packet p);
+  void send_text(std::string text);
+  void flush_poll();
+  void schedule_ping();
+  void after_ping();
+
+  gateway& gw_;
+  boost::asio::any_io_executor ex_;
+  std::string sid_;
+  transport transport_ = transport::polling;
+  std::atomic<bool> upgrade_started_{false};
+  std::shared_ptr<ws_conn> ws_;     // the active WebSocket
+  std::shared_ptr<ws_conn> probe_;  // a WebSocket being upgraded to
+  bool probed_ = false;
+  std::shared_ptr<reply_slot> pending_get_;
+  std::deque<frame> buffer_;        // polling, or while upgrading
+  std::size_t buffered_bytes_ = 0;
+  boost::asio::steady_timer ping_timer_;
+  bool awaiting_pong_ = false;
+  socketio::binary_assembler assembler_;
+  std::map<std::string, std::shared_ptr<sio_socket>> sockets_;  // by namespace
+  bool closed_ = false;
+};
+
+}  // namespace sidecast::gateway

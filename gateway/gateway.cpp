@@ -1,0 +1,151 @@
+#include "gateway/gateway.hpp"
+
+#include <random>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <spdlog/spdlog.h>
+
+#include "core/config.hpp"
+#include "gateway/eio_session.hpp"
+#include "gateway/http_session.hpp"
+
+namespace sidecast::gateway {
+
+namespace asio = boost::asio;
+
+namespace {
+
+std::string random_token(std::size_t n) {
+  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  thread_local std::mt19937_64 rng{std::random_device{}()};
+  std::string out(n, ' ');
+  for (auto& c : out) c = alphabet[rng() % 64];
+  return out;
+}
+
+}  // namespace
+
+gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_ptr registry)
+    : config_{std::move(config)}, zmq_{context}, registry_{std::move(registry)}, metrics_{*registry_} {
+  if (config_.id.empty()) config_.id = "gw-" + random_token(6);
+  std::replace(config_.id.begin(), config_.id.end(), '_', '-');
+  if (!proto::valid_peer_id(config_.id))
+    throw std::invalid_argument("gateway id '" + config_.id + "' must be 1-64 characters without '.' or ':'");
+  routes_ = parse_routes(config_.routes);
+  if (config_.threads == 0) config_.threads = std::max(1u, std::thread::hardware_concurrency());
+  bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_);
+}
+
+gateway::~gateway() { stop(); }
+
+void gateway::start() {
+  auto hp = core::parse_host_port(config_.http);
+  if (!hp) throw std::invalid_argument("bad --http '" + config_.http + "' (want HOST:PORT)");
+  for (unsigned i = 0; i < config_.threads; ++i) {
+    contexts_.push_back(std::make_unique<asio::io_context>(1));
+    guards_.push_back(asio::make_work_guard(*contexts_.back()));
+  }
+  asio::ip::tcp::endpoint endpoint{asio::ip::make_address(hp->host), hp->port};
+  acceptor_.emplace(*contexts_.front());
+  acceptor_->open(endpoint.protocol());
+  acceptor_->set_option(asio::socket_base::reuse_address(true));
+  acceptor_->bind(endpoint);
+  acceptor_->listen(asio::socket_base::max_listen_connections);
+  port_ = acceptor_->local_endpoint().port();
+  bridge_->start();
+  do_accept();
+  for (auto& ctx : contexts_) {
+    threads_.emplace_back([&ctx] {
+      for (;;) {
+        try {
+          ctx->run();
+          return;
+        } catch (const std::exception& e) {
+          // Handlers should never throw; if one does, log it and keep serving.
+          spdlog::error("gateway I/O thread: {}", e.what());
+        }
+      }
+    });
+  }
+  spdlog::info("gateway {} serving http://{}:{} with {} threads, broker {}", config_.id, hp->host, port_,
+               config_.threads, config_.broker);
+}
+
+void gateway::do_accept() {
+  auto& ctx = next_context();
+  acceptor_->async_accept(ctx, [this](boost::system::error_code ec, asio::ip::tcp::socket socket) {
+    if (ec == asio::error::operation_aborted) return;
+    if (!ec) {
+      socket.set_option(asio::ip::tcp::no_delay(true));
+      auto ex = socket.get_executor();
+      asio::co_spawn(ex, serve_http(*this, std::move(socket)), [](std::exception_ptr e) {
+        if (!e) return;
+        try {
+          std::rethrow_exception(e);
+        } catch (const std::exception& ex) {
+          spdlog::error("http session failed: {}", ex.what());
+        }
+      });
+    }
+    do_accept();
+  });
+}
+
+void gateway::stop() {
+  if (contexts_.empty()) return;
+  if (acceptor_) {
+    asio::post(acceptor_->get_executor(), [this] {
+      boost::system::error_code ignored;
+      acceptor_->close(ignored);
+    });
+  }
+  for (auto& g : guards_) g.reset();
+  for (auto& ctx : contexts_) ctx->stop();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+  threads_.clear();
+  bridge_->stop();
+  {
+    std::lock_guard lock{sessions_mutex_};
+    sessions_.clear();
+  }
+  acceptor_.reset();
+  guards_.clear();
+  contexts_.clear();
+}
+
+bool gateway::healthy() const { return bridge_->connected(); }
+
+const std::string* gateway::service_for(const std::string& nsp) const {
+  for (const auto& r : routes_)
+    if (r.nsp == nsp) return &r.service;
+  return nullptr;
+}
+
+std::string gateway::new_sid() { return config_.id + "." + random_token(20); }
+
+void gateway::add_session(const std::string& sid, std::weak_ptr<eio_session> session) {
+  std::lock_guard lock{sessions_mutex_};
+  sessions_[sid] = std::move(session);
+}
+
+void gateway::remove_session(const std::string& sid) {
+  std::lock_guard lock{sessions_mutex_};
+  sessions_.erase(sid);
+}
+
+std::shared_ptr<eio_session> gateway::find_session(const std::string& sid) {
+  std::lock_guard lock{sessions_mutex_};
+  auto it = sessions_.find(sid);
+  return it == sessions_.end() ? nullptr : it->second.lock();
+}
+
+std::size_t gateway::session_count() {
+  std::lock_guard lock{sessions_mutex_};
+  return sessions_.size();
+}
+
+asio::io_context& gateway::next_context() { return *contexts_[next_context_++ % contexts_.size()]; }
+
+}  // namespace sidecast::gateway

@@ -1,0 +1,80 @@
+#pragma once
+// The gateway: N io_context threads serving HTTP, Engine.IO/Socket.IO, /ws
+// and the HTTP API, plus the bridge thread that talks to the broker. This
+// object is the only state shared by sessions (like Beast's shared_state):
+// config, routes, metrics, the bridge and the Engine.IO sid registry.
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <zmq.hpp>
+
+#include "core/metrics.hpp"
+#include "gateway/bridge.hpp"
+#include "gateway/config.hpp"
+#include "gateway/metrics.hpp"
+
+namespace sidecast::gateway {
+
+class eio_session;
+
+class gateway {
+ public:
+  gateway(gateway_config config, zmq::context_t& context, core::registry_ptr registry);
+  ~gateway();
+  gateway(const gateway&) = delete;
+  gateway& operator=(const gateway&) = delete;
+
+  /// Binds the HTTP port and starts every thread. Throws on a bad config or a
+  /// failed bind (start-up errors).
+  void start();
+  void stop();
+  unsigned short port() const { return port_; }
+  bool healthy() const;
+
+  const gateway_config& config() const { return config_; }
+  class bridge& link() { return *bridge_; }
+  gateway_metrics& metrics() { return metrics_; }
+  const core::registry_ptr& registry() const { return registry_; }
+
+  /// The service for a namespace, or nullptr when it has no route.
+  const std::string* service_for(const std::string& nsp) const;
+  /// A fresh "<gateway id>.<random>" id.
+  std::string new_sid();
+
+  // Engine.IO sessions by sid (any thread).
+  void add_session(const std::string& sid, std::weak_ptr<eio_session> session);
+  void remove_session(const std::string& sid);
+  std::shared_ptr<eio_session> find_session(const std::string& sid);
+  std::size_t session_count();
+
+  boost::asio::io_context& next_context();
+
+ private:
+  void do_accept();
+
+  gateway_config config_;
+  zmq::context_t& zmq_;
+  core::registry_ptr registry_;
+  gateway_metrics metrics_;
+  std::vector<route> routes_;
+  std::unique_ptr<class bridge> bridge_;
+  std::vector<std::unique_ptr<boost::asio::io_context>> contexts_;
+  std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
+  std::vector<std::thread> threads_;
+  std::optional<boost::asio::ip::tcp::acceptor> acceptor_;
+  std::atomic<std::size_t> next_context_{0};
+  unsigned short port_ = 0;
+
+  std::mutex sessions_mutex_;
+  std::unordered_map<std::string, std::weak_ptr<eio_session>> sessions_;
+};
+
+}  // namespace sidecast::gateway

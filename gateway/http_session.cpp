@@ -1,0 +1,286 @@
+#include "gateway/http_session.hpp"
+
+#include <fstream>
+#include <iterator>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/websocket/rfc6455.hpp>
+#include <boost/url/parse.hpp>
+#include <spdlog/spdlog.h>
+
+#include "core/metrics.hpp"
+#include "gateway/codec/engineio.hpp"
+#include "gateway/eio_session.hpp"
+#include "gateway/gateway.hpp"
+
+namespace sidecast::gateway {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace urls = boost::urls;
+using request = http::request<http::string_body>;
+using response = http::response<http::string_body>;
+
+namespace {
+
+constexpr auto use = asio::as_tuple(asio::use_awaitable);
+
+http_answer eio_error(engineio::error_code code, unsigned status = 400) {
+  return {status, "application/json", std::string{engineio::error_body(code)}};
+}
+
+std::string_view content_type_for(std::string_view path) {
+  auto dot = path.rfind('.');
+  auto ext = dot == std::string_view::npos ? std::string_view{} : path.substr(dot);
+  if (ext == ".html") return "text/html; charset=UTF-8";
+  if (ext == ".js") return "application/javascript; charset=UTF-8";
+  if (ext == ".css") return "text/css; charset=UTF-8";
+  if (ext == ".json") return "application/json";
+  if (ext == ".png") return "image/png";
+  if (ext == ".svg") return "image/svg+xml";
+  if (ext == ".ico") return "image/x-icon";
+  return "application/octet-stream";
+}
+
+std::optional<std::string> read_file(const std::string& path) {
+  std::ifstream f{path, std::ios::binary};
+  if (!f) return std::nullopt;
+  return std::string{std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+// The Origin's "host[:port]" part, or empty when it has none.
+std::string_view origin_authority(std::string_view origin) {
+  auto scheme = origin.find("://");
+  return scheme == std::string_view::npos ? std::string_view{} : origin.substr(scheme + 3);
+}
+
+// Browsers send Origin; a request without one (curl, Node, Python clients)
+// is allowed. Same origin (the Origin's host equals the Host we were reached
+// on) is allowed; others only when configured.
+bool origin_allowed(const gateway_config& c, const request& req) {
+  auto origin = req[http::field::origin];
+  if (origin.empty()) return true;
+  for (const auto& allowed : c.cors_origins)
+    if (allowed == "*" || allowed == origin) return true;
+  auto host = req[http::field::host];
+  return !host.empty() && origin_authority(origin) == host;
+}
+
+void add_cors(const request& req, response& res) {
+  auto origin = req[http::field::origin];
+  if (origin.empty()) return;
+  res.set(http::field::access_control_allow_origin, origin);
+  res.set(http::field::access_control_allow_credentials, "true");
+  res.set(http::field::vary, "Origin");
+}
+
+response make_response(const request& req, const http_answer& a) {
+  response res{static_cast<http::status>(a.status), req.version()};
+  res.set(http::field::server, "sidecast");
+  res.set(http::field::content_type, a.content_type);
+  res.set(http::field::cache_control, "no-store");
+  res.keep_alive(req.keep_alive());
+  res.body() = a.body;
+  res.prepare_payload();
+  return res;
+}
+
+// Runs `f(session, slot)` on the Engine.IO session's executor; the caller
+// waits on the slot. (A plain function: GCC 12 mishandles lambda temporaries
+// inside co_await expressions.)
+template <typename F>
+std::shared_ptr<reply_slot> on_session(std::shared_ptr<eio_session> session, asio::any_io_executor ex, F f) {
+  auto slot = std::make_shared<reply_slot>(ex);
+  asio::post(session->executor(), [session, slot, f = std::move(f)]() mutable { f(*session, slot); });
+  return slot;
+}
+
+asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::params_view& params) {
+  auto get = [&](std::string_view key) -> std::optional<std::string> {
+    auto it = params.find(key);
+    if (it == params.end()) return std::nullopt;
+    return std::string{(*it).value};
+  };
+  if (get("EIO") != "4") co_return eio_error(engineio::error_code::unsupported_protocol_version);
+  auto transport = get("transport");
+  if (transport != "polling" && transport != "websocket") co_return eio_error(engineio::error_code::transport_unknown);
+  if (transport == "websocket") co_return eio_error(engineio::error_code::bad_request);  // not an upgrade
+  auto sid = get("sid");
+  if (!sid) {
+    if (req.method() != http::verb::get) co_return eio_error(engineio::error_code::bad_handshake_method);
+    auto ex = co_await asio::this_coro::executor;
+    auto session = std::make_shared<eio_session>(gw, ex, gw.new_sid());
+    gw.add_session(session->sid(), session);
+    auto slot = std::make_shared<reply_slot>(ex);
+    session->open_polling(slot);
+    co_return co_await slot->wait();
+  }
+  auto session = gw.find_session(*sid);
+  if (!session) co_return eio_error(engineio::error_code::session_id_unknown);
+  auto ex = co_await asio::this_coro::executor;
+  std::shared_ptr<reply_slot> slot;
+  if (req.method() == http::verb::get) {
+    slot = on_session(session, ex, [](eio_session& s, std::shared_ptr<reply_slot> r) { s.poll(std::move(r)); });
+  } else if (req.method() == http::verb::post) {
+    slot = on_session(session, ex, [body = std::move(req.body())](eio_session& s, std::shared_ptr<reply_slot> r) mutable {
+      s.post(std::move(body), std::move(r));
+    });
+  } else {
+    co_return eio_error(engineio::error_code::bad_request);
+  }
+  co_return co_await slot->wait();
+}
+
+asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path) {
+  const auto& c = gw.config();
+  if (path == "/socket.io/socket.io.min.js" || path == "/socket.io/socket.io.js") {
+    if (c.client_js.empty()) co_return http_answer{404, "text/plain", "no client configured (--client-js)\n"};
+    auto body = read_file(c.client_js);
+    if (!body) co_return http_answer{404, "text/plain", "client file missing\n"};
+    co_return http_answer{200, "application/javascript; charset=UTF-8", std::move(*body)};
+  }
+  if (c.static_dir.empty() || path.find("..") != std::string_view::npos || path.find('\\') != std::string_view::npos)
+    co_return http_answer{404, "text/plain", "not found\n"};
+  std::string file = c.static_dir + std::string{path};
+  if (path.ends_with('/')) file += "index.html";
+  auto body = read_file(file);
+  if (!body) co_return http_answer{404, "text/plain", "not found\n"};
+  co_return http_answer{200, std::string{content_type_for(file)}, std::move(*body)};
+}
+
+asio::awaitable<response> handle(gateway& gw, request& req) {
+  auto target = urls::parse_origin_form(req.target());
+  if (!target) co_return make_response(req, {400, "text/plain", "bad request target\n"});
+  auto path = std::string{target->path()};
+  bool eio = path == "/socket.io/" || path == "/socket.io";
+  if (eio && !origin_allowed(gw.config(), req)) {
+    gw.metrics().refused_origin.Increment();
+    spdlog::warn("refused origin {}", std::string_view{req[http::field::origin]});
+    co_return make_response(req, eio_error(engineio::error_code::forbidden, 403));
+  }
+  if (eio && req.method() == http::verb::options) {
+    auto res = make_response(req, {204, "text/plain", ""});
+    add_cors(req, res);
+    res.set(http::field::access_control_allow_methods, "GET, POST, OPTIONS");
+    auto asked = req[http::field::access_control_request_headers];
+    res.set(http::field::access_control_allow_headers, asked.empty() ? "content-type" : asked);
+    res.set(http::field::access_control_max_age, "86400");
+    co_return res;
+  }
+  http_answer answer;
+  if (eio) {
+    auto params = target->params();
+    answer = co_await engine_io(gw, req, params);
+  } else if (path == "/metrics") {
+    answer = {200, "text/plain; version=0.0.4", core::serialize(*gw.registry())};
+  } else if (path == "/healthz") {
+    bool ok = gw.healthy();
+    answer = {ok ? 200u : 503u, "text/plain", ok ? "ok\n" : "broker not connected\n"};
+  } else if (req.method() == http::verb::get || req.method() == http::verb::head) {
+    answer = co_await static_file(gw, path);
+  } else {
+    answer = {405, "text/plain", "method not allowed\n"};
+  }
+  auto res = make_response(req, answer);
+  if (eio) add_cors(req, res);
+  co_return res;
+}
+
+// Takes the connection over for a WebSocket: an Engine.IO session (direct or
+// an upgrade of a polling one). Returns an error answer when refused.
+std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, request& req) {
+  auto target = urls::parse_origin_form(req.target());
+  if (!target) return http_answer{400, "text/plain", "bad request target\n"};
+  auto path = target->path();
+  if (path != "/socket.io/" && path != "/socket.io") return http_answer{404, "text/plain", "not found\n"};
+  if (!origin_allowed(gw.config(), req)) {
+    gw.metrics().refused_origin.Increment();
+    spdlog::warn("refused WebSocket origin {}", std::string_view{req[http::field::origin]});
+    return eio_error(engineio::error_code::forbidden, 403);
+  }
+  auto params = target->params();
+  auto get = [&](std::string_view key) -> std::optional<std::string> {
+    auto it = params.find(key);
+    if (it == params.end()) return std::nullopt;
+    return std::string{(*it).value};
+  };
+  if (get("EIO") != "4") return eio_error(engineio::error_code::unsupported_protocol_version);
+  if (get("transport") != "websocket") return eio_error(engineio::error_code::transport_unknown);
+  const auto& c = gw.config();
+  ws_limits limits{c.max_payload, c.outbound_messages, c.outbound_bytes};
+  std::shared_ptr<eio_session> session;
+  bool direct = false;
+  if (auto sid = get("sid")) {
+    session = gw.find_session(*sid);
+    if (!session) return eio_error(engineio::error_code::session_id_unknown);
+    if (session->upgrading()) return eio_error(engineio::error_code::bad_request);
+  } else {
+    session = std::make_shared<eio_session>(gw, stream.get_executor(), gw.new_sid());
+    gw.add_session(session->sid(), session);
+    direct = true;
+  }
+  auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics());
+  // Posted before accept(), so the session knows the socket before its first frame.
+  asio::post(session->executor(), [session, ws, direct] {
+    if (direct) session->open_websocket(ws);
+    else session->upgrade(ws);
+  });
+  const ws_conn* raw = ws.get();
+  ws->accept(
+      std::move(req),
+      [session, raw](std::string data, bool binary) {
+        asio::dispatch(session->executor(), [session, raw, data = std::move(data), binary]() mutable {
+          session->on_ws_message(raw, std::move(data), binary);
+        });
+      },
+      [session, raw] { asio::dispatch(session->executor(), [session, raw] { session->on_ws_closed(raw); }); });
+  return std::nullopt;
+}
+
+}  // namespace
+
+asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket) {
+  beast::tcp_stream stream{std::move(socket)};
+  beast::flat_buffer buffer;
+  const auto& c = gw.config();
+  for (;;) {
+    http::request_parser<http::string_body> parser;
+    parser.header_limit(16 * 1024);
+    parser.body_limit(c.max_payload);
+    stream.expires_after(c.idle_timeout);
+    auto [ec, n] = co_await http::async_read(stream, buffer, parser, use);
+    if (ec == http::error::body_limit) {
+      gw.metrics().oversize.Increment();
+      request req;
+      req.version(11);
+      auto res = make_response(req, {413, "application/json", R"({"code":3,"message":"Payload too large"})"});
+      res.keep_alive(false);
+      co_await http::async_write(stream, res, use);
+      co_return;
+    }
+    if (ec) co_return;
+    auto req = parser.release();
+    stream.expires_never();
+    if (beast::websocket::is_upgrade(req)) {
+      auto refused = upgrade(gw, stream, req);
+      if (!refused) co_return;  // the ws_conn owns the connection now
+      auto res = make_response(req, *refused);
+      res.keep_alive(false);
+      co_await http::async_write(stream, res, use);
+      co_return;
+    }
+    auto res = co_await handle(gw, req);
+    if (req.method() == http::verb::head) res.body().clear();
+    auto [wec, wn] = co_await http::async_write(stream, res, use);
+    if (wec || !res.keep_alive()) co_return;
+  }
+}
+
+}  // namespace sidecast::gateway

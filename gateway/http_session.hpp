@@ -1,0 +1,14 @@
+#pragma once
+// One HTTP connection: reads requests, answers them (Engine.IO polling, the
+// HTTP API, metrics, static files) and hands WebSocket upgrades over to a
+// ws_conn. Requests on one connection are answered in order.
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
+namespace sidecast::gateway {
+
+class gateway;
+
+boost::asio::awaitable<void> serve_http(gateway& gw, boost::asio::ip::tcp::socket socket);
+
+}  // namespace sidecast::gateway

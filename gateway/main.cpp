@@ -1,0 +1,45 @@
+// sidecast-gateway: Socket.IO, /ws and HTTP for browsers, bridged to a broker.
+#include <spdlog/spdlog.h>
+
+#include "core/config.hpp"
+#include "core/log.hpp"
+#include "core/signals.hpp"
+#include "gateway/gateway.hpp"
+
+int main(int argc, char** argv) {
+  using namespace sidecast;
+  core::terminate_signals signals;
+  CLI::App app{"sidecast-gateway: Socket.IO v4, /ws and HTTP for browsers, bridged to a sidecast-broker"};
+  gateway::gateway_config config;
+  std::string log_level = "info";
+  gateway::add_options(app, config);
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
+  core::finish_app(app);
+  if (auto code = core::parse(app, argc, argv)) return *code;
+  if (!core::init_logging(log_level, "gateway")) {
+    std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());
+    return 2;
+  }
+  try {
+    zmq::context_t context{1};
+    auto registry = std::make_shared<prometheus::Registry>();
+    gateway::gateway gw{config, context, registry};
+    gw.start();
+    std::mutex m;
+    std::condition_variable cv;
+    bool stop = false;
+    signals.start([&](int sig) {
+      spdlog::info("signal {}: stopping", sig);
+      std::lock_guard lock{m};
+      stop = true;
+      cv.notify_all();
+    });
+    std::unique_lock lock{m};
+    cv.wait(lock, [&] { return stop; });
+    gw.stop();
+  } catch (const std::exception& e) {
+    spdlog::critical("gateway failed: {}", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,51 @@
+#include "gateway/metrics.hpp"
+
+namespace sidecast::gateway {
+namespace {
+
+prometheus::Family<prometheus::Counter>& counter(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r);
+}
+
+}  // namespace
+
+gateway_metrics::gateway_metrics(prometheus::Registry& r)
+    : connections{prometheus::BuildGauge()
+                      .Name("sidecast_gateway_connections")
+                      .Help("Open client connections, by transport")
+                      .Register(r)},
+      polling{connections.Add({{"transport", "polling"}})},
+      websocket{connections.Add({{"transport", "websocket"}})},
+      plain_ws{connections.Add({{"transport", "ws"}})},
+      api_sessions{connections.Add({{"transport", "api"}})},
+      messages{counter(r, "sidecast_gateway_messages_total", "Messages to and from clients, by direction and face")},
+      sio_in{messages.Add({{"direction", "in"}, {"face", "socketio"}})},
+      sio_out{messages.Add({{"direction", "out"}, {"face", "socketio"}})},
+      ws_in{messages.Add({{"direction", "in"}, {"face", "ws"}})},
+      ws_out{messages.Add({{"direction", "out"}, {"face", "ws"}})},
+      api_in{messages.Add({{"direction", "in"}, {"face", "api"}})},
+      api_out{messages.Add({{"direction", "out"}, {"face", "api"}})},
+      bytes{counter(r, "sidecast_gateway_bytes_total", "Bytes of client traffic, by direction")},
+      bytes_in{bytes.Add({{"direction", "in"}})},
+      bytes_out{bytes.Add({{"direction", "out"}})},
+      dropped{counter(r, "sidecast_gateway_dropped_total", "Connections, messages or requests dropped, by reason")},
+      slow_consumer{dropped.Add({{"reason", "slow_consumer"}})},
+      bridge_full{dropped.Add({{"reason", "bridge_full"}})},
+      bad_packet{dropped.Add({{"reason", "bad_packet"}})},
+      refused_origin{dropped.Add({{"reason", "refused_origin"}})},
+      oversize{dropped.Add({{"reason", "oversize"}})},
+      client_gone{dropped.Add({{"reason", "client_gone"}})},
+      api_overflow{dropped.Add({{"reason", "api_buffer_full"}})},
+      ack_latency{prometheus::BuildHistogram()
+                      .Name("sidecast_gateway_ack_seconds")
+                      .Help("Time from a client's event to its ack")
+                      .Register(r)
+                      .Add({}, core::latency_buckets())},
+      rooms{prometheus::BuildGauge().Name("sidecast_gateway_rooms").Help("Rooms with local members").Register(r).Add({})},
+      broker_connected{prometheus::BuildGauge()
+                           .Name("sidecast_gateway_broker_connected")
+                           .Help("1 while the broker has welcomed this gateway")
+                           .Register(r)
+                           .Add({})} {}
+
+}  // namespace sidecast::gateway

@@ -1,0 +1,38 @@
+#pragma once
+// The gateway's Prometheus metrics. Counters are atomic: any thread may bump them.
+#include "core/metrics.hpp"
+
+namespace sidecast::gateway {
+
+struct gateway_metrics {
+  explicit gateway_metrics(prometheus::Registry& r);
+
+  prometheus::Family<prometheus::Gauge>& connections;    // {transport}
+  prometheus::Gauge& polling;
+  prometheus::Gauge& websocket;
+  prometheus::Gauge& plain_ws;
+  prometheus::Gauge& api_sessions;
+  prometheus::Family<prometheus::Counter>& messages;     // {direction, face}
+  prometheus::Counter& sio_in;
+  prometheus::Counter& sio_out;
+  prometheus::Counter& ws_in;
+  prometheus::Counter& ws_out;
+  prometheus::Counter& api_in;
+  prometheus::Counter& api_out;
+  prometheus::Family<prometheus::Counter>& bytes;        // {direction}
+  prometheus::Counter& bytes_in;
+  prometheus::Counter& bytes_out;
+  prometheus::Family<prometheus::Counter>& dropped;      // {reason}
+  prometheus::Counter& slow_consumer;
+  prometheus::Counter& bridge_full;
+  prometheus::Counter& bad_packet;
+  prometheus::Counter& refused_origin;
+  prometheus::Counter& oversize;
+  prometheus::Counter& client_gone;
+  prometheus::Counter& api_overflow;
+  prometheus::Histogram& ack_latency;
+  prometheus::Gauge& rooms;
+  prometheus::Gauge& broker_connected;
+};
+
+}  // namespace sidecast::gateway

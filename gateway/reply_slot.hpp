@@ -1,0 +1,49 @@
+#pragma once
+// An HTTP answer that another thread provides later: a long-poll GET waits on
+// one until its Engine.IO session has packets (or closes). The first
+// complete() wins; it is thread-safe.
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/as_tuple.hpp>
+
+namespace sidecast::gateway {
+
+struct http_answer {
+  unsigned status = 200;
+  std::string content_type = "text/plain; charset=UTF-8";
+  std::string body;
+};
+
+class reply_slot : public std::enable_shared_from_this<reply_slot> {
+ public:
+  explicit reply_slot(boost::asio::any_io_executor ex)
+      : timer_{ex, boost::asio::steady_timer::time_point::max()} {}
+
+  void complete(http_answer answer) {
+    boost::asio::dispatch(timer_.get_executor(), [self = shared_from_this(), a = std::move(answer)]() mutable {
+      if (self->answer_) return;
+      self->answer_ = std::move(a);
+      self->timer_.cancel();
+    });
+  }
+
+  /// On the slot's executor: waits for complete().
+  boost::asio::awaitable<http_answer> wait() {
+    while (!answer_) co_await timer_.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    co_return std::move(*answer_);
+  }
+
+  bool done() const { return answer_.has_value(); }
+
+ private:
+  boost::asio::steady_timer timer_;
+  std::optional<http_answer> answer_;
+};
+
+}  // namespace sidecast::gateway

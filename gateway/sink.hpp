@@ -1,0 +1,54 @@
+#pragma once
+// What the ZeroMQ bridge delivers to: one Socket.IO namespace socket, one /ws
+// connection or one HTTP API session. The bridge posts every call onto the
+// sink's executor, so a sink is only ever touched by its own thread.
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+
+#include "proto/codec.hpp"
+
+namespace sidecast::gateway {
+
+/// An event for clients, shared by every local receiver of a broadcast and
+/// encoded at most once per wire format (thread-safe, lazily).
+class outbound_event {
+ public:
+  outbound_event(std::string nsp, std::string event, std::string args, std::vector<std::string> attachments)
+      : nsp_{std::move(nsp)}, event_{std::move(event)}, args_{std::move(args)}, attachments_{std::move(attachments)} {}
+
+  const std::string& nsp() const { return nsp_; }
+  const std::string& event() const { return event_; }
+  const std::string& args() const { return args_; }  // JSON array text
+  const std::vector<std::string>& attachments() const { return attachments_; }
+
+  /// The Engine.IO message "4<Socket.IO EVENT or BINARY_EVENT>" with no ack id.
+  const std::string& socketio_frame() const;
+  /// The /ws JSON frame {"event","data"[,"nsp"]}.
+  const std::string& ws_frame() const;
+
+ private:
+  std::string nsp_, event_, args_;
+  std::vector<std::string> attachments_;
+  mutable std::once_flag sio_once_, ws_once_;
+  mutable std::string sio_, ws_;
+};
+
+class client_sink {
+ public:
+  virtual ~client_sink() = default;
+  /// The executor every delivery is posted to.
+  virtual boost::asio::any_io_executor executor() const = 0;
+  /// An event for this socket; `ack_id` non-empty: the worker wants the client's ack.
+  virtual void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) = 0;
+  /// The answer to a request this sink made with `tag`.
+  virtual void deliver_reply(std::uint64_t tag, proto::Reply reply) = 0;
+  /// A worker disconnected this socket.
+  virtual void deliver_disconnect() = 0;
+};
+
+}  // namespace sidecast::gateway
