@@ -31,13 +31,7 @@ const std::string& outbound_event::socketio_frame() const {
 
 const std::string& outbound_event::ws_frame() const {
   std::call_once(ws_once_, [this] {
-    // /ws events carry one value: a single argument is sent as it is, no
-    // argument as no data, several as an array.
-    std::string data = args_;
-    boost::system::error_code ec;
-    auto v = boost::json::parse(args_, ec);
-    if (!ec && v.is_array() && v.as_array().size() == 1) data = boost::json::serialize(v.as_array()[0]);
-    else if (!ec && v.is_array() && v.as_array().empty()) data.clear();
+    auto data = ws_json::data_from_args(args_);
     ws_ = ws_json::encode_event(event_, data, nsp_);
   });
   return ws_;

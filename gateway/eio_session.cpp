@@ -3,8 +3,8 @@
 #include <boost/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "gateway/client_socket.hpp"
 #include "gateway/gateway.hpp"
-#include "gateway/sink.hpp"
 
 namespace sidecast::gateway {
 
@@ -15,14 +15,6 @@ namespace {
 
 std::shared_ptr<const std::string> shared_text(std::string s) {
   return std::make_shared<const std::string>(std::move(s));
-}
-
-// The ack arguments a client sees when its event failed in the backend:
-// [{"error":"timeout","message":"deadline passed"}].
-std::string error_args(const proto::Reply& reply) {
-  auto code = proto::Code_Name(reply.code());
-  std::transform(code.begin(), code.end(), code.begin(), [](unsigned char c) { return std::tolower(c); });
-  return json::serialize(json::array{json::object{{"error", code}, {"message", reply.message()}}});
 }
 
 // Reply args must be a JSON array for an ACK; anything else is wrapped.
@@ -40,73 +32,27 @@ constexpr std::size_t max_server_acks = 1024;
 }  // namespace
 
 // One Socket.IO namespace socket on an Engine.IO session.
-class sio_socket : public client_sink, public std::enable_shared_from_this<sio_socket> {
+class sio_socket : public client_socket {
  public:
   sio_socket(std::shared_ptr<eio_session> eio, std::string nsp, std::string service, std::string auth)
-      : eio_{eio},
-        gw_{eio->gw()},
-        ex_{eio->executor()},
-        nsp_{std::move(nsp)},
-        service_{std::move(service)},
-        auth_{std::move(auth)},
-        sid_{gw_.new_sid()} {}
-
-  boost::asio::any_io_executor executor() const override { return ex_; }
-  const std::string& sid() const { return sid_; }
-  bool connected() const { return state_ == state::connected; }
-
-  void connect() {
-    gw_.link().attach(sid_, nsp_, weak_from_this());
-    proto::Envelope env;
-    auto* l = env.mutable_lifecycle();
-    l->set_kind(proto::Lifecycle::CONNECT);
-    l->set_id(gw_.link().next_id());
-    l->set_service(service_);
-    l->set_sid(sid_);
-    l->set_nsp(nsp_);
-    l->set_auth(auth_);
-    l->set_timeout_ms(static_cast<std::uint32_t>(gw_.config().request_timeout.count()));
-    if (!gw_.link().request(std::move(env), weak_from_this(), 0, gw_.config().request_timeout))
-      refuse("server busy");
-  }
+      : client_socket{eio->gw(), eio->executor(), std::move(nsp), std::move(service), std::move(auth)}, eio_{eio} {}
 
   void on_event(socketio::packet p, std::vector<std::string> attachments) {
     auto split = socketio::split_event(p.data);
     if (!split) return;
     gw_.metrics().sio_in.Increment();
-    proto::Envelope env;
-    auto* r = env.mutable_request();
-    r->set_id(gw_.link().next_id());
-    r->set_service(service_);
-    r->set_sid(sid_);
-    r->set_nsp(nsp_);
-    r->set_event(std::move(split->first));
-    r->set_args(std::move(split->second));
-    for (auto& a : attachments) r->add_attachments(std::move(a));
-    r->set_wants_reply(p.id.has_value());
-    r->set_timeout_ms(static_cast<std::uint32_t>(gw_.config().request_timeout.count()));
-    r->set_auth(auth_);
     std::uint64_t tag = 0;
     if (p.id) {
       tag = ++next_tag_;
       acks_.push_back(ack_entry{tag, *p.id, std::nullopt, clock::now()});
       if (acks_.size() > max_pending_acks) {
-        proto::Reply busy;
-        busy.set_code(proto::BUSY);
-        busy.set_message("too many events waiting for their ack");
-        acks_.back().reply = std::move(busy);
+        acks_.back().reply = failure(proto::BUSY, "too many events waiting for their ack");
         flush_acks();
         return;
       }
     }
-    bool queued = p.id ? gw_.link().request(std::move(env), weak_from_this(), tag, gw_.config().request_timeout)
-                       : gw_.link().send(env);
-    if (!queued && p.id) {
-      proto::Reply busy;
-      busy.set_code(proto::BUSY);
-      busy.set_message("gateway busy");
-      deliver_reply(tag, std::move(busy));
-    }
+    if (!send_event(std::move(split->first), std::move(split->second), std::move(attachments), tag) && tag)
+      on_reply(tag, failure(proto::BUSY, "gateway busy"));
   }
 
   void on_ack(socketio::packet p, std::vector<std::string> attachments) {
@@ -124,8 +70,9 @@ class sio_socket : public client_sink, public std::enable_shared_from_this<sio_s
   // ---- client_sink ----
 
   void deliver(std::shared_ptr<const outbound_event> ev, std::string ack_id) override {
-    if (state_ == state::closed) return;
-    if (state_ == state::connecting) {
+    if (closed()) return;
+    if (!connected()) {
+      // Emitted while the connect hook runs: sent right after the CONNECT answer.
       if (early_.size() < max_early_events) early_.emplace_back(std::move(ev), std::move(ack_id));
       return;
     }
@@ -143,7 +90,7 @@ class sio_socket : public client_sink, public std::enable_shared_from_this<sio_s
     }
     socketio::packet p;
     p.type = ev->attachments().empty() ? socketio::packet_type::event : socketio::packet_type::binary_event;
-    p.nsp = nsp_;
+    p.nsp = nsp();
     p.id = ++next_server_ack_;
     p.data = socketio::join_event(ev->event(), ev->args());
     p.attachments = ev->attachments().size();
@@ -152,9 +99,41 @@ class sio_socket : public client_sink, public std::enable_shared_from_this<sio_s
     eio->send_socketio(p, ev->attachments());
   }
 
-  void deliver_reply(std::uint64_t tag, proto::Reply reply) override {
-    if (state_ == state::closed) return;
-    if (tag == 0) return on_connect_answer(std::move(reply));
+  void deliver_disconnect() override {
+    if (!connected()) return;
+    if (auto eio = eio_.lock()) {
+      socketio::packet p;
+      p.type = socketio::packet_type::disconnect;
+      p.nsp = nsp();
+      eio->send_socketio(p);
+      end("server namespace disconnect");
+      eio->forget(nsp());
+    }
+  }
+
+ protected:
+  void on_connect_answer(proto::Reply reply) override {
+    auto eio = eio_.lock();
+    if (!eio) return;
+    socketio::packet p;
+    p.nsp = nsp();
+    if (reply.code() != proto::OK) {
+      p.type = socketio::packet_type::connect_error;
+      auto message = reply.code() == proto::REFUSED ? reply.message()
+                                                    : "service unavailable: " + proto::Code_Name(reply.code());
+      p.data = json::serialize(json::object{{"message", message}});
+      eio->send_socketio(p);
+      eio->forget(nsp());
+      return;
+    }
+    mark_connected();
+    p.type = socketio::packet_type::connect;
+    p.data = json::serialize(json::object{{"sid", sid()}});
+    eio->send_socketio(p);
+    for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
+  }
+
+  void on_reply(std::uint64_t tag, proto::Reply reply) override {
     if (acks_.empty() || tag < acks_.front().tag) return;
     auto index = tag - acks_.front().tag;
     if (index >= acks_.size()) return;
@@ -162,39 +141,7 @@ class sio_socket : public client_sink, public std::enable_shared_from_this<sio_s
     flush_acks();
   }
 
-  void deliver_disconnect() override {
-    if (state_ != state::connected) return;
-    if (auto eio = eio_.lock()) {
-      socketio::packet p;
-      p.type = socketio::packet_type::disconnect;
-      p.nsp = nsp_;
-      eio->send_socketio(p);
-      close("server namespace disconnect");
-      eio->forget(nsp_);
-    }
-  }
-
-  /// Ends the socket: the service hears about it, the bridge forgets it.
-  void close(const std::string& reason) {
-    if (state_ == state::closed) return;
-    bool was_connected = state_ == state::connected;
-    state_ = state::closed;
-    gw_.link().detach(sid_);
-    if (!was_connected) return;
-    proto::Envelope env;
-    auto* l = env.mutable_lifecycle();
-    l->set_kind(proto::Lifecycle::DISCONNECT);
-    l->set_id(gw_.link().next_id());
-    l->set_service(service_);
-    l->set_sid(sid_);
-    l->set_nsp(nsp_);
-    l->set_reason(reason);
-    l->set_timeout_ms(static_cast<std::uint32_t>(gw_.config().request_timeout.count()));
-    gw_.link().send(env);
-  }
-
  private:
-  enum class state { connecting, connected, closed };
   struct ack_entry {
     std::uint64_t tag;
     std::uint64_t client_id;
@@ -202,35 +149,11 @@ class sio_socket : public client_sink, public std::enable_shared_from_this<sio_s
     clock::time_point sent;
   };
 
-  void on_connect_answer(proto::Reply reply) {
-    if (state_ != state::connecting) return;
-    if (reply.code() != proto::OK) {
-      refuse(reply.code() == proto::REFUSED ? reply.message()
-                                            : "service unavailable: " + proto::Code_Name(reply.code()));
-      return;
-    }
-    auto eio = eio_.lock();
-    if (!eio) return;
-    state_ = state::connected;
-    socketio::packet p;
-    p.type = socketio::packet_type::connect;
-    p.nsp = nsp_;
-    p.data = json::serialize(json::object{{"sid", sid_}});
-    eio->send_socketio(p);
-    for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
-  }
-
-  void refuse(const std::string& message) {
-    state_ = state::closed;
-    gw_.link().detach(sid_);
-    if (auto eio = eio_.lock()) {
-      socketio::packet p;
-      p.type = socketio::packet_type::connect_error;
-      p.nsp = nsp_;
-      p.data = json::serialize(json::object{{"message", message}});
-      eio->send_socketio(p);
-      eio->forget(nsp_);
-    }
+  static proto::Reply failure(proto::Code code, std::string message) {
+    proto::Reply r;
+    r.set_code(code);
+    r.set_message(std::move(message));
+    return r;
   }
 
   // Acks leave in the order their events arrived.
@@ -244,7 +167,7 @@ class sio_socket : public client_sink, public std::enable_shared_from_this<sio_s
       gw_.metrics().ack_latency.Observe(std::chrono::duration<double>(clock::now() - entry.sent).count());
       if (reply.code() == proto::OK && reply.silent()) continue;
       socketio::packet p;
-      p.nsp = nsp_;
+      p.nsp = nsp();
       p.id = entry.client_id;
       std::vector<std::string> attachments;
       if (reply.code() == proto::OK) {
@@ -260,10 +183,6 @@ class sio_socket : public client_sink, public std::enable_shared_from_this<sio_s
   }
 
   std::weak_ptr<eio_session> eio_;
-  gateway& gw_;
-  boost::asio::any_io_executor ex_;
-  std::string nsp_, service_, auth_, sid_;
-  state state_ = state::connecting;
   std::deque<ack_entry> acks_;
   std::uint64_t next_tag_ = 0;
   std::unordered_map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's
@@ -501,7 +420,7 @@ void eio_session::on_socketio_packet(socketio::packet p, std::vector<std::string
     case socketio::packet_type::disconnect: {
       auto socket = it->second;
       sockets_.erase(it);
-      socket->close("client namespace disconnect");
+      socket->end("client namespace disconnect");
       return;
     }
     default:
@@ -529,7 +448,7 @@ void eio_session::on_connect(socketio::packet p) {
   }
   auto socket = std::make_shared<sio_socket>(shared_from_this(), p.nsp, *service, p.data.empty() ? "{}" : p.data);
   sockets_.emplace(p.nsp, socket);
-  socket->connect();
+  socket->begin_connect();
 }
 
 void eio_session::forget(const std::string& nsp) { sockets_.erase(nsp); }
@@ -602,7 +521,7 @@ void eio_session::close(const char* reason) {
   if (closed_) return;
   closed_ = true;
   ping_timer_.cancel();
-  for (auto& [nsp, socket] : std::exchange(sockets_, {})) socket->close(reason);
+  for (auto& [nsp, socket] : std::exchange(sockets_, {})) socket->end(reason);
   gw_.remove_session(sid_);
   if (transport_ == transport::websocket) {
     gw_.metrics().websocket.Decrement();

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/config.hpp"
+#include "gateway/api.hpp"
 #include "gateway/eio_session.hpp"
 #include "gateway/http_session.hpp"
 
@@ -35,6 +36,7 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   routes_ = parse_routes(config_.routes);
   if (config_.threads == 0) config_.threads = std::max(1u, std::thread::hardware_concurrency());
   bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_);
+  api_ = std::make_unique<class api>(*this);
 }
 
 gateway::~gateway() { stop(); }

@@ -24,6 +24,7 @@
 namespace sidecast::gateway {
 
 class eio_session;
+class api;
 
 class gateway {
  public:
@@ -43,6 +44,7 @@ class gateway {
   class bridge& link() { return *bridge_; }
   gateway_metrics& metrics() { return metrics_; }
   const core::registry_ptr& registry() const { return registry_; }
+  class api& api() { return *api_; }
 
   /// The service for a namespace, or nullptr when it has no route.
   const std::string* service_for(const std::string& nsp) const;
@@ -66,6 +68,7 @@ class gateway {
   gateway_metrics metrics_;
   std::vector<route> routes_;
   std::unique_ptr<class bridge> bridge_;
+  std::unique_ptr<class api> api_;
   std::vector<std::unique_ptr<boost::asio::io_context>> contexts_;
   std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
   std::vector<std::thread> threads_;

@@ -15,9 +15,12 @@
 #include <spdlog/spdlog.h>
 
 #include "core/metrics.hpp"
+#include "gateway/api.hpp"
 #include "gateway/codec/engineio.hpp"
 #include "gateway/eio_session.hpp"
 #include "gateway/gateway.hpp"
+#include "gateway/ws_session.hpp"
+#include <boost/json.hpp>
 
 namespace sidecast::gateway {
 
@@ -178,6 +181,9 @@ asio::awaitable<response> handle(gateway& gw, request& req) {
   if (eio) {
     auto params = target->params();
     answer = co_await engine_io(gw, req, params);
+  } else if (path.starts_with("/api/v1/")) {
+    auto params = target->params();
+    answer = co_await gw.api().handle(req, path, params);
   } else if (path == "/metrics") {
     answer = {200, "text/plain; version=0.0.4", core::serialize(*gw.registry())};
   } else if (path == "/healthz") {
@@ -193,13 +199,31 @@ asio::awaitable<response> handle(gateway& gw, request& req) {
   co_return res;
 }
 
+// `/ws?nsp=/chat&auth={...}`: one plain WebSocket in one namespace.
+std::optional<http_answer> upgrade_plain(gateway& gw, beast::tcp_stream& stream, request& req, std::string nsp,
+                                         std::string auth, const ws_limits& limits) {
+  const auto* service = gw.service_for(nsp);
+  if (!service) return http_answer{404, "application/json", R"({"message":"Invalid namespace"})"};
+  boost::system::error_code ec;
+  auto parsed = boost::json::parse(auth, ec);
+  if (ec || !parsed.is_object()) return http_answer{400, "application/json", R"({"message":"auth must be a JSON object"})"};
+  auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics());
+  auto session = std::make_shared<ws_session>(gw, ws, std::move(nsp), *service, std::move(auth));
+  ws->accept(
+      std::move(req), [session](std::string data, bool binary) { session->on_message(std::move(data), binary); },
+      [session] { session->on_closed(); });
+  session->start();
+  return std::nullopt;
+}
+
 // Takes the connection over for a WebSocket: an Engine.IO session (direct or
 // an upgrade of a polling one). Returns an error answer when refused.
 std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, request& req) {
   auto target = urls::parse_origin_form(req.target());
   if (!target) return http_answer{400, "text/plain", "bad request target\n"};
   auto path = target->path();
-  if (path != "/socket.io/" && path != "/socket.io") return http_answer{404, "text/plain", "not found\n"};
+  bool plain = path == "/ws";
+  if (!plain && path != "/socket.io/" && path != "/socket.io") return http_answer{404, "text/plain", "not found\n"};
   if (!origin_allowed(gw.config(), req)) {
     gw.metrics().refused_origin.Increment();
     spdlog::warn("refused WebSocket origin {}", std::string_view{req[http::field::origin]});
@@ -211,10 +235,11 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
     if (it == params.end()) return std::nullopt;
     return std::string{(*it).value};
   };
-  if (get("EIO") != "4") return eio_error(engineio::error_code::unsupported_protocol_version);
-  if (get("transport") != "websocket") return eio_error(engineio::error_code::transport_unknown);
   const auto& c = gw.config();
   ws_limits limits{c.max_payload, c.outbound_messages, c.outbound_bytes};
+  if (plain) return upgrade_plain(gw, stream, req, get("nsp").value_or("/"), get("auth").value_or("{}"), limits);
+  if (get("EIO") != "4") return eio_error(engineio::error_code::unsupported_protocol_version);
+  if (get("transport") != "websocket") return eio_error(engineio::error_code::transport_unknown);
   std::shared_ptr<eio_session> session;
   bool direct = false;
   if (auto sid = get("sid")) {

@@ -233,4 +233,14 @@ std::string encode_reply(std::string_view id_json, std::string_view data_json,
   return out;
 }
 
+std::string data_from_args(std::string_view args_array_json) {
+  boost::system::error_code ec;
+  auto v = boost::json::parse(args_array_json, ec);
+  if (ec || !v.is_array()) return std::string{args_array_json};
+  const auto& a = v.as_array();
+  if (a.empty()) return {};
+  if (a.size() == 1) return boost::json::serialize(a[0]);
+  return std::string{args_array_json};
+}
+
 }  // namespace sidecast::gateway::ws_json

@@ -1,0 +1,338 @@
+#include "gateway/api.hpp"
+
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/beast/http/field.hpp>
+#include <boost/json.hpp>
+
+#include "gateway/client_socket.hpp"
+#include "gateway/codec/socketio.hpp"
+#include "gateway/codec/ws_json.hpp"
+
+namespace sidecast::gateway {
+
+namespace asio = boost::asio;
+namespace http = boost::beast::http;
+namespace json = boost::json;
+using clock = std::chrono::steady_clock;
+
+namespace {
+
+http_answer json_answer(unsigned status, const json::value& body) {
+  return {status, "application/json", json::serialize(body)};
+}
+
+http_answer error(unsigned status, std::string_view message) {
+  return json_answer(status, json::object{{"error", message}});
+}
+
+unsigned status_for(proto::Code code) {
+  switch (code) {
+    case proto::REFUSED: return 403;
+    case proto::BUSY: return 429;
+    case proto::TIMEOUT: return 504;
+    case proto::UNAVAILABLE:
+    case proto::WORKER_LOST: return 503;
+    case proto::BAD_REQUEST: return 400;
+    default: return 502;
+  }
+}
+
+http_answer failure(const proto::Reply& reply) {
+  auto code = proto::Code_Name(reply.code());
+  std::transform(code.begin(), code.end(), code.begin(), [](unsigned char c) { return std::tolower(c); });
+  return json_answer(status_for(reply.code()), json::object{{"error", code}, {"message", reply.message()}});
+}
+
+// Compares without an early exit, so the time taken does not reveal how
+// much of a key matched.
+bool same_key(std::string_view given, std::string_view key) {
+  if (key.empty() || given.size() != key.size()) return false;
+  unsigned char diff = 0;
+  for (std::size_t i = 0; i < key.size(); ++i) diff |= static_cast<unsigned char>(given[i] ^ key[i]);
+  return diff == 0;
+}
+
+std::optional<json::object> parse_object(std::string_view body) {
+  if (body.empty()) return json::object{};
+  boost::system::error_code ec;
+  auto v = json::parse(body, ec);
+  if (ec || !v.is_object()) return std::nullopt;
+  return std::move(v.as_object());
+}
+
+}  // namespace
+
+// A client session held by HTTP requests instead of a connection.
+class api_session : public client_socket {
+ public:
+  api_session(gateway& gw, asio::any_io_executor ex, std::string nsp, std::string service, std::string auth)
+      : client_socket{gw, ex, std::move(nsp), std::move(service), std::move(auth)}, poll_timer_{ex}, ttl_timer_{ex} {}
+
+  void start(std::shared_ptr<reply_slot> created) {
+    created_ = std::move(created);
+    gw_.metrics().api_sessions.Increment();
+    touch();
+    begin_connect();
+  }
+
+  void emit(std::string event, std::string data, bool ack, std::shared_ptr<reply_slot> answer) {
+    touch();
+    if (!connected()) {
+      answer->complete(error(404, "unknown sid"));
+      return;
+    }
+    gw_.metrics().api_in.Increment();
+    std::string args = data.empty() ? "[]" : "[" + data + "]";
+    if (!ack) {
+      answer->complete(send_event(std::move(event), std::move(args), {}, 0) ? json_answer(202, json::object{{"ok", true}})
+                                                                           : error(503, "gateway busy"));
+      return;
+    }
+    auto tag = ++next_tag_;
+    acks_.emplace(tag, answer);
+    if (!send_event(std::move(event), std::move(args), {}, tag)) {
+      acks_.erase(tag);
+      answer->complete(error(503, "gateway busy"));
+    }
+  }
+
+  void poll(std::chrono::milliseconds timeout, std::shared_ptr<reply_slot> answer) {
+    touch();
+    if (!connected()) {
+      answer->complete(error(404, "unknown sid"));
+      return;
+    }
+    if (poll_) std::exchange(poll_, nullptr)->complete(json_answer(200, json::object{{"events", json::array{}}}));
+    poll_ = std::move(answer);
+    if (!events_.empty()) return flush();
+    poll_timer_.expires_after(timeout);
+    poll_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this())](boost::system::error_code ec) {
+      if (!ec && self->poll_) self->flush();
+    });
+  }
+
+  void close(const std::string& reason) {
+    if (closed()) return;
+    gw_.metrics().api_sessions.Decrement();
+    end(reason);
+    gw_.api().remove(sid());
+    poll_timer_.cancel();
+    ttl_timer_.cancel();
+    if (poll_) std::exchange(poll_, nullptr)->complete(error(410, "session closed"));
+    for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
+  }
+
+  void deliver(std::shared_ptr<const outbound_event> event, std::string) override {
+    if (!connected()) return;
+    if (events_.size() >= gw_.config().api_buffer) {
+      // A client that stopped polling loses the oldest events, counted.
+      gw_.metrics().api_overflow.Increment();
+      events_.pop_front();
+    }
+    gw_.metrics().api_out.Increment();
+    events_.push_back(std::shared_ptr<const std::string>(event, &event->ws_frame()));
+    if (poll_) flush();
+  }
+
+  void deliver_disconnect() override { close("server namespace disconnect"); }
+
+ protected:
+  void on_connect_answer(proto::Reply reply) override {
+    auto created = std::exchange(created_, nullptr);
+    if (reply.code() != proto::OK) {
+      gw_.metrics().api_sessions.Decrement();
+      gw_.api().remove(sid());
+      created->complete(failure(reply));
+      return;
+    }
+    mark_connected();
+    created->complete(json_answer(201, json::object{{"sid", sid()}, {"nsp", nsp()}}));
+    schedule_expiry();
+  }
+
+  void on_reply(std::uint64_t tag, proto::Reply reply) override {
+    auto it = acks_.find(tag);
+    if (it == acks_.end()) return;
+    auto slot = std::move(it->second);
+    acks_.erase(it);
+    if (reply.code() != proto::OK) return slot->complete(failure(reply));
+    auto data = ws_json::data_from_args(reply.args());
+    slot->complete({200, "application/json", data.empty() ? "{}" : "{\"data\":" + data + "}"});
+  }
+
+ private:
+  void touch() { last_seen_ = clock::now(); }
+
+  void flush() {
+    std::string body = "{\"events\":[";
+    for (std::size_t i = 0; i < events_.size(); ++i) {
+      if (i) body += ',';
+      body += *events_[i];
+    }
+    body += "]}";
+    events_.clear();
+    poll_timer_.cancel();
+    std::exchange(poll_, nullptr)->complete({200, "application/json", std::move(body)});
+  }
+
+  void schedule_expiry() {
+    auto ttl = gw_.config().api_session_ttl;
+    ttl_timer_.expires_after(ttl / 2);
+    ttl_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this()), ttl](boost::system::error_code ec) {
+      if (ec || self->closed()) return;
+      if (!self->poll_ && clock::now() - self->last_seen_ > ttl) return self->close("api session expired");
+      self->schedule_expiry();
+    });
+  }
+
+  asio::steady_timer poll_timer_, ttl_timer_;
+  std::shared_ptr<reply_slot> created_, poll_;
+  std::deque<std::shared_ptr<const std::string>> events_;
+  std::unordered_map<std::uint64_t, std::shared_ptr<reply_slot>> acks_;
+  std::uint64_t next_tag_ = 0;
+  clock::time_point last_seen_{};
+};
+
+void api::remove(const std::string& sid) {
+  std::lock_guard lock{mutex_};
+  sessions_.erase(sid);
+}
+
+std::shared_ptr<api_session> api::find(const std::string& sid) {
+  std::lock_guard lock{mutex_};
+  auto it = sessions_.find(sid);
+  return it == sessions_.end() ? nullptr : it->second.lock();
+}
+
+asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, std::string_view path,
+                                         const boost::urls::params_view& params) {
+  auto ex = co_await asio::this_coro::executor;
+  constexpr std::string_view prefix = "/api/v1/sessions";
+  if (path == "/api/v1/publish") {
+    if (req.method() != http::verb::post) co_return error(405, "use POST");
+    co_return publish(req);
+  }
+  if (!path.starts_with(prefix)) co_return error(404, "no such endpoint");
+  auto rest = path.substr(prefix.size());
+  if (rest.empty() || rest == "/") {
+    if (req.method() != http::verb::post) co_return error(405, "use POST");
+    auto body = parse_object(req.body());
+    if (!body) co_return error(400, "body must be a JSON object");
+    std::string nsp = "/";
+    if (auto* n = body->if_contains("nsp")) {
+      if (!n->is_string() || !socketio::valid_namespace(n->as_string())) co_return error(400, "bad nsp");
+      nsp = std::string{n->as_string()};
+    }
+    std::string auth = "{}";
+    if (auto* a = body->if_contains("auth")) {
+      if (!a->is_object()) co_return error(400, "auth must be an object");
+      auth = json::serialize(*a);
+    }
+    const auto* service = gw_.service_for(nsp);
+    if (!service) co_return error(404, "Invalid namespace");
+    auto session = std::make_shared<api_session>(gw_, ex, nsp, *service, std::move(auth));
+    {
+      std::lock_guard lock{mutex_};
+      sessions_[session->sid()] = session;
+    }
+    auto slot = std::make_shared<reply_slot>(ex);
+    session->start(slot);
+    co_return co_await slot->wait();
+  }
+  // /{sid}[/emit|/events]
+  rest.remove_prefix(1);
+  auto slash = rest.find('/');
+  auto sid = std::string{rest.substr(0, slash)};
+  auto action = slash == std::string_view::npos ? std::string_view{} : rest.substr(slash + 1);
+  auto session = find(sid);
+  if (!session) co_return error(404, "unknown sid");
+  auto slot = std::make_shared<reply_slot>(ex);
+  if (action.empty() && req.method() == http::verb::delete_) {
+    asio::post(session->executor(), [session, slot] {
+      session->close("client namespace disconnect");
+      slot->complete({204, "application/json", ""});
+    });
+  } else if (action == "emit" && req.method() == http::verb::post) {
+    auto body = parse_object(req.body());
+    if (!body) co_return error(400, "body must be a JSON object");
+    auto* event = body->if_contains("event");
+    if (!event || !event->is_string() || socketio::is_reserved_event(event->as_string()))
+      co_return error(400, "event must be a non-reserved string");
+    std::string data;
+    if (auto* d = body->if_contains("data")) data = json::serialize(*d);
+    bool ack = false;
+    if (auto* a = body->if_contains("ack")) ack = a->is_bool() && a->as_bool();
+    asio::post(session->executor(), [session, slot, name = std::string{event->as_string()}, data = std::move(data), ack]() mutable {
+      session->emit(std::move(name), std::move(data), ack, slot);
+    });
+  } else if (action == "events" && req.method() == http::verb::get) {
+    std::chrono::milliseconds timeout{25000};
+    if (auto it = params.find("timeout"); it != params.end()) {
+      try {
+        timeout = std::chrono::milliseconds(std::clamp(std::stol(std::string{(*it).value}), 0L, 60000L));
+      } catch (const std::exception&) {
+        co_return error(400, "timeout must be milliseconds");
+      }
+    }
+    asio::post(session->executor(), [session, slot, timeout] { session->poll(timeout, slot); });
+  } else {
+    co_return error(405, "no such action for this method");
+  }
+  co_return co_await slot->wait();
+}
+
+http_answer api::publish(const http::request<http::string_body>& req) {
+  const auto& keys = gw_.config().api_keys;
+  if (keys.empty()) return error(403, "the publish API is disabled: no --api-key configured");
+  std::string_view given = req[http::field::authorization];
+  if (given.starts_with("Bearer ")) given.remove_prefix(7);
+  else given = req["X-API-Key"];
+  bool ok = false;
+  for (const auto& k : keys) ok |= same_key(given, k);
+  if (!ok) return error(401, "missing or wrong API key");
+  auto body = parse_object(req.body());
+  if (!body) return error(400, "body must be a JSON object");
+  auto* event = body->if_contains("event");
+  if (!event || !event->is_string()) return error(400, "event must be a string");
+  proto::Envelope env;
+  auto* e = env.mutable_emit();
+  std::string nsp = "/";
+  if (auto* n = body->if_contains("nsp")) {
+    if (!n->is_string() || !socketio::valid_namespace(n->as_string())) return error(400, "bad nsp");
+    nsp = std::string{n->as_string()};
+  }
+  e->set_nsp(nsp);
+  e->set_event(std::string{event->as_string()});
+  if (auto* args = body->if_contains("args")) {
+    if (!args->is_array()) return error(400, "args must be an array");
+    e->set_args(json::serialize(*args));
+  } else if (auto* d = body->if_contains("data")) {
+    e->set_args("[" + json::serialize(*d) + "]");
+  } else {
+    e->set_args("[]");
+  }
+  auto* sid = body->if_contains("sid");
+  auto* room = body->if_contains("room");
+  auto* all = body->if_contains("broadcast");
+  if ((sid != nullptr) + (room != nullptr) + (all != nullptr) != 1)
+    return error(400, "give exactly one of sid, room, broadcast");
+  if (sid && sid->is_string()) e->set_sid(std::string{sid->as_string()});
+  else if (room && room->is_string()) e->set_room(std::string{room->as_string()});
+  else if (all && all->is_bool() && all->as_bool()) e->set_broadcast(true);
+  else return error(400, "sid and room are strings, broadcast is true");
+  if (auto* except = body->if_contains("except")) {
+    if (!except->is_array()) return error(400, "except must be an array of sids");
+    for (const auto& s : except->as_array()) {
+      if (!s.is_string()) return error(400, "except must be an array of sids");
+      e->add_except_sids(std::string{s.as_string()});
+    }
+  }
+  e->set_origin(gw_.link().id());
+  if (!gw_.link().send(env)) return error(503, "gateway busy");
+  gw_.metrics().api_in.Increment();
+  return json_answer(202, json::object{{"ok", true}});
+}
+
+}  // namespace sidecast::gateway

@@ -1,0 +1,91 @@
+#include "gateway/client_socket.hpp"
+
+#include <algorithm>
+
+#include <boost/json.hpp>
+
+namespace sidecast::gateway {
+
+namespace {
+
+std::uint32_t millis(std::chrono::milliseconds d) { return static_cast<std::uint32_t>(d.count()); }
+
+}  // namespace
+
+void client_socket::begin_connect() {
+  gw_.link().attach(sid_, nsp_, weak_from_this());
+  proto::Envelope env;
+  auto* l = env.mutable_lifecycle();
+  l->set_kind(proto::Lifecycle::CONNECT);
+  l->set_id(gw_.link().next_id());
+  l->set_service(service_);
+  l->set_sid(sid_);
+  l->set_nsp(nsp_);
+  l->set_auth(auth_);
+  l->set_timeout_ms(millis(gw_.config().request_timeout));
+  if (!gw_.link().request(std::move(env), weak_from_this(), 0, gw_.config().request_timeout)) {
+    proto::Reply busy;
+    busy.set_code(proto::BUSY);
+    busy.set_message("gateway busy");
+    deliver_reply(0, std::move(busy));
+  }
+}
+
+bool client_socket::send_event(std::string event, std::string args, std::vector<std::string> attachments,
+                               std::uint64_t tag) {
+  proto::Envelope env;
+  auto* r = env.mutable_request();
+  r->set_id(gw_.link().next_id());
+  r->set_service(service_);
+  r->set_sid(sid_);
+  r->set_nsp(nsp_);
+  r->set_event(std::move(event));
+  r->set_args(std::move(args));
+  for (auto& a : attachments) r->add_attachments(std::move(a));
+  r->set_wants_reply(tag != 0);
+  r->set_timeout_ms(millis(gw_.config().request_timeout));
+  r->set_auth(auth_);
+  if (tag == 0) return gw_.link().send(env);
+  return gw_.link().request(std::move(env), weak_from_this(), tag, gw_.config().request_timeout);
+}
+
+void client_socket::end(const std::string& reason) {
+  if (state_ == state::closed) return;
+  bool was_connected = state_ == state::connected;
+  state_ = state::closed;
+  gw_.link().detach(sid_);
+  if (!was_connected) return;
+  proto::Envelope env;
+  auto* l = env.mutable_lifecycle();
+  l->set_kind(proto::Lifecycle::DISCONNECT);
+  l->set_id(gw_.link().next_id());
+  l->set_service(service_);
+  l->set_sid(sid_);
+  l->set_nsp(nsp_);
+  l->set_reason(reason);
+  l->set_timeout_ms(millis(gw_.config().request_timeout));
+  gw_.link().send(env);
+}
+
+void client_socket::deliver_reply(std::uint64_t tag, proto::Reply reply) {
+  if (state_ == state::closed) return;
+  if (tag == 0) {
+    if (state_ != state::connecting) return;
+    if (reply.code() != proto::OK) {
+      state_ = state::closed;
+      gw_.link().detach(sid_);
+    }
+    on_connect_answer(std::move(reply));
+    return;
+  }
+  on_reply(tag, std::move(reply));
+}
+
+std::string error_args(const proto::Reply& reply) {
+  auto code = proto::Code_Name(reply.code());
+  std::transform(code.begin(), code.end(), code.begin(), [](unsigned char c) { return std::tolower(c); });
+  return boost::json::serialize(
+      boost::json::array{boost::json::object{{"error", code}, {"message", reply.message()}}});
+}
+
+}  // namespace sidecast::gateway

@@ -1,0 +1,63 @@
+#pragma once
+// What every client-facing socket does with the broker, whatever its face
+// (Socket.IO namespace socket, /ws connection, HTTP API session): connect to
+// the namespace's service, turn events into requests, and say goodbye.
+// Subclasses render replies and events in their own wire format.
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gateway/gateway.hpp"
+#include "gateway/sink.hpp"
+
+namespace sidecast::gateway {
+
+class client_socket : public client_sink, public std::enable_shared_from_this<client_socket> {
+ public:
+  client_socket(gateway& gw, boost::asio::any_io_executor ex, std::string nsp, std::string service, std::string auth)
+      : gw_{gw},
+        ex_{std::move(ex)},
+        nsp_{std::move(nsp)},
+        service_{std::move(service)},
+        auth_{std::move(auth)},
+        sid_{gw.new_sid()} {}
+
+  boost::asio::any_io_executor executor() const override { return ex_; }
+  const std::string& sid() const { return sid_; }
+  const std::string& nsp() const { return nsp_; }
+  bool connected() const { return state_ == state::connected; }
+  bool closed() const { return state_ == state::closed; }
+
+  /// Registers the sid with the bridge and asks the service to accept it;
+  /// the answer arrives in on_connect_answer().
+  void begin_connect();
+  /// Sends an event as a request; tag != 0 wants a reply (on_reply(tag)).
+  /// False when the bridge queue is full.
+  bool send_event(std::string event, std::string args, std::vector<std::string> attachments, std::uint64_t tag);
+  /// Ends the socket: the bridge forgets it, the service gets a DISCONNECT
+  /// notice if it had accepted it.
+  void end(const std::string& reason);
+
+  void deliver_reply(std::uint64_t tag, proto::Reply reply) final;
+
+ protected:
+  virtual void on_connect_answer(proto::Reply reply) = 0;
+  virtual void on_reply(std::uint64_t tag, proto::Reply reply) = 0;
+  void mark_connected() { state_ = state::connected; }
+
+  gateway& gw_;
+
+ private:
+  enum class state { connecting, connected, closed };
+
+  boost::asio::any_io_executor ex_;
+  std::string nsp_, service_, auth_, sid_;
+  state state_ = state::connecting;
+};
+
+/// The ack arguments a client gets when its event failed in the backend:
+/// [{"error":"timeout","message":"deadline passed"}].
+std::string error_args(const proto::Reply& reply);
+
+}  // namespace sidecast::gateway

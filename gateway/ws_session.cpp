@@ -1,0 +1,115 @@
+#include "gateway/ws_session.hpp"
+
+#include <boost/json.hpp>
+
+#include "gateway/codec/ws_json.hpp"
+
+namespace sidecast::gateway {
+
+namespace json = boost::json;
+
+namespace {
+
+constexpr std::size_t max_pending_replies = 1024;
+
+}  // namespace
+
+ws_session::ws_session(gateway& gw, std::shared_ptr<ws_conn> ws, std::string nsp, std::string service,
+                       std::string auth)
+    : client_socket{gw, ws->executor(), std::move(nsp), std::move(service), std::move(auth)}, ws_{std::move(ws)} {}
+
+void ws_session::start() {
+  gw_.metrics().plain_ws.Increment();
+  begin_connect();
+}
+
+void ws_session::send_text(std::string text) {
+  gw_.metrics().ws_out.Increment();
+  ws_->send(frame{std::make_shared<const std::string>(std::move(text)), false});
+}
+
+void ws_session::send_error(std::string_view id_json, std::string message) {
+  send_text(ws_json::encode_reply(id_json, {}, message));
+}
+
+void ws_session::on_message(std::string data, bool binary) {
+  if (closed()) return;
+  gw_.metrics().ws_in.Increment();
+  if (binary) {
+    send_error({}, "binary frames are not supported on /ws");
+    return;
+  }
+  auto f = ws_json::decode(data);
+  if (!f) {
+    gw_.metrics().bad_packet.Increment();
+    send_error({}, "bad frame: " + f.error().message());
+    return;
+  }
+  if (!connected()) {
+    send_error(f->id.value_or(""), "not connected yet");
+    return;
+  }
+  if (f->nsp != nsp()) {
+    send_error(f->id.value_or(""), "this connection serves namespace " + nsp());
+    return;
+  }
+  std::string args = f->data.empty() ? "[]" : "[" + f->data + "]";
+  std::uint64_t tag = 0;
+  if (f->id) {
+    if (ids_.size() >= max_pending_replies) {
+      send_error(*f->id, "too many requests waiting for a reply");
+      return;
+    }
+    tag = ++next_tag_;
+    ids_.emplace(tag, *f->id);
+  }
+  if (!send_event(std::move(f->event), std::move(args), {}, tag) && tag) {
+    send_error(ids_[tag], "gateway busy");
+    ids_.erase(tag);
+  }
+}
+
+void ws_session::on_closed() {
+  // ws_conn reports its end exactly once, whoever closed it.
+  gw_.metrics().plain_ws.Decrement();
+  end("transport close");
+}
+
+void ws_session::deliver(std::shared_ptr<const outbound_event> event, std::string) {
+  if (!connected()) return;
+  gw_.metrics().ws_out.Increment();
+  ws_->send(frame{std::shared_ptr<const std::string>(event, &event->ws_frame()), false});
+}
+
+void ws_session::deliver_disconnect() {
+  if (!connected()) return;
+  send_text(ws_json::encode_event("disconnect", R"("server namespace disconnect")", nsp()));
+  end("server namespace disconnect");
+  ws_->close();
+}
+
+void ws_session::on_connect_answer(proto::Reply reply) {
+  if (reply.code() != proto::OK) {
+    auto message = reply.code() == proto::REFUSED ? reply.message() : "service unavailable: " + proto::Code_Name(reply.code());
+    send_text(ws_json::encode_event("connect_error", json::serialize(json::object{{"message", message}}), nsp()));
+    ws_->close();
+    return;
+  }
+  mark_connected();
+  send_text(ws_json::encode_event("connect", json::serialize(json::object{{"sid", sid()}}), nsp()));
+}
+
+void ws_session::on_reply(std::uint64_t tag, proto::Reply reply) {
+  auto it = ids_.find(tag);
+  if (it == ids_.end()) return;
+  auto id = std::move(it->second);
+  ids_.erase(it);
+  if (reply.code() != proto::OK) {
+    send_text(ws_json::encode_reply(id, {}, proto::Code_Name(reply.code()) + ": " + reply.message()));
+    return;
+  }
+  if (reply.silent()) return;
+  send_text(ws_json::encode_reply(id, ws_json::data_from_args(reply.args())));
+}
+
+}  // namespace sidecast::gateway

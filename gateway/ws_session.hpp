@@ -1,0 +1,39 @@
+#pragma once
+// The plain `/ws` face: one WebSocket, one namespace (`?nsp=`, default "/"),
+// JSON frames as in gateway/codec/README.md. For clients without a Socket.IO
+// library. Binary attachments are not carried (JSON only).
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+#include "gateway/client_socket.hpp"
+#include "gateway/ws_conn.hpp"
+
+namespace sidecast::gateway {
+
+class ws_session : public client_socket {
+ public:
+  ws_session(gateway& gw, std::shared_ptr<ws_conn> ws, std::string nsp, std::string service, std::string auth);
+
+  /// On the connection's executor, after accept: connects to the service.
+  void start();
+  void on_message(std::string data, bool binary);
+  void on_closed();
+
+  void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override;
+  void deliver_disconnect() override;
+
+ protected:
+  void on_connect_answer(proto::Reply reply) override;
+  void on_reply(std::uint64_t tag, proto::Reply reply) override;
+
+ private:
+  void send_text(std::string text);
+  void send_error(std::string_view id_json, std::string message);
+
+  std::shared_ptr<ws_conn> ws_;
+  std::uint64_t next_tag_ = 0;
+  std::unordered_map<std::uint64_t, std::string> ids_;  // tag -> the client's id (JSON text)
+};
+
+}  // namespace sidecast::gateway
