@@ -212,7 +212,6 @@ void eio_session::open_polling(std::shared_ptr<reply_slot> handshake) {
 
 void eio_session::open_websocket(std::shared_ptr<ws_conn> ws) {
   transport_ = transport::websocket;
-  upgrade_started_ = true;
   ws_ = std::move(ws);
   gw_.metrics().websocket.Increment();
   const auto& c = gw_.config();

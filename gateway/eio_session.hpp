@@ -29,8 +29,9 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
 
   const std::string& sid() const { return sid_; }
   boost::asio::any_io_executor executor() const { return ex_; }
-  /// Thread-safe: true once a WebSocket took over or is taking over.
-  bool upgrading() const { return upgrade_started_; }
+  /// Thread-safe: claims the one WebSocket this session may have; false
+  /// when one already took over or is taking over.
+  bool claim_websocket() { return !upgrade_started_.exchange(true); }
 
   // Entry points. Each runs on executor(); callers post.
   void open_polling(std::shared_ptr<reply_slot> handshake);

@@ -245,9 +245,10 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
   if (auto sid = get("sid")) {
     session = gw.find_session(*sid);
     if (!session) return eio_error(engineio::error_code::session_id_unknown);
-    if (session->upgrading()) return eio_error(engineio::error_code::bad_request);
+    if (!session->claim_websocket()) return eio_error(engineio::error_code::bad_request);
   } else {
     session = std::make_shared<eio_session>(gw, stream.get_executor(), gw.new_sid());
+    session->claim_websocket();
     gw.add_session(session->sid(), session);
     direct = true;
   }
@@ -269,6 +270,22 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
   return std::nullopt;
 }
 
+// After refusing a request whose body is still arriving: stop sending and
+// read (and discard) a bounded amount, so closing does not reset the
+// connection before the client has read the answer.
+asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
+  boost::system::error_code ignored;
+  stream.socket().shutdown(asio::ip::tcp::socket::shutdown_send, ignored);
+  std::array<char, 16384> sink;
+  std::size_t drained = 0;
+  while (drained < 2 * budget) {
+    stream.expires_after(std::chrono::seconds(1));
+    auto [ec, n] = co_await stream.async_read_some(asio::buffer(sink), use);
+    if (ec) break;
+    drained += n;
+  }
+}
+
 }  // namespace
 
 asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket) {
@@ -288,6 +305,7 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket) {
       auto res = make_response(req, {413, "application/json", R"({"code":3,"message":"Payload too large"})"});
       res.keep_alive(false);
       co_await http::async_write(stream, res, use);
+      co_await linger(stream, c.max_payload);
       co_return;
     }
     if (ec) co_return;

@@ -1,0 +1,101 @@
+// sidecast: the all-in-one binary. `sidecast demo` runs the broker, a gateway
+// and the built-in workers in one process over inproc:// sockets — the same
+// code as the separate binaries, with no network between the parts.
+#include <condition_variable>
+#include <mutex>
+
+#include <spdlog/spdlog.h>
+
+#include "broker/broker.hpp"
+#include "core/config.hpp"
+#include "core/log.hpp"
+#include "core/signals.hpp"
+#include "gateway/gateway.hpp"
+#include "workers/demo/demo.hpp"
+
+namespace {
+
+using namespace sidecast;
+
+int run_demo(gateway::gateway_config gw_config, unsigned capacity, core::terminate_signals& signals) {
+  zmq::context_t context{1};
+  auto registry = std::make_shared<prometheus::Registry>();
+  broker::broker_config b_config;
+  b_config.router_endpoint = "inproc://broker";
+  b_config.xsub_endpoint = "inproc://events-in";
+  b_config.xpub_endpoint = "inproc://events-out";
+  broker::broker b{b_config, context, registry};
+  b.bind();
+  std::thread broker_thread{[&b] { b.run(); }};
+
+  worker_options w_options;
+  w_options.id = "demo-worker";
+  w_options.broker = b_config.router_endpoint;
+  w_options.publish = b_config.xsub_endpoint;
+  worker w{w_options, &context};
+  std::string services;
+  for (const auto& [name, factory] : workers::builtin_services()) {
+    w.add(factory(capacity));
+    services += (services.empty() ? "" : ", ") + name;
+  }
+  w.start();
+
+  gw_config.broker = b_config.router_endpoint;
+  gw_config.events = b_config.xpub_endpoint;
+  gateway::gateway gw{gw_config, context, registry};
+  gw.start();
+
+  auto hp = core::parse_host_port(gw_config.http);
+  spdlog::info("broker  : running in-process (inproc://broker)");
+  spdlog::info("workers : {} (capacity {} each)", services, capacity);
+  spdlog::info("gateway : Socket.IO at /socket.io/, /ws, /api/v1, /metrics");
+  spdlog::info("demo    : open http://{}:{}/  (Ctrl-C stops)", hp->host, gw.port());
+
+  std::mutex m;
+  std::condition_variable cv;
+  bool stop = false;
+  signals.start([&](int sig) {
+    spdlog::info("signal {}: stopping", sig);
+    std::lock_guard lock{m};
+    stop = true;
+    cv.notify_all();
+  });
+  {
+    std::unique_lock lock{m};
+    cv.wait(lock, [&] { return stop; });
+  }
+  gw.stop();
+  w.stop();
+  b.stop();
+  broker_thread.join();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  core::terminate_signals signals;
+  CLI::App app{"sidecast: realtime broker and gateway"};
+  app.require_subcommand(1);
+  auto* demo = app.add_subcommand("demo", "broker, gateway and the built-in workers in one process");
+  gateway::gateway_config config;
+  config.static_dir = SIDECAST_WEB_DIR "/public";
+  config.client_js = SIDECAST_WEB_DIR "/node_modules/socket.io-client/dist/socket.io.min.js";
+  unsigned capacity = 64;
+  std::string log_level = "info";
+  gateway::add_options(*demo, config);
+  demo->add_option("--capacity", capacity, "Requests each built-in service runs at once")->capture_default_str();
+  demo->add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
+  core::finish_app(*demo);
+  if (auto code = core::parse(app, argc, argv)) return *code;
+  if (!core::init_logging(log_level, "sidecast")) {
+    std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());
+    return 2;
+  }
+  try {
+    return run_demo(config, capacity, signals);
+  } catch (const std::exception& e) {
+    spdlog::critical("demo failed: {}", e.what());
+    return 1;
+  }
+}

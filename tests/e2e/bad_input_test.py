@@ -1,0 +1,249 @@
+#!/usr/bin/python3
+"""Bad input against a running gateway: every case gets the protocol's own
+error, and the gateway keeps serving everyone else.
+
+Run with tests/e2e/stack -- /usr/bin/python3 tests/e2e/bad_input_test.py
+(SIDECAST_URL names the gateway). Uses only the standard library and
+Debian's python3-websocket."""
+import http.client
+import json
+import os
+import time
+import unittest
+import urllib.parse
+
+import websocket  # python3-websocket
+
+URL = urllib.parse.urlparse(os.environ.get("SIDECAST_URL", "http://127.0.0.1:8080"))
+HOST, PORT = URL.hostname, URL.port
+API_KEY = os.environ.get("SIDECAST_API_KEY", "")
+SEP = "\x1e"
+
+
+def request(method, path, body=None, headers=None, timeout=5):
+    conn = http.client.HTTPConnection(HOST, PORT, timeout=timeout)
+    conn.request(method, path, body=body, headers=headers or {})
+    res = conn.getresponse()
+    data = res.read()
+    conn.close()
+    return res.status, data.decode("utf-8", "replace"), res
+
+
+def eio(query):
+    return "/socket.io/?" + query
+
+
+def handshake():
+    status, body, _ = request("GET", eio("EIO=4&transport=polling"))
+    assert status == 200 and body.startswith("0"), (status, body)
+    return json.loads(body[1:])["sid"]
+
+
+def poll(sid, timeout=5):
+    return request("GET", eio(f"EIO=4&transport=polling&sid={sid}"), timeout=timeout)
+
+
+def post(sid, payload):
+    return request("POST", eio(f"EIO=4&transport=polling&sid={sid}"), body=payload.encode(),
+                   headers={"Content-Type": "text/plain;charset=UTF-8"})
+
+
+def connected_session():
+    """A polling session connected to "/", its CONNECT answer consumed."""
+    sid = handshake()
+    assert post(sid, "40")[0] == 200
+    status, body, _ = poll(sid)
+    assert status == 200 and body.startswith("40{"), body
+    return sid
+
+
+def echo_works():
+    sid = connected_session()
+    post(sid, '421["echo","still here"]')
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        status, body, _ = poll(sid)
+        if '431["still here"]' in body.split(SEP):
+            return True
+    return False
+
+
+def assert_session_gone(test, sid):
+    status, body, _ = poll(sid)
+    if status == 200:  # the pending poll may carry the close packet first
+        status, body, _ = poll(sid)
+    test.assertEqual((status, json.loads(body)), (400, {"code": 1, "message": "Session ID unknown"}))
+
+
+class EngineIoErrors(unittest.TestCase):
+    def check(self, method, query, status, body):
+        got_status, got_body, res = request(method, eio(query))
+        self.assertEqual(got_status, status, got_body)
+        self.assertEqual(json.loads(got_body), body)
+        self.assertIn("application/json", res.getheader("Content-Type"))
+
+    def test_transport_unknown(self):
+        self.check("GET", "EIO=4&transport=carrier-pigeon", 400, {"code": 0, "message": "Transport unknown"})
+
+    def test_session_unknown(self):
+        self.check("GET", "EIO=4&transport=polling&sid=nope.123", 400, {"code": 1, "message": "Session ID unknown"})
+        self.check("POST", "EIO=4&transport=polling&sid=gw-x.abc", 400, {"code": 1, "message": "Session ID unknown"})
+
+    def test_bad_handshake_method(self):
+        self.check("POST", "EIO=4&transport=polling", 400, {"code": 2, "message": "Bad handshake method"})
+
+    def test_unsupported_version(self):
+        self.check("GET", "EIO=3&transport=polling", 400, {"code": 5, "message": "Unsupported protocol version"})
+        self.check("GET", "transport=polling", 400, {"code": 5, "message": "Unsupported protocol version"})
+
+    def test_websocket_without_upgrade(self):
+        self.check("GET", "EIO=4&transport=websocket", 400, {"code": 3, "message": "Bad request"})
+
+    def test_disallowed_origin(self):
+        status, body, _ = request("GET", eio("EIO=4&transport=polling"), headers={"Origin": "http://evil.example"})
+        self.assertEqual(status, 403)
+        self.assertEqual(json.loads(body), {"code": 4, "message": "Forbidden"})
+        with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
+            websocket.create_connection(f"ws://{HOST}:{PORT}/socket.io/?EIO=4&transport=websocket",
+                                        origin="http://evil.example", timeout=5)
+        self.assertEqual(ctx.exception.status_code, 403)
+
+    def test_same_origin_is_allowed(self):
+        status, _, res = request("GET", eio("EIO=4&transport=polling"), headers={"Origin": f"http://{HOST}:{PORT}"})
+        self.assertEqual(status, 200)
+        self.assertEqual(res.getheader("Access-Control-Allow-Origin"), f"http://{HOST}:{PORT}")
+
+    def test_oversize_body(self):
+        sid = handshake()
+        status, body, _ = post(sid, "4" + "x" * 1_100_000)
+        self.assertEqual(status, 413)
+
+    def test_malformed_payload_closes_the_session(self):
+        sid = handshake()
+        status, _, _ = post(sid, "9nonsense")
+        self.assertEqual(status, 400)
+        assert_session_gone(self, sid)
+
+    def test_concurrent_polls_close_the_session(self):
+        sid = handshake()
+        import threading
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=poll(sid, timeout=10)))
+        t.start()
+        time.sleep(0.3)
+        status, body, _ = poll(sid)
+        self.assertEqual(status, 400)
+        t.join(10)
+        self.assertEqual(first["r"][0], 200)
+        self.assertEqual(first["r"][1], "1")
+        assert_session_gone(self, sid)
+
+    def test_client_close_ends_the_session(self):
+        sid = handshake()
+        self.assertEqual(post(sid, "1")[0], 200)
+        assert_session_gone(self, sid)
+
+
+class SocketIoErrors(unittest.TestCase):
+    def closes(self, payload):
+        sid = connected_session()
+        post(sid, payload)
+        assert_session_gone(self, sid)
+
+    def test_invalid_json(self):
+        self.closes('42["echo",')
+
+    def test_event_not_an_array(self):
+        self.closes('42{"a":1}')
+
+    def test_empty_event(self):
+        self.closes("42[]")
+
+    def test_packet_for_a_namespace_not_joined(self):
+        self.closes('42/custom,["echo"]')
+
+    def test_too_many_attachments(self):
+        placeholders = ",".join('{"_placeholder":true,"num":%d}' % i for i in range(11))
+        self.closes(f'4511-["echo-bin",{placeholders}]')
+
+    def test_unknown_packet_type(self):
+        self.closes("49")
+
+    def test_invalid_namespace_is_refused_not_fatal(self):
+        sid = connected_session()
+        post(sid, "40/nope,")
+        status, body, _ = poll(sid)
+        self.assertIn('44/nope,{"message":"Invalid namespace"}', body)
+
+
+class WebSocketErrors(unittest.TestCase):
+    def test_oversize_frame_drops_the_connection(self):
+        ws = websocket.create_connection(f"ws://{HOST}:{PORT}/socket.io/?EIO=4&transport=websocket", timeout=5)
+        self.assertTrue(ws.recv().startswith("0{"))
+        ws.send("4" + "x" * 1_100_000)
+        with self.assertRaises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+            for _ in range(5):
+                ws.recv()
+        ws.close()
+
+    def test_second_websocket_for_a_sid_is_refused(self):
+        sid = handshake()
+        first = websocket.create_connection(f"ws://{HOST}:{PORT}/socket.io/?EIO=4&transport=websocket&sid={sid}",
+                                            timeout=5)
+        with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
+            websocket.create_connection(f"ws://{HOST}:{PORT}/socket.io/?EIO=4&transport=websocket&sid={sid}",
+                                        timeout=5)
+        self.assertEqual(ctx.exception.status_code, 400)
+        first.close()
+
+    def test_plain_ws_bad_frames_get_errors_and_keep_the_connection(self):
+        ws = websocket.create_connection(f"ws://{HOST}:{PORT}/ws", timeout=5)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        ws.send("not json")
+        self.assertIn("error", json.loads(ws.recv()))
+        ws.send(json.dumps({"event": "connect", "id": 1}))
+        self.assertIn("error", json.loads(ws.recv()))
+        ws.send(json.dumps({"event": "echo", "data": {"ok": True}, "id": 2}))
+        self.assertEqual(json.loads(ws.recv()), {"id": 2, "data": {"ok": True}})
+        ws.close()
+
+    def test_plain_ws_unknown_namespace(self):
+        with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
+            websocket.create_connection(f"ws://{HOST}:{PORT}/ws?nsp=/nope", timeout=5)
+        self.assertEqual(ctx.exception.status_code, 404)
+
+
+class HttpApiErrors(unittest.TestCase):
+    def test_publish_needs_the_key(self):
+        body = json.dumps({"broadcast": True, "event": "x"}).encode()
+        self.assertEqual(request("POST", "/api/v1/publish", body)[0], 401)
+        self.assertEqual(request("POST", "/api/v1/publish", body, {"Authorization": "Bearer wrong"})[0], 401)
+        status, _, _ = request("POST", "/api/v1/publish", body, {"Authorization": f"Bearer {API_KEY}"})
+        self.assertEqual(status, 202)
+
+    def test_bad_publish_bodies(self):
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        for body in [b"[1]", b"{", json.dumps({"event": "x"}).encode(),
+                     json.dumps({"event": "x", "sid": "a", "room": "b"}).encode()]:
+            self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 400, body)
+
+    def test_unknown_sid(self):
+        self.assertEqual(request("GET", "/api/v1/sessions/gw.nope/events?timeout=10")[0], 404)
+        self.assertEqual(request("POST", "/api/v1/sessions/gw.nope/emit", b'{"event":"x"}')[0], 404)
+
+    def test_refused_and_unrouted_namespaces(self):
+        status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/forbidden"}).encode())
+        self.assertEqual((status, json.loads(body)["message"]), (403, "forbidden"))
+        self.assertEqual(request("POST", "/api/v1/sessions", json.dumps({"nsp": "/nope"}).encode())[0], 404)
+
+
+class StillServing(unittest.TestCase):
+    def test_zz_gateway_still_serves_everyone(self):
+        self.assertTrue(echo_works())
+        status, body, _ = request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn("sidecast_gateway_dropped_total", body)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
