@@ -8,6 +8,23 @@ namespace sidecast::broker {
 
 using proto::Envelope;
 
+// What happened to requests, as labels of sidecast_broker_requests_total.
+enum class outcome { dispatched, ok, error, busy, timeout, unavailable, worker_lost, cancelled, count };
+constexpr const char* outcome_names[] = {"dispatched", "ok",          "error",       "busy",
+                                         "timeout",    "unavailable", "worker_lost", "cancelled"};
+
+outcome outcome_of(proto::Code code) {
+  switch (code) {
+    case proto::OK: return outcome::ok;
+    case proto::UNAVAILABLE: return outcome::unavailable;
+    case proto::TIMEOUT: return outcome::timeout;
+    case proto::BUSY: return outcome::busy;
+    case proto::WORKER_LOST: return outcome::worker_lost;
+    case proto::CANCELLED: return outcome::cancelled;
+    default: return outcome::error;
+  }
+}
+
 struct broker::metrics {
   explicit metrics(prometheus::Registry& r)
       : received{prometheus::BuildCounter()
@@ -56,12 +73,16 @@ struct broker::metrics {
                             .Register(r)
                             .Add({}, core::latency_buckets())} {}
 
-  prometheus::Counter& outcome(const std::string& service, const char* what) {
-    auto key = service + '\0' + what;
-    auto it = outcomes.find(key);
-    if (it == outcomes.end())
-      it = outcomes.emplace(key, &requests.Add({{"service", service}, {"outcome", what}})).first;
-    return *it->second;
+  // Hot path: one hash lookup of the service name, no label maps.
+  prometheus::Counter& count(const std::string& service, outcome what) {
+    auto it = outcomes.find(service);
+    if (it == outcomes.end()) {
+      std::array<prometheus::Counter*, static_cast<std::size_t>(outcome::count)> all{};
+      for (std::size_t i = 0; i < all.size(); ++i)
+        all[i] = &requests.Add({{"service", service}, {"outcome", outcome_names[i]}});
+      it = outcomes.emplace(service, all).first;
+    }
+    return *it->second[static_cast<std::size_t>(what)];
   }
   prometheus::Counter& drop(std::string_view reason) {
     auto it = drops.find(std::string{reason});
@@ -81,7 +102,8 @@ struct broker::metrics {
   prometheus::Gauge& in_flight;
   prometheus::Histogram& dispatch_latency;
   prometheus::Histogram& request_latency;
-  std::unordered_map<std::string, prometheus::Counter*> outcomes;
+  std::unordered_map<std::string, std::array<prometheus::Counter*, static_cast<std::size_t>(outcome::count)>>
+      outcomes;
   std::unordered_map<std::string, prometheus::Counter*> drops;
   std::array<prometheus::Counter*, 12> by_kind{};
 };
@@ -90,18 +112,6 @@ namespace {
 
 double seconds_since(clock::time_point then, clock::time_point now) {
   return std::chrono::duration<double>(now - then).count();
-}
-
-const char* outcome_name(proto::Code code) {
-  switch (code) {
-    case proto::OK: return "ok";
-    case proto::UNAVAILABLE: return "unavailable";
-    case proto::TIMEOUT: return "timeout";
-    case proto::BUSY: return "busy";
-    case proto::WORKER_LOST: return "worker_lost";
-    case proto::CANCELLED: return "cancelled";
-    default: return "error";
-  }
 }
 
 }  // namespace
@@ -176,6 +186,8 @@ void broker::run() {
       throw;
     }
     if (items[3].revents & ZMQ_POLLIN) wakeup_.drain();
+    // One clock reading per turn: messages of a batch share a timestamp.
+    now_ = clock::now();
     if (items[0].revents & ZMQ_POLLIN) {
       for (std::size_t i = 0; i < config_.batch; ++i) {
         zmq::message_t identity, payload;
@@ -193,7 +205,7 @@ void broker::run() {
         }
         on_router_message(identity.to_string_view(), payload);
       }
-      dispatch(clock::now());
+      dispatch(now_);
     }
     if (items[1].revents & ZMQ_POLLIN) forward_events();
     if (items[2].revents & ZMQ_POLLIN) drain_subscriptions();
@@ -215,7 +227,7 @@ void broker::on_router_message(std::string_view routing_id_view, const zmq::mess
   kind_counter->Increment();
 
   std::string routing_id{routing_id_view};
-  auto now = clock::now();
+  auto now = now_;
   if (kind == Envelope::kHello) {
     on_hello(routing_id, env->hello(), now);
     return;
@@ -344,7 +356,7 @@ void broker::on_job(const std::string& routing_id, const Envelope& env, std::str
   switch (table_.submit(std::move(work))) {
     case service_table::admit::queued: break;
     case service_table::admit::busy:
-      metrics_->outcome(service, "busy").Increment();
+      metrics_->count(service, outcome::busy).Increment();
       if (wants_reply) send_reply(routing_id, id, proto::BUSY, "service queue is full: " + service);
       break;
     case service_table::admit::duplicate:
@@ -377,7 +389,7 @@ void broker::dispatch(clock::time_point now) {
       ok = send(a.worker, work.payload);
     }
     ++stats_.dispatched;
-    metrics_->outcome(work.service, "dispatched").Increment();
+    metrics_->count(work.service, outcome::dispatched).Increment();
     metrics_->dispatch_latency.Observe(seconds_since(work.received, now));
     if (!ok) unreachable.push_back(a.worker);
   }
@@ -398,9 +410,8 @@ void broker::on_reply(const std::string& routing_id, const proto::Reply& reply, 
   auto done = table_.complete(reply.id(), routing_id, &held);
   if (done) {
     ++stats_.replies;
-    auto now = clock::now();
-    metrics_->request_latency.Observe(seconds_since(done->received, now));
-    metrics_->outcome(done->service, outcome_name(reply.code())).Increment();
+    metrics_->request_latency.Observe(seconds_since(done->received, now_));
+    metrics_->count(done->service, outcome_of(reply.code())).Increment();
     if (done->wants_reply) send(done->requester, payload);
     return;
   }
@@ -490,7 +501,7 @@ void broker::on_cancel(const proto::Cancel& cancel) {
   std::string worker;
   auto gone = table_.cancel(cancel.id(), &worker);
   if (!gone) return;
-  metrics_->outcome(gone->service, "cancelled").Increment();
+  metrics_->count(gone->service, outcome::cancelled).Increment();
   if (!worker.empty()) {
     Envelope env;
     env.mutable_cancel()->set_id(cancel.id());
@@ -500,7 +511,7 @@ void broker::on_cancel(const proto::Cancel& cancel) {
 }
 
 void broker::fail(const failure& f) {
-  metrics_->outcome(f.work.service, outcome_name(f.code)).Increment();
+  metrics_->count(f.work.service, outcome_of(f.code)).Increment();
   if (!f.worker.empty()) {
     Envelope env;
     env.mutable_cancel()->set_id(f.work.id);

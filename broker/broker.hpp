@@ -103,6 +103,7 @@ class broker {
   service_table table_;
   std::unordered_map<std::string, peer> peers_;
   clock::time_point next_tick_{};
+  clock::time_point now_{};  // read once per loop turn
   std::uint64_t next_ref_ = 0;
 
   core::registry_ptr registry_;
