@@ -2,6 +2,7 @@
 // The broker: one thread, one zmq::poll loop. A ROUTER socket for gateways,
 // workers and plain clients (requests, replies, addressed traffic), and an
 // XSUB/XPUB pair that carries room and broadcast events. See docs/protocol.md.
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -104,6 +105,7 @@ class broker {
   std::unordered_map<std::string, peer> peers_;
   clock::time_point next_tick_{};
   clock::time_point now_{};  // read once per loop turn
+  alignas(16) std::array<char, 8192> arena_block_{};  // first arena block for decoding
   std::uint64_t next_ref_ = 0;
 
   core::registry_ptr registry_;

@@ -6,13 +6,15 @@ using namespace std::literals;
 
 namespace sidecast::proto {
 
+bool decode_into(std::string_view bytes, Envelope& env) {
+  return bytes.size() <= static_cast<std::size_t>(std::numeric_limits<int>::max()) &&
+         env.ParseFromArray(bytes.data(), static_cast<int>(bytes.size())) &&
+         env.kind_case() != Envelope::KIND_NOT_SET;
+}
+
 std::optional<Envelope> decode(std::string_view bytes) {
   Envelope env;
-  if (bytes.size() > static_cast<std::size_t>(std::numeric_limits<int>::max()) ||
-      !env.ParseFromArray(bytes.data(), static_cast<int>(bytes.size())) ||
-      env.kind_case() == Envelope::KIND_NOT_SET) {
-    return std::nullopt;
-  }
+  if (!decode_into(bytes, env)) return std::nullopt;
   return env;
 }
 

@@ -18,6 +18,10 @@ inline constexpr unsigned protocol_version = 1;
 /// Envelope or that carry no kind.
 std::optional<Envelope> decode(std::string_view bytes);
 
+/// Parses into an existing envelope (reusing its allocations); false for
+/// bytes that are not a valid Envelope with a kind.
+bool decode_into(std::string_view bytes, Envelope& env);
+
 /// Serializes an envelope.
 std::string encode(const Envelope& env);
 
