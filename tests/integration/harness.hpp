@@ -50,6 +50,28 @@ inline int free_port() {
   return ntohs(addr.sin_port);
 }
 
+/// GET http://127.0.0.1:port/path with a plain socket; returns status and body.
+inline std::pair<int, std::string> http_get(int port, const std::string& path) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<std::uint16_t>(port));
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return {0, {}};
+  }
+  std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  [[maybe_unused]] auto sent = ::write(fd, req.data(), req.size());
+  std::string response;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) response.append(buf, static_cast<std::size_t>(n));
+  ::close(fd);
+  if (response.size() < 12) return {0, {}};
+  auto body = response.find("\r\n\r\n");
+  return {std::stoi(response.substr(9, 3)), body == std::string::npos ? "" : response.substr(body + 4)};
+}
+
 /// A DEALER peer of the broker, driven synchronously by the test.
 class peer {
  public:

@@ -77,5 +77,32 @@ TEST(Processes, BrokerRestartWorkersReannounceAndTrafficFlows) {
   EXPECT_EQ(broker->kill(SIGTERM), 0) << "SIGTERM is a clean exit";
 }
 
+TEST(Processes, BrokerMetricsAndHealth) {
+  ports p;
+  child broker{"sidecast-broker", broker_args(p)};
+  child w{"sidecast-worker", worker_args(p, "wm")};
+  zmq::context_t ctx{1};
+  peer client{ctx, p.endpoint(p.router), "c1"};
+  ASSERT_TRUE(client.hello());
+  ASSERT_TRUE(eventually([&] {
+    auto r = client.call("echo", "x", "[]", 300ms);
+    return r && r->code() == proto::OK;
+  }));
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(client.call("echo", "x", "[]")->code(), proto::OK);
+  client.send_raw("garbage");
+  ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 200; }));
+  std::string metrics;
+  // Gauges are refreshed every heartbeat tick: wait for one.
+  auto has = [&](const std::string& line) { return metrics.find(line) != std::string::npos; };
+  EXPECT_TRUE(eventually([&] {
+    metrics = http_get(p.http, "/metrics").second;
+    return has(R"(sidecast_broker_dropped_total{reason="malformed"} 1)") &&
+           has(R"(sidecast_broker_workers{service="echo"} 1)");
+  })) << metrics;
+  EXPECT_TRUE(has(R"(sidecast_broker_requests_total{outcome="ok",service="echo"})"));
+  EXPECT_TRUE(has("sidecast_broker_dispatch_seconds_bucket"));
+  EXPECT_EQ(http_get(p.http, "/nope").first, 404);
+}
+
 }  // namespace
 }  // namespace sidecast::test
