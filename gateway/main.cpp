@@ -11,6 +11,9 @@ int main(int argc, char** argv) {
   core::terminate_signals signals;
   CLI::App app{"sidecast-gateway: Socket.IO v4, /ws and HTTP for browsers, bridged to a sidecast-broker"};
   gateway::gateway_config config;
+  // Defaults for running from a source tree; deployments pass their own paths.
+  config.static_dir = SIDECAST_WEB_DIR "/public";
+  config.client_js = SIDECAST_WEB_DIR "/node_modules/socket.io-client/dist/socket.io.min.js";
   std::string log_level = "info";
   gateway::add_options(app, config);
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();

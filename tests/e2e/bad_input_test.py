@@ -237,6 +237,21 @@ class HttpApiErrors(unittest.TestCase):
         self.assertEqual(request("POST", "/api/v1/sessions", json.dumps({"nsp": "/nope"}).encode())[0], 404)
 
 
+class StaticFiles(unittest.TestCase):
+    def test_serves_the_real_client_bundle(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        path = os.path.join(here, "..", "..", "web", "node_modules", "socket.io-client", "dist", "socket.io.min.js")
+        status, body, res = request("GET", "/socket.io/socket.io.min.js")
+        self.assertEqual(status, 200)
+        self.assertIn("javascript", res.getheader("Content-Type"))
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual(body, f.read())
+
+    def test_no_path_traversal(self):
+        self.assertEqual(request("GET", "/../../etc/passwd")[0], 404)
+        self.assertEqual(request("GET", "/%2e%2e/%2e%2e/etc/passwd")[0], 404)
+
+
 class StillServing(unittest.TestCase):
     def test_zz_gateway_still_serves_everyone(self):
         self.assertTrue(echo_works())
