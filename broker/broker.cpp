@@ -412,13 +412,20 @@ void broker::dispatch(clock::time_point now) {
 }
 
 void broker::on_reply(const std::string& routing_id, const proto::Reply& reply, std::string_view payload) {
+  if (reply.partial()) {
+    if (const job* early = table_.answer_early(reply.id(), routing_id)) {
+      metrics_->request_latency.Observe(seconds_since(early->received, now_));
+      if (early->wants_reply) send(early->requester, payload);
+    }
+    return;
+  }
   bool held = false;
   auto done = table_.complete(reply.id(), routing_id, &held);
   if (done) {
     ++stats_.replies;
-    metrics_->request_latency.Observe(seconds_since(done->received, now_));
+    if (!done->answered) metrics_->request_latency.Observe(seconds_since(done->received, now_));
     metrics_->count(done->service, outcome_of(reply.code())).Increment();
-    if (done->wants_reply) send(done->requester, payload);
+    if (done->wants_reply && !done->answered) send(done->requester, payload);
     return;
   }
   if (held) return;  // a late answer to a job that expired or was cancelled

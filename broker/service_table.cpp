@@ -63,6 +63,10 @@ std::vector<failure> service_table::remove_worker(const std::string& worker) {
     auto& entry = it->second;
     --held_count_;
     entry.worker.clear();
+    if (entry.work.answered) {  // its requester has its answer: nothing to retry or report
+      forget(it);
+      continue;
+    }
     if (entry.work.attempt >= limits_.max_attempts) {
       failed.push_back({entry.work, proto::WORKER_LOST, {}});
       forget(it);
@@ -126,6 +130,16 @@ std::optional<job> service_table::complete(const std::string& id, const std::str
   return done;
 }
 
+const job* service_table::answer_early(const std::string& id, const std::string& worker) {
+  auto it = jobs_.find(id);
+  if (it == jobs_.end() || it->second.worker != worker || it->second.work.answered) return nullptr;
+  auto& entry = it->second;
+  entry.work.answered = true;
+  deadlines_.erase(entry.deadline_pos);
+  entry.deadline_pos = deadlines_.end();
+  return &entry.work;
+}
+
 std::optional<job> service_table::cancel(const std::string& id, std::string* worker) {
   auto it = jobs_.find(id);
   if (it == jobs_.end()) return std::nullopt;
@@ -160,7 +174,7 @@ std::vector<failure> service_table::expire(clock::time_point now) {
 }
 
 void service_table::forget(std::unordered_map<std::string, job_entry>::iterator it) {
-  deadlines_.erase(it->second.deadline_pos);
+  if (it->second.deadline_pos != deadlines_.end()) deadlines_.erase(it->second.deadline_pos);
   jobs_.erase(it);
 }
 

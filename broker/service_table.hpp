@@ -25,6 +25,7 @@ struct job {
   std::string requester;    // routing id of the peer that sent it
   std::string payload;      // the serialized envelope as received
   bool wants_reply = true;
+  bool answered = false;    // the worker answered early (partial reply); work goes on
   unsigned attempt = 0;     // dispatches so far
   clock::time_point received{};
   clock::time_point deadline{};
@@ -78,6 +79,12 @@ class service_table {
   /// (false: the id is not one of its jobs, e.g. a client's ack).
   std::optional<job> complete(const std::string& id, const std::string& worker,
                               bool* held = nullptr);
+
+  /// The worker answered a job early and works on: the job keeps its
+  /// capacity but loses its deadline, and is not retried if the worker dies
+  /// (its requester has its answer). Returns the job, or nullptr if the
+  /// worker does not hold it or answered it already.
+  const job* answer_early(const std::string& id, const std::string& worker);
 
   /// Removes a job whichever state it is in (the requester cancelled).
   /// Returns the worker holding it, if any.

@@ -17,7 +17,8 @@ namespace {
 
 using namespace sidecast;
 
-int run_demo(gateway::gateway_config gw_config, unsigned capacity, core::terminate_signals& signals) {
+int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& builtin,
+             core::terminate_signals& signals) {
   zmq::context_t context{1};
   auto registry = std::make_shared<prometheus::Registry>();
   broker::broker_config b_config;
@@ -35,7 +36,7 @@ int run_demo(gateway::gateway_config gw_config, unsigned capacity, core::termina
   worker w{w_options, &context};
   std::string services;
   for (const auto& [name, factory] : workers::builtin_services()) {
-    w.add(factory(capacity));
+    w.add(factory(builtin));
     services += (services.empty() ? "" : ", ") + name;
   }
   w.start();
@@ -47,7 +48,7 @@ int run_demo(gateway::gateway_config gw_config, unsigned capacity, core::termina
 
   auto hp = core::parse_host_port(gw_config.http);
   spdlog::info("broker  : running in-process (inproc://broker)");
-  spdlog::info("workers : {} (capacity {} each)", services, capacity);
+  spdlog::info("workers : {} (capacity {} each)", services, builtin.capacity);
   spdlog::info("gateway : Socket.IO at /socket.io/, /ws, /api/v1, /metrics");
   spdlog::info("demo    : open http://{}:{}/  (Ctrl-C stops)", hp->host, gw.port());
 
@@ -81,10 +82,11 @@ int main(int argc, char** argv) {
   gateway::gateway_config config;
   config.static_dir = SIDECAST_WEB_DIR "/public";
   config.client_js = SIDECAST_WEB_DIR "/node_modules/socket.io-client/dist/socket.io.min.js";
-  unsigned capacity = 64;
+  workers::builtin_options builtin;
+  builtin.capacity = 64;
   std::string log_level = "info";
   gateway::add_options(*demo, config);
-  demo->add_option("--capacity", capacity, "Requests each built-in service runs at once")->capture_default_str();
+  workers::add_options(*demo, builtin);
   demo->add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   core::finish_app(*demo);
   if (auto code = core::parse(app, argc, argv)) return *code;
@@ -93,7 +95,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run_demo(config, capacity, signals);
+    return run_demo(config, builtin, signals);
   } catch (const std::exception& e) {
     spdlog::critical("demo failed: {}", e.what());
     return 1;

@@ -35,7 +35,7 @@ struct gateway_config {
   std::chrono::milliseconds idle_timeout{60000};     // HTTP keep-alive connections with no request
   std::size_t bridge_queue = 65536;               // commands from sessions to the ZeroMQ thread
   std::vector<std::string> cors_origins;          // allowed browser origins besides same-origin; "*": any
-  std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo"};  // NSP=SERVICE
+  std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo", "/chat=chat", "/vm=vm"};  // NSP=SERVICE
   std::vector<std::string> api_keys;              // keys accepted by POST /api/v1/publish
   std::chrono::milliseconds api_session_ttl{60000};  // an API session not polled this long is closed
   std::size_t api_buffer = 1024;                  // events buffered per API session

@@ -12,14 +12,12 @@ int main(int argc, char** argv) {
   CLI::App app{"sidecast-worker: serves built-in services behind a sidecast-broker"};
   worker_options options;
   std::vector<std::string> services;
-  unsigned capacity = 16;
+  workers::builtin_options builtin;
   std::string log_level = "info";
   std::string names;
   for (const auto& [name, factory] : workers::builtin_services()) names += (names.empty() ? "" : ", ") + name;
   app.add_option("--service", services, "Service to serve (repeatable): " + names)->required();
-  app.add_option("--capacity", capacity, "Requests run at once per service")
-      ->capture_default_str()
-      ->check(CLI::Range(1u, 100000u));
+  workers::add_options(app, builtin);
   app.add_option("--id", options.id, "Worker id (default w-<host>-<pid>)");
   app.add_option("--broker", options.broker, "Broker ROUTER endpoint")->capture_default_str();
   app.add_option("--publish", options.publish, "Broker XSUB endpoint for room events")->capture_default_str();
@@ -47,7 +45,7 @@ int main(int argc, char** argv) {
         spdlog::critical("unknown service '{}' (known: {})", name, names);
         return 2;
       }
-      w.add(it->second(capacity));
+      w.add(it->second(builtin));
     }
     signals.start([&w](int sig) {
       spdlog::info("signal {}: stopping", sig);

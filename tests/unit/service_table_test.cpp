@@ -179,5 +179,24 @@ TEST(ServiceTable, ReRegisteringChangesCapacity) {
   EXPECT_EQ(t.dispatch().size(), 3u);
 }
 
+TEST(ServiceTable, EarlyAnswerKeepsCapacityDropsDeadlineAndRetry) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 1);
+  t.submit(make_job("long", "svc", 1s));
+  t.submit(make_job("next", "svc", 10s));
+  t.dispatch();
+  EXPECT_EQ(t.answer_early("long", "w2"), nullptr) << "only the holder answers";
+  const job* early = t.answer_early("long", "w1");
+  ASSERT_NE(early, nullptr);
+  EXPECT_TRUE(early->answered);
+  EXPECT_EQ(t.answer_early("long", "w1"), nullptr) << "once";
+  EXPECT_TRUE(t.expire(t0 + 5s).empty()) << "no deadline once answered";
+  EXPECT_TRUE(t.dispatch().empty()) << "capacity stays taken";
+  EXPECT_TRUE(t.remove_worker("w1").empty()) << "answered work is not retried or reported";
+  EXPECT_EQ(t.queued("svc"), 1u);
+  t.add_worker("w2", "svc", 1);
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "next"}}));
+}
+
 }  // namespace
 }  // namespace sidecast::broker

@@ -2,6 +2,8 @@
 
 #include <boost/json.hpp>
 
+#include "core/config.hpp"
+
 namespace sidecast::workers {
 namespace json = boost::json;
 
@@ -108,10 +110,27 @@ service echo_service(unsigned capacity) {
   return service{"echo", capacity}.on("*", echo).on("delay", delay);
 }
 
+void add_options(CLI::App& app, builtin_options& o) {
+  app.add_option("--capacity", o.capacity, "Requests each service runs at once")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100000u));
+  app.add_option("--chat-db", o.chat.database, "SQLite file of the chat service (':memory:' keeps nothing)")
+      ->capture_default_str();
+  app.add_option("--chat-history", o.chat.history, "Messages sent to a socket joining a chat room")
+      ->capture_default_str();
+  core::add_millis(app, "--vm-launch-ms", o.vm.launch_time, "Time one simulated VM takes to launch, ms");
+  app.add_option("--vm-failure-rate", o.vm.failure_rate, "Chance that a simulated VM fails (0-1)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--vm-max-count", o.vm.max_count, "VMs one open_vm may ask for")->capture_default_str();
+}
+
 const std::map<std::string, service_factory>& builtin_services() {
   static const std::map<std::string, service_factory> all{
-      {"demo", demo_service},
-      {"echo", echo_service},
+      {"demo", [](const builtin_options& o) { return demo_service(o.capacity); }},
+      {"echo", [](const builtin_options& o) { return echo_service(o.capacity); }},
+      {"chat", [](const builtin_options& o) { return chat_service(o.capacity, o.chat); }},
+      {"vm", [](const builtin_options& o) { return vm_service(o.capacity, o.vm); }},
   };
   return all;
 }

@@ -47,6 +47,7 @@ struct request_state {
   std::stop_source stop;
   cancel_token token{stop.get_token(), {}};
   std::atomic<bool> answered{false};
+  std::atomic<bool> acked{false};  // answered early; the final reply is silent
 
   ~request_state();
 };
@@ -205,8 +206,15 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   bool answer(request_state& st, proto::Code code, std::string message, std::string args,
-              sidecast::attachments att, bool silent) {
-    if (st.answered.exchange(true)) return false;
+              sidecast::attachments att, bool silent, bool partial = false) {
+    if (partial ? (st.answered || st.acked.exchange(true)) : st.answered.exchange(true)) return false;
+    if (!partial && st.acked) {
+      // The requester has its answer: this only frees the capacity.
+      code = proto::OK;
+      silent = true;
+      args.clear();
+      att.clear();
+    }
     Envelope env;
     auto* r = env.mutable_reply();
     r->set_id(st.id);
@@ -215,7 +223,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     r->set_args(std::move(args));
     for (auto& a : att) r->add_attachments(std::move(a));
     r->set_silent(silent);
-    ++n_replies;
+    r->set_partial(partial);
+    if (!partial) ++n_replies;
     // A reply must not be lost to a full outbox: it also frees the credit.
     if (!send(env) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.id);
@@ -523,6 +532,12 @@ bool request::reply(std::string args_json, sidecast::attachments att) {
 }
 
 bool request::reply(const boost::json::array& args) { return reply(boost::json::serialize(args)); }
+
+bool request::ack(std::string args_json, sidecast::attachments att) {
+  if (!state_->core->answer(*state_, proto::OK, {}, std::move(args_json), std::move(att), false, true)) return false;
+  state_->token = cancel_token{state_->stop.get_token(), std::chrono::steady_clock::time_point::max()};
+  return true;
+}
 
 bool request::fail(proto::Code code, std::string message) {
   return state_->core->answer(*state_, code, std::move(message), "[]", {}, false);

@@ -100,6 +100,11 @@ class request {
   bool reply(const boost::json::array& args);
   /// Answers with an error (REFUSED refuses a connect with `message`).
   bool fail(proto::Code code, std::string message);
+  /// Answers now and keeps working: the client gets its ack, this worker
+  /// keeps the request's capacity until the handle is done (last copy gone,
+  /// or reply()), and the request's deadline no longer applies — for long
+  /// tasks that report progress with emit(). Call from the handler's thread.
+  bool ack(std::string args_json = "[]", sidecast::attachments att = {});
 
   /// Emits to the socket that asked.
   bool emit(std::string event, std::string args_json, sidecast::attachments att = {});

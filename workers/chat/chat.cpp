@@ -1,0 +1,224 @@
+#include "workers/chat/chat.hpp"
+
+#include <sqlite3.h>
+
+#include <chrono>
+#include <mutex>
+#include <stdexcept>
+
+#include <boost/json.hpp>
+#include <spdlog/spdlog.h>
+
+namespace sidecast::workers {
+namespace json = boost::json;
+
+namespace {
+
+constexpr std::size_t max_text = 2000, max_name = 32, max_room = 64;
+
+// One connection in serialized mode shared by the handler threads; the
+// statements it runs are short.
+class database {
+ public:
+  explicit database(const std::string& path) {
+    if (sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                        nullptr) != SQLITE_OK) {
+      std::string why = db_ ? sqlite3_errmsg(db_) : "out of memory";
+      sqlite3_close(db_);
+      throw std::runtime_error("chat database " + path + ": " + why);
+    }
+    sqlite3_busy_timeout(db_, 5000);
+    exec("PRAGMA journal_mode=WAL");
+    exec("PRAGMA synchronous=NORMAL");
+    exec(R"(CREATE TABLE IF NOT EXISTS messages (
+              id INTEGER PRIMARY KEY AUTOINCREMENT, room TEXT NOT NULL, nick TEXT NOT NULL,
+              sid TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL))");
+    exec("CREATE INDEX IF NOT EXISTS messages_room ON messages(room, id)");
+    // Presence and nicknames describe live sockets, which a restarted worker
+    // cannot vouch for: they start afresh (clients join again); history stays.
+    exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
+    exec("CREATE TABLE IF NOT EXISTS presence (sid TEXT NOT NULL, room TEXT NOT NULL, PRIMARY KEY (sid, room))");
+    exec("DELETE FROM presence");
+    exec("DELETE FROM nicks");
+  }
+  ~database() { sqlite3_close(db_); }
+  database(const database&) = delete;
+  database& operator=(const database&) = delete;
+
+  void exec(const char* sql) {
+    char* error = nullptr;
+    if (sqlite3_exec(db_, sql, nullptr, nullptr, &error) != SQLITE_OK) {
+      std::string why = error ? error : "unknown error";
+      sqlite3_free(error);
+      throw std::runtime_error(std::string{"sqlite: "} + why);
+    }
+  }
+
+  // A prepared statement with text/int binds and row access.
+  class statement {
+   public:
+    statement(sqlite3* db, const char* sql) {
+      if (sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr) != SQLITE_OK)
+        throw std::runtime_error(std::string{"sqlite: "} + sqlite3_errmsg(db));
+    }
+    ~statement() { sqlite3_finalize(stmt_); }
+    statement& bind(int i, const std::string& v) {
+      sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
+      return *this;
+    }
+    statement& bind(int i, std::int64_t v) {
+      sqlite3_bind_int64(stmt_, i, v);
+      return *this;
+    }
+    bool step() {
+      int rc = sqlite3_step(stmt_);
+      if (rc == SQLITE_ROW) return true;
+      if (rc != SQLITE_DONE) throw std::runtime_error(std::string{"sqlite: "} + sqlite3_errmsg(sqlite3_db_handle(stmt_)));
+      return false;
+    }
+    std::string text(int col) {
+      auto* p = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, col));
+      return p ? std::string{p, static_cast<std::size_t>(sqlite3_column_bytes(stmt_, col))} : std::string{};
+    }
+    std::int64_t integer(int col) { return sqlite3_column_int64(stmt_, col); }
+
+   private:
+    sqlite3_stmt* stmt_ = nullptr;
+  };
+
+  statement prepare(const char* sql) { return statement{db_, sql}; }
+  std::int64_t last_id() { return sqlite3_last_insert_rowid(db_); }
+  // Serializes multi-statement operations (insert then read the row id).
+  std::mutex mutex;
+
+ private:
+  sqlite3* db_ = nullptr;
+};
+
+std::string nick_of(database& db, const std::string& sid) {
+  auto s = db.prepare("SELECT nick FROM nicks WHERE sid = ?");
+  s.bind(1, sid);
+  return s.step() ? s.text(0) : "guest-" + sid.substr(sid.size() > 4 ? sid.size() - 4 : 0);
+}
+
+json::array members_of(database& db, const std::string& room) {
+  auto s = db.prepare(
+      "SELECT p.sid, coalesce(n.nick, '') FROM presence p LEFT JOIN nicks n ON n.sid = p.sid WHERE p.room = ? "
+      "ORDER BY 2");
+  s.bind(1, room);
+  json::array out;
+  while (s.step()) {
+    auto sid = s.text(0);
+    auto nick = s.text(1);
+    out.push_back(json::string{nick.empty() ? "guest-" + sid.substr(sid.size() > 4 ? sid.size() - 4 : 0) : nick});
+  }
+  return out;
+}
+
+void announce_presence(request& req, database& db, const std::string& room) {
+  req.emit_to_room(room, "presence", json::serialize(json::array{json::object{{"room", room}, {"members", members_of(db, room)}}}));
+}
+
+// The first argument as a bounded, non-empty string.
+std::optional<std::string> string_arg(const json::array& args, std::size_t limit) {
+  if (args.empty() || !args[0].is_string()) return std::nullopt;
+  std::string s{args[0].as_string()};
+  if (s.empty() || s.size() > limit) return std::nullopt;
+  return s;
+}
+
+std::int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+service chat_service(unsigned capacity, chat_options options) {
+  auto db = std::make_shared<database>(options.database);
+  auto history = options.history;
+  return service{"chat", capacity}
+      .on("nick",
+          [db](request req) {
+            auto name = string_arg(req.args(), max_name);
+            if (!name) return (void)req.fail(proto::BAD_REQUEST, "a nickname is 1-32 characters");
+            {
+              std::lock_guard lock{db->mutex};
+              db->prepare("INSERT INTO nicks(sid, nick) VALUES(?, ?) ON CONFLICT(sid) DO UPDATE SET nick = excluded.nick")
+                  .bind(1, req.sid())
+                  .bind(2, *name)
+                  .step();
+            }
+            req.reply(json::serialize(json::array{json::object{{"nick", *name}}}));
+          })
+      .on("join",
+          [db, history](request req) {
+            auto room = string_arg(req.args(), max_room);
+            if (!room) return (void)req.fail(proto::BAD_REQUEST, "a room is 1-64 characters");
+            json::array messages, members;
+            {
+              std::lock_guard lock{db->mutex};
+              db->prepare("INSERT OR IGNORE INTO presence(sid, room) VALUES(?, ?)").bind(1, req.sid()).bind(2, *room).step();
+              auto s = db->prepare(
+                  "SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
+                  "ORDER BY id");
+              s.bind(1, *room).bind(2, static_cast<std::int64_t>(history));
+              while (s.step())
+                messages.push_back(json::object{{"id", s.integer(0)}, {"room", *room}, {"nick", s.text(1)},
+                                                {"text", s.text(2)}, {"ts", s.integer(3)}});
+              members = members_of(*db, *room);
+            }
+            req.join(*room);
+            req.emit("history", json::serialize(json::array{json::object{{"room", *room}, {"messages", messages}}}));
+            req.emit_to_room(*room, "presence",
+                             json::serialize(json::array{json::object{{"room", *room}, {"members", members}}}));
+            req.reply(json::serialize(json::array{json::object{{"room", *room}, {"members", members}}}));
+          })
+      .on("leave",
+          [db](request req) {
+            auto room = string_arg(req.args(), max_room);
+            if (!room) return (void)req.fail(proto::BAD_REQUEST, "a room is 1-64 characters");
+            req.leave(*room);
+            {
+              std::lock_guard lock{db->mutex};
+              db->prepare("DELETE FROM presence WHERE sid = ? AND room = ?").bind(1, req.sid()).bind(2, *room).step();
+              announce_presence(req, *db, *room);
+            }
+            req.reply(json::serialize(json::array{json::object{{"room", *room}}}));
+          })
+      .on("say",
+          [db](request req) {
+            auto args = req.args();
+            const json::object* msg = !args.empty() && args[0].is_object() ? &args[0].as_object() : nullptr;
+            auto* room = msg ? msg->if_contains("room") : nullptr;
+            auto* text = msg ? msg->if_contains("text") : nullptr;
+            if (!room || !room->is_string() || !text || !text->is_string() || text->as_string().empty() ||
+                text->as_string().size() > max_text)
+              return (void)req.fail(proto::BAD_REQUEST, "say needs {room, text} with 1-2000 characters of text");
+            std::string r{room->as_string()}, t{text->as_string()};
+            std::int64_t id, ts = now_ms();
+            std::string nick;
+            {
+              std::lock_guard lock{db->mutex};
+              nick = nick_of(*db, req.sid());
+              db->prepare("INSERT INTO messages(room, nick, sid, text, ts) VALUES(?, ?, ?, ?, ?)")
+                  .bind(1, r).bind(2, nick).bind(3, req.sid()).bind(4, t).bind(5, ts).step();
+              id = db->last_id();
+            }
+            req.emit_to_room(r, "message", json::serialize(json::array{json::object{
+                                               {"id", id}, {"room", r}, {"nick", nick}, {"text", t}, {"ts", ts}}}));
+            req.reply(json::serialize(json::array{json::object{{"id", id}}}));
+          })
+      .on_disconnect([db](request req) {
+        std::vector<std::string> rooms;
+        std::lock_guard lock{db->mutex};
+        auto s = db->prepare("SELECT room FROM presence WHERE sid = ?");
+        s.bind(1, req.sid());
+        while (s.step()) rooms.push_back(s.text(0));
+        db->prepare("DELETE FROM presence WHERE sid = ?").bind(1, req.sid()).step();
+        db->prepare("DELETE FROM nicks WHERE sid = ?").bind(1, req.sid()).step();
+        for (const auto& room : rooms) announce_presence(req, *db, room);
+      });
+}
+
+}  // namespace sidecast::workers

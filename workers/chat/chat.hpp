@@ -1,0 +1,27 @@
+#pragma once
+// The `chat` service (namespace /chat): rooms, nicknames, messages kept in
+// SQLite (WAL), the last 25 sent on join, presence per room.
+//
+//   nick (name) (ack)            -> ack {nick}
+//   join (room) (ack)            -> event history {room, messages: [...]} to the
+//                                   socket, presence {room, members} to the room,
+//                                   ack {room, members}
+//   say {room, text} (ack)       -> message {id, room, nick, text, ts} to the room,
+//                                   ack {id}
+//   leave (room) (ack)           -> presence to the room, ack {room}
+//   (disconnect)                 -> presence to every room the socket was in
+#include <string>
+
+#include "workers/sdk/worker.hpp"
+
+namespace sidecast::workers {
+
+struct chat_options {
+  std::string database = "sidecast-chat.db";  // SQLite file; ":memory:" keeps nothing
+  unsigned history = 25;                      // messages sent on join
+};
+
+/// Opens (and creates) the database; throws std::runtime_error when it cannot.
+service chat_service(unsigned capacity, chat_options options);
+
+}  // namespace sidecast::workers
