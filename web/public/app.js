@@ -1,66 +1,137 @@
-// The demo page: the real socket.io client against the gateway's demo
-// namespace ("/"). ?transport=polling or ?transport=websocket pins a transport.
+// The demo page: the stock socket.io client, two namespaces multiplexed on
+// one connection. ?transport=polling or ?transport=websocket pins a transport.
 (() => {
   const $ = (id) => document.getElementById(id);
+  const el = (tag, cls, text) => {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
   const wanted = new URLSearchParams(location.search).get("transport");
   const transports = wanted === "polling" || wanted === "websocket" ? [wanted] : ["polling", "websocket"];
-  const socket = io({ transports });
-  let room = null;
+  const manager = new io.Manager({ transports });
+  const chat = manager.socket("/chat");
+  const vm = manager.socket("/vm");
 
-  const line = (text, from, system) => {
-    const li = document.createElement("li");
-    if (system) li.className = "system";
-    if (from) {
-      const who = document.createElement("span");
-      who.className = "from";
-      who.textContent = from === socket.id ? "you" : from.slice(-6);
-      li.append(who);
-    }
-    li.append(document.createTextNode(text));
-    $("messages").append(li);
-    $("messages").scrollTop = $("messages").scrollHeight;
-  };
-
-  const showTransport = () => { $("transport").textContent = socket.io.engine ? socket.io.engine.transport.name : "–"; };
-
-  socket.on("connect", () => {
+  // ---- connection status ----
+  const showTransport = () => { $("transport").textContent = manager.engine ? manager.engine.transport.name : "–"; };
+  manager.on("open", () => {
     $("status").textContent = "connected";
     $("status").className = "status up";
-    $("sid").textContent = socket.id;
-    $("eio-sid").textContent = socket.io.engine.id;
+    $("eio-sid").textContent = manager.engine.id;
     showTransport();
-    socket.io.engine.on("upgrade", showTransport);
-    if (room) socket.emit("join", room);  // rooms are per connection: join again after a reconnect
+    manager.engine.on("upgrade", showTransport);
   });
-  socket.on("disconnect", (reason) => {
+  manager.on("close", (reason) => {
     $("status").textContent = "disconnected: " + reason;
     $("status").className = "status down";
   });
-  socket.on("said", (msg) => { if (msg.room === room) line(String(msg.text), msg.from); });
 
-  $("join-form").addEventListener("submit", async (e) => {
-    e.preventDefault();
-    const next = $("room").value.trim();
-    if (!next) return;
-    if (room) await socket.emitWithAck("leave", room);
-    room = await socket.emitWithAck("join", next);
-    line("joined " + room, null, true);
-    $("text").disabled = $("say").disabled = false;
+  // ---- chat ----
+  let room = null;
+  $("nick").value = localStorage.getItem("sidecast-nick") || "guest" + Math.floor(Math.random() * 1000);
+  const addMessage = (m) => {
+    const li = el("li");
+    li.append(el("span", "time", new Date(m.ts).toLocaleTimeString()), el("span", "from", m.nick), document.createTextNode(m.text));
+    $("messages").append(li);
+    $("messages").scrollTop = $("messages").scrollHeight;
+  };
+  const system = (text) => { $("messages").append(el("li", "system", text)); };
+  const showMembers = (members) => {
+    $("members").replaceChildren(...members.map((n) => el("li", null, n)));
+  };
+  const join = async () => {
+    const nick = $("nick").value.trim(), next = $("room").value.trim();
+    if (!nick || !next) return;
+    localStorage.setItem("sidecast-nick", nick);
+    await chat.emitWithAck("nick", nick);
+    if (room && room !== next) await chat.emitWithAck("leave", room);
+    room = next;
+    $("messages").replaceChildren();
+    const joined = await chat.emitWithAck("join", room);
+    showMembers(joined.members);
+    $("text").disabled = $("send").disabled = false;
     $("text").focus();
+  };
+  chat.on("history", (h) => {
+    if (h.room !== room) return;
+    h.messages.forEach(addMessage);
+    system(h.messages.length ? "— earlier messages above —" : "no messages yet in " + h.room);
   });
-
-  $("say-form").addEventListener("submit", (e) => {
+  chat.on("message", (m) => { if (m.room === room) addMessage(m); });
+  chat.on("presence", (p) => { if (p.room === room) showMembers(p.members); });
+  chat.on("connect", () => { if (room) join(); });  // rooms belong to a connection: join again
+  $("join-form").addEventListener("submit", (e) => { e.preventDefault(); join(); });
+  $("say-form").addEventListener("submit", async (e) => {
     e.preventDefault();
-    const text = $("text").value;
+    const text = $("text").value.trim();
     if (!text || !room) return;
-    socket.emit("say", { room, text });
     $("text").value = "";
+    const r = await chat.timeout(5000).emitWithAck("say", { room, text }).catch((err) => ({ error: err.message }));
+    if (r.error) system("not sent: " + (r.message || r.error));
   });
 
-  $("echo-form").addEventListener("submit", async (e) => {
+  // ---- VMs ----
+  const tasks = new Map();  // task_id -> {bars: Map(vm -> row), box}
+  const vmRow = (task, name) => {
+    let row = task.rows.get(name);
+    if (!row) {
+      row = el("div", "vm");
+      const bar = el("div", "bar");
+      bar.append(el("div"));
+      row.append(el("span", "name", name), bar, el("span", "state", "queued"));
+      task.rows.set(name, row);
+      task.list.append(row);
+    }
+    return row;
+  };
+  // Progress can overtake the ack's promise: keep it until the task is known.
+  const early = new Map();  // task_id -> [[event, payload]]
+  const later = (event, payload) => {
+    if (tasks.has(payload.task_id)) return false;
+    if (!early.has(payload.task_id)) early.set(payload.task_id, []);
+    early.get(payload.task_id).push([event, payload]);
+    return true;
+  };
+  const onProgress = (p) => {
+    if (later("vm_progress", p)) return;
+    const task = tasks.get(p.task_id);
+    const row = vmRow(task, p.vm);
+    row.className = "vm " + p.state;
+    row.querySelector(".bar > div").style.width = p.percent + "%";
+    row.querySelector(".state").textContent = p.state + " " + p.percent + "%";
+  };
+  const onResponse = (r) => {
+    if (later("vm_response", r)) return;
+    const task = tasks.get(r.task_id);
+    const up = r.data.filter((d) => d.state === "running");
+    task.cancel.disabled = true;
+    task.result.textContent = (r.cancelled ? "cancelled. " : "done. ") + up.length + " running, " + r.failed + " failed\n" +
+      up.map((d) => d.vm + " → " + d.ip).join("\n");
+  };
+  vm.on("vm_progress", onProgress);
+  vm.on("vm_response", onResponse);
+  $("vm-form").addEventListener("submit", async (e) => {
     e.preventDefault();
-    const started = performance.now();
-    const reply = await socket.timeout(5000).emitWithAck("echo", $("echo-text").value).catch((err) => "error: " + err.message);
-    $("echo-result").textContent = JSON.stringify(reply) + "  (" + (performance.now() - started).toFixed(1) + " ms)";
+    const box = el("div", "task"), head = el("header"), list = el("div"), result = el("div", "result");
+    const cancel = el("button", null, "Cancel");
+    const title = el("span", null, "launching…");
+    head.append(title, cancel);
+    box.append(head, list, result);
+    $("tasks").prepend(box);
+    const count = Number($("vm-count").value), name = $("vm-name").value.trim() || "vm";
+    const ack = await vm.timeout(10000).emitWithAck("open_vm", { count, name }).catch((err) => ({ error: err.message }));
+    if (ack.error) {
+      title.textContent = "launch refused: " + (ack.message || ack.error);
+      cancel.disabled = true;
+      return;
+    }
+    title.textContent = "task " + ack.task_id + " · " + count + " × " + name;
+    const task = { rows: new Map(), list, result, cancel };
+    tasks.set(ack.task_id, task);
+    for (const [event, payload] of early.get(ack.task_id) || []) (event === "vm_progress" ? onProgress : onResponse)(payload);
+    early.delete(ack.task_id);
+    cancel.addEventListener("click", () => { cancel.disabled = true; vm.emit("cancel_vm", { task_id: ack.task_id }); });
   });
 })();
