@@ -519,6 +519,7 @@ const attachments& request::attachments() const { return state_->att; }
 bool request::wants_reply() const { return state_->wants_reply; }
 unsigned request::attempt() const { return state_->attempt; }
 const cancel_token& request::cancel() const { return state_->token; }
+const std::string& request::worker_id() const { return state_->core->options.id; }
 
 boost::json::array request::args() const {
   boost::system::error_code ec;

@@ -93,6 +93,8 @@ class request {
   bool wants_reply() const;
   unsigned attempt() const;
   const cancel_token& cancel() const;
+  /// The id of the worker handling this request.
+  const std::string& worker_id() const;
 
   /// Answers (the ack for events; accepts a connect with data). Once only:
   /// later answers are ignored and return false.

@@ -117,7 +117,8 @@ void open_vm(request req, const vm_options& options, registry& reg) {
     data.push_back(std::move(o));
   }
   req.emit("vm_response", json::serialize(json::array{json::object{
-                              {"task_id", id}, {"data", std::move(data)}, {"failed", failed}, {"cancelled", cancelled}}}));
+                              {"task_id", id}, {"data", std::move(data)}, {"failed", failed}, {"cancelled", cancelled},
+                              {"worker", req.worker_id()}}}));
   std::lock_guard lock{reg.mutex};
   reg.tasks.erase(id);
 }

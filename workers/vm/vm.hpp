@@ -8,7 +8,7 @@
 //   open_vm {count, name} (ack)  -> ack {task_id}
 //     vm_progress {task_id, vm, state, percent}   state: queued, provisioning,
 //                                                  booting, running, failed, cancelled
-//     vm_response {task_id, data: [{vm, state, ip?}], failed, cancelled}
+//     vm_response {task_id, data: [{vm, state, ip?}], failed, cancelled, worker}
 //   cancel_vm {task_id} (ack)   -> ack {task_id, cancelled: true|false}
 #include <chrono>
 
