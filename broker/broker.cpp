@@ -105,7 +105,7 @@ struct broker::metrics {
   std::unordered_map<std::string, std::array<prometheus::Counter*, static_cast<std::size_t>(outcome::count)>>
       outcomes;
   std::unordered_map<std::string, prometheus::Counter*> drops;
-  std::array<prometheus::Counter*, 12> by_kind{};
+  std::array<prometheus::Counter*, Envelope::kAnswer + 1> by_kind{};
 };
 
 namespace {
@@ -228,7 +228,7 @@ void broker::on_router_message(std::string_view routing_id_view, const zmq::mess
     return;
   }
   auto kind = env->kind_case();
-  auto*& kind_counter = metrics_->by_kind[static_cast<std::size_t>(kind) % metrics_->by_kind.size()];
+  auto*& kind_counter = metrics_->by_kind.at(static_cast<std::size_t>(kind));
   if (!kind_counter) kind_counter = &metrics_->received.Add({{"kind", std::string{proto::kind_name(*env)}}});
   kind_counter->Increment();
 
@@ -267,6 +267,26 @@ void broker::on_router_message(std::string_view routing_id_view, const zmq::mess
     case Envelope::kControl:
     case Envelope::kReport: on_addressed(routing_id, *env, bytes); break;
     case Envelope::kCancel: on_cancel(env->cancel()); break;
+    case Envelope::kForward: {
+      // To the gateway that owns the sid; if it is gone, the asker hears so.
+      auto owner = std::string{proto::sid_owner(env->forward().sid())};
+      auto it = peers_.find(owner);
+      if (owner.empty() || it == peers_.end() || it->second.role != proto::ROLE_GATEWAY || !send(owner, bytes)) {
+        Envelope gone;
+        auto* a = gone.mutable_answer();
+        a->set_id(env->forward().id());
+        a->set_status(400);
+        a->set_content_type("application/json");
+        a->set_body(R"({"code":1,"message":"Session ID unknown"})");
+        send(routing_id, gone);
+      }
+      break;
+    }
+    case Envelope::kAnswer: {
+      auto owner = std::string{proto::id_owner(env->answer().id())};
+      if (owner.empty() || !peers_.contains(owner) || !send(owner, bytes)) drop("unroutable", "http answer");
+      break;
+    }
     default: break;
   }
 }
@@ -279,7 +299,9 @@ bool broker::allowed(proto::Role role, Envelope::KindCase kind) const {
     case Envelope::kReply:  // workers end jobs; gateways return clients' acks
       return true;
     case Envelope::kLifecycle:
-    case Envelope::kReport: return role == proto::ROLE_GATEWAY;
+    case Envelope::kReport:
+    case Envelope::kForward:
+    case Envelope::kAnswer: return role == proto::ROLE_GATEWAY;
     case Envelope::kEmit: return role == proto::ROLE_WORKER || role == proto::ROLE_GATEWAY;
     case Envelope::kControl: return role == proto::ROLE_WORKER;
     default: return false;  // Welcome and Error only flow from the broker

@@ -101,13 +101,16 @@ bool bridge::send(const Envelope& env) {
   return post([this, bytes = proto::encode(env)] { link_->send_bytes(bytes); });
 }
 
-bool bridge::join(std::string sid, std::string nsp, std::string room) {
-  proto::Control c;
-  c.set_action(proto::Control::JOIN);
-  c.set_sid(std::move(sid));
-  c.set_nsp(std::move(nsp));
-  c.set_room(std::move(room));
-  return post([this, c = std::move(c)] { on_control(c); });
+bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
+  request.set_id(next_id());
+  Envelope env;
+  auto id = request.id();
+  *env.mutable_forward() = std::move(request);
+  return post([this, id = std::move(id), bytes = proto::encode(env), slot = std::move(slot), timeout]() mutable {
+    deadlines_.emplace(clock::now() + timeout, id);
+    forwards_[id] = std::move(slot);
+    link_->send_bytes(bytes);
+  });
 }
 
 void bridge::run() {
@@ -177,6 +180,17 @@ void bridge::on_broker(Envelope env) {
       return;
     }
     case Envelope::kEmit: deliver_emit(env.emit()); return;
+    case Envelope::kForward:
+      if (forward_handler_) forward_handler_(std::move(*env.mutable_forward()));
+      return;
+    case Envelope::kAnswer: {
+      auto it = forwards_.find(env.answer().id());
+      if (it == forwards_.end()) return;
+      const auto& a = env.answer();
+      it->second->complete({a.status(), a.content_type(), a.body()});
+      forwards_.erase(it);  // its deadline entry finds nothing when it comes
+      return;
+    }
     case Envelope::kControl: on_control(env.control()); return;
     case Envelope::kError:
     case Envelope::kReport: return;
@@ -197,6 +211,11 @@ void bridge::expire(clock::time_point now) {
   while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
     auto id = deadlines_.begin()->second;
     deadlines_.erase(deadlines_.begin());
+    if (auto f = forwards_.find(id); f != forwards_.end()) {
+      f->second->complete({504, "application/json", R"({"code":3,"message":"Bad request"})"});
+      forwards_.erase(f);
+      continue;
+    }
     auto it = pending_.find(id);
     if (it == pending_.end()) continue;
     auto p = std::move(it->second);

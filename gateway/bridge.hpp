@@ -21,6 +21,7 @@
 #include "core/wakeup.hpp"
 #include "gateway/config.hpp"
 #include "gateway/metrics.hpp"
+#include "gateway/reply_slot.hpp"
 #include "gateway/sink.hpp"
 
 namespace sidecast::core {
@@ -51,8 +52,12 @@ class bridge {
                std::chrono::milliseconds timeout);
   /// Sends anything else (client acks, publish API emits, notices).
   bool send(const proto::Envelope& env);
-  /// Joins/leaves a room on the gateway's own authority (publish API tools).
-  bool join(std::string sid, std::string nsp, std::string room);
+  /// Forwards a polling request for another gateway's sid through the
+  /// broker; the owner's answer (or a timeout) completes `slot`.
+  bool forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout);
+  /// Serves forwarded requests for our own sids (set before start()); the
+  /// handler runs on the bridge thread and must not block.
+  void on_forward(std::function<void(proto::HttpForward)> handler) { forward_handler_ = std::move(handler); }
 
   /// A new request id "<gateway id>:<n>".
   std::string next_id();
@@ -102,6 +107,8 @@ class bridge {
   std::unordered_map<std::string, member> members_;
   std::unordered_map<std::string, std::unordered_set<std::string>> topics_;  // topic -> local sids
   std::unordered_map<std::string, pending> pending_;
+  std::unordered_map<std::string, std::shared_ptr<reply_slot>> forwards_;  // same deadlines_ index
+  std::function<void(proto::HttpForward)> forward_handler_;
   std::multimap<std::chrono::steady_clock::time_point, std::string> deadlines_;
   core::log_limiter log_limit_;
 };

@@ -37,6 +37,29 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   if (config_.threads == 0) config_.threads = std::max(1u, std::thread::hardware_concurrency());
   bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_);
   api_ = std::make_unique<class api>(*this);
+  bridge_->on_forward([this](proto::HttpForward f) { serve_forwarded(std::move(f)); });
+}
+
+void gateway::serve_forwarded(proto::HttpForward f) {
+  auto answer = [this, id = f.id()](http_answer a) {
+    proto::Envelope env;
+    auto* out = env.mutable_answer();
+    out->set_id(id);
+    out->set_status(a.status);
+    out->set_content_type(std::move(a.content_type));
+    out->set_body(std::move(a.body));
+    bridge_->send(env);
+  };
+  auto session = find_session(f.sid());
+  if (!session) {
+    answer({400, "application/json", R"({"code":1,"message":"Session ID unknown"})"});
+    return;
+  }
+  auto slot = std::make_shared<reply_slot>(session->executor(), std::move(answer));
+  asio::post(session->executor(), [session, slot, f = std::move(f)]() mutable {
+    if (f.method() == "POST") session->post(std::move(*f.mutable_body()), slot);
+    else session->poll(slot);
+  });
 }
 
 gateway::~gateway() { stop(); }

@@ -61,6 +61,7 @@ class gateway {
 
  private:
   void do_accept();
+  void serve_forwarded(proto::HttpForward request);
 
   gateway_config config_;
   zmq::context_t& zmq_;

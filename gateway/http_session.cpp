@@ -125,9 +125,25 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
     session->open_polling(slot);
     co_return co_await slot->wait();
   }
+  auto ex = co_await asio::this_coro::executor;
+  if (auto owner = proto::sid_owner(*sid); !owner.empty() && owner != gw.config().id) {
+    // Another gateway's session (a balancer that ignores the sid): ask the
+    // owner through the broker and relay its answer.
+    if (req.method() != http::verb::get && req.method() != http::verb::post)
+      co_return eio_error(engineio::error_code::bad_request);
+    proto::HttpForward f;
+    f.set_sid(*sid);
+    f.set_method(req.method() == http::verb::post ? "POST" : "GET");
+    f.set_body(std::move(req.body()));
+    auto slot = std::make_shared<reply_slot>(ex);
+    const auto& c = gw.config();
+    if (!gw.link().forward(std::move(f), slot, c.ping_interval + c.ping_timeout + std::chrono::seconds(5)))
+      co_return http_answer{503, "application/json", R"({"code":3,"message":"Bad request"})"};
+    gw.metrics().forwarded.Increment();
+    co_return co_await slot->wait();
+  }
   auto session = gw.find_session(*sid);
   if (!session) co_return eio_error(engineio::error_code::session_id_unknown);
-  auto ex = co_await asio::this_coro::executor;
   std::shared_ptr<reply_slot> slot;
   if (req.method() == http::verb::get) {
     slot = on_session(session, ex, [](eio_session& s, std::shared_ptr<reply_slot> r) { s.poll(std::move(r)); });

@@ -36,6 +36,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       oversize{dropped.Add({{"reason", "oversize"}})},
       client_gone{dropped.Add({{"reason", "client_gone"}})},
       api_overflow{dropped.Add({{"reason", "api_buffer_full"}})},
+      forwarded{counter(r, "sidecast_gateway_forwarded_total",
+                        "Polling requests for another gateway's sid, relayed through the broker")
+                    .Add({})},
       ack_latency{prometheus::BuildHistogram()
                       .Name("sidecast_gateway_ack_seconds")
                       .Help("Time from a client's event to its ack")

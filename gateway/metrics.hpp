@@ -30,6 +30,7 @@ struct gateway_metrics {
   prometheus::Counter& oversize;
   prometheus::Counter& client_gone;
   prometheus::Counter& api_overflow;
+  prometheus::Counter& forwarded;
   prometheus::Histogram& ack_latency;
   prometheus::Gauge& rooms;
   prometheus::Gauge& broker_connected;

@@ -2,6 +2,7 @@
 // An HTTP answer that another thread provides later: a long-poll GET waits on
 // one until its Engine.IO session has packets (or closes). The first
 // complete() wins; it is thread-safe.
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -24,10 +25,18 @@ class reply_slot : public std::enable_shared_from_this<reply_slot> {
  public:
   explicit reply_slot(boost::asio::any_io_executor ex)
       : timer_{ex, boost::asio::steady_timer::time_point::max()} {}
+  /// A slot nobody waits on: the answer goes to `on_answer` (on `ex`).
+  reply_slot(boost::asio::any_io_executor ex, std::function<void(http_answer)> on_answer)
+      : timer_{ex, boost::asio::steady_timer::time_point::max()}, on_answer_{std::move(on_answer)} {}
 
   void complete(http_answer answer) {
     boost::asio::dispatch(timer_.get_executor(), [self = shared_from_this(), a = std::move(answer)]() mutable {
       if (self->answer_) return;
+      if (self->on_answer_) {
+        self->answer_ = http_answer{};
+        std::exchange(self->on_answer_, nullptr)(std::move(a));
+        return;
+      }
       self->answer_ = std::move(a);
       self->timer_.cancel();
     });
@@ -44,6 +53,7 @@ class reply_slot : public std::enable_shared_from_this<reply_slot> {
  private:
   boost::asio::steady_timer timer_;
   std::optional<http_answer> answer_;
+  std::function<void(http_answer)> on_answer_;
 };
 
 }  // namespace sidecast::gateway

@@ -33,6 +33,8 @@ std::string_view kind_name(const Envelope& env) {
     case Envelope::kCancel: return "cancel";
     case Envelope::kReport: return "report";
     case Envelope::kError: return "error";
+    case Envelope::kForward: return "forward";
+    case Envelope::kAnswer: return "answer";
     case Envelope::KIND_NOT_SET: break;
   }
   return "none";
