@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Starts the scaled-out topology as plain processes on this host:
+# sidecast-broker, N gateways, the demo, chat and vm workers (two vm workers),
+# and haproxy in front of the gateways on --port. Returns once every part is
+# healthy, prints the URL, and keeps PIDs, ports and logs in the run dir.
+#
+#   deploy/local/up.sh --port PORT [--gateways N] [--balancer sid|roundrobin]
+#                      [--run-dir DIR] [--vm-launch-ms MS] [--vm-failure-rate R]
+#   deploy/local/add.sh gateway|vm [--run-dir DIR]    # scale a tier while it runs
+#   deploy/local/down.sh [--run-dir DIR]
+#
+# --balancer sid (default) sends polling requests and upgrades for a sid to
+# the gateway named by the sid's prefix and spreads new handshakes round-robin;
+# roundrobin ignores the sid (the gateways relay foreign sids to their owner).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+port="" gateways=2 balancer=sid run_dir="$here/run" vm_launch_ms=4000 vm_failure_rate=0.1
+while (( $# )); do
+  case "$1" in
+    --port) port=$2; shift 2 ;;
+    --gateways) gateways=$2; shift 2 ;;
+    --balancer) balancer=$2; shift 2 ;;
+    --run-dir) run_dir=$2; shift 2 ;;
+    --vm-launch-ms) vm_launch_ms=$2; shift 2 ;;
+    --vm-failure-rate) vm_failure_rate=$2; shift 2 ;;
+    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    *) echo "up.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[[ -n $port ]] || { echo "up.sh: --port PORT is required" >&2; exit 2; }
+[[ $balancer == sid || $balancer == roundrobin ]] || { echo "up.sh: --balancer sid|roundrobin" >&2; exit 2; }
+bin=${SIDECAST_BIN:-$root/build/bin}
+for b in sidecast-broker sidecast-gateway sidecast-worker; do
+  [[ -x $bin/$b ]] || { echo "up.sh: $bin/$b missing: build first (cmake --build build)" >&2; exit 1; }
+done
+command -v haproxy >/dev/null || { echo "up.sh: haproxy missing (apt-get install haproxy)" >&2; exit 1; }
+if [[ -f $run_dir/pids ]]; then echo "up.sh: $run_dir holds a running topology; run down.sh first" >&2; exit 1; fi
+mkdir -p "$run_dir"
+: > "$run_dir/pids"
+
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# start NAME CMD...: runs detached, logs to NAME.log, records "NAME PID".
+start() {
+  local name=$1; shift
+  setsid "$@" > "$run_dir/$name.log" 2>&1 < /dev/null &
+  echo "$name $!" >> "$run_dir/pids"
+}
+healthy() { /usr/bin/python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" 2>/dev/null; }
+wait_healthy() { # URL NAME
+  for _ in $(seq 150); do healthy "$1" && return 0; sleep 0.1; done
+  echo "up.sh: $2 did not become healthy ($1); logs in $run_dir" >&2
+  "$here/down.sh" --run-dir "$run_dir" >&2
+  exit 1
+}
+
+cat > "$run_dir/env" <<ENV
+ROUTER=tcp://127.0.0.1:$(free_port)
+XSUB=tcp://127.0.0.1:$(free_port)
+XPUB=tcp://127.0.0.1:$(free_port)
+BROKER_HTTP=127.0.0.1:$(free_port)
+PORT=$port
+BALANCER=$balancer
+API_KEY=${SIDECAST_API_KEY:-local-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}
+VM_LAUNCH_MS=$vm_launch_ms
+VM_FAILURE_RATE=$vm_failure_rate
+BIN=$bin
+ENV
+# shellcheck source=/dev/null
+source "$run_dir/env"
+
+start broker "$bin/sidecast-broker" --router "$ROUTER" --xsub "$XSUB" --xpub "$XPUB" --http "$BROKER_HTTP"
+wait_healthy "http://$BROKER_HTTP/healthz" broker
+"$here/add.sh" worker-demo --run-dir "$run_dir"
+"$here/add.sh" worker-chat --run-dir "$run_dir"
+"$here/add.sh" vm --run-dir "$run_dir"
+"$here/add.sh" vm --run-dir "$run_dir"
+for _ in $(seq "$gateways"); do "$here/add.sh" gateway --run-dir "$run_dir" --no-reload; done
+"$here/add.sh" balancer --run-dir "$run_dir"
+echo "sidecast: http://127.0.0.1:$port/  ($gateways gateways behind haproxy, balancer=$balancer; run dir $run_dir)"
