@@ -1,0 +1,151 @@
+// The scaled-out topology (deploy/local/up.sh): several gateways behind
+// haproxy, two vm workers. Run under tests/e2e/topology; SIDECAST_BALANCER
+// says which balancer up.sh was given (sid or roundrobin).
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { io } from "socket.io-client";
+
+const url = process.env.SIDECAST_URL;
+const runDir = process.env.SIDECAST_RUN_DIR;
+const env = Object.fromEntries(readFileSync(`${runDir}/env`, "utf8").trim().split("\n").map((l) => l.split("=")));
+const gateways = () => Object.fromEntries(readFileSync(`${runDir}/gateways`, "utf8").trim().split("\n")
+  .map((l) => l.split(" ")).map(([id, port]) => [id, `http://127.0.0.1:${port}`]));
+const roundRobin = process.env.SIDECAST_BALANCER === "roundrobin";
+const transports = roundRobin ? ["polling"] : ["polling", "websocket"];
+
+const sockets = [];
+after(() => sockets.forEach((s) => s.close()));
+function connect(nsp = "/", base = url) {
+  const s = io(base + nsp, { transports, forceNew: true, reconnection: false });
+  sockets.push(s);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("connect timeout")), 8000);
+    s.once("connect", () => { clearTimeout(timer); resolve(s); });
+    s.once("connect_error", (e) => { clearTimeout(timer); reject(e); });
+  });
+}
+const owner = (s) => s.id.split(".")[0];
+// Connects until there is one socket on each of two different gateways.
+async function onTwoGateways(nsp) {
+  const by = new Map();
+  for (let i = 0; i < 10 && by.size < 2; i++) {
+    const s = await connect(nsp);
+    if (!by.has(owner(s))) by.set(owner(s), s);
+  }
+  assert.equal(by.size, 2, "handshakes are spread over the gateways");
+  return [...by.values()];
+}
+function next(socket, event, pred = () => true, ms = 8000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { socket.off(event, on); reject(new Error(`no ${event}`)); }, ms);
+    const on = (p) => { if (pred(p)) { clearTimeout(timer); socket.off(event, on); resolve(p); } };
+    socket.on(event, on);
+  });
+}
+const ack = (s, ...args) => s.timeout(8000).emitWithAck(...args);
+async function publish(base, body) {
+  const res = await fetch(`${base}/api/v1/publish`, {
+    method: "POST", headers: { Authorization: `Bearer ${env.API_KEY}` }, body: JSON.stringify(body) });
+  assert.equal(res.status, 202, await res.text());
+}
+
+test("two clients on different gateways share a room", async () => {
+  const [a, b] = await onTwoGateways("/");
+  const room = "x" + Date.now();
+  await ack(a, "join", room);
+  await ack(b, "join", room);
+  const seen = [next(a, "said", (m) => m.text === "from b"), next(b, "said", (m) => m.text === "from a")];
+  await ack(a, "say", { room, text: "from a" });
+  await ack(b, "say", { room, text: "from b" });
+  const [atA, atB] = await Promise.all(seen);
+  assert.equal(atA.from, b.id);
+  assert.equal(atB.from, a.id);
+});
+
+test("a broadcast to a namespace reaches clients on every gateway", async () => {
+  const [a, b] = await onTwoGateways("/custom");
+  const tag = "news-" + Date.now();
+  const got = [next(a, "news", (m) => m.tag === tag), next(b, "news", (m) => m.tag === tag)];
+  await publish(url, { nsp: "/custom", broadcast: true, event: "news", data: { tag } });
+  await Promise.all(got);
+});
+
+test("the publish API on one gateway reaches a sid held by another", async () => {
+  const [a] = await onTwoGateways("/");
+  const other = Object.entries(gateways()).find(([id]) => id !== owner(a));
+  const got = next(a, "direct", (m) => m.n === 42);
+  await publish(other[1], { sid: a.id, event: "direct", data: { n: 42 } });
+  await got;
+});
+
+test("open_vm: served by either vm worker, progress and result to the asking client only", async () => {
+  const [a, b] = await onTwoGateways("/vm");
+  const leaked = [];
+  b.on("vm_progress", (p) => leaked.push(p));
+  b.on("vm_response", (r) => leaked.push(r));
+  const progress = [];
+  a.on("vm_progress", (p) => progress.push(p));
+  const response = next(a, "vm_response");
+  const { task_id } = await ack(a, "open_vm", { count: 2, name: "s" });
+  const r = await response;
+  assert.equal(r.task_id, task_id);
+  assert.match(r.worker, /^vm\d+$/);
+  assert.ok(progress.filter((p) => p.task_id === task_id).length >= 8);
+  assert.deepEqual(leaked, []);
+});
+
+test("every request succeeds and events flow both ways", async () => {
+  const [a, b] = await onTwoGateways("/");
+  const room = "busy" + Date.now();
+  await ack(a, "join", room);
+  await ack(b, "join", room);
+  for (let i = 0; i < 30; i++) {
+    assert.equal(await ack(i % 2 ? a : b, "echo", i), i);
+    const got = next(i % 2 ? b : a, "said", (m) => m.text === `t${i}`);
+    await ack(i % 2 ? a : b, "say", { room, text: `t${i}` });
+    await got;
+  }
+  assert.ok(a.connected && b.connected);
+});
+
+test("scaling out while traffic flows: a third gateway and a third vm worker take load", async () => {
+  const busy = await connect("/");
+  let failures = 0, done = false, sent = 0;
+  const loop = (async () => {
+    for (let i = 0; !done && i < 2000; i++, sent++) {
+      try { if (await ack(busy, "echo", i) !== i) failures++; } catch { failures++; }
+    }
+  })();
+  execFileSync(`${process.env.SIDECAST_DEPLOY}/add.sh`, ["gateway", "--run-dir", runDir]);
+  execFileSync(`${process.env.SIDECAST_DEPLOY}/add.sh`, ["vm", "--run-dir", runDir]);
+  const owners = new Set();
+  for (let i = 0; i < 12 && !owners.has("gw3"); i++) owners.add(owner(await connect("/")));
+  assert.ok(owners.has("gw3"), "new handshakes reach the new gateway: " + [...owners]);
+  const v = await connect("/vm");
+  const workers = new Set();
+  for (let i = 0; i < 10 && !workers.has("vm3"); i++) {
+    const responses = [];
+    v.on("vm_response", (r) => responses.push(r));
+    const ids = await Promise.all([1, 2, 3].map(() => ack(v, "open_vm", { count: 1, name: "n" })));
+    await new Promise((resolve) => { const t = setInterval(() => { if (responses.length >= ids.length) { clearInterval(t); resolve(); } }, 20); });
+    responses.forEach((r) => workers.add(r.worker));
+    v.off("vm_response");
+  }
+  assert.ok(workers.has("vm3"), "the new vm worker takes tasks: " + [...workers]);
+  done = true;
+  await loop;
+  assert.ok(sent > 0);
+  assert.equal(failures, 0, "no request failed while the tiers grew");
+});
+
+test("with a balancer that ignores the sid, gateways relayed foreign sids", { skip: !roundRobin }, async () => {
+  let forwarded = 0;
+  for (const base of Object.values(gateways())) {
+    const text = await (await fetch(`${base}/metrics`)).text();
+    const m = text.match(/^sidecast_gateway_forwarded_total (\d+)/m);
+    forwarded += m ? Number(m[1]) : 0;
+  }
+  assert.ok(forwarded > 0, "polling requests reached gateways that do not own their sid");
+});
