@@ -33,6 +33,9 @@ async function onTwoGateways(nsp) {
   for (let i = 0; i < 10 && by.size < 2; i++) {
     const s = await connect(nsp);
     if (!by.has(owner(s))) by.set(owner(s), s);
+    // A round-robin balancer counts requests, not clients: shift its phase
+    // so the next handshake can land elsewhere.
+    await fetch(`${url}/healthz`);
   }
   assert.equal(by.size, 2, "handshakes are spread over the gateways");
   return [...by.values()];
@@ -121,7 +124,10 @@ test("scaling out while traffic flows: a third gateway and a third vm worker tak
   execFileSync(`${process.env.SIDECAST_DEPLOY}/add.sh`, ["gateway", "--run-dir", runDir]);
   execFileSync(`${process.env.SIDECAST_DEPLOY}/add.sh`, ["vm", "--run-dir", runDir]);
   const owners = new Set();
-  for (let i = 0; i < 12 && !owners.has("gw3"); i++) owners.add(owner(await connect("/")));
+  for (let i = 0; i < 12 && !owners.has("gw3"); i++) {
+    owners.add(owner(await connect("/")));
+    await fetch(`${url}/healthz`);  // shift a round-robin balancer's phase (see onTwoGateways)
+  }
   assert.ok(owners.has("gw3"), "new handshakes reach the new gateway: " + [...owners]);
   const v = await connect("/vm");
   const workers = new Set();
