@@ -30,6 +30,15 @@ terminate_signals::~terminate_signals() {
   }
 }
 
+int terminate_signals::wait() {
+  auto set = terminate_set();
+  sigdelset(&set, SIGUSR1);
+  int sig = 0;
+  while (sigwait(&set, &sig) != 0) {
+  }
+  return sig;
+}
+
 void terminate_signals::start(std::function<void(int)> on_signal) {
   thread_ = std::thread([on_signal = std::move(on_signal)] {
     auto set = terminate_set();

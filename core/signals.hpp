@@ -16,6 +16,9 @@ class terminate_signals {
 
   /// Starts the waiting thread; `on_signal` runs on it for the first signal.
   void start(std::function<void(int)> on_signal);
+  /// Blocks the calling thread until SIGINT or SIGTERM; returns the signal.
+  /// For mains whose work runs on other threads.
+  int wait();
 
  private:
   std::thread thread_;

@@ -1,9 +1,6 @@
 // sidecast: the all-in-one binary. `sidecast demo` runs the broker, a gateway
 // and the built-in workers in one process over inproc:// sockets — the same
 // code as the separate binaries, with no network between the parts.
-#include <condition_variable>
-#include <mutex>
-
 #include <spdlog/spdlog.h>
 
 #include "broker/broker.hpp"
@@ -52,19 +49,7 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   spdlog::info("gateway : Socket.IO at /socket.io/, /ws, /api/v1, /metrics");
   spdlog::info("demo    : open http://{}:{}/  (Ctrl-C stops)", hp->host, gw.port());
 
-  std::mutex m;
-  std::condition_variable cv;
-  bool stop = false;
-  signals.start([&](int sig) {
-    spdlog::info("signal {}: stopping", sig);
-    std::lock_guard lock{m};
-    stop = true;
-    cv.notify_all();
-  });
-  {
-    std::unique_lock lock{m};
-    cv.wait(lock, [&] { return stop; });
-  }
+  spdlog::info("signal {}: stopping", signals.wait());
   gw.stop();
   w.stop();
   b.stop();

@@ -28,17 +28,7 @@ int main(int argc, char** argv) {
     auto registry = std::make_shared<prometheus::Registry>();
     gateway::gateway gw{config, context, registry};
     gw.start();
-    std::mutex m;
-    std::condition_variable cv;
-    bool stop = false;
-    signals.start([&](int sig) {
-      spdlog::info("signal {}: stopping", sig);
-      std::lock_guard lock{m};
-      stop = true;
-      cv.notify_all();
-    });
-    std::unique_lock lock{m};
-    cv.wait(lock, [&] { return stop; });
+    spdlog::info("signal {}: stopping", signals.wait());
     gw.stop();
   } catch (const std::exception& e) {
     spdlog::critical("gateway failed: {}", e.what());

@@ -18,18 +18,8 @@ done
 [[ -f $run_dir/env ]] || { echo "add.sh: no topology in $run_dir (run up.sh)" >&2; exit 1; }
 # shellcheck source=/dev/null
 source "$run_dir/env"
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-start() {
-  local name=$1; shift
-  setsid "$@" > "$run_dir/$name.log" 2>&1 < /dev/null &
-  echo "$name $!" >> "$run_dir/pids"
-}
-healthy() { /usr/bin/python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" 2>/dev/null; }
-wait_healthy() {
-  for _ in $(seq 150); do healthy "$1" && return 0; sleep 0.1; done
-  echo "add.sh: $2 did not become healthy ($1); see $run_dir/$2.log" >&2
-  exit 1
-}
+# shellcheck source=lib.sh
+source "$here/lib.sh"
 count() { grep -c "^$1" "$run_dir/pids" || true; }
 worker() { # NAME SERVICE...
   local name=$1; shift
@@ -85,7 +75,7 @@ start_balancer() {
   else
     setsid haproxy -f "$run_dir/haproxy.cfg" -D > "$run_dir/balancer.log" 2>&1 < /dev/null
   fi
-  wait_healthy "http://127.0.0.1:$PORT/healthz" balancer
+  wait_healthy "http://127.0.0.1:$PORT/healthz" balancer || exit 1
 }
 
 case "$part" in
@@ -94,7 +84,7 @@ case "$part" in
     id=gw$n gport=$(free_port)
     start "$id" "$BIN/sidecast-gateway" --gateway-id "$id" --http "127.0.0.1:$gport" --broker "$ROUTER" \
       --events "$XPUB" --api-key "$API_KEY"
-    wait_healthy "http://127.0.0.1:$gport/healthz" "$id"
+    wait_healthy "http://127.0.0.1:$gport/healthz" "$id" || exit 1
     echo "$id $gport" >> "$run_dir/gateways"
     if (( reload )); then start_balancer; fi
     echo "$id http://127.0.0.1:$gport"

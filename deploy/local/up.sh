@@ -39,20 +39,9 @@ if [[ -f $run_dir/pids ]]; then echo "up.sh: $run_dir holds a running topology; 
 mkdir -p "$run_dir"
 : > "$run_dir/pids"
 
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# start NAME CMD...: runs detached, logs to NAME.log, records "NAME PID".
-start() {
-  local name=$1; shift
-  setsid "$@" > "$run_dir/$name.log" 2>&1 < /dev/null &
-  echo "$name $!" >> "$run_dir/pids"
-}
-healthy() { /usr/bin/python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$1" 2>/dev/null; }
-wait_healthy() { # URL NAME
-  for _ in $(seq 150); do healthy "$1" && return 0; sleep 0.1; done
-  echo "up.sh: $2 did not become healthy ($1); logs in $run_dir" >&2
-  "$here/down.sh" --run-dir "$run_dir" >&2
-  exit 1
-}
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+fail() { "$here/down.sh" --run-dir "$run_dir" >&2; exit 1; }
 
 cat > "$run_dir/env" <<ENV
 ROUTER=tcp://127.0.0.1:$(free_port)
@@ -70,11 +59,8 @@ ENV
 source "$run_dir/env"
 
 start broker "$bin/sidecast-broker" --router "$ROUTER" --xsub "$XSUB" --xpub "$XPUB" --http "$BROKER_HTTP"
-wait_healthy "http://$BROKER_HTTP/healthz" broker
-"$here/add.sh" worker-demo --run-dir "$run_dir"
-"$here/add.sh" worker-chat --run-dir "$run_dir"
-"$here/add.sh" vm --run-dir "$run_dir"
-"$here/add.sh" vm --run-dir "$run_dir"
-for _ in $(seq "$gateways"); do "$here/add.sh" gateway --run-dir "$run_dir" --no-reload; done
-"$here/add.sh" balancer --run-dir "$run_dir"
+wait_healthy "http://$BROKER_HTTP/healthz" broker || fail
+for part in worker-demo worker-chat vm vm; do "$here/add.sh" "$part" --run-dir "$run_dir" || fail; done
+for _ in $(seq "$gateways"); do "$here/add.sh" gateway --run-dir "$run_dir" --no-reload || fail; done
+"$here/add.sh" balancer --run-dir "$run_dir" || fail
 echo "sidecast: http://127.0.0.1:$port/  ($gateways gateways behind haproxy, balancer=$balancer; run dir $run_dir)"

@@ -130,7 +130,7 @@ class EngineIoErrors(unittest.TestCase):
         first = {}
         t = threading.Thread(target=lambda: first.update(r=poll(sid, timeout=10)))
         t.start()
-        time.sleep(0.3)
+        time.sleep(1.0)  # let the first GET become the pending one, even on a loaded machine
         status, body, _ = poll(sid)
         self.assertEqual(status, 400)
         t.join(10)
