@@ -50,7 +50,7 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   spdlog::info("demo    : open http://{}:{}/  (Ctrl-C stops)", hp->host, gw.port());
 
   spdlog::info("signal {}: stopping", signals.wait());
-  gw.stop();
+  gw.drain(gw.config().drain_timeout);
   w.stop();
   b.stop();
   broker_thread.join();

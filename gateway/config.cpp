@@ -44,6 +44,8 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->capture_default_str();
   core::add_millis(app, "--request-timeout", c.request_timeout, "Deadline of each event and connect, ms");
   core::add_millis(app, "--idle-timeout", c.idle_timeout, "Close idle HTTP keep-alive connections after, ms");
+  core::add_millis(app, "--drain-timeout", c.drain_timeout,
+                   "On SIGTERM: close client transports, wait this long for them to go, then exit, ms");
   app.add_option("--bridge-queue", c.bridge_queue, "Commands queued from sessions to the ZeroMQ thread")
       ->capture_default_str();
   app.add_option("--cors-origin", c.cors_origins,

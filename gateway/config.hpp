@@ -33,6 +33,7 @@ struct gateway_config {
   std::size_t outbound_bytes = 8 << 20;           // queued bytes per connection before it is dropped
   std::chrono::milliseconds request_timeout{30000};  // deadline of each event / connect request
   std::chrono::milliseconds idle_timeout{60000};     // HTTP keep-alive connections with no request
+  std::chrono::milliseconds drain_timeout{5000};     // on SIGTERM: how long clients get to leave
   std::size_t bridge_queue = 65536;               // commands from sessions to the ZeroMQ thread
   std::vector<std::string> cors_origins;          // allowed browser origins besides same-origin; "*": any
   std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo", "/chat=chat", "/vm=vm"};  // NSP=SERVICE

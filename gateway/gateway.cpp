@@ -140,7 +140,33 @@ void gateway::stop() {
   contexts_.clear();
 }
 
-bool gateway::healthy() const { return bridge_->connected(); }
+void gateway::drain(std::chrono::milliseconds limit) {
+  if (contexts_.empty()) return;
+  draining_ = true;
+  asio::post(acceptor_->get_executor(), [this] {
+    boost::system::error_code ignored;
+    acceptor_->close(ignored);
+  });
+  std::vector<std::shared_ptr<eio_session>> open;
+  {
+    std::lock_guard lock{sessions_mutex_};
+    for (auto& [sid, weak] : sessions_)
+      if (auto s = weak.lock()) open.push_back(std::move(s));
+  }
+  spdlog::info("draining {} sessions (up to {} ms)", open.size(), limit.count());
+  // A closed transport (not a Socket.IO disconnect) makes clients reconnect,
+  // through the balancer, to another gateway.
+  for (auto& s : open) asio::post(s->executor(), [s] { s->close("server shutting down"); });
+  open.clear();
+  auto until = std::chrono::steady_clock::now() + limit;
+  while (session_count() > 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  // Let the last close frames and poll answers leave.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  stop();
+}
+
+bool gateway::healthy() const { return !draining_ && bridge_->connected(); }
 
 const std::string* gateway::service_for(const std::string& nsp) const {
   for (const auto& r : routes_)

@@ -37,6 +37,10 @@ class gateway {
   /// failed bind (start-up errors).
   void start();
   void stop();
+  /// Graceful shutdown: stops accepting, closes every Engine.IO session's
+  /// transport (clients reconnect elsewhere), waits up to `limit` for them to
+  /// go, then stop(). Call from outside the I/O threads.
+  void drain(std::chrono::milliseconds limit);
   unsigned short port() const { return port_; }
   bool healthy() const;
 
@@ -76,6 +80,7 @@ class gateway {
   std::optional<boost::asio::ip::tcp::acceptor> acceptor_;
   std::atomic<std::size_t> next_context_{0};
   unsigned short port_ = 0;
+  std::atomic<bool> draining_{false};
 
   std::mutex sessions_mutex_;
   std::unordered_map<std::string, std::weak_ptr<eio_session>> sessions_;

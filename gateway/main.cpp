@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
     gateway::gateway gw{config, context, registry};
     gw.start();
     spdlog::info("signal {}: stopping", signals.wait());
-    gw.stop();
+    gw.drain(gw.config().drain_timeout);
   } catch (const std::exception& e) {
     spdlog::critical("gateway failed: {}", e.what());
     return 1;
