@@ -1,0 +1,113 @@
+// Faults, and what a client sees through each: a worker killed mid-request,
+// the broker killed and restarted, a gateway stopped with SIGTERM. Every
+// process is started here (SIDECAST_BIN) on free loopback ports.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createServer } from "node:net";
+import { io } from "socket.io-client";
+
+const bin = process.env.SIDECAST_BIN;
+const children = new Set();
+after(() => { for (const c of children) c.kill("SIGKILL"); });
+
+function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer().listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => resolve(port)); });
+  });
+}
+function run(name, args) {
+  const child = spawn(`${bin}/${name}`, [...args, "--log-level", "warn"], { stdio: ["ignore", "inherit", "inherit"] });
+  children.add(child);
+  child.exited = new Promise((resolve) => child.once("exit", (code, signal) => { children.delete(child); resolve({ code, signal }); }));
+  return child;
+}
+async function until(check, ms = 10000) {
+  const end = Date.now() + ms;
+  while (Date.now() < end) { if (await check()) return true; await new Promise((r) => setTimeout(r, 50)); }
+  return false;
+}
+const healthy = (url) => fetch(`${url}/healthz`).then((r) => r.ok, () => false);
+
+async function stack({ workers = 1, gatewayArgs = [] } = {}) {
+  const [router, xsub, xpub, http] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
+  const s = {
+    router: `tcp://127.0.0.1:${router}`, xsub: `tcp://127.0.0.1:${xsub}`, xpub: `tcp://127.0.0.1:${xpub}`,
+    url: `http://127.0.0.1:${http}`, workers: [],
+  };
+  s.startBroker = () => { s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", ""]); };
+  s.startBroker();
+  for (let i = 0; i < workers; i++)
+    s.workers.push(run("sidecast-worker", ["--service", "demo", "--service", "echo", "--capacity", "1", "--id", `w${i}`,
+                                           "--broker", s.router, "--publish", s.xsub]));
+  s.gateway = run("sidecast-gateway", ["--http", `127.0.0.1:${http}`, "--broker", s.router, "--events", s.xpub,
+                                       "--route", "/=demo", "--route", "/echo=echo", ...gatewayArgs]);
+  assert.ok(await until(() => healthy(s.url)), "gateway healthy");
+  return s;
+}
+function connect(url, opts = {}) {
+  const s = io(url, { transports: ["websocket"], forceNew: true, ...opts });
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error("connect timeout")), 10000);
+    s.once("connect", () => { clearTimeout(t); resolve(s); });
+  });
+}
+
+test("worker killed mid-request: the client still gets its ack (retried on the other worker)", async () => {
+  const s = await stack({ workers: 2 });
+  const c = await connect(`${s.url}/echo`);
+  // Both workers are up once two slow requests run at once (capacity 1 each).
+  const acks = [c.timeout(15000).emitWithAck("delay", 1000, "a"), c.timeout(15000).emitWithAck("delay", 1000, "b")];
+  await new Promise((r) => setTimeout(r, 300));
+  s.workers[0].kill("SIGKILL");
+  assert.deepEqual(await Promise.all(acks), ["a", "b"]);
+  assert.ok(c.connected, "the client never noticed");
+  c.close();
+  s.gateway.kill("SIGKILL");
+  s.broker.kill("SIGKILL");
+  s.workers[1].kill("SIGKILL");
+});
+
+test("broker killed and restarted: clients stay connected, every event gets an answer, traffic resumes", async () => {
+  const s = await stack({ workers: 1, gatewayArgs: ["--request-timeout", "4000"] });
+  const c = await connect(s.url);
+  let disconnects = 0;
+  c.on("disconnect", () => disconnects++);
+  assert.equal(await c.timeout(5000).emitWithAck("echo", 1), 1);
+  s.broker.kill("SIGKILL");
+  await s.broker.exited;
+  // While the broker is down the event cannot be served; its answer is the
+  // echo (if it waited for the new broker) or an error ack — never silence.
+  const during = c.timeout(15000).emitWithAck("echo", "during");
+  await new Promise((r) => setTimeout(r, 500));
+  s.startBroker();
+  const answer = await during;
+  assert.ok(answer === "during" || (answer && typeof answer.error === "string"), JSON.stringify(answer));
+  assert.ok(await until(async () => (await c.timeout(2000).emitWithAck("echo", "after").catch(() => null)) === "after", 15000),
+            "traffic resumes once gateway and worker have announced themselves again");
+  assert.equal(disconnects, 0, "a broker restart does not drop client connections");
+  c.close();
+  for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
+});
+
+test("gateway SIGTERM: clients see their transport close (and would reconnect elsewhere); exit within the drain bound", async () => {
+  const s = await stack({ workers: 1, gatewayArgs: ["--drain-timeout", "2000"] });
+  const polling = await connect(s.url, { transports: ["polling"], reconnection: false });
+  const ws = await connect(s.url, { reconnection: false });
+  const reasons = [once(polling, "disconnect"), once(ws, "disconnect")];
+  const started = Date.now();
+  s.gateway.kill("SIGTERM");
+  const got = await Promise.all(reasons);
+  for (const reason of got) assert.notEqual(reason, "io server disconnect", "a transport close, so clients reconnect");
+  const { code } = await s.gateway.exited;
+  assert.equal(code, 0);
+  assert.ok(Date.now() - started < 4000, "exits within the drain timeout");
+  for (const p of [s.broker, ...s.workers]) p.kill("SIGKILL");
+});
+
+function once(socket, event) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`no ${event}`)), 8000);
+    socket.once(event, (x) => { clearTimeout(t); resolve(x); });
+  });
+}
