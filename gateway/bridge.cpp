@@ -261,6 +261,11 @@ void bridge::on_control(const proto::Control& control) {
     case proto::Control::JOIN: {
       auto topic = proto::room_topic(m.nsp, control.room());
       if (std::find(m.topics.begin(), m.topics.end(), topic) == m.topics.end()) {
+        if (m.topics.size() >= config_.max_rooms) {
+          metrics_.room_limit.Increment();
+          report(control.origin(), proto::DeliveryReport::REJECTED, control.sid(), control.ref());
+          return;
+        }
         m.topics.push_back(topic);
         add_to_topic(topic, control.sid());
       }

@@ -36,6 +36,14 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->capture_default_str();
   app.add_option("--max-namespaces", c.max_namespaces, "Namespaces one connection may join")
       ->capture_default_str();
+  app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str();
+  app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str();
+  app.add_option("--max-connections-per-ip", c.max_connections_per_ip, "Open TCP connections from one address")
+      ->capture_default_str();
+  app.add_option("--events-per-second", c.events_per_second,
+                 "Client events per connection per second, sustained (token bucket; 0: no limit)")
+      ->capture_default_str();
+  app.add_option("--events-burst", c.events_burst, "Client events per connection in a burst")->capture_default_str();
   app.add_option("--outbound-messages", c.outbound_messages,
                  "Frames queued for one connection before it is dropped as too slow")
       ->capture_default_str();

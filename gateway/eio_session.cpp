@@ -55,6 +55,14 @@ class sio_socket : public client_socket {
       on_reply(tag, failure(proto::BUSY, "gateway busy"));
   }
 
+  // An event dropped here (rate limit): its ack, if it wants one, is an
+  // error, in its place among the others.
+  void refuse_event(const socketio::packet& p, std::string message) {
+    if (!p.id) return;
+    acks_.push_back(ack_entry{++next_tag_, *p.id, failure(proto::BUSY, std::move(message)), clock::now()});
+    flush_acks();
+  }
+
   void on_ack(socketio::packet p, std::vector<std::string> attachments) {
     auto it = server_acks_.find(*p.id);
     if (it == server_acks_.end()) return;  // unknown or expired: ignored, as Socket.IO does
@@ -197,7 +205,8 @@ eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::stri
       ex_{ex},
       sid_{std::move(sid)},
       ping_timer_{ex},
-      assembler_{gw.config().max_attachments, gw.config().max_payload} {}
+      assembler_{gw.config().max_attachments, gw.config().max_payload},
+      events_{gw.config().events_per_second, gw.config().events_burst} {}
 
 eio_session::~eio_session() = default;
 
@@ -413,7 +422,14 @@ void eio_session::on_socketio_packet(socketio::packet p, std::vector<std::string
   }
   switch (p.type) {
     case socketio::packet_type::event:
-    case socketio::packet_type::binary_event: it->second->on_event(std::move(p), std::move(attachments)); return;
+    case socketio::packet_type::binary_event:
+      if (!events_.take()) {
+        gw_.metrics().rate_limited.Increment();
+        it->second->refuse_event(p, "rate limited: too many events");
+        return;
+      }
+      it->second->on_event(std::move(p), std::move(attachments));
+      return;
     case socketio::packet_type::ack:
     case socketio::packet_type::binary_ack: it->second->on_ack(std::move(p), std::move(attachments)); return;
     case socketio::packet_type::disconnect: {

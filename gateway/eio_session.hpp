@@ -14,6 +14,7 @@
 
 #include "gateway/codec/engineio.hpp"
 #include "gateway/codec/socketio.hpp"
+#include "gateway/limits.hpp"
 #include "gateway/reply_slot.hpp"
 #include "gateway/ws_conn.hpp"
 
@@ -75,6 +76,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   boost::asio::steady_timer ping_timer_;
   bool awaiting_pong_ = false;
   socketio::binary_assembler assembler_;
+  token_bucket events_;  // client events, all namespaces of the connection
   std::map<std::string, std::shared_ptr<sio_socket>> sockets_;  // by namespace
   bool closed_ = false;
 };

@@ -28,7 +28,11 @@ std::string random_token(std::size_t n) {
 }  // namespace
 
 gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_ptr registry)
-    : config_{std::move(config)}, zmq_{context}, registry_{std::move(registry)}, metrics_{*registry_} {
+    : config_{std::move(config)},
+      zmq_{context},
+      registry_{std::move(registry)},
+      metrics_{*registry_},
+      limits_{config_.max_connections, config_.max_connections_per_ip} {
   if (config_.id.empty()) config_.id = "gw-" + random_token(6);
   std::replace(config_.id.begin(), config_.id.end(), '_', '-');
   if (!proto::valid_peer_id(config_.id))
@@ -102,9 +106,19 @@ void gateway::do_accept() {
   acceptor_->async_accept(ctx, [this](boost::system::error_code ec, asio::ip::tcp::socket socket) {
     if (ec == asio::error::operation_aborted) return;
     if (!ec) {
+      boost::system::error_code peer_ec;
+      auto peer = socket.remote_endpoint(peer_ec);
+      auto slot = peer_ec ? nullptr : limits_.admit(peer.address().to_string());
+      if (!slot) {
+        // Over a connection limit: closed at once, counted.
+        metrics_.connection_limit.Increment();
+        socket.close(peer_ec);
+        do_accept();
+        return;
+      }
       socket.set_option(asio::ip::tcp::no_delay(true));
       auto ex = socket.get_executor();
-      asio::co_spawn(ex, serve_http(*this, std::move(socket)), [](std::exception_ptr e) {
+      asio::co_spawn(ex, serve_http(*this, std::move(socket), std::move(slot)), [](std::exception_ptr e) {
         if (!e) return;
         try {
           std::rethrow_exception(e);

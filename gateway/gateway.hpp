@@ -19,6 +19,7 @@
 #include "core/metrics.hpp"
 #include "gateway/bridge.hpp"
 #include "gateway/config.hpp"
+#include "gateway/limits.hpp"
 #include "gateway/metrics.hpp"
 
 namespace sidecast::gateway {
@@ -81,6 +82,7 @@ class gateway {
   std::atomic<std::size_t> next_context_{0};
   unsigned short port_ = 0;
   std::atomic<bool> draining_{false};
+  connection_limits limits_;
 
   std::mutex sessions_mutex_;
   std::unordered_map<std::string, std::weak_ptr<eio_session>> sessions_;

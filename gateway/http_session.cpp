@@ -217,13 +217,13 @@ asio::awaitable<response> handle(gateway& gw, request& req) {
 
 // `/ws?nsp=/chat&auth={...}`: one plain WebSocket in one namespace.
 std::optional<http_answer> upgrade_plain(gateway& gw, beast::tcp_stream& stream, request& req, std::string nsp,
-                                         std::string auth, const ws_limits& limits) {
+                                         std::string auth, const ws_limits& limits, std::shared_ptr<void> slot) {
   const auto* service = gw.service_for(nsp);
   if (!service) return http_answer{404, "application/json", R"({"message":"Invalid namespace"})"};
   boost::system::error_code ec;
   auto parsed = boost::json::parse(auth, ec);
   if (ec || !parsed.is_object()) return http_answer{400, "application/json", R"({"message":"auth must be a JSON object"})"};
-  auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics());
+  auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics(), std::move(slot));
   auto session = std::make_shared<ws_session>(gw, ws, std::move(nsp), *service, std::move(auth));
   ws->accept(
       std::move(req), [session](std::string data, bool binary) { session->on_message(std::move(data), binary); },
@@ -234,7 +234,7 @@ std::optional<http_answer> upgrade_plain(gateway& gw, beast::tcp_stream& stream,
 
 // Takes the connection over for a WebSocket: an Engine.IO session (direct or
 // an upgrade of a polling one). Returns an error answer when refused.
-std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, request& req) {
+std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, request& req, std::shared_ptr<void> slot) {
   auto target = urls::parse_origin_form(req.target());
   if (!target) return http_answer{400, "text/plain", "bad request target\n"};
   auto path = target->path();
@@ -253,7 +253,7 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
   };
   const auto& c = gw.config();
   ws_limits limits{c.max_payload, c.outbound_messages, c.outbound_bytes};
-  if (plain) return upgrade_plain(gw, stream, req, get("nsp").value_or("/"), get("auth").value_or("{}"), limits);
+  if (plain) return upgrade_plain(gw, stream, req, get("nsp").value_or("/"), get("auth").value_or("{}"), limits, slot);
   if (get("EIO") != "4") return eio_error(engineio::error_code::unsupported_protocol_version);
   if (get("transport") != "websocket") return eio_error(engineio::error_code::transport_unknown);
   std::shared_ptr<eio_session> session;
@@ -268,7 +268,7 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
     gw.add_session(session->sid(), session);
     direct = true;
   }
-  auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics());
+  auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics(), std::move(slot));
   // Posted before accept(), so the session knows the socket before its first frame.
   asio::post(session->executor(), [session, ws, direct] {
     if (direct) session->open_websocket(ws);
@@ -304,7 +304,7 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
 
 }  // namespace
 
-asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket) {
+asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot) {
   beast::tcp_stream stream{std::move(socket)};
   beast::flat_buffer buffer;
   const auto& c = gw.config();
@@ -328,7 +328,7 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket) {
     auto req = parser.release();
     stream.expires_never();
     if (beast::websocket::is_upgrade(req)) {
-      auto refused = upgrade(gw, stream, req);
+      auto refused = upgrade(gw, stream, req, slot);
       if (!refused) co_return;  // the ws_conn owns the connection now
       auto res = make_response(req, *refused);
       res.keep_alive(false);

@@ -2,6 +2,8 @@
 // One HTTP connection: reads requests, answers them (Engine.IO polling, the
 // HTTP API, metrics, static files) and hands WebSocket upgrades over to a
 // ws_conn. Requests on one connection are answered in order.
+#include <memory>
+
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
@@ -9,6 +11,8 @@ namespace sidecast::gateway {
 
 class gateway;
 
-boost::asio::awaitable<void> serve_http(gateway& gw, boost::asio::ip::tcp::socket socket);
+/// `slot` is the connection's place under the connection limits; it is
+/// held until the connection (or the WebSocket it became) closes.
+boost::asio::awaitable<void> serve_http(gateway& gw, boost::asio::ip::tcp::socket socket, std::shared_ptr<void> slot);
 
 }  // namespace sidecast::gateway

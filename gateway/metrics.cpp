@@ -36,6 +36,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       oversize{dropped.Add({{"reason", "oversize"}})},
       client_gone{dropped.Add({{"reason", "client_gone"}})},
       api_overflow{dropped.Add({{"reason", "api_buffer_full"}})},
+      connection_limit{dropped.Add({{"reason", "connection_limit"}})},
+      rate_limited{dropped.Add({{"reason", "rate_limited"}})},
+      room_limit{dropped.Add({{"reason", "room_limit"}})},
       forwarded{counter(r, "sidecast_gateway_forwarded_total",
                         "Polling requests for another gateway's sid, relayed through the broker")
                     .Add({})},

@@ -30,6 +30,9 @@ struct gateway_metrics {
   prometheus::Counter& oversize;
   prometheus::Counter& client_gone;
   prometheus::Counter& api_overflow;
+  prometheus::Counter& connection_limit;
+  prometheus::Counter& rate_limited;
+  prometheus::Counter& room_limit;
   prometheus::Counter& forwarded;
   prometheus::Histogram& ack_latency;
   prometheus::Gauge& rooms;

@@ -9,8 +9,8 @@ namespace sidecast::gateway {
 namespace beast = boost::beast;
 namespace websocket = beast::websocket;
 
-ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics)
-    : ws_{std::move(stream)}, limits_{limits}, metrics_{metrics} {}
+ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold)
+    : ws_{std::move(stream)}, limits_{limits}, metrics_{metrics}, hold_{std::move(hold)} {}
 
 void ws_conn::accept(beast::http::request<beast::http::string_body> request, message_handler on_message,
                      close_handler on_close) {
@@ -117,6 +117,7 @@ void ws_conn::finish() {
   beast::get_lowest_layer(ws_).socket().close(ignored);
   if (auto cb = std::move(on_close_)) cb();
   on_message_ = nullptr;
+  hold_.reset();
 }
 
 }  // namespace sidecast::gateway

@@ -36,7 +36,8 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   using message_handler = std::function<void(std::string data, bool binary)>;
   using close_handler = std::function<void()>;
 
-  ws_conn(boost::beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics);
+  /// `hold` lives as long as the connection (its connection-limit slot).
+  ws_conn(boost::beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold = {});
 
   /// Completes the upgrade `request`, then reads until the peer goes away.
   /// Handlers run on this connection's executor.
@@ -72,6 +73,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   bool writing_ = false;
   bool closing_ = false;
   bool finished_ = false;
+  std::shared_ptr<void> hold_;
 };
 
 }  // namespace sidecast::gateway

@@ -16,7 +16,9 @@ constexpr std::size_t max_pending_replies = 1024;
 
 ws_session::ws_session(gateway& gw, std::shared_ptr<ws_conn> ws, std::string nsp, std::string service,
                        std::string auth)
-    : client_socket{gw, ws->executor(), std::move(nsp), std::move(service), std::move(auth)}, ws_{std::move(ws)} {}
+    : client_socket{gw, ws->executor(), std::move(nsp), std::move(service), std::move(auth)},
+      ws_{std::move(ws)},
+      events_{gw.config().events_per_second, gw.config().events_burst} {}
 
 void ws_session::start() {
   gw_.metrics().plain_ws.Increment();
@@ -47,6 +49,11 @@ void ws_session::on_message(std::string data, bool binary) {
   }
   if (!connected()) {
     send_error(f->id.value_or(""), "not connected yet");
+    return;
+  }
+  if (!events_.take()) {
+    gw_.metrics().rate_limited.Increment();
+    send_error(f->id.value_or(""), "rate limited: too many events");
     return;
   }
   if (f->nsp != nsp()) {

@@ -7,6 +7,7 @@
 #include <unordered_map>
 
 #include "gateway/client_socket.hpp"
+#include "gateway/limits.hpp"
 #include "gateway/ws_conn.hpp"
 
 namespace sidecast::gateway {
@@ -32,6 +33,7 @@ class ws_session : public client_socket {
   void send_error(std::string_view id_json, std::string message);
 
   std::shared_ptr<ws_conn> ws_;
+  token_bucket events_;
   std::uint64_t next_tag_ = 0;
   std::unordered_map<std::uint64_t, std::string> ids_;  // tag -> the client's id (JSON text)
 };

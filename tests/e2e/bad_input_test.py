@@ -252,6 +252,40 @@ class StaticFiles(unittest.TestCase):
         self.assertEqual(request("GET", "/%2e%2e/%2e%2e/etc/passwd")[0], 404)
 
 
+class Limits(unittest.TestCase):
+    def test_events_over_the_rate_get_an_error_ack_in_order(self):
+        sid = connected_session()
+        # One POST with 300 events: the burst (200 by default) passes, the rest
+        # is refused, each with an error ack in its place.
+        post(sid, SEP.join(f'42{i}["echo",{i}]' for i in range(300)))
+        acks = {}
+        deadline = time.time() + 10
+        while len(acks) < 300 and time.time() < deadline:
+            status, body, _ = poll(sid)
+            for packet in body.split(SEP):
+                if packet.startswith("43"):
+                    digits = len(packet) - len(packet[2:].lstrip("0123456789"))
+                    acks[int(packet[2:digits])] = json.loads(packet[digits:])
+        self.assertEqual(len(acks), 300)
+        refused = [i for i, a in acks.items() if isinstance(a[0], dict) and "rate limited" in a[0].get("message", "")]
+        self.assertGreaterEqual(len(refused), 90)
+        self.assertEqual(sorted(set(acks) - set(refused))[:10], list(range(10)), "the first events pass")
+
+    def test_rooms_per_socket_are_capped(self):
+        sid = connected_session()
+        acked = 0
+        for start in range(0, 257, 100):  # in batches the event rate allows
+            end = min(start + 100, 257)
+            post(sid, SEP.join(f'42{i}["join","room-{i}"]' for i in range(start, end)))
+            deadline = time.time() + 10
+            while acked < end and time.time() < deadline:
+                acked += sum(1 for p in poll(sid)[1].split(SEP) if p.startswith("43"))
+            time.sleep(1.0)
+        self.assertEqual(acked, 257)
+        status, body, _ = request("GET", "/metrics")
+        self.assertIn('sidecast_gateway_dropped_total{reason="room_limit"} 1', body)
+
+
 class StillServing(unittest.TestCase):
     def test_zz_gateway_still_serves_everyone(self):
         self.assertTrue(echo_works())
