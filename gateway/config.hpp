@@ -32,8 +32,8 @@ struct gateway_config {
   std::size_t max_rooms = 256;                    // rooms one socket may be in
   std::size_t max_connections = 50000;            // open TCP connections
   std::size_t max_connections_per_ip = 1000;      // open TCP connections from one address
-  double events_per_second = 100;                 // client events per connection, sustained (token bucket)
-  double events_burst = 200;                      // ... and in a burst
+  double events_per_second = 1000;                // client events per connection, sustained (token bucket)
+  double events_burst = 2000;                     // ... and in a burst
   std::size_t outbound_messages = 4096;           // queued frames per connection before it is dropped
   std::size_t outbound_bytes = 8 << 20;           // queued bytes per connection before it is dropped
   std::chrono::milliseconds request_timeout{30000};  // deadline of each event / connect request

@@ -255,8 +255,8 @@ class StaticFiles(unittest.TestCase):
 class Limits(unittest.TestCase):
     def test_events_over_the_rate_get_an_error_ack_in_order(self):
         sid = connected_session()
-        # One POST with 300 events: the burst (200 by default) passes, the rest
-        # is refused, each with an error ack in its place.
+        # One POST with 300 events: the burst (tests/e2e/stack sets 200) passes,
+        # the rest is refused, each with an error ack in its place.
         post(sid, SEP.join(f'42{i}["echo",{i}]' for i in range(300)))
         acks = {}
         deadline = time.time() + 10

@@ -123,6 +123,7 @@ test("scaling out while traffic flows: a third gateway and a third vm worker tak
   const loop = (async () => {
     for (let i = 0; !done && i < 2000; i++, sent++) {
       try { if (await ack(busy, "echo", i) !== i) failures++; } catch { failures++; }
+      await new Promise((r) => setTimeout(r, 2));  // steady traffic, well under the event rate limit
     }
   })();
   execFileSync(`${process.env.SIDECAST_DEPLOY}/add.sh`, ["gateway", "--run-dir", runDir]);
