@@ -14,7 +14,8 @@ function(sidecast_apply_defaults target)
 endfunction()
 
 if(SIDECAST_SANITIZE)
-  add_compile_options(-fsanitize=${SIDECAST_SANITIZE} -fno-omit-frame-pointer)
+  # Undefined behaviour aborts, so a test that hits it fails instead of printing.
+  add_compile_options(-fsanitize=${SIDECAST_SANITIZE} -fno-sanitize-recover=all -fno-omit-frame-pointer)
   add_link_options(-fsanitize=${SIDECAST_SANITIZE})
   if(CMAKE_CXX_COMPILER_ID STREQUAL "Clang")
     # clang's function sanitizer misfires on coroutine frames.
