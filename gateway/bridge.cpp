@@ -17,15 +17,25 @@ using clock = std::chrono::steady_clock;
 
 // ---- outbound_event ----
 
-const std::string& outbound_event::socketio_frame() const {
-  std::call_once(sio_once_, [this] {
+const std::string& outbound_event::socketio_frame(bool with_offset) const {
+  auto encode = [this](bool offset) {
     socketio::packet p;
     p.type = attachments_.empty() ? socketio::packet_type::event : socketio::packet_type::binary_event;
     p.nsp = nsp_;
     p.data = socketio::join_event(event_, args_);
+    if (offset) {
+      // [name, ...args] -> [name, ...args, "<offset>"]
+      p.data.pop_back();
+      p.data += ",\"" + std::to_string(offset_) + "\"]";
+    }
     p.attachments = attachments_.size();
-    sio_ = "4" + socketio::encode(p);
-  });
+    return "4" + socketio::encode(p);
+  };
+  if (with_offset) {
+    std::call_once(sio_offset_once_, [&] { sio_offset_ = encode(true); });
+    return sio_offset_;
+  }
+  std::call_once(sio_once_, [&] { sio_ = encode(false); });
   return sio_;
 }
 
@@ -66,11 +76,17 @@ bool bridge::post(std::function<void()> command) {
   return true;
 }
 
-bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink) {
-  return post([this, sid = std::move(sid), nsp = std::move(nsp), sink = std::move(sink)]() mutable {
-    auto topic = proto::namespace_topic(nsp);
-    members_[sid] = member{std::move(sink), std::move(nsp), {}};
-    add_to_topic(topic, sid);
+bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink, std::function<void()> after) {
+  return post([this, sid = std::move(sid), nsp = std::move(nsp), sink = std::move(sink), after = std::move(after)]() mutable {
+    if (auto it = members_.find(sid); it != members_.end()) {
+      // A recovered socket takes the sid over, rooms and all.
+      it->second.sink = std::move(sink);
+    } else {
+      auto topic = proto::namespace_topic(nsp);
+      members_[sid] = member{std::move(sink), std::move(nsp), {}};
+      add_to_topic(topic, sid);
+    }
+    if (after) after();
   });
 }
 
@@ -243,7 +259,7 @@ void bridge::deliver_emit(const proto::Emit& emit) {
   }
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),
-      std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()));
+      std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
   boost::asio::post(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
     sink->deliver(std::move(ev), std::move(ack));
   });
@@ -300,7 +316,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
   std::unordered_set<std::string_view> except(emit.except_sids().begin(), emit.except_sids().end());
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),
-      std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()));
+      std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
   // One post per executor (I/O thread), not per member.
   std::vector<std::pair<boost::asio::any_io_executor, std::vector<std::shared_ptr<client_sink>>>> groups;
   for (const auto& sid : members->second) {

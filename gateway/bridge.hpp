@@ -43,7 +43,10 @@ class bridge {
   // Thread-safe. Each returns false when the command queue is full (counted).
 
   /// Makes `sid` reachable for addressed traffic and namespace broadcasts.
-  bool attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink);
+  /// For a sid already attached, `sink` takes it over with its rooms; then
+  /// `after` runs on the bridge thread: whatever the bridge delivered to the
+  /// previous sink was posted before anything `after` posts.
+  bool attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink, std::function<void()> after = {});
   /// Forgets `sid` and its rooms; replies still on their way are dropped.
   bool detach(std::string sid);
   /// Sends a Request or a Lifecycle CONNECT; the Reply reaches
@@ -95,6 +98,7 @@ class bridge {
   gateway_metrics& metrics_;
   std::string id_;
   std::atomic<std::uint64_t> next_id_{0};
+  std::uint64_t offset_ = 0;  // bridge thread: offsets of outbound events
   core::bounded_queue<std::function<void()>> commands_;
   core::wakeup wake_;
   std::thread thread_;

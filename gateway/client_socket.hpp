@@ -15,17 +15,21 @@ namespace sidecast::gateway {
 
 class client_socket : public client_sink, public std::enable_shared_from_this<client_socket> {
  public:
-  client_socket(gateway& gw, boost::asio::any_io_executor ex, std::string nsp, std::string service, std::string auth)
+  /// `sid` empty: a fresh one (a recovered socket passes its old sid).
+  client_socket(gateway& gw, boost::asio::any_io_executor ex, std::string nsp, std::string service, std::string auth,
+                std::string sid = {})
       : gw_{gw},
         ex_{std::move(ex)},
         nsp_{std::move(nsp)},
         service_{std::move(service)},
         auth_{std::move(auth)},
-        sid_{gw.new_sid()} {}
+        sid_{sid.empty() ? gw.new_sid() : std::move(sid)} {}
 
   boost::asio::any_io_executor executor() const override { return ex_; }
   const std::string& sid() const { return sid_; }
   const std::string& nsp() const { return nsp_; }
+  const std::string& service() const { return service_; }
+  const std::string& auth() const { return auth_; }
   bool connected() const { return state_ == state::connected; }
   bool closed() const { return state_ == state::closed; }
 
@@ -45,6 +49,8 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   virtual void on_connect_answer(proto::Reply reply) = 0;
   virtual void on_reply(std::uint64_t tag, proto::Reply reply) = 0;
   void mark_connected() { state_ = state::connected; }
+  /// Ends the socket without a word to anyone: another object took it over.
+  void hand_off() { state_ = state::closed; }
 
   gateway& gw_;
 

@@ -60,6 +60,12 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "Browser origin allowed besides the gateway's own (repeatable; '*' allows any)");
   app.add_option("--route", c.routes, "Namespace served by a service, NSP=SERVICE (repeatable)")
       ->capture_default_str();
+  app.add_option("--recovery", c.recovery,
+                 "Namespace with Socket.IO connection-state recovery (repeatable; every event then carries an offset)")
+      ->capture_default_str();
+  core::add_millis(app, "--recovery-window", c.recovery_window, "How long a dropped socket can be recovered, ms");
+  app.add_option("--recovery-buffer", c.recovery_buffer, "Events kept per recoverable socket for replay")
+      ->capture_default_str();
   app.add_option("--api-key", c.api_keys, "Key accepted by POST /api/v1/publish (repeatable)");
   core::add_millis(app, "--api-session-ttl", c.api_session_ttl, "Close API sessions not polled for, ms");
   app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str();

@@ -42,6 +42,9 @@ struct gateway_config {
   std::size_t bridge_queue = 65536;               // commands from sessions to the ZeroMQ thread
   std::vector<std::string> cors_origins;          // allowed browser origins besides same-origin; "*": any
   std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo", "/chat=chat", "/vm=vm"};  // NSP=SERVICE
+  std::vector<std::string> recovery = {"/vm", "/chat"};  // namespaces with connection-state recovery
+  std::chrono::milliseconds recovery_window{120000};    // how long a dropped socket waits to be recovered
+  std::size_t recovery_buffer = 1000;                   // events kept per socket for replay
   std::vector<std::string> api_keys;              // keys accepted by POST /api/v1/publish
   std::chrono::milliseconds api_session_ttl{60000};  // an API session not polled this long is closed
   std::size_t api_buffer = 1024;                  // events buffered per API session

@@ -1,5 +1,7 @@
 #include "gateway/eio_session.hpp"
 
+#include <charconv>
+
 #include <boost/json.hpp>
 #include <spdlog/spdlog.h>
 
@@ -34,8 +36,55 @@ constexpr std::size_t max_server_acks = 1024;
 // One Socket.IO namespace socket on an Engine.IO session.
 class sio_socket : public client_socket {
  public:
-  sio_socket(std::shared_ptr<eio_session> eio, std::string nsp, std::string service, std::string auth)
-      : client_socket{eio->gw(), eio->executor(), std::move(nsp), std::move(service), std::move(auth)}, eio_{eio} {}
+  /// `sid` and `pid` are given when the socket recovers an earlier one.
+  sio_socket(std::shared_ptr<eio_session> eio, std::string nsp, std::string service, std::string auth,
+             std::string sid = {}, std::string pid = {})
+      : client_socket{eio->gw(), eio->executor(), std::move(nsp), std::move(service), std::move(auth), std::move(sid)},
+        eio_{eio},
+        recoverable_{gw_.recovery_for(this->nsp())},
+        pid_{recoverable_ && pid.empty() ? gw_.new_sid() : std::move(pid)},
+        expiry_{eio->executor()} {}
+
+  // ---- connection-state recovery ----
+
+  /// Connected in a namespace with recovery: worth keeping when the transport drops.
+  bool recoverable() const { return recoverable_ && connected() && !detached_; }
+  const std::string& pid() const { return pid_; }
+
+  /// The transport is gone: keep the sid, its rooms and what it is sent
+  /// (up to --recovery-buffer events) for --recovery-window, then give up.
+  void detach() {
+    detached_ = true;
+    eio_.reset();
+    gw_.park(pid_, std::static_pointer_cast<client_socket>(shared_from_this()));
+    expiry_.expires_after(gw_.config().recovery_window);
+    expiry_.async_wait([self = std::static_pointer_cast<sio_socket>(shared_from_this())](boost::system::error_code ec) {
+      if (ec || self->gw_.unpark(self->pid_) != self) return;  // recovered meanwhile
+      self->end("transport close");
+    });
+  }
+
+  /// This (new) socket takes over `old`, parked on its own thread: the
+  /// bridge moves the sid here, then `old` hands its events over.
+  void recover(std::shared_ptr<sio_socket> old, std::uint64_t offset) {
+    recovering_ = true;
+    std::weak_ptr<sio_socket> self = std::static_pointer_cast<sio_socket>(shared_from_this());
+    bool queued = gw_.link().attach(sid(), nsp(), self, [old, self, offset] {
+      // On the bridge thread, after the swap: every delivery to `old` was
+      // posted before this.
+      boost::asio::post(old->executor(), [old, self, offset] {
+        auto events = old->hand_over();
+        if (auto fresh = self.lock())
+          boost::asio::post(fresh->executor(), [fresh, events = std::move(events), offset]() mutable {
+            fresh->resume(std::move(events), offset);
+          });
+      });
+    });
+    if (!queued) {
+      gw_.park(old->pid(), old);
+      on_connect_answer(failure(proto::BUSY, "gateway busy"));
+    }
+  }
 
   void on_event(socketio::packet p, std::vector<std::string> attachments) {
     auto split = socketio::split_event(p.data);
@@ -79,21 +128,26 @@ class sio_socket : public client_socket {
 
   void deliver(std::shared_ptr<const outbound_event> ev, std::string ack_id) override {
     if (closed()) return;
+    if (recovering_) {
+      // Arrived for the sid after the take-over, before the old socket's
+      // events: sent after them.
+      if (ack_id.empty() && pending_.size() < gw_.config().recovery_buffer) pending_.push_back(std::move(ev));
+      return;
+    }
     if (!connected()) {
       // Emitted while the connect hook runs: sent right after the CONNECT answer.
       if (early_.size() < max_early_events) early_.emplace_back(std::move(ev), std::move(ack_id));
       return;
     }
+    if (ack_id.empty() && recoverable_) {
+      remember(ev);
+      if (detached_) return;
+    }
     auto eio = eio_.lock();
     if (!eio) return;
     gw_.metrics().sio_out.Increment();
     if (ack_id.empty()) {
-      // The shared frame: encoded once for every receiver of a broadcast.
-      std::vector<frame> frames;
-      frames.push_back(frame{std::shared_ptr<const std::string>(ev, &ev->socketio_frame()), false});
-      for (const auto& a : ev->attachments())
-        frames.push_back(frame{std::shared_ptr<const std::string>(ev, &a), true});
-      eio->send(std::move(frames));
+      send_shared(*eio, ev);
       return;
     }
     socketio::packet p;
@@ -108,7 +162,7 @@ class sio_socket : public client_socket {
   }
 
   void deliver_disconnect() override {
-    if (!connected()) return;
+    if (!connected() || detached_) return;
     if (auto eio = eio_.lock()) {
       socketio::packet p;
       p.type = socketio::packet_type::disconnect;
@@ -136,7 +190,9 @@ class sio_socket : public client_socket {
     }
     mark_connected();
     p.type = socketio::packet_type::connect;
-    p.data = json::serialize(json::object{{"sid", sid()}});
+    json::object answer{{"sid", sid()}};
+    if (recoverable_) answer["pid"] = pid_;
+    p.data = json::serialize(answer);
     eio->send_socketio(p);
     for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
   }
@@ -190,7 +246,57 @@ class sio_socket : public client_socket {
     }
   }
 
+  // The event frame shared by every receiver of a broadcast, encoded once
+  // (with the offset in namespaces with recovery).
+  void send_shared(eio_session& eio, const std::shared_ptr<const outbound_event>& ev) {
+    std::vector<frame> frames;
+    frames.push_back(frame{std::shared_ptr<const std::string>(ev, &ev->socketio_frame(recoverable_)), false});
+    for (const auto& a : ev->attachments()) frames.push_back(frame{std::shared_ptr<const std::string>(ev, &a), true});
+    eio.send(std::move(frames));
+  }
+
+  void remember(const std::shared_ptr<const outbound_event>& ev) {
+    replay_.push_back(ev);
+    if (replay_.size() > gw_.config().recovery_buffer) replay_.pop_front();
+  }
+
+  /// On the old socket's thread: it ends here, silently; its events go on.
+  std::deque<std::shared_ptr<const outbound_event>> hand_over() {
+    hand_off();
+    expiry_.cancel();
+    return std::move(replay_);
+  }
+
+  /// On the new socket's thread: the client learns it recovered, then gets
+  /// what it missed (offset past the one it saw), then what came meanwhile.
+  void resume(std::deque<std::shared_ptr<const outbound_event>> events, std::uint64_t offset) {
+    recovering_ = false;
+    auto eio = eio_.lock();
+    if (!eio) return;
+    mark_connected();
+    gw_.metrics().recovered.Increment();
+    socketio::packet p;
+    p.type = socketio::packet_type::connect;
+    p.nsp = nsp();
+    p.data = json::serialize(json::object{{"sid", sid()}, {"pid", pid_}});
+    eio->send_socketio(p);
+    replay_ = std::move(events);
+    for (const auto& ev : replay_)
+      if (ev->offset() > offset) send_shared(*eio, ev);
+    for (auto& ev : std::exchange(pending_, {})) {
+      remember(ev);
+      send_shared(*eio, ev);
+    }
+  }
+
   std::weak_ptr<eio_session> eio_;
+  bool recoverable_;
+  std::string pid_;
+  boost::asio::steady_timer expiry_;
+  bool detached_ = false;
+  bool recovering_ = false;
+  std::deque<std::shared_ptr<const outbound_event>> replay_;   // recent events, by offset
+  std::vector<std::shared_ptr<const outbound_event>> pending_;  // while recovering
   std::deque<ack_entry> acks_;
   std::uint64_t next_tag_ = 0;
   std::unordered_map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's
@@ -461,6 +567,28 @@ void eio_session::on_connect(socketio::packet p) {
     send_socketio(refusal);
     return;
   }
+  if (gw_.recovery_for(p.nsp) && !p.data.empty()) {
+    // A client coming back with {pid, offset} (connection-state recovery).
+    boost::system::error_code ec;
+    auto auth = json::parse(p.data, ec);
+    const json::object* o = !ec && auth.is_object() ? &auth.as_object() : nullptr;
+    auto* pid = o ? o->if_contains("pid") : nullptr;
+    auto* offset = o ? o->if_contains("offset") : nullptr;
+    if (pid && pid->is_string() && offset && offset->is_string()) {
+      auto old = std::static_pointer_cast<sio_socket>(gw_.unpark(std::string{pid->as_string()}));
+      std::uint64_t seen = 0;
+      auto text = std::string_view{offset->as_string()};
+      auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), seen);
+      if (old && old->nsp() == p.nsp && err == std::errc{} && end == text.data() + text.size()) {
+        auto fresh = std::make_shared<sio_socket>(shared_from_this(), p.nsp, old->service(), old->auth(), old->sid(),
+                                                  old->pid());
+        sockets_.emplace(p.nsp, fresh);
+        fresh->recover(std::move(old), seen);
+        return;
+      }
+      if (old) gw_.park(old->pid(), old);  // not this namespace's: leave it be
+    }
+  }
   auto socket = std::make_shared<sio_socket>(shared_from_this(), p.nsp, *service, p.data.empty() ? "{}" : p.data);
   sockets_.emplace(p.nsp, socket);
   socket->begin_connect();
@@ -536,7 +664,10 @@ void eio_session::close(const char* reason) {
   if (closed_) return;
   closed_ = true;
   ping_timer_.cancel();
-  for (auto& [nsp, socket] : std::exchange(sockets_, {})) socket->end(reason);
+  for (auto& [nsp, socket] : std::exchange(sockets_, {})) {
+    if (socket->recoverable() && std::string_view{reason} != "server shutting down") socket->detach();
+    else socket->end(reason);
+  }
   gw_.remove_session(sid_);
   if (transport_ == transport::websocket) {
     gw_.metrics().websocket.Decrement();

@@ -8,6 +8,7 @@
 
 #include "core/config.hpp"
 #include "gateway/api.hpp"
+#include "gateway/client_socket.hpp"
 #include "gateway/eio_session.hpp"
 #include "gateway/http_session.hpp"
 
@@ -149,6 +150,10 @@ void gateway::stop() {
     std::lock_guard lock{sessions_mutex_};
     sessions_.clear();
   }
+  {
+    std::lock_guard lock{parked_mutex_};
+    parked_.clear();
+  }
   acceptor_.reset();
   guards_.clear();
   contexts_.clear();
@@ -209,6 +214,24 @@ std::shared_ptr<eio_session> gateway::find_session(const std::string& sid) {
 std::size_t gateway::session_count() {
   std::lock_guard lock{sessions_mutex_};
   return sessions_.size();
+}
+
+void gateway::park(const std::string& pid, std::shared_ptr<client_socket> socket) {
+  std::lock_guard lock{parked_mutex_};
+  parked_[pid] = std::move(socket);
+}
+
+std::shared_ptr<client_socket> gateway::unpark(const std::string& pid) {
+  std::lock_guard lock{parked_mutex_};
+  auto it = parked_.find(pid);
+  if (it == parked_.end()) return nullptr;
+  auto socket = std::move(it->second);
+  parked_.erase(it);
+  return socket;
+}
+
+bool gateway::recovery_for(const std::string& nsp) const {
+  return std::find(config_.recovery.begin(), config_.recovery.end(), nsp) != config_.recovery.end();
 }
 
 asio::io_context& gateway::next_context() { return *contexts_[next_context_++ % contexts_.size()]; }

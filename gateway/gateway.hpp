@@ -26,6 +26,7 @@ namespace sidecast::gateway {
 
 class eio_session;
 class api;
+class client_socket;
 
 class gateway {
  public:
@@ -64,6 +65,12 @@ class gateway {
 
   boost::asio::io_context& next_context();
 
+  // Sockets waiting to be recovered (Socket.IO connection-state recovery), by pid.
+  void park(const std::string& pid, std::shared_ptr<client_socket> socket);
+  /// Takes a parked socket; nullptr when unknown or already taken/expired.
+  std::shared_ptr<client_socket> unpark(const std::string& pid);
+  bool recovery_for(const std::string& nsp) const;
+
  private:
   void do_accept();
   void serve_forwarded(proto::HttpForward request);
@@ -84,6 +91,8 @@ class gateway {
   std::atomic<bool> draining_{false};
   connection_limits limits_;
 
+  std::mutex parked_mutex_;
+  std::unordered_map<std::string, std::shared_ptr<client_socket>> parked_;
   std::mutex sessions_mutex_;
   std::unordered_map<std::string, std::weak_ptr<eio_session>> sessions_;
 };

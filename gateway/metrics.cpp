@@ -42,6 +42,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       forwarded{counter(r, "sidecast_gateway_forwarded_total",
                         "Polling requests for another gateway's sid, relayed through the broker")
                     .Add({})},
+      recovered{counter(r, "sidecast_gateway_recovered_total",
+                        "Sockets recovered after a dropped transport (connection-state recovery)")
+                    .Add({})},
       ack_latency{prometheus::BuildHistogram()
                       .Name("sidecast_gateway_ack_seconds")
                       .Help("Time from a client's event to its ack")

@@ -34,6 +34,7 @@ struct gateway_metrics {
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
   prometheus::Counter& forwarded;
+  prometheus::Counter& recovered;
   prometheus::Histogram& ack_latency;
   prometheus::Gauge& rooms;
   prometheus::Gauge& broker_connected;

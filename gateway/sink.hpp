@@ -18,24 +18,35 @@ namespace sidecast::gateway {
 /// encoded at most once per wire format (thread-safe, lazily).
 class outbound_event {
  public:
-  outbound_event(std::string nsp, std::string event, std::string args, std::vector<std::string> attachments)
-      : nsp_{std::move(nsp)}, event_{std::move(event)}, args_{std::move(args)}, attachments_{std::move(attachments)} {}
+  outbound_event(std::string nsp, std::string event, std::string args, std::vector<std::string> attachments,
+                 std::uint64_t offset = 0)
+      : nsp_{std::move(nsp)},
+        event_{std::move(event)},
+        args_{std::move(args)},
+        attachments_{std::move(attachments)},
+        offset_{offset} {}
 
   const std::string& nsp() const { return nsp_; }
   const std::string& event() const { return event_; }
   const std::string& args() const { return args_; }  // JSON array text
   const std::vector<std::string>& attachments() const { return attachments_; }
+  /// Position in the gateway's stream of events (increasing); a recoverable
+  /// socket's client acknowledges events by it.
+  std::uint64_t offset() const { return offset_; }
 
-  /// The Engine.IO message "4<Socket.IO EVENT or BINARY_EVENT>" with no ack id.
-  const std::string& socketio_frame() const;
+  /// The Engine.IO message "4<Socket.IO EVENT or BINARY_EVENT>" with no ack id;
+  /// with `with_offset`, the offset is appended as a last string argument
+  /// (Socket.IO connection-state recovery).
+  const std::string& socketio_frame(bool with_offset = false) const;
   /// The /ws JSON frame {"event","data"[,"nsp"]}.
   const std::string& ws_frame() const;
 
  private:
   std::string nsp_, event_, args_;
   std::vector<std::string> attachments_;
-  mutable std::once_flag sio_once_, ws_once_;
-  mutable std::string sio_, ws_;
+  std::uint64_t offset_;
+  mutable std::once_flag sio_once_, sio_offset_once_, ws_once_;
+  mutable std::string sio_, sio_offset_, ws_;
 };
 
 class client_sink {
