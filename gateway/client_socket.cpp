@@ -12,7 +12,35 @@ std::uint32_t millis(std::chrono::milliseconds d) { return static_cast<std::uint
 
 }  // namespace
 
+namespace {
+
+proto::Reply refusal(std::string message) {
+  proto::Reply r;
+  r.set_code(proto::REFUSED);
+  r.set_message(std::move(message));
+  return r;
+}
+
+}  // namespace
+
 void client_socket::begin_connect() {
+  if (gw_.tokens().enabled()) {
+    // The gateway checks the token itself; the service only sees verified users.
+    boost::system::error_code ec;
+    auto auth = boost::json::parse(auth_, ec);
+    auto* token = !ec && auth.is_object() ? auth.as_object().if_contains("token") : nullptr;
+    if (!token || !token->is_string()) {
+      deliver_reply(0, refusal("authentication required: auth.token"));
+      return;
+    }
+    auto claims = gw_.tokens().verify(token->as_string(), std::chrono::system_clock::now());
+    if (!claims) {
+      gw_.metrics().bad_token.Increment();
+      deliver_reply(0, refusal("invalid token: " + claims.error()));
+      return;
+    }
+    user_ = std::move(claims->subject);
+  }
   gw_.link().attach(sid_, nsp_, weak_from_this());
   proto::Envelope env;
   auto* l = env.mutable_lifecycle();
@@ -22,6 +50,7 @@ void client_socket::begin_connect() {
   l->set_sid(sid_);
   l->set_nsp(nsp_);
   l->set_auth(auth_);
+  l->set_user(user_);
   l->set_timeout_ms(millis(gw_.config().request_timeout));
   if (!gw_.link().request(std::move(env), weak_from_this(), 0, gw_.config().request_timeout)) {
     proto::Reply busy;
@@ -45,6 +74,7 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
   r->set_wants_reply(tag != 0);
   r->set_timeout_ms(millis(gw_.config().request_timeout));
   r->set_auth(auth_);
+  r->set_user(user_);
   if (tag == 0) return gw_.link().send(env);
   return gw_.link().request(std::move(env), weak_from_this(), tag, gw_.config().request_timeout);
 }
@@ -63,6 +93,7 @@ void client_socket::end(const std::string& reason) {
   l->set_sid(sid_);
   l->set_nsp(nsp_);
   l->set_reason(reason);
+  l->set_user(user_);
   l->set_timeout_ms(millis(gw_.config().request_timeout));
   gw_.link().send(env);
 }
@@ -74,6 +105,12 @@ void client_socket::deliver_reply(std::uint64_t tag, proto::Reply reply) {
     if (reply.code() != proto::OK) {
       state_ = state::closed;
       gw_.link().detach(sid_);
+    } else if (user_.empty()) {
+      // The connect hook may name the user: {"user": "..."}.
+      boost::system::error_code ec;
+      auto data = boost::json::parse(reply.args(), ec);
+      if (!ec && data.is_object())
+        if (auto* u = data.as_object().if_contains("user"); u && u->is_string()) user_ = std::string{u->as_string()};
     }
     on_connect_answer(std::move(reply));
     return;

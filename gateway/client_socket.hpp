@@ -30,6 +30,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   const std::string& nsp() const { return nsp_; }
   const std::string& service() const { return service_; }
   const std::string& auth() const { return auth_; }
+  const std::string& user() const { return user_; }
   bool connected() const { return state_ == state::connected; }
   bool closed() const { return state_ == state::closed; }
 
@@ -59,6 +60,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
 
   boost::asio::any_io_executor ex_;
   std::string nsp_, service_, auth_, sid_;
+  std::string user_;  // from the JWT's sub, or the connect hook's {"user"}
   state state_ = state::connecting;
 };
 

@@ -66,6 +66,10 @@ void add_options(CLI::App& app, gateway_config& c) {
   core::add_millis(app, "--recovery-window", c.recovery_window, "How long a dropped socket can be recovered, ms");
   app.add_option("--recovery-buffer", c.recovery_buffer, "Events kept per recoverable socket for replay")
       ->capture_default_str();
+  app.add_option("--jwt-secret", c.jwt_secret,
+                 "HS256 secret: every connect must carry auth.token, a JWT signed with it (its sub is the user)");
+  app.add_option("--jwt-public-key", c.jwt_public_key, "RS256: PEM file with the public key that signs connect tokens")
+      ->check(CLI::ExistingFile);
   app.add_option("--api-key", c.api_keys, "Key accepted by POST /api/v1/publish (repeatable)");
   core::add_millis(app, "--api-session-ttl", c.api_session_ttl, "Close API sessions not polled for, ms");
   app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str();

@@ -1,5 +1,7 @@
 #include "gateway/gateway.hpp"
 
+#include <fstream>
+#include <iterator>
 #include <random>
 
 #include <boost/asio/co_spawn.hpp>
@@ -18,6 +20,17 @@ namespace asio = boost::asio;
 
 namespace {
 
+jwt::keys token_keys(const gateway_config& c) {
+  jwt::keys k;
+  k.hs256_secret = c.jwt_secret;
+  if (!c.jwt_public_key.empty()) {
+    std::ifstream f{c.jwt_public_key};
+    if (!f) throw std::invalid_argument("cannot read --jwt-public-key " + c.jwt_public_key);
+    k.rs256_public_pem.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  return k;
+}
+
 std::string random_token(std::size_t n) {
   static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
   thread_local std::mt19937_64 rng{std::random_device{}()};
@@ -33,7 +46,8 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
       zmq_{context},
       registry_{std::move(registry)},
       metrics_{*registry_},
-      limits_{config_.max_connections, config_.max_connections_per_ip} {
+      limits_{config_.max_connections, config_.max_connections_per_ip},
+      tokens_{token_keys(config_)} {
   if (config_.id.empty()) config_.id = "gw-" + random_token(6);
   std::replace(config_.id.begin(), config_.id.end(), '_', '-');
   if (!proto::valid_peer_id(config_.id))

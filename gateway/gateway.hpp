@@ -19,6 +19,7 @@
 #include "core/metrics.hpp"
 #include "gateway/bridge.hpp"
 #include "gateway/config.hpp"
+#include "gateway/jwt.hpp"
 #include "gateway/limits.hpp"
 #include "gateway/metrics.hpp"
 
@@ -51,6 +52,7 @@ class gateway {
   gateway_metrics& metrics() { return metrics_; }
   const core::registry_ptr& registry() const { return registry_; }
   class api& api() { return *api_; }
+  const jwt::verifier& tokens() const { return tokens_; }
 
   /// The service for a namespace, or nullptr when it has no route.
   const std::string* service_for(const std::string& nsp) const;
@@ -90,6 +92,7 @@ class gateway {
   unsigned short port_ = 0;
   std::atomic<bool> draining_{false};
   connection_limits limits_;
+  jwt::verifier tokens_;
 
   std::mutex parked_mutex_;
   std::unordered_map<std::string, std::shared_ptr<client_socket>> parked_;

@@ -33,6 +33,7 @@ struct gateway_metrics {
   prometheus::Counter& connection_limit;
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
+  prometheus::Counter& bad_token;
   prometheus::Counter& forwarded;
   prometheus::Counter& recovered;
   prometheus::Histogram& ack_latency;

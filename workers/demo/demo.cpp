@@ -21,7 +21,9 @@ void whoami(request req) {
   json::error_code ec;
   auto auth = json::parse(req.auth_text(), ec);
   if (ec) auth = json::object{};
-  req.reply(json::array{json::object{{"sid", req.sid()}, {"nsp", req.nsp()}, {"auth", std::move(auth)}}});
+  json::object who{{"sid", req.sid()}, {"nsp", req.nsp()}, {"auth", std::move(auth)}};
+  if (!req.user().empty()) who["user"] = req.user();  // authenticated by the gateway (JWT) or the connect hook
+  req.reply(json::array{std::move(who)});
 }
 
 void membership(request req, bool joining) {

@@ -1,0 +1,47 @@
+// JWT authentication at the gateway: run under tests/e2e/stack with
+// --gateway-arg --jwt-secret --gateway-arg "$SIDECAST_JWT_SECRET".
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import { io } from "socket.io-client";
+
+const url = process.env.SIDECAST_URL;
+const secret = process.env.SIDECAST_JWT_SECRET;
+const sockets = [];
+after(() => sockets.forEach((s) => s.close()));
+
+const b64url = (b) => Buffer.from(b).toString("base64url");
+function token(payload, key = secret, alg = "HS256") {
+  const signed = `${b64url(JSON.stringify({ alg, typ: "JWT" }))}.${b64url(JSON.stringify(payload))}`;
+  return `${signed}.${createHmac("sha256", key).update(signed).digest("base64url")}`;
+}
+function attempt(auth) {
+  const s = io(url, { transports: ["websocket"], auth, reconnection: false, forceNew: true });
+  sockets.push(s);
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error("no answer")), 5000);
+    s.once("connect", () => { clearTimeout(t); resolve({ s }); });
+    s.once("connect_error", (e) => { clearTimeout(t); resolve({ error: e.message }); });
+  });
+}
+const inAMinute = () => Math.floor(Date.now() / 1000) + 60;
+
+test("no token: refused", async () => {
+  assert.equal((await attempt({})).error, "authentication required: auth.token");
+});
+
+test("bad tokens: refused with the reason", async () => {
+  assert.equal((await attempt({ token: token({ sub: "ann" }, "wrong") })).error, "invalid token: bad signature");
+  assert.equal((await attempt({ token: token({ sub: "ann", exp: 1000 }) })).error, "invalid token: token expired");
+  assert.equal((await attempt({ token: "x.y.z" })).error, "invalid token: malformed token");
+  assert.equal((await attempt({ token: token({ sub: "ann" }, secret, "none") })).error,
+               "invalid token: algorithm not accepted: none");
+});
+
+test("a good token: connected, and the user travels with every request", async () => {
+  const { s, error } = await attempt({ token: token({ sub: "ann", exp: inAMinute() }) });
+  assert.equal(error, undefined);
+  const who = await s.timeout(5000).emitWithAck("whoami");
+  assert.equal(who.user, "ann");
+  assert.equal(who.sid, s.id);
+});
