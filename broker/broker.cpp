@@ -129,6 +129,13 @@ broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr
 broker::~broker() = default;
 
 void broker::bind() {
+  if (!config_.curve_secret.empty()) {
+    // The ZAP handler first: CURVE handshakes ask it about every peer.
+    zap_ = std::make_unique<core::zap_handler>(context_, config_.curve_allow);
+    for (auto* s : {&router_, &xsub_, &xpub_}) core::apply_server(*s, config_.curve_secret);
+    spdlog::info("CURVE on: {} allowed peer keys; broker public key {}", config_.curve_allow.size(),
+                 core::curve_public_of(config_.curve_secret));
+  }
   router_.set(zmq::sockopt::router_mandatory, 1);
   router_.set(zmq::sockopt::router_handover, 1);
   router_.set(zmq::sockopt::sndhwm, config_.sndhwm);
@@ -178,14 +185,16 @@ void broker::run() {
         {xsub_.handle(), 0, ZMQ_POLLIN, 0},
         {xpub_.handle(), 0, ZMQ_POLLIN, 0},
         {nullptr, wakeup_.fd(), ZMQ_POLLIN, 0},
+        {zap_ ? zap_->socket().handle() : nullptr, 0, ZMQ_POLLIN, 0},
     };
     try {
-      zmq::poll(items, 4, std::max(timeout, std::chrono::milliseconds(0)));
+      zmq::poll(items, zap_ ? 5 : 4, std::max(timeout, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
       if (e.num() == EINTR) continue;
       throw;
     }
     if (items[3].revents & ZMQ_POLLIN) wakeup_.drain();
+    if (zap_ && (items[4].revents & ZMQ_POLLIN) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
     // One clock reading per turn: messages of a batch share a timestamp.
     now_ = clock::now();
     if (items[0].revents & ZMQ_POLLIN) {

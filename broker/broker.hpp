@@ -7,11 +7,14 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <memory>
 #include <unordered_map>
+#include <vector>
 
 #include <zmq.hpp>
 
 #include "broker/service_table.hpp"
+#include "core/curve.hpp"
 #include "core/log.hpp"
 #include "core/metrics.hpp"
 #include "core/wakeup.hpp"
@@ -31,6 +34,8 @@ struct broker_config {
   int sndhwm = 100000;  // per peer, messages
   int rcvhwm = 100000;
   std::size_t batch = 1024;  // messages handled per socket per loop turn
+  std::string curve_secret;               // set: CURVE on every socket, only `curve_allow` keys admitted
+  std::vector<std::string> curve_allow;   // Z85 public keys of gateways and workers
 };
 
 struct broker_stats {
@@ -98,6 +103,7 @@ class broker {
   zmq::socket_t xsub_;
   zmq::socket_t xpub_;
   core::wakeup wakeup_;
+  std::unique_ptr<core::zap_handler> zap_;
   std::atomic<bool> stopping_{false};
   std::atomic<std::int64_t> last_turn_ns_{0};
 

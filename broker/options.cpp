@@ -26,6 +26,9 @@ void add_options(CLI::App& app, broker_config& c) {
                  "Dispatches of one request before 'worker_lost'")
       ->capture_default_str()
       ->check(CLI::Range(1u, 100u));
+  app.add_option("--curve-secret", c.curve_secret,
+                 "Broker's CURVE secret key (Z85): encrypts every socket and admits only --curve-allow keys");
+  app.add_option("--curve-allow", c.curve_allow, "Public key (Z85) of a gateway or worker allowed in (repeatable)");
   app.add_option("--hwm", c.sndhwm, "Send/receive high-water mark per peer, messages")
       ->capture_default_str()
       ->each([&c](const std::string&) { c.rcvhwm = c.sndhwm; });

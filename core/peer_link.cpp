@@ -18,6 +18,7 @@ void peer_link::connect() {
   socket_.set(zmq::sockopt::linger, 0);
   socket_.set(zmq::sockopt::sndhwm, options_.sndhwm);
   socket_.set(zmq::sockopt::rcvhwm, options_.rcvhwm);
+  apply(socket_, options_.curve);
   socket_.connect(options_.endpoint);
   welcomed_ = false;
   auto now = clock::now();

@@ -12,6 +12,7 @@
 
 #include <zmq.hpp>
 
+#include "core/curve.hpp"
 #include "core/log.hpp"
 #include "proto/codec.hpp"
 
@@ -28,6 +29,7 @@ struct peer_link_options {
   unsigned heartbeat_liveness = 3;
   int sndhwm = 100000;
   int rcvhwm = 100000;
+  curve_client curve;  // empty: no encryption
 };
 
 struct peer_link_stats {

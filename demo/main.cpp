@@ -5,6 +5,7 @@
 
 #include "broker/broker.hpp"
 #include "core/config.hpp"
+#include "core/curve.hpp"
 #include "core/log.hpp"
 #include "core/signals.hpp"
 #include "gateway/gateway.hpp"
@@ -64,6 +65,7 @@ int main(int argc, char** argv) {
   CLI::App app{"sidecast: realtime broker and gateway"};
   app.require_subcommand(1);
   auto* demo = app.add_subcommand("demo", "broker, gateway and the built-in workers in one process");
+  auto* keygen = app.add_subcommand("keygen", "print a new CURVE key pair (Z85) for --curve-* flags");
   gateway::gateway_config config;
   config.static_dir = SIDECAST_WEB_DIR "/public";
   config.client_js = SIDECAST_WEB_DIR "/node_modules/socket.io-client/dist/socket.io.min.js";
@@ -75,6 +77,11 @@ int main(int argc, char** argv) {
   demo->add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   core::finish_app(*demo);
   if (auto code = core::parse(app, argc, argv)) return *code;
+  if (keygen->parsed()) {
+    auto [public_key, secret_key] = core::curve_keypair();
+    std::printf("public = \"%s\"\nsecret = \"%s\"\n", public_key.c_str(), secret_key.c_str());
+    return 0;
+  }
   if (!core::init_logging(log_level, "sidecast")) {
     std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());
     return 2;

@@ -136,10 +136,12 @@ void bridge::run() {
     lo.id = id_;
     lo.role = proto::ROLE_GATEWAY;
     lo.heartbeat_interval = config_.heartbeat_interval;
+    lo.curve = {config_.curve_secret, config_.curve_server_key};
     link_ = std::make_unique<core::peer_link>(context_, lo);
     sub_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::sub);
     sub_->set(zmq::sockopt::linger, 0);
     sub_->set(zmq::sockopt::rcvhwm, 100000);
+    core::apply(*sub_, lo.curve);
     sub_->connect(config_.events);
     std::deque<std::function<void()>> batch;
     while (!stopping_) {

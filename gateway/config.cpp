@@ -66,6 +66,8 @@ void add_options(CLI::App& app, gateway_config& c) {
   core::add_millis(app, "--recovery-window", c.recovery_window, "How long a dropped socket can be recovered, ms");
   app.add_option("--recovery-buffer", c.recovery_buffer, "Events kept per recoverable socket for replay")
       ->capture_default_str();
+  app.add_option("--curve-secret", c.curve_secret, "This gateway's CURVE secret key (Z85)");
+  app.add_option("--curve-server-key", c.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--jwt-secret", c.jwt_secret,
                  "HS256 secret: every connect must carry auth.token, a JWT signed with it (its sub is the user)");
   app.add_option("--jwt-public-key", c.jwt_public_key, "RS256: PEM file with the public key that signs connect tokens")

@@ -46,6 +46,8 @@ struct gateway_config {
   std::chrono::milliseconds recovery_window{120000};    // how long a dropped socket waits to be recovered
   std::size_t recovery_buffer = 1000;                   // events kept per socket for replay
   std::vector<std::string> api_keys;              // keys accepted by POST /api/v1/publish
+  std::string curve_secret;                       // this gateway's CURVE secret key (Z85)
+  std::string curve_server_key;                   // the broker's CURVE public key (Z85)
   std::string jwt_secret;                         // HS256: connects must carry auth.token signed with it
   std::string jwt_public_key;                     // RS256: PEM file of the public key
   std::chrono::milliseconds api_session_ttl{60000};  // an API session not polled this long is closed

@@ -26,6 +26,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();
   app.add_option("--outbox-limit", options.outbox_limit, "Messages handlers may queue for sending")
       ->capture_default_str();
+  app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
+  app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   core::finish_app(app);
   if (auto code = core::parse(app, argc, argv)) return *code;

@@ -182,6 +182,53 @@ TEST_F(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {
   EXPECT_GE(broker_->stats().dropped, 6u);
 }
 
+TEST(Curve, OnlyAllowedKeysGetIn) {
+  auto [broker_public, broker_secret] = core::curve_keypair();
+  auto [worker_public, worker_secret] = core::curve_keypair();
+  auto [client_public, client_secret] = core::curve_keypair();
+  auto [stranger_public, stranger_secret] = core::curve_keypair();
+  int port = free_port(), xsub = free_port(), xpub = free_port();
+  auto endpoint = "tcp://127.0.0.1:" + std::to_string(port);
+  zmq::context_t ctx{1};
+  broker::broker_config config;
+  config.router_endpoint = endpoint;
+  config.xsub_endpoint = "tcp://127.0.0.1:" + std::to_string(xsub);
+  config.xpub_endpoint = "tcp://127.0.0.1:" + std::to_string(xpub);
+  config.heartbeat_interval = 100ms;
+  config.curve_secret = broker_secret;
+  config.curve_allow = {worker_public, client_public};
+  broker::broker b{config, ctx, std::make_shared<prometheus::Registry>()};
+  b.bind();
+  std::thread loop{[&b] { b.run(); }};
+
+  worker_options o;
+  o.id = "wc";
+  o.broker = endpoint;
+  o.publish = config.xsub_endpoint;
+  o.curve_secret = worker_secret;
+  o.curve_server_key = broker_public;
+  {
+    worker w{o, &ctx};
+    w.add(workers::echo_service(1));
+    w.start();
+    EXPECT_TRUE(eventually([&] { return w.connected(); })) << "an allowed worker gets in";
+
+    peer client{ctx, endpoint, "c1", proto::ROLE_CLIENT, {client_secret, broker_public}};
+    ASSERT_TRUE(client.hello());
+    auto reply = client.call("echo", "x", "[\"sealed\"]");
+    ASSERT_TRUE(reply);
+    EXPECT_EQ(reply->args(), "[\"sealed\"]");
+
+    peer stranger{ctx, endpoint, "s1", proto::ROLE_CLIENT, {stranger_secret, broker_public}};
+    EXPECT_FALSE(stranger.hello(1s)) << "a key not on the list is refused";
+    peer plain{ctx, endpoint, "p1"};
+    EXPECT_FALSE(plain.hello(1s)) << "so is a peer without CURVE";
+    w.stop();
+  }
+  b.stop();
+  loop.join();
+}
+
 class GatewayPathTest : public BrokerTest {
  protected:
   void SetUp() override {

@@ -18,6 +18,7 @@
 
 #include <zmq.hpp>
 
+#include "core/curve.hpp"
 #include "proto/codec.hpp"
 
 extern char** environ;
@@ -76,21 +77,22 @@ inline std::pair<int, std::string> http_get(int port, const std::string& path) {
 class peer {
  public:
   peer(zmq::context_t& ctx, const std::string& endpoint, std::string id,
-       proto::Role role = proto::ROLE_CLIENT)
+       proto::Role role = proto::ROLE_CLIENT, const core::curve_client& curve = {})
       : id_{std::move(id)}, role_{role}, socket_{ctx, zmq::socket_type::dealer} {
     socket_.set(zmq::sockopt::routing_id, id_);
     socket_.set(zmq::sockopt::linger, 0);
+    core::apply(socket_, curve);
     socket_.connect(endpoint);
   }
 
   /// Sends Hello and waits for Welcome.
-  bool hello() {
+  bool hello(std::chrono::milliseconds limit = 3s) {
     Envelope env;
     env.mutable_hello()->set_role(role_);
     env.mutable_hello()->set_id(id_);
     env.mutable_hello()->set_protocol_version(proto::protocol_version);
     send(env);
-    return next(Envelope::kWelcome, 3s).has_value();
+    return next(Envelope::kWelcome, limit).has_value();
   }
 
   void send(const Envelope& env) { send_raw(proto::encode(env)); }

@@ -261,12 +261,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     lo.heartbeat_interval = options.heartbeat_interval;
     lo.heartbeat_liveness = options.heartbeat_liveness;
     lo.sndhwm = lo.rcvhwm = options.hwm;
+    lo.curve = {options.curve_secret, options.curve_server_key};
     for (const auto& s : services) lo.services.emplace_back(s.name(), s.capacity());
     try {
       core::peer_link link{*context, lo};
       zmq::socket_t pub{*context, zmq::socket_type::pub};
       pub.set(zmq::sockopt::linger, 0);
       pub.set(zmq::sockopt::sndhwm, options.hwm);
+      core::apply(pub, lo.curve);
       if (!options.publish.empty()) pub.connect(options.publish);
       std::deque<outgoing> batch;
       std::uint64_t seen_reconnects = 0;

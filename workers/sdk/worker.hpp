@@ -39,6 +39,8 @@ struct worker_options {
   std::chrono::milliseconds outbox_wait{5000};  // a handler waits this long for room, then drops
   std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack
   int hwm = 100000;
+  std::string curve_secret;      // this worker's CURVE secret key (Z85); empty: no CURVE
+  std::string curve_server_key;  // the broker's CURVE public key (Z85)
 };
 
 /// Fires when the broker cancels a request (deadline passed, requester gave
