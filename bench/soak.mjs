@@ -1,0 +1,98 @@
+// The soak driver (see bench/soak). Clients on every namespace do echo with
+// acks, room chat and VM launches; a worker is killed and replaced every
+// minute, the broker is restarted once half-way. Bounded in time and count.
+import { execFileSync, spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+
+const require = createRequire(process.env.NODE_PATH + "/");
+const { io } = require("socket.io-client");
+const [minutes, clientCount] = process.argv.slice(2).map(Number);
+const url = process.env.SIDECAST_URL, runDir = process.env.SIDECAST_RUN_DIR, deploy = process.env.SIDECAST_DEPLOY;
+const pids = () => Object.fromEntries(readFileSync(`${runDir}/pids`, "utf8").trim().split("\n").map((l) => l.split(" ")).map(([n, p]) => [n, Number(p)]));
+const rss = (pid) => { try { return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]); } catch { return 0; } };
+const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { return false; } };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const stats = { asked: 0, answered: 0, errors: 0, duplicates: 0, unanswered: 0, said: 0, vmDone: 0 };
+const disconnects = {};
+const clients = [];
+for (let i = 0; i < clientCount; i++) {
+  const s = io(url, { transports: i % 3 === 0 ? ["polling"] : ["polling", "websocket"] });
+  const v = io(`${url}/vm`, { transports: ["websocket"] });
+  s.on("said", () => stats.said++);
+  for (const sock of [s, v]) sock.on("disconnect", (reason) => { disconnects[reason] = (disconnects[reason] || 0) + 1; });
+  v.on("vm_response", () => stats.vmDone++);
+  clients.push({ s, v });
+}
+const end = Date.now() + minutes * 60000;
+// Each ack callback must run exactly once: count calls per request.
+function ask(socket, ...args) {
+  stats.asked++;
+  let calls = 0;
+  socket.timeout(60000).emit(...args, (err, reply) => {
+    if (++calls > 1) { stats.duplicates++; return; }
+    if (err) stats.unanswered++;
+    else if (reply && typeof reply === "object" && reply.error) stats.errors++;
+    else stats.answered++;
+  });
+}
+async function traffic(c, i) {
+  await sleep(i * 20);
+  c.s.emit("join", "soak-" + (i % 5));
+  for (let n = 0; Date.now() < end; n++) {
+    ask(c.s, "echo", n);
+    if (n % 5 === 0) c.s.emit("say", { room: "soak-" + (i % 5), text: "m" + n });
+    if (n % 50 === 0) ask(c.v, "open_vm", { count: 1, name: "s" });
+    await sleep(100);
+  }
+}
+const watched = ["broker", "gw1", "gw2"];
+const sample = () => Object.fromEntries(watched.map((n) => [n, rss(pids()[n])]));
+async function chaos() {
+  const restartAt = Date.now() + (end - Date.now()) / 2;
+  let restarted = false, kills = 0;
+  const every = Math.min(60000, (minutes * 60000) / 6);
+  while (Date.now() < end - 15000) {
+    await sleep(every);
+    if (Date.now() >= end - 15000) break;
+    const p = pids();
+    const victim = ["vm1", "vm2", "worker-demo"][kills % 3];
+    if (p[victim] && alive(p[victim])) { process.kill(p[victim], "SIGKILL"); kills++; }
+    execFileSync(`${deploy}/add.sh`, [victim.startsWith("vm") ? "vm" : "worker-demo", "--run-dir", runDir]);
+    if (!restarted && Date.now() >= restartAt) {
+      restarted = true;
+      process.kill(p.broker, "SIGKILL");
+      await sleep(500);
+      const env = Object.fromEntries(readFileSync(`${runDir}/env`, "utf8").trim().split("\n").map((l) => l.split("=")));
+      const b = spawn(`${env.BIN}/sidecast-broker`, ["--router", env.ROUTER, "--xsub", env.XSUB, "--xpub", env.XPUB, "--http", env.BROKER_HTTP],
+                      { detached: true, stdio: "ignore" });
+      b.unref();
+      execFileSync("sh", ["-c", `sed -i 's/^broker .*/broker ${b.pid}/' ${runDir}/pids`]);
+    }
+  }
+  return { kills, restarted };
+}
+
+await sleep(5000);
+const before = sample();
+const [chaosResult] = await Promise.all([chaos(), ...clients.map(traffic)]);
+// Answers still on their way: a request lost with the broker's state is
+// answered by the gateway's own deadline (--request-timeout, 30 s, + 1 s).
+for (let i = 0; i < 450 && stats.answered + stats.errors + stats.unanswered < stats.asked; i++) await sleep(100);
+const after = sample();
+const crashed = watched.filter((n) => !alive(pids()[n]));
+for (const c of clients) { c.s.close(); c.v.close(); }
+
+const row = (n) => `${n.padEnd(8)} ${String(before[n]).padStart(8)} KB -> ${String(after[n]).padStart(8)} KB`;
+console.log(`\nsoak: ${minutes} min, ${clientCount} clients, ${chaosResult.kills} worker kills, broker restarted: ${chaosResult.restarted}`);
+const pending = stats.asked - stats.answered - stats.errors - stats.unanswered;
+stats.unanswered += pending;
+console.log(`events with ack: ${stats.asked}; answered ${stats.answered}, error acks ${stats.errors}, unanswered ${stats.unanswered}, answered twice ${stats.duplicates}`);
+console.log(`room messages received: ${stats.said}; vm results: ${stats.vmDone}`);
+console.log(`client disconnects: ${JSON.stringify(disconnects)}`);
+console.log("RSS (after warm-up -> end):\n" + watched.map(row).join("\n"));
+const grew = watched.filter((n) => after[n] > before[n] * 1.5 + 4096);
+const ok = crashed.length === 0 && stats.unanswered === 0 && stats.duplicates === 0 && grew.length === 0;
+console.log(ok ? "soak: OK" : `soak: FAILED (crashed: ${crashed}, grew: ${grew})`);
+process.exit(ok ? 0 : 1);
