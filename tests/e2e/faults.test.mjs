@@ -105,9 +105,28 @@ test("gateway SIGTERM: clients see their transport close (and would reconnect el
   for (const p of [s.broker, ...s.workers]) p.kill("SIGKILL");
 });
 
+test("gateway killed: clients see the transport close and reconnect when a gateway is back", async () => {
+  const s = await stack({ workers: 1 });
+  const c = await connect(s.url, { reconnectionDelay: 200, reconnectionDelayMax: 500 });
+  const firstId = c.id;
+  const reason = once(c, "disconnect");
+  s.gateway.kill("SIGKILL");
+  assert.equal(await reason, "transport close");
+  // A gateway comes back on the same address (a balancer would send the
+  // client to another one at once); the client reconnects by itself.
+  const port = new URL(s.url).port;
+  s.gateway = run("sidecast-gateway", ["--http", `127.0.0.1:${port}`, "--broker", s.router, "--events", s.xpub,
+                                       "--route", "/=demo"]);
+  await once(c, "connect");
+  assert.notEqual(c.id, firstId, "a new session: the old gateway's state died with it");
+  assert.equal(await c.timeout(5000).emitWithAck("echo", "back"), "back");
+  c.close();
+  for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
+});
+
 function once(socket, event) {
   return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`no ${event}`)), 8000);
+    const t = setTimeout(() => reject(new Error(`no ${event}`)), 15000);
     socket.once(event, (x) => { clearTimeout(t); resolve(x); });
   });
 }

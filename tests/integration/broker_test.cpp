@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "broker/broker.hpp"
+#include "gateway/gateway.hpp"
 #include "tests/integration/harness.hpp"
 #include "workers/demo/demo.hpp"
 
@@ -337,6 +338,34 @@ TEST_F(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
   }));
   EXPECT_EQ(reports[0].status(), proto::DeliveryReport::GATEWAY_GONE);
   EXPECT_EQ(reports[0].sid(), "nogw.abc");
+}
+
+TEST_F(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
+  start();
+  std::mutex m;
+  std::vector<proto::DeliveryReport> reports;
+  auto& w = add_worker({workers::demo_service(1)}, "wr");
+  w.on_report([&](const proto::DeliveryReport& r) {
+    std::lock_guard lock{m};
+    reports.push_back(r);
+  });
+  gateway::gateway_config gc;
+  gc.id = "gwR";
+  gc.http = "127.0.0.1:0";
+  gc.broker = "inproc://router";
+  gc.events = "inproc://xpub";
+  gc.threads = 1;
+  gateway::gateway gw{gc, ctx_, std::make_shared<prometheus::Registry>()};
+  gw.start();
+  ASSERT_TRUE(eventually([&] { return gw.healthy(); }));
+  ASSERT_TRUE(w.emit_to_sid("/", "gwR.nobody-here", "vm_response", "[1]", {}, true));
+  ASSERT_TRUE(eventually([&] {
+    std::lock_guard lock{m};
+    return !reports.empty();
+  }));
+  EXPECT_EQ(reports[0].status(), proto::DeliveryReport::CLIENT_GONE) << "the gateway is there, the client is not";
+  EXPECT_EQ(reports[0].sid(), "gwR.nobody-here");
+  gw.stop();
 }
 
 TEST_F(GatewayPathTest, GatewayReportsReachTheOrigin) {

@@ -184,12 +184,13 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   bool emit_to_sid(const std::string& nsp, const std::string& sid, std::string event, std::string args,
-                   sidecast::attachments att, std::string ack_id = {}) {
+                   sidecast::attachments att, std::string ack_id = {}, bool report_delivered = false) {
     Envelope env;
     auto* e = env.mutable_emit();
     *e = make_emit(nsp, std::move(event), std::move(args), std::move(att));
     e->set_sid(sid);
     e->set_ack_id(std::move(ack_id));
+    e->set_report_delivery(report_delivered);
     return send(env);
   }
 
@@ -622,8 +623,8 @@ void worker::run() {
 }
 
 bool worker::emit_to_sid(const std::string& nsp, const std::string& sid, std::string event,
-                         std::string args_json, sidecast::attachments att) {
-  return core_->emit_to_sid(nsp, sid, std::move(event), std::move(args_json), std::move(att));
+                         std::string args_json, sidecast::attachments att, bool report_delivered) {
+  return core_->emit_to_sid(nsp, sid, std::move(event), std::move(args_json), std::move(att), {}, report_delivered);
 }
 
 bool worker::emit_to_room(const std::string& nsp, const std::string& room, std::string event,
