@@ -235,6 +235,11 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     auto session = std::make_shared<api_session>(gw_, ex, nsp, *service, std::move(auth));
     {
       std::lock_guard lock{mutex_};
+      // API sessions count against the connection limit: each holds state.
+      if (sessions_.size() >= gw_.config().max_connections) {
+        gw_.metrics().connection_limit.Increment();
+        co_return error(503, "too many sessions");
+      }
       sessions_[session->sid()] = session;
     }
     auto slot = std::make_shared<reply_slot>(ex);

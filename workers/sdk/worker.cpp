@@ -67,6 +67,11 @@ class thread_pool {
     }
     ready_.notify_one();
   }
+  std::size_t pending() {
+    std::lock_guard lock{mutex_};
+    return tasks_.size();
+  }
+
   void stop() {
     {
       std::lock_guard lock{mutex_};
@@ -339,6 +344,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       }
       case Envelope::kReply: on_ack(env.reply()); break;
       case Envelope::kReport:
+        // Reports are advisory: past the outbox bound they are dropped, counted.
+        if (report_callback && pool.pending() >= options.outbox_limit) {
+          ++n_dropped;
+          break;
+        }
         if (report_callback) {
           pool.post([cb = report_callback, r = env.report()] {
             try {
