@@ -24,6 +24,14 @@ std::vector<std::string> worker_args(const ports& p, const std::string& id) {
           "--publish", p.endpoint(p.xsub), "--heartbeat-interval", "100", "--log-level", "warn"};
 }
 
+// True once the echo service answers (its workers registered), within 5 s.
+bool echo_served(peer& client) {
+  return eventually([&] {
+    auto r = client.call("echo", "x", "[]", 300ms);
+    return r && r->code() == proto::OK;
+  });
+}
+
 TEST(Processes, WorkerKilledMidRequestCompletesOnTheOther) {
   ports p;
   child broker{"sidecast-broker", broker_args(p)};
@@ -34,10 +42,7 @@ TEST(Processes, WorkerKilledMidRequestCompletesOnTheOther) {
   peer client{ctx, p.endpoint(p.router), "c1"};
   ASSERT_TRUE(client.hello());
   // Both workers up: a quick request per worker proves they registered.
-  ASSERT_TRUE(eventually([&] {
-    auto r = client.call("echo", "x", "[]", 300ms);
-    return r && r->code() == proto::OK;
-  }));
+  ASSERT_TRUE(echo_served(client));
   // Capacity 1 each: the two slow requests land on different workers.
   auto first = client.submit("echo", "delay", "[800,\"first\"]", 10s);
   auto second = client.submit("echo", "delay", "[800,\"second\"]", 10s);
@@ -59,10 +64,7 @@ TEST(Processes, BrokerRestartWorkersReannounceAndTrafficFlows) {
   zmq::context_t ctx{1};
   peer client{ctx, p.endpoint(p.router), "c1"};
   ASSERT_TRUE(client.hello());
-  ASSERT_TRUE(eventually([&] {
-    auto r = client.call("echo", "x", "[1]", 300ms);
-    return r && r->code() == proto::OK;
-  }));
+  ASSERT_TRUE(echo_served(client));
   broker->kill(SIGKILL);
   broker = std::make_unique<child>("sidecast-broker", broker_args(p));
   // The worker and the client reconnect by themselves; the broker asks both
@@ -84,10 +86,7 @@ TEST(Processes, BrokerMetricsAndHealth) {
   zmq::context_t ctx{1};
   peer client{ctx, p.endpoint(p.router), "c1"};
   ASSERT_TRUE(client.hello());
-  ASSERT_TRUE(eventually([&] {
-    auto r = client.call("echo", "x", "[]", 300ms);
-    return r && r->code() == proto::OK;
-  }));
+  ASSERT_TRUE(echo_served(client));
   for (int i = 0; i < 3; ++i) ASSERT_EQ(client.call("echo", "x", "[]")->code(), proto::OK);
   client.send_raw("garbage");
   ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 200; }));
