@@ -75,6 +75,9 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--api-key", c.api_keys, "Key accepted by POST /api/v1/publish (repeatable)");
   core::add_millis(app, "--api-session-ttl", c.api_session_ttl, "Close API sessions not polled for, ms");
   app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str();
+  app.add_flag("--engineio-echo", c.engineio_echo,
+               "Also serve a bare Engine.IO endpoint at /engine.io/ that echoes every message (for the official "
+               "engine.io-protocol test suite)");
   app.add_option("--static-dir", c.static_dir, "Directory served at / (the demo page)");
   app.add_option("--client-js", c.client_js, "socket.io.min.js served at /socket.io/socket.io.min.js");
 }

@@ -52,6 +52,7 @@ struct gateway_config {
   std::string jwt_public_key;                     // RS256: PEM file of the public key
   std::chrono::milliseconds api_session_ttl{60000};  // an API session not polled this long is closed
   std::size_t api_buffer = 1024;                  // events buffered per API session
+  bool engineio_echo = false;                     // serve a bare Engine.IO echo at /engine.io/ (conformance tests)
   std::string static_dir;                         // files served at / (the demo page)
   std::string client_js;                          // socket.io.min.js served at /socket.io/
 };

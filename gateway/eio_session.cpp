@@ -306,13 +306,15 @@ class sio_socket : public client_socket {
 
 // ---- eio_session ----
 
-eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::string sid)
+eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::string sid, bool echo)
     : gw_{gw},
       ex_{ex},
       sid_{std::move(sid)},
       ping_timer_{ex},
       assembler_{gw.config().max_attachments, gw.config().max_payload},
-      events_{gw.config().events_per_second, gw.config().events_burst} {}
+      events_{gw.config().events_per_second, gw.config().events_burst},
+      echo_{echo},
+      grace_timer_{ex} {}
 
 eio_session::~eio_session() = default;
 
@@ -350,13 +352,30 @@ void eio_session::poll(std::shared_ptr<reply_slot> get) {
     close("multiple polls");
     return;
   }
-  if (probed_) {
-    // Upgrading: polling is paused with a noop; packets wait for the WebSocket.
+  if (client_closing_) {
+    // The client closed on another connection that overtook this GET.
     get->complete({200, "text/plain; charset=UTF-8", "6"});
+    close("client close");
+    return;
+  }
+  if (probed_) {
+    // Upgrading: polling is paused with a noop, after a moment: a GET that the
+    // client sent after its "5" (which may still be on its way on the other
+    // thread) gets 400 instead, as it would from a single-threaded server.
+    hold_get(std::move(get));
     return;
   }
   pending_get_ = std::move(get);
   if (!buffer_.empty()) flush_poll();
+}
+
+void eio_session::hold_get(std::shared_ptr<reply_slot> get) {
+  if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+  held_get_ = std::move(get);
+  grace_timer_.expires_after(std::chrono::milliseconds(50));
+  grace_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (!ec && self->held_get_) std::exchange(self->held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+  });
 }
 
 void eio_session::post(std::string body, std::shared_ptr<reply_slot> answer) {
@@ -397,7 +416,9 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
     if (!binary && data == "2probe") {
       probe_->send(frame{shared_text("3probe"), false});
       probed_ = true;
-      if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+      // The pending GET is released with a noop, held briefly like any GET
+      // during the upgrade (see poll()).
+      if (pending_get_) hold_get(std::exchange(pending_get_, nullptr));
       return;
     }
     if (!binary && data == "5" && probed_) {
@@ -407,6 +428,11 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
       gw_.metrics().polling.Decrement();
       gw_.metrics().websocket.Increment();
       if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+      if (held_get_) {
+        grace_timer_.cancel();
+        std::exchange(held_get_, nullptr)
+            ->complete({400, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}});
+      }
       std::vector<frame> frames(std::make_move_iterator(buffer_.begin()), std::make_move_iterator(buffer_.end()));
       buffer_.clear();
       buffered_bytes_ = 0;
@@ -447,6 +473,10 @@ void eio_session::on_ws_closed(const ws_conn* from) {
 void eio_session::on_packet(engineio::packet p) {
   switch (p.type) {
     case engineio::packet_type::message:
+      if (echo_) {
+        send({frame{shared_text(p.binary ? std::move(p.data) : "4" + p.data), p.binary}});
+        return;
+      }
       if (p.binary) {
         if (!assembler_.waiting()) {
           gw_.metrics().bad_packet.Increment();
@@ -477,8 +507,18 @@ void eio_session::on_packet(engineio::packet p) {
       send_text("3" + p.data);
       return;
     case engineio::packet_type::close:
-      if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
-      close("client close");
+      if (pending_get_ || transport_ == transport::websocket) {
+        if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+        close("client close");
+        return;
+      }
+      // No GET to release yet: one may be on its way on another connection
+      // (sent before the close). Give it a moment, then close anyway.
+      client_closing_ = true;
+      grace_timer_.expires_after(std::chrono::milliseconds(200));
+      grace_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+        if (!ec) self->close("client close");
+      });
       return;
     case engineio::packet_type::noop:
       return;
@@ -664,6 +704,8 @@ void eio_session::close(const char* reason) {
   if (closed_) return;
   closed_ = true;
   ping_timer_.cancel();
+  grace_timer_.cancel();
+  if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "1"});
   for (auto& [nsp, socket] : std::exchange(sockets_, {})) {
     if (socket->recoverable() && std::string_view{reason} != "server shutting down") socket->detach();
     else socket->end(reason);

@@ -25,7 +25,9 @@ class sio_socket;
 
 class eio_session : public std::enable_shared_from_this<eio_session> {
  public:
-  eio_session(gateway& gw, boost::asio::any_io_executor ex, std::string sid);
+  /// `echo`: a bare Engine.IO session that sends every message back (no
+  /// Socket.IO): the /engine.io/ conformance endpoint.
+  eio_session(gateway& gw, boost::asio::any_io_executor ex, std::string sid, bool echo = false);
   ~eio_session();
 
   const std::string& sid() const { return sid_; }
@@ -59,6 +61,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void on_connect(socketio::packet p);
   void send_text(std::string text);
   void flush_poll();
+  void hold_get(std::shared_ptr<reply_slot> get);
   void schedule_ping();
   void after_ping();
 
@@ -79,6 +82,12 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   token_bucket events_;  // client events, all namespaces of the connection
   std::map<std::string, std::shared_ptr<sio_socket>> sockets_;  // by namespace
   bool closed_ = false;
+  bool echo_ = false;
+  // Requests on other connections can overtake each other between threads;
+  // these keep the order a single-threaded server would see.
+  bool client_closing_ = false;           // a close packet came with no GET to answer
+  std::shared_ptr<reply_slot> held_get_;  // a GET that came during an upgrade
+  boost::asio::steady_timer grace_timer_;
 };
 
 }  // namespace sidecast::gateway

@@ -105,7 +105,7 @@ std::shared_ptr<reply_slot> on_session(std::shared_ptr<eio_session> session, asi
   return slot;
 }
 
-asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::params_view& params) {
+asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::params_view& params, bool echo) {
   auto get = [&](std::string_view key) -> std::optional<std::string> {
     auto it = params.find(key);
     if (it == params.end()) return std::nullopt;
@@ -119,7 +119,7 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
   if (!sid) {
     if (req.method() != http::verb::get) co_return eio_error(engineio::error_code::bad_handshake_method);
     auto ex = co_await asio::this_coro::executor;
-    auto session = std::make_shared<eio_session>(gw, ex, gw.new_sid());
+    auto session = std::make_shared<eio_session>(gw, ex, gw.new_sid(), echo);
     gw.add_session(session->sid(), session);
     auto slot = std::make_shared<reply_slot>(ex);
     session->open_polling(slot);
@@ -178,7 +178,8 @@ asio::awaitable<response> handle(gateway& gw, request& req) {
   auto target = urls::parse_origin_form(req.target());
   if (!target) co_return make_response(req, {400, "text/plain", "bad request target\n"});
   auto path = std::string{target->path()};
-  bool eio = path == "/socket.io/" || path == "/socket.io";
+  bool echo = gw.config().engineio_echo && (path == "/engine.io/" || path == "/engine.io");
+  bool eio = path == "/socket.io/" || path == "/socket.io" || echo;
   if (eio && !origin_allowed(gw.config(), req)) {
     gw.metrics().refused_origin.Increment();
     spdlog::warn("refused origin {}", std::string_view{req[http::field::origin]});
@@ -196,7 +197,7 @@ asio::awaitable<response> handle(gateway& gw, request& req) {
   http_answer answer;
   if (eio) {
     auto params = target->params();
-    answer = co_await engine_io(gw, req, params);
+    answer = co_await engine_io(gw, req, params, echo);
   } else if (path.starts_with("/api/v1/")) {
     auto params = target->params();
     answer = co_await gw.api().handle(req, path, params);
@@ -239,7 +240,9 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
   if (!target) return http_answer{400, "text/plain", "bad request target\n"};
   auto path = target->path();
   bool plain = path == "/ws";
-  if (!plain && path != "/socket.io/" && path != "/socket.io") return http_answer{404, "text/plain", "not found\n"};
+  bool echo = gw.config().engineio_echo && (path == "/engine.io/" || path == "/engine.io");
+  if (!plain && !echo && path != "/socket.io/" && path != "/socket.io")
+    return http_answer{404, "text/plain", "not found\n"};
   if (!origin_allowed(gw.config(), req)) {
     gw.metrics().refused_origin.Increment();
     spdlog::warn("refused WebSocket origin {}", std::string_view{req[http::field::origin]});
@@ -261,9 +264,16 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
   if (auto sid = get("sid")) {
     session = gw.find_session(*sid);
     if (!session) return eio_error(engineio::error_code::session_id_unknown);
-    if (!session->claim_websocket()) return eio_error(engineio::error_code::bad_request);
+    if (!session->claim_websocket()) {
+      // A second WebSocket for the sid: accepted, then closed at once, as the
+      // reference server does (clients see a close, not a failed handshake).
+      auto extra = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics(), std::move(slot));
+      extra->accept(std::move(req), [](std::string, bool) {}, [] {});
+      extra->close();
+      return std::nullopt;
+    }
   } else {
-    session = std::make_shared<eio_session>(gw, stream.get_executor(), gw.new_sid());
+    session = std::make_shared<eio_session>(gw, stream.get_executor(), gw.new_sid(), echo);
     session->claim_websocket();
     gw.add_session(session->sid(), session);
     direct = true;

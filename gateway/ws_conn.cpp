@@ -29,8 +29,9 @@ void ws_conn::accept(beast::http::request<beast::http::string_body> request, mes
 
 void ws_conn::on_accept(beast::error_code ec) {
   if (ec) return finish();
+  accepted_ = true;
   do_read();
-  if (!queue_.empty()) do_write();
+  if (!queue_.empty() || closing_) do_write();
 }
 
 void ws_conn::do_read() {
@@ -53,14 +54,14 @@ void ws_conn::on_read(beast::error_code ec, std::size_t bytes) {
 void ws_conn::send(frame f) {
   boost::asio::dispatch(ws_.get_executor(), [self = shared_from_this(), f = std::move(f)]() mutable {
     self->enqueue(std::move(f));
-    if (!self->writing_ && !self->finished_ && self->ws_.is_open()) self->do_write();
+    if (!self->writing_ && !self->finished_ && self->accepted_) self->do_write();
   });
 }
 
 void ws_conn::send(std::vector<frame> frames) {
   boost::asio::dispatch(ws_.get_executor(), [self = shared_from_this(), frames = std::move(frames)]() mutable {
     for (auto& f : frames) self->enqueue(std::move(f));
-    if (!self->writing_ && !self->finished_ && self->ws_.is_open()) self->do_write();
+    if (!self->writing_ && !self->finished_ && self->accepted_) self->do_write();
   });
 }
 
@@ -106,7 +107,8 @@ void ws_conn::close() {
   boost::asio::dispatch(ws_.get_executor(), [self = shared_from_this()] {
     if (self->closing_ || self->finished_) return;
     self->closing_ = true;
-    if (!self->writing_) self->do_write();
+    // Before the handshake is done, on_accept() closes.
+    if (!self->writing_ && self->accepted_) self->do_write();
   });
 }
 

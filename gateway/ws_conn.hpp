@@ -70,6 +70,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   close_handler on_close_;
   std::deque<frame> queue_;
   std::size_t queued_bytes_ = 0;
+  bool accepted_ = false;  // the upgrade handshake is done: frames may go
   bool writing_ = false;
   bool closing_ = false;
   bool finished_ = false;
