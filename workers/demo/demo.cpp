@@ -127,12 +127,26 @@ void add_options(CLI::App& app, builtin_options& o) {
   app.add_option("--vm-max-count", o.vm.max_count, "VMs one open_vm may ask for")->capture_default_str();
 }
 
+// The app the official socket.io-protocol test suite expects: on connect,
+// "auth" with the CONNECT payload; "message" -> "message-back" with the same
+// arguments; "message-with-ack" -> acked with its arguments (binary too).
+service protocol_suite_service(unsigned capacity) {
+  return service{"protocol-suite", capacity}
+      .on_connect([](request req) {
+        req.emit("auth", "[" + req.auth_text() + "]");  // sent right after the CONNECT answer
+        req.reply("{}");
+      })
+      .on("message", [](request req) { req.emit("message-back", req.args_text(), req.attachments()); })
+      .on("message-with-ack", echo);
+}
+
 const std::map<std::string, service_factory>& builtin_services() {
   static const std::map<std::string, service_factory> all{
       {"demo", [](const builtin_options& o) { return demo_service(o.capacity); }},
       {"echo", [](const builtin_options& o) { return echo_service(o.capacity); }},
       {"chat", [](const builtin_options& o) { return chat_service(o.capacity, o.chat); }},
       {"vm", [](const builtin_options& o) { return vm_service(o.capacity, o.vm); }},
+      {"protocol-suite", [](const builtin_options& o) { return protocol_suite_service(o.capacity); }},
   };
   return all;
 }

@@ -19,6 +19,9 @@ service demo_service(unsigned capacity);
 /// Answers every event with its own arguments (benchmarks, smoke tests).
 service echo_service(unsigned capacity);
 
+/// The app of the official socket.io-protocol test suite (conformance runs).
+service protocol_suite_service(unsigned capacity);
+
 /// Settings of the built-in services (flags of sidecast-worker and `sidecast demo`).
 struct builtin_options {
   unsigned capacity = 16;
