@@ -29,6 +29,8 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--threads", c.threads, "I/O threads, one io_context each (0: cores)")->capture_default_str();
   core::add_millis(app, "--ping-interval", c.ping_interval, "Engine.IO ping interval, ms");
   core::add_millis(app, "--ping-timeout", c.ping_timeout, "Engine.IO ping timeout, ms");
+  core::add_millis(app, "--connect-timeout", c.connect_timeout,
+                   "Close a connection that has joined no namespace after this long, ms (as Socket.IO's connectTimeout)");
   core::add_millis(app, "--gateway-heartbeat", c.heartbeat_interval, "Heartbeat to the broker until its Welcome, ms");
   app.add_option("--max-payload", c.max_payload, "Largest POST body / WebSocket frame, bytes (maxHttpBufferSize)")
       ->capture_default_str();

@@ -314,7 +314,16 @@ eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::stri
       assembler_{gw.config().max_attachments, gw.config().max_payload},
       events_{gw.config().events_per_second, gw.config().events_burst},
       echo_{echo},
-      grace_timer_{ex} {}
+      grace_timer_{ex},
+      connect_timer_{ex} {}
+
+void eio_session::expect_connect() {
+  if (echo_) return;  // a bare Engine.IO session has no namespaces
+  connect_timer_.expires_after(gw_.config().connect_timeout);
+  connect_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (!ec && !self->closed_ && self->sockets_.empty()) self->close("connect timeout");
+  });
+}
 
 eio_session::~eio_session() = default;
 
@@ -325,6 +334,7 @@ void eio_session::open_polling(std::shared_ptr<reply_slot> handshake) {
                        "0" + engineio::open_payload(sid_, true, static_cast<unsigned>(c.ping_interval.count()),
                                                     static_cast<unsigned>(c.ping_timeout.count()), c.max_payload)});
   schedule_ping();
+  expect_connect();
 }
 
 void eio_session::open_websocket(std::shared_ptr<ws_conn> ws) {
@@ -335,6 +345,7 @@ void eio_session::open_websocket(std::shared_ptr<ws_conn> ws) {
   send_text("0" + engineio::open_payload(sid_, false, static_cast<unsigned>(c.ping_interval.count()),
                                          static_cast<unsigned>(c.ping_timeout.count()), c.max_payload));
   schedule_ping();
+  expect_connect();
 }
 
 void eio_session::poll(std::shared_ptr<reply_slot> get) {
@@ -705,6 +716,7 @@ void eio_session::close(const char* reason) {
   closed_ = true;
   ping_timer_.cancel();
   grace_timer_.cancel();
+  connect_timer_.cancel();
   if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "1"});
   for (auto& [nsp, socket] : std::exchange(sockets_, {})) {
     if (socket->recoverable() && std::string_view{reason} != "server shutting down") socket->detach();

@@ -63,6 +63,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void flush_poll();
   void hold_get(std::shared_ptr<reply_slot> get);
   void schedule_ping();
+  void expect_connect();
   void after_ping();
 
   gateway& gw_;
@@ -88,6 +89,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   bool client_closing_ = false;           // a close packet came with no GET to answer
   std::shared_ptr<reply_slot> held_get_;  // a GET that came during an upgrade
   boost::asio::steady_timer grace_timer_;
+  boost::asio::steady_timer connect_timer_;  // no namespace joined in time: close
 };
 
 }  // namespace sidecast::gateway

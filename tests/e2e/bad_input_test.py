@@ -257,6 +257,14 @@ class StaticFiles(unittest.TestCase):
         self.assertEqual(request("GET", "/%2e%2e/%2e%2e/etc/passwd")[0], 404)
 
 
+class ConnectTimeout(unittest.TestCase):
+    def test_a_connection_that_joins_no_namespace_is_closed(self):
+        # tests/e2e/stack sets --connect-timeout 3000.
+        sid = handshake()
+        time.sleep(3.5)
+        assert_session_gone(self, sid)
+
+
 class Limits(unittest.TestCase):
     def test_events_over_the_rate_get_an_error_ack_in_order(self):
         sid = connected_session()
