@@ -153,6 +153,7 @@ int client(const std::string& endpoint, bool raw, unsigned workers, bool sdk_wor
     r->set_args(R"(["hello",1])");
     r->set_wants_reply(true);
     r->set_timeout_ms(30000);
+    r->set_attempt(1);
     return sidecast::proto::encode(env);
   };
   // Welcome and heartbeats from the broker are not replies.
@@ -168,7 +169,7 @@ int client(const std::string& endpoint, bool raw, unsigned workers, bool sdk_wor
       zmq::poll(&item, 1, 5000ms);
       if (!(item.revents & ZMQ_POLLIN)) return false;
       zmq::message_t msg;
-      s.recv(msg);
+      if (!s.recv(msg)) return false;
       if (is_reply(msg)) return true;
     }
   };

@@ -279,8 +279,8 @@ void broker::on_router_message(std::string_view routing_id_view, const zmq::mess
     case Envelope::kForward: {
       // To the gateway that owns the sid; if it is gone, the asker hears so.
       auto owner = std::string{proto::sid_owner(env->forward().sid())};
-      auto it = peers_.find(owner);
-      if (owner.empty() || it == peers_.end() || it->second.role != proto::ROLE_GATEWAY || !send(owner, bytes)) {
+      auto gw = peers_.find(owner);
+      if (owner.empty() || gw == peers_.end() || gw->second.role != proto::ROLE_GATEWAY || !send(owner, bytes)) {
         Envelope gone;
         auto* a = gone.mutable_answer();
         a->set_id(env->forward().id());
@@ -384,7 +384,24 @@ void broker::on_job(const std::string& routing_id, const Envelope& env, std::str
   auto timeout = timeout_ms ? std::chrono::milliseconds(timeout_ms) : config_.default_timeout;
   timeout = std::min(timeout, config_.max_timeout);
   work.requester = routing_id;
-  work.payload.assign(payload);
+  // Workers read attempt and timeout_ms from the envelope, so it must carry
+  // the values the broker enforces. Gateways send them right; anything else
+  // is rewritten once here, not on every dispatch.
+  auto effective_ms = static_cast<std::uint32_t>(timeout.count());
+  auto attempt = env.has_request() ? env.request().attempt() : env.lifecycle().attempt();
+  if (attempt == 1 && timeout_ms == effective_ms) {
+    work.payload.assign(payload);
+  } else {
+    Envelope fixed = env;
+    if (fixed.has_request()) {
+      fixed.mutable_request()->set_attempt(1);
+      fixed.mutable_request()->set_timeout_ms(effective_ms);
+    } else {
+      fixed.mutable_lifecycle()->set_attempt(1);
+      fixed.mutable_lifecycle()->set_timeout_ms(effective_ms);
+    }
+    work.payload = proto::encode(fixed);
+  }
   work.received = now;
   work.deadline = now + timeout;
   auto service = work.service;

@@ -70,6 +70,9 @@ std::optional<proto::Envelope> peer_link::receive() {
         const auto& w = env->welcome();
         if (w.heartbeat_interval_ms() > 0) interval_ = std::chrono::milliseconds(w.heartbeat_interval_ms());
         if (w.heartbeat_liveness() > 0) liveness_ = w.heartbeat_liveness();
+        // The broker's interval wins; a heartbeat planned with a longer local
+        // one would come too late for the broker's liveness check.
+        next_heartbeat_ = std::min(next_heartbeat_, now + interval_);
         heard_from_broker(now);
         if (!welcomed_) spdlog::info("connected to broker {} at {}", w.broker_id(), options_.endpoint);
         welcomed_ = true;

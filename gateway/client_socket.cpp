@@ -52,6 +52,7 @@ void client_socket::begin_connect() {
   l->set_auth(auth_);
   l->set_user(user_);
   l->set_timeout_ms(millis(gw_.config().request_timeout));
+  l->set_attempt(1);
   if (!gw_.link().request(std::move(env), weak_from_this(), 0, gw_.config().request_timeout)) {
     proto::Reply busy;
     busy.set_code(proto::BUSY);
@@ -73,6 +74,7 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
   for (auto& a : attachments) r->add_attachments(std::move(a));
   r->set_wants_reply(tag != 0);
   r->set_timeout_ms(millis(gw_.config().request_timeout));
+  r->set_attempt(1);
   r->set_auth(auth_);
   r->set_user(user_);
   if (tag == 0) return gw_.link().send(env);
@@ -95,6 +97,7 @@ void client_socket::end(const std::string& reason) {
   l->set_reason(reason);
   l->set_user(user_);
   l->set_timeout_ms(millis(gw_.config().request_timeout));
+  l->set_attempt(1);
   gw_.link().send(env);
 }
 

@@ -137,8 +137,8 @@ void gateway::do_accept() {
         if (!e) return;
         try {
           std::rethrow_exception(e);
-        } catch (const std::exception& ex) {
-          spdlog::error("http session failed: {}", ex.what());
+        } catch (const std::exception& error) {
+          spdlog::error("http session failed: {}", error.what());
         }
       });
     }

@@ -1,10 +1,12 @@
 // The broker and the worker SDK on real inproc sockets; the test plays the
 // gateways and clients.
+#include <algorithm>
 #include <atomic>
 
 #include <gtest/gtest.h>
 
 #include "broker/broker.hpp"
+#include "core/peer_link.hpp"
 #include "gateway/gateway.hpp"
 #include "tests/integration/harness.hpp"
 #include "workers/demo/demo.hpp"
@@ -107,6 +109,64 @@ TEST_F(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
   EXPECT_EQ(reply->code(), proto::TIMEOUT);
   EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
   EXPECT_TRUE(eventually([&] { return saw_cancel.load(); })) << "the worker never saw the Cancel";
+}
+
+TEST_F(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
+  start();  // the broker beats every 100 ms and drops a peer silent for 300 ms
+  core::peer_link_options o;
+  o.endpoint = "inproc://router";
+  o.id = "w-slow";
+  o.services = {{"echo", 1}};
+  o.heartbeat_interval = 1s;  // the local default until the Welcome arrives
+  core::peer_link link{ctx_, o};
+  auto until = std::chrono::steady_clock::now() + 1500ms;
+  while (std::chrono::steady_clock::now() < until) {
+    zmq::pollitem_t item{link.socket().handle(), 0, ZMQ_POLLIN, 0};
+    auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(link.next_tick() - core::clock::now());
+    zmq::poll(&item, 1, std::clamp(wait, 0ms, 20ms));
+    while (link.receive()) {
+    }
+    if (core::clock::now() >= link.next_tick()) link.tick(core::clock::now());
+  }
+  EXPECT_TRUE(link.welcomed());
+  // A peer the broker had dropped would have been told NOT_REGISTERED and said Hello again.
+  EXPECT_EQ(link.stats().hellos, 1u);
+  EXPECT_EQ(link.stats().reconnects, 0u);
+}
+
+TEST_F(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
+  broker::broker_config config;
+  config.default_timeout = 7000ms;
+  config.max_timeout = 60000ms;
+  start(config);
+  peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  Envelope hello;
+  hello.mutable_hello()->set_role(proto::ROLE_WORKER);
+  hello.mutable_hello()->set_id("w-raw");
+  hello.mutable_hello()->set_protocol_version(proto::protocol_version);
+  auto* svc = hello.mutable_hello()->add_services();
+  svc->set_name("raw");
+  svc->set_capacity(4);
+  worker_peer.send(hello);
+  ASSERT_TRUE(worker_peer.next(Envelope::kWelcome, 3s));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  // No timeout and no attempt: the broker's default applies; 10 hours: clamped.
+  for (auto [asked, expected] : {std::pair{0u, 7000u}, std::pair{36000000u, 60000u}, std::pair{2000u, 2000u}}) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id("c1:" + std::to_string(asked));
+    r->set_service("raw");
+    r->set_event("x");
+    r->set_args("[]");
+    r->set_timeout_ms(asked);
+    client.send(env);
+    auto got = worker_peer.next(Envelope::kRequest, 3s);
+    ASSERT_TRUE(got) << "no request for timeout " << asked;
+    EXPECT_EQ(got->request().attempt(), 1u);
+    EXPECT_EQ(got->request().timeout_ms(), expected) << "asked " << asked;
+    EXPECT_EQ(got->request().args(), "[]");
+  }
 }
 
 TEST_F(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {

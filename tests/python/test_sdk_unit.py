@@ -1,0 +1,227 @@
+#!/usr/bin/python3
+"""Unit tests of the Python worker SDK: codecs and the request's answer rules.
+
+No sockets, no threads beyond the caller's, no sleeps.
+
+    PYTHONPATH=<build>/python:workers/python /usr/bin/python3 tests/python/test_sdk_unit.py -v
+"""
+import json
+import time
+import unittest
+
+from sidecast.v1 import envelope_pb2 as pb
+from sidecast_worker import CONNECT, DISCONNECT, EVENT, Code, Request, Service, Worker, codec
+
+
+class TopicTest(unittest.TestCase):
+    def test_topics_end_with_nul(self):
+        self.assertEqual(codec.room_topic("/chat", "lobby"), b"r/chat\0lobby\0")
+        self.assertEqual(codec.namespace_topic("/"), b"n/\0")
+        self.assertEqual(codec.room_topic("/", "é"), b"r/\0\xc3\xa9\0")
+
+    def test_topic_for_emit(self):
+        e = pb.Emit(nsp="/a", room="r")
+        self.assertEqual(codec.topic_for(e), b"r/a\0r\0")
+        e = pb.Emit(nsp="/a", broadcast=True)
+        self.assertEqual(codec.topic_for(e), b"n/a\0")
+        self.assertEqual(codec.topic_for(pb.Emit(nsp="/a", sid="gw.x")), b"")
+        self.assertEqual(codec.topic_for(pb.Emit(nsp="/a")), b"")
+
+
+class IdTest(unittest.TestCase):
+    def test_valid_peer_id(self):
+        for good in ("w1", "gw-A_b", "x" * 64):
+            self.assertTrue(codec.valid_peer_id(good), good)
+        for bad in ("", "a.b", "a:b", "a\0b", "x" * 65, "é" * 33):
+            self.assertFalse(codec.valid_peer_id(bad), bad)
+
+    def test_default_worker_id_is_valid(self):
+        wid = codec.default_worker_id()
+        self.assertTrue(wid.startswith("w-"))
+        self.assertTrue(codec.valid_peer_id(wid))
+
+    def test_sid_owner(self):
+        self.assertEqual(codec.sid_owner("gw1.abc"), "gw1")
+        self.assertEqual(codec.sid_owner("nodot"), "")
+
+    def test_worker_refuses_bad_id(self):
+        with self.assertRaises(ValueError):
+            Worker(worker_id="has.dot")
+
+
+class ArgsTest(unittest.TestCase):
+    def test_plain_json_round_trip(self):
+        args = [1, "two", {"three": [3.5, None, True]}, "é✓"]
+        text, att = codec.pack_args(args)
+        self.assertEqual(att, [])
+        self.assertEqual(text, '[1,"two",{"three":[3.5,null,true]},"é✓"]')
+        self.assertEqual(codec.unpack_args(text), args)
+
+    def test_binary_becomes_placeholders_in_order(self):
+        text, att = codec.pack_args([b"a", {"x": bytearray(b"b"), "y": [memoryview(b"c")]}, (b"d",)])
+        self.assertEqual(json.loads(text), [
+            {"_placeholder": True, "num": 0},
+            {"x": {"_placeholder": True, "num": 1}, "y": [{"_placeholder": True, "num": 2}]},
+            [{"_placeholder": True, "num": 3}]])
+        self.assertEqual(att, [b"a", b"b", b"c", b"d"])
+        self.assertEqual(codec.unpack_args(text, att), [b"a", {"x": b"b", "y": [b"c"]}, [b"d"]])
+
+    def test_bad_input_gives_empty_args(self):
+        for text in ("", "{", '{"a":1}', "3", b"\xff"):
+            self.assertEqual(codec.unpack_args(text), [], text)
+
+    def test_bad_placeholders_stay(self):
+        for ph in ({"_placeholder": True, "num": 5}, {"_placeholder": True, "num": True},
+                   {"_placeholder": 1, "num": 0}):
+            self.assertEqual(codec.unpack_args(json.dumps([ph]), [b"x"]), [ph])
+
+
+class CodeTest(unittest.TestCase):
+    def test_codes_match_the_proto(self):
+        proto = {v.name: v.number for v in pb.DESCRIPTOR.enum_types_by_name["Code"].values}
+        self.assertEqual({c.name: c.value for c in Code}, proto)
+
+
+class FakeCore:
+    """Records what a Request would send."""
+
+    worker_id = "w1"
+
+    def __init__(self):
+        self.replies = []
+        self.sent = []
+
+    def send_reply(self, req, code, message, args_json, attachments, silent, partial):
+        self.replies.append({"code": code, "message": message, "args": json.loads(args_json),
+                             "attachments": list(attachments), "silent": silent, "partial": partial})
+        return True
+
+    def emit_to_sid(self, *a, **kw):
+        self.sent.append(("emit", a))
+        return True
+
+
+def make(kind=EVENT, deadline_in=30.0, **kw):
+    core = FakeCore()
+    return core, Request(core, kind, "c:1", "svc", deadline=time.monotonic() + deadline_in, **kw)
+
+
+class RequestTest(unittest.TestCase):
+    def test_one_final_answer(self):
+        core, req = make()
+        self.assertTrue(req.reply(1, "a"))
+        self.assertFalse(req.reply(2))
+        self.assertFalse(req.fail(Code.INTERNAL, "late"))
+        req._finish()
+        self.assertEqual(core.replies, [{"code": Code.OK, "message": "", "args": [1, "a"],
+                                         "attachments": [], "silent": False, "partial": False}])
+
+    def test_no_answer_is_silent(self):
+        core, req = make()
+        req._finish()
+        self.assertEqual([(r["code"], r["silent"], r["partial"]) for r in core.replies],
+                         [(Code.OK, True, False)])
+
+    def test_ack_then_silent_final_reply(self):
+        core, req = make()
+        self.assertTrue(req.ack({"task_id": "t1"}))
+        self.assertIsNone(req.deadline)
+        self.assertFalse(req.ack("again"))
+        self.assertTrue(req.fail(Code.INTERNAL, "ignored: the requester has its answer"))
+        req._finish()
+        self.assertEqual([(r["code"], r["args"], r["silent"], r["partial"]) for r in core.replies],
+                         [(Code.OK, [{"task_id": "t1"}], False, True), (Code.OK, [], True, False)])
+
+    def test_ack_then_return_frees_capacity(self):
+        core, req = make()
+        req.ack()
+        req._finish()
+        self.assertEqual([(r["silent"], r["partial"]) for r in core.replies], [(False, True), (True, False)])
+
+    def test_fail(self):
+        core, req = make()
+        req.fail(Code.BAD_REQUEST, "count must be 1..20")
+        self.assertEqual((core.replies[0]["code"], core.replies[0]["message"]),
+                         (Code.BAD_REQUEST, "count must be 1..20"))
+
+    def test_connect_answers_are_objects(self):
+        core, req = make(CONNECT)
+        req._finish()
+        self.assertEqual(core.replies[-1]["args"], {})
+        core, req = make(CONNECT)
+        req.reply({"user": "ann"})
+        self.assertEqual(core.replies[-1]["args"], {"user": "ann"})
+        core, req = make(CONNECT)
+        req.refuse("forbidden")
+        self.assertEqual((core.replies[-1]["code"], core.replies[-1]["message"]), (Code.REFUSED, "forbidden"))
+
+    def test_disconnect_reason(self):
+        _, req = make(DISCONNECT, args_json='["transport close"]')
+        self.assertEqual(req.reason, "transport close")
+
+    def test_data_is_parsed(self):
+        _, req = make(args_json='[{"_placeholder":true,"num":0},2]', attachments=[b"z"],
+                      auth_json='{"token":"t"}')
+        self.assertEqual(req.args, [b"z", 2])
+        self.assertEqual(req.auth, {"token": "t"})
+        _, req = make(auth_json="[1]")
+        self.assertEqual(req.auth, {})
+
+    def test_binary_reply(self):
+        core, req = make()
+        req.reply(b"\x00", {"k": b"\x01"})
+        self.assertEqual(core.replies[0]["attachments"], [b"\x00", b"\x01"])
+
+    def test_sleep_and_cancellation(self):
+        _, req = make()
+        self.assertTrue(req.sleep(0))
+        req._cancel(Code.CANCELLED)
+        req._cancel(Code.TIMEOUT)  # the first reason stays
+        self.assertFalse(req.sleep(1))
+        self.assertEqual(req.cancel_reason, Code.CANCELLED)
+
+    def test_sleep_stops_at_the_deadline(self):
+        _, req = make(deadline_in=0.0)
+        self.assertFalse(req.sleep(5))
+        self.assertEqual(req.cancel_reason, Code.TIMEOUT)
+        self.assertTrue(req.cancelled.is_set())
+
+
+class ServiceTest(unittest.TestCase):
+    def test_registration(self):
+        svc = Service("s", capacity=2)
+
+        @svc.on("a")
+        def a(req):
+            return 1
+
+        def star(req):
+            return 2
+
+        self.assertIs(svc.on("*", star), svc)  # direct calls chain
+        self.assertIs(svc.handler_for(EVENT, "a"), a)  # decorators return the function
+        self.assertIs(svc.handler_for(EVENT, "other"), star)
+        self.assertIsNone(svc.handler_for(CONNECT, "connect"))
+        hook = svc.on_connect(lambda req: None)
+        self.assertIs(hook, svc)
+        self.assertIsNotNone(svc.handler_for(CONNECT, "connect"))
+
+    def test_bad_services(self):
+        with self.assertRaises(ValueError):
+            Service("s", capacity=0)
+        with self.assertRaises(ValueError):
+            Service("")
+
+    def test_async_handlers_are_refused(self):
+        svc = Service("s")
+
+        async def handler(req):
+            pass
+
+        svc.on("x", handler)
+        with self.assertRaises(TypeError):
+            Worker().add(svc)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,196 @@
+#!/usr/bin/python3
+"""End to end: sidecast-broker + sidecast-gateway + the Python vm worker example
+(workers/python/examples/vm_worker.py, a child process), driven by Debian's
+python3-socketio client over the real Socket.IO protocol. Also the Django
+publish example against the same gateway. Every wait is bounded.
+
+    PYTHONPATH=<build>/python:workers/python SIDECAST_BIN=<build>/bin \\
+        /usr/bin/python3 tests/python/test_vm_e2e.py -v
+"""
+import importlib.util
+import os
+import queue
+import time
+import unittest
+import warnings
+
+import socketio
+
+from harness import BIN, EXAMPLES, PYTHON, WAIT, Broker, Process, eventually, free_port, http_get, python_env
+
+API_KEY = "e2e-key"
+LAUNCH_MS = 1000
+STATE_ORDER = ["queued", "provisioning", "booting", "running"]
+
+
+class Events:
+    """Every event of the namespace, as (offset, event, data).
+
+    /vm has connection-state recovery on, so every event carries an offset
+    (a growing number, as text) as an extra last argument, which
+    python-socketio 5.7 (it predates recovery) passes on as a real argument.
+    That is useful here: python-engineio runs each message's handler on a
+    thread of its own, so arrival order proves nothing; the offset gives the
+    order the gateway sent them in.
+    """
+
+    def __init__(self):
+        self.q = queue.Queue()
+        self.seen = []
+
+    def handler(self, event):
+        def record(*args):
+            offset = int(args[-1]) if len(args) >= 2 and str(args[-1]).isdigit() else None
+            self.q.put((offset, event, args[0] if args else None))
+        return record
+
+    def wait(self, predicate, what, timeout=WAIT):
+        """Every event so far, in offset order, once ``predicate`` holds for them."""
+        until = time.monotonic() + timeout
+        while not predicate(self.seen):
+            try:
+                self.seen.append(self.q.get(timeout=max(0.0, until - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"no {what} within {timeout} s; got {self.seen}") from None
+            self.seen.sort(key=lambda e: (e[0] is None, e[0]))
+        return list(self.seen)
+
+    @staticmethod
+    def count(events, name):
+        return sum(1 for e in events if e[1] == name)
+
+
+class VmEndToEndTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.processes = []
+        try:
+            cls.broker = Broker(heartbeat_interval_ms=500)
+            cls.processes.append(cls.broker.process)
+            cls.http_port = free_port()
+            cls.url = f"http://127.0.0.1:{cls.http_port}"
+            cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
+                                   "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
+                                   "--events", cls.broker.xpub, "--gateway-id", "gwE",
+                                   "--api-key", API_KEY, "--threads", "1", "--log-level", "warn"],
+                                  "gateway")
+            cls.processes.append(cls.gateway)
+            cls.worker = Process([PYTHON, os.path.join(EXAMPLES, "vm_worker.py"),
+                                  "--broker", cls.broker.router, "--publish", cls.broker.xsub,
+                                  "--id", "pyvm", "--launch-ms", str(LAUNCH_MS), "--failure-rate", "0",
+                                  "--log-level", "warning"], "vm-worker", env=python_env())
+            cls.processes.append(cls.worker)
+            if not eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10):
+                raise RuntimeError("the gateway did not connect to the broker")
+            if not eventually(lambda: cls.broker.workers("vm") == 1, 10):
+                raise RuntimeError("the vm worker did not register")
+        except Exception:
+            cls.dump_and_stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.dump_and_stop(show=False)
+
+    @classmethod
+    def dump_and_stop(cls, show=True):
+        for p in cls.processes:
+            if show or not p.running():
+                print(f"--- {p.name} output:\n{p.output()}")
+        for p in reversed(cls.processes):
+            p.stop()
+            p.cleanup()
+
+    def setUp(self):
+        warnings.simplefilter("ignore", ResourceWarning)  # python-engineio's requests.Session
+        self.assertTrue(self.worker.running(), "the vm worker died:\n" + self.worker.output())
+        self.sio = socketio.Client(reconnection=False)
+        self.events = Events()
+        for name in ("vm_progress", "vm_response", "report_ready"):
+            self.sio.on(name, self.events.handler(name), namespace="/vm")
+        self.sio.connect(self.url, namespaces=["/vm"], transports=["websocket"], wait_timeout=WAIT)
+        self.addCleanup(self.sio.disconnect)
+
+    def call(self, event, data):
+        return self.sio.call(event, data, namespace="/vm", timeout=WAIT)
+
+    def test_open_vm_reports_progress_and_result(self):
+        ack = self.call("open_vm", {"count": 2, "name": "e2e"})
+        self.assertIsInstance(ack, dict, ack)
+        task_id = ack["task_id"]
+        self.assertTrue(task_id.startswith("t-"))
+        # queued + 10 steps of 10% per VM, then the result.
+        events = self.events.wait(lambda ev: Events.count(ev, "vm_progress") == 22
+                                  and Events.count(ev, "vm_response") == 1,
+                                  "22 vm_progress and a vm_response", LAUNCH_MS / 1000 + WAIT)
+        self.assertNotIn(None, [offset for offset, _, _ in events], "events without an offset")
+        self.assertEqual(events[-1][1], "vm_response", "the result came before the last progress")
+        seen = {}
+        for _, _, p in events[:-1]:
+            self.assertEqual(p["task_id"], task_id)
+            seen.setdefault(p["vm"], []).append((p["state"], p["percent"]))
+        self.assertEqual(sorted(seen), ["e2e-1", "e2e-2"])
+        for vm, steps in seen.items():
+            states = [s for s, _ in steps]
+            percents = [p for _, p in steps]
+            self.assertEqual(steps[0], ("queued", 0), vm)
+            self.assertEqual(steps[-1], ("running", 100), vm)
+            self.assertEqual(percents, sorted(percents), f"{vm}: percent went down: {percents}")
+            ranks = [STATE_ORDER.index(s) for s in states]
+            self.assertEqual(ranks, sorted(ranks), f"{vm}: states out of order: {states}")
+        response = events[-1][2]
+        self.assertEqual(response["task_id"], task_id)
+        self.assertEqual((response["failed"], response["cancelled"], response["worker"]), (0, False, "pyvm"))
+        self.assertEqual([(d["vm"], d["state"]) for d in response["data"]],
+                         [("e2e-1", "running"), ("e2e-2", "running")])
+        for d in response["data"]:
+            self.assertRegex(d["ip"], r"^10\.0\.\d+\.\d+$")
+
+    def test_cancel_vm(self):
+        task_id = self.call("open_vm", {"count": 1, "name": "c"})["task_id"]
+        self.events.wait(lambda ev: Events.count(ev, "vm_progress") >= 1, "a first vm_progress")
+        self.assertEqual(self.call("cancel_vm", {"task_id": "t-unknown"}),
+                         {"task_id": "t-unknown", "cancelled": False})
+        self.assertEqual(self.call("cancel_vm", {"task_id": task_id}),
+                         {"task_id": task_id, "cancelled": True})
+        events = self.events.wait(lambda ev: Events.count(ev, "vm_response") == 1, "a vm_response")
+        # Whatever was sent before the result has arrived too: from the first
+        # event ("queued") to the result, with no offset missing.
+        def complete(ev):
+            offsets = [o for o, _, _ in ev]
+            return (any(name == "vm_progress" and p["state"] == "queued" for _, name, p in ev)
+                    and len(offsets) == 1 + max(offsets) - min(offsets))
+
+        events = self.events.wait(complete, "every event up to the vm_response")
+        self.assertEqual(events[-1][1], "vm_response")
+        response = events[-1][2]
+        self.assertEqual((response["task_id"], response["cancelled"]), (task_id, True))
+        self.assertEqual(response["data"], [{"vm": "c-1", "state": "cancelled"}])
+        states = [p["state"] for _, name, p in events if name == "vm_progress"]
+        self.assertEqual(states[0], "queued")
+        self.assertEqual(states[-1], "cancelled")
+        self.assertLess(len(states), 11, "the launch was not cut short")
+
+    def test_bad_count_is_an_error_ack(self):
+        ack = self.call("open_vm", {"count": 0})
+        self.assertEqual(ack, {"error": "bad_request", "message": "count must be 1..20"})
+
+    def test_django_publish_example_reaches_the_sid(self):
+        os.environ["SIDECAST_GATEWAY"] = self.url
+        os.environ["SIDECAST_API_KEY"] = API_KEY
+        spec = importlib.util.spec_from_file_location("django_publish",
+                                                      os.path.join(EXAMPLES, "django_publish.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        sid = self.sio.get_sid(namespace="/vm")
+        self.assertTrue(sid.startswith("gwE."), sid)
+        status = example.publish({"sid": sid, "nsp": "/vm", "event": "report_ready",
+                                  "data": {"url": "/reports/7"}})
+        self.assertEqual(status, 202)
+        events = self.events.wait(lambda ev: Events.count(ev, "report_ready") == 1, "report_ready")
+        self.assertEqual([data for _, name, data in events if name == "report_ready"],
+                         [{"url": "/reports/7"}])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,596 @@
+#!/usr/bin/python3
+"""The Python worker SDK against the real broker.
+
+Each test starts sidecast-broker ($SIDECAST_BIN) on free loopback ports, runs
+a sidecast_worker.Worker in this process (so the test can see what its
+handlers saw), and plays the broker's other neighbours with raw DEALER peers
+speaking the envelope protocol: a client, or a fake gateway "gwT" that owns
+the sids "gwT.*". Every wait is bounded.
+
+    PYTHONPATH=<build>/python:workers/python SIDECAST_BIN=<build>/bin \\
+        /usr/bin/python3 tests/python/test_worker.py -v
+"""
+import json
+import queue
+import signal
+import threading
+import time
+import unittest
+
+import zmq
+
+from harness import WAIT, Broker, Peer, eventually
+from sidecast.v1 import envelope_pb2 as pb
+from sidecast_worker import Code, Service, Worker, namespace_topic, room_topic
+
+
+def args_of(msg):
+    return json.loads(msg.args) if msg.args else []
+
+
+class Recorder:
+    """A queue with bounded waits, for what handlers saw."""
+
+    def __init__(self):
+        self.q = queue.Queue()
+
+    def put(self, item):
+        self.q.put(item)
+
+    def get(self, what="an item", timeout=WAIT):
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no {what} within {timeout} s") from None
+
+    def empty_for(self, seconds):
+        try:
+            self.q.get(timeout=seconds)
+            return False
+        except queue.Empty:
+            return True
+
+
+class BrokerTest(unittest.TestCase):
+    heartbeat_ms = 200  # broker heartbeat interval; liveness is 3
+
+    def setUp(self):
+        self.ctx = zmq.Context()
+        self.broker = Broker(self.heartbeat_ms)
+        self.workers, self.peers, self.brokers = [], [], [self.broker]
+        self.addCleanup(self.cleanup)
+
+    def cleanup(self):
+        for w in self.workers:
+            w.stop()
+        for p in self.peers:
+            p.close()
+        self.ctx.term()
+        failed = not getattr(self._outcome, "success", True)
+        for b in self.brokers:
+            if failed:
+                print(f"--- broker output ({self.id()}):\n{b.process.output()}")
+            b.cleanup()
+
+    def start_worker(self, *services, worker_id="pyw", **options):
+        w = Worker(self.broker.router, self.broker.xsub, worker_id=worker_id, **options)
+        for s in services:
+            w.add(s)
+        self.workers.append(w)
+        w.start()
+        self.assertTrue(w.wait_connected(WAIT), "the broker did not welcome the worker")
+        return w
+
+    def peer(self, peer_id="c1", role=pb.ROLE_CLIENT):
+        p = Peer(self.ctx, self.broker.router, peer_id, role)
+        self.peers.append(p)
+        self.assertTrue(p.hello(), f"no Welcome for {peer_id}")
+        return p
+
+    def gateway(self, peer_id="gwT"):
+        return self.peer(peer_id, pb.ROLE_GATEWAY)
+
+
+class RequestReplyTest(BrokerTest):
+    def service(self):
+        svc = Service("t", capacity=4)
+
+        @svc.on("echo")
+        def echo(req):
+            req.reply(*req.args)
+
+        @svc.on("whoami")
+        def whoami(req):
+            # A return value is the reply.
+            return {"sid": req.sid, "nsp": req.nsp, "auth": req.auth, "user": req.user,
+                    "event": req.event, "attempt": req.attempt, "kind": req.kind,
+                    "wants_reply": req.wants_reply, "worker": req.worker_id}
+
+        svc.on("quiet", lambda req: None)
+        svc.on("boom", lambda req: 1 / 0)
+        svc.on("refuse", lambda req: req.fail(Code.REFUSED, "not you"))
+        svc.on("twice", lambda req: [req.reply(1), req.reply(2)])
+        return svc
+
+    def test_echo_reply(self):
+        self.start_worker(self.service())
+        c = self.peer()
+        args = [1, "two", {"three": [3, None, True]}, "é✓"]
+        reply = c.call("t", "echo", json.dumps(args))
+        self.assertIsNotNone(reply)
+        self.assertEqual(reply.code, pb.OK)
+        self.assertEqual(args_of(reply), args)
+        self.assertFalse(reply.silent)
+        self.assertFalse(reply.partial)
+        reply = c.call("t", "echo", "[]")
+        self.assertEqual((reply.code, args_of(reply)), (pb.OK, []))
+
+    def test_request_fields_and_return_value(self):
+        self.start_worker(self.service())
+        c = self.peer()
+        reply = c.call("t", "whoami", "[]", sid="gw9.abc", nsp="/custom", auth=b'{"token":"x"}',
+                       user="ann")
+        self.assertEqual(args_of(reply), [{
+            "sid": "gw9.abc", "nsp": "/custom", "auth": {"token": "x"}, "user": "ann",
+            "event": "whoami", "attempt": 1, "kind": "event", "wants_reply": True, "worker": "pyw"}])
+        reply = c.call("t", "whoami", "[]")
+        self.assertEqual(args_of(reply)[0]["auth"], {})  # no auth payload: {}
+
+    def test_silent_reply_when_handler_gives_none(self):
+        self.start_worker(self.service())
+        c = self.peer()
+        for event in ("quiet", "no-such-event"):
+            reply = c.call("t", event, "[1]")
+            self.assertIsNotNone(reply, event)
+            self.assertEqual(reply.code, pb.OK, event)
+            self.assertTrue(reply.silent, event)
+
+    def test_error_replies(self):
+        w = self.start_worker(self.service())
+        c = self.peer()
+        reply = c.call("t", "boom")
+        self.assertEqual(reply.code, pb.INTERNAL)
+        self.assertIn("division", reply.message)
+        reply = c.call("t", "refuse")
+        self.assertEqual((reply.code, reply.message), (pb.REFUSED, "not you"))
+        self.assertEqual(w.stats().handler_errors, 1)
+
+    def test_exactly_one_final_reply(self):
+        self.start_worker(self.service())
+        c = self.peer()
+        rid = c.submit("t", "twice")
+        replies = [e.reply for e in c.collect(0.5) if e.WhichOneof("kind") == "reply"]
+        self.assertEqual([(r.id, args_of(r)) for r in replies], [(rid, [1])])
+
+    def test_binary_attachments(self):
+        self.start_worker(self.service())
+        c = self.peer()
+        rid = c.next_id + 1
+        env = pb.Envelope()
+        r = env.request
+        r.id, r.service, r.event, r.nsp, r.wants_reply, r.timeout_ms = \
+            f"c1:{rid}", "t", "echo", "/", True, 5000
+        r.args = b'[{"_placeholder":true,"num":0},"x",{"b":{"_placeholder":true,"num":1}}]'
+        r.attachments.extend([b"\x00\x01", b"\xff"])
+        c.next_id = rid
+        c.send(env)
+        reply = c.reply_to(f"c1:{rid}").reply
+        self.assertEqual(args_of(reply), [{"_placeholder": True, "num": 0}, "x",
+                                          {"b": {"_placeholder": True, "num": 1}}])
+        self.assertEqual(list(reply.attachments), [b"\x00\x01", b"\xff"])
+
+
+class CapacityTest(BrokerTest):
+    def test_capacity_one_holds_the_second_request(self):
+        started, release = Recorder(), threading.Event()
+        running, peak, lock = [0], [0], threading.Lock()
+        svc = Service("one", capacity=1)
+
+        @svc.on("work")
+        def work(req):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            started.put(req.args[0])
+            release.wait(10)
+            with lock:
+                running[0] -= 1
+            req.reply(req.args[0])
+
+        # More threads than capacity: only the broker's credits limit concurrency.
+        self.start_worker(svc, threads=4)
+        c = self.peer()
+        first = c.submit("one", "work", "[1]", timeout_ms=10000)
+        second = c.submit("one", "work", "[2]", timeout_ms=10000)
+        self.assertEqual(started.get("first request"), 1)
+        self.assertTrue(eventually(lambda: self.broker.metric("sidecast_broker_queue_depth",
+                                                              service="one") == 1),
+                        "the second request is not waiting in the broker's queue")
+        self.assertTrue(started.empty_for(0.3), "the second request ran beside the first")
+        release.set()
+        self.assertEqual(started.get("second request"), 2)
+        self.assertEqual(args_of(c.reply_to(first).reply), [1])
+        self.assertEqual(args_of(c.reply_to(second).reply), [2])
+        self.assertEqual(peak[0], 1)
+
+
+class HeartbeatTest(BrokerTest):
+    heartbeat_ms = 300  # the broker drops a worker silent for 900 ms
+
+    def test_long_handlers_do_not_block_heartbeats(self):
+        calls = Recorder()
+        svc = Service("slow", capacity=2)
+
+        @svc.on("sleep")
+        def sleep(req):
+            calls.put("sleep")
+            time.sleep(2.0)  # blocking, not req.sleep(): > 6 heartbeat intervals
+            return "slept"
+
+        @svc.on("spin")
+        def spin(req):
+            calls.put("spin")
+            until = time.monotonic() + 2.0  # holds the GIL but for its switch interval
+            n = 0
+            while time.monotonic() < until:
+                n += 1
+            return "spun"
+
+        w = self.start_worker(svc)
+        c = self.peer()
+        self.assertTrue(eventually(lambda: self.broker.workers("slow") == 1))
+        ids = [c.submit("slow", "sleep", timeout_ms=10000), c.submit("slow", "spin", timeout_ms=10000)]
+        self.assertEqual({calls.get(), calls.get()}, {"sleep", "spin"})
+        samples = []
+        until = time.monotonic() + 1.7
+        while time.monotonic() < until:
+            samples.append(self.broker.workers("slow"))
+            time.sleep(0.1)
+        self.assertTrue(samples and all(s == 1 for s in samples),
+                        f"the broker dropped the worker: {samples}\n{self.broker.process.output()}")
+        self.assertEqual(args_of(c.reply_to(ids[0]).reply), ["slept"])
+        self.assertEqual(args_of(c.reply_to(ids[1]).reply), ["spun"])
+        self.assertTrue(calls.empty_for(0.2), "a handler ran twice: the job was re-dispatched")
+        self.assertEqual(w.stats().reconnects, 0)
+        self.assertTrue(w.connected)
+        self.assertNotIn("peer pyw missed", self.broker.process.output())
+        self.assertFalse(self.broker.metric("sidecast_broker_requests_total", service="slow",
+                                            outcome="worker_lost"))
+
+
+class CancelTest(BrokerTest):
+    def waiting_service(self, seen):
+        svc = Service("c", capacity=2)
+
+        @svc.on("wait")
+        def wait(req):
+            seen.put("started")
+            cancelled = req.cancelled.wait(5)
+            seen.put((cancelled, req.cancel_reason))
+
+        return svc
+
+    def test_deadline_gives_timeout_and_cancels_the_handler(self):
+        seen = Recorder()
+        self.start_worker(self.waiting_service(seen))
+        c = self.peer()
+        started = time.monotonic()
+        reply = c.call("c", "wait", timeout_ms=300)
+        self.assertEqual(seen.get(), "started")
+        self.assertIsNotNone(reply)
+        self.assertEqual(reply.code, pb.TIMEOUT)
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(seen.get("the handler's cancellation"), (True, Code.TIMEOUT))
+
+    def test_requester_cancel_reaches_the_handler(self):
+        seen = Recorder()
+        w = self.start_worker(self.waiting_service(seen))
+        c = self.peer()
+        rid = c.submit("c", "wait", timeout_ms=10000)
+        self.assertEqual(seen.get(), "started")
+        c.cancel(rid)
+        self.assertEqual(seen.get("the handler's cancellation"), (True, Code.CANCELLED))
+        self.assertEqual(w.stats().cancels, 1)
+
+    def test_stop_cancels_running_handlers(self):
+        seen = Recorder()
+        w = self.start_worker(self.waiting_service(seen))
+        c = self.peer()
+        c.submit("c", "wait", timeout_ms=10000)
+        self.assertEqual(seen.get(), "started")
+        started = time.monotonic()
+        w.stop()
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(seen.get("the handler's cancellation"), (True, Code.CANCELLED))
+        self.assertFalse(w.connected)
+
+
+class GatewayTrafficTest(BrokerTest):
+    def test_early_ack_then_progress_to_the_sid(self):
+        done = Recorder()
+        svc = Service("vmish", capacity=2)
+
+        @svc.on("launch")
+        def launch(req):
+            req.ack({"task_id": "t1"})
+            for percent in (0, 50, 100):
+                req.emit("vm_progress", {"task_id": "t1", "percent": percent})
+            # Past the request's 300 ms deadline: after ack() it no longer applies.
+            slept = req.sleep(0.8)
+            req.emit("vm_response", {"task_id": "t1", "data": []})
+            done.put((slept, req.cancelled.is_set()))
+
+        self.start_worker(svc)
+        gw = self.gateway("gwT")
+        rid = gw.submit("vmish", "launch", "[{}]", timeout_ms=300, sid="gwT.x", nsp="/vm")
+        ack = gw.reply_to(rid, final=False)
+        self.assertIsNotNone(ack, "no early ack")
+        self.assertTrue(ack.reply.partial)
+        self.assertEqual((ack.reply.code, args_of(ack.reply)), (pb.OK, [{"task_id": "t1"}]))
+        emits = []
+        while len(emits) < 4:
+            env = gw.receive()
+            self.assertIsNotNone(env, f"only {len(emits)} emits arrived")
+            kind = env.WhichOneof("kind")
+            self.assertEqual(kind, "emit", f"unexpected {kind}: {env}")
+            emits.append(env.emit)
+        for e in emits:
+            self.assertEqual((e.sid, e.nsp, e.origin), ("gwT.x", "/vm", "pyw"))
+        self.assertEqual([(e.event, args_of(e)[0].get("percent")) for e in emits],
+                         [("vm_progress", 0), ("vm_progress", 50), ("vm_progress", 100),
+                          ("vm_response", None)])
+        self.assertEqual(done.get(), (True, False))
+        # The final (silent) reply only frees the capacity: the requester sees nothing more.
+        self.assertEqual([e for e in gw.collect(0.3) if e.WhichOneof("kind") == "reply"], [])
+        self.assertTrue(eventually(lambda: self.broker.metric("sidecast_broker_in_flight") == 0))
+
+    def test_emit_with_ack_round_trip(self):
+        svc = Service("ask", capacity=2)
+
+        @svc.on("ask")
+        def ask(req):
+            result = req.emit_with_ack("question", "ready?", timeout=2).result(WAIT)
+            req.reply(result.code.name, *result.args)
+
+        @svc.on("ask-cb")
+        def ask_cb(req):
+            results = Recorder()
+            req.emit_with_ack("question", timeout=0.3, callback=results.put)
+            req.reply(results.get("the ack callback").code.name)
+
+        self.start_worker(svc)
+        gw = self.gateway("gwT")
+        rid = gw.submit("ask", "ask", sid="gwT.x")
+        q = gw.next("emit")
+        self.assertIsNotNone(q)
+        self.assertEqual((q.emit.sid, q.emit.event, args_of(q.emit)), ("gwT.x", "question", ["ready?"]))
+        self.assertTrue(q.emit.ack_id.startswith("pyw:"))
+        answer = pb.Envelope()
+        answer.reply.id = q.emit.ack_id
+        answer.reply.args = b'["yes",2]'
+        gw.send(answer)
+        self.assertEqual(args_of(gw.reply_to(rid).reply), ["OK", "yes", 2])
+        # No ack from the client: TIMEOUT, here through the callback.
+        rid = gw.submit("ask", "ask-cb", sid="gwT.y")
+        self.assertIsNotNone(gw.next("emit"))
+        self.assertEqual(args_of(gw.reply_to(rid).reply), ["TIMEOUT"])
+
+    def test_join_leave_disconnect(self):
+        svc = Service("chat", capacity=2)
+
+        @svc.on("enter")
+        def enter(req):
+            req.join("lobby")
+            req.leave("lobby")
+            req.disconnect()
+
+        w = self.start_worker(svc)
+        gw = self.gateway("gwT")
+        gw.submit("chat", "enter", sid="gwT.x", nsp="/chat")
+        controls = [gw.next("control") for _ in range(3)]
+        self.assertNotIn(None, controls)
+        self.assertEqual([(c.control.action, c.control.sid, c.control.nsp, c.control.room,
+                           c.control.origin) for c in controls],
+                         [(pb.Control.JOIN, "gwT.x", "/chat", "lobby", "pyw"),
+                          (pb.Control.LEAVE, "gwT.x", "/chat", "lobby", "pyw"),
+                          (pb.Control.DISCONNECT, "gwT.x", "/chat", "", "pyw")])
+        # The same from outside a request.
+        w.join("gwT.z", "room2", nsp="/chat")
+        c = gw.next("control")
+        self.assertEqual((c.control.action, c.control.sid, c.control.room),
+                         (pb.Control.JOIN, "gwT.z", "room2"))
+        w.emit_to_sid("gwT.z", "hello", 1, "two", nsp="/chat")
+        e = gw.next("emit")
+        self.assertEqual((e.emit.sid, e.emit.nsp, e.emit.event, args_of(e.emit)),
+                         ("gwT.z", "/chat", "hello", [1, "two"]))
+
+    def test_lifecycle_hooks(self):
+        disconnects = Recorder()
+        svc = Service("life", capacity=2)
+
+        @svc.on_connect
+        def connect(req):
+            if req.auth.get("token") != "ok":
+                req.refuse("forbidden")
+                return None
+            return {"user": "ann"}
+
+        @svc.on_disconnect
+        def disconnect(req):
+            disconnects.put((req.kind, req.sid, req.reason))
+
+        self.start_worker(svc, Service("plain"))
+        gw = self.gateway("gwT")
+        rid = gw.lifecycle("life", pb.Lifecycle.CONNECT, "gwT.a", auth=b'{"token":"ok"}')
+        r = gw.reply_to(rid).reply
+        self.assertEqual((r.code, json.loads(r.args)), (pb.OK, {"user": "ann"}))
+        rid = gw.lifecycle("life", pb.Lifecycle.CONNECT, "gwT.b", auth=b'{"token":"bad"}')
+        r = gw.reply_to(rid).reply
+        self.assertEqual((r.code, r.message), (pb.REFUSED, "forbidden"))
+        rid = gw.lifecycle("plain", pb.Lifecycle.CONNECT, "gwT.c")
+        r = gw.reply_to(rid).reply
+        self.assertEqual((r.code, json.loads(r.args)), (pb.OK, {}))  # no hook: accepted
+        gw.lifecycle("life", pb.Lifecycle.DISCONNECT, "gwT.a", reason="client namespace disconnect")
+        self.assertEqual(disconnects.get(), ("disconnect", "gwT.a", "client namespace disconnect"))
+
+    def test_delivery_report_for_a_gone_gateway(self):
+        reports = Recorder()
+        w = self.start_worker(Service("plain"))
+        w.on_report(reports.put)
+        w.emit_to_sid("gwGone.x", "hello", nsp="/", ref="r1")
+        report = reports.get("a delivery report")
+        self.assertEqual((report.status, report.sid, report.ref), ("GATEWAY_GONE", "gwGone.x", "r1"))
+        w.disconnect("nodot")
+        report = reports.get("a delivery report")
+        self.assertEqual((report.status, report.sid), ("GATEWAY_GONE", "nodot"))
+
+
+class PublishTest(BrokerTest):
+    def subscriber(self, *topics):
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        for t in topics:
+            sub.setsockopt(zmq.SUBSCRIBE, t)
+        sub.connect(self.broker.xpub)
+        self.addCleanup(sub.close, 0)
+        return sub
+
+    def until_received(self, sub, send, timeout=WAIT):
+        """Calls send() every 100 ms until the SUB gets a message (the
+        subscription takes a moment to reach the broker's XPUB)."""
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            send()
+            if sub.poll(100, zmq.POLLIN):
+                frames = sub.recv_multipart()
+                self.assertEqual(len(frames), 2, frames)
+                env = pb.Envelope()
+                env.ParseFromString(frames[1])
+                return frames[0], env
+        self.fail("nothing arrived on the SUB")
+
+    def test_room_emit_reaches_a_subscriber(self):
+        svc = Service("chat", capacity=2)
+
+        @svc.on("say")
+        def say(req):
+            req.emit_to_room(req.args[0], "said", {"text": req.args[1], "from": req.sid},
+                             except_sids=[req.sid])
+
+        self.start_worker(svc)
+        c = self.peer()
+        sub = self.subscriber(room_topic("/chat", "lobby"))
+
+        def send():
+            # A room whose name starts with "lobby" must not match (trailing NUL).
+            c.submit("chat", "say", '["lobbyist","no"]', sid="gwT.x", nsp="/chat", wants_reply=False)
+            c.submit("chat", "say", '["lobby","hi"]', sid="gwT.x", nsp="/chat", wants_reply=False)
+
+        topic, env = self.until_received(sub, send)
+        self.assertEqual(topic, b"r/chat\0lobby\0")
+        e = env.emit
+        self.assertEqual((e.room, e.nsp, e.event, e.origin, list(e.except_sids)),
+                         ("lobby", "/chat", "said", "pyw", ["gwT.x"]))
+        self.assertEqual(args_of(e), [{"text": "hi", "from": "gwT.x"}])
+        while sub.poll(300, zmq.POLLIN):
+            self.assertEqual(sub.recv_multipart()[0], b"r/chat\0lobby\0")
+
+    def test_broadcast_reaches_a_namespace_subscriber(self):
+        w = self.start_worker(Service("plain"))
+        sub = self.subscriber(namespace_topic("/news"))
+        topic, env = self.until_received(
+            sub, lambda: w.broadcast("flash", {"n": 1}, b"\x07", nsp="/news", except_sids=["gw1.a"]))
+        self.assertEqual(topic, b"n/news\0")
+        e = env.emit
+        self.assertTrue(e.broadcast)
+        self.assertEqual((e.nsp, e.event, list(e.except_sids)), ("/news", "flash", ["gw1.a"]))
+        self.assertEqual(args_of(e), [{"n": 1}, {"_placeholder": True, "num": 0}])
+        self.assertEqual(list(e.attachments), [b"\x07"])
+
+
+class ReconnectTest(BrokerTest):
+    def echo_service(self):
+        svc = Service("echo", capacity=2)
+        svc.on("echo", lambda req: req.reply(*req.args))
+        return svc
+
+    def restart_broker(self):
+        self.broker.kill()
+        self.broker = Broker(self.heartbeat_ms, ports=self.broker.ports)
+        self.brokers.append(self.broker)
+
+    def assert_serves(self, peer_id):
+        c = self.peer(peer_id)
+        reply = c.call("echo", "echo", '["again"]')
+        self.assertIsNotNone(reply)
+        self.assertEqual((reply.code, args_of(reply)), (pb.OK, ["again"]))
+
+
+class BrokerRestartTest(ReconnectTest):
+    heartbeat_ms = 1000  # silence detection needs 3 s: the restart is quicker
+
+    def test_restarted_broker_gets_hello_again(self):
+        w = self.start_worker(self.echo_service())
+        self.assert_serves("c1")
+        self.restart_broker()
+        # The new broker answers the worker's next heartbeat with
+        # NOT_REGISTERED; the worker sends Hello on the same socket.
+        self.assertTrue(eventually(lambda: self.broker.workers("echo") == 1, 5))
+        self.assert_serves("c2")
+        self.assertEqual(w.stats().reconnects, 0)
+
+
+class BrokerSilenceTest(ReconnectTest):
+    heartbeat_ms = 200
+
+    def test_silent_broker_means_new_socket_and_hello(self):
+        w = self.start_worker(self.echo_service())
+        self.broker.process.signal(signal.SIGSTOP)
+        try:
+            self.assertTrue(eventually(lambda: w.stats().reconnects >= 1, 3),
+                            "the worker did not notice the broker's silence")
+            self.assertFalse(w.connected)
+        finally:
+            self.broker.process.signal(signal.SIGCONT)
+        self.assertTrue(w.wait_connected(WAIT))
+        self.assert_serves("c2")
+
+    def test_broker_restart_slower_than_liveness(self):
+        w = self.start_worker(self.echo_service())
+        self.broker.kill()
+        self.assertTrue(eventually(lambda: w.stats().reconnects >= 1, 3))
+        self.broker = Broker(self.heartbeat_ms, ports=self.broker.ports)
+        self.brokers.append(self.broker)
+        self.assertTrue(eventually(lambda: self.broker.workers("echo") == 1, 5))
+        self.assertTrue(w.wait_connected(WAIT))
+        self.assert_serves("c2")
+
+
+class CurveTest(BrokerTest):
+    def setUp(self):
+        broker_public, self.broker_secret = zmq.curve_keypair()
+        self.server_key = broker_public.decode()
+        worker_public, self.worker_secret = zmq.curve_keypair()
+        self.ctx = zmq.Context()
+        self.broker = Broker(self.heartbeat_ms, extra=["--curve-secret", self.broker_secret.decode(),
+                                                       "--curve-allow", worker_public.decode()])
+        self.workers, self.peers, self.brokers = [], [], [self.broker]
+        self.addCleanup(self.cleanup)
+
+    def test_encrypted_worker_registers_and_publishes(self):
+        w = self.start_worker(Service("sealed"), curve_secret=self.worker_secret.decode(),
+                              curve_server_key=self.server_key)
+        self.assertTrue(eventually(lambda: self.broker.workers("sealed") == 1))
+        # Its PUB socket is encrypted too: the broker forwards what it publishes.
+        before = self.broker.metric("sidecast_broker_events_total") or 0
+        self.assertTrue(eventually(lambda: w.broadcast("x") and
+                                   (self.broker.metric("sidecast_broker_events_total") or 0) > before))
+
+    def test_worker_without_keys_is_refused(self):
+        w = Worker(self.broker.router, self.broker.xsub, worker_id="plain").add(Service("sealed"))
+        self.workers.append(w.start())
+        self.assertFalse(w.wait_connected(1.0))
+
+
+if __name__ == "__main__":
+    unittest.main()

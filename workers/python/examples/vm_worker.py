@@ -1,0 +1,168 @@
+#!/usr/bin/python3
+"""The `vm` service (namespace /vm) in Python: a port of workers/vm/vm.cpp.
+
+Launches VMs — long tasks that report progress to the asking socket and end
+with a result. Simulated, with a configurable launch time and failure rate;
+the shape is what matters: ack at once, progress events, a final
+vm_response, cancellation, failures reported rather than swallowed.
+
+  open_vm {count, name} (ack)  -> ack {task_id}
+    vm_progress {task_id, vm, state, percent}   state: queued, provisioning,
+                                                 booting, running, failed, cancelled
+    vm_response {task_id, data: [{vm, state, ip?}], failed, cancelled, worker}
+  cancel_vm {task_id} (ack)   -> ack {task_id, cancelled: true|false}
+
+    python3 vm_worker.py --broker tcp://127.0.0.1:7700 --publish tcp://127.0.0.1:7701 \\
+        --launch-ms 1000 --failure-rate 0
+"""
+import argparse
+import logging
+import os
+import random
+import secrets
+import sys
+import threading
+import time
+
+from sidecast_worker import Code, Service, Worker
+
+STEPS = 10  # progress events per VM, 10% each
+SLICE = 0.05  # seconds: how quickly a cancel_vm takes effect
+
+
+def state_at(step):
+    if step == 0:
+        return "queued"
+    if step <= 4:
+        return "provisioning"
+    if step < STEPS:
+        return "booting"
+    return "running"
+
+
+class Task:
+    def __init__(self, owner):
+        self.owner = owner  # the sid that launched it: only it may cancel
+        self.cancelled = threading.Event()
+
+
+def vm_service(capacity=16, launch_time=4.0, failure_rate=0.1, max_count=20):
+    svc = Service("vm", capacity)
+    tasks = {}  # task id -> Task, so cancel_vm can reach them
+    lock = threading.Lock()
+
+    @svc.on("open_vm")
+    def open_vm(req):
+        spec = req.args[0] if req.args and isinstance(req.args[0], dict) else {}
+        count, name = 1, "vm"
+        if "count" in spec:
+            c = spec["count"]
+            count = c if isinstance(c, int) and not isinstance(c, bool) else -1
+        if isinstance(spec.get("name"), str):
+            name = spec["name"]
+        if not 1 <= count <= max_count:
+            req.fail(Code.BAD_REQUEST, f"count must be 1..{max_count}")
+            return
+        task_id = "t-" + secrets.token_hex(6)
+        task = Task(req.sid)
+        with lock:
+            tasks[task_id] = task
+        try:
+            req.ack({"task_id": task_id})
+            launch(req, task_id, task, count, name)
+        finally:
+            with lock:
+                tasks.pop(task_id, None)
+
+    def launch(req, task_id, task, count, name):
+        # Each VM fails at a random step with probability failure_rate.
+        vms = [{"vm": f"{name}-{i + 1}",
+                "fails_at": random.randint(2, STEPS - 1) if random.random() < failure_rate else STEPS + 1,
+                "state": "queued", "percent": 0, "done": False}
+               for i in range(count)]
+
+        def progress(v):
+            req.emit("vm_progress", {"task_id": task_id, "vm": v["vm"], "state": v["state"],
+                                     "percent": v["percent"]})
+
+        step_time = launch_time / STEPS
+        cancelled = False
+        for step in range(STEPS + 1):
+            if step > 0:
+                # Sleep in slices so a cancel_vm takes effect quickly.
+                until = time.monotonic() + step_time
+                while (left := until - time.monotonic()) > 0:
+                    if not req.sleep(min(left, SLICE)) or task.cancelled.is_set():
+                        cancelled = True
+                        break
+                if cancelled:
+                    break
+            for v in vms:
+                if v["done"]:
+                    continue
+                if step == v["fails_at"]:
+                    v["state"], v["done"] = "failed", True
+                else:
+                    v["state"], v["percent"] = state_at(step), step * 100 // STEPS
+                    v["done"] = step == STEPS
+                progress(v)
+
+        data, failed = [], 0
+        for v in vms:
+            if not v["done"]:
+                v["state"], v["done"] = "cancelled", True
+                progress(v)
+            result = {"vm": v["vm"], "state": v["state"]}
+            if v["state"] == "running":
+                result["ip"] = f"10.0.{random.randrange(250)}.{2 + random.randrange(250)}"
+            failed += v["state"] == "failed"
+            data.append(result)
+        req.emit("vm_response", {"task_id": task_id, "data": data, "failed": failed,
+                                 "cancelled": cancelled, "worker": req.worker_id})
+
+    @svc.on("cancel_vm")
+    def cancel_vm(req):
+        arg = req.args[0] if req.args and isinstance(req.args[0], dict) else {}
+        task_id = arg.get("task_id") if isinstance(arg.get("task_id"), str) else ""
+        found = False
+        with lock:
+            task = tasks.get(task_id)
+            if task is not None and task.owner == req.sid:
+                task.cancelled.set()
+                found = True
+        req.reply({"task_id": task_id, "cancelled": found})
+
+    return svc
+
+
+def main(argv=None):
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="The Sidecast vm service, in Python")
+    p.add_argument("--broker", default=env("SIDECAST_BROKER", "tcp://127.0.0.1:7700"),
+                   help="broker ROUTER endpoint (default %(default)s)")
+    p.add_argument("--publish", default=env("SIDECAST_PUBLISH", "tcp://127.0.0.1:7701"),
+                   help="broker XSUB endpoint for room events (default %(default)s)")
+    p.add_argument("--id", default=env("SIDECAST_ID"), help="worker id (default w-<host>-<pid>)")
+    p.add_argument("--capacity", type=int, default=16, help="open_vm/cancel_vm run at once")
+    p.add_argument("--launch-ms", type=int, default=4000, help="time one VM takes to launch, ms")
+    p.add_argument("--failure-rate", type=float, default=0.1, help="chance that a VM fails (0-1)")
+    p.add_argument("--max-count", type=int, default=20, help="VMs one open_vm may ask for")
+    p.add_argument("--heartbeat-interval", type=int, default=1000,
+                   help="heartbeat interval until the broker's Welcome, ms")
+    p.add_argument("--log-level", default=env("SIDECAST_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    if not 0 <= args.failure_rate <= 1:
+        p.error("--failure-rate must be between 0 and 1")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s [vm-worker] %(message)s")
+    worker = Worker(args.broker, args.publish, worker_id=args.id,
+                    heartbeat_interval=args.heartbeat_interval / 1000.0)
+    worker.add(vm_service(args.capacity, args.launch_ms / 1000.0, args.failure_rate, args.max_count))
+    logging.info("worker %s serving vm via %s", worker.id, args.broker)
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The DEALER side of the broker protocol (core/peer_link.cpp in Python).
+
+Announces the peer (Hello), keeps heartbeats both ways, notices a dead or
+restarted broker and announces itself again. It owns no thread: the owning
+loop polls ``socket``, calls ``receive()`` while it returns messages, and
+calls ``tick()`` at ``next_tick()``. Only the thread that made it may use it.
+"""
+import logging
+import time
+
+import zmq
+
+from ._proto import PROTOCOL_VERSION, Code, code_name, pb
+
+log = logging.getLogger("sidecast_worker")
+
+
+class RateLimitedLog:
+    """Lets through at most ``burst`` lines per ``period`` seconds."""
+
+    def __init__(self, burst=10, period=1.0):
+        self.burst, self.period = burst, period
+        self.window_start, self.count, self.suppressed = 0.0, 0, 0
+
+    def allow(self):
+        now = time.monotonic()
+        if now - self.window_start >= self.period:
+            self.window_start, self.count = now, 0
+        self.count += 1
+        if self.count > self.burst:
+            self.suppressed += 1
+            return False
+        return True
+
+
+def apply_curve(sock, secret_key, server_key):
+    """CURVE client keys on a socket; nothing when either key is empty."""
+    if not secret_key or not server_key:
+        return
+    sock.curve_serverkey = server_key.encode()
+    sock.curve_publickey = zmq.curve_public(secret_key.encode())
+    sock.curve_secretkey = secret_key.encode()
+
+
+class PeerLink:
+    def __init__(self, context, endpoint, peer_id, role=pb.ROLE_WORKER, services=(),
+                 heartbeat_interval=1.0, heartbeat_liveness=3, hwm=100000, curve=(None, None)):
+        self.context = context
+        self.endpoint = endpoint
+        self.peer_id = peer_id
+        self.role = role
+        self.services = list(services)  # (name, capacity)
+        self.interval = heartbeat_interval  # seconds; the Welcome's value wins
+        self.liveness = heartbeat_liveness
+        self.hwm = hwm
+        self.curve = curve
+        self.socket = None
+        self.welcomed = False
+        self.broker_id = ""
+        self.reconnects = 0   # sockets replaced after broker silence
+        self.hellos = 0
+        self.send_dropped = 0
+        self.malformed = 0
+        self._broker_expiry = 0.0
+        self._next_heartbeat = 0.0
+        self._log_limit = RateLimitedLog()
+        self._connect()
+
+    def close(self):
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+        self.welcomed = False
+
+    def _connect(self):
+        # A fresh socket: whatever the old one still queued dies with it.
+        self.close()
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.peer_id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.hwm)
+        sock.setsockopt(zmq.RCVHWM, self.hwm)
+        apply_curve(sock, *self.curve)
+        sock.connect(self.endpoint)
+        self.socket = sock
+        self.welcomed = False
+        now = time.monotonic()
+        self._broker_expiry = now + self.interval * self.liveness
+        self._send_hello()
+
+    def _send_hello(self):
+        env = pb.Envelope()
+        hello = env.hello
+        hello.role = self.role
+        hello.id = self.peer_id
+        hello.protocol_version = PROTOCOL_VERSION
+        for name, capacity in self.services:
+            hello.services.add(name=name, capacity=capacity)
+        self.hellos += 1
+        self.send(env)
+
+    def receive(self):
+        """The next envelope for the application, or None when none waits.
+
+        Heartbeat, Welcome and Error NOT_REGISTERED are handled here.
+        """
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return None
+            now = time.monotonic()
+            self._broker_expiry = now + self.interval * self.liveness
+            env = pb.Envelope()
+            ok = len(frames) == 1  # extra frames are not part of protocol v1
+            if ok:
+                try:
+                    env.ParseFromString(frames[0])
+                except Exception:  # protobuf's DecodeError
+                    ok = False
+            if not ok or env.WhichOneof("kind") is None:
+                self.malformed += 1
+                if self._log_limit.allow():
+                    log.warning("peer link: dropped a malformed message from the broker")
+                continue
+            kind = env.WhichOneof("kind")
+            if kind == "heartbeat":
+                continue
+            if kind == "welcome":
+                w = env.welcome
+                if w.heartbeat_interval_ms > 0:
+                    self.interval = w.heartbeat_interval_ms / 1000.0
+                if w.heartbeat_liveness > 0:
+                    self.liveness = w.heartbeat_liveness
+                self._broker_expiry = now + self.interval * self.liveness
+                # The next heartbeat was planned with the interval we had
+                # before: a broker with a shorter one must not wait for it.
+                self._next_heartbeat = min(self._next_heartbeat, now + self.interval)
+                if not self.welcomed:
+                    log.info("connected to broker %s at %s", w.broker_id, self.endpoint)
+                self.broker_id = w.broker_id
+                self.welcomed = True
+                continue
+            if kind == "error":
+                if env.error.code == Code.NOT_REGISTERED:
+                    # The broker restarted and the connection came back by itself.
+                    self.welcomed = False
+                    self._send_hello()
+                    continue
+                if self._log_limit.allow():
+                    log.warning("broker error %s: %s", code_name(env.error.code), env.error.message)
+            return env
+
+    def send(self, env):
+        return self.send_bytes(env.SerializeToString())
+
+    def send_bytes(self, data):
+        """Sends without blocking; False (and counted) when the pipe is full."""
+        try:
+            self.socket.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            self.send_dropped += 1
+            return False
+        self._next_heartbeat = time.monotonic() + self.interval
+        return True
+
+    def tick(self, now):
+        """Heartbeats and broker liveness; call at or after next_tick()."""
+        if now >= self._broker_expiry:
+            if self.welcomed:
+                log.warning("broker at %s went silent; reconnecting", self.endpoint)
+            self.reconnects += 1
+            self._connect()
+            return
+        if now >= self._next_heartbeat:
+            env = pb.Envelope()
+            env.heartbeat.SetInParent()
+            self.send(env)
+            self._next_heartbeat = now + self.interval
+
+    def next_tick(self):
+        return min(self._broker_expiry, self._next_heartbeat)
+

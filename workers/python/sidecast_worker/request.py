@@ -1,0 +1,222 @@
+"""One request as its handler sees it."""
+import threading
+import time
+
+from . import codec
+from ._proto import Code, pb
+
+EVENT = "event"
+CONNECT = "connect"
+DISCONNECT = "disconnect"
+
+
+class Request:
+    """An event (or a connect / disconnect) for a service, handed to its handler.
+
+    Read-only data: ``kind`` ("event", "connect" or "disconnect"), ``id``,
+    ``service``, ``sid``, ``nsp``, ``event``, ``user``, ``args`` (the
+    arguments, parsed, binary placeholders replaced by ``bytes``),
+    ``args_json`` (the JSON text, untouched), ``attachments``, ``auth`` (the
+    socket's CONNECT auth payload, parsed; ``{}`` when none), ``auth_json``,
+    ``wants_reply`` (the client asked for an ack), ``attempt``, ``worker_id``.
+
+    Cancellation: ``cancelled`` is a ``threading.Event`` set when the broker
+    cancels the request (deadline passed, requester gave up), when its own
+    deadline passes, or when the worker stops; ``cancel_reason`` then says
+    why (Code.TIMEOUT or Code.CANCELLED). Long handlers wait on it or call
+    ``sleep()``.
+
+    Answers: every request gets exactly one final answer. ``reply()`` /
+    ``fail()`` give it; a handler that returns without answering gives a
+    silent one (the client gets no ack; the broker learns the worker is
+    free); a handler that returns a value other than None replies with it.
+    ``ack()`` answers early and keeps the job: see its docstring.
+
+    Every method is thread-safe and returns False instead of raising when
+    the message could not be queued (worker stopping, outbox full).
+    """
+
+    __slots__ = ("kind", "id", "service", "sid", "nsp", "event", "user", "args_json",
+                 "attachments", "auth_json", "wants_reply", "attempt", "cancelled",
+                 "cancel_reason", "_core", "_deadline", "_lock", "_answered", "_acked",
+                 "_args", "_auth")
+
+    def __init__(self, core, kind, rid, service, sid="", nsp="/", event="", user="",
+                 args_json="[]", attachments=(), auth_json="{}", wants_reply=True, attempt=1,
+                 deadline=None):
+        self._core = core
+        self.kind = kind
+        self.id = rid
+        self.service = service
+        self.sid = sid
+        self.nsp = nsp
+        self.event = event
+        self.user = user
+        self.args_json = args_json
+        self.attachments = list(attachments)
+        self.auth_json = auth_json
+        self.wants_reply = wants_reply
+        self.attempt = attempt
+        self.cancelled = threading.Event()
+        self.cancel_reason = None
+        self._deadline = deadline  # time.monotonic() value; None once acked
+        self._lock = threading.Lock()
+        self._answered = False
+        self._acked = False
+        self._args = None
+        self._auth = None
+
+    def __repr__(self):
+        return f"<Request {self.id} {self.service}/{self.event} sid={self.sid!r}>"
+
+    # ---- data ----
+
+    @property
+    def args(self):
+        if self._args is None:
+            self._args = codec.unpack_args(self.args_json, self.attachments)
+        return self._args
+
+    @property
+    def auth(self):
+        if self._auth is None:
+            auth = codec.parse_json(self.auth_json, {})
+            self._auth = auth if isinstance(auth, dict) else {}
+        return self._auth
+
+    @property
+    def reason(self):
+        """Why the socket disconnected (disconnect requests only)."""
+        args = self.args
+        return args[0] if self.kind == DISCONNECT and args else ""
+
+    @property
+    def worker_id(self):
+        return self._core.worker_id
+
+    @property
+    def answered(self):
+        """True once the final answer is given."""
+        return self._answered
+
+    @property
+    def deadline(self):
+        """``time.monotonic()`` value after which the request is void; None once acked."""
+        return self._deadline
+
+    def time_left(self):
+        """Seconds until the deadline (never negative); None once acked."""
+        deadline = self._deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def sleep(self, seconds):
+        """Sleeps up to ``seconds``; returns False if cancelled (or the deadline passed) first."""
+        left = self.time_left()
+        if left is not None and left < seconds:
+            self.cancelled.wait(left)
+            if not self.cancelled.is_set():
+                self._cancel(Code.TIMEOUT)
+            return False
+        return not self.cancelled.wait(seconds)
+
+    # ---- answers ----
+
+    def reply(self, *args):
+        """Answers with ``args`` as the ack's arguments (a connect: accepts, see ``accept``)."""
+        if self.kind == CONNECT:
+            if len(args) > 1:
+                raise TypeError("a connect is accepted with at most one argument (an object)")
+            return self.accept(args[0] if args else None)
+        args_json, att = codec.pack_args(args)
+        return self._answer(Code.OK, "", args_json, att, silent=False)
+
+    def fail(self, code, message=""):
+        """Answers with an error (``Code.REFUSED`` refuses a connect with ``message``)."""
+        return self._answer(Code(code), message, "[]", [], silent=False)
+
+    def accept(self, data=None):
+        """Accepts a connect; ``data`` (an object) may name the user: ``{"user": "ann"}``."""
+        return self._answer(Code.OK, "", codec.dumps({} if data is None else data), [], silent=False)
+
+    def refuse(self, message="refused"):
+        """Refuses a connect: the client gets connect_error ``{"message": message}``."""
+        return self.fail(Code.REFUSED, message)
+
+    def ack(self, *args):
+        """Answers now and keeps working.
+
+        The client gets its ack at once; this worker keeps the request's
+        capacity until the handler returns (or ``reply()`` is called, which
+        then only frees it), and the request's deadline no longer applies:
+        for long tasks that report progress with ``emit()``.
+        """
+        args_json, att = codec.pack_args(args)
+        if not self._answer(Code.OK, "", args_json, att, silent=False, partial=True):
+            return False
+        self._deadline = None
+        return True
+
+    def _answer(self, code, message, args_json, attachments, silent, partial=False):
+        with self._lock:
+            if self._answered or (partial and self._acked):
+                return False
+            if partial:
+                self._acked = True
+            else:
+                self._answered = True
+                if self._acked:
+                    # The requester has its answer: this only frees the capacity.
+                    code, message, args_json, attachments, silent = Code.OK, "", "[]", [], True
+        return self._core.send_reply(self, code, message, args_json, attachments, silent, partial)
+
+    def _finish(self):
+        """The handler returned: give the default answer if none was given."""
+        if self._answered:
+            return
+        if self.kind == CONNECT:
+            self.accept()
+        else:
+            self._answer(Code.OK, "", "[]", [], silent=True)
+
+    def _cancel(self, reason):
+        with self._lock:
+            if self.cancelled.is_set():
+                return
+            self.cancel_reason = reason
+            self.cancelled.set()
+
+    # ---- traffic for the asking socket ----
+
+    def emit(self, event, *args):
+        """Emits ``event(*args)`` to the socket that asked."""
+        return self._core.emit_to_sid(self.nsp, self.sid, event, args)
+
+    def emit_with_ack(self, event, *args, timeout=5.0, callback=None):
+        """Emits to the asking socket, asking the client for an ack.
+
+        Returns a ``concurrent.futures.Future`` of an ``AckResult`` (code
+        Code.OK with the client's ``args``, or Code.TIMEOUT after
+        ``timeout`` seconds), or None if it could not be sent. ``callback``,
+        if given, is called with the AckResult on a handler thread. The
+        future is resolved on the I/O thread, so waiting on it from a handler
+        is safe; done-callbacks added to it run there too: keep them short.
+        """
+        return self._core.emit_with_ack(self.nsp, self.sid, event, args, timeout, callback)
+
+    def join(self, room):
+        return self._core.control(pb.Control.JOIN, self.nsp, self.sid, room)
+
+    def leave(self, room):
+        return self._core.control(pb.Control.LEAVE, self.nsp, self.sid, room)
+
+    def disconnect(self):
+        """Disconnects the asking socket from this namespace."""
+        return self._core.control(pb.Control.DISCONNECT, self.nsp, self.sid, "")
+
+    def emit_to_room(self, room, event, *args, except_sids=()):
+        """Emits to every socket in a room of this namespace."""
+        return self._core.publish(self.nsp, room, event, args, except_sids)
+
+    def broadcast(self, event, *args, except_sids=()):
+        """Emits to every socket of this namespace."""
+        return self._core.publish(self.nsp, None, event, args, except_sids)

@@ -1,0 +1,65 @@
+"""A service: a name, a capacity, and its handlers."""
+from .request import CONNECT, DISCONNECT
+
+
+class Service:
+    """Handlers for one service (one or more Socket.IO namespaces route to it).
+
+    ``capacity`` is how many of its requests this worker runs at once; the
+    broker never sends more. Handlers are plain functions taking a Request;
+    they run on the worker's thread pool.
+
+        svc = Service("vm", capacity=8)
+
+        @svc.on("open_vm")
+        def open_vm(req): ...
+
+        svc.on("ping", lambda req: req.reply("pong"))   # also chains: .on(...).on(...)
+    """
+
+    def __init__(self, name, capacity=16):
+        if not name:
+            raise ValueError("a service needs a name")
+        if int(capacity) < 1:
+            raise ValueError("capacity must be at least 1")
+        self.name = name
+        self.capacity = int(capacity)
+        self._events = {}
+        self._on_connect = None
+        self._on_disconnect = None
+
+    def __repr__(self):
+        return f"<Service {self.name} capacity={self.capacity} events={sorted(self._events)}>"
+
+    def on(self, event, handler=None):
+        """Handles ``event`` ("*": every event without its own handler).
+
+        Events with no handler are answered silently. Used as a decorator it
+        returns the function; called with a handler it returns the service.
+        """
+        return self._register(handler, lambda h: self._events.__setitem__(event, h))
+
+    def on_connect(self, handler=None):
+        """Connect hook: returning (or ``req.accept()``) accepts, ``req.refuse(msg)`` refuses."""
+        return self._register(handler, lambda h: setattr(self, "_on_connect", h))
+
+    def on_disconnect(self, handler=None):
+        """Disconnect notice: ``req.reason`` says why; no answer reaches anyone."""
+        return self._register(handler, lambda h: setattr(self, "_on_disconnect", h))
+
+    def _register(self, handler, store):
+        if handler is None:
+            def decorator(fn):
+                store(fn)
+                return fn
+            return decorator
+        store(handler)
+        return self
+
+    def handler_for(self, kind, event):
+        """The handler for a request, or None (default answer)."""
+        if kind == CONNECT:
+            return self._on_connect
+        if kind == DISCONNECT:
+            return self._on_disconnect
+        return self._events.get(event) or self._events.get("*")

@@ -1,0 +1,650 @@
+"""The worker: serves services behind the broker (workers/sdk/worker.cpp in Python).
+
+Threads: one I/O thread owns every ZeroMQ socket (the DEALER to the broker's
+ROUTER and the PUB to its XSUB) and runs the poll loop: heartbeats, broker
+liveness, deadlines, dispatch. Handlers run on a thread pool; everything
+they send goes through a bounded outbox plus an eventfd wake-up to the I/O
+thread, so a handler that sleeps for a minute never delays a heartbeat.
+"""
+import concurrent.futures
+import heapq
+import inspect
+import itertools
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import codec
+from ._proto import Code, code_name, code_of, pb
+from .link import PeerLink, RateLimitedLog, apply_curve
+from .request import CONNECT, DISCONNECT, EVENT, Request
+from .service import Service
+
+log = logging.getLogger("sidecast_worker")
+
+
+@dataclass(frozen=True)
+class AckResult:
+    """A client's ack of ``emit_with_ack``, or Code.TIMEOUT when none came in time."""
+
+    code: Code
+    args: list = field(default_factory=list)
+    args_json: str = "[]"
+    attachments: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """Addressed traffic (an emit to a sid, a join...) that could not be delivered,
+    or was, when ``report_delivery`` asked for it.
+
+    ``status``: "DELIVERED", "CLIENT_GONE", "GATEWAY_GONE" or "REJECTED".
+    """
+
+    status: str
+    sid: str
+    ref: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    requests: int = 0
+    replies: int = 0
+    cancels: int = 0
+    outbox_dropped: int = 0
+    handler_errors: int = 0
+    reconnects: int = 0
+
+
+class _Wakeup:
+    """A file descriptor the I/O thread polls next to its sockets; any thread
+    signals it. An eventfd on Linux, a non-blocking pipe elsewhere."""
+
+    def __init__(self):
+        if hasattr(os, "eventfd"):
+            self.fd = self._write_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - not Linux
+            self.fd, self._write_fd = os.pipe()
+            os.set_blocking(self.fd, False)
+            os.set_blocking(self._write_fd, False)
+
+    def signal(self):
+        try:
+            os.write(self._write_fd, (1).to_bytes(8, sys.byteorder))
+        except BlockingIOError:
+            pass  # saturated: a wake-up is pending anyway
+
+    def drain(self):
+        try:
+            os.read(self.fd, 4096)
+        except BlockingIOError:
+            pass
+
+    def __del__(self):
+        # Only once nothing can signal it any more: a closed fd number could
+        # be reused by another file before a late signal() wrote to it.
+        for fd in {getattr(self, "fd", None), getattr(self, "_write_fd", None)} - {None}:
+            os.close(fd)
+
+
+class _Core:
+    """State shared by the I/O thread, the handler threads and the Worker facade."""
+
+    def __init__(self, broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
+                 threads, outbox_limit, outbox_wait, pending_acks_limit, hwm, default_timeout,
+                 curve, context):
+        self.worker_id = worker_id or codec.default_worker_id()
+        if not codec.valid_peer_id(self.worker_id):
+            raise ValueError(f"worker id {self.worker_id!r} must be 1-64 bytes without '.' or ':'")
+        self.broker = broker
+        self.publish_endpoint = publish
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_liveness = heartbeat_liveness
+        self.threads = threads
+        self.outbox_limit = outbox_limit
+        self.outbox_wait = outbox_wait
+        self.pending_acks_limit = pending_acks_limit
+        self.hwm = hwm
+        self.default_timeout = default_timeout
+        self.curve = curve
+        self.context = context
+        self.own_context = context is None
+
+        self.services = {}
+        self.outbox = queue.Queue(maxsize=outbox_limit)
+        self.wake = _Wakeup()
+        self.io_thread = None
+        self.pool = None
+        self.started = False
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.io_failure = None  # the exception that ended the I/O thread
+        self.connected = threading.Event()
+        self.stop_lock = threading.Lock()
+        self.local = threading.local()  # .in_pool on handler threads
+
+        self.in_flight = {}  # request id -> Request, until its final answer
+        self.in_flight_lock = threading.Lock()
+        self.deadlines = []  # heap of (deadline, seq, Request): I/O thread only
+        self.seq = itertools.count()
+        self.acks = {}  # ack id -> (Future, callback)
+        self.ack_heap = []  # heap of (deadline, ack id)
+        self.acks_lock = threading.Lock()
+        self.next_ack = itertools.count(1)
+        self.report_callback = None
+        self.backlog = 0  # report callbacks waiting for a handler thread
+        self.stats_lock = threading.Lock()
+        self.counts = dict.fromkeys(WorkerStats.__dataclass_fields__, 0)
+        self.log_limit = RateLimitedLog()
+
+    def count(self, what, n=1):
+        with self.stats_lock:
+            self.counts[what] += n
+
+    # ---- the outbox: any thread -> the I/O thread ----
+
+    def enqueue(self, topic, data):
+        if self.stopping.is_set() or self.io_failure is not None:
+            return False
+        try:
+            if threading.current_thread() is self.io_thread:
+                # The I/O thread drains the outbox, so it must never wait for room.
+                self.outbox.put_nowait((topic, data))
+            else:
+                self.outbox.put((topic, data), timeout=self.outbox_wait)
+        except queue.Full:
+            self.count("outbox_dropped")
+            return False
+        self.wake.signal()
+        return True
+
+    def send(self, env):
+        return self.enqueue(None, env.SerializeToString())
+
+    def make_emit(self, env, nsp, event, args):
+        args_json, att = codec.pack_args(args)
+        e = env.emit
+        e.nsp = nsp
+        e.event = event
+        e.args = args_json.encode()
+        e.attachments.extend(att)
+        e.origin = self.worker_id
+        return e
+
+    def emit_to_sid(self, nsp, sid, event, args, ack_id="", report_delivery=False, ref=""):
+        env = pb.Envelope()
+        e = self.make_emit(env, nsp, event, args)
+        e.sid = sid
+        e.ack_id = ack_id
+        e.report_delivery = report_delivery
+        e.ref = ref
+        return self.send(env)
+
+    def publish(self, nsp, room, event, args, except_sids=()):
+        """A room (room is not None) or namespace emit, over the PUB socket."""
+        env = pb.Envelope()
+        e = self.make_emit(env, nsp, event, args)
+        if room is None:
+            e.broadcast = True
+        else:
+            e.room = room
+        e.except_sids.extend(except_sids)
+        return self.enqueue(codec.topic_for(e), env.SerializeToString())
+
+    def control(self, action, nsp, sid, room, ref=""):
+        env = pb.Envelope()
+        c = env.control
+        c.action = action
+        c.nsp = nsp
+        c.sid = sid
+        c.room = room
+        c.origin = self.worker_id
+        c.ref = ref
+        return self.send(env)
+
+    def send_reply(self, req, code, message, args_json, attachments, silent, partial):
+        env = pb.Envelope()
+        r = env.reply
+        r.id = req.id
+        r.code = int(code)
+        r.message = message
+        r.args = args_json.encode() if isinstance(args_json, str) else args_json
+        r.attachments.extend(attachments)
+        r.silent = silent
+        r.partial = partial
+        if not partial:
+            self.count("replies")
+            with self.in_flight_lock:
+                if self.in_flight.get(req.id) is req:
+                    del self.in_flight[req.id]
+        # A reply must not be lost to a full outbox: it also frees the capacity.
+        if not self.send(env) and not self.stopping.is_set():
+            log.error("outbox full: reply for %s dropped", req.id)
+        return True
+
+    def emit_with_ack(self, nsp, sid, event, args, timeout, callback):
+        future = concurrent.futures.Future()
+        with self.acks_lock:
+            if len(self.acks) >= self.pending_acks_limit:
+                return None
+            ack_id = f"{self.worker_id}:{next(self.next_ack)}"
+            self.acks[ack_id] = (future, callback)
+            heapq.heappush(self.ack_heap, (time.monotonic() + timeout, ack_id))
+        if not self.emit_to_sid(nsp, sid, event, args, ack_id=ack_id):
+            with self.acks_lock:
+                self.acks.pop(ack_id, None)
+            return None
+        return future
+
+    # ---- the handler pool ----
+
+    def submit(self, fn, *args):
+        try:
+            self.pool.submit(self.in_pool, fn, *args)
+            return True
+        except RuntimeError:  # the pool is shut down: the worker is stopping
+            return False
+
+    def in_pool(self, fn, *args):
+        self.local.in_pool = True
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("sidecast worker callback failed")
+
+    def run_handler(self, handler, req):
+        try:
+            result = handler(req)
+            if result is not None and not req.answered and not req._acked:
+                req.reply(result)
+        except Exception as e:
+            self.count("handler_errors")
+            if self.log_limit.allow():
+                log.exception("handler for %s/%s (%s) failed", req.service, req.event, req.id)
+            req.fail(Code.INTERNAL, str(e) or type(e).__name__)
+        finally:
+            req._finish()
+
+    # ---- lifecycle ----
+
+    def start(self):
+        if self.started:
+            raise RuntimeError("worker already started")
+        if not self.services:
+            raise RuntimeError("add a service before start()")
+        self.started = True
+        capacity = sum(s.capacity for s in self.services.values())
+        threads = self.threads or min(max(capacity, 1), 256)
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix=f"sidecast-{self.worker_id}")
+        if self.context is None:
+            self.context = zmq.Context()
+        self.io_thread = threading.Thread(target=self.io_loop, name=f"sidecast-io-{self.worker_id}",
+                                          daemon=True)
+        self.io_thread.start()
+
+    def stop(self):
+        on_io_thread = self.io_thread is threading.current_thread()
+        in_pool = getattr(self.local, "in_pool", False)
+        with self.stop_lock:
+            first = not self.stopping.is_set()
+            self.stopping.set()
+        if not first:
+            if not (on_io_thread or in_pool):
+                self.stopped.wait()
+            return
+        self.wake.signal()
+        if self.io_thread is not None and not on_io_thread:
+            self.io_thread.join()
+        if self.pool is not None:
+            # Handlers were told (req.cancelled); wait for them unless one of
+            # them is the caller.
+            self.pool.shutdown(wait=not in_pool, cancel_futures=True)
+        with self.acks_lock:
+            pending, self.acks = self.acks, {}
+        for future, _ in pending.values():
+            future.cancel()
+        if not on_io_thread and self.own_context and self.context is not None:
+            self.context.term()
+        self.stopped.set()
+
+    # ---- the I/O thread ----
+
+    def io_loop(self):
+        link = pub = None
+        try:
+            link = PeerLink(self.context, self.broker, self.worker_id, pb.ROLE_WORKER,
+                            [(s.name, s.capacity) for s in self.services.values()],
+                            self.heartbeat_interval, self.heartbeat_liveness, self.hwm, self.curve)
+            pub = self.context.socket(zmq.PUB)
+            pub.setsockopt(zmq.LINGER, 0)
+            pub.setsockopt(zmq.SNDHWM, self.hwm)
+            apply_curve(pub, *self.curve)
+            if self.publish_endpoint:
+                pub.connect(self.publish_endpoint)
+            poller, polled, seen_reconnects = None, None, 0
+            while not self.stopping.is_set():
+                if link.socket is not polled:
+                    polled = link.socket
+                    poller = zmq.Poller()
+                    poller.register(polled, zmq.POLLIN)
+                    poller.register(self.wake.fd, zmq.POLLIN)
+                now = time.monotonic()
+                wake_at = min(link.next_tick(), self.next_timer())
+                timeout_ms = max(0, int((wake_at - now) * 1000)) + 1
+                try:
+                    ready = dict(poller.poll(timeout_ms))
+                except zmq.ZMQError as e:
+                    if e.errno == zmq.EINTR:
+                        continue
+                    raise
+                if self.wake.fd in ready:
+                    self.wake.drain()
+                for _ in range(1024):
+                    env = link.receive()
+                    if env is None:
+                        break
+                    self.on_message(env)
+                self.flush(link, pub)
+                now = time.monotonic()
+                if now >= link.next_tick():
+                    link.tick(now)
+                if link.welcomed:
+                    self.connected.set()
+                else:
+                    self.connected.clear()
+                if link.reconnects != seen_reconnects:
+                    self.count("reconnects", link.reconnects - seen_reconnects)
+                    seen_reconnects = link.reconnects
+                self.expire(now)
+        except Exception as e:
+            log.critical("worker %s I/O thread failed", self.worker_id, exc_info=True)
+            self.io_failure = e
+        finally:
+            self.connected.clear()
+            if link is not None:
+                link.close()
+            if pub is not None:
+                pub.close(linger=0)
+            # Whatever still runs learns that the worker is going away.
+            with self.in_flight_lock:
+                running, self.in_flight = list(self.in_flight.values()), {}
+            for req in running:
+                req._cancel(Code.CANCELLED)
+
+    def flush(self, link, pub):
+        for _ in range(self.outbox_limit):
+            try:
+                topic, data = self.outbox.get_nowait()
+            except queue.Empty:
+                return
+            if topic is None:
+                if not link.send_bytes(data):
+                    self.count("outbox_dropped")
+            else:
+                try:
+                    pub.send_multipart([topic, data], zmq.NOBLOCK)
+                except zmq.Again:
+                    self.count("outbox_dropped")
+
+    def next_timer(self):
+        at = float("inf")
+        if self.deadlines:
+            at = self.deadlines[0][0]
+        with self.acks_lock:
+            if self.ack_heap:
+                at = min(at, self.ack_heap[0][0])
+        return at
+
+    def expire(self, now):
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, req = heapq.heappop(self.deadlines)
+            deadline = req.deadline
+            if not req.answered and deadline is not None and deadline <= now:
+                req._cancel(Code.TIMEOUT)
+        expired = []
+        with self.acks_lock:
+            while self.ack_heap and self.ack_heap[0][0] <= now:
+                _, ack_id = heapq.heappop(self.ack_heap)
+                entry = self.acks.pop(ack_id, None)
+                if entry is not None:
+                    expired.append(entry)
+        for future, callback in expired:
+            self.resolve_ack(future, callback, AckResult(Code.TIMEOUT))
+
+    def resolve_ack(self, future, callback, result):
+        if future.set_running_or_notify_cancel():
+            future.set_result(result)
+        if callback is not None:
+            self.submit(callback, result)
+
+    def on_message(self, env):
+        kind = env.WhichOneof("kind")
+        if kind in ("request", "lifecycle"):
+            self.on_request(env, kind)
+        elif kind == "cancel":
+            with self.in_flight_lock:
+                req = self.in_flight.get(env.cancel.id)
+            if req is not None:
+                self.count("cancels")
+                reason = code_of(env.cancel.reason)
+                req._cancel(reason if reason != Code.OK else Code.CANCELLED)
+        elif kind == "reply":
+            self.on_ack(env.reply)
+        elif kind == "report":
+            self.on_report(env.report)
+        elif kind == "error":
+            if self.log_limit.allow():
+                log.warning("broker error %s: %s", code_name(env.error.code), env.error.message)
+        elif self.log_limit.allow():
+            log.warning("unexpected %s from the broker", kind)
+
+    def on_request(self, env, kind):
+        self.count("requests")
+        if kind == "request":
+            r = env.request
+            req = Request(self, EVENT, r.id, r.service, sid=r.sid, nsp=r.nsp, event=r.event,
+                          user=r.user, args_json=r.args.decode("utf-8", "replace") or "[]",
+                          attachments=list(r.attachments),
+                          auth_json=r.auth.decode("utf-8", "replace") or "{}",
+                          wants_reply=r.wants_reply, attempt=max(r.attempt, 1))
+            timeout_ms = r.timeout_ms
+        else:
+            lc = env.lifecycle
+            connect = lc.kind == pb.Lifecycle.CONNECT
+            req = Request(self, CONNECT if connect else DISCONNECT, lc.id, lc.service, sid=lc.sid,
+                          nsp=lc.nsp, event="connect" if connect else "disconnect", user=lc.user,
+                          args_json="[]" if connect else codec.dumps([lc.reason]),
+                          auth_json=lc.auth.decode("utf-8", "replace") or "{}",
+                          wants_reply=connect, attempt=max(lc.attempt, 1))
+            timeout_ms = lc.timeout_ms
+        now = time.monotonic()
+        req._deadline = now + (timeout_ms / 1000.0 if timeout_ms else self.default_timeout)
+        service = self.services.get(req.service)
+        if service is None:
+            req.fail(Code.BAD_REQUEST, f"service not served here: {req.service}")
+            return
+        handler = service.handler_for(req.kind, req.event)
+        if handler is None:
+            # Defaults: accept connects, ignore disconnects and unknown events.
+            req._finish()
+            return
+        with self.in_flight_lock:
+            self.in_flight[req.id] = req
+            live = len(self.in_flight)
+        heapq.heappush(self.deadlines, (req._deadline, next(self.seq), req))
+        if len(self.deadlines) > 2 * live + 1024:
+            # Answered requests leave entries behind until their deadline.
+            self.deadlines = [d for d in self.deadlines if not d[2].answered]
+            heapq.heapify(self.deadlines)
+        if not self.submit(self.run_handler, handler, req):
+            req._cancel(Code.CANCELLED)
+
+    def on_ack(self, reply):
+        with self.acks_lock:
+            entry = self.acks.pop(reply.id, None)
+        if entry is None:
+            return  # late: already timed out
+        args_json = reply.args.decode("utf-8", "replace") or "[]"
+        attachments = list(reply.attachments)
+        result = AckResult(code_of(reply.code), codec.unpack_args(args_json, attachments), args_json,
+                           attachments)
+        self.resolve_ack(*entry, result)
+
+    def on_report(self, report):
+        callback = self.report_callback
+        if callback is None:
+            return
+        # Reports are advisory: past the outbox bound they are dropped, counted.
+        with self.stats_lock:
+            if self.backlog >= self.outbox_limit:
+                self.counts["outbox_dropped"] += 1
+                return
+            self.backlog += 1
+        status = pb.DeliveryReport.Status.Name(report.status) \
+            if report.status in pb.DeliveryReport.Status.values() else str(report.status)
+        self.submit(self.run_report, callback,
+                    DeliveryReport(status, report.sid, report.ref, report.detail))
+
+    def run_report(self, callback, report):
+        with self.stats_lock:
+            self.backlog -= 1
+        callback(report)
+
+
+class Worker:
+    """Serves one or more services behind a Sidecast broker.
+
+        worker = Worker(broker="tcp://127.0.0.1:7700", publish="tcp://127.0.0.1:7701")
+        worker.add(svc)
+        worker.run()            # blocks until stop() or SIGINT/SIGTERM
+        # or: worker.start(); ...; worker.stop()   or:  with worker: ...
+
+    ``broker`` is the broker's ROUTER endpoint, ``publish`` its XSUB (room
+    and broadcast emits; empty: none). Times are in seconds. ``threads`` is
+    the handler pool size (0: the total capacity, at most 256). Handlers
+    queue what they send in an outbox of ``outbox_limit`` messages; a
+    handler finding it full waits ``outbox_wait`` seconds, then the message
+    is dropped and counted. ``context``: a zmq.Context to share (inproc).
+    """
+
+    def __init__(self, broker="tcp://127.0.0.1:7700", publish="tcp://127.0.0.1:7701", *,
+                 worker_id=None, heartbeat_interval=1.0, heartbeat_liveness=3, threads=0,
+                 outbox_limit=10000, outbox_wait=5.0, pending_acks_limit=10000, hwm=100000,
+                 default_timeout=30.0, curve_secret=None, curve_server_key=None, context=None):
+        self._core = _Core(broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
+                           threads, outbox_limit, outbox_wait, pending_acks_limit, hwm,
+                           default_timeout, (curve_secret, curve_server_key), context)
+
+    def __repr__(self):
+        return f"<Worker {self.id} services={sorted(self._core.services)} connected={self.connected}>"
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def id(self):
+        """This worker's peer id (its ZeroMQ routing id)."""
+        return self._core.worker_id
+
+    @property
+    def connected(self):
+        """True while the broker has welcomed this worker."""
+        return self._core.connected.is_set()
+
+    def wait_connected(self, timeout=None):
+        """Waits until the broker welcomes this worker; False on timeout."""
+        return self._core.connected.wait(timeout)
+
+    def stats(self):
+        with self._core.stats_lock:
+            return WorkerStats(**self._core.counts)
+
+    def add(self, service):
+        """Adds a service (before start() only); returns the worker."""
+        if self._core.started:
+            raise RuntimeError("Worker.add after start()")
+        if not isinstance(service, Service):
+            raise TypeError("Worker.add takes a Service")
+        for handler in [*service._events.values(), service._on_connect, service._on_disconnect]:
+            if handler is not None and inspect.iscoroutinefunction(handler):
+                raise TypeError(f"{handler.__qualname__}: handlers are plain functions, not async def")
+        self._core.services[service.name] = service
+        return self
+
+    def start(self):
+        """Starts the I/O thread and the handler pool; returns at once."""
+        self._core.start()
+        return self
+
+    def stop(self):
+        """Cancels what runs (req.cancelled), stops the threads. Idempotent, thread-safe."""
+        self._core.stop()
+
+    def run(self, handle_signals=True):
+        """start(), then blocks until stop() (or, from the main thread, SIGINT/SIGTERM)."""
+        if not self._core.started:
+            self.start()
+        restore = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                restore[sig] = signal.signal(sig, self._on_signal)
+        try:
+            while not self._core.stopped.wait(0.5):
+                if self._core.io_failure is not None:
+                    raise RuntimeError(f"worker {self.id}: I/O thread failed") from self._core.io_failure
+        finally:
+            for sig, previous in restore.items():
+                signal.signal(sig, previous)
+            self.stop()
+
+    def _on_signal(self, signum, _frame):
+        log.info("signal %d: stopping", signum)
+        # Not from the signal handler itself: stop() joins threads.
+        threading.Thread(target=self.stop, name="sidecast-stop").start()
+
+    def on_report(self, callback=None):
+        """Calls ``callback(DeliveryReport)`` on a handler thread for every delivery
+        report: failures always, successes for emits with ``report_delivery``.
+        Usable as a decorator."""
+        if callback is None:
+            def decorator(fn):
+                self._core.report_callback = fn
+                return fn
+            return decorator
+        self._core.report_callback = callback
+        return callback
+
+    # Traffic not tied to a request. Thread-safe; False when it could not be queued.
+
+    def emit_to_sid(self, sid, event, *args, nsp="/", report_delivery=False, ref=""):
+        """Emits ``event(*args)`` to one socket (over the broker, to the sid's gateway).
+        ``ref`` comes back in the delivery report."""
+        return self._core.emit_to_sid(nsp, sid, event, args, report_delivery=report_delivery, ref=ref)
+
+    def emit_to_room(self, room, event, *args, nsp="/", except_sids=()):
+        return self._core.publish(nsp, room, event, args, except_sids)
+
+    def broadcast(self, event, *args, nsp="/", except_sids=()):
+        return self._core.publish(nsp, None, event, args, except_sids)
+
+    def join(self, sid, room, nsp="/"):
+        return self._core.control(pb.Control.JOIN, nsp, sid, room)
+
+    def leave(self, sid, room, nsp="/"):
+        return self._core.control(pb.Control.LEAVE, nsp, sid, room)
+
+    def disconnect(self, sid, nsp="/"):
+        return self._core.control(pb.Control.DISCONNECT, nsp, sid, "")
