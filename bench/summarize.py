@@ -1,0 +1,109 @@
+#!/usr/bin/python3
+"""Medians of sidecast-bench JSON result lines, one markdown table with the
+ratios to the Node socket.io peer (label "node").
+
+    bench/summarize.py RESULTS.jsonl [--baseline node]
+
+Each input line is one sidecast-bench result with an extra "case" and "run"
+(bench/run adds them). Lines with "error" are counted and shown as failed
+runs. Every figure printed is the median over the runs of that case and
+server; ratios are taken between those medians.
+"""
+import argparse
+import json
+import statistics
+import sys
+from collections import OrderedDict, defaultdict
+
+# case -> (throughput key, CPU-per-message key, what the throughput counts)
+CASES = OrderedDict([
+    ("fanout", ("deliveries_per_s", "server_cpu_us_per_delivery", "deliveries/s")),
+    ("fanout-rate", ("deliveries_per_s", "server_cpu_us_per_delivery", "deliveries/s")),
+    ("echo", ("acks_per_s", "server_cpu_us_per_ack", "acks/s")),
+    ("echo1", ("acks_per_s", "server_cpu_us_per_ack", "acks/s")),
+    ("polling", ("acks_per_s", "server_cpu_us_per_ack", "acks/s")),
+    ("connections", ("connects_per_s", "server_cpu_us_per_connect", "connects/s")),
+])
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    if isinstance(v, float) and digits:
+        return f"{v:,.{digits}f}"
+    return f"{v:,.0f}"
+
+
+def ratio(a, b, digits=2):
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.{digits}f}×"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--baseline", default="node")
+    args = ap.parse_args()
+
+    rows = defaultdict(list)   # (case, label) -> [result]
+    errors = defaultdict(int)
+    labels = []
+    with open(args.results) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            key = (r.get("case", r.get("scenario")), r.get("label"))
+            if r.get("label") not in labels:
+                labels.append(r.get("label"))
+            if "error" in r:
+                errors[key] += 1
+            else:
+                rows[key].append(r)
+
+    print("| case | server | runs | rate | unit | srv CPU µs/msg | p50 µs | p99 µs | p99.9 µs | loss | "
+          "KB/conn | alive | gen CPU % | rate ÷ Node | CPU/msg ÷ Node | p99 ÷ Node | KB/conn ÷ Node |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for case, (rate_key, cpu_key, unit) in CASES.items():
+        base = rows.get((case, args.baseline), [])
+        def med(rs, k):
+            return median([r.get(k) for r in rs])
+        b_rate, b_cpu, b_p99 = med(base, rate_key), med(base, cpu_key), med(base, "p99_us")
+        b_kb = med(base, "rss_per_conn_bytes")
+        for label in labels:
+            rs = rows.get((case, label), [])
+            n_err = errors.get((case, label), 0)
+            if not rs and not n_err:
+                continue
+            if not rs:
+                print(f"| {case} | {label} | 0/{n_err} failed | | | | | | | | | | | | | | |")
+                continue
+            rate, cpu = med(rs, rate_key), med(rs, cpu_key)
+            p50, p99, p999 = med(rs, "p50_us"), med(rs, "p99_us"), med(rs, "p999_us")
+            if case == "connections":
+                loss = med(rs, "dropped_in_hold")
+                kb = med(rs, "rss_per_conn_bytes")
+                kb = kb / 1024 if kb is not None else None
+                alive = f'{fmt(med(rs, "verified"))}/{fmt(med(rs, "connections"))}'
+                gen = None
+            else:
+                loss = med(rs, "loss")
+                kb, alive = None, ""
+                gen = med(rs, "gen_cpu_pct")
+            runs = f"{len(rs)}" + (f" (+{n_err} failed)" if n_err else "")
+            b_kb_v = b_kb / 1024 if b_kb is not None else None
+            print(f"| {case} | {label} | {runs} | {fmt(rate)} | {unit} | {fmt(cpu, 2)} | {fmt(p50, 1)} | "
+                  f"{fmt(p99, 1)} | {fmt(p999, 1)} | {fmt(loss)} | {fmt(kb, 1)} | {alive} | {fmt(gen, 1)} | "
+                  f"{ratio(rate, b_rate)} | {ratio(cpu, b_cpu)} | {ratio(p99, b_p99)} | {ratio(kb, b_kb_v)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
