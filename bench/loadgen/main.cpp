@@ -88,6 +88,10 @@ int main(int argc, char** argv) {
   app.add_option("--room", o.room, "fanout: the room")->capture_default_str();
   app.add_option("--timeout", timeout_s, "Give up (exit 1) after this many seconds in all")->capture_default_str();
   app.add_flag("--quiet", quiet, "No table on stderr");
+  bool beast_ws = false;
+  app.add_flag("--beast-websocket", beast_ws,
+               "WebSocket through beast::websocket::stream rather than the generator's own framing (a cross-check; "
+               "costs the generator more CPU per message)");
   CLI11_PARSE(app, argc, argv);
 
   if (o.label.empty()) o.label = server;
@@ -100,6 +104,7 @@ int main(int argc, char** argv) {
   ro.source_ips = source_ips;
   ro.concurrency = concurrency;
   ro.polling = o.scenario == "polling";
+  ro.client.beast_websocket = beast_ws;
   try {
     auto colon = server.rfind(':');
     if (colon == std::string::npos) throw std::invalid_argument("--server wants HOST:PORT");
@@ -126,7 +131,7 @@ int main(int argc, char** argv) {
     std::cerr << "sidecast-bench: " << e.what() << "\n";
     return 1;
   }
-  result["transport"] = o.scenario == "polling" ? "polling" : "websocket";
+  result["transport"] = o.scenario == "polling" ? "polling" : beast_ws ? "websocket-beast" : "websocket";
   result["nofile"] = nofile;
   std::cout << boost::json::serialize(result) << std::endl;
   if (!quiet) print_table(result);

@@ -3,6 +3,8 @@
 #include <netinet/in.h>
 
 #include <charconv>
+#include <cstring>
+#include <optional>
 #include <deque>
 #include <vector>
 
@@ -190,6 +192,232 @@ class ws_client final : public sio_client, public std::enable_shared_from_this<w
   bool writing_ = false;
 };
 
+// ------------------------------------------------ WebSocket, frames by hand
+
+// The same client with the WebSocket framing done here instead of by
+// beast::websocket::stream: the upgrade goes through beast::http (so bytes
+// the server sends right after its 101 stay in our buffer), then every read
+// takes whatever the socket holds into one growing buffer and every frame in
+// it is handled before the next read; what handlers send meanwhile goes out
+// in one write. Per received frame this saves the composed-operation and
+// executor overhead of one async_read per message, which is most of the
+// generator's user-space cost in fan-out. Server frames are not checked for
+// UTF-8 (this is a load generator); client frames are masked (RFC 6455).
+class raw_ws_client final : public sio_client, public std::enable_shared_from_this<raw_ws_client> {
+ public:
+  raw_ws_client(asio::io_context& ioc, client_options o, client_handlers h)
+      : sio_client(std::move(h)), opt_(std::move(o)), sock_(ioc) {}
+
+  void start() override {
+    if (auto ec = open_bound(sock_, opt_)) return fail("bind: " + ec.message());
+    sock_.async_connect(opt_.server, [self = shared_from_this()](error_code ec) { self->on_connect(ec); });
+  }
+
+  void close() override {
+    if (closed_) return;
+    closed_ = true;
+    error_code ec;
+    sock_.shutdown(tcp::socket::shutdown_both, ec);
+    sock_.close(ec);
+  }
+
+ private:
+  static constexpr std::size_t max_message = 1 << 20;
+
+  std::uint32_t random32() {
+    // xorshift: masking keys need not be secret here, only present.
+    rng_ ^= rng_ << 13;
+    rng_ ^= rng_ >> 7;
+    rng_ ^= rng_ << 17;
+    return static_cast<std::uint32_t>(rng_);
+  }
+
+  void on_connect(error_code ec) {
+    if (closed_) return;
+    if (ec) return fail("connect: " + ec.message());
+    sock_.set_option(tcp::no_delay(true), ec);
+    rng_ ^= reinterpret_cast<std::uintptr_t>(this) ^ static_cast<std::uint64_t>(sock_.native_handle()) << 32;
+    std::string key(16, '\0');
+    for (auto& c : key) c = static_cast<char>(random32());
+    req_ = {http::verb::get, "/socket.io/?EIO=4&transport=websocket", 11};
+    req_.set(http::field::host, opt_.host_header);
+    req_.set(http::field::upgrade, "websocket");
+    req_.set(http::field::connection, "Upgrade");
+    req_.set(http::field::sec_websocket_key, eio::base64_encode(key));
+    req_.set(http::field::sec_websocket_version, "13");
+    req_.set(http::field::user_agent, "sidecast-bench");
+    http::async_write(sock_, req_, [self = shared_from_this()](error_code e, std::size_t) {
+      if (self->closed_) return;
+      if (e) return self->fail("upgrade write: " + e.message());
+      self->parser_.emplace();
+      self->parser_->skip(true);  // a 101 has no body
+      http::async_read_header(self->sock_, self->hbuf_, *self->parser_,
+                              [self](error_code e2, std::size_t) { self->on_upgrade(e2); });
+    });
+  }
+
+  void on_upgrade(error_code ec) {
+    if (closed_) return;
+    if (ec) return fail("upgrade read: " + ec.message());
+    if (parser_->get().result() != http::status::switching_protocols)
+      return fail("upgrade: HTTP " + std::to_string(parser_->get().result_int()));
+    parser_.reset();
+    rbuf_.resize(16384);
+    auto left = hbuf_.cdata();
+    if (left.size() > rbuf_.size()) rbuf_.resize(left.size() + 4096);
+    std::memcpy(rbuf_.data(), left.data(), left.size());
+    rlen_ = left.size();
+    hbuf_ = {};
+    parse();
+  }
+
+  void do_read() {
+    if (rbuf_.size() - rlen_ < 4096) {
+      if (rbuf_.size() >= max_message + 4096 + 14) return fail("message too large");
+      rbuf_.resize(std::max(rbuf_.size() * 2, rlen_ + 4096));
+    }
+    sock_.async_read_some(asio::buffer(rbuf_.data() + rlen_, rbuf_.size() - rlen_),
+                          [self = shared_from_this()](error_code ec, std::size_t n) { self->on_read(ec, n); });
+  }
+
+  void on_read(error_code ec, std::size_t n) {
+    if (closed_) return;
+    if (ec) return fail("read: " + ec.message());
+    rlen_ += n;
+    parse();
+  }
+
+  // Handles every complete frame in the buffer, then reads again.
+  void parse() {
+    in_parse_ = true;
+    std::size_t pos = 0;
+    const auto* b = reinterpret_cast<const unsigned char*>(rbuf_.data());
+    while (!closed_ && rlen_ - pos >= 2) {
+      const unsigned char* h = b + pos;
+      bool fin = h[0] & 0x80;
+      unsigned opcode = h[0] & 0x0f;
+      if (h[1] & 0x80) return fail("masked server frame");
+      std::uint64_t len = h[1] & 0x7f;
+      std::size_t hl = 2;
+      if (len == 126) {
+        if (rlen_ - pos < 4) break;
+        len = (std::uint64_t{h[2]} << 8) | h[3];
+        hl = 4;
+      } else if (len == 127) {
+        if (rlen_ - pos < 10) break;
+        len = 0;
+        for (int i = 2; i < 10; ++i) len = (len << 8) | h[i];
+        hl = 10;
+      }
+      if (len > max_message) return fail("frame too large");
+      if (rlen_ - pos < hl + len) break;
+      std::string_view payload{rbuf_.data() + pos + hl, static_cast<std::size_t>(len)};
+      pos += hl + static_cast<std::size_t>(len);
+      on_frame(fin, opcode, payload);
+    }
+    in_parse_ = false;
+    if (closed_) return;
+    if (pos) {
+      std::memmove(rbuf_.data(), rbuf_.data() + pos, rlen_ - pos);
+      rlen_ -= pos;
+    }
+    flush();
+    do_read();
+  }
+
+  void on_frame(bool fin, unsigned opcode, std::string_view payload) {
+    switch (opcode) {
+      case 0x0:  // continuation
+        if (!in_message_) return fail("stray continuation frame");
+        if (frag_.size() + payload.size() > max_message) return fail("message too large");
+        frag_ += payload;
+        if (fin) {
+          in_message_ = false;
+          if (frag_text_) on_eio_packet(frag_);
+          frag_.clear();
+        }
+        return;
+      case 0x1:
+      case 0x2:
+        if (in_message_) return fail("new message inside a fragmented one");
+        if (fin) {
+          if (opcode == 0x1) on_eio_packet(payload);  // binary messages: attachments, not used
+          return;
+        }
+        in_message_ = true;
+        frag_text_ = opcode == 0x1;
+        frag_.assign(payload);
+        return;
+      case 0x8:
+        return fail("WebSocket close from the server");
+      case 0x9:
+        write_frame(0xA, payload);
+        return;
+      case 0xA:
+        return;
+      default:
+        return fail("unknown WebSocket opcode");
+    }
+  }
+
+  void send_eio(std::string packet) override {
+    if (closed_) return;
+    write_frame(0x1, packet);
+    if (!in_parse_) flush();
+  }
+
+  void write_frame(unsigned opcode, std::string_view payload) {
+    std::size_t n = payload.size();
+    wbuf_ += static_cast<char>(0x80 | opcode);
+    if (n < 126) {
+      wbuf_ += static_cast<char>(0x80 | n);
+    } else if (n < 65536) {
+      wbuf_ += static_cast<char>(0x80 | 126);
+      wbuf_ += static_cast<char>(n >> 8);
+      wbuf_ += static_cast<char>(n & 0xff);
+    } else {
+      wbuf_ += static_cast<char>(0x80 | 127);
+      for (int i = 7; i >= 0; --i) wbuf_ += static_cast<char>((static_cast<std::uint64_t>(n) >> (8 * i)) & 0xff);
+    }
+    std::uint32_t key = random32();
+    char mask[4];
+    std::memcpy(mask, &key, 4);
+    wbuf_.append(mask, 4);
+    std::size_t at = wbuf_.size();
+    wbuf_ += payload;
+    for (std::size_t i = 0; i < n; ++i) wbuf_[at + i] = static_cast<char>(wbuf_[at + i] ^ mask[i & 3]);
+  }
+
+  // One write at a time; what is queued meanwhile goes out in the next one.
+  void flush() {
+    if (writing_ || wbuf_.empty() || closed_) return;
+    writing_ = true;
+    std::swap(wbuf_, wout_);
+    wbuf_.clear();
+    asio::async_write(sock_, asio::buffer(wout_), [self = shared_from_this()](error_code ec, std::size_t) {
+      self->writing_ = false;
+      if (self->closed_) return;
+      if (ec) return self->fail("write: " + ec.message());
+      self->flush();
+    });
+  }
+
+  client_options opt_;
+  tcp::socket sock_;
+  http::request<http::empty_body> req_;
+  std::optional<http::response_parser<http::empty_body>> parser_;
+  beast::flat_buffer hbuf_;
+  std::vector<char> rbuf_;
+  std::size_t rlen_ = 0;
+  std::string frag_;
+  bool in_message_ = false;
+  bool frag_text_ = false;
+  bool in_parse_ = false;
+  std::string wbuf_, wout_;
+  bool writing_ = false;
+  std::uint64_t rng_ = 0x9e3779b97f4a7c15ull;
+};
+
 // ------------------------------------------------------------ long-polling
 
 // Two HTTP/1.1 keep-alive connections, as a browser uses: one always holds a
@@ -341,7 +569,8 @@ class polling_client final : public sio_client, public std::enable_shared_from_t
 }  // namespace
 
 std::shared_ptr<sio_client> make_ws_client(asio::io_context& ioc, client_options options, client_handlers handlers) {
-  return std::make_shared<ws_client>(ioc, std::move(options), std::move(handlers));
+  if (options.beast_websocket) return std::make_shared<ws_client>(ioc, std::move(options), std::move(handlers));
+  return std::make_shared<raw_ws_client>(ioc, std::move(options), std::move(handlers));
 }
 
 std::shared_ptr<sio_client> make_polling_client(asio::io_context& ioc, client_options options,

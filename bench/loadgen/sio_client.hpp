@@ -34,6 +34,9 @@ struct client_options {
   asio::ip::tcp::endpoint server;
   asio::ip::address_v4 source;  // unspecified: let the kernel choose
   std::string host_header = "127.0.0.1";
+  // WebSocket through beast::websocket::stream instead of the generator's
+  // own framing (slower per message; a cross-check).
+  bool beast_websocket = false;
 };
 
 class sio_client {
