@@ -31,6 +31,43 @@ constexpr std::size_t max_early_events = 64;  // emits that arrive before CONNEC
 constexpr std::size_t max_pending_acks = 1024;
 constexpr std::size_t max_server_acks = 1024;
 
+// An event kept for connection-state recovery, with the number of the
+// session send that carried it (eio_session::sent()).
+struct replay_entry {
+  std::uint64_t seq;
+  std::shared_ptr<const outbound_event> ev;
+};
+
+// One socket's replay events, counted in the gateway's gauge.
+class replay_buffer {
+ public:
+  explicit replay_buffer(prometheus::Gauge& held) : held_{held} {}
+  ~replay_buffer() { held_.Decrement(static_cast<double>(events_.size())); }
+  replay_buffer(const replay_buffer&) = delete;
+  replay_buffer& operator=(const replay_buffer&) = delete;
+
+  void drop_through(std::uint64_t confirmed) {
+    while (!events_.empty() && events_.front().seq <= confirmed) pop();
+  }
+  void push(replay_entry e, std::size_t limit) {
+    events_.push_back(std::move(e));
+    held_.Increment();
+    if (events_.size() > limit) pop();
+  }
+  std::deque<replay_entry> take() {
+    held_.Decrement(static_cast<double>(events_.size()));
+    return std::exchange(events_, {});
+  }
+
+ private:
+  void pop() {
+    events_.pop_front();
+    held_.Decrement();
+  }
+  prometheus::Gauge& held_;
+  std::deque<replay_entry> events_;
+};
+
 }  // namespace
 
 // One Socket.IO namespace socket on an Engine.IO session.
@@ -63,6 +100,10 @@ class sio_socket : public client_socket {
       self->end("transport close");
     });
   }
+
+  /// The client answered a ping: it has seen the session's first
+  /// `through` sends (the pong came back on the same ordered stream).
+  void confirmed(std::uint64_t through) { replay_.drop_through(through); }
 
   /// This (new) socket takes over `old`, parked on its own thread: the
   /// bridge moves the sid here, then `old` hands its events over.
@@ -255,21 +296,26 @@ class sio_socket : public client_socket {
     eio.send(std::move(frames));
   }
 
+  // Keeps an event for replay until the client has surely seen it (see
+  // confirmed()), so a live socket keeps about one ping period of events,
+  // not the whole bound.
   void remember(const std::shared_ptr<const outbound_event>& ev) {
-    replay_.push_back(ev);
-    if (replay_.size() > gw_.config().recovery_buffer) replay_.pop_front();
+    auto eio = eio_.lock();
+    // The frame about to be sent gets number sent() + 1; on a closed
+    // session sent() stops, so nothing recorded after it is ever confirmed.
+    replay_.push(replay_entry{eio ? eio->sent() + 1 : std::uint64_t(-1), ev}, gw_.config().recovery_buffer);
   }
 
   /// On the old socket's thread: it ends here, silently; its events go on.
-  std::deque<std::shared_ptr<const outbound_event>> hand_over() {
+  std::deque<replay_entry> hand_over() {
     hand_off();
     expiry_.cancel();
-    return std::move(replay_);
+    return replay_.take();
   }
 
   /// On the new socket's thread: the client learns it recovered, then gets
   /// what it missed (offset past the one it saw), then what came meanwhile.
-  void resume(std::deque<std::shared_ptr<const outbound_event>> events, std::uint64_t offset) {
+  void resume(std::deque<replay_entry> events, std::uint64_t offset) {
     recovering_ = false;
     auto eio = eio_.lock();
     if (!eio) return;
@@ -280,9 +326,11 @@ class sio_socket : public client_socket {
     p.nsp = nsp();
     p.data = json::serialize(json::object{{"sid", sid()}, {"pid", pid_}});
     eio->send_socketio(p);
-    replay_ = std::move(events);
-    for (const auto& ev : replay_)
-      if (ev->offset() > offset) send_shared(*eio, ev);
+    for (const auto& e : events) {
+      if (e.ev->offset() <= offset) continue;  // the client has it
+      remember(e.ev);
+      send_shared(*eio, e.ev);
+    }
     for (auto& ev : std::exchange(pending_, {})) {
       remember(ev);
       send_shared(*eio, ev);
@@ -295,7 +343,7 @@ class sio_socket : public client_socket {
   boost::asio::steady_timer expiry_;
   bool detached_ = false;
   bool recovering_ = false;
-  std::deque<std::shared_ptr<const outbound_event>> replay_;   // recent events, by offset
+  replay_buffer replay_{gw_.metrics().replay_events};  // events the client may not have seen
   std::vector<std::shared_ptr<const outbound_event>> pending_;  // while recovering
   std::deque<ack_entry> acks_;
   std::uint64_t next_tag_ = 0;
@@ -511,6 +559,7 @@ void eio_session::on_packet(engineio::packet p) {
     case engineio::packet_type::pong:
       if (awaiting_pong_) {
         awaiting_pong_ = false;
+        for (auto& [nsp, socket] : sockets_) socket->confirmed(ping_mark_);
         schedule_ping();
       }
       return;
@@ -659,6 +708,7 @@ void eio_session::send_text(std::string text) { send({frame{shared_text(std::mov
 
 void eio_session::send(std::vector<frame> frames) {
   if (closed_) return;
+  ++sent_;
   if (transport_ == transport::websocket) {
     ws_->send(std::move(frames));
     return;
@@ -702,6 +752,7 @@ void eio_session::schedule_ping() {
 }
 
 void eio_session::after_ping() {
+  ping_mark_ = sent_;
   send_text("2");
   awaiting_pong_ = true;
   ping_timer_.expires_after(gw_.config().ping_timeout);

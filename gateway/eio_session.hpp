@@ -51,6 +51,9 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void forget(const std::string& nsp);
   void close(const char* reason);
   gateway& gw() { return gw_; }
+  /// Sends so far (each send() counts one); on a pong the sockets learn
+  /// how many of the first of them the client has surely received.
+  std::uint64_t sent() const { return sent_; }
 
  private:
   enum class transport { polling, websocket };
@@ -79,6 +82,8 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   std::size_t buffered_bytes_ = 0;
   boost::asio::steady_timer ping_timer_;
   bool awaiting_pong_ = false;
+  std::uint64_t sent_ = 0;
+  std::uint64_t ping_mark_ = 0;  // sent_ when the last ping went out
   socketio::binary_assembler assembler_;
   token_bucket events_;  // client events, all namespaces of the connection
   std::map<std::string, std::shared_ptr<sio_socket>> sockets_;  // by namespace

@@ -46,6 +46,12 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       recovered{counter(r, "sidecast_gateway_recovered_total",
                         "Sockets recovered after a dropped transport (connection-state recovery)")
                     .Add({})},
+      replay_events{prometheus::BuildGauge()
+                        .Name("sidecast_gateway_replay_events")
+                        .Help("Events kept for connection-state recovery that the clients may not have seen "
+                              "(bound per socket: --recovery-buffer)")
+                        .Register(r)
+                        .Add({})},
       ack_latency{prometheus::BuildHistogram()
                       .Name("sidecast_gateway_ack_seconds")
                       .Help("Time from a client's event to its ack")

@@ -36,6 +36,7 @@ struct gateway_metrics {
   prometheus::Counter& bad_token;
   prometheus::Counter& forwarded;
   prometheus::Counter& recovered;
+  prometheus::Gauge& replay_events;  // kept for connection-state recovery
   prometheus::Histogram& ack_latency;
   prometheus::Gauge& rooms;
   prometheus::Gauge& broker_connected;

@@ -19,6 +19,29 @@ function until(check, ms = 10000) {
   });
 }
 
+async function replayEvents() {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith("sidecast_gateway_replay_events"));
+  assert.ok(line, "the gateway exports sidecast_gateway_replay_events");
+  return Number(line.split(" ").at(-1));
+}
+
+// Runs first: the sockets of later tests would still hold events.
+test("events the client has surely seen are not kept for replay", async () => {
+  const s = io(`${url}/vm`, { transports: ["websocket"], reconnection: false });
+  sockets.push(s);
+  const seen = [];
+  s.on("vm_progress", (p) => seen.push(p));
+  s.on("vm_response", (r) => seen.push(r));
+  await until(() => s.connected);
+  await s.timeout(5000).emitWithAck("open_vm", { count: 1, name: "t" });
+  await until(() => seen.length === 12);  // 11 steps and the response
+  // The stack pings every 300 ms: two pings later every event is confirmed.
+  await new Promise((r) => setTimeout(r, 1000));
+  assert.equal(await replayEvents(), 0, "a pong confirmed them all");
+  s.close();
+});
+
 for (const transports of [["websocket"], ["polling"]]) {
   test(`a dropped ${transports[0]} transport mid-launch loses nothing`, async () => {
     const s = io(`${url}/vm`, { transports, reconnectionDelay: 300, reconnectionDelayMax: 300 });
