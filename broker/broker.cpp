@@ -222,23 +222,30 @@ void broker::run() {
   spdlog::info("broker {} stopped", config_.id);
 }
 
-void broker::on_router_message(std::string_view routing_id_view, const zmq::message_t& payload) {
+void broker::on_router_message(std::string_view routing_id_view, zmq::message_t& payload) {
   ++stats_.received;
   auto bytes = payload.to_string_view();
-  // Decoded on an arena whose first block is a member buffer: a typical
-  // envelope costs no malloc at all.
-  google::protobuf::ArenaOptions options;
-  options.initial_block = arena_block_.data();
-  options.initial_block_size = arena_block_.size();
-  google::protobuf::Arena arena{options};
-  auto* env = google::protobuf::Arena::CreateMessage<Envelope>(&arena);
-  if (!proto::decode_into(bytes, *env)) {
-    drop("malformed", "undecodable envelope");
-    return;
+  // Requests and replies, nearly all the traffic, are routed from a peek at
+  // their wire bytes; the rest is parsed on an arena whose first block is a
+  // member buffer, so a typical envelope costs no malloc at all.
+  auto head = proto::peek(bytes);
+  std::optional<google::protobuf::Arena> arena;
+  Envelope* env = nullptr;
+  auto kind = head.kind;
+  if (kind == Envelope::KIND_NOT_SET) {
+    google::protobuf::ArenaOptions options;
+    options.initial_block = arena_block_.data();
+    options.initial_block_size = arena_block_.size();
+    arena.emplace(options);
+    env = google::protobuf::Arena::CreateMessage<Envelope>(&*arena);
+    if (!proto::decode_into(bytes, *env)) {
+      drop("malformed", "undecodable envelope");
+      return;
+    }
+    kind = env->kind_case();
   }
-  auto kind = env->kind_case();
   auto*& kind_counter = metrics_->by_kind.at(static_cast<std::size_t>(kind));
-  if (!kind_counter) kind_counter = &metrics_->received.Add({{"kind", std::string{proto::kind_name(*env)}}});
+  if (!kind_counter) kind_counter = &metrics_->received.Add({{"kind", std::string{proto::kind_name(kind)}}});
   kind_counter->Increment();
 
   std::string routing_id{routing_id_view};
@@ -263,15 +270,17 @@ void broker::on_router_message(std::string_view routing_id_view, const zmq::mess
   }
   if (it != peers_.end() && !allowed(role, kind)) {
     send_error(routing_id, proto::BAD_REQUEST,
-               std::string{"message not allowed for this role: "} + std::string{proto::kind_name(*env)});
-    drop("not_allowed", proto::kind_name(*env));
+               std::string{"message not allowed for this role: "} + std::string{proto::kind_name(kind)});
+    drop("not_allowed", proto::kind_name(kind));
     return;
   }
+  if (env && (kind == Envelope::kRequest || kind == Envelope::kReply || kind == Envelope::kLifecycle))
+    head = proto::head_of(*env);
   switch (kind) {
     case Envelope::kHeartbeat: break;
     case Envelope::kRequest:
-    case Envelope::kLifecycle: on_job(routing_id, *env, bytes, now); break;
-    case Envelope::kReply: on_reply(routing_id, env->reply(), bytes); break;
+    case Envelope::kLifecycle: on_job(routing_id, head, bytes, now); break;
+    case Envelope::kReply: on_reply(routing_id, head, payload); break;
     case Envelope::kEmit:
     case Envelope::kControl:
     case Envelope::kReport: on_addressed(routing_id, *env, bytes); break;
@@ -359,63 +368,51 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   dispatch(now);
 }
 
-void broker::on_job(const std::string& routing_id, const Envelope& env, std::string_view payload,
+void broker::on_job(const std::string& routing_id, const proto::hot_envelope& head, std::string_view payload,
                     clock::time_point now) {
-  job work;
-  std::uint32_t timeout_ms = 0;
-  if (env.has_request()) {
-    const auto& r = env.request();
-    work.id = r.id();
-    work.service = r.service();
-    work.wants_reply = r.wants_reply();
-    timeout_ms = r.timeout_ms();
-  } else {
-    const auto& l = env.lifecycle();
-    work.id = l.id();
-    work.service = l.service();
-    work.wants_reply = l.kind() == proto::Lifecycle::CONNECT;
-    timeout_ms = l.timeout_ms();
-  }
-  if (work.id.empty() || work.service.empty()) {
-    if (!work.id.empty()) send_reply(routing_id, work.id, proto::BAD_REQUEST, "request without a service");
+  if (head.id.empty() || head.service.empty()) {
+    if (!head.id.empty()) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST, "request without a service");
     drop("malformed", "request without id or service");
     return;
   }
-  auto timeout = timeout_ms ? std::chrono::milliseconds(timeout_ms) : config_.default_timeout;
+  auto timeout = head.timeout_ms ? std::chrono::milliseconds(head.timeout_ms) : config_.default_timeout;
   timeout = std::min(timeout, config_.max_timeout);
+  job work;
+  work.id = head.id;
+  work.service = head.service;
+  work.wants_reply = head.wants_reply;
   work.requester = routing_id;
+  work.received = now;
+  work.deadline = now + timeout;
   // Workers read attempt and timeout_ms from the envelope, so it must carry
   // the values the broker enforces. Gateways send them right; anything else
   // is rewritten once here, not on every dispatch.
   auto effective_ms = static_cast<std::uint32_t>(timeout.count());
-  auto attempt = env.has_request() ? env.request().attempt() : env.lifecycle().attempt();
-  if (attempt == 1 && timeout_ms == effective_ms) {
+  if (head.attempt == 1 && head.timeout_ms == effective_ms) {
     work.payload.assign(payload);
   } else {
-    Envelope fixed = env;
-    if (fixed.has_request()) {
-      fixed.mutable_request()->set_attempt(1);
-      fixed.mutable_request()->set_timeout_ms(effective_ms);
-    } else {
-      fixed.mutable_lifecycle()->set_attempt(1);
-      fixed.mutable_lifecycle()->set_timeout_ms(effective_ms);
+    auto fixed = proto::decode(payload);
+    if (!fixed) {  // peek() and the parser agree, so this does not happen
+      drop("malformed", "undecodable request");
+      return;
     }
-    work.payload = proto::encode(fixed);
+    auto set = [&](auto* m) {
+      m->set_attempt(1);
+      m->set_timeout_ms(effective_ms);
+    };
+    if (fixed->has_request()) set(fixed->mutable_request());
+    if (fixed->has_lifecycle()) set(fixed->mutable_lifecycle());
+    work.payload = proto::encode(*fixed);
   }
-  work.received = now;
-  work.deadline = now + timeout;
-  auto service = work.service;
-  auto id = work.id;
-  bool wants_reply = work.wants_reply;
   switch (table_.submit(std::move(work))) {
     case service_table::admit::queued: break;
     case service_table::admit::busy:
-      metrics_->count(service, outcome::busy).Increment();
-      if (wants_reply) send_reply(routing_id, id, proto::BUSY, "service queue is full: " + service);
+      metrics_->count(work.service, outcome::busy).Increment();
+      if (work.wants_reply) send_reply(routing_id, work.id, proto::BUSY, "service queue is full: " + work.service);
       break;
     case service_table::admit::duplicate:
       // A retransmission of a request still in progress: the first answers.
-      drop("duplicate", id);
+      drop("duplicate", work.id);
       break;
   }
 }
@@ -445,7 +442,7 @@ void broker::dispatch(clock::time_point now) {
     ++stats_.dispatched;
     metrics_->count(work.service, outcome::dispatched).Increment();
     metrics_->dispatch_latency.Observe(seconds_since(work.received, now));
-    if (!ok) unreachable.push_back(a.worker);
+    if (!ok) unreachable.emplace_back(a.worker);
   }
   if (unreachable.empty()) return;
   // A worker whose pipe is gone or full is treated as lost: its jobs retry
@@ -459,27 +456,32 @@ void broker::dispatch(clock::time_point now) {
   dispatch(now);
 }
 
-void broker::on_reply(const std::string& routing_id, const proto::Reply& reply, std::string_view payload) {
-  if (reply.partial()) {
-    if (const job* early = table_.answer_early(reply.id(), routing_id)) {
+// `payload` is forwarded as it is (moved: `reply` points into it).
+void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload) {
+  if (reply.partial) {
+    if (const job* early = table_.answer_early(reply.id, routing_id)) {
       metrics_->request_latency.Observe(seconds_since(early->received, now_));
-      if (early->wants_reply) send(early->requester, payload);
+      if (early->wants_reply) send(early->requester, std::move(payload));
     }
     return;
   }
   bool held = false;
-  auto done = table_.complete(reply.id(), routing_id, &held);
+  auto done = table_.complete(reply.id, routing_id, &held);
   if (done) {
     ++stats_.replies;
     if (!done->answered) metrics_->request_latency.Observe(seconds_since(done->received, now_));
-    metrics_->count(done->service, outcome_of(reply.code())).Increment();
-    if (done->wants_reply && !done->answered) send(done->requester, payload);
+    metrics_->count(done->service, outcome_of(reply.code)).Increment();
+    if (done->wants_reply && !done->answered) send(done->requester, std::move(payload));
     return;
   }
   if (held) return;  // a late answer to a job that expired or was cancelled
   // Not a job: a client's ack of an Emit, routed to the peer named by the id.
-  auto owner = std::string{proto::id_owner(reply.id())};
-  if (owner.empty() || !peers_.contains(owner) || !send(owner, payload)) drop("unroutable", reply.id());
+  auto owner = std::string{proto::id_owner(reply.id)};
+  if (owner.empty() || !peers_.contains(owner)) {
+    drop("unroutable", reply.id);
+    return;
+  }
+  send(owner, std::move(payload));
 }
 
 void broker::on_addressed(const std::string& routing_id, const Envelope& env, std::string_view payload) {
@@ -631,13 +633,17 @@ void broker::tick(clock::time_point now) {
   next_tick_ = now + config_.heartbeat_interval;
 }
 
-bool broker::send(const std::string& routing_id, std::string_view payload) {
+bool broker::send(std::string_view routing_id, std::string_view payload) {
+  return send(routing_id, zmq::message_t{payload.data(), payload.size()});
+}
+
+bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
   try {
     if (!router_.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
       drop("hwm", routing_id);
       return false;
     }
-    router_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+    router_.send(payload, zmq::send_flags::dontwait);
     return true;
   } catch (const zmq::error_t& e) {
     // EHOSTUNREACH: the peer's connection is gone (ROUTER_MANDATORY).
@@ -646,7 +652,7 @@ bool broker::send(const std::string& routing_id, std::string_view payload) {
   }
 }
 
-bool broker::send(const std::string& routing_id, const Envelope& env) {
+bool broker::send(std::string_view routing_id, const Envelope& env) {
   return send(routing_id, proto::encode(env));
 }
 

@@ -73,11 +73,11 @@ class broker {
   };
   struct metrics;
 
-  void on_router_message(std::string_view routing_id, const zmq::message_t& payload);
+  void on_router_message(std::string_view routing_id, zmq::message_t& payload);
   void on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now);
-  void on_job(const std::string& routing_id, const proto::Envelope& env, std::string_view payload,
+  void on_job(const std::string& routing_id, const proto::hot_envelope& head, std::string_view payload,
               clock::time_point now);
-  void on_reply(const std::string& routing_id, const proto::Reply& reply, std::string_view payload);
+  void on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload);
   void on_addressed(const std::string& routing_id, const proto::Envelope& env, std::string_view payload);
   void on_cancel(const proto::Cancel& cancel);
   void publish(const proto::Emit& emit, std::string_view payload);
@@ -89,8 +89,9 @@ class broker {
   void tick(clock::time_point now);
   bool allowed(proto::Role role, proto::Envelope::KindCase kind) const;
 
-  bool send(const std::string& routing_id, std::string_view payload);
-  bool send(const std::string& routing_id, const proto::Envelope& env);
+  bool send(std::string_view routing_id, std::string_view payload);
+  bool send(std::string_view routing_id, zmq::message_t&& payload);
+  bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
   void send_error(const std::string& to, proto::Code code, std::string message);
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,

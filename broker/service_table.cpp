@@ -1,201 +1,340 @@
 #include "broker/service_table.hpp"
 
 #include <algorithm>
+#include <utility>
 
 namespace sidecast::broker {
 
-// Invariant: a worker is in a service's `ready` list exactly when its busy
-// count for that service is below its capacity. A job id stays in its
-// worker's `held` map until the worker replies or dies, even after the job
-// expired or was cancelled, so capacity is only given back when the worker is
-// really free.
+// Invariants: a worker is in a service's `ready` deque exactly when its busy
+// count for that service is below its capacity. A slot stays taken while
+// its job is queued, held, or orphaned (ended while a worker held it), so
+// capacity is only given back when the worker really is free; its id stays
+// in `ids_` as long.
 
-service_table::admit service_table::submit(job work) {
-  if (jobs_.contains(work.id)) return admit::duplicate;
-  auto& service = services_[work.service];
-  if (service.queue.size() >= limits_.queue_limit) return admit::busy;
-  auto id = work.id;
-  auto deadline = work.deadline;
-  auto [it, inserted] = jobs_.emplace(id, job_entry{std::move(work), {}, {}, {}});
-  service.queue.push_back(id);
-  it->second.queue_pos = std::prev(service.queue.end());
-  it->second.deadline_pos = deadlines_.emplace(deadline, id);
+service_table::serving* service_table::worker_entry::find(std::uint32_t service) {
+  for (auto& s : serves)
+    if (s.service == service) return &s;
+  return nullptr;
+}
+
+std::uint32_t service_table::service_index(const std::string& name) {
+  auto [it, inserted] = service_ids_.try_emplace(name, static_cast<std::uint32_t>(services_.size()));
+  if (inserted) services_.push_back(service_entry{.name = name});
+  return it->second;
+}
+
+std::uint32_t service_table::find(std::string_view id) const {
+  auto it = ids_.find(id);
+  return it == ids_.end() ? none : it->second;
+}
+
+std::uint32_t service_table::new_slot() {
+  if (!free_slots_.empty()) {
+    auto s = free_slots_.back();
+    free_slots_.pop_back();
+    return s;
+  }
+  slots_.emplace_back();
+  return static_cast<std::uint32_t>(slots_.size() - 1);
+}
+
+job service_table::take_slot(std::uint32_t s) {
+  auto& e = slots_[s];
+  if (e.heap_pos != none) heap_erase(s);
+  ids_.erase(e.work.id);
+  job work = std::move(e.work);
+  e.work = job{};
+  e.state = slot_state::free;
+  e.worker = none;
+  free_slots_.push_back(s);
+  return work;
+}
+
+// ---- the queues: doubly linked through the slots ----
+
+void service_table::push_back(service_entry& svc, std::uint32_t s) {
+  auto& e = slots_[s];
+  e.prev = svc.tail;
+  e.next = none;
+  (svc.tail == none ? svc.head : slots_[svc.tail].next) = s;
+  svc.tail = s;
+  ++svc.waiting;
+  e.state = slot_state::queued;
+}
+
+void service_table::push_front(service_entry& svc, std::uint32_t s) {
+  auto& e = slots_[s];
+  e.prev = none;
+  e.next = svc.head;
+  (svc.head == none ? svc.tail : slots_[svc.head].prev) = s;
+  svc.head = s;
+  ++svc.waiting;
+  e.state = slot_state::queued;
+}
+
+void service_table::unlink(std::uint32_t s) {
+  auto& e = slots_[s];
+  auto& svc = services_[e.service];
+  (e.prev == none ? svc.head : slots_[e.prev].next) = e.next;
+  (e.next == none ? svc.tail : slots_[e.next].prev) = e.prev;
+  e.prev = e.next = none;
+  --svc.waiting;
+}
+
+// ---- the deadline heap: a binary min-heap of slots that know their place ----
+
+bool service_table::heap_less(std::size_t a, std::size_t b) const {
+  return slots_[deadlines_[a]].work.deadline < slots_[deadlines_[b]].work.deadline;
+}
+
+void service_table::heap_place(std::size_t pos, std::uint32_t s) {
+  deadlines_[pos] = s;
+  slots_[s].heap_pos = static_cast<std::uint32_t>(pos);
+}
+
+void service_table::heap_sift_up(std::size_t pos) {
+  while (pos > 0) {
+    auto parent = (pos - 1) / 2;
+    if (!heap_less(pos, parent)) break;
+    auto child = deadlines_[pos];
+    heap_place(pos, deadlines_[parent]);
+    heap_place(parent, child);
+    pos = parent;
+  }
+}
+
+void service_table::heap_sift_down(std::size_t pos) {
+  for (;;) {
+    auto smallest = pos, left = 2 * pos + 1, right = left + 1;
+    if (left < deadlines_.size() && heap_less(left, smallest)) smallest = left;
+    if (right < deadlines_.size() && heap_less(right, smallest)) smallest = right;
+    if (smallest == pos) return;
+    auto here = deadlines_[pos];
+    heap_place(pos, deadlines_[smallest]);
+    heap_place(smallest, here);
+    pos = smallest;
+  }
+}
+
+void service_table::heap_push(std::uint32_t s) {
+  deadlines_.push_back(s);
+  heap_place(deadlines_.size() - 1, s);
+  heap_sift_up(deadlines_.size() - 1);
+}
+
+void service_table::heap_erase(std::uint32_t s) {
+  std::size_t pos = slots_[s].heap_pos;
+  slots_[s].heap_pos = none;
+  auto last = deadlines_.back();
+  deadlines_.pop_back();
+  if (pos == deadlines_.size()) return;  // it was the last one
+  heap_place(pos, last);
+  heap_sift_up(pos);
+  heap_sift_down(slots_[last].heap_pos);
+}
+
+// ---- the operations ----
+
+service_table::admit service_table::submit(job&& work) {
+  if (ids_.contains(work.id)) return admit::duplicate;
+  auto service = service_index(work.service);
+  auto& svc = services_[service];
+  if (svc.waiting >= limits_.queue_limit) return admit::busy;
+  auto s = new_slot();
+  ids_.emplace(work.id, s);
+  auto& e = slots_[s];
+  e.work = std::move(work);
+  e.service = service;
+  e.seq = ++submitted_;
+  push_back(svc, s);
+  heap_push(s);
   return admit::queued;
 }
 
-void service_table::add_worker(const std::string& worker, const std::string& service,
-                               unsigned capacity) {
+void service_table::add_worker(const std::string& worker, const std::string& service, unsigned capacity) {
   capacity = std::max(capacity, 1u);
-  auto& w = workers_[worker];
-  auto& s = services_[service];
-  auto old = w.capacity.find(service);
-  unsigned busy = w.busy[service];
-  bool was_ready = old != w.capacity.end() && busy < old->second;
-  if (old == w.capacity.end()) ++s.worker_count;
-  w.capacity[service] = capacity;
-  bool now_ready = busy < capacity;
-  if (now_ready && !was_ready) s.ready.push_back(worker);
-  if (was_ready && !now_ready) s.ready.remove(worker);
+  auto [wit, inserted] = worker_ids_.try_emplace(worker, none);
+  if (inserted) {
+    if (free_workers_.empty()) {
+      wit->second = static_cast<std::uint32_t>(workers_.size());
+      workers_.emplace_back();
+    } else {
+      wit->second = free_workers_.back();
+      free_workers_.pop_back();
+    }
+    workers_[wit->second].name = worker;
+  }
+  auto w = wit->second;
+  auto si = service_index(service);
+  auto& svc = services_[si];
+  auto* serves = workers_[w].find(si);
+  bool was_ready = serves && serves->busy < serves->capacity;
+  if (!serves) {
+    ++svc.worker_count;
+    serves = &workers_[w].serves.emplace_back(serving{si, capacity, 0});
+  }
+  serves->capacity = capacity;
+  bool now_ready = serves->busy < capacity;
+  if (now_ready && !was_ready) svc.ready.push_back(w);
+  if (was_ready && !now_ready) std::erase(svc.ready, w);
 }
 
 std::vector<failure> service_table::remove_worker(const std::string& worker) {
   std::vector<failure> failed;
-  auto wit = workers_.find(worker);
-  if (wit == workers_.end()) return failed;
-  for (const auto& [service, capacity] : wit->second.capacity) {
-    auto& s = services_[service];
-    s.ready.remove(worker);
-    --s.worker_count;
+  auto wit = worker_ids_.find(worker);
+  if (wit == worker_ids_.end()) return failed;
+  auto w = wit->second;
+  worker_ids_.erase(wit);
+  for (const auto& serves : workers_[w].serves) {
+    auto& svc = services_[serves.service];
+    std::erase(svc.ready, w);
+    --svc.worker_count;
   }
-  // Requeue at the front in reverse so the oldest job ends up first.
-  std::vector<std::string> held;
-  for (const auto& [id, service] : wit->second.held) held.push_back(id);
-  workers_.erase(wit);
-  std::sort(held.begin(), held.end(), [&](const std::string& a, const std::string& b) {
-    auto ia = jobs_.find(a), ib = jobs_.find(b);
-    auto ra = ia == jobs_.end() ? clock::time_point{} : ia->second.work.received;
-    auto rb = ib == jobs_.end() ? clock::time_point{} : ib->second.work.received;
-    return ra > rb;
-  });
-  for (const auto& id : held) {
-    auto it = jobs_.find(id);
-    if (it == jobs_.end() || it->second.worker != worker) continue;  // expired or cancelled
-    auto& entry = it->second;
+  workers_[w] = worker_entry{};
+  free_workers_.push_back(w);
+
+  std::vector<std::uint32_t> held;
+  for (std::uint32_t s = 0; s < slots_.size(); ++s) {
+    auto& e = slots_[s];
+    if (e.worker != w) continue;
+    if (e.state == slot_state::orphaned) {
+      take_slot(s);
+      continue;
+    }
     --held_count_;
-    entry.worker.clear();
-    if (entry.work.answered) {  // its requester has its answer: nothing to retry or report
-      forget(it);
-      continue;
+    e.worker = none;
+    if (e.work.answered) {  // its requester has its answer: nothing to retry or report
+      take_slot(s);
+    } else if (e.work.attempt >= limits_.max_attempts) {
+      failed.push_back({take_slot(s), proto::WORKER_LOST, {}});
+    } else {
+      held.push_back(s);
     }
-    if (entry.work.attempt >= limits_.max_attempts) {
-      failed.push_back({entry.work, proto::WORKER_LOST, {}});
-      forget(it);
-      continue;
-    }
-    auto& queue = services_[entry.work.service].queue;
-    queue.push_front(id);
-    entry.queue_pos = queue.begin();
   }
+  // Back to the front of their queues, the oldest first.
+  std::sort(held.begin(), held.end(), [&](std::uint32_t a, std::uint32_t b) { return slots_[a].seq > slots_[b].seq; });
+  for (auto s : held) push_front(services_[slots_[s].service], s);
   return failed;
 }
 
-std::vector<assignment> service_table::dispatch() {
-  std::vector<assignment> out;
-  for (auto& [name, s] : services_) {
-    while (!s.queue.empty() && !s.ready.empty()) {
-      auto worker = std::move(s.ready.front());
-      s.ready.pop_front();
-      auto& w = workers_.at(worker);
-      auto id = std::move(s.queue.front());
-      s.queue.pop_front();
-      auto& entry = jobs_.at(id);
-      entry.worker = worker;
-      entry.queue_pos = {};
-      ++entry.work.attempt;
+const std::vector<assignment>& service_table::dispatch() {
+  assigned_.clear();
+  for (std::uint32_t si = 0; si < services_.size(); ++si) {
+    auto& svc = services_[si];
+    while (svc.head != none && !svc.ready.empty()) {
+      auto w = svc.ready.front();
+      svc.ready.pop_front();
+      auto s = svc.head;
+      unlink(s);
+      auto& e = slots_[s];
+      e.state = slot_state::held;
+      e.worker = w;
+      ++e.work.attempt;
       ++held_count_;
-      w.held.emplace(id, name);
-      if (++w.busy[name] < w.capacity[name]) s.ready.push_back(worker);
-      out.push_back({std::move(worker), &entry.work});
+      auto* serves = workers_[w].find(si);
+      if (++serves->busy < serves->capacity) svc.ready.push_back(w);
+      assigned_.push_back({workers_[w].name, &e.work});
     }
   }
-  return out;
+  return assigned_;
 }
 
-void service_table::release(worker_entry& w, const std::string& worker, const std::string& service,
-                            const std::string& id) {
-  w.held.erase(id);
-  auto& busy = w.busy[service];
-  auto cap = w.capacity.find(service);
-  bool was_full = cap != w.capacity.end() && busy >= cap->second;
-  if (busy > 0) --busy;
-  if (was_full && cap != w.capacity.end() && busy < cap->second)
-    services_[service].ready.push_back(worker);
+void service_table::release(std::uint32_t worker, std::uint32_t service) {
+  auto* serves = workers_[worker].find(service);
+  if (!serves || serves->busy == 0) return;
+  bool was_full = serves->busy >= serves->capacity;
+  --serves->busy;
+  if (was_full && serves->busy < serves->capacity) services_[service].ready.push_back(worker);
 }
 
-std::optional<job> service_table::complete(const std::string& id, const std::string& worker,
-                                          bool* held) {
+std::optional<job> service_table::complete(std::string_view id, std::string_view worker, bool* held) {
   if (held) *held = false;
-  auto wit = workers_.find(worker);
-  if (wit == workers_.end()) return std::nullopt;
-  auto hit = wit->second.held.find(id);
-  if (hit == wit->second.held.end()) return std::nullopt;
+  auto s = find(id);
+  if (s == none) return std::nullopt;
+  auto& e = slots_[s];
+  if (e.worker == none || workers_[e.worker].name != worker) return std::nullopt;
   if (held) *held = true;
-  auto service = hit->second;
-  release(wit->second, worker, service, id);
-  auto it = jobs_.find(id);
-  if (it == jobs_.end() || it->second.worker != worker) return std::nullopt;
+  release(e.worker, e.service);
+  bool live = e.state == slot_state::held;
+  auto work = take_slot(s);
+  if (!live) return std::nullopt;  // it expired or was cancelled meanwhile
   --held_count_;
-  auto done = std::move(it->second.work);
-  forget(it);
-  return done;
+  return work;
 }
 
-const job* service_table::answer_early(const std::string& id, const std::string& worker) {
-  auto it = jobs_.find(id);
-  if (it == jobs_.end() || it->second.worker != worker || it->second.work.answered) return nullptr;
-  auto& entry = it->second;
-  entry.work.answered = true;
-  deadlines_.erase(entry.deadline_pos);
-  entry.deadline_pos = deadlines_.end();
-  return &entry.work;
+const job* service_table::answer_early(std::string_view id, std::string_view worker) {
+  auto s = find(id);
+  if (s == none) return nullptr;
+  auto& e = slots_[s];
+  if (e.state != slot_state::held || workers_[e.worker].name != worker || e.work.answered) return nullptr;
+  e.work.answered = true;
+  if (e.heap_pos != none) heap_erase(s);
+  return &e.work;
 }
 
-std::optional<job> service_table::cancel(const std::string& id, std::string* worker) {
-  auto it = jobs_.find(id);
-  if (it == jobs_.end()) return std::nullopt;
-  auto& entry = it->second;
-  if (entry.worker.empty()) {
-    services_[entry.work.service].queue.erase(entry.queue_pos);
-  } else {
-    --held_count_;
-    if (worker) *worker = entry.worker;
+std::optional<job> service_table::cancel(std::string_view id, std::string* worker) {
+  auto s = find(id);
+  if (s == none) return std::nullopt;
+  auto& e = slots_[s];
+  switch (e.state) {
+    case slot_state::queued:
+      unlink(s);
+      return take_slot(s);
+    case slot_state::held: {
+      --held_count_;
+      if (worker) *worker = workers_[e.worker].name;
+      if (e.heap_pos != none) heap_erase(s);
+      e.state = slot_state::orphaned;
+      job done = e.work;  // the slot keeps the id until the worker answers
+      return done;
+    }
+    default: return std::nullopt;
   }
-  auto done = std::move(entry.work);
-  forget(it);
-  return done;
 }
 
 std::vector<failure> service_table::expire(clock::time_point now) {
   std::vector<failure> out;
-  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
-    auto it = jobs_.find(deadlines_.begin()->second);
-    auto& entry = it->second;
-    if (entry.worker.empty()) {
-      services_[entry.work.service].queue.erase(entry.queue_pos);
-      auto code = entry.work.attempt == 0 ? proto::UNAVAILABLE : proto::TIMEOUT;
-      out.push_back({std::move(entry.work), code, {}});
+  while (!deadlines_.empty() && slots_[deadlines_.front()].work.deadline <= now) {
+    auto s = deadlines_.front();
+    heap_erase(s);
+    auto& e = slots_[s];
+    if (e.state == slot_state::queued) {
+      unlink(s);
+      auto code = e.work.attempt == 0 ? proto::UNAVAILABLE : proto::TIMEOUT;
+      out.push_back({take_slot(s), code, {}});
     } else {
       --held_count_;
-      out.push_back({std::move(entry.work), proto::TIMEOUT, entry.worker});
+      out.push_back({e.work, proto::TIMEOUT, workers_[e.worker].name});
+      e.state = slot_state::orphaned;
     }
-    forget(it);
   }
   return out;
 }
 
-void service_table::forget(std::unordered_map<std::string, job_entry>::iterator it) {
-  if (it->second.deadline_pos != deadlines_.end()) deadlines_.erase(it->second.deadline_pos);
-  jobs_.erase(it);
-}
-
 std::optional<clock::time_point> service_table::next_deadline() const {
   if (deadlines_.empty()) return std::nullopt;
-  return deadlines_.begin()->first;
+  return slots_[deadlines_.front()].work.deadline;
 }
 
 std::size_t service_table::queued(const std::string& service) const {
-  auto it = services_.find(service);
-  return it == services_.end() ? 0 : it->second.queue.size();
+  auto it = service_ids_.find(service);
+  return it == service_ids_.end() ? 0 : services_[it->second].waiting;
+}
+
+std::size_t service_table::waiting() const {
+  std::size_t n = 0;
+  for (const auto& svc : services_) n += svc.waiting;
+  return n;
 }
 
 std::size_t service_table::workers(const std::string& service) const {
-  auto it = services_.find(service);
-  return it == services_.end() ? 0 : it->second.worker_count;
+  auto it = service_ids_.find(service);
+  return it == service_ids_.end() ? 0 : services_[it->second].worker_count;
 }
 
 std::vector<std::string> service_table::services() const {
   std::vector<std::string> names;
-  for (const auto& [name, s] : services_) names.push_back(name);
+  for (const auto& svc : services_) names.push_back(svc.name);
   std::sort(names.begin(), names.end());
   return names;
 }

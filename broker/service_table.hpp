@@ -3,14 +3,21 @@
 // waiting jobs and the workers with free capacity in LRU order; per job its
 // deadline and the worker holding it. Pure logic: no sockets, no clock (the
 // caller passes `now`), so it is tested table-driven without I/O.
+//
+// Built for the hot path (a submit, a dispatch and a completion per request):
+// jobs live in reused slots, queues are lists threaded through the slots,
+// deadlines an indexed heap over them, and names are looked up in flat hash
+// maps, so a request costs no allocation once the table has warmed up.
 #include <chrono>
 #include <cstdint>
-#include <list>
-#include <map>
+#include <deque>
+#include <functional>
 #include <optional>
 #include <string>
-#include <unordered_map>
+#include <string_view>
 #include <vector>
+
+#include <boost/unordered/unordered_flat_map.hpp>
 
 #include "proto/codec.hpp"
 
@@ -31,10 +38,11 @@ struct job {
   clock::time_point deadline{};
 };
 
-/// A job handed to a worker: the caller sends `job.payload` (rewritten when
-/// `stale` says the timeout or attempt in it no longer hold) to `worker`.
+/// A job handed to a worker: the caller sends `work->payload` (rewritten when
+/// the timeout or attempt in it no longer hold) to `worker`. Both views stay
+/// valid until the next call that changes the table.
 struct assignment {
-  std::string worker;
+  std::string_view worker;
   const job* work;
 };
 
@@ -56,8 +64,9 @@ class service_table {
 
   enum class admit { queued, busy, duplicate };
   /// Queues a job; `busy` when its service's queue is full, `duplicate` when
-  /// a job with the same id is already queued or held.
-  admit submit(job work);
+  /// a job with the same id is queued or held (even one that expired or was
+  /// cancelled, while its worker still works on it).
+  admit submit(job&& work);  // moves from `work` only when queued
 
   /// Registers (or re-registers) a worker serving `service` with `capacity`
   /// jobs at once.
@@ -67,28 +76,26 @@ class service_table {
   /// (attempts left) or come back as worker_lost failures.
   std::vector<failure> remove_worker(const std::string& worker);
 
-  bool has_worker(const std::string& worker) const { return workers_.contains(worker); }
+  bool has_worker(const std::string& worker) const { return worker_ids_.contains(worker); }
 
   /// Hands queued jobs to workers with free capacity (LRU among them) until
-  /// either runs out. Pointers in the result stay valid until the next call
-  /// that changes the table.
-  std::vector<assignment> dispatch();
+  /// either runs out.
+  const std::vector<assignment>& dispatch();
 
   /// A worker finished a job: frees its capacity and returns the job if it
   /// was still pending. `held` tells whether the worker held the id at all
   /// (false: the id is not one of its jobs, e.g. a client's ack).
-  std::optional<job> complete(const std::string& id, const std::string& worker,
-                              bool* held = nullptr);
+  std::optional<job> complete(std::string_view id, std::string_view worker, bool* held = nullptr);
 
   /// The worker answered a job early and works on: the job keeps its
   /// capacity but loses its deadline, and is not retried if the worker dies
   /// (its requester has its answer). Returns the job, or nullptr if the
   /// worker does not hold it or answered it already.
-  const job* answer_early(const std::string& id, const std::string& worker);
+  const job* answer_early(std::string_view id, std::string_view worker);
 
   /// Removes a job whichever state it is in (the requester cancelled).
   /// Returns the worker holding it, if any.
-  std::optional<job> cancel(const std::string& id, std::string* worker);
+  std::optional<job> cancel(std::string_view id, std::string* worker);
 
   /// Jobs whose deadline is at or before `now`: unavailable (still queued,
   /// never dispatched) or timeout (held by a worker, or dispatched before).
@@ -99,39 +106,81 @@ class service_table {
   // Figures for metrics and tests.
   std::size_t queued(const std::string& service) const;
   std::size_t in_flight() const { return held_count_; }
-  std::size_t waiting() const { return jobs_.size() - held_count_; }
+  std::size_t waiting() const;
   std::size_t workers(const std::string& service) const;
   std::vector<std::string> services() const;
 
  private:
-  struct job_entry {
+  static constexpr std::uint32_t none = UINT32_MAX;
+
+  // A job's slot. `orphaned`: the job ended (expired, cancelled) while a
+  // worker held it; the slot keeps the worker's capacity taken until it
+  // answers or dies, so a worker that ignores Cancel gets no more than it
+  // can run.
+  enum class slot_state : std::uint8_t { free, queued, held, orphaned };
+  struct slot {
     job work;
-    std::string worker;  // empty while queued
-    std::list<std::string>::iterator queue_pos;
-    std::multimap<clock::time_point, std::string>::iterator deadline_pos;
-  };
-  struct worker_entry {
-    std::unordered_map<std::string, unsigned> capacity;  // per service
-    std::unordered_map<std::string, unsigned> busy;      // per service
-    std::unordered_map<std::string, std::string> held;   // job id -> service
+    slot_state state = slot_state::free;
+    std::uint32_t service = none;
+    std::uint32_t worker = none;
+    std::uint32_t prev = none, next = none;  // queue links (queued)
+    std::uint32_t heap_pos = none;           // in deadlines_, or none
+    std::uint64_t seq = 0;                   // arrival order
   };
   struct service_entry {
-    std::list<std::string> queue;  // waiting job ids, FIFO
-    std::list<std::string> ready;  // workers with free capacity, LRU first
+    std::string name;
+    std::uint32_t head = none, tail = none;  // waiting jobs, FIFO
+    std::size_t waiting = 0;
+    std::deque<std::uint32_t> ready;         // workers with free capacity, LRU first
     std::size_t worker_count = 0;
   };
+  struct serving {
+    std::uint32_t service;
+    unsigned capacity;
+    unsigned busy;
+  };
+  struct worker_entry {
+    std::string name;  // empty: a free entry
+    std::vector<serving> serves;
+    serving* find(std::uint32_t service);
+  };
 
-  void mark_ready(const std::string& worker, const std::string& service);
-  void release(worker_entry& w, const std::string& worker, const std::string& service,
-               const std::string& id);
-  void forget(std::unordered_map<std::string, job_entry>::iterator it);
+  std::uint32_t service_index(const std::string& name);
+  std::uint32_t new_slot();
+  job take_slot(std::uint32_t s);  // frees the slot, returns its job
+  void push_back(service_entry& svc, std::uint32_t s);
+  void push_front(service_entry& svc, std::uint32_t s);
+  void unlink(std::uint32_t s);
+  void release(std::uint32_t worker, std::uint32_t service);
+  std::uint32_t find(std::string_view id) const;
+
+  // The deadline heap: slot indices ordered by work.deadline.
+  void heap_push(std::uint32_t s);
+  void heap_erase(std::uint32_t s);
+  void heap_sift_up(std::size_t pos);
+  void heap_sift_down(std::size_t pos);
+  bool heap_less(std::size_t a, std::size_t b) const;
+  void heap_place(std::size_t pos, std::uint32_t s);
 
   table_limits limits_;
-  std::unordered_map<std::string, job_entry> jobs_;
-  std::unordered_map<std::string, service_entry> services_;
-  std::unordered_map<std::string, worker_entry> workers_;
-  std::multimap<clock::time_point, std::string> deadlines_;
+  std::vector<slot> slots_;
+  std::vector<std::uint32_t> free_slots_;
+  // Looked up by string_view: no key copies on the hot path.
+  struct name_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  using name_map = boost::unordered_flat_map<std::string, std::uint32_t, name_hash, std::equal_to<>>;
+  name_map ids_;  // job id -> slot
+  std::vector<service_entry> services_;
+  name_map service_ids_;
+  std::vector<worker_entry> workers_;
+  std::vector<std::uint32_t> free_workers_;
+  name_map worker_ids_;
+  std::vector<std::uint32_t> deadlines_;
+  std::vector<assignment> assigned_;
   std::size_t held_count_ = 0;
+  std::uint64_t submitted_ = 0;
 };
 
 }  // namespace sidecast::broker

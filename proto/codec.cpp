@@ -18,10 +18,170 @@ std::optional<Envelope> decode(std::string_view bytes) {
   return env;
 }
 
+namespace {
+
+// Protobuf wire format, as far as peek() needs it.
+struct wire_reader {
+  const unsigned char* p;
+  const unsigned char* end;
+
+  explicit wire_reader(std::string_view bytes)
+      : p{reinterpret_cast<const unsigned char*>(bytes.data())}, end{p + bytes.size()} {}
+  bool done() const { return p == end; }
+  bool varint(std::uint64_t& v) {
+    v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p == end) return false;
+      auto b = *p++;
+      v |= std::uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return true;
+    }
+    return false;
+  }
+  bool length_delimited(std::string_view& out) {
+    std::uint64_t n;
+    if (!varint(n) || n > static_cast<std::uint64_t>(end - p)) return false;
+    out = {reinterpret_cast<const char*>(p), static_cast<std::size_t>(n)};
+    p += n;
+    return true;
+  }
+};
+
+// UTF-8 as protobuf checks proto3 strings: no overlong forms, no
+// surrogates, nothing past U+10FFFF.
+bool valid_utf8(std::string_view s) {
+  auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  auto* end = p + s.size();
+  while (p < end) {
+    if (*p < 0x80) {
+      ++p;
+      continue;
+    }
+    int n;
+    std::uint32_t cp;
+    if ((*p & 0xe0) == 0xc0) {
+      n = 1, cp = *p & 0x1f;
+    } else if ((*p & 0xf0) == 0xe0) {
+      n = 2, cp = *p & 0x0f;
+    } else if ((*p & 0xf8) == 0xf0) {
+      n = 3, cp = *p & 0x07;
+    } else {
+      return false;
+    }
+    if (end - p <= n) return false;
+    for (int i = 1; i <= n; ++i) {
+      if ((p[i] & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (p[i] & 0x3f);
+    }
+    static constexpr std::uint32_t min_for[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < min_for[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+    p += n + 1;
+  }
+  return true;
+}
+
+// Field kinds of the two peeked messages: a string to check, bytes to skip,
+// or a varint to keep.
+enum class field { string, bytes, varint };
+
+// Reads one message body into `out`; false for anything unusual.
+template <typename Known>
+bool peek_fields(std::string_view body, hot_envelope& out, Known known) {
+  wire_reader r{body};
+  while (!r.done()) {
+    std::uint64_t tag;
+    if (!r.varint(tag)) return false;
+    auto number = tag >> 3;
+    auto wire = tag & 7;
+    field f;
+    if (number > 15 || !known(static_cast<int>(number), f)) return false;  // unknown: the parser keeps it
+    if (f == field::varint) {
+      std::uint64_t v;
+      if (wire != 0 || !r.varint(v)) return false;
+      if (out.kind == Envelope::kRequest) {
+        if (number == 8) out.wants_reply = v != 0;
+        if (number == 9) out.timeout_ms = static_cast<std::uint32_t>(v);
+        if (number == 10) out.attempt = static_cast<std::uint32_t>(v);
+      } else {
+        if (number == 2) out.code = static_cast<Code>(static_cast<std::int32_t>(v));
+        if (number == 7) out.partial = v != 0;  // 6, silent, is not needed for routing
+      }
+      continue;
+    }
+    std::string_view value;
+    if (wire != 2 || !r.length_delimited(value)) return false;
+    if (f == field::string && !valid_utf8(value)) return false;
+    if (number == 1) out.id = value;
+    if (number == 2 && out.kind == Envelope::kRequest) out.service = value;
+  }
+  return true;
+}
+
+}  // namespace
+
+hot_envelope peek(std::string_view bytes) {
+  hot_envelope out;
+  wire_reader r{bytes};
+  std::uint64_t tag;
+  std::string_view body;
+  if (!r.varint(tag) || !r.length_delimited(body) || !r.done()) return out;
+  bool ok = false;
+  if (tag == (Envelope::kRequest << 3 | 2)) {
+    out.kind = Envelope::kRequest;
+    ok = peek_fields(body, out, [](int n, field& f) {
+      switch (n) {
+        case 1: case 2: case 3: case 4: case 5: case 11: f = field::string; return true;
+        case 6: case 7: case 12: f = field::bytes; return true;
+        case 8: case 9: case 10: f = field::varint; return true;
+        default: return false;
+      }
+    });
+  } else if (tag == (Envelope::kReply << 3 | 2)) {
+    out.kind = Envelope::kReply;
+    ok = peek_fields(body, out, [](int n, field& f) {
+      switch (n) {
+        case 1: case 3: f = field::string; return true;
+        case 4: case 5: f = field::bytes; return true;
+        case 2: case 6: case 7: f = field::varint; return true;
+        default: return false;
+      }
+    });
+  }
+  return ok ? out : hot_envelope{};
+}
+
 std::string encode(const Envelope& env) { return env.SerializeAsString(); }
 
-std::string_view kind_name(const Envelope& env) {
-  switch (env.kind_case()) {
+hot_envelope head_of(const Envelope& env) {
+  hot_envelope out;
+  out.kind = env.kind_case();
+  if (env.has_request()) {
+    const auto& r = env.request();
+    out.id = r.id();
+    out.service = r.service();
+    out.timeout_ms = r.timeout_ms();
+    out.attempt = r.attempt();
+    out.wants_reply = r.wants_reply();
+  } else if (env.has_lifecycle()) {
+    const auto& l = env.lifecycle();
+    out.id = l.id();
+    out.service = l.service();
+    out.timeout_ms = l.timeout_ms();
+    out.attempt = l.attempt();
+    out.wants_reply = l.kind() == Lifecycle::CONNECT;
+  } else if (env.has_reply()) {
+    const auto& r = env.reply();
+    out.id = r.id();
+    out.code = r.code();
+    out.partial = r.partial();
+  }
+  return out;
+}
+
+std::string_view kind_name(const Envelope& env) { return kind_name(env.kind_case()); }
+
+std::string_view kind_name(Envelope::KindCase kind) {
+  switch (kind) {
     case Envelope::kHello: return "hello";
     case Envelope::kWelcome: return "welcome";
     case Envelope::kHeartbeat: return "heartbeat";

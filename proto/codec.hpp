@@ -1,6 +1,7 @@
 #pragma once
 // The envelope codec: pure functions from bytes to messages and back, plus
 // the PUB/SUB topic layout and the id conventions shared by every component.
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -22,11 +23,38 @@ std::optional<Envelope> decode(std::string_view bytes);
 /// bytes that are not a valid Envelope with a kind.
 bool decode_into(std::string_view bytes, Envelope& env);
 
+/// The routing fields of the two hot kinds, read straight off the wire:
+/// what the broker needs to route a Request or a Reply, without parsing
+/// (and copying) its arguments and attachments. The views point into the
+/// bytes given.
+struct hot_envelope {
+  Envelope::KindCase kind = Envelope::KIND_NOT_SET;  // kRequest, kReply, or not peeked
+  std::string_view id;
+  std::string_view service;  // Request
+  std::uint32_t timeout_ms = 0;
+  std::uint32_t attempt = 0;
+  bool wants_reply = false;
+  Code code = OK;  // Reply
+  bool partial = false;
+};
+
+/// Peeks at an envelope that holds exactly one Request or Reply, checking
+/// what the full parser checks (wire structure, UTF-8 in string fields).
+/// Anything else — another kind, unknown fields, an unusual but valid
+/// encoding, or bytes the parser would refuse — comes back with kind
+/// KIND_NOT_SET: hand it to decode_into, which has the last word.
+hot_envelope peek(std::string_view bytes);
+
+/// The same fields from a parsed Request, Reply or Lifecycle (a CONNECT
+/// wants a reply); the views point into `env`.
+hot_envelope head_of(const Envelope& env);
+
 /// Serializes an envelope.
 std::string encode(const Envelope& env);
 
 /// Short name of the envelope's kind, for logs and metric labels.
 std::string_view kind_name(const Envelope& env);
+std::string_view kind_name(Envelope::KindCase kind);
 
 /// PUB/SUB topics. A topic ends with '\0' so that subscribing to one room
 /// never matches a room whose name merely starts with it.

@@ -1,3 +1,5 @@
+#include <random>
+
 #include <gtest/gtest.h>
 
 #include "proto/codec.hpp"
@@ -52,6 +54,109 @@ TEST(EnvelopeCodec, RejectsGarbage) {
       {"text", "hello world"},
   };
   for (const auto& c : cases) EXPECT_FALSE(decode(c.bytes)) << c.name;
+}
+
+Envelope sample_request() {
+  Envelope env;
+  auto* r = env.mutable_request();
+  r->set_id("gw-1:42");
+  r->set_service("demo");
+  r->set_sid("gw-1.abc");
+  r->set_nsp("/");
+  r->set_event("echo");
+  r->set_args(R"(["x",{"a":"\u2028😀"}])");
+  r->add_attachments(std::string("\0\1\2", 3));
+  r->set_wants_reply(true);
+  r->set_timeout_ms(30000);
+  r->set_attempt(1);
+  r->set_user("ünïcode");
+  return env;
+}
+
+Envelope sample_reply() {
+  Envelope env;
+  auto* r = env.mutable_reply();
+  r->set_id("gw-1:42");
+  r->set_code(TIMEOUT);
+  r->set_message("deadline passed");
+  r->set_args("[1]");
+  r->set_partial(true);
+  return env;
+}
+
+TEST(EnvelopePeek, ReadsTheRoutingFieldsOfRequestsAndReplies) {
+  auto bytes = encode(sample_request());
+  auto head = peek(bytes);
+  ASSERT_EQ(head.kind, Envelope::kRequest);
+  EXPECT_EQ(head.id, "gw-1:42");
+  EXPECT_EQ(head.service, "demo");
+  EXPECT_TRUE(head.wants_reply);
+  EXPECT_EQ(head.timeout_ms, 30000u);
+  EXPECT_EQ(head.attempt, 1u);
+
+  bytes = encode(sample_reply());
+  head = peek(bytes);
+  ASSERT_EQ(head.kind, Envelope::kReply);
+  EXPECT_EQ(head.id, "gw-1:42");
+  EXPECT_EQ(head.code, TIMEOUT);
+  EXPECT_TRUE(head.partial);
+}
+
+TEST(EnvelopePeek, LeavesEverythingElseToTheParser) {
+  Envelope cancel;
+  cancel.mutable_cancel()->set_id("x:1");
+  EXPECT_EQ(peek(encode(cancel)).kind, Envelope::KIND_NOT_SET) << "another kind";
+  auto bytes = encode(sample_request());
+  EXPECT_EQ(peek(bytes + bytes).kind, Envelope::KIND_NOT_SET) << "two kinds: the last one wins in the parser";
+  auto bad = sample_request();
+  bad.mutable_request()->set_id("\xc0\xaf");  // overlong '/'
+  bytes = bad.SerializePartialAsString();
+  EXPECT_EQ(peek(bytes).kind, Envelope::KIND_NOT_SET) << "invalid UTF-8";
+  EXPECT_FALSE(decode(bytes)) << "the parser refuses it too";
+  for (auto surrogate : {"\xed\xa0\x80", "\xf4\x90\x80\x80", "\xe0\x80"}) {
+    bad.mutable_request()->set_sid(surrogate);
+    EXPECT_EQ(peek(bad.SerializePartialAsString()).kind, Envelope::KIND_NOT_SET) << "sid " << surrogate;
+  }
+}
+
+// Whatever peek() accepts, the real parser accepts with the same fields:
+// every truncation and many single-byte changes of valid envelopes.
+TEST(EnvelopePeek, NeverAcceptsWhatTheParserRefusesOrReadsItDifferently) {
+  std::mt19937 rng{11};
+  int peeked = 0;
+  for (const auto& env : {sample_request(), sample_reply()}) {
+    auto good = encode(env);
+    std::vector<std::string> variants;
+    for (std::size_t n = 0; n < good.size(); ++n) variants.push_back(good.substr(0, n));
+    for (int i = 0; i < 20000; ++i) {
+      auto v = good;
+      v[rng() % v.size()] = static_cast<char>(rng() % 256);
+      if (rng() % 4 == 0) v[rng() % v.size()] = static_cast<char>(rng() % 256);
+      variants.push_back(std::move(v));
+    }
+    for (const auto& v : variants) {
+      auto head = peek(v);
+      if (head.kind == Envelope::KIND_NOT_SET) continue;
+      ++peeked;
+      auto full = decode(v);
+      ASSERT_TRUE(full) << "peek accepted what the parser refuses";
+      ASSERT_EQ(full->kind_case(), head.kind);
+      if (head.kind == Envelope::kRequest) {
+        const auto& r = full->request();
+        ASSERT_EQ(r.id(), head.id);
+        ASSERT_EQ(r.service(), head.service);
+        ASSERT_EQ(r.wants_reply(), head.wants_reply);
+        ASSERT_EQ(r.timeout_ms(), head.timeout_ms);
+        ASSERT_EQ(r.attempt(), head.attempt);
+      } else {
+        const auto& r = full->reply();
+        ASSERT_EQ(r.id(), head.id);
+        ASSERT_EQ(r.code(), head.code);
+        ASSERT_EQ(r.partial(), head.partial);
+      }
+    }
+  }
+  EXPECT_GT(peeked, 1000) << "the mutations should leave many envelopes peekable";
 }
 
 TEST(Topics, RoomTopicsDoNotPrefixEachOther) {

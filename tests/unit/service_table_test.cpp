@@ -1,3 +1,6 @@
+#include <map>
+#include <random>
+
 #include <gtest/gtest.h>
 
 #include "broker/service_table.hpp"
@@ -196,6 +199,67 @@ TEST(ServiceTable, EarlyAnswerKeepsCapacityDropsDeadlineAndRetry) {
   EXPECT_EQ(t.queued("svc"), 1u);
   t.add_worker("w2", "svc", 1);
   EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "next"}}));
+}
+
+// The deadline heap and the queues against a plain model: random deadlines,
+// cancels in the middle of queues and held jobs answered early; every job
+// that still had a deadline expires exactly once, in deadline order.
+TEST(ServiceTable, DeadlinesExpireInOrderThroughCancelsAndEarlyAnswers) {
+  service_table t{{.queue_limit = 1000, .max_attempts = 3}};
+  t.add_worker("w1", "a", 40);
+  std::mt19937 rng{7};
+  std::map<std::string, clock::time_point> expected;
+  for (int i = 0; i < 600; ++i) {
+    auto id = "j" + std::to_string(i);
+    auto timeout = std::chrono::milliseconds(1 + rng() % 5000);
+    ASSERT_EQ(t.submit(make_job(id, i % 3 == 0 ? "a" : (i % 3 == 1 ? "b" : "c"), timeout)),
+              service_table::admit::queued);
+    expected[id] = t0 + timeout;
+  }
+  auto held = t.dispatch();
+  ASSERT_EQ(held.size(), 40u);
+  for (std::size_t i = 0; i < held.size(); i += 4) {
+    ASSERT_NE(t.answer_early(held[i].work->id, "w1"), nullptr);
+    expected.erase(held[i].work->id);
+  }
+  for (int i = 1; i < 600; i += 5) {
+    auto id = "j" + std::to_string(i);
+    std::string worker;
+    if (expected.contains(id) && t.cancel(id, &worker)) expected.erase(id);
+  }
+  clock::time_point last{};
+  std::size_t seen = 0;
+  for (auto now = t0; now <= t0 + 6s; now += 250ms) {
+    for (const auto& f : t.expire(now)) {
+      ASSERT_TRUE(expected.contains(f.work.id)) << f.work.id << " expired twice or should not have";
+      EXPECT_LE(f.work.deadline, now);
+      EXPECT_GE(f.work.deadline, last) << "expired out of deadline order";
+      last = f.work.deadline;
+      expected.erase(f.work.id);
+      ++seen;
+    }
+  }
+  EXPECT_TRUE(expected.empty()) << expected.size() << " jobs never expired";
+  EXPECT_GT(seen, 400u);
+  EXPECT_FALSE(t.next_deadline());
+  EXPECT_EQ(t.queued("a") + t.queued("b") + t.queued("c"), 0u);
+}
+
+// Slots are reused: a long run of request/reply cycles leaves nothing behind.
+TEST(ServiceTable, CompletedJobsLeaveNothingBehind) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 8);
+  t.add_worker("w2", "svc", 8);
+  for (int round = 0; round < 2000; ++round) {
+    for (int i = 0; i < 10; ++i) t.submit(make_job(std::to_string(round) + ":" + std::to_string(i)));
+    std::vector<std::pair<std::string, std::string>> done;
+    for (const auto& a : t.dispatch()) done.emplace_back(a.work->id, std::string{a.worker});
+    for (const auto& [id, worker] : done) ASSERT_TRUE(t.complete(id, worker));
+  }
+  EXPECT_EQ(t.in_flight(), 0u);
+  EXPECT_EQ(t.queued("svc"), 0u);
+  EXPECT_FALSE(t.next_deadline());
+  EXPECT_FALSE(t.submit(make_job("0:0")) == service_table::admit::duplicate) << "a finished id is free again";
 }
 
 }  // namespace
