@@ -102,6 +102,9 @@ struct broker::metrics {
   prometheus::Gauge& in_flight;
   prometheus::Histogram& dispatch_latency;
   prometheus::Histogram& request_latency;
+  // Observed per request on the broker thread, published each tick.
+  core::batched_histogram dispatch_batch{dispatch_latency, core::latency_buckets()};
+  core::batched_histogram request_batch{request_latency, core::latency_buckets()};
   std::unordered_map<std::string, std::array<prometheus::Counter*, static_cast<std::size_t>(outcome::count)>>
       outcomes;
   std::unordered_map<std::string, prometheus::Counter*> drops;
@@ -279,7 +282,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   switch (kind) {
     case Envelope::kHeartbeat: break;
     case Envelope::kRequest:
-    case Envelope::kLifecycle: on_job(routing_id, head, bytes, now); break;
+    case Envelope::kLifecycle: on_job(routing_id, head, payload, now); break;
     case Envelope::kReply: on_reply(routing_id, head, payload); break;
     case Envelope::kEmit:
     case Envelope::kControl:
@@ -368,7 +371,8 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   dispatch(now);
 }
 
-void broker::on_job(const std::string& routing_id, const proto::hot_envelope& head, std::string_view payload,
+// `payload` becomes the job's (moved: `head` points into it).
+void broker::on_job(const std::string& routing_id, const proto::hot_envelope& head, zmq::message_t& payload,
                     clock::time_point now) {
   if (head.id.empty() || head.service.empty()) {
     if (!head.id.empty()) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST, "request without a service");
@@ -389,9 +393,9 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
   // is rewritten once here, not on every dispatch.
   auto effective_ms = static_cast<std::uint32_t>(timeout.count());
   if (head.attempt == 1 && head.timeout_ms == effective_ms) {
-    work.payload.assign(payload);
+    work.payload = std::move(payload);
   } else {
-    auto fixed = proto::decode(payload);
+    auto fixed = proto::decode(payload.to_string_view());
     if (!fixed) {  // peek() and the parser agree, so this does not happen
       drop("malformed", "undecodable request");
       return;
@@ -402,7 +406,7 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
     };
     if (fixed->has_request()) set(fixed->mutable_request());
     if (fixed->has_lifecycle()) set(fixed->mutable_lifecycle());
-    work.payload = proto::encode(*fixed);
+    work.payload = zmq::message_t{proto::encode(*fixed)};
   }
   switch (table_.submit(std::move(work))) {
     case service_table::admit::queued: break;
@@ -425,7 +429,7 @@ void broker::dispatch(clock::time_point now) {
     auto waited = now - work.received;
     if (work.attempt > 1 || waited > std::chrono::milliseconds(1)) {
       // The timeout and attempt in the envelope no longer hold: rewrite them.
-      auto env = proto::decode(work.payload);
+      auto env = proto::decode(work.payload.to_string_view());
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(work.deadline - now).count();
       auto left_ms = static_cast<std::uint32_t>(std::max<long long>(left, 1));
       if (env && env->has_request()) {
@@ -435,13 +439,16 @@ void broker::dispatch(clock::time_point now) {
         env->mutable_lifecycle()->set_attempt(work.attempt);
         env->mutable_lifecycle()->set_timeout_ms(left_ms);
       }
-      ok = env ? send(a.worker, *env) : send(a.worker, work.payload);
+      ok = env ? send(a.worker, *env) : send(a.worker, work.payload.to_string_view());
     } else {
-      ok = send(a.worker, work.payload);
+      // A copy shares the received bytes (refcounted): the job keeps them for a retry.
+      zmq::message_t copy;
+      copy.copy(a.work->payload);
+      ok = send(a.worker, std::move(copy));
     }
     ++stats_.dispatched;
     metrics_->count(work.service, outcome::dispatched).Increment();
-    metrics_->dispatch_latency.Observe(seconds_since(work.received, now));
+    metrics_->dispatch_batch.observe(seconds_since(work.received, now));
     if (!ok) unreachable.emplace_back(a.worker);
   }
   if (unreachable.empty()) return;
@@ -460,7 +467,7 @@ void broker::dispatch(clock::time_point now) {
 void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload) {
   if (reply.partial) {
     if (const job* early = table_.answer_early(reply.id, routing_id)) {
-      metrics_->request_latency.Observe(seconds_since(early->received, now_));
+      metrics_->request_batch.observe(seconds_since(early->received, now_));
       if (early->wants_reply) send(early->requester, std::move(payload));
     }
     return;
@@ -469,7 +476,7 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
   auto done = table_.complete(reply.id, routing_id, &held);
   if (done) {
     ++stats_.replies;
-    if (!done->answered) metrics_->request_latency.Observe(seconds_since(done->received, now_));
+    if (!done->answered) metrics_->request_batch.observe(seconds_since(done->received, now_));
     metrics_->count(done->service, outcome_of(reply.code)).Increment();
     if (done->wants_reply && !done->answered) send(done->requester, std::move(payload));
     return;
@@ -604,6 +611,8 @@ void broker::remove_peer(const std::string& routing_id) {
 }
 
 void broker::tick(clock::time_point now) {
+  metrics_->dispatch_batch.flush();
+  metrics_->request_batch.flush();
   std::vector<std::string> dead;
   for (const auto& [routing_id, p] : peers_) {
     if (now >= p.expiry) dead.push_back(routing_id);

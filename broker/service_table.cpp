@@ -50,6 +50,15 @@ job service_table::take_slot(std::uint32_t s) {
   return work;
 }
 
+job service_table::orphan(std::uint32_t s) {
+  auto& e = slots_[s];
+  e.state = slot_state::orphaned;
+  job work = std::move(e.work);
+  e.work = job{};
+  e.work.id = work.id;  // the slot keeps the id until the worker answers
+  return work;
+}
+
 // ---- the queues: doubly linked through the slots ----
 
 void service_table::push_back(service_entry& svc, std::uint32_t s) {
@@ -269,6 +278,9 @@ const job* service_table::answer_early(std::string_view id, std::string_view wor
   if (e.state != slot_state::held || workers_[e.worker].name != worker || e.work.answered) return nullptr;
   e.work.answered = true;
   if (e.heap_pos != none) heap_erase(s);
+  // Never retried now, so the bytes are not needed: a received message may
+  // share (and pin) libzmq's whole receive buffer for as long as it lives.
+  e.work.payload = zmq::message_t{};
   return &e.work;
 }
 
@@ -284,9 +296,7 @@ std::optional<job> service_table::cancel(std::string_view id, std::string* worke
       --held_count_;
       if (worker) *worker = workers_[e.worker].name;
       if (e.heap_pos != none) heap_erase(s);
-      e.state = slot_state::orphaned;
-      job done = e.work;  // the slot keeps the id until the worker answers
-      return done;
+      return orphan(s);
     }
     default: return std::nullopt;
   }
@@ -304,8 +314,8 @@ std::vector<failure> service_table::expire(clock::time_point now) {
       out.push_back({take_slot(s), code, {}});
     } else {
       --held_count_;
-      out.push_back({e.work, proto::TIMEOUT, workers_[e.worker].name});
-      e.state = slot_state::orphaned;
+      auto worker = workers_[e.worker].name;
+      out.push_back({orphan(s), proto::TIMEOUT, std::move(worker)});
     }
   }
   return out;

@@ -19,6 +19,8 @@
 
 #include <boost/unordered/unordered_flat_map.hpp>
 
+#include <zmq.hpp>
+
 #include "proto/codec.hpp"
 
 namespace sidecast::broker {
@@ -30,7 +32,7 @@ struct job {
   std::string id;           // globally unique; the idempotency key
   std::string service;
   std::string requester;    // routing id of the peer that sent it
-  std::string payload;      // the serialized envelope as received
+  zmq::message_t payload;   // the serialized envelope as received (sent as refcounted copies)
   bool wants_reply = true;
   bool answered = false;    // the worker answered early (partial reply); work goes on
   unsigned attempt = 0;     // dispatches so far
@@ -43,7 +45,7 @@ struct job {
 /// valid until the next call that changes the table.
 struct assignment {
   std::string_view worker;
-  const job* work;
+  job* work;
 };
 
 /// A job that ends without a worker's reply.
@@ -148,6 +150,7 @@ class service_table {
   std::uint32_t service_index(const std::string& name);
   std::uint32_t new_slot();
   job take_slot(std::uint32_t s);  // frees the slot, returns its job
+  job orphan(std::uint32_t s);     // the job ended, the worker still holds it
   void push_back(service_entry& svc, std::uint32_t s);
   void push_front(service_entry& svc, std::uint32_t s);
   void unlink(std::uint32_t s);

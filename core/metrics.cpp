@@ -1,5 +1,7 @@
 #include "core/metrics.hpp"
 
+#include <algorithm>
+
 #include <prometheus/text_serializer.h>
 
 namespace sidecast::core {
@@ -11,6 +13,17 @@ std::string serialize(const prometheus::Registry& registry) {
 prometheus::Histogram::BucketBoundaries latency_buckets() {
   return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
           0.025,   0.05,   0.1,     0.25,   0.5,   1.0,    2.5,    10.0};
+}
+
+batched_histogram::batched_histogram(prometheus::Histogram& target, prometheus::Histogram::BucketBoundaries bounds)
+    : target_{target}, bounds_{std::move(bounds)}, counts_(bounds_.size() + 1, 0.0) {}
+
+void batched_histogram::flush() {
+  if (!pending_) return;
+  target_.ObserveMultiple(counts_, sum_);
+  std::fill(counts_.begin(), counts_.end(), 0.0);
+  sum_ = 0;
+  pending_ = false;
 }
 
 }  // namespace sidecast::core

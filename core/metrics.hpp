@@ -2,6 +2,7 @@
 // Prometheus helpers over prometheus-cpp.
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <prometheus/counter.h>
 #include <prometheus/family.h>
@@ -18,5 +19,28 @@ std::string serialize(const prometheus::Registry& registry);
 
 /// Latency buckets in seconds from 50 µs to 10 s.
 prometheus::Histogram::BucketBoundaries latency_buckets();
+
+/// A histogram for one thread's hot path: observe() only bumps plain
+/// counters; flush() (at most a few times a second) hands them to the shared
+/// prometheus histogram in one call, instead of atomics per observation.
+class batched_histogram {
+ public:
+  batched_histogram(prometheus::Histogram& target, prometheus::Histogram::BucketBoundaries bounds);
+  void observe(double value) {
+    std::size_t i = 0;
+    while (i < bounds_.size() && value > bounds_[i]) ++i;
+    ++counts_[i];
+    sum_ += value;
+    pending_ = true;
+  }
+  void flush();
+
+ private:
+  prometheus::Histogram& target_;
+  prometheus::Histogram::BucketBoundaries bounds_;
+  std::vector<double> counts_;  // bounds_.size() + 1: the last is +Inf
+  double sum_ = 0;
+  bool pending_ = false;
+};
 
 }  // namespace sidecast::core
