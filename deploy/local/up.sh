@@ -43,11 +43,14 @@ mkdir -p "$run_dir"
 source "$here/lib.sh"
 fail() { "$here/down.sh" --run-dir "$run_dir" >&2; exit 1; }
 
+# The broker's four ports; none may be the balancer's, which is not bound yet.
+picked=()
+for p in $(free_ports 5); do if [[ $p != "$port" ]]; then picked+=("$p"); fi; done
 cat > "$run_dir/env" <<ENV
-ROUTER=tcp://127.0.0.1:$(free_port)
-XSUB=tcp://127.0.0.1:$(free_port)
-XPUB=tcp://127.0.0.1:$(free_port)
-BROKER_HTTP=127.0.0.1:$(free_port)
+ROUTER=tcp://127.0.0.1:${picked[0]}
+XSUB=tcp://127.0.0.1:${picked[1]}
+XPUB=tcp://127.0.0.1:${picked[2]}
+BROKER_HTTP=127.0.0.1:${picked[3]}
 PORT=$port
 BALANCER=$balancer
 API_KEY=${SIDECAST_API_KEY:-local-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}

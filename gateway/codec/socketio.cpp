@@ -40,7 +40,7 @@ class error_category_impl final : public boost::system::error_category {
       case error::payload_not_object: return "payload must be an object";
       case error::payload_not_array: return "payload must be an array";
       case error::empty_event: return "event payload is an empty array";
-      case error::event_name_not_string: return "event name is not a string";
+      case error::event_name_not_string: return "event name is neither a string nor a number";
       case error::reserved_event_name: return "reserved event name";
       case error::placeholder_mismatch: return "placeholders do not match the attachments";
       case error::not_binary: return "not a binary packet";
@@ -321,11 +321,11 @@ boost::system::result<packet> decode(std::string_view text, std::size_t max_atta
       if (a->empty()) {
         return error::empty_event;
       }
+      // socket.io-parser accepts a string (not a reserved one) or a number.
       const auto* name = a->front().if_string();
       if (name == nullptr) {
-        return error::event_name_not_string;
-      }
-      if (is_reserved_event(std::string_view(name->data(), name->size()))) {
+        if (!a->front().is_number()) return error::event_name_not_string;
+      } else if (is_reserved_event(std::string_view(name->data(), name->size()))) {
         return error::reserved_event_name;
       }
       break;
@@ -398,16 +398,23 @@ std::optional<std::pair<std::string, std::string>> split_event(std::string_view 
     return std::nullopt;
   }
   i = skip_space(array_json, i + 1);
-  if (i >= array_json.size() || array_json[i] != '"') {
+  if (i >= array_json.size()) {
     return std::nullopt;
   }
-  const std::size_t name_end = string_end(array_json, i);
-  if (name_end == npos) {
-    return std::nullopt;
-  }
-  const auto token = array_json.substr(i, name_end - i);
+  std::size_t name_end;
   std::string name;
-  if (token.find('\\') == std::string_view::npos) {
+  if (array_json[i] == '-' || (array_json[i] >= '0' && array_json[i] <= '9')) {
+    // A numeric event name (socket.io-parser allows them): its JSON text.
+    name_end = array_json.find_first_of(",] \t\r\n", i);
+    if (name_end == npos) return std::nullopt;
+    const auto token = array_json.substr(i, name_end - i);
+    boost::system::error_code ec;
+    const json::value v = json::parse(json::string_view(token.data(), token.size()), ec);
+    if (ec || !v.is_number()) return std::nullopt;
+    name.assign(token);
+  } else if (array_json[i] != '"' || (name_end = string_end(array_json, i)) == npos) {
+    return std::nullopt;
+  } else if (const auto token = array_json.substr(i, name_end - i); token.find('\\') == std::string_view::npos) {
     name.assign(token.substr(1, token.size() - 2));
   } else {
     boost::system::error_code ec;

@@ -412,6 +412,16 @@ describe("one connection", () => {
     assert.deepEqual(order, Array.from({ length: 20 }, (_, i) => i));
   });
 
+  test("a numeric event name is a valid event (socket.io-parser allows it): no error, the connection stays", { timeout: TEST_MS }, async (t) => {
+    const s = await open(t, "/");
+    let disconnected = false;
+    s.on("disconnect", () => { disconnected = true; });
+    s.emit(42, "not in the app contract: ignored");
+    const echoed = await s.timeout(WAIT_MS).emitWithAck("echo", "after");
+    assert.equal(echoed, "after");
+    assert.equal(disconnected, false);
+  });
+
   test("acks keep the order across echo, echo-bin and whoami", { timeout: TEST_MS }, async (t) => {
     const s = await open(t, "/custom");
     const order = [];

@@ -9,6 +9,7 @@
 #include <boost/json/value.hpp>
 
 #include <ostream>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,8 @@ INSTANTIATE_TEST_SUITE_P(
                    make(T::binary_event, "/admin", {}, R"(["baz",)" + ph0 + "," + ph1 + "]", 2)},
         // Acknowledgement.
         valid_case{"[spec] EVENT with ack id", R"(212["foo"])", make(T::event, "/", 12, R"(["foo"])")},
+        valid_case{"EVENT with a numeric name (socket.io-parser allows it)", R"(2[1,"x"])",
+                   make(T::event, "/", {}, R"([1,"x"])")},
         valid_case{"[spec] ACK custom namespace", R"(3/admin,13["bar"])",
                    make(T::ack, "/admin", 13, R"(["bar"])")},
         valid_case{"[spec] BINARY_ACK", R"(61-15["bar",)" + ph0 + "]",
@@ -293,7 +296,7 @@ INSTANTIATE_TEST_SUITE_P(
         invalid_case{"BINARY_ACK with object", "60-1{}", E::payload_not_array},
         invalid_case{"EVENT empty array", "2[]", E::empty_event},
         invalid_case{"BINARY_EVENT empty array", "50-[]", E::empty_event},
-        invalid_case{"EVENT name is a number", "2[1]", E::event_name_not_string},
+        invalid_case{"EVENT name is a boolean", "2[true]", E::event_name_not_string},
         invalid_case{"EVENT name is null", "2[null]", E::event_name_not_string},
         invalid_case{"EVENT name is an object", R"(2[{"a":1}])", E::event_name_not_string},
         invalid_case{"EVENT name is a placeholder", "51-[" + ph0 + "]", E::event_name_not_string},
@@ -450,10 +453,22 @@ INSTANTIATE_TEST_SUITE_P(
 
 class split_invalid : public ::testing::TestWithParam<std::string> {};
 
+// A numeric event name becomes the text of the number, as JavaScript's
+// event emitters key it.
+TEST(split_numeric, name_is_the_numbers_text) {
+  for (auto [array, name, rest] : {std::tuple{"[1]", "1", "[]"}, std::tuple{"[ -2.5e3 ,{\"a\":1}]", "-2.5e3", "[{\"a\":1}]"},
+                                   std::tuple{"[42,\"x\",3]", "42", "[\"x\",3]"}}) {
+    const auto parts = sio::split_event(array);
+    ASSERT_TRUE(parts.has_value()) << array;
+    EXPECT_EQ(parts->first, name);
+    EXPECT_EQ(json::parse(parts->second), json::parse(rest));
+  }
+}
+
 TEST_P(split_invalid, is_nullopt) { EXPECT_FALSE(sio::split_event(GetParam()).has_value()); }
 
 INSTANTIATE_TEST_SUITE_P(socketio, split_invalid,
-                         ::testing::Values("", "[]", "[1]", "[null,\"x\"]", "{}", "\"x\"", "[\"unterminated",
+                         ::testing::Values("", "[]", "[1x]", "[01]", "[-]", "[1", "[null,\"x\"]", "{}", "\"x\"", "[\"unterminated",
                                            "[\"x\"", "[\"x\":1]", "[\"x\\\"]", " ", "[", "[\"\\u12\"]"));
 
 struct join_case {
