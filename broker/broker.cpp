@@ -388,26 +388,10 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
   work.requester = routing_id;
   work.received = now;
   work.deadline = now + timeout;
-  // Workers read attempt and timeout_ms from the envelope, so it must carry
-  // the values the broker enforces. Gateways send them right; anything else
-  // is rewritten once here, not on every dispatch.
-  auto effective_ms = static_cast<std::uint32_t>(timeout.count());
-  if (head.attempt == 1 && head.timeout_ms == effective_ms) {
-    work.payload = std::move(payload);
-  } else {
-    auto fixed = proto::decode(payload.to_string_view());
-    if (!fixed) {  // peek() and the parser agree, so this does not happen
-      drop("malformed", "undecodable request");
-      return;
-    }
-    auto set = [&](auto* m) {
-      m->set_attempt(1);
-      m->set_timeout_ms(effective_ms);
-    };
-    if (fixed->has_request()) set(fixed->mutable_request());
-    if (fixed->has_lifecycle()) set(fixed->mutable_lifecycle());
-    work.payload = zmq::message_t{proto::encode(*fixed)};
-  }
+  // Workers read attempt and timeout_ms from the envelope. Gateways send
+  // what the broker enforces; anything else is rewritten at dispatch.
+  work.stale = head.attempt != 1 || head.timeout_ms != static_cast<std::uint32_t>(timeout.count());
+  work.payload = std::move(payload);
   switch (table_.submit(std::move(work))) {
     case service_table::admit::queued: break;
     case service_table::admit::busy:
@@ -427,8 +411,8 @@ void broker::dispatch(clock::time_point now) {
     const job& work = *a.work;
     bool ok;
     auto waited = now - work.received;
-    if (work.attempt > 1 || waited > std::chrono::milliseconds(1)) {
-      // The timeout and attempt in the envelope no longer hold: rewrite them.
+    if (work.stale || work.attempt > 1 || waited > std::chrono::milliseconds(1)) {
+      // The timeout and attempt in the envelope do not hold: rewrite them.
       auto env = proto::decode(work.payload.to_string_view());
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(work.deadline - now).count();
       auto left_ms = static_cast<std::uint32_t>(std::max<long long>(left, 1));

@@ -34,6 +34,7 @@ struct job {
   std::string requester;    // routing id of the peer that sent it
   zmq::message_t payload;   // the serialized envelope as received (sent as refcounted copies)
   bool wants_reply = true;
+  bool stale = false;       // the envelope's attempt or timeout_ms is not what the broker enforces
   bool answered = false;    // the worker answered early (partial reply); work goes on
   unsigned attempt = 0;     // dispatches so far
   clock::time_point received{};

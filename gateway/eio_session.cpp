@@ -180,11 +180,11 @@ class sio_socket : public client_socket {
       if (early_.size() < max_early_events) early_.emplace_back(std::move(ev), std::move(ack_id));
       return;
     }
+    auto eio = eio_.lock();
     if (ack_id.empty() && recoverable_) {
-      remember(ev);
+      remember(ev, eio.get());
       if (detached_) return;
     }
-    auto eio = eio_.lock();
     if (!eio) return;
     gw_.metrics().sio_out.Increment();
     if (ack_id.empty()) {
@@ -299,8 +299,7 @@ class sio_socket : public client_socket {
   // Keeps an event for replay until the client has surely seen it (see
   // confirmed()), so a live socket keeps about one ping period of events,
   // not the whole bound.
-  void remember(const std::shared_ptr<const outbound_event>& ev) {
-    auto eio = eio_.lock();
+  void remember(const std::shared_ptr<const outbound_event>& ev, const eio_session* eio) {
     // The frame about to be sent gets number sent() + 1; on a closed
     // session sent() stops, so nothing recorded after it is ever confirmed.
     replay_.push(replay_entry{eio ? eio->sent() + 1 : std::uint64_t(-1), ev}, gw_.config().recovery_buffer);
@@ -328,11 +327,11 @@ class sio_socket : public client_socket {
     eio->send_socketio(p);
     for (const auto& e : events) {
       if (e.ev->offset() <= offset) continue;  // the client has it
-      remember(e.ev);
+      remember(e.ev, eio.get());
       send_shared(*eio, e.ev);
     }
     for (auto& ev : std::exchange(pending_, {})) {
-      remember(ev);
+      remember(ev, eio.get());
       send_shared(*eio, ev);
     }
   }

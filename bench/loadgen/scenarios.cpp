@@ -89,6 +89,15 @@ double round1(double v) { return std::round(v * 10) / 10; }
 double round3(double v) { return std::round(v * 1000) / 1000; }
 
 // Common fields: the window's length, CPU figures per message, percentiles.
+// What was expected and what arrived, and what the generator had to refuse or skip.
+void add_outcome(boost::json::object& r, runtime& rt, std::uint64_t exp, std::uint64_t got) {
+  r["expected"] = exp;
+  r["received"] = got;
+  r["loss"] = exp > got ? exp - got : 0;
+  r["rejected"] = sum(rt, [](worker_thread& t) -> counter& { return t.rejected; });
+  r["skipped"] = sum(rt, [](worker_thread& t) -> counter& { return t.skipped; });
+}
+
 void add_common(boost::json::object& r, runtime& rt, const scenario_options& o, const sample& a, const sample& b,
                 std::uint64_t messages, const char* per) {
   double secs = static_cast<double>(b.wall_ns - a.wall_ns) / 1e9;
@@ -311,11 +320,7 @@ boost::json::object run_fanout(runtime& rt, const scenario_options& o) {
   double secs = static_cast<double>(b.wall_ns - a.wall_ns) / 1e9;
   r["deliveries_per_s"] = static_cast<std::int64_t>(std::round(static_cast<double>(in_win) / secs));
   r["says_per_s"] = static_cast<std::int64_t>(std::round(static_cast<double>(sent_win) / secs));
-  r["expected"] = exp;
-  r["received"] = got;
-  r["loss"] = exp > got ? exp - got : 0;
-  r["rejected"] = sum(rt, [](worker_thread& t) -> counter& { return t.rejected; });
-  r["skipped"] = sum(rt, [](worker_thread& t) -> counter& { return t.skipped; });
+  add_outcome(r, rt, exp, got);
   add_common(r, rt, o, a, b, in_win, "delivery");
   return r;
 }
@@ -405,12 +410,7 @@ boost::json::object run_echo(runtime& rt, const scenario_options& o) {
   std::uint64_t in_win = sum(rt, [](worker_thread& t) -> counter& { return t.in_window; });
   double secs = static_cast<double>(b.wall_ns - a.wall_ns) / 1e9;
   r["acks_per_s"] = static_cast<std::int64_t>(std::round(static_cast<double>(in_win) / secs));
-  std::uint64_t exp = expected(), got = received();
-  r["expected"] = exp;
-  r["received"] = got;
-  r["loss"] = exp > got ? exp - got : 0;
-  r["rejected"] = sum(rt, [](worker_thread& t) -> counter& { return t.rejected; });
-  r["skipped"] = sum(rt, [](worker_thread& t) -> counter& { return t.skipped; });
+  add_outcome(r, rt, expected(), received());
   add_common(r, rt, o, a, b, in_win, "ack");
   return r;
 }

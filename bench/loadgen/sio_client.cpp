@@ -453,16 +453,22 @@ class polling_client final : public sio_client, public std::enable_shared_from_t
     return t;
   }
 
-  void handshake() {
+  // One GET on the long-polling connection; `then` gets the read's result.
+  template <typename Then>
+  void get(const char* what, Then then) {
     get_req_ = {http::verb::get, target(), 11};
     get_req_.set(http::field::host, opt_.host_header);
-    http::async_write(get_, get_req_, [self = shared_from_this()](error_code ec, std::size_t) {
+    http::async_write(get_, get_req_, [self = shared_from_this(), what, then](error_code ec, std::size_t) {
       if (self->closed_) return;
-      if (ec) return self->fail("handshake write: " + ec.message());
+      if (ec) return self->fail(std::string{what} + " write: " + ec.message());
       self->get_res_ = {};
       http::async_read(self->get_, self->get_buf_, self->get_res_,
-                       [self](error_code e, std::size_t) { self->on_handshake(e); });
+                       [self, then](error_code e, std::size_t) { then(*self, e); });
     });
+  }
+
+  void handshake() {
+    get("handshake", [](auto& self, error_code e) { self.on_handshake(e); });
   }
 
   void on_handshake(error_code ec) {
@@ -491,15 +497,7 @@ class polling_client final : public sio_client, public std::enable_shared_from_t
   }
 
   void do_get() {
-    get_req_ = {http::verb::get, target(), 11};
-    get_req_.set(http::field::host, opt_.host_header);
-    http::async_write(get_, get_req_, [self = shared_from_this()](error_code ec, std::size_t) {
-      if (self->closed_) return;
-      if (ec) return self->fail("GET write: " + ec.message());
-      self->get_res_ = {};
-      http::async_read(self->get_, self->get_buf_, self->get_res_,
-                       [self](error_code e, std::size_t) { self->on_get(e); });
-    });
+    get("GET", [](auto& self, error_code e) { self.on_get(e); });
   }
 
   void on_get(error_code ec) {
