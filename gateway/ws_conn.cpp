@@ -1,122 +1,467 @@
 #include "gateway/ws_conn.hpp"
 
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <cstring>
+#include <span>
+
 #include <boost/asio/dispatch.hpp>
-#include <boost/beast/core/buffers_to_string.hpp>
+#include <boost/asio/execution/context.hpp>
+#include <boost/asio/query.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/beast/websocket.hpp>
+
+#include "proto/codec.hpp"
 
 namespace sidecast::gateway {
 
+namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace websocket = beast::websocket;
 
+// What the WebSocket connections of one io_context (one thread) share: the
+// buffer every read lands in, and the connections waiting to flush. The
+// flusher is posted once for all of them, so it runs after the handlers
+// already queued (the rest of a broadcast, other replies) and each
+// connection writes everything they queued in one call.
+class ws_loop : public asio::execution_context::service {
+ public:
+  using key_type = ws_loop;
+  static asio::execution_context::id id;
+
+  explicit ws_loop(asio::execution_context& context) : service{context} {}
+
+  static ws_loop& of(const asio::any_io_executor& ex) {
+    return asio::use_service<ws_loop>(asio::query(ex, asio::execution::context));
+  }
+
+  std::span<char> read_buffer() {
+    if (!read_buffer_) read_buffer_ = std::make_unique<char[]>(read_size);
+    return {read_buffer_.get(), read_size};
+  }
+
+  void ask(std::shared_ptr<ws_conn> conn, const asio::any_io_executor& ex) {
+    dirty_.push_back(std::move(conn));
+    if (scheduled_) return;
+    scheduled_ = true;
+    asio::post(ex, [this] { run(); });
+  }
+
+ private:
+  static constexpr std::size_t read_size = 64 * 1024;
+
+  void run() {
+    scheduled_ = false;
+    batch_.swap(dirty_);
+    for (auto& conn : batch_) {
+      conn->flush_asked_ = false;
+      conn->flush();
+    }
+    batch_.clear();
+  }
+
+  void shutdown() override {
+    dirty_.clear();
+    batch_.clear();
+  }
+
+  std::unique_ptr<char[]> read_buffer_;
+  std::vector<std::shared_ptr<ws_conn>> dirty_, batch_;
+  bool scheduled_ = false;
+};
+
+asio::execution_context::id ws_loop::id;
+
+namespace {
+
+constexpr auto close_linger = std::chrono::seconds(2);
+constexpr int max_iov = 256;  // frames are two buffers each: header, payload
+constexpr int read_rounds = 4;  // reads per readiness, then others get a turn
+
+std::size_t size_of(const std::shared_ptr<const std::string>& data) { return data ? data->size() : 0; }
+
+// A server frame's header: FIN, the opcode and the payload length (RFC 6455
+// §5.2; servers do not mask).
+std::uint8_t make_header(std::uint8_t* h, std::uint8_t op, std::size_t n) {
+  h[0] = 0x80 | op;
+  if (n < 126) {
+    h[1] = static_cast<std::uint8_t>(n);
+    return 2;
+  }
+  if (n <= 0xffff) {
+    h[1] = 126;
+    h[2] = static_cast<std::uint8_t>(n >> 8);
+    h[3] = static_cast<std::uint8_t>(n);
+    return 4;
+  }
+  h[1] = 127;
+  for (int i = 0; i < 8; ++i) h[2 + i] = static_cast<std::uint8_t>(std::uint64_t{n} >> (56 - 8 * i));
+  return 10;
+}
+
+void unmask(char* p, std::size_t n, const unsigned char* key) {
+  std::uint32_t k;
+  std::memcpy(&k, key, 4);
+  const std::uint64_t k8 = (std::uint64_t{k} << 32) | k;
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    v ^= k8;
+    std::memcpy(p + i, &v, 8);
+  }
+  for (; i < n; ++i) p[i] = static_cast<char>(p[i] ^ key[i & 3]);
+}
+
+// Close codes a peer may send (RFC 6455 §7.4).
+bool valid_close_code(unsigned code) {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) || (code >= 3000 && code <= 4999);
+}
+
+std::shared_ptr<const std::string> close_payload(unsigned code) {
+  if (code == 1005) return nullptr;  // "no status": an empty close frame
+  return std::make_shared<const std::string>(std::string{static_cast<char>(code >> 8), static_cast<char>(code & 0xff)});
+}
+
+}  // namespace
+
 ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold)
-    : ws_{std::move(stream)}, limits_{limits}, metrics_{metrics}, hold_{std::move(hold)} {}
+    : socket_{stream.release_socket()},
+      loop_{ws_loop::of(socket_.get_executor())},
+      limits_{limits},
+      metrics_{metrics},
+      hold_{std::move(hold)} {}
+
+ws_conn::~ws_conn() = default;
 
 void ws_conn::accept(beast::http::request<beast::http::string_body> request, message_handler on_message,
                      close_handler on_close) {
   on_message_ = std::move(on_message);
   on_close_ = std::move(on_close);
-  beast::get_lowest_layer(ws_).expires_never();
-  // Engine.IO pings keep the connection honest; Beast's own pings are off.
+  // Beast checks the upgrade request and writes the 101 (or the 400); the
+  // stream is thrown away once it has.
+  auto handshake = std::make_shared<websocket::stream<asio::ip::tcp::socket&>>(socket_);
   auto timeouts = websocket::stream_base::timeout::suggested(beast::role_type::server);
   timeouts.idle_timeout = websocket::stream_base::none();
   timeouts.keep_alive_pings = false;
-  ws_.set_option(timeouts);
-  ws_.read_message_max(limits_.max_message);
-  ws_.auto_fragment(false);
-  ws_.async_accept(request, [self = shared_from_this()](beast::error_code ec) { self->on_accept(ec); });
+  handshake->set_option(timeouts);
+  handshake->async_accept(request, [self = shared_from_this(), handshake](beast::error_code ec) {
+    self->on_accepted(ec);
+  });
 }
 
-void ws_conn::on_accept(beast::error_code ec) {
+void ws_conn::on_accepted(beast::error_code ec) {
+  if (finished_) return;
   if (ec) return finish();
   accepted_ = true;
-  do_read();
-  if (!queue_.empty() || closing_) do_write();
+  wait_read();
+  if (head_ < queue_.size()) schedule_flush();
 }
 
-void ws_conn::do_read() {
-  ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t n) { self->on_read(ec, n); });
+// ---- reading ----
+
+void ws_conn::wait_read() {
+  if (reading_ || finished_ || peer_closed_) return;
+  reading_ = true;
+  socket_.async_wait(asio::socket_base::wait_read,
+                     [self = shared_from_this()](beast::error_code ec) { self->on_readable(ec); });
 }
 
-void ws_conn::on_read(beast::error_code ec, std::size_t bytes) {
-  if (ec) {
-    if (ec == websocket::error::message_too_big) metrics_.oversize.Increment();
-    return finish();
+void ws_conn::on_readable(beast::error_code ec) {
+  reading_ = false;
+  if (finished_) return;
+  if (ec) return finish();
+  auto buffer = loop_.read_buffer();
+  for (int round = 0; round < read_rounds; ++round) {
+    auto n = ::recv(socket_.native_handle(), buffer.data(), buffer.size(), MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      return finish();
+    }
+    if (n == 0) return finish();  // the client closed TCP
+    metrics_.bytes_in.Increment(static_cast<double>(n));
+    auto size = static_cast<std::size_t>(n);
+    if (partial_.empty()) {
+      auto used = parse(buffer.data(), size);
+      if (!used) return;
+      partial_.assign(buffer.data() + *used, size - *used);
+    } else {
+      partial_.append(buffer.data(), size);
+      auto used = parse(partial_.data(), partial_.size());
+      if (!used) return;
+      partial_.erase(0, *used);
+    }
+    if (peer_closed_) return;
+    if (size < buffer.size()) break;  // the socket is very likely drained
   }
-  metrics_.bytes_in.Increment(static_cast<double>(bytes));
-  bool binary = ws_.got_binary();
-  auto data = beast::buffers_to_string(buffer_.data());
-  buffer_.consume(buffer_.size());
-  if (on_message_) on_message_(std::move(data), binary);
-  if (!finished_) do_read();
+  if (partial_.empty() && partial_.capacity() > 4096) partial_ = std::string{};  // an idle connection keeps none
+  wait_read();
 }
+
+std::optional<std::size_t> ws_conn::parse(char* data, std::size_t size) {
+  std::size_t pos = 0;
+  while (!peer_closed_ && !finished_) {
+    const std::size_t avail = size - pos;
+    if (avail < 2) break;
+    auto* h = reinterpret_cast<const unsigned char*>(data + pos);
+    const bool fin = h[0] & 0x80;
+    const std::uint8_t op = h[0] & 0x0f;
+    std::uint64_t len = h[1] & 0x7f;
+    // Clients mask every frame; no extension is negotiated, so no reserved bit.
+    if ((h[0] & 0x70) || !(h[1] & 0x80)) {
+      fail(protocol_error);
+      return std::nullopt;
+    }
+    std::size_t header = 2 + (len == 126 ? 2 : len == 127 ? 8 : 0) + 4;
+    if (avail < header) break;
+    if (len == 126) {
+      len = (std::uint64_t{h[2]} << 8) | h[3];
+      if (len < 126) {
+        fail(protocol_error);  // not the shortest form
+        return std::nullopt;
+      }
+    } else if (len == 127) {
+      len = 0;
+      for (int i = 0; i < 8; ++i) len = (len << 8) | h[2 + i];
+      if (len <= 0xffff || (len >> 63)) {
+        fail(protocol_error);
+        return std::nullopt;
+      }
+    }
+    bool ok = true;
+    if (op >= 8) {
+      ok = fin && len <= 125 && (op == close_op || op == ping || op == pong);
+    } else if (op == continuation) {
+      ok = message_op_.has_value();
+    } else {
+      ok = (op == text || op == binary) && !message_op_;
+    }
+    if (!ok) {
+      fail(protocol_error);
+      return std::nullopt;
+    }
+    if (op < 8 && message_.size() + len > limits_.max_message) {
+      metrics_.oversize.Increment();
+      fail(too_big);
+      return std::nullopt;
+    }
+    if (avail - header < len) break;  // the rest of the frame is still on its way
+    char* payload = data + pos + header;
+    unmask(payload, len, h + header - 4);
+    if (!on_frame(op, fin, payload, len)) return std::nullopt;
+    pos += header + len;
+  }
+  return pos;
+}
+
+bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t size) {
+  switch (op) {
+    case text:
+    case binary:
+      if (!fin) {
+        message_op_ = op;
+        message_.assign(payload, size);
+        return true;
+      }
+      if (op == text && !proto::valid_utf8({payload, size})) break;
+      deliver(std::string{payload, size}, op == binary);
+      return !finished_;
+    case continuation: {
+      message_.append(payload, size);
+      if (!fin) return true;
+      auto message = std::move(message_);
+      message_ = std::string{};
+      bool is_binary = *message_op_ == binary;
+      message_op_.reset();
+      if (!is_binary && !proto::valid_utf8(message)) break;
+      deliver(std::move(message), is_binary);
+      return !finished_;
+    }
+    case ping:
+      if (!closing_) push(std::make_shared<const std::string>(payload, size), pong);
+      schedule_flush();
+      return true;
+    case pong: return true;
+    case close_op: {
+      if (size == 1) {
+        fail(protocol_error);
+        return false;
+      }
+      unsigned code = no_status;
+      if (size >= 2) {
+        code = (static_cast<unsigned char>(payload[0]) << 8) | static_cast<unsigned char>(payload[1]);
+        if (!valid_close_code(code)) {
+          fail(protocol_error);
+          return false;
+        }
+        if (!proto::valid_utf8({payload + 2, size - 2})) break;
+      }
+      peer_closed_ = true;
+      if (closing_) {
+        finish();  // the answer to our close: the handshake is complete
+      } else {
+        start_close(close_payload(code));  // echo its code, then close TCP
+      }
+      return false;
+    }
+    default: break;
+  }
+  fail(bad_payload);
+  return false;
+}
+
+void ws_conn::deliver(std::string message, bool is_binary) {
+  if (on_message_) on_message_(std::move(message), is_binary);
+}
+
+// ---- writing ----
 
 void ws_conn::send(frame f) {
-  boost::asio::dispatch(ws_.get_executor(), [self = shared_from_this(), f = std::move(f)]() mutable {
-    self->enqueue(std::move(f));
-    if (!self->writing_ && !self->finished_ && self->accepted_) self->do_write();
+  asio::dispatch(socket_.get_executor(), [self = shared_from_this(), f = std::move(f)]() mutable {
+    self->enqueue(std::move(f.data), f.binary ? binary : text);
   });
 }
 
 void ws_conn::send(std::vector<frame> frames) {
-  boost::asio::dispatch(ws_.get_executor(), [self = shared_from_this(), frames = std::move(frames)]() mutable {
-    for (auto& f : frames) self->enqueue(std::move(f));
-    if (!self->writing_ && !self->finished_ && self->accepted_) self->do_write();
+  asio::dispatch(socket_.get_executor(), [self = shared_from_this(), frames = std::move(frames)]() mutable {
+    for (auto& f : frames) self->enqueue(std::move(f.data), f.binary ? binary : text);
   });
 }
 
-void ws_conn::enqueue(frame f) {
-  if (finished_ || closing_) return;
-  queued_bytes_ += f.data->size();
+void ws_conn::push(std::shared_ptr<const std::string> data, std::uint8_t op) {
+  out_frame f;
+  f.header_size = make_header(f.header, op, size_of(data));
+  queued_bytes_ += size_of(data);
+  f.data = std::move(data);
   queue_.push_back(std::move(f));
-  if (queue_.size() > limits_.queue_messages || queued_bytes_ > limits_.queue_bytes) {
+}
+
+void ws_conn::enqueue(std::shared_ptr<const std::string> data, std::uint8_t op) {
+  if (finished_ || closing_) return;
+  push(std::move(data), op);
+  if (queue_.size() - head_ > limits_.queue_messages || queued_bytes_ > limits_.queue_bytes) {
     // A consumer this far behind would only grow our memory: drop it.
     metrics_.slow_consumer.Increment();
-    queue_.clear();
-    queued_bytes_ = 0;
-    beast::get_lowest_layer(ws_).socket().close();
-    finish();
+    return finish();
   }
+  schedule_flush();
 }
 
-void ws_conn::do_write() {
-  if (queue_.empty()) {
-    if (closing_ && !finished_) {
-      ws_.async_close(websocket::close_code::normal,
-                      [self = shared_from_this()](beast::error_code) { self->finish(); });
+void ws_conn::schedule_flush() {
+  if (flush_asked_ || write_waiting_ || !accepted_ || finished_) return;
+  flush_asked_ = true;
+  loop_.ask(shared_from_this(), socket_.get_executor());
+}
+
+void ws_conn::flush() {
+  if (finished_ || write_waiting_ || !accepted_) return;
+  iovec iov[max_iov];
+  while (head_ < queue_.size()) {
+    int n = 0;
+    for (std::size_t i = head_; i < queue_.size() && n + 2 <= max_iov; ++i) {
+      auto& f = queue_[i];
+      std::size_t skip = i == head_ ? head_written_ : 0;
+      if (skip < f.header_size) {
+        iov[n++] = {f.header + skip, f.header_size - skip};
+        skip = 0;
+      } else {
+        skip -= f.header_size;
+      }
+      if (size_of(f.data) > skip) iov[n++] = {const_cast<char*>(f.data->data()) + skip, f.data->size() - skip};
     }
-    return;
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<std::size_t>(n);
+    auto written = ::sendmsg(socket_.native_handle(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (written < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        // The kernel's buffer is full: wait until the client reads.
+        write_waiting_ = true;
+        socket_.async_wait(asio::socket_base::wait_write, [self = shared_from_this()](beast::error_code ec) {
+          self->write_waiting_ = false;
+          if (ec) return self->finish();
+          self->flush();
+        });
+        return;
+      }
+      return finish();
+    }
+    metrics_.bytes_out.Increment(static_cast<double>(written));
+    auto left = static_cast<std::size_t>(written);
+    while (left > 0) {
+      auto& f = queue_[head_];
+      std::size_t rest = f.header_size + size_of(f.data) - head_written_;
+      if (left < rest) {
+        head_written_ += left;
+        break;
+      }
+      left -= rest;
+      queued_bytes_ -= size_of(f.data);
+      f.data.reset();
+      ++head_;
+      head_written_ = 0;
+    }
   }
-  writing_ = true;
-  const auto& f = queue_.front();
-  ws_.binary(f.binary);
-  ws_.async_write(boost::asio::buffer(*f.data),
-                  [self = shared_from_this()](beast::error_code ec, std::size_t n) { self->on_write(ec, n); });
+  queue_.clear();
+  head_ = 0;
+  if (queue_.capacity() > 64) queue_.shrink_to_fit();
+  after_flush();
 }
 
-void ws_conn::on_write(beast::error_code ec, std::size_t bytes) {
-  writing_ = false;
-  if (ec) return finish();
-  metrics_.bytes_out.Increment(static_cast<double>(bytes));
-  queued_bytes_ -= queue_.front().data->size();
-  queue_.pop_front();
-  do_write();
+void ws_conn::after_flush() {
+  if (!closing_ || close_sent_) return;
+  close_sent_ = true;  // the close frame was the last thing queued
+  if (peer_closed_) return finish();
+  // Wait (a bounded time) for the client's close frame or its FIN.
+  beast::error_code ignored;
+  socket_.shutdown(asio::socket_base::shutdown_send, ignored);
 }
+
+// ---- closing ----
 
 void ws_conn::close() {
-  boost::asio::dispatch(ws_.get_executor(), [self = shared_from_this()] {
+  asio::dispatch(socket_.get_executor(), [self = shared_from_this()] {
     if (self->closing_ || self->finished_) return;
-    self->closing_ = true;
-    // Before the handshake is done, on_accept() closes.
-    if (!self->writing_ && self->accepted_) self->do_write();
+    // As Node's ws server does for socket.close(): no status code.
+    self->start_close(nullptr);
   });
+}
+
+void ws_conn::start_close(std::shared_ptr<const std::string> payload) {
+  push(std::move(payload), close_op);
+  closing_ = true;
+  linger_.emplace(socket_.get_executor());
+  linger_->expires_after(close_linger);
+  linger_->async_wait([self = shared_from_this()](beast::error_code ec) {
+    if (!ec) self->finish();
+  });
+  schedule_flush();
+}
+
+void ws_conn::fail(close_code code) {
+  if (finished_) return;
+  if (closing_) return finish();
+  // What was queued is dropped (but a frame half written is finished, or the
+  // stream would be garbage); the close frame says why, and no answer is awaited.
+  queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(head_ + (head_written_ > 0 ? 1 : 0)), queue_.end());
+  queued_bytes_ = 0;
+  for (std::size_t i = head_; i < queue_.size(); ++i) queued_bytes_ += size_of(queue_[i].data);
+  peer_closed_ = true;
+  start_close(close_payload(code));
 }
 
 void ws_conn::finish() {
   if (finished_) return;
   finished_ = true;
   beast::error_code ignored;
-  beast::get_lowest_layer(ws_).socket().close(ignored);
+  socket_.close(ignored);
+  if (linger_) linger_->cancel();
+  queue_.clear();
+  head_ = head_written_ = queued_bytes_ = 0;
   if (auto cb = std::move(on_close_)) cb();
   on_message_ = nullptr;
   hold_.reset();

@@ -1,20 +1,38 @@
 #pragma once
-// One WebSocket connection: the read loop and a bounded write queue, on the
-// connection's own io_context. Its owner (an Engine.IO session or a /ws
-// session) gets messages and the close through callbacks; sending is
-// thread-safe. Frames are shared buffers, so a broadcast is never copied per
-// receiver. The queue is bounded in frames and bytes: a consumer that falls
-// behind is disconnected, never buffered without end.
-#include <deque>
+// One WebSocket connection (RFC 6455, server side). Beast completes the
+// upgrade; after that the connection does its own framing on the bare TCP
+// socket, because that is where a fan-out server spends its time:
+//
+//  - Reading waits for readiness and reads into one buffer shared by every
+//    connection of the thread; only a partial frame is kept per connection,
+//    so an idle connection holds no read buffer.
+//  - Frames to send are shared buffers (a broadcast is encoded once for all
+//    its receivers) queued with their own few header bytes. Sends made while
+//    the thread is busy are coalesced: the connection asks its thread's
+//    flusher for a turn, and when the flusher runs, after the handlers
+//    already queued, everything queued goes out in one sendmsg (writev).
+//  - The queue is bounded in frames and bytes: a consumer that falls behind
+//    is disconnected, never buffered without end. Messages are bounded by
+//    `max_message`; text must be UTF-8; anything else RFC 6455 forbids from
+//    a client (unmasked frames, reserved bits, bad control frames) closes
+//    the connection with the matching close code.
+//
+// Its owner (an Engine.IO session or a /ws session) gets messages and the
+// close through callbacks, on the connection's executor; sending is
+// thread-safe.
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
-#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
-#include <boost/beast/websocket/stream.hpp>
 
 #include "gateway/metrics.hpp"
 
@@ -31,6 +49,8 @@ struct ws_limits {
   std::size_t queue_bytes = 8 << 20;
 };
 
+class ws_loop;
+
 class ws_conn : public std::enable_shared_from_this<ws_conn> {
  public:
   using message_handler = std::function<void(std::string data, bool binary)>;
@@ -38,6 +58,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
 
   /// `hold` lives as long as the connection (its connection-limit slot).
   ws_conn(boost::beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold = {});
+  ~ws_conn();
 
   /// Completes the upgrade `request`, then reads until the peer goes away.
   /// Handlers run on this connection's executor.
@@ -48,33 +69,74 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   /// would pass its bounds.
   void send(frame f);
   void send(std::vector<frame> frames);
-  /// Thread-safe. Sends what is queued, then closes.
+  /// Thread-safe. Sends what is queued, then a close frame, then closes.
   void close();
 
-  boost::asio::any_io_executor executor() { return ws_.get_executor(); }
+  boost::asio::any_io_executor executor() { return socket_.get_executor(); }
 
  private:
-  void on_accept(boost::beast::error_code ec);
-  void do_read();
-  void on_read(boost::beast::error_code ec, std::size_t bytes);
-  void enqueue(frame f);
-  void do_write();
-  void on_write(boost::beast::error_code ec, std::size_t bytes);
+  friend class ws_loop;
+
+  // Opcodes (RFC 6455 §5.2) and the close codes we send (§7.4.1).
+  enum opcode : std::uint8_t { continuation = 0, text = 1, binary = 2, close_op = 8, ping = 9, pong = 10 };
+  enum close_code : std::uint16_t {
+    no_status = 1005,  // an empty close frame
+    protocol_error = 1002,
+    bad_payload = 1007,
+    too_big = 1009,
+  };
+
+  struct out_frame {
+    std::shared_ptr<const std::string> data;
+    std::uint8_t header[10];
+    std::uint8_t header_size;
+  };
+
+  void push(std::shared_ptr<const std::string> data, std::uint8_t op);
+  void on_accepted(boost::beast::error_code ec);
+  void wait_read();
+  void on_readable(boost::beast::error_code ec);
+  // Parses whole frames from [data, data + size) (writable: payloads are
+  // unmasked in place); returns the bytes consumed, or nullopt once the
+  // connection is failing or closing.
+  std::optional<std::size_t> parse(char* data, std::size_t size);
+  bool on_frame(std::uint8_t op, bool fin, char* payload, std::size_t size);
+  void deliver(std::string message, bool binary);
+
+  void enqueue(std::shared_ptr<const std::string> data, std::uint8_t op);
+  void schedule_flush();
+  void flush();
+  void after_flush();
+  void start_close(std::shared_ptr<const std::string> payload);
+  void fail(close_code code);
   void finish();
 
-  boost::beast::websocket::stream<boost::beast::tcp_stream> ws_;
-  boost::beast::flat_buffer buffer_;
+  boost::asio::ip::tcp::socket socket_;
+  ws_loop& loop_;
   ws_limits limits_;
   gateway_metrics& metrics_;
   message_handler on_message_;
   close_handler on_close_;
-  std::deque<frame> queue_;
-  std::size_t queued_bytes_ = 0;
-  bool accepted_ = false;  // the upgrade handshake is done: frames may go
-  bool writing_ = false;
-  bool closing_ = false;
-  bool finished_ = false;
   std::shared_ptr<void> hold_;
+
+  std::string partial_;                // an incomplete frame, kept between reads
+  std::string message_;                // fragments of a message being assembled
+  std::optional<std::uint8_t> message_op_;  // its opcode while assembling
+
+  std::vector<out_frame> queue_;  // [head_, end) not yet (fully) written
+  std::size_t head_ = 0;
+  std::size_t head_written_ = 0;  // bytes of queue_[head_] already written
+  std::size_t queued_bytes_ = 0;
+  std::optional<boost::asio::steady_timer> linger_;  // bounds the close handshake
+
+  bool accepted_ = false;      // the upgrade handshake is done: frames may go
+  bool flush_asked_ = false;   // waiting for the flusher's turn
+  bool write_waiting_ = false; // the socket was full: waiting for it to drain
+  bool reading_ = false;       // a read wait is pending
+  bool closing_ = false;       // a close frame is queued: nothing more goes out
+  bool close_sent_ = false;    // ... and written
+  bool peer_closed_ = false;   // the client's close frame came
+  bool finished_ = false;
 };
 
 }  // namespace sidecast::gateway

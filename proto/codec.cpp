@@ -48,6 +48,45 @@ struct wire_reader {
   }
 };
 
+// Field kinds of the two peeked messages: a string to check, bytes to skip,
+// or a varint to keep.
+enum class field { string, bytes, varint };
+
+// Reads one message body into `out`; false for anything unusual.
+template <typename Known>
+bool peek_fields(std::string_view body, hot_envelope& out, Known known) {
+  wire_reader r{body};
+  while (!r.done()) {
+    std::uint64_t tag;
+    if (!r.varint(tag)) return false;
+    auto number = tag >> 3;
+    auto wire = tag & 7;
+    field f;
+    if (number > 15 || !known(static_cast<int>(number), f)) return false;  // unknown: the parser keeps it
+    if (f == field::varint) {
+      std::uint64_t v;
+      if (wire != 0 || !r.varint(v)) return false;
+      if (out.kind == Envelope::kRequest) {
+        if (number == 8) out.wants_reply = v != 0;
+        if (number == 9) out.timeout_ms = static_cast<std::uint32_t>(v);
+        if (number == 10) out.attempt = static_cast<std::uint32_t>(v);
+      } else {
+        if (number == 2) out.code = static_cast<Code>(static_cast<std::int32_t>(v));
+        if (number == 7) out.partial = v != 0;  // 6, silent, is not needed for routing
+      }
+      continue;
+    }
+    std::string_view value;
+    if (wire != 2 || !r.length_delimited(value)) return false;
+    if (f == field::string && !valid_utf8(value)) return false;
+    if (number == 1) out.id = value;
+    if (number == 2 && out.kind == Envelope::kRequest) out.service = value;
+  }
+  return true;
+}
+
+}  // namespace
+
 // UTF-8 as protobuf checks proto3 strings: no overlong forms, no
 // surrogates, nothing past U+10FFFF.
 bool valid_utf8(std::string_view s) {
@@ -88,45 +127,6 @@ bool valid_utf8(std::string_view s) {
   }
   return true;
 }
-
-// Field kinds of the two peeked messages: a string to check, bytes to skip,
-// or a varint to keep.
-enum class field { string, bytes, varint };
-
-// Reads one message body into `out`; false for anything unusual.
-template <typename Known>
-bool peek_fields(std::string_view body, hot_envelope& out, Known known) {
-  wire_reader r{body};
-  while (!r.done()) {
-    std::uint64_t tag;
-    if (!r.varint(tag)) return false;
-    auto number = tag >> 3;
-    auto wire = tag & 7;
-    field f;
-    if (number > 15 || !known(static_cast<int>(number), f)) return false;  // unknown: the parser keeps it
-    if (f == field::varint) {
-      std::uint64_t v;
-      if (wire != 0 || !r.varint(v)) return false;
-      if (out.kind == Envelope::kRequest) {
-        if (number == 8) out.wants_reply = v != 0;
-        if (number == 9) out.timeout_ms = static_cast<std::uint32_t>(v);
-        if (number == 10) out.attempt = static_cast<std::uint32_t>(v);
-      } else {
-        if (number == 2) out.code = static_cast<Code>(static_cast<std::int32_t>(v));
-        if (number == 7) out.partial = v != 0;  // 6, silent, is not needed for routing
-      }
-      continue;
-    }
-    std::string_view value;
-    if (wire != 2 || !r.length_delimited(value)) return false;
-    if (f == field::string && !valid_utf8(value)) return false;
-    if (number == 1) out.id = value;
-    if (number == 2 && out.kind == Envelope::kRequest) out.service = value;
-  }
-  return true;
-}
-
-}  // namespace
 
 hot_envelope peek(std::string_view bytes) {
   hot_envelope out;

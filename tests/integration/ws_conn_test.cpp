@@ -1,0 +1,374 @@
+// The gateway's own WebSocket framing (gateway/ws_conn) over real loopback
+// sockets: against Beast's client, and against hand-made frames for
+// everything RFC 6455 forbids a client to send.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/read_until.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/buffers_to_string.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/websocket.hpp>
+
+#include "gateway/ws_conn.hpp"
+#include "tests/integration/harness.hpp"
+
+namespace sidecast::gateway {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace websocket = beast::websocket;
+using asio::ip::tcp;
+using namespace std::chrono_literals;
+
+// A server whose connections echo every message. Two messages do more:
+// "close-me" closes from the server side; "flood N SIZE" sends N frames
+// of SIZE bytes at once.
+class echo_server {
+ public:
+  explicit echo_server(ws_limits limits) : limits_{limits}, acceptor_{ioc_, {asio::ip::make_address("127.0.0.1"), 0}} {
+    do_accept();
+    thread_ = std::thread([this] { ioc_.run(); });
+  }
+  ~echo_server() {
+    ioc_.stop();
+    thread_.join();
+  }
+  unsigned short port() const { return acceptor_.local_endpoint().port(); }
+  int closes() const { return closes_; }
+  double counter(prometheus::Counter& c) const { return c.Value(); }
+  gateway_metrics& metrics() { return metrics_; }
+
+ private:
+  struct pending {
+    beast::tcp_stream stream;
+    beast::flat_buffer buffer;
+    http::request<http::string_body> request;
+  };
+
+  void do_accept() {
+    acceptor_.async_accept(ioc_, [this](boost::system::error_code ec, tcp::socket socket) {
+      if (ec) return;
+      auto p = std::make_shared<pending>(pending{beast::tcp_stream{std::move(socket)}, {}, {}});
+      http::async_read(p->stream, p->buffer, p->request, [this, p](boost::system::error_code read_ec, std::size_t) {
+        if (read_ec) return;
+        auto conn = std::make_shared<ws_conn>(std::move(p->stream), limits_, metrics_);
+        std::weak_ptr<ws_conn> weak = conn;
+        conn->accept(
+            std::move(p->request),
+            [weak](std::string data, bool binary) {
+              auto c = weak.lock();
+              if (!c) return;
+              if (data == "close-me") return c->close();
+              if (data.starts_with("flood ")) {
+                std::size_t n = 0, size = 0;
+                std::sscanf(data.c_str(), "flood %zu %zu", &n, &size);
+                auto payload = std::make_shared<const std::string>(size, 'x');
+                for (std::size_t i = 0; i < n; ++i) c->send(frame{payload, true});
+                return;
+              }
+              c->send(frame{std::make_shared<const std::string>(std::move(data)), binary});
+            },
+            [this] { ++closes_; });
+      });
+      do_accept();
+    });
+  }
+
+  ws_limits limits_;
+  asio::io_context ioc_;
+  tcp::acceptor acceptor_;
+  prometheus::Registry registry_;
+  gateway_metrics metrics_{registry_};
+  std::atomic<int> closes_{0};
+  std::thread thread_;
+};
+
+// A client that writes raw frames after a hand-made upgrade.
+class raw_client {
+ public:
+  explicit raw_client(unsigned short port) : socket_{ioc_} {
+    socket_.connect({asio::ip::make_address("127.0.0.1"), port});
+    socket_.set_option(tcp::no_delay(true));
+    timeval tv{5, 0};
+    ::setsockopt(socket_.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    asio::write(socket_, asio::buffer(std::string{
+                             "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"}));
+    std::string head;
+    auto n = asio::read_until(socket_, asio::dynamic_buffer(head), "\r\n\r\n");
+    EXPECT_TRUE(head.starts_with("HTTP/1.1 101")) << head;
+    EXPECT_NE(head.find("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), std::string::npos) << head;
+    rest_ = head.substr(n);
+  }
+
+  /// A client frame: masked unless told otherwise.
+  static std::string make(std::uint8_t op, std::string_view payload, bool fin = true, bool masked = true,
+                          std::uint8_t rsv = 0) {
+    std::string f;
+    f += static_cast<char>((fin ? 0x80 : 0) | rsv | op);
+    std::uint8_t m = masked ? 0x80 : 0;
+    if (payload.size() < 126) {
+      f += static_cast<char>(m | payload.size());
+    } else if (payload.size() <= 0xffff) {
+      f += static_cast<char>(m | 126);
+      f += static_cast<char>(payload.size() >> 8);
+      f += static_cast<char>(payload.size() & 0xff);
+    } else {
+      f += static_cast<char>(m | 127);
+      for (int i = 7; i >= 0; --i) f += static_cast<char>((std::uint64_t{payload.size()} >> (8 * i)) & 0xff);
+    }
+    const char key[4] = {0x12, 0x34, 0x56, 0x78};
+    if (masked) f.append(key, 4);
+    for (std::size_t i = 0; i < payload.size(); ++i) f += masked ? static_cast<char>(payload[i] ^ key[i % 4]) : payload[i];
+    return f;
+  }
+
+  void write(std::string_view bytes) { asio::write(socket_, asio::buffer(bytes)); }
+
+  struct got {
+    std::uint8_t op = 0xff;  // 0xff: the connection ended (EOF, reset or timeout)
+    std::string payload;
+    unsigned close_code() const {
+      return payload.size() >= 2 ? (static_cast<unsigned char>(payload[0]) << 8) | static_cast<unsigned char>(payload[1])
+                                 : 1005;
+    }
+  };
+
+  /// The next server frame (servers never mask).
+  got read() {
+    unsigned char h[2];
+    if (!take(h, 2)) return {};
+    std::uint64_t len = h[1] & 0x7f;
+    EXPECT_FALSE(h[1] & 0x80) << "a server frame was masked";
+    if (len >= 126) {
+      unsigned char ext[8];
+      int k = len == 126 ? 2 : 8;
+      if (!take(ext, k)) return {};
+      len = 0;
+      for (int i = 0; i < k; ++i) len = (len << 8) | ext[i];
+    }
+    got g;
+    g.payload.resize(len);
+    if (!take(g.payload.data(), len)) return {};
+    g.op = h[0] & 0x0f;
+    return g;
+  }
+
+  /// True once the server has closed TCP (EOF or reset).
+  bool ended() {
+    char c;
+    return !take(&c, 1);
+  }
+
+ private:
+  bool take(void* out, std::size_t n) {
+    auto* p = static_cast<char*>(out);
+    std::size_t from_rest = std::min(n, rest_.size());
+    std::memcpy(p, rest_.data(), from_rest);
+    rest_.erase(0, from_rest);
+    boost::system::error_code ec;
+    asio::read(socket_, asio::buffer(p + from_rest, n - from_rest), ec);
+    return !ec;
+  }
+
+  asio::io_context ioc_;
+  tcp::socket socket_;
+  std::string rest_;
+};
+
+constexpr std::uint8_t text = 1, binary = 2, close_op = 8, ping = 9, pong = 10, continuation = 0;
+
+TEST(WsConn, EchoesTextAndBinary) {
+  echo_server server{{}};
+  raw_client c{server.port()};
+  c.write(raw_client::make(text, "hello"));
+  auto g = c.read();
+  EXPECT_EQ(g.op, text);
+  EXPECT_EQ(g.payload, "hello");
+  c.write(raw_client::make(binary, std::string("\0\1\2", 3)));
+  g = c.read();
+  EXPECT_EQ(g.op, binary);
+  EXPECT_EQ(g.payload, std::string("\0\1\2", 3));
+}
+
+TEST(WsConn, ReassemblesFragmentsAndAnswersPingsBetweenThem) {
+  echo_server server{{}};
+  raw_client c{server.port()};
+  c.write(raw_client::make(text, "he", false) + raw_client::make(ping, "p?") + raw_client::make(continuation, "ll", false) +
+          raw_client::make(continuation, "o"));
+  auto g = c.read();
+  EXPECT_EQ(g.op, pong);
+  EXPECT_EQ(g.payload, "p?");
+  g = c.read();
+  EXPECT_EQ(g.op, text);
+  EXPECT_EQ(g.payload, "hello");
+}
+
+TEST(WsConn, FramesSplitAcrossReadsAndManyInOneRead) {
+  echo_server server{{}};
+  raw_client c{server.port()};
+  // One byte per write: the frame arrives in pieces.
+  for (char b : raw_client::make(text, "slow")) {
+    c.write({&b, 1});
+    std::this_thread::sleep_for(1ms);
+  }
+  EXPECT_EQ(c.read().payload, "slow");
+  // Three frames in one write.
+  c.write(raw_client::make(text, "a") + raw_client::make(text, "b") + raw_client::make(text, "c"));
+  EXPECT_EQ(c.read().payload, "a");
+  EXPECT_EQ(c.read().payload, "b");
+  EXPECT_EQ(c.read().payload, "c");
+  // Past the shared read buffer (64 KiB), with the 64-bit length form both ways.
+  std::string big(200'000, 'z');
+  big[123'456] = 'y';
+  c.write(raw_client::make(binary, big));
+  auto g = c.read();
+  EXPECT_EQ(g.op, binary);
+  EXPECT_EQ(g.payload, big);
+  // The 16-bit form.
+  std::string mid(1000, 'm');
+  c.write(raw_client::make(text, mid));
+  EXPECT_EQ(c.read().payload, mid);
+}
+
+struct bad_case {
+  const char* name;
+  std::string bytes;
+  unsigned code;
+};
+
+TEST(WsConn, WhatAClientMayNotSendClosesWithTheRightCode) {
+  ws_limits limits;
+  limits.max_message = 1000;
+  std::string non_minimal = {static_cast<char>(0x81), static_cast<char>(0x80 | 126), 0, 5, 1, 2, 3, 4, 'a', 'b', 'c', 'd', 'e'};
+  std::vector<bad_case> cases = {
+      {"unmasked", raw_client::make(text, "x", true, false), 1002},
+      {"reserved bit", raw_client::make(text, "x", true, true, 0x40), 1002},
+      {"unknown opcode", raw_client::make(3, "x"), 1002},
+      {"continuation first", raw_client::make(continuation, "x"), 1002},
+      {"text inside a fragmented message", raw_client::make(text, "a", false) + raw_client::make(text, "b"), 1002},
+      {"fragmented ping", raw_client::make(ping, "x", false), 1002},
+      {"long ping", raw_client::make(ping, std::string(126, 'p')), 1002},
+      {"length not in its shortest form", non_minimal, 1002},
+      {"bad close code", raw_client::make(close_op, std::string("\x03\xe7", 2)), 1002},
+      {"one-byte close", raw_client::make(close_op, "x"), 1002},
+      {"invalid UTF-8", raw_client::make(text, "\xc3\x28"), 1007},
+      {"invalid UTF-8 across fragments", raw_client::make(text, "\xe2\x82", false) + raw_client::make(continuation, "x"),
+       1007},
+      {"surrogate", raw_client::make(text, "\xed\xa0\x80"), 1007},
+      {"too big", raw_client::make(binary, std::string(1001, 'b')), 1009},
+      {"too big in fragments", raw_client::make(binary, std::string(600, 'b'), false) +
+                                   raw_client::make(continuation, std::string(600, 'b')),
+       1009},
+  };
+  echo_server server{limits};
+  int n = 0;
+  for (const auto& bad : cases) {
+    SCOPED_TRACE(bad.name);
+    raw_client c{server.port()};
+    c.write(raw_client::make(text, "fine"));
+    EXPECT_EQ(c.read().payload, "fine");
+    c.write(bad.bytes);
+    auto g = c.read();
+    EXPECT_EQ(g.op, close_op);
+    EXPECT_EQ(g.close_code(), bad.code);
+    EXPECT_TRUE(c.ended());
+    ++n;
+    EXPECT_TRUE(test::eventually([&] { return server.closes() == n; }));
+  }
+  EXPECT_EQ(server.metrics().oversize.Value(), 2);
+}
+
+TEST(WsConn, EchoesTheClientsCloseAndEndsTheConnection) {
+  echo_server server{{}};
+  raw_client c{server.port()};
+  c.write(raw_client::make(close_op, std::string("\x0f\xa0", 2) + "bye"));  // 4000
+  auto g = c.read();
+  EXPECT_EQ(g.op, close_op);
+  EXPECT_EQ(g.close_code(), 4000u);
+  EXPECT_TRUE(c.ended());
+  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+}
+
+TEST(WsConn, ServerCloseSendsWhatIsQueuedThenAnEmptyCloseFrame) {
+  echo_server server{{}};
+  raw_client c{server.port()};
+  c.write(raw_client::make(text, "one") + raw_client::make(text, "close-me") + raw_client::make(text, "ignored"));
+  EXPECT_EQ(c.read().payload, "one");
+  auto g = c.read();
+  EXPECT_EQ(g.op, close_op);
+  EXPECT_EQ(g.payload, "");  // no status code, as Node's ws sends
+  c.write(raw_client::make(close_op, ""));
+  EXPECT_TRUE(c.ended());
+  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+}
+
+TEST(WsConn, ALargeBurstGoesOutWholeThroughPartialWrites) {
+  ws_limits limits;
+  limits.queue_bytes = 64 << 20;
+  echo_server server{limits};
+  raw_client c{server.port()};
+  // 2,000 × 10 KB: far more than the kernel's socket buffers; the client
+  // reads only after asking, so the server meets a full socket many times.
+  c.write(raw_client::make(text, "flood 2000 10000"));
+  std::this_thread::sleep_for(100ms);
+  for (int i = 0; i < 2000; ++i) {
+    auto g = c.read();
+    ASSERT_EQ(g.op, binary) << "frame " << i;
+    ASSERT_EQ(g.payload.size(), 10000u) << "frame " << i;
+  }
+  c.write(raw_client::make(text, "after"));
+  EXPECT_EQ(c.read().payload, "after");
+}
+
+TEST(WsConn, AConsumerPastTheQueueBoundIsDropped) {
+  ws_limits limits;
+  limits.queue_messages = 16;
+  echo_server server{limits};
+  raw_client c{server.port()};
+  c.write(raw_client::make(text, "flood 17 10"));
+  EXPECT_TRUE(c.ended());
+  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+  EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
+
+  raw_client fine{server.port()};
+  fine.write(raw_client::make(text, "flood 16 10"));
+  for (int i = 0; i < 16; ++i) EXPECT_EQ(fine.read().payload.size(), 10u);
+}
+
+TEST(WsConn, BeastClientInterop) {
+  echo_server server{{}};
+  asio::io_context ioc;
+  websocket::stream<tcp::socket> ws{ioc};
+  ws.next_layer().connect({asio::ip::make_address("127.0.0.1"), server.port()});
+  ws.handshake("127.0.0.1", "/ws");
+  // Fragmented by the client: 8-byte write buffer.
+  ws.auto_fragment(true);
+  ws.write_buffer_bytes(8);
+  std::string pong_payload;
+  ws.control_callback([&](websocket::frame_type kind, beast::string_view payload) {
+    if (kind == websocket::frame_type::pong) pong_payload = std::string{payload};
+  });
+  ws.ping("are you there");
+  std::string message(100'000, 'q');
+  ws.text(true);
+  ws.write(asio::buffer(message));
+  beast::flat_buffer buffer;
+  ws.read(buffer);
+  EXPECT_EQ(beast::buffers_to_string(buffer.data()), message);
+  EXPECT_EQ(pong_payload, "are you there");
+  ws.close(websocket::close_reason{4001});
+  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+}
+
+}  // namespace
+}  // namespace sidecast::gateway
