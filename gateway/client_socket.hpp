@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "gateway/gateway.hpp"
+#include "gateway/io.hpp"
 #include "gateway/sink.hpp"
 
 namespace sidecast::gateway {
@@ -19,7 +20,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   client_socket(gateway& gw, boost::asio::any_io_executor ex, std::string nsp, std::string service, std::string auth,
                 std::string sid = {})
       : gw_{gw},
-        ex_{std::move(ex)},
+        ex_{io_executor_of(ex)},
         nsp_{std::move(nsp)},
         service_{std::move(service)},
         auth_{std::move(auth)},
@@ -58,7 +59,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
  private:
   enum class state { connecting, connected, closed };
 
-  boost::asio::any_io_executor ex_;
+  io_executor ex_;  // smaller than any_io_executor (gateway/io.hpp)
   std::string nsp_, service_, auth_, sid_;
   std::string user_;  // from the JWT's sub, or the connect hook's {"user"}
   state state_ = state::connecting;

@@ -48,13 +48,14 @@ class replay_buffer {
 
   void drop_through(std::uint64_t confirmed) {
     while (!events_.empty() && events_.front().seq <= confirmed) pop();
+    if (events_.empty()) events_ = {};  // an idle socket keeps no block
   }
   void push(replay_entry e, std::size_t limit) {
     events_.push_back(std::move(e));
     held_.Increment();
     if (events_.size() > limit) pop();
   }
-  std::deque<replay_entry> take() {
+  boost::container::devector<replay_entry> take() {
     held_.Decrement(static_cast<double>(events_.size()));
     return std::exchange(events_, {});
   }
@@ -65,7 +66,7 @@ class replay_buffer {
     held_.Decrement();
   }
   prometheus::Gauge& held_;
-  std::deque<replay_entry> events_;
+  boost::container::devector<replay_entry> events_;
 };
 
 }  // namespace
@@ -80,7 +81,7 @@ class sio_socket : public client_socket {
         eio_{eio},
         recoverable_{gw_.recovery_for(this->nsp())},
         pid_{recoverable_ && pid.empty() ? gw_.new_sid() : std::move(pid)},
-        expiry_{eio->executor()} {}
+        expiry_{io_executor_of(eio->executor())} {}
 
   // ---- connection-state recovery ----
 
@@ -285,6 +286,7 @@ class sio_socket : public client_socket {
       p.attachments = attachments.size();
       eio->send_socketio(p, attachments);
     }
+    if (acks_.empty()) acks_ = {};  // an idle socket keeps no block
   }
 
   // The event frame shared by every receiver of a broadcast, encoded once
@@ -306,7 +308,7 @@ class sio_socket : public client_socket {
   }
 
   /// On the old socket's thread: it ends here, silently; its events go on.
-  std::deque<replay_entry> hand_over() {
+  boost::container::devector<replay_entry> hand_over() {
     hand_off();
     expiry_.cancel();
     return replay_.take();
@@ -314,7 +316,7 @@ class sio_socket : public client_socket {
 
   /// On the new socket's thread: the client learns it recovered, then gets
   /// what it missed (offset past the one it saw), then what came meanwhile.
-  void resume(std::deque<replay_entry> events, std::uint64_t offset) {
+  void resume(boost::container::devector<replay_entry> events, std::uint64_t offset) {
     recovering_ = false;
     auto eio = eio_.lock();
     if (!eio) return;
@@ -339,12 +341,12 @@ class sio_socket : public client_socket {
   std::weak_ptr<eio_session> eio_;
   bool recoverable_;
   std::string pid_;
-  boost::asio::steady_timer expiry_;
+  timer expiry_;
   bool detached_ = false;
   bool recovering_ = false;
   replay_buffer replay_{gw_.metrics().replay_events};  // events the client may not have seen
   std::vector<std::shared_ptr<const outbound_event>> pending_;  // while recovering
-  std::deque<ack_entry> acks_;
+  boost::container::devector<ack_entry> acks_;
   std::uint64_t next_tag_ = 0;
   std::unordered_map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's
   std::uint64_t next_server_ack_ = 0;
@@ -355,14 +357,13 @@ class sio_socket : public client_socket {
 
 eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::string sid, bool echo)
     : gw_{gw},
-      ex_{ex},
+      ex_{io_executor_of(ex)},
       sid_{std::move(sid)},
-      ping_timer_{ex},
-      assembler_{gw.config().max_attachments, gw.config().max_payload},
+      ping_timer_{io_executor_of(ex)},
       events_{gw.config().events_per_second, gw.config().events_burst},
       echo_{echo},
-      grace_timer_{ex},
-      connect_timer_{ex} {}
+      grace_timer_{io_executor_of(ex)},
+      connect_timer_{io_executor_of(ex)} {}
 
 void eio_session::expect_connect() {
   if (echo_) return;  // a bare Engine.IO session has no namespaces
@@ -536,19 +537,19 @@ void eio_session::on_packet(engineio::packet p) {
         return;
       }
       if (p.binary) {
-        if (!assembler_.waiting()) {
+        if (!assembler_ || !assembler_->waiting()) {
           gw_.metrics().bad_packet.Increment();
           close("parse error");
           return;
         }
-        auto done = assembler_.add(std::move(p.data));
+        auto done = assembler_->add(std::move(p.data));
         if (!done) {
           gw_.metrics().bad_packet.Increment();
           close("parse error");
           return;
         }
         if (*done) {
-          auto msg = assembler_.take();
+          auto msg = assembler_->take();
           on_socketio_packet(std::move(msg->header), std::move(msg->attachments));
         }
         return;
@@ -589,7 +590,7 @@ void eio_session::on_packet(engineio::packet p) {
 }
 
 void eio_session::on_socketio(std::string_view text) {
-  if (assembler_.waiting()) {
+  if (assembler_ && assembler_->waiting()) {
     gw_.metrics().bad_packet.Increment();
     close("parse error");
     return;
@@ -601,14 +602,16 @@ void eio_session::on_socketio(std::string_view text) {
     return;
   }
   if (p->type == socketio::packet_type::binary_event || p->type == socketio::packet_type::binary_ack) {
-    auto started = assembler_.start(std::move(*p));
+    if (!assembler_)
+      assembler_ = std::make_unique<socketio::binary_assembler>(gw_.config().max_attachments, gw_.config().max_payload);
+    auto started = assembler_->start(std::move(*p));
     if (!started) {
       gw_.metrics().bad_packet.Increment();
       close("parse error");
       return;
     }
     if (*started) {
-      auto msg = assembler_.take();
+      auto msg = assembler_->take();
       on_socketio_packet(std::move(msg->header), std::move(msg->attachments));
     }
     return;
@@ -682,6 +685,7 @@ void eio_session::on_connect(socketio::packet p) {
         auto fresh = std::make_shared<sio_socket>(shared_from_this(), p.nsp, old->service(), old->auth(), old->sid(),
                                                   old->pid());
         sockets_.emplace(p.nsp, fresh);
+        connect_timer_.cancel();
         fresh->recover(std::move(old), seen);
         return;
       }
@@ -690,6 +694,7 @@ void eio_session::on_connect(socketio::packet p) {
   }
   auto socket = std::make_shared<sio_socket>(shared_from_this(), p.nsp, *service, p.data.empty() ? "{}" : p.data);
   sockets_.emplace(p.nsp, socket);
+  connect_timer_.cancel();  // a namespace joined: the connect timeout is over
   socket->begin_connect();
 }
 
@@ -738,16 +743,17 @@ void eio_session::flush_poll() {
     buffered_bytes_ -= f.data->size();
     buffer_.pop_front();
   }
+  if (buffer_.empty()) buffer_ = {};
   gw_.metrics().bytes_out.Increment(static_cast<double>(body.size()));
   std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", std::move(body)});
 }
 
 void eio_session::schedule_ping() {
   ping_timer_.expires_after(gw_.config().ping_interval);
-  ping_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+  ping_timer_.async_wait(exact([self = shared_from_this()](boost::system::error_code ec) {
     if (ec || self->closed_) return;
     self->after_ping();
-  });
+  }));
 }
 
 void eio_session::after_ping() {
@@ -755,10 +761,10 @@ void eio_session::after_ping() {
   send_text("2");
   awaiting_pong_ = true;
   ping_timer_.expires_after(gw_.config().ping_timeout);
-  ping_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+  ping_timer_.async_wait(exact([self = shared_from_this()](boost::system::error_code ec) {
     if (ec || self->closed_ || !self->awaiting_pong_) return;
     self->close("ping timeout");
-  });
+  }));
 }
 
 void eio_session::close(const char* reason) {

@@ -10,9 +10,10 @@
 #include <memory>
 #include <string>
 
-#include <boost/asio/steady_timer.hpp>
+#include <boost/container/devector.hpp>
 
 #include "gateway/codec/engineio.hpp"
+#include "gateway/io.hpp"
 #include "gateway/codec/socketio.hpp"
 #include "gateway/limits.hpp"
 #include "gateway/reply_slot.hpp"
@@ -70,7 +71,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void after_ping();
 
   gateway& gw_;
-  boost::asio::any_io_executor ex_;
+  io_executor ex_;
   std::string sid_;
   transport transport_ = transport::polling;
   std::atomic<bool> upgrade_started_{false};
@@ -78,13 +79,14 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   std::shared_ptr<ws_conn> probe_;  // a WebSocket being upgraded to
   bool probed_ = false;
   std::shared_ptr<reply_slot> pending_get_;
-  std::deque<frame> buffer_;        // polling, or while upgrading
+  boost::container::devector<frame> buffer_;        // polling, or while upgrading
   std::size_t buffered_bytes_ = 0;
-  boost::asio::steady_timer ping_timer_;
+  timer ping_timer_;
   bool awaiting_pong_ = false;
   std::uint64_t sent_ = 0;
   std::uint64_t ping_mark_ = 0;  // sent_ when the last ping went out
-  socketio::binary_assembler assembler_;
+  // Made for the first binary packet: most connections never send one.
+  std::unique_ptr<socketio::binary_assembler> assembler_;
   token_bucket events_;  // client events, all namespaces of the connection
   std::map<std::string, std::shared_ptr<sio_socket>> sockets_;  // by namespace
   bool closed_ = false;
@@ -93,8 +95,8 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   // these keep the order a single-threaded server would see.
   bool client_closing_ = false;           // a close packet came with no GET to answer
   std::shared_ptr<reply_slot> held_get_;  // a GET that came during an upgrade
-  boost::asio::steady_timer grace_timer_;
-  boost::asio::steady_timer connect_timer_;  // no namespace joined in time: close
+  timer grace_timer_;
+  timer connect_timer_;  // no namespace joined in time: close
 };
 
 }  // namespace sidecast::gateway

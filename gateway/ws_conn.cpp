@@ -8,8 +8,6 @@
 #include <span>
 
 #include <boost/asio/dispatch.hpp>
-#include <boost/asio/execution/context.hpp>
-#include <boost/asio/query.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/beast/websocket.hpp>
 
@@ -33,16 +31,14 @@ class ws_loop : public asio::execution_context::service {
 
   explicit ws_loop(asio::execution_context& context) : service{context} {}
 
-  static ws_loop& of(const asio::any_io_executor& ex) {
-    return asio::use_service<ws_loop>(asio::query(ex, asio::execution::context));
-  }
+  static ws_loop& of(const io_executor& ex) { return asio::use_service<ws_loop>(ex.context()); }
 
   std::span<char> read_buffer() {
     if (!read_buffer_) read_buffer_ = std::make_unique<char[]>(read_size);
     return {read_buffer_.get(), read_size};
   }
 
-  void ask(std::shared_ptr<ws_conn> conn, const asio::any_io_executor& ex) {
+  void ask(std::shared_ptr<ws_conn> conn, const io_executor& ex) {
     dirty_.push_back(std::move(conn));
     if (scheduled_) return;
     scheduled_ = true;
@@ -128,11 +124,18 @@ std::shared_ptr<const std::string> close_payload(unsigned code) {
 }  // namespace
 
 ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold)
-    : socket_{stream.release_socket()},
+    : socket_{io_executor_of(stream.get_executor())},
       loop_{ws_loop::of(socket_.get_executor())},
       limits_{limits},
       metrics_{metrics},
-      hold_{std::move(hold)} {}
+      hold_{std::move(hold)} {
+  // The same descriptor, on a socket typed for the io_context (gateway/io.hpp).
+  auto socket = stream.release_socket();
+  beast::error_code ec;
+  auto protocol = socket.local_endpoint(ec).protocol();
+  if (!ec) socket_.assign(protocol, socket.release(ec), ec);
+  if (ec) socket.close(ec);  // a connection already gone: the first wait fails and ends it
+}
 
 ws_conn::~ws_conn() = default;
 
@@ -142,7 +145,7 @@ void ws_conn::accept(beast::http::request<beast::http::string_body> request, mes
   on_close_ = std::move(on_close);
   // Beast checks the upgrade request and writes the 101 (or the 400); the
   // stream is thrown away once it has.
-  auto handshake = std::make_shared<websocket::stream<asio::ip::tcp::socket&>>(socket_);
+  auto handshake = std::make_shared<websocket::stream<tcp_socket&>>(socket_);
   auto timeouts = websocket::stream_base::timeout::suggested(beast::role_type::server);
   timeouts.idle_timeout = websocket::stream_base::none();
   timeouts.keep_alive_pings = false;
@@ -166,7 +169,7 @@ void ws_conn::wait_read() {
   if (reading_ || finished_ || peer_closed_) return;
   reading_ = true;
   socket_.async_wait(asio::socket_base::wait_read,
-                     [self = shared_from_this()](beast::error_code ec) { self->on_readable(ec); });
+                     exact([self = shared_from_this()](beast::error_code ec) { self->on_readable(ec); }));
 }
 
 void ws_conn::on_readable(beast::error_code ec) {
@@ -434,7 +437,7 @@ void ws_conn::close() {
 void ws_conn::start_close(std::shared_ptr<const std::string> payload) {
   push(std::move(payload), close_op);
   closing_ = true;
-  linger_.emplace(socket_.get_executor());
+  linger_ = std::make_unique<timer>(socket_.get_executor());
   linger_->expires_after(close_linger);
   linger_->async_wait([self = shared_from_this()](beast::error_code ec) {
     if (!ec) self->finish();

@@ -28,12 +28,11 @@
 #include <string_view>
 #include <vector>
 
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
 
+#include "gateway/io.hpp"
 #include "gateway/metrics.hpp"
 
 namespace sidecast::gateway {
@@ -111,7 +110,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   void fail(close_code code);
   void finish();
 
-  boost::asio::ip::tcp::socket socket_;
+  tcp_socket socket_;
   ws_loop& loop_;
   ws_limits limits_;
   gateway_metrics& metrics_;
@@ -127,7 +126,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   std::size_t head_ = 0;
   std::size_t head_written_ = 0;  // bytes of queue_[head_] already written
   std::size_t queued_bytes_ = 0;
-  std::optional<boost::asio::steady_timer> linger_;  // bounds the close handshake
+  std::unique_ptr<timer> linger_;  // bounds the close handshake (made when it starts)
 
   bool accepted_ = false;      // the upgrade handshake is done: frames may go
   bool flush_asked_ = false;   // waiting for the flusher's turn

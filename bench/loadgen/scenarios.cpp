@@ -459,6 +459,10 @@ boost::json::object run_connections(runtime& rt, const scenario_options& o) {
   sample h0 = sample::take(o.server_pids);
   sleep_bounded(o, hold);
   sample h1 = sample::take(o.server_pids);
+  // Idle connections after several ping rounds: the figure per connection.
+  // (After the echo check below, the server also holds whatever its request
+  // path kept from answering every connection at once.)
+  std::uint64_t rss_held = procs_rss_kib(o.server_pids);
   std::uint64_t closed_after_hold = sum(rt, [](worker_thread& t) -> counter& { return t.closed; });
 
   // Every connection still there must answer an echo.
@@ -499,9 +503,10 @@ boost::json::object run_connections(runtime& rt, const scenario_options& o) {
   if (!o.server_pids.empty()) {
     r["server_rss_before_kib"] = rss_before;
     r["server_rss_connected_kib"] = rss_connected;
+    r["server_rss_held_kib"] = rss_held;
     r["server_rss_after_kib"] = rss_after;
     std::size_t held = std::max<std::size_t>(1, verified.load());
-    r["rss_per_conn_bytes"] = static_cast<std::int64_t>(std::round(static_cast<double>(rss_after > rss_before ? rss_after - rss_before : 0) *
+    r["rss_per_conn_bytes"] = static_cast<std::int64_t>(std::round(static_cast<double>(rss_held > rss_before ? rss_held - rss_before : 0) *
                                          1024.0 / static_cast<double>(held)));
     r["server_cpu_us_per_connect"] =
         res.ready ? round1(static_cast<double>(s1.server_cpu_us - s0.server_cpu_us) / static_cast<double>(res.ready))
