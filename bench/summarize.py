@@ -18,6 +18,7 @@ from collections import OrderedDict, defaultdict
 # case -> (throughput key, CPU-per-message key, what the throughput counts)
 CASES = OrderedDict([
     ("fanout", ("deliveries_per_s", "server_cpu_us_per_delivery", "deliveries/s")),
+    ("fanout-deep", ("deliveries_per_s", "server_cpu_us_per_delivery", "deliveries/s")),
     ("fanout-rate", ("deliveries_per_s", "server_cpu_us_per_delivery", "deliveries/s")),
     ("echo", ("acks_per_s", "server_cpu_us_per_ack", "acks/s")),
     ("echo1", ("acks_per_s", "server_cpu_us_per_ack", "acks/s")),

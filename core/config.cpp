@@ -1,6 +1,11 @@
 #include "core/config.hpp"
 
+#include <sched.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <charconv>
 #include <cstdlib>
 #include <sstream>
@@ -99,6 +104,17 @@ std::vector<CLI::ConfigItem> toml_config::from_config(std::istream& input) const
 }
 
 void finish_app(CLI::App& app) {
+  // Before any thread starts (threads inherit the policy of their creator).
+  app.add_flag_function(
+      "--sched-batch",
+      [](std::int64_t) {
+        sched_param param{};
+        if (::sched_setscheduler(0, SCHED_BATCH, &param) != 0)
+          std::fprintf(stderr, "--sched-batch: %s (running as before)\n", std::strerror(errno));
+      },
+      "Run every thread under SCHED_BATCH: a thread woken by another does not preempt it, so the threads "
+      "a message crosses (HTTP, bridge, broker, worker) each take a batch per turn instead of one message. "
+      "About 2x the acks per CPU second when they share a core; rare latency outliers of one scheduler tick");
   for (CLI::Option* opt : app.get_options()) {
     if (opt->get_lnames().empty() || !opt->get_envname().empty()) continue;
     const auto& name = opt->get_lnames().front();

@@ -1,5 +1,8 @@
+#include <sched.h>
+
 #include <cstdlib>
 #include <fstream>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -60,6 +63,21 @@ TEST(Config, BadTomlIsAUsageError) {
   auto code = parse(app, static_cast<int>(argv.size()), argv.data());
   ASSERT_TRUE(code);
   EXPECT_NE(*code, 0);
+}
+
+TEST(Config, SchedBatchSetsThePolicyOfTheCallingThread) {
+  ASSERT_EQ(::sched_getscheduler(0), SCHED_OTHER);
+  CLI::App app{"test"};
+  finish_app(app);
+  args a{{"prog", "--sched-batch"}};
+  auto argv = a.argv();
+  ASSERT_FALSE(parse(app, static_cast<int>(argv.size()), argv.data()));
+  EXPECT_EQ(::sched_getscheduler(0), SCHED_BATCH);
+  int inherited = -1;
+  std::thread([&] { inherited = ::sched_getscheduler(0); }).join();
+  EXPECT_EQ(inherited, SCHED_BATCH);
+  sched_param param{};
+  ::sched_setscheduler(0, SCHED_OTHER, &param);  // as the other tests expect
 }
 
 TEST(Config, HostPort) {

@@ -71,14 +71,15 @@ void call_me_back(request req) {
 void bye(request req) { req.disconnect(); }
 
 service with_demo_handlers(service s) {
-  return s.on("echo", echo)
-      .on("echo-bin", echo)
-      .on("whoami", whoami)
-      .on("join", [](request r) { membership(std::move(r), true); })
-      .on("leave", [](request r) { membership(std::move(r), false); })
-      .on("say", say)
-      .on("call-me-back", call_me_back)
-      .on("bye", bye);
+  // All of them return at once (call-me-back's wait is a callback).
+  return s.on_quick("echo", echo)
+      .on_quick("echo-bin", echo)
+      .on_quick("whoami", whoami)
+      .on_quick("join", [](request r) { membership(std::move(r), true); })
+      .on_quick("leave", [](request r) { membership(std::move(r), false); })
+      .on_quick("say", say)
+      .on_quick("call-me-back", call_me_back)
+      .on_quick("bye", bye);
 }
 
 }  // namespace
@@ -109,7 +110,7 @@ void delay(request req) {
 
 service echo_service(unsigned capacity) {
   // Any event: the dispatcher falls back to the "*" handler.
-  return service{"echo", capacity}.on("*", echo).on("delay", delay);
+  return service{"echo", capacity}.on_quick("*", echo).on("delay", delay);
 }
 
 void add_options(CLI::App& app, builtin_options& o) {

@@ -114,6 +114,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::bounded_queue<outgoing> outbox;
   core::wakeup wake;
   std::thread io_thread;
+  std::atomic<std::thread::id> io_thread_id{};  // set by the I/O thread itself
   thread_pool pool;
   std::atomic<bool> stopping{false};
   std::atomic<bool> started{false};
@@ -152,14 +153,15 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   bool enqueue(outgoing out) {
     if (stopping) return false;
-    // The I/O thread drains the outbox, so it must never wait for room.
-    bool may_wait = std::this_thread::get_id() != io_thread.get_id();
+    // The I/O thread drains the outbox, so it must never wait for room, nor
+    // wake itself: it drains the outbox before it polls again.
+    bool on_io_thread = std::this_thread::get_id() == io_thread_id.load(std::memory_order_relaxed);
     if (!outbox.try_push(std::move(out)) &&
-        !(may_wait && outbox.push_wait(std::move(out), options.outbox_wait))) {
+        !(!on_io_thread && outbox.push_wait(std::move(out), options.outbox_wait))) {
       ++n_dropped;
       return false;
     }
-    wake.signal();
+    if (!on_io_thread) wake.signal();
     return true;
   }
 
@@ -260,6 +262,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   void io_loop() {
+    io_thread_id = std::this_thread::get_id();
     core::peer_link_options lo;
     lo.endpoint = options.broker;
     lo.id = options.id;
@@ -413,13 +416,19 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     const service& s = *svc->second;
     handler h;
+    bool quick = false;
     switch (st->type) {
       case request::kind::connect: h = s.on_connect_; break;
       case request::kind::disconnect: h = s.on_disconnect_; break;
-      case request::kind::event:
-        if (auto it = s.events_.find(st->event); it != s.events_.end()) h = it->second;
-        else if (auto any = s.events_.find("*"); any != s.events_.end()) h = any->second;
+      case request::kind::event: {
+        auto it = s.events_.find(st->event);
+        if (it == s.events_.end()) it = s.events_.find("*");
+        if (it != s.events_.end()) {
+          h = it->second.run;
+          quick = it->second.quick;
+        }
         break;
+      }
     }
     if (!h) {
       // Defaults: accept connects, ignore disconnects and unknown events.
@@ -433,7 +442,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       std::erase_if(in_flight, [](const auto& kv) { return kv.second.expired(); });
       sweep_at = std::max<std::size_t>(1024, 2 * in_flight.size());
     }
-    pool.post([this, h = std::move(h), st = std::move(st)]() mutable {
+    auto run = [this, h = std::move(h), st = std::move(st)]() mutable {
       request req{std::move(st)};
       try {
         h(req);
@@ -441,7 +450,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         ++n_errors;
         req.fail(proto::INTERNAL, e.what());
       }
-    });
+    };
+    if (quick) run();  // here, on the I/O thread: see service::on_quick
+    else pool.post(std::move(run));
   }
 
   void on_ack(const proto::Reply& reply) {
@@ -597,7 +608,11 @@ bool request::broadcast(std::string event, std::string args_json, std::vector<st
 service::service(std::string name, unsigned capacity) : name_{std::move(name)}, capacity_{capacity} {}
 
 service& service::on(std::string event, handler h) {
-  events_[std::move(event)] = std::move(h);
+  events_[std::move(event)] = {std::move(h), false};
+  return *this;
+}
+service& service::on_quick(std::string event, handler h) {
+  events_[std::move(event)] = {std::move(h), true};
   return *this;
 }
 service& service::on_connect(handler h) {

@@ -142,6 +142,12 @@ class service {
   /// Handles one event ("*": every event without its own handler); events
   /// with no handler are ignored (answered silently).
   service& on(std::string event, handler h);
+  /// The same for a handler that returns at once: no I/O, no sleeping, no
+  /// waiting on cancel() or on anything else. It runs on the worker's I/O
+  /// thread instead of the pool, which saves two thread hand-offs per
+  /// request; a quick handler that blocks stalls the whole worker, heartbeats
+  /// included. Its emit_with_ack callbacks still run on the pool.
+  service& on_quick(std::string event, handler h);
   /// Connect hook: reply() accepts (default), fail(REFUSED, msg) refuses.
   service& on_connect(handler h);
   service& on_disconnect(handler h);
@@ -153,7 +159,11 @@ class service {
   friend struct detail::worker_core;
   std::string name_;
   unsigned capacity_;
-  std::unordered_map<std::string, handler> events_;
+  struct event_handler {
+    handler run;
+    bool quick = false;
+  };
+  std::unordered_map<std::string, event_handler> events_;
   handler on_connect_;
   handler on_disconnect_;
 };
