@@ -2,6 +2,9 @@
 // gateways and clients.
 #include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <set>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -85,6 +88,50 @@ TEST_F(BrokerTest, TwoWorkersShareLoad) {
   EXPECT_GT(w1.stats().requests, 0u);
   EXPECT_GT(w2.stats().requests, 0u);
   EXPECT_EQ(w1.stats().requests + w2.stats().requests, 10u);
+}
+
+TEST_F(BrokerTest, QuickHandlersRunOnTheWorkersIoThreadAndPoolHandlersDoNot) {
+  start();
+  std::mutex m;
+  std::set<std::thread::id> quick_threads, pool_threads;
+  std::atomic<bool> pool_blocked{false};
+  add_worker({service{"mixed", 8}
+                  .on_quick("quick",
+                            [&](request req) {
+                              {
+                                std::lock_guard lock{m};
+                                quick_threads.insert(std::this_thread::get_id());
+                              }
+                              req.reply(req.args_text());
+                            })
+                  .on("slow",
+                      [&](request req) {
+                        {
+                          std::lock_guard lock{m};
+                          pool_threads.insert(std::this_thread::get_id());
+                        }
+                        pool_blocked = true;
+                        std::this_thread::sleep_for(300ms);  // quick requests go on meanwhile
+                        req.reply("[\"slow\"]");
+                      })},
+             "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto slow = client.submit("mixed", "slow", "[]");
+  ASSERT_TRUE(eventually([&] { return pool_blocked.load(); }));
+  for (int i = 0; i < 20; ++i) {
+    auto reply = client.call("mixed", "quick", "[" + std::to_string(i) + "]", 2s);
+    ASSERT_TRUE(reply);
+    EXPECT_EQ(reply->code(), proto::OK);
+    EXPECT_EQ(reply->args(), "[" + std::to_string(i) + "]");
+  }
+  auto env = client.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->reply().id(), slow);
+  std::lock_guard lock{m};
+  EXPECT_EQ(quick_threads.size(), 1u);  // always the one I/O thread
+  ASSERT_EQ(pool_threads.size(), 1u);
+  EXPECT_NE(*quick_threads.begin(), *pool_threads.begin());
 }
 
 TEST_F(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
