@@ -1,5 +1,7 @@
 #include "gateway/api.hpp"
 
+#include <deque>
+
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>

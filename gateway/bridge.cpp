@@ -1,6 +1,10 @@
 #include "gateway/bridge.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <system_error>
 
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
@@ -12,6 +16,7 @@
 
 namespace sidecast::gateway {
 
+namespace asio = boost::asio;
 using proto::Envelope;
 using clock = std::chrono::steady_clock;
 
@@ -50,29 +55,61 @@ const std::string& outbound_event::ws_frame() const {
 // ---- bridge ----
 
 bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics)
-    : config_{config}, context_{context}, metrics_{metrics}, id_{config.id}, commands_{config.bridge_queue} {}
+    : config_{config}, context_{context}, metrics_{metrics}, id_{config.id} {}
 
 bridge::~bridge() { stop(); }
 
-void bridge::start() {
-  thread_ = std::thread([this] { run(); });
+void bridge::start(asio::io_context* shared) {
+  if (!shared) {
+    own_context_ = std::make_unique<asio::io_context>(1);
+    shared = own_context_.get();
+  }
+  ex_.emplace(shared->get_executor());
+  // The sockets are made on the thread that will use them.
+  asio::post(*ex_, [this] { open(); });
+  if (!own_context_) return;
+  thread_ = std::thread([this] {
+    auto work = asio::make_work_guard(*own_context_);
+    for (;;) {
+      try {
+        own_context_->run();
+        return;
+      } catch (const std::exception& e) {
+        spdlog::error("gateway bridge: {}", e.what());
+      }
+    }
+  });
 }
 
 void bridge::stop() {
-  if (stopping_.exchange(true)) return;
-  wake_.signal();
-  if (thread_.joinable()) thread_.join();
-  commands_.close();
+  if (stopped_.exchange(true)) return;
+  if (own_context_) {
+    own_context_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  // No thread runs the executor any more: release its objects here.
+  link_watch_.fd.reset();
+  sub_watch_.fd.reset();
+  timer_.reset();
+  sub_.reset();
+  link_.reset();
+  welcomed_ = false;
 }
 
 std::string bridge::next_id() { return id_ + ":" + std::to_string(++next_id_); }
 
 bool bridge::post(std::function<void()> command) {
-  if (!commands_.try_push(std::move(command))) {
+  if (queued_.fetch_add(1, std::memory_order_relaxed) >= config_.bridge_queue || !ex_) {
+    queued_.fetch_sub(1, std::memory_order_relaxed);
     metrics_.bridge_full.Increment();
     return false;
   }
-  wake_.signal();
+  asio::post(*ex_, [this, command = std::move(command)] {
+    queued_.fetch_sub(1, std::memory_order_relaxed);
+    if (!link_) return;  // not open (it failed): nothing to talk to
+    command();
+    schedule_pump();  // one pump after a batch of commands: their sends may have eaten a ZMQ_FD edge
+  });
   return true;
 }
 
@@ -129,7 +166,7 @@ bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slo
   });
 }
 
-void bridge::run() {
+void bridge::open() {
   try {
     core::peer_link_options lo;
     lo.endpoint = config_.broker;
@@ -143,47 +180,95 @@ void bridge::run() {
     sub_->set(zmq::sockopt::rcvhwm, 100000);
     core::apply(*sub_, lo.curve);
     sub_->connect(config_.events);
-    std::deque<std::function<void()>> batch;
-    while (!stopping_) {
-      auto now = clock::now();
-      auto wake_at = link_->next_tick();
-      if (!deadlines_.empty()) wake_at = std::min(wake_at, deadlines_.begin()->first);
-      auto timeout = std::max(std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now),
-                              std::chrono::milliseconds(0));
-      zmq::pollitem_t items[] = {{link_->socket().handle(), 0, ZMQ_POLLIN, 0},
-                                 {sub_->handle(), 0, ZMQ_POLLIN, 0},
-                                 {nullptr, wake_.fd(), ZMQ_POLLIN, 0}};
-      try {
-        zmq::poll(items, 3, timeout + std::chrono::milliseconds(1));
-      } catch (const zmq::error_t& e) {
-        if (e.num() == EINTR) continue;
-        throw;
-      }
-      if (items[2].revents & ZMQ_POLLIN) wake_.drain();
-      commands_.drain(batch);
-      for (auto& command : batch) command();
-      batch.clear();
-      for (int i = 0; i < 1024; ++i) {
-        auto env = link_->receive();
-        if (!env) break;
-        on_broker(std::move(*env));
-      }
-      for (int i = 0; i < 1024; ++i) {
-        zmq::message_t topic, body;
-        if (!sub_->recv(topic, zmq::recv_flags::dontwait)) break;
-        if (!topic.more() || !sub_->recv(body, zmq::recv_flags::dontwait)) continue;
-        on_event(topic.to_string_view(), body.to_string_view());
-      }
-      now = clock::now();
-      if (now >= link_->next_tick()) link_->tick(now);
-      welcomed_ = link_->welcomed();
-      metrics_.broker_connected.Set(welcomed_ ? 1 : 0);
-      expire(now);
-    }
+    timer_.emplace(*ex_);
   } catch (const std::exception& e) {
     spdlog::critical("gateway bridge failed: {}", e.what());
+    sub_.reset();
+    link_.reset();
+    return;
   }
-  welcomed_ = false;
+  pump();
+}
+
+void bridge::schedule_pump() {
+  if (pump_posted_) return;
+  pump_posted_ = true;
+  asio::post(*ex_, [this] {
+    pump_posted_ = false;
+    pump();
+  });
+}
+
+// Everything the sockets hold (up to a bound, then the other handlers get a
+// turn), heartbeats and deadlines; then wait for more.
+void bridge::pump() {
+  if (!link_ || stopped_) return;
+  bool more = false;
+  for (int i = 0;; ++i) {
+    if (i == 1024) {
+      more = true;
+      break;
+    }
+    auto env = link_->receive();
+    if (!env) break;
+    on_broker(std::move(*env));
+  }
+  for (int i = 0;; ++i) {
+    if (i == 1024) {
+      more = true;
+      break;
+    }
+    zmq::message_t topic, body;
+    if (!sub_->recv(topic, zmq::recv_flags::dontwait)) break;
+    if (!topic.more() || !sub_->recv(body, zmq::recv_flags::dontwait)) continue;
+    on_event(topic.to_string_view(), body.to_string_view());
+  }
+  auto now = clock::now();
+  if (now >= link_->next_tick()) link_->tick(now);
+  welcomed_ = link_->welcomed();
+  metrics_.broker_connected.Set(welcomed_ ? 1 : 0);
+  expire(now);
+  if (more) return schedule_pump();
+  arm();
+}
+
+void bridge::arm() {
+  arm(link_watch_, link_->socket());
+  arm(sub_watch_, *sub_);
+  auto wake_at = link_->next_tick();
+  if (!deadlines_.empty()) wake_at = std::min(wake_at, deadlines_.begin()->first);
+  if (!timer_pending_ || wake_at < timer_at_) {
+    timer_at_ = wake_at;
+    timer_pending_ = true;
+    timer_->expires_at(wake_at);  // cancels the wait set for a later time
+    timer_->async_wait([this](boost::system::error_code ec) {
+      if (ec) return;
+      timer_pending_ = false;
+      pump();
+    });
+  }
+  // ZMQ_FD only signals a change, and reading ZMQ_EVENTS may consume it: a
+  // message that came after the last receive, before the waits were set,
+  // is seen here or never.
+  if ((link_->socket().get(zmq::sockopt::events) & ZMQ_POLLIN) || (sub_->get(zmq::sockopt::events) & ZMQ_POLLIN))
+    schedule_pump();
+}
+
+void bridge::arm(watch& w, zmq::socket_t& socket) {
+  if (w.socket != socket.handle()) {
+    w.fd.reset();  // the peer link made a new socket (reconnect)
+    w.waiting = false;
+    int fd = ::dup(socket.get(zmq::sockopt::fd));
+    if (fd < 0) throw std::system_error(errno, std::generic_category(), "dup(ZMQ_FD)");
+    w.fd.emplace(*ex_, fd);
+    w.socket = socket.handle();
+  }
+  if (w.waiting) return;
+  w.waiting = true;
+  w.fd->async_wait(asio::posix::descriptor_base::wait_read, [this, &w](boost::system::error_code ec) {
+    w.waiting = false;
+    if (!ec) pump();
+  });
 }
 
 void bridge::on_broker(Envelope env) {

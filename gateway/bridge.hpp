@@ -1,25 +1,31 @@
 #pragma once
-// The gateway's ZeroMQ side: one thread that owns the DEALER to the broker
-// and the SUB for room events. Sessions (on Asio threads) hand it commands
-// through a bounded queue with an eventfd wake-up; it hands deliveries back by
-// posting onto each sink's executor. It also owns the gateway's view of who
-// is where: sid -> sink, room -> local sids, and requests awaiting replies.
+// The gateway's ZeroMQ side: the DEALER to the broker and the SUB for room
+// events, driven by an Asio io_context (the sockets' ZMQ_FD notifications
+// are waited on like any descriptor). With one gateway I/O thread it shares
+// that thread's io_context, so a request and its reply cross no thread on
+// their way through the gateway; with several, it has its own thread.
+// Sessions hand it commands by posting (bounded in number); it hands
+// deliveries back by posting onto each sink's executor. It also owns the
+// gateway's view of who is where: sid -> sink, room -> local sids, and
+// requests awaiting replies.
 #include <atomic>
 #include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <zmq.hpp>
 
-#include "core/bounded_queue.hpp"
 #include "core/log.hpp"
-#include "core/wakeup.hpp"
 #include "gateway/config.hpp"
+#include "gateway/io.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/reply_slot.hpp"
 #include "gateway/sink.hpp"
@@ -30,6 +36,8 @@ class peer_link;
 
 namespace sidecast::gateway {
 
+using clock_time = std::chrono::steady_clock::time_point;
+
 class bridge {
  public:
   bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics);
@@ -37,7 +45,10 @@ class bridge {
   bridge(const bridge&) = delete;
   bridge& operator=(const bridge&) = delete;
 
-  void start();
+  /// Runs on `shared` (a gateway I/O thread's context, run by the caller)
+  /// or, when null, on a thread of its own.
+  void start(boost::asio::io_context* shared = nullptr);
+  /// Call after the shared context's thread has stopped.
   void stop();
 
   // Thread-safe. Each returns false when the command queue is full (counted).
@@ -80,8 +91,20 @@ class bridge {
     std::multimap<std::chrono::steady_clock::time_point, std::string>::iterator deadline_pos;
   };
 
+  // A ZeroMQ socket's ZMQ_FD, waited on through a dup of it (ZeroMQ owns
+  // and closes the original; the peer link replaces its socket on reconnect).
+  struct watch {
+    void* socket = nullptr;  // the zmq socket the descriptor belongs to
+    std::optional<boost::asio::posix::basic_stream_descriptor<io_executor>> fd;
+    bool waiting = false;
+  };
+
   bool post(std::function<void()> command);
-  void run();
+  void open();
+  void schedule_pump();
+  void pump();
+  void arm();
+  void arm(watch& w, zmq::socket_t& socket);
   void on_broker(proto::Envelope env);
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);
@@ -99,13 +122,19 @@ class bridge {
   std::string id_;
   std::atomic<std::uint64_t> next_id_{0};
   std::uint64_t offset_ = 0;  // bridge thread: offsets of outbound events
-  core::bounded_queue<std::function<void()>> commands_;
-  core::wakeup wake_;
+  std::atomic<std::size_t> queued_{0};  // commands posted, not yet run (bound: bridge_queue)
+  std::unique_ptr<boost::asio::io_context> own_context_;  // with several I/O threads
   std::thread thread_;
-  std::atomic<bool> stopping_{false};
+  std::optional<io_executor> ex_;
+  std::atomic<bool> stopped_{false};
   std::atomic<bool> welcomed_{false};
 
-  // Bridge thread only.
+  // Bridge executor only.
+  std::optional<timer> timer_;
+  clock_time timer_at_{};
+  bool timer_pending_ = false;
+  bool pump_posted_ = false;
+  watch link_watch_, sub_watch_;
   std::unique_ptr<core::peer_link> link_;
   std::unique_ptr<zmq::socket_t> sub_;
   std::unordered_map<std::string, member> members_;

@@ -97,7 +97,8 @@ void gateway::start() {
   acceptor_->bind(endpoint);
   acceptor_->listen(asio::socket_base::max_listen_connections);
   port_ = acceptor_->local_endpoint().port();
-  bridge_->start();
+  // One I/O thread: the bridge shares it (no thread hop between a session and the broker link).
+  bridge_->start(config_.threads == 1 ? contexts_.front().get() : nullptr);
   do_accept();
   for (auto& ctx : contexts_) {
     threads_.emplace_back([&ctx] {
