@@ -4,7 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <system_error>
+#include <cstring>
 
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
@@ -233,9 +233,11 @@ void bridge::pump() {
 }
 
 void bridge::arm() {
-  arm(link_watch_, link_->socket());
-  arm(sub_watch_, *sub_);
+  bool watched = arm(link_watch_, link_->socket());
+  watched = arm(sub_watch_, *sub_) && watched;
   auto wake_at = link_->next_tick();
+  // Out of descriptors (dup failed): look again soon rather than never.
+  if (!watched) wake_at = std::min(wake_at, clock::now() + std::chrono::milliseconds(10));
   if (!deadlines_.empty()) wake_at = std::min(wake_at, deadlines_.begin()->first);
   if (!timer_pending_ || wake_at < timer_at_) {
     timer_at_ = wake_at;
@@ -254,21 +256,26 @@ void bridge::arm() {
     schedule_pump();
 }
 
-void bridge::arm(watch& w, zmq::socket_t& socket) {
+bool bridge::arm(watch& w, zmq::socket_t& socket) {
   if (w.socket != socket.handle()) {
     w.fd.reset();  // the peer link made a new socket (reconnect)
     w.waiting = false;
+    w.socket = nullptr;
     int fd = ::dup(socket.get(zmq::sockopt::fd));
-    if (fd < 0) throw std::system_error(errno, std::generic_category(), "dup(ZMQ_FD)");
+    if (fd < 0) {
+      if (log_limit_.allow()) spdlog::error("bridge: dup(ZMQ_FD): {}", std::strerror(errno));
+      return false;
+    }
     w.fd.emplace(*ex_, fd);
     w.socket = socket.handle();
   }
-  if (w.waiting) return;
+  if (w.waiting) return true;
   w.waiting = true;
   w.fd->async_wait(asio::posix::descriptor_base::wait_read, [this, &w](boost::system::error_code ec) {
     w.waiting = false;
     if (!ec) pump();
   });
+  return true;
 }
 
 void bridge::on_broker(Envelope env) {

@@ -104,7 +104,7 @@ class bridge {
   void schedule_pump();
   void pump();
   void arm();
-  void arm(watch& w, zmq::socket_t& socket);
+  bool arm(watch& w, zmq::socket_t& socket);
   void on_broker(proto::Envelope env);
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);
