@@ -266,12 +266,19 @@ bool bridge::arm(watch& w, zmq::socket_t& socket) {
       if (log_limit_.allow()) spdlog::error("bridge: dup(ZMQ_FD): {}", std::strerror(errno));
       return false;
     }
-    w.fd.emplace(*ex_, fd);
+    try {
+      w.fd.emplace(*ex_, fd);
+    } catch (const std::exception& e) {  // the reactor refused it
+      ::close(fd);
+      if (log_limit_.allow()) spdlog::error("bridge: cannot watch ZMQ_FD: {}", e.what());
+      return false;
+    }
     w.socket = socket.handle();
   }
   if (w.waiting) return true;
   w.waiting = true;
   w.fd->async_wait(asio::posix::descriptor_base::wait_read, [this, &w](boost::system::error_code ec) {
+    if (ec == asio::error::operation_aborted) return;  // a replaced descriptor's wait: not ours to clear
     w.waiting = false;
     if (!ec) pump();
   });

@@ -2,6 +2,7 @@
 
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -132,9 +133,19 @@ ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& me
   // The same descriptor, on a socket typed for the io_context (gateway/io.hpp).
   auto socket = stream.release_socket();
   beast::error_code ec;
+  // On failure socket_ stays closed: the first wait fails and ends the connection.
   auto protocol = socket.local_endpoint(ec).protocol();
-  if (!ec) socket_.assign(protocol, socket.release(ec), ec);
-  if (ec) socket.close(ec);  // a connection already gone: the first wait fails and ends it
+  if (ec) {
+    socket.close(ec);
+    return;
+  }
+  auto fd = socket.release(ec);
+  if (ec) {
+    socket.close(ec);
+    return;
+  }
+  socket_.assign(protocol, fd, ec);
+  if (ec) ::close(fd);
 }
 
 ws_conn::~ws_conn() = default;
@@ -284,8 +295,8 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
       return !finished_;
     }
     case ping:
-      if (!closing_) push(std::make_shared<const std::string>(payload, size), pong);
-      schedule_flush();
+      // Bounded like any frame: a client that pings and never reads is a slow consumer.
+      if (!closing_ && !enqueue(std::make_shared<const std::string>(payload, size), pong)) return false;
       return true;
     case pong: return true;
     case close_op: {
@@ -304,7 +315,8 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
       }
       peer_closed_ = true;
       if (closing_) {
-        finish();  // the answer to our close: the handshake is complete
+        // The answer to our close: done once ours (and what preceded it) is out.
+        if (close_sent_) finish();
       } else {
         start_close(close_payload(code));  // echo its code, then close TCP
       }
@@ -317,7 +329,13 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
 }
 
 void ws_conn::deliver(std::string message, bool is_binary) {
-  if (on_message_) on_message_(std::move(message), is_binary);
+  if (!on_message_) return;
+  // The handler may end the connection (finish()); it must not be destroyed
+  // while it runs, since it may hold the last reference to its session.
+  delivering_ = true;
+  on_message_(std::move(message), is_binary);
+  delivering_ = false;
+  if (finished_) on_message_ = nullptr;
 }
 
 // ---- writing ----
@@ -342,15 +360,17 @@ void ws_conn::push(std::shared_ptr<const std::string> data, std::uint8_t op) {
   queue_.push_back(std::move(f));
 }
 
-void ws_conn::enqueue(std::shared_ptr<const std::string> data, std::uint8_t op) {
-  if (finished_ || closing_) return;
+bool ws_conn::enqueue(std::shared_ptr<const std::string> data, std::uint8_t op) {
+  if (finished_ || closing_) return !finished_;
   push(std::move(data), op);
   if (queue_.size() - head_ > limits_.queue_messages || queued_bytes_ > limits_.queue_bytes) {
     // A consumer this far behind would only grow our memory: drop it.
     metrics_.slow_consumer.Increment();
-    return finish();
+    finish();
+    return false;
   }
   schedule_flush();
+  return true;
 }
 
 void ws_conn::schedule_flush() {
@@ -382,7 +402,13 @@ void ws_conn::flush() {
     if (written < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        // The kernel's buffer is full: wait until the client reads.
+        // The kernel's buffer is full: wait until the client reads. Written
+        // entries go first, so a consumer that never quite catches up does
+        // not keep one per frame ever sent.
+        if (head_ > queue_.size() / 2) {
+          queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(head_));
+          head_ = 0;
+        }
         write_waiting_ = true;
         socket_.async_wait(asio::socket_base::wait_write, [self = shared_from_this()](beast::error_code ec) {
           self->write_waiting_ = false;
@@ -466,7 +492,7 @@ void ws_conn::finish() {
   queue_.clear();
   head_ = head_written_ = queued_bytes_ = 0;
   if (auto cb = std::move(on_close_)) cb();
-  on_message_ = nullptr;
+  if (!delivering_) on_message_ = nullptr;  // else deliver() drops it when the handler returns
   hold_.reset();
 }
 

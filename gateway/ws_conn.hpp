@@ -102,7 +102,8 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   bool on_frame(std::uint8_t op, bool fin, char* payload, std::size_t size);
   void deliver(std::string message, bool binary);
 
-  void enqueue(std::shared_ptr<const std::string> data, std::uint8_t op);
+  /// Queues a frame; false when the connection is over (or just dropped as a slow consumer).
+  bool enqueue(std::shared_ptr<const std::string> data, std::uint8_t op);
   void schedule_flush();
   void flush();
   void after_flush();
@@ -136,6 +137,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   bool close_sent_ = false;    // ... and written
   bool peer_closed_ = false;   // the client's close frame came
   bool finished_ = false;
+  bool delivering_ = false;    // on_message_ is running
 };
 
 }  // namespace sidecast::gateway

@@ -44,6 +44,7 @@ class echo_server {
   }
   unsigned short port() const { return acceptor_.local_endpoint().port(); }
   int closes() const { return closes_; }
+  std::size_t touched() const { return touched_; }
   double counter(prometheus::Counter& c) const { return c.Value(); }
   gateway_metrics& metrics() { return metrics_; }
 
@@ -62,12 +63,26 @@ class echo_server {
         if (read_ec) return;
         auto conn = std::make_shared<ws_conn>(std::move(p->stream), limits_, metrics_);
         std::weak_ptr<ws_conn> weak = conn;
+        auto touched = std::make_shared<std::size_t>(0);  // lives in the handler, as a session does
         conn->accept(
             std::move(p->request),
-            [weak](std::string data, bool binary) {
+            [weak, touched, this](std::string data, bool binary) {
               auto c = weak.lock();
               if (!c) return;
               if (data == "close-me") return c->close();
+              if (data.starts_with("flood-touch ")) {
+                // Sends until the connection drops us, then uses the handler's
+                // own state: the handler must outlive the drop it caused.
+                std::size_t n = 0;
+                std::sscanf(data.c_str(), "flood-touch %zu", &n);
+                auto payload = std::make_shared<const std::string>(10, 'x');
+                for (std::size_t i = 0; i < n; ++i) {
+                  c->send(frame{payload, true});
+                  ++*touched;
+                }
+                touched_ = *touched;
+                return;
+              }
               if (data.starts_with("flood ")) {
                 std::size_t n = 0, size = 0;
                 std::sscanf(data.c_str(), "flood %zu %zu", &n, &size);
@@ -89,6 +104,7 @@ class echo_server {
   prometheus::Registry registry_;
   gateway_metrics metrics_{registry_};
   std::atomic<int> closes_{0};
+  std::atomic<std::size_t> touched_{0};
   std::thread thread_;
 };
 
@@ -343,6 +359,47 @@ TEST(WsConn, AConsumerPastTheQueueBoundIsDropped) {
   raw_client fine{server.port()};
   fine.write(raw_client::make(text, "flood 16 10"));
   for (int i = 0; i < 16; ++i) EXPECT_EQ(fine.read().payload.size(), 10u);
+}
+
+TEST(WsConn, PingsFromAClientThatDoesNotReadAreBoundedToo) {
+  ws_limits limits;
+  limits.queue_messages = 100;
+  limits.queue_bytes = 64 << 20;
+  echo_server server{limits};
+  raw_client c{server.port()};
+  // 90 × 100 KB: more than the kernel buffers, so the server's queue holds
+  // frames it cannot write; then pings, whose pongs join that queue.
+  c.write(raw_client::make(text, "flood 90 100000"));
+  std::this_thread::sleep_for(100ms);
+  std::string pings;
+  for (int i = 0; i < 50; ++i) pings += raw_client::make(ping, "");
+  c.write(pings);
+  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+  EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
+}
+
+TEST(WsConn, AClientCloseRightAfterTheServersStillGetsTheServersCloseFrame) {
+  echo_server server{{}};
+  raw_client c{server.port()};
+  // "close-me" makes the server close; the client's own close is in the same
+  // segment, so it arrives before the server's close frame has been written.
+  c.write(raw_client::make(text, "one") + raw_client::make(text, "close-me") + raw_client::make(close_op, ""));
+  EXPECT_EQ(c.read().payload, "one");
+  auto g = c.read();
+  EXPECT_EQ(g.op, close_op);
+  EXPECT_TRUE(c.ended());
+  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+}
+
+TEST(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {
+  ws_limits limits;
+  limits.queue_messages = 16;
+  echo_server server{limits};
+  raw_client c{server.port()};
+  c.write(raw_client::make(text, "flood-touch 40"));
+  EXPECT_TRUE(c.ended());
+  EXPECT_TRUE(test::eventually([&] { return server.touched() == 40; }));  // under ASan: no use after free
+  EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
 }
 
 TEST(WsConn, BeastClientInterop) {

@@ -146,7 +146,10 @@ class service {
   /// waiting on cancel() or on anything else. It runs on the worker's I/O
   /// thread instead of the pool, which saves two thread hand-offs per
   /// request; a quick handler that blocks stalls the whole worker, heartbeats
-  /// included. Its emit_with_ack callbacks still run on the pool.
+  /// included, and it must not call worker::stop(). Its emit_with_ack
+  /// callbacks still run on the pool. Its replies never wait for room in the
+  /// outbox (--outbox-limit): when pool handlers have filled it, they are
+  /// dropped and counted, as any I/O-thread send is.
   service& on_quick(std::string event, handler h);
   /// Connect hook: reply() accepts (default), fail(REFUSED, msg) refuses.
   service& on_connect(handler h);
