@@ -103,8 +103,8 @@ struct broker::metrics {
   prometheus::Histogram& dispatch_latency;
   prometheus::Histogram& request_latency;
   // Observed per request on the broker thread, published each tick.
-  core::batched_histogram dispatch_batch{dispatch_latency, core::latency_buckets()};
-  core::batched_histogram request_batch{request_latency, core::latency_buckets()};
+  core::batched_histogram dispatch_batch{dispatch_latency};
+  core::batched_histogram request_batch{request_latency};
   std::unordered_map<std::string, std::array<prometheus::Counter*, static_cast<std::size_t>(outcome::count)>>
       outcomes;
   std::unordered_map<std::string, prometheus::Counter*> drops;
@@ -408,7 +408,7 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
 void broker::dispatch(clock::time_point now) {
   std::vector<std::string> unreachable;
   for (const auto& a : table_.dispatch()) {
-    const job& work = *a.work;
+    job& work = *a.work;
     bool ok;
     auto waited = now - work.received;
     if (work.stale || work.attempt > 1 || waited > std::chrono::milliseconds(1)) {
@@ -427,7 +427,7 @@ void broker::dispatch(clock::time_point now) {
     } else {
       // A copy shares the received bytes (refcounted): the job keeps them for a retry.
       zmq::message_t copy;
-      copy.copy(a.work->payload);
+      copy.copy(work.payload);
       ok = send(a.worker, std::move(copy));
     }
     ++stats_.dispatched;

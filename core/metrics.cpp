@@ -15,8 +15,11 @@ prometheus::Histogram::BucketBoundaries latency_buckets() {
           0.025,   0.05,   0.1,     0.25,   0.5,   1.0,    2.5,    10.0};
 }
 
-batched_histogram::batched_histogram(prometheus::Histogram& target, prometheus::Histogram::BucketBoundaries bounds)
-    : target_{target}, bounds_{std::move(bounds)}, counts_(bounds_.size() + 1, 0.0) {}
+batched_histogram::batched_histogram(prometheus::Histogram& target) : target_{target} {
+  const auto buckets = target.Collect().histogram.bucket;  // the last one is +Inf
+  for (std::size_t i = 0; i + 1 < buckets.size(); ++i) bounds_.push_back(buckets[i].upper_bound);
+  counts_.assign(bounds_.size() + 1, 0.0);
+}
 
 void batched_histogram::flush() {
   if (!pending_) return;

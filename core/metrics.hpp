@@ -25,7 +25,8 @@ prometheus::Histogram::BucketBoundaries latency_buckets();
 /// prometheus histogram in one call, instead of atomics per observation.
 class batched_histogram {
  public:
-  batched_histogram(prometheus::Histogram& target, prometheus::Histogram::BucketBoundaries bounds);
+  /// Takes its bucket bounds from `target`.
+  explicit batched_histogram(prometheus::Histogram& target);
   void observe(double value) {
     std::size_t i = 0;
     while (i < bounds_.size() && value > bounds_[i]) ++i;

@@ -70,14 +70,7 @@ void bridge::start(asio::io_context* shared) {
   if (!own_context_) return;
   thread_ = std::thread([this] {
     auto work = asio::make_work_guard(*own_context_);
-    for (;;) {
-      try {
-        own_context_->run();
-        return;
-      } catch (const std::exception& e) {
-        spdlog::error("gateway bridge: {}", e.what());
-      }
-    }
+    run_logging_errors(*own_context_, "gateway bridge");
   });
 }
 

@@ -292,10 +292,9 @@ class sio_socket : public client_socket {
   // The event frame shared by every receiver of a broadcast, encoded once
   // (with the offset in namespaces with recovery).
   void send_shared(eio_session& eio, const std::shared_ptr<const outbound_event>& ev) {
-    std::vector<frame> frames;
-    frames.push_back(frame{std::shared_ptr<const std::string>(ev, &ev->socketio_frame(recoverable_)), false});
-    for (const auto& a : ev->attachments()) frames.push_back(frame{std::shared_ptr<const std::string>(ev, &a), true});
-    eio.send(std::move(frames));
+    frames message{frame{std::shared_ptr<const std::string>(ev, &ev->socketio_frame(recoverable_)), false}};
+    for (const auto& a : ev->attachments()) message.push_back(frame{std::shared_ptr<const std::string>(ev, &a), true});
+    eio.send(std::move(message));
   }
 
   // Keeps an event for replay until the client has surely seen it (see
@@ -359,11 +358,11 @@ eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::stri
     : gw_{gw},
       ex_{io_executor_of(ex)},
       sid_{std::move(sid)},
-      ping_timer_{io_executor_of(ex)},
+      ping_timer_{ex_},
       events_{gw.config().events_per_second, gw.config().events_burst},
       echo_{echo},
-      grace_timer_{io_executor_of(ex)},
-      connect_timer_{io_executor_of(ex)} {}
+      grace_timer_{ex_},
+      connect_timer_{ex_} {}
 
 void eio_session::expect_connect() {
   if (echo_) return;  // a bare Engine.IO session has no namespaces
@@ -492,10 +491,10 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
         std::exchange(held_get_, nullptr)
             ->complete({400, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}});
       }
-      std::vector<frame> frames(std::make_move_iterator(buffer_.begin()), std::make_move_iterator(buffer_.end()));
-      buffer_.clear();
+      frames pending(std::make_move_iterator(buffer_.begin()), std::make_move_iterator(buffer_.end()));
+      buffer_ = {};
       buffered_bytes_ = 0;
-      if (!frames.empty()) ws_->send(std::move(frames));
+      if (!pending.empty()) ws_->send(std::move(pending));
       return;
     }
     gw_.metrics().bad_packet.Increment();
@@ -701,23 +700,21 @@ void eio_session::on_connect(socketio::packet p) {
 void eio_session::forget(const std::string& nsp) { sockets_.erase(nsp); }
 
 void eio_session::send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments) {
-  std::vector<frame> frames;
-  frames.reserve(1 + attachments.size());
-  frames.push_back(frame{shared_text("4" + socketio::encode(p)), false});
-  for (const auto& a : attachments) frames.push_back(frame{shared_text(a), true});
-  send(std::move(frames));
+  frames message{frame{shared_text("4" + socketio::encode(p)), false}};
+  for (const auto& a : attachments) message.push_back(frame{shared_text(a), true});
+  send(std::move(message));
 }
 
 void eio_session::send_text(std::string text) { send({frame{shared_text(std::move(text)), false}}); }
 
-void eio_session::send(std::vector<frame> frames) {
+void eio_session::send(frames message) {
   if (closed_) return;
   ++sent_;
   if (transport_ == transport::websocket) {
-    ws_->send(std::move(frames));
+    ws_->send(std::move(message));
     return;
   }
-  for (auto& f : frames) {
+  for (auto& f : message) {
     buffered_bytes_ += f.data->size();
     buffer_.push_back(std::move(f));
   }

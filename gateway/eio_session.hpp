@@ -47,7 +47,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void on_ws_closed(const ws_conn* from);
 
   // For the sockets (same executor).
-  void send(std::vector<frame> frames);
+  void send(frames message);
   void send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments = {});
   void forget(const std::string& nsp);
   void close(const char* reason);

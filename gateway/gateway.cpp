@@ -81,6 +81,17 @@ void gateway::serve_forwarded(proto::HttpForward f) {
   });
 }
 
+void run_logging_errors(asio::io_context& context, const char* what) {
+  for (;;) {
+    try {
+      context.run();
+      return;
+    } catch (const std::exception& e) {
+      spdlog::error("{}: {}", what, e.what());
+    }
+  }
+}
+
 gateway::~gateway() { stop(); }
 
 void gateway::start() {
@@ -101,17 +112,7 @@ void gateway::start() {
   bridge_->start(config_.threads == 1 ? contexts_.front().get() : nullptr);
   do_accept();
   for (auto& ctx : contexts_) {
-    threads_.emplace_back([&ctx] {
-      for (;;) {
-        try {
-          ctx->run();
-          return;
-        } catch (const std::exception& e) {
-          // Handlers should never throw; if one does, log it and keep serving.
-          spdlog::error("gateway I/O thread: {}", e.what());
-        }
-      }
-    });
+    threads_.emplace_back([&ctx] { run_logging_errors(*ctx, "gateway I/O thread"); });
   }
   spdlog::info("gateway {} serving http://{}:{} with {} threads, broker {}", config_.id, hp->host, port_,
                config_.threads, config_.broker);

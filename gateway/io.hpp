@@ -21,6 +21,10 @@ using timer = boost::asio::basic_waitable_timer<std::chrono::steady_clock,
                                                 boost::asio::wait_traits<std::chrono::steady_clock>, io_executor>;
 using tcp_socket = boost::asio::basic_stream_socket<boost::asio::ip::tcp, io_executor>;
 
+/// Runs `context` on the calling thread until it stops. Handlers should
+/// never throw; if one does, it is logged (as `what`) and the loop goes on.
+void run_logging_errors(boost::asio::io_context& context, const char* what);
+
 /// The io_context executor inside `ex`; every executor the gateway hands
 /// out is one.
 inline io_executor io_executor_of(const boost::asio::any_io_executor& ex) {

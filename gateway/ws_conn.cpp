@@ -12,7 +12,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/beast/websocket.hpp>
 
-#include "proto/codec.hpp"
+#include "core/utf8.hpp"
 
 namespace sidecast::gateway {
 
@@ -280,7 +280,7 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
         message_.assign(payload, size);
         return true;
       }
-      if (op == text && !proto::valid_utf8({payload, size})) break;
+      if (op == text && !core::valid_utf8({payload, size})) break;
       deliver(std::string{payload, size}, op == binary);
       return !finished_;
     case continuation: {
@@ -290,7 +290,7 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
       message_ = std::string{};
       bool is_binary = *message_op_ == binary;
       message_op_.reset();
-      if (!is_binary && !proto::valid_utf8(message)) break;
+      if (!is_binary && !core::valid_utf8(message)) break;
       deliver(std::move(message), is_binary);
       return !finished_;
     }
@@ -311,7 +311,7 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
           fail(protocol_error);
           return false;
         }
-        if (!proto::valid_utf8({payload + 2, size - 2})) break;
+        if (!core::valid_utf8({payload + 2, size - 2})) break;
       }
       peer_closed_ = true;
       if (closing_) {
@@ -346,9 +346,9 @@ void ws_conn::send(frame f) {
   });
 }
 
-void ws_conn::send(std::vector<frame> frames) {
-  asio::dispatch(socket_.get_executor(), [self = shared_from_this(), frames = std::move(frames)]() mutable {
-    for (auto& f : frames) self->enqueue(std::move(f.data), f.binary ? binary : text);
+void ws_conn::send(frames message) {
+  asio::dispatch(socket_.get_executor(), [self = shared_from_this(), message = std::move(message)]() mutable {
+    for (auto& f : message) self->enqueue(std::move(f.data), f.binary ? binary : text);
   });
 }
 

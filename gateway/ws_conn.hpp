@@ -29,6 +29,7 @@
 #include <vector>
 
 #include <boost/beast/core/tcp_stream.hpp>
+#include <boost/container/small_vector.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
 
@@ -41,6 +42,9 @@ struct frame {
   std::shared_ptr<const std::string> data;
   bool binary = false;
 };
+/// The frames of one message (a packet and its binary attachments): nearly
+/// always one, kept inline so a delivery allocates no vector.
+using frames = boost::container::small_vector<frame, 1>;
 
 struct ws_limits {
   std::size_t max_message = 1000000;
@@ -67,7 +71,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   /// Thread-safe. Queues frames in order; drops the connection if the queue
   /// would pass its bounds.
   void send(frame f);
-  void send(std::vector<frame> frames);
+  void send(frames message);
   /// Thread-safe. Sends what is queued, then a close frame, then closes.
   void close();
 

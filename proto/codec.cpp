@@ -1,7 +1,8 @@
 #include "proto/codec.hpp"
 
-#include <cstring>
 #include <limits>
+
+#include "core/utf8.hpp"
 
 using namespace std::literals;
 
@@ -78,7 +79,7 @@ bool peek_fields(std::string_view body, hot_envelope& out, Known known) {
     }
     std::string_view value;
     if (wire != 2 || !r.length_delimited(value)) return false;
-    if (f == field::string && !valid_utf8(value)) return false;
+    if (f == field::string && !core::valid_utf8(value)) return false;
     if (number == 1) out.id = value;
     if (number == 2 && out.kind == Envelope::kRequest) out.service = value;
   }
@@ -86,47 +87,6 @@ bool peek_fields(std::string_view body, hot_envelope& out, Known known) {
 }
 
 }  // namespace
-
-// UTF-8 as protobuf checks proto3 strings: no overlong forms, no
-// surrogates, nothing past U+10FFFF.
-bool valid_utf8(std::string_view s) {
-  auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  auto* end = p + s.size();
-  while (p < end) {
-    if (end - p >= 8) {  // eight ASCII bytes at a time
-      std::uint64_t chunk;
-      std::memcpy(&chunk, p, 8);
-      if (!(chunk & 0x8080808080808080ull)) {
-        p += 8;
-        continue;
-      }
-    }
-    if (*p < 0x80) {
-      ++p;
-      continue;
-    }
-    int n;
-    std::uint32_t cp;
-    if ((*p & 0xe0) == 0xc0) {
-      n = 1, cp = *p & 0x1f;
-    } else if ((*p & 0xf0) == 0xe0) {
-      n = 2, cp = *p & 0x0f;
-    } else if ((*p & 0xf8) == 0xf0) {
-      n = 3, cp = *p & 0x07;
-    } else {
-      return false;
-    }
-    if (end - p <= n) return false;
-    for (int i = 1; i <= n; ++i) {
-      if ((p[i] & 0xc0) != 0x80) return false;
-      cp = (cp << 6) | (p[i] & 0x3f);
-    }
-    static constexpr std::uint32_t min_for[] = {0, 0x80, 0x800, 0x10000};
-    if (cp < min_for[n] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
-    p += n + 1;
-  }
-  return true;
-}
 
 hot_envelope peek(std::string_view bytes) {
   hot_envelope out;

@@ -52,10 +52,6 @@ hot_envelope head_of(const Envelope& env);
 /// Serializes an envelope.
 std::string encode(const Envelope& env);
 
-/// UTF-8 as protobuf checks proto3 strings (and RFC 6455 text frames):
-/// no overlong forms, no surrogates, nothing past U+10FFFF.
-bool valid_utf8(std::string_view s);
-
 /// Short name of the envelope's kind, for logs and metric labels.
 std::string_view kind_name(const Envelope& env);
 std::string_view kind_name(Envelope::KindCase kind);

@@ -88,7 +88,6 @@ histogram merged_latency(runtime& rt) {
 double round1(double v) { return std::round(v * 10) / 10; }
 double round3(double v) { return std::round(v * 1000) / 1000; }
 
-// Common fields: the window's length, CPU figures per message, percentiles.
 // What was expected and what arrived, and what the generator had to refuse or skip.
 void add_outcome(boost::json::object& r, runtime& rt, std::uint64_t exp, std::uint64_t got) {
   r["expected"] = exp;
@@ -98,6 +97,7 @@ void add_outcome(boost::json::object& r, runtime& rt, std::uint64_t exp, std::ui
   r["skipped"] = sum(rt, [](worker_thread& t) -> counter& { return t.skipped; });
 }
 
+// Common fields: the window's length, CPU figures per message, percentiles.
 void add_common(boost::json::object& r, runtime& rt, const scenario_options& o, const sample& a, const sample& b,
                 std::uint64_t messages, const char* per) {
   double secs = static_cast<double>(b.wall_ns - a.wall_ns) / 1e9;

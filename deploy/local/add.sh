@@ -81,7 +81,7 @@ start_balancer() {
 case "$part" in
   gateway)
     n=$(( $(count gw) + 1 ))
-    id=gw$n gport=$(free_port)
+    id=gw$n gport=$(free_ports 1)
     start "$id" "$BIN/sidecast-gateway" --gateway-id "$id" --http "127.0.0.1:$gport" --broker "$ROUTER" \
       --events "$XPUB" --api-key "$API_KEY"
     wait_healthy "http://127.0.0.1:$gport/healthz" "$id" || exit 1

@@ -1,8 +1,6 @@
 # Shared by up.sh and add.sh (sourced, not run).
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# free_ports N: N distinct free loopback ports, held open until all are picked
-# (ports picked one call at a time can come back twice before anyone binds).
-free_ports() { /usr/bin/python3 -c 'import socket,sys; s=[socket.socket() for _ in range(int(sys.argv[1]))]; [x.bind(("127.0.0.1",0)) for x in s]; print(*[x.getsockname()[1] for x in s])' "$1"; }
+# free_ports N: N distinct free loopback ports (tools/free-ports).
+free_ports() { "$(dirname "${BASH_SOURCE[0]}")/../../tools/free-ports" "$1"; }
 # start NAME CMD...: runs CMD detached, logs to $run_dir/NAME.log, records "NAME PID".
 start() {
   local name=$1; shift

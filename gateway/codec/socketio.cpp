@@ -9,6 +9,7 @@
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
+#include "core/utf8.hpp"
 #include "gateway/codec/json_scan.hpp"
 
 namespace sidecast::gateway::socketio {
@@ -57,49 +58,6 @@ bool is_digit(char c) noexcept { return c >= '0' && c <= '9'; }
 
 bool is_binary(packet_type t) noexcept {
   return t == packet_type::binary_event || t == packet_type::binary_ack;
-}
-
-// Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, at most U+10FFFF.
-bool valid_utf8(std::string_view s) noexcept {
-  std::size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    std::size_t len = 0;
-    unsigned char lo = 0x80;
-    unsigned char hi = 0xbf;
-    if (c >= 0xc2 && c <= 0xdf) {
-      len = 2;
-    } else if (c >= 0xe0 && c <= 0xef) {
-      len = 3;
-      if (c == 0xe0) lo = 0xa0;
-      if (c == 0xed) hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-      len = 4;
-      if (c == 0xf0) lo = 0x90;
-      if (c == 0xf4) hi = 0x8f;
-    } else {
-      return false;
-    }
-    if (s.size() - i < len) {
-      return false;
-    }
-    const auto c1 = static_cast<unsigned char>(s[i + 1]);
-    if (c1 < lo || c1 > hi) {
-      return false;
-    }
-    for (std::size_t k = 2; k < len; ++k) {
-      const auto ck = static_cast<unsigned char>(s[i + k]);
-      if (ck < 0x80 || ck > 0xbf) {
-        return false;
-      }
-    }
-    i += len;
-  }
-  return true;
 }
 
 // Where a placeholder's "num" is valid, returns it.
@@ -220,7 +178,7 @@ bool valid_namespace(std::string_view nsp) noexcept {
       return false;
     }
   }
-  return valid_utf8(nsp);
+  return core::valid_utf8(nsp);
 }
 
 bool is_reserved_event(std::string_view name) noexcept {

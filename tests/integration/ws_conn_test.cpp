@@ -203,6 +203,20 @@ class raw_client {
 
 constexpr std::uint8_t text = 1, binary = 2, close_op = 8, ping = 9, pong = 10, continuation = 0;
 
+// The server closed TCP, and counted it as its `closes`-th ended connection.
+void expect_ended(raw_client& c, const echo_server& server, int closes) {
+  EXPECT_TRUE(c.ended());
+  EXPECT_TRUE(test::eventually([&] { return server.closes() == closes; }));
+}
+
+// The server's close frame, then the end (as above); returns its code (1005: none).
+unsigned expect_close(raw_client& c, const echo_server& server, int closes) {
+  auto g = c.read();
+  EXPECT_EQ(g.op, close_op);
+  expect_ended(c, server, closes);
+  return g.close_code();
+}
+
 TEST(WsConn, EchoesTextAndBinary) {
   echo_server server{{}};
   raw_client c{server.port()};
@@ -294,12 +308,7 @@ TEST(WsConn, WhatAClientMayNotSendClosesWithTheRightCode) {
     c.write(raw_client::make(text, "fine"));
     EXPECT_EQ(c.read().payload, "fine");
     c.write(bad.bytes);
-    auto g = c.read();
-    EXPECT_EQ(g.op, close_op);
-    EXPECT_EQ(g.close_code(), bad.code);
-    EXPECT_TRUE(c.ended());
-    ++n;
-    EXPECT_TRUE(test::eventually([&] { return server.closes() == n; }));
+    EXPECT_EQ(expect_close(c, server, ++n), bad.code);
   }
   EXPECT_EQ(server.metrics().oversize.Value(), 2);
 }
@@ -308,11 +317,7 @@ TEST(WsConn, EchoesTheClientsCloseAndEndsTheConnection) {
   echo_server server{{}};
   raw_client c{server.port()};
   c.write(raw_client::make(close_op, std::string("\x0f\xa0", 2) + "bye"));  // 4000
-  auto g = c.read();
-  EXPECT_EQ(g.op, close_op);
-  EXPECT_EQ(g.close_code(), 4000u);
-  EXPECT_TRUE(c.ended());
-  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+  EXPECT_EQ(expect_close(c, server, 1), 4000u);
 }
 
 TEST(WsConn, ServerCloseSendsWhatIsQueuedThenAnEmptyCloseFrame) {
@@ -324,8 +329,7 @@ TEST(WsConn, ServerCloseSendsWhatIsQueuedThenAnEmptyCloseFrame) {
   EXPECT_EQ(g.op, close_op);
   EXPECT_EQ(g.payload, "");  // no status code, as Node's ws sends
   c.write(raw_client::make(close_op, ""));
-  EXPECT_TRUE(c.ended());
-  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+  expect_ended(c, server, 1);
 }
 
 TEST(WsConn, ALargeBurstGoesOutWholeThroughPartialWrites) {
@@ -352,8 +356,7 @@ TEST(WsConn, AConsumerPastTheQueueBoundIsDropped) {
   echo_server server{limits};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "flood 17 10"));
-  EXPECT_TRUE(c.ended());
-  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+  expect_ended(c, server, 1);
   EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
 
   raw_client fine{server.port()};
@@ -385,10 +388,7 @@ TEST(WsConn, AClientCloseRightAfterTheServersStillGetsTheServersCloseFrame) {
   // segment, so it arrives before the server's close frame has been written.
   c.write(raw_client::make(text, "one") + raw_client::make(text, "close-me") + raw_client::make(close_op, ""));
   EXPECT_EQ(c.read().payload, "one");
-  auto g = c.read();
-  EXPECT_EQ(g.op, close_op);
-  EXPECT_TRUE(c.ended());
-  EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
+  EXPECT_EQ(expect_close(c, server, 1), 1005u);  // an empty close frame: the server's own
 }
 
 TEST(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {

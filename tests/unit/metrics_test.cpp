@@ -9,7 +9,7 @@ TEST(BatchedHistogram, PublishesOnFlushWithPrometheusBuckets) {
   prometheus::Registry registry;
   const prometheus::Histogram::BucketBoundaries bounds{0.001, 0.01};
   auto& h = prometheus::BuildHistogram().Name("t_seconds").Help("t").Register(registry).Add({}, bounds);
-  batched_histogram batch{h, bounds};
+  batched_histogram batch{h};
   for (double v : {0.0005, 0.001, 0.005, 0.01, 0.5}) batch.observe(v);
   EXPECT_EQ(h.Collect().histogram.sample_count, 0u) << "nothing published before flush()";
   batch.flush();
