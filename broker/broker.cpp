@@ -170,6 +170,12 @@ bool broker::healthy() const {
 }
 
 void broker::run() {
+  input_ = {};
+  router_in_ = input_.add(router_);
+  xsub_in_ = input_.add(xsub_);
+  xpub_in_ = input_.add(xpub_);
+  wake_in_ = input_.add(wakeup_.fd());
+  if (zap_) zap_in_ = input_.add(zap_->socket());
   next_tick_ = clock::now();
   while (!stopping_) {
     auto now = clock::now();
@@ -183,24 +189,17 @@ void broker::run() {
     auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(wake - now) +
                    std::chrono::milliseconds(1);
 
-    zmq::pollitem_t items[] = {
-        {router_.handle(), 0, ZMQ_POLLIN, 0},
-        {xsub_.handle(), 0, ZMQ_POLLIN, 0},
-        {xpub_.handle(), 0, ZMQ_POLLIN, 0},
-        {nullptr, wakeup_.fd(), ZMQ_POLLIN, 0},
-        {zap_ ? zap_->socket().handle() : nullptr, 0, ZMQ_POLLIN, 0},
-    };
     try {
-      zmq::poll(items, zap_ ? 5 : 4, std::max(timeout, std::chrono::milliseconds(0)));
+      input_.wait(std::max(timeout, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
       if (e.num() == EINTR) continue;
       throw;
     }
-    if (items[3].revents & ZMQ_POLLIN) wakeup_.drain();
-    if (zap_ && (items[4].revents & ZMQ_POLLIN) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
+    if (input_.ready(wake_in_)) wakeup_.drain();
+    if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
     // One clock reading per turn: messages of a batch share a timestamp.
     now_ = clock::now();
-    if (items[0].revents & ZMQ_POLLIN) {
+    if (input_.ready(router_in_)) {
       for (std::size_t i = 0; i < config_.batch; ++i) {
         zmq::message_t identity, payload;
         if (!router_.recv(identity, zmq::recv_flags::dontwait)) break;
@@ -219,8 +218,10 @@ void broker::run() {
       }
       dispatch(now_);
     }
-    if (items[1].revents & ZMQ_POLLIN) forward_events();
-    if (items[2].revents & ZMQ_POLLIN) drain_subscriptions();
+    if (input_.ready(xsub_in_)) forward_events();
+    if (input_.ready(xpub_in_)) drain_subscriptions();
+    // Replies, dispatches and expiries go out on the ROUTER every turn.
+    input_.used(router_in_);
   }
   spdlog::info("broker {} stopped", config_.id);
 }
@@ -513,6 +514,7 @@ void broker::publish(const proto::Emit& emit, std::string_view payload) {
   }
   xpub_.send(zmq::buffer(topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
   xpub_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+  input_.used(xpub_in_);
   ++stats_.events;
   metrics_->events.Increment();
 }
@@ -537,6 +539,7 @@ void broker::forward_events() {
     // XPUB never blocks: a subscriber over its HWM loses the event.
     xpub_.send(topic, zmq::send_flags::sndmore | zmq::send_flags::dontwait);
     xpub_.send(body, zmq::send_flags::dontwait);
+    input_.used(xpub_in_);
     ++stats_.events;
     metrics_->events.Increment();
   }

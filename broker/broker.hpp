@@ -15,6 +15,7 @@
 
 #include "broker/service_table.hpp"
 #include "core/curve.hpp"
+#include "core/input_wait.hpp"
 #include "core/log.hpp"
 #include "core/metrics.hpp"
 #include "core/wakeup.hpp"
@@ -105,6 +106,8 @@ class broker {
   zmq::socket_t xpub_;
   core::wakeup wakeup_;
   std::unique_ptr<core::zap_handler> zap_;
+  core::input_wait input_;  // the loop's wait on the sockets above
+  std::size_t router_in_ = 0, xsub_in_ = 0, xpub_in_ = 0, wake_in_ = 0, zap_in_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<std::int64_t> last_turn_ns_{0};
 

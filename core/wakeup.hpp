@@ -1,5 +1,5 @@
 #pragma once
-// An eventfd that one thread polls (with zmq::poll, next to its sockets) and
+// An eventfd that one thread waits on (next to its sockets, core/input_wait) and
 // any thread signals. Signals coalesce: one wake-up may cover many.
 namespace sidecast::core {
 

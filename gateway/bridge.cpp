@@ -101,7 +101,9 @@ bool bridge::post(std::function<void()> command) {
     queued_.fetch_sub(1, std::memory_order_relaxed);
     if (!link_) return;  // not open (it failed): nothing to talk to
     command();
-    schedule_pump();  // one pump after a batch of commands: their sends may have eaten a ZMQ_FD edge
+    // One pump after a batch of commands: their sends may have eaten a ZMQ_FD edge.
+    link_watch_.dirty = true;
+    schedule_pump();
   });
   return true;
 }
@@ -197,27 +199,39 @@ void bridge::schedule_pump() {
 void bridge::pump() {
   if (!link_ || stopped_) return;
   bool more = false;
-  for (int i = 0;; ++i) {
-    if (i == 1024) {
-      more = true;
-      break;
+  // Only a socket that is dirty (its descriptor fired, or it was used since
+  // it was last drained) is read: reading an idle socket costs libzmq two
+  // system calls to find nothing (see core/input_wait.hpp).
+  if (link_watch_.dirty) {
+    link_watch_.dirty = false;
+    for (int i = 0;; ++i) {
+      if (i == 1024) {
+        more = link_watch_.dirty = true;
+        break;
+      }
+      auto env = link_->receive();
+      if (!env) break;
+      on_broker(std::move(*env));
     }
-    auto env = link_->receive();
-    if (!env) break;
-    on_broker(std::move(*env));
   }
-  for (int i = 0;; ++i) {
-    if (i == 1024) {
-      more = true;
-      break;
+  if (sub_watch_.dirty) {
+    sub_watch_.dirty = false;
+    for (int i = 0;; ++i) {
+      if (i == 1024) {
+        more = sub_watch_.dirty = true;
+        break;
+      }
+      zmq::message_t topic, body;
+      if (!sub_->recv(topic, zmq::recv_flags::dontwait)) break;
+      if (!topic.more() || !sub_->recv(body, zmq::recv_flags::dontwait)) continue;
+      on_event(topic.to_string_view(), body.to_string_view());
     }
-    zmq::message_t topic, body;
-    if (!sub_->recv(topic, zmq::recv_flags::dontwait)) break;
-    if (!topic.more() || !sub_->recv(body, zmq::recv_flags::dontwait)) continue;
-    on_event(topic.to_string_view(), body.to_string_view());
   }
   auto now = clock::now();
-  if (now >= link_->next_tick()) link_->tick(now);
+  if (now >= link_->next_tick()) {
+    link_->tick(now);  // heartbeats, or a new socket
+    link_watch_.dirty = true;
+  }
   welcomed_ = link_->welcomed();
   metrics_.broker_connected.Set(welcomed_ ? 1 : 0);
   expire(now);
@@ -242,17 +256,24 @@ void bridge::arm() {
       pump();
     });
   }
-  // ZMQ_FD only signals a change, and reading ZMQ_EVENTS may consume it: a
-  // message that came after the last receive, before the waits were set,
-  // is seen here or never.
-  if ((link_->socket().get(zmq::sockopt::events) & ZMQ_POLLIN) || (sub_->get(zmq::sockopt::events) & ZMQ_POLLIN))
-    schedule_pump();
+  // ZMQ_FD only signals a change, and a send or ZMQ_EVENTS may consume it:
+  // a socket used since it was drained may hold a message its descriptor
+  // will never announce. Asked here, or never.
+  auto ask = [](watch& w, zmq::socket_t& socket) {
+    if (!w.dirty) return false;
+    w.dirty = (socket.get(zmq::sockopt::events) & ZMQ_POLLIN) != 0;
+    return w.dirty;
+  };
+  bool link_has = ask(link_watch_, link_->socket());
+  bool sub_has = ask(sub_watch_, *sub_);
+  if (link_has || sub_has) schedule_pump();
 }
 
 bool bridge::arm(watch& w, zmq::socket_t& socket) {
   if (w.socket != socket.handle()) {
     w.fd.reset();  // the peer link made a new socket (reconnect)
     w.waiting = false;
+    w.dirty = true;
     w.socket = nullptr;
     int fd = ::dup(socket.get(zmq::sockopt::fd));
     if (fd < 0) {
@@ -273,6 +294,7 @@ bool bridge::arm(watch& w, zmq::socket_t& socket) {
   w.fd->async_wait(asio::posix::descriptor_base::wait_read, [this, &w](boost::system::error_code ec) {
     if (ec == asio::error::operation_aborted) return;  // a replaced descriptor's wait: not ours to clear
     w.waiting = false;
+    w.dirty = true;
     if (!ec) pump();
   });
   return true;
@@ -339,6 +361,7 @@ void bridge::expire(clock::time_point now) {
     cancel.mutable_cancel()->set_id(id);
     cancel.mutable_cancel()->set_reason(proto::TIMEOUT);
     link_->send(cancel);
+    link_watch_.dirty = true;
   }
 }
 
@@ -438,6 +461,7 @@ void bridge::add_to_topic(const std::string& topic, const std::string& sid) {
   auto& set = topics_[topic];
   if (set.empty()) {
     sub_->set(zmq::sockopt::subscribe, topic);
+    sub_watch_.dirty = true;
     if (topic.front() == 'r') metrics_.rooms.Increment();
   }
   set.insert(sid);
@@ -449,6 +473,7 @@ void bridge::remove_from_topic(const std::string& topic, const std::string& sid)
   it->second.erase(sid);
   if (it->second.empty()) {
     sub_->set(zmq::sockopt::unsubscribe, topic);
+    sub_watch_.dirty = true;
     if (topic.front() == 'r') metrics_.rooms.Decrement();
     topics_.erase(it);
   }
@@ -464,6 +489,7 @@ void bridge::report(const std::string& to, proto::DeliveryReport::Status status,
   r->set_ref(ref);
   r->set_to(to);
   link_->send(env);
+  link_watch_.dirty = true;
 }
 
 }  // namespace sidecast::gateway

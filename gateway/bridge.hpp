@@ -97,6 +97,7 @@ class bridge {
     void* socket = nullptr;  // the zmq socket the descriptor belongs to
     std::optional<boost::asio::posix::basic_stream_descriptor<io_executor>> fd;
     bool waiting = false;
+    bool dirty = true;  // may hold input its descriptor will not announce: read or ask it
   };
 
   bool post(std::function<void()> command);

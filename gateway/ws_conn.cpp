@@ -1,5 +1,6 @@
 #include "gateway/ws_conn.hpp"
 
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -9,8 +10,10 @@
 #include <span>
 
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/beast/websocket.hpp>
+#include <spdlog/spdlog.h>
 
 #include "core/utf8.hpp"
 
@@ -20,17 +23,26 @@ namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace websocket = beast::websocket;
 
-// What the WebSocket connections of one io_context (one thread) share: the
-// buffer every read lands in, and the connections waiting to flush. The
-// flusher is posted once for all of them, so it runs after the handlers
-// already queued (the rest of a broadcast, other replies) and each
-// connection writes everything they queued in one call.
+// What the WebSocket connections of one io_context (one thread) share:
+//
+//  - Readiness. Once upgraded, a connection's descriptor leaves Asio's
+//    reactor for this loop's own epoll set, registered once, edge-triggered
+//    for reading and writing. Asio waits on that set's descriptor, so a
+//    batch of ready connections costs one wait and one epoll_wait; an Asio
+//    wait per connection would cost an epoll_ctl on every read, because Asio
+//    re-arms the descriptor for each wait.
+//  - The buffer every read lands in.
+//  - The connections waiting to flush. The flusher is posted once for all
+//    of them, so it runs after the handlers already queued (the rest of a
+//    broadcast, other replies) and each connection writes everything they
+//    queued in one call.
 class ws_loop : public asio::execution_context::service {
  public:
   using key_type = ws_loop;
   static asio::execution_context::id id;
 
-  explicit ws_loop(asio::execution_context& context) : service{context} {}
+  explicit ws_loop(asio::execution_context& context)
+      : service{context}, context_{static_cast<asio::io_context&>(context)} {}
 
   static ws_loop& of(const io_executor& ex) { return asio::use_service<ws_loop>(ex.context()); }
 
@@ -39,15 +51,106 @@ class ws_loop : public asio::execution_context::service {
     return {read_buffer_.get(), read_size};
   }
 
-  void ask(std::shared_ptr<ws_conn> conn, const io_executor& ex) {
+  void ask(std::shared_ptr<ws_conn> conn) {
     dirty_.push_back(std::move(conn));
     if (scheduled_) return;
     scheduled_ = true;
-    asio::post(ex, [this] { run(); });
+    asio::post(context_, [this] { run(); });
+  }
+
+  /// Adds the connection's descriptor to the set, which keeps the connection
+  /// alive until unwatch(). False (errno set) when the descriptor cannot be added.
+  bool watch(std::shared_ptr<ws_conn> conn) {
+    if (!open()) return false;
+    std::uint32_t index;
+    if (free_.empty()) {
+      index = static_cast<std::uint32_t>(slots_.size());
+      slots_.emplace_back();
+    } else {
+      index = free_.back();
+      free_.pop_back();
+    }
+    auto& entry = slots_[index];
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = (std::uint64_t{entry.generation} << 32) | index;
+    if (::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_ADD, conn->fd_, &ev) != 0) {
+      free_.push_back(index);
+      return false;
+    }
+    conn->slot_ = index;
+    entry.conn = std::move(conn);
+    arm();
+    return true;
+  }
+
+  /// Takes the descriptor out of the set; returns the reference the set
+  /// held, for the caller to drop when it is done with the connection.
+  std::shared_ptr<ws_conn> unwatch(ws_conn& conn) {
+    if (conn.slot_ == ws_conn::no_slot) return nullptr;
+    auto& entry = slots_[conn.slot_];
+    ::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_DEL, conn.fd_, nullptr);
+    ++entry.generation;  // events already fetched for it are stale
+    free_.push_back(conn.slot_);
+    conn.slot_ = ws_conn::no_slot;
+    return std::move(entry.conn);
   }
 
  private:
   static constexpr std::size_t read_size = 64 * 1024;
+  static constexpr int max_events = 256;
+
+  struct watched {
+    std::shared_ptr<ws_conn> conn;
+    std::uint32_t generation = 0;
+  };
+
+  bool open() {
+    if (epoll_.is_open()) return true;
+    int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) return false;
+    boost::system::error_code ec;
+    epoll_.assign(fd, ec);
+    if (ec) {
+      ::close(fd);
+      errno = ec.value();
+      return false;
+    }
+    return true;
+  }
+
+  void arm() {
+    if (armed_ || !epoll_.is_open()) return;
+    armed_ = true;
+    epoll_.async_wait(asio::posix::descriptor_base::wait_read, [this](boost::system::error_code ec) {
+      armed_ = false;
+      if (ec == asio::error::operation_aborted) return;
+      if (ec) {
+        spdlog::error("gateway: waiting on the WebSocket epoll set failed: {}", ec.message());
+        return;
+      }
+      on_ready();
+    });
+  }
+
+  void on_ready() {
+    epoll_event events[max_events];
+    int n = ::epoll_wait(epoll_.native_handle(), events, max_events, 0);
+    if (n < 0 && errno != EINTR) spdlog::error("gateway: epoll_wait: {}", std::strerror(errno));
+    for (int i = 0; i < n; ++i) {
+      auto index = static_cast<std::uint32_t>(events[i].data.u64);
+      auto generation = static_cast<std::uint32_t>(events[i].data.u64 >> 32);
+      if (index >= slots_.size() || slots_[index].generation != generation || !slots_[index].conn) continue;
+      auto conn = slots_[index].conn;  // the handlers may unwatch it
+      const auto e = events[i].events;
+      if (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) conn->on_writable();
+      if (e & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) conn->on_readable();
+    }
+    // A full batch may have left more ready: take them after the handlers
+    // queued meanwhile, not before.
+    if (n == max_events) asio::post(context_, [this] { on_ready(); });
+    else arm();
+  }
 
   void run() {
     scheduled_ = false;
@@ -62,8 +165,17 @@ class ws_loop : public asio::execution_context::service {
   void shutdown() override {
     dirty_.clear();
     batch_.clear();
+    boost::system::error_code ignored;
+    epoll_.close(ignored);
+    slots_.clear();
+    free_.clear();
   }
 
+  asio::io_context& context_;
+  asio::posix::basic_stream_descriptor<io_executor> epoll_{context_.get_executor()};
+  std::vector<watched> slots_;
+  std::vector<std::uint32_t> free_;
+  bool armed_ = false;
   std::unique_ptr<char[]> read_buffer_;
   std::vector<std::shared_ptr<ws_conn>> dirty_, batch_;
   bool scheduled_ = false;
@@ -125,15 +237,16 @@ std::shared_ptr<const std::string> close_payload(unsigned code) {
 }  // namespace
 
 ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold)
-    : socket_{io_executor_of(stream.get_executor())},
-      loop_{ws_loop::of(socket_.get_executor())},
+    : ex_{io_executor_of(stream.get_executor())},
+      socket_{ex_},
+      loop_{ws_loop::of(ex_)},
       limits_{limits},
       metrics_{metrics},
       hold_{std::move(hold)} {
   // The same descriptor, on a socket typed for the io_context (gateway/io.hpp).
   auto socket = stream.release_socket();
   beast::error_code ec;
-  // On failure socket_ stays closed: the first wait fails and ends the connection.
+  // On failure socket_ stays closed: the handshake fails and ends the connection.
   auto protocol = socket.local_endpoint(ec).protocol();
   if (ec) {
     socket.close(ec);
@@ -148,7 +261,9 @@ ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& me
   if (ec) ::close(fd);
 }
 
-ws_conn::~ws_conn() = default;
+ws_conn::~ws_conn() {
+  if (fd_ >= 0) ::close(fd_);
+}
 
 void ws_conn::accept(beast::http::request<beast::http::string_body> request, message_handler on_message,
                      close_handler on_close) {
@@ -169,30 +284,27 @@ void ws_conn::accept(beast::http::request<beast::http::string_body> request, mes
 void ws_conn::on_accepted(beast::error_code ec) {
   if (finished_) return;
   if (ec) return finish();
+  // From here on the descriptor is ours, in the thread's epoll set (ws_loop).
+  fd_ = socket_.release(ec);
+  if (ec) return finish();
+  if (!loop_.watch(shared_from_this())) {
+    spdlog::warn("gateway: cannot watch a WebSocket connection: {}", std::strerror(errno));
+    return finish();
+  }
   accepted_ = true;
-  wait_read();
   if (head_ < queue_.size()) schedule_flush();
 }
 
 // ---- reading ----
 
-void ws_conn::wait_read() {
-  if (reading_ || finished_ || peer_closed_) return;
-  reading_ = true;
-  socket_.async_wait(asio::socket_base::wait_read,
-                     exact([self = shared_from_this()](beast::error_code ec) { self->on_readable(ec); }));
-}
-
-void ws_conn::on_readable(beast::error_code ec) {
-  reading_ = false;
-  if (finished_) return;
-  if (ec) return finish();
+void ws_conn::on_readable() {
+  if (finished_ || peer_closed_) return;
   auto buffer = loop_.read_buffer();
   for (int round = 0; round < read_rounds; ++round) {
-    auto n = ::recv(socket_.native_handle(), buffer.data(), buffer.size(), MSG_DONTWAIT);
+    auto n = ::recv(fd_, buffer.data(), buffer.size(), MSG_DONTWAIT);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return drained();
       return finish();
     }
     if (n == 0) return finish();  // the client closed TCP
@@ -209,10 +321,16 @@ void ws_conn::on_readable(beast::error_code ec) {
       partial_.erase(0, *used);
     }
     if (peer_closed_) return;
-    if (size < buffer.size()) break;  // the socket is very likely drained
+    // A short read emptied the socket: what arrives later is a new edge.
+    if (size < buffer.size()) return drained();
   }
+  // Still data after a few full buffers. No new edge comes for it, so read
+  // on later, after the other connections have had their turn.
+  asio::post(ex_, [self = shared_from_this()] { self->on_readable(); });
+}
+
+void ws_conn::drained() {
   if (partial_.empty() && partial_.capacity() > 4096) partial_ = std::string{};  // an idle connection keeps none
-  wait_read();
 }
 
 std::optional<std::size_t> ws_conn::parse(char* data, std::size_t size) {
@@ -341,13 +459,13 @@ void ws_conn::deliver(std::string message, bool is_binary) {
 // ---- writing ----
 
 void ws_conn::send(frame f) {
-  asio::dispatch(socket_.get_executor(), [self = shared_from_this(), f = std::move(f)]() mutable {
+  asio::dispatch(ex_, [self = shared_from_this(), f = std::move(f)]() mutable {
     self->enqueue(std::move(f.data), f.binary ? binary : text);
   });
 }
 
 void ws_conn::send(frames message) {
-  asio::dispatch(socket_.get_executor(), [self = shared_from_this(), message = std::move(message)]() mutable {
+  asio::dispatch(ex_, [self = shared_from_this(), message = std::move(message)]() mutable {
     for (auto& f : message) self->enqueue(std::move(f.data), f.binary ? binary : text);
   });
 }
@@ -376,7 +494,7 @@ bool ws_conn::enqueue(std::shared_ptr<const std::string> data, std::uint8_t op) 
 void ws_conn::schedule_flush() {
   if (flush_asked_ || write_waiting_ || !accepted_ || finished_) return;
   flush_asked_ = true;
-  loop_.ask(shared_from_this(), socket_.get_executor());
+  loop_.ask(shared_from_this());
 }
 
 void ws_conn::flush() {
@@ -398,7 +516,7 @@ void ws_conn::flush() {
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = static_cast<std::size_t>(n);
-    auto written = ::sendmsg(socket_.native_handle(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    auto written = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (written < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -409,12 +527,7 @@ void ws_conn::flush() {
           queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(head_));
           head_ = 0;
         }
-        write_waiting_ = true;
-        socket_.async_wait(asio::socket_base::wait_write, [self = shared_from_this()](beast::error_code ec) {
-          self->write_waiting_ = false;
-          if (ec) return self->finish();
-          self->flush();
-        });
+        write_waiting_ = true;  // until the loop reports the socket writable
         return;
       }
       return finish();
@@ -441,19 +554,24 @@ void ws_conn::flush() {
   after_flush();
 }
 
+void ws_conn::on_writable() {
+  if (!write_waiting_) return;
+  write_waiting_ = false;
+  flush();
+}
+
 void ws_conn::after_flush() {
   if (!closing_ || close_sent_) return;
   close_sent_ = true;  // the close frame was the last thing queued
   if (peer_closed_) return finish();
   // Wait (a bounded time) for the client's close frame or its FIN.
-  beast::error_code ignored;
-  socket_.shutdown(asio::socket_base::shutdown_send, ignored);
+  ::shutdown(fd_, SHUT_WR);
 }
 
 // ---- closing ----
 
 void ws_conn::close() {
-  asio::dispatch(socket_.get_executor(), [self = shared_from_this()] {
+  asio::dispatch(ex_, [self = shared_from_this()] {
     if (self->closing_ || self->finished_) return;
     // As Node's ws server does for socket.close(): no status code.
     self->start_close(nullptr);
@@ -463,7 +581,7 @@ void ws_conn::close() {
 void ws_conn::start_close(std::shared_ptr<const std::string> payload) {
   push(std::move(payload), close_op);
   closing_ = true;
-  linger_ = std::make_unique<timer>(socket_.get_executor());
+  linger_ = std::make_unique<timer>(ex_);
   linger_->expires_after(close_linger);
   linger_->async_wait([self = shared_from_this()](beast::error_code ec) {
     if (!ec) self->finish();
@@ -486,8 +604,11 @@ void ws_conn::fail(close_code code) {
 void ws_conn::finish() {
   if (finished_) return;
   finished_ = true;
+  auto watched = loop_.unwatch(*this);  // dropped when this returns
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
   beast::error_code ignored;
-  socket_.close(ignored);
+  socket_.close(ignored);  // open only while the handshake runs
   if (linger_) linger_->cancel();
   queue_.clear();
   head_ = head_written_ = queued_bytes_ = 0;

@@ -3,9 +3,10 @@
 // upgrade; after that the connection does its own framing on the bare TCP
 // socket, because that is where a fan-out server spends its time:
 //
-//  - Reading waits for readiness and reads into one buffer shared by every
-//    connection of the thread; only a partial frame is kept per connection,
-//    so an idle connection holds no read buffer.
+//  - The descriptor sits in its thread's epoll set, edge-triggered, added
+//    once. Reads go into one buffer shared by every connection of the
+//    thread; only a partial frame is kept per connection, so an idle
+//    connection holds no read buffer.
 //  - Frames to send are shared buffers (a broadcast is encoded once for all
 //    its receivers) queued with their own few header bytes. Sends made while
 //    the thread is busy are coalesced: the connection asks its thread's
@@ -75,7 +76,7 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   /// Thread-safe. Sends what is queued, then a close frame, then closes.
   void close();
 
-  boost::asio::any_io_executor executor() { return socket_.get_executor(); }
+  boost::asio::any_io_executor executor() { return ex_; }
 
  private:
   friend class ws_loop;
@@ -97,8 +98,11 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
 
   void push(std::shared_ptr<const std::string> data, std::uint8_t op);
   void on_accepted(boost::beast::error_code ec);
-  void wait_read();
-  void on_readable(boost::beast::error_code ec);
+  // Called by the loop when the descriptor may be readable (or closed) and
+  // writable; spurious calls are harmless.
+  void on_readable();
+  void on_writable();
+  void drained();  // a read found the socket empty
   // Parses whole frames from [data, data + size) (writable: payloads are
   // unmasked in place); returns the bytes consumed, or nullopt once the
   // connection is failing or closing.
@@ -115,7 +119,12 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   void fail(close_code code);
   void finish();
 
-  tcp_socket socket_;
+  static constexpr std::uint32_t no_slot = ~std::uint32_t{0};
+
+  io_executor ex_;
+  tcp_socket socket_;  // the upgrade's; then the descriptor moves to fd_
+  int fd_ = -1;
+  std::uint32_t slot_ = no_slot;  // in loop_'s epoll set
   ws_loop& loop_;
   ws_limits limits_;
   gateway_metrics& metrics_;
@@ -136,7 +145,6 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   bool accepted_ = false;      // the upgrade handshake is done: frames may go
   bool flush_asked_ = false;   // waiting for the flusher's turn
   bool write_waiting_ = false; // the socket was full: waiting for it to drain
-  bool reading_ = false;       // a read wait is pending
   bool closing_ = false;       // a close frame is queued: nothing more goes out
   bool close_sent_ = false;    // ... and written
   bool peer_closed_ = false;   // the client's close frame came

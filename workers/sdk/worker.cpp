@@ -15,6 +15,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/bounded_queue.hpp"
+#include "core/input_wait.hpp"
 #include "core/log.hpp"
 #include "core/peer_link.hpp"
 #include "core/wakeup.hpp"
@@ -281,6 +282,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (!options.publish.empty()) pub.connect(options.publish);
       std::deque<outgoing> batch;
       std::uint64_t seen_reconnects = 0;
+      core::input_wait input;
+      std::size_t link_in = 0, wake_in = 0;
+      void* watched = nullptr;  // the link socket input waits on
       while (!stopping) {
         auto now = clock::now();
         auto wake_at = link.next_tick();
@@ -290,16 +294,20 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         }
         auto timeout = std::max(std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now),
                                 std::chrono::milliseconds(0));
-        zmq::pollitem_t items[] = {{link.socket().handle(), 0, ZMQ_POLLIN, 0},
-                                   {nullptr, wake.fd(), ZMQ_POLLIN, 0}};
+        if (link.socket().handle() != watched) {  // first turn, or the link replaced its socket
+          watched = link.socket().handle();
+          input = {};
+          link_in = input.add(link.socket());
+          wake_in = input.add(wake.fd());
+        }
         try {
-          zmq::poll(items, 2, timeout + std::chrono::milliseconds(1));
+          input.wait(timeout + std::chrono::milliseconds(1));
         } catch (const zmq::error_t& e) {
           if (e.num() == EINTR) continue;
           throw;
         }
-        if (items[1].revents & ZMQ_POLLIN) wake.drain();
-        for (int i = 0; i < 1024; ++i) {
+        if (input.ready(wake_in)) wake.drain();
+        for (int i = 0; i < 1024 && input.ready(link_in); ++i) {
           auto env = link.receive();
           if (!env) break;
           on_message(std::move(*env));
@@ -314,6 +322,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           }
         }
         batch.clear();
+        input.used(link_in);  // replies went out on it
         now = clock::now();
         if (now >= link.next_tick()) link.tick(now);
         welcomed = link.welcomed();

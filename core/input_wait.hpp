@@ -1,0 +1,54 @@
+#pragma once
+// Waiting for input on ZeroMQ sockets and plain descriptors, for a loop that
+// drains whatever is ready after each wait (recv with dontwait until EAGAIN
+// or until its batch is done).
+//
+// zmq::poll asks every socket for ZMQ_EVENTS once before it blocks and again
+// after. In libzmq, asking a socket whose command mailbox is idle costs two
+// system calls (getpid, and a poll of the mailbox's eventfd), so a loop over
+// three sockets paid about twenty system calls per turn, most of them for
+// sockets with no traffic at all. Here only the sockets that may have input
+// the mailbox cannot announce are asked: those that were ready last turn
+// (the loop may have stopped short of EAGAIN) and those the loop sent on
+// (a send processes commands, and may take the one announcing new input,
+// after which the socket's ZMQ_FD stays quiet). For every other socket,
+// its ZMQ_FD becoming readable is the signal, as libzmq documents.
+#include <chrono>
+#include <cstddef>
+#include <vector>
+
+#include <poll.h>
+
+#include <zmq.hpp>
+
+namespace sidecast::core {
+
+class input_wait {
+ public:
+  /// Adds a socket or a descriptor to wait on; returns its index.
+  std::size_t add(zmq::socket_ref socket);
+  std::size_t add(int fd);
+
+  /// The loop sent on socket `index`: ask it before the next block.
+  void used(std::size_t index) { items_[index].ask = true; }
+
+  /// Blocks until something may be ready, or for at most `timeout`
+  /// (negative: no limit). Throws zmq::error_t as zmq::poll does; EINTR
+  /// comes back as a turn with nothing ready.
+  void wait(std::chrono::milliseconds timeout);
+
+  /// After wait(): socket `index` may have input (receive until EAGAIN), or
+  /// descriptor `index` is readable.
+  bool ready(std::size_t index) const { return items_[index].ready; }
+
+ private:
+  struct item {
+    zmq::socket_ref socket;  // null for a plain descriptor
+    bool ask = true;         // ZMQ_EVENTS must be read before blocking
+    bool ready = false;
+  };
+  std::vector<item> items_;
+  std::vector<pollfd> fds_;
+};
+
+}  // namespace sidecast::core
