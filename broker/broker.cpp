@@ -202,7 +202,10 @@ void broker::run() {
     if (input_.ready(router_in_)) {
       for (std::size_t i = 0; i < config_.batch; ++i) {
         zmq::message_t identity, payload;
-        if (!router_.recv(identity, zmq::recv_flags::dontwait)) break;
+        if (!router_.recv(identity, zmq::recv_flags::dontwait)) {
+          input_.drained(router_in_);  // until send() uses it again
+          break;
+        }
         if (!identity.more() || !router_.recv(payload, zmq::recv_flags::dontwait)) {
           drop("malformed", "a message without a payload frame");
           continue;
@@ -220,8 +223,6 @@ void broker::run() {
     }
     if (input_.ready(xsub_in_)) forward_events();
     if (input_.ready(xpub_in_)) drain_subscriptions();
-    // Replies, dispatches and expiries go out on the ROUTER every turn.
-    input_.used(router_in_);
   }
   spdlog::info("broker {} stopped", config_.id);
 }
@@ -634,6 +635,7 @@ bool broker::send(std::string_view routing_id, std::string_view payload) {
 }
 
 bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
+  input_.used(router_in_);  // every send on the ROUTER comes here
   try {
     if (!router_.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
       drop("hwm", routing_id);

@@ -31,6 +31,9 @@ class input_wait {
 
   /// The loop sent on socket `index`: ask it before the next block.
   void used(std::size_t index) { items_[index].ask = true; }
+  /// A receive from socket `index` found it empty (EAGAIN), and the loop
+  /// has not sent on it since: its descriptor will announce what comes next.
+  void drained(std::size_t index) { items_[index].ask = false; }
 
   /// Blocks until something may be ready, or for at most `timeout`
   /// (negative: no limit). Throws zmq::error_t as zmq::poll does; EINTR
