@@ -238,10 +238,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   Envelope* env = nullptr;
   auto kind = head.kind;
   if (kind == Envelope::KIND_NOT_SET) {
-    google::protobuf::ArenaOptions options;
-    options.initial_block = arena_block_.data();
-    options.initial_block_size = arena_block_.size();
-    arena.emplace(options);
+    arena.emplace(proto::arena_on(arena_block_));
     env = google::protobuf::Arena::CreateMessage<Envelope>(&*arena);
     if (!proto::decode_into(bytes, *env)) {
       drop("malformed", "undecodable envelope");

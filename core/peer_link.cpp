@@ -46,9 +46,15 @@ void peer_link::heard_from_broker(clock::time_point now) {
 }
 
 std::optional<proto::Envelope> peer_link::receive() {
+  proto::Envelope env;
+  if (!receive_into(env)) return std::nullopt;
+  return env;
+}
+
+bool peer_link::receive_into(proto::Envelope& env) {
   for (;;) {
     zmq::message_t msg;
-    if (!socket_.recv(msg, zmq::recv_flags::dontwait)) return std::nullopt;
+    if (!socket_.recv(msg, zmq::recv_flags::dontwait)) return false;
     // Extra frames are not part of protocol v1: drain and drop them.
     bool extra = false;
     while (msg.more()) {
@@ -57,17 +63,16 @@ std::optional<proto::Envelope> peer_link::receive() {
     }
     auto now = clock::now();
     heard_from_broker(now);
-    auto env = extra ? std::nullopt : proto::decode(msg.to_string_view());
-    if (!env) {
+    if (extra || !proto::decode_into(msg.to_string_view(), env)) {
       ++stats_.malformed;
       if (log_limit_.allow()) spdlog::warn("peer link: dropped a malformed message from the broker");
       continue;
     }
-    switch (env->kind_case()) {
+    switch (env.kind_case()) {
       case proto::Envelope::kHeartbeat:
         continue;
       case proto::Envelope::kWelcome: {
-        const auto& w = env->welcome();
+        const auto& w = env.welcome();
         if (w.heartbeat_interval_ms() > 0) interval_ = std::chrono::milliseconds(w.heartbeat_interval_ms());
         if (w.heartbeat_liveness() > 0) liveness_ = w.heartbeat_liveness();
         // The broker's interval wins; a heartbeat planned with a longer local
@@ -79,25 +84,33 @@ std::optional<proto::Envelope> peer_link::receive() {
         continue;
       }
       case proto::Envelope::kError:
-        if (env->error().code() == proto::NOT_REGISTERED) {
+        if (env.error().code() == proto::NOT_REGISTERED) {
           // The broker restarted and the connection came back by itself.
           welcomed_ = false;
           send_hello();
           continue;
         }
         if (log_limit_.allow())
-          spdlog::warn("broker error {}: {}", proto::Code_Name(env->error().code()), env->error().message());
-        return env;
+          spdlog::warn("broker error {}: {}", proto::Code_Name(env.error().code()), env.error().message());
+        return true;
       default:
-        return env;
+        return true;
     }
   }
 }
 
-bool peer_link::send(const proto::Envelope& env) { return send_bytes(proto::encode(env)); }
+zmq::message_t message_of(const proto::Envelope& env) {
+  zmq::message_t message{env.ByteSizeLong()};
+  env.SerializeWithCachedSizesToArray(static_cast<std::uint8_t*>(message.data()));
+  return message;
+}
 
-bool peer_link::send_bytes(std::string_view bytes) {
-  auto sent = socket_.send(zmq::buffer(bytes), zmq::send_flags::dontwait);
+bool peer_link::send(const proto::Envelope& env) { return send_message(message_of(env)); }
+
+bool peer_link::send_bytes(std::string_view bytes) { return send_message(zmq::message_t{bytes.data(), bytes.size()}); }
+
+bool peer_link::send_message(zmq::message_t&& message) {
+  auto sent = socket_.send(message, zmq::send_flags::dontwait);
   if (!sent) {
     ++stats_.send_dropped;
     return false;

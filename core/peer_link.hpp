@@ -39,6 +39,10 @@ struct peer_link_stats {
   std::uint64_t malformed = 0;      // undecodable messages from the broker
 };
 
+/// An envelope serialized straight into a message ZeroMQ can send (no
+/// string in between).
+zmq::message_t message_of(const proto::Envelope& env);
+
 class peer_link {
  public:
   peer_link(zmq::context_t& context, peer_link_options options);
@@ -48,10 +52,14 @@ class peer_link {
   /// Next message for the application, or nullopt when none is waiting.
   /// Welcome, Heartbeat and registration errors are handled here.
   std::optional<proto::Envelope> receive();
+  /// The same, parsed into `env` (which may live on an arena); false when
+  /// none is waiting.
+  bool receive_into(proto::Envelope& env);
 
   /// Sends without blocking; false (and counted) when the queue is full.
   bool send(const proto::Envelope& env);
   bool send_bytes(std::string_view bytes);
+  bool send_message(zmq::message_t&& message);
 
   /// Heartbeats and broker liveness; call at or after next_tick().
   void tick(clock::time_point now);

@@ -91,22 +91,26 @@ void bridge::stop() {
 
 std::string bridge::next_id() { return id_ + ":" + std::to_string(++next_id_); }
 
-bool bridge::post(std::function<void()> command) {
+bool bridge::take_turn() {
   if (queued_.fetch_add(1, std::memory_order_relaxed) >= config_.bridge_queue || !ex_) {
     queued_.fetch_sub(1, std::memory_order_relaxed);
     metrics_.bridge_full.Increment();
     return false;
   }
-  asio::post(*ex_, [this, command = std::move(command)] {
-    queued_.fetch_sub(1, std::memory_order_relaxed);
-    if (!link_) return;  // not open (it failed): nothing to talk to
-    command();
-    // One pump after a batch of commands: their sends may have eaten a ZMQ_FD edge.
-    link_watch_.dirty = true;
-    schedule_pump();
-  });
   return true;
 }
+
+bool bridge::begin_command() {
+  queued_.fetch_sub(1, std::memory_order_relaxed);
+  return link_ != nullptr;  // not open (it failed): nothing to talk to
+}
+
+void bridge::end_command() {
+  // One pump after a batch of commands: their sends may have eaten a ZMQ_FD edge.
+  link_watch_.dirty = true;
+  schedule_pump();
+}
+
 
 bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink, std::function<void()> after) {
   return post([this, sid = std::move(sid), nsp = std::move(nsp), sink = std::move(sink), after = std::move(after)]() mutable {
@@ -132,21 +136,22 @@ bool bridge::detach(std::string sid) {
   });
 }
 
-bool bridge::request(Envelope env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
+bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
                      std::chrono::milliseconds timeout) {
   auto id = env.has_request() ? env.request().id() : env.lifecycle().id();
-  return post([this, id = std::move(id), bytes = proto::encode(env), sink = std::move(sink), tag, timeout]() mutable {
+  return post([this, id = std::move(id), message = core::message_of(env), sink = std::move(sink), tag, timeout]() mutable {
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
     auto pos = deadlines_.emplace(deadline, id);
     pending_[id] = pending{std::move(sink), tag, deadline, pos};
-    if (!link_->send_bytes(bytes)) spdlog::warn("broker link full: request {} waits for its deadline", id);
+    if (!link_->send_message(std::move(message)))
+      spdlog::warn("broker link full: request {} waits for its deadline", id);
   });
 }
 
 bool bridge::send(const Envelope& env) {
-  return post([this, bytes = proto::encode(env)] { link_->send_bytes(bytes); });
+  return post([this, message = core::message_of(env)]() mutable { link_->send_message(std::move(message)); });
 }
 
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
@@ -154,10 +159,10 @@ bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slo
   Envelope env;
   auto id = request.id();
   *env.mutable_forward() = std::move(request);
-  return post([this, id = std::move(id), bytes = proto::encode(env), slot = std::move(slot), timeout]() mutable {
+  return post([this, id = std::move(id), message = core::message_of(env), slot = std::move(slot), timeout]() mutable {
     deadlines_.emplace(clock::now() + timeout, id);
     forwards_[id] = std::move(slot);
-    link_->send_bytes(bytes);
+    link_->send_message(std::move(message));
   });
 }
 

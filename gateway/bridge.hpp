@@ -20,6 +20,7 @@
 #include <unordered_set>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <zmq.hpp>
 
@@ -62,7 +63,7 @@ class bridge {
   bool detach(std::string sid);
   /// Sends a Request or a Lifecycle CONNECT; the Reply reaches
   /// sink->deliver_reply(tag, ...), or a TIMEOUT reply after `timeout` + 1 s.
-  bool request(proto::Envelope env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
+  bool request(const proto::Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
                std::chrono::milliseconds timeout);
   /// Sends anything else (client acks, publish API emits, notices).
   bool send(const proto::Envelope& env);
@@ -100,7 +101,13 @@ class bridge {
     bool dirty = true;  // may hold input its descriptor will not announce: read or ask it
   };
 
-  bool post(std::function<void()> command);
+  // Runs `command` (move-only is fine) on the bridge's thread; false when
+  // --bridge-queue commands are already waiting.
+  template <typename Command>
+  bool post(Command&& command);
+  bool take_turn();
+  bool begin_command();
+  void end_command();
   void open();
   void schedule_pump();
   void pump();
@@ -146,5 +153,16 @@ class bridge {
   std::multimap<std::chrono::steady_clock::time_point, std::string> deadlines_;
   core::log_limiter log_limit_;
 };
+
+template <typename Command>
+bool bridge::post(Command&& command) {
+  if (!take_turn()) return false;
+  boost::asio::post(*ex_, [this, command = std::forward<Command>(command)]() mutable {
+    if (!begin_command()) return;
+    command();
+    end_command();
+  });
+  return true;
+}
 
 }  // namespace sidecast::gateway

@@ -1,6 +1,7 @@
 #include "gateway/client_socket.hpp"
 
 #include <algorithm>
+#include <array>
 
 #include <boost/json.hpp>
 
@@ -63,7 +64,11 @@ void client_socket::begin_connect() {
 
 bool client_socket::send_event(std::string event, std::string args, std::vector<std::string> attachments,
                                std::uint64_t tag) {
-  proto::Envelope env;
+  // Built on an arena over a per-thread block and serialized at once: the
+  // envelope itself allocates nothing (see proto::arena_on).
+  alignas(16) thread_local std::array<char, 4096> block;
+  google::protobuf::Arena arena{proto::arena_on(block)};
+  auto& env = *google::protobuf::Arena::CreateMessage<proto::Envelope>(&arena);
   auto* r = env.mutable_request();
   r->set_id(gw_.link().next_id());
   r->set_service(service_);
@@ -75,10 +80,10 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
   r->set_wants_reply(tag != 0);
   r->set_timeout_ms(millis(gw_.config().request_timeout));
   r->set_attempt(1);
-  r->set_auth(auth_);
-  r->set_user(user_);
+  if (!auth_.empty()) r->set_auth(auth_);
+  if (!user_.empty()) r->set_user(user_);
   if (tag == 0) return gw_.link().send(env);
-  return gw_.link().request(std::move(env), weak_from_this(), tag, gw_.config().request_timeout);
+  return gw_.link().request(env, weak_from_this(), tag, gw_.config().request_timeout);
 }
 
 void client_socket::end(const std::string& reason) {

@@ -3,6 +3,7 @@
 // the PUB/SUB topic layout and the id conventions shared by every component.
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -51,6 +52,18 @@ hot_envelope head_of(const Envelope& env);
 
 /// Serializes an envelope.
 std::string encode(const Envelope& env);
+
+/// Options for an arena whose first block is `block`, a buffer the caller
+/// keeps and reuses (for one arena at a time). An envelope built or parsed
+/// on such an arena costs no allocation beyond string contents too long for
+/// std::string's own buffer; on the heap, every message and every string
+/// field set is one.
+inline google::protobuf::ArenaOptions arena_on(std::span<char> block) {
+  google::protobuf::ArenaOptions options;
+  options.initial_block = block.data();
+  options.initial_block_size = block.size();
+  return options;
+}
 
 /// Short name of the envelope's kind, for logs and metric labels.
 std::string_view kind_name(const Envelope& env);

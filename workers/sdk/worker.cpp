@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -224,11 +225,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       args.clear();
       att.clear();
     }
-    Envelope env;
+    // Any thread answers: each builds on an arena over its own block.
+    alignas(16) thread_local std::array<char, 4096> block;
+    google::protobuf::Arena arena{proto::arena_on(block)};
+    auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
     auto* r = env.mutable_reply();
     r->set_id(st.id);
     r->set_code(code);
-    r->set_message(std::move(message));
+    if (!message.empty()) r->set_message(std::move(message));
     r->set_args(std::move(args));
     for (auto& a : att) r->add_attachments(std::move(a));
     r->set_silent(silent);
@@ -282,6 +286,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (!options.publish.empty()) pub.connect(options.publish);
       std::deque<outgoing> batch;
       std::uint64_t seen_reconnects = 0;
+      alignas(16) std::array<char, 8192> arena_block;
       core::input_wait input;
       std::size_t link_in = 0, wake_in = 0;
       void* watched = nullptr;  // the link socket input waits on
@@ -308,9 +313,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         }
         if (input.ready(wake_in)) wake.drain();
         for (int i = 0; i < 1024 && input.ready(link_in); ++i) {
-          auto env = link.receive();
-          if (!env) break;
-          on_message(std::move(*env));
+          // Parsed on an arena over a reused block: the request's fields are
+          // copied out by on_request, so the envelope never needs the heap.
+          google::protobuf::Arena arena{proto::arena_on(arena_block)};
+          auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
+          if (!link.receive_into(env)) break;
+          on_message(env);
         }
         outbox.drain(batch);
         for (auto& out : batch) {
@@ -342,7 +350,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     in_flight.clear();
   }
 
-  void on_message(Envelope env) {
+  void on_message(const Envelope& env) {
     switch (env.kind_case()) {
       case Envelope::kRequest: on_request(env); break;
       case Envelope::kLifecycle: on_request(env); break;
