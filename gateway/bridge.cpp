@@ -245,8 +245,8 @@ void bridge::pump() {
 }
 
 void bridge::arm() {
-  bool watched = arm(link_watch_, link_->socket());
-  watched = arm(sub_watch_, *sub_) && watched;
+  bool watched = arm(link_watch_, link_->socket(), link_->stats().reconnects);
+  watched = arm(sub_watch_, *sub_, 0) && watched;
   auto wake_at = link_->next_tick();
   // Out of descriptors (dup failed): look again soon rather than never.
   if (!watched) wake_at = std::min(wake_at, clock::now() + std::chrono::milliseconds(10));
@@ -274,12 +274,14 @@ void bridge::arm() {
   if (link_has || sub_has) schedule_pump();
 }
 
-bool bridge::arm(watch& w, zmq::socket_t& socket) {
-  if (w.socket != socket.handle()) {
+bool bridge::arm(watch& w, zmq::socket_t& socket, std::uint64_t generation) {
+  // A new socket may sit at the old one's address, its descriptor at the
+  // old number: the link's reconnect count tells them apart.
+  if (w.generation != generation) {
     w.fd.reset();  // the peer link made a new socket (reconnect)
     w.waiting = false;
     w.dirty = true;
-    w.socket = nullptr;
+    w.generation.reset();
     int fd = ::dup(socket.get(zmq::sockopt::fd));
     if (fd < 0) {
       if (log_limit_.allow()) spdlog::error("bridge: dup(ZMQ_FD): {}", std::strerror(errno));
@@ -292,7 +294,7 @@ bool bridge::arm(watch& w, zmq::socket_t& socket) {
       if (log_limit_.allow()) spdlog::error("bridge: cannot watch ZMQ_FD: {}", e.what());
       return false;
     }
-    w.socket = socket.handle();
+    w.generation = generation;
   }
   if (w.waiting) return true;
   w.waiting = true;

@@ -95,7 +95,7 @@ class bridge {
   // A ZeroMQ socket's ZMQ_FD, waited on through a dup of it (ZeroMQ owns
   // and closes the original; the peer link replaces its socket on reconnect).
   struct watch {
-    void* socket = nullptr;  // the zmq socket the descriptor belongs to
+    std::optional<std::uint64_t> generation;  // of the socket the descriptor belongs to
     std::optional<boost::asio::posix::basic_stream_descriptor<io_executor>> fd;
     bool waiting = false;
     bool dirty = true;  // may hold input its descriptor will not announce: read or ask it
@@ -112,7 +112,7 @@ class bridge {
   void schedule_pump();
   void pump();
   void arm();
-  bool arm(watch& w, zmq::socket_t& socket);
+  bool arm(watch& w, zmq::socket_t& socket, std::uint64_t generation);
   void on_broker(proto::Envelope env);
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);

@@ -289,7 +289,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       alignas(16) std::array<char, 8192> arena_block;
       core::input_wait input;
       std::size_t link_in = 0, wake_in = 0;
-      void* watched = nullptr;  // the link socket input waits on
+      std::optional<std::uint64_t> input_for;  // the link's reconnect count when input was set up
       while (!stopping) {
         auto now = clock::now();
         auto wake_at = link.next_tick();
@@ -299,8 +299,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         }
         auto timeout = std::max(std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now),
                                 std::chrono::milliseconds(0));
-        if (link.socket().handle() != watched) {  // first turn, or the link replaced its socket
-          watched = link.socket().handle();
+        // First turn, or the link made a new socket (which may sit at the
+        // old one's address, its descriptor at the old number).
+        if (input_for != link.stats().reconnects) {
+          input_for = link.stats().reconnects;
           input = {};
           link_in = input.add(link.socket());
           wake_in = input.add(wake.fd());
