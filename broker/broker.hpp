@@ -1,5 +1,5 @@
 #pragma once
-// The broker: one thread, one zmq::poll loop. A ROUTER socket for gateways,
+// The broker: one thread, one loop (core::input_wait). A ROUTER socket for gateways,
 // workers and plain clients (requests, replies, addressed traffic), and an
 // XSUB/XPUB pair that carries room and broadcast events. See docs/protocol.md.
 #include <array>
