@@ -15,6 +15,7 @@
 #include <boost/beast/websocket.hpp>
 #include <spdlog/spdlog.h>
 
+#include "core/log.hpp"
 #include "core/utf8.hpp"
 
 namespace sidecast::gateway {
@@ -45,6 +46,9 @@ class ws_loop : public asio::execution_context::service {
       : service{context}, context_{static_cast<asio::io_context&>(context)} {}
 
   static ws_loop& of(const io_executor& ex) { return asio::use_service<ws_loop>(ex.context()); }
+
+  /// This thread's limit on log lines caused by connections.
+  core::log_limiter& log_limit() { return log_limit_; }
 
   std::span<char> read_buffer() {
     if (!read_buffer_) read_buffer_ = std::make_unique<char[]>(read_size);
@@ -136,7 +140,8 @@ class ws_loop : public asio::execution_context::service {
   void on_ready() {
     epoll_event events[max_events];
     int n = ::epoll_wait(epoll_.native_handle(), events, max_events, 0);
-    if (n < 0 && errno != EINTR) spdlog::error("gateway: epoll_wait: {}", std::strerror(errno));
+    int err = errno;
+    if (n < 0 && err != EINTR && log_limit_.allow()) spdlog::error("gateway: epoll_wait: {}", std::strerror(err));
     for (int i = 0; i < n; ++i) {
       auto index = static_cast<std::uint32_t>(events[i].data.u64);
       auto generation = static_cast<std::uint32_t>(events[i].data.u64 >> 32);
@@ -176,6 +181,7 @@ class ws_loop : public asio::execution_context::service {
   std::vector<watched> slots_;
   std::vector<std::uint32_t> free_;
   bool armed_ = false;
+  core::log_limiter log_limit_;
   std::unique_ptr<char[]> read_buffer_;
   std::vector<std::shared_ptr<ws_conn>> dirty_, batch_;
   bool scheduled_ = false;
@@ -288,7 +294,8 @@ void ws_conn::on_accepted(beast::error_code ec) {
   fd_ = socket_.release(ec);
   if (ec) return finish();
   if (!loop_.watch(shared_from_this())) {
-    spdlog::warn("gateway: cannot watch a WebSocket connection: {}", std::strerror(errno));
+    int err = errno;
+    if (loop_.log_limit().allow()) spdlog::warn("gateway: cannot watch a WebSocket connection: {}", std::strerror(err));
     return finish();
   }
   accepted_ = true;
