@@ -29,9 +29,10 @@ namespace websocket = beast::websocket;
 using asio::ip::tcp;
 using namespace std::chrono_literals;
 
-// A server whose connections echo every message. Two messages do more:
+// A server whose connections echo every message. Some messages do more:
 // "close-me" closes from the server side; "flood N SIZE" sends N frames
-// of SIZE bytes at once.
+// of SIZE bytes at once; "drop-others" floods every other connection past
+// its queue bound, so the server drops them.
 class echo_server {
  public:
   explicit echo_server(ws_limits limits) : limits_{limits}, acceptor_{ioc_, {asio::ip::make_address("127.0.0.1"), 0}} {
@@ -63,6 +64,7 @@ class echo_server {
         if (read_ec) return;
         auto conn = std::make_shared<ws_conn>(std::move(p->stream), limits_, metrics_);
         std::weak_ptr<ws_conn> weak = conn;
+        conns_.push_back(weak);
         auto touched = std::make_shared<std::size_t>(0);  // lives in the handler, as a session does
         conn->accept(
             std::move(p->request),
@@ -70,6 +72,15 @@ class echo_server {
               auto c = weak.lock();
               if (!c) return;
               if (data == "close-me") return c->close();
+              if (data == "drop-others") {
+                auto payload = std::make_shared<const std::string>(1, 'x');
+                for (auto& other : conns_) {
+                  auto o = other.lock();
+                  if (!o || o == c) continue;
+                  for (std::size_t i = 0; i <= limits_.queue_messages; ++i) o->send(frame{payload, true});
+                }
+                return;
+              }
               if (data.starts_with("flood-touch ")) {
                 // Sends until the connection drops us, then uses the handler's
                 // own state: the handler must outlive the drop it caused.
@@ -99,6 +110,7 @@ class echo_server {
   }
 
   ws_limits limits_;
+  std::vector<std::weak_ptr<ws_conn>> conns_;  // used on the server's thread only
   asio::io_context ioc_;
   tcp::acceptor acceptor_;
   prometheus::Registry registry_;
@@ -400,6 +412,37 @@ TEST(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {
   EXPECT_TRUE(c.ended());
   EXPECT_TRUE(test::eventually([&] { return server.touched() == 40; }));  // under ASan: no use after free
   EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
+}
+
+TEST(WsConn, ConnectionsDroppedWhileTheirEventsAreInTheSameBatchAreSkipped) {
+  // Every client asks, at the same moment, to have all the others dropped.
+  // Whichever message the server reads first drops the rest, whose own
+  // messages may already sit in the same epoll batch: those events must
+  // find their connection gone and be skipped, never touch it.
+  ws_limits limits;
+  limits.queue_messages = 16;
+  echo_server server{limits};
+  constexpr int n = 12;
+  std::vector<std::unique_ptr<raw_client>> clients;
+  for (int i = 0; i < n; ++i) clients.push_back(std::make_unique<raw_client>(server.port()));
+  auto frame = raw_client::make(text, "drop-others");
+  for (auto& c : clients) c->write(frame);
+  ASSERT_TRUE(test::eventually([&] { return server.closes() == n - 1; }));
+  int alive = 0;
+  for (auto& c : clients) {
+    try {
+      c->write(raw_client::make(text, "still here?"));
+    } catch (const boost::system::system_error&) {
+      continue;  // reset: a dropped one
+    }
+    auto g = c->read();
+    if (g.op == text) {
+      EXPECT_EQ(g.payload, "still here?");
+      ++alive;
+    }
+  }
+  EXPECT_EQ(alive, 1);
+  EXPECT_EQ(server.closes(), n - 1);
 }
 
 TEST(WsConn, BeastClientInterop) {
