@@ -4,6 +4,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/peer_link.hpp"
+
 namespace sidecast::broker {
 
 using proto::Envelope;
@@ -648,7 +650,7 @@ bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
 }
 
 bool broker::send(std::string_view routing_id, const Envelope& env) {
-  return send(routing_id, proto::encode(env));
+  return send(routing_id, core::message_of(env));
 }
 
 void broker::send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message) {

@@ -111,7 +111,6 @@ void bridge::end_command() {
   schedule_pump();
 }
 
-
 bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink, std::function<void()> after) {
   return post([this, sid = std::move(sid), nsp = std::move(nsp), sink = std::move(sink), after = std::move(after)]() mutable {
     if (auto it = members_.find(sid); it != members_.end()) {
@@ -199,39 +198,36 @@ void bridge::schedule_pump() {
   });
 }
 
+// Only a socket that is dirty (its descriptor fired, or it was used since
+// it was last drained) is read: reading an idle socket costs libzmq two
+// system calls to find nothing (see core/input_wait.hpp). At most 1024
+// messages a turn; true when that bound stopped it (it stays dirty).
+template <typename ReadOne>
+bool bridge::drain(watch& w, ReadOne read_one) {
+  if (!w.dirty) return false;
+  w.dirty = false;  // what the handlers send sets it again
+  for (int i = 0; i < 1024; ++i)
+    if (!read_one()) return false;
+  w.dirty = true;
+  return true;
+}
+
 // Everything the sockets hold (up to a bound, then the other handlers get a
 // turn), heartbeats and deadlines; then wait for more.
 void bridge::pump() {
   if (!link_ || stopped_) return;
-  bool more = false;
-  // Only a socket that is dirty (its descriptor fired, or it was used since
-  // it was last drained) is read: reading an idle socket costs libzmq two
-  // system calls to find nothing (see core/input_wait.hpp).
-  if (link_watch_.dirty) {
-    link_watch_.dirty = false;
-    for (int i = 0;; ++i) {
-      if (i == 1024) {
-        more = link_watch_.dirty = true;
-        break;
-      }
-      auto env = link_->receive();
-      if (!env) break;
-      on_broker(std::move(*env));
-    }
-  }
-  if (sub_watch_.dirty) {
-    sub_watch_.dirty = false;
-    for (int i = 0;; ++i) {
-      if (i == 1024) {
-        more = sub_watch_.dirty = true;
-        break;
-      }
-      zmq::message_t topic, body;
-      if (!sub_->recv(topic, zmq::recv_flags::dontwait)) break;
-      if (!topic.more() || !sub_->recv(body, zmq::recv_flags::dontwait)) continue;
+  bool more = drain(link_watch_, [this] {
+    auto env = link_->receive();
+    if (env) on_broker(std::move(*env));
+    return env.has_value();
+  });
+  more = drain(sub_watch_, [this] {
+    zmq::message_t topic, body;
+    if (!sub_->recv(topic, zmq::recv_flags::dontwait)) return false;
+    if (topic.more() && sub_->recv(body, zmq::recv_flags::dontwait))
       on_event(topic.to_string_view(), body.to_string_view());
-    }
-  }
+    return true;
+  }) || more;
   auto now = clock::now();
   if (now >= link_->next_tick()) {
     link_->tick(now);  // heartbeats, or a new socket

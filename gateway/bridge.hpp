@@ -37,8 +37,6 @@ class peer_link;
 
 namespace sidecast::gateway {
 
-using clock_time = std::chrono::steady_clock::time_point;
-
 class bridge {
  public:
   bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics);
@@ -111,6 +109,8 @@ class bridge {
   void open();
   void schedule_pump();
   void pump();
+  template <typename ReadOne>
+  bool drain(watch& w, ReadOne read_one);
   void arm();
   bool arm(watch& w, zmq::socket_t& socket, std::uint64_t generation);
   void on_broker(proto::Envelope env);
@@ -139,7 +139,7 @@ class bridge {
 
   // Bridge executor only.
   std::optional<timer> timer_;
-  clock_time timer_at_{};
+  std::chrono::steady_clock::time_point timer_at_{};
   bool timer_pending_ = false;
   bool pump_posted_ = false;
   watch link_watch_, sub_watch_;

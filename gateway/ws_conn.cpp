@@ -142,19 +142,27 @@ class ws_loop : public asio::execution_context::service {
     int n = ::epoll_wait(epoll_.native_handle(), events, max_events, 0);
     int err = errno;
     if (n < 0 && err != EINTR && log_limit_.allow()) spdlog::error("gateway: epoll_wait: {}", std::strerror(err));
+    // Wait again before any handler runs, so that none can leave the set
+    // unwatched. A full batch may have left more ready: take them after the
+    // handlers queued meanwhile, not before.
+    if (n == max_events) asio::post(context_, [this] { on_ready(); });
+    else arm();
     for (int i = 0; i < n; ++i) {
       auto index = static_cast<std::uint32_t>(events[i].data.u64);
       auto generation = static_cast<std::uint32_t>(events[i].data.u64 >> 32);
       if (index >= slots_.size() || slots_[index].generation != generation || !slots_[index].conn) continue;
       auto conn = slots_[index].conn;  // the handlers may unwatch it
       const auto e = events[i].events;
-      if (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) conn->on_writable();
-      if (e & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) conn->on_readable();
+      try {
+        if (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) conn->on_writable();
+        if (e & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) conn->on_readable();
+      } catch (const std::exception& ex) {
+        // The connection's state is unknown: drop it, and go on with the
+        // others, whose edge-triggered events would not come again.
+        if (log_limit_.allow()) spdlog::error("gateway: a WebSocket handler threw: {}", ex.what());
+        conn->finish();
+      }
     }
-    // A full batch may have left more ready: take them after the handlers
-    // queued meanwhile, not before.
-    if (n == max_events) asio::post(context_, [this] { on_ready(); });
-    else arm();
   }
 
   void run() {

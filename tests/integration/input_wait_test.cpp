@@ -33,6 +33,16 @@ int drain(zmq::socket_t& s) {
   return n;
 }
 
+// wait() reports socket `in` ready well before its 5 s limit, and the
+// socket then holds `n` messages.
+void expect_ready_soon(sidecast::core::input_wait& input, std::size_t in, zmq::socket_t& s, int n) {
+  auto start = clock_type::now();
+  input.wait(5s);
+  EXPECT_TRUE(input.ready(in));
+  EXPECT_LT(clock_type::now() - start, 1s);
+  EXPECT_EQ(drain(s), n);
+}
+
 TEST(InputWait, ReportsASocketWithInputAndTimesOutOnAnIdleOne) {
   pair_sockets p{"inproc://input-wait-1"};
   sidecast::core::input_wait input;
@@ -44,11 +54,7 @@ TEST(InputWait, ReportsASocketWithInputAndTimesOutOnAnIdleOne) {
   EXPECT_GE(clock_type::now() - start, 40ms);
 
   p.peer.send(zmq::str_buffer("a"));
-  start = clock_type::now();
-  input.wait(5s);
-  EXPECT_TRUE(input.ready(in));
-  EXPECT_LT(clock_type::now() - start, 2s);
-  EXPECT_EQ(drain(p.ours), 1);
+  expect_ready_soon(input, in, p.ours, 1);
 
   // Drained to EAGAIN (and said so): nothing is reported until the peer
   // sends again, and then the descriptor announces it.
@@ -56,9 +62,7 @@ TEST(InputWait, ReportsASocketWithInputAndTimesOutOnAnIdleOne) {
   input.wait(50ms);
   EXPECT_FALSE(input.ready(in));
   p.peer.send(zmq::str_buffer("b"));
-  input.wait(5s);
-  EXPECT_TRUE(input.ready(in));
-  EXPECT_EQ(drain(p.ours), 1);
+  expect_ready_soon(input, in, p.ours, 1);
 }
 
 TEST(InputWait, ASocketLeftWithInputIsReportedAgainAtOnce) {
@@ -73,11 +77,7 @@ TEST(InputWait, ASocketLeftWithInputIsReportedAgainAtOnce) {
   ASSERT_TRUE(p.ours.recv(m, zmq::recv_flags::dontwait));  // one of three: the batch ended early
 
   // The mailbox signal was consumed by that receive; the socket is asked.
-  auto start = clock_type::now();
-  input.wait(5s);
-  EXPECT_TRUE(input.ready(in));
-  EXPECT_LT(clock_type::now() - start, 1s);
-  EXPECT_EQ(drain(p.ours), 2);
+  expect_ready_soon(input, in, p.ours, 2);
 }
 
 TEST(InputWait, AUsedSocketIsAskedBeforeBlocking) {
@@ -93,11 +93,7 @@ TEST(InputWait, AUsedSocketIsAskedBeforeBlocking) {
   p.ours.send(zmq::str_buffer("reply"));
   (void)p.ours.get(zmq::sockopt::events);
   input.used(in);
-  auto start = clock_type::now();
-  input.wait(5s);
-  EXPECT_TRUE(input.ready(in));
-  EXPECT_LT(clock_type::now() - start, 1s);
-  EXPECT_EQ(drain(p.ours), 1);
+  expect_ready_soon(input, in, p.ours, 1);
 }
 
 TEST(InputWait, WatchesPlainDescriptorsNextToSockets) {

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <stdexcept>
 #include <thread>
 
 #include <boost/asio/ip/tcp.hpp>
@@ -32,7 +33,7 @@ using namespace std::chrono_literals;
 // A server whose connections echo every message. Some messages do more:
 // "close-me" closes from the server side; "flood N SIZE" sends N frames
 // of SIZE bytes at once; "drop-others" floods every other connection past
-// its queue bound, so the server drops them.
+// its queue bound, so the server drops them; "throw" makes the handler throw.
 class echo_server {
  public:
   explicit echo_server(ws_limits limits) : limits_{limits}, acceptor_{ioc_, {asio::ip::make_address("127.0.0.1"), 0}} {
@@ -72,6 +73,7 @@ class echo_server {
               auto c = weak.lock();
               if (!c) return;
               if (data == "close-me") return c->close();
+              if (data == "throw") throw std::runtime_error("a handler failed");
               if (data == "drop-others") {
                 auto payload = std::make_shared<const std::string>(1, 'x');
                 for (auto& other : conns_) {
@@ -345,9 +347,7 @@ TEST(WsConn, ServerCloseSendsWhatIsQueuedThenAnEmptyCloseFrame) {
 }
 
 TEST(WsConn, ALargeBurstGoesOutWholeThroughPartialWrites) {
-  ws_limits limits;
-  limits.queue_bytes = 64 << 20;
-  echo_server server{limits};
+  echo_server server{ws_limits{.queue_bytes = 64 << 20}};
   raw_client c{server.port()};
   // 2,000 × 10 KB: far more than the kernel's socket buffers; the client
   // reads only after asking, so the server meets a full socket many times.
@@ -363,9 +363,7 @@ TEST(WsConn, ALargeBurstGoesOutWholeThroughPartialWrites) {
 }
 
 TEST(WsConn, AConsumerPastTheQueueBoundIsDropped) {
-  ws_limits limits;
-  limits.queue_messages = 16;
-  echo_server server{limits};
+  echo_server server{ws_limits{.queue_messages = 16}};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "flood 17 10"));
   expect_ended(c, server, 1);
@@ -377,10 +375,7 @@ TEST(WsConn, AConsumerPastTheQueueBoundIsDropped) {
 }
 
 TEST(WsConn, PingsFromAClientThatDoesNotReadAreBoundedToo) {
-  ws_limits limits;
-  limits.queue_messages = 100;
-  limits.queue_bytes = 64 << 20;
-  echo_server server{limits};
+  echo_server server{ws_limits{.queue_messages = 100, .queue_bytes = 64 << 20}};
   raw_client c{server.port()};
   // 90 × 100 KB: more than the kernel buffers, so the server's queue holds
   // frames it cannot write; then pings, whose pongs join that queue.
@@ -404,9 +399,7 @@ TEST(WsConn, AClientCloseRightAfterTheServersStillGetsTheServersCloseFrame) {
 }
 
 TEST(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {
-  ws_limits limits;
-  limits.queue_messages = 16;
-  echo_server server{limits};
+  echo_server server{ws_limits{.queue_messages = 16}};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "flood-touch 40"));
   EXPECT_TRUE(c.ended());
@@ -419,9 +412,7 @@ TEST(WsConn, ConnectionsDroppedWhileTheirEventsAreInTheSameBatchAreSkipped) {
   // Whichever message the server reads first drops the rest, whose own
   // messages may already sit in the same epoll batch: those events must
   // find their connection gone and be skipped, never touch it.
-  ws_limits limits;
-  limits.queue_messages = 16;
-  echo_server server{limits};
+  echo_server server{ws_limits{.queue_messages = 16}};
   constexpr int n = 12;
   std::vector<std::unique_ptr<raw_client>> clients;
   for (int i = 0; i < n; ++i) clients.push_back(std::make_unique<raw_client>(server.port()));
@@ -443,6 +434,17 @@ TEST(WsConn, ConnectionsDroppedWhileTheirEventsAreInTheSameBatchAreSkipped) {
   }
   EXPECT_EQ(alive, 1);
   EXPECT_EQ(server.closes(), n - 1);
+}
+
+TEST(WsConn, AHandlerThatThrowsCostsOnlyItsOwnConnection) {
+  echo_server server{{}};
+  raw_client bad{server.port()}, good{server.port()};
+  bad.write(raw_client::make(text, "throw") + raw_client::make(text, "after"));
+  good.write(raw_client::make(text, "meanwhile"));
+  expect_ended(bad, server, 1);
+  EXPECT_EQ(good.read().payload, "meanwhile");
+  good.write(raw_client::make(text, "later"));
+  EXPECT_EQ(good.read().payload, "later");
 }
 
 TEST(WsConn, BeastClientInterop) {
