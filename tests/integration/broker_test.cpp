@@ -23,7 +23,7 @@ class BrokerTest : public ::testing::Test {
     config.router_endpoint = "inproc://router";
     config.xsub_endpoint = "inproc://xsub";
     config.xpub_endpoint = "inproc://xpub";
-    config.heartbeat_interval = 100ms;
+    config.heartbeat_interval = heartbeat_;
     broker_ = std::make_unique<broker::broker>(config, ctx_, std::make_shared<prometheus::Registry>());
     broker_->bind();
     thread_ = std::thread([this] { broker_->run(); });
@@ -42,7 +42,7 @@ class BrokerTest : public ::testing::Test {
     o.id = std::move(id);
     o.broker = "inproc://router";
     o.publish = "inproc://xsub";
-    o.heartbeat_interval = 100ms;
+    o.heartbeat_interval = heartbeat_;
     auto w = std::make_unique<worker>(o, &ctx_);
     for (auto& s : services) w->add(std::move(s));
     w->start();
@@ -52,6 +52,7 @@ class BrokerTest : public ::testing::Test {
     return *raw;
   }
 
+  std::chrono::milliseconds heartbeat_ = 100ms;  // broker and workers
   zmq::context_t ctx_{1};
   std::unique_ptr<broker::broker> broker_;
   std::thread thread_;
@@ -88,6 +89,44 @@ TEST_F(BrokerTest, TwoWorkersShareLoad) {
   EXPECT_GT(w1.stats().requests, 0u);
   EXPECT_GT(w2.stats().requests, 0u);
   EXPECT_EQ(w1.stats().requests + w2.stats().requests, 10u);
+}
+
+// The worker's loop reads the broker's socket only when its descriptor fires,
+// or after it sent on it (a send may take the command that announces new
+// input, and the descriptor then stays quiet). With heartbeats 30 s apart, a
+// request stranded that way would wait for the next one and miss its 3 s
+// deadline. Quick and pool handlers answer side by side, from several
+// clients, so sends and arrivals interleave.
+TEST_F(BrokerTest, PipelinedRequestsNeverWaitForAHeartbeat) {
+  heartbeat_ = 30s;
+  start();
+  add_worker({workers::echo_service(8)}, "w1");
+  constexpr int clients = 4, per_client = 400, window = 8;
+  std::atomic<int> answered{0};
+  std::vector<std::thread> threads;
+  for (int c = 0; c < clients; ++c) {
+    threads.emplace_back([&, c] {
+      peer client{ctx_, "inproc://router", "c" + std::to_string(c)};
+      if (!client.hello()) return;
+      int sent = 0, got = 0;
+      std::set<std::string> open;
+      auto submit = [&] {
+        bool quick = sent % 2 == 0;
+        open.insert(client.submit("echo", quick ? "echo" : "delay", quick ? "[1]" : "[0]", 3s));
+        ++sent;
+      };
+      while (sent < window) submit();
+      while (got < per_client) {
+        auto env = client.next(Envelope::kReply, 5s);
+        if (!env || env->reply().code() != proto::OK || open.erase(env->reply().id()) != 1) return;
+        ++got;
+        answered.fetch_add(1);
+        if (sent < per_client) submit();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(answered.load(), clients * per_client);
 }
 
 TEST_F(BrokerTest, QuickHandlersRunOnTheWorkersIoThreadAndPoolHandlersDoNot) {

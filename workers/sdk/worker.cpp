@@ -319,10 +319,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           // copied out by on_request, so the envelope never needs the heap.
           google::protobuf::Arena arena{proto::arena_on(arena_block)};
           auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
-          if (!link.receive_into(env)) break;
+          if (!link.receive_into(env)) {
+            input.drained(link_in);
+            break;
+          }
           on_message(env);
         }
         outbox.drain(batch);
+        bool sent = !batch.empty();
         for (auto& out : batch) {
           if (out.topic.empty()) {
             if (!link.send_bytes(out.bytes)) ++n_dropped;
@@ -332,9 +336,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           }
         }
         batch.clear();
-        input.used(link_in);  // replies went out on it
         now = clock::now();
-        if (now >= link.next_tick()) link.tick(now);
+        if (now >= link.next_tick()) {
+          link.tick(now);
+          sent = true;
+        }
+        // A send may take the command that announces new input: ask the
+        // socket before blocking. Otherwise its descriptor will tell.
+        if (sent) input.used(link_in);
         welcomed = link.welcomed();
         if (link.stats().reconnects != seen_reconnects) {
           seen_reconnects = link.stats().reconnects;
