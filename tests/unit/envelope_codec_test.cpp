@@ -119,6 +119,23 @@ TEST(EnvelopePeek, LeavesEverythingElseToTheParser) {
   }
 }
 
+// Longer varints than needed: the parser takes a 10-byte value but at most
+// 5 bytes for a tag or a length, so peek() takes only the shortest form.
+// The 7-byte length is what tests/fuzz/envelope_fuzz found peek accepting
+// and the parser refusing.
+TEST(EnvelopePeek, LeavesOverlongVarintsToTheParser) {
+  using namespace std::string_literals;
+  auto overlong_length = "\x22\x80\x80\x80\x80\x80\x80\x00"s;  // Request, length 0 in 7 bytes
+  EXPECT_EQ(peek(overlong_length).kind, Envelope::KIND_NOT_SET);
+  EXPECT_FALSE(decode(overlong_length));
+  EXPECT_EQ(peek("\x22\x00"s).kind, Envelope::kRequest) << "the shortest form of the same";
+  auto padded_id = "\x22\x06\x8a\x00\x03x:1"s;  // Request{id "x:1"}, its tag in 2 bytes
+  EXPECT_EQ(peek(padded_id).kind, Envelope::KIND_NOT_SET);
+  auto parsed = decode(padded_id);
+  ASSERT_TRUE(parsed) << "valid for the parser, which has the last word";
+  EXPECT_EQ(parsed->request().id(), "x:1");
+}
+
 // Whatever peek() accepts, the real parser accepts with the same fields:
 // every truncation and many single-byte changes of valid envelopes.
 TEST(EnvelopePeek, NeverAcceptsWhatTheParserRefusesOrReadsItDifferently) {

@@ -1,0 +1,57 @@
+// libFuzzer target for the envelope codec, the one parser of bytes from
+// ZeroMQ peers that is not protobuf's own: proto::peek reads a Request's or a
+// Reply's routing fields straight off the wire for the broker's hot path. No
+// input may crash it, and whatever it accepts the protobuf parser must accept
+// as the same kind with the same fields (differential). The arena parse the
+// broker and the workers use must agree with the heap parse, and an accepted
+// envelope must survive encode/decode.
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "proto/codec.hpp"
+
+namespace proto = sidecast::proto;
+using proto::Envelope;
+
+namespace {
+
+void check_same(const proto::hot_envelope& peeked, const proto::hot_envelope& parsed) {
+  if (peeked.kind != parsed.kind || peeked.id != parsed.id) __builtin_trap();
+  if (peeked.kind == Envelope::kRequest &&
+      (peeked.service != parsed.service || peeked.timeout_ms != parsed.timeout_ms ||
+       peeked.attempt != parsed.attempt || peeked.wants_reply != parsed.wants_reply)) {
+    __builtin_trap();
+  }
+  if (peeked.kind == Envelope::kReply && (peeked.code != parsed.code || peeked.partial != parsed.partial)) {
+    __builtin_trap();
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string_view in(reinterpret_cast<const char*>(data), size);
+
+  const auto full = proto::decode(in);
+  const auto peeked = proto::peek(in);
+  if (peeked.kind != Envelope::KIND_NOT_SET) {
+    if (!full) __builtin_trap();  // peek accepted what the parser refuses
+    check_same(peeked, proto::head_of(*full));
+  }
+
+  alignas(16) static std::array<char, 4096> block;
+  google::protobuf::Arena arena{proto::arena_on(block)};
+  auto& on_arena = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
+  if (proto::decode_into(in, on_arena) != full.has_value()) __builtin_trap();
+
+  if (full) {
+    const auto bytes = proto::encode(*full);
+    if (proto::encode(on_arena) != bytes) __builtin_trap();
+    const auto again = proto::decode(bytes);
+    if (!again || proto::encode(*again) != bytes) __builtin_trap();
+  }
+  return 0;
+}
