@@ -352,54 +352,25 @@ std::optional<std::size_t> ws_conn::parse(char* data, std::size_t size) {
   std::size_t pos = 0;
   while (!peer_closed_ && !finished_) {
     const std::size_t avail = size - pos;
-    if (avail < 2) break;
-    auto* h = reinterpret_cast<const unsigned char*>(data + pos);
-    const bool fin = h[0] & 0x80;
-    const std::uint8_t op = h[0] & 0x0f;
-    std::uint64_t len = h[1] & 0x7f;
-    // Clients mask every frame; no extension is negotiated, so no reserved bit.
-    if ((h[0] & 0x70) || !(h[1] & 0x80)) {
+    ws_frame::header h;
+    const auto status = ws_frame::read_header(reinterpret_cast<const unsigned char*>(data + pos), avail, h);
+    if (status == ws_frame::status::need_more) break;
+    // A continuation continues a message; a new message waits for the last to end.
+    if (status == ws_frame::status::protocol_error ||
+        (h.op == continuation ? !message_op_ : (h.op < 8 && message_op_))) {
       fail(protocol_error);
       return std::nullopt;
     }
-    std::size_t header = 2 + (len == 126 ? 2 : len == 127 ? 8 : 0) + 4;
-    if (avail < header) break;
-    if (len == 126) {
-      len = (std::uint64_t{h[2]} << 8) | h[3];
-      if (len < 126) {
-        fail(protocol_error);  // not the shortest form
-        return std::nullopt;
-      }
-    } else if (len == 127) {
-      len = 0;
-      for (int i = 0; i < 8; ++i) len = (len << 8) | h[2 + i];
-      if (len <= 0xffff || (len >> 63)) {
-        fail(protocol_error);
-        return std::nullopt;
-      }
-    }
-    bool ok = true;
-    if (op >= 8) {
-      ok = fin && len <= 125 && (op == close_op || op == ping || op == pong);
-    } else if (op == continuation) {
-      ok = message_op_.has_value();
-    } else {
-      ok = (op == text || op == binary) && !message_op_;
-    }
-    if (!ok) {
-      fail(protocol_error);
-      return std::nullopt;
-    }
-    if (op < 8 && message_.size() + len > limits_.max_message) {
+    if (h.op < 8 && message_.size() + h.length > limits_.max_message) {
       metrics_.oversize.Increment();
       fail(too_big);
       return std::nullopt;
     }
-    if (avail - header < len) break;  // the rest of the frame is still on its way
-    char* payload = data + pos + header;
-    unmask(payload, len, h + header - 4);
-    if (!on_frame(op, fin, payload, len)) return std::nullopt;
-    pos += header + len;
+    if (avail - h.size < h.length) break;  // the rest of the frame is still on its way
+    char* payload = data + pos + h.size;
+    unmask(payload, h.length, h.mask);
+    if (!on_frame(h.op, h.fin, payload, h.length)) return std::nullopt;
+    pos += h.size + h.length;
   }
   return pos;
 }

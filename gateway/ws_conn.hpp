@@ -34,6 +34,7 @@
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
 
+#include "gateway/codec/ws_frame.hpp"
 #include "gateway/io.hpp"
 #include "gateway/metrics.hpp"
 
@@ -81,8 +82,15 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
  private:
   friend class ws_loop;
 
-  // Opcodes (RFC 6455 §5.2) and the close codes we send (§7.4.1).
-  enum opcode : std::uint8_t { continuation = 0, text = 1, binary = 2, close_op = 8, ping = 9, pong = 10 };
+  // Opcodes (RFC 6455 §5.2, codec/ws_frame.hpp) and the close codes we send (§7.4.1).
+  enum opcode : std::uint8_t {
+    continuation = ws_frame::continuation,
+    text = ws_frame::text,
+    binary = ws_frame::binary,
+    close_op = ws_frame::close,  // `close` is the member function
+    ping = ws_frame::ping,
+    pong = ws_frame::pong,
+  };
   enum close_code : std::uint16_t {
     no_status = 1005,  // an empty close frame
     protocol_error = 1002,
