@@ -157,8 +157,9 @@ void broker::bind() {
   xpub_.set(zmq::sockopt::sndhwm, config_.sndhwm);
   xpub_.set(zmq::sockopt::linger, 0);
   xpub_.bind(config_.xpub_endpoint);
-  spdlog::info("broker {} listening: router {}, xsub {}, xpub {}", config_.id,
-               config_.router_endpoint, config_.xsub_endpoint, config_.xpub_endpoint);
+  if (!config_.local_endpoint.empty()) local_ = std::make_unique<core::local_router>(config_.local_endpoint);
+  spdlog::info("broker {} listening: router {}, xsub {}, xpub {}{}{}", config_.id, config_.router_endpoint,
+               config_.xsub_endpoint, config_.xpub_endpoint, local_ ? ", local " : "", config_.local_endpoint);
 }
 
 void broker::stop() {
@@ -178,6 +179,7 @@ void broker::run() {
   xpub_in_ = input_.add(xpub_);
   wake_in_ = input_.add(wakeup_.fd());
   if (zap_) zap_in_ = input_.add(zap_->socket());
+  if (local_) local_in_ = input_.add(local_->fd(), [this] { return local_->has_input(); });
   next_tick_ = clock::now();
   while (!stopping_) {
     auto now = clock::now();
@@ -201,32 +203,54 @@ void broker::run() {
     if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
     // One clock reading per turn: messages of a batch share a timestamp.
     now_ = clock::now();
+    bool received = false;
     if (input_.ready(router_in_)) {
-      for (std::size_t i = 0; i < config_.batch; ++i) {
-        zmq::message_t identity, payload;
-        if (!router_.recv(identity, zmq::recv_flags::dontwait)) {
-          input_.drained(router_in_);  // until send() uses it again
-          break;
-        }
-        if (!identity.more() || !router_.recv(payload, zmq::recv_flags::dontwait)) {
-          drop("malformed", "a message without a payload frame");
-          continue;
-        }
-        if (payload.more()) {
-          zmq::message_t extra;
-          while (router_.recv(extra, zmq::recv_flags::dontwait) && extra.more()) {
-          }
-          drop("malformed", "extra frames");
-          continue;
-        }
-        on_router_message(identity.to_string_view(), payload);
-      }
-      dispatch(now_);
+      receive_router();
+      received = true;
     }
+    if (local_ && input_.ready(local_in_)) {
+      receive_local();
+      received = true;
+    }
+    if (received) dispatch(now_);
     if (input_.ready(xsub_in_)) forward_events();
     if (input_.ready(xpub_in_)) drain_subscriptions();
   }
   spdlog::info("broker {} stopped", config_.id);
+}
+
+void broker::receive_router() {
+  for (std::size_t i = 0; i < config_.batch; ++i) {
+    zmq::message_t identity, payload;
+    if (!router_.recv(identity, zmq::recv_flags::dontwait)) {
+      input_.drained(router_in_);  // until send() uses it again
+      return;
+    }
+    if (!identity.more() || !router_.recv(payload, zmq::recv_flags::dontwait)) {
+      drop("malformed", "a message without a payload frame");
+      continue;
+    }
+    if (payload.more()) {
+      zmq::message_t extra;
+      while (router_.recv(extra, zmq::recv_flags::dontwait) && extra.more()) {
+      }
+      drop("malformed", "extra frames");
+      continue;
+    }
+    on_router_message(identity.to_string_view(), payload);
+  }
+}
+
+void broker::receive_local() {
+  for (std::size_t i = 0; i < config_.batch; ++i) {
+    std::string_view routing_id;
+    zmq::message_t payload;
+    if (!local_->receive(routing_id, payload)) {
+      input_.drained(local_in_);  // its descriptor announces the next one
+      return;
+    }
+    on_router_message(routing_id, payload);
+  }
 }
 
 void broker::on_router_message(std::string_view routing_id_view, zmq::message_t& payload) {
@@ -634,6 +658,13 @@ bool broker::send(std::string_view routing_id, std::string_view payload) {
 }
 
 bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
+  if (local_) {
+    switch (local_->send(routing_id, payload)) {
+      case core::local_router::send_result::sent: return true;
+      case core::local_router::send_result::full: drop("hwm", routing_id); return false;
+      case core::local_router::send_result::unreachable: break;  // not a local peer: the ROUTER's
+    }
+  }
   input_.used(router_in_);  // every send on the ROUTER comes here
   try {
     if (!router_.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {

@@ -2,6 +2,9 @@
 // The broker: one thread, one loop (core::input_wait). A ROUTER socket for gateways,
 // workers and plain clients (requests, replies, addressed traffic), and an
 // XSUB/XPUB pair that carries room and broadcast events. See docs/protocol.md.
+// Gateways and workers of the broker's own process may connect to its
+// local:// name instead of the ROUTER (core/local_link.hpp); the broker
+// treats both kinds of connection alike.
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -16,6 +19,7 @@
 #include "broker/service_table.hpp"
 #include "core/curve.hpp"
 #include "core/input_wait.hpp"
+#include "core/local_link.hpp"
 #include "core/log.hpp"
 #include "core/metrics.hpp"
 #include "core/wakeup.hpp"
@@ -27,6 +31,7 @@ struct broker_config {
   std::string router_endpoint = "tcp://127.0.0.1:7700";  // gateways, workers, clients
   std::string xsub_endpoint = "tcp://127.0.0.1:7701";    // workers' PUB sockets connect here
   std::string xpub_endpoint = "tcp://127.0.0.1:7702";    // gateways' SUB sockets connect here
+  std::string local_endpoint;  // "local://NAME": in-process gateways and workers; empty: none
   std::chrono::milliseconds heartbeat_interval{1000};
   unsigned heartbeat_liveness = 3;
   std::chrono::milliseconds default_timeout{30000};  // requests that name none
@@ -54,7 +59,8 @@ class broker {
   broker(const broker&) = delete;
   broker& operator=(const broker&) = delete;
 
-  /// Binds all sockets. Throws zmq::error_t on a bad or busy endpoint.
+  /// Binds all sockets. Throws zmq::error_t on a bad or busy endpoint
+  /// (std::runtime_error for a local:// one).
   void bind();
   /// Runs the loop until stop(). Never throws for peer input.
   void run();
@@ -74,6 +80,8 @@ class broker {
   };
   struct metrics;
 
+  void receive_router();
+  void receive_local();
   void on_router_message(std::string_view routing_id, zmq::message_t& payload);
   void on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now);
   void on_job(const std::string& routing_id, const proto::hot_envelope& head, zmq::message_t& payload,
@@ -106,8 +114,9 @@ class broker {
   zmq::socket_t xpub_;
   core::wakeup wakeup_;
   std::unique_ptr<core::zap_handler> zap_;
+  std::unique_ptr<core::local_router> local_;  // config_.local_endpoint's connections
   core::input_wait input_;  // the loop's wait on the sockets above
-  std::size_t router_in_ = 0, xsub_in_ = 0, xpub_in_ = 0, wake_in_ = 0, zap_in_ = 0;
+  std::size_t router_in_ = 0, xsub_in_ = 0, xpub_in_ = 0, wake_in_ = 0, zap_in_ = 0, local_in_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<std::int64_t> last_turn_ns_{0};
 

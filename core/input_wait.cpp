@@ -5,13 +5,14 @@
 namespace sidecast::core {
 
 std::size_t input_wait::add(zmq::socket_ref socket) {
-  items_.push_back({socket, true, false});
-  fds_.push_back({socket.get(zmq::sockopt::fd), POLLIN, 0});
-  return items_.size() - 1;
+  return add(socket.get(zmq::sockopt::fd), [socket] { return (socket.get(zmq::sockopt::events) & ZMQ_POLLIN) != 0; });
 }
 
-std::size_t input_wait::add(int fd) {
-  items_.push_back({zmq::socket_ref{}, false, false});
+std::size_t input_wait::add(int fd) { return add(fd, nullptr); }
+
+std::size_t input_wait::add(int fd, std::function<bool()> ask) {
+  bool asks = static_cast<bool>(ask);
+  items_.push_back({std::move(ask), asks, false});
   fds_.push_back({fd, POLLIN, 0});
   return items_.size() - 1;
 }
@@ -20,9 +21,9 @@ void input_wait::wait(std::chrono::milliseconds timeout) {
   bool any = false;
   for (auto& it : items_) {
     it.ready = false;
-    if (!it.socket || !it.ask) continue;
+    if (!it.has_input || !it.ask) continue;
     it.ask = false;
-    if (it.socket.get(zmq::sockopt::events) & ZMQ_POLLIN) it.ready = any = true;
+    if (it.has_input()) it.ready = any = true;
   }
   // With input in hand, only look at the descriptors; otherwise block.
   int ms = any ? 0 : timeout.count() < 0 ? -1 : static_cast<int>(timeout.count());
@@ -34,7 +35,7 @@ void input_wait::wait(std::chrono::milliseconds timeout) {
   for (std::size_t i = 0; i < items_.size(); ++i) {
     if (fds_[i].revents & (POLLIN | POLLERR | POLLHUP)) items_[i].ready = true;
     // A socket that is ready now may still have input after this turn.
-    if (items_[i].socket && items_[i].ready) items_[i].ask = true;
+    if (items_[i].has_input && items_[i].ready) items_[i].ask = true;
   }
 }
 

@@ -13,8 +13,13 @@
 // (a send processes commands, and may take the one announcing new input,
 // after which the socket's ZMQ_FD stays quiet). For every other socket,
 // its ZMQ_FD becoming readable is the signal, as libzmq documents.
+//
+// A local:// connection (core/local_link.hpp) plays by the same rules: its
+// descriptor announces input once its receive has found it empty, and the
+// ask is its has_input().
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <vector>
 
 #include <poll.h>
@@ -28,6 +33,9 @@ class input_wait {
   /// Adds a socket or a descriptor to wait on; returns its index.
   std::size_t add(zmq::socket_ref socket);
   std::size_t add(int fd);
+  /// A source whose descriptor behaves as ZMQ_FD does; `ask` tells whether
+  /// input waits, as ZMQ_EVENTS does for a socket.
+  std::size_t add(int fd, std::function<bool()> ask);
 
   /// The loop sent on socket `index`: ask it before the next block.
   void used(std::size_t index) { items_[index].ask = true; }
@@ -46,8 +54,8 @@ class input_wait {
 
  private:
   struct item {
-    zmq::socket_ref socket;  // null for a plain descriptor
-    bool ask = true;         // ZMQ_EVENTS must be read before blocking
+    std::function<bool()> has_input;  // empty for a plain descriptor
+    bool ask = true;                  // has_input must be asked before blocking
     bool ready = false;
   };
   std::vector<item> items_;

@@ -7,12 +7,20 @@ namespace sidecast::core {
 peer_link::peer_link(zmq::context_t& context, peer_link_options options)
     : context_{context},
       options_{std::move(options)},
+      is_local_{is_local_endpoint(options_.endpoint)},
       interval_{options_.heartbeat_interval},
       liveness_{options_.heartbeat_liveness} {
   connect();
 }
 
 void peer_link::connect() {
+  if (is_local_) {
+    local_.reset();  // a new connection under the same id replaces the old one at the broker
+    local_ = local_dealer::connect(options_.endpoint, options_.id, options_.sndhwm, options_.rcvhwm);
+    if (!local_ && log_limit_.allow()) spdlog::warn("peer link: nothing is bound at {}", options_.endpoint);
+    start();
+    return;
+  }
   socket_ = zmq::socket_t{context_, zmq::socket_type::dealer};
   socket_.set(zmq::sockopt::routing_id, options_.id);
   socket_.set(zmq::sockopt::linger, 0);
@@ -20,6 +28,10 @@ void peer_link::connect() {
   socket_.set(zmq::sockopt::rcvhwm, options_.rcvhwm);
   apply(socket_, options_.curve);
   socket_.connect(options_.endpoint);
+  start();
+}
+
+void peer_link::start() {
   welcomed_ = false;
   auto now = clock::now();
   broker_expiry_ = now + interval_ * liveness_;
@@ -51,10 +63,21 @@ std::optional<proto::Envelope> peer_link::receive() {
   return env;
 }
 
+int peer_link::fd() const {
+  if (is_local_) return local_ ? local_->fd() : -1;
+  return socket_.get(zmq::sockopt::fd);
+}
+
+bool peer_link::has_input() {
+  if (is_local_) return local_ && local_->has_input();
+  return (socket_.get(zmq::sockopt::events) & ZMQ_POLLIN) != 0;
+}
+
 bool peer_link::receive_into(proto::Envelope& env) {
   for (;;) {
     zmq::message_t msg;
-    if (!socket_.recv(msg, zmq::recv_flags::dontwait)) return false;
+    bool got = is_local_ ? local_ && local_->receive(msg) : socket_.recv(msg, zmq::recv_flags::dontwait).has_value();
+    if (!got) return false;
     // Extra frames are not part of protocol v1: drain and drop them.
     bool extra = false;
     while (msg.more()) {
@@ -110,7 +133,8 @@ bool peer_link::send(const proto::Envelope& env) { return send_message(message_o
 bool peer_link::send_bytes(std::string_view bytes) { return send_message(zmq::message_t{bytes.data(), bytes.size()}); }
 
 bool peer_link::send_message(zmq::message_t&& message) {
-  auto sent = socket_.send(message, zmq::send_flags::dontwait);
+  bool sent = is_local_ ? local_ && local_->send(message)
+                        : socket_.send(message, zmq::send_flags::dontwait).has_value();
   if (!sent) {
     ++stats_.send_dropped;
     return false;

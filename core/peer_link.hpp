@@ -2,9 +2,13 @@
 // The DEALER side of the broker protocol, shared by gateways and workers:
 // announces the peer (Hello), keeps heartbeats both ways, notices a dead or
 // restarted broker and re-announces. It owns no thread: the owning loop
-// polls socket(), calls receive() while it returns messages, and calls
-// tick() at next_tick().
+// waits on fd() (asking has_input() before it blocks, as for ZMQ_FD), calls
+// receive() while it returns messages, and calls tick() at next_tick().
+//
+// A "local://NAME" endpoint connects to a broker of the same process through
+// core/local_link.hpp instead of a DEALER socket; everything else is the same.
 #include <chrono>
+#include <memory>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -13,6 +17,7 @@
 #include <zmq.hpp>
 
 #include "core/curve.hpp"
+#include "core/local_link.hpp"
 #include "core/log.hpp"
 #include "proto/codec.hpp"
 
@@ -21,7 +26,7 @@ namespace sidecast::core {
 using clock = std::chrono::steady_clock;
 
 struct peer_link_options {
-  std::string endpoint;  // the broker's ROUTER endpoint
+  std::string endpoint;  // the broker's ROUTER endpoint, or its local:// name
   std::string id;        // routing id, sid prefix for gateways; valid_peer_id()
   proto::Role role = proto::ROLE_WORKER;
   std::vector<std::pair<std::string, unsigned>> services;  // workers: name, capacity
@@ -35,7 +40,7 @@ struct peer_link_options {
 struct peer_link_stats {
   std::uint64_t reconnects = 0;     // sockets replaced after broker silence
   std::uint64_t hellos = 0;         // Hello messages sent
-  std::uint64_t send_dropped = 0;   // sends refused (HWM reached)
+  std::uint64_t send_dropped = 0;   // sends refused (HWM reached, or no local broker)
   std::uint64_t malformed = 0;      // undecodable messages from the broker
 };
 
@@ -47,7 +52,12 @@ class peer_link {
  public:
   peer_link(zmq::context_t& context, peer_link_options options);
 
-  zmq::socket_t& socket() { return socket_; }
+  /// Readable when input may wait; it changes when stats().reconnects does.
+  int fd() const;
+  /// True when a message waits. Ask before blocking on fd() if the link was
+  /// used since receive() last came back empty: a send may take the signal
+  /// the descriptor would have given.
+  bool has_input();
 
   /// Next message for the application, or nullopt when none is waiting.
   /// Welcome, Heartbeat and registration errors are handled here.
@@ -72,12 +82,15 @@ class peer_link {
 
  private:
   void connect();
+  void start();
   void send_hello();
   void heard_from_broker(clock::time_point now);
 
   zmq::context_t& context_;
   peer_link_options options_;
-  zmq::socket_t socket_;
+  const bool is_local_;                   // options_.endpoint is local://
+  zmq::socket_t socket_;                  // a tcp/ipc/inproc broker
+  std::unique_ptr<local_dealer> local_;   // a local:// broker, when one is bound
   bool welcomed_ = false;
   std::chrono::milliseconds interval_;
   unsigned liveness_;

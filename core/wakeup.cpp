@@ -21,9 +21,9 @@ void wakeup::signal() {
   [[maybe_unused]] auto n = ::write(fd_, &one, sizeof one);
 }
 
-void wakeup::drain() {
+bool wakeup::drain() {
   std::uint64_t value;
-  [[maybe_unused]] auto n = ::read(fd_, &value, sizeof value);
+  return ::read(fd_, &value, sizeof value) == sizeof value;
 }
 
 }  // namespace sidecast::core

@@ -13,8 +13,9 @@ class wakeup {
   int fd() const { return fd_; }
   /// Thread-safe, never blocks.
   void signal();
-  /// Called by the polling thread when fd() is readable.
-  void drain();
+  /// Called by the polling thread when fd() is readable; false when
+  /// nothing had been signalled.
+  bool drain();
 
  private:
   int fd_;

@@ -1,6 +1,8 @@
 // sidecast: the all-in-one binary. `sidecast demo` runs the broker, a gateway
-// and the built-in workers in one process over inproc:// sockets — the same
-// code as the separate binaries, with no network between the parts.
+// and the built-in workers in one process — the same code as the separate
+// binaries, with no network between the parts. Requests, replies and
+// addressed traffic go over local:// connections (core/local_link.hpp, or
+// inproc:// sockets with --link inproc); room events over inproc:// PUB/SUB.
 #include <spdlog/spdlog.h>
 
 #include "broker/broker.hpp"
@@ -15,7 +17,7 @@ namespace {
 
 using namespace sidecast;
 
-int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& builtin,
+int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& builtin, const std::string& link,
              core::terminate_signals& signals) {
   zmq::context_t context{1};
   auto registry = std::make_shared<prometheus::Registry>();
@@ -23,13 +25,15 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   b_config.router_endpoint = "inproc://broker";
   b_config.xsub_endpoint = "inproc://events-in";
   b_config.xpub_endpoint = "inproc://events-out";
+  if (link == "local") b_config.local_endpoint = "local://broker";
+  const auto& broker_endpoint = link == "local" ? b_config.local_endpoint : b_config.router_endpoint;
   broker::broker b{b_config, context, registry};
   b.bind();
   std::thread broker_thread{[&b] { b.run(); }};
 
   worker_options w_options;
   w_options.id = "demo-worker";
-  w_options.broker = b_config.router_endpoint;
+  w_options.broker = broker_endpoint;
   w_options.publish = b_config.xsub_endpoint;
   worker w{w_options, &context};
   std::string services;
@@ -39,13 +43,13 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   }
   w.start();
 
-  gw_config.broker = b_config.router_endpoint;
+  gw_config.broker = broker_endpoint;
   gw_config.events = b_config.xpub_endpoint;
   gateway::gateway gw{gw_config, context, registry};
   gw.start();
 
   auto hp = core::parse_host_port(gw_config.http);
-  spdlog::info("broker  : running in-process (inproc://broker)");
+  spdlog::info("broker  : running in-process ({})", broker_endpoint);
   spdlog::info("workers : {} (capacity {} each)", services, builtin.capacity);
   spdlog::info("gateway : Socket.IO at /socket.io/, /ws, /api/v1, /metrics");
   spdlog::info("demo    : open http://{}:{}/  (Ctrl-C stops)", hp->host, gw.port());
@@ -72,9 +76,13 @@ int main(int argc, char** argv) {
   workers::builtin_options builtin;
   builtin.capacity = 64;
   std::string log_level = "info";
+  std::string link = "local";
   gateway::add_options(*demo, config);
   workers::add_options(*demo, builtin);
   demo->add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
+  demo->add_option("--link", link, "How the gateway and the workers reach the broker: local or inproc")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"local", "inproc"}));
   core::finish_app(*demo);
   if (auto code = core::parse(app, argc, argv)) return *code;
   if (keygen->parsed()) {
@@ -87,7 +95,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run_demo(config, builtin, signals);
+    return run_demo(config, builtin, link, signals);
   } catch (const std::exception& e) {
     spdlog::critical("demo failed: {}", e.what());
     return 1;

@@ -241,8 +241,8 @@ void bridge::pump() {
 }
 
 void bridge::arm() {
-  bool watched = arm(link_watch_, link_->socket(), link_->stats().reconnects);
-  watched = arm(sub_watch_, *sub_, 0) && watched;
+  bool watched = arm(link_watch_, link_->fd(), link_->stats().reconnects);
+  watched = arm(sub_watch_, sub_->get(zmq::sockopt::fd), 0) && watched;
   auto wake_at = link_->next_tick();
   // Out of descriptors (dup failed): look again soon rather than never.
   if (!watched) wake_at = std::min(wake_at, clock::now() + std::chrono::milliseconds(10));
@@ -260,17 +260,17 @@ void bridge::arm() {
   // ZMQ_FD only signals a change, and a send or ZMQ_EVENTS may consume it:
   // a socket used since it was drained may hold a message its descriptor
   // will never announce. Asked here, or never.
-  auto ask = [](watch& w, zmq::socket_t& socket) {
+  auto ask = [](watch& w, auto has_input) {
     if (!w.dirty) return false;
-    w.dirty = (socket.get(zmq::sockopt::events) & ZMQ_POLLIN) != 0;
+    w.dirty = has_input();
     return w.dirty;
   };
-  bool link_has = ask(link_watch_, link_->socket());
-  bool sub_has = ask(sub_watch_, *sub_);
+  bool link_has = ask(link_watch_, [this] { return link_->has_input(); });
+  bool sub_has = ask(sub_watch_, [this] { return (sub_->get(zmq::sockopt::events) & ZMQ_POLLIN) != 0; });
   if (link_has || sub_has) schedule_pump();
 }
 
-bool bridge::arm(watch& w, zmq::socket_t& socket, std::uint64_t generation) {
+bool bridge::arm(watch& w, int socket_fd, std::uint64_t generation) {
   // A new socket may sit at the old one's address, its descriptor at the
   // old number: the link's reconnect count tells them apart.
   if (w.generation != generation) {
@@ -278,7 +278,7 @@ bool bridge::arm(watch& w, zmq::socket_t& socket, std::uint64_t generation) {
     w.waiting = false;
     w.dirty = true;
     w.generation.reset();
-    int fd = ::dup(socket.get(zmq::sockopt::fd));
+    int fd = ::dup(socket_fd);
     if (fd < 0) {
       if (log_limit_.allow()) spdlog::error("bridge: dup(ZMQ_FD): {}", std::strerror(errno));
       return false;

@@ -112,7 +112,7 @@ class bridge {
   template <typename ReadOne>
   bool drain(watch& w, ReadOne read_one);
   void arm();
-  bool arm(watch& w, zmq::socket_t& socket, std::uint64_t generation);
+  bool arm(watch& w, int socket_fd, std::uint64_t generation);
   void on_broker(proto::Envelope env);
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);

@@ -1,5 +1,8 @@
 // The broker and the worker SDK on real inproc sockets; the test plays the
-// gateways and clients.
+// gateways and clients. Every BrokerTest case runs twice: with the SDK's
+// workers and gateways on inproc:// sockets, and on the broker's local://
+// connections (core/local_link.hpp); the test's own raw peers always use the
+// ROUTER, so the second run mixes both kinds of connection in one broker.
 #include <algorithm>
 #include <atomic>
 #include <mutex>
@@ -17,10 +20,14 @@
 namespace sidecast::test {
 namespace {
 
-class BrokerTest : public ::testing::Test {
+class BrokerTest : public ::testing::TestWithParam<std::string_view> {
  protected:
+  // Where SDK workers and gateways connect: "inproc://router" or "local://router".
+  static std::string link() { return std::string{GetParam()}; }
+
   void start(broker::broker_config config = {}) {
     config.router_endpoint = "inproc://router";
+    config.local_endpoint = "local://router";
     config.xsub_endpoint = "inproc://xsub";
     config.xpub_endpoint = "inproc://xpub";
     config.heartbeat_interval = heartbeat_;
@@ -40,7 +47,7 @@ class BrokerTest : public ::testing::Test {
   worker& add_worker(std::vector<service> services, std::string id) {
     worker_options o;
     o.id = std::move(id);
-    o.broker = "inproc://router";
+    o.broker = link();
     o.publish = "inproc://xsub";
     o.heartbeat_interval = heartbeat_;
     auto w = std::make_unique<worker>(o, &ctx_);
@@ -59,7 +66,7 @@ class BrokerTest : public ::testing::Test {
   std::vector<std::unique_ptr<worker>> workers_;
 };
 
-TEST_F(BrokerTest, EchoRoundTrip) {
+TEST_P(BrokerTest, EchoRoundTrip) {
   start();
   add_worker({workers::echo_service(4)}, "w1");
   peer client{ctx_, "inproc://router", "c1"};
@@ -70,7 +77,7 @@ TEST_F(BrokerTest, EchoRoundTrip) {
   EXPECT_EQ(reply->args(), R"(["a",{"b":"\u2028😀"}])");
 }
 
-TEST_F(BrokerTest, TwoWorkersShareLoad) {
+TEST_P(BrokerTest, TwoWorkersShareLoad) {
   start();
   auto& w1 = add_worker({workers::echo_service(1)}, "w1");
   auto& w2 = add_worker({workers::echo_service(1)}, "w2");
@@ -97,7 +104,7 @@ TEST_F(BrokerTest, TwoWorkersShareLoad) {
 // request stranded that way would wait for the next one and miss its 3 s
 // deadline. Quick and pool handlers answer side by side, from several
 // clients, so sends and arrivals interleave.
-TEST_F(BrokerTest, PipelinedRequestsNeverWaitForAHeartbeat) {
+TEST_P(BrokerTest, PipelinedRequestsNeverWaitForAHeartbeat) {
   heartbeat_ = 30s;
   start();
   add_worker({workers::echo_service(8)}, "w1");
@@ -129,7 +136,7 @@ TEST_F(BrokerTest, PipelinedRequestsNeverWaitForAHeartbeat) {
   EXPECT_EQ(answered.load(), clients * per_client);
 }
 
-TEST_F(BrokerTest, QuickHandlersRunOnTheWorkersIoThreadAndPoolHandlersDoNot) {
+TEST_P(BrokerTest, QuickHandlersRunOnTheWorkersIoThreadAndPoolHandlersDoNot) {
   start();
   std::mutex m;
   std::set<std::thread::id> quick_threads, pool_threads;
@@ -173,7 +180,7 @@ TEST_F(BrokerTest, QuickHandlersRunOnTheWorkersIoThreadAndPoolHandlersDoNot) {
   EXPECT_NE(*quick_threads.begin(), *pool_threads.begin());
 }
 
-TEST_F(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
+TEST_P(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
   start();
   std::atomic<bool> saw_cancel{false};
   // The handler ignores its own deadline and waits for the broker's Cancel.
@@ -197,17 +204,17 @@ TEST_F(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
   EXPECT_TRUE(eventually([&] { return saw_cancel.load(); })) << "the worker never saw the Cancel";
 }
 
-TEST_F(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
+TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
   start();  // the broker beats every 100 ms and drops a peer silent for 300 ms
   core::peer_link_options o;
-  o.endpoint = "inproc://router";
+  o.endpoint = link();
   o.id = "w-slow";
   o.services = {{"echo", 1}};
   o.heartbeat_interval = 1s;  // the local default until the Welcome arrives
   core::peer_link link{ctx_, o};
   auto until = std::chrono::steady_clock::now() + 1500ms;
   while (std::chrono::steady_clock::now() < until) {
-    zmq::pollitem_t item{link.socket().handle(), 0, ZMQ_POLLIN, 0};
+    zmq::pollitem_t item{nullptr, link.fd(), ZMQ_POLLIN, 0};
     auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(link.next_tick() - core::clock::now());
     zmq::poll(&item, 1, std::clamp(wait, 0ms, 20ms));
     while (link.receive()) {
@@ -220,7 +227,7 @@ TEST_F(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
   EXPECT_EQ(link.stats().reconnects, 0u);
 }
 
-TEST_F(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
+TEST_P(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
   broker::broker_config config;
   config.default_timeout = 7000ms;
   config.max_timeout = 60000ms;
@@ -255,7 +262,7 @@ TEST_F(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
   }
 }
 
-TEST_F(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
+TEST_P(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
   start();
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
@@ -264,7 +271,7 @@ TEST_F(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
   EXPECT_EQ(reply->code(), proto::UNAVAILABLE);
 }
 
-TEST_F(BrokerTest, RequestWaitsForAWorkerThatArrivesLater) {
+TEST_P(BrokerTest, RequestWaitsForAWorkerThatArrivesLater) {
   start();
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
@@ -276,7 +283,7 @@ TEST_F(BrokerTest, RequestWaitsForAWorkerThatArrivesLater) {
   EXPECT_EQ(env->reply().code(), proto::OK);
 }
 
-TEST_F(BrokerTest, FullQueueAnswersBusyAtOnce) {
+TEST_P(BrokerTest, FullQueueAnswersBusyAtOnce) {
   broker::broker_config config;
   config.limits.queue_limit = 2;
   start(config);
@@ -291,7 +298,7 @@ TEST_F(BrokerTest, FullQueueAnswersBusyAtOnce) {
   EXPECT_EQ(env->reply().code(), proto::BUSY);
 }
 
-TEST_F(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {
+TEST_P(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {
   start();
   add_worker({workers::echo_service(1)}, "w1");
   peer raw{ctx_, "inproc://router", "raw"};
@@ -392,7 +399,7 @@ class GatewayPathTest : public BrokerTest {
   std::unique_ptr<peer> gateway_;
 };
 
-TEST_F(GatewayPathTest, JoinControlArrivesBeforeTheAck) {
+TEST_P(GatewayPathTest, JoinControlArrivesBeforeTheAck) {
   auto id = request("join", R"(["room1"])");
   auto first = gateway_->receive(5s);
   ASSERT_TRUE(first);
@@ -406,7 +413,7 @@ TEST_F(GatewayPathTest, JoinControlArrivesBeforeTheAck) {
   EXPECT_EQ(second->reply().args(), R"(["room1"])");
 }
 
-TEST_F(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
+TEST_P(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
   zmq::socket_t sub{ctx_, zmq::socket_type::sub};
   sub.connect("inproc://xpub");
   auto topic = proto::room_topic("/", "room1");
@@ -432,7 +439,7 @@ TEST_F(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
   EXPECT_EQ(ack->reply().args(), "[true]");
 }
 
-TEST_F(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
+TEST_P(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
   auto id = request("call-me-back", R"(["ping",1])");
   auto emit = gateway_->next(Envelope::kEmit, 5s);
   ASSERT_TRUE(emit);
@@ -454,7 +461,7 @@ TEST_F(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
   EXPECT_EQ(reply->reply().attachments(0), std::string("\0\xff", 2));
 }
 
-TEST_F(GatewayPathTest, ConnectToForbiddenIsRefused) {
+TEST_P(GatewayPathTest, ConnectToForbiddenIsRefused) {
   Envelope env;
   auto* l = env.mutable_lifecycle();
   l->set_kind(proto::Lifecycle::CONNECT);
@@ -469,7 +476,7 @@ TEST_F(GatewayPathTest, ConnectToForbiddenIsRefused) {
   EXPECT_EQ(reply->reply().message(), "forbidden");
 }
 
-TEST_F(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
+TEST_P(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
   std::mutex m;
   std::vector<proto::DeliveryReport> reports;
   auto& w = *workers_.front();
@@ -486,7 +493,7 @@ TEST_F(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
   EXPECT_EQ(reports[0].sid(), "nogw.abc");
 }
 
-TEST_F(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
+TEST_P(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
   start();
   std::mutex m;
   std::vector<proto::DeliveryReport> reports;
@@ -498,7 +505,7 @@ TEST_F(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
   gateway::gateway_config gc;
   gc.id = "gwR";
   gc.http = "127.0.0.1:0";
-  gc.broker = "inproc://router";
+  gc.broker = link();
   gc.events = "inproc://xpub";
   gc.threads = 1;
   gateway::gateway gw{gc, ctx_, std::make_shared<prometheus::Registry>()};
@@ -514,7 +521,7 @@ TEST_F(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
   gw.stop();
 }
 
-TEST_F(GatewayPathTest, GatewayReportsReachTheOrigin) {
+TEST_P(GatewayPathTest, GatewayReportsReachTheOrigin) {
   std::atomic<int> client_gone{0};
   workers_.front()->on_report([&](const proto::DeliveryReport& r) {
     if (r.status() == proto::DeliveryReport::CLIENT_GONE) ++client_gone;
@@ -526,6 +533,13 @@ TEST_F(GatewayPathTest, GatewayReportsReachTheOrigin) {
   gateway_->send(env);
   EXPECT_TRUE(eventually([&] { return client_gone.load() == 1; }));
 }
+
+std::string link_name(const ::testing::TestParamInfo<std::string_view>& info) {
+  return info.param.starts_with("local") ? "local" : "inproc";
+}
+
+INSTANTIATE_TEST_SUITE_P(Links, BrokerTest, ::testing::Values("inproc://router", "local://router"), link_name);
+INSTANTIATE_TEST_SUITE_P(Links, GatewayPathTest, ::testing::Values("inproc://router", "local://router"), link_name);
 
 }  // namespace
 }  // namespace sidecast::test

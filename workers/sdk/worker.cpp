@@ -303,7 +303,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         if (input_for != link.stats().reconnects) {
           input_for = link.stats().reconnects;
           input = {};
-          link_in = input.add(link.socket());
+          link_in = input.add(link.fd(), [&link] { return link.has_input(); });
           wake_in = input.add(wake.fd());
         }
         try {

@@ -1,0 +1,192 @@
+// core::local_router and core::local_dealer: the DEALER/ROUTER semantics the
+// broker relies on (ids, handover, bounds, unreachable peers, a router that
+// goes away), and, across real threads, that a waiter sleeping on fd() is
+// woken for every message: a lost wake-up shows as a wait that times out.
+#include <poll.h>
+
+#include <atomic>
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "core/local_link.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using sidecast::core::local_dealer;
+using sidecast::core::local_router;
+using sent = local_router::send_result;
+
+zmq::message_t text(const std::string& s) { return zmq::message_t{s.data(), s.size()}; }
+
+// A dealer's send of `s`, which must be taken.
+void say(local_dealer& dealer, const std::string& s) {
+  auto m = text(s);
+  ASSERT_TRUE(dealer.send(m));
+}
+
+// What the router receives next, as "peer: text", or "" when nothing waits.
+std::string heard(local_router& router) {
+  std::string_view peer;
+  zmq::message_t m;
+  if (!router.receive(peer, m)) return "";
+  return std::string{peer} + ": " + m.to_string();
+}
+
+// Waits on `fd` as a loop would after its receive came back empty.
+bool readable_within(int fd, std::chrono::milliseconds limit) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, static_cast<int>(limit.count())) == 1;
+}
+
+TEST(LocalLink, RoundTripUnderTheDealersId) {
+  local_router router{"local://t-round-trip"};
+  auto dealer = local_dealer::connect("local://t-round-trip", "d1", 16, 16);
+  ASSERT_TRUE(dealer);
+  say(*dealer, "hi");
+  ASSERT_TRUE(readable_within(router.fd(), 1s)) << "the router's descriptor announces a new connection's message";
+  EXPECT_EQ(heard(router), "d1: hi");
+  EXPECT_EQ(heard(router), "");
+  zmq::message_t m;
+
+  auto back = text("back");
+  EXPECT_EQ(router.send("d1", back), sent::sent);
+  ASSERT_TRUE(readable_within(dealer->fd(), 1s));
+  EXPECT_TRUE(dealer->has_input());
+  ASSERT_TRUE(dealer->receive(m));
+  EXPECT_EQ(m.to_string(), "back");
+  EXPECT_FALSE(dealer->receive(m));
+  EXPECT_FALSE(dealer->has_input());
+}
+
+TEST(LocalLink, UnknownIdsAreUnreachableAndAFullQueueRefusesAtTheSender) {
+  local_router router{"local://t-bounds"};
+  auto dealer = local_dealer::connect("local://t-bounds", "d1", 2, 2);
+  ASSERT_TRUE(dealer);
+  say(*dealer, "hello");
+  EXPECT_EQ(heard(router), "d1: hello");  // and the connection is adopted
+
+  auto lost = text("x");
+  EXPECT_EQ(router.send("nobody", lost), sent::unreachable);
+  EXPECT_EQ(lost.to_string(), "x") << "a refused message stays with the sender";
+  auto a = text("a"), b = text("b"), c = text("c");
+  EXPECT_EQ(router.send("d1", a), sent::sent);
+  EXPECT_EQ(router.send("d1", b), sent::sent);
+  EXPECT_EQ(router.send("d1", c), sent::full);
+  EXPECT_EQ(c.to_string(), "c");
+
+  auto u1 = text("1"), u2 = text("2"), u3 = text("3");
+  EXPECT_TRUE(dealer->send(u1));
+  EXPECT_TRUE(dealer->send(u2));
+  EXPECT_FALSE(dealer->send(u3)) << "the dealer's side is bounded too";
+}
+
+TEST(LocalLink, ANewConnectionUnderTheSameIdReplacesTheOld) {
+  local_router router{"local://t-handover"};
+  auto first = local_dealer::connect("local://t-handover", "w1", 16, 16);
+  say(*first, "hello");
+  EXPECT_EQ(heard(router), "w1: hello");
+  auto second = local_dealer::connect("local://t-handover", "w1", 16, 16);
+  say(*second, "again");
+  EXPECT_EQ(heard(router), "w1: again");
+  EXPECT_EQ(router.connections(), 1u);
+  zmq::message_t m;
+  auto to = text("to w1");
+  ASSERT_EQ(router.send("w1", to), sent::sent);
+  EXPECT_TRUE(second->receive(m));
+  EXPECT_FALSE(first->receive(m)) << "the replaced connection hears nothing more";
+}
+
+TEST(LocalLink, AGoneDealerLeavesOnceItsMessagesAreTaken) {
+  local_router router{"local://t-gone"};
+  auto dealer = local_dealer::connect("local://t-gone", "g1", 16, 16);
+  say(*dealer, "last words");
+  dealer.reset();
+  EXPECT_TRUE(router.has_input());
+  EXPECT_EQ(heard(router), "g1: last words");
+  EXPECT_EQ(heard(router), "");
+  EXPECT_EQ(router.connections(), 0u);
+  auto reply = text("too late");
+  EXPECT_EQ(router.send("g1", reply), sent::unreachable);
+}
+
+TEST(LocalLink, ANameBindsOnceAndADealerOutlivesItsRouterSafely) {
+  EXPECT_EQ(local_dealer::connect("local://t-nothing-here", "d", 4, 4), nullptr);
+  EXPECT_THROW(local_router{"tcp://127.0.0.1:1"}, std::runtime_error);
+  EXPECT_THROW(local_router{"local://"}, std::runtime_error);
+  std::unique_ptr<local_dealer> dealer;
+  {
+    local_router router{"local://t-once"};
+    EXPECT_THROW(local_router{"local://t-once"}, std::runtime_error);
+    dealer = local_dealer::connect("local://t-once", "d", 4, 4);
+    ASSERT_TRUE(dealer);
+  }
+  auto m = text("anyone?");
+  EXPECT_FALSE(dealer->send(m)) << "the router is gone";
+  EXPECT_EQ(local_dealer::connect("local://t-once", "d", 4, 4), nullptr);
+  local_router again{"local://t-once"};  // the name is free again
+  EXPECT_NE(local_dealer::connect("local://t-once", "d", 4, 4), nullptr);
+}
+
+// Three dealers on their own threads, each keeping up to 64 requests in
+// flight, and a router thread that answers every one: 3 × 30,000 round
+// trips, both sides sleeping on fd() whenever their receive finds nothing.
+// A wake-up lost anywhere leaves a side asleep with work waiting, which the
+// 2 s wait turns into a counted timeout.
+TEST(LocalLink, EveryMessageWakesASleepingReceiverAcrossThreads) {
+  constexpr int dealers = 3, per_dealer = 30000, window = 64;
+  local_router router{"local://t-stress"};
+  std::atomic<bool> done{false};
+  std::atomic<int> timeouts{0};
+  std::thread server{[&] {
+    std::string_view peer;
+    zmq::message_t m;
+    while (!done) {
+      while (router.receive(peer, m)) {
+        std::string id{peer};
+        // Full only if a dealer stopped reading: retry rather than lose it.
+        while (router.send(id, m) == sent::full) std::this_thread::yield();
+      }
+      if (!done && !readable_within(router.fd(), 2s) && !done) ++timeouts;
+    }
+  }};
+  std::vector<std::thread> clients;
+  std::atomic<int> out_of_order{0};
+  for (int d = 0; d < dealers; ++d) {
+    clients.emplace_back([&, d] {
+      auto dealer = local_dealer::connect("local://t-stress", "d" + std::to_string(d), window, window);
+      int sent_n = 0, got = 0;
+      zmq::message_t m;
+      while (got < per_dealer) {
+        while (sent_n < per_dealer && sent_n - got < window) {
+          auto out = text(std::to_string(sent_n));
+          if (!dealer->send(out)) break;
+          ++sent_n;
+        }
+        bool any = false;
+        while (dealer->receive(m)) {
+          any = true;
+          if (m.to_string() != std::to_string(got)) ++out_of_order;
+          ++got;
+        }
+        if (!any && got < per_dealer && !readable_within(dealer->fd(), 2s)) {
+          ++timeouts;
+          break;  // a lost wake-up: stop rather than wait forever
+        }
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  done = true;
+  local_dealer::connect("local://t-stress", "waker", 1, 1);  // a new connection rings the router
+  server.join();
+  EXPECT_EQ(timeouts, 0) << "a receiver slept through a message";
+  EXPECT_EQ(out_of_order, 0);
+}
+
+}  // namespace
