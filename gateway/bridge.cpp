@@ -141,16 +141,31 @@ bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::
   return post([this, id = std::move(id), message = core::message_of(env), sink = std::move(sink), tag, timeout]() mutable {
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
+    if (!send_to_broker(std::move(message))) {
+      // The broker is not taking what we send: say so now, as the broker
+      // does when a service queue is full, rather than at the deadline.
+      proto::Reply busy;
+      busy.set_id(id);
+      busy.set_code(proto::BUSY);
+      busy.set_message("the gateway's link to the broker is full");
+      reply_to(pending{std::move(sink), tag, {}, {}}, std::move(busy));
+      return;
+    }
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
     auto pos = deadlines_.emplace(deadline, id);
     pending_[id] = pending{std::move(sink), tag, deadline, pos};
-    if (!link_->send_message(std::move(message)))
-      spdlog::warn("broker link full: request {} waits for its deadline", id);
   });
 }
 
 bool bridge::send(const Envelope& env) {
-  return post([this, message = core::message_of(env)]() mutable { link_->send_message(std::move(message)); });
+  return post([this, message = core::message_of(env)]() mutable { send_to_broker(std::move(message)); });
+}
+
+bool bridge::send_to_broker(zmq::message_t&& message) {
+  if (link_->send_message(std::move(message))) return true;
+  metrics_.broker_link_full.Increment();
+  if (log_limit_.allow()) spdlog::warn("gateway bridge: the broker link is full (--hwm {}); message dropped", config_.hwm);
+  return false;
 }
 
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
@@ -159,9 +174,12 @@ bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slo
   auto id = request.id();
   *env.mutable_forward() = std::move(request);
   return post([this, id = std::move(id), message = core::message_of(env), slot = std::move(slot), timeout]() mutable {
+    if (!send_to_broker(std::move(message))) {
+      slot->complete({503, "application/json", R"({"code":3,"message":"Bad request"})"});
+      return;
+    }
     deadlines_.emplace(clock::now() + timeout, id);
     forwards_[id] = std::move(slot);
-    link_->send_message(std::move(message));
   });
 }
 
@@ -172,11 +190,12 @@ void bridge::open() {
     lo.id = id_;
     lo.role = proto::ROLE_GATEWAY;
     lo.heartbeat_interval = config_.heartbeat_interval;
+    lo.sndhwm = lo.rcvhwm = config_.hwm;
     lo.curve = {config_.curve_secret, config_.curve_server_key};
     link_ = std::make_unique<core::peer_link>(context_, lo);
     sub_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::sub);
     sub_->set(zmq::sockopt::linger, 0);
-    sub_->set(zmq::sockopt::rcvhwm, 100000);
+    sub_->set(zmq::sockopt::rcvhwm, config_.hwm);
     core::apply(*sub_, lo.curve);
     sub_->connect(config_.events);
     timer_.emplace(*ex_);
@@ -363,7 +382,7 @@ void bridge::expire(clock::time_point now) {
     Envelope cancel;
     cancel.mutable_cancel()->set_id(id);
     cancel.mutable_cancel()->set_reason(proto::TIMEOUT);
-    link_->send(cancel);
+    send_to_broker(core::message_of(cancel));
     link_watch_.dirty = true;
   }
 }
@@ -491,7 +510,7 @@ void bridge::report(const std::string& to, proto::DeliveryReport::Status status,
   r->set_sid(sid);
   r->set_ref(ref);
   r->set_to(to);
-  link_->send(env);
+  send_to_broker(core::message_of(env));
   link_watch_.dirty = true;
 }
 

@@ -78,6 +78,10 @@ class bridge {
   bool connected() const { return welcomed_; }
 
  private:
+  /// False (counted, logged) when the link refuses it: the broker is gone
+  /// or not keeping up, and --hwm messages already wait.
+  bool send_to_broker(zmq::message_t&& message);
+
   struct member {
     std::weak_ptr<client_sink> sink;
     std::string nsp;

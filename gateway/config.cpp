@@ -58,6 +58,9 @@ void add_options(CLI::App& app, gateway_config& c) {
                    "On SIGTERM: close client transports, wait this long for them to go, then exit, ms");
   app.add_option("--bridge-queue", c.bridge_queue, "Commands queued from sessions to the ZeroMQ thread")
       ->capture_default_str();
+  app.add_option("--hwm", c.hwm, "High-water mark of the broker link (each way) and the events socket, messages")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
   app.add_option("--cors-origin", c.cors_origins,
                  "Browser origin allowed besides the gateway's own (repeatable; '*' allows any)");
   app.add_option("--route", c.routes, "Namespace served by a service, NSP=SERVICE (repeatable)")

@@ -26,6 +26,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();
   app.add_option("--outbox-limit", options.outbox_limit, "Messages handlers may queue for sending")
       ->capture_default_str();
+  app.add_option("--hwm", options.hwm, "High-water mark of the broker link (each way) and the PUB socket, messages")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 10000000));
   app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
   app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();

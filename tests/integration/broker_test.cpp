@@ -13,6 +13,7 @@
 
 #include "broker/broker.hpp"
 #include "core/peer_link.hpp"
+#include "gateway/bridge.hpp"
 #include "gateway/gateway.hpp"
 #include "tests/integration/harness.hpp"
 #include "workers/demo/demo.hpp"
@@ -532,6 +533,70 @@ TEST_P(GatewayPathTest, GatewayReportsReachTheOrigin) {
   env.mutable_report()->set_to("demo1");
   gateway_->send(env);
   EXPECT_TRUE(eventually([&] { return client_gone.load() == 1; }));
+}
+
+// The sink side of a session, for a bridge driven by the test: it keeps the
+// replies it is given.
+class reply_keeper : public gateway::client_sink {
+ public:
+  explicit reply_keeper(boost::asio::any_io_executor ex) : ex_{std::move(ex)} {}
+  boost::asio::any_io_executor executor() const override { return ex_; }
+  void deliver(std::shared_ptr<const gateway::outbound_event>, std::string) override {}
+  void deliver_reply(std::uint64_t tag, proto::Reply reply) override {
+    std::lock_guard lock{mutex_};
+    replies_.emplace_back(tag, reply.code());
+  }
+  void deliver_disconnect() override {}
+  std::vector<std::pair<std::uint64_t, proto::Code>> replies() {
+    std::lock_guard lock{mutex_};
+    return replies_;
+  }
+
+ private:
+  boost::asio::any_io_executor ex_;
+  std::mutex mutex_;
+  std::vector<std::pair<std::uint64_t, proto::Code>> replies_;
+};
+
+// A broker that takes the gateway's connection and then never reads: once
+// --hwm messages wait on the link, a request is answered BUSY at once (not
+// at its 30 s deadline), and the drop is counted.
+TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
+  zmq::context_t ctx{1};
+  core::local_router stuck{"local://stuck-broker"};
+  gateway::gateway_config gc;
+  gc.id = "gwF";
+  gc.broker = "local://stuck-broker";
+  gc.events = "inproc://stuck-events";
+  gc.hwm = 2;                        // the Hello and one request
+  gc.heartbeat_interval = 60s;       // no heartbeat takes a place meanwhile
+  auto registry = std::make_shared<prometheus::Registry>();
+  gateway::gateway_metrics metrics{*registry};
+  gateway::bridge bridge{gc, ctx, metrics};
+  bridge.start();
+  boost::asio::io_context sessions;
+  auto guard = boost::asio::make_work_guard(sessions);
+  std::thread session_thread{[&] { sessions.run(); }};
+  auto sink = std::make_shared<reply_keeper>(sessions.get_executor());
+  for (std::uint64_t tag = 1; tag <= 3; ++tag) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(bridge.next_id());
+    r->set_service("demo");
+    r->set_sid("gwF.s1");
+    r->set_event("echo");
+    r->set_args("[1]");
+    r->set_wants_reply(true);
+    ASSERT_TRUE(bridge.request(env, sink, tag, 30s));
+  }
+  EXPECT_TRUE(eventually([&] { return sink->replies().size() == 2; }, 2s)) << "two requests had no room";
+  auto replies = sink->replies();
+  std::sort(replies.begin(), replies.end());
+  EXPECT_EQ(replies, (std::vector<std::pair<std::uint64_t, proto::Code>>{{2, proto::BUSY}, {3, proto::BUSY}}));
+  EXPECT_EQ(metrics.broker_link_full.Value(), 2);
+  bridge.stop();
+  guard.reset();
+  session_thread.join();
 }
 
 std::string link_name(const ::testing::TestParamInfo<std::string_view>& info) {
