@@ -139,8 +139,6 @@ bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::
                      std::chrono::milliseconds timeout) {
   auto id = env.has_request() ? env.request().id() : env.lifecycle().id();
   return post([this, id = std::move(id), message = core::message_of(env), sink = std::move(sink), tag, timeout]() mutable {
-    // Our own deadline is a little later than the broker's, which answers
-    // first unless the broker itself is unreachable.
     if (!send_to_broker(std::move(message))) {
       // The broker is not taking what we send: say so now, as the broker
       // does when a service queue is full, rather than at the deadline.
@@ -151,6 +149,8 @@ bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::
       reply_to(pending{std::move(sink), tag, {}, {}}, std::move(busy));
       return;
     }
+    // Our own deadline is a little later than the broker's, which answers
+    // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
     auto pos = deadlines_.emplace(deadline, id);
     pending_[id] = pending{std::move(sink), tag, deadline, pos};
