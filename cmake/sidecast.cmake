@@ -2,7 +2,7 @@
 # sanitizer presets, so every component library is built the same way.
 
 option(SIDECAST_WERROR "Treat warnings as errors" OFF)
-set(SIDECAST_SANITIZE "" CACHE STRING "Sanitizers: '' or 'address,undefined'")
+set(SIDECAST_SANITIZE "" CACHE STRING "Sanitizers: '', 'address,undefined' or 'thread'")
 
 function(sidecast_apply_defaults target)
   target_compile_features(${target} PUBLIC cxx_std_20)
