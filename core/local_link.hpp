@@ -7,9 +7,10 @@
 // of system calls on the receiving thread (a getpid and a poll of the
 // socket's command mailbox each time it looks, an eventfd read when it
 // finds a command), about sixteen per hop on the path of one ack, and a
-// system call costs ≈ 1 µs on the VMs this runs on. Here a hop costs one
-// eventfd write, and only when the receiving thread is about to sleep or
-// asleep; a busy receiver takes messages with no system call at all.
+// system call costs ≈ 1 µs on the VMs this runs on. Here a hop costs an
+// eventfd write and the receiver's read of it, and only when the receiving
+// thread is about to sleep or asleep; a busy receiver takes messages with
+// no system call at all.
 //
 // The semantics are those of a DEALER connected to a ROUTER: the router
 // sees each connection under the dealer's id (a second connection with the
