@@ -46,7 +46,8 @@ void doorbell::arm() {
 struct local_hub {
   doorbell bell;
   std::atomic<bool> closed{false};
-  std::atomic<bool> has_pending{false};
+  std::atomic<bool> has_pending{false};  // a connection waits in `pending`
+  std::atomic<bool> has_gone{false};     // a dealer went away
   std::mutex mutex;  // guards pending; taken once per connection, never per message
   std::vector<std::shared_ptr<local_connection>> pending;
 };
@@ -107,7 +108,11 @@ local_router::~local_router() {
 int local_router::fd() const { return hub_->bell.fd(); }
 
 void local_router::adopt() {
-  if (!hub_->has_pending.exchange(false, std::memory_order_acq_rel)) return;
+  // A load first: this runs for every message, and an exchange would write
+  // the flag's cache line each time.
+  if (!hub_->has_pending.load(std::memory_order_acquire) ||
+      !hub_->has_pending.exchange(false, std::memory_order_acq_rel))
+    return;
   std::vector<std::shared_ptr<local_connection>> fresh;
   {
     std::lock_guard lock{hub_->mutex};
@@ -125,18 +130,27 @@ void local_router::adopt() {
 
 bool local_router::has_input() {
   hub_->bell.arm();
-  if (hub_->has_pending.load(std::memory_order_acquire)) return true;
-  return std::any_of(connections_.begin(), connections_.end(),
-                     [](const auto& c) { return !c->up.empty() || c->dealer_gone.load(std::memory_order_acquire); });
+  if (hub_->has_pending.load(std::memory_order_acquire) || hub_->has_gone.load(std::memory_order_acquire)) return true;
+  return std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return !c->up.empty(); });
+}
+
+void local_router::drop_gone() {
+  if (!hub_->has_gone.load(std::memory_order_acquire) || !hub_->has_gone.exchange(false, std::memory_order_acq_rel))
+    return;
+  // A dealer that is gone leaves once what it sent has been taken; until
+  // then the flag stays up, so the next look tries again.
+  std::erase_if(connections_, [](const auto& c) {
+    return c->dealer_gone.load(std::memory_order_acquire) && c->up.empty();
+  });
+  if (std::any_of(connections_.begin(), connections_.end(),
+                  [](const auto& c) { return c->dealer_gone.load(std::memory_order_acquire); }))
+    hub_->has_gone.store(true, std::memory_order_release);
 }
 
 bool local_router::receive(std::string_view& peer, zmq::message_t& message) {
   for (int look = 0; look < 2; ++look) {
     adopt();
-    // A dealer that is gone leaves once what it sent has been taken.
-    std::erase_if(connections_, [](const auto& c) {
-      return c->dealer_gone.load(std::memory_order_acquire) && c->up.empty();
-    });
+    drop_gone();
     auto n = connections_.size();
     for (std::size_t k = 0; k < n; ++k) {
       auto& c = connections_[(cursor_ + k) % n];
@@ -186,6 +200,7 @@ local_dealer::local_dealer(std::shared_ptr<local_connection> connection) : conne
 
 local_dealer::~local_dealer() {
   connection_->dealer_gone.store(true, std::memory_order_release);
+  connection_->hub->has_gone.store(true, std::memory_order_release);
   connection_->hub->bell.ring();
 }
 

@@ -82,7 +82,8 @@ class local_router {
   std::size_t connections() const { return connections_.size(); }
 
  private:
-  void adopt();
+  void adopt();      // connections made since the last look
+  void drop_gone();  // connections whose dealer went away, once drained
 
   std::shared_ptr<local_hub> hub_;
   std::vector<std::shared_ptr<local_connection>> connections_;

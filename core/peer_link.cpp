@@ -80,7 +80,7 @@ bool peer_link::receive_into(proto::Envelope& env) {
     if (!got) return false;
     // Extra frames are not part of protocol v1: drain and drop them.
     bool extra = false;
-    while (msg.more()) {
+    while (!is_local_ && msg.more()) {  // a local:// message is always one frame
       extra = true;
       if (!socket_.recv(msg, zmq::recv_flags::dontwait)) break;
     }

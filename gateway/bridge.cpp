@@ -260,8 +260,8 @@ void bridge::pump() {
 }
 
 void bridge::arm() {
-  bool watched = arm(link_watch_, link_->fd(), link_->stats().reconnects);
-  watched = arm(sub_watch_, sub_->get(zmq::sockopt::fd), 0) && watched;
+  bool watched = arm(link_watch_, link_->stats().reconnects, [this] { return link_->fd(); });
+  watched = arm(sub_watch_, 0, [this] { return sub_->get(zmq::sockopt::fd); }) && watched;
   auto wake_at = link_->next_tick();
   // Out of descriptors (dup failed): look again soon rather than never.
   if (!watched) wake_at = std::min(wake_at, clock::now() + std::chrono::milliseconds(10));
@@ -289,7 +289,8 @@ void bridge::arm() {
   if (link_has || sub_has) schedule_pump();
 }
 
-bool bridge::arm(watch& w, int socket_fd, std::uint64_t generation) {
+template <typename FdOf>
+bool bridge::arm(watch& w, std::uint64_t generation, FdOf fd_of) {
   // A new socket may sit at the old one's address, its descriptor at the
   // old number: the link's reconnect count tells them apart.
   if (w.generation != generation) {
@@ -297,7 +298,7 @@ bool bridge::arm(watch& w, int socket_fd, std::uint64_t generation) {
     w.waiting = false;
     w.dirty = true;
     w.generation.reset();
-    int fd = ::dup(socket_fd);
+    int fd = ::dup(fd_of());  // asked only for a new socket
     if (fd < 0) {
       if (log_limit_.allow()) spdlog::error("bridge: dup(ZMQ_FD): {}", std::strerror(errno));
       return false;

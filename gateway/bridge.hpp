@@ -116,7 +116,8 @@ class bridge {
   template <typename ReadOne>
   bool drain(watch& w, ReadOne read_one);
   void arm();
-  bool arm(watch& w, int socket_fd, std::uint64_t generation);
+  template <typename FdOf>
+  bool arm(watch& w, std::uint64_t generation, FdOf fd_of);
   void on_broker(proto::Envelope env);
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);
