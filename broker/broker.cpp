@@ -181,28 +181,32 @@ void broker::run() {
   if (zap_) zap_in_ = input_.add(zap_->socket());
   if (local_) local_in_ = input_.add(local_->fd(), [this] { return local_->has_input(); });
   next_tick_ = clock::now();
+  now_ = next_tick_;
   while (!stopping_) {
-    auto now = clock::now();
-    last_turn_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count();
-    if (now >= next_tick_) tick(now);
-    if (auto d = table_.next_deadline(); d && *d <= now) {
-      for (const auto& f : table_.expire(now)) fail(f);
-    }
+    last_turn_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(now_.time_since_epoch()).count();
+    if (now_ >= next_tick_) tick(now_);
     auto wake = next_tick_;
     if (auto d = table_.next_deadline()) wake = std::min(wake, *d);
-    auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(wake - now) +
+    auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(wake - now_) +
                    std::chrono::milliseconds(1);
 
     try {
       input_.wait(std::max(timeout, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
+      now_ = clock::now();
       if (e.num() == EINTR) continue;
       throw;
     }
+    // One clock reading per turn: messages of a batch share a timestamp.
+    // Deadlines before input: a reply read in the same turn as its job's
+    // deadline finds the job expired (the requester was told `timeout`),
+    // even when this thread woke late, or was stopped, with both waiting.
+    now_ = clock::now();
+    if (auto d = table_.next_deadline(); d && *d <= now_) {
+      for (const auto& f : table_.expire(now_)) fail(f);
+    }
     if (input_.ready(wake_in_)) wakeup_.drain();
     if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
-    // One clock reading per turn: messages of a batch share a timestamp.
-    now_ = clock::now();
     bool received = false;
     if (input_.ready(router_in_)) {
       receive_router();

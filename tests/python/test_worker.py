@@ -282,6 +282,39 @@ class CancelTest(BrokerTest):
         self.assertLess(time.monotonic() - started, 2)
         self.assertEqual(seen.get("the handler's cancellation"), (True, Code.TIMEOUT))
 
+    def test_a_reply_past_the_deadline_loses_to_the_timeout(self):
+        # The broker is stopped across the deadline, and the handler answers
+        # while it is stopped: on waking it has both the expired deadline and
+        # the reply to read. The requester must get `timeout`, never the
+        # late answer, and nothing twice.
+        seen, go = Recorder(), threading.Event()
+        svc = Service("late", capacity=1)
+
+        @svc.on("wait")
+        def wait(req):
+            seen.put("started")
+            go.wait(5)
+            seen.put(req.reply("late"))
+
+        w = self.start_worker(svc)
+        c = self.peer()
+        rid = c.submit("late", "wait", timeout_ms=300)
+        self.assertEqual(seen.get(), "started")
+        self.broker.process.signal(signal.SIGSTOP)
+        try:
+            time.sleep(0.45)
+            go.set()
+            self.assertTrue(seen.get("the handler's reply"))
+            self.assertTrue(eventually(lambda: w.stats().replies == 1))
+        finally:
+            self.broker.process.signal(signal.SIGCONT)
+        reply = c.reply_to(rid)
+        self.assertIsNotNone(reply, "no answer")
+        self.assertEqual(reply.reply.code, pb.TIMEOUT, f"got {reply}")
+        self.assertEqual(c.collect(0.3), [], "a second answer reached the requester")
+        self.assertTrue(eventually(lambda: self.broker.metric(
+            "sidecast_broker_requests_total", service="late", outcome="timeout") == 1))
+
     def test_requester_cancel_reaches_the_handler(self):
         seen = Recorder()
         w = self.start_worker(self.waiting_service(seen))
