@@ -7,7 +7,11 @@ ratios to the Node socket.io peer (label "node").
 Each input line is one sidecast-bench result with an extra "case" and "run"
 (bench/run adds them). Lines with "error" are counted and shown as failed
 runs. Every figure printed is the median over the runs of that case and
-server; ratios are taken between those medians.
+server. A ratio to Node is taken within each run (this server's figure over
+Node's in the same run: the host's slow spells move both, or one of them for
+that run only), and the table shows the median of those; a second table
+lists every run's throughput, CPU and p50 ratios. Without a run number on the
+lines, ratios are taken between the medians.
 """
 import argparse
 import json
@@ -44,6 +48,25 @@ def ratio(a, b, digits=2):
     if a is None or b is None or b == 0:
         return "–"
     return f"{a / b:.{digits}f}×"
+
+
+def paired(rs, base, key):
+    """Each run's ratio rs[key] / base[key], in run order, over the runs both have."""
+    by_run = {r.get("run"): r.get(key) for r in base}
+    out = []
+    for r in sorted(rs, key=lambda r: r.get("run") or 0):
+        b = by_run.get(r.get("run"))
+        if r.get("run") is not None and r.get(key) is not None and b:
+            out.append(r[key] / b)
+    return out
+
+
+def ratio_of(rs, base, key, a, b):
+    """The median of the per-run ratios; the ratio of the medians without run numbers."""
+    runs = paired(rs, base, key)
+    if runs:
+        return f"{statistics.median(runs):.2f}×"
+    return ratio(a, b)
 
 
 def main():
@@ -102,7 +125,29 @@ def main():
             b_kb_v = b_kb / 1024 if b_kb is not None else None
             print(f"| {case} | {label} | {runs} | {fmt(rate)} | {unit} | {fmt(cpu, 2)} | {fmt(p50, 1)} | "
                   f"{fmt(p99, 1)} | {fmt(p999, 1)} | {fmt(loss)} | {fmt(kb, 1)} | {alive} | {fmt(gen, 1)} | "
-                  f"{ratio(rate, b_rate)} | {ratio(cpu, b_cpu)} | {ratio(p99, b_p99)} | {ratio(kb, b_kb_v)} |")
+                  f"{ratio_of(rs, base, rate_key, rate, b_rate)} | {ratio_of(rs, base, cpu_key, cpu, b_cpu)} | "
+                  f"{ratio_of(rs, base, 'p99_us', p99, b_p99)} | "
+                  f"{ratio_of(rs, base, 'rss_per_conn_bytes', kb, b_kb_v)} |")
+
+    lines = []
+    for case, (rate_key, cpu_key, _) in CASES.items():
+        base = rows.get((case, args.baseline), [])
+        for label in labels:
+            if label == args.baseline:
+                continue
+            rates = paired(rows.get((case, label), []), base, rate_key)
+            cpus = paired(rows.get((case, label), []), base, cpu_key)
+            p50s = paired(rows.get((case, label), []), base, "p50_us")
+            if len(rates) > 1 or len(cpus) > 1:
+                lines.append(f"| {case} | {label} | {' / '.join(f'{v:.2f}' for v in rates)} | "
+                             f"{' / '.join(f'{v:.2f}' for v in cpus)} | {' / '.join(f'{v:.2f}' for v in p50s)} |")
+    if lines:
+        print()
+        print(f"Each run's ratio to {args.baseline} (same run), in run order:")
+        print()
+        print("| case | server | rate ÷ Node | CPU/msg ÷ Node | p50 ÷ Node |")
+        print("|---|---|---|---|---|")
+        print("\n".join(lines))
     return 0
 
 
