@@ -348,14 +348,14 @@ class GatewayTrafficTest(BrokerTest):
             req.ack({"task_id": "t1"})
             for percent in (0, 50, 100):
                 req.emit("vm_progress", {"task_id": "t1", "percent": percent})
-            # Past the request's 300 ms deadline: after ack() it no longer applies.
-            slept = req.sleep(0.8)
+            # Past the request's 500 ms deadline: after ack() it no longer applies.
+            slept = req.sleep(1.0)
             req.emit("vm_response", {"task_id": "t1", "data": []})
             done.put((slept, req.cancelled.is_set()))
 
         self.start_worker(svc)
         gw = self.gateway("gwT")
-        rid = gw.submit("vmish", "launch", "[{}]", timeout_ms=300, sid="gwT.x", nsp="/vm")
+        rid = gw.submit("vmish", "launch", "[{}]", timeout_ms=500, sid="gwT.x", nsp="/vm")
         ack = gw.reply_to(rid, final=False)
         self.assertIsNotNone(ack, "no early ack")
         self.assertTrue(ack.reply.partial)
