@@ -4,6 +4,7 @@
 
 #include <charconv>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <deque>
 #include <vector>
@@ -203,6 +204,28 @@ class ws_client final : public sio_client, public std::enable_shared_from_this<w
 // executor overhead of one async_read per message, which is most of the
 // generator's user-space cost in fan-out. Server frames are not checked for
 // UTF-8 (this is a load generator); client frames are masked (RFC 6455).
+// A read buffer that grows without zero-filling: std::vector<char>::resize
+// writes every new byte, and 16 KB per connection written at once was about a
+// tenth of the generator's CPU while it opened 10,000 connections. Pages of
+// this one are touched only when data arrives.
+class read_buffer {
+ public:
+  char* data() { return data_.get(); }
+  std::size_t size() const { return size_; }
+  /// Grows to at least `n` bytes, keeping the first `keep`.
+  void grow(std::size_t n, std::size_t keep) {
+    if (n <= size_) return;
+    auto bigger = std::make_unique_for_overwrite<char[]>(n);
+    if (keep) std::memcpy(bigger.get(), data_.get(), keep);
+    data_ = std::move(bigger);
+    size_ = n;
+  }
+
+ private:
+  std::unique_ptr<char[]> data_;
+  std::size_t size_ = 0;
+};
+
 class raw_ws_client final : public sio_client, public std::enable_shared_from_this<raw_ws_client> {
  public:
   raw_ws_client(asio::io_context& ioc, client_options o, client_handlers h)
@@ -262,9 +285,8 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
     if (parser_->get().result() != http::status::switching_protocols)
       return fail("upgrade: HTTP " + std::to_string(parser_->get().result_int()));
     parser_.reset();
-    rbuf_.resize(16384);
     auto left = hbuf_.cdata();
-    if (left.size() > rbuf_.size()) rbuf_.resize(left.size() + 4096);
+    rbuf_.grow(std::max<std::size_t>(16384, left.size() + 4096), 0);
     std::memcpy(rbuf_.data(), left.data(), left.size());
     rlen_ = left.size();
     hbuf_ = {};
@@ -274,7 +296,7 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
   void do_read() {
     if (rbuf_.size() - rlen_ < 4096) {
       if (rbuf_.size() >= max_message + 4096 + 14) return fail("message too large");
-      rbuf_.resize(std::max(rbuf_.size() * 2, rlen_ + 4096));
+      rbuf_.grow(std::max(rbuf_.size() * 2, rlen_ + 4096), rlen_);
     }
     sock_.async_read_some(asio::buffer(rbuf_.data() + rlen_, rbuf_.size() - rlen_),
                           [self = shared_from_this()](error_code ec, std::size_t n) { self->on_read(ec, n); });
@@ -407,7 +429,7 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
   http::request<http::empty_body> req_;
   std::optional<http::response_parser<http::empty_body>> parser_;
   beast::flat_buffer hbuf_;
-  std::vector<char> rbuf_;
+  read_buffer rbuf_;
   std::size_t rlen_ = 0;
   std::string frag_;
   bool in_message_ = false;
