@@ -116,7 +116,9 @@ def main():
                 kb = med(rs, "rss_per_conn_bytes")
                 kb = kb / 1024 if kb is not None else None
                 alive = f'{fmt(med(rs, "verified"))}/{fmt(med(rs, "connections"))}'
-                gen = None
+                # The generator's CPU while connecting, % of one core.
+                gen = median([r["connects_per_s"] * r["gen_cpu_us_per_connect"] / 1e4 for r in rs
+                              if r.get("connects_per_s") and r.get("gen_cpu_us_per_connect")])
             else:
                 loss = med(rs, "loss")
                 kb, alive = None, ""
