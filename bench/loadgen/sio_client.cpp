@@ -195,15 +195,6 @@ class ws_client final : public sio_client, public std::enable_shared_from_this<w
 
 // ------------------------------------------------ WebSocket, frames by hand
 
-// The same client with the WebSocket framing done here instead of by
-// beast::websocket::stream: the upgrade goes through beast::http (so bytes
-// the server sends right after its 101 stay in our buffer), then every read
-// takes whatever the socket holds into one growing buffer and every frame in
-// it is handled before the next read; what handlers send meanwhile goes out
-// in one write. Per received frame this saves the composed-operation and
-// executor overhead of one async_read per message, which is most of the
-// generator's user-space cost in fan-out. Server frames are not checked for
-// UTF-8 (this is a load generator); client frames are masked (RFC 6455).
 // A read buffer that grows without zero-filling: std::vector<char>::resize
 // writes every new byte, and 16 KB per connection written at once was about a
 // tenth of the generator's CPU while it opened 10,000 connections. Pages of
@@ -226,6 +217,15 @@ class read_buffer {
   std::size_t size_ = 0;
 };
 
+// The same client with the WebSocket framing done here instead of by
+// beast::websocket::stream: the upgrade goes through beast::http (so bytes
+// the server sends right after its 101 stay in our buffer), then every read
+// takes whatever the socket holds into one growing buffer and every frame in
+// it is handled before the next read; what handlers send meanwhile goes out
+// in one write. Per received frame this saves the composed-operation and
+// executor overhead of one async_read per message, which is most of the
+// generator's user-space cost in fan-out. Server frames are not checked for
+// UTF-8 (this is a load generator); client frames are masked (RFC 6455).
 class raw_ws_client final : public sio_client, public std::enable_shared_from_this<raw_ws_client> {
  public:
   raw_ws_client(asio::io_context& ioc, client_options o, client_handlers h)
