@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/peer_link.hpp"
+#include "gateway/codec/engineio.hpp"
 #include "gateway/codec/socketio.hpp"
 #include "gateway/codec/ws_json.hpp"
 
@@ -168,6 +169,16 @@ bool bridge::send_to_broker(zmq::message_t&& message) {
   return false;
 }
 
+namespace {
+
+// A forwarded poll that got no answer: the client sees what an Engine.IO
+// server says to a request it cannot serve.
+http_answer forward_failed(unsigned status) {
+  return {status, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}};
+}
+
+}  // namespace
+
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
   request.set_id(next_id());
   Envelope env;
@@ -175,7 +186,7 @@ bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slo
   *env.mutable_forward() = std::move(request);
   return post([this, id = std::move(id), message = core::message_of(env), slot = std::move(slot), timeout]() mutable {
     if (!send_to_broker(std::move(message))) {
-      slot->complete({503, "application/json", R"({"code":3,"message":"Bad request"})"});
+      slot->complete(forward_failed(503));
       return;
     }
     deadlines_.emplace(clock::now() + timeout, id);
@@ -367,7 +378,7 @@ void bridge::expire(clock::time_point now) {
     auto id = deadlines_.begin()->second;
     deadlines_.erase(deadlines_.begin());
     if (auto f = forwards_.find(id); f != forwards_.end()) {
-      f->second->complete({504, "application/json", R"({"code":3,"message":"Bad request"})"});
+      f->second->complete(forward_failed(504));
       forwards_.erase(f);
       continue;
     }

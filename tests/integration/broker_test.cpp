@@ -5,6 +5,7 @@
 // ROUTER, so the second run mixes both kinds of connection in one broker.
 #include <algorithm>
 #include <atomic>
+#include <future>
 #include <mutex>
 #include <set>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "core/peer_link.hpp"
 #include "gateway/bridge.hpp"
 #include "gateway/gateway.hpp"
+#include "gateway/reply_slot.hpp"
 #include "tests/integration/harness.hpp"
 #include "workers/demo/demo.hpp"
 
@@ -594,6 +596,23 @@ TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
   std::sort(replies.begin(), replies.end());
   EXPECT_EQ(replies, (std::vector<std::pair<std::uint64_t, proto::Code>>{{2, proto::BUSY}, {3, proto::BUSY}}));
   EXPECT_EQ(metrics.broker_link_full.Value(), 2);
+
+  // A poll forwarded to another gateway gets its answer at once too: 503,
+  // with the body an Engine.IO server gives a request it cannot serve.
+  std::promise<gateway::http_answer> answered;
+  auto slot = std::make_shared<gateway::reply_slot>(
+      sessions.get_executor(), [&answered](gateway::http_answer a) { answered.set_value(std::move(a)); });
+  proto::HttpForward poll;
+  poll.set_id(bridge.next_id());
+  poll.set_sid("gwOther.s9");
+  poll.set_method("GET");
+  ASSERT_TRUE(bridge.forward(std::move(poll), slot, 30s));
+  auto answer = answered.get_future();
+  ASSERT_EQ(answer.wait_for(2s), std::future_status::ready) << "the forwarded poll had no answer";
+  auto a = answer.get();
+  EXPECT_EQ(a.status, 503u);
+  EXPECT_EQ(a.body, R"({"code":3,"message":"Bad request"})");
+  EXPECT_EQ(metrics.broker_link_full.Value(), 3);
   bridge.stop();
   guard.reset();
   session_thread.join();
