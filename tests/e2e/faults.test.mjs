@@ -3,18 +3,17 @@
 // process is started here (SIDECAST_BIN) on free loopback ports.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { createServer } from "node:net";
+import { execFileSync, spawn } from "node:child_process";
 import { io } from "socket.io-client";
 
 const bin = process.env.SIDECAST_BIN;
 const children = new Set();
 after(() => { for (const c of children) c.kill("SIGKILL"); });
 
-function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => resolve(port)); });
-  });
+// Four free loopback ports from tools/free-ports (below the ephemeral range; see there why).
+function freePorts() {
+  const tool = new URL("../../tools/free-ports", import.meta.url).pathname;
+  return execFileSync(tool, ["4"], { encoding: "utf8" }).trim().split(" ").map(Number);
 }
 function run(name, args) {
   const child = spawn(`${bin}/${name}`, [...args, "--log-level", "warn"], { stdio: ["ignore", "inherit", "inherit"] });
@@ -30,7 +29,7 @@ async function until(check, ms = 10000) {
 const healthy = (url) => fetch(`${url}/healthz`).then((r) => r.ok, () => false);
 
 async function stack({ workers = 1, gatewayArgs = [] } = {}) {
-  const [router, xsub, xpub, http] = await Promise.all([freePort(), freePort(), freePort(), freePort()]);
+  const [router, xsub, xpub, http] = freePorts();
   const s = {
     router: `tcp://127.0.0.1:${router}`, xsub: `tcp://127.0.0.1:${xsub}`, xpub: `tcp://127.0.0.1:${xpub}`,
     url: `http://127.0.0.1:${http}`, workers: [],

@@ -9,9 +9,14 @@
 #include <netinet/in.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <functional>
 #include <optional>
+#include <random>
+#include <set>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -38,17 +43,32 @@ inline bool eventually(const std::function<bool()>& condition, std::chrono::mill
   return condition();
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released: good enough for tests).
+/// A free TCP port on 127.0.0.1, picked at random from just below the kernel's
+/// ephemeral range, as tools/free-ports does (its docstring says why: a port
+/// from inside the range can become some outgoing connection's source port
+/// before the server binds it). Never the same port twice in one process.
 inline int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
+  static std::set<int> given;
+  static std::mt19937 random{std::random_device{}()};
+  int high = 32768;
+  if (std::ifstream range{"/proc/sys/net/ipv4/ip_local_port_range"}; range) range >> high;
+  int low = std::max(1024, high - 12000);
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    int port = std::uniform_int_distribution<int>{low, high - 1}(random);
+    if (given.contains(port)) continue;
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
+    ::close(fd);
+    if (free) {
+      given.insert(port);
+      return port;
+    }
+  }
+  throw std::runtime_error("no free port below the ephemeral range");
 }
 
 /// GET http://127.0.0.1:port/path with a plain socket; returns status and body.

@@ -7,9 +7,10 @@ broker's XPUB, and waiting on conditions instead of sleeping. Every wait is
 bounded.
 """
 import collections
+import importlib.machinery
+import importlib.util
 import os
 import re
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,11 +39,20 @@ def eventually(condition, timeout=WAIT, interval=0.01):
         time.sleep(interval)
 
 
+def _load_free_ports():
+    """tools/free-ports, the one place that picks ports for tests (see its docstring)."""
+    loader = importlib.machinery.SourceFileLoader("free_ports", os.path.join(REPO, "tools", "free-ports"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module.free_ports
+
+
+free_ports = _load_free_ports()
+
+
 def free_port():
-    """A free TCP port on 127.0.0.1 (bound then released: good enough for tests)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One free TCP port on 127.0.0.1, from below the ephemeral range."""
+    return free_ports(1)[0]
 
 
 def http_get(port, path, timeout=2.0):
@@ -126,7 +136,7 @@ class Broker:
 
     def __init__(self, heartbeat_interval_ms=200, ports=None, extra=()):
         self.router_port, self.xsub_port, self.xpub_port, self.http_port = \
-            ports or (free_port(), free_port(), free_port(), free_port())
+            ports or tuple(free_ports(4))
         self.router = f"tcp://127.0.0.1:{self.router_port}"
         self.xsub = f"tcp://127.0.0.1:{self.xsub_port}"
         self.xpub = f"tcp://127.0.0.1:{self.xpub_port}"
