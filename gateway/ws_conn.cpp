@@ -27,11 +27,8 @@ namespace websocket = beast::websocket;
 // What the WebSocket connections of one io_context (one thread) share:
 //
 //  - Readiness. Once upgraded, a connection's descriptor leaves Asio's
-//    reactor for this loop's own epoll set, registered once, edge-triggered
-//    for reading and writing. Asio waits on that set's descriptor, so a
-//    batch of ready connections costs one wait and one epoll_wait; an Asio
-//    wait per connection would cost an epoll_ctl on every read, because Asio
-//    re-arms the descriptor for each wait.
+//    reactor for this loop's edge_set (core/edge_set.hpp says why): a batch
+//    of ready connections costs one wait and one epoll_wait.
 //  - The buffer every read lands in.
 //  - The connections waiting to flush. The flusher is posted once for all
 //    of them, so it runs after the handlers already queued (the rest of a
@@ -43,7 +40,11 @@ class ws_loop : public asio::execution_context::service {
   static asio::execution_context::id id;
 
   explicit ws_loop(asio::execution_context& context)
-      : service{context}, context_{static_cast<asio::io_context&>(context)} {}
+      : service{context},
+        context_{static_cast<asio::io_context&>(context)},
+        edges_{context_, [this](const std::string& what) {
+                 if (log_limit_.allow()) spdlog::error("gateway: WebSocket connections: {}", what);
+               }} {}
 
   static ws_loop& of(const io_executor& ex) { return asio::use_service<ws_loop>(ex.context()); }
 
@@ -64,106 +65,14 @@ class ws_loop : public asio::execution_context::service {
 
   /// Adds the connection's descriptor to the set, which keeps the connection
   /// alive until unwatch(). False (errno set) when the descriptor cannot be added.
-  bool watch(std::shared_ptr<ws_conn> conn) {
-    if (!open()) return false;
-    std::uint32_t index;
-    if (free_.empty()) {
-      index = static_cast<std::uint32_t>(slots_.size());
-      slots_.emplace_back();
-    } else {
-      index = free_.back();
-      free_.pop_back();
-    }
-    auto& entry = slots_[index];
-    epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
-    ev.data.u64 = (std::uint64_t{entry.generation} << 32) | index;
-    if (::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_ADD, conn->fd_, &ev) != 0) {
-      free_.push_back(index);
-      return false;
-    }
-    conn->slot_ = index;
-    entry.conn = std::move(conn);
-    arm();
-    return true;
-  }
+  bool watch(const std::shared_ptr<ws_conn>& conn) { return edges_.watch(conn->fd_, conn); }
 
   /// Takes the descriptor out of the set; returns the reference the set
   /// held, for the caller to drop when it is done with the connection.
-  std::shared_ptr<ws_conn> unwatch(ws_conn& conn) {
-    if (conn.slot_ == ws_conn::no_slot) return nullptr;
-    auto& entry = slots_[conn.slot_];
-    ::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_DEL, conn.fd_, nullptr);
-    ++entry.generation;  // events already fetched for it are stale
-    free_.push_back(conn.slot_);
-    conn.slot_ = ws_conn::no_slot;
-    return std::move(entry.conn);
-  }
+  std::shared_ptr<core::edge_watcher> unwatch(ws_conn& conn) { return edges_.unwatch(conn); }
 
  private:
   static constexpr std::size_t read_size = 64 * 1024;
-  static constexpr int max_events = 256;
-
-  struct watched {
-    std::shared_ptr<ws_conn> conn;
-    std::uint32_t generation = 0;
-  };
-
-  bool open() {
-    if (epoll_.is_open()) return true;
-    int fd = ::epoll_create1(EPOLL_CLOEXEC);
-    if (fd < 0) return false;
-    boost::system::error_code ec;
-    epoll_.assign(fd, ec);
-    if (ec) {
-      ::close(fd);
-      errno = ec.value();
-      return false;
-    }
-    return true;
-  }
-
-  void arm() {
-    if (armed_ || !epoll_.is_open()) return;
-    armed_ = true;
-    epoll_.async_wait(asio::posix::descriptor_base::wait_read, [this](boost::system::error_code ec) {
-      armed_ = false;
-      if (ec == asio::error::operation_aborted) return;
-      if (ec) {
-        spdlog::error("gateway: waiting on the WebSocket epoll set failed: {}", ec.message());
-        return;
-      }
-      on_ready();
-    });
-  }
-
-  void on_ready() {
-    epoll_event events[max_events];
-    int n = ::epoll_wait(epoll_.native_handle(), events, max_events, 0);
-    int err = errno;
-    if (n < 0 && err != EINTR && log_limit_.allow()) spdlog::error("gateway: epoll_wait: {}", std::strerror(err));
-    // Wait again before any handler runs, so that none can leave the set
-    // unwatched. A full batch may have left more ready: take them after the
-    // handlers queued meanwhile, not before.
-    if (n == max_events) asio::post(context_, [this] { on_ready(); });
-    else arm();
-    for (int i = 0; i < n; ++i) {
-      auto index = static_cast<std::uint32_t>(events[i].data.u64);
-      auto generation = static_cast<std::uint32_t>(events[i].data.u64 >> 32);
-      if (index >= slots_.size() || slots_[index].generation != generation || !slots_[index].conn) continue;
-      auto conn = slots_[index].conn;  // the handlers may unwatch it
-      const auto e = events[i].events;
-      try {
-        if (e & (EPOLLOUT | EPOLLERR | EPOLLHUP)) conn->on_writable();
-        if (e & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) conn->on_readable();
-      } catch (const std::exception& ex) {
-        // The connection's state is unknown: drop it, and go on with the
-        // others, whose edge-triggered events would not come again.
-        if (log_limit_.allow()) spdlog::error("gateway: a WebSocket handler threw: {}", ex.what());
-        conn->finish();
-      }
-    }
-  }
 
   void run() {
     scheduled_ = false;
@@ -178,18 +87,12 @@ class ws_loop : public asio::execution_context::service {
   void shutdown() override {
     dirty_.clear();
     batch_.clear();
-    boost::system::error_code ignored;
-    epoll_.close(ignored);
-    slots_.clear();
-    free_.clear();
+    edges_.close();
   }
 
   asio::io_context& context_;
-  asio::posix::basic_stream_descriptor<io_executor> epoll_{context_.get_executor()};
-  std::vector<watched> slots_;
-  std::vector<std::uint32_t> free_;
-  bool armed_ = false;
   core::log_limiter log_limit_;
+  core::edge_set edges_;
   std::unique_ptr<char[]> read_buffer_;
   std::vector<std::shared_ptr<ws_conn>> dirty_, batch_;
   bool scheduled_ = false;
@@ -308,6 +211,18 @@ void ws_conn::on_accepted(beast::error_code ec) {
   }
   accepted_ = true;
   if (head_ < queue_.size()) schedule_flush();
+}
+
+void ws_conn::on_edge(std::uint32_t events) {
+  if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) on_writable();
+  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) on_readable();
+}
+
+void ws_conn::on_edge_threw(const std::exception& e) {
+  // The connection's state is unknown: drop it. The loop goes on with the
+  // others, whose edge-triggered events would not come again.
+  if (loop_.log_limit().allow()) spdlog::error("gateway: a WebSocket handler threw: {}", e.what());
+  finish();
 }
 
 // ---- reading ----

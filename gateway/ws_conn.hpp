@@ -34,6 +34,7 @@
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/string_body.hpp>
 
+#include "core/edge_set.hpp"
 #include "gateway/codec/ws_frame.hpp"
 #include "gateway/io.hpp"
 #include "gateway/metrics.hpp"
@@ -56,7 +57,7 @@ struct ws_limits {
 
 class ws_loop;
 
-class ws_conn : public std::enable_shared_from_this<ws_conn> {
+class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<ws_conn> {
  public:
   using message_handler = std::function<void(std::string data, bool binary)>;
   using close_handler = std::function<void()>;
@@ -106,8 +107,10 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
 
   void push(std::shared_ptr<const std::string> data, std::uint8_t op);
   void on_accepted(boost::beast::error_code ec);
-  // Called by the loop when the descriptor may be readable (or closed) and
-  // writable; spurious calls are harmless.
+  // The loop's edge_set: the descriptor may be writable and/or readable (or
+  // closed); spurious calls are harmless.
+  void on_edge(std::uint32_t events) override;
+  void on_edge_threw(const std::exception& e) override;
   void on_readable();
   void on_writable();
   void drained();  // a read found the socket empty
@@ -127,12 +130,9 @@ class ws_conn : public std::enable_shared_from_this<ws_conn> {
   void fail(close_code code);
   void finish();
 
-  static constexpr std::uint32_t no_slot = ~std::uint32_t{0};
-
   io_executor ex_;
   tcp_socket socket_;  // the upgrade's; then the descriptor moves to fd_
   int fd_ = -1;
-  std::uint32_t slot_ = no_slot;  // in loop_'s epoll set
   ws_loop& loop_;
   ws_limits limits_;
   gateway_metrics& metrics_;

@@ -1,0 +1,180 @@
+#pragma once
+// An epoll set of descriptors that have left Asio's reactor, waited on
+// through Asio: each descriptor is registered once, edge-triggered for
+// reading and writing, and Asio waits on the set's own descriptor. A batch of
+// ready descriptors then costs one wait and one epoll_wait.
+//
+// Why not Asio's own waits: Asio re-arms a descriptor with an epoll_ctl for
+// every async_wait, and after every successful async_read_some it tries the
+// next read at once (boost 1.81 gives up speculating only at end of stream),
+// which is a recv answered EAGAIN per message when messages come one at a
+// time. The gateway's WebSocket connections (gateway/ws_conn.cpp) and the
+// load generator's (bench/loadgen) read through this set instead.
+//
+// Header-only, on Asio alone, so the load generator can use it without the
+// rest of core. One set belongs to one io_context and is used from its thread.
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
+
+namespace sidecast::core {
+
+/// What an edge_set calls when a descriptor it watches is ready.
+class edge_watcher {
+ public:
+  virtual ~edge_watcher() = default;
+  /// `events`: the epoll bits that came (EPOLLIN, EPOLLOUT, EPOLLRDHUP,
+  /// EPOLLERR, EPOLLHUP). Edge-triggered: read and write until EAGAIN, or a
+  /// short read, or the next edge will not come.
+  virtual void on_edge(std::uint32_t events) = 0;
+  /// on_edge threw. The watcher's state is unknown: it should end itself
+  /// (and unwatch). The set goes on with the other descriptors.
+  virtual void on_edge_threw(const std::exception& e) = 0;
+
+ private:
+  friend class edge_set;
+  static constexpr std::uint32_t no_slot = ~std::uint32_t{0};
+  std::uint32_t slot_ = no_slot;
+  int fd_ = -1;
+};
+
+class edge_set {
+ public:
+  /// `on_error`: what to do with a failure of the set itself (its wait or
+  /// epoll_wait), described in words; the caller logs it.
+  edge_set(boost::asio::io_context& context, std::function<void(const std::string&)> on_error)
+      : context_{context}, on_error_{std::move(on_error)} {}
+  edge_set(const edge_set&) = delete;
+  edge_set& operator=(const edge_set&) = delete;
+  ~edge_set() { close(); }
+
+  /// Adds `fd` (non-blocking, owned by the watcher) to the set, which holds
+  /// the watcher alive until unwatch(). False, with errno set, when it cannot.
+  bool watch(int fd, std::shared_ptr<edge_watcher> watcher) {
+    if (!open()) return false;
+    std::uint32_t index;
+    if (free_.empty()) {
+      index = static_cast<std::uint32_t>(slots_.size());
+      slots_.emplace_back();
+    } else {
+      index = free_.back();
+      free_.pop_back();
+    }
+    auto& entry = slots_[index];
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.u64 = (std::uint64_t{entry.generation} << 32) | index;
+    if (::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+      free_.push_back(index);
+      return false;
+    }
+    watcher->slot_ = index;
+    watcher->fd_ = fd;
+    entry.watcher = std::move(watcher);
+    arm();
+    return true;
+  }
+
+  /// Takes the watcher's descriptor out of the set (before the watcher closes
+  /// it) and returns the reference the set held, for the caller to drop when
+  /// it is done with the watcher. Null when it was not watched.
+  std::shared_ptr<edge_watcher> unwatch(edge_watcher& watcher) {
+    if (watcher.slot_ == edge_watcher::no_slot) return nullptr;
+    auto& entry = slots_[watcher.slot_];
+    if (epoll_.is_open()) ::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_DEL, watcher.fd_, nullptr);
+    ++entry.generation;  // events already fetched for it are stale
+    free_.push_back(watcher.slot_);
+    watcher.slot_ = edge_watcher::no_slot;
+    return std::move(entry.watcher);
+  }
+
+  /// Closes the set and drops every watcher it holds (io_context shutdown).
+  void close() {
+    boost::system::error_code ignored;
+    epoll_.close(ignored);
+    for (auto& entry : slots_)
+      if (entry.watcher) entry.watcher->slot_ = edge_watcher::no_slot;
+    slots_.clear();
+    free_.clear();
+  }
+
+ private:
+  static constexpr int max_events = 256;
+
+  struct watched {
+    std::shared_ptr<edge_watcher> watcher;
+    std::uint32_t generation = 0;
+  };
+
+  bool open() {
+    if (epoll_.is_open()) return true;
+    int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) return false;
+    boost::system::error_code ec;
+    epoll_.assign(fd, ec);
+    if (ec) {
+      ::close(fd);
+      errno = ec.value();
+      return false;
+    }
+    return true;
+  }
+
+  void arm() {
+    if (armed_ || !epoll_.is_open()) return;
+    armed_ = true;
+    epoll_.async_wait(boost::asio::posix::descriptor_base::wait_read, [this](boost::system::error_code ec) {
+      armed_ = false;
+      if (ec == boost::asio::error::operation_aborted) return;
+      if (ec) return on_error_("waiting on the epoll set failed: " + ec.message());
+      on_ready();
+    });
+  }
+
+  void on_ready() {
+    epoll_event events[max_events];
+    int n = ::epoll_wait(epoll_.native_handle(), events, max_events, 0);
+    int err = errno;
+    if (n < 0 && err != EINTR) on_error_(std::string("epoll_wait: ") + std::strerror(err));
+    // Wait again before any watcher runs, so that none can leave the set
+    // unwaited. A full batch may have left more ready: take them after the
+    // handlers queued meanwhile, not before.
+    if (n == max_events)
+      boost::asio::post(context_, [this] { on_ready(); });
+    else
+      arm();
+    for (int i = 0; i < n; ++i) {
+      auto index = static_cast<std::uint32_t>(events[i].data.u64);
+      auto generation = static_cast<std::uint32_t>(events[i].data.u64 >> 32);
+      if (index >= slots_.size() || slots_[index].generation != generation || !slots_[index].watcher) continue;
+      auto watcher = slots_[index].watcher;  // on_edge may unwatch it
+      try {
+        watcher->on_edge(events[i].events);
+      } catch (const std::exception& e) {
+        watcher->on_edge_threw(e);
+      }
+    }
+  }
+
+  boost::asio::io_context& context_;
+  std::function<void(const std::string&)> on_error_;
+  boost::asio::posix::basic_stream_descriptor<boost::asio::io_context::executor_type> epoll_{context_.get_executor()};
+  std::vector<watched> slots_;
+  std::vector<std::uint32_t> free_;
+  bool armed_ = false;
+};
+
+}  // namespace sidecast::core
