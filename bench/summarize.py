@@ -92,14 +92,16 @@ def main():
             else:
                 rows[key].append(r)
 
-    print("| case | server | runs | rate | unit | srv CPU µs/msg | p50 µs | p99 µs | p99.9 µs | loss | "
-          "KB/conn | alive | gen CPU % | rate ÷ Node | CPU/msg ÷ Node | p99 ÷ Node | KB/conn ÷ Node |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | server | runs | rate | unit | srv CPU µs/msg | p50 µs | p99 µs | p99.9 µs | p99 read µs | loss | "
+          "KB/conn | alive | gen CPU % | rate ÷ Node | CPU/msg ÷ Node | p99 ÷ Node | p99 read ÷ Node | "
+          "KB/conn ÷ Node |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case, (rate_key, cpu_key, unit) in CASES.items():
         base = rows.get((case, args.baseline), [])
         def med(rs, k):
             return median([r.get(k) for r in rs])
         b_rate, b_cpu, b_p99 = med(base, rate_key), med(base, cpu_key), med(base, "p99_us")
+        b_read = med(base, "read_p99_us")
         b_kb = med(base, "rss_per_conn_bytes")
         for label in labels:
             rs = rows.get((case, label), [])
@@ -107,10 +109,11 @@ def main():
             if not rs and not n_err:
                 continue
             if not rs:
-                print(f"| {case} | {label} | 0/{n_err} failed | | | | | | | | | | | | | | |")
+                print(f"| {case} | {label} | 0/{n_err} failed | | | | | | | | | | | | | | | | |")
                 continue
             rate, cpu = med(rs, rate_key), med(rs, cpu_key)
             p50, p99, p999 = med(rs, "p50_us"), med(rs, "p99_us"), med(rs, "p999_us")
+            read = med(rs, "read_p99_us")
             if case == "connections":
                 loss = med(rs, "dropped_in_hold")
                 kb = med(rs, "rss_per_conn_bytes")
@@ -126,9 +129,10 @@ def main():
             runs = f"{len(rs)}" + (f" (+{n_err} failed)" if n_err else "")
             b_kb_v = b_kb / 1024 if b_kb is not None else None
             print(f"| {case} | {label} | {runs} | {fmt(rate)} | {unit} | {fmt(cpu, 2)} | {fmt(p50, 1)} | "
-                  f"{fmt(p99, 1)} | {fmt(p999, 1)} | {fmt(loss)} | {fmt(kb, 1)} | {alive} | {fmt(gen, 1)} | "
+                  f"{fmt(p99, 1)} | {fmt(p999, 1)} | {fmt(read, 1)} | {fmt(loss)} | {fmt(kb, 1)} | {alive} | "
+                  f"{fmt(gen, 1)} | "
                   f"{ratio_of(rs, base, rate_key, rate, b_rate)} | {ratio_of(rs, base, cpu_key, cpu, b_cpu)} | "
-                  f"{ratio_of(rs, base, 'p99_us', p99, b_p99)} | "
+                  f"{ratio_of(rs, base, 'p99_us', p99, b_p99)} | {ratio_of(rs, base, 'read_p99_us', read, b_read)} | "
                   f"{ratio_of(rs, base, 'rss_per_conn_bytes', kb, b_kb_v)} |")
 
     lines = []

@@ -23,11 +23,6 @@
 
 namespace sidecast::bench {
 
-inline std::int64_t now_ns() noexcept {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 // A counter owned by one thread: increments are plain load + store (no
 // locked instruction), other threads may read it at any time.
 struct counter {
@@ -40,7 +35,8 @@ struct counter {
 struct worker_thread {
   asio::io_context ioc{1};
   std::thread thread;
-  histogram latency;   // scenario latency samples (ns)
+  histogram latency;       // send → arrival at the socket (sio_client::arrived_ns), ns
+  histogram read_latency;  // send → the generator's thread got to it, ns
   counter received;    // messages received (any time)
   counter in_window;   // ... that arrived during the measured window
   counter cohort;      // ... that were sent during the measured window

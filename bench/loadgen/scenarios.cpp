@@ -37,14 +37,14 @@ struct phase {
 
 // CPU of the server(s) and of this process, and the wall time, at a moment.
 struct sample {
-  std::int64_t wall_ns = now_ns();
+  std::int64_t wall_ns = steady_now_ns();
   std::uint64_t server_cpu_us = 0;
   std::uint64_t gen_cpu_us = 0;
   static sample take(const std::vector<int>& pids) {
     sample s;
     s.server_cpu_us = procs_cpu_us(pids);
     s.gen_cpu_us = self_cpu_us();
-    s.wall_ns = now_ns();
+    s.wall_ns = steady_now_ns();
     return s;
   }
 };
@@ -79,9 +79,17 @@ std::uint64_t sum(runtime& rt, F field) {
   return n;
 }
 
-histogram merged_latency(runtime& rt) {
+// One message's latency, sent at `ts`: to the time its bytes reached the
+// socket (the figure the tables quote), and to the time the generator's
+// thread got to it (which adds the generator's own queueing).
+void record_latency(worker_thread& t, std::int64_t ts, std::int64_t arrived, std::int64_t now) {
+  t.latency.record(static_cast<std::uint64_t>(std::max<std::int64_t>(0, std::min(arrived, now) - ts)));
+  t.read_latency.record(static_cast<std::uint64_t>(std::max<std::int64_t>(0, now - ts)));
+}
+
+histogram merged(runtime& rt, histogram worker_thread::*field) {
   histogram h;
-  for (auto& t : rt.threads()) h.merge(t->latency);
+  for (auto& t : rt.threads()) h.merge((*t).*field);
   return h;
 }
 
@@ -111,11 +119,15 @@ void add_common(boost::json::object& r, runtime& rt, const scenario_options& o, 
   r["gen_cpu_pct"] = round1(gen / (secs * 1e4));
   r[std::string("gen_cpu_us_per_") + per] = messages ? round3(gen / static_cast<double>(messages)) : 0.0;
   r["gen_threads"] = rt.threads().size();
-  histogram h = merged_latency(rt);
+  histogram h = merged(rt, &worker_thread::latency);
   r["samples"] = h.count();
   r["p50_us"] = round1(static_cast<double>(h.quantile(0.5)) / 1e3);
   r["p99_us"] = round1(static_cast<double>(h.quantile(0.99)) / 1e3);
   r["p999_us"] = round1(static_cast<double>(h.quantile(0.999)) / 1e3);
+  histogram read = merged(rt, &worker_thread::read_latency);
+  r["read_p50_us"] = round1(static_cast<double>(read.quantile(0.5)) / 1e3);
+  r["read_p99_us"] = round1(static_cast<double>(read.quantile(0.99)) / 1e3);
+  r["read_p999_us"] = round1(static_cast<double>(read.quantile(0.999)) / 1e3);
   r["closed"] = sum(rt, [](worker_thread& t) -> counter& { return t.closed; });
 }
 
@@ -134,7 +146,7 @@ struct rate_state {
 void rate_tick(slot& s, const std::shared_ptr<rate_state>& st, double per_s, std::size_t window, const phase& ph,
                const std::function<void(slot&)>& send_one) {
   if (ph.stop.load(std::memory_order_relaxed) || s.client->closed()) return;
-  auto due = static_cast<std::uint64_t>(static_cast<double>(now_ns() - st->t0) / 1e9 * per_s);
+  auto due = static_cast<std::uint64_t>(static_cast<double>(steady_now_ns() - st->t0) / 1e9 * per_s);
   while (st->due_sent < due) {
     ++st->due_sent;
     if (s.outstanding < window)
@@ -151,7 +163,7 @@ void rate_tick(slot& s, const std::shared_ptr<rate_state>& st, double per_s, std
 
 void start_rate(slot& s, double per_s, std::size_t window, const phase& ph, std::function<void(slot&)> send_one) {
   auto st = std::make_shared<rate_state>(s.thread->ioc);
-  st->t0 = now_ns();
+  st->t0 = steady_now_ns();
   s.extra = st;
   rate_tick(s, st, per_s, window, ph, send_one);
 }
@@ -196,7 +208,7 @@ boost::json::object run_fanout(runtime& rt, const scenario_options& o) {
   };
 
   std::function<void(slot&)> send_say = [&](slot& s) {
-    std::int64_t ts = now_ns();
+    std::int64_t ts = steady_now_ns();
     std::uint64_t id = s.next_id++;
     s.sent_at[id % s.sent_at.size()] = ts;
     ++s.outstanding;
@@ -239,13 +251,13 @@ boost::json::object run_fanout(runtime& rt, const scenario_options& o) {
         std::int64_t ts = 0;
         const char* b = args.data() + at + 8;
         std::from_chars(b, args.data() + args.size(), ts);
-        std::int64_t now = now_ns();
+        std::int64_t now = steady_now_ns();
         worker_thread& t = *s.thread;
         t.received.add();
         if (ph.in_window(now)) t.in_window.add();
         if (ph.in_window(ts)) {
           t.cohort.add();
-          t.latency.record(static_cast<std::uint64_t>(std::max<std::int64_t>(0, now - ts)));
+          record_latency(t, ts, s.client->arrived_ns(), now);
         }
       };
     } else {
@@ -284,7 +296,7 @@ boost::json::object run_fanout(runtime& rt, const scenario_options& o) {
   sample a = sample::take(o.server_pids);
   ph.start.store(a.wall_ns);
   sleep_bounded(o, o.duration_s);
-  std::int64_t end = now_ns();
+  std::int64_t end = steady_now_ns();
   ph.end.store(end);
   sample b = sample::take(o.server_pids);
   b.wall_ns = end;
@@ -334,7 +346,7 @@ boost::json::object run_echo(runtime& rt, const scenario_options& o) {
   const std::string args = "[\"echo\",\"" + padding(o.size, 0) + "\"]";
 
   std::function<void(slot&)> send_echo = [&](slot& s) {
-    std::int64_t ts = now_ns();
+    std::int64_t ts = steady_now_ns();
     std::uint64_t id = s.next_id++;
     s.sent_at[id % s.sent_at.size()] = ts;
     ++s.outstanding;
@@ -351,7 +363,7 @@ boost::json::object run_echo(runtime& rt, const scenario_options& o) {
     s.sent_at.assign(window, 0);
     client_handlers h;
     h.on_ack = [&s, &ph, &pump, rate = o.rate](std::uint64_t id, std::string_view reply) {
-      std::int64_t now = now_ns();
+      std::int64_t now = steady_now_ns();
       if (s.outstanding) --s.outstanding;
       std::int64_t ts = s.sent_at[id % s.sent_at.size()];
       worker_thread& t = *s.thread;
@@ -363,7 +375,7 @@ boost::json::object run_echo(runtime& rt, const scenario_options& o) {
         if (ph.in_window(now)) t.in_window.add();
         if (ph.in_window(ts)) {
           t.cohort.add();
-          t.latency.record(static_cast<std::uint64_t>(std::max<std::int64_t>(0, now - ts)));
+          record_latency(t, ts, s.client->arrived_ns(), now);
         }
       }
       if (rate <= 0) pump(s);
@@ -386,7 +398,7 @@ boost::json::object run_echo(runtime& rt, const scenario_options& o) {
   sample a = sample::take(o.server_pids);
   ph.start.store(a.wall_ns);
   sleep_bounded(o, o.duration_s);
-  std::int64_t end = now_ns();
+  std::int64_t end = steady_now_ns();
   ph.end.store(end);
   sample b = sample::take(o.server_pids);
   b.wall_ns = end;

@@ -1,8 +1,15 @@
 #include "bench/loadgen/sio_client.hpp"
 
 #include <netinet/in.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -17,6 +24,7 @@
 #include <boost/beast/websocket.hpp>
 #include <boost/json.hpp>
 
+#include "core/edge_set.hpp"
 #include "gateway/codec/engineio.hpp"
 #include "gateway/codec/socketio.hpp"
 
@@ -157,6 +165,7 @@ class ws_client final : public sio_client, public std::enable_shared_from_this<w
   void on_read(error_code ec) {
     if (closed_) return;
     if (ec) return fail("read: " + ec.message());
+    arrived_ns_ = steady_now_ns();
     if (ws_.got_text()) {
       auto d = buf_.cdata();
       on_eio_packet(std::string_view{static_cast<const char*>(d.data()), d.size()});
@@ -217,19 +226,54 @@ class read_buffer {
   std::size_t size_ = 0;
 };
 
+// The WebSocket connections of one generator thread read through one
+// edge_set (core/edge_set.hpp): one epoll_wait per batch of ready sockets and
+// one recvmsg per read, where Asio's async_read_some would add a recv answered
+// EAGAIN after every message.
+class client_edges : public asio::execution_context::service {
+ public:
+  using key_type = client_edges;
+  static asio::execution_context::id id;
+
+  explicit client_edges(asio::execution_context& context)
+      : service{context}, set{static_cast<asio::io_context&>(context), [](const std::string& what) {
+                                std::fprintf(stderr, "sidecast-bench: %s\n", what.c_str());
+                              }} {}
+
+  core::edge_set set;
+
+ private:
+  void shutdown() override { set.close(); }
+};
+
+asio::execution_context::id client_edges::id;
+
 // The same client with the WebSocket framing done here instead of by
 // beast::websocket::stream: the upgrade goes through beast::http (so bytes
-// the server sends right after its 101 stay in our buffer), then every read
-// takes whatever the socket holds into one growing buffer and every frame in
-// it is handled before the next read; what handlers send meanwhile goes out
-// in one write. Per received frame this saves the composed-operation and
-// executor overhead of one async_read per message, which is most of the
-// generator's user-space cost in fan-out. Server frames are not checked for
-// UTF-8 (this is a load generator); client frames are masked (RFC 6455).
-class raw_ws_client final : public sio_client, public std::enable_shared_from_this<raw_ws_client> {
+// the server sends right after its 101 stay in our buffer); then the
+// descriptor leaves Asio for the thread's edge_set, every read takes whatever
+// the socket holds into one growing buffer and every frame in it is handled
+// before the next read; what handlers send meanwhile goes out in one write.
+// Per received frame this saves the composed-operation and executor overhead
+// of one async_read per message, which is most of the generator's user-space
+// cost in fan-out. Server frames are not checked for UTF-8 (this is a load
+// generator); client frames are masked (RFC 6455).
+//
+// Each read asks for the kernel's receive timestamp (SO_TIMESTAMPNS), the
+// time the server's write put the bytes into this socket, and hands it on as
+// arrived_ns(): with 1,000 subscribers on one generator core, the last of a
+// broadcast's deliveries is read milliseconds after it arrived, and that wait
+// is the generator's, not the server's.
+class raw_ws_client final : public sio_client,
+                            public core::edge_watcher,
+                            public std::enable_shared_from_this<raw_ws_client> {
  public:
   raw_ws_client(asio::io_context& ioc, client_options o, client_handlers h)
-      : sio_client(std::move(h)), opt_(std::move(o)), sock_(ioc) {}
+      : sio_client(std::move(h)), opt_(std::move(o)), sock_(ioc), edges_{asio::use_service<client_edges>(ioc).set} {}
+
+  ~raw_ws_client() override {
+    if (fd_ >= 0) ::close(fd_);
+  }
 
   void start() override {
     if (auto ec = open_bound(sock_, opt_)) return fail("bind: " + ec.message());
@@ -237,11 +281,8 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
   }
 
   void close() override {
-    if (closed_) return;
     closed_ = true;
-    error_code ec;
-    sock_.shutdown(tcp::socket::shutdown_both, ec);
-    sock_.close(ec);
+    drop_socket();
   }
 
  private:
@@ -253,6 +294,24 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
     rng_ ^= rng_ >> 7;
     rng_ ^= rng_ << 17;
     return static_cast<std::uint32_t>(rng_);
+  }
+
+  // Fails the client and lets go of its socket.
+  void lost(std::string_view why) {
+    fail(why);
+    drop_socket();
+  }
+
+  void drop_socket() {
+    auto held = edges_.unwatch(*this);  // the set's reference, dropped on return
+    if (fd_ >= 0) {
+      ::shutdown(fd_, SHUT_RDWR);
+      ::close(fd_);
+      fd_ = -1;
+    }
+    error_code ec;
+    sock_.shutdown(tcp::socket::shutdown_both, ec);
+    sock_.close(ec);
   }
 
   void on_connect(error_code ec) {
@@ -290,26 +349,73 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
     std::memcpy(rbuf_.data(), left.data(), left.size());
     rlen_ = left.size();
     hbuf_ = {};
+    // From here on the descriptor is ours, in the thread's edge_set.
+    int one = 1;
+    if (::setsockopt(sock_.native_handle(), SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one) != 0)
+      return lost(std::string("SO_TIMESTAMPNS: ") + std::strerror(errno));
+    fd_ = sock_.release(ec);
+    if (ec) return lost("release: " + ec.message());
+    if (!edges_.watch(fd_, shared_from_this())) return lost(std::string("epoll: ") + std::strerror(errno));
+    arrived_ns_ = steady_now_ns();
     parse();
+    flush();
   }
 
-  void do_read() {
-    if (rbuf_.size() - rlen_ < 4096) {
-      if (rbuf_.size() >= max_message + 4096 + 14) return fail("message too large");
-      rbuf_.grow(std::max(rbuf_.size() * 2, rlen_ + 4096), rlen_);
-    }
-    sock_.async_read_some(asio::buffer(rbuf_.data() + rlen_, rbuf_.size() - rlen_),
-                          [self = shared_from_this()](error_code ec, std::size_t n) { self->on_read(ec, n); });
-  }
-
-  void on_read(error_code ec, std::size_t n) {
+  void on_edge(std::uint32_t events) override {
     if (closed_) return;
-    if (ec) return fail("read: " + ec.message());
-    rlen_ += n;
-    parse();
+    if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) flush();
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) on_readable();
   }
 
-  // Handles every complete frame in the buffer, then reads again.
+  void on_edge_threw(const std::exception& e) override { lost(std::string("handler threw: ") + e.what()); }
+
+  // Reads until the socket is empty (edge-triggered: a short read means it
+  // is), handling the frames of each read before the next.
+  void on_readable() {
+    while (!closed_) {
+      if (rbuf_.size() - rlen_ < 4096) {
+        if (rbuf_.size() >= max_message + 4096 + 14) return lost("message too large");
+        rbuf_.grow(std::max(rbuf_.size() * 2, rlen_ + 4096), rlen_);
+      }
+      std::size_t space = rbuf_.size() - rlen_;
+      iovec iov{rbuf_.data() + rlen_, space};
+      alignas(cmsghdr) char control[CMSG_SPACE(sizeof(timespec))];
+      msghdr msg{};
+      msg.msg_iov = &iov;
+      msg.msg_iovlen = 1;
+      msg.msg_control = control;
+      msg.msg_controllen = sizeof control;
+      ssize_t n = ::recvmsg(fd_, &msg, MSG_DONTWAIT);
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        if (errno == EINTR) continue;
+        return lost(std::string("read: ") + std::strerror(errno));
+      }
+      if (n == 0) return lost("read: the server closed the connection");
+      arrived_ns_ = arrival(msg);
+      rlen_ += static_cast<std::size_t>(n);
+      parse();
+      if (static_cast<std::size_t>(n) < space) break;
+    }
+    flush();
+  }
+
+  // The kernel's receive timestamp of the last bytes read (CLOCK_REALTIME),
+  // moved to steady_clock by how long ago it was; now when there is none.
+  static std::int64_t arrival(msghdr& msg) {
+    std::int64_t now = steady_now_ns();
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_TIMESTAMPNS) continue;
+      timespec rx, real;
+      std::memcpy(&rx, CMSG_DATA(c), sizeof rx);
+      ::clock_gettime(CLOCK_REALTIME, &real);
+      std::int64_t ago = (std::int64_t{real.tv_sec} - rx.tv_sec) * 1'000'000'000 + (real.tv_nsec - rx.tv_nsec);
+      return now - std::max<std::int64_t>(0, ago);
+    }
+    return now;
+  }
+
+  // Handles every complete frame in the buffer; keeps a partial one.
   void parse() {
     in_parse_ = true;
     std::size_t pos = 0;
@@ -318,7 +424,7 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
       const unsigned char* h = b + pos;
       bool fin = h[0] & 0x80;
       unsigned opcode = h[0] & 0x0f;
-      if (h[1] & 0x80) return fail("masked server frame");
+      if (h[1] & 0x80) return lost("masked server frame");
       std::uint64_t len = h[1] & 0x7f;
       std::size_t hl = 2;
       if (len == 126) {
@@ -331,7 +437,7 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
         for (int i = 2; i < 10; ++i) len = (len << 8) | h[i];
         hl = 10;
       }
-      if (len > max_message) return fail("frame too large");
+      if (len > max_message) return lost("frame too large");
       if (rlen_ - pos < hl + len) break;
       std::string_view payload{rbuf_.data() + pos + hl, static_cast<std::size_t>(len)};
       pos += hl + static_cast<std::size_t>(len);
@@ -343,8 +449,6 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
       std::memmove(rbuf_.data(), rbuf_.data() + pos, rlen_ - pos);
       rlen_ -= pos;
     }
-    flush();
-    do_read();
   }
 
   void on_frame(bool fin, unsigned opcode, std::string_view payload) {
@@ -410,22 +514,27 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
     for (std::size_t i = 0; i < n; ++i) wbuf_[at + i] = static_cast<char>(wbuf_[at + i] ^ mask[i & 3]);
   }
 
-  // One write at a time; what is queued meanwhile goes out in the next one.
+  // Writes what is queued, as far as the socket takes it; the rest waits for
+  // the next writable edge. Not before the descriptor is in the edge_set.
   void flush() {
-    if (writing_ || wbuf_.empty() || closed_) return;
-    writing_ = true;
-    std::swap(wbuf_, wout_);
+    if (closed_ || fd_ < 0) return;
+    while (wsent_ < wbuf_.size()) {
+      ssize_t n = ::send(fd_, wbuf_.data() + wsent_, wbuf_.size() - wsent_, MSG_DONTWAIT | MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+        if (errno == EINTR) continue;
+        return lost(std::string("write: ") + std::strerror(errno));
+      }
+      wsent_ += static_cast<std::size_t>(n);
+    }
     wbuf_.clear();
-    asio::async_write(sock_, asio::buffer(wout_), [self = shared_from_this()](error_code ec, std::size_t) {
-      self->writing_ = false;
-      if (self->closed_) return;
-      if (ec) return self->fail("write: " + ec.message());
-      self->flush();
-    });
+    wsent_ = 0;
   }
 
   client_options opt_;
-  tcp::socket sock_;
+  tcp::socket sock_;  // until the upgrade; then the descriptor is fd_
+  int fd_ = -1;
+  core::edge_set& edges_;
   http::request<http::empty_body> req_;
   std::optional<http::response_parser<http::empty_body>> parser_;
   beast::flat_buffer hbuf_;
@@ -435,8 +544,8 @@ class raw_ws_client final : public sio_client, public std::enable_shared_from_th
   bool in_message_ = false;
   bool frag_text_ = false;
   bool in_parse_ = false;
-  std::string wbuf_, wout_;
-  bool writing_ = false;
+  std::string wbuf_;      // frames queued to write
+  std::size_t wsent_ = 0;  // ... of which the socket took this much
   std::uint64_t rng_ = 0x9e3779b97f4a7c15ull;
 };
 
@@ -485,7 +594,10 @@ class polling_client final : public sio_client, public std::enable_shared_from_t
       if (ec) return self->fail(std::string{what} + " write: " + ec.message());
       self->get_res_ = {};
       http::async_read(self->get_, self->get_buf_, self->get_res_,
-                       [self, then](error_code e, std::size_t) { then(*self, e); });
+                       [self, then](error_code e, std::size_t) {
+                         self->arrived_ns_ = steady_now_ns();
+                         then(*self, e);
+                       });
     });
   }
 

@@ -6,6 +6,7 @@
 // callbacks run there.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -58,6 +59,13 @@ class sio_client {
   bool closed() const noexcept { return closed_; }
   std::uint64_t pings() const noexcept { return pings_; }
   unsigned ping_interval_ms() const noexcept { return ping_interval_ms_; }
+  // When the bytes of the packet being handled reached this client's socket,
+  // in steady_clock nanoseconds: the kernel's receive timestamp where the
+  // transport has one (the WebSocket client with its own framing), else the
+  // time the read completed. Valid inside on_event and on_ack. Deliveries
+  // queued behind others in the generator's own thread are then timed by the
+  // server's work, not by how long the generator took to get to them.
+  std::int64_t arrived_ns() const noexcept { return arrived_ns_; }
 
  protected:
   explicit sio_client(client_handlers h) : handlers_(std::move(h)) {}
@@ -74,7 +82,14 @@ class sio_client {
   bool closed_ = false;
   std::uint64_t pings_ = 0;
   unsigned ping_interval_ms_ = 0;
+  std::int64_t arrived_ns_ = 0;
 };
+
+// steady_clock's now in nanoseconds (the clock of every generator timestamp).
+inline std::int64_t steady_now_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 std::shared_ptr<sio_client> make_ws_client(asio::io_context& ioc, client_options options, client_handlers handlers);
 std::shared_ptr<sio_client> make_polling_client(asio::io_context& ioc, client_options options,
