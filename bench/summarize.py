@@ -61,12 +61,12 @@ def paired(rs, base, key):
     return out
 
 
-def ratio_of(rs, base, key, a, b):
+def ratio_of(rs, base, key):
     """The median of the per-run ratios; the ratio of the medians without run numbers."""
     runs = paired(rs, base, key)
     if runs:
         return f"{statistics.median(runs):.2f}×"
-    return ratio(a, b)
+    return ratio(median([r.get(key) for r in rs]), median([r.get(key) for r in base]))
 
 
 def main():
@@ -100,9 +100,6 @@ def main():
         base = rows.get((case, args.baseline), [])
         def med(rs, k):
             return median([r.get(k) for r in rs])
-        b_rate, b_cpu, b_p99 = med(base, rate_key), med(base, cpu_key), med(base, "p99_us")
-        b_read = med(base, "read_p99_us")
-        b_kb = med(base, "rss_per_conn_bytes")
         for label in labels:
             rs = rows.get((case, label), [])
             n_err = errors.get((case, label), 0)
@@ -127,13 +124,11 @@ def main():
                 kb, alive = None, ""
                 gen = med(rs, "gen_cpu_pct")
             runs = f"{len(rs)}" + (f" (+{n_err} failed)" if n_err else "")
-            b_kb_v = b_kb / 1024 if b_kb is not None else None
             print(f"| {case} | {label} | {runs} | {fmt(rate)} | {unit} | {fmt(cpu, 2)} | {fmt(p50, 1)} | "
                   f"{fmt(p99, 1)} | {fmt(p999, 1)} | {fmt(read, 1)} | {fmt(loss)} | {fmt(kb, 1)} | {alive} | "
                   f"{fmt(gen, 1)} | "
-                  f"{ratio_of(rs, base, rate_key, rate, b_rate)} | {ratio_of(rs, base, cpu_key, cpu, b_cpu)} | "
-                  f"{ratio_of(rs, base, 'p99_us', p99, b_p99)} | {ratio_of(rs, base, 'read_p99_us', read, b_read)} | "
-                  f"{ratio_of(rs, base, 'rss_per_conn_bytes', kb, b_kb_v)} |")
+                  + " | ".join(ratio_of(rs, base, k) for k in (rate_key, cpu_key, "p99_us", "read_p99_us",
+                                                                 "rss_per_conn_bytes")) + " |")
 
     lines = []
     for case, (rate_key, cpu_key, _) in CASES.items():
@@ -141,9 +136,8 @@ def main():
         for label in labels:
             if label == args.baseline:
                 continue
-            rates = paired(rows.get((case, label), []), base, rate_key)
-            cpus = paired(rows.get((case, label), []), base, cpu_key)
-            p50s = paired(rows.get((case, label), []), base, "p50_us")
+            rs = rows.get((case, label), [])
+            rates, cpus, p50s = (paired(rs, base, k) for k in (rate_key, cpu_key, "p50_us"))
             if len(rates) > 1 or len(cpus) > 1:
                 lines.append(f"| {case} | {label} | {' / '.join(f'{v:.2f}' for v in rates)} | "
                              f"{' / '.join(f'{v:.2f}' for v in cpus)} | {' / '.join(f'{v:.2f}' for v in p50s)} |")

@@ -22,6 +22,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,7 +42,8 @@ class edge_watcher {
   /// short read, or the next edge will not come.
   virtual void on_edge(std::uint32_t events) = 0;
   /// on_edge threw. The watcher's state is unknown: it should end itself
-  /// (and unwatch). The set goes on with the other descriptors.
+  /// (and unwatch). The set goes on with the other descriptors; what this
+  /// throws in turn is reported through the set's on_error.
   virtual void on_edge_threw(const std::exception& e) = 0;
 
  private:
@@ -164,8 +166,22 @@ class edge_set {
       try {
         watcher->on_edge(events[i].events);
       } catch (const std::exception& e) {
-        watcher->on_edge_threw(e);
+        end(*watcher, e);
+      } catch (...) {
+        end(*watcher, std::runtime_error{"a non-standard exception"});
       }
+    }
+  }
+
+  // Tells a watcher whose on_edge threw; if that throws too, says so and goes
+  // on: nothing a watcher throws leaves the set's handler.
+  void end(edge_watcher& watcher, const std::exception& e) {
+    try {
+      watcher.on_edge_threw(e);
+    } catch (const std::exception& again) {
+      on_error_(std::string("a watcher failed to end itself: ") + again.what());
+    } catch (...) {
+      on_error_("a watcher failed to end itself");
     }
   }
 

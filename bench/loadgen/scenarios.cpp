@@ -83,7 +83,7 @@ std::uint64_t sum(runtime& rt, F field) {
 // socket (the figure the tables quote), and to the time the generator's
 // thread got to it (which adds the generator's own queueing).
 void record_latency(worker_thread& t, std::int64_t ts, std::int64_t arrived, std::int64_t now) {
-  t.latency.record(static_cast<std::uint64_t>(std::max<std::int64_t>(0, std::min(arrived, now) - ts)));
+  t.latency.record(static_cast<std::uint64_t>(std::max<std::int64_t>(0, arrived - ts)));
   t.read_latency.record(static_cast<std::uint64_t>(std::max<std::int64_t>(0, now - ts)));
 }
 

@@ -152,6 +152,26 @@ TEST_F(EdgeSet, AThrowingWatcherIsToldAndTheOthersAreStillServed) {
   EXPECT_TRUE(errors.empty());
 }
 
+TEST_F(EdgeSet, AWatcherThatThrowsAgainWhenToldIsReportedAndTheOthersServed) {
+  struct stubborn : recorder {
+    void on_edge(std::uint32_t) override { throw 42; }  // not even a std::exception
+    void on_edge_threw(const std::exception&) override {
+      ++threw;
+      throw std::runtime_error("cannot end");
+    }
+  };
+  pair_of_ends pa, pb;
+  auto a = std::make_shared<stubborn>();
+  auto b = std::make_shared<recorder>();
+  ASSERT_TRUE(set.watch(pa.ours, a));
+  ASSERT_TRUE(set.watch(pb.ours, b));
+  pa.send("1");
+  pb.send("2");
+  ASSERT_TRUE(run_until([&] { return a->threw >= 1 && b->readable() == 1; }));
+  ASSERT_FALSE(errors.empty());
+  EXPECT_EQ(errors.front(), "a watcher failed to end itself: cannot end");
+}
+
 TEST_F(EdgeSet, ABadDescriptorIsRefusedWithErrno) {
   auto w = std::make_shared<recorder>();
   errno = 0;
