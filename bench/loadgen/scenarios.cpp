@@ -6,6 +6,7 @@
 #include <future>
 #include <stdexcept>
 #include <thread>
+#include <utility>
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/json/serialize.hpp>
@@ -60,6 +61,22 @@ void sleep_bounded(const scenario_options& o, double seconds) {
                         o.deadline);
   std::this_thread::sleep_until(until);
   check_deadline(o, "running");
+}
+
+// Lets the load warm up, then opens the measured window for --duration and
+// closes it, telling the senders to stop. Returns the samples at its edges;
+// the closing one carries the window's end as its wall time.
+std::pair<sample, sample> measure_window(const scenario_options& o, phase& ph) {
+  sleep_bounded(o, o.warmup_s);
+  sample a = sample::take(o.server_pids);
+  ph.start.store(a.wall_ns);
+  sleep_bounded(o, o.duration_s);
+  std::int64_t end = steady_now_ns();
+  ph.end.store(end);
+  sample b = sample::take(o.server_pids);
+  b.wall_ns = end;
+  ph.stop.store(true);
+  return {a, b};
 }
 
 // Waits until pred() or `seconds` pass (or the deadline). Returns pred().
@@ -292,15 +309,7 @@ boost::json::object run_fanout(runtime& rt, const scenario_options& o) {
         pump(*p);
     });
 
-  sleep_bounded(o, o.warmup_s);
-  sample a = sample::take(o.server_pids);
-  ph.start.store(a.wall_ns);
-  sleep_bounded(o, o.duration_s);
-  std::int64_t end = steady_now_ns();
-  ph.end.store(end);
-  sample b = sample::take(o.server_pids);
-  b.wall_ns = end;
-  ph.stop.store(true);
+  auto [a, b] = measure_window(o, ph);
 
   // Drain: wait for the deliveries owed for says sent in the window.
   auto expected = [&] {
@@ -394,15 +403,7 @@ boost::json::object run_echo(runtime& rt, const scenario_options& o) {
       pump(s);
   });
 
-  sleep_bounded(o, o.warmup_s);
-  sample a = sample::take(o.server_pids);
-  ph.start.store(a.wall_ns);
-  sleep_bounded(o, o.duration_s);
-  std::int64_t end = steady_now_ns();
-  ph.end.store(end);
-  sample b = sample::take(o.server_pids);
-  b.wall_ns = end;
-  ph.stop.store(true);
+  auto [a, b] = measure_window(o, ph);
 
   auto expected = [&] {
     return sum(rt, [](worker_thread& t) -> counter& { return t.sent_cohort; }) -
