@@ -28,7 +28,12 @@ async function open(transport) {
   const errors = [];
   page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
   page.on("pageerror", (e) => errors.push(e.message));
-  page.on("requestfailed", (r) => errors.push("request failed: " + r.url()));
+  // ERR_ABORTED is the page cancelling its own request (a reload ends the
+  // long-poll in flight); a request the server failed shows another error.
+  page.on("requestfailed", (r) => {
+    const why = r.failure()?.errorText ?? "";
+    if (why !== "net::ERR_ABORTED") errors.push(`request failed (${why}): ${r.url()}`);
+  });
   await page.goto(`${url}/?transport=${transport}`);
   await page.waitForSelector("#status.up", { timeout: 10000 });
   return { page, errors };
