@@ -316,7 +316,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     case Envelope::kEmit:
     case Envelope::kControl:
     case Envelope::kReport: on_addressed(routing_id, *env, bytes); break;
-    case Envelope::kCancel: on_cancel(env->cancel()); break;
+    case Envelope::kCancel: on_cancel(routing_id, env->cancel()); break;
     case Envelope::kForward: {
       // To the gateway that owns the sid; if it is gone, the asker hears so.
       auto owner = std::string{proto::sid_owner(env->forward().sid())};
@@ -495,6 +495,12 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
     return;
   }
   if (held) return;  // a late answer to a job that expired or was cancelled
+  if (!table_.requester_of(reply.id).empty()) {
+    // Another peer's job, which this peer does not hold: a stale or forged
+    // answer must not reach the requester in place of the holder's.
+    drop("not_holder", reply.id);
+    return;
+  }
   // Not a job: a client's ack of an Emit, routed to the peer named by the id.
   auto owner = std::string{proto::id_owner(reply.id)};
   if (owner.empty() || !peers_.contains(owner)) {
@@ -582,7 +588,13 @@ void broker::drain_subscriptions() {
   }
 }
 
-void broker::on_cancel(const proto::Cancel& cancel) {
+void broker::on_cancel(const std::string& routing_id, const proto::Cancel& cancel) {
+  auto requester = table_.requester_of(cancel.id());
+  if (requester.empty()) return;  // ended already: nothing to cancel
+  if (requester != routing_id) {  // only the asker may give up on a request
+    drop("not_requester", cancel.id());
+    return;
+  }
   std::string worker;
   auto gone = table_.cancel(cancel.id(), &worker);
   if (!gone) return;

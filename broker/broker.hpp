@@ -88,7 +88,7 @@ class broker {
               clock::time_point now);
   void on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload);
   void on_addressed(const std::string& routing_id, const proto::Envelope& env, std::string_view payload);
-  void on_cancel(const proto::Cancel& cancel);
+  void on_cancel(const std::string& routing_id, const proto::Cancel& cancel);
   void publish(const proto::Emit& emit, std::string_view payload);
   void forward_events();
   void drain_subscriptions();

@@ -302,6 +302,11 @@ std::optional<job> service_table::cancel(std::string_view id, std::string* worke
   }
 }
 
+std::string_view service_table::requester_of(std::string_view id) const {
+  auto s = find(id);
+  return s == none ? std::string_view{} : std::string_view{slots_[s].work.requester};
+}
+
 std::vector<failure> service_table::expire(clock::time_point now) {
   std::vector<failure> out;
   while (!deadlines_.empty() && slots_[deadlines_.front()].work.deadline <= now) {

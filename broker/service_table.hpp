@@ -100,6 +100,11 @@ class service_table {
   /// Returns the worker holding it, if any.
   std::optional<job> cancel(std::string_view id, std::string* worker);
 
+  /// The requester of the job with this id, queued or held (or ended while
+  /// its worker still works on it); empty when there is none. Only the
+  /// requester may cancel a job, only its holder may answer it.
+  std::string_view requester_of(std::string_view id) const;
+
   /// Jobs whose deadline is at or before `now`: unavailable (still queued,
   /// never dispatched) or timeout (held by a worker, or dispatched before).
   std::vector<failure> expire(clock::time_point now);

@@ -342,7 +342,18 @@ void bridge::on_broker(Envelope env) {
       auto p = std::move(it->second);
       deadlines_.erase(p.deadline_pos);
       pending_.erase(it);
-      reply_to(std::move(p), std::move(*env.mutable_reply()));
+      auto& reply = *env.mutable_reply();
+      if (!socketio::valid_args(reply.args())) {
+        // The asker still gets an answer: an error naming the worker's fault.
+        refuse_args("reply", reply.id());
+        reply.clear_args();
+        reply.clear_attachments();
+        if (reply.code() == proto::OK) {
+          reply.set_code(proto::INTERNAL);
+          reply.set_message("the worker's answer is not valid JSON");
+        }
+      }
+      reply_to(std::move(p), std::move(reply));
       return;
     }
     case Envelope::kEmit: deliver_emit(env.emit()); return;
@@ -399,8 +410,18 @@ void bridge::expire(clock::time_point now) {
   }
 }
 
+void bridge::refuse_args(std::string_view what, std::string_view about) {
+  metrics_.bad_args.Increment();
+  if (log_limit_.allow()) spdlog::warn("bridge: {} {} dropped: its args are not valid JSON", what, about);
+}
+
 void bridge::deliver_emit(const proto::Emit& emit) {
   if (emit.to_case() != proto::Emit::kSid) return;
+  if (!socketio::valid_args(emit.args())) {
+    refuse_args("emit to", emit.sid());
+    report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), "args are not valid JSON");
+    return;
+  }
   auto it = members_.find(emit.sid());
   auto sink = it == members_.end() ? nullptr : it->second.sink.lock();
   if (!sink) {
@@ -464,6 +485,10 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
     return;
   }
   const auto& emit = env->emit();
+  if (!socketio::valid_args(emit.args())) {
+    refuse_args("event for", topic);
+    return;
+  }
   std::unordered_set<std::string_view> except(emit.except_sids().begin(), emit.except_sids().end());
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),
@@ -514,13 +539,14 @@ void bridge::remove_from_topic(const std::string& topic, const std::string& sid)
 }
 
 void bridge::report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
-                    const std::string& ref) {
+                    const std::string& ref, std::string_view detail) {
   if (to.empty()) return;
   Envelope env;
   auto* r = env.mutable_report();
   r->set_status(status);
   r->set_sid(sid);
   r->set_ref(ref);
+  if (!detail.empty()) r->set_detail(std::string{detail});
   r->set_to(to);
   send_to_broker(core::message_of(env));
   link_watch_.dirty = true;

@@ -123,10 +123,12 @@ class bridge {
   void on_control(const proto::Control& control);
   void deliver_emit(const proto::Emit& emit);
   void reply_to(pending p, proto::Reply reply);
+  // Counts and logs args from a worker that fail socketio::valid_args.
+  void refuse_args(std::string_view what, std::string_view about);
   void add_to_topic(const std::string& topic, const std::string& sid);
   void remove_from_topic(const std::string& topic, const std::string& sid);
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
-              const std::string& ref);
+              const std::string& ref, std::string_view detail = {});
   void expire(std::chrono::steady_clock::time_point now);
 
   const gateway_config& config_;

@@ -34,6 +34,7 @@ struct gateway_metrics {
   prometheus::Counter& connection_limit;
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
+  prometheus::Counter& bad_args;  // a worker's event or answer args that are not JSON
   prometheus::Counter& bad_token;
   prometheus::Counter& forwarded;
   prometheus::Counter& recovered;

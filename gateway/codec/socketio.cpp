@@ -4,6 +4,7 @@
 #include <array>
 #include <limits>
 
+#include <boost/json/basic_parser_impl.hpp>
 #include <boost/json/monotonic_resource.hpp>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
@@ -397,6 +398,49 @@ std::optional<std::pair<std::string, std::string>> split_event(std::string_view 
   rest += '[';
   rest += array_json.substr(i + 1);
   return std::pair{std::move(name), std::move(rest)};
+}
+
+namespace {
+
+// A basic_parser handler that keeps nothing: the parser alone validates.
+struct null_handler {
+  static constexpr std::size_t max_object_size = std::size_t(-1);
+  static constexpr std::size_t max_array_size = std::size_t(-1);
+  static constexpr std::size_t max_key_size = std::size_t(-1);
+  static constexpr std::size_t max_string_size = std::size_t(-1);
+  using ec = boost::system::error_code;
+  bool on_document_begin(ec&) { return true; }
+  bool on_document_end(ec&) { return true; }
+  bool on_object_begin(ec&) { return true; }
+  bool on_object_end(std::size_t, ec&) { return true; }
+  bool on_array_begin(ec&) { return true; }
+  bool on_array_end(std::size_t, ec&) { return true; }
+  bool on_key_part(json::string_view, std::size_t, ec&) { return true; }
+  bool on_key(json::string_view, std::size_t, ec&) { return true; }
+  bool on_string_part(json::string_view, std::size_t, ec&) { return true; }
+  bool on_string(json::string_view, std::size_t, ec&) { return true; }
+  bool on_number_part(json::string_view, ec&) { return true; }
+  bool on_int64(std::int64_t, json::string_view, ec&) { return true; }
+  bool on_uint64(std::uint64_t, json::string_view, ec&) { return true; }
+  bool on_double(double, json::string_view, ec&) { return true; }
+  bool on_bool(bool, ec&) { return true; }
+  bool on_null(ec&) { return true; }
+  bool on_comment_part(json::string_view, ec&) { return true; }
+  bool on_comment(json::string_view, ec&) { return true; }
+};
+
+}  // namespace
+
+bool valid_args(std::string_view args) noexcept {
+  if (skip_space(args, 0) == args.size()) return true;
+  try {
+    json::basic_parser<null_handler> parser(payload_parse_options());
+    boost::system::error_code ec;
+    const std::size_t used = parser.write_some(false, args.data(), args.size(), ec);
+    return !ec && used == args.size();
+  } catch (...) {  // the parser's depth stack could not grow
+    return false;
+  }
 }
 
 std::string join_event(std::string_view name, std::string_view args_array_json) {

@@ -117,6 +117,15 @@ std::optional<std::pair<std::string, std::string>> split_event(std::string_view 
 // anything else that is not bracketed is taken as a single argument.
 std::string join_event(std::string_view name, std::string_view args_array_json);
 
+// Whether `args` may be spliced into a packet for clients: empty (no
+// arguments) or one complete JSON value, UTF-8 valid, nested at most
+// max_json_depth deep. What the gateway checks of arguments that come from
+// workers (Emit and Reply args are bytes the broker never looks at), so that
+// a worker's bad JSON is refused at the gateway instead of reaching clients
+// as a broken packet or an invalid text frame. Validates without building a
+// value and without allocating.
+bool valid_args(std::string_view args) noexcept;
+
 // Collects a binary packet: the header (BINARY_EVENT / BINARY_ACK with
 // `attachments` = n) then n binary frames, in order. A state machine with no
 // I/O, bounded by a number of attachments and a number of bytes.

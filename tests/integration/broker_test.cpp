@@ -339,6 +339,37 @@ TEST_P(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {
   EXPECT_GE(broker_->stats().dropped, 6u);
 }
 
+// Without CURVE any peer may speak, but not for another: a Cancel counts
+// only from the job's requester, and a Reply to a live job only from the
+// worker holding it (found by tests/fuzz/chaos: a stray Reply with a
+// gateway's request id used to reach the gateway as the answer).
+TEST_P(BrokerTest, APeerCannotCancelOrAnswerAnotherPeersRequest) {
+  start();
+  auto& w1 = add_worker({workers::echo_service(1)}, "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  peer intruder{ctx_, "inproc://router", "intruder"};
+  ASSERT_TRUE(intruder.hello());
+  auto id = client.submit("echo", "delay", R"([300,"mine"])", 5s);
+  ASSERT_TRUE(eventually([&] { return w1.stats().requests >= 1; })) << "held by the worker";
+  Envelope cancel;
+  cancel.mutable_cancel()->set_id(id);
+  cancel.mutable_cancel()->set_reason(proto::CANCELLED);
+  intruder.send(cancel);
+  Envelope forged;
+  forged.mutable_reply()->set_id(id);
+  forged.mutable_reply()->set_args(R"(["forged"])");
+  intruder.send(forged);
+  auto reply = client.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply) << "the request was cancelled by a peer that did not ask";
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().code(), proto::OK) << reply->reply().message();
+  EXPECT_EQ(reply->reply().args(), R"(["mine"])") << "the answer came from a peer that did not hold the job";
+  EXPECT_FALSE(client.next(Envelope::kReply, 300ms)) << "a second answer";
+  stop();
+  EXPECT_GE(broker_->stats().dropped, 2u);
+}
+
 TEST(Curve, OnlyAllowedKeysGetIn) {
   auto [broker_public, broker_secret] = core::curve_keypair();
   auto [worker_public, worker_secret] = core::curve_keypair();

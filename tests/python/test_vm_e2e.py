@@ -10,13 +10,16 @@ publish example against the same gateway. Every wait is bounded.
 import importlib.util
 import os
 import queue
+import threading
 import time
 import unittest
 import warnings
 
 import socketio
+import zmq
 
-from harness import BIN, EXAMPLES, PYTHON, WAIT, Broker, Process, eventually, free_port, http_get, python_env
+from harness import (BIN, EXAMPLES, PYTHON, WAIT, Broker, Peer, Process, eventually, free_port, http_get, metric,
+                     pb, python_env)
 
 API_KEY = "e2e-key"
 LAUNCH_MS = 1000
@@ -190,6 +193,127 @@ class VmEndToEndTest(unittest.TestCase):
         events = self.events.wait(lambda ev: Events.count(ev, "report_ready") == 1, "report_ready")
         self.assertEqual([data for _, name, data in events if name == "report_ready"],
                          [{"url": "/reports/7"}])
+
+
+class WorkerArgsTest(unittest.TestCase):
+    """Event and answer args are bytes the broker passes on unread; the
+    gateway checks they are JSON before they reach a client. A fake worker
+    (a raw DEALER serving `demo`) sends bad JSON next to good: the client gets
+    an error ack for a bad answer, never a bad event, and every good one.
+    (Found by tests/fuzz/chaos: a published `[...]` with invalid UTF-8 became
+    a text frame the client's WebSocket library refused.)"""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Broker(heartbeat_interval_ms=500)
+        cls.http_port = free_port()
+        cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
+                               "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
+                               "--events", cls.broker.xpub, "--gateway-id", "gwA", "--threads", "1",
+                               "--log-level", "error"], "gateway")
+        if not eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10):
+            print(f"--- gateway output:\n{cls.gateway.output()}")
+            cls.tearDownClass()
+            raise RuntimeError("the gateway did not connect to the broker")
+
+    @classmethod
+    def tearDownClass(cls):
+        for p in (cls.gateway, cls.broker.process):
+            p.stop()
+            p.cleanup()
+
+    def setUp(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        self.context = zmq.Context()
+        self.addCleanup(self.context.term)
+        self.worker = Peer(self.context, self.broker.router, "fakew", role=pb.ROLE_WORKER)
+        self.addCleanup(self.worker.close)
+        hello = pb.Envelope()
+        hello.hello.role, hello.hello.id, hello.hello.protocol_version = pb.ROLE_WORKER, "fakew", 1
+        hello.hello.services.add(name="demo", capacity=4)
+        self.worker.send(hello)
+        self.assertIsNotNone(self.worker.next("welcome"), "the broker did not welcome the fake worker")
+        self.worker.registered = True
+        self.notes = queue.Queue()
+        self.sio = socketio.Client(reconnection=False)
+        self.sio.on("note", lambda *args: self.notes.put(list(args)))
+        self.in_thread(lambda: self.sio.connect(f"http://127.0.0.1:{self.http_port}", transports=["websocket"],
+                                                wait_timeout=WAIT),
+                       lambda: self.answer(self.worker.next(
+                           "lifecycle", where=lambda e: e.lifecycle.kind == pb.Lifecycle.CONNECT), b""))
+        self.addCleanup(self.sio.disconnect)
+
+    def in_thread(self, client_side, worker_side):
+        """Runs the client's blocking call while the fake worker plays its part; the call's result."""
+        out = {}
+        t = threading.Thread(target=lambda: out.update(result=client_side()), daemon=True)
+        t.start()
+        worker_side()
+        t.join(WAIT)
+        self.assertFalse(t.is_alive(), "the client's call did not return")
+        return out.get("result")
+
+    def answer(self, env, args):
+        self.assertIsNotNone(env, "the gateway asked the fake worker nothing")
+        job = getattr(env, env.WhichOneof("kind"))
+        reply = pb.Envelope()
+        reply.reply.id, reply.reply.code, reply.reply.args = job.id, pb.OK, args
+        self.worker.send(reply)
+
+    def emit(self, args, **to):
+        env = pb.Envelope()
+        e = env.emit
+        for k, v in to.items():
+            setattr(e, k, v)
+        e.nsp, e.event, e.args, e.origin = "/", "note", args, "fakew"
+        return env.SerializeToString()
+
+    def bad_args_dropped(self):
+        return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total", reason="bad_args") or 0
+
+    def test_an_answer_that_is_not_json_becomes_an_error_ack(self):
+        ack = self.in_thread(lambda: self.sio.call("echo", "x", timeout=WAIT),
+                             lambda: self.answer(self.worker.next("request"), b'["\xff\xfe"]'))
+        self.assertEqual(ack, {"error": "internal", "message": "the worker's answer is not valid JSON"})
+        ack = self.in_thread(lambda: self.sio.call("echo", "x", timeout=WAIT),
+                             lambda: self.answer(self.worker.next("request"), b'["fine"]'))
+        self.assertEqual(ack, "fine")
+
+    def test_events_with_bad_args_never_reach_the_client(self):
+        sid = self.sio.get_sid("/")
+        before = self.bad_args_dropped()
+        self.worker.socket.send(self.emit(b"[1", sid=sid))
+        report = self.worker.next("report")
+        self.assertIsNotNone(report, "no delivery report for the refused emit")
+        self.assertEqual(report.report.status, pb.DeliveryReport.REJECTED)
+        self.assertEqual(report.report.detail, "args are not valid JSON")
+        self.worker.socket.send(self.emit(b'["to the sid"]', sid=sid))
+        self.assertEqual(self.notes.get(timeout=WAIT), ["to the sid"])
+
+        join = pb.Envelope()
+        join.control.action, join.control.sid, join.control.nsp, join.control.room = \
+            pb.Control.JOIN, sid, "/", "r"
+        self.worker.send(join)
+        pub = self.context.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(self.broker.xsub)
+        self.addCleanup(pub.close)
+        topic = b"r/\0r\0"
+        got = None
+        until = time.monotonic() + WAIT
+        while got is None and time.monotonic() < until:  # until the room's subscription is in place
+            pub.send_multipart([topic, self.emit(b'["\xc3\x28"]', room="r")])
+            pub.send_multipart([topic, self.emit(b'["to the room"]', room="r")])
+            try:
+                got = self.notes.get(timeout=0.2)
+            except queue.Empty:
+                pass
+        self.assertEqual(got, ["to the room"])
+        time.sleep(0.3)
+        while not self.notes.empty():
+            self.assertEqual(self.notes.get_nowait(), ["to the room"], "a bad event reached the client")
+        self.assertTrue(self.sio.connected)
+        self.assertGreaterEqual(self.bad_args_dropped() - before, 2)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,20 @@ TEST(ServiceTable, CancelQueuedAndHeld) {
   EXPECT_FALSE(t.next_deadline());
 }
 
+TEST(ServiceTable, RequesterOfNamesTheAskerWhileTheJobLives) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 1);
+  auto a = make_job("a");
+  a.requester = "gw1";
+  t.submit(std::move(a));
+  EXPECT_EQ(t.requester_of("a"), "gw1") << "queued";
+  t.dispatch();
+  EXPECT_EQ(t.requester_of("a"), "gw1") << "held";
+  EXPECT_EQ(t.requester_of("b"), "") << "no such job";
+  EXPECT_TRUE(t.complete("a", "w1"));
+  EXPECT_EQ(t.requester_of("a"), "") << "answered";
+}
+
 TEST(ServiceTable, ReRegisteringChangesCapacity) {
   service_table t{{}};
   t.add_worker("w1", "svc", 1);

@@ -571,6 +571,26 @@ TEST(socketio_binary_assembler, empty_attachments_count_towards_the_number_not_t
   EXPECT_EQ(assembler.take()->attachments.size(), 3u);
 }
 
+// valid_args: what the gateway accepts from workers as event or ack arguments.
+TEST(socketio, valid_args_takes_blank_text_and_one_complete_json_value) {
+  for (std::string ok : {"", "  \n", "[]", R"(["x",1,{"a":[true,null]}])", " [1] ", R"({"k":1})", "1", "\"s\"",
+                         "[1.0e2,-0,18446744073709551616]", "[\"\\u00e9\xc3\xa9\"]"})
+    EXPECT_TRUE(sio::valid_args(ok)) << ok;
+  std::string deep(sio::max_json_depth, '[');
+  deep += std::string(sio::max_json_depth, ']');
+  EXPECT_TRUE(sio::valid_args(deep));
+}
+
+TEST(socketio, valid_args_refuses_what_would_break_a_packet) {
+  std::string too_deep(sio::max_json_depth + 1, '[');
+  too_deep += std::string(sio::max_json_depth + 1, ']');
+  for (std::string bad : {std::string("not json"), std::string("[1"), std::string("[1]]"), std::string("[1] x"),
+                          std::string("[1][2]"), std::string("\xff\xfe"), std::string("[\"\xff\"]"),
+                          std::string("[\"\xed\xa0\x80\"]"), std::string("[\"a\x00\"]", 6), std::string("[1,]"),
+                          std::string("[\"unterminated]"), too_deep})
+    EXPECT_FALSE(sio::valid_args(bad)) << bad;
+}
+
 TEST(socketio, error_codes_compare_and_describe) {
   const boost::system::error_code ec = sio::error::bad_namespace;
   EXPECT_EQ(ec, sio::error::bad_namespace);
