@@ -473,6 +473,34 @@ TEST_P(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
   EXPECT_EQ(ack->reply().args(), "[true]");
 }
 
+// A client that never acks a worker's emit_with_ack: stopping the worker
+// answers the callback CANCELLED and frees it. Before, the pending ack held
+// the request, the request its worker core, the core the ack (found as a
+// LeakSanitizer report at the end of tests/fuzz/chaos).
+TEST_P(BrokerTest, StoppingAWorkerAnswersAcksStillAwaitedAndLetsGoOfThem) {
+  start();
+  std::promise<proto::Code> heard;
+  auto sentinel = std::make_shared<int>(0);
+  std::weak_ptr<int> watch = sentinel;
+  service asker{"asker", 1};
+  asker.on_quick("ask", [&heard, sentinel](request req) {
+    req.emit_with_ack("question", "[]", {}, [&heard, sentinel, req](ack_result r) { heard.set_value(r.code); }, 10s);
+  });
+  sentinel.reset();
+  add_worker({std::move(asker)}, "w1");
+  peer gateway{ctx_, "inproc://router", "gwQ", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  gateway.submit("asker", "ask", "[]", 5s, "gwQ.s1");
+  auto question = gateway.next(Envelope::kEmit, 5s);
+  ASSERT_TRUE(question);
+  ASSERT_FALSE(question->emit().ack_id().empty());
+  workers_.clear();  // stops and destroys the worker; the client never acked
+  auto answer = heard.get_future();
+  ASSERT_EQ(answer.wait_for(5s), std::future_status::ready) << "the awaited ack was never answered";
+  EXPECT_EQ(answer.get(), proto::CANCELLED);
+  EXPECT_TRUE(watch.expired()) << "the pending ack kept its request, and so the worker, alive";
+}
+
 TEST_P(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
   auto id = request("call-me-back", R"(["ping",1])");
   auto emit = gateway_->next(Envelope::kEmit, 5s);

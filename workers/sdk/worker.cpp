@@ -355,6 +355,18 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& [id, weak] : in_flight)
       if (auto st = weak.lock()) st->stop.request_stop();
     in_flight.clear();
+    // Client acks still awaited will not come now: their callbacks hear
+    // CANCELLED on the pool (which runs what it holds before it stops), and
+    // let go of the requests they captured, which hold this core. Kept, they
+    // made a cycle that outlived the worker.
+    std::vector<std::function<void(ack_result)>> awaited;
+    {
+      std::lock_guard lock{acks_mutex};
+      for (auto& [id, a] : acks) awaited.push_back(std::move(a.callback));
+      acks.clear();
+      ack_deadlines.clear();
+    }
+    for (auto& cb : awaited) pool.post([cb = std::move(cb)] { cb(ack_result{proto::CANCELLED, "[]", {}}); });
   }
 
   void on_message(const Envelope& env) {
@@ -516,7 +528,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   std::optional<std::string> register_ack(std::function<void(ack_result)> cb, std::chrono::milliseconds timeout) {
     std::lock_guard lock{acks_mutex};
-    if (acks.size() >= options.pending_acks_limit) return std::nullopt;
+    if (stopping || acks.size() >= options.pending_acks_limit) return std::nullopt;
     auto id = options.id + ":" + std::to_string(++next_ack);
     auto deadline = clock::now() + timeout;
     acks.emplace(id, pending_ack{std::move(cb), deadline});

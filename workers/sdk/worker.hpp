@@ -63,7 +63,7 @@ class cancel_token {
 
 /// The result of a client's ack to emit_with_ack.
 struct ack_result {
-  proto::Code code = proto::OK;  // TIMEOUT when no ack arrived in time
+  proto::Code code = proto::OK;  // TIMEOUT: no ack in time; CANCELLED: the worker stopped
   std::string args;              // JSON array text
   sidecast::attachments attachments;
 };
@@ -113,7 +113,8 @@ class request {
   /// Emits to the socket that asked.
   bool emit(std::string event, std::string args_json, sidecast::attachments att = {});
   /// Emits to the asking socket and calls `on_ack` (on a handler thread) with
-  /// the client's ack, or with TIMEOUT after `timeout`.
+  /// the client's ack, with TIMEOUT after `timeout`, or with CANCELLED when
+  /// the worker stops first. False (and no call) once the worker is stopping.
   bool emit_with_ack(std::string event, std::string args_json, sidecast::attachments att,
                      std::function<void(ack_result)> on_ack, std::chrono::milliseconds timeout);
   bool join(std::string room);
