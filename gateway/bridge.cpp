@@ -17,6 +17,20 @@
 
 namespace sidecast::gateway {
 
+namespace {
+
+// Peer-supplied text for a log line: control bytes (a topic's NULs among
+// them) shown as '.', at most 80 bytes.
+std::string printable(std::string_view s) {
+  std::string out{s.substr(0, 80)};
+  for (auto& c : out)
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '.';
+  return out;
+}
+
+}  // namespace
+
+
 namespace asio = boost::asio;
 using proto::Envelope;
 using clock = std::chrono::steady_clock;
@@ -412,21 +426,38 @@ void bridge::expire(clock::time_point now) {
 
 void bridge::refuse_args(std::string_view what, std::string_view about) {
   metrics_.bad_args.Increment();
-  if (log_limit_.allow()) spdlog::warn("bridge: {} {} dropped: its args are not valid JSON", what, about);
+  if (log_limit_.allow()) spdlog::warn("bridge: {} {} dropped: its args are not valid JSON", what, printable(about));
+}
+
+std::string_view bridge::event_fault(const proto::Emit& emit, std::string_view nsp, std::string_view about) {
+  std::string_view why;
+  if (!socketio::valid_args(emit.args())) {
+    refuse_args("event for", about);
+    return "args are not valid JSON";
+  }
+  if (socketio::is_reserved_event(emit.event()))
+    why = "reserved event name";  // "connect" would fire the client's own connect handlers
+  else if (emit.nsp() != nsp)
+    why = "not the namespace of the socket or topic";  // framed for a namespace the socket is not in
+  else
+    return {};
+  metrics_.bad_event.Increment();
+  if (log_limit_.allow())
+    spdlog::warn("bridge: event \"{}\" for {} dropped: {}", printable(emit.event()), printable(about), why);
+  return why;
 }
 
 void bridge::deliver_emit(const proto::Emit& emit) {
   if (emit.to_case() != proto::Emit::kSid) return;
-  if (!socketio::valid_args(emit.args())) {
-    refuse_args("emit to", emit.sid());
-    report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), "args are not valid JSON");
-    return;
-  }
   auto it = members_.find(emit.sid());
   auto sink = it == members_.end() ? nullptr : it->second.sink.lock();
   if (!sink) {
     metrics_.client_gone.Increment();
     report(emit.origin(), proto::DeliveryReport::CLIENT_GONE, emit.sid(), emit.ref());
+    return;
+  }
+  if (auto why = event_fault(emit, it->second.nsp, emit.sid()); !why.empty()) {
+    report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), why);
     return;
   }
   auto ev = std::make_shared<const outbound_event>(
@@ -485,10 +516,13 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
     return;
   }
   const auto& emit = env->emit();
-  if (!socketio::valid_args(emit.args())) {
-    refuse_args("event for", topic);
+  // The topic names the namespace (and room) the event is framed for.
+  if (topic != proto::topic_for(emit)) {
+    metrics_.bad_event.Increment();
+    if (log_limit_.allow()) spdlog::warn("bridge: event on topic {} is not for that topic: dropped", printable(topic));
     return;
   }
+  if (!event_fault(emit, emit.nsp(), topic).empty()) return;
   std::unordered_set<std::string_view> except(emit.except_sids().begin(), emit.except_sids().end());
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),

@@ -41,6 +41,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       rate_limited{dropped.Add({{"reason", "rate_limited"}})},
       room_limit{dropped.Add({{"reason", "room_limit"}})},
       bad_args{dropped.Add({{"reason", "bad_args"}})},
+      bad_event{dropped.Add({{"reason", "bad_event"}})},
       bad_token{dropped.Add({{"reason", "bad_token"}})},
       forwarded{counter(r, "sidecast_gateway_forwarded_total",
                         "Polling requests for another gateway's sid, relayed through the broker")

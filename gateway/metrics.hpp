@@ -34,7 +34,8 @@ struct gateway_metrics {
   prometheus::Counter& connection_limit;
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
-  prometheus::Counter& bad_args;  // a worker's event or answer args that are not JSON
+  prometheus::Counter& bad_args;   // a worker's event or answer args that are not JSON
+  prometheus::Counter& bad_event;  // a worker's event with a reserved name or for another namespace
   prometheus::Counter& bad_token;
   prometheus::Counter& forwarded;
   prometheus::Counter& recovered;

@@ -260,13 +260,53 @@ class WorkerArgsTest(unittest.TestCase):
         reply.reply.id, reply.reply.code, reply.reply.args = job.id, pb.OK, args
         self.worker.send(reply)
 
-    def emit(self, args, **to):
+    def emit(self, args, nsp="/", event="note", **to):
         env = pb.Envelope()
         e = env.emit
         for k, v in to.items():
             setattr(e, k, v)
-        e.nsp, e.event, e.args, e.origin = "/", "note", args, "fakew"
+        e.nsp, e.event, e.args, e.origin = nsp, event, args, "fakew"
         return env.SerializeToString()
+
+    def bad_events_dropped(self):
+        return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total", reason="bad_event") or 0
+
+    def test_events_a_socket_cannot_take_are_refused(self):
+        """A reserved name ("connect" would fire the client's own connect
+        handlers) or a namespace the socket is not in (the packet would be
+        framed for it): refused with a report; a room event whose topic is
+        not its own: dropped."""
+        sid = self.sio.get_sid("/")
+        before = self.bad_events_dropped()
+        for kw, why in (({"event": "connect"}, "reserved event name"),
+                        ({"nsp": "/chat"}, "not the namespace of the socket or topic")):
+            self.worker.socket.send(self.emit(b'["x"]', sid=sid, **kw))
+            report = self.worker.next("report")
+            self.assertIsNotNone(report, f"no delivery report for {kw}")
+            self.assertEqual((report.report.status, report.report.detail), (pb.DeliveryReport.REJECTED, why))
+        join = pb.Envelope()
+        join.control.action, join.control.sid, join.control.nsp, join.control.room = pb.Control.JOIN, sid, "/", "r"
+        self.worker.send(join)
+        pub = self.context.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.connect(self.broker.xsub)
+        self.addCleanup(pub.close)
+        got, until = None, time.monotonic() + WAIT
+        while got is None and time.monotonic() < until:  # until the room's subscription is in place
+            pub.send_multipart([b"r/\0r\0", self.emit(b'["elsewhere"]', nsp="/chat", room="r")])
+            pub.send_multipart([b"r/\0r\0", self.emit(b'["other room"]', room="s")])
+            pub.send_multipart([b"r/\0r\0", self.emit(b'["x"]', event="disconnect", room="r")])
+            pub.send_multipart([b"r/\0r\0", self.emit(b'["here"]', room="r")])
+            try:
+                got = self.notes.get(timeout=0.2)
+            except queue.Empty:
+                pass
+        self.assertEqual(got, ["here"])
+        time.sleep(0.3)
+        while not self.notes.empty():
+            self.assertEqual(self.notes.get_nowait(), ["here"], "an event for another topic reached the client")
+        self.assertTrue(self.sio.connected)
+        self.assertGreaterEqual(self.bad_events_dropped() - before, 5)
 
     def bad_args_dropped(self):
         return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total", reason="bad_args") or 0
