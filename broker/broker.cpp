@@ -408,6 +408,14 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
     drop("malformed", "request without id or service");
     return;
   }
+  if (proto::id_owner(head.id) != routing_id) {
+    // Ids are "<requester id>:<n>": one peer cannot take another's ids, and
+    // so cannot make the broker drop that peer's request as a duplicate.
+    if (head.wants_reply) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST,
+                                     "request id must be \"" + routing_id + ":<n>\"");
+    drop("foreign_id", head.id);
+    return;
+  }
   auto timeout = head.timeout_ms ? std::chrono::milliseconds(head.timeout_ms) : config_.default_timeout;
   timeout = std::min(timeout, config_.max_timeout);
   job work;
@@ -501,9 +509,18 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
     drop("not_holder", reply.id);
     return;
   }
-  // Not a job: a client's ack of an Emit, routed to the peer named by the id.
+  // Not a job: a client's ack of a worker's Emit, which only a gateway
+  // sends, routed to the worker named by the id. Anything else would let a
+  // peer answer, ahead of the broker, a request it is about to receive: a
+  // gateway's own request ids are predictable.
+  auto from = peers_.find(routing_id);
+  if (from == peers_.end() || from->second.role != proto::ROLE_GATEWAY) {
+    drop("not_holder", reply.id);
+    return;
+  }
   auto owner = std::string{proto::id_owner(reply.id)};
-  if (owner.empty() || !peers_.contains(owner)) {
+  auto to = owner.empty() ? peers_.end() : peers_.find(owner);
+  if (to == peers_.end() || to->second.role != proto::ROLE_WORKER) {
     drop("unroutable", reply.id);
     return;
   }

@@ -366,8 +366,27 @@ TEST_P(BrokerTest, APeerCannotCancelOrAnswerAnotherPeersRequest) {
   EXPECT_EQ(reply->reply().code(), proto::OK) << reply->reply().message();
   EXPECT_EQ(reply->reply().args(), R"(["mine"])") << "the answer came from a peer that did not hold the job";
   EXPECT_FALSE(client.next(Envelope::kReply, 300ms)) << "a second answer";
+
+  // Nor can it take the id of the client's next request ahead of it, which
+  // made the broker drop the client's own as a duplicate.
+  auto next = "c1:" + std::to_string(std::stoi(id.substr(3)) + 1);
+  Envelope squat;
+  auto* r = squat.mutable_request();
+  r->set_id(next);
+  r->set_service("echo");
+  r->set_event("delay");
+  r->set_args(R"([300,"squatter"])");
+  r->set_wants_reply(true);
+  intruder.send(squat);
+  auto refused = intruder.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->reply().code(), proto::BAD_REQUEST) << "a request under another peer's id";
+  auto own = client.call("echo", "x", R"(["own"])");
+  ASSERT_TRUE(own);
+  EXPECT_EQ(own->id(), next);
+  EXPECT_EQ(own->args(), R"(["own"])");
   stop();
-  EXPECT_GE(broker_->stats().dropped, 2u);
+  EXPECT_GE(broker_->stats().dropped, 3u);
 }
 
 TEST(Curve, OnlyAllowedKeysGetIn) {
@@ -471,6 +490,32 @@ TEST_P(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
   auto ack = gateway_->next(Envelope::kReply, 5s);
   ASSERT_TRUE(ack);
   EXPECT_EQ(ack->reply().args(), "[true]");
+}
+
+// A Reply that answers no job is a client's ack of a worker's Emit: it goes
+// from a gateway to a worker, never elsewhere. Before, any peer could send a
+// gateway a Reply with the id of a request the gateway was about to make
+// (its ids are "<id>:<n>"), and the gateway took it as the answer.
+TEST_P(BrokerTest, AReplyThatIsNoJobsAnswerGoesOnlyFromAGatewayToAWorker) {
+  start();
+  add_worker({workers::echo_service(1)}, "w1");
+  peer gateway{ctx_, "inproc://router", "gwX", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  peer other{ctx_, "inproc://router", "gwY", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(other.hello());
+  peer intruder{ctx_, "inproc://router", "intruder"};
+  ASSERT_TRUE(intruder.hello());
+  Envelope early;
+  early.mutable_reply()->set_id("gwX:1");  // the id of gwX's next request
+  early.mutable_reply()->set_silent(true);
+  intruder.send(early);
+  other.send(early);  // nor may another gateway answer for the broker
+  EXPECT_FALSE(gateway.next(Envelope::kReply, 300ms)) << "a Reply that answers no job reached a gateway";
+  auto reply = gateway.call("echo", "x", R"(["real"])");
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->args(), R"(["real"])");
+  stop();
+  EXPECT_GE(broker_->stats().dropped, 2u);
 }
 
 // A client that never acks a worker's emit_with_ack: stopping the worker
