@@ -30,7 +30,6 @@ std::string printable(std::string_view s) {
 
 }  // namespace
 
-
 namespace asio = boost::asio;
 using proto::Envelope;
 using clock = std::chrono::steady_clock;
@@ -522,7 +521,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
     if (log_limit_.allow()) spdlog::warn("bridge: event on topic {} is not for that topic: dropped", printable(topic));
     return;
   }
-  if (!event_fault(emit, emit.nsp(), topic).empty()) return;
+  if (!event_fault(emit, emit.nsp(), topic).empty()) return;  // (its namespace: the topic's, checked above)
   std::unordered_set<std::string_view> except(emit.except_sids().begin(), emit.except_sids().end());
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),
