@@ -36,6 +36,11 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def med(rs, key):
+    """The median of one field over result lines."""
+    return median([r.get(key) for r in rs])
+
+
 def fmt(v, digits=0):
     if v is None:
         return "–"
@@ -66,7 +71,7 @@ def ratio_of(rs, base, key):
     runs = paired(rs, base, key)
     if runs:
         return f"{statistics.median(runs):.2f}×"
-    return ratio(median([r.get(key) for r in rs]), median([r.get(key) for r in base]))
+    return ratio(med(rs, key), med(base, key))
 
 
 def main():
@@ -98,8 +103,6 @@ def main():
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case, (rate_key, cpu_key, unit) in CASES.items():
         base = rows.get((case, args.baseline), [])
-        def med(rs, k):
-            return median([r.get(k) for r in rs])
         for label in labels:
             rs = rows.get((case, label), [])
             n_err = errors.get((case, label), 0)

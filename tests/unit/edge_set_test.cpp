@@ -153,7 +153,7 @@ TEST_F(EdgeSet, AThrowingWatcherIsToldAndTheOthersAreStillServed) {
 }
 
 TEST_F(EdgeSet, AWatcherThatThrowsAgainWhenToldIsReportedAndTheOthersServed) {
-  struct stubborn : recorder {
+  struct throws_again : recorder {
     void on_edge(std::uint32_t) override { throw 42; }  // not even a std::exception
     void on_edge_threw(const std::exception&) override {
       ++threw;
@@ -161,7 +161,7 @@ TEST_F(EdgeSet, AWatcherThatThrowsAgainWhenToldIsReportedAndTheOthersServed) {
     }
   };
   pair_of_ends pa, pb;
-  auto a = std::make_shared<stubborn>();
+  auto a = std::make_shared<throws_again>();
   auto b = std::make_shared<recorder>();
   ASSERT_TRUE(set.watch(pa.ours, a));
   ASSERT_TRUE(set.watch(pb.ours, b));
