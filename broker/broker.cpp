@@ -416,6 +416,15 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
     drop("foreign_id", head.id);
     return;
   }
+  if (!head.sid.empty() && proto::sid_owner(head.sid) != routing_id) {
+    // A sid is "<gateway id>.<random>": only that gateway speaks for its
+    // sockets. Another peer naming one would act as that browser to the
+    // worker (say something in its name, cancel a task it started).
+    if (head.wants_reply) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST,
+                                     "a request may name only a sid of its sender's (a gateway's)");
+    drop("foreign_sid", head.sid);
+    return;
+  }
   auto timeout = head.timeout_ms ? std::chrono::milliseconds(head.timeout_ms) : config_.default_timeout;
   timeout = std::min(timeout, config_.max_timeout);
   job work;

@@ -86,6 +86,7 @@ bool peek_fields(std::string_view body, hot_envelope& out, Known known) {
     if (f == field::string && !core::valid_utf8(value)) return false;
     if (number == 1) out.id = value;
     if (number == 2 && out.kind == Envelope::kRequest) out.service = value;
+    if (number == 3 && out.kind == Envelope::kRequest) out.sid = value;
   }
   return true;
 }
@@ -132,6 +133,7 @@ hot_envelope head_of(const Envelope& env) {
     const auto& r = env.request();
     out.id = r.id();
     out.service = r.service();
+    out.sid = r.sid();
     out.timeout_ms = r.timeout_ms();
     out.attempt = r.attempt();
     out.wants_reply = r.wants_reply();
@@ -139,6 +141,7 @@ hot_envelope head_of(const Envelope& env) {
     const auto& l = env.lifecycle();
     out.id = l.id();
     out.service = l.service();
+    out.sid = l.sid();
     out.timeout_ms = l.timeout_ms();
     out.attempt = l.attempt();
     out.wants_reply = l.kind() == Lifecycle::CONNECT;

@@ -32,6 +32,7 @@ struct hot_envelope {
   Envelope::KindCase kind = Envelope::KIND_NOT_SET;  // kRequest, kReply, or not peeked
   std::string_view id;
   std::string_view service;  // Request
+  std::string_view sid;      // Request (and Lifecycle, from head_of)
   std::uint32_t timeout_ms = 0;
   std::uint32_t attempt = 0;
   bool wants_reply = false;

@@ -21,7 +21,7 @@ namespace {
 void check_same(const proto::hot_envelope& peeked, const proto::hot_envelope& parsed) {
   if (peeked.kind != parsed.kind || peeked.id != parsed.id) __builtin_trap();
   if (peeked.kind == Envelope::kRequest &&
-      (peeked.service != parsed.service || peeked.timeout_ms != parsed.timeout_ms ||
+      (peeked.service != parsed.service || peeked.sid != parsed.sid || peeked.timeout_ms != parsed.timeout_ms ||
        peeked.attempt != parsed.attempt || peeked.wants_reply != parsed.wants_reply)) {
     __builtin_trap();
   }

@@ -47,9 +47,10 @@ class BrokerTest : public ::testing::TestWithParam<std::string_view> {
     }
   }
 
-  worker& add_worker(std::vector<service> services, std::string id) {
+  worker& add_worker(std::vector<service> services, std::string id, std::size_t threads = 0) {
     worker_options o;
     o.id = std::move(id);
+    o.threads = threads;
     o.broker = link();
     o.publish = "inproc://xsub";
     o.heartbeat_interval = heartbeat_;
@@ -496,6 +497,44 @@ TEST_P(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
 // from a gateway to a worker, never elsewhere. Before, any peer could send a
 // gateway a Reply with the id of a request the gateway was about to make
 // (its ids are "<id>:<n>"), and the gateway took it as the answer.
+// A sid names one gateway's socket: a request that names it comes only from
+// that gateway. Otherwise any peer could act as that browser to a worker.
+TEST_P(BrokerTest, OnlyTheGatewayOfASidMayAskInItsName) {
+  start();
+  auto& w1 = add_worker({workers::echo_service(2)}, "w1");
+  peer gateway{ctx_, "inproc://router", "gwX", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  peer other{ctx_, "inproc://router", "gwY", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(other.hello());
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  for (auto* intruder : {&other, &client}) {
+    intruder->submit("echo", "x", R"(["as gwX.s1"])", 5s, "gwX.s1");
+    auto refused = intruder->next(Envelope::kReply, 5s);
+    ASSERT_TRUE(refused);
+    EXPECT_EQ(refused->reply().code(), proto::BAD_REQUEST) << "a request in the name of another gateway's sid";
+  }
+  Envelope lifecycle;
+  auto* l = lifecycle.mutable_lifecycle();
+  l->set_kind(proto::Lifecycle::DISCONNECT);
+  l->set_id("gwY:99");
+  l->set_service("echo");
+  l->set_sid("gwX.s1");
+  other.send(lifecycle);
+  EXPECT_FALSE(other.next(Envelope::kReply, 300ms));
+  EXPECT_EQ(w1.stats().requests, 0u) << "a forged request reached the worker";
+  // Its own gateway, and anyone asking for no sid at all, are served.
+  gateway.submit("echo", "x", R"(["mine"])", 5s, "gwX.s1");
+  auto mine = gateway.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(mine);
+  EXPECT_EQ(mine->reply().args(), R"(["mine"])");
+  auto plain = client.call("echo", "x", R"(["no sid"])");
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(plain->args(), R"(["no sid"])");
+  stop();
+  EXPECT_EQ(broker_->stats().dropped, 3u);
+}
+
 TEST_P(BrokerTest, AReplyThatIsNoJobsAnswerGoesOnlyFromAGatewayToAWorker) {
   start();
   add_worker({workers::echo_service(1)}, "w1");
@@ -544,6 +583,27 @@ TEST_P(BrokerTest, StoppingAWorkerAnswersAcksStillAwaitedAndLetsGoOfThem) {
   ASSERT_EQ(answer.wait_for(5s), std::future_status::ready) << "the awaited ack was never answered";
   EXPECT_EQ(answer.get(), proto::CANCELLED);
   EXPECT_TRUE(watch.expired()) << "the pending ack kept its request, and so the worker, alive";
+}
+
+TEST_P(BrokerTest, StoppingAWorkerStartsNoHandlerStillQueued) {
+  start();
+  std::atomic<int> started{0};
+  std::promise<void> first;
+  service hold{"hold", 2};
+  hold.on("hold", [&started, &first](request req) {
+    if (started++ == 0) first.set_value();
+    req.cancel().sleep_for(10s);  // until the worker stops
+  });
+  // One handler thread: the second request waits in the pool's queue.
+  auto& w = add_worker({std::move(hold)}, "w1", 1);
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  client.submit("hold", "hold", "[]", 10s);
+  ASSERT_EQ(first.get_future().wait_for(5s), std::future_status::ready);
+  client.submit("hold", "hold", "[]", 10s);
+  ASSERT_TRUE(eventually([&w] { return w.stats().requests == 2; }));
+  w.stop();
+  EXPECT_EQ(started.load(), 1) << "a handler still queued started after stop";
 }
 
 TEST_P(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {

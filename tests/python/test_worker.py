@@ -127,7 +127,7 @@ class RequestReplyTest(BrokerTest):
 
     def test_request_fields_and_return_value(self):
         self.start_worker(self.service())
-        c = self.peer()
+        c = self.gateway("gw9")  # only a sid's own gateway may name it
         reply = c.call("t", "whoami", "[]", sid="gw9.abc", nsp="/custom", auth=b'{"token":"x"}',
                        user="ann")
         self.assertEqual(args_of(reply), [{
@@ -337,6 +337,36 @@ class CancelTest(BrokerTest):
         self.assertEqual(seen.get("the handler's cancellation"), (True, Code.CANCELLED))
         self.assertFalse(w.connected)
 
+    def test_stop_answers_awaited_acks_and_starts_no_queued_handler(self):
+        # One handler thread: the first request's handler holds it, awaiting
+        # a client ack that never comes; the second request waits in the
+        # pool's queue. Stopping must answer the ack (future and callback)
+        # with CANCELLED, as the C++ SDK does, and must not start the second.
+        seen = Recorder()
+        svc = Service("ask", capacity=2)
+
+        @svc.on("ask")
+        def ask(req):
+            seen.put(("started", req.sid))
+            future = req.emit_with_ack("question", timeout=30,
+                                       callback=lambda r: seen.put(("callback", r.code)))
+            req.cancelled.wait(WAIT)
+            seen.put(("future", future.result(WAIT).code))
+            seen.put(("refused after stop", req.emit_with_ack("again") is None))
+
+        w = self.start_worker(svc, threads=1)
+        gw = self.gateway("gwT")
+        gw.submit("ask", "ask", sid="gwT.a", timeout_ms=10000)
+        self.assertEqual(seen.get("the first handler"), ("started", "gwT.a"))
+        self.assertIsNotNone(gw.next("emit"), "the question never reached the gateway")
+        gw.submit("ask", "ask", sid="gwT.b", timeout_ms=10000)
+        self.assertTrue(eventually(lambda: w.stats().requests == 2))
+        w.stop()
+        got = [seen.get("what the handler saw after stop") for _ in range(3)]
+        self.assertCountEqual(got, [("future", Code.CANCELLED), ("callback", Code.CANCELLED),
+                                    ("refused after stop", True)])
+        self.assertTrue(seen.empty_for(0.3), "the queued handler started after stop")
+
 
 class GatewayTrafficTest(BrokerTest):
     def test_early_ack_then_progress_to_the_sid(self):
@@ -511,7 +541,7 @@ class PublishTest(BrokerTest):
                              except_sids=[req.sid])
 
         self.start_worker(svc)
-        c = self.peer()
+        c = self.gateway("gwT")
         sub = self.subscriber(room_topic("/chat", "lobby"))
 
         def send():

@@ -90,6 +90,7 @@ TEST(EnvelopePeek, ReadsTheRoutingFieldsOfRequestsAndReplies) {
   ASSERT_EQ(head.kind, Envelope::kRequest);
   EXPECT_EQ(head.id, "gw-1:42");
   EXPECT_EQ(head.service, "demo");
+  EXPECT_EQ(head.sid, "gw-1.abc");
   EXPECT_TRUE(head.wants_reply);
   EXPECT_EQ(head.timeout_ms, 30000u);
   EXPECT_EQ(head.attempt, 1u);
@@ -162,6 +163,7 @@ TEST(EnvelopePeek, NeverAcceptsWhatTheParserRefusesOrReadsItDifferently) {
         const auto& r = full->request();
         ASSERT_EQ(r.id(), head.id);
         ASSERT_EQ(r.service(), head.service);
+        ASSERT_EQ(r.sid(), head.sid);
         ASSERT_EQ(r.wants_reply(), head.wants_reply);
         ASSERT_EQ(r.timeout_ms(), head.timeout_ms);
         ASSERT_EQ(r.attempt(), head.attempt);

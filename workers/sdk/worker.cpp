@@ -479,6 +479,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       sweep_at = std::max<std::size_t>(1024, 2 * in_flight.size());
     }
     auto run = [this, h = std::move(h), st = std::move(st)]() mutable {
+      if (stopping) return;  // queued when the worker stopped: the request is cancelled
       request req{std::move(st)};
       try {
         h(req);

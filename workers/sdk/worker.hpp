@@ -193,7 +193,8 @@ class worker {
   void add(service s);
   /// Starts the I/O thread and the handler pool.
   void start();
-  /// Cancels what runs, stops the threads. Idempotent, thread-safe.
+  /// Cancels what runs (handlers not yet started never start; acks still
+  /// awaited hear CANCELLED), stops the threads. Idempotent, thread-safe.
   void stop();
   /// start(), then blocks until stop().
   void run();

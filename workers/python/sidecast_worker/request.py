@@ -195,8 +195,9 @@ class Request:
         """Emits to the asking socket, asking the client for an ack.
 
         Returns a ``concurrent.futures.Future`` of an ``AckResult`` (code
-        Code.OK with the client's ``args``, or Code.TIMEOUT after
-        ``timeout`` seconds), or None if it could not be sent. ``callback``,
+        Code.OK with the client's ``args``, Code.TIMEOUT after ``timeout``
+        seconds, or Code.CANCELLED when the worker stops first), or None if
+        it could not be sent or the worker is stopping. ``callback``,
         if given, is called with the AckResult on a handler thread. The
         future is resolved on the I/O thread, so waiting on it from a handler
         is safe; done-callbacks added to it run there too: keep them short.

@@ -233,7 +233,7 @@ class _Core:
     def emit_with_ack(self, nsp, sid, event, args, timeout, callback):
         future = concurrent.futures.Future()
         with self.acks_lock:
-            if len(self.acks) >= self.pending_acks_limit:
+            if self.stopping.is_set() or len(self.acks) >= self.pending_acks_limit:
                 return None
             ack_id = f"{self.worker_id}:{next(self.next_ack)}"
             self.acks[ack_id] = (future, callback)
@@ -261,6 +261,8 @@ class _Core:
             log.exception("sidecast worker callback failed")
 
     def run_handler(self, handler, req):
+        if self.stopping.is_set():
+            return  # queued when the worker stopped: the request is cancelled
         try:
             result = handler(req)
             if result is not None and not req.answered and not req._acked:
@@ -304,14 +306,19 @@ class _Core:
         self.wake.signal()
         if self.io_thread is not None and not on_io_thread:
             self.io_thread.join()
-        if self.pool is not None:
-            # Handlers were told (req.cancelled); wait for them unless one of
-            # them is the caller.
-            self.pool.shutdown(wait=not in_pool, cancel_futures=True)
+        # Client acks still awaited will not come now: each is answered
+        # CANCELLED (its future resolved, its callback queued on the pool,
+        # which runs what it holds before it stops), as in the C++ SDK.
+        # emit_with_ack refuses from here on (it looks at self.stopping
+        # under this lock).
         with self.acks_lock:
-            pending, self.acks = self.acks, {}
-        for future, _ in pending.values():
-            future.cancel()
+            pending, self.acks, self.ack_heap = self.acks, {}, []
+        for future, callback in pending.values():
+            self.resolve_ack(future, callback, AckResult(Code.CANCELLED))
+        if self.pool is not None:
+            # Handlers were told (req.cancelled); those not yet started never
+            # start (run_handler). Wait for the rest unless one is the caller.
+            self.pool.shutdown(wait=not in_pool)
         if not on_io_thread and self.own_context and self.context is not None:
             self.context.term()
         self.stopped.set()
