@@ -606,6 +606,53 @@ TEST_P(BrokerTest, StoppingAWorkerStartsNoHandlerStillQueued) {
   EXPECT_EQ(started.load(), 1) << "a handler still queued started after stop";
 }
 
+// worker::stop() from one of its own handlers: it used to join the pool's
+// threads, the caller's included, and threw (EDEADLK) half-way.
+TEST_P(BrokerTest, AHandlerMayStopItsOwnWorker) {
+  start();
+  worker* self = nullptr;
+  std::promise<void> returned;
+  service quit{"quit", 1};
+  quit.on("quit", [&self, &returned](request req) {
+    req.reply();
+    self->stop();
+    returned.set_value();
+  });
+  auto& w = add_worker({std::move(quit)}, "w1");
+  self = &w;
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  client.submit("quit", "quit", "[]", 5s);
+  ASSERT_EQ(returned.get_future().wait_for(5s), std::future_status::ready) << "stop() from a handler failed";
+  EXPECT_TRUE(eventually([&w] { return !w.connected(); }));
+  workers_.clear();  // and its owner destroys it afterwards
+}
+
+// Two stop() calls at once (a signal handler's and the owner's destructor,
+// found by ThreadSanitizer under tests/fuzz/chaos): the second returned at
+// once, and the owner freed the worker while the first still used it.
+TEST_P(BrokerTest, AStopRacingAnotherReturnsOnlyOnceTheWorkerHasStopped) {
+  start();
+  std::atomic<bool> finished{false};
+  std::promise<void> running;
+  service slow{"slow", 1};
+  slow.on("slow", [&finished, &running](request) {
+    running.set_value();
+    std::this_thread::sleep_for(300ms);  // deaf to cancellation
+    finished = true;
+  });
+  auto& w = add_worker({std::move(slow)}, "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  client.submit("slow", "slow", "[]", 5s);
+  ASSERT_EQ(running.get_future().wait_for(5s), std::future_status::ready);
+  std::thread first{[&w] { w.stop(); }};
+  ASSERT_TRUE(eventually([&w] { return !w.connected(); })) << "the first stop() never began";
+  w.stop();
+  EXPECT_TRUE(finished) << "the second stop() returned while the first still waited for a handler";
+  first.join();
+}
+
 TEST_P(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
   auto id = request("call-me-back", R"(["ping",1])");
   auto emit = gateway_->next(Envelope::kEmit, 5s);

@@ -57,53 +57,67 @@ struct request_state {
 // A fixed pool of handler threads fed through one queue. The queue is bounded
 // by the broker's credits (a worker never holds more requests than its
 // capacity), plus acks and reports, which are bounded by their own limits.
+//
+// stop() runs what the queue holds, then joins the threads — all but the
+// caller's, when a handler stops its own worker: that thread is let go and
+// finishes its task on its own. Its task may hold the last reference to the
+// worker, and so to this pool, so the threads share the queue's state
+// rather than point into the pool.
 class thread_pool {
  public:
   void start(std::size_t n) {
-    for (std::size_t i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
+    for (std::size_t i = 0; i < n; ++i) threads_.emplace_back([s = state_] { run(*s); });
   }
   void post(std::function<void()> task) {
     {
-      std::lock_guard lock{mutex_};
-      tasks_.push_back(std::move(task));
+      std::lock_guard lock{state_->mutex};
+      state_->tasks.push_back(std::move(task));
     }
-    ready_.notify_one();
+    state_->ready.notify_one();
   }
   std::size_t pending() {
-    std::lock_guard lock{mutex_};
-    return tasks_.size();
+    std::lock_guard lock{state_->mutex};
+    return state_->tasks.size();
   }
+  bool on_pool_thread() const { return current == state_.get(); }
 
   void stop() {
     {
-      std::lock_guard lock{mutex_};
-      stopping_ = true;
+      std::lock_guard lock{state_->mutex};
+      state_->stopping = true;
     }
-    ready_.notify_all();
-    for (auto& t : threads_)
-      if (t.joinable()) t.join();
+    state_->ready.notify_all();
+    for (auto& t : threads_) {
+      if (t.get_id() == std::this_thread::get_id()) t.detach();
+      else if (t.joinable()) t.join();
+    }
     threads_.clear();
   }
 
  private:
-  void run() {
+  struct state {
+    std::mutex mutex;
+    std::condition_variable ready;
+    std::deque<std::function<void()>> tasks;
+    bool stopping = false;
+  };
+  static inline thread_local const state* current = nullptr;  // the pool a thread serves
+  static void run(state& s) {
+    current = &s;
     for (;;) {
       std::function<void()> task;
       {
-        std::unique_lock lock{mutex_};
-        ready_.wait(lock, [&] { return stopping_ || !tasks_.empty(); });
-        if (tasks_.empty()) return;
-        task = std::move(tasks_.front());
-        tasks_.pop_front();
+        std::unique_lock lock{s.mutex};
+        s.ready.wait(lock, [&] { return s.stopping || !s.tasks.empty(); });
+        if (s.tasks.empty()) return;
+        task = std::move(s.tasks.front());
+        s.tasks.pop_front();
       }
       task();
     }
   }
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<std::function<void()>> tasks_;
-  std::vector<std::thread> threads_;
-  bool stopping_ = false;
+  std::shared_ptr<state> state_ = std::make_shared<state>();
+  std::vector<std::thread> threads_;  // start() and stop() only: see worker_core::stop
 };
 
 struct worker_core : std::enable_shared_from_this<worker_core> {
@@ -121,8 +135,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::atomic<bool> stopping{false};
   std::atomic<bool> started{false};
   std::atomic<bool> welcomed{false};
-  std::mutex done_mutex;
-  std::condition_variable done;
+  // start() and stop() come from any thread (a signal handler's, a
+  // handler's, the owner's destructor): io_thread, the pool's threads and
+  // `stopped` are theirs, under this mutex.
+  std::mutex lifecycle_mutex;
+  std::condition_variable lifecycle_changed;
+  bool stopped = false;  // stop() has finished
 
   // I/O thread only.
   std::unordered_map<std::string, std::weak_ptr<request_state>> in_flight;
@@ -246,24 +264,44 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   void start() {
+    std::lock_guard lock{lifecycle_mutex};
+    if (started) throw std::logic_error("worker::start() twice");
+    started = true;
+    if (stopping) return;  // stopped before it started: nothing to run
     std::size_t capacity = 0;
     for (const auto& s : services) capacity += s.capacity();
     auto threads = options.threads ? options.threads : std::min<std::size_t>(std::max<std::size_t>(capacity, 1), 256);
     pool.start(threads);
-    started = true;
     io_thread = std::thread([self = shared_from_this()] { self->io_loop(); });
   }
 
+  // The first caller stops the threads; any other waits until that is done
+  // (so a destructor racing a signal handler's stop() never frees what the
+  // stop still uses), unless it is one of those threads.
   void stop() {
-    if (stopping.exchange(true)) return;
-    wake.signal();
-    if (io_thread.joinable() && io_thread.get_id() != std::this_thread::get_id()) io_thread.join();
-    outbox.close();
-    pool.stop();
-    {
-      std::lock_guard lock{done_mutex};
+    std::unique_lock lock{lifecycle_mutex};
+    if (stopping.exchange(true)) {
+      bool own = std::this_thread::get_id() == io_thread_id.load() || pool.on_pool_thread();
+      if (!own) lifecycle_changed.wait(lock, [&] { return stopped; });
+      return;
     }
-    done.notify_all();
+    auto io = std::move(io_thread);
+    lock.unlock();
+    wake.signal();
+    if (io.joinable()) {
+      if (io.get_id() == std::this_thread::get_id()) io.detach();  // it ends when this call returns
+      else io.join();
+    }
+    outbox.close();
+    pool.stop();  // without the lock: a handler it waits for may call stop()
+    lock.lock();
+    stopped = true;
+    lifecycle_changed.notify_all();
+  }
+
+  void wait_stopped() {
+    std::unique_lock lock{lifecycle_mutex};
+    lifecycle_changed.wait(lock, [&] { return stopped; });
   }
 
   void io_loop() {
@@ -680,8 +718,7 @@ void worker::stop() { core_->stop(); }
 
 void worker::run() {
   if (!core_->started) start();
-  std::unique_lock lock{core_->done_mutex};
-  core_->done.wait(lock, [&] { return core_->stopping.load(); });
+  core_->wait_stopped();
 }
 
 bool worker::emit_to_sid(const std::string& nsp, const std::string& sid, std::string event,

@@ -194,7 +194,10 @@ class worker {
   /// Starts the I/O thread and the handler pool.
   void start();
   /// Cancels what runs (handlers not yet started never start; acks still
-  /// awaited hear CANCELLED), stops the threads. Idempotent, thread-safe.
+  /// awaited hear CANCELLED), stops the threads. Idempotent, thread-safe: a
+  /// second caller returns once the first has finished; a handler may stop
+  /// its own worker (not a quick one: see service::on_quick). Before
+  /// start(), it makes start() a no-op.
   void stop();
   /// start(), then blocks until stop().
   void run();
