@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
       b.stop();
     });
     b.run();
+    signals.stop();  // a stop() under way on its thread still uses b
     admin.stop();
   } catch (const std::exception& e) {
     spdlog::critical("broker failed: {}", e.what());

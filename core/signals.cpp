@@ -23,7 +23,9 @@ terminate_signals::terminate_signals() {
   signal(SIGPIPE, SIG_IGN);
 }
 
-terminate_signals::~terminate_signals() {
+terminate_signals::~terminate_signals() { stop(); }
+
+void terminate_signals::stop() {
   if (thread_.joinable()) {
     pthread_kill(thread_.native_handle(), SIGUSR1);
     thread_.join();

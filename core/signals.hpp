@@ -16,6 +16,9 @@ class terminate_signals {
 
   /// Starts the waiting thread; `on_signal` runs on it for the first signal.
   void start(std::function<void(int)> on_signal);
+  /// Ends the waiting thread, waiting for an `on_signal` under way. Call it
+  /// before destroying what `on_signal` uses (the destructor does too).
+  void stop();
   /// Blocks the calling thread until SIGINT or SIGTERM; returns the signal.
   /// For mains whose work runs on other threads.
   int wait();

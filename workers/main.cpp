@@ -58,6 +58,7 @@ int main(int argc, char** argv) {
     });
     spdlog::info("worker {} serving {} via {}", w.id(), fmt::join(services, ", "), options.broker);
     w.run();
+    signals.stop();
   } catch (const std::exception& e) {
     spdlog::critical("worker failed: {}", e.what());
     return 1;
