@@ -152,7 +152,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // Shared between threads.
   std::mutex acks_mutex;  // guards acks/ack_deadlines registration from handler threads
   std::atomic<std::uint64_t> next_ack{0};
-  std::function<void(const proto::DeliveryReport&)> report_callback;
+  using report_fn = std::function<void(const proto::DeliveryReport&)>;
+  std::mutex report_mutex;  // worker::on_report may replace the callback at any time
+  std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0};
 
@@ -420,22 +422,27 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         break;
       }
       case Envelope::kReply: on_ack(env.reply()); break;
-      case Envelope::kReport:
+      case Envelope::kReport: {
+        std::shared_ptr<const report_fn> cb;
+        {
+          std::lock_guard lock{report_mutex};
+          cb = report_callback;
+        }
+        if (!cb) break;
         // Reports are advisory: past the outbox bound they are dropped, counted.
-        if (report_callback && pool.pending() >= options.outbox_limit) {
+        if (pool.pending() >= options.outbox_limit) {
           ++n_dropped;
           break;
         }
-        if (report_callback) {
-          pool.post([cb = report_callback, r = env.report()] {
-            try {
-              cb(r);
-            } catch (const std::exception& e) {
-              spdlog::error("delivery report callback threw: {}", e.what());
-            }
-          });
-        }
+        pool.post([cb = std::move(cb), r = env.report()] {
+          try {
+            (*cb)(r);
+          } catch (const std::exception& e) {
+            spdlog::error("delivery report callback threw: {}", e.what());
+          }
+        });
         break;
+      }
       case Envelope::kError:
         if (log_limit.allow()) spdlog::warn("broker error: {}", env.error().message());
         break;
@@ -750,7 +757,9 @@ bool worker::disconnect(const std::string& nsp, const std::string& sid) {
 }
 
 void worker::on_report(std::function<void(const proto::DeliveryReport&)> callback) {
-  core_->report_callback = std::move(callback);
+  auto cb = callback ? std::make_shared<const detail::worker_core::report_fn>(std::move(callback)) : nullptr;
+  std::lock_guard lock{core_->report_mutex};
+  core_->report_callback = std::move(cb);
 }
 
 const std::string& worker::id() const { return core_->options.id; }

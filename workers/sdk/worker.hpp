@@ -217,7 +217,8 @@ class worker {
   bool disconnect(const std::string& nsp, const std::string& sid);
 
   /// Called (on a handler thread) for every delivery report: failures always,
-  /// successes only for emits that asked for them.
+  /// successes only for emits that asked for them. May be set or replaced at
+  /// any time, from any thread (an empty function: no callback).
   void on_report(std::function<void(const proto::DeliveryReport&)> callback);
 
   const std::string& id() const;
