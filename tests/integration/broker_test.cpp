@@ -628,6 +628,20 @@ TEST_P(BrokerTest, AHandlerMayStopItsOwnWorker) {
   workers_.clear();  // and its owner destroys it afterwards
 }
 
+// A signal can come before the main thread calls run(): the worker must then
+// start nothing, and run() return at once.
+TEST_P(BrokerTest, AWorkerStoppedBeforeItStartedStartsNothing) {
+  start();
+  worker_options o;
+  o.id = "early";
+  o.broker = link();
+  worker w{o, &ctx_};
+  w.add(workers::echo_service(1));
+  w.stop();
+  w.run();  // returns: nothing to wait for
+  EXPECT_FALSE(eventually([&w] { return w.connected(); }, 300ms)) << "a stopped worker joined the broker";
+}  // and destroying it finds no thread left to join (it was std::terminate)
+
 // Two stop() calls at once (a signal handler's and the owner's destructor,
 // found by ThreadSanitizer under tests/fuzz/chaos): the second returned at
 // once, and the owner freed the worker while the first still used it.

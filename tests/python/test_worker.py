@@ -337,6 +337,16 @@ class CancelTest(BrokerTest):
         self.assertEqual(seen.get("the handler's cancellation"), (True, Code.CANCELLED))
         self.assertFalse(w.connected)
 
+    def test_stop_before_start_leaves_nothing_to_start(self):
+        w = Worker(self.broker.router, self.broker.xsub, worker_id="early")
+        w.add(self.waiting_service(Recorder()))
+        w.stop()
+        started = time.monotonic()
+        w.run(handle_signals=False)  # starts nothing, and returns at once
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertIsNone(w._core.io_thread)
+        self.assertIsNone(w._core.context, "a ZeroMQ context (and its thread) left behind")
+
     def test_stop_answers_awaited_acks_and_starts_no_queued_handler(self):
         # One handler thread: the first request's handler holds it, awaiting
         # a client ack that never comes; the second request waits in the

@@ -278,20 +278,26 @@ class _Core:
     # ---- lifecycle ----
 
     def start(self):
-        if self.started:
-            raise RuntimeError("worker already started")
-        if not self.services:
-            raise RuntimeError("add a service before start()")
-        self.started = True
-        capacity = sum(s.capacity for s in self.services.values())
-        threads = self.threads or min(max(capacity, 1), 256)
-        self.pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix=f"sidecast-{self.worker_id}")
-        if self.context is None:
-            self.context = zmq.Context()
-        self.io_thread = threading.Thread(target=self.io_loop, name=f"sidecast-io-{self.worker_id}",
-                                          daemon=True)
-        self.io_thread.start()
+        # Under stop()'s lock, as in the C++ SDK: a stop() from another thread
+        # sees either nothing started or all of it, and after a stop() there
+        # is nothing to start (no threads, no ZeroMQ context left behind).
+        with self.stop_lock:
+            if self.started:
+                raise RuntimeError("worker already started")
+            if not self.services:
+                raise RuntimeError("add a service before start()")
+            self.started = True
+            if self.stopping.is_set():
+                return
+            capacity = sum(s.capacity for s in self.services.values())
+            threads = self.threads or min(max(capacity, 1), 256)
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix=f"sidecast-{self.worker_id}")
+            if self.context is None:
+                self.context = zmq.Context()
+            self.io_thread = threading.Thread(target=self.io_loop, name=f"sidecast-io-{self.worker_id}",
+                                              daemon=True)
+            self.io_thread.start()
 
     def stop(self):
         on_io_thread = self.io_thread is threading.current_thread()
