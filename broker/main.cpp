@@ -34,12 +34,12 @@ int main(int argc, char** argv) {
       admin.start(http);
       spdlog::info("metrics on http://{}:{}/metrics", core::parse_host_port(http)->host, admin.port());
     }
+    core::terminate_signals::stop_on_exit end_signals{signals};  // before b goes: on_signal uses it
     signals.start([&b](int sig) {
       spdlog::info("signal {}: stopping", sig);
       b.stop();
     });
     b.run();
-    signals.stop();  // a stop() under way on its thread still uses b
     admin.stop();
   } catch (const std::exception& e) {
     spdlog::critical("broker failed: {}", e.what());

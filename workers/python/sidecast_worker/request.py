@@ -199,8 +199,9 @@ class Request:
         seconds, or Code.CANCELLED when the worker stops first), or None if
         it could not be sent or the worker is stopping. ``callback``,
         if given, is called with the AckResult on a handler thread. The
-        future is resolved on the I/O thread, so waiting on it from a handler
-        is safe; done-callbacks added to it run there too: keep them short.
+        future is resolved on the I/O thread (CANCELLED: on the thread that
+        calls stop()), so waiting on it from a handler is safe; done-callbacks
+        added to it run there too: keep them short and do not stop() there.
         """
         return self._core.emit_with_ack(self.nsp, self.sid, event, args, timeout, callback)
 

@@ -240,8 +240,11 @@ class _Core:
             heapq.heappush(self.ack_heap, (time.monotonic() + timeout, ack_id))
         if not self.emit_to_sid(nsp, sid, event, args, ack_id=ack_id):
             with self.acks_lock:
-                self.acks.pop(ack_id, None)
-            return None
+                taken = self.acks.pop(ack_id, None)
+            if taken is not None:
+                return None
+            # A stop() (or the deadline) answered it meanwhile: the callback
+            # runs, so the caller must get the future, not "not sent".
         return future
 
     # ---- the handler pool ----
