@@ -337,6 +337,32 @@ class CancelTest(BrokerTest):
         self.assertEqual(seen.get("the handler's cancellation"), (True, Code.CANCELLED))
         self.assertFalse(w.connected)
 
+    def test_stop_from_an_ack_done_callback_tells_running_handlers(self):
+        # A done-callback runs on the I/O thread; a stop() there used to wait
+        # for the other handler's deadline (10 s), which only the I/O loop's
+        # exit, after stop() returned, would have cancelled.
+        seen = Recorder()
+        svc = self.waiting_service(seen)
+
+        @svc.on("ask")
+        def ask(req):
+            req.emit_with_ack("question", timeout=5).add_done_callback(lambda _: w.stop())
+
+        w = self.start_worker(svc)
+        gw = self.gateway("gwT")
+        gw.submit("c", "wait", sid="gwT.a", timeout_ms=10000)
+        self.assertEqual(seen.get("the waiting handler"), "started")
+        gw.submit("c", "ask", sid="gwT.b", timeout_ms=10000)
+        question = gw.next("emit")
+        self.assertIsNotNone(question, "the question never reached the gateway")
+        answer = pb.Envelope()
+        answer.reply.id = question.emit.ack_id
+        started = time.monotonic()
+        gw.send(answer)
+        self.assertEqual(seen.get("the waiting handler's cancellation"), (True, Code.CANCELLED))
+        self.assertTrue(w._core.stopped.wait(WAIT), "stop() from the done-callback did not finish")
+        self.assertLess(time.monotonic() - started, 3)
+
     def test_stop_before_start_leaves_nothing_to_start(self):
         w = Worker(self.broker.router, self.broker.xsub, worker_id="early")
         w.add(self.waiting_service(Recorder()))

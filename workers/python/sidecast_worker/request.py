@@ -201,7 +201,7 @@ class Request:
         if given, is called with the AckResult on a handler thread. The
         future is resolved on the I/O thread (CANCELLED: on the thread that
         calls stop()), so waiting on it from a handler is safe; done-callbacks
-        added to it run there too: keep them short and do not stop() there.
+        added to it run there too: keep them short.
         """
         return self._core.emit_with_ack(self.nsp, self.sid, event, args, timeout, callback)
 

@@ -315,6 +315,11 @@ class _Core:
         self.wake.signal()
         if self.io_thread is not None and not on_io_thread:
             self.io_thread.join()
+        if on_io_thread:
+            # From a future's done-callback: the I/O loop's exit, which tells
+            # handlers, comes only after this returns. Tell them now, or the
+            # pool's shutdown below waits for their deadlines.
+            self.cancel_in_flight()
         # Client acks still awaited will not come now: each is answered
         # CANCELLED (its future resolved, its callback queued on the pool,
         # which runs what it holds before it stops), as in the C++ SDK.
@@ -390,11 +395,14 @@ class _Core:
                 link.close()
             if pub is not None:
                 pub.close(linger=0)
-            # Whatever still runs learns that the worker is going away.
-            with self.in_flight_lock:
-                running, self.in_flight = list(self.in_flight.values()), {}
-            for req in running:
-                req._cancel(Code.CANCELLED)
+            self.cancel_in_flight()
+
+    def cancel_in_flight(self):
+        """Whatever still runs learns that the worker is going away."""
+        with self.in_flight_lock:
+            running, self.in_flight = list(self.in_flight.values()), {}
+        for req in running:
+            req._cancel(Code.CANCELLED)
 
     def flush(self, link, pub):
         for _ in range(self.outbox_limit):
