@@ -585,6 +585,28 @@ TEST_P(BrokerTest, StoppingAWorkerAnswersAcksStillAwaitedAndLetsGoOfThem) {
   EXPECT_TRUE(watch.expired()) << "the pending ack kept its request, and so the worker, alive";
 }
 
+// An exception from a callback (here an ack's) used to escape the pool's
+// thread: std::terminate. It is logged; the worker serves on.
+TEST_P(BrokerTest, AnAckCallbackThatThrowsEndsNeitherThreadNorProcess) {
+  start();
+  service asker{"asker", 1};
+  asker.on("ask", [](request req) {
+    req.emit_with_ack("question", "[]", {}, [](ack_result) { throw std::runtime_error("callback failed"); }, 10s);
+  });
+  add_worker({std::move(asker), workers::echo_service(1)}, "w1", 1);
+  peer gateway{ctx_, "inproc://router", "gwQ", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  gateway.submit("asker", "ask", "[]", 5s, "gwQ.s1");
+  auto question = gateway.next(Envelope::kEmit, 5s);
+  ASSERT_TRUE(question);
+  Envelope ack;
+  ack.mutable_reply()->set_id(question->emit().ack_id());
+  gateway.send(ack);
+  auto reply = gateway.call("echo", "x", R"(["still here"])");
+  ASSERT_TRUE(reply) << "the worker's only pool thread is gone";
+  EXPECT_EQ(reply->args(), R"(["still here"])");
+}
+
 TEST_P(BrokerTest, StoppingAWorkerStartsNoHandlerStillQueued) {
   start();
   std::atomic<int> started{0};

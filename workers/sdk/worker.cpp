@@ -120,7 +120,15 @@ class thread_pool {
         task = std::move(s.tasks.front());
         s.tasks.pop_front();
       }
-      task();
+      try {
+        task();
+      } catch (const std::exception& e) {
+        // A callback's exception (an ack's, a report's) ends neither the
+        // thread nor the process. Handlers catch their own: they answer.
+        spdlog::error("worker callback threw: {}", e.what());
+      } catch (...) {
+        spdlog::error("worker callback threw a non-exception");
+      }
     }
   }
   std::shared_ptr<state> state_ = std::make_shared<state>();
@@ -441,13 +449,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           ++n_dropped;
           break;
         }
-        pool.post([cb = std::move(cb), r = env.report()] {
-          try {
-            (*cb)(r);
-          } catch (const std::exception& e) {
-            spdlog::error("delivery report callback threw: {}", e.what());
-          }
-        });
+        pool.post([cb = std::move(cb), r = env.report()] { (*cb)(r); });
         break;
       }
       case Envelope::kError:
@@ -544,21 +546,32 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     else pool.post(std::move(run));
   }
 
+  // The awaited ack `id`, no longer awaited; nothing if it was not (answered,
+  // timed out, cancelled). Its deadline entry is found by its time, not by a
+  // scan of every deadline.
+  std::optional<pending_ack> take_ack(const std::string& id) {
+    std::lock_guard lock{acks_mutex};
+    auto it = acks.find(id);
+    if (it == acks.end()) return std::nullopt;
+    auto [first, last] = ack_deadlines.equal_range(it->second.deadline);
+    for (auto d = first; d != last; ++d)
+      if (d->second == id) {
+        ack_deadlines.erase(d);
+        break;
+      }
+    pending_ack ack = std::move(it->second);
+    acks.erase(it);
+    return ack;
+  }
+
   void on_ack(const proto::Reply& reply) {
-    pending_ack ack;
-    {
-      std::lock_guard lock{acks_mutex};
-      auto it = acks.find(reply.id());
-      if (it == acks.end()) return;  // late: already timed out
-      ack = std::move(it->second);
-      acks.erase(it);
-      std::erase_if(ack_deadlines, [&](const auto& kv) { return kv.second == reply.id(); });
-    }
+    auto ack = take_ack(reply.id());
+    if (!ack) return;  // late: already timed out
     ack_result result;
     result.code = reply.code();
     result.args = reply.args();
     result.attachments.assign(reply.attachments().begin(), reply.attachments().end());
-    pool.post([cb = std::move(ack.callback), result = std::move(result)]() mutable { cb(std::move(result)); });
+    pool.post([cb = std::move(ack->callback), result = std::move(result)]() mutable { cb(std::move(result)); });
   }
 
   void expire_acks(clock::time_point now) {
@@ -587,15 +600,6 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     acks.emplace(id, pending_ack{std::move(cb), deadline});
     ack_deadlines.emplace(deadline, id);
     return id;
-  }
-  // False when the ack was no longer awaited (answered, timed out, cancelled).
-  bool unregister_ack(const std::string& id) {
-    std::lock_guard lock{acks_mutex};
-    auto it = acks.find(id);
-    if (it == acks.end()) return false;
-    std::erase_if(ack_deadlines, [&](const auto& kv) { return kv.second == id; });
-    acks.erase(it);
-    return true;
   }
 };
 
@@ -679,7 +683,7 @@ bool request::emit_with_ack(std::string event, std::string args_json, sidecast::
                                 *id))
     return true;
   // Not sent: false, and no call — unless a stop() already answered it.
-  return !state_->core->unregister_ack(*id);
+  return !state_->core->take_ack(*id);
 }
 
 bool request::join(std::string room) {
