@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cerrno>
 #include <cstring>
 
@@ -151,24 +152,57 @@ bool bridge::detach(std::string sid) {
 
 bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
                      std::chrono::milliseconds timeout) {
-  auto id = env.has_request() ? env.request().id() : env.lifecycle().id();
-  return post([this, id = std::move(id), message = core::message_of(env), sink = std::move(sink), tag, timeout]() mutable {
+  const auto& id = env.has_request() ? env.request().id() : env.lifecycle().id();
+  auto seq = own_seq(id);
+  if (!seq) throw std::logic_error("bridge::request: an id next_id() did not make: " + id);
+  return post([this, seq = *seq, message = core::message_of(env), sink = std::move(sink), tag, timeout]() mutable {
     if (!send_to_broker(std::move(message))) {
       // The broker is not taking what we send: say so now, as the broker
       // does when a service queue is full, rather than at the deadline.
       proto::Reply busy;
-      busy.set_id(id);
+      busy.set_id(id_ + ":" + std::to_string(seq));
       busy.set_code(proto::BUSY);
       busy.set_message("the gateway's link to the broker is full");
-      reply_to(pending{std::move(sink), tag, {}, {}}, std::move(busy));
+      reply_to(pending{std::move(sink), tag, {}}, std::move(busy));
       return;
     }
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
-    auto pos = deadlines_.emplace(deadline, id);
-    pending_[id] = pending{std::move(sink), tag, deadline, pos};
+    pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline});
+    add_deadline(deadline, seq);
   });
+}
+
+std::optional<std::uint64_t> bridge::own_seq(std::string_view id) const {
+  if (id.size() <= id_.size() + 1 || !id.starts_with(id_) || id[id_.size()] != ':') return std::nullopt;
+  std::uint64_t n = 0;
+  auto digits = id.substr(id_.size() + 1);
+  if (digits.size() > 1 && digits[0] == '0') return std::nullopt;  // not how next_id() writes it
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n);
+  if (ec != std::errc{} || end != digits.data() + digits.size()) return std::nullopt;
+  return n;
+}
+
+namespace {
+
+constexpr auto later = [](const auto& a, const auto& b) { return a.first > b.first; };
+
+}  // namespace
+
+void bridge::add_deadline(time_point at, std::uint64_t seq) {
+  deadlines_.emplace_back(at, seq);
+  std::push_heap(deadlines_.begin(), deadlines_.end(), later);
+  compact_deadlines();
+}
+
+void bridge::compact_deadlines() {
+  auto live = pending_.size() + forwards_.size();
+  if (deadlines_.size() <= 2 * live + 1024) return;
+  deadlines_.clear();
+  for (const auto& [seq, p] : pending_) deadlines_.emplace_back(p.deadline, seq);
+  for (const auto& [seq, f] : forwards_) deadlines_.emplace_back(f.deadline, seq);
+  std::make_heap(deadlines_.begin(), deadlines_.end(), later);
 }
 
 bool bridge::send(const Envelope& env) {
@@ -193,17 +227,18 @@ http_answer forward_failed(unsigned status) {
 }  // namespace
 
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
-  request.set_id(next_id());
+  auto seq = ++next_id_;
+  request.set_id(id_ + ":" + std::to_string(seq));
   Envelope env;
-  auto id = request.id();
   *env.mutable_forward() = std::move(request);
-  return post([this, id = std::move(id), message = core::message_of(env), slot = std::move(slot), timeout]() mutable {
+  return post([this, seq, message = core::message_of(env), slot = std::move(slot), timeout]() mutable {
     if (!send_to_broker(std::move(message))) {
       slot->complete(forward_failed(503));
       return;
     }
-    deadlines_.emplace(clock::now() + timeout, id);
-    forwards_[id] = std::move(slot);
+    auto deadline = clock::now() + timeout;
+    forwards_.insert_or_assign(seq, pending_forward{std::move(slot), deadline});
+    add_deadline(deadline, seq);
   });
 }
 
@@ -289,7 +324,7 @@ void bridge::arm() {
   auto wake_at = link_->next_tick();
   // Out of descriptors (dup failed): look again soon rather than never.
   if (!watched) wake_at = std::min(wake_at, clock::now() + std::chrono::milliseconds(10));
-  if (!deadlines_.empty()) wake_at = std::min(wake_at, deadlines_.begin()->first);
+  if (!deadlines_.empty()) wake_at = std::min(wake_at, deadlines_.front().first);
   if (!timer_pending_ || wake_at < timer_at_) {
     timer_at_ = wake_at;
     timer_pending_ = true;
@@ -350,11 +385,11 @@ bool bridge::arm(watch& w, std::uint64_t generation, FdOf fd_of) {
 void bridge::on_broker(Envelope env) {
   switch (env.kind_case()) {
     case Envelope::kReply: {
-      auto it = pending_.find(env.reply().id());
+      auto seq = own_seq(env.reply().id());
+      auto it = seq ? pending_.find(*seq) : pending_.end();
       if (it == pending_.end()) return;  // late: the sink already got a timeout
       auto p = std::move(it->second);
-      deadlines_.erase(p.deadline_pos);
-      pending_.erase(it);
+      pending_.erase(it);  // its deadline entry finds nothing when it comes
       auto& reply = *env.mutable_reply();
       if (!socketio::valid_args(reply.args())) {
         // The asker still gets an answer: an error naming the worker's fault.
@@ -374,10 +409,11 @@ void bridge::on_broker(Envelope env) {
       if (forward_handler_) forward_handler_(std::move(*env.mutable_forward()));
       return;
     case Envelope::kAnswer: {
-      auto it = forwards_.find(env.answer().id());
+      auto seq = own_seq(env.answer().id());
+      auto it = seq ? forwards_.find(*seq) : forwards_.end();
       if (it == forwards_.end()) return;
       const auto& a = env.answer();
-      it->second->complete({a.status(), a.content_type(), a.body()});
+      it->second.slot->complete({a.status(), a.content_type(), a.body()});
       forwards_.erase(it);  // its deadline entry finds nothing when it comes
       return;
     }
@@ -392,24 +428,28 @@ void bridge::on_broker(Envelope env) {
 void bridge::reply_to(pending p, proto::Reply reply) {
   auto sink = p.sink.lock();
   if (!sink) return;
-  boost::asio::post(sink->executor(), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
+  // On the io_context's own executor: one operation, where any_io_executor
+  // would wrap the handler in a second allocation.
+  boost::asio::post(io_executor_of(sink->executor()), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
     sink->deliver_reply(tag, std::move(reply));
   });
 }
 
 void bridge::expire(clock::time_point now) {
-  while (!deadlines_.empty() && deadlines_.begin()->first <= now) {
-    auto id = deadlines_.begin()->second;
-    deadlines_.erase(deadlines_.begin());
-    if (auto f = forwards_.find(id); f != forwards_.end()) {
-      f->second->complete(forward_failed(504));
+  while (!deadlines_.empty() && deadlines_.front().first <= now) {
+    std::pop_heap(deadlines_.begin(), deadlines_.end(), later);
+    auto [at, seq] = deadlines_.back();
+    deadlines_.pop_back();
+    if (auto f = forwards_.find(seq); f != forwards_.end() && f->second.deadline == at) {
+      f->second.slot->complete(forward_failed(504));
       forwards_.erase(f);
       continue;
     }
-    auto it = pending_.find(id);
-    if (it == pending_.end()) continue;
+    auto it = pending_.find(seq);
+    if (it == pending_.end() || it->second.deadline != at) continue;  // answered
     auto p = std::move(it->second);
     pending_.erase(it);
+    auto id = id_ + ":" + std::to_string(seq);
     proto::Reply r;
     r.set_id(id);
     r.set_code(proto::TIMEOUT);
@@ -421,6 +461,7 @@ void bridge::expire(clock::time_point now) {
     send_to_broker(core::message_of(cancel));
     link_watch_.dirty = true;
   }
+  compact_deadlines();
 }
 
 void bridge::refuse_args(std::string_view what, std::string_view about) {
@@ -462,7 +503,7 @@ void bridge::deliver_emit(const proto::Emit& emit) {
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
-  boost::asio::post(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
+  boost::asio::post(io_executor_of(sink->executor()), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
     sink->deliver(std::move(ev), std::move(ack));
   });
   if (emit.report_delivery()) report(emit.origin(), proto::DeliveryReport::DELIVERED, emit.sid(), emit.ref());

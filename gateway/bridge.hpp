@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -22,6 +23,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/unordered/unordered_flat_map.hpp>
 #include <zmq.hpp>
 
 #include "core/log.hpp"
@@ -87,11 +89,15 @@ class bridge {
     std::string nsp;
     std::vector<std::string> topics;  // rooms joined (topic form)
   };
+  using time_point = std::chrono::steady_clock::time_point;
   struct pending {
     std::weak_ptr<client_sink> sink;
     std::uint64_t tag;
-    std::chrono::steady_clock::time_point deadline;
-    std::multimap<std::chrono::steady_clock::time_point, std::string>::iterator deadline_pos;
+    time_point deadline;
+  };
+  struct pending_forward {
+    std::shared_ptr<reply_slot> slot;
+    time_point deadline;
   };
 
   // A ZeroMQ socket's ZMQ_FD, waited on through a dup of it (ZeroMQ owns
@@ -123,6 +129,10 @@ class bridge {
   void on_control(const proto::Control& control);
   void deliver_emit(const proto::Emit& emit);
   void reply_to(pending p, proto::Reply reply);
+  /// n of an id "<our id>:<n>" (every id next_id() made); nothing for any other.
+  std::optional<std::uint64_t> own_seq(std::string_view id) const;
+  void add_deadline(time_point at, std::uint64_t seq);
+  void compact_deadlines();
   // Counts and logs args from a worker that fail socketio::valid_args.
   void refuse_args(std::string_view what, std::string_view about);
   // What makes a worker's event unfit for clients (bad args, a reserved
@@ -157,10 +167,15 @@ class bridge {
   std::unique_ptr<zmq::socket_t> sub_;
   std::unordered_map<std::string, member> members_;
   std::unordered_map<std::string, std::unordered_set<std::string>> topics_;  // topic -> local sids
-  std::unordered_map<std::string, pending> pending_;
-  std::unordered_map<std::string, std::shared_ptr<reply_slot>> forwards_;  // same deadlines_ index
+  // Requests and forwards awaiting answers, by the n of their ids: neither a
+  // request nor its answer allocates here.
+  boost::unordered_flat_map<std::uint64_t, pending> pending_;
+  boost::unordered_flat_map<std::uint64_t, pending_forward> forwards_;
   std::function<void(proto::HttpForward)> forward_handler_;
-  std::multimap<std::chrono::steady_clock::time_point, std::string> deadlines_;
+  // Their deadlines, a min-heap (earliest first). An answered entry stays
+  // until its time comes (it then finds nothing, or a later deadline), and
+  // compact_deadlines() keeps those to about as many as the live ones.
+  std::vector<std::pair<time_point, std::uint64_t>> deadlines_;
   core::log_limiter log_limit_;
 };
 

@@ -878,6 +878,94 @@ TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
   session_thread.join();
 }
 
+// The bridge's own deadlines (the broker silent): each request gets its
+// TIMEOUT in the order of the deadlines, not of the requests, and a Cancel
+// goes to the broker. Requests that were answered never time out, however
+// many of their deadline entries are still waiting (and compacted), and an
+// answer whose id the bridge did not make is ignored.
+TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
+  zmq::context_t ctx{1};
+  core::local_router broker_end{"local://quiet-broker"};
+  gateway::gateway_config gc;
+  gc.id = "gwD";
+  gc.broker = "local://quiet-broker";
+  gc.events = "inproc://quiet-events";
+  gc.heartbeat_interval = 60s;  // the link does not give up on a broker that never speaks
+  auto registry = std::make_shared<prometheus::Registry>();
+  gateway::gateway_metrics metrics{*registry};
+  gateway::bridge bridge{gc, ctx, metrics};
+  bridge.start();
+  boost::asio::io_context sessions;
+  auto guard = boost::asio::make_work_guard(sessions);
+  std::thread session_thread{[&] { sessions.run(); }};
+  auto sink = std::make_shared<reply_keeper>(sessions.get_executor());
+  auto ask = [&](std::uint64_t tag, std::chrono::milliseconds timeout) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(bridge.next_id());
+    r->set_service("demo");
+    r->set_sid("gwD.s1");
+    r->set_event("echo");
+    r->set_args("[1]");
+    r->set_wants_reply(true);
+    ASSERT_TRUE(bridge.request(env, sink, tag, timeout));
+  };
+  auto answer = [&](std::string_view peer, std::string id) {
+    Envelope env;
+    env.mutable_reply()->set_id(std::move(id));
+    env.mutable_reply()->set_args("[1]");
+    auto message = core::message_of(env);
+    ASSERT_EQ(broker_end.send(peer, message), core::local_router::send_result::sent);
+  };
+  // Reads what the bridge sends until `done`; requests are answered when `reply`.
+  std::vector<std::string> cancels;
+  std::string bridge_peer;
+  auto serve = [&](bool reply, auto done) {
+    auto until = std::chrono::steady_clock::now() + 10s;
+    while (!done() && std::chrono::steady_clock::now() < until) {
+      std::string_view peer;
+      zmq::message_t message;
+      if (!broker_end.receive(peer, message)) {
+        std::this_thread::sleep_for(1ms);
+        continue;
+      }
+      bridge_peer = peer;
+      auto env = proto::decode(message.to_string_view());
+      ASSERT_TRUE(env);
+      if (env->has_request() && reply) answer(peer, env->request().id());
+      if (env->has_cancel()) cancels.push_back(env->cancel().id());
+    }
+  };
+
+  // 3,000 answered requests: far more stale deadline entries than live ones.
+  constexpr std::uint64_t answered = 3000;
+  for (std::uint64_t tag = 1000; tag < 1000 + answered; ++tag) ask(tag, 30s);
+  serve(true, [&] { return sink->replies().size() == answered; });
+  ASSERT_EQ(sink->replies().size(), answered);
+  // Then three that no one answers, their deadlines (timeout + 1 s) in another order.
+  ask(1, 2000ms);
+  ask(2, 0ms);
+  ask(3, 1000ms);
+  // Answers with ids the bridge did not make (theirs are gwD:3001..3003) change nothing.
+  for (auto id : {"gwX:3001", "gwD:3001x", "gwD:03002", "gwD:", "gwD3003", "gwD:-3", "gwD:99999999999999999999"})
+    answer(bridge_peer, id);
+  serve(false, [&] { return sink->replies().size() == answered + 3 && cancels.size() == 3; });
+  auto replies = sink->replies();
+  ASSERT_EQ(replies.size(), answered + 3);
+  for (std::size_t i = 0; i < answered; ++i) {
+    EXPECT_EQ(replies[i].first, 1000 + i);
+    EXPECT_EQ(replies[i].second, proto::OK);
+  }
+  EXPECT_EQ(std::vector(replies.begin() + answered, replies.end()),
+            (std::vector<std::pair<std::uint64_t, proto::Code>>{
+                {2, proto::TIMEOUT}, {3, proto::TIMEOUT}, {1, proto::TIMEOUT}}));
+  EXPECT_EQ(cancels, (std::vector<std::string>{"gwD:3002", "gwD:3003", "gwD:3001"}))
+      << "each timeout is cancelled at the broker";
+  bridge.stop();
+  guard.reset();
+  session_thread.join();
+}
+
 std::string link_name(const ::testing::TestParamInfo<std::string_view>& info) {
   return info.param.starts_with("local") ? "local" : "inproc";
 }

@@ -29,8 +29,8 @@ using proto::Envelope;
 
 // What a handler thread hands to the I/O thread.
 struct outgoing {
-  std::string topic;  // non-empty: publish on the PUB socket under this topic
-  std::string bytes;  // the serialized envelope
+  std::string topic;        // non-empty: publish on the PUB socket under this topic
+  zmq::message_t envelope;  // serialized once, straight into the message that is sent
 };
 
 // A pending emit_with_ack.
@@ -202,7 +202,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     return true;
   }
 
-  bool send(const Envelope& env) { return enqueue({{}, proto::encode(env)}); }
+  bool send(const Envelope& env) { return enqueue({{}, core::message_of(env)}); }
 
   // A room (room != nullptr) or namespace emit, over the PUB socket.
   bool publish_to(const std::string& nsp, const std::string* room, std::string event, std::string args,
@@ -213,7 +213,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (room) e->set_room(*room);
     else e->set_broadcast(true);
     for (auto& s : except_sids) e->add_except_sids(std::move(s));
-    return enqueue({proto::topic_for(*e), proto::encode(env)});
+    return enqueue({proto::topic_for(*e), core::message_of(env)});
   }
 
   proto::Emit make_emit(const std::string& nsp, std::string event, std::string args,
@@ -382,10 +382,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         bool sent = !batch.empty();
         for (auto& out : batch) {
           if (out.topic.empty()) {
-            if (!link.send_bytes(out.bytes)) ++n_dropped;
+            if (!link.send_message(std::move(out.envelope))) ++n_dropped;
           } else {
             pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-            pub.send(zmq::buffer(out.bytes), zmq::send_flags::dontwait);
+            pub.send(out.envelope, zmq::send_flags::dontwait);
           }
         }
         batch.clear();
@@ -424,7 +424,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     io_thread_id = std::thread::id{};  // a later thread may get this id
   }
 
-  void on_message(const Envelope& env) {
+  void on_message(Envelope& env) {
     switch (env.kind_case()) {
       case Envelope::kRequest: on_request(env); break;
       case Envelope::kLifecycle: on_request(env); break;
@@ -461,38 +461,46 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
   }
 
-  void on_request(const Envelope& env) {
+  // The request's strings are taken from the envelope, not copied: it is
+  // parsed afresh for the next message. Only a handler that outlives its
+  // turn needs an in_flight entry (a Cancel looks there): a quick handler
+  // that answered in its turn leaves none.
+  void on_request(Envelope& env) {
     ++n_requests;
     auto st = std::make_shared<request_state>();
     st->core = shared_from_this();
     std::uint32_t timeout_ms = 0;
     if (env.has_request()) {
-      const auto& r = env.request();
+      auto& r = *env.mutable_request();
       st->type = request::kind::event;
-      st->id = r.id();
-      st->service = r.service();
-      st->sid = r.sid();
-      st->nsp = r.nsp();
-      st->event = r.event();
-      st->user = r.user();
-      st->args = r.args().empty() ? "[]" : r.args();
-      st->auth = r.auth().empty() ? "{}" : r.auth();
-      st->att.assign(r.attachments().begin(), r.attachments().end());
+      st->id.swap(*r.mutable_id());
+      st->service.swap(*r.mutable_service());
+      st->sid.swap(*r.mutable_sid());
+      st->nsp.swap(*r.mutable_nsp());
+      st->event.swap(*r.mutable_event());
+      st->user.swap(*r.mutable_user());
+      if (r.args().empty()) st->args = "[]";
+      else st->args.swap(*r.mutable_args());
+      if (r.auth().empty()) st->auth = "{}";
+      else st->auth.swap(*r.mutable_auth());
+      st->att.reserve(r.attachments_size());
+      for (auto& a : *r.mutable_attachments()) st->att.emplace_back().swap(a);
       st->wants_reply = r.wants_reply();
       st->attempt = r.attempt();
       timeout_ms = r.timeout_ms();
     } else {
-      const auto& l = env.lifecycle();
+      auto& l = *env.mutable_lifecycle();
       bool connect = l.kind() == proto::Lifecycle::CONNECT;
       st->type = connect ? request::kind::connect : request::kind::disconnect;
-      st->id = l.id();
-      st->service = l.service();
-      st->sid = l.sid();
-      st->nsp = l.nsp();
+      st->id.swap(*l.mutable_id());
+      st->service.swap(*l.mutable_service());
+      st->sid.swap(*l.mutable_sid());
+      st->nsp.swap(*l.mutable_nsp());
       st->event = connect ? "connect" : "disconnect";
-      st->user = l.user();
+      st->user.swap(*l.mutable_user());
       st->args = connect ? "[]" : boost::json::serialize(boost::json::array{boost::json::string{l.reason()}});
-      st->auth = l.auth().empty() ? "{}" : l.auth();
+      if (l.auth().empty()) st->auth = "{}";
+      else st->auth.swap(*l.mutable_auth());
       st->wants_reply = connect;
       st->attempt = l.attempt();
       timeout_ms = l.timeout_ms();
@@ -505,45 +513,59 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       return;
     }
     const service& s = *svc->second;
-    handler h;
+    const handler* h = nullptr;  // the service's own: services are fixed once the worker runs
     bool quick = false;
     switch (st->type) {
-      case request::kind::connect: h = s.on_connect_; break;
-      case request::kind::disconnect: h = s.on_disconnect_; break;
+      case request::kind::connect: h = &s.on_connect_; break;
+      case request::kind::disconnect: h = &s.on_disconnect_; break;
       case request::kind::event: {
         auto it = s.events_.find(st->event);
         if (it == s.events_.end()) it = s.events_.find("*");
         if (it != s.events_.end()) {
-          h = it->second.run;
+          h = &it->second.run;
           quick = it->second.quick;
         }
         break;
       }
     }
-    if (!h) {
+    if (!h || !*h) {
       // Defaults: accept connects, ignore disconnects and unknown events.
       if (st->type == request::kind::connect) answer(*st, proto::OK, {}, "{}", {}, false);
       else answer(*st, proto::OK, {}, "[]", {}, true);
       return;
     }
+    if (quick) {
+      // Here, on the I/O thread: see service::on_quick.
+      std::weak_ptr<request_state> kept = st;
+      run_handler(*h, std::move(st));
+      if (auto still = kept.lock(); still && !still->answered) track(still);
+      return;
+    }
+    track(st);
+    pool.post([this, h, st = std::move(st)]() mutable {
+      if (stopping) return;  // queued when the worker stopped: the request is cancelled
+      run_handler(*h, std::move(st));
+    });
+  }
+
+  void run_handler(const handler& h, std::shared_ptr<request_state> st) {
+    request req{std::move(st)};
+    try {
+      h(req);
+    } catch (const std::exception& e) {
+      ++n_errors;
+      req.fail(proto::INTERNAL, e.what());
+    }
+  }
+
+  // Lets a Cancel find the request while it runs (I/O thread only).
+  void track(const std::shared_ptr<request_state>& st) {
     in_flight[st->id] = st;
     if (in_flight.size() > sweep_at) {
       // Answered requests leave only expired weak pointers behind.
       std::erase_if(in_flight, [](const auto& kv) { return kv.second.expired(); });
       sweep_at = std::max<std::size_t>(1024, 2 * in_flight.size());
     }
-    auto run = [this, h = std::move(h), st = std::move(st)]() mutable {
-      if (stopping) return;  // queued when the worker stopped: the request is cancelled
-      request req{std::move(st)};
-      try {
-        h(req);
-      } catch (const std::exception& e) {
-        ++n_errors;
-        req.fail(proto::INTERNAL, e.what());
-      }
-    };
-    if (quick) run();  // here, on the I/O thread: see service::on_quick
-    else pool.post(std::move(run));
   }
 
   // The awaited ack `id`, no longer awaited; nothing if it was not (answered,
