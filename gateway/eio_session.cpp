@@ -20,9 +20,9 @@ std::shared_ptr<const std::string> shared_text(std::string s) {
 }
 
 // Reply args must be a JSON array for an ACK; anything else is wrapped.
-std::string as_array(const std::string& args) {
+std::string as_array(std::string&& args) {
   auto first = args.find_first_not_of(" \t\r\n");
-  if (first != std::string::npos && args[first] == '[') return args;
+  if (first != std::string::npos && args[first] == '[') return std::move(args);
   if (first == std::string::npos) return "[]";
   return "[" + args + "]";
 }
@@ -129,7 +129,7 @@ class sio_socket : public client_socket {
   }
 
   void on_event(socketio::packet p, std::vector<std::string> attachments) {
-    auto split = socketio::split_event(p.data);
+    auto split = socketio::split_event_owned(std::move(p.data));
     if (!split) return;
     gw_.metrics().sio_in.Increment();
     std::uint64_t tag = 0;
@@ -277,7 +277,7 @@ class sio_socket : public client_socket {
       p.id = entry.client_id;
       std::vector<std::string> attachments;
       if (reply.code() == proto::OK) {
-        p.data = as_array(reply.args());
+        p.data = as_array(std::move(*reply.mutable_args()));
         attachments.assign(reply.attachments().begin(), reply.attachments().end());
       } else {
         p.data = error_args(reply);
@@ -507,7 +507,7 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
     on_packet(engineio::decode_binary(data));
     return;
   }
-  auto p = engineio::decode_text(data);
+  auto p = engineio::decode_text_owned(std::move(data));
   if (!p) {
     gw_.metrics().bad_packet.Increment();
     close("parse error");
@@ -553,7 +553,7 @@ void eio_session::on_packet(engineio::packet p) {
         }
         return;
       }
-      on_socketio(p.data);
+      on_socketio(std::move(p.data));
       return;
     case engineio::packet_type::pong:
       if (awaiting_pong_) {
@@ -588,13 +588,13 @@ void eio_session::on_packet(engineio::packet p) {
   }
 }
 
-void eio_session::on_socketio(std::string_view text) {
+void eio_session::on_socketio(std::string&& text) {
   if (assembler_ && assembler_->waiting()) {
     gw_.metrics().bad_packet.Increment();
     close("parse error");
     return;
   }
-  auto p = socketio::decode(text, gw_.config().max_attachments);
+  auto p = socketio::decode_owned(std::move(text), gw_.config().max_attachments);
   if (!p) {
     gw_.metrics().bad_packet.Increment();
     close("parse error");

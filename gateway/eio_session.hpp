@@ -60,7 +60,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   enum class transport { polling, websocket };
 
   void on_packet(engineio::packet p);
-  void on_socketio(std::string_view text);
+  void on_socketio(std::string&& text);
   void on_socketio_packet(socketio::packet p, std::vector<std::string> attachments);
   void on_connect(socketio::packet p);
   void send_text(std::string text);

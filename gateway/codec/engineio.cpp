@@ -105,12 +105,12 @@ std::optional<std::string> base64_decode(std::string_view text) {
   return out;
 }
 
-std::optional<packet> decode_text(std::string_view text) {
+std::optional<packet> decode_text_owned(std::string&& text) {
   if (text.empty()) {
     return std::nullopt;
   }
   if (text.front() == 'b') {
-    auto bytes = base64_decode(text.substr(1));
+    auto bytes = base64_decode(std::string_view{text}.substr(1));
     if (!bytes) {
       return std::nullopt;
     }
@@ -119,8 +119,12 @@ std::optional<packet> decode_text(std::string_view text) {
   if (!is_packet_type(text.front())) {
     return std::nullopt;
   }
-  return packet{static_cast<packet_type>(text.front()), std::string(text.substr(1)), false};
+  auto type = static_cast<packet_type>(text.front());
+  text.erase(0, 1);  // the data keeps the frame's buffer
+  return packet{type, std::move(text), false};
 }
+
+std::optional<packet> decode_text(std::string_view text) { return decode_text_owned(std::string{text}); }
 
 packet decode_binary(std::string_view frame) {
   return packet{packet_type::message, std::string(frame), true};

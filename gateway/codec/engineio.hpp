@@ -40,6 +40,8 @@ inline constexpr char payload_separator = '\x1e';
 // `b<base64>` for a binary message. Empty input, an unknown type or invalid
 // base64 yield nullopt.
 std::optional<packet> decode_text(std::string_view text);
+// The same, the packet's data taking over the buffer of `text`.
+std::optional<packet> decode_text_owned(std::string&& text);
 
 // A WebSocket binary frame: a `message` packet whose data are the frame's
 // bytes as they are (Engine.IO v4 adds no type prefix to binary frames).

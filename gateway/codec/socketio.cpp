@@ -188,7 +188,10 @@ bool is_reserved_event(std::string_view name) noexcept {
   return std::find(reserved.begin(), reserved.end(), name) != reserved.end();
 }
 
-boost::system::result<packet> decode(std::string_view text, std::size_t max_attachments) {
+namespace {
+
+// decode() but for the data: the packet, and where its payload starts in `text`.
+boost::system::result<std::pair<packet, std::size_t>> decode_header(std::string_view text, std::size_t max_attachments) {
   if (text.empty()) {
     return error::empty;
   }
@@ -245,7 +248,7 @@ boost::system::result<packet> decode(std::string_view text, std::size_t max_atta
     switch (p.type) {
       case packet_type::connect:
       case packet_type::disconnect:
-        return p;
+        return std::pair{std::move(p), i};
       default:
         return error::missing_payload;
     }
@@ -301,8 +304,26 @@ boost::system::result<packet> decode(std::string_view text, std::size_t max_atta
   if (is_binary(p.type) && !consistent(v, p.attachments)) {
     return error::placeholder_mismatch;
   }
-  p.data.assign(payload);
-  return p;
+  return std::pair{std::move(p), i};
+}
+
+}  // namespace
+
+boost::system::result<packet> decode(std::string_view text, std::size_t max_attachments) {
+  auto header = decode_header(text, max_attachments);
+  if (!header) return header.error();
+  auto& [p, payload_at] = *header;
+  p.data.assign(text.substr(payload_at));
+  return std::move(p);
+}
+
+boost::system::result<packet> decode_owned(std::string&& text, std::size_t max_attachments) {
+  auto header = decode_header(text, max_attachments);
+  if (!header) return header.error();
+  auto& [p, payload_at] = *header;
+  text.erase(0, payload_at);  // the data keeps the buffer
+  p.data = std::move(text);
+  return std::move(p);
 }
 
 std::string encode(const packet& p) {
@@ -351,7 +372,11 @@ bool placeholders_consistent(std::string_view text, std::size_t attachments) {
   return !ec && consistent(v, attachments);
 }
 
-std::optional<std::pair<std::string, std::string>> split_event(std::string_view array_json) {
+namespace {
+
+// split_event's scan: the name, and where the rest of the array starts (at
+// its ']' or its ',').
+std::optional<std::pair<std::string, std::size_t>> split_name(std::string_view array_json) {
   std::size_t i = skip_space(array_json, 0);
   if (i >= array_json.size() || array_json[i] != '[') {
     return std::nullopt;
@@ -384,20 +409,33 @@ std::optional<std::pair<std::string, std::string>> split_event(std::string_view 
     name.assign(v.get_string().data(), v.get_string().size());
   }
   i = skip_space(array_json, name_end);
-  if (i >= array_json.size()) {
+  if (i >= array_json.size() || (array_json[i] != ']' && array_json[i] != ',')) {
     return std::nullopt;
   }
-  if (array_json[i] == ']') {
-    return std::pair{std::move(name), std::string("[]")};
-  }
-  if (array_json[i] != ',') {
-    return std::nullopt;
-  }
+  return std::pair{std::move(name), i};
+}
+
+}  // namespace
+
+std::optional<std::pair<std::string, std::string>> split_event(std::string_view array_json) {
+  auto name = split_name(array_json);
+  if (!name) return std::nullopt;
+  auto& [event, i] = *name;
+  if (array_json[i] == ']') return std::pair{std::move(event), std::string("[]")};
   std::string rest;
   rest.reserve(array_json.size() - i);
   rest += '[';
   rest += array_json.substr(i + 1);
-  return std::pair{std::move(name), std::move(rest)};
+  return std::pair{std::move(event), std::move(rest)};
+}
+
+std::optional<std::pair<std::string, std::string>> split_event_owned(std::string&& array_json) {
+  auto name = split_name(array_json);
+  if (!name) return std::nullopt;
+  auto& [event, i] = *name;
+  if (array_json[i] == ']') return std::pair{std::move(event), std::string("[]")};
+  array_json.replace(0, i + 1, 1, '[');  // `[name,rest` -> `[rest`, in the same buffer
+  return std::pair{std::move(event), std::move(array_json)};
 }
 
 namespace {

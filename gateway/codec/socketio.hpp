@@ -80,6 +80,8 @@ inline constexpr std::size_t max_json_depth = 64;
 // non-reserved string; ACK array with an id; CONNECT_ERROR object; binary
 // types also need placeholders num 0..n-1, each exactly once.
 boost::system::result<packet> decode(std::string_view text, std::size_t max_attachments);
+// The same, the packet's data taking over the buffer of `text`.
+boost::system::result<packet> decode_owned(std::string&& text, std::size_t max_attachments);
 
 // Canonical text: namespace omitted when "/" (or empty), attachment count only
 // for binary types. The packet is not validated: encode what decode accepted
@@ -111,6 +113,8 @@ bool placeholders_consistent(std::string_view json, std::size_t attachments);
 // they are: `["chat",1,{"a":2}]` -> ("chat", `[1,{"a":2}]`). The arguments are
 // not reparsed. nullopt when the text does not start like such an array.
 std::optional<std::pair<std::string, std::string>> split_event(std::string_view array_json);
+// The same, the arguments taking over the buffer of `array_json`.
+std::optional<std::pair<std::string, std::string>> split_event_owned(std::string&& array_json);
 
 // Inverse of split_event: `[<name as JSON string>,<elements of args>]`.
 // `args_array_json` should be a JSON array; blank text means no arguments,

@@ -46,6 +46,8 @@ TEST_P(decode_text_valid, decodes_and_reencodes_byte_for_byte) {
   ASSERT_TRUE(p.has_value());
   EXPECT_EQ(*p, c.expected);
   EXPECT_EQ(eio::encode_text(*p), c.wire);
+  // The overload that takes the frame's own buffer decodes the same.
+  EXPECT_EQ(eio::decode_text_owned(std::string{c.wire}), p);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -92,6 +94,7 @@ class decode_text_invalid : public ::testing::TestWithParam<bad_text_case> {};
 
 TEST_P(decode_text_invalid, is_rejected) {
   EXPECT_FALSE(eio::decode_text(GetParam().wire).has_value());
+  EXPECT_FALSE(eio::decode_text_owned(std::string{GetParam().wire}).has_value());
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -63,6 +63,10 @@ TEST_P(decode_valid, decodes_and_reencodes_byte_for_byte) {
   ASSERT_TRUE(p.has_value()) << p.error().message();
   EXPECT_EQ(*p, c.expected);
   EXPECT_EQ(sio::encode(*p), c.wire);
+  // The overload that takes the text's own buffer decodes the same.
+  const auto moved = sio::decode_owned(std::string{c.wire}, max_attachments);
+  ASSERT_TRUE(moved.has_value()) << moved.error().message();
+  EXPECT_EQ(*moved, c.expected);
 }
 
 using T = sio::packet_type;
@@ -227,6 +231,9 @@ TEST_P(decode_invalid, returns_the_error) {
   EXPECT_EQ(p.error(), GetParam().expected) << p.error().message();
   EXPECT_EQ(p.error().category(), sio::error_category());
   EXPECT_FALSE(p.error().message().empty());
+  const auto moved = sio::decode_owned(std::string{GetParam().wire}, max_attachments);
+  ASSERT_FALSE(moved.has_value());
+  EXPECT_EQ(moved.error(), GetParam().expected);
 }
 
 using E = sio::error;
@@ -432,6 +439,8 @@ TEST_P(split_valid, splits_and_joins_back) {
   // The rest is a valid array; joining gives back the same JSON value.
   EXPECT_TRUE(json::parse(parts->second).is_array());
   EXPECT_EQ(json::parse(sio::join_event(parts->first, parts->second)), json::parse(c.array));
+  // The overload that reuses the array's buffer gives the same parts.
+  EXPECT_EQ(sio::split_event_owned(std::string{c.array}), parts);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -462,10 +471,14 @@ TEST(split_numeric, name_is_the_numbers_text) {
     ASSERT_TRUE(parts.has_value()) << array;
     EXPECT_EQ(parts->first, name);
     EXPECT_EQ(json::parse(parts->second), json::parse(rest));
+    EXPECT_EQ(sio::split_event_owned(std::string{array}), parts);
   }
 }
 
-TEST_P(split_invalid, is_nullopt) { EXPECT_FALSE(sio::split_event(GetParam()).has_value()); }
+TEST_P(split_invalid, is_nullopt) {
+  EXPECT_FALSE(sio::split_event(GetParam()).has_value());
+  EXPECT_FALSE(sio::split_event_owned(std::string{GetParam()}).has_value());
+}
 
 INSTANTIATE_TEST_SUITE_P(socketio, split_invalid,
                          ::testing::Values("", "[]", "[1x]", "[01]", "[-]", "[1", "[null,\"x\"]", "{}", "\"x\"", "[\"unterminated",
