@@ -41,10 +41,10 @@ unsigned status_for(proto::Code code) {
   }
 }
 
-http_answer failure(const proto::Reply& reply) {
-  auto code = proto::Code_Name(reply.code());
+http_answer failure(const reply_data& reply) {
+  auto code = proto::Code_Name(reply.code);
   std::transform(code.begin(), code.end(), code.begin(), [](unsigned char c) { return std::tolower(c); });
-  return json_answer(status_for(reply.code()), json::object{{"error", code}, {"message", reply.message()}});
+  return json_answer(status_for(reply.code), json::object{{"error", code}, {"message", reply.message}});
 }
 
 // Compares without an early exit, so the time taken does not reveal how
@@ -141,9 +141,9 @@ class api_session : public client_socket {
   void deliver_disconnect() override { close("server namespace disconnect"); }
 
  protected:
-  void on_connect_answer(proto::Reply reply) override {
+  void on_connect_answer(reply_data reply) override {
     auto created = std::exchange(created_, nullptr);
-    if (reply.code() != proto::OK) {
+    if (reply.code != proto::OK) {
       gw_.metrics().api_sessions.Decrement();
       gw_.api().remove(sid());
       created->complete(failure(reply));
@@ -154,13 +154,13 @@ class api_session : public client_socket {
     schedule_expiry();
   }
 
-  void on_reply(std::uint64_t tag, proto::Reply reply) override {
+  void on_reply(std::uint64_t tag, reply_data reply) override {
     auto it = acks_.find(tag);
     if (it == acks_.end()) return;
     auto slot = std::move(it->second);
     acks_.erase(it);
-    if (reply.code() != proto::OK) return slot->complete(failure(reply));
-    auto data = ws_json::data_from_args(reply.args());
+    if (reply.code != proto::OK) return slot->complete(failure(reply));
+    auto data = ws_json::data_from_args(reply.args);
     slot->complete({200, "application/json", data.empty() ? "{}" : "{\"data\":" + data + "}"});
   }
 

@@ -159,11 +159,7 @@ bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::
     if (!send_to_broker(std::move(message))) {
       // The broker is not taking what we send: say so now, as the broker
       // does when a service queue is full, rather than at the deadline.
-      proto::Reply busy;
-      busy.set_id(id_ + ":" + std::to_string(seq));
-      busy.set_code(proto::BUSY);
-      busy.set_message("the gateway's link to the broker is full");
-      reply_to(pending{std::move(sink), tag, {}}, std::move(busy));
+      reply_to(pending{std::move(sink), tag, {}}, {proto::BUSY, "the gateway's link to the broker is full"});
       return;
     }
     // Our own deadline is a little later than the broker's, which answers
@@ -295,9 +291,13 @@ bool bridge::drain(watch& w, ReadOne read_one) {
 void bridge::pump() {
   if (!link_ || stopped_) return;
   bool more = drain(link_watch_, [this] {
-    auto env = link_->receive();
-    if (env) on_broker(std::move(*env));
-    return env.has_value();
+    // Parsed on an arena over a reused block: the envelope itself costs no
+    // allocation, and the strings that outlive it are moved out.
+    google::protobuf::Arena arena{proto::arena_on(arena_block_)};
+    auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
+    if (!link_->receive_into(env)) return false;
+    on_broker(env);
+    return true;
   });
   more = drain(sub_watch_, [this] {
     zmq::message_t topic, body;
@@ -382,7 +382,7 @@ bool bridge::arm(watch& w, std::uint64_t generation, FdOf fd_of) {
   return true;
 }
 
-void bridge::on_broker(Envelope env) {
+void bridge::on_broker(Envelope& env) {
   switch (env.kind_case()) {
     case Envelope::kReply: {
       auto seq = own_seq(env.reply().id());
@@ -390,16 +390,18 @@ void bridge::on_broker(Envelope env) {
       if (it == pending_.end()) return;  // late: the sink already got a timeout
       auto p = std::move(it->second);
       pending_.erase(it);  // its deadline entry finds nothing when it comes
-      auto& reply = *env.mutable_reply();
-      if (!socketio::valid_args(reply.args())) {
+      auto& r = *env.mutable_reply();
+      reply_data reply{r.code(), {}, {}, {}, r.silent()};
+      if (socketio::valid_args(r.args())) {
+        reply.message.swap(*r.mutable_message());
+        reply.args.swap(*r.mutable_args());
+        reply.attachments.resize(r.attachments_size());
+        for (int i = 0; i < r.attachments_size(); ++i) reply.attachments[i].swap(*r.mutable_attachments(i));
+      } else {
         // The asker still gets an answer: an error naming the worker's fault.
-        refuse_args("reply", reply.id());
-        reply.clear_args();
-        reply.clear_attachments();
-        if (reply.code() == proto::OK) {
-          reply.set_code(proto::INTERNAL);
-          reply.set_message("the worker's answer is not valid JSON");
-        }
+        refuse_args("reply", r.id());
+        if (reply.code == proto::OK) reply = {proto::INTERNAL, "the worker's answer is not valid JSON"};
+        else reply.message.swap(*r.mutable_message());
       }
       reply_to(std::move(p), std::move(reply));
       return;
@@ -425,7 +427,7 @@ void bridge::on_broker(Envelope env) {
   }
 }
 
-void bridge::reply_to(pending p, proto::Reply reply) {
+void bridge::reply_to(pending p, reply_data reply) {
   auto sink = p.sink.lock();
   if (!sink) return;
   // On the io_context's own executor: one operation, where any_io_executor
@@ -450,11 +452,7 @@ void bridge::expire(clock::time_point now) {
     auto p = std::move(it->second);
     pending_.erase(it);
     auto id = id_ + ":" + std::to_string(seq);
-    proto::Reply r;
-    r.set_id(id);
-    r.set_code(proto::TIMEOUT);
-    r.set_message("no answer from the broker");
-    reply_to(std::move(p), std::move(r));
+    reply_to(std::move(p), {proto::TIMEOUT, "no answer from the broker"});
     Envelope cancel;
     cancel.mutable_cancel()->set_id(id);
     cancel.mutable_cancel()->set_reason(proto::TIMEOUT);

@@ -8,6 +8,7 @@
 // deliveries back by posting onto each sink's executor. It also owns the
 // gateway's view of who is where: sid -> sink, room -> local sids, and
 // requests awaiting replies.
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -124,11 +125,11 @@ class bridge {
   void arm();
   template <typename FdOf>
   bool arm(watch& w, std::uint64_t generation, FdOf fd_of);
-  void on_broker(proto::Envelope env);
+  void on_broker(proto::Envelope& env);  // on an arena: what outlives the call is moved out
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);
   void deliver_emit(const proto::Emit& emit);
-  void reply_to(pending p, proto::Reply reply);
+  void reply_to(pending p, reply_data reply);
   /// n of an id "<our id>:<n>" (every id next_id() made); nothing for any other.
   std::optional<std::uint64_t> own_seq(std::string_view id) const;
   void add_deadline(time_point at, std::uint64_t seq);
@@ -164,6 +165,7 @@ class bridge {
   bool pump_posted_ = false;
   watch link_watch_, sub_watch_;
   std::unique_ptr<core::peer_link> link_;
+  alignas(16) std::array<char, 8192> arena_block_;  // where each received envelope is parsed
   std::unique_ptr<zmq::socket_t> sub_;
   std::unordered_map<std::string, member> members_;
   std::unordered_map<std::string, std::unordered_set<std::string>> topics_;  // topic -> local sids

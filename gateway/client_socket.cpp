@@ -15,12 +15,7 @@ std::uint32_t millis(std::chrono::milliseconds d) { return static_cast<std::uint
 
 namespace {
 
-proto::Reply refusal(std::string message) {
-  proto::Reply r;
-  r.set_code(proto::REFUSED);
-  r.set_message(std::move(message));
-  return r;
-}
+reply_data refusal(std::string message) { return {proto::REFUSED, std::move(message)}; }
 
 }  // namespace
 
@@ -55,10 +50,7 @@ void client_socket::begin_connect() {
   l->set_timeout_ms(millis(gw_.config().request_timeout));
   l->set_attempt(1);
   if (!gw_.link().request(std::move(env), weak_from_this(), 0, gw_.config().request_timeout)) {
-    proto::Reply busy;
-    busy.set_code(proto::BUSY);
-    busy.set_message("gateway busy");
-    deliver_reply(0, std::move(busy));
+    deliver_reply(0, {proto::BUSY, "gateway busy"});
   }
 }
 
@@ -106,17 +98,17 @@ void client_socket::end(const std::string& reason) {
   gw_.link().send(env);
 }
 
-void client_socket::deliver_reply(std::uint64_t tag, proto::Reply reply) {
+void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (state_ == state::closed) return;
   if (tag == 0) {
     if (state_ != state::connecting) return;
-    if (reply.code() != proto::OK) {
+    if (reply.code != proto::OK) {
       state_ = state::closed;
       gw_.link().detach(sid_);
     } else if (user_.empty()) {
       // The connect hook may name the user: {"user": "..."}.
       boost::system::error_code ec;
-      auto data = boost::json::parse(reply.args(), ec);
+      auto data = boost::json::parse(reply.args, ec);
       if (!ec && data.is_object())
         if (auto* u = data.as_object().if_contains("user"); u && u->is_string()) user_ = std::string{u->as_string()};
     }
@@ -126,11 +118,11 @@ void client_socket::deliver_reply(std::uint64_t tag, proto::Reply reply) {
   on_reply(tag, std::move(reply));
 }
 
-std::string error_args(const proto::Reply& reply) {
-  auto code = proto::Code_Name(reply.code());
+std::string error_args(const reply_data& reply) {
+  auto code = proto::Code_Name(reply.code);
   std::transform(code.begin(), code.end(), code.begin(), [](unsigned char c) { return std::tolower(c); });
   return boost::json::serialize(
-      boost::json::array{boost::json::object{{"error", code}, {"message", reply.message()}}});
+      boost::json::array{boost::json::object{{"error", code}, {"message", reply.message}}});
 }
 
 }  // namespace sidecast::gateway

@@ -45,11 +45,11 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   /// notice if it had accepted it.
   void end(const std::string& reason);
 
-  void deliver_reply(std::uint64_t tag, proto::Reply reply) final;
+  void deliver_reply(std::uint64_t tag, reply_data reply) final;
 
  protected:
-  virtual void on_connect_answer(proto::Reply reply) = 0;
-  virtual void on_reply(std::uint64_t tag, proto::Reply reply) = 0;
+  virtual void on_connect_answer(reply_data reply) = 0;
+  virtual void on_reply(std::uint64_t tag, reply_data reply) = 0;
   void mark_connected() { state_ = state::connected; }
   /// Ends the socket without a word to anyone: another object took it over.
   void hand_off() { state_ = state::closed; }
@@ -67,6 +67,6 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
 
 /// The ack arguments a client gets when its event failed in the backend:
 /// [{"error":"timeout","message":"deadline passed"}].
-std::string error_args(const proto::Reply& reply);
+std::string error_args(const reply_data& reply);
 
 }  // namespace sidecast::gateway

@@ -216,15 +216,15 @@ class sio_socket : public client_socket {
   }
 
  protected:
-  void on_connect_answer(proto::Reply reply) override {
+  void on_connect_answer(reply_data reply) override {
     auto eio = eio_.lock();
     if (!eio) return;
     socketio::packet p;
     p.nsp = nsp();
-    if (reply.code() != proto::OK) {
+    if (reply.code != proto::OK) {
       p.type = socketio::packet_type::connect_error;
-      auto message = reply.code() == proto::REFUSED ? reply.message()
-                                                    : "service unavailable: " + proto::Code_Name(reply.code());
+      auto message = reply.code == proto::REFUSED ? reply.message
+                                                    : "service unavailable: " + proto::Code_Name(reply.code);
       p.data = json::serialize(json::object{{"message", message}});
       eio->send_socketio(p);
       eio->forget(nsp());
@@ -239,7 +239,7 @@ class sio_socket : public client_socket {
     for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
   }
 
-  void on_reply(std::uint64_t tag, proto::Reply reply) override {
+  void on_reply(std::uint64_t tag, reply_data reply) override {
     if (acks_.empty() || tag < acks_.front().tag) return;
     auto index = tag - acks_.front().tag;
     if (index >= acks_.size()) return;
@@ -251,16 +251,11 @@ class sio_socket : public client_socket {
   struct ack_entry {
     std::uint64_t tag;
     std::uint64_t client_id;
-    std::optional<proto::Reply> reply;
+    std::optional<reply_data> reply;
     clock::time_point sent;
   };
 
-  static proto::Reply failure(proto::Code code, std::string message) {
-    proto::Reply r;
-    r.set_code(code);
-    r.set_message(std::move(message));
-    return r;
-  }
+  static reply_data failure(proto::Code code, std::string message) { return {code, std::move(message)}; }
 
   // Acks leave in the order their events arrived.
   void flush_acks() {
@@ -271,14 +266,14 @@ class sio_socket : public client_socket {
       if (!eio) continue;
       auto& reply = *entry.reply;
       gw_.metrics().ack_latency.Observe(std::chrono::duration<double>(clock::now() - entry.sent).count());
-      if (reply.code() == proto::OK && reply.silent()) continue;
+      if (reply.code == proto::OK && reply.silent) continue;
       socketio::packet p;
       p.nsp = nsp();
       p.id = entry.client_id;
       std::vector<std::string> attachments;
-      if (reply.code() == proto::OK) {
-        p.data = as_array(std::move(*reply.mutable_args()));
-        attachments.assign(reply.attachments().begin(), reply.attachments().end());
+      if (reply.code == proto::OK) {
+        p.data = as_array(std::move(reply.args));
+        attachments.assign(reply.attachments.begin(), reply.attachments.end());
       } else {
         p.data = error_args(reply);
       }

@@ -49,6 +49,16 @@ class outbound_event {
   mutable std::string sio_, sio_offset_, ws_;
 };
 
+/// A request's answer, as sinks take it: what they use of a proto::Reply,
+/// its strings moved out of the envelope it came in (nothing copied).
+struct reply_data {
+  proto::Code code = proto::OK;
+  std::string message;  // what went wrong, when code is not OK
+  std::string args;     // JSON text (an array, for events)
+  std::vector<std::string> attachments;
+  bool silent = false;  // OK with nothing for the client (a worker that already acked)
+};
+
 class client_sink {
  public:
   virtual ~client_sink() = default;
@@ -57,7 +67,7 @@ class client_sink {
   /// An event for this socket; `ack_id` non-empty: the worker wants the client's ack.
   virtual void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) = 0;
   /// The answer to a request this sink made with `tag`.
-  virtual void deliver_reply(std::uint64_t tag, proto::Reply reply) = 0;
+  virtual void deliver_reply(std::uint64_t tag, reply_data reply) = 0;
   /// A worker disconnected this socket.
   virtual void deliver_disconnect() = 0;
 };

@@ -95,9 +95,9 @@ void ws_session::deliver_disconnect() {
   ws_->close();
 }
 
-void ws_session::on_connect_answer(proto::Reply reply) {
-  if (reply.code() != proto::OK) {
-    auto message = reply.code() == proto::REFUSED ? reply.message() : "service unavailable: " + proto::Code_Name(reply.code());
+void ws_session::on_connect_answer(reply_data reply) {
+  if (reply.code != proto::OK) {
+    auto message = reply.code == proto::REFUSED ? reply.message : "service unavailable: " + proto::Code_Name(reply.code);
     send_text(ws_json::encode_event("connect_error", json::serialize(json::object{{"message", message}}), nsp()));
     ws_->close();
     return;
@@ -106,17 +106,17 @@ void ws_session::on_connect_answer(proto::Reply reply) {
   send_text(ws_json::encode_event("connect", json::serialize(json::object{{"sid", sid()}}), nsp()));
 }
 
-void ws_session::on_reply(std::uint64_t tag, proto::Reply reply) {
+void ws_session::on_reply(std::uint64_t tag, reply_data reply) {
   auto it = ids_.find(tag);
   if (it == ids_.end()) return;
   auto id = std::move(it->second);
   ids_.erase(it);
-  if (reply.code() != proto::OK) {
-    send_text(ws_json::encode_reply(id, {}, proto::Code_Name(reply.code()) + ": " + reply.message()));
+  if (reply.code != proto::OK) {
+    send_text(ws_json::encode_reply(id, {}, proto::Code_Name(reply.code) + ": " + reply.message));
     return;
   }
-  if (reply.silent()) return;
-  send_text(ws_json::encode_reply(id, ws_json::data_from_args(reply.args())));
+  if (reply.silent) return;
+  send_text(ws_json::encode_reply(id, ws_json::data_from_args(reply.args)));
 }
 
 }  // namespace sidecast::gateway

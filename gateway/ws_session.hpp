@@ -25,8 +25,8 @@ class ws_session : public client_socket {
   void deliver_disconnect() override;
 
  protected:
-  void on_connect_answer(proto::Reply reply) override;
-  void on_reply(std::uint64_t tag, proto::Reply reply) override;
+  void on_connect_answer(reply_data reply) override;
+  void on_reply(std::uint64_t tag, reply_data reply) override;
 
  private:
   void send_text(std::string text);

@@ -804,9 +804,9 @@ class reply_keeper : public gateway::client_sink {
   explicit reply_keeper(boost::asio::any_io_executor ex) : ex_{std::move(ex)} {}
   boost::asio::any_io_executor executor() const override { return ex_; }
   void deliver(std::shared_ptr<const gateway::outbound_event>, std::string) override {}
-  void deliver_reply(std::uint64_t tag, proto::Reply reply) override {
+  void deliver_reply(std::uint64_t tag, gateway::reply_data reply) override {
     std::lock_guard lock{mutex_};
-    replies_.emplace_back(tag, reply.code());
+    replies_.emplace_back(tag, reply.code);
   }
   void deliver_disconnect() override {}
   std::vector<std::pair<std::uint64_t, proto::Code>> replies() {
