@@ -820,62 +820,80 @@ class reply_keeper : public gateway::client_sink {
   std::vector<std::pair<std::uint64_t, proto::Code>> replies_;
 };
 
+// A bridge driven by a test: its broker is a local router the test plays
+// (it reads what the bridge sends, and answers or not), its sessions a
+// thread of their own with one sink.
+struct bridge_rig {
+  explicit bridge_rig(const std::string& id, std::optional<int> hwm = std::nullopt)
+      : broker_end{"local://" + id + "-broker"} {
+    config.id = id;
+    config.broker = "local://" + id + "-broker";
+    config.events = "inproc://" + id + "-events";
+    if (hwm) config.hwm = *hwm;
+    config.heartbeat_interval = 60s;  // the link sends no heartbeat, and waits for none
+    bridge.emplace(config, ctx, metrics);
+    bridge->start();
+    session_thread = std::thread{[this] { sessions.run(); }};
+  }
+  ~bridge_rig() {
+    bridge->stop();
+    guard.reset();
+    session_thread.join();
+  }
+
+  /// Asks for an echo as the sink, with `tag`.
+  bool ask(std::uint64_t tag, std::chrono::milliseconds timeout) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(bridge->next_id());
+    r->set_service("demo");
+    r->set_sid(config.id + ".s1");
+    r->set_event("echo");
+    r->set_args("[1]");
+    r->set_wants_reply(true);
+    return bridge->request(env, sink, tag, timeout);
+  }
+
+  zmq::context_t ctx{1};
+  core::local_router broker_end;
+  gateway::gateway_config config;
+  std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  gateway::gateway_metrics metrics{*registry};
+  std::optional<gateway::bridge> bridge;
+  boost::asio::io_context sessions;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard = boost::asio::make_work_guard(sessions);
+  std::thread session_thread;
+  std::shared_ptr<reply_keeper> sink = std::make_shared<reply_keeper>(sessions.get_executor());
+};
+
 // A broker that takes the gateway's connection and then never reads: once
 // --hwm messages wait on the link, a request is answered BUSY at once (not
 // at its 30 s deadline), and the drop is counted.
 TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
-  zmq::context_t ctx{1};
-  core::local_router stuck{"local://stuck-broker"};
-  gateway::gateway_config gc;
-  gc.id = "gwF";
-  gc.broker = "local://stuck-broker";
-  gc.events = "inproc://stuck-events";
-  gc.hwm = 2;                        // the Hello and one request
-  gc.heartbeat_interval = 60s;       // no heartbeat takes a place meanwhile
-  auto registry = std::make_shared<prometheus::Registry>();
-  gateway::gateway_metrics metrics{*registry};
-  gateway::bridge bridge{gc, ctx, metrics};
-  bridge.start();
-  boost::asio::io_context sessions;
-  auto guard = boost::asio::make_work_guard(sessions);
-  std::thread session_thread{[&] { sessions.run(); }};
-  auto sink = std::make_shared<reply_keeper>(sessions.get_executor());
-  for (std::uint64_t tag = 1; tag <= 3; ++tag) {
-    Envelope env;
-    auto* r = env.mutable_request();
-    r->set_id(bridge.next_id());
-    r->set_service("demo");
-    r->set_sid("gwF.s1");
-    r->set_event("echo");
-    r->set_args("[1]");
-    r->set_wants_reply(true);
-    ASSERT_TRUE(bridge.request(env, sink, tag, 30s));
-  }
+  bridge_rig rig{"gwF", 2};  // --hwm 2: the Hello and one request
+  for (std::uint64_t tag = 1; tag <= 3; ++tag) ASSERT_TRUE(rig.ask(tag, 30s));
+  auto& sink = rig.sink;
   EXPECT_TRUE(eventually([&] { return sink->replies().size() == 2; }, 2s)) << "two requests had no room";
   auto replies = sink->replies();
   std::sort(replies.begin(), replies.end());
   EXPECT_EQ(replies, (std::vector<std::pair<std::uint64_t, proto::Code>>{{2, proto::BUSY}, {3, proto::BUSY}}));
-  EXPECT_EQ(metrics.broker_link_full.Value(), 2);
+  EXPECT_EQ(rig.metrics.broker_link_full.Value(), 2);
 
   // A poll forwarded to another gateway gets its answer at once too: 503,
   // with the body an Engine.IO server gives a request it cannot serve.
   std::promise<gateway::http_answer> answered;
   auto slot = std::make_shared<gateway::reply_slot>(
-      sessions.get_executor(), [&answered](gateway::http_answer a) { answered.set_value(std::move(a)); });
+      rig.sessions.get_executor(), [&answered](gateway::http_answer a) { answered.set_value(std::move(a)); });
   proto::HttpForward poll;
-  poll.set_id(bridge.next_id());
   poll.set_sid("gwOther.s9");
   poll.set_method("GET");
-  ASSERT_TRUE(bridge.forward(std::move(poll), slot, 30s));
+  ASSERT_TRUE(rig.bridge->forward(std::move(poll), slot, 30s));
   auto answer = answered.get_future();
   ASSERT_EQ(answer.wait_for(2s), std::future_status::ready) << "the forwarded poll had no answer";
   auto a = answer.get();
   EXPECT_EQ(a.status, 503u);
   EXPECT_EQ(a.body, R"({"code":3,"message":"Bad request"})");
-  EXPECT_EQ(metrics.broker_link_full.Value(), 3);
-  bridge.stop();
-  guard.reset();
-  session_thread.join();
+  EXPECT_EQ(rig.metrics.broker_link_full.Value(), 3);
 }
 
 // The bridge's own deadlines (the broker silent): each request gets its
@@ -884,32 +902,9 @@ TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
 // many of their deadline entries are still waiting (and compacted), and an
 // answer whose id the bridge did not make is ignored.
 TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
-  zmq::context_t ctx{1};
-  core::local_router broker_end{"local://quiet-broker"};
-  gateway::gateway_config gc;
-  gc.id = "gwD";
-  gc.broker = "local://quiet-broker";
-  gc.events = "inproc://quiet-events";
-  gc.heartbeat_interval = 60s;  // the link does not give up on a broker that never speaks
-  auto registry = std::make_shared<prometheus::Registry>();
-  gateway::gateway_metrics metrics{*registry};
-  gateway::bridge bridge{gc, ctx, metrics};
-  bridge.start();
-  boost::asio::io_context sessions;
-  auto guard = boost::asio::make_work_guard(sessions);
-  std::thread session_thread{[&] { sessions.run(); }};
-  auto sink = std::make_shared<reply_keeper>(sessions.get_executor());
-  auto ask = [&](std::uint64_t tag, std::chrono::milliseconds timeout) {
-    Envelope env;
-    auto* r = env.mutable_request();
-    r->set_id(bridge.next_id());
-    r->set_service("demo");
-    r->set_sid("gwD.s1");
-    r->set_event("echo");
-    r->set_args("[1]");
-    r->set_wants_reply(true);
-    ASSERT_TRUE(bridge.request(env, sink, tag, timeout));
-  };
+  bridge_rig rig{"gwD"};
+  auto& broker_end = rig.broker_end;
+  auto& sink = rig.sink;
   auto answer = [&](std::string_view peer, std::string id) {
     Envelope env;
     env.mutable_reply()->set_id(std::move(id));
@@ -939,13 +934,13 @@ TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
 
   // 3,000 answered requests: far more stale deadline entries than live ones.
   constexpr std::uint64_t answered = 3000;
-  for (std::uint64_t tag = 1000; tag < 1000 + answered; ++tag) ask(tag, 30s);
+  for (std::uint64_t tag = 1000; tag < 1000 + answered; ++tag) ASSERT_TRUE(rig.ask(tag, 30s));
   serve(true, [&] { return sink->replies().size() == answered; });
   ASSERT_EQ(sink->replies().size(), answered);
   // Then three that no one answers, their deadlines (timeout + 1 s) in another order.
-  ask(1, 2000ms);
-  ask(2, 0ms);
-  ask(3, 1000ms);
+  ASSERT_TRUE(rig.ask(1, 2000ms));
+  ASSERT_TRUE(rig.ask(2, 0ms));
+  ASSERT_TRUE(rig.ask(3, 1000ms));
   // Answers with ids the bridge did not make (theirs are gwD:3001..3003) change nothing.
   for (auto id : {"gwX:3001", "gwD:3001x", "gwD:03002", "gwD:", "gwD3003", "gwD:-3", "gwD:99999999999999999999"})
     answer(bridge_peer, id);
@@ -961,9 +956,6 @@ TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
                 {2, proto::TIMEOUT}, {3, proto::TIMEOUT}, {1, proto::TIMEOUT}}));
   EXPECT_EQ(cancels, (std::vector<std::string>{"gwD:3002", "gwD:3003", "gwD:3001"}))
       << "each timeout is cancelled at the broker";
-  bridge.stop();
-  guard.reset();
-  session_thread.join();
 }
 
 std::string link_name(const ::testing::TestParamInfo<std::string_view>& info) {
