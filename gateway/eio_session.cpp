@@ -273,7 +273,7 @@ class sio_socket : public client_socket {
       std::vector<std::string> attachments;
       if (reply.code == proto::OK) {
         p.data = as_array(std::move(reply.args));
-        attachments.assign(reply.attachments.begin(), reply.attachments.end());
+        attachments = std::move(reply.attachments);
       } else {
         p.data = error_args(reply);
       }
