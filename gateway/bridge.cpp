@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <cerrno>
 #include <cstring>
@@ -104,7 +105,20 @@ void bridge::stop() {
   welcomed_ = false;
 }
 
-std::string bridge::next_id() { return id_ + ":" + std::to_string(++next_id_); }
+std::string bridge::next_id() { return id_of(++next_id_); }
+
+// The counter in base 36 keeps an id within std::string's 15 inline bytes
+// (no heap block here, in the broker's job table or in the worker's reply)
+// for 60 million requests with the default gateway id ("gw-" and six).
+std::string bridge::id_of(std::uint64_t seq) const {
+  std::array<char, 16> digits;
+  auto end = std::to_chars(digits.data(), digits.data() + digits.size(), seq, 36).ptr;
+  std::string id;
+  id.reserve(id_.size() + 1 + (end - digits.data()));
+  id.append(id_).push_back(':');
+  id.append(digits.data(), end);
+  return id;
+}
 
 bool bridge::take_turn() {
   if (queued_.fetch_add(1, std::memory_order_relaxed) >= config_.bridge_queue || !ex_) {
@@ -153,9 +167,14 @@ bool bridge::detach(std::string sid) {
 bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
                      std::chrono::milliseconds timeout) {
   const auto& id = env.has_request() ? env.request().id() : env.lifecycle().id();
+  return request(id, core::message_of(env), std::move(sink), tag, timeout);
+}
+
+bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<client_sink> sink,
+                     std::uint64_t tag, std::chrono::milliseconds timeout) {
   auto seq = own_seq(id);
-  if (!seq) throw std::logic_error("bridge::request: an id next_id() did not make: " + id);
-  return post([this, seq = *seq, message = core::message_of(env), sink = std::move(sink), tag, timeout]() mutable {
+  if (!seq) throw std::logic_error("bridge::request: an id next_id() did not make: " + std::string{id});
+  return post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout]() mutable {
     if (!send_to_broker(std::move(message))) {
       // The broker is not taking what we send: say so now, as the broker
       // does when a service queue is full, rather than at the deadline.
@@ -174,8 +193,10 @@ std::optional<std::uint64_t> bridge::own_seq(std::string_view id) const {
   if (id.size() <= id_.size() + 1 || !id.starts_with(id_) || id[id_.size()] != ':') return std::nullopt;
   std::uint64_t n = 0;
   auto digits = id.substr(id_.size() + 1);
-  if (digits.size() > 1 && digits[0] == '0') return std::nullopt;  // not how next_id() writes it
-  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n);
+  if (digits.size() > 1 && digits[0] == '0') return std::nullopt;  // not how id_of() writes it
+  // from_chars in base 36 takes upper case too; id_of() writes lower case only.
+  if (std::any_of(digits.begin(), digits.end(), [](char c) { return c >= 'A' && c <= 'Z'; })) return std::nullopt;
+  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n, 36);
   if (ec != std::errc{} || end != digits.data() + digits.size()) return std::nullopt;
   return n;
 }
@@ -201,8 +222,10 @@ void bridge::compact_deadlines() {
   std::make_heap(deadlines_.begin(), deadlines_.end(), later);
 }
 
-bool bridge::send(const Envelope& env) {
-  return post([this, message = core::message_of(env)]() mutable { send_to_broker(std::move(message)); });
+bool bridge::send(const Envelope& env) { return send(core::message_of(env)); }
+
+bool bridge::send(zmq::message_t message) {
+  return post([this, message = std::move(message)]() mutable { send_to_broker(std::move(message)); });
 }
 
 bool bridge::send_to_broker(zmq::message_t&& message) {
@@ -224,7 +247,7 @@ http_answer forward_failed(unsigned status) {
 
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
   auto seq = ++next_id_;
-  request.set_id(id_ + ":" + std::to_string(seq));
+  request.set_id(id_of(seq));
   Envelope env;
   *env.mutable_forward() = std::move(request);
   return post([this, seq, message = core::message_of(env), slot = std::move(slot), timeout]() mutable {
@@ -451,7 +474,7 @@ void bridge::expire(clock::time_point now) {
     if (it == pending_.end() || it->second.deadline != at) continue;  // answered
     auto p = std::move(it->second);
     pending_.erase(it);
-    auto id = id_ + ":" + std::to_string(seq);
+    auto id = id_of(seq);
     reply_to(std::move(p), {proto::TIMEOUT, "no answer from the broker"});
     Envelope cancel;
     cancel.mutable_cancel()->set_id(id);

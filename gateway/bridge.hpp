@@ -66,8 +66,12 @@ class bridge {
   /// sink->deliver_reply(tag, ...), or a TIMEOUT reply after `timeout` + 1 s.
   bool request(const proto::Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
                std::chrono::milliseconds timeout);
+  /// The same, serialized: `message` holds the envelope, whose id is `id`.
+  bool request(std::string_view id, zmq::message_t message, std::weak_ptr<client_sink> sink, std::uint64_t tag,
+               std::chrono::milliseconds timeout);
   /// Sends anything else (client acks, publish API emits, notices).
   bool send(const proto::Envelope& env);
+  bool send(zmq::message_t message);
   /// Forwards a polling request for another gateway's sid through the
   /// broker; the owner's answer (or a timeout) completes `slot`.
   bool forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout);
@@ -75,7 +79,7 @@ class bridge {
   /// handler runs on the bridge thread and must not block.
   void on_forward(std::function<void(proto::HttpForward)> handler) { forward_handler_ = std::move(handler); }
 
-  /// A new request id "<gateway id>:<n>".
+  /// A new request id "<gateway id>:<n>", n in base 36 (lower case).
   std::string next_id();
   const std::string& id() const { return id_; }
   bool connected() const { return welcomed_; }
@@ -130,7 +134,9 @@ class bridge {
   void on_control(const proto::Control& control);
   void deliver_emit(const proto::Emit& emit);
   void reply_to(pending p, reply_data reply);
-  /// n of an id "<our id>:<n>" (every id next_id() made); nothing for any other.
+  /// "<our id>:<seq>" in base 36, as next_id() makes them.
+  std::string id_of(std::uint64_t seq) const;
+  /// n of an id "<our id>:<n>" (every id id_of() made); nothing for any other.
   std::optional<std::uint64_t> own_seq(std::string_view id) const;
   void add_deadline(time_point at, std::uint64_t seq);
   void compact_deadlines();

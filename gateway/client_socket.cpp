@@ -56,26 +56,26 @@ void client_socket::begin_connect() {
 
 bool client_socket::send_event(std::string event, std::string args, std::vector<std::string> attachments,
                                std::uint64_t tag) {
-  // Built on an arena over a per-thread block and serialized at once: the
-  // envelope itself allocates nothing (see proto::arena_on).
-  alignas(16) thread_local std::array<char, 4096> block;
-  google::protobuf::Arena arena{proto::arena_on(block)};
-  auto& env = *google::protobuf::Arena::CreateMessage<proto::Envelope>(&arena);
-  auto* r = env.mutable_request();
-  r->set_id(gw_.link().next_id());
-  r->set_service(service_);
-  r->set_sid(sid_);
-  r->set_nsp(nsp_);
-  r->set_event(std::move(event));
-  r->set_args(std::move(args));
-  for (auto& a : attachments) r->add_attachments(std::move(a));
-  r->set_wants_reply(tag != 0);
-  r->set_timeout_ms(millis(gw_.config().request_timeout));
-  r->set_attempt(1);
-  if (!auth_.empty()) r->set_auth(auth_);
-  if (!user_.empty()) r->set_user(user_);
-  if (tag == 0) return gw_.link().send(env);
-  return gw_.link().request(env, weak_from_this(), tag, gw_.config().request_timeout);
+  // Written straight into the message that is sent (proto::encode_request):
+  // no string is copied on the way.
+  auto id = gw_.link().next_id();
+  proto::request_fields r;
+  r.id = id;
+  r.service = service_;
+  r.sid = sid_;
+  r.nsp = nsp_;
+  r.event = event;
+  r.args = args;
+  r.attachments = attachments;
+  r.wants_reply = tag != 0;
+  r.timeout_ms = millis(gw_.config().request_timeout);
+  r.attempt = 1;
+  r.auth = auth_;
+  r.user = user_;
+  zmq::message_t message{proto::encoded_size(r)};
+  proto::encode_request(r, static_cast<char*>(message.data()));
+  if (tag == 0) return gw_.link().send(std::move(message));
+  return gw_.link().request(id, std::move(message), weak_from_this(), tag, gw_.config().request_timeout);
 }
 
 void client_socket::end(const std::string& reason) {

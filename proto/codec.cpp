@@ -1,5 +1,6 @@
 #include "proto/codec.hpp"
 
+#include <algorithm>
 #include <limits>
 
 #include "core/utf8.hpp"
@@ -125,6 +126,82 @@ hot_envelope peek(std::string_view bytes) {
 }
 
 std::string encode(const Envelope& env) { return env.SerializeAsString(); }
+
+namespace {
+
+std::size_t varint_size(std::uint64_t v) {
+  std::size_t n = 1;
+  for (; v >= 0x80; v >>= 7) ++n;
+  return n;
+}
+
+// Measures, then writes, the fields of a Request; every field number is
+// below 16, so every tag is one byte.
+struct wire_sizer {
+  std::size_t n = 0;
+  void bytes(int, std::string_view v, bool always = false) {
+    if (!v.empty() || always) n += 1 + varint_size(v.size()) + v.size();
+  }
+  void varint(int, std::uint64_t v) {
+    if (v != 0) n += 1 + varint_size(v);
+  }
+};
+
+struct wire_writer {
+  char* p;
+  void raw_varint(std::uint64_t v) {
+    for (; v >= 0x80; v >>= 7) *p++ = static_cast<char>(v | 0x80);
+    *p++ = static_cast<char>(v);
+  }
+  void bytes(int number, std::string_view v, bool always = false) {
+    if (v.empty() && !always) return;
+    *p++ = static_cast<char>(number << 3 | 2);
+    raw_varint(v.size());
+    if (!v.empty()) p = std::copy(v.begin(), v.end(), p);
+  }
+  void varint(int number, std::uint64_t v) {
+    if (v == 0) return;
+    *p++ = static_cast<char>(number << 3);
+    raw_varint(v);
+  }
+};
+
+template <typename Wire>
+void request_body(const request_fields& r, Wire& w) {
+  w.bytes(1, r.id);
+  w.bytes(2, r.service);
+  w.bytes(3, r.sid);
+  w.bytes(4, r.nsp);
+  w.bytes(5, r.event);
+  w.bytes(6, r.args);
+  for (const auto& a : r.attachments) w.bytes(7, a, true);  // a repeated field keeps empty elements
+  w.varint(8, r.wants_reply);
+  w.varint(9, r.timeout_ms);
+  w.varint(10, r.attempt);
+  w.bytes(11, r.user);
+  w.bytes(12, r.auth);
+}
+
+std::size_t request_body_size(const request_fields& r) {
+  wire_sizer s;
+  request_body(r, s);
+  return s.n;
+}
+
+}  // namespace
+
+std::size_t encoded_size(const request_fields& request) {
+  auto body = request_body_size(request);
+  return 1 + varint_size(body) + body;
+}
+
+char* encode_request(const request_fields& request, char* out) {
+  wire_writer w{out};
+  *w.p++ = static_cast<char>(Envelope::kRequest << 3 | 2);
+  w.raw_varint(request_body_size(request));
+  request_body(request, w);
+  return w.p;
+}
 
 hot_envelope head_of(const Envelope& env) {
   hot_envelope out;

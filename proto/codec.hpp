@@ -54,6 +54,24 @@ hot_envelope head_of(const Envelope& env);
 /// Serializes an envelope.
 std::string encode(const Envelope& env);
 
+/// The fields of a Request, as views: what encode_request writes.
+struct request_fields {
+  std::string_view id, service, sid, nsp, event, args;
+  std::span<const std::string> attachments;
+  bool wants_reply = false;
+  std::uint32_t timeout_ms = 0;
+  std::uint32_t attempt = 0;
+  std::string_view user, auth;
+};
+
+/// Envelope{request} written by hand, byte for byte what protobuf would
+/// serialize (fields in order, proto3 defaults left out): the gateway writes
+/// each client event straight into the message it sends, where building a
+/// Request first would copy every string into it. encoded_size() bytes.
+std::size_t encoded_size(const request_fields& request);
+/// Writes the envelope at `out` (encoded_size() bytes); returns its end.
+char* encode_request(const request_fields& request, char* out);
+
 /// Options for an arena whose first block is `block`, a buffer the caller
 /// keeps and reuses (for one arena at a time). An envelope built or parsed
 /// on such an arena costs no allocation beyond string contents too long for

@@ -941,8 +941,9 @@ TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
   ASSERT_TRUE(rig.ask(1, 2000ms));
   ASSERT_TRUE(rig.ask(2, 0ms));
   ASSERT_TRUE(rig.ask(3, 1000ms));
-  // Answers with ids the bridge did not make (theirs are gwD:3001..3003) change nothing.
-  for (auto id : {"gwX:3001", "gwD:3001x", "gwD:03002", "gwD:", "gwD3003", "gwD:-3", "gwD:99999999999999999999"})
+  // Ids count in base 36, lower case: theirs are gwD:2bd..2bf (3001..3003).
+  // Answers with ids the bridge did not make change nothing.
+  for (auto id : {"gwX:2bd", "gwD:2bd!", "gwD:02be", "gwD:2BE", "gwD:", "gwD2bf", "gwD:-3", "gwD:zzzzzzzzzzzzzzzzzzzz"})
     answer(bridge_peer, id);
   serve(false, [&] { return sink->replies().size() == answered + 3 && cancels.size() == 3; });
   auto replies = sink->replies();
@@ -954,7 +955,7 @@ TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
   EXPECT_EQ(std::vector(replies.begin() + answered, replies.end()),
             (std::vector<std::pair<std::uint64_t, proto::Code>>{
                 {2, proto::TIMEOUT}, {3, proto::TIMEOUT}, {1, proto::TIMEOUT}}));
-  EXPECT_EQ(cancels, (std::vector<std::string>{"gwD:3002", "gwD:3003", "gwD:3001"}))
+  EXPECT_EQ(cancels, (std::vector<std::string>{"gwD:2be", "gwD:2bf", "gwD:2bd"}))
       << "each timeout is cancelled at the broker";
 }
 

@@ -1,4 +1,6 @@
 #include <random>
+#include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -101,6 +103,57 @@ TEST(EnvelopePeek, ReadsTheRoutingFieldsOfRequestsAndReplies) {
   EXPECT_EQ(head.id, "gw-1:42");
   EXPECT_EQ(head.code, TIMEOUT);
   EXPECT_TRUE(head.partial);
+}
+
+// encode_request writes what protobuf serializes, byte for byte: defaults
+// left out, empty attachments kept, long fields with multi-byte lengths.
+TEST(EnvelopeCodec, HandWrittenRequestsAreProtobufsBytes) {
+  std::string long_args = "[\"" + std::string(300, 'x') + "\"]";
+  std::string huge(70000, 'b');
+  std::vector<std::vector<std::string>> attachments{{}, {""}, {"a", "", std::string(200, 'z')}, {huge}};
+  std::vector<request_fields> cases;
+  cases.push_back({});  // every field at its default: an empty Request
+  for (const auto& att : attachments) {
+    request_fields f;
+    f.id = "gw-1:2bd";
+    f.service = "demo";
+    f.sid = "gw-1.abc";
+    f.nsp = "/";
+    f.event = "echo";
+    f.args = att.size() == 1 ? std::string_view{long_args} : std::string_view{"[1,\"\u00e9\"]"};
+    f.attachments = att;
+    f.wants_reply = att.size() != 1;
+    f.timeout_ms = att.empty() ? 0 : 30000;
+    f.attempt = att.size() == 3 ? 0xffffffffu : 1;
+    f.user = att.size() == 3 ? "" : "alice";
+    f.auth = att.empty() ? R"({"token":"t"})" : "";
+    cases.push_back(f);
+  }
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const auto& f = cases[i];
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(std::string{f.id});
+    r->set_service(std::string{f.service});
+    r->set_sid(std::string{f.sid});
+    r->set_nsp(std::string{f.nsp});
+    r->set_event(std::string{f.event});
+    r->set_args(std::string{f.args});
+    for (const auto& a : f.attachments) r->add_attachments(a);
+    r->set_wants_reply(f.wants_reply);
+    r->set_timeout_ms(f.timeout_ms);
+    r->set_attempt(f.attempt);
+    r->set_user(std::string{f.user});
+    r->set_auth(std::string{f.auth});
+    std::string written(encoded_size(f), '\0');
+    auto end = encode_request(f, written.data());
+    EXPECT_EQ(end, written.data() + written.size()) << "case " << i;
+    EXPECT_EQ(written, encode(env)) << "case " << i;
+    auto back = decode(written);
+    ASSERT_TRUE(back) << "case " << i;
+    EXPECT_EQ(back->request().attachments_size(), static_cast<int>(f.attachments.size())) << "case " << i;
+    EXPECT_EQ(peek(written).kind, Envelope::kRequest) << "case " << i;
+  }
 }
 
 TEST(EnvelopePeek, LeavesEverythingElseToTheParser) {

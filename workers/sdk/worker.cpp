@@ -10,6 +10,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
@@ -664,6 +665,8 @@ const std::string& request::user() const { return state_->user; }
 const std::string& request::args_text() const { return state_->args; }
 const std::string& request::auth_text() const { return state_->auth; }
 const attachments& request::attachments() const { return state_->att; }
+std::string request::take_args() { return std::exchange(state_->args, {}); }
+attachments request::take_attachments() { return std::exchange(state_->att, {}); }
 bool request::wants_reply() const { return state_->wants_reply; }
 unsigned request::attempt() const { return state_->attempt; }
 const cancel_token& request::cancel() const { return state_->token; }

@@ -92,6 +92,11 @@ class request {
   /// The socket's CONNECT auth payload (JSON text; "{}" when none).
   const std::string& auth_text() const;
   const sidecast::attachments& attachments() const;
+  /// Move the arguments text and the attachments out of the request (both
+  /// are empty afterwards, in every copy of this handle): for a handler that
+  /// answers or forwards what it was given, without copying it.
+  std::string take_args();
+  sidecast::attachments take_attachments();
   bool wants_reply() const;
   unsigned attempt() const;
   const cancel_token& cancel() const;
