@@ -15,9 +15,7 @@ using clock = std::chrono::steady_clock;
 
 namespace {
 
-std::shared_ptr<const std::string> shared_text(std::string s) {
-  return std::make_shared<const std::string>(std::move(s));
-}
+shared_bytes shared_text(std::string_view s) { return shared_bytes::copy_of(s); }
 
 // Reply args must be a JSON array for an ACK; anything else is wrapped.
 std::string as_array(std::string&& args) {
@@ -287,8 +285,8 @@ class sio_socket : public client_socket {
   // The event frame shared by every receiver of a broadcast, encoded once
   // (with the offset in namespaces with recovery).
   void send_shared(eio_session& eio, const std::shared_ptr<const outbound_event>& ev) {
-    frames message{frame{std::shared_ptr<const std::string>(ev, &ev->socketio_frame(recoverable_)), false}};
-    for (const auto& a : ev->attachments()) message.push_back(frame{std::shared_ptr<const std::string>(ev, &a), true});
+    frames message{frame{shared_bytes{ev, ev->socketio_frame(recoverable_)}, false}};
+    for (const auto& a : ev->attachments()) message.push_back(frame{shared_bytes{ev, a}, true});
     eio.send(std::move(message));
   }
 
@@ -527,7 +525,7 @@ void eio_session::on_packet(engineio::packet p) {
   switch (p.type) {
     case engineio::packet_type::message:
       if (echo_) {
-        send({frame{shared_text(p.binary ? std::move(p.data) : "4" + p.data), p.binary}});
+        send({frame{shared_text(p.binary ? p.data : "4" + p.data), p.binary}});
         return;
       }
       if (p.binary) {
@@ -695,12 +693,18 @@ void eio_session::on_connect(socketio::packet p) {
 void eio_session::forget(const std::string& nsp) { sockets_.erase(nsp); }
 
 void eio_session::send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments) {
-  frames message{frame{shared_text("4" + socketio::encode(p)), false}};
+  // Encoded into a buffer the thread keeps, then copied into the frame's
+  // own block: one allocation for the frame, none for its text.
+  thread_local std::string text;
+  text.assign(1, '4');
+  socketio::encode_to(text, p);
+  frames message{frame{shared_text(text), false}};
+  if (text.capacity() > 64 * 1024) text = {};  // a large packet leaves no large buffer behind
   for (const auto& a : attachments) message.push_back(frame{shared_text(a), true});
   send(std::move(message));
 }
 
-void eio_session::send_text(std::string text) { send({frame{shared_text(std::move(text)), false}}); }
+void eio_session::send_text(std::string_view text) { send({frame{shared_text(text), false}}); }
 
 void eio_session::send(frames message) {
   if (closed_) return;
@@ -710,7 +714,7 @@ void eio_session::send(frames message) {
     return;
   }
   for (auto& f : message) {
-    buffered_bytes_ += f.data->size();
+    buffered_bytes_ += f.data.size();
     buffer_.push_back(std::move(f));
   }
   const auto& c = gw_.config();
@@ -728,11 +732,13 @@ void eio_session::flush_poll() {
   std::size_t limit = gw_.config().max_payload;
   while (!buffer_.empty()) {
     auto& f = buffer_.front();
-    std::string segment = f.binary ? "b" + engineio::base64_encode(*f.data) : *f.data;
+    std::string encoded;
+    std::string_view segment = f.data.view();
+    if (f.binary) segment = encoded = "b" + engineio::base64_encode(segment);
     if (!body.empty() && body.size() + 1 + segment.size() > limit) break;
     if (!body.empty()) body += engineio::payload_separator;
     body += segment;
-    buffered_bytes_ -= f.data->size();
+    buffered_bytes_ -= f.data.size();
     buffer_.pop_front();
   }
   if (buffer_.empty()) buffer_ = {};

@@ -63,7 +63,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void on_socketio(std::string&& text);
   void on_socketio_packet(socketio::packet p, std::vector<std::string> attachments);
   void on_connect(socketio::packet p);
-  void send_text(std::string text);
+  void send_text(std::string_view text);
   void flush_poll();
   void hold_get(std::shared_ptr<reply_slot> get);
   void schedule_ping();

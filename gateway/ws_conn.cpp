@@ -106,7 +106,7 @@ constexpr auto close_linger = std::chrono::seconds(2);
 constexpr int max_iov = 256;  // frames are two buffers each: header, payload
 constexpr int read_rounds = 4;  // reads per readiness, then others get a turn
 
-std::size_t size_of(const std::shared_ptr<const std::string>& data) { return data ? data->size() : 0; }
+std::size_t size_of(const shared_bytes& data) { return data.size(); }
 
 // A server frame's header: FIN, the opcode and the payload length (RFC 6455
 // §5.2; servers do not mask).
@@ -146,12 +146,20 @@ bool valid_close_code(unsigned code) {
   return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1011) || (code >= 3000 && code <= 4999);
 }
 
-std::shared_ptr<const std::string> close_payload(unsigned code) {
-  if (code == 1005) return nullptr;  // "no status": an empty close frame
-  return std::make_shared<const std::string>(std::string{static_cast<char>(code >> 8), static_cast<char>(code & 0xff)});
+shared_bytes close_payload(unsigned code) {
+  if (code == 1005) return {};  // "no status": an empty close frame
+  const char bytes[2] = {static_cast<char>(code >> 8), static_cast<char>(code & 0xff)};
+  return shared_bytes::copy_of({bytes, 2});
 }
 
 }  // namespace
+
+shared_bytes shared_bytes::copy_of(std::string_view bytes) {
+  if (bytes.empty()) return {};
+  std::shared_ptr<char[]> block = std::make_shared_for_overwrite<char[]>(bytes.size());
+  std::memcpy(block.get(), bytes.data(), bytes.size());
+  return {block, {block.get(), bytes.size()}};
+}
 
 ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold)
     : ex_{io_executor_of(stream.get_executor())},
@@ -315,7 +323,7 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
     }
     case ping:
       // Bounded like any frame: a client that pings and never reads is a slow consumer.
-      if (!closing_ && !enqueue(std::make_shared<const std::string>(payload, size), pong)) return false;
+      if (!closing_ && !enqueue(shared_bytes::copy_of({payload, size}), pong)) return false;
       return true;
     case pong: return true;
     case close_op: {
@@ -371,7 +379,7 @@ void ws_conn::send(frames message) {
   });
 }
 
-void ws_conn::push(std::shared_ptr<const std::string> data, std::uint8_t op) {
+void ws_conn::push(shared_bytes data, std::uint8_t op) {
   out_frame f;
   f.header_size = make_header(f.header, op, size_of(data));
   queued_bytes_ += size_of(data);
@@ -379,7 +387,7 @@ void ws_conn::push(std::shared_ptr<const std::string> data, std::uint8_t op) {
   queue_.push_back(std::move(f));
 }
 
-bool ws_conn::enqueue(std::shared_ptr<const std::string> data, std::uint8_t op) {
+bool ws_conn::enqueue(shared_bytes data, std::uint8_t op) {
   if (finished_ || closing_) return !finished_;
   push(std::move(data), op);
   if (queue_.size() - head_ > limits_.queue_messages || queued_bytes_ > limits_.queue_bytes) {
@@ -412,7 +420,7 @@ void ws_conn::flush() {
       } else {
         skip -= f.header_size;
       }
-      if (size_of(f.data) > skip) iov[n++] = {const_cast<char*>(f.data->data()) + skip, f.data->size() - skip};
+      if (size_of(f.data) > skip) iov[n++] = {const_cast<char*>(f.data.data()) + skip, f.data.size() - skip};
     }
     msghdr msg{};
     msg.msg_iov = iov;
@@ -444,7 +452,7 @@ void ws_conn::flush() {
       }
       left -= rest;
       queued_bytes_ -= size_of(f.data);
-      f.data.reset();
+      f.data = {};
       ++head_;
       head_written_ = 0;
     }
@@ -475,11 +483,11 @@ void ws_conn::close() {
   asio::dispatch(ex_, [self = shared_from_this()] {
     if (self->closing_ || self->finished_) return;
     // As Node's ws server does for socket.close(): no status code.
-    self->start_close(nullptr);
+    self->start_close({});
   });
 }
 
-void ws_conn::start_close(std::shared_ptr<const std::string> payload) {
+void ws_conn::start_close(shared_bytes payload) {
   push(std::move(payload), close_op);
   closing_ = true;
   linger_ = std::make_unique<timer>(ex_);

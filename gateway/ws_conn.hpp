@@ -41,8 +41,30 @@
 
 namespace sidecast::gateway {
 
+/// The immutable payload of frames: either bytes that something else holds
+/// (a broadcast's frame, encoded once, kept alive by its event), or a copy
+/// of its own made by copy_of(), its bytes and their count in one heap block.
+class shared_bytes {
+ public:
+  shared_bytes() = default;
+  /// `bytes`, which `owner` keeps alive.
+  template <typename Owner>
+  shared_bytes(const std::shared_ptr<Owner>& owner, std::string_view bytes)
+      : keep_{owner, bytes.data()}, size_{bytes.size()} {}
+  /// A copy of `bytes`: one allocation (none when empty).
+  static shared_bytes copy_of(std::string_view bytes);
+
+  std::string_view view() const { return {keep_.get(), size_}; }
+  const char* data() const { return keep_.get(); }
+  std::size_t size() const { return size_; }
+
+ private:
+  std::shared_ptr<const char> keep_;
+  std::size_t size_ = 0;
+};
+
 struct frame {
-  std::shared_ptr<const std::string> data;
+  shared_bytes data;
   bool binary = false;
 };
 /// The frames of one message (a packet and its binary attachments): nearly
@@ -100,12 +122,12 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   };
 
   struct out_frame {
-    std::shared_ptr<const std::string> data;
+    shared_bytes data;
     std::uint8_t header[10];
     std::uint8_t header_size;
   };
 
-  void push(std::shared_ptr<const std::string> data, std::uint8_t op);
+  void push(shared_bytes data, std::uint8_t op);
   void on_accepted(boost::beast::error_code ec);
   // The loop's edge_set: the descriptor may be writable and/or readable (or
   // closed); spurious calls are harmless.
@@ -122,11 +144,11 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   void deliver(std::string message, bool binary);
 
   /// Queues a frame; false when the connection is over (or just dropped as a slow consumer).
-  bool enqueue(std::shared_ptr<const std::string> data, std::uint8_t op);
+  bool enqueue(shared_bytes data, std::uint8_t op);
   void schedule_flush();
   void flush();
   void after_flush();
-  void start_close(std::shared_ptr<const std::string> payload);
+  void start_close(shared_bytes payload);
   void fail(close_code code);
   void finish();
 

@@ -27,7 +27,7 @@ void ws_session::start() {
 
 void ws_session::send_text(std::string text) {
   gw_.metrics().ws_out.Increment();
-  ws_->send(frame{std::make_shared<const std::string>(std::move(text)), false});
+  ws_->send(frame{shared_bytes::copy_of(text), false});
 }
 
 void ws_session::send_error(std::string_view id_json, std::string message) {
@@ -85,7 +85,7 @@ void ws_session::on_closed() {
 void ws_session::deliver(std::shared_ptr<const outbound_event> event, std::string) {
   if (!connected()) return;
   gw_.metrics().ws_out.Increment();
-  ws_->send(frame{std::shared_ptr<const std::string>(event, &event->ws_frame()), false});
+  ws_->send(frame{shared_bytes{event, event->ws_frame()}, false});
 }
 
 void ws_session::deliver_disconnect() {

@@ -328,7 +328,12 @@ boost::system::result<packet> decode_owned(std::string&& text, std::size_t max_a
 
 std::string encode(const packet& p) {
   std::string out;
-  out.reserve(32 + p.nsp.size() + p.data.size());
+  encode_to(out, p);
+  return out;
+}
+
+void encode_to(std::string& out, const packet& p) {
+  out.reserve(out.size() + 32 + p.nsp.size() + p.data.size());
   out += static_cast<char>('0' + static_cast<int>(p.type));
   if (is_binary(p.type)) {
     out += std::to_string(p.attachments);
@@ -342,7 +347,6 @@ std::string encode(const packet& p) {
     out += std::to_string(*p.id);
   }
   out += p.data;
-  return out;
 }
 
 bool has_placeholders(const json::value& v) {

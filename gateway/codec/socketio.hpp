@@ -87,6 +87,8 @@ boost::system::result<packet> decode_owned(std::string&& text, std::size_t max_a
 // for binary types. The packet is not validated: encode what decode accepted
 // or what the gateway built itself.
 std::string encode(const packet& p);
+// The same, appended to `out` (a buffer reused from one packet to the next).
+void encode_to(std::string& out, const packet& p);
 
 // A namespace the text format can carry and protobuf strings accept: starts
 // with '/', valid UTF-8, no ',' and no control characters (which also keeps

@@ -75,7 +75,7 @@ class echo_server {
               if (data == "close-me") return c->close();
               if (data == "throw") throw std::runtime_error("a handler failed");
               if (data == "drop-others") {
-                auto payload = std::make_shared<const std::string>(1, 'x');
+                auto payload = shared_bytes::copy_of(std::string(1, 'x'));
                 for (auto& other : conns_) {
                   auto o = other.lock();
                   if (!o || o == c) continue;
@@ -88,7 +88,7 @@ class echo_server {
                 // own state: the handler must outlive the drop it caused.
                 std::size_t n = 0;
                 std::sscanf(data.c_str(), "flood-touch %zu", &n);
-                auto payload = std::make_shared<const std::string>(10, 'x');
+                auto payload = shared_bytes::copy_of(std::string(10, 'x'));
                 for (std::size_t i = 0; i < n; ++i) {
                   c->send(frame{payload, true});
                   ++*touched;
@@ -99,11 +99,11 @@ class echo_server {
               if (data.starts_with("flood ")) {
                 std::size_t n = 0, size = 0;
                 std::sscanf(data.c_str(), "flood %zu %zu", &n, &size);
-                auto payload = std::make_shared<const std::string>(size, 'x');
+                auto payload = shared_bytes::copy_of(std::string(size, 'x'));
                 for (std::size_t i = 0; i < n; ++i) c->send(frame{payload, true});
                 return;
               }
-              c->send(frame{std::make_shared<const std::string>(std::move(data)), binary});
+              c->send(frame{shared_bytes::copy_of(data), binary});
             },
             [this] { ++closes_; });
       });
