@@ -73,7 +73,9 @@ bool peer_link::has_input() {
   return (socket_.get(zmq::sockopt::events) & ZMQ_POLLIN) != 0;
 }
 
-bool peer_link::receive_into(proto::Envelope& env) {
+bool peer_link::receive_into(proto::Envelope& env) { return receive_into(env, {}); }
+
+bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std::string_view)>& take) {
   for (;;) {
     zmq::message_t msg;
     bool got = is_local_ ? local_ && local_->receive(msg) : socket_.recv(msg, zmq::recv_flags::dontwait).has_value();
@@ -86,6 +88,7 @@ bool peer_link::receive_into(proto::Envelope& env) {
     }
     auto now = clock::now();
     heard_from_broker(now);
+    if (!extra && take && take(msg.to_string_view())) return true;
     if (extra || !proto::decode_into(msg.to_string_view(), env)) {
       ++stats_.malformed;
       if (log_limit_.allow()) spdlog::warn("peer link: dropped a malformed message from the broker");

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <memory>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -65,6 +66,10 @@ class peer_link {
   /// The same, parsed into `env` (which may live on an arena); false when
   /// none is waiting.
   bool receive_into(proto::Envelope& env);
+  /// The same, but a message `take` accepts (it gets the bytes first; true
+  /// when it handled them, a Request it parses its own way, say) is not
+  /// parsed: then receive_into returns true and leaves `env` as it was.
+  bool receive_into(proto::Envelope& env, const std::function<bool(std::string_view)>& take);
 
   /// Sends without blocking; false (and counted) when the queue is full.
   bool send(const proto::Envelope& env);

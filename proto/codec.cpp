@@ -127,6 +127,15 @@ hot_envelope peek(std::string_view bytes) {
 
 std::string encode(const Envelope& env) { return env.SerializeAsString(); }
 
+std::optional<std::string_view> request_body(std::string_view bytes) {
+  wire_reader r{bytes};
+  std::uint64_t tag;
+  std::string_view body;
+  if (!r.varint(tag) || tag != (Envelope::kRequest << 3 | 2) || !r.length_delimited(body) || !r.done())
+    return std::nullopt;
+  return body;
+}
+
 namespace {
 
 std::size_t varint_size(std::uint64_t v) {

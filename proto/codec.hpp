@@ -47,6 +47,12 @@ struct hot_envelope {
 /// KIND_NOT_SET: hand it to decode_into, which has the last word.
 hot_envelope peek(std::string_view bytes);
 
+/// The body of an envelope that holds one Request and nothing else (tag and
+/// length in their shortest encoding), for a proto::Request to parse on its
+/// own; nothing for anything else. Parsing the body as a Request accepts
+/// exactly what decode() would accept as an Envelope with that Request.
+std::optional<std::string_view> request_body(std::string_view bytes);
+
 /// The same fields from a parsed Request, Reply or Lifecycle (a CONNECT
 /// wants a reply); the views point into `env`.
 hot_envelope head_of(const Envelope& env);

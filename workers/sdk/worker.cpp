@@ -40,19 +40,54 @@ struct pending_ack {
   clock::time_point deadline;
 };
 
+// A request's strings. The I/O thread keeps the sets that requests are done
+// with and swaps their buffers into the next requests it parses, so a
+// request's strings cost no allocation once the buffers are big enough.
+struct request_fields {
+  std::string id, service, sid, nsp, event, user, args, auth;
+  sidecast::attachments att;
+};
+
 struct request_state {
   std::shared_ptr<worker_core> core;
   request::kind type = request::kind::event;
-  std::string id, service, sid, nsp, event, user, args, auth;
-  sidecast::attachments att;
+  std::unique_ptr<request_fields> f;
   bool wants_reply = true;
   unsigned attempt = 1;
-  std::stop_source stop;
-  cancel_token token{stop.get_token(), {}};
   std::atomic<bool> answered{false};
   std::atomic<bool> acked{false};  // answered early; the final reply is silent
 
+  // The cancel token is made when a handler first asks for it; most never
+  // do, and a std::stop_source is a heap block. A Cancel (I/O thread) and
+  // cancel() (a handler's thread) meet under the mutex.
+  const cancel_token& token() {
+    std::lock_guard lock{cancel_mutex};
+    if (!token_) {
+      stop_ = std::stop_source{};
+      if (cancel_asked_) stop_.request_stop();
+      token_.emplace(stop_.get_token(), deadline_);
+    }
+    return *token_;
+  }
+  void cancel() {
+    std::lock_guard lock{cancel_mutex};
+    cancel_asked_ = true;
+    if (token_) stop_.request_stop();
+  }
+  void set_deadline(clock::time_point at) {
+    std::lock_guard lock{cancel_mutex};
+    deadline_ = at;
+    if (token_) token_.emplace(stop_.get_token(), at);
+  }
+
   ~request_state();
+
+ private:
+  std::mutex cancel_mutex;
+  clock::time_point deadline_;
+  bool cancel_asked_ = false;
+  std::stop_source stop_{std::nostopstate};
+  std::optional<cancel_token> token_;
 };
 
 // A fixed pool of handler threads fed through one queue. The queue is bounded
@@ -164,6 +199,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::multimap<clock::time_point, std::string> ack_deadlines;
   std::size_t sweep_at = 1024;
   core::log_limiter log_limit;
+  proto::Request parsed;  // requests are parsed into it (see take_request)
+  std::vector<std::unique_ptr<request_fields>> spare_fields;  // see recycle()
+  static constexpr std::size_t max_spare_fields = 1024;
+  static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
   // Shared between threads.
   std::mutex acks_mutex;  // guards acks/ack_deadlines registration from handler threads
@@ -266,7 +305,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     google::protobuf::Arena arena{proto::arena_on(block)};
     auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
     auto* r = env.mutable_reply();
-    r->set_id(st.id);
+    r->set_id(st.f->id);
     r->set_code(code);
     if (!message.empty()) r->set_message(std::move(message));
     r->set_args(std::move(args));
@@ -276,7 +315,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (!partial) ++n_replies;
     // A reply must not be lost to a full outbox: it also frees the credit.
     if (!send(env) && !stopping) {
-      spdlog::error("outbox full: reply for {} dropped", st.id);
+      spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
     return true;
   }
@@ -341,6 +380,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (!options.publish.empty()) pub.connect(options.publish);
       std::deque<outgoing> batch;
       alignas(16) std::array<char, 8192> arena_block;
+      const std::function<bool(std::string_view)> take = [this](std::string_view bytes) { return take_request(bytes); };
       core::input_wait input;
       std::size_t link_in = 0, wake_in = 0;
       std::optional<std::uint64_t> input_for;  // the link's reconnect count when input was set up
@@ -369,15 +409,16 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         }
         if (input.ready(wake_in)) wake.drain();
         for (int i = 0; i < 1024 && input.ready(link_in); ++i) {
-          // Parsed on an arena over a reused block: the request's fields are
-          // copied out by on_request, so the envelope never needs the heap.
+          // A Request goes to take_request() unparsed; anything else is
+          // parsed on an arena over a reused block (what on_message keeps of
+          // it is swapped out), so the envelope never needs the heap.
           google::protobuf::Arena arena{proto::arena_on(arena_block)};
           auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
-          if (!link.receive_into(env)) {
+          if (!link.receive_into(env, take)) {
             input.drained(link_in);
             break;
           }
-          on_message(env);
+          if (env.kind_case() != Envelope::KIND_NOT_SET) on_message(env);  // else take_request() had it
         }
         outbox.drain(batch);
         bool sent = !batch.empty();
@@ -408,7 +449,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     welcomed = false;
     // Whatever still runs learns that the worker is going away.
     for (auto& [id, weak] : in_flight)
-      if (auto st = weak.lock()) st->stop.request_stop();
+      if (auto st = weak.lock()) st->cancel();
     in_flight.clear();
     // Client acks still awaited will not come now: their callbacks hear
     // CANCELLED on the pool (which runs what it holds before it stops), and
@@ -427,12 +468,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   void on_message(Envelope& env) {
     switch (env.kind_case()) {
-      case Envelope::kRequest: on_request(env); break;
-      case Envelope::kLifecycle: on_request(env); break;
+      case Envelope::kRequest: on_request(*env.mutable_request()); break;  // one take_request() left alone
+      case Envelope::kLifecycle: on_lifecycle(*env.mutable_lifecycle()); break;
       case Envelope::kCancel: {
         auto it = in_flight.find(env.cancel().id());
         if (it == in_flight.end()) break;
-        if (auto st = it->second.lock()) st->stop.request_stop();
+        if (auto st = it->second.lock()) st->cancel();
         ++n_cancels;
         in_flight.erase(it);
         break;
@@ -462,55 +503,90 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
   }
 
-  // The request's strings are taken from the envelope, not copied: it is
-  // parsed afresh for the next message. Only a handler that outlives its
-  // turn needs an in_flight entry (a Cancel looks there): a quick handler
-  // that answered in its turn leaves none.
-  void on_request(Envelope& env) {
+  // A request's strings are swapped out of the parsed message into a
+  // recycled request_fields (whose old buffers go back into the message, for
+  // the next parse), not copied. Only a handler that outlives its turn needs
+  // an in_flight entry (a Cancel looks there): a quick handler that answered
+  // in its turn leaves none.
+  std::shared_ptr<request_state> new_request() {
     ++n_requests;
     auto st = std::make_shared<request_state>();
     st->core = shared_from_this();
-    std::uint32_t timeout_ms = 0;
-    if (env.has_request()) {
-      auto& r = *env.mutable_request();
-      st->type = request::kind::event;
-      st->id.swap(*r.mutable_id());
-      st->service.swap(*r.mutable_service());
-      st->sid.swap(*r.mutable_sid());
-      st->nsp.swap(*r.mutable_nsp());
-      st->event.swap(*r.mutable_event());
-      st->user.swap(*r.mutable_user());
-      if (r.args().empty()) st->args = "[]";
-      else st->args.swap(*r.mutable_args());
-      if (r.auth().empty()) st->auth = "{}";
-      else st->auth.swap(*r.mutable_auth());
-      st->att.reserve(r.attachments_size());
-      for (auto& a : *r.mutable_attachments()) st->att.emplace_back().swap(a);
-      st->wants_reply = r.wants_reply();
-      st->attempt = r.attempt();
-      timeout_ms = r.timeout_ms();
+    if (spare_fields.empty()) {
+      st->f = std::make_unique<request_fields>();
     } else {
-      auto& l = *env.mutable_lifecycle();
-      bool connect = l.kind() == proto::Lifecycle::CONNECT;
-      st->type = connect ? request::kind::connect : request::kind::disconnect;
-      st->id.swap(*l.mutable_id());
-      st->service.swap(*l.mutable_service());
-      st->sid.swap(*l.mutable_sid());
-      st->nsp.swap(*l.mutable_nsp());
-      st->event = connect ? "connect" : "disconnect";
-      st->user.swap(*l.mutable_user());
-      st->args = connect ? "[]" : boost::json::serialize(boost::json::array{boost::json::string{l.reason()}});
-      if (l.auth().empty()) st->auth = "{}";
-      else st->auth.swap(*l.mutable_auth());
-      st->wants_reply = connect;
-      st->attempt = l.attempt();
-      timeout_ms = l.timeout_ms();
+      st->f = std::move(spare_fields.back());
+      spare_fields.pop_back();
     }
-    st->token = cancel_token{st->stop.get_token(),
-                             clock::now() + std::chrono::milliseconds(timeout_ms ? timeout_ms : 30000)};
-    auto svc = by_name.find(st->service);
+    return st;
+  }
+
+  // A request is done with its strings: on the I/O thread they are kept for
+  // the next one (at most max_spare_fields sets, none with a large buffer).
+  void recycle(std::unique_ptr<request_fields> f) {
+    if (std::this_thread::get_id() != io_thread_id.load(std::memory_order_relaxed)) return;
+    if (spare_fields.size() >= max_spare_fields) return;
+    for (auto* s : {&f->id, &f->service, &f->sid, &f->nsp, &f->event, &f->user, &f->args, &f->auth})
+      if (s->capacity() > max_spare_bytes) *s = std::string{};
+    f->att.clear();
+    spare_fields.push_back(std::move(f));
+  }
+
+  // An Envelope{Request} as bytes (peer_link hands them over unparsed): the
+  // body is parsed into `parsed`, a Request kept across messages (its strings
+  // keep their buffers); false leaves the bytes to peer_link's parser.
+  bool take_request(std::string_view bytes) {
+    auto body = proto::request_body(bytes);
+    if (!body || !parsed.ParseFromArray(body->data(), static_cast<int>(body->size()))) return false;
+    on_request(parsed);
+    return true;
+  }
+
+  void on_request(proto::Request& r) {
+    auto st = new_request();
+    auto& f = *st->f;
+    st->type = request::kind::event;
+    f.id.swap(*r.mutable_id());
+    f.service.swap(*r.mutable_service());
+    f.sid.swap(*r.mutable_sid());
+    f.nsp.swap(*r.mutable_nsp());
+    f.event.swap(*r.mutable_event());
+    f.user.swap(*r.mutable_user());
+    if (r.args().empty()) f.args = "[]";
+    else f.args.swap(*r.mutable_args());
+    if (r.auth().empty()) f.auth = "{}";
+    else f.auth.swap(*r.mutable_auth());
+    f.att.reserve(r.attachments_size());
+    for (auto& a : *r.mutable_attachments()) f.att.emplace_back().swap(a);
+    st->wants_reply = r.wants_reply();
+    st->attempt = r.attempt();
+    dispatch(std::move(st), r.timeout_ms());
+  }
+
+  void on_lifecycle(proto::Lifecycle& l) {
+    auto st = new_request();
+    auto& f = *st->f;
+    bool connect = l.kind() == proto::Lifecycle::CONNECT;
+    st->type = connect ? request::kind::connect : request::kind::disconnect;
+    f.id.swap(*l.mutable_id());
+    f.service.swap(*l.mutable_service());
+    f.sid.swap(*l.mutable_sid());
+    f.nsp.swap(*l.mutable_nsp());
+    f.event = connect ? "connect" : "disconnect";
+    f.user.swap(*l.mutable_user());
+    f.args = connect ? "[]" : boost::json::serialize(boost::json::array{boost::json::string{l.reason()}});
+    if (l.auth().empty()) f.auth = "{}";
+    else f.auth.swap(*l.mutable_auth());
+    st->wants_reply = connect;
+    st->attempt = l.attempt();
+    dispatch(std::move(st), l.timeout_ms());
+  }
+
+  void dispatch(std::shared_ptr<request_state> st, std::uint32_t timeout_ms) {
+    st->set_deadline(clock::now() + std::chrono::milliseconds(timeout_ms ? timeout_ms : 30000));
+    auto svc = by_name.find(st->f->service);
     if (svc == by_name.end()) {
-      answer(*st, proto::BAD_REQUEST, "service not served here: " + st->service, "[]", {}, false);
+      answer(*st, proto::BAD_REQUEST, "service not served here: " + st->f->service, "[]", {}, false);
       return;
     }
     const service& s = *svc->second;
@@ -520,7 +596,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       case request::kind::connect: h = &s.on_connect_; break;
       case request::kind::disconnect: h = &s.on_disconnect_; break;
       case request::kind::event: {
-        auto it = s.events_.find(st->event);
+        auto it = s.events_.find(st->f->event);
         if (it == s.events_.end()) it = s.events_.find("*");
         if (it != s.events_.end()) {
           h = &it->second.run;
@@ -561,7 +637,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   // Lets a Cancel find the request while it runs (I/O thread only).
   void track(const std::shared_ptr<request_state>& st) {
-    in_flight[st->id] = st;
+    in_flight[st->f->id] = st;
     if (in_flight.size() > sweep_at) {
       // Answered requests leave only expired weak pointers behind.
       std::erase_if(in_flight, [](const auto& kv) { return kv.second.expired(); });
@@ -634,6 +710,7 @@ request_state::~request_state() {
     else
       core->answer(*this, proto::OK, {}, "[]", {}, true);
   }
+  if (core && f) core->recycle(std::move(f));
 }
 
 }  // namespace detail
@@ -656,25 +733,25 @@ bool cancel_token::sleep_for(std::chrono::milliseconds d) const {
 // ---- request ----
 
 request::kind request::type() const { return state_->type; }
-const std::string& request::id() const { return state_->id; }
-const std::string& request::service() const { return state_->service; }
-const std::string& request::sid() const { return state_->sid; }
-const std::string& request::nsp() const { return state_->nsp; }
-const std::string& request::event() const { return state_->event; }
-const std::string& request::user() const { return state_->user; }
-const std::string& request::args_text() const { return state_->args; }
-const std::string& request::auth_text() const { return state_->auth; }
-const attachments& request::attachments() const { return state_->att; }
-std::string request::take_args() { return std::exchange(state_->args, {}); }
-attachments request::take_attachments() { return std::exchange(state_->att, {}); }
+const std::string& request::id() const { return state_->f->id; }
+const std::string& request::service() const { return state_->f->service; }
+const std::string& request::sid() const { return state_->f->sid; }
+const std::string& request::nsp() const { return state_->f->nsp; }
+const std::string& request::event() const { return state_->f->event; }
+const std::string& request::user() const { return state_->f->user; }
+const std::string& request::args_text() const { return state_->f->args; }
+const std::string& request::auth_text() const { return state_->f->auth; }
+const attachments& request::attachments() const { return state_->f->att; }
+std::string request::take_args() { return std::exchange(state_->f->args, {}); }
+attachments request::take_attachments() { return std::exchange(state_->f->att, {}); }
 bool request::wants_reply() const { return state_->wants_reply; }
 unsigned request::attempt() const { return state_->attempt; }
-const cancel_token& request::cancel() const { return state_->token; }
+const cancel_token& request::cancel() const { return state_->token(); }
 const std::string& request::worker_id() const { return state_->core->options.id; }
 
 boost::json::array request::args() const {
   boost::system::error_code ec;
-  auto v = boost::json::parse(state_->args, ec);
+  auto v = boost::json::parse(state_->f->args, ec);
   if (ec || !v.is_array()) return {};
   return std::move(v.as_array());
 }
@@ -687,7 +764,7 @@ bool request::reply(const boost::json::array& args) { return reply(boost::json::
 
 bool request::ack(std::string args_json, sidecast::attachments att) {
   if (!state_->core->answer(*state_, proto::OK, {}, std::move(args_json), std::move(att), false, true)) return false;
-  state_->token = cancel_token{state_->stop.get_token(), std::chrono::steady_clock::time_point::max()};
+  state_->set_deadline(std::chrono::steady_clock::time_point::max());
   return true;
 }
 
@@ -696,7 +773,7 @@ bool request::fail(proto::Code code, std::string message) {
 }
 
 bool request::emit(std::string event, std::string args_json, sidecast::attachments att) {
-  return state_->core->emit_to_sid(state_->nsp, state_->sid, std::move(event), std::move(args_json),
+  return state_->core->emit_to_sid(state_->f->nsp, state_->f->sid, std::move(event), std::move(args_json),
                                    std::move(att));
 }
 
@@ -704,7 +781,7 @@ bool request::emit_with_ack(std::string event, std::string args_json, sidecast::
                             std::function<void(ack_result)> on_ack, std::chrono::milliseconds timeout) {
   auto id = state_->core->register_ack(std::move(on_ack), timeout);
   if (!id) return false;
-  if (state_->core->emit_to_sid(state_->nsp, state_->sid, std::move(event), std::move(args_json), std::move(att),
+  if (state_->core->emit_to_sid(state_->f->nsp, state_->f->sid, std::move(event), std::move(args_json), std::move(att),
                                 *id))
     return true;
   // Not sent: false, and no call — unless a stop() already answered it.
@@ -712,24 +789,24 @@ bool request::emit_with_ack(std::string event, std::string args_json, sidecast::
 }
 
 bool request::join(std::string room) {
-  return state_->core->control(proto::Control::JOIN, state_->nsp, state_->sid, room);
+  return state_->core->control(proto::Control::JOIN, state_->f->nsp, state_->f->sid, room);
 }
 bool request::leave(std::string room) {
-  return state_->core->control(proto::Control::LEAVE, state_->nsp, state_->sid, room);
+  return state_->core->control(proto::Control::LEAVE, state_->f->nsp, state_->f->sid, room);
 }
 bool request::disconnect() {
-  return state_->core->control(proto::Control::DISCONNECT, state_->nsp, state_->sid, {});
+  return state_->core->control(proto::Control::DISCONNECT, state_->f->nsp, state_->f->sid, {});
 }
 
 bool request::emit_to_room(const std::string& room, std::string event, std::string args_json,
                            std::vector<std::string> except_sids, sidecast::attachments att) {
-  return state_->core->publish_to(state_->nsp, &room, std::move(event), std::move(args_json),
+  return state_->core->publish_to(state_->f->nsp, &room, std::move(event), std::move(args_json),
                                   std::move(except_sids), std::move(att));
 }
 
 bool request::broadcast(std::string event, std::string args_json, std::vector<std::string> except_sids,
                         sidecast::attachments att) {
-  return state_->core->publish_to(state_->nsp, nullptr, std::move(event), std::move(args_json),
+  return state_->core->publish_to(state_->f->nsp, nullptr, std::move(event), std::move(args_json),
                                   std::move(except_sids), std::move(att));
 }
 
