@@ -208,6 +208,33 @@ TEST_P(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
   EXPECT_TRUE(eventually([&] { return saw_cancel.load(); })) << "the worker never saw the Cancel";
 }
 
+// The worker makes a request's cancel token only when the handler first asks
+// for it: a Cancel that came before must still be there when it does.
+TEST_P(BrokerTest, ACancelBeforeTheHandlerAsksIsStillSeen) {
+  start();
+  std::atomic<bool> go{false};
+  std::atomic<int> seen{-1};  // -1: not looked yet; 0 / 1: the token's stop_requested()
+  auto& w = add_worker({service{"slow", 1}.on("wait",
+                                              [&](request req) {
+                                                auto until = std::chrono::steady_clock::now() + 10s;
+                                                while (!go && std::chrono::steady_clock::now() < until)
+                                                  std::this_thread::sleep_for(5ms);
+                                                seen = req.cancel().stop_token().stop_requested() ? 1 : 0;
+                                                EXPECT_TRUE(req.cancel().cancelled());
+                                              })},
+                       "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto reply = client.call("slow", "wait", "[]", 200ms);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->code(), proto::TIMEOUT);
+  ASSERT_TRUE(eventually([&] { return w.stats().cancels == 1; })) << "the worker never got the Cancel";
+  EXPECT_EQ(seen.load(), -1) << "the handler looked before the Cancel came";
+  go = true;
+  ASSERT_TRUE(eventually([&] { return seen.load() != -1; }));
+  EXPECT_EQ(seen.load(), 1) << "the Cancel that came first was lost";
+}
+
 TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
   start();  // the broker beats every 100 ms and drops a peer silent for 300 ms
   core::peer_link_options o;
