@@ -191,26 +191,52 @@ void request_body(const request_fields& r, Wire& w) {
   w.bytes(12, r.auth);
 }
 
-std::size_t request_body_size(const request_fields& r) {
+template <typename Wire>
+void reply_body(const reply_fields& r, Wire& w) {
+  w.bytes(1, r.id);
+  w.varint(2, static_cast<std::uint64_t>(static_cast<std::int64_t>(r.code)));  // an enum is an int32
+  w.bytes(3, r.message);
+  w.bytes(4, r.args);
+  for (const auto& a : r.attachments) w.bytes(5, a, true);
+  w.varint(6, r.silent);
+  w.varint(7, r.partial);
+}
+
+void body_of(const request_fields& r, auto& w) { request_body(r, w); }
+void body_of(const reply_fields& r, auto& w) { reply_body(r, w); }
+
+template <typename Fields>
+std::size_t body_size(const Fields& f) {
   wire_sizer s;
-  request_body(r, s);
+  body_of(f, s);
   return s.n;
+}
+
+// Envelope{kind: fields}: the oneof's tag, the body's length, the body.
+template <typename Fields>
+char* encode_envelope(int kind, const Fields& f, char* out) {
+  wire_writer w{out};
+  *w.p++ = static_cast<char>(kind << 3 | 2);
+  w.raw_varint(body_size(f));
+  body_of(f, w);
+  return w.p;
+}
+
+template <typename Fields>
+std::size_t envelope_size(const Fields& f) {
+  auto body = body_size(f);
+  return 1 + varint_size(body) + body;
 }
 
 }  // namespace
 
-std::size_t encoded_size(const request_fields& request) {
-  auto body = request_body_size(request);
-  return 1 + varint_size(body) + body;
+std::size_t encoded_size(const request_fields& request) { return envelope_size(request); }
+char* encode_request(const request_fields& request, char* out) {
+  return encode_envelope(Envelope::kRequest, request, out);
 }
 
-char* encode_request(const request_fields& request, char* out) {
-  wire_writer w{out};
-  *w.p++ = static_cast<char>(Envelope::kRequest << 3 | 2);
-  w.raw_varint(request_body_size(request));
-  request_body(request, w);
-  return w.p;
-}
+std::size_t encoded_size(const reply_fields& reply) { return envelope_size(reply); }
+char* encode_reply(const reply_fields& reply, char* out) { return encode_envelope(Envelope::kReply, reply, out); }
 
 hot_envelope head_of(const Envelope& env) {
   hot_envelope out;

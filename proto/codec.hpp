@@ -78,6 +78,21 @@ std::size_t encoded_size(const request_fields& request);
 /// Writes the envelope at `out` (encoded_size() bytes); returns its end.
 char* encode_request(const request_fields& request, char* out);
 
+/// The fields of a Reply, as views: what encode_reply writes.
+struct reply_fields {
+  std::string_view id;
+  Code code = OK;
+  std::string_view message, args;
+  std::span<const std::string> attachments;
+  bool silent = false;
+  bool partial = false;
+};
+
+/// Envelope{reply}, written as encode_request writes a request: a worker's
+/// answer goes straight into the message it sends.
+std::size_t encoded_size(const reply_fields& reply);
+char* encode_reply(const reply_fields& reply, char* out);
+
 /// Options for an arena whose first block is `block`, a buffer the caller
 /// keeps and reuses (for one arena at a time). An envelope built or parsed
 /// on such an arena costs no allocation beyond string contents too long for

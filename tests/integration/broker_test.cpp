@@ -208,6 +208,26 @@ TEST_P(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
   EXPECT_TRUE(eventually([&] { return saw_cancel.load(); })) << "the worker never saw the Cancel";
 }
 
+// A handler's error whose text is not UTF-8 (an exception's what() may hold
+// any bytes) still reaches the requester as INTERNAL: a Reply's message is a
+// protobuf string, which the broker would refuse, leaving the client to time out.
+TEST_P(BrokerTest, AnErrorMessageThatIsNotUtf8StillAnswers) {
+  start();
+  add_worker({service{"bad", 1}
+                  .on_quick("throw", [](request) { throw std::runtime_error("bad byte \xff here"); })
+                  .on_quick("fail", [](request req) { req.fail(proto::BAD_REQUEST, "\xc3"); })},
+             "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto thrown = client.call("bad", "throw", "[]", 5s);
+  ASSERT_TRUE(thrown);
+  EXPECT_EQ(thrown->code(), proto::INTERNAL);
+  EXPECT_NE(thrown->message().find("not valid UTF-8"), std::string::npos) << thrown->message();
+  auto failed = client.call("bad", "fail", "[]", 5s);
+  ASSERT_TRUE(failed);
+  EXPECT_EQ(failed->code(), proto::BAD_REQUEST);
+}
+
 // The worker makes a request's cancel token only when the handler first asks
 // for it: a Cancel that came before must still be there when it does.
 TEST_P(BrokerTest, ACancelBeforeTheHandlerAsksIsStillSeen) {

@@ -156,6 +156,49 @@ TEST(EnvelopeCodec, HandWrittenRequestsAreProtobufsBytes) {
   }
 }
 
+TEST(EnvelopeCodec, HandWrittenRepliesAreProtobufsBytes) {
+  std::vector<std::string> none, some{"", "bin", std::string(300, 'q')};
+  std::vector<reply_fields> cases;
+  cases.push_back({});
+  cases.push_back({"w1:7", OK, "", "[1]", none, false, false});
+  cases.push_back({"gw-abcdef:2bd", TIMEOUT, "no answer \u00e9", "", some, true, true});
+  std::string big = "[\"" + std::string(20000, 'a') + "\"]";
+  cases.push_back({"c:1", INTERNAL, "boom", big, none, true, false});
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const auto& f = cases[i];
+    Envelope env;
+    auto* r = env.mutable_reply();
+    r->set_id(std::string{f.id});
+    r->set_code(f.code);
+    r->set_message(std::string{f.message});
+    r->set_args(std::string{f.args});
+    for (const auto& a : f.attachments) r->add_attachments(a);
+    r->set_silent(f.silent);
+    r->set_partial(f.partial);
+    std::string written(encoded_size(f), '\0');
+    EXPECT_EQ(encode_reply(f, written.data()), written.data() + written.size()) << "case " << i;
+    EXPECT_EQ(written, encode(env)) << "case " << i;
+    EXPECT_EQ(peek(written).kind, Envelope::kReply) << "case " << i;
+  }
+}
+
+// request_body() hands over the body of exactly one Request, and nothing else.
+TEST(EnvelopeCodec, RequestBodyIsTheRequestAlone) {
+  Envelope env;
+  env.mutable_request()->set_id("gw-1:1");
+  env.mutable_request()->set_args("[1]");
+  auto bytes = encode(env);
+  auto body = request_body(bytes);
+  ASSERT_TRUE(body);
+  Request r;
+  ASSERT_TRUE(r.ParseFromArray(body->data(), static_cast<int>(body->size())));
+  EXPECT_EQ(r.id(), "gw-1:1");
+  EXPECT_FALSE(request_body(bytes + bytes)) << "two requests";
+  EXPECT_FALSE(request_body(bytes.substr(0, bytes.size() - 1))) << "cut short";
+  EXPECT_FALSE(request_body(encode(sample_reply()))) << "another kind";
+  EXPECT_FALSE(request_body("")) << "nothing";
+}
+
 TEST(EnvelopePeek, LeavesEverythingElseToTheParser) {
   Envelope cancel;
   cancel.mutable_cancel()->set_id("x:1");

@@ -15,10 +15,7 @@ std::string first_string(const json::array& args) {
   return {};
 }
 
-void echo(request req) {
-  auto args = req.take_args();
-  req.reply(std::move(args), req.take_attachments());
-}
+void echo(request req) { req.reply(req.args_text(), req.attachments()); }
 
 void whoami(request req) {
   json::error_code ec;

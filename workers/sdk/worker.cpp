@@ -8,6 +8,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <span>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -20,6 +21,7 @@
 #include "core/input_wait.hpp"
 #include "core/log.hpp"
 #include "core/peer_link.hpp"
+#include "core/utf8.hpp"
 #include "core/wakeup.hpp"
 
 namespace sidecast {
@@ -290,31 +292,34 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     return send(env);
   }
 
-  bool answer(request_state& st, proto::Code code, std::string message, std::string args,
-              sidecast::attachments att, bool silent, bool partial = false) {
+  // Any thread answers. The Reply is written straight into the message that
+  // is sent (proto::encode_reply): nothing is copied on the way.
+  bool answer(request_state& st, proto::Code code, std::string_view message, std::string_view args,
+              std::span<const std::string> att, bool silent, bool partial = false) {
     if (partial ? (st.answered || st.acked.exchange(true)) : st.answered.exchange(true)) return false;
     if (!partial && st.acked) {
       // The requester has its answer: this only frees the capacity.
       code = proto::OK;
       silent = true;
-      args.clear();
-      att.clear();
+      args = {};
+      att = {};
     }
-    // Any thread answers: each builds on an arena over its own block.
-    alignas(16) thread_local std::array<char, 4096> block;
-    google::protobuf::Arena arena{proto::arena_on(block)};
-    auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
-    auto* r = env.mutable_reply();
-    r->set_id(st.f->id);
-    r->set_code(code);
-    if (!message.empty()) r->set_message(std::move(message));
-    r->set_args(std::move(args));
-    for (auto& a : att) r->add_attachments(std::move(a));
-    r->set_silent(silent);
-    r->set_partial(partial);
+    // The message is a protobuf string: the broker refuses a Reply whose
+    // message is not UTF-8, and the requester would wait for its deadline.
+    if (!core::valid_utf8(message)) message = "(the handler's error message was not valid UTF-8)";
+    proto::reply_fields r;
+    r.id = st.f->id;
+    r.code = code;
+    r.message = message;
+    r.args = args;
+    r.attachments = att;
+    r.silent = silent;
+    r.partial = partial;
+    zmq::message_t reply{proto::encoded_size(r)};
+    proto::encode_reply(r, static_cast<char*>(reply.data()));
     if (!partial) ++n_replies;
     // A reply must not be lost to a full outbox: it also frees the credit.
-    if (!send(env) && !stopping) {
+    if (!enqueue({{}, std::move(reply)}) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
     return true;
@@ -742,8 +747,6 @@ const std::string& request::user() const { return state_->f->user; }
 const std::string& request::args_text() const { return state_->f->args; }
 const std::string& request::auth_text() const { return state_->f->auth; }
 const attachments& request::attachments() const { return state_->f->att; }
-std::string request::take_args() { return std::exchange(state_->f->args, {}); }
-attachments request::take_attachments() { return std::exchange(state_->f->att, {}); }
 bool request::wants_reply() const { return state_->wants_reply; }
 unsigned request::attempt() const { return state_->attempt; }
 const cancel_token& request::cancel() const { return state_->token(); }
@@ -756,20 +759,20 @@ boost::json::array request::args() const {
   return std::move(v.as_array());
 }
 
-bool request::reply(std::string args_json, sidecast::attachments att) {
-  return state_->core->answer(*state_, proto::OK, {}, std::move(args_json), std::move(att), false);
+bool request::reply(std::string_view args_json, const sidecast::attachments& att) {
+  return state_->core->answer(*state_, proto::OK, {}, args_json, att, false);
 }
 
 bool request::reply(const boost::json::array& args) { return reply(boost::json::serialize(args)); }
 
-bool request::ack(std::string args_json, sidecast::attachments att) {
-  if (!state_->core->answer(*state_, proto::OK, {}, std::move(args_json), std::move(att), false, true)) return false;
+bool request::ack(std::string_view args_json, const sidecast::attachments& att) {
+  if (!state_->core->answer(*state_, proto::OK, {}, args_json, att, false, true)) return false;
   state_->set_deadline(std::chrono::steady_clock::time_point::max());
   return true;
 }
 
 bool request::fail(proto::Code code, std::string message) {
-  return state_->core->answer(*state_, code, std::move(message), "[]", {}, false);
+  return state_->core->answer(*state_, code, message, "[]", {}, false);
 }
 
 bool request::emit(std::string event, std::string args_json, sidecast::attachments att) {

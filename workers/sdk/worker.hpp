@@ -16,6 +16,7 @@
 #include <memory>
 #include <stop_token>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <boost/json/array.hpp>
@@ -92,11 +93,6 @@ class request {
   /// The socket's CONNECT auth payload (JSON text; "{}" when none).
   const std::string& auth_text() const;
   const sidecast::attachments& attachments() const;
-  /// Move the arguments text and the attachments out of the request (both
-  /// are empty afterwards, in every copy of this handle): for a handler that
-  /// answers or forwards what it was given, without copying it.
-  std::string take_args();
-  sidecast::attachments take_attachments();
   bool wants_reply() const;
   unsigned attempt() const;
   const cancel_token& cancel() const;
@@ -104,8 +100,10 @@ class request {
   const std::string& worker_id() const;
 
   /// Answers (the ack for events; accepts a connect with data). Once only:
-  /// later answers are ignored and return false.
-  bool reply(std::string args_json = "[]", sidecast::attachments att = {});
+  /// later answers are ignored and return false. The args are written into
+  /// the reply before it returns (a view of the request's own args_text()
+  /// answers with them, uncopied).
+  bool reply(std::string_view args_json = "[]", const sidecast::attachments& att = {});
   bool reply(const boost::json::array& args);
   /// Answers with an error (REFUSED refuses a connect with `message`).
   bool fail(proto::Code code, std::string message);
@@ -113,7 +111,7 @@ class request {
   /// keeps the request's capacity until the handle is done (last copy gone,
   /// or reply()), and the request's deadline no longer applies — for long
   /// tasks that report progress with emit(). Call from the handler's thread.
-  bool ack(std::string args_json = "[]", sidecast::attachments att = {});
+  bool ack(std::string_view args_json = "[]", const sidecast::attachments& att = {});
 
   /// Emits to the socket that asked.
   bool emit(std::string event, std::string args_json, sidecast::attachments att = {});
