@@ -42,6 +42,58 @@ struct pending_ack {
   clock::time_point deadline;
 };
 
+// Memory for request states (each with its shared_ptr control block, one
+// block): blocks freed on a worker's I/O thread are kept there for its next
+// requests, so a request that starts and ends on the I/O thread (a quick
+// handler's) costs no allocation. Blocks freed on any other thread go back
+// to the heap, as they all came from it.
+class spare_blocks {
+ public:
+  static constexpr std::size_t limit = 1024;
+  spare_blocks() { blocks_.reserve(limit); }
+  ~spare_blocks() {
+    for (auto* p : blocks_) ::operator delete(p);
+  }
+  spare_blocks(const spare_blocks&) = delete;
+  spare_blocks& operator=(const spare_blocks&) = delete;
+
+  void* take(std::size_t size) {
+    if (size != size_ || blocks_.empty()) return ::operator new(size);
+    auto* p = blocks_.back();
+    blocks_.pop_back();
+    return p;
+  }
+  void give(void* p, std::size_t size) noexcept {
+    if (size_ == 0) size_ = size;
+    if (size != size_ || blocks_.size() >= limit) return ::operator delete(p);
+    blocks_.push_back(p);  // within the capacity reserved: no throw
+  }
+
+ private:
+  std::size_t size_ = 0;  // one kind of block
+  std::vector<void*> blocks_;
+};
+
+// The I/O thread's spares while its loop runs; null on every other thread.
+thread_local spare_blocks* io_spares = nullptr;
+
+template <typename T>
+struct io_thread_allocator {
+  using value_type = T;
+  io_thread_allocator() = default;
+  template <typename U>
+  io_thread_allocator(const io_thread_allocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    static_assert(alignof(T) <= __STDCPP_DEFAULT_NEW_ALIGNMENT__);
+    return static_cast<T*>(io_spares ? io_spares->take(n * sizeof(T)) : ::operator new(n * sizeof(T)));
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    if (io_spares) io_spares->give(p, n * sizeof(T));
+    else ::operator delete(p);
+  }
+  friend bool operator==(const io_thread_allocator&, const io_thread_allocator&) { return true; }
+};
+
 // A request's strings. The I/O thread keeps the sets that requests are done
 // with and swaps their buffers into the next requests it parses, so a
 // request's strings cost no allocation once the buffers are big enough.
@@ -367,6 +419,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   void io_loop() {
     io_thread_id = std::this_thread::get_id();
+    spare_blocks spares;
+    struct spares_guard {
+      ~spares_guard() { io_spares = nullptr; }  // before `spares` goes
+    } guard;
+    io_spares = &spares;
     core::peer_link_options lo;
     lo.endpoint = options.broker;
     lo.id = options.id;
@@ -515,7 +572,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // in its turn leaves none.
   std::shared_ptr<request_state> new_request() {
     ++n_requests;
-    auto st = std::make_shared<request_state>();
+    auto st = std::allocate_shared<request_state>(io_thread_allocator<request_state>{});
     st->core = shared_from_this();
     if (spare_fields.empty()) {
       st->f = std::make_unique<request_fields>();
