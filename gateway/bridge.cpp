@@ -173,7 +173,12 @@ bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::
 bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<client_sink> sink,
                      std::uint64_t tag, std::chrono::milliseconds timeout) {
   auto seq = own_seq(id);
-  if (!seq) throw std::logic_error("bridge::request: an id next_id() did not make: " + std::string{id});
+  if (!seq) {
+    // A caller's bug, not a peer's input; answered like a full link, never thrown
+    // on a session's thread.
+    spdlog::error("gateway bridge: request id {} was not made by next_id(); not sent", id);
+    return false;
+  }
   return post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout]() mutable {
     if (!send_to_broker(std::move(message))) {
       // The broker is not taking what we send: say so now, as the broker
@@ -204,6 +209,7 @@ std::optional<std::uint64_t> bridge::own_seq(std::string_view id) const {
 namespace {
 
 constexpr auto later = [](const auto& a, const auto& b) { return a.first > b.first; };
+constexpr std::size_t shrink_above = 4096;  // deadline entries an idle bridge keeps room for
 
 }  // namespace
 
@@ -455,7 +461,7 @@ void bridge::reply_to(pending p, reply_data reply) {
   if (!sink) return;
   // On the io_context's own executor: one operation, where any_io_executor
   // would wrap the handler in a second allocation.
-  boost::asio::post(io_executor_of(sink->executor()), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
+  boost::asio::post(sink->executor(), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
     sink->deliver_reply(tag, std::move(reply));
   });
 }
@@ -482,7 +488,26 @@ void bridge::expire(clock::time_point now) {
     send_to_broker(core::message_of(cancel));
     link_watch_.dirty = true;
   }
+  // The entries of answered requests go now rather than at their time: the
+  // timer is set for the first entry, and each would wake the bridge once
+  // more for nothing. (Each entry is popped once either way.)
+  while (!deadlines_.empty() && !live(deadlines_.front().first, deadlines_.front().second)) {
+    std::pop_heap(deadlines_.begin(), deadlines_.end(), later);
+    deadlines_.pop_back();
+  }
   compact_deadlines();
+  // A burst leaves large tables behind; an idle bridge gives them back.
+  if (pending_.empty() && forwards_.empty() && deadlines_.capacity() > shrink_above) {
+    pending_.rehash(0);
+    forwards_.rehash(0);
+    deadlines_.shrink_to_fit();
+  }
+}
+
+bool bridge::live(time_point at, std::uint64_t seq) const {
+  if (auto f = forwards_.find(seq); f != forwards_.end() && f->second.deadline == at) return true;
+  auto p = pending_.find(seq);
+  return p != pending_.end() && p->second.deadline == at;
 }
 
 void bridge::refuse_args(std::string_view what, std::string_view about) {
@@ -524,7 +549,7 @@ void bridge::deliver_emit(const proto::Emit& emit) {
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
-  boost::asio::post(io_executor_of(sink->executor()), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
+  boost::asio::post(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
     sink->deliver(std::move(ev), std::move(ack));
   });
   if (emit.report_delivery()) report(emit.origin(), proto::DeliveryReport::DELIVERED, emit.sid(), emit.ref());
@@ -589,7 +614,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
       emit.nsp(), emit.event(), emit.args(),
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
   // One post per executor (I/O thread), not per member.
-  std::vector<std::pair<boost::asio::any_io_executor, std::vector<std::shared_ptr<client_sink>>>> groups;
+  std::vector<std::pair<io_executor, std::vector<std::shared_ptr<client_sink>>>> groups;
   for (const auto& sid : members->second) {
     if (except.contains(sid)) continue;
     auto m = members_.find(sid);

@@ -139,6 +139,8 @@ class bridge {
   /// n of an id "<our id>:<n>" (every id id_of() made); nothing for any other.
   std::optional<std::uint64_t> own_seq(std::string_view id) const;
   void add_deadline(time_point at, std::uint64_t seq);
+  /// The request or forward `seq` still waits, with this deadline.
+  bool live(time_point at, std::uint64_t seq) const;
   void compact_deadlines();
   // Counts and logs args from a worker that fail socketio::valid_args.
   void refuse_args(std::string_view what, std::string_view about);

@@ -26,7 +26,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
         auth_{std::move(auth)},
         sid_{sid.empty() ? gw.new_sid() : std::move(sid)} {}
 
-  boost::asio::any_io_executor executor() const override { return ex_; }
+  io_executor executor() const override { return ex_; }
   const std::string& sid() const { return sid_; }
   const std::string& nsp() const { return nsp_; }
   const std::string& service() const { return service_; }

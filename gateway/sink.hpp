@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include <boost/asio/any_io_executor.hpp>
+#include "gateway/io.hpp"
 
 #include "proto/codec.hpp"
 
@@ -63,7 +63,7 @@ class client_sink {
  public:
   virtual ~client_sink() = default;
   /// The executor every delivery is posted to.
-  virtual boost::asio::any_io_executor executor() const = 0;
+  virtual io_executor executor() const = 0;
   /// An event for this socket; `ack_id` non-empty: the worker wants the client's ack.
   virtual void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) = 0;
   /// The answer to a request this sink made with `tag`.

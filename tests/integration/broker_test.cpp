@@ -848,8 +848,8 @@ TEST_P(GatewayPathTest, GatewayReportsReachTheOrigin) {
 // replies it is given.
 class reply_keeper : public gateway::client_sink {
  public:
-  explicit reply_keeper(boost::asio::any_io_executor ex) : ex_{std::move(ex)} {}
-  boost::asio::any_io_executor executor() const override { return ex_; }
+  explicit reply_keeper(gateway::io_executor ex) : ex_{std::move(ex)} {}
+  gateway::io_executor executor() const override { return ex_; }
   void deliver(std::shared_ptr<const gateway::outbound_event>, std::string) override {}
   void deliver_reply(std::uint64_t tag, gateway::reply_data reply) override {
     std::lock_guard lock{mutex_};
@@ -862,7 +862,7 @@ class reply_keeper : public gateway::client_sink {
   }
 
  private:
-  boost::asio::any_io_executor ex_;
+  gateway::io_executor ex_;
   std::mutex mutex_;
   std::vector<std::pair<std::uint64_t, proto::Code>> replies_;
 };
