@@ -13,10 +13,13 @@ namespace eio = sidecast::gateway::engineio;
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view in(reinterpret_cast<const char*>(data), size);
 
-  if (const auto p = eio::decode_text(in)) {
-    if (eio::encode_text(*p) != in) {
-      __builtin_trap();
-    }
+  const auto p = eio::decode_text(in);
+  if (p && eio::encode_text(*p) != in) {
+    __builtin_trap();
+  }
+  // The gateway decodes in the frame's own buffer: the same packet, or none.
+  if (eio::decode_text_owned(std::string{in}) != p) {
+    __builtin_trap();
   }
 
   if (const auto packets = eio::decode_payload(in)) {

@@ -4,12 +4,16 @@
 // input may crash it, and whatever it accepts the protobuf parser must accept
 // as the same kind with the same fields (differential). The arena parse the
 // broker and the workers use must agree with the heap parse, and an accepted
-// envelope must survive encode/decode.
+// envelope must survive encode/decode. The worker parses a Request's body on
+// its own (request_body): it must accept exactly what the full parse does,
+// the same. The hand-written encoders (encode_request, encode_reply) must
+// write what protobuf writes for the same fields.
 #include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "proto/codec.hpp"
 
@@ -46,6 +50,38 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   google::protobuf::Arena arena{proto::arena_on(block)};
   auto& on_arena = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
   if (proto::decode_into(in, on_arena) != full.has_value()) __builtin_trap();
+
+  if (const auto body = proto::request_body(in)) {
+    proto::Request alone;
+    bool ok = alone.ParseFromArray(body->data(), static_cast<int>(body->size()));
+    if (ok != (full && full->has_request())) __builtin_trap();
+    if (ok && alone.SerializeAsString() != full->request().SerializeAsString()) __builtin_trap();
+  }
+
+  if (full && full->has_request()) {
+    Envelope known;  // what the hand-written encoder can say: no unknown fields
+    *known.mutable_request() = full->request();
+    known.mutable_request()->DiscardUnknownFields();
+    const auto& r = known.request();
+    proto::request_fields f{r.id(), r.service(), r.sid(), r.nsp(), r.event(), r.args(), {}, r.wants_reply(),
+                            r.timeout_ms(), r.attempt(), r.user(), r.auth()};
+    std::vector<std::string> attachments(r.attachments().begin(), r.attachments().end());
+    f.attachments = attachments;
+    std::string written(proto::encoded_size(f), '\0');
+    if (proto::encode_request(f, written.data()) != written.data() + written.size()) __builtin_trap();
+    if (written != proto::encode(known)) __builtin_trap();
+  }
+  if (full && full->has_reply()) {
+    Envelope known;
+    *known.mutable_reply() = full->reply();
+    known.mutable_reply()->DiscardUnknownFields();
+    const auto& r = known.reply();
+    std::vector<std::string> attachments(r.attachments().begin(), r.attachments().end());
+    proto::reply_fields f{r.id(), r.code(), r.message(), r.args(), attachments, r.silent(), r.partial()};
+    std::string written(proto::encoded_size(f), '\0');
+    if (proto::encode_reply(f, written.data()) != written.data() + written.size()) __builtin_trap();
+    if (written != proto::encode(known)) __builtin_trap();
+  }
 
   if (full) {
     const auto bytes = proto::encode(*full);

@@ -41,6 +41,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   (void)sio::valid_namespace(in);
 
   const auto p = sio::decode(in, max_attachments);
+  // The gateway decodes in the frame's own buffer: the same answer.
+  const auto owned = sio::decode_owned(std::string{in}, max_attachments);
+  if (owned.has_value() != p.has_value() || (p && *owned != *p)) {
+    __builtin_trap();
+  }
+  if (sio::split_event_owned(std::string{in}) != sio::split_event(in)) {
+    __builtin_trap();
+  }
   if (!p) {
     return 0;
   }
