@@ -108,6 +108,11 @@ class RequestReplyTest(BrokerTest):
 
         svc.on("quiet", lambda req: None)
         svc.on("boom", lambda req: 1 / 0)
+
+        def surrogate_boom(req):
+            raise ValueError("bad \udcff byte")
+        svc.on("surrogate-boom", surrogate_boom)
+        svc.on("surrogate-reply", lambda req: req.reply("x\udcff"))
         svc.on("refuse", lambda req: req.fail(Code.REFUSED, "not you"))
         svc.on("twice", lambda req: [req.reply(1), req.reply(2)])
         return svc
@@ -154,6 +159,11 @@ class RequestReplyTest(BrokerTest):
         reply = c.call("t", "refuse")
         self.assertEqual((reply.code, reply.message), (pb.REFUSED, "not you"))
         self.assertEqual(w.stats().handler_errors, 1)
+        # Text UTF-8 cannot carry still gets an answer, not the deadline's TIMEOUT.
+        reply = c.call("t", "surrogate-boom", timeout_ms=2000)
+        self.assertEqual((reply.code, reply.message), (pb.INTERNAL, "bad ? byte"))
+        reply = c.call("t", "surrogate-reply", timeout_ms=2000)
+        self.assertEqual((reply.code, reply.message), (pb.INTERNAL, "the handler's answer is not valid UTF-8"))
 
     def test_exactly_one_final_reply(self):
         self.start_worker(self.service())

@@ -215,8 +215,16 @@ class _Core:
         r = env.reply
         r.id = req.id
         r.code = int(code)
-        r.message = message
-        r.args = args_json.encode() if isinstance(args_json, str) else args_json
+        # Text that UTF-8 cannot carry (a lone surrogate, as in a str made with
+        # surrogateescape) must not stop the answer: it frees the capacity,
+        # and the requester would wait for its deadline.
+        r.message = message.encode("utf-8", "replace").decode("utf-8")
+        try:
+            r.args = args_json.encode() if isinstance(args_json, str) else args_json
+        except UnicodeEncodeError:
+            r.code = int(Code.INTERNAL)
+            r.message = "the handler's answer is not valid UTF-8"
+            r.args = b"[]"
         r.attachments.extend(attachments)
         r.silent = silent
         r.partial = partial
