@@ -1,10 +1,12 @@
 #pragma once
 // A mutex-protected FIFO with a hard bound, for handing work between threads.
 // The consumer drains it in batches; producers choose to fail or wait when full.
+// Items live in a vector that the consumer's batch swaps with, so both keep
+// their capacity and a steady flow allocates nothing.
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
-#include <deque>
+#include <vector>
 #include <mutex>
 
 namespace sidecast::core {
@@ -35,7 +37,7 @@ class bounded_queue {
   }
 
   /// Moves everything queued into `out` (appending) and wakes blocked producers.
-  void drain(std::deque<T>& out) {
+  void drain(std::vector<T>& out) {
     {
       std::lock_guard lock{mutex_};
       if (items_.empty()) return;
@@ -67,7 +69,7 @@ class bounded_queue {
  private:
   mutable std::mutex mutex_;
   std::condition_variable room_;
-  std::deque<T> items_;
+  std::vector<T> items_;
   std::size_t limit_;
   bool closed_ = false;
 };

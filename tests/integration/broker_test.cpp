@@ -231,6 +231,38 @@ TEST_P(BrokerTest, AnErrorMessageThatIsNotUtf8StillAnswers) {
   EXPECT_EQ(failed->code(), proto::BAD_REQUEST);
 }
 
+// A quick handler runs on the I/O thread, which never waits for room in the
+// outbox: what does not fit is dropped (counted), but never a reply, which
+// also frees the request's credit at the broker. Outbox of one message: the
+// first broadcast takes it, the second is dropped, the reply still goes.
+TEST_P(BrokerTest, AQuickHandlersReplyIsNeverDroppedForAFullOutbox) {
+  start();
+  worker_options o;
+  o.id = "w-full";
+  o.broker = link();
+  o.publish = "inproc://xsub";
+  o.heartbeat_interval = heartbeat_;
+  o.outbox_limit = 1;
+  worker w{o, &ctx_};
+  w.add(service{"full", 1}.on_quick("go", [](request req) {
+    req.broadcast("e", "[1]");
+    req.broadcast("e", "[2]");
+    req.reply("[\"done\"]");
+  }));
+  w.start();
+  ASSERT_TRUE(eventually([&] { return w.connected(); }));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  for (int i = 0; i < 3; ++i) {
+    auto reply = client.call("full", "go", "[]", 5s);
+    ASSERT_TRUE(reply);
+    EXPECT_EQ(reply->code(), proto::OK) << reply->message();
+    EXPECT_EQ(reply->args(), R"(["done"])");
+  }
+  EXPECT_EQ(w.stats().outbox_dropped, 3u) << "one broadcast of each turn had no room";
+  w.stop();
+}
+
 // The worker makes a request's cancel token only when the handler first asks
 // for it: a Cancel that came before must still be there when it does.
 TEST_P(BrokerTest, ACancelBeforeTheHandlerAsksIsStillSeen) {

@@ -254,6 +254,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::size_t sweep_at = 1024;
   core::log_limiter log_limit;
   proto::Request parsed;  // requests are parsed into it (see take_request)
+  std::vector<outgoing> io_replies;  // replies made here while the outbox was full (see enqueue)
   std::vector<std::unique_ptr<request_fields>> spare_fields;  // see recycle()
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
@@ -282,18 +283,30 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
   }
 
-  bool enqueue(outgoing out) {
+  // `reply`: a Reply, which is never dropped (it also frees the request's
+  // credit at the broker).
+  bool enqueue(outgoing out, bool reply = false) {
     if (stopping) return false;
     // The I/O thread drains the outbox, so it must never wait for room, nor
     // wake itself: it drains the outbox before it polls again.
     bool on_io_thread = std::this_thread::get_id() == io_thread_id.load(std::memory_order_relaxed);
-    if (!outbox.try_push(std::move(out)) &&
-        !(!on_io_thread && outbox.push_wait(std::move(out), options.outbox_wait))) {
-      ++n_dropped;
-      return false;
+    if (outbox.try_push(std::move(out))) {
+      if (!on_io_thread) wake.signal();
+      return true;
     }
-    if (!on_io_thread) wake.signal();
-    return true;
+    if (on_io_thread && reply) {
+      // A quick handler's reply (or a default one, when the I/O thread let go
+      // of a request last) waits beside the full outbox. Bounded by the
+      // requests the broker lets this worker hold at once.
+      io_replies.push_back(std::move(out));
+      return true;
+    }
+    if (!on_io_thread && outbox.push_wait(std::move(out), options.outbox_wait)) {
+      wake.signal();
+      return true;
+    }
+    ++n_dropped;
+    return false;
   }
 
   bool send(const Envelope& env) { return enqueue({{}, core::message_of(env)}); }
@@ -371,7 +384,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     proto::encode_reply(r, static_cast<char*>(reply.data()));
     if (!partial) ++n_replies;
     // A reply must not be lost to a full outbox: it also frees the credit.
-    if (!enqueue({{}, std::move(reply)}) && !stopping) {
+    if (!enqueue({{}, std::move(reply)}, true) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
     return true;
@@ -440,7 +453,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       pub.set(zmq::sockopt::sndhwm, options.hwm);
       core::apply(pub, lo.curve);
       if (!options.publish.empty()) pub.connect(options.publish);
-      std::deque<outgoing> batch;
+      std::vector<outgoing> batch;
       alignas(16) std::array<char, 8192> arena_block;
       const std::function<bool(std::string_view)> take = [this](std::string_view bytes) { return take_request(bytes); };
       core::input_wait input;
@@ -483,6 +496,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           if (env.kind_case() != Envelope::KIND_NOT_SET) on_message(env);  // else take_request() had it
         }
         outbox.drain(batch);
+        for (auto& out : io_replies) batch.push_back(std::move(out));
+        io_replies.clear();
         bool sent = !batch.empty();
         for (auto& out : batch) {
           if (out.topic.empty()) {
@@ -493,6 +508,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           }
         }
         batch.clear();
+        if (batch.capacity() > 1024) batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
         now = clock::now();
         if (now >= link.next_tick()) {
           link.tick(now);
