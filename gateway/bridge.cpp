@@ -320,12 +320,13 @@ bool bridge::drain(watch& w, ReadOne read_one) {
 void bridge::pump() {
   if (!link_ || stopped_) return;
   bool more = drain(link_watch_, [this] {
-    // Parsed on an arena over a reused block: the envelope itself costs no
-    // allocation, and the strings that outlive it are moved out.
+    // A Reply goes to take_reply() unparsed; anything else is parsed on an
+    // arena over a reused block: the envelope itself costs no allocation,
+    // and the strings that outlive it are moved out.
     google::protobuf::Arena arena{proto::arena_on(arena_block_)};
     auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
-    if (!link_->receive_into(env)) return false;
-    on_broker(env);
+    if (!link_->receive_into(env, take_reply_)) return false;
+    if (env.kind_case() != Envelope::KIND_NOT_SET) on_broker(env);  // else take_reply() had it
     return true;
   });
   more = drain(sub_watch_, [this] {
@@ -411,30 +412,40 @@ bool bridge::arm(watch& w, std::uint64_t generation, FdOf fd_of) {
   return true;
 }
 
+bool bridge::take_reply(std::string_view bytes) {
+  auto body = proto::reply_body(bytes);
+  if (!body || !parsed_reply_.ParseFromArray(body->data(), static_cast<int>(body->size()))) return false;
+  on_reply(parsed_reply_);
+  return true;
+}
+
+// The reply's strings are swapped out of `r`: parsed_reply_ then holds the
+// spare buffers it gave, for the next parse (see spare_text()).
+void bridge::on_reply(proto::Reply& r) {
+  auto seq = own_seq(r.id());
+  auto it = seq ? pending_.find(*seq) : pending_.end();
+  if (it == pending_.end()) return;  // late: the sink already got a timeout
+  auto p = std::move(it->second);
+  pending_.erase(it);  // its deadline entry finds nothing when it comes
+  reply_data reply{r.code(), {}, {}, {}, r.silent()};
+  if (socketio::valid_args(r.args())) {
+    reply.message.swap(*r.mutable_message());
+    reply.args = spare_text();
+    reply.args.swap(*r.mutable_args());
+    reply.attachments.resize(r.attachments_size());
+    for (int i = 0; i < r.attachments_size(); ++i) reply.attachments[i].swap(*r.mutable_attachments(i));
+  } else {
+    // The asker still gets an answer: an error naming the worker's fault.
+    refuse_args("reply", r.id());
+    if (reply.code == proto::OK) reply = {proto::INTERNAL, "the worker's answer is not valid JSON"};
+    else reply.message.swap(*r.mutable_message());
+  }
+  reply_to(std::move(p), std::move(reply));
+}
+
 void bridge::on_broker(Envelope& env) {
   switch (env.kind_case()) {
-    case Envelope::kReply: {
-      auto seq = own_seq(env.reply().id());
-      auto it = seq ? pending_.find(*seq) : pending_.end();
-      if (it == pending_.end()) return;  // late: the sink already got a timeout
-      auto p = std::move(it->second);
-      pending_.erase(it);  // its deadline entry finds nothing when it comes
-      auto& r = *env.mutable_reply();
-      reply_data reply{r.code(), {}, {}, {}, r.silent()};
-      if (socketio::valid_args(r.args())) {
-        reply.message.swap(*r.mutable_message());
-        reply.args.swap(*r.mutable_args());
-        reply.attachments.resize(r.attachments_size());
-        for (int i = 0; i < r.attachments_size(); ++i) reply.attachments[i].swap(*r.mutable_attachments(i));
-      } else {
-        // The asker still gets an answer: an error naming the worker's fault.
-        refuse_args("reply", r.id());
-        if (reply.code == proto::OK) reply = {proto::INTERNAL, "the worker's answer is not valid JSON"};
-        else reply.message.swap(*r.mutable_message());
-      }
-      reply_to(std::move(p), std::move(reply));
-      return;
-    }
+    case Envelope::kReply: on_reply(*env.mutable_reply()); return;  // one take_reply() left to the parser
     case Envelope::kEmit: deliver_emit(env.emit()); return;
     case Envelope::kForward:
       if (forward_handler_) forward_handler_(std::move(*env.mutable_forward()));

@@ -130,6 +130,10 @@ class bridge {
   template <typename FdOf>
   bool arm(watch& w, std::uint64_t generation, FdOf fd_of);
   void on_broker(proto::Envelope& env);  // on an arena: what outlives the call is moved out
+  /// An Envelope{Reply} from the link, unparsed: its body is parsed into
+  /// parsed_reply_ (false leaves the bytes to the link's parser).
+  bool take_reply(std::string_view bytes);
+  void on_reply(proto::Reply& r);
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);
   void deliver_emit(const proto::Emit& emit);
@@ -174,6 +178,8 @@ class bridge {
   watch link_watch_, sub_watch_;
   std::unique_ptr<core::peer_link> link_;
   alignas(16) std::array<char, 8192> arena_block_;  // where each received envelope is parsed
+  proto::Reply parsed_reply_;  // where each Reply is parsed (see take_reply)
+  const std::function<bool(std::string_view)> take_reply_ = [this](std::string_view bytes) { return take_reply(bytes); };
   std::unique_ptr<zmq::socket_t> sub_;
   std::unordered_map<std::string, member> members_;
   std::unordered_map<std::string, std::unordered_set<std::string>> topics_;  // topic -> local sids

@@ -278,6 +278,7 @@ class sio_socket : public client_socket {
       p.type = attachments.empty() ? socketio::packet_type::ack : socketio::packet_type::binary_ack;
       p.attachments = attachments.size();
       eio->send_socketio(p, attachments);
+      give_back(std::move(p.data));  // for the bridge's next reply (see spare_text())
     }
     if (acks_.empty()) acks_ = {};  // an idle socket keeps no block
   }

@@ -59,6 +59,29 @@ struct reply_data {
   bool silent = false;  // OK with nothing for the client (a worker that already acked)
 };
 
+/// Buffers for reply args. The bridge parses a Reply's args into a buffer
+/// from spare_text() on its thread, and the session that has sent the ack
+/// gives the buffer back on its own. With one I/O thread (the demo's
+/// default) that is the same thread, and a reply's args then cost no
+/// allocation. Per thread, at most 256 buffers of at most 16 KB.
+inline std::vector<std::string>& spare_texts() {
+  thread_local std::vector<std::string> spares;
+  return spares;
+}
+inline std::string spare_text() {
+  auto& spares = spare_texts();
+  if (spares.empty()) return {};
+  auto s = std::move(spares.back());
+  spares.pop_back();
+  return s;
+}
+inline void give_back(std::string&& s) {
+  auto& spares = spare_texts();
+  if (s.capacity() <= 15 || s.capacity() > 16 * 1024 || spares.size() >= 256) return;
+  s.clear();
+  spares.push_back(std::move(s));
+}
+
 class client_sink {
  public:
   virtual ~client_sink() = default;

@@ -127,14 +127,21 @@ hot_envelope peek(std::string_view bytes) {
 
 std::string encode(const Envelope& env) { return env.SerializeAsString(); }
 
-std::optional<std::string_view> request_body(std::string_view bytes) {
+namespace {
+
+std::optional<std::string_view> body_of(std::string_view bytes, Envelope::KindCase kind) {
   wire_reader r{bytes};
   std::uint64_t tag;
   std::string_view body;
-  if (!r.varint(tag) || tag != (Envelope::kRequest << 3 | 2) || !r.length_delimited(body) || !r.done())
+  if (!r.varint(tag) || tag != (static_cast<std::uint64_t>(kind) << 3 | 2) || !r.length_delimited(body) || !r.done())
     return std::nullopt;
   return body;
 }
+
+}  // namespace
+
+std::optional<std::string_view> request_body(std::string_view bytes) { return body_of(bytes, Envelope::kRequest); }
+std::optional<std::string_view> reply_body(std::string_view bytes) { return body_of(bytes, Envelope::kReply); }
 
 namespace {
 

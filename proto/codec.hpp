@@ -52,6 +52,8 @@ hot_envelope peek(std::string_view bytes);
 /// own; nothing for anything else. Parsing the body as a Request accepts
 /// exactly what decode() would accept as an Envelope with that Request.
 std::optional<std::string_view> request_body(std::string_view bytes);
+/// The same for an envelope that holds one Reply and nothing else.
+std::optional<std::string_view> reply_body(std::string_view bytes);
 
 /// The same fields from a parsed Request, Reply or Lifecycle (a CONNECT
 /// wants a reply); the views point into `env`.

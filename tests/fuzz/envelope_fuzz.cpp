@@ -5,8 +5,8 @@
 // as the same kind with the same fields (differential). The arena parse the
 // broker and the workers use must agree with the heap parse, and an accepted
 // envelope must survive encode/decode. The worker parses a Request's body on
-// its own (request_body): it must accept exactly what the full parse does,
-// the same. The hand-written encoders (encode_request, encode_reply) must
+// its own (request_body), the gateway a Reply's (reply_body): each must
+// accept exactly what the full parse does, the same. The hand-written encoders (encode_request, encode_reply) must
 // write what protobuf writes for the same fields.
 #include <array>
 #include <cstddef>
@@ -56,6 +56,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     bool ok = alone.ParseFromArray(body->data(), static_cast<int>(body->size()));
     if (ok != (full && full->has_request())) __builtin_trap();
     if (ok && alone.SerializeAsString() != full->request().SerializeAsString()) __builtin_trap();
+  }
+  if (const auto body = proto::reply_body(in)) {  // the gateway's parse of a Reply
+    proto::Reply alone;
+    bool ok = alone.ParseFromArray(body->data(), static_cast<int>(body->size()));
+    if (ok != (full && full->has_reply())) __builtin_trap();
+    if (ok && alone.SerializeAsString() != full->reply().SerializeAsString()) __builtin_trap();
   }
 
   if (full && full->has_request()) {

@@ -183,7 +183,7 @@ TEST(EnvelopeCodec, HandWrittenRepliesAreProtobufsBytes) {
 }
 
 // request_body() hands over the body of exactly one Request, and nothing else.
-TEST(EnvelopeCodec, RequestBodyIsTheRequestAlone) {
+TEST(EnvelopeCodec, RequestAndReplyBodiesAreTheMessageAlone) {
   Envelope env;
   env.mutable_request()->set_id("gw-1:1");
   env.mutable_request()->set_args("[1]");
@@ -197,6 +197,15 @@ TEST(EnvelopeCodec, RequestBodyIsTheRequestAlone) {
   EXPECT_FALSE(request_body(bytes.substr(0, bytes.size() - 1))) << "cut short";
   EXPECT_FALSE(request_body(encode(sample_reply()))) << "another kind";
   EXPECT_FALSE(request_body("")) << "nothing";
+
+  auto reply = encode(sample_reply());
+  auto reply_bytes = reply_body(reply);
+  ASSERT_TRUE(reply_bytes);
+  Reply back;
+  ASSERT_TRUE(back.ParseFromArray(reply_bytes->data(), static_cast<int>(reply_bytes->size())));
+  EXPECT_EQ(back.SerializeAsString(), sample_reply().reply().SerializeAsString());
+  EXPECT_FALSE(reply_body(bytes)) << "a request";
+  EXPECT_FALSE(reply_body(reply + reply)) << "two replies";
 }
 
 TEST(EnvelopePeek, LeavesEverythingElseToTheParser) {
