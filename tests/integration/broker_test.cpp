@@ -231,6 +231,29 @@ TEST_P(BrokerTest, AnErrorMessageThatIsNotUtf8StillAnswers) {
   EXPECT_EQ(failed->code(), proto::BAD_REQUEST);
 }
 
+// Names the broker would refuse (protobuf strings must be UTF-8) are refused
+// where they are made: the call returns false and sends nothing, and the
+// request's own answer still goes.
+TEST_P(BrokerTest, EmitsAndJoinsWithNamesThatAreNotUtf8AreRefusedAtTheWorker) {
+  start();
+  std::atomic<int> refused{0};
+  add_worker({service{"names", 1}.on_quick("go", [&](request req) {
+               refused += !req.emit("bad\xff", "[]");
+               refused += !req.emit_to_room("room\xc3", "e", "[]");
+               refused += !req.broadcast("e", "[]", {"gw.\xff"});
+               refused += !req.join("\xe2\x82");
+               refused += !req.emit_with_ack("\xff", "[]", {}, [](ack_result) {}, 1s);
+               req.reply("[1]");
+             })},
+             "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto reply = client.call("names", "go", "[]", 5s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->code(), proto::OK);
+  EXPECT_EQ(refused.load(), 5);
+}
+
 // A quick handler runs on the I/O thread, which never waits for room in the
 // outbox: what does not fit is dropped (counted), but never a reply, which
 // also frees the request's credit at the broker. Outbox of one message: the

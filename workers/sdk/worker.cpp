@@ -263,6 +263,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::mutex acks_mutex;  // guards acks/ack_deadlines registration from handler threads
   std::atomic<std::uint64_t> next_ack{0};
   using report_fn = std::function<void(const proto::DeliveryReport&)>;
+  std::mutex text_log_mutex;  // handlers on any thread log through one limiter
+  core::log_limiter text_log_limit;
   std::mutex report_mutex;  // worker::on_report may replace the callback at any time
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
@@ -312,8 +314,24 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   bool send(const Envelope& env) { return enqueue({{}, core::message_of(env)}); }
 
   // A room (room != nullptr) or namespace emit, over the PUB socket.
+  // Protobuf strings must be UTF-8: an event name, a room or a sid that is
+  // not would make a message the broker refuses as malformed, dropped far
+  // from its cause. Refused here instead: false, and a (rate-limited) log.
+  bool all_utf8(std::initializer_list<std::string_view> texts, std::string_view what) {
+    for (auto text : texts) {
+      if (core::valid_utf8(text)) continue;
+      std::lock_guard lock{text_log_mutex};
+      if (text_log_limit.allow()) spdlog::warn("worker {}: {} not sent: a name in it is not valid UTF-8", options.id, what);
+      return false;
+    }
+    return true;
+  }
+
   bool publish_to(const std::string& nsp, const std::string* room, std::string event, std::string args,
                   std::vector<std::string> except_sids, sidecast::attachments att) {
+    if (!all_utf8({nsp, event, room ? std::string_view{*room} : std::string_view{}}, "an emit")) return false;
+    for (const auto& s : except_sids)
+      if (!all_utf8({s}, "an emit")) return false;
     Envelope env;
     auto* e = env.mutable_emit();
     *e = make_emit(nsp, std::move(event), std::move(args), std::move(att));
@@ -336,6 +354,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   bool emit_to_sid(const std::string& nsp, const std::string& sid, std::string event, std::string args,
                    sidecast::attachments att, std::string ack_id = {}, bool report_delivered = false) {
+    if (!all_utf8({nsp, sid, event}, "an emit")) return false;
     Envelope env;
     auto* e = env.mutable_emit();
     *e = make_emit(nsp, std::move(event), std::move(args), std::move(att));
@@ -347,6 +366,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   bool control(proto::Control::Action action, const std::string& nsp, const std::string& sid,
                const std::string& room) {
+    if (!all_utf8({nsp, sid, room}, "a join, leave or disconnect")) return false;
     Envelope env;
     auto* c = env.mutable_control();
     c->set_action(action);

@@ -113,6 +113,9 @@ class request {
   /// tasks that report progress with emit(). Call from the handler's thread.
   bool ack(std::string_view args_json = "[]", const sidecast::attachments& att = {});
 
+  /// The emits, join and leave below return false, sending nothing, when an
+  /// event name or a room is not valid UTF-8 (the broker would refuse the
+  /// message) or the outbox stays full.
   /// Emits to the socket that asked.
   bool emit(std::string event, std::string args_json, sidecast::attachments att = {});
   /// Emits to the asking socket and calls `on_ack` (on a handler thread) with
