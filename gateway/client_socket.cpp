@@ -59,19 +59,18 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
   // Written straight into the message that is sent (proto::encode_request):
   // no string is copied on the way.
   auto id = gw_.link().next_id();
-  proto::request_fields r;
-  r.id = id;
-  r.service = service_;
-  r.sid = sid_;
-  r.nsp = nsp_;
-  r.event = event;
-  r.args = args;
-  r.attachments = attachments;
-  r.wants_reply = tag != 0;
-  r.timeout_ms = millis(gw_.config().request_timeout);
-  r.attempt = 1;
-  r.auth = auth_;
-  r.user = user_;
+  const proto::request_fields r{.id = id,
+                                .service = service_,
+                                .sid = sid_,
+                                .nsp = nsp_,
+                                .event = event,
+                                .args = args,
+                                .attachments = attachments,
+                                .wants_reply = tag != 0,
+                                .timeout_ms = millis(gw_.config().request_timeout),
+                                .attempt = 1,
+                                .user = user_,
+                                .auth = auth_};
   zmq::message_t message{proto::encoded_size(r)};
   proto::encode_request(r, static_cast<char*>(message.data()));
   if (tag == 0) return gw_.link().send(std::move(message));

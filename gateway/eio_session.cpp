@@ -15,8 +15,6 @@ using clock = std::chrono::steady_clock;
 
 namespace {
 
-shared_bytes shared_text(std::string_view s) { return shared_bytes::copy_of(s); }
-
 // Reply args must be a JSON array for an ACK; anything else is wrapped.
 std::string as_array(std::string&& args) {
   auto first = args.find_first_not_of(" \t\r\n");
@@ -466,7 +464,7 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
   if (closed_) return;
   if (probe_ && from == probe_.get()) {
     if (!binary && data == "2probe") {
-      probe_->send(frame{shared_text("3probe"), false});
+      probe_->send(frame{shared_bytes::copy_of("3probe"), false});
       probed_ = true;
       // The pending GET is released with a noop, held briefly like any GET
       // during the upgrade (see poll()).
@@ -526,7 +524,7 @@ void eio_session::on_packet(engineio::packet p) {
   switch (p.type) {
     case engineio::packet_type::message:
       if (echo_) {
-        send({frame{shared_text(p.binary ? p.data : "4" + p.data), p.binary}});
+        send({frame{shared_bytes::copy_of(p.binary ? p.data : "4" + p.data), p.binary}});
         return;
       }
       if (p.binary) {
@@ -699,13 +697,13 @@ void eio_session::send_socketio(const socketio::packet& p, const std::vector<std
   thread_local std::string text;
   text.assign(1, '4');
   socketio::encode_to(text, p);
-  frames message{frame{shared_text(text), false}};
+  frames message{frame{shared_bytes::copy_of(text), false}};
   if (text.capacity() > 64 * 1024) text = {};  // a large packet leaves no large buffer behind
-  for (const auto& a : attachments) message.push_back(frame{shared_text(a), true});
+  for (const auto& a : attachments) message.push_back(frame{shared_bytes::copy_of(a), true});
   send(std::move(message));
 }
 
-void eio_session::send_text(std::string_view text) { send({frame{shared_text(text), false}}); }
+void eio_session::send_text(std::string_view text) { send({frame{shared_bytes::copy_of(text), false}}); }
 
 void eio_session::send(frames message) {
   if (closed_) return;

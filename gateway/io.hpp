@@ -7,11 +7,7 @@
 #include <chrono>
 #include <stdexcept>
 
-// Asio's per-thread cache is laid out by this value: every translation unit
-// that uses Asio must see the one sidecast_asio gives (core/CMakeLists.txt).
-#if !defined(BOOST_ASIO_RECYCLING_ALLOCATOR_CACHE_SIZE) || BOOST_ASIO_RECYCLING_ALLOCATOR_CACHE_SIZE != 32
-#error "link sidecast_asio (PUBLIC definitions) to use Asio: BOOST_ASIO_RECYCLING_ALLOCATOR_CACHE_SIZE must be 32"
-#endif
+#include "core/asio_config.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/bind_allocator.hpp>

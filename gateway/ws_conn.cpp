@@ -106,8 +106,6 @@ constexpr auto close_linger = std::chrono::seconds(2);
 constexpr int max_iov = 256;  // frames are two buffers each: header, payload
 constexpr int read_rounds = 4;  // reads per readiness, then others get a turn
 
-std::size_t size_of(const shared_bytes& data) { return data.size(); }
-
 // A server frame's header: FIN, the opcode and the payload length (RFC 6455
 // §5.2; servers do not mask).
 std::uint8_t make_header(std::uint8_t* h, std::uint8_t op, std::size_t n) {
@@ -381,8 +379,8 @@ void ws_conn::send(frames message) {
 
 void ws_conn::push(shared_bytes data, std::uint8_t op) {
   out_frame f;
-  f.header_size = make_header(f.header, op, size_of(data));
-  queued_bytes_ += size_of(data);
+  f.header_size = make_header(f.header, op, data.size());
+  queued_bytes_ += data.size();
   f.data = std::move(data);
   queue_.push_back(std::move(f));
 }
@@ -420,7 +418,7 @@ void ws_conn::flush() {
       } else {
         skip -= f.header_size;
       }
-      if (size_of(f.data) > skip) iov[n++] = {const_cast<char*>(f.data.data()) + skip, f.data.size() - skip};
+      if (f.data.size() > skip) iov[n++] = {const_cast<char*>(f.data.data()) + skip, f.data.size() - skip};
     }
     msghdr msg{};
     msg.msg_iov = iov;
@@ -445,13 +443,13 @@ void ws_conn::flush() {
     auto left = static_cast<std::size_t>(written);
     while (left > 0) {
       auto& f = queue_[head_];
-      std::size_t rest = f.header_size + size_of(f.data) - head_written_;
+      std::size_t rest = f.header_size + f.data.size() - head_written_;
       if (left < rest) {
         head_written_ += left;
         break;
       }
       left -= rest;
-      queued_bytes_ -= size_of(f.data);
+      queued_bytes_ -= f.data.size();
       f.data = {};
       ++head_;
       head_written_ = 0;
@@ -505,7 +503,7 @@ void ws_conn::fail(close_code code) {
   // stream would be garbage); the close frame says why, and no answer is awaited.
   queue_.erase(queue_.begin() + static_cast<std::ptrdiff_t>(head_ + (head_written_ > 0 ? 1 : 0)), queue_.end());
   queued_bytes_ = 0;
-  for (std::size_t i = head_; i < queue_.size(); ++i) queued_bytes_ += size_of(queue_[i].data);
+  for (std::size_t i = head_; i < queue_.size(); ++i) queued_bytes_ += queue_[i].data.size();
   peer_closed_ = true;
   start_close(close_payload(code));
 }

@@ -151,8 +151,8 @@ std::size_t varint_size(std::uint64_t v) {
   return n;
 }
 
-// Measures, then writes, the fields of a Request; every field number is
-// below 16, so every tag is one byte.
+// Measures, then writes, the fields of a Request or a Reply; every field
+// number is below 16, so every tag is one byte.
 struct wire_sizer {
   std::size_t n = 0;
   void bytes(int, std::string_view v, bool always = false) {
@@ -183,7 +183,7 @@ struct wire_writer {
 };
 
 template <typename Wire>
-void request_body(const request_fields& r, Wire& w) {
+void write_fields(const request_fields& r, Wire& w) {
   w.bytes(1, r.id);
   w.bytes(2, r.service);
   w.bytes(3, r.sid);
@@ -199,7 +199,7 @@ void request_body(const request_fields& r, Wire& w) {
 }
 
 template <typename Wire>
-void reply_body(const reply_fields& r, Wire& w) {
+void write_fields(const reply_fields& r, Wire& w) {
   w.bytes(1, r.id);
   w.varint(2, static_cast<std::uint64_t>(static_cast<std::int64_t>(r.code)));  // an enum is an int32
   w.bytes(3, r.message);
@@ -209,13 +209,10 @@ void reply_body(const reply_fields& r, Wire& w) {
   w.varint(7, r.partial);
 }
 
-void body_of(const request_fields& r, auto& w) { request_body(r, w); }
-void body_of(const reply_fields& r, auto& w) { reply_body(r, w); }
-
 template <typename Fields>
 std::size_t body_size(const Fields& f) {
   wire_sizer s;
-  body_of(f, s);
+  write_fields(f, s);
   return s.n;
 }
 
@@ -225,7 +222,7 @@ char* encode_envelope(int kind, const Fields& f, char* out) {
   wire_writer w{out};
   *w.p++ = static_cast<char>(kind << 3 | 2);
   w.raw_varint(body_size(f));
-  body_of(f, w);
+  write_fields(f, w);
   return w.p;
 }
 

@@ -47,13 +47,21 @@ class BrokerTest : public ::testing::TestWithParam<std::string_view> {
     }
   }
 
-  worker& add_worker(std::vector<service> services, std::string id, std::size_t threads = 0) {
+  worker_options options_for(std::string id, std::size_t threads = 0) const {
     worker_options o;
     o.id = std::move(id);
     o.threads = threads;
     o.broker = link();
     o.publish = "inproc://xsub";
     o.heartbeat_interval = heartbeat_;
+    return o;
+  }
+
+  worker& add_worker(std::vector<service> services, std::string id, std::size_t threads = 0) {
+    return add_worker(std::move(services), options_for(std::move(id), threads));
+  }
+
+  worker& add_worker(std::vector<service> services, const worker_options& o) {
     auto w = std::make_unique<worker>(o, &ctx_);
     for (auto& s : services) w->add(std::move(s));
     w->start();
@@ -260,20 +268,16 @@ TEST_P(BrokerTest, EmitsAndJoinsWithNamesThatAreNotUtf8AreRefusedAtTheWorker) {
 // first broadcast takes it, the second is dropped, the reply still goes.
 TEST_P(BrokerTest, AQuickHandlersReplyIsNeverDroppedForAFullOutbox) {
   start();
-  worker_options o;
-  o.id = "w-full";
-  o.broker = link();
-  o.publish = "inproc://xsub";
-  o.heartbeat_interval = heartbeat_;
+  auto o = options_for("w-full");
   o.outbox_limit = 1;
-  worker w{o, &ctx_};
-  w.add(service{"full", 1}.on_quick("go", [](request req) {
-    req.broadcast("e", "[1]");
-    req.broadcast("e", "[2]");
-    req.reply("[\"done\"]");
-  }));
-  w.start();
-  ASSERT_TRUE(eventually([&] { return w.connected(); }));
+  auto& w = add_worker({service{"full", 1}.on_quick("go",
+                                                    [](request req) {
+                                                      req.broadcast("e", "[1]");
+                                                      req.broadcast("e", "[2]");
+                                                      req.reply("[\"done\"]");
+                                                    })},
+                       o);
+  ASSERT_TRUE(w.connected());
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
   for (int i = 0; i < 3; ++i) {
@@ -283,7 +287,6 @@ TEST_P(BrokerTest, AQuickHandlersReplyIsNeverDroppedForAFullOutbox) {
     EXPECT_EQ(reply->args(), R"(["done"])");
   }
   EXPECT_EQ(w.stats().outbox_dropped, 3u) << "one broadcast of each turn had no room";
-  w.stop();
 }
 
 // The worker makes a request's cancel token only when the handler first asks

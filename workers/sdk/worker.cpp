@@ -298,8 +298,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     if (on_io_thread && reply) {
       // A quick handler's reply (or a default one, when the I/O thread let go
-      // of a request last) waits beside the full outbox. Bounded by the
-      // requests the broker lets this worker hold at once.
+      // of a request last) waits beside the full outbox and is drained with
+      // it in the same turn: bounded by what the turn read (at most 1,024
+      // messages, each answered at most twice: an early ack and the reply).
       io_replies.push_back(std::move(out));
       return true;
     }
@@ -392,14 +393,13 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // The message is a protobuf string: the broker refuses a Reply whose
     // message is not UTF-8, and the requester would wait for its deadline.
     if (!core::valid_utf8(message)) message = "(the handler's error message was not valid UTF-8)";
-    proto::reply_fields r;
-    r.id = st.f->id;
-    r.code = code;
-    r.message = message;
-    r.args = args;
-    r.attachments = att;
-    r.silent = silent;
-    r.partial = partial;
+    const proto::reply_fields r{.id = st.f->id,
+                                .code = code,
+                                .message = message,
+                                .args = args,
+                                .attachments = att,
+                                .silent = silent,
+                                .partial = partial};
     zmq::message_t reply{proto::encoded_size(r)};
     proto::encode_reply(r, static_cast<char*>(reply.data()));
     if (!partial) ++n_replies;
