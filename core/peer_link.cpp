@@ -88,7 +88,11 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
     }
     auto now = clock::now();
     heard_from_broker(now);
-    if (!extra && take && take(msg.to_string_view())) return true;
+    if (!extra && take && take(msg.to_string_view())) {
+      // What `env` may hold from a heartbeat read before is not this message.
+      if (env.kind_case() != proto::Envelope::KIND_NOT_SET) env.Clear();
+      return true;
+    }
     if (extra || !proto::decode_into(msg.to_string_view(), env)) {
       ++stats_.malformed;
       if (log_limit_.allow()) spdlog::warn("peer link: dropped a malformed message from the broker");

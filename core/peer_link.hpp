@@ -68,7 +68,8 @@ class peer_link {
   bool receive_into(proto::Envelope& env);
   /// The same, but a message `take` accepts (it gets the bytes first; true
   /// when it handled them, a Request it parses its own way, say) is not
-  /// parsed: then receive_into returns true and leaves `env` as it was.
+  /// parsed: then receive_into returns true and leaves `env` empty (kind
+  /// not set), whatever link messages were read into it before.
   bool receive_into(proto::Envelope& env, const std::function<bool(std::string_view)>& take);
 
   /// Sends without blocking; false (and counted) when the queue is full.
