@@ -58,9 +58,13 @@ class edge_watcher {
 class edge_set {
  public:
   /// `on_error`: what to do with a failure of the set itself (its wait or
-  /// epoll_wait), described in words; the caller logs it.
-  edge_set(boost::asio::io_context& context, std::function<void(const std::string&)> on_error)
-      : context_{context}, on_error_{std::move(on_error)} {}
+  /// epoll_wait), described in words; the caller logs it. `on_batch_end`, if
+  /// given, runs after the watchers of each batch of ready descriptors (a
+  /// watcher may leave work for it, to do for the whole batch at once); what
+  /// it throws goes to on_error.
+  edge_set(boost::asio::io_context& context, std::function<void(const std::string&)> on_error,
+           std::function<void()> on_batch_end = {})
+      : context_{context}, on_error_{std::move(on_error)}, on_batch_end_{std::move(on_batch_end)} {}
   edge_set(const edge_set&) = delete;
   edge_set& operator=(const edge_set&) = delete;
   ~edge_set() { close(); }
@@ -173,6 +177,14 @@ class edge_set {
         end(*watcher, std::runtime_error{"a non-standard exception"});
       }
     }
+    if (!on_batch_end_ || n <= 0) return;
+    try {
+      on_batch_end_();
+    } catch (const std::exception& e) {
+      on_error_(std::string("after a batch: ") + e.what());
+    } catch (...) {
+      on_error_("after a batch: a non-standard exception");
+    }
   }
 
   // Tells a watcher whose on_edge threw; if that throws too, says so and goes
@@ -189,6 +201,7 @@ class edge_set {
 
   boost::asio::io_context& context_;
   std::function<void(const std::string&)> on_error_;
+  std::function<void()> on_batch_end_;
   boost::asio::posix::basic_stream_descriptor<boost::asio::io_context::executor_type> epoll_{context_.get_executor()};
   std::vector<watched> slots_;
   std::vector<std::uint32_t> free_;

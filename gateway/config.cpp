@@ -27,6 +27,10 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--broker", c.broker, "Broker ROUTER endpoint")->capture_default_str();
   app.add_option("--events", c.events, "Broker XPUB endpoint (room events)")->capture_default_str();
   app.add_option("--threads", c.threads, "I/O threads, one io_context each (0: cores)")->capture_default_str();
+  app.add_option("--io-uring", c.io_uring,
+                 "Make the reads and writes of WebSocket connections that are ready together in one io_uring_enter "
+                 "(falls back to one system call each where the kernel or a seccomp profile forbids io_uring)")
+      ->capture_default_str();
   core::add_millis(app, "--ping-interval", c.ping_interval, "Engine.IO ping interval, ms");
   core::add_millis(app, "--ping-timeout", c.ping_timeout, "Engine.IO ping timeout, ms");
   core::add_millis(app, "--connect-timeout", c.connect_timeout,

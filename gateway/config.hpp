@@ -23,6 +23,7 @@ struct gateway_config {
   std::string broker = "tcp://127.0.0.1:7700";    // the broker's ROUTER
   std::string events = "tcp://127.0.0.1:7702";    // the broker's XPUB
   unsigned threads = 0;                           // io_context threads; 0: cores
+  bool io_uring = true;                           // batch WebSocket reads and writes through io_uring when the kernel allows
   std::chrono::milliseconds ping_interval{25000};
   std::chrono::milliseconds ping_timeout{20000};
   std::chrono::milliseconds connect_timeout{45000};  // an Engine.IO session that joins no namespace by then is closed

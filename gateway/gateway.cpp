@@ -100,6 +100,7 @@ void gateway::start() {
   for (unsigned i = 0; i < config_.threads; ++i) {
     contexts_.push_back(std::make_unique<asio::io_context>(1));
     guards_.push_back(asio::make_work_guard(*contexts_.back()));
+    configure_ws_loop(*contexts_.back(), config_.io_uring, metrics_);
   }
   asio::ip::tcp::endpoint endpoint{asio::ip::make_address(hp->host), hp->port};
   acceptor_.emplace(*contexts_.front());

@@ -65,6 +65,12 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                            .Name("sidecast_gateway_broker_connected")
                            .Help("1 while the broker has welcomed this gateway")
                            .Register(r)
-                           .Add({})} {}
+                           .Add({})},
+      io_uring_batches{counter(r, "sidecast_gateway_io_uring_batches_total",
+                               "Batches of WebSocket reads or writes made in one io_uring_enter (--io-uring)")
+                           .Add({})},
+      io_uring_calls{counter(r, "sidecast_gateway_io_uring_calls_total",
+                             "Socket calls (recv, sendmsg) made in those batches")
+                         .Add({})} {}
 
 }  // namespace sidecast::gateway

@@ -43,6 +43,8 @@ struct gateway_metrics {
   prometheus::Histogram& ack_latency;
   prometheus::Gauge& rooms;
   prometheus::Gauge& broker_connected;
+  prometheus::Counter& io_uring_batches;  // WebSocket reads or writes made together in one io_uring_enter
+  prometheus::Counter& io_uring_calls;    // ... and the socket calls in them
 };
 
 }  // namespace sidecast::gateway

@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <span>
@@ -17,6 +18,7 @@
 
 #include "core/log.hpp"
 #include "core/utf8.hpp"
+#include "gateway/io_batch.hpp"
 
 namespace sidecast::gateway {
 
@@ -24,16 +26,21 @@ namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace websocket = beast::websocket;
 
+constexpr int max_iov = 256;  // per sendmsg; frames are two buffers each: header, payload
+
 // What the WebSocket connections of one io_context (one thread) share:
 //
 //  - Readiness. Once upgraded, a connection's descriptor leaves Asio's
 //    reactor for this loop's edge_set (core/edge_set.hpp says why): a batch
 //    of ready connections costs one wait and one epoll_wait.
-//  - The buffer every read lands in.
+//  - The reads of such a batch: connections that became readable are read
+//    together once the batch's edges are all in, in one io_uring_enter
+//    (io_batch), each into its own slice of one buffer.
+//  - The buffer every other read lands in.
 //  - The connections waiting to flush. The flusher is posted once for all
 //    of them, so it runs after the handlers already queued (the rest of a
 //    broadcast, other replies) and each connection writes everything they
-//    queued in one call.
+//    queued in one call; those calls, too, go in one io_uring_enter.
 class ws_loop : public asio::execution_context::service {
  public:
   using key_type = ws_loop;
@@ -42,11 +49,18 @@ class ws_loop : public asio::execution_context::service {
   explicit ws_loop(asio::execution_context& context)
       : service{context},
         context_{static_cast<asio::io_context&>(context)},
-        edges_{context_, [this](const std::string& what) {
+        edges_{context_,
+               [this](const std::string& what) {
                  if (log_limit_.allow()) spdlog::error("gateway: WebSocket connections: {}", what);
-               }} {}
+               },
+               [this] { read_batch(); }} {}
 
   static ws_loop& of(const io_executor& ex) { return asio::use_service<ws_loop>(ex.context()); }
+
+  void configure(bool io_uring, gateway_metrics& metrics) {
+    calls_.emplace(io_uring);
+    metrics_ = &metrics;
+  }
 
   /// This thread's limit on log lines caused by connections.
   core::log_limiter& log_limit() { return log_limit_; }
@@ -63,6 +77,15 @@ class ws_loop : public asio::execution_context::service {
     asio::post(context_, [this] { run(); });
   }
 
+  /// The connection is readable (an edge came): read it with the rest of
+  /// the batch, or now when reads are not batched.
+  void ask_read(ws_conn& conn) {
+    if (!batching()) return conn.on_readable();
+    if (conn.read_asked_) return;
+    conn.read_asked_ = true;
+    readers_.push_back(conn.shared_from_this());
+  }
+
   /// Adds the connection's descriptor to the set, which keeps the connection
   /// alive until unwatch(). False (errno set) when the descriptor cannot be added.
   bool watch(const std::shared_ptr<ws_conn>& conn) { return edges_.watch(conn->fd_, conn); }
@@ -73,37 +96,177 @@ class ws_loop : public asio::execution_context::service {
 
  private:
   static constexpr std::size_t read_size = 64 * 1024;
+  // Batched reads share one buffer, a slice each: at least min_slice (an
+  // echo or a ping is far smaller; a read that fills its slice is followed
+  // by ordinary reads into the 64 KB buffer).
+  static constexpr std::size_t slices_size = 256 * 1024;
+  static constexpr std::size_t min_slice = 2048;
+  // Batched flushes share one array of iovecs (a frame is two).
+  static constexpr std::size_t iovecs = 16384;
+
+  io_batch& calls() {
+    if (!calls_) calls_.emplace(true);  // a loop nobody configured (unit tests): as the default
+    return *calls_;
+  }
+
+  bool batching() { return calls().may_use_ring(); }
+
+  // Runs fn for a connection of a batch; what it throws ends that connection
+  // alone, as the edge_set does for a watcher.
+  template <typename Fn>
+  void guarded(ws_conn& conn, Fn&& fn) {
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      end(conn, e);
+    } catch (...) {
+      end(conn, std::runtime_error{"a non-standard exception"});
+    }
+  }
+
+  void end(ws_conn& conn, const std::exception& e) {
+    try {
+      conn.on_edge_threw(e);
+    } catch (...) {
+      if (log_limit_.allow()) spdlog::error("gateway: a WebSocket connection failed to end itself");
+    }
+  }
+
+  // After a run of the batch: counts it, and says once why io_uring is not
+  // used when it was wanted.
+  void account(std::size_t n, std::uint64_t ring_batches_before) {
+    auto& calls = *calls_;
+    if (metrics_ && calls.ring_batches() != ring_batches_before) {
+      metrics_->io_uring_batches.Increment();
+      metrics_->io_uring_calls.Increment(static_cast<double>(n));
+    }
+    if (!calls.ring_error().empty() && !ring_error_logged_) {
+      ring_error_logged_ = true;
+      spdlog::warn("gateway: io_uring is not available ({}); WebSocket connections make one system call per read and write",
+                   calls.ring_error());
+    }
+  }
+
+  void read_batch() {
+    if (readers_.empty()) return;
+    reading_.swap(readers_);
+    if (reading_.size() == 1) {
+      auto& conn = *reading_.front();
+      conn.read_asked_ = false;
+      guarded(conn, [&] { conn.on_readable(); });
+      reading_.clear();
+      return;
+    }
+    if (!slices_) slices_ = std::make_unique<char[]>(slices_size);
+    auto& calls = this->calls();
+    const std::size_t slice = std::clamp(slices_size / reading_.size(), min_slice, read_size);
+    const std::size_t per_run = std::min(slices_size / slice, io_batch::capacity);
+    for (std::size_t from = 0; from < reading_.size(); from += per_run) {
+      const std::size_t to = std::min(reading_.size(), from + per_run);
+      for (std::size_t i = from; i < to; ++i) {
+        auto& conn = *reading_[i];
+        conn.read_asked_ = false;
+        // One that ended (or got its close frame) since its edge is not read.
+        if (conn.finished_ || conn.peer_closed_) continue;
+        calls.recv(conn.fd_, slices_.get() + (i - from) * slice, slice);
+        runs_.push_back(i);
+      }
+      const auto before = calls.ring_batches();
+      auto results = calls.run();
+      account(results.size(), before);
+      for (std::size_t k = 0; k < results.size(); ++k) {
+        auto& conn = *reading_[runs_[k]];
+        char* data = slices_.get() + (runs_[k] - from) * slice;
+        guarded(conn, [&] {
+          if (conn.took(data, results[k], slice)) conn.on_readable();
+        });
+      }
+      runs_.clear();
+    }
+    reading_.clear();
+  }
 
   void run() {
     scheduled_ = false;
-    batch_.swap(dirty_);
-    for (auto& conn : batch_) {
-      conn->flush_asked_ = false;
-      conn->flush();
+    flushing_.swap(dirty_);
+    if (flushing_.size() == 1 || !batching()) {
+      for (auto& conn : flushing_) {
+        conn->flush_asked_ = false;
+        guarded(*conn, [&] { conn->flush(); });
+      }
+      flushing_.clear();
+      return;
     }
-    batch_.clear();
+    if (!iov_) iov_ = std::make_unique<iovec[]>(iovecs);
+    auto& calls = this->calls();
+    std::size_t next = 0;
+    while (next < flushing_.size()) {
+      std::size_t used = 0;
+      while (next < flushing_.size() && calls.size() < io_batch::capacity && iovecs - used >= std::size_t{max_iov}) {
+        auto& conn = *flushing_[next];
+        conn.flush_asked_ = false;
+        if (conn.may_write()) {
+          int n = conn.gather(iov_.get() + used, max_iov);
+          if (n == 0) {
+            guarded(conn, [&] { conn.wrote_all(); });
+          } else {
+            auto& msg = messages_[calls.size()];
+            msg = {};
+            msg.msg_iov = iov_.get() + used;
+            msg.msg_iovlen = static_cast<std::size_t>(n);
+            calls.sendmsg(conn.fd_, &msg, MSG_NOSIGNAL);
+            runs_.push_back(next);
+            used += static_cast<std::size_t>(n);
+          }
+        }
+        ++next;
+      }
+      const auto before = calls.ring_batches();
+      auto results = calls.run();
+      account(results.size(), before);
+      for (std::size_t k = 0; k < results.size(); ++k) {
+        auto& conn = *flushing_[runs_[k]];
+        guarded(conn, [&] {
+          if (conn.wrote(results[k])) conn.flush();
+        });
+      }
+      runs_.clear();
+    }
+    flushing_.clear();
   }
 
   void shutdown() override {
     dirty_.clear();
-    batch_.clear();
+    flushing_.clear();
+    readers_.clear();
+    reading_.clear();
     edges_.close();
   }
 
   asio::io_context& context_;
   core::log_limiter log_limit_;
   core::edge_set edges_;
+  std::optional<io_batch> calls_;
+  gateway_metrics* metrics_ = nullptr;
+  bool ring_error_logged_ = false;
   std::unique_ptr<char[]> read_buffer_;
-  std::vector<std::shared_ptr<ws_conn>> dirty_, batch_;
+  std::unique_ptr<char[]> slices_;
+  std::unique_ptr<iovec[]> iov_;
+  msghdr messages_[io_batch::capacity];
+  std::vector<std::size_t> runs_;  // the batch's calls: index of their connection
+  std::vector<std::shared_ptr<ws_conn>> dirty_, flushing_, readers_, reading_;
   bool scheduled_ = false;
 };
 
 asio::execution_context::id ws_loop::id;
 
+void configure_ws_loop(asio::io_context& context, bool io_uring, gateway_metrics& metrics) {
+  asio::use_service<ws_loop>(context).configure(io_uring, metrics);
+}
+
 namespace {
 
 constexpr auto close_linger = std::chrono::seconds(2);
-constexpr int max_iov = 256;  // frames are two buffers each: header, payload
 constexpr int read_rounds = 4;  // reads per readiness, then others get a turn
 
 // A server frame's header: FIN, the opcode and the payload length (RFC 6455
@@ -221,7 +384,7 @@ void ws_conn::on_accepted(beast::error_code ec) {
 
 void ws_conn::on_edge(std::uint32_t events) {
   if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) on_writable();
-  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) on_readable();
+  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) loop_.ask_read(*this);
 }
 
 void ws_conn::on_edge_threw(const std::exception& e) {
@@ -238,31 +401,47 @@ void ws_conn::on_readable() {
   auto buffer = loop_.read_buffer();
   for (int round = 0; round < read_rounds; ++round) {
     auto n = ::recv(fd_, buffer.data(), buffer.size(), MSG_DONTWAIT);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return drained();
-      return finish();
-    }
-    if (n == 0) return finish();  // the client closed TCP
-    metrics_.bytes_in.Increment(static_cast<double>(n));
-    auto size = static_cast<std::size_t>(n);
-    if (partial_.empty()) {
-      auto used = parse(buffer.data(), size);
-      if (!used) return;
-      partial_.assign(buffer.data() + *used, size - *used);
-    } else {
-      partial_.append(buffer.data(), size);
-      auto used = parse(partial_.data(), partial_.size());
-      if (!used) return;
-      partial_.erase(0, *used);
-    }
-    if (peer_closed_) return;
-    // A short read emptied the socket: what arrives later is a new edge.
-    if (size < buffer.size()) return drained();
+    if (!took(buffer.data(), n < 0 ? -errno : n, buffer.size())) return;
   }
   // Still data after a few full buffers. No new edge comes for it, so read
   // on later, after the other connections have had their turn.
   asio::post(ex_, [self = shared_from_this()] { self->on_readable(); });
+}
+
+bool ws_conn::took(char* data, long n, std::size_t room) {
+  if (finished_ || peer_closed_) return false;
+  if (n < 0) {
+    if (n == -EINTR) return true;
+    if (n == -EAGAIN || n == -EWOULDBLOCK) {
+      drained();
+    } else {
+      finish();
+    }
+    return false;
+  }
+  if (n == 0) {
+    finish();  // the client closed TCP
+    return false;
+  }
+  metrics_.bytes_in.Increment(static_cast<double>(n));
+  auto size = static_cast<std::size_t>(n);
+  if (partial_.empty()) {
+    auto used = parse(data, size);
+    if (!used) return false;
+    partial_.assign(data + *used, size - *used);
+  } else {
+    partial_.append(data, size);
+    auto used = parse(partial_.data(), partial_.size());
+    if (!used) return false;
+    partial_.erase(0, *used);
+  }
+  if (peer_closed_) return false;
+  // A short read emptied the socket: what arrives later is a new edge.
+  if (size < room) {
+    drained();
+    return false;
+  }
+  return true;
 }
 
 void ws_conn::drained() {
@@ -405,56 +584,73 @@ void ws_conn::schedule_flush() {
 }
 
 void ws_conn::flush() {
-  if (finished_ || write_waiting_ || !accepted_) return;
   iovec iov[max_iov];
-  while (head_ < queue_.size()) {
-    int n = 0;
-    for (std::size_t i = head_; i < queue_.size() && n + 2 <= max_iov; ++i) {
-      auto& f = queue_[i];
-      std::size_t skip = i == head_ ? head_written_ : 0;
-      if (skip < f.header_size) {
-        iov[n++] = {f.header + skip, f.header_size - skip};
-        skip = 0;
-      } else {
-        skip -= f.header_size;
-      }
-      if (f.data.size() > skip) iov[n++] = {const_cast<char*>(f.data.data()) + skip, f.data.size() - skip};
-    }
+  while (may_write()) {
+    int n = gather(iov, max_iov);
+    if (n == 0) return wrote_all();
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = static_cast<std::size_t>(n);
     auto written = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (written < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        // The kernel's buffer is full: wait until the client reads. Written
-        // entries go first, so a consumer that never quite catches up does
-        // not keep one per frame ever sent.
-        if (head_ > queue_.size() / 2) {
-          queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(head_));
-          head_ = 0;
-        }
-        write_waiting_ = true;  // until the loop reports the socket writable
-        return;
-      }
-      return finish();
-    }
-    metrics_.bytes_out.Increment(static_cast<double>(written));
-    auto left = static_cast<std::size_t>(written);
-    while (left > 0) {
-      auto& f = queue_[head_];
-      std::size_t rest = f.header_size + f.data.size() - head_written_;
-      if (left < rest) {
-        head_written_ += left;
-        break;
-      }
-      left -= rest;
-      queued_bytes_ -= f.data.size();
-      f.data = {};
-      ++head_;
-      head_written_ = 0;
-    }
+    if (!wrote(written < 0 ? -errno : written)) return;
   }
+}
+
+int ws_conn::gather(iovec* iov, int max) const {
+  int n = 0;
+  for (std::size_t i = head_; i < queue_.size() && n + 2 <= max; ++i) {
+    auto& f = queue_[i];
+    std::size_t skip = i == head_ ? head_written_ : 0;
+    if (skip < f.header_size) {
+      iov[n++] = {const_cast<std::uint8_t*>(f.header) + skip, f.header_size - skip};
+      skip = 0;
+    } else {
+      skip -= f.header_size;
+    }
+    if (f.data.size() > skip) iov[n++] = {const_cast<char*>(f.data.data()) + skip, f.data.size() - skip};
+  }
+  return n;
+}
+
+bool ws_conn::wrote(long result) {
+  if (finished_) return false;
+  if (result < 0) {
+    if (result == -EINTR) return true;
+    if (result == -EAGAIN || result == -EWOULDBLOCK) {
+      // The kernel's buffer is full: wait until the client reads. Written
+      // entries go first, so a consumer that never quite catches up does
+      // not keep one per frame ever sent.
+      if (head_ > queue_.size() / 2) {
+        queue_.erase(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(head_));
+        head_ = 0;
+      }
+      write_waiting_ = true;  // until the loop reports the socket writable
+    } else {
+      finish();
+    }
+    return false;
+  }
+  metrics_.bytes_out.Increment(static_cast<double>(result));
+  auto left = static_cast<std::size_t>(result);
+  while (left > 0) {
+    auto& f = queue_[head_];
+    std::size_t rest = f.header_size + f.data.size() - head_written_;
+    if (left < rest) {
+      head_written_ += left;
+      break;
+    }
+    left -= rest;
+    queued_bytes_ -= f.data.size();
+    f.data = {};
+    ++head_;
+    head_written_ = 0;
+  }
+  if (head_ < queue_.size()) return true;
+  wrote_all();
+  return false;
+}
+
+void ws_conn::wrote_all() {
   queue_.clear();
   head_ = 0;
   if (queue_.capacity() > 64) queue_.shrink_to_fit();

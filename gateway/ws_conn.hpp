@@ -12,6 +12,9 @@
 //    the thread is busy are coalesced: the connection asks its thread's
 //    flusher for a turn, and when the flusher runs, after the handlers
 //    already queued, everything queued goes out in one sendmsg (writev).
+//  - When several connections are ready to read, or to flush, at once, the
+//    thread makes their recv or sendmsg calls in one io_uring_enter
+//    (gateway/io_batch.hpp); without io_uring, one by one as before.
 //  - The queue is bounded in frames and bytes: a consumer that falls behind
 //    is disconnected, never buffered without end. Messages are bounded by
 //    `max_message`; text must be UTF-8; anything else RFC 6455 forbids from
@@ -21,6 +24,8 @@
 // Its owner (an Engine.IO session or a /ws session) gets messages and the
 // close through callbacks, on the connection's executor; sending is
 // thread-safe.
+#include <sys/uio.h>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -79,6 +84,12 @@ struct ws_limits {
 
 class ws_loop;
 
+/// Sets how the WebSocket connections of `context` make their socket calls:
+/// batched through io_uring when `io_uring` is true and the kernel allows
+/// it, else one system call each; `metrics` counts the batches. Call before
+/// the context's first connection.
+void configure_ws_loop(boost::asio::io_context& context, bool io_uring, gateway_metrics& metrics);
+
 class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<ws_conn> {
  public:
   using message_handler = std::function<void(std::string data, bool binary)>;
@@ -104,6 +115,12 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
 
  private:
   friend class ws_loop;
+
+/// Sets how the WebSocket connections of `context` make their socket calls:
+/// batched through io_uring when `io_uring` is true and the kernel allows
+/// it, else one system call each; `metrics` counts the batches. Call before
+/// the context's first connection.
+void configure_ws_loop(boost::asio::io_context& context, bool io_uring, gateway_metrics& metrics);
 
   // Opcodes (RFC 6455 §5.2, codec/ws_frame.hpp) and the close codes we send (§7.4.1).
   enum opcode : std::uint8_t {
@@ -134,6 +151,9 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   void on_edge(std::uint32_t events) override;
   void on_edge_threw(const std::exception& e) override;
   void on_readable();
+  // What one recv into `data` (room for `room` bytes) returned: `n` bytes or
+  // -errno. True when the socket may hold more (the read filled the room).
+  bool took(char* data, long n, std::size_t room);
   void on_writable();
   void drained();  // a read found the socket empty
   // Parses whole frames from [data, data + size) (writable: payloads are
@@ -147,6 +167,14 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   bool enqueue(shared_bytes data, std::uint8_t op);
   void schedule_flush();
   void flush();
+  // A flush in halves, so the loop can batch the sendmsg between them.
+  bool may_write() const { return accepted_ && !finished_ && !write_waiting_; }
+  // Points up to `max` iovecs at what is queued; 0 when nothing is.
+  int gather(iovec* iov, int max) const;
+  // What the sendmsg of gather()'s iovecs returned: bytes or -errno. True
+  // when more is queued that may go now.
+  bool wrote(long result);
+  void wrote_all();  // the queue is empty
   void after_flush();
   void start_close(shared_bytes payload);
   void fail(close_code code);
@@ -174,6 +202,7 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
 
   bool accepted_ = false;      // the upgrade handshake is done: frames may go
   bool flush_asked_ = false;   // waiting for the flusher's turn
+  bool read_asked_ = false;    // readable: waiting for the loop's batch of reads
   bool write_waiting_ = false; // the socket was full: waiting for it to drain
   bool closing_ = false;       // a close frame is queued: nothing more goes out
   bool close_sent_ = false;    // ... and written

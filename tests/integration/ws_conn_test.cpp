@@ -1,10 +1,15 @@
 // The gateway's own WebSocket framing (gateway/ws_conn) over real loopback
 // sockets: against Beast's client, and against hand-made frames for
 // everything RFC 6455 forbids a client to send.
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <stdexcept>
 #include <thread>
 
@@ -17,6 +22,7 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/websocket.hpp>
 
+#include "gateway/io_batch.hpp"
 #include "gateway/ws_conn.hpp"
 #include "tests/integration/harness.hpp"
 
@@ -36,7 +42,10 @@ using namespace std::chrono_literals;
 // its queue bound, so the server drops them; "throw" makes the handler throw.
 class echo_server {
  public:
-  explicit echo_server(ws_limits limits) : limits_{limits}, acceptor_{ioc_, {asio::ip::make_address("127.0.0.1"), 0}} {
+  // `io_uring`: whether the connections batch their socket calls through it.
+  echo_server(ws_limits limits, bool io_uring)
+      : limits_{limits}, acceptor_{ioc_, {asio::ip::make_address("127.0.0.1"), 0}} {
+    configure_ws_loop(ioc_, io_uring, metrics_);
     do_accept();
     thread_ = std::thread([this] { ioc_.run(); });
   }
@@ -49,6 +58,21 @@ class echo_server {
   std::size_t touched() const { return touched_; }
   double counter(prometheus::Counter& c) const { return c.Value(); }
   gateway_metrics& metrics() { return metrics_; }
+
+  /// Holds the server's thread (it runs nothing else) until the returned
+  /// promise is set: what clients send meanwhile is all ready at once.
+  std::promise<void> pause() {
+    std::promise<void> go;
+    auto held = std::make_shared<std::shared_future<void>>(go.get_future().share());
+    std::promise<void> paused;
+    auto is_paused = paused.get_future();
+    asio::post(ioc_, [held, paused = std::move(paused)]() mutable {
+      paused.set_value();
+      held->wait_for(10s);
+    });
+    is_paused.wait();
+    return go;
+  }
 
  private:
   struct pending {
@@ -205,15 +229,27 @@ class raw_client {
     std::size_t from_rest = std::min(n, rest_.size());
     std::memcpy(p, rest_.data(), from_rest);
     rest_.erase(0, from_rest);
-    boost::system::error_code ec;
-    asio::read(socket_, asio::buffer(p + from_rest, n - from_rest), ec);
-    return !ec;
+    // Bounded: a server that never answers fails the test in 5 s, not at
+    // ctest's timeout (Asio's blocking read would wait on past SO_RCVTIMEO).
+    auto deadline = std::chrono::steady_clock::now() + 5s;
+    for (std::size_t got = from_rest; got < n;) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      pollfd ready{socket_.native_handle(), POLLIN, 0};
+      if (left.count() <= 0 || ::poll(&ready, 1, static_cast<int>(left.count())) != 1) return false;
+      auto r = ::recv(socket_.native_handle(), p + got, n - got, 0);
+      if (r <= 0) return false;
+      got += static_cast<std::size_t>(r);
+    }
+    return true;
   }
 
   asio::io_context ioc_;
   tcp::socket socket_;
   std::string rest_;
 };
+
+// Every test runs twice: socket calls batched through io_uring, and made one by one.
+class WsConn : public ::testing::TestWithParam<bool> {};
 
 constexpr std::uint8_t text = 1, binary = 2, close_op = 8, ping = 9, pong = 10, continuation = 0;
 
@@ -231,8 +267,8 @@ unsigned expect_close(raw_client& c, const echo_server& server, int closes) {
   return g.close_code();
 }
 
-TEST(WsConn, EchoesTextAndBinary) {
-  echo_server server{{}};
+TEST_P(WsConn, EchoesTextAndBinary) {
+  echo_server server{{}, GetParam()};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "hello"));
   auto g = c.read();
@@ -244,8 +280,8 @@ TEST(WsConn, EchoesTextAndBinary) {
   EXPECT_EQ(g.payload, std::string("\0\1\2", 3));
 }
 
-TEST(WsConn, ReassemblesFragmentsAndAnswersPingsBetweenThem) {
-  echo_server server{{}};
+TEST_P(WsConn, ReassemblesFragmentsAndAnswersPingsBetweenThem) {
+  echo_server server{{}, GetParam()};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "he", false) + raw_client::make(ping, "p?") + raw_client::make(continuation, "ll", false) +
           raw_client::make(continuation, "o"));
@@ -257,8 +293,8 @@ TEST(WsConn, ReassemblesFragmentsAndAnswersPingsBetweenThem) {
   EXPECT_EQ(g.payload, "hello");
 }
 
-TEST(WsConn, FramesSplitAcrossReadsAndManyInOneRead) {
-  echo_server server{{}};
+TEST_P(WsConn, FramesSplitAcrossReadsAndManyInOneRead) {
+  echo_server server{{}, GetParam()};
   raw_client c{server.port()};
   // One byte per write: the frame arrives in pieces.
   for (char b : raw_client::make(text, "slow")) {
@@ -290,7 +326,7 @@ struct bad_case {
   unsigned code;
 };
 
-TEST(WsConn, WhatAClientMayNotSendClosesWithTheRightCode) {
+TEST_P(WsConn, WhatAClientMayNotSendClosesWithTheRightCode) {
   ws_limits limits;
   limits.max_message = 1000;
   std::string non_minimal = {static_cast<char>(0x81), static_cast<char>(0x80 | 126), 0, 5, 1, 2, 3, 4, 'a', 'b', 'c', 'd', 'e'};
@@ -314,7 +350,7 @@ TEST(WsConn, WhatAClientMayNotSendClosesWithTheRightCode) {
                                    raw_client::make(continuation, std::string(600, 'b')),
        1009},
   };
-  echo_server server{limits};
+  echo_server server{limits, GetParam()};
   int n = 0;
   for (const auto& bad : cases) {
     SCOPED_TRACE(bad.name);
@@ -327,15 +363,15 @@ TEST(WsConn, WhatAClientMayNotSendClosesWithTheRightCode) {
   EXPECT_EQ(server.metrics().oversize.Value(), 2);
 }
 
-TEST(WsConn, EchoesTheClientsCloseAndEndsTheConnection) {
-  echo_server server{{}};
+TEST_P(WsConn, EchoesTheClientsCloseAndEndsTheConnection) {
+  echo_server server{{}, GetParam()};
   raw_client c{server.port()};
   c.write(raw_client::make(close_op, std::string("\x0f\xa0", 2) + "bye"));  // 4000
   EXPECT_EQ(expect_close(c, server, 1), 4000u);
 }
 
-TEST(WsConn, ServerCloseSendsWhatIsQueuedThenAnEmptyCloseFrame) {
-  echo_server server{{}};
+TEST_P(WsConn, ServerCloseSendsWhatIsQueuedThenAnEmptyCloseFrame) {
+  echo_server server{{}, GetParam()};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "one") + raw_client::make(text, "close-me") + raw_client::make(text, "ignored"));
   EXPECT_EQ(c.read().payload, "one");
@@ -346,8 +382,8 @@ TEST(WsConn, ServerCloseSendsWhatIsQueuedThenAnEmptyCloseFrame) {
   expect_ended(c, server, 1);
 }
 
-TEST(WsConn, ALargeBurstGoesOutWholeThroughPartialWrites) {
-  echo_server server{ws_limits{.queue_bytes = 64 << 20}};
+TEST_P(WsConn, ALargeBurstGoesOutWholeThroughPartialWrites) {
+  echo_server server{ws_limits{.queue_bytes = 64 << 20}, GetParam()};
   raw_client c{server.port()};
   // 2,000 × 10 KB: far more than the kernel's socket buffers; the client
   // reads only after asking, so the server meets a full socket many times.
@@ -362,8 +398,8 @@ TEST(WsConn, ALargeBurstGoesOutWholeThroughPartialWrites) {
   EXPECT_EQ(c.read().payload, "after");
 }
 
-TEST(WsConn, AConsumerPastTheQueueBoundIsDropped) {
-  echo_server server{ws_limits{.queue_messages = 16}};
+TEST_P(WsConn, AConsumerPastTheQueueBoundIsDropped) {
+  echo_server server{ws_limits{.queue_messages = 16}, GetParam()};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "flood 17 10"));
   expect_ended(c, server, 1);
@@ -374,8 +410,8 @@ TEST(WsConn, AConsumerPastTheQueueBoundIsDropped) {
   for (int i = 0; i < 16; ++i) EXPECT_EQ(fine.read().payload.size(), 10u);
 }
 
-TEST(WsConn, PingsFromAClientThatDoesNotReadAreBoundedToo) {
-  echo_server server{ws_limits{.queue_messages = 100, .queue_bytes = 64 << 20}};
+TEST_P(WsConn, PingsFromAClientThatDoesNotReadAreBoundedToo) {
+  echo_server server{ws_limits{.queue_messages = 100, .queue_bytes = 64 << 20}, GetParam()};
   raw_client c{server.port()};
   // 90 × 100 KB: more than the kernel buffers, so the server's queue holds
   // frames it cannot write; then pings, whose pongs join that queue.
@@ -388,8 +424,8 @@ TEST(WsConn, PingsFromAClientThatDoesNotReadAreBoundedToo) {
   EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
 }
 
-TEST(WsConn, AClientCloseRightAfterTheServersStillGetsTheServersCloseFrame) {
-  echo_server server{{}};
+TEST_P(WsConn, AClientCloseRightAfterTheServersStillGetsTheServersCloseFrame) {
+  echo_server server{{}, GetParam()};
   raw_client c{server.port()};
   // "close-me" makes the server close; the client's own close is in the same
   // segment, so it arrives before the server's close frame has been written.
@@ -398,8 +434,8 @@ TEST(WsConn, AClientCloseRightAfterTheServersStillGetsTheServersCloseFrame) {
   EXPECT_EQ(expect_close(c, server, 1), 1005u);  // an empty close frame: the server's own
 }
 
-TEST(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {
-  echo_server server{ws_limits{.queue_messages = 16}};
+TEST_P(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {
+  echo_server server{ws_limits{.queue_messages = 16}, GetParam()};
   raw_client c{server.port()};
   c.write(raw_client::make(text, "flood-touch 40"));
   EXPECT_TRUE(c.ended());
@@ -407,12 +443,12 @@ TEST(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {
   EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
 }
 
-TEST(WsConn, ConnectionsDroppedWhileTheirEventsAreInTheSameBatchAreSkipped) {
+TEST_P(WsConn, ConnectionsDroppedWhileTheirEventsAreInTheSameBatchAreSkipped) {
   // Every client asks, at the same moment, to have all the others dropped.
   // Whichever message the server reads first drops the rest, whose own
   // messages may already sit in the same epoll batch: those events must
   // find their connection gone and be skipped, never touch it.
-  echo_server server{ws_limits{.queue_messages = 16}};
+  echo_server server{ws_limits{.queue_messages = 16}, GetParam()};
   constexpr int n = 12;
   std::vector<std::unique_ptr<raw_client>> clients;
   for (int i = 0; i < n; ++i) clients.push_back(std::make_unique<raw_client>(server.port()));
@@ -436,8 +472,8 @@ TEST(WsConn, ConnectionsDroppedWhileTheirEventsAreInTheSameBatchAreSkipped) {
   EXPECT_EQ(server.closes(), n - 1);
 }
 
-TEST(WsConn, AHandlerThatThrowsCostsOnlyItsOwnConnection) {
-  echo_server server{{}};
+TEST_P(WsConn, AHandlerThatThrowsCostsOnlyItsOwnConnection) {
+  echo_server server{{}, GetParam()};
   raw_client bad{server.port()}, good{server.port()};
   bad.write(raw_client::make(text, "throw") + raw_client::make(text, "after"));
   good.write(raw_client::make(text, "meanwhile"));
@@ -447,8 +483,8 @@ TEST(WsConn, AHandlerThatThrowsCostsOnlyItsOwnConnection) {
   EXPECT_EQ(good.read().payload, "later");
 }
 
-TEST(WsConn, BeastClientInterop) {
-  echo_server server{{}};
+TEST_P(WsConn, BeastClientInterop) {
+  echo_server server{{}, GetParam()};
   asio::io_context ioc;
   websocket::stream<tcp::socket> ws{ioc};
   ws.next_layer().connect({asio::ip::make_address("127.0.0.1"), server.port()});
@@ -471,6 +507,60 @@ TEST(WsConn, BeastClientInterop) {
   ws.close(websocket::close_reason{4001});
   EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
 }
+
+// Whether this kernel lets a batch use io_uring (a container's seccomp
+// profile may not): a probe of two calls.
+bool ring_available() {
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return false;
+  io_batch probe{true};
+  char a, b;
+  probe.recv(sv[0], &a, 1);
+  probe.recv(sv[1], &b, 1);
+  probe.run();
+  ::close(sv[0]);
+  ::close(sv[1]);
+  return probe.using_ring();
+}
+
+// Connections that become readable together are read in one batch, each
+// into its own slice of one buffer, and their answers go out in one batch:
+// every client gets its own messages back, whole and in order, the ones
+// larger than a slice included (read on past the slice).
+TEST_P(WsConn, ConnectionsReadyTogetherEachGetTheirOwnAnswers) {
+  echo_server server{{}, GetParam()};
+  constexpr int n = 40;
+  std::vector<std::unique_ptr<raw_client>> clients;
+  for (int i = 0; i < n; ++i) clients.push_back(std::make_unique<raw_client>(server.port()));
+  auto message = [](int i, int k) {
+    auto tag = "client " + std::to_string(i) + " message " + std::to_string(k);
+    return i % 8 == 0 ? std::string(20'000 + i, static_cast<char>('a' + k)) + tag : tag;
+  };
+  for (int round = 0; round < 3; ++round) {
+    auto go = server.pause();
+    for (int i = 0; i < n; ++i)
+      clients[i]->write(raw_client::make(text, message(i, 2 * round)) + raw_client::make(text, message(i, 2 * round + 1)));
+    go.set_value();
+    for (int i = 0; i < n; ++i) {
+      for (int k : {2 * round, 2 * round + 1}) {
+        auto g = clients[i]->read();
+        ASSERT_EQ(g.op, text) << "client " << i << " got no answer";
+        EXPECT_EQ(g.payload, message(i, k)) << "client " << i;
+      }
+    }
+  }
+  auto batched = server.metrics().io_uring_calls.Value();
+  if (!GetParam()) {
+    EXPECT_EQ(batched, 0);
+  } else if (ring_available()) {
+    // Each round: at least the n reads in one batch and the n answers in another.
+    EXPECT_GE(batched, 3 * 2 * n);
+    EXPECT_LE(server.metrics().io_uring_batches.Value(), batched / 2);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Calls, WsConn, ::testing::Values(true, false),
+                         [](const auto& p) { return p.param ? "io_uring" : "one_by_one"; });
 
 }  // namespace
 }  // namespace sidecast::gateway
