@@ -72,6 +72,17 @@ bool io_batch::open_ring() {
     ring_error_ = std::string("io_uring_queue_init: ") + std::strerror(-rc);
     return false;
   }
+  // A kernel before 5.6 has rings but not these two operations: each call
+  // would fail with EINVAL, and its connection with it.
+  io_uring_probe* probe = io_uring_get_probe_ring(ring.get());
+  bool supported = probe && io_uring_opcode_supported(probe, IORING_OP_RECV) &&
+                   io_uring_opcode_supported(probe, IORING_OP_SENDMSG);
+  if (probe) io_uring_free_probe(probe);
+  if (!supported) {
+    io_uring_queue_exit(ring.get());
+    ring_error_ = "this kernel's io_uring has no recv or sendmsg";
+    return false;
+  }
   ring_ = std::move(ring);
   return true;
 }
