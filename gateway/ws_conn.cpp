@@ -208,7 +208,10 @@ class ws_loop : public asio::execution_context::service {
         if (conn.may_write()) {
           int n = conn.gather(iov_.get() + used, max_iov);
           if (n == 0) {
-            guarded(conn, [&] { conn.wrote_all(); });
+            // Nothing queued: its after-flush step (which may end it, and
+            // run handlers that queue frames elsewhere) waits until the
+            // batch's calls are made, while iovecs point into queues.
+            emptied_.push_back(next);
           } else {
             auto& msg = messages_[calls.size()];
             msg = {};
@@ -230,7 +233,14 @@ class ws_loop : public asio::execution_context::service {
           if (conn.wrote(results[k])) conn.flush();
         });
       }
+      for (auto i : emptied_) {
+        auto& conn = *flushing_[i];
+        guarded(conn, [&] {
+          if (conn.may_write()) conn.flush();  // empty: just its after-flush step
+        });
+      }
       runs_.clear();
+      emptied_.clear();
     }
     flushing_.clear();
   }
@@ -254,6 +264,7 @@ class ws_loop : public asio::execution_context::service {
   std::unique_ptr<iovec[]> iov_;
   msghdr messages_[io_batch::capacity];
   std::vector<std::size_t> runs_;  // the batch's calls: index of their connection
+  std::vector<std::size_t> emptied_;  // connections of the batch with nothing queued
   std::vector<std::shared_ptr<ws_conn>> dirty_, flushing_, readers_, reading_;
   bool scheduled_ = false;
 };
