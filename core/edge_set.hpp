@@ -2,7 +2,8 @@
 // An epoll set of descriptors that have left Asio's reactor, waited on
 // through Asio: each descriptor is registered once, edge-triggered for
 // reading and writing, and Asio waits on the set's own descriptor. A batch of
-// ready descriptors then costs one wait and one epoll_wait.
+// ready descriptors then costs one epoll_wait; waiting again costs no system
+// call (core/edge_wait.hpp).
 //
 // Why not Asio's own waits: Asio re-arms a descriptor with an epoll_ctl for
 // every async_wait, and after every successful async_read_some it tries the
@@ -22,15 +23,15 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "core/asio_config.hpp"
+#include "core/edge_wait.hpp"
 
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 
 namespace sidecast::core {
@@ -85,7 +86,7 @@ class edge_set {
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.u64 = (std::uint64_t{entry.generation} << 32) | index;
-    if (::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) {
       free_.push_back(index);
       return false;
     }
@@ -102,7 +103,7 @@ class edge_set {
   std::shared_ptr<edge_watcher> unwatch(edge_watcher& watcher) {
     if (watcher.slot_ == edge_watcher::no_slot) return nullptr;
     auto& entry = slots_[watcher.slot_];
-    if (epoll_.is_open()) ::epoll_ctl(epoll_.native_handle(), EPOLL_CTL_DEL, watcher.fd_, nullptr);
+    if (epoll_fd_ >= 0) ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, watcher.fd_, nullptr);
     ++entry.generation;  // events already fetched for it are stale
     free_.push_back(watcher.slot_);
     watcher.slot_ = edge_watcher::no_slot;
@@ -111,8 +112,9 @@ class edge_set {
 
   /// Closes the set and drops every watcher it holds (io_context shutdown).
   void close() {
-    boost::system::error_code ignored;
-    epoll_.close(ignored);
+    wait_.reset();  // first: it leaves the reactor before its descriptor closes
+    if (epoll_fd_ >= 0) ::close(epoll_fd_);
+    epoll_fd_ = -1;
     for (auto& entry : slots_)
       if (entry.watcher) entry.watcher->slot_ = edge_watcher::no_slot;
     slots_.clear();
@@ -128,39 +130,40 @@ class edge_set {
   };
 
   bool open() {
-    if (epoll_.is_open()) return true;
+    if (epoll_fd_ >= 0) return true;
     int fd = ::epoll_create1(EPOLL_CLOEXEC);
     if (fd < 0) return false;
-    boost::system::error_code ec;
-    epoll_.assign(fd, ec);
-    if (ec) {
+    try {
+      wait_.emplace(context_, fd, [this](boost::system::error_code ec) {
+        if (ec == boost::asio::error::operation_aborted) return;
+        if (ec) return on_error_("waiting on the epoll set failed: " + ec.message());
+        on_ready();
+      });
+    } catch (const boost::system::system_error& e) {
       ::close(fd);
-      errno = ec.value();
+      errno = e.code().value();
       return false;
     }
+    epoll_fd_ = fd;
     return true;
   }
 
+  // No system call: the set's descriptor stays registered edge-triggered,
+  // and on_ready() takes everything ready each time before it waits again
+  // (core/edge_wait.hpp).
   void arm() {
-    if (armed_ || !epoll_.is_open()) return;
-    armed_ = true;
-    epoll_.async_wait(boost::asio::posix::descriptor_base::wait_read, [this](boost::system::error_code ec) {
-      armed_ = false;
-      if (ec == boost::asio::error::operation_aborted) return;
-      if (ec) return on_error_("waiting on the epoll set failed: " + ec.message());
-      on_ready();
-    });
+    if (wait_) wait_->wait();
   }
 
   void on_ready() {
     epoll_event events[max_events];
-    int n = ::epoll_wait(epoll_.native_handle(), events, max_events, 0);
+    int n = ::epoll_wait(epoll_fd_, events, max_events, 0);
     int err = errno;
     if (n < 0 && err != EINTR) on_error_(std::string("epoll_wait: ") + std::strerror(err));
     // Wait again before any watcher runs, so that none can leave the set
     // unwaited. A full batch may have left more ready: take them after the
     // handlers queued meanwhile, not before.
-    if (n == max_events)
+    if (n == max_events || (n < 0 && err == EINTR))
       boost::asio::post(context_, [this] { on_ready(); });
     else
       arm();
@@ -202,10 +205,10 @@ class edge_set {
   boost::asio::io_context& context_;
   std::function<void(const std::string&)> on_error_;
   std::function<void()> on_batch_end_;
-  boost::asio::posix::basic_stream_descriptor<boost::asio::io_context::executor_type> epoll_{context_.get_executor()};
+  int epoll_fd_ = -1;
+  std::optional<edge_wait> wait_;  // on epoll_fd_
   std::vector<watched> slots_;
   std::vector<std::uint32_t> free_;
-  bool armed_ = false;
 };
 
 }  // namespace sidecast::core

@@ -139,6 +139,34 @@ TEST_F(EdgeSet, AWatcherUnwatchedByAnotherInTheSameBatchIsNotCalled) {
   EXPECT_TRUE(run_until([&] { return c->readable() == 1; })) << "the new watcher is served";
 }
 
+TEST_F(EdgeSet, MoreDescriptorsReadyThanOneBatchAreAllReportedAndTheSetStillWaits) {
+  // 600 ready at once: three epoll_wait batches of at most 256. The set
+  // waits for its own descriptor's next edge without re-arming it, so it
+  // must drain every batch itself, and still see the round after.
+  constexpr int count = 600;
+  std::vector<std::unique_ptr<pair_of_ends>> pairs;
+  std::vector<std::shared_ptr<recorder>> watchers;
+  for (int i = 0; i < count; ++i) {
+    pairs.push_back(std::make_unique<pair_of_ends>());
+    watchers.push_back(std::make_shared<recorder>());
+    ASSERT_TRUE(set.watch(pairs.back()->ours, watchers.back()));
+  }
+  auto all_read = [&](int n) {
+    return [&, n] {
+      for (auto& w : watchers)
+        if (w->readable() != n) return false;
+      return true;
+    };
+  };
+  for (int round = 1; round <= 2; ++round) {
+    for (auto& p : pairs) p->send("x");
+    ASSERT_TRUE(run_until(all_read(round))) << "round " << round;
+  }
+  settle();
+  EXPECT_TRUE(all_read(2)());
+  EXPECT_TRUE(errors.empty());
+}
+
 TEST_F(EdgeSet, AThrowingWatcherIsToldAndTheOthersAreStillServed) {
   pair_of_ends pa, pb;
   auto a = std::make_shared<recorder>(), b = std::make_shared<recorder>();
