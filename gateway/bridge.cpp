@@ -472,7 +472,7 @@ void bridge::reply_to(pending p, reply_data reply) {
   if (!sink) return;
   // On the io_context's own executor: one operation, where any_io_executor
   // would wrap the handler in a second allocation.
-  boost::asio::post(sink->executor(), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
+  to_sink(sink->executor(), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
     sink->deliver_reply(tag, std::move(reply));
   });
 }
@@ -560,7 +560,7 @@ void bridge::deliver_emit(const proto::Emit& emit) {
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
-  boost::asio::post(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
+  to_sink(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
     sink->deliver(std::move(ev), std::move(ack));
   });
   if (emit.report_delivery()) report(emit.origin(), proto::DeliveryReport::DELIVERED, emit.sid(), emit.ref());
@@ -598,7 +598,7 @@ void bridge::on_control(const proto::Control& control) {
     }
     case proto::Control::DISCONNECT:
       if (auto sink = m.sink.lock())
-        boost::asio::post(sink->executor(), [sink] { sink->deliver_disconnect(); });
+        to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); });
       return;
     default: return;
   }
@@ -641,6 +641,10 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
     g->second.push_back(std::move(sink));
   }
   for (auto& [ex, sinks] : groups) {
+    if (ex.running_in_this_thread()) {
+      for (const auto& s : sinks) to_sink(ex, [&s, &ev] { s->deliver(ev, {}); });  // one failing sink skips no other
+      continue;
+    }
     boost::asio::post(ex, [sinks = std::move(sinks), ev] {
       for (const auto& s : sinks) s->deliver(ev, {});
     });

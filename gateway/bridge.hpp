@@ -25,6 +25,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/unordered/unordered_flat_map.hpp>
+#include <spdlog/spdlog.h>
 #include <zmq.hpp>
 
 #include "core/log.hpp"
@@ -118,6 +119,11 @@ class bridge {
   // --bridge-queue commands are already waiting.
   template <typename Command>
   bool post(Command&& command);
+  // Runs `delivery` (a call into a sink) on `ex`: at once when that is the
+  // bridge's own thread (--threads 1), else posted. Every delivery to a
+  // sink goes through here, so a sink sees them in the bridge's order.
+  template <typename Delivery>
+  void to_sink(const io_executor& ex, Delivery&& delivery);
   bool take_turn();
   bool begin_command();
   void end_command();
@@ -204,6 +210,21 @@ bool bridge::post(Command&& command) {
     end_command();
   });
   return true;
+}
+
+template <typename Delivery>
+void bridge::to_sink(const io_executor& ex, Delivery&& delivery) {
+  if (!ex.running_in_this_thread()) {
+    boost::asio::post(ex, std::forward<Delivery>(delivery));
+    return;
+  }
+  // In the middle of a pump: a sink that throws must not end the turn
+  // before the bridge waits again.
+  try {
+    delivery();
+  } catch (const std::exception& e) {
+    if (log_limit_.allow()) spdlog::error("gateway bridge: a session's delivery failed: {}", e.what());
+  }
 }
 
 }  // namespace sidecast::gateway

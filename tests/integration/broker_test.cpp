@@ -911,42 +911,72 @@ class reply_keeper : public gateway::client_sink {
  public:
   explicit reply_keeper(gateway::io_executor ex) : ex_{std::move(ex)} {}
   gateway::io_executor executor() const override { return ex_; }
-  void deliver(std::shared_ptr<const gateway::outbound_event>, std::string) override {}
+  void deliver(std::shared_ptr<const gateway::outbound_event> ev, std::string) override {
+    std::lock_guard lock{mutex_};
+    seen_.push_back("event " + ev->event());
+  }
   void deliver_reply(std::uint64_t tag, gateway::reply_data reply) override {
     std::lock_guard lock{mutex_};
+    if (tag == throw_on_tag) throw std::runtime_error("this sink fails its delivery");
     replies_.emplace_back(tag, reply.code);
+    seen_.push_back("reply " + std::to_string(tag));
   }
-  void deliver_disconnect() override {}
+  void deliver_disconnect() override {
+    std::lock_guard lock{mutex_};
+    seen_.push_back("disconnect");
+  }
   std::vector<std::pair<std::uint64_t, proto::Code>> replies() {
     std::lock_guard lock{mutex_};
     return replies_;
   }
+  /// Everything delivered, in order.
+  std::vector<std::string> seen() {
+    std::lock_guard lock{mutex_};
+    return seen_;
+  }
+  std::uint64_t throw_on_tag = 0;  // set before the first request
 
  private:
   gateway::io_executor ex_;
   std::mutex mutex_;
   std::vector<std::pair<std::uint64_t, proto::Code>> replies_;
+  std::vector<std::string> seen_;
 };
 
 // A bridge driven by a test: its broker is a local router the test plays
 // (it reads what the bridge sends, and answers or not), its sessions a
-// thread of their own with one sink.
+// thread of their own with one sink. With `shared`, the bridge runs on the
+// sessions' thread, as it does with --threads 1.
 struct bridge_rig {
-  explicit bridge_rig(const std::string& id, std::optional<int> hwm = std::nullopt)
-      : broker_end{"local://" + id + "-broker"} {
+  explicit bridge_rig(const std::string& id, std::optional<int> hwm = std::nullopt, bool shared = false)
+      : broker_end{"local://" + id + "-broker"}, shared{shared} {
     config.id = id;
     config.broker = "local://" + id + "-broker";
     config.events = "inproc://" + id + "-events";
     if (hwm) config.hwm = *hwm;
     config.heartbeat_interval = 60s;  // the link sends no heartbeat, and waits for none
     bridge.emplace(config, ctx, metrics);
-    bridge->start();
+    bridge->start(shared ? &sessions : nullptr);
     session_thread = std::thread{[this] { sessions.run(); }};
   }
   ~bridge_rig() {
+    if (shared) {
+      // As the gateway does: the thread that runs the bridge stops first.
+      sessions.stop();
+      session_thread.join();
+      bridge->stop();
+      return;
+    }
     bridge->stop();
     guard.reset();
     session_thread.join();
+  }
+
+  /// Attaches the sink as `sid` and waits until the bridge has it.
+  void attach(const std::string& sid) {
+    std::promise<void> attached;
+    ASSERT_TRUE(bridge->attach(sid, "/", sink, [&attached] { attached.set_value(); }));
+    ASSERT_EQ(attached.get_future().wait_for(5s), std::future_status::ready);
   }
 
   /// Asks for an echo as the sink, with `tag`.
@@ -972,6 +1002,7 @@ struct bridge_rig {
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> guard = boost::asio::make_work_guard(sessions);
   std::thread session_thread;
   std::shared_ptr<reply_keeper> sink = std::make_shared<reply_keeper>(sessions.get_executor());
+  bool shared;
 };
 
 // A broker that takes the gateway's connection and then never reads: once
@@ -1066,6 +1097,75 @@ TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
   EXPECT_EQ(cancels, (std::vector<std::string>{"gwD:2be", "gwD:2bf", "gwD:2bd"}))
       << "each timeout is cancelled at the broker";
 }
+
+// Emits for a sid and the reply to its request reach the sink in the order
+// the broker sent them, whether the bridge posts to the sessions' thread or
+// runs on it and delivers at once (--threads 1); a sink whose delivery
+// throws loses that delivery only, and the bridge goes on serving.
+class BridgeDelivery : public ::testing::TestWithParam<bool> {};
+
+TEST_P(BridgeDelivery, EmitsAndTheReplyKeepTheBrokersOrder) {
+  bool shared = GetParam();
+  std::string id = shared ? "gwOs" : "gwOo";
+  bridge_rig rig{id, std::nullopt, shared};
+  auto sid = id + ".s1";
+  rig.attach(sid);
+  // Posted to the sessions' thread, a throw would end that thread's run (as
+  // any handler's throw ends io_context::run): only a delivery made at once
+  // on the bridge's own thread is the bridge's to catch.
+  if (shared) rig.sink->throw_on_tag = 2;
+  auto emit = [&](std::string_view peer, const std::string& event) {
+    Envelope env;
+    auto* e = env.mutable_emit();
+    e->set_sid(sid);
+    e->set_nsp("/");
+    e->set_event(event);
+    e->set_args("[1]");
+    auto message = core::message_of(env);
+    ASSERT_EQ(rig.broker_end.send(peer, message), core::local_router::send_result::sent);
+  };
+  auto answer = [&](std::string_view peer, const std::string& request_id) {
+    Envelope env;
+    env.mutable_reply()->set_id(request_id);
+    env.mutable_reply()->set_args("[1]");
+    auto message = core::message_of(env);
+    ASSERT_EQ(rig.broker_end.send(peer, message), core::local_router::send_result::sent);
+  };
+  // Each request: two progress events, the reply, one event after it.
+  auto serve_one = [&](std::uint64_t tag) {
+    ASSERT_TRUE(rig.ask(tag, 30s));
+    auto until = std::chrono::steady_clock::now() + 5s;
+    std::string_view peer;
+    zmq::message_t message;
+    std::optional<Envelope> env;
+    while (std::chrono::steady_clock::now() < until) {
+      if (!rig.broker_end.receive(peer, message)) {
+        std::this_thread::sleep_for(1ms);
+        continue;
+      }
+      env = proto::decode(message.to_string_view());
+      if (env && env->has_request()) break;
+      env.reset();
+    }
+    ASSERT_TRUE(env) << "the bridge sent no request";
+    std::string who{peer};
+    auto t = std::to_string(tag);
+    emit(who, "progress-" + t + "a");
+    emit(who, "progress-" + t + "b");
+    answer(who, env->request().id());
+    emit(who, "after-" + t);
+  };
+  for (std::uint64_t tag = 1; tag <= 3; ++tag) serve_one(tag);
+  std::vector<std::string> expected{"event progress-1a", "event progress-1b", "reply 1", "event after-1",
+                                    "event progress-2a", "event progress-2b", "reply 2", "event after-2",
+                                    "event progress-3a", "event progress-3b", "reply 3", "event after-3"};
+  if (shared) expected.erase(expected.begin() + 6);  // its delivery threw; nothing else was lost
+  EXPECT_TRUE(eventually([&] { return rig.sink->seen().size() >= expected.size(); }, 5s));
+  EXPECT_EQ(rig.sink->seen(), expected);
+}
+
+INSTANTIATE_TEST_SUITE_P(Threads, BridgeDelivery, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "SharedThread" : "OwnThread"; });
 
 std::string link_name(const ::testing::TestParamInfo<std::string_view>& info) {
   return info.param.starts_with("local") ? "local" : "inproc";
