@@ -24,7 +24,11 @@
 // and must wait again before its handler returns to the io_context. An edge
 // that comes after that look is then taken by the reactor on this same
 // thread only after the wait is pending. One edge_wait belongs to one
-// io_context run by one thread, and is used from that thread.
+// io_context run by one thread, and is used from that thread; it is
+// destroyed before the io_context is (an owner that is an io_context
+// service destroys it in shutdown(): before or after the reactor's own
+// shutdown, both are safe, since the reactor is destroyed only after every
+// service has shut down).
 //
 // This reaches into boost::asio::detail (the reactor and its operation
 // type), which is not a public interface; the Boost version is pinned by

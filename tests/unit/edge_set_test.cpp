@@ -167,6 +167,37 @@ TEST_F(EdgeSet, MoreDescriptorsReadyThanOneBatchAreAllReportedAndTheSetStillWait
   EXPECT_TRUE(errors.empty());
 }
 
+// The owners in the tree (the gateway's ws_loop, the generator's
+// client_edges) are io_context services that close their set in
+// shutdown(). Made before the reactor (the first I/O object of the
+// io_context), such a service shuts down after the reactor has: the set's
+// pending wait was abandoned by then, and closing it must still free
+// everything once (ASan, in the sanitizer preset).
+class set_service : public boost::asio::execution_context::service {
+ public:
+  using key_type = set_service;
+  static inline boost::asio::execution_context::id id;
+  explicit set_service(boost::asio::execution_context& context)
+      : service{context}, set{static_cast<boost::asio::io_context&>(context), [](const std::string&) {}} {}
+  edge_set set;
+
+ private:
+  void shutdown() override { set.close(); }
+};
+
+TEST(EdgeSetLifetime, AServiceMadeBeforeTheReactorClosesItsSetAfterTheReactorShutDown) {
+  pair_of_ends p;
+  auto w = std::make_shared<recorder>();
+  {
+    boost::asio::io_context ioc{1};
+    auto& owner = boost::asio::use_service<set_service>(ioc);  // before anything made the reactor
+    ASSERT_TRUE(owner.set.watch(p.ours, w));                  // makes it, and the set's wait
+    ioc.run_for(20ms);
+    EXPECT_FALSE(w->edges.empty());
+  }
+  EXPECT_EQ(w.use_count(), 1) << "the set let go of its watcher";
+}
+
 TEST_F(EdgeSet, AThrowingWatcherIsToldAndTheOthersAreStillServed) {
   pair_of_ends pa, pb;
   auto a = std::make_shared<recorder>(), b = std::make_shared<recorder>();
