@@ -43,9 +43,11 @@ std::span<const long> io_batch::run() {
   const auto n = calls_.size();
   results_.assign(n, 0);
   done_.assign(n, false);
-  if (n > 1 && want_ring_ && !tried_) open_ring();
+  if (n > 1 && n <= capacity && want_ring_ && !tried_) open_ring();
   // One call gains nothing from the ring: it would be one entry either way.
-  if (n > 1 && ring_) {
+  // More than the ring holds (the callers stop at capacity) are made one
+  // by one rather than left without a submission entry.
+  if (n > 1 && n <= capacity && ring_) {
     if (!run_ring()) run_direct();
   } else {
     run_direct();
@@ -99,7 +101,7 @@ bool io_batch::run_ring() {
   const auto n = calls_.size();
   for (std::size_t i = 0; i < n; ++i) {
     const auto& c = calls_[i];
-    io_uring_sqe* sqe = io_uring_get_sqe(ring);  // never null: n <= capacity, and each run() empties the ring
+    io_uring_sqe* sqe = io_uring_get_sqe(ring);  // never null: n <= capacity (run()), and each run() empties the ring
     if (c.send)
       io_uring_prep_sendmsg(sqe, c.fd, c.msg, static_cast<unsigned>(c.flags | MSG_DONTWAIT));
     else

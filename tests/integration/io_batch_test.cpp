@@ -187,6 +187,25 @@ TEST_P(IoBatch, AFullBatchAndTheNextOne) {
   }
 }
 
+// The gateway stops at capacity; a batch past it is made one by one, each
+// call answered, rather than run out of submission entries.
+TEST_P(IoBatch, MoreCallsThanTheRingHoldsAreMadeOneByOne) {
+  io_batch batch{GetParam()};
+  constexpr std::size_t calls = io_batch::capacity + 2;
+  tcp_pair a;
+  std::string out = "x";
+  iovec iov{out.data(), out.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  for (std::size_t i = 0; i < calls; ++i) batch.sendmsg(a.ours, &msg, MSG_NOSIGNAL);
+  auto results = batch.run();
+  ASSERT_EQ(results.size(), calls);
+  for (std::size_t i = 0; i < calls; ++i) EXPECT_EQ(results[i], 1) << i;
+  EXPECT_EQ(a.hear(calls), std::string(calls, 'x'));
+  EXPECT_EQ(batch.ring_calls(), 0u);
+}
+
 TEST_P(IoBatch, AnEmptyBatchAndASingleCall) {
   io_batch batch{GetParam()};
   EXPECT_TRUE(batch.run().empty());
