@@ -248,6 +248,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   bool stopped = false;  // stop() has finished
 
   // I/O thread only.
+  // When the loop woke: one clock reading per turn, shared by the requests
+  // it takes (their deadlines), its heartbeats and its ack expiry.
+  clock::time_point turn_now{};
   std::unordered_map<std::string, std::weak_ptr<request_state>> in_flight;
   std::unordered_map<std::string, pending_ack> acks;
   std::multimap<clock::time_point, std::string> ack_deadlines;
@@ -502,6 +505,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           if (e.num() == EINTR) continue;
           throw;
         }
+        now = turn_now = clock::now();
         if (input.ready(wake_in)) wake.drain();
         for (int i = 0; i < 1024 && input.ready(link_in); ++i) {
           // A Request goes to take_request() unparsed; anything else is
@@ -529,7 +533,6 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         }
         batch.clear();
         if (batch.capacity() > 1024) batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
-        now = clock::now();
         if (now >= link.next_tick()) {
           link.tick(now);
           sent = true;
@@ -681,7 +684,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   void dispatch(std::shared_ptr<request_state> st, std::uint32_t timeout_ms) {
-    st->set_deadline(clock::now() + std::chrono::milliseconds(timeout_ms ? timeout_ms : 30000));
+    st->set_deadline(turn_now + std::chrono::milliseconds(timeout_ms ? timeout_ms : 30000));
     auto svc = by_name.find(st->f->service);
     if (svc == by_name.end()) {
       answer(*st, proto::BAD_REQUEST, "service not served here: " + st->f->service, "[]", {}, false);
