@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
 
 #include "core/peer_link.hpp"
@@ -9,6 +10,7 @@
 namespace sidecast::broker {
 
 using proto::Envelope;
+namespace asio = boost::asio;
 
 // What happened to requests, as labels of sidecast_broker_requests_total.
 enum class outcome { dispatched, ok, error, busy, timeout, unavailable, worker_lost, cancelled, count };
@@ -165,6 +167,11 @@ void broker::bind() {
 void broker::stop() {
   stopping_ = true;
   wakeup_.signal();
+  if (reactor_) {
+    // run_on(): no thread runs the context now (see broker.hpp).
+    if (local_) local_->hook(nullptr);
+    reactor_.reset();
+  }
 }
 
 bool broker::healthy() const {
@@ -172,7 +179,7 @@ bool broker::healthy() const {
   return !stopping_ && clock::now() - last < config_.heartbeat_interval * 5;
 }
 
-void broker::run() {
+void broker::open_input() {
   input_ = {};
   router_in_ = input_.add(router_);
   xsub_in_ = input_.add(xsub_);
@@ -182,14 +189,13 @@ void broker::run() {
   if (local_) local_in_ = input_.add(local_->fd(), [this] { return local_->has_input(); });
   next_tick_ = clock::now();
   now_ = next_tick_;
-  while (!stopping_) {
-    last_turn_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(now_.time_since_epoch()).count();
-    if (now_ >= next_tick_) tick(now_);
-    auto wake = next_tick_;
-    if (auto d = table_.next_deadline()) wake = std::min(wake, *d);
-    auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(wake - now_) +
-                   std::chrono::milliseconds(1);
+}
 
+void broker::run() {
+  open_input();
+  while (!stopping_) {
+    auto timeout = std::chrono::duration_cast<std::chrono::milliseconds>(before_wait() - now_) +
+                   std::chrono::milliseconds(1);
     try {
       input_.wait(std::max(timeout, std::chrono::milliseconds(0)));
     } catch (const zmq::error_t& e) {
@@ -197,30 +203,60 @@ void broker::run() {
       if (e.num() == EINTR) continue;
       throw;
     }
-    // One clock reading per turn: messages of a batch share a timestamp.
-    // Deadlines before input: a reply read in the same turn as its job's
-    // deadline finds the job expired (the requester was told `timeout`),
-    // even when this thread woke late, or was stopped, with both waiting.
-    now_ = clock::now();
-    if (auto d = table_.next_deadline(); d && *d <= now_) {
-      for (const auto& f : table_.expire(now_)) fail(f);
-    }
-    if (input_.ready(wake_in_)) wakeup_.drain();
-    if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
-    bool received = false;
-    if (input_.ready(router_in_)) {
-      receive_router();
-      received = true;
-    }
-    if (local_ && input_.ready(local_in_)) {
-      receive_local();
-      received = true;
-    }
-    if (received) dispatch(now_);
-    if (input_.ready(xsub_in_)) forward_events();
-    if (input_.ready(xpub_in_)) drain_subscriptions();
+    after_wait();
   }
   spdlog::info("broker {} stopped", config_.id);
+}
+
+void broker::run_on(boost::asio::io_context& context) {
+  asio::post(context, [this, &context] {
+    open_input();
+    reactor_ = std::make_unique<core::input_reactor>(context, input_, [this] {
+      after_wait();
+      if (stopping_) {
+        spdlog::info("broker {} stopped", config_.id);
+        return;
+      }
+      reactor_->next(before_wait());
+    }, "broker " + config_.id);
+    // In-process gateways and workers schedule a turn: no eventfd, no wake-up.
+    if (local_) local_->hook(reactor_->poker(local_in_));
+    reactor_->watch();
+    reactor_->next(before_wait());
+  });
+}
+
+clock::time_point broker::before_wait() {
+  last_turn_ns_ = std::chrono::duration_cast<std::chrono::nanoseconds>(now_.time_since_epoch()).count();
+  if (now_ >= next_tick_) tick(now_);
+  auto wake = next_tick_;
+  if (auto d = table_.next_deadline()) wake = std::min(wake, *d);
+  return wake;
+}
+
+void broker::after_wait() {
+  // One clock reading per turn: messages of a batch share a timestamp.
+  // Deadlines before input: a reply read in the same turn as its job's
+  // deadline finds the job expired (the requester was told `timeout`),
+  // even when this thread woke late, or was stopped, with both waiting.
+  now_ = clock::now();
+  if (auto d = table_.next_deadline(); d && *d <= now_) {
+    for (const auto& f : table_.expire(now_)) fail(f);
+  }
+  if (input_.ready(wake_in_)) wakeup_.drain();
+  if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
+  bool received = false;
+  if (input_.ready(router_in_)) {
+    receive_router();
+    received = true;
+  }
+  if (local_ && input_.ready(local_in_)) {
+    receive_local();
+    received = true;
+  }
+  if (received) dispatch(now_);
+  if (input_.ready(xsub_in_)) forward_events();
+  if (input_.ready(xpub_in_)) drain_subscriptions();
 }
 
 void broker::receive_router() {

@@ -18,6 +18,7 @@
 
 #include "broker/service_table.hpp"
 #include "core/curve.hpp"
+#include "core/input_reactor.hpp"
 #include "core/input_wait.hpp"
 #include "core/local_link.hpp"
 #include "core/log.hpp"
@@ -64,7 +65,14 @@ class broker {
   void bind();
   /// Runs the loop until stop(). Never throws for peer input.
   void run();
-  /// Thread-safe.
+  /// Instead of run(): the loop's turns run on the thread that runs
+  /// `context` (core/input_reactor.hpp), from a handler this posts to it;
+  /// returns at once. `sidecast demo --threads 1` runs the broker on the
+  /// gateway's thread this way. Then stop() must be called once no thread
+  /// runs `context` any more, and before it is destroyed: it releases what
+  /// the broker holds there.
+  void run_on(boost::asio::io_context& context);
+  /// Thread-safe (but see run_on).
   void stop();
   /// Thread-safe: the loop turned recently.
   bool healthy() const;
@@ -80,6 +88,9 @@ class broker {
   };
   struct metrics;
 
+  void open_input();
+  clock::time_point before_wait();  // heartbeats; when the loop must wake at the latest
+  void after_wait();                // what the wait found
   void receive_router();
   void receive_local();
   void on_router_message(std::string_view routing_id, zmq::message_t& payload);
@@ -116,6 +127,7 @@ class broker {
   std::unique_ptr<core::zap_handler> zap_;
   std::unique_ptr<core::local_router> local_;  // config_.local_endpoint's connections
   core::input_wait input_;  // the loop's wait on the sockets above
+  std::unique_ptr<core::input_reactor> reactor_;  // run_on() only
   std::size_t router_in_ = 0, xsub_in_ = 0, xpub_in_ = 0, wake_in_ = 0, zap_in_ = 0, local_in_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<std::int64_t> last_turn_ns_{0};

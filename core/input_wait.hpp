@@ -52,6 +52,17 @@ class input_wait {
   /// descriptor `index` is readable.
   bool ready(std::size_t index) const { return items_[index].ready; }
 
+  // For a loop that an io_context drives instead (core/input_reactor.hpp):
+  // wait() is look(), then the descriptors' readiness given to fired().
+
+  /// Clears every ready flag, then asks the sources that must be asked (see
+  /// used()); true when one holds input (it is ready).
+  bool look();
+  /// Descriptor `index` became readable: ready until the next look().
+  void fired(std::size_t index);
+  std::size_t size() const { return items_.size(); }
+  int fd(std::size_t index) const { return fds_[index].fd; }
+
  private:
   struct item {
     std::function<bool()> has_input;  // empty for a plain descriptor

@@ -27,11 +27,20 @@ void doorbell::ring() {
   // Pairs with the fence in arm(): either this sees the consumer armed, or
   // the consumer's last look sees what was just queued.
   std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (state_.load(std::memory_order_relaxed) != armed) return;
+  // The state says which way the ring went: only a written eventfd is read
+  // back by arm().
+  auto h = hook_.load(std::memory_order_acquire);
   int expected = armed;
-  if (state_.load(std::memory_order_relaxed) == armed &&
-      state_.compare_exchange_strong(expected, rung, std::memory_order_acq_rel))
+  if (!state_.compare_exchange_strong(expected, h ? hooked : rung, std::memory_order_acq_rel)) return;
+  if (h) {
+    (*h)();
+  } else {
     bell_.signal();
+  }
 }
+
+void doorbell::hook(ring_hook h) { hook_.store(std::move(h), std::memory_order_release); }
 
 void doorbell::arm() {
   // A producer that rang wrote the eventfd, or is about to: read it, and
@@ -106,6 +115,8 @@ local_router::~local_router() {
 }
 
 int local_router::fd() const { return hub_->bell.fd(); }
+
+void local_router::hook(ring_hook h) { hub_->bell.hook(std::move(h)); }
 
 void local_router::adopt() {
   // A load first: this runs for every message, and an exchange would write
@@ -205,6 +216,8 @@ local_dealer::~local_dealer() {
 }
 
 int local_dealer::fd() const { return connection_->bell.fd(); }
+
+void local_dealer::hook(ring_hook h) { connection_->bell.hook(std::move(h)); }
 
 bool local_dealer::has_input() {
   connection_->bell.arm();

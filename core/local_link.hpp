@@ -20,6 +20,7 @@
 // table per process, as inproc:// names live in one per ZeroMQ context.
 #include <atomic>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -34,9 +35,15 @@ namespace sidecast::core {
 /// True for "local://NAME" endpoints.
 bool is_local_endpoint(std::string_view endpoint);
 
+/// What a consumer driven by an io_context (core/input_reactor.hpp) has a
+/// producer call instead of writing its eventfd: it schedules the
+/// consumer's next turn. Called on the producer's thread.
+using ring_hook = std::shared_ptr<const std::function<void()>>;
+
 /// A wake-up that producers ring only when the consumer asked for one: the
 /// consumer arms it, then looks at its queues one last time, then waits on
-/// fd(). Any number of producers, one consumer.
+/// fd() (or, hooked, for its hook to be called). Any number of producers,
+/// one consumer.
 class doorbell {
  public:
   int fd() const { return bell_.fd(); }
@@ -44,12 +51,17 @@ class doorbell {
   void ring();
   /// Consumer, before its last look at the queues.
   void arm();
+  /// Consumer: from now on a ring calls `hook` instead of writing fd()
+  /// (null: fd() again). Any thread. A consumer that sets it looks at its
+  /// queues afterwards: a ring that came before may have gone to fd().
+  void hook(ring_hook h);
 
  private:
-  enum : int { armed, rung };
+  enum : int { armed, rung, hooked };  // rung: fd() was written
   wakeup bell_;
   std::atomic<int> state_{armed};  // a new consumer has not looked yet: the first ring wakes it
   bool owed_ = false;  // consumer only: a ring's write may not have landed yet
+  std::atomic<ring_hook> hook_;
 };
 
 struct local_hub;
@@ -80,6 +92,8 @@ class local_router {
   send_result send(std::string_view peer, zmq::message_t& message);
 
   std::size_t connections() const { return connections_.size(); }
+  /// See doorbell::hook: for messages and connections from now on.
+  void hook(ring_hook h);
 
  private:
   void adopt();      // connections made since the last look
@@ -107,6 +121,8 @@ class local_dealer {
   bool receive(zmq::message_t& message);
   /// Takes `message` unless the queue is full or the router is gone (false).
   bool send(zmq::message_t& message);
+  /// See doorbell::hook: for messages from the router from now on.
+  void hook(ring_hook h);
 
  private:
   std::shared_ptr<local_connection> connection_;

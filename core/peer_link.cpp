@@ -17,6 +17,7 @@ void peer_link::connect() {
   if (is_local_) {
     local_.reset();  // a new connection under the same id replaces the old one at the broker
     local_ = local_dealer::connect(options_.endpoint, options_.id, options_.sndhwm, options_.rcvhwm);
+    if (local_ && hook_) local_->hook(hook_);
     if (!local_ && log_limit_.allow()) spdlog::warn("peer link: nothing is bound at {}", options_.endpoint);
     start();
     return;
@@ -29,6 +30,11 @@ void peer_link::connect() {
   apply(socket_, options_.curve);
   socket_.connect(options_.endpoint);
   start();
+}
+
+void peer_link::hook(ring_hook h) {
+  hook_ = std::move(h);
+  if (local_) local_->hook(hook_);
 }
 
 void peer_link::start() {

@@ -81,6 +81,11 @@ class peer_link {
   void tick(clock::time_point now);
   clock::time_point next_tick() const;
 
+  /// A local:// link rings `h` instead of writing fd() when a message
+  /// arrives (doorbell::hook), on this connection and on those it makes
+  /// later; a tcp/ipc/inproc link ignores it. Then look: has_input().
+  void hook(ring_hook h);
+
   /// True once the broker welcomed this connection.
   bool welcomed() const { return welcomed_; }
   const peer_link_stats& stats() const { return stats_; }
@@ -97,6 +102,7 @@ class peer_link {
   const bool is_local_;                   // options_.endpoint is local://
   zmq::socket_t socket_;                  // a tcp/ipc/inproc broker
   std::unique_ptr<local_dealer> local_;   // a local:// broker, when one is bound
+  ring_hook hook_;                         // for local_, and the ones after it
   bool welcomed_ = false;
   std::chrono::milliseconds interval_;
   unsigned liveness_;

@@ -3,6 +3,10 @@
 // binaries, with no network between the parts. Requests, replies and
 // addressed traffic go over local:// connections (core/local_link.hpp, or
 // inproc:// sockets with --link inproc); room events over inproc:// PUB/SUB.
+// With --threads 1 the broker and the workers' I/O loop also run on the
+// gateway's one I/O thread (core/input_reactor.hpp): a request and its
+// answer cross no thread (handlers not marked quick still run on the
+// workers' pool).
 #include <spdlog/spdlog.h>
 
 #include "broker/broker.hpp"
@@ -18,7 +22,7 @@ namespace {
 using namespace sidecast;
 
 int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& builtin, const std::string& link,
-             core::terminate_signals& signals) {
+             bool own_threads, core::terminate_signals& signals) {
   zmq::context_t context{1};
   auto registry = std::make_shared<prometheus::Registry>();
   broker::broker_config b_config;
@@ -29,7 +33,6 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   const auto& broker_endpoint = link == "local" ? b_config.local_endpoint : b_config.router_endpoint;
   broker::broker b{b_config, context, registry};
   b.bind();
-  std::thread broker_thread{[&b] { b.run(); }};
 
   worker_options w_options;
   w_options.id = "demo-worker";
@@ -41,15 +44,34 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
     w.add(factory(builtin));
     services += (services.empty() ? "" : ", ") + name;
   }
-  w.start();
 
   gw_config.broker = broker_endpoint;
   gw_config.events = b_config.xpub_endpoint;
   gateway::gateway gw{gw_config, context, registry};
+  // One gateway thread and local:// links: the broker and the workers' I/O
+  // run on it too (core/input_reactor.hpp), with no thread hop on the way
+  // of a request and its answer. Otherwise they have threads of their own.
+  bool one_thread = gw_config.threads == 1 && link == "local" && !own_threads;
+  std::thread broker_thread;
+  if (one_thread) {
+    gw.share_thread(
+        [&](boost::asio::io_context& io) {
+          b.run_on(io);
+          w.start_on(io);
+        },
+        [&] {
+          w.stop();
+          b.stop();
+        });
+  } else {
+    broker_thread = std::thread{[&b] { b.run(); }};
+    w.start();
+  }
   gw.start();
 
   auto hp = core::parse_host_port(gw_config.http);
-  spdlog::info("broker  : running in-process ({})", broker_endpoint);
+  spdlog::info("broker  : running in-process ({}), {}", broker_endpoint,
+               one_thread ? "on the gateway's thread" : "on a thread of its own");
   spdlog::info("workers : {} (capacity {} each)", services, builtin.capacity);
   spdlog::info("gateway : Socket.IO at /socket.io/, /ws, /api/v1, /metrics");
   spdlog::info("demo    : open http://{}:{}/  (Ctrl-C stops)", hp->host, gw.port());
@@ -58,7 +80,7 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   gw.drain(gw.config().drain_timeout);
   w.stop();
   b.stop();
-  broker_thread.join();
+  if (broker_thread.joinable()) broker_thread.join();
   return 0;
 }
 
@@ -77,12 +99,17 @@ int main(int argc, char** argv) {
   builtin.capacity = 64;
   std::string log_level = "info";
   std::string link = "local";
+  bool own_threads = false;
   gateway::add_options(*demo, config);
   workers::add_options(*demo, builtin);
   demo->add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   demo->add_option("--link", link, "How the gateway and the workers reach the broker: local or inproc")
       ->capture_default_str()
       ->check(CLI::IsMember({"local", "inproc"}));
+  demo->add_flag("--own-threads", own_threads,
+                  "With --threads 1, still run the broker and the workers' I/O on threads of their own "
+                  "(by default they share the gateway's thread)")
+      ->capture_default_str();
   core::finish_app(*demo);
   if (auto code = core::parse(app, argc, argv)) return *code;
   if (keygen->parsed()) {
@@ -95,7 +122,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run_demo(config, builtin, link, signals);
+    return run_demo(config, builtin, link, own_threads, signals);
   } catch (const std::exception& e) {
     spdlog::critical("demo failed: {}", e.what());
     return 1;

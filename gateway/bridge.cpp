@@ -97,6 +97,7 @@ void bridge::stop() {
     if (thread_.joinable()) thread_.join();
   }
   // No thread runs the executor any more: release its objects here.
+  if (poster_) poster_->close();
   link_watch_.fd.reset();
   sub_watch_.fd.reset();
   timer_.reset();
@@ -277,6 +278,13 @@ void bridge::open() {
     lo.sndhwm = lo.rcvhwm = config_.hwm;
     lo.curve = {config_.curve_secret, config_.curve_server_key};
     link_ = std::make_unique<core::peer_link>(context_, lo);
+    // A local:// broker (the demo's) schedules a pump instead of writing
+    // the link's eventfd: with --threads 1 it runs on this very thread.
+    poster_ = core::ring_poster::make(ex_->context(), [this](std::uint64_t) {
+      link_watch_.dirty = true;
+      pump();
+    });
+    link_->hook(poster_->hook(0));
     sub_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::sub);
     sub_->set(zmq::sockopt::linger, 0);
     sub_->set(zmq::sockopt::rcvhwm, config_.hwm);

@@ -28,6 +28,7 @@
 #include <spdlog/spdlog.h>
 #include <zmq.hpp>
 
+#include "core/input_reactor.hpp"
 #include "core/log.hpp"
 #include "gateway/config.hpp"
 #include "gateway/io.hpp"
@@ -182,6 +183,7 @@ class bridge {
   bool timer_pending_ = false;
   bool pump_posted_ = false;
   watch link_watch_, sub_watch_;
+  std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook
   std::unique_ptr<core::peer_link> link_;
   alignas(16) std::array<char, 8192> arena_block_;  // where each received envelope is parsed
   proto::Reply parsed_reply_;  // where each Reply is parsed (see take_reply)

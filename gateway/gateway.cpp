@@ -111,6 +111,7 @@ void gateway::start() {
   port_ = acceptor_->local_endpoint().port();
   // One I/O thread: the bridge shares it (no thread hop between a session and the broker link).
   bridge_->start(config_.threads == 1 ? contexts_.front().get() : nullptr);
+  if (attach_) attach_(*contexts_.front());
   do_accept();
   for (auto& ctx : contexts_) {
     threads_.emplace_back([&ctx] { run_logging_errors(*ctx, "gateway I/O thread"); });
@@ -173,7 +174,16 @@ void gateway::stop() {
   }
   acceptor_.reset();
   guards_.clear();
+  if (detach_) {
+    detach_();
+    detach_ = nullptr;
+  }
   contexts_.clear();
+}
+
+void gateway::share_thread(std::function<void(asio::io_context&)> attach, std::function<void()> detach) {
+  attach_ = std::move(attach);
+  detach_ = std::move(detach);
 }
 
 void gateway::drain(std::chrono::milliseconds limit) {

@@ -12,6 +12,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <functional>
+
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <zmq.hpp>
@@ -39,6 +41,12 @@ class gateway {
   /// Binds the HTTP port and starts every thread. Throws on a bad config or a
   /// failed bind (start-up errors).
   void start();
+  /// Before start(): other loops share the first I/O thread (`sidecast demo
+  /// --threads 1` runs its broker and workers there). start() calls
+  /// `attach` with that thread's io_context before the thread starts;
+  /// stop() calls `detach` once every I/O thread has stopped, before the
+  /// io_contexts go.
+  void share_thread(std::function<void(boost::asio::io_context&)> attach, std::function<void()> detach);
   void stop();
   /// Graceful shutdown: stops accepting, closes every Engine.IO session's
   /// transport (clients reconnect elsewhere), waits up to `limit` for them to
@@ -85,6 +93,8 @@ class gateway {
   std::unique_ptr<class bridge> bridge_;
   std::unique_ptr<class api> api_;
   std::vector<std::unique_ptr<boost::asio::io_context>> contexts_;
+  std::function<void(boost::asio::io_context&)> attach_;  // share_thread()
+  std::function<void()> detach_;
   std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
   std::vector<std::thread> threads_;
   std::optional<boost::asio::ip::tcp::acceptor> acceptor_;

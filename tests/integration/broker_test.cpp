@@ -1,8 +1,11 @@
 // The broker and the worker SDK on real inproc sockets; the test plays the
-// gateways and clients. Every BrokerTest case runs twice: with the SDK's
-// workers and gateways on inproc:// sockets, and on the broker's local://
-// connections (core/local_link.hpp); the test's own raw peers always use the
-// ROUTER, so the second run mixes both kinds of connection in one broker.
+// gateways and clients. Every BrokerTest case runs three times: with the
+// SDK's workers and gateways on inproc:// sockets; on the broker's local://
+// connections (core/local_link.hpp); and on local:// connections with the
+// broker and the workers' I/O sharing one io_context thread (broker::run_on,
+// worker::start_on: `sidecast demo --threads 1`). The test's own raw peers
+// always use the ROUTER, so the later runs mix both kinds of connection in
+// one broker.
 #include <algorithm>
 #include <atomic>
 #include <future>
@@ -23,10 +26,15 @@
 namespace sidecast::test {
 namespace {
 
-class BrokerTest : public ::testing::TestWithParam<std::string_view> {
+struct link_mode {
+  std::string_view endpoint;  // where SDK workers and gateways connect
+  bool shared_thread;         // the broker and the workers' I/O on one io_context thread
+};
+
+class BrokerTest : public ::testing::TestWithParam<link_mode> {
  protected:
-  // Where SDK workers and gateways connect: "inproc://router" or "local://router".
-  static std::string link() { return std::string{GetParam()}; }
+  static std::string link() { return std::string{GetParam().endpoint}; }
+  static bool shared_thread() { return GetParam().shared_thread; }
 
   void start(broker::broker_config config = {}) {
     config.router_endpoint = "inproc://router";
@@ -36,15 +44,45 @@ class BrokerTest : public ::testing::TestWithParam<std::string_view> {
     config.heartbeat_interval = heartbeat_;
     broker_ = std::make_unique<broker::broker>(config, ctx_, std::make_shared<prometheus::Registry>());
     broker_->bind();
-    thread_ = std::thread([this] { broker_->run(); });
+    if (shared_thread()) {
+      broker_->run_on(io_);
+      run_io();
+    } else {
+      thread_ = std::thread([this] { broker_->run(); });
+    }
   }
   void TearDown() override { stop(); }
   void stop() {
+    stop_io();
     workers_.clear();
     if (thread_.joinable()) {
       broker_->stop();
       thread_.join();
+    } else if (broker_) {
+      broker_->stop();  // shared thread: releases its waits
     }
+  }
+
+  // The shared thread. A worker (or broker) that shares it is stopped only
+  // while no thread runs it (worker::start_on): `pause_io` runs `f` so.
+  void run_io() {
+    io_.restart();
+    io_thread_ = std::thread([this] {
+      auto work = boost::asio::make_work_guard(io_);
+      io_.run();
+    });
+  }
+  void stop_io() {
+    if (!io_thread_.joinable()) return;
+    io_.stop();
+    io_thread_.join();
+  }
+  template <typename F>
+  void pause_io(F f) {
+    bool running = io_thread_.joinable();
+    stop_io();
+    f();
+    if (running) run_io();
   }
 
   worker_options options_for(std::string id, std::size_t threads = 0) const {
@@ -64,7 +102,11 @@ class BrokerTest : public ::testing::TestWithParam<std::string_view> {
   worker& add_worker(std::vector<service> services, const worker_options& o) {
     auto w = std::make_unique<worker>(o, &ctx_);
     for (auto& s : services) w->add(std::move(s));
-    w->start();
+    if (shared_thread()) {
+      w->start_on(io_);
+    } else {
+      w->start();
+    }
     auto* raw = w.get();
     workers_.push_back(std::move(w));
     EXPECT_TRUE(eventually([raw] { return raw->connected(); })) << raw->id() << " never joined";
@@ -73,6 +115,8 @@ class BrokerTest : public ::testing::TestWithParam<std::string_view> {
 
   std::chrono::milliseconds heartbeat_ = 100ms;  // broker and workers
   zmq::context_t ctx_{1};
+  boost::asio::io_context io_{1};
+  std::thread io_thread_;
   std::unique_ptr<broker::broker> broker_;
   std::thread thread_;
   std::vector<std::unique_ptr<worker>> workers_;
@@ -686,7 +730,7 @@ TEST_P(BrokerTest, StoppingAWorkerAnswersAcksStillAwaitedAndLetsGoOfThem) {
   auto question = gateway.next(Envelope::kEmit, 5s);
   ASSERT_TRUE(question);
   ASSERT_FALSE(question->emit().ack_id().empty());
-  workers_.clear();  // stops and destroys the worker; the client never acked
+  pause_io([&] { workers_.clear(); });  // stops and destroys the worker; the client never acked
   auto answer = heard.get_future();
   ASSERT_EQ(answer.wait_for(5s), std::future_status::ready) << "the awaited ack was never answered";
   EXPECT_EQ(answer.get(), proto::CANCELLED);
@@ -732,7 +776,7 @@ TEST_P(BrokerTest, StoppingAWorkerStartsNoHandlerStillQueued) {
   ASSERT_EQ(first.get_future().wait_for(5s), std::future_status::ready);
   client.submit("hold", "hold", "[]", 10s);
   ASSERT_TRUE(eventually([&w] { return w.stats().requests == 2; }));
-  w.stop();
+  pause_io([&w] { w.stop(); });
   EXPECT_EQ(started.load(), 1) << "a handler still queued started after stop";
 }
 
@@ -741,6 +785,7 @@ TEST_P(BrokerTest, StoppingAWorkerStartsNoHandlerStillQueued) {
 // thread, what the queue still holds (here the CANCELLED answer to an ack the
 // client never gave) runs before stop() returns, as with more threads.
 TEST_P(BrokerTest, AHandlerMayStopItsOwnWorker) {
+  if (shared_thread()) GTEST_SKIP() << "a worker on a shared thread is stopped by the thread's owner";
   start();
   worker* self = nullptr;
   std::atomic<int> heard{-1};
@@ -790,6 +835,7 @@ TEST_P(BrokerTest, AWorkerStoppedBeforeItStartedStartsNothing) {
 // found by ThreadSanitizer under tests/fuzz/chaos): the second returned at
 // once, and the owner freed the worker while the first still used it.
 TEST_P(BrokerTest, AStopRacingAnotherReturnsOnlyOnceTheWorkerHasStopped) {
+  if (shared_thread()) GTEST_SKIP() << "a worker on a shared thread is stopped by the thread's owner";
   start();
   std::atomic<bool> finished{false};
   std::promise<void> running;
@@ -1167,9 +1213,12 @@ TEST_P(BridgeDelivery, EmitsAndTheReplyKeepTheBrokersOrder) {
 INSTANTIATE_TEST_SUITE_P(Threads, BridgeDelivery, ::testing::Bool(),
                          [](const auto& info) { return info.param ? "SharedThread" : "OwnThread"; });
 
-std::string link_name(const ::testing::TestParamInfo<std::string_view>& info) {
-  return info.param.starts_with("local") ? "local" : "inproc";
+std::string link_name(const ::testing::TestParamInfo<link_mode>& info) {
+  if (info.param.shared_thread) return "local_shared_thread";
+  return info.param.endpoint.starts_with("local") ? "local" : "inproc";
 }
+
+constexpr link_mode link_modes[] = {{"inproc://router", false}, {"local://router", false}, {"local://router", true}};
 
 // A message `take` accepts leaves the envelope empty, even when a heartbeat
 // was parsed into it on the way: before, the caller saw the heartbeat again
@@ -1216,8 +1265,8 @@ TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
   EXPECT_EQ(env.kind_case(), Envelope::KIND_NOT_SET) << "the heartbeat read before the reply is still in the envelope";
 }
 
-INSTANTIATE_TEST_SUITE_P(Links, BrokerTest, ::testing::Values("inproc://router", "local://router"), link_name);
-INSTANTIATE_TEST_SUITE_P(Links, GatewayPathTest, ::testing::Values("inproc://router", "local://router"), link_name);
+INSTANTIATE_TEST_SUITE_P(Links, BrokerTest, ::testing::ValuesIn(link_modes), link_name);
+INSTANTIATE_TEST_SUITE_P(Links, GatewayPathTest, ::testing::ValuesIn(link_modes), link_name);
 
 }  // namespace
 }  // namespace sidecast::test

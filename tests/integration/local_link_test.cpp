@@ -6,6 +6,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -138,6 +142,84 @@ TEST(LocalLink, ANameBindsOnceAndADealerOutlivesItsRouterSafely) {
 // trips, both sides sleeping on fd() whenever their receive finds nothing.
 // A wake-up lost anywhere leaves a side asleep with work waiting, which the
 // 2 s wait turns into a counted timeout.
+// Hooked (core/input_reactor.hpp), a doorbell calls its hook instead of
+// writing its eventfd, once per arm, and never leaves the consumer reading
+// an eventfd nobody wrote; unhooked, it writes the eventfd again.
+TEST(LocalLink, AHookedDoorbellCallsItsHookInsteadOfItsDescriptor) {
+  local_router router{"local://t-hook"};
+  auto calls = std::make_shared<std::atomic<int>>(0);
+  router.hook(std::make_shared<const std::function<void()>>([calls] { ++*calls; }));
+  auto dealer = local_dealer::connect("local://t-hook", "d1", 8, 8);
+  ASSERT_TRUE(dealer);
+  EXPECT_EQ(*calls, 1) << "the new connection rang the armed router";
+  say(*dealer, "a");
+  EXPECT_EQ(*calls, 1) << "not armed again yet: no second ring";
+  EXPECT_EQ(heard(router), "d1: a");
+  EXPECT_EQ(heard(router), "");  // empty: armed
+  say(*dealer, "b");
+  say(*dealer, "c");
+  EXPECT_EQ(*calls, 2);
+  EXPECT_FALSE(readable_within(router.fd(), 0ms)) << "a hooked doorbell wrote its descriptor";
+  EXPECT_EQ(heard(router), "d1: b");
+  EXPECT_EQ(heard(router), "d1: c");
+  EXPECT_EQ(heard(router), "");
+  router.hook(nullptr);
+  say(*dealer, "d");
+  EXPECT_EQ(*calls, 2);
+  EXPECT_TRUE(readable_within(router.fd(), 1s)) << "unhooked, the descriptor is written again";
+}
+
+// The same across threads: the consumer sleeps until its hook is called.
+TEST(LocalLink, EveryMessageCallsASleepingReceiversHookAcrossThreads) {
+  constexpr int total = 30000, window = 64;
+  local_router router{"local://t-hook-stress"};
+  std::mutex m;
+  std::condition_variable cv;
+  int rings = 0;
+  router.hook(std::make_shared<const std::function<void()>>([&] {
+    {
+      std::lock_guard lock{m};
+      ++rings;
+    }
+    cv.notify_one();
+  }));
+  int timeouts = 0, got = 0, out_of_order = 0;
+  std::thread client{[&] {
+    auto dealer = local_dealer::connect("local://t-hook-stress", "d", window, window);
+    for (int sent_n = 0; sent_n < total;) {
+      auto out = text(std::to_string(sent_n));
+      if (dealer->send(out)) {
+        ++sent_n;
+      } else {
+        std::this_thread::yield();  // full: the server is behind
+      }
+    }
+  }};
+  std::string_view peer;
+  zmq::message_t msg;
+  while (got < total) {
+    int seen;
+    {
+      std::lock_guard lock{m};
+      seen = rings;
+    }
+    while (router.receive(peer, msg)) {
+      if (msg.to_string() != std::to_string(got)) ++out_of_order;
+      ++got;
+    }
+    if (got == total) break;
+    std::unique_lock lock{m};
+    if (!cv.wait_for(lock, 2s, [&] { return rings != seen; })) {
+      ++timeouts;
+      break;  // a lost ring: stop rather than wait forever
+    }
+  }
+  client.join();
+  EXPECT_EQ(timeouts, 0) << "the receiver slept through a message";
+  EXPECT_EQ(got, total);
+  EXPECT_EQ(out_of_order, 0);
+}
+
 TEST(LocalLink, EveryMessageWakesASleepingReceiverAcrossThreads) {
   constexpr int dealers = 3, per_dealer = 30000, window = 64;
   local_router router{"local://t-stress"};

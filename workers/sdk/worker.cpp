@@ -13,11 +13,13 @@
 #include <unordered_map>
 #include <utility>
 
+#include <boost/asio/post.hpp>
 #include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 #include <spdlog/spdlog.h>
 
 #include "core/bounded_queue.hpp"
+#include "core/input_reactor.hpp"
 #include "core/input_wait.hpp"
 #include "core/log.hpp"
 #include "core/peer_link.hpp"
@@ -235,6 +237,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::bounded_queue<outgoing> outbox;
   core::wakeup wake;
   std::thread io_thread;
+  boost::asio::io_context* attached = nullptr;  // start_on()'s context
   std::atomic<std::thread::id> io_thread_id{};  // set by the I/O thread itself, while it runs
   thread_pool pool;
   std::atomic<bool> stopping{false};
@@ -258,6 +261,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::log_limiter log_limit;
   proto::Request parsed;  // requests are parsed into it (see take_request)
   std::vector<outgoing> io_replies;  // replies made here while the outbox was full (see enqueue)
+  struct io_objects;
+  std::unique_ptr<io_objects> io;  // the loop's sockets: see io_loop
   std::vector<std::unique_ptr<request_fields>> spare_fields;  // see recycle()
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
@@ -294,7 +299,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (stopping) return false;
     // The I/O thread drains the outbox, so it must never wait for room, nor
     // wake itself: it drains the outbox before it polls again.
-    bool on_io_thread = std::this_thread::get_id() == io_thread_id.load(std::memory_order_relaxed);
+    bool on_io_thread = turning == this;
     if (outbox.try_push(std::move(out))) {
       if (!on_io_thread) wake.signal();
       return true;
@@ -413,15 +418,18 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     return true;
   }
 
+  std::size_t pool_threads() const {
+    std::size_t capacity = 0;
+    for (const auto& s : services) capacity += s.capacity();
+    return options.threads ? options.threads : std::min<std::size_t>(std::max<std::size_t>(capacity, 1), 256);
+  }
+
   void start() {
     std::lock_guard lock{lifecycle_mutex};
     if (started) throw std::logic_error("worker::start() twice");
     started = true;
     if (stopping) return;  // stopped before it started: nothing to run
-    std::size_t capacity = 0;
-    for (const auto& s : services) capacity += s.capacity();
-    auto threads = options.threads ? options.threads : std::min<std::size_t>(std::max<std::size_t>(capacity, 1), 256);
-    pool.start(threads);
+    pool.start(pool_threads());
     io_thread = std::thread([self = shared_from_this()] { self->io_loop(); });
   }
 
@@ -437,10 +445,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (!pool.on_pool_thread()) lifecycle_changed.wait(lock, [&] { return stopped; });
       return;
     }
-    auto io = std::move(io_thread);
+    auto io_t = std::move(io_thread);
     lock.unlock();
     wake.signal();
-    if (io.joinable()) io.join();
+    if (io_t.joinable()) {
+      io_t.join();
+    } else if (attached && io_thread_id.load() != std::thread::id{}) {
+      close_io();  // start_on(): no thread runs the context now (see worker.hpp)
+    }
     outbox.close();
     pool.stop();  // without the lock: a handler it waits for may call stop()
     lock.lock();
@@ -453,13 +465,78 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     lifecycle_changed.wait(lock, [&] { return stopped; });
   }
 
+  // The I/O loop: on a thread of its own (start()), or in turns on the
+  // thread of an io_context (start_on(), core/input_reactor.hpp). Either
+  // way the same three steps: before_wait(), the wait, io_turn().
   void io_loop() {
     io_thread_id = std::this_thread::get_id();
-    spare_blocks spares;
-    struct spares_guard {
-      ~spares_guard() { io_spares = nullptr; }  // before `spares` goes
-    } guard;
-    io_spares = &spares;
+    try {
+      open_io();
+      while (!stopping) {
+        auto timeout = std::max(std::chrono::duration_cast<std::chrono::milliseconds>(before_wait() - clock::now()),
+                                std::chrono::milliseconds(0));
+        try {
+          io->input.wait(timeout + std::chrono::milliseconds(1));
+        } catch (const zmq::error_t& e) {
+          if (e.num() == EINTR) continue;
+          throw;
+        }
+        io_turn();
+      }
+    } catch (const std::exception& e) {
+      spdlog::critical("worker {} I/O thread failed: {}", options.id, e.what());
+    }
+    close_io();
+  }
+
+  void start_on(boost::asio::io_context& io_context) {
+    std::lock_guard lock{lifecycle_mutex};
+    if (started) throw std::logic_error("worker::start() twice");
+    started = true;
+    if (stopping) return;
+    pool.start(pool_threads());
+    attached = &io_context;
+    boost::asio::post(io_context, [self = shared_from_this()] { self->open_attached(); });
+  }
+
+  void open_attached() {
+    if (stopping) return;
+    io_thread_id = std::this_thread::get_id();
+    try {
+      open_io();
+      io->reactor = std::make_unique<core::input_reactor>(
+          *attached, io->input,
+          [this] {
+            if (stopping) return;
+            io_turn();
+            io->reactor->next(before_wait());
+          },
+          "worker " + options.id + " I/O");
+      io->link.hook(io->reactor->poker(link_index));  // the broker's messages schedule a turn
+      io->reactor->next(before_wait());               // before_wait() watches the input
+    } catch (const std::exception& e) {
+      spdlog::critical("worker {} I/O failed: {}", options.id, e.what());
+    }
+  }
+
+  // What the I/O loop owns (made on the thread that runs it).
+  struct io_objects {
+    io_objects(zmq::context_t& context, const core::peer_link_options& lo)
+        : link{context, lo}, pub{context, zmq::socket_type::pub} {}
+    spare_blocks spares;  // see io_thread_allocator
+    core::peer_link link;
+    zmq::socket_t pub;
+    std::vector<outgoing> batch;
+    alignas(16) std::array<char, 8192> arena_block;
+    std::function<bool(std::string_view)> take;
+    core::input_wait input;
+    std::size_t wake_in = 0;
+    std::optional<std::uint64_t> input_for;  // the link's reconnect count when input was set up
+    std::unique_ptr<core::input_reactor> reactor;  // start_on() only; goes first
+  };
+  static constexpr std::size_t link_index = 0;  // the link's place in io->input
+
+  void open_io() {
     core::peer_link_options lo;
     lo.endpoint = options.broker;
     lo.id = options.id;
@@ -469,84 +546,100 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     lo.sndhwm = lo.rcvhwm = options.hwm;
     lo.curve = {options.curve_secret, options.curve_server_key};
     for (const auto& s : services) lo.services.emplace_back(s.name(), s.capacity());
-    try {
-      core::peer_link link{*context, lo};
-      zmq::socket_t pub{*context, zmq::socket_type::pub};
-      pub.set(zmq::sockopt::linger, 0);
-      pub.set(zmq::sockopt::sndhwm, options.hwm);
-      core::apply(pub, lo.curve);
-      if (!options.publish.empty()) pub.connect(options.publish);
-      std::vector<outgoing> batch;
-      alignas(16) std::array<char, 8192> arena_block;
-      const std::function<bool(std::string_view)> take = [this](std::string_view bytes) { return take_request(bytes); };
-      core::input_wait input;
-      std::size_t link_in = 0, wake_in = 0;
-      std::optional<std::uint64_t> input_for;  // the link's reconnect count when input was set up
-      while (!stopping) {
-        auto now = clock::now();
-        auto wake_at = link.next_tick();
-        {
-          std::lock_guard lock{acks_mutex};
-          if (!ack_deadlines.empty()) wake_at = std::min(wake_at, ack_deadlines.begin()->first);
-        }
-        auto timeout = std::max(std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now),
-                                std::chrono::milliseconds(0));
-        // First turn, or the link made a new socket (which may sit at the
-        // old one's address, its descriptor at the old number).
-        if (input_for != link.stats().reconnects) {
-          input_for = link.stats().reconnects;
-          input = {};
-          link_in = input.add(link.fd(), [&link] { return link.has_input(); });
-          wake_in = input.add(wake.fd());
-        }
-        try {
-          input.wait(timeout + std::chrono::milliseconds(1));
-        } catch (const zmq::error_t& e) {
-          if (e.num() == EINTR) continue;
-          throw;
-        }
-        now = turn_now = clock::now();
-        if (input.ready(wake_in)) wake.drain();
-        for (int i = 0; i < 1024 && input.ready(link_in); ++i) {
-          // A Request goes to take_request() unparsed; anything else is
-          // parsed on an arena over a reused block (what on_message keeps of
-          // it is swapped out), so the envelope never needs the heap.
-          google::protobuf::Arena arena{proto::arena_on(arena_block)};
-          auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
-          if (!link.receive_into(env, take)) {
-            input.drained(link_in);
-            break;
-          }
-          if (env.kind_case() != Envelope::KIND_NOT_SET) on_message(env);  // else take_request() had it
-        }
-        outbox.drain(batch);
-        for (auto& out : io_replies) batch.push_back(std::move(out));
-        io_replies.clear();
-        bool sent = !batch.empty();
-        for (auto& out : batch) {
-          if (out.topic.empty()) {
-            if (!link.send_message(std::move(out.envelope))) ++n_dropped;
-          } else {
-            pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-            pub.send(out.envelope, zmq::send_flags::dontwait);
-          }
-        }
-        batch.clear();
-        if (batch.capacity() > 1024) batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
-        if (now >= link.next_tick()) {
-          link.tick(now);
-          sent = true;
-        }
-        // A send may take the command that announces new input: ask the
-        // socket before blocking. Otherwise its descriptor will tell.
-        if (sent) input.used(link_in);
-        welcomed = link.welcomed();
-        n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
-        expire_acks(now);
-      }
-    } catch (const std::exception& e) {
-      spdlog::critical("worker {} I/O thread failed: {}", options.id, e.what());
+    io = std::make_unique<io_objects>(*context, lo);
+    auto& pub = io->pub;
+    pub.set(zmq::sockopt::linger, 0);
+    pub.set(zmq::sockopt::sndhwm, options.hwm);
+    core::apply(pub, lo.curve);
+    if (!options.publish.empty()) pub.connect(options.publish);
+    io->take = [this](std::string_view bytes) { return take_request(bytes); };
+  }
+
+  // Before the wait: when the loop must wake at the latest.
+  clock::time_point before_wait() {
+    auto& o = *io;
+    auto wake_at = o.link.next_tick();
+    {
+      std::lock_guard lock{acks_mutex};
+      if (!ack_deadlines.empty()) wake_at = std::min(wake_at, ack_deadlines.begin()->first);
     }
+    // First turn, or the link made a new socket (which may sit at the
+    // old one's address, its descriptor at the old number).
+    if (o.input_for != o.link.stats().reconnects) {
+      o.input_for = o.link.stats().reconnects;
+      o.input = {};
+      o.input.add(o.link.fd(), [&link = o.link] { return link.has_input(); });  // link_index
+      o.wake_in = o.input.add(wake.fd());
+      if (o.reactor) o.reactor->watch();
+    }
+    return wake_at;
+  }
+
+  // After the wait: what it found, what the handlers sent, heartbeats.
+  void io_turn() {
+    auto& o = *io;
+    auto& link = o.link;
+    auto& batch = o.batch;
+    turn_scope scope{this};
+    auto now = turn_now = clock::now();
+    if (o.input.ready(o.wake_in)) wake.drain();
+    for (int i = 0; i < 1024 && o.input.ready(link_index); ++i) {
+      // A Request goes to take_request() unparsed; anything else is
+      // parsed on an arena over a reused block (what on_message keeps of
+      // it is swapped out), so the envelope never needs the heap.
+      google::protobuf::Arena arena{proto::arena_on(o.arena_block)};
+      auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
+      if (!link.receive_into(env, o.take)) {
+        o.input.drained(link_index);
+        break;
+      }
+      if (env.kind_case() != Envelope::KIND_NOT_SET) on_message(env);  // else take_request() had it
+    }
+    outbox.drain(batch);
+    for (auto& out : io_replies) batch.push_back(std::move(out));
+    io_replies.clear();
+    bool sent = !batch.empty();
+    for (auto& out : batch) {
+      if (out.topic.empty()) {
+        if (!link.send_message(std::move(out.envelope))) ++n_dropped;
+      } else {
+        o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+        o.pub.send(out.envelope, zmq::send_flags::dontwait);
+      }
+    }
+    batch.clear();
+    if (batch.capacity() > 1024) batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
+    if (now >= link.next_tick()) {
+      link.tick(now);
+      sent = true;
+    }
+    // A send may take the command that announces new input: ask the
+    // socket before blocking. Otherwise its descriptor will tell.
+    if (sent) o.input.used(link_index);
+    welcomed = link.welcomed();
+    n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
+    expire_acks(now);
+  }
+
+  // A turn of the I/O loop: its spare blocks serve the requests it makes,
+  // and what its handlers send waits for the end of the turn (enqueue).
+  struct turn_scope {
+    explicit turn_scope(worker_core* w) : spares{io_spares}, was{turning} {
+      io_spares = &w->io->spares;
+      turning = w;
+    }
+    ~turn_scope() {
+      io_spares = spares;
+      turning = was;
+    }
+    spare_blocks* spares;
+    const worker_core* was;
+  };
+  static inline thread_local const worker_core* turning = nullptr;
+
+  // The loop is over: its sockets go, and what still waits on it learns so.
+  void close_io() {
+    io.reset();
     welcomed = false;
     // Whatever still runs learns that the worker is going away.
     for (auto& [id, weak] : in_flight)
@@ -625,7 +718,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // A request is done with its strings: on the I/O thread they are kept for
   // the next one (at most max_spare_fields sets, none with a large buffer).
   void recycle(std::unique_ptr<request_fields> f) {
-    if (std::this_thread::get_id() != io_thread_id.load(std::memory_order_relaxed)) return;
+    if (turning != this) return;
     if (spare_fields.size() >= max_spare_fields) return;
     for (auto* s : {&f->id, &f->service, &f->sid, &f->nsp, &f->event, &f->user, &f->args, &f->auth})
       if (s->capacity() > max_spare_bytes) *s = std::string{};
@@ -945,6 +1038,7 @@ void worker::add(service s) {
 }
 
 void worker::start() { core_->start(); }
+void worker::start_on(boost::asio::io_context& context) { core_->start_on(context); }
 void worker::stop() {
   auto core = core_;  // a stop() waiting for another outlives the owner's destructor
   core->stop();

@@ -25,6 +25,10 @@
 
 #include "proto/codec.hpp"
 
+namespace boost::asio {
+class io_context;
+}
+
 namespace sidecast {
 
 using attachments = std::vector<std::string>;
@@ -199,6 +203,13 @@ class worker {
   void add(service s);
   /// Starts the I/O thread and the handler pool.
   void start();
+  /// Instead of start(): the handler pool, and no I/O thread: the I/O
+  /// loop's turns (quick handlers included) run on the thread that runs
+  /// `context` (core/input_reactor.hpp). `sidecast demo --threads 1` runs
+  /// its workers on the gateway's thread this way. Then stop() must be
+  /// called once no thread runs `context` any more, and before it is
+  /// destroyed: it releases what the worker holds there.
+  void start_on(boost::asio::io_context& context);
   /// Cancels what runs (handlers not yet started never start; acks still
   /// awaited hear CANCELLED), stops the threads. Idempotent, thread-safe: a
   /// second caller returns once the first has finished; a handler may stop

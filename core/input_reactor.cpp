@@ -1,0 +1,142 @@
+#include "core/input_reactor.hpp"
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <system_error>
+
+#include <unistd.h>
+
+#include <boost/asio/post.hpp>
+#include <spdlog/spdlog.h>
+
+namespace sidecast::core {
+
+namespace asio = boost::asio;
+
+std::shared_ptr<ring_poster> ring_poster::make(asio::io_context& context, rung_fn on_rung) {
+  return std::make_shared<ring_poster>(context, std::move(on_rung));
+}
+
+ring_poster::ring_poster(asio::io_context& context, rung_fn on_rung)
+    : context_{&context}, on_rung_{std::move(on_rung)} {}
+
+ring_hook ring_poster::hook(unsigned bit) {
+  if (bit >= 64) throw std::invalid_argument{"ring_poster::hook: bit past 63"};
+  return std::make_shared<const std::function<void()>>([self = shared_from_this(), bit] { self->ring(bit); });
+}
+
+void ring_poster::close() {
+  std::lock_guard lock{mutex_};
+  context_ = nullptr;
+  on_rung_ = nullptr;
+}
+
+void ring_poster::ring(unsigned bit) {
+  bits_.fetch_or(std::uint64_t{1} << bit, std::memory_order_acq_rel);
+  if (posted_.exchange(true, std::memory_order_acq_rel)) return;  // a run is coming
+  std::lock_guard lock{mutex_};
+  if (!context_) return;  // closed
+  asio::post(*context_, [self = shared_from_this()] {
+    self->posted_.store(false, std::memory_order_release);  // a ring from now on posts again
+    auto bits = self->bits_.exchange(0, std::memory_order_acq_rel);
+    if (self->on_rung_) self->on_rung_(bits);
+  });
+}
+
+// What posted handlers hold: they may outlive the reactor.
+struct input_reactor::shared {
+  input_reactor* owner;  // the context's thread only; null once the reactor is gone
+};
+
+input_reactor::input_reactor(asio::io_context& context, input_wait& input, std::function<void()> turn,
+                             std::string name)
+    : context_{context},
+      input_{input},
+      turn_{std::move(turn)},
+      name_{std::move(name)},
+      shared_{std::make_shared<shared>(shared{this})},
+      poster_{ring_poster::make(context, [this](std::uint64_t bits) { rung(bits); })},
+      timer_{context} {}
+
+input_reactor::~input_reactor() {
+  poster_->close();
+  shared_->owner = nullptr;
+  release_waits();
+}
+
+void input_reactor::rung(std::uint64_t bits) {
+  for (std::size_t i = 0; bits; ++i, bits >>= 1)
+    if ((bits & 1) && i < input_.size()) input_.fired(i);
+  run_turn();
+}
+
+void input_reactor::release_waits() {
+  waits_.clear();  // before their descriptors close
+  for (int fd : fds_)
+    if (fd >= 0) ::close(fd);
+  fds_.clear();
+}
+
+void input_reactor::watch() {
+  release_waits();
+  waits_.resize(input_.size());
+  fds_.assign(input_.size(), -1);
+  for (std::size_t i = 0; i < input_.size(); ++i) {
+    if (input_.fd(i) < 0) continue;
+    // A dup of its own: the source may close or replace its descriptor
+    // (a reconnect) before this stops waiting on it.
+    int fd = ::dup(input_.fd(i));
+    if (fd < 0) throw std::system_error{errno, std::generic_category(), name_ + ": dup"};
+    fds_[i] = fd;
+    waits_[i] = std::make_unique<edge_wait>(context_, fd, [this, i](boost::system::error_code ec) {
+      if (ec) return;
+      waits_[i]->wait();  // before this handler returns (see edge_wait)
+      input_.fired(i);
+      schedule();
+    });
+    waits_[i]->wait();
+  }
+}
+
+void input_reactor::next(time_point deadline) {
+  if (input_.look()) {
+    schedule();
+    return;
+  }
+  // A later deadline keeps the earlier wait: that turn comes early and
+  // sets the later one (no timer update, and no system call, per turn).
+  if (timer_pending_ && timer_at_ <= deadline) return;
+  timer_at_ = deadline;
+  timer_pending_ = true;
+  timer_.expires_at(deadline);  // cancels the earlier wait
+  timer_.async_wait([s = shared_](boost::system::error_code ec) {
+    if (ec || !s->owner) return;  // replaced, or the reactor is gone
+    s->owner->timer_pending_ = false;
+    s->owner->run_turn();
+  });
+}
+
+void input_reactor::schedule() {
+  if (turn_posted_) return;
+  turn_posted_ = true;
+  asio::post(context_, [s = shared_] {
+    if (!s->owner) return;
+    s->owner->turn_posted_ = false;
+    s->owner->run_turn();
+  });
+}
+
+void input_reactor::run_turn() {
+  if (failed_) return;
+  try {
+    turn_();
+  } catch (const std::exception& e) {
+    failed_ = true;  // no more turns, as a thread of its own would have ended
+    spdlog::critical("{} failed: {}", name_, e.what());
+  }
+}
+
+}  // namespace sidecast::core
