@@ -16,12 +16,65 @@ namespace sidecast::core {
 
 namespace asio = boost::asio;
 
+// The runs of ring_posters rung on the context's own thread (see
+// ring_poster). One per io_context, used from its thread only.
+class turn_runner : public asio::execution_context::service {
+ public:
+  using key_type = turn_runner;
+  static inline asio::execution_context::id id;
+
+  explicit turn_runner(asio::execution_context& context)
+      : service{context}, context_{static_cast<asio::io_context&>(context)} {}
+
+  void add(std::shared_ptr<ring_poster> poster) {
+    due_.push_back(std::move(poster));
+    if (!posted_ && !running_) post();
+  }
+
+ private:
+  void post() {
+    posted_ = true;
+    asio::post(context_, [this] { drain(); });
+  }
+
+  // What is due, and what those runs make due, in order; after a bounded
+  // number of rounds the rest waits for the next pass, so the context's
+  // sockets and timers are never starved by a loop of hops.
+  void drain() {
+    posted_ = false;
+    running_ = true;
+    for (int round = 0; round < 16 && !due_.empty(); ++round) {
+      batch_.swap(due_);
+      for (auto& poster : batch_) {
+        try {
+          poster->run();
+        } catch (const std::exception& e) {
+          spdlog::error("a local:// turn failed: {}", e.what());  // the others still run
+        }
+      }
+      batch_.clear();
+    }
+    running_ = false;
+    if (!due_.empty()) post();
+  }
+
+  void shutdown() override {
+    due_.clear();
+    batch_.clear();
+  }
+
+  asio::io_context& context_;
+  std::vector<std::shared_ptr<ring_poster>> due_, batch_;
+  bool posted_ = false;
+  bool running_ = false;
+};
+
 std::shared_ptr<ring_poster> ring_poster::make(asio::io_context& context, rung_fn on_rung) {
   return std::make_shared<ring_poster>(context, std::move(on_rung));
 }
 
 ring_poster::ring_poster(asio::io_context& context, rung_fn on_rung)
-    : context_{&context}, on_rung_{std::move(on_rung)} {}
+    : context_{&context}, runner_{asio::use_service<turn_runner>(context)}, on_rung_{std::move(on_rung)} {}
 
 ring_hook ring_poster::hook(unsigned bit) {
   if (bit >= 64) throw std::invalid_argument{"ring_poster::hook: bit past 63"};
@@ -39,11 +92,17 @@ void ring_poster::ring(unsigned bit) {
   if (posted_.exchange(true, std::memory_order_acq_rel)) return;  // a run is coming
   std::lock_guard lock{mutex_};
   if (!context_) return;  // closed
-  asio::post(*context_, [self = shared_from_this()] {
-    self->posted_.store(false, std::memory_order_release);  // a ring from now on posts again
-    auto bits = self->bits_.exchange(0, std::memory_order_acq_rel);
-    if (self->on_rung_) self->on_rung_(bits);
-  });
+  if (context_->get_executor().running_in_this_thread()) {
+    runner_.add(shared_from_this());
+  } else {
+    asio::post(*context_, [self = shared_from_this()] { self->run(); });
+  }
+}
+
+void ring_poster::run() {
+  posted_.store(false, std::memory_order_release);  // a ring from now on posts again
+  auto bits = bits_.exchange(0, std::memory_order_acq_rel);
+  if (on_rung_) on_rung_(bits);
 }
 
 // What posted handlers hold: they may outlive the reactor.

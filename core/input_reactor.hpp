@@ -39,12 +39,21 @@
 
 namespace sidecast::core {
 
+class turn_runner;
+
 /// Hooks for local:// doorbells (doorbell::hook) that run `on_rung` on an
 /// io_context's thread: any number of rings before it runs make one run,
 /// which gets the bits of the hooks rung. Rung from any thread; close()
 /// (on the context's thread, or while no thread runs it) before what
 /// `on_rung` uses goes, and before the context goes: rings after it do
 /// nothing.
+///
+/// A ring from another thread posts the run. A ring from the context's own
+/// thread (the demo's gateway → broker → worker → broker → gateway, all on
+/// one thread) joins the context's turn_runner instead: one posted handler
+/// runs every such run due, and the runs those make, in order, so a chain of
+/// hops costs one pass of Asio's scheduler (one `epoll_wait`), not one per
+/// hop.
 class ring_poster : public std::enable_shared_from_this<ring_poster> {
  public:
   using rung_fn = std::function<void(std::uint64_t bits)>;
@@ -56,10 +65,13 @@ class ring_poster : public std::enable_shared_from_this<ring_poster> {
   void close();
 
  private:
+  friend class turn_runner;
   void ring(unsigned bit);
+  void run();  // the context's thread
 
   std::mutex mutex_;  // guards context_ against close()
   boost::asio::io_context* context_;
+  turn_runner& runner_;
   rung_fn on_rung_;   // the context's thread only
   std::atomic<std::uint64_t> bits_{0};
   std::atomic<bool> posted_{false};
