@@ -361,14 +361,19 @@ TEST_P(BrokerTest, ACancelBeforeTheHandlerAsksIsStillSeen) {
 }
 
 TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
-  start();  // the broker beats every 100 ms and drops a peer silent for 300 ms
+  // The broker beats every 250 ms and drops a peer silent for 750 ms (wide
+  // enough that a loaded CI machine does not stall the loop that long; at
+  // 100 / 300 ms it once did); the peer's own default is 1.5 s, so one that
+  // kept it would be dropped, and learn so at its first heartbeat.
+  heartbeat_ = 250ms;
+  start();
   core::peer_link_options o;
   o.endpoint = link();
   o.id = "w-slow";
   o.services = {{"echo", 1}};
-  o.heartbeat_interval = 1s;  // the local default until the Welcome arrives
+  o.heartbeat_interval = 1500ms;  // the local default until the Welcome arrives
   core::peer_link link{ctx_, o};
-  auto until = std::chrono::steady_clock::now() + 1500ms;
+  auto until = std::chrono::steady_clock::now() + 2500ms;
   while (std::chrono::steady_clock::now() < until) {
     zmq::pollitem_t item{nullptr, link.fd(), ZMQ_POLLIN, 0};
     auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(link.next_tick() - core::clock::now());
