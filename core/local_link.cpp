@@ -30,7 +30,11 @@ void doorbell::ring() {
   if (state_.load(std::memory_order_relaxed) != armed) return;
   // The state says which way the ring went: only a written eventfd is read
   // back by arm().
-  auto h = hook_.load(std::memory_order_acquire);
+  ring_hook h;
+  {
+    std::lock_guard lock{hook_mutex_};  // only when the consumer was armed: once per sleep
+    h = hook_;
+  }
   int expected = armed;
   if (!state_.compare_exchange_strong(expected, h ? hooked : rung, std::memory_order_acq_rel)) return;
   if (h) {
@@ -40,7 +44,10 @@ void doorbell::ring() {
   }
 }
 
-void doorbell::hook(ring_hook h) { hook_.store(std::move(h), std::memory_order_release); }
+void doorbell::hook(ring_hook h) {
+  std::lock_guard lock{hook_mutex_};
+  hook_ = std::move(h);
+}
 
 void doorbell::arm() {
   // A producer that rang wrote the eventfd, or is about to: read it, and

@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -61,7 +62,10 @@ class doorbell {
   wakeup bell_;
   std::atomic<int> state_{armed};  // a new consumer has not looked yet: the first ring wakes it
   bool owed_ = false;  // consumer only: a ring's write may not have landed yet
-  std::atomic<ring_hook> hook_;
+  // Not std::atomic<std::shared_ptr>: libstdc++ 12's load unlocks with a
+  // relaxed order, which ThreadSanitizer rightly reports as a race.
+  std::mutex hook_mutex_;
+  ring_hook hook_;
 };
 
 struct local_hub;
