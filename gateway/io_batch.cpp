@@ -40,10 +40,25 @@ void io_batch::sendmsg(int fd, const msghdr* msg, int flags) {
 }
 
 std::span<const long> io_batch::run() {
+  // Whatever happens, these calls are not made again by a later run().
+  struct clear_calls {
+    std::vector<call>& calls;
+    ~clear_calls() { calls.clear(); }
+  } clear{calls_};
   const auto n = calls_.size();
+  // The only steps that may throw (allocation) come before any call is
+  // made: past them nothing throws, so a caller never loses the results of
+  // calls the kernel made (bytes read, or sent).
   results_.assign(n, 0);
   done_.assign(n, false);
-  if (n > 1 && n <= capacity && want_ring_ && !tried_) open_ring();
+  if (n > 1 && n <= capacity && want_ring_ && !tried_) {
+    try {
+      open_ring();
+    } catch (const std::exception&) {
+      tried_ = true;  // no ring: the calls are made one by one
+      ring_.reset();
+    }
+  }
   // One call gains nothing from the ring: it would be one entry either way.
   // More than the ring holds (the callers stop at capacity) are made one
   // by one rather than left without a submission entry.
@@ -52,9 +67,10 @@ std::span<const long> io_batch::run() {
   } else {
     run_direct();
   }
-  calls_.clear();
   return results_;
 }
+
+void io_batch::discard() noexcept { calls_.clear(); }
 
 bool io_batch::open_ring() {
   tried_ = true;
@@ -89,11 +105,15 @@ bool io_batch::open_ring() {
   return true;
 }
 
-void io_batch::drop_ring(const std::string& why) {
+void io_batch::drop_ring(const char* what, int error) noexcept {
   // Every call carried MSG_DONTWAIT, so none is still in flight.
   io_uring_queue_exit(ring_.get());
   ring_.reset();
-  ring_error_ = why;
+  try {
+    ring_error_ = std::string(what) + ": " + std::strerror(error);
+  } catch (...) {
+    ring_error_.clear();  // no memory for the reason; the ring is gone all the same
+  }
 }
 
 bool io_batch::run_ring() {
@@ -134,7 +154,7 @@ bool io_batch::run_ring() {
     // making it again could send bytes twice: it fails instead, and its
     // connection ends.
     const auto untaken = io_uring_sq_ready(ring);
-    drop_ring(std::string("io_uring_enter: ") + std::strerror(-rc));
+    drop_ring("io_uring_enter", -rc);
     for (std::size_t i = 0; i < n; ++i) {
       if (done_[i] || i >= n - untaken) continue;
       results_[i] = -EIO;

@@ -49,8 +49,13 @@ class io_batch {
   std::size_t size() const { return calls_.size(); }
 
   /// Makes the queued calls. Element i is what the i-th call returned: a
-  /// byte count, or -errno. Valid until the next call queued.
+  /// byte count, or -errno. Valid until the next call queued. It throws
+  /// (std::bad_alloc) only before making any call; either way the queue is
+  /// empty afterwards.
   std::span<const long> run();
+  /// Forgets the queued calls without making them (a caller whose batch
+  /// failed before run()).
+  void discard() noexcept;
 
   /// True while calls go through io_uring (false before the first run()).
   bool using_ring() const { return ring_ != nullptr; }
@@ -74,7 +79,7 @@ class io_batch {
   };
 
   bool open_ring();
-  void drop_ring(const std::string& why);
+  void drop_ring(const char* what, int error) noexcept;
   bool run_ring();
   void run_direct();
 

@@ -1,5 +1,7 @@
 #include "gateway/ws_conn.hpp"
 
+#include <exception>
+
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -149,6 +151,7 @@ class ws_loop : public asio::execution_context::service {
 
   void read_batch() {
     if (readers_.empty()) return;
+    batch_guard guard{*this, reading_, true};
     reading_.swap(readers_);
     if (reading_.size() == 1) {
       auto& conn = *reading_.front();
@@ -188,6 +191,7 @@ class ws_loop : public asio::execution_context::service {
 
   void run() {
     scheduled_ = false;
+    batch_guard guard{*this, flushing_, false};
     flushing_.swap(dirty_);
     if (flushing_.size() == 1 || !batching()) {
       for (auto& conn : flushing_) {
@@ -244,6 +248,40 @@ class ws_loop : public asio::execution_context::service {
     }
     flushing_.clear();
   }
+
+  // A batch that throws part way (an allocation: what the connections'
+  // handlers throw stays inside guarded()) leaves nothing behind for the
+  // next one, which would pair its results with the wrong connections:
+  // the calls not made are dropped, the index lists emptied, and every
+  // connection of the batch is asked again (a read or flush too many finds
+  // nothing to do; one too few would stall it, no new edge coming).
+  struct batch_guard {
+    ws_loop& loop;
+    std::vector<std::shared_ptr<ws_conn>>& batch;
+    bool reads;
+    int exceptions = std::uncaught_exceptions();
+    ~batch_guard() {
+      loop.runs_.clear();
+      loop.emptied_.clear();
+      if (loop.calls_) loop.calls_->discard();
+      if (std::uncaught_exceptions() > exceptions) {
+        for (auto& conn : batch) {
+          try {
+            if (reads) {
+              conn->read_asked_ = false;
+              asio::post(conn->ex_, [conn] { conn->on_readable(); });
+            } else {
+              conn->flush_asked_ = false;
+              conn->schedule_flush();
+            }
+          } catch (...) {
+            // No memory even for that: this connection waits for its next edge or send.
+          }
+        }
+      }
+      batch.clear();
+    }
+  };
 
   void shutdown() override {
     dirty_.clear();

@@ -220,6 +220,39 @@ TEST_P(IoBatch, AnEmptyBatchAndASingleCall) {
   EXPECT_EQ(batch.ring_calls(), 0u) << "one call is made directly: the ring would cost the same entry";
 }
 
+// A caller whose batch failed before run() (ws_loop's batch guard) drops
+// its queued calls: the next batch makes only its own, and a dropped send
+// is never made.
+TEST_P(IoBatch, DiscardedCallsAreNeverMade) {
+  io_batch batch{GetParam()};
+  tcp_pair a, b;
+  const std::string stale = "stale";
+  iovec iov{const_cast<char*>(stale.data()), stale.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  batch.sendmsg(b.ours, &msg, MSG_NOSIGNAL);
+  char ignored[8];
+  batch.recv(b.ours, ignored, sizeof ignored);
+  batch.discard();
+  EXPECT_EQ(batch.size(), 0u);
+  a.say("ab");
+  b.say("cd");
+  wait_readable(a.ours, 2);
+  wait_readable(b.ours, 2);
+  char buf_a[8], buf_b[8];
+  batch.recv(a.ours, buf_a, sizeof buf_a);
+  batch.recv(b.ours, buf_b, sizeof buf_b);
+  auto results = batch.run();
+  ASSERT_EQ(results.size(), 2u);
+  EXPECT_EQ(results[0], 2);
+  EXPECT_EQ(results[1], 2);
+  EXPECT_EQ(std::string(buf_b, 2), "cd");
+  // Nothing of the dropped send reached b's peer.
+  EXPECT_EQ(::recv(b.theirs, buf_b, sizeof buf_b, MSG_DONTWAIT), -1);
+  EXPECT_EQ(errno, EAGAIN);
+}
+
 INSTANTIATE_TEST_SUITE_P(Calls, IoBatch, ::testing::Values(true, false),
                          [](const auto& p) { return p.param ? "io_uring" : "one_by_one"; });
 
