@@ -50,6 +50,8 @@ class turn_runner : public asio::execution_context::service {
           poster->run();
         } catch (const std::exception& e) {
           spdlog::error("a local:// turn failed: {}", e.what());  // the others still run
+        } catch (...) {
+          spdlog::error("a local:// turn failed: a non-standard exception");
         }
       }
       batch_.clear();
@@ -105,30 +107,35 @@ void ring_poster::run() {
   if (on_rung_) on_rung_(bits);
 }
 
-// What posted handlers hold: they may outlive the reactor.
-struct input_reactor::shared {
-  input_reactor* owner;  // the context's thread only; null once the reactor is gone
-};
-
 input_reactor::input_reactor(asio::io_context& context, input_wait& input, std::function<void()> turn,
                              std::string name)
     : context_{context},
       input_{input},
       turn_{std::move(turn)},
       name_{std::move(name)},
-      shared_{std::make_shared<shared>(shared{this})},
       poster_{ring_poster::make(context, [this](std::uint64_t bits) { rung(bits); })},
+      schedule_{poster_->hook(turn_bit)},
+      timer_rang_{poster_->hook(timer_bit)},
       timer_{context} {}
 
 input_reactor::~input_reactor() {
-  poster_->close();
-  shared_->owner = nullptr;
+  poster_->close();  // what is still posted or queued finds it closed
   release_waits();
 }
 
+ring_hook input_reactor::poker(unsigned index) {
+  if (index >= timer_bit) throw std::invalid_argument{"input_reactor::poker: index past 61"};
+  return poster_->hook(index);
+}
+
+// Every turn comes through the poster: a source's descriptor or hook, the
+// timer, or next() finding input. So turns coalesce, a turn scheduled on
+// the context's own thread joins its turn_runner, and nothing that is
+// still queued when the reactor goes can reach it.
 void input_reactor::rung(std::uint64_t bits) {
-  for (std::size_t i = 0; bits; ++i, bits >>= 1)
-    if ((bits & 1) && i < input_.size()) input_.fired(i);
+  if (bits & (std::uint64_t{1} << timer_bit)) timer_pending_ = false;
+  for (std::size_t i = 0; i < input_.size() && i < timer_bit; ++i)
+    if (bits & (std::uint64_t{1} << i)) input_.fired(i);
   run_turn();
 }
 
@@ -154,7 +161,7 @@ void input_reactor::watch() {
       if (ec) return;
       waits_[i]->wait();  // before this handler returns (see edge_wait)
       input_.fired(i);
-      schedule();
+      (*schedule_)();
     });
     waits_[i]->wait();
   }
@@ -162,7 +169,7 @@ void input_reactor::watch() {
 
 void input_reactor::next(time_point deadline) {
   if (input_.look()) {
-    schedule();
+    (*schedule_)();
     return;
   }
   // A later deadline keeps the earlier wait: that turn comes early and
@@ -171,20 +178,8 @@ void input_reactor::next(time_point deadline) {
   timer_at_ = deadline;
   timer_pending_ = true;
   timer_.expires_at(deadline);  // cancels the earlier wait
-  timer_.async_wait([s = shared_](boost::system::error_code ec) {
-    if (ec || !s->owner) return;  // replaced, or the reactor is gone
-    s->owner->timer_pending_ = false;
-    s->owner->run_turn();
-  });
-}
-
-void input_reactor::schedule() {
-  if (turn_posted_) return;
-  turn_posted_ = true;
-  asio::post(context_, [s = shared_] {
-    if (!s->owner) return;
-    s->owner->turn_posted_ = false;
-    s->owner->run_turn();
+  timer_.async_wait([rang = timer_rang_](boost::system::error_code ec) {
+    if (!ec) (*rang)();  // else replaced by a nearer deadline, or the reactor is gone
   });
 }
 
@@ -195,6 +190,9 @@ void input_reactor::run_turn() {
   } catch (const std::exception& e) {
     failed_ = true;  // no more turns, as a thread of its own would have ended
     spdlog::critical("{} failed: {}", name_, e.what());
+  } catch (...) {
+    failed_ = true;
+    spdlog::critical("{} failed: a non-standard exception", name_);
   }
 }
 

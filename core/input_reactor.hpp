@@ -95,18 +95,16 @@ class input_reactor {
   /// added, and again whenever they are replaced.
   void watch();
   /// For a source whose producer calls a hook instead of writing its
-  /// descriptor (a local:// doorbell): the hook makes source `index` (< 64)
+  /// descriptor (a local:// doorbell): the hook makes source `index` (< 62)
   /// ready and runs a turn on the context's thread. Any thread; a hook
   /// called after this reactor is gone does nothing.
-  ring_hook poker(unsigned index) { return poster_->hook(index); }
+  ring_hook poker(unsigned index);
   /// The end of a turn: arranges the next one, at `deadline` at the latest.
   void next(time_point deadline);
 
  private:
-  struct shared;
+  static constexpr unsigned timer_bit = 62, turn_bit = 63;  // the poster's bits past the sources'
   void rung(std::uint64_t bits);
-
-  void schedule();
   void run_turn();
   void release_waits();
 
@@ -114,14 +112,14 @@ class input_reactor {
   input_wait& input_;
   std::function<void()> turn_;
   std::string name_;
-  std::shared_ptr<shared> shared_;  // what posted handlers hold
-  std::shared_ptr<ring_poster> poster_;
+  std::shared_ptr<ring_poster> poster_;  // every turn is one of its runs
+  ring_hook schedule_;                   // a turn soon
+  ring_hook timer_rang_;                 // the deadline passed
   std::vector<std::unique_ptr<edge_wait>> waits_;  // by source index; null: no descriptor
   std::vector<int> fds_;                           // the dups they wait on
   boost::asio::steady_timer timer_;
   time_point timer_at_{};
   bool timer_pending_ = false;
-  bool turn_posted_ = false;
   bool failed_ = false;  // a turn threw
 };
 
