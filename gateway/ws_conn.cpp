@@ -432,6 +432,9 @@ void ws_conn::on_accepted(beast::error_code ec) {
 }
 
 void ws_conn::on_edge(std::uint32_t events) {
+  // No edge comes after the FIN: a short read that took the data before it
+  // must not pass for an empty socket.
+  if (events & (EPOLLRDHUP | EPOLLERR | EPOLLHUP)) hung_up_ = true;
   if (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) on_writable();
   if (events & (EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP)) loop_.ask_read(*this);
 }
@@ -469,7 +472,7 @@ bool ws_conn::took(char* data, long n, std::size_t room) {
     return false;
   }
   if (n == 0) {
-    finish();  // the client closed TCP
+    peer_ended();
     return false;
   }
   metrics_.bytes_in.Increment(static_cast<double>(n));
@@ -486,7 +489,8 @@ bool ws_conn::took(char* data, long n, std::size_t room) {
   }
   if (peer_closed_) return false;
   // A short read emptied the socket: what arrives later is a new edge.
-  if (size < room) {
+  // After a FIN the next read finds the end (0) instead.
+  if (size < room && !hung_up_) {
     drained();
     return false;
   }
@@ -739,6 +743,15 @@ void ws_conn::start_close(shared_bytes payload) {
     if (!ec) self->finish();
   });
   schedule_flush();
+}
+
+void ws_conn::peer_ended() {
+  // The client's FIN: nothing more comes. It may only have shut its sending
+  // side, so what is queued for it still goes out, then an empty close
+  // frame, as Node's ws does; the linger bounds the wait for a reader.
+  if (!accepted_ || head_ >= queue_.size()) return finish();
+  peer_closed_ = true;
+  if (!closing_) start_close({});
 }
 
 void ws_conn::fail(close_code code) {

@@ -152,10 +152,12 @@ void configure_ws_loop(boost::asio::io_context& context, bool io_uring, gateway_
   void on_edge_threw(const std::exception& e) override;
   void on_readable();
   // What one recv into `data` (room for `room` bytes) returned: `n` bytes or
-  // -errno. True when the socket may hold more (the read filled the room).
+  // -errno. True when the socket may hold more: the read filled the room,
+  // or the peer's FIN (or an error) came, which only a read on finds.
   bool took(char* data, long n, std::size_t room);
   void on_writable();
   void drained();  // a read found the socket empty
+  void peer_ended();  // a read found the end (the client's FIN)
   // Parses whole frames from [data, data + size) (writable: payloads are
   // unmasked in place); returns the bytes consumed, or nullopt once the
   // connection is failing or closing.
@@ -203,6 +205,7 @@ void configure_ws_loop(boost::asio::io_context& context, bool io_uring, gateway_
   bool accepted_ = false;      // the upgrade handshake is done: frames may go
   bool flush_asked_ = false;   // waiting for the flusher's turn
   bool read_asked_ = false;    // readable: waiting for the loop's batch of reads
+  bool hung_up_ = false;       // an edge said FIN, hang-up or error: read on to the end
   bool write_waiting_ = false; // the socket was full: waiting for it to drain
   bool closing_ = false;       // a close frame is queued: nothing more goes out
   bool close_sent_ = false;    // ... and written

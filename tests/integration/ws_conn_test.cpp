@@ -198,6 +198,9 @@ class raw_client {
 
   void write(std::string_view bytes) { asio::write(socket_, asio::buffer(bytes)); }
 
+  /// Sends FIN: the client writes no more, and still reads.
+  void shutdown_send() { socket_.shutdown(tcp::socket::shutdown_send); }
+
   struct got {
     std::uint8_t op = 0xff;  // 0xff: the connection ended (EOF, reset or timeout)
     std::string payload;
@@ -442,6 +445,26 @@ TEST_P(WsConn, AClientCloseRightAfterTheServersStillGetsTheServersCloseFrame) {
   c.write(raw_client::make(text, "one") + raw_client::make(text, "close-me") + raw_client::make(close_op, ""));
   EXPECT_EQ(c.read().payload, "one");
   EXPECT_EQ(expect_close(c, server, 1), 1005u);  // an empty close frame: the server's own
+}
+
+// A message and the client's FIN that are both in before the server looks
+// come as one edge (EPOLLIN | EPOLLRDHUP): the read that takes the message
+// is short, yet the socket is not drained, and no edge comes for the FIN.
+// The message is answered, then the server closes at once, not at the next
+// failed write or ping timeout: its answer still goes out, as from Node's
+// ws, to a client that only shut its sending side.
+TEST_P(WsConn, AMessageAndTheClientsFinInOneEdgeAreBothSeen) {
+  echo_server server{{}, GetParam()};
+  raw_client c{server.port()};
+  c.write(raw_client::make(text, "first"));  // the connection is in the server's epoll set
+  EXPECT_EQ(c.read().payload, "first");
+  auto go = server.pause();
+  c.write(raw_client::make(text, "last"));
+  c.shutdown_send();
+  std::this_thread::sleep_for(20ms);  // both in the server's socket before it looks
+  go.set_value();
+  EXPECT_EQ(c.read().payload, "last");
+  EXPECT_EQ(expect_close(c, server, 1), 1005u);
 }
 
 TEST_P(WsConn, AHandlerThatGetsItsConnectionDroppedKeepsItsStateUntilItReturns) {
