@@ -46,11 +46,12 @@ function(sidecast_library name)
   sidecast_apply_defaults(${name})
 endfunction()
 
-# sidecast_executable(name SOURCES ... DEPS ...): a thin main over libraries.
+# sidecast_executable(name SOURCES ... DEPS ...): a thin main over libraries,
+# with getpid() answered from a cached value (core/pid_cache.cpp).
 function(sidecast_executable name)
   cmake_parse_arguments(ARG "" "" "SOURCES;DEPS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
-  target_link_libraries(${name} PRIVATE ${ARG_DEPS})
+  target_link_libraries(${name} PRIVATE ${ARG_DEPS} sidecast_pid_cache)
   sidecast_apply_defaults(${name})
 endfunction()
 
