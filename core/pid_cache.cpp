@@ -10,14 +10,18 @@
 //
 // The executables define getpid() themselves, which the dynamic linker
 // binds libzmq's calls to (an executable's definitions come first). The pid
-// is read with the system call once, and read again in the child of every
-// fork(): pthread_atfork's child handler forgets it, as glibc's own cache
-// did up to 2.24. glibc's internal calls (raise, ...) do not come here.
+// is read with the system call during static initialisation, and read again
+// in the child of every fork() by a pthread_atfork child handler (glibc's own
+// cache, up to 2.24, was reset inside fork() itself). If the handler cannot
+// be registered, nothing is cached.
 //
 // Only executables link this, never a library: a cached pid is right only
-// for a program that makes processes with fork() alone, or with posix_spawn
-// and vfork, whose child calls exec before anything asks. Nothing in
-// Sidecast's servers uses clone() or joins a new pid namespace.
+// for a program that makes processes with fork(), or with posix_spawn, whose
+// child uses glibc's internal getpid. A vfork() child that asked would get
+// its parent's pid; it never writes the cache (the value is stored only
+// during initialisation and by the fork handler, in the child's own memory),
+// so the parent's answer stays right. Nothing in Sidecast's servers uses
+// vfork(), clone() or a new pid namespace.
 #include <pthread.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -27,20 +31,24 @@
 
 namespace {
 
+pid_t kernel_pid() noexcept { return static_cast<pid_t>(::syscall(SYS_getpid)); }
+
+// 0 until initialisation, and for good if the fork handler is missing:
+// getpid() asks the kernel then.
 std::atomic<pid_t> cached_pid{0};
 
-void forget_pid() noexcept { cached_pid.store(0, std::memory_order_relaxed); }
+void read_pid() noexcept { cached_pid.store(kernel_pid(), std::memory_order_relaxed); }
 
-// Registered before main: a fork() made later, from any thread, runs it.
-const int forget_in_children = ::pthread_atfork(nullptr, nullptr, forget_pid);
+// Before main: a fork() made later, from any thread, runs the handler.
+const bool caching = [] {
+  if (::pthread_atfork(nullptr, nullptr, read_pid) != 0) return false;
+  read_pid();
+  return true;
+}();
 
 }  // namespace
 
 extern "C" pid_t getpid() noexcept {
   pid_t pid = cached_pid.load(std::memory_order_relaxed);
-  if (pid != 0) return pid;
-  // Several threads may get here at once: each stores the same value.
-  pid = static_cast<pid_t>(::syscall(SYS_getpid));
-  cached_pid.store(pid, std::memory_order_relaxed);
-  return pid;
+  return pid != 0 ? pid : kernel_pid();
 }

@@ -718,6 +718,7 @@ void ws_conn::on_writable() {
 
 void ws_conn::after_flush() {
   if (!closing_ || close_sent_) return;
+  if (ending_) return finish();  // what was queued before the client's FIN is out
   close_sent_ = true;  // the close frame was the last thing queued
   if (peer_closed_) return finish();
   // Wait (a bounded time) for the client's close frame or its FIN.
@@ -737,21 +738,29 @@ void ws_conn::close() {
 void ws_conn::start_close(shared_bytes payload) {
   push(std::move(payload), close_op);
   closing_ = true;
+  start_linger();
+  schedule_flush();
+}
+
+void ws_conn::start_linger() {
   linger_ = std::make_unique<timer>(ex_);
   linger_->expires_after(close_linger);
   linger_->async_wait([self = shared_from_this()](beast::error_code ec) {
     if (!ec) self->finish();
   });
-  schedule_flush();
 }
 
 void ws_conn::peer_ended() {
-  // The client's FIN: nothing more comes. It may only have shut its sending
-  // side, so what is queued for it still goes out, then an empty close
-  // frame, as Node's ws does; the linger bounds the wait for a reader.
+  // The client's FIN: nothing more comes. As from Node's ws, what is queued
+  // for it still goes out (it may only have shut its sending side), then TCP
+  // closes, with no close frame; nothing is queued meanwhile, so a reply
+  // that comes later is dropped. The linger bounds the wait for a reader.
   if (!accepted_ || head_ >= queue_.size()) return finish();
   peer_closed_ = true;
-  if (!closing_) start_close({});
+  if (closing_) return;  // our close frame is queued: after_flush finishes once it is out
+  closing_ = ending_ = true;
+  start_linger();
+  schedule_flush();
 }
 
 void ws_conn::fail(close_code code) {

@@ -158,6 +158,7 @@ void configure_ws_loop(boost::asio::io_context& context, bool io_uring, gateway_
   void on_writable();
   void drained();  // a read found the socket empty
   void peer_ended();  // a read found the end (the client's FIN)
+  void start_linger();  // bounds how long a closing connection may take
   // Parses whole frames from [data, data + size) (writable: payloads are
   // unmasked in place); returns the bytes consumed, or nullopt once the
   // connection is failing or closing.
@@ -207,7 +208,8 @@ void configure_ws_loop(boost::asio::io_context& context, bool io_uring, gateway_
   bool read_asked_ = false;    // readable: waiting for the loop's batch of reads
   bool hung_up_ = false;       // an edge said FIN, hang-up or error: read on to the end
   bool write_waiting_ = false; // the socket was full: waiting for it to drain
-  bool closing_ = false;       // a close frame is queued: nothing more goes out
+  bool closing_ = false;       // a close frame is queued (or ending_): nothing more goes out
+  bool ending_ = false;        // the client's FIN came: close TCP once the queue is out
   bool close_sent_ = false;    // ... and written
   bool peer_closed_ = false;   // the client's close frame came
   bool finished_ = false;

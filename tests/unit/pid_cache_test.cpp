@@ -34,6 +34,28 @@ TEST(PidCache, AForkedChildGetsItsOwnId) {
   EXPECT_EQ(::getpid(), parent);
 }
 
+TEST(PidCache, AVforkChildOfAForkedChildLeavesItsParentsAnswerAlone) {
+  // A vfork() child shares its parent's memory: were the cache empty in the
+  // parent (a fork() child before its first answer), the vfork child's
+  // getpid() must not fill it with its own id.
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const pid_t grandchild = ::vfork();
+    if (grandchild == 0) {
+      (void)::getpid();
+      ::_exit(0);
+    }
+    int status = 0;
+    ::waitpid(grandchild, &status, 0);
+    ::_exit(::getpid() == kernel_pid() ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "the vfork child's id replaced its parent's";
+}
+
 TEST(PidCache, LibzmqIsBoundToIt) {
   // libzmq's calls bind as a lookup from the global scope does: to the
   // executable's definition, if the executable exports one.
