@@ -261,6 +261,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::log_limiter log_limit;
   proto::Request parsed;  // requests are parsed into it (see take_request)
   std::vector<outgoing> io_replies;  // replies made here while the outbox was full (see enqueue)
+  bool io_queued = false;  // the I/O thread queued something in this turn (see io_turn)
   struct io_objects;
   std::unique_ptr<io_objects> io;  // the loop's sockets: see io_loop
   std::vector<std::unique_ptr<request_fields>> spare_fields;  // see recycle()
@@ -300,6 +301,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // The I/O thread drains the outbox, so it must never wait for room, nor
     // wake itself: it drains the outbox before it polls again.
     bool on_io_thread = turning == this;
+    if (on_io_thread) io_queued = true;  // the turn sends it after the message it answers
     if (outbox.try_push(std::move(out))) {
       if (!on_io_thread) wake.signal();
       return true;
@@ -579,10 +581,16 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   void io_turn() {
     auto& o = *io;
     auto& link = o.link;
-    auto& batch = o.batch;
     turn_scope scope{this};
     auto now = turn_now = clock::now();
     if (o.input.ready(o.wake_in)) wake.drain();
+    // Every send of the turn comes before the recv that finds the socket
+    // empty: what the pool's handlers sent first, then what each quick
+    // handler sends as soon as it returns. That recv also takes any command a send left in the
+    // mailbox, so the socket needs no ZMQ_EVENTS before the wait (a system
+    // call saved per turn, and one less before the replies go out, since
+    // libzmq's I/O thread on the same core waits for this one to block).
+    bool unasked = send_queued();  // sent since the socket was last found empty
     for (int i = 0; i < 1024 && o.input.ready(link_index); ++i) {
       // A Request goes to take_request() unparsed; anything else is
       // parsed on an arena over a reused block (what on_message keeps of
@@ -591,34 +599,46 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       auto& env = *google::protobuf::Arena::CreateMessage<Envelope>(&arena);
       if (!link.receive_into(env, o.take)) {
         o.input.drained(link_index);
+        unasked = false;
         break;
       }
       if (env.kind_case() != Envelope::KIND_NOT_SET) on_message(env);  // else take_request() had it
+      if (io_queued) unasked = send_queued() || unasked;
     }
-    outbox.drain(batch);
-    for (auto& out : io_replies) batch.push_back(std::move(out));
+    if (io_queued) unasked = send_queued() || unasked;
+    if (now >= link.next_tick()) {
+      link.tick(now);
+      unasked = true;
+    }
+    // A send after that recv may have taken the command that announces new
+    // input: ask the socket before blocking. Otherwise its descriptor will tell.
+    if (unasked) o.input.used(link_index);
+    welcomed = link.welcomed();
+    n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
+    expire_acks(now);
+  }
+
+  // Sends what waits in the outbox (the pool's messages, and the I/O
+  // thread's own) and in io_replies; true when it sent on the link.
+  bool send_queued() {
+    auto& o = *io;
+    io_queued = false;
+    outbox.drain(o.batch);
+    for (auto& out : io_replies) o.batch.push_back(std::move(out));
     io_replies.clear();
-    bool sent = !batch.empty();
-    for (auto& out : batch) {
+    bool on_link = false;
+    for (auto& out : o.batch) {
       if (out.topic.empty()) {
-        if (!link.send_message(std::move(out.envelope))) ++n_dropped;
+        on_link = true;
+        if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
       } else {
         o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
         o.pub.send(out.envelope, zmq::send_flags::dontwait);
       }
     }
-    batch.clear();
-    if (batch.capacity() > 1024) batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
-    if (now >= link.next_tick()) {
-      link.tick(now);
-      sent = true;
-    }
-    // A send may take the command that announces new input: ask the
-    // socket before blocking. Otherwise its descriptor will tell.
-    if (sent) o.input.used(link_index);
-    welcomed = link.welcomed();
-    n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
-    expire_acks(now);
+    o.batch.clear();
+    if (o.batch.capacity() > 1024) o.batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
+    return on_link;
   }
 
   // A turn of the I/O loop: its spare blocks serve the requests it makes,
