@@ -284,7 +284,7 @@ void broker::receive_router() {
       continue;
     }
     on_router_message(identity.to_string_view(), payload);
-    dispatch(now_);
+    if (table_.dispatch_due()) dispatch(now_);
   }
 }
 

@@ -69,6 +69,7 @@ void service_table::push_back(service_entry& svc, std::uint32_t s) {
   svc.tail = s;
   ++svc.waiting;
   e.state = slot_state::queued;
+  dispatch_due_ = true;
 }
 
 void service_table::push_front(service_entry& svc, std::uint32_t s) {
@@ -79,6 +80,7 @@ void service_table::push_front(service_entry& svc, std::uint32_t s) {
   svc.head = s;
   ++svc.waiting;
   e.state = slot_state::queued;
+  dispatch_due_ = true;
 }
 
 void service_table::unlink(std::uint32_t s) {
@@ -184,7 +186,10 @@ void service_table::add_worker(const std::string& worker, const std::string& ser
   }
   serves->capacity = capacity;
   bool now_ready = serves->busy < capacity;
-  if (now_ready && !was_ready) svc.ready.push_back(w);
+  if (now_ready && !was_ready) {
+    svc.ready.push_back(w);
+    dispatch_due_ = true;
+  }
   if (was_ready && !now_ready) std::erase(svc.ready, w);
 }
 
@@ -228,6 +233,7 @@ std::vector<failure> service_table::remove_worker(const std::string& worker) {
 
 const std::vector<assignment>& service_table::dispatch() {
   assigned_.clear();
+  dispatch_due_ = false;
   for (std::uint32_t si = 0; si < services_.size(); ++si) {
     auto& svc = services_[si];
     while (svc.head != none && !svc.ready.empty()) {
@@ -253,7 +259,10 @@ void service_table::release(std::uint32_t worker, std::uint32_t service) {
   if (!serves || serves->busy == 0) return;
   bool was_full = serves->busy >= serves->capacity;
   --serves->busy;
-  if (was_full && serves->busy < serves->capacity) services_[service].ready.push_back(worker);
+  if (was_full && serves->busy < serves->capacity) {
+    services_[service].ready.push_back(worker);
+    dispatch_due_ = true;
+  }
 }
 
 std::optional<job> service_table::complete(std::string_view id, std::string_view worker, bool* held) {

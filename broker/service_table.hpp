@@ -84,6 +84,10 @@ class service_table {
   /// Hands queued jobs to workers with free capacity (LRU among them) until
   /// either runs out.
   const std::vector<assignment>& dispatch();
+  /// Whether dispatch() may hand anything out: a job was queued, or a
+  /// worker gained free capacity, since the last dispatch(). Lets a caller
+  /// dispatch after every message without scanning the services for none.
+  bool dispatch_due() const { return dispatch_due_; }
 
   /// A worker finished a job: frees its capacity and returns the job if it
   /// was still pending. `held` tells whether the worker held the id at all
@@ -190,6 +194,7 @@ class service_table {
   std::vector<assignment> assigned_;
   std::size_t held_count_ = 0;
   std::uint64_t submitted_ = 0;
+  bool dispatch_due_ = false;
 };
 
 }  // namespace sidecast::broker

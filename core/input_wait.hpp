@@ -10,9 +10,12 @@
 // sockets with no traffic at all. Here only the sockets that may have input
 // the mailbox cannot announce are asked: those that were ready last turn
 // (the loop may have stopped short of EAGAIN) and those the loop sent on
-// (a send processes commands, and may take the one announcing new input,
-// after which the socket's ZMQ_FD stays quiet). For every other socket,
-// its ZMQ_FD becoming readable is the signal, as libzmq documents.
+// since a receive last found them empty (a send processes commands, and may
+// take the one announcing new input, after which the socket's ZMQ_FD stays
+// quiet; a receive that finds nothing processes them all first). For every
+// other socket, its ZMQ_FD becoming readable is the signal, as libzmq
+// documents. A loop that makes its sends before the receive that finds the
+// socket empty (the broker, the worker) needs no ask at all.
 //
 // A local:// connection (core/local_link.hpp) plays by the same rules: its
 // descriptor announces input once its receive has found it empty, and the
@@ -37,10 +40,11 @@ class input_wait {
   /// input waits, as ZMQ_EVENTS does for a socket.
   std::size_t add(int fd, std::function<bool()> ask);
 
-  /// The loop sent on socket `index`: ask it before the next block.
+  /// The loop sent on socket `index` since a receive last found it empty:
+  /// ask it before the next block.
   void used(std::size_t index) { items_[index].ask = true; }
-  /// A receive from socket `index` found it empty (EAGAIN), and the loop
-  /// has not sent on it since: its descriptor will announce what comes next.
+  /// A receive from socket `index` found it empty (EAGAIN), after every send
+  /// on it so far: its descriptor will announce what comes next.
   void drained(std::size_t index) { items_[index].ask = false; }
 
   /// Blocks until something may be ready, or for at most `timeout`

@@ -259,6 +259,72 @@ TEST(ServiceTable, DeadlinesExpireInOrderThroughCancelsAndEarlyAnswers) {
   EXPECT_EQ(t.queued("a") + t.queued("b") + t.queued("c"), 0u);
 }
 
+// dispatch_due() against dispatch() itself: through random submits, new
+// workers and capacities, completions, cancels, early answers, lost workers
+// and expiries, whenever dispatch() would hand out work the table said it
+// was due (the broker skips dispatch() after a message otherwise).
+TEST(ServiceTable, DispatchIsDueWheneverItWouldHandOutWork) {
+  service_table t{{.queue_limit = 50, .max_attempts = 2}};
+  std::mt19937 rng{11};
+  const std::vector<std::string> services{"a", "b", "c"}, workers{"w1", "w2", "w3"};
+  std::map<std::string, std::string> held;  // id -> worker
+  auto now = t0;
+  int next_id = 0, handed_out = 0, skipped = 0;
+  for (int step = 0; step < 5000; ++step) {
+    switch (rng() % 8) {
+      case 0:
+      case 1: {
+        auto j = make_job("j" + std::to_string(next_id++), services[rng() % 3], std::chrono::milliseconds(50 + rng() % 500));
+        j.received = now;
+        j.deadline = now + (j.deadline - t0);
+        t.submit(std::move(j));
+        break;
+      }
+      case 2: t.add_worker(workers[rng() % 3], services[rng() % 3], 1 + rng() % 3); break;
+      case 3:
+      case 4:
+        if (!held.empty()) {
+          auto it = std::next(held.begin(), static_cast<long>(rng() % held.size()));
+          if (rng() % 4 == 0) {
+            t.answer_early(it->first, it->second);
+          } else {
+            t.complete(it->first, it->second);
+            held.erase(it);
+          }
+        }
+        break;
+      case 5: {
+        std::string worker;
+        t.cancel("j" + std::to_string(rng() % (next_id + 1)), &worker);
+        break;
+      }
+      case 6:
+        if (rng() % 10 == 0) {
+          auto gone = workers[rng() % 3];
+          t.remove_worker(gone);
+          std::erase_if(held, [&](const auto& h) { return h.second == gone; });
+        } else {
+          now += std::chrono::milliseconds(rng() % 100);
+          t.expire(now);
+        }
+        break;
+      default: break;
+    }
+    if (rng() % 2 == 0) continue;  // several changes between two dispatches
+    const bool due = t.dispatch_due();
+    const auto& out = t.dispatch();
+    if (!due) {
+      ASSERT_TRUE(out.empty()) << "step " << step << ": dispatch() handed out work it was not due to";
+      ++skipped;
+    }
+    for (const auto& a : out) held[a.work->id] = a.worker;
+    handed_out += static_cast<int>(out.size());
+    EXPECT_FALSE(t.dispatch_due()) << "a dispatch() leaves nothing due";
+  }
+  EXPECT_GT(handed_out, 500);
+  EXPECT_GT(skipped, 100);
+}
+
 // Slots are reused: a long run of request/reply cycles leaves nothing behind.
 TEST(ServiceTable, CompletedJobsLeaveNothingBehind) {
   service_table t{{}};
