@@ -53,10 +53,9 @@ std::span<const long> io_batch::run() {
   done_.assign(n, false);
   if (n > 1 && n <= capacity && want_ring_ && !tried_) {
     try {
-      open_ring();
+      open_ring();  // marks the ring tried first, and sets ring_ last
     } catch (const std::exception&) {
-      tried_ = true;  // no ring: the calls are made one by one
-      ring_.reset();
+      // No ring (no memory for it): the calls are made one by one.
     }
   }
   // One call gains nothing from the ring: it would be one entry either way.

@@ -586,10 +586,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (o.input.ready(o.wake_in)) wake.drain();
     // Every send of the turn comes before the recv that finds the socket
     // empty: what the pool's handlers sent first, then what each quick
-    // handler sends as soon as it returns. That recv also takes any command a send left in the
-    // mailbox, so the socket needs no ZMQ_EVENTS before the wait (a system
-    // call saved per turn, and one less before the replies go out, since
-    // libzmq's I/O thread on the same core waits for this one to block).
+    // handler sends as soon as it returns. That recv also takes any command
+    // a send left in the mailbox, so the socket needs no ZMQ_EVENTS before
+    // the wait (a system call saved per turn, and one less before the
+    // replies go out, since libzmq's I/O thread on the same core waits for
+    // this one to block).
     bool unasked = send_queued();  // sent since the socket was last found empty
     for (int i = 0; i < 1024 && o.input.ready(link_index); ++i) {
       // A Request goes to take_request() unparsed; anything else is
