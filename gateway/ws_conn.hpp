@@ -116,12 +116,6 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
  private:
   friend class ws_loop;
 
-/// Sets how the WebSocket connections of `context` make their socket calls:
-/// batched through io_uring when `io_uring` is true and the kernel allows
-/// it, else one system call each; `metrics` counts the batches. Call before
-/// the context's first connection.
-void configure_ws_loop(boost::asio::io_context& context, bool io_uring, gateway_metrics& metrics);
-
   // Opcodes (RFC 6455 §5.2, codec/ws_frame.hpp) and the close codes we send (§7.4.1).
   enum opcode : std::uint8_t {
     continuation = ws_frame::continuation,

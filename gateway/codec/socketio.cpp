@@ -11,6 +11,7 @@
 #include <boost/json/value.hpp>
 
 #include "core/utf8.hpp"
+#include "gateway/codec/error_category.hpp"
 #include "gateway/codec/json_scan.hpp"
 
 namespace sidecast::gateway::socketio {
@@ -19,41 +20,31 @@ namespace {
 namespace json = boost::json;
 using namespace codec_detail;
 
-// Boost's error_category has a protected non-virtual destructor by design:
-// categories are static objects never deleted through the base.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wnon-virtual-dtor"
-class error_category_impl final : public boost::system::error_category {
- public:
-  const char* name() const noexcept override { return "sidecast.socketio"; }
-
-  std::string message(int ev) const override {
-    switch (static_cast<error>(ev)) {
-      case error::empty: return "empty packet";
-      case error::invalid_type: return "invalid packet type";
-      case error::bad_attachments: return "bad attachments count";
-      case error::too_many_attachments: return "too many attachments";
-      case error::bad_namespace: return "bad namespace";
-      case error::bad_ack_id: return "bad ack id";
-      case error::missing_ack_id: return "missing ack id";
-      case error::invalid_json: return "invalid JSON payload";
-      case error::missing_payload: return "missing payload";
-      case error::unexpected_payload: return "payload not allowed for this packet type";
-      case error::payload_not_object: return "payload must be an object";
-      case error::payload_not_array: return "payload must be an array";
-      case error::empty_event: return "event payload is an empty array";
-      case error::event_name_not_string: return "event name is neither a string nor a number";
-      case error::reserved_event_name: return "reserved event name";
-      case error::placeholder_mismatch: return "placeholders do not match the attachments";
-      case error::not_binary: return "not a binary packet";
-      case error::assembler_busy: return "binary packet still waiting for attachments";
-      case error::unexpected_attachment: return "unexpected binary attachment";
-      case error::attachments_too_large: return "binary attachments too large";
-    }
-    return "unknown socketio codec error";
+const char* describe(error e) noexcept {
+  switch (e) {
+    case error::empty: return "empty packet";
+    case error::invalid_type: return "invalid packet type";
+    case error::bad_attachments: return "bad attachments count";
+    case error::too_many_attachments: return "too many attachments";
+    case error::bad_namespace: return "bad namespace";
+    case error::bad_ack_id: return "bad ack id";
+    case error::missing_ack_id: return "missing ack id";
+    case error::invalid_json: return "invalid JSON payload";
+    case error::missing_payload: return "missing payload";
+    case error::unexpected_payload: return "payload not allowed for this packet type";
+    case error::payload_not_object: return "payload must be an object";
+    case error::payload_not_array: return "payload must be an array";
+    case error::empty_event: return "event payload is an empty array";
+    case error::event_name_not_string: return "event name is neither a string nor a number";
+    case error::reserved_event_name: return "reserved event name";
+    case error::placeholder_mismatch: return "placeholders do not match the attachments";
+    case error::not_binary: return "not a binary packet";
+    case error::assembler_busy: return "binary packet still waiting for attachments";
+    case error::unexpected_attachment: return "unexpected binary attachment";
+    case error::attachments_too_large: return "binary attachments too large";
   }
-};
-#pragma GCC diagnostic pop
+  return "unknown socketio codec error";
+}
 
 bool is_digit(char c) noexcept { return c >= '0' && c <= '9'; }
 
@@ -161,7 +152,7 @@ std::optional<std::uint64_t> read_decimal(std::string_view s, std::size_t& i) no
 }  // namespace
 
 const boost::system::error_category& error_category() noexcept {
-  static const error_category_impl category;
+  static const enum_category<error> category{"sidecast.socketio", describe};
   return category;
 }
 

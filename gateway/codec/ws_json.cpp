@@ -7,6 +7,7 @@
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
+#include "gateway/codec/error_category.hpp"
 #include "gateway/codec/json_scan.hpp"
 #include "gateway/codec/socketio.hpp"
 
@@ -16,31 +17,21 @@ namespace {
 namespace json = boost::json;
 using namespace codec_detail;
 
-// Boost's error_category has a protected non-virtual destructor by design:
-// categories are static objects never deleted through the base.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wnon-virtual-dtor"
-class error_category_impl final : public boost::system::error_category {
- public:
-  const char* name() const noexcept override { return "sidecast.ws_json"; }
-
-  std::string message(int ev) const override {
-    switch (static_cast<error>(ev)) {
-      case error::empty: return "empty frame";
-      case error::invalid_json: return "invalid JSON";
-      case error::not_object: return "frame is not a JSON object";
-      case error::unknown_key: return "unknown key";
-      case error::duplicate_key: return "duplicate key";
-      case error::missing_event: return "missing \"event\"";
-      case error::event_not_string: return "\"event\" is not a string";
-      case error::reserved_event_name: return "reserved event name";
-      case error::bad_id: return "\"id\" is neither a number nor a string";
-      case error::bad_namespace: return "bad \"nsp\"";
-    }
-    return "unknown ws_json codec error";
+const char* describe(error e) noexcept {
+  switch (e) {
+    case error::empty: return "empty frame";
+    case error::invalid_json: return "invalid JSON";
+    case error::not_object: return "frame is not a JSON object";
+    case error::unknown_key: return "unknown key";
+    case error::duplicate_key: return "duplicate key";
+    case error::missing_event: return "missing \"event\"";
+    case error::event_not_string: return "\"event\" is not a string";
+    case error::reserved_event_name: return "reserved event name";
+    case error::bad_id: return "\"id\" is neither a number nor a string";
+    case error::bad_namespace: return "bad \"nsp\"";
   }
-};
-#pragma GCC diagnostic pop
+  return "unknown ws_json codec error";
+}
 
 enum key_index : std::size_t { key_event, key_data, key_id, key_nsp, key_count };
 
@@ -127,7 +118,7 @@ std::string quote(std::string_view s) {
 }  // namespace
 
 const boost::system::error_category& error_category() noexcept {
-  static const error_category_impl category;
+  static const enum_category<error> category{"sidecast.ws_json", describe};
   return category;
 }
 

@@ -623,3 +623,14 @@ TEST(socketio, namespace_and_reserved_helpers) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(socketio_errors, have_their_category_and_words) {
+  auto ec = sio::make_error_code(sio::error::bad_ack_id);
+  EXPECT_STREQ(ec.category().name(), "sidecast.socketio");
+  EXPECT_EQ(ec.message(), "bad ack id");
+  EXPECT_EQ(boost::system::error_code(999, sio::error_category()).message(), "unknown socketio codec error");
+}
+
+}  // namespace

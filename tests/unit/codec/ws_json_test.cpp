@@ -201,3 +201,14 @@ TEST(ws_json, error_codes_describe) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ws_json_errors, have_their_category_and_words) {
+  auto ec = ws::make_error_code(ws::error::missing_event);
+  EXPECT_STREQ(ec.category().name(), "sidecast.ws_json");
+  EXPECT_EQ(ec.message(), "missing \"event\"");
+  EXPECT_EQ(boost::system::error_code(999, ws::error_category()).message(), "unknown ws_json codec error");
+}
+
+}  // namespace
