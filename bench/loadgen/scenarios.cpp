@@ -36,6 +36,22 @@ struct phase {
   }
 };
 
+// What every send that expects an ack records: its time (returned, with
+// the ack id it takes) by ack id, and the counts.
+struct outgoing {
+  std::int64_t ts;
+  std::uint64_t id;
+};
+
+outgoing note_send(slot& s, const phase& ph) {
+  outgoing out{steady_now_ns(), s.next_id++};
+  s.sent_at[out.id % s.sent_at.size()] = out.ts;
+  ++s.outstanding;
+  s.thread->sent.add();
+  if (ph.in_window(out.ts)) s.thread->sent_cohort.add();
+  return out;
+}
+
 // CPU of the server(s) and of this process, and the wall time, at a moment.
 struct sample {
   std::int64_t wall_ns = steady_now_ns();
@@ -225,12 +241,7 @@ boost::json::object run_fanout(runtime& rt, const scenario_options& o) {
   };
 
   std::function<void(slot&)> send_say = [&](slot& s) {
-    std::int64_t ts = steady_now_ns();
-    std::uint64_t id = s.next_id++;
-    s.sent_at[id % s.sent_at.size()] = ts;
-    ++s.outstanding;
-    s.thread->sent.add();
-    if (ph.in_window(ts)) s.thread->sent_cohort.add();
+    auto [ts, id] = note_send(s, ph);
     std::string text = std::to_string(ts);
     text += ' ';
     text += padding(o.size, text.size());
@@ -355,12 +366,7 @@ boost::json::object run_echo(runtime& rt, const scenario_options& o) {
   const std::string args = "[\"echo\",\"" + padding(o.size, 0) + "\"]";
 
   std::function<void(slot&)> send_echo = [&](slot& s) {
-    std::int64_t ts = steady_now_ns();
-    std::uint64_t id = s.next_id++;
-    s.sent_at[id % s.sent_at.size()] = ts;
-    ++s.outstanding;
-    s.thread->sent.add();
-    if (ph.in_window(ts)) s.thread->sent_cohort.add();
+    auto id = note_send(s, ph).id;
     s.client->send(sio::encode(sio::packet{sio::packet_type::event, "/", id, args, 0}));
   };
   std::function<void(slot&)> pump = [&](slot& s) {
