@@ -541,7 +541,7 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
   if (reply.partial) {
     if (const job* early = table_.answer_early(reply.id, routing_id)) {
       metrics_->request_batch.observe(seconds_since(early->received, now_));
-      if (early->wants_reply) send(early->requester, std::move(payload));
+      if (early->wants_reply) answer(early->requester, routing_id, reply.id, payload);
     }
     return;
   }
@@ -551,7 +551,7 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
     ++stats_.replies;
     if (!done->answered) metrics_->request_batch.observe(seconds_since(done->received, now_));
     metrics_->count(done->service, outcome_of(reply.code)).Increment();
-    if (done->wants_reply && !done->answered) send(done->requester, std::move(payload));
+    if (done->wants_reply && !done->answered) answer(done->requester, routing_id, reply.id, payload);
     return;
   }
   if (held) return;  // a late answer to a job that expired or was cancelled
@@ -695,6 +695,27 @@ void broker::fail(const failure& f) {
   send_reply(f.work.requester, f.work.id, f.code, std::move(message));
 }
 
+// A worker's answer to a job's requester. When it cannot be passed on (the
+// requester's connection is gone, or its pipe is full) the worker gets a
+// delivery report instead: an answer is never dropped in silence. A
+// requester the broker dropped for missed heartbeats but whose connection
+// is still there is still answered: it may be back (a stall), and its
+// sockets may still be waiting.
+void broker::answer(const std::string& requester, const std::string& worker, std::string_view id,
+                    zmq::message_t& payload) {
+  switch (send_to(requester, std::move(payload))) {
+    case sent::ok: return;
+    case sent::full:
+      send_report(worker, proto::DeliveryReport::REJECTED, {}, std::string{id},
+                  "the pipe to requester " + requester + " is full");
+      return;
+    case sent::gone:
+      send_report(worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
+                  "requester " + requester + " is gone");
+      return;
+  }
+}
+
 void broker::remove_peer(const std::string& routing_id) {
   auto it = peers_.find(routing_id);
   if (it == peers_.end()) return;
@@ -743,10 +764,14 @@ bool broker::send(std::string_view routing_id, std::string_view payload) {
 }
 
 bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
+  return send_to(routing_id, std::move(payload)) == sent::ok;
+}
+
+broker::sent broker::send_to(std::string_view routing_id, zmq::message_t&& payload) {
   if (local_) {
     switch (local_->send(routing_id, payload)) {
-      case core::local_router::send_result::sent: return true;
-      case core::local_router::send_result::full: drop("hwm", routing_id); return false;
+      case core::local_router::send_result::sent: return sent::ok;
+      case core::local_router::send_result::full: drop("hwm", routing_id); return sent::full;
       case core::local_router::send_result::unreachable: break;  // not a local peer: the ROUTER's
     }
   }
@@ -754,14 +779,14 @@ bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
   try {
     if (!router_.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
       drop("hwm", routing_id);
-      return false;
+      return sent::full;
     }
     router_.send(payload, zmq::send_flags::dontwait);
-    return true;
+    return sent::ok;
   } catch (const zmq::error_t& e) {
     // EHOSTUNREACH: the peer's connection is gone (ROUTER_MANDATORY).
     drop("unreachable", routing_id);
-    return false;
+    return sent::gone;
   }
 }
 

@@ -105,12 +105,15 @@ class broker {
   void drain_subscriptions();
   void dispatch(clock::time_point now);
   void fail(const failure& f);
+  void answer(const std::string& requester, const std::string& worker, std::string_view id, zmq::message_t& payload);
   void remove_peer(const std::string& routing_id);
   void tick(clock::time_point now);
   bool allowed(proto::Role role, proto::Envelope::KindCase kind) const;
 
   bool send(std::string_view routing_id, std::string_view payload);
   bool send(std::string_view routing_id, zmq::message_t&& payload);
+  enum class sent { ok, full, gone };
+  sent send_to(std::string_view routing_id, zmq::message_t&& payload);
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
   void send_error(const std::string& to, proto::Code code, std::string message);

@@ -10,10 +10,12 @@
 #include <atomic>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <prometheus/registry.h>
 
 #include "broker/broker.hpp"
 #include "core/peer_link.hpp"
@@ -42,7 +44,7 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     config.xsub_endpoint = "inproc://xsub";
     config.xpub_endpoint = "inproc://xpub";
     config.heartbeat_interval = heartbeat_;
-    broker_ = std::make_unique<broker::broker>(config, ctx_, std::make_shared<prometheus::Registry>());
+    broker_ = std::make_unique<broker::broker>(config, ctx_, registry_);
     broker_->bind();
     if (shared_thread()) {
       broker_->run_on(io_);
@@ -113,7 +115,20 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     return *raw;
   }
 
+  // The value of the broker's metric `family` with the label `key`=`value`
+  // (gauge or counter); nullopt while it has no such series.
+  std::optional<double> metric(const std::string& family, const std::string& key, const std::string& value) const {
+    for (const auto& f : registry_->Collect()) {
+      if (f.name != family) continue;
+      for (const auto& m : f.metric)
+        for (const auto& l : m.label)
+          if (l.name == key && l.value == value) return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+    }
+    return std::nullopt;
+  }
+
   std::chrono::milliseconds heartbeat_ = 100ms;  // broker and workers
+  std::shared_ptr<prometheus::Registry> registry_ = std::make_shared<prometheus::Registry>();
   zmq::context_t ctx_{1};
   boost::asio::io_context io_{1};
   std::thread io_thread_;
@@ -913,6 +928,79 @@ TEST_P(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
   }));
   EXPECT_EQ(reports[0].status(), proto::DeliveryReport::GATEWAY_GONE);
   EXPECT_EQ(reports[0].sid(), "nogw.abc");
+}
+
+// A peer that has not said Hello (most likely: the broker restarted under
+// it) is asked to, with Error NOT_REGISTERED, for whatever it sends. Its
+// requests are still served, so nothing is lost; anything else is dropped
+// and counted.
+TEST_P(BrokerTest, APeerThatSaidNoHelloIsAskedToAndItsRequestsAreStillServed) {
+  start();
+  add_worker({workers::echo_service(1)}, "w1");
+  peer stranger{ctx_, "inproc://router", "s1"};
+  Envelope emit;
+  emit.mutable_emit()->set_nsp("/");
+  emit.mutable_emit()->set_room("r");
+  emit.mutable_emit()->set_event("e");
+  emit.mutable_emit()->set_args("[]");
+  stranger.send(emit);
+  auto error = stranger.next(Envelope::kError, 5s);
+  ASSERT_TRUE(error) << "no answer to an Emit before Hello";
+  EXPECT_EQ(error->error().code(), proto::NOT_REGISTERED);
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_dropped_total", "reason", "unknown_peer") == 1.0; }));
+  EXPECT_EQ(broker_->stats().events, 0u) << "the stranger's Emit was published";
+
+  auto id = stranger.submit("echo", "x", R"(["still served"])");
+  error = stranger.next(Envelope::kError, 5s);
+  ASSERT_TRUE(error);
+  EXPECT_EQ(error->error().code(), proto::NOT_REGISTERED);
+  auto reply = stranger.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply) << "a request before Hello was not served";
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().code(), proto::OK);
+  EXPECT_EQ(reply->reply().args(), R"(["still served"])");
+}
+
+// A worker's answer whose requester went away (here a client that closed
+// its socket) goes nowhere; the worker learns so from a delivery report
+// naming the request.
+TEST_P(BrokerTest, AnAnswerForAGoneRequesterIsReportedToTheWorker) {
+  start();
+  std::atomic<bool> go{false};
+  auto& w = add_worker({service{"slow", 1}.on("wait",
+                                              [&](request req) {
+                                                auto until = std::chrono::steady_clock::now() + 10s;
+                                                while (!go && std::chrono::steady_clock::now() < until)
+                                                  std::this_thread::sleep_for(5ms);
+                                                req.reply(R"(["late"])");
+                                              })},
+                       "w1");
+  std::mutex m;
+  std::vector<proto::DeliveryReport> reports;
+  w.on_report([&](const proto::DeliveryReport& r) {
+    std::lock_guard lock{m};
+    reports.push_back(r);
+  });
+  auto clients = [this] { return metric("sidecast_broker_peers", "role", "ROLE_CLIENT"); };
+  std::string id;
+  {
+    peer client{ctx_, "inproc://router", "c1"};
+    ASSERT_TRUE(client.hello());
+    id = client.submit("slow", "wait", "[]", 10s);
+    ASSERT_TRUE(eventually([&] { return w.stats().requests == 1; })) << "held by the worker";
+    ASSERT_TRUE(eventually([&] { return clients() == 1.0; })) << "the broker never counted the client";
+  }
+  ASSERT_TRUE(eventually([&] { return clients() == 0.0; }, 5s)) << "the broker kept a silent client";
+  go = true;
+  ASSERT_TRUE(eventually([&] {
+    std::lock_guard lock{m};
+    return !reports.empty();
+  })) << "the answer was dropped in silence";
+  std::lock_guard lock{m};
+  EXPECT_EQ(reports[0].status(), proto::DeliveryReport::REQUESTER_GONE);
+  EXPECT_EQ(reports[0].ref(), id);
+  EXPECT_EQ(reports[0].detail(), "requester c1 is gone");
+  EXPECT_EQ(metric("sidecast_broker_delivery_reports_total", "status", "REQUESTER_GONE"), 1.0);
 }
 
 TEST_P(BrokerTest, ARealGatewayReportsAClientThatIsGone) {

@@ -43,9 +43,11 @@ class AckResult:
 @dataclass(frozen=True)
 class DeliveryReport:
     """Addressed traffic (an emit to a sid, a join...) that could not be delivered,
-    or was, when ``report_delivery`` asked for it.
+    or was, when ``report_delivery`` asked for it; or an answer (a handler's
+    reply) the broker could not pass to the requester (``ref`` = the request id).
 
-    ``status``: "DELIVERED", "CLIENT_GONE", "GATEWAY_GONE" or "REJECTED".
+    ``status``: "DELIVERED", "CLIENT_GONE", "GATEWAY_GONE", "REJECTED" or
+    "REQUESTER_GONE".
     """
 
     status: str
