@@ -1,6 +1,10 @@
 // Faults that need real processes: a worker SIGKILLed mid-request and a
 // broker killed and restarted. The binaries run over tcp loopback; the test
 // plays the client.
+#include <optional>
+#include <set>
+#include <string>
+
 #include <gtest/gtest.h>
 
 #include "tests/integration/harness.hpp"
@@ -24,6 +28,15 @@ std::vector<std::string> worker_args(const ports& p, const std::string& id) {
           "--publish", p.endpoint(p.xsub), "--heartbeat-interval", "100", "--log-level", "warn"};
 }
 
+// The value of one series of the broker's /metrics (its name and labels as
+// printed), or nullopt while it has none.
+std::optional<double> scrape(int http_port, const std::string& series) {
+  auto body = http_get(http_port, "/metrics").second;
+  auto at = body.find("\n" + series + " ");
+  if (at == std::string::npos) return std::nullopt;
+  return std::stod(body.substr(at + series.size() + 2));
+}
+
 // True once the echo service answers (its workers registered), within 5 s.
 bool echo_served(peer& client) {
   return eventually([&] {
@@ -41,12 +54,17 @@ TEST(Processes, WorkerKilledMidRequestCompletesOnTheOther) {
   zmq::context_t ctx{1};
   peer client{ctx, p.endpoint(p.router), "c1"};
   ASSERT_TRUE(client.hello());
-  // Both workers up: a quick request per worker proves they registered.
   ASSERT_TRUE(echo_served(client));
+  ASSERT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_workers{service="echo"})") == 2.0; }))
+      << "both workers never registered";
+  const std::string dispatched = R"(sidecast_broker_requests_total{outcome="dispatched",service="echo"})";
+  auto before = scrape(p.http, dispatched);
+  ASSERT_TRUE(before);
   // Capacity 1 each: the two slow requests land on different workers.
-  auto first = client.submit("echo", "delay", "[800,\"first\"]", 10s);
-  auto second = client.submit("echo", "delay", "[800,\"second\"]", 10s);
-  std::this_thread::sleep_for(200ms);  // let both be dispatched before the kill
+  auto first = client.submit("echo", "delay", "[1500,\"first\"]", 10s);
+  auto second = client.submit("echo", "delay", "[1500,\"second\"]", 10s);
+  ASSERT_TRUE(eventually([&] { return scrape(p.http, "sidecast_broker_in_flight") == 2.0; }))
+      << "the two requests were never held at once";
   a.kill(SIGKILL);
   std::set<std::string> ids{first, second};
   while (!ids.empty()) {
@@ -55,6 +73,8 @@ TEST(Processes, WorkerKilledMidRequestCompletesOnTheOther) {
     EXPECT_EQ(env->reply().code(), proto::OK) << env->reply().message();
     ids.erase(env->reply().id());
   }
+  // Two requests, three dispatches: the killed worker's went to the other.
+  EXPECT_EQ(scrape(p.http, dispatched), *before + 3);
 }
 
 TEST(Processes, BrokerRestartWorkersReannounceAndTrafficFlows) {
