@@ -2,11 +2,14 @@
 """End to end: sidecast-broker + sidecast-gateway + the Python vm worker example
 (workers/python/examples/vm_worker.py, a child process), driven by Debian's
 python3-socketio client over the real Socket.IO protocol. Also the Django
-publish example against the same gateway. Every wait is bounded.
+publish example against the same gateway, room and namespace emits with
+``except_sids`` from an in-process Python worker, and bad JSON from a fake
+worker. Every wait is bounded.
 
     PYTHONPATH=<build>/python:workers/python SIDECAST_BIN=<build>/bin \\
         /usr/bin/python3 tests/python/test_vm_e2e.py -v
 """
+import collections
 import importlib.util
 import json
 import os
@@ -194,6 +197,100 @@ class VmEndToEndTest(unittest.TestCase):
         events = self.events.wait(lambda ev: Events.count(ev, "report_ready") == 1, "report_ready")
         self.assertEqual([data for _, name, data in events if name == "report_ready"],
                          [{"url": "/reports/7"}])
+
+
+class ExceptSidsEndToEndTest(unittest.TestCase):
+    """Room and namespace emits that leave some sockets out (``except_sids``):
+    a Python worker (the SDK, in this process) publishes them, the broker
+    passes them on over PUB/SUB, and the gateway skips the excluded sockets,
+    as Socket.IO's ``socket.to(room).emit()`` leaves the sender out. Three
+    python-socketio clients on one gateway: a and b in room "r", c not."""
+
+    @classmethod
+    def setUpClass(cls):
+        from sidecast_worker import Service, Worker
+        cls.broker = Broker(heartbeat_interval_ms=500)
+        cls.http_port = free_port()
+        cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
+                               "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
+                               "--events", cls.broker.xpub, "--gateway-id", "gwX", "--route", "/ex=ex", "--threads", "1",
+                               "--log-level", "warn"], "gateway")
+        svc = Service("ex", capacity=8)
+
+        @svc.on("enter")
+        def enter(req):
+            req.join("r")  # reaches the gateway before the ack (one ordered link)
+            req.reply(True)
+
+        @svc.on("shout")
+        def shout(req):
+            req.emit_to_room("r", "heard", req.args[0], except_sids=[req.sid])
+            req.reply(True)
+
+        @svc.on("shout_all")
+        def shout_all(req):
+            req.broadcast("all", req.args[0], except_sids=[req.sid])
+            req.reply(True)
+
+        @svc.on("end")
+        def end(req):
+            req.broadcast("end", req.args[0])
+            req.reply(True)
+
+        cls.worker = Worker(broker=cls.broker.router, publish=cls.broker.xsub, worker_id="pyex",
+                            heartbeat_interval=0.5)
+        cls.worker.add(svc)
+        cls.worker.start()
+        if not (eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10)
+                and eventually(lambda: cls.broker.workers("ex") == 1, 10)):
+            print(f"--- gateway output:\n{cls.gateway.output()}")
+            cls.tearDownClass()
+            raise RuntimeError("the gateway or the worker did not connect to the broker")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.worker.stop()
+        for p in (cls.gateway, cls.broker.process):
+            p.stop()
+            p.cleanup()
+
+    def client(self):
+        sio = socketio.Client(reconnection=False)
+        got = collections.defaultdict(list)
+        for name in ("heard", "all", "end"):
+            sio.on(name, lambda data, name=name: got[name].append(data), namespace="/ex")
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/ex"], transports=["websocket"],
+                    wait_timeout=WAIT)
+        self.addCleanup(sio.disconnect)
+        return sio, got
+
+    def test_the_excluded_sockets_get_nothing(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        (a, at_a), (b, at_b), (c, at_c) = self.client(), self.client(), self.client()
+        for sio in (a, b):
+            self.assertTrue(sio.call("enter", None, namespace="/ex", timeout=WAIT))
+        # The gateway's subscription to a topic travels to the broker on its
+        # own: say it again until the first one arrives.
+        n = 0
+
+        def said(event, to, heard_by):
+            nonlocal n
+            n += 1
+            a.call(event, f"{event}-{n}", namespace="/ex", timeout=WAIT)
+            return heard_by[to]
+
+        self.assertTrue(eventually(lambda: said("shout", "heard", at_b), WAIT, 0.1), "b never heard a")
+        self.assertTrue(eventually(lambda: said("shout_all", "all", at_c), WAIT, 0.1), "c never got a's broadcast")
+        self.assertTrue(eventually(lambda: said("shout_all", "all", at_b), WAIT, 0.1), "b never got a's broadcast")
+        # What the gateway sends a socket it sends in order: once a has the
+        # last broadcast, and a little later, anything meant for it is in.
+        a.call("end", "last", namespace="/ex", timeout=WAIT)
+        self.assertTrue(eventually(lambda: at_a["end"] and at_c["end"], WAIT), "the last broadcast never came")
+        time.sleep(0.2)
+        self.assertEqual(at_a["heard"], [], "the sender got its own room emit")
+        self.assertEqual(at_a["all"], [], "the sender got its own broadcast")
+        self.assertEqual(at_c["heard"], [], "a socket outside the room got the room's emit")
+        self.assertTrue(all(t.startswith("shout-") for t in at_b["heard"]), at_b["heard"])
 
 
 class WorkerArgsTest(unittest.TestCase):
