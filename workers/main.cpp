@@ -26,6 +26,11 @@ int main(int argc, char** argv) {
   app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();
   app.add_option("--outbox-limit", options.outbox_limit, "Messages handlers may queue for sending")
       ->capture_default_str();
+  core::add_millis(app, "--outbox-wait", options.outbox_wait,
+                   "How long a handler that finds the outbox full waits for room before the message is dropped, ms");
+  app.add_option("--pending-acks-limit", options.pending_acks_limit,
+                 "Emits that may wait for a client's ack at once; emit_with_ack past it is refused")
+      ->capture_default_str();
   app.add_option("--hwm", options.hwm, "High-water mark of the broker link (each way) and the PUB socket, messages")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));

@@ -757,6 +757,33 @@ TEST_P(BrokerTest, StoppingAWorkerAnswersAcksStillAwaitedAndLetsGoOfThem) {
   EXPECT_TRUE(watch.expired()) << "the pending ack kept its request, and so the worker, alive";
 }
 
+// pending_acks_limit bounds the emits awaiting a client's ack: past it
+// emit_with_ack says no at once, and the worker counts it.
+TEST_P(BrokerTest, EmitsAwaitingAnAckAreBoundedAndTheRefusalsCounted) {
+  start();
+  std::atomic<int> accepted{0}, refused{0};
+  service asker{"asker", 1};
+  asker.on("ask", [&](request req) {
+    for (int i = 0; i < 3; ++i)
+      (req.emit_with_ack("question", "[]", {}, [](ack_result) {}, 10s) ? accepted : refused)++;
+  });
+  auto o = options_for("w1");
+  o.pending_acks_limit = 2;
+  auto& w = add_worker({std::move(asker)}, o);
+  peer gateway{ctx_, "inproc://router", "gwQ", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  gateway.submit("asker", "ask", "[]", 5s, "gwQ.s1");
+  ASSERT_TRUE(eventually([&] { return accepted + refused == 3; }));
+  EXPECT_EQ(accepted.load(), 2);
+  EXPECT_EQ(refused.load(), 1);
+  EXPECT_EQ(w.stats().acks_refused, 1u);
+  for (int i = 0; i < 2; ++i) {
+    auto question = gateway.next(Envelope::kEmit, 5s);
+    ASSERT_TRUE(question) << "an accepted emit never came";
+    EXPECT_FALSE(question->emit().ack_id().empty());
+  }
+}
+
 // An exception from a callback (here an ack's) used to escape the pool's
 // thread: std::terminate. It is logged; the worker serves on.
 TEST_P(BrokerTest, AnAckCallbackThatThrowsEndsNeitherThreadNorProcess) {

@@ -484,6 +484,20 @@ class GatewayTrafficTest(BrokerTest):
         self.assertIsNotNone(gw.next("emit"))
         self.assertEqual(args_of(gw.reply_to(rid).reply), ["TIMEOUT"])
 
+    def test_emits_awaiting_an_ack_are_bounded_and_the_refusals_counted(self):
+        svc = Service("ask", capacity=1)
+
+        @svc.on("ask")
+        def ask(req):
+            futures = [req.emit_with_ack("question", i, timeout=10) for i in range(3)]
+            req.reply([f is not None for f in futures])
+
+        w = self.start_worker(svc, pending_acks_limit=2)
+        gw = self.gateway("gwT")
+        rid = gw.submit("ask", "ask", sid="gwT.x")
+        self.assertEqual(args_of(gw.reply_to(rid).reply), [[True, True, False]])
+        self.assertEqual(w.stats().acks_refused, 1)
+
     def test_join_leave_disconnect(self):
         svc = Service("chat", capacity=2)
 

@@ -277,7 +277,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::mutex report_mutex;  // worker::on_report may replace the callback at any time
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
-      n_reconnects{0};
+      n_reconnects{0}, n_acks_refused{0};
 
   explicit worker_core(worker_options o, zmq::context_t* ctx)
       : options{std::move(o)}, context{ctx}, outbox{options.outbox_limit} {
@@ -908,7 +908,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   std::optional<std::string> register_ack(std::function<void(ack_result)> cb, std::chrono::milliseconds timeout) {
     std::lock_guard lock{acks_mutex};
-    if (stopping || acks.size() >= options.pending_acks_limit) return std::nullopt;
+    if (stopping) return std::nullopt;
+    if (acks.size() >= options.pending_acks_limit) {
+      n_acks_refused.fetch_add(1, std::memory_order_relaxed);
+      return std::nullopt;
+    }
     auto id = options.id + ":" + std::to_string(++next_ack);
     auto deadline = clock::now() + timeout;
     acks.emplace(id, pending_ack{std::move(cb), deadline});
@@ -1108,8 +1112,9 @@ const std::string& worker::id() const { return core_->options.id; }
 bool worker::connected() const { return core_->welcomed; }
 
 worker_stats worker::stats() const {
-  return {core_->n_requests, core_->n_replies, core_->n_cancels,
-          core_->n_dropped,  core_->n_errors,  core_->n_reconnects};
+  return {core_->n_requests, core_->n_replies,    core_->n_cancels,
+          core_->n_dropped,  core_->n_errors,     core_->n_reconnects,
+          core_->n_acks_refused};
 }
 
 }  // namespace sidecast

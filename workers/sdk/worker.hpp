@@ -189,6 +189,7 @@ struct worker_stats {
   std::uint64_t outbox_dropped = 0;
   std::uint64_t handler_errors = 0;
   std::uint64_t reconnects = 0;
+  std::uint64_t acks_refused = 0;  // emit_with_ack calls refused: pending_acks_limit emits awaited their ack
 };
 
 class worker {

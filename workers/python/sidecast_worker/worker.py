@@ -64,6 +64,7 @@ class WorkerStats:
     outbox_dropped: int = 0
     handler_errors: int = 0
     reconnects: int = 0
+    acks_refused: int = 0  # emit_with_ack calls refused: pending_acks_limit emits awaited their ack
 
 
 class _Wakeup:
@@ -243,7 +244,10 @@ class _Core:
     def emit_with_ack(self, nsp, sid, event, args, timeout, callback):
         future = concurrent.futures.Future()
         with self.acks_lock:
-            if self.stopping.is_set() or len(self.acks) >= self.pending_acks_limit:
+            if self.stopping.is_set():
+                return None
+            if len(self.acks) >= self.pending_acks_limit:
+                self.count("acks_refused")
                 return None
             ack_id = f"{self.worker_id}:{next(self.next_ack)}"
             self.acks[ack_id] = (future, callback)
