@@ -1,5 +1,9 @@
+#include <cctype>
 #include <map>
 #include <random>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -33,145 +37,184 @@ std::vector<std::pair<std::string, std::string>> pairs(const std::vector<assignm
 
 using P = std::vector<std::pair<std::string, std::string>>;
 
-TEST(ServiceTable, WaitsForAWorkerThenDispatches) {
-  service_table t{{}};
-  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::queued);
-  EXPECT_TRUE(t.dispatch().empty());
-  EXPECT_EQ(t.queued("svc"), 1u);
-  t.add_worker("w1", "svc", 1);
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}}));
-  EXPECT_EQ(t.queued("svc"), 0u);
-  EXPECT_EQ(t.in_flight(), 1u);
+// ---------------------------------------------------------------- the table
+// Each case is a script of operations on one table, each with the answer
+// it must give (`run` below says what an operation writes):
+//   worker W SVC N     add_worker                  ""
+//   submit ID [SVC] [TIMEOUT_MS]  (svc, 10000)     queued | busy | duplicate
+//   dispatch           "W:ID ..." in order (":ID#2": its second attempt)
+//   complete ID W      job (it ended) | held (a job W held, already over) | none
+//   cancel ID          queued | held by W | none
+//   drop W             remove_worker: "ID:CODE ..." of the jobs that failed
+//   expire MS          expire(t0 + MS): "ID:CODE[@W] ..."
+//   deadline           next_deadline() in ms after t0, or none
+//   queued SVC / workers SVC / in_flight           a count
+
+struct step {
+  std::string op;
+  std::string expect;
+};
+
+struct table_case {
+  std::string name;
+  table_limits limits;
+  std::vector<step> steps;
+};
+
+void PrintTo(const table_case& c, std::ostream* os) { *os << '"' << c.name << '"'; }
+
+std::string code_name(proto::Code c) { return proto::Code_Name(c); }
+
+std::string failures(const std::vector<failure>& fs) {
+  std::string out;
+  for (const auto& f : fs) {
+    if (!out.empty()) out += ' ';
+    out += f.work.id + ':' + code_name(f.code);
+    if (!f.worker.empty()) out += '@' + f.worker;
+  }
+  return out;
 }
 
-TEST(ServiceTable, LeastRecentlyUsedWorkerFirst) {
-  service_table t{{}};
-  t.add_worker("w1", "svc", 1);
-  t.add_worker("w2", "svc", 1);
-  t.add_worker("w3", "svc", 1);
-  for (auto id : {"a", "b", "c", "d"}) t.submit(make_job(id));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}, {"w2", "b"}, {"w3", "c"}}));
-  ASSERT_TRUE(t.complete("b", "w2"));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "d"}}));
-  ASSERT_TRUE(t.complete("a", "w1"));
-  ASSERT_TRUE(t.complete("c", "w3"));
-  for (auto id : {"e", "f"}) t.submit(make_job(id));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "e"}, {"w3", "f"}}));
+std::string run(service_table& t, const std::string& op) {
+  std::istringstream in{op};
+  std::string verb, a, b;
+  in >> verb;
+  if (verb == "worker") {
+    unsigned n = 0;
+    in >> a >> b >> n;
+    t.add_worker(a, b, n);
+    return "";
+  }
+  if (verb == "submit") {
+    std::string svc = "svc";
+    long ms = 10000;
+    in >> a;
+    if (!(in >> svc)) svc = "svc";
+    if (!(in >> ms)) ms = 10000;
+    switch (t.submit(make_job(a, svc, std::chrono::milliseconds(ms)))) {
+      case service_table::admit::queued: return "queued";
+      case service_table::admit::busy: return "busy";
+      case service_table::admit::duplicate: return "duplicate";
+    }
+  }
+  if (verb == "dispatch") {
+    std::string out;
+    for (const auto& as : t.dispatch()) {
+      if (!out.empty()) out += ' ';
+      out += std::string{as.worker} + ':' + as.work->id;
+      if (as.work->attempt > 1) out += '#' + std::to_string(as.work->attempt);
+    }
+    return out;
+  }
+  if (verb == "complete") {
+    in >> a >> b;
+    bool held = false;
+    if (t.complete(a, b, &held)) return "job";
+    return held ? "held" : "none";
+  }
+  if (verb == "cancel") {
+    in >> a;
+    std::string worker;
+    if (!t.cancel(a, &worker)) return "none";
+    return worker.empty() ? "queued" : "held by " + worker;
+  }
+  if (verb == "drop") {
+    in >> a;
+    return failures(t.remove_worker(a));
+  }
+  if (verb == "expire") {
+    long ms = 0;
+    in >> ms;
+    return failures(t.expire(t0 + std::chrono::milliseconds(ms)));
+  }
+  if (verb == "deadline") {
+    auto d = t.next_deadline();
+    if (!d) return "none";
+    return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(*d - t0).count());
+  }
+  if (verb == "queued") return in >> a, std::to_string(t.queued(a));
+  if (verb == "workers") return in >> a, std::to_string(t.workers(a));
+  if (verb == "in_flight") return std::to_string(t.in_flight());
+  ADD_FAILURE() << "unknown operation '" << op << "'";
+  return "?";
 }
 
-TEST(ServiceTable, CapacityCreditsRotate) {
-  service_table t{{}};
-  t.add_worker("w1", "svc", 2);
-  t.add_worker("w2", "svc", 1);
-  for (auto id : {"a", "b", "c", "d"}) t.submit(make_job(id));
-  // w1 gets one, goes to the back, w2 one, then w1 its second; d waits.
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}, {"w2", "b"}, {"w1", "c"}}));
-  EXPECT_EQ(t.queued("svc"), 1u);
-  ASSERT_TRUE(t.complete("c", "w1"));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "d"}}));
+const std::vector<table_case>& cases() {
+  static const std::vector<table_case> all = {
+      {"a job waits for a worker, then goes to it", {}, {
+           {"submit a", "queued"}, {"dispatch", ""}, {"queued svc", "1"},
+           {"worker w1 svc 1", ""}, {"dispatch", "w1:a"}, {"queued svc", "0"}, {"in_flight", "1"}}},
+      {"least recently used worker first", {}, {
+           {"worker w1 svc 1", ""}, {"worker w2 svc 1", ""}, {"worker w3 svc 1", ""},
+           {"submit a", "queued"}, {"submit b", "queued"}, {"submit c", "queued"}, {"submit d", "queued"},
+           {"dispatch", "w1:a w2:b w3:c"},
+           {"complete b w2", "job"}, {"dispatch", "w2:d"},
+           {"complete a w1", "job"}, {"complete c w3", "job"},
+           {"submit e", "queued"}, {"submit f", "queued"}, {"dispatch", "w1:e w3:f"}}},
+      // w1 gets one and goes to the back, w2 one, then w1 its second; d waits.
+      {"capacity credits rotate", {}, {
+           {"worker w1 svc 2", ""}, {"worker w2 svc 1", ""},
+           {"submit a", "queued"}, {"submit b", "queued"}, {"submit c", "queued"}, {"submit d", "queued"},
+           {"dispatch", "w1:a w2:b w1:c"}, {"queued svc", "1"},
+           {"complete c w1", "job"}, {"dispatch", "w1:d"}}},
+      {"re-registering changes the capacity", {}, {
+           {"worker w1 svc 1", ""}, {"worker w1 svc 3", ""}, {"workers svc", "1"},
+           {"submit a", "queued"}, {"submit b", "queued"}, {"submit c", "queued"},
+           {"dispatch", "w1:a w1:b w1:c"}}},
+      {"services are separate", {}, {
+           {"worker w1 chat 1", ""}, {"submit a vm", "queued"}, {"submit b chat", "queued"},
+           {"dispatch", "w1:b"}, {"queued vm", "1"}, {"workers vm", "0"}, {"workers chat", "1"}}},
+      {"the queue bound answers busy, per service; duplicates are refused", {.queue_limit = 2, .max_attempts = 3}, {
+           {"submit a", "queued"}, {"submit a", "duplicate"}, {"submit b", "queued"}, {"submit c", "busy"},
+           {"submit d other", "queued"},
+           {"worker w1 svc 1", ""}, {"dispatch", "w1:a"},
+           {"submit a", "duplicate"},  // held jobs are known too
+           {"submit c", "queued"}}},
+      // The holder of an expired job keeps its credit until it answers.
+      {"expiry tells unavailable (never dispatched) from timeout (held)", {}, {
+           {"submit queued nobody 1000", "queued"}, {"submit held svc 2000", "queued"},
+           {"submit later svc 5000", "queued"},
+           {"worker w1 svc 1", ""}, {"dispatch", "w1:held"}, {"deadline", "1000"},
+           {"expire 999", ""}, {"expire 1000", "queued:UNAVAILABLE"}, {"expire 2000", "held:TIMEOUT@w1"},
+           {"dispatch", ""}, {"complete held w1", "held"}, {"dispatch", "w1:later"}}},
+      // Retried jobs keep their place at the front; a job dispatched
+      // max_attempts times is lost with its worker.
+      {"a dead worker's jobs retry first, then fail", {.queue_limit = 100, .max_attempts = 2}, {
+           {"worker w1 svc 2", ""}, {"submit a", "queued"}, {"submit b", "queued"}, {"submit c", "queued"},
+           {"dispatch", "w1:a w1:b"},
+           {"drop w1", ""}, {"workers svc", "0"}, {"queued svc", "3"},
+           {"worker w2 svc 3", ""}, {"dispatch", "w2:a#2 w2:b#2 w2:c"},
+           {"drop w2", "a:WORKER_LOST b:WORKER_LOST"}, {"queued svc", "1"}}},
+      {"only the holder completes a job, once", {}, {
+           {"worker w1 svc 1", ""}, {"worker w2 svc 1", ""}, {"submit a", "queued"}, {"dispatch", "w1:a"},
+           {"complete a w2", "none"},  // an id w2 never held: not a completion
+           {"complete a w1", "job"}, {"complete a w1", "none"}, {"in_flight", "0"}}},
+      {"cancel a queued job and a held one", {}, {
+           {"worker w1 svc 1", ""}, {"submit a", "queued"}, {"submit b", "queued"}, {"dispatch", "w1:a"},
+           {"cancel b", "queued"}, {"queued svc", "0"}, {"cancel a", "held by w1"}, {"cancel a", "none"},
+           {"deadline", "none"}}},
+  };
+  return all;
 }
 
-TEST(ServiceTable, ServicesAreSeparate) {
-  service_table t{{}};
-  t.add_worker("w1", "chat", 1);
-  t.submit(make_job("a", "vm"));
-  t.submit(make_job("b", "chat"));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "b"}}));
-  EXPECT_EQ(t.queued("vm"), 1u);
-  EXPECT_EQ(t.workers("vm"), 0u);
-  EXPECT_EQ(t.workers("chat"), 1u);
+class ServiceTableScript : public ::testing::TestWithParam<table_case> {};
+
+TEST_P(ServiceTableScript, AnswersEveryStepAsWritten) {
+  const auto& c = GetParam();
+  service_table t{c.limits};
+  for (std::size_t i = 0; i < c.steps.size(); ++i)
+    EXPECT_EQ(run(t, c.steps[i].op), c.steps[i].expect) << "step " << i + 1 << ": " << c.steps[i].op;
 }
 
-TEST(ServiceTable, QueueBoundAnswersBusyAndDuplicatesAreRefused) {
-  service_table t{{.queue_limit = 2, .max_attempts = 3}};
-  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::queued);
-  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::duplicate);
-  EXPECT_EQ(t.submit(make_job("b")), service_table::admit::queued);
-  EXPECT_EQ(t.submit(make_job("c")), service_table::admit::busy);
-  EXPECT_EQ(t.submit(make_job("d", "other")), service_table::admit::queued) << "bound is per service";
-  t.add_worker("w1", "svc", 1);
-  t.dispatch();
-  EXPECT_EQ(t.submit(make_job("a")), service_table::admit::duplicate) << "held jobs are known too";
-  EXPECT_EQ(t.submit(make_job("c")), service_table::admit::queued);
-}
+INSTANTIATE_TEST_SUITE_P(Cases, ServiceTableScript, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<table_case>& param) {
+                           std::string name;
+                           for (char ch : param.param.name)
+                             name += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+                           return name;
+                         });
 
-TEST(ServiceTable, ExpiryTellsUnavailableFromTimeout) {
-  service_table t{{}};
-  t.submit(make_job("queued", "nobody", 1s));
-  t.submit(make_job("held", "svc", 2s));
-  t.submit(make_job("later", "svc", 5s));
-  t.add_worker("w1", "svc", 1);
-  t.dispatch();
-  EXPECT_EQ(t.next_deadline(), t0 + 1s);
-  EXPECT_TRUE(t.expire(t0 + 999ms).empty());
-  auto first = t.expire(t0 + 1s);
-  ASSERT_EQ(first.size(), 1u);
-  EXPECT_EQ(first[0].work.id, "queued");
-  EXPECT_EQ(first[0].code, proto::UNAVAILABLE);
-  EXPECT_TRUE(first[0].worker.empty());
-  auto second = t.expire(t0 + 2s);
-  ASSERT_EQ(second.size(), 1u);
-  EXPECT_EQ(second[0].work.id, "held");
-  EXPECT_EQ(second[0].code, proto::TIMEOUT);
-  EXPECT_EQ(second[0].worker, "w1") << "the holder gets a Cancel";
-  // The worker keeps its credit until it answers the expired job.
-  EXPECT_TRUE(t.dispatch().empty());
-  bool held = false;
-  EXPECT_FALSE(t.complete("held", "w1", &held));
-  EXPECT_TRUE(held);
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "later"}}));
-}
-
-TEST(ServiceTable, DeadWorkerJobsRetryFirstThenFail) {
-  service_table t{{.queue_limit = 100, .max_attempts = 2}};
-  t.add_worker("w1", "svc", 2);
-  t.submit(make_job("a"));
-  t.submit(make_job("b"));
-  t.submit(make_job("c"));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "a"}, {"w1", "b"}}));
-  EXPECT_TRUE(t.remove_worker("w1").empty());
-  EXPECT_EQ(t.workers("svc"), 0u);
-  EXPECT_EQ(t.queued("svc"), 3u);
-  t.add_worker("w2", "svc", 3);
-  auto second = t.dispatch();
-  EXPECT_EQ(pairs(second), (P{{"w2", "a"}, {"w2", "b"}, {"w2", "c"}})) << "retried jobs keep their place";
-  EXPECT_EQ(second[0].work->attempt, 2u);
-  EXPECT_EQ(second[2].work->attempt, 1u);
-  auto lost = t.remove_worker("w2");
-  ASSERT_EQ(lost.size(), 2u);
-  for (const auto& f : lost) EXPECT_EQ(f.code, proto::WORKER_LOST);
-  EXPECT_EQ(t.queued("svc"), 1u) << "c has one attempt left";
-}
-
-TEST(ServiceTable, CompleteOnlyByTheHolder) {
-  service_table t{{}};
-  t.add_worker("w1", "svc", 1);
-  t.add_worker("w2", "svc", 1);
-  t.submit(make_job("a"));
-  t.dispatch();
-  bool held = true;
-  EXPECT_FALSE(t.complete("a", "w2", &held));
-  EXPECT_FALSE(held) << "an id a worker never held is not a job completion";
-  EXPECT_TRUE(t.complete("a", "w1"));
-  EXPECT_FALSE(t.complete("a", "w1")) << "a second reply is ignored";
-  EXPECT_EQ(t.in_flight(), 0u);
-}
-
-TEST(ServiceTable, CancelQueuedAndHeld) {
-  service_table t{{}};
-  t.add_worker("w1", "svc", 1);
-  t.submit(make_job("a"));
-  t.submit(make_job("b"));
-  t.dispatch();
-  std::string worker;
-  EXPECT_TRUE(t.cancel("b", &worker));
-  EXPECT_TRUE(worker.empty());
-  EXPECT_EQ(t.queued("svc"), 0u);
-  EXPECT_TRUE(t.cancel("a", &worker));
-  EXPECT_EQ(worker, "w1");
-  EXPECT_FALSE(t.cancel("a", &worker));
-  EXPECT_FALSE(t.next_deadline());
-}
+// ------------------------------------------------- what a script cannot say
 
 TEST(ServiceTable, RequesterOfNamesTheAskerWhileTheJobLives) {
   service_table t{{}};
@@ -185,15 +228,6 @@ TEST(ServiceTable, RequesterOfNamesTheAskerWhileTheJobLives) {
   EXPECT_EQ(t.requester_of("b"), "") << "no such job";
   EXPECT_TRUE(t.complete("a", "w1"));
   EXPECT_EQ(t.requester_of("a"), "") << "answered";
-}
-
-TEST(ServiceTable, ReRegisteringChangesCapacity) {
-  service_table t{{}};
-  t.add_worker("w1", "svc", 1);
-  t.add_worker("w1", "svc", 3);
-  EXPECT_EQ(t.workers("svc"), 1u);
-  for (auto id : {"a", "b", "c"}) t.submit(make_job(id));
-  EXPECT_EQ(t.dispatch().size(), 3u);
 }
 
 TEST(ServiceTable, EarlyAnswerKeepsCapacityDropsDeadlineAndRetry) {
