@@ -949,12 +949,16 @@ TEST_P(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
     reports.push_back(r);
   });
   ASSERT_TRUE(w.emit_to_sid("/", "nogw.abc", "vm_response", "[1]"));
+  ASSERT_TRUE(w.join("/", "nogw.def", "room1"));  // a Control takes the same road
   ASSERT_TRUE(eventually([&] {
     std::lock_guard lock{m};
-    return !reports.empty();
+    return reports.size() == 2;
   }));
+  std::lock_guard lock{m};
   EXPECT_EQ(reports[0].status(), proto::DeliveryReport::GATEWAY_GONE);
   EXPECT_EQ(reports[0].sid(), "nogw.abc");
+  EXPECT_EQ(reports[1].status(), proto::DeliveryReport::GATEWAY_GONE);
+  EXPECT_EQ(reports[1].sid(), "nogw.def");
 }
 
 // A peer that has not said Hello (most likely: the broker restarted under
