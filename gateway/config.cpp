@@ -44,6 +44,16 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->capture_default_str();
   app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str();
   app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str();
+  app.add_option("--max-polling-sessions", c.max_polling_sessions,
+                 "Engine.IO sessions opened by a polling handshake, in all (each lives on after its request)")
+      ->capture_default_str();
+  app.add_option("--max-polling-sessions-per-ip", c.max_polling_sessions_per_ip,
+                 "Engine.IO sessions opened by a polling handshake from one address")
+      ->capture_default_str();
+  app.add_option("--max-header-bytes", c.max_header_bytes,
+                 "Bytes of an HTTP request's start line and headers; more is answered 431")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 20));
   app.add_option("--max-connections-per-ip", c.max_connections_per_ip, "Open TCP connections from one address")
       ->capture_default_str();
   app.add_option("--events-per-second", c.events_per_second,

@@ -34,6 +34,9 @@ struct gateway_config {
   std::size_t max_rooms = 256;                    // rooms one socket may be in
   std::size_t max_connections = 50000;            // open TCP connections
   std::size_t max_connections_per_ip = 1000;      // open TCP connections from one address
+  std::size_t max_polling_sessions = 50000;       // Engine.IO sessions opened by a polling handshake
+  std::size_t max_polling_sessions_per_ip = 1000; // ... from one address
+  std::size_t max_header_bytes = 16 * 1024;       // an HTTP request's start line and headers
   double events_per_second = 1000;                // client events per connection, sustained (token bucket)
   double events_burst = 2000;                     // ... and in a burst
   std::size_t outbound_messages = 4096;           // queued frames per connection before it is dropped

@@ -656,6 +656,7 @@ void eio_session::on_connect(socketio::packet p) {
   }
   if (sockets_.contains(p.nsp)) return;  // already connected (or connecting) there
   if (sockets_.size() >= gw_.config().max_namespaces) {
+    gw_.metrics().namespace_limit.Increment();
     refusal.data = R"({"message":"Too many namespaces"})";
     send_socketio(refusal);
     return;

@@ -37,6 +37,10 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   /// when one already took over or is taking over.
   bool claim_websocket() { return !upgrade_started_.exchange(true); }
 
+  /// Keeps `slot` (its place under --max-polling-sessions) as long as the
+  /// session lives.
+  void hold(std::shared_ptr<void> slot) { slot_ = std::move(slot); }
+
   // Entry points. Each runs on executor(); callers post.
   void open_polling(std::shared_ptr<reply_slot> handshake);
   void open_websocket(std::shared_ptr<ws_conn> ws);
@@ -75,6 +79,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   std::string sid_;
   transport transport_ = transport::polling;
   std::atomic<bool> upgrade_started_{false};
+  std::shared_ptr<void> slot_;      // see hold()
   std::shared_ptr<ws_conn> ws_;     // the active WebSocket
   std::shared_ptr<ws_conn> probe_;  // a WebSocket being upgraded to
   bool probed_ = false;

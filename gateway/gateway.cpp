@@ -47,6 +47,7 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
       registry_{std::move(registry)},
       metrics_{*registry_},
       limits_{config_.max_connections, config_.max_connections_per_ip},
+      polling_sessions_{config_.max_polling_sessions, config_.max_polling_sessions_per_ip},
       tokens_{token_keys(config_)} {
   if (config_.id.empty()) config_.id = "gw-" + random_token(6);
   std::replace(config_.id.begin(), config_.id.end(), '_', '-');

@@ -58,6 +58,8 @@ class gateway {
   const gateway_config& config() const { return config_; }
   class bridge& link() { return *bridge_; }
   gateway_metrics& metrics() { return metrics_; }
+  /// Slots for Engine.IO sessions opened by a polling handshake.
+  connection_limits& polling_sessions() { return polling_sessions_; }
   const core::registry_ptr& registry() const { return registry_; }
   class api& api() { return *api_; }
   const jwt::verifier& tokens() const { return tokens_; }
@@ -102,6 +104,7 @@ class gateway {
   unsigned short port_ = 0;
   std::atomic<bool> draining_{false};
   connection_limits limits_;
+  connection_limits polling_sessions_;  // sessions from a polling handshake (they outlive its connection)
   jwt::verifier tokens_;
 
   std::mutex parked_mutex_;

@@ -105,7 +105,8 @@ std::shared_ptr<reply_slot> on_session(std::shared_ptr<eio_session> session, asi
   return slot;
 }
 
-asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::params_view& params, bool echo) {
+asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::params_view& params, bool echo,
+                                       const std::string& peer) {
   auto get = [&](std::string_view key) -> std::optional<std::string> {
     auto it = params.find(key);
     if (it == params.end()) return std::nullopt;
@@ -118,8 +119,17 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
   auto sid = get("sid");
   if (!sid) {
     if (req.method() != http::verb::get) co_return eio_error(engineio::error_code::bad_handshake_method);
+    // A session outlives the request that opened it (until its ping
+    // timeout), so one keep-alive connection could open them without end:
+    // each takes a slot of its own.
+    auto place = gw.polling_sessions().admit(peer);
+    if (!place) {
+      gw.metrics().session_limit.Increment();
+      co_return eio_error(engineio::error_code::bad_request, 503);
+    }
     auto ex = co_await asio::this_coro::executor;
     auto session = std::make_shared<eio_session>(gw, ex, gw.new_sid(), echo);
+    session->hold(std::move(place));
     gw.add_session(session->sid(), session);
     auto slot = std::make_shared<reply_slot>(ex);
     session->open_polling(slot);
@@ -174,7 +184,7 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path) {
   co_return http_answer{200, std::string{content_type_for(file)}, std::move(*body)};
 }
 
-asio::awaitable<response> handle(gateway& gw, request& req) {
+asio::awaitable<response> handle(gateway& gw, request& req, const std::string& peer) {
   auto target = urls::parse_origin_form(req.target());
   if (!target) co_return make_response(req, {400, "text/plain", "bad request target\n"});
   auto path = std::string{target->path()};
@@ -197,7 +207,7 @@ asio::awaitable<response> handle(gateway& gw, request& req) {
   http_answer answer;
   if (eio) {
     auto params = target->params();
-    answer = co_await engine_io(gw, req, params, echo);
+    answer = co_await engine_io(gw, req, params, echo, peer);
   } else if (path.starts_with("/api/v1/")) {
     auto params = target->params();
     answer = co_await gw.api().handle(req, path, params);
@@ -315,12 +325,14 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
 }  // namespace
 
 asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot) {
+  boost::system::error_code peer_ec;
+  const auto peer = socket.remote_endpoint(peer_ec).address().to_string();
   beast::tcp_stream stream{std::move(socket)};
   beast::flat_buffer buffer;
   const auto& c = gw.config();
   for (;;) {
     http::request_parser<http::string_body> parser;
-    parser.header_limit(16 * 1024);
+    parser.header_limit(static_cast<std::uint32_t>(c.max_header_bytes));
     parser.body_limit(c.max_payload);
     stream.expires_after(c.idle_timeout);
     auto [ec, n] = co_await http::async_read(stream, buffer, parser, use);
@@ -334,7 +346,22 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
       co_await linger(stream, c.max_payload);
       co_return;
     }
-    if (ec) co_return;
+    if (ec && ec.category() == http::make_error_code(http::error::bad_method).category() &&
+        ec != http::error::end_of_stream && ec != http::error::partial_message) {
+      // Not HTTP we can parse (a bad start line, header, chunk), or too
+      // large a header: said in words, then closed.
+      gw.metrics().bad_http.Increment();
+      bool big = ec == http::error::header_limit;
+      request req;
+      req.version(11);
+      auto res = make_response(req, {big ? 431u : 400u, "text/plain",
+                                     big ? "request header fields too large\n" : "bad request: " + ec.message() + "\n"});
+      res.keep_alive(false);
+      co_await http::async_write(stream, res, use);
+      co_await linger(stream, c.max_header_bytes);
+      co_return;
+    }
+    if (ec) co_return;  // the client went away, or stayed silent past --idle-timeout
     auto req = parser.release();
     stream.expires_never();
     if (beast::websocket::is_upgrade(req)) {
@@ -342,11 +369,16 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
       if (!refused) co_return;  // the ws_conn owns the connection now
       auto res = make_response(req, *refused);
       res.keep_alive(false);
+      stream.expires_after(c.idle_timeout);
       co_await http::async_write(stream, res, use);
       co_return;
     }
-    auto res = co_await handle(gw, req);
+    auto res = co_await handle(gw, req, peer);
     if (req.method() == http::verb::head) res.body().clear();
+    // A client that asks and never reads must not hold its connection (and
+    // an answer of up to --max-payload) for ever: the write gets as long
+    // as an idle connection does.
+    stream.expires_after(c.idle_timeout);
     auto [wec, wn] = co_await http::async_write(stream, res, use);
     if (wec || !res.keep_alive()) co_return;
   }

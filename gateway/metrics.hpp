@@ -32,8 +32,11 @@ struct gateway_metrics {
   prometheus::Counter& client_gone;
   prometheus::Counter& api_overflow;
   prometheus::Counter& connection_limit;
+  prometheus::Counter& session_limit;  // polling handshakes over --max-polling-sessions(-per-ip)
+  prometheus::Counter& bad_http;       // requests that are not HTTP/1.1 we can parse, or too large a header
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
+  prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces
   prometheus::Counter& bad_args;   // a worker's event or answer args that are not JSON
   prometheus::Counter& bad_event;  // a worker's event with a reserved name or for another namespace
   prometheus::Counter& bad_token;

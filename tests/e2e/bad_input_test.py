@@ -8,6 +8,7 @@ Debian's python3-websocket."""
 import http.client
 import json
 import os
+import socket
 import time
 import unittest
 import urllib.parse
@@ -20,8 +21,8 @@ API_KEY = os.environ.get("SIDECAST_API_KEY", "")
 SEP = "\x1e"
 
 
-def request(method, path, body=None, headers=None, timeout=5):
-    conn = http.client.HTTPConnection(HOST, PORT, timeout=timeout)
+def request(method, path, body=None, headers=None, timeout=5, source=None):
+    conn = http.client.HTTPConnection(HOST, PORT, timeout=timeout, source_address=(source, 0) if source else None)
     conn.request(method, path, body=body, headers=headers or {})
     res = conn.getresponse()
     data = res.read()
@@ -144,6 +145,53 @@ class EngineIoErrors(unittest.TestCase):
         assert_session_gone(self, sid)
 
 
+class HttpErrors(unittest.TestCase):
+    """What is not HTTP the gateway can parse gets a status in words, then the
+    connection closes; a session a handshake opens counts against a bound."""
+
+    def raw(self, data):
+        with socket.create_connection((HOST, PORT), timeout=5) as s:
+            s.sendall(data)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        return answer.split(b"\r\n", 1)[0].decode()
+
+    def test_a_request_that_is_not_http_gets_400(self):
+        self.assertEqual(self.raw(b"BOGUS\r\n\r\n"), "HTTP/1.1 400 Bad Request")
+        self.assertEqual(self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"),
+                         "HTTP/1.1 400 Bad Request")
+
+    def test_too_large_a_header_gets_431(self):
+        big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+        self.assertEqual(self.raw(big), "HTTP/1.1 431 Request Header Fields Too Large")
+
+    def test_polling_sessions_per_address_are_capped(self):
+        # tests/e2e/CMakeLists.txt starts this gateway with
+        # --max-polling-sessions-per-ip 50; this test's own source address
+        # keeps the other tests' sessions out of its count.
+        source = "127.0.0.77"
+        sids = []
+        for _ in range(50):
+            status, body, _ = request("GET", eio("EIO=4&transport=polling"), source=source)
+            self.assertEqual(status, 200, body)
+            sids.append(json.loads(body[1:])["sid"])
+        status, body, _ = request("GET", eio("EIO=4&transport=polling"), source=source)
+        self.assertEqual((status, json.loads(body)), (503, {"code": 3, "message": "Bad request"}))
+        self.assertEqual(request("GET", eio("EIO=4&transport=polling"))[0], 200, "another address was refused")
+        # A session that ends gives its place back.
+        self.assertEqual(post(sids[0], "1")[0], 200)
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            status, _, _ = request("GET", eio("EIO=4&transport=polling"), source=source)
+            if status == 200:
+                break
+            time.sleep(0.05)
+        self.assertEqual(status, 200, "the closed session kept its place")
+        for sid in sids[1:]:
+            post(sid, "1")
+
+
 class SocketIoErrors(unittest.TestCase):
     def closes(self, payload):
         sid = connected_session()
@@ -168,6 +216,17 @@ class SocketIoErrors(unittest.TestCase):
 
     def test_unknown_packet_type(self):
         self.closes("49")
+
+    def test_namespaces_past_the_limit_are_refused(self):
+        # tests/e2e/CMakeLists.txt starts this gateway with --max-namespaces 2.
+        sid = connected_session()  # "/"
+        post(sid, "40/custom,")
+        status, body, _ = poll(sid)
+        self.assertTrue(body.startswith("40/custom,{"), body)
+        post(sid, "40/vm,")
+        status, body, _ = poll(sid)
+        self.assertIn('44/vm,{"message":"Too many namespaces"}', body)
+        self.assertTrue(echo_works(), "the gateway stopped serving")
 
     def test_invalid_namespace_is_refused_not_fatal(self):
         sid = connected_session()
