@@ -302,7 +302,10 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   auto body = parse_object(req.body());
   if (!body) return error(400, "body must be a JSON object");
   auto* event = body->if_contains("event");
-  if (!event || !event->is_string()) return error(400, "event must be a string");
+  // A reserved name (connect, disconnect, ...) would be dropped by every
+  // gateway as bad_event after a 202: say so now.
+  if (!event || !event->is_string() || socketio::is_reserved_event(event->as_string()))
+    return error(400, "event must be a non-reserved string");
   proto::Envelope env;
   auto* e = env.mutable_emit();
   std::string nsp = "/";

@@ -6,6 +6,7 @@
 #include <openssl/hmac.h>
 #include <openssl/pem.h>
 
+#include <cmath>
 #include <stdexcept>
 
 #include <boost/json.hpp>
@@ -35,14 +36,24 @@ std::optional<json::object> object_of(std::string_view text) {
   return std::move(v.as_object());
 }
 
-// A NumericDate claim, if present and numeric.
-std::optional<std::int64_t> date_claim(const json::object& o, std::string_view name) {
+// NumericDates past ±2^40 s (≈ 35,000 years) are refused as malformed: the
+// bound keeps the conversions and the leeway arithmetic below defined.
+constexpr std::int64_t date_bound = std::int64_t{1} << 40;
+
+// A NumericDate claim: absent (nullopt), or its value; `bad` is set when it
+// is there but not a number within date_bound.
+std::optional<std::int64_t> date_claim(const json::object& o, std::string_view name, bool& bad) {
   auto* v = o.if_contains(name);
   if (!v) return std::nullopt;
-  if (v->is_int64()) return v->as_int64();
-  if (v->is_uint64()) return static_cast<std::int64_t>(v->as_uint64());
-  if (v->is_double()) return static_cast<std::int64_t>(v->as_double());
-  return std::nullopt;
+  double d = 0;
+  if (v->is_int64()) d = static_cast<double>(v->as_int64());
+  else if (v->is_uint64()) d = static_cast<double>(v->as_uint64());
+  else if (v->is_double()) d = v->as_double();
+  else bad = true;
+  if (!bad && !(std::isfinite(d) && d > -static_cast<double>(date_bound) && d < static_cast<double>(date_bound)))
+    bad = true;
+  if (bad) return std::nullopt;
+  return static_cast<std::int64_t>(d);
 }
 
 using verdict = boost::system::result<claims, std::string>;
@@ -139,9 +150,12 @@ boost::system::result<claims, std::string> verifier::verify(std::string_view tok
   }
 
   auto seconds = std::chrono::duration_cast<std::chrono::seconds>(now.time_since_epoch()).count();
-  if (auto exp = date_claim(*payload, "exp"); exp && seconds > *exp + leeway.count()) return fail("token expired");
-  if (auto nbf = date_claim(*payload, "nbf"); nbf && seconds + leeway.count() < *nbf)
-    return fail("token not valid yet");
+  bool bad_date = false;
+  auto exp = date_claim(*payload, "exp", bad_date);
+  auto nbf = date_claim(*payload, "nbf", bad_date);
+  if (bad_date) return fail("exp or nbf is not a date");
+  if (exp && seconds > *exp + leeway.count()) return fail("token expired");
+  if (nbf && seconds + leeway.count() < *nbf) return fail("token not valid yet");
   auto* sub = payload->if_contains("sub");
   if (!sub || !sub->is_string() || sub->as_string().empty()) return fail("token has no subject");
   return claims{std::string{sub->as_string()}, std::move(*payload_text)};

@@ -290,7 +290,9 @@ class HttpApiErrors(unittest.TestCase):
     def test_bad_publish_bodies(self):
         headers = {"Authorization": f"Bearer {API_KEY}"}
         for body in [b"[1]", b"{", json.dumps({"event": "x"}).encode(),
-                     json.dumps({"event": "x", "sid": "a", "room": "b"}).encode()]:
+                     json.dumps({"event": "x", "sid": "a", "room": "b"}).encode(),
+                     json.dumps({"event": "connect", "broadcast": True}).encode(),
+                     json.dumps({"event": 7, "broadcast": True}).encode()]:
             self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 400, body)
 
     def test_unknown_sid(self):

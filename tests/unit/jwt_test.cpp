@@ -58,6 +58,15 @@ TEST(Jwt, Hs256AcceptsGoodTokensOnly) {
       {"four parts", "a.b.c.d", "malformed token"},
       {"garbage", "!!.??.**", "malformed token"},
       {"payload not JSON", base64url_encode(header) + "." + base64url_encode("nope") + ".x", "malformed token"},
+      // Dates that are not numbers, or too far out to compute with (an int64
+      // cast of 1e300, or exp + leeway past INT64_MAX, was undefined).
+      {"exp a string", hs256(header, R"({"sub":"ann","exp":"soon"})", "s3cret"), "exp or nbf is not a date"},
+      {"exp huge", hs256(header, R"({"sub":"ann","exp":1e300})", "s3cret"), "exp or nbf is not a date"},
+      {"exp near INT64_MAX", hs256(header, R"({"sub":"ann","exp":9223372036854775800})", "s3cret"),
+       "exp or nbf is not a date"},
+      {"exp past INT64_MAX", hs256(header, R"({"sub":"ann","exp":18446744073709551615})", "s3cret"),
+       "exp or nbf is not a date"},
+      {"nbf very negative", hs256(header, R"({"sub":"ann","nbf":-1e19})", "s3cret"), "exp or nbf is not a date"},
   };
   for (const auto& c : cases) {
     auto r = v.verify(c.token, now);
