@@ -26,6 +26,7 @@ void client_socket::begin_connect() {
     auto auth = boost::json::parse(auth_, ec);
     auto* token = !ec && auth.is_object() ? auth.as_object().if_contains("token") : nullptr;
     if (!token || !token->is_string()) {
+      gw_.metrics().bad_token.Increment();
       deliver_reply(0, refusal("authentication required: auth.token"));
       return;
     }

@@ -40,6 +40,11 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->capture_default_str();
   app.add_option("--max-attachments", c.max_attachments, "Binary attachments per Socket.IO packet")
       ->capture_default_str();
+  app.add_option("--max-pending-acks", c.max_pending_acks,
+                 "Events of one connection that may wait for their ack (/ws: their reply); past it an event is "
+                 "answered busy at once")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 20));
   app.add_option("--max-namespaces", c.max_namespaces, "Namespaces one connection may join")
       ->capture_default_str();
   app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str();

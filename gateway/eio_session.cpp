@@ -24,7 +24,6 @@ std::string as_array(std::string&& args) {
 }
 
 constexpr std::size_t max_early_events = 64;  // emits that arrive before CONNECT is answered
-constexpr std::size_t max_pending_acks = 1024;
 constexpr std::size_t max_server_acks = 1024;
 
 // An event kept for connection-state recovery, with the number of the
@@ -132,7 +131,8 @@ class sio_socket : public client_socket {
     if (p.id) {
       tag = ++next_tag_;
       acks_.push_back(ack_entry{tag, *p.id, std::nullopt, clock::now()});
-      if (acks_.size() > max_pending_acks) {
+      if (acks_.size() > gw_.config().max_pending_acks) {
+        gw_.metrics().ack_limit.Increment();
         acks_.back().reply = failure(proto::BUSY, "too many events waiting for their ack");
         flush_acks();
         return;

@@ -40,6 +40,8 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       connection_limit{dropped.Add({{"reason", "connection_limit"}})},
       session_limit{dropped.Add({{"reason", "session_limit"}})},
       bad_http{dropped.Add({{"reason", "bad_http"}})},
+      bad_frame{dropped.Add({{"reason", "bad_frame"}})},
+      ack_limit{dropped.Add({{"reason", "ack_limit"}})},
       rate_limited{dropped.Add({{"reason", "rate_limited"}})},
       room_limit{dropped.Add({{"reason", "room_limit"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},

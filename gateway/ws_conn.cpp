@@ -765,6 +765,7 @@ void ws_conn::peer_ended() {
 
 void ws_conn::fail(close_code code) {
   if (finished_) return;
+  if (code == protocol_error || code == bad_payload) metrics_.bad_frame.Increment();  // too_big: counted as oversize
   if (closing_) return finish();
   // What was queued is dropped (but a frame half written is finished, or the
   // stream would be garbage); the close frame says why, and no answer is awaited.

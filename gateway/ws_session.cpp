@@ -8,12 +8,6 @@ namespace sidecast::gateway {
 
 namespace json = boost::json;
 
-namespace {
-
-constexpr std::size_t max_pending_replies = 1024;
-
-}  // namespace
-
 ws_session::ws_session(gateway& gw, std::shared_ptr<ws_conn> ws, std::string nsp, std::string service,
                        std::string auth)
     : client_socket{gw, ws->executor(), std::move(nsp), std::move(service), std::move(auth)},
@@ -63,7 +57,8 @@ void ws_session::on_message(std::string data, bool binary) {
   std::string args = f->data.empty() ? "[]" : "[" + f->data + "]";
   std::uint64_t tag = 0;
   if (f->id) {
-    if (ids_.size() >= max_pending_replies) {
+    if (ids_.size() >= gw_.config().max_pending_acks) {
+      gw_.metrics().ack_limit.Increment();
       send_error(*f->id, "too many requests waiting for a reply");
       return;
     }

@@ -25,17 +25,30 @@ function attempt(auth) {
   });
 }
 const inAMinute = () => Math.floor(Date.now() / 1000) + 60;
+// sidecast_gateway_dropped_total{reason="bad_token"} from the gateway's /metrics.
+async function badTokens() {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const m = text.match(/^sidecast_gateway_dropped_total\{reason="bad_token"\} (\S+)$/m);
+  return m ? Number(m[1]) : 0;
+}
 
-test("no token: refused", async () => {
+test("no token: refused, and counted", async () => {
+  const before = await badTokens();
   assert.equal((await attempt({})).error, "authentication required: auth.token");
+  assert.equal((await attempt({ token: 7 })).error, "authentication required: auth.token");
+  assert.equal(await badTokens(), before + 2);
 });
 
-test("bad tokens: refused with the reason", async () => {
+test("bad tokens: refused with the reason, and counted", async () => {
+  const before = await badTokens();
   assert.equal((await attempt({ token: token({ sub: "ann" }, "wrong") })).error, "invalid token: bad signature");
   assert.equal((await attempt({ token: token({ sub: "ann", exp: 1000 }) })).error, "invalid token: token expired");
   assert.equal((await attempt({ token: "x.y.z" })).error, "invalid token: malformed token");
   assert.equal((await attempt({ token: token({ sub: "ann" }, secret, "none") })).error,
                "invalid token: algorithm not accepted: none");
+  assert.equal((await attempt({ token: token({ sub: "ann", exp: "soon" }) })).error,
+               "invalid token: exp or nbf is not a date");
+  assert.equal(await badTokens(), before + 5);
 });
 
 test("a good token: connected, and the user travels with every request", async () => {

@@ -374,6 +374,8 @@ TEST_P(WsConn, WhatAClientMayNotSendClosesWithTheRightCode) {
     EXPECT_EQ(expect_close(c, server, ++n), bad.code);
   }
   EXPECT_EQ(server.metrics().oversize.Value(), 2);
+  auto malformed = std::count_if(cases.begin(), cases.end(), [](const bad_case& b) { return b.code != 1009; });
+  EXPECT_EQ(server.metrics().bad_frame.Value(), static_cast<double>(malformed)) << "every protocol error is counted";
 }
 
 TEST_P(WsConn, EchoesTheClientsCloseAndEndsTheConnection) {

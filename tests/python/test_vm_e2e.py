@@ -213,7 +213,8 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         cls.http_port = free_port()
         cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
                                "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
-                               "--events", cls.broker.xpub, "--gateway-id", "gwX", "--route", "/ex=ex", "--threads", "1",
+                               "--events", cls.broker.xpub, "--gateway-id", "gwX", "--route", "/ex=ex",
+                               "--max-pending-acks", "2", "--threads", "1",
                                "--log-level", "warn"], "gateway")
         svc = Service("ex", capacity=8)
 
@@ -231,6 +232,11 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         def shout_all(req):
             req.broadcast("all", req.args[0], except_sids=[req.sid])
             req.reply(True)
+
+        @svc.on("slow")
+        def slow(req):
+            req.sleep(1.0)
+            req.reply("done")
 
         @svc.on("end")
         def end(req):
@@ -263,6 +269,21 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
                     wait_timeout=WAIT)
         self.addCleanup(sio.disconnect)
         return sio, got
+
+    def test_events_past_the_pending_acks_limit_are_answered_busy(self):
+        # This gateway runs with --max-pending-acks 2.
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio, _ = self.client()
+        answers = queue.Queue()
+        for i in range(3):
+            sio.emit("slow", i, namespace="/ex", callback=lambda *a, i=i: answers.put((i, a)))
+        # The refusal keeps its place among the acks (in the order the
+        # events came), so it comes after the two that were served.
+        got = [answers.get(timeout=WAIT) for _ in range(3)]
+        self.assertEqual(got, [(0, ("done",)), (1, ("done",)),
+                               (2, ({"error": "busy", "message": "too many events waiting for their ack"},))])
+        self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
+                                reason="ack_limit"), 1)
 
     def test_the_excluded_sockets_get_nothing(self):
         warnings.simplefilter("ignore", ResourceWarning)
