@@ -23,8 +23,7 @@ std::string as_array(std::string&& args) {
   return "[" + args + "]";
 }
 
-constexpr std::size_t max_early_events = 64;  // emits that arrive before CONNECT is answered
-constexpr std::size_t max_server_acks = 1024;
+constexpr std::size_t max_server_acks = 1024;  // our emits waiting for the client's ack, per socket
 
 // An event kept for connection-state recovery, with the number of the
 // session send that carried it (eio_session::sent()).
@@ -150,6 +149,24 @@ class sio_socket : public client_socket {
     flush_acks();
   }
 
+  // A worker's emit that wanted an ack and will not get the client's: the
+  // worker hears so now (its callback gets `code`), not at its timeout.
+  void refuse_ack(std::string ack_id, proto::Code code, std::string message) {
+    proto::Envelope env;
+    auto* r = env.mutable_reply();
+    r->set_id(std::move(ack_id));
+    r->set_code(code);
+    r->set_message(std::move(message));
+    gw_.link().send(env);
+  }
+
+  // An event this socket cannot take now: counted; its ack, if it wanted
+  // one, refused to the worker.
+  void drop_event(std::string ack_id, const char* why) {
+    gw_.metrics().undelivered.Increment();
+    if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BUSY, why);
+  }
+
   void on_ack(socketio::packet p, std::vector<std::string> attachments) {
     auto it = server_acks_.find(*p.id);
     if (it == server_acks_.end()) return;  // unknown or expired: ignored, as Socket.IO does
@@ -168,13 +185,20 @@ class sio_socket : public client_socket {
     if (closed()) return;
     if (recovering_) {
       // Arrived for the sid after the take-over, before the old socket's
-      // events: sent after them.
-      if (ack_id.empty() && pending_.size() < gw_.config().recovery_buffer) pending_.push_back(std::move(ev));
+      // events: sent after them (as many as --recovery-buffer). An ack
+      // cannot wait across the replay.
+      if (!ack_id.empty()) return drop_event(std::move(ack_id), "the client is recovering its connection");
+      if (pending_.size() >= gw_.config().recovery_buffer) return drop_event({}, "");
+      pending_.push_back(std::move(ev));
       return;
     }
     if (!connected()) {
-      // Emitted while the connect hook runs: sent right after the CONNECT answer.
-      if (early_.size() < max_early_events) early_.emplace_back(std::move(ev), std::move(ack_id));
+      // Emitted while the connect hook runs: sent right after the CONNECT
+      // answer, up to half of what a connection may have queued
+      // (--outbound-messages), so that they and the answer fit.
+      if (early_.size() >= std::max<std::size_t>(1, gw_.config().outbound_messages / 2))
+        return drop_event(std::move(ack_id), "too many events before the client's connect was answered");
+      early_.emplace_back(std::move(ev), std::move(ack_id));
       return;
     }
     auto eio = eio_.lock();
@@ -194,7 +218,13 @@ class sio_socket : public client_socket {
     p.id = ++next_server_ack_;
     p.data = socketio::join_event(ev->event(), ev->args());
     p.attachments = ev->attachments().size();
-    if (server_acks_.size() >= max_server_acks) server_acks_.erase(server_acks_.begin());
+    if (server_acks_.size() >= max_server_acks) {
+      // The oldest (ids grow) gives way: its worker hears so at once.
+      auto oldest = server_acks_.begin();
+      gw_.metrics().undelivered.Increment();
+      refuse_ack(std::move(oldest->second), proto::TIMEOUT, "the client has too many acks outstanding");
+      server_acks_.erase(oldest);
+    }
     server_acks_.emplace(*p.id, std::move(ack_id));
     eio->send_socketio(p, ev->attachments());
   }
@@ -339,7 +369,7 @@ class sio_socket : public client_socket {
   std::vector<std::shared_ptr<const outbound_event>> pending_;  // while recovering
   boost::container::devector<ack_entry> acks_;
   std::uint64_t next_tag_ = 0;
-  std::unordered_map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's
+  std::map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's, oldest first
   std::uint64_t next_server_ack_ = 0;
   std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;
 };

@@ -42,6 +42,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       bad_http{dropped.Add({{"reason", "bad_http"}})},
       bad_frame{dropped.Add({{"reason", "bad_frame"}})},
       ack_limit{dropped.Add({{"reason", "ack_limit"}})},
+      undelivered{dropped.Add({{"reason", "undelivered"}})},
       rate_limited{dropped.Add({{"reason", "rate_limited"}})},
       room_limit{dropped.Add({{"reason", "room_limit"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},

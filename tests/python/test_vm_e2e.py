@@ -314,6 +314,71 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         self.assertTrue(all(t.startswith("shout-") for t in at_b["heard"]), at_b["heard"])
 
 
+class EarlyEventsEndToEndTest(unittest.TestCase):
+    """Events a worker sends a socket while its connect hook still runs wait
+    for the CONNECT answer, up to half of what a connection may queue
+    (--outbound-messages 8 here: 4); past that they are dropped and counted
+    (undelivered), and one that wanted an ack is refused to its worker at
+    once rather than left to time out."""
+
+    @classmethod
+    def setUpClass(cls):
+        from sidecast_worker import Service, Worker
+        cls.broker = Broker(heartbeat_interval_ms=500)
+        cls.http_port = free_port()
+        cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
+                               "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
+                               "--events", cls.broker.xpub, "--gateway-id", "gwY", "--route", "/early=early",
+                               "--outbound-messages", "8", "--threads", "1", "--log-level", "warn"], "gateway")
+        svc = Service("early", capacity=4)
+        cls.acks = queue.Queue()
+
+        @svc.on_connect
+        def hello(req):
+            for i in range(6):
+                req.emit("early", i)
+            future = req.emit_with_ack("early_ack", "x", timeout=30)
+            if future is None:
+                cls.acks.put(None)
+            else:
+                future.add_done_callback(lambda f: cls.acks.put(f.result()))
+
+        cls.worker = Worker(broker=cls.broker.router, publish=cls.broker.xsub, worker_id="pyearly",
+                            heartbeat_interval=0.5)
+        cls.worker.add(svc)
+        cls.worker.start()
+        if not (eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10)
+                and eventually(lambda: cls.broker.workers("early") == 1, 10)):
+            print(f"--- gateway output:\n{cls.gateway.output()}")
+            cls.tearDownClass()
+            raise RuntimeError("the gateway or the worker did not connect to the broker")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.worker.stop()
+        for p in (cls.gateway, cls.broker.process):
+            p.stop()
+            p.cleanup()
+
+    def test_events_before_the_connect_answer_are_bounded(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio = socketio.Client(reconnection=False)
+        got = queue.Queue()
+        sio.on("early", got.put, namespace="/early")
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/early"], transports=["websocket"],
+                    wait_timeout=WAIT)
+        self.addCleanup(sio.disconnect)
+        result = self.acks.get(timeout=WAIT)
+        self.assertIsNotNone(result, "emit_with_ack was refused by the worker itself")
+        self.assertEqual(result.code.name, "BUSY")
+        received = sorted(got.get(timeout=WAIT) for _ in range(4))
+        self.assertEqual(received, [0, 1, 2, 3])
+        time.sleep(0.2)
+        self.assertTrue(got.empty(), "more than --outbound-messages events were kept")
+        self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
+                                reason="undelivered"), 3)
+
+
 class WorkerArgsTest(unittest.TestCase):
     """Event and answer args are bytes the broker passes on unread; the
     gateway checks they are JSON before they reach a client. A fake worker
