@@ -11,6 +11,7 @@
 #include "gateway/client_socket.hpp"
 #include "gateway/codec/socketio.hpp"
 #include "gateway/codec/ws_json.hpp"
+#include "gateway/limits.hpp"
 
 namespace sidecast::gateway {
 
@@ -70,7 +71,10 @@ std::optional<json::object> parse_object(std::string_view body) {
 class api_session : public client_socket {
  public:
   api_session(gateway& gw, asio::any_io_executor ex, std::string nsp, std::string service, std::string auth)
-      : client_socket{gw, ex, std::move(nsp), std::move(service), std::move(auth)}, poll_timer_{ex}, ttl_timer_{ex} {}
+      : client_socket{gw, ex, std::move(nsp), std::move(service), std::move(auth)},
+        poll_timer_{ex},
+        ttl_timer_{ex},
+        rate_{gw.config().events_per_second, gw.config().events_burst} {}
 
   void start(std::shared_ptr<reply_slot> created) {
     created_ = std::move(created);
@@ -86,6 +90,18 @@ class api_session : public client_socket {
       return;
     }
     gw_.metrics().api_in.Increment();
+    // The limits a Socket.IO connection has: --events-per-second (and
+    // --events-burst), --max-pending-acks.
+    if (!rate_.take()) {
+      gw_.metrics().rate_limited.Increment();
+      answer->complete(error(429, "rate limited: too many events"));
+      return;
+    }
+    if (ack && acks_.size() >= gw_.config().max_pending_acks) {
+      gw_.metrics().ack_limit.Increment();
+      answer->complete(error(429, "too many events waiting for their ack"));
+      return;
+    }
     std::string args = data.empty() ? "[]" : "[" + data + "]";
     if (!ack) {
       answer->complete(send_event(std::move(event), std::move(args), {}, 0) ? json_answer(202, json::object{{"ok", true}})
@@ -190,6 +206,7 @@ class api_session : public client_socket {
   }
 
   asio::steady_timer poll_timer_, ttl_timer_;
+  token_bucket rate_;  // --events-per-second, --events-burst
   std::shared_ptr<reply_slot> created_, poll_;
   std::deque<std::shared_ptr<const std::string>> events_;
   std::unordered_map<std::uint64_t, std::shared_ptr<reply_slot>> acks_;

@@ -351,6 +351,26 @@ class Limits(unittest.TestCase):
         self.assertGreaterEqual(min(refused, default=0), 190, "the burst passes")
         self.assertGreaterEqual(len(refused), 50)
 
+    def test_api_emits_over_the_rate_get_429(self):
+        status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
+        self.assertEqual(status, 201, body)
+        sid = json.loads(body)["sid"]
+        conn = http.client.HTTPConnection(HOST, PORT, timeout=5)  # one keep-alive connection, quicker
+        statuses = []
+        for i in range(300):
+            conn.request("POST", f"/api/v1/sessions/{sid}/emit", body=json.dumps({"event": "echo", "data": i}))
+            res = conn.getresponse()
+            answer = res.read()
+            statuses.append(res.status)
+            if res.status == 429:
+                self.assertEqual(json.loads(answer), {"error": "rate limited: too many events"})
+        conn.close()
+        # As for a Socket.IO connection: the burst (200) passes, most of the rest not.
+        self.assertNotIn(429, statuses[:190], "the burst passes")
+        self.assertGreaterEqual(statuses.count(429), 50)
+        self.assertEqual(set(statuses), {202, 429})
+        request("DELETE", f"/api/v1/sessions/{sid}")
+
     def test_rooms_per_socket_are_capped(self):
         sid = connected_session()
         acked = 0
