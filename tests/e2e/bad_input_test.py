@@ -166,6 +166,29 @@ class HttpErrors(unittest.TestCase):
         big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
         self.assertEqual(self.raw(big), "HTTP/1.1 431 Request Header Fields Too Large")
 
+    def test_answers_nobody_reads_are_given_up(self):
+        # tests/e2e/CMakeLists.txt starts this gateway with --idle-timeout
+        # 3000: a client that asks and never reads loses its connection once
+        # a write has waited that long, instead of holding it for ever.
+        size = len(request("GET", "/socket.io/socket.io.min.js")[1].encode())
+        asked = 300
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((HOST, PORT))
+        s.settimeout(10)
+        s.sendall(b"GET /socket.io/socket.io.min.js HTTP/1.1\r\nHost: x\r\n\r\n" * asked)
+        time.sleep(5)  # the gateway's write blocks, then times out
+        received = 0
+        start = time.time()
+        try:
+            while chunk := s.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        s.close()
+        self.assertLess(time.time() - start, 10, "the connection was still open")
+        self.assertLess(received, asked * size, "every answer was written: nothing was given up")
+
     def test_polling_sessions_per_address_are_capped(self):
         # tests/e2e/CMakeLists.txt starts this gateway with
         # --max-polling-sessions-per-ip 50; this test's own source address
