@@ -288,21 +288,28 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
     gw.add_session(session->sid(), session);
     direct = true;
   }
-  auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics(), std::move(slot));
+  // The connection lives on its session's thread: a polling session's
+  // upgrade may arrive on another thread's connection, and its frames would
+  // otherwise each cross threads, queued there without a bound while this
+  // thread read on.
+  bool moved = session->executor() != stream.get_executor();
+  auto ws = std::make_shared<ws_conn>(std::move(stream), session->executor(), limits, gw.metrics(), std::move(slot));
   // Posted before accept(), so the session knows the socket before its first frame.
   asio::post(session->executor(), [session, ws, direct] {
     if (direct) session->open_websocket(ws);
     else session->upgrade(ws);
   });
-  const ws_conn* raw = ws.get();
-  ws->accept(
-      std::move(req),
-      [session, raw](std::string data, bool binary) {
-        asio::dispatch(session->executor(), [session, raw, data = std::move(data), binary]() mutable {
-          session->on_ws_message(raw, std::move(data), binary);
-        });
-      },
-      [session, raw] { asio::dispatch(session->executor(), [session, raw] { session->on_ws_closed(raw); }); });
+  auto accept = [session, ws, req = std::move(req)]() mutable {
+    const ws_conn* raw = ws.get();
+    ws->accept(
+        std::move(req), [session, raw](std::string data, bool binary) { session->on_ws_message(raw, std::move(data), binary); },
+        [session, raw] { session->on_ws_closed(raw); });
+  };
+  if (moved) {
+    asio::post(session->executor(), std::move(accept));
+  } else {
+    accept();
+  }
   return std::nullopt;
 }
 

@@ -372,7 +372,12 @@ shared_bytes shared_bytes::copy_of(std::string_view bytes) {
 }
 
 ws_conn::ws_conn(beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold)
-    : ex_{io_executor_of(stream.get_executor())},
+    : ws_conn{std::move(stream), asio::any_io_executor{}, limits, metrics, std::move(hold)} {}
+
+// `home` empty: the stream's own io_context.
+ws_conn::ws_conn(beast::tcp_stream stream, const asio::any_io_executor& home, ws_limits limits,
+                 gateway_metrics& metrics, std::shared_ptr<void> hold)
+    : ex_{io_executor_of(home ? home : stream.get_executor())},
       socket_{ex_},
       loop_{ws_loop::of(ex_)},
       limits_{limits},

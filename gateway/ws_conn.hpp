@@ -97,6 +97,11 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
 
   /// `hold` lives as long as the connection (its connection-limit slot).
   ws_conn(boost::beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold = {});
+  /// The same, on `home`'s io_context instead of the stream's: the
+  /// descriptor moves there (an upgrade that arrived on another thread than
+  /// its session's). Call accept() on `home`'s thread.
+  ws_conn(boost::beast::tcp_stream stream, const boost::asio::any_io_executor& home, ws_limits limits,
+          gateway_metrics& metrics, std::shared_ptr<void> hold = {});
   ~ws_conn();
 
   /// Completes the upgrade `request`, then reads until the peer goes away.
