@@ -292,9 +292,24 @@ class WebSocketErrors(unittest.TestCase):
         self.assertIn("error", json.loads(ws.recv()))
         ws.send(json.dumps({"event": "connect", "id": 1}))
         self.assertIn("error", json.loads(ws.recv()))
+        ws.send_binary(b"\x00\x01")
+        self.assertEqual(json.loads(ws.recv()), {"id": None, "error": "binary frames are not supported on /ws"})
         ws.send(json.dumps({"event": "echo", "data": {"ok": True}, "id": 2}))
         self.assertEqual(json.loads(ws.recv()), {"id": 2, "data": {"ok": True}})
         ws.close()
+
+    def test_plain_ws_events_over_the_rate_get_errors_in_order(self):
+        ws = websocket.create_connection(f"ws://{HOST}:{PORT}/ws", timeout=5)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        for i in range(300):  # tests/e2e/stack: 100/s, a burst of 200
+            ws.send(json.dumps({"event": "echo", "data": i, "id": i}))
+        replies = [json.loads(ws.recv()) for _ in range(300)]
+        ws.close()
+        limited = [r["id"] for r in replies if r.get("error") == "rate limited: too many events"]
+        served = [r["id"] for r in replies if "data" in r]
+        self.assertEqual(sorted(limited + served), list(range(300)))
+        self.assertGreaterEqual(min(limited, default=0), 190, "the burst passes")
+        self.assertGreaterEqual(len(limited), 50)
 
     def test_plain_ws_unknown_namespace(self):
         with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
@@ -317,6 +332,13 @@ class HttpApiErrors(unittest.TestCase):
                      json.dumps({"event": "connect", "broadcast": True}).encode(),
                      json.dumps({"event": 7, "broadcast": True}).encode()]:
             self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 400, body)
+
+    def test_api_poll_timeout_must_be_milliseconds(self):
+        status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
+        sid = json.loads(body)["sid"]
+        status, body, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout=soon")
+        self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be milliseconds"}))
+        request("DELETE", f"/api/v1/sessions/{sid}")
 
     def test_unknown_sid(self):
         self.assertEqual(request("GET", "/api/v1/sessions/gw.nope/events?timeout=10")[0], 404)
