@@ -30,6 +30,15 @@ def request(method, path, body=None, headers=None, timeout=5, source=None):
     return res.status, data.decode("utf-8", "replace"), res
 
 
+def metric_value(name, labels):
+    """One sample of the gateway's /metrics, e.g. ("x_total", 'reason="y"'); 0 when absent."""
+    _, body, _ = request("GET", "/metrics")
+    for line in body.splitlines():
+        if line.startswith(f"{name}{{{labels}}} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def eio(query):
     return "/socket.io/?" + query
 
@@ -188,6 +197,38 @@ class HttpErrors(unittest.TestCase):
         s.close()
         self.assertLess(time.time() - start, 10, "the connection was still open")
         self.assertLess(received, asked * size, "every answer was written: nothing was given up")
+
+    def test_connections_per_address_are_capped(self):
+        # tests/e2e/CMakeLists.txt starts this gateway with
+        # --max-connections-per-ip 100; this test's own source address keeps
+        # the other tests' connections out of its count.
+        def dropped():
+            return metric_value("sidecast_gateway_dropped_total", 'reason="connection_limit"')
+
+        before = dropped()
+        held = []
+        for _ in range(100):
+            s = socket.create_connection((HOST, PORT), timeout=5, source_address=("127.0.0.78", 0))
+            held.append(s)
+        # Each held connection is open: one request on the last answers.
+        held[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(held[-1].recv(100).startswith(b"HTTP/1.1 "))
+        extra = socket.create_connection((HOST, PORT), timeout=5, source_address=("127.0.0.78", 0))
+        self.assertEqual(extra.recv(100), b"", "the 101st connection was not closed at once")
+        extra.close()
+        self.assertEqual(dropped(), before + 1)
+        held.pop().close()
+        deadline = time.time() + 5
+        while time.time() < deadline:  # a closed connection gives its place back
+            with socket.create_connection((HOST, PORT), timeout=5, source_address=("127.0.0.78", 0)) as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                if s.recv(100).startswith(b"HTTP/1.1 "):
+                    break
+            time.sleep(0.05)
+        else:
+            self.fail("the closed connection kept its place")
+        for s in held:
+            s.close()
 
     def test_polling_sessions_per_address_are_capped(self):
         # tests/e2e/CMakeLists.txt starts this gateway with
