@@ -701,16 +701,17 @@ void broker::fail(const failure& f) {
 // requester the broker dropped for missed heartbeats but whose connection
 // is still there is still answered: it may be back (a stall), and its
 // sockets may still be waiting.
-void broker::answer(const std::string& requester, const std::string& worker, std::string_view id,
+void broker::answer(const std::string& requester, const std::string& worker, std::string_view id_view,
                     zmq::message_t& payload) {
+  std::string id{id_view};  // id_view points into payload, which send_to may take
   switch (send_to(requester, std::move(payload))) {
     case sent::ok: return;
     case sent::full:
-      send_report(worker, proto::DeliveryReport::REJECTED, {}, std::string{id},
+      send_report(worker, proto::DeliveryReport::REJECTED, {}, std::move(id),
                   "the pipe to requester " + requester + " is full");
       return;
     case sent::gone:
-      send_report(worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
+      send_report(worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::move(id),
                   "requester " + requester + " is gone");
       return;
   }

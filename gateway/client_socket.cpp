@@ -83,6 +83,7 @@ void client_socket::end(const std::string& reason) {
   bool was_connected = state_ == state::connected;
   state_ = state::closed;
   gw_.link().detach(sid_);
+  on_end();
   if (!was_connected) return;
   proto::Envelope env;
   auto* l = env.mutable_lifecycle();

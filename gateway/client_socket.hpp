@@ -49,6 +49,8 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
 
  protected:
   virtual void on_connect_answer(reply_data reply) = 0;
+  /// After end(): the socket is closed (it may add what it still held).
+  virtual void on_end() {}
   virtual void on_reply(std::uint64_t tag, reply_data reply) = 0;
   void mark_connected() { state_ = state::connected; }
   /// Ends the socket without a word to anyone: another object took it over.

@@ -167,6 +167,17 @@ class sio_socket : public client_socket {
     if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BUSY, why);
   }
 
+  // The socket is over: what waits for it will not reach the client. Each
+  // early event is counted (and its ack refused), and each emit awaiting
+  // the client's ack is answered to its worker now, not at its timeout.
+  void give_up(const char* why) {
+    for (auto& [ev, ack] : std::exchange(early_, {})) drop_event(std::move(ack), why);
+    early_frames_ = 0;
+    for (auto& [id, ack] : std::exchange(server_acks_, {})) refuse_ack(std::move(ack), proto::UNAVAILABLE, why);
+  }
+
+  void on_end() override { give_up("the client is gone"); }
+
   void on_ack(socketio::packet p, std::vector<std::string> attachments) {
     auto it = server_acks_.find(*p.id);
     if (it == server_acks_.end()) return;  // unknown or expired: ignored, as Socket.IO does
@@ -182,7 +193,7 @@ class sio_socket : public client_socket {
   // ---- client_sink ----
 
   void deliver(std::shared_ptr<const outbound_event> ev, std::string ack_id) override {
-    if (closed()) return;
+    if (closed()) return drop_event(std::move(ack_id), "the client is gone");
     if (recovering_) {
       // Arrived for the sid after the take-over, before the old socket's
       // events: sent after them (as many as --recovery-buffer). An ack
@@ -196,8 +207,11 @@ class sio_socket : public client_socket {
       // Emitted while the connect hook runs: sent right after the CONNECT
       // answer, up to half of what a connection may have queued
       // (--outbound-messages), so that they and the answer fit.
-      if (early_.size() >= std::max<std::size_t>(1, gw_.config().outbound_messages / 2))
+      // Counted in frames: an event is one, and one per binary attachment.
+      auto frames = 1 + ev->attachments().size();
+      if (early_frames_ + frames > std::max<std::size_t>(1, gw_.config().outbound_messages / 2))
         return drop_event(std::move(ack_id), "too many events before the client's connect was answered");
+      early_frames_ += frames;
       early_.emplace_back(std::move(ev), std::move(ack_id));
       return;
     }
@@ -206,7 +220,10 @@ class sio_socket : public client_socket {
       remember(ev, eio.get());
       if (detached_) return;
     }
-    if (!eio) return;
+    if (!eio) {
+      if (ack_id.empty() && recoverable_) return;  // remembered for the client's return
+      return drop_event(std::move(ack_id), "the client's connection is gone");
+    }
     gw_.metrics().sio_out.Increment();
     if (ack_id.empty()) {
       send_shared(*eio, ev);
@@ -244,7 +261,7 @@ class sio_socket : public client_socket {
  protected:
   void on_connect_answer(reply_data reply) override {
     auto eio = eio_.lock();
-    if (!eio) return;
+    if (!eio) return give_up("the client's connection is gone");
     socketio::packet p;
     p.nsp = nsp();
     if (reply.code != proto::OK) {
@@ -254,9 +271,10 @@ class sio_socket : public client_socket {
       p.data = json::serialize(json::object{{"message", message}});
       eio->send_socketio(p);
       eio->forget(nsp());
-      return;
+      return give_up("the client's connect was refused");
     }
     mark_connected();
+    early_frames_ = 0;
     p.type = socketio::packet_type::connect;
     json::object answer{{"sid", sid()}};
     if (recoverable_) answer["pid"] = pid_;
@@ -372,6 +390,7 @@ class sio_socket : public client_socket {
   std::map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's, oldest first
   std::uint64_t next_server_ack_ = 0;
   std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;
+  std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
 };
 
 // ---- eio_session ----

@@ -233,6 +233,14 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
             req.broadcast("all", req.args[0], except_sids=[req.sid])
             req.reply(True)
 
+        cls.asked = queue.Queue()
+
+        @svc.on("ask")
+        def ask(req):
+            future = req.emit_with_ack("question", timeout=30)
+            req.reply(True)
+            cls.asked.put(future.result(WAIT * 2).code.name if future else "refused")
+
         @svc.on("slow")
         def slow(req):
             req.sleep(1.0)
@@ -284,6 +292,27 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
                                (2, ({"error": "busy", "message": "too many events waiting for their ack"},))])
         self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
                                 reason="ack_limit"), 1)
+
+    def test_an_ack_awaited_from_a_client_that_leaves_is_answered_at_once(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio = socketio.Client(reconnection=False)
+        asked = threading.Event()
+
+        def question():  # answers only after the client has gone
+            asked.set()
+            time.sleep(2)
+
+        sio.on("question", question, namespace="/ex")
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/ex"], transports=["websocket"],
+                    wait_timeout=WAIT)
+        self.assertTrue(sio.call("ask", None, namespace="/ex", timeout=WAIT))
+        self.assertTrue(asked.wait(WAIT))
+        left = time.monotonic()
+        sio.disconnect()
+        # The worker's emit_with_ack has a 30 s timeout; the gateway answers
+        # for the client that left as soon as its socket ends.
+        self.assertEqual(self.asked.get(timeout=WAIT), "UNAVAILABLE")
+        self.assertLess(time.monotonic() - left, WAIT)
 
     def test_the_excluded_sockets_get_nothing(self):
         warnings.simplefilter("ignore", ResourceWarning)
