@@ -141,6 +141,10 @@ class sio_socket : public client_socket {
       on_reply(tag, failure(proto::BUSY, "gateway busy"));
   }
 
+  /// Whether another event wanting an ack may wait in line (answered or
+  /// refused, each in its place): fewer than twice --max-pending-acks do.
+  bool ack_room() const { return acks_.size() < 2 * gw_.config().max_pending_acks; }
+
   // An event dropped here (rate limit): its ack, if it wants one, is an
   // error, in its place among the others.
   void refuse_event(const socketio::packet& p, std::string message) {
@@ -671,6 +675,14 @@ void eio_session::on_socketio_packet(socketio::packet p, std::vector<std::string
   switch (p.type) {
     case socketio::packet_type::event:
     case socketio::packet_type::binary_event:
+      if (p.id && !it->second->ack_room()) {
+        // Refused events keep their place among the acks, so behind one
+        // unanswered event they pile up: a client that has twice
+        // --max-pending-acks waiting is flooding, and is cut off.
+        gw_.metrics().ack_limit.Increment();
+        close("too many events waiting for their ack");
+        return;
+      }
       if (!events_.take()) {
         gw_.metrics().rate_limited.Increment();
         it->second->refuse_event(p, "rate limited: too many events");

@@ -314,6 +314,22 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         self.assertEqual(self.asked.get(timeout=WAIT), "UNAVAILABLE")
         self.assertLess(time.monotonic() - left, WAIT)
 
+    def test_flooding_with_events_awaiting_acks_cuts_the_client_off(self):
+        # --max-pending-acks 2: two wait for the worker, the next two are
+        # refused in their places, and the fifth (twice the cap waiting) ends
+        # the connection.
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio, _ = self.client()
+        gone = threading.Event()
+        sio.on("disconnect", gone.set, namespace="/ex")
+        before = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
+                        reason="ack_limit") or 0
+        for i in range(5):
+            sio.emit("slow", i, namespace="/ex", callback=lambda *a: None)
+        self.assertTrue(gone.wait(WAIT), "the client was not cut off")
+        self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
+                                reason="ack_limit"), before + 3)
+
     def test_the_excluded_sockets_get_nothing(self):
         warnings.simplefilter("ignore", ResourceWarning)
         (a, at_a), (b, at_b), (c, at_c) = self.client(), self.client(), self.client()
