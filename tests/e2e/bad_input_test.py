@@ -366,6 +366,27 @@ class HttpApiErrors(unittest.TestCase):
         status, _, _ = request("POST", "/api/v1/publish", body, {"Authorization": f"Bearer {API_KEY}"})
         self.assertEqual(status, 202)
 
+    def test_an_api_session_that_stops_polling_keeps_its_newest_events(self):
+        # tests/e2e/CMakeLists.txt starts this gateway with --api-buffer 4.
+        status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
+        self.assertEqual(status, 201, body)
+        sid = json.loads(body)["sid"]
+        before = metric_value("sidecast_gateway_dropped_total", 'reason="api_buffer_full"')
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        for i in range(10):
+            body = json.dumps({"sid": sid, "event": "note", "data": i}).encode()
+            self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 202)
+        deadline = time.time() + 5
+        while time.time() < deadline and metric_value("sidecast_gateway_dropped_total",
+                                                      'reason="api_buffer_full"') < before + 6:
+            time.sleep(0.05)
+        status, body, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout=0")
+        self.assertEqual(status, 200, body)
+        notes = [e["data"] for e in json.loads(body)["events"] if e["event"] == "note"]
+        self.assertEqual(notes, [6, 7, 8, 9], "the oldest give way")
+        self.assertEqual(metric_value("sidecast_gateway_dropped_total", 'reason="api_buffer_full"'), before + 6)
+        request("DELETE", f"/api/v1/sessions/{sid}")
+
     def test_bad_publish_bodies(self):
         headers = {"Authorization": f"Bearer {API_KEY}"}
         for body in [b"[1]", b"{", json.dumps({"event": "x"}).encode(),
