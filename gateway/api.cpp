@@ -142,7 +142,10 @@ class api_session : public client_socket {
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
   }
 
-  void deliver(std::shared_ptr<const outbound_event> event, std::string) override {
+  void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override {
+    // An HTTP API client has no way to ack: an emit that wants one is
+    // refused to its worker at once (the event itself is still delivered).
+    if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BAD_REQUEST, "an API session cannot ack");
     if (!connected()) return;
     if (events_.size() >= gw_.config().api_buffer) {
       // A client that stopped polling loses the oldest events, counted.

@@ -99,6 +99,15 @@ void client_socket::end(const std::string& reason) {
   gw_.link().send(env);
 }
 
+void client_socket::refuse_ack(std::string ack_id, proto::Code code, std::string message) {
+  proto::Envelope env;
+  auto* r = env.mutable_reply();
+  r->set_id(std::move(ack_id));
+  r->set_code(code);
+  r->set_message(std::move(message));
+  gw_.link().send(env);
+}
+
 void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (state_ == state::closed) return;
   if (tag == 0) {

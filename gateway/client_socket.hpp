@@ -53,6 +53,9 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   virtual void on_end() {}
   virtual void on_reply(std::uint64_t tag, reply_data reply) = 0;
   void mark_connected() { state_ = state::connected; }
+  /// Answers a worker's emit that wanted an ack, and will not get the
+  /// client's, with `code` now rather than at the worker's timeout.
+  void refuse_ack(std::string ack_id, proto::Code code, std::string message);
   /// Ends the socket without a word to anyone: another object took it over.
   void hand_off() { state_ = state::closed; }
 

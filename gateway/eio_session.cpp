@@ -153,17 +153,6 @@ class sio_socket : public client_socket {
     flush_acks();
   }
 
-  // A worker's emit that wanted an ack and will not get the client's: the
-  // worker hears so now (its callback gets `code`), not at its timeout.
-  void refuse_ack(std::string ack_id, proto::Code code, std::string message) {
-    proto::Envelope env;
-    auto* r = env.mutable_reply();
-    r->set_id(std::move(ack_id));
-    r->set_code(code);
-    r->set_message(std::move(message));
-    gw_.link().send(env);
-  }
-
   // An event this socket cannot take now: counted; its ack, if it wanted
   // one, refused to the worker.
   void drop_event(std::string ack_id, const char* why) {

@@ -330,6 +330,22 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
                                 reason="ack_limit"), before + 3)
 
+    def test_an_api_session_cannot_ack_and_its_worker_hears_so_at_once(self):
+        import urllib.request
+
+        def post(path, body):
+            req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
+                                         method="POST")
+            with urllib.request.urlopen(req, timeout=WAIT) as res:
+                return res.status, json.loads(res.read() or b"null")
+
+        status, created = post("/api/v1/sessions", {"nsp": "/ex"})
+        self.assertEqual(status, 201, created)
+        status, _ = post(f"/api/v1/sessions/{created['sid']}/emit", {"event": "ask", "ack": True})
+        self.assertEqual(status, 200)
+        # The worker's emit_with_ack has a 30 s timeout; the answer is at once.
+        self.assertEqual(self.asked.get(timeout=WAIT), "BAD_REQUEST")
+
     def test_the_excluded_sockets_get_nothing(self):
         warnings.simplefilter("ignore", ResourceWarning)
         (a, at_a), (b, at_b), (c, at_c) = self.client(), self.client(), self.client()
