@@ -701,17 +701,17 @@ void broker::fail(const failure& f) {
 // requester the broker dropped for missed heartbeats but whose connection
 // is still there is still answered: it may be back (a stall), and its
 // sockets may still be waiting.
-void broker::answer(const std::string& requester, const std::string& worker, std::string_view id_view,
+void broker::answer(const std::string& requester, const std::string& worker, std::string_view id,
                     zmq::message_t& payload) {
-  std::string id{id_view};  // id_view points into payload, which send_to may take
-  switch (send_to(requester, std::move(payload))) {
+  // `id` points into `payload`, which send_to() leaves as it was unless it sent it.
+  switch (send_to(requester, payload)) {
     case sent::ok: return;
     case sent::full:
-      send_report(worker, proto::DeliveryReport::REJECTED, {}, std::move(id),
+      send_report(worker, proto::DeliveryReport::REJECTED, {}, std::string{id},
                   "the pipe to requester " + requester + " is full");
       return;
     case sent::gone:
-      send_report(worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::move(id),
+      send_report(worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
                   "requester " + requester + " is gone");
       return;
   }
@@ -765,10 +765,10 @@ bool broker::send(std::string_view routing_id, std::string_view payload) {
 }
 
 bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
-  return send_to(routing_id, std::move(payload)) == sent::ok;
+  return send_to(routing_id, payload) == sent::ok;
 }
 
-broker::sent broker::send_to(std::string_view routing_id, zmq::message_t&& payload) {
+broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payload) {
   if (local_) {
     switch (local_->send(routing_id, payload)) {
       case core::local_router::send_result::sent: return sent::ok;

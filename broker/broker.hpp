@@ -113,7 +113,8 @@ class broker {
   bool send(std::string_view routing_id, std::string_view payload);
   bool send(std::string_view routing_id, zmq::message_t&& payload);
   enum class sent { ok, full, gone };
-  sent send_to(std::string_view routing_id, zmq::message_t&& payload);
+  /// Takes `payload` only when it is sent: otherwise it is left as it was.
+  sent send_to(std::string_view routing_id, zmq::message_t& payload);
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
   void send_error(const std::string& to, proto::Code code, std::string message);

@@ -192,7 +192,7 @@ class sio_socket : public client_socket {
       // events: sent after them (as many as --recovery-buffer). An ack
       // cannot wait across the replay.
       if (!ack_id.empty()) return drop_event(std::move(ack_id), "the client is recovering its connection");
-      if (pending_.size() >= gw_.config().recovery_buffer) return drop_event({}, "");
+      if (pending_.size() >= gw_.config().recovery_buffer) return drop_event({}, "the replay buffer is full");
       pending_.push_back(std::move(ev));
       return;
     }

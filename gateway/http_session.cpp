@@ -313,6 +313,23 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
   return std::nullopt;
 }
 
+// A request the parser could not take whole, answered in words before the
+// connection closes (counted): too large a body (413), too large a header
+// (431), not HTTP we can parse (400: a bad start line, header, chunk).
+// Nothing for success, for a client that went away, or for a timeout.
+std::optional<http_answer> refusal_for(const beast::error_code& ec, gateway_metrics& metrics) {
+  if (ec == http::error::body_limit) {
+    metrics.oversize.Increment();
+    return http_answer{413, "application/json", R"({"code":3,"message":"Payload too large"})"};
+  }
+  if (ec.category() != http::make_error_code(http::error::bad_method).category() ||
+      ec == http::error::end_of_stream || ec == http::error::partial_message)
+    return std::nullopt;
+  metrics.bad_http.Increment();
+  if (ec == http::error::header_limit) return http_answer{431, "text/plain", "request header fields too large\n"};
+  return http_answer{400, "text/plain", "bad request: " + ec.message() + "\n"};
+}
+
 // After refusing a request whose body is still arriving: stop sending and
 // read (and discard) a bounded amount, so closing does not reset the
 // connection before the client has read the answer.
@@ -343,29 +360,13 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
     parser.body_limit(c.max_payload);
     stream.expires_after(c.idle_timeout);
     auto [ec, n] = co_await http::async_read(stream, buffer, parser, use);
-    if (ec == http::error::body_limit) {
-      gw.metrics().oversize.Increment();
+    if (auto refusal = refusal_for(ec, gw.metrics())) {
       request req;
       req.version(11);
-      auto res = make_response(req, {413, "application/json", R"({"code":3,"message":"Payload too large"})"});
+      auto res = make_response(req, *refusal);
       res.keep_alive(false);
       co_await http::async_write(stream, res, use);
-      co_await linger(stream, c.max_payload);
-      co_return;
-    }
-    if (ec && ec.category() == http::make_error_code(http::error::bad_method).category() &&
-        ec != http::error::end_of_stream && ec != http::error::partial_message) {
-      // Not HTTP we can parse (a bad start line, header, chunk), or too
-      // large a header: said in words, then closed.
-      gw.metrics().bad_http.Increment();
-      bool big = ec == http::error::header_limit;
-      request req;
-      req.version(11);
-      auto res = make_response(req, {big ? 431u : 400u, "text/plain",
-                                     big ? "request header fields too large\n" : "bad request: " + ec.message() + "\n"});
-      res.keep_alive(false);
-      co_await http::async_write(stream, res, use);
-      co_await linger(stream, c.max_header_bytes);
+      co_await linger(stream, ec == http::error::body_limit ? c.max_payload : c.max_header_bytes);
       co_return;
     }
     if (ec) co_return;  // the client went away, or stayed silent past --idle-timeout

@@ -33,10 +33,10 @@ struct gateway_metrics {
   prometheus::Counter& api_overflow;
   prometheus::Counter& connection_limit;
   prometheus::Counter& session_limit;  // polling handshakes over --max-polling-sessions(-per-ip)
-  prometheus::Counter& bad_http;
-  prometheus::Counter& bad_frame;  // WebSocket frames against RFC 6455 (close 1002) or text not UTF-8 (1007)
-  prometheus::Counter& ack_limit;
-  prometheus::Counter& undelivered;  // worker events a socket could not take (connecting, recovering, acks full)  // events refused: --max-pending-acks already waiting for their ack or reply       // requests that are not HTTP/1.1 we can parse, or too large a header
+  prometheus::Counter& bad_http;     // requests that are not HTTP/1.1 we can parse, or too large a header
+  prometheus::Counter& bad_frame;    // WebSocket frames against RFC 6455 (close 1002) or text not UTF-8 (1007)
+  prometheus::Counter& ack_limit;    // events refused: --max-pending-acks already waiting for their ack or reply
+  prometheus::Counter& undelivered;  // worker events a socket could not take (connecting, recovering, acks full, gone)
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
   prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces

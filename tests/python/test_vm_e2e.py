@@ -30,6 +30,11 @@ LAUNCH_MS = 1000
 STATE_ORDER = ["queued", "provisioning", "booting", "running"]
 
 
+def dropped(http_port, reason):
+    """sidecast_gateway_dropped_total{reason=...} of the gateway on `http_port`."""
+    return metric(http_get(http_port, "/metrics")[1], "sidecast_gateway_dropped_total", reason=reason) or 0
+
+
 class Events:
     """Every event of the namespace, as (offset, event, data).
 
@@ -199,23 +204,62 @@ class VmEndToEndTest(unittest.TestCase):
                          [{"url": "/reports/7"}])
 
 
-class ExceptSidsEndToEndTest(unittest.TestCase):
+class InProcessWorkerTest(unittest.TestCase):
+    """A broker and a gateway (child processes) and one Python worker in this
+    process, serving the service ``cls.service()`` builds under the
+    namespace "/<its name>"; ``cls.gateway_args`` are more gateway flags."""
+
+    gateway_id = "gwP"
+    gateway_args = ()
+
+    @classmethod
+    def service(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def setUpClass(cls):
+        from sidecast_worker import Worker
+        cls.broker = Broker(heartbeat_interval_ms=500)
+        cls.http_port = free_port()
+        svc = cls.service()
+        cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
+                               "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
+                               "--events", cls.broker.xpub, "--gateway-id", cls.gateway_id,
+                               "--route", f"/{svc.name}={svc.name}", "--threads", "1", "--log-level", "warn",
+                               *cls.gateway_args], "gateway")
+        cls.worker = Worker(broker=cls.broker.router, publish=cls.broker.xsub, worker_id=f"py{svc.name}",
+                            heartbeat_interval=0.5)
+        cls.worker.add(svc)
+        cls.worker.start()
+        if not (eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10)
+                and eventually(lambda: cls.broker.workers(svc.name) == 1, 10)):
+            print(f"--- gateway output:\n{cls.gateway.output()}")
+            cls.tearDownClass()
+            raise RuntimeError("the gateway or the worker did not connect to the broker")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.worker.stop()
+        for p in (cls.gateway, cls.broker.process):
+            p.stop()
+            p.cleanup()
+
+
+class ExceptSidsEndToEndTest(InProcessWorkerTest):
     """Room and namespace emits that leave some sockets out (``except_sids``):
     a Python worker (the SDK, in this process) publishes them, the broker
     passes them on over PUB/SUB, and the gateway skips the excluded sockets,
     as Socket.IO's ``socket.to(room).emit()`` leaves the sender out. Three
-    python-socketio clients on one gateway: a and b in room "r", c not."""
+    python-socketio clients on one gateway: a and b in room "r", c not. The
+    same gateway (--max-pending-acks 2) serves the tests of acks awaited on
+    either side."""
+
+    gateway_id = "gwX"
+    gateway_args = ("--max-pending-acks", "2")
 
     @classmethod
-    def setUpClass(cls):
-        from sidecast_worker import Service, Worker
-        cls.broker = Broker(heartbeat_interval_ms=500)
-        cls.http_port = free_port()
-        cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
-                               "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
-                               "--events", cls.broker.xpub, "--gateway-id", "gwX", "--route", "/ex=ex",
-                               "--max-pending-acks", "2", "--threads", "1",
-                               "--log-level", "warn"], "gateway")
+    def service(cls):
+        from sidecast_worker import Service
         svc = Service("ex", capacity=8)
 
         @svc.on("enter")
@@ -251,22 +295,7 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
             req.broadcast("end", req.args[0])
             req.reply(True)
 
-        cls.worker = Worker(broker=cls.broker.router, publish=cls.broker.xsub, worker_id="pyex",
-                            heartbeat_interval=0.5)
-        cls.worker.add(svc)
-        cls.worker.start()
-        if not (eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10)
-                and eventually(lambda: cls.broker.workers("ex") == 1, 10)):
-            print(f"--- gateway output:\n{cls.gateway.output()}")
-            cls.tearDownClass()
-            raise RuntimeError("the gateway or the worker did not connect to the broker")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.worker.stop()
-        for p in (cls.gateway, cls.broker.process):
-            p.stop()
-            p.cleanup()
+        return svc
 
     def client(self):
         sio = socketio.Client(reconnection=False)
@@ -290,8 +319,7 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         got = [answers.get(timeout=WAIT) for _ in range(3)]
         self.assertEqual(got, [(0, ("done",)), (1, ("done",)),
                                (2, ({"error": "busy", "message": "too many events waiting for their ack"},))])
-        self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
-                                reason="ack_limit"), 1)
+        self.assertEqual(dropped(self.http_port, "ack_limit"), 1)
 
     def test_an_ack_awaited_from_a_client_that_leaves_is_answered_at_once(self):
         warnings.simplefilter("ignore", ResourceWarning)
@@ -322,13 +350,11 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         sio, _ = self.client()
         gone = threading.Event()
         sio.on("disconnect", gone.set, namespace="/ex")
-        before = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
-                        reason="ack_limit") or 0
+        before = dropped(self.http_port, "ack_limit")
         for i in range(5):
             sio.emit("slow", i, namespace="/ex", callback=lambda *a: None)
         self.assertTrue(gone.wait(WAIT), "the client was not cut off")
-        self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
-                                reason="ack_limit"), before + 3)
+        self.assertEqual(dropped(self.http_port, "ack_limit"), before + 3)
 
     def test_an_api_session_cannot_ack_and_its_worker_hears_so_at_once(self):
         import urllib.request
@@ -375,22 +401,19 @@ class ExceptSidsEndToEndTest(unittest.TestCase):
         self.assertTrue(all(t.startswith("shout-") for t in at_b["heard"]), at_b["heard"])
 
 
-class EarlyEventsEndToEndTest(unittest.TestCase):
+class EarlyEventsEndToEndTest(InProcessWorkerTest):
     """Events a worker sends a socket while its connect hook still runs wait
     for the CONNECT answer, up to half of what a connection may queue
     (--outbound-messages 8 here: 4); past that they are dropped and counted
     (undelivered), and one that wanted an ack is refused to its worker at
     once rather than left to time out."""
 
+    gateway_id = "gwY"
+    gateway_args = ("--outbound-messages", "8")
+
     @classmethod
-    def setUpClass(cls):
-        from sidecast_worker import Service, Worker
-        cls.broker = Broker(heartbeat_interval_ms=500)
-        cls.http_port = free_port()
-        cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
-                               "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
-                               "--events", cls.broker.xpub, "--gateway-id", "gwY", "--route", "/early=early",
-                               "--outbound-messages", "8", "--threads", "1", "--log-level", "warn"], "gateway")
+    def service(cls):
+        from sidecast_worker import Service
         svc = Service("early", capacity=4)
         cls.acks = queue.Queue()
 
@@ -404,22 +427,7 @@ class EarlyEventsEndToEndTest(unittest.TestCase):
             else:
                 future.add_done_callback(lambda f: cls.acks.put(f.result()))
 
-        cls.worker = Worker(broker=cls.broker.router, publish=cls.broker.xsub, worker_id="pyearly",
-                            heartbeat_interval=0.5)
-        cls.worker.add(svc)
-        cls.worker.start()
-        if not (eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10)
-                and eventually(lambda: cls.broker.workers("early") == 1, 10)):
-            print(f"--- gateway output:\n{cls.gateway.output()}")
-            cls.tearDownClass()
-            raise RuntimeError("the gateway or the worker did not connect to the broker")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.worker.stop()
-        for p in (cls.gateway, cls.broker.process):
-            p.stop()
-            p.cleanup()
+        return svc
 
     def test_events_before_the_connect_answer_are_bounded(self):
         warnings.simplefilter("ignore", ResourceWarning)
@@ -436,8 +444,7 @@ class EarlyEventsEndToEndTest(unittest.TestCase):
         self.assertEqual(received, [0, 1, 2, 3])
         time.sleep(0.2)
         self.assertTrue(got.empty(), "more than --outbound-messages events were kept")
-        self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
-                                reason="undelivered"), 3)
+        self.assertEqual(dropped(self.http_port, "undelivered"), 3)
 
 
 class WorkerArgsTest(unittest.TestCase):
@@ -513,9 +520,6 @@ class WorkerArgsTest(unittest.TestCase):
         e.nsp, e.event, e.args, e.origin = nsp, event, args, "fakew"
         return env.SerializeToString()
 
-    def dropped(self, reason):
-        return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total", reason=reason) or 0
-
     def room_gets_only(self, sid, bad, good):
         """Joins `sid` to room r, then publishes the `bad` emits and a `good`
         one on r's topic until the good one arrives (the subscription takes a
@@ -548,7 +552,7 @@ class WorkerArgsTest(unittest.TestCase):
         framed for it): refused with a report; a room event whose topic is
         not its own: dropped."""
         sid = self.sio.get_sid("/")
-        before = self.dropped("bad_event")
+        before = dropped(self.http_port, "bad_event")
         for kw, why in (({"event": "connect"}, "reserved event name"),
                         ({"nsp": "/chat"}, "not the namespace of the socket or topic")):
             self.worker.socket.send(self.emit(b'["x"]', sid=sid, **kw))
@@ -558,7 +562,7 @@ class WorkerArgsTest(unittest.TestCase):
         self.room_gets_only(sid, [self.emit(b'["elsewhere"]', nsp="/chat", room="r"),
                                   self.emit(b'["other room"]', room="s"),
                                   self.emit(b'["x"]', event="disconnect", room="r")], b'["here"]')
-        self.assertGreaterEqual(self.dropped("bad_event") - before, 5)
+        self.assertGreaterEqual(dropped(self.http_port, "bad_event") - before, 5)
 
     def test_an_answer_that_is_not_json_becomes_an_error_ack(self):
         ack = self.in_thread(lambda: self.sio.call("echo", "x", timeout=WAIT),
@@ -570,7 +574,7 @@ class WorkerArgsTest(unittest.TestCase):
 
     def test_events_with_bad_args_never_reach_the_client(self):
         sid = self.sio.get_sid("/")
-        before = self.dropped("bad_args")
+        before = dropped(self.http_port, "bad_args")
         self.worker.socket.send(self.emit(b"[1", sid=sid))
         report = self.worker.next("report")
         self.assertIsNotNone(report, "no delivery report for the refused emit")
@@ -580,7 +584,7 @@ class WorkerArgsTest(unittest.TestCase):
         self.assertEqual(self.notes.get(timeout=WAIT), ["to the sid"])
 
         self.room_gets_only(sid, [self.emit(b'["\xc3\x28"]', room="r")], b'["to the room"]')
-        self.assertGreaterEqual(self.dropped("bad_args") - before, 2)
+        self.assertGreaterEqual(dropped(self.http_port, "bad_args") - before, 2)
 
 
 if __name__ == "__main__":

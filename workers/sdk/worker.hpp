@@ -237,8 +237,9 @@ class worker {
   /// Called (on a handler thread) for every delivery report: failures always,
   /// successes only for emits that asked for them. A reply the broker could
   /// not pass to its requester comes back as one too (REQUESTER_GONE, or
-  /// REJECTED when the requester's pipe is full; ref() = the request id). May be set or replaced at
-  /// any time, from any thread (an empty function: no callback).
+  /// REJECTED when the requester's pipe is full; ref() = the request id).
+  /// May be set or replaced at any time, from any thread (an empty
+  /// function: no callback).
   void on_report(std::function<void(const proto::DeliveryReport&)> callback);
 
   const std::string& id() const;
