@@ -146,7 +146,9 @@ class api_session : public client_socket {
     // An HTTP API client has no way to ack: an emit that wants one is
     // refused to its worker at once (the event itself is still delivered).
     if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BAD_REQUEST, "an API session cannot ack");
-    if (!connected()) return;
+    if (closed()) return drop_event({}, "the session is closed");
+    // Events from the connect hook wait in the same buffer: the client
+    // polls once it has its 201, and finds them first.
     if (events_.size() >= gw_.config().api_buffer) {
       // A client that stopped polling loses the oldest events, counted.
       gw_.metrics().api_overflow.Increment();
@@ -165,6 +167,7 @@ class api_session : public client_socket {
     if (reply.code != proto::OK) {
       gw_.metrics().api_sessions.Decrement();
       gw_.api().remove(sid());
+      for (; !events_.empty(); events_.pop_front()) drop_event({}, "the session's connect was refused");
       created->complete(failure(reply));
       return;
     }

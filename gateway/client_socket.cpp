@@ -108,6 +108,29 @@ void client_socket::refuse_ack(std::string ack_id, proto::Code code, std::string
   gw_.link().send(env);
 }
 
+void client_socket::drop_event(std::string ack_id, const char* why) {
+  gw_.metrics().undelivered.Increment();
+  if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BUSY, why);
+}
+
+void client_socket::hold_early(std::shared_ptr<const outbound_event> ev, std::string ack_id) {
+  auto frames = 1 + ev->attachments().size();
+  if (early_frames_ + frames > std::max<std::size_t>(1, gw_.config().outbound_messages / 2))
+    return drop_event(std::move(ack_id), "too many events before the client's connect was answered");
+  early_frames_ += frames;
+  early_.emplace_back(std::move(ev), std::move(ack_id));
+}
+
+void client_socket::release_early() {
+  early_frames_ = 0;
+  for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
+}
+
+void client_socket::drop_early(const char* why) {
+  early_frames_ = 0;
+  for (auto& [ev, ack] : std::exchange(early_, {})) drop_event(std::move(ack), why);
+}
+
 void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (state_ == state::closed) return;
   if (tag == 0) {

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gateway/gateway.hpp"
@@ -58,6 +59,20 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   void refuse_ack(std::string ack_id, proto::Code code, std::string message);
   /// Ends the socket without a word to anyone: another object took it over.
   void hand_off() { state_ = state::closed; }
+  /// An event this socket cannot take: counted (`undelivered`); its ack, if
+  /// it wanted one, refused to its worker now with `why`.
+  void drop_event(std::string ack_id, const char* why);
+
+  // Events a worker sends while the connect hook runs (it may greet the
+  // socket, or send it a room's history) wait for the CONNECT answer: up to
+  // half of what a connection may have queued (--outbound-messages), counted
+  // in frames (one, and one per binary attachment), so that they and the
+  // answer fit. Past that they are dropped (drop_event).
+  void hold_early(std::shared_ptr<const outbound_event> ev, std::string ack_id);
+  /// Once the CONNECT answer is sent: the held events, in order, through deliver().
+  void release_early();
+  /// The connect was refused or the socket ended: each held event dropped.
+  void drop_early(const char* why);
 
   gateway& gw_;
 
@@ -68,6 +83,8 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   std::string nsp_, service_, auth_, sid_;
   std::string user_;  // from the JWT's sub, or the connect hook's {"user"}
   state state_ = state::connecting;
+  std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;  // event, ack id
+  std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
 };
 
 /// The ack arguments a client gets when its event failed in the backend:

@@ -153,19 +153,11 @@ class sio_socket : public client_socket {
     flush_acks();
   }
 
-  // An event this socket cannot take now: counted; its ack, if it wanted
-  // one, refused to the worker.
-  void drop_event(std::string ack_id, const char* why) {
-    gw_.metrics().undelivered.Increment();
-    if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BUSY, why);
-  }
-
   // The socket is over: what waits for it will not reach the client. Each
   // early event is counted (and its ack refused), and each emit awaiting
   // the client's ack is answered to its worker now, not at its timeout.
   void give_up(const char* why) {
-    for (auto& [ev, ack] : std::exchange(early_, {})) drop_event(std::move(ack), why);
-    early_frames_ = 0;
+    drop_early(why);
     for (auto& [id, ack] : std::exchange(server_acks_, {})) refuse_ack(std::move(ack), proto::UNAVAILABLE, why);
   }
 
@@ -196,18 +188,7 @@ class sio_socket : public client_socket {
       pending_.push_back(std::move(ev));
       return;
     }
-    if (!connected()) {
-      // Emitted while the connect hook runs: sent right after the CONNECT
-      // answer, up to half of what a connection may have queued
-      // (--outbound-messages), so that they and the answer fit.
-      // Counted in frames: an event is one, and one per binary attachment.
-      auto frames = 1 + ev->attachments().size();
-      if (early_frames_ + frames > std::max<std::size_t>(1, gw_.config().outbound_messages / 2))
-        return drop_event(std::move(ack_id), "too many events before the client's connect was answered");
-      early_frames_ += frames;
-      early_.emplace_back(std::move(ev), std::move(ack_id));
-      return;
-    }
+    if (!connected()) return hold_early(std::move(ev), std::move(ack_id));  // the connect hook runs
     auto eio = eio_.lock();
     if (ack_id.empty() && recoverable_) {
       remember(ev, eio.get());
@@ -267,13 +248,12 @@ class sio_socket : public client_socket {
       return give_up("the client's connect was refused");
     }
     mark_connected();
-    early_frames_ = 0;
     p.type = socketio::packet_type::connect;
     json::object answer{{"sid", sid()}};
     if (recoverable_) answer["pid"] = pid_;
     p.data = json::serialize(answer);
     eio->send_socketio(p);
-    for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
+    release_early();
   }
 
   void on_reply(std::uint64_t tag, reply_data reply) override {
@@ -382,8 +362,6 @@ class sio_socket : public client_socket {
   std::uint64_t next_tag_ = 0;
   std::map<std::uint64_t, std::string> server_acks_;  // our ack id -> the worker's, oldest first
   std::uint64_t next_server_ack_ = 0;
-  std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;
-  std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
 };
 
 // ---- eio_session ----

@@ -1,5 +1,7 @@
 #include "gateway/ws_session.hpp"
 
+#include <utility>
+
 #include <boost/json.hpp>
 
 #include "gateway/codec/ws_json.hpp"
@@ -77,8 +79,12 @@ void ws_session::on_closed() {
   end("transport close");
 }
 
-void ws_session::deliver(std::shared_ptr<const outbound_event> event, std::string) {
-  if (!connected()) return;
+void ws_session::deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) {
+  // /ws has no way to ask its client for an ack: a worker's emit that wants
+  // one is answered at once (the event itself is still delivered).
+  if (!ack_id.empty()) refuse_ack(std::exchange(ack_id, {}), proto::BAD_REQUEST, "a /ws session cannot ack");
+  if (closed()) return drop_event({}, "the client is gone");
+  if (!connected()) return hold_early(std::move(event), {});  // the connect hook runs
   gw_.metrics().ws_out.Increment();
   ws_->send(frame{shared_bytes{event, event->ws_frame()}, false});
 }
@@ -94,12 +100,16 @@ void ws_session::on_connect_answer(reply_data reply) {
   if (reply.code != proto::OK) {
     auto message = reply.code == proto::REFUSED ? reply.message : "service unavailable: " + proto::Code_Name(reply.code);
     send_text(ws_json::encode_event("connect_error", json::serialize(json::object{{"message", message}}), nsp()));
+    drop_early("the client's connect was refused");
     ws_->close();
     return;
   }
   mark_connected();
   send_text(ws_json::encode_event("connect", json::serialize(json::object{{"sid", sid()}}), nsp()));
+  release_early();
 }
+
+void ws_session::on_end() { drop_early("the client is gone"); }
 
 void ws_session::on_reply(std::uint64_t tag, reply_data reply) {
   auto it = ids_.find(tag);

@@ -26,6 +26,7 @@ class ws_session : public client_socket {
 
  protected:
   void on_connect_answer(reply_data reply) override;
+  void on_end() override;
   void on_reply(std::uint64_t tag, reply_data reply) override;
 
  private:

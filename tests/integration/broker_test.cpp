@@ -925,6 +925,24 @@ TEST_P(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
   EXPECT_EQ(reply->reply().attachments(0), std::string("\0\xff", 2));
 }
 
+// A gateway answers for a client that cannot ack (its socket ended, or its
+// face has no acks): the worker's callback gets the code and the reason.
+TEST_P(GatewayPathTest, AnAckTheGatewayAnswersForTheClientCarriesItsReason) {
+  auto id = request("call-me-back", R"(["ping"])");
+  auto emit = gateway_->next(Envelope::kEmit, 5s);
+  ASSERT_TRUE(emit);
+  Envelope ack;
+  ack.mutable_reply()->set_id(emit->emit().ack_id());
+  ack.mutable_reply()->set_code(proto::UNAVAILABLE);
+  ack.mutable_reply()->set_message("the client is gone");
+  gateway_->send(ack);
+  auto reply = gateway_->next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().code(), proto::UNAVAILABLE);
+  EXPECT_EQ(reply->reply().message(), "the client did not ack the callback: the client is gone");
+}
+
 TEST_P(GatewayPathTest, ConnectToForbiddenIsRefused) {
   Envelope env;
   auto* l = env.mutable_lifecycle();

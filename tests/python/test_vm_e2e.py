@@ -431,6 +431,7 @@ class EarlyEventsEndToEndTest(InProcessWorkerTest):
 
     def test_events_before_the_connect_answer_are_bounded(self):
         warnings.simplefilter("ignore", ResourceWarning)
+        before = dropped(self.http_port, "undelivered")
         sio = socketio.Client(reconnection=False)
         got = queue.Queue()
         sio.on("early", got.put, namespace="/early")
@@ -444,7 +445,40 @@ class EarlyEventsEndToEndTest(InProcessWorkerTest):
         self.assertEqual(received, [0, 1, 2, 3])
         time.sleep(0.2)
         self.assertTrue(got.empty(), "more than --outbound-messages events were kept")
-        self.assertEqual(dropped(self.http_port, "undelivered"), 3)
+        self.assertEqual(dropped(self.http_port, "undelivered"), before + 3)
+
+    def test_a_ws_socket_gets_them_after_its_connect_and_cannot_ack(self):
+        # The same bound on /ws. It has no acks from its client: the
+        # emit_with_ack is answered BAD_REQUEST at once, and its event, past
+        # the bound, is dropped like the other two.
+        import websocket  # python3-websocket
+        before = dropped(self.http_port, "undelivered")
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/early", timeout=WAIT)
+        self.addCleanup(ws.close)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        received = [json.loads(ws.recv()) for _ in range(4)]
+        self.assertEqual([(m["event"], m["data"]) for m in received], [("early", i) for i in range(4)])
+        result = self.acks.get(timeout=WAIT)
+        self.assertIsNotNone(result, "emit_with_ack was refused by the worker itself")
+        self.assertEqual((result.code.name, result.message), ("BAD_REQUEST", "a /ws session cannot ack"))
+        ws.settimeout(0.3)
+        with self.assertRaises(websocket.WebSocketTimeoutException, msg="more than the bound was kept"):
+            ws.recv()
+        self.assertEqual(dropped(self.http_port, "undelivered"), before + 3)
+
+    def test_an_api_session_finds_them_in_its_first_poll(self):
+        # An API session keeps them in its --api-buffer (256) like any event.
+        import urllib.request
+        url = f"http://127.0.0.1:{self.http_port}/api/v1/sessions"
+        req = urllib.request.Request(url, data=json.dumps({"nsp": "/early"}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=WAIT) as res:
+            self.assertEqual(res.status, 201)
+            sid = json.loads(res.read())["sid"]
+        self.assertEqual(self.acks.get(timeout=WAIT).code.name, "BAD_REQUEST")
+        with urllib.request.urlopen(f"{url}/{sid}/events?timeout=2000", timeout=WAIT) as res:
+            events = json.loads(res.read())["events"]
+        self.assertEqual([(e["event"], e["data"]) for e in events],
+                         [("early", i) for i in range(6)] + [("early_ack", "x")])
 
 
 class WorkerArgsTest(unittest.TestCase):

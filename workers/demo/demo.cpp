@@ -63,7 +63,7 @@ void call_me_back(request req) {
       "callback", req.args_text(), req.attachments(),
       [req](ack_result ack) mutable {
         if (ack.code == proto::OK) req.reply(std::move(ack.args), std::move(ack.attachments));
-        else req.fail(ack.code, "the client did not ack the callback");
+        else req.fail(ack.code, "the client did not ack the callback: " + ack.message);
       },
       std::max(left, std::chrono::milliseconds(1)));
 }

@@ -677,7 +677,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       acks.clear();
       ack_deadlines.clear();
     }
-    for (auto& cb : awaited) pool.post([cb = std::move(cb)] { cb(ack_result{proto::CANCELLED, "[]", {}}); });
+    for (auto& cb : awaited)
+      pool.post([cb = std::move(cb)] { cb(ack_result{proto::CANCELLED, "[]", {}, "the worker stopped"}); });
     io_thread_id = std::thread::id{};  // a later thread may get this id
   }
 
@@ -885,6 +886,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     result.code = reply.code();
     result.args = reply.args();
     result.attachments.assign(reply.attachments().begin(), reply.attachments().end());
+    result.message = reply.message();
     pool.post([cb = std::move(ack->callback), result = std::move(result)]() mutable { cb(std::move(result)); });
   }
 
@@ -902,7 +904,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       }
     }
     for (auto& cb : expired) {
-      pool.post([cb = std::move(cb)] { cb(ack_result{proto::TIMEOUT, "[]", {}}); });
+      pool.post([cb = std::move(cb)] { cb(ack_result{proto::TIMEOUT, "[]", {}, "no ack in time"}); });
     }
   }
 

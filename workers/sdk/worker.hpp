@@ -71,6 +71,7 @@ struct ack_result {
   proto::Code code = proto::OK;  // TIMEOUT: no ack in time; CANCELLED: the worker stopped
   std::string args;              // JSON array text
   sidecast::attachments attachments;
+  std::string message;           // why, when the gateway answered for the client (code not OK)
 };
 
 class worker;

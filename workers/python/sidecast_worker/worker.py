@@ -32,12 +32,14 @@ log = logging.getLogger("sidecast_worker")
 
 @dataclass(frozen=True)
 class AckResult:
-    """A client's ack of ``emit_with_ack``, or Code.TIMEOUT when none came in time."""
+    """A client's ack of ``emit_with_ack``, or Code.TIMEOUT when none came in time.
+    ``message``: why, when the gateway answered for the client (code not OK)."""
 
     code: Code
     args: list = field(default_factory=list)
     args_json: str = "[]"
     attachments: list = field(default_factory=list)
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -342,7 +344,7 @@ class _Core:
         with self.acks_lock:
             pending, self.acks, self.ack_heap = self.acks, {}, []
         for future, callback in pending.values():
-            self.resolve_ack(future, callback, AckResult(Code.CANCELLED))
+            self.resolve_ack(future, callback, AckResult(Code.CANCELLED, message="the worker stopped"))
         if self.pool is not None:
             # Handlers were told (req.cancelled); those not yet started never
             # start (run_handler). Wait for the rest unless one is the caller.
@@ -456,7 +458,7 @@ class _Core:
                 if entry is not None:
                     expired.append(entry)
         for future, callback in expired:
-            self.resolve_ack(future, callback, AckResult(Code.TIMEOUT))
+            self.resolve_ack(future, callback, AckResult(Code.TIMEOUT, message="no ack in time"))
 
     def resolve_ack(self, future, callback, result):
         if future.set_running_or_notify_cancel():
@@ -534,7 +536,7 @@ class _Core:
         args_json = reply.args.decode("utf-8", "replace") or "[]"
         attachments = list(reply.attachments)
         result = AckResult(code_of(reply.code), codec.unpack_args(args_json, attachments), args_json,
-                           attachments)
+                           attachments, reply.message)
         self.resolve_ack(*entry, result)
 
     def on_report(self, report):
