@@ -331,7 +331,9 @@ http_answer api::publish(const http::request<http::string_body>& req) {
     return error(400, "event must be a non-reserved string");
   proto::Envelope env;
   auto* e = env.mutable_emit();
-  std::string nsp = "/";
+  // A sid's own namespace when none is given (its gateway knows it), "/"
+  // for a room or a broadcast.
+  std::string nsp = body->contains("sid") ? "" : "/";
   if (auto* n = body->if_contains("nsp")) {
     if (!n->is_string() || !socketio::valid_namespace(n->as_string())) return error(400, "bad nsp");
     nsp = std::string{n->as_string()};

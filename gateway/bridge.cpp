@@ -534,7 +534,8 @@ void bridge::refuse_args(std::string_view what, std::string_view about) {
   if (log_limit_.allow()) spdlog::warn("bridge: {} {} dropped: its args are not valid JSON", what, printable(about));
 }
 
-std::string_view bridge::event_fault(const proto::Emit& emit, std::string_view nsp, std::string_view about) {
+std::string_view bridge::event_fault(const proto::Emit& emit, std::string_view emit_nsp, std::string_view nsp,
+                                     std::string_view about) {
   std::string_view why;
   if (!socketio::valid_args(emit.args())) {
     refuse_args("event for", about);
@@ -542,7 +543,7 @@ std::string_view bridge::event_fault(const proto::Emit& emit, std::string_view n
   }
   if (socketio::is_reserved_event(emit.event()))
     why = "reserved event name";  // "connect" would fire the client's own connect handlers
-  else if (emit.nsp() != nsp)
+  else if (emit_nsp != nsp)
     why = "not the namespace of the socket or topic";  // framed for a namespace the socket is not in
   else
     return {};
@@ -561,12 +562,15 @@ void bridge::deliver_emit(const proto::Emit& emit) {
     report(emit.origin(), proto::DeliveryReport::CLIENT_GONE, emit.sid(), emit.ref());
     return;
   }
-  if (auto why = event_fault(emit, it->second.nsp, emit.sid()); !why.empty()) {
+  // A sid emit that names no namespace is for the socket's own (the
+  // publish API's {"sid": ...} without "nsp").
+  const auto& nsp = emit.nsp().empty() ? it->second.nsp : emit.nsp();
+  if (auto why = event_fault(emit, nsp, it->second.nsp, emit.sid()); !why.empty()) {
     report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), why);
     return;
   }
   auto ev = std::make_shared<const outbound_event>(
-      emit.nsp(), emit.event(), emit.args(),
+      nsp, emit.event(), emit.args(),
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
   to_sink(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
     sink->deliver(std::move(ev), std::move(ack));
@@ -627,7 +631,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
     if (log_limit_.allow()) spdlog::warn("bridge: event on topic {} is not for that topic: dropped", printable(topic));
     return;
   }
-  if (!event_fault(emit, emit.nsp(), topic).empty()) return;  // (its namespace: the topic's, checked above)
+  if (!event_fault(emit, emit.nsp(), emit.nsp(), topic).empty()) return;  // (its namespace: the topic's, checked above)
   std::unordered_set<std::string_view> except(emit.except_sids().begin(), emit.except_sids().end());
   auto ev = std::make_shared<const outbound_event>(
       emit.nsp(), emit.event(), emit.args(),

@@ -156,8 +156,10 @@ class bridge {
   // Counts and logs args from a worker that fail socketio::valid_args.
   void refuse_args(std::string_view what, std::string_view about);
   // What makes a worker's event unfit for clients (bad args, a reserved
-  // name, another namespace than `nsp`), counted and logged; empty if none.
-  std::string_view event_fault(const proto::Emit& emit, std::string_view nsp, std::string_view about);
+  // name, framed for `emit_nsp`, not the socket's or topic's `nsp`),
+  // counted and logged; empty if none.
+  std::string_view event_fault(const proto::Emit& emit, std::string_view emit_nsp, std::string_view nsp,
+                               std::string_view about);
   void add_to_topic(const std::string& topic, const std::string& sid);
   void remove_from_topic(const std::string& topic, const std::string& sid);
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,

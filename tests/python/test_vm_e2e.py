@@ -203,6 +203,20 @@ class VmEndToEndTest(unittest.TestCase):
         self.assertEqual([data for _, name, data in events if name == "report_ready"],
                          [{"url": "/reports/7"}])
 
+    def test_a_publish_to_a_sid_needs_no_namespace(self):
+        # The sid's gateway knows its namespace ("/vm" here); before, the
+        # publish defaulted to "/" and the event was dropped after its 202.
+        os.environ["SIDECAST_GATEWAY"] = self.url
+        os.environ["SIDECAST_API_KEY"] = API_KEY
+        spec = importlib.util.spec_from_file_location("django_publish",
+                                                      os.path.join(EXAMPLES, "django_publish.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        sid = self.sio.get_sid(namespace="/vm")
+        self.assertEqual(example.publish({"sid": sid, "event": "report_ready", "data": {"url": "/r/8"}}), 202)
+        events = self.events.wait(lambda ev: Events.count(ev, "report_ready") == 1, "report_ready")
+        self.assertEqual([data for _, name, data in events if name == "report_ready"], [{"url": "/r/8"}])
+
 
 class InProcessWorkerTest(unittest.TestCase):
     """A broker and a gateway (child processes) and one Python worker in this
