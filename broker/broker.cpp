@@ -16,6 +16,12 @@ namespace asio = boost::asio;
 enum class outcome { dispatched, ok, error, busy, timeout, unavailable, worker_lost, cancelled, count };
 constexpr const char* outcome_names[] = {"dispatched", "ok",          "error",       "busy",
                                          "timeout",    "unavailable", "worker_lost", "cancelled"};
+// Why messages were dropped, as labels of sidecast_broker_dropped_total, in
+// the order of broker::drop_reason.
+constexpr const char* drop_reason_names[] = {"malformed",   "unknown_peer",  "not_allowed", "bad_hello",
+                                             "foreign_id",  "foreign_sid",   "duplicate",   "not_holder",
+                                             "not_requester", "unroutable",  "hwm",         "unreachable",
+                                             "curve_refused"};
 
 outcome outcome_of(proto::Code code) {
   switch (code) {
@@ -88,12 +94,8 @@ struct broker::metrics {
     }
     return *it->second[static_cast<std::size_t>(what)];
   }
-  prometheus::Counter& drop(std::string_view reason) {
-    auto it = drops.find(std::string{reason});
-    if (it == drops.end())
-      it = drops.emplace(std::string{reason}, &dropped.Add({{"reason", std::string{reason}}})).first;
-    return *it->second;
-  }
+  static_assert(std::size(drop_reason_names) == static_cast<std::size_t>(drop_reason::count));
+  prometheus::Counter& drop(drop_reason reason) { return *drops[static_cast<std::size_t>(reason)]; }
 
   prometheus::Family<prometheus::Counter>& received;
   prometheus::Family<prometheus::Counter>& requests;
@@ -111,7 +113,13 @@ struct broker::metrics {
   core::batched_histogram request_batch{request_latency};
   std::unordered_map<std::string, std::array<prometheus::Counter*, static_cast<std::size_t>(outcome::count)>>
       outcomes;
-  std::unordered_map<std::string, prometheus::Counter*> drops;
+  using drop_counters = std::array<prometheus::Counter*, static_cast<std::size_t>(drop_reason::count)>;
+  static drop_counters make_drops(prometheus::Family<prometheus::Counter>& family) {
+    drop_counters all{};
+    for (std::size_t i = 0; i < all.size(); ++i) all[i] = &family.Add({{"reason", drop_reason_names[i]}});
+    return all;
+  }
+  drop_counters drops = make_drops(dropped);
   std::array<prometheus::Counter*, Envelope::kAnswer + 1> by_kind{};
 };
 
@@ -244,7 +252,7 @@ void broker::after_wait() {
     for (const auto& f : table_.expire(now_)) fail(f);
   }
   if (input_.ready(wake_in_)) wakeup_.drain();
-  if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop("curve_refused").Increment();
+  if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop(drop_reason::curve_refused).Increment();
   bool received = false;
   if (input_.ready(router_in_)) {
     receive_router();
@@ -273,14 +281,14 @@ void broker::receive_router() {
       return;
     }
     if (!identity.more() || !router_.recv(payload, zmq::recv_flags::dontwait)) {
-      drop("malformed", "a message without a payload frame");
+      drop(drop_reason::malformed, "a message without a payload frame");
       continue;
     }
     if (payload.more()) {
       zmq::message_t extra;
       while (router_.recv(extra, zmq::recv_flags::dontwait) && extra.more()) {
       }
-      drop("malformed", "extra frames");
+      drop(drop_reason::malformed, "extra frames");
       continue;
     }
     on_router_message(identity.to_string_view(), payload);
@@ -314,7 +322,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     arena.emplace(proto::arena_on(arena_block_));
     env = google::protobuf::Arena::CreateMessage<Envelope>(&*arena);
     if (!proto::decode_into(bytes, *env)) {
-      drop("malformed", "undecodable envelope");
+      drop(drop_reason::malformed, "undecodable envelope");
       return;
     }
     kind = env->kind_case();
@@ -336,7 +344,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     // announce itself; requests are still served so nothing is lost.
     send_error(routing_id, proto::NOT_REGISTERED, "send Hello first");
     if (kind != Envelope::kRequest && kind != Envelope::kLifecycle) {
-      drop("unknown_peer", routing_id);
+      drop(drop_reason::unknown_peer, routing_id);
       return;
     }
   } else {
@@ -346,7 +354,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   if (it != peers_.end() && !allowed(role, kind)) {
     send_error(routing_id, proto::BAD_REQUEST,
                std::string{"message not allowed for this role: "} + std::string{proto::kind_name(kind)});
-    drop("not_allowed", proto::kind_name(kind));
+    drop(drop_reason::not_allowed, proto::kind_name(kind));
     return;
   }
   if (env && (kind == Envelope::kRequest || kind == Envelope::kReply || kind == Envelope::kLifecycle))
@@ -377,7 +385,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     }
     case Envelope::kAnswer: {
       auto owner = std::string{proto::id_owner(env->answer().id())};
-      if (owner.empty() || !peers_.contains(owner) || !send(owner, bytes)) drop("unroutable", "http answer");
+      if (owner.empty() || !peers_.contains(owner) || !send(owner, bytes)) drop(drop_reason::unroutable, "http answer");
       break;
     }
     default: break;
@@ -405,18 +413,18 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   if (hello.protocol_version() != proto::protocol_version) {
     send_error(routing_id, proto::UNSUPPORTED_VERSION,
                "broker speaks protocol version " + std::to_string(proto::protocol_version));
-    drop("bad_hello", "unsupported version");
+    drop(drop_reason::bad_hello, "unsupported version");
     return;
   }
   if (!proto::valid_peer_id(hello.id()) || hello.id() != routing_id) {
     send_error(routing_id, proto::BAD_REQUEST, "peer id must be valid and equal the routing id");
-    drop("bad_hello", "bad id");
+    drop(drop_reason::bad_hello, "bad id");
     return;
   }
   if (hello.role() != proto::ROLE_GATEWAY && hello.role() != proto::ROLE_WORKER &&
       hello.role() != proto::ROLE_CLIENT) {
     send_error(routing_id, proto::BAD_REQUEST, "unknown role");
-    drop("bad_hello", "bad role");
+    drop(drop_reason::bad_hello, "bad role");
     return;
   }
   auto existing = peers_.find(routing_id);
@@ -448,7 +456,7 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
                     clock::time_point now) {
   if (head.id.empty() || head.service.empty()) {
     if (!head.id.empty()) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST, "request without a service");
-    drop("malformed", "request without id or service");
+    drop(drop_reason::malformed, "request without id or service");
     return;
   }
   if (proto::id_owner(head.id) != routing_id) {
@@ -456,7 +464,7 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
     // so cannot make the broker drop that peer's request as a duplicate.
     if (head.wants_reply) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST,
                                      "request id must be \"" + routing_id + ":<n>\"");
-    drop("foreign_id", head.id);
+    drop(drop_reason::foreign_id, head.id);
     return;
   }
   if (!head.sid.empty() && proto::sid_owner(head.sid) != routing_id) {
@@ -465,7 +473,7 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
     // worker (say something in its name, cancel a task it started).
     if (head.wants_reply) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST,
                                      "a request may name only a sid of its sender's (a gateway's)");
-    drop("foreign_sid", head.sid);
+    drop(drop_reason::foreign_sid, head.sid);
     return;
   }
   auto timeout = head.timeout_ms ? std::chrono::milliseconds(head.timeout_ms) : config_.default_timeout;
@@ -489,7 +497,7 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
       break;
     case service_table::admit::duplicate:
       // A retransmission of a request still in progress: the first answers.
-      drop("duplicate", work.id);
+      drop(drop_reason::duplicate, work.id);
       break;
   }
 }
@@ -558,7 +566,7 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
   if (!table_.requester_of(reply.id).empty()) {
     // Another peer's job, which this peer does not hold: a stale or forged
     // answer must not reach the requester in place of the holder's.
-    drop("not_holder", reply.id);
+    drop(drop_reason::not_holder, reply.id);
     return;
   }
   // Not a job: a client's ack of a worker's Emit, which only a gateway
@@ -567,13 +575,13 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
   // gateway's own request ids are predictable.
   auto from = peers_.find(routing_id);
   if (from == peers_.end() || from->second.role != proto::ROLE_GATEWAY) {
-    drop("not_holder", reply.id);
+    drop(drop_reason::not_holder, reply.id);
     return;
   }
   auto owner = std::string{proto::id_owner(reply.id)};
   auto to = owner.empty() ? peers_.end() : peers_.find(owner);
   if (to == peers_.end() || to->second.role != proto::ROLE_WORKER) {
-    drop("unroutable", reply.id);
+    drop(drop_reason::unroutable, reply.id);
     return;
   }
   send(owner, std::move(payload));
@@ -597,7 +605,7 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
   } else {
     // A gateway's delivery report goes to the origin it names.
     const auto& to = env.report().to();
-    if (to.empty() || !peers_.contains(to) || !send(to, payload)) drop("unroutable", "delivery report");
+    if (to.empty() || !peers_.contains(to) || !send(to, payload)) drop(drop_reason::unroutable, "delivery report");
     return;
   }
   auto gateway = std::string{proto::sid_owner(sid)};
@@ -612,7 +620,7 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
 void broker::publish(const proto::Emit& emit, std::string_view payload) {
   auto topic = proto::topic_for(emit);
   if (topic.empty()) {
-    drop("malformed", "emit without a target");
+    drop(drop_reason::malformed, "emit without a target");
     return;
   }
   xpub_.send(zmq::buffer(topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
@@ -627,7 +635,7 @@ void broker::forward_events() {
     zmq::message_t topic;
     if (!xsub_.recv(topic, zmq::recv_flags::dontwait)) return;
     if (!topic.more()) {
-      drop("malformed", "event without a body");
+      drop(drop_reason::malformed, "event without a body");
       continue;
     }
     zmq::message_t body;
@@ -636,7 +644,7 @@ void broker::forward_events() {
       zmq::message_t extra;
       while (xsub_.recv(extra, zmq::recv_flags::dontwait) && extra.more()) {
       }
-      drop("malformed", "event with extra frames");
+      drop(drop_reason::malformed, "event with extra frames");
       continue;
     }
     // XPUB never blocks: a subscriber over its HWM loses the event.
@@ -661,7 +669,7 @@ void broker::on_cancel(const std::string& routing_id, const proto::Cancel& cance
   auto requester = table_.requester_of(cancel.id());
   if (requester.empty()) return;  // ended already: nothing to cancel
   if (requester != routing_id) {  // only the asker may give up on a request
-    drop("not_requester", cancel.id());
+    drop(drop_reason::not_requester, cancel.id());
     return;
   }
   std::string worker;
@@ -772,21 +780,21 @@ broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payloa
   if (local_) {
     switch (local_->send(routing_id, payload)) {
       case core::local_router::send_result::sent: return sent::ok;
-      case core::local_router::send_result::full: drop("hwm", routing_id); return sent::full;
+      case core::local_router::send_result::full: drop(drop_reason::hwm, routing_id); return sent::full;
       case core::local_router::send_result::unreachable: break;  // not a local peer: the ROUTER's
     }
   }
   input_.used(router_in_);  // every send on the ROUTER comes here
   try {
     if (!router_.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
-      drop("hwm", routing_id);
+      drop(drop_reason::hwm, routing_id);
       return sent::full;
     }
     router_.send(payload, zmq::send_flags::dontwait);
     return sent::ok;
   } catch (const zmq::error_t& e) {
     // EHOSTUNREACH: the peer's connection is gone (ROUTER_MANDATORY).
-    drop("unreachable", routing_id);
+    drop(drop_reason::unreachable, routing_id);
     return sent::gone;
   }
 }
@@ -825,10 +833,11 @@ void broker::send_report(const std::string& to, proto::DeliveryReport::Status st
   send(to, env);
 }
 
-void broker::drop(std::string_view reason, std::string_view detail) {
+void broker::drop(drop_reason reason, std::string_view detail) {
   ++stats_.dropped;
   metrics_->drop(reason).Increment();
-  if (log_limit_.allow()) spdlog::warn("dropped message ({}): {}", reason, detail);
+  if (log_limit_.allow())
+    spdlog::warn("dropped message ({}): {}", drop_reason_names[static_cast<std::size_t>(reason)], detail);
 }
 
 }  // namespace sidecast::broker

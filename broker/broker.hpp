@@ -120,7 +120,25 @@ class broker {
   void send_error(const std::string& to, proto::Code code, std::string message);
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
                    std::string ref, std::string detail);
-  void drop(std::string_view reason, std::string_view detail);
+  /// Why a message was dropped: the `reason` of sidecast_broker_dropped_total
+  /// (docs/protocol.md). Every reason is exported from the start, at 0.
+  enum class drop_reason {
+    malformed,
+    unknown_peer,
+    not_allowed,
+    bad_hello,
+    foreign_id,
+    foreign_sid,
+    duplicate,
+    not_holder,
+    not_requester,
+    unroutable,
+    hwm,
+    unreachable,
+    curve_refused,
+    count
+  };
+  void drop(drop_reason reason, std::string_view detail);
 
   broker_config config_;
   zmq::context_t& context_;

@@ -137,6 +137,16 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
   std::vector<std::unique_ptr<worker>> workers_;
 };
 
+// Every drop reason is exported from the start, at 0, so that an alert on
+// one has a series to watch before the first drop.
+TEST_P(BrokerTest, EveryDropReasonIsExportedFromTheStart) {
+  start();
+  for (const char* reason : {"malformed", "unknown_peer", "not_allowed", "bad_hello", "foreign_id", "foreign_sid",
+                             "duplicate", "not_holder", "not_requester", "unroutable", "hwm", "unreachable",
+                             "curve_refused"})
+    EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", reason), 0.0) << reason;
+}
+
 TEST_P(BrokerTest, EchoRoundTrip) {
   start();
   add_worker({workers::echo_service(4)}, "w1");
