@@ -8,6 +8,7 @@
 #include <cstring>
 #include <charconv>
 #include <cstdlib>
+#include <fstream>
 #include <sstream>
 
 #include <toml++/toml.h>
@@ -124,11 +125,25 @@ void finish_app(CLI::App& app) {
   app.config_formatter(std::make_shared<toml_config>());
   app.set_config("--config", "", "TOML file with the same keys as the long flags")
       ->envname("SIDECAST_CONFIG");
+  // A key that names no flag (a typo, a flag of another program) is an
+  // error, not a setting silently left at its default.
+  app.allow_config_extras(CLI::config_extras_mode::error);
 }
 
 std::optional<int> parse(CLI::App& app, int argc, char** argv) {
   try {
     app.parse(argc, argv);
+    // CLI11 2.1 reads --config for the main app only. A subcommand's own
+    // (`sidecast demo --config FILE`) is read here, with the same rules:
+    // what flags and the environment gave is kept, unknown keys are errors.
+    for (CLI::App* sub : app.get_subcommands()) {
+      auto* config = sub->get_config_ptr();
+      if (config == nullptr || config->count() == 0) continue;
+      auto path = config->as<std::string>();
+      std::ifstream file{path};
+      if (!file) throw CLI::FileError::Missing(path);
+      sub->parse_from_stream(file);
+    }
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }

@@ -101,6 +101,10 @@ int main(int argc, char** argv) {
   std::string link = "local";
   bool own_threads = false;
   gateway::add_options(*demo, config);
+  // The demo's gateway reaches its own broker in the process: the flags
+  // for another broker's endpoints and CURVE keys have nothing to set.
+  for (const char* name : {"--broker", "--events", "--curve-secret", "--curve-server-key"})
+    demo->remove_option(demo->get_option(name));
   workers::add_options(*demo, builtin);
   demo->add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   demo->add_option("--link", link, "How the gateway and the workers reach the broker: local or inproc")

@@ -65,6 +65,60 @@ TEST(Config, BadTomlIsAUsageError) {
   EXPECT_NE(*code, 0);
 }
 
+TEST(Config, AKeyThatNamesNoFlagIsAUsageError) {
+  auto path = std::string(::testing::TempDir()) + "/sidecast-typo.toml";
+  {
+    std::ofstream f{path};
+    f << "ping-interval = 3\nping-intervall = 4\n";
+  }
+  int ping = 0;
+  CLI::App app{"test"};
+  app.add_option("--ping-interval", ping);
+  finish_app(app);
+  args a{{"prog", "--config", path}};
+  auto argv = a.argv();
+  auto code = parse(app, static_cast<int>(argv.size()), argv.data());
+  ASSERT_TRUE(code) << "the misspelt key was ignored";
+  EXPECT_NE(*code, 0);
+}
+
+// `sidecast demo --config FILE`: CLI11 reads --config for the main app only;
+// parse() reads a subcommand's, with the same precedence.
+TEST(Config, ASubcommandReadsItsOwnConfigFile) {
+  auto path = std::string(::testing::TempDir()) + "/sidecast-sub.toml";
+  {
+    std::ofstream f{path};
+    f << "ping-interval = 111\nname = \"from-file\"\nlevel = \"file\"\n";
+  }
+  int ping = 0;
+  std::string name, level;
+  CLI::App app{"test"};
+  auto* sub = app.add_subcommand("demo");
+  sub->add_option("--ping-interval", ping);
+  sub->add_option("--name", name);
+  sub->add_option("--level", level);
+  finish_app(*sub);
+  ::setenv("SIDECAST_NAME", "from-env", 1);
+  args a{{"prog", "demo", "--config", path, "--level", "flag"}};
+  auto argv = a.argv();
+  ASSERT_FALSE(parse(app, static_cast<int>(argv.size()), argv.data()));
+  ::unsetenv("SIDECAST_NAME");
+  EXPECT_EQ(ping, 111);
+  EXPECT_EQ(name, "from-env");
+  EXPECT_EQ(level, "flag");
+
+  std::ofstream{path} << "ping-intervall = 3\n";
+  CLI::App typo{"test"};
+  auto* typo_sub = typo.add_subcommand("demo");
+  typo_sub->add_option("--ping-interval", ping);
+  finish_app(*typo_sub);
+  args b{{"prog", "demo", "--config", path}};
+  auto argv_b = b.argv();
+  auto code = parse(typo, static_cast<int>(argv_b.size()), argv_b.data());
+  ASSERT_TRUE(code) << "the misspelt key was ignored";
+  EXPECT_NE(*code, 0);
+}
+
 TEST(Config, SchedBatchSetsThePolicyOfTheCallingThread) {
   ASSERT_EQ(::sched_getscheduler(0), SCHED_OTHER);
   CLI::App app{"test"};

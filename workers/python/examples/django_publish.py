@@ -26,6 +26,7 @@ def report_ready(request, sid):
     """A Django view: tell the browser whose Socket.IO sid is in the URL that its report is ready."""
     from django.http import JsonResponse  # imported here so this file runs without Django
 
-    status = publish({"sid": sid, "nsp": "/", "event": "report_ready",
+    # No "nsp": a sid's event goes to the namespace its socket is in.
+    status = publish({"sid": sid, "event": "report_ready",
                       "data": {"url": f"/reports/{request.GET.get('id', '')}"}})
     return JsonResponse({"queued": status == 202})
