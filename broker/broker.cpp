@@ -21,7 +21,7 @@ constexpr const char* outcome_names[] = {"dispatched", "ok",          "error",  
 constexpr const char* drop_reason_names[] = {"malformed",   "unknown_peer",  "not_allowed", "bad_hello",
                                              "foreign_id",  "foreign_sid",   "duplicate",   "not_holder",
                                              "not_requester", "unroutable",  "hwm",         "unreachable",
-                                             "curve_refused"};
+                                             "curve_refused", "service_limit"};
 
 outcome outcome_of(proto::Code code) {
   switch (code) {
@@ -94,6 +94,16 @@ struct broker::metrics {
     }
     return *it->second[static_cast<std::size_t>(what)];
   }
+  // A pruned service's series go with it (service_table::prune).
+  void forget(const std::string& service) {
+    if (auto it = outcomes.find(service); it != outcomes.end()) {
+      for (auto* c : it->second) requests.Remove(c);
+      outcomes.erase(it);
+    }
+    queue_depth.Remove(&queue_depth.Add({{"service", service}}));
+    workers.Remove(&workers.Add({{"service", service}}));
+  }
+
   static_assert(std::size(drop_reason_names) == static_cast<std::size_t>(drop_reason::count));
   prometheus::Counter& drop(drop_reason reason) { return *drops[static_cast<std::size_t>(reason)]; }
 
@@ -436,7 +446,8 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness};
   if (hello.role() == proto::ROLE_WORKER) {
     for (const auto& s : hello.services()) {
-      if (!s.name().empty()) table_.add_worker(routing_id, s.name(), s.capacity());
+      if (!s.name().empty() && !table_.add_worker(routing_id, s.name(), s.capacity()))
+        drop(drop_reason::service_limit, s.name());  // the worker is registered for its others
     }
   }
   Envelope env;
@@ -498,6 +509,11 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
     case service_table::admit::duplicate:
       // A retransmission of a request still in progress: the first answers.
       drop(drop_reason::duplicate, work.id);
+      break;
+    case service_table::admit::no_service:
+      // A name past --max-services: no series is made for it either.
+      drop(drop_reason::service_limit, work.service);
+      if (work.wants_reply) send_reply(routing_id, work.id, proto::UNAVAILABLE, "too many services: " + work.service);
       break;
   }
 }
@@ -759,6 +775,7 @@ void broker::tick(clock::time_point now) {
   for (auto role : {proto::ROLE_GATEWAY, proto::ROLE_WORKER, proto::ROLE_CLIENT}) {
     metrics_->peers.Add({{"role", proto::Role_Name(role)}}).Set(static_cast<double>(counts[role]));
   }
+  for (const auto& service : table_.prune()) metrics_->forget(service);
   for (const auto& service : table_.services()) {
     metrics_->queue_depth.Add({{"service", service}}).Set(static_cast<double>(table_.queued(service)));
     metrics_->workers.Add({{"service", service}}).Set(static_cast<double>(table_.workers(service)));

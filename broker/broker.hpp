@@ -136,6 +136,7 @@ class broker {
     hwm,
     unreachable,
     curve_refused,
+    service_limit,
     count
   };
   void drop(drop_reason reason, std::string_view detail);

@@ -22,6 +22,11 @@ void add_options(CLI::App& app, broker_config& c) {
                  "Waiting requests per service before new ones get 'busy'")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{10000000}));
+  app.add_option("--max-services", c.limits.max_services,
+                 "Services known at once; a request naming another gets 'unavailable' at once. Names no worker "
+                 "has served are forgotten when no request for them waits")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1000000}));
   app.add_option("--max-attempts", c.limits.max_attempts,
                  "Dispatches of one request before 'worker_lost'")
       ->capture_default_str()

@@ -18,9 +18,34 @@ service_table::serving* service_table::worker_entry::find(std::uint32_t service)
 }
 
 std::uint32_t service_table::service_index(const std::string& name) {
-  auto [it, inserted] = service_ids_.try_emplace(name, static_cast<std::uint32_t>(services_.size()));
-  if (inserted) services_.push_back(service_entry{.name = name});
-  return it->second;
+  if (auto it = service_ids_.find(name); it != service_ids_.end()) return it->second;
+  if (service_ids_.size() >= limits_.max_services) return none;
+  std::uint32_t index;
+  if (free_services_.empty()) {
+    index = static_cast<std::uint32_t>(services_.size());
+    services_.push_back(service_entry{.name = name});
+  } else {
+    index = free_services_.back();
+    free_services_.pop_back();
+    services_[index] = service_entry{.name = name};
+  }
+  service_ids_.emplace(name, index);
+  return index;
+}
+
+std::vector<std::string> service_table::prune() {
+  std::vector<std::string> gone;
+  for (std::uint32_t si = 0; si < services_.size(); ++si) {
+    auto& svc = services_[si];
+    // Never served: no worker holds or held a job of it, so no slot or
+    // worker refers to the index once its queue is empty.
+    if (!svc.live || svc.served || svc.waiting > 0) continue;
+    service_ids_.erase(svc.name);
+    gone.push_back(std::move(svc.name));
+    svc = service_entry{.live = false};
+    free_services_.push_back(si);
+  }
+  return gone;
 }
 
 std::uint32_t service_table::find(std::string_view id) const {
@@ -149,6 +174,7 @@ void service_table::heap_erase(std::uint32_t s) {
 service_table::admit service_table::submit(job&& work) {
   if (ids_.contains(work.id)) return admit::duplicate;
   auto service = service_index(work.service);
+  if (service == none) return admit::no_service;
   auto& svc = services_[service];
   if (svc.waiting >= limits_.queue_limit) return admit::busy;
   auto s = new_slot();
@@ -162,8 +188,10 @@ service_table::admit service_table::submit(job&& work) {
   return admit::queued;
 }
 
-void service_table::add_worker(const std::string& worker, const std::string& service, unsigned capacity) {
+bool service_table::add_worker(const std::string& worker, const std::string& service, unsigned capacity) {
   capacity = std::max(capacity, 1u);
+  auto si = service_index(service);
+  if (si == none) return false;
   auto [wit, inserted] = worker_ids_.try_emplace(worker, none);
   if (inserted) {
     if (free_workers_.empty()) {
@@ -176,8 +204,8 @@ void service_table::add_worker(const std::string& worker, const std::string& ser
     workers_[wit->second].name = worker;
   }
   auto w = wit->second;
-  auto si = service_index(service);
   auto& svc = services_[si];
+  svc.served = true;
   auto* serves = workers_[w].find(si);
   bool was_ready = serves && serves->busy < serves->capacity;
   if (!serves) {
@@ -191,6 +219,7 @@ void service_table::add_worker(const std::string& worker, const std::string& ser
     dispatch_due_ = true;
   }
   if (was_ready && !now_ready) std::erase(svc.ready, w);
+  return true;
 }
 
 std::vector<failure> service_table::remove_worker(const std::string& worker) {
@@ -358,7 +387,8 @@ std::size_t service_table::workers(const std::string& service) const {
 
 std::vector<std::string> service_table::services() const {
   std::vector<std::string> names;
-  for (const auto& svc : services_) names.push_back(svc.name);
+  for (const auto& svc : services_)
+    if (svc.live) names.push_back(svc.name);
   std::sort(names.begin(), names.end());
   return names;
 }

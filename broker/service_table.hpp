@@ -59,21 +59,30 @@ struct failure {
 struct table_limits {
   std::size_t queue_limit = 10000;  // waiting jobs per service
   unsigned max_attempts = 3;        // dispatches before worker_lost
+  std::size_t max_services = 1024;  // services known at once (see prune())
 };
 
 class service_table {
  public:
   explicit service_table(table_limits limits) : limits_{limits} {}
 
-  enum class admit { queued, busy, duplicate };
+  enum class admit { queued, busy, duplicate, no_service };
   /// Queues a job; `busy` when its service's queue is full, `duplicate` when
   /// a job with the same id is queued or held (even one that expired or was
-  /// cancelled, while its worker still works on it).
+  /// cancelled, while its worker still works on it), `no_service` when it
+  /// names a service the table does not know and max_services are known.
   admit submit(job&& work);  // moves from `work` only when queued
 
   /// Registers (or re-registers) a worker serving `service` with `capacity`
-  /// jobs at once.
-  void add_worker(const std::string& worker, const std::string& service, unsigned capacity);
+  /// jobs at once. False (nothing registered) when the service is new and
+  /// max_services are known.
+  bool add_worker(const std::string& worker, const std::string& service, unsigned capacity);
+
+  /// Forgets the services no worker has ever served that have no job left
+  /// (names requests made up, or asked for before their workers came), so
+  /// that such names cannot fill the table; returns their names. A service
+  /// that had a worker is kept, at 0 workers, for as long as the table lives.
+  std::vector<std::string> prune();
 
   /// Forgets a worker. Jobs it held go back to the front of their queues
   /// (attempts left) or come back as worker_lost failures.
@@ -145,6 +154,8 @@ class service_table {
     std::size_t waiting = 0;
     std::deque<std::uint32_t> ready;         // workers with free capacity, LRU first
     std::size_t worker_count = 0;
+    bool served = false;                     // a worker has served it
+    bool live = true;                        // false: pruned, its index free for reuse
   };
   struct serving {
     std::uint32_t service;
@@ -186,7 +197,8 @@ class service_table {
   using name_map = boost::unordered_flat_map<std::string, std::uint32_t, name_hash, std::equal_to<>>;
   name_map ids_;  // job id -> slot
   std::vector<service_entry> services_;
-  name_map service_ids_;
+  name_map service_ids_;                    // the live services' indices
+  std::vector<std::uint32_t> free_services_;  // indices of pruned services
   std::vector<worker_entry> workers_;
   std::vector<std::uint32_t> free_workers_;
   name_map worker_ids_;

@@ -143,7 +143,7 @@ TEST_P(BrokerTest, EveryDropReasonIsExportedFromTheStart) {
   start();
   for (const char* reason : {"malformed", "unknown_peer", "not_allowed", "bad_hello", "foreign_id", "foreign_sid",
                              "duplicate", "not_holder", "not_requester", "unroutable", "hwm", "unreachable",
-                             "curve_refused"})
+                             "curve_refused", "service_limit"})
     EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", reason), 0.0) << reason;
 }
 
@@ -482,6 +482,44 @@ TEST_P(BrokerTest, FullQueueAnswersBusyAtOnce) {
   ASSERT_TRUE(env) << "busy must come at once, not at the deadline";
   EXPECT_EQ(env->reply().id(), third);
   EXPECT_EQ(env->reply().code(), proto::BUSY);
+}
+
+// Made-up service names cannot fill the broker: past --max-services a new
+// name is answered UNAVAILABLE at once, and names no worker served are
+// forgotten, with their metric series, once no request for them waits.
+TEST_P(BrokerTest, ServiceNamesAreBoundedAndUnservedOnesForgotten) {
+  broker::broker_config config;
+  config.limits.max_services = 2;
+  start(config);
+  add_worker({workers::echo_service(1)}, "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  client.submit("made-up-1", "x", "[]", 300ms);
+  auto refused = client.submit("made-up-2", "x", "[]", 10s);
+  auto env = client.next(Envelope::kReply, 1s);
+  ASSERT_TRUE(env) << "the name past the bound must be refused at once";
+  EXPECT_EQ(env->reply().id(), refused);
+  EXPECT_EQ(env->reply().code(), proto::UNAVAILABLE);
+  EXPECT_EQ(env->reply().message(), "too many services: made-up-2");
+  EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "service_limit"), 1.0);
+  env = client.next(Envelope::kReply, 5s);  // made-up-1 at its deadline
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->reply().code(), proto::UNAVAILABLE);
+  ASSERT_TRUE(eventually([&] { return !metric("sidecast_broker_queue_depth", "service", "made-up-1"); }))
+      << "the unserved name was kept";
+  auto echo = client.submit("echo", "echo", "[1]", 5s);
+  auto third = client.submit("made-up-3", "x", "[]", 100ms);
+  for (int i = 0; i < 2; ++i) {
+    env = client.next(Envelope::kReply, 5s);
+    ASSERT_TRUE(env);
+    if (env->reply().id() == echo) {
+      EXPECT_EQ(env->reply().code(), proto::OK);
+    } else {  // queued (the pruned name left room), then expired
+      EXPECT_EQ(env->reply().id(), third);
+      EXPECT_NE(env->reply().message(), "too many services: made-up-3");
+    }
+  }
+  EXPECT_TRUE(metric("sidecast_broker_workers", "service", "echo")) << "a served name was forgotten";
 }
 
 TEST_P(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cctype>
 #include <map>
 #include <random>
@@ -40,8 +41,8 @@ using P = std::vector<std::pair<std::string, std::string>>;
 // ---------------------------------------------------------------- the table
 // Each case is a script of operations on one table, each with the answer
 // it must give (`run` below says what an operation writes):
-//   worker W SVC N     add_worker                  ""
-//   submit ID [SVC] [TIMEOUT_MS]  (svc, 10000)     queued | busy | duplicate
+//   worker W SVC N     add_worker                  "" | no_service
+//   submit ID [SVC] [TIMEOUT_MS]  (svc, 10000)     queued | busy | duplicate | no_service
 //   dispatch           "W:ID ..." in order (":ID#2": its second attempt)
 //   complete ID W      job (it ended) | held (a job W held, already over) | none
 //   cancel ID          queued | held by W | none
@@ -49,6 +50,7 @@ using P = std::vector<std::pair<std::string, std::string>>;
 //   expire MS          expire(t0 + MS): "ID:CODE[@W] ..."
 //   deadline           next_deadline() in ms after t0, or none
 //   queued SVC / workers SVC / in_flight           a count
+//   prune              the names it forgot, sorted; services: the known ones
 
 struct step {
   std::string op;
@@ -82,8 +84,7 @@ std::string run(service_table& t, const std::string& op) {
   if (verb == "worker") {
     unsigned n = 0;
     in >> a >> b >> n;
-    t.add_worker(a, b, n);
-    return "";
+    return t.add_worker(a, b, n) ? "" : "no_service";
   }
   if (verb == "submit") {
     std::string svc = "svc";
@@ -95,6 +96,7 @@ std::string run(service_table& t, const std::string& op) {
       case service_table::admit::queued: return "queued";
       case service_table::admit::busy: return "busy";
       case service_table::admit::duplicate: return "duplicate";
+      case service_table::admit::no_service: return "no_service";
     }
   }
   if (verb == "dispatch") {
@@ -135,6 +137,13 @@ std::string run(service_table& t, const std::string& op) {
   if (verb == "queued") return in >> a, std::to_string(t.queued(a));
   if (verb == "workers") return in >> a, std::to_string(t.workers(a));
   if (verb == "in_flight") return std::to_string(t.in_flight());
+  if (verb == "prune" || verb == "services") {
+    auto names = verb == "prune" ? t.prune() : t.services();
+    std::sort(names.begin(), names.end());
+    std::string out;
+    for (const auto& n : names) out += (out.empty() ? "" : " ") + n;
+    return out;
+  }
   ADD_FAILURE() << "unknown operation '" << op << "'";
   return "?";
 }
@@ -189,6 +198,16 @@ const std::vector<table_case>& cases() {
            {"worker w1 svc 1", ""}, {"worker w2 svc 1", ""}, {"submit a", "queued"}, {"dispatch", "w1:a"},
            {"complete a w2", "none"},  // an id w2 never held: not a completion
            {"complete a w1", "job"}, {"complete a w1", "none"}, {"in_flight", "0"}}},
+      // Names no worker serves live while their requests wait; past the
+      // bound a new name is refused, a served one is kept at 0 workers, and
+      // a pruned index is reused with nothing of its old service left.
+      {"services are bounded; names no worker served are forgotten", {.max_services = 2}, {
+           {"worker w1 svc 1", ""}, {"submit a junk1 1000", "queued"}, {"submit b junk2", "no_service"},
+           {"worker w2 late 1", "no_service"}, {"services", "junk1 svc"},
+           {"prune", ""}, {"expire 1000", "a:UNAVAILABLE"}, {"prune", "junk1"}, {"services", "svc"},
+           {"drop w1", ""}, {"prune", ""}, {"workers svc", "0"},
+           {"worker w2 late 1", ""}, {"submit c late", "queued"}, {"queued junk1", "0"}, {"dispatch", "w2:c"},
+           {"submit d junk3", "no_service"}}},
       {"cancel a queued job and a held one", {}, {
            {"worker w1 svc 1", ""}, {"submit a", "queued"}, {"submit b", "queued"}, {"dispatch", "w1:a"},
            {"cancel b", "queued"}, {"queued svc", "0"}, {"cancel a", "held by w1"}, {"cancel a", "none"},
