@@ -166,9 +166,13 @@ void broker::bind() {
   router_.set(zmq::sockopt::sndhwm, config_.sndhwm);
   router_.set(zmq::sockopt::rcvhwm, config_.rcvhwm);
   router_.set(zmq::sockopt::linger, 0);
+  // A peer's frame may declare any length: libzmq would allocate it. Past
+  // the bound it drops that connection (tcp and ipc; inproc has no decoder).
+  router_.set(zmq::sockopt::maxmsgsize, config_.max_message_bytes);
   router_.bind(config_.router_endpoint);
   xsub_.set(zmq::sockopt::rcvhwm, config_.rcvhwm);
   xsub_.set(zmq::sockopt::linger, 0);
+  xsub_.set(zmq::sockopt::maxmsgsize, config_.max_message_bytes);
   xsub_.bind(config_.xsub_endpoint);
   // Publishers send everything to the broker; gateways' subscriptions are
   // applied here, at the XPUB, so a join takes effect after one hop.
@@ -176,6 +180,7 @@ void broker::bind() {
   xsub_.send(zmq::buffer(&subscribe_all, 1));
   xpub_.set(zmq::sockopt::sndhwm, config_.sndhwm);
   xpub_.set(zmq::sockopt::linger, 0);
+  xpub_.set(zmq::sockopt::maxmsgsize, config_.max_message_bytes);  // subscriptions
   xpub_.bind(config_.xpub_endpoint);
   if (!config_.local_endpoint.empty()) local_ = std::make_unique<core::local_router>(config_.local_endpoint);
   spdlog::info("broker {} listening: router {}, xsub {}, xpub {}{}{}", config_.id, config_.router_endpoint,

@@ -40,6 +40,7 @@ struct broker_config {
   table_limits limits;
   int sndhwm = 100000;  // per peer, messages
   int rcvhwm = 100000;
+  std::int64_t max_message_bytes = 16 << 20;  // larger: libzmq drops the peer's connection
   std::size_t batch = 1024;  // messages handled per socket per loop turn
   std::string curve_secret;               // set: CURVE on every socket, only `curve_allow` keys admitted
   std::vector<std::string> curve_allow;   // Z85 public keys of gateways and workers

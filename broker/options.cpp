@@ -34,6 +34,11 @@ void add_options(CLI::App& app, broker_config& c) {
   app.add_option("--curve-secret", c.curve_secret,
                  "Broker's CURVE secret key (Z85): encrypts every socket and admits only --curve-allow keys");
   app.add_option("--curve-allow", c.curve_allow, "Public key (Z85) of a gateway or worker allowed in (repeatable)");
+  app.add_option("--max-message-bytes", c.max_message_bytes,
+                 "Largest message a peer may send (ROUTER, XSUB, XPUB); a larger one makes libzmq drop that "
+                 "peer's connection (tcp and ipc)")
+      ->capture_default_str()
+      ->check(CLI::Range(std::int64_t{1024}, std::int64_t{1} << 31));
   app.add_option("--hwm", c.sndhwm, "Send/receive high-water mark per peer, messages")
       ->capture_default_str()
       ->each([&c](const std::string&) { c.rcvhwm = c.sndhwm; });

@@ -99,6 +99,24 @@ TEST(Processes, BrokerRestartWorkersReannounceAndTrafficFlows) {
   EXPECT_EQ(broker->kill(SIGTERM), 0) << "SIGTERM is a clean exit";
 }
 
+// A frame may declare any length; past --max-message-bytes libzmq drops
+// the sender's connection instead of taking it in. The peer reconnects and
+// is served as before; the big request never reached a worker.
+TEST(Processes, AMessagePastTheSizeBoundIsNotTakenIn) {
+  ports p;
+  auto args = broker_args(p);
+  args.insert(args.end(), {"--max-message-bytes", "4096"});
+  child broker{"sidecast-broker", args};
+  child w{"sidecast-worker", worker_args(p, "wz")};
+  zmq::context_t ctx{1};
+  peer client{ctx, p.endpoint(p.router), "cz"};
+  ASSERT_TRUE(client.hello());
+  ASSERT_TRUE(echo_served(client));
+  client.submit("echo", "x", "[\"" + std::string(8192, 'a') + "\"]", 5s);
+  EXPECT_FALSE(client.next(Envelope::kReply, 1500ms)) << "the oversize request was served";
+  EXPECT_TRUE(echo_served(client)) << "the peer was not served after its connection was dropped";
+}
+
 TEST(Processes, BrokerMetricsAndHealth) {
   ports p;
   child broker{"sidecast-broker", broker_args(p)};
