@@ -4,7 +4,7 @@
 // file starts (and restarts) its own chat worker on a temporary database.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -17,7 +17,7 @@ let chatWorker;
 
 function startChat() {
   chatWorker = spawn(`${process.env.SIDECAST_BIN}/sidecast-worker`,
-    ["--service", "chat", "--chat-db", db, "--broker", process.env.SIDECAST_BROKER,
+    ["--service", "chat", "--chat-db", db, "--chat-keep", "28", "--broker", process.env.SIDECAST_BROKER,
      "--publish", process.env.SIDECAST_PUBLISH, "--log-level", "warn"], { stdio: "inherit" });
 }
 function stopChat() {
@@ -79,6 +79,27 @@ test("chat: history on join, presence, live messages", async () => {
   assert.deepEqual((await left).members, ["ann"], "a disconnect updates presence");
 });
 
+// The rows the chat worker keeps for a room, read from its SQLite file.
+function storedMessages(room) {
+  const r = spawnSync("/usr/bin/python3", ["-c",
+    "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute(" +
+    "'SELECT COUNT(*) FROM messages WHERE room = ?', (sys.argv[2],)).fetchone()[0])", db, room]);
+  assert.equal(r.status, 0, String(r.stderr));
+  return Number(String(r.stdout).trim());
+}
+
+test("chat: a room keeps its newest --chat-keep messages", async () => {
+  const room = "kept" + Date.now();
+  const a = await connect("/chat");
+  await ack(a, "join", room);
+  for (let i = 1; i <= 40; i++) await ack(a, "say", { room, text: `k${i}` });
+  assert.equal(storedMessages(room), 28, "this worker runs with --chat-keep 28");
+  const b = await connect("/chat");
+  const h = next(b, "history");
+  await ack(b, "join", room);
+  assert.deepEqual((await h).messages.map((m) => m.text), Array.from({ length: 25 }, (_, i) => `k${i + 16}`));
+});
+
 test("chat: history survives a chat worker restart", async () => {
   const room = "persist" + Date.now();
   const a = await connect("/chat");
@@ -96,6 +117,7 @@ test("chat: bad input is refused, not fatal", async () => {
   const a = await connect("/chat");
   assert.equal((await ack(a, "nick", "")).error, "bad_request");
   assert.equal((await ack(a, "say", { room: "x" })).error, "bad_request");
+  assert.equal((await ack(a, "say", { room: "x".repeat(65), text: "hi" })).error, "bad_request");
   assert.equal((await ack(a, "join", "x".repeat(65))).error, "bad_request");
   assert.equal((await ack(a, "nick", "fine")).nick, "fine");
 });

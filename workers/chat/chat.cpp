@@ -137,6 +137,8 @@ std::int64_t now_ms() {
 service chat_service(unsigned capacity, chat_options options) {
   auto db = std::make_shared<database>(options.database);
   auto history = options.history;
+  auto keep_per_room = static_cast<std::int64_t>(options.keep_per_room);
+  auto keep_total = options.keep_total;
   return service{"chat", capacity}
       .on("nick",
           [db](request req) {
@@ -187,14 +189,15 @@ service chat_service(unsigned capacity, chat_options options) {
             req.reply(json::serialize(json::array{json::object{{"room", *room}}}));
           })
       .on("say",
-          [db](request req) {
+          [db, keep_per_room, keep_total](request req) {
             auto args = req.args();
             const json::object* msg = !args.empty() && args[0].is_object() ? &args[0].as_object() : nullptr;
             auto* room = msg ? msg->if_contains("room") : nullptr;
             auto* text = msg ? msg->if_contains("text") : nullptr;
-            if (!room || !room->is_string() || !text || !text->is_string() || text->as_string().empty() ||
-                text->as_string().size() > max_text)
-              return (void)req.fail(proto::BAD_REQUEST, "say needs {room, text} with 1-2000 characters of text");
+            if (!room || !room->is_string() || room->as_string().empty() || room->as_string().size() > max_room ||
+                !text || !text->is_string() || text->as_string().empty() || text->as_string().size() > max_text)
+              return (void)req.fail(proto::BAD_REQUEST,
+                                    "say needs {room, text}: a room of 1-64 characters, 1-2000 characters of text");
             std::string r{room->as_string()}, t{text->as_string()};
             std::int64_t id, ts = now_ms();
             std::string nick;
@@ -204,6 +207,12 @@ service chat_service(unsigned capacity, chat_options options) {
               db->prepare("INSERT INTO messages(room, nick, sid, text, ts) VALUES(?, ?, ?, ?, ?)")
                   .bind(1, r).bind(2, nick).bind(3, req.sid()).bind(4, t).bind(5, ts).step();
               id = db->last_id();
+              // Bounded history: the room's newest keep_per_room, and ids
+              // grow by one, so the newest keep_total of all.
+              db->prepare("DELETE FROM messages WHERE room = ? AND id <= (SELECT id FROM messages WHERE room = ? "
+                          "ORDER BY id DESC LIMIT 1 OFFSET ?)")
+                  .bind(1, r).bind(2, r).bind(3, keep_per_room).step();
+              db->prepare("DELETE FROM messages WHERE id <= ?").bind(1, id - keep_total).step();
             }
             req.emit_to_room(r, "message", json::serialize(json::array{json::object{
                                                {"id", id}, {"room", r}, {"nick", nick}, {"text", t}, {"ts", ts}}}));

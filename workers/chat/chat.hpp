@@ -1,6 +1,7 @@
 #pragma once
 // The `chat` service (namespace /chat): rooms, nicknames, messages kept in
-// SQLite (WAL), the last 25 sent on join, presence per room.
+// SQLite (WAL), the last 25 sent on join, presence per room. What is kept
+// is bounded: the newest keep_per_room messages of a room, keep_total in all.
 //
 //   nick (name) (ack)            -> ack {nick}
 //   join (room) (ack)            -> event history {room, messages: [...]} to the
@@ -19,6 +20,8 @@ namespace sidecast::workers {
 struct chat_options {
   std::string database = "sidecast-chat.db";  // SQLite file; ":memory:" keeps nothing
   unsigned history = 25;                      // messages sent on join
+  unsigned keep_per_room = 1000;              // older messages of a room are deleted as new ones come
+  std::int64_t keep_total = 1000000;          // and the oldest of all past this many
 };
 
 /// Opens (and creates) the database; throws std::runtime_error when it cannot.

@@ -121,6 +121,12 @@ void add_options(CLI::App& app, builtin_options& o) {
       ->capture_default_str();
   app.add_option("--chat-history", o.chat.history, "Messages sent to a socket joining a chat room")
       ->capture_default_str();
+  app.add_option("--chat-keep", o.chat.keep_per_room, "Messages kept per chat room; older ones are deleted")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100000000u));
+  app.add_option("--chat-keep-total", o.chat.keep_total, "Messages kept in all chat rooms; the oldest are deleted")
+      ->capture_default_str()
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40));
   core::add_millis(app, "--vm-launch-ms", o.vm.launch_time, "Time one simulated VM takes to launch, ms");
   app.add_option("--vm-failure-rate", o.vm.failure_rate, "Chance that a simulated VM fails (0-1)")
       ->capture_default_str()
