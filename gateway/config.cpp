@@ -1,5 +1,6 @@
 #include "gateway/config.hpp"
 
+#include <limits>
 #include <stdexcept>
 
 #include "core/config.hpp"
@@ -22,6 +23,9 @@ std::vector<route> parse_routes(const std::vector<std::string>& entries) {
 }
 
 void add_options(CLI::App& app, gateway_config& c) {
+  // A count limit of 0 would refuse everything (or, for --api-buffer, drop
+  // from an empty queue): each must be at least 1.
+  const auto at_least_one = CLI::Range(std::size_t{1}, std::numeric_limits<std::size_t>::max());
   app.add_option("--gateway-id", c.id, "Gateway id, the prefix of every sid it issues (default gw-<random>)");
   app.add_option("--http", c.http, "HOST:PORT to serve HTTP and WebSocket on")->capture_default_str();
   app.add_option("--broker", c.broker, "Broker ROUTER endpoint")->capture_default_str();
@@ -46,37 +50,47 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 20));
   app.add_option("--max-namespaces", c.max_namespaces, "Namespaces one connection may join")
-      ->capture_default_str();
-  app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str();
-  app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
+  app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str()
+      ->check(at_least_one);
+  app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--max-polling-sessions", c.max_polling_sessions,
                  "Engine.IO sessions opened by a polling handshake, in all (each lives on after its request)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--max-polling-sessions-per-ip", c.max_polling_sessions_per_ip,
                  "Engine.IO sessions opened by a polling handshake from one address")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--max-header-bytes", c.max_header_bytes,
                  "Bytes of an HTTP request's start line and headers; more is answered 431")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1024}, std::size_t{1} << 20));
   app.add_option("--max-connections-per-ip", c.max_connections_per_ip, "Open TCP connections from one address")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--events-per-second", c.events_per_second,
                  "Client events per connection per second, sustained (token bucket; 0: no limit)")
       ->capture_default_str();
-  app.add_option("--events-burst", c.events_burst, "Client events per connection in a burst")->capture_default_str();
+  app.add_option("--events-burst", c.events_burst, "Client events per connection in a burst")->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--outbound-messages", c.outbound_messages,
                  "Frames queued for one connection before it is dropped as too slow")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--outbound-bytes", c.outbound_bytes,
                  "Bytes queued for one connection before it is dropped as too slow")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
   core::add_millis(app, "--request-timeout", c.request_timeout, "Deadline of each event and connect, ms");
   core::add_millis(app, "--idle-timeout", c.idle_timeout, "Close idle HTTP keep-alive connections after, ms");
   core::add_millis(app, "--drain-timeout", c.drain_timeout,
                    "On SIGTERM: close client transports, wait this long for them to go, then exit, ms");
   app.add_option("--bridge-queue", c.bridge_queue, "Commands queued from sessions to the ZeroMQ thread")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--hwm", c.hwm, "High-water mark of the broker link (each way) and the events socket, messages")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));
@@ -89,7 +103,8 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->capture_default_str();
   core::add_millis(app, "--recovery-window", c.recovery_window, "How long a dropped socket can be recovered, ms");
   app.add_option("--recovery-buffer", c.recovery_buffer, "Events kept per recoverable socket for replay")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--curve-secret", c.curve_secret, "This gateway's CURVE secret key (Z85)");
   app.add_option("--curve-server-key", c.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--jwt-secret", c.jwt_secret,
@@ -98,7 +113,8 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->check(CLI::ExistingFile);
   app.add_option("--api-key", c.api_keys, "Key accepted by POST /api/v1/publish (repeatable)");
   core::add_millis(app, "--api-session-ttl", c.api_session_ttl, "Close API sessions not polled for, ms");
-  app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str();
+  app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str()
+      ->check(at_least_one);
   app.add_flag("--engineio-echo", c.engineio_echo,
                "Also serve a bare Engine.IO endpoint at /engine.io/ that echoes every message (for the official "
                "engine.io-protocol test suite)");

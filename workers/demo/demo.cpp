@@ -1,5 +1,7 @@
 #include "workers/demo/demo.hpp"
 
+#include <algorithm>
+
 #include <boost/json.hpp>
 
 #include "core/config.hpp"
@@ -99,7 +101,9 @@ void delay(request req) {
     req.fail(proto::BAD_REQUEST, "delay needs a number of milliseconds");
     return;
   }
-  auto ms = std::chrono::milliseconds(static_cast<std::int64_t>(args[0].to_number<double>()));
+  // Clamped before the cast: a double past int64 (1e300) is undefined there.
+  auto ms = std::chrono::milliseconds(
+      static_cast<std::int64_t>(std::clamp(args[0].to_number<double>(), 0.0, 86400e3)));
   if (!req.cancel().sleep_for(ms)) {
     req.fail(proto::CANCELLED, "cancelled");
     return;
