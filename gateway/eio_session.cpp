@@ -35,7 +35,7 @@ struct replay_entry {
 // One socket's replay events, counted in the gateway's gauge.
 class replay_buffer {
  public:
-  explicit replay_buffer(prometheus::Gauge& held) : held_{held} {}
+  replay_buffer(prometheus::Gauge& held, prometheus::Counter& overflow) : held_{held}, overflow_{overflow} {}
   ~replay_buffer() { held_.Decrement(static_cast<double>(events_.size())); }
   replay_buffer(const replay_buffer&) = delete;
   replay_buffer& operator=(const replay_buffer&) = delete;
@@ -47,12 +47,21 @@ class replay_buffer {
   void push(replay_entry e, std::size_t limit) {
     events_.push_back(std::move(e));
     held_.Increment();
-    if (events_.size() > limit) pop();
+    if (events_.size() > limit) {
+      // The client may not have seen it: a recovery from before it is no
+      // longer whole (see lost()).
+      overflow_.Increment();
+      lost_ = std::max(lost_, events_.front().ev->offset());
+      pop();
+    }
   }
   boost::container::devector<replay_entry> take() {
     held_.Decrement(static_cast<double>(events_.size()));
     return std::exchange(events_, {});
   }
+  /// The offset of the newest event given up unconfirmed (0: none): a client
+  /// that saw less has a gap no replay can fill.
+  std::uint64_t lost() const { return lost_; }
 
  private:
   void pop() {
@@ -60,7 +69,15 @@ class replay_buffer {
     held_.Decrement();
   }
   prometheus::Gauge& held_;
+  prometheus::Counter& overflow_;
   boost::container::devector<replay_entry> events_;
+  std::uint64_t lost_ = 0;
+};
+
+// What a parked socket hands to the one that recovers it.
+struct replay_handover {
+  boost::container::devector<replay_entry> events;
+  std::uint64_t lost = 0;  // replay_buffer::lost()
 };
 
 }  // namespace
@@ -109,10 +126,10 @@ class sio_socket : public client_socket {
       // On the bridge thread, after the swap: every delivery to `old` was
       // posted before this.
       boost::asio::post(old->executor(), [old, self, offset] {
-        auto events = old->hand_over();
+        auto handed = old->hand_over();
         if (auto fresh = self.lock())
-          boost::asio::post(fresh->executor(), [fresh, events = std::move(events), offset]() mutable {
-            fresh->resume(std::move(events), offset);
+          boost::asio::post(fresh->executor(), [fresh, handed = std::move(handed), offset]() mutable {
+            fresh->resume(std::move(handed), offset);
           });
       });
     });
@@ -320,27 +337,33 @@ class sio_socket : public client_socket {
   }
 
   /// On the old socket's thread: it ends here, silently; its events go on.
-  boost::container::devector<replay_entry> hand_over() {
+  replay_handover hand_over() {
     hand_off();
     expiry_.cancel();
-    return replay_.take();
+    return {replay_.take(), replay_.lost()};
   }
 
   /// On the new socket's thread: the client learns it recovered, then gets
   /// what it missed (offset past the one it saw), then what came meanwhile.
-  void resume(boost::container::devector<replay_entry> events, std::uint64_t offset) {
+  /// When events it missed were given up (more than --recovery-buffer came
+  /// while it was away), it learns that it did not recover: a CONNECT with
+  /// a new pid (socket.recovered false), so the app fetches its state again.
+  /// The sid and its rooms stay; only what came since is sent.
+  void resume(replay_handover handed, std::uint64_t offset) {
     recovering_ = false;
     auto eio = eio_.lock();
     if (!eio) return;
     mark_connected();
-    gw_.metrics().recovered.Increment();
+    bool whole = handed.lost <= offset;
+    if (whole) gw_.metrics().recovered.Increment();
+    else pid_ = gw_.new_sid();
     socketio::packet p;
     p.type = socketio::packet_type::connect;
     p.nsp = nsp();
     p.data = json::serialize(json::object{{"sid", sid()}, {"pid", pid_}});
     eio->send_socketio(p);
-    for (const auto& e : events) {
-      if (e.ev->offset() <= offset) continue;  // the client has it
+    for (const auto& e : handed.events) {
+      if (!whole || e.ev->offset() <= offset) continue;  // the client has it, or starts afresh
       remember(e.ev, eio.get());
       send_shared(*eio, e.ev);
     }
@@ -356,7 +379,8 @@ class sio_socket : public client_socket {
   timer expiry_;
   bool detached_ = false;
   bool recovering_ = false;
-  replay_buffer replay_{gw_.metrics().replay_events};  // events the client may not have seen
+  // Events the client may not have seen.
+  replay_buffer replay_{gw_.metrics().replay_events, gw_.metrics().replay_overflow};
   std::vector<std::shared_ptr<const outbound_event>> pending_;  // while recovering
   boost::container::devector<ack_entry> acks_;
   std::uint64_t next_tag_ = 0;

@@ -43,6 +43,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       bad_frame{dropped.Add({{"reason", "bad_frame"}})},
       ack_limit{dropped.Add({{"reason", "ack_limit"}})},
       undelivered{dropped.Add({{"reason", "undelivered"}})},
+      replay_overflow{dropped.Add({{"reason", "replay_overflow"}})},
       rate_limited{dropped.Add({{"reason", "rate_limited"}})},
       room_limit{dropped.Add({{"reason", "room_limit"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},

@@ -37,6 +37,7 @@ struct gateway_metrics {
   prometheus::Counter& bad_frame;    // WebSocket frames against RFC 6455 (close 1002) or text not UTF-8 (1007)
   prometheus::Counter& ack_limit;    // events refused: --max-pending-acks already waiting for their ack or reply
   prometheus::Counter& undelivered;  // worker events a socket could not take (connecting, recovering, acks full, gone)
+  prometheus::Counter& replay_overflow;  // events past --recovery-buffer a client may not have seen
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
   prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces

@@ -495,6 +495,80 @@ class EarlyEventsEndToEndTest(InProcessWorkerTest):
                          [("early", i) for i in range(6)] + [("early_ack", "x")])
 
 
+class RecoveryBufferEndToEndTest(InProcessWorkerTest):
+    """Connection-state recovery past --recovery-buffer (3 here). A client
+    that missed more events than the gateway kept is told it did not recover
+    (the CONNECT answer carries a new pid: socket.recovered is false, and the
+    app fetches its state again), instead of recovering with a silent gap;
+    one that missed fewer gets them. Raw Socket.IO frames over a WebSocket:
+    python-socketio has no client side of recovery."""
+
+    gateway_id = "gwR"
+    gateway_args = ("--recovery", "/rec", "--recovery-buffer", "3", "--ping-interval", "60000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("rec", capacity=4)
+
+        @svc.on_connect
+        def accept(req):
+            pass
+
+        return svc
+
+    def connect(self, auth=None):
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/socket.io/?EIO=4&transport=websocket",
+                                         timeout=WAIT)
+        self.assertTrue(ws.recv().startswith("0"))
+        ws.send("40/rec," + (json.dumps(auth) if auth else ""))
+        answer = ws.recv()
+        self.assertTrue(answer.startswith("40/rec,"), answer)
+        return ws, json.loads(answer[len("40/rec,"):])
+
+    def event(self, ws):
+        frame = ws.recv()
+        self.assertTrue(frame.startswith("42/rec,"), frame)
+        name, n, offset = json.loads(frame[len("42/rec,"):])
+        return n, offset
+
+    def away_while(self, sent):
+        """Connects, sees event 0, drops the transport, and the worker sends
+        `sent` more; returns what the client knows (sid, pid, offset)."""
+        ws, hello = self.connect()
+        self.worker.emit_to_sid(hello["sid"], "n", 0, nsp="/rec")
+        n, offset = self.event(ws)
+        self.assertEqual(n, 0)
+        ws.close()  # no Socket.IO disconnect: the socket is kept for recovery
+        self.assertTrue(eventually(lambda: metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_connections",
+                                                  transport="websocket") == 0), "the gateway never saw the close")
+        before = dropped(self.http_port, "replay_overflow")
+        for i in range(1, sent + 1):
+            self.worker.emit_to_sid(hello["sid"], "n", i, nsp="/rec")
+        # Kept: event 0 (unconfirmed: no ping ran) and the newest ones, 3 in all.
+        self.assertTrue(eventually(lambda: dropped(self.http_port, "replay_overflow") == before + max(0, sent - 2)))
+        return hello["sid"], hello["pid"], offset
+
+    def test_a_client_that_missed_what_was_kept_gets_it(self):
+        sid, pid, offset = self.away_while(2)
+        ws, hello = self.connect({"pid": pid, "offset": offset})
+        self.addCleanup(ws.close)
+        self.assertEqual(hello, {"sid": sid, "pid": pid}, "not recovered")
+        self.assertEqual([self.event(ws)[0] for _ in range(2)], [1, 2])
+
+    def test_a_client_that_missed_more_is_told_it_did_not_recover(self):
+        sid, pid, offset = self.away_while(5)
+        ws, hello = self.connect({"pid": pid, "offset": offset})
+        self.addCleanup(ws.close)
+        self.assertEqual(hello["sid"], sid, "the sid and its rooms stay")
+        self.assertNotEqual(hello["pid"], pid, "told it recovered, with events 1 and 2 lost")
+        ws.settimeout(0.3)
+        import websocket
+        with self.assertRaises(websocket.WebSocketTimeoutException, msg="events replayed after a gap"):
+            ws.recv()
+
+
 class WorkerArgsTest(unittest.TestCase):
     """Event and answer args are bytes the broker passes on unread; the
     gateway checks they are JSON before they reach a client. A fake worker
