@@ -131,8 +131,12 @@ class api_session : public client_socket {
     });
   }
 
+  /// Its place under the session limits, given back when it closes.
+  void hold(std::shared_ptr<void> place) { place_ = std::move(place); }
+
   void close(const std::string& reason) {
     if (closed()) return;
+    place_.reset();
     gw_.metrics().api_sessions.Decrement();
     end(reason);
     gw_.api().remove(sid());
@@ -165,6 +169,7 @@ class api_session : public client_socket {
   void on_connect_answer(reply_data reply) override {
     auto created = std::exchange(created_, nullptr);
     if (reply.code != proto::OK) {
+      place_.reset();
       gw_.metrics().api_sessions.Decrement();
       gw_.api().remove(sid());
       for (; !events_.empty(); events_.pop_front()) drop_event({}, "the session's connect was refused");
@@ -218,6 +223,7 @@ class api_session : public client_socket {
   std::unordered_map<std::uint64_t, std::shared_ptr<reply_slot>> acks_;
   std::uint64_t next_tag_ = 0;
   clock::time_point last_seen_{};
+  std::shared_ptr<void> place_;
 };
 
 void api::remove(const std::string& sid) {
@@ -232,7 +238,7 @@ std::shared_ptr<api_session> api::find(const std::string& sid) {
 }
 
 asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, std::string_view path,
-                                         const boost::urls::params_view& params) {
+                                         const boost::urls::params_view& params, const std::string& peer) {
   auto ex = co_await asio::this_coro::executor;
   constexpr std::string_view prefix = "/api/v1/sessions";
   if (path == "/api/v1/publish") {
@@ -257,14 +263,17 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     }
     const auto* service = gw_.service_for(nsp);
     if (!service) co_return error(404, "Invalid namespace");
+    // A session outlives the request that opened it, as a polling one does:
+    // both take a place under --max-polling-sessions(-per-ip).
+    auto place = gw_.polling_sessions().admit(peer);
+    if (!place) {
+      gw_.metrics().session_limit.Increment();
+      co_return error(503, "too many sessions");
+    }
     auto session = std::make_shared<api_session>(gw_, ex, nsp, *service, std::move(auth));
+    session->hold(std::move(place));
     {
       std::lock_guard lock{mutex_};
-      // API sessions count against the connection limit: each holds state.
-      if (sessions_.size() >= gw_.config().max_connections) {
-        gw_.metrics().connection_limit.Increment();
-        co_return error(503, "too many sessions");
-      }
       sessions_[session->sid()] = session;
     }
     auto slot = std::make_shared<reply_slot>(ex);

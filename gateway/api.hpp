@@ -26,9 +26,10 @@ class api {
  public:
   explicit api(gateway& gw) : gw_{gw} {}
 
-  /// Answers a request whose path starts with /api/v1/.
+  /// Answers a request whose path starts with /api/v1/, from address `peer`.
   boost::asio::awaitable<http_answer> handle(boost::beast::http::request<boost::beast::http::string_body>& req,
-                                             std::string_view path, const boost::urls::params_view& params);
+                                             std::string_view path, const boost::urls::params_view& params,
+                                             const std::string& peer);
 
   void remove(const std::string& sid);
   std::shared_ptr<api_session> find(const std::string& sid);

@@ -210,7 +210,7 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
     answer = co_await engine_io(gw, req, params, echo, peer);
   } else if (path.starts_with("/api/v1/")) {
     auto params = target->params();
-    answer = co_await gw.api().handle(req, path, params);
+    answer = co_await gw.api().handle(req, path, params, peer);
   } else if (path == "/metrics") {
     answer = {200, "text/plain; version=0.0.4", core::serialize(*gw.registry())};
   } else if (path == "/healthz") {

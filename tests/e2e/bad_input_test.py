@@ -260,6 +260,27 @@ class HttpErrors(unittest.TestCase):
         for sid in sids[1:]:
             post(sid, "1")
 
+    def test_api_sessions_per_address_are_capped(self):
+        # API sessions outlive their request too, and take places under the
+        # same limit (--max-polling-sessions-per-ip 50 here).
+        source = "127.0.0.79"
+        body = json.dumps({"nsp": "/"})
+        sids = []
+        for _ in range(50):
+            status, answer, _ = request("POST", "/api/v1/sessions", body, source=source)
+            self.assertEqual(status, 201, answer)
+            sids.append(json.loads(answer)["sid"])
+        before = metric_value("sidecast_gateway_dropped_total", 'reason="session_limit"')
+        status, answer, _ = request("POST", "/api/v1/sessions", body, source=source)
+        self.assertEqual((status, json.loads(answer)), (503, {"error": "too many sessions"}))
+        self.assertEqual(metric_value("sidecast_gateway_dropped_total", 'reason="session_limit"'), before + 1)
+        self.assertEqual(request("POST", "/api/v1/sessions", body)[0], 201, "another address was refused")
+        # A session that ends gives its place back.
+        self.assertEqual(request("DELETE", f"/api/v1/sessions/{sids[0]}", source=source)[0], 204)
+        self.assertEqual(request("POST", "/api/v1/sessions", body, source=source)[0], 201)
+        for sid in sids[1:]:
+            request("DELETE", f"/api/v1/sessions/{sid}")
+
 
 class SocketIoErrors(unittest.TestCase):
     def closes(self, payload):
