@@ -1,5 +1,6 @@
 #include "gateway/eio_session.hpp"
 
+#include <array>
 #include <charconv>
 
 #include <boost/json.hpp>
@@ -102,8 +103,12 @@ class sio_socket : public client_socket {
 
   /// The transport is gone: keep the sid, its rooms and what it is sent
   /// (up to --recovery-buffer events) for --recovery-window, then give up.
-  void detach() {
+  /// It keeps the places its session held under the connection limits
+  /// (per address too) until then, so dropping transports on purpose
+  /// cannot pile up parked sockets past them.
+  void detach(std::array<std::shared_ptr<void>, 2> places) {
     detached_ = true;
+    places_ = std::move(places);
     eio_.reset();
     gw_.park(pid_, std::static_pointer_cast<client_socket>(shared_from_this()));
     expiry_.expires_after(gw_.config().recovery_window);
@@ -178,7 +183,10 @@ class sio_socket : public client_socket {
     for (auto& [id, ack] : std::exchange(server_acks_, {})) refuse_ack(std::move(ack), proto::UNAVAILABLE, why);
   }
 
-  void on_end() override { give_up("the client is gone"); }
+  void on_end() override {
+    places_ = {};
+    give_up("the client is gone");
+  }
 
   void on_ack(socketio::packet p, std::vector<std::string> attachments) {
     auto it = server_acks_.find(*p.id);
@@ -339,6 +347,7 @@ class sio_socket : public client_socket {
   /// On the old socket's thread: it ends here, silently; its events go on.
   replay_handover hand_over() {
     hand_off();
+    places_ = {};
     expiry_.cancel();
     return {replay_.take(), replay_.lost()};
   }
@@ -379,6 +388,7 @@ class sio_socket : public client_socket {
   timer expiry_;
   bool detached_ = false;
   bool recovering_ = false;
+  std::array<std::shared_ptr<void>, 2> places_;  // while parked: see detach()
   // Events the client may not have seen.
   replay_buffer replay_{gw_.metrics().replay_events, gw_.metrics().replay_overflow};
   std::vector<std::shared_ptr<const outbound_event>> pending_;  // while recovering
@@ -825,7 +835,8 @@ void eio_session::close(const char* reason) {
   connect_timer_.cancel();
   if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "1"});
   for (auto& [nsp, socket] : std::exchange(sockets_, {})) {
-    if (socket->recoverable() && std::string_view{reason} != "server shutting down") socket->detach();
+    if (socket->recoverable() && std::string_view{reason} != "server shutting down")
+      socket->detach({slot_, ws_ ? ws_->place() : nullptr});
     else socket->end(reason);
   }
   gw_.remove_session(sid_);

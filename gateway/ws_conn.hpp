@@ -95,13 +95,16 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   using message_handler = std::function<void(std::string data, bool binary)>;
   using close_handler = std::function<void()>;
 
-  /// `hold` lives as long as the connection (its connection-limit slot).
+  /// `hold` lives as long as the connection (its connection-limit slot),
+  /// and as long as anyone keeps a copy of place().
   ws_conn(boost::beast::tcp_stream stream, ws_limits limits, gateway_metrics& metrics, std::shared_ptr<void> hold = {});
   /// The same, on `home`'s io_context instead of the stream's: the
   /// descriptor moves there (an upgrade that arrived on another thread than
   /// its session's). Call accept() on `home`'s thread.
   ws_conn(boost::beast::tcp_stream stream, const boost::asio::any_io_executor& home, ws_limits limits,
           gateway_metrics& metrics, std::shared_ptr<void> hold = {});
+  /// The connection's place under the connection limits.
+  const std::shared_ptr<void>& place() const { return hold_; }
   ~ws_conn();
 
   /// Completes the upgrade `request`, then reads until the peer goes away.

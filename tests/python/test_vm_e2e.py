@@ -495,16 +495,10 @@ class EarlyEventsEndToEndTest(InProcessWorkerTest):
                          [("early", i) for i in range(6)] + [("early_ack", "x")])
 
 
-class RecoveryBufferEndToEndTest(InProcessWorkerTest):
-    """Connection-state recovery past --recovery-buffer (3 here). A client
-    that missed more events than the gateway kept is told it did not recover
-    (the CONNECT answer carries a new pid: socket.recovered is false, and the
-    app fetches its state again), instead of recovering with a silent gap;
-    one that missed fewer gets them. Raw Socket.IO frames over a WebSocket:
-    python-socketio has no client side of recovery."""
-
-    gateway_id = "gwR"
-    gateway_args = ("--recovery", "/rec", "--recovery-buffer", "3", "--ping-interval", "60000")
+class RecoveryTest(InProcessWorkerTest):
+    """A gateway with recovery in the namespace /rec of an in-process Python
+    worker, and raw Socket.IO frames over a WebSocket (python-socketio has no
+    client side of recovery)."""
 
     @classmethod
     def service(cls):
@@ -533,6 +527,24 @@ class RecoveryBufferEndToEndTest(InProcessWorkerTest):
         name, n, offset = json.loads(frame[len("42/rec,"):])
         return n, offset
 
+    def drop_transport(self, ws):
+        """Closes `ws` with no Socket.IO disconnect (the socket is kept for
+        recovery) and waits until the gateway has seen it."""
+        ws.close()
+        self.assertTrue(eventually(lambda: metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_connections",
+                                                  transport="websocket") == 0), "the gateway never saw the close")
+
+
+class RecoveryBufferEndToEndTest(RecoveryTest):
+    """Connection-state recovery past --recovery-buffer (3 here). A client
+    that missed more events than the gateway kept is told it did not recover
+    (the CONNECT answer carries a new pid: socket.recovered is false, and the
+    app fetches its state again), instead of recovering with a silent gap;
+    one that missed fewer gets them."""
+
+    gateway_id = "gwR"
+    gateway_args = ("--recovery", "/rec", "--recovery-buffer", "3", "--ping-interval", "60000")
+
     def away_while(self, sent):
         """Connects, sees event 0, drops the transport, and the worker sends
         `sent` more; returns what the client knows (sid, pid, offset)."""
@@ -540,9 +552,7 @@ class RecoveryBufferEndToEndTest(InProcessWorkerTest):
         self.worker.emit_to_sid(hello["sid"], "n", 0, nsp="/rec")
         n, offset = self.event(ws)
         self.assertEqual(n, 0)
-        ws.close()  # no Socket.IO disconnect: the socket is kept for recovery
-        self.assertTrue(eventually(lambda: metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_connections",
-                                                  transport="websocket") == 0), "the gateway never saw the close")
+        self.drop_transport(ws)
         before = dropped(self.http_port, "replay_overflow")
         for i in range(1, sent + 1):
             self.worker.emit_to_sid(hello["sid"], "n", i, nsp="/rec")
@@ -567,6 +577,31 @@ class RecoveryBufferEndToEndTest(InProcessWorkerTest):
         import websocket
         with self.assertRaises(websocket.WebSocketTimeoutException, msg="events replayed after a gap"):
             ws.recv()
+
+
+class ParkedSocketsTest(RecoveryTest):
+    """A socket kept for recovery keeps its connection's place under the
+    connection limits (--max-connections 3 here) until it is recovered or
+    its window ends: dropping transports on purpose cannot pile up parked
+    sockets past the limits."""
+
+    gateway_id = "gwK"
+    gateway_args = ("--recovery", "/rec", "--max-connections", "3")
+
+    def test_parked_sockets_keep_their_places(self):
+        for _ in range(2):
+            ws, _ = self.connect()
+            self.drop_transport(ws)
+        live, _ = self.connect()  # the third place
+        self.addCleanup(live.close)
+        import socket
+        with socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT) as s:
+            try:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = s.recv(100)
+            except ConnectionError:
+                answer = b""
+        self.assertEqual(answer, b"", "a fourth connection was served: the parked sockets held no place")
 
 
 class WorkerArgsTest(unittest.TestCase):
