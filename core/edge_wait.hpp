@@ -8,7 +8,7 @@
 // completes the wait. The gateway waits again after every batch of ready
 // WebSocket connections (core/edge_set.hpp), and on a VM where a system
 // call costs about a microsecond that MOD was 0.3 calls per echo ack, and
-// 4% of the demo's CPU during `echo` ×100 (docs/performance.md).
+// 4% of the demo's CPU during `echo` ×100 (docs/performance-log.md).
 //
 // How: the reactor skips the re-arm for a read operation that may be tried
 // speculatively. This wait is such an operation whose speculative try never

@@ -5,7 +5,7 @@
 // Why: `sidecast demo --threads 1` runs the broker, the built-in workers and
 // the gateway in one process. With a thread each, one Socket.IO ack crossed
 // four local:// hops, and at one connection each hop woke a sleeping thread
-// (an eventfd write, a poll wake-up, a context switch: docs/performance.md).
+// (an eventfd write, a poll wake-up, a context switch: docs/performance-log.md).
 // Driven by the gateway's io_context, the broker's and the worker's turns
 // run on the gateway's thread between its own handlers, and a local://
 // message to one of them schedules its turn (a post, no system call)

@@ -6,7 +6,7 @@
 // Since glibc 2.25 getpid() is a system call every time. On the hosts this
 // project is measured on (paravirtualised VMs) one costs ≈ 0.95 µs, and the
 // split topology made ≈ 1.8 of them per echo: ≈ 30% of its system calls
-// (docs/performance.md, "getpid").
+// (docs/performance-log.md, "getpid").
 //
 // The executables define getpid() themselves, which the dynamic linker
 // binds libzmq's calls to (an executable's definitions come first). The pid

@@ -6,7 +6,7 @@
 // null system call), and an echo costs its connection one recv and one
 // sendmsg. When a batch of connections is ready at once, io_uring makes all
 // their calls in one entry: bench/run measured ≈ 2.8 µs less CPU per
-// recv + sendmsg pair (docs/performance.md).
+// recv + sendmsg pair (docs/performance-log.md).
 //
 // Nothing here is asynchronous. Every call carries MSG_DONTWAIT, so the
 // kernel completes it during the submission (data, or -EAGAIN at once), and
