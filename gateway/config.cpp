@@ -49,6 +49,11 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "answered busy at once")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 20));
+  app.add_option("--max-awaited-acks", c.max_awaited_acks,
+                 "Workers' emits to one Socket.IO socket that may wait for the client's ack; past it the oldest "
+                 "is answered TIMEOUT to its worker")
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--max-namespaces", c.max_namespaces, "Namespaces one connection may join")
       ->capture_default_str()
       ->check(at_least_one);

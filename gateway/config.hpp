@@ -33,6 +33,7 @@ struct gateway_config {
   std::size_t max_namespaces = 32;                // namespaces one connection may join
   std::size_t max_rooms = 256;                    // rooms one socket may be in
   std::size_t max_pending_acks = 1024;            // events of a connection waiting for their ack (/ws: reply)
+  std::size_t max_awaited_acks = 1024;            // workers' emits to a socket waiting for the client's ack
   std::size_t max_connections = 50000;            // open TCP connections
   std::size_t max_connections_per_ip = 1000;      // open TCP connections from one address
   std::size_t max_polling_sessions = 50000;       // Engine.IO sessions opened by a polling handshake

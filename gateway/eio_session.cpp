@@ -24,8 +24,6 @@ std::string as_array(std::string&& args) {
   return "[" + args + "]";
 }
 
-constexpr std::size_t max_server_acks = 1024;  // our emits waiting for the client's ack, per socket
-
 // An event kept for connection-state recovery, with the number of the
 // session send that carried it (eio_session::sent()).
 struct replay_entry {
@@ -234,7 +232,7 @@ class sio_socket : public client_socket {
     p.id = ++next_server_ack_;
     p.data = socketio::join_event(ev->event(), ev->args());
     p.attachments = ev->attachments().size();
-    if (server_acks_.size() >= max_server_acks) {
+    if (server_acks_.size() >= gw_.config().max_awaited_acks) {
       // The oldest (ids grow) gives way: its worker hears so at once.
       auto oldest = server_acks_.begin();
       gw_.metrics().undelivered.Increment();

@@ -265,11 +265,11 @@ class ExceptSidsEndToEndTest(InProcessWorkerTest):
     passes them on over PUB/SUB, and the gateway skips the excluded sockets,
     as Socket.IO's ``socket.to(room).emit()`` leaves the sender out. Three
     python-socketio clients on one gateway: a and b in room "r", c not. The
-    same gateway (--max-pending-acks 2) serves the tests of acks awaited on
-    either side."""
+    same gateway (--max-pending-acks 2, --max-awaited-acks 2) serves the
+    tests of acks awaited on either side."""
 
     gateway_id = "gwX"
-    gateway_args = ("--max-pending-acks", "2")
+    gateway_args = ("--max-pending-acks", "2", "--max-awaited-acks", "2")
 
     @classmethod
     def service(cls):
@@ -355,6 +355,26 @@ class ExceptSidsEndToEndTest(InProcessWorkerTest):
         # for the client that left as soon as its socket ends.
         self.assertEqual(self.asked.get(timeout=WAIT), "UNAVAILABLE")
         self.assertLess(time.monotonic() - left, WAIT)
+
+    def test_past_max_awaited_acks_the_oldest_is_answered_timeout(self):
+        # --max-awaited-acks 2: a client that never acks holds two of the
+        # worker's emits; a third makes the oldest give way, answered at once.
+        # Raw frames: python-socketio acks every event, handled or not.
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/socket.io/?EIO=4&transport=websocket",
+                                         timeout=WAIT)
+        self.assertTrue(ws.recv().startswith("0"))
+        ws.send("40/ex,")
+        self.assertTrue(ws.recv().startswith("40/ex,"))
+        before = dropped(self.http_port, "undelivered")
+        for i in range(3):
+            ws.send(f'42/ex,{i}["ask"]')
+            frames = [ws.recv(), ws.recv()]  # the question (with an ack id) and the ask's ack, in either order
+            self.assertIn(f"43/ex,{i}[true]", frames)
+        self.assertEqual(self.asked.get(timeout=WAIT), "TIMEOUT")
+        self.assertEqual(dropped(self.http_port, "undelivered"), before + 1)
+        ws.close()
+        self.assertEqual([self.asked.get(timeout=WAIT) for _ in range(2)], ["UNAVAILABLE"] * 2)
 
     def test_flooding_with_events_awaiting_acks_cuts_the_client_off(self):
         # --max-pending-acks 2: two wait for the worker, the next two are
