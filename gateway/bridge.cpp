@@ -71,7 +71,11 @@ const std::string& outbound_event::ws_frame() const {
 // ---- bridge ----
 
 bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics)
-    : config_{config}, context_{context}, metrics_{metrics}, id_{config.id} {}
+    : config_{config},
+      context_{context},
+      metrics_{metrics},
+      id_{config.id},
+      backlog_{config.max_thread_backlog, metrics.thread_backlog} {}
 
 bridge::~bridge() { stop(); }
 
@@ -211,6 +215,8 @@ namespace {
 
 constexpr auto later = [](const auto& a, const auto& b) { return a.first > b.first; };
 constexpr std::size_t shrink_above = 4096;  // deadline entries an idle bridge keeps room for
+// Why a delivery to a session's thread was refused (--max-thread-backlog).
+constexpr std::string_view kThreadBehind = "the gateway thread of the socket is behind";
 
 }  // namespace
 
@@ -480,9 +486,11 @@ void bridge::reply_to(pending p, reply_data reply) {
   if (!sink) return;
   // On the io_context's own executor: one operation, where any_io_executor
   // would wrap the handler in a second allocation.
-  to_sink(sink->executor(), [sink, tag = p.tag, reply = std::move(reply)]() mutable {
-    sink->deliver_reply(tag, std::move(reply));
-  });
+  // Never refused: replies are bounded by the requests in flight.
+  to_sink(
+      sink->executor(),
+      [sink, tag = p.tag, reply = std::move(reply)]() mutable { sink->deliver_reply(tag, std::move(reply)); }, 1,
+      thread_backlog::kind::owed);
 }
 
 void bridge::expire(clock::time_point now) {
@@ -572,9 +580,13 @@ void bridge::deliver_emit(const proto::Emit& emit) {
   auto ev = std::make_shared<const outbound_event>(
       nsp, emit.event(), emit.args(),
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
-  to_sink(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
-    sink->deliver(std::move(ev), std::move(ack));
-  });
+  if (!to_sink(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
+        sink->deliver(std::move(ev), std::move(ack));
+      })) {
+    if (!emit.ack_id().empty()) refuse_ack(emit.ack_id(), kThreadBehind);
+    report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), kThreadBehind);
+    return;
+  }
   if (emit.report_delivery()) report(emit.origin(), proto::DeliveryReport::DELIVERED, emit.sid(), emit.ref());
 }
 
@@ -609,8 +621,8 @@ void bridge::on_control(const proto::Control& control) {
       return;
     }
     case proto::Control::DISCONNECT:
-      if (auto sink = m.sink.lock())
-        to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); });
+      if (auto sink = m.sink.lock(); sink && !to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); }))
+        report(control.origin(), proto::DeliveryReport::REJECTED, control.sid(), control.ref(), kThreadBehind);
       return;
     default: return;
   }
@@ -657,9 +669,10 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
       for (const auto& s : sinks) to_sink(ex, [&s, &ev] { s->deliver(ev, {}); });  // one failing sink skips no other
       continue;
     }
-    boost::asio::post(ex, [sinks = std::move(sinks), ev] {
+    auto n = sinks.size();
+    backlog_.post(ex, [sinks = std::move(sinks), ev] {
       for (const auto& s : sinks) s->deliver(ev, {});
-    });
+    }, n);  // refused: counted (thread_backlog), as a slow consumer's frames are
   }
 }
 
@@ -683,6 +696,16 @@ void bridge::remove_from_topic(const std::string& topic, const std::string& sid)
     if (topic.front() == 'r') metrics_.rooms.Decrement();
     topics_.erase(it);
   }
+}
+
+void bridge::refuse_ack(const std::string& ack_id, std::string_view why) {
+  Envelope env;
+  auto* r = env.mutable_reply();
+  r->set_id(ack_id);
+  r->set_code(proto::BUSY);
+  r->set_message(std::string{why});
+  send_to_broker(core::message_of(env));
+  link_watch_.dirty = true;
 }
 
 void bridge::report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,

@@ -5,7 +5,8 @@
 // that thread's io_context, so a request and its reply cross no thread on
 // their way through the gateway; with several, it has its own thread.
 // Sessions hand it commands by posting (bounded in number); it hands
-// deliveries back by posting onto each sink's executor. It also owns the
+// deliveries back by posting onto each sink's executor (bounded in number
+// per thread, thread_backlog.hpp). It also owns the
 // gateway's view of who is where: sid -> sink, room -> local sids, and
 // requests awaiting replies.
 #include <array>
@@ -35,6 +36,7 @@
 #include "gateway/metrics.hpp"
 #include "gateway/reply_slot.hpp"
 #include "gateway/sink.hpp"
+#include "gateway/thread_backlog.hpp"
 
 namespace sidecast::core {
 class peer_link;
@@ -80,6 +82,12 @@ class bridge {
   /// Serves forwarded requests for our own sids (set before start()); the
   /// handler runs on the bridge thread and must not block.
   void on_forward(std::function<void(proto::HttpForward)> handler) { forward_handler_ = std::move(handler); }
+  /// Bridge thread (a forward handler): posts `handler` to a session's
+  /// thread under that thread's --max-thread-backlog; false when refused.
+  template <typename Handler>
+  bool hand_to(const io_executor& ex, Handler&& handler) {
+    return backlog_.post(ex, std::forward<Handler>(handler));
+  }
 
   /// A new request id "<gateway id>:<n>", n in base 36 (lower case).
   std::string next_id();
@@ -121,10 +129,13 @@ class bridge {
   template <typename Command>
   bool post(Command&& command);
   // Runs `delivery` (a call into a sink) on `ex`: at once when that is the
-  // bridge's own thread (--threads 1), else posted. Every delivery to a
-  // sink goes through here, so a sink sees them in the bridge's order.
+  // bridge's own thread (--threads 1), else posted, counting `weight` (the
+  // sinks it reaches) against that thread's --max-thread-backlog. False
+  // when refused there (counted). Every delivery to a sink goes through
+  // here, so a sink sees them in the bridge's order.
   template <typename Delivery>
-  void to_sink(const io_executor& ex, Delivery&& delivery);
+  bool to_sink(const io_executor& ex, Delivery&& delivery, std::size_t weight = 1,
+               thread_backlog::kind kind = thread_backlog::kind::sheddable);
   bool take_turn();
   bool begin_command();
   void end_command();
@@ -162,6 +173,7 @@ class bridge {
                                std::string_view about);
   void add_to_topic(const std::string& topic, const std::string& sid);
   void remove_from_topic(const std::string& topic, const std::string& sid);
+  void refuse_ack(const std::string& ack_id, std::string_view why);  // BUSY to the worker awaiting it
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
               const std::string& ref, std::string_view detail = {});
   void expire(std::chrono::steady_clock::time_point now);
@@ -173,6 +185,7 @@ class bridge {
   std::atomic<std::uint64_t> next_id_{0};
   std::uint64_t offset_ = 0;  // bridge thread: offsets of outbound events
   std::atomic<std::size_t> queued_{0};  // commands posted, not yet run (bound: bridge_queue)
+  thread_backlog backlog_;              // deliveries posted to I/O threads, not yet run there
   std::unique_ptr<boost::asio::io_context> own_context_;  // with several I/O threads
   std::thread thread_;
   std::optional<io_executor> ex_;
@@ -217,11 +230,8 @@ bool bridge::post(Command&& command) {
 }
 
 template <typename Delivery>
-void bridge::to_sink(const io_executor& ex, Delivery&& delivery) {
-  if (!ex.running_in_this_thread()) {
-    boost::asio::post(ex, std::forward<Delivery>(delivery));
-    return;
-  }
+bool bridge::to_sink(const io_executor& ex, Delivery&& delivery, std::size_t weight, thread_backlog::kind kind) {
+  if (!ex.running_in_this_thread()) return backlog_.post(ex, std::forward<Delivery>(delivery), weight, kind);
   // In the middle of a pump: a sink that throws must not end the turn
   // before the bridge waits again.
   try {
@@ -229,6 +239,7 @@ void bridge::to_sink(const io_executor& ex, Delivery&& delivery) {
   } catch (const std::exception& e) {
     if (log_limit_.allow()) spdlog::error("gateway bridge: a session's delivery failed: {}", e.what());
   }
+  return true;
 }
 
 }  // namespace sidecast::gateway

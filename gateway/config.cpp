@@ -96,6 +96,10 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--bridge-queue", c.bridge_queue, "Commands queued from sessions to the ZeroMQ thread")
       ->capture_default_str()
       ->check(at_least_one);
+  app.add_option("--max-thread-backlog", c.max_thread_backlog,
+                 "Deliveries (sockets reached) from the ZeroMQ thread waiting for one I/O thread; past it they are dropped")
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--hwm", c.hwm, "High-water mark of the broker link (each way) and the events socket, messages")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));

@@ -47,6 +47,7 @@ struct gateway_config {
   std::chrono::milliseconds idle_timeout{60000};     // HTTP keep-alive connections with no request
   std::chrono::milliseconds drain_timeout{5000};     // on SIGTERM: how long clients get to leave
   std::size_t bridge_queue = 65536;               // commands from sessions to the ZeroMQ thread
+  std::size_t max_thread_backlog = 1048576;       // deliveries from the ZeroMQ thread waiting for one I/O thread
   int hwm = 100000;                               // messages queued each way on the broker link and the events SUB
   std::vector<std::string> cors_origins;          // allowed browser origins besides same-origin; "*": any
   std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo", "/chat=chat", "/vm=vm"};  // NSP=SERVICE

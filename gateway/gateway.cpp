@@ -75,11 +75,13 @@ void gateway::serve_forwarded(proto::HttpForward f) {
     answer({400, "application/json", R"({"code":1,"message":"Session ID unknown"})"});
     return;
   }
-  auto slot = std::make_shared<reply_slot>(session->executor(), std::move(answer));
-  asio::post(session->executor(), [session, slot, f = std::move(f)]() mutable {
+  auto slot = std::make_shared<reply_slot>(session->executor(), answer);
+  auto served = bridge_->hand_to(io_executor_of(session->executor()), [session, slot, f = std::move(f)]() mutable {
     if (f.method() == "POST") session->post(std::move(*f.mutable_body()), slot);
     else session->poll(slot);
   });
+  // Its thread is behind (--max-thread-backlog): what an Engine.IO server says to a request it cannot serve.
+  if (!served) answer({503, "application/json", R"({"code":3,"message":"Bad request"})"});
 }
 
 void run_logging_errors(asio::io_context& context, const char* what) {

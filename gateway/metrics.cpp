@@ -31,6 +31,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       dropped{counter(r, "sidecast_gateway_dropped_total", "Connections, messages or requests dropped, by reason")},
       slow_consumer{dropped.Add({{"reason", "slow_consumer"}})},
       bridge_full{dropped.Add({{"reason", "bridge_full"}})},
+      thread_backlog{dropped.Add({{"reason", "thread_backlog"}})},
       broker_link_full{dropped.Add({{"reason", "broker_link_full"}})},
       bad_packet{dropped.Add({{"reason", "bad_packet"}})},
       refused_origin{dropped.Add({{"reason", "refused_origin"}})},

@@ -25,6 +25,7 @@ struct gateway_metrics {
   prometheus::Family<prometheus::Counter>& dropped;      // {reason}
   prometheus::Counter& slow_consumer;
   prometheus::Counter& bridge_full;
+  prometheus::Counter& thread_backlog;  // deliveries refused: --max-thread-backlog waiting for that I/O thread
   prometheus::Counter& broker_link_full;
   prometheus::Counter& bad_packet;
   prometheus::Counter& refused_origin;

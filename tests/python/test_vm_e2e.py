@@ -224,6 +224,7 @@ class InProcessWorkerTest(unittest.TestCase):
     namespace "/<its name>"; ``cls.gateway_args`` are more gateway flags."""
 
     gateway_id = "gwP"
+    gateway_threads = 1
     gateway_args = ()
 
     @classmethod
@@ -239,8 +240,8 @@ class InProcessWorkerTest(unittest.TestCase):
         cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
                                "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
                                "--events", cls.broker.xpub, "--gateway-id", cls.gateway_id,
-                               "--route", f"/{svc.name}={svc.name}", "--threads", "1", "--log-level", "warn",
-                               *cls.gateway_args], "gateway")
+                               "--route", f"/{svc.name}={svc.name}", "--threads", str(cls.gateway_threads),
+                               "--log-level", "warn", *cls.gateway_args], "gateway")
         cls.worker = Worker(broker=cls.broker.router, publish=cls.broker.xsub, worker_id=f"py{svc.name}",
                             heartbeat_interval=0.5)
         cls.worker.add(svc)
@@ -433,6 +434,67 @@ class ExceptSidsEndToEndTest(InProcessWorkerTest):
         self.assertEqual(at_a["all"], [], "the sender got its own broadcast")
         self.assertEqual(at_c["heard"], [], "a socket outside the room got the room's emit")
         self.assertTrue(all(t.startswith("shout-") for t in at_b["heard"]), at_b["heard"])
+
+
+class ThreadBacklogTest(InProcessWorkerTest):
+    """With several I/O threads the bridge posts its deliveries to each
+    socket's thread, at most --max-thread-backlog of them waiting for one
+    thread (1 here). A room broadcast reaching two sockets of one thread is
+    past it, so it is dropped there and counted (thread_backlog); one event
+    to one socket, and the replies to requests, still go."""
+
+    gateway_id = "gwT"
+    gateway_threads = 2
+    gateway_args = ("--max-thread-backlog", "1")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("tb", capacity=8)
+
+        @svc.on("enter")
+        def enter(req):
+            req.join("r")
+            req.reply(True)
+
+        @svc.on("shout")
+        def shout(req):
+            req.emit_to_room("r", "heard", req.args[0])
+            req.reply(True)
+
+        @svc.on("me")
+        def me(req):
+            req.emit("to_me", req.args[0])
+            req.reply("sent")
+
+        return svc
+
+    def test_a_broadcast_past_a_threads_backlog_is_dropped_and_counted(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        # Four connections in a row: the gateway hands them to its two
+        # threads in turn, so each thread has two of them.
+        clients = []
+        for _ in range(4):
+            sio = socketio.Client(reconnection=False)
+            got = collections.defaultdict(list)
+            for name in ("heard", "to_me"):
+                sio.on(name, lambda data, name=name, got=got: got[name].append(data), namespace="/tb")
+            sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/tb"], transports=["websocket"],
+                        wait_timeout=WAIT)
+            self.addCleanup(sio.disconnect)
+            clients.append((sio, got))
+        for sio, _ in clients:
+            self.assertTrue(sio.call("enter", namespace="/tb", timeout=WAIT))
+        before = dropped(self.http_port, "thread_backlog")
+        self.assertTrue(clients[0][0].call("shout", "one", namespace="/tb", timeout=WAIT))
+        self.assertTrue(eventually(lambda: dropped(self.http_port, "thread_backlog") == before + 4, WAIT),
+                        dropped(self.http_port, "thread_backlog") - before)
+        # An event to one socket is one delivery: it goes, and so does the reply.
+        self.assertEqual(clients[1][0].call("me", "hi", namespace="/tb", timeout=WAIT), "sent")
+        self.assertTrue(eventually(lambda: clients[1][1]["to_me"] == ["hi"], WAIT), clients[1][1])
+        time.sleep(0.2)
+        self.assertEqual([got["heard"] for _, got in clients], [[], [], [], []])
+        self.assertEqual(dropped(self.http_port, "thread_backlog"), before + 4)
 
 
 class EarlyEventsEndToEndTest(InProcessWorkerTest):

@@ -1,6 +1,9 @@
 #include <gtest/gtest.h>
 
+#include <prometheus/registry.h>
+
 #include "gateway/limits.hpp"
+#include "gateway/thread_backlog.hpp"
 
 namespace sidecast::gateway {
 namespace {
@@ -44,6 +47,48 @@ TEST(ConnectionLimits, TotalAndPerAddress) {
   EXPECT_EQ(l.open(), 2u);
   EXPECT_TRUE(l.admit("10.0.0.3"));  // released at once: the temporary dies
   EXPECT_TRUE(l.admit("10.0.0.1"));
+}
+
+// An io_context nobody runs yet stands for an I/O thread that is behind.
+TEST(ThreadBacklog, RefusesPastTheBoundUntilTheThreadCatchesUp) {
+  prometheus::Registry registry;
+  auto& refused = prometheus::BuildCounter().Name("refused").Register(registry).Add({});
+  thread_backlog backlog{5, refused};
+  boost::asio::io_context behind{1}, other{1};
+  int ran = 0;
+  auto count = [&ran] { ++ran; };
+  EXPECT_TRUE(backlog.post(behind.get_executor(), count, 3)) << "a broadcast to 3 of its sockets";
+  EXPECT_TRUE(backlog.post(behind.get_executor(), count, 2));
+  EXPECT_EQ(backlog.queued(behind.get_executor()), 5u);
+  EXPECT_FALSE(backlog.post(behind.get_executor(), count)) << "past the bound";
+  EXPECT_EQ(refused.Value(), 1);
+  EXPECT_FALSE(backlog.post(behind.get_executor(), count, 4));
+  EXPECT_EQ(refused.Value(), 5) << "counted in deliveries";
+  EXPECT_TRUE(backlog.post(behind.get_executor(), count, 1, thread_backlog::kind::owed)) << "replies are never refused";
+  EXPECT_EQ(backlog.queued(behind.get_executor()), 6u);
+  EXPECT_TRUE(backlog.post(other.get_executor(), count, 5)) << "each thread has its own";
+
+  behind.run();
+  EXPECT_EQ(ran, 3);
+  EXPECT_EQ(backlog.queued(behind.get_executor()), 0u);
+  EXPECT_TRUE(backlog.post(behind.get_executor(), count, 5)) << "room again once it ran";
+  EXPECT_FALSE(backlog.post(behind.get_executor(), count, 6)) << "a post heavier than the bound never goes";
+  behind.restart();
+  behind.run();
+  other.run();
+  EXPECT_EQ(ran, 5);
+  EXPECT_EQ(backlog.queued(other.get_executor()), 0u);
+}
+
+TEST(ThreadBacklog, AHandlerThatThrowsStillLeavesTheBacklog) {
+  prometheus::Registry registry;
+  auto& refused = prometheus::BuildCounter().Name("refused").Register(registry).Add({});
+  thread_backlog backlog{1, refused};
+  boost::asio::io_context ctx{1};
+  backlog.post(ctx.get_executor(), [] { throw std::runtime_error("sink failed"); });
+  EXPECT_THROW(ctx.run(), std::runtime_error);
+  EXPECT_EQ(backlog.queued(ctx.get_executor()), 0u);
+  EXPECT_TRUE(backlog.post(ctx.get_executor(), [] {}));
 }
 
 }  // namespace
