@@ -256,6 +256,14 @@ http_answer forward_failed(unsigned status) {
   return {status, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}};
 }
 
+// What a peer gateway's HttpAnswer may carry into this gateway's response:
+// a final status, and a content type of visible ASCII and spaces (no CR or
+// LF to start a header of its own), as short as any the gateway sends.
+bool writable_answer(std::uint32_t status, std::string_view content_type) {
+  if (status < 200 || status > 599 || content_type.empty() || content_type.size() > 128) return false;
+  return std::all_of(content_type.begin(), content_type.end(), [](char c) { return c >= 0x20 && c < 0x7f; });
+}
+
 }  // namespace
 
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
@@ -468,8 +476,18 @@ void bridge::on_broker(Envelope& env) {
       auto seq = own_seq(env.answer().id());
       auto it = seq ? forwards_.find(*seq) : forwards_.end();
       if (it == forwards_.end()) return;
-      const auto& a = env.answer();
-      it->second.slot->complete({a.status(), a.content_type(), a.body()});
+      auto& a = *env.mutable_answer();
+      if (writable_answer(a.status(), a.content_type())) {
+        it->second.slot->complete({a.status(), std::move(*a.mutable_content_type()), std::move(*a.mutable_body())});
+      } else {
+        // A peer gateway's answer this one will not write into its own
+        // response (a header it could split, a status line it would botch).
+        metrics_.bad_answer.Increment();
+        if (log_limit_.allow())
+          spdlog::warn("bridge: a peer gateway's answer to {} has status {} or content type \"{}\": 502 instead",
+                       printable(a.id()), a.status(), printable(a.content_type()));
+        it->second.slot->complete(forward_failed(502));
+      }
       forwards_.erase(it);  // its deadline entry finds nothing when it comes
       return;
     }

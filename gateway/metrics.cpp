@@ -49,6 +49,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       room_limit{dropped.Add({{"reason", "room_limit"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},
       bad_args{dropped.Add({{"reason", "bad_args"}})},
+      bad_answer{dropped.Add({{"reason", "bad_answer"}})},
       bad_event{dropped.Add({{"reason", "bad_event"}})},
       bad_token{dropped.Add({{"reason", "bad_token"}})},
       forwarded{counter(r, "sidecast_gateway_forwarded_total",

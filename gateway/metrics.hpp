@@ -43,6 +43,7 @@ struct gateway_metrics {
   prometheus::Counter& room_limit;
   prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces
   prometheus::Counter& bad_args;   // a worker's event or answer args that are not JSON
+  prometheus::Counter& bad_answer;  // a peer gateway's HttpAnswer with a status or content type not written (502)
   prometheus::Counter& bad_event;  // a worker's event with a reserved name or for another namespace
   prometheus::Counter& bad_token;
   prometheus::Counter& forwarded;

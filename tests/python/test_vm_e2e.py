@@ -10,6 +10,7 @@ worker. Every wait is bounded.
         /usr/bin/python3 tests/python/test_vm_e2e.py -v
 """
 import collections
+import http.client
 import importlib.util
 import json
 import os
@@ -495,6 +496,75 @@ class ThreadBacklogTest(InProcessWorkerTest):
         time.sleep(0.2)
         self.assertEqual([got["heard"] for _, got in clients], [[], [], [], []])
         self.assertEqual(dropped(self.http_port, "thread_backlog"), before + 4)
+
+
+class PeerGatewayAnswerTest(unittest.TestCase):
+    """A long-poll for another gateway's sid is forwarded to that gateway
+    through the broker, and its HttpAnswer becomes this gateway's response.
+    The peer here is a fake registered gateway (gwF): an answer whose status
+    is not a final HTTP status, or whose content type could add a header,
+    becomes a 502 (counted bad_answer) rather than a botched response."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = Broker(heartbeat_interval_ms=500)
+        cls.http_port = free_port()
+        cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
+                               "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
+                               "--events", cls.broker.xpub, "--gateway-id", "gwR", "--threads", "1",
+                               "--log-level", "error"], "gateway")
+        cls.context = zmq.Context()
+        cls.peer = Peer(cls.context, cls.broker.router, "gwF", role=pb.ROLE_GATEWAY)
+        if not (eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10) and cls.peer.hello()):
+            cls.tearDownClass()
+            raise RuntimeError("the gateway or the fake peer did not come up")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.peer.close()
+        cls.context.term()
+        for p in (cls.gateway, cls.broker.process):
+            p.stop()
+            p.cleanup()
+
+    def poll_answered(self, status, content_type, body=b"2"):
+        """(status, headers, body) of a long-poll for sid gwF.x, answered so by the peer."""
+        result = queue.Queue()
+
+        def get():
+            conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+            conn.request("GET", "/socket.io/?EIO=4&transport=polling&sid=gwF.x")
+            res = conn.getresponse()
+            result.put((res.status, res.getheaders(), res.read()))
+            conn.close()
+
+        threading.Thread(target=get, daemon=True).start()
+        forward = self.peer.next("forward")
+        self.assertIsNotNone(forward, "the gateway did not forward the poll to the sid's owner")
+        self.assertEqual((forward.forward.sid, forward.forward.method), ("gwF.x", "GET"))
+        env = pb.Envelope()
+        env.answer.id = forward.forward.id
+        env.answer.status = status
+        env.answer.content_type = content_type
+        env.answer.body = body
+        self.peer.send(env)
+        return result.get(timeout=WAIT)
+
+    def test_a_peers_answer_is_relayed(self):
+        status, headers, body = self.poll_answered(200, "text/plain; charset=UTF-8", b"6")
+        self.assertEqual((status, body), (200, b"6"))
+        self.assertIn(("Content-Type", "text/plain; charset=UTF-8"), headers)
+
+    def test_a_peers_answer_that_cannot_be_written_is_a_502(self):
+        before = dropped(self.http_port, "bad_answer")
+        for status, content_type in ((200, "text/plain\r\nSet-Cookie: stolen=1"), (70000, "text/plain"),
+                                     (101, "text/plain"), (200, ""), (200, "x" * 500)):
+            with self.subTest(status=status, content_type=content_type[:30]):
+                got, headers, body = self.poll_answered(status, content_type)
+                self.assertEqual(got, 502)
+                self.assertNotIn("Set-Cookie", dict(headers))
+                self.assertEqual(json.loads(body), {"code": 3, "message": "Bad request"})
+        self.assertEqual(dropped(self.http_port, "bad_answer"), before + 5)
 
 
 class EarlyEventsEndToEndTest(InProcessWorkerTest):
