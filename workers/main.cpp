@@ -26,6 +26,10 @@ int main(int argc, char** argv) {
   app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();
   app.add_option("--outbox-limit", options.outbox_limit, "Messages handlers may queue for sending")
       ->capture_default_str();
+  app.add_option("--queue-limit", options.queue_limit,
+                 "Requests that may wait for a handler thread; past it a request is answered BUSY")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   core::add_millis(app, "--outbox-wait", options.outbox_wait,
                    "How long a handler that finds the outbox full waits for room before the message is dropped, ms");
   app.add_option("--pending-acks-limit", options.pending_acks_limit,

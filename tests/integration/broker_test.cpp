@@ -875,6 +875,40 @@ TEST_P(BrokerTest, StoppingAWorkerStartsNoHandlerStillQueued) {
   EXPECT_EQ(started.load(), 1) << "a handler still queued started after stop";
 }
 
+// Requests waiting for a handler thread are bounded (queue_limit) even when
+// the broker hands out more than the worker's capacity can run at once
+// (here: capacity 4, one thread, room for one waiting): past it a request is
+// answered BUSY at once, counted.
+TEST_P(BrokerTest, RequestsPastTheHandlerQueueLimitAreAnsweredBusy) {
+  start();
+  std::promise<void> first;
+  std::atomic<int> started{0};
+  service hold{"hold", 4};
+  hold.on("hold", [&started, &first](request req) {
+    if (started++ == 0) first.set_value();
+    req.cancel().sleep_for(10s);  // until the worker stops
+    req.reply("[]");
+  });
+  auto o = options_for("w1", 1);
+  o.queue_limit = 1;
+  auto& w = add_worker({std::move(hold)}, o);
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  client.submit("hold", "hold", "[]", 10s);
+  ASSERT_EQ(first.get_future().wait_for(5s), std::future_status::ready);
+  for (int i = 0; i < 3; ++i) client.submit("hold", "hold", "[]", 10s);
+  for (int i = 0; i < 2; ++i) {
+    auto env = client.next(Envelope::kReply, 5s);
+    ASSERT_TRUE(env) << "no BUSY for a request past the queue";
+    EXPECT_EQ(env->reply().code(), proto::BUSY);
+    EXPECT_EQ(env->reply().message(), "the worker's handler queue is full");
+  }
+  EXPECT_FALSE(client.next(Envelope::kReply, 200ms)) << "the one that fits in the queue waits for the thread";
+  EXPECT_EQ(w.stats().requests_refused, 2u);
+  EXPECT_EQ(started.load(), 1);
+  pause_io([&w] { w.stop(); });
+}
+
 // worker::stop() from one of its own handlers: it used to join the pool's
 // threads, the caller's included, and threw (EDEADLK) half-way. With one pool
 // thread, what the queue still holds (here the CANCELLED answer to an ack the

@@ -224,6 +224,40 @@ class CapacityTest(BrokerTest):
         self.assertEqual(peak[0], 1)
 
 
+    def test_requests_past_the_handler_queue_limit_are_answered_busy(self):
+        # Capacity 4 but one handler thread and room for one waiting request
+        # (queue_limit): the broker's credits let four in, the last two are
+        # answered BUSY at once, counted, as in the C++ SDK.
+        started, release = Recorder(), threading.Event()
+        svc = Service("q", capacity=4)
+
+        @svc.on("work")
+        def work(req):
+            started.put(req.args[0])
+            release.wait(10)
+            req.reply(req.args[0])
+
+        w = self.start_worker(svc, threads=1, queue_limit=1)
+        c = self.peer()
+        first = c.submit("q", "work", "[1]", timeout_ms=10000)
+        self.assertEqual(started.get("first request"), 1)
+        second = c.submit("q", "work", "[2]", timeout_ms=10000)
+        refused = [c.submit("q", "work", f"[{i}]", timeout_ms=10000) for i in (3, 4)]
+        for rid in refused:
+            reply = c.reply_to(rid).reply
+            self.assertEqual((Code(reply.code), reply.message), (Code.BUSY, "the worker's handler queue is full"))
+        self.assertEqual(w.stats().requests_refused, 2)
+        release.set()
+        self.assertEqual(args_of(c.reply_to(first).reply), [1])
+        self.assertEqual(args_of(c.reply_to(second).reply), [2])
+        self.assertEqual(started.get("second request"), 2)
+        self.assertTrue(started.empty_for(0.3), "a refused request ran")
+
+    def test_queue_limit_must_be_positive(self):
+        with self.assertRaises(ValueError):
+            Worker(self.broker.router, queue_limit=0)
+
+
 class HeartbeatTest(BrokerTest):
     heartbeat_ms = 300  # the broker drops a worker silent for 900 ms
 

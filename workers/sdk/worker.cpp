@@ -146,9 +146,9 @@ struct request_state {
   std::optional<cancel_token> token_;
 };
 
-// A fixed pool of handler threads fed through one queue. The queue is bounded
-// by the broker's credits (a worker never holds more requests than its
-// capacity), plus acks and reports, which are bounded by their own limits.
+// A fixed pool of handler threads fed through one queue. Its requests are
+// bounded by the broker's credits (a worker never holds more requests than
+// its capacity) and by queue_limit; acks and reports by their own limits.
 //
 // stop() runs what the queue holds, then joins the threads — all but the
 // caller's, when a handler stops its own worker: that thread runs what the
@@ -277,7 +277,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::mutex report_mutex;  // worker::on_report may replace the callback at any time
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
-      n_reconnects{0}, n_acks_refused{0};
+      n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0};
 
   explicit worker_core(worker_options o, zmq::context_t* ctx)
       : options{std::move(o)}, context{ctx}, outbox{options.outbox_limit} {
@@ -834,6 +834,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (auto still = kept.lock(); still && !still->answered) track(still);
       return;
     }
+    // The broker's credits keep this queue to the capacity announced; this
+    // bound holds when they do not (a restarted broker hands out fresh
+    // credits while the old requests still run).
+    if (pool.pending() >= options.queue_limit) {
+      ++n_requests_refused;
+      answer(*st, proto::BUSY, "the worker's handler queue is full", "[]", {}, false);
+      return;
+    }
     track(st);
     pool.post([this, h, st = std::move(st)]() mutable {
       if (stopping) return;  // queued when the worker stopped: the request is cancelled
@@ -1116,7 +1124,7 @@ bool worker::connected() const { return core_->welcomed; }
 worker_stats worker::stats() const {
   return {core_->n_requests, core_->n_replies,    core_->n_cancels,
           core_->n_dropped,  core_->n_errors,     core_->n_reconnects,
-          core_->n_acks_refused};
+          core_->n_acks_refused, core_->n_requests_refused};
 }
 
 }  // namespace sidecast

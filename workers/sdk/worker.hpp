@@ -41,6 +41,7 @@ struct worker_options {
   unsigned heartbeat_liveness = 3;
   std::size_t threads = 0;          // handler threads; 0: the total capacity, at most 256
   std::size_t outbox_limit = 10000; // messages handlers may queue for the I/O thread
+  std::size_t queue_limit = 10000;  // requests waiting for a handler thread; past it answered BUSY
   std::chrono::milliseconds outbox_wait{5000};  // a handler waits this long for room, then drops
   std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack
   int hwm = 100000;
@@ -191,6 +192,7 @@ struct worker_stats {
   std::uint64_t handler_errors = 0;
   std::uint64_t reconnects = 0;
   std::uint64_t acks_refused = 0;  // emit_with_ack calls refused: pending_acks_limit emits awaited their ack
+  std::uint64_t requests_refused = 0;  // answered BUSY: queue_limit requests already waited for a handler thread
 };
 
 class worker {

@@ -67,6 +67,7 @@ class WorkerStats:
     handler_errors: int = 0
     reconnects: int = 0
     acks_refused: int = 0  # emit_with_ack calls refused: pending_acks_limit emits awaited their ack
+    requests_refused: int = 0  # answered BUSY: queue_limit requests already waited for a handler thread
 
 
 class _Wakeup:
@@ -105,7 +106,7 @@ class _Core:
 
     def __init__(self, broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                  threads, outbox_limit, outbox_wait, pending_acks_limit, hwm, default_timeout,
-                 curve, context):
+                 curve, context, queue_limit=10000):
         self.worker_id = worker_id or codec.default_worker_id()
         if not codec.valid_peer_id(self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r} must be 1-64 bytes without '.' or ':'")
@@ -117,6 +118,7 @@ class _Core:
         self.outbox_limit = outbox_limit
         self.outbox_wait = outbox_wait
         self.pending_acks_limit = pending_acks_limit
+        self.queue_limit = queue_limit
         self.hwm = hwm
         self.default_timeout = default_timeout
         self.curve = curve
@@ -146,6 +148,7 @@ class _Core:
         self.next_ack = itertools.count(1)
         self.report_callback = None
         self.backlog = 0  # report callbacks waiting for a handler thread
+        self.waiting = 0  # requests waiting for a handler thread (bound: queue_limit)
         self.stats_lock = threading.Lock()
         self.counts = dict.fromkeys(WorkerStats.__dataclass_fields__, 0)
         self.log_limit = RateLimitedLog()
@@ -280,6 +283,8 @@ class _Core:
             log.exception("sidecast worker callback failed")
 
     def run_handler(self, handler, req):
+        with self.stats_lock:
+            self.waiting -= 1
         if self.stopping.is_set():
             return  # queued when the worker stopped: the request is cancelled
         try:
@@ -517,6 +522,18 @@ class _Core:
             # Defaults: accept connects, ignore disconnects and unknown events.
             req._finish()
             return
+        # The broker's credits keep the pool's queue to the capacity
+        # announced; this bound holds when they do not (a restarted broker
+        # hands out fresh credits while the old requests still run).
+        with self.stats_lock:
+            full = self.waiting >= self.queue_limit
+            if full:
+                self.counts["requests_refused"] += 1
+            else:
+                self.waiting += 1
+        if full:
+            req.fail(Code.BUSY, "the worker's handler queue is full")
+            return
         with self.in_flight_lock:
             self.in_flight[req.id] = req
             live = len(self.in_flight)
@@ -526,6 +543,8 @@ class _Core:
             self.deadlines = [d for d in self.deadlines if not d[2].answered]
             heapq.heapify(self.deadlines)
         if not self.submit(self.run_handler, handler, req):
+            with self.stats_lock:
+                self.waiting -= 1
             req._cancel(Code.CANCELLED)
 
     def on_ack(self, reply):
@@ -573,16 +592,21 @@ class Worker:
     the handler pool size (0: the total capacity, at most 256). Handlers
     queue what they send in an outbox of ``outbox_limit`` messages; a
     handler finding it full waits ``outbox_wait`` seconds, then the message
-    is dropped and counted. ``context``: a zmq.Context to share (inproc).
+    is dropped and counted. At most ``queue_limit`` requests wait for a
+    handler thread; one past it is answered ``BUSY`` at once and counted
+    (``requests_refused``). ``context``: a zmq.Context to share (inproc).
     """
 
     def __init__(self, broker="tcp://127.0.0.1:7700", publish="tcp://127.0.0.1:7701", *,
                  worker_id=None, heartbeat_interval=1.0, heartbeat_liveness=3, threads=0,
                  outbox_limit=10000, outbox_wait=5.0, pending_acks_limit=10000, hwm=100000,
-                 default_timeout=30.0, curve_secret=None, curve_server_key=None, context=None):
+                 default_timeout=30.0, curve_secret=None, curve_server_key=None, context=None,
+                 queue_limit=10000):
+        if queue_limit < 1:
+            raise ValueError("queue_limit must be at least 1")
         self._core = _Core(broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                            threads, outbox_limit, outbox_wait, pending_acks_limit, hwm,
-                           default_timeout, (curve_secret, curve_server_key), context)
+                           default_timeout, (curve_secret, curve_server_key), context, queue_limit)
 
     def __repr__(self):
         return f"<Worker {self.id} services={sorted(self._core.services)} connected={self.connected}>"
