@@ -20,8 +20,8 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
-asio::awaitable<void> serve(tcp::socket socket, registry_ptr registry,
-                            std::function<bool()> healthy) {
+asio::awaitable<void> serve(tcp::socket socket, registry_ptr registry, std::function<bool()> healthy,
+                            std::function<void()> refresh) {
   beast::tcp_stream stream{std::move(socket)};
   beast::flat_buffer buffer;
   for (;;) {
@@ -41,6 +41,7 @@ asio::awaitable<void> serve(tcp::socket socket, registry_ptr registry,
       res.body() = "method not allowed\n";
     } else if (target == "/metrics") {
       res.set(http::field::content_type, "text/plain; version=0.0.4");
+      if (refresh) refresh();
       res.body() = serialize(*registry);
     } else if (target == "/healthz") {
       bool ok = healthy();
@@ -57,21 +58,20 @@ asio::awaitable<void> serve(tcp::socket socket, registry_ptr registry,
   }
 }
 
-asio::awaitable<void> accept_loop(tcp::acceptor acceptor, registry_ptr registry,
-                                  std::function<bool()> healthy) {
+asio::awaitable<void> accept_loop(tcp::acceptor acceptor, registry_ptr registry, std::function<bool()> healthy,
+                                  std::function<void()> refresh) {
   for (;;) {
     auto [ec, socket] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
     if (ec == asio::error::operation_aborted) co_return;
     if (ec) continue;
-    asio::co_spawn(acceptor.get_executor(), serve(std::move(socket), registry, healthy),
-                   asio::detached);
+    asio::co_spawn(acceptor.get_executor(), serve(std::move(socket), registry, healthy, refresh), asio::detached);
   }
 }
 
 }  // namespace
 
-admin_http::admin_http(registry_ptr registry, std::function<bool()> healthy)
-    : registry_{std::move(registry)}, healthy_{std::move(healthy)} {}
+admin_http::admin_http(registry_ptr registry, std::function<bool()> healthy, std::function<void()> refresh)
+    : registry_{std::move(registry)}, healthy_{std::move(healthy)}, refresh_{std::move(refresh)} {}
 
 admin_http::~admin_http() { stop(); }
 
@@ -85,7 +85,7 @@ void admin_http::start(const std::string& listen) {
   acceptor.bind(endpoint);
   acceptor.listen();
   port_ = acceptor.local_endpoint().port();
-  asio::co_spawn(io_, accept_loop(std::move(acceptor), registry_, healthy_), asio::detached);
+  asio::co_spawn(io_, accept_loop(std::move(acceptor), registry_, healthy_, refresh_), asio::detached);
   thread_ = std::thread([this] {
     try {
       io_.run();

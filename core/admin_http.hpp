@@ -18,8 +18,10 @@ namespace sidecast::core {
 
 class admin_http {
  public:
-  /// `healthy` is called on the server's thread; it must be thread-safe.
-  admin_http(registry_ptr registry, std::function<bool()> healthy);
+  /// `healthy` is called on the server's thread; it must be thread-safe. So
+  /// is `refresh`, called there before each /metrics answer: for figures
+  /// kept elsewhere that are copied into the registry when asked for.
+  admin_http(registry_ptr registry, std::function<bool()> healthy, std::function<void()> refresh = {});
   ~admin_http();
   admin_http(const admin_http&) = delete;
   admin_http& operator=(const admin_http&) = delete;
@@ -33,6 +35,7 @@ class admin_http {
  private:
   registry_ptr registry_;
   std::function<bool()> healthy_;
+  std::function<void()> refresh_;
   boost::asio::io_context io_{1};
   std::thread thread_;
   unsigned short port_ = 0;

@@ -1,10 +1,12 @@
 // sidecast-worker: hosts the built-in services (demo, echo, ...) behind a broker.
 #include <spdlog/spdlog.h>
 
+#include "core/admin_http.hpp"
 #include "core/config.hpp"
 #include "core/log.hpp"
 #include "core/signals.hpp"
 #include "workers/demo/demo.hpp"
+#include "workers/sdk/metrics.hpp"
 
 int main(int argc, char** argv) {
   using namespace sidecast;
@@ -14,6 +16,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> services;
   workers::builtin_options builtin;
   std::string log_level = "info";
+  std::string http;
   std::string names;
   for (const auto& [name, factory] : workers::builtin_services()) names += (names.empty() ? "" : ", ") + name;
   app.add_option("--service", services, "Service to serve (repeatable): " + names)->required();
@@ -40,6 +43,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 10000000));
   app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
   app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)");
+  app.add_option("--http", http, "Serve /metrics and /healthz on HOST:PORT (empty: not at all)")->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   core::finish_app(app);
   if (auto code = core::parse(app, argc, argv)) return *code;
@@ -52,6 +56,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    auto registry = std::make_shared<prometheus::Registry>();
+    builtin.metrics = registry;
     worker w{options};
     for (const auto& name : services) {
       auto it = workers::builtin_services().find(name);
@@ -66,8 +72,16 @@ int main(int argc, char** argv) {
       spdlog::info("signal {}: stopping", sig);
       w.stop();
     });
+    worker_metrics metrics{*registry};
+    // /healthz: 200 while the broker has welcomed this worker.
+    core::admin_http admin{registry, [&w] { return w.connected(); }, [&] { metrics.refresh(w); }};
+    if (!http.empty()) {
+      admin.start(http);
+      spdlog::info("metrics on http://{}:{}/metrics", core::parse_host_port(http)->host, admin.port());
+    }
     spdlog::info("worker {} serving {} via {}", w.id(), fmt::join(services, ", "), options.broker);
     w.run();
+    admin.stop();
   } catch (const std::exception& e) {
     spdlog::critical("worker failed: {}", e.what());
     return 1;

@@ -1,6 +1,7 @@
 // Faults that need real processes: a worker SIGKILLed mid-request and a
 // broker killed and restarted. The binaries run over tcp loopback; the test
 // plays the client.
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -139,6 +140,41 @@ TEST(Processes, BrokerMetricsAndHealth) {
   EXPECT_TRUE(has(R"(sidecast_broker_requests_total{outcome="ok",service="echo"})"));
   EXPECT_TRUE(has("sidecast_broker_dispatch_seconds_bucket"));
   EXPECT_EQ(http_get(p.http, "/nope").first, 404);
+}
+
+// sidecast-worker --http: the worker's own figures and its services'
+// (the chat's pruned history) on /metrics, and /healthz that follows the
+// broker link.
+TEST(Processes, WorkerMetricsAndHealth) {
+  ports p;
+  auto broker = std::make_unique<child>("sidecast-broker", broker_args(p));
+  int worker_http = free_port();
+  child w{"sidecast-worker",
+          {"--service", "echo", "--service", "chat", "--chat-db", ":memory:", "--chat-keep", "2", "--id", "wm",
+           "--broker", p.endpoint(p.router), "--publish", p.endpoint(p.xsub), "--heartbeat-interval", "100",
+           "--http", "127.0.0.1:" + std::to_string(worker_http), "--log-level", "warn"}};
+  zmq::context_t ctx{1};
+  peer client{ctx, p.endpoint(p.router), "c1"};
+  ASSERT_TRUE(client.hello());
+  ASSERT_TRUE(echo_served(client));
+  for (int i = 0; i < 3; ++i) {
+    auto r = client.call("chat", "say", R"([{"room":"r","text":"hi"}])");
+    ASSERT_TRUE(r && r->code() == proto::OK) << (r ? r->message() : "no answer");
+  }
+  auto r = client.call("chat", "say", R"([{"room":"r"}])");
+  ASSERT_TRUE(r && r->code() == proto::BAD_REQUEST);
+  EXPECT_EQ(http_get(worker_http, "/healthz").first, 200);
+  EXPECT_EQ(scrape(worker_http, "sidecast_chat_messages_pruned_total"), 1.0) << "three says, two kept";
+  EXPECT_EQ(scrape(worker_http, "sidecast_worker_connected"), 1.0);
+  auto requests = scrape(worker_http, "sidecast_worker_requests_total");
+  ASSERT_TRUE(requests);
+  EXPECT_GE(*requests, 5.0) << "an echo or more, four says";
+  EXPECT_GE(scrape(worker_http, "sidecast_worker_replies_total").value_or(0), 5.0);
+  EXPECT_EQ(scrape(worker_http, R"(sidecast_worker_dropped_total{reason="queue_full"})"), 0.0);
+  // The broker goes: the worker stops being healthy once it falls silent.
+  broker.reset();
+  EXPECT_TRUE(eventually([&] { return http_get(worker_http, "/healthz").first == 503; }));
+  EXPECT_EQ(scrape(worker_http, "sidecast_worker_connected"), 0.0);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include <boost/json.hpp>
+#include <prometheus/counter.h>
 #include <spdlog/spdlog.h>
 
 namespace sidecast::workers {
@@ -88,6 +89,7 @@ class database {
 
   statement prepare(const char* sql) { return statement{db_, sql}; }
   std::int64_t last_id() { return sqlite3_last_insert_rowid(db_); }
+  std::int64_t changes() { return sqlite3_changes(db_); }  // rows the last statement deleted (or changed)
   // Serializes multi-statement operations (insert then read the row id).
   std::mutex mutex;
 
@@ -134,8 +136,15 @@ std::int64_t now_ms() {
 
 }  // namespace
 
-service chat_service(unsigned capacity, chat_options options) {
+service chat_service(unsigned capacity, chat_options options, std::shared_ptr<prometheus::Registry> metrics) {
   auto db = std::make_shared<database>(options.database);
+  prometheus::Counter* pruned = nullptr;  // owned by `metrics`, which the lambdas keep
+  if (metrics)
+    pruned = &prometheus::BuildCounter()
+                  .Name("sidecast_chat_messages_pruned_total")
+                  .Help("Chat messages deleted to keep --chat-keep per room and --chat-keep-total in all")
+                  .Register(*metrics)
+                  .Add({});
   auto history = options.history;
   auto keep_per_room = static_cast<std::int64_t>(options.keep_per_room);
   auto keep_total = options.keep_total;
@@ -189,7 +198,7 @@ service chat_service(unsigned capacity, chat_options options) {
             req.reply(json::serialize(json::array{json::object{{"room", *room}}}));
           })
       .on("say",
-          [db, keep_per_room, keep_total](request req) {
+          [db, keep_per_room, keep_total, metrics, pruned](request req) {
             auto args = req.args();
             const json::object* msg = !args.empty() && args[0].is_object() ? &args[0].as_object() : nullptr;
             auto* room = msg ? msg->if_contains("room") : nullptr;
@@ -212,7 +221,10 @@ service chat_service(unsigned capacity, chat_options options) {
               db->prepare("DELETE FROM messages WHERE room = ? AND id <= (SELECT id FROM messages WHERE room = ? "
                           "ORDER BY id DESC LIMIT 1 OFFSET ?)")
                   .bind(1, r).bind(2, r).bind(3, keep_per_room).step();
+              auto gone = db->changes();
               db->prepare("DELETE FROM messages WHERE id <= ?").bind(1, id - keep_total).step();
+              gone += db->changes();
+              if (pruned && gone > 0) pruned->Increment(static_cast<double>(gone));
             }
             req.emit_to_room(r, "message", json::serialize(json::array{json::object{
                                                {"id", id}, {"room", r}, {"nick", nick}, {"text", t}, {"ts", ts}}}));

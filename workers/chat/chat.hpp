@@ -11,7 +11,10 @@
 //                                   ack {id}
 //   leave (room) (ack)           -> presence to the room, ack {room}
 //   (disconnect)                 -> presence to every room the socket was in
+#include <memory>
 #include <string>
+
+#include <prometheus/registry.h>
 
 #include "workers/sdk/worker.hpp"
 
@@ -25,6 +28,8 @@ struct chat_options {
 };
 
 /// Opens (and creates) the database; throws std::runtime_error when it cannot.
-service chat_service(unsigned capacity, chat_options options);
+/// With a registry, counts the messages deleted to keep the bounds there
+/// (sidecast_chat_messages_pruned_total).
+service chat_service(unsigned capacity, chat_options options, std::shared_ptr<prometheus::Registry> metrics = {});
 
 }  // namespace sidecast::workers

@@ -155,7 +155,7 @@ const std::map<std::string, service_factory>& builtin_services() {
   static const std::map<std::string, service_factory> all{
       {"demo", [](const builtin_options& o) { return demo_service(o.capacity); }},
       {"echo", [](const builtin_options& o) { return echo_service(o.capacity); }},
-      {"chat", [](const builtin_options& o) { return chat_service(o.capacity, o.chat); }},
+      {"chat", [](const builtin_options& o) { return chat_service(o.capacity, o.chat, o.metrics); }},
       {"vm", [](const builtin_options& o) { return vm_service(o.capacity, o.vm); }},
       {"protocol-suite", [](const builtin_options& o) { return protocol_suite_service(o.capacity); }},
   };

@@ -27,6 +27,7 @@ struct builtin_options {
   unsigned capacity = 16;
   chat_options chat;
   vm_options vm;
+  std::shared_ptr<prometheus::Registry> metrics;  // where services register their own series (may be null)
 };
 
 /// The flags for builtin_options: --capacity, --chat-db, --vm-launch-ms, ...

@@ -1,0 +1,55 @@
+#include "workers/sdk/metrics.hpp"
+
+namespace sidecast {
+namespace {
+
+prometheus::Counter& counter(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+}
+
+prometheus::Counter& dropped(prometheus::Registry& r, const char* reason) {
+  return prometheus::BuildCounter()
+      .Name("sidecast_worker_dropped_total")
+      .Help("Messages the worker dropped or refused, by reason")
+      .Register(r)
+      .Add({{"reason", reason}});
+}
+
+// Adds to `c` what `now` has gained over `before`.
+void advance(prometheus::Counter& c, std::uint64_t now, std::uint64_t& before) {
+  if (now > before) c.Increment(static_cast<double>(now - before));
+  before = now;
+}
+
+}  // namespace
+
+worker_metrics::worker_metrics(prometheus::Registry& r)
+    : requests_{counter(r, "sidecast_worker_requests_total", "Requests and lifecycle events received")},
+      replies_{counter(r, "sidecast_worker_replies_total", "Answers sent")},
+      cancels_{counter(r, "sidecast_worker_cancels_total", "Cancels received for requests still running")},
+      handler_errors_{counter(r, "sidecast_worker_handler_errors_total", "Handlers that threw (answered INTERNAL)")},
+      reconnects_{counter(r, "sidecast_worker_reconnects_total", "Broker links replaced after the broker fell silent")},
+      outbox_dropped_{dropped(r, "outbox_full")},
+      acks_refused_{dropped(r, "pending_acks")},
+      requests_refused_{dropped(r, "queue_full")},
+      connected_{prometheus::BuildGauge()
+                     .Name("sidecast_worker_connected")
+                     .Help("1 while the broker has welcomed this worker")
+                     .Register(r)
+                     .Add({})} {}
+
+void worker_metrics::refresh(const worker& w) {
+  auto now = w.stats();
+  std::lock_guard lock{mutex_};
+  advance(requests_, now.requests, seen_.requests);
+  advance(replies_, now.replies, seen_.replies);
+  advance(cancels_, now.cancels, seen_.cancels);
+  advance(handler_errors_, now.handler_errors, seen_.handler_errors);
+  advance(reconnects_, now.reconnects, seen_.reconnects);
+  advance(outbox_dropped_, now.outbox_dropped, seen_.outbox_dropped);
+  advance(acks_refused_, now.acks_refused, seen_.acks_refused);
+  advance(requests_refused_, now.requests_refused, seen_.requests_refused);
+  connected_.Set(w.connected() ? 1 : 0);
+}
+
+}  // namespace sidecast
