@@ -146,7 +146,7 @@ class api_session : public client_socket {
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
   }
 
-  void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override {
+  const char* deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override {
     // An HTTP API client has no way to ack: an emit that wants one is
     // refused to its worker at once (the event itself is still delivered).
     if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BAD_REQUEST, "an API session cannot ack");
@@ -161,6 +161,7 @@ class api_session : public client_socket {
     gw_.metrics().api_out.Increment();
     events_.push_back(std::shared_ptr<const std::string>(event, &event->ws_frame()));
     if (poll_) flush();
+    return nullptr;
   }
 
   void deliver_disconnect() override { close("server namespace disconnect"); }

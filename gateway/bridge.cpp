@@ -598,14 +598,22 @@ void bridge::deliver_emit(const proto::Emit& emit) {
   auto ev = std::make_shared<const outbound_event>(
       nsp, emit.event(), emit.args(),
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
-  if (!to_sink(sink->executor(), [sink, ev = std::move(ev), ack = emit.ack_id()]() mutable {
-        sink->deliver(std::move(ev), std::move(ack));
+  // Reported from the socket's thread, once it took the event or dropped it.
+  struct receipt {
+    std::string to, sid, ref;
+    bool delivered;  // report a success too
+  };
+  std::optional<receipt> r;
+  if (!emit.origin().empty()) r.emplace(emit.origin(), emit.sid(), emit.ref(), emit.report_delivery());
+  if (!to_sink(sink->executor(), [this, sink, ev = std::move(ev), ack = emit.ack_id(), r = std::move(r)]() mutable {
+        const char* why = sink->deliver(std::move(ev), std::move(ack));
+        if (!r || (!why && !r->delivered)) return;
+        report_from(why ? proto::DeliveryReport::REJECTED : proto::DeliveryReport::DELIVERED,
+                    std::move(r->to), std::move(r->sid), std::move(r->ref), why ? why : "");
       })) {
     if (!emit.ack_id().empty()) refuse_ack(emit.ack_id(), kThreadBehind);
     report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), kThreadBehind);
-    return;
   }
-  if (emit.report_delivery()) report(emit.origin(), proto::DeliveryReport::DELIVERED, emit.sid(), emit.ref());
 }
 
 void bridge::on_control(const proto::Control& control) {
@@ -684,12 +692,12 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
   }
   for (auto& [ex, sinks] : groups) {
     if (ex.running_in_this_thread()) {
-      for (const auto& s : sinks) to_sink(ex, [&s, &ev] { s->deliver(ev, {}); });  // one failing sink skips no other
+      for (const auto& s : sinks) to_sink(ex, [&s, &ev] { (void)s->deliver(ev, {}); });  // one failing sink skips no other
       continue;
     }
     auto n = sinks.size();
     backlog_.post(ex, [sinks = std::move(sinks), ev] {
-      for (const auto& s : sinks) s->deliver(ev, {});
+      for (const auto& s : sinks) (void)s->deliver(ev, {});  // a drop is counted there
     }, n);  // refused: counted (thread_backlog), as a slow consumer's frames are
   }
 }
@@ -724,6 +732,19 @@ void bridge::refuse_ack(const std::string& ack_id, std::string_view why) {
   r->set_message(std::string{why});
   send_to_broker(core::message_of(env));
   link_watch_.dirty = true;
+}
+
+void bridge::report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
+                         std::string_view detail) {
+  if (ex_ && ex_->running_in_this_thread()) return report(to, status, sid, ref, detail);
+  Envelope env;
+  auto* r = env.mutable_report();
+  r->set_status(status);
+  r->set_sid(std::move(sid));
+  r->set_ref(std::move(ref));
+  if (!detail.empty()) r->set_detail(std::string{detail});
+  r->set_to(std::move(to));
+  send(env);  // through the command queue (--bridge-queue: past it the report is dropped, counted)
 }
 
 void bridge::report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,

@@ -174,6 +174,9 @@ class bridge {
   void add_to_topic(const std::string& topic, const std::string& sid);
   void remove_from_topic(const std::string& topic, const std::string& sid);
   void refuse_ack(const std::string& ack_id, std::string_view why);  // BUSY to the worker awaiting it
+  // report() from a sink's thread (at once when that is the bridge's own).
+  void report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
+                   std::string_view detail);
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
               const std::string& ref, std::string_view detail = {});
   void expire(std::chrono::steady_clock::time_point now);

@@ -108,22 +108,25 @@ void client_socket::refuse_ack(std::string ack_id, proto::Code code, std::string
   gw_.link().send(env);
 }
 
-void client_socket::drop_event(std::string ack_id, const char* why) {
+const char* client_socket::drop_event(std::string ack_id, const char* why) {
   gw_.metrics().undelivered.Increment();
   if (!ack_id.empty()) refuse_ack(std::move(ack_id), proto::BUSY, why);
+  return why;
 }
 
-void client_socket::hold_early(std::shared_ptr<const outbound_event> ev, std::string ack_id) {
+const char* client_socket::hold_early(std::shared_ptr<const outbound_event> ev, std::string ack_id) {
   auto frames = 1 + ev->attachments().size();
   if (early_frames_ + frames > std::max<std::size_t>(1, gw_.config().outbound_messages / 2))
     return drop_event(std::move(ack_id), "too many events before the client's connect was answered");
   early_frames_ += frames;
   early_.emplace_back(std::move(ev), std::move(ack_id));
+  return nullptr;
 }
 
 void client_socket::release_early() {
   early_frames_ = 0;
-  for (auto& [ev, ack] : std::exchange(early_, {})) deliver(std::move(ev), std::move(ack));
+  // Each was reported taken when it was held; a drop now is counted only.
+  for (auto& [ev, ack] : std::exchange(early_, {})) (void)deliver(std::move(ev), std::move(ack));
 }
 
 void client_socket::drop_early(const char* why) {

@@ -60,15 +60,17 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   /// Ends the socket without a word to anyone: another object took it over.
   void hand_off() { state_ = state::closed; }
   /// An event this socket cannot take: counted (`undelivered`); its ack, if
-  /// it wanted one, refused to its worker now with `why`.
-  void drop_event(std::string ack_id, const char* why);
+  /// it wanted one, refused to its worker now with `why`. Returns `why`
+  /// (what deliver() returns for it).
+  const char* drop_event(std::string ack_id, const char* why);
 
   // Events a worker sends while the connect hook runs (it may greet the
   // socket, or send it a room's history) wait for the CONNECT answer: up to
   // half of what a connection may have queued (--outbound-messages), counted
   // in frames (one, and one per binary attachment), so that they and the
   // answer fit. Past that they are dropped (drop_event).
-  void hold_early(std::shared_ptr<const outbound_event> ev, std::string ack_id);
+  /// nullptr when held; else why it was dropped.
+  const char* hold_early(std::shared_ptr<const outbound_event> ev, std::string ack_id);
   /// Once the CONNECT answer is sent: the held events, in order, through deliver().
   void release_early();
   /// The connect was refused or the socket ended: each held event dropped.

@@ -200,7 +200,7 @@ class sio_socket : public client_socket {
 
   // ---- client_sink ----
 
-  void deliver(std::shared_ptr<const outbound_event> ev, std::string ack_id) override {
+  const char* deliver(std::shared_ptr<const outbound_event> ev, std::string ack_id) override {
     if (closed()) return drop_event(std::move(ack_id), "the client is gone");
     if (recovering_) {
       // Arrived for the sid after the take-over, before the old socket's
@@ -209,22 +209,24 @@ class sio_socket : public client_socket {
       if (!ack_id.empty()) return drop_event(std::move(ack_id), "the client is recovering its connection");
       if (pending_.size() >= gw_.config().recovery_buffer) return drop_event({}, "the replay buffer is full");
       pending_.push_back(std::move(ev));
-      return;
+      return nullptr;
     }
     if (!connected()) return hold_early(std::move(ev), std::move(ack_id));  // the connect hook runs
     auto eio = eio_.lock();
+    bool kept = false;  // for replay: the client gets it when it comes back, if not now
     if (ack_id.empty() && recoverable_) {
       remember(ev, eio.get());
-      if (detached_) return;
+      kept = true;
+      if (detached_) return nullptr;
     }
     if (!eio) {
-      if (ack_id.empty() && recoverable_) return;  // remembered for the client's return
+      if (kept) return nullptr;  // remembered for the client's return
       return drop_event(std::move(ack_id), "the client's connection is gone");
     }
     gw_.metrics().sio_out.Increment();
     if (ack_id.empty()) {
-      send_shared(*eio, ev);
-      return;
+      if (send_shared(*eio, ev) || kept) return nullptr;
+      return drop_event({}, "the client's connection is gone or too far behind");
     }
     socketio::packet p;
     p.type = ev->attachments().empty() ? socketio::packet_type::event : socketio::packet_type::binary_event;
@@ -239,8 +241,10 @@ class sio_socket : public client_socket {
       refuse_ack(std::move(oldest->second), proto::TIMEOUT, "the client has too many acks outstanding");
       server_acks_.erase(oldest);
     }
+    if (!eio->send_socketio(p, ev->attachments()))
+      return drop_event(std::move(ack_id), "the client's connection is gone or too far behind");
     server_acks_.emplace(*p.id, std::move(ack_id));
-    eio->send_socketio(p, ev->attachments());
+    return nullptr;
   }
 
   void deliver_disconnect() override {
@@ -327,10 +331,10 @@ class sio_socket : public client_socket {
 
   // The event frame shared by every receiver of a broadcast, encoded once
   // (with the offset in namespaces with recovery).
-  void send_shared(eio_session& eio, const std::shared_ptr<const outbound_event>& ev) {
+  bool send_shared(eio_session& eio, const std::shared_ptr<const outbound_event>& ev) {
     frames message{frame{shared_bytes{ev, ev->socketio_frame(recoverable_)}, false}};
     for (const auto& a : ev->attachments()) message.push_back(frame{shared_bytes{ev, a}, true});
-    eio.send(std::move(message));
+    return eio.send(std::move(message));
   }
 
   // Keeps an event for replay until the client has surely seen it (see
@@ -752,7 +756,7 @@ void eio_session::on_connect(socketio::packet p) {
 
 void eio_session::forget(const std::string& nsp) { sockets_.erase(nsp); }
 
-void eio_session::send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments) {
+bool eio_session::send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments) {
   // Encoded into a buffer the thread keeps, then copied into the frame's
   // own block: one allocation for the frame, none for its text.
   thread_local std::string text;
@@ -761,18 +765,15 @@ void eio_session::send_socketio(const socketio::packet& p, const std::vector<std
   frames message{frame{shared_bytes::copy_of(text), false}};
   if (text.capacity() > 64 * 1024) text = {};  // a large packet leaves no large buffer behind
   for (const auto& a : attachments) message.push_back(frame{shared_bytes::copy_of(a), true});
-  send(std::move(message));
+  return send(std::move(message));
 }
 
 void eio_session::send_text(std::string_view text) { send({frame{shared_bytes::copy_of(text), false}}); }
 
-void eio_session::send(frames message) {
-  if (closed_) return;
+bool eio_session::send(frames message) {
+  if (closed_) return false;
   ++sent_;
-  if (transport_ == transport::websocket) {
-    ws_->send(std::move(message));
-    return;
-  }
+  if (transport_ == transport::websocket) return ws_->send(std::move(message));
   for (auto& f : message) {
     buffered_bytes_ += f.data.size();
     buffer_.push_back(std::move(f));
@@ -782,9 +783,10 @@ void eio_session::send(frames message) {
     // A poller this far behind is gone or too slow: cap its buffer by closing.
     gw_.metrics().slow_consumer.Increment();
     close("slow consumer");
-    return;
+    return false;
   }
   if (pending_get_ && !probed_) flush_poll();
+  return true;
 }
 
 void eio_session::flush_poll() {

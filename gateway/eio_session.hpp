@@ -50,9 +50,10 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void on_ws_message(const ws_conn* from, std::string data, bool binary);
   void on_ws_closed(const ws_conn* from);
 
-  // For the sockets (same executor).
-  void send(frames message);
-  void send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments = {});
+  // For the sockets (same executor). False when the message was not queued
+  // for the client: the session is closed, or just closed as a slow consumer.
+  bool send(frames message);
+  bool send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments = {});
   void forget(const std::string& nsp);
   void close(const char* reason);
   gateway& gw() { return gw_; }

@@ -87,8 +87,11 @@ class client_sink {
   virtual ~client_sink() = default;
   /// The executor every delivery is posted to.
   virtual io_executor executor() const = 0;
-  /// An event for this socket; `ack_id` non-empty: the worker wants the client's ack.
-  virtual void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) = 0;
+  /// An event for this socket; `ack_id` non-empty: the worker wants the
+  /// client's ack. nullptr when the socket took it (queued for its client,
+  /// held until its connect is answered, kept for its recovery); else why it
+  /// was dropped (already counted, and an ack it wanted already refused).
+  [[nodiscard]] virtual const char* deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) = 0;
   /// The answer to a request this sink made with `tag`.
   virtual void deliver_reply(std::uint64_t tag, reply_data reply) = 0;
   /// A worker disconnected this socket.

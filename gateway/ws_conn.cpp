@@ -602,16 +602,24 @@ void ws_conn::deliver(std::string message, bool is_binary) {
 
 // ---- writing ----
 
-void ws_conn::send(frame f) {
-  asio::dispatch(ex_, [self = shared_from_this(), f = std::move(f)]() mutable {
-    self->enqueue(std::move(f.data), f.binary ? binary : text);
-  });
+bool ws_conn::send(frame f) {
+  frames one;
+  one.push_back(std::move(f));
+  return send(std::move(one));
 }
 
-void ws_conn::send(frames message) {
-  asio::dispatch(ex_, [self = shared_from_this(), message = std::move(message)]() mutable {
+bool ws_conn::send(frames message) {
+  auto queue_all = [this, &message] {
+    if (finished_ || closing_) return false;
+    for (auto& f : message)
+      if (!enqueue(std::move(f.data), f.binary ? binary : text)) return false;
+    return true;
+  };
+  if (ex_.running_in_this_thread()) return queue_all();
+  asio::post(ex_, [self = shared_from_this(), message = std::move(message)]() mutable {
     for (auto& f : message) self->enqueue(std::move(f.data), f.binary ? binary : text);
   });
+  return true;
 }
 
 void ws_conn::push(shared_bytes data, std::uint8_t op) {

@@ -113,9 +113,11 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
               close_handler on_close);
 
   /// Thread-safe. Queues frames in order; drops the connection if the queue
-  /// would pass its bounds.
-  void send(frame f);
-  void send(frames message);
+  /// would pass its bounds. On the connection's own thread, false when the
+  /// frames were not queued (the connection is closing, or was just dropped
+  /// as a slow consumer); from another thread they are posted: true.
+  bool send(frame f);
+  bool send(frames message);
   /// Thread-safe. Sends what is queued, then a close frame, then closes.
   void close();
 

@@ -79,14 +79,15 @@ void ws_session::on_closed() {
   end("transport close");
 }
 
-void ws_session::deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) {
+const char* ws_session::deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) {
   // /ws has no way to ask its client for an ack: a worker's emit that wants
   // one is answered at once (the event itself is still delivered).
   if (!ack_id.empty()) refuse_ack(std::exchange(ack_id, {}), proto::BAD_REQUEST, "a /ws session cannot ack");
   if (closed()) return drop_event({}, "the client is gone");
   if (!connected()) return hold_early(std::move(event), {});  // the connect hook runs
   gw_.metrics().ws_out.Increment();
-  ws_->send(frame{shared_bytes{event, event->ws_frame()}, false});
+  if (ws_->send(frame{shared_bytes{event, event->ws_frame()}, false})) return nullptr;
+  return drop_event({}, "the client's connection is gone or too far behind");
 }
 
 void ws_session::deliver_disconnect() {

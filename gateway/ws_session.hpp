@@ -21,7 +21,7 @@ class ws_session : public client_socket {
   void on_message(std::string data, bool binary);
   void on_closed();
 
-  void deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override;
+  const char* deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override;
   void deliver_disconnect() override;
 
  protected:

@@ -567,6 +567,67 @@ class PeerGatewayAnswerTest(unittest.TestCase):
         self.assertEqual(dropped(self.http_port, "bad_answer"), before + 5)
 
 
+class DeliveryReportTest(InProcessWorkerTest):
+    """A worker's event for one sid with ``report_delivery`` is reported by
+    the socket's own thread once the socket took it or dropped it: DELIVERED
+    when queued for the client (or held until its connect is answered),
+    REJECTED with the reason when dropped. Here the connect hook sends four
+    events and the socket may hold two (--outbound-messages 4)."""
+
+    gateway_id = "gwD"
+    gateway_args = ("--outbound-messages", "4")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("dr", capacity=4)
+        cls.reports = queue.Queue()
+
+        @svc.on_connect
+        def hello(req):
+            for i in range(4):
+                cls.worker.emit_to_sid(req.sid, "early", i, nsp="/dr", report_delivery=True, ref=f"early{i}")
+
+        @svc.on("later")
+        def later(req):
+            cls.worker.emit_to_sid(req.sid, "later", 1, nsp="/dr", report_delivery=True, ref="later")
+            req.reply(True)
+
+        return svc
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.worker.on_report(cls.reports.put)
+
+    def report(self):
+        try:
+            return self.reports.get(timeout=WAIT)
+        except queue.Empty:
+            self.fail("no delivery report")
+
+    def test_a_dropped_event_is_reported_rejected_not_delivered(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio = socketio.Client(reconnection=False)
+        got = queue.Queue()
+        sio.on("early", got.put, namespace="/dr")
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/dr"], transports=["websocket"],
+                    wait_timeout=WAIT)
+        self.addCleanup(sio.disconnect)
+        sid = sio.get_sid(namespace="/dr")
+        reports = {r.ref: r for r in (self.report() for _ in range(4))}
+        self.assertEqual({ref: r.status for ref, r in reports.items()},
+                         {"early0": "DELIVERED", "early1": "DELIVERED", "early2": "REJECTED", "early3": "REJECTED"})
+        self.assertEqual(reports["early2"].detail, "too many events before the client's connect was answered")
+        self.assertEqual({r.sid for r in reports.values()}, {sid})
+        self.assertEqual([got.get(timeout=WAIT) for _ in range(2)], [0, 1])
+        self.assertTrue(sio.call("later", namespace="/dr", timeout=WAIT))
+        r = self.report()
+        self.assertEqual((r.ref, r.status, r.sid), ("later", "DELIVERED", sid))
+        time.sleep(0.2)
+        self.assertTrue(got.empty(), "a dropped event reached the client")
+
+
 class EarlyEventsEndToEndTest(InProcessWorkerTest):
     """Events a worker sends a socket while its connect hook still runs wait
     for the CONNECT answer, up to half of what a connection may queue
