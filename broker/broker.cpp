@@ -451,8 +451,18 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness};
   if (hello.role() == proto::ROLE_WORKER) {
     for (const auto& s : hello.services()) {
-      if (!s.name().empty() && !table_.add_worker(routing_id, s.name(), s.capacity()))
-        drop(drop_reason::service_limit, s.name());  // the worker is registered for its others
+      if (s.name().empty()) continue;
+      service_table::eviction evicted;
+      if (!table_.add_worker(routing_id, s.name(), s.capacity(), &evicted)) {
+        // Every known service has a worker: this one is not served here
+        // (the worker is registered for its others).
+        drop(drop_reason::service_limit, s.name());
+        continue;
+      }
+      if (evicted.name.empty()) continue;
+      // A name no worker served gave way: its waiting requests end now.
+      for (const auto& f : evicted.failed) fail(f);
+      metrics_->forget(evicted.name);
     }
   }
   Envelope env;

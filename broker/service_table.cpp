@@ -33,6 +33,13 @@ std::uint32_t service_table::service_index(const std::string& name) {
   return index;
 }
 
+void service_table::forget_service(std::uint32_t si) {
+  auto& svc = services_[si];
+  service_ids_.erase(svc.name);
+  svc = service_entry{.live = false};
+  free_services_.push_back(si);
+}
+
 std::vector<std::string> service_table::prune() {
   std::vector<std::string> gone;
   for (std::uint32_t si = 0; si < services_.size(); ++si) {
@@ -40,12 +47,32 @@ std::vector<std::string> service_table::prune() {
     // Never served: no worker holds or held a job of it, so no slot or
     // worker refers to the index once its queue is empty.
     if (!svc.live || svc.served || svc.waiting > 0) continue;
-    service_ids_.erase(svc.name);
-    gone.push_back(std::move(svc.name));
-    svc = service_entry{.live = false};
-    free_services_.push_back(si);
+    gone.push_back(svc.name);
+    forget_service(si);
   }
   return gone;
+}
+
+bool service_table::make_room(eviction& evicted) {
+  // No worker serves it: remove_worker has requeued or ended every job a
+  // worker held of it, so only its queue refers to its index.
+  std::uint32_t pick = none;
+  for (std::uint32_t si = 0; si < services_.size(); ++si) {
+    const auto& svc = services_[si];
+    if (!svc.live || svc.worker_count > 0) continue;
+    if (pick == none || svc.waiting < services_[pick].waiting) pick = si;
+    if (svc.waiting == 0) break;
+  }
+  if (pick == none) return false;
+  auto& svc = services_[pick];
+  while (svc.head != none) {
+    auto s = svc.head;
+    unlink(s);
+    evicted.failed.push_back({take_slot(s), proto::UNAVAILABLE, {}});
+  }
+  evicted.name = svc.name;
+  forget_service(pick);
+  return true;
 }
 
 std::uint32_t service_table::find(std::string_view id) const {
@@ -188,10 +215,16 @@ service_table::admit service_table::submit(job&& work) {
   return admit::queued;
 }
 
-bool service_table::add_worker(const std::string& worker, const std::string& service, unsigned capacity) {
+bool service_table::add_worker(const std::string& worker, const std::string& service, unsigned capacity,
+                               eviction* evicted) {
   capacity = std::max(capacity, 1u);
   auto si = service_index(service);
-  if (si == none) return false;
+  if (si == none) {
+    eviction room;
+    if (!make_room(room)) return false;
+    si = service_index(service);
+    if (evicted) *evicted = std::move(room);
+  }
   auto [wit, inserted] = worker_ids_.try_emplace(worker, none);
   if (inserted) {
     if (free_workers_.empty()) {

@@ -73,15 +73,27 @@ class service_table {
   /// names a service the table does not know and max_services are known.
   admit submit(job&& work);  // moves from `work` only when queued
 
+  /// A service forgotten to make room for a worker's (see add_worker).
+  struct eviction {
+    std::string name;             // empty: none
+    std::vector<failure> failed;  // its waiting jobs, ended UNAVAILABLE
+  };
+
   /// Registers (or re-registers) a worker serving `service` with `capacity`
-  /// jobs at once. False (nothing registered) when the service is new and
-  /// max_services are known.
-  bool add_worker(const std::string& worker, const std::string& service, unsigned capacity);
+  /// jobs at once. When the service is new and max_services are known, a
+  /// known one that no worker serves now gives way (one with no job waiting
+  /// if there is one; else the one with fewest), told in `evicted`: names
+  /// that requests made up, or that lost their workers, never keep a
+  /// worker's service out. False (nothing registered) only when a worker
+  /// serves every known service.
+  bool add_worker(const std::string& worker, const std::string& service, unsigned capacity,
+                  eviction* evicted = nullptr);
 
   /// Forgets the services no worker has ever served that have no job left
   /// (names requests made up, or asked for before their workers came), so
   /// that such names cannot fill the table; returns their names. A service
-  /// that had a worker is kept, at 0 workers, for as long as the table lives.
+  /// that had a worker is kept at 0 workers (its metrics stay, at 0) until
+  /// a worker's new service needs its place.
   std::vector<std::string> prune();
 
   /// Forgets a worker. Jobs it held go back to the front of their queues
@@ -169,6 +181,10 @@ class service_table {
   };
 
   std::uint32_t service_index(const std::string& name);
+  // Frees the index of a live service no worker serves (its waiting jobs
+  // end UNAVAILABLE, into `evicted`); false when a worker serves them all.
+  bool make_room(eviction& evicted);
+  void forget_service(std::uint32_t index);
   std::uint32_t new_slot();
   job take_slot(std::uint32_t s);  // frees the slot, returns its job
   job orphan(std::uint32_t s);     // the job ended, the worker still holds it

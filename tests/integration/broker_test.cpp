@@ -522,6 +522,30 @@ TEST_P(BrokerTest, ServiceNamesAreBoundedAndUnservedOnesForgotten) {
   EXPECT_TRUE(metric("sidecast_broker_workers", "service", "echo")) << "a served name was forgotten";
 }
 
+// A name a request made up holds a place among --max-services only until a
+// worker needs it: the worker's service is registered, and the request
+// waiting for the made-up name is answered UNAVAILABLE at once.
+TEST_P(BrokerTest, AWorkersServiceTakesThePlaceOfANameNoWorkerServes) {
+  broker::broker_config config;
+  config.limits.max_services = 2;
+  start(config);
+  add_worker({workers::echo_service(1)}, "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto waiting = client.submit("made-up", "x", "[]", 30s);
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_queue_depth", "service", "made-up") == 1.0; }));
+  add_worker({service{"late", 1}.on("x", [](request req) { req.reply("[\"late\"]"); })}, "w2");
+  auto env = client.next(Envelope::kReply, 2s);
+  ASSERT_TRUE(env) << "the request for the name that gave way waited on";
+  EXPECT_EQ(env->reply().id(), waiting);
+  EXPECT_EQ(env->reply().code(), proto::UNAVAILABLE);
+  auto r = client.call("late", "x", "[]");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->code(), proto::OK);
+  EXPECT_EQ(r->args(), R"(["late"])");
+  EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "service_limit"), 0.0);
+}
+
 TEST_P(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {
   start();
   add_worker({workers::echo_service(1)}, "w1");
@@ -1184,9 +1208,10 @@ class reply_keeper : public gateway::client_sink {
  public:
   explicit reply_keeper(gateway::io_executor ex) : ex_{std::move(ex)} {}
   gateway::io_executor executor() const override { return ex_; }
-  void deliver(std::shared_ptr<const gateway::outbound_event> ev, std::string) override {
+  const char* deliver(std::shared_ptr<const gateway::outbound_event> ev, std::string) override {
     std::lock_guard lock{mutex_};
     seen_.push_back("event " + ev->event());
+    return nullptr;
   }
   void deliver_reply(std::uint64_t tag, gateway::reply_data reply) override {
     std::lock_guard lock{mutex_};

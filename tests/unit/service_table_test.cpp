@@ -41,7 +41,7 @@ using P = std::vector<std::pair<std::string, std::string>>;
 // ---------------------------------------------------------------- the table
 // Each case is a script of operations on one table, each with the answer
 // it must give (`run` below says what an operation writes):
-//   worker W SVC N     add_worker                  "" | no_service
+//   worker W SVC N     add_worker                  "" | no_service | "evicted NAME[ ID:CODE ...]"
 //   submit ID [SVC] [TIMEOUT_MS]  (svc, 10000)     queued | busy | duplicate | no_service
 //   dispatch           "W:ID ..." in order (":ID#2": its second attempt)
 //   complete ID W      job (it ended) | held (a job W held, already over) | none
@@ -84,7 +84,12 @@ std::string run(service_table& t, const std::string& op) {
   if (verb == "worker") {
     unsigned n = 0;
     in >> a >> b >> n;
-    return t.add_worker(a, b, n) ? "" : "no_service";
+    service_table::eviction evicted;
+    if (!t.add_worker(a, b, n, &evicted)) return "no_service";
+    if (evicted.name.empty()) return "";
+    std::string out = "evicted " + evicted.name;
+    for (const auto& f : evicted.failed) out += " " + f.work.id + ":" + proto::Code_Name(f.code);
+    return out;
   }
   if (verb == "submit") {
     std::string svc = "svc";
@@ -203,11 +208,24 @@ const std::vector<table_case>& cases() {
       // a pruned index is reused with nothing of its old service left.
       {"services are bounded; names no worker served are forgotten", {.max_services = 2}, {
            {"worker w1 svc 1", ""}, {"submit a junk1 1000", "queued"}, {"submit b junk2", "no_service"},
-           {"worker w2 late 1", "no_service"}, {"services", "junk1 svc"},
+           {"services", "junk1 svc"},
            {"prune", ""}, {"expire 1000", "a:UNAVAILABLE"}, {"prune", "junk1"}, {"services", "svc"},
            {"drop w1", ""}, {"prune", ""}, {"workers svc", "0"},
            {"worker w2 late 1", ""}, {"submit c late", "queued"}, {"queued junk1", "0"}, {"dispatch", "w2:c"},
            {"submit d junk3", "no_service"}}},
+      // A worker's new service is never kept out by names no worker serves
+      // now: one with no job waiting gives way first (a name whose workers
+      // left, kept till then at 0 workers), else the one with the fewest
+      // waiting, whose jobs end UNAVAILABLE. Only when workers serve every
+      // known name is it refused.
+      {"a worker's service makes room among names no worker serves", {.max_services = 3}, {
+           {"worker w1 svc 1", ""}, {"worker w2 gone 1", ""}, {"drop w2", ""},
+           {"submit a junk1", "queued"}, {"submit b junk1", "queued"}, {"submit c junk2", "no_service"},
+           {"worker w3 new1 1", "evicted gone"}, {"services", "junk1 new1 svc"},
+           {"worker w4 new2 1", "evicted junk1 a:UNAVAILABLE b:UNAVAILABLE"}, {"queued junk1", "0"},
+           {"in_flight", "0"}, {"deadline", "none"}, {"services", "new1 new2 svc"},
+           {"worker w5 new3 1", "no_service"}, {"submit d new2", "queued"}, {"dispatch", "w4:d"},
+           {"drop w3", ""}, {"worker w5 new3 1", "evicted new1"}, {"services", "new2 new3 svc"}}},
       {"cancel a queued job and a held one", {}, {
            {"worker w1 svc 1", ""}, {"submit a", "queued"}, {"submit b", "queued"}, {"dispatch", "w1:a"},
            {"cancel b", "queued"}, {"queued svc", "0"}, {"cancel a", "held by w1"}, {"cancel a", "none"},
