@@ -450,7 +450,16 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   }
   peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness};
   if (hello.role() == proto::ROLE_WORKER) {
-    for (const auto& s : hello.services()) {
+    // The services the table knows first: once this worker serves them, a
+    // new one of its own cannot take their place (make_room takes only
+    // names no worker serves, as its own are after remove_peer).
+    std::vector<const proto::Service*> order;
+    for (const auto& s : hello.services())
+      if (table_.knows(s.name())) order.push_back(&s);
+    for (const auto& s : hello.services())
+      if (!table_.knows(s.name())) order.push_back(&s);
+    for (const auto* sp : order) {
+      const auto& s = *sp;
       if (s.name().empty()) continue;
       service_table::eviction evicted;
       if (!table_.add_worker(routing_id, s.name(), s.capacity(), &evicted)) {

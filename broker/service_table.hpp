@@ -101,6 +101,7 @@ class service_table {
   std::vector<failure> remove_worker(const std::string& worker);
 
   bool has_worker(const std::string& worker) const { return worker_ids_.contains(worker); }
+  bool knows(std::string_view service) const { return service_ids_.contains(service); }
 
   /// Hands queued jobs to workers with free capacity (LRU among them) until
   /// either runs out.

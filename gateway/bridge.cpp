@@ -468,7 +468,7 @@ void bridge::on_reply(proto::Reply& r) {
 void bridge::on_broker(Envelope& env) {
   switch (env.kind_case()) {
     case Envelope::kReply: on_reply(*env.mutable_reply()); return;  // one take_reply() left to the parser
-    case Envelope::kEmit: deliver_emit(env.emit()); return;
+    case Envelope::kEmit: deliver_emit(*env.mutable_emit()); return;
     case Envelope::kForward:
       if (forward_handler_) forward_handler_(std::move(*env.mutable_forward()));
       return;
@@ -579,7 +579,7 @@ std::string_view bridge::event_fault(const proto::Emit& emit, std::string_view e
   return why;
 }
 
-void bridge::deliver_emit(const proto::Emit& emit) {
+void bridge::deliver_emit(proto::Emit& emit) {
   if (emit.to_case() != proto::Emit::kSid) return;
   auto it = members_.find(emit.sid());
   auto sink = it == members_.end() ? nullptr : it->second.sink.lock();
@@ -595,25 +595,35 @@ void bridge::deliver_emit(const proto::Emit& emit) {
     report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), why);
     return;
   }
-  auto ev = std::make_shared<const outbound_event>(
-      nsp, emit.event(), emit.args(),
-      std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
-  // Reported from the socket's thread, once it took the event or dropped it.
+  auto ex = sink->executor();
+  if (!ex.running_in_this_thread() && backlog_.refuses(ex)) {
+    if (!emit.ack_id().empty()) refuse_ack(emit.ack_id(), kThreadBehind);
+    report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), kThreadBehind);
+    return;
+  }
+  // From here the emit's strings are moved, not copied (it is not used again).
+  std::vector<std::string> attachments;
+  attachments.reserve(emit.attachments_size());
+  for (auto& a : *emit.mutable_attachments()) attachments.push_back(std::move(a));
+  auto ev = std::make_shared<const outbound_event>(std::string{nsp}, std::move(*emit.mutable_event()),
+                                                   std::move(*emit.mutable_args()), std::move(attachments), ++offset_);
+  // Reported from the socket's thread, once it took the event or dropped it
+  // (failures always, DELIVERED when asked).
   struct receipt {
     std::string to, sid, ref;
     bool delivered;  // report a success too
   };
   std::optional<receipt> r;
-  if (!emit.origin().empty()) r.emplace(emit.origin(), emit.sid(), emit.ref(), emit.report_delivery());
-  if (!to_sink(sink->executor(), [this, sink, ev = std::move(ev), ack = emit.ack_id(), r = std::move(r)]() mutable {
-        const char* why = sink->deliver(std::move(ev), std::move(ack));
-        if (!r || (!why && !r->delivered)) return;
-        report_from(why ? proto::DeliveryReport::REJECTED : proto::DeliveryReport::DELIVERED,
-                    std::move(r->to), std::move(r->sid), std::move(r->ref), why ? why : "");
-      })) {
-    if (!emit.ack_id().empty()) refuse_ack(emit.ack_id(), kThreadBehind);
-    report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), kThreadBehind);
-  }
+  if (!emit.origin().empty())
+    r.emplace(std::move(*emit.mutable_origin()), std::move(*emit.mutable_sid()), std::move(*emit.mutable_ref()),
+              emit.report_delivery());
+  // Checked above: the backlog has room (only this thread adds to it).
+  to_sink(ex, [this, sink, ev = std::move(ev), ack = std::move(*emit.mutable_ack_id()), r = std::move(r)]() mutable {
+    const char* why = sink->deliver(std::move(ev), std::move(ack));
+    if (!r || (!why && !r->delivered)) return;
+    report_from(why ? proto::DeliveryReport::REJECTED : proto::DeliveryReport::DELIVERED, std::move(r->to),
+                std::move(r->sid), std::move(r->ref), why ? why : "");
+  });
 }
 
 void bridge::on_control(const proto::Control& control) {

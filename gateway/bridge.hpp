@@ -154,7 +154,7 @@ class bridge {
   void on_reply(proto::Reply& r);
   void on_event(std::string_view topic, std::string_view body);
   void on_control(const proto::Control& control);
-  void deliver_emit(const proto::Emit& emit);
+  void deliver_emit(proto::Emit& emit);  // moves its strings out
   void reply_to(pending p, reply_data reply);
   /// "<our id>:<seq>" in base 36, as next_id() makes them.
   std::string id_of(std::uint64_t seq) const;

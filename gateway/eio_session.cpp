@@ -234,6 +234,8 @@ class sio_socket : public client_socket {
     p.id = ++next_server_ack_;
     p.data = socketio::join_event(ev->event(), ev->args());
     p.attachments = ev->attachments().size();
+    if (!eio->send_socketio(p, ev->attachments()))
+      return drop_event(std::move(ack_id), "the client's connection is gone or too far behind");
     if (server_acks_.size() >= gw_.config().max_awaited_acks) {
       // The oldest (ids grow) gives way: its worker hears so at once.
       auto oldest = server_acks_.begin();
@@ -241,8 +243,6 @@ class sio_socket : public client_socket {
       refuse_ack(std::move(oldest->second), proto::TIMEOUT, "the client has too many acks outstanding");
       server_acks_.erase(oldest);
     }
-    if (!eio->send_socketio(p, ev->attachments()))
-      return drop_event(std::move(ack_id), "the client's connection is gone or too far behind");
     server_acks_.emplace(*p.id, std::move(ack_id));
     return nullptr;
   }

@@ -55,6 +55,15 @@ class thread_backlog {
     return true;
   }
 
+  /// Whether post() would refuse `weight` more for `ex`'s thread now; a
+  /// refusal is counted. On the posting thread, a false stays true until
+  /// that thread posts again (the other threads only take away).
+  bool refuses(const io_executor& ex, std::size_t weight = 1) {
+    if (count_of(ex).load(std::memory_order_relaxed) + weight <= bound_) return false;
+    refused_.Increment(static_cast<double>(weight));
+    return true;
+  }
+
   /// Deliveries posted to `ex`'s thread and not yet run (ask on the posting thread).
   std::size_t queued(const io_executor& ex) { return count_of(ex).load(std::memory_order_relaxed); }
 

@@ -546,6 +546,31 @@ TEST_P(BrokerTest, AWorkersServiceTakesThePlaceOfANameNoWorkerServes) {
   EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "service_limit"), 0.0);
 }
 
+// A worker's Hello registers the services the table knows before its new
+// ones: a new one must not take the place of another service of the same
+// Hello (here "a", whose worker left, with a request waiting for it).
+TEST_P(BrokerTest, AHellosNewServiceNeverTakesThePlaceOfItsOwn) {
+  broker::broker_config config;
+  config.limits.max_services = 2;
+  start(config);
+  auto& w1 = add_worker({service{"a", 1}.on("x", [](request req) { req.reply(R"(["w1"])"); })}, "w1");
+  add_worker({workers::echo_service(1)}, "w2");
+  pause_io([&w1] { w1.stop(); });
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_workers", "service", "a") == 0.0; }));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto waiting = client.submit("a", "x", "[]", 10s);
+  add_worker({service{"c", 1}.on("x", [](request req) { req.reply("[]"); }),
+              service{"a", 1}.on("x", [](request req) { req.reply(R"(["w3"])"); })},
+             "w3");
+  auto env = client.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->reply().id(), waiting);
+  EXPECT_EQ(env->reply().code(), proto::OK) << env->reply().message();
+  EXPECT_EQ(env->reply().args(), R"(["w3"])");
+  EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "service_limit"), 1.0) << "c: a and echo have workers";
+}
+
 TEST_P(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {
   start();
   add_worker({workers::echo_service(1)}, "w1");
@@ -931,6 +956,38 @@ TEST_P(BrokerTest, RequestsPastTheHandlerQueueLimitAreAnsweredBusy) {
   EXPECT_EQ(w.stats().requests_refused, 2u);
   EXPECT_EQ(started.load(), 1);
   pause_io([&w] { w.stop(); });
+}
+
+// queue_limit counts requests only: delivery-report callbacks waiting for
+// the one handler thread (here two, for emits to a gateway that is gone)
+// do not make requests BUSY.
+TEST_P(BrokerTest, ReportCallbacksWaitingDoNotCountAgainstTheQueueLimit) {
+  start();
+  std::promise<void> first;
+  std::atomic<int> reports{0};
+  std::atomic<bool> release{false};
+  service svc{"q", 4};
+  svc.on("x", [](request req) { req.reply(R"(["ran"])"); });
+  auto o = options_for("w1", 1);
+  o.queue_limit = 1;
+  auto& w = add_worker({std::move(svc)}, o);
+  w.on_report([&](const proto::DeliveryReport&) {
+    if (reports++ == 0) first.set_value();
+    while (!release) std::this_thread::sleep_for(5ms);  // holds the one thread
+  });
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(w.emit_to_sid("/", "gone." + std::to_string(i), "e", "[]"));
+  ASSERT_EQ(first.get_future().wait_for(5s), std::future_status::ready);  // one runs, two wait
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("q", "x", "[]", 10s);
+  std::this_thread::sleep_for(200ms);
+  release = true;
+  auto env = client.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->reply().id(), id);
+  EXPECT_EQ(env->reply().code(), proto::OK) << env->reply().message();
+  EXPECT_EQ(w.stats().requests_refused, 0u);
+  EXPECT_TRUE(eventually([&] { return reports.load() == 3; }));
 }
 
 // worker::stop() from one of its own handlers: it used to join the pool's

@@ -490,7 +490,9 @@ class ThreadBacklogTest(InProcessWorkerTest):
         self.assertTrue(clients[0][0].call("shout", "one", namespace="/tb", timeout=WAIT))
         self.assertTrue(eventually(lambda: dropped(self.http_port, "thread_backlog") == before + 4, WAIT),
                         dropped(self.http_port, "thread_backlog") - before)
-        # An event to one socket is one delivery: it goes, and so does the reply.
+        # An event to one socket is one delivery: it goes, and so does the
+        # reply. (It finds the thread's count back at 0: the replies to the
+        # four "enter"s were counted too, and left it as they ran.)
         self.assertEqual(clients[1][0].call("me", "hi", namespace="/tb", timeout=WAIT), "sent")
         self.assertTrue(eventually(lambda: clients[1][1]["to_me"] == ["hi"], WAIT), clients[1][1])
         time.sleep(0.2)

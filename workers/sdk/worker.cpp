@@ -278,6 +278,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0};
+  // Requests posted to the pool, not yet started (the pool's queue also
+  // holds ack and report callbacks, which have bounds of their own).
+  std::atomic<std::size_t> requests_waiting{0};
 
   explicit worker_core(worker_options o, zmq::context_t* ctx)
       : options{std::move(o)}, context{ctx}, outbox{options.outbox_limit} {
@@ -837,13 +840,15 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // The broker's credits keep this queue to the capacity announced; this
     // bound holds when they do not (a restarted broker hands out fresh
     // credits while the old requests still run).
-    if (pool.pending() >= options.queue_limit) {
+    if (requests_waiting.load(std::memory_order_relaxed) >= options.queue_limit) {
       ++n_requests_refused;
       answer(*st, proto::BUSY, "the worker's handler queue is full", "[]", {}, false);
       return;
     }
     track(st);
+    requests_waiting.fetch_add(1, std::memory_order_relaxed);
     pool.post([this, h, st = std::move(st)]() mutable {
+      requests_waiting.fetch_sub(1, std::memory_order_relaxed);
       if (stopping) return;  // queued when the worker stopped: the request is cancelled
       run_handler(*h, std::move(st));
     });

@@ -224,8 +224,8 @@ class worker {
   void run();
 
   // Traffic not tied to a request. Thread-safe; false when the outbox stayed full.
-  /// `report_delivered`: also get a DELIVERED report when the gateway hands
-  /// it to the socket (failures are always reported).
+  /// `report_delivered`: also get a DELIVERED report once the socket has
+  /// taken it (queued for its client; failures are always reported).
   bool emit_to_sid(const std::string& nsp, const std::string& sid, std::string event,
                    std::string args_json, sidecast::attachments att = {}, bool report_delivered = false);
   bool emit_to_room(const std::string& nsp, const std::string& room, std::string event,
