@@ -98,8 +98,11 @@ std::vector<CLI::ConfigItem> toml_config::from_config(std::istream& input) const
   // CLI11 applies a config file before the environment; the environment
   // should win (a container overrides one key of a shared file), so keys
   // whose SIDECAST_ variable is set are left to CLI11's environment step.
+  // CLI11 takes no value from an empty variable (compose's ${UNSET}), so
+  // neither does this: the file's value stands.
   std::erase_if(result, [](const CLI::ConfigItem& item) {
-    return item.parents.empty() && std::getenv(env_name(item.name).c_str()) != nullptr;
+    const char* value = item.parents.empty() ? std::getenv(env_name(item.name).c_str()) : nullptr;
+    return value != nullptr && *value != '\0';
   });
   return result;
 }

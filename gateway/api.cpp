@@ -144,6 +144,12 @@ class api_session : public client_socket {
     ttl_timer_.cancel();
     if (poll_) std::exchange(poll_, nullptr)->complete(error(410, "session closed"));
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
+    // Closed before its connect was answered (a worker's disconnect from
+    // the connect hook): the POST that opens it gets its answer now.
+    if (created_) {
+      for (; !events_.empty(); events_.pop_front()) drop_event({}, "the session was closed before it opened");
+      std::exchange(created_, nullptr)->complete(error(410, "session closed: " + reason));
+    }
   }
 
   const char* deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override {

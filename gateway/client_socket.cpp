@@ -80,7 +80,7 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
 
 void client_socket::end(const std::string& reason) {
   if (state_ == state::closed) return;
-  bool was_connected = state_ == state::connected;
+  bool was_connected = state_ == state::connected || owes_disconnect_;
   state_ = state::closed;
   gw_.link().detach(sid_);
   on_end();
@@ -127,6 +127,7 @@ void client_socket::release_early() {
   early_frames_ = 0;
   // Each was reported taken when it was held; a drop now is counted only.
   for (auto& [ev, ack] : std::exchange(early_, {})) (void)deliver(std::move(ev), std::move(ack));
+  if (std::exchange(kick_pending_, false)) deliver_disconnect();
 }
 
 void client_socket::drop_early(const char* why) {

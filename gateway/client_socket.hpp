@@ -54,6 +54,10 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   virtual void on_end() {}
   virtual void on_reply(std::uint64_t tag, reply_data reply) = 0;
   void mark_connected() { state_ = state::connected; }
+  /// This socket took over a sid its service had accepted (connection-state
+  /// recovery): however it ends, even before it is marked connected, the
+  /// service gets the DISCONNECT the old socket no longer sends.
+  void took_over() { owes_disconnect_ = true; }
   /// Answers a worker's emit that wanted an ack, and will not get the
   /// client's, with `code` now rather than at the worker's timeout.
   void refuse_ack(std::string ack_id, proto::Code code, std::string message);
@@ -71,8 +75,14 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   // answer fit. Past that they are dropped (drop_event).
   /// nullptr when held; else why it was dropped.
   const char* hold_early(std::shared_ptr<const outbound_event> ev, std::string ack_id);
-  /// Once the CONNECT answer is sent: the held events, in order, through deliver().
+  /// Once the CONNECT answer is sent: the held events, in order, through
+  /// deliver(); then a disconnect a worker asked for meanwhile (hold_kick).
   void release_early();
+  /// A worker's disconnect while the connect hook runs waits for the
+  /// connect's answer (release_early applies it), like the events it sent.
+  void hold_kick() {
+    if (!connected() && !closed()) kick_pending_ = true;
+  }
   /// The connect was refused or the socket ended: each held event dropped.
   void drop_early(const char* why);
 
@@ -85,6 +95,8 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   std::string nsp_, service_, auth_, sid_;
   std::string user_;  // from the JWT's sub, or the connect hook's {"user"}
   state state_ = state::connecting;
+  bool owes_disconnect_ = false;  // see took_over()
+  bool kick_pending_ = false;     // see hold_kick()
   std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;  // event, ack id
   std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
 };

@@ -43,13 +43,16 @@ class replay_buffer {
     while (!events_.empty() && events_.front().seq <= confirmed) pop();
     if (events_.empty()) events_ = {};  // an idle socket keeps no block
   }
-  void push(replay_entry e, std::size_t limit) {
+  /// `away`: the client's transport is gone, so what gives way is lost to
+  /// it unless it comes back (counted); on a live socket it was most likely
+  /// received, and only a recovery from before it would not be whole.
+  void push(replay_entry e, std::size_t limit, bool away) {
     events_.push_back(std::move(e));
     held_.Increment();
     if (events_.size() > limit) {
       // The client may not have seen it: a recovery from before it is no
       // longer whole (see lost()).
-      overflow_.Increment();
+      if (away) overflow_.Increment();
       lost_ = std::max(lost_, events_.front().ev->offset());
       pop();
     }
@@ -77,6 +80,9 @@ class replay_buffer {
 struct replay_handover {
   boost::container::devector<replay_entry> events;
   std::uint64_t lost = 0;  // replay_buffer::lost()
+  bool gap = false;        // it dropped an event it could not keep (one wanting an ack)
+  std::map<std::uint64_t, std::string> acks;  // emits awaiting the client's ack: its ack id -> the worker's
+  std::uint64_t next_ack = 0;
 };
 
 }  // namespace
@@ -124,6 +130,7 @@ class sio_socket : public client_socket {
   /// bridge moves the sid here, then `old` hands its events over.
   void recover(std::shared_ptr<sio_socket> old, std::uint64_t offset) {
     recovering_ = true;
+    took_over();
     std::weak_ptr<sio_socket> self = std::static_pointer_cast<sio_socket>(shared_from_this());
     bool queued = gw_.link().attach(sid(), nsp(), self, [old, self, offset] {
       // On the bridge thread, after the swap: every delivery to `old` was
@@ -206,8 +213,15 @@ class sio_socket : public client_socket {
       // Arrived for the sid after the take-over, before the old socket's
       // events: sent after them (as many as --recovery-buffer). An ack
       // cannot wait across the replay.
-      if (!ack_id.empty()) return drop_event(std::move(ack_id), "the client is recovering its connection");
-      if (pending_.size() >= gw_.config().recovery_buffer) return drop_event({}, "the replay buffer is full");
+      // Either drop is a gap: the client is then told it did not recover.
+      if (!ack_id.empty()) {
+        gap_ = true;
+        return drop_event(std::move(ack_id), "the client is recovering its connection");
+      }
+      if (pending_.size() >= gw_.config().recovery_buffer) {
+        gap_ = true;
+        return drop_event({}, "the replay buffer is full");
+      }
       pending_.push_back(std::move(ev));
       return nullptr;
     }
@@ -221,6 +235,7 @@ class sio_socket : public client_socket {
     }
     if (!eio) {
       if (kept) return nullptr;  // remembered for the client's return
+      if (detached_) gap_ = true;  // wanted an ack: not kept, so its return is not whole
       return drop_event(std::move(ack_id), "the client's connection is gone");
     }
     gw_.metrics().sio_out.Increment();
@@ -248,7 +263,18 @@ class sio_socket : public client_socket {
   }
 
   void deliver_disconnect() override {
-    if (!connected() || detached_) return;
+    if (detached_) {
+      // Parked: the worker's kick ends it now (no recovery into it).
+      if (gw_.unpark(pid_).get() == this) {
+        expiry_.cancel();
+        end("server namespace disconnect");
+      }
+      return;
+    }
+    if (!connected()) {
+      hold_kick();
+      return;
+    }
     if (auto eio = eio_.lock()) {
       socketio::packet p;
       p.type = socketio::packet_type::disconnect;
@@ -343,7 +369,7 @@ class sio_socket : public client_socket {
   void remember(const std::shared_ptr<const outbound_event>& ev, const eio_session* eio) {
     // The frame about to be sent gets number sent() + 1; on a closed
     // session sent() stops, so nothing recorded after it is ever confirmed.
-    replay_.push(replay_entry{eio ? eio->sent() + 1 : std::uint64_t(-1), ev}, gw_.config().recovery_buffer);
+    replay_.push(replay_entry{eio ? eio->sent() + 1 : std::uint64_t(-1), ev}, gw_.config().recovery_buffer, !eio);
   }
 
   /// On the old socket's thread: it ends here, silently; its events go on.
@@ -351,7 +377,7 @@ class sio_socket : public client_socket {
     hand_off();
     places_ = {};
     expiry_.cancel();
-    return {replay_.take(), replay_.lost()};
+    return {replay_.take(), replay_.lost(), gap_, std::exchange(server_acks_, {}), next_server_ack_};
   }
 
   /// On the new socket's thread: the client learns it recovered, then gets
@@ -363,9 +389,17 @@ class sio_socket : public client_socket {
   void resume(replay_handover handed, std::uint64_t offset) {
     recovering_ = false;
     auto eio = eio_.lock();
-    if (!eio) return;
+    if (closed() || !eio) {
+      // Ended meanwhile (its DISCONNECT sent, see took_over()): the emits
+      // awaiting the client's ack will not get it.
+      for (auto& [id, ack] : handed.acks) refuse_ack(std::move(ack), proto::UNAVAILABLE, "the client is gone");
+      return;
+    }
     mark_connected();
-    bool whole = handed.lost <= offset;
+    // The client may still ack what it was sent before the drop.
+    server_acks_ = std::move(handed.acks);
+    next_server_ack_ = handed.next_ack;
+    bool whole = handed.lost <= offset && !handed.gap && !gap_;
     if (whole) gw_.metrics().recovered.Increment();
     else pid_ = gw_.new_sid();
     socketio::packet p;
@@ -390,6 +424,7 @@ class sio_socket : public client_socket {
   timer expiry_;
   bool detached_ = false;
   bool recovering_ = false;
+  bool gap_ = false;  // parked or recovering, it dropped an event: a recovery is not whole
   std::array<std::shared_ptr<void>, 2> places_;  // while parked: see detach()
   // Events the client may not have seen.
   replay_buffer replay_{gw_.metrics().replay_events, gw_.metrics().replay_overflow};

@@ -91,7 +91,7 @@ const char* ws_session::deliver(std::shared_ptr<const outbound_event> event, std
 }
 
 void ws_session::deliver_disconnect() {
-  if (!connected()) return;
+  if (!connected()) return hold_kick();
   send_text(ws_json::encode_event("disconnect", R"("server namespace disconnect")", nsp()));
   end("server namespace disconnect");
   ws_->close();

@@ -630,6 +630,55 @@ class DeliveryReportTest(InProcessWorkerTest):
         self.assertTrue(got.empty(), "a dropped event reached the client")
 
 
+class KickDuringConnectTest(InProcessWorkerTest):
+    """A worker that disconnects a socket from its connect hook: the
+    disconnect waits for the connect's answer, like the hook's events, then
+    ends the socket (Socket.IO and /ws); an HTTP API session so ended gets
+    its POST answered 410 at once (it waited for ever)."""
+
+    gateway_id = "gwK"
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("kick", capacity=4)
+
+        @svc.on_connect
+        def kick(req):
+            req.emit("hello", 1)
+            cls.worker.disconnect(req.sid, nsp="/kick")
+
+        return svc
+
+    def test_socketio_is_connected_then_disconnected(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio = socketio.Client(reconnection=False)
+        got, gone = queue.Queue(), threading.Event()
+        sio.on("hello", got.put, namespace="/kick")
+        sio.on("disconnect", gone.set, namespace="/kick")
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/kick"], transports=["websocket"],
+                    wait_timeout=WAIT)
+        self.addCleanup(sio.disconnect)
+        self.assertEqual(got.get(timeout=WAIT), 1, "the hook's event comes before the disconnect")
+        self.assertTrue(gone.wait(WAIT), "the worker's disconnect was lost")
+
+    def test_plain_ws_gets_connect_then_disconnect(self):
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/kick", timeout=WAIT)
+        self.addCleanup(ws.close)
+        events = [json.loads(ws.recv())["event"] for _ in range(3)]
+        self.assertEqual(events, ["connect", "hello", "disconnect"])
+
+    def test_an_api_session_ended_by_its_connect_hook_is_answered_410(self):
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/api/v1/sessions",
+                                     data=json.dumps({"nsp": "/kick"}).encode(), method="POST")
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(req, timeout=WAIT)
+        self.assertEqual(caught.exception.code, 410)
+
+
 class EarlyEventsEndToEndTest(InProcessWorkerTest):
     """Events a worker sends a socket while its connect hook still runs wait
     for the CONNECT answer, up to half of what a connection may queue
@@ -792,6 +841,70 @@ class RecoveryBufferEndToEndTest(RecoveryTest):
         import websocket
         with self.assertRaises(websocket.WebSocketTimeoutException, msg="events replayed after a gap"):
             ws.recv()
+
+
+class RecoveryEdgesTest(RecoveryTest):
+    """What a recovery does with an emit awaiting the client's ack, with a
+    worker's disconnect of a parked socket, and with an event it could not
+    keep while the client was away."""
+
+    gateway_id = "gwE"
+    gateway_args = ("--recovery", "/rec", "--ping-interval", "60000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("rec", capacity=4)
+        cls.gone = queue.Queue()
+
+        @svc.on_connect
+        def accept(req):
+            pass
+
+        @svc.on_disconnect
+        def bye(req):
+            cls.gone.put(req.sid)
+
+        return svc
+
+    def ask(self, sid):
+        """A worker's emit to `sid` that wants the client's ack: its future."""
+        future = self.worker._core.emit_with_ack("/rec", sid, "q", [1], WAIT * 2, None)
+        self.assertIsNotNone(future)
+        return future
+
+    def test_an_emit_awaiting_the_ack_is_acked_after_the_recovery(self):
+        ws, hello = self.connect()
+        future = self.ask(hello["sid"])
+        frame = ws.recv()
+        self.assertTrue(frame.startswith("42/rec,"), frame)
+        ack_id = frame[len("42/rec,"):frame.index("[")]
+        self.drop_transport(ws)
+        ws, again = self.connect({"pid": hello["pid"], "offset": "0"})
+        self.addCleanup(ws.close)
+        self.assertEqual(again, hello, "not recovered")
+        ws.send(f"43/rec,{ack_id}[\"yes\"]")
+        result = future.result(WAIT)
+        self.assertEqual((result.code.name, result.args), ("OK", ["yes"]))
+
+    def test_a_parked_socket_a_worker_disconnects_is_not_recovered(self):
+        ws, hello = self.connect()
+        self.drop_transport(ws)
+        self.worker.disconnect(hello["sid"], nsp="/rec")
+        self.assertEqual(self.gone.get(timeout=WAIT), hello["sid"], "the service never heard it end")
+        ws, again = self.connect({"pid": hello["pid"], "offset": "0"})
+        self.addCleanup(ws.close)
+        self.assertNotEqual(again["sid"], hello["sid"], "recovered into a socket its worker disconnected")
+
+    def test_an_event_dropped_while_away_means_no_recovery(self):
+        ws, hello = self.connect()
+        self.drop_transport(ws)
+        result = self.ask(hello["sid"]).result(WAIT)  # wants an ack: not kept for the client's return
+        self.assertEqual(result.code.name, "BUSY")
+        ws, again = self.connect({"pid": hello["pid"], "offset": "0"})
+        self.addCleanup(ws.close)
+        self.assertEqual(again["sid"], hello["sid"], "the sid and its rooms stay")
+        self.assertNotEqual(again["pid"], hello["pid"], "told it recovered, with the event lost")
 
 
 class ParkedSocketsTest(RecoveryTest):

@@ -48,6 +48,27 @@ TEST(Config, FlagsEnvAndTomlInOrderOfPrecedence) {
   EXPECT_EQ(list, (std::vector<std::string>{"a", "b"}));
 }
 
+// An empty SIDECAST_ variable (compose's ${UNSET}) sets nothing in CLI11;
+// it must not take the file's value away either.
+TEST(Config, AnEmptyVariableLeavesTheFilesValue) {
+  auto path = std::string(::testing::TempDir()) + "/sidecast-config-empty-env.toml";
+  {
+    std::ofstream f{path};
+    f << "ping-interval = 222\n";
+  }
+  int ping = 0;
+  CLI::App app{"test"};
+  app.add_option("--ping-interval", ping);
+  finish_app(app);
+  ::setenv("SIDECAST_PING_INTERVAL", "", 1);
+  args a{{"prog", "--config", path}};
+  auto argv = a.argv();
+  auto code = parse(app, static_cast<int>(argv.size()), argv.data());
+  ::unsetenv("SIDECAST_PING_INTERVAL");
+  ASSERT_FALSE(code);
+  EXPECT_EQ(ping, 222);
+}
+
 TEST(Config, BadTomlIsAUsageError) {
   auto path = std::string(::testing::TempDir()) + "/sidecast-bad.toml";
   {
