@@ -57,7 +57,10 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   /// This socket took over a sid its service had accepted (connection-state
   /// recovery): however it ends, even before it is marked connected, the
   /// service gets the DISCONNECT the old socket no longer sends.
-  void took_over() { owes_disconnect_ = true; }
+  void took_over(std::string user) {
+    owes_disconnect_ = true;
+    user_ = std::move(user);  // who the service accepted (no new connect hook runs)
+  }
   /// Answers a worker's emit that wanted an ack, and will not get the
   /// client's, with `code` now rather than at the worker's timeout.
   void refuse_ack(std::string ack_id, proto::Code code, std::string message);

@@ -130,7 +130,7 @@ class sio_socket : public client_socket {
   /// bridge moves the sid here, then `old` hands its events over.
   void recover(std::shared_ptr<sio_socket> old, std::uint64_t offset) {
     recovering_ = true;
-    took_over();
+    took_over(old->user());  // set when old connected, never changed since
     std::weak_ptr<sio_socket> self = std::static_pointer_cast<sio_socket>(shared_from_this());
     bool queued = gw_.link().attach(sid(), nsp(), self, [old, self, offset] {
       // On the bridge thread, after the swap: every delivery to `old` was

@@ -859,12 +859,13 @@ class RecoveryEdgesTest(RecoveryTest):
 
         @svc.on_connect
         def accept(req):
-            pass
+            req.accept({"user": "ann"})
 
         @svc.on_disconnect
         def bye(req):
             cls.gone.put(req.sid)
 
+        svc.on("whoami", lambda req: req.user)
         return svc
 
     def ask(self, sid):
@@ -886,6 +887,9 @@ class RecoveryEdgesTest(RecoveryTest):
         ws.send(f"43/rec,{ack_id}[\"yes\"]")
         result = future.result(WAIT)
         self.assertEqual((result.code.name, result.args), ("OK", ["yes"]))
+        # Still the user its connect hook accepted (no hook runs on a recovery).
+        ws.send('42/rec,7["whoami"]')
+        self.assertEqual(ws.recv(), '43/rec,7["ann"]')
 
     def test_a_parked_socket_a_worker_disconnects_is_not_recovered(self):
         ws, hello = self.connect()
