@@ -454,10 +454,8 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     // new one of its own cannot take their place (make_room takes only
     // names no worker serves, as its own are after remove_peer).
     std::vector<const proto::Service*> order;
-    for (const auto& s : hello.services())
-      if (table_.knows(s.name())) order.push_back(&s);
-    for (const auto& s : hello.services())
-      if (!table_.knows(s.name())) order.push_back(&s);
+    for (const auto& s : hello.services()) order.push_back(&s);
+    std::stable_partition(order.begin(), order.end(), [&](const auto* s) { return table_.knows(s->name()); });
     for (const auto* sp : order) {
       const auto& s = *sp;
       if (s.name().empty()) continue;

@@ -136,20 +136,15 @@ class api_session : public client_socket {
 
   void close(const std::string& reason) {
     if (closed()) return;
-    place_.reset();
-    gw_.metrics().api_sessions.Decrement();
     end(reason);
-    gw_.api().remove(sid());
+    release();
     poll_timer_.cancel();
     ttl_timer_.cancel();
     if (poll_) std::exchange(poll_, nullptr)->complete(error(410, "session closed"));
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
     // Closed before its connect was answered (a worker's disconnect from
     // the connect hook): the POST that opens it gets its answer now.
-    if (created_) {
-      for (; !events_.empty(); events_.pop_front()) drop_event({}, "the session was closed before it opened");
-      std::exchange(created_, nullptr)->complete(error(410, "session closed: " + reason));
-    }
+    if (created_) fail_open("the session was closed before it opened", error(410, "session closed: " + reason));
   }
 
   const char* deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override {
@@ -174,17 +169,13 @@ class api_session : public client_socket {
 
  protected:
   void on_connect_answer(reply_data reply) override {
-    auto created = std::exchange(created_, nullptr);
     if (reply.code != proto::OK) {
-      place_.reset();
-      gw_.metrics().api_sessions.Decrement();
-      gw_.api().remove(sid());
-      for (; !events_.empty(); events_.pop_front()) drop_event({}, "the session's connect was refused");
-      created->complete(failure(reply));
+      release();
+      fail_open("the session's connect was refused", failure(reply));
       return;
     }
     mark_connected();
-    created->complete(json_answer(201, json::object{{"sid", sid()}, {"nsp", nsp()}}));
+    std::exchange(created_, nullptr)->complete(json_answer(201, json::object{{"sid", sid()}, {"nsp", nsp()}}));
     schedule_expiry();
   }
 
@@ -200,6 +191,21 @@ class api_session : public client_socket {
 
  private:
   void touch() { last_seen_ = clock::now(); }
+
+  // What an ending session gives back: its place under the session
+  // limits, its count in the gauge, its entry in the api's table.
+  void release() {
+    place_.reset();
+    gw_.metrics().api_sessions.Decrement();
+    gw_.api().remove(sid());
+  }
+
+  // It ends before it opened: the events its connect hook sent are dropped
+  // (counted), and the POST that opens it gets `answer`.
+  void fail_open(const char* why, http_answer answer) {
+    for (; !events_.empty(); events_.pop_front()) drop_event({}, why);
+    std::exchange(created_, nullptr)->complete(std::move(answer));
+  }
 
   void flush() {
     std::string body = "{\"events\":[";

@@ -530,8 +530,7 @@ void bridge::expire(clock::time_point now) {
     Envelope cancel;
     cancel.mutable_cancel()->set_id(id);
     cancel.mutable_cancel()->set_reason(proto::TIMEOUT);
-    send_to_broker(core::message_of(cancel));
-    link_watch_.dirty = true;
+    send_now(cancel);
   }
   // The entries of answered requests go now rather than at their time: the
   // timer is set for the first entry, and each would wake the bridge once
@@ -597,7 +596,7 @@ void bridge::deliver_emit(proto::Emit& emit) {
   }
   auto ex = sink->executor();
   if (!ex.running_in_this_thread() && backlog_.refuses(ex)) {
-    if (!emit.ack_id().empty()) refuse_ack(emit.ack_id(), kThreadBehind);
+    if (!emit.ack_id().empty()) send_now(ack_refusal(emit.ack_id(), proto::BUSY, std::string{kThreadBehind}));
     report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), kThreadBehind);
     return;
   }
@@ -734,19 +733,19 @@ void bridge::remove_from_topic(const std::string& topic, const std::string& sid)
   }
 }
 
-void bridge::refuse_ack(const std::string& ack_id, std::string_view why) {
+Envelope ack_refusal(std::string ack_id, proto::Code code, std::string message) {
   Envelope env;
   auto* r = env.mutable_reply();
-  r->set_id(ack_id);
-  r->set_code(proto::BUSY);
-  r->set_message(std::string{why});
-  send_to_broker(core::message_of(env));
-  link_watch_.dirty = true;
+  r->set_id(std::move(ack_id));
+  r->set_code(code);
+  r->set_message(std::move(message));
+  return env;
 }
 
-void bridge::report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
+namespace {
+
+Envelope delivery_report(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
                          std::string_view detail) {
-  if (ex_ && ex_->running_in_this_thread()) return report(to, status, sid, ref, detail);
   Envelope env;
   auto* r = env.mutable_report();
   r->set_status(status);
@@ -754,21 +753,26 @@ void bridge::report_from(proto::DeliveryReport::Status status, std::string to, s
   r->set_ref(std::move(ref));
   if (!detail.empty()) r->set_detail(std::string{detail});
   r->set_to(std::move(to));
+  return env;
+}
+
+}  // namespace
+
+void bridge::send_now(const Envelope& env) {
+  send_to_broker(core::message_of(env));
+  link_watch_.dirty = true;
+}
+
+void bridge::report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
+                         std::string_view detail) {
+  auto env = delivery_report(status, std::move(to), std::move(sid), std::move(ref), detail);
+  if (ex_ && ex_->running_in_this_thread()) return send_now(env);
   send(env);  // through the command queue (--bridge-queue: past it the report is dropped, counted)
 }
 
 void bridge::report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
                     const std::string& ref, std::string_view detail) {
-  if (to.empty()) return;
-  Envelope env;
-  auto* r = env.mutable_report();
-  r->set_status(status);
-  r->set_sid(sid);
-  r->set_ref(ref);
-  if (!detail.empty()) r->set_detail(std::string{detail});
-  r->set_to(to);
-  send_to_broker(core::message_of(env));
-  link_watch_.dirty = true;
+  if (!to.empty()) send_now(delivery_report(status, to, sid, ref, detail));
 }
 
 }  // namespace sidecast::gateway

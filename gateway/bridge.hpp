@@ -44,6 +44,9 @@ class peer_link;
 
 namespace sidecast::gateway {
 
+/// A Reply that answers a worker's emit_with_ack without the client's ack.
+proto::Envelope ack_refusal(std::string ack_id, proto::Code code, std::string message);
+
 class bridge {
  public:
   bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics);
@@ -173,7 +176,7 @@ class bridge {
                                std::string_view about);
   void add_to_topic(const std::string& topic, const std::string& sid);
   void remove_from_topic(const std::string& topic, const std::string& sid);
-  void refuse_ack(const std::string& ack_id, std::string_view why);  // BUSY to the worker awaiting it
+  void send_now(const proto::Envelope& env);  // bridge thread: straight onto the broker link
   // report() from a sink's thread (at once when that is the bridge's own).
   void report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
                    std::string_view detail);

@@ -100,12 +100,7 @@ void client_socket::end(const std::string& reason) {
 }
 
 void client_socket::refuse_ack(std::string ack_id, proto::Code code, std::string message) {
-  proto::Envelope env;
-  auto* r = env.mutable_reply();
-  r->set_id(std::move(ack_id));
-  r->set_code(code);
-  r->set_message(std::move(message));
-  gw_.link().send(env);
+  gw_.link().send(ack_refusal(std::move(ack_id), code, std::move(message)));
 }
 
 const char* client_socket::drop_event(std::string ack_id, const char* why) {

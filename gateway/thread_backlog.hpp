@@ -38,11 +38,8 @@ class thread_backlog {
   /// thread's backlog past the bound: false, nothing posted, counted.
   template <typename Handler>
   bool post(const io_executor& ex, Handler&& handler, std::size_t weight = 1, kind k = kind::sheddable) {
+    if (k == kind::sheddable && refuses(ex, weight)) return false;
     auto& queued = count_of(ex);
-    if (k == kind::sheddable && queued.load(std::memory_order_relaxed) + weight > bound_) {
-      refused_.Increment(static_cast<double>(weight));
-      return false;
-    }
     queued.fetch_add(weight, std::memory_order_relaxed);
     boost::asio::post(ex, [&queued, weight, handler = std::forward<Handler>(handler)]() mutable {
       struct release {
@@ -56,7 +53,7 @@ class thread_backlog {
   }
 
   /// Whether post() would refuse `weight` more for `ex`'s thread now; a
-  /// refusal is counted. On the posting thread, a false stays true until
+  /// refusal is counted. On the posting thread a false answer holds until
   /// that thread posts again (the other threads only take away).
   bool refuses(const io_executor& ex, std::size_t weight = 1) {
     if (count_of(ex).load(std::memory_order_relaxed) + weight <= bound_) return false;

@@ -609,16 +609,15 @@ bool ws_conn::send(frame f) {
 }
 
 bool ws_conn::send(frames message) {
-  auto queue_all = [this, &message] {
-    if (finished_ || closing_) return false;
-    for (auto& f : message)
-      if (!enqueue(std::move(f.data), f.binary ? binary : text)) return false;
-    return true;
-  };
-  if (ex_.running_in_this_thread()) return queue_all();
-  asio::post(ex_, [self = shared_from_this(), message = std::move(message)]() mutable {
-    for (auto& f : message) self->enqueue(std::move(f.data), f.binary ? binary : text);
-  });
+  if (ex_.running_in_this_thread()) return enqueue_all(message);
+  asio::post(ex_, [self = shared_from_this(), message = std::move(message)]() mutable { self->enqueue_all(message); });
+  return true;
+}
+
+bool ws_conn::enqueue_all(frames& message) {
+  if (finished_ || closing_) return false;
+  for (auto& f : message)
+    if (!enqueue(std::move(f.data), f.binary ? binary : text)) return false;
   return true;
 }
 

@@ -172,6 +172,7 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
 
   /// Queues a frame; false when the connection is over (or just dropped as a slow consumer).
   bool enqueue(shared_bytes data, std::uint8_t op);
+  bool enqueue_all(frames& message);  // false when not all were queued (closing, or dropped as too slow)
   void schedule_flush();
   void flush();
   // A flush in halves, so the loop can batch the sendmsg between them.

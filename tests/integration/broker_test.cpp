@@ -87,6 +87,15 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     if (running) run_io();
   }
 
+  // A broker that knows at most two services (--max-services 2), one of
+  // them echo, served by w1.
+  void start_echo_of_two_services() {
+    broker::broker_config config;
+    config.limits.max_services = 2;
+    start(config);
+    add_worker({workers::echo_service(1)}, "w1");
+  }
+
   worker_options options_for(std::string id, std::size_t threads = 0) const {
     worker_options o;
     o.id = std::move(id);
@@ -488,10 +497,7 @@ TEST_P(BrokerTest, FullQueueAnswersBusyAtOnce) {
 // name is answered UNAVAILABLE at once, and names no worker served are
 // forgotten, with their metric series, once no request for them waits.
 TEST_P(BrokerTest, ServiceNamesAreBoundedAndUnservedOnesForgotten) {
-  broker::broker_config config;
-  config.limits.max_services = 2;
-  start(config);
-  add_worker({workers::echo_service(1)}, "w1");
+  start_echo_of_two_services();
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
   client.submit("made-up-1", "x", "[]", 300ms);
@@ -526,10 +532,7 @@ TEST_P(BrokerTest, ServiceNamesAreBoundedAndUnservedOnesForgotten) {
 // worker needs it: the worker's service is registered, and the request
 // waiting for the made-up name is answered UNAVAILABLE at once.
 TEST_P(BrokerTest, AWorkersServiceTakesThePlaceOfANameNoWorkerServes) {
-  broker::broker_config config;
-  config.limits.max_services = 2;
-  start(config);
-  add_worker({workers::echo_service(1)}, "w1");
+  start_echo_of_two_services();
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
   auto waiting = client.submit("made-up", "x", "[]", 30s);

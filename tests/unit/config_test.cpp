@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -20,12 +21,33 @@ struct args {
   }
 };
 
+// `toml` written to a file of the test's temporary directory; its path.
+std::string toml_file(const std::string& name, const std::string& toml) {
+  auto path = std::string(::testing::TempDir()) + "/" + name;
+  std::ofstream{path} << toml;
+  return path;
+}
+
+// `prog --config FILE` (FILE holding `toml`) parsed into an app whose one
+// option is --ping-interval.
+struct ping_parse {
+  int ping = 0;
+  std::optional<int> code;  // parse()'s: set when the program is to exit
+};
+ping_parse parse_ping_file(const std::string& name, const std::string& toml) {
+  ping_parse out;
+  CLI::App app{"test"};
+  app.add_option("--ping-interval", out.ping);
+  finish_app(app);
+  args a{{"prog", "--config", toml_file(name, toml)}};
+  auto argv = a.argv();
+  out.code = parse(app, static_cast<int>(argv.size()), argv.data());
+  return out;
+}
+
 TEST(Config, FlagsEnvAndTomlInOrderOfPrecedence) {
-  auto path = std::string(::testing::TempDir()) + "/sidecast-config-test.toml";
-  {
-    std::ofstream f{path};
-    f << "ping-interval = 111\nname = \"from-file\"\nlevel = \"file\"\nlist = [\"a\", \"b\"]\n";
-  }
+  auto path = toml_file("sidecast-config-test.toml",
+                        "ping-interval = 111\nname = \"from-file\"\nlevel = \"file\"\nlist = [\"a\", \"b\"]\n");
   int ping = 0;
   std::string name, level;
   std::vector<std::string> list;
@@ -51,66 +73,29 @@ TEST(Config, FlagsEnvAndTomlInOrderOfPrecedence) {
 // An empty SIDECAST_ variable (compose's ${UNSET}) sets nothing in CLI11;
 // it must not take the file's value away either.
 TEST(Config, AnEmptyVariableLeavesTheFilesValue) {
-  auto path = std::string(::testing::TempDir()) + "/sidecast-config-empty-env.toml";
-  {
-    std::ofstream f{path};
-    f << "ping-interval = 222\n";
-  }
-  int ping = 0;
-  CLI::App app{"test"};
-  app.add_option("--ping-interval", ping);
-  finish_app(app);
   ::setenv("SIDECAST_PING_INTERVAL", "", 1);
-  args a{{"prog", "--config", path}};
-  auto argv = a.argv();
-  auto code = parse(app, static_cast<int>(argv.size()), argv.data());
+  auto got = parse_ping_file("sidecast-config-empty-env.toml", "ping-interval = 222\n");
   ::unsetenv("SIDECAST_PING_INTERVAL");
-  ASSERT_FALSE(code);
-  EXPECT_EQ(ping, 222);
+  ASSERT_FALSE(got.code);
+  EXPECT_EQ(got.ping, 222);
 }
 
 TEST(Config, BadTomlIsAUsageError) {
-  auto path = std::string(::testing::TempDir()) + "/sidecast-bad.toml";
-  {
-    std::ofstream f{path};
-    f << "ping-interval = = 3\n";
-  }
-  int ping = 0;
-  CLI::App app{"test"};
-  app.add_option("--ping-interval", ping);
-  finish_app(app);
-  args a{{"prog", "--config", path}};
-  auto argv = a.argv();
-  auto code = parse(app, static_cast<int>(argv.size()), argv.data());
-  ASSERT_TRUE(code);
-  EXPECT_NE(*code, 0);
+  auto got = parse_ping_file("sidecast-bad.toml", "ping-interval = = 3\n");
+  ASSERT_TRUE(got.code);
+  EXPECT_NE(*got.code, 0);
 }
 
 TEST(Config, AKeyThatNamesNoFlagIsAUsageError) {
-  auto path = std::string(::testing::TempDir()) + "/sidecast-typo.toml";
-  {
-    std::ofstream f{path};
-    f << "ping-interval = 3\nping-intervall = 4\n";
-  }
-  int ping = 0;
-  CLI::App app{"test"};
-  app.add_option("--ping-interval", ping);
-  finish_app(app);
-  args a{{"prog", "--config", path}};
-  auto argv = a.argv();
-  auto code = parse(app, static_cast<int>(argv.size()), argv.data());
-  ASSERT_TRUE(code) << "the misspelt key was ignored";
-  EXPECT_NE(*code, 0);
+  auto got = parse_ping_file("sidecast-typo.toml", "ping-interval = 3\nping-intervall = 4\n");
+  ASSERT_TRUE(got.code) << "the misspelt key was ignored";
+  EXPECT_NE(*got.code, 0);
 }
 
 // `sidecast demo --config FILE`: CLI11 reads --config for the main app only;
 // parse() reads a subcommand's, with the same precedence.
 TEST(Config, ASubcommandReadsItsOwnConfigFile) {
-  auto path = std::string(::testing::TempDir()) + "/sidecast-sub.toml";
-  {
-    std::ofstream f{path};
-    f << "ping-interval = 111\nname = \"from-file\"\nlevel = \"file\"\n";
-  }
+  auto path = toml_file("sidecast-sub.toml", "ping-interval = 111\nname = \"from-file\"\nlevel = \"file\"\n");
   int ping = 0;
   std::string name, level;
   CLI::App app{"test"};

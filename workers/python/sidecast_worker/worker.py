@@ -106,7 +106,7 @@ class _Core:
 
     def __init__(self, broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                  threads, outbox_limit, outbox_wait, pending_acks_limit, hwm, default_timeout,
-                 curve, context, queue_limit=10000):
+                 curve, context, queue_limit):
         self.worker_id = worker_id or codec.default_worker_id()
         if not codec.valid_peer_id(self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r} must be 1-64 bytes without '.' or ':'")
