@@ -142,6 +142,7 @@ class api_session : public client_socket {
     ttl_timer_.cancel();
     if (poll_) std::exchange(poll_, nullptr)->complete(error(410, "session closed"));
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
+    drop_buffered("the session is closed");  // never polled
     // Closed before its connect was answered (a worker's disconnect from
     // the connect hook): the POST that opens it gets its answer now.
     if (created_) fail_open("the session was closed before it opened", error(410, "session closed: " + reason));
@@ -159,7 +160,6 @@ class api_session : public client_socket {
       gw_.metrics().api_overflow.Increment();
       events_.pop_front();
     }
-    gw_.metrics().api_out.Increment();
     events_.push_back(std::shared_ptr<const std::string>(event, &event->ws_frame()));
     if (poll_) flush();
     return nullptr;
@@ -203,11 +203,18 @@ class api_session : public client_socket {
   // It ends before it opened: the events its connect hook sent are dropped
   // (counted), and the POST that opens it gets `answer`.
   void fail_open(const char* why, http_answer answer) {
-    for (; !events_.empty(); events_.pop_front()) drop_event({}, why);
+    drop_buffered(why);
     std::exchange(created_, nullptr)->complete(std::move(answer));
   }
 
+  // Events no poll will take: each counted (undelivered).
+  void drop_buffered(const char* why) {
+    for (; !events_.empty(); events_.pop_front()) drop_event({}, why);
+  }
+
+  // The waiting poll takes every buffered event (counted as sent then).
   void flush() {
+    gw_.metrics().api_out.Increment(static_cast<double>(events_.size()));
     std::string body = "{\"events\":[";
     for (std::size_t i = 0; i < events_.size(); ++i) {
       if (i) body += ',';

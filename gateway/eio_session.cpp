@@ -83,6 +83,7 @@ struct replay_handover {
   bool gap = false;        // it dropped an event it could not keep (one wanting an ack)
   std::map<std::uint64_t, std::string> acks;  // emits awaiting the client's ack: its ack id -> the worker's
   std::uint64_t next_ack = 0;
+  bool kicked = false;  // a worker disconnected it while it was being taken over
 };
 
 }  // namespace
@@ -115,16 +116,26 @@ class sio_socket : public client_socket {
     places_ = std::move(places);
     eio_.reset();
     gw_.park(pid_, std::static_pointer_cast<client_socket>(shared_from_this()));
-    expiry_.expires_after(gw_.config().recovery_window);
-    expiry_.async_wait([self = std::static_pointer_cast<sio_socket>(shared_from_this())](boost::system::error_code ec) {
-      if (ec || self->gw_.unpark(self->pid_) != self) return;  // recovered meanwhile
-      self->end("transport close");
+    expire_at(clock::now() + gw_.config().recovery_window);
+  }
+
+  /// A recovery that took this socket out of the table failed before the
+  /// take-over (the bridge was full): it goes back, with the time it had
+  /// left. From another thread: its expiry may have fired meanwhile, found
+  /// it gone from the table and stood down, so it is set again here.
+  void repark() {
+    gw_.park(pid_, std::static_pointer_cast<client_socket>(shared_from_this()));
+    boost::asio::post(executor(), [self = std::static_pointer_cast<sio_socket>(shared_from_this())] {
+      if (self->closed()) return;
+      if (self->kicked_) return self->end_parked();
+      if (!self->expiry_set_) self->expire_at(self->parked_until_);
     });
   }
 
   /// The client answered a ping: it has seen the session's first
   /// `through` sends (the pong came back on the same ordered stream).
   void confirmed(std::uint64_t through) { replay_.drop_through(through); }
+
 
   /// This (new) socket takes over `old`, parked on its own thread: the
   /// bridge moves the sid here, then `old` hands its events over.
@@ -144,7 +155,7 @@ class sio_socket : public client_socket {
       });
     });
     if (!queued) {
-      gw_.park(old->pid(), old);
+      old->repark();
       on_connect_answer(failure(proto::BUSY, "gateway busy"));
     }
   }
@@ -264,11 +275,11 @@ class sio_socket : public client_socket {
 
   void deliver_disconnect() override {
     if (detached_) {
-      // Parked: the worker's kick ends it now (no recovery into it).
-      if (gw_.unpark(pid_).get() == this) {
-        expiry_.cancel();
-        end("server namespace disconnect");
-      }
+      // Parked: the worker's kick ends it now (no recovery into it). Out
+      // of the table, it is being recovered on another thread: the socket
+      // that takes over (or this one, put back) is kicked instead.
+      kicked_ = true;
+      end_parked();
       return;
     }
     if (!connected()) {
@@ -372,12 +383,32 @@ class sio_socket : public client_socket {
     replay_.push(replay_entry{eio ? eio->sent() + 1 : std::uint64_t(-1), ev}, gw_.config().recovery_buffer, !eio);
   }
 
+  // Parked until `until`: then, if it is still in the table, it ends.
+  void expire_at(clock::time_point until) {
+    parked_until_ = until;
+    expiry_set_ = true;
+    expiry_.expires_at(until);
+    expiry_.async_wait([self = std::static_pointer_cast<sio_socket>(shared_from_this())](boost::system::error_code ec) {
+      if (ec) return;
+      self->expiry_set_ = false;
+      if (self->gw_.unpark(self->pid_) != self) return;  // recovered meanwhile, or being recovered
+      self->end("transport close");
+    });
+  }
+
+  // A parked socket a worker disconnected: ends, if it is in the table.
+  void end_parked() {
+    if (gw_.unpark(pid_).get() != this) return;
+    expiry_.cancel();
+    end("server namespace disconnect");
+  }
+
   /// On the old socket's thread: it ends here, silently; its events go on.
   replay_handover hand_over() {
     hand_off();
     places_ = {};
     expiry_.cancel();
-    return {replay_.take(), replay_.lost(), gap_, std::exchange(server_acks_, {}), next_server_ack_};
+    return {replay_.take(), replay_.lost(), gap_, std::exchange(server_acks_, {}), next_server_ack_, kicked_};
   }
 
   /// On the new socket's thread: the client learns it recovered, then gets
@@ -399,7 +430,7 @@ class sio_socket : public client_socket {
     // The client may still ack what it was sent before the drop.
     server_acks_ = std::move(handed.acks);
     next_server_ack_ = handed.next_ack;
-    bool whole = handed.lost <= offset && !handed.gap && !gap_;
+    bool whole = handed.lost <= offset && !handed.gap && !gap_ && !handed.kicked;
     if (whole) gw_.metrics().recovered.Increment();
     else pid_ = gw_.new_sid();
     socketio::packet p;
@@ -408,9 +439,20 @@ class sio_socket : public client_socket {
     p.data = json::serialize(json::object{{"sid", sid()}, {"pid", pid_}});
     eio->send_socketio(p);
     for (const auto& e : handed.events) {
-      if (!whole || e.ev->offset() <= offset) continue;  // the client has it, or starts afresh
+      if (e.ev->offset() <= offset) continue;  // the client has it
+      if (!whole) {
+        gw_.metrics().undelivered.Increment();  // it starts afresh: what it missed is not sent
+        continue;
+      }
       remember(e.ev, eio.get());
       send_shared(*eio, e.ev);
+    }
+    if (handed.kicked) {
+      // A worker disconnected the sid while this socket took it over: the
+      // client is disconnected as a live socket would be.
+      for (std::size_t i = 0; i < pending_.size(); ++i) gw_.metrics().undelivered.Increment();
+      pending_ = {};
+      return deliver_disconnect();
     }
     for (auto& ev : std::exchange(pending_, {})) {
       remember(ev, eio.get());
@@ -422,6 +464,9 @@ class sio_socket : public client_socket {
   bool recoverable_;
   std::string pid_;
   timer expiry_;
+  clock::time_point parked_until_{};
+  bool expiry_set_ = false;  // expiry_ waits (this socket's thread only)
+  bool kicked_ = false;      // parked, a worker disconnected it
   bool detached_ = false;
   bool recovering_ = false;
   bool gap_ = false;  // parked or recovering, it dropped an event: a recovery is not whole
@@ -768,11 +813,13 @@ void eio_session::on_connect(socketio::packet p) {
     auto* pid = o ? o->if_contains("pid") : nullptr;
     auto* offset = o ? o->if_contains("offset") : nullptr;
     if (pid && pid->is_string() && offset && offset->is_string()) {
-      auto old = std::static_pointer_cast<sio_socket>(gw_.unpark(std::string{pid->as_string()}));
       std::uint64_t seen = 0;
       auto text = std::string_view{offset->as_string()};
       auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), seen);
-      if (old && old->nsp() == p.nsp && err == std::errc{} && end == text.data() + text.size()) {
+      auto old = err == std::errc{} && end == text.data() + text.size()
+                     ? std::static_pointer_cast<sio_socket>(gw_.unpark(std::string{pid->as_string()}, p.nsp))
+                     : nullptr;
+      if (old) {
         auto fresh = std::make_shared<sio_socket>(shared_from_this(), p.nsp, old->service(), old->auth(), old->sid(),
                                                   old->pid());
         sockets_.emplace(p.nsp, fresh);
@@ -780,7 +827,6 @@ void eio_session::on_connect(socketio::packet p) {
         fresh->recover(std::move(old), seen);
         return;
       }
-      if (old) gw_.park(old->pid(), old);  // not this namespace's: leave it be
     }
   }
   auto socket = std::make_shared<sio_socket>(shared_from_this(), p.nsp, *service, p.data.empty() ? "{}" : p.data);

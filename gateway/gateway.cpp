@@ -260,6 +260,15 @@ std::shared_ptr<client_socket> gateway::unpark(const std::string& pid) {
   return socket;
 }
 
+std::shared_ptr<client_socket> gateway::unpark(const std::string& pid, const std::string& nsp) {
+  std::lock_guard lock{parked_mutex_};
+  auto it = parked_.find(pid);
+  if (it == parked_.end() || it->second->nsp() != nsp) return nullptr;
+  auto socket = std::move(it->second);
+  parked_.erase(it);
+  return socket;
+}
+
 bool gateway::recovery_for(const std::string& nsp) const {
   return std::find(config_.recovery.begin(), config_.recovery.end(), nsp) != config_.recovery.end();
 }

@@ -81,6 +81,10 @@ class gateway {
   void park(const std::string& pid, std::shared_ptr<client_socket> socket);
   /// Takes a parked socket; nullptr when unknown or already taken/expired.
   std::shared_ptr<client_socket> unpark(const std::string& pid);
+  /// Takes it only when it is in namespace `nsp` (one look: a socket of
+  /// another namespace is never out of the table, where its expiry would
+  /// miss it).
+  std::shared_ptr<client_socket> unpark(const std::string& pid, const std::string& nsp);
   bool recovery_for(const std::string& nsp) const;
 
  private:

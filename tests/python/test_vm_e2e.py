@@ -744,8 +744,7 @@ class EarlyEventsEndToEndTest(InProcessWorkerTest):
             ws.recv()
         self.assertEqual(dropped(self.http_port, "undelivered"), before + 3)
 
-    def test_an_api_session_finds_them_in_its_first_poll(self):
-        # An API session keeps them in its --api-buffer (256) like any event.
+    def open_api_session(self):
         import urllib.request
         url = f"http://127.0.0.1:{self.http_port}/api/v1/sessions"
         req = urllib.request.Request(url, data=json.dumps({"nsp": "/early"}).encode(), method="POST")
@@ -753,10 +752,33 @@ class EarlyEventsEndToEndTest(InProcessWorkerTest):
             self.assertEqual(res.status, 201)
             sid = json.loads(res.read())["sid"]
         self.assertEqual(self.acks.get(timeout=WAIT).code.name, "BAD_REQUEST")
-        with urllib.request.urlopen(f"{url}/{sid}/events?timeout=2000", timeout=WAIT) as res:
+        return f"{url}/{sid}"
+
+    def api_out(self):
+        return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_messages_total",
+                      direction="out", face="api") or 0
+
+    def test_an_api_session_finds_them_in_its_first_poll(self):
+        # An API session keeps them in its --api-buffer (256) like any
+        # event; they count as sent when a poll takes them.
+        import urllib.request
+        sent_before = self.api_out()
+        session = self.open_api_session()
+        self.assertEqual(self.api_out(), sent_before, "counted as sent before any poll took them")
+        with urllib.request.urlopen(f"{session}/events?timeout=2000", timeout=WAIT) as res:
             events = json.loads(res.read())["events"]
         self.assertEqual([(e["event"], e["data"]) for e in events],
                          [("early", i) for i in range(6)] + [("early_ack", "x")])
+        self.assertEqual(self.api_out(), sent_before + 7)
+
+    def test_an_api_session_closed_before_its_poll_counts_them_undelivered(self):
+        import urllib.request
+        before, sent_before = dropped(self.http_port, "undelivered"), self.api_out()
+        session = self.open_api_session()
+        with urllib.request.urlopen(urllib.request.Request(session, method="DELETE"), timeout=WAIT) as res:
+            self.assertEqual(res.status, 204)
+        self.assertEqual(dropped(self.http_port, "undelivered"), before + 7)
+        self.assertEqual(self.api_out(), sent_before)
 
 
 class RecoveryTest(InProcessWorkerTest):
@@ -820,7 +842,7 @@ class RecoveryBufferEndToEndTest(RecoveryTest):
         before = dropped(self.http_port, "replay_overflow")
         for i in range(1, sent + 1):
             self.worker.emit_to_sid(hello["sid"], "n", i, nsp="/rec")
-        # Kept: event 0 (unconfirmed: no ping ran) and the newest ones, 3 in all.
+        # Kept: the newest 3 of event 0 (unconfirmed: no ping ran) and those.
         self.assertTrue(eventually(lambda: dropped(self.http_port, "replay_overflow") == before + max(0, sent - 2)))
         return hello["sid"], hello["pid"], offset
 
@@ -833,10 +855,13 @@ class RecoveryBufferEndToEndTest(RecoveryTest):
 
     def test_a_client_that_missed_more_is_told_it_did_not_recover(self):
         sid, pid, offset = self.away_while(5)
+        before = dropped(self.http_port, "undelivered")
         ws, hello = self.connect({"pid": pid, "offset": offset})
         self.addCleanup(ws.close)
         self.assertEqual(hello["sid"], sid, "the sid and its rooms stay")
         self.assertNotEqual(hello["pid"], pid, "told it recovered, with events 1 and 2 lost")
+        # Events 3 to 5, kept but not sent to a client that starts afresh.
+        self.assertEqual(dropped(self.http_port, "undelivered"), before + 3)
         ws.settimeout(0.3)
         import websocket
         with self.assertRaises(websocket.WebSocketTimeoutException, msg="events replayed after a gap"):
