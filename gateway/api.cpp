@@ -105,14 +105,14 @@ class api_session : public client_socket {
     std::string args = data.empty() ? "[]" : "[" + data + "]";
     if (!ack) {
       answer->complete(send_event(std::move(event), std::move(args), {}, 0) ? json_answer(202, json::object{{"ok", true}})
-                                                                           : error(503, "gateway busy"));
+                                                                           : error(503, kGatewayBusy));
       return;
     }
     auto tag = ++next_tag_;
     acks_.emplace(tag, answer);
     if (!send_event(std::move(event), std::move(args), {}, tag)) {
       acks_.erase(tag);
-      answer->complete(error(503, "gateway busy"));
+      answer->complete(error(503, kGatewayBusy));
     }
   }
 
@@ -143,8 +143,8 @@ class api_session : public client_socket {
     if (poll_) std::exchange(poll_, nullptr)->complete(error(410, "session closed"));
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
     drop_buffered("the session is closed");  // never polled
-    // Closed before its connect was answered (a worker's disconnect from
-    // the connect hook): the POST that opens it gets its answer now.
+    // Closed before the POST that opens it was answered (its connect hook
+    // disconnected it): that POST gets its answer now.
     if (created_) fail_open("the session was closed before it opened", error(410, "session closed: " + reason));
   }
 
@@ -165,16 +165,24 @@ class api_session : public client_socket {
     return nullptr;
   }
 
-  void deliver_disconnect() override { close("server namespace disconnect"); }
+  void deliver_disconnect() override {
+    if (!connected()) return hold_kick();  // from the connect hook: applied with its answer
+    close("server namespace disconnect");
+  }
 
  protected:
   void on_connect_answer(reply_data reply) override {
     if (reply.code != proto::OK) {
       release();
-      fail_open("the session's connect was refused", failure(reply));
+      // Refused by the gateway itself (its bridge queue full): 503, as for an event.
+      bool ours = reply.code == proto::BUSY && reply.message == kGatewayBusy;
+      fail_open("the session's connect was refused", ours ? error(503, kGatewayBusy) : failure(reply));
       return;
     }
     mark_connected();
+    // Its connect hook disconnected it: connected, so its service gets the
+    // DISCONNECT; the POST gets 410 (fail_open), its events are dropped.
+    if (kick_held()) return close("server namespace disconnect");
     std::exchange(created_, nullptr)->complete(json_answer(201, json::object{{"sid", sid()}, {"nsp", nsp()}}));
     schedule_expiry();
   }
@@ -214,6 +222,7 @@ class api_session : public client_socket {
 
   // The waiting poll takes every buffered event (counted as sent then).
   void flush() {
+    touch();  // --api-session-ttl counts from the end of the last poll
     gw_.metrics().api_out.Increment(static_cast<double>(events_.size()));
     std::string body = "{\"events\":[";
     for (std::size_t i = 0; i < events_.size(); ++i) {
@@ -394,7 +403,7 @@ http_answer api::publish(const http::request<http::string_body>& req) {
     }
   }
   e->set_origin(gw_.link().id());
-  if (!gw_.link().send(env)) return error(503, "gateway busy");
+  if (!gw_.link().send(env)) return error(503, kGatewayBusy);
   gw_.metrics().api_in.Increment();
   return json_answer(202, json::object{{"ok", true}});
 }

@@ -125,8 +125,8 @@ std::string bridge::id_of(std::uint64_t seq) const {
   return id;
 }
 
-bool bridge::take_turn() {
-  if (queued_.fetch_add(1, std::memory_order_relaxed) >= config_.bridge_queue || !ex_) {
+bool bridge::take_turn(bool owed) {
+  if ((queued_.fetch_add(1, std::memory_order_relaxed) >= config_.bridge_queue && !owed) || !ex_) {
     queued_.fetch_sub(1, std::memory_order_relaxed);
     metrics_.bridge_full.Increment();
     return false;
@@ -159,24 +159,27 @@ bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink>
   });
 }
 
-bool bridge::detach(std::string sid) {
-  return post([this, sid = std::move(sid)] {
-    auto it = members_.find(sid);
-    if (it == members_.end()) return;
-    for (const auto& topic : it->second.topics) remove_from_topic(topic, sid);
-    remove_from_topic(proto::namespace_topic(it->second.nsp), sid);
-    members_.erase(it);
-  });
+void bridge::detach(std::string sid) {
+  post(
+      [this, sid = std::move(sid)] {
+        auto it = members_.find(sid);
+        if (it == members_.end()) return;
+        for (const auto& topic : it->second.topics) remove_from_topic(topic, sid);
+        remove_from_topic(proto::namespace_topic(it->second.nsp), sid);
+        members_.erase(it);
+      },
+      true);
 }
 
 bool bridge::request(const Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
-                     std::chrono::milliseconds timeout) {
+                     std::chrono::milliseconds timeout, std::optional<Envelope> if_gone) {
   const auto& id = env.has_request() ? env.request().id() : env.lifecycle().id();
-  return request(id, core::message_of(env), std::move(sink), tag, timeout);
+  return request(id, core::message_of(env), std::move(sink), tag, timeout,
+                 if_gone ? std::make_unique<zmq::message_t>(core::message_of(*if_gone)) : nullptr);
 }
 
 bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<client_sink> sink,
-                     std::uint64_t tag, std::chrono::milliseconds timeout) {
+                     std::uint64_t tag, std::chrono::milliseconds timeout, std::unique_ptr<zmq::message_t> if_gone) {
   auto seq = own_seq(id);
   if (!seq) {
     // A caller's bug, not a peer's input; answered like a full link, never thrown
@@ -184,7 +187,8 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
     spdlog::error("gateway bridge: request id {} was not made by next_id(); not sent", id);
     return false;
   }
-  return post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout]() mutable {
+  return post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout,
+               if_gone = std::move(if_gone)]() mutable {
     if (!send_to_broker(std::move(message))) {
       // The broker is not taking what we send: say so now, as the broker
       // does when a service queue is full, rather than at the deadline.
@@ -194,7 +198,7 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
-    pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline});
+    pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline, std::move(if_gone)});
     add_deadline(deadline, seq);
   });
 }
@@ -239,6 +243,10 @@ bool bridge::send(const Envelope& env) { return send(core::message_of(env)); }
 
 bool bridge::send(zmq::message_t message) {
   return post([this, message = std::move(message)]() mutable { send_to_broker(std::move(message)); });
+}
+
+void bridge::send_owed(const Envelope& env) {
+  post([this, message = core::message_of(env)]() mutable { send_to_broker(std::move(message)); }, true);
 }
 
 bool bridge::send_to_broker(zmq::message_t&& message) {
@@ -501,7 +509,13 @@ void bridge::on_broker(Envelope& env) {
 
 void bridge::reply_to(pending p, reply_data reply) {
   auto sink = p.sink.lock();
-  if (!sink) return;
+  if (!sink) {
+    if (p.if_gone && reply.code == proto::OK) {
+      send_to_broker(std::move(*p.if_gone));
+      link_watch_.dirty = true;
+    }
+    return;
+  }
   // On the io_context's own executor: one operation, where any_io_executor
   // would wrap the handler in a second allocation.
   // Never refused: replies are bounded by the requests in flight.
@@ -584,6 +598,9 @@ void bridge::deliver_emit(proto::Emit& emit) {
   auto sink = it == members_.end() ? nullptr : it->second.sink.lock();
   if (!sink) {
     metrics_.client_gone.Increment();
+    // A worker awaiting the client's ack hears at once, as from a socket
+    // that drops the event (the report goes only to those that asked).
+    if (!emit.ack_id().empty()) send_now(ack_refusal(emit.ack_id(), proto::UNAVAILABLE, "the client is gone"));
     report(emit.origin(), proto::DeliveryReport::CLIENT_GONE, emit.sid(), emit.ref());
     return;
   }
@@ -591,6 +608,7 @@ void bridge::deliver_emit(proto::Emit& emit) {
   // publish API's {"sid": ...} without "nsp").
   const auto& nsp = emit.nsp().empty() ? it->second.nsp : emit.nsp();
   if (auto why = event_fault(emit, nsp, it->second.nsp, emit.sid()); !why.empty()) {
+    if (!emit.ack_id().empty()) send_now(ack_refusal(emit.ack_id(), proto::BAD_REQUEST, std::string{why}));
     report(emit.origin(), proto::DeliveryReport::REJECTED, emit.sid(), emit.ref(), why);
     return;
   }
@@ -632,6 +650,14 @@ void bridge::on_control(const proto::Control& control) {
     return;
   }
   auto& m = it->second;
+  // A worker's control names the namespace it means (an empty one: the
+  // socket's own), as its emits do: a socket of another is not its to move.
+  if (!control.nsp().empty() && control.nsp() != m.nsp) {
+    metrics_.bad_event.Increment();
+    report(control.origin(), proto::DeliveryReport::REJECTED, control.sid(), control.ref(),
+           "not the namespace of the socket");
+    return;
+  }
   switch (control.action()) {
     case proto::Control::JOIN: {
       auto topic = proto::room_topic(m.nsp, control.room());
@@ -655,10 +681,16 @@ void bridge::on_control(const proto::Control& control) {
       }
       return;
     }
-    case proto::Control::DISCONNECT:
-      if (auto sink = m.sink.lock(); sink && !to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); }))
+    case proto::Control::DISCONNECT: {
+      auto sink = m.sink.lock();
+      if (!sink) {
+        metrics_.client_gone.Increment();
+        report(control.origin(), proto::DeliveryReport::CLIENT_GONE, control.sid(), control.ref());
+      } else if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); })) {
         report(control.origin(), proto::DeliveryReport::REJECTED, control.sid(), control.ref(), kThreadBehind);
+      }
       return;
+    }
     default: return;
   }
 }

@@ -60,7 +60,9 @@ class bridge {
   /// Call after the shared context's thread has stopped.
   void stop();
 
-  // Thread-safe. Each returns false when the command queue is full (counted).
+  // Thread-safe. Each returns false when the command queue is full (counted),
+  // but for what the gateway owes whatever the load: detach() and
+  // send_owed(), bounded by the sockets (or the acks awaited) themselves.
 
   /// Makes `sid` reachable for addressed traffic and namespace broadcasts.
   /// For a sid already attached, `sink` takes it over with its rooms; then
@@ -68,17 +70,24 @@ class bridge {
   /// previous sink was posted before anything `after` posts.
   bool attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink, std::function<void()> after = {});
   /// Forgets `sid` and its rooms; replies still on their way are dropped.
-  bool detach(std::string sid);
+  /// Never refused: a sid left behind would keep its rooms subscribed.
+  void detach(std::string sid);
   /// Sends a Request or a Lifecycle CONNECT; the Reply reaches
   /// sink->deliver_reply(tag, ...), or a TIMEOUT reply after `timeout` + 1 s.
+  /// `if_gone` (a CONNECT's DISCONNECT notice) is sent instead when the
+  /// reply is OK and the sink is gone: the service accepted a socket that
+  /// no longer exists.
   bool request(const proto::Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
-               std::chrono::milliseconds timeout);
+               std::chrono::milliseconds timeout, std::optional<proto::Envelope> if_gone = std::nullopt);
   /// The same, serialized: `message` holds the envelope, whose id is `id`.
   bool request(std::string_view id, zmq::message_t message, std::weak_ptr<client_sink> sink, std::uint64_t tag,
-               std::chrono::milliseconds timeout);
+               std::chrono::milliseconds timeout, std::unique_ptr<zmq::message_t> if_gone = nullptr);
   /// Sends anything else (client acks, publish API emits, notices).
   bool send(const proto::Envelope& env);
   bool send(zmq::message_t message);
+  /// The same, never refused by --bridge-queue: a DISCONNECT notice, or
+  /// the refusal of an ack a worker awaits (one per socket, or per ack).
+  void send_owed(const proto::Envelope& env);
   /// Forwards a polling request for another gateway's sid through the
   /// broker; the owner's answer (or a timeout) completes `slot`.
   bool forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout);
@@ -112,6 +121,7 @@ class bridge {
     std::weak_ptr<client_sink> sink;
     std::uint64_t tag;
     time_point deadline;
+    std::unique_ptr<zmq::message_t> if_gone;  // see request()
   };
   struct pending_forward {
     std::shared_ptr<reply_slot> slot;
@@ -130,7 +140,7 @@ class bridge {
   // Runs `command` (move-only is fine) on the bridge's thread; false when
   // --bridge-queue commands are already waiting.
   template <typename Command>
-  bool post(Command&& command);
+  bool post(Command&& command, bool owed = false);
   // Runs `delivery` (a call into a sink) on `ex`: at once when that is the
   // bridge's own thread (--threads 1), else posted, counting `weight` (the
   // sinks it reaches) against that thread's --max-thread-backlog. False
@@ -139,7 +149,7 @@ class bridge {
   template <typename Delivery>
   bool to_sink(const io_executor& ex, Delivery&& delivery, std::size_t weight = 1,
                thread_backlog::kind kind = thread_backlog::kind::sheddable);
-  bool take_turn();
+  bool take_turn(bool owed);
   bool begin_command();
   void end_command();
   void open();
@@ -225,8 +235,8 @@ class bridge {
 };
 
 template <typename Command>
-bool bridge::post(Command&& command) {
-  if (!take_turn()) return false;
+bool bridge::post(Command&& command, bool owed) {
+  if (!take_turn(owed)) return false;
   boost::asio::post(*ex_, [this, command = std::forward<Command>(command)]() mutable {
     if (!begin_command()) return;
     command();

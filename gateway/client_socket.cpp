@@ -38,7 +38,9 @@ void client_socket::begin_connect() {
     }
     user_ = std::move(claims->subject);
   }
-  gw_.link().attach(sid_, nsp_, weak_from_this());
+  // Not sent for a sid the bridge could not take: the service would
+  // accept a socket no emit or broadcast reaches.
+  if (!gw_.link().attach(sid_, nsp_, weak_from_this())) return deliver_reply(0, {proto::BUSY, std::string{kGatewayBusy}});
   proto::Envelope env;
   auto* l = env.mutable_lifecycle();
   l->set_kind(proto::Lifecycle::CONNECT);
@@ -50,9 +52,13 @@ void client_socket::begin_connect() {
   l->set_user(user_);
   l->set_timeout_ms(millis(gw_.config().request_timeout));
   l->set_attempt(1);
-  if (!gw_.link().request(std::move(env), weak_from_this(), 0, gw_.config().request_timeout)) {
-    deliver_reply(0, {proto::BUSY, "gateway busy"});
+  // Sent by the bridge if the service accepts the socket after it is gone.
+  auto orphaned = disconnect_notice("the client left before its connect was answered");
+  if (!gw_.link().request(env, weak_from_this(), 0, gw_.config().request_timeout, std::move(orphaned))) {
+    deliver_reply(0, {proto::BUSY, std::string{kGatewayBusy}});
+    return;
   }
+  connect_pending_ = true;
 }
 
 bool client_socket::send_event(std::string event, std::string args, std::vector<std::string> attachments,
@@ -84,7 +90,12 @@ void client_socket::end(const std::string& reason) {
   state_ = state::closed;
   gw_.link().detach(sid_);
   on_end();
-  if (!was_connected) return;
+  // Ended while its connect hook ran: if the service accepts it, it is
+  // told then (deliver_reply, or the bridge once this socket is gone).
+  if (was_connected) gw_.link().send_owed(disconnect_notice(reason));
+}
+
+proto::Envelope client_socket::disconnect_notice(const std::string& reason) const {
   proto::Envelope env;
   auto* l = env.mutable_lifecycle();
   l->set_kind(proto::Lifecycle::DISCONNECT);
@@ -96,11 +107,11 @@ void client_socket::end(const std::string& reason) {
   l->set_user(user_);
   l->set_timeout_ms(millis(gw_.config().request_timeout));
   l->set_attempt(1);
-  gw_.link().send(env);
+  return env;
 }
 
 void client_socket::refuse_ack(std::string ack_id, proto::Code code, std::string message) {
-  gw_.link().send(ack_refusal(std::move(ack_id), code, std::move(message)));
+  gw_.link().send_owed(ack_refusal(std::move(ack_id), code, std::move(message)));
 }
 
 const char* client_socket::drop_event(std::string ack_id, const char* why) {
@@ -131,23 +142,29 @@ void client_socket::drop_early(const char* why) {
 }
 
 void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
-  if (state_ == state::closed) return;
-  if (tag == 0) {
-    if (state_ != state::connecting) return;
-    if (reply.code != proto::OK) {
-      state_ = state::closed;
-      gw_.link().detach(sid_);
-    } else if (user_.empty()) {
-      // The connect hook may name the user: {"user": "..."}.
-      boost::system::error_code ec;
-      auto data = boost::json::parse(reply.args, ec);
-      if (!ec && data.is_object())
-        if (auto* u = data.as_object().if_contains("user"); u && u->is_string()) user_ = std::string{u->as_string()};
-    }
-    on_connect_answer(std::move(reply));
+  if (tag != 0) {
+    if (state_ != state::closed) on_reply(tag, std::move(reply));
     return;
   }
-  on_reply(tag, std::move(reply));
+  bool awaited = std::exchange(connect_pending_, false);
+  if (state_ == state::closed) {
+    // It ended while its connect hook ran, and the service accepted it.
+    if (awaited && reply.code == proto::OK)
+      gw_.link().send_owed(disconnect_notice("the client left before its connect was answered"));
+    return;
+  }
+  if (state_ != state::connecting) return;
+  if (reply.code != proto::OK) {
+    state_ = state::closed;
+    gw_.link().detach(sid_);
+  } else if (user_.empty()) {
+    // The connect hook may name the user: {"user": "..."}.
+    boost::system::error_code ec;
+    auto data = boost::json::parse(reply.args, ec);
+    if (!ec && data.is_object())
+      if (auto* u = data.as_object().if_contains("user"); u && u->is_string()) user_ = std::string{u->as_string()};
+  }
+  on_connect_answer(std::move(reply));
 }
 
 std::string error_args(const reply_data& reply) {

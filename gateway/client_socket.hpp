@@ -61,6 +61,10 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
     owes_disconnect_ = true;
     user_ = std::move(user);  // who the service accepted (no new connect hook runs)
   }
+  /// A Lifecycle DISCONNECT of this socket for its service.
+  proto::Envelope disconnect_notice(const std::string& reason) const;
+  /// A worker's disconnect is held (hold_kick) until the connect's answer.
+  bool kick_held() const { return kick_pending_; }
   /// Answers a worker's emit that wanted an ack, and will not get the
   /// client's, with `code` now rather than at the worker's timeout.
   void refuse_ack(std::string ack_id, proto::Code code, std::string message);
@@ -99,10 +103,15 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   std::string user_;  // from the JWT's sub, or the connect hook's {"user"}
   state state_ = state::connecting;
   bool owes_disconnect_ = false;  // see took_over()
+  bool connect_pending_ = false;  // its CONNECT went to the service, unanswered yet
   bool kick_pending_ = false;     // see hold_kick()
   std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;  // event, ack id
   std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
 };
+
+/// Why a client's event or connect is refused when the bridge's queue
+/// (--bridge-queue) is full.
+inline constexpr std::string_view kGatewayBusy = "gateway busy";
 
 /// The ack arguments a client gets when its event failed in the backend:
 /// [{"error":"timeout","message":"deadline passed"}].

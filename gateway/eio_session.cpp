@@ -156,7 +156,7 @@ class sio_socket : public client_socket {
     });
     if (!queued) {
       old->repark();
-      on_connect_answer(failure(proto::BUSY, "gateway busy"));
+      on_connect_answer(failure(proto::BUSY, std::string{kGatewayBusy}));
     }
   }
 
@@ -176,7 +176,7 @@ class sio_socket : public client_socket {
       }
     }
     if (!send_event(std::move(split->first), std::move(split->second), std::move(attachments), tag) && tag)
-      on_reply(tag, failure(proto::BUSY, "gateway busy"));
+      on_reply(tag, failure(proto::BUSY, std::string{kGatewayBusy}));
   }
 
   /// Whether another event wanting an ack may wait in line (answered or

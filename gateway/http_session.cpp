@@ -1,5 +1,6 @@
 #include "gateway/http_session.hpp"
 
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
@@ -52,7 +53,12 @@ std::string_view content_type_for(std::string_view path) {
   return "application/octet-stream";
 }
 
+// A regular file's contents; nullopt for anything else (a directory, a
+// FIFO that would block the thread, a device) or a path with a NUL (which
+// would name a shorter path than the one checked).
 std::optional<std::string> read_file(const std::string& path) {
+  std::error_code ec;
+  if (path.find('\0') != std::string::npos || !std::filesystem::is_regular_file(path, ec)) return std::nullopt;
   std::ifstream f{path, std::ios::binary};
   if (!f) return std::nullopt;
   return std::string{std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
@@ -338,8 +344,10 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
   stream.socket().shutdown(asio::ip::tcp::socket::shutdown_send, ignored);
   std::array<char, 16384> sink;
   std::size_t drained = 0;
+  // One deadline for all of it: a client trickling bytes cannot hold the
+  // connection (and its place under the limits) longer.
+  stream.expires_after(std::chrono::seconds(2));
   while (drained < 2 * budget) {
-    stream.expires_after(std::chrono::seconds(1));
     auto [ec, n] = co_await stream.async_read_some(asio::buffer(sink), use);
     if (ec) break;
     drained += n;

@@ -52,7 +52,7 @@ void ws_session::on_message(std::string data, bool binary) {
     send_error(f->id.value_or(""), "rate limited: too many events");
     return;
   }
-  if (f->nsp != nsp()) {
+  if (f->nsp && *f->nsp != nsp()) {
     send_error(f->id.value_or(""), "this connection serves namespace " + nsp());
     return;
   }
@@ -68,7 +68,7 @@ void ws_session::on_message(std::string data, bool binary) {
     ids_.emplace(tag, *f->id);
   }
   if (!send_event(std::move(f->event), std::move(args), {}, tag) && tag) {
-    send_error(ids_[tag], "gateway busy");
+    send_error(ids_[tag], std::string{kGatewayBusy});
     ids_.erase(tag);
   }
 }

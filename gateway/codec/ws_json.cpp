@@ -170,8 +170,8 @@ boost::system::result<client_frame> decode(std::string_view text) {
     if (!nsp->is_string()) {
       return error::bad_namespace;
     }
-    frame.nsp.assign(nsp->get_string().data(), nsp->get_string().size());
-    if (!socketio::valid_namespace(frame.nsp)) {
+    frame.nsp.emplace(nsp->get_string().data(), nsp->get_string().size());
+    if (!socketio::valid_namespace(*frame.nsp)) {
       return error::bad_namespace;
     }
   }

@@ -22,7 +22,7 @@ struct client_frame {
   std::string event;
   std::string data;               // raw JSON text of "data", empty when absent
   std::optional<std::string> id;  // raw JSON text of "id", echoed in the reply
-  std::string nsp = "/";
+  std::optional<std::string> nsp;  // absent: the connection's own namespace
 
   friend bool operator==(const client_frame&, const client_frame&) = default;
 };

@@ -171,6 +171,23 @@ class HttpErrors(unittest.TestCase):
         self.assertEqual(self.raw(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"),
                          "HTTP/1.1 400 Bad Request")
 
+    def test_a_refused_body_cannot_hold_the_connection(self):
+        # After a 413 the gateway reads and drops what is still coming, for
+        # at most 2 s in all: a client trickling a byte at a time used to keep
+        # the connection (and its place under the limits) for weeks.
+        s = socket.create_connection((HOST, PORT), timeout=5)
+        self.addCleanup(s.close)
+        s.sendall(b"POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n" + b"x" * 1000)
+        self.assertTrue(s.recv(4096).startswith(b"HTTP/1.1 413"))
+        start, closed = time.time(), False
+        while not closed and time.time() - start < 8:
+            time.sleep(0.5)
+            try:
+                s.sendall(b"x")
+            except OSError:
+                closed = True
+        self.assertTrue(closed, "the connection was still open after 8 s of trickling")
+
     def test_too_large_a_header_gets_431(self):
         big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
         self.assertEqual(self.raw(big), "HTTP/1.1 431 Request Header Fields Too Large")
@@ -451,6 +468,14 @@ class StaticFiles(unittest.TestCase):
     def test_no_path_traversal(self):
         self.assertEqual(request("GET", "/../../etc/passwd")[0], 404)
         self.assertEqual(request("GET", "/%2e%2e/%2e%2e/etc/passwd")[0], 404)
+
+    def test_only_regular_files_are_served(self):
+        # A directory (it used to drop the connection unanswered, with an
+        # error logged per request), and a NUL that would cut the path short
+        # (index.html served as JavaScript).
+        self.assertEqual(request("GET", "/.")[0], 404)
+        self.assertEqual(request("GET", "/index.html%00.js")[0], 404)
+        self.assertEqual(request("GET", "/index.html")[0], 200)
 
 
 class ConnectTimeout(unittest.TestCase):

@@ -15,9 +15,12 @@ import importlib.util
 import json
 import os
 import queue
+import socket
+import struct
 import threading
 import time
 import unittest
+import urllib.parse
 import warnings
 
 import socketio
@@ -642,11 +645,17 @@ class KickDuringConnectTest(InProcessWorkerTest):
     def service(cls):
         from sidecast_worker import Service
         svc = Service("kick", capacity=4)
+        cls.kicked, cls.left = [], set()
 
         @svc.on_connect
         def kick(req):
+            cls.kicked.append(req.sid)
             req.emit("hello", 1)
             cls.worker.disconnect(req.sid, nsp="/kick")
+
+        @svc.on_disconnect
+        def bye(req):
+            cls.left.add(req.sid)
 
         return svc
 
@@ -677,6 +686,181 @@ class KickDuringConnectTest(InProcessWorkerTest):
         with self.assertRaises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(req, timeout=WAIT)
         self.assertEqual(caught.exception.code, 410)
+        # Accepted, then kicked: its service gets the DISCONNECT, as for the other faces.
+        sid = self.kicked[-1]
+        self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the service never heard the session left")
+
+
+class GoneClientTest(InProcessWorkerTest):
+    """What a worker hears of a client that is gone: a socket whose client
+    leaves while the connect hook runs is disconnected once the service
+    accepts it (its on_disconnect runs: no per-sid state leaks); an
+    emit_with_ack to a gone sid, or one the gateway will not deliver, is
+    answered at once instead of at the worker's timeout; a control for a
+    socket of another namespace is refused; a /ws frame without "nsp" is
+    for the connection's own namespace."""
+
+    gateway_id = "gwO"
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("gone", capacity=8)
+        cls.connected, cls.asked, cls.left = queue.Queue(), queue.Queue(), set()
+
+        @svc.on_connect
+        def hello(req):
+            time.sleep(float(req.auth.get("sleep", 0)))
+            cls.connected.put(req.sid)
+
+        @svc.on_disconnect
+        def bye(req):
+            cls.left.add(req.sid)
+
+        @svc.on("ask")
+        def ask(req):
+            cls.asked.put(req)
+            req.reply(req.nsp)
+
+        return svc
+
+    def setUp(self):
+        for q in (self.connected, self.asked):  # what earlier tests left
+            while not q.empty():
+                q.get_nowait()
+
+    def ws(self, query="nsp=/gone"):
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?{query}", timeout=WAIT)
+        self.addCleanup(ws.close)
+        return ws
+
+    def test_a_client_that_leaves_during_its_connect_hook_is_disconnected(self):
+        ws = self.ws("nsp=/gone&auth=" + urllib.parse.quote(json.dumps({"sleep": 1.0})))
+        time.sleep(0.2)
+        ws.close()
+        sid = self.connected.get(timeout=WAIT)
+        self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the service never heard the socket left")
+
+    def test_an_emit_with_ack_to_a_gone_client_is_answered_at_once(self):
+        ws = self.ws()
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        ws.send(json.dumps({"event": "ask", "id": 1}))
+        self.assertEqual(json.loads(ws.recv()), {"id": 1, "data": "/gone"}, "a frame without nsp is for /gone")
+        req = self.asked.get(timeout=WAIT)
+        ws.close()
+        self.assertTrue(eventually(lambda: req.sid in self.left, WAIT))
+        started = time.monotonic()
+        result = req.emit_with_ack("late", 1, timeout=20).result(timeout=WAIT)
+        self.assertEqual((result.code.name, result.message), ("UNAVAILABLE", "the client is gone"))
+        self.assertLess(time.monotonic() - started, 10, "answered at the worker's timeout")
+
+    def test_an_emit_with_ack_the_gateway_will_not_deliver_is_answered_at_once(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio = socketio.Client(reconnection=False)
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/gone"], transports=["websocket"],
+                    wait_timeout=WAIT)
+        self.addCleanup(sio.disconnect)
+        self.assertEqual(sio.call("ask", namespace="/gone", timeout=WAIT), "/gone")
+        req = self.asked.get(timeout=WAIT)
+        result = req.emit_with_ack("connect", 1, timeout=20).result(timeout=WAIT)
+        self.assertEqual((result.code.name, result.message), ("BAD_REQUEST", "reserved event name"))
+
+    def test_a_control_for_another_namespace_is_refused(self):
+        reports = queue.Queue()
+        self.worker.on_report(reports.put)
+        self.addCleanup(self.worker.on_report, lambda r: None)
+        ws = self.ws()
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        sid = self.connected.get(timeout=WAIT)
+        self.worker.disconnect(sid, nsp="/")  # the socket is in /gone
+        r = reports.get(timeout=WAIT)
+        self.assertEqual((r.status, r.sid, r.detail), ("REJECTED", sid, "not the namespace of the socket"))
+        ws.send(json.dumps({"event": "ask", "id": 2}))
+        self.assertEqual(json.loads(ws.recv()), {"id": 2, "data": "/gone"}, "disconnected by the wrong namespace")
+        ws.send(json.dumps({"event": "ask", "id": 3, "nsp": "/"}))
+        self.assertIn("error", json.loads(ws.recv()), "a frame naming another namespace is still refused")
+
+
+class BridgeQueueTest(InProcessWorkerTest):
+    """With --bridge-queue 3 and two I/O threads, sockets that all close at
+    once overflow the bridge's queue; their detach and DISCONNECT notice
+    are owed and never refused: every accepted socket's service hears it
+    left, and the rooms they joined are given up."""
+
+    gateway_id = "gwQ"
+    gateway_threads = 2
+    gateway_args = ("--bridge-queue", "3")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("bq", capacity=64)
+        cls.accepted, cls.left = set(), set()
+        cls.lock = threading.Lock()
+
+        @svc.on_connect
+        def hello(req):
+            req.join("lobby")
+            with cls.lock:
+                cls.accepted.add(req.sid)
+
+        @svc.on_disconnect
+        def bye(req):
+            with cls.lock:
+                cls.left.add(req.sid)
+
+        return svc
+
+    def test_sockets_closing_at_once_are_all_disconnected(self):
+        import websocket  # python3-websocket
+        sockets = []
+        for _ in range(150):
+            try:
+                sockets.append(websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/bq",
+                                                           timeout=WAIT))
+            except (OSError, websocket.WebSocketException):
+                pass
+        # Each gets its connect answer (accepted or refused busy) before the close.
+        for ws in sockets:
+            try:
+                ws.recv()
+            except (OSError, websocket.WebSocketException):
+                pass
+        self.assertTrue(eventually(lambda: len(self.accepted) > 0, WAIT))
+        for ws in sockets:
+            ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.sock.close()
+        rooms = lambda: metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_rooms")
+        self.assertTrue(eventually(lambda: rooms() == 0, 15), f"rooms left behind: {rooms()}")
+        with self.lock:
+            accepted = set(self.accepted)
+        self.assertTrue(eventually(lambda: self.left >= accepted, 15),
+                        f"{len(accepted - self.left)} of {len(accepted)} accepted sockets never disconnected")
+
+
+class ApiSessionTtlTest(InProcessWorkerTest):
+    """--api-session-ttl counts from the end of the last poll: a client that
+    keeps polling, each poll longer than the TTL, keeps its session."""
+
+    gateway_id = "gwL"
+    gateway_args = ("--api-session-ttl", "1000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        return Service("ttl", capacity=4)
+
+    def test_a_session_polled_past_its_ttl_is_kept(self):
+        import urllib.request
+        url = f"http://127.0.0.1:{self.http_port}/api/v1/sessions"
+        req = urllib.request.Request(url, data=json.dumps({"nsp": "/ttl"}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=WAIT) as res:
+            sid = json.loads(res.read())["sid"]
+        for _ in range(2):
+            with urllib.request.urlopen(f"{url}/{sid}/events?timeout=2000", timeout=WAIT) as res:
+                self.assertEqual(json.loads(res.read()), {"events": []})
+            time.sleep(0.6)  # an expiry check (every TTL/2) falls between the polls
 
 
 class EarlyEventsEndToEndTest(InProcessWorkerTest):
