@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 namespace sidecast::core {
 namespace {
@@ -40,6 +41,8 @@ int terminate_signals::wait() {
   }
   return sig;
 }
+
+void terminate_signals::interrupt() { ::kill(::getpid(), SIGTERM); }
 
 void terminate_signals::start(std::function<void(int)> on_signal) {
   thread_ = std::thread([on_signal = std::move(on_signal)] {

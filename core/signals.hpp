@@ -29,6 +29,9 @@ class terminate_signals {
   /// Blocks the calling thread until SIGINT or SIGTERM; returns the signal.
   /// For mains whose work runs on other threads.
   int wait();
+  /// From any thread: SIGTERM to this process, so wait() (or the thread of
+  /// start()) returns as on a real one; for a part that failed for good.
+  static void interrupt();
 
  private:
   std::thread thread_;

@@ -67,6 +67,7 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
     broker_thread = std::thread{[&b] { b.run(); }};
     w.start();
   }
+  gw.on_failure(core::terminate_signals::interrupt);
   gw.start();
 
   auto hp = core::parse_host_port(gw_config.http);
@@ -76,12 +77,15 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   spdlog::info("gateway : Socket.IO at /socket.io/, /ws, /api/v1, /metrics");
   spdlog::info("demo    : open http://{}:{}/  (Ctrl-C stops)", hp->host, gw.port());
 
-  spdlog::info("signal {}: stopping", signals.wait());
-  gw.drain(gw.config().drain_timeout);
+  auto sig = signals.wait();
+  auto failure = gw.failure();
+  if (failure) spdlog::critical("demo failed: {}", *failure);
+  else spdlog::info("signal {}: stopping", sig);
+  gw.drain(failure ? std::chrono::milliseconds{0} : gw.config().drain_timeout);
   w.stop();
   b.stop();
   if (broker_thread.joinable()) broker_thread.join();
-  return 0;
+  return failure ? 1 : 0;
 }
 
 }  // namespace

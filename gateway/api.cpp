@@ -170,6 +170,9 @@ class api_session : public client_socket {
     close("server namespace disconnect");
   }
 
+  // Its waiting poll gets 410: the client opens a new session, elsewhere.
+  void shut_down() override { close("server shutting down"); }
+
  protected:
   void on_connect_answer(reply_data reply) override {
     if (reply.code != proto::OK) {

@@ -154,6 +154,7 @@ bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink>
       auto topic = proto::namespace_topic(nsp);
       members_[sid] = member{std::move(sink), std::move(nsp), {}};
       add_to_topic(topic, sid);
+      members_count_.store(members_.size(), std::memory_order_relaxed);
     }
     if (after) after();
   });
@@ -167,6 +168,17 @@ void bridge::detach(std::string sid) {
         for (const auto& topic : it->second.topics) remove_from_topic(topic, sid);
         remove_from_topic(proto::namespace_topic(it->second.nsp), sid);
         members_.erase(it);
+        members_count_.store(members_.size(), std::memory_order_relaxed);
+      },
+      true);
+}
+
+void bridge::shut_down_all() {
+  post(
+      [this] {
+        for (auto& [sid, m] : members_)
+          if (auto sink = m.sink.lock())
+            to_sink(sink->executor(), [sink] { sink->shut_down(); }, 1, thread_backlog::kind::owed);
       },
       true);
 }
@@ -317,6 +329,7 @@ void bridge::open() {
     spdlog::critical("gateway bridge failed: {}", e.what());
     sub_.reset();
     link_.reset();
+    if (failure_handler_) failure_handler_(e.what());
     return;
   }
   pump();

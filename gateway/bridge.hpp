@@ -94,12 +94,20 @@ class bridge {
   /// Serves forwarded requests for our own sids (set before start()); the
   /// handler runs on the bridge thread and must not block.
   void on_forward(std::function<void(proto::HttpForward)> handler) { forward_handler_ = std::move(handler); }
+  /// Called (on the bridge thread) when its sockets cannot be made, e.g.
+  /// an endpoint libzmq refuses: the bridge then serves nothing.
+  void on_failure(std::function<void(const std::string&)> handler) { failure_handler_ = std::move(handler); }
   /// Bridge thread (a forward handler): posts `handler` to a session's
   /// thread under that thread's --max-thread-backlog; false when refused.
   template <typename Handler>
   bool hand_to(const io_executor& ex, Handler&& handler) {
     return backlog_.post(ex, std::forward<Handler>(handler));
   }
+
+  /// gateway::drain: every attached sink's shut_down(), on its thread.
+  void shut_down_all();
+  /// Sids attached (any thread; the bridge thread's count after its last command).
+  std::size_t members() const { return members_count_.load(std::memory_order_relaxed); }
 
   /// A new request id "<gateway id>:<n>", n in base 36 (lower case).
   std::string next_id();
@@ -200,6 +208,7 @@ class bridge {
   std::string id_;
   std::atomic<std::uint64_t> next_id_{0};
   std::uint64_t offset_ = 0;  // bridge thread: offsets of outbound events
+  std::atomic<std::size_t> members_count_{0};  // members_.size(), for members()
   std::atomic<std::size_t> queued_{0};  // commands posted, not yet run (bound: bridge_queue)
   thread_backlog backlog_;              // deliveries posted to I/O threads, not yet run there
   std::unique_ptr<boost::asio::io_context> own_context_;  // with several I/O threads
@@ -227,6 +236,7 @@ class bridge {
   boost::unordered_flat_map<std::uint64_t, pending> pending_;
   boost::unordered_flat_map<std::uint64_t, pending_forward> forwards_;
   std::function<void(proto::HttpForward)> forward_handler_;
+  std::function<void(const std::string&)> failure_handler_;
   // Their deadlines, a min-heap (earliest first). An answered entry stays
   // until its time comes (it then finds nothing, or a later deadline), and
   // compact_deadlines() keeps those to about as many as the live ones.

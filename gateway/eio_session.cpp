@@ -127,7 +127,7 @@ class sio_socket : public client_socket {
     gw_.park(pid_, std::static_pointer_cast<client_socket>(shared_from_this()));
     boost::asio::post(executor(), [self = std::static_pointer_cast<sio_socket>(shared_from_this())] {
       if (self->closed()) return;
-      if (self->kicked_) return self->end_parked();
+      if (self->kicked_) return self->end_parked("server namespace disconnect");
       if (!self->expiry_set_) self->expire_at(self->parked_until_);
     });
   }
@@ -273,13 +273,17 @@ class sio_socket : public client_socket {
     return nullptr;
   }
 
+  void shut_down() override {
+    if (detached_) end_parked("server shutting down");  // no client can come back to it now
+  }
+
   void deliver_disconnect() override {
     if (detached_) {
       // Parked: the worker's kick ends it now (no recovery into it). Out
       // of the table, it is being recovered on another thread: the socket
       // that takes over (or this one, put back) is kicked instead.
       kicked_ = true;
-      end_parked();
+      end_parked("server namespace disconnect");
       return;
     }
     if (!connected()) {
@@ -396,11 +400,12 @@ class sio_socket : public client_socket {
     });
   }
 
-  // A parked socket a worker disconnected: ends, if it is in the table.
-  void end_parked() {
+  // A parked socket a worker disconnected, or the gateway shutting down:
+  // ends, if it is in the table.
+  void end_parked(const char* reason) {
     if (gw_.unpark(pid_).get() != this) return;
     expiry_.cancel();
-    end("server namespace disconnect");
+    end(reason);
   }
 
   /// On the old socket's thread: it ends here, silently; its events go on.
@@ -916,7 +921,7 @@ void eio_session::close(const char* reason) {
   connect_timer_.cancel();
   if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "1"});
   for (auto& [nsp, socket] : std::exchange(sockets_, {})) {
-    if (socket->recoverable() && std::string_view{reason} != "server shutting down")
+    if (socket->recoverable() && !gw_.draining())  // a stopping gateway keeps nothing for recovery
       socket->detach({slot_, ws_ ? ws_->place() : nullptr});
     else socket->end(reason);
   }

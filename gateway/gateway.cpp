@@ -58,6 +58,18 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_);
   api_ = std::make_unique<class api>(*this);
   bridge_->on_forward([this](proto::HttpForward f) { serve_forwarded(std::move(f)); });
+  bridge_->on_failure([this](const std::string& why) {
+    {
+      std::lock_guard lock{failure_mutex_};
+      failure_ = "the bridge to the broker failed: " + why;
+    }
+    if (failure_handler_) failure_handler_();
+  });
+}
+
+std::optional<std::string> gateway::failure() const {
+  std::lock_guard lock{failure_mutex_};
+  return failure_;
 }
 
 void gateway::serve_forwarded(proto::HttpForward f) {
@@ -207,8 +219,11 @@ void gateway::drain(std::chrono::milliseconds limit) {
   // through the balancer, to another gateway.
   for (auto& s : open) asio::post(s->executor(), [s] { s->close("server shutting down"); });
   open.clear();
+  // Then every other socket: /ws connections, API sessions (their polls get
+  // 410) and sockets parked for recovery; each service gets its DISCONNECT.
+  bridge_->shut_down_all();
   auto until = std::chrono::steady_clock::now() + limit;
-  while (session_count() > 0 && std::chrono::steady_clock::now() < until)
+  while ((session_count() > 0 || bridge_->members() > 0) && std::chrono::steady_clock::now() < until)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   // Let the last close frames and poll answers leave.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));

@@ -53,7 +53,13 @@ class gateway {
   /// go, then stop(). Call from outside the I/O threads.
   void drain(std::chrono::milliseconds limit);
   unsigned short port() const { return port_; }
+  bool draining() const { return draining_; }
   bool healthy() const;
+  /// Why the gateway cannot serve (its bridge to the broker failed to
+  /// open), once it failed; `on_failure` is called then, on the bridge's
+  /// thread (set it before start(): a main stops the process with it).
+  std::optional<std::string> failure() const;
+  void on_failure(std::function<void()> handler) { failure_handler_ = std::move(handler); }
 
   const gateway_config& config() const { return config_; }
   class bridge& link() { return *bridge_; }
@@ -110,6 +116,10 @@ class gateway {
   connection_limits limits_;
   connection_limits polling_sessions_;  // sessions from a polling handshake (they outlive its connection)
   jwt::verifier tokens_;
+
+  mutable std::mutex failure_mutex_;
+  std::optional<std::string> failure_;
+  std::function<void()> failure_handler_;
 
   std::mutex parked_mutex_;
   std::unordered_map<std::string, std::shared_ptr<client_socket>> parked_;

@@ -27,8 +27,15 @@ int main(int argc, char** argv) {
     zmq::context_t context{1};
     auto registry = std::make_shared<prometheus::Registry>();
     gateway::gateway gw{config, context, registry};
+    gw.on_failure(core::terminate_signals::interrupt);
     gw.start();
-    spdlog::info("signal {}: stopping", signals.wait());
+    auto sig = signals.wait();
+    if (auto why = gw.failure()) {
+      gw.stop();
+      spdlog::critical("gateway failed: {}", *why);
+      return 1;
+    }
+    spdlog::info("signal {}: stopping", sig);
     gw.drain(gw.config().drain_timeout);
   } catch (const std::exception& e) {
     spdlog::critical("gateway failed: {}", e.what());

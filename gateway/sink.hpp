@@ -96,6 +96,11 @@ class client_sink {
   virtual void deliver_reply(std::uint64_t tag, reply_data reply) = 0;
   /// A worker disconnected this socket.
   virtual void deliver_disconnect() = 0;
+  /// The gateway is shutting down (gateway::drain): the socket ends, in the
+  /// way that sends its client to another gateway, and its service gets
+  /// the DISCONNECT. (A Socket.IO socket on a live transport ends when its
+  /// Engine.IO session is closed: only a parked one does anything here.)
+  virtual void shut_down() {}
 };
 
 }  // namespace sidecast::gateway

@@ -97,6 +97,12 @@ void ws_session::deliver_disconnect() {
   ws_->close();
 }
 
+void ws_session::shut_down() {
+  if (closed()) return;
+  end("server shutting down");
+  ws_->close();  // a close, not a "disconnect" event: the client may reconnect elsewhere
+}
+
 void ws_session::on_connect_answer(reply_data reply) {
   if (reply.code != proto::OK) {
     auto message = reply.code == proto::REFUSED ? reply.message : "service unavailable: " + proto::Code_Name(reply.code);

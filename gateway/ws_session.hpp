@@ -23,6 +23,7 @@ class ws_session : public client_socket {
 
   const char* deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override;
   void deliver_disconnect() override;
+  void shut_down() override;
 
  protected:
   void on_connect_answer(reply_data reply) override;

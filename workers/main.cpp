@@ -82,6 +82,11 @@ int main(int argc, char** argv) {
     spdlog::info("worker {} serving {} via {}", w.id(), fmt::join(services, ", "), options.broker);
     w.run();
     admin.stop();
+    if (auto why = w.failure()) {
+      w.stop();
+      spdlog::critical("worker failed: {}", *why);
+      return 1;
+    }
   } catch (const std::exception& e) {
     spdlog::critical("worker failed: {}", e.what());
     return 1;

@@ -215,6 +215,20 @@ class child {
     return status;
   }
   pid_t pid() const { return pid_; }
+  /// Reaps the process if it exits within `limit`; its wait status.
+  std::optional<int> wait_exit(std::chrono::milliseconds limit) {
+    auto until = std::chrono::steady_clock::now() + limit;
+    while (pid_ > 0) {
+      int status = 0;
+      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return status;
+      }
+      if (std::chrono::steady_clock::now() >= until) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return std::nullopt;
+  }
 
  private:
   pid_t pid_ = -1;

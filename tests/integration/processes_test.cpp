@@ -118,6 +118,20 @@ TEST(Processes, AMessagePastTheSizeBoundIsNotTakenIn) {
   EXPECT_TRUE(echo_served(client)) << "the peer was not served after its connection was dropped";
 }
 
+// An endpoint libzmq refuses (here an address that cannot be) ends the
+// process with status 1; the gateway and the worker used to log it and stay
+// up, serving nothing, with only their health check to tell.
+TEST(Processes, AnEndpointThatCannotBeUsedEndsTheProcess) {
+  const std::string bad = "tcp://256.1.1.1:notaport";
+  child w{"sidecast-worker", {"--service", "echo", "--broker", bad, "--log-level", "off"}};
+  child gw{"sidecast-gateway", {"--broker", bad, "--events", bad, "--http", "127.0.0.1:0", "--log-level", "off"}};
+  for (auto* c : {&w, &gw}) {
+    auto status = c->wait_exit(10s);
+    ASSERT_TRUE(status) << "still running";
+    EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << "wait status " << *status;
+  }
+}
+
 TEST(Processes, BrokerMetricsAndHealth) {
   ports p;
   child broker{"sidecast-broker", broker_args(p)};

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import queue
+import signal
 import socket
 import struct
 import threading
@@ -37,6 +38,12 @@ STATE_ORDER = ["queued", "provisioning", "booting", "running"]
 def dropped(http_port, reason):
     """sidecast_gateway_dropped_total{reason=...} of the gateway on `http_port`."""
     return metric(http_get(http_port, "/metrics")[1], "sidecast_gateway_dropped_total", reason=reason) or 0
+
+
+def record_disconnects(cls, svc):
+    """Collects in ``cls.left`` the sids whose DISCONNECT reached ``svc``."""
+    cls.left = set()
+    svc.on_disconnect(lambda req: cls.left.add(req.sid))
 
 
 class Events:
@@ -645,7 +652,7 @@ class KickDuringConnectTest(InProcessWorkerTest):
     def service(cls):
         from sidecast_worker import Service
         svc = Service("kick", capacity=4)
-        cls.kicked, cls.left = [], set()
+        cls.kicked = []
 
         @svc.on_connect
         def kick(req):
@@ -653,9 +660,7 @@ class KickDuringConnectTest(InProcessWorkerTest):
             req.emit("hello", 1)
             cls.worker.disconnect(req.sid, nsp="/kick")
 
-        @svc.on_disconnect
-        def bye(req):
-            cls.left.add(req.sid)
+        record_disconnects(cls, svc)
 
         return svc
 
@@ -706,16 +711,14 @@ class GoneClientTest(InProcessWorkerTest):
     def service(cls):
         from sidecast_worker import Service
         svc = Service("gone", capacity=8)
-        cls.connected, cls.asked, cls.left = queue.Queue(), queue.Queue(), set()
+        cls.connected, cls.asked = queue.Queue(), queue.Queue()
 
         @svc.on_connect
         def hello(req):
             time.sleep(float(req.auth.get("sleep", 0)))
             cls.connected.put(req.sid)
 
-        @svc.on_disconnect
-        def bye(req):
-            cls.left.add(req.sid)
+        record_disconnects(cls, svc)
 
         @svc.on("ask")
         def ask(req):
@@ -796,19 +799,14 @@ class BridgeQueueTest(InProcessWorkerTest):
     def service(cls):
         from sidecast_worker import Service
         svc = Service("bq", capacity=64)
-        cls.accepted, cls.left = set(), set()
-        cls.lock = threading.Lock()
+        cls.accepted = set()
 
         @svc.on_connect
         def hello(req):
             req.join("lobby")
-            with cls.lock:
-                cls.accepted.add(req.sid)
+            cls.accepted.add(req.sid)
 
-        @svc.on_disconnect
-        def bye(req):
-            with cls.lock:
-                cls.left.add(req.sid)
+        record_disconnects(cls, svc)
 
         return svc
 
@@ -833,8 +831,7 @@ class BridgeQueueTest(InProcessWorkerTest):
             ws.sock.close()
         rooms = lambda: metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_rooms")
         self.assertTrue(eventually(lambda: rooms() == 0, 15), f"rooms left behind: {rooms()}")
-        with self.lock:
-            accepted = set(self.accepted)
+        accepted = set(self.accepted)
         self.assertTrue(eventually(lambda: self.left >= accepted, 15),
                         f"{len(accepted - self.left)} of {len(accepted)} accepted sockets never disconnected")
 
@@ -861,6 +858,80 @@ class ApiSessionTtlTest(InProcessWorkerTest):
             with urllib.request.urlopen(f"{url}/{sid}/events?timeout=2000", timeout=WAIT) as res:
                 self.assertEqual(json.loads(res.read()), {"events": []})
             time.sleep(0.6)  # an expiry check (every TTL/2) falls between the polls
+
+
+class DrainTest(InProcessWorkerTest):
+    """SIGTERM drains every face, not only Engine.IO sessions: a polling
+    Socket.IO socket, a /ws connection, an HTTP API session (its waiting
+    poll gets 410) and a socket parked for recovery all end, and the
+    service hears a DISCONNECT for each before the gateway exits 0."""
+
+    gateway_id = "gwX"
+    gateway_args = ("--recovery", "/drain", "--drain-timeout", "3000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("drain", capacity=8)
+        cls.accepted = queue.Queue()
+
+        @svc.on_connect
+        def hello(req):
+            cls.accepted.put(req.sid)
+
+        record_disconnects(cls, svc)
+
+        return svc
+
+    def test_every_face_is_closed_and_disconnected(self):
+        import urllib.error
+        import urllib.request
+        import websocket  # python3-websocket
+        warnings.simplefilter("ignore", ResourceWarning)
+        base = f"127.0.0.1:{self.http_port}"
+        sids = []
+        # A socket parked for recovery: its transport dropped without a disconnect.
+        raw = websocket.create_connection(f"ws://{base}/socket.io/?EIO=4&transport=websocket", timeout=WAIT)
+        self.assertTrue(raw.recv().startswith("0"))
+        raw.send("40/drain,")
+        self.assertTrue(raw.recv().startswith("40/drain,"))
+        sids.append(self.accepted.get(timeout=WAIT))
+        raw.close()
+        gauge = lambda t: metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_connections", transport=t)
+        self.assertTrue(eventually(lambda: gauge("websocket") == 0, WAIT))
+        # A polling Socket.IO client, a /ws connection, an API session with a poll waiting.
+        sio = socketio.Client(reconnection=False)
+        sio.connect(f"http://{base}", namespaces=["/drain"], transports=["polling"], wait_timeout=WAIT)
+        sids.append(self.accepted.get(timeout=WAIT))
+        ws = websocket.create_connection(f"ws://{base}/ws?nsp=/drain", timeout=WAIT)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        sids.append(self.accepted.get(timeout=WAIT))
+        url = f"http://{base}/api/v1/sessions"
+        req = urllib.request.Request(url, data=json.dumps({"nsp": "/drain"}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=WAIT) as res:
+            api_sid = json.loads(res.read())["sid"]
+        sids.append(self.accepted.get(timeout=WAIT))
+        polled = queue.Queue()
+
+        def poll():
+            try:
+                with urllib.request.urlopen(f"{url}/{api_sid}/events?timeout=20000", timeout=WAIT) as res:
+                    polled.put(res.status)
+            except urllib.error.HTTPError as e:
+                polled.put(e.code)
+            except OSError as e:
+                polled.put(repr(e))
+
+        threading.Thread(target=poll, daemon=True).start()
+        time.sleep(0.3)  # the poll waits
+        self.gateway.signal(signal.SIGTERM)
+        self.assertEqual(polled.get(timeout=WAIT), 410, "the waiting poll was cut without an answer")
+        self.assertTrue(eventually(lambda: set(sids) <= self.left, WAIT),
+                        f"no DISCONNECT for {len(set(sids) - self.left)} of the 4 sockets")
+        self.gateway.proc.wait(WAIT)
+        self.assertEqual(self.gateway.proc.returncode, 0)
+        ws.close()
+        sio.disconnect()
 
 
 class EarlyEventsEndToEndTest(InProcessWorkerTest):

@@ -249,6 +249,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::mutex lifecycle_mutex;
   std::condition_variable lifecycle_changed;
   bool stopped = false;  // stop() has finished
+  std::optional<std::string> failure;  // the I/O loop ended on an error (a bad endpoint, ...)
 
   // I/O thread only.
   // When the loop woke: one clock reading per turn, shared by the requests
@@ -467,7 +468,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   void wait_stopped() {
     std::unique_lock lock{lifecycle_mutex};
-    lifecycle_changed.wait(lock, [&] { return stopped; });
+    lifecycle_changed.wait(lock, [&] { return stopped || failure; });
   }
 
   // The I/O loop: on a thread of its own (start()), or in turns on the
@@ -490,6 +491,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       }
     } catch (const std::exception& e) {
       spdlog::critical("worker {} I/O thread failed: {}", options.id, e.what());
+      {
+        std::lock_guard lock{lifecycle_mutex};
+        failure = e.what();
+      }
+      lifecycle_changed.notify_all();  // run() returns: the worker can no longer serve
     }
     close_io();
   }
@@ -1124,6 +1130,11 @@ void worker::on_report(std::function<void(const proto::DeliveryReport&)> callbac
 }
 
 const std::string& worker::id() const { return core_->options.id; }
+
+std::optional<std::string> worker::failure() const {
+  std::lock_guard lock{core_->lifecycle_mutex};
+  return core_->failure;
+}
 bool worker::connected() const { return core_->welcomed; }
 
 worker_stats worker::stats() const {

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stop_token>
 #include <string>
 #include <string_view>
@@ -220,7 +221,8 @@ class worker {
   /// its own worker (a quick one may not: std::logic_error, see
   /// service::on_quick). Before start(), it makes start() a no-op.
   void stop();
-  /// start(), then blocks until stop().
+  /// start(), then blocks until stop(), or until the I/O loop fails
+  /// (failure() says why; call stop() then).
   void run();
 
   // Traffic not tied to a request. Thread-safe; false when the outbox stayed full.
@@ -248,6 +250,9 @@ class worker {
   const std::string& id() const;
   /// True while the broker has welcomed this worker.
   bool connected() const;
+  /// Why its I/O loop ended, when an error ended it (e.g. an endpoint
+  /// libzmq refuses): the worker serves nothing any more.
+  std::optional<std::string> failure() const;
   worker_stats stats() const;
 
  private:
