@@ -1,5 +1,6 @@
 #include "gateway/api.hpp"
 
+#include <charconv>
 #include <deque>
 
 #include <boost/asio/post.hpp>
@@ -223,19 +224,35 @@ class api_session : public client_socket {
     for (; !events_.empty(); events_.pop_front()) drop_event({}, why);
   }
 
-  // The waiting poll takes every buffered event (counted as sent then).
+  // The waiting poll takes every buffered event: counted as sent once its
+  // answer is taken; given back (in front, in order) when the poll was
+  // abandoned, its client gone (http_session.cpp).
   void flush() {
     touch();  // --api-session-ttl counts from the end of the last poll
-    gw_.metrics().api_out.Increment(static_cast<double>(events_.size()));
     std::string body = "{\"events\":[";
     for (std::size_t i = 0; i < events_.size(); ++i) {
       if (i) body += ',';
       body += *events_[i];
     }
     body += "]}";
-    events_.clear();
     poll_timer_.cancel();
-    std::exchange(poll_, nullptr)->complete({200, "application/json", std::move(body)});
+    std::function<void(bool)> taken;
+    if (!events_.empty())
+      taken = [self = std::static_pointer_cast<api_session>(shared_from_this()), sent = std::exchange(events_, {})](bool ok) mutable {
+        asio::post(self->executor(), [self, sent = std::move(sent), ok]() mutable { self->after_poll(std::move(sent), ok); });
+      };
+    std::exchange(poll_, nullptr)->complete({200, "application/json", std::move(body)}, std::move(taken));
+  }
+
+  void after_poll(std::deque<std::shared_ptr<const std::string>> sent, bool taken) {
+    if (taken) return gw_.metrics().api_out.Increment(static_cast<double>(sent.size()));
+    if (closed()) {
+      for (std::size_t i = 0; i < sent.size(); ++i) drop_event({}, "the session is closed");
+      return;
+    }
+    events_.insert(events_.begin(), std::make_move_iterator(sent.begin()), std::make_move_iterator(sent.end()));
+    for (; events_.size() > gw_.config().api_buffer; events_.pop_front()) gw_.metrics().api_overflow.Increment();
+    if (poll_) flush();
   }
 
   void schedule_expiry() {
@@ -341,15 +358,19 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
   } else if (action == "events" && req.method() == http::verb::get) {
     std::chrono::milliseconds timeout{25000};
     if (auto it = params.find("timeout"); it != params.end()) {
-      try {
-        timeout = std::chrono::milliseconds(std::clamp(std::stol(std::string{(*it).value}), 0L, 60000L));
-      } catch (const std::exception&) {
+      // All of it a number ("10abc" is no more 10 ms than it is 10 s).
+      std::string text = (*it).value;
+      long ms = 0;
+      auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), ms);
+      if (text.empty() || ec != std::errc{} || end != text.data() + text.size())
         co_return error(400, "timeout must be milliseconds");
-      }
+      timeout = std::chrono::milliseconds(std::clamp(ms, 0L, 60000L));
     }
     asio::post(session->executor(), [session, slot, timeout] { session->poll(timeout, slot); });
-  } else {
+  } else if (action.empty() || action == "emit" || action == "events") {
     co_return error(405, "no such action for this method");
+  } else {
+    co_return error(404, "no such action");
   }
   co_return co_await slot->wait();
 }

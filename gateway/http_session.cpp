@@ -4,8 +4,11 @@
 #include <fstream>
 #include <iterator>
 
+#include <sys/socket.h>
+
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/dispatch.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -336,6 +339,29 @@ std::optional<http_answer> refusal_for(const beast::error_code& ec, gateway_metr
   return http_answer{400, "text/plain", "bad request: " + ec.message() + "\n"};
 }
 
+// An HTTP API long-poll (GET /api/v1/sessions/SID/events) may wait up to a
+// minute with events taken for it only when it is answered: while it waits,
+// the connection is watched, so a client that gives up does not take them
+// with it.
+bool is_api_poll(const request& req) {
+  std::string_view target = req.target();
+  return req.method() == http::verb::get && target.starts_with("/api/v1/sessions/") &&
+         target.substr(0, target.find('?')).ends_with("/events");
+}
+
+// Returns once the client has closed its end (or the connection failed);
+// a client that sends more meanwhile (a pipelined request) is not watched
+// further. Cancellable.
+asio::awaitable<void> client_left(asio::ip::tcp::socket& socket) {
+  auto [ec] = co_await socket.async_wait(asio::ip::tcp::socket::wait_read, use);
+  if (ec == asio::error::operation_aborted) co_return;
+  char byte;
+  if (!ec && ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) != 0) {
+    asio::steady_timer never{socket.get_executor(), asio::steady_timer::time_point::max()};
+    co_await never.async_wait(use);  // until the poll is answered (cancelled then)
+  }
+}
+
 // After refusing a request whose body is still arriving: stop sending and
 // read (and discard) a bounded amount, so closing does not reset the
 // connection before the client has read the answer.
@@ -389,7 +415,15 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
       co_await http::async_write(stream, res, use);
       co_return;
     }
-    auto res = co_await handle(gw, req, peer);
+    response res;
+    if (is_api_poll(req)) {
+      using namespace asio::experimental::awaitable_operators;
+      auto first = co_await (handle(gw, req, peer) || client_left(stream.socket()));
+      if (first.index() == 1) co_return;  // gone: the poll's slot is abandoned, its events kept
+      res = std::get<0>(std::move(first));
+    } else {
+      res = co_await handle(gw, req, peer);
+    }
     if (req.method() == http::verb::head) res.body().clear();
     // A client that asks and never reads must not hold its connection (and
     // an answer of up to --max-payload) for ever: the write gets as long

@@ -1,7 +1,9 @@
 #pragma once
 // An HTTP answer that another thread provides later: a long-poll GET waits on
 // one until its Engine.IO session has packets (or closes). The first
-// complete() wins; it is thread-safe.
+// complete() wins; it is thread-safe. A wait() that is cancelled (the
+// client left while its poll waited, see http_session.cpp) abandons the
+// slot: an answer that comes later is refused, and its giver told.
 #include <functional>
 #include <memory>
 #include <optional>
@@ -10,6 +12,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/as_tuple.hpp>
 
@@ -29,22 +32,40 @@ class reply_slot : public std::enable_shared_from_this<reply_slot> {
   reply_slot(boost::asio::any_io_executor ex, std::function<void(http_answer)> on_answer)
       : timer_{ex, boost::asio::steady_timer::time_point::max()}, on_answer_{std::move(on_answer)} {}
 
-  void complete(http_answer answer) {
-    boost::asio::dispatch(timer_.get_executor(), [self = shared_from_this(), a = std::move(answer)]() mutable {
-      if (self->answer_) return;
+  /// `taken` (optional) is called on the slot's executor with whether this
+  /// answer was the one taken: false when another came first or the slot
+  /// was abandoned, so what it carried can go back where it came from.
+  void complete(http_answer answer, std::function<void(bool taken)> taken = {}) {
+    boost::asio::dispatch(timer_.get_executor(), [self = shared_from_this(), a = std::move(answer),
+                                                  taken = std::move(taken)]() mutable {
+      if (self->answer_) {
+        if (taken) taken(false);
+        return;
+      }
       if (self->on_answer_) {
         self->answer_ = http_answer{};
         std::exchange(self->on_answer_, nullptr)(std::move(a));
-        return;
+      } else {
+        self->answer_ = std::move(a);
+        self->timer_.cancel();
       }
-      self->answer_ = std::move(a);
-      self->timer_.cancel();
+      if (taken) taken(true);
     });
   }
 
-  /// On the slot's executor: waits for complete().
+  /// On the slot's executor: waits for complete(). Cancelled (terminal
+  /// cancellation of the awaiting coroutine), it abandons the slot and
+  /// returns an answer nobody will write.
   boost::asio::awaitable<http_answer> wait() {
-    while (!answer_) co_await timer_.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    // (Asked once, out of any condition: GCC 12 miscompiles a co_await there.)
+    auto state = co_await boost::asio::this_coro::cancellation_state;
+    while (!answer_) {
+      if (state.cancelled() != boost::asio::cancellation_type::none) {
+        answer_ = http_answer{};
+        break;
+      }
+      co_await timer_.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    }
     co_return std::move(*answer_);
   }
 

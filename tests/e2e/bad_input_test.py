@@ -441,8 +441,12 @@ class HttpApiErrors(unittest.TestCase):
     def test_api_poll_timeout_must_be_milliseconds(self):
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
         sid = json.loads(body)["sid"]
-        status, body, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout=soon")
-        self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be milliseconds"}))
+        for bad in ("soon", "10abc", "", "-"):
+            status, body, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout={bad}")
+            self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be milliseconds"}), bad)
+        # An action that does not exist is 404; one that does, with another method, 405.
+        self.assertEqual(request("GET", f"/api/v1/sessions/{sid}/nothing")[0], 404)
+        self.assertEqual(request("GET", f"/api/v1/sessions/{sid}/emit")[0], 405)
         request("DELETE", f"/api/v1/sessions/{sid}")
 
     def test_unknown_sid(self):

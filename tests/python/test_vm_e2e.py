@@ -836,9 +836,10 @@ class BridgeQueueTest(InProcessWorkerTest):
                         f"{len(accepted - self.left)} of {len(accepted)} accepted sockets never disconnected")
 
 
-class ApiSessionTtlTest(InProcessWorkerTest):
-    """--api-session-ttl counts from the end of the last poll: a client that
-    keeps polling, each poll longer than the TTL, keeps its session."""
+class ApiPollingTest(InProcessWorkerTest):
+    """HTTP API long-polls: --api-session-ttl counts from the end of the last
+    poll (a client that keeps polling, each poll longer than the TTL, keeps
+    its session), and a poll whose client gave up takes no events with it."""
 
     gateway_id = "gwL"
     gateway_args = ("--api-session-ttl", "1000")
@@ -848,16 +849,34 @@ class ApiSessionTtlTest(InProcessWorkerTest):
         from sidecast_worker import Service
         return Service("ttl", capacity=4)
 
-    def test_a_session_polled_past_its_ttl_is_kept(self):
+    def open_session(self):
         import urllib.request
         url = f"http://127.0.0.1:{self.http_port}/api/v1/sessions"
         req = urllib.request.Request(url, data=json.dumps({"nsp": "/ttl"}).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=WAIT) as res:
-            sid = json.loads(res.read())["sid"]
+            return url, json.loads(res.read())["sid"]
+
+    def test_a_session_polled_past_its_ttl_is_kept(self):
+        import urllib.request
+        url, sid = self.open_session()
         for _ in range(2):
             with urllib.request.urlopen(f"{url}/{sid}/events?timeout=2000", timeout=WAIT) as res:
                 self.assertEqual(json.loads(res.read()), {"events": []})
             time.sleep(0.6)  # an expiry check (every TTL/2) falls between the polls
+
+    def test_a_poll_whose_client_left_takes_no_events(self):
+        import urllib.request
+        url, sid = self.open_session()
+        gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
+        gone.sendall(f"GET /api/v1/sessions/{sid}/events?timeout=900 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.2)
+        gone.close()  # gives up while the poll waits
+        time.sleep(0.2)
+        self.worker.emit_to_sid(sid, "late", 1, nsp="/ttl")
+        time.sleep(0.3)
+        with urllib.request.urlopen(f"{url}/{sid}/events?timeout=3000", timeout=WAIT) as res:
+            events = json.loads(res.read())["events"]
+        self.assertEqual([(e["event"], e["data"]) for e in events], [("late", 1)], "the abandoned poll took it")
 
 
 class DrainTest(InProcessWorkerTest):
