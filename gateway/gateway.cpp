@@ -223,8 +223,11 @@ void gateway::drain(std::chrono::milliseconds limit) {
   // 410) and sockets parked for recovery; each service gets its DISCONNECT.
   bridge_->shut_down_all();
   auto until = std::chrono::steady_clock::now() + limit;
-  while ((session_count() > 0 || bridge_->members() > 0) && std::chrono::steady_clock::now() < until)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  // (And the WebSockets' close handshakes, up to 2 s each after their close.)
+  auto busy = [this] {
+    return session_count() > 0 || bridge_->members() > 0 || metrics_.websockets_open.load(std::memory_order_relaxed) > 0;
+  };
+  while (busy() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   // Let the last close frames and poll answers leave.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   stop();

@@ -1,5 +1,8 @@
 #pragma once
 // The gateway's Prometheus metrics. Counters are atomic: any thread may bump them.
+#include <atomic>
+#include <cstddef>
+
 #include "core/metrics.hpp"
 
 namespace sidecast::gateway {
@@ -54,6 +57,10 @@ struct gateway_metrics {
   prometheus::Gauge& broker_connected;
   prometheus::Counter& io_uring_batches;  // WebSocket reads or writes made together in one io_uring_enter
   prometheus::Counter& io_uring_calls;    // ... and the socket calls in them
+  // WebSocket connections not finished yet (a close handshake may still
+  // run after their session ended): gateway::drain waits for them, so
+  // stop() does not cut a close frame short (not exported).
+  std::atomic<std::size_t> websockets_open{0};
 };
 
 }  // namespace sidecast::gateway

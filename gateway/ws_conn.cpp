@@ -383,6 +383,7 @@ ws_conn::ws_conn(beast::tcp_stream stream, const asio::any_io_executor& home, ws
       limits_{limits},
       metrics_{metrics},
       hold_{std::move(hold)} {
+  metrics_.websockets_open.fetch_add(1, std::memory_order_relaxed);
   // The same descriptor, on a socket typed for the io_context (gateway/io.hpp).
   auto socket = stream.release_socket();
   beast::error_code ec;
@@ -403,6 +404,7 @@ ws_conn::ws_conn(beast::tcp_stream stream, const asio::any_io_executor& home, ws
 
 ws_conn::~ws_conn() {
   if (fd_ >= 0) ::close(fd_);
+  if (!finished_) metrics_.websockets_open.fetch_sub(1, std::memory_order_relaxed);
 }
 
 void ws_conn::accept(beast::http::request<beast::http::string_body> request, message_handler on_message,
@@ -791,6 +793,7 @@ void ws_conn::fail(close_code code) {
 void ws_conn::finish() {
   if (finished_) return;
   finished_ = true;
+  metrics_.websockets_open.fetch_sub(1, std::memory_order_relaxed);
   auto watched = loop_.unwatch(*this);  // dropped when this returns
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
