@@ -1,5 +1,6 @@
 #include "gateway/http_session.hpp"
 
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -353,13 +354,19 @@ bool is_api_poll(const request& req) {
 // a client that sends more meanwhile (a pipelined request) is not watched
 // further. Cancellable.
 asio::awaitable<void> client_left(asio::ip::tcp::socket& socket) {
-  auto [ec] = co_await socket.async_wait(asio::ip::tcp::socket::wait_read, use);
-  if (ec == asio::error::operation_aborted) co_return;
-  char byte;
-  if (!ec && ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) != 0) {
-    asio::steady_timer never{socket.get_executor(), asio::steady_timer::time_point::max()};
-    co_await never.async_wait(use);  // until the poll is answered (cancelled then)
+  for (;;) {
+    auto [ec] = co_await socket.async_wait(asio::ip::tcp::socket::wait_read, use);
+    if (ec == asio::error::operation_aborted) co_return;
+    if (ec) co_return;  // the connection failed: gone
+    char byte;
+    auto n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0) co_return;  // FIN
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;  // a spurious wake-up
+    if (n < 0) co_return;  // a reset
+    break;  // data: a pipelined request, read after the answer
   }
+  asio::steady_timer never{socket.get_executor(), asio::steady_timer::time_point::max()};
+  co_await never.async_wait(use);  // until the poll is answered (cancelled then)
 }
 
 // After refusing a request whose body is still arriving: stop sending and

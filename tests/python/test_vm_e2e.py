@@ -870,7 +870,9 @@ class ApiPollingTest(InProcessWorkerTest):
         gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
         gone.sendall(f"GET /api/v1/sessions/{sid}/events?timeout=900 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         time.sleep(0.2)
-        gone.close()  # gives up while the poll waits
+        # Gives up while the poll waits, with a reset (SO_LINGER 0), as a crashed client's kernel does.
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()
         time.sleep(0.2)
         self.worker.emit_to_sid(sid, "late", 1, nsp="/ttl")
         time.sleep(0.3)
