@@ -246,11 +246,8 @@ class api_session : public client_socket {
 
   void after_poll(std::deque<std::shared_ptr<const std::string>> sent, bool taken) {
     if (taken) return gw_.metrics().api_out.Increment(static_cast<double>(sent.size()));
-    if (closed()) {
-      for (std::size_t i = 0; i < sent.size(); ++i) drop_event({}, "the session is closed");
-      return;
-    }
     events_.insert(events_.begin(), std::make_move_iterator(sent.begin()), std::make_move_iterator(sent.end()));
+    if (closed()) return drop_buffered("the session is closed");
     for (; events_.size() > gw_.config().api_buffer; events_.pop_front()) gw_.metrics().api_overflow.Increment();
     if (poll_) flush();
   }

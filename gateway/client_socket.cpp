@@ -17,6 +17,9 @@ namespace {
 
 reply_data refusal(std::string message) { return {proto::REFUSED, std::move(message)}; }
 
+// The DISCONNECT a service gets for a socket it accepted after the client left.
+constexpr const char* kLeftWhileConnecting = "the client left before its connect was answered";
+
 }  // namespace
 
 void client_socket::begin_connect() {
@@ -53,7 +56,7 @@ void client_socket::begin_connect() {
   l->set_timeout_ms(millis(gw_.config().request_timeout));
   l->set_attempt(1);
   // Sent by the bridge if the service accepts the socket after it is gone.
-  auto orphaned = disconnect_notice("the client left before its connect was answered");
+  auto orphaned = disconnect_notice(kLeftWhileConnecting);
   if (!gw_.link().request(env, weak_from_this(), 0, gw_.config().request_timeout, std::move(orphaned))) {
     deliver_reply(0, {proto::BUSY, std::string{kGatewayBusy}});
     return;
@@ -150,7 +153,7 @@ void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (state_ == state::closed) {
     // It ended while its connect hook ran, and the service accepted it.
     if (awaited && reply.code == proto::OK)
-      gw_.link().send_owed(disconnect_notice("the client left before its connect was answered"));
+      gw_.link().send_owed(disconnect_notice(kLeftWhileConnecting));
     return;
   }
   if (state_ != state::connecting) return;

@@ -455,7 +455,7 @@ class sio_socket : public client_socket {
     if (handed.kicked) {
       // A worker disconnected the sid while this socket took it over: the
       // client is disconnected as a live socket would be.
-      for (std::size_t i = 0; i < pending_.size(); ++i) gw_.metrics().undelivered.Increment();
+      gw_.metrics().undelivered.Increment(static_cast<double>(pending_.size()));
       pending_ = {};
       return deliver_disconnect();
     }

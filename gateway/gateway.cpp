@@ -269,19 +269,10 @@ void gateway::park(const std::string& pid, std::shared_ptr<client_socket> socket
   parked_[pid] = std::move(socket);
 }
 
-std::shared_ptr<client_socket> gateway::unpark(const std::string& pid) {
+std::shared_ptr<client_socket> gateway::unpark(const std::string& pid, std::string_view nsp) {
   std::lock_guard lock{parked_mutex_};
   auto it = parked_.find(pid);
-  if (it == parked_.end()) return nullptr;
-  auto socket = std::move(it->second);
-  parked_.erase(it);
-  return socket;
-}
-
-std::shared_ptr<client_socket> gateway::unpark(const std::string& pid, const std::string& nsp) {
-  std::lock_guard lock{parked_mutex_};
-  auto it = parked_.find(pid);
-  if (it == parked_.end() || it->second->nsp() != nsp) return nullptr;
+  if (it == parked_.end() || (!nsp.empty() && it->second->nsp() != nsp)) return nullptr;
   auto socket = std::move(it->second);
   parked_.erase(it);
   return socket;

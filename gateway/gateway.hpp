@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -86,11 +87,9 @@ class gateway {
   // Sockets waiting to be recovered (Socket.IO connection-state recovery), by pid.
   void park(const std::string& pid, std::shared_ptr<client_socket> socket);
   /// Takes a parked socket; nullptr when unknown or already taken/expired.
-  std::shared_ptr<client_socket> unpark(const std::string& pid);
-  /// Takes it only when it is in namespace `nsp` (one look: a socket of
-  /// another namespace is never out of the table, where its expiry would
-  /// miss it).
-  std::shared_ptr<client_socket> unpark(const std::string& pid, const std::string& nsp);
+  /// With `nsp`, only one in that namespace (one look: a socket of another
+  /// namespace is never out of the table, where its expiry would miss it).
+  std::shared_ptr<client_socket> unpark(const std::string& pid, std::string_view nsp = {});
   bool recovery_for(const std::string& nsp) const;
 
  private:

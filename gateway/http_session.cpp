@@ -356,8 +356,7 @@ bool is_api_poll(const request& req) {
 asio::awaitable<void> client_left(asio::ip::tcp::socket& socket) {
   for (;;) {
     auto [ec] = co_await socket.async_wait(asio::ip::tcp::socket::wait_read, use);
-    if (ec == asio::error::operation_aborted) co_return;
-    if (ec) co_return;  // the connection failed: gone
+    if (ec) co_return;  // cancelled (the poll was answered), or the connection failed
     char byte;
     auto n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     if (n == 0) co_return;  // FIN

@@ -33,8 +33,9 @@ class reply_slot : public std::enable_shared_from_this<reply_slot> {
       : timer_{ex, boost::asio::steady_timer::time_point::max()}, on_answer_{std::move(on_answer)} {}
 
   /// `taken` (optional) is called on the slot's executor with whether this
-  /// answer was the one taken: false when another came first or the slot
-  /// was abandoned, so what it carried can go back where it came from.
+  /// answer was the one taken, once the waiter has it: false when another
+  /// came first, or the slot was abandoned before or while the waiter
+  /// resumed, so what it carried can go back where it came from.
   void complete(http_answer answer, std::function<void(bool taken)> taken = {}) {
     boost::asio::dispatch(timer_.get_executor(), [self = shared_from_this(), a = std::move(answer),
                                                   taken = std::move(taken)]() mutable {
@@ -45,11 +46,12 @@ class reply_slot : public std::enable_shared_from_this<reply_slot> {
       if (self->on_answer_) {
         self->answer_ = http_answer{};
         std::exchange(self->on_answer_, nullptr)(std::move(a));
-      } else {
-        self->answer_ = std::move(a);
-        self->timer_.cancel();
+        if (taken) taken(true);
+        return;
       }
-      if (taken) taken(true);
+      self->answer_ = std::move(a);
+      self->taken_ = std::move(taken);  // told in wait()
+      self->timer_.cancel();
     });
   }
 
@@ -59,13 +61,17 @@ class reply_slot : public std::enable_shared_from_this<reply_slot> {
   boost::asio::awaitable<http_answer> wait() {
     // (Asked once, out of any condition: GCC 12 miscompiles a co_await there.)
     auto state = co_await boost::asio::this_coro::cancellation_state;
+    auto cancelled = [&] { return state.cancelled() != boost::asio::cancellation_type::none; };
     while (!answer_) {
-      if (state.cancelled() != boost::asio::cancellation_type::none) {
+      if (cancelled()) {
         answer_ = http_answer{};
         break;
       }
       co_await timer_.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
     }
+    // Cancelled after the answer came (the client left in the same turn):
+    // it will not be written.
+    if (auto taken = std::exchange(taken_, nullptr)) taken(!cancelled());
     co_return std::move(*answer_);
   }
 
@@ -75,6 +81,7 @@ class reply_slot : public std::enable_shared_from_this<reply_slot> {
   boost::asio::steady_timer timer_;
   std::optional<http_answer> answer_;
   std::function<void(http_answer)> on_answer_;
+  std::function<void(bool)> taken_;  // complete()'s, until wait() resumes
 };
 
 }  // namespace sidecast::gateway
