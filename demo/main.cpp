@@ -39,6 +39,7 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   w_options.broker = broker_endpoint;
   w_options.publish = b_config.xsub_endpoint;
   worker w{w_options, &context};
+  w.on_failure(core::terminate_signals::interrupt);
   std::string services;
   for (const auto& [name, factory] : workers::builtin_services()) {
     w.add(factory(builtin));
@@ -79,6 +80,7 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
 
   auto sig = signals.wait();
   auto failure = gw.failure();
+  if (!failure) failure = w.failure();
   if (failure) spdlog::critical("demo failed: {}", *failure);
   else spdlog::info("signal {}: stopping", sig);
   gw.drain(failure ? std::chrono::milliseconds{0} : gw.config().drain_timeout);

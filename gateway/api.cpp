@@ -309,6 +309,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     }
     const auto* service = gw_.service_for(nsp);
     if (!service) co_return error(404, "Invalid namespace");
+    if (gw_.draining()) co_return error(503, "server shutting down");  // the client opens it elsewhere
     // A session outlives the request that opened it, as a polling one does:
     // both take a place under --max-polling-sessions(-per-ip).
     auto place = gw_.polling_sessions().admit(peer);

@@ -210,6 +210,7 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
+    if (if_gone) connects_awaited_.fetch_add(1, std::memory_order_relaxed);
     pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline, std::move(if_gone)});
     add_deadline(deadline, seq);
   });
@@ -520,18 +521,51 @@ void bridge::on_broker(Envelope& env) {
   }
 }
 
+namespace {
+
+// A DISCONNECT notice made before the connect hook ran names the token's
+// user, if any; the hook may have named one since (client_socket::deliver_reply).
+void name_user(zmq::message_t& notice, std::string_view connect_answer) {
+  Envelope env;
+  if (!env.ParseFromArray(notice.data(), static_cast<int>(notice.size())) || !env.has_lifecycle() ||
+      !env.lifecycle().user().empty())
+    return;
+  auto user = user_named_by(connect_answer);
+  if (user.empty()) return;
+  env.mutable_lifecycle()->set_user(std::move(user));
+  notice = core::message_of(env);
+}
+
+}  // namespace
+
 void bridge::reply_to(pending p, reply_data reply) {
   auto sink = p.sink.lock();
   if (!sink) {
-    if (p.if_gone && reply.code == proto::OK) {
-      send_to_broker(std::move(*p.if_gone));
-      link_watch_.dirty = true;
+    if (p.if_gone) {
+      if (reply.code == proto::OK) {
+        name_user(*p.if_gone, reply.args);
+        send_to_broker(std::move(*p.if_gone));
+        link_watch_.dirty = true;
+      }
+      connects_awaited_.fetch_sub(1, std::memory_order_relaxed);
     }
     return;
   }
   // On the io_context's own executor: one operation, where any_io_executor
   // would wrap the handler in a second allocation.
   // Never refused: replies are bounded by the requests in flight.
+  if (p.if_gone) {
+    // A CONNECT's answer stays awaited until its socket has taken it (and
+    // queued the DISCONNECT it may owe).
+    to_sink(
+        sink->executor(),
+        [this, sink, tag = p.tag, reply = std::move(reply)]() mutable {
+          sink->deliver_reply(tag, std::move(reply));
+          connects_awaited_.fetch_sub(1, std::memory_order_relaxed);
+        },
+        1, thread_backlog::kind::owed);
+    return;
+  }
   to_sink(
       sink->executor(),
       [sink, tag = p.tag, reply = std::move(reply)]() mutable { sink->deliver_reply(tag, std::move(reply)); }, 1,

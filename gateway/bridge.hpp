@@ -108,6 +108,10 @@ class bridge {
   void shut_down_all();
   /// Sids attached (any thread; the bridge thread's count after its last command).
   std::size_t members() const { return members_count_.load(std::memory_order_relaxed); }
+  /// CONNECTs sent and not yet answered (any thread): a drain waits for
+  /// them, so a service that accepts a socket whose client has left still
+  /// gets its DISCONNECT (request()'s `if_gone`) before the gateway stops.
+  std::size_t connects_awaited() const { return connects_awaited_.load(std::memory_order_relaxed); }
 
   /// A new request id "<gateway id>:<n>", n in base 36 (lower case).
   std::string next_id();
@@ -209,6 +213,7 @@ class bridge {
   std::atomic<std::uint64_t> next_id_{0};
   std::uint64_t offset_ = 0;  // bridge thread: offsets of outbound events
   std::atomic<std::size_t> members_count_{0};  // members_.size(), for members()
+  std::atomic<std::size_t> connects_awaited_{0};  // pending_ entries with an if_gone
   std::atomic<std::size_t> queued_{0};  // commands posted, not yet run (bound: bridge_queue)
   thread_backlog backlog_;              // deliveries posted to I/O threads, not yet run there
   std::unique_ptr<boost::asio::io_context> own_context_;  // with several I/O threads

@@ -151,9 +151,12 @@ void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   }
   bool awaited = std::exchange(connect_pending_, false);
   if (state_ == state::closed) {
-    // It ended while its connect hook ran, and the service accepted it.
-    if (awaited && reply.code == proto::OK)
+    // It ended while its connect hook ran, and the service accepted it:
+    // told so as any DISCONNECT, with the user the hook named.
+    if (awaited && reply.code == proto::OK) {
+      if (user_.empty()) user_ = user_named_by(reply.args);
       gw_.link().send_owed(disconnect_notice(kLeftWhileConnecting));
+    }
     return;
   }
   if (state_ != state::connecting) return;
@@ -161,13 +164,17 @@ void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
     state_ = state::closed;
     gw_.link().detach(sid_);
   } else if (user_.empty()) {
-    // The connect hook may name the user: {"user": "..."}.
-    boost::system::error_code ec;
-    auto data = boost::json::parse(reply.args, ec);
-    if (!ec && data.is_object())
-      if (auto* u = data.as_object().if_contains("user"); u && u->is_string()) user_ = std::string{u->as_string()};
+    user_ = user_named_by(reply.args);
   }
   on_connect_answer(std::move(reply));
+}
+
+std::string user_named_by(std::string_view connect_answer) {
+  boost::system::error_code ec;
+  auto data = boost::json::parse(connect_answer, ec);
+  if (ec || !data.is_object()) return {};
+  auto* u = data.as_object().if_contains("user");
+  return u && u->is_string() ? std::string{u->as_string()} : std::string{};
 }
 
 std::string error_args(const reply_data& reply) {

@@ -128,6 +128,8 @@ class sio_socket : public client_socket {
     boost::asio::post(executor(), [self = std::static_pointer_cast<sio_socket>(shared_from_this())] {
       if (self->closed()) return;
       if (self->kicked_) return self->end_parked("server namespace disconnect");
+      // The gateway began to stop meanwhile: it keeps nothing for recovery.
+      if (self->gw_.draining()) return self->end_parked("server shutting down");
       if (!self->expiry_set_) self->expire_at(self->parked_until_);
     });
   }
@@ -202,6 +204,10 @@ class sio_socket : public client_socket {
   void on_end() override {
     places_ = {};
     give_up("the client is gone");
+    // Ended while it took a parked socket over: what came meanwhile never
+    // reaches the client.
+    gw_.metrics().undelivered.Increment(static_cast<double>(pending_.size()));
+    pending_ = {};
   }
 
   void on_ack(socketio::packet p, std::vector<std::string> attachments) {
@@ -427,8 +433,10 @@ class sio_socket : public client_socket {
     auto eio = eio_.lock();
     if (closed() || !eio) {
       // Ended meanwhile (its DISCONNECT sent, see took_over()): the emits
-      // awaiting the client's ack will not get it.
+      // awaiting the client's ack will not get it, nor the client what it
+      // missed.
       for (auto& [id, ack] : handed.acks) refuse_ack(std::move(ack), proto::UNAVAILABLE, "the client is gone");
+      count_unseen(handed.events, offset);
       return;
     }
     mark_connected();
@@ -443,14 +451,14 @@ class sio_socket : public client_socket {
     p.nsp = nsp();
     p.data = json::serialize(json::object{{"sid", sid()}, {"pid", pid_}});
     eio->send_socketio(p);
-    for (const auto& e : handed.events) {
-      if (e.ev->offset() <= offset) continue;  // the client has it
-      if (!whole) {
-        gw_.metrics().undelivered.Increment();  // it starts afresh: what it missed is not sent
-        continue;
+    if (!whole) {
+      count_unseen(handed.events, offset);  // it starts afresh: what it missed is not sent
+    } else {
+      for (const auto& e : handed.events) {
+        if (e.ev->offset() <= offset) continue;  // the client has it
+        remember(e.ev, eio.get());
+        send_shared(*eio, e.ev);
       }
-      remember(e.ev, eio.get());
-      send_shared(*eio, e.ev);
     }
     if (handed.kicked) {
       // A worker disconnected the sid while this socket took it over: the
@@ -463,6 +471,12 @@ class sio_socket : public client_socket {
       remember(ev, eio.get());
       send_shared(*eio, ev);
     }
+  }
+
+  // Kept events past `offset` (the client has the rest) that it will not get.
+  void count_unseen(const boost::container::devector<replay_entry>& events, std::uint64_t offset) {
+    auto n = std::count_if(events.begin(), events.end(), [offset](const auto& e) { return e.ev->offset() > offset; });
+    gw_.metrics().undelivered.Increment(static_cast<double>(n));
   }
 
   std::weak_ptr<eio_session> eio_;

@@ -203,34 +203,51 @@ void gateway::share_thread(std::function<void(asio::io_context&)> attach, std::f
 
 void gateway::drain(std::chrono::milliseconds limit) {
   if (contexts_.empty()) return;
-  draining_ = true;
+  draining_ = true;  // from here nothing new opens (http_session.cpp, api.cpp) or is parked
   asio::post(acceptor_->get_executor(), [this] {
     boost::system::error_code ignored;
     acceptor_->close(ignored);
   });
+  spdlog::info("draining {} sessions and {} sockets (up to {} ms)", session_count(), bridge_->members(), limit.count());
+  auto until = std::chrono::steady_clock::now() + limit;
+  // Every socket, its CONNECT still in its service's hook included, until
+  // its service has its DISCONNECT; and the WebSockets' close handshakes
+  // (up to 2 s each after their close).
+  auto busy = [this] {
+    return session_count() > 0 || bridge_->members() > 0 || bridge_->connects_awaited() > 0 ||
+           metrics_.websockets_open.load(std::memory_order_relaxed) > 0;
+  };
+  // Swept again while they last: one that began as the drain did (a request
+  // already past its check, a recovery already under way) is closed too.
+  auto next_sweep = std::chrono::steady_clock::now();
+  while (busy() && std::chrono::steady_clock::now() < until) {
+    if (std::chrono::steady_clock::now() >= next_sweep) {
+      close_all();
+      next_sweep += std::chrono::milliseconds(250);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (busy())
+    spdlog::warn("drain: {} sessions, {} sockets and {} connects left at the deadline", session_count(),
+                 bridge_->members(), bridge_->connects_awaited());
+  // Let the last close frames and poll answers leave.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  stop();
+}
+
+void gateway::close_all() {
   std::vector<std::shared_ptr<eio_session>> open;
   {
     std::lock_guard lock{sessions_mutex_};
     for (auto& [sid, weak] : sessions_)
       if (auto s = weak.lock()) open.push_back(std::move(s));
   }
-  spdlog::info("draining {} sessions (up to {} ms)", open.size(), limit.count());
   // A closed transport (not a Socket.IO disconnect) makes clients reconnect,
   // through the balancer, to another gateway.
   for (auto& s : open) asio::post(s->executor(), [s] { s->close("server shutting down"); });
-  open.clear();
   // Then every other socket: /ws connections, API sessions (their polls get
   // 410) and sockets parked for recovery; each service gets its DISCONNECT.
   bridge_->shut_down_all();
-  auto until = std::chrono::steady_clock::now() + limit;
-  // (And the WebSockets' close handshakes, up to 2 s each after their close.)
-  auto busy = [this] {
-    return session_count() > 0 || bridge_->members() > 0 || metrics_.websockets_open.load(std::memory_order_relaxed) > 0;
-  };
-  while (busy() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  // Let the last close frames and poll answers leave.
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  stop();
 }
 
 bool gateway::healthy() const { return !draining_ && bridge_->connected(); }

@@ -49,9 +49,10 @@ class gateway {
   /// io_contexts go.
   void share_thread(std::function<void(boost::asio::io_context&)> attach, std::function<void()> detach);
   void stop();
-  /// Graceful shutdown: stops accepting, closes every Engine.IO session's
-  /// transport (clients reconnect elsewhere), waits up to `limit` for them to
-  /// go, then stop(). Call from outside the I/O threads.
+  /// Graceful shutdown: stops accepting and opening sessions, closes every
+  /// Engine.IO session's transport (clients reconnect elsewhere) and ends
+  /// every other socket, waits up to `limit` for them to go and for their
+  /// services to hear so, then stop(). Call from outside the I/O threads.
   void drain(std::chrono::milliseconds limit);
   unsigned short port() const { return port_; }
   bool draining() const { return draining_; }
@@ -94,6 +95,7 @@ class gateway {
 
  private:
   void do_accept();
+  void close_all();  // drain(): every session and socket is told to end
   void serve_forwarded(proto::HttpForward request);
 
   gateway_config config_;

@@ -44,6 +44,12 @@ http_answer eio_error(engineio::error_code code, unsigned status = 400) {
   return {status, "application/json", std::string{engineio::error_body(code)}};
 }
 
+// While the gateway drains, nothing new opens on it (a session, a
+// WebSocket): the client tries again, through the balancer, elsewhere.
+http_answer shutting_down() {
+  return {503, "application/json", R"({"code":3,"message":"Server shutting down"})"};
+}
+
 std::string_view content_type_for(std::string_view path) {
   auto dot = path.rfind('.');
   auto ext = dot == std::string_view::npos ? std::string_view{} : path.substr(dot);
@@ -129,6 +135,7 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
   auto sid = get("sid");
   if (!sid) {
     if (req.method() != http::verb::get) co_return eio_error(engineio::error_code::bad_handshake_method);
+    if (gw.draining()) co_return shutting_down();
     // A session outlives the request that opened it (until its ping
     // timeout), so one keep-alive connection could open them without end:
     // each takes a slot of its own.
@@ -274,6 +281,8 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
     if (it == params.end()) return std::nullopt;
     return std::string{(*it).value};
   };
+  // An upgrade of a polling session goes on: its session closes with the rest.
+  if (gw.draining() && (plain || !get("sid"))) return shutting_down();
   const auto& c = gw.config();
   ws_limits limits{c.max_payload, c.outbound_messages, c.outbound_bytes};
   if (plain) return upgrade_plain(gw, stream, req, get("nsp").value_or("/"), get("auth").value_or("{}"), limits, slot);
@@ -431,6 +440,7 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
       res = co_await handle(gw, req, peer);
     }
     if (req.method() == http::verb::head) res.body().clear();
+    if (gw.draining()) res.keep_alive(false);  // its next request goes elsewhere
     // A client that asks and never reads must not hold its connection (and
     // an answer of up to --max-payload) for ever: the write gets as long
     // as an idle connection does.

@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "gateway/io.hpp"
@@ -58,6 +59,10 @@ struct reply_data {
   std::vector<std::string> attachments;
   bool silent = false;  // OK with nothing for the client (a worker that already acked)
 };
+
+/// The user a connect hook's answer names ({"user": "..."}), or "": the
+/// sid's user from then on, unless a token named it first.
+std::string user_named_by(std::string_view connect_answer);
 
 /// Buffers for reply args. The bridge parses a Reply's args into a buffer
 /// from spare_text() on its thread, and the session that has sent the ack

@@ -167,6 +167,27 @@ TEST_P(BrokerTest, EchoRoundTrip) {
   EXPECT_EQ(reply->args(), R"(["a",{"b":"\u2028😀"}])");
 }
 
+// An endpoint libzmq refuses ends the worker's I/O: failure() says why and
+// the handler runs, on its own thread or on the shared one (start_on(),
+// where no run() waits: sidecast demo stops the process with the handler).
+TEST_P(BrokerTest, AWorkerThatCannotOpenItsLinkSaysWhyAndCallsItsFailureHandler) {
+  start();
+  auto o = options_for("w-bad");
+  o.broker = "tcp://256.1.1.1:notaport";
+  auto w = std::make_unique<worker>(o, &ctx_);
+  w->add(workers::echo_service(1));
+  auto called = std::make_shared<std::atomic<int>>(0);
+  w->on_failure([called] { ++*called; });
+  if (shared_thread()) {
+    w->start_on(io_);
+  } else {
+    w->start();
+  }
+  EXPECT_TRUE(eventually([&] { return called->load() == 1; }));
+  EXPECT_TRUE(w->failure());
+  workers_.push_back(std::move(w));
+}
+
 TEST_P(BrokerTest, TwoWorkersShareLoad) {
   // Heartbeats slow enough that no worker is taken for dead mid-test (under
   // TSan a 300 ms stall happens), which would dispatch a request twice.

@@ -41,9 +41,14 @@ def dropped(http_port, reason):
 
 
 def record_disconnects(cls, svc):
-    """Collects in ``cls.left`` the sids whose DISCONNECT reached ``svc``."""
-    cls.left = set()
-    svc.on_disconnect(lambda req: cls.left.add(req.sid))
+    """Collects in ``cls.left`` the sids whose DISCONNECT reached ``svc``,
+    and in ``cls.left_users`` the user each named."""
+    cls.left, cls.left_users = set(), {}
+
+    @svc.on_disconnect
+    def left(req):
+        cls.left_users[req.sid] = req.user
+        cls.left.add(req.sid)
 
 
 class Events:
@@ -717,6 +722,8 @@ class GoneClientTest(InProcessWorkerTest):
         def hello(req):
             time.sleep(float(req.auth.get("sleep", 0)))
             cls.connected.put(req.sid)
+            if "user" in req.auth:
+                req.accept({"user": req.auth["user"]})
 
         record_disconnects(cls, svc)
 
@@ -739,11 +746,12 @@ class GoneClientTest(InProcessWorkerTest):
         return ws
 
     def test_a_client_that_leaves_during_its_connect_hook_is_disconnected(self):
-        ws = self.ws("nsp=/gone&auth=" + urllib.parse.quote(json.dumps({"sleep": 1.0})))
+        ws = self.ws("nsp=/gone&auth=" + urllib.parse.quote(json.dumps({"sleep": 1.0, "user": "ann"})))
         time.sleep(0.2)
         ws.close()
         sid = self.connected.get(timeout=WAIT)
         self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the service never heard the socket left")
+        self.assertEqual(self.left_users[sid], "ann", "the DISCONNECT names another user than the hook did")
 
     def test_an_emit_with_ack_to_a_gone_client_is_answered_at_once(self):
         ws = self.ws()
@@ -953,6 +961,71 @@ class DrainTest(InProcessWorkerTest):
         self.assertEqual(self.gateway.proc.returncode, 0)
         ws.close()
         sio.disconnect()
+
+
+class DrainRefusesNewSessionsTest(InProcessWorkerTest):
+    """While it drains, a gateway opens nothing new on the connections it
+    still has (keep-alive HTTP): an Engine.IO handshake and an API session
+    get 503 and "Connection: close", so the client goes elsewhere. It
+    waits for a CONNECT still in its service's hook: the service, which
+    accepts the socket after its client was closed, still hears that it
+    left, with the user its hook named, before the gateway exits 0."""
+
+    gateway_id = "gwZ"
+    gateway_args = ("--drain-timeout", "5000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("drainnew", capacity=8)
+        cls.hooked = queue.Queue()
+
+        @svc.on_connect
+        def hello(req):
+            cls.hooked.put(req.sid)
+            time.sleep(1.5)
+            req.accept({"user": "bea"})
+
+        record_disconnects(cls, svc)
+        return svc
+
+    def test_nothing_opens_and_a_connect_in_its_hook_is_waited_for(self):
+        import http.client
+        warnings.simplefilter("ignore", ResourceWarning)
+        keep = [http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT) for _ in range(2)]
+        for c in keep:  # open before the drain, kept alive
+            c.request("GET", "/healthz")
+            self.assertEqual(c.getresponse().read(), b"ok\n")
+        opened = queue.Queue()
+
+        def open_session():  # an API session: nothing else holds the drain up
+            c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+            c.request("POST", "/api/v1/sessions", body=json.dumps({"nsp": "/drainnew"}))
+            opened.put(c.getresponse().status)
+            c.close()
+
+        threading.Thread(target=open_session, daemon=True).start()
+        sid = self.hooked.get(timeout=WAIT)  # its hook runs for 1.5 s
+        self.gateway.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        keep[0].request("POST", "/api/v1/sessions", body=json.dumps({"nsp": "/drainnew"}),
+                        headers={"Content-Type": "application/json"})
+        res = keep[0].getresponse()
+        self.assertEqual((res.status, res.getheader("Connection"), json.loads(res.read())),
+                         (503, "close", {"error": "server shutting down"}))
+        keep[1].request("GET", "/socket.io/?EIO=4&transport=polling")
+        res = keep[1].getresponse()
+        self.assertEqual((res.status, res.getheader("Connection"), json.loads(res.read())["message"]),
+                         (503, "close", "Server shutting down"))
+        self.assertTrue(self.hooked.empty(), "a session was opened during the drain")
+        self.assertEqual(opened.get(timeout=WAIT), 410)
+        self.assertTrue(eventually(lambda: sid in self.left, WAIT),
+                        "the service accepted a socket during the drain and never heard it left")
+        self.assertEqual(self.left_users[sid], "bea")
+        self.gateway.proc.wait(WAIT)
+        self.assertEqual(self.gateway.proc.returncode, 0)
+        for c in keep:
+            c.close()
 
 
 class EarlyEventsEndToEndTest(InProcessWorkerTest):

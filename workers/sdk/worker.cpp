@@ -250,6 +250,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::condition_variable lifecycle_changed;
   bool stopped = false;  // stop() has finished
   std::optional<std::string> failure;  // the I/O loop ended on an error (a bad endpoint, ...)
+  std::function<void()> failure_handler;  // worker::on_failure (set before start)
 
   // I/O thread only.
   // When the loop woke: one clock reading per turn, shared by the requests
@@ -491,13 +492,19 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       }
     } catch (const std::exception& e) {
       spdlog::critical("worker {} I/O thread failed: {}", options.id, e.what());
-      {
-        std::lock_guard lock{lifecycle_mutex};
-        failure = e.what();
-      }
-      lifecycle_changed.notify_all();  // run() returns: the worker can no longer serve
+      fail(e.what());
     }
     close_io();
+  }
+
+  // The I/O loop cannot go on: run() returns, on_failure's handler runs.
+  void fail(std::string why) {
+    {
+      std::lock_guard lock{lifecycle_mutex};
+      failure = std::move(why);
+    }
+    lifecycle_changed.notify_all();
+    if (failure_handler) failure_handler();
   }
 
   void start_on(boost::asio::io_context& io_context) {
@@ -527,6 +534,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       io->reactor->next(before_wait());               // before_wait() watches the input
     } catch (const std::exception& e) {
       spdlog::critical("worker {} I/O failed: {}", options.id, e.what());
+      fail(e.what());
     }
   }
 
@@ -1130,6 +1138,8 @@ void worker::on_report(std::function<void(const proto::DeliveryReport&)> callbac
 }
 
 const std::string& worker::id() const { return core_->options.id; }
+
+void worker::on_failure(std::function<void()> callback) { core_->failure_handler = std::move(callback); }
 
 std::optional<std::string> worker::failure() const {
   std::lock_guard lock{core_->lifecycle_mutex};

@@ -253,6 +253,10 @@ class worker {
   /// Why its I/O loop ended, when an error ended it (e.g. an endpoint
   /// libzmq refuses): the worker serves nothing any more.
   std::optional<std::string> failure() const;
+  /// Called once the I/O loop fails (on its thread; set it before start()):
+  /// with start_on() nothing waits in run(), so a main stops the process
+  /// with it (sidecast demo).
+  void on_failure(std::function<void()> callback);
   worker_stats stats() const;
 
  private:
