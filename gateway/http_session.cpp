@@ -349,14 +349,20 @@ std::optional<http_answer> refusal_for(const beast::error_code& ec, gateway_metr
   return http_answer{400, "text/plain", "bad request: " + ec.message() + "\n"};
 }
 
-// An HTTP API long-poll (GET /api/v1/sessions/SID/events) may wait up to a
-// minute with events taken for it only when it is answered: while it waits,
-// the connection is watched, so a client that gives up does not take them
-// with it.
-bool is_api_poll(const request& req) {
+// A long-poll GET may wait a long time (an HTTP API poll up to a minute,
+// an Engine.IO poll up to a ping interval): while it waits, its connection
+// is watched. An API client that gives up does not take its events with
+// it (they wait for its next poll); an Engine.IO session whose poll's
+// connection closed ends at once, as the reference server's does ("poll
+// connection closed prematurely"), rather than flush its packets into a
+// closed socket and wait out its ping timeout.
+bool is_long_poll(const request& req) {
+  if (req.method() != http::verb::get) return false;
   std::string_view target = req.target();
-  return req.method() == http::verb::get && target.starts_with("/api/v1/sessions/") &&
-         target.substr(0, target.find('?')).ends_with("/events");
+  auto path = target.substr(0, target.find('?'));
+  if (path.starts_with("/api/v1/sessions/")) return path.ends_with("/events");
+  bool eio = path == "/socket.io/" || path == "/socket.io" || path == "/engine.io/" || path == "/engine.io";
+  return eio && target.find("sid=", path.size()) != std::string_view::npos;
 }
 
 // Returns once the client has closed its end (or the connection failed);
@@ -431,7 +437,7 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
       co_return;
     }
     response res;
-    if (is_api_poll(req)) {
+    if (is_long_poll(req)) {
       using namespace asio::experimental::awaitable_operators;
       auto first = co_await (handle(gw, req, peer) || client_left(stream.socket()));
       if (first.index() == 1) co_return;  // gone: the poll's slot is abandoned, its events kept

@@ -777,6 +777,33 @@ class GoneClientTest(InProcessWorkerTest):
         result = req.emit_with_ack("connect", 1, timeout=20).result(timeout=WAIT)
         self.assertEqual((result.code.name, result.message), ("BAD_REQUEST", "reserved event name"))
 
+    def test_a_polling_session_whose_get_was_abandoned_ends_at_once(self):
+        # Its packets would otherwise go into a closed socket, and the
+        # session would linger until its ping timeout (45 s here).
+        def ask(method, query, body=None):
+            c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+            c.request(method, f"/socket.io/?EIO=4&transport=polling{query}", body=body)
+            res = c.getresponse()
+            answer = (res.status, res.read().decode())
+            c.close()
+            return answer
+
+        status, opened = ask("GET", "")
+        eio_sid = json.loads(opened[1:])["sid"]
+        self.assertEqual(ask("POST", f"&sid={eio_sid}", "40/gone,"), (200, "ok"))
+        status, connected = ask("GET", f"&sid={eio_sid}")
+        self.assertTrue(connected.startswith("40/gone,"), connected)
+        sid = json.loads(connected[len("40/gone,"):])["sid"]
+        gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
+        gone.sendall(f"GET /socket.io/?EIO=4&transport=polling&sid={eio_sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.2)
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()
+        time.sleep(0.2)
+        self.worker.emit_to_sid(sid, "late", 1, nsp="/gone")
+        self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the session outlived its abandoned poll")
+        self.assertEqual(ask("GET", f"&sid={eio_sid}")[0], 400)
+
     def test_a_control_for_another_namespace_is_refused(self):
         reports = queue.Queue()
         self.worker.on_report(reports.put)
