@@ -231,8 +231,8 @@ void broker::run() {
   spdlog::info("broker {} stopped", config_.id);
 }
 
-void broker::run_on(boost::asio::io_context& context) {
-  asio::post(context, [this, &context] {
+void broker::run_on(boost::asio::io_context& context, std::function<void()> on_failure) {
+  asio::post(context, [this, &context, on_failure = std::move(on_failure)] {
     open_input();
     reactor_ = std::make_unique<core::input_reactor>(context, input_, [this] {
       after_wait();
@@ -242,6 +242,7 @@ void broker::run_on(boost::asio::io_context& context) {
       }
       reactor_->next(before_wait());
     }, "broker " + config_.id);
+    if (on_failure) reactor_->on_failure([on_failure](const std::string&) { on_failure(); });
     // In-process gateways and workers schedule a turn: no eventfd, no wake-up.
     if (local_) local_->hook(reactor_->poker(local_in_));
     reactor_->watch();

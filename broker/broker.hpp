@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <memory>
 #include <unordered_map>
@@ -71,8 +72,9 @@ class broker {
   /// returns at once. `sidecast demo --threads 1` runs the broker on the
   /// gateway's thread this way. Then stop() must be called once no thread
   /// runs `context` any more, and before it is destroyed: it releases what
-  /// the broker holds there.
-  void run_on(boost::asio::io_context& context);
+  /// the broker holds there. `on_failure` is called (on that thread) if
+  /// the loop fails and stops (run() would throw then).
+  void run_on(boost::asio::io_context& context, std::function<void()> on_failure = {});
   /// Thread-safe (but see run_on).
   void stop();
   /// Thread-safe: the loop turned recently.

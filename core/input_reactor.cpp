@@ -190,9 +190,11 @@ void input_reactor::run_turn() {
   } catch (const std::exception& e) {
     failed_ = true;  // no more turns, as a thread of its own would have ended
     spdlog::critical("{} failed: {}", name_, e.what());
+    if (failure_handler_) failure_handler_(e.what());
   } catch (...) {
     failed_ = true;
     spdlog::critical("{} failed: a non-standard exception", name_);
+    if (failure_handler_) failure_handler_("a non-standard exception");
   }
 }
 

@@ -101,6 +101,9 @@ class input_reactor {
   ring_hook poker(unsigned index);
   /// The end of a turn: arranges the next one, at `deadline` at the latest.
   void next(time_point deadline);
+  /// Called (on the context's thread) with the reason when a turn throws
+  /// and the loop stops: nothing waits on a thread of its own to notice.
+  void on_failure(std::function<void(const std::string&)> handler) { failure_handler_ = std::move(handler); }
 
  private:
   static constexpr unsigned timer_bit = 62, turn_bit = 63;  // the poster's bits past the sources'
@@ -111,6 +114,7 @@ class input_reactor {
   boost::asio::io_context& context_;
   input_wait& input_;
   std::function<void()> turn_;
+  std::function<void(const std::string&)> failure_handler_;
   std::string name_;
   std::shared_ptr<ring_poster> poster_;  // every turn is one of its runs
   ring_hook schedule_;                   // a turn soon

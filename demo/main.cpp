@@ -7,6 +7,8 @@
 // gateway's one I/O thread (core/input_reactor.hpp): a request and its
 // answer cross no thread (handlers not marked quick still run on the
 // workers' pool).
+#include <atomic>
+
 #include <spdlog/spdlog.h>
 
 #include "broker/broker.hpp"
@@ -54,10 +56,17 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   // of a request and its answer. Otherwise they have threads of their own.
   bool one_thread = gw_config.threads == 1 && link == "local" && !own_threads;
   std::thread broker_thread;
+  // The broker's loop cannot fail on a peer's input; should it fail anyway,
+  // the demo ends (status 1) rather than serve nothing.
+  std::atomic<bool> broker_failed{false};
+  auto broker_fails = [&broker_failed] {
+    broker_failed = true;
+    core::terminate_signals::interrupt();
+  };
   if (one_thread) {
     gw.share_thread(
         [&](boost::asio::io_context& io) {
-          b.run_on(io);
+          b.run_on(io, broker_fails);
           w.start_on(io);
         },
         [&] {
@@ -65,7 +74,14 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
           b.stop();
         });
   } else {
-    broker_thread = std::thread{[&b] { b.run(); }};
+    broker_thread = std::thread{[&b, &broker_fails] {
+      try {
+        b.run();
+      } catch (const std::exception& e) {
+        spdlog::critical("broker failed: {}", e.what());
+        broker_fails();
+      }
+    }};
     w.start();
   }
   gw.on_failure(core::terminate_signals::interrupt);
@@ -81,6 +97,7 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
   auto sig = signals.wait();
   auto failure = gw.failure();
   if (!failure) failure = w.failure();
+  if (!failure && broker_failed) failure = "the broker's loop failed";
   if (failure) spdlog::critical("demo failed: {}", *failure);
   else spdlog::info("signal {}: stopping", sig);
   gw.drain(failure ? std::chrono::milliseconds{0} : gw.config().drain_timeout);

@@ -199,21 +199,27 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
     spdlog::error("gateway bridge: request id {} was not made by next_id(); not sent", id);
     return false;
   }
-  return post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout,
-               if_gone = std::move(if_gone)]() mutable {
+  // A CONNECT is awaited from here (a drain waits for it), until its
+  // socket has taken the answer (reply_to).
+  bool connect = if_gone != nullptr;
+  if (connect) connects_awaited_.fetch_add(1, std::memory_order_relaxed);
+  bool queued = post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout,
+                      if_gone = std::move(if_gone)]() mutable {
     if (!send_to_broker(std::move(message))) {
       // The broker is not taking what we send: say so now, as the broker
       // does when a service queue is full, rather than at the deadline.
+      if (if_gone) connects_awaited_.fetch_sub(1, std::memory_order_relaxed);  // never sent
       reply_to(pending{std::move(sink), tag, {}}, {proto::BUSY, "the gateway's link to the broker is full"});
       return;
     }
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
-    if (if_gone) connects_awaited_.fetch_add(1, std::memory_order_relaxed);
     pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline, std::move(if_gone)});
     add_deadline(deadline, seq);
   });
+  if (!queued && connect) connects_awaited_.fetch_sub(1, std::memory_order_relaxed);
+  return queued;
 }
 
 std::optional<std::uint64_t> bridge::own_seq(std::string_view id) const {
@@ -555,13 +561,14 @@ void bridge::reply_to(pending p, reply_data reply) {
   // would wrap the handler in a second allocation.
   // Never refused: replies are bounded by the requests in flight.
   if (p.if_gone) {
-    // A CONNECT's answer stays awaited until its socket has taken it (and
-    // queued the DISCONNECT it may owe).
+    // A CONNECT's answer stays awaited until its socket has taken it, and
+    // the DISCONNECT it may then owe (send_owed, a bridge command) is sent:
+    // the count drops in the bridge command queued after that one.
     to_sink(
         sink->executor(),
         [this, sink, tag = p.tag, reply = std::move(reply)]() mutable {
           sink->deliver_reply(tag, std::move(reply));
-          connects_awaited_.fetch_sub(1, std::memory_order_relaxed);
+          post([this] { connects_awaited_.fetch_sub(1, std::memory_order_relaxed); }, true);
         },
         1, thread_backlog::kind::owed);
     return;

@@ -1327,8 +1327,8 @@ class reply_keeper : public gateway::client_sink {
 // thread of their own with one sink. With `shared`, the bridge runs on the
 // sessions' thread, as it does with --threads 1.
 struct bridge_rig {
-  explicit bridge_rig(const std::string& id, std::optional<int> hwm = std::nullopt, bool shared = false)
-      : broker_end{"local://" + id + "-broker"}, shared{shared} {
+  explicit bridge_rig(const std::string& id, std::optional<int> hwm = std::nullopt, bool on_shared = false)
+      : broker_end{"local://" + id + "-broker"}, shared{on_shared} {
     config.id = id;
     config.broker = "local://" + id + "-broker";
     config.events = "inproc://" + id + "-events";
@@ -1544,7 +1544,7 @@ TEST_P(BridgeDelivery, EmitsAndTheReplyKeepTheBrokersOrder) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, BridgeDelivery, ::testing::Bool(),
-                         [](const auto& info) { return info.param ? "SharedThread" : "OwnThread"; });
+                         [](const auto& param_info) { return param_info.param ? "SharedThread" : "OwnThread"; });
 
 std::string link_name(const ::testing::TestParamInfo<link_mode>& info) {
   if (info.param.shared_thread) return "local_shared_thread";

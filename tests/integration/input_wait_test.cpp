@@ -6,10 +6,12 @@
 // source, at the deadline, after a send, and nothing once it is gone.
 #include <poll.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -140,6 +142,11 @@ struct reactor_rig {
     local = input.add(router.fd(), [this] { return router.has_input(); });
     boost::asio::post(io, [this] {
       reactor = std::make_unique<sidecast::core::input_reactor>(io, input, [this] { turn(); }, "test loop");
+      reactor->on_failure([this](const std::string& why) {
+        std::lock_guard lock{mutex};
+        failure = why;
+        changed.notify_all();
+      });
       router.hook(reactor->poker(local));
       reactor->watch();
       reactor->next(clock_type::now() + period);
@@ -152,6 +159,7 @@ struct reactor_rig {
   ~reactor_rig() { stop(); }
 
   void turn() {
+    if (throw_next) throw std::runtime_error("the turn failed");
     std::vector<std::string> seen;
     if (input.ready(sock)) {
       seen.push_back("sock " + std::to_string(drain(p.ours)));
@@ -215,6 +223,8 @@ struct reactor_rig {
   std::condition_variable changed;
   std::vector<std::pair<std::string, clock_type::time_point>> turns;
   int local_total = 0;  // under mutex
+  std::atomic<bool> throw_next{false};
+  std::string failure;  // on_failure's reason, under mutex
   std::thread thread;
 };
 
@@ -278,6 +288,27 @@ TEST(InputReactor, AHookRungAfterTheReactorIsGoneDoesNothing) {
   zmq::message_t late{"b", 1};
   EXPECT_TRUE(dealer->send(late));  // rings the hook: no post, no crash (ASan: no use after free)
   rig.reset();
+}
+
+// A turn that throws ends the loop, as a thread of its own would end, and
+// says so: nothing joins a thread to notice (worker::start_on, broker::run_on).
+TEST(InputReactor, ATurnThatThrowsEndsTheLoopAndCallsItsFailureHandler) {
+  reactor_rig rig{"reactor-5"};
+  rig.p.peer.send(zmq::str_buffer("a"));
+  ASSERT_TRUE(rig.saw("sock 1"));
+  rig.throw_next = true;
+  rig.wake.signal();
+  {
+    std::unique_lock lock{rig.mutex};
+    ASSERT_TRUE(rig.changed.wait_for(lock, 5s, [&] { return !rig.failure.empty(); }));
+    EXPECT_EQ(rig.failure, "the turn failed");
+  }
+  rig.throw_next = false;
+  rig.forget();
+  rig.wake.signal();
+  std::this_thread::sleep_for(100ms);
+  std::lock_guard lock{rig.mutex};
+  EXPECT_TRUE(rig.turns.empty()) << "a turn came after the loop failed";
 }
 
 // On the context's own thread a chain of rings (gateway → broker → worker

@@ -530,6 +530,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
             io->reactor->next(before_wait());
           },
           "worker " + options.id + " I/O");
+      io->reactor->on_failure([this](const std::string& why) { fail(why); });  // a turn threw: the loop ends
       io->link.hook(io->reactor->poker(link_index));  // the broker's messages schedule a turn
       io->reactor->next(before_wait());               // before_wait() watches the input
     } catch (const std::exception& e) {
