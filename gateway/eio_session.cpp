@@ -574,6 +574,11 @@ void eio_session::poll(std::shared_ptr<reply_slot> get) {
   if (!buffer_.empty()) flush_poll();
 }
 
+void eio_session::poll_abandoned() {
+  if (closed_ || transport_ != transport::polling || upgrade_started_) return;
+  close("poll connection closed prematurely");
+}
+
 void eio_session::hold_get(std::shared_ptr<reply_slot> get) {
   if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
   held_get_ = std::move(get);
@@ -905,11 +910,11 @@ void eio_session::flush_poll() {
   }
   if (buffer_.empty()) buffer_ = {};
   gw_.metrics().bytes_out.Increment(static_cast<double>(body.size()));
-  // Not taken: the GET's client left while it waited (http_session.cpp).
+  // Not taken: the GET's client left as it was answered (http_session.cpp).
   // What it carried is lost, so the session ends (sockets of a recovery
   // namespace are kept, their events with them).
   auto lost = [self = shared_from_this()](bool taken) {
-    if (!taken) boost::asio::post(self->ex_, [self] { self->close("poll connection closed prematurely"); });
+    if (!taken) boost::asio::post(self->ex_, [self] { self->poll_abandoned(); });
   };
   std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", std::move(body)}, std::move(lost));
 }

@@ -45,6 +45,10 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void open_polling(std::shared_ptr<reply_slot> handshake);
   void open_websocket(std::shared_ptr<ws_conn> ws);
   void poll(std::shared_ptr<reply_slot> get);
+  /// A polling GET's client left while it waited (http_session.cpp): the
+  /// session ends, as the reference server's does. Not while it upgrades:
+  /// its WebSocket carries on.
+  void poll_abandoned();
   void post(std::string body, std::shared_ptr<reply_slot> answer);
   void upgrade(std::shared_ptr<ws_conn> ws);
   void on_ws_message(const ws_conn* from, std::string data, bool binary);

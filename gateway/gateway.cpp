@@ -72,6 +72,18 @@ std::optional<std::string> gateway::failure() const {
   return failure_;
 }
 
+void gateway::poll_abandoned(const std::string& sid) {
+  if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != config_.id) {
+    proto::HttpForward f;
+    f.set_sid(sid);
+    f.set_method("GONE");
+    auto ignored = std::make_shared<reply_slot>(contexts_.front()->get_executor(), [](http_answer) {});
+    bridge_->forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
+    return;
+  }
+  if (auto session = find_session(sid)) asio::post(session->executor(), [session] { session->poll_abandoned(); });
+}
+
 void gateway::serve_forwarded(proto::HttpForward f) {
   auto answer = [this, id = f.id()](http_answer a) {
     proto::Envelope env;
@@ -87,10 +99,21 @@ void gateway::serve_forwarded(proto::HttpForward f) {
     answer({400, "application/json", R"({"code":1,"message":"Session ID unknown"})"});
     return;
   }
+  const auto& method = f.method();
+  if (method != "GET" && method != "POST" && method != "GONE") {
+    answer({400, "application/json", R"({"code":3,"message":"Bad request"})"});
+    return;
+  }
   auto slot = std::make_shared<reply_slot>(session->executor(), answer);
   auto served = bridge_->hand_to(io_executor_of(session->executor()), [session, slot, f = std::move(f)]() mutable {
-    if (f.method() == "POST") session->post(std::move(*f.mutable_body()), slot);
-    else session->poll(slot);
+    if (f.method() == "POST") {
+      session->post(std::move(*f.mutable_body()), slot);
+    } else if (f.method() == "GET") {
+      session->poll(slot);
+    } else {  // GONE: the asking gateway's client left its GET
+      session->poll_abandoned();
+      slot->complete({200, "text/plain; charset=UTF-8", "ok"});
+    }
   });
   // Its thread is behind (--max-thread-backlog): what an Engine.IO server says to a request it cannot serve.
   if (!served) answer({503, "application/json", R"({"code":3,"message":"Bad request"})"});

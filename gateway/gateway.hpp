@@ -81,6 +81,10 @@ class gateway {
   void add_session(const std::string& sid, std::weak_ptr<eio_session> session);
   void remove_session(const std::string& sid);
   std::shared_ptr<eio_session> find_session(const std::string& sid);
+  /// The client of a polling GET for `sid` left while it waited: its
+  /// session ends (eio_session::poll_abandoned), here or, through the
+  /// broker, on the gateway that owns it (a forward with method GONE).
+  void poll_abandoned(const std::string& sid);
   std::size_t session_count();
 
   boost::asio::io_context& next_context();

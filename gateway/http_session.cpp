@@ -365,6 +365,16 @@ bool is_long_poll(const request& req) {
   return eio && target.find("sid=", path.size()) != std::string_view::npos;
 }
 
+// The sid of an Engine.IO polling GET (is_long_poll), or nullopt.
+std::optional<std::string> eio_poll_sid(const request& req) {
+  auto target = urls::parse_origin_form(req.target());
+  if (!target || target->path().starts_with("/api/")) return std::nullopt;
+  auto params = target->params();
+  auto it = params.find("sid");
+  if (it == params.end()) return std::nullopt;
+  return std::string{(*it).value};
+}
+
 // Returns once the client has closed its end (or the connection failed);
 // a client that sends more meanwhile (a pipelined request) is not watched
 // further. Cancellable.
@@ -440,7 +450,12 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
     if (is_long_poll(req)) {
       using namespace asio::experimental::awaitable_operators;
       auto first = co_await (handle(gw, req, peer) || client_left(stream.socket()));
-      if (first.index() == 1) co_return;  // gone: the poll's slot is abandoned, its events kept
+      if (first.index() == 1) {
+        // Gone: the poll's slot is abandoned. An API session keeps its
+        // events for the next poll; an Engine.IO session ends.
+        if (auto sid = eio_poll_sid(req)) gw.poll_abandoned(*sid);
+        co_return;
+      }
       res = std::get<0>(std::move(first));
     } else {
       res = co_await handle(gw, req, peer);

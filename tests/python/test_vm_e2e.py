@@ -572,6 +572,16 @@ class PeerGatewayAnswerTest(unittest.TestCase):
         self.assertEqual((status, body), (200, b"6"))
         self.assertIn(("Content-Type", "text/plain; charset=UTF-8"), headers)
 
+    def test_a_relayed_poll_whose_client_left_is_reported_gone(self):
+        gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
+        gone.sendall(b"GET /socket.io/?EIO=4&transport=polling&sid=gwF.y HTTP/1.1\r\nHost: x\r\n\r\n")
+        forward = self.peer.next("forward", where=lambda env: env.forward.sid == "gwF.y")
+        self.assertEqual(forward.forward.method, "GET")
+        gone.close()
+        told = self.peer.next("forward", where=lambda env: env.forward.sid == "gwF.y")
+        self.assertIsNotNone(told, "the owner was not told the client left")
+        self.assertEqual(told.forward.method, "GONE")
+
     def test_a_peers_answer_that_cannot_be_written_is_a_502(self):
         before = dropped(self.http_port, "bad_answer")
         for status, content_type in ((200, "text/plain\r\nSet-Cookie: stolen=1"), (70000, "text/plain"),
@@ -777,9 +787,8 @@ class GoneClientTest(InProcessWorkerTest):
         result = req.emit_with_ack("connect", 1, timeout=20).result(timeout=WAIT)
         self.assertEqual((result.code.name, result.message), ("BAD_REQUEST", "reserved event name"))
 
-    def test_a_polling_session_whose_get_was_abandoned_ends_at_once(self):
-        # Its packets would otherwise go into a closed socket, and the
-        # session would linger until its ping timeout (45 s here).
+    def polling_socket(self):
+        """(Engine.IO sid, Socket.IO sid, ask) of a polling session joined to /gone."""
         def ask(method, query, body=None):
             c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
             c.request(method, f"/socket.io/?EIO=4&transport=polling{query}", body=body)
@@ -793,16 +802,41 @@ class GoneClientTest(InProcessWorkerTest):
         self.assertEqual(ask("POST", f"&sid={eio_sid}", "40/gone,"), (200, "ok"))
         status, connected = ask("GET", f"&sid={eio_sid}")
         self.assertTrue(connected.startswith("40/gone,"), connected)
-        sid = json.loads(connected[len("40/gone,"):])["sid"]
+        return eio_sid, json.loads(connected[len("40/gone,"):])["sid"], ask
+
+    def test_a_polling_session_whose_get_was_abandoned_ends_at_once(self):
+        # Its packets would otherwise go into a closed socket, and the
+        # session would linger until its ping timeout (45 s here).
+        eio_sid, sid, ask = self.polling_socket()
         gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
         gone.sendall(f"GET /socket.io/?EIO=4&transport=polling&sid={eio_sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         time.sleep(0.2)
         gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         gone.close()
-        time.sleep(0.2)
-        self.worker.emit_to_sid(sid, "late", 1, nsp="/gone")
         self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the session outlived its abandoned poll")
         self.assertEqual(ask("GET", f"&sid={eio_sid}")[0], 400)
+
+    def test_a_peer_gateways_abandoned_poll_ends_the_session_here(self):
+        # Another gateway relayed a GET for this session, and its client left.
+        eio_sid, sid, ask = self.polling_socket()
+        context = zmq.Context()
+        peer = Peer(context, self.broker.router, "gwG", role=pb.ROLE_GATEWAY)
+        try:
+            self.assertTrue(peer.hello())
+            env = pb.Envelope()
+            env.forward.id = "gwG:1"
+            env.forward.sid = eio_sid
+            env.forward.method = "GONE"
+            peer.send(env)
+            answer = peer.next("answer")
+            self.assertEqual((answer.answer.id, answer.answer.status), ("gwG:1", 200))
+            self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the session outlived its abandoned poll")
+            env.forward.id, env.forward.method = "gwG:2", "DELETE"
+            peer.send(env)
+            self.assertEqual(peer.next("answer").answer.status, 400)
+        finally:
+            peer.close()
+            context.term()
 
     def test_a_control_for_another_namespace_is_refused(self):
         reports = queue.Queue()
