@@ -567,8 +567,14 @@ void bridge::reply_to(pending p, reply_data reply) {
     to_sink(
         sink->executor(),
         [this, sink, tag = p.tag, reply = std::move(reply)]() mutable {
-          sink->deliver_reply(tag, std::move(reply));
-          post([this] { connects_awaited_.fetch_sub(1, std::memory_order_relaxed); }, true);
+          auto settled = [this] { post([this] { connects_awaited_.fetch_sub(1, std::memory_order_relaxed); }, true); };
+          try {
+            sink->deliver_reply(tag, std::move(reply));
+          } catch (...) {
+            settled();  // a drain must not wait for it
+            throw;
+          }
+          settled();
         },
         1, thread_backlog::kind::owed);
     return;

@@ -911,10 +911,10 @@ void eio_session::flush_poll() {
   if (buffer_.empty()) buffer_ = {};
   gw_.metrics().bytes_out.Increment(static_cast<double>(body.size()));
   // Not taken: the GET's client left as it was answered (http_session.cpp).
-  // What it carried is lost, so the session ends (sockets of a recovery
-  // namespace are kept, their events with them).
+  // What it carried is lost, so the session ends, even while it upgrades
+  // (sockets of a recovery namespace are kept, their events with them).
   auto lost = [self = shared_from_this()](bool taken) {
-    if (!taken) boost::asio::post(self->ex_, [self] { self->poll_abandoned(); });
+    if (!taken) boost::asio::post(self->ex_, [self] { self->close("poll connection closed prematurely"); });
   };
   std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", std::move(body)}, std::move(lost));
 }
