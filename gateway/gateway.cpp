@@ -4,7 +4,6 @@
 #include <iterator>
 #include <random>
 
-#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <spdlog/spdlog.h>
 
@@ -174,15 +173,7 @@ void gateway::do_accept() {
         return;
       }
       socket.set_option(asio::ip::tcp::no_delay(true));
-      auto ex = socket.get_executor();
-      asio::co_spawn(ex, serve_http(*this, std::move(socket), std::move(slot)), [](std::exception_ptr e) {
-        if (!e) return;
-        try {
-          std::rethrow_exception(e);
-        } catch (const std::exception& error) {
-          spdlog::error("http session failed: {}", error.what());
-        }
-      });
+      serve_http(*this, std::move(socket), std::move(slot));
     }
     do_accept();
   });

@@ -9,7 +9,9 @@
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/dispatch.hpp>
-#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -375,22 +377,33 @@ std::optional<std::string> eio_poll_sid(const request& req) {
   return std::string{(*it).value};
 }
 
-// Returns once the client has closed its end (or the connection failed);
-// a client that sends more meanwhile (a pipelined request) is not watched
-// further. Cancellable.
-asio::awaitable<void> client_left(asio::ip::tcp::socket& socket) {
-  for (;;) {
-    auto [ec] = co_await socket.async_wait(asio::ip::tcp::socket::wait_read, use);
-    if (ec) co_return;  // cancelled (the poll was answered), or the connection failed
-    char byte;
-    auto n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n == 0) co_return;  // FIN
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;  // a spurious wake-up
-    if (n < 0) co_return;  // a reset
-    break;  // data: a pipelined request, read after the answer
-  }
-  asio::steady_timer never{socket.get_executor(), asio::steady_timer::time_point::max()};
-  co_await never.async_wait(use);  // until the poll is answered (cancelled then)
+// A connection's watch for its long-polls (is_long_poll). Its coroutine
+// runs with its cancellation slot bound to `cancel`: a client that leaves
+// while a poll waits emits it, so the poll's reply_slot::wait() abandons
+// its slot. One per connection; per poll, one async_wait on the socket.
+struct connection_watch {
+  asio::cancellation_signal cancel;
+  bool waiting = false;  // a long-poll waits (the connection's thread only)
+  bool left = false;     // its client left meanwhile
+};
+
+// Watches `socket` while `w->waiting`: a FIN, a reset or an error means
+// the client left; data (a pipelined request, read after the answer) ends
+// the watch. The serving coroutine clears `waiting` before it goes on, so
+// a completion that comes later touches nothing.
+void watch_departure(asio::ip::tcp::socket& socket, std::shared_ptr<connection_watch> w) {
+  socket.async_wait(asio::ip::tcp::socket::wait_read, [&socket, w](boost::system::error_code ec) {
+    if (!w->waiting) return;  // answered meanwhile (its wait cancelled, or complete but late)
+    if (!ec) {
+      char byte;
+      auto n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n > 0) return;  // a pipelined request
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return watch_departure(socket, std::move(w));  // a spurious wake-up
+    }
+    w->left = true;  // FIN, a reset, or the connection failed
+    w->cancel.emit(asio::cancellation_type::terminal);
+  });
 }
 
 // After refusing a request whose body is still arriving: stop sending and
@@ -411,9 +424,8 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
   }
 }
 
-}  // namespace
-
-asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot) {
+asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot,
+                            std::shared_ptr<connection_watch> watch) {
   boost::system::error_code peer_ec;
   const auto peer = socket.remote_endpoint(peer_ec).address().to_string();
   beast::tcp_stream stream{std::move(socket)};
@@ -446,19 +458,22 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
       co_await http::async_write(stream, res, use);
       co_return;
     }
-    response res;
-    if (is_long_poll(req)) {
-      using namespace asio::experimental::awaitable_operators;
-      auto first = co_await (handle(gw, req, peer) || client_left(stream.socket()));
-      if (first.index() == 1) {
-        // Gone: the poll's slot is abandoned. An API session keeps its
+    bool long_poll = is_long_poll(req);
+    if (long_poll) {
+      watch->waiting = true;
+      watch_departure(stream.socket(), watch);
+    }
+    response res = co_await handle(gw, req, peer);
+    if (long_poll) {
+      watch->waiting = false;
+      boost::system::error_code ignored;
+      stream.socket().cancel(ignored);  // the watch's wait, the only operation on it now
+      if (watch->left) {
+        // Gone: the poll's slot was abandoned. An API session keeps its
         // events for the next poll; an Engine.IO session ends.
         if (auto sid = eio_poll_sid(req)) gw.poll_abandoned(*sid);
         co_return;
       }
-      res = std::get<0>(std::move(first));
-    } else {
-      res = co_await handle(gw, req, peer);
     }
     if (req.method() == http::verb::head) res.body().clear();
     if (gw.draining()) res.keep_alive(false);  // its next request goes elsewhere
@@ -469,6 +484,23 @@ asio::awaitable<void> serve_http(gateway& gw, asio::ip::tcp::socket socket, std:
     auto [wec, wn] = co_await http::async_write(stream, res, use);
     if (wec || !res.keep_alive()) co_return;
   }
+}
+
+}  // namespace
+
+void serve_http(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot) {
+  auto ex = socket.get_executor();
+  auto watch = std::make_shared<connection_watch>();
+  auto& cancel = watch->cancel;
+  asio::co_spawn(ex, serve(gw, std::move(socket), std::move(slot), watch),
+                 asio::bind_cancellation_slot(cancel.slot(), [watch](std::exception_ptr e) {
+                   if (!e) return;
+                   try {
+                     std::rethrow_exception(e);
+                   } catch (const std::exception& error) {
+                     spdlog::error("http session failed: {}", error.what());
+                   }
+                 }));
 }
 
 }  // namespace sidecast::gateway

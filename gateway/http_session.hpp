@@ -4,15 +4,15 @@
 // ws_conn. Requests on one connection are answered in order.
 #include <memory>
 
-#include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
 namespace sidecast::gateway {
 
 class gateway;
 
-/// `slot` is the connection's place under the connection limits; it is
-/// held until the connection (or the WebSocket it became) closes.
-boost::asio::awaitable<void> serve_http(gateway& gw, boost::asio::ip::tcp::socket socket, std::shared_ptr<void> slot);
+/// Serves the connection on its executor (a coroutine of its own; returns
+/// at once). `slot` is the connection's place under the connection limits;
+/// it is held until the connection (or the WebSocket it became) closes.
+void serve_http(gateway& gw, boost::asio::ip::tcp::socket socket, std::shared_ptr<void> slot);
 
 }  // namespace sidecast::gateway
