@@ -380,30 +380,29 @@ std::optional<std::string> eio_poll_sid(const request& req) {
 // A connection's watch for its long-polls (is_long_poll). Its coroutine
 // runs with its cancellation slot bound to `cancel`: a client that leaves
 // while a poll waits emits it, so the poll's reply_slot::wait() abandons
-// its slot. One per connection; per poll, one async_wait on the socket.
+// its slot. One per connection; per poll, one peek at the socket.
 struct connection_watch {
   asio::cancellation_signal cancel;
   bool waiting = false;  // a long-poll waits (the connection's thread only)
   bool left = false;     // its client left meanwhile
+  char peeked = 0;
 };
 
 // Watches `socket` while `w->waiting`: a FIN, a reset or an error means
 // the client left; data (a pipelined request, read after the answer) ends
-// the watch. The serving coroutine clears `waiting` before it goes on, so
-// a completion that comes later touches nothing.
-void watch_departure(asio::ip::tcp::socket& socket, std::shared_ptr<connection_watch> w) {
-  socket.async_wait(asio::ip::tcp::socket::wait_read, [&socket, w](boost::system::error_code ec) {
-    if (!w->waiting) return;  // answered meanwhile (its wait cancelled, or complete but late)
-    if (!ec) {
-      char byte;
-      auto n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-      if (n > 0) return;  // a pipelined request
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-        return watch_departure(socket, std::move(w));  // a spurious wake-up
-    }
-    w->left = true;  // FIN, a reset, or the connection failed
-    w->cancel.emit(asio::cancellation_type::terminal);
-  });
+// the watch. A receive with MSG_PEEK, not an async_wait: Asio tries a
+// receive at once (one recv that finds nothing) where a wait would re-arm
+// the descriptor with an epoll_ctl, the dearer call. The serving coroutine
+// clears `waiting` (and cancels the receive) before it goes on, so a
+// completion that comes later touches nothing.
+void watch_departure(asio::ip::tcp::socket& socket, const std::shared_ptr<connection_watch>& w) {
+  socket.async_receive(asio::buffer(&w->peeked, 1), asio::socket_base::message_peek,
+                       [w](boost::system::error_code ec, std::size_t n) {
+                         if (!w->waiting || ec == asio::error::operation_aborted) return;  // answered meanwhile
+                         if (!ec && n > 0) return;  // a pipelined request
+                         w->left = true;            // FIN (eof), a reset, or the connection failed
+                         w->cancel.emit(asio::cancellation_type::terminal);
+                       });
 }
 
 // After refusing a request whose body is still arriving: stop sending and
