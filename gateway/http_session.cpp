@@ -457,7 +457,10 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
       co_await http::async_write(stream, res, use);
       co_return;
     }
-    bool long_poll = is_long_poll(req);
+    // Not when the client pipelined a request after this one (in `buffer`,
+    // read already): a client with more to ask has not left, even if it
+    // then closed its sending side.
+    bool long_poll = is_long_poll(req) && buffer.size() == 0;
     if (long_poll) {
       watch->waiting = true;
       watch_departure(stream.socket(), watch);

@@ -933,6 +933,21 @@ class ApiPollingTest(InProcessWorkerTest):
                 self.assertEqual(json.loads(res.read()), {"events": []})
             time.sleep(0.6)  # an expiry check (every TTL/2) falls between the polls
 
+    def test_a_client_that_pipelines_and_half_closes_is_answered(self):
+        # Its poll and the request after it, sent at once, then FIN: it
+        # has not left, it waits for both answers.
+        url, sid = self.open_session()
+        c = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
+        c.sendall(f"GET /api/v1/sessions/{sid}/events?timeout=500 HTTP/1.1\r\nHost: x\r\n\r\n"
+                  "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := c.recv(65536):
+            got += chunk
+        c.close()
+        self.assertEqual(got.count(b"HTTP/1.1 200"), 2, got)
+        self.assertIn(b'{"events":[]}', got)
+
     def test_a_poll_whose_client_left_takes_no_events(self):
         import urllib.request
         url, sid = self.open_session()
