@@ -80,6 +80,9 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
       } catch (const std::exception& e) {
         spdlog::critical("broker failed: {}", e.what());
         broker_fails();
+      } catch (...) {
+        spdlog::critical("broker failed: a non-standard exception");
+        broker_fails();
       }
     }};
     w.start();

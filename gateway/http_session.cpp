@@ -1,17 +1,14 @@
 #include "gateway/http_session.hpp"
 
-#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 
-#include <sys/socket.h>
-
 #include <boost/asio/as_tuple.hpp>
-#include <boost/asio/dispatch.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -358,26 +355,28 @@ std::optional<http_answer> refusal_for(const beast::error_code& ec, gateway_metr
 // connection closed ends at once, as the reference server's does ("poll
 // connection closed prematurely"), rather than flush its packets into a
 // closed socket and wait out its ping timeout.
-bool is_long_poll(const request& req) {
-  if (req.method() != http::verb::get) return false;
+enum class long_poll { none, api, engine_io };
+
+long_poll long_poll_of(const request& req) {
+  if (req.method() != http::verb::get) return long_poll::none;
   std::string_view target = req.target();
   auto path = target.substr(0, target.find('?'));
-  if (path.starts_with("/api/v1/sessions/")) return path.ends_with("/events");
+  if (path.starts_with("/api/v1/sessions/")) return path.ends_with("/events") ? long_poll::api : long_poll::none;
   bool eio = path == "/socket.io/" || path == "/socket.io" || path == "/engine.io/" || path == "/engine.io";
-  return eio && target.find("sid=", path.size()) != std::string_view::npos;
+  return eio && target.find("sid=", path.size()) != std::string_view::npos ? long_poll::engine_io : long_poll::none;
 }
 
-// The sid of an Engine.IO polling GET (is_long_poll), or nullopt.
-std::optional<std::string> eio_poll_sid(const request& req) {
+// The sid an Engine.IO request names, or nullopt.
+std::optional<std::string> query_sid(const request& req) {
   auto target = urls::parse_origin_form(req.target());
-  if (!target || target->path().starts_with("/api/")) return std::nullopt;
+  if (!target) return std::nullopt;
   auto params = target->params();
   auto it = params.find("sid");
   if (it == params.end()) return std::nullopt;
   return std::string{(*it).value};
 }
 
-// A connection's watch for its long-polls (is_long_poll). Its coroutine
+// A connection's watch for its long-polls (long_poll_of). Its coroutine
 // runs with its cancellation slot bound to `cancel`: a client that leaves
 // while a poll waits emits it, so the poll's reply_slot::wait() abandons
 // its slot. One per connection; per poll, one peek at the socket.
@@ -460,20 +459,21 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     // Not when the client pipelined a request after this one (in `buffer`,
     // read already): a client with more to ask has not left, even if it
     // then closed its sending side.
-    bool long_poll = is_long_poll(req) && buffer.size() == 0;
-    if (long_poll) {
+    auto poll = buffer.size() == 0 ? long_poll_of(req) : long_poll::none;
+    if (poll != long_poll::none) {
       watch->waiting = true;
       watch_departure(stream.socket(), watch);
     }
     response res = co_await handle(gw, req, peer);
-    if (long_poll) {
+    if (poll != long_poll::none) {
       watch->waiting = false;
       boost::system::error_code ignored;
-      stream.socket().cancel(ignored);  // the watch's wait, the only operation on it now
+      stream.socket().cancel(ignored);  // the watch's receive, the only operation on it now
       if (watch->left) {
         // Gone: the poll's slot was abandoned. An API session keeps its
         // events for the next poll; an Engine.IO session ends.
-        if (auto sid = eio_poll_sid(req)) gw.poll_abandoned(*sid);
+        if (poll == long_poll::engine_io)
+          if (auto sid = query_sid(req)) gw.poll_abandoned(*sid);
         co_return;
       }
     }
