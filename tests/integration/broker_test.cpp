@@ -824,6 +824,56 @@ TEST_P(BrokerTest, OnlyTheGatewayOfASidMayAskInItsName) {
   EXPECT_GE(broker_->stats().dropped, 3u);
 }
 
+// A connect hook that answers after the connect's deadline: the gateway was
+// told TIMEOUT and sends the socket's DISCONNECT, which reaches the worker
+// while the hook still runs. The SDK holds it until the hook has answered:
+// an accept then hears it (after the accept, never before), a refusal only
+// answers it.
+TEST_P(BrokerTest, ADisconnectThatComesWhileItsConnectHookRunsWaitsForItsAnswer) {
+  start();
+  std::mutex m;
+  std::vector<std::string> seen;
+  auto note = [&](std::string what) {
+    std::lock_guard lock{m};
+    seen.push_back(std::move(what));
+  };
+  auto& w = add_worker({service{"hooks", 4}
+                            .on_connect([&](request req) {
+                              std::this_thread::sleep_for(600ms);  // past the connect's 200 ms
+                              note("answered " + req.sid());
+                              if (req.sid() == "gwX.refused") req.fail(proto::REFUSED, "no");
+                            })
+                            .on_disconnect([&](request req) { note("left " + req.sid()); })},
+                       "w1");
+  peer gateway{ctx_, "inproc://router", "gwX", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  auto lifecycle = [&](proto::Lifecycle::Kind kind, const std::string& sid, int n) {
+    Envelope env;
+    auto* l = env.mutable_lifecycle();
+    l->set_kind(kind);
+    l->set_id("gwX:" + std::to_string(n));
+    l->set_service("hooks");
+    l->set_sid(sid);
+    l->set_nsp("/hooks");
+    l->set_timeout_ms(200);
+    gateway.send(env);
+  };
+  int n = 0;
+  for (const std::string sid : {"gwX.accepted", "gwX.refused"}) {
+    auto before = w.stats().replies;
+    lifecycle(proto::Lifecycle::CONNECT, sid, ++n);
+    auto answer = gateway.next(Envelope::kReply, 5s);
+    ASSERT_TRUE(answer);
+    EXPECT_EQ(answer->reply().code(), proto::TIMEOUT);
+    lifecycle(proto::Lifecycle::DISCONNECT, sid, ++n);
+    // Both answered: the connect (too late for the gateway) and the notice.
+    EXPECT_TRUE(eventually([&] { return w.stats().replies == before + 2; })) << sid;
+  }
+  std::this_thread::sleep_for(100ms);
+  std::lock_guard lock{m};
+  EXPECT_EQ(seen, (std::vector<std::string>{"answered gwX.accepted", "left gwX.accepted", "answered gwX.refused"}));
+}
+
 // A Reply that answers no job is a client's ack of a worker's Emit: it goes
 // from a gateway to a worker, never elsewhere. Before, any peer could send a
 // gateway a Reply with the id of a request the gateway was about to make

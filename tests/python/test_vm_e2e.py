@@ -763,6 +763,16 @@ class GoneClientTest(InProcessWorkerTest):
         self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the service never heard the socket left")
         self.assertEqual(self.left_users[sid], "ann", "the DISCONNECT names another user than the hook did")
 
+    def test_a_ws_upgrade_beast_refuses_never_reaches_the_connect_hook(self):
+        for headers, status in (("", 400),  # no Sec-WebSocket-Key
+                                ("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 12\r\n", 426)):
+            with socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT) as s:
+                s.sendall(("GET /ws?nsp=/gone HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                           f"Upgrade: websocket\r\n{headers}\r\n").encode())
+                self.assertTrue(s.recv(4096).startswith(f"HTTP/1.1 {status} ".encode()), headers)
+        time.sleep(0.3)
+        self.assertTrue(self.connected.empty(), "the service heard of a client that never connected")
+
     def test_an_emit_with_ack_to_a_gone_client_is_answered_at_once(self):
         ws = self.ws()
         self.assertEqual(json.loads(ws.recv())["event"], "connect")
@@ -852,6 +862,73 @@ class GoneClientTest(InProcessWorkerTest):
         self.assertEqual(json.loads(ws.recv()), {"id": 2, "data": "/gone"}, "disconnected by the wrong namespace")
         ws.send(json.dumps({"event": "ask", "id": 3, "nsp": "/"}))
         self.assertIn("error", json.loads(ws.recv()), "a frame naming another namespace is still refused")
+
+
+class SlowConnectHookTest(InProcessWorkerTest):
+    """A connect hook that answers after the connect's deadline: the client
+    was refused (TIMEOUT), so a hook that accepts late must still hear that
+    the socket is gone. The gateway sends a DISCONNECT for every connect
+    not answered in time; the worker SDK holds it while the hook runs, so
+    the service hears it after the hook's accept, and not at all if the
+    hook refused."""
+
+    gateway_id = "gwS"
+    gateway_args = ("--request-timeout", "400")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("slow", capacity=4)  # room for the DISCONNECT while the hook runs
+        cls.log, cls.lock = [], threading.Lock()
+
+        @svc.on_connect
+        def hello(req):
+            time.sleep(float(req.auth.get("sleep", 0)))
+            with cls.lock:
+                cls.log.append(("answered", req.sid))
+            if req.auth.get("refuse"):
+                req.refuse("no")
+
+        @svc.on_disconnect
+        def left(req):
+            with cls.lock:
+                cls.log.append(("left", req.sid, req.reason))
+
+        return svc
+
+    def connect(self, auth):
+        """The hook's sid, once the client was told its connect failed."""
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(
+            f"ws://127.0.0.1:{self.http_port}/ws?nsp=/slow&auth=" + urllib.parse.quote(json.dumps(auth)),
+            timeout=WAIT)
+        self.addCleanup(ws.close)
+        frame = json.loads(ws.recv())
+        self.assertEqual((frame["event"], frame["data"]), ("connect_error", {"message": "service unavailable: TIMEOUT"}))
+        self.assertTrue(eventually(lambda: any(e[0] == "answered" for e in self.events()), WAIT),
+                        "the hook never answered")
+        return next(e[1] for e in self.events() if e[0] == "answered")
+
+    def events(self):
+        with self.lock:
+            return list(self.log)
+
+    def setUp(self):
+        with self.lock:
+            self.log.clear()
+
+    def test_a_hook_that_accepts_late_hears_the_disconnect_after_it(self):
+        sid = self.connect({"sleep": 1.2})
+        self.assertTrue(eventually(lambda: len(self.events()) == 2, WAIT), f"no DISCONNECT: {self.events()}")
+        self.assertEqual(self.events(), [("answered", sid), ("left", sid, "the connect was not answered in time")])
+
+    def test_a_hook_that_refuses_late_hears_nothing(self):
+        before = self.worker.stats().requests
+        sid = self.connect({"sleep": 1.2, "refuse": True})
+        # The DISCONNECT reached the worker long before the hook answered.
+        self.assertTrue(eventually(lambda: self.worker.stats().requests == before + 2, WAIT), "no DISCONNECT came")
+        time.sleep(0.3)
+        self.assertEqual(self.events(), [("answered", sid)])
 
 
 class BridgeQueueTest(InProcessWorkerTest):
