@@ -252,10 +252,12 @@ std::optional<http_answer> upgrade_plain(gateway& gw, beast::tcp_stream& stream,
   if (ec || !parsed.is_object()) return http_answer{400, "application/json", R"({"message":"auth must be a JSON object"})"};
   auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics(), std::move(slot));
   auto session = std::make_shared<ws_session>(gw, ws, std::move(nsp), *service, std::move(auth));
+  // The connect hook runs once the handshake is done: Beast refuses an
+  // upgrade without a Sec-WebSocket-Key or of another version (400), and
+  // no service should hear of a client that never connected.
   ws->accept(
       std::move(req), [session](std::string data, bool binary) { session->on_message(std::move(data), binary); },
-      [session] { session->on_closed(); });
-  session->start();
+      [session] { session->on_closed(); }, [session] { session->start(); });
   return std::nullopt;
 }
 

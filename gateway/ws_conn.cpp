@@ -408,9 +408,10 @@ ws_conn::~ws_conn() {
 }
 
 void ws_conn::accept(beast::http::request<beast::http::string_body> request, message_handler on_message,
-                     close_handler on_close) {
+                     close_handler on_close, close_handler on_open) {
   on_message_ = std::move(on_message);
   on_close_ = std::move(on_close);
+  on_open_ = std::move(on_open);
   // Beast checks the upgrade request and writes the 101 (or the 400); the
   // stream is thrown away once it has.
   auto handshake = std::make_shared<websocket::stream<tcp_socket&>>(socket_);
@@ -435,7 +436,8 @@ void ws_conn::on_accepted(beast::error_code ec) {
     return finish();
   }
   accepted_ = true;
-  if (head_ < queue_.size()) schedule_flush();
+  if (auto opened = std::exchange(on_open_, {})) opened();
+  if (head_ < queue_.size() && !finished_) schedule_flush();
 }
 
 void ws_conn::on_edge(std::uint32_t events) {

@@ -108,9 +108,10 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   ~ws_conn();
 
   /// Completes the upgrade `request`, then reads until the peer goes away.
-  /// Handlers run on this connection's executor.
+  /// Handlers run on this connection's executor: `on_open` once the
+  /// handshake succeeded (not when Beast refused it), before any message.
   void accept(boost::beast::http::request<boost::beast::http::string_body> request, message_handler on_message,
-              close_handler on_close);
+              close_handler on_close, close_handler on_open = {});
 
   /// Thread-safe. Queues frames in order; drops the connection if the queue
   /// would pass its bounds. On the connection's own thread, false when the
@@ -196,6 +197,7 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   gateway_metrics& metrics_;
   message_handler on_message_;
   close_handler on_close_;
+  close_handler on_open_;  // until the handshake is done
   std::shared_ptr<void> hold_;
 
   std::string partial_;                // an incomplete frame, kept between reads

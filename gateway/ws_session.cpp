@@ -17,6 +17,7 @@ ws_session::ws_session(gateway& gw, std::shared_ptr<ws_conn> ws, std::string nsp
       events_{gw.config().events_per_second, gw.config().events_burst} {}
 
 void ws_session::start() {
+  started_ = true;
   gw_.metrics().plain_ws.Increment();
   begin_connect();
 }
@@ -74,8 +75,9 @@ void ws_session::on_message(std::string data, bool binary) {
 }
 
 void ws_session::on_closed() {
-  // ws_conn reports its end exactly once, whoever closed it.
-  gw_.metrics().plain_ws.Decrement();
+  // ws_conn reports its end exactly once, whoever closed it (also a
+  // handshake Beast refused: then the session never started).
+  if (started_) gw_.metrics().plain_ws.Decrement();
   end("transport close");
 }
 

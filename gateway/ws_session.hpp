@@ -38,6 +38,7 @@ class ws_session : public client_socket {
   token_bucket events_;
   std::uint64_t next_tag_ = 0;
   std::unordered_map<std::uint64_t, std::string> ids_;  // tag -> the client's id (JSON text)
+  bool started_ = false;  // the handshake succeeded and the connect was asked
 };
 
 }  // namespace sidecast::gateway

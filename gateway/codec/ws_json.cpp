@@ -27,7 +27,7 @@ const char* describe(error e) noexcept {
     case error::missing_event: return "missing \"event\"";
     case error::event_not_string: return "\"event\" is not a string";
     case error::reserved_event_name: return "reserved event name";
-    case error::bad_id: return "\"id\" is neither a number nor a string";
+    case error::bad_id: return "\"id\" is neither a number nor a string of at most 128 bytes";
     case error::bad_namespace: return "bad \"nsp\"";
   }
   return "unknown ws_json codec error";
@@ -178,6 +178,9 @@ boost::system::result<client_frame> decode(std::string_view text) {
 
   if (const auto* id = obj->if_contains("id")) {
     if (!id->is_number() && !id->is_string()) {
+      return error::bad_id;
+    }
+    if (raw(key_id).size() > max_id_bytes) {
       return error::bad_id;
     }
     frame.id.emplace(raw(key_id));

@@ -27,6 +27,10 @@ struct client_frame {
   friend bool operator==(const client_frame&, const client_frame&) = default;
 };
 
+// The longest "id" (its JSON text) a frame may carry: the gateway keeps it
+// until the reply, for every request a connection has waiting.
+inline constexpr std::size_t max_id_bytes = 128;
+
 enum class error {
   empty = 1,            // no input at all
   invalid_json,         // not exactly one JSON value (or nested too deep)
@@ -36,7 +40,7 @@ enum class error {
   missing_event,        // no "event"
   event_not_string,     // "event" is not a string
   reserved_event_name,  // socketio::is_reserved_event
-  bad_id,               // "id" is neither a number nor a string
+  bad_id,               // "id" is neither a number nor a string, or longer than max_id_bytes
   bad_namespace,        // "nsp" is not a string or not socketio::valid_namespace
 };
 
