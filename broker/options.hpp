@@ -5,7 +5,8 @@
 
 namespace sidecast::broker {
 
-/// The broker's flags, shared by sidecast-broker and `sidecast demo`.
+/// The broker's flags, of sidecast-broker only: `sidecast demo` does not take
+/// them (its broker runs with broker_config's defaults).
 void add_options(CLI::App& app, broker_config& config);
 
 }  // namespace sidecast::broker

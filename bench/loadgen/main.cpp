@@ -1,5 +1,5 @@
 // sidecast-bench: a Socket.IO v4 load generator for any server that
-// implements the app contract of shared/DESIGN.md (echo, join, say → said).
+// implements the app contract of docs/services.md (echo, join, say → said).
 //
 //   sidecast-bench --scenario fanout --server 127.0.0.1:8080 --server-pid PID
 //   sidecast-bench --scenario echo --connections 100

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""The app contract of shared/DESIGN.md with Debian's python3-socketio (5.7).
+"""The app contract (docs/services.md, "demo") with Debian's python3-socketio (5.7).
 
 Run against any server that implements it (Sidecast or the reference peer in
 bench/peers/node):

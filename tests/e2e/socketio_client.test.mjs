@@ -1,4 +1,4 @@
-// The app contract of shared/DESIGN.md ("App contract"), checked from the
+// The app contract (docs/services.md, "demo"), checked from the
 // outside with the stock socket.io-client against any server: Sidecast or
 // the reference peer in bench/peers/node. Knows nothing about the server
 // but its URL.

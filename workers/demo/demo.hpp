@@ -12,7 +12,7 @@
 
 namespace sidecast::workers {
 
-/// The app contract of docs/app-contract.md (DESIGN.md): echo, echo-bin,
+/// The app contract (docs/services.md, "demo"): echo, echo-bin,
 /// whoami, join, leave, say -> said, call-me-back, bye; refuses /forbidden.
 service demo_service(unsigned capacity);
 

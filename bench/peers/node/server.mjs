@@ -1,5 +1,5 @@
 // The reference peer: a single-process Node socket.io server that implements
-// the app contract of shared/DESIGN.md exactly, nothing more. Benchmarks
+// the app contract of docs/services.md exactly, nothing more. Benchmarks
 // compare Sidecast with it, and tests/e2e is proven against it before it is
 // trusted against Sidecast.
 //

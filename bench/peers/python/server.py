@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """The python-socketio peer: Debian's python3-socketio served by eventlet,
 the stack this project's users come from, implementing the app contract of
-shared/DESIGN.md that bench/ needs (echo, echo-bin, whoami, join, leave,
+docs/services.md that bench/ needs (echo, echo-bin, whoami, join, leave,
 say -> said, bye; /forbidden refused).
 
     /usr/bin/python3 server.py [--http HOST:PORT] [--ping-interval MS] [--ping-timeout MS]
