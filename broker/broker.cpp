@@ -392,9 +392,14 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
         Envelope gone;
         auto* a = gone.mutable_answer();
         a->set_id(env->forward().id());
-        a->set_status(400);
         a->set_content_type("application/json");
-        a->set_body(R"({"code":1,"message":"Session ID unknown"})");
+        if (env->forward().target().empty()) {  // Engine.IO's answer
+          a->set_status(400);
+          a->set_body(R"({"code":1,"message":"Session ID unknown"})");
+        } else {  // the HTTP API's
+          a->set_status(404);
+          a->set_body(R"({"error":"unknown sid"})");
+        }
         send(routing_id, gone);
       }
       break;

@@ -3,16 +3,21 @@
 #include <charconv>
 #include <deque>
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/beast/http/field.hpp>
 #include <boost/json.hpp>
+#include <boost/url/parse.hpp>
 
 #include "gateway/client_socket.hpp"
 #include "gateway/codec/socketio.hpp"
 #include "gateway/codec/ws_json.hpp"
+#include "gateway/gateway.hpp"
 #include "gateway/limits.hpp"
+#include "proto/codec.hpp"
 
 namespace sidecast::gateway {
 
@@ -130,6 +135,14 @@ class api_session : public client_socket {
     poll_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this())](boost::system::error_code ec) {
       if (!ec && self->poll_) self->flush();
     });
+  }
+
+  /// The client of its waiting poll left on a peer gateway that relayed the
+  /// poll: the poll is answered empty (no one reads it), its events wait.
+  void poll_gone() {
+    if (!poll_) return;
+    poll_timer_.cancel();
+    std::exchange(poll_, nullptr)->complete(json_answer(200, json::object{{"events", json::array{}}}));
   }
 
   /// Its place under the session limits, given back when it closes.
@@ -328,11 +341,102 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     co_return co_await slot->wait();
   }
   // /{sid}[/emit|/events]
+  if (rest.front() != '/') co_return error(404, "no such endpoint");
+  auto [sid, action] = session_path(rest);
+  // Another gateway's session (a balancer that does not route by the
+  // path): ask the owner through the broker and relay its answer.
+  if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
+    co_return co_await relay(req, std::string{sid});
+  co_return co_await on_session(req, sid, action, params);
+}
+
+std::pair<std::string_view, std::string_view> api::session_path(std::string_view rest) {
   rest.remove_prefix(1);
   auto slash = rest.find('/');
-  auto sid = std::string{rest.substr(0, slash)};
+  auto sid = rest.substr(0, slash);
   auto action = slash == std::string_view::npos ? std::string_view{} : rest.substr(slash + 1);
-  auto session = find(sid);
+  return {sid, action};
+}
+
+namespace {
+
+// How long a relayed request may wait for the owner's answer: a long-poll
+// up to its 60 s, an emit for its ack up to --request-timeout.
+std::chrono::milliseconds relay_timeout(const gateway_config& c) {
+  return std::max<std::chrono::milliseconds>(std::chrono::seconds(60), c.request_timeout) + std::chrono::seconds(5);
+}
+
+}  // namespace
+
+asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, std::string sid) {
+  const char* method = req.method() == http::verb::get      ? "GET"
+                       : req.method() == http::verb::post   ? "POST"
+                       : req.method() == http::verb::delete_ ? "DELETE"
+                                                             : nullptr;
+  if (!method) co_return error(405, "no such action for this method");
+  proto::HttpForward f;
+  f.set_sid(std::move(sid));
+  f.set_method(method);
+  f.set_target(std::string{req.target()});
+  f.set_body(std::move(req.body()));
+  auto slot = std::make_shared<reply_slot>(co_await asio::this_coro::executor);
+  if (!gw_.link().forward(std::move(f), slot, relay_timeout(gw_.config()))) co_return error(503, kGatewayBusy);
+  gw_.metrics().forwarded.Increment();
+  co_return co_await slot->wait();
+}
+
+void api::poll_abandoned(std::string_view target, const asio::any_io_executor& ex) {
+  auto path = target.substr(0, target.find('?'));
+  constexpr std::string_view prefix = "/api/v1/sessions";
+  if (!path.starts_with(prefix) || path.size() == prefix.size()) return;
+  auto sid = session_path(path.substr(prefix.size())).first;
+  // Ours keeps its events by itself: the poll's answer is not taken.
+  if (auto owner = proto::sid_owner(sid); owner.empty() || owner == gw_.config().id) return;
+  proto::HttpForward f;
+  f.set_sid(std::string{sid});
+  f.set_method("GONE");
+  f.set_target(std::string{target});
+  auto ignored = std::make_shared<reply_slot>(ex, [](http_answer) {});
+  gw_.link().forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
+}
+
+void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)> answer) {
+  auto target = boost::urls::parse_origin_form(f.target());
+  constexpr std::string_view prefix = "/api/v1/sessions/";
+  std::string path = target ? target->path() : std::string{};
+  if (!path.starts_with(prefix) || session_path(std::string_view{path}.substr(prefix.size() - 1)).first != f.sid())
+    return answer(error(400, "a relayed request for no API session"));
+  auto session = find(f.sid());
+  if (!session) return answer(error(404, "unknown sid"));
+  auto ex = session->executor();
+  auto served = gw_.link().hand_to(io_executor_of(ex), [this, ex, session, f = std::move(f), answer]() mutable {
+    if (f.method() == "GONE") {  // the relaying gateway's client left its poll
+      session->poll_gone();
+      return answer({200, "text/plain; charset=UTF-8", "ok"});
+    }
+    asio::co_spawn(ex, serve_relayed(std::move(f), answer), [answer](std::exception_ptr e) {
+      if (e) answer(error(500, "the relayed request failed"));
+    });
+  });
+  // Its thread is behind (--max-thread-backlog).
+  if (!served) answer(error(503, kGatewayBusy));
+}
+
+asio::awaitable<void> api::serve_relayed(proto::HttpForward f, std::function<void(http_answer)> answer) {
+  // serve_forwarded checked the target: an API session's path.
+  http::request<http::string_body> req{http::string_to_verb(f.method()), f.target(), 11};
+  req.body() = std::move(*f.mutable_body());
+  auto target = boost::urls::parse_origin_form(f.target());
+  const std::string path = target->path();
+  auto [sid, action] = session_path(std::string_view{path}.substr(std::string_view{"/api/v1/sessions"}.size()));
+  auto params = target->params();
+  answer(co_await on_session(req, sid, action, params));
+}
+
+asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& req, std::string_view sid_text,
+                                             std::string_view action, const boost::urls::params_view& params) {
+  auto ex = co_await asio::this_coro::executor;
+  auto session = find(std::string{sid_text});
   if (!session) co_return error(404, "unknown sid");
   auto slot = std::make_shared<reply_slot>(ex);
   if (action.empty() && req.method() == http::verb::delete_) {

@@ -16,6 +16,7 @@
 #include <boost/url/params_view.hpp>
 
 #include "gateway/reply_slot.hpp"
+#include "proto/codec.hpp"
 
 namespace sidecast::gateway {
 
@@ -34,8 +35,25 @@ class api {
   void remove(const std::string& sid);
   std::shared_ptr<api_session> find(const std::string& sid);
 
+  /// Bridge thread: serves a request a peer gateway relayed (an HttpForward
+  /// with a target) for one of this gateway's sessions; `answer` gets the
+  /// answer, on the session's thread.
+  void serve_forwarded(proto::HttpForward f, std::function<void(http_answer)> answer);
+  /// The client of the long-poll `target` left (http_session): a peer
+  /// gateway's session hears so (GONE) and keeps its events for the next
+  /// poll, as one of ours does by itself (the poll's answer is not taken).
+  void poll_abandoned(std::string_view target, const boost::asio::any_io_executor& ex);
+
  private:
-  http_answer publish(const boost::beast::http::request<boost::beast::http::string_body>& req);
+  using request = boost::beast::http::request<boost::beast::http::string_body>;
+
+  http_answer publish(const request& req);
+  // "/{sid}[/{action}]" -> (sid, action).
+  static std::pair<std::string_view, std::string_view> session_path(std::string_view rest);
+  boost::asio::awaitable<http_answer> relay(request& req, std::string sid);
+  boost::asio::awaitable<void> serve_relayed(proto::HttpForward f, std::function<void(http_answer)> answer);
+  boost::asio::awaitable<http_answer> on_session(request& req, std::string_view sid, std::string_view action,
+                                                 const boost::urls::params_view& params);
 
   gateway& gw_;
   std::mutex mutex_;

@@ -277,10 +277,15 @@ bool bridge::send_to_broker(zmq::message_t&& message) {
 
 namespace {
 
-// A forwarded poll that got no answer: the client sees what an Engine.IO
-// server says to a request it cannot serve.
-http_answer forward_failed(unsigned status) {
-  return {status, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}};
+// A forwarded request that got no answer: an Engine.IO client sees what an
+// Engine.IO server says to a request it cannot serve, an API client the
+// API's error object.
+http_answer forward_failed(unsigned status, bool api) {
+  if (!api) return {status, "application/json", std::string{engineio::error_body(engineio::error_code::bad_request)}};
+  const char* why = status == 503   ? "gateway busy"
+                    : status == 504 ? "no answer from the session's gateway"
+                                    : "the session's gateway gave an answer this one cannot pass on";
+  return {status, "application/json", std::string{R"({"error":")"} + why + "\"}"};
 }
 
 // What a peer gateway's HttpAnswer may carry into this gateway's response:
@@ -296,15 +301,16 @@ bool writable_answer(std::uint32_t status, std::string_view content_type) {
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
   auto seq = ++next_id_;
   request.set_id(id_of(seq));
+  bool api = !request.target().empty();
   Envelope env;
   *env.mutable_forward() = std::move(request);
-  return post([this, seq, message = core::message_of(env), slot = std::move(slot), timeout]() mutable {
+  return post([this, seq, message = core::message_of(env), slot = std::move(slot), timeout, api]() mutable {
     if (!send_to_broker(std::move(message))) {
-      slot->complete(forward_failed(503));
+      slot->complete(forward_failed(503, api));
       return;
     }
     auto deadline = clock::now() + timeout;
-    forwards_.insert_or_assign(seq, pending_forward{std::move(slot), deadline});
+    forwards_.insert_or_assign(seq, pending_forward{std::move(slot), deadline, api});
     add_deadline(deadline, seq);
   });
 }
@@ -514,7 +520,7 @@ void bridge::on_broker(Envelope& env) {
         if (log_limit_.allow())
           spdlog::warn("bridge: a peer gateway's answer to {} has status {} or content type \"{}\": 502 instead",
                        printable(a.id()), a.status(), printable(a.content_type()));
-        it->second.slot->complete(forward_failed(502));
+        it->second.slot->complete(forward_failed(502, it->second.api));
       }
       forwards_.erase(it);  // its deadline entry finds nothing when it comes
       return;
@@ -591,7 +597,7 @@ void bridge::expire(clock::time_point now) {
     auto [at, seq] = deadlines_.back();
     deadlines_.pop_back();
     if (auto f = forwards_.find(seq); f != forwards_.end() && f->second.deadline == at) {
-      f->second.slot->complete(forward_failed(504));
+      f->second.slot->complete(forward_failed(504, f->second.api));
       forwards_.erase(f);
       continue;
     }

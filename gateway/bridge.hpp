@@ -88,8 +88,9 @@ class bridge {
   /// The same, never refused by --bridge-queue: a DISCONNECT notice, or
   /// the refusal of an ack a worker awaits (one per socket, or per ack).
   void send_owed(const proto::Envelope& env);
-  /// Forwards a polling request for another gateway's sid through the
-  /// broker; the owner's answer (or a timeout) completes `slot`.
+  /// Forwards a polling (or HTTP API: `request.target()` set) request for
+  /// another gateway's sid through the broker; the owner's answer (or a
+  /// timeout) completes `slot`.
   bool forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout);
   /// Serves forwarded requests for our own sids (set before start()); the
   /// handler runs on the bridge thread and must not block.
@@ -138,6 +139,7 @@ class bridge {
   struct pending_forward {
     std::shared_ptr<reply_slot> slot;
     time_point deadline;
+    bool api = false;  // an HTTP API request (its failures answered as the API's)
   };
 
   // A ZeroMQ socket's ZMQ_FD, waited on through a dup of it (ZeroMQ owns

@@ -93,6 +93,7 @@ void gateway::serve_forwarded(proto::HttpForward f) {
     out->set_body(std::move(a.body));
     bridge_->send(env);
   };
+  if (!f.target().empty()) return api_->serve_forwarded(std::move(f), std::move(answer));  // the HTTP API's
   auto session = find_session(f.sid());
   if (!session) {
     answer({400, "application/json", R"({"code":1,"message":"Session ID unknown"})"});

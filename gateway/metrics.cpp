@@ -53,7 +53,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       bad_event{dropped.Add({{"reason", "bad_event"}})},
       bad_token{dropped.Add({{"reason", "bad_token"}})},
       forwarded{counter(r, "sidecast_gateway_forwarded_total",
-                        "Polling requests for another gateway's sid, relayed through the broker")
+                        "Polling and HTTP API requests for another gateway's sid, relayed through the broker")
                     .Add({})},
       recovered{counter(r, "sidecast_gateway_recovered_total",
                         "Sockets recovered after a dropped transport (connection-state recovery)")

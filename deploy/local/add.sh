@@ -48,10 +48,13 @@ frontend sidecast
 CFG
     if [[ $BALANCER == sid ]]; then
       cat <<'CFG'
-  # A sid is "<gateway id>.<random>": requests for a sid go to its gateway;
+  # A sid is "<gateway id>.<random>": requests for a sid go to its gateway
+  # (an HTTP API session's sid is in the path: /api/v1/sessions/<sid>/...);
   # handshakes (no sid) are spread round-robin.
   acl has_sid url_param(sid) -m found
+  acl api_sid path_beg /api/v1/sessions/
   use_backend gw_%[url_param(sid),field(1,.)] if has_sid
+  use_backend gw_%[path,field(5,/),field(1,.)] if api_sid
 CFG
     fi
     echo "  default_backend gateways"

@@ -87,6 +87,50 @@ test("the publish API on one gateway reaches a sid held by another", async () =>
   await got;
 });
 
+// The plain HTTP API: a session lives on one gateway, its sid in the path.
+async function api(base, method, path, body, signal) {
+  const res = await fetch(`${base}/api/v1/sessions${path}`, {
+    method, body: body === undefined ? undefined : JSON.stringify(body), signal });
+  const text = await res.text();
+  return { status: res.status, body: text ? JSON.parse(text) : null };
+}
+
+test("an HTTP API session is served whichever gateway a request reaches", async () => {
+  const [[homeId, home], [, other]] = Object.entries(gateways());
+  const opened = await api(home, "POST", "", { nsp: "/" });
+  assert.equal(opened.status, 201, JSON.stringify(opened.body));
+  const sid = opened.body.sid;
+  assert.equal(sid.split(".")[0], homeId);
+  // The other gateway relays to the owner; the balancer routes by the path
+  // (or, round-robin, reaches either).
+  for (const base of [other, url, url, url]) {
+    const echoed = await api(base, "POST", `/${sid}/emit`, { event: "echo", data: { via: base }, ack: true });
+    assert.deepEqual(echoed, { status: 200, body: { data: { via: base } } });
+  }
+  const room = "api" + Date.now();
+  assert.equal((await api(other, "POST", `/${sid}/emit`, { event: "join", data: room, ack: true })).status, 200);
+  await publish(url, { room, event: "news", data: { n: 1 } });
+  const polled = await api(other, "GET", `/${sid}/events?timeout=5000`);
+  assert.equal(polled.status, 200);
+  assert.deepEqual(polled.body.events.map((e) => [e.event, e.data]), [["news", { n: 1 }]]);
+  // A relayed poll whose client leaves takes no events with it.
+  const gone = new AbortController();
+  const abandoned = api(other, "GET", `/${sid}/events?timeout=20000`, undefined, gone.signal).catch(() => null);
+  await new Promise((r) => setTimeout(r, 300));
+  gone.abort();
+  await abandoned;
+  await new Promise((r) => setTimeout(r, 300));
+  await publish(url, { room, event: "news", data: { n: 2 } });
+  const kept = await api(home, "GET", `/${sid}/events?timeout=5000`);
+  assert.deepEqual(kept.body.events.map((e) => [e.event, e.data]), [["news", { n: 2 }]]);
+  assert.equal((await api(other, "DELETE", `/${sid}`)).status, 204);
+  assert.deepEqual(await api(home, "GET", `/${sid}/events?timeout=0`), { status: 404, body: { error: "unknown sid" } });
+  const stranger = await api(other, "GET", `/${homeId}.nosuchsession/events?timeout=0`);
+  assert.deepEqual(stranger, { status: 404, body: { error: "unknown sid" } });
+  const noGateway = await api(other, "GET", `/gw99.nosuchsession/events?timeout=0`);
+  assert.deepEqual(noGateway, { status: 404, body: { error: "unknown sid" } });
+});
+
 test("open_vm: served by either vm worker, progress and result to the asking client only", async () => {
   const [a, b] = await onTwoGateways("/vm");
   const leaked = [];
