@@ -5,6 +5,7 @@
 
 #include "core/config.hpp"
 #include "gateway/codec/socketio.hpp"
+#include "gateway/limits.hpp"
 
 namespace sidecast::gateway {
 
@@ -76,6 +77,13 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--max-connections-per-ip", c.max_connections_per_ip, "Open TCP connections from one address")
       ->capture_default_str()
       ->check(at_least_one);
+  app.add_option("--proxy-protocol-from", c.proxy_protocol_from,
+                 "Balancers (addresses or networks: 10.0.0.1, 10.0.0.0/8, fd00::/8) whose connections may start with "
+                 "a PROXY protocol header, v1 or v2 (haproxy: send-proxy, send-proxy-v2): the per-address limits then "
+                 "count the client it names (repeatable). Others' connections are served as they come")
+      ->check([](const std::string& entry) {
+        return network_set::parse({entry}) ? std::string{} : "not an address or network: " + entry;
+      });
   app.add_option("--events-per-second", c.events_per_second,
                  "Client events per connection per second, sustained (token bucket; 0: no limit)")
       ->capture_default_str();

@@ -36,6 +36,10 @@ struct gateway_config {
   std::size_t max_awaited_acks = 1024;            // workers' emits to a socket waiting for the client's ack
   std::size_t max_connections = 50000;            // open TCP connections
   std::size_t max_connections_per_ip = 1000;      // open TCP connections from one address
+  // Balancers (addresses or networks) whose connections may start with a
+  // PROXY protocol header (send-proxy / send-proxy-v2): the client it names
+  // is the address the per-address limits count. Empty: none.
+  std::vector<std::string> proxy_protocol_from;
   std::size_t max_polling_sessions = 50000;       // Engine.IO sessions opened by a polling handshake
   std::size_t max_polling_sessions_per_ip = 1000; // ... from one address
   std::size_t max_header_bytes = 16 * 1024;       // an HTTP request's start line and headers

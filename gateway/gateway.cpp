@@ -53,6 +53,8 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   if (!proto::valid_peer_id(config_.id))
     throw std::invalid_argument("gateway id '" + config_.id + "' must be 1-64 characters without '.' or ':'");
   routes_ = parse_routes(config_.routes);
+  if (auto proxies = network_set::parse(config_.proxy_protocol_from)) proxies_ = std::move(*proxies);
+  else throw std::invalid_argument("--proxy-protocol-from takes addresses and networks (10.0.0.0/8)");
   if (config_.threads == 0) config_.threads = std::max(1u, std::thread::hardware_concurrency());
   bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_);
   api_ = std::make_unique<class api>(*this);
@@ -165,6 +167,14 @@ void gateway::do_accept() {
     if (!ec) {
       boost::system::error_code peer_ec;
       auto peer = socket.remote_endpoint(peer_ec);
+      if (!peer_ec && !proxies_.empty() && proxies_.contains(peer.address())) {
+        // A balancer: the client it may name in a PROXY header is the
+        // address the limits count (serve_proxied admits it).
+        socket.set_option(asio::ip::tcp::no_delay(true));
+        serve_proxied(*this, std::move(socket));
+        do_accept();
+        return;
+      }
       auto slot = peer_ec ? nullptr : limits_.admit(peer.address().to_string());
       if (!slot) {
         // Over a connection limit: closed at once, counted.

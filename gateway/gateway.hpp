@@ -68,6 +68,8 @@ class gateway {
   gateway_metrics& metrics() { return metrics_; }
   /// Slots for Engine.IO sessions opened by a polling handshake.
   connection_limits& polling_sessions() { return polling_sessions_; }
+  /// Open connections, in all and per address (--max-connections, --max-connections-per-ip).
+  connection_limits& connections() { return limits_; }
   const core::registry_ptr& registry() const { return registry_; }
   class api& api() { return *api_; }
   const jwt::verifier& tokens() const { return tokens_; }
@@ -119,6 +121,7 @@ class gateway {
   unsigned short port_ = 0;
   std::atomic<bool> draining_{false};
   connection_limits limits_;
+  network_set proxies_;  // --proxy-protocol-from
   connection_limits polling_sessions_;  // sessions from a polling handshake (they outlive its connection)
   jwt::verifier tokens_;
 

@@ -18,9 +18,11 @@
 #include <boost/url/parse.hpp>
 #include <spdlog/spdlog.h>
 
+#include "core/log.hpp"
 #include "core/metrics.hpp"
 #include "gateway/api.hpp"
 #include "gateway/codec/engineio.hpp"
+#include "gateway/codec/proxy_protocol.hpp"
 #include "gateway/eio_session.hpp"
 #include "gateway/gateway.hpp"
 #include "gateway/ws_session.hpp"
@@ -425,11 +427,12 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
 }
 
 asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot,
-                            std::shared_ptr<connection_watch> watch) {
+                            std::shared_ptr<connection_watch> watch, std::string named_peer, std::string pending) {
   boost::system::error_code peer_ec;
-  const auto peer = socket.remote_endpoint(peer_ec).address().to_string();
+  const auto peer = named_peer.empty() ? socket.remote_endpoint(peer_ec).address().to_string() : std::move(named_peer);
   beast::tcp_stream stream{std::move(socket)};
   beast::flat_buffer buffer;
+  buffer.commit(asio::buffer_copy(buffer.prepare(pending.size()), asio::buffer(pending)));
   const auto& c = gw.config();
   for (;;) {
     http::request_parser<http::string_body> parser;
@@ -496,11 +499,66 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
 
 }  // namespace
 
-void serve_http(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot) {
+namespace {
+
+asio::awaitable<void> read_proxy_header(gateway& gw, asio::ip::tcp::socket socket) {
+  beast::tcp_stream stream{std::move(socket)};
+  boost::system::error_code peer_ec;
+  auto balancer = stream.socket().remote_endpoint(peer_ec).address().to_string();
+  stream.expires_after(gw.config().idle_timeout);
+  std::string bytes;
+  std::array<char, 512> chunk;
+  for (;;) {
+    auto [ec, n] = co_await stream.async_read_some(asio::buffer(chunk), use);
+    if (ec) co_return;  // it closed, or stayed silent past --idle-timeout
+    bytes.append(chunk.data(), n);
+    auto parsed = proxy_protocol::parse(bytes);
+    std::size_t header_size = 0;
+    std::string client;
+    if (!parsed && parsed.error() == proxy_protocol::error::not_proxy) {
+      client = balancer;  // no header: a request of the balancer's own (a health check, ...)
+    } else if (!parsed) {
+      gw.metrics().bad_proxy_header.Increment();
+      thread_local core::log_limiter log_limit;  // one per I/O thread
+      if (log_limit.allow()) spdlog::warn("closed a connection from {}: {}", balancer, parsed.error().message());
+      co_return;
+    } else if (!*parsed) {
+      continue;  // more of the header to come (bounded: parse refuses one past max_header_bytes)
+    } else {
+      header_size = (*parsed)->size;
+      client = (*parsed)->client.empty() ? balancer : std::move((*parsed)->client);
+    }
+    auto slot = gw.connections().admit(client);
+    if (!slot) {
+      gw.metrics().connection_limit.Increment();
+      co_return;
+    }
+    stream.expires_never();
+    serve_http(gw, stream.release_socket(), std::move(slot), std::move(client), bytes.substr(header_size));
+    co_return;
+  }
+}
+
+}  // namespace
+
+void serve_proxied(gateway& gw, asio::ip::tcp::socket socket) {
+  auto ex = socket.get_executor();
+  asio::co_spawn(ex, read_proxy_header(gw, std::move(socket)), [](std::exception_ptr e) {
+    if (!e) return;
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& error) {
+      spdlog::error("reading a PROXY header failed: {}", error.what());
+    }
+  });
+}
+
+void serve_http(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot, std::string peer,
+                std::string pending) {
   auto ex = socket.get_executor();
   auto watch = std::make_shared<connection_watch>();
   auto& cancel = watch->cancel;
-  asio::co_spawn(ex, serve(gw, std::move(socket), std::move(slot), watch),
+  asio::co_spawn(ex, serve(gw, std::move(socket), std::move(slot), watch, std::move(peer), std::move(pending)),
                  asio::bind_cancellation_slot(cancel.slot(), [watch](std::exception_ptr e) {
                    if (!e) return;
                    try {

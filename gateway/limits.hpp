@@ -1,14 +1,75 @@
 #pragma once
-// Admission limits: a token bucket for client events, and the count of open
-// connections in all and per address.
+// Admission limits: a token bucket for client events, the count of open
+// connections in all and per address, and the balancers trusted to name a
+// connection's client.
 #include <algorithm>
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
+
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/ip/network_v4.hpp>
+#include <boost/asio/ip/network_v6.hpp>
 
 namespace sidecast::gateway {
+
+/// Addresses and networks ("192.0.2.7", "10.0.0.0/8", "fd00::/8"): the
+/// balancers whose connections may name their client in a PROXY protocol
+/// header (--proxy-protocol-from).
+class network_set {
+ public:
+  /// Nullopt when an entry is neither an address nor a network.
+  static std::optional<network_set> parse(const std::vector<std::string>& entries) {
+    network_set set;
+    for (const auto& e : entries) {
+      boost::system::error_code ec;
+      bool v6 = e.find(':') != std::string::npos;
+      if (e.find('/') == std::string::npos) {
+        auto a = boost::asio::ip::make_address(e, ec);
+        if (ec) return std::nullopt;
+        if (a.is_v4()) set.v4_.emplace_back(a.to_v4(), 32);
+        else set.v6_.emplace_back(a.to_v6(), 128);
+      } else if (v6) {
+        set.v6_.push_back(boost::asio::ip::make_network_v6(e, ec));
+        if (ec) return std::nullopt;
+      } else {
+        set.v4_.push_back(boost::asio::ip::make_network_v4(e, ec));
+        if (ec) return std::nullopt;
+      }
+    }
+    return set;
+  }
+
+  bool empty() const { return v4_.empty() && v6_.empty(); }
+
+  bool contains(const boost::asio::ip::address& a) const {
+    if (a.is_v6() && a.to_v6().is_v4_mapped()) return contains(boost::asio::ip::make_address_v4(boost::asio::ip::v4_mapped, a.to_v6()));
+    if (a.is_v4()) {
+      auto bits = a.to_v4().to_uint();
+      return std::any_of(v4_.begin(), v4_.end(), [bits](const auto& n) {
+        auto mask = n.netmask().to_uint();
+        return (bits & mask) == (n.address().to_uint() & mask);
+      });
+    }
+    auto bytes = a.to_v6().to_bytes();
+    return std::any_of(v6_.begin(), v6_.end(), [&bytes](const auto& n) {
+      auto prefix = n.address().to_bytes();
+      for (unsigned i = 0, left = n.prefix_length(); left > 0; ++i, left -= std::min(left, 8u)) {
+        unsigned char mask = static_cast<unsigned char>(0xff00u >> std::min(left, 8u));
+        if ((bytes[i] & mask) != (prefix[i] & mask)) return false;
+      }
+      return true;
+    });
+  }
+
+ private:
+  std::vector<boost::asio::ip::network_v4> v4_;
+  std::vector<boost::asio::ip::network_v6> v6_;
+};
 
 /// `rate` tokens per second up to `burst`; rate 0 means no limit. One per
 /// connection, used on its thread only.

@@ -52,6 +52,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       bad_answer{dropped.Add({{"reason", "bad_answer"}})},
       bad_event{dropped.Add({{"reason", "bad_event"}})},
       bad_token{dropped.Add({{"reason", "bad_token"}})},
+      bad_proxy_header{dropped.Add({{"reason", "bad_proxy_header"}})},
       forwarded{counter(r, "sidecast_gateway_forwarded_total",
                         "Polling and HTTP API requests for another gateway's sid, relayed through the broker")
                     .Add({})},

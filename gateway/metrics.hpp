@@ -49,6 +49,7 @@ struct gateway_metrics {
   prometheus::Counter& bad_answer;  // a peer gateway's HttpAnswer with a status or content type not written (502)
   prometheus::Counter& bad_event;  // a worker's event with a reserved name or for another namespace
   prometheus::Counter& bad_token;
+  prometheus::Counter& bad_proxy_header;  // a trusted balancer's connection with a malformed PROXY header
   prometheus::Counter& forwarded;
   prometheus::Counter& recovered;
   prometheus::Gauge& replay_events;  // kept for connection-state recovery

@@ -60,9 +60,11 @@ CFG
     echo "  default_backend gateways"
     echo "backend gateways"
     echo "  balance roundrobin"
-    while read -r id gport; do echo "  server $id 127.0.0.1:$gport check"; done < "$run_dir/gateways"
+    # send-proxy-v2: each connection names its client (PROXY protocol), so
+    # the gateways' per-address limits count clients, not the balancer.
+    while read -r id gport; do echo "  server $id 127.0.0.1:$gport check send-proxy-v2"; done < "$run_dir/gateways"
     while read -r id gport; do
-      printf 'backend gw_%s\n  server %s 127.0.0.1:%s\n' "$id" "$id" "$gport"
+      printf 'backend gw_%s\n  server %s 127.0.0.1:%s send-proxy-v2\n' "$id" "$id" "$gport"
     done < "$run_dir/gateways"
   } > "$cfg"
   haproxy -c -q -f "$cfg"
@@ -86,7 +88,7 @@ case "$part" in
     n=$(( $(count gw) + 1 ))
     id=gw$n gport=$(free_ports 1)
     start "$id" "$BIN/sidecast-gateway" --gateway-id "$id" --http "127.0.0.1:$gport" --broker "$ROUTER" \
-      --events "$XPUB" --api-key "$API_KEY"
+      --events "$XPUB" --api-key "$API_KEY" --proxy-protocol-from 127.0.0.1
     wait_healthy "http://127.0.0.1:$gport/healthz" "$id" || exit 1
     echo "$id $gport" >> "$run_dir/gateways"
     if (( reload )); then start_balancer; fi

@@ -931,6 +931,61 @@ class SlowConnectHookTest(InProcessWorkerTest):
         self.assertEqual(self.events(), [("answered", sid)])
 
 
+class ProxyProtocolTest(InProcessWorkerTest):
+    """A gateway behind a balancer (--proxy-protocol-from): the balancer's
+    connections may start with a PROXY protocol header (v1 or v2), and the
+    per-address limits count the client it names, not the balancer; a
+    malformed header closes the connection; a header from anyone else is
+    no header at all (its request is a bad one)."""
+
+    gateway_id = "gwX"
+    gateway_args = ("--proxy-protocol-from", "127.0.0.1", "--max-connections-per-ip", "2")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        return Service("proxied", capacity=2)
+
+    def open(self, header=b"", source="127.0.0.1"):
+        """A kept-alive connection that sent `header` and asked /healthz:
+        its answer's status line, or b"" when the gateway closed it."""
+        s = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT, source_address=(source, 0))
+        self.addCleanup(s.close)
+        s.sendall(header + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        return s.recv(4096).split(b"\r\n")[0]
+
+    def dropped(self, reason):
+        return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total", reason=reason) or 0
+
+    @staticmethod
+    def v2(client):
+        addresses = socket.inet_aton(client) + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 4000, 80)
+        return b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + struct.pack("!H", len(addresses)) + addresses
+
+    def test_the_client_a_balancer_names_is_the_address_counted(self):
+        refused = self.dropped("connection_limit")
+        v1 = b"PROXY TCP4 10.1.1.1 127.0.0.1 4000 80\r\n"
+        self.assertEqual([self.open(v1), self.open(self.v2("10.1.1.1"))], [b"HTTP/1.1 200 OK"] * 2)
+        self.assertEqual(self.open(v1), b"", "a third connection of 10.1.1.1 (--max-connections-per-ip 2)")
+        self.assertEqual(self.dropped("connection_limit"), refused + 1)
+        # Another client through the same balancer, and the balancer's own
+        # request (no header: a health check), are counted apart.
+        self.assertEqual(self.open(self.v2("10.1.1.2")), b"HTTP/1.1 200 OK")
+        self.assertEqual(self.open(b"PROXY TCP4 10.1.1.2 127.0.0.1 4001 80\r\n"), b"HTTP/1.1 200 OK")
+        self.assertEqual(self.open(), b"HTTP/1.1 200 OK")
+
+    def test_a_malformed_header_closes_the_connection(self):
+        bad = self.dropped("bad_proxy_header")
+        for header in (b"PROXY TCP4 10.1.1.300 127.0.0.1 4000 80\r\n", b"PROXY TCP5 x\r\n",
+                       b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x00"):
+            self.assertEqual(self.open(header), b"", header)
+        self.assertEqual(self.dropped("bad_proxy_header"), bad + 3)
+
+    def test_a_header_from_anyone_else_names_no_one(self):
+        status = self.open(b"PROXY TCP4 10.1.1.3 127.0.0.1 4000 80\r\n", source="127.0.0.2")
+        self.assertEqual(status, b"HTTP/1.1 400 Bad Request")
+
+
 class BridgeQueueTest(InProcessWorkerTest):
     """With --bridge-queue 3 and two I/O threads, sockets that all close at
     once overflow the bridge's queue; their detach and DISCONNECT notice
