@@ -2,6 +2,7 @@
 
 #include <charconv>
 #include <deque>
+#include <optional>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -92,7 +93,7 @@ class api_session : public client_socket {
   void emit(std::string event, std::string data, bool ack, std::shared_ptr<reply_slot> answer) {
     touch();
     if (!connected()) {
-      answer->complete(error(404, "unknown sid"));
+      answer->complete(ended_.empty() ? error(404, "unknown sid") : closed_answer());
       return;
     }
     gw_.metrics().api_in.Increment();
@@ -124,6 +125,11 @@ class api_session : public client_socket {
 
   void poll(std::chrono::milliseconds timeout, std::shared_ptr<reply_slot> answer) {
     touch();
+    if (!ended_.empty()) {  // its last answer: what it had not polled, with a 410
+      if (poll_) std::exchange(poll_, nullptr)->complete(closed_answer());
+      poll_ = std::move(answer);
+      return flush();
+    }
     if (!connected()) {
       answer->complete(error(404, "unknown sid"));
       return;
@@ -148,18 +154,47 @@ class api_session : public client_socket {
   /// Its place under the session limits, given back when it closes.
   void hold(std::shared_ptr<void> place) { place_ = std::move(place); }
 
-  void close(const std::string& reason) {
+  /// Ends the session. Closed by the server (`keep_unpolled`: its worker
+  /// disconnected it, the gateway drains), it keeps what its client had not
+  /// polled for that client's next poll, which gets it with a 410 (its
+  /// waiting poll gets it now); then, or after --api-session-ttl, it is
+  /// forgotten. Closed by its client or its TTL, it is forgotten at once.
+  void close(const std::string& reason, bool keep_unpolled = false) {
     if (closed()) return;
     end(reason);
-    release();
-    poll_timer_.cancel();
     ttl_timer_.cancel();
-    if (poll_) std::exchange(poll_, nullptr)->complete(error(410, "session closed"));
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
-    drop_buffered("the session is closed");  // never polled
     // Closed before the POST that opens it was answered (its connect hook
     // disconnected it): that POST gets its answer now.
-    if (created_) fail_open("the session was closed before it opened", error(410, "session closed: " + reason));
+    if (created_) {
+      release();
+      return fail_open("the session was closed before it opened", error(410, "session closed: " + reason));
+    }
+    if (!keep_unpolled) {
+      release();
+      poll_timer_.cancel();
+      if (poll_) std::exchange(poll_, nullptr)->complete(error(410, "session closed"));
+      return drop_buffered("the session is closed");  // never polled
+    }
+    // Still in the api's table, and under the session limits, until its
+    // client has had its last answer.
+    ended_ = reason;
+    gw_.metrics().api_sessions.Decrement();
+    ttl_timer_.expires_after(gw_.config().api_session_ttl);
+    ttl_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this())](boost::system::error_code ec) {
+      if (ec) return;
+      self->drop_buffered("the session was closed and not polled again");
+      self->forget();
+    });
+    if (poll_) flush();
+  }
+
+  /// DELETE: the client ends it, or lets go of what a closed one kept.
+  void remove() {
+    if (ended_.empty()) return close("client namespace disconnect");
+    ttl_timer_.cancel();
+    drop_buffered("the client let go of its closed session");
+    forget();
   }
 
   const char* deliver(std::shared_ptr<const outbound_event> event, std::string ack_id) override {
@@ -181,11 +216,12 @@ class api_session : public client_socket {
 
   void deliver_disconnect() override {
     if (!connected()) return hold_kick();  // from the connect hook: applied with its answer
-    close("server namespace disconnect");
+    close("server namespace disconnect", true);
   }
 
-  // Its waiting poll gets 410: the client opens a new session, elsewhere.
-  void shut_down() override { close("server shutting down"); }
+  // Its waiting poll (or its next) gets 410 and what it had not polled:
+  // the client opens a new session, elsewhere.
+  void shut_down() override { close("server shutting down", true); }
 
  protected:
   void on_connect_answer(reply_data reply) override {
@@ -220,9 +256,21 @@ class api_session : public client_socket {
   // What an ending session gives back: its place under the session
   // limits, its count in the gauge, its entry in the api's table.
   void release() {
-    place_.reset();
     gw_.metrics().api_sessions.Decrement();
+    forget();
+  }
+
+  void forget() {
+    place_.reset();
     gw_.api().remove(sid());
+  }
+
+  // A closed session's answer: 410, why, and to a poll the events it had
+  // not polled (`events`: a JSON array's elements).
+  http_answer closed_answer(std::optional<std::string_view> events = std::nullopt) const {
+    auto body = R"({"error":"session closed","reason":)" + json::serialize(json::string(ended_));
+    if (events) body += R"(,"events":[)" + std::string{*events} + "]";
+    return {410, "application/json", body + "}"};
   }
 
   // It ends before it opened: the events its connect hook sent are dropped
@@ -242,25 +290,33 @@ class api_session : public client_socket {
   // abandoned, its client gone (http_session.cpp).
   void flush() {
     touch();  // --api-session-ttl counts from the end of the last poll
-    std::string body = "{\"events\":[";
+    std::string events;
     for (std::size_t i = 0; i < events_.size(); ++i) {
-      if (i) body += ',';
-      body += *events_[i];
+      if (i) events += ',';
+      events += *events_[i];
     }
-    body += "]}";
     poll_timer_.cancel();
     std::function<void(bool)> taken;
-    if (!events_.empty())
-      taken = [self = std::static_pointer_cast<api_session>(shared_from_this()), sent = std::exchange(events_, {})](bool ok) mutable {
-        asio::post(self->executor(), [self, sent = std::move(sent), ok]() mutable { self->after_poll(std::move(sent), ok); });
+    bool last = !ended_.empty();  // the closed session's last answer
+    if (!events_.empty() || last)
+      taken = [self = std::static_pointer_cast<api_session>(shared_from_this()), sent = std::exchange(events_, {}), last](bool ok) mutable {
+        asio::post(self->executor(), [self, sent = std::move(sent), ok, last]() mutable { self->after_poll(std::move(sent), ok, last); });
       };
-    std::exchange(poll_, nullptr)->complete({200, "application/json", std::move(body)}, std::move(taken));
+    auto answer = ended_.empty() ? http_answer{200, "application/json", "{\"events\":[" + events + "]}"} : closed_answer(events);
+    std::exchange(poll_, nullptr)->complete(std::move(answer), std::move(taken));
   }
 
-  void after_poll(std::deque<std::shared_ptr<const std::string>> sent, bool taken) {
-    if (taken) return gw_.metrics().api_out.Increment(static_cast<double>(sent.size()));
+  void after_poll(std::deque<std::shared_ptr<const std::string>> sent, bool taken, bool last) {
+    if (taken) {
+      gw_.metrics().api_out.Increment(static_cast<double>(sent.size()));
+      if (last) {  // its client has had its last answer
+        ttl_timer_.cancel();
+        forget();
+      }
+      return;
+    }
     events_.insert(events_.begin(), std::make_move_iterator(sent.begin()), std::make_move_iterator(sent.end()));
-    if (closed()) return drop_buffered("the session is closed");
+    if (closed() && ended_.empty()) return drop_buffered("the session is closed");
     for (; events_.size() > gw_.config().api_buffer; events_.pop_front()) gw_.metrics().api_overflow.Increment();
     if (poll_) flush();
   }
@@ -283,6 +339,7 @@ class api_session : public client_socket {
   std::uint64_t next_tag_ = 0;
   clock::time_point last_seen_{};
   std::shared_ptr<void> place_;
+  std::string ended_;  // why the server closed it, while its client has not had its last answer
 };
 
 void api::remove(const std::string& sid) {
@@ -441,7 +498,7 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
   auto slot = std::make_shared<reply_slot>(ex);
   if (action.empty() && req.method() == http::verb::delete_) {
     asio::post(session->executor(), [session, slot] {
-      session->close("client namespace disconnect");
+      session->remove();
       slot->complete({204, "application/json", ""});
     });
   } else if (action == "emit" && req.method() == http::verb::post) {

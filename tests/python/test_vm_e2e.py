@@ -1097,6 +1097,87 @@ class ApiPollingTest(InProcessWorkerTest):
         self.assertEqual([(e["event"], e["data"]) for e in events], [("late", 1)], "the abandoned poll took it")
 
 
+class ApiClosedSessionTest(InProcessWorkerTest):
+    """An HTTP API session its worker disconnects keeps what its client had
+    not polled: the next poll gets it with a 410 (so does a poll waiting
+    then), and only then is the sid forgotten (404); an emit to it is 410.
+    Unpolled, it is forgotten after --api-session-ttl (its events counted
+    undelivered); a DELETE lets go of it at once."""
+
+    gateway_id = "gwQ"
+    gateway_args = ("--api-session-ttl", "1500")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("closing", capacity=4)
+
+        @svc.on("leave_me")
+        def leave_me(req):
+            req.emit("last", {"n": 1})
+            cls.worker.disconnect(req.sid, nsp="/closing")
+
+        return svc
+
+    def call(self, method, path, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request(method, f"/api/v1/sessions{path}", body=None if body is None else json.dumps(body))
+        res = c.getresponse()
+        text = res.read()
+        return res.status, json.loads(text) if text else None
+
+    def closed_session(self):
+        status, opened = self.call("POST", "", {"nsp": "/closing"})
+        self.assertEqual(status, 201)
+        sid = opened["sid"]
+        self.assertEqual(self.call("POST", f"/{sid}/emit", {"event": "leave_me"})[0], 202)
+        self.assertTrue(eventually(lambda: self.call("POST", f"/{sid}/emit", {"event": "x"})[0] == 410, WAIT),
+                        "the worker's disconnect never closed the session")
+        return sid
+
+    def test_the_next_poll_gets_what_was_not_polled_with_a_410(self):
+        sid = self.closed_session()
+        status, body = self.call("GET", f"/{sid}/events?timeout=0")
+        self.assertEqual(status, 410)
+        self.assertEqual((body["error"], body["reason"]), ("session closed", "server namespace disconnect"))
+        self.assertEqual([(e["event"], e["data"]) for e in body["events"]], [("last", {"n": 1})])
+        self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0"), (404, {"error": "unknown sid"}))
+
+    def test_a_poll_waiting_when_the_worker_disconnects_gets_the_410(self):
+        status, opened = self.call("POST", "", {"nsp": "/closing"})
+        sid = opened["sid"]
+        self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0"), (200, {"events": []}))
+        answers = queue.Queue()
+        threading.Thread(target=lambda: answers.put(self.call("GET", f"/{sid}/events?timeout=5000")),
+                         daemon=True).start()
+        time.sleep(0.3)
+        self.assertEqual(self.call("POST", f"/{sid}/emit", {"event": "leave_me"})[0], 202)
+        status, body = answers.get(timeout=WAIT)
+        # The event came first (its own answer), or with the 410.
+        if status == 200:
+            self.assertEqual([e["event"] for e in body["events"]], ["last"])
+            status, body = self.call("GET", f"/{sid}/events?timeout=0")
+            self.assertEqual(body["events"], [])
+        self.assertEqual((status, body["reason"]), (410, "server namespace disconnect"))
+        self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0")[0], 404)
+
+    def test_unpolled_it_is_forgotten_after_the_ttl(self):
+        lost = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
+                      reason="undelivered") or 0
+        sid = self.closed_session()
+        # Asked with emits, which leave what it kept in place (a poll takes it).
+        self.assertTrue(eventually(lambda: self.call("POST", f"/{sid}/emit", {"event": "x"})[0] == 404, 5),
+                        "the closed session was kept past its TTL")
+        self.assertEqual(metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_dropped_total",
+                                reason="undelivered"), lost + 1)
+
+    def test_a_delete_lets_go_of_it(self):
+        sid = self.closed_session()
+        self.assertEqual(self.call("DELETE", f"/{sid}")[0], 204)
+        self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0")[0], 404)
+
+
 class DrainTest(InProcessWorkerTest):
     """SIGTERM drains every face, not only Engine.IO sessions: a polling
     Socket.IO socket, a /ws connection, an HTTP API session (its waiting
