@@ -208,15 +208,21 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
   auto path = std::string{target->path()};
   bool echo = gw.config().engineio_echo && (path == "/engine.io/" || path == "/engine.io");
   bool eio = path == "/socket.io/" || path == "/socket.io" || echo;
-  if (eio && !origin_allowed(gw.config(), req)) {
+  // What a browser page may call from another origin (--cors-origin): the
+  // Engine.IO transport and the HTTP API.
+  bool api = path.starts_with("/api/v1/");
+  bool cors = eio || api;
+  if (cors && !origin_allowed(gw.config(), req)) {
     gw.metrics().refused_origin.Increment();
-    spdlog::warn("refused origin {}", std::string_view{req[http::field::origin]});
-    co_return make_response(req, eio_error(engineio::error_code::forbidden, 403));
+    static thread_local core::log_limiter log_limit;
+    if (log_limit.allow()) spdlog::warn("refused origin {}", std::string_view{req[http::field::origin]});
+    co_return make_response(req, eio ? eio_error(engineio::error_code::forbidden, 403)
+                                     : http_answer{403, "application/json", R"({"error":"origin not allowed"})"});
   }
-  if (eio && req.method() == http::verb::options) {
+  if (cors && req.method() == http::verb::options) {
     auto res = make_response(req, {204, "text/plain", ""});
     add_cors(req, res);
-    res.set(http::field::access_control_allow_methods, "GET, POST, OPTIONS");
+    res.set(http::field::access_control_allow_methods, eio ? "GET, POST, OPTIONS" : "GET, POST, DELETE, OPTIONS");
     auto asked = req[http::field::access_control_request_headers];
     res.set(http::field::access_control_allow_headers, asked.empty() ? "content-type" : asked);
     res.set(http::field::access_control_max_age, "86400");
@@ -240,7 +246,7 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
     answer = {405, "text/plain", "method not allowed\n"};
   }
   auto res = make_response(req, answer);
-  if (eio) add_cors(req, res);
+  if (cors) add_cors(req, res);
   co_return res;
 }
 

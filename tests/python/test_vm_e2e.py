@@ -1040,10 +1040,35 @@ class BridgeQueueTest(InProcessWorkerTest):
 class ApiPollingTest(InProcessWorkerTest):
     """HTTP API long-polls: --api-session-ttl counts from the end of the last
     poll (a client that keeps polling, each poll longer than the TTL, keeps
-    its session), and a poll whose client gave up takes no events with it."""
+    its session), and a poll whose client gave up takes no events with it.
+    A page of another origin may use the API only if --cors-origin lists it."""
 
     gateway_id = "gwL"
-    gateway_args = ("--api-session-ttl", "1000")
+    gateway_args = ("--api-session-ttl", "1000", "--cors-origin", "http://app.example")
+
+    def ask(self, method, path, headers, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request(method, f"/api/v1/sessions{path}", body=body, headers=headers)
+        res = c.getresponse()
+        return res.status, dict(res.getheaders()), res.read()
+
+    def test_an_origin_not_listed_is_refused_and_a_listed_one_gets_cors_headers(self):
+        status, _, body = self.ask("POST", "", {"Origin": "http://evil.example"}, '{"nsp":"/ttl"}')
+        self.assertEqual((status, json.loads(body)), (403, {"error": "origin not allowed"}))
+        status, headers, body = self.ask("POST", "", {"Origin": "http://app.example"}, '{"nsp":"/ttl"}')
+        self.assertEqual(status, 201, body)
+        self.assertEqual(headers.get("Access-Control-Allow-Origin"), "http://app.example")
+        sid = json.loads(body)["sid"]
+        status, headers, _ = self.ask("OPTIONS", f"/{sid}", {
+            "Origin": "http://app.example", "Access-Control-Request-Method": "DELETE"})
+        self.assertEqual(status, 204)
+        self.assertIn("DELETE", headers.get("Access-Control-Allow-Methods", ""))
+        self.assertEqual(self.ask("DELETE", f"/{sid}", {"Origin": "http://app.example"})[0], 204)
+        # No Origin: not a browser page; the gateway's own origin: same-origin.
+        self.assertEqual(self.ask("POST", "", {}, '{"nsp":"/ttl"}')[0], 201)
+        self.assertEqual(self.ask("POST", "", {"Origin": f"http://127.0.0.1:{self.http_port}",
+                                               "Host": f"127.0.0.1:{self.http_port}"}, '{"nsp":"/ttl"}')[0], 201)
 
     @classmethod
     def service(cls):
