@@ -64,6 +64,15 @@ bool same_key(std::string_view given, std::string_view key) {
   return diff == 0;
 }
 
+// A key of `body` other than `known`: 400, as /ws answers one (a misspelt
+// key would otherwise be ignored without a word).
+std::optional<http_answer> unknown_key(const json::object& body, std::initializer_list<std::string_view> known) {
+  for (const auto& kv : body)
+    if (std::find(known.begin(), known.end(), std::string_view{kv.key()}) == known.end())
+      return error(400, "unknown key: " + std::string{kv.key()});
+  return std::nullopt;
+}
+
 std::optional<json::object> parse_object(std::string_view body) {
   if (body.empty()) return json::object{};
   boost::system::error_code ec;
@@ -367,6 +376,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     if (req.method() != http::verb::post) co_return error(405, "use POST");
     auto body = parse_object(req.body());
     if (!body) co_return error(400, "body must be a JSON object");
+    if (auto refused = unknown_key(*body, {"nsp", "auth"})) co_return *refused;
     std::string nsp = "/";
     if (auto* n = body->if_contains("nsp")) {
       if (!n->is_string() || !socketio::valid_namespace(n->as_string())) co_return error(400, "bad nsp");
@@ -504,13 +514,17 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
   } else if (action == "emit" && req.method() == http::verb::post) {
     auto body = parse_object(req.body());
     if (!body) co_return error(400, "body must be a JSON object");
+    if (auto refused = unknown_key(*body, {"event", "data", "ack"})) co_return *refused;
     auto* event = body->if_contains("event");
     if (!event || !event->is_string() || socketio::is_reserved_event(event->as_string()))
       co_return error(400, "event must be a non-reserved string");
     std::string data;
     if (auto* d = body->if_contains("data")) data = json::serialize(*d);
     bool ack = false;
-    if (auto* a = body->if_contains("ack")) ack = a->is_bool() && a->as_bool();
+    if (auto* a = body->if_contains("ack")) {
+      if (!a->is_bool()) co_return error(400, "ack must be true or false");
+      ack = a->as_bool();
+    }
     asio::post(session->executor(), [session, slot, name = std::string{event->as_string()}, data = std::move(data), ack]() mutable {
       session->emit(std::move(name), std::move(data), ack, slot);
     });

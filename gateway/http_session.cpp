@@ -342,12 +342,14 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
 }
 
 // A request the parser could not take whole, answered in words before the
-// connection closes (counted): too large a body (413), too large a header
-// (431), not HTTP we can parse (400: a bad start line, header, chunk).
-// Nothing for success, for a client that went away, or for a timeout.
-std::optional<http_answer> refusal_for(const beast::error_code& ec, gateway_metrics& metrics) {
+// connection closes (counted): too large a body (413, in the HTTP API's
+// error format for its paths, else Engine.IO's), too large a header (431),
+// not HTTP we can parse (400: a bad start line, header, chunk). Nothing for
+// success, for a client that went away, or for a timeout.
+std::optional<http_answer> refusal_for(const beast::error_code& ec, std::string_view target, gateway_metrics& metrics) {
   if (ec == http::error::body_limit) {
     metrics.oversize.Increment();
+    if (target.starts_with("/api/v1/")) return http_answer{413, "application/json", R"({"error":"payload too large"})"};
     return http_answer{413, "application/json", R"({"code":3,"message":"Payload too large"})"};
   }
   if (ec.category() != http::make_error_code(http::error::bad_method).category() ||
@@ -446,7 +448,8 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     parser.body_limit(c.max_payload);
     stream.expires_after(c.idle_timeout);
     auto [ec, n] = co_await http::async_read(stream, buffer, parser, use);
-    if (auto refusal = refusal_for(ec, gw.metrics())) {
+    std::string_view target{parser.get().target()};  // what the start line named (empty before it)
+    if (auto refusal = refusal_for(ec, target, gw.metrics())) {
       request req;
       req.version(11);
       auto res = make_response(req, *refusal);

@@ -438,6 +438,26 @@ class HttpApiErrors(unittest.TestCase):
                      json.dumps({"event": 7, "broadcast": True}).encode()]:
             self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 400, body)
 
+    def test_bad_api_bodies_get_400_with_what_is_wrong(self):
+        def ask(method, path, body):
+            status, text, _ = request(method, path, body if isinstance(body, bytes) else json.dumps(body).encode())
+            return status, json.loads(text).get("error")
+        for body, why in ((b"[1]", "body must be a JSON object"), (b"{", "body must be a JSON object"),
+                          ({"nsp": 7}, "bad nsp"), ({"nsp": "/", "auth": "x"}, "auth must be an object"),
+                          ({"namespace": "/"}, "unknown key: namespace")):
+            self.assertEqual(ask("POST", "/api/v1/sessions", body), (400, why), body)
+        status, text, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
+        sid = json.loads(text)["sid"]
+        for body, why in (({"data": 1}, "event must be a non-reserved string"),
+                          ({"event": "connect"}, "event must be a non-reserved string"),
+                          ({"event": "echo", "args": [1, 2]}, "unknown key: args"),
+                          ({"event": "echo", "ack": "yes"}, "ack must be true or false")):
+            self.assertEqual(ask("POST", f"/api/v1/sessions/{sid}/emit", body), (400, why), body)
+        self.assertEqual(ask("POST", "/api/v1/sessionsXYZ/emit", {"event": "x"}), (404, "no such endpoint"))
+        big = json.dumps({"event": "echo", "data": "x" * 2_000_000}).encode()
+        self.assertEqual(ask("POST", f"/api/v1/sessions/{sid}/emit", big), (413, "payload too large"))
+        request("DELETE", f"/api/v1/sessions/{sid}")
+
     def test_api_poll_timeout_must_be_milliseconds(self):
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
         sid = json.loads(body)["sid"]
