@@ -147,8 +147,11 @@ class api_session : public client_socket {
     poll_ = std::move(answer);
     if (!events_.empty()) return flush();
     poll_timer_.expires_after(timeout);
-    poll_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this())](boost::system::error_code ec) {
-      if (!ec && self->poll_) self->flush();
+    // Its own poll only: a wait that had already ended when a newer poll
+    // took this one's place (cancel() cannot stop it then) leaves that one be.
+    poll_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this()),
+                            mine = std::weak_ptr<reply_slot>{poll_}](boost::system::error_code ec) {
+      if (!ec && self->poll_ && self->poll_ == mine.lock()) self->flush();
     });
   }
 

@@ -447,7 +447,16 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     parser.header_limit(static_cast<std::uint32_t>(c.max_header_bytes));
     parser.body_limit(c.max_payload);
     stream.expires_after(c.idle_timeout);
-    auto [ec, n] = co_await http::async_read(stream, buffer, parser, use);
+    beast::error_code ec;
+    std::tie(ec, std::ignore) = co_await http::async_read_header(stream, buffer, parser, use);
+    if (!ec && !parser.is_done() && beast::iequals(parser.get()[http::field::expect], "100-continue")) {
+      // A client that waits to be told to send its body (curl does for
+      // more than 1 KB): told at once, rather than left to its own timeout.
+      // (A body past --max-payload was refused with the header: 413.)
+      http::response<http::empty_body> go_on{http::status::continue_, 11};
+      std::tie(ec, std::ignore) = co_await http::async_write(stream, go_on, use);
+    }
+    if (!ec && !parser.is_done()) std::tie(ec, std::ignore) = co_await http::async_read(stream, buffer, parser, use);
     std::string_view target{parser.get().target()};  // what the start line named (empty before it)
     if (auto refusal = refusal_for(ec, target, gw.metrics())) {
       request req;

@@ -438,6 +438,22 @@ class HttpApiErrors(unittest.TestCase):
                      json.dumps({"event": 7, "broadcast": True}).encode()]:
             self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 400, body)
 
+    def test_a_client_that_expects_100_continue_is_told_to_go_on(self):
+        body = json.dumps({"broadcast": True, "event": "note", "data": "x" * 2000}).encode()
+        s = socket.create_connection((HOST, PORT), timeout=5)
+        self.addCleanup(s.close)
+        s.sendall(f"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                  f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode())
+        self.assertEqual(s.recv(4096), b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        self.assertTrue(s.recv(4096).startswith(b"HTTP/1.1 202 "))
+        # Past --max-payload: the final answer at once, no 100.
+        s2 = socket.create_connection((HOST, PORT), timeout=5)
+        self.addCleanup(s2.close)
+        s2.sendall(b"POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n"
+                   b"Expect: 100-continue\r\n\r\n")
+        self.assertTrue(s2.recv(4096).startswith(b"HTTP/1.1 413 "))
+
     def test_bad_api_bodies_get_400_with_what_is_wrong(self):
         def ask(method, path, body):
             status, text, _ = request(method, path, body if isinstance(body, bytes) else json.dumps(body).encode())
