@@ -108,6 +108,11 @@ void bridge::stop() {
   sub_.reset();
   link_.reset();
   welcomed_ = false;
+  // What still waits holds reply slots and sinks whose timers belong to the
+  // gateway's io_contexts, which go before this bridge does.
+  pending_.clear();
+  forwards_.clear();
+  deadlines_.clear();
 }
 
 std::string bridge::next_id() { return id_of(++next_id_); }

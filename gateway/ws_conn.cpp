@@ -804,6 +804,7 @@ void ws_conn::finish() {
   if (linger_) linger_->cancel();
   queue_.clear();
   head_ = head_written_ = queued_bytes_ = 0;
+  on_open_ = nullptr;  // a handshake Beast refused: the session it would have started goes
   if (auto cb = std::move(on_close_)) cb();
   if (!delivering_) on_message_ = nullptr;  // else deliver() drops it when the handler returns
   hold_.reset();
