@@ -388,12 +388,17 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
       // To the gateway that owns the sid; if it is gone, the asker hears so.
       auto owner = std::string{proto::sid_owner(env->forward().sid())};
       auto gw = peers_.find(owner);
-      if (owner.empty() || gw == peers_.end() || gw->second.role != proto::ROLE_GATEWAY || !send(owner, bytes)) {
+      bool known = !owner.empty() && gw != peers_.end() && gw->second.role == proto::ROLE_GATEWAY;
+      if (!known || !send(owner, bytes)) {
         Envelope gone;
         auto* a = gone.mutable_answer();
         a->set_id(env->forward().id());
         a->set_content_type("application/json");
-        if (env->forward().target().empty()) {  // Engine.IO's answer
+        bool api = !env->forward().target().empty();
+        if (known) {  // its pipe is full: the session lives on, the request is refused
+          a->set_status(503);
+          a->set_body(api ? R"({"error":"gateway busy"})" : R"({"code":3,"message":"Bad request"})");
+        } else if (!api) {  // Engine.IO's answer
           a->set_status(400);
           a->set_body(R"({"code":1,"message":"Session ID unknown"})");
         } else {  // the HTTP API's

@@ -476,6 +476,8 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
   std::string path = target ? target->path() : std::string{};
   if (!path.starts_with(prefix) || session_path(std::string_view{path}.substr(prefix.size() - 1)).first != f.sid())
     return answer(error(400, "a relayed request for no API session"));
+  const auto& m = f.method();
+  if (m != "GET" && m != "POST" && m != "DELETE" && m != "GONE") return answer(error(405, "no such action for this method"));
   auto session = find(f.sid());
   if (!session) return answer(error(404, "unknown sid"));
   auto ex = session->executor();

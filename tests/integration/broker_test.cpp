@@ -843,7 +843,10 @@ TEST_P(BrokerTest, ADisconnectThatComesWhileItsConnectHookRunsWaitsForItsAnswer)
                               note("answered " + req.sid());
                               if (req.sid() == "gwX.refused") req.fail(proto::REFUSED, "no");
                             })
-                            .on_disconnect([&](request req) { note("left " + req.sid()); })},
+                            // Its deadline counts from its release, not from when it came.
+                            .on_disconnect([&](request req) {
+                              note("left " + req.sid() + (req.cancel().cancelled() ? " past its deadline" : ""));
+                            })},
                        "w1");
   peer gateway{ctx_, "inproc://router", "gwX", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gateway.hello());

@@ -891,8 +891,8 @@ class SlowConnectHookTest(InProcessWorkerTest):
 
         @svc.on_disconnect
         def left(req):
-            with cls.lock:
-                cls.log.append(("left", req.sid, req.reason))
+            with cls.lock:  # its deadline counts from its release, not from when it came
+                cls.log.append(("left", req.sid, req.reason) + (("past its deadline",) if req.time_left() == 0 else ()))
 
         return svc
 

@@ -110,6 +110,7 @@ struct request_state {
   std::unique_ptr<request_fields> f;
   bool wants_reply = true;
   unsigned attempt = 1;
+  std::chrono::milliseconds timeout{30000};  // its deadline, from when it came (a held DISCONNECT: from its release)
   std::atomic<bool> answered{false};
   std::atomic<bool> acked{false};  // answered early; the final reply is silent
 
@@ -452,6 +453,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // hook hears it if the connect was accepted; a refused socket was never
   // the service's, and its notice is only answered.
   void release(std::shared_ptr<request_state> disconnect, bool accepted) {
+    // Its time counts from now: it waited for the hook, not for a handler.
+    disconnect->set_deadline(clock::now() + disconnect->timeout);
     const handler* h = nullptr;
     if (auto svc = by_name.find(disconnect->f->service); accepted && svc != by_name.end())
       h = &svc->second->on_disconnect_;
@@ -855,7 +858,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     st->wants_reply = connect;
     st->attempt = l.attempt();
     if (!connect) {
-      st->set_deadline(turn_now + std::chrono::milliseconds(l.timeout_ms() ? l.timeout_ms() : 30000));
+      if (l.timeout_ms()) st->timeout = std::chrono::milliseconds(l.timeout_ms());
+      st->set_deadline(turn_now + st->timeout);
       if (auto c = connecting.find(connecting_key(*st->f)); c != connecting.end()) {
         auto hook = c->second.lock();
         connecting.erase(c);

@@ -39,7 +39,7 @@ class Request:
     __slots__ = ("kind", "id", "service", "sid", "nsp", "event", "user", "args_json",
                  "attachments", "auth_json", "wants_reply", "attempt", "cancelled",
                  "cancel_reason", "_core", "_deadline", "_lock", "_answered", "_acked",
-                 "_args", "_auth", "_held")
+                 "_args", "_auth", "_held", "_timeout")
 
     def __init__(self, core, kind, rid, service, sid="", nsp="/", event="", user="",
                  args_json="[]", attachments=(), auth_json="{}", wants_reply=True, attempt=1,
@@ -66,6 +66,7 @@ class Request:
         self._args = None
         self._auth = None
         self._held = None  # a connect: its socket's DISCONNECT, held until it is answered
+        self._timeout = None  # seconds from its arrival (a held DISCONNECT: from its release)
 
     def __repr__(self):
         return f"<Request {self.id} {self.service}/{self.event} sid={self.sid!r}>"

@@ -514,7 +514,8 @@ class _Core:
                           wants_reply=connect, attempt=max(lc.attempt, 1))
             timeout_ms = lc.timeout_ms
         now = time.monotonic()
-        req._deadline = now + (timeout_ms / 1000.0 if timeout_ms else self.default_timeout)
+        req._timeout = timeout_ms / 1000.0 if timeout_ms else self.default_timeout
+        req._deadline = now + req._timeout
         if req.kind == DISCONNECT:
             # The gateway sends one for a connect not answered in time: while
             # that connect's hook still runs, the notice waits for its answer.
@@ -567,6 +568,8 @@ class _Core:
                 del self.connecting[key]
         if held is None:
             return
+        # Its time counts from now: it waited for the hook, not for a handler.
+        held._deadline = time.monotonic() + held._timeout
         service = self.services.get(held.service)
         handler = service.handler_for(DISCONNECT, held.event) if service is not None and accepted else None
         if handler is None:
