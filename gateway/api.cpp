@@ -455,19 +455,12 @@ asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, s
   co_return co_await slot->wait();
 }
 
-void api::poll_abandoned(std::string_view target, const asio::any_io_executor& ex) {
+void api::poll_abandoned(std::string_view target) {
   auto path = target.substr(0, target.find('?'));
   constexpr std::string_view prefix = "/api/v1/sessions";
   if (!path.starts_with(prefix) || path.size() == prefix.size()) return;
-  auto sid = session_path(path.substr(prefix.size())).first;
   // Ours keeps its events by itself: the poll's answer is not taken.
-  if (auto owner = proto::sid_owner(sid); owner.empty() || owner == gw_.config().id) return;
-  proto::HttpForward f;
-  f.set_sid(std::string{sid});
-  f.set_method("GONE");
-  f.set_target(std::string{target});
-  auto ignored = std::make_shared<reply_slot>(ex, [](http_answer) {});
-  gw_.link().forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
+  gw_.report_gone(session_path(path.substr(prefix.size())).first, std::string{target});
 }
 
 void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)> answer) {

@@ -42,7 +42,7 @@ class api {
   /// The client of the long-poll `target` left (http_session): a peer
   /// gateway's session hears so (GONE) and keeps its events for the next
   /// poll, as one of ours does by itself (the poll's answer is not taken).
-  void poll_abandoned(std::string_view target, const boost::asio::any_io_executor& ex);
+  void poll_abandoned(std::string_view target);
 
  private:
   using request = boost::beast::http::request<boost::beast::http::string_body>;

@@ -73,15 +73,19 @@ std::optional<std::string> gateway::failure() const {
   return failure_;
 }
 
+bool gateway::report_gone(std::string_view sid, std::string target) {
+  if (auto owner = proto::sid_owner(sid); owner.empty() || owner == config_.id) return false;
+  proto::HttpForward f;
+  f.set_sid(std::string{sid});
+  f.set_method("GONE");
+  f.set_target(std::move(target));
+  auto ignored = std::make_shared<reply_slot>(contexts_.front()->get_executor(), [](http_answer) {});
+  bridge_->forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
+  return true;
+}
+
 void gateway::poll_abandoned(const std::string& sid) {
-  if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != config_.id) {
-    proto::HttpForward f;
-    f.set_sid(sid);
-    f.set_method("GONE");
-    auto ignored = std::make_shared<reply_slot>(contexts_.front()->get_executor(), [](http_answer) {});
-    bridge_->forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
-    return;
-  }
+  if (report_gone(sid)) return;
   if (auto session = find_session(sid)) asio::post(session->executor(), [session] { session->poll_abandoned(); });
 }
 

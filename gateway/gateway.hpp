@@ -87,6 +87,10 @@ class gateway {
   /// session ends (eio_session::poll_abandoned), here or, through the
   /// broker, on the gateway that owns it (a forward with method GONE).
   void poll_abandoned(const std::string& sid);
+  /// For a sid of another gateway (else false): tells it, through the
+  /// broker, that the client of the long-poll it relayed left (an
+  /// HttpForward with method GONE; `target`: an API request's).
+  bool report_gone(std::string_view sid, std::string target = {});
   std::size_t session_count();
 
   boost::asio::io_context& next_context();

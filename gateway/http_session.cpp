@@ -499,7 +499,7 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
         if (poll == long_poll::engine_io) {
           if (auto sid = query_sid(req)) gw.poll_abandoned(*sid);
         } else {
-          gw.api().poll_abandoned(req.target(), stream.get_executor());
+          gw.api().poll_abandoned(req.target());
         }
         co_return;
       }
