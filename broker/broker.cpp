@@ -53,6 +53,11 @@ struct broker::metrics {
                     .Name("sidecast_broker_delivery_reports_total")
                     .Help("Delivery reports the broker produced, by status")
                     .Register(r)},
+        owed_disconnects{prometheus::BuildCounter()
+                             .Name("sidecast_broker_owed_disconnects_total")
+                             .Help("DISCONNECTs sent to a worker whose connect hook accepted after its CONNECT ended")
+                             .Register(r)
+                             .Add({})},
         events{prometheus::BuildCounter()
                    .Name("sidecast_broker_events_total")
                    .Help("Room and broadcast events forwarded from XSUB to XPUB")
@@ -111,6 +116,7 @@ struct broker::metrics {
   prometheus::Family<prometheus::Counter>& requests;
   prometheus::Family<prometheus::Counter>& dropped;
   prometheus::Family<prometheus::Counter>& reports;
+  prometheus::Counter& owed_disconnects;
   prometheus::Counter& events;
   prometheus::Family<prometheus::Gauge>& queue_depth;
   prometheus::Family<prometheus::Gauge>& workers;
@@ -526,6 +532,7 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
   work.id = head.id;
   work.service = head.service;
   work.wants_reply = head.wants_reply;
+  work.connect = head.kind == Envelope::kLifecycle && head.wants_reply;
   work.requester = routing_id;
   work.received = now;
   work.deadline = now + timeout;
@@ -602,6 +609,11 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
     }
     return;
   }
+  if (reply.code == proto::OK)
+    if (const auto* connect = table_.late_connect(reply.id, routing_id)) {
+      owe_disconnect(routing_id, reply.id, *connect);
+      return;
+    }
   bool held = false;
   auto done = table_.complete(reply.id, routing_id, &held);
   if (done) {
@@ -634,6 +646,54 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
     return;
   }
   send(owner, std::move(payload));
+}
+
+// A connect hook accepted after its CONNECT ended: the gateway has answered
+// the client TIMEOUT (or gave up on the broker and cancelled), and the
+// service holds a socket that is not there. The worker that accepted it
+// hears the socket's DISCONNECT, so that state kept per worker is undone
+// where it was made and after it was made; it takes the capacity the
+// CONNECT took. Its user is the one the CONNECT named (a token's): the
+// broker does not read the hook's answer.
+void broker::owe_disconnect(const std::string& worker, std::string_view connect_id, const zmq::message_t& connect) {
+  Envelope env;
+  if (!env.ParseFromArray(connect.data(), static_cast<int>(connect.size())) || !env.has_lifecycle()) {
+    table_.complete(connect_id, worker);  // cannot happen: it was parsed on arrival
+    return;
+  }
+  auto& l = *env.mutable_lifecycle();
+  job work;
+  work.id = config_.id + ":owed-" + std::to_string(++next_owed_);
+  work.service = l.service();
+  work.requester.clear();  // the broker's own: its answer goes nowhere
+  work.wants_reply = false;
+  work.received = now_;
+  work.deadline = now_ + config_.default_timeout;
+  l.set_kind(proto::Lifecycle::DISCONNECT);
+  l.set_id(work.id);
+  l.clear_auth();
+  l.set_reason("the connect was not answered in time");
+  l.set_attempt(1);
+  l.set_timeout_ms(static_cast<std::uint32_t>(config_.default_timeout.count()));
+  work.payload = core::message_of(env);
+  zmq::message_t out;
+  out.copy(work.payload);
+  if (!table_.hand_over(connect_id, worker, std::move(work))) {
+    table_.complete(connect_id, worker);
+    return;
+  }
+  ++stats_.owed_disconnects;
+  ++stats_.dispatched;
+  metrics_->owed_disconnects.Increment();
+  metrics_->count(l.service(), outcome::dispatched).Increment();
+  spdlog::debug("worker {} accepted {} after its connect ended: sent its DISCONNECT", worker, l.sid());
+  if (!send(worker, std::move(out))) {
+    // As in dispatch(): a worker that cannot be reached is lost, and the
+    // DISCONNECT goes to another worker of the service.
+    spdlog::warn("worker {} unreachable; dropping it", worker);
+    remove_peer(worker);
+    dispatch(now_);
+  }
 }
 
 void broker::on_addressed(const std::string& routing_id, const Envelope& env, std::string_view payload) {

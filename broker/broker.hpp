@@ -53,6 +53,7 @@ struct broker_stats {
   std::uint64_t dispatched = 0;
   std::uint64_t replies = 0;
   std::uint64_t events = 0;
+  std::uint64_t owed_disconnects = 0;  // see broker::owe_disconnect
 };
 
 class broker {
@@ -101,6 +102,7 @@ class broker {
   void on_job(const std::string& routing_id, const proto::hot_envelope& head, zmq::message_t& payload,
               clock::time_point now);
   void on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload);
+  void owe_disconnect(const std::string& worker, std::string_view connect_id, const zmq::message_t& connect);
   void on_addressed(const std::string& routing_id, const proto::Envelope& env, std::string_view payload);
   void on_cancel(const std::string& routing_id, const proto::Cancel& cancel);
   void publish(const proto::Emit& emit, std::string_view payload);
@@ -164,6 +166,7 @@ class broker {
   clock::time_point now_{};  // read once per loop turn
   alignas(16) std::array<char, 8192> arena_block_{};  // first arena block for decoding
   std::uint64_t next_ref_ = 0;
+  std::uint64_t next_owed_ = 0;  // ids of the DISCONNECTs the broker makes
 
   core::registry_ptr registry_;
   std::unique_ptr<metrics> metrics_;

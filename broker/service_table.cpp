@@ -108,6 +108,10 @@ job service_table::orphan(std::uint32_t s) {
   job work = std::move(e.work);
   e.work = job{};
   e.work.id = work.id;  // the slot keeps the id until the worker answers
+  if (work.connect) {   // and a CONNECT's envelope (late_connect); shared, not copied
+    e.work.connect = true;
+    e.work.payload.copy(work.payload);
+  }
   return work;
 }
 
@@ -353,6 +357,28 @@ const job* service_table::answer_early(std::string_view id, std::string_view wor
   // share (and pin) libzmq's whole receive buffer for as long as it lives.
   e.work.payload = zmq::message_t{};
   return &e.work;
+}
+
+const zmq::message_t* service_table::late_connect(std::string_view id, std::string_view worker) const {
+  auto s = find(id);
+  if (s == none) return nullptr;
+  const auto& e = slots_[s];
+  if (e.state != slot_state::orphaned || !e.work.connect || workers_[e.worker].name != worker) return nullptr;
+  return &e.work.payload;
+}
+
+bool service_table::hand_over(std::string_view id, std::string_view worker, job&& next) {
+  if (!late_connect(id, worker) || ids_.contains(next.id)) return false;
+  auto s = find(id);
+  auto& e = slots_[s];
+  ids_.erase(e.work.id);
+  e.work = std::move(next);
+  e.work.attempt = 1;
+  ids_.emplace(e.work.id, s);
+  e.state = slot_state::held;
+  ++held_count_;
+  heap_push(s);
+  return true;
 }
 
 std::optional<job> service_table::cancel(std::string_view id, std::string* worker) {

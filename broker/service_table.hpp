@@ -36,6 +36,7 @@ struct job {
   bool wants_reply = true;
   bool stale = false;       // the envelope's attempt or timeout_ms is not what the broker enforces
   bool answered = false;    // the worker answered early (partial reply); work goes on
+  bool connect = false;     // a Lifecycle CONNECT: its envelope outlives its end (see late_connect)
   unsigned attempt = 0;     // dispatches so far
   clock::time_point received{};
   clock::time_point deadline{};
@@ -121,6 +122,18 @@ class service_table {
   /// (its requester has its answer). Returns the job, or nullptr if the
   /// worker does not hold it or answered it already.
   const job* answer_early(std::string_view id, std::string_view worker);
+
+  /// A CONNECT that ended (expired, cancelled) while `worker` held it, and
+  /// that the worker has not answered: its envelope as received, else
+  /// nullptr. A hook that accepts it late holds a socket the client never
+  /// got, and is owed a DISCONNECT (see hand_over).
+  const zmq::message_t* late_connect(std::string_view id, std::string_view worker) const;
+  /// Replaces that ended CONNECT with `next` (its DISCONNECT), held by the
+  /// same worker in the capacity the CONNECT took, until it is answered,
+  /// expires or the worker is lost (then it goes to another worker of the
+  /// service, as any job). False when there is no such CONNECT, or `next`'s
+  /// id is taken.
+  bool hand_over(std::string_view id, std::string_view worker, job&& next);
 
   /// Removes a job whichever state it is in (the requester cancelled).
   /// Returns the worker holding it, if any.

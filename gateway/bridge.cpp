@@ -559,8 +559,8 @@ void bridge::reply_to(pending p, reply_data reply) {
   auto sink = p.sink.lock();
   if (!sink) {
     if (p.if_gone) {
-      if (maybe_accepted(reply.code)) {
-        if (reply.code == proto::OK) name_user(*p.if_gone, reply.args);
+      if (reply.code == proto::OK) {
+        name_user(*p.if_gone, reply.args);
         send_to_broker(std::move(*p.if_gone));
         link_watch_.dirty = true;
       }

@@ -75,8 +75,9 @@ class bridge {
   /// Sends a Request or a Lifecycle CONNECT; the Reply reaches
   /// sink->deliver_reply(tag, ...), or a TIMEOUT reply after `timeout` + 1 s.
   /// `if_gone` (a CONNECT's DISCONNECT notice) is sent instead when the
-  /// sink is gone and the service may have accepted (maybe_accepted): it
-  /// must hear that the socket no longer exists.
+  /// reply is OK and the sink is gone: the service accepted a socket that
+  /// no longer exists. (A hook that accepts after its CONNECT's deadline
+  /// hears its DISCONNECT from the broker: broker::owe_disconnect.)
   bool request(const proto::Envelope& env, std::weak_ptr<client_sink> sink, std::uint64_t tag,
                std::chrono::milliseconds timeout, std::optional<proto::Envelope> if_gone = std::nullopt);
   /// The same, serialized: `message` holds the envelope, whose id is `id`.

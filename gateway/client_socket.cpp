@@ -19,9 +19,6 @@ reply_data refusal(std::string message) { return {proto::REFUSED, std::move(mess
 
 // The DISCONNECT a service gets for a socket it accepted after the client left.
 constexpr const char* kLeftWhileConnecting = "the client left before its connect was answered";
-// The DISCONNECT a service gets when its hook's answer did not come in time
-// (a hook that accepts late must still hear that the socket is gone).
-constexpr const char* kConnectUnanswered = "the connect was not answered in time";
 
 }  // namespace
 
@@ -156,8 +153,8 @@ void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (state_ == state::closed) {
     // It ended while its connect hook ran, and the service accepted it:
     // told so as any DISCONNECT, with the user the hook named.
-    if (awaited && maybe_accepted(reply.code)) {
-      if (user_.empty() && reply.code == proto::OK) user_ = user_named_by(reply.args);
+    if (awaited && reply.code == proto::OK) {
+      if (user_.empty()) user_ = user_named_by(reply.args);
       gw_.link().send_owed(disconnect_notice(kLeftWhileConnecting));
     }
     return;
@@ -166,7 +163,6 @@ void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (reply.code != proto::OK) {
     state_ = state::closed;
     gw_.link().detach(sid_);
-    if (maybe_accepted(reply.code)) gw_.link().send_owed(disconnect_notice(kConnectUnanswered));
   } else if (user_.empty()) {
     user_ = user_named_by(reply.args);
   }

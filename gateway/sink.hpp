@@ -64,14 +64,6 @@ struct reply_data {
 /// sid's user from then on, unless a token named it first.
 std::string user_named_by(std::string_view connect_answer);
 
-/// Whether the service may hold a socket as connected after its CONNECT got
-/// this answer: it accepted, or the answer came from the broker or the
-/// bridge (a deadline, a lost worker) while its hook ran on, and a hook may
-/// still accept after that. Such a socket is owed a DISCONNECT notice.
-inline bool maybe_accepted(proto::Code connect_answer) {
-  return connect_answer == proto::OK || connect_answer == proto::TIMEOUT || connect_answer == proto::WORKER_LOST;
-}
-
 /// Buffers for reply args. The bridge parses a Reply's args into a buffer
 /// from spare_text() on its thread, and the session that has sent the ack
 /// gives the buffer back on its own. With one I/O thread (the demo's

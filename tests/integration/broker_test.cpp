@@ -824,12 +824,13 @@ TEST_P(BrokerTest, OnlyTheGatewayOfASidMayAskInItsName) {
   EXPECT_GE(broker_->stats().dropped, 3u);
 }
 
-// A connect hook that answers after the connect's deadline: the gateway was
-// told TIMEOUT and sends the socket's DISCONNECT, which reaches the worker
-// while the hook still runs. The SDK holds it until the hook has answered:
-// an accept then hears it (after the accept, never before), a refusal only
-// answers it.
-TEST_P(BrokerTest, ADisconnectThatComesWhileItsConnectHookRunsWaitsForItsAnswer) {
+// A connect hook that answers after its CONNECT ended: the gateway was told
+// TIMEOUT (or gave up and cancelled), so a hook that accepts late holds a
+// socket that is not there. The broker sends that socket's DISCONNECT to
+// the worker that accepted, after the accept: never to another worker, and
+// never after a refusal. Two workers of capacity 1 each take one hook each.
+TEST_P(BrokerTest, AHookThatAcceptsAfterItsConnectEndedHearsTheDisconnectOnItsOwnWorker) {
+  heartbeat_ = 2s;  // the test's gateway sends no heartbeats
   start();
   std::mutex m;
   std::vector<std::string> seen;
@@ -837,44 +838,75 @@ TEST_P(BrokerTest, ADisconnectThatComesWhileItsConnectHookRunsWaitsForItsAnswer)
     std::lock_guard lock{m};
     seen.push_back(std::move(what));
   };
-  auto& w = add_worker({service{"hooks", 4}
-                            .on_connect([&](request req) {
-                              std::this_thread::sleep_for(600ms);  // past the connect's 200 ms
-                              note("answered " + req.sid());
-                              if (req.sid() == "gwX.refused") req.fail(proto::REFUSED, "no");
-                            })
-                            // Its deadline counts from its release, not from when it came.
-                            .on_disconnect([&](request req) {
-                              note("left " + req.sid() + (req.cancel().cancelled() ? " past its deadline" : ""));
-                            })},
-                       "w1");
+  auto hooks = [&](std::string name) {
+    return service{"hooks", 1}
+        .on_connect([&, name](request req) {
+          std::this_thread::sleep_for(500ms);  // past the connect's 200 ms
+          note(name + " answered " + req.sid());
+          if (req.sid() == "gwX.refused") req.fail(proto::REFUSED, "no");
+        })
+        .on_disconnect([&, name](request req) {
+          auto args = req.args();
+          auto why = args.empty() || !args[0].is_string() ? std::string{} : std::string{args[0].as_string()};
+          note(name + " left " + req.sid() + ": " + why + " (" + req.user() + ")");
+        });
+  };
+  auto& w1 = add_worker({hooks("w1")}, "w1");
+  auto& w2 = add_worker({hooks("w2")}, "w2");
   peer gateway{ctx_, "inproc://router", "gwX", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gateway.hello());
-  auto lifecycle = [&](proto::Lifecycle::Kind kind, const std::string& sid, int n) {
+  auto connect = [&](const std::string& sid, const std::string& id, std::uint32_t timeout_ms) {
     Envelope env;
     auto* l = env.mutable_lifecycle();
-    l->set_kind(kind);
-    l->set_id("gwX:" + std::to_string(n));
+    l->set_kind(proto::Lifecycle::CONNECT);
+    l->set_id(id);
     l->set_service("hooks");
     l->set_sid(sid);
     l->set_nsp("/hooks");
-    l->set_timeout_ms(200);
+    l->set_user("ann");
+    l->set_timeout_ms(timeout_ms);
     gateway.send(env);
   };
-  int n = 0;
-  for (const std::string sid : {"gwX.accepted", "gwX.refused"}) {
-    auto before = w.stats().replies;
-    lifecycle(proto::Lifecycle::CONNECT, sid, ++n);
+  auto replies = [&] { return w1.stats().replies + w2.stats().replies; };
+  connect("gwX.a", "gwX:1", 200);
+  connect("gwX.b", "gwX:2", 200);
+  for (int i = 0; i < 2; ++i) {
     auto answer = gateway.next(Envelope::kReply, 5s);
     ASSERT_TRUE(answer);
     EXPECT_EQ(answer->reply().code(), proto::TIMEOUT);
-    lifecycle(proto::Lifecycle::DISCONNECT, sid, ++n);
-    // Both answered: the connect (too late for the gateway) and the notice.
-    EXPECT_TRUE(eventually([&] { return w.stats().replies == before + 2; })) << sid;
   }
+  // Each connect answered late, then its DISCONNECT.
+  EXPECT_TRUE(eventually([&] { return replies() == 4; })) << replies();
+  // A connect the gateway gives up on (no answer from the broker in time).
+  connect("gwX.cancelled", "gwX:3", 60000);
   std::this_thread::sleep_for(100ms);
+  Envelope cancel;
+  cancel.mutable_cancel()->set_id("gwX:3");
+  cancel.mutable_cancel()->set_reason(proto::TIMEOUT);
+  gateway.send(cancel);
+  EXPECT_TRUE(eventually([&] { return replies() == 6; })) << replies();
+  // A late refusal: its answer only frees the capacity.
+  connect("gwX.refused", "gwX:4", 200);
+  EXPECT_TRUE(eventually([&] { return replies() == 7; })) << replies();
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(replies(), 7u);
+  EXPECT_FALSE(gateway.next(Envelope::kReply, 0ms)) << "the gateway heard more than the TIMEOUTs";
+
   std::lock_guard lock{m};
-  EXPECT_EQ(seen, (std::vector<std::string>{"answered gwX.accepted", "left gwX.accepted", "answered gwX.refused"}));
+  for (const std::string sid : {"gwX.a", "gwX.b", "gwX.cancelled"}) {
+    auto answered = std::find_if(seen.begin(), seen.end(), [&](const auto& e) { return e.ends_with(" answered " + sid); });
+    ASSERT_NE(answered, seen.end()) << sid;
+    auto who = answered->substr(0, 2);
+    auto left = std::find(seen.begin(), seen.end(), who + " left " + sid + ": the connect was not answered in time (ann)");
+    EXPECT_NE(left, seen.end()) << sid << " never left on " << who;
+    EXPECT_LT(answered, left) << sid << " left before its hook answered";
+    EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [&](const auto& e) { return e.find(" left " + sid) != std::string::npos; }), 1)
+        << sid;
+  }
+  EXPECT_EQ(std::count_if(seen.begin(), seen.end(), [](const auto& e) { return e.find("left gwX.refused") != std::string::npos; }), 0);
+  EXPECT_EQ(seen.size(), 7u);
+  stop();
+  EXPECT_EQ(broker_->stats().owed_disconnects, 3u);
 }
 
 // A Reply that answers no job is a client's ack of a worker's Emit: it goes

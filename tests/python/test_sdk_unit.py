@@ -100,9 +100,6 @@ class FakeCore:
         self.sent.append(("emit", a))
         return True
 
-    def connect_answered(self, req, held, accepted):
-        self.sent.append(("connect answered", held, accepted))
-
 
 def make(kind=EVENT, deadline_in=30.0, **kw):
     core = FakeCore()
@@ -157,15 +154,6 @@ class RequestTest(unittest.TestCase):
         core, req = make(CONNECT)
         req.refuse("forbidden")
         self.assertEqual((core.replies[-1]["code"], core.replies[-1]["message"]), (Code.REFUSED, "forbidden"))
-
-    def test_a_connect_holds_its_sockets_disconnect_until_it_is_answered(self):
-        for answer, accepted in ((lambda r: r.accept(), True), (lambda r: r.refuse("no"), False)):
-            core, req = make(CONNECT)
-            _, notice = make(DISCONNECT)
-            self.assertTrue(req._hold(notice))
-            answer(req)
-            self.assertEqual(core.sent, [("connect answered", notice, accepted)])
-            self.assertFalse(req._hold(notice), "held after the answer: it would never be passed on")
 
     def test_disconnect_reason(self):
         _, req = make(DISCONNECT, args_json='["transport close"]')

@@ -242,6 +242,7 @@ class InProcessWorkerTest(unittest.TestCase):
     gateway_id = "gwP"
     gateway_threads = 1
     gateway_args = ()
+    worker_count = 1  # more: cls.workers, each serving a service of its own call of service()
 
     @classmethod
     def service(cls):
@@ -258,19 +259,24 @@ class InProcessWorkerTest(unittest.TestCase):
                                "--events", cls.broker.xpub, "--gateway-id", cls.gateway_id,
                                "--route", f"/{svc.name}={svc.name}", "--threads", str(cls.gateway_threads),
                                "--log-level", "warn", *cls.gateway_args], "gateway")
-        cls.worker = Worker(broker=cls.broker.router, publish=cls.broker.xsub, worker_id=f"py{svc.name}",
-                            heartbeat_interval=0.5)
-        cls.worker.add(svc)
-        cls.worker.start()
+        cls.workers = []
+        for i in range(cls.worker_count):
+            w = Worker(broker=cls.broker.router, publish=cls.broker.xsub,
+                       worker_id=f"py{svc.name}" + (str(i + 1) if i else ""), heartbeat_interval=0.5)
+            w.add(svc if i == 0 else cls.service())
+            w.start()
+            cls.workers.append(w)
+        cls.worker = cls.workers[0]
         if not (eventually(lambda: http_get(cls.http_port, "/healthz")[0] == 200, 10)
-                and eventually(lambda: cls.broker.workers(svc.name) == 1, 10)):
+                and eventually(lambda: cls.broker.workers(svc.name) == cls.worker_count, 10)):
             print(f"--- gateway output:\n{cls.gateway.output()}")
             cls.tearDownClass()
             raise RuntimeError("the gateway or the worker did not connect to the broker")
 
     @classmethod
     def tearDownClass(cls):
-        cls.worker.stop()
+        for w in cls.workers:
+            w.stop()
         for p in (cls.gateway, cls.broker.process):
             p.stop()
             p.cleanup()
@@ -866,69 +872,88 @@ class GoneClientTest(InProcessWorkerTest):
 
 class SlowConnectHookTest(InProcessWorkerTest):
     """A connect hook that answers after the connect's deadline: the client
-    was refused (TIMEOUT), so a hook that accepts late must still hear that
-    the socket is gone. The gateway sends a DISCONNECT for every connect
-    not answered in time; the worker SDK holds it while the hook runs, so
-    the service hears it after the hook's accept, and not at all if the
-    hook refused."""
+    was refused (TIMEOUT), so a hook that accepts late holds a socket that
+    is not there. The broker sends the socket's DISCONNECT to the worker
+    whose hook accepted, after the accept (protocol.md, Late accepts), and
+    nothing after a late refusal. Two workers of capacity 1: two hooks at
+    once run on both."""
 
     gateway_id = "gwS"
     gateway_args = ("--request-timeout", "400")
+    worker_count = 2
+    log, lock = [], threading.Lock()
 
     @classmethod
     def service(cls):
         from sidecast_worker import Service
-        svc = Service("slow", capacity=4)  # room for the DISCONNECT while the hook runs
-        cls.log, cls.lock = [], threading.Lock()
+        svc = Service("slow", capacity=1)
 
         @svc.on_connect
         def hello(req):
             time.sleep(float(req.auth.get("sleep", 0)))
             with cls.lock:
-                cls.log.append(("answered", req.sid))
+                cls.log.append(("answered", req.sid, req.worker_id))
             if req.auth.get("refuse"):
                 req.refuse("no")
 
         @svc.on_disconnect
         def left(req):
-            with cls.lock:  # its deadline counts from its release, not from when it came
-                cls.log.append(("left", req.sid, req.reason) + (("past its deadline",) if req.time_left() == 0 else ()))
+            with cls.lock:
+                cls.log.append(("left", req.sid, req.worker_id, req.reason))
 
         return svc
 
-    def connect(self, auth):
-        """The hook's sid, once the client was told its connect failed."""
+    def connect(self, auth, clients=1):
+        """Opens `clients` sockets at once; their sids, in the order their
+        hooks answered, once every client was told its connect failed."""
         import websocket  # python3-websocket
-        ws = websocket.create_connection(
-            f"ws://127.0.0.1:{self.http_port}/ws?nsp=/slow&auth=" + urllib.parse.quote(json.dumps(auth)),
-            timeout=WAIT)
-        self.addCleanup(ws.close)
-        frame = json.loads(ws.recv())
-        self.assertEqual((frame["event"], frame["data"]), ("connect_error", {"message": "service unavailable: TIMEOUT"}))
-        self.assertTrue(eventually(lambda: any(e[0] == "answered" for e in self.events()), WAIT),
-                        "the hook never answered")
-        return next(e[1] for e in self.events() if e[0] == "answered")
+        sockets = []
+        for _ in range(clients):
+            ws = websocket.create_connection(
+                f"ws://127.0.0.1:{self.http_port}/ws?nsp=/slow&auth=" + urllib.parse.quote(json.dumps(auth)),
+                timeout=WAIT)
+            self.addCleanup(ws.close)
+            sockets.append(ws)
+        for ws in sockets:
+            frame = json.loads(ws.recv())
+            self.assertEqual((frame["event"], frame["data"]),
+                             ("connect_error", {"message": "service unavailable: TIMEOUT"}))
+        self.assertTrue(eventually(lambda: len(self.answered()) == clients, WAIT), "the hooks never answered")
+        return [e[1] for e in self.answered()]
 
     def events(self):
         with self.lock:
             return list(self.log)
 
+    def answered(self):
+        return [e for e in self.events() if e[0] == "answered"]
+
+    def requests(self):
+        return sum(w.stats().requests for w in self.workers)
+
     def setUp(self):
         with self.lock:
             self.log.clear()
 
-    def test_a_hook_that_accepts_late_hears_the_disconnect_after_it(self):
-        sid = self.connect({"sleep": 1.2})
-        self.assertTrue(eventually(lambda: len(self.events()) == 2, WAIT), f"no DISCONNECT: {self.events()}")
-        self.assertEqual(self.events(), [("answered", sid), ("left", sid, "the connect was not answered in time")])
+    def test_a_hook_that_accepts_late_hears_the_disconnect_after_it_on_its_worker(self):
+        sids = self.connect({"sleep": 1.2}, clients=2)
+        self.assertTrue(eventually(lambda: len(self.events()) == 4, WAIT), f"no DISCONNECT: {self.events()}")
+        events = self.events()
+        workers = set()
+        for sid in sids:
+            answered = next(i for i, e in enumerate(events) if e[:2] == ("answered", sid))
+            worker = events[answered][2]
+            workers.add(worker)
+            self.assertIn(("left", sid, worker, "the connect was not answered in time"), events[answered + 1:],
+                          f"{sid} did not leave on {worker}, after its hook: {events}")
+        self.assertEqual(len(workers), 2, f"both hooks ran on one worker: {events}")
 
     def test_a_hook_that_refuses_late_hears_nothing(self):
-        before = self.worker.stats().requests
-        sid = self.connect({"sleep": 1.2, "refuse": True})
-        # The DISCONNECT reached the worker long before the hook answered.
-        self.assertTrue(eventually(lambda: self.worker.stats().requests == before + 2, WAIT), "no DISCONNECT came")
-        time.sleep(0.3)
-        self.assertEqual(self.events(), [("answered", sid)])
+        before = self.requests()
+        sid, = self.connect({"sleep": 1.2, "refuse": True})
+        time.sleep(0.5)
+        self.assertEqual([e[:2] for e in self.events()], [("answered", sid)])
+        self.assertEqual(self.requests(), before + 1, "a DISCONNECT came after a refusal")
 
 
 class ProxyProtocolTest(InProcessWorkerTest):

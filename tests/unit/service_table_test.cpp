@@ -286,6 +286,68 @@ TEST(ServiceTable, EarlyAnswerKeepsCapacityDropsDeadlineAndRetry) {
   EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "next"}}));
 }
 
+// A CONNECT that ended while a worker held it keeps its envelope for that
+// worker's late answer; handed over, its DISCONNECT is held by the same
+// worker in the same capacity, expires like any job, and goes to another
+// worker if that one is lost.
+TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
+  service_table t{{}};
+  t.add_worker("w1", "svc", 1);
+  t.add_worker("w2", "svc", 1);
+  auto c1 = make_job("c1", "svc", 1s);
+  c1.connect = true;
+  auto c2 = make_job("c2", "svc", 1100ms);
+  c2.connect = true;
+  t.submit(std::move(c1));
+  t.submit(std::move(c2));
+  t.submit(make_job("r", "svc", 1200ms));  // a request, not a connect
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "c1"}, {"w2", "c2"}}));
+  EXPECT_EQ(t.late_connect("c1", "w1"), nullptr) << "still live";
+  EXPECT_EQ(failures(t.expire(t0 + 2s)), "c1:TIMEOUT@w1 c2:TIMEOUT@w2 r:UNAVAILABLE");
+  const zmq::message_t* kept = t.late_connect("c1", "w1");
+  ASSERT_NE(kept, nullptr);
+  EXPECT_EQ(kept->to_string_view(), "p:c1");
+  EXPECT_EQ(t.late_connect("c1", "w2"), nullptr) << "only its holder's answer";
+  EXPECT_EQ(t.late_connect("nope", "w1"), nullptr);
+
+  auto d1 = make_job("d1", "svc", 5s, false);
+  d1.requester.clear();
+  EXPECT_FALSE(t.hand_over("c1", "w2", make_job("x"))) << "not w2's";
+  EXPECT_FALSE(t.hand_over("c1", "w1", make_job("c2"))) << "an id taken";
+  EXPECT_TRUE(t.hand_over("c1", "w1", std::move(d1)));
+  EXPECT_EQ(t.late_connect("c1", "w1"), nullptr) << "handed over once";
+  EXPECT_FALSE(t.complete("c1", "w1")) << "the connect's id is gone";
+  EXPECT_EQ(t.in_flight(), 1u);
+  t.submit(make_job("next", "svc", 10s));
+  EXPECT_TRUE(t.dispatch().empty()) << "w1's capacity stays taken, w2's by its ended connect";
+  EXPECT_EQ(t.next_deadline(), t0 + 5s);
+
+  // w2 answers its ended connect with a refusal: only its capacity is freed.
+  bool held = false;
+  EXPECT_FALSE(t.complete("c2", "w2", &held));
+  EXPECT_TRUE(held);
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "next"}}));
+
+  // w1 is lost before answering the DISCONNECT: it goes to the next worker.
+  EXPECT_TRUE(t.remove_worker("w1").empty());
+  EXPECT_EQ(t.queued("svc"), 1u);
+  EXPECT_TRUE(t.complete("next", "w2"));
+  auto again = t.dispatch();
+  ASSERT_EQ(pairs(again), (P{{"w2", "d1"}}));
+  EXPECT_EQ(again[0].work->attempt, 2u);
+  EXPECT_FALSE(again[0].work->wants_reply);
+  auto done = t.complete("d1", "w2");
+  ASSERT_TRUE(done);
+  EXPECT_EQ(done->requester, "");
+  EXPECT_EQ(t.in_flight(), 0u);
+
+  // A request that ends while held keeps nothing for a late answer.
+  t.submit(make_job("r2", "svc", 1s));
+  t.dispatch();
+  EXPECT_EQ(failures(t.expire(t0 + 3s)), "r2:TIMEOUT@w2");
+  EXPECT_EQ(t.late_connect("r2", "w2"), nullptr);
+}
+
 // The deadline heap and the queues against a plain model: random deadlines,
 // cancels in the middle of queues and held jobs answered early; every job
 // that still had a deadline expires exactly once, in deadline order.

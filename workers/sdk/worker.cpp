@@ -110,7 +110,6 @@ struct request_state {
   std::unique_ptr<request_fields> f;
   bool wants_reply = true;
   unsigned attempt = 1;
-  std::chrono::milliseconds timeout{30000};  // its deadline, from when it came (a held DISCONNECT: from its release)
   std::atomic<bool> answered{false};
   std::atomic<bool> acked{false};  // answered early; the final reply is silent
 
@@ -137,22 +136,6 @@ struct request_state {
     if (token_) token_.emplace(stop_.get_token(), at);
   }
 
-  // A connect's hook may still run when the DISCONNECT for its socket comes
-  // (the gateway sends one when the connect was not answered in time): the
-  // notice waits here until the connect is answered. False: it was already.
-  bool hold(std::shared_ptr<request_state> disconnect) {
-    std::lock_guard lock{cancel_mutex};
-    if (settled_) return false;
-    held_ = std::move(disconnect);
-    return true;
-  }
-  // The connect is answered; the DISCONNECT held meanwhile, if any.
-  std::shared_ptr<request_state> settle() {
-    std::lock_guard lock{cancel_mutex};
-    settled_ = true;
-    return std::move(held_);
-  }
-
   ~request_state();
 
  private:
@@ -161,8 +144,6 @@ struct request_state {
   bool cancel_asked_ = false;
   std::stop_source stop_{std::nostopstate};
   std::optional<cancel_token> token_;
-  bool settled_ = false;                   // a connect: answered
-  std::shared_ptr<request_state> held_;  // a connect: its socket's DISCONNECT, until then
 };
 
 // A fixed pool of handler threads fed through one queue. Its requests are
@@ -276,9 +257,6 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // it takes (their deadlines), its heartbeats and its ack expiry.
   clock::time_point turn_now{};
   std::unordered_map<std::string, std::weak_ptr<request_state>> in_flight;
-  // Connects whose hooks outlived their turn, by service, namespace and sid.
-  std::unordered_map<std::string, std::weak_ptr<request_state>> connecting;
-  std::size_t connecting_sweep_at = 1024;
   std::unordered_map<std::string, pending_ack> acks;
   std::multimap<clock::time_point, std::string> ack_deadlines;
   std::size_t sweep_at = 1024;
@@ -444,28 +422,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (!enqueue({{}, std::move(reply)}, true) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
-    if (st.type == request::kind::connect && !partial)
-      if (auto held = st.settle()) release(std::move(held), code == proto::OK);
     return true;
-  }
-
-  // A DISCONNECT held while its socket's connect hook ran: the service's
-  // hook hears it if the connect was accepted; a refused socket was never
-  // the service's, and its notice is only answered.
-  void release(std::shared_ptr<request_state> disconnect, bool accepted) {
-    // Its time counts from now: it waited for the hook, not for a handler.
-    disconnect->set_deadline(clock::now() + disconnect->timeout);
-    const handler* h = nullptr;
-    if (auto svc = by_name.find(disconnect->f->service); accepted && svc != by_name.end())
-      h = &svc->second->on_disconnect_;
-    if (!h || !*h) {
-      answer(*disconnect, proto::OK, {}, "[]", {}, true);
-      return;
-    }
-    pool.post([this, h, st = std::move(disconnect)]() mutable {
-      if (stopping) return;
-      run_handler(*h, std::move(st));
-    });
   }
 
   std::size_t pool_threads() const {
@@ -727,7 +684,6 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& [id, weak] : in_flight)
       if (auto st = weak.lock()) st->cancel();
     in_flight.clear();
-    connecting.clear();
     // Client acks still awaited will not come now: their callbacks hear
     // CANCELLED on the pool (which runs what it holds before it stops), and
     // let go of the requests they captured, which hold this core. Kept, they
@@ -857,28 +813,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     else f.auth.swap(*l.mutable_auth());
     st->wants_reply = connect;
     st->attempt = l.attempt();
-    if (!connect) {
-      if (l.timeout_ms()) st->timeout = std::chrono::milliseconds(l.timeout_ms());
-      st->set_deadline(turn_now + st->timeout);
-      if (auto c = connecting.find(connecting_key(*st->f)); c != connecting.end()) {
-        auto hook = c->second.lock();
-        connecting.erase(c);
-        if (hook && hook->hold(st)) return;
-      }
-    }
     dispatch(std::move(st), l.timeout_ms());
-  }
-
-  static std::string connecting_key(const request_fields& f) { return f.service + '\n' + f.nsp + '\n' + f.sid; }
-
-  // A connect whose hook outlives its turn: a DISCONNECT for its socket waits
-  // for its answer (see request_state::hold).
-  void track_connect(const std::shared_ptr<request_state>& st) {
-    connecting[connecting_key(*st->f)] = st;
-    if (connecting.size() > connecting_sweep_at) {
-      std::erase_if(connecting, [](const auto& kv) { return kv.second.expired(); });
-      connecting_sweep_at = std::max<std::size_t>(1024, 2 * connecting.size());
-    }
   }
 
   void dispatch(std::shared_ptr<request_state> st, std::uint32_t timeout_ms) {
@@ -914,10 +849,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       // Here, on the I/O thread: see service::on_quick.
       std::weak_ptr<request_state> kept = st;
       run_handler(*h, std::move(st));
-      if (auto still = kept.lock(); still && !still->answered) {
-        track(still);
-        if (still->type == request::kind::connect) track_connect(still);
-      }
+      if (auto still = kept.lock(); still && !still->answered) track(still);
       return;
     }
     // The broker's credits keep this queue to the capacity announced; this
@@ -929,7 +861,6 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       return;
     }
     track(st);
-    if (st->type == request::kind::connect) track_connect(st);
     requests_waiting.fetch_add(1, std::memory_order_relaxed);
     pool.post([this, h, st = std::move(st)]() mutable {
       requests_waiting.fetch_sub(1, std::memory_order_relaxed);

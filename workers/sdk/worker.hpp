@@ -167,13 +167,13 @@ class service {
   service& on_quick(std::string event, handler h);
   /// Connect hook: reply() accepts (default), fail(REFUSED, msg) refuses.
   service& on_connect(handler h);
-  /// Disconnect hook, for a socket the connect hook accepted. A hook that
-  /// answers after the connect's deadline has accepted a socket the client
-  /// was refused: it hears the DISCONNECT too, once it has answered (the
-  /// gateway sends one for every connect not answered in time; held here
-  /// while the hook runs, and not passed on if the hook refuses). A
-  /// DISCONNECT reaching another worker of the service, or this one after
-  /// the hook returned, is passed on whatever it answered.
+  /// Disconnect hook: a socket the service accepted is gone. It may run on
+  /// another worker of the service than the one that accepted the socket,
+  /// except after a late accept: a connect hook that accepts after its
+  /// connect's deadline (the client got connect_error) is followed, on this
+  /// worker, by the socket's DISCONNECT (reason "the connect was not
+  /// answered in time"), which the broker sends once the accept reached it.
+  /// A late refusal is followed by nothing.
   service& on_disconnect(handler h);
 
   const std::string& name() const { return name_; }

@@ -39,7 +39,7 @@ class Request:
     __slots__ = ("kind", "id", "service", "sid", "nsp", "event", "user", "args_json",
                  "attachments", "auth_json", "wants_reply", "attempt", "cancelled",
                  "cancel_reason", "_core", "_deadline", "_lock", "_answered", "_acked",
-                 "_args", "_auth", "_held", "_timeout")
+                 "_args", "_auth")
 
     def __init__(self, core, kind, rid, service, sid="", nsp="/", event="", user="",
                  args_json="[]", attachments=(), auth_json="{}", wants_reply=True, attempt=1,
@@ -65,8 +65,6 @@ class Request:
         self._acked = False
         self._args = None
         self._auth = None
-        self._held = None  # a connect: its socket's DISCONNECT, held until it is answered
-        self._timeout = None  # seconds from its arrival (a held DISCONNECT: from its release)
 
     def __repr__(self):
         return f"<Request {self.id} {self.service}/{self.event} sid={self.sid!r}>"
@@ -159,7 +157,6 @@ class Request:
         return True
 
     def _answer(self, code, message, args_json, attachments, silent, partial=False):
-        held = None
         with self._lock:
             if self._answered or (partial and self._acked):
                 return False
@@ -167,22 +164,10 @@ class Request:
                 self._acked = True
             else:
                 self._answered = True
-                held, self._held = self._held, None
                 if self._acked:
                     # The requester has its answer: this only frees the capacity.
                     code, message, args_json, attachments, silent = Code.OK, "", "[]", [], True
-        sent = self._core.send_reply(self, code, message, args_json, attachments, silent, partial)
-        if self.kind == CONNECT and not partial:
-            self._core.connect_answered(self, held, code == Code.OK)
-        return sent
-
-    def _hold(self, disconnect):
-        """A connect still unanswered keeps its socket's DISCONNECT until it is answered."""
-        with self._lock:
-            if self._answered:
-                return False
-            self._held = disconnect
-            return True
+        return self._core.send_reply(self, code, message, args_json, attachments, silent, partial)
 
     def _finish(self):
         """The handler returned: give the default answer if none was given."""

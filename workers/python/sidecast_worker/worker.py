@@ -139,7 +139,6 @@ class _Core:
         self.local = threading.local()  # .in_pool on handler threads
 
         self.in_flight = {}  # request id -> Request, until its final answer
-        self.connecting = {}  # (service, nsp, sid) -> a connect Request, until it is answered
         self.in_flight_lock = threading.Lock()
         self.deadlines = []  # heap of (deadline, seq, Request): I/O thread only
         self.seq = itertools.count()
@@ -423,7 +422,6 @@ class _Core:
         """Whatever still runs learns that the worker is going away."""
         with self.in_flight_lock:
             running, self.in_flight = list(self.in_flight.values()), {}
-            self.connecting = {}
         for req in running:
             req._cancel(Code.CANCELLED)
 
@@ -514,15 +512,7 @@ class _Core:
                           wants_reply=connect, attempt=max(lc.attempt, 1))
             timeout_ms = lc.timeout_ms
         now = time.monotonic()
-        req._timeout = timeout_ms / 1000.0 if timeout_ms else self.default_timeout
-        req._deadline = now + req._timeout
-        if req.kind == DISCONNECT:
-            # The gateway sends one for a connect not answered in time: while
-            # that connect's hook still runs, the notice waits for its answer.
-            with self.in_flight_lock:
-                hook = self.connecting.pop((req.service, req.nsp, req.sid), None)
-            if hook is not None and hook._hold(req):
-                return
+        req._deadline = now + (timeout_ms / 1000.0 if timeout_ms else self.default_timeout)
         service = self.services.get(req.service)
         if service is None:
             req.fail(Code.BAD_REQUEST, f"service not served here: {req.service}")
@@ -547,8 +537,6 @@ class _Core:
         with self.in_flight_lock:
             self.in_flight[req.id] = req
             live = len(self.in_flight)
-            if req.kind == CONNECT:
-                self.connecting[(req.service, req.nsp, req.sid)] = req
         heapq.heappush(self.deadlines, (req._deadline, next(self.seq), req))
         if len(self.deadlines) > 2 * live + 1024:
             # Answered requests leave entries behind until their deadline.
@@ -558,29 +546,6 @@ class _Core:
             with self.stats_lock:
                 self.waiting -= 1
             req._cancel(Code.CANCELLED)
-
-    def connect_answered(self, req, held, accepted):
-        """A connect is answered: the DISCONNECT held meanwhile goes to the
-        service's hook if it accepted; a refused socket's is only answered."""
-        with self.in_flight_lock:
-            key = (req.service, req.nsp, req.sid)
-            if self.connecting.get(key) is req:
-                del self.connecting[key]
-        if held is None:
-            return
-        # Its time counts from now: it waited for the hook, not for a handler.
-        held._deadline = time.monotonic() + held._timeout
-        service = self.services.get(held.service)
-        handler = service.handler_for(DISCONNECT, held.event) if service is not None and accepted else None
-        if handler is None:
-            held._finish()
-            return
-        with self.stats_lock:
-            self.waiting += 1
-        if not self.submit(self.run_handler, handler, held):
-            with self.stats_lock:
-                self.waiting -= 1
-            held._cancel(Code.CANCELLED)
 
     def on_ack(self, reply):
         with self.acks_lock:
