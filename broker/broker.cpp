@@ -609,7 +609,7 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
     }
     return;
   }
-  if (reply.code == proto::OK)
+  if (reply.code == proto::OK && table_.ended_connects() > 0)
     if (const auto* connect = table_.late_connect(reply.id, routing_id)) {
       owe_disconnect(routing_id, reply.id, *connect);
       return;

@@ -92,6 +92,7 @@ std::uint32_t service_table::new_slot() {
 
 job service_table::take_slot(std::uint32_t s) {
   auto& e = slots_[s];
+  if (e.state == slot_state::orphaned && e.work.connect) --ended_connects_;
   if (e.heap_pos != none) heap_erase(s);
   ids_.erase(e.work.id);
   job work = std::move(e.work);
@@ -111,6 +112,7 @@ job service_table::orphan(std::uint32_t s) {
   if (work.connect) {   // and a CONNECT's envelope (late_connect); shared, not copied
     e.work.connect = true;
     e.work.payload.copy(work.payload);
+    ++ended_connects_;
   }
   return work;
 }
@@ -372,6 +374,7 @@ bool service_table::hand_over(std::string_view id, std::string_view worker, job&
   auto s = find(id);
   auto& e = slots_[s];
   ids_.erase(e.work.id);
+  --ended_connects_;
   e.work = std::move(next);
   e.work.attempt = 1;
   ids_.emplace(e.work.id, s);

@@ -134,6 +134,9 @@ class service_table {
   /// service, as any job). False when there is no such CONNECT, or `next`'s
   /// id is taken.
   bool hand_over(std::string_view id, std::string_view worker, job&& next);
+  /// How many ended CONNECTs wait for their workers' answers: while none
+  /// does, a reply need not be looked up for late_connect.
+  std::size_t ended_connects() const { return ended_connects_; }
 
   /// Removes a job whichever state it is in (the requester cancelled).
   /// Returns the worker holding it, if any.
@@ -235,6 +238,7 @@ class service_table {
   std::vector<std::uint32_t> deadlines_;
   std::vector<assignment> assigned_;
   std::size_t held_count_ = 0;
+  std::size_t ended_connects_ = 0;
   std::uint64_t submitted_ = 0;
   bool dispatch_due_ = false;
 };

@@ -304,6 +304,7 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "c1"}, {"w2", "c2"}}));
   EXPECT_EQ(t.late_connect("c1", "w1"), nullptr) << "still live";
   EXPECT_EQ(failures(t.expire(t0 + 2s)), "c1:TIMEOUT@w1 c2:TIMEOUT@w2 r:UNAVAILABLE");
+  EXPECT_EQ(t.ended_connects(), 2u);
   const zmq::message_t* kept = t.late_connect("c1", "w1");
   ASSERT_NE(kept, nullptr);
   EXPECT_EQ(kept->to_string_view(), "p:c1");
@@ -316,6 +317,7 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_FALSE(t.hand_over("c1", "w1", make_job("c2"))) << "an id taken";
   EXPECT_TRUE(t.hand_over("c1", "w1", std::move(d1)));
   EXPECT_EQ(t.late_connect("c1", "w1"), nullptr) << "handed over once";
+  EXPECT_EQ(t.ended_connects(), 1u);
   EXPECT_FALSE(t.complete("c1", "w1")) << "the connect's id is gone";
   EXPECT_EQ(t.in_flight(), 1u);
   t.submit(make_job("next", "svc", 10s));
@@ -327,6 +329,7 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_FALSE(t.complete("c2", "w2", &held));
   EXPECT_TRUE(held);
   EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "next"}}));
+  EXPECT_EQ(t.ended_connects(), 0u);
 
   // w1 is lost before answering the DISCONNECT: it goes to the next worker.
   EXPECT_TRUE(t.remove_worker("w1").empty());
@@ -346,6 +349,19 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   t.dispatch();
   EXPECT_EQ(failures(t.expire(t0 + 3s)), "r2:TIMEOUT@w2");
   EXPECT_EQ(t.late_connect("r2", "w2"), nullptr);
+  EXPECT_EQ(t.ended_connects(), 0u);
+
+  // A worker lost with an ended CONNECT: nothing is left waiting for it.
+  t.add_worker("w3", "svc", 1);
+  auto c3 = make_job("c3", "svc", 4s);
+  c3.connect = true;
+  t.submit(std::move(c3));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w3", "c3"}}));
+  EXPECT_EQ(failures(t.expire(t0 + 4s)), "c3:TIMEOUT@w3");
+  EXPECT_EQ(t.ended_connects(), 1u);
+  EXPECT_TRUE(t.remove_worker("w3").empty());
+  EXPECT_EQ(t.ended_connects(), 0u);
+  EXPECT_EQ(t.late_connect("c3", "w3"), nullptr);
 }
 
 // The deadline heap and the queues against a plain model: random deadlines,
