@@ -37,6 +37,22 @@ http_answer error(unsigned status, std::string_view message) {
   return json_answer(status, json::object{{"error", message}});
 }
 
+// A 405: `allow` names the method the resource takes (the Allow header).
+http_answer not_allowed(std::string_view allow, std::string_view message) {
+  auto a = error(405, message);
+  a.allow = allow;
+  return a;
+}
+
+// The method an action on a session takes ("": the session itself, which a
+// DELETE ends); empty for an action there is not.
+std::string_view method_of(std::string_view action) {
+  if (action.empty()) return "DELETE";
+  if (action == "emit") return "POST";
+  if (action == "events") return "GET";
+  return {};
+}
+
 unsigned status_for(proto::Code code) {
   switch (code) {
     case proto::REFUSED: return 403;
@@ -370,13 +386,13 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
   auto ex = co_await asio::this_coro::executor;
   constexpr std::string_view prefix = "/api/v1/sessions";
   if (path == "/api/v1/publish") {
-    if (req.method() != http::verb::post) co_return error(405, "use POST");
+    if (req.method() != http::verb::post) co_return not_allowed("POST", "use POST");
     co_return publish(req);
   }
   if (!path.starts_with(prefix)) co_return error(404, "no such endpoint");
   auto rest = path.substr(prefix.size());
   if (rest.empty() || rest == "/") {
-    if (req.method() != http::verb::post) co_return error(405, "use POST");
+    if (req.method() != http::verb::post) co_return not_allowed("POST", "use POST");
     auto body = parse_object(req.body());
     if (!body) co_return error(400, "body must be a JSON object");
     if (auto refused = unknown_key(*body, {"nsp", "auth"})) co_return *refused;
@@ -416,7 +432,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
   // Another gateway's session (a balancer that does not route by the
   // path): ask the owner through the broker and relay its answer.
   if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
-    co_return co_await relay(req, std::string{sid});
+    co_return co_await relay(req, std::string{sid}, action);
   co_return co_await on_session(req, sid, action, params);
 }
 
@@ -438,12 +454,16 @@ std::chrono::milliseconds relay_timeout(const gateway_config& c) {
 
 }  // namespace
 
-asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, std::string sid) {
+asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, std::string sid,
+                                        std::string_view action) {
   const char* method = req.method() == http::verb::get      ? "GET"
                        : req.method() == http::verb::post   ? "POST"
                        : req.method() == http::verb::delete_ ? "DELETE"
                                                              : nullptr;
-  if (!method) co_return error(405, "no such action for this method");
+  if (!method) {  // answered here: the owner takes none of the others either
+    auto allow = method_of(action);
+    co_return allow.empty() ? error(404, "no such action") : not_allowed(allow, "no such action for this method");
+  }
   proto::HttpForward f;
   f.set_sid(std::move(sid));
   f.set_method(method);
@@ -470,7 +490,10 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
   if (!path.starts_with(prefix) || session_path(std::string_view{path}.substr(prefix.size() - 1)).first != f.sid())
     return answer(error(400, "a relayed request for no API session"));
   const auto& m = f.method();
-  if (m != "GET" && m != "POST" && m != "DELETE" && m != "GONE") return answer(error(405, "no such action for this method"));
+  if (m != "GET" && m != "POST" && m != "DELETE" && m != "GONE") {  // relay() sends none of the others
+    auto allow = method_of(session_path(std::string_view{path}.substr(prefix.size() - 1)).second);
+    return answer(allow.empty() ? error(404, "no such action") : not_allowed(allow, "no such action for this method"));
+  }
   auto session = find(f.sid());
   if (!session) return answer(error(404, "unknown sid"));
   auto ex = session->executor();
@@ -538,8 +561,8 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
       timeout = std::chrono::milliseconds(std::clamp(ms, 0L, 60000L));
     }
     asio::post(session->executor(), [session, slot, timeout] { session->poll(timeout, slot); });
-  } else if (action.empty() || action == "emit" || action == "events") {
-    co_return error(405, "no such action for this method");
+  } else if (auto allow = method_of(action); !allow.empty()) {
+    co_return not_allowed(allow, "no such action for this method");
   } else {
     co_return error(404, "no such action");
   }

@@ -50,7 +50,7 @@ class api {
   http_answer publish(const request& req);
   // "/{sid}[/{action}]" -> (sid, action).
   static std::pair<std::string_view, std::string_view> session_path(std::string_view rest);
-  boost::asio::awaitable<http_answer> relay(request& req, std::string sid);
+  boost::asio::awaitable<http_answer> relay(request& req, std::string sid, std::string_view action);
   boost::asio::awaitable<void> serve_relayed(proto::HttpForward f, std::function<void(http_answer)> answer);
   boost::asio::awaitable<http_answer> on_session(request& req, std::string_view sid, std::string_view action,
                                                  const boost::urls::params_view& params);

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <array>
 #include <charconv>
 #include <cerrno>
@@ -296,9 +297,12 @@ http_answer forward_failed(unsigned status, bool api) {
 // What a peer gateway's HttpAnswer may carry into this gateway's response:
 // a final status, and a content type of visible ASCII and spaces (no CR or
 // LF to start a header of its own), as short as any the gateway sends.
-bool writable_answer(std::uint32_t status, std::string_view content_type) {
-  if (status < 200 || status > 599 || content_type.empty() || content_type.size() > 128) return false;
-  return std::all_of(content_type.begin(), content_type.end(), [](char c) { return c >= 0x20 && c < 0x7f; });
+bool writable_answer(std::uint32_t status, std::string_view content_type, std::string_view allow) {
+  if (status < 200 || status > 599 || content_type.empty() || content_type.size() > 128 || allow.size() > 64)
+    return false;
+  auto printable = [](char c) { return c >= 0x20 && c < 0x7f; };
+  return std::all_of(content_type.begin(), content_type.end(), printable) &&
+         std::all_of(allow.begin(), allow.end(), [](char c) { return std::isupper(static_cast<unsigned char>(c)) || c == ',' || c == ' '; });
 }
 
 }  // namespace
@@ -516,15 +520,16 @@ void bridge::on_broker(Envelope& env) {
       auto it = seq ? forwards_.find(*seq) : forwards_.end();
       if (it == forwards_.end()) return;
       auto& a = *env.mutable_answer();
-      if (writable_answer(a.status(), a.content_type())) {
-        it->second.slot->complete({a.status(), std::move(*a.mutable_content_type()), std::move(*a.mutable_body())});
+      if (writable_answer(a.status(), a.content_type(), a.allow())) {
+        it->second.slot->complete({a.status(), std::move(*a.mutable_content_type()), std::move(*a.mutable_body()),
+                                   std::move(*a.mutable_allow())});
       } else {
         // A peer gateway's answer this one will not write into its own
         // response (a header it could split, a status line it would botch).
         metrics_.bad_answer.Increment();
         if (log_limit_.allow())
           spdlog::warn("bridge: a peer gateway's answer to {} has status {} or content type \"{}\": 502 instead",
-                       printable(a.id()), a.status(), printable(a.content_type()));
+                       printable(a.id()), a.status(), printable(a.content_type()), printable(a.allow()));
         it->second.slot->complete(forward_failed(502, it->second.api));
       }
       forwards_.erase(it);  // its deadline entry finds nothing when it comes

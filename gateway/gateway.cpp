@@ -97,6 +97,7 @@ void gateway::serve_forwarded(proto::HttpForward f) {
     out->set_status(a.status);
     out->set_content_type(std::move(a.content_type));
     out->set_body(std::move(a.body));
+    out->set_allow(std::move(a.allow));
     bridge_->send(env);
   };
   if (!f.target().empty()) return api_->serve_forwarded(std::move(f), std::move(answer));  // the HTTP API's

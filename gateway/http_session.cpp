@@ -106,6 +106,7 @@ response make_response(const request& req, const http_answer& a) {
   res.set(http::field::server, "sidecast");
   res.set(http::field::content_type, a.content_type);
   res.set(http::field::cache_control, "no-store");
+  if (!a.allow.empty()) res.set(http::field::allow, a.allow);
   res.keep_alive(req.keep_alive());
   res.body() = a.body;
   res.prepare_payload();
@@ -243,7 +244,7 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
   } else if (req.method() == http::verb::get || req.method() == http::verb::head) {
     answer = co_await static_file(gw, path);
   } else {
-    answer = {405, "text/plain", "method not allowed\n"};
+    answer = {405, "text/plain", "method not allowed\n", "GET, HEAD"};
   }
   auto res = make_response(req, answer);
   if (cors) add_cors(req, res);

@@ -22,6 +22,7 @@ struct http_answer {
   unsigned status = 200;
   std::string content_type = "text/plain; charset=UTF-8";
   std::string body;
+  std::string allow = {};  // a 405's Allow header: the methods the resource takes
 };
 
 class reply_slot : public std::enable_shared_from_this<reply_slot> {

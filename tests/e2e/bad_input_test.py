@@ -484,7 +484,16 @@ class HttpApiErrors(unittest.TestCase):
             self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be milliseconds"}), bad)
         # An action that does not exist is 404; one that does, with another method, 405.
         self.assertEqual(request("GET", f"/api/v1/sessions/{sid}/nothing")[0], 404)
-        self.assertEqual(request("GET", f"/api/v1/sessions/{sid}/emit")[0], 405)
+        # A 405 names the method that is allowed (RFC 9110: it must).
+        for method, path, allow in (("GET", f"/api/v1/sessions/{sid}/emit", "POST"),
+                                    ("POST", f"/api/v1/sessions/{sid}/events", "GET"),
+                                    ("PUT", f"/api/v1/sessions/{sid}", "DELETE"),
+                                    ("GET", "/api/v1/sessions", "POST"),
+                                    ("GET", "/api/v1/publish", "POST"),
+                                    ("PUT", "/index.html", "GET, HEAD")):
+            status, _, res = request(method, path, b"{}" if method != "GET" else None)
+            self.assertEqual((status, res.getheader("Allow")), (405, allow), f"{method} {path}")
+        self.assertIsNone(request("GET", f"/api/v1/sessions/{sid}/nothing")[2].getheader("Allow"))
         request("DELETE", f"/api/v1/sessions/{sid}")
 
     def test_unknown_sid(self):

@@ -123,6 +123,14 @@ test("an HTTP API session is served whichever gateway a request reaches", async 
   await publish(url, { room, event: "news", data: { n: 2 } });
   const kept = await api(home, "GET", `/${sid}/events?timeout=5000`);
   assert.deepEqual(kept.body.events.map((e) => [e.event, e.data]), [["news", { n: 2 }]]);
+  // A 405 names the method the action takes (Allow), relayed from the owner
+  // (GET on emit) or answered by the gateway asked (PUT, which it never relays).
+  for (const [base, method, path, allow] of [[other, "GET", `/${sid}/emit`, "POST"], [other, "PUT", `/${sid}`, "DELETE"],
+                                             [home, "POST", `/${sid}/events`, "GET"]]) {
+    const res = await fetch(`${base}/api/v1/sessions${path}`, { method });
+    assert.deepEqual([res.status, res.headers.get("allow"), await res.json()],
+                     [405, allow, { error: "no such action for this method" }], `${method} ${path} at ${base}`);
+  }
   assert.equal((await api(other, "DELETE", `/${sid}`)).status, 204);
   assert.deepEqual(await api(home, "GET", `/${sid}/events?timeout=0`), { status: 404, body: { error: "unknown sid" } });
   const stranger = await api(other, "GET", `/${homeId}.nosuchsession/events?timeout=0`);
