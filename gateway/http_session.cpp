@@ -524,6 +524,13 @@ asio::awaitable<void> read_proxy_header(gateway& gw, asio::ip::tcp::socket socke
   beast::tcp_stream stream{std::move(socket)};
   boost::system::error_code peer_ec;
   auto balancer = stream.socket().remote_endpoint(peer_ec).address().to_string();
+  // Until its header names a client, the connection is the balancer's: it
+  // counts under --max-connections and the balancer's own address.
+  auto slot = gw.connections().admit(balancer);
+  if (!slot) {
+    gw.metrics().connection_limit.Increment();
+    co_return;
+  }
   stream.expires_after(gw.config().idle_timeout);
   std::string bytes;
   std::array<char, 512> chunk;
@@ -547,10 +554,13 @@ asio::awaitable<void> read_proxy_header(gateway& gw, asio::ip::tcp::socket socke
       header_size = (*parsed)->size;
       client = (*parsed)->client.empty() ? balancer : std::move((*parsed)->client);
     }
-    auto slot = gw.connections().admit(client);
-    if (!slot) {
-      gw.metrics().connection_limit.Increment();
-      co_return;
+    if (client != balancer) {
+      slot.reset();  // given back first: the client's may be the last place
+      slot = gw.connections().admit(client);
+      if (!slot) {
+        gw.metrics().connection_limit.Increment();
+        co_return;
+      }
     }
     stream.expires_never();
     serve_http(gw, stream.release_socket(), std::move(slot), std::move(client), bytes.substr(header_size));
