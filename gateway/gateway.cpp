@@ -98,7 +98,9 @@ void gateway::serve_forwarded(proto::HttpForward f) {
     out->set_content_type(std::move(a.content_type));
     out->set_body(std::move(a.body));
     out->set_allow(std::move(a.allow));
-    bridge_->send(env);
+    // Owed, as a DISCONNECT notice is: one per relayed request this gateway
+    // took, whose client would otherwise wait out the relay's timeout.
+    bridge_->send_owed(env);
   };
   if (!f.target().empty()) return api_->serve_forwarded(std::move(f), std::move(answer));  // the HTTP API's
   auto session = find_session(f.sid());
