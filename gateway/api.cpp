@@ -14,6 +14,7 @@
 #include <boost/url/parse.hpp>
 
 #include "gateway/client_socket.hpp"
+#include "gateway/codec/json_scan.hpp"
 #include "gateway/codec/socketio.hpp"
 #include "gateway/codec/ws_json.hpp"
 #include "gateway/gateway.hpp"
@@ -404,7 +405,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     std::string auth = "{}";
     if (auto* a = body->if_contains("auth")) {
       if (!a->is_object()) co_return error(400, "auth must be an object");
-      auth = json::serialize(*a);
+      auth = codec_detail::member_text(req.body(), "auth");  // as sent, not rewritten
     }
     const auto* service = gw_.service_for(nsp);
     if (!service) co_return error(404, "Invalid namespace");
@@ -540,7 +541,7 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
     if (!event || !event->is_string() || socketio::is_reserved_event(event->as_string()))
       co_return error(400, "event must be a non-reserved string");
     std::string data;
-    if (auto* d = body->if_contains("data")) data = json::serialize(*d);
+    if (body->contains("data")) data = codec_detail::member_text(req.body(), "data");  // byte for byte
     bool ack = false;
     if (auto* a = body->if_contains("ack")) {
       if (!a->is_bool()) co_return error(400, "ack must be true or false");
@@ -598,9 +599,9 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   e->set_event(std::string{event->as_string()});
   if (auto* args = body->if_contains("args")) {
     if (!args->is_array()) return error(400, "args must be an array");
-    e->set_args(json::serialize(*args));
-  } else if (auto* d = body->if_contains("data")) {
-    e->set_args("[" + json::serialize(*d) + "]");
+    e->set_args(std::string{codec_detail::member_text(req.body(), "args")});  // byte for byte
+  } else if (body->contains("data")) {
+    e->set_args("[" + std::string{codec_detail::member_text(req.body(), "data")} + "]");
   } else {
     e->set_args("[]");
   }

@@ -1,4 +1,4 @@
-// Internal to the codecs: locating values inside JSON text that Boost.JSON has
+// Internal to the codecs and the HTTP API: locating values inside JSON text that Boost.JSON has
 // already validated, so the codecs can hand on the original bytes instead of
 // reserialising them (Boost.JSON would rewrite 1.0 as 1E0 and round integers
 // beyond 64 bits). Every function stays in bounds on any input; on input that
@@ -6,7 +6,10 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 #include <string_view>
+
+#include <boost/json/parse.hpp>
 
 namespace sidecast::gateway::codec_detail {
 
@@ -71,6 +74,56 @@ constexpr std::size_t value_end(std::string_view s, std::size_t pos) noexcept {
     ++i;
   }
   return i;
+}
+
+// Walks the members of the top-level object of `text` (JSON that Boost.JSON
+// has validated), calling `f(key, begin, end)` with each key (unescaped, when
+// written with escapes: "d\u0061ta" is "data") and where its value's text
+// lies; `f` returns false to stop the walk.
+enum class walk { done, stopped, not_object, malformed };
+template <typename F>
+walk for_each_member(std::string_view text, F&& f) {
+  std::size_t i = skip_space(text, 0);
+  if (i >= text.size() || text[i] != '{') return walk::not_object;
+  i = skip_space(text, i + 1);
+  if (i < text.size() && text[i] == '}') return walk::done;
+  for (;;) {
+    if (i >= text.size() || text[i] != '"') return walk::malformed;
+    const std::size_t key_end = string_end(text, i);
+    if (key_end == npos) return walk::malformed;
+    std::string_view key = text.substr(i + 1, key_end - i - 2);
+    std::string unescaped;
+    if (key.find('\\') != std::string_view::npos) {
+      boost::system::error_code ec;
+      const auto k = boost::json::parse(boost::json::string_view(text.data() + i, key_end - i), ec);
+      if (ec || !k.is_string()) return walk::malformed;
+      unescaped.assign(k.get_string().data(), k.get_string().size());
+      key = unescaped;
+    }
+    i = skip_space(text, key_end);
+    if (i >= text.size() || text[i] != ':') return walk::malformed;
+    i = skip_space(text, i + 1);
+    const std::size_t stop = value_end(text, i);
+    if (stop == npos || stop == i) return walk::malformed;
+    if (!f(key, i, stop)) return walk::stopped;
+    i = skip_space(text, stop);
+    if (i >= text.size()) return walk::malformed;
+    if (text[i] == '}') return walk::done;
+    if (text[i] != ',') return walk::malformed;
+    i = skip_space(text, i + 1);
+  }
+}
+
+// The text of the value of the top-level member `key` of `object_text` (a
+// validated object): the last one when the key is given twice, as Boost.JSON
+// keeps the last; empty when it is absent.
+inline std::string_view member_text(std::string_view object_text, std::string_view key) {
+  std::string_view found;
+  for_each_member(object_text, [&](std::string_view name, std::size_t begin, std::size_t end) {
+    if (name == key) found = object_text.substr(begin, end - begin);
+    return true;
+  });
+  return found;
 }
 
 }  // namespace sidecast::gateway::codec_detail

@@ -49,66 +49,24 @@ std::optional<key_index> known_key(std::string_view key) noexcept {
   return std::nullopt;
 }
 
-// Walks the members of the top-level object of already validated JSON and
-// records where each known value's text lies.
+// Records where each known value's text lies in a validated frame.
 boost::system::result<std::array<span, key_count>> locate_members(std::string_view text) {
   std::array<span, key_count> spans{};
-  std::size_t i = skip_space(text, 0);
-  if (i >= text.size() || text[i] != '{') {
-    return error::not_object;
-  }
-  i = skip_space(text, i + 1);
-  if (i < text.size() && text[i] == '}') {
-    return spans;
-  }
-  for (;;) {
-    if (i >= text.size() || text[i] != '"') {
-      return error::invalid_json;
-    }
-    const std::size_t key_end = string_end(text, i);
-    if (key_end == npos) {
-      return error::invalid_json;
-    }
-    std::string_view key = text.substr(i + 1, key_end - i - 2);
-    std::string unescaped;
-    if (key.find('\\') != std::string_view::npos) {
-      boost::system::error_code ec;
-      const json::value k = json::parse(json::string_view(text.data() + i, key_end - i), ec);
-      if (ec || !k.is_string()) {
-        return error::invalid_json;
-      }
-      unescaped.assign(k.get_string().data(), k.get_string().size());
-      key = unescaped;
-    }
+  std::optional<error> refused;
+  auto walked = for_each_member(text, [&](std::string_view key, std::size_t begin, std::size_t end) {
     const auto index = known_key(key);
-    if (!index) {
-      return error::unknown_key;
-    }
-    if (spans[*index].present()) {
-      return error::duplicate_key;
-    }
-    i = skip_space(text, key_end);
-    if (i >= text.size() || text[i] != ':') {
-      return error::invalid_json;
-    }
-    i = skip_space(text, i + 1);
-    const std::size_t value_stop = value_end(text, i);
-    if (value_stop == npos || value_stop == i) {
-      return error::invalid_json;
-    }
-    spans[*index] = span{i, value_stop};
-    i = skip_space(text, value_stop);
-    if (i >= text.size()) {
-      return error::invalid_json;
-    }
-    if (text[i] == '}') {
-      return spans;
-    }
-    if (text[i] != ',') {
-      return error::invalid_json;
-    }
-    i = skip_space(text, i + 1);
+    if (!index) refused = error::unknown_key;
+    else if (spans[*index].present()) refused = error::duplicate_key;
+    else spans[*index] = span{begin, end};
+    return !refused;
+  });
+  switch (walked) {
+    case walk::done: return spans;
+    case walk::stopped: return *refused;
+    case walk::not_object: return error::not_object;
+    case walk::malformed: break;
   }
+  return error::invalid_json;
 }
 
 std::string quote(std::string_view s) {
@@ -228,13 +186,18 @@ std::string encode_reply(std::string_view id_json, std::string_view data_json,
 }
 
 std::string data_from_args(std::string_view args_array_json) {
-  boost::system::error_code ec;
-  auto v = boost::json::parse(args_array_json, ec);
-  if (ec || !v.is_array()) return std::string{args_array_json};
-  const auto& a = v.as_array();
-  if (a.empty()) return {};
-  if (a.size() == 1) return boost::json::serialize(a[0]);
-  return std::string{args_array_json};
+  // The args were validated as a JSON array (socketio::valid_args): the one
+  // argument's text is handed on as it is, not parsed and written again.
+  const std::string_view& text = args_array_json;
+  std::size_t i = skip_space(text, 0);
+  if (i >= text.size() || text[i] != '[') return std::string{text};
+  i = skip_space(text, i + 1);
+  if (i < text.size() && text[i] == ']') return {};
+  const std::size_t end = value_end(text, i);
+  if (end == npos || end == i) return std::string{text};
+  const std::size_t after = skip_space(text, end);
+  if (after < text.size() && text[after] == ']') return std::string{text.substr(i, end - i)};
+  return std::string{text};  // several: the array itself
 }
 
 }  // namespace sidecast::gateway::ws_json

@@ -56,8 +56,9 @@ std::string encode_event(std::string_view event, std::string_view data_json,
                          std::string_view nsp = "/");
 
 // The "data" of a /ws frame made from a Socket.IO-style argument array: a
-// single argument as it is, no argument as empty (no "data"), several as the
-// array itself. Text that is not a JSON array is returned unchanged.
+// single argument as it is (its own text, byte for byte), no argument as
+// empty (no "data"), several as the array itself. Text that is not a JSON
+// array is returned unchanged. `args_array_json` must be valid JSON.
 std::string data_from_args(std::string_view args_array_json);
 
 // Reply to a frame that carried an id: {"id":<id_json>,"data":<data_json>,

@@ -1085,7 +1085,7 @@ class ApiPollingTest(InProcessWorkerTest):
     A page of another origin may use the API only if --cors-origin lists it."""
 
     gateway_id = "gwL"
-    gateway_args = ("--api-session-ttl", "1000", "--cors-origin", "http://app.example")
+    gateway_args = ("--api-session-ttl", "1000", "--cors-origin", "http://app.example", "--api-key", "k")
 
     def ask(self, method, path, headers, body=None):
         c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
@@ -1114,7 +1114,42 @@ class ApiPollingTest(InProcessWorkerTest):
     @classmethod
     def service(cls):
         from sidecast_worker import Service
-        return Service("ttl", capacity=4)
+        svc = Service("ttl", capacity=4)
+        cls.texts = []  # the JSON text of each raw request's auth and args, as the worker got it
+
+        @svc.on_connect
+        def hello(req):
+            if "raw" in req.auth:
+                cls.texts.append(req.auth_json)
+
+        @svc.on("raw")
+        def raw(req):
+            cls.texts.append(req.args_json)
+            req.reply(True)
+
+        return svc
+
+    def test_json_the_client_wrote_reaches_the_worker_as_written(self):
+        # Boost.JSON would write 1.10 as 1.1E0 and round an integer past 64 bits.
+        value = '{"n": 12345678901234567890123, "f": 1.10}'
+        status, _, body = self.ask("POST", "", {}, '{"nsp": "/ttl", "auth": {"raw": 1.0E1}}')
+        self.assertEqual(status, 201, body)
+        sid = json.loads(body)["sid"]
+        status, _, body = self.ask("POST", f"/{sid}/emit", {}, '{"event": "raw", "ack": true, "data": ' + value + "}")
+        self.assertEqual((status, json.loads(body)), (200, {"data": True}))
+        self.assertEqual(self.texts, ['{"raw": 1.0E1}', "[" + value + "]"])
+        # The publish API's data and args reach a client as written too.
+        for field, text in (("data", value), ("args", "[" + value + ", 2.50]")):
+            c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+            self.addCleanup(c.close)
+            c.request("POST", "/api/v1/publish", body=f'{{"sid": "{sid}", "event": "e", "{field}": {text}}}',
+                      headers={"Authorization": "Bearer k"})
+            res = c.getresponse()
+            self.assertEqual(res.status, 202, res.read())
+            status, _, body = self.ask("GET", f"/{sid}/events?timeout=2000", {})
+            self.assertIn(value.encode(), body, field)
+        self.assertIn(b"2.50", body)
+        self.ask("DELETE", f"/{sid}", {})
 
     def open_session(self):
         import urllib.request

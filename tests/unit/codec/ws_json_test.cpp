@@ -1,5 +1,6 @@
 // `/ws` JSON frames (format: gateway/codec/README.md).
 #include "gateway/codec/ws_json.hpp"
+#include "gateway/codec/json_scan.hpp"
 
 #include <gtest/gtest.h>
 
@@ -217,3 +218,40 @@ TEST(ws_json_errors, have_their_category_and_words) {
 }
 
 }  // namespace
+
+// The HTTP API hands on a body's members as they were written (json_scan.hpp).
+TEST(json_scan, member_text_is_the_values_own_text) {
+  using sidecast::gateway::codec_detail::member_text;
+  const std::string body = R"( { "event" : "x", "data" : {"n": 12345678901234567890123, "f": 1.10, "s": "a\"}"} ,
+      "d\u0061ta2": [1.0, "]"], "args":[ 1e2 ] } )";
+  ASSERT_FALSE(json::parse(body).is_null());
+  EXPECT_EQ(member_text(body, "data"), R"({"n": 12345678901234567890123, "f": 1.10, "s": "a\"}"})");
+  EXPECT_EQ(member_text(body, "data2"), R"([1.0, "]"])") << "a key written with escapes";
+  EXPECT_EQ(member_text(body, "args"), "[ 1e2 ]");
+  EXPECT_EQ(member_text(body, "event"), R"("x")");
+  EXPECT_EQ(member_text(body, "n"), "") << "only the top level";
+  EXPECT_EQ(member_text(body, "nope"), "");
+  EXPECT_EQ(member_text(R"({"data":1,"data":2.50})", "data"), "2.50") << "the last, as Boost.JSON keeps";
+  EXPECT_EQ(member_text("{}", "data"), "");
+  EXPECT_EQ(member_text("[1]", "data"), "");
+  EXPECT_EQ(member_text("", "data"), "");
+  // Whatever the input, it stays in bounds (malformed text has no answer to trust).
+  const std::string text = R"({"data":[1,{"a":"b\"c"}],"x":nul)";
+  for (std::size_t n = 0; n <= text.size(); ++n) {
+    auto found = member_text(std::string_view{text}.substr(0, n), "data");
+    EXPECT_TRUE(found.empty() || found.data() >= text.data()) << n;
+  }
+}
+
+TEST(ws_json, data_from_args_hands_on_the_arguments_text) {
+  EXPECT_EQ(ws::data_from_args("[]"), "");
+  EXPECT_EQ(ws::data_from_args(" [ ] "), "");
+  EXPECT_EQ(ws::data_from_args(R"([{"n": 12345678901234567890123, "f": 1.10}])"),
+            R"({"n": 12345678901234567890123, "f": 1.10})");
+  EXPECT_EQ(ws::data_from_args(R"([ "a]" ])"), R"("a]")");
+  EXPECT_EQ(ws::data_from_args("[1.0]"), "1.0");
+  EXPECT_EQ(ws::data_from_args("[[1, 2]]"), "[1, 2]");
+  EXPECT_EQ(ws::data_from_args("[1, 2.50]"), "[1, 2.50]") << "several: the array";
+  EXPECT_EQ(ws::data_from_args(R"({"a":1})"), R"({"a":1})") << "not an array: unchanged";
+  EXPECT_EQ(ws::data_from_args(""), "");
+}
