@@ -1130,8 +1130,9 @@ class ApiPollingTest(InProcessWorkerTest):
         return svc
 
     def test_json_the_client_wrote_reaches_the_worker_as_written(self):
-        # Boost.JSON would write 1.10 as 1.1E0 and round an integer past 64 bits.
-        value = '{"n": 12345678901234567890123, "f": 1.10}'
+        # Boost.JSON would write 1.10 as 1.1E0, round an integer past 64 bits,
+        # and write 0e3081 (zero) as NaN, which is not JSON at all.
+        value = '{"n": 12345678901234567890123, "f": 1.10, "z": 0e3081}'
         status, _, body = self.ask("POST", "", {}, '{"nsp": "/ttl", "auth": {"raw": 1.0E1}}')
         self.assertEqual(status, 201, body)
         sid = json.loads(body)["sid"]
