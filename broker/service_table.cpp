@@ -361,17 +361,21 @@ const job* service_table::answer_early(std::string_view id, std::string_view wor
   return &e.work;
 }
 
-const zmq::message_t* service_table::late_connect(std::string_view id, std::string_view worker) const {
+std::uint32_t service_table::ended_connect(std::string_view id, std::string_view worker) const {
   auto s = find(id);
-  if (s == none) return nullptr;
+  if (s == none) return none;
   const auto& e = slots_[s];
-  if (e.state != slot_state::orphaned || !e.work.connect || workers_[e.worker].name != worker) return nullptr;
-  return &e.work.payload;
+  return e.state == slot_state::orphaned && e.work.connect && workers_[e.worker].name == worker ? s : none;
+}
+
+const zmq::message_t* service_table::late_connect(std::string_view id, std::string_view worker) const {
+  auto s = ended_connect(id, worker);
+  return s == none ? nullptr : &slots_[s].work.payload;
 }
 
 bool service_table::hand_over(std::string_view id, std::string_view worker, job&& next) {
-  if (!late_connect(id, worker) || ids_.contains(next.id)) return false;
-  auto s = find(id);
+  auto s = ended_connect(id, worker);
+  if (s == none || ids_.contains(next.id)) return false;
   auto& e = slots_[s];
   ids_.erase(e.work.id);
   --ended_connects_;

@@ -210,6 +210,8 @@ class service_table {
   void unlink(std::uint32_t s);
   void release(std::uint32_t worker, std::uint32_t service);
   std::uint32_t find(std::string_view id) const;
+  // The slot of the ended CONNECT `id` that `worker` held, or none.
+  std::uint32_t ended_connect(std::string_view id, std::string_view worker) const;
 
   // The deadline heap: slot indices ordered by work.deadline.
   void heap_push(std::uint32_t s);

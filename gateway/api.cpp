@@ -45,13 +45,12 @@ http_answer not_allowed(std::string_view allow, std::string_view message) {
   return a;
 }
 
-// The method an action on a session takes ("": the session itself, which a
-// DELETE ends); empty for an action there is not.
-std::string_view method_of(std::string_view action) {
-  if (action.empty()) return "DELETE";
-  if (action == "emit") return "POST";
-  if (action == "events") return "GET";
-  return {};
+// The answer to a method an action on a session does not take: 405 with the
+// method it does ("": the session itself, which a DELETE ends), or 404 for
+// an action there is not.
+http_answer wrong_method(std::string_view action) {
+  std::string_view allow = action.empty() ? "DELETE" : action == "emit" ? "POST" : action == "events" ? "GET" : "";
+  return allow.empty() ? error(404, "no such action") : not_allowed(allow, "no such action for this method");
 }
 
 unsigned status_for(proto::Code code) {
@@ -469,10 +468,7 @@ asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, s
                        : req.method() == http::verb::post   ? "POST"
                        : req.method() == http::verb::delete_ ? "DELETE"
                                                              : nullptr;
-  if (!method) {  // answered here: the owner takes none of the others either
-    auto allow = method_of(action);
-    co_return allow.empty() ? error(404, "no such action") : not_allowed(allow, "no such action for this method");
-  }
+  if (!method) co_return wrong_method(action);  // answered here: the owner takes none of the others either
   proto::HttpForward f;
   f.set_sid(std::move(sid));
   f.set_method(method);
@@ -496,13 +492,11 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
   auto target = boost::urls::parse_origin_form(f.target());
   constexpr std::string_view prefix = "/api/v1/sessions/";
   std::string path = target ? target->path() : std::string{};
-  if (!path.starts_with(prefix) || session_path(std::string_view{path}.substr(prefix.size() - 1)).first != f.sid())
-    return answer(error(400, "a relayed request for no API session"));
+  if (!path.starts_with(prefix)) return answer(error(400, "a relayed request for no API session"));
+  auto [sid, action] = session_path(std::string_view{path}.substr(prefix.size() - 1));
+  if (sid != f.sid()) return answer(error(400, "a relayed request for no API session"));
   const auto& m = f.method();
-  if (m != "GET" && m != "POST" && m != "DELETE" && m != "GONE") {  // relay() sends none of the others
-    auto allow = method_of(session_path(std::string_view{path}.substr(prefix.size() - 1)).second);
-    return answer(allow.empty() ? error(404, "no such action") : not_allowed(allow, "no such action for this method"));
-  }
+  if (m != "GET" && m != "POST" && m != "DELETE" && m != "GONE") return answer(wrong_method(action));  // relay() sends none of these
   auto session = find(f.sid());
   if (!session) return answer(error(404, "unknown sid"));
   auto ex = session->executor();
@@ -570,10 +564,8 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
       timeout = std::chrono::milliseconds(std::clamp(ms, 0L, 60000L));
     }
     asio::post(session->executor(), [session, slot, timeout] { session->poll(timeout, slot); });
-  } else if (auto allow = method_of(action); !allow.empty()) {
-    co_return not_allowed(allow, "no such action for this method");
   } else {
-    co_return error(404, "no such action");
+    co_return wrong_method(action);
   }
   co_return co_await slot->wait();
 }

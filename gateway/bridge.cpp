@@ -3,8 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <array>
+#include <cctype>
 #include <charconv>
 #include <cerrno>
 #include <cstring>
@@ -295,8 +295,9 @@ http_answer forward_failed(unsigned status, bool api) {
 }
 
 // What a peer gateway's HttpAnswer may carry into this gateway's response:
-// a final status, and a content type of visible ASCII and spaces (no CR or
-// LF to start a header of its own), as short as any the gateway sends.
+// a final status, a content type of visible ASCII and spaces (no CR or LF
+// to start a header of its own), as short as any the gateway sends, and an
+// Allow of method names, commas and spaces.
 bool writable_answer(std::uint32_t status, std::string_view content_type, std::string_view allow) {
   if (status < 200 || status > 599 || content_type.empty() || content_type.size() > 128 || allow.size() > 64)
     return false;
@@ -528,7 +529,7 @@ void bridge::on_broker(Envelope& env) {
         // response (a header it could split, a status line it would botch).
         metrics_.bad_answer.Increment();
         if (log_limit_.allow())
-          spdlog::warn("bridge: a peer gateway's answer to {} has status {} or content type \"{}\": 502 instead",
+          spdlog::warn("bridge: a peer gateway's answer to {} has status {}, content type \"{}\" or Allow \"{}\": 502 instead",
                        printable(a.id()), a.status(), printable(a.content_type()), printable(a.allow()));
         it->second.slot->complete(forward_failed(502, it->second.api));
       }

@@ -185,10 +185,9 @@ std::string encode_reply(std::string_view id_json, std::string_view data_json,
   return out;
 }
 
-std::string data_from_args(std::string_view args_array_json) {
+std::string data_from_args(std::string_view text) {
   // The args were validated as a JSON array (socketio::valid_args): the one
   // argument's text is handed on as it is, not parsed and written again.
-  const std::string_view& text = args_array_json;
   std::size_t i = skip_space(text, 0);
   if (i >= text.size() || text[i] != '[') return std::string{text};
   i = skip_space(text, i + 1);
