@@ -256,8 +256,7 @@ class api_session : public client_socket {
     if (reply.code != proto::OK) {
       release();
       // Refused by the gateway itself (its bridge queue full): 503, as for an event.
-      bool ours = reply.code == proto::BUSY && reply.message == kGatewayBusy;
-      fail_open("the session's connect was refused", ours ? error(503, kGatewayBusy) : failure(reply));
+      fail_open("the session's connect was refused", reply.by_gateway ? error(503, kGatewayBusy) : failure(reply));
       return;
     }
     mark_connected();

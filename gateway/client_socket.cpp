@@ -43,7 +43,7 @@ void client_socket::begin_connect() {
   }
   // Not sent for a sid the bridge could not take: the service would
   // accept a socket no emit or broadcast reaches.
-  if (!gw_.link().attach(sid_, nsp_, weak_from_this())) return deliver_reply(0, {proto::BUSY, std::string{kGatewayBusy}});
+  if (!gw_.link().attach(sid_, nsp_, weak_from_this())) return deliver_reply(0, gateway_busy());
   proto::Envelope env;
   auto* l = env.mutable_lifecycle();
   l->set_kind(proto::Lifecycle::CONNECT);
@@ -58,7 +58,7 @@ void client_socket::begin_connect() {
   // Sent by the bridge if the service accepts the socket after it is gone.
   auto orphaned = disconnect_notice(kLeftWhileConnecting);
   if (!gw_.link().request(env, weak_from_this(), 0, gw_.config().request_timeout, std::move(orphaned))) {
-    deliver_reply(0, {proto::BUSY, std::string{kGatewayBusy}});
+    deliver_reply(0, gateway_busy());
     return;
   }
   connect_pending_ = true;
@@ -175,6 +175,11 @@ std::string user_named_by(std::string_view connect_answer) {
   if (ec || !data.is_object()) return {};
   auto* u = data.as_object().if_contains("user");
   return u && u->is_string() ? std::string{u->as_string()} : std::string{};
+}
+
+std::string connect_error_message(const reply_data& reply) {
+  if (reply.code == proto::REFUSED || reply.by_gateway) return reply.message;
+  return "service unavailable: " + proto::Code_Name(reply.code);
 }
 
 std::string error_args(const reply_data& reply) {

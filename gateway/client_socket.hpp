@@ -113,6 +113,19 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
 /// (--bridge-queue) is full.
 inline constexpr std::string_view kGatewayBusy = "gateway busy";
 
+/// That refusal as an answer: BUSY, told apart from a service's BUSY (a
+/// full service queue) by `by_gateway`, not by its message.
+inline reply_data gateway_busy() {
+  reply_data reply{proto::BUSY, std::string{kGatewayBusy}};
+  reply.by_gateway = true;
+  return reply;
+}
+
+/// What a client whose connect failed reads in its `connect_error`: a
+/// refusal's own message, "gateway busy" for this gateway's, else
+/// "service unavailable: TIMEOUT" (the code's name).
+std::string connect_error_message(const reply_data& reply);
+
 /// The ack arguments a client gets when its event failed in the backend:
 /// [{"error":"timeout","message":"deadline passed"}].
 std::string error_args(const reply_data& reply);

@@ -158,7 +158,7 @@ class sio_socket : public client_socket {
     });
     if (!queued) {
       old->repark();
-      on_connect_answer(failure(proto::BUSY, std::string{kGatewayBusy}));
+      on_connect_answer(gateway_busy());
     }
   }
 
@@ -178,7 +178,7 @@ class sio_socket : public client_socket {
       }
     }
     if (!send_event(std::move(split->first), std::move(split->second), std::move(attachments), tag) && tag)
-      on_reply(tag, failure(proto::BUSY, std::string{kGatewayBusy}));
+      on_reply(tag, gateway_busy());
   }
 
   /// Whether another event wanting an ack may wait in line (answered or
@@ -314,9 +314,7 @@ class sio_socket : public client_socket {
     p.nsp = nsp();
     if (reply.code != proto::OK) {
       p.type = socketio::packet_type::connect_error;
-      auto message = reply.code == proto::REFUSED ? reply.message
-                                                    : "service unavailable: " + proto::Code_Name(reply.code);
-      p.data = json::serialize(json::object{{"message", message}});
+      p.data = json::serialize(json::object{{"message", connect_error_message(reply)}});
       eio->send_socketio(p);
       eio->forget(nsp());
       return give_up("the client's connect was refused");

@@ -58,6 +58,7 @@ struct reply_data {
   std::string args;     // JSON text (an array, for events)
   std::vector<std::string> attachments;
   bool silent = false;  // OK with nothing for the client (a worker that already acked)
+  bool by_gateway = false;  // refused by this gateway before it reached the broker (gateway_busy())
 };
 
 /// The user a connect hook's answer names ({"user": "..."}), or "": the

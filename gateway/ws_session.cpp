@@ -107,8 +107,8 @@ void ws_session::shut_down() {
 
 void ws_session::on_connect_answer(reply_data reply) {
   if (reply.code != proto::OK) {
-    auto message = reply.code == proto::REFUSED ? reply.message : "service unavailable: " + proto::Code_Name(reply.code);
-    send_text(ws_json::encode_event("connect_error", json::serialize(json::object{{"message", message}}), nsp()));
+    send_text(ws_json::encode_event("connect_error",
+                                    json::serialize(json::object{{"message", connect_error_message(reply)}}), nsp()));
     drop_early("the client's connect was refused");
     ws_->close();
     return;

@@ -1078,6 +1078,77 @@ class BridgeQueueTest(InProcessWorkerTest):
                         f"{len(accepted - self.left)} of {len(accepted)} accepted sockets never disconnected")
 
 
+class GatewayBusyTest(InProcessWorkerTest):
+    """A connect the gateway cannot pass on to the broker (its bridge queue
+    full) is the gateway's refusal on every face: 503 "gateway busy" to the
+    API, connect_error "gateway busy" on /ws and Socket.IO, and the service
+    never hears of it. A service that answers BUSY, even in the same words,
+    is still the service: 429 "busy". The two are told apart by where the
+    answer came from, not by its message."""
+
+    gateway_id = "gwB"
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Code, Service
+        svc = Service("full", capacity=8)
+        cls.hooked = []
+
+        @svc.on_connect
+        def hello(req):
+            cls.hooked.append(req.sid)
+            if req.auth == {"say": "busy"}:
+                req.fail(Code.BUSY, "gateway busy")
+
+        return svc
+
+    def open_session(self, port, auth=None):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        self.addCleanup(c.close)
+        body = {"nsp": "/full"} if auth is None else {"nsp": "/full", "auth": auth}
+        c.request("POST", "/api/v1/sessions", body=json.dumps(body))
+        res = c.getresponse()
+        return res.status, json.loads(res.read())
+
+    def test_a_service_busy_in_the_gateways_words_is_still_the_service(self):
+        self.assertEqual(self.open_session(self.http_port, {"say": "busy"}),
+                         (429, {"error": "busy", "message": "gateway busy"}))
+        self.assertEqual(self.open_session(self.http_port)[0], 201)
+
+    def test_a_connect_the_gateway_cannot_pass_on_is_refused_as_its_own(self):
+        # --bridge-queue 1 with one thread (the bridge shares it): a
+        # connect's attach takes the one place, so its CONNECT, queued in
+        # the same turn, finds the queue full.
+        port = free_port()
+        full = Process([os.path.join(BIN, "sidecast-gateway"), "--http", f"127.0.0.1:{port}",
+                        "--broker", self.broker.router, "--events", self.broker.xpub, "--gateway-id", "gwF",
+                        "--route", "/full=full", "--threads", "1", "--bridge-queue", "1", "--log-level", "warn"],
+                       "gateway-full")
+        self.addCleanup(full.cleanup)
+        self.addCleanup(full.stop)
+        self.assertTrue(eventually(lambda: http_get(port, "/healthz")[0] == 200, WAIT), full.output())
+        hooked = len(self.hooked)
+        self.assertEqual(self.open_session(port), (503, {"error": "gateway busy"}))
+
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/ws?nsp=/full", timeout=WAIT)
+        self.addCleanup(ws.close)
+        frame = json.loads(ws.recv())
+        self.assertEqual((frame["event"], frame["data"]), ("connect_error", {"message": "gateway busy"}))
+
+        sio = socketio.Client(reconnection=False)
+        refused = queue.Queue()
+        sio.on("connect_error", refused.put, namespace="/full")
+        with self.assertRaises(socketio.exceptions.ConnectionError):
+            sio.connect(f"http://127.0.0.1:{port}", namespaces=["/full"], transports=["websocket"],
+                        wait_timeout=WAIT)
+        sio.disconnect()
+        self.assertEqual(refused.get(timeout=WAIT), {"message": "gateway busy"})
+
+        self.assertGreaterEqual(dropped(port, "bridge_full"), 3)
+        self.assertEqual(len(self.hooked), hooked, "the service heard of a connect the gateway refused")
+
+
 class ApiPollingTest(InProcessWorkerTest):
     """HTTP API long-polls: --api-session-ttl counts from the end of the last
     poll (a client that keeps polling, each poll longer than the TTL, keeps
