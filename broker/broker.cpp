@@ -69,8 +69,12 @@ struct broker::metrics {
                         .Register(r)},
         workers{prometheus::BuildGauge()
                     .Name("sidecast_broker_workers")
-                    .Help("Live workers, by service")
+                    .Help("Live workers that take new requests, by service")
                     .Register(r)},
+        draining{prometheus::BuildGauge()
+                     .Name("sidecast_broker_draining_workers")
+                     .Help("Live workers that are stopping (Drain): they finish what they hold, take nothing new")
+                     .Register(r)},
         peers{prometheus::BuildGauge().Name("sidecast_broker_peers").Help("Live peers, by role").Register(r)},
         in_flight{prometheus::BuildGauge()
                       .Name("sidecast_broker_in_flight")
@@ -107,6 +111,7 @@ struct broker::metrics {
     }
     queue_depth.Remove(&queue_depth.Add({{"service", service}}));
     workers.Remove(&workers.Add({{"service", service}}));
+    draining.Remove(&draining.Add({{"service", service}}));
   }
 
   static_assert(std::size(drop_reason_names) == static_cast<std::size_t>(drop_reason::count));
@@ -120,6 +125,7 @@ struct broker::metrics {
   prometheus::Counter& events;
   prometheus::Family<prometheus::Gauge>& queue_depth;
   prometheus::Family<prometheus::Gauge>& workers;
+  prometheus::Family<prometheus::Gauge>& draining;
   prometheus::Family<prometheus::Gauge>& peers;
   prometheus::Gauge& in_flight;
   prometheus::Histogram& dispatch_latency;
@@ -136,7 +142,7 @@ struct broker::metrics {
     return all;
   }
   drop_counters drops = make_drops(dropped);
-  std::array<prometheus::Counter*, Envelope::kAnswer + 1> by_kind{};
+  std::array<prometheus::Counter*, Envelope::kGoodbye + 1> by_kind{};
 };
 
 namespace {
@@ -362,6 +368,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   auto it = peers_.find(routing_id);
   proto::Role role = proto::ROLE_CLIENT;
   if (it == peers_.end()) {
+    if (kind == Envelope::kGoodbye) return;  // gone already (dropped, or the broker restarted)
     // A peer we do not know: most likely the broker restarted. Ask it to
     // announce itself; requests are still served so nothing is lost.
     send_error(routing_id, proto::NOT_REGISTERED, "send Hello first");
@@ -390,6 +397,15 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     case Envelope::kControl:
     case Envelope::kReport: on_addressed(routing_id, *env, bytes); break;
     case Envelope::kCancel: on_cancel(routing_id, env->cancel()); break;
+    case Envelope::kDrain:
+      table_.drain_worker(routing_id);
+      spdlog::info("worker {} is draining ({} requests held)", routing_id, table_.held_by(routing_id));
+      break;
+    case Envelope::kGoodbye:
+      spdlog::info("{} {} said goodbye", proto::Role_Name(role), routing_id);
+      remove_peer(routing_id);
+      dispatch(now);  // what it held, to the others
+      break;
     case Envelope::kForward: {
       // To the gateway that owns the sid; if it is gone, the asker hears so.
       auto owner = std::string{proto::sid_owner(env->forward().sid())};
@@ -430,7 +446,9 @@ bool broker::allowed(proto::Role role, Envelope::KindCase kind) const {
     case Envelope::kRequest:
     case Envelope::kCancel:
     case Envelope::kReply:  // workers end jobs; gateways return clients' acks
+    case Envelope::kGoodbye:
       return true;
+    case Envelope::kDrain: return role == proto::ROLE_WORKER;
     case Envelope::kLifecycle:
     case Envelope::kReport:
     case Envelope::kForward:
@@ -488,6 +506,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       for (const auto& f : evicted.failed) fail(f);
       metrics_->forget(evicted.name);
     }
+    if (hello.draining()) table_.drain_worker(routing_id);  // re-announced after a restart of ours
   }
   Envelope env;
   auto* w = env.mutable_welcome();
@@ -872,6 +891,7 @@ void broker::tick(clock::time_point now) {
   for (const auto& service : table_.services()) {
     metrics_->queue_depth.Add({{"service", service}}).Set(static_cast<double>(table_.queued(service)));
     metrics_->workers.Add({{"service", service}}).Set(static_cast<double>(table_.workers(service)));
+    metrics_->draining.Add({{"service", service}}).Set(static_cast<double>(table_.draining_workers(service)));
   }
   metrics_->in_flight.Set(static_cast<double>(table_.in_flight()));
   if (auto n = log_limit_.take_suppressed()) spdlog::warn("{} log lines suppressed", n);

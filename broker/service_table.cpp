@@ -5,8 +5,8 @@
 
 namespace sidecast::broker {
 
-// Invariants: a worker is in a service's `ready` deque exactly when its busy
-// count for that service is below its capacity. A slot stays taken while
+// Invariants: a worker is in a service's `ready` deque exactly when it is
+// not draining and its busy count for that service is below its capacity. A slot stays taken while
 // its job is queued, held, or orphaned (ended while a worker held it), so
 // capacity is only given back when the worker really is free; its id stays
 // in `ids_` as long.
@@ -247,18 +247,48 @@ bool service_table::add_worker(const std::string& worker, const std::string& ser
   svc.served = true;
   auto* serves = workers_[w].find(si);
   bool was_ready = serves && serves->busy < serves->capacity;
+  bool draining = workers_[w].draining;
   if (!serves) {
     ++svc.worker_count;
+    if (draining) ++svc.draining;
     serves = &workers_[w].serves.emplace_back(serving{si, capacity, 0});
   }
+  was_ready = was_ready && !draining;
   serves->capacity = capacity;
-  bool now_ready = serves->busy < capacity;
+  bool now_ready = serves->busy < capacity && !draining;
   if (now_ready && !was_ready) {
     svc.ready.push_back(w);
     dispatch_due_ = true;
   }
   if (was_ready && !now_ready) std::erase(svc.ready, w);
   return true;
+}
+
+bool service_table::drain_worker(const std::string& worker) {
+  auto wit = worker_ids_.find(worker);
+  if (wit == worker_ids_.end()) return false;
+  auto& entry = workers_[wit->second];
+  if (entry.draining) return true;
+  entry.draining = true;
+  for (const auto& serves : entry.serves) {
+    auto& svc = services_[serves.service];
+    std::erase(svc.ready, wit->second);
+    ++svc.draining;
+  }
+  return true;
+}
+
+bool service_table::draining(const std::string& worker) const {
+  auto wit = worker_ids_.find(worker);
+  return wit != worker_ids_.end() && workers_[wit->second].draining;
+}
+
+std::size_t service_table::held_by(const std::string& worker) const {
+  auto wit = worker_ids_.find(worker);
+  if (wit == worker_ids_.end()) return 0;
+  return static_cast<std::size_t>(std::count_if(slots_.begin(), slots_.end(), [w = wit->second](const slot& e) {
+    return e.worker == w && (e.state == slot_state::held || e.state == slot_state::orphaned);
+  }));
 }
 
 std::vector<failure> service_table::remove_worker(const std::string& worker) {
@@ -271,6 +301,7 @@ std::vector<failure> service_table::remove_worker(const std::string& worker) {
     auto& svc = services_[serves.service];
     std::erase(svc.ready, w);
     --svc.worker_count;
+    if (workers_[w].draining) --svc.draining;
   }
   workers_[w] = worker_entry{};
   free_workers_.push_back(w);
@@ -327,7 +358,7 @@ void service_table::release(std::uint32_t worker, std::uint32_t service) {
   if (!serves || serves->busy == 0) return;
   bool was_full = serves->busy >= serves->capacity;
   --serves->busy;
-  if (was_full && serves->busy < serves->capacity) {
+  if (was_full && serves->busy < serves->capacity && !workers_[worker].draining) {
     services_[service].ready.push_back(worker);
     dispatch_due_ = true;
   }
@@ -448,7 +479,14 @@ std::size_t service_table::waiting() const {
 
 std::size_t service_table::workers(const std::string& service) const {
   auto it = service_ids_.find(service);
-  return it == service_ids_.end() ? 0 : services_[it->second].worker_count;
+  if (it == service_ids_.end()) return 0;
+  const auto& svc = services_[it->second];
+  return svc.worker_count - svc.draining;
+}
+
+std::size_t service_table::draining_workers(const std::string& service) const {
+  auto it = service_ids_.find(service);
+  return it == service_ids_.end() ? 0 : services_[it->second].draining;
 }
 
 std::vector<std::string> service_table::services() const {

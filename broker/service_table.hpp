@@ -90,6 +90,13 @@ class service_table {
   bool add_worker(const std::string& worker, const std::string& service, unsigned capacity,
                   eviction* evicted = nullptr);
 
+  /// The worker is stopping: it gets no new job from now on (of any of its
+  /// services, and of services it announces later), and does not count in
+  /// workers(). What it holds stays its own: answered, expired, or
+  /// re-queued by remove_worker as before. False for an unknown worker.
+  bool drain_worker(const std::string& worker);
+  bool draining(const std::string& worker) const;
+
   /// Forgets the services no worker has ever served that have no job left
   /// (names requests made up, or asked for before their workers came), so
   /// that such names cannot fill the table; returns their names. A service
@@ -157,7 +164,11 @@ class service_table {
   std::size_t queued(const std::string& service) const;
   std::size_t in_flight() const { return held_count_; }
   std::size_t waiting() const;
+  /// Workers that take its jobs (draining ones do not).
   std::size_t workers(const std::string& service) const;
+  std::size_t draining_workers(const std::string& service) const;
+  /// Jobs `worker` holds, ended ones whose answer it still owes included.
+  std::size_t held_by(const std::string& worker) const;
   std::vector<std::string> services() const;
 
  private:
@@ -182,7 +193,8 @@ class service_table {
     std::uint32_t head = none, tail = none;  // waiting jobs, FIFO
     std::size_t waiting = 0;
     std::deque<std::uint32_t> ready;         // workers with free capacity, LRU first
-    std::size_t worker_count = 0;
+    std::size_t worker_count = 0;           // registered, draining ones included
+    std::size_t draining = 0;               // of those, draining
     bool served = false;                     // a worker has served it
     bool live = true;                        // false: pruned, its index free for reuse
   };
@@ -194,6 +206,7 @@ class service_table {
   struct worker_entry {
     std::string name;  // empty: a free entry
     std::vector<serving> serves;
+    bool draining = false;  // never in a ready deque
     serving* find(std::uint32_t service);
   };
 

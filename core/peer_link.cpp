@@ -55,8 +55,24 @@ void peer_link::send_hello() {
     s->set_name(name);
     s->set_capacity(capacity);
   }
+  hello->set_draining(draining_);
   ++stats_.hellos;
   send(env);
+}
+
+void peer_link::drain() {
+  if (draining_) return;
+  draining_ = true;
+  proto::Envelope env;
+  env.mutable_drain();
+  send(env);
+}
+
+void peer_link::goodbye(std::chrono::milliseconds linger) {
+  proto::Envelope env;
+  env.mutable_goodbye();
+  send(env);
+  if (!is_local_) socket_.set(zmq::sockopt::linger, static_cast<int>(linger.count()));
 }
 
 void peer_link::heard_from_broker(clock::time_point now) {

@@ -77,6 +77,15 @@ class peer_link {
   bool send_bytes(std::string_view bytes);
   bool send_message(zmq::message_t&& message);
 
+  /// A worker that is stopping: tells the broker to send it nothing new
+  /// (Drain), now and in every Hello from then on (a restarted broker).
+  void drain();
+  bool draining() const { return draining_; }
+  /// The last message: the broker forgets this peer at once (Goodbye).
+  /// What was sent before it, and it, get up to `linger` to leave when the
+  /// link is destroyed (a broker that is gone costs that long).
+  void goodbye(std::chrono::milliseconds linger);
+
   /// Heartbeats and broker liveness; call at or after next_tick().
   void tick(clock::time_point now);
   clock::time_point next_tick() const;
@@ -104,6 +113,7 @@ class peer_link {
   std::unique_ptr<local_dealer> local_;   // a local:// broker, when one is bound
   ring_hook hook_;                         // for local_, and the ones after it
   bool welcomed_ = false;
+  bool draining_ = false;
   std::chrono::milliseconds interval_;
   unsigned liveness_;
   clock::time_point broker_expiry_;

@@ -101,7 +101,16 @@ void bridge::stop() {
     own_context_->stop();
     if (thread_.joinable()) thread_.join();
   }
-  // No thread runs the executor any more: release its objects here.
+  // No thread runs the executor any more: release its objects here. The
+  // broker forgets this gateway at once (Goodbye): emits for its sids get
+  // their delivery reports now, not once its heartbeats are missed.
+  if (link_) {
+    try {
+      link_->goodbye(std::chrono::milliseconds(500));
+    } catch (const std::exception& e) {
+      spdlog::warn("gateway bridge: no goodbye to the broker: {}", e.what());
+    }
+  }
   if (poster_) poster_->close();
   link_watch_.fd.reset();
   sub_watch_.fd.reset();

@@ -287,6 +287,8 @@ std::string_view kind_name(Envelope::KindCase kind) {
     case Envelope::kError: return "error";
     case Envelope::kForward: return "forward";
     case Envelope::kAnswer: return "answer";
+    case Envelope::kDrain: return "drain";
+    case Envelope::kGoodbye: return "goodbye";
     case Envelope::KIND_NOT_SET: break;
   }
   return "none";

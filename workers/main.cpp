@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   std::string http;
   std::string names;
+  std::chrono::milliseconds drain_timeout{10000};
   for (const auto& [name, factory] : workers::builtin_services()) names += (names.empty() ? "" : ", ") + name;
   app.add_option("--service", services, "Service to serve (repeatable): " + names)->required();
   workers::add_options(app, builtin);
@@ -41,6 +42,9 @@ int main(int argc, char** argv) {
   app.add_option("--hwm", options.hwm, "High-water mark of the broker link (each way) and the PUB socket, messages")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));
+  core::add_millis(app, "--drain-timeout", drain_timeout,
+                   "On SIGTERM or SIGINT: take no new requests, give those running this long to finish, then stop "
+                   "(what still runs goes to another worker), ms");
   app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
   app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--http", http, "Serve /metrics and /healthz on HOST:PORT (empty: not at all)")->capture_default_str();
@@ -68,9 +72,9 @@ int main(int argc, char** argv) {
       w.add(it->second(builtin));
     }
     core::terminate_signals::stop_on_exit end_signals{signals};  // before w goes: on_signal uses it
-    signals.start([&w](int sig) {
-      spdlog::info("signal {}: stopping", sig);
-      w.stop();
+    signals.start([&w, drain_timeout](int sig) {
+      spdlog::info("signal {}: draining (up to {} ms), then stopping", sig, drain_timeout.count());
+      w.drain(drain_timeout);
     });
     worker_metrics metrics{*registry};
     // /healthz: 200 while the broker has welcomed this worker.

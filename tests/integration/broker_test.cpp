@@ -909,6 +909,94 @@ TEST_P(BrokerTest, AHookThatAcceptsAfterItsConnectEndedHearsTheDisconnectOnItsOw
   EXPECT_EQ(broker_->stats().owed_disconnects, 3u);
 }
 
+// A service whose "work" answers [worker id, attempt]; given `release`, a
+// request with the args ["hold"] first waits until it is set (at most 10 s,
+// or until its cancel, and then is not answered).
+service held_work_service(const std::atomic<bool>* release) {
+  service s{"job", 2};
+  s.on("work", [release](request req) {
+    if (release && req.args_text() == R"(["hold"])") {
+      auto until = std::chrono::steady_clock::now() + 10s;
+      while (!*release && !req.cancel().cancelled() && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(5ms);
+      if (req.cancel().cancelled()) return;  // stopping: no answer
+    }
+    req.reply("[\"" + req.worker_id() + "\"," + std::to_string(req.attempt()) + "]");
+  });
+  return s;
+}
+
+// drain(): the broker sends the worker nothing new, though it has a free
+// credit (a second worker gets it all), while what it holds runs to its
+// end and is answered from it; drain() returns once nothing runs, and the
+// worker then says Goodbye. Heartbeats 1 s apart: nothing here is noticed
+// by their absence.
+TEST_P(BrokerTest, ADrainingWorkerFinishesWhatItHoldsAndGetsNothingNew) {
+  heartbeat_ = 1s;
+  start();
+  std::atomic<bool> release{false};
+  auto& w1 = add_worker({held_work_service(&release)}, "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto held = client.submit("job", "work", R"(["hold"])", 10s);
+  ASSERT_TRUE(eventually([&w1] { return w1.stats().requests == 1; }));
+
+  std::promise<bool> drained;
+  std::thread drainer([&] { drained.set_value(w1.drain(10s)); });
+  // The broker has read the Drain: the client's requests, sent after, come after it.
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "drain") == 1.0; }));
+  add_worker({held_work_service(nullptr)}, "w2");
+  for (int i = 0; i < 4; ++i) {
+    auto reply = client.call("job", "work", "[]", 5s);
+    ASSERT_TRUE(reply);
+    EXPECT_EQ(reply->code(), proto::OK) << reply->message();
+    EXPECT_EQ(reply->args(), R"(["w2",1])") << "a draining worker was given new work";
+  }
+  auto done = drained.get_future();
+  EXPECT_EQ(done.wait_for(300ms), std::future_status::timeout) << "drain() returned while a request still ran";
+  release = true;
+  auto reply = client.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->reply().id(), held);
+  EXPECT_EQ(reply->reply().code(), proto::OK);
+  EXPECT_EQ(reply->reply().args(), R"(["w1",1])");
+  ASSERT_EQ(done.wait_for(5s), std::future_status::ready);
+  EXPECT_TRUE(done.get()) << "drain() said something was left running";
+  drainer.join();
+  pause_io([&w1] { w1.stop(); });  // after start_on() its owner stops it; else a no-op
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "goodbye") == 1.0; }));
+  EXPECT_EQ(w1.stats().requests, 1u);
+}
+
+// A worker that stops (or whose drain timed out) with a request still
+// running says Goodbye: the broker gives the request to another worker at
+// once (its second attempt), not after the stopped worker's heartbeats are
+// missed (15 s here).
+TEST_P(BrokerTest, AStoppingWorkersRequestGoesToAnotherAtOnce) {
+  heartbeat_ = 5s;
+  start();
+  std::atomic<bool> release{false};
+  auto& w1 = add_worker({held_work_service(&release)}, "w1");  // never released: waits for its cancel
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto held = client.submit("job", "work", R"(["hold"])", 20s);
+  ASSERT_TRUE(eventually([&w1] { return w1.stats().requests == 1; }));
+  add_worker({held_work_service(nullptr)}, "w2");
+  auto stopped_at = std::chrono::steady_clock::now();
+  if (shared_thread()) {
+    EXPECT_FALSE(w1.drain(100ms)) << "drain() said nothing was left running";
+    pause_io([&w1] { w1.stop(); });
+  } else {
+    EXPECT_FALSE(w1.drain(100ms));  // times out, then stops
+  }
+  auto reply = client.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply) << "the request was not given to another worker";
+  EXPECT_LT(std::chrono::steady_clock::now() - stopped_at, 3s);
+  EXPECT_EQ(reply->reply().id(), held);
+  EXPECT_EQ(reply->reply().code(), proto::OK) << reply->reply().message();
+  EXPECT_EQ(reply->reply().args(), R"(["w2",2])");
+}
+
 // A Reply that answers no job is a client's ack of a worker's Emit: it goes
 // from a gateway to a worker, never elsewhere. Before, any peer could send a
 // gateway a Reply with the id of a request the gateway was about to make

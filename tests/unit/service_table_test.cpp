@@ -47,6 +47,9 @@ using P = std::vector<std::pair<std::string, std::string>>;
 //   complete ID W      job (it ended) | held (a job W held, already over) | none
 //   cancel ID          queued | held by W | none
 //   drop W             remove_worker: "ID:CODE ..." of the jobs that failed
+//   drain W            drain_worker: ok | unknown
+//   held W             held_by(W)
+//   draining SVC       draining_workers(SVC)
 //   expire MS          expire(t0 + MS): "ID:CODE[@W] ..."
 //   deadline           next_deadline() in ms after t0, or none
 //   queued SVC / workers SVC / in_flight           a count
@@ -129,6 +132,9 @@ std::string run(service_table& t, const std::string& op) {
     in >> a;
     return failures(t.remove_worker(a));
   }
+  if (verb == "drain") return in >> a, t.drain_worker(a) ? "ok" : "unknown";
+  if (verb == "held") return in >> a, std::to_string(t.held_by(a));
+  if (verb == "draining") return in >> a, std::to_string(t.draining_workers(a));
   if (verb == "expire") {
     long ms = 0;
     in >> ms;
@@ -171,6 +177,28 @@ const std::vector<table_case>& cases() {
            {"submit a", "queued"}, {"submit b", "queued"}, {"submit c", "queued"}, {"submit d", "queued"},
            {"dispatch", "w1:a w2:b w1:c"}, {"queued svc", "1"},
            {"complete c w1", "job"}, {"dispatch", "w1:d"}}},
+      // A draining worker keeps what it holds (answered, it frees no credit
+      // for new jobs), takes nothing new, and does not count as a worker.
+      {"a draining worker finishes what it holds and gets nothing new", {}, {
+           {"worker w1 svc 2", ""}, {"worker w1 other 1", ""}, {"worker w2 svc 1", ""},
+           {"submit a", "queued"}, {"dispatch", "w1:a"},
+           {"drain w1", "ok"}, {"drain w1", "ok"}, {"drain nobody", "unknown"},
+           {"workers svc", "1"}, {"draining svc", "1"}, {"workers other", "0"}, {"draining other", "1"},
+           {"held w1", "1"},
+           {"submit b", "queued"}, {"submit c", "queued"}, {"submit d other", "queued"},
+           {"dispatch", "w2:b"},  // w1 has a free credit, and takes nothing
+           {"complete a w1", "job"}, {"held w1", "0"}, {"dispatch", ""},
+           {"worker w1 third 1", ""}, {"submit e third", "queued"}, {"dispatch", ""},  // nor of a new service
+           {"complete b w2", "job"}, {"dispatch", "w2:c"},
+           {"drop w1", ""}, {"draining svc", "0"}, {"workers svc", "1"}, {"queued other", "1"},
+           {"worker w1 other 1", ""}, {"dispatch", "w1:d"}}},  // registered anew: not draining
+      // What a draining worker held when it is lost (or says goodbye) goes
+      // to another worker, as for any worker; an ended job's credit too.
+      {"a draining worker's jobs go elsewhere when it leaves", {}, {
+           {"worker w1 svc 2", ""}, {"submit a", "queued"}, {"submit b svc 500", "queued"},
+           {"dispatch", "w1:a w1:b"}, {"drain w1", "ok"},
+           {"expire 500", "b:TIMEOUT@w1"}, {"held w1", "2"},  // b's credit is held until w1 answers
+           {"worker w2 svc 1", ""}, {"drop w1", ""}, {"dispatch", "w2:a#2"}}},
       {"re-registering changes the capacity", {}, {
            {"worker w1 svc 1", ""}, {"worker w1 svc 3", ""}, {"workers svc", "1"},
            {"submit a", "queued"}, {"submit b", "queued"}, {"submit c", "queued"},

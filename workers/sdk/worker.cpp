@@ -283,6 +283,13 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
+  // Requests taken and not yet done with (their state still exists: a
+  // handler, or an answer, still holds them); drain() waits for none.
+  std::atomic<std::size_t> live_requests{0};
+  std::atomic<bool> drain_asked{false};  // the I/O thread tells the broker (peer_link::drain)
+  // How long the last messages (replies, the Goodbye) may take to leave
+  // once the link is closed: a broker that is gone costs stop() that long.
+  static constexpr std::chrono::milliseconds goodbye_linger{500};
 
   explicit worker_core(worker_options o, zmq::context_t* ctx)
       : options{std::move(o)}, context{ctx}, outbox{options.outbox_limit} {
@@ -467,6 +474,30 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     lifecycle_changed.notify_all();
   }
 
+  // A request's state is gone: one fewer for drain() to wait for.
+  void request_done() {
+    if (live_requests.fetch_sub(1, std::memory_order_acq_rel) != 1 || !drain_asked) return;
+    std::lock_guard lock{lifecycle_mutex};  // drain() is between its check and its wait, or waiting
+    lifecycle_changed.notify_all();
+  }
+
+  bool drain(std::chrono::milliseconds timeout) {
+    if (pool.on_pool_thread() || std::this_thread::get_id() == io_thread_id.load())
+      throw std::logic_error("worker::drain() from a handler: it would wait for itself");
+    drain_asked = true;
+    wake.signal();  // the I/O thread sends the Drain
+    bool idle;
+    {
+      std::unique_lock lock{lifecycle_mutex};
+      auto done = [&] { return live_requests.load(std::memory_order_acquire) == 0; };
+      lifecycle_changed.wait_for(lock, timeout, [&] { return done() || stopped || failure; });
+      idle = done();
+    }
+    if (!idle) spdlog::warn("worker {}: drain timed out with {} requests running", options.id, live_requests.load());
+    if (!attached) stop();  // start_on(): its owner stops it once no thread runs the context
+    return idle;
+  }
+
   void wait_stopped() {
     std::unique_lock lock{lifecycle_mutex};
     lifecycle_changed.wait(lock, [&] { return stopped || failure; });
@@ -602,6 +633,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     turn_scope scope{this};
     auto now = turn_now = clock::now();
     if (o.input.ready(o.wake_in)) wake.drain();
+    if (drain_asked && !link.draining()) {
+      link.drain();
+      spdlog::info("worker {} draining: the broker sends it nothing new", options.id);
+    }
     // Every send of the turn comes before the recv that finds the socket
     // empty: what the pool's handlers sent first, then what each quick
     // handler sends as soon as it returns. That recv also takes any command
@@ -676,8 +711,19 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   };
   static inline thread_local const worker_core* turning = nullptr;
 
-  // The loop is over: its sockets go, and what still waits on it learns so.
+  // The loop is over: what the handlers queued is sent, then Goodbye (the
+  // broker gives what this worker still holds to another at once, instead
+  // of after its heartbeats stop); its sockets go, and what still waits on
+  // it learns so.
   void close_io() {
+    if (io) {
+      try {
+        send_queued();
+        io->link.goodbye(goodbye_linger);
+      } catch (const std::exception& e) {
+        spdlog::warn("worker {}: its last messages were not sent: {}", options.id, e.what());
+      }
+    }
     io.reset();
     welcomed = false;
     // Whatever still runs learns that the worker is going away.
@@ -744,6 +790,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // in its turn leaves none.
   std::shared_ptr<request_state> new_request() {
     ++n_requests;
+    live_requests.fetch_add(1, std::memory_order_relaxed);
     auto st = std::allocate_shared<request_state>(io_thread_allocator<request_state>{});
     st->core = shared_from_this();
     if (spare_fields.empty()) {
@@ -960,6 +1007,7 @@ request_state::~request_state() {
       core->answer(*this, proto::OK, {}, "[]", {}, true);
   }
   if (core && f) core->recycle(std::move(f));
+  if (core) core->request_done();
 }
 
 }  // namespace detail
@@ -1097,6 +1145,11 @@ void worker::start_on(boost::asio::io_context& context) { core_->start_on(contex
 void worker::stop() {
   auto core = core_;  // a stop() waiting for another outlives the owner's destructor
   core->stop();
+}
+
+bool worker::drain(std::chrono::milliseconds timeout) {
+  auto core = core_;
+  return core->drain(timeout);
 }
 
 void worker::run() {

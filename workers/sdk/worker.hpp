@@ -223,11 +223,21 @@ class worker {
   /// destroyed: it releases what the worker holds there.
   void start_on(boost::asio::io_context& context);
   /// Cancels what runs (handlers not yet started never start; acks still
-  /// awaited hear CANCELLED), stops the threads. Idempotent, thread-safe: a
+  /// awaited hear CANCELLED), sends what handlers queued and a Goodbye (the
+  /// broker re-dispatches what this worker held at once), stops the threads. Idempotent, thread-safe: a
   /// second caller returns once the first has finished; a handler may stop
   /// its own worker (a quick one may not: std::logic_error, see
   /// service::on_quick). Before start(), it makes start() a no-op.
   void stop();
+  /// Stops gracefully: the broker sends this worker nothing new from now on
+  /// (other workers of its services get it), what it holds runs to its end
+  /// for up to `timeout` (replies, progress emits and all), then stop():
+  /// what still runs is cancelled, and the broker gives it to another
+  /// worker at once. True when nothing was left running. Thread-safe; not
+  /// from a handler (it would wait for itself: std::logic_error). After
+  /// start_on() it does not stop the worker: its owner calls stop() then,
+  /// as always once no thread runs the context.
+  bool drain(std::chrono::milliseconds timeout);
   /// start(), then blocks until stop(), or until the I/O loop fails
   /// (failure() says why; call stop() then).
   void run();

@@ -56,6 +56,7 @@ class PeerLink:
         self.curve = curve
         self.socket = None
         self.welcomed = False
+        self.draining = False  # see drain()
         self.broker_id = ""
         self.reconnects = 0   # sockets replaced after broker silence
         self.hellos = 0
@@ -66,11 +67,33 @@ class PeerLink:
         self._log_limit = RateLimitedLog()
         self._connect()
 
-    def close(self):
+    def close(self, linger=0):
+        """Closes the socket; what it still queues gets ``linger`` seconds to leave."""
         if self.socket is not None:
-            self.socket.close(linger=0)
+            self.socket.close(linger=int(linger * 1000))
             self.socket = None
         self.welcomed = False
+
+    def drain(self):
+        """A worker that is stopping: the broker sends it nothing new (Drain),
+        now and in every Hello from then on (a restarted broker)."""
+        if self.draining:
+            return
+        self.draining = True
+        env = pb.Envelope()
+        env.drain.SetInParent()
+        self.send(env)
+
+    def goodbye(self, linger=0.5):
+        """The last message: the broker forgets this peer at once (what a
+        worker held goes to another). Closes the link; what was sent before
+        gets ``linger`` seconds to leave."""
+        if self.socket is None:
+            return
+        env = pb.Envelope()
+        env.goodbye.SetInParent()
+        self.send(env)
+        self.close(linger)
 
     def _connect(self):
         # A fresh socket: whatever the old one still queued dies with it.
@@ -96,6 +119,7 @@ class PeerLink:
         hello.protocol_version = PROTOCOL_VERSION
         for name, capacity in self.services:
             hello.services.add(name=name, capacity=capacity)
+        hello.draining = self.draining
         self.hellos += 1
         self.send(env)
 

@@ -29,6 +29,10 @@ from .service import Service
 
 log = logging.getLogger("sidecast_worker")
 
+# Seconds the last messages (replies, the Goodbye) may take to leave once the
+# link is closed: a broker that is gone costs stop() that long.
+GOODBYE_LINGER = 0.5
+
 
 @dataclass(frozen=True)
 class AckResult:
@@ -139,7 +143,8 @@ class _Core:
         self.local = threading.local()  # .in_pool on handler threads
 
         self.in_flight = {}  # request id -> Request, until its final answer
-        self.in_flight_lock = threading.Lock()
+        self.in_flight_lock = threading.Condition()  # notified when in_flight empties (drain)
+        self.drain_asked = False  # the I/O thread tells the broker (PeerLink.drain)
         self.deadlines = []  # heap of (deadline, seq, Request): I/O thread only
         self.seq = itertools.count()
         self.acks = {}  # ack id -> (Future, callback)
@@ -241,6 +246,8 @@ class _Core:
             with self.in_flight_lock:
                 if self.in_flight.get(req.id) is req:
                     del self.in_flight[req.id]
+                    if not self.in_flight:
+                        self.in_flight_lock.notify_all()
         # A reply must not be lost to a full outbox: it also frees the capacity.
         if not self.send(env) and not self.stopping.is_set():
             log.error("outbox full: reply for %s dropped", req.id)
@@ -323,6 +330,22 @@ class _Core:
                                               daemon=True)
             self.io_thread.start()
 
+    def drain(self, timeout):
+        if self.io_thread is threading.current_thread() or getattr(self.local, "in_pool", False):
+            raise RuntimeError("Worker.drain() from a handler: it would wait for itself")
+        self.drain_asked = True
+        self.wake.signal()  # the I/O thread sends the Drain
+        with self.in_flight_lock:
+            idle = self.in_flight_lock.wait_for(
+                lambda: not self.in_flight or self.stopping.is_set() or self.io_failure is not None, timeout)
+            idle = not self.in_flight
+            left = len(self.in_flight)
+        if not idle:
+            log.warning("worker %s: drain timed out with %d requests running; they are cancelled",
+                        self.worker_id, left)
+        self.stop()
+        return idle
+
     def stop(self):
         on_io_thread = self.io_thread is threading.current_thread()
         in_pool = getattr(self.local, "in_pool", False)
@@ -390,6 +413,9 @@ class _Core:
                     raise
                 if self.wake.fd in ready:
                     self.wake.drain()
+                if self.drain_asked and not link.draining:
+                    link.drain()
+                    log.info("worker %s draining: the broker sends it nothing new", self.worker_id)
                 for _ in range(1024):
                     env = link.receive()
                     if env is None:
@@ -413,6 +439,15 @@ class _Core:
         finally:
             self.connected.clear()
             if link is not None:
+                # What the handlers queued, then Goodbye: the broker gives what
+                # this worker still holds to another at once, instead of after
+                # its heartbeats stop.
+                try:
+                    if self.io_failure is None:
+                        self.flush(link, pub)
+                        link.goodbye(GOODBYE_LINGER)
+                except Exception:
+                    log.warning("worker %s: its last messages were not sent", self.worker_id, exc_info=True)
                 link.close()
             if pub is not None:
                 pub.close(linger=0)
@@ -422,6 +457,7 @@ class _Core:
         """Whatever still runs learns that the worker is going away."""
         with self.in_flight_lock:
             running, self.in_flight = list(self.in_flight.values()), {}
+            self.in_flight_lock.notify_all()
         for req in running:
             req._cancel(Code.CANCELLED)
 
@@ -654,11 +690,23 @@ class Worker:
         return self
 
     def stop(self):
-        """Cancels what runs (req.cancelled), stops the threads. Idempotent, thread-safe."""
+        """Cancels what runs (req.cancelled), sends what handlers queued and a
+        Goodbye (the broker re-dispatches what this worker held at once), stops
+        the threads. Idempotent, thread-safe."""
         self._core.stop()
 
-    def run(self, handle_signals=True):
-        """start(), then blocks until stop() (or, from the main thread, SIGINT/SIGTERM)."""
+    def drain(self, timeout=10.0):
+        """Stops gracefully: the broker sends this worker nothing new from now on
+        (other workers of its services get it), what it holds runs to its end for
+        up to ``timeout`` seconds (replies, progress emits and all), then stop():
+        what still runs is cancelled, and the broker gives it to another worker at
+        once. True when nothing was left running. Not from a handler."""
+        return self._core.drain(timeout)
+
+    def run(self, handle_signals=True, drain_timeout=10.0):
+        """start(), then blocks until stop(). From the main thread, SIGINT or
+        SIGTERM drains (``drain(drain_timeout)``) and then stops."""
+        self._drain_timeout = drain_timeout
         if not self._core.started:
             self.start()
         restore = {}
@@ -675,9 +723,14 @@ class Worker:
             self.stop()
 
     def _on_signal(self, signum, _frame):
-        log.info("signal %d: stopping", signum)
-        # Not from the signal handler itself: stop() joins threads.
-        threading.Thread(target=self.stop, name="sidecast-stop").start()
+        # Not from the signal handler itself: drain() waits and stop() joins threads.
+        if self._core.drain_asked:  # a second signal: no more waiting
+            log.info("signal %d: stopping now", signum)
+            threading.Thread(target=self.stop, name="sidecast-stop").start()
+            return
+        log.info("signal %d: draining (up to %s s), then stopping", signum, self._drain_timeout)
+        self._core.drain_asked = True
+        threading.Thread(target=self.drain, args=(self._drain_timeout,), name="sidecast-drain").start()
 
     def on_report(self, callback=None):
         """Calls ``callback(DeliveryReport)`` on a handler thread for every delivery
