@@ -1,6 +1,8 @@
 // Faults that need real processes: a worker SIGKILLed mid-request and a
 // broker killed and restarted. The binaries run over tcp loopback; the test
 // plays the client.
+#include <csignal>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -76,6 +78,52 @@ TEST(Processes, WorkerKilledMidRequestCompletesOnTheOther) {
   }
   // Two requests, three dispatches: the killed worker's went to the other.
   EXPECT_EQ(scrape(p.http, dispatched), *before + 3);
+}
+
+// SIGTERM drains a worker: the broker gives it nothing new (it counts as
+// draining, not as a worker of its service), the request it holds finishes
+// there and is answered (dispatched once: nothing was retried), and the
+// process exits 0 once it is done, well before --drain-timeout.
+TEST(Processes, SigtermDrainsAWorkerWhoseRequestFinishesThere) {
+  ports p;
+  child broker{"sidecast-broker", broker_args(p)};
+  child a{"sidecast-worker", worker_args(p, "wa")};
+  child b{"sidecast-worker", worker_args(p, "wb")};
+  zmq::context_t ctx{1};
+  peer client{ctx, p.endpoint(p.router), "c1"};
+  ASSERT_TRUE(client.hello());
+  ASSERT_TRUE(echo_served(client));
+  ASSERT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_workers{service="echo"})") == 2.0; }));
+  const std::string dispatched = R"(sidecast_broker_requests_total{outcome="dispatched",service="echo"})";
+  auto before = scrape(p.http, dispatched);
+  ASSERT_TRUE(before);
+  auto first = client.submit("echo", "delay", "[1500,\"first\"]", 10s);
+  auto second = client.submit("echo", "delay", "[1500,\"second\"]", 10s);
+  ASSERT_TRUE(eventually([&] { return scrape(p.http, "sidecast_broker_in_flight") == 2.0; }));
+  auto signalled = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(a.pid(), SIGTERM), 0);
+  EXPECT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_draining_workers{service="echo"})") == 1.0 &&
+                                      scrape(p.http, R"(sidecast_broker_workers{service="echo"})") == 1.0; }))
+      << "the broker never counted the worker as draining";
+  std::map<std::string, std::string> answers;
+  while (answers.size() < 2) {
+    auto env = client.next(Envelope::kReply, 8s);
+    ASSERT_TRUE(env) << "a request was lost with the draining worker";
+    EXPECT_EQ(env->reply().code(), proto::OK) << env->reply().message();
+    answers[env->reply().id()] = env->reply().args();
+  }
+  EXPECT_EQ(answers[first], R"(["first"])");
+  EXPECT_EQ(answers[second], R"(["second"])");
+  auto status = a.wait_exit(5s);
+  ASSERT_TRUE(status) << "the drained worker did not exit";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
+  EXPECT_LT(std::chrono::steady_clock::now() - signalled, 5s) << "it waited for --drain-timeout, not for its request";
+  EXPECT_EQ(scrape(p.http, dispatched), *before + 2) << "a request was dispatched again";
+  // Gone from the broker; the other worker serves.
+  EXPECT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_draining_workers{service="echo"})") == 0.0; }));
+  auto r = client.call("echo", "x", "[3]", 2s);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->args(), "[3]");
 }
 
 TEST(Processes, BrokerRestartWorkersReannounceAndTrafficFlows) {

@@ -448,6 +448,86 @@ class CancelTest(BrokerTest):
         self.assertTrue(seen.empty_for(0.3), "the queued handler started after stop")
 
 
+class DrainTest(BrokerTest):
+    """Worker.drain(): the broker gives the worker nothing new while what it
+    holds runs to its end and is answered from it; then it stops and says
+    Goodbye. A drain that times out stops the worker, and the broker gives
+    what it held to another worker at once (heartbeats 1 s apart, so 3 s
+    would pass before its silence told the broker)."""
+
+    heartbeat_ms = 1000
+
+    def job_service(self, release):
+        svc = Service("job", capacity=2)
+
+        @svc.on("work")
+        def work(req):
+            if release is not None and req.args == ["hold"]:
+                until = time.monotonic() + WAIT
+                while not release.is_set() and not req.cancelled.is_set() and time.monotonic() < until:
+                    release.wait(0.01)
+                if req.cancelled.is_set():
+                    return None  # stopping: no answer
+            req.reply(req.worker_id, req.attempt)
+
+        return svc
+
+    def test_a_draining_worker_finishes_what_it_holds_and_gets_nothing_new(self):
+        release = threading.Event()
+        w1 = self.start_worker(self.job_service(release), worker_id="pyA")
+        c = self.peer()
+        held = c.submit("job", "work", '["hold"]', timeout_ms=10000)
+        self.assertTrue(eventually(lambda: w1.stats().requests == 1, WAIT))
+        drained = queue.Queue()
+        threading.Thread(target=lambda: drained.put(w1.drain(WAIT)), daemon=True).start()
+        self.assertTrue(eventually(
+            lambda: self.broker.metric("sidecast_broker_messages_received_total", kind="drain") == 1, WAIT))
+        self.start_worker(self.job_service(None), worker_id="pyB")
+        for _ in range(4):
+            reply = c.call("job", "work", "[]")
+            self.assertEqual((reply.code, args_of(reply)), (pb.OK, ["pyB", 1]),
+                             "a draining worker was given new work")
+        self.assertTrue(drained.empty(), "drain() returned while a request still ran")
+        release.set()
+        reply = c.next("reply", where=lambda env: env.reply.id == held)
+        self.assertIsNotNone(reply)
+        self.assertEqual((reply.reply.code, args_of(reply.reply)), (pb.OK, ["pyA", 1]))
+        self.assertTrue(drained.get(timeout=WAIT), "drain() said something was left running")
+        self.assertTrue(eventually(
+            lambda: self.broker.metric("sidecast_broker_messages_received_total", kind="goodbye") == 1, WAIT))
+        self.assertFalse(w1.connected)
+
+    def test_a_drain_that_times_out_hands_what_was_held_to_another_worker_at_once(self):
+        never = threading.Event()
+        w1 = self.start_worker(self.job_service(never), worker_id="pyA")
+        c = self.peer()
+        held = c.submit("job", "work", '["hold"]', timeout_ms=20000)
+        self.assertTrue(eventually(lambda: w1.stats().requests == 1, WAIT))
+        self.start_worker(self.job_service(None), worker_id="pyB")
+        started = time.monotonic()
+        self.assertFalse(w1.drain(0.1))
+        reply = c.next("reply", timeout=2.5, where=lambda env: env.reply.id == held)
+        self.assertIsNotNone(reply, "the held request did not go to the other worker at once")
+        self.assertEqual((reply.reply.code, args_of(reply.reply)), (pb.OK, ["pyB", 2]))
+        self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_drain_from_a_handler_is_refused(self):
+        refused = queue.Queue()
+        svc = Service("selfish", capacity=1)
+        w = None
+
+        @svc.on("go")
+        def go(req):
+            try:
+                w.drain(1)
+            except RuntimeError as e:
+                refused.put(str(e))
+
+        w = self.start_worker(svc)
+        self.peer().call("selfish", "go")
+        self.assertIn("would wait for itself", refused.get(timeout=WAIT))
+
+
 class GatewayTrafficTest(BrokerTest):
     def test_early_ack_then_progress_to_the_sid(self):
         done = Recorder()
