@@ -88,7 +88,11 @@ class Events:
         return sum(1 for e in events if e[1] == name)
 
 
-class VmEndToEndTest(unittest.TestCase):
+class VmStack(unittest.TestCase):
+    """The vm worker example as a process, behind a broker and a gateway; a
+    python-socketio client in /vm for each test."""
+    gateway_id = "gwE"
+
     @classmethod
     def setUpClass(cls):
         cls.processes = []
@@ -99,7 +103,7 @@ class VmEndToEndTest(unittest.TestCase):
             cls.url = f"http://127.0.0.1:{cls.http_port}"
             cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
                                    "--http", f"127.0.0.1:{cls.http_port}", "--broker", cls.broker.router,
-                                   "--events", cls.broker.xpub, "--gateway-id", "gwE",
+                                   "--events", cls.broker.xpub, "--gateway-id", cls.gateway_id,
                                    "--api-key", API_KEY, "--threads", "1", "--log-level", "warn"],
                                   "gateway")
             cls.processes.append(cls.gateway)
@@ -142,6 +146,8 @@ class VmEndToEndTest(unittest.TestCase):
     def call(self, event, data):
         return self.sio.call(event, data, namespace="/vm", timeout=WAIT)
 
+
+class VmEndToEndTest(VmStack):
     def test_open_vm_reports_progress_and_result(self):
         ack = self.call("open_vm", {"count": 2, "name": "e2e"})
         self.assertIsInstance(ack, dict, ack)
@@ -232,6 +238,31 @@ class VmEndToEndTest(unittest.TestCase):
         self.assertEqual(example.publish({"sid": sid, "event": "report_ready", "data": {"url": "/r/8"}}), 202)
         events = self.events.wait(lambda ev: Events.count(ev, "report_ready") == 1, "report_ready")
         self.assertEqual([data for _, name, data in events if name == "report_ready"], [{"url": "/r/8"}])
+
+
+class VmWorkerDrainTest(VmStack):
+    """SIGTERM drains the vm worker: a launch under way runs to its end (every
+    progress event and the result reach the client), the broker gives the
+    worker nothing new meanwhile, and the process exits 0 once it is done."""
+    gateway_id = "gwV"
+
+    def test_a_launch_under_way_finishes_before_the_worker_exits(self):
+        task_id = self.call("open_vm", {"count": 1, "name": "d"})["task_id"]
+        self.events.wait(lambda ev: Events.count(ev, "vm_progress") >= 2, "a second vm_progress")
+        self.worker.signal(signal.SIGTERM)
+        self.assertTrue(eventually(lambda: self.broker.metric("sidecast_broker_draining_workers", service="vm") == 1,
+                                   WAIT), "the broker never counted the worker as draining")
+        self.assertTrue(self.worker.running(), "the worker exited before its launch finished")
+        events = self.events.wait(lambda ev: Events.count(ev, "vm_response") == 1, "the vm_response",
+                                  LAUNCH_MS / 1000 + WAIT)
+        response = events[-1][2]
+        self.assertEqual((response["task_id"], response["cancelled"], response["data"][0]["state"]),
+                         (task_id, False, "running"))
+        self.assertEqual(Events.count(events, "vm_progress"), 11)
+        self.worker.proc.wait(WAIT)
+        self.assertEqual(self.worker.proc.returncode, 0, self.worker.output())
+        # Gone: a new launch has no worker (answered at the request's deadline).
+        self.assertTrue(eventually(lambda: self.broker.workers("vm") == 0, WAIT))
 
 
 class InProcessWorkerTest(unittest.TestCase):

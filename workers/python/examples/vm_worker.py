@@ -149,6 +149,9 @@ def main(argv=None):
     p.add_argument("--max-count", type=int, default=20, help="VMs one open_vm may ask for")
     p.add_argument("--heartbeat-interval", type=int, default=1000,
                    help="heartbeat interval until the broker's Welcome, ms")
+    p.add_argument("--drain-ms", type=int, default=int(env("SIDECAST_DRAIN_MS", "60000")),
+                   help="on SIGTERM or SIGINT: take no new work, give launches under way this long "
+                        "to finish, then stop (what still runs goes to another worker), ms")
     p.add_argument("--log-level", default=env("SIDECAST_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
@@ -160,7 +163,7 @@ def main(argv=None):
                     heartbeat_interval=args.heartbeat_interval / 1000.0)
     worker.add(vm_service(args.capacity, args.launch_ms / 1000.0, args.failure_rate, args.max_count))
     logging.info("worker %s serving vm via %s", worker.id, args.broker)
-    worker.run()
+    worker.run(drain_timeout=args.drain_ms / 1000.0)
     return 0
 
 
