@@ -15,7 +15,8 @@ pids=()
 [[ -f $run_dir/haproxy.pid ]] && pids+=($(cat "$run_dir/haproxy.pid"))
 [[ -f $run_dir/pids ]] && pids+=($(awk '{print $2}' "$run_dir/pids"))
 for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
-for _ in $(seq 50); do
+# Up to 12 s: a worker drains for up to --drain-timeout (10 s) first.
+for _ in $(seq 120); do
   alive=0
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
   (( alive )) || break
