@@ -954,6 +954,8 @@ TEST_P(BrokerTest, ADrainingWorkerFinishesWhatItHoldsAndGetsNothingNew) {
   }
   auto done = drained.get_future();
   EXPECT_EQ(done.wait_for(300ms), std::future_status::timeout) << "drain() returned while a request still ran";
+  EXPECT_TRUE(w1.stats().draining);
+  EXPECT_EQ(w1.stats().running, 1u);
   release = true;
   auto reply = client.next(Envelope::kReply, 5s);
   ASSERT_TRUE(reply);
@@ -962,6 +964,7 @@ TEST_P(BrokerTest, ADrainingWorkerFinishesWhatItHoldsAndGetsNothingNew) {
   EXPECT_EQ(reply->reply().args(), R"(["w1",1])");
   ASSERT_EQ(done.wait_for(5s), std::future_status::ready);
   EXPECT_TRUE(done.get()) << "drain() said something was left running";
+  EXPECT_EQ(w1.stats().running, 0u);
   drainer.join();
   pause_io([&w1] { w1.stop(); });  // after start_on() its owner stops it; else a no-op
   EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "goodbye") == 1.0; }));

@@ -233,6 +233,8 @@ TEST(Processes, WorkerMetricsAndHealth) {
   EXPECT_GE(*requests, 5.0) << "an echo or more, four says";
   EXPECT_GE(scrape(worker_http, "sidecast_worker_replies_total").value_or(0), 5.0);
   EXPECT_EQ(scrape(worker_http, R"(sidecast_worker_dropped_total{reason="queue_full"})"), 0.0);
+  EXPECT_EQ(scrape(worker_http, "sidecast_worker_requests_running"), 0.0);
+  EXPECT_EQ(scrape(worker_http, "sidecast_worker_draining"), 0.0);
   // The broker goes: the worker stops being healthy once it falls silent.
   broker.reset();
   EXPECT_TRUE(eventually([&] { return http_get(worker_http, "/healthz").first == 503; }));

@@ -7,6 +7,10 @@ prometheus::Counter& counter(prometheus::Registry& r, const char* name, const ch
   return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
 }
 
+prometheus::Gauge& gauge(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+}
+
 prometheus::Counter& dropped(prometheus::Registry& r, const char* reason) {
   return prometheus::BuildCounter()
       .Name("sidecast_worker_dropped_total")
@@ -32,11 +36,9 @@ worker_metrics::worker_metrics(prometheus::Registry& r)
       outbox_dropped_{dropped(r, "outbox_full")},
       acks_refused_{dropped(r, "pending_acks")},
       requests_refused_{dropped(r, "queue_full")},
-      connected_{prometheus::BuildGauge()
-                     .Name("sidecast_worker_connected")
-                     .Help("1 while the broker has welcomed this worker")
-                     .Register(r)
-                     .Add({})} {}
+      connected_{gauge(r, "sidecast_worker_connected", "1 while the broker has welcomed this worker")},
+      running_{gauge(r, "sidecast_worker_requests_running", "Requests taken and not yet done with")},
+      draining_{gauge(r, "sidecast_worker_draining", "1 once the worker drains (SIGTERM): it takes no new requests")} {}
 
 void worker_metrics::refresh(const worker& w) {
   auto now = w.stats();
@@ -50,6 +52,8 @@ void worker_metrics::refresh(const worker& w) {
   advance(acks_refused_, now.acks_refused, seen_.acks_refused);
   advance(requests_refused_, now.requests_refused, seen_.requests_refused);
   connected_.Set(w.connected() ? 1 : 0);
+  running_.Set(static_cast<double>(now.running));
+  draining_.Set(now.draining ? 1 : 0);
 }
 
 }  // namespace sidecast

@@ -32,6 +32,8 @@ class worker_metrics {
   prometheus::Counter& acks_refused_;
   prometheus::Counter& requests_refused_;
   prometheus::Gauge& connected_;
+  prometheus::Gauge& running_;
+  prometheus::Gauge& draining_;
 };
 
 }  // namespace sidecast

@@ -1202,9 +1202,10 @@ std::optional<std::string> worker::failure() const {
 bool worker::connected() const { return core_->welcomed; }
 
 worker_stats worker::stats() const {
-  return {core_->n_requests, core_->n_replies,    core_->n_cancels,
-          core_->n_dropped,  core_->n_errors,     core_->n_reconnects,
-          core_->n_acks_refused, core_->n_requests_refused};
+  return {core_->n_requests,     core_->n_replies,          core_->n_cancels,
+          core_->n_dropped,      core_->n_errors,           core_->n_reconnects,
+          core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
+          core_->drain_asked.load()};
 }
 
 }  // namespace sidecast

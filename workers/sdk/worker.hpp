@@ -201,6 +201,8 @@ struct worker_stats {
   std::uint64_t reconnects = 0;
   std::uint64_t acks_refused = 0;  // emit_with_ack calls refused: pending_acks_limit emits awaited their ack
   std::uint64_t requests_refused = 0;  // answered BUSY: queue_limit requests already waited for a handler thread
+  std::uint64_t running = 0;  // requests taken and not done with (a handler, or an answer, still holds them)
+  bool draining = false;      // drain() has begun
 };
 
 class worker {
