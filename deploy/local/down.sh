@@ -23,5 +23,5 @@ for _ in $(seq 120); do
   sleep 0.1
 done
 for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
-rm -f "$run_dir/pids" "$run_dir/haproxy.pid" "$run_dir/gateways"
+rm -f "$run_dir/pids" "$run_dir/names" "$run_dir/haproxy.pid" "$run_dir/gateways"
 echo "sidecast: stopped (logs in $run_dir)"

@@ -7,6 +7,7 @@
 #   deploy/local/up.sh --port PORT [--gateways N] [--balancer sid|roundrobin]
 #                      [--run-dir DIR] [--vm-launch-ms MS] [--vm-failure-rate R]
 #   deploy/local/add.sh gateway|vm [--run-dir DIR]    # scale a tier while it runs
+#   deploy/local/remove.sh NAME [--run-dir DIR]       # drain and stop one part (gw2, vm1, ...)
 #   deploy/local/down.sh [--run-dir DIR]
 #
 # --balancer sid (default) sends polling requests and upgrades for a sid to
@@ -24,7 +25,7 @@ while (( $# )); do
     --run-dir) run_dir=$2; shift 2 ;;
     --vm-launch-ms) vm_launch_ms=$2; shift 2 ;;
     --vm-failure-rate) vm_failure_rate=$2; shift 2 ;;
-    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
     *) echo "up.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -38,6 +39,7 @@ command -v haproxy >/dev/null || { echo "up.sh: haproxy missing (apt-get install
 if [[ -f $run_dir/pids ]]; then echo "up.sh: $run_dir holds a running topology; run down.sh first" >&2; exit 1; fi
 mkdir -p "$run_dir"
 : > "$run_dir/pids"
+: > "$run_dir/names"
 
 # shellcheck source=lib.sh
 source "$here/lib.sh"

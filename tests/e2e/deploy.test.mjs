@@ -3,7 +3,8 @@
 // says which balancer up.sh was given (sid or roundrobin).
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
+import { promisify } from "node:util";
 import { readFileSync } from "node:fs";
 import { io } from "socket.io-client";
 
@@ -13,6 +14,8 @@ const env = Object.fromEntries(readFileSync(`${runDir}/env`, "utf8").trim().spli
 const gateways = () => Object.fromEntries(readFileSync(`${runDir}/gateways`, "utf8").trim().split("\n")
   .map((l) => l.split(" ")).map(([id, port]) => [id, `http://127.0.0.1:${port}`]));
 const roundRobin = process.env.SIDECAST_BALANCER === "roundrobin";
+const run = promisify(execFile);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const transports = roundRobin ? ["polling"] : ["polling", "websocket"];
 
 const sockets = [];
@@ -201,6 +204,47 @@ test("scaling out while traffic flows: a third gateway and a third vm worker tak
   await loop;
   assert.ok(sent > 0);
   assert.equal(failures, 0, "no request failed while the tiers grew");
+});
+
+test("scaling in: a vm worker removed mid-launch finishes it, a removed gateway's clients reconnect elsewhere", async () => {
+  // Not execFileSync: the clients must go on meanwhile (a draining gateway
+  // waits for their WebSocket close handshakes).
+  const remove = async (name) => (await run(`${process.env.SIDECAST_DEPLOY}/remove.sh`,
+    [name, "--run-dir", runDir])).stdout.trim();
+  // Six launches over the three vm workers (the broker hands them out in
+  // turn): vm1 holds some when it is told to go.
+  const v = await connect("/vm");
+  const responses = new Map();
+  v.on("vm_response", (r) => responses.set(r.task_id, r));
+  const started = new Set();
+  v.on("vm_progress", (p) => started.add(p.task_id));
+  const ids = (await Promise.all([...Array(6)].map(() => ack(v, "open_vm", { count: 1, name: "r" }))))
+    .map((a) => a.task_id);
+  for (let i = 0; i < 100 && !ids.every((id) => started.has(id)); i++) await sleep(10);
+  assert.equal(await remove("vm1"), "vm1: drained");
+  for (let i = 0; i < 100 && responses.size < ids.length; i++) await sleep(50);
+  const got = ids.map((id) => responses.get(id));
+  assert.ok(got.every(Boolean), "every launch got its result");
+  assert.ok(got.some((r) => r.worker === "vm1"), "vm1 held a launch: " + got.map((r) => r.worker));
+  for (const r of got) assert.deepEqual([r.cancelled, r.data[0].state], [false, "running"], JSON.stringify(r));
+  const later = await ack(v, "open_vm", { count: 1, name: "later" });
+  const last = await next(v, "vm_response", (r) => r.task_id === later.task_id);
+  assert.notEqual(last.worker, "vm1", "a removed worker took new work");
+
+  // A client of the gateway that goes comes back, through the balancer, on another.
+  const s = io(url + "/", { transports, forceNew: true, reconnectionDelay: 100, reconnectionDelayMax: 500 });
+  sockets.push(s);
+  await new Promise((resolve) => s.once("connect", resolve));
+  const first = owner(s);
+  const reconnected = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("no reconnect")), 15000);
+    s.once("disconnect", () => s.once("connect", () => { clearTimeout(timer); resolve(); }));
+  });
+  assert.equal(await remove(first), `${first}: drained`);
+  await reconnected;
+  assert.notEqual(owner(s), first);
+  assert.equal(await ack(s, "echo", "still here"), "still here");
+  assert.ok(!Object.keys(gateways()).includes(first), "the removed gateway is still listed");
 });
 
 test("with a balancer that ignores the sid, gateways relayed foreign sids", { skip: !roundRobin }, async () => {
