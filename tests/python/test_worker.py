@@ -488,11 +488,13 @@ class DrainTest(BrokerTest):
             self.assertEqual((reply.code, args_of(reply)), (pb.OK, ["pyB", 1]),
                              "a draining worker was given new work")
         self.assertTrue(drained.empty(), "drain() returned while a request still ran")
+        self.assertEqual((w1.stats().running, w1.stats().draining), (1, True))
         release.set()
         reply = c.next("reply", where=lambda env: env.reply.id == held)
         self.assertIsNotNone(reply)
         self.assertEqual((reply.reply.code, args_of(reply.reply)), (pb.OK, ["pyA", 1]))
         self.assertTrue(drained.get(timeout=WAIT), "drain() said something was left running")
+        self.assertEqual(w1.stats().running, 0)
         self.assertTrue(eventually(
             lambda: self.broker.metric("sidecast_broker_messages_received_total", kind="goodbye") == 1, WAIT))
         self.assertFalse(w1.connected)

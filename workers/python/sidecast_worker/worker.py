@@ -72,6 +72,8 @@ class WorkerStats:
     reconnects: int = 0
     acks_refused: int = 0  # emit_with_ack calls refused: pending_acks_limit emits awaited their ack
     requests_refused: int = 0  # answered BUSY: queue_limit requests already waited for a handler thread
+    running: int = 0  # requests taken and not yet finally answered
+    draining: bool = False  # drain() has begun
 
 
 class _Wakeup:
@@ -155,7 +157,7 @@ class _Core:
         self.backlog = 0  # report callbacks waiting for a handler thread
         self.waiting = 0  # requests waiting for a handler thread (bound: queue_limit)
         self.stats_lock = threading.Lock()
-        self.counts = dict.fromkeys(WorkerStats.__dataclass_fields__, 0)
+        self.counts = dict.fromkeys(set(WorkerStats.__dataclass_fields__) - {"running", "draining"}, 0)
         self.log_limit = RateLimitedLog()
 
     def count(self, what, n=1):
@@ -669,8 +671,10 @@ class Worker:
         return self._core.connected.wait(timeout)
 
     def stats(self):
+        with self._core.in_flight_lock:
+            running = len(self._core.in_flight)
         with self._core.stats_lock:
-            return WorkerStats(**self._core.counts)
+            return WorkerStats(**self._core.counts, running=running, draining=self._core.drain_asked)
 
     def add(self, service):
         """Adds a service (before start() only); returns the worker."""
