@@ -1,8 +1,10 @@
 #include "broker/broker.hpp"
 
 #include <algorithm>
+#include <cctype>
 
 #include <boost/asio/post.hpp>
+#include <boost/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include "core/peer_link.hpp"
@@ -207,6 +209,55 @@ void broker::stop() {
     if (local_) local_->hook(nullptr);
     reactor_.reset();
   }
+}
+
+std::string broker::status() const {
+  std::lock_guard lock{status_mutex_};
+  return status_.empty() ? R"({"broker":null,"peers":[],"services":[]})" : status_;  // before the first tick
+}
+
+// Once a tick: O(peers + services), and the admin thread only copies a string.
+void broker::publish_status(clock::time_point now) {
+  namespace json = boost::json;
+  auto millis = [](clock::duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); };
+  auto window = config_.heartbeat_interval * config_.heartbeat_liveness;
+  std::unordered_map<std::string_view, const worker_view*> loads;
+  auto views = table_.worker_views();
+  for (const auto& v : views) loads.emplace(v.name, &v);
+  std::vector<const std::pair<const std::string, peer>*> sorted;
+  sorted.reserve(peers_.size());
+  for (const auto& p : peers_) sorted.push_back(&p);
+  std::sort(sorted.begin(), sorted.end(), [](const auto* a, const auto* b) { return a->first < b->first; });
+  json::array peers;
+  for (const auto* p : sorted) {
+    auto role = proto::Role_Name(p->second.role);
+    if (role.starts_with("ROLE_")) role.erase(0, 5);
+    std::transform(role.begin(), role.end(), role.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    json::object o{{"id", p->first},
+                   {"role", role},
+                   {"joined_ms_ago", millis(now - p->second.joined)},
+                   {"heard_ms_ago", millis(now - (p->second.expiry - window))}};
+    if (auto it = loads.find(p->first); it != loads.end()) {
+      o["draining"] = it->second->draining;
+      json::array serves;
+      for (const auto& l : it->second->serves)
+        serves.push_back(json::object{{"service", l.service}, {"capacity", l.capacity}, {"busy", l.busy}});
+      o["services"] = std::move(serves);
+    }
+    peers.push_back(std::move(o));
+  }
+  json::array services;
+  for (const auto& name : table_.services())
+    services.push_back(json::object{{"name", name},
+                                    {"workers", table_.workers(name)},
+                                    {"draining", table_.draining_workers(name)},
+                                    {"queued", table_.queued(name)}});
+  auto text = json::serialize(json::object{{"broker", config_.id},
+                                           {"in_flight", table_.in_flight()},
+                                           {"peers", std::move(peers)},
+                                           {"services", std::move(services)}});
+  std::lock_guard lock{status_mutex_};
+  status_ = std::move(text);
 }
 
 bool broker::healthy() const {
@@ -483,7 +534,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     // restarted under the same id): whatever it held goes elsewhere.
     remove_peer(routing_id);
   }
-  peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness};
+  peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness, now};
   if (hello.role() == proto::ROLE_WORKER) {
     // The services the table knows first: once this worker serves them, a
     // new one of its own cannot take their place (make_room takes only
@@ -894,6 +945,7 @@ void broker::tick(clock::time_point now) {
     metrics_->draining.Add({{"service", service}}).Set(static_cast<double>(table_.draining_workers(service)));
   }
   metrics_->in_flight.Set(static_cast<double>(table_.in_flight()));
+  publish_status(now);
   if (auto n = log_limit_.take_suppressed()) spdlog::warn("{} log lines suppressed", n);
   next_tick_ = now + config_.heartbeat_interval;
 }

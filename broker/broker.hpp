@@ -12,6 +12,7 @@
 #include <functional>
 #include <string>
 #include <memory>
+#include <mutex>
 #include <unordered_map>
 #include <vector>
 
@@ -80,6 +81,9 @@ class broker {
   void stop();
   /// Thread-safe: the loop turned recently.
   bool healthy() const;
+  /// Thread-safe: the peers and services as of the last heartbeat tick, as
+  /// JSON (the /status page; docs/deployment.md says what it holds).
+  std::string status() const;
 
   /// Loop-thread only (tests call it after stop()).
   const broker_stats& stats() const { return stats_; }
@@ -89,6 +93,7 @@ class broker {
   struct peer {
     proto::Role role = proto::ROLE_UNSPECIFIED;
     clock::time_point expiry{};
+    clock::time_point joined{};
   };
   struct metrics;
 
@@ -113,6 +118,7 @@ class broker {
   void answer(const std::string& requester, const std::string& worker, std::string_view id, zmq::message_t& payload);
   void remove_peer(const std::string& routing_id);
   void tick(clock::time_point now);
+  void publish_status(clock::time_point now);
   bool allowed(proto::Role role, proto::Envelope::KindCase kind) const;
 
   bool send(std::string_view routing_id, std::string_view payload);
@@ -172,6 +178,8 @@ class broker {
   std::unique_ptr<metrics> metrics_;
   broker_stats stats_;
   core::log_limiter log_limit_;
+  mutable std::mutex status_mutex_;
+  std::string status_;  // publish_status(), read by status() on another thread
 };
 
 }  // namespace sidecast::broker

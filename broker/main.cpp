@@ -29,10 +29,11 @@ int main(int argc, char** argv) {
     auto registry = std::make_shared<prometheus::Registry>();
     broker::broker b{config, context, registry};
     b.bind();
-    core::admin_http admin{registry, [&b] { return b.healthy(); }};
+    core::admin_http admin{registry, [&b] { return b.healthy(); }, {}, [&b] { return b.status(); }};
     if (!http.empty()) {
       admin.start(http);
-      spdlog::info("metrics on http://{}:{}/metrics", core::parse_host_port(http)->host, admin.port());
+      spdlog::info("metrics on http://{}:{}/metrics, status on /status", core::parse_host_port(http)->host,
+                   admin.port());
     }
     core::terminate_signals::stop_on_exit end_signals{signals};  // before b goes: on_signal uses it
     signals.start([&b](int sig) {

@@ -489,6 +489,17 @@ std::size_t service_table::draining_workers(const std::string& service) const {
   return it == service_ids_.end() ? 0 : services_[it->second].draining;
 }
 
+std::vector<worker_view> service_table::worker_views() const {
+  std::vector<worker_view> out;
+  out.reserve(worker_ids_.size());
+  for (const auto& [name, w] : worker_ids_) {
+    auto& v = out.emplace_back(worker_view{.name = name, .draining = workers_[w].draining});
+    for (const auto& s : workers_[w].serves) v.serves.push_back({services_[s.service].name, s.capacity, s.busy});
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  return out;
+}
+
 std::vector<std::string> service_table::services() const {
   std::vector<std::string> names;
   for (const auto& svc : services_)

@@ -50,6 +50,18 @@ struct assignment {
   job* work;
 };
 
+/// A registered worker as the table sees it (for the broker's /status).
+struct worker_view {
+  struct load {
+    std::string service;
+    unsigned capacity = 0;
+    unsigned busy = 0;  // jobs it holds of the service, ended ones whose answer it owes included
+  };
+  std::string name;
+  bool draining = false;
+  std::vector<load> serves;
+};
+
 /// A job that ends without a worker's reply.
 struct failure {
   job work;
@@ -170,6 +182,8 @@ class service_table {
   /// Jobs `worker` holds, ended ones whose answer it still owes included.
   std::size_t held_by(const std::string& worker) const;
   std::vector<std::string> services() const;
+  /// Every registered worker, by name.
+  std::vector<worker_view> worker_views() const;
 
  private:
   static constexpr std::uint32_t none = UINT32_MAX;

@@ -20,8 +20,15 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
-asio::awaitable<void> serve(tcp::socket socket, registry_ptr registry, std::function<bool()> healthy,
-                            std::function<void()> refresh) {
+// What the server answers with, shared by its connections.
+struct pages {
+  registry_ptr registry;
+  std::function<bool()> healthy;
+  std::function<void()> refresh;
+  std::function<std::string()> status;
+};
+
+asio::awaitable<void> serve(tcp::socket socket, std::shared_ptr<const pages> p) {
   beast::tcp_stream stream{std::move(socket)};
   beast::flat_buffer buffer;
   for (;;) {
@@ -41,10 +48,13 @@ asio::awaitable<void> serve(tcp::socket socket, registry_ptr registry, std::func
       res.body() = "method not allowed\n";
     } else if (target == "/metrics") {
       res.set(http::field::content_type, "text/plain; version=0.0.4");
-      if (refresh) refresh();
-      res.body() = serialize(*registry);
+      if (p->refresh) p->refresh();
+      res.body() = serialize(*p->registry);
+    } else if (target == "/status" && p->status) {
+      res.set(http::field::content_type, "application/json");
+      res.body() = p->status();
     } else if (target == "/healthz") {
-      bool ok = healthy();
+      bool ok = p->healthy();
       res.result(ok ? http::status::ok : http::status::service_unavailable);
       res.set(http::field::content_type, "text/plain");
       res.body() = ok ? "ok\n" : "unhealthy\n";
@@ -58,20 +68,23 @@ asio::awaitable<void> serve(tcp::socket socket, registry_ptr registry, std::func
   }
 }
 
-asio::awaitable<void> accept_loop(tcp::acceptor acceptor, registry_ptr registry, std::function<bool()> healthy,
-                                  std::function<void()> refresh) {
+asio::awaitable<void> accept_loop(tcp::acceptor acceptor, std::shared_ptr<const pages> p) {
   for (;;) {
     auto [ec, socket] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
     if (ec == asio::error::operation_aborted) co_return;
     if (ec) continue;
-    asio::co_spawn(acceptor.get_executor(), serve(std::move(socket), registry, healthy, refresh), asio::detached);
+    asio::co_spawn(acceptor.get_executor(), serve(std::move(socket), p), asio::detached);
   }
 }
 
 }  // namespace
 
-admin_http::admin_http(registry_ptr registry, std::function<bool()> healthy, std::function<void()> refresh)
-    : registry_{std::move(registry)}, healthy_{std::move(healthy)}, refresh_{std::move(refresh)} {}
+admin_http::admin_http(registry_ptr registry, std::function<bool()> healthy, std::function<void()> refresh,
+                       std::function<std::string()> status)
+    : registry_{std::move(registry)},
+      healthy_{std::move(healthy)},
+      refresh_{std::move(refresh)},
+      status_{std::move(status)} {}
 
 admin_http::~admin_http() { stop(); }
 
@@ -85,7 +98,8 @@ void admin_http::start(const std::string& listen) {
   acceptor.bind(endpoint);
   acceptor.listen();
   port_ = acceptor.local_endpoint().port();
-  asio::co_spawn(io_, accept_loop(std::move(acceptor), registry_, healthy_, refresh_), asio::detached);
+  asio::co_spawn(io_, accept_loop(std::move(acceptor), std::make_shared<const pages>(pages{registry_, healthy_, refresh_, status_})),
+                 asio::detached);
   thread_ = std::thread([this] {
     try {
       io_.run();

@@ -21,7 +21,9 @@ class admin_http {
   /// `healthy` is called on the server's thread; it must be thread-safe. So
   /// is `refresh`, called there before each /metrics answer: for figures
   /// kept elsewhere that are copied into the registry when asked for.
-  admin_http(registry_ptr registry, std::function<bool()> healthy, std::function<void()> refresh = {});
+  /// `status`, when given, answers /status (JSON), also on that thread.
+  admin_http(registry_ptr registry, std::function<bool()> healthy, std::function<void()> refresh = {},
+             std::function<std::string()> status = {});
   ~admin_http();
   admin_http(const admin_http&) = delete;
   admin_http& operator=(const admin_http&) = delete;
@@ -36,6 +38,7 @@ class admin_http {
   registry_ptr registry_;
   std::function<bool()> healthy_;
   std::function<void()> refresh_;
+  std::function<std::string()> status_;
   boost::asio::io_context io_{1};
   std::thread thread_;
   unsigned short port_ = 0;

@@ -8,6 +8,7 @@
 #include <set>
 #include <string>
 
+#include <boost/json.hpp>
 #include <gtest/gtest.h>
 
 #include "tests/integration/harness.hpp"
@@ -105,6 +106,18 @@ TEST(Processes, SigtermDrainsAWorkerWhoseRequestFinishesThere) {
   EXPECT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_draining_workers{service="echo"})") == 1.0 &&
                                       scrape(p.http, R"(sidecast_broker_workers{service="echo"})") == 1.0; }))
       << "the broker never counted the worker as draining";
+  // /status names it, and what it holds.
+  auto page = boost::json::parse(http_get(p.http, "/status").second).as_object();
+  std::map<std::string, boost::json::object> peers;
+  for (const auto& v : page.at("peers").as_array()) peers[std::string{v.at("id").as_string()}] = v.as_object();
+  ASSERT_TRUE(peers.contains("wa") && peers.contains("wb") && peers.contains("c1")) << boost::json::serialize(page);
+  EXPECT_EQ(peers["wa"].at("role"), "worker");
+  EXPECT_EQ(peers["wa"].at("draining"), true);
+  EXPECT_EQ(peers["wa"].at("services"), boost::json::parse(R"([{"service":"echo","capacity":1,"busy":1}])"));
+  EXPECT_EQ(peers["wb"].at("draining"), false);
+  EXPECT_EQ(peers["c1"].at("role"), "client");
+  EXPECT_FALSE(peers["c1"].contains("draining"));
+  EXPECT_EQ(page.at("services"), boost::json::parse(R"([{"name":"echo","workers":1,"draining":1,"queued":0}])"));
   std::map<std::string, std::string> answers;
   while (answers.size() < 2) {
     auto env = client.next(Envelope::kReply, 8s);
