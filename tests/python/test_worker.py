@@ -19,7 +19,7 @@ import unittest
 
 import zmq
 
-from harness import WAIT, Broker, Peer, eventually
+from harness import WAIT, Broker, Peer, eventually, http_get
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import Code, Service, Worker, namespace_topic, room_topic
 
@@ -448,6 +448,24 @@ class CancelTest(BrokerTest):
         self.assertTrue(seen.empty_for(0.3), "the queued handler started after stop")
 
 
+def job_service(release):
+    """"work" answers [worker id, attempt]; given ``release``, a request whose
+    args are ["hold"] first waits for it (at most WAIT; cancelled: no answer)."""
+    svc = Service("job", capacity=2)
+
+    @svc.on("work")
+    def work(req):
+        if release is not None and req.args == ["hold"]:
+            until = time.monotonic() + WAIT
+            while not release.is_set() and not req.cancelled.is_set() and time.monotonic() < until:
+                release.wait(0.01)
+            if req.cancelled.is_set():
+                return None  # stopping: no answer
+        req.reply(req.worker_id, req.attempt)
+
+    return svc
+
+
 class DrainTest(BrokerTest):
     """Worker.drain(): the broker gives the worker nothing new while what it
     holds runs to its end and is answered from it; then it stops and says
@@ -457,24 +475,9 @@ class DrainTest(BrokerTest):
 
     heartbeat_ms = 1000
 
-    def job_service(self, release):
-        svc = Service("job", capacity=2)
-
-        @svc.on("work")
-        def work(req):
-            if release is not None and req.args == ["hold"]:
-                until = time.monotonic() + WAIT
-                while not release.is_set() and not req.cancelled.is_set() and time.monotonic() < until:
-                    release.wait(0.01)
-                if req.cancelled.is_set():
-                    return None  # stopping: no answer
-            req.reply(req.worker_id, req.attempt)
-
-        return svc
-
     def test_a_draining_worker_finishes_what_it_holds_and_gets_nothing_new(self):
         release = threading.Event()
-        w1 = self.start_worker(self.job_service(release), worker_id="pyA")
+        w1 = self.start_worker(job_service(release), worker_id="pyA")
         c = self.peer()
         held = c.submit("job", "work", '["hold"]', timeout_ms=10000)
         self.assertTrue(eventually(lambda: w1.stats().requests == 1, WAIT))
@@ -482,7 +485,7 @@ class DrainTest(BrokerTest):
         threading.Thread(target=lambda: drained.put(w1.drain(WAIT)), daemon=True).start()
         self.assertTrue(eventually(
             lambda: self.broker.metric("sidecast_broker_messages_received_total", kind="drain") == 1, WAIT))
-        self.start_worker(self.job_service(None), worker_id="pyB")
+        self.start_worker(job_service(None), worker_id="pyB")
         for _ in range(4):
             reply = c.call("job", "work", "[]")
             self.assertEqual((reply.code, args_of(reply)), (pb.OK, ["pyB", 1]),
@@ -501,11 +504,11 @@ class DrainTest(BrokerTest):
 
     def test_a_drain_that_times_out_hands_what_was_held_to_another_worker_at_once(self):
         never = threading.Event()
-        w1 = self.start_worker(self.job_service(never), worker_id="pyA")
+        w1 = self.start_worker(job_service(never), worker_id="pyA")
         c = self.peer()
         held = c.submit("job", "work", '["hold"]', timeout_ms=20000)
         self.assertTrue(eventually(lambda: w1.stats().requests == 1, WAIT))
-        self.start_worker(self.job_service(None), worker_id="pyB")
+        self.start_worker(job_service(None), worker_id="pyB")
         started = time.monotonic()
         self.assertFalse(w1.drain(0.1))
         reply = c.next("reply", timeout=2.5, where=lambda env: env.reply.id == held)
@@ -777,6 +780,38 @@ class BrokerRestartTest(ReconnectTest):
         self.assertTrue(eventually(lambda: self.broker.workers("echo") == 1, 5))
         self.assert_serves("c2")
         self.assertEqual(w.stats().reconnects, 0)
+
+
+class DrainAcrossBrokerRestartTest(ReconnectTest):
+    """A draining worker that announces itself to a restarted broker says so
+    in its Hello: the new broker gives it nothing either."""
+    heartbeat_ms = 1000
+
+    def status(self):
+        return json.loads(http_get(self.broker.http_port, "/status")[1])
+
+    def test_the_new_broker_knows_the_worker_drains(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        w1 = self.start_worker(job_service(release), worker_id="pyA")
+        c = self.peer()
+        c.submit("job", "work", '["hold"]', timeout_ms=10000)
+        self.assertTrue(eventually(lambda: w1.stats().requests == 1, WAIT))
+        drained = queue.Queue()
+        threading.Thread(target=lambda: drained.put(w1.drain(WAIT)), daemon=True).start()
+        self.assertTrue(eventually(
+            lambda: self.broker.metric("sidecast_broker_messages_received_total", kind="drain") == 1, WAIT))
+        self.restart_broker()
+        peer = lambda: next((p for p in self.status()["peers"] if p["id"] == "pyA"), None)
+        self.assertTrue(eventually(lambda: peer() is not None, 10), "the worker never announced itself again")
+        self.assertTrue(peer()["draining"], peer())
+        self.start_worker(job_service(None), worker_id="pyB")
+        c2 = self.peer("c2")
+        for _ in range(3):
+            reply = c2.call("job", "work", "[]")
+            self.assertEqual((reply.code, args_of(reply)), (pb.OK, ["pyB", 1]))
+        release.set()
+        self.assertTrue(drained.get(timeout=WAIT))
 
 
 class BrokerSilenceTest(ReconnectTest):
