@@ -1,6 +1,7 @@
 // Faults that need real processes: a worker SIGKILLed mid-request and a
 // broker killed and restarted. The binaries run over tcp loopback; the test
 // plays the client.
+#include <algorithm>
 #include <csignal>
 #include <map>
 #include <memory>
@@ -215,6 +216,35 @@ TEST(Processes, BrokerMetricsAndHealth) {
   EXPECT_TRUE(has(R"(sidecast_broker_requests_total{outcome="ok",service="echo"})"));
   EXPECT_TRUE(has("sidecast_broker_dispatch_seconds_bucket"));
   EXPECT_EQ(http_get(p.http, "/nope").first, 404);
+}
+
+// A gateway and a worker that stop say Goodbye, and the broker forgets them
+// (not after their heartbeats are missed: 6 s here, 2 s x 3).
+TEST(Processes, PeersThatStopAreForgottenAtOnce) {
+  ports p;
+  auto args = broker_args(p);
+  args[std::find(args.begin(), args.end(), "--heartbeat-interval") - args.begin() + 1] = "2000";
+  child broker{"sidecast-broker", args};
+  int gw_http = free_port();
+  child gw{"sidecast-gateway",
+           {"--http", "127.0.0.1:" + std::to_string(gw_http), "--broker", p.endpoint(p.router), "--events",
+            p.endpoint(p.xpub), "--gateway-id", "gwbye", "--threads", "1", "--log-level", "warn"}};
+  child w{"sidecast-worker", worker_args(p, "wbye")};
+  auto listed = [&](const std::string& id) {
+    boost::system::error_code ec;
+    auto page = boost::json::parse(http_get(p.http, "/status").second, ec);  // "" while the broker starts
+    if (ec || !page.is_object()) return false;
+    for (const auto& v : page.at("peers").as_array())
+      if (v.at("id").as_string() == id) return true;
+    return false;
+  };
+  ASSERT_TRUE(eventually([&] { return listed("gwbye") && listed("wbye"); }, 10s)) << http_get(p.http, "/status").second;
+  EXPECT_EQ(gw.kill(SIGTERM), 0);
+  EXPECT_EQ(w.kill(SIGTERM), 0);
+  // Counted as they arrive (missed heartbeats would take 6 s and send none).
+  EXPECT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_messages_received_total{kind="goodbye"})") == 2.0; }, 2s));
+  // /status is remade each tick (2 s).
+  EXPECT_TRUE(eventually([&] { return !listed("gwbye") && !listed("wbye"); }, 5s));
 }
 
 // sidecast-worker --http: the worker's own figures and its services'
