@@ -48,7 +48,11 @@ void terminate_signals::start(std::function<void(int)> on_signal) {
   thread_ = std::thread([on_signal = std::move(on_signal)] {
     auto set = terminate_set();
     int sig = 0;
-    if (sigwait(&set, &sig) == 0 && sig != SIGUSR1) on_signal(sig);
+    for (;;) {
+      if (sigwait(&set, &sig) != 0) continue;
+      if (sig == SIGUSR1) return;  // stop()
+      on_signal(sig);
+    }
   });
 }
 

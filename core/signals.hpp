@@ -14,7 +14,8 @@ class terminate_signals {
   terminate_signals(const terminate_signals&) = delete;
   terminate_signals& operator=(const terminate_signals&) = delete;
 
-  /// Starts the waiting thread; `on_signal` runs on it for the first signal.
+  /// Starts the waiting thread; `on_signal` runs on it for every signal
+  /// (a second one may mean "now": see sidecast-worker's drain).
   void start(std::function<void(int)> on_signal);
   /// Ends the waiting thread, waiting for an `on_signal` under way. Call it
   /// before destroying what `on_signal` uses (the destructor does too).

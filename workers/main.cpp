@@ -1,4 +1,6 @@
 // sidecast-worker: hosts the built-in services (demo, echo, ...) behind a broker.
+#include <thread>
+
 #include <spdlog/spdlog.h>
 
 #include "core/admin_http.hpp"
@@ -71,10 +73,25 @@ int main(int argc, char** argv) {
       }
       w.add(it->second(builtin));
     }
+    // The first signal drains (on a thread of its own, so that this one
+    // hears a second signal, which stops at once).
+    std::thread drainer;
+    struct join_on_exit {
+      std::thread& t;
+      ~join_on_exit() {
+        if (t.joinable()) t.join();
+      }
+    } end_drainer{drainer};  // before w goes: it uses it
     core::terminate_signals::stop_on_exit end_signals{signals};  // before w goes: on_signal uses it
-    signals.start([&w, drain_timeout](int sig) {
-      spdlog::info("signal {}: draining (up to {} ms), then stopping", sig, drain_timeout.count());
-      w.drain(drain_timeout);
+    signals.start([&w, &drainer, drain_timeout](int sig) {
+      if (drainer.joinable()) {
+        spdlog::info("signal {} again: stopping now", sig);
+        w.stop();
+        return;
+      }
+      spdlog::info("signal {}: draining (up to {} ms), then stopping; another signal stops at once", sig,
+                   drain_timeout.count());
+      drainer = std::thread([&w, drain_timeout] { w.drain(drain_timeout); });
     });
     worker_metrics metrics{*registry};
     // /healthz: 200 while the broker has welcomed this worker.

@@ -140,6 +140,36 @@ TEST(Processes, SigtermDrainsAWorkerWhoseRequestFinishesThere) {
   EXPECT_EQ(r->args(), "[3]");
 }
 
+// A second SIGTERM does not wait for the drain: the worker stops at once,
+// and the request it held goes to the other worker.
+TEST(Processes, ASecondSigtermStopsADrainingWorkerAtOnce) {
+  ports p;
+  child broker{"sidecast-broker", broker_args(p)};
+  child a{"sidecast-worker", worker_args(p, "wa")};
+  zmq::context_t ctx{1};
+  peer client{ctx, p.endpoint(p.router), "c1"};
+  ASSERT_TRUE(client.hello());
+  ASSERT_TRUE(echo_served(client));
+  auto held = client.submit("echo", "delay", "[4000,\"long\"]", 20s);
+  ASSERT_TRUE(eventually([&] { return scrape(p.http, "sidecast_broker_in_flight") == 1.0; }));
+  child b{"sidecast-worker", worker_args(p, "wb")};
+  ASSERT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_workers{service="echo"})") == 2.0; }));
+  ASSERT_EQ(::kill(a.pid(), SIGTERM), 0);
+  ASSERT_TRUE(eventually([&] { return scrape(p.http, R"(sidecast_broker_draining_workers{service="echo"})") == 1.0; }));
+  auto again = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(a.pid(), SIGTERM), 0);
+  auto status = a.wait_exit(5s);
+  ASSERT_TRUE(status) << "a second SIGTERM did not stop the draining worker";
+  EXPECT_LT(std::chrono::steady_clock::now() - again, 2s) << "it waited for its request";
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << "wait status " << *status;
+  // Its second attempt, on wb (another 4 s).
+  auto reply = client.next(Envelope::kReply, 8s);
+  ASSERT_TRUE(reply) << "the request was lost with the stopped worker";
+  EXPECT_EQ(reply->reply().id(), held);
+  EXPECT_EQ(reply->reply().code(), proto::OK) << reply->reply().message();
+  EXPECT_EQ(reply->reply().args(), R"(["long"])");
+}
+
 TEST(Processes, BrokerRestartWorkersReannounceAndTrafficFlows) {
   ports p;
   auto broker = std::make_unique<child>("sidecast-broker", broker_args(p));
