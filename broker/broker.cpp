@@ -733,18 +733,19 @@ void broker::owe_disconnect(const std::string& worker, std::string_view connect_
   }
   auto& l = *env.mutable_lifecycle();
   job work;
-  work.id = config_.id + ":owed-" + std::to_string(++next_owed_);
+  work.id = config_.id + ".owed:" + std::to_string(++next_owed_);  // a "." no peer id has: no request can take it
   work.service = l.service();
   work.requester.clear();  // the broker's own: its answer goes nowhere
   work.wants_reply = false;
+  work.owed = true;
   work.received = now_;
-  work.deadline = now_ + config_.default_timeout;
+  work.deadline = now_ + std::min(config_.default_timeout, config_.max_timeout);
   l.set_kind(proto::Lifecycle::DISCONNECT);
   l.set_id(work.id);
   l.clear_auth();
   l.set_reason("the connect was not answered in time");
   l.set_attempt(1);
-  l.set_timeout_ms(static_cast<std::uint32_t>(config_.default_timeout.count()));
+  l.set_timeout_ms(static_cast<std::uint32_t>(std::min(config_.default_timeout, config_.max_timeout).count()));
   work.payload = core::message_of(env);
   zmq::message_t out;
   out.copy(work.payload);

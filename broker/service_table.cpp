@@ -316,7 +316,9 @@ std::vector<failure> service_table::remove_worker(const std::string& worker) {
     }
     --held_count_;
     e.worker = none;
-    if (e.work.answered) {  // its requester has its answer: nothing to retry or report
+    if (e.work.answered || e.work.owed) {
+      // Answered: its requester has its answer, nothing to retry or report.
+      // Owed: the state it would undo went with its worker.
       take_slot(s);
     } else if (e.work.attempt >= limits_.max_attempts) {
       failed.push_back({take_slot(s), proto::WORKER_LOST, {}});

@@ -37,6 +37,7 @@ struct job {
   bool stale = false;       // the envelope's attempt or timeout_ms is not what the broker enforces
   bool answered = false;    // the worker answered early (partial reply); work goes on
   bool connect = false;     // a Lifecycle CONNECT: its envelope outlives its end (see late_connect)
+  bool owed = false;        // the broker's DISCONNECT for a late accept: only for the worker that accepted
   unsigned attempt = 0;     // dispatches so far
   clock::time_point received{};
   clock::time_point deadline{};

@@ -243,6 +243,11 @@ class _Core:
         r.attachments.extend(attachments)
         r.silent = silent
         r.partial = partial
+        # A reply must not be lost to a full outbox: it also frees the capacity.
+        # Queued before the request leaves in_flight: a drain() woken by that
+        # stops the worker, whose last flush must find the reply there.
+        if not self.send(env) and not self.stopping.is_set():
+            log.error("outbox full: reply for %s dropped", req.id)
         if not partial:
             self.count("replies")
             with self.in_flight_lock:
@@ -250,9 +255,6 @@ class _Core:
                     del self.in_flight[req.id]
                     if not self.in_flight:
                         self.in_flight_lock.notify_all()
-        # A reply must not be lost to a full outbox: it also frees the capacity.
-        if not self.send(env) and not self.stopping.is_set():
-            log.error("outbox full: reply for %s dropped", req.id)
         return True
 
     def emit_with_ack(self, nsp, sid, event, args, timeout, callback):
