@@ -163,7 +163,12 @@ broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr
       xpub_{context_, zmq::socket_type::xpub},
       table_{config_.limits},
       registry_{std::move(registry)},
-      metrics_{std::make_unique<metrics>(*registry_)} {}
+      metrics_{std::make_unique<metrics>(*registry_)},
+      owed_prefix_{config_.id + ".owed." +
+                   std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                      std::chrono::system_clock::now().time_since_epoch())
+                                      .count()) +
+                   ":"} {}
 
 broker::~broker() = default;
 
@@ -733,7 +738,7 @@ void broker::owe_disconnect(const std::string& worker, std::string_view connect_
   }
   auto& l = *env.mutable_lifecycle();
   job work;
-  work.id = config_.id + ".owed:" + std::to_string(++next_owed_);  // a "." no peer id has: no request can take it
+  work.id = owed_prefix_ + std::to_string(++next_owed_);  // a "." no peer id has: no request can take it
   work.service = l.service();
   work.requester.clear();  // the broker's own: its answer goes nowhere
   work.wants_reply = false;
@@ -750,7 +755,18 @@ void broker::owe_disconnect(const std::string& worker, std::string_view connect_
   zmq::message_t out;
   out.copy(work.payload);
   if (!table_.hand_over(connect_id, worker, std::move(work))) {
+    spdlog::error("worker {} accepted {} late, and its DISCONNECT could not take the connect's place", worker,
+                  l.sid());  // cannot happen: late_connect found it, and no peer's id holds a "."
     table_.complete(connect_id, worker);
+    return;
+  }
+  if (!send(worker, std::move(out))) {
+    // As in dispatch(): a worker that cannot be reached is lost. The
+    // DISCONNECT goes with it (see service_table::remove_worker), and what
+    // else it held goes to other workers.
+    spdlog::warn("worker {} unreachable; dropping it", worker);
+    remove_peer(worker);
+    dispatch(now_);
     return;
   }
   ++stats_.owed_disconnects;
@@ -758,13 +774,6 @@ void broker::owe_disconnect(const std::string& worker, std::string_view connect_
   metrics_->owed_disconnects.Increment();
   metrics_->count(l.service(), outcome::dispatched).Increment();
   spdlog::debug("worker {} accepted {} after its connect ended: sent its DISCONNECT", worker, l.sid());
-  if (!send(worker, std::move(out))) {
-    // As in dispatch(): a worker that cannot be reached is lost, and the
-    // DISCONNECT goes to another worker of the service.
-    spdlog::warn("worker {} unreachable; dropping it", worker);
-    remove_peer(worker);
-    dispatch(now_);
-  }
 }
 
 void broker::on_addressed(const std::string& routing_id, const Envelope& env, std::string_view payload) {

@@ -172,10 +172,14 @@ class broker {
   clock::time_point now_{};  // read once per loop turn
   alignas(16) std::array<char, 8192> arena_block_{};  // first arena block for decoding
   std::uint64_t next_ref_ = 0;
-  std::uint64_t next_owed_ = 0;  // ids of the DISCONNECTs the broker makes
 
   core::registry_ptr registry_;
   std::unique_ptr<metrics> metrics_;
+  // Ids of the DISCONNECTs the broker makes: "<id>.owed.<start ms>:<n>". The
+  // start time keeps a restarted broker of the same id from repeating an id
+  // a worker may still hold.
+  std::string owed_prefix_;
+  std::uint64_t next_owed_ = 0;
   broker_stats stats_;
   core::log_limiter log_limit_;
   mutable std::mutex status_mutex_;

@@ -150,9 +150,10 @@ class service_table {
   const zmq::message_t* late_connect(std::string_view id, std::string_view worker) const;
   /// Replaces that ended CONNECT with `next` (its DISCONNECT), held by the
   /// same worker in the capacity the CONNECT took, until it is answered,
-  /// expires or the worker is lost (then it goes to another worker of the
-  /// service, as any job). False when there is no such CONNECT, or `next`'s
-  /// id is taken.
+  /// expires or the worker is lost. If the worker is lost, `next` goes to
+  /// another worker of the service, as any job, unless it is `owed` (the
+  /// state it would undo went with its worker): then it is dropped. False
+  /// when there is no such CONNECT, or `next`'s id is taken.
   bool hand_over(std::string_view id, std::string_view worker, job&& next);
   /// How many ended CONNECTs wait for their workers' answers: while none
   /// does, a reply need not be looked up for late_connect.

@@ -849,6 +849,7 @@ TEST_P(BrokerTest, AHookThatAcceptsAfterItsConnectEndedHearsTheDisconnectOnItsOw
           auto args = req.args();
           auto why = args.empty() || !args[0].is_string() ? std::string{} : std::string{args[0].as_string()};
           note(name + " left " + req.sid() + ": " + why + " (" + req.user() + ")");
+          if (!req.id().starts_with("broker.owed.")) note("odd id " + req.id());  // see broker::owed_prefix_
         });
   };
   auto& w1 = add_worker({hooks("w1")}, "w1");

@@ -316,8 +316,9 @@ TEST(ServiceTable, EarlyAnswerKeepsCapacityDropsDeadlineAndRetry) {
 
 // A CONNECT that ended while a worker held it keeps its envelope for that
 // worker's late answer; handed over, its DISCONNECT is held by the same
-// worker in the same capacity, expires like any job, and goes to another
-// worker if that one is lost.
+// worker in the same capacity and expires like any job. If that worker is
+// lost, an owed DISCONNECT is dropped (what it would undo went with the
+// worker); any other job handed over goes to the next worker.
 TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   service_table t{{}};
   t.add_worker("w1", "svc", 1);
@@ -390,6 +391,25 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_TRUE(t.remove_worker("w3").empty());
   EXPECT_EQ(t.ended_connects(), 0u);
   EXPECT_EQ(t.late_connect("c3", "w3"), nullptr);
+
+  // The broker's owed DISCONNECT is not re-dispatched when its worker is
+  // lost: the socket it would undo lived only in that worker.
+  t.add_worker("w4", "svc", 1);
+  auto c4 = make_job("c4", "svc", 5s);
+  c4.connect = true;
+  t.submit(std::move(c4));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w4", "c4"}}));
+  EXPECT_EQ(failures(t.expire(t0 + 5s)), "c4:TIMEOUT@w4");
+  auto d4 = make_job("d4", "svc", 9s, false);
+  d4.requester.clear();
+  d4.owed = true;
+  ASSERT_TRUE(t.hand_over("c4", "w4", std::move(d4)));
+  EXPECT_EQ(t.in_flight(), 1u);
+  EXPECT_TRUE(t.remove_worker("w4").empty()) << "dropped, not failed to a requester";
+  EXPECT_EQ(t.in_flight(), 0u);
+  EXPECT_EQ(t.queued("svc"), 0u);
+  EXPECT_TRUE(t.dispatch().empty()) << "nothing is left to dispatch";
+  EXPECT_FALSE(t.complete("d4", "w2"));
 }
 
 // The deadline heap and the queues against a plain model: random deadlines,

@@ -474,9 +474,13 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     lifecycle_changed.notify_all();
   }
 
-  // A request's state is gone: one fewer for drain() to wait for.
+  // A request's state is gone: one fewer for drain() to wait for. The
+  // count and drain_asked are both seq_cst (drain() stores the flag, then
+  // reads the count; this changes the count, then reads the flag): with
+  // weaker orders both could read the old value, and drain() would sleep
+  // through its last request until its timeout.
   void request_done() {
-    if (live_requests.fetch_sub(1, std::memory_order_acq_rel) != 1 || !drain_asked) return;
+    if (live_requests.fetch_sub(1) != 1 || !drain_asked) return;
     std::lock_guard lock{lifecycle_mutex};  // drain() is between its check and its wait, or waiting
     lifecycle_changed.notify_all();
   }
@@ -489,7 +493,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     bool idle;
     {
       std::unique_lock lock{lifecycle_mutex};
-      auto done = [&] { return live_requests.load(std::memory_order_acquire) == 0; };
+      auto done = [&] { return live_requests.load() == 0; };
       lifecycle_changed.wait_for(lock, timeout, [&] { return done() || stopped || failure; });
       idle = done();
     }

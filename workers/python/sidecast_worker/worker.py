@@ -711,7 +711,9 @@ class Worker:
 
     def run(self, handle_signals=True, drain_timeout=10.0):
         """start(), then blocks until stop(). From the main thread, SIGINT or
-        SIGTERM drains (``drain(drain_timeout)``) and then stops."""
+        SIGTERM drains (``drain(drain_timeout)``) and then stops; a signal while a
+        drain runs (the first signal's, or one the application started) stops at
+        once."""
         self._drain_timeout = drain_timeout
         if not self._core.started:
             self.start()
