@@ -456,6 +456,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     case Envelope::kDrain:
       table_.drain_worker(routing_id);
       spdlog::info("worker {} is draining ({} requests held)", routing_id, table_.held_by(routing_id));
+      confirm_drain(routing_id);
       break;
     case Envelope::kGoodbye:
       spdlog::info("{} {} said goodbye", proto::Role_Name(role), routing_id);
@@ -571,9 +572,20 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   w->set_heartbeat_liveness(config_.heartbeat_liveness);
   w->set_broker_id(config_.id);
   send(routing_id, env);
+  if (hello.role() == proto::ROLE_WORKER && hello.draining()) confirm_drain(routing_id);
   spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
                hello.services_size());
   dispatch(now);
+}
+
+// The Drain back to a draining worker: on its pipe, every job sent to it
+// before comes before this, and none comes after. Its drain waits for it,
+// then for what it holds, so it cannot stop between a job's dispatch and
+// the job's arrival.
+void broker::confirm_drain(const std::string& worker) {
+  Envelope env;
+  env.mutable_drain();
+  send(worker, env);
 }
 
 // `payload` becomes the job's (moved: `head` points into it).

@@ -120,6 +120,7 @@ class broker {
   void tick(clock::time_point now);
   void publish_status(clock::time_point now);
   bool allowed(proto::Role role, proto::Envelope::KindCase kind) const;
+  void confirm_drain(const std::string& worker);
 
   bool send(std::string_view routing_id, std::string_view payload);
   bool send(std::string_view routing_id, zmq::message_t&& payload);

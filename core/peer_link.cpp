@@ -135,7 +135,14 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         welcomed_ = true;
         continue;
       }
+      case proto::Envelope::kDrain:
+        // The broker's confirmation: every job it sent before is here.
+        if (draining_) drain_confirmed_ = true;
+        continue;
       case proto::Envelope::kError:
+        // A broker of a build before Drain refuses it (BAD_REQUEST), in
+        // order on the pipe, as a later broker confirms it.
+        if (draining_ && !drain_confirmed_ && env.error().code() == proto::BAD_REQUEST) drain_confirmed_ = true;
         if (env.error().code() == proto::NOT_REGISTERED) {
           // The broker restarted and the connection came back by itself.
           welcomed_ = false;

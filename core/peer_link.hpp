@@ -81,6 +81,10 @@ class peer_link {
   /// (Drain), now and in every Hello from then on (a restarted broker).
   void drain();
   bool draining() const { return draining_; }
+  /// The broker answered the Drain (or a draining Hello) with its own: every
+  /// job it dispatched to this worker before has arrived, and it sends no
+  /// more. Until then a drain that finds nothing running may not be done.
+  bool drain_confirmed() const { return drain_confirmed_; }
   /// The last message: the broker forgets this peer at once (Goodbye).
   /// What was sent before it, and it, get up to `linger` to leave when the
   /// link is destroyed (a broker that is gone costs that long).
@@ -114,6 +118,7 @@ class peer_link {
   ring_hook hook_;                         // for local_, and the ones after it
   bool welcomed_ = false;
   bool draining_ = false;
+  bool drain_confirmed_ = false;
   std::chrono::milliseconds interval_;
   unsigned liveness_;
   clock::time_point broker_expiry_;

@@ -932,6 +932,50 @@ service held_work_service(const std::atomic<bool>* release) {
 // end and is answered from it; drain() returns once nothing runs, and the
 // worker then says Goodbye. Heartbeats 1 s apart: nothing here is noticed
 // by their absence.
+// The broker answers a Drain with its own, after every job it sent the
+// worker before, and sends nothing after; so does it a Hello that says the
+// worker drains (after the Welcome). The SDKs wait for it (WorkerDrain).
+TEST_P(BrokerTest, TheBrokerConfirmsADrainAfterTheJobsItSentBefore) {
+  heartbeat_ = 2s;  // the raw peers send no heartbeats
+  start();
+  peer w{ctx_, "inproc://router", "wr", proto::ROLE_WORKER};
+  auto hello = [&](bool draining) {
+    Envelope env;
+    auto* h = env.mutable_hello();
+    h->set_role(proto::ROLE_WORKER);
+    h->set_id("wr");
+    h->set_protocol_version(proto::protocol_version);
+    auto* svc = h->add_services();
+    svc->set_name("svc");
+    svc->set_capacity(2);
+    h->set_draining(draining);
+    w.send(env);
+  };
+  hello(false);
+  ASSERT_TRUE(w.next(Envelope::kWelcome, 3s));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto first = client.submit("svc", "work", "[]", 10s);
+  Envelope drain;
+  drain.mutable_drain();
+  w.send(drain);
+  auto got = w.receive(3s);
+  ASSERT_TRUE(got && got->has_request()) << (got ? proto::kind_name(*got) : "nothing");
+  EXPECT_EQ(got->request().id(), first);
+  got = w.receive(3s);
+  ASSERT_TRUE(got && got->has_drain()) << (got ? proto::kind_name(*got) : "nothing");
+  client.submit("svc", "work", "[]", 10s);
+  EXPECT_FALSE(w.receive(300ms)) << "a draining worker was sent more";
+
+  // Announced again (as to a restarted broker), draining: Welcome, then Drain.
+  hello(true);
+  got = w.receive(3s);
+  ASSERT_TRUE(got && got->has_welcome()) << (got ? proto::kind_name(*got) : "nothing");
+  got = w.receive(3s);
+  ASSERT_TRUE(got && got->has_drain()) << (got ? proto::kind_name(*got) : "nothing");
+  EXPECT_FALSE(w.receive(300ms)) << "a draining worker was sent more";
+}
+
 TEST_P(BrokerTest, ADrainingWorkerFinishesWhatItHoldsAndGetsNothingNew) {
   heartbeat_ = 1s;
   start();
@@ -1773,6 +1817,119 @@ TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
   ASSERT_TRUE(got) << "the reply never came";
   EXPECT_EQ(taken.size(), 1u);
   EXPECT_EQ(env.kind_case(), Envelope::KIND_NOT_SET) << "the heartbeat read before the reply is still in the envelope";
+}
+
+// A broker played by the test: a ROUTER on inproc that one worker "wd"
+// connects to, for what the real broker's timing cannot make certain.
+struct fake_broker {
+  zmq::context_t ctx;
+  zmq::socket_t router{ctx, zmq::socket_type::router};
+  zmq::socket_t xsub{ctx, zmq::socket_type::xsub};
+  worker_options options;
+
+  explicit fake_broker(const std::string& name) {
+    router.set(zmq::sockopt::rcvtimeo, 3000);
+    router.bind("inproc://" + name);
+    xsub.bind("inproc://" + name + "-xsub");
+    options.id = "wd";
+    options.broker = "inproc://" + name;
+    options.publish = "inproc://" + name + "-xsub";
+  }
+
+  // The next message from the worker that is not a heartbeat.
+  std::optional<Envelope> next() {
+    for (;;) {
+      zmq::message_t who, payload;
+      if (!router.recv(who) || !router.recv(payload)) return std::nullopt;
+      Envelope env;
+      if (!proto::decode_into(payload.to_string_view(), env)) return std::nullopt;
+      if (!env.has_heartbeat()) return env;
+    }
+  }
+
+  void send(const Envelope& env) {
+    router.send(zmq::buffer(std::string_view{"wd"}), zmq::send_flags::sndmore);
+    router.send(core::message_of(env), zmq::send_flags::none);
+  }
+
+  // Takes the worker's Hello and welcomes it: heartbeats every `interval`
+  // (the fake sends none; the worker gives up on it after three).
+  void welcome(worker& w, std::chrono::milliseconds interval = 1s) {
+    auto hello = next();
+    ASSERT_TRUE(hello && hello->has_hello());
+    EXPECT_FALSE(hello->hello().draining());
+    Envelope env;
+    env.mutable_welcome()->set_protocol_version(proto::protocol_version);
+    env.mutable_welcome()->set_heartbeat_interval_ms(static_cast<std::uint32_t>(interval.count()));
+    env.mutable_welcome()->set_heartbeat_liveness(3);
+    send(env);
+    ASSERT_TRUE(eventually([&] { return w.connected(); }));
+  }
+};
+
+// A worker that drains with nothing running must still take a job the
+// broker dispatched before it read the Drain: the SDK waits for the
+// broker's own Drain (every job sent before it has arrived) and only then
+// stops. The fake broker sends one job after it got the Drain, then
+// confirms. Before the confirmation existed, this worker said Goodbye at
+// once and the job was not run here.
+TEST(WorkerDrain, AJobDispatchedBeforeTheBrokerReadTheDrainIsRunThere) {
+  fake_broker broker{"fake-broker-drain"};
+  worker w{broker.options, &broker.ctx};
+  w.add(service{"svc", 1}.on("work", [](request req) { req.reply("[\"ran\"]"); }));
+  w.start();
+  broker.welcome(w);
+
+  auto drained = std::async(std::launch::async, [&] { return w.drain(5s); });
+  auto drain = broker.next();
+  ASSERT_TRUE(drain && drain->has_drain());
+  std::this_thread::sleep_for(300ms);  // long enough for a worker that does not wait to be gone
+  EXPECT_NE(drained.wait_for(0ms), std::future_status::ready) << "it stopped before the broker confirmed";
+  Envelope job;
+  auto* r = job.mutable_request();
+  r->set_id("c:1");
+  r->set_service("svc");
+  r->set_event("work");
+  r->set_args("[]");
+  r->set_wants_reply(true);
+  r->set_timeout_ms(5000);
+  r->set_attempt(1);
+  broker.send(job);
+  Envelope confirm;
+  confirm.mutable_drain();
+  broker.send(confirm);
+
+  auto reply = broker.next();
+  ASSERT_TRUE(reply && reply->has_reply()) << (reply ? proto::kind_name(*reply) : "nothing");
+  EXPECT_EQ(reply->reply().id(), "c:1");
+  EXPECT_EQ(reply->reply().code(), proto::OK);
+  EXPECT_EQ(reply->reply().args(), "[\"ran\"]");
+  auto bye = broker.next();
+  ASSERT_TRUE(bye && bye->has_goodbye()) << (bye ? proto::kind_name(*bye) : "nothing");
+  ASSERT_EQ(drained.wait_for(3s), std::future_status::ready);
+  EXPECT_TRUE(drained.get());
+}
+
+// Against a broker of a build before Drain (it refuses it: BAD_REQUEST),
+// the drain does not wait out its timeout for a confirmation.
+TEST(WorkerDrain, ABrokerThatRefusesTheDrainEndsTheWait) {
+  fake_broker broker{"fake-old-broker"};
+  worker w{broker.options, &broker.ctx};
+  w.add(service{"svc", 1}.on("work", [](request req) { req.reply(); }));
+  w.start();
+  broker.welcome(w, 10s);  // its silence would end the wait only after 30 s
+
+  auto started = std::chrono::steady_clock::now();
+  auto drained = std::async(std::launch::async, [&] { return w.drain(10s); });
+  auto drain = broker.next();
+  ASSERT_TRUE(drain && drain->has_drain());
+  Envelope refusal;
+  refusal.mutable_error()->set_code(proto::BAD_REQUEST);
+  refusal.mutable_error()->set_message("malformed envelope");
+  broker.send(refusal);
+  ASSERT_EQ(drained.wait_for(5s), std::future_status::ready) << "it waited for a confirmation that cannot come";
+  EXPECT_TRUE(drained.get());
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 5s);
 }
 
 INSTANTIATE_TEST_SUITE_P(Links, BrokerTest, ::testing::ValuesIn(link_modes), link_name);

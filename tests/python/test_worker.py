@@ -533,6 +533,103 @@ class DrainTest(BrokerTest):
         self.assertIn("would wait for itself", refused.get(timeout=WAIT))
 
 
+class FakeBroker:
+    """A broker played by the test (a ROUTER on a free loopback port) that one
+    worker "wd" connects to, for orders the real broker's timing cannot make
+    certain. Every wait is bounded."""
+
+    def __init__(self, ctx):
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.xsub = ctx.socket(zmq.XSUB)
+        self.xsub.setsockopt(zmq.LINGER, 0)
+        self.publish = f"tcp://127.0.0.1:{self.xsub.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def close(self):
+        self.router.close()
+        self.xsub.close()
+
+    def next(self):
+        """The worker's next message that is not a heartbeat."""
+        while True:
+            _, data = self.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            if env.WhichOneof("kind") != "heartbeat":
+                return env
+
+    def send(self, env):
+        self.router.send_multipart([b"wd", env.SerializeToString()])
+
+    def welcome(self, worker, interval_ms):
+        """Takes the Hello and welcomes it: heartbeats every interval_ms (the
+        fake sends none; the worker gives up on it after three)."""
+        env = pb.Envelope()
+        env.welcome.protocol_version = self.next().hello.protocol_version
+        env.welcome.heartbeat_interval_ms = interval_ms
+        env.welcome.heartbeat_liveness = 3
+        self.send(env)
+        if not worker.wait_connected(WAIT):
+            raise AssertionError("the worker never took the Welcome")
+
+
+class DrainConfirmationTest(unittest.TestCase):
+    """drain() with nothing running waits for the broker's own Drain: on the
+    worker's pipe every job the broker dispatched before it comes first, so a
+    worker cannot stop between a job's dispatch and its arrival. A broker of a
+    build before Drain refuses it (BAD_REQUEST), which ends the wait too."""
+
+    def setUp(self):
+        self.ctx = zmq.Context()
+        self.broker = FakeBroker(self.ctx)
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: "ran")
+        self.worker = Worker(self.broker.endpoint, self.broker.publish, worker_id="wd")
+        self.worker.add(svc)
+        self.worker.start()
+
+    def tearDown(self):
+        self.worker.stop()
+        self.broker.close()
+        self.ctx.term()
+
+    def drain_in_background(self, timeout):
+        drained = queue.Queue()
+        threading.Thread(target=lambda: drained.put(self.worker.drain(timeout)), daemon=True).start()
+        self.assertEqual(self.broker.next().WhichOneof("kind"), "drain")
+        return drained
+
+    def test_a_job_dispatched_before_the_broker_read_the_drain_is_run_here(self):
+        self.broker.welcome(self.worker, 1000)
+        drained = self.drain_in_background(WAIT)
+        time.sleep(0.3)  # long enough for a worker that does not wait to be gone
+        self.assertTrue(drained.empty(), "it stopped before the broker confirmed")
+        job = pb.Envelope()
+        job.request.id, job.request.service, job.request.event = "c:1", "svc", "work"
+        job.request.args, job.request.wants_reply = b"[]", True
+        job.request.timeout_ms, job.request.attempt = 5000, 1
+        self.broker.send(job)
+        confirm = pb.Envelope()
+        confirm.drain.SetInParent()
+        self.broker.send(confirm)
+        reply = self.broker.next()
+        self.assertEqual(reply.WhichOneof("kind"), "reply")
+        self.assertEqual((reply.reply.id, reply.reply.code, args_of(reply.reply)), ("c:1", pb.OK, ["ran"]))
+        self.assertEqual(self.broker.next().WhichOneof("kind"), "goodbye")
+        self.assertTrue(drained.get(timeout=WAIT))
+
+    def test_a_broker_that_refuses_the_drain_ends_the_wait(self):
+        self.broker.welcome(self.worker, 10000)  # its silence would end the wait only after 30 s
+        drained = self.drain_in_background(10)
+        refusal = pb.Envelope()
+        refusal.error.code, refusal.error.message = pb.BAD_REQUEST, "malformed envelope"
+        self.broker.send(refusal)
+        self.assertTrue(drained.get(timeout=WAIT), "it waited for a confirmation that cannot come")
+
+
 class GatewayTrafficTest(BrokerTest):
     def test_early_ack_then_progress_to_the_sid(self):
         done = Recorder()

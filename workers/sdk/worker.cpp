@@ -287,6 +287,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // handler, or an answer, still holds them); drain() waits for none.
   std::atomic<std::size_t> live_requests{0};
   std::atomic<bool> drain_asked{false};  // the I/O thread tells the broker (peer_link::drain)
+  // The broker confirmed the Drain (peer_link::drain_confirmed), or there is
+  // no broker to send more: nothing new will arrive. Set by the I/O thread.
+  std::atomic<bool> drain_settled{false};
   // How long the last messages (replies, the Goodbye) may take to leave
   // once the link is closed: a broker that is gone costs stop() that long.
   static constexpr std::chrono::milliseconds goodbye_linger{500};
@@ -478,7 +481,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // count and drain_asked are both seq_cst (drain() stores the flag, then
   // reads the count; this changes the count, then reads the flag): with
   // weaker orders both could read the old value, and drain() would sleep
-  // through its last request until its timeout.
+  // through its last request until its timeout. (drain_settled, set once
+  // the Drain went out, is read after drain_asked was set, under the mutex.)
   void request_done() {
     if (live_requests.fetch_sub(1) != 1 || !drain_asked) return;
     std::lock_guard lock{lifecycle_mutex};  // drain() is between its check and its wait, or waiting
@@ -490,14 +494,22 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       throw std::logic_error("worker::drain() from a handler: it would wait for itself");
     drain_asked = true;
     wake.signal();  // the I/O thread sends the Drain
-    bool idle;
+    // Done when nothing runs and nothing more can come: a job the broker
+    // dispatched just before it read the Drain may still be on its way.
+    // (Not welcomed: not started, or no broker now; the I/O thread settles
+    // the drain if it loses the broker while this waits.)
+    bool idle, settled;
     {
       std::unique_lock lock{lifecycle_mutex};
-      auto done = [&] { return live_requests.load() == 0; };
+      auto done = [&] { return live_requests.load() == 0 && (drain_settled || !welcomed); };
       lifecycle_changed.wait_for(lock, timeout, [&] { return done() || stopped || failure; });
-      idle = done();
+      idle = live_requests.load() == 0;
+      settled = done() || stopped || failure;
     }
-    if (!idle) spdlog::warn("worker {}: drain timed out with {} requests running", options.id, live_requests.load());
+    if (!idle)
+      spdlog::warn("worker {}: drain timed out with {} requests running", options.id, live_requests.load());
+    else if (!settled)
+      spdlog::warn("worker {}: drain timed out before the broker confirmed it", options.id);
     if (!attached) stop();  // start_on(): its owner stops it once no thread runs the context
     return idle;
   }
@@ -672,6 +684,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // input: ask the socket before blocking. Otherwise its descriptor will tell.
     if (unasked) o.input.used(link_index);
     welcomed = link.welcomed();
+    if (drain_asked && link.draining() && !drain_settled && (link.drain_confirmed() || !link.welcomed())) {
+      drain_settled = true;
+      std::lock_guard lock{lifecycle_mutex};
+      lifecycle_changed.notify_all();
+    }
     n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
     expire_acks(now);
   }
@@ -778,9 +795,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         pool.post([cb = std::move(cb), r = env.report()] { (*cb)(r); });
         break;
       }
-      case Envelope::kError:
-        if (log_limit.allow()) spdlog::warn("broker error: {}", env.error().message());
-        break;
+      case Envelope::kError: break;  // the link logged it
       default:
         if (log_limit.allow()) spdlog::warn("unexpected {} from the broker", proto::kind_name(env));
         break;

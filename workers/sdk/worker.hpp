@@ -233,7 +233,10 @@ class worker {
   void stop();
   /// Stops gracefully: the broker sends this worker nothing new from now on
   /// (other workers of its services get it), what it holds runs to its end
-  /// for up to `timeout` (replies, progress emits and all), then stop():
+  /// for up to `timeout` (replies, progress emits and all), and so does a
+  /// job the broker sent before it read the Drain (the broker's answer to
+  /// the Drain comes after every such job; a worker not connected to a
+  /// broker does not wait for it), then stop():
   /// what still runs is cancelled, and the broker gives it to another
   /// worker at once. True when nothing was left running. Thread-safe; not
   /// from a handler (it would wait for itself: std::logic_error). After

@@ -57,6 +57,9 @@ class PeerLink:
         self.socket = None
         self.welcomed = False
         self.draining = False  # see drain()
+        # The broker answered the Drain (or a draining Hello) with its own:
+        # every job it dispatched here before has arrived, and none follows.
+        self.drain_confirmed = False
         self.broker_id = ""
         self.reconnects = 0   # sockets replaced after broker silence
         self.hellos = 0
@@ -165,7 +168,15 @@ class PeerLink:
                 self.broker_id = w.broker_id
                 self.welcomed = True
                 continue
+            if kind == "drain":
+                if self.draining:
+                    self.drain_confirmed = True
+                continue
             if kind == "error":
+                # A broker of a build before Drain refuses it (BAD_REQUEST), in
+                # order on the pipe, as a later broker confirms it.
+                if self.draining and not self.drain_confirmed and env.error.code == Code.BAD_REQUEST:
+                    self.drain_confirmed = True
                 if env.error.code == Code.NOT_REGISTERED:
                     # The broker restarted and the connection came back by itself.
                     self.welcomed = False

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from . import codec
-from ._proto import Code, code_name, code_of, pb
+from ._proto import Code, code_of, pb
 from .link import PeerLink, RateLimitedLog, apply_curve
 from .request import CONNECT, DISCONNECT, EVENT, Request
 from .service import Service
@@ -147,6 +147,9 @@ class _Core:
         self.in_flight = {}  # request id -> Request, until its final answer
         self.in_flight_lock = threading.Condition()  # notified when in_flight empties (drain)
         self.drain_asked = False  # the I/O thread tells the broker (PeerLink.drain)
+        # The broker confirmed the Drain, or there is no broker to send more:
+        # nothing new will arrive. Set by the I/O thread, under in_flight_lock.
+        self.drain_settled = False
         self.deadlines = []  # heap of (deadline, seq, Request): I/O thread only
         self.seq = itertools.count()
         self.acks = {}  # ack id -> (Future, callback)
@@ -339,14 +342,21 @@ class _Core:
             raise RuntimeError("Worker.drain() from a handler: it would wait for itself")
         self.drain_asked = True
         self.wake.signal()  # the I/O thread sends the Drain
+        # Done when nothing runs and nothing more can come: a job the broker
+        # dispatched just before it read the Drain may still be on its way.
+        # (Not connected: not started, or no broker now.)
+        def done():
+            return not self.in_flight and (self.drain_settled or not self.connected.is_set())
         with self.in_flight_lock:
-            idle = self.in_flight_lock.wait_for(
-                lambda: not self.in_flight or self.stopping.is_set() or self.io_failure is not None, timeout)
+            settled = self.in_flight_lock.wait_for(
+                lambda: done() or self.stopping.is_set() or self.io_failure is not None, timeout)
             idle = not self.in_flight
             left = len(self.in_flight)
         if not idle:
             log.warning("worker %s: drain timed out with %d requests running; they are cancelled",
                         self.worker_id, left)
+        elif not settled:
+            log.warning("worker %s: drain timed out before the broker confirmed it", self.worker_id)
         self.stop()
         return idle
 
@@ -433,6 +443,11 @@ class _Core:
                     self.connected.set()
                 else:
                     self.connected.clear()
+                if (link.draining and not self.drain_settled
+                        and (link.drain_confirmed or not link.welcomed)):
+                    with self.in_flight_lock:
+                        self.drain_settled = True
+                        self.in_flight_lock.notify_all()
                 if link.reconnects != seen_reconnects:
                     self.count("reconnects", link.reconnects - seen_reconnects)
                     seen_reconnects = link.reconnects
@@ -527,8 +542,7 @@ class _Core:
         elif kind == "report":
             self.on_report(env.report)
         elif kind == "error":
-            if self.log_limit.allow():
-                log.warning("broker error %s: %s", code_name(env.error.code), env.error.message)
+            pass  # the link logged it
         elif self.log_limit.allow():
             log.warning("unexpected %s from the broker", kind)
 
