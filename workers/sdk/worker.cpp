@@ -491,7 +491,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   bool drain(std::chrono::milliseconds timeout) {
     if (pool.on_pool_thread() || std::this_thread::get_id() == io_thread_id.load())
-      throw std::logic_error("worker::drain() from a handler: it would wait for itself");
+      throw std::logic_error(
+          "worker::drain() from a handler, or from the thread that runs the worker's I/O: it would wait for itself");
     drain_asked = true;
     wake.signal();  // the I/O thread sends the Drain
     // Done when nothing runs and nothing more can come: a job the broker

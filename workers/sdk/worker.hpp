@@ -239,7 +239,8 @@ class worker {
   /// broker does not wait for it), then stop():
   /// what still runs is cancelled, and the broker gives it to another
   /// worker at once. True when nothing was left running. Thread-safe; not
-  /// from a handler (it would wait for itself: std::logic_error). After
+  /// from a handler, nor after start_on() from the thread that runs the
+  /// context (it would wait for itself: std::logic_error). After
   /// start_on() it does not stop the worker: its owner calls stop() then,
   /// as always once no thread runs the context.
   bool drain(std::chrono::milliseconds timeout);
