@@ -380,13 +380,19 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_EQ(t.late_connect("r2", "w2"), nullptr);
   EXPECT_EQ(t.ended_connects(), 0u);
 
+  // A new worker of capacity 1 takes a CONNECT `id` that then times out
+  // (at `timeout`, later than any before): it ends while the worker holds it.
+  auto end_connect_on_new_worker = [&](const std::string& worker, const std::string& id, clock::duration timeout) {
+    t.add_worker(worker, "svc", 1);
+    auto c = make_job(id, "svc", timeout);
+    c.connect = true;
+    t.submit(std::move(c));
+    EXPECT_EQ(pairs(t.dispatch()), (P{{worker, id}}));
+    EXPECT_EQ(failures(t.expire(t0 + timeout)), id + ":TIMEOUT@" + worker);
+  };
+
   // A worker lost with an ended CONNECT: nothing is left waiting for it.
-  t.add_worker("w3", "svc", 1);
-  auto c3 = make_job("c3", "svc", 4s);
-  c3.connect = true;
-  t.submit(std::move(c3));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w3", "c3"}}));
-  EXPECT_EQ(failures(t.expire(t0 + 4s)), "c3:TIMEOUT@w3");
+  end_connect_on_new_worker("w3", "c3", 4s);
   EXPECT_EQ(t.ended_connects(), 1u);
   EXPECT_TRUE(t.remove_worker("w3").empty());
   EXPECT_EQ(t.ended_connects(), 0u);
@@ -394,12 +400,7 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
 
   // The broker's owed DISCONNECT is not re-dispatched when its worker is
   // lost: the socket it would undo lived only in that worker.
-  t.add_worker("w4", "svc", 1);
-  auto c4 = make_job("c4", "svc", 5s);
-  c4.connect = true;
-  t.submit(std::move(c4));
-  EXPECT_EQ(pairs(t.dispatch()), (P{{"w4", "c4"}}));
-  EXPECT_EQ(failures(t.expire(t0 + 5s)), "c4:TIMEOUT@w4");
+  end_connect_on_new_worker("w4", "c4", 5s);
   auto d4 = make_job("d4", "svc", 9s, false);
   d4.requester.clear();
   d4.owed = true;
