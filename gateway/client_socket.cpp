@@ -5,6 +5,8 @@
 
 #include <boost/json.hpp>
 
+#include "core/thread_spares.hpp"
+
 namespace sidecast::gateway {
 
 namespace {
@@ -83,6 +85,7 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
                                 .auth = auth_};
   zmq::message_t message{proto::encoded_size(r)};
   proto::encode_request(r, static_cast<char*>(message.data()));
+  core::string_spares::give(std::move(args));  // usually the client's frame, from ws_conn
   if (tag == 0) return gw_.link().send(std::move(message));
   return gw_.link().request(id, std::move(message), weak_from_this(), tag, gw_.config().request_timeout);
 }

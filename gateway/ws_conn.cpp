@@ -22,6 +22,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/log.hpp"
+#include "core/thread_spares.hpp"
 #include "core/utf8.hpp"
 #include "gateway/io_batch.hpp"
 
@@ -402,13 +403,9 @@ class small_blocks {
     c->blocks.push_back(p);  // within the capacity reserved: no throw
   }
 
-  // This thread's, made on first use; null while the thread exits (its
-  // spares are gone, and what is freed then goes back to the heap).
-  static small_blocks* mine() {
-    if (gone_) return nullptr;
-    if (!keeper_.blocks) keeper_.blocks = std::make_unique<small_blocks>();
-    return keeper_.blocks.get();
-  }
+  // This thread's; null while the thread exits (what is freed then goes
+  // back to the heap).
+  static small_blocks* mine() { return core::per_thread<small_blocks>::get(); }
 
  private:
   struct sized {
@@ -425,21 +422,8 @@ class small_blocks {
     return nullptr;
   }
 
-  struct keeper {
-    std::unique_ptr<small_blocks> blocks;
-    ~keeper() {
-      gone_ = true;
-      blocks.reset();
-    }
-  };
-  static thread_local keeper keeper_;
-  static thread_local bool gone_;
-
   std::array<sized, 4> spares_;
 };
-
-thread_local small_blocks::keeper small_blocks::keeper_;
-thread_local bool small_blocks::gone_ = false;
 
 template <typename T>
 struct small_block_allocator {
@@ -641,15 +625,20 @@ std::optional<std::size_t> ws_conn::parse(char* data, std::size_t size) {
 bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t size) {
   switch (op) {
     case text:
-    case binary:
+    case binary: {
       if (!fin) {
         message_op_ = op;
         message_.assign(payload, size);
         return true;
       }
       if (op == text && !core::valid_utf8({payload, size})) break;
-      deliver(std::string{payload, size}, op == binary);
+      // A buffer the thread had spare: the code done with the text, on this
+      // thread, gives it back (an event's: client_socket::send_event).
+      auto message = core::string_spares::take();
+      message.assign(payload, size);
+      deliver(std::move(message), op == binary);
       return !finished_;
+    }
     case continuation: {
       message_.append(payload, size);
       if (!fin) return true;
