@@ -22,6 +22,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include <boost/asio/bind_allocator.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -31,6 +32,7 @@
 
 #include "core/input_reactor.hpp"
 #include "core/log.hpp"
+#include "core/thread_spares.hpp"
 #include "gateway/config.hpp"
 #include "gateway/io.hpp"
 #include "gateway/metrics.hpp"
@@ -43,6 +45,8 @@ class peer_link;
 }
 
 namespace sidecast::gateway {
+
+struct bridge_commands;  // names the spare blocks of bridge::post
 
 /// A Reply that answers a worker's emit_with_ack without the client's ack.
 proto::Envelope ack_refusal(std::string ack_id, proto::Code code, std::string message);
@@ -255,11 +259,14 @@ class bridge {
 template <typename Command>
 bool bridge::post(Command&& command, bool owed) {
   if (!take_turn(owed)) return false;
-  boost::asio::post(*ex_, [this, command = std::forward<Command>(command)]() mutable {
-    if (!begin_command()) return;
-    command();
-    end_command();
-  });
+  // Its memory from blocks the posting thread has spare: a burst of
+  // requests outgrows Asio's own per-thread cache (32 blocks).
+  boost::asio::post(*ex_, boost::asio::bind_allocator(core::spare_block_allocator<char, bridge_commands>{},
+                                                      [this, command = std::forward<Command>(command)]() mutable {
+                                                        if (!begin_command()) return;
+                                                        command();
+                                                        end_command();
+                                                      }));
   return true;
 }
 

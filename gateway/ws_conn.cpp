@@ -8,7 +8,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <bit>
 #include <memory>
 #include <cerrno>
@@ -366,91 +365,23 @@ shared_bytes close_payload(unsigned code) {
   return shared_bytes::copy_of({bytes, 2});
 }
 
-// Spare blocks for small copies (shared_bytes::copy_of: a shared_ptr's
-// control block and the bytes, in one block), kept per thread: the frames
-// for one connection (an ack, an event for one socket, a pong) are made and
-// freed on its thread, so once a thread has spares a copy costs no heap
-// allocation. A block freed on another thread joins that thread's spares.
-// Copies are rounded up to a few sizes, so the blocks come in as many.
-class small_blocks {
- public:
-  static constexpr std::size_t largest = 512;  // bytes copied; above it, the heap
-  static constexpr std::size_t limit = 256;    // spares kept of each size
-
-  small_blocks() {
-    for (auto& c : spares_) c.blocks.reserve(limit);
-  }
-  ~small_blocks() {
-    for (auto& c : spares_)
-      for (auto* p : c.blocks) ::operator delete(p);
-  }
-  small_blocks(const small_blocks&) = delete;
-  small_blocks& operator=(const small_blocks&) = delete;
-
-  // The bytes a copy of `n` gets: 64, 128, 256 or 512.
-  static std::size_t rounded(std::size_t n) { return std::bit_ceil(std::max<std::size_t>(n, 64)); }
-
-  void* take(std::size_t size) {
-    auto* c = of(size);
-    if (c == nullptr || c->blocks.empty()) return ::operator new(size);
-    auto* p = c->blocks.back();
-    c->blocks.pop_back();
-    return p;
-  }
-  void give(void* p, std::size_t size) noexcept {
-    auto* c = of(size);
-    if (c == nullptr || c->blocks.size() >= limit) return ::operator delete(p);
-    c->blocks.push_back(p);  // within the capacity reserved: no throw
-  }
-
-  // This thread's; null while the thread exits (what is freed then goes
-  // back to the heap).
-  static small_blocks* mine() { return core::per_thread<small_blocks>::get(); }
-
- private:
-  struct sized {
-    std::size_t size = 0;  // of each block; 0: not taken yet
-    std::vector<void*> blocks;
-  };
-  // The spares for blocks of `size`, claiming an unused entry for a new
-  // size (there are as many sizes as rounded() gives); null past them.
-  sized* of(std::size_t size) noexcept {
-    for (auto& c : spares_) {
-      if (c.size == 0) c.size = size;
-      if (c.size == size) return &c;
-    }
-    return nullptr;
-  }
-
-  std::array<sized, 4> spares_;
-};
-
-template <typename T>
-struct small_block_allocator {
-  using value_type = T;
-  small_block_allocator() = default;
-  template <typename U>
-  small_block_allocator(const small_block_allocator<U>&) noexcept {}
-  T* allocate(std::size_t n) {
-    static_assert(alignof(T) <= __STDCPP_DEFAULT_NEW_ALIGNMENT__);
-    auto* spares = small_blocks::mine();
-    return static_cast<T*>(spares ? spares->take(n * sizeof(T)) : ::operator new(n * sizeof(T)));
-  }
-  void deallocate(T* p, std::size_t n) noexcept {
-    auto* spares = small_blocks::mine();
-    if (spares) spares->give(p, n * sizeof(T));
-    else ::operator delete(p);
-  }
-  friend bool operator==(const small_block_allocator&, const small_block_allocator&) { return true; }
-};
+// Small copies (shared_bytes::copy_of: a shared_ptr's control block and
+// the bytes, in one block) take blocks the thread has spare: the frames for
+// one connection (an ack, an event for one socket, a pong) are made and
+// freed on its thread. Copies round up to 64, 128, 256 or 512 bytes, so the
+// blocks come in four sizes.
+struct frame_copies;
+constexpr std::size_t largest_spared_copy = 512;  // bytes; above it, the heap
+std::size_t spared_copy_size(std::size_t n) { return std::bit_ceil(std::max<std::size_t>(n, 64)); }
 
 }  // namespace
 
 shared_bytes shared_bytes::copy_of(std::string_view bytes) {
   if (bytes.empty()) return {};
   std::shared_ptr<char[]> block =
-      bytes.size() <= small_blocks::largest
-          ? std::allocate_shared_for_overwrite<char[]>(small_block_allocator<char>{}, small_blocks::rounded(bytes.size()))
+      bytes.size() <= largest_spared_copy
+          ? std::allocate_shared_for_overwrite<char[]>(core::spare_block_allocator<char, frame_copies>{},
+                                                       spared_copy_size(bytes.size()))
           : std::make_shared_for_overwrite<char[]>(bytes.size());
   std::memcpy(block.get(), bytes.data(), bytes.size());
   return {block, {block.get(), bytes.size()}};
