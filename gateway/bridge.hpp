@@ -22,7 +22,6 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include <boost/asio/bind_allocator.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -47,6 +46,19 @@ class peer_link;
 namespace sidecast::gateway {
 
 struct bridge_commands;  // names the spare blocks of bridge::post
+
+// A command posted to the bridge, whose operation Asio makes from blocks
+// the posting thread has spare (a burst of requests outgrows Asio's own
+// per-thread cache of 32). Its allocator is its own member, not an
+// asio::bind_allocator: a binder makes Asio wrap the handler in a
+// work_dispatcher (work counted on the io_context, a second dispatch).
+template <typename F>
+struct spared_command {
+  F f;
+  using allocator_type = core::spare_block_allocator<char, bridge_commands>;
+  allocator_type get_allocator() const noexcept { return {}; }
+  void operator()() { f(); }
+};
 
 /// A Reply that answers a worker's emit_with_ack without the client's ack.
 proto::Envelope ack_refusal(std::string ack_id, proto::Code code, std::string message);
@@ -259,14 +271,12 @@ class bridge {
 template <typename Command>
 bool bridge::post(Command&& command, bool owed) {
   if (!take_turn(owed)) return false;
-  // Its memory from blocks the posting thread has spare: a burst of
-  // requests outgrows Asio's own per-thread cache (32 blocks).
-  boost::asio::post(*ex_, boost::asio::bind_allocator(core::spare_block_allocator<char, bridge_commands>{},
-                                                      [this, command = std::forward<Command>(command)]() mutable {
-                                                        if (!begin_command()) return;
-                                                        command();
-                                                        end_command();
-                                                      }));
+  auto run = [this, command = std::forward<Command>(command)]() mutable {
+    if (!begin_command()) return;
+    command();
+    end_command();
+  };
+  boost::asio::post(*ex_, spared_command<decltype(run)>{std::move(run)});
   return true;
 }
 
