@@ -37,35 +37,33 @@ class per_thread {
   static inline thread_local bool gone_ = false;  // trivially destroyed: readable to the end
 };
 
-/// Blocks of up to `Sizes` sizes (each claimed by its first use) that a
-/// thread reuses: a block given back is kept for the thread's next take()
-/// of that size, up to `Limit` of each; past them, and for other sizes, the
-/// heap. A block given back on another thread joins that thread's spares.
-/// `Tag` names the user: each has spares of its own.
-template <typename Tag, std::size_t Sizes = 4, std::size_t Limit = 256>
-class block_spares {
+/// Free lists of blocks in up to `Sizes` sizes (each claimed by its first
+/// use), at most `Limit` of each: a block given back is kept for the next
+/// take() of its size; past the bound, and for other sizes, the heap. One
+/// thread's, not locked: block_spares gives every thread its own, and the
+/// worker SDK keeps one for its I/O thread alone.
+template <std::size_t Sizes, std::size_t Limit>
+class spare_lists {
  public:
-  block_spares() {
-    for (auto& s : spares_) s.blocks.reserve(Limit);
+  spare_lists() {
+    for (auto& s : lists_) s.blocks.reserve(Limit);
   }
-  ~block_spares() {
-    for (auto& s : spares_)
+  ~spare_lists() {
+    for (auto& s : lists_)
       for (auto* p : s.blocks) ::operator delete(p);
   }
-  block_spares(const block_spares&) = delete;
-  block_spares& operator=(const block_spares&) = delete;
+  spare_lists(const spare_lists&) = delete;
+  spare_lists& operator=(const spare_lists&) = delete;
 
-  static void* take(std::size_t size) {
-    auto* mine = per_thread<block_spares>::get();
-    auto* s = mine ? mine->of(size) : nullptr;
+  void* take(std::size_t size) {
+    auto* s = of(size);
     if (s == nullptr || s->blocks.empty()) return ::operator new(size);
     auto* p = s->blocks.back();
     s->blocks.pop_back();
     return p;
   }
-  static void give(void* p, std::size_t size) noexcept {
-    auto* mine = per_thread<block_spares>::get();
-    auto* s = mine ? mine->of(size) : nullptr;
+  void give(void* p, std::size_t size) noexcept {
+    auto* s = of(size);
     if (s == nullptr || s->blocks.size() >= Limit) return ::operator delete(p);
     s->blocks.push_back(p);  // within the capacity reserved: no throw
   }
@@ -76,18 +74,38 @@ class block_spares {
     std::vector<void*> blocks;
   };
   sized* of(std::size_t size) noexcept {
-    for (auto& s : spares_) {
+    for (auto& s : lists_) {
       if (s.size == 0) s.size = size;
       if (s.size == size) return &s;
     }
     return nullptr;
   }
-  std::array<sized, Sizes> spares_;
+  std::array<sized, Sizes> lists_;
+};
+
+/// Every thread's own spare_lists for the user `Tag` (each has spares of
+/// its own). A block given back on another thread than the one that took
+/// it joins that thread's spares.
+template <typename Tag, std::size_t Sizes = 4, std::size_t Limit = 256>
+class block_spares {
+ public:
+  static void* take(std::size_t size) {
+    auto* mine = per_thread<lists>::get();
+    return mine ? mine->take(size) : ::operator new(size);
+  }
+  static void give(void* p, std::size_t size) noexcept {
+    auto* mine = per_thread<lists>::get();
+    if (mine) mine->give(p, size);
+    else ::operator delete(p);
+  }
+
+ private:
+  struct lists : spare_lists<Sizes, Limit> {};  // a type of this Tag's: per_thread keeps one per type
 };
 
 /// An allocator over block_spares<Tag>: for memory a thread makes and frees
-/// over and over in a few sizes (std::allocate_shared's blocks, Asio's
-/// operations through asio::bind_allocator).
+/// over and over in a few sizes (std::allocate_shared's blocks, the
+/// operations Asio makes for a handler whose `allocator_type` it is).
 template <typename T, typename Tag>
 struct spare_block_allocator {
   using value_type = T;

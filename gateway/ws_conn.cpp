@@ -9,9 +9,9 @@
 
 #include <algorithm>
 #include <bit>
-#include <memory>
 #include <cerrno>
 #include <cstring>
+#include <memory>
 #include <span>
 
 #include <boost/asio/dispatch.hpp>

@@ -23,6 +23,7 @@
 #include "core/input_wait.hpp"
 #include "core/log.hpp"
 #include "core/peer_link.hpp"
+#include "core/thread_spares.hpp"
 #include "core/utf8.hpp"
 #include "core/wakeup.hpp"
 
@@ -49,32 +50,7 @@ struct pending_ack {
 // requests, so a request that starts and ends on the I/O thread (a quick
 // handler's) costs no allocation. Blocks freed on any other thread go back
 // to the heap, as they all came from it.
-class spare_blocks {
- public:
-  static constexpr std::size_t limit = 1024;
-  spare_blocks() { blocks_.reserve(limit); }
-  ~spare_blocks() {
-    for (auto* p : blocks_) ::operator delete(p);
-  }
-  spare_blocks(const spare_blocks&) = delete;
-  spare_blocks& operator=(const spare_blocks&) = delete;
-
-  void* take(std::size_t size) {
-    if (size != size_ || blocks_.empty()) return ::operator new(size);
-    auto* p = blocks_.back();
-    blocks_.pop_back();
-    return p;
-  }
-  void give(void* p, std::size_t size) noexcept {
-    if (size_ == 0) size_ = size;
-    if (size != size_ || blocks_.size() >= limit) return ::operator delete(p);
-    blocks_.push_back(p);  // within the capacity reserved: no throw
-  }
-
- private:
-  std::size_t size_ = 0;  // one kind of block
-  std::vector<void*> blocks_;
-};
+using spare_blocks = core::spare_lists<1, 1024>;  // one size: request states
 
 // The I/O thread's spares while its loop runs; null on every other thread.
 thread_local spare_blocks* io_spares = nullptr;
@@ -685,7 +661,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // input: ask the socket before blocking. Otherwise its descriptor will tell.
     if (unasked) o.input.used(link_index);
     welcomed = link.welcomed();
-    if (drain_asked && link.draining() && !drain_settled && (link.drain_confirmed() || !link.welcomed())) {
+    if (link.draining() && !drain_settled && (link.drain_confirmed() || !link.welcomed())) {
       drain_settled = true;
       std::lock_guard lock{lifecycle_mutex};
       lifecycle_changed.notify_all();
