@@ -1179,6 +1179,54 @@ class GatewayBusyTest(InProcessWorkerTest):
         self.assertGreaterEqual(dropped(port, "bridge_full"), 3)
         self.assertEqual(len(self.hooked), hooked, "the service heard of a connect the gateway refused")
 
+    def test_a_relayed_request_is_answered_while_the_bridge_queue_is_full(self):
+        # The answer to a request another gateway relayed here is owed: sent
+        # past --bridge-queue. With a queue of 1 and one thread, a relayed
+        # long-poll waits; a relayed POST then carries a namespace connect,
+        # whose attach fills the queue and whose refusal (connect_error)
+        # answers the waiting poll in the same turn. Refused, that answer
+        # would leave the relaying gateway's client to wait out the relay's
+        # timeout for a 504.
+        port = free_port()
+        owner = Process([os.path.join(BIN, "sidecast-gateway"), "--http", f"127.0.0.1:{port}",
+                         "--broker", self.broker.router, "--events", self.broker.xpub, "--gateway-id", "gwQ",
+                         "--route", "/full=full", "--threads", "1", "--bridge-queue", "1", "--log-level", "warn"],
+                        "gateway-owner")
+        self.addCleanup(owner.cleanup)
+        self.addCleanup(owner.stop)
+        self.assertTrue(eventually(lambda: http_get(port, "/healthz")[0] == 200, WAIT), owner.output())
+        status, body = http_get(port, "/socket.io/?EIO=4&transport=polling")
+        self.assertEqual(status, 200)
+        sid = json.loads(body[1:])["sid"]
+        self.assertTrue(sid.startswith("gwQ."), sid)
+
+        context = zmq.Context()
+        self.addCleanup(context.term)
+        relay = Peer(context, self.broker.router, "gwZ", role=pb.ROLE_GATEWAY)
+        self.addCleanup(relay.close)
+        self.assertTrue(relay.hello())
+        before = dropped(port, "bridge_full")
+
+        def forward(n, method, body=b""):
+            env = pb.Envelope()
+            env.forward.id = f"gwZ:{n}"
+            env.forward.sid = sid
+            env.forward.method = method
+            env.forward.body = body
+            relay.send(env)
+
+        def answer(n):
+            got = relay.next("answer", where=lambda e: e.answer.id == f"gwZ:{n}")
+            self.assertIsNotNone(got, f"no answer to relayed request {n}; {owner.output()}")
+            return got.answer.status, got.answer.body
+
+        forward(1, "GET")
+        self.assertIsNone(relay.next("answer", timeout=0.3), "the poll did not wait")
+        forward(2, "POST", b"40/full,")
+        self.assertEqual(answer(2), (200, b"ok"))
+        self.assertEqual(answer(1), (200, b'44/full,{"message":"gateway busy"}'))
+        self.assertGreater(dropped(port, "bridge_full"), before, "the queue was not full: the test proves nothing")
+
 
 class ApiPollingTest(InProcessWorkerTest):
     """HTTP API long-polls: --api-session-ttl counts from the end of the last
