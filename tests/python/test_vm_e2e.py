@@ -1146,18 +1146,22 @@ class GatewayBusyTest(InProcessWorkerTest):
                          (429, {"error": "busy", "message": "gateway busy"}))
         self.assertEqual(self.open_session(self.http_port)[0], 201)
 
-    def test_a_connect_the_gateway_cannot_pass_on_is_refused_as_its_own(self):
-        # --bridge-queue 1 with one thread (the bridge shares it): a
-        # connect's attach takes the one place, so its CONNECT, queued in
-        # the same turn, finds the queue full.
+    def full_gateway(self, gateway_id):
+        """The port of a new gateway with --bridge-queue 1 and one thread (the
+        bridge shares it): a connect's attach takes the one place, so its
+        CONNECT, queued in the same turn, finds the queue full."""
         port = free_port()
-        full = Process([os.path.join(BIN, "sidecast-gateway"), "--http", f"127.0.0.1:{port}",
-                        "--broker", self.broker.router, "--events", self.broker.xpub, "--gateway-id", "gwF",
-                        "--route", "/full=full", "--threads", "1", "--bridge-queue", "1", "--log-level", "warn"],
-                       "gateway-full")
-        self.addCleanup(full.cleanup)
-        self.addCleanup(full.stop)
-        self.assertTrue(eventually(lambda: http_get(port, "/healthz")[0] == 200, WAIT), full.output())
+        gw = Process([os.path.join(BIN, "sidecast-gateway"), "--http", f"127.0.0.1:{port}",
+                      "--broker", self.broker.router, "--events", self.broker.xpub, "--gateway-id", gateway_id,
+                      "--route", "/full=full", "--threads", "1", "--bridge-queue", "1", "--log-level", "warn"],
+                     f"gateway-{gateway_id}")
+        self.addCleanup(gw.cleanup)
+        self.addCleanup(gw.stop)
+        self.assertTrue(eventually(lambda: http_get(port, "/healthz")[0] == 200, WAIT), gw.output())
+        return port, gw
+
+    def test_a_connect_the_gateway_cannot_pass_on_is_refused_as_its_own(self):
+        port, _ = self.full_gateway("gwF")
         hooked = len(self.hooked)
         self.assertEqual(self.open_session(port), (503, {"error": "gateway busy"}))
 
@@ -1187,14 +1191,7 @@ class GatewayBusyTest(InProcessWorkerTest):
         # answers the waiting poll in the same turn. Refused, that answer
         # would leave the relaying gateway's client to wait out the relay's
         # timeout for a 504.
-        port = free_port()
-        owner = Process([os.path.join(BIN, "sidecast-gateway"), "--http", f"127.0.0.1:{port}",
-                         "--broker", self.broker.router, "--events", self.broker.xpub, "--gateway-id", "gwQ",
-                         "--route", "/full=full", "--threads", "1", "--bridge-queue", "1", "--log-level", "warn"],
-                        "gateway-owner")
-        self.addCleanup(owner.cleanup)
-        self.addCleanup(owner.stop)
-        self.assertTrue(eventually(lambda: http_get(port, "/healthz")[0] == 200, WAIT), owner.output())
+        port, owner = self.full_gateway("gwQ")
         status, body = http_get(port, "/socket.io/?EIO=4&transport=polling")
         self.assertEqual(status, 200)
         sid = json.loads(body[1:])["sid"]
