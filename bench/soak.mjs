@@ -15,6 +15,7 @@ const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { retu
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const stats = { asked: 0, answered: 0, errors: 0, duplicates: 0, unanswered: 0, said: 0, vmDone: 0 };
+const errorKinds = {};  // error acks by their error, with when the first came
 const disconnects = {};
 const clients = [];
 for (let i = 0; i < clientCount; i++) {
@@ -33,7 +34,12 @@ function ask(socket, ...args) {
   socket.timeout(60000).emit(...args, (err, reply) => {
     if (++calls > 1) { stats.duplicates++; return; }
     if (err) stats.unanswered++;
-    else if (reply && typeof reply === "object" && reply.error) stats.errors++;
+    else if (reply && typeof reply === "object" && reply.error) {
+      stats.errors++;
+      const kind = `${reply.error}: ${reply.message}`;
+      errorKinds[kind] ??= { count: 0, first: new Date().toISOString() };
+      errorKinds[kind].count++;
+    }
     else stats.answered++;
   });
 }
@@ -91,6 +97,7 @@ console.log(`\nsoak: ${minutes} min, ${clientCount} clients, ${chaosResult.kills
 const pending = stats.asked - stats.answered - stats.errors - stats.unanswered;
 stats.unanswered += pending;
 console.log(`events with ack: ${stats.asked}; answered ${stats.answered}, error acks ${stats.errors}, unanswered ${stats.unanswered}, answered twice ${stats.duplicates}`);
+if (stats.errors) console.log(`error acks by error: ${JSON.stringify(errorKinds)}`);
 console.log(`room messages received: ${stats.said}; vm results: ${stats.vmDone}`);
 console.log(`client disconnects: ${JSON.stringify(disconnects)}`);
 console.log("RSS (a third into the run -> end):\n" + watched.map(row).join("\n"));
