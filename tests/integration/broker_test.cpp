@@ -449,14 +449,7 @@ TEST_P(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
   config.max_timeout = 60000ms;
   start(config);
   peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
-  Envelope hello;
-  hello.mutable_hello()->set_role(proto::ROLE_WORKER);
-  hello.mutable_hello()->set_id("w-raw");
-  hello.mutable_hello()->set_protocol_version(proto::protocol_version);
-  auto* svc = hello.mutable_hello()->add_services();
-  svc->set_name("raw");
-  svc->set_capacity(4);
-  worker_peer.send(hello);
+  worker_peer.send_hello({{"raw", 4}});
   ASSERT_TRUE(worker_peer.next(Envelope::kWelcome, 3s));
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
@@ -927,11 +920,6 @@ service held_work_service(const std::atomic<bool>* release) {
   return s;
 }
 
-// drain(): the broker sends the worker nothing new, though it has a free
-// credit (a second worker gets it all), while what it holds runs to its
-// end and is answered from it; drain() returns once nothing runs, and the
-// worker then says Goodbye. Heartbeats 1 s apart: nothing here is noticed
-// by their absence.
 // The broker answers a Drain with its own, after every job it sent the
 // worker before, and sends nothing after; so does it a Hello that says the
 // worker drains (after the Welcome). The SDKs wait for it (WorkerDrain).
@@ -939,19 +927,7 @@ TEST_P(BrokerTest, TheBrokerConfirmsADrainAfterTheJobsItSentBefore) {
   heartbeat_ = 2s;  // the raw peers send no heartbeats
   start();
   peer w{ctx_, "inproc://router", "wr", proto::ROLE_WORKER};
-  auto hello = [&](bool draining) {
-    Envelope env;
-    auto* h = env.mutable_hello();
-    h->set_role(proto::ROLE_WORKER);
-    h->set_id("wr");
-    h->set_protocol_version(proto::protocol_version);
-    auto* svc = h->add_services();
-    svc->set_name("svc");
-    svc->set_capacity(2);
-    h->set_draining(draining);
-    w.send(env);
-  };
-  hello(false);
+  w.send_hello({{"svc", 2}});
   ASSERT_TRUE(w.next(Envelope::kWelcome, 3s));
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
@@ -968,7 +944,7 @@ TEST_P(BrokerTest, TheBrokerConfirmsADrainAfterTheJobsItSentBefore) {
   EXPECT_FALSE(w.receive(300ms)) << "a draining worker was sent more";
 
   // Announced again (as to a restarted broker), draining: Welcome, then Drain.
-  hello(true);
+  w.send_hello({{"svc", 2}}, true);
   got = w.receive(3s);
   ASSERT_TRUE(got && got->has_welcome()) << (got ? proto::kind_name(*got) : "nothing");
   got = w.receive(3s);
@@ -976,6 +952,11 @@ TEST_P(BrokerTest, TheBrokerConfirmsADrainAfterTheJobsItSentBefore) {
   EXPECT_FALSE(w.receive(300ms)) << "a draining worker was sent more";
 }
 
+// drain(): the broker sends the worker nothing new, though it has a free
+// credit (a second worker gets it all), while what it holds runs to its
+// end and is answered from it; drain() returns once nothing runs, and the
+// worker then says Goodbye. Heartbeats 1 s apart: nothing here is noticed
+// by their absence.
 TEST_P(BrokerTest, ADrainingWorkerFinishesWhatItHoldsAndGetsNothingNew) {
   heartbeat_ = 1s;
   start();

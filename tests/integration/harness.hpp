@@ -107,12 +107,25 @@ class peer {
 
   /// Sends Hello and waits for Welcome.
   bool hello(std::chrono::milliseconds limit = 3s) {
-    Envelope env;
-    env.mutable_hello()->set_role(role_);
-    env.mutable_hello()->set_id(id_);
-    env.mutable_hello()->set_protocol_version(proto::protocol_version);
-    send(env);
+    send_hello();
     return next(Envelope::kWelcome, limit).has_value();
+  }
+
+  /// Sends Hello (a worker's: with its services and capacities, and whether
+  /// it drains), without waiting.
+  void send_hello(const std::vector<std::pair<std::string, unsigned>>& services = {}, bool draining = false) {
+    Envelope env;
+    auto* h = env.mutable_hello();
+    h->set_role(role_);
+    h->set_id(id_);
+    h->set_protocol_version(proto::protocol_version);
+    for (const auto& [name, capacity] : services) {
+      auto* svc = h->add_services();
+      svc->set_name(name);
+      svc->set_capacity(capacity);
+    }
+    h->set_draining(draining);
+    send(env);
   }
 
   void send(const Envelope& env) { send_raw(proto::encode(env)); }
