@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <random>
 
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
@@ -153,6 +154,15 @@ double seconds_since(clock::time_point then, clock::time_point now) {
   return std::chrono::duration<double>(now - then).count();
 }
 
+// A restarted broker must not draw its predecessor's: 64 random bits (with
+// the start time mixed in, should the device be poor), never 0.
+std::uint64_t draw_incarnation() {
+  std::random_device device;
+  std::uint64_t n = (std::uint64_t{device()} << 32) ^ device() ^
+                    static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  return n == 0 ? 1 : n;
+}
+
 }  // namespace
 
 broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr registry)
@@ -168,7 +178,8 @@ broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr
                    std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
                                       std::chrono::system_clock::now().time_since_epoch())
                                       .count()) +
-                   ":"} {}
+                   ":"},
+      incarnation_{draw_incarnation()} {}
 
 broker::~broker() = default;
 
@@ -427,11 +438,16 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     if (kind == Envelope::kGoodbye) return;  // gone already (dropped, or the broker restarted)
     // A peer we do not know: most likely the broker restarted. Ask it to
     // announce itself; requests are still served so nothing is lost.
-    send_error(routing_id, proto::NOT_REGISTERED, "send Hello first");
+    // A job is named, so that the peer knows this broker holds it.
     if (kind != Envelope::kRequest && kind != Envelope::kLifecycle) {
+      send_error(routing_id, proto::NOT_REGISTERED, "send Hello first");
       drop(drop_reason::unknown_peer, routing_id);
       return;
     }
+    auto job_id = env ? (kind == Envelope::kRequest ? std::string_view{env->request().id()}
+                                                    : std::string_view{env->lifecycle().id()})
+                      : head.id;
+    send_error(routing_id, proto::NOT_REGISTERED, "send Hello first", std::string{job_id});
   } else {
     it->second.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
     role = it->second.role;
@@ -571,6 +587,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   w->set_heartbeat_interval_ms(static_cast<std::uint32_t>(config_.heartbeat_interval.count()));
   w->set_heartbeat_liveness(config_.heartbeat_liveness);
   w->set_broker_id(config_.id);
+  w->set_incarnation(incarnation_);
   send(routing_id, env);
   if (hello.role() == proto::ROLE_WORKER && hello.draining()) confirm_drain(routing_id);
   spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
@@ -1016,10 +1033,11 @@ void broker::send_reply(const std::string& to, const std::string& id, proto::Cod
   send(to, env);
 }
 
-void broker::send_error(const std::string& to, proto::Code code, std::string message) {
+void broker::send_error(const std::string& to, proto::Code code, std::string message, std::string id) {
   Envelope env;
   env.mutable_error()->set_code(code);
   env.mutable_error()->set_message(std::move(message));
+  env.mutable_error()->set_id(std::move(id));
   send(to, env);
 }
 

@@ -129,7 +129,7 @@ class broker {
   sent send_to(std::string_view routing_id, zmq::message_t& payload);
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
-  void send_error(const std::string& to, proto::Code code, std::string message);
+  void send_error(const std::string& to, proto::Code code, std::string message, std::string id = {});
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
                    std::string ref, std::string detail);
   /// Why a message was dropped: the `reason` of sidecast_broker_dropped_total
@@ -180,6 +180,9 @@ class broker {
   // start time keeps a restarted broker of the same id from repeating an id
   // a worker may still hold.
   std::string owed_prefix_;
+  // Drawn at start, never 0, sent in every Welcome: a peer that meets a new
+  // one knows what it sent this broker's predecessor is gone.
+  const std::uint64_t incarnation_;
   std::uint64_t next_owed_ = 0;
   broker_stats stats_;
   core::log_limiter log_limit_;

@@ -57,6 +57,7 @@ void peer_link::send_hello() {
   }
   hello->set_draining(draining_);
   ++stats_.hellos;
+  if (unwelcomed_from_ == 0) unwelcomed_from_ = stats_.hellos;
   send(env);
 }
 
@@ -133,6 +134,17 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         heard_from_broker(now);
         if (!welcomed_) spdlog::info("connected to broker {} at {}", w.broker_id(), options_.endpoint);
         welcomed_ = true;
+        // A broker that is not the one before: what we sent that one before
+        // our first Hello to this one is gone with it. (A broker of a build
+        // before incarnations sends 0: nothing is known.)
+        if (w.incarnation() != 0 && w.incarnation() != incarnation_) {
+          if (incarnation_ != 0) {
+            ++broker_restarts_;
+            lost_below_ = unwelcomed_from_;
+          }
+          incarnation_ = w.incarnation();
+        }
+        unwelcomed_from_ = 0;
         continue;
       }
       case proto::Envelope::kDrain:
@@ -147,7 +159,8 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
           // The broker restarted and the connection came back by itself.
           welcomed_ = false;
           send_hello();
-          continue;
+          if (env.error().id().empty()) continue;
+          return true;  // a job the new broker took: the application keeps it
         }
         if (log_limit_.allow())
           spdlog::warn("broker error {}: {}", proto::Code_Name(env.error().code()), env.error().message());

@@ -59,7 +59,8 @@ unsigned status_for(proto::Code code) {
     case proto::BUSY: return 429;
     case proto::TIMEOUT: return 504;
     case proto::UNAVAILABLE:
-    case proto::WORKER_LOST: return 503;
+    case proto::WORKER_LOST:
+    case proto::BROKER_LOST: return 503;
     case proto::BAD_REQUEST: return 400;
     default: return 502;
   }

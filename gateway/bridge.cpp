@@ -230,7 +230,7 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
-    pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline, std::move(if_gone)});
+    pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline, std::move(if_gone), link_->epoch()});
     add_deadline(deadline, seq);
   });
   if (!queued && connect) connects_awaited_.fetch_sub(1, std::memory_order_relaxed);
@@ -404,6 +404,7 @@ void bridge::pump() {
     if (env.kind_case() != Envelope::KIND_NOT_SET) on_broker(env);  // else take_reply() had it
     return true;
   });
+  if (link_->broker_restarts() != broker_restarts_) fail_lost_to_restart();
   more = drain(sub_watch_, [this] {
     zmq::message_t topic, body;
     if (!sub_->recv(topic, zmq::recv_flags::dontwait)) return false;
@@ -547,6 +548,11 @@ void bridge::on_broker(Envelope& env) {
     }
     case Envelope::kControl: on_control(env.control()); return;
     case Envelope::kError:
+      // A new broker took this request before our Hello: it is not lost.
+      if (env.error().code() == proto::NOT_REGISTERED)
+        if (auto seq = own_seq(env.error().id()))
+          if (auto it = pending_.find(*seq); it != pending_.end()) it->second.epoch = link_->epoch();
+      return;
     case Envelope::kReport: return;
     default:
       if (log_limit_.allow()) spdlog::warn("bridge: unexpected {} from the broker", proto::kind_name(env));
@@ -645,6 +651,29 @@ void bridge::expire(clock::time_point now) {
     pending_.rehash(0);
     forwards_.rehash(0);
     deadlines_.shrink_to_fit();
+  }
+}
+
+// The broker that held a request is gone and its answer will never come (a
+// worker's Reply to a job the new broker does not know is dropped there),
+// so the client need not wait out the deadline. Whether the job ran is
+// unknown: BROKER_LOST says so. Forwards are left to their deadlines: an
+// owner gateway may still answer one through the new broker.
+void bridge::fail_lost_to_restart() {
+  broker_restarts_ = link_->broker_restarts();
+  metrics_.broker_restarts.Increment();
+  auto below = link_->lost_below();
+  std::vector<std::uint64_t> lost;
+  for (const auto& [seq, p] : pending_)
+    if (p.epoch < below) lost.push_back(seq);
+  if (!lost.empty())
+    spdlog::warn("gateway bridge: a new broker; {} requests the previous one held end BROKER_LOST", lost.size());
+  for (auto seq : lost) {
+    auto it = pending_.find(seq);
+    auto p = std::move(it->second);
+    pending_.erase(it);  // its deadline entry finds nothing when it comes
+    metrics_.broker_lost.Increment();
+    reply_to(std::move(p), {proto::BROKER_LOST, "the broker restarted before it answered; the request may have run"});
   }
 }
 

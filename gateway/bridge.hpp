@@ -152,6 +152,7 @@ class bridge {
     std::uint64_t tag;
     time_point deadline;
     std::unique_ptr<zmq::message_t> if_gone;  // see request()
+    std::uint64_t epoch = 0;  // the link's when it was sent (or a new broker named it)
   };
   struct pending_forward {
     std::shared_ptr<reply_slot> slot;
@@ -224,6 +225,8 @@ class bridge {
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
               const std::string& ref, std::string_view detail = {});
   void expire(std::chrono::steady_clock::time_point now);
+  /// A new broker welcomed us: what its predecessor held ends now.
+  void fail_lost_to_restart();
 
   const gateway_config& config_;
   zmq::context_t& context_;
@@ -246,6 +249,7 @@ class bridge {
   std::chrono::steady_clock::time_point timer_at_{};
   bool timer_pending_ = false;
   bool pump_posted_ = false;
+  std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
   watch link_watch_, sub_watch_;
   std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook
   std::unique_ptr<core::peer_link> link_;

@@ -76,6 +76,13 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                            .Help("1 while the broker has welcomed this gateway")
                            .Register(r)
                            .Add({})},
+      broker_restarts{counter(r, "sidecast_gateway_broker_restarts_total",
+                              "Welcomes from a broker other than the one before (a restarted broker)")
+                          .Add({})},
+      broker_lost{counter(r, "sidecast_gateway_broker_lost_total",
+                          "Requests the previous broker held when a new one welcomed this gateway, "
+                          "answered BROKER_LOST at once rather than at their deadline")
+                      .Add({})},
       io_uring_batches{counter(r, "sidecast_gateway_io_uring_batches_total",
                                "Batches of WebSocket reads or writes made in one io_uring_enter (--io-uring)")
                            .Add({})},

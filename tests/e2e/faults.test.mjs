@@ -8,7 +8,11 @@ import { io } from "socket.io-client";
 
 const bin = process.env.SIDECAST_BIN;
 const children = new Set();
-after(() => { for (const c of children) c.kill("SIGKILL"); });
+const clients = new Set();  // closed at the end too: a failed test's client would keep node running
+after(() => {
+  for (const c of children) c.kill("SIGKILL");
+  for (const c of clients) c.close();
+});
 
 // Four free loopback ports from tools/free-ports (below the ephemeral range; see there why).
 function freePorts() {
@@ -46,6 +50,7 @@ async function stack({ workers = 1, gatewayArgs = [] } = {}) {
 }
 function connect(url, opts = {}) {
   const s = io(url, { transports: ["websocket"], forceNew: true, ...opts });
+  clients.add(s);
   return new Promise((resolve, reject) => {
     const t = setTimeout(() => reject(new Error("connect timeout")), 10000);
     s.once("connect", () => { clearTimeout(t); resolve(s); });
@@ -95,6 +100,57 @@ test("broker killed and restarted: clients stay connected, every event gets an a
   for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
 });
 }
+
+// The value of one series of a /metrics page, or undefined.
+async function metric(url, series) {
+  const body = await (await fetch(`${url}/metrics`)).text();
+  const line = body.split("\n").find((l) => l.startsWith(`${series} `));
+  return line === undefined ? undefined : Number(line.slice(series.length + 1));
+}
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// The broker that held the request is gone, and so is any answer to it: the
+// gateway says so when the new broker welcomes it, rather than with TIMEOUT
+// at the request's deadline (20 s here, past which the client stops waiting).
+test("broker killed while a worker runs a request: the ack is broker_lost when the new broker welcomes the gateway", async () => {
+  const s = await stack({ workers: 1, gatewayArgs: ["--request-timeout", "20000"] });
+  const c = await connect(`${s.url}/echo`);
+  const held = c.timeout(19000).emitWithAck("delay", 15000, "held");
+  assert.ok(await until(async () => (await metric(s.url, "sidecast_gateway_broker_connected")) === 1));
+  await sleep(300);  // dispatched to the worker by now
+  s.broker.kill("SIGKILL");
+  await s.broker.exited;
+  s.startBroker();
+  const answer = await held;
+  assert.equal(answer?.error, "broker_lost", JSON.stringify(answer));
+  assert.equal(await metric(s.url, "sidecast_gateway_broker_lost_total"), 1);
+  assert.equal(await metric(s.url, "sidecast_gateway_broker_restarts_total"), 1);
+  assert.ok(await until(async () => (await c.timeout(2000).emitWithAck("echo", "after").catch(() => null)) === "after", 15000),
+            "traffic resumes");
+  c.close();
+  for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
+});
+
+// The same broker, silent past the heartbeat liveness (3 × 1 s): the gateway
+// opens a new socket and says Hello again, and the Welcome is the old
+// broker's. What that broker holds is not lost, and must not be failed so.
+// The job ends well after the stall (8 s): an answer the broker routes while
+// the gateway's new connection is not yet there is dropped (`unreachable`),
+// which is another matter than the one tested here.
+test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds is still answered", async () => {
+  const s = await stack({ workers: 1, gatewayArgs: ["--request-timeout", "20000"] });
+  const c = await connect(`${s.url}/echo`);
+  const held = c.timeout(19000).emitWithAck("delay", 8000, "held");
+  await sleep(300);
+  s.broker.kill("SIGSTOP");
+  await sleep(4500);
+  s.broker.kill("SIGCONT");
+  assert.equal(await held, "held");
+  assert.equal(await metric(s.url, "sidecast_gateway_broker_restarts_total"), 0);
+  assert.equal(await metric(s.url, "sidecast_gateway_broker_lost_total"), 0);
+  c.close();
+  for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
+});
 
 test("gateway SIGTERM: clients see their transport close (and would reconnect elsewhere); exit within the drain bound", async () => {
   const s = await stack({ workers: 1, gatewayArgs: ["--drain-timeout", "2000"] });

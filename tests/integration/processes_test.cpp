@@ -12,6 +12,7 @@
 #include <boost/json.hpp>
 #include <gtest/gtest.h>
 
+#include "core/peer_link.hpp"
 #include "tests/integration/harness.hpp"
 
 namespace sidecast::test {
@@ -190,6 +191,63 @@ TEST(Processes, BrokerRestartWorkersReannounceAndTrafficFlows) {
       10s))
       << "traffic did not resume after the broker restart";
   EXPECT_EQ(broker->kill(SIGTERM), 0) << "SIGTERM is a clean exit";
+}
+
+// What a gateway's link learns from a restarted broker: a Welcome of
+// another incarnation, with the first Hello since the last Welcome as the
+// line below which what it sent went to the broker that is gone; and, in
+// Error NOT_REGISTERED, the id of each request the new broker took before
+// that Hello, which it serves all the same (bridge::fail_lost_to_restart).
+TEST(Processes, ARestartedBrokerIsANewIncarnationAndNamesTheRequestsItTookBeforeHello) {
+  ports p;
+  auto broker = std::make_unique<child>("sidecast-broker", broker_args(p));
+  zmq::context_t ctx{1};
+  core::peer_link_options o;
+  o.endpoint = p.endpoint(p.router);
+  o.id = "gw1";
+  o.role = proto::ROLE_GATEWAY;
+  core::peer_link link{ctx, o};
+  std::vector<Envelope> got;  // what the link hands the application
+  auto pump = [&] {
+    while (auto env = link.receive()) got.push_back(std::move(*env));
+  };
+  ASSERT_TRUE(eventually([&] { return pump(), link.welcomed(); })) << "no Welcome from the first broker";
+  auto request = [&](const std::string& id) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(id);
+    r->set_service("echo");  // no worker yet: the broker keeps it
+    r->set_event("echo");
+    r->set_args("[1]");
+    r->set_wants_reply(true);
+    r->set_timeout_ms(10000);
+    EXPECT_TRUE(link.send(env));
+    return link.epoch();
+  };
+  auto lost_epoch = request("gw1:1");
+  EXPECT_EQ(link.broker_restarts(), 0u);
+
+  broker->kill(SIGKILL);
+  broker = std::make_unique<child>("sidecast-broker", broker_args(p));
+  // The first message the new broker gets from us (the link sends nothing
+  // unless tick() is called): taken, and named.
+  auto kept_epoch = request("gw1:2");
+  EXPECT_EQ(kept_epoch, lost_epoch) << "no Hello between the two: only the broker can tell them apart";
+  ASSERT_TRUE(eventually([&] { return pump(), link.broker_restarts() == 1 && link.welcomed(); }))
+      << "no Welcome from the new broker, or not seen as a new one";
+  EXPECT_GT(link.lost_below(), lost_epoch);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].error().code(), proto::NOT_REGISTERED);
+  EXPECT_EQ(got[0].error().id(), "gw1:2");
+
+  // The new broker serves it once a worker comes; gw1:1 died with the old one.
+  child w{"sidecast-worker", worker_args(p, "wr")};
+  got.clear();
+  ASSERT_TRUE(eventually([&] { return pump(), !got.empty(); }, 5s)) << "gw1:2 was not served";
+  ASSERT_TRUE(got[0].has_reply());
+  EXPECT_EQ(got[0].reply().id(), "gw1:2");
+  EXPECT_EQ(got[0].reply().code(), proto::OK) << got[0].reply().message();
+  EXPECT_EQ(broker->kill(SIGTERM), 0);
 }
 
 // A frame may declare any length; past --max-message-bytes libzmq drops

@@ -33,6 +33,7 @@ class Code(enum.IntEnum):
     NOT_REGISTERED = 8
     INTERNAL = 9
     CANCELLED = 10
+    BROKER_LOST = 11
 
 
 def code_of(value):
