@@ -657,8 +657,12 @@ void bridge::expire(clock::time_point now) {
 // The broker that held a request is gone and its answer will never come (a
 // worker's Reply to a job the new broker does not know is dropped there),
 // so the client need not wait out the deadline. Whether the job ran is
-// unknown: BROKER_LOST says so. Forwards are left to their deadlines: an
-// owner gateway may still answer one through the new broker.
+// unknown: BROKER_LOST says so. A CONNECT's hook may have accepted, and no
+// broker will tell its service the socket is not there (the old one would
+// have, broker::owe_disconnect): the DISCONNECT notice goes to the new
+// broker now, as a disconnect hook takes sids it never accepted. Forwards
+// are left to their deadlines: an owner gateway may still answer one
+// through the new broker.
 void bridge::fail_lost_to_restart() {
   broker_restarts_ = link_->broker_restarts();
   metrics_.broker_restarts.Increment();
@@ -673,6 +677,13 @@ void bridge::fail_lost_to_restart() {
     auto p = std::move(it->second);
     pending_.erase(it);  // its deadline entry finds nothing when it comes
     metrics_.broker_lost.Increment();
+    // p keeps its own if_gone: reply_to() settles the CONNECT by it.
+    if (Envelope notice; p.if_gone && notice.ParseFromArray(p.if_gone->data(), static_cast<int>(p.if_gone->size())) &&
+                         notice.has_lifecycle()) {
+      notice.mutable_lifecycle()->set_reason("the broker restarted while the connect hook ran");
+      send_to_broker(core::message_of(notice));
+      link_watch_.dirty = true;
+    }
     reply_to(std::move(p), {proto::BROKER_LOST, "the broker restarted before it answered; the request may have run"});
   }
 }

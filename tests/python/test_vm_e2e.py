@@ -987,6 +987,61 @@ class SlowConnectHookTest(InProcessWorkerTest):
         self.assertEqual(self.requests(), before + 1, "a DISCONNECT came after a refusal")
 
 
+class BrokerLostConnectTest(InProcessWorkerTest):
+    """The broker dies while a connect hook runs, and a new one takes its
+    place: the client is told at once (BROKER_LOST, not at the connect's
+    deadline), and since the hook may have accepted, the service hears the
+    socket's DISCONNECT through the new broker (protocol.md, Broker
+    restarts). The hook's late accept reaches the new broker, which does not
+    know the CONNECT and drops it."""
+
+    gateway_id = "gwL"
+    gateway_args = ("--request-timeout", "20000")
+    log, lock = [], threading.Lock()
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("held", capacity=2)
+
+        @svc.on_connect
+        def hello(req):
+            with cls.lock:
+                cls.log.append(("hook", req.sid))
+            time.sleep(3)
+
+        @svc.on_disconnect
+        def left(req):
+            with cls.lock:
+                cls.log.append(("left", req.sid, req.reason))
+
+        return svc
+
+    def events(self):
+        with self.lock:
+            return list(self.log)
+
+    def test_a_connect_the_dead_broker_held_is_refused_at_once_and_its_disconnect_reaches_the_service(self):
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/held", timeout=15)
+        self.addCleanup(ws.close)
+        self.assertTrue(eventually(lambda: len(self.events()) == 1, WAIT), "the connect hook never ran")
+        sid = self.events()[0][1]
+        old = self.broker.process
+        self.broker.kill()
+        old.cleanup()
+        self.broker.start()
+        frame = json.loads(ws.recv())  # within the 15 s; TIMEOUT would come after 21
+        self.assertEqual((frame["event"], frame["data"]),
+                         ("connect_error", {"message": "service unavailable: BROKER_LOST"}))
+        self.assertTrue(eventually(lambda: any(e[0] == "left" for e in self.events()), WAIT),
+                        f"no DISCONNECT: {self.events()}")
+        self.assertIn(("left", sid, "the broker restarted while the connect hook ran"), self.events())
+        gateway_metrics = http_get(self.http_port, "/metrics")[1]
+        self.assertEqual(metric(gateway_metrics, "sidecast_gateway_broker_lost_total"), 1)
+        self.assertEqual(metric(gateway_metrics, "sidecast_gateway_broker_restarts_total"), 1)
+
+
 class ProxyProtocolTest(InProcessWorkerTest):
     """A gateway behind a balancer (--proxy-protocol-from): the balancer's
     connections may start with a PROXY protocol header (v1 or v2), and the
@@ -1403,10 +1458,11 @@ class ApiClosedSessionTest(InProcessWorkerTest):
         time.sleep(0.3)
         self.assertEqual(self.call("POST", f"/{sid}/emit", {"event": "leave_me"})[0], 202)
         status, body = answers.get(timeout=WAIT)
-        # The event came first (its own answer), or with the 410.
+        # The event came first (its own answer), or with the 410. After the
+        # event, the next poll waits too: the disconnect may not be here yet.
         if status == 200:
             self.assertEqual([e["event"] for e in body["events"]], ["last"])
-            status, body = self.call("GET", f"/{sid}/events?timeout=0")
+            status, body = self.call("GET", f"/{sid}/events?timeout=4000")
             self.assertEqual(body["events"], [])
         self.assertEqual((status, body["reason"]), (410, "server namespace disconnect"))
         self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0")[0], 404)
