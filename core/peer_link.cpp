@@ -14,6 +14,9 @@ peer_link::peer_link(zmq::context_t& context, peer_link_options options)
 }
 
 void peer_link::connect() {
+  // What the socket replaced held died with it: the line of what a new
+  // broker's Welcome may fail moves up to the new socket's Hello.
+  unwelcomed_from_ = 0;
   if (is_local_) {
     local_.reset();  // a new connection under the same id replaces the old one at the broker
     local_ = local_dealer::connect(options_.endpoint, options_.id, options_.sndhwm, options_.rcvhwm);

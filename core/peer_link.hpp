@@ -109,9 +109,10 @@ class peer_link {
   /// Counts the brokers met after the first: a Welcome of a new incarnation.
   std::uint64_t broker_restarts() const { return broker_restarts_; }
   /// At the last of those: what was sent at an epoch below this went to the
-  /// broker that is gone, and nobody answers it, except a job the new broker
-  /// named in Error NOT_REGISTERED (the link returns those to the
-  /// application). Sent from this epoch on, it reached the new broker.
+  /// broker that is gone (or died in a socket the link replaced), and
+  /// nobody answers it, except a job the new broker named in Error
+  /// NOT_REGISTERED (the link returns those to the application). Sent from
+  /// this epoch on, it reached the new broker.
   std::uint64_t lost_below() const { return lost_below_; }
   const peer_link_stats& stats() const { return stats_; }
   const peer_link_options& options() const { return options_; }
@@ -132,7 +133,8 @@ class peer_link {
   bool draining_ = false;
   bool drain_confirmed_ = false;
   std::uint64_t incarnation_ = 0;      // of the broker that welcomed us last; 0: none yet
-  std::uint64_t unwelcomed_from_ = 0;  // epoch of the first Hello since the last Welcome; 0: none
+  std::uint64_t unwelcomed_from_ = 0;  // epoch of the first Hello since the last Welcome, or of the
+                                       // current socket's, if later; 0: none
   std::uint64_t broker_restarts_ = 0;
   std::uint64_t lost_below_ = 0;
   std::chrono::milliseconds interval_;

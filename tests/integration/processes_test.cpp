@@ -247,6 +247,30 @@ TEST(Processes, ARestartedBrokerIsANewIncarnationAndNamesTheRequestsItTookBefore
   ASSERT_TRUE(got[0].has_reply());
   EXPECT_EQ(got[0].reply().id(), "gw1:2");
   EXPECT_EQ(got[0].reply().code(), proto::OK) << got[0].reply().message();
+
+  // A broker away past the liveness (3 × 100 ms, the broker's): the link
+  // replaces its socket at each tick that finds it silent, and what waited
+  // in a replaced socket died there, so the line moves up to the newest
+  // socket's Hello.
+  broker->kill(SIGKILL);
+  auto replace_socket = [&] {
+    auto reconnects = link.stats().reconnects;
+    std::this_thread::sleep_for(400ms);
+    link.tick(std::chrono::steady_clock::now());
+    EXPECT_EQ(link.stats().reconnects, reconnects + 1);
+  };
+  request("gw1:3");  // in the socket of the killed broker
+  replace_socket();
+  request("gw1:4");  // in a socket the next tick replaces
+  replace_socket();
+  auto last_epoch = request("gw1:5");
+  broker = std::make_unique<child>("sidecast-broker", broker_args(p));
+  got.clear();
+  ASSERT_TRUE(eventually([&] { return pump(), link.broker_restarts() == 2 && !got.empty(); }, 5s))
+      << "no Welcome from the third broker, or gw1:5 was not served";
+  EXPECT_EQ(link.lost_below(), last_epoch) << "gw1:4 died with the second socket";
+  ASSERT_TRUE(got[0].has_reply()) << got[0].DebugString();
+  EXPECT_EQ(got[0].reply().id(), "gw1:5");
   EXPECT_EQ(broker->kill(SIGTERM), 0);
 }
 
