@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cctype>
-#include <random>
 
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
@@ -154,15 +153,6 @@ double seconds_since(clock::time_point then, clock::time_point now) {
   return std::chrono::duration<double>(now - then).count();
 }
 
-// A restarted broker must not draw its predecessor's: 64 random bits (with
-// the start time mixed in, should the device be poor), never 0.
-std::uint64_t draw_incarnation() {
-  std::random_device device;
-  std::uint64_t n = (std::uint64_t{device()} << 32) ^ device() ^
-                    static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-  return n == 0 ? 1 : n;
-}
-
 }  // namespace
 
 broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr registry)
@@ -179,7 +169,7 @@ broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr
                                       std::chrono::system_clock::now().time_since_epoch())
                                       .count()) +
                    ":"},
-      incarnation_{draw_incarnation()} {}
+      incarnation_{core::draw_incarnation()} {}
 
 broker::~broker() = default;
 
@@ -552,11 +542,26 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   }
   auto existing = peers_.find(routing_id);
   if (existing != peers_.end()) {
-    // A peer announcing itself again lost its state (it reconnected or
-    // restarted under the same id): whatever it held goes elsewhere.
+    auto& known = existing->second;
+    if (hello.incarnation() != 0 && hello.incarnation() == known.incarnation &&
+        hello.connection() == known.connection && hello.role() == known.role) {
+      // The same link on the same socket, saying Hello again: it answered
+      // several NOT_REGISTERED at once (sent before its first Hello came),
+      // or Hellos crossed. Nothing was lost on that socket: what it holds
+      // stays (moving it elsewhere would run it twice). Welcomed again.
+      known.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
+      bool drain = known.role == proto::ROLE_WORKER && hello.draining() && !table_.draining(routing_id);
+      if (drain) table_.drain_worker(routing_id);
+      welcome(routing_id);
+      if (known.role == proto::ROLE_WORKER && hello.draining()) confirm_drain(routing_id);
+      return;
+    }
+    // A peer announcing itself again otherwise lost its state (a new
+    // socket, or a restart under the same id): whatever it held goes elsewhere.
     remove_peer(routing_id);
   }
-  peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness, now};
+  peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness, now,
+                            hello.incarnation(), hello.connection()};
   if (hello.role() == proto::ROLE_WORKER) {
     // The services the table knows first: once this worker serves them, a
     // new one of its own cannot take their place (make_room takes only
@@ -581,6 +586,14 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     }
     if (hello.draining()) table_.drain_worker(routing_id);  // re-announced after a restart of ours
   }
+  welcome(routing_id);
+  if (hello.role() == proto::ROLE_WORKER && hello.draining()) confirm_drain(routing_id);
+  spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
+               hello.services_size());
+  dispatch(now);
+}
+
+void broker::welcome(const std::string& to) {
   Envelope env;
   auto* w = env.mutable_welcome();
   w->set_protocol_version(proto::protocol_version);
@@ -588,11 +601,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   w->set_heartbeat_liveness(config_.heartbeat_liveness);
   w->set_broker_id(config_.id);
   w->set_incarnation(incarnation_);
-  send(routing_id, env);
-  if (hello.role() == proto::ROLE_WORKER && hello.draining()) confirm_drain(routing_id);
-  spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
-               hello.services_size());
-  dispatch(now);
+  send(to, env);
 }
 
 // The Drain back to a draining worker: on its pipe, every job sent to it

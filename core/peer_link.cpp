@@ -1,5 +1,7 @@
 #include "core/peer_link.hpp"
 
+#include <random>
+
 #include <spdlog/spdlog.h>
 
 namespace sidecast::core {
@@ -8,6 +10,7 @@ peer_link::peer_link(zmq::context_t& context, peer_link_options options)
     : context_{context},
       options_{std::move(options)},
       is_local_{is_local_endpoint(options_.endpoint)},
+      own_incarnation_{draw_incarnation()},
       interval_{options_.heartbeat_interval},
       liveness_{options_.heartbeat_liveness} {
   connect();
@@ -59,6 +62,8 @@ void peer_link::send_hello() {
     s->set_capacity(capacity);
   }
   hello->set_draining(draining_);
+  hello->set_incarnation(own_incarnation_);
+  hello->set_connection(stats_.reconnects);
   ++stats_.hellos;
   if (unwelcomed_from_ == 0) unwelcomed_from_ = stats_.hellos;
   send(env);
@@ -172,6 +177,14 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         return true;
     }
   }
+}
+
+std::uint64_t draw_incarnation() {
+  std::random_device device;
+  // The clock mixed in, should the device be a poor one.
+  std::uint64_t n = (std::uint64_t{device()} << 32) ^ device() ^
+                    static_cast<std::uint64_t>(clock::now().time_since_epoch().count());
+  return n == 0 ? 1 : n;
 }
 
 zmq::message_t message_of(const proto::Envelope& env) {

@@ -45,6 +45,10 @@ struct peer_link_stats {
   std::uint64_t malformed = 0;      // undecodable messages from the broker
 };
 
+/// 64 random bits, never 0: a broker's incarnation (in its Welcome), a
+/// link's (in its Hello). One drawn again after a restart differs.
+std::uint64_t draw_incarnation();
+
 /// An envelope serialized straight into a message ZeroMQ can send (no
 /// string in between).
 zmq::message_t message_of(const proto::Envelope& env);
@@ -132,6 +136,7 @@ class peer_link {
   bool welcomed_ = false;
   bool draining_ = false;
   bool drain_confirmed_ = false;
+  const std::uint64_t own_incarnation_;  // this link's, in every Hello
   std::uint64_t incarnation_ = 0;      // of the broker that welcomed us last; 0: none yet
   std::uint64_t unwelcomed_from_ = 0;  // epoch of the first Hello since the last Welcome, or of the
                                        // current socket's, if later; 0: none

@@ -471,6 +471,45 @@ TEST_P(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
   }
 }
 
+// A worker's link says Hello again on the same socket when several
+// NOT_REGISTERED came at once (after a broker restart, one for each message
+// it sent before its first Hello arrived). Nothing was lost on that socket,
+// so the job it holds stays with it; run elsewhere too, it would run twice.
+// A Hello from a new socket of the link (after the broker's silence) is a
+// peer that may have lost what was on its way: its job goes out again.
+TEST_P(BrokerTest, AHelloAgainOnTheSameSocketKeepsTheWorkersJobs) {
+  start();
+  peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  auto hello = [&](std::uint64_t connection) {
+    worker_peer.send_hello({{"raw", 1}}, false, 77, connection);
+    return worker_peer.next(Envelope::kWelcome, 3s).has_value();
+  };
+  ASSERT_TRUE(hello(0));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("raw", "x", "[1]", 5s);
+  auto job = worker_peer.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(job);
+  ASSERT_TRUE(hello(0));
+  EXPECT_FALSE(worker_peer.next(Envelope::kRequest, 300ms)) << "the job was dispatched again";
+  Envelope answer;
+  answer.mutable_reply()->set_id(id);
+  answer.mutable_reply()->set_args("[1]");
+  worker_peer.send(answer);
+  auto reply = client.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(reply) << "the answer of the job kept was not passed on";
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().code(), proto::OK);
+
+  auto second = client.submit("raw", "x", "[2]", 5s);
+  ASSERT_TRUE(worker_peer.next(Envelope::kRequest, 3s));
+  ASSERT_TRUE(hello(1));
+  auto again = worker_peer.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(again) << "a new socket's Hello did not send the job out again";
+  EXPECT_EQ(again->request().id(), second);
+  EXPECT_EQ(again->request().attempt(), 2u);
+}
+
 TEST_P(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
   start();
   peer client{ctx_, "inproc://router", "c1"};

@@ -112,8 +112,10 @@ class peer {
   }
 
   /// Sends Hello (a worker's: with its services and capacities, and whether
-  /// it drains), without waiting.
-  void send_hello(const std::vector<std::pair<std::string, unsigned>>& services = {}, bool draining = false) {
+  /// it drains; the link incarnation and socket number a peer_link would
+  /// give), without waiting.
+  void send_hello(const std::vector<std::pair<std::string, unsigned>>& services = {}, bool draining = false,
+                  std::uint64_t incarnation = 0, std::uint64_t connection = 0) {
     Envelope env;
     auto* h = env.mutable_hello();
     h->set_role(role_);
@@ -125,6 +127,8 @@ class peer {
       svc->set_capacity(capacity);
     }
     h->set_draining(draining);
+    h->set_incarnation(incarnation);
+    h->set_connection(connection);
     send(env);
   }
 

@@ -6,6 +6,7 @@ loop polls ``socket``, calls ``receive()`` while it returns messages, and
 calls ``tick()`` at ``next_tick()``. Only the thread that made it may use it.
 """
 import logging
+import secrets
 import time
 
 import zmq
@@ -63,6 +64,9 @@ class PeerLink:
         self.broker_id = ""
         self.reconnects = 0   # sockets replaced after broker silence
         self.hellos = 0
+        # In every Hello, with the socket's number: a Hello again on the same
+        # socket keeps what the broker dispatched here (docs/protocol.md).
+        self.incarnation = secrets.randbits(64) or 1
         self.send_dropped = 0
         self.malformed = 0
         self._broker_expiry = 0.0
@@ -123,6 +127,8 @@ class PeerLink:
         for name, capacity in self.services:
             hello.services.add(name=name, capacity=capacity)
         hello.draining = self.draining
+        hello.incarnation = self.incarnation
+        hello.connection = self.reconnects
         self.hellos += 1
         self.send(env)
 
