@@ -901,7 +901,23 @@ class GoneClientTest(InProcessWorkerTest):
         self.assertIn("error", json.loads(ws.recv()), "a frame naming another namespace is still refused")
 
 
-class SlowConnectHookTest(InProcessWorkerTest):
+class HookLog:
+    """What a test service's hooks saw, in order, from the worker's threads.
+    Each class using it gets a log of its own (set in the class body)."""
+
+    log, lock = None, None
+
+    @classmethod
+    def record(cls, *entry):
+        with cls.lock:
+            cls.log.append(entry)
+
+    def events(self):
+        with self.lock:
+            return list(self.log)
+
+
+class SlowConnectHookTest(HookLog, InProcessWorkerTest):
     """A connect hook that answers after the connect's deadline: the client
     was refused (TIMEOUT), so a hook that accepts late holds a socket that
     is not there. The broker sends the socket's DISCONNECT to the worker
@@ -922,15 +938,13 @@ class SlowConnectHookTest(InProcessWorkerTest):
         @svc.on_connect
         def hello(req):
             time.sleep(float(req.auth.get("sleep", 0)))
-            with cls.lock:
-                cls.log.append(("answered", req.sid, req.worker_id))
+            cls.record("answered", req.sid, req.worker_id)
             if req.auth.get("refuse"):
                 req.refuse("no")
 
         @svc.on_disconnect
         def left(req):
-            with cls.lock:
-                cls.log.append(("left", req.sid, req.worker_id, req.reason))
+            cls.record("left", req.sid, req.worker_id, req.reason)
 
         return svc
 
@@ -951,10 +965,6 @@ class SlowConnectHookTest(InProcessWorkerTest):
                              ("connect_error", {"message": "service unavailable: TIMEOUT"}))
         self.assertTrue(eventually(lambda: len(self.answered()) == clients, WAIT), "the hooks never answered")
         return [e[1] for e in self.answered()]
-
-    def events(self):
-        with self.lock:
-            return list(self.log)
 
     def answered(self):
         return [e for e in self.events() if e[0] == "answered"]
@@ -987,7 +997,7 @@ class SlowConnectHookTest(InProcessWorkerTest):
         self.assertEqual(self.requests(), before + 1, "a DISCONNECT came after a refusal")
 
 
-class BrokerLostConnectTest(InProcessWorkerTest):
+class BrokerLostConnectTest(HookLog, InProcessWorkerTest):
     """The broker dies while a connect hook runs, and a new one takes its
     place: the client is told at once (BROKER_LOST, not at the connect's
     deadline), and since the hook may have accepted, the service hears the
@@ -1006,20 +1016,14 @@ class BrokerLostConnectTest(InProcessWorkerTest):
 
         @svc.on_connect
         def hello(req):
-            with cls.lock:
-                cls.log.append(("hook", req.sid))
+            cls.record("hook", req.sid)
             time.sleep(3)
 
         @svc.on_disconnect
         def left(req):
-            with cls.lock:
-                cls.log.append(("left", req.sid, req.reason))
+            cls.record("left", req.sid, req.reason)
 
         return svc
-
-    def events(self):
-        with self.lock:
-            return list(self.log)
 
     def test_a_connect_the_dead_broker_held_is_refused_at_once_and_its_disconnect_reaches_the_service(self):
         import websocket  # python3-websocket
