@@ -550,10 +550,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // or Hellos crossed. Nothing was lost on that socket: what it holds
       // stays (moving it elsewhere would run it twice). Welcomed again.
       known.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
-      bool drain = known.role == proto::ROLE_WORKER && hello.draining() && !table_.draining(routing_id);
-      if (drain) table_.drain_worker(routing_id);
-      welcome(routing_id);
-      if (known.role == proto::ROLE_WORKER && hello.draining()) confirm_drain(routing_id);
+      welcome(routing_id, hello);
       return;
     }
     // A peer announcing itself again otherwise lost its state (a new
@@ -584,16 +581,19 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       for (const auto& f : evicted.failed) fail(f);
       metrics_->forget(evicted.name);
     }
-    if (hello.draining()) table_.drain_worker(routing_id);  // re-announced after a restart of ours
   }
-  welcome(routing_id);
-  if (hello.role() == proto::ROLE_WORKER && hello.draining()) confirm_drain(routing_id);
+  welcome(routing_id, hello);
   spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
                hello.services_size());
   dispatch(now);
 }
 
-void broker::welcome(const std::string& to) {
+// A worker whose Hello says it drains (re-announced after a restart of
+// ours, or a Hello again) drains here too, and hears the confirmation
+// after its Welcome.
+void broker::welcome(const std::string& to, const proto::Hello& hello) {
+  bool drains = hello.role() == proto::ROLE_WORKER && hello.draining();
+  if (drains) table_.drain_worker(to);  // idempotent
   Envelope env;
   auto* w = env.mutable_welcome();
   w->set_protocol_version(proto::protocol_version);
@@ -602,6 +602,7 @@ void broker::welcome(const std::string& to) {
   w->set_broker_id(config_.id);
   w->set_incarnation(incarnation_);
   send(to, env);
+  if (drains) confirm_drain(to);
 }
 
 // The Drain back to a draining worker: on its pipe, every job sent to it

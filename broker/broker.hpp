@@ -132,7 +132,7 @@ class broker {
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
   void send_error(const std::string& to, proto::Code code, std::string message, std::string id = {});
-  void welcome(const std::string& to);
+  void welcome(const std::string& to, const proto::Hello& hello);
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
                    std::string ref, std::string detail);
   /// Why a message was dropped: the `reason` of sidecast_broker_dropped_total

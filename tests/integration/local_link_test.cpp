@@ -223,7 +223,7 @@ TEST(LocalLink, EveryMessageCallsASleepingReceiversHookAcrossThreads) {
 // A lost wake-up is a wait that never ends: each wait here (and in the
 // test above) is bounded at 10 s. With 2 s this test failed once in a CI
 // run on an overloaded 2-core VM (a stray CPU hog beside the suite), and
-// in none of 90 runs after it, two CPU hogs beside most of them.
+// in none of 90 runs after it (two CPU hogs beside 30 of them).
 TEST(LocalLink, EveryMessageWakesASleepingReceiverAcrossThreads) {
   constexpr int dealers = 3, per_dealer = 30000, window = 64;
   constexpr auto forever = 10s;

@@ -903,9 +903,11 @@ class GoneClientTest(InProcessWorkerTest):
 
 class HookLog:
     """What a test service's hooks saw, in order, from the worker's threads.
-    Each class using it gets a log of its own (set in the class body)."""
+    Each class using it gets a log of its own."""
 
-    log, lock = None, None
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.log, cls.lock = [], threading.Lock()
 
     @classmethod
     def record(cls, *entry):
@@ -928,7 +930,6 @@ class SlowConnectHookTest(HookLog, InProcessWorkerTest):
     gateway_id = "gwS"
     gateway_args = ("--request-timeout", "400")
     worker_count = 2
-    log, lock = [], threading.Lock()
 
     @classmethod
     def service(cls):
@@ -1007,7 +1008,6 @@ class BrokerLostConnectTest(HookLog, InProcessWorkerTest):
 
     gateway_id = "gwL"
     gateway_args = ("--request-timeout", "20000")
-    log, lock = [], threading.Lock()
 
     @classmethod
     def service(cls):
