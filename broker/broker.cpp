@@ -60,6 +60,18 @@ struct broker::metrics {
                              .Help("DISCONNECTs sent to a worker whose connect hook accepted after its CONNECT ended")
                              .Register(r)
                              .Add({})},
+        reconnects{prometheus::BuildCounter()
+                       .Name("sidecast_broker_peer_reconnects_total")
+                       .Help("Hellos from a live peer on a new socket (it heard nothing from the broker for its "
+                             "liveness): it keeps what it held; a worker gets its jobs again")
+                       .Register(r)
+                       .Add({})},
+        stalls{prometheus::BuildCounter()
+                   .Name("sidecast_broker_stalls_total")
+                   .Help("Heartbeat ticks more than an interval late (the broker's thread did not run): the time "
+                         "away was not counted against the peers")
+                   .Register(r)
+                   .Add({})},
         events{prometheus::BuildCounter()
                    .Name("sidecast_broker_events_total")
                    .Help("Room and broadcast events forwarded from XSUB to XPUB")
@@ -124,6 +136,8 @@ struct broker::metrics {
   prometheus::Family<prometheus::Counter>& dropped;
   prometheus::Family<prometheus::Counter>& reports;
   prometheus::Counter& owed_disconnects;
+  prometheus::Counter& reconnects;
+  prometheus::Counter& stalls;
   prometheus::Counter& events;
   prometheus::Family<prometheus::Gauge>& queue_depth;
   prometheus::Family<prometheus::Gauge>& workers;
@@ -553,8 +567,42 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       welcome(routing_id, hello);
       return;
     }
-    // A peer announcing itself again otherwise lost its state (a new
-    // socket, or a restart under the same id): whatever it held goes elsewhere.
+    if (hello.incarnation() != 0 && hello.incarnation() == known.incarnation && hello.role() == known.role) {
+      if (hello.connection() < known.connection) {
+        // From a socket the link has replaced since: the newer Hello counts.
+        drop(drop_reason::duplicate, "a Hello from a replaced socket");
+        return;
+      }
+      // The same link on a new socket: it heard nothing from us for its
+      // liveness (we stalled, or the network did) and replaced the old one.
+      // It is alive and holds what it held; what we sent it on the old
+      // socket lately may have died there. A worker keeps its jobs and gets
+      // them again on this socket: it runs none twice (it knows the ids it
+      // holds and answered), and one it never got runs now. Given to
+      // another worker instead, a job it still runs would run twice.
+      known.connection = hello.connection();
+      known.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
+      welcome(routing_id, hello);
+      std::size_t again = 0;
+      if (hello.role() == proto::ROLE_WORKER) {
+        for (job* work : table_.resend_held(routing_id)) {
+          if (!send_job(routing_id, *work, now)) {
+            // Gone again, or full: lost as any worker whose pipe fails.
+            spdlog::warn("worker {} unreachable; dropping it", routing_id);
+            remove_peer(routing_id);
+            dispatch(now);
+            return;
+          }
+          ++again;
+        }
+      }
+      metrics_->reconnects.Increment();
+      spdlog::info("{} {} came back on a new socket ({} jobs sent again)", proto::Role_Name(hello.role()),
+                   routing_id, again);
+      return;
+    }
+    // A peer announcing itself again otherwise lost its state (a restart
+    // under the same id): whatever it held goes elsewhere.
     remove_peer(routing_id);
   }
   peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness, now,
@@ -676,27 +724,7 @@ void broker::dispatch(clock::time_point now) {
   std::vector<std::string> unreachable;
   for (const auto& a : table_.dispatch()) {
     job& work = *a.work;
-    bool ok;
-    auto waited = now - work.received;
-    if (work.stale || work.attempt > 1 || waited > std::chrono::milliseconds(1)) {
-      // The timeout and attempt in the envelope do not hold: rewrite them.
-      auto env = proto::decode(work.payload.to_string_view());
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(work.deadline - now).count();
-      auto left_ms = static_cast<std::uint32_t>(std::max<long long>(left, 1));
-      if (env && env->has_request()) {
-        env->mutable_request()->set_attempt(work.attempt);
-        env->mutable_request()->set_timeout_ms(left_ms);
-      } else if (env && env->has_lifecycle()) {
-        env->mutable_lifecycle()->set_attempt(work.attempt);
-        env->mutable_lifecycle()->set_timeout_ms(left_ms);
-      }
-      ok = env ? send(a.worker, *env) : send(a.worker, work.payload.to_string_view());
-    } else {
-      // A copy shares the received bytes (refcounted): the job keeps them for a retry.
-      zmq::message_t copy;
-      copy.copy(work.payload);
-      ok = send(a.worker, std::move(copy));
-    }
+    bool ok = send_job(a.worker, work, now);
     ++stats_.dispatched;
     metrics_->count(work.service, outcome::dispatched).Increment();
     metrics_->dispatch_batch.observe(seconds_since(work.received, now));
@@ -712,6 +740,29 @@ void broker::dispatch(clock::time_point now) {
     remove_peer(worker);
   }
   dispatch(now);
+}
+
+// The job's envelope to its worker: the bytes as received (a copy shares
+// them, refcounted: the job keeps them for a retry), or rewritten when the
+// timeout or attempt in them no longer hold.
+bool broker::send_job(std::string_view worker, job& work, clock::time_point now) {
+  auto waited = now - work.received;
+  if (!work.stale && work.attempt <= 1 && waited <= std::chrono::milliseconds(1)) {
+    zmq::message_t copy;
+    copy.copy(work.payload);
+    return send(worker, std::move(copy));
+  }
+  auto env = proto::decode(work.payload.to_string_view());
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(work.deadline - now).count();
+  auto left_ms = static_cast<std::uint32_t>(std::max<long long>(left, 1));
+  if (env && env->has_request()) {
+    env->mutable_request()->set_attempt(work.attempt);
+    env->mutable_request()->set_timeout_ms(left_ms);
+  } else if (env && env->has_lifecycle()) {
+    env->mutable_lifecycle()->set_attempt(work.attempt);
+    env->mutable_lifecycle()->set_timeout_ms(left_ms);
+  }
+  return env ? send(worker, *env) : send(worker, work.payload.to_string_view());
 }
 
 // `payload` is forwarded as it is (moved: `reply` points into it).
@@ -967,6 +1018,16 @@ void broker::remove_peer(const std::string& routing_id) {
 void broker::tick(clock::time_point now) {
   metrics_->dispatch_batch.flush();
   metrics_->request_batch.flush();
+  if (auto late = now - next_tick_; next_tick_ != clock::time_point{} && late > config_.heartbeat_interval) {
+    // This thread did not run for a while (the process was stopped, the
+    // host paused or starved it): the peers' heartbeats wait unread in the
+    // sockets. The time away does not count against them, or every peer
+    // would be dropped here, and every worker's jobs run again.
+    for (auto& [id, p] : peers_) p.expiry += late;
+    metrics_->stalls.Increment();
+    spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats",
+                 std::chrono::duration_cast<std::chrono::milliseconds>(late).count());
+  }
   std::vector<std::string> dead;
   for (const auto& [routing_id, p] : peers_) {
     if (now >= p.expiry) dead.push_back(routing_id);

@@ -118,6 +118,7 @@ class broker {
   void dispatch(clock::time_point now);
   void fail(const failure& f);
   void answer(const std::string& requester, const std::string& worker, std::string_view id, zmq::message_t& payload);
+  bool send_job(std::string_view worker, job& work, clock::time_point now);
   void remove_peer(const std::string& routing_id);
   void tick(clock::time_point now);
   void publish_status(clock::time_point now);

@@ -332,6 +332,23 @@ std::vector<failure> service_table::remove_worker(const std::string& worker) {
   return failed;
 }
 
+std::vector<job*> service_table::resend_held(const std::string& worker) {
+  std::vector<job*> again;
+  auto wit = worker_ids_.find(worker);
+  if (wit == worker_ids_.end()) return again;
+  std::vector<std::uint32_t> held;
+  for (std::uint32_t s = 0; s < slots_.size(); ++s) {
+    const auto& e = slots_[s];
+    if (e.worker == wit->second && e.state == slot_state::held && !e.work.answered) held.push_back(s);
+  }
+  std::sort(held.begin(), held.end(), [&](std::uint32_t a, std::uint32_t b) { return slots_[a].seq < slots_[b].seq; });
+  for (auto s : held) {
+    ++slots_[s].work.attempt;
+    again.push_back(&slots_[s].work);
+  }
+  return again;
+}
+
 const std::vector<assignment>& service_table::dispatch() {
   assigned_.clear();
   dispatch_due_ = false;

@@ -121,6 +121,14 @@ class service_table {
   /// (attempts left) or come back as worker_lost failures.
   std::vector<failure> remove_worker(const std::string& worker);
 
+  /// The jobs `worker` holds and has not answered, oldest first, each
+  /// counted as dispatched once more (attempt + 1): a worker back on a new
+  /// socket may have lost them on the old one, and gets them again. It
+  /// keeps them (and their capacity); it runs none twice (the SDKs know
+  /// the ids they hold or answered, see docs/protocol.md). Valid until the
+  /// next call that changes the table.
+  std::vector<job*> resend_held(const std::string& worker);
+
   bool has_worker(const std::string& worker) const { return worker_ids_.contains(worker); }
   bool knows(std::string_view service) const { return service_ids_.contains(service); }
 

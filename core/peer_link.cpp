@@ -209,6 +209,12 @@ bool peer_link::send_message(zmq::message_t&& message) {
 }
 
 void peer_link::tick(clock::time_point now) {
+  if (auto late = now - next_tick(); late > interval_) {
+    // Our own thread did not run for a while (the process was stopped, or
+    // starved): what the broker sent meanwhile waits unread, and the time
+    // away is not its silence. At least an interval to read it.
+    broker_expiry_ = std::max(broker_expiry_ + late, now + interval_);
+  }
   if (now >= broker_expiry_) {
     if (welcomed_) spdlog::warn("broker at {} went silent; reconnecting", options_.endpoint);
     ++stats_.reconnects;

@@ -94,7 +94,9 @@ class peer_link {
   /// link is destroyed (a broker that is gone costs that long).
   void goodbye(std::chrono::milliseconds linger);
 
-  /// Heartbeats and broker liveness; call at or after next_tick().
+  /// Heartbeats and broker liveness; call at or after next_tick(). A call
+  /// more than an interval late (the caller's thread did not run) does not
+  /// count the time since next_tick() as the broker's silence.
   void tick(clock::time_point now);
   clock::time_point next_tick() const;
 

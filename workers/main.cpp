@@ -41,6 +41,12 @@ int main(int argc, char** argv) {
   app.add_option("--pending-acks-limit", options.pending_acks_limit,
                  "Emits that may wait for a client's ack at once; emit_with_ack past it is refused")
       ->capture_default_str();
+  app.add_option("--kept-replies", options.kept_replies,
+                 "Answers kept after they are sent, so that a job the broker sends again after a reconnect is "
+                 "answered again instead of run twice (0: none)")
+      ->capture_default_str();
+  app.add_option("--kept-reply-bytes", options.kept_reply_bytes, "Bytes those kept answers may hold")
+      ->capture_default_str();
   app.add_option("--hwm", options.hwm, "High-water mark of the broker link (each way) and the PUB socket, messages")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));

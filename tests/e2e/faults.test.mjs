@@ -14,10 +14,10 @@ after(() => {
   for (const c of clients) c.close();
 });
 
-// Four free loopback ports from tools/free-ports (below the ephemeral range; see there why).
-function freePorts() {
+// Free loopback ports from tools/free-ports (below the ephemeral range; see there why).
+function freePorts(n) {
   const tool = new URL("../../tools/free-ports", import.meta.url).pathname;
-  return execFileSync(tool, ["4"], { encoding: "utf8" }).trim().split(" ").map(Number);
+  return execFileSync(tool, [String(n)], { encoding: "utf8" }).trim().split(" ").map(Number);
 }
 function run(name, args) {
   const child = spawn(`${bin}/${name}`, [...args, "--log-level", "warn"], { stdio: ["ignore", "inherit", "inherit"] });
@@ -32,17 +32,21 @@ async function until(check, ms = 10000) {
 }
 const healthy = (url) => fetch(`${url}/healthz`).then((r) => r.ok, () => false);
 
-async function stack({ workers = 1, gatewayArgs = [] } = {}) {
-  const [router, xsub, xpub, http] = freePorts();
+// `admin`: the broker and the first worker serve /metrics too (s.brokerUrl, s.workerUrl).
+async function stack({ workers = 1, gatewayArgs = [], admin = false } = {}) {
+  const [router, xsub, xpub, http, brokerHttp, workerHttp] = freePorts(6);
   const s = {
     router: `tcp://127.0.0.1:${router}`, xsub: `tcp://127.0.0.1:${xsub}`, xpub: `tcp://127.0.0.1:${xpub}`,
     url: `http://127.0.0.1:${http}`, workers: [],
+    brokerUrl: `http://127.0.0.1:${brokerHttp}`, workerUrl: `http://127.0.0.1:${workerHttp}`,
   };
-  s.startBroker = () => { s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", ""]); };
+  const brokerAdmin = admin ? `127.0.0.1:${brokerHttp}` : "";
+  s.startBroker = () => { s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", brokerAdmin]); };
   s.startBroker();
   for (let i = 0; i < workers; i++)
     s.workers.push(run("sidecast-worker", ["--service", "demo", "--service", "echo", "--capacity", "1", "--id", `w${i}`,
-                                           "--broker", s.router, "--publish", s.xsub]));
+                                           "--broker", s.router, "--publish", s.xsub,
+                                           ...(admin && i === 0 ? ["--http", `127.0.0.1:${workerHttp}`] : [])]));
   s.gateway = run("sidecast-gateway", ["--http", `127.0.0.1:${http}`, "--broker", s.router, "--events", s.xpub,
                                        "--route", "/=demo", "--route", "/echo=echo", ...gatewayArgs]);
   assert.ok(await until(() => healthy(s.url)), "gateway healthy");
@@ -134,20 +138,31 @@ test("broker killed while a worker runs a request: the ack is broker_lost when t
 // The same broker, silent past the heartbeat liveness (3 × 1 s): the gateway
 // opens a new socket and says Hello again, and the Welcome is the old
 // broker's. What that broker holds is not lost, and must not be failed so.
+// Nor is any peer dropped when the broker comes back: the time it was away
+// is not counted against their heartbeats. The worker, back on a new socket,
+// keeps its job: the broker sends it again there (it might have died on the
+// old one), and the worker, which still runs it, does not run it twice.
 // The job ends well after the stall (8 s): an answer the broker routes while
 // the gateway's new connection is not yet there is dropped (`unreachable`),
 // which is another matter than the one tested here.
-test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds is still answered", async () => {
-  const s = await stack({ workers: 1, gatewayArgs: ["--request-timeout", "20000"] });
+test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds is still answered, and run once", async () => {
+  const s = await stack({ workers: 1, admin: true, gatewayArgs: ["--request-timeout", "20000"] });
   const c = await connect(`${s.url}/echo`);
   const held = c.timeout(19000).emitWithAck("delay", 8000, "held");
-  await sleep(300);
+  assert.ok(await until(async () => await metric(s.workerUrl, "sidecast_worker_requests_running") === 1, 5000),
+            "the worker runs the delay");
   s.broker.kill("SIGSTOP");
   await sleep(4500);
   s.broker.kill("SIGCONT");
   assert.equal(await held, "held");
   assert.equal(await metric(s.url, "sidecast_gateway_broker_restarts_total"), 0);
   assert.equal(await metric(s.url, "sidecast_gateway_broker_lost_total"), 0);
+  assert.equal(await metric(s.brokerUrl, "sidecast_broker_stalls_total"), 1);
+  // Came back as the peers they were: dropped, their Hellos would have registered them anew.
+  assert.equal(await metric(s.brokerUrl, "sidecast_broker_peer_reconnects_total"), 2, "the worker and the gateway");
+  assert.equal(await metric(s.workerUrl, "sidecast_worker_jobs_again_total"), 1, "the delay came again");
+  await sleep(1500);  // a second run, had there been one, would have started by now
+  assert.equal(await metric(s.workerUrl, "sidecast_worker_requests_running"), 0, "the delay ran once");
   c.close();
   for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
 });

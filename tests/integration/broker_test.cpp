@@ -443,6 +443,39 @@ TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
   EXPECT_EQ(link.stats().reconnects, 0u);
 }
 
+// The link's own thread did not run past the broker's liveness (its process
+// was stopped): that is not the broker's silence, and the link keeps its
+// socket. (The broker dropped it meanwhile, and says so at its next
+// heartbeat: it says Hello again on the same socket.)
+TEST_P(BrokerTest, APeerWhoseOwnThreadStalledKeepsItsSocket) {
+  heartbeat_ = 250ms;
+  start();
+  core::peer_link_options o;
+  o.endpoint = link();
+  o.id = "w-stalled";
+  o.services = {{"echo", 1}};
+  core::peer_link link{ctx_, o};
+  auto turn = [&](std::chrono::milliseconds length) {
+    auto until = std::chrono::steady_clock::now() + length;
+    while (std::chrono::steady_clock::now() < until) {
+      zmq::pollitem_t item{nullptr, link.fd(), ZMQ_POLLIN, 0};
+      auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(link.next_tick() - core::clock::now());
+      zmq::poll(&item, 1, std::clamp(wait, 0ms, 20ms));
+      while (link.receive()) {
+      }
+      if (core::clock::now() >= link.next_tick()) link.tick(core::clock::now());
+    }
+  };
+  turn(500ms);
+  ASSERT_TRUE(link.welcomed());
+  std::this_thread::sleep_for(1500ms);  // stalled: twice the broker's liveness (750 ms)
+  link.tick(core::clock::now());  // before it reads what waits, as a loop may
+  EXPECT_EQ(link.stats().reconnects, 0u) << "the link took its own stall for the broker's silence";
+  turn(1000ms);
+  EXPECT_TRUE(link.welcomed());
+  EXPECT_EQ(link.stats().reconnects, 0u);
+}
+
 TEST_P(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
   broker::broker_config config;
   config.default_timeout = 7000ms;
@@ -508,6 +541,56 @@ TEST_P(BrokerTest, AHelloAgainOnTheSameSocketKeepsTheWorkersJobs) {
   ASSERT_TRUE(again) << "a new socket's Hello did not send the job out again";
   EXPECT_EQ(again->request().id(), second);
   EXPECT_EQ(again->request().attempt(), 2u);
+}
+
+// A worker's link that heard nothing from the broker for its liveness (the
+// broker stalled, or the network) replaces its socket and says Hello on the
+// new one. It is alive and holds what it held: its job stays with it and is
+// sent again on the new socket (it may have died on the old one; the SDKs
+// run none twice), not given to another worker, which would run it twice.
+// A Hello that comes late from the replaced socket changes nothing.
+TEST_P(BrokerTest, AWorkerBackOnANewSocketKeepsItsJobAndGetsItAgain) {
+  heartbeat_ = 1s;  // the raw peers send none: they must outlive the waits below
+  start();
+  peer a{ctx_, "inproc://router", "w-a", proto::ROLE_WORKER};
+  a.send_hello({{"raw", 1}}, false, 77, 0);
+  ASSERT_TRUE(a.next(Envelope::kWelcome, 3s));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("raw", "x", "[1]", 5s);
+  auto job = a.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(job);
+  EXPECT_EQ(job->request().attempt(), 1u);
+  peer b{ctx_, "inproc://router", "w-b", proto::ROLE_WORKER};
+  b.send_hello({{"raw", 1}}, false, 78, 0);
+  ASSERT_TRUE(b.next(Envelope::kWelcome, 3s));
+
+  a.send_hello({{"raw", 1}}, false, 77, 1);
+  ASSERT_TRUE(a.next(Envelope::kWelcome, 3s));
+  auto again = a.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(again) << "the job held was not sent again on the new socket";
+  EXPECT_EQ(again->request().id(), id);
+  EXPECT_EQ(again->request().attempt(), 2u);
+  EXPECT_EQ(again->request().args(), "[1]");
+  EXPECT_FALSE(b.next(Envelope::kRequest, 300ms)) << "the job went to another worker too";
+
+  a.send_hello({{"raw", 1}}, false, 77, 0);  // late, from the socket replaced
+  EXPECT_FALSE(a.next(Envelope::kWelcome, 300ms));
+  EXPECT_FALSE(a.next(Envelope::kRequest, 100ms));
+
+  Envelope answer;
+  answer.mutable_reply()->set_id(id);
+  answer.mutable_reply()->set_args("[1]");
+  a.send(answer);
+  auto reply = client.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(reply) << "the answer of the job kept was not passed on";
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().code(), proto::OK);
+  // Its capacity is its own again: the next job may go to either.
+  client.submit("raw", "x", "[2]", 5s);
+  client.submit("raw", "x", "[3]", 5s);
+  EXPECT_TRUE(a.next(Envelope::kRequest, 3s));
+  EXPECT_TRUE(b.next(Envelope::kRequest, 3s));
 }
 
 TEST_P(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
@@ -1872,6 +1955,27 @@ struct fake_broker {
     router.send(core::message_of(env), zmq::send_flags::none);
   }
 
+  // A Request for "svc" / "work", dispatched the `attempt`th time.
+  void job(const std::string& id, const std::string& args, unsigned attempt) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(id);
+    r->set_service("svc");
+    r->set_event("work");
+    r->set_args(args);
+    r->set_wants_reply(true);
+    r->set_timeout_ms(5000);
+    r->set_attempt(attempt);
+    send(env);
+  }
+
+  // The next Reply's id and args ("" and "" if the next message is none).
+  std::pair<std::string, std::string> answer() {
+    auto env = next();
+    if (!env || !env->has_reply()) return {};
+    return {env->reply().id(), env->reply().args()};
+  }
+
   // Takes the worker's Hello and welcomes it: heartbeats every `interval`
   // (the fake sends none; the worker gives up on it after three).
   void welcome(worker& w, std::chrono::milliseconds interval = 1s) {
@@ -1905,16 +2009,7 @@ TEST(WorkerDrain, AJobDispatchedBeforeTheBrokerReadTheDrainIsRunThere) {
   ASSERT_TRUE(drain && drain->has_drain());
   std::this_thread::sleep_for(300ms);  // long enough for a worker that does not wait to be gone
   EXPECT_NE(drained.wait_for(0ms), std::future_status::ready) << "it stopped before the broker confirmed";
-  Envelope job;
-  auto* r = job.mutable_request();
-  r->set_id("c:1");
-  r->set_service("svc");
-  r->set_event("work");
-  r->set_args("[]");
-  r->set_wants_reply(true);
-  r->set_timeout_ms(5000);
-  r->set_attempt(1);
-  broker.send(job);
+  broker.job("c:1", "[]", 1);
   Envelope confirm;
   confirm.mutable_drain();
   broker.send(confirm);
@@ -1950,6 +2045,62 @@ TEST(WorkerDrain, ABrokerThatRefusesTheDrainEndsTheWait) {
   ASSERT_EQ(drained.wait_for(5s), std::future_status::ready) << "it waited for a confirmation that cannot come";
   EXPECT_TRUE(drained.get());
   EXPECT_LT(std::chrono::steady_clock::now() - started, 5s);
+}
+
+// A worker back on a new socket gets every job the broker holds for it
+// again (attempt > 1): one may have died on the old socket, and so may an
+// answer. One still running is not run twice, one answered is answered
+// again from the kept answers, and only one never seen (or whose answer is
+// no longer kept) runs.
+TEST(WorkerJobsAgain, AJobSentAgainRunsOnce) {
+  fake_broker broker{"fake-broker-again"};
+  broker.options.kept_replies = 3;
+  worker w{broker.options, &broker.ctx};
+  std::mutex mutex;
+  std::vector<std::string> runs;
+  std::atomic<bool> release{false};
+  w.add(service{"svc", 4}.on("work", [&](request req) {
+    {
+      std::lock_guard lock{mutex};
+      runs.push_back(req.id());
+    }
+    if (req.args_text() == "[\"hold\"]")
+      eventually([&] { return release.load(); }, 5s);
+    req.reply("[\"" + req.id() + "\"]");
+  }));
+  w.start();
+  broker.welcome(w);
+  auto ran = [&] {
+    std::lock_guard lock{mutex};
+    return runs;
+  };
+  using answer = std::pair<std::string, std::string>;
+
+  broker.job("c:1", "[\"hold\"]", 1);
+  ASSERT_TRUE(eventually([&] { return ran().size() == 1; }));
+  broker.job("c:1", "[\"hold\"]", 2);  // still running
+  broker.job("c:2", "[]", 1);
+  EXPECT_EQ(broker.answer(), (answer{"c:2", "[\"c:2\"]"}));
+  broker.job("c:2", "[]", 2);  // answered: the kept answer goes again
+  EXPECT_EQ(broker.answer(), (answer{"c:2", "[\"c:2\"]"}));
+  broker.job("c:3", "[]", 2);  // never seen here: runs
+  EXPECT_EQ(broker.answer(), (answer{"c:3", "[\"c:3\"]"}));
+  release = true;
+  EXPECT_EQ(broker.answer(), (answer{"c:1", "[\"c:1\"]"}));
+  auto stats = w.stats();
+  EXPECT_EQ(stats.jobs_again, 2u);
+  EXPECT_EQ(stats.replies_resent, 1u);
+  EXPECT_GT(stats.kept_bytes, 0u);
+  // Three answers are kept: c:2, c:3, c:1 (one sent again is not kept
+  // again). Two more, and c:2's is gone: it runs again.
+  broker.job("c:4", "[]", 1);
+  EXPECT_EQ(broker.answer(), (answer{"c:4", "[\"c:4\"]"}));
+  broker.job("c:5", "[]", 1);
+  EXPECT_EQ(broker.answer(), (answer{"c:5", "[\"c:5\"]"}));
+  broker.job("c:2", "[]", 3);
+  EXPECT_EQ(broker.answer(), (answer{"c:2", "[\"c:2\"]"}));
+  EXPECT_EQ(ran(), (std::vector<std::string>{"c:1", "c:2", "c:3", "c:4", "c:5", "c:2"}));
+  EXPECT_EQ(w.stats().jobs_again, 2u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Links, BrokerTest, ::testing::ValuesIn(link_modes), link_name);

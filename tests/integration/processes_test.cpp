@@ -248,15 +248,18 @@ TEST(Processes, ARestartedBrokerIsANewIncarnationAndNamesTheRequestsItTookBefore
   EXPECT_EQ(got[0].reply().id(), "gw1:2");
   EXPECT_EQ(got[0].reply().code(), proto::OK) << got[0].reply().message();
 
-  // A broker away past the liveness (3 × 100 ms, the broker's): the link
-  // replaces its socket at each tick that finds it silent, and what waited
-  // in a replaced socket died there, so the line moves up to the newest
-  // socket's Hello.
+  // A broker away past the liveness (3 × 100 ms, the broker's): the link,
+  // ticked on time, replaces its socket at each tick that finds it silent,
+  // and what waited in a replaced socket died there, so the line moves up
+  // to the newest socket's Hello. (A tick that comes late is the caller's
+  // own stall, not the broker's silence: it replaces nothing.)
   broker->kill(SIGKILL);
   auto replace_socket = [&] {
     auto reconnects = link.stats().reconnects;
-    std::this_thread::sleep_for(400ms);
-    link.tick(std::chrono::steady_clock::now());
+    EXPECT_TRUE(eventually([&] {
+      if (auto now = std::chrono::steady_clock::now(); now >= link.next_tick()) link.tick(now);
+      return link.stats().reconnects > reconnects;
+    }, 3s));
     EXPECT_EQ(link.stats().reconnects, reconnects + 1);
   };
   request("gw1:3");  // in the socket of the killed broker

@@ -576,25 +576,40 @@ class FakeBroker:
             raise AssertionError("the worker never took the Welcome")
 
 
-class DrainConfirmationTest(unittest.TestCase):
-    """drain() with nothing running waits for the broker's own Drain: on the
-    worker's pipe every job the broker dispatched before it comes first, so a
-    worker cannot stop between a job's dispatch and its arrival. A broker of a
-    build before Drain refuses it (BAD_REQUEST), which ends the wait too."""
+class FakeBrokerTest(unittest.TestCase):
+    """A worker "wd" serving self.service(), connected to a FakeBroker."""
+    worker_options = {}
 
     def setUp(self):
         self.ctx = zmq.Context()
         self.broker = FakeBroker(self.ctx)
-        svc = Service("svc", capacity=1)
-        svc.on("work", lambda req: "ran")
-        self.worker = Worker(self.broker.endpoint, self.broker.publish, worker_id="wd")
-        self.worker.add(svc)
+        self.worker = Worker(self.broker.endpoint, self.broker.publish, worker_id="wd", **self.worker_options)
+        self.worker.add(self.service())
         self.worker.start()
 
     def tearDown(self):
         self.worker.stop()
         self.broker.close()
         self.ctx.term()
+
+    def job(self, request_id, args, attempt):
+        env = pb.Envelope()
+        env.request.id, env.request.service, env.request.event = request_id, "svc", "work"
+        env.request.args, env.request.wants_reply = args.encode(), True
+        env.request.timeout_ms, env.request.attempt = 5000, attempt
+        self.broker.send(env)
+
+
+class DrainConfirmationTest(FakeBrokerTest):
+    """drain() with nothing running waits for the broker's own Drain: on the
+    worker's pipe every job the broker dispatched before it comes first, so a
+    worker cannot stop between a job's dispatch and its arrival. A broker of a
+    build before Drain refuses it (BAD_REQUEST), which ends the wait too."""
+
+    def service(self):
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: "ran")
+        return svc
 
     def drain_in_background(self, timeout):
         drained = queue.Queue()
@@ -607,11 +622,7 @@ class DrainConfirmationTest(unittest.TestCase):
         drained = self.drain_in_background(WAIT)
         time.sleep(0.3)  # long enough for a worker that does not wait to be gone
         self.assertTrue(drained.empty(), "it stopped before the broker confirmed")
-        job = pb.Envelope()
-        job.request.id, job.request.service, job.request.event = "c:1", "svc", "work"
-        job.request.args, job.request.wants_reply = b"[]", True
-        job.request.timeout_ms, job.request.attempt = 5000, 1
-        self.broker.send(job)
+        self.job("c:1", "[]", 1)
         confirm = pb.Envelope()
         confirm.drain.SetInParent()
         self.broker.send(confirm)
@@ -628,6 +639,70 @@ class DrainConfirmationTest(unittest.TestCase):
         refusal.error.code, refusal.error.message = pb.BAD_REQUEST, "malformed envelope"
         self.broker.send(refusal)
         self.assertTrue(drained.get(timeout=WAIT), "it waited for a confirmation that cannot come")
+
+
+class JobsAgainBase(FakeBrokerTest):
+    """"work" records each run, and holds a run whose args are ["hold"]."""
+
+    def service(self):
+        self.runs = []
+        self.release = threading.Event()
+        self.addCleanup(self.release.set)
+        svc = Service("svc", capacity=4)
+
+        @svc.on("work")
+        def work(req):
+            self.runs.append(req.id)
+            if req.args == ["hold"]:
+                self.release.wait(WAIT)
+            return req.id
+
+        return svc
+
+    def answer(self):
+        env = self.broker.next()
+        self.assertEqual(env.WhichOneof("kind"), "reply", env)
+        return env.reply.id, args_of(env.reply)
+
+
+class JobsAgainTest(JobsAgainBase):
+    """A worker back on a new socket gets every job the broker holds for it
+    again (attempt > 1): one may have died on the old socket, and so may an
+    answer. One still running is not run twice, one answered is answered
+    again from the kept answers, and only one never seen runs."""
+
+    def test_a_job_sent_again_runs_once(self):
+        self.broker.welcome(self.worker, 1000)
+        self.job("c:1", '["hold"]', 1)
+        self.assertTrue(eventually(lambda: self.runs == ["c:1"], WAIT))
+        self.job("c:1", '["hold"]', 2)  # still running
+        self.job("c:2", "[]", 1)
+        self.assertEqual(self.answer(), ("c:2", ["c:2"]))
+        self.job("c:2", "[]", 2)  # answered: the kept answer goes again
+        self.assertEqual(self.answer(), ("c:2", ["c:2"]))
+        self.job("c:3", "[]", 2)  # never seen here: runs
+        self.assertEqual(self.answer(), ("c:3", ["c:3"]))
+        self.release.set()
+        self.assertEqual(self.answer(), ("c:1", ["c:1"]))
+        self.assertEqual(self.runs, ["c:1", "c:2", "c:3"])
+        stats = self.worker.stats()
+        self.assertEqual((stats.jobs_again, stats.replies_resent, stats.requests), (2, 1, 3))
+        self.assertGreater(stats.kept_bytes, 0)
+
+
+class KeptAnswersBoundTest(JobsAgainBase):
+    """At most kept_replies answers are kept, the last ones."""
+    worker_options = {"kept_replies": 2}
+
+    def test_a_sent_again_job_whose_answer_is_no_longer_kept_runs_again(self):
+        self.broker.welcome(self.worker, 1000)
+        for n in range(1, 4):
+            self.job(f"c:{n}", "[]", 1)
+            self.assertEqual(self.answer(), (f"c:{n}", [f"c:{n}"]))
+        self.job("c:1", "[]", 2)  # its answer is no longer kept: it runs again
+        self.assertEqual(self.answer(), ("c:1", ["c:1"]))
+        self.assertEqual(self.runs, ["c:1", "c:2", "c:3", "c:1"])
+        self.assertEqual(self.worker.stats().jobs_again, 0)
 
 
 class GatewayTrafficTest(BrokerTest):
@@ -925,6 +1000,30 @@ class BrokerSilenceTest(ReconnectTest):
             self.broker.process.signal(signal.SIGCONT)
         self.assertTrue(w.wait_connected(WAIT))
         self.assert_serves("c2")
+
+    def test_a_job_running_through_the_broker_stall_runs_once(self):
+        # The broker does not count the stall against the worker; the worker,
+        # back on a new socket, gets the job again and does not run it again.
+        release = threading.Event()
+        self.addCleanup(release.set)
+        w = self.start_worker(job_service(release))
+        c = self.peer()
+        request_id = c.submit("job", "work", '["hold"]', timeout_ms=10000)
+        self.assertTrue(eventually(lambda: w.stats().requests == 1, WAIT))
+        self.broker.process.signal(signal.SIGSTOP)
+        try:
+            self.assertTrue(eventually(lambda: w.stats().reconnects >= 1, 3))
+            time.sleep(0.5)  # longer than the liveness of the client, which keeps its socket
+        finally:
+            self.broker.process.signal(signal.SIGCONT)
+        self.assertTrue(eventually(lambda: w.stats().jobs_again == 1, WAIT), w.stats())
+        release.set()
+        reply = c.receive()
+        self.assertIsNotNone(reply)
+        self.assertEqual((reply.reply.id, reply.reply.code, args_of(reply.reply)), (request_id, pb.OK, ["pyw", 1]))
+        self.assertEqual(w.stats().requests, 1)
+        self.assertEqual(self.broker.metric("sidecast_broker_stalls_total"), 1)
+        self.assertEqual(self.broker.metric("sidecast_broker_peer_reconnects_total"), 1)
 
     def test_broker_restart_slower_than_liveness(self):
         w = self.start_worker(self.echo_service())

@@ -36,6 +36,12 @@ worker_metrics::worker_metrics(prometheus::Registry& r)
       outbox_dropped_{dropped(r, "outbox_full")},
       acks_refused_{dropped(r, "pending_acks")},
       requests_refused_{dropped(r, "queue_full")},
+      jobs_again_{counter(r, "sidecast_worker_jobs_again_total",
+                          "Jobs the broker sent again (after a new socket) that this worker held or answered: "
+                          "not run again")},
+      replies_resent_{counter(r, "sidecast_worker_replies_resent_total", "Kept answers sent again for those")},
+      kept_bytes_{gauge(r, "sidecast_worker_kept_reply_bytes",
+                        "Bytes of the answers kept to be sent again (bounded by --kept-reply-bytes)")},
       connected_{gauge(r, "sidecast_worker_connected", "1 while the broker has welcomed this worker")},
       running_{gauge(r, "sidecast_worker_requests_running", "Requests taken and not yet done with")},
       draining_{gauge(r, "sidecast_worker_draining", "1 once the worker drains (SIGTERM): it takes no new requests")} {}
@@ -51,6 +57,9 @@ void worker_metrics::refresh(const worker& w) {
   advance(outbox_dropped_, now.outbox_dropped, seen_.outbox_dropped);
   advance(acks_refused_, now.acks_refused, seen_.acks_refused);
   advance(requests_refused_, now.requests_refused, seen_.requests_refused);
+  advance(jobs_again_, now.jobs_again, seen_.jobs_again);
+  advance(replies_resent_, now.replies_resent, seen_.replies_resent);
+  kept_bytes_.Set(static_cast<double>(now.kept_bytes));
   connected_.Set(w.connected() ? 1 : 0);
   running_.Set(static_cast<double>(now.running));
   draining_.Set(now.draining ? 1 : 0);

@@ -31,6 +31,9 @@ class worker_metrics {
   prometheus::Counter& outbox_dropped_;
   prometheus::Counter& acks_refused_;
   prometheus::Counter& requests_refused_;
+  prometheus::Counter& jobs_again_;
+  prometheus::Counter& replies_resent_;
+  prometheus::Gauge& kept_bytes_;
   prometheus::Gauge& connected_;
   prometheus::Gauge& running_;
   prometheus::Gauge& draining_;

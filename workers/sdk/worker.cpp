@@ -37,7 +37,11 @@ using proto::Envelope;
 struct outgoing {
   std::string topic;        // non-empty: publish on the PUB socket under this topic
   zmq::message_t envelope;  // serialized once, straight into the message that is sent
+  std::uint64_t reply_key = 0;  // a Reply's: its id's key (reply_key()); 0: not one to keep
 };
+
+// What a kept answer is found by: its id's hash, never 0.
+std::uint64_t reply_key(std::string_view id) { return std::hash<std::string_view>{}(id) | 1; }
 
 // A pending emit_with_ack.
 struct pending_ack {
@@ -243,6 +247,15 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   struct io_objects;
   std::unique_ptr<io_objects> io;  // the loop's sockets: see io_loop
   std::vector<std::unique_ptr<request_fields>> spare_fields;  // see recycle()
+  // The answers sent last, a ring (see worker_options::kept_replies): each
+  // shares its message's bytes (refcounted), so keeping one copies nothing.
+  struct kept_reply {
+    std::uint64_t key = 0;
+    zmq::message_t message;
+  };
+  std::vector<kept_reply> kept;
+  std::size_t kept_next = 0;  // the oldest, overwritten next
+  std::size_t kept_bytes = 0;
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -255,7 +268,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::mutex report_mutex;  // worker::on_report may replace the callback at any time
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
-      n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0};
+      n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0}, n_jobs_again{0}, n_replies_resent{0},
+      n_kept_bytes{0};
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
@@ -405,7 +419,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     proto::encode_reply(r, static_cast<char*>(reply.data()));
     if (!partial) ++n_replies;
     // A reply must not be lost to a full outbox: it also frees the credit.
-    if (!enqueue({{}, std::move(reply)}, true) && !stopping) {
+    if (!enqueue({{}, std::move(reply), reply_key(st.f->id)}, true) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
     return true;
@@ -682,6 +696,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& out : o.batch) {
       if (out.topic.empty()) {
         on_link = true;
+        if (out.reply_key) keep_reply(out.reply_key, out.envelope);
         if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
       } else {
         o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
@@ -819,7 +834,54 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     return true;
   }
 
+  // Keeps a copy of an answer about to be sent; the oldest go past the
+  // count or the bytes allowed.
+  void keep_reply(std::uint64_t key, zmq::message_t& message) {
+    if (options.kept_replies == 0 || message.size() > options.kept_reply_bytes) return;
+    if (kept.empty()) kept.resize(options.kept_replies);
+    auto& slot = kept[kept_next];
+    kept_bytes -= slot.message.size();
+    slot.key = key;
+    slot.message.copy(message);
+    kept_bytes += message.size();
+    kept_next = (kept_next + 1) % kept.size();
+    for (auto i = kept_next; kept_bytes > options.kept_reply_bytes; i = (i + 1) % kept.size()) {
+      kept_bytes -= kept[i].message.size();
+      kept[i] = kept_reply{};
+    }
+    n_kept_bytes.store(kept_bytes, std::memory_order_relaxed);
+  }
+
+  // A job sent again (attempt > 1): after a worker comes back on a new
+  // socket the broker sends it every job it holds again, since one may
+  // have died on the old socket. A job running here is not run twice (its
+  // early answer, if it gave one, goes again), and one answered here gets
+  // its kept answer again (that may have died on the old socket). True
+  // when it was one of those: not to be run.
+  bool had_before(const std::string& id) {
+    bool running = false;
+    if (auto it = in_flight.find(id); it != in_flight.end())
+      if (auto st = it->second.lock()) running = !st->answered;
+    bool resent = false;
+    auto key = reply_key(id);
+    for (auto& k : kept) {
+      if (k.key != key || proto::peek(k.message.to_string_view()).id != id) continue;
+      zmq::message_t again;
+      again.copy(k.message);
+      enqueue({{}, std::move(again)}, true);
+      ++n_replies_resent;
+      resent = true;
+    }
+    if (!running && !resent) return false;
+    ++n_jobs_again;
+    if (log_limit.allow())
+      spdlog::info("worker {}: {} came again; {}", options.id, id,
+                   running ? "it still runs here" : "its answer went again");
+    return true;
+  }
+
   void on_request(proto::Request& r) {
+    if (r.attempt() > 1 && had_before(r.id())) return;
     auto st = new_request();
     auto& f = *st->f;
     st->type = request::kind::event;
@@ -841,6 +903,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   void on_lifecycle(proto::Lifecycle& l) {
+    if (l.attempt() > 1 && had_before(l.id())) return;
     auto st = new_request();
     auto& f = *st->f;
     bool connect = l.kind() == proto::Lifecycle::CONNECT;
@@ -890,9 +953,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     if (quick) {
       // Here, on the I/O thread: see service::on_quick.
-      std::weak_ptr<request_state> kept = st;
+      std::weak_ptr<request_state> watched = st;
       run_handler(*h, std::move(st));
-      if (auto still = kept.lock(); still && !still->answered) track(still);
+      if (auto still = watched.lock(); still && !still->answered) track(still);
       return;
     }
     // The broker's credits keep this queue to the capacity announced; this
@@ -1201,7 +1264,8 @@ worker_stats worker::stats() const {
   return {core_->n_requests,     core_->n_replies,          core_->n_cancels,
           core_->n_dropped,      core_->n_errors,           core_->n_reconnects,
           core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
-          core_->drain_asked.load()};
+          core_->drain_asked.load(), core_->n_jobs_again, core_->n_replies_resent,
+          core_->n_kept_bytes.load()};
 }
 
 }  // namespace sidecast

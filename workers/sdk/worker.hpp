@@ -46,6 +46,12 @@ struct worker_options {
   std::chrono::milliseconds outbox_wait{5000};  // a handler waits this long for room, then drops
   std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack
   int hwm = 100000;
+  // Answers kept after they are sent, at most this many and bytes (0: none):
+  // a job the broker sends again (it came back on a new socket, see
+  // docs/protocol.md) that this worker answered gets its answer again,
+  // instead of running twice. A job still running here is never run again.
+  std::size_t kept_replies = 1024;
+  std::size_t kept_reply_bytes = 4 << 20;
   std::string curve_secret;      // this worker's CURVE secret key (Z85); empty: no CURVE
   std::string curve_server_key;  // the broker's CURVE public key (Z85)
 };
@@ -203,6 +209,9 @@ struct worker_stats {
   std::uint64_t requests_refused = 0;  // answered BUSY: queue_limit requests already waited for a handler thread
   std::uint64_t running = 0;  // requests taken and not done with (a handler, or an answer, still holds them)
   bool draining = false;      // drain() has begun
+  std::uint64_t jobs_again = 0;      // jobs sent again that this worker held or answered: not run again
+  std::uint64_t replies_resent = 0;  // kept answers sent again for those
+  std::uint64_t kept_bytes = 0;      // what the kept answers hold now (kept_reply_bytes bounds it)
 };
 
 class worker {

@@ -206,7 +206,13 @@ class PeerLink:
         return True
 
     def tick(self, now):
-        """Heartbeats and broker liveness; call at or after next_tick()."""
+        """Heartbeats and broker liveness; call at or after next_tick(). A call
+        more than an interval late (this process did not run) does not count
+        the time since next_tick() as the broker's silence."""
+        late = now - self.next_tick()
+        if late > self.interval:
+            # What the broker sent meanwhile waits unread: at least an interval to read it.
+            self._broker_expiry = max(self._broker_expiry + late, now + self.interval)
         if now >= self._broker_expiry:
             if self.welcomed:
                 log.warning("broker at %s went silent; reconnecting", self.endpoint)

@@ -6,6 +6,7 @@ liveness, deadlines, dispatch. Handlers run on a thread pool; everything
 they send goes through a bounded outbox plus an eventfd wake-up to the I/O
 thread, so a handler that sleeps for a minute never delays a heartbeat.
 """
+import collections
 import concurrent.futures
 import heapq
 import inspect
@@ -72,8 +73,11 @@ class WorkerStats:
     reconnects: int = 0
     acks_refused: int = 0  # emit_with_ack calls refused: pending_acks_limit emits awaited their ack
     requests_refused: int = 0  # answered BUSY: queue_limit requests already waited for a handler thread
+    jobs_again: int = 0  # jobs the broker sent again (after a new socket) that were held or answered here: not run again
+    replies_resent: int = 0  # kept answers sent again for those
     running: int = 0  # requests taken and not yet finally answered
     draining: bool = False  # drain() has begun
+    kept_bytes: int = 0  # what the kept answers hold now (kept_reply_bytes bounds it)
 
 
 class _Wakeup:
@@ -112,7 +116,7 @@ class _Core:
 
     def __init__(self, broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                  threads, outbox_limit, outbox_wait, pending_acks_limit, hwm, default_timeout,
-                 curve, context, queue_limit):
+                 curve, context, queue_limit, kept_replies, kept_reply_bytes):
         self.worker_id = worker_id or codec.default_worker_id()
         if not codec.valid_peer_id(self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r} must be 1-64 bytes without '.' or ':'")
@@ -125,6 +129,11 @@ class _Core:
         self.outbox_wait = outbox_wait
         self.pending_acks_limit = pending_acks_limit
         self.queue_limit = queue_limit
+        self.kept_replies = kept_replies
+        self.kept_reply_bytes = kept_reply_bytes
+        # The answers sent last, (request id, bytes), oldest first: I/O thread only.
+        self.kept = collections.deque()
+        self.kept_bytes = 0
         self.hwm = hwm
         self.default_timeout = default_timeout
         self.curve = curve
@@ -160,7 +169,7 @@ class _Core:
         self.backlog = 0  # report callbacks waiting for a handler thread
         self.waiting = 0  # requests waiting for a handler thread (bound: queue_limit)
         self.stats_lock = threading.Lock()
-        self.counts = dict.fromkeys(set(WorkerStats.__dataclass_fields__) - {"running", "draining"}, 0)
+        self.counts = dict.fromkeys(set(WorkerStats.__dataclass_fields__) - {"running", "draining", "kept_bytes"}, 0)
         self.log_limit = RateLimitedLog()
 
     def count(self, what, n=1):
@@ -169,15 +178,16 @@ class _Core:
 
     # ---- the outbox: any thread -> the I/O thread ----
 
-    def enqueue(self, topic, data):
+    def enqueue(self, topic, data, reply_to=None):
+        """``reply_to``: the id a Reply answers (it is kept once sent)."""
         if self.stopping.is_set() or self.io_failure is not None:
             return False
         try:
             if threading.current_thread() is self.io_thread:
                 # The I/O thread drains the outbox, so it must never wait for room.
-                self.outbox.put_nowait((topic, data))
+                self.outbox.put_nowait((topic, data, reply_to))
             else:
-                self.outbox.put((topic, data), timeout=self.outbox_wait)
+                self.outbox.put((topic, data, reply_to), timeout=self.outbox_wait)
         except queue.Full:
             self.count("outbox_dropped")
             return False
@@ -249,7 +259,7 @@ class _Core:
         # A reply must not be lost to a full outbox: it also frees the capacity.
         # Queued before the request leaves in_flight: a drain() woken by that
         # stops the worker, whose last flush must find the reply there.
-        if not self.send(env) and not self.stopping.is_set():
+        if not self.enqueue(None, env.SerializeToString(), req.id) and not self.stopping.is_set():
             log.error("outbox full: reply for %s dropped", req.id)
         if not partial:
             self.count("replies")
@@ -483,10 +493,12 @@ class _Core:
     def flush(self, link, pub):
         for _ in range(self.outbox_limit):
             try:
-                topic, data = self.outbox.get_nowait()
+                topic, data, reply_to = self.outbox.get_nowait()
             except queue.Empty:
                 return
             if topic is None:
+                if reply_to is not None:
+                    self.keep_reply(reply_to, data)
                 if not link.send_bytes(data):
                     self.count("outbox_dropped")
             else:
@@ -546,7 +558,42 @@ class _Core:
         elif self.log_limit.allow():
             log.warning("unexpected %s from the broker", kind)
 
+    def keep_reply(self, request_id, data):
+        """Keeps an answer about to be sent; the oldest go past the count or
+        the bytes allowed."""
+        if self.kept_replies <= 0 or len(data) > self.kept_reply_bytes:
+            return
+        self.kept.append((request_id, data))
+        self.kept_bytes += len(data)
+        while len(self.kept) > self.kept_replies or self.kept_bytes > self.kept_reply_bytes:
+            self.kept_bytes -= len(self.kept.popleft()[1])
+
+    def had_before(self, request_id):
+        """A job sent again (attempt > 1): after a worker comes back on a new
+        socket the broker sends it every job it holds again, since one may
+        have died on the old socket. One running here is not run twice (its
+        early answer, if it gave one, goes again); one answered here gets its
+        kept answer again. True when it was one of those: not to be run."""
+        with self.in_flight_lock:
+            running = request_id in self.in_flight
+        resent = False
+        for rid, data in list(self.kept):
+            if rid == request_id:
+                self.enqueue(None, data)
+                self.count("replies_resent")
+                resent = True
+        if not running and not resent:
+            return False
+        self.count("jobs_again")
+        if self.log_limit.allow():
+            log.info("worker %s: %s came again; %s", self.worker_id, request_id,
+                     "it still runs here" if running else "its answer went again")
+        return True
+
     def on_request(self, env, kind):
+        body = env.request if kind == "request" else env.lifecycle
+        if body.attempt > 1 and self.had_before(body.id):
+            return
         self.count("requests")
         if kind == "request":
             r = env.request
@@ -648,19 +695,24 @@ class Worker:
     handler finding it full waits ``outbox_wait`` seconds, then the message
     is dropped and counted. At most ``queue_limit`` requests wait for a
     handler thread; one past it is answered ``BUSY`` at once and counted
-    (``requests_refused``). ``context``: a zmq.Context to share (inproc).
+    (``requests_refused``). The last ``kept_replies`` answers sent (at most
+    ``kept_reply_bytes`` bytes) are kept: a job the broker sends again after
+    this worker came back on a new socket is answered again from them
+    instead of run twice (one still running is never run twice); 0: none
+    kept. ``context``: a zmq.Context to share (inproc).
     """
 
     def __init__(self, broker="tcp://127.0.0.1:7700", publish="tcp://127.0.0.1:7701", *,
                  worker_id=None, heartbeat_interval=1.0, heartbeat_liveness=3, threads=0,
                  outbox_limit=10000, outbox_wait=5.0, pending_acks_limit=10000, hwm=100000,
                  default_timeout=30.0, curve_secret=None, curve_server_key=None, context=None,
-                 queue_limit=10000):
+                 queue_limit=10000, kept_replies=1024, kept_reply_bytes=4 << 20):
         if queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
         self._core = _Core(broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                            threads, outbox_limit, outbox_wait, pending_acks_limit, hwm,
-                           default_timeout, (curve_secret, curve_server_key), context, queue_limit)
+                           default_timeout, (curve_secret, curve_server_key), context, queue_limit,
+                           kept_replies, kept_reply_bytes)
 
     def __repr__(self):
         return f"<Worker {self.id} services={sorted(self._core.services)} connected={self.connected}>"
@@ -690,7 +742,8 @@ class Worker:
         with self._core.in_flight_lock:
             running = len(self._core.in_flight)
         with self._core.stats_lock:
-            return WorkerStats(**self._core.counts, running=running, draining=self._core.drain_asked)
+            return WorkerStats(**self._core.counts, running=running, draining=self._core.drain_asked,
+                               kept_bytes=self._core.kept_bytes)
 
     def add(self, service):
         """Adds a service (before start() only); returns the worker."""
