@@ -66,6 +66,17 @@ struct broker::metrics {
                              "liveness): it keeps what it held; a worker gets its jobs again")
                        .Register(r)
                        .Add({})},
+        parked{prometheus::BuildGauge()
+                   .Name("sidecast_broker_parked_messages")
+                   .Help("Answers and events kept for live peers whose connection is gone for the moment "
+                         "(bounded by --max-parked)")
+                   .Register(r)
+                   .Add({})},
+        unparked{prometheus::BuildCounter()
+                     .Name("sidecast_broker_parked_total")
+                     .Help("Messages kept for a peer without a connection, by outcome: delivered when it came "
+                           "back, or reported undelivered")
+                     .Register(r)},
         stalls{prometheus::BuildCounter()
                    .Name("sidecast_broker_stalls_total")
                    .Help("Heartbeat ticks more than an interval late (the broker's thread did not run): the time "
@@ -137,6 +148,8 @@ struct broker::metrics {
   prometheus::Family<prometheus::Counter>& reports;
   prometheus::Counter& owed_disconnects;
   prometheus::Counter& reconnects;
+  prometheus::Gauge& parked;
+  prometheus::Family<prometheus::Counter>& unparked;
   prometheus::Counter& stalls;
   prometheus::Counter& events;
   prometheus::Family<prometheus::Gauge>& queue_depth;
@@ -434,6 +447,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   auto now = now_;
   if (kind == Envelope::kHello) {
     on_hello(routing_id, env->hello(), now);
+    if (!parked_.empty()) unpark(routing_id);  // after its Welcome
     return;
   }
   auto it = peers_.find(routing_id);
@@ -455,6 +469,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   } else {
     it->second.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
     role = it->second.role;
+    if (!parked_.empty()) unpark(routing_id);
   }
   if (it != peers_.end() && !allowed(role, kind)) {
     send_error(routing_id, proto::BAD_REQUEST,
@@ -889,11 +904,17 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
   }
   auto gateway = std::string{proto::sid_owner(sid)};
   auto it = peers_.find(gateway);
-  if (gateway.empty() || it == peers_.end() || it->second.role != proto::ROLE_GATEWAY ||
-      !send(gateway, payload)) {
-    send_report(origin, proto::DeliveryReport::GATEWAY_GONE, sid, ref,
-                gateway.empty() ? "sid has no gateway prefix" : "no live gateway " + gateway);
+  undelivered report{origin, proto::DeliveryReport::GATEWAY_GONE, sid, ref,
+                     gateway.empty() ? "sid has no gateway prefix" : "no live gateway " + gateway};
+  if (gateway.empty() || it == peers_.end() || it->second.role != proto::ROLE_GATEWAY) {
+    send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
+    return;
   }
+  zmq::message_t message{payload.data(), payload.size()};
+  auto result = send_to(gateway, message);
+  if (result == sent::ok || (result == sent::gone && park(gateway, message, report))) return;
+  if (result == sent::gone) drop(drop_reason::unreachable, gateway);
+  send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
 }
 
 void broker::publish(const proto::Emit& emit, std::string_view payload) {
@@ -997,10 +1018,64 @@ void broker::answer(const std::string& requester, const std::string& worker, std
       send_report(worker, proto::DeliveryReport::REJECTED, {}, std::string{id},
                   "the pipe to requester " + requester + " is full");
       return;
-    case sent::gone:
-      send_report(worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
-                  "requester " + requester + " is gone");
+    case sent::gone: {
+      undelivered report{worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
+                         "requester " + requester + " is gone"};
+      if (park(requester, payload, report)) return;
+      drop(drop_reason::unreachable, requester);
+      send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
       return;
+    }
+  }
+}
+
+bool broker::park(const std::string& to, zmq::message_t& payload, undelivered report) {
+  if (parked_count_ >= config_.max_parked || !peers_.contains(to)) return false;
+  parked_[to].push_back({std::move(payload), now_, std::move(report)});
+  ++parked_count_;
+  metrics_->parked.Set(static_cast<double>(parked_count_));
+  return true;
+}
+
+// A message came from the peer: its connection is back. What was kept for
+// it goes now, in order; what still finds no connection stays.
+void broker::unpark(const std::string& to) {
+  auto it = parked_.find(to);
+  if (it == parked_.end()) return;
+  auto& kept = it->second;
+  std::size_t sent_now = 0;
+  while (!kept.empty() && send_to(to, kept.front().payload) == sent::ok) {
+    kept.pop_front();
+    ++sent_now;
+  }
+  parked_count_ -= sent_now;
+  metrics_->unparked.Add({{"outcome", "delivered"}}).Increment(static_cast<double>(sent_now));
+  metrics_->parked.Set(static_cast<double>(parked_count_));
+  if (kept.empty()) parked_.erase(it);  // else its pipe is full, or gone again: the rest waits
+  if (sent_now) spdlog::info("{}: {} messages kept while it had no connection delivered", to, sent_now);
+}
+
+// Kept past the peer's liveness: it is not coming back on this connection.
+void broker::expire_parked(clock::time_point now) {
+  auto limit = config_.heartbeat_interval * config_.heartbeat_liveness;
+  std::vector<std::string> stale;
+  for (const auto& [to, kept] : parked_)
+    if (!kept.empty() && now - kept.front().since >= limit) stale.push_back(to);
+  for (const auto& to : stale) report_parked(to);
+}
+
+void broker::report_parked(const std::string& to) {
+  auto it = parked_.find(to);
+  if (it == parked_.end()) return;
+  auto kept = std::move(it->second);
+  parked_.erase(it);
+  parked_count_ -= kept.size();
+  metrics_->parked.Set(static_cast<double>(parked_count_));
+  metrics_->unparked.Add({{"outcome", "reported"}}).Increment(static_cast<double>(kept.size()));
+  for (auto& k : kept) {
+    drop(drop_reason::unreachable, to);
+    auto& r = k.report;
+    send_report(r.to, r.status, std::move(r.sid), std::move(r.ref), std::move(r.detail));
   }
 }
 
@@ -1009,6 +1084,7 @@ void broker::remove_peer(const std::string& routing_id) {
   if (it == peers_.end()) return;
   auto role = it->second.role;
   peers_.erase(it);
+  report_parked(routing_id);
   if (role == proto::ROLE_WORKER) {
     for (const auto& f : table_.remove_worker(routing_id)) fail(f);
   }
@@ -1028,6 +1104,7 @@ void broker::tick(clock::time_point now) {
     spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats",
                  std::chrono::duration_cast<std::chrono::milliseconds>(late).count());
   }
+  if (!parked_.empty()) expire_parked(now);
   std::vector<std::string> dead;
   for (const auto& [routing_id, p] : peers_) {
     if (now >= p.expiry) dead.push_back(routing_id);
@@ -1065,7 +1142,9 @@ bool broker::send(std::string_view routing_id, std::string_view payload) {
 }
 
 bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
-  return send_to(routing_id, payload) == sent::ok;
+  auto result = send_to(routing_id, payload);
+  if (result == sent::gone) drop(drop_reason::unreachable, routing_id);
+  return result == sent::ok;
 }
 
 broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payload) {
@@ -1085,8 +1164,8 @@ broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payloa
     router_.send(payload, zmq::send_flags::dontwait);
     return sent::ok;
   } catch (const zmq::error_t& e) {
-    // EHOSTUNREACH: the peer's connection is gone (ROUTER_MANDATORY).
-    drop(drop_reason::unreachable, routing_id);
+    // EHOSTUNREACH: the peer's connection is gone (ROUTER_MANDATORY). The
+    // caller counts the drop: it may keep the message (park()).
     return sent::gone;
   }
 }

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <string>
 #include <memory>
@@ -44,6 +45,7 @@ struct broker_config {
   int rcvhwm = 100000;
   std::int64_t max_message_bytes = 16 << 20;  // larger: libzmq drops the peer's connection
   std::size_t batch = 1024;  // messages handled per socket per loop turn
+  std::size_t max_parked = 10000;  // messages kept for registered peers without a connection (see park())
   std::string curve_secret;               // set: CURVE on every socket, only `curve_allow` keys admitted
   std::vector<std::string> curve_allow;   // Z85 public keys of gateways and workers
 };
@@ -118,6 +120,22 @@ class broker {
   void dispatch(clock::time_point now);
   void fail(const failure& f);
   void answer(const std::string& requester, const std::string& worker, std::string_view id, zmq::message_t& payload);
+  /// For a registered peer that has no connection for the moment (it
+  /// replaced its socket and its new one is not attached yet, or libzmq is
+  /// reconnecting it): keeps `payload` (taken) until a message comes from
+  /// it (then sends what was kept, in order), or until its liveness runs
+  /// out or it is dropped (then tells `report.to`, as if sent to nobody).
+  /// False, `payload` left, when the peer is not registered or max_parked
+  /// messages are kept.
+  struct undelivered {
+    std::string to;  // who hears the DeliveryReport
+    proto::DeliveryReport::Status status;
+    std::string sid, ref, detail;
+  };
+  bool park(const std::string& to, zmq::message_t& payload, undelivered report);
+  void unpark(const std::string& to);
+  void expire_parked(clock::time_point now);
+  void report_parked(const std::string& to);
   bool send_job(std::string_view worker, job& work, clock::time_point now);
   void remove_peer(const std::string& routing_id);
   void tick(clock::time_point now);
@@ -173,6 +191,13 @@ class broker {
 
   service_table table_;
   std::unordered_map<std::string, peer> peers_;
+  struct parked_message {
+    zmq::message_t payload;
+    clock::time_point since;
+    undelivered report;
+  };
+  std::unordered_map<std::string, std::deque<parked_message>> parked_;  // see park()
+  std::size_t parked_count_ = 0;
   clock::time_point next_tick_{};
   clock::time_point now_{};  // read once per loop turn
   alignas(16) std::array<char, 8192> arena_block_{};  // first arena block for decoding

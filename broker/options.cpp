@@ -31,6 +31,11 @@ void add_options(CLI::App& app, broker_config& c) {
                  "Dispatches of one request before 'worker_lost'")
       ->capture_default_str()
       ->check(CLI::Range(1u, 100u));
+  app.add_option("--max-parked", c.max_parked,
+                 "Answers and events kept for live peers whose connection is gone for the moment (they are "
+                 "replacing it), until they are back or their heartbeat liveness runs out; past it, such a "
+                 "message is reported undelivered at once")
+      ->capture_default_str();
   app.add_option("--curve-secret", c.curve_secret,
                  "Broker's CURVE secret key (Z85): encrypts every socket and admits only --curve-allow keys");
   app.add_option("--curve-allow", c.curve_allow, "Public key (Z85) of a gateway or worker allowed in (repeatable)");

@@ -593,6 +593,66 @@ TEST_P(BrokerTest, AWorkerBackOnANewSocketKeepsItsJobAndGetsItAgain) {
   EXPECT_TRUE(b.next(Envelope::kRequest, 3s));
 }
 
+// A registered gateway whose connection is gone for a moment (it replaced
+// its socket, or libzmq is reconnecting it) gets the answers and events that
+// came for it meanwhile, in order, as soon as it is heard from again. Kept
+// past its liveness instead, they are reported undelivered to their senders.
+TEST_P(BrokerTest, APeerWithoutAConnectionForAMomentGetsWhatCameMeanwhile) {
+  heartbeat_ = 1s;  // liveness 3 s: the raw peers send no heartbeats
+  start();
+  peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  worker_peer.send_hello({{"raw", 1}});
+  ASSERT_TRUE(worker_peer.next(Envelope::kWelcome, 3s));
+  auto gw = std::make_unique<peer>(ctx_, "inproc://router", "gwP", proto::ROLE_GATEWAY);
+  ASSERT_TRUE(gw->hello());
+  auto id = gw->submit("raw", "x", "[1]", 10s, "gwP.s1");
+  ASSERT_TRUE(worker_peer.next(Envelope::kRequest, 3s));
+  gw.reset();  // its connection is gone; it is still registered
+  std::this_thread::sleep_for(200ms);
+
+  auto emit_to = [&](const std::string& sid, const std::string& event) {
+    Envelope env;
+    auto* e = env.mutable_emit();
+    e->set_sid(sid);
+    e->set_nsp("/");
+    e->set_event(event);
+    e->set_args("[]");
+    e->set_ref(event);
+    worker_peer.send(env);
+  };
+  emit_to("gwP.s1", "progress");
+  Envelope answer;
+  answer.mutable_reply()->set_id(id);
+  answer.mutable_reply()->set_args("[1]");
+  worker_peer.send(answer);
+  emit_to("gwP.s1", "done");
+  EXPECT_FALSE(worker_peer.next(Envelope::kReport, 300ms)) << "reported undelivered while the gateway is alive";
+
+  gw = std::make_unique<peer>(ctx_, "inproc://router", "gwP", proto::ROLE_GATEWAY);
+  Envelope beat;
+  beat.mutable_heartbeat();
+  gw->send(beat);  // heard from again (a socket libzmq reconnected says no Hello)
+  auto first = gw->receive(3s);
+  ASSERT_TRUE(first && first->has_emit()) << (first ? proto::kind_name(*first) : "nothing");
+  EXPECT_EQ(first->emit().event(), "progress");
+  auto second = gw->receive(3s);
+  ASSERT_TRUE(second && second->has_reply()) << (second ? proto::kind_name(*second) : "nothing");
+  EXPECT_EQ(second->reply().id(), id);
+  auto third = gw->receive(3s);
+  ASSERT_TRUE(third && third->has_emit());
+  EXPECT_EQ(third->emit().event(), "done");
+
+  // Gone again, and not back within its liveness: the sender hears so.
+  gw.reset();
+  std::this_thread::sleep_for(200ms);
+  emit_to("gwP.s1", "lost");
+  auto report = worker_peer.next(Envelope::kReport, 6s);
+  ASSERT_TRUE(report) << "never reported";
+  EXPECT_EQ(report->report().status(), proto::DeliveryReport::GATEWAY_GONE);
+  EXPECT_EQ(report->report().ref(), "lost");
+  EXPECT_EQ(report->report().sid(), "gwP.s1");
+}
+
 TEST_P(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
   start();
   peer client{ctx_, "inproc://router", "c1"};
