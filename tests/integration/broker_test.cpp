@@ -504,6 +504,15 @@ TEST_P(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
   }
 }
 
+// `worker` answers job `id`; `requester` gets that answer.
+void expect_answer_passed_on(peer& worker, peer& requester, const std::string& id) {
+  worker.reply(id, "[1]");
+  auto reply = requester.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(reply) << "the answer of the job kept was not passed on";
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().code(), proto::OK);
+}
+
 // A worker's link says Hello again on the same socket when several
 // NOT_REGISTERED came at once (after a broker restart, one for each message
 // it sent before its first Hello arrived). Nothing was lost on that socket,
@@ -525,14 +534,7 @@ TEST_P(BrokerTest, AHelloAgainOnTheSameSocketKeepsTheWorkersJobs) {
   ASSERT_TRUE(job);
   ASSERT_TRUE(hello(0));
   EXPECT_FALSE(worker_peer.next(Envelope::kRequest, 300ms)) << "the job was dispatched again";
-  Envelope answer;
-  answer.mutable_reply()->set_id(id);
-  answer.mutable_reply()->set_args("[1]");
-  worker_peer.send(answer);
-  auto reply = client.next(Envelope::kReply, 3s);
-  ASSERT_TRUE(reply) << "the answer of the job kept was not passed on";
-  EXPECT_EQ(reply->reply().id(), id);
-  EXPECT_EQ(reply->reply().code(), proto::OK);
+  expect_answer_passed_on(worker_peer, client, id);
 
   auto second = client.submit("raw", "x", "[2]", 5s);
   ASSERT_TRUE(worker_peer.next(Envelope::kRequest, 3s));
@@ -578,14 +580,7 @@ TEST_P(BrokerTest, AWorkerBackOnANewSocketKeepsItsJobAndGetsItAgain) {
   EXPECT_FALSE(a.next(Envelope::kWelcome, 300ms));
   EXPECT_FALSE(a.next(Envelope::kRequest, 100ms));
 
-  Envelope answer;
-  answer.mutable_reply()->set_id(id);
-  answer.mutable_reply()->set_args("[1]");
-  a.send(answer);
-  auto reply = client.next(Envelope::kReply, 3s);
-  ASSERT_TRUE(reply) << "the answer of the job kept was not passed on";
-  EXPECT_EQ(reply->reply().id(), id);
-  EXPECT_EQ(reply->reply().code(), proto::OK);
+  expect_answer_passed_on(a, client, id);
   // Its capacity is its own again: the next job may go to either.
   client.submit("raw", "x", "[2]", 5s);
   client.submit("raw", "x", "[3]", 5s);
@@ -621,10 +616,7 @@ TEST_P(BrokerTest, APeerWithoutAConnectionForAMomentGetsWhatCameMeanwhile) {
     worker_peer.send(env);
   };
   emit_to("gwP.s1", "progress");
-  Envelope answer;
-  answer.mutable_reply()->set_id(id);
-  answer.mutable_reply()->set_args("[1]");
-  worker_peer.send(answer);
+  worker_peer.reply(id, "[1]");
   emit_to("gwP.s1", "done");
   EXPECT_FALSE(worker_peer.next(Envelope::kReport, 300ms)) << "reported undelivered while the gateway is alive";
 

@@ -133,6 +133,13 @@ class peer {
   }
 
   void send(const Envelope& env) { send_raw(proto::encode(env)); }
+  /// Answers job `id` (OK, with `args`).
+  void reply(const std::string& id, const std::string& args = "[]") {
+    Envelope env;
+    env.mutable_reply()->set_id(id);
+    env.mutable_reply()->set_args(args);
+    send(env);
+  }
   void send_raw(std::string_view bytes) { socket_.send(zmq::buffer(bytes), zmq::send_flags::none); }
   void send_frames(const std::vector<std::string>& frames) {
     for (std::size_t i = 0; i < frames.size(); ++i)
