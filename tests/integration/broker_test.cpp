@@ -37,6 +37,14 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
  protected:
   static std::string link() { return std::string{GetParam().endpoint}; }
   static bool shared_thread() { return GetParam().shared_thread; }
+  // A worker link serving "echo" (capacity 1) to this test's broker.
+  static core::peer_link_options echo_link(const std::string& id) {
+    core::peer_link_options o;
+    o.endpoint = link();
+    o.id = id;
+    o.services = {{"echo", 1}};
+    return o;
+  }
 
   void start(broker::broker_config config = {}) {
     config.router_endpoint = "inproc://router";
@@ -415,20 +423,10 @@ TEST_P(BrokerTest, ACancelBeforeTheHandlerAsksIsStillSeen) {
   EXPECT_EQ(seen.load(), 1) << "the Cancel that came first was lost";
 }
 
-TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
-  // The broker beats every 250 ms and drops a peer silent for 750 ms (wide
-  // enough that a loaded CI machine does not stall the loop that long; at
-  // 100 / 300 ms it once did); the peer's own default is 1.5 s, so one that
-  // kept it would be dropped, and learn so at its first heartbeat.
-  heartbeat_ = 250ms;
-  start();
-  core::peer_link_options o;
-  o.endpoint = link();
-  o.id = "w-slow";
-  o.services = {{"echo", 1}};
-  o.heartbeat_interval = 1500ms;  // the local default until the Welcome arrives
-  core::peer_link link{ctx_, o};
-  auto until = std::chrono::steady_clock::now() + 2500ms;
+// Runs `link` for `length` as its owner's loop would: waits on its
+// descriptor, reads what came, ticks on time.
+void drive(core::peer_link& link, std::chrono::milliseconds length) {
+  auto until = std::chrono::steady_clock::now() + length;
   while (std::chrono::steady_clock::now() < until) {
     zmq::pollitem_t item{nullptr, link.fd(), ZMQ_POLLIN, 0};
     auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(link.next_tick() - core::clock::now());
@@ -437,6 +435,19 @@ TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
     }
     if (core::clock::now() >= link.next_tick()) link.tick(core::clock::now());
   }
+}
+
+TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
+  // The broker beats every 250 ms and drops a peer silent for 750 ms (wide
+  // enough that a loaded CI machine does not stall the loop that long; at
+  // 100 / 300 ms it once did); the peer's own default is 1.5 s, so one that
+  // kept it would be dropped, and learn so at its first heartbeat.
+  heartbeat_ = 250ms;
+  start();
+  auto o = echo_link("w-slow");
+  o.heartbeat_interval = 1500ms;  // the local default until the Welcome arrives
+  core::peer_link link{ctx_, o};
+  drive(link, 2500ms);
   EXPECT_TRUE(link.welcomed());
   // A peer the broker had dropped would have been told NOT_REGISTERED and said Hello again.
   EXPECT_EQ(link.stats().hellos, 1u);
@@ -450,28 +461,13 @@ TEST_P(BrokerTest, PeerAdoptsTheBrokersShorterHeartbeatInterval) {
 TEST_P(BrokerTest, APeerWhoseOwnThreadStalledKeepsItsSocket) {
   heartbeat_ = 250ms;
   start();
-  core::peer_link_options o;
-  o.endpoint = link();
-  o.id = "w-stalled";
-  o.services = {{"echo", 1}};
-  core::peer_link link{ctx_, o};
-  auto turn = [&](std::chrono::milliseconds length) {
-    auto until = std::chrono::steady_clock::now() + length;
-    while (std::chrono::steady_clock::now() < until) {
-      zmq::pollitem_t item{nullptr, link.fd(), ZMQ_POLLIN, 0};
-      auto wait = std::chrono::duration_cast<std::chrono::milliseconds>(link.next_tick() - core::clock::now());
-      zmq::poll(&item, 1, std::clamp(wait, 0ms, 20ms));
-      while (link.receive()) {
-      }
-      if (core::clock::now() >= link.next_tick()) link.tick(core::clock::now());
-    }
-  };
-  turn(500ms);
+  core::peer_link link{ctx_, echo_link("w-stalled")};
+  drive(link, 500ms);
   ASSERT_TRUE(link.welcomed());
   std::this_thread::sleep_for(1500ms);  // stalled: twice the broker's liveness (750 ms)
   link.tick(core::clock::now());  // before it reads what waits, as a loop may
   EXPECT_EQ(link.stats().reconnects, 0u) << "the link took its own stall for the broker's silence";
-  turn(1000ms);
+  drive(link, 1000ms);
   EXPECT_TRUE(link.welcomed());
   EXPECT_EQ(link.stats().reconnects, 0u);
 }
