@@ -1209,7 +1209,8 @@ void broker::drop(drop_reason reason, std::string_view detail) {
   ++stats_.dropped;
   metrics_->drop(reason).Increment();
   if (log_limit_.allow())
-    spdlog::warn("dropped message ({}): {}", drop_reason_names[static_cast<std::size_t>(reason)], detail);
+    spdlog::warn("dropped message ({}): {}", drop_reason_names[static_cast<std::size_t>(reason)],
+                 core::printable(detail));
 }
 
 }  // namespace sidecast::broker

@@ -1,5 +1,7 @@
 #include "core/log.hpp"
 
+#include <algorithm>
+
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -13,6 +15,24 @@ bool init_logging(const std::string& level, const std::string& component) {
   logger->set_level(lvl);
   spdlog::set_default_logger(logger);
   return true;
+}
+
+std::string printable(std::string_view text, std::size_t max) {
+  static constexpr char hex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(std::min(text.size(), max) + 3);
+  for (std::size_t i = 0; i < text.size() && i < max; ++i) {
+    auto c = static_cast<unsigned char>(text[i]);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out.push_back(static_cast<char>(c));
+      continue;
+    }
+    out += "\\x";
+    out.push_back(hex[c >> 4]);
+    out.push_back(hex[c & 15]);
+  }
+  if (text.size() > max) out += "...";
+  return out;
 }
 
 bool log_limiter::allow() {

@@ -4,12 +4,18 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 namespace sidecast::core {
 
 /// Configures the default spdlog logger ("trace".."off"); the pattern names
 /// the component. Returns false for an unknown level.
 bool init_logging(const std::string& level, const std::string& component);
+
+/// `text` from a peer (a routing id, a sid), fit for a log line: bytes
+/// outside printable ASCII as \xNN (a peer cannot write control sequences
+/// into an operator's terminal), at most `max` bytes of it, then "...".
+std::string printable(std::string_view text, std::size_t max = 128);
 
 /// Allows up to `per_second` lines per second; counts what it suppressed.
 /// Not thread-safe: one per thread or per component loop.
