@@ -911,9 +911,7 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
     return;
   }
   zmq::message_t message{payload.data(), payload.size()};
-  auto result = send_to(gateway, message);
-  if (result == sent::ok || (result == sent::gone && park(gateway, message, report))) return;
-  if (result == sent::gone) drop(drop_reason::unreachable, gateway);
+  if (deliver(gateway, message, report) == sent::ok) return;
   send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
 }
 
@@ -1011,27 +1009,44 @@ void broker::fail(const failure& f) {
 // sockets may still be waiting.
 void broker::answer(const std::string& requester, const std::string& worker, std::string_view id,
                     zmq::message_t& payload) {
-  // `id` points into `payload`, which send_to() leaves as it was unless it sent it.
-  switch (send_to(requester, payload)) {
-    case sent::ok: return;
-    case sent::full:
+  // `id` points into `payload`, which deliver() leaves as it was unless it took it.
+  if (parked_.empty()) {  // the hot path: no peer is without its connection
+    auto result = send_to(requester, payload);
+    if (result == sent::ok) return;
+    if (result == sent::full) {
       send_report(worker, proto::DeliveryReport::REJECTED, {}, std::string{id},
                   "the pipe to requester " + requester + " is full");
       return;
-    case sent::gone: {
-      undelivered report{worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
-                         "requester " + requester + " is gone"};
-      if (park(requester, payload, report)) return;
-      drop(drop_reason::unreachable, requester);
-      send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
-      return;
     }
   }
+  undelivered report{worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
+                     "requester " + requester + " is gone"};
+  auto result = deliver(requester, payload, report);
+  if (result == sent::ok) return;
+  if (result == sent::full) {
+    report.status = proto::DeliveryReport::REJECTED;
+    report.detail = "the pipe to requester " + requester + " is full";
+  }
+  send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
 }
 
-bool broker::park(const std::string& to, zmq::message_t& payload, undelivered report) {
+// Sends `payload` to `to`, or keeps it (park()) if `to` is a registered
+// peer without its connection for the moment; ok then too. Behind what is
+// kept for `to` already, so that a peer gets its messages in order. `full`
+// or `gone` (counted): not sent, `payload` left, for the caller to report.
+broker::sent broker::deliver(const std::string& to, zmq::message_t& payload, const undelivered& report) {
+  if (!parked_.empty() && parked_.contains(to)) unpark(to);
+  bool behind = !parked_.empty() && parked_.contains(to);  // still: its connection is not back
+  auto result = behind ? sent::gone : send_to(to, payload);
+  if (result != sent::gone) return result;
+  if (park(to, payload, report)) return sent::ok;
+  drop(drop_reason::unreachable, to);
+  return sent::gone;
+}
+
+bool broker::park(const std::string& to, zmq::message_t& payload, const undelivered& report) {
   if (parked_count_ >= config_.max_parked || !peers_.contains(to)) return false;
-  parked_[to].push_back({std::move(payload), now_, std::move(report)});
+  parked_[to].push_back({std::move(payload), now_, report});
   ++parked_count_;
   metrics_->parked.Set(static_cast<double>(parked_count_));
   return true;
@@ -1100,6 +1115,8 @@ void broker::tick(clock::time_point now) {
     // sockets. The time away does not count against them, or every peer
     // would be dropped here, and every worker's jobs run again.
     for (auto& [id, p] : peers_) p.expiry += late;
+    for (auto& [to, kept] : parked_)
+      for (auto& k : kept) k.since += late;
     metrics_->stalls.Increment();
     spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats",
                  std::chrono::duration_cast<std::chrono::milliseconds>(late).count());

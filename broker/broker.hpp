@@ -132,7 +132,9 @@ class broker {
     proto::DeliveryReport::Status status;
     std::string sid, ref, detail;
   };
-  bool park(const std::string& to, zmq::message_t& payload, undelivered report);
+  bool park(const std::string& to, zmq::message_t& payload, const undelivered& report);
+  enum class sent { ok, full, gone };
+  sent deliver(const std::string& to, zmq::message_t& payload, const undelivered& report);
   void unpark(const std::string& to);
   void expire_parked(clock::time_point now);
   void report_parked(const std::string& to);
@@ -145,7 +147,6 @@ class broker {
 
   bool send(std::string_view routing_id, std::string_view payload);
   bool send(std::string_view routing_id, zmq::message_t&& payload);
-  enum class sent { ok, full, gone };
   /// Takes `payload` only when it is sent: otherwise it is left as it was.
   sent send_to(std::string_view routing_id, zmq::message_t& payload);
   bool send(std::string_view routing_id, const proto::Envelope& env);
