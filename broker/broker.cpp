@@ -579,7 +579,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // or Hellos crossed. Nothing was lost on that socket: what it holds
       // stays (moving it elsewhere would run it twice). Welcomed again.
       known.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
-      welcome(routing_id, hello);
+      if (welcome(routing_id, hello)) confirm_drain(routing_id);
       return;
     }
     if (hello.incarnation() != 0 && hello.incarnation() == known.incarnation && hello.role() == known.role) {
@@ -597,12 +597,12 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // another worker instead, a job it still runs would run twice.
       known.connection = hello.connection();
       known.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
-      welcome(routing_id, hello);
+      bool drains = welcome(routing_id, hello);
       std::size_t again = 0;
       if (hello.role() == proto::ROLE_WORKER) {
         for (job* work : table_.resend_held(routing_id)) {
           if (!send_job(routing_id, *work, now)) {
-            // Gone again, or full: lost as any worker whose pipe fails.
+            // Full: lost as any worker whose pipe fails.
             spdlog::warn("worker {} unreachable; dropping it", routing_id);
             remove_peer(routing_id);
             dispatch(now);
@@ -611,6 +611,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
           ++again;
         }
       }
+      if (drains) confirm_drain(routing_id);  // after its jobs: none comes after it
       metrics_->reconnects.Increment();
       spdlog::info("{} {} came back on a new socket ({} jobs sent again)", proto::Role_Name(hello.role()),
                    routing_id, again);
@@ -645,16 +646,16 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       metrics_->forget(evicted.name);
     }
   }
-  welcome(routing_id, hello);
+  if (welcome(routing_id, hello)) confirm_drain(routing_id);
   spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
                hello.services_size());
   dispatch(now);
 }
 
 // A worker whose Hello says it drains (re-announced after a restart of
-// ours, or a Hello again) drains here too, and hears the confirmation
-// after its Welcome.
-void broker::welcome(const std::string& to, const proto::Hello& hello) {
+// ours, or a Hello again) drains here too; true then: the caller sends the
+// confirmation, after the Welcome and after any job it sends it again.
+bool broker::welcome(const std::string& to, const proto::Hello& hello) {
   bool drains = hello.role() == proto::ROLE_WORKER && hello.draining();
   if (drains) table_.drain_worker(to);  // idempotent
   Envelope env;
@@ -665,7 +666,7 @@ void broker::welcome(const std::string& to, const proto::Hello& hello) {
   w->set_broker_id(config_.id);
   w->set_incarnation(incarnation_);
   send(to, env);
-  if (drains) confirm_drain(to);
+  return drains;
 }
 
 // The Drain back to a draining worker: on its pipe, every job sent to it
@@ -762,7 +763,8 @@ void broker::dispatch(clock::time_point now) {
 // timeout or attempt in them no longer hold.
 bool broker::send_job(std::string_view worker, job& work, clock::time_point now) {
   auto waited = now - work.received;
-  if (!work.stale && work.attempt <= 1 && waited <= std::chrono::milliseconds(1)) {
+  auto attempt = work.attempt + work.resent;
+  if (!work.stale && attempt <= 1 && waited <= std::chrono::milliseconds(1)) {
     zmq::message_t copy;
     copy.copy(work.payload);
     return send(worker, std::move(copy));
@@ -771,10 +773,10 @@ bool broker::send_job(std::string_view worker, job& work, clock::time_point now)
   auto left = std::chrono::duration_cast<std::chrono::milliseconds>(work.deadline - now).count();
   auto left_ms = static_cast<std::uint32_t>(std::max<long long>(left, 1));
   if (env && env->has_request()) {
-    env->mutable_request()->set_attempt(work.attempt);
+    env->mutable_request()->set_attempt(attempt);
     env->mutable_request()->set_timeout_ms(left_ms);
   } else if (env && env->has_lifecycle()) {
-    env->mutable_lifecycle()->set_attempt(work.attempt);
+    env->mutable_lifecycle()->set_attempt(attempt);
     env->mutable_lifecycle()->set_timeout_ms(left_ms);
   }
   return env ? send(worker, *env) : send(worker, work.payload.to_string_view());
@@ -1009,16 +1011,8 @@ void broker::fail(const failure& f) {
 // sockets may still be waiting.
 void broker::answer(const std::string& requester, const std::string& worker, std::string_view id,
                     zmq::message_t& payload) {
-  // `id` points into `payload`, which deliver() leaves as it was unless it took it.
-  if (parked_.empty()) {  // the hot path: no peer is without its connection
-    auto result = send_to(requester, payload);
-    if (result == sent::ok) return;
-    if (result == sent::full) {
-      send_report(worker, proto::DeliveryReport::REJECTED, {}, std::string{id},
-                  "the pipe to requester " + requester + " is full");
-      return;
-    }
-  }
+  // `id` points into `payload`, which send_to() leaves as it was unless it sent it.
+  if (parked_.empty() && send_to(requester, payload) == sent::ok) return;  // the hot path
   undelivered report{worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
                      "requester " + requester + " is gone"};
   auto result = deliver(requester, payload, report);
@@ -1034,12 +1028,16 @@ void broker::answer(const std::string& requester, const std::string& worker, std
 // peer without its connection for the moment; ok then too. Behind what is
 // kept for `to` already, so that a peer gets its messages in order. `full`
 // or `gone` (counted): not sent, `payload` left, for the caller to report.
-broker::sent broker::deliver(const std::string& to, zmq::message_t& payload, const undelivered& report) {
-  if (!parked_.empty() && parked_.contains(to)) unpark(to);
-  bool behind = !parked_.empty() && parked_.contains(to);  // still: its connection is not back
+broker::sent broker::deliver(std::string_view to, zmq::message_t& payload, const undelivered& report) {
+  bool behind = false;
+  if (!parked_.empty()) {
+    std::string key{to};
+    if (parked_.contains(key)) unpark(key);
+    behind = parked_.contains(key);  // still: its connection is not back
+  }
   auto result = behind ? sent::gone : send_to(to, payload);
   if (result != sent::gone) return result;
-  if (park(to, payload, report)) return sent::ok;
+  if (park(std::string{to}, payload, report)) return sent::ok;
   drop(drop_reason::unreachable, to);
   return sent::gone;
 }
@@ -1090,7 +1088,7 @@ void broker::report_parked(const std::string& to) {
   for (auto& k : kept) {
     drop(drop_reason::unreachable, to);
     auto& r = k.report;
-    send_report(r.to, r.status, std::move(r.sid), std::move(r.ref), std::move(r.detail));
+    if (!r.to.empty()) send_report(r.to, r.status, std::move(r.sid), std::move(r.ref), std::move(r.detail));
   }
 }
 
@@ -1114,9 +1112,12 @@ void broker::tick(clock::time_point now) {
     // host paused or starved it): the peers' heartbeats wait unread in the
     // sockets. The time away does not count against them, or every peer
     // would be dropped here, and every worker's jobs run again.
-    for (auto& [id, p] : peers_) p.expiry += late;
+    // At most a whole liveness from now: a thread starved on every tick
+    // still finds a peer that is really silent dead, only later.
+    auto window = config_.heartbeat_interval * config_.heartbeat_liveness;
+    for (auto& [id, p] : peers_) p.expiry = std::min(p.expiry + late, now + window);
     for (auto& [to, kept] : parked_)
-      for (auto& k : kept) k.since += late;
+      for (auto& k : kept) k.since = std::min(k.since + late, now);
     metrics_->stalls.Increment();
     spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats",
                  std::chrono::duration_cast<std::chrono::milliseconds>(late).count());
@@ -1158,10 +1159,17 @@ bool broker::send(std::string_view routing_id, std::string_view payload) {
   return send(routing_id, zmq::message_t{payload.data(), payload.size()});
 }
 
+// Everything the broker sends a peer comes here (or through deliver() with
+// a report to give): for a registered peer without its connection for the
+// moment it is kept, in order, as an answer is (park()). Nobody is told if
+// it is never delivered: the peer is dropped then, which settles what it
+// held (a job goes elsewhere).
 bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
-  auto result = send_to(routing_id, payload);
-  if (result == sent::gone) drop(drop_reason::unreachable, routing_id);
-  return result == sent::ok;
+  if (parked_.empty()) {  // the hot path: no peer is without its connection
+    auto result = send_to(routing_id, payload);
+    if (result != sent::gone) return result == sent::ok;
+  }
+  return deliver(routing_id, payload, {}) == sent::ok;
 }
 
 broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payload) {

@@ -134,7 +134,7 @@ class broker {
   };
   bool park(const std::string& to, zmq::message_t& payload, const undelivered& report);
   enum class sent { ok, full, gone };
-  sent deliver(const std::string& to, zmq::message_t& payload, const undelivered& report);
+  sent deliver(std::string_view to, zmq::message_t& payload, const undelivered& report);
   void unpark(const std::string& to);
   void expire_parked(clock::time_point now);
   void report_parked(const std::string& to);
@@ -152,7 +152,7 @@ class broker {
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
   void send_error(const std::string& to, proto::Code code, std::string message, std::string id = {});
-  void welcome(const std::string& to, const proto::Hello& hello);
+  bool welcome(const std::string& to, const proto::Hello& hello);
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
                    std::string ref, std::string detail);
   /// Why a message was dropped: the `reason` of sidecast_broker_dropped_total

@@ -343,7 +343,7 @@ std::vector<job*> service_table::resend_held(const std::string& worker) {
   }
   std::sort(held.begin(), held.end(), [&](std::uint32_t a, std::uint32_t b) { return slots_[a].seq < slots_[b].seq; });
   for (auto s : held) {
-    ++slots_[s].work.attempt;
+    ++slots_[s].work.resent;
     again.push_back(&slots_[s].work);
   }
   return again;

@@ -38,7 +38,9 @@ struct job {
   bool answered = false;    // the worker answered early (partial reply); work goes on
   bool connect = false;     // a Lifecycle CONNECT: its envelope outlives its end (see late_connect)
   bool owed = false;        // the broker's DISCONNECT for a late accept: only for the worker that accepted
-  unsigned attempt = 0;     // dispatches so far
+  unsigned attempt = 0;     // dispatches so far (--max-attempts bounds them)
+  unsigned resent = 0;      // sent again to the same worker on its new socket (see resend_held); the
+                            // envelope's attempt is attempt + resent
   clock::time_point received{};
   clock::time_point deadline{};
 };
@@ -122,7 +124,8 @@ class service_table {
   std::vector<failure> remove_worker(const std::string& worker);
 
   /// The jobs `worker` holds and has not answered, oldest first, each
-  /// counted as dispatched once more (attempt + 1): a worker back on a new
+  /// counted as sent again (resent + 1, not a dispatch: the attempts left
+  /// for a retry elsewhere stay as they were): a worker back on a new
   /// socket may have lost them on the old one, and gets them again. It
   /// keeps them (and their capacity); it runs none twice (the SDKs know
   /// the ids they hold or answered, see docs/protocol.md). Valid until the

@@ -1,5 +1,6 @@
 #include "core/peer_link.hpp"
 
+#include <algorithm>
 #include <random>
 
 #include <spdlog/spdlog.h>
@@ -212,8 +213,10 @@ void peer_link::tick(clock::time_point now) {
   if (auto late = now - next_tick(); late > interval_) {
     // Our own thread did not run for a while (the process was stopped, or
     // starved): what the broker sent meanwhile waits unread, and the time
-    // away is not its silence. At least an interval to read it.
-    broker_expiry_ = std::max(broker_expiry_ + late, now + interval_);
+    // away is not its silence. At least an interval to read it, at most a
+    // whole liveness (a thread starved on every tick still finds a broker
+    // that is really silent dead, only later).
+    broker_expiry_ = std::clamp(broker_expiry_ + late, now + interval_, now + interval_ * liveness_);
   }
   if (now >= broker_expiry_) {
     if (welcomed_) spdlog::warn("broker at {} went silent; reconnecting", options_.endpoint);

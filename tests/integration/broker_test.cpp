@@ -584,6 +584,88 @@ TEST_P(BrokerTest, AWorkerBackOnANewSocketKeepsItsJobAndGetsItAgain) {
   EXPECT_TRUE(b.next(Envelope::kRequest, 3s));
 }
 
+// A draining worker back on a new socket gets its jobs again before the
+// broker's Drain confirmation: none may come after it (the worker stops
+// once it has the confirmation and nothing runs).
+TEST_P(BrokerTest, ADrainingWorkerBackOnANewSocketGetsItsJobsBeforeTheDrain) {
+  heartbeat_ = 1s;
+  start();
+  peer w{ctx_, "inproc://router", "w-d", proto::ROLE_WORKER};
+  w.send_hello({{"raw", 1}}, false, 77, 0);
+  ASSERT_TRUE(w.next(Envelope::kWelcome, 3s));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("raw", "x", "[1]", 10s);
+  ASSERT_TRUE(w.next(Envelope::kRequest, 3s));
+  Envelope drain;
+  drain.mutable_drain();
+  w.send(drain);
+  ASSERT_TRUE(w.next(Envelope::kDrain, 3s));
+  w.send_hello({{"raw", 1}}, true, 77, 1);
+  std::vector<Envelope::KindCase> got;
+  for (int i = 0; i < 3; ++i)
+    if (auto env = w.receive(3s)) got.push_back(env->kind_case());
+  EXPECT_EQ(got, (std::vector<Envelope::KindCase>{Envelope::kWelcome, Envelope::kRequest, Envelope::kDrain}));
+  expect_answer_passed_on(w, client, id);
+}
+
+// Sending a job again on a new socket is not a dispatch: it leaves the job
+// the attempts it had for a retry on another worker.
+TEST_P(BrokerTest, JobsSentAgainOnANewSocketKeepTheirAttempts) {
+  heartbeat_ = 1s;
+  broker::broker_config config;
+  config.limits.max_attempts = 2;
+  start(config);
+  peer a{ctx_, "inproc://router", "w-a", proto::ROLE_WORKER};
+  a.send_hello({{"raw", 1}}, false, 77, 0);
+  ASSERT_TRUE(a.next(Envelope::kWelcome, 3s));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("raw", "x", "[1]", 10s);
+  ASSERT_TRUE(a.next(Envelope::kRequest, 3s));
+  a.send_hello({{"raw", 1}}, false, 77, 1);
+  auto again = a.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->request().attempt(), 2u);
+  peer b{ctx_, "inproc://router", "w-b", proto::ROLE_WORKER};
+  b.send_hello({{"raw", 1}}, false, 78, 0);
+  ASSERT_TRUE(b.next(Envelope::kWelcome, 3s));
+  Envelope bye;
+  bye.mutable_goodbye();
+  a.send(bye);  // lost once: one attempt of two is left
+  auto retried = b.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(retried) << "the job was not retried on the other worker";
+  EXPECT_EQ(retried->request().id(), id);
+  EXPECT_EQ(retried->request().attempt(), 3u) << "sent three times in all";
+  expect_answer_passed_on(b, client, id);
+}
+
+// A registered worker whose connection is gone for a moment is not dropped
+// when a job for it finds no connection: the job waits for it, as an answer
+// would, and goes when it is heard from again.
+TEST_P(BrokerTest, AJobForAWorkerWithoutAConnectionForAMomentWaitsForIt) {
+  heartbeat_ = 1s;
+  start();
+  auto w = std::make_unique<peer>(ctx_, "inproc://router", "w-p", proto::ROLE_WORKER);
+  w->send_hello({{"raw", 1}});
+  ASSERT_TRUE(w->next(Envelope::kWelcome, 3s));
+  w.reset();
+  std::this_thread::sleep_for(200ms);
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("raw", "x", "[1]", 10s);
+  std::this_thread::sleep_for(200ms);
+  w = std::make_unique<peer>(ctx_, "inproc://router", "w-p", proto::ROLE_WORKER);
+  Envelope beat;
+  beat.mutable_heartbeat();
+  w->send(beat);
+  auto job = w->next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(job) << "the job did not wait for the worker";
+  EXPECT_EQ(job->request().id(), id);
+  EXPECT_EQ(job->request().attempt(), 1u);
+  expect_answer_passed_on(*w, client, id);
+}
+
 // A registered gateway whose connection is gone for a moment (it replaced
 // its socket, or libzmq is reconnecting it) gets the answers and events that
 // came for it meanwhile, in order, as soon as it is heard from again. Kept
@@ -2156,6 +2238,39 @@ TEST(WorkerJobsAgain, AJobSentAgainRunsOnce) {
   EXPECT_EQ(broker.answer(), (answer{"c:2", "[\"c:2\"]"}));
   EXPECT_EQ(ran(), (std::vector<std::string>{"c:1", "c:2", "c:3", "c:4", "c:5", "c:2"}));
   EXPECT_EQ(w.stats().jobs_again, 2u);
+}
+
+// Kept answers go again oldest first, whatever their places in the ring:
+// an early answer (the client's ack) before the final, silent one. The
+// other way round, the final one would end the job at the broker, which
+// would then drop the early one, and the client would never get its ack.
+TEST(WorkerJobsAgain, KeptAnswersGoAgainOldestFirst) {
+  fake_broker broker{"fake-broker-order"};
+  broker.options.kept_replies = 2;
+  worker w{broker.options, &broker.ctx};
+  w.add(service{"svc", 2}.on("work", [](request req) {
+    if (req.args_text() == "[\"ack\"]") {
+      req.ack("[\"early\"]");
+      req.reply();
+    } else {
+      req.reply("[\"plain\"]");
+    }
+  }));
+  w.start();
+  broker.welcome(w);
+  broker.job("c:0", "[]", 1);      // kept in the ring's first place
+  EXPECT_EQ(broker.answer().first, "c:0");
+  broker.job("c:1", "[\"ack\"]", 1);  // the early answer in the second, the final one in the first
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(broker.next());
+  broker.job("c:1", "[\"ack\"]", 2);
+  auto first = broker.next();
+  ASSERT_TRUE(first && first->has_reply());
+  EXPECT_TRUE(first->reply().partial()) << "the final answer went before the early one";
+  EXPECT_EQ(first->reply().args(), "[\"early\"]");
+  auto second = broker.next();
+  ASSERT_TRUE(second && second->has_reply());
+  EXPECT_FALSE(second->reply().partial());
+  EXPECT_EQ(w.stats().replies_resent, 2u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Links, BrokerTest, ::testing::ValuesIn(link_modes), link_name);

@@ -92,6 +92,7 @@ struct request_state {
   unsigned attempt = 1;
   std::atomic<bool> answered{false};
   std::atomic<bool> acked{false};  // answered early; the final reply is silent
+  std::atomic<bool> replied{false};  // the final reply is in the outbox (see had_before)
 
   // The cancel token is made when a handler first asks for it; most never
   // do, and a std::stop_source is a heap block. A Cancel (I/O thread) and
@@ -422,6 +423,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (!enqueue({{}, std::move(reply), reply_key(st.f->id)}, true) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
+    if (!partial) st.replied = true;
     return true;
   }
 
@@ -859,12 +861,17 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // its kept answer again (that may have died on the old socket). True
   // when it was one of those: not to be run.
   bool had_before(const std::string& id) {
+    // Running until its final reply is in the outbox (a handler thread may
+    // be between deciding its answer and queueing it): that reply comes.
     bool running = false;
     if (auto it = in_flight.find(id); it != in_flight.end())
-      if (auto st = it->second.lock()) running = !st->answered;
+      if (auto st = it->second.lock()) running = !st->replied;
+    // Replies queued and not yet sent are kept as they are sent: send them.
+    send_queued();
     bool resent = false;
     auto key = reply_key(id);
-    for (auto& k : kept) {
+    for (std::size_t i = 0; i < kept.size(); ++i) {  // the oldest first: an early answer before the final one
+      auto& k = kept[(kept_next + i) % kept.size()];
       if (k.key != key || proto::peek(k.message.to_string_view()).id != id) continue;
       zmq::message_t again;
       again.copy(k.message);

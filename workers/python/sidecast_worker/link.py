@@ -211,8 +211,11 @@ class PeerLink:
         the time since next_tick() as the broker's silence."""
         late = now - self.next_tick()
         if late > self.interval:
-            # What the broker sent meanwhile waits unread: at least an interval to read it.
-            self._broker_expiry = max(self._broker_expiry + late, now + self.interval)
+            # What the broker sent meanwhile waits unread: at least an interval
+            # to read it, at most a whole liveness (a thread starved on every
+            # tick still finds a broker that is really silent dead, only later).
+            self._broker_expiry = min(max(self._broker_expiry + late, now + self.interval),
+                                      now + self.interval * self.liveness)
         if now >= self._broker_expiry:
             if self.welcomed:
                 log.warning("broker at %s went silent; reconnecting", self.endpoint)

@@ -131,9 +131,10 @@ class _Core:
         self.queue_limit = queue_limit
         self.kept_replies = kept_replies
         self.kept_reply_bytes = kept_reply_bytes
-        # The answers sent last, (request id, bytes), oldest first: I/O thread only.
+        # The answers sent last, (request id, bytes), oldest first.
         self.kept = collections.deque()
         self.kept_bytes = 0
+        self.kept_lock = threading.Lock()
         self.hwm = hwm
         self.default_timeout = default_timeout
         self.curve = curve
@@ -178,16 +179,15 @@ class _Core:
 
     # ---- the outbox: any thread -> the I/O thread ----
 
-    def enqueue(self, topic, data, reply_to=None):
-        """``reply_to``: the id a Reply answers (it is kept once sent)."""
+    def enqueue(self, topic, data):
         if self.stopping.is_set() or self.io_failure is not None:
             return False
         try:
             if threading.current_thread() is self.io_thread:
                 # The I/O thread drains the outbox, so it must never wait for room.
-                self.outbox.put_nowait((topic, data, reply_to))
+                self.outbox.put_nowait((topic, data))
             else:
-                self.outbox.put((topic, data, reply_to), timeout=self.outbox_wait)
+                self.outbox.put((topic, data), timeout=self.outbox_wait)
         except queue.Full:
             self.count("outbox_dropped")
             return False
@@ -259,8 +259,12 @@ class _Core:
         # A reply must not be lost to a full outbox: it also frees the capacity.
         # Queued before the request leaves in_flight: a drain() woken by that
         # stops the worker, whose last flush must find the reply there.
-        if not self.enqueue(None, env.SerializeToString(), req.id) and not self.stopping.is_set():
+        data = env.SerializeToString()
+        if not self.enqueue(None, data) and not self.stopping.is_set():
             log.error("outbox full: reply for %s dropped", req.id)
+        # Kept before the request leaves in_flight: a job sent again finds it
+        # in one or the other (had_before).
+        self.keep_reply(req.id, data)
         if not partial:
             self.count("replies")
             with self.in_flight_lock:
@@ -493,12 +497,10 @@ class _Core:
     def flush(self, link, pub):
         for _ in range(self.outbox_limit):
             try:
-                topic, data, reply_to = self.outbox.get_nowait()
+                topic, data = self.outbox.get_nowait()
             except queue.Empty:
                 return
             if topic is None:
-                if reply_to is not None:
-                    self.keep_reply(reply_to, data)
                 if not link.send_bytes(data):
                     self.count("outbox_dropped")
             else:
@@ -559,14 +561,15 @@ class _Core:
             log.warning("unexpected %s from the broker", kind)
 
     def keep_reply(self, request_id, data):
-        """Keeps an answer about to be sent; the oldest go past the count or
-        the bytes allowed."""
+        """Keeps an answer queued to be sent (any thread); the oldest go past
+        the count or the bytes allowed."""
         if self.kept_replies <= 0 or len(data) > self.kept_reply_bytes:
             return
-        self.kept.append((request_id, data))
-        self.kept_bytes += len(data)
-        while len(self.kept) > self.kept_replies or self.kept_bytes > self.kept_reply_bytes:
-            self.kept_bytes -= len(self.kept.popleft()[1])
+        with self.kept_lock:
+            self.kept.append((request_id, data))
+            self.kept_bytes += len(data)
+            while len(self.kept) > self.kept_replies or self.kept_bytes > self.kept_reply_bytes:
+                self.kept_bytes -= len(self.kept.popleft()[1])
 
     def had_before(self, request_id):
         """A job sent again (attempt > 1): after a worker comes back on a new
@@ -576,12 +579,12 @@ class _Core:
         kept answer again. True when it was one of those: not to be run."""
         with self.in_flight_lock:
             running = request_id in self.in_flight
-        resent = False
-        for rid, data in list(self.kept):
-            if rid == request_id:
-                self.enqueue(None, data)
-                self.count("replies_resent")
-                resent = True
+        with self.kept_lock:
+            kept = [data for rid, data in self.kept if rid == request_id]  # the oldest first
+        for data in kept:
+            self.enqueue(None, data)
+            self.count("replies_resent")
+        resent = bool(kept)
         if not running and not resent:
             return False
         self.count("jobs_again")
