@@ -500,6 +500,17 @@ TEST_P(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
   }
 }
 
+// `worker` (link incarnation 77, first socket) serves "raw" (capacity 1)
+// and holds `client`'s job (args [1]), whose id is put in `id`.
+void holds_a_job(peer& worker, peer& client, std::string& id) {
+  ASSERT_TRUE(worker.hello({{"raw", 1}}, 77, 0));
+  ASSERT_TRUE(client.hello());
+  id = client.submit("raw", "x", "[1]", 10s);
+  auto job = worker.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(job);
+  EXPECT_EQ(job->request().attempt(), 1u);
+}
+
 // `worker` answers job `id`; `requester` gets that answer.
 void expect_answer_passed_on(peer& worker, peer& requester, const std::string& id) {
   worker.reply(id, "[1]");
@@ -551,20 +562,13 @@ TEST_P(BrokerTest, AWorkerBackOnANewSocketKeepsItsJobAndGetsItAgain) {
   heartbeat_ = 1s;  // the raw peers send none: they must outlive the waits below
   start();
   peer a{ctx_, "inproc://router", "w-a", proto::ROLE_WORKER};
-  a.send_hello({{"raw", 1}}, false, 77, 0);
-  ASSERT_TRUE(a.next(Envelope::kWelcome, 3s));
   peer client{ctx_, "inproc://router", "c1"};
-  ASSERT_TRUE(client.hello());
-  auto id = client.submit("raw", "x", "[1]", 5s);
-  auto job = a.next(Envelope::kRequest, 3s);
-  ASSERT_TRUE(job);
-  EXPECT_EQ(job->request().attempt(), 1u);
+  std::string id;
+  ASSERT_NO_FATAL_FAILURE(holds_a_job(a, client, id));
   peer b{ctx_, "inproc://router", "w-b", proto::ROLE_WORKER};
-  b.send_hello({{"raw", 1}}, false, 78, 0);
-  ASSERT_TRUE(b.next(Envelope::kWelcome, 3s));
+  ASSERT_TRUE(b.hello({{"raw", 1}}, 78, 0));
 
-  a.send_hello({{"raw", 1}}, false, 77, 1);
-  ASSERT_TRUE(a.next(Envelope::kWelcome, 3s));
+  ASSERT_TRUE(a.hello({{"raw", 1}}, 77, 1));
   auto again = a.next(Envelope::kRequest, 3s);
   ASSERT_TRUE(again) << "the job held was not sent again on the new socket";
   EXPECT_EQ(again->request().id(), id);
@@ -591,12 +595,9 @@ TEST_P(BrokerTest, ADrainingWorkerBackOnANewSocketGetsItsJobsBeforeTheDrain) {
   heartbeat_ = 1s;
   start();
   peer w{ctx_, "inproc://router", "w-d", proto::ROLE_WORKER};
-  w.send_hello({{"raw", 1}}, false, 77, 0);
-  ASSERT_TRUE(w.next(Envelope::kWelcome, 3s));
   peer client{ctx_, "inproc://router", "c1"};
-  ASSERT_TRUE(client.hello());
-  auto id = client.submit("raw", "x", "[1]", 10s);
-  ASSERT_TRUE(w.next(Envelope::kRequest, 3s));
+  std::string id;
+  ASSERT_NO_FATAL_FAILURE(holds_a_job(w, client, id));
   Envelope drain;
   drain.mutable_drain();
   w.send(drain);
@@ -617,19 +618,15 @@ TEST_P(BrokerTest, JobsSentAgainOnANewSocketKeepTheirAttempts) {
   config.limits.max_attempts = 2;
   start(config);
   peer a{ctx_, "inproc://router", "w-a", proto::ROLE_WORKER};
-  a.send_hello({{"raw", 1}}, false, 77, 0);
-  ASSERT_TRUE(a.next(Envelope::kWelcome, 3s));
   peer client{ctx_, "inproc://router", "c1"};
-  ASSERT_TRUE(client.hello());
-  auto id = client.submit("raw", "x", "[1]", 10s);
-  ASSERT_TRUE(a.next(Envelope::kRequest, 3s));
+  std::string id;
+  ASSERT_NO_FATAL_FAILURE(holds_a_job(a, client, id));
   a.send_hello({{"raw", 1}}, false, 77, 1);
   auto again = a.next(Envelope::kRequest, 3s);
   ASSERT_TRUE(again);
   EXPECT_EQ(again->request().attempt(), 2u);
   peer b{ctx_, "inproc://router", "w-b", proto::ROLE_WORKER};
-  b.send_hello({{"raw", 1}}, false, 78, 0);
-  ASSERT_TRUE(b.next(Envelope::kWelcome, 3s));
+  ASSERT_TRUE(b.hello({{"raw", 1}}, 78, 0));
   Envelope bye;
   bye.mutable_goodbye();
   a.send(bye);  // lost once: one attempt of two is left
@@ -647,8 +644,7 @@ TEST_P(BrokerTest, AJobForAWorkerWithoutAConnectionForAMomentWaitsForIt) {
   heartbeat_ = 1s;
   start();
   auto w = std::make_unique<peer>(ctx_, "inproc://router", "w-p", proto::ROLE_WORKER);
-  w->send_hello({{"raw", 1}});
-  ASSERT_TRUE(w->next(Envelope::kWelcome, 3s));
+  ASSERT_TRUE(w->hello({{"raw", 1}}));
   w.reset();
   std::this_thread::sleep_for(200ms);
   peer client{ctx_, "inproc://router", "c1"};
@@ -674,8 +670,7 @@ TEST_P(BrokerTest, APeerWithoutAConnectionForAMomentGetsWhatCameMeanwhile) {
   heartbeat_ = 1s;  // liveness 3 s: the raw peers send no heartbeats
   start();
   peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
-  worker_peer.send_hello({{"raw", 1}});
-  ASSERT_TRUE(worker_peer.next(Envelope::kWelcome, 3s));
+  ASSERT_TRUE(worker_peer.hello({{"raw", 1}}));
   auto gw = std::make_unique<peer>(ctx_, "inproc://router", "gwP", proto::ROLE_GATEWAY);
   ASSERT_TRUE(gw->hello());
   auto id = gw->submit("raw", "x", "[1]", 10s, "gwP.s1");

@@ -111,6 +111,13 @@ class peer {
     return next(Envelope::kWelcome, limit).has_value();
   }
 
+  /// A worker's Hello (see send_hello), then waits for the Welcome.
+  bool hello(const std::vector<std::pair<std::string, unsigned>>& services, std::uint64_t incarnation = 0,
+             std::uint64_t connection = 0, std::chrono::milliseconds limit = 3s) {
+    send_hello(services, false, incarnation, connection);
+    return next(Envelope::kWelcome, limit).has_value();
+  }
+
   /// Sends Hello (a worker's: with its services and capacities, and whether
   /// it drains; the link incarnation and socket number a peer_link would
   /// give), without waiting.
