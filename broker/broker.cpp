@@ -447,7 +447,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   auto now = now_;
   if (kind == Envelope::kHello) {
     on_hello(routing_id, env->hello(), now);
-    if (!parked_.empty()) unpark(routing_id);  // after its Welcome
+    if (!parked_.empty()) unpark(routing_id);  // if its Welcome (which sends what waits first) did not
     return;
   }
   auto it = peers_.find(routing_id);
