@@ -253,7 +253,7 @@ std::string broker::status() const {
 void broker::publish_status(clock::time_point now) {
   namespace json = boost::json;
   auto millis = [](clock::duration d) { return std::chrono::duration_cast<std::chrono::milliseconds>(d).count(); };
-  auto window = config_.heartbeat_interval * config_.heartbeat_liveness;
+  auto window = liveness_window();
   std::unordered_map<std::string_view, const worker_view*> loads;
   auto views = table_.worker_views();
   for (const auto& v : views) loads.emplace(v.name, &v);
@@ -467,7 +467,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
                       : head.id;
     send_error(routing_id, proto::NOT_REGISTERED, "send Hello first", std::string{job_id});
   } else {
-    it->second.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
+    it->second.expiry = now + liveness_window();
     role = it->second.role;
     if (!parked_.empty()) unpark(routing_id);
   }
@@ -572,34 +572,26 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   auto existing = peers_.find(routing_id);
   if (existing != peers_.end()) {
     auto& known = existing->second;
-    if (hello.incarnation() != 0 && hello.incarnation() == known.incarnation &&
-        hello.connection() == known.connection && hello.role() == known.role) {
-      // The same link on the same socket, saying Hello again: it answered
-      // several NOT_REGISTERED at once (sent before its first Hello came),
-      // or Hellos crossed. Nothing was lost on that socket: what it holds
-      // stays (moving it elsewhere would run it twice). Welcomed again.
-      known.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
-      if (welcome(routing_id, hello)) confirm_drain(routing_id);
-      return;
-    }
     if (hello.incarnation() != 0 && hello.incarnation() == known.incarnation && hello.role() == known.role) {
+      // The same link, alive, holding what it held: it stays registered.
       if (hello.connection() < known.connection) {
         // From a socket the link has replaced since: the newer Hello counts.
         drop(drop_reason::duplicate, "a Hello from a replaced socket");
         return;
       }
-      // The same link on a new socket: it heard nothing from us for its
-      // liveness (we stalled, or the network did) and replaced the old one.
-      // It is alive and holds what it held; what we sent it on the old
-      // socket lately may have died there. A worker keeps its jobs and gets
-      // them again on this socket: it runs none twice (it knows the ids it
-      // holds and answered), and one it never got runs now. Given to
-      // another worker instead, a job it still runs would run twice.
+      // On the same socket, it answered several NOT_REGISTERED at once
+      // (sent before its first Hello came), or Hellos crossed: nothing was
+      // lost there. On a new one, it heard nothing from us for its liveness
+      // (we stalled, or the network did) and replaced the old socket, where
+      // what we sent it lately may have died: a worker gets its jobs again
+      // on this one. It runs none twice (it knows the ids it holds and
+      // answered), and one it never got runs now. Given to another worker
+      // instead, a job it still runs would run twice.
+      bool new_socket = hello.connection() > known.connection;
       known.connection = hello.connection();
-      known.expiry = now + config_.heartbeat_interval * config_.heartbeat_liveness;
+      known.expiry = now + liveness_window();
       bool drains = welcome(routing_id, hello);
-      std::size_t again = 0;
-      if (hello.role() == proto::ROLE_WORKER) {
+      if (new_socket && hello.role() == proto::ROLE_WORKER) {
         for (job* work : table_.resend_held(routing_id)) {
           if (!send_job(routing_id, *work, now)) {
             // Full: lost as any worker whose pipe fails.
@@ -608,20 +600,20 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
             dispatch(now);
             return;
           }
-          ++again;
         }
       }
       if (drains) confirm_drain(routing_id);  // after its jobs: none comes after it
-      metrics_->reconnects.Increment();
-      spdlog::info("{} {} came back on a new socket ({} jobs sent again)", proto::Role_Name(hello.role()),
-                   routing_id, again);
+      if (new_socket) {
+        metrics_->reconnects.Increment();
+        spdlog::info("{} {} came back on a new socket", proto::Role_Name(hello.role()), routing_id);
+      }
       return;
     }
     // A peer announcing itself again otherwise lost its state (a restart
     // under the same id): whatever it held goes elsewhere.
     remove_peer(routing_id);
   }
-  peers_[routing_id] = peer{hello.role(), now + config_.heartbeat_interval * config_.heartbeat_liveness, now,
+  peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
                             hello.incarnation(), hello.connection()};
   if (hello.role() == proto::ROLE_WORKER) {
     // The services the table knows first: once this worker serves them, a
@@ -1070,10 +1062,9 @@ void broker::unpark(const std::string& to) {
 
 // Kept past the peer's liveness: it is not coming back on this connection.
 void broker::expire_parked(clock::time_point now) {
-  auto limit = config_.heartbeat_interval * config_.heartbeat_liveness;
   std::vector<std::string> stale;
   for (const auto& [to, kept] : parked_)
-    if (!kept.empty() && now - kept.front().since >= limit) stale.push_back(to);
+    if (!kept.empty() && now - kept.front().since >= liveness_window()) stale.push_back(to);
   for (const auto& to : stale) report_parked(to);
 }
 
@@ -1114,8 +1105,7 @@ void broker::tick(clock::time_point now) {
     // would be dropped here, and every worker's jobs run again.
     // At most a whole liveness from now: a thread starved on every tick
     // still finds a peer that is really silent dead, only later.
-    auto window = config_.heartbeat_interval * config_.heartbeat_liveness;
-    for (auto& [id, p] : peers_) p.expiry = std::min(p.expiry + late, now + window);
+    for (auto& [id, p] : peers_) p.expiry = std::min(p.expiry + late, now + liveness_window());
     for (auto& [to, kept] : parked_)
       for (auto& k : kept) k.since = std::min(k.since + late, now);
     metrics_->stalls.Increment();
@@ -1165,10 +1155,6 @@ bool broker::send(std::string_view routing_id, std::string_view payload) {
 // it is never delivered: the peer is dropped then, which settles what it
 // held (a job goes elsewhere).
 bool broker::send(std::string_view routing_id, zmq::message_t&& payload) {
-  if (parked_.empty()) {  // the hot path: no peer is without its connection
-    auto result = send_to(routing_id, payload);
-    if (result != sent::gone) return result == sent::ok;
-  }
   return deliver(routing_id, payload, {}) == sent::ok;
 }
 

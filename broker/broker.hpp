@@ -143,6 +143,8 @@ class broker {
   void tick(clock::time_point now);
   void publish_status(clock::time_point now);
   bool allowed(proto::Role role, proto::Envelope::KindCase kind) const;
+  /// How long a peer may be silent before it is dropped.
+  clock::duration liveness_window() const { return config_.heartbeat_interval * config_.heartbeat_liveness; }
   void confirm_drain(const std::string& worker);
 
   bool send(std::string_view routing_id, std::string_view payload);

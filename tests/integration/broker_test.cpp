@@ -529,23 +529,19 @@ void expect_answer_passed_on(peer& worker, peer& requester, const std::string& i
 TEST_P(BrokerTest, AHelloAgainOnTheSameSocketKeepsTheWorkersJobs) {
   start();
   peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
-  auto hello = [&](std::uint64_t connection) {
-    worker_peer.send_hello({{"raw", 1}}, false, 77, connection);
-    return worker_peer.next(Envelope::kWelcome, 3s).has_value();
-  };
-  ASSERT_TRUE(hello(0));
+  ASSERT_TRUE(worker_peer.hello({{"raw", 1}}, 77, 0));
   peer client{ctx_, "inproc://router", "c1"};
   ASSERT_TRUE(client.hello());
   auto id = client.submit("raw", "x", "[1]", 5s);
   auto job = worker_peer.next(Envelope::kRequest, 3s);
   ASSERT_TRUE(job);
-  ASSERT_TRUE(hello(0));
+  ASSERT_TRUE(worker_peer.hello({{"raw", 1}}, 77, 0));
   EXPECT_FALSE(worker_peer.next(Envelope::kRequest, 300ms)) << "the job was dispatched again";
   expect_answer_passed_on(worker_peer, client, id);
 
   auto second = client.submit("raw", "x", "[2]", 5s);
   ASSERT_TRUE(worker_peer.next(Envelope::kRequest, 3s));
-  ASSERT_TRUE(hello(1));
+  ASSERT_TRUE(worker_peer.hello({{"raw", 1}}, 77, 1));
   auto again = worker_peer.next(Envelope::kRequest, 3s);
   ASSERT_TRUE(again) << "a new socket's Hello did not send the job out again";
   EXPECT_EQ(again->request().id(), second);

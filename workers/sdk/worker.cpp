@@ -37,11 +37,8 @@ using proto::Envelope;
 struct outgoing {
   std::string topic;        // non-empty: publish on the PUB socket under this topic
   zmq::message_t envelope;  // serialized once, straight into the message that is sent
-  std::uint64_t reply_key = 0;  // a Reply's: its id's key (reply_key()); 0: not one to keep
+  bool keep = false;        // a handler's answer: kept once sent (see had_before)
 };
-
-// What a kept answer is found by: its id's hash, never 0.
-std::uint64_t reply_key(std::string_view id) { return std::hash<std::string_view>{}(id) | 1; }
 
 // A pending emit_with_ack.
 struct pending_ack {
@@ -250,13 +247,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::vector<std::unique_ptr<request_fields>> spare_fields;  // see recycle()
   // The answers sent last, a ring (see worker_options::kept_replies): each
   // shares its message's bytes (refcounted), so keeping one copies nothing.
-  struct kept_reply {
-    std::uint64_t key = 0;
-    zmq::message_t message;
-  };
-  std::vector<kept_reply> kept;
+  // Looked up only for a job sent again, by the id in the bytes.
+  std::vector<zmq::message_t> kept;
   std::size_t kept_next = 0;  // the oldest, overwritten next
-  std::size_t kept_bytes = 0;
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -270,7 +263,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0}, n_jobs_again{0}, n_replies_resent{0},
-      n_kept_bytes{0};
+      kept_bytes{0};  // written by the I/O thread only
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
@@ -420,7 +413,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     proto::encode_reply(r, static_cast<char*>(reply.data()));
     if (!partial) ++n_replies;
     // A reply must not be lost to a full outbox: it also frees the credit.
-    if (!enqueue({{}, std::move(reply), reply_key(st.f->id)}, true) && !stopping) {
+    if (!enqueue({{}, std::move(reply), true}, true) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
     if (!partial) st.replied = true;
@@ -698,7 +691,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& out : o.batch) {
       if (out.topic.empty()) {
         on_link = true;
-        if (out.reply_key) keep_reply(out.reply_key, out.envelope);
+        if (out.keep) keep_reply(out.envelope);
         if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
       } else {
         o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
@@ -838,20 +831,17 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   // Keeps a copy of an answer about to be sent; the oldest go past the
   // count or the bytes allowed.
-  void keep_reply(std::uint64_t key, zmq::message_t& message) {
+  void keep_reply(zmq::message_t& message) {
     if (options.kept_replies == 0 || message.size() > options.kept_reply_bytes) return;
     if (kept.empty()) kept.resize(options.kept_replies);
-    auto& slot = kept[kept_next];
-    kept_bytes -= slot.message.size();
-    slot.key = key;
-    slot.message.copy(message);
-    kept_bytes += message.size();
+    auto bytes = kept_bytes.load(std::memory_order_relaxed) - kept[kept_next].size() + message.size();
+    kept[kept_next].copy(message);
     kept_next = (kept_next + 1) % kept.size();
-    for (auto i = kept_next; kept_bytes > options.kept_reply_bytes; i = (i + 1) % kept.size()) {
-      kept_bytes -= kept[i].message.size();
-      kept[i] = kept_reply{};
+    for (auto i = kept_next; bytes > options.kept_reply_bytes; i = (i + 1) % kept.size()) {
+      bytes -= kept[i].size();
+      kept[i] = zmq::message_t{};
     }
-    n_kept_bytes.store(kept_bytes, std::memory_order_relaxed);
+    kept_bytes.store(bytes, std::memory_order_relaxed);
   }
 
   // A job sent again (attempt > 1): after a worker comes back on a new
@@ -869,12 +859,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // Replies queued and not yet sent are kept as they are sent: send them.
     send_queued();
     bool resent = false;
-    auto key = reply_key(id);
     for (std::size_t i = 0; i < kept.size(); ++i) {  // the oldest first: an early answer before the final one
       auto& k = kept[(kept_next + i) % kept.size()];
-      if (k.key != key || proto::peek(k.message.to_string_view()).id != id) continue;
+      if (k.size() == 0 || proto::peek(k.to_string_view()).id != id) continue;
       zmq::message_t again;
-      again.copy(k.message);
+      again.copy(k);
       enqueue({{}, std::move(again)}, true);
       ++n_replies_resent;
       resent = true;
@@ -1272,7 +1261,7 @@ worker_stats worker::stats() const {
           core_->n_dropped,      core_->n_errors,           core_->n_reconnects,
           core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
           core_->drain_asked.load(), core_->n_jobs_again, core_->n_replies_resent,
-          core_->n_kept_bytes.load()};
+          core_->kept_bytes.load()};
 }
 
 }  // namespace sidecast
