@@ -468,6 +468,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     send_error(routing_id, proto::NOT_REGISTERED, "send Hello first", std::string{job_id});
   } else {
     it->second.expiry = now + liveness_window();
+    ++it->second.received;
     role = it->second.role;
     if (!parked_.empty()) unpark(routing_id);
   }
@@ -588,9 +589,11 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // answered), and one it never got runs now. Given to another worker
       // instead, a job it still runs would run twice.
       bool new_socket = hello.connection() > known.connection;
+      bool drains = welcome(routing_id, hello, &known);
       known.connection = hello.connection();
       known.expiry = now + liveness_window();
-      bool drains = welcome(routing_id, hello);
+      known.hello = hello.hello();
+      known.received = 0;
       if (new_socket && hello.role() == proto::ROLE_WORKER) {
         for (job* work : table_.resend_held(routing_id)) {
           if (!send_job(routing_id, *work, now)) {
@@ -614,7 +617,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     remove_peer(routing_id);
   }
   peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
-                            hello.incarnation(), hello.connection()};
+                            hello.incarnation(), hello.connection(), hello.hello()};
   if (hello.role() == proto::ROLE_WORKER) {
     // The services the table knows first: once this worker serves them, a
     // new one of its own cannot take their place (make_room takes only
@@ -647,7 +650,11 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
 // A worker whose Hello says it drains (re-announced after a restart of
 // ours, or a Hello again) drains here too; true then: the caller sends the
 // confirmation, after the Welcome and after any job it sends it again.
-bool broker::welcome(const std::string& to, const proto::Hello& hello) {
+// `before`: the peer, registered by an earlier Hello of the same link. The
+// Welcome says how much of what the link sent since then came: what its
+// replaced socket held when the new one took the peer's id died there
+// (libzmq drops what the old pipe held, or gives it another id).
+bool broker::welcome(const std::string& to, const proto::Hello& hello, const peer* before) {
   bool drains = hello.role() == proto::ROLE_WORKER && hello.draining();
   if (drains) table_.drain_worker(to);  // idempotent
   Envelope env;
@@ -657,6 +664,11 @@ bool broker::welcome(const std::string& to, const proto::Hello& hello) {
   w->set_heartbeat_liveness(config_.heartbeat_liveness);
   w->set_broker_id(config_.id);
   w->set_incarnation(incarnation_);
+  w->set_hello(hello.hello());
+  if (before && before->hello != 0) {
+    w->set_previous_hello(before->hello);
+    w->set_received(before->received);
+  }
   send(to, env);
   return drains;
 }

@@ -98,6 +98,8 @@ class broker {
     clock::time_point joined{};
     std::uint64_t incarnation = 0;  // its Hello's: the link and the socket it came on
     std::uint64_t connection = 0;
+    std::uint64_t hello = 0;     // its Hello's number on the link (Hello.hello)
+    std::uint64_t received = 0;  // messages read from it since that Hello (Welcome.received)
   };
   struct metrics;
 
@@ -154,7 +156,7 @@ class broker {
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
   void send_error(const std::string& to, proto::Code code, std::string message, std::string id = {});
-  bool welcome(const std::string& to, const proto::Hello& hello);
+  bool welcome(const std::string& to, const proto::Hello& hello, const peer* before = nullptr);
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
                    std::string ref, std::string detail);
   /// Why a message was dropped: the `reason` of sidecast_broker_dropped_total

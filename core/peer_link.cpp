@@ -66,8 +66,10 @@ void peer_link::send_hello() {
   hello->set_incarnation(own_incarnation_);
   hello->set_connection(stats_.reconnects);
   ++stats_.hellos;
+  hello->set_hello(stats_.hellos);
   if (unwelcomed_from_ == 0) unwelcomed_from_ = stats_.hellos;
   send(env);
+  sent_since_hello_ = 0;  // the broker counts what comes after it
 }
 
 void peer_link::drain() {
@@ -152,6 +154,11 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
             lost_below_ = unwelcomed_from_;
           }
           incarnation_ = w.incarnation();
+        } else if (w.previous_hello() != 0) {
+          // The same broker, which knew this link: what it did not read
+          // died in a replaced socket (a Welcome on the socket of the
+          // Hello before says nothing is missing).
+          received_by_broker_ = {received_by_broker_.count + 1, w.previous_hello(), w.received(), w.hello()};
         }
         unwelcomed_from_ = 0;
         continue;
@@ -205,6 +212,7 @@ bool peer_link::send_message(zmq::message_t&& message) {
     ++stats_.send_dropped;
     return false;
   }
+  ++sent_since_hello_;
   next_heartbeat_ = clock::now() + interval_;
   return true;
 }

@@ -120,6 +120,24 @@ class peer_link {
   /// NOT_REGISTERED (the link returns those to the application). Sent from
   /// this epoch on, it reached the new broker.
   std::uint64_t lost_below() const { return lost_below_; }
+  /// Messages sent since the last Hello (Hello number epoch()): a message
+  /// sent now is number sent_since_hello() after it.
+  std::uint64_t sent_since_hello() const { return sent_since_hello_; }
+  /// What the broker said it read of what this link sent before the Hello
+  /// it last welcomed (Welcome.previous_hello, .received): a message sent
+  /// after Hello `previous` beyond the first `received`, or after a Hello
+  /// between `previous` and `current`, died in a socket the link replaced
+  /// and may be sent again. `count` goes up with each such Welcome.
+  struct broker_received {
+    std::uint64_t count = 0;
+    std::uint64_t previous = 0;
+    std::uint64_t received = 0;
+    std::uint64_t current = 0;
+    bool lost(std::uint64_t epoch, std::uint64_t sent) const {
+      return (epoch == previous && sent > received) || (epoch > previous && epoch < current);
+    }
+  };
+  const broker_received& received_by_broker() const { return received_by_broker_; }
   const peer_link_stats& stats() const { return stats_; }
   const peer_link_options& options() const { return options_; }
 
@@ -144,6 +162,8 @@ class peer_link {
                                        // current socket's, if later; 0: none
   std::uint64_t broker_restarts_ = 0;
   std::uint64_t lost_below_ = 0;
+  std::uint64_t sent_since_hello_ = 0;
+  broker_received received_by_broker_;
   std::chrono::milliseconds interval_;
   unsigned liveness_;
   clock::time_point broker_expiry_;

@@ -220,7 +220,8 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
   if (connect) connects_awaited_.fetch_add(1, std::memory_order_relaxed);
   bool queued = post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout,
                       if_gone = std::move(if_gone)]() mutable {
-    if (!send_to_broker(std::move(message))) {
+    sent_message out;
+    if (!send_kept(std::move(message), out)) {
       // The broker is not taking what we send: say so now, as the broker
       // does when a service queue is full, rather than at the deadline.
       if (if_gone) connects_awaited_.fetch_sub(1, std::memory_order_relaxed);  // never sent
@@ -230,7 +231,7 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
     // Our own deadline is a little later than the broker's, which answers
     // first unless the broker itself is unreachable.
     auto deadline = clock::now() + timeout + std::chrono::seconds(1);
-    pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline, std::move(if_gone), link_->epoch()});
+    pending_.insert_or_assign(seq, pending{std::move(sink), tag, deadline, std::move(if_gone), std::move(out)});
     add_deadline(deadline, seq);
   });
   if (!queued && connect) connects_awaited_.fetch_sub(1, std::memory_order_relaxed);
@@ -283,6 +284,14 @@ void bridge::send_owed(const Envelope& env) {
   post([this, message = core::message_of(env)]() mutable { send_to_broker(std::move(message)); }, true);
 }
 
+bool bridge::send_kept(zmq::message_t&& message, sent_message& out) {
+  out.message.copy(message);  // the bytes are shared: no copy, no allocation
+  if (!send_to_broker(std::move(message))) return false;
+  out.epoch = link_->epoch();
+  out.sent = link_->sent_since_hello();
+  return true;
+}
+
 bool bridge::send_to_broker(zmq::message_t&& message) {
   if (link_->send_message(std::move(message))) return true;
   metrics_.broker_link_full.Increment();
@@ -324,12 +333,13 @@ bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slo
   Envelope env;
   *env.mutable_forward() = std::move(request);
   return post([this, seq, message = core::message_of(env), slot = std::move(slot), timeout, api]() mutable {
-    if (!send_to_broker(std::move(message))) {
+    sent_message out;
+    if (!send_kept(std::move(message), out)) {
       slot->complete(forward_failed(503, api));
       return;
     }
     auto deadline = clock::now() + timeout;
-    forwards_.insert_or_assign(seq, pending_forward{std::move(slot), deadline, api});
+    forwards_.insert_or_assign(seq, pending_forward{std::move(slot), deadline, api, std::move(out)});
     add_deadline(deadline, seq);
   });
 }
@@ -405,6 +415,7 @@ void bridge::pump() {
     return true;
   });
   if (link_->broker_restarts() != broker_restarts_) fail_lost_to_restart();
+  if (link_->received_by_broker().count != broker_received_) resend_lost();
   more = drain(sub_watch_, [this] {
     zmq::message_t topic, body;
     if (!sub_->recv(topic, zmq::recv_flags::dontwait)) return false;
@@ -551,7 +562,7 @@ void bridge::on_broker(Envelope& env) {
       // A new broker took this request before our Hello: it is not lost.
       if (env.error().code() == proto::NOT_REGISTERED)
         if (auto seq = own_seq(env.error().id()))
-          if (auto it = pending_.find(*seq); it != pending_.end()) it->second.epoch = link_->epoch();
+          if (auto it = pending_.find(*seq); it != pending_.end()) it->second.out.epoch = link_->epoch();
       return;
     case Envelope::kReport: return;
     default:
@@ -669,7 +680,7 @@ void bridge::fail_lost_to_restart() {
   auto below = link_->lost_below();
   std::vector<std::uint64_t> lost;
   for (const auto& [seq, p] : pending_)
-    if (p.epoch < below) lost.push_back(seq);
+    if (p.out.epoch < below) lost.push_back(seq);
   if (!lost.empty())
     spdlog::warn("gateway bridge: a new broker; {} requests the previous one held end BROKER_LOST", lost.size());
   for (auto seq : lost) {
@@ -686,6 +697,49 @@ void bridge::fail_lost_to_restart() {
     }
     reply_to(std::move(p), {proto::BROKER_LOST, "the broker restarted before it answered; the request may have run"});
   }
+}
+
+// The broker (the same one) welcomed a new socket of the link and said how
+// much of what the old one sent it read: a broker that stalled past the
+// link's liveness, a network that did. The rest died in the old socket
+// (libzmq drops what a pipe held when a new connection takes its peer's
+// id): each request and forward still waiting for its answer among it is
+// sent again, in the order it was first sent, on the new socket. It never
+// reached the broker, so it cannot run twice. (What the link sent that
+// nobody answers, a DISCONNECT notice or a client's ack, is not kept.)
+void bridge::resend_lost() {
+  const auto& received = link_->received_by_broker();
+  broker_received_ = received.count;
+  std::vector<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t, bool>> lost;  // epoch, sent, seq, forward
+  for (const auto& [seq, p] : pending_)
+    if (received.lost(p.out.epoch, p.out.sent)) lost.emplace_back(p.out.epoch, p.out.sent, seq, false);
+  for (const auto& [seq, f] : forwards_)
+    if (received.lost(f.out.epoch, f.out.sent)) lost.emplace_back(f.out.epoch, f.out.sent, seq, true);
+  if (lost.empty()) return;
+  std::sort(lost.begin(), lost.end());
+  spdlog::warn("gateway bridge: {} requests died in the socket to the broker it replaced; sending them again",
+               lost.size());
+  for (auto [epoch, sent, seq, is_forward] : lost) {
+    auto& out = is_forward ? forwards_.find(seq)->second.out : pending_.find(seq)->second.out;
+    zmq::message_t again;
+    again.copy(out.message);
+    if (send_kept(std::move(again), out)) {
+      metrics_.resent.Increment();
+      continue;
+    }
+    // Full: answered now, as when it was first sent.
+    if (is_forward) {
+      auto it = forwards_.find(seq);
+      it->second.slot->complete(forward_failed(503, it->second.api));
+      forwards_.erase(it);
+    } else {
+      auto it = pending_.find(seq);
+      auto p = std::move(it->second);
+      pending_.erase(it);
+      reply_to(std::move(p), {proto::BUSY, "the gateway's link to the broker is full"});
+    }
+  }
+  link_watch_.dirty = true;
 }
 
 bool bridge::live(time_point at, std::uint64_t seq) const {

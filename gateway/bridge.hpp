@@ -147,17 +147,26 @@ class bridge {
     std::vector<std::string> topics;  // rooms joined (topic form)
   };
   using time_point = std::chrono::steady_clock::time_point;
+  // What was sent to the broker and is not answered yet, and where on the
+  // link it went: sent again if it died in a socket the link replaced
+  // (resend_lost()).
+  struct sent_message {
+    zmq::message_t message;   // a copy sharing the bytes sent
+    std::uint64_t epoch = 0;  // the link's when it was sent (or a new broker named it)
+    std::uint64_t sent = 0;   // its number after that Hello (peer_link::sent_since_hello)
+  };
   struct pending {
     std::weak_ptr<client_sink> sink;
     std::uint64_t tag;
     time_point deadline;
-    std::unique_ptr<zmq::message_t> if_gone;  // see request()
-    std::uint64_t epoch = 0;  // the link's when it was sent (or a new broker named it)
+    std::unique_ptr<zmq::message_t> if_gone = {};  // see request()
+    sent_message out = {};
   };
   struct pending_forward {
     std::shared_ptr<reply_slot> slot;
     time_point deadline;
     bool api = false;  // an HTTP API request (its failures answered as the API's)
+    sent_message out = {};
   };
 
   // A ZeroMQ socket's ZMQ_FD, waited on through a dup of it (ZeroMQ owns
@@ -227,6 +236,9 @@ class bridge {
   void expire(std::chrono::steady_clock::time_point now);
   /// A new broker welcomed us: what its predecessor held ends now.
   void fail_lost_to_restart();
+  void resend_lost();
+  /// Sends `message`, keeping a copy and where it went in `out`.
+  bool send_kept(zmq::message_t&& message, sent_message& out);
 
   const gateway_config& config_;
   zmq::context_t& context_;
@@ -250,6 +262,7 @@ class bridge {
   bool timer_pending_ = false;
   bool pump_posted_ = false;
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
+  std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
   watch link_watch_, sub_watch_;
   std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook
   std::unique_ptr<core::peer_link> link_;

@@ -83,6 +83,10 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                           "Requests the previous broker held when a new one welcomed this gateway, "
                           "answered BROKER_LOST at once rather than at their deadline")
                       .Add({})},
+      resent{counter(r, "sidecast_gateway_requests_resent_total",
+                     "Requests and forwards the broker never read (they died in a socket to it that the gateway "
+                     "replaced after its silence), sent again on the new socket")
+                 .Add({})},
       io_uring_batches{counter(r, "sidecast_gateway_io_uring_batches_total",
                                "Batches of WebSocket reads or writes made in one io_uring_enter (--io-uring)")
                            .Add({})},

@@ -142,9 +142,10 @@ test("broker killed while a worker runs a request: the ack is broker_lost when t
 // is not counted against their heartbeats. The worker, back on a new socket,
 // keeps its job: the broker sends it again there (it might have died on the
 // old one), and the worker, which still runs it, does not run it twice.
-// The job ends well after the stall (8 s): an answer the broker routes while
-// the gateway's new connection is not yet there is dropped (`unreachable`),
-// which is another matter than the one tested here.
+// Requests sent during the stall wait in the gateway's old socket; what of
+// them died there when the new socket took the gateway's id (the broker's
+// Welcome says how much it read), the gateway sends again: all are answered
+// soon after the stall, none at its deadline (20 s).
 test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds is still answered, and run once", async () => {
   const s = await stack({ workers: 1, admin: true, gatewayArgs: ["--request-timeout", "20000"] });
   const c = await connect(`${s.url}/echo`);
@@ -152,8 +153,13 @@ test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds
   assert.ok(await until(async () => await metric(s.workerUrl, "sidecast_worker_requests_running") === 1, 5000),
             "the worker runs the delay");
   s.broker.kill("SIGSTOP");
-  await sleep(4500);
+  await sleep(1000);
+  const during = [];
+  for (let i = 0; i < 50; i++) during.push(c.timeout(12000).emitWithAck("echo", i));
+  await sleep(3500);
   s.broker.kill("SIGCONT");
+  assert.deepEqual(await Promise.all(during), [...Array(50).keys()], "every request sent during the stall answered");
+  console.log(`requests sent again by the gateway: ${await metric(s.url, "sidecast_gateway_requests_resent_total")}`);
   assert.equal(await held, "held");
   assert.equal(await metric(s.url, "sidecast_gateway_broker_restarts_total"), 0);
   assert.equal(await metric(s.url, "sidecast_gateway_broker_lost_total"), 0);

@@ -133,13 +133,18 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
   }
 
   // The value of the broker's metric `family` with the label `key`=`value`
-  // (gauge or counter); nullopt while it has no such series.
-  std::optional<double> metric(const std::string& family, const std::string& key, const std::string& value) const {
+  // (gauge or counter), or of its series without labels if `key` is empty;
+  // nullopt while it has no such series.
+  std::optional<double> metric(const std::string& family, const std::string& key = {},
+                               const std::string& value = {}) const {
     for (const auto& f : registry_->Collect()) {
       if (f.name != family) continue;
-      for (const auto& m : f.metric)
-        for (const auto& l : m.label)
-          if (l.name == key && l.value == value) return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+      for (const auto& m : f.metric) {
+        bool match = key.empty() ? m.label.empty() : std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
+          return l.name == key && l.value == value;
+        });
+        if (match) return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+      }
     }
     return std::nullopt;
   }
@@ -604,6 +609,76 @@ TEST_P(BrokerTest, ADrainingWorkerBackOnANewSocketGetsItsJobsBeforeTheDrain) {
     if (auto env = w.receive(3s)) got.push_back(env->kind_case());
   EXPECT_EQ(got, (std::vector<Envelope::KindCase>{Envelope::kWelcome, Envelope::kRequest, Envelope::kDrain}));
   expect_answer_passed_on(w, client, id);
+}
+
+// A gateway's Hello of the same link: the Welcome says how many messages
+// came after the link's Hello before (Welcome.received), which tells the
+// gateway what died in a socket it replaced (bridge::resend_lost).
+Envelope numbered_hello(proto::Role role, const std::string& id, std::uint64_t connection, std::uint64_t number) {
+  Envelope env;
+  auto* h = env.mutable_hello();
+  h->set_role(role);
+  h->set_id(id);
+  h->set_protocol_version(proto::protocol_version);
+  h->set_incarnation(9);
+  h->set_connection(connection);
+  h->set_hello(number);
+  return env;
+}
+
+TEST_P(BrokerTest, AWelcomeSaysHowMuchCameSinceTheHelloBefore) {
+  heartbeat_ = 1s;
+  start();
+  peer g{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
+  g.send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 1));
+  auto first = g.next(Envelope::kWelcome, 3s);
+  ASSERT_TRUE(first);
+  EXPECT_EQ(first->welcome().hello(), 1u);
+  EXPECT_EQ(first->welcome().previous_hello(), 0u) << "a link the broker did not know";
+  Envelope beat;
+  beat.mutable_heartbeat();
+  for (int i = 0; i < 3; ++i) g.send(beat);
+  g.submit("nothing-serves-this", "x", "[]");
+  g.send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 2));  // on the same socket: everything came
+  auto again = g.next(Envelope::kWelcome, 3s);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->welcome().hello(), 2u);
+  EXPECT_EQ(again->welcome().previous_hello(), 1u);
+  EXPECT_EQ(again->welcome().received(), 4u);
+}
+
+// A gateway that heard nothing from the broker for its liveness (the broker
+// stalled) replaces its socket. What the old socket held when the new one
+// took the gateway's id never reaches the broker as the gateway's (libzmq
+// drops what the old pipe held, or gives it another id), and the Welcome
+// says so.
+TEST_P(BrokerTest, AWelcomeOnANewSocketSaysWhatTheReplacedOneLost) {
+  if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
+  heartbeat_ = 1s;
+  start();
+  peer w{ctx_, "inproc://router", "w", proto::ROLE_WORKER};
+  ASSERT_TRUE(w.hello({{"raw", 4}}));
+  peer old_socket{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
+  old_socket.send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 1));
+  ASSERT_TRUE(old_socket.next(Envelope::kWelcome, 3s));
+  auto read = old_socket.submit("raw", "x", "[1]");
+  auto job = w.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(job);
+  EXPECT_EQ(job->request().id(), read);
+  std::optional<peer> new_socket;
+  // The broker stalled: it reads nothing more of the old socket before the
+  // new one takes the id (its first turn takes the connection, then reads).
+  pause_io([&] {
+    old_socket.submit("raw", "x", "[2]");
+    old_socket.submit("raw", "x", "[3]");
+    new_socket.emplace(ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY);
+    new_socket->send(numbered_hello(proto::ROLE_GATEWAY, "g1", 1, 2));
+  });
+  auto welcome = new_socket->next(Envelope::kWelcome, 3s);
+  ASSERT_TRUE(welcome);
+  EXPECT_EQ(welcome->welcome().previous_hello(), 1u);
+  EXPECT_EQ(welcome->welcome().received(), 1u) << "only the first request came as the gateway's";
+  EXPECT_FALSE(w.next(Envelope::kRequest, 300ms)) << "a request the Welcome calls lost reached the worker";
 }
 
 // Sending a job again on a new socket is not a dispatch: it leaves the job
