@@ -562,7 +562,10 @@ void bridge::on_broker(Envelope& env) {
       // A new broker took this request before our Hello: it is not lost.
       if (env.error().code() == proto::NOT_REGISTERED)
         if (auto seq = own_seq(env.error().id()))
-          if (auto it = pending_.find(*seq); it != pending_.end()) it->second.out.epoch = link_->epoch();
+          if (auto it = pending_.find(*seq); it != pending_.end()) {
+            it->second.out.epoch = link_->epoch();
+            it->second.out.message.rebuild();  // nor is it sent again (resend_lost)
+          }
       return;
     case Envelope::kReport: return;
     default:
@@ -712,7 +715,8 @@ void bridge::resend_lost() {
   broker_received_ = received.count;
   std::vector<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t, bool>> lost;  // epoch, sent, seq, forward
   for (const auto& [seq, p] : pending_)
-    if (received.lost(p.out.epoch, p.out.sent)) lost.emplace_back(p.out.epoch, p.out.sent, seq, false);
+    if (p.out.message.size() && received.lost(p.out.epoch, p.out.sent))
+      lost.emplace_back(p.out.epoch, p.out.sent, seq, false);
   for (const auto& [seq, f] : forwards_)
     if (received.lost(f.out.epoch, f.out.sent)) lost.emplace_back(f.out.epoch, f.out.sent, seq, true);
   if (lost.empty()) return;

@@ -151,7 +151,7 @@ class bridge {
   // link it went: sent again if it died in a socket the link replaced
   // (resend_lost()).
   struct sent_message {
-    zmq::message_t message;   // a copy sharing the bytes sent
+    zmq::message_t message;   // a copy sharing the bytes sent; empty: never sent again
     std::uint64_t epoch = 0;  // the link's when it was sent (or a new broker named it)
     std::uint64_t sent = 0;   // its number after that Hello (peer_link::sent_since_hello)
   };
