@@ -360,6 +360,7 @@ void broker::after_wait() {
   // deadline finds the job expired (the requester was told `timeout`),
   // even when this thread woke late, or was stopped, with both waiting.
   now_ = clock::now();
+  check_stall(now_);
   if (auto d = table_.next_deadline(); d && *d <= now_) {
     for (const auto& f : table_.expire(now_)) fail(f);
   }
@@ -454,6 +455,14 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   proto::Role role = proto::ROLE_CLIENT;
   if (it == peers_.end()) {
     if (kind == Envelope::kGoodbye) return;  // gone already (dropped, or the broker restarted)
+    if (!routing_id.empty() && routing_id.front() == '\0') {
+      // An id libzmq made up: a pipe it renamed when a peer's new socket
+      // took the peer's id (what the old socket held; the peer sends it
+      // again, protocol.md "What a replaced socket held"), or a peer that
+      // set none. Nobody reads that pipe: no answer.
+      drop(drop_reason::unknown_peer, routing_id);
+      return;
+    }
     // A peer we do not know: most likely the broker restarted. Ask it to
     // announce itself; requests are still served so nothing is lost.
     // A job is named, so that the peer knows this broker holds it.
@@ -481,7 +490,10 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   if (env && (kind == Envelope::kRequest || kind == Envelope::kReply || kind == Envelope::kLifecycle))
     head = proto::head_of(*env);
   switch (kind) {
-    case Envelope::kHeartbeat: break;
+    case Envelope::kHeartbeat:
+      if (auto s = suspects_.find(routing_id); s != suspects_.end() && env->heartbeat().probe() == s->second.probe)
+        trust(routing_id);
+      break;
     case Envelope::kRequest:
     case Envelope::kLifecycle: on_job(routing_id, head, payload, now); break;
     case Envelope::kReply: on_reply(routing_id, head, payload); break;
@@ -589,6 +601,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // answered), and one it never got runs now. Given to another worker
       // instead, a job it still runs would run twice.
       bool new_socket = hello.connection() > known.connection;
+      suspects_.erase(routing_id);  // on the connection this came on: the Welcome unparks what waits
       bool drains = welcome(routing_id, hello, &known);
       known.connection = hello.connection();
       known.expiry = now + liveness_window();
@@ -1016,7 +1029,7 @@ void broker::fail(const failure& f) {
 void broker::answer(const std::string& requester, const std::string& worker, std::string_view id,
                     zmq::message_t& payload) {
   // `id` points into `payload`, which send_to() leaves as it was unless it sent it.
-  if (parked_.empty() && send_to(requester, payload) == sent::ok) return;  // the hot path
+  if (parked_.empty() && suspects_.empty() && send_to(requester, payload) == sent::ok) return;  // the hot path
   undelivered report{worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
                      "requester " + requester + " is gone"};
   auto result = deliver(requester, payload, report);
@@ -1034,10 +1047,14 @@ void broker::answer(const std::string& requester, const std::string& worker, std
 // or `gone` (counted): not sent, `payload` left, for the caller to report.
 broker::sent broker::deliver(std::string_view to, zmq::message_t& payload, const undelivered& report) {
   bool behind = false;
-  if (!parked_.empty()) {
+  if (!parked_.empty() || !suspects_.empty()) {
     std::string key{to};
-    if (parked_.contains(key)) unpark(key);
-    behind = parked_.contains(key);  // still: its connection is not back
+    if (suspects_.contains(key)) {
+      behind = true;  // its connection is not known yet (check_stall())
+    } else if (parked_.contains(key)) {
+      unpark(key);
+      behind = parked_.contains(key);  // still: its connection is not back
+    }
   }
   auto result = behind ? sent::gone : send_to(to, payload);
   if (result != sent::gone) return result;
@@ -1058,7 +1075,7 @@ bool broker::park(const std::string& to, zmq::message_t& payload, const undelive
 // it goes now, in order; what still finds no connection stays.
 void broker::unpark(const std::string& to) {
   auto it = parked_.find(to);
-  if (it == parked_.end()) return;
+  if (it == parked_.end() || suspects_.contains(to)) return;
   auto& kept = it->second;
   std::size_t sent_now = 0;
   while (!kept.empty() && send_to(to, kept.front().payload) == sent::ok) {
@@ -1100,6 +1117,7 @@ void broker::remove_peer(const std::string& routing_id) {
   if (it == peers_.end()) return;
   auto role = it->second.role;
   peers_.erase(it);
+  suspects_.erase(routing_id);
   report_parked(routing_id);
   if (role == proto::ROLE_WORKER) {
     for (const auto& f : table_.remove_worker(routing_id)) fail(f);
@@ -1107,22 +1125,54 @@ void broker::remove_peer(const std::string& routing_id) {
   spdlog::info("{} {} left", proto::Role_Name(role), routing_id);
 }
 
+// At the start of each turn: this thread did not run for more than a
+// heartbeat interval past its tick (the process was stopped, the host paused
+// or starved it). The peers' heartbeats wait unread in the sockets: the
+// time away does not count against them, or every peer would be dropped,
+// and every worker's jobs run again. At most a whole liveness from now: a
+// thread starved on every tick still finds a peer that is really silent
+// dead, only later.
+// A peer that heard nothing from us for its liveness meanwhile replaced its
+// socket, and until its new one takes the peer's id, what we send it goes
+// into the old one's pipe and dies there. So every peer is probed (a
+// Heartbeat with a number it sends back at once), and what we send it is
+// parked until the answer or its Hello comes: either comes on the
+// connection that reaches it.
+void broker::check_stall(clock::time_point now) {
+  auto late = now - next_tick_;
+  if (next_tick_ == clock::time_point{} || late <= config_.heartbeat_interval) return;
+  for (auto& [id, p] : peers_) p.expiry = std::min(p.expiry + late, now + liveness_window());
+  for (auto& [to, kept] : parked_)
+    for (auto& k : kept) k.since = std::min(k.since + late, now);
+  next_tick_ = now;  // the tick is due, and not late
+  metrics_->stalls.Increment();
+  spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats; probing them",
+               std::chrono::duration_cast<std::chrono::milliseconds>(late).count());
+  for (const auto& [id, p] : peers_) {
+    auto& s = suspects_[id];
+    s = {++next_probe_, now};
+    Envelope probe;
+    probe.mutable_heartbeat()->set_probe(s.probe);
+    auto bytes = core::message_of(probe);
+    send_to(id, bytes);  // not parked: it finds the connection the peer is on, or none
+  }
+}
+
+// The peer answered the probe, or said Hello: what waited for it goes now.
+void broker::trust(const std::string& who) {
+  if (suspects_.erase(who) && !parked_.empty()) unpark(who);
+}
+
 void broker::tick(clock::time_point now) {
   metrics_->dispatch_batch.flush();
   metrics_->request_batch.flush();
-  if (auto late = now - next_tick_; next_tick_ != clock::time_point{} && late > config_.heartbeat_interval) {
-    // This thread did not run for a while (the process was stopped, the
-    // host paused or starved it): the peers' heartbeats wait unread in the
-    // sockets. The time away does not count against them, or every peer
-    // would be dropped here, and every worker's jobs run again.
-    // At most a whole liveness from now: a thread starved on every tick
-    // still finds a peer that is really silent dead, only later.
-    for (auto& [id, p] : peers_) p.expiry = std::min(p.expiry + late, now + liveness_window());
-    for (auto& [to, kept] : parked_)
-      for (auto& k : kept) k.since = std::min(k.since + late, now);
-    metrics_->stalls.Increment();
-    spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats",
-                 std::chrono::duration_cast<std::chrono::milliseconds>(late).count());
+  if (!suspects_.empty()) {
+    // No answer to the probe within a liveness, and no Hello: a peer of a
+    // build without probes, on the connection it had. What waits goes there.
+    std::vector<std::string> quiet;
+    for (const auto& [who, s] : suspects_)
+      if (now - s.since >= liveness_window()) quiet.push_back(who);
+    for (const auto& who : quiet) trust(who);
   }
   if (!parked_.empty()) expire_parked(now);
   std::vector<std::string> dead;

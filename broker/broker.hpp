@@ -110,6 +110,8 @@ class broker {
   void receive_local();
   void on_router_message(std::string_view routing_id, zmq::message_t& payload);
   void on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now);
+  void check_stall(clock::time_point now);
+  void trust(const std::string& who);
   void on_job(const std::string& routing_id, const proto::hot_envelope& head, zmq::message_t& payload,
               clock::time_point now);
   void on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload);
@@ -203,6 +205,14 @@ class broker {
   };
   std::unordered_map<std::string, std::deque<parked_message>> parked_;  // see park()
   std::size_t parked_count_ = 0;
+  struct suspicion {
+    std::uint64_t probe;
+    clock::time_point since;
+  };
+  // Peers asked, after our own stall, to show which connection they are on
+  // (see check_stall()); what we send them is parked meanwhile.
+  std::unordered_map<std::string, suspicion> suspects_;
+  std::uint64_t next_probe_ = 0;
   clock::time_point next_tick_{};
   clock::time_point now_{};  // read once per loop turn
   alignas(16) std::array<char, 8192> arena_block_{};  // first arena block for decoding

@@ -134,6 +134,8 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
     }
     switch (env.kind_case()) {
       case proto::Envelope::kHeartbeat:
+        // The broker stalled and asks which connection we are on: this one.
+        if (env.heartbeat().probe() != 0) send(env);
         continue;
       case proto::Envelope::kWelcome: {
         const auto& w = env.welcome();

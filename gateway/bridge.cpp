@@ -277,11 +277,20 @@ void bridge::compact_deadlines() {
 bool bridge::send(const Envelope& env) { return send(core::message_of(env)); }
 
 bool bridge::send(zmq::message_t message) {
-  return post([this, message = std::move(message)]() mutable { send_to_broker(std::move(message)); });
+  return post([this, message = std::move(message)]() mutable { send_notice(std::move(message)); });
 }
 
 void bridge::send_owed(const Envelope& env) {
-  post([this, message = core::message_of(env)]() mutable { send_to_broker(std::move(message)); }, true);
+  post([this, message = core::message_of(env)]() mutable { send_notice(std::move(message)); }, true);
+}
+
+bool bridge::send_notice(zmq::message_t&& message) {
+  if (config_.kept_notices == 0) return send_to_broker(std::move(message));
+  sent_message out;
+  if (!send_kept(std::move(message), out)) return false;
+  notices_.push(std::move(out), config_.kept_notices, config_.kept_notice_bytes);
+  metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
+  return true;
 }
 
 bool bridge::send_kept(zmq::message_t&& message, sent_message& out) {
@@ -596,7 +605,7 @@ void bridge::reply_to(pending p, reply_data reply) {
     if (p.if_gone) {
       if (reply.code == proto::OK) {
         name_user(*p.if_gone, reply.args);
-        send_to_broker(std::move(*p.if_gone));
+        send_notice(std::move(*p.if_gone));
         link_watch_.dirty = true;
       }
       connects_awaited_.fetch_sub(1, std::memory_order_relaxed);
@@ -695,7 +704,7 @@ void bridge::fail_lost_to_restart() {
     if (Envelope notice; p.if_gone && notice.ParseFromArray(p.if_gone->data(), static_cast<int>(p.if_gone->size())) &&
                          notice.has_lifecycle()) {
       notice.mutable_lifecycle()->set_reason("the broker restarted while the connect hook ran");
-      send_to_broker(core::message_of(notice));
+      send_notice(core::message_of(notice));
       link_watch_.dirty = true;
     }
     reply_to(std::move(p), {proto::BROKER_LOST, "the broker restarted before it answered; the request may have run"});
@@ -706,25 +715,44 @@ void bridge::fail_lost_to_restart() {
 // much of what the old one sent it read: a broker that stalled past the
 // link's liveness, a network that did. The rest died in the old socket
 // (libzmq drops what a pipe held when a new connection takes its peer's
-// id): each request and forward still waiting for its answer among it is
-// sent again, in the order it was first sent, on the new socket. It never
-// reached the broker, so it cannot run twice. (What the link sent that
-// nobody answers, a DISCONNECT notice or a client's ack, is not kept.)
+// id): each request and forward still waiting for its answer among it, and
+// each one-way message still kept, is sent again, in the order it was
+// first sent, on the new socket. None reached the broker, so none can act
+// twice. The kept one-way messages the broker read are forgotten.
 void bridge::resend_lost() {
   const auto& received = link_->received_by_broker();
   broker_received_ = received.count;
-  std::vector<std::tuple<std::uint64_t, std::uint64_t, std::uint64_t, bool>> lost;  // epoch, sent, seq, forward
+  enum class kind { request, forward, notice };
+  struct lost_message {
+    std::uint64_t epoch, sent;
+    kind what;
+    std::uint64_t seq;        // a request's or forward's
+    zmq::message_t message;   // a notice's
+  };
+  std::vector<lost_message> lost;
   for (const auto& [seq, p] : pending_)
     if (p.out.message.size() && received.lost(p.out.epoch, p.out.sent))
-      lost.emplace_back(p.out.epoch, p.out.sent, seq, false);
+      lost.push_back({p.out.epoch, p.out.sent, kind::request, seq, {}});
   for (const auto& [seq, f] : forwards_)
-    if (received.lost(f.out.epoch, f.out.sent)) lost.emplace_back(f.out.epoch, f.out.sent, seq, true);
+    if (received.lost(f.out.epoch, f.out.sent)) lost.push_back({f.out.epoch, f.out.sent, kind::forward, seq, {}});
+  std::vector<sent_message> unknown;  // sent on the new socket: not known yet
+  notices_.take_all([&](sent_message&& n) {
+    if (received.lost(n.epoch, n.sent)) lost.push_back({n.epoch, n.sent, kind::notice, 0, std::move(n.message)});
+    else if (n.epoch >= received.current) unknown.push_back(std::move(n));
+  });
+  for (auto& n : unknown) notices_.push(std::move(n), config_.kept_notices, config_.kept_notice_bytes);
+  metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   if (lost.empty()) return;
-  std::sort(lost.begin(), lost.end());
-  spdlog::warn("gateway bridge: {} requests died in the socket to the broker it replaced; sending them again",
+  std::sort(lost.begin(), lost.end(),
+            [](const auto& a, const auto& b) { return std::tie(a.epoch, a.sent) < std::tie(b.epoch, b.sent); });
+  spdlog::warn("gateway bridge: {} messages died in the socket to the broker it replaced; sending them again",
                lost.size());
-  for (auto [epoch, sent, seq, is_forward] : lost) {
-    auto& out = is_forward ? forwards_.find(seq)->second.out : pending_.find(seq)->second.out;
+  for (auto& l : lost) {
+    if (l.what == kind::notice) {
+      if (send_notice(std::move(l.message))) metrics_.notices_resent.Increment();
+      continue;
+    }
+    auto& out = l.what == kind::forward ? forwards_.find(l.seq)->second.out : pending_.find(l.seq)->second.out;
     zmq::message_t again;
     again.copy(out.message);
     if (send_kept(std::move(again), out)) {
@@ -732,12 +760,12 @@ void bridge::resend_lost() {
       continue;
     }
     // Full: answered now, as when it was first sent.
-    if (is_forward) {
-      auto it = forwards_.find(seq);
+    if (l.what == kind::forward) {
+      auto it = forwards_.find(l.seq);
       it->second.slot->complete(forward_failed(503, it->second.api));
       forwards_.erase(it);
     } else {
-      auto it = pending_.find(seq);
+      auto it = pending_.find(l.seq);
       auto p = std::move(it->second);
       pending_.erase(it);
       reply_to(std::move(p), {proto::BUSY, "the gateway's link to the broker is full"});
@@ -975,7 +1003,7 @@ Envelope delivery_report(proto::DeliveryReport::Status status, std::string to, s
 }  // namespace
 
 void bridge::send_now(const Envelope& env) {
-  send_to_broker(core::message_of(env));
+  send_notice(core::message_of(env));
   link_watch_.dirty = true;
 }
 

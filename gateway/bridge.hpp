@@ -239,6 +239,8 @@ class bridge {
   void resend_lost();
   /// Sends `message`, keeping a copy and where it went in `out`.
   bool send_kept(zmq::message_t&& message, sent_message& out);
+  /// Sends a message nobody answers, kept (notices_) to send again too.
+  bool send_notice(zmq::message_t&& message);
 
   const gateway_config& config_;
   zmq::context_t& context_;
@@ -263,6 +265,46 @@ class bridge {
   bool pump_posted_ = false;
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
+  // The last one-way messages sent (--kept-notices, --kept-notice-bytes),
+  // oldest first: a ring that grows to its bound, then allocates nothing.
+  class kept_ring {
+   public:
+    void push(sent_message&& m, std::size_t max_count, std::size_t max_bytes) {
+      if (size_ == slots_.size() && slots_.size() < max_count)
+        grow(std::min(max_count, std::max<std::size_t>(64, slots_.size() * 2)));
+      if (size_ == slots_.size()) pop();
+      bytes_ += m.message.size();
+      slots_[(head_ + size_) % slots_.size()] = std::move(m);
+      ++size_;
+      while (bytes_ > max_bytes && size_ > 0) pop();
+    }
+    /// Hands `f` each message, oldest first, and forgets them all.
+    template <typename F>
+    void take_all(F&& f) {
+      for (std::size_t i = 0; i < size_; ++i) f(std::move(slots_[(head_ + i) % slots_.size()]));
+      for (auto& slot : slots_) slot.message.rebuild();
+      head_ = size_ = bytes_ = 0;
+    }
+    std::size_t bytes() const { return bytes_; }
+
+   private:
+    void pop() {
+      auto& oldest = slots_[head_];
+      bytes_ -= oldest.message.size();
+      oldest.message.rebuild();
+      head_ = (head_ + 1) % slots_.size();
+      --size_;
+    }
+    void grow(std::size_t n) {
+      std::vector<sent_message> bigger(n);
+      for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move(slots_[(head_ + i) % slots_.size()]);
+      slots_ = std::move(bigger);
+      head_ = 0;
+    }
+    std::vector<sent_message> slots_;
+    std::size_t head_ = 0, size_ = 0, bytes_ = 0;
+  };
+  kept_ring notices_;
   watch link_watch_, sub_watch_;
   std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook
   std::unique_ptr<core::peer_link> link_;

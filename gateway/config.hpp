@@ -53,6 +53,8 @@ struct gateway_config {
   std::size_t bridge_queue = 65536;               // commands from sessions to the ZeroMQ thread
   std::size_t max_thread_backlog = 1048576;       // deliveries from the ZeroMQ thread waiting for one I/O thread
   int hwm = 100000;                               // messages queued each way on the broker link and the events SUB
+  std::size_t kept_notices = 16384;               // one-way messages to the broker kept (bridge::send_notice)
+  std::size_t kept_notice_bytes = 8 << 20;        // ... and their bytes at most
   std::vector<std::string> cors_origins;          // allowed browser origins besides same-origin; "*": any
   std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo", "/chat=chat", "/vm=vm"};  // NSP=SERVICE
   std::vector<std::string> recovery = {"/vm", "/chat"};  // namespaces with connection-state recovery

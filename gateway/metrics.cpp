@@ -87,6 +87,16 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                      "Requests and forwards the broker never read (they died in a socket to it that the gateway "
                      "replaced after its silence), sent again on the new socket")
                  .Add({})},
+      notices_resent{counter(r, "sidecast_gateway_notices_resent_total",
+                             "Messages nobody answers (DISCONNECT notices, events without an ack, acks, publishes) "
+                             "the broker never read, sent again on the new socket")
+                         .Add({})},
+      kept_notice_bytes{prometheus::BuildGauge()
+                            .Name("sidecast_gateway_kept_notice_bytes")
+                            .Help("Bytes of the one-way messages kept to send again should they die in a socket "
+                                  "to the broker the gateway replaces (--kept-notices, --kept-notice-bytes)")
+                            .Register(r)
+                            .Add({})},
       io_uring_batches{counter(r, "sidecast_gateway_io_uring_batches_total",
                                "Batches of WebSocket reads or writes made in one io_uring_enter (--io-uring)")
                            .Add({})},

@@ -145,21 +145,32 @@ test("broker killed while a worker runs a request: the ack is broker_lost when t
 // Requests sent during the stall wait in the gateway's old socket; what of
 // them died there when the new socket took the gateway's id (the broker's
 // Welcome says how much it read), the gateway sends again: all are answered
-// soon after the stall, none at its deadline (20 s).
+// soon after the stall, none at its deadline (20 s). So are events
+// published to a client through the HTTP API meanwhile: none is lost.
 test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds is still answered, and run once", async () => {
-  const s = await stack({ workers: 1, admin: true, gatewayArgs: ["--request-timeout", "20000"] });
+  const s = await stack({ workers: 1, admin: true, gatewayArgs: ["--request-timeout", "20000", "--api-key", "k"] });
   const c = await connect(`${s.url}/echo`);
+  const news = [];
+  c.on("news", (n) => news.push(n));
   const held = c.timeout(19000).emitWithAck("delay", 8000, "held");
   assert.ok(await until(async () => await metric(s.workerUrl, "sidecast_worker_requests_running") === 1, 5000),
             "the worker runs the delay");
   s.broker.kill("SIGSTOP");
   await sleep(1000);
   const during = [];
-  for (let i = 0; i < 50; i++) during.push(c.timeout(12000).emitWithAck("echo", i));
+  for (let i = 0; i < 50; i++) {
+    during.push(c.timeout(12000).emitWithAck("echo", i));
+    const res = await fetch(`${s.url}/api/v1/publish`, {
+      method: "POST", headers: { Authorization: "Bearer k" }, body: JSON.stringify({ sid: c.id, event: "news", data: i }) });
+    assert.equal(res.status, 202, await res.text());
+  }
   await sleep(3500);
   s.broker.kill("SIGCONT");
   assert.deepEqual(await Promise.all(during), [...Array(50).keys()], "every request sent during the stall answered");
-  console.log(`requests sent again by the gateway: ${await metric(s.url, "sidecast_gateway_requests_resent_total")}`);
+  assert.ok(await until(() => news.length >= 50, 5000), `published during the stall: ${news.length} of 50 came`);
+  assert.deepEqual(news, [...Array(50).keys()], "in order, once each");
+  console.log(`sent again by the gateway: ${await metric(s.url, "sidecast_gateway_requests_resent_total")} requests, ` +
+              `${await metric(s.url, "sidecast_gateway_notices_resent_total")} notices`);
   assert.equal(await held, "held");
   assert.equal(await metric(s.url, "sidecast_gateway_broker_restarts_total"), 0);
   assert.equal(await metric(s.url, "sidecast_gateway_broker_lost_total"), 0);

@@ -611,6 +611,48 @@ TEST_P(BrokerTest, ADrainingWorkerBackOnANewSocketGetsItsJobsBeforeTheDrain) {
   expect_answer_passed_on(w, client, id);
 }
 
+// The broker's own thread stalled (here: the shared thread held for 0.5 s,
+// with a liveness of 0.3 s): a gateway may have replaced its socket
+// meanwhile, and what is sent to it before its new socket takes its id
+// dies in the old one. So the broker probes it, and the answer that came
+// in the stall waits until the gateway shows, answering the probe, which
+// connection it is on.
+TEST_P(BrokerTest, AfterItsOwnStallTheBrokerSendsAPeerNothingUntilItAnswersAProbe) {
+  if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
+  heartbeat_ = 100ms;
+  start();
+  peer w{ctx_, "inproc://router", "w", proto::ROLE_WORKER};
+  ASSERT_TRUE(w.hello({{"raw", 1}}));
+  peer g{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(g.hello({}, 9, 0));
+  auto id = g.submit("raw", "x", "[1]");
+  ASSERT_TRUE(w.next(Envelope::kRequest, 3s));
+  pause_io([&] {
+    std::this_thread::sleep_for(500ms);
+    w.reply(id, "[2]");
+  });
+  std::optional<std::uint64_t> probe;
+  Envelope beat;  // the raw peers' own heartbeats: they do not show the connection
+  beat.mutable_heartbeat();
+  for (auto until = std::chrono::steady_clock::now() + 250ms; std::chrono::steady_clock::now() < until;) {
+    g.send(beat);
+    w.send(beat);
+    auto env = g.receive_any(50ms);
+    if (!env) continue;
+    ASSERT_FALSE(env->has_reply()) << "the answer went before the gateway showed its connection";
+    if (env->has_heartbeat() && env->heartbeat().probe() != 0) probe = env->heartbeat().probe();
+  }
+  ASSERT_TRUE(probe) << "no probe after the stall";
+  Envelope answer;
+  answer.mutable_heartbeat()->set_probe(*probe);
+  g.send(answer);
+  auto reply = g.next(Envelope::kReply, 1s);
+  ASSERT_TRUE(reply) << "the answer never came after the probe was answered";
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().args(), "[2]");
+  EXPECT_EQ(metric("sidecast_broker_stalls_total"), 1.0);
+}
+
 // A gateway's Hello of the same link: the Welcome says how many messages
 // came after the link's Hello before (Welcome.received), which tells the
 // gateway what died in a socket it replaced (bridge::resend_lost).

@@ -170,6 +170,15 @@ class peer {
     }
   }
 
+  /// Next envelope, heartbeats too (receive() skips them), or nullopt after `limit`.
+  std::optional<Envelope> receive_any(std::chrono::milliseconds limit) {
+    zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::poll(&item, 1, limit);
+    zmq::message_t msg;
+    if (!(item.revents & ZMQ_POLLIN) || !socket_.recv(msg)) return std::nullopt;
+    return proto::decode(msg.to_string_view());
+  }
+
   /// Next envelope of `kind`, skipping others, or nullopt after `limit`.
   std::optional<Envelope> next(Envelope::KindCase kind, std::chrono::milliseconds limit) {
     auto until = std::chrono::steady_clock::now() + limit;

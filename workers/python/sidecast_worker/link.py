@@ -158,6 +158,9 @@ class PeerLink:
                 continue
             kind = env.WhichOneof("kind")
             if kind == "heartbeat":
+                # The broker stalled and asks which connection we are on: this one.
+                if env.heartbeat.probe:
+                    self.send(env)
                 continue
             if kind == "welcome":
                 w = env.welcome
