@@ -77,6 +77,11 @@ struct broker::metrics {
                      .Help("Messages kept for a peer without a connection, by outcome: delivered when it came "
                            "back, or reported undelivered")
                      .Register(r)},
+        probes{prometheus::BuildCounter()
+                   .Name("sidecast_broker_probes_total")
+                   .Help("Peers probed after a stall of the broker's thread, by how they showed their connection: "
+                         "answered the probe, said Hello, or neither within their liveness (sent to as before)")
+                   .Register(r)},
         stalls{prometheus::BuildCounter()
                    .Name("sidecast_broker_stalls_total")
                    .Help("Heartbeat ticks more than an interval late (the broker's thread did not run): the time "
@@ -150,6 +155,7 @@ struct broker::metrics {
   prometheus::Counter& reconnects;
   prometheus::Gauge& parked;
   prometheus::Family<prometheus::Counter>& unparked;
+  prometheus::Family<prometheus::Counter>& probes;
   prometheus::Counter& stalls;
   prometheus::Counter& events;
   prometheus::Family<prometheus::Gauge>& queue_depth;
@@ -492,7 +498,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   switch (kind) {
     case Envelope::kHeartbeat:
       if (auto s = suspects_.find(routing_id); s != suspects_.end() && env->heartbeat().probe() == s->second.probe)
-        trust(routing_id);
+        trust(routing_id, "answered");
       break;
     case Envelope::kRequest:
     case Envelope::kLifecycle: on_job(routing_id, head, payload, now); break;
@@ -601,7 +607,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // answered), and one it never got runs now. Given to another worker
       // instead, a job it still runs would run twice.
       bool new_socket = hello.connection() > known.connection;
-      suspects_.erase(routing_id);  // on the connection this came on: the Welcome unparks what waits
+      if (suspects_.erase(routing_id)) metrics_->probes.Add({{"outcome", "hello"}}).Increment();  // the Welcome unparks
       bool drains = welcome(routing_id, hello, &known);
       known.connection = hello.connection();
       known.expiry = now + liveness_window();
@@ -1159,8 +1165,10 @@ void broker::check_stall(clock::time_point now) {
 }
 
 // The peer answered the probe, or said Hello: what waited for it goes now.
-void broker::trust(const std::string& who) {
-  if (suspects_.erase(who) && !parked_.empty()) unpark(who);
+void broker::trust(const std::string& who, const char* how) {
+  if (!suspects_.erase(who)) return;
+  metrics_->probes.Add({{"outcome", how}}).Increment();
+  if (!parked_.empty()) unpark(who);
 }
 
 void broker::tick(clock::time_point now) {
@@ -1172,7 +1180,7 @@ void broker::tick(clock::time_point now) {
     std::vector<std::string> quiet;
     for (const auto& [who, s] : suspects_)
       if (now - s.since >= liveness_window()) quiet.push_back(who);
-    for (const auto& who : quiet) trust(who);
+    for (const auto& who : quiet) trust(who, "unanswered");
   }
   if (!parked_.empty()) expire_parked(now);
   std::vector<std::string> dead;

@@ -111,7 +111,7 @@ class broker {
   void on_router_message(std::string_view routing_id, zmq::message_t& payload);
   void on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now);
   void check_stall(clock::time_point now);
-  void trust(const std::string& who);
+  void trust(const std::string& who, const char* how);
   void on_job(const std::string& routing_id, const proto::hot_envelope& head, zmq::message_t& payload,
               clock::time_point now);
   void on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload);

@@ -651,6 +651,7 @@ TEST_P(BrokerTest, AfterItsOwnStallTheBrokerSendsAPeerNothingUntilItAnswersAProb
   EXPECT_EQ(reply->reply().id(), id);
   EXPECT_EQ(reply->reply().args(), "[2]");
   EXPECT_EQ(metric("sidecast_broker_stalls_total"), 1.0);
+  EXPECT_EQ(metric("sidecast_broker_probes_total", "outcome", "answered"), 1.0);
 }
 
 // A gateway's Hello of the same link: the Welcome says how many messages

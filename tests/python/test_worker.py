@@ -641,6 +641,32 @@ class DrainConfirmationTest(FakeBrokerTest):
         self.assertTrue(drained.get(timeout=WAIT), "it waited for a confirmation that cannot come")
 
 
+class ProbeTest(FakeBrokerTest):
+    """After a stall of its own thread the broker sends a peer nothing until
+    the peer shows which connection it is on: the link answers its probe (a
+    Heartbeat with a number) at once, on the socket it came on."""
+
+    def service(self):
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: "ran")
+        return svc
+
+    def test_the_probe_is_answered_at_once(self):
+        self.broker.welcome(self.worker, 10000)
+        probe = pb.Envelope()
+        probe.heartbeat.probe = 7
+        self.broker.send(probe)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:  # its own heartbeats carry no probe
+            _, data = self.broker.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            if env.WhichOneof("kind") == "heartbeat" and env.heartbeat.probe:
+                self.assertEqual(env.heartbeat.probe, 7)
+                return
+        self.fail("the probe was not answered")
+
+
 class JobsAgainBase(FakeBrokerTest):
     """"work" records each run, and holds a run whose args are ["hold"]."""
 
