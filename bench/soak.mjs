@@ -15,6 +15,16 @@ const pids = () => Object.fromEntries(readFileSync(`${runDir}/pids`, "utf8").tri
 const rss = (pid) => { try { return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, "utf8"))[1]); } catch { return 0; } };
 const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { return false; } };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// What the processes counted of the stall and the restart (their /metrics).
+const httpOf = (pid) => { try { return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").find((a, i, all) => all[i - 1] === "--http"); } catch { return undefined; } };
+const brokerHttp = /^BROKER_HTTP=(.*)$/m.exec(readFileSync(`${runDir}/env`, "utf8"))?.[1];
+async function counted(hostPort, names) {
+  if (!hostPort) return "?";
+  try {
+    const text = await (await fetch(`http://${hostPort}/metrics`)).text();
+    return names.map((n) => `${n.replace(/^sidecast_(broker|gateway)_/, "")} ${text.split("\n").filter((l) => l.startsWith(n)).map((l) => l.slice(n.length).trim()).join(" ") || 0}`).join(", ");
+  } catch { return "unreachable"; }
+}
 
 const stats = { asked: 0, answered: 0, errors: 0, duplicates: 0, unanswered: 0, said: 0, vmAsked: 0, vmDone: 0 };
 const errorKinds = {};  // error acks by their error, with when the first came
@@ -57,6 +67,7 @@ async function traffic(c, i) {
 }
 const watched = ["broker", "gw1", "gw2"];
 const sample = () => Object.fromEntries(watched.map((n) => [n, rss(pids()[n])]));
+let stallCounts = "no stall";
 async function chaos() {
   const restartAt = Date.now() + (end - Date.now()) / 2;
   const stallAt = Date.now() + (end - Date.now()) / 4;
@@ -76,6 +87,9 @@ async function chaos() {
       process.kill(p.broker, "SIGSTOP");
       await sleep(4500);
       process.kill(p.broker, "SIGCONT");
+      await sleep(5000);
+      stallCounts = await counted(brokerHttp, ["sidecast_broker_stalls_total", "sidecast_broker_probes_total",
+                                              "sidecast_broker_peer_reconnects_total"]);
     } else if (!restarted && Date.now() >= restartAt) {
       restarted = true;
       process.kill(p.broker, "SIGKILL");
@@ -102,6 +116,10 @@ const after = sample();
 const crashed = watched.filter((n) => !alive(pids()[n]));
 for (const c of clients) { c.s.close(); c.v.close(); }
 
+const recovery = [`broker, 5 s after the stall: ${stallCounts}`];
+for (const g of ["gw1", "gw2"])
+  recovery.push(`${g}: ${await counted(httpOf(pids()[g]), ["sidecast_gateway_requests_resent_total", "sidecast_gateway_notices_resent_total", "sidecast_gateway_broker_lost_total"])}`);
+
 const row = (n) => `${n.padEnd(8)} ${String(before[n]).padStart(8)} KB -> ${String(after[n]).padStart(8)} KB`;
 console.log(`\nsoak: ${minutes} min, ${clientCount} clients, ${chaosResult.kills} worker kills, broker stalled: ${chaosResult.stalled}, restarted: ${chaosResult.restarted}`);
 const pending = stats.asked - stats.answered - stats.errors - stats.unanswered;
@@ -110,6 +128,7 @@ console.log(`events with ack: ${stats.asked}; answered ${stats.answered}, error 
 if (stats.errors) console.log(`error acks by error: ${JSON.stringify(errorKinds)}`);
 console.log(`room messages received: ${stats.said}; vm launches asked: ${stats.vmAsked}, results: ${stats.vmDone}`);
 console.log(`client disconnects: ${JSON.stringify(disconnects)}`);
+console.log("counted:\n" + recovery.join("\n"));
 console.log("RSS (a third into the run -> end):\n" + watched.map(row).join("\n"));
 const grew = watched.filter((n) => after[n] > before[n] * 1.25 + 2048);
 // A launch runs once: a second run (a job run twice) would bring a second result.
