@@ -931,13 +931,11 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
   auto it = peers_.find(gateway);
   undelivered report{origin, proto::DeliveryReport::GATEWAY_GONE, sid, ref,
                      gateway.empty() ? "sid has no gateway prefix" : "no live gateway " + gateway};
-  if (gateway.empty() || it == peers_.end() || it->second.role != proto::ROLE_GATEWAY) {
-    send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
-    return;
+  if (!gateway.empty() && it != peers_.end() && it->second.role == proto::ROLE_GATEWAY) {
+    zmq::message_t message{payload.data(), payload.size()};
+    if (deliver(gateway, message, report) == sent::ok) return;
   }
-  zmq::message_t message{payload.data(), payload.size()};
-  if (deliver(gateway, message, report) == sent::ok) return;
-  send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
+  send_report(std::move(report));
 }
 
 void broker::publish(const proto::Emit& emit, std::string_view payload) {
@@ -1044,7 +1042,7 @@ void broker::answer(const std::string& requester, const std::string& worker, std
     report.status = proto::DeliveryReport::REJECTED;
     report.detail = "the pipe to requester " + requester + " is full";
   }
-  send_report(report.to, report.status, std::move(report.sid), std::move(report.ref), std::move(report.detail));
+  send_report(std::move(report));
 }
 
 // Sends `payload` to `to`, or keeps it (park()) if `to` is a registered
@@ -1113,8 +1111,7 @@ void broker::report_parked(const std::string& to) {
   metrics_->unparked.Add({{"outcome", "reported"}}).Increment(static_cast<double>(kept.size()));
   for (auto& k : kept) {
     drop(drop_reason::unreachable, to);
-    auto& r = k.report;
-    if (!r.to.empty()) send_report(r.to, r.status, std::move(r.sid), std::move(r.ref), std::move(r.detail));
+    if (!k.report.to.empty()) send_report(std::move(k.report));
   }
 }
 
@@ -1270,6 +1267,10 @@ void broker::send_error(const std::string& to, proto::Code code, std::string mes
   env.mutable_error()->set_message(std::move(message));
   env.mutable_error()->set_id(std::move(id));
   send(to, env);
+}
+
+void broker::send_report(undelivered&& r) {
+  send_report(r.to, r.status, std::move(r.sid), std::move(r.ref), std::move(r.detail));
 }
 
 void broker::send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,

@@ -161,6 +161,7 @@ class broker {
   bool welcome(const std::string& to, const proto::Hello& hello, const peer* before = nullptr);
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
                    std::string ref, std::string detail);
+  void send_report(undelivered&& r);
   /// Why a message was dropped: the `reason` of sidecast_broker_dropped_total
   /// (docs/protocol.md). Every reason is exported from the start, at 0.
   enum class drop_reason {

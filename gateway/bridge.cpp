@@ -76,7 +76,8 @@ bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_me
       context_{context},
       metrics_{metrics},
       id_{config.id},
-      backlog_{config.max_thread_backlog, metrics.thread_backlog} {}
+      backlog_{config.max_thread_backlog, metrics.thread_backlog},
+      notices_{config.kept_notices, config.kept_notice_bytes} {}
 
 bridge::~bridge() { stop(); }
 
@@ -288,7 +289,7 @@ bool bridge::send_notice(zmq::message_t&& message) {
   if (config_.kept_notices == 0) return send_to_broker(std::move(message));
   sent_message out;
   if (!send_kept(std::move(message), out)) return false;
-  notices_.push(std::move(out), config_.kept_notices, config_.kept_notice_bytes);
+  notices_.push(std::move(out));
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   return true;
 }
@@ -296,8 +297,7 @@ bool bridge::send_notice(zmq::message_t&& message) {
 bool bridge::send_kept(zmq::message_t&& message, sent_message& out) {
   out.message.copy(message);  // the bytes are shared: no copy, no allocation
   if (!send_to_broker(std::move(message))) return false;
-  out.epoch = link_->epoch();
-  out.sent = link_->sent_since_hello();
+  out.where = {link_->epoch(), link_->sent_since_hello()};
   return true;
 }
 
@@ -572,7 +572,7 @@ void bridge::on_broker(Envelope& env) {
       if (env.error().code() == proto::NOT_REGISTERED)
         if (auto seq = own_seq(env.error().id()))
           if (auto it = pending_.find(*seq); it != pending_.end()) {
-            it->second.out.epoch = link_->epoch();
+            it->second.out.where.epoch = link_->epoch();
             it->second.out.message.rebuild();  // nor is it sent again (resend_lost)
           }
       return;
@@ -692,7 +692,7 @@ void bridge::fail_lost_to_restart() {
   auto below = link_->lost_below();
   std::vector<std::uint64_t> lost;
   for (const auto& [seq, p] : pending_)
-    if (p.out.epoch < below) lost.push_back(seq);
+    if (p.out.where.epoch < below) lost.push_back(seq);
   if (!lost.empty())
     spdlog::warn("gateway bridge: a new broker; {} requests the previous one held end BROKER_LOST", lost.size());
   for (auto seq : lost) {
@@ -724,27 +724,28 @@ void bridge::resend_lost() {
   broker_received_ = received.count;
   enum class kind { request, forward, notice };
   struct lost_message {
-    std::uint64_t epoch, sent;
+    where at;
     kind what;
     std::uint64_t seq;        // a request's or forward's
     zmq::message_t message;   // a notice's
   };
   std::vector<lost_message> lost;
+  auto is_lost = [&](const where& w) { return received.lost(w.epoch, w.sent); };
   for (const auto& [seq, p] : pending_)
-    if (p.out.message.size() && received.lost(p.out.epoch, p.out.sent))
-      lost.push_back({p.out.epoch, p.out.sent, kind::request, seq, {}});
+    if (p.out.message.size() && is_lost(p.out.where)) lost.push_back({p.out.where, kind::request, seq, {}});
   for (const auto& [seq, f] : forwards_)
-    if (received.lost(f.out.epoch, f.out.sent)) lost.push_back({f.out.epoch, f.out.sent, kind::forward, seq, {}});
+    if (is_lost(f.out.where)) lost.push_back({f.out.where, kind::forward, seq, {}});
   std::vector<sent_message> unknown;  // sent on the new socket: not known yet
   notices_.take_all([&](sent_message&& n) {
-    if (received.lost(n.epoch, n.sent)) lost.push_back({n.epoch, n.sent, kind::notice, 0, std::move(n.message)});
-    else if (n.epoch >= received.current) unknown.push_back(std::move(n));
+    if (is_lost(n.where)) lost.push_back({n.where, kind::notice, 0, std::move(n.message)});
+    else if (n.where.epoch >= received.current) unknown.push_back(std::move(n));
   });
-  for (auto& n : unknown) notices_.push(std::move(n), config_.kept_notices, config_.kept_notice_bytes);
+  for (auto& n : unknown) notices_.push(std::move(n));
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   if (lost.empty()) return;
-  std::sort(lost.begin(), lost.end(),
-            [](const auto& a, const auto& b) { return std::tie(a.epoch, a.sent) < std::tie(b.epoch, b.sent); });
+  std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) {
+    return std::tie(a.at.epoch, a.at.sent) < std::tie(b.at.epoch, b.at.sent);
+  });
   spdlog::warn("gateway bridge: {} messages died in the socket to the broker it replaced; sending them again",
                lost.size());
   for (auto& l : lost) {

@@ -30,6 +30,7 @@
 #include <zmq.hpp>
 
 #include "core/input_reactor.hpp"
+#include "core/kept_ring.hpp"
 #include "core/log.hpp"
 #include "core/thread_spares.hpp"
 #include "gateway/config.hpp"
@@ -147,14 +148,15 @@ class bridge {
     std::vector<std::string> topics;  // rooms joined (topic form)
   };
   using time_point = std::chrono::steady_clock::time_point;
-  // What was sent to the broker and is not answered yet, and where on the
-  // link it went: sent again if it died in a socket the link replaced
-  // (resend_lost()).
-  struct sent_message {
-    zmq::message_t message;   // a copy sharing the bytes sent; empty: never sent again
+  // Where on the link a message went: sent again if it died in a socket the
+  // link replaced (resend_lost()).
+  struct where {
     std::uint64_t epoch = 0;  // the link's when it was sent (or a new broker named it)
     std::uint64_t sent = 0;   // its number after that Hello (peer_link::sent_since_hello)
   };
+  // What was sent to the broker: a copy sharing the bytes sent (empty: never
+  // sent again), and where it went.
+  using sent_message = core::kept_ring<where>::entry;
   struct pending {
     std::weak_ptr<client_sink> sink;
     std::uint64_t tag;
@@ -265,46 +267,7 @@ class bridge {
   bool pump_posted_ = false;
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
-  // The last one-way messages sent (--kept-notices, --kept-notice-bytes),
-  // oldest first: a ring that grows to its bound, then allocates nothing.
-  class kept_ring {
-   public:
-    void push(sent_message&& m, std::size_t max_count, std::size_t max_bytes) {
-      if (size_ == slots_.size() && slots_.size() < max_count)
-        grow(std::min(max_count, std::max<std::size_t>(64, slots_.size() * 2)));
-      if (size_ == slots_.size()) pop();
-      bytes_ += m.message.size();
-      slots_[(head_ + size_) % slots_.size()] = std::move(m);
-      ++size_;
-      while (bytes_ > max_bytes && size_ > 0) pop();
-    }
-    /// Hands `f` each message, oldest first, and forgets them all.
-    template <typename F>
-    void take_all(F&& f) {
-      for (std::size_t i = 0; i < size_; ++i) f(std::move(slots_[(head_ + i) % slots_.size()]));
-      for (auto& slot : slots_) slot.message.rebuild();
-      head_ = size_ = bytes_ = 0;
-    }
-    std::size_t bytes() const { return bytes_; }
-
-   private:
-    void pop() {
-      auto& oldest = slots_[head_];
-      bytes_ -= oldest.message.size();
-      oldest.message.rebuild();
-      head_ = (head_ + 1) % slots_.size();
-      --size_;
-    }
-    void grow(std::size_t n) {
-      std::vector<sent_message> bigger(n);
-      for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move(slots_[(head_ + i) % slots_.size()]);
-      slots_ = std::move(bigger);
-      head_ = 0;
-    }
-    std::vector<sent_message> slots_;
-    std::size_t head_ = 0, size_ = 0, bytes_ = 0;
-  };
-  kept_ring notices_;
+  core::kept_ring<where> notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)
   watch link_watch_, sub_watch_;
   std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook
   std::unique_ptr<core::peer_link> link_;

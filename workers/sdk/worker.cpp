@@ -21,6 +21,7 @@
 #include "core/bounded_queue.hpp"
 #include "core/input_reactor.hpp"
 #include "core/input_wait.hpp"
+#include "core/kept_ring.hpp"
 #include "core/log.hpp"
 #include "core/peer_link.hpp"
 #include "core/thread_spares.hpp"
@@ -245,11 +246,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   struct io_objects;
   std::unique_ptr<io_objects> io;  // the loop's sockets: see io_loop
   std::vector<std::unique_ptr<request_fields>> spare_fields;  // see recycle()
-  // The answers sent last, a ring (see worker_options::kept_replies): each
-  // shares its message's bytes (refcounted), so keeping one copies nothing.
-  // Looked up only for a job sent again, by the id in the bytes.
-  std::vector<zmq::message_t> kept;
-  std::size_t kept_next = 0;  // the oldest, overwritten next
+  // The answers sent last (see worker_options::kept_replies), looked up
+  // only for a job sent again, by the id in the bytes.
+  core::kept_ring<> kept{options.kept_replies, options.kept_reply_bytes};
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -832,16 +831,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // Keeps a copy of an answer about to be sent; the oldest go past the
   // count or the bytes allowed.
   void keep_reply(zmq::message_t& message) {
-    if (options.kept_replies == 0 || message.size() > options.kept_reply_bytes) return;
-    if (kept.empty()) kept.resize(options.kept_replies);
-    auto bytes = kept_bytes.load(std::memory_order_relaxed) - kept[kept_next].size() + message.size();
-    kept[kept_next].copy(message);
-    kept_next = (kept_next + 1) % kept.size();
-    for (auto i = kept_next; bytes > options.kept_reply_bytes; i = (i + 1) % kept.size()) {
-      bytes -= kept[i].size();
-      kept[i] = zmq::message_t{};
-    }
-    kept_bytes.store(bytes, std::memory_order_relaxed);
+    core::kept_ring<>::entry e;
+    e.message.copy(message);
+    kept.push(std::move(e));
+    kept_bytes.store(kept.bytes(), std::memory_order_relaxed);
   }
 
   // A job sent again (attempt > 1): after a worker comes back on a new
@@ -859,15 +852,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // Replies queued and not yet sent are kept as they are sent: send them.
     send_queued();
     bool resent = false;
-    for (std::size_t i = 0; i < kept.size(); ++i) {  // the oldest first: an early answer before the final one
-      auto& k = kept[(kept_next + i) % kept.size()];
-      if (k.size() == 0 || proto::peek(k.to_string_view()).id != id) continue;
+    kept.for_each([&](auto& k) {  // the oldest first: an early answer before the final one
+      if (proto::peek(k.message.to_string_view()).id != id) return;
       zmq::message_t again;
-      again.copy(k);
+      again.copy(k.message);
       enqueue({{}, std::move(again)}, true);
       ++n_replies_resent;
       resent = true;
-    }
+    });
     if (!running && !resent) return false;
     ++n_jobs_again;
     if (log_limit.allow())

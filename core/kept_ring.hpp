@@ -1,0 +1,77 @@
+#pragma once
+// The last messages a peer sent, kept so that it can send again those that
+// die in a socket it replaces (docs/protocol.md, "Jobs sent again" and
+// "What a replaced socket held"). Each is a copy sharing the sent bytes
+// (zmq_msg_copy: a reference count, no allocation), with a `Where` of the
+// caller's (where it went). Oldest first; at most `max_count` of them and
+// `max_bytes` of their bytes: the oldest go first, and one larger than
+// `max_bytes` is not kept. The slots grow to `max_count` once, then nothing
+// is allocated. Not thread-safe.
+#include <algorithm>
+#include <cstddef>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <zmq.hpp>
+
+namespace sidecast::core {
+
+template <typename Where = std::monostate>
+class kept_ring {
+ public:
+  struct entry {
+    zmq::message_t message;
+    [[no_unique_address]] Where where{};
+  };
+
+  kept_ring(std::size_t max_count, std::size_t max_bytes) : max_count_{max_count}, max_bytes_{max_bytes} {}
+
+  void push(entry&& e) {
+    if (max_count_ == 0 || e.message.size() > max_bytes_) return;
+    if (size_ == slots_.size() && slots_.size() < max_count_)
+      grow(std::min(max_count_, std::max<std::size_t>(64, slots_.size() * 2)));
+    if (size_ == slots_.size()) pop();
+    bytes_ += e.message.size();
+    slots_[(head_ + size_) % slots_.size()] = std::move(e);
+    ++size_;
+    while (bytes_ > max_bytes_) pop();
+  }
+
+  /// Hands `f` each entry, oldest first.
+  template <typename F>
+  void for_each(F&& f) {
+    for (std::size_t i = 0; i < size_; ++i) f(slots_[(head_ + i) % slots_.size()]);
+  }
+
+  /// Hands `f` each entry (to move from), oldest first, and forgets them all.
+  template <typename F>
+  void take_all(F&& f) {
+    for (std::size_t i = 0; i < size_; ++i) f(std::move(slots_[(head_ + i) % slots_.size()]));
+    for (auto& slot : slots_) slot.message.rebuild();
+    head_ = size_ = bytes_ = 0;
+  }
+
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  void pop() {
+    auto& oldest = slots_[head_];
+    bytes_ -= oldest.message.size();
+    oldest.message.rebuild();
+    head_ = (head_ + 1) % slots_.size();
+    --size_;
+  }
+  void grow(std::size_t n) {
+    std::vector<entry> bigger(n);
+    for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move(slots_[(head_ + i) % slots_.size()]);
+    slots_ = std::move(bigger);
+    head_ = 0;
+  }
+
+  std::size_t max_count_, max_bytes_;
+  std::vector<entry> slots_;
+  std::size_t head_ = 0, size_ = 0, bytes_ = 0;
+};
+
+}  // namespace sidecast::core
