@@ -7,8 +7,13 @@
 // `max_bytes` of their bytes: the oldest go first, and one larger than
 // `max_bytes` is not kept. The slots grow to `max_count` once, then nothing
 // is allocated. Not thread-safe.
+//
+// Below it: where a message went on a link (link_position), what a broker's
+// Welcome says it read (broker_received), and take_lost(), which picks out
+// the kept messages that died.
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -73,5 +78,46 @@ class kept_ring {
   std::vector<entry> slots_;
   std::size_t head_ = 0, size_ = 0, bytes_ = 0;
 };
+
+/// Where a message went on a link (core::peer_link): after Hello number
+/// `epoch`, as the `sent`th message after it.
+struct link_position {
+  std::uint64_t epoch = 0;
+  std::uint64_t sent = 0;
+  auto operator<=>(const link_position&) const = default;
+};
+
+/// What the broker said it read of what a link sent before the Hello it
+/// last welcomed (Welcome.previous_hello, .received): a message sent after
+/// Hello `previous` beyond the first `received`, or after a Hello between
+/// `previous` and `current`, died in a socket the link replaced and may be
+/// sent again. `count` goes up with each such Welcome.
+struct broker_received {
+  std::uint64_t count = 0;
+  std::uint64_t previous = 0;
+  std::uint64_t received = 0;
+  std::uint64_t current = 0;
+  bool lost(const link_position& p) const {
+    return (p.epoch == previous && p.sent > received) || (p.epoch > previous && p.epoch < current);
+  }
+};
+
+/// Messages sent on a link, each kept with where it went, so that those
+/// that die in a socket the link replaces can go again.
+using kept_sends = kept_ring<link_position>;
+
+/// After a Welcome said what the broker read: hands `lost` each message of
+/// `kept` that died in a replaced socket, oldest first, and forgets those
+/// the broker read. Those sent since that Welcome's Hello stay kept: a
+/// later Welcome tells about them.
+template <typename F>
+void take_lost(kept_sends& kept, const broker_received& received, F&& lost) {
+  std::vector<kept_sends::entry> unknown;
+  kept.take_all([&](kept_sends::entry&& e) {
+    if (received.lost(e.where)) lost(std::move(e));
+    else if (e.where.epoch >= received.current) unknown.push_back(std::move(e));
+  });
+  for (auto& e : unknown) kept.push(std::move(e));
+}
 
 }  // namespace sidecast::core

@@ -219,6 +219,13 @@ bool peer_link::send_message(zmq::message_t&& message) {
   return true;
 }
 
+bool peer_link::send_message(zmq::message_t&& message, kept_sends::entry& kept) {
+  kept.message.copy(message);
+  if (!send_message(std::move(message))) return false;
+  kept.where = last_sent();
+  return true;
+}
+
 void peer_link::tick(clock::time_point now) {
   if (auto late = now - next_tick(); late > interval_) {
     // Our own thread did not run for a while (the process was stopped, or

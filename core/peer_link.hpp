@@ -18,6 +18,7 @@
 #include <zmq.hpp>
 
 #include "core/curve.hpp"
+#include "core/kept_ring.hpp"
 #include "core/local_link.hpp"
 #include "core/log.hpp"
 #include "proto/codec.hpp"
@@ -80,6 +81,10 @@ class peer_link {
   bool send(const proto::Envelope& env);
   bool send_bytes(std::string_view bytes);
   bool send_message(zmq::message_t&& message);
+  /// The same, leaving in `kept` a copy sharing the bytes sent (a
+  /// reference count, no allocation) and where it went; when the send is
+  /// refused, `kept` holds the message.
+  bool send_message(zmq::message_t&& message, kept_sends::entry& kept);
 
   /// A worker that is stopping: tells the broker to send it nothing new
   /// (Drain), now and in every Hello from then on (a restarted broker).
@@ -123,20 +128,13 @@ class peer_link {
   /// Messages sent since the last Hello (Hello number epoch()): a message
   /// sent now is number sent_since_hello() after it.
   std::uint64_t sent_since_hello() const { return sent_since_hello_; }
+  using position = link_position;
+  /// Where the message sent last went.
+  position last_sent() const { return {epoch(), sent_since_hello_}; }
   /// What the broker said it read of what this link sent before the Hello
-  /// it last welcomed (Welcome.previous_hello, .received): a message sent
-  /// after Hello `previous` beyond the first `received`, or after a Hello
-  /// between `previous` and `current`, died in a socket the link replaced
-  /// and may be sent again. `count` goes up with each such Welcome.
-  struct broker_received {
-    std::uint64_t count = 0;
-    std::uint64_t previous = 0;
-    std::uint64_t received = 0;
-    std::uint64_t current = 0;
-    bool lost(std::uint64_t epoch, std::uint64_t sent) const {
-      return (epoch == previous && sent > received) || (epoch > previous && epoch < current);
-    }
-  };
+  /// it last welcomed (Welcome.previous_hello, .received); `count` goes up
+  /// with each such Welcome.
+  using broker_received = core::broker_received;
   const broker_received& received_by_broker() const { return received_by_broker_; }
   const peer_link_stats& stats() const { return stats_; }
   const peer_link_options& options() const { return options_; }

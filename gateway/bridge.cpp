@@ -295,14 +295,12 @@ bool bridge::send_notice(zmq::message_t&& message) {
 }
 
 bool bridge::send_kept(zmq::message_t&& message, sent_message& out) {
-  out.message.copy(message);  // the bytes are shared: no copy, no allocation
-  if (!send_to_broker(std::move(message))) return false;
-  out.where = {link_->epoch(), link_->sent_since_hello()};
-  return true;
+  return link_->send_message(std::move(message), out) || link_full();
 }
 
-bool bridge::send_to_broker(zmq::message_t&& message) {
-  if (link_->send_message(std::move(message))) return true;
+bool bridge::send_to_broker(zmq::message_t&& message) { return link_->send_message(std::move(message)) || link_full(); }
+
+bool bridge::link_full() {
   metrics_.broker_link_full.Increment();
   if (log_limit_.allow()) spdlog::warn("gateway bridge: the broker link is full (--hwm {}); message dropped", config_.hwm);
   return false;
@@ -724,28 +722,22 @@ void bridge::resend_lost() {
   broker_received_ = received.count;
   enum class kind { request, forward, notice };
   struct lost_message {
-    where at;
+    core::link_position at;
     kind what;
     std::uint64_t seq;        // a request's or forward's
     zmq::message_t message;   // a notice's
   };
   std::vector<lost_message> lost;
-  auto is_lost = [&](const where& w) { return received.lost(w.epoch, w.sent); };
   for (const auto& [seq, p] : pending_)
-    if (p.out.message.size() && is_lost(p.out.where)) lost.push_back({p.out.where, kind::request, seq, {}});
+    if (p.out.message.size() && received.lost(p.out.where)) lost.push_back({p.out.where, kind::request, seq, {}});
   for (const auto& [seq, f] : forwards_)
-    if (is_lost(f.out.where)) lost.push_back({f.out.where, kind::forward, seq, {}});
-  std::vector<sent_message> unknown;  // sent on the new socket: not known yet
-  notices_.take_all([&](sent_message&& n) {
-    if (is_lost(n.where)) lost.push_back({n.where, kind::notice, 0, std::move(n.message)});
-    else if (n.where.epoch >= received.current) unknown.push_back(std::move(n));
+    if (received.lost(f.out.where)) lost.push_back({f.out.where, kind::forward, seq, {}});
+  core::take_lost(notices_, received, [&](sent_message&& n) {
+    lost.push_back({n.where, kind::notice, 0, std::move(n.message)});
   });
-  for (auto& n : unknown) notices_.push(std::move(n));
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   if (lost.empty()) return;
-  std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) {
-    return std::tie(a.at.epoch, a.at.sent) < std::tie(b.at.epoch, b.at.sent);
-  });
+  std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) { return a.at < b.at; });
   spdlog::warn("gateway bridge: {} messages died in the socket to the broker it replaced; sending them again",
                lost.size());
   for (auto& l : lost) {

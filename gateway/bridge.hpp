@@ -141,6 +141,8 @@ class bridge {
   /// False (counted, logged) when the link refuses it: the broker is gone
   /// or not keeping up, and --hwm messages already wait.
   bool send_to_broker(zmq::message_t&& message);
+  /// The link refused a message: counted, logged; false.
+  bool link_full();
 
   struct member {
     std::weak_ptr<client_sink> sink;
@@ -148,15 +150,11 @@ class bridge {
     std::vector<std::string> topics;  // rooms joined (topic form)
   };
   using time_point = std::chrono::steady_clock::time_point;
-  // Where on the link a message went: sent again if it died in a socket the
-  // link replaced (resend_lost()).
-  struct where {
-    std::uint64_t epoch = 0;  // the link's when it was sent (or a new broker named it)
-    std::uint64_t sent = 0;   // its number after that Hello (peer_link::sent_since_hello)
-  };
   // What was sent to the broker: a copy sharing the bytes sent (empty: never
-  // sent again), and where it went.
-  using sent_message = core::kept_ring<where>::entry;
+  // sent again), and where on the link it went (its epoch, or the one at
+  // which a new broker named it): sent again if it died in a socket the link
+  // replaced (resend_lost()).
+  using sent_message = core::kept_sends::entry;
   struct pending {
     std::weak_ptr<client_sink> sink;
     std::uint64_t tag;
@@ -267,7 +265,7 @@ class bridge {
   bool pump_posted_ = false;
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
-  core::kept_ring<where> notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)
+  core::kept_sends notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)
   watch link_watch_, sub_watch_;
   std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook
   std::unique_ptr<core::peer_link> link_;

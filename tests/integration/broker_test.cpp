@@ -10,6 +10,7 @@
 #include <atomic>
 #include <future>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <thread>
@@ -722,6 +723,82 @@ TEST_P(BrokerTest, AWelcomeOnANewSocketSaysWhatTheReplacedOneLost) {
   EXPECT_EQ(welcome->welcome().previous_hello(), 1u);
   EXPECT_EQ(welcome->welcome().received(), 1u) << "only the first request came as the gateway's";
   EXPECT_FALSE(w.next(Envelope::kRequest, 300ms)) << "a request the Welcome calls lost reached the worker";
+}
+
+// A worker that heard nothing from the broker for its liveness (the broker
+// stalled) replaces its socket. What it emitted into the old one that the
+// broker had not read died there; the Welcome on the new socket says how
+// much the broker read, and the worker sends the rest again (its kept
+// one-way messages, worker_options::kept_notices): every emit arrives, once.
+TEST_P(BrokerTest, AWorkerSendsAgainTheEmitsItsReplacedSocketLost) {
+  if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
+  heartbeat_ = 300ms;
+  start();
+  peer gw{ctx_, "inproc://router", "gwE", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  std::promise<void> stalled, replaced;
+  auto stalled_seen = stalled.get_future().share(), replaced_seen = replaced.get_future().share();
+  auto emit_range = [](request& req, int from, int to) {
+    for (int i = from; i < to; ++i) req.emit("n", "[" + std::to_string(i) + "]");
+  };
+  service talk{"talk", 1};
+  talk.on("go", [&, stalled_seen, replaced_seen](request req) {
+    emit_range(req, 0, 10);
+    stalled_seen.wait_for(10s);
+    emit_range(req, 10, 20);  // into the socket the broker does not read
+    replaced_seen.wait_for(10s);
+    emit_range(req, 20, 30);  // on the new socket, before the broker's Welcome
+    req.reply("[]");
+  });
+  auto o = options_for("wE");
+  o.broker = "inproc://router";  // a socket of its own, on a thread of its own: it runs while the broker is held
+  auto w = std::make_unique<worker>(o, &ctx_);
+  w->add(std::move(talk));
+  w->start();
+  ASSERT_TRUE(eventually([&] { return w->connected(); }));
+  gw.submit("talk", "go", "[]", 20s, "gwE.s1");
+
+  std::vector<int> got;
+  bool replied = false;
+  auto take = [&](std::chrono::milliseconds limit, std::size_t until_count) {
+    auto until = std::chrono::steady_clock::now() + limit;
+    auto beat_at = std::chrono::steady_clock::now();
+    while ((got.size() < until_count || (until_count == 30 && !replied)) && std::chrono::steady_clock::now() < until) {
+      if (std::chrono::steady_clock::now() >= beat_at) {  // the raw gateway's heartbeats
+        Envelope beat;
+        beat.mutable_heartbeat();
+        gw.send(beat);
+        beat_at += 100ms;
+      }
+      auto env = gw.receive_any(20ms);
+      if (!env) continue;
+      if (env->has_heartbeat() && env->heartbeat().probe() != 0) gw.send(*env);  // as a peer_link answers it
+      if (env->has_emit()) got.push_back(std::stoi(env->emit().args().substr(1)));
+      if (env->has_reply()) replied = true;
+    }
+  };
+  take(5s, 10);
+  ASSERT_EQ(got.size(), 10u);
+  bool reconnected = false;
+  pause_io([&] {
+    stalled.set_value();
+    reconnected = eventually([&] { return w->stats().reconnects >= 1; }, 5s);
+    replaced.set_value();
+    std::this_thread::sleep_for(100ms);
+  });
+  ASSERT_TRUE(reconnected) << "the worker never found the broker silent";
+  take(10s, 30);
+  EXPECT_TRUE(replied);
+  std::vector<int> sorted = got;
+  std::sort(sorted.begin(), sorted.end());
+  std::vector<int> all(30);
+  std::iota(all.begin(), all.end(), 0);
+  EXPECT_EQ(sorted, all) << "each emit arrives once";
+  std::vector<int> second;  // what went into the replaced socket: in its order
+  std::copy_if(got.begin(), got.end(), std::back_inserter(second), [](int i) { return i >= 10 && i < 20; });
+  EXPECT_TRUE(std::is_sorted(second.begin(), second.end()));
+  EXPECT_GT(w->stats().notices_resent, 0u) << "nothing died in the replaced socket: the test proves nothing";
+  w->stop();
 }
 
 // Sending a job again on a new socket is not a dispatch: it leaves the job

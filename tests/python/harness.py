@@ -238,6 +238,8 @@ class Peer:
             env.ParseFromString(self.socket.recv())
             if env.WhichOneof("kind") != "heartbeat":
                 return env
+            if env.heartbeat.probe:  # after its stall the broker asks which connection we are on
+                self.send(env)
 
     def next(self, kind, timeout=WAIT, where=lambda env: True):
         """The next envelope of ``kind`` (a oneof name) matching ``where``, skipping others."""

@@ -542,6 +542,7 @@ class FakeBroker:
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the real broker: a new socket takes the id
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.xsub = ctx.socket(zmq.XSUB)
@@ -665,6 +666,69 @@ class ProbeTest(FakeBrokerTest):
                 self.assertEqual(env.heartbeat.probe, 7)
                 return
         self.fail("the probe was not answered")
+
+
+class ResendLostTest(FakeBrokerTest):
+    """A worker that found the broker silent replaces its socket; the
+    broker's Welcome on the new one says how much of what came after the
+    Hello before it read (Welcome.previous_hello, .received). The one-way
+    messages beyond that died in the old socket: the worker sends them
+    again, in order, and only them (answers go again through jobs sent
+    again, not here)."""
+
+    def service(self):
+        svc = Service("svc", capacity=1)
+
+        @svc.on("work")
+        def work(req):
+            for i in range(5):
+                req.emit("n", i)
+            return "done"
+
+        return svc
+
+    def test_what_the_broker_did_not_read_goes_again(self):
+        hello = self.broker.next().hello
+        self.assertEqual(hello.hello, 1)
+        welcome = pb.Envelope()
+        welcome.welcome.protocol_version = hello.protocol_version
+        welcome.welcome.heartbeat_interval_ms = 200  # the fake sends none: a new socket after 0.6 s
+        welcome.welcome.heartbeat_liveness = 3
+        welcome.welcome.hello = 1
+        self.broker.send(welcome)
+        self.assertTrue(self.worker.wait_connected(WAIT))
+        env = pb.Envelope()
+        env.request.id, env.request.service, env.request.event = "c:1", "svc", "work"
+        env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
+        env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
+        self.broker.send(env)
+        # Everything after Hello 1 is counted, heartbeats too, as the broker does.
+        after_hello, number_of = 0, {}
+        while True:
+            _, data = self.broker.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            kind = env.WhichOneof("kind")
+            if kind == "hello":
+                break
+            after_hello += 1
+            if kind == "emit":
+                number_of[args_of(env.emit)[0]] = after_hello
+        self.assertEqual(env.hello.hello, 2, "a new socket's Hello")
+        self.assertEqual(sorted(number_of), [0, 1, 2, 3, 4])
+        # Say only what came up to the second emit was read.
+        welcome.welcome.previous_hello, welcome.welcome.received, welcome.welcome.hello = 1, number_of[1], 2
+        self.broker.send(welcome)
+        again = []
+        deadline = time.monotonic() + WAIT
+        while len(again) < 3 and time.monotonic() < deadline:
+            env = self.broker.next()
+            self.assertNotEqual(env.WhichOneof("kind"), "reply", "an answer is not sent again this way")
+            if env.WhichOneof("kind") == "emit":
+                again.append(args_of(env.emit)[0])
+        self.assertEqual(again, [2, 3, 4])
+        self.assertTrue(eventually(lambda: self.worker.stats().notices_resent == 3, WAIT), self.worker.stats())
+        self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "those sent again are kept again")
 
 
 class JobsAgainBase(FakeBrokerTest):
@@ -1050,6 +1114,45 @@ class BrokerSilenceTest(ReconnectTest):
         self.assertEqual(w.stats().requests, 1)
         self.assertEqual(self.broker.metric("sidecast_broker_stalls_total"), 1)
         self.assertEqual(self.broker.metric("sidecast_broker_peer_reconnects_total"), 1)
+
+    def test_what_a_worker_emits_through_the_broker_stall_all_arrives(self):
+        # The emits the worker sent into the socket it replaced that the
+        # broker had not read died there; the Welcome on the new socket says
+        # how many it read, and the worker sends the rest again.
+        svc = Service("progress", capacity=1)
+        stalled, replaced = threading.Event(), threading.Event()
+        self.addCleanup(stalled.set)
+        self.addCleanup(replaced.set)
+
+        @svc.on("run")
+        def run(req):
+            for part, wait in ((range(0, 10), stalled), (range(10, 20), replaced), (range(20, 30), None)):
+                for i in part:
+                    req.emit("n", i)
+                if wait is not None:
+                    wait.wait(WAIT)
+            return "done"
+
+        w = self.start_worker(svc)
+        gw = self.gateway("gwT")
+        gw.submit("progress", "run", sid="gwT.x", timeout_ms=20000)
+        got = [args_of(gw.next("emit").emit)[0] for _ in range(10)]
+        self.broker.process.signal(signal.SIGSTOP)
+        try:
+            stalled.set()  # 10 more into the socket the broker does not read
+            self.assertTrue(eventually(lambda: w.stats().reconnects >= 1, 3), "the worker never found the broker silent")
+            replaced.set()  # and 10 on the new socket, before the Welcome
+            time.sleep(0.2)
+        finally:
+            self.broker.process.signal(signal.SIGCONT)
+        deadline = time.monotonic() + WAIT
+        while len(got) < 30 and time.monotonic() < deadline:
+            env = gw.receive(0.2)
+            if env is not None and env.WhichOneof("kind") == "emit":
+                got.append(args_of(env.emit)[0])
+        self.assertEqual(sorted(got), list(range(30)), "each emit arrives once")
+        self.assertEqual([i for i in got if 10 <= i < 20], list(range(10, 20)), "those sent again in their order")
+        print(f"sent again by the worker: {w.stats().notices_resent} of the 10 emitted during the stall")
 
     def test_broker_restart_slower_than_liveness(self):
         w = self.start_worker(self.echo_service())

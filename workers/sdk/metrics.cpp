@@ -42,6 +42,11 @@ worker_metrics::worker_metrics(prometheus::Registry& r)
       replies_resent_{counter(r, "sidecast_worker_replies_resent_total", "Kept answers sent again for those")},
       kept_bytes_{gauge(r, "sidecast_worker_kept_reply_bytes",
                         "Bytes of the answers kept to be sent again (bounded by --kept-reply-bytes)")},
+      notices_resent_{counter(r, "sidecast_worker_notices_resent_total",
+                              "One-way messages (emits to a sid, joins, leaves) that died in a socket the worker "
+                              "replaced, sent again")},
+      kept_notice_bytes_{gauge(r, "sidecast_worker_kept_notice_bytes",
+                               "Bytes of the one-way messages kept to be sent again (bounded by --kept-notice-bytes)")},
       connected_{gauge(r, "sidecast_worker_connected", "1 while the broker has welcomed this worker")},
       running_{gauge(r, "sidecast_worker_requests_running", "Requests taken and not yet done with")},
       draining_{gauge(r, "sidecast_worker_draining", "1 once the worker drains (SIGTERM): it takes no new requests")} {}
@@ -59,7 +64,9 @@ void worker_metrics::refresh(const worker& w) {
   advance(requests_refused_, now.requests_refused, seen_.requests_refused);
   advance(jobs_again_, now.jobs_again, seen_.jobs_again);
   advance(replies_resent_, now.replies_resent, seen_.replies_resent);
+  advance(notices_resent_, now.notices_resent, seen_.notices_resent);
   kept_bytes_.Set(static_cast<double>(now.kept_bytes));
+  kept_notice_bytes_.Set(static_cast<double>(now.kept_notice_bytes));
   connected_.Set(w.connected() ? 1 : 0);
   running_.Set(static_cast<double>(now.running));
   draining_.Set(now.draining ? 1 : 0);

@@ -34,6 +34,8 @@ class worker_metrics {
   prometheus::Counter& jobs_again_;
   prometheus::Counter& replies_resent_;
   prometheus::Gauge& kept_bytes_;
+  prometheus::Counter& notices_resent_;
+  prometheus::Gauge& kept_notice_bytes_;
   prometheus::Gauge& connected_;
   prometheus::Gauge& running_;
   prometheus::Gauge& draining_;

@@ -38,6 +38,7 @@ using proto::Envelope;
 struct outgoing {
   std::string topic;        // non-empty: publish on the PUB socket under this topic
   zmq::message_t envelope;  // serialized once, straight into the message that is sent
+  bool answer = false;      // a Reply: never dropped, and not kept as a one-way message (see resend_lost)
   bool keep = false;        // a handler's answer: kept once sent (see had_before)
 };
 
@@ -249,6 +250,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // The answers sent last (see worker_options::kept_replies), looked up
   // only for a job sent again, by the id in the bytes.
   core::kept_ring<> kept{options.kept_replies, options.kept_reply_bytes};
+  // The one-way messages sent last (see worker_options::kept_notices), and
+  // the link's received_by_broker().count as last acted on (resend_lost).
+  core::kept_sends notices{options.kept_notices, options.kept_notice_bytes};
+  std::uint64_t received_seen = 0;
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -262,7 +267,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0}, n_jobs_again{0}, n_replies_resent{0},
-      kept_bytes{0};  // written by the I/O thread only
+      kept_bytes{0}, n_notices_resent{0}, kept_notice_bytes{0};  // the last three: written by the I/O thread only
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
@@ -292,10 +297,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
   }
 
-  // `reply`: a Reply, which is never dropped (it also frees the request's
-  // credit at the broker).
-  bool enqueue(outgoing out, bool reply = false) {
+  // An answer (out.answer) is never dropped: it also frees the request's
+  // credit at the broker.
+  bool enqueue(outgoing out) {
     if (stopping) return false;
+    const bool reply = out.answer;
     // The I/O thread drains the outbox, so it must never wait for room, nor
     // wake itself: it drains the outbox before it polls again.
     bool on_io_thread = turning == this;
@@ -320,7 +326,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     return false;
   }
 
-  bool send(const Envelope& env) { return enqueue({{}, core::message_of(env)}); }
+  bool send(const Envelope& env) { return enqueue({.envelope = core::message_of(env)}); }
 
   // A room (room != nullptr) or namespace emit, over the PUB socket.
   // Protobuf strings must be UTF-8: an event name, a room or a sid that is
@@ -347,7 +353,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (room) e->set_room(*room);
     else e->set_broadcast(true);
     for (auto& s : except_sids) e->add_except_sids(std::move(s));
-    return enqueue({proto::topic_for(*e), core::message_of(env)});
+    return enqueue({.topic = proto::topic_for(*e), .envelope = core::message_of(env)});
   }
 
   proto::Emit make_emit(const std::string& nsp, std::string event, std::string args,
@@ -412,7 +418,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     proto::encode_reply(r, static_cast<char*>(reply.data()));
     if (!partial) ++n_replies;
     // A reply must not be lost to a full outbox: it also frees the credit.
-    if (!enqueue({{}, std::move(reply), true}, true) && !stopping) {
+    if (!enqueue({.envelope = std::move(reply), .answer = true, .keep = true}) && !stopping) {
       spdlog::error("outbox full: reply for {} dropped", st.f->id);
     }
     if (!partial) st.replied = true;
@@ -660,6 +666,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (env.kind_case() != Envelope::KIND_NOT_SET) on_message(env);  // else take_request() had it
       if (io_queued) unasked = send_queued() || unasked;
     }
+    // The lost one-way messages go before what the handlers queued since.
+    if (link.received_by_broker().count != received_seen) unasked = resend_lost() || unasked;
     if (io_queued) unasked = send_queued() || unasked;
     if (now >= link.next_tick()) {
       link.tick(now);
@@ -688,18 +696,63 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     io_replies.clear();
     bool on_link = false;
     for (auto& out : o.batch) {
-      if (out.topic.empty()) {
-        on_link = true;
-        if (out.keep) keep_reply(out.envelope);
-        if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
-      } else {
+      if (!out.topic.empty()) {
         o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
         o.pub.send(out.envelope, zmq::send_flags::dontwait);
+        continue;
       }
+      on_link = true;
+      if (!out.answer) {
+        send_notice(std::move(out.envelope));
+        continue;
+      }
+      if (out.keep) keep_reply(out.envelope);
+      if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
     }
     o.batch.clear();
     if (o.batch.capacity() > 1024) o.batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
     return on_link;
+  }
+
+  // A one-way message (an emit to a sid, a join, a leave, a disconnect),
+  // kept once sent (resend_lost).
+  bool send_notice(zmq::message_t&& message) {
+    auto& link = io->link;
+    if (options.kept_notices == 0) {
+      if (link.send_message(std::move(message))) return true;
+      ++n_dropped;
+      return false;
+    }
+    core::kept_sends::entry e;
+    if (!link.send_message(std::move(message), e)) {
+      ++n_dropped;
+      return false;
+    }
+    notices.push(std::move(e));
+    kept_notice_bytes.store(notices.bytes(), std::memory_order_relaxed);
+    return true;
+  }
+
+  // The broker's Welcome on a new socket said how much of what the old one
+  // sent it read (a broker that stalled past the link's liveness, a network
+  // that did); the rest died with the old socket. The kept one-way messages
+  // among it go again, in the order they were first sent, on the new
+  // socket: the broker never read them, so none acts twice. (Answers are
+  // not among them: the broker sends their jobs again, and had_before
+  // answers from the kept ones.) True when it sent on the link.
+  bool resend_lost() {
+    const auto& received = io->link.received_by_broker();
+    received_seen = received.count;
+    std::vector<core::kept_sends::entry> lost;
+    core::take_lost(notices, received, [&](core::kept_sends::entry&& e) { lost.push_back(std::move(e)); });
+    kept_notice_bytes.store(notices.bytes(), std::memory_order_relaxed);
+    if (lost.empty()) return false;
+    if (log_limit.allow())
+      spdlog::warn("worker {}: {} messages died in the socket to the broker it replaced; sending them again",
+                   options.id, lost.size());
+    for (auto& e : lost)
+      if (send_notice(std::move(e.message))) ++n_notices_resent;
+    return true;
   }
 
   // A turn of the I/O loop: its spare blocks serve the requests it makes,
@@ -856,7 +909,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (proto::peek(k.message.to_string_view()).id != id) return;
       zmq::message_t again;
       again.copy(k.message);
-      enqueue({{}, std::move(again)}, true);
+      enqueue({.envelope = std::move(again), .answer = true});
       ++n_replies_resent;
       resent = true;
     });
@@ -1253,7 +1306,7 @@ worker_stats worker::stats() const {
           core_->n_dropped,      core_->n_errors,           core_->n_reconnects,
           core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
           core_->drain_asked.load(), core_->n_jobs_again, core_->n_replies_resent,
-          core_->kept_bytes.load()};
+          core_->kept_bytes.load(),    core_->n_notices_resent,   core_->kept_notice_bytes.load()};
 }
 
 }  // namespace sidecast

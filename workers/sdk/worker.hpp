@@ -52,6 +52,12 @@ struct worker_options {
   // instead of running twice. A job still running here is never run again.
   std::size_t kept_replies = 1024;
   std::size_t kept_reply_bytes = 4 << 20;
+  // One-way messages kept after they are sent (emits to a sid, joins,
+  // leaves, disconnects), at most this many and bytes (0: none): those that
+  // died in a socket the worker replaced go again once the broker's Welcome
+  // says what it read (docs/protocol.md, "What a replaced socket held").
+  std::size_t kept_notices = 16384;
+  std::size_t kept_notice_bytes = 8 << 20;
   std::string curve_secret;      // this worker's CURVE secret key (Z85); empty: no CURVE
   std::string curve_server_key;  // the broker's CURVE public key (Z85)
 };
@@ -212,6 +218,8 @@ struct worker_stats {
   std::uint64_t jobs_again = 0;      // jobs sent again that this worker held or answered: not run again
   std::uint64_t replies_resent = 0;  // kept answers sent again for those
   std::uint64_t kept_bytes = 0;      // what the kept answers hold now (kept_reply_bytes bounds it)
+  std::uint64_t notices_resent = 0;     // one-way messages that died in a replaced socket, sent again
+  std::uint64_t kept_notice_bytes = 0;  // what the kept one-way messages hold now (kept_notice_bytes bounds it)
 };
 
 class worker {

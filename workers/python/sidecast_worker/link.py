@@ -8,6 +8,7 @@ calls ``tick()`` at ``next_tick()``. Only the thread that made it may use it.
 import logging
 import secrets
 import time
+from typing import NamedTuple
 
 import zmq
 
@@ -43,6 +44,22 @@ def apply_curve(sock, secret_key, server_key):
     sock.curve_secretkey = secret_key.encode()
 
 
+class BrokerReceived(NamedTuple):
+    """What the broker said it read of what this link sent before the Hello
+    it last welcomed (Welcome.previous_hello, .received): a message sent
+    after Hello ``previous`` beyond the first ``received``, or after a Hello
+    between ``previous`` and ``current``, died in a socket the link replaced
+    and may be sent again. ``count`` goes up with each such Welcome."""
+    count: int = 0
+    previous: int = 0
+    received: int = 0
+    current: int = 0
+
+    def lost(self, epoch, sent):
+        """Whether the message sent as number ``sent`` after Hello ``epoch`` died."""
+        return (epoch == self.previous and sent > self.received) or self.previous < epoch < self.current
+
+
 class PeerLink:
     def __init__(self, context, endpoint, peer_id, role=pb.ROLE_WORKER, services=(),
                  heartbeat_interval=1.0, heartbeat_liveness=3, hwm=100000, curve=(None, None)):
@@ -63,7 +80,9 @@ class PeerLink:
         self.drain_confirmed = False
         self.broker_id = ""
         self.reconnects = 0   # sockets replaced after broker silence
-        self.hellos = 0
+        self.hellos = 0  # Hellos sent: what the link sends now follows Hello number `hellos`
+        self.sent_since_hello = 0  # a message sent now is number sent_since_hello + 1 after it
+        self.received_by_broker = BrokerReceived()
         # In every Hello, with the socket's number: a Hello again on the same
         # socket keeps what the broker dispatched here (docs/protocol.md).
         self.incarnation = secrets.randbits(64) or 1
@@ -130,7 +149,9 @@ class PeerLink:
         hello.incarnation = self.incarnation
         hello.connection = self.reconnects
         self.hellos += 1
+        hello.hello = self.hellos
         self.send(env)
+        self.sent_since_hello = 0  # the broker counts what comes after it
 
     def receive(self):
         """The next envelope for the application, or None when none waits.
@@ -176,6 +197,11 @@ class PeerLink:
                     log.info("connected to broker %s at %s", w.broker_id, self.endpoint)
                 self.broker_id = w.broker_id
                 self.welcomed = True
+                if w.previous_hello:
+                    # The broker knew this link: what it did not read died in
+                    # a replaced socket.
+                    self.received_by_broker = BrokerReceived(
+                        self.received_by_broker.count + 1, w.previous_hello, w.received, w.hello)
                 continue
             if kind == "drain":
                 if self.draining:
@@ -205,6 +231,7 @@ class PeerLink:
         except zmq.Again:
             self.send_dropped += 1
             return False
+        self.sent_since_hello += 1
         self._next_heartbeat = time.monotonic() + self.interval
         return True
 

@@ -78,6 +78,8 @@ class WorkerStats:
     running: int = 0  # requests taken and not yet finally answered
     draining: bool = False  # drain() has begun
     kept_bytes: int = 0  # what the kept answers hold now (kept_reply_bytes bounds it)
+    notices_resent: int = 0  # one-way messages that died in a replaced socket, sent again
+    kept_notice_bytes: int = 0  # what the kept one-way messages hold now (kept_notice_bytes bounds it)
 
 
 class _Wakeup:
@@ -116,7 +118,8 @@ class _Core:
 
     def __init__(self, broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                  threads, outbox_limit, outbox_wait, pending_acks_limit, hwm, default_timeout,
-                 curve, context, queue_limit, kept_replies, kept_reply_bytes):
+                 curve, context, queue_limit, kept_replies, kept_reply_bytes, kept_notices,
+                 kept_notice_bytes):
         self.worker_id = worker_id or codec.default_worker_id()
         if not codec.valid_peer_id(self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r} must be 1-64 bytes without '.' or ':'")
@@ -135,6 +138,12 @@ class _Core:
         self.kept = collections.deque()
         self.kept_bytes = 0
         self.kept_lock = threading.Lock()
+        # The one-way messages sent last, (Hello number, number after it,
+        # bytes), oldest first: I/O thread only (see resend_lost).
+        self.kept_notices = kept_notices
+        self.kept_notice_bytes = kept_notice_bytes
+        self.notices = collections.deque()
+        self.notice_bytes = 0
         self.hwm = hwm
         self.default_timeout = default_timeout
         self.curve = curve
@@ -170,7 +179,8 @@ class _Core:
         self.backlog = 0  # report callbacks waiting for a handler thread
         self.waiting = 0  # requests waiting for a handler thread (bound: queue_limit)
         self.stats_lock = threading.Lock()
-        self.counts = dict.fromkeys(set(WorkerStats.__dataclass_fields__) - {"running", "draining", "kept_bytes"}, 0)
+        self.counts = dict.fromkeys(set(WorkerStats.__dataclass_fields__)
+                                    - {"running", "draining", "kept_bytes", "kept_notice_bytes"}, 0)
         self.log_limit = RateLimitedLog()
 
     def count(self, what, n=1):
@@ -179,15 +189,18 @@ class _Core:
 
     # ---- the outbox: any thread -> the I/O thread ----
 
-    def enqueue(self, topic, data):
+    def enqueue(self, topic, data, notice=False):
+        """Queues ``data`` for the PUB socket under ``topic``, or (``topic``
+        None) for the broker link: a one-way message if ``notice`` (kept once
+        sent, see resend_lost), else an answer."""
         if self.stopping.is_set() or self.io_failure is not None:
             return False
         try:
             if threading.current_thread() is self.io_thread:
                 # The I/O thread drains the outbox, so it must never wait for room.
-                self.outbox.put_nowait((topic, data))
+                self.outbox.put_nowait((topic, data, notice))
             else:
-                self.outbox.put((topic, data), timeout=self.outbox_wait)
+                self.outbox.put((topic, data, notice), timeout=self.outbox_wait)
         except queue.Full:
             self.count("outbox_dropped")
             return False
@@ -195,7 +208,8 @@ class _Core:
         return True
 
     def send(self, env):
-        return self.enqueue(None, env.SerializeToString())
+        """A one-way message on the broker link (an emit to a sid, a control)."""
+        return self.enqueue(None, env.SerializeToString(), notice=True)
 
     def make_emit(self, env, nsp, event, args):
         args_json, att = codec.pack_args(args)
@@ -423,7 +437,7 @@ class _Core:
             apply_curve(pub, *self.curve)
             if self.publish_endpoint:
                 pub.connect(self.publish_endpoint)
-            poller, polled, seen_reconnects = None, None, 0
+            poller, polled, seen_reconnects, seen_received = None, None, 0, 0
             while not self.stopping.is_set():
                 if link.socket is not polled:
                     polled = link.socket
@@ -449,6 +463,10 @@ class _Core:
                     if env is None:
                         break
                     self.on_message(env)
+                # The lost one-way messages go before what the handlers queued since.
+                if link.received_by_broker.count != seen_received:
+                    seen_received = link.received_by_broker.count
+                    self.resend_lost(link)
                 self.flush(link, pub)
                 now = time.monotonic()
                 if now >= link.next_tick():
@@ -497,17 +515,57 @@ class _Core:
     def flush(self, link, pub):
         for _ in range(self.outbox_limit):
             try:
-                topic, data = self.outbox.get_nowait()
+                topic, data, notice = self.outbox.get_nowait()
             except queue.Empty:
                 return
             if topic is None:
-                if not link.send_bytes(data):
+                if notice:
+                    self.send_notice(link, data)
+                elif not link.send_bytes(data):
                     self.count("outbox_dropped")
             else:
                 try:
                     pub.send_multipart([topic, data], zmq.NOBLOCK)
                 except zmq.Again:
                     self.count("outbox_dropped")
+
+    def send_notice(self, link, data):
+        """Sends a one-way message, kept (at most ``kept_notices`` of them
+        and ``kept_notice_bytes`` bytes) with where it went on the link."""
+        if not link.send_bytes(data):
+            self.count("outbox_dropped")
+            return False
+        if self.kept_notices > 0 and len(data) <= self.kept_notice_bytes:
+            self.notices.append((link.hellos, link.sent_since_hello, data))
+            self.notice_bytes += len(data)
+            while len(self.notices) > self.kept_notices or self.notice_bytes > self.kept_notice_bytes:
+                self.notice_bytes -= len(self.notices.popleft()[2])
+        return True
+
+    def resend_lost(self, link):
+        """The broker's Welcome on a new socket said how much of what the old
+        one sent it read; the rest died with the old socket. The kept one-way
+        messages among it go again, in the order they were first sent: the
+        broker never read them, so none acts twice. (Answers are not among
+        them: the broker sends their jobs again, and had_before answers from
+        the kept ones.) Those the broker read are forgotten."""
+        received = link.received_by_broker
+        lost, unknown = [], collections.deque()
+        for epoch, sent, data in self.notices:
+            if received.lost(epoch, sent):
+                lost.append(data)
+            elif epoch >= received.current:  # sent since that Hello: a later Welcome tells
+                unknown.append((epoch, sent, data))
+        self.notices = unknown
+        self.notice_bytes = sum(len(data) for _, _, data in unknown)
+        if not lost:
+            return
+        if self.log_limit.allow():
+            log.warning("worker %s: %d messages died in the socket to the broker it replaced; sending them again",
+                        self.worker_id, len(lost))
+        for data in lost:
+            if self.send_notice(link, data):
+                self.count("notices_resent")
 
     def next_timer(self):
         at = float("inf")
@@ -702,20 +760,24 @@ class Worker:
     ``kept_reply_bytes`` bytes) are kept: a job the broker sends again after
     this worker came back on a new socket is answered again from them
     instead of run twice (one still running is never run twice); 0: none
-    kept. ``context``: a zmq.Context to share (inproc).
+    kept. The last ``kept_notices`` one-way messages sent on the broker link
+    (emits to a sid, joins, leaves; at most ``kept_notice_bytes`` bytes) are
+    kept too: those that died in a socket this worker replaced go again
+    once the broker says what it read; 0: none kept. ``context``: a zmq.Context to share (inproc).
     """
 
     def __init__(self, broker="tcp://127.0.0.1:7700", publish="tcp://127.0.0.1:7701", *,
                  worker_id=None, heartbeat_interval=1.0, heartbeat_liveness=3, threads=0,
                  outbox_limit=10000, outbox_wait=5.0, pending_acks_limit=10000, hwm=100000,
                  default_timeout=30.0, curve_secret=None, curve_server_key=None, context=None,
-                 queue_limit=10000, kept_replies=1024, kept_reply_bytes=4 << 20):
+                 queue_limit=10000, kept_replies=1024, kept_reply_bytes=4 << 20,
+                 kept_notices=16384, kept_notice_bytes=8 << 20):
         if queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
         self._core = _Core(broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                            threads, outbox_limit, outbox_wait, pending_acks_limit, hwm,
                            default_timeout, (curve_secret, curve_server_key), context, queue_limit,
-                           kept_replies, kept_reply_bytes)
+                           kept_replies, kept_reply_bytes, kept_notices, kept_notice_bytes)
 
     def __repr__(self):
         return f"<Worker {self.id} services={sorted(self._core.services)} connected={self.connected}>"
@@ -746,7 +808,8 @@ class Worker:
             running = len(self._core.in_flight)
         with self._core.stats_lock:
             return WorkerStats(**self._core.counts, running=running, draining=self._core.drain_asked,
-                               kept_bytes=self._core.kept_bytes)
+                               kept_bytes=self._core.kept_bytes,
+                               kept_notice_bytes=self._core.notice_bytes)
 
     def add(self, service):
         """Adds a service (before start() only); returns the worker."""
