@@ -82,6 +82,24 @@ struct broker::metrics {
                    .Help("Peers probed after a stall of the broker's thread, by how they showed their connection: "
                          "answered the probe, said Hello, or neither within their liveness (sent to as before)")
                    .Register(r)},
+        read_reports{prometheus::BuildCounter()
+                         .Name("sidecast_broker_read_reports_total")
+                         .Help("Peers back on a new socket, by whether they said what they read of what the broker "
+                               "sent before (read) or not within their liveness (unanswered); what they get waits "
+                               "until then")
+                         .Register(r)},
+        sent_again{prometheus::BuildCounter()
+                       .Name("sidecast_broker_sent_again_total")
+                       .Help("Messages sent again to a peer whose read report said they died in a socket it "
+                             "replaced")
+                       .Register(r)
+                       .Add({})},
+        kept_sent_bytes{prometheus::BuildGauge()
+                            .Name("sidecast_broker_kept_sent_bytes")
+                            .Help("Bytes of the messages sent to peers in their last heartbeat interval, kept to be "
+                                  "sent again (bounded per peer by --kept-sent, --kept-sent-bytes)")
+                            .Register(r)
+                            .Add({})},
         stalls{prometheus::BuildCounter()
                    .Name("sidecast_broker_stalls_total")
                    .Help("Heartbeat ticks more than an interval late (the broker's thread did not run): the time "
@@ -156,6 +174,9 @@ struct broker::metrics {
   prometheus::Gauge& parked;
   prometheus::Family<prometheus::Counter>& unparked;
   prometheus::Family<prometheus::Counter>& probes;
+  prometheus::Family<prometheus::Counter>& read_reports;
+  prometheus::Counter& sent_again;
+  prometheus::Gauge& kept_sent_bytes;
   prometheus::Counter& stalls;
   prometheus::Counter& events;
   prometheus::Family<prometheus::Gauge>& queue_depth;
@@ -497,8 +518,15 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     head = proto::head_of(*env);
   switch (kind) {
     case Envelope::kHeartbeat:
-      if (auto s = suspects_.find(routing_id); s != suspects_.end() && env->heartbeat().probe() == s->second.probe)
-        trust(routing_id, "answered");
+      if (auto s = suspects_.find(routing_id); s != suspects_.end()) {
+        const auto& beat = env->heartbeat();
+        if (s->second.probe == 0 && beat.has_read()) {
+          send_unread(routing_id, beat.read());
+          trust(routing_id, "read");
+        } else if (s->second.probe != 0 && beat.probe() == s->second.probe) {
+          trust(routing_id, "answered");
+        }
+      }
       break;
     case Envelope::kRequest:
     case Envelope::kLifecycle: on_job(routing_id, head, payload, now); break;
@@ -607,8 +635,17 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // answered), and one it never got runs now. Given to another worker
       // instead, a job it still runs would run twice.
       bool new_socket = hello.connection() > known.connection;
-      if (suspects_.erase(routing_id)) metrics_->probes.Add({{"outcome", "hello"}}).Increment();  // the Welcome unparks
+      clear_suspicion(routing_id, "hello");
       bool drains = welcome(routing_id, hello, &known);
+      if (new_socket && hello.hello() != 0) {
+        // What we sent it before this Welcome may have died in the socket
+        // it replaced (libzmq dropped what that pipe held when the new one
+        // took its id). A link that numbers its Hellos says at once what
+        // it read (Heartbeat.read); what we send it waits until then, to
+        // go after what is sent again (send_unread()).
+        known.welcomed_at = known.sent;
+        suspects_[routing_id] = {0, now};
+      }
       known.connection = hello.connection();
       known.expiry = now + liveness_window();
       known.hello = hello.hello();
@@ -637,6 +674,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   }
   peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
                             hello.incarnation(), hello.connection(), hello.hello()};
+  peers_[routing_id].kept = core::kept_ring<sent_at>{config_.kept_sent, config_.kept_sent_bytes};
   if (hello.role() == proto::ROLE_WORKER) {
     // The services the table knows first: once this worker serves them, a
     // new one of its own cannot take their place (make_room takes only
@@ -684,6 +722,7 @@ bool broker::welcome(const std::string& to, const proto::Hello& hello, const pee
   w->set_broker_id(config_.id);
   w->set_incarnation(incarnation_);
   w->set_hello(hello.hello());
+  if (auto it = peers_.find(to); it != peers_.end()) w->set_sent(it->second.sent);
   if (before && before->hello != 0) {
     w->set_previous_hello(before->hello);
     w->set_received(before->received);
@@ -1163,9 +1202,47 @@ void broker::check_stall(clock::time_point now) {
 
 // The peer answered the probe, or said Hello: what waited for it goes now.
 void broker::trust(const std::string& who, const char* how) {
-  if (!suspects_.erase(who)) return;
-  metrics_->probes.Add({{"outcome", how}}).Increment();
-  if (!parked_.empty()) unpark(who);
+  if (clear_suspicion(who, how) && !parked_.empty()) unpark(who);
+}
+
+bool broker::clear_suspicion(const std::string& who, const char* how) {
+  auto s = suspects_.find(who);
+  if (s == suspects_.end()) return false;
+  (s->second.probe == 0 ? metrics_->read_reports : metrics_->probes).Add({{"outcome", how}}).Increment();
+  suspects_.erase(s);
+  return true;
+}
+
+// The peer's Heartbeat.read, after our Welcome to its new socket: what it
+// did not read of what we sent it before that Welcome died in a socket it
+// replaced. What we still keep of that goes again now, in the order it
+// first went, before what waited for the report. None of it reached the
+// peer, so none acts twice.
+void broker::send_unread(const std::string& to, const proto::ReadReport& read) {
+  auto it = peers_.find(to);
+  if (it == peers_.end()) return;
+  auto& p = it->second;
+  std::vector<zmq::message_t> lost;
+  p.kept.take_all([&](sent_kept&& e) {
+    if (e.where.number > read.read_to() && e.where.number + read.tail() <= p.welcomed_at)
+      lost.push_back(std::move(e.message));
+  });
+  if (lost.empty()) return;
+  spdlog::warn("{}: {} messages sent to it died in a socket it replaced; sending them again", to, lost.size());
+  for (auto& message : lost) {
+    if (send_to(to, message) == sent::ok) metrics_->sent_again.Increment();
+    else drop(drop_reason::unreachable, to);
+  }
+}
+
+void broker::forget_old_sends(clock::time_point now) {
+  std::size_t bytes = 0;
+  for (auto& [id, p] : peers_) {
+    if (!suspects_.contains(id))
+      p.kept.forget_while([&](const sent_kept& e) { return now - e.where.at > config_.heartbeat_interval; });
+    bytes += p.kept.bytes();
+  }
+  metrics_->kept_sent_bytes.Set(static_cast<double>(bytes));
 }
 
 void broker::tick(clock::time_point now) {
@@ -1180,6 +1257,7 @@ void broker::tick(clock::time_point now) {
     for (const auto& who : quiet) trust(who, "unanswered");
   }
   if (!parked_.empty()) expire_parked(now);
+  forget_old_sends(now);
   std::vector<std::string> dead;
   for (const auto& [routing_id, p] : peers_) {
     if (now >= p.expiry) dead.push_back(routing_id);
@@ -1234,12 +1312,30 @@ broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payloa
     }
   }
   input_.used(router_in_);  // every send on the ROUTER comes here
+  // Each message to a registered peer is counted, and kept a while unless
+  // it is a job (sent again by resend_held) or says nothing (send_unread()).
+  auto kind = proto::kind_of(payload.to_string_view());
+  peer* to = nullptr;
+  if (kind != Envelope::kWelcome)
+    if (auto it = peers_.find(routing_id); it != peers_.end()) to = &it->second;
+  bool keep = to && config_.kept_sent > 0 && kind != Envelope::kHeartbeat && kind != Envelope::kRequest &&
+              kind != Envelope::kLifecycle;
+  sent_kept kept;
+  if (keep) kept.message.copy(payload);  // the bytes are shared: no copy, no allocation
   try {
     if (!router_.send(zmq::buffer(routing_id), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
       drop(drop_reason::hwm, routing_id);
       return sent::full;
     }
     router_.send(payload, zmq::send_flags::dontwait);
+    if (to) {
+      ++to->sent;
+      if (keep) {
+        kept.where = {to->sent, now_};
+        to->kept.forget_while([&](const sent_kept& e) { return now_ - e.where.at > config_.heartbeat_interval; });
+        to->kept.push(std::move(kept));
+      }
+    }
     return sent::ok;
   } catch (const zmq::error_t& e) {
     // EHOSTUNREACH: the peer's connection is gone (ROUTER_MANDATORY). The

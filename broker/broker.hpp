@@ -23,6 +23,7 @@
 #include "core/curve.hpp"
 #include "core/input_reactor.hpp"
 #include "core/input_wait.hpp"
+#include "core/kept_ring.hpp"
 #include "core/local_link.hpp"
 #include "core/log.hpp"
 #include "core/metrics.hpp"
@@ -46,6 +47,11 @@ struct broker_config {
   std::int64_t max_message_bytes = 16 << 20;  // larger: libzmq drops the peer's connection
   std::size_t batch = 1024;  // messages handled per socket per loop turn
   std::size_t max_parked = 10000;  // messages kept for registered peers without a connection (see park())
+  // What was sent to each peer over the ROUTER in its last heartbeat
+  // interval, at most this many messages and bytes per peer: sent again
+  // if they died in a socket the peer replaced (send_unread()). 0: none.
+  std::size_t kept_sent = 4096;
+  std::size_t kept_sent_bytes = 1 << 20;
   std::string curve_secret;               // set: CURVE on every socket, only `curve_allow` keys admitted
   std::vector<std::string> curve_allow;   // Z85 public keys of gateways and workers
 };
@@ -92,6 +98,13 @@ class broker {
   const service_table& table() const { return table_; }
 
  private:
+  // Where a message sent to a peer stands: its number in the peer's count
+  // (peer::sent), and when it went.
+  struct sent_at {
+    std::uint64_t number = 0;
+    clock::time_point at{};
+  };
+  using sent_kept = core::kept_ring<sent_at>::entry;
   struct peer {
     proto::Role role = proto::ROLE_UNSPECIFIED;
     clock::time_point expiry{};
@@ -100,8 +113,15 @@ class broker {
     std::uint64_t connection = 0;
     std::uint64_t hello = 0;     // its Hello's number on the link (Hello.hello)
     std::uint64_t received = 0;  // messages read from it since that Hello (Welcome.received)
+    std::uint64_t sent = 0;      // messages sent to it over the ROUTER, Welcomes not counted (Welcome.sent)
+    std::uint64_t welcomed_at = 0;  // `sent` at the Welcome that waits for its Heartbeat.read
+    core::kept_ring<sent_at> kept;  // the last of those (config kept_sent), see send_unread()
   };
   struct metrics;
+  void send_unread(const std::string& to, const proto::ReadReport& read);
+  /// Forgets what each peer was sent more than a heartbeat interval ago
+  /// (but not a suspect's: what it lost is not known yet).
+  void forget_old_sends(clock::time_point now);
 
   void open_input();
   clock::time_point before_wait();  // heartbeats; when the loop must wake at the latest
@@ -112,6 +132,8 @@ class broker {
   void on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now);
   void check_stall(clock::time_point now);
   void trust(const std::string& who, const char* how);
+  /// Ends the suspicion of `who`, counted by `how`; false when it had none.
+  bool clear_suspicion(const std::string& who, const char* how);
   void on_job(const std::string& routing_id, const proto::hot_envelope& head, zmq::message_t& payload,
               clock::time_point now);
   void on_reply(const std::string& routing_id, const proto::hot_envelope& reply, zmq::message_t& payload);
@@ -198,7 +220,12 @@ class broker {
   std::atomic<std::int64_t> last_turn_ns_{0};
 
   service_table table_;
-  std::unordered_map<std::string, peer> peers_;
+  // Looked up by string_view too (send_to): no key copies.
+  struct id_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  std::unordered_map<std::string, peer, id_hash, std::equal_to<>> peers_;
   struct parked_message {
     zmq::message_t payload;
     clock::time_point since;
@@ -207,11 +234,12 @@ class broker {
   std::unordered_map<std::string, std::deque<parked_message>> parked_;  // see park()
   std::size_t parked_count_ = 0;
   struct suspicion {
-    std::uint64_t probe;
+    std::uint64_t probe;  // 0: waits for the peer's Heartbeat.read (see on_hello)
     clock::time_point since;
   };
   // Peers asked, after our own stall, to show which connection they are on
-  // (see check_stall()); what we send them is parked meanwhile.
+  // (see check_stall()), or to say what they read after coming back on a
+  // new socket; what we send them is parked meanwhile.
   std::unordered_map<std::string, suspicion> suspects_;
   std::uint64_t next_probe_ = 0;
   clock::time_point next_tick_{};

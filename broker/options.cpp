@@ -36,6 +36,12 @@ void add_options(CLI::App& app, broker_config& c) {
                  "replacing it), until they are back or their heartbeat liveness runs out; past it, such a "
                  "message is reported undelivered at once")
       ->capture_default_str();
+  app.add_option("--kept-sent", c.kept_sent,
+                 "Messages sent to each peer in its last heartbeat interval kept, so that those that die in a "
+                 "socket the peer replaces are sent again (0: none)")
+      ->capture_default_str();
+  app.add_option("--kept-sent-bytes", c.kept_sent_bytes, "Bytes those kept messages may hold, per peer")
+      ->capture_default_str();
   app.add_option("--curve-secret", c.curve_secret,
                  "Broker's CURVE secret key (Z85): encrypts every socket and admits only --curve-allow keys");
   app.add_option("--curve-allow", c.curve_allow, "Public key (Z85) of a gateway or worker allowed in (repeatable)");

@@ -30,6 +30,7 @@ class kept_ring {
     [[no_unique_address]] Where where{};
   };
 
+  kept_ring() = default;  // keeps nothing
   kept_ring(std::size_t max_count, std::size_t max_bytes) : max_count_{max_count}, max_bytes_{max_bytes} {}
 
   void push(entry&& e) {
@@ -57,7 +58,14 @@ class kept_ring {
     head_ = size_ = bytes_ = 0;
   }
 
+  /// Forgets the oldest entries while `old` says so of the oldest.
+  template <typename F>
+  void forget_while(F&& old) {
+    while (size_ > 0 && old(slots_[head_])) pop();
+  }
+
   std::size_t bytes() const { return bytes_; }
+  std::size_t size() const { return size_; }
 
  private:
   void pop() {
@@ -74,7 +82,7 @@ class kept_ring {
     head_ = 0;
   }
 
-  std::size_t max_count_, max_bytes_;
+  std::size_t max_count_ = 0, max_bytes_ = 0;
   std::vector<entry> slots_;
   std::size_t head_ = 0, size_ = 0, bytes_ = 0;
 };

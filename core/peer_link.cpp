@@ -21,6 +21,7 @@ void peer_link::connect() {
   // What the socket replaced held died with it: the line of what a new
   // broker's Welcome may fail moves up to the new socket's Hello.
   unwelcomed_from_ = 0;
+  if (incarnation_ != 0) replaced_since_welcome_ = true;  // what it reads from now on is the tail
   if (is_local_) {
     local_.reset();  // a new connection under the same id replaces the old one at the broker
     local_ = local_dealer::connect(options_.endpoint, options_.id, options_.sndhwm, options_.rcvhwm);
@@ -122,6 +123,10 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
     }
     auto now = clock::now();
     heard_from_broker(now);
+    if (proto::kind_of(msg.to_string_view()) != proto::Envelope::kWelcome) {
+      if (replaced_since_welcome_) ++read_tail_;
+      else ++read_to_;
+    }
     if (!extra && take && take(msg.to_string_view())) {
       // What `env` may hold from a heartbeat read before is not this message.
       if (env.kind_case() != proto::Envelope::KIND_NOT_SET) env.Clear();
@@ -161,7 +166,19 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
           // died in a replaced socket (a Welcome on the socket of the
           // Hello before says nothing is missing).
           received_by_broker_ = {received_by_broker_.count + 1, w.previous_hello(), w.received(), w.hello()};
+          if (replaced_since_welcome_) {
+            // And what we did not read of what it sent: it waits for this
+            // before it sends us anything more, to send that again first.
+            proto::Envelope report;
+            auto* read = report.mutable_heartbeat()->mutable_read();
+            read->set_read_to(read_to_);
+            read->set_tail(read_tail_);
+            send(report);
+          }
         }
+        read_to_ = w.sent();
+        read_tail_ = 0;
+        replaced_since_welcome_ = false;
         unwelcomed_from_ = 0;
         continue;
       }

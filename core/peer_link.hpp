@@ -161,6 +161,13 @@ class peer_link {
   std::uint64_t broker_restarts_ = 0;
   std::uint64_t lost_below_ = 0;
   std::uint64_t sent_since_hello_ = 0;
+  // What this link read of what the broker sent it, in the broker's count
+  // (Welcome.sent): up to `read_to_` on the socket that read the last
+  // Welcome, then `read_tail_` on sockets that replaced it. A Welcome to a
+  // new socket's Hello is answered with both (Heartbeat.read).
+  std::uint64_t read_to_ = 0;
+  std::uint64_t read_tail_ = 0;
+  bool replaced_since_welcome_ = false;
   broker_received received_by_broker_;
   std::chrono::milliseconds interval_;
   unsigned liveness_;

@@ -47,6 +47,17 @@ struct hot_envelope {
 /// KIND_NOT_SET: hand it to decode_into, which has the last word.
 hot_envelope peek(std::string_view bytes);
 
+/// The kind of an envelope from its first byte (each kind's tag is one
+/// byte), without parsing it: KIND_NOT_SET when that byte is no kind's tag.
+/// Only a guess for bytes no parser has checked.
+inline Envelope::KindCase kind_of(std::string_view bytes) {
+  if (bytes.empty()) return Envelope::KIND_NOT_SET;
+  auto tag = static_cast<unsigned char>(bytes.front());
+  unsigned field = tag >> 3;
+  if ((tag & 7) != 2 || field == 0 || field > 15) return Envelope::KIND_NOT_SET;
+  return static_cast<Envelope::KindCase>(field);
+}
+
 /// The body of an envelope that holds one Request and nothing else (tag and
 /// length in their shortest encoding), for a proto::Request to parse on its
 /// own; nothing for anything else. Parsing the body as a Request accepts

@@ -801,6 +801,62 @@ TEST_P(BrokerTest, AWorkerSendsAgainTheEmitsItsReplacedSocketLost) {
   w->stop();
 }
 
+// A gateway back on a new socket says what it read of what the broker sent
+// it before (Heartbeat.read, answering the Welcome): what it did not read
+// died with its old socket, and the broker sends that again, in order,
+// before what came for it meanwhile.
+TEST_P(BrokerTest, APeerBackOnANewSocketGetsAgainWhatItsOldOneLost) {
+  heartbeat_ = 1s;
+  start();
+  peer w{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  ASSERT_TRUE(w.hello({{"raw", 1}}));
+  auto emit = [&](int i) {
+    Envelope env;
+    auto* e = env.mutable_emit();
+    e->set_sid("g1.s");
+    e->set_nsp("/");
+    e->set_event("e");
+    e->set_args("[" + std::to_string(i) + "]");
+    w.send(env);
+  };
+  auto old_socket = std::make_unique<peer>(ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY);
+  old_socket->send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 1));
+  auto first = old_socket->next(Envelope::kWelcome, 3s);
+  ASSERT_TRUE(first);
+  for (int i = 0; i < 5; ++i) emit(i);
+  std::uint64_t read = 0;  // everything after the Welcome counts, heartbeats too
+  std::vector<std::string> got;
+  while (got.size() < 2) {
+    auto env = old_socket->receive_any(3s);
+    ASSERT_TRUE(env) << "the first emits never came";
+    ++read;
+    if (env->has_emit()) got.push_back(env->emit().args());
+  }
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "emit") == 5.0; }));
+  std::this_thread::sleep_for(100ms);  // the other three are in the old socket, unread
+  old_socket.reset();
+  peer new_socket{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
+  new_socket.send(numbered_hello(proto::ROLE_GATEWAY, "g1", 1, 2));
+  auto second = new_socket.next(Envelope::kWelcome, 3s);
+  ASSERT_TRUE(second);
+  EXPECT_GE(second->welcome().sent(), first->welcome().sent() + 5);
+  emit(5);  // waits for the report
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "emit") == 6.0; }));
+  EXPECT_FALSE(new_socket.next(Envelope::kEmit, 200ms)) << "sent before the gateway said what it read";
+  Envelope report;
+  report.mutable_heartbeat()->mutable_read()->set_read_to(first->welcome().sent() + read);
+  new_socket.send(report);
+  for (int i = 2; i < 6; ++i) {
+    auto env = new_socket.next(Envelope::kEmit, 3s);
+    ASSERT_TRUE(env) << "emit " << i << " never came";
+    got.push_back(env->emit().args());
+  }
+  EXPECT_EQ(got, (std::vector<std::string>{"[0]", "[1]", "[2]", "[3]", "[4]", "[5]"}));
+  EXPECT_FALSE(new_socket.next(Envelope::kEmit, 200ms)) << "one came twice";
+  EXPECT_EQ(metric("sidecast_broker_sent_again_total"), 3.0);
+  EXPECT_EQ(metric("sidecast_broker_read_reports_total", "outcome", "read"), 1.0);
+}
+
 // Sending a job again on a new socket is not a dispatch: it leaves the job
 // the attempts it had for a retry on another worker.
 TEST_P(BrokerTest, JobsSentAgainOnANewSocketKeepTheirAttempts) {

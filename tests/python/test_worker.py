@@ -731,6 +731,44 @@ class ResendLostTest(FakeBrokerTest):
         self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "those sent again are kept again")
 
 
+class ReadReportTest(FakeBrokerTest):
+    """After a Welcome to a new socket's Hello the link says what it read
+    of what the broker sent it (Heartbeat.read), counted from the last
+    Welcome's `sent`: the broker sends what died in the old socket again."""
+
+    def service(self):
+        return Service("svc", capacity=1)
+
+    def test_the_link_says_what_it_read(self):
+        hello = self.broker.next().hello
+        welcome = pb.Envelope()
+        welcome.welcome.protocol_version = hello.protocol_version
+        welcome.welcome.heartbeat_interval_ms = 200  # the fake sends none: a new socket after 0.6 s
+        welcome.welcome.heartbeat_liveness = 3
+        welcome.welcome.hello = 1
+        welcome.welcome.sent = 10  # the broker had sent it 10 before
+        self.broker.send(welcome)
+        self.assertTrue(self.worker.wait_connected(WAIT))
+        beat = pb.Envelope()
+        beat.heartbeat.SetInParent()
+        self.broker.send(beat)
+        self.broker.send(beat)
+        self.broker.send(beat)  # read: 13; then silence
+        while self.broker.next().WhichOneof("kind") != "hello":
+            pass
+        welcome.welcome.previous_hello, welcome.welcome.hello, welcome.welcome.sent = 1, 2, 20
+        self.broker.send(welcome)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            _, data = self.broker.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            if env.WhichOneof("kind") == "heartbeat" and env.heartbeat.HasField("read"):
+                self.assertEqual((env.heartbeat.read.read_to, env.heartbeat.read.tail), (13, 0))
+                return
+        self.fail("no read report after the Welcome to the new socket")
+
+
 class JobsAgainBase(FakeBrokerTest):
     """"work" records each run, and holds a run whose args are ["hold"]."""
 

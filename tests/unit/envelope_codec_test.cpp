@@ -34,6 +34,23 @@ TEST(EnvelopeCodec, RoundTripsEveryKind) {
   }
 }
 
+// kind_of reads the kind from the first byte: every kind's field number
+// must fit a one-byte tag, and an empty message of each kind is read right.
+TEST(EnvelopePeek, KindOfReadsEveryKindFromItsFirstByte) {
+  const auto* kinds = Envelope::descriptor()->FindOneofByName("kind");
+  ASSERT_TRUE(kinds);
+  for (int i = 0; i < kinds->field_count(); ++i) {
+    const auto* field = kinds->field(i);
+    ASSERT_LE(field->number(), 15) << field->name() << ": a kind past 15 needs a two-byte tag";
+    Envelope env;
+    env.GetReflection()->MutableMessage(&env, field);
+    EXPECT_EQ(kind_of(encode(env)), env.kind_case()) << field->name();
+  }
+  EXPECT_EQ(kind_of(""), Envelope::KIND_NOT_SET);
+  EXPECT_EQ(kind_of("\x08"), Envelope::KIND_NOT_SET);  // field 1 as a varint: not a kind
+  EXPECT_EQ(kind_of("\x82"), Envelope::KIND_NOT_SET);  // field 16's first byte
+}
+
 TEST(EnvelopeCodec, PayloadBytesPassUntouched) {
   Envelope env;
   std::string args = "[\"\xf0\x9f\x98\x80\",1,null]";

@@ -83,6 +83,13 @@ class PeerLink:
         self.hellos = 0  # Hellos sent: what the link sends now follows Hello number `hellos`
         self.sent_since_hello = 0  # a message sent now is number sent_since_hello + 1 after it
         self.received_by_broker = BrokerReceived()
+        # What this link read of what the broker sent it, in the broker's
+        # count (Welcome.sent): up to `_read_to` on the socket that read the
+        # last Welcome, then `_read_tail` on sockets that replaced it. A
+        # Welcome to a new socket's Hello is answered with both (Heartbeat.read).
+        self._read_to = 0
+        self._read_tail = 0
+        self._replaced_since_welcome = False
         # In every Hello, with the socket's number: a Hello again on the same
         # socket keeps what the broker dispatched here (docs/protocol.md).
         self.incarnation = secrets.randbits(64) or 1
@@ -123,6 +130,8 @@ class PeerLink:
 
     def _connect(self):
         # A fresh socket: whatever the old one still queued dies with it.
+        if self.hellos:  # what it reads from now on is the tail
+            self._replaced_since_welcome = True
         self.close()
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.peer_id.encode())
@@ -165,6 +174,11 @@ class PeerLink:
                 return None
             now = time.monotonic()
             self._broker_expiry = now + self.interval * self.liveness
+            if not frames[0][:1] == b"\x12":  # every message but a Welcome (field 2) counts
+                if self._replaced_since_welcome:
+                    self._read_tail += 1
+                else:
+                    self._read_to += 1
             env = pb.Envelope()
             ok = len(frames) == 1  # extra frames are not part of protocol v1
             if ok:
@@ -202,6 +216,15 @@ class PeerLink:
                     # a replaced socket.
                     self.received_by_broker = BrokerReceived(
                         self.received_by_broker.count + 1, w.previous_hello, w.received, w.hello)
+                    if self._replaced_since_welcome:
+                        # And what we did not read of what it sent: it waits
+                        # for this before it sends us anything more.
+                        report = pb.Envelope()
+                        report.heartbeat.read.read_to = self._read_to
+                        report.heartbeat.read.tail = self._read_tail
+                        self.send(report)
+                self._read_to, self._read_tail = w.sent, 0
+                self._replaced_since_welcome = False
                 continue
             if kind == "drain":
                 if self.draining:
