@@ -1192,6 +1192,10 @@ void broker::check_stall(clock::time_point now) {
                std::chrono::duration_cast<std::chrono::milliseconds>(late).count());
   for (const auto& [id, p] : peers_) {
     auto& s = suspects_[id];
+    // One that was welcomed on a new socket and has yet to say what it read
+    // stays waiting for that: its report comes on the socket the Welcome
+    // went to (or its Hello, should it have replaced that one too).
+    if (s.probe == 0 && s.since != clock::time_point{}) continue;
     s = {++next_probe_, now};
     Envelope probe;
     probe.mutable_heartbeat()->set_probe(s.probe);

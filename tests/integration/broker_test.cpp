@@ -105,6 +105,8 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     add_worker({workers::echo_service(1)}, "w1");
   }
 
+  void peer_back_on_a_new_socket(bool stall);
+
   worker_options options_for(std::string id, std::size_t threads = 0) const {
     worker_options o;
     o.id = std::move(id);
@@ -804,8 +806,9 @@ TEST_P(BrokerTest, AWorkerSendsAgainTheEmitsItsReplacedSocketLost) {
 // A gateway back on a new socket says what it read of what the broker sent
 // it before (Heartbeat.read, answering the Welcome): what it did not read
 // died with its old socket, and the broker sends that again, in order,
-// before what came for it meanwhile.
-TEST_P(BrokerTest, APeerBackOnANewSocketGetsAgainWhatItsOldOneLost) {
+// before what came for it meanwhile. `stall`: the broker's thread stalls
+// while it waits for the report; it does not probe the gateway over it.
+void BrokerTest::peer_back_on_a_new_socket(bool stall) {
   heartbeat_ = 1s;
   start();
   peer w{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
@@ -843,6 +846,10 @@ TEST_P(BrokerTest, APeerBackOnANewSocketGetsAgainWhatItsOldOneLost) {
   emit(5);  // waits for the report
   EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "emit") == 6.0; }));
   EXPECT_FALSE(new_socket.next(Envelope::kEmit, 200ms)) << "sent before the gateway said what it read";
+  if (stall) {
+    pause_io([&] { std::this_thread::sleep_for(2 * heartbeat_ + 500ms); });  // past the next tick by more than an interval
+    EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_stalls_total") == 1.0; }));
+  }
   Envelope report;
   report.mutable_heartbeat()->mutable_read()->set_read_to(first->welcome().sent() + read);
   new_socket.send(report);
@@ -855,6 +862,13 @@ TEST_P(BrokerTest, APeerBackOnANewSocketGetsAgainWhatItsOldOneLost) {
   EXPECT_FALSE(new_socket.next(Envelope::kEmit, 200ms)) << "one came twice";
   EXPECT_EQ(metric("sidecast_broker_sent_again_total"), 3.0);
   EXPECT_EQ(metric("sidecast_broker_read_reports_total", "outcome", "read"), 1.0);
+}
+
+TEST_P(BrokerTest, APeerBackOnANewSocketGetsAgainWhatItsOldOneLost) { peer_back_on_a_new_socket(false); }
+
+TEST_P(BrokerTest, AStallWhileWaitingForAReadReportLosesNothing) {
+  if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
+  peer_back_on_a_new_socket(true);
 }
 
 // Sending a job again on a new socket is not a dispatch: it leaves the job
