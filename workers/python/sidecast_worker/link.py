@@ -174,7 +174,7 @@ class PeerLink:
                 return None
             now = time.monotonic()
             self._broker_expiry = now + self.interval * self.liveness
-            if not frames[0][:1] == b"\x12":  # every message but a Welcome (field 2) counts
+            if frames[0][:1] != b"\x12":  # every message but a Welcome (field 2, its tag 0x12) counts
                 if self._replaced_since_welcome:
                     self._read_tail += 1
                 else:
