@@ -475,7 +475,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   auto now = now_;
   if (kind == Envelope::kHello) {
     on_hello(routing_id, env->hello(), now);
-    if (!parked_.empty()) unpark(routing_id);  // if its Welcome (which sends what waits first) did not
+    if (!parked_.empty()) unpark(routing_id);  // after its Welcome (unless it is to say what it read first)
     return;
   }
   auto it = peers_.find(routing_id);
@@ -727,7 +727,11 @@ bool broker::welcome(const std::string& to, const proto::Hello& hello, const pee
     w->set_previous_hello(before->hello);
     w->set_received(before->received);
   }
-  send(to, env);
+  // On the connection the Hello came on, before anything kept for the peer
+  // (what the broker keeps of what it sent it must not be forgotten by
+  // sending that first: send_unread() may still need it).
+  auto message = core::message_of(env);
+  if (send_to(to, message) != sent::ok) drop(drop_reason::unreachable, to);
   return drains;
 }
 
