@@ -1243,11 +1243,14 @@ void broker::send_unread(const std::string& to, const proto::ReadReport& read) {
   }
 }
 
+void broker::forget_old_sends(peer& p, clock::time_point now) {
+  p.kept.forget_while([&](const sent_kept& e) { return now - e.where.at > config_.heartbeat_interval; });
+}
+
 void broker::forget_old_sends(clock::time_point now) {
   std::size_t bytes = 0;
   for (auto& [id, p] : peers_) {
-    if (!suspects_.contains(id))
-      p.kept.forget_while([&](const sent_kept& e) { return now - e.where.at > config_.heartbeat_interval; });
+    if (!suspects_.contains(id)) forget_old_sends(p, now);
     bytes += p.kept.bytes();
   }
   metrics_->kept_sent_bytes.Set(static_cast<double>(bytes));
@@ -1340,7 +1343,7 @@ broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payloa
       ++to->sent;
       if (keep) {
         kept.where = {to->sent, now_};
-        to->kept.forget_while([&](const sent_kept& e) { return now_ - e.where.at > config_.heartbeat_interval; });
+        forget_old_sends(*to, now_);
         to->kept.push(std::move(kept));
       }
     }

@@ -122,6 +122,8 @@ class broker {
   /// Forgets what each peer was sent more than a heartbeat interval ago
   /// (but not a suspect's: what it lost is not known yet).
   void forget_old_sends(clock::time_point now);
+  /// The same for one peer, suspect or not.
+  void forget_old_sends(peer& p, clock::time_point now);
 
   void open_input();
   clock::time_point before_wait();  // heartbeats; when the loop must wake at the latest

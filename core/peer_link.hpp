@@ -128,9 +128,8 @@ class peer_link {
   /// Messages sent since the last Hello (Hello number epoch()): a message
   /// sent now is number sent_since_hello() after it.
   std::uint64_t sent_since_hello() const { return sent_since_hello_; }
-  using position = link_position;
   /// Where the message sent last went.
-  position last_sent() const { return {epoch(), sent_since_hello_}; }
+  link_position last_sent() const { return {epoch(), sent_since_hello_}; }
   /// What the broker said it read of what this link sent before the Hello
   /// it last welcomed (Welcome.previous_hello, .received); `count` goes up
   /// with each such Welcome.

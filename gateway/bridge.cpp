@@ -286,10 +286,9 @@ void bridge::send_owed(const Envelope& env) {
 }
 
 bool bridge::send_notice(zmq::message_t&& message) {
-  if (config_.kept_notices == 0) return send_to_broker(std::move(message));
   sent_message out;
   if (!send_kept(std::move(message), out)) return false;
-  notices_.push(std::move(out));
+  notices_.push(std::move(out));  // keeps nothing when --kept-notices is 0
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   return true;
 }

@@ -717,18 +717,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // A one-way message (an emit to a sid, a join, a leave, a disconnect),
   // kept once sent (resend_lost).
   bool send_notice(zmq::message_t&& message) {
-    auto& link = io->link;
-    if (options.kept_notices == 0) {
-      if (link.send_message(std::move(message))) return true;
-      ++n_dropped;
-      return false;
-    }
     core::kept_sends::entry e;
-    if (!link.send_message(std::move(message), e)) {
+    if (!io->link.send_message(std::move(message), e)) {
       ++n_dropped;
       return false;
     }
-    notices.push(std::move(e));
+    notices.push(std::move(e));  // keeps nothing when kept_notices is 0
     kept_notice_bytes.store(notices.bytes(), std::memory_order_relaxed);
     return true;
   }
