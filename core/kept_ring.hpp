@@ -66,6 +66,8 @@ class kept_ring {
 
   std::size_t bytes() const { return bytes_; }
   std::size_t size() const { return size_; }
+  /// A message of `bytes` would be kept without forgetting another.
+  bool has_room(std::size_t bytes) const { return size_ < max_count_ && bytes_ + bytes <= max_bytes_; }
 
  private:
   void pop() {
@@ -88,11 +90,18 @@ class kept_ring {
 };
 
 /// Where a message went on a link (core::peer_link): after Hello number
-/// `epoch`, as the `sent`th message after it.
+/// `epoch`, as the `sent`th message after it. Or, held(n): the `n`th of
+/// those an application held back instead of sending (see
+/// peer_link::holding()); those order after every message sent.
 struct link_position {
   std::uint64_t epoch = 0;
   std::uint64_t sent = 0;
+  static constexpr link_position held(std::uint64_t n) { return {held_epoch, n}; }
+  constexpr bool is_held() const { return epoch == held_epoch; }
   auto operator<=>(const link_position&) const = default;
+
+ private:
+  static constexpr std::uint64_t held_epoch = UINT64_MAX;
 };
 
 /// What the broker said it read of what a link sent before the Hello it
@@ -115,14 +124,15 @@ struct broker_received {
 using kept_sends = kept_ring<link_position>;
 
 /// After a Welcome said what the broker read: hands `lost` each message of
-/// `kept` that died in a replaced socket, oldest first, and forgets those
-/// the broker read. Those sent since that Welcome's Hello stay kept: a
+/// `kept` that died in a replaced socket, oldest first, with (`held_too`)
+/// each held one (never sent), and forgets those the broker read. Those
+/// sent since that Welcome's Hello, and held ones not handed, stay kept: a
 /// later Welcome tells about them.
 template <typename F>
-void take_lost(kept_sends& kept, const broker_received& received, F&& lost) {
+void take_lost(kept_sends& kept, const broker_received& received, bool held_too, F&& lost) {
   std::vector<kept_sends::entry> unknown;
   kept.take_all([&](kept_sends::entry&& e) {
-    if (received.lost(e.where)) lost(std::move(e));
+    if (received.lost(e.where) || (held_too && e.where.is_held())) lost(std::move(e));
     else if (e.where.epoch >= received.current) unknown.push_back(std::move(e));
   });
   for (auto& e : unknown) kept.push(std::move(e));

@@ -112,6 +112,12 @@ class peer_link {
 
   /// True once the broker welcomed this connection.
   bool welcomed() const { return welcomed_; }
+  /// True from when the link replaces a socket the broker had welcomed
+  /// (its silence) until the broker welcomes the new one. What died in the
+  /// old socket is known only then (received_by_broker()), and goes again
+  /// first: an application that wants its messages to arrive in the order
+  /// it sent them holds them back meanwhile, and sends them after those.
+  bool holding() const { return replaced_since_welcome_; }
 
   /// Hellos sent so far: what the link sends now reaches the broker after
   /// Hello number epoch(). An application that keeps what it sent until it

@@ -286,18 +286,42 @@ void bridge::send_owed(const Envelope& env) {
 }
 
 bool bridge::send_notice(zmq::message_t&& message) {
+  // Held only where it takes no other's place in notices_: a notice held
+  // is nowhere else. Past that (or with --kept-notices 0) it goes at once,
+  // kept nowhere, ahead of those held.
+  if (holding() && !notices_.has_room(message.size())) return link_->send_message(std::move(message)) || link_full();
   sent_message out;
-  if (!send_kept(std::move(message), out)) return false;
+  if (!hold(message, out) && !(link_->send_message(std::move(message), out) || link_full())) return false;
   notices_.push(std::move(out));  // keeps nothing when --kept-notices is 0
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   return true;
 }
 
-bool bridge::send_kept(zmq::message_t&& message, sent_message& out) {
-  return link_->send_message(std::move(message), out) || link_full();
+bool bridge::send_notice_now(zmq::message_t&& message) {
+  sent_message out;
+  if (!(link_->send_message(std::move(message), out) || link_full())) return false;
+  notices_.push(std::move(out));
+  metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
+  return true;
 }
 
-bool bridge::send_to_broker(zmq::message_t&& message) { return link_->send_message(std::move(message)) || link_full(); }
+bool bridge::send_kept(zmq::message_t&& message, sent_message& out) {
+  return hold(message, out) || link_->send_message(std::move(message), out) || link_full();
+}
+
+// A Welcome the link has read and resend_lost() has not acted on yet counts
+// as waiting for one: what it names as lost goes first.
+bool bridge::holding() const {
+  return link_->holding() || held_ > 0 || link_->received_by_broker().count != broker_received_;
+}
+
+bool bridge::hold(zmq::message_t& message, sent_message& out) {
+  if (!holding() || held_ >= static_cast<std::uint64_t>(config_.hwm)) return false;  // past --hwm: at once
+  out.message = std::move(message);
+  out.where = core::link_position::held(++held_);
+  metrics_.held.Set(static_cast<double>(held_));
+  return true;
+}
 
 bool bridge::link_full() {
   metrics_.broker_link_full.Increment();
@@ -421,7 +445,7 @@ void bridge::pump() {
     return true;
   });
   if (link_->broker_restarts() != broker_restarts_) fail_lost_to_restart();
-  if (link_->received_by_broker().count != broker_received_) resend_lost();
+  if (link_->received_by_broker().count != broker_received_ || (held_ > 0 && !link_->holding())) resend_lost();
   more = drain(sub_watch_, [this] {
     zmq::message_t topic, body;
     if (!sub_->recv(topic, zmq::recv_flags::dontwait)) return false;
@@ -715,10 +739,19 @@ void bridge::fail_lost_to_restart() {
 // id): each request and forward still waiting for its answer among it, and
 // each one-way message still kept, is sent again, in the order it was
 // first sent, on the new socket. None reached the broker, so none can act
-// twice. The kept one-way messages the broker read are forgotten.
+// twice. The kept one-way messages the broker read are forgotten. Then
+// what was held while the link waited for that Welcome (hold()) goes, in
+// the order it came: after all of those, as it was sent after them. (Any
+// Welcome ends the wait: one from a new broker names nothing lost.)
 void bridge::resend_lost() {
   const auto& received = link_->received_by_broker();
   broker_received_ = received.count;
+  const bool release = !link_->holding();  // else the link replaced its socket again: the held ones wait on
+  auto again = [&](const core::link_position& at) { return received.lost(at) || (release && at.is_held()); };
+  if (release) {
+    held_ = 0;
+    metrics_.held.Set(0);
+  }
   enum class kind { request, forward, notice };
   struct lost_message {
     core::link_position at;
@@ -728,27 +761,30 @@ void bridge::resend_lost() {
   };
   std::vector<lost_message> lost;
   for (const auto& [seq, p] : pending_)
-    if (p.out.message.size() && received.lost(p.out.where)) lost.push_back({p.out.where, kind::request, seq, {}});
+    if (p.out.message.size() && again(p.out.where)) lost.push_back({p.out.where, kind::request, seq, {}});
   for (const auto& [seq, f] : forwards_)
-    if (received.lost(f.out.where)) lost.push_back({f.out.where, kind::forward, seq, {}});
-  core::take_lost(notices_, received, [&](sent_message&& n) {
+    if (again(f.out.where)) lost.push_back({f.out.where, kind::forward, seq, {}});
+  core::take_lost(notices_, received, release, [&](sent_message&& n) {
     lost.push_back({n.where, kind::notice, 0, std::move(n.message)});
   });
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   if (lost.empty()) return;
   std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) { return a.at < b.at; });
-  spdlog::warn("gateway bridge: {} messages died in the socket to the broker it replaced; sending them again",
-               lost.size());
+  if (auto died = std::count_if(lost.begin(), lost.end(), [](const auto& l) { return !l.at.is_held(); }))
+    spdlog::warn("gateway bridge: {} messages died in the socket to the broker it replaced; sending them again",
+                 died);
   for (auto& l : lost) {
+    const bool held = l.at.is_held();
     if (l.what == kind::notice) {
-      if (send_notice(std::move(l.message))) metrics_.notices_resent.Increment();
+      if (send_notice_now(std::move(l.message)) && !held) metrics_.notices_resent.Increment();
       continue;
     }
     auto& out = l.what == kind::forward ? forwards_.find(l.seq)->second.out : pending_.find(l.seq)->second.out;
-    zmq::message_t again;
-    again.copy(out.message);
-    if (send_kept(std::move(again), out)) {
-      metrics_.resent.Increment();
+    zmq::message_t message;
+    if (held) message = std::move(out.message);  // the only copy: it went nowhere
+    else message.copy(out.message);
+    if (link_->send_message(std::move(message), out) || link_full()) {
+      if (!held) metrics_.resent.Increment();
       continue;
     }
     // Full: answered now, as when it was first sent.

@@ -138,9 +138,6 @@ class bridge {
   bool connected() const { return welcomed_; }
 
  private:
-  /// False (counted, logged) when the link refuses it: the broker is gone
-  /// or not keeping up, and --hwm messages already wait.
-  bool send_to_broker(zmq::message_t&& message);
   /// The link refused a message: counted, logged; false.
   bool link_full();
 
@@ -236,11 +233,22 @@ class bridge {
   void expire(std::chrono::steady_clock::time_point now);
   /// A new broker welcomed us: what its predecessor held ends now.
   void fail_lost_to_restart();
+  /// Sends again what died in a socket the link replaced, then what was
+  /// held (hold()) once the link no longer holds.
   void resend_lost();
-  /// Sends `message`, keeping a copy and where it went in `out`.
+  /// While the link waits for the Welcome of a new socket, and until what
+  /// died in the old one goes again (resend_lost()), messages wait instead
+  /// of going: in `out`, as held(n), up to --hwm of them. True when it
+  /// took `message` so.
+  bool holding() const;
+  bool hold(zmq::message_t& message, sent_message& out);
+  /// Sends `message` (or holds it), keeping a copy and where it went in `out`.
   bool send_kept(zmq::message_t&& message, sent_message& out);
-  /// Sends a message nobody answers, kept (notices_) to send again too.
+  /// Sends a message nobody answers (or holds it), kept (notices_) to send
+  /// again too.
   bool send_notice(zmq::message_t&& message);
+  /// The same, never held: what resend_lost() sends.
+  bool send_notice_now(zmq::message_t&& message);
 
   const gateway_config& config_;
   zmq::context_t& context_;
@@ -265,6 +273,7 @@ class bridge {
   bool pump_posted_ = false;
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
+  std::uint64_t held_ = 0;  // messages held since resend_lost() last sent them (hold())
   core::kept_sends notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)
   watch link_watch_, sub_watch_;
   std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook

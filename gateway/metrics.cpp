@@ -97,6 +97,12 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                                   "to the broker the gateway replaces (--kept-notices, --kept-notice-bytes)")
                             .Register(r)
                             .Add({})},
+      held{prometheus::BuildGauge()
+               .Name("sidecast_gateway_broker_link_held")
+               .Help("Messages to the broker held back while its link waits for the Welcome of a new socket, to "
+                     "go after those that died in the old one (at most --hwm)")
+               .Register(r)
+               .Add({})},
       io_uring_batches{counter(r, "sidecast_gateway_io_uring_batches_total",
                                "Batches of WebSocket reads or writes made in one io_uring_enter (--io-uring)")
                            .Add({})},

@@ -61,6 +61,7 @@ struct gateway_metrics {
   prometheus::Counter& resent;           // requests that died in a replaced socket, sent again
   prometheus::Counter& notices_resent;   // one-way messages that did, sent again
   prometheus::Gauge& kept_notice_bytes;  // one-way messages kept for that (--kept-notice-bytes)
+  prometheus::Gauge& held;               // messages held until those go (bridge::hold)
   prometheus::Counter& io_uring_batches;  // WebSocket reads or writes made together in one io_uring_enter
   prometheus::Counter& io_uring_calls;    // ... and the socket calls in them
   // WebSocket connections not finished yet (a close handshake may still

@@ -190,7 +190,13 @@ test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds
   const expected = [];
   for (let v = 1; v <= 10; v++) for (let step = 0; step <= 10; step++) expected.push(`s-${v} ${step * 10}`);
   assert.ok(await until(() => progress.length >= expected.length, 2000), `${progress.length} progress events came; missing: ${expected.filter((e) => !progress.includes(e))}`);
-  assert.deepEqual([...progress].sort(), expected.sort(), "every progress event of the stall came, once");
+  assert.deepEqual([...progress].sort(), [...expected].sort(), "every progress event of the stall came, once");
+  // And each VM's in the order the worker emitted them: what it emitted on
+  // its new socket waited for what died in the old one.
+  for (let v = 1; v <= 10; v++) {
+    const mine = progress.filter((p) => p.startsWith(`s-${v} `));
+    assert.deepEqual(mine, expected.filter((e) => e.startsWith(`s-${v} `)), `s-${v}'s progress in order`);
+  }
   console.log(`sent again by the worker: ${await metric(s.workerUrl, "sidecast_worker_notices_resent_total")} emits; ` +
               `by the broker: ${await metric(s.brokerUrl, "sidecast_broker_sent_again_total")} messages`);
   vm.close();

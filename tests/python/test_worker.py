@@ -731,6 +731,69 @@ class ResendLostTest(FakeBrokerTest):
         self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "those sent again are kept again")
 
 
+class HoldUntilWelcomeTest(FakeBrokerTest):
+    """What a worker's handlers send while its link waits for the Welcome of
+    a new socket waits in the outbox: the Welcome names what died in the
+    old socket, which goes again first. Sent at once, what waited (the
+    handler's last emits, and its reply) would overtake it."""
+
+    def service(self):
+        svc = Service("svc", capacity=1)
+        self.second_half_sent = threading.Event()
+
+        @svc.on("work")
+        def work(req):
+            for i in range(5):
+                req.emit("n", i)
+            # The first five went into the socket the worker replaces.
+            eventually(lambda: self.worker.stats().reconnects >= 1, WAIT)
+            for i in range(5, 10):
+                req.emit("n", i)
+            self.second_half_sent.set()
+            return "done"
+
+        return svc
+
+    def test_what_waited_goes_after_what_died(self):
+        hello = self.broker.next().hello
+        welcome = pb.Envelope()
+        welcome.welcome.protocol_version = hello.protocol_version
+        welcome.welcome.heartbeat_interval_ms = 200  # the fake sends none: a new socket after 0.6 s
+        welcome.welcome.heartbeat_liveness = 3
+        welcome.welcome.hello = 1
+        self.broker.send(welcome)
+        self.assertTrue(self.worker.wait_connected(WAIT))
+        self.job("c:1", "[]", 1)
+        after_hello, number_of = 0, {}
+        while True:  # the old socket's messages, up to the new socket's Hello
+            _, data = self.broker.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            if env.WhichOneof("kind") == "hello":
+                break
+            after_hello += 1
+            if env.WhichOneof("kind") == "emit":
+                number_of[args_of(env.emit)[0]] = after_hello
+        self.assertEqual(env.hello.hello, 2, "a new socket's Hello")
+        self.assertEqual(sorted(number_of), [0, 1, 2, 3, 4])
+        self.assertTrue(self.second_half_sent.wait(WAIT))
+        time.sleep(0.2)  # time for the I/O thread to send them, were it to
+        # Say only what came up to the second emit was read.
+        welcome.welcome.previous_hello, welcome.welcome.received, welcome.welcome.hello = 1, number_of[1], 2
+        self.broker.send(welcome)
+        order = []
+        deadline = time.monotonic() + WAIT
+        while "done" not in order and time.monotonic() < deadline:
+            env = self.broker.next()
+            kind = env.WhichOneof("kind")
+            if kind == "emit":
+                order.append(args_of(env.emit)[0])
+            elif kind == "reply":
+                order.append("done")
+        self.assertEqual(order, [2, 3, 4, 5, 6, 7, 8, 9, "done"])
+        self.assertEqual(self.worker.stats().notices_resent, 3)
+
+
 class ReadReportTest(FakeBrokerTest):
     """After a Welcome to a new socket's Hello the link says what it read
     of what the broker sent it (Heartbeat.read), counted from the last

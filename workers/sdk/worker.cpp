@@ -254,6 +254,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // the link's received_by_broker().count as last acted on (resend_lost).
   core::kept_sends notices{options.kept_notices, options.kept_notice_bytes};
   std::uint64_t received_seen = 0;
+  bool holding = false;  // the outbox waits for the link's Welcome (see send_in_order)
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -651,7 +652,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // the wait (a system call saved per turn, and one less before the
     // replies go out, since libzmq's I/O thread on the same core waits for
     // this one to block).
-    bool unasked = send_queued();  // sent since the socket was last found empty
+    bool unasked = send_in_order();  // sent since the socket was last found empty
     for (int i = 0; i < 1024 && o.input.ready(link_index); ++i) {
       // A Request goes to take_request() unparsed; anything else is
       // parsed on an arena over a reused block (what on_message keeps of
@@ -664,11 +665,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         break;
       }
       if (env.kind_case() != Envelope::KIND_NOT_SET) on_message(env);  // else take_request() had it
-      if (io_queued) unasked = send_queued() || unasked;
+      if (io_queued) unasked = send_in_order() || unasked;
     }
-    // The lost one-way messages go before what the handlers queued since.
-    if (link.received_by_broker().count != received_seen) unasked = resend_lost() || unasked;
-    if (io_queued) unasked = send_queued() || unasked;
+    if (io_queued || holding || link.received_by_broker().count != received_seen)
+      unasked = send_in_order() || unasked;
     if (now >= link.next_tick()) {
       link.tick(now);
       unasked = true;
@@ -684,6 +684,20 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
     expire_acks(now);
+  }
+
+  // Sends what the handlers queued (send_queued), after what died in a
+  // socket the link replaced (resend_lost): while the link waits for the
+  // broker's Welcome on its new socket (peer_link::holding()), that is not
+  // known yet, and what they queue waits in the outbox (its bound,
+  // worker_options::outbox_limit, holds them back when it is full). True
+  // when it sent on the link.
+  bool send_in_order() {
+    bool sent = false;
+    if (io->link.received_by_broker().count != received_seen) sent = resend_lost();
+    holding = io->link.holding();
+    if (holding) return sent;
+    return send_queued() || sent;
   }
 
   // Sends what waits in the outbox (the pool's messages, and the I/O
@@ -738,7 +752,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     const auto& received = io->link.received_by_broker();
     received_seen = received.count;
     std::vector<core::kept_sends::entry> lost;
-    core::take_lost(notices, received, [&](core::kept_sends::entry&& e) { lost.push_back(std::move(e)); });
+    core::take_lost(notices, received, false, [&](core::kept_sends::entry&& e) { lost.push_back(std::move(e)); });
     kept_notice_bytes.store(notices.bytes(), std::memory_order_relaxed);
     if (lost.empty()) return false;
     if (log_limit.allow())
@@ -897,7 +911,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (auto it = in_flight.find(id); it != in_flight.end())
       if (auto st = it->second.lock()) running = !st->replied;
     // Replies queued and not yet sent are kept as they are sent: send them.
-    send_queued();
+    // (A job comes on a socket the broker welcomed: nothing is held.)
+    send_in_order();
     bool resent = false;
     kept.for_each([&](auto& k) {  // the oldest first: an early answer before the final one
       if (proto::peek(k.message.to_string_view()).id != id) return;

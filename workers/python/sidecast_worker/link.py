@@ -100,6 +100,15 @@ class PeerLink:
         self._log_limit = RateLimitedLog()
         self._connect()
 
+    @property
+    def holding(self):
+        """True from when the link replaces its socket until the broker
+        welcomes the new one. What died in the old socket is known only then
+        (``received_by_broker``) and goes again first: an application that
+        wants its messages to arrive in the order it sent them holds them
+        back meanwhile, and sends them after those."""
+        return self._replaced_since_welcome
+
     def close(self, linger=0):
         """Closes the socket; what it still queues gets ``linger`` seconds to leave."""
         if self.socket is not None:

@@ -463,11 +463,14 @@ class _Core:
                     if env is None:
                         break
                     self.on_message(env)
-                # The lost one-way messages go before what the handlers queued since.
+                # The lost one-way messages go before what the handlers queued
+                # since; while the link waits for the Welcome that says which
+                # they are, what the handlers queue waits in the outbox.
                 if link.received_by_broker.count != seen_received:
                     seen_received = link.received_by_broker.count
                     self.resend_lost(link)
-                self.flush(link, pub)
+                if not link.holding:
+                    self.flush(link, pub)
                 now = time.monotonic()
                 if now >= link.next_tick():
                     link.tick(now)
