@@ -2102,6 +2102,38 @@ struct bridge_rig {
     ASSERT_EQ(attached.get_future().wait_for(5s), std::future_status::ready);
   }
 
+  /// What the bridge sent its broker next, if anything waits (no wait);
+  /// notes the bridge's connection, for to_bridge().
+  std::optional<Envelope> from_bridge() {
+    std::string_view peer;
+    zmq::message_t message;
+    if (!broker_end.receive(peer, message)) return std::nullopt;
+    bridge_peer = peer;
+    auto env = proto::decode(message.to_string_view());
+    EXPECT_TRUE(env) << "the bridge sent a malformed message";
+    return env;
+  }
+  /// The next message of `kind` the bridge sends its broker (others are
+  /// dropped), or nothing within 5 s.
+  std::optional<Envelope> next_from_bridge(Envelope::KindCase kind) {
+    auto until = std::chrono::steady_clock::now() + 5s;
+    while (std::chrono::steady_clock::now() < until)
+      if (auto env = from_bridge(); !env) std::this_thread::sleep_for(1ms);
+      else if (env->kind_case() == kind) return env;
+    return std::nullopt;
+  }
+  void to_bridge(const Envelope& env) {
+    auto message = core::message_of(env);
+    EXPECT_EQ(broker_end.send(bridge_peer, message), core::local_router::send_result::sent);
+  }
+  /// Answers request `id` ("[1]"), as its worker would.
+  void answer(std::string id) {
+    Envelope env;
+    env.mutable_reply()->set_id(std::move(id));
+    env.mutable_reply()->set_args("[1]");
+    to_bridge(env);
+  }
+
   /// Asks for an echo as the sink, with `tag`.
   bool ask(std::uint64_t tag, std::chrono::milliseconds timeout) {
     Envelope env;
@@ -2126,6 +2158,7 @@ struct bridge_rig {
   std::thread session_thread;
   std::shared_ptr<reply_keeper> sink = std::make_shared<reply_keeper>(sessions.get_executor());
   bool shared;
+  std::string bridge_peer;  // the bridge's connection, as from_bridge() last saw it
 };
 
 // A broker that takes the gateway's connection and then never reads: once
@@ -2165,29 +2198,6 @@ TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
 // sent. Sent at once, what waited would overtake what died.
 TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
   bridge_rig rig{"gwO", std::nullopt, false, 200ms};
-  auto& broker_end = rig.broker_end;
-  std::string bridge_peer;
-  // The next message of `kind` the bridge sends (others are dropped), or
-  // nothing within 5 s.
-  auto next = [&](Envelope::KindCase kind) -> std::optional<Envelope> {
-    auto until = std::chrono::steady_clock::now() + 5s;
-    while (std::chrono::steady_clock::now() < until) {
-      std::string_view peer;
-      zmq::message_t message;
-      if (!broker_end.receive(peer, message)) {
-        std::this_thread::sleep_for(1ms);
-        continue;
-      }
-      bridge_peer = peer;
-      auto env = proto::decode(message.to_string_view());
-      if (env && env->kind_case() == kind) return env;
-    }
-    return std::nullopt;
-  };
-  auto to_bridge = [&](const Envelope& env) {
-    auto message = core::message_of(env);
-    ASSERT_EQ(broker_end.send(bridge_peer, message), core::local_router::send_result::sent);
-  };
   auto welcome = [&](const proto::Hello& hello, std::uint64_t previous_hello, std::uint64_t received) {
     Envelope env;
     auto* w = env.mutable_welcome();
@@ -2198,7 +2208,7 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
     w->set_hello(hello.hello());
     w->set_previous_hello(previous_hello);
     w->set_received(received);
-    to_bridge(env);
+    rig.to_bridge(env);
   };
   auto notice = [&](int n) {
     Envelope env;
@@ -2210,7 +2220,7 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
     return env;
   };
 
-  auto first = next(Envelope::kHello);
+  auto first = rig.next_from_bridge(Envelope::kHello);
   ASSERT_TRUE(first);
   welcome(first->hello(), 0, 0);
   ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
@@ -2224,7 +2234,7 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
   ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 2; }, 2s)) << "nothing was held";
 
   // Past the replaced socket's messages (they died with it) to its Hello.
-  auto second = next(Envelope::kHello);
+  auto second = rig.next_from_bridge(Envelope::kHello);
   ASSERT_TRUE(second);
   ASSERT_EQ(second->hello().hello(), first->hello().hello() + 1) << "the link replaced its socket more than once";
   welcome(second->hello(), first->hello().hello(), 0);  // read nothing after the first Hello
@@ -2235,17 +2245,14 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
     if (std::chrono::steady_clock::now() >= beat_at) {  // the broker's heartbeats: no third socket
       Envelope beat;
       beat.mutable_heartbeat();
-      to_bridge(beat);
+      rig.to_bridge(beat);
       beat_at += 100ms;
     }
-    std::string_view peer;
-    zmq::message_t message;
-    if (!broker_end.receive(peer, message)) {
+    auto env = rig.from_bridge();
+    if (!env) {
       std::this_thread::sleep_for(1ms);
       continue;
     }
-    auto env = proto::decode(message.to_string_view());
-    ASSERT_TRUE(env);
     if (env->has_request()) order.push_back("request " + env->request().id());
     if (env->has_emit()) order.push_back("notice " + env->emit().args());
     ASSERT_FALSE(env->has_hello()) << "a third socket";
@@ -2263,31 +2270,18 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
 // answer whose id the bridge did not make is ignored.
 TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
   bridge_rig rig{"gwD"};
-  auto& broker_end = rig.broker_end;
   auto& sink = rig.sink;
-  auto answer = [&](std::string_view peer, std::string id) {
-    Envelope env;
-    env.mutable_reply()->set_id(std::move(id));
-    env.mutable_reply()->set_args("[1]");
-    auto message = core::message_of(env);
-    ASSERT_EQ(broker_end.send(peer, message), core::local_router::send_result::sent);
-  };
   // Reads what the bridge sends until `done`; requests are answered when `reply`.
   std::vector<std::string> cancels;
-  std::string bridge_peer;
   auto serve = [&](bool reply, auto done) {
     auto until = std::chrono::steady_clock::now() + 10s;
     while (!done() && std::chrono::steady_clock::now() < until) {
-      std::string_view peer;
-      zmq::message_t message;
-      if (!broker_end.receive(peer, message)) {
+      auto env = rig.from_bridge();
+      if (!env) {
         std::this_thread::sleep_for(1ms);
         continue;
       }
-      bridge_peer = peer;
-      auto env = proto::decode(message.to_string_view());
-      ASSERT_TRUE(env);
-      if (env->has_request() && reply) answer(peer, env->request().id());
+      if (env->has_request() && reply) rig.answer(env->request().id());
       if (env->has_cancel()) cancels.push_back(env->cancel().id());
     }
   };
@@ -2304,7 +2298,7 @@ TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
   // Ids count in base 36, lower case: theirs are gwD:2bd..2bf (3001..3003).
   // Answers with ids the bridge did not make change nothing.
   for (auto id : {"gwX:2bd", "gwD:2bd!", "gwD:02be", "gwD:2BE", "gwD:", "gwD2bf", "gwD:-3", "gwD:zzzzzzzzzzzzzzzzzzzz"})
-    answer(bridge_peer, id);
+    rig.answer(id);
   serve(false, [&] { return sink->replies().size() == answered + 3 && cancels.size() == 3; });
   auto replies = sink->replies();
   ASSERT_EQ(replies.size(), answered + 3);
@@ -2335,46 +2329,25 @@ TEST_P(BridgeDelivery, EmitsAndTheReplyKeepTheBrokersOrder) {
   // any handler's throw ends io_context::run): only a delivery made at once
   // on the bridge's own thread is the bridge's to catch.
   if (shared) rig.sink->throw_on_tag = 2;
-  auto emit = [&](std::string_view peer, const std::string& event) {
+  auto emit = [&](const std::string& event) {
     Envelope env;
     auto* e = env.mutable_emit();
     e->set_sid(sid);
     e->set_nsp("/");
     e->set_event(event);
     e->set_args("[1]");
-    auto message = core::message_of(env);
-    ASSERT_EQ(rig.broker_end.send(peer, message), core::local_router::send_result::sent);
-  };
-  auto answer = [&](std::string_view peer, const std::string& request_id) {
-    Envelope env;
-    env.mutable_reply()->set_id(request_id);
-    env.mutable_reply()->set_args("[1]");
-    auto message = core::message_of(env);
-    ASSERT_EQ(rig.broker_end.send(peer, message), core::local_router::send_result::sent);
+    rig.to_bridge(env);
   };
   // Each request: two progress events, the reply, one event after it.
   auto serve_one = [&](std::uint64_t tag) {
     ASSERT_TRUE(rig.ask(tag, 30s));
-    auto until = std::chrono::steady_clock::now() + 5s;
-    std::string_view peer;
-    zmq::message_t message;
-    std::optional<Envelope> env;
-    while (std::chrono::steady_clock::now() < until) {
-      if (!rig.broker_end.receive(peer, message)) {
-        std::this_thread::sleep_for(1ms);
-        continue;
-      }
-      env = proto::decode(message.to_string_view());
-      if (env && env->has_request()) break;
-      env.reset();
-    }
+    auto env = rig.next_from_bridge(Envelope::kRequest);
     ASSERT_TRUE(env) << "the bridge sent no request";
-    std::string who{peer};
     auto t = std::to_string(tag);
-    emit(who, "progress-" + t + "a");
-    emit(who, "progress-" + t + "b");
-    answer(who, env->request().id());
-    emit(who, "after-" + t);
+    emit("progress-" + t + "a");
+    emit("progress-" + t + "b");
+    rig.answer(env->request().id());
+    emit("after-" + t);
   };
   for (std::uint64_t tag = 1; tag <= 3; ++tag) serve_one(tag);
   std::vector<std::string> expected{"event progress-1a", "event progress-1b", "reply 1", "event after-1",

@@ -565,16 +565,38 @@ class FakeBroker:
     def send(self, env):
         self.router.send_multipart([b"wd", env.SerializeToString()])
 
-    def welcome(self, worker, interval_ms):
+    def welcome(self, worker, interval_ms, **fields):
         """Takes the Hello and welcomes it: heartbeats every interval_ms (the
-        fake sends none; the worker gives up on it after three)."""
+        fake sends none; the worker gives up on it after three), and Welcome
+        `fields`. Returns the Welcome, to send again changed."""
+        hello = self.next().hello
         env = pb.Envelope()
-        env.welcome.protocol_version = self.next().hello.protocol_version
+        env.welcome.protocol_version = hello.protocol_version
         env.welcome.heartbeat_interval_ms = interval_ms
         env.welcome.heartbeat_liveness = 3
+        env.welcome.hello = hello.hello
+        for name, value in fields.items():
+            setattr(env.welcome, name, value)
         self.send(env)
         if not worker.wait_connected(WAIT):
             raise AssertionError("the worker never took the Welcome")
+        return env
+
+    def until_hello(self):
+        """Reads the worker's messages up to its next Hello, numbering each
+        after the Hello before as the broker counts them (heartbeats too).
+        Returns that Hello, and each emit's first argument -> its number."""
+        after_hello, number_of = 0, {}
+        while True:
+            _, data = self.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            kind = env.WhichOneof("kind")
+            if kind == "hello":
+                return env.hello, number_of
+            after_hello += 1
+            if kind == "emit":
+                number_of[args_of(env.emit)[0]] = after_hello
 
 
 class FakeBrokerTest(unittest.TestCase):
@@ -688,33 +710,15 @@ class ResendLostTest(FakeBrokerTest):
         return svc
 
     def test_what_the_broker_did_not_read_goes_again(self):
-        hello = self.broker.next().hello
-        self.assertEqual(hello.hello, 1)
-        welcome = pb.Envelope()
-        welcome.welcome.protocol_version = hello.protocol_version
-        welcome.welcome.heartbeat_interval_ms = 200  # the fake sends none: a new socket after 0.6 s
-        welcome.welcome.heartbeat_liveness = 3
-        welcome.welcome.hello = 1
-        self.broker.send(welcome)
-        self.assertTrue(self.worker.wait_connected(WAIT))
+        welcome = self.broker.welcome(self.worker, 200)  # the fake sends no heartbeat: a new socket after 0.6 s
+        self.assertEqual(welcome.welcome.hello, 1)
         env = pb.Envelope()
         env.request.id, env.request.service, env.request.event = "c:1", "svc", "work"
         env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
         env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
         self.broker.send(env)
-        # Everything after Hello 1 is counted, heartbeats too, as the broker does.
-        after_hello, number_of = 0, {}
-        while True:
-            _, data = self.broker.router.recv_multipart()
-            env = pb.Envelope()
-            env.ParseFromString(data)
-            kind = env.WhichOneof("kind")
-            if kind == "hello":
-                break
-            after_hello += 1
-            if kind == "emit":
-                number_of[args_of(env.emit)[0]] = after_hello
-        self.assertEqual(env.hello.hello, 2, "a new socket's Hello")
+        hello, number_of = self.broker.until_hello()
+        self.assertEqual(hello.hello, 2, "a new socket's Hello")
         self.assertEqual(sorted(number_of), [0, 1, 2, 3, 4])
         # Say only what came up to the second emit was read.
         welcome.welcome.previous_hello, welcome.welcome.received, welcome.welcome.hello = 1, number_of[1], 2
@@ -755,26 +759,10 @@ class HoldUntilWelcomeTest(FakeBrokerTest):
         return svc
 
     def test_what_waited_goes_after_what_died(self):
-        hello = self.broker.next().hello
-        welcome = pb.Envelope()
-        welcome.welcome.protocol_version = hello.protocol_version
-        welcome.welcome.heartbeat_interval_ms = 200  # the fake sends none: a new socket after 0.6 s
-        welcome.welcome.heartbeat_liveness = 3
-        welcome.welcome.hello = 1
-        self.broker.send(welcome)
-        self.assertTrue(self.worker.wait_connected(WAIT))
+        welcome = self.broker.welcome(self.worker, 200)  # the fake sends no heartbeat: a new socket after 0.6 s
         self.job("c:1", "[]", 1)
-        after_hello, number_of = 0, {}
-        while True:  # the old socket's messages, up to the new socket's Hello
-            _, data = self.broker.router.recv_multipart()
-            env = pb.Envelope()
-            env.ParseFromString(data)
-            if env.WhichOneof("kind") == "hello":
-                break
-            after_hello += 1
-            if env.WhichOneof("kind") == "emit":
-                number_of[args_of(env.emit)[0]] = after_hello
-        self.assertEqual(env.hello.hello, 2, "a new socket's Hello")
+        hello, number_of = self.broker.until_hello()  # the old socket's messages
+        self.assertEqual(hello.hello, 2, "a new socket's Hello")
         self.assertEqual(sorted(number_of), [0, 1, 2, 3, 4])
         self.assertTrue(self.second_half_sent.wait(WAIT))
         time.sleep(0.2)  # time for the I/O thread to send them, were it to
@@ -803,15 +791,8 @@ class ReadReportTest(FakeBrokerTest):
         return Service("svc", capacity=1)
 
     def test_the_link_says_what_it_read(self):
-        hello = self.broker.next().hello
-        welcome = pb.Envelope()
-        welcome.welcome.protocol_version = hello.protocol_version
-        welcome.welcome.heartbeat_interval_ms = 200  # the fake sends none: a new socket after 0.6 s
-        welcome.welcome.heartbeat_liveness = 3
-        welcome.welcome.hello = 1
-        welcome.welcome.sent = 10  # the broker had sent it 10 before
-        self.broker.send(welcome)
-        self.assertTrue(self.worker.wait_connected(WAIT))
+        # The fake sends no heartbeat of its own: a new socket after 0.6 s.
+        welcome = self.broker.welcome(self.worker, 200, sent=10)  # the broker had sent it 10 before
         beat = pb.Envelope()
         beat.heartbeat.SetInParent()
         self.broker.send(beat)
