@@ -68,6 +68,14 @@ class kept_ring {
   std::size_t size() const { return size_; }
   /// A message of `bytes` would be kept without forgetting another.
   bool has_room(std::size_t bytes) const { return size_ < max_count_ && bytes_ + bytes <= max_bytes_; }
+  /// Forgets the oldest entries, while `may_forget` says so of the oldest,
+  /// until a message of `bytes` has room; true when it has.
+  template <typename F>
+  bool make_room(std::size_t bytes, F&& may_forget) {
+    if (max_count_ == 0 || bytes > max_bytes_) return false;
+    while (!has_room(bytes) && size_ > 0 && may_forget(slots_[head_])) pop();
+    return has_room(bytes);
+  }
 
  private:
   void pop() {

@@ -102,11 +102,13 @@ void bridge::stop() {
     own_context_->stop();
     if (thread_.joinable()) thread_.join();
   }
-  // No thread runs the executor any more: release its objects here. The
-  // broker forgets this gateway at once (Goodbye): emits for its sids get
-  // their delivery reports now, not once its heartbeats are missed.
+  // No thread runs the executor any more: release its objects here. What
+  // was held for a Welcome goes now (a broker back within the linger reads
+  // it). The broker forgets this gateway at once (Goodbye): emits for its
+  // sids get their delivery reports now, not once its heartbeats are missed.
   if (link_) {
     try {
+      send_held();
       link_->goodbye(std::chrono::milliseconds(500));
     } catch (const std::exception& e) {
       spdlog::warn("gateway bridge: no goodbye to the broker: {}", e.what());
@@ -286,10 +288,12 @@ void bridge::send_owed(const Envelope& env) {
 }
 
 bool bridge::send_notice(zmq::message_t&& message) {
-  // Held only where it takes no other's place in notices_: a notice held
-  // is nowhere else. Past that (or with --kept-notices 0) it goes at once,
-  // kept nowhere, ahead of those held.
-  if (holding() && !notices_.has_room(message.size())) return link_->send_message(std::move(message)) || link_full();
+  // Held in notices_, where a notice held must not be forgotten: room is
+  // made by forgetting the oldest sent ones. When only held ones are left
+  // (--kept-notices of them, or --kept-notice-bytes), or with --kept-notices
+  // 0, it goes at once, kept nowhere, ahead of those held.
+  if (holding() && !notices_.make_room(message.size(), [](const sent_message& e) { return !e.where.is_held(); }))
+    return link_->send_message(std::move(message)) || link_full();
   sent_message out;
   if (!hold(message, out) && !(link_->send_message(std::move(message), out) || link_full())) return false;
   notices_.push(std::move(out));  // keeps nothing when --kept-notices is 0
@@ -676,7 +680,9 @@ void bridge::expire(clock::time_point now) {
     auto p = std::move(it->second);
     pending_.erase(it);
     auto id = id_of(seq);
+    bool sent = !p.out.where.is_held();  // else it never went, and goes nowhere now
     reply_to(std::move(p), {proto::TIMEOUT, "no answer from the broker"});
+    if (!sent) continue;
     Envelope cancel;
     cancel.mutable_cancel()->set_id(id);
     cancel.mutable_cancel()->set_reason(proto::TIMEOUT);
@@ -800,6 +806,19 @@ void bridge::resend_lost() {
     }
   }
   link_watch_.dirty = true;
+}
+
+void bridge::send_held() {
+  if (held_ == 0) return;
+  std::vector<std::pair<core::link_position, zmq::message_t>> held;
+  for (auto& [seq, p] : pending_)
+    if (p.out.where.is_held()) held.emplace_back(p.out.where, std::move(p.out.message));
+  for (auto& [seq, f] : forwards_)
+    if (f.out.where.is_held()) held.emplace_back(f.out.where, std::move(f.out.message));
+  core::take_lost(notices_, {}, true, [&](sent_message&& n) { held.emplace_back(n.where, std::move(n.message)); });
+  std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (auto& [at, message] : held) link_->send_message(std::move(message));
+  held_ = 0;
 }
 
 bool bridge::live(time_point at, std::uint64_t seq) const {

@@ -249,6 +249,8 @@ class bridge {
   bool send_notice(zmq::message_t&& message);
   /// The same, never held: what resend_lost() sends.
   bool send_notice_now(zmq::message_t&& message);
+  /// Stopping: what is held goes as it is, in its order.
+  void send_held();
 
   const gateway_config& config_;
   zmq::context_t& context_;

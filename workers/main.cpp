@@ -53,7 +53,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--kept-notice-bytes", options.kept_notice_bytes, "Bytes those kept messages may hold")
       ->capture_default_str();
-  app.add_option("--hwm", options.hwm, "High-water mark of the broker link (each way) and the PUB socket, messages")
+  app.add_option("--hwm", options.hwm, "High-water mark of the broker link (each way) and the PUB socket, messages; also what is held while the "
+                 "link waits for the broker's Welcome of a new socket")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));
   core::add_millis(app, "--drain-timeout", drain_timeout,

@@ -786,14 +786,16 @@ TEST_P(BrokerTest, AWorkerSendsAgainTheEmitsItsReplacedSocketLost) {
   };
   take(5s, 10);
   ASSERT_EQ(got.size(), 10u);
-  bool reconnected = false;
+  bool reconnected = false, held = false;
   pause_io([&] {
     stalled.set_value();
     reconnected = eventually([&] { return w->stats().reconnects >= 1; }, 5s);
     replaced.set_value();
-    std::this_thread::sleep_for(100ms);
+    // Emits 20-29 and the reply wait for the Welcome of the new socket.
+    held = eventually([&] { return w->stats().held == 11; }, 5s);
   });
   ASSERT_TRUE(reconnected) << "the worker never found the broker silent";
+  EXPECT_TRUE(held) << w->stats().held << " messages held";
   take(10s, 30);
   EXPECT_TRUE(replied);
   std::vector<int> all(30);
@@ -802,6 +804,7 @@ TEST_P(BrokerTest, AWorkerSendsAgainTheEmitsItsReplacedSocketLost) {
   // socket before the Welcome waited for what died in the old one.
   EXPECT_EQ(got, all);
   EXPECT_EQ(emits_before_reply, 30u) << "the reply overtook emits sent before it";
+  EXPECT_EQ(w->stats().held, 0u);
   EXPECT_GT(w->stats().notices_resent, 0u) << "nothing died in the replaced socket: the test proves nothing";
   w->stop();
 }
@@ -2069,15 +2072,16 @@ class reply_keeper : public gateway::client_sink {
 // thread of their own with one sink. With `shared`, the bridge runs on the
 // sessions' thread, as it does with --threads 1.
 struct bridge_rig {
-  // By default the link sends no heartbeat, and waits for none.
+  // `tune` changes the gateway's configuration before the bridge starts.
   explicit bridge_rig(const std::string& id, std::optional<int> hwm = std::nullopt, bool on_shared = false,
-                      std::chrono::milliseconds heartbeat = 60s)
+                      const std::function<void(gateway::gateway_config&)>& tune = {})
       : broker_end{"local://" + id + "-broker"}, shared{on_shared} {
     config.id = id;
     config.broker = "local://" + id + "-broker";
     config.events = "inproc://" + id + "-events";
     if (hwm) config.hwm = *hwm;
-    config.heartbeat_interval = heartbeat;
+    config.heartbeat_interval = 60s;  // the link sends no heartbeat, and waits for none
+    if (tune) tune(config);
     bridge.emplace(config, ctx, metrics);
     bridge->start(shared ? &sessions : nullptr);
     session_thread = std::thread{[this] { sessions.run(); }};
@@ -2195,9 +2199,14 @@ TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
 // its socket. What the gateway sends then waits (bridge::hold) until the
 // broker welcomes the new socket: the Welcome names what died in the old
 // one, which goes again first, then what waited, each in the order it was
-// sent. Sent at once, what waited would overtake what died.
+// sent. Sent at once, what waited would overtake what died. The one-way
+// messages kept (3 here) are full of ones the broker read: a held one takes
+// the place of the oldest of those.
 TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
-  bridge_rig rig{"gwO", std::nullopt, false, 200ms};
+  bridge_rig rig{"gwO", std::nullopt, false, [](gateway::gateway_config& c) {
+                   c.heartbeat_interval = 200ms;
+                   c.kept_notices = 3;
+                 }};
   auto welcome = [&](const proto::Hello& hello, std::uint64_t previous_hello, std::uint64_t received) {
     Envelope env;
     auto* w = env.mutable_welcome();
@@ -2224,6 +2233,12 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
   ASSERT_TRUE(first);
   welcome(first->hello(), 0, 0);
   ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  // Read by the broker: everything up to the third of these.
+  for (int n = 100; n < 103; ++n) ASSERT_TRUE(rig.bridge->send(notice(n)));
+  std::uint64_t read = 0;
+  for (int emits = 0; emits < 3;)
+    if (auto env = rig.from_bridge(); !env) std::this_thread::sleep_for(1ms);
+    else if (++read; env->has_emit()) ++emits;
   // Into the first socket, which the broker does not read: they die there.
   ASSERT_TRUE(rig.ask(1, 30s));
   ASSERT_TRUE(rig.bridge->send(notice(1)));
@@ -2237,7 +2252,7 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
   auto second = rig.next_from_bridge(Envelope::kHello);
   ASSERT_TRUE(second);
   ASSERT_EQ(second->hello().hello(), first->hello().hello() + 1) << "the link replaced its socket more than once";
-  welcome(second->hello(), first->hello().hello(), 0);  // read nothing after the first Hello
+  welcome(second->hello(), first->hello().hello(), read);
   std::vector<std::string> order;
   auto until = std::chrono::steady_clock::now() + 5s;
   auto beat_at = std::chrono::steady_clock::now();

@@ -765,7 +765,8 @@ class HoldUntilWelcomeTest(FakeBrokerTest):
         self.assertEqual(hello.hello, 2, "a new socket's Hello")
         self.assertEqual(sorted(number_of), [0, 1, 2, 3, 4])
         self.assertTrue(self.second_half_sent.wait(WAIT))
-        time.sleep(0.2)  # time for the I/O thread to send them, were it to
+        # Emits 5-9 and the reply wait for the Welcome.
+        self.assertTrue(eventually(lambda: self.worker.stats().held == 6, WAIT), self.worker.stats())
         # Say only what came up to the second emit was read.
         welcome.welcome.previous_hello, welcome.welcome.received, welcome.welcome.hello = 1, number_of[1], 2
         self.broker.send(welcome)
@@ -780,6 +781,7 @@ class HoldUntilWelcomeTest(FakeBrokerTest):
                 order.append("done")
         self.assertEqual(order, [2, 3, 4, 5, 6, 7, 8, 9, "done"])
         self.assertEqual(self.worker.stats().notices_resent, 3)
+        self.assertEqual(self.worker.stats().held, 0)
 
 
 class ReadReportTest(FakeBrokerTest):

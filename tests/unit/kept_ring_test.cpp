@@ -46,6 +46,20 @@ TEST(KeptRing, HasRoomOnlyWhereNothingWouldBeForgotten) {
   EXPECT_FALSE(kept_sends{}.has_room(0));  // keeps nothing
 }
 
+TEST(KeptRing, MakeRoomForgetsOnlyWhatItMay) {
+  kept_sends kept{3, 100};
+  kept.push(sent("a", {1, 1}));
+  kept.push(sent("b", link_position::held(1)));
+  kept.push(sent("c", {1, 2}));
+  auto not_held = [](const kept_sends::entry& e) { return !e.where.is_held(); };
+  EXPECT_TRUE(kept.make_room(1, not_held));  // "a" goes
+  EXPECT_EQ(texts(kept), (std::vector<std::string>{"b", "c"}));
+  kept.push(sent("d", link_position::held(2)));
+  EXPECT_FALSE(kept.make_room(1, not_held)) << "the oldest is held: nothing may go";
+  EXPECT_EQ(texts(kept), (std::vector<std::string>{"b", "c", "d"}));
+  EXPECT_FALSE(kept.make_room(101, not_held)) << "larger than the bytes kept at most";
+}
+
 TEST(KeptRing, HeldPositionsOrderAfterEverySentOne) {
   EXPECT_LT((link_position{7, 1000}), link_position::held(1));
   EXPECT_LT(link_position::held(1), link_position::held(2));

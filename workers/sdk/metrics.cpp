@@ -47,6 +47,9 @@ worker_metrics::worker_metrics(prometheus::Registry& r)
                               "replaced, sent again")},
       kept_notice_bytes_{gauge(r, "sidecast_worker_kept_notice_bytes",
                                "Bytes of the one-way messages kept to be sent again (bounded by --kept-notice-bytes)")},
+      held_{gauge(r, "sidecast_worker_held_messages",
+                  "Messages held back while the broker link waits for the Welcome of a new socket, to go after "
+                  "those that died in the old one (bounded by --hwm)")},
       connected_{gauge(r, "sidecast_worker_connected", "1 while the broker has welcomed this worker")},
       running_{gauge(r, "sidecast_worker_requests_running", "Requests taken and not yet done with")},
       draining_{gauge(r, "sidecast_worker_draining", "1 once the worker drains (SIGTERM): it takes no new requests")} {}
@@ -67,6 +70,7 @@ void worker_metrics::refresh(const worker& w) {
   advance(notices_resent_, now.notices_resent, seen_.notices_resent);
   kept_bytes_.Set(static_cast<double>(now.kept_bytes));
   kept_notice_bytes_.Set(static_cast<double>(now.kept_notice_bytes));
+  held_.Set(static_cast<double>(now.held));
   connected_.Set(w.connected() ? 1 : 0);
   running_.Set(static_cast<double>(now.running));
   draining_.Set(now.draining ? 1 : 0);

@@ -36,6 +36,7 @@ class worker_metrics {
   prometheus::Gauge& kept_bytes_;
   prometheus::Counter& notices_resent_;
   prometheus::Gauge& kept_notice_bytes_;
+  prometheus::Gauge& held_;
   prometheus::Gauge& connected_;
   prometheus::Gauge& running_;
   prometheus::Gauge& draining_;

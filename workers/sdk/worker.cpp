@@ -254,7 +254,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // the link's received_by_broker().count as last acted on (resend_lost).
   core::kept_sends notices{options.kept_notices, options.kept_notice_bytes};
   std::uint64_t received_seen = 0;
-  bool holding = false;  // the outbox waits for the link's Welcome (see send_in_order)
+  bool holding = false;  // what the handlers queue waits for the link's Welcome (see send_in_order)
+  std::vector<outgoing> held_out;  // ... here
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -268,7 +269,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0}, n_jobs_again{0}, n_replies_resent{0},
-      kept_bytes{0}, n_notices_resent{0}, kept_notice_bytes{0};  // the last three: written by the I/O thread only
+      kept_bytes{0}, n_notices_resent{0}, kept_notice_bytes{0}, n_held{0};  // the last four: written by the I/O thread only
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
@@ -687,21 +688,21 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   // Sends what the handlers queued (send_queued), after what died in a
-  // socket the link replaced (resend_lost): while the link waits for the
-  // broker's Welcome on its new socket (peer_link::holding()), that is not
-  // known yet, and what they queue waits in the outbox (its bound,
-  // worker_options::outbox_limit, holds them back when it is full). True
-  // when it sent on the link.
+  // socket the link replaced (resend_lost). While the link waits for the
+  // broker's Welcome on its new socket (peer_link::holding()), which those
+  // are is not known yet: what the handlers queue is held (held_out), and
+  // goes once the Welcome came, after them. True when it sent on the link.
   bool send_in_order() {
     bool sent = false;
     if (io->link.received_by_broker().count != received_seen) sent = resend_lost();
     holding = io->link.holding();
-    if (holding) return sent;
     return send_queued() || sent;
   }
 
   // Sends what waits in the outbox (the pool's messages, and the I/O
-  // thread's own) and in io_replies; true when it sent on the link.
+  // thread's own) and in io_replies, after what was held; while `holding`,
+  // holds it instead, up to worker_options::hwm messages (the link's own
+  // queue bound), past which it goes at once. True when it sent on the link.
   bool send_queued() {
     auto& o = *io;
     io_queued = false;
@@ -709,23 +710,36 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& out : io_replies) o.batch.push_back(std::move(out));
     io_replies.clear();
     bool on_link = false;
-    for (auto& out : o.batch) {
-      if (!out.topic.empty()) {
-        o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-        o.pub.send(out.envelope, zmq::send_flags::dontwait);
-        continue;
-      }
-      on_link = true;
-      if (!out.answer) {
-        send_notice(std::move(out.envelope));
-        continue;
-      }
-      if (out.keep) keep_reply(out.envelope);
-      if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
+    if (!holding && !held_out.empty()) {
+      for (auto& out : held_out) on_link = send_one(out) || on_link;
+      held_out.clear();
+      if (held_out.capacity() > 1024) held_out = std::vector<outgoing>{};
     }
+    for (auto& out : o.batch) {
+      if (holding && held_out.size() < static_cast<std::size_t>(options.hwm)) held_out.push_back(std::move(out));
+      else on_link = send_one(out) || on_link;
+    }
+    n_held.store(held_out.size(), std::memory_order_relaxed);
     o.batch.clear();
     if (o.batch.capacity() > 1024) o.batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
     return on_link;
+  }
+
+  // True when it went on the link (else to the PUB socket).
+  bool send_one(outgoing& out) {
+    auto& o = *io;
+    if (!out.topic.empty()) {
+      o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      o.pub.send(out.envelope, zmq::send_flags::dontwait);
+      return false;
+    }
+    if (!out.answer) {
+      send_notice(std::move(out.envelope));
+      return true;
+    }
+    if (out.keep) keep_reply(out.envelope);
+    if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
+    return true;
   }
 
   // A one-way message (an emit to a sid, a join, a leave, a disconnect),
@@ -786,6 +800,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   void close_io() {
     if (io) {
       try {
+        holding = false;  // the last messages go, held or not
         send_queued();
         io->link.goodbye(goodbye_linger);
       } catch (const std::exception& e) {
@@ -1315,7 +1330,8 @@ worker_stats worker::stats() const {
           core_->n_dropped,      core_->n_errors,           core_->n_reconnects,
           core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
           core_->drain_asked.load(), core_->n_jobs_again, core_->n_replies_resent,
-          core_->kept_bytes.load(),    core_->n_notices_resent,   core_->kept_notice_bytes.load()};
+          core_->kept_bytes.load(),    core_->n_notices_resent,   core_->kept_notice_bytes.load(),
+          core_->n_held.load()};
 }
 
 }  // namespace sidecast

@@ -45,7 +45,7 @@ struct worker_options {
   std::size_t queue_limit = 10000;  // requests waiting for a handler thread; past it answered BUSY
   std::chrono::milliseconds outbox_wait{5000};  // a handler waits this long for room, then drops
   std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack
-  int hwm = 100000;
+  int hwm = 100000;  // the broker link's queue each way, the PUB socket's, and what is held for a Welcome
   // Answers kept after they are sent, at most this many and bytes (0: none):
   // a job the broker sends again (it came back on a new socket, see
   // docs/protocol.md) that this worker answered gets its answer again,
@@ -220,6 +220,7 @@ struct worker_stats {
   std::uint64_t kept_bytes = 0;      // what the kept answers hold now (kept_reply_bytes bounds it)
   std::uint64_t notices_resent = 0;     // one-way messages that died in a replaced socket, sent again
   std::uint64_t kept_notice_bytes = 0;  // what the kept one-way messages hold now (kept_notice_bytes bounds it)
+  std::uint64_t held = 0;  // messages held until the broker welcomes a new socket (hwm bounds it)
 };
 
 class worker {

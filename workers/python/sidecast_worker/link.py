@@ -90,6 +90,7 @@ class PeerLink:
         self._read_to = 0
         self._read_tail = 0
         self._replaced_since_welcome = False
+        self._welcomed_before = False  # by any broker
         # In every Hello, with the socket's number: a Hello again on the same
         # socket keeps what the broker dispatched here (docs/protocol.md).
         self.incarnation = secrets.randbits(64) or 1
@@ -102,8 +103,8 @@ class PeerLink:
 
     @property
     def holding(self):
-        """True from when the link replaces its socket until the broker
-        welcomes the new one. What died in the old socket is known only then
+        """True from when the link replaces a socket a broker had welcomed
+        until the broker welcomes the new one. What died in the old socket is known only then
         (``received_by_broker``) and goes again first: an application that
         wants its messages to arrive in the order it sent them holds them
         back meanwhile, and sends them after those."""
@@ -139,7 +140,7 @@ class PeerLink:
 
     def _connect(self):
         # A fresh socket: whatever the old one still queued dies with it.
-        if self.hellos:  # what it reads from now on is the tail
+        if self._welcomed_before:  # what it reads from now on is the tail
             self._replaced_since_welcome = True
         self.close()
         sock = self.context.socket(zmq.DEALER)
@@ -219,7 +220,7 @@ class PeerLink:
                 if not self.welcomed:
                     log.info("connected to broker %s at %s", w.broker_id, self.endpoint)
                 self.broker_id = w.broker_id
-                self.welcomed = True
+                self.welcomed = self._welcomed_before = True
                 if w.previous_hello:
                     # The broker knew this link: what it did not read died in
                     # a replaced socket.

@@ -80,6 +80,7 @@ class WorkerStats:
     kept_bytes: int = 0  # what the kept answers hold now (kept_reply_bytes bounds it)
     notices_resent: int = 0  # one-way messages that died in a replaced socket, sent again
     kept_notice_bytes: int = 0  # what the kept one-way messages hold now (kept_notice_bytes bounds it)
+    held: int = 0  # messages held until the broker welcomes a new socket (hwm bounds it)
 
 
 class _Wakeup:
@@ -152,6 +153,9 @@ class _Core:
 
         self.services = {}
         self.outbox = queue.Queue(maxsize=outbox_limit)
+        # What the handlers queued while the link waited for the broker's
+        # Welcome of a new socket (see flush): I/O thread only.
+        self.held = []
         self.wake = _Wakeup()
         self.io_thread = None
         self.pool = None
@@ -180,7 +184,7 @@ class _Core:
         self.waiting = 0  # requests waiting for a handler thread (bound: queue_limit)
         self.stats_lock = threading.Lock()
         self.counts = dict.fromkeys(set(WorkerStats.__dataclass_fields__)
-                                    - {"running", "draining", "kept_bytes", "kept_notice_bytes"}, 0)
+                                    - {"running", "draining", "kept_bytes", "kept_notice_bytes", "held"}, 0)
         self.log_limit = RateLimitedLog()
 
     def count(self, what, n=1):
@@ -463,14 +467,11 @@ class _Core:
                     if env is None:
                         break
                     self.on_message(env)
-                # The lost one-way messages go before what the handlers queued
-                # since; while the link waits for the Welcome that says which
-                # they are, what the handlers queue waits in the outbox.
+                # The lost one-way messages go before what the handlers queued since.
                 if link.received_by_broker.count != seen_received:
                     seen_received = link.received_by_broker.count
                     self.resend_lost(link)
-                if not link.holding:
-                    self.flush(link, pub)
+                self.flush(link, pub)
                 now = time.monotonic()
                 if now >= link.next_tick():
                     link.tick(now)
@@ -498,7 +499,7 @@ class _Core:
                 # its heartbeats stop.
                 try:
                     if self.io_failure is None:
-                        self.flush(link, pub)
+                        self.flush(link, pub, last=True)
                         link.goodbye(GOODBYE_LINGER)
                 except Exception:
                     log.warning("worker %s: its last messages were not sent", self.worker_id, exc_info=True)
@@ -515,22 +516,39 @@ class _Core:
         for req in running:
             req._cancel(Code.CANCELLED)
 
-    def flush(self, link, pub):
+    def flush(self, link, pub, last=False):
+        """Sends what the handlers queued, after what was held. While the
+        link waits for the broker's Welcome of a new socket (its
+        ``holding``), which messages died in the old one is not known yet,
+        and they go again first: what the handlers queue is held meanwhile,
+        up to ``hwm`` messages, past which it goes at once. ``last``: the
+        worker stops, and everything goes."""
+        holding = link.holding and not last
+        if not holding and self.held:
+            held, self.held = self.held, []
+            for item in held:
+                self.send_one(link, pub, *item)
         for _ in range(self.outbox_limit):
             try:
-                topic, data, notice = self.outbox.get_nowait()
+                item = self.outbox.get_nowait()
             except queue.Empty:
                 return
-            if topic is None:
-                if notice:
-                    self.send_notice(link, data)
-                elif not link.send_bytes(data):
-                    self.count("outbox_dropped")
+            if holding and len(self.held) < self.hwm:
+                self.held.append(item)
             else:
-                try:
-                    pub.send_multipart([topic, data], zmq.NOBLOCK)
-                except zmq.Again:
-                    self.count("outbox_dropped")
+                self.send_one(link, pub, *item)
+
+    def send_one(self, link, pub, topic, data, notice):
+        if topic is None:
+            if notice:
+                self.send_notice(link, data)
+            elif not link.send_bytes(data):
+                self.count("outbox_dropped")
+        else:
+            try:
+                pub.send_multipart([topic, data], zmq.NOBLOCK)
+            except zmq.Again:
+                self.count("outbox_dropped")
 
     def send_notice(self, link, data):
         """Sends a one-way message, kept (at most ``kept_notices`` of them
@@ -812,7 +830,7 @@ class Worker:
         with self._core.stats_lock:
             return WorkerStats(**self._core.counts, running=running, draining=self._core.drain_asked,
                                kept_bytes=self._core.kept_bytes,
-                               kept_notice_bytes=self._core.notice_bytes)
+                               kept_notice_bytes=self._core.notice_bytes, held=len(self._core.held))
 
     def add(self, service):
         """Adds a service (before start() only); returns the worker."""
