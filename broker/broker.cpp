@@ -1251,6 +1251,7 @@ void broker::forget_old_sends(clock::time_point now) {
   std::size_t bytes = 0;
   for (auto& [id, p] : peers_) {
     if (!suspects_.contains(id)) forget_old_sends(p, now);
+    p.kept.release();  // a peer sent nothing for an interval keeps no slots (up to --kept-sent of them)
     bytes += p.kept.bytes();
   }
   metrics_->kept_sent_bytes.Set(static_cast<double>(bytes));

@@ -66,6 +66,16 @@ class kept_ring {
 
   std::size_t bytes() const { return bytes_; }
   std::size_t size() const { return size_; }
+  /// Room for this many entries: it grows to max_count once a burst needs
+  /// it, and stays so until release().
+  std::size_t capacity() const { return slots_.size(); }
+  /// An empty ring gives its slots back (it grows again when it keeps).
+  void release() {
+    if (size_ == 0 && !slots_.empty()) {
+      slots_ = std::vector<entry>{};
+      head_ = 0;
+    }
+  }
   /// A message of `bytes` would be kept without forgetting another.
   bool has_room(std::size_t bytes) const { return size_ < max_count_ && bytes_ + bytes <= max_bytes_; }
   /// Forgets the oldest entries, while `may_forget` says so of the oldest,

@@ -34,6 +34,21 @@ TEST(KeptRing, ForgetsTheOldestPastEitherBound) {
   EXPECT_EQ(texts(kept), (std::vector<std::string>{"cccc", "d", "e"}));
 }
 
+TEST(KeptRing, GrowsOnceAndGivesItsSlotsBackOnlyWhenEmpty) {
+  kept_sends kept{1000, 1 << 20};
+  EXPECT_EQ(kept.capacity(), 0u);
+  for (std::uint64_t i = 1; i <= 100; ++i) kept.push(sent("x", {1, i}));
+  EXPECT_EQ(kept.capacity(), 128u);  // 64, then doubled
+  kept.release();
+  EXPECT_EQ(kept.capacity(), 128u) << "it keeps something";
+  kept.forget_while([](const kept_sends::entry& e) { return e.where.sent <= 100; });
+  EXPECT_EQ(kept.size(), 0u);
+  kept.release();
+  EXPECT_EQ(kept.capacity(), 0u);
+  kept.push(sent("y", {1, 101}));
+  EXPECT_EQ(texts(kept), (std::vector<std::string>{"y"}));
+}
+
 TEST(KeptRing, HasRoomOnlyWhereNothingWouldBeForgotten) {
   kept_sends kept{2, 8};
   EXPECT_TRUE(kept.has_room(8));
