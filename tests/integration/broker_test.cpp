@@ -661,6 +661,17 @@ TEST_P(BrokerTest, AfterItsOwnStallTheBrokerSendsAPeerNothingUntilItAnswersAProb
 // A gateway's Hello of the same link: the Welcome says how many messages
 // came after the link's Hello before (Welcome.received), which tells the
 // gateway what died in a socket it replaced (bridge::resend_lost).
+/// An Emit of `event` with `args` to `sid` in namespace "/".
+Envelope emit_envelope(const std::string& sid, const std::string& event, const std::string& args) {
+  Envelope env;
+  auto* e = env.mutable_emit();
+  e->set_sid(sid);
+  e->set_nsp("/");
+  e->set_event(event);
+  e->set_args(args);
+  return env;
+}
+
 Envelope numbered_hello(proto::Role role, const std::string& id, std::uint64_t connection, std::uint64_t number) {
   Envelope env;
   auto* h = env.mutable_hello();
@@ -822,15 +833,7 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
   start();
   peer w{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
   ASSERT_TRUE(w.hello({{"raw", 1}}));
-  auto emit = [&](int i) {
-    Envelope env;
-    auto* e = env.mutable_emit();
-    e->set_sid("g1.s");
-    e->set_nsp("/");
-    e->set_event("e");
-    e->set_args("[" + std::to_string(i) + "]");
-    w.send(env);
-  };
+  auto emit = [&](int i) { w.send(emit_envelope("g1.s", "e", "[" + std::to_string(i) + "]")); };
   auto old_socket = std::make_unique<peer>(ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY);
   old_socket->send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 1));
   auto first = old_socket->next(Envelope::kWelcome, 3s);
@@ -968,13 +971,8 @@ TEST_P(BrokerTest, APeerWithoutAConnectionForAMomentGetsWhatCameMeanwhile) {
   std::this_thread::sleep_for(200ms);
 
   auto emit_to = [&](const std::string& sid, const std::string& event) {
-    Envelope env;
-    auto* e = env.mutable_emit();
-    e->set_sid(sid);
-    e->set_nsp("/");
-    e->set_event(event);
-    e->set_args("[]");
-    e->set_ref(event);
+    auto env = emit_envelope(sid, event, "[]");
+    env.mutable_emit()->set_ref(event);
     worker_peer.send(env);
   };
   emit_to("gwP.s1", "progress");
@@ -2219,15 +2217,7 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
     w->set_received(received);
     rig.to_bridge(env);
   };
-  auto notice = [&](int n) {
-    Envelope env;
-    auto* e = env.mutable_emit();
-    e->set_sid("gwOther.s1");
-    e->set_nsp("/");
-    e->set_event("n");
-    e->set_args("[" + std::to_string(n) + "]");
-    return env;
-  };
+  auto notice = [&](int n) { return emit_envelope("gwOther.s1", "n", "[" + std::to_string(n) + "]"); };
 
   auto first = rig.next_from_bridge(Envelope::kHello);
   ASSERT_TRUE(first);
@@ -2344,15 +2334,7 @@ TEST_P(BridgeDelivery, EmitsAndTheReplyKeepTheBrokersOrder) {
   // any handler's throw ends io_context::run): only a delivery made at once
   // on the bridge's own thread is the bridge's to catch.
   if (shared) rig.sink->throw_on_tag = 2;
-  auto emit = [&](const std::string& event) {
-    Envelope env;
-    auto* e = env.mutable_emit();
-    e->set_sid(sid);
-    e->set_nsp("/");
-    e->set_event(event);
-    e->set_args("[1]");
-    rig.to_bridge(env);
-  };
+  auto emit = [&](const std::string& event) { rig.to_bridge(emit_envelope(sid, event, "[1]")); };
   // Each request: two progress events, the reply, one event after it.
   auto serve_one = [&](std::uint64_t tag) {
     ASSERT_TRUE(rig.ask(tag, 30s));
