@@ -39,106 +39,52 @@ outcome outcome_of(proto::Code code) {
 
 struct broker::metrics {
   explicit metrics(prometheus::Registry& r)
-      : received{prometheus::BuildCounter()
-                     .Name("sidecast_broker_messages_received_total")
-                     .Help("Messages received on the ROUTER socket, by kind")
-                     .Register(r)},
-        requests{prometheus::BuildCounter()
-                     .Name("sidecast_broker_requests_total")
-                     .Help("Requests by service and outcome")
-                     .Register(r)},
-        dropped{prometheus::BuildCounter()
-                    .Name("sidecast_broker_dropped_total")
-                    .Help("Messages dropped, by reason")
-                    .Register(r)},
-        reports{prometheus::BuildCounter()
-                    .Name("sidecast_broker_delivery_reports_total")
-                    .Help("Delivery reports the broker produced, by status")
-                    .Register(r)},
-        owed_disconnects{prometheus::BuildCounter()
-                             .Name("sidecast_broker_owed_disconnects_total")
-                             .Help("DISCONNECTs sent to a worker whose connect hook accepted after its CONNECT ended")
-                             .Register(r)
-                             .Add({})},
-        reconnects{prometheus::BuildCounter()
-                       .Name("sidecast_broker_peer_reconnects_total")
-                       .Help("Hellos from a live peer on a new socket (it heard nothing from the broker for its "
-                             "liveness): it keeps what it held; a worker gets its jobs again")
-                       .Register(r)
-                       .Add({})},
-        parked{prometheus::BuildGauge()
-                   .Name("sidecast_broker_parked_messages")
-                   .Help("Answers and events kept for live peers whose connection is gone for the moment "
-                         "(bounded by --max-parked)")
-                   .Register(r)
-                   .Add({})},
-        unparked{prometheus::BuildCounter()
-                     .Name("sidecast_broker_parked_total")
-                     .Help("Messages kept for a peer without a connection, by outcome: delivered when it came "
-                           "back, or reported undelivered")
-                     .Register(r)},
-        probes{prometheus::BuildCounter()
-                   .Name("sidecast_broker_probes_total")
-                   .Help("Peers probed after a stall of the broker's thread, by how they showed their connection: "
-                         "answered the probe, said Hello, or neither within their liveness (sent to as before)")
-                   .Register(r)},
-        read_reports{prometheus::BuildCounter()
-                         .Name("sidecast_broker_read_reports_total")
-                         .Help("Peers back on a new socket, by whether they said what they read of what the broker "
-                               "sent before (read) or not within their liveness (unanswered); what they get waits "
-                               "until then")
-                         .Register(r)},
-        sent_again{prometheus::BuildCounter()
-                       .Name("sidecast_broker_sent_again_total")
-                       .Help("Messages sent again to a peer whose read report said they died in a socket it "
-                             "replaced")
-                       .Register(r)
-                       .Add({})},
-        kept_sent_bytes{prometheus::BuildGauge()
-                            .Name("sidecast_broker_kept_sent_bytes")
-                            .Help("Bytes of the messages sent to peers in their last heartbeat interval, kept to be "
-                                  "sent again (bounded per peer by --kept-sent, --kept-sent-bytes)")
-                            .Register(r)
-                            .Add({})},
-        stalls{prometheus::BuildCounter()
-                   .Name("sidecast_broker_stalls_total")
-                   .Help("Heartbeat ticks more than an interval late (the broker's thread did not run): the time "
-                         "away was not counted against the peers")
-                   .Register(r)
-                   .Add({})},
-        events{prometheus::BuildCounter()
-                   .Name("sidecast_broker_events_total")
-                   .Help("Room and broadcast events forwarded from XSUB to XPUB")
-                   .Register(r)
-                   .Add({})},
-        queue_depth{prometheus::BuildGauge()
-                        .Name("sidecast_broker_queue_depth")
-                        .Help("Requests waiting for a worker, by service")
-                        .Register(r)},
-        workers{prometheus::BuildGauge()
-                    .Name("sidecast_broker_workers")
-                    .Help("Live workers that take new requests, by service")
-                    .Register(r)},
-        draining{prometheus::BuildGauge()
-                     .Name("sidecast_broker_draining_workers")
-                     .Help("Live workers that are stopping (Drain): they finish what they hold, take nothing new")
-                     .Register(r)},
-        peers{prometheus::BuildGauge().Name("sidecast_broker_peers").Help("Live peers, by role").Register(r)},
-        in_flight{prometheus::BuildGauge()
-                      .Name("sidecast_broker_in_flight")
-                      .Help("Requests held by workers")
-                      .Register(r)
-                      .Add({})},
-        dispatch_latency{prometheus::BuildHistogram()
-                             .Name("sidecast_broker_dispatch_seconds")
-                             .Help("Time from a request's arrival to its dispatch to a worker")
-                             .Register(r)
-                             .Add({}, core::latency_buckets())},
-        request_latency{prometheus::BuildHistogram()
-                            .Name("sidecast_broker_request_seconds")
-                            .Help("Time from a request's arrival to its worker's reply")
-                            .Register(r)
-                            .Add({}, core::latency_buckets())} {}
+      : received{core::counters(r, "sidecast_broker_messages_received_total",
+                                "Messages received on the ROUTER socket, by kind")},
+        requests{core::counters(r, "sidecast_broker_requests_total", "Requests by service and outcome")},
+        dropped{core::counters(r, "sidecast_broker_dropped_total", "Messages dropped, by reason")},
+        reports{core::counters(r, "sidecast_broker_delivery_reports_total",
+                               "Delivery reports the broker produced, by status")},
+        owed_disconnects{
+            core::counter(r, "sidecast_broker_owed_disconnects_total",
+                          "DISCONNECTs sent to a worker whose connect hook accepted after its CONNECT ended")},
+        reconnects{core::counter(r, "sidecast_broker_peer_reconnects_total",
+                                 "Hellos from a live peer on a new socket (it heard nothing from the broker for its "
+                                 "liveness): it keeps what it held; a worker gets its jobs again")},
+        parked{core::gauge(r, "sidecast_broker_parked_messages",
+                           "Answers and events kept for live peers whose connection is gone for the moment (bounded by "
+                           "--max-parked)")},
+        unparked{core::counters(r, "sidecast_broker_parked_total",
+                                "Messages kept for a peer without a connection, by outcome: delivered when it came "
+                                "back, or reported undelivered")},
+        probes{core::counters(r, "sidecast_broker_probes_total",
+                              "Peers probed after a stall of the broker's thread, by how they showed their connection: "
+                              "answered the probe, said Hello, or neither within their liveness (sent to as before)")},
+        read_reports{
+            core::counters(r, "sidecast_broker_read_reports_total",
+                           "Peers back on a new socket, by whether they said what they read of what the broker sent "
+                           "before (read) or not within their liveness (unanswered); what they get waits until then")},
+        sent_again{
+            core::counter(r, "sidecast_broker_sent_again_total",
+                          "Messages sent again to a peer whose read report said they died in a socket it replaced")},
+        kept_sent_bytes{core::gauge(r, "sidecast_broker_kept_sent_bytes",
+                                    "Bytes of the messages sent to peers in their last heartbeat interval, kept to be "
+                                    "sent again (bounded per peer by --kept-sent, --kept-sent-bytes)")},
+        stalls{core::counter(r, "sidecast_broker_stalls_total",
+                             "Heartbeat ticks more than an interval late (the broker's thread did not run): the time "
+                             "away was not counted against the peers")},
+        events{
+            core::counter(r, "sidecast_broker_events_total", "Room and broadcast events forwarded from XSUB to XPUB")},
+        queue_depth{core::gauges(r, "sidecast_broker_queue_depth", "Requests waiting for a worker, by service")},
+        workers{core::gauges(r, "sidecast_broker_workers", "Live workers that take new requests, by service")},
+        draining{core::gauges(r, "sidecast_broker_draining_workers",
+                              "Live workers that are stopping (Drain): they finish what they hold, take nothing new")},
+        peers{core::gauges(r, "sidecast_broker_peers", "Live peers, by role")},
+        in_flight{core::gauge(r, "sidecast_broker_in_flight", "Requests held by workers")},
+        dispatch_latency{core::latency_histogram(r, "sidecast_broker_dispatch_seconds",
+                                                 "Time from a request's arrival to its dispatch to a worker")},
+        request_latency{core::latency_histogram(r, "sidecast_broker_request_seconds",
+                                                "Time from a request's arrival to its worker's reply")} {}
 
   // Hot path: one hash lookup of the service name, no label maps.
   prometheus::Counter& count(const std::string& service, outcome what) {

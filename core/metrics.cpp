@@ -10,9 +10,29 @@ std::string serialize(const prometheus::Registry& registry) {
   return prometheus::TextSerializer{}.Serialize(registry.Collect());
 }
 
+prometheus::Family<prometheus::Counter>& counters(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r);
+}
+
+prometheus::Family<prometheus::Gauge>& gauges(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildGauge().Name(name).Help(help).Register(r);
+}
+
+prometheus::Counter& counter(prometheus::Registry& r, const char* name, const char* help) {
+  return counters(r, name, help).Add({});
+}
+
+prometheus::Gauge& gauge(prometheus::Registry& r, const char* name, const char* help) {
+  return gauges(r, name, help).Add({});
+}
+
 prometheus::Histogram::BucketBoundaries latency_buckets() {
   return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
           0.025,   0.05,   0.1,     0.25,   0.5,   1.0,    2.5,    10.0};
+}
+
+prometheus::Histogram& latency_histogram(prometheus::Registry& r, const char* name, const char* help) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(r).Add({}, latency_buckets());
 }
 
 batched_histogram::batched_histogram(prometheus::Histogram& target) : target_{target} {

@@ -17,8 +17,17 @@ using registry_ptr = std::shared_ptr<prometheus::Registry>;
 /// The registry in Prometheus text exposition format.
 std::string serialize(const prometheus::Registry& registry);
 
+/// A counter or gauge family registered in `r` under `name`, its series
+/// added by label values; or its one series without labels.
+prometheus::Family<prometheus::Counter>& counters(prometheus::Registry& r, const char* name, const char* help);
+prometheus::Family<prometheus::Gauge>& gauges(prometheus::Registry& r, const char* name, const char* help);
+prometheus::Counter& counter(prometheus::Registry& r, const char* name, const char* help);
+prometheus::Gauge& gauge(prometheus::Registry& r, const char* name, const char* help);
+
 /// Latency buckets in seconds from 50 µs to 10 s.
 prometheus::Histogram::BucketBoundaries latency_buckets();
+/// A histogram of seconds over latency_buckets(), without labels.
+prometheus::Histogram& latency_histogram(prometheus::Registry& r, const char* name, const char* help);
 
 /// A histogram for one thread's hot path: observe() only bumps plain
 /// counters; flush() (at most a few times a second) hands them to the shared

@@ -7,8 +7,9 @@
 #include <stdexcept>
 
 #include <boost/json.hpp>
-#include <prometheus/counter.h>
 #include <spdlog/spdlog.h>
+
+#include "core/metrics.hpp"
 
 namespace sidecast::workers {
 namespace json = boost::json;
@@ -140,11 +141,8 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
   auto db = std::make_shared<database>(options.database);
   prometheus::Counter* pruned = nullptr;  // owned by `metrics`, which the lambdas keep
   if (metrics)
-    pruned = &prometheus::BuildCounter()
-                  .Name("sidecast_chat_messages_pruned_total")
-                  .Help("Chat messages deleted to keep --chat-keep per room and --chat-keep-total in all")
-                  .Register(*metrics)
-                  .Add({});
+    pruned = &core::counter(*metrics, "sidecast_chat_messages_pruned_total",
+                            "Chat messages deleted to keep --chat-keep per room and --chat-keep-total in all");
   auto history = options.history;
   auto keep_per_room = static_cast<std::int64_t>(options.keep_per_room);
   auto keep_total = options.keep_total;

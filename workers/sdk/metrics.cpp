@@ -1,21 +1,15 @@
 #include "workers/sdk/metrics.hpp"
 
+#include "core/metrics.hpp"
+
 namespace sidecast {
 namespace {
 
-prometheus::Counter& counter(prometheus::Registry& r, const char* name, const char* help) {
-  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
-}
-
-prometheus::Gauge& gauge(prometheus::Registry& r, const char* name, const char* help) {
-  return prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
-}
+using core::counter;
+using core::gauge;
 
 prometheus::Counter& dropped(prometheus::Registry& r, const char* reason) {
-  return prometheus::BuildCounter()
-      .Name("sidecast_worker_dropped_total")
-      .Help("Messages the worker dropped or refused, by reason")
-      .Register(r)
+  return core::counters(r, "sidecast_worker_dropped_total", "Messages the worker dropped or refused, by reason")
       .Add({{"reason", reason}});
 }
 
