@@ -618,9 +618,9 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     // under the same id): whatever it held goes elsewhere.
     remove_peer(routing_id);
   }
-  peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
-                            hello.incarnation(), hello.connection(), hello.hello()};
-  peers_[routing_id].kept = core::kept_ring<sent_at>{config_.kept_sent, config_.kept_sent_bytes};
+  auto& added = peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
+                                          hello.incarnation(), hello.connection(), hello.hello()};
+  added.kept = core::kept_ring<sent_at>{config_.kept_sent, config_.kept_sent_bytes};
   if (hello.role() == proto::ROLE_WORKER) {
     // The services the table knows first: once this worker serves them, a
     // new one of its own cannot take their place (make_room takes only

@@ -287,30 +287,23 @@ void bridge::send_owed(const Envelope& env) {
   post([this, message = core::message_of(env)]() mutable { send_notice(std::move(message)); }, true);
 }
 
-bool bridge::send_notice(zmq::message_t&& message) {
+bool bridge::send_notice(zmq::message_t&& message, bool may_hold) {
   // Held in notices_, where a notice held must not be forgotten: room is
   // made by forgetting the oldest sent ones. When only held ones are left
   // (--kept-notices of them, or --kept-notice-bytes), or with --kept-notices
   // 0, it goes at once, kept nowhere, ahead of those held.
-  if (holding() && !notices_.make_room(message.size(), [](const sent_message& e) { return !e.where.is_held(); }))
+  if (may_hold && holding() &&
+      !notices_.make_room(message.size(), [](const sent_message& e) { return !e.where.is_held(); }))
     return link_->send_message(std::move(message)) || link_full();
   sent_message out;
-  if (!hold(message, out) && !(link_->send_message(std::move(message), out) || link_full())) return false;
+  if (!send_kept(std::move(message), out, may_hold)) return false;
   notices_.push(std::move(out));  // keeps nothing when --kept-notices is 0
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
   return true;
 }
 
-bool bridge::send_notice_now(zmq::message_t&& message) {
-  sent_message out;
-  if (!(link_->send_message(std::move(message), out) || link_full())) return false;
-  notices_.push(std::move(out));
-  metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
-  return true;
-}
-
-bool bridge::send_kept(zmq::message_t&& message, sent_message& out) {
-  return hold(message, out) || link_->send_message(std::move(message), out) || link_full();
+bool bridge::send_kept(zmq::message_t&& message, sent_message& out, bool may_hold) {
+  return (may_hold && hold(message, out)) || link_->send_message(std::move(message), out) || link_full();
 }
 
 // A Welcome the link has read and resend_lost() has not acted on yet counts
@@ -782,14 +775,14 @@ void bridge::resend_lost() {
   for (auto& l : lost) {
     const bool held = l.at.is_held();
     if (l.what == kind::notice) {
-      if (send_notice_now(std::move(l.message)) && !held) metrics_.notices_resent.Increment();
+      if (send_notice(std::move(l.message), false) && !held) metrics_.notices_resent.Increment();
       continue;
     }
     auto& out = l.what == kind::forward ? forwards_.find(l.seq)->second.out : pending_.find(l.seq)->second.out;
     zmq::message_t message;
     if (held) message = std::move(out.message);  // the only copy: it went nowhere
     else message.copy(out.message);
-    if (link_->send_message(std::move(message), out) || link_full()) {
+    if (send_kept(std::move(message), out, false)) {
       if (!held) metrics_.resent.Increment();
       continue;
     }

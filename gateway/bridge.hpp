@@ -242,13 +242,12 @@ class bridge {
   /// took `message` so.
   bool holding() const;
   bool hold(zmq::message_t& message, sent_message& out);
-  /// Sends `message` (or holds it), keeping a copy and where it went in `out`.
-  bool send_kept(zmq::message_t&& message, sent_message& out);
+  /// Sends `message` (or, `may_hold`, holds it), keeping a copy and where
+  /// it went in `out`. What resend_lost() sends is never held.
+  bool send_kept(zmq::message_t&& message, sent_message& out, bool may_hold = true);
   /// Sends a message nobody answers (or holds it), kept (notices_) to send
   /// again too.
-  bool send_notice(zmq::message_t&& message);
-  /// The same, never held: what resend_lost() sends.
-  bool send_notice_now(zmq::message_t&& message);
+  bool send_notice(zmq::message_t&& message, bool may_hold = true);
   /// Stopping: what is held goes as it is, in its order.
   void send_held();
 

@@ -104,10 +104,10 @@ class PeerLink:
     @property
     def holding(self):
         """True from when the link replaces a socket a broker had welcomed
-        until the broker welcomes the new one. What died in the old socket is known only then
-        (``received_by_broker``) and goes again first: an application that
-        wants its messages to arrive in the order it sent them holds them
-        back meanwhile, and sends them after those."""
+        until the broker welcomes the new one. What died in the old socket
+        is known only then (``received_by_broker``) and goes again first: an
+        application that wants its messages to arrive in the order it sent
+        them holds them back meanwhile, and sends them after those."""
         return self._replaced_since_welcome
 
     def close(self, linger=0):
