@@ -1225,12 +1225,18 @@ void broker::tick(clock::time_point now) {
     remove_peer(routing_id);
   }
   if (!dead.empty()) dispatch(now);
+  // Each says how much of what the peer sent since its Hello we read: it
+  // forgets what it kept of that (core::forget_read()).
   Envelope hb;
-  hb.mutable_heartbeat();
-  auto bytes = proto::encode(hb);
+  auto& beat = *hb.mutable_heartbeat();
   std::size_t counts[4] = {};
   for (const auto& [routing_id, p] : peers_) {
-    send(routing_id, bytes);
+    beat.clear_broker_read();  // a link that does not number its Hellos gets none
+    if (p.hello != 0) {
+      beat.mutable_broker_read()->set_hello(p.hello);
+      beat.mutable_broker_read()->set_count(p.received);
+    }
+    send(routing_id, core::message_of(hb));
     ++counts[std::min<std::size_t>(static_cast<std::size_t>(p.role), 3)];
   }
   for (auto role : {proto::ROLE_GATEWAY, proto::ROLE_WORKER, proto::ROLE_CLIENT}) {

@@ -9,8 +9,9 @@
 // is allocated. Not thread-safe.
 //
 // Below it: where a message went on a link (link_position), what a broker's
-// Welcome says it read (broker_received), and take_lost(), which picks out
-// the kept messages that died.
+// Welcome says it read (broker_received), take_lost(), which picks out the
+// kept messages that died, and forget_read(), which lets go of those a
+// broker's heartbeat says it read.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -154,6 +155,17 @@ void take_lost(kept_sends& kept, const broker_received& received, bool held_too,
     else if (e.where.epoch >= received.current) unknown.push_back(std::move(e));
   });
   for (auto& e : unknown) kept.push(std::move(e));
+}
+
+/// After a heartbeat said what the broker read (peer_link::read_by_broker()):
+/// forgets the oldest kept messages among those, which can no longer die in
+/// a socket the link replaces. Only those sent after that Hello: one sent
+/// before it may be named lost by the Welcome that answered it, if the
+/// application has not acted on that Welcome yet (take_lost() settles
+/// those, and then these go at the next call).
+inline void forget_read(kept_sends& kept, const link_position& read) {
+  kept.forget_while(
+      [&](const kept_sends::entry& e) { return e.where.epoch == read.epoch && e.where.sent <= read.sent; });
 }
 
 }  // namespace sidecast::core

@@ -138,10 +138,13 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
       continue;
     }
     switch (env.kind_case()) {
-      case proto::Envelope::kHeartbeat:
+      case proto::Envelope::kHeartbeat: {
         // The broker stalled and asks which connection we are on: this one.
         if (env.heartbeat().probe() != 0) send(env);
+        const auto& read = env.heartbeat().broker_read();
+        read_by_broker_ = std::max(read_by_broker_, link_position{read.hello(), read.count()});
         continue;
+      }
       case proto::Envelope::kWelcome: {
         const auto& w = env.welcome();
         if (w.heartbeat_interval_ms() > 0) interval_ = std::chrono::milliseconds(w.heartbeat_interval_ms());

@@ -141,6 +141,11 @@ class peer_link {
   /// with each such Welcome.
   using broker_received = core::broker_received;
   const broker_received& received_by_broker() const { return received_by_broker_; }
+  /// What the broker's heartbeats last said it read of what this link
+  /// sent: up to the `sent`th message after Hello number `epoch`
+  /// (Heartbeat.broker_read; only goes up). What an application keeps of
+  /// those can no longer die in a socket the link replaces (forget_read()).
+  link_position read_by_broker() const { return read_by_broker_; }
   const peer_link_stats& stats() const { return stats_; }
   const peer_link_options& options() const { return options_; }
 
@@ -174,6 +179,7 @@ class peer_link {
   std::uint64_t read_tail_ = 0;
   bool replaced_since_welcome_ = false;
   broker_received received_by_broker_;
+  link_position read_by_broker_;
   std::chrono::milliseconds interval_;
   unsigned liveness_;
   clock::time_point broker_expiry_;

@@ -443,6 +443,7 @@ void bridge::pump() {
   });
   if (link_->broker_restarts() != broker_restarts_) fail_lost_to_restart();
   if (link_->received_by_broker().count != broker_received_ || (held_ > 0 && !link_->holding())) resend_lost();
+  if (link_->read_by_broker() != broker_read_) forget_read();
   more = drain(sub_watch_, [this] {
     zmq::message_t topic, body;
     if (!sub_->recv(topic, zmq::recv_flags::dontwait)) return false;
@@ -766,7 +767,7 @@ void bridge::resend_lost() {
   core::take_lost(notices_, received, release, [&](sent_message&& n) {
     lost.push_back({n.where, kind::notice, 0, std::move(n.message)});
   });
-  metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
+  forget_read();  // what waited behind those the Welcome settled
   if (lost.empty()) return;
   std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) { return a.at < b.at; });
   if (auto died = std::count_if(lost.begin(), lost.end(), [](const auto& l) { return !l.at.is_held(); }))
@@ -799,6 +800,12 @@ void bridge::resend_lost() {
     }
   }
   link_watch_.dirty = true;
+}
+
+void bridge::forget_read() {
+  broker_read_ = link_->read_by_broker();
+  core::forget_read(notices_, broker_read_);
+  metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
 }
 
 void bridge::send_held() {

@@ -236,6 +236,9 @@ class bridge {
   /// Sends again what died in a socket the link replaced, then what was
   /// held (hold()) once the link no longer holds.
   void resend_lost();
+  /// A broker heartbeat said what it read: the kept one-way messages among
+  /// it are forgotten (core::forget_read()).
+  void forget_read();
   /// While the link waits for the Welcome of a new socket, and until what
   /// died in the old one goes again (resend_lost()), messages wait instead
   /// of going: in `out`, as held(n), up to --hwm of them. True when it
@@ -274,6 +277,7 @@ class bridge {
   bool pump_posted_ = false;
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
+  core::link_position broker_read_;    // the link's read_by_broker(), as last acted on
   std::uint64_t held_ = 0;  // messages held since resend_lost() last sent them (hold())
   core::kept_sends notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)
   watch link_watch_, sub_watch_;

@@ -110,7 +110,8 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->check(at_least_one);
   app.add_option("--kept-notices", c.kept_notices,
                  "Messages the gateway sent the broker that nobody answers (DISCONNECT notices, events without an "
-                 "ack, acks, publishes) kept, to send again those that die in a socket it replaces; 0: none kept")
+                 "ack, acks, publishes) kept until the broker says it read them, to send again those that die in a "
+                 "socket it replaces; 0: none kept")
       ->capture_default_str();
   app.add_option("--kept-notice-bytes", c.kept_notice_bytes, "... and their bytes at most")->capture_default_str();
   app.add_option("--hwm", c.hwm, "High-water mark of the broker link (each way) and the events socket, messages")

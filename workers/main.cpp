@@ -48,8 +48,8 @@ int main(int argc, char** argv) {
   app.add_option("--kept-reply-bytes", options.kept_reply_bytes, "Bytes those kept answers may hold")
       ->capture_default_str();
   app.add_option("--kept-notices", options.kept_notices,
-                 "One-way messages (emits to a sid, joins, leaves) kept after they are sent, so that those that die "
-                 "in a socket the worker replaces are sent again (0: none)")
+                 "One-way messages (emits to a sid, joins, leaves) kept after they are sent until the broker says it "
+                 "read them, so that those that die in a socket the worker replaces are sent again (0: none)")
       ->capture_default_str();
   app.add_option("--kept-notice-bytes", options.kept_notice_bytes, "Bytes those kept messages may hold")
       ->capture_default_str();

@@ -744,6 +744,35 @@ TEST_P(BrokerTest, AWelcomeOnANewSocketSaysWhatTheReplacedOneLost) {
 // broker had not read died there; the Welcome on the new socket says how
 // much the broker read, and the worker sends the rest again (its kept
 // one-way messages, worker_options::kept_notices): every emit arrives, once.
+// The broker's heartbeats say how much of what the worker sent it read: the
+// worker forgets the one-way messages it kept among those. Without it they
+// stay until a Welcome on a new socket (up to kept_notices of them). The
+// broker is held (well within the worker's liveness) while the worker
+// emits, so that they are kept first.
+TEST_P(BrokerTest, AWorkerForgetsTheOneWayMessagesTheBrokerSaysItRead) {
+  if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
+  heartbeat_ = 1s;
+  start();
+  auto o = options_for("wF");
+  o.broker = "inproc://router";  // a socket of its own, on a thread of its own: it runs while the broker is held
+  auto w = std::make_unique<worker>(o, &ctx_);
+  w->add(workers::echo_service(1));
+  w->start();
+  ASSERT_TRUE(eventually([&] { return w->connected(); }));
+  bool kept = false;
+  for (int round = 0; round < 2; ++round) {
+    pause_io([&] {
+      for (int i = 0; i < 20; ++i) EXPECT_TRUE(w->emit_to_sid("/", "gone." + std::to_string(i), "e", "[]"));
+      kept = eventually([&] { return w->stats().kept_notice_bytes > 0; }, 2s);
+    });
+    ASSERT_TRUE(kept) << "the emits were not kept";
+    EXPECT_TRUE(eventually([&] { return w->stats().kept_notice_bytes == 0; }, 5s))
+        << w->stats().kept_notice_bytes << " bytes still kept";
+  }
+  EXPECT_EQ(w->stats().reconnects, 0u);
+  w->stop();
+}
+
 TEST_P(BrokerTest, AWorkerSendsAgainTheEmitsItsReplacedSocketLost) {
   if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
   heartbeat_ = 300ms;
@@ -2271,6 +2300,55 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
   EXPECT_EQ(rig.metrics.resent.Value(), 1);  // what waited is not counted as sent again
   EXPECT_EQ(rig.metrics.notices_resent.Value(), 1);
   EXPECT_EQ(rig.metrics.held.Value(), 0);
+}
+
+// The broker's heartbeats say how much of what the gateway sent since its
+// Hello it read: the one-way messages kept among that are forgotten (they
+// can no longer die in a socket the link replaces), the rest stay. Without
+// it the ring stays full of ones the broker read long ago.
+TEST(GatewayLink, TheOneWayMessagesTheBrokerSaysItReadAreForgotten) {
+  bridge_rig rig{"gwF"};
+  auto hello = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(hello);
+  Envelope welcome;
+  welcome.mutable_welcome()->set_incarnation(7);
+  welcome.mutable_welcome()->set_hello(hello->hello().hello());
+  rig.to_bridge(welcome);
+  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  auto heartbeat = [&](std::uint64_t hello_number, std::uint64_t count) {
+    Envelope beat;
+    beat.mutable_heartbeat()->mutable_broker_read()->set_hello(hello_number);
+    beat.mutable_heartbeat()->mutable_broker_read()->set_count(count);
+    rig.to_bridge(beat);
+  };
+  // Read the link's messages up to each notice: where each went after the Hello.
+  std::vector<std::uint64_t> at;
+  double one = 0;
+  for (int n = 0; n < 3; ++n) {
+    ASSERT_TRUE(rig.bridge->send(emit_envelope("gwOther.s1", "n", "[" + std::to_string(n) + "]")));
+    for (std::uint64_t read = at.empty() ? 0 : at.back();;) {
+      auto env = rig.from_bridge();
+      if (!env) {
+        std::this_thread::sleep_for(1ms);
+        continue;
+      }
+      ++read;
+      if (env->has_emit()) {
+        at.push_back(read);
+        break;
+      }
+    }
+    if (n == 0) one = rig.metrics.kept_notice_bytes.Value();
+  }
+  ASSERT_GT(one, 0) << "the notice was not kept";
+  ASSERT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() == 3 * one; }));
+
+  heartbeat(hello->hello().hello() - 1, 100);  // about a Hello before: says nothing of these
+  heartbeat(hello->hello().hello(), at[1]);
+  EXPECT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() == one; }))
+      << rig.metrics.kept_notice_bytes.Value() << " bytes kept, the last notice's " << one;
+  heartbeat(hello->hello().hello(), at[2]);
+  EXPECT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() == 0; }));
 }
 
 // The bridge's own deadlines (the broker silent): each request gets its

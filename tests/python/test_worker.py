@@ -735,6 +735,55 @@ class ResendLostTest(FakeBrokerTest):
         self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "those sent again are kept again")
 
 
+class ForgetReadTest(FakeBrokerTest):
+    """The broker's heartbeats say how much of what the link sent after its
+    Hello it read (Heartbeat.broker_read): the worker forgets the one-way
+    messages it kept among those, and keeps the rest. Without it they stay
+    until a Welcome on a new socket."""
+
+    def service(self):
+        svc = Service("svc", capacity=1)
+
+        @svc.on("work")
+        def work(req):
+            for i in range(5):
+                req.emit("n", i)
+            return "done"
+
+        return svc
+
+    def heartbeat(self, hello, count):
+        env = pb.Envelope()
+        env.heartbeat.broker_read.hello, env.heartbeat.broker_read.count = hello, count
+        self.broker.send(env)
+
+    def test_what_the_broker_read_is_forgotten(self):
+        self.broker.welcome(self.worker, 5000)  # no heartbeats from the fake within the test
+        env = pb.Envelope()
+        env.request.id, env.request.service, env.request.event = "c:1", "svc", "work"
+        env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
+        env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
+        self.broker.send(env)
+        number_of, after_hello = {}, 0  # as the broker counts, heartbeats too
+        while "reply" not in number_of:
+            _, data = self.broker.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            after_hello += 1
+            if env.WhichOneof("kind") == "emit":
+                number_of[args_of(env.emit)[0]] = after_hello
+            elif env.WhichOneof("kind") == "reply":
+                number_of["reply"] = after_hello
+        kept = self.worker.stats().kept_notice_bytes
+        self.assertGreater(kept, 0, "the emits were not kept")
+        self.heartbeat(0, 100)  # about no Hello of this link's: says nothing
+        self.heartbeat(1, number_of[2])
+        self.assertTrue(eventually(lambda: self.worker.stats().kept_notice_bytes == kept * 2 // 5, WAIT),
+                        self.worker.stats())
+        self.heartbeat(1, number_of[4])
+        self.assertTrue(eventually(lambda: self.worker.stats().kept_notice_bytes == 0, WAIT), self.worker.stats())
+
+
 class HoldUntilWelcomeTest(FakeBrokerTest):
     """What a worker's handlers send while its link waits for the Welcome of
     a new socket waits in the outbox: the Welcome names what died in the

@@ -117,5 +117,27 @@ TEST(KeptRing, TakeLostHandsTheLostThenTheHeldAndKeepsWhatIsNotKnownYet) {
   EXPECT_EQ(kept.bytes(), 3u);
 }
 
+// A heartbeat says the broker read 2 messages after Hello 5. Until the
+// Welcome to Hello 5 is acted on (take_lost), what was sent before Hello 5
+// stays, and so does everything behind it: that Welcome may name it lost.
+TEST(KeptRing, ForgetReadLetsGoOfWhatTheBrokerReadAfterItsHelloOnly) {
+  kept_sends kept{16, 1024};
+  kept.push(sent("before", {4, 7}));
+  kept.push(sent("read-1", {5, 1}));
+  kept.push(sent("read-2", {5, 2}));
+  kept.push(sent("unread", {5, 3}));
+  kept.push(sent("held", link_position::held(1)));
+  forget_read(kept, {5, 2});
+  EXPECT_EQ(texts(kept), (std::vector<std::string>{"before", "read-1", "read-2", "unread", "held"}));
+
+  take_lost(kept, broker_received{1, 4, 7, 5}, false, [](kept_sends::entry&&) { ADD_FAILURE() << "none died"; });
+  forget_read(kept, {5, 2});
+  EXPECT_EQ(texts(kept), (std::vector<std::string>{"unread", "held"}));
+  forget_read(kept, {5, 9});  // read past what was sent: a held message is never read
+  EXPECT_EQ(texts(kept), (std::vector<std::string>{"held"}));
+  forget_read(kept, {6, 1});  // about a later Hello: nothing sent after it is kept
+  EXPECT_EQ(texts(kept), (std::vector<std::string>{"held"}));
+}
+
 }  // namespace
 }  // namespace sidecast::core

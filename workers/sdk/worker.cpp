@@ -250,10 +250,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // The answers sent last (see worker_options::kept_replies), looked up
   // only for a job sent again, by the id in the bytes.
   core::kept_ring<> kept{options.kept_replies, options.kept_reply_bytes};
-  // The one-way messages sent last (see worker_options::kept_notices), and
-  // the link's received_by_broker().count as last acted on (resend_lost).
+  // The one-way messages sent that the broker has not said it read (see
+  // worker_options::kept_notices), and the link's received_by_broker().count
+  // and read_by_broker() as last acted on (resend_lost, forget_read).
   core::kept_sends notices{options.kept_notices, options.kept_notice_bytes};
   std::uint64_t received_seen = 0;
+  core::link_position read_seen;
   bool holding = false;  // what the handlers queue waits for the link's Welcome (see send_in_order)
   std::vector<outgoing> held_out;  // ... here
   static constexpr std::size_t max_spare_fields = 1024;
@@ -670,6 +672,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     if (io_queued || holding || link.received_by_broker().count != received_seen)
       unasked = send_in_order() || unasked;
+    if (link.read_by_broker() != read_seen) forget_read();
     if (now >= link.next_tick()) {
       link.tick(now);
       unasked = true;
@@ -767,7 +770,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     received_seen = received.count;
     std::vector<core::kept_sends::entry> lost;
     core::take_lost(notices, received, false, [&](core::kept_sends::entry&& e) { lost.push_back(std::move(e)); });
-    kept_notice_bytes.store(notices.bytes(), std::memory_order_relaxed);
+    forget_read();  // what waited behind those the Welcome settled
     if (lost.empty()) return false;
     if (log_limit.allow())
       spdlog::warn("worker {}: {} messages died in the socket to the broker it replaced; sending them again",
@@ -775,6 +778,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& e : lost)
       if (send_notice(std::move(e.message))) ++n_notices_resent;
     return true;
+  }
+
+  // A broker heartbeat said what it read: the kept one-way messages among it
+  // can no longer die in a socket the link replaces (core::forget_read()).
+  void forget_read() {
+    read_seen = io->link.read_by_broker();
+    core::forget_read(notices, read_seen);
+    kept_notice_bytes.store(notices.bytes(), std::memory_order_relaxed);
   }
 
   // A turn of the I/O loop: its spare blocks serve the requests it makes,

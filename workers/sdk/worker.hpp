@@ -53,9 +53,10 @@ struct worker_options {
   std::size_t kept_replies = 1024;
   std::size_t kept_reply_bytes = 4 << 20;
   // One-way messages kept after they are sent (emits to a sid, joins,
-  // leaves, disconnects), at most this many and bytes (0: none): those that
-  // died in a socket the worker replaced go again once the broker's Welcome
-  // says what it read (docs/protocol.md, "What a replaced socket held").
+  // leaves, disconnects) until a broker heartbeat says it read them, at
+  // most this many and bytes (0: none): those that died in a socket the
+  // worker replaced go again once the broker's Welcome says what it read
+  // (docs/protocol.md, "What a replaced socket held").
   std::size_t kept_notices = 16384;
   std::size_t kept_notice_bytes = 8 << 20;
   std::string curve_secret;      // this worker's CURVE secret key (Z85); empty: no CURVE

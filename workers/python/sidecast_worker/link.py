@@ -83,6 +83,11 @@ class PeerLink:
         self.hellos = 0  # Hellos sent: what the link sends now follows Hello number `hellos`
         self.sent_since_hello = 0  # a message sent now is number sent_since_hello + 1 after it
         self.received_by_broker = BrokerReceived()
+        # What the broker's heartbeats last said it read of what this link
+        # sent: up to message number [1] after Hello number [0]
+        # (Heartbeat.broker_read; only goes up). What an application keeps
+        # of those can no longer die in a socket the link replaces.
+        self.read_by_broker = (0, 0)
         # What this link read of what the broker sent it, in the broker's
         # count (Welcome.sent): up to `_read_to` on the socket that read the
         # last Welcome, then `_read_tail` on sockets that replaced it. A
@@ -206,6 +211,8 @@ class PeerLink:
                 # The broker stalled and asks which connection we are on: this one.
                 if env.heartbeat.probe:
                     self.send(env)
+                read = env.heartbeat.broker_read
+                self.read_by_broker = max(self.read_by_broker, (read.hello, read.count))
                 continue
             if kind == "welcome":
                 w = env.welcome

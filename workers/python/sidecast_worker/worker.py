@@ -139,8 +139,9 @@ class _Core:
         self.kept = collections.deque()
         self.kept_bytes = 0
         self.kept_lock = threading.Lock()
-        # The one-way messages sent last, (Hello number, number after it,
-        # bytes), oldest first: I/O thread only (see resend_lost).
+        # The one-way messages sent that the broker has not said it read,
+        # (Hello number, number after it, bytes), oldest first: I/O thread
+        # only (see resend_lost, forget_read).
         self.kept_notices = kept_notices
         self.kept_notice_bytes = kept_notice_bytes
         self.notices = collections.deque()
@@ -441,7 +442,7 @@ class _Core:
             apply_curve(pub, *self.curve)
             if self.publish_endpoint:
                 pub.connect(self.publish_endpoint)
-            poller, polled, seen_reconnects, seen_received = None, None, 0, 0
+            poller, polled, seen_reconnects, seen_received, seen_read = None, None, 0, 0, (0, 0)
             while not self.stopping.is_set():
                 if link.socket is not polled:
                     polled = link.socket
@@ -471,6 +472,10 @@ class _Core:
                 if link.received_by_broker.count != seen_received:
                     seen_received = link.received_by_broker.count
                     self.resend_lost(link)
+                    seen_read = None  # what waited behind those the Welcome settled
+                if link.read_by_broker != seen_read:
+                    seen_read = link.read_by_broker
+                    self.forget_read(seen_read)
                 self.flush(link, pub)
                 now = time.monotonic()
                 if now >= link.next_tick():
@@ -587,6 +592,16 @@ class _Core:
         for data in lost:
             if self.send_notice(link, data):
                 self.count("notices_resent")
+
+    def forget_read(self, read):
+        """A broker heartbeat said it read up to message ``read[1]`` after
+        Hello ``read[0]``: the kept one-way messages among those can no
+        longer die in a socket the link replaces. Only those sent after that
+        Hello: one sent before it may be named lost by the Welcome that
+        answered it, until resend_lost() acted on that."""
+        hello, count = read
+        while self.notices and self.notices[0][0] == hello and self.notices[0][1] <= count:
+            self.notice_bytes -= len(self.notices.popleft()[2])
 
     def next_timer(self):
         at = float("inf")
