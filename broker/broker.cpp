@@ -67,9 +67,11 @@ struct broker::metrics {
         sent_again{
             core::counter(r, "sidecast_broker_sent_again_total",
                           "Messages sent again to a peer whose read report said they died in a socket it replaced")},
-        kept_sent_bytes{core::gauge(r, "sidecast_broker_kept_sent_bytes",
-                                    "Bytes of the messages sent to peers in their last heartbeat interval, kept to be "
-                                    "sent again (bounded per peer by --kept-sent, --kept-sent-bytes)")},
+        kept_sent_bytes{
+            core::gauge(r, "sidecast_broker_kept_sent_bytes",
+                        "Bytes of the messages sent to peers that they have not said they read (to a peer "
+                        "that does not say, in its last heartbeat interval), kept to be sent again (bounded "
+                        "per peer by --kept-sent, --kept-sent-bytes)")},
         stalls{core::counter(r, "sidecast_broker_stalls_total",
                              "Heartbeat ticks more than an interval late (the broker's thread did not run): the time "
                              "away was not counted against the peers")},
@@ -463,17 +465,20 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   if (env && (kind == Envelope::kRequest || kind == Envelope::kReply || kind == Envelope::kLifecycle))
     head = proto::head_of(*env);
   switch (kind) {
-    case Envelope::kHeartbeat:
+    case Envelope::kHeartbeat: {
+      const auto& beat = env->heartbeat();
       if (auto s = suspects_.find(routing_id); s != suspects_.end()) {
-        const auto& beat = env->heartbeat();
         if (s->second.probe == 0 && beat.has_read()) {
           send_unread(routing_id, beat.read());
           trust(routing_id, "read");
         } else if (s->second.probe != 0 && beat.probe() == s->second.probe) {
           trust(routing_id, "answered");
         }
+      } else if (beat.has_peer_read()) {
+        forget_read_sends(routing_id, beat.peer_read());
       }
       break;
+    }
     case Envelope::kRequest:
     case Envelope::kLifecycle: on_job(routing_id, head, payload, now); break;
     case Envelope::kReply: on_reply(routing_id, head, payload); break;
@@ -1189,8 +1194,23 @@ void broker::send_unread(const std::string& to, const proto::ReadReport& read) {
   }
 }
 
+// A peer that says what it read (Heartbeat.peer_read) keeps all it has not
+// read, up to --kept-sent; of one that does not (a build before it), a
+// heartbeat interval is kept.
 void broker::forget_old_sends(peer& p, clock::time_point now) {
+  if (p.reports_reads) return;
   p.kept.forget_while([&](const sent_kept& e) { return now - e.where.at > config_.heartbeat_interval; });
+}
+
+// The peer's heartbeat: it read everything we sent it up to `read_to`,
+// after our Welcome to its Hello `hello` (the socket it is on now): what we
+// kept of that can no longer die in a socket it replaces.
+void broker::forget_read_sends(const std::string& from, const proto::PeerRead& read) {
+  auto it = peers_.find(from);
+  if (it == peers_.end() || read.hello() != it->second.hello) return;  // about a socket before
+  auto& p = it->second;
+  p.reports_reads = true;
+  p.kept.forget_while([&](const sent_kept& e) { return e.where.number <= read.read_to(); });
 }
 
 void broker::forget_old_sends(clock::time_point now) {

@@ -47,9 +47,11 @@ struct broker_config {
   std::int64_t max_message_bytes = 16 << 20;  // larger: libzmq drops the peer's connection
   std::size_t batch = 1024;  // messages handled per socket per loop turn
   std::size_t max_parked = 10000;  // messages kept for registered peers without a connection (see park())
-  // What was sent to each peer over the ROUTER in its last heartbeat
-  // interval, at most this many messages and bytes per peer: sent again
-  // if they died in a socket the peer replaced (send_unread()). 0: none.
+  // What was sent to each peer over the ROUTER and it has not said it read
+  // (Heartbeat.peer_read; from a peer that does not say, what was sent in
+  // its last heartbeat interval), at most this many messages and bytes per
+  // peer: sent again if they died in a socket the peer replaced
+  // (send_unread()). 0: none.
   std::size_t kept_sent = 4096;
   std::size_t kept_sent_bytes = 1 << 20;
   std::string curve_secret;               // set: CURVE on every socket, only `curve_allow` keys admitted
@@ -116,14 +118,18 @@ class broker {
     std::uint64_t sent = 0;      // messages sent to it over the ROUTER, Welcomes not counted (Welcome.sent)
     std::uint64_t welcomed_at = 0;  // `sent` at the Welcome that waits for its Heartbeat.read
     core::kept_ring<sent_at> kept;  // the last of those (config kept_sent), see send_unread()
+    bool reports_reads = false;     // its heartbeats say what it read: kept until then (forget_read_sends())
   };
   struct metrics;
   void send_unread(const std::string& to, const proto::ReadReport& read);
-  /// Forgets what each peer was sent more than a heartbeat interval ago
-  /// (but not a suspect's: what it lost is not known yet).
+  /// Forgets what each peer that does not say what it read was sent more
+  /// than a heartbeat interval ago (but not a suspect's: what it lost is
+  /// not known yet).
   void forget_old_sends(clock::time_point now);
   /// The same for one peer, suspect or not.
   void forget_old_sends(peer& p, clock::time_point now);
+  /// What a peer's heartbeat says it read (Heartbeat.peer_read) is forgotten.
+  void forget_read_sends(const std::string& from, const proto::PeerRead& read);
 
   void open_input();
   clock::time_point before_wait();  // heartbeats; when the loop must wake at the latest

@@ -37,8 +37,9 @@ void add_options(CLI::App& app, broker_config& c) {
                  "message is reported undelivered at once")
       ->capture_default_str();
   app.add_option("--kept-sent", c.kept_sent,
-                 "Messages sent to each peer in its last heartbeat interval kept, so that those that die in a "
-                 "socket the peer replaces are sent again (0: none)")
+                 "Messages sent to each peer kept until its heartbeats say it read them (from a peer that does "
+                 "not say, those of its last heartbeat interval), so that those that die in a socket the peer "
+                 "replaces are sent again (0: none)")
       ->capture_default_str();
   app.add_option("--kept-sent-bytes", c.kept_sent_bytes, "Bytes those kept messages may hold, per peer")
       ->capture_default_str();

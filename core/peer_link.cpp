@@ -49,6 +49,7 @@ void peer_link::start() {
   welcomed_ = false;
   auto now = clock::now();
   broker_expiry_ = now + interval_ * liveness_;
+  next_heartbeat_ = now + interval_;
   send_hello();
 }
 
@@ -181,6 +182,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         }
         read_to_ = w.sent();
         read_tail_ = 0;
+        welcome_hello_ = w.hello();
         replaced_since_welcome_ = false;
         unwelcomed_from_ = 0;
         continue;
@@ -235,7 +237,6 @@ bool peer_link::send_message(zmq::message_t&& message) {
     return false;
   }
   ++sent_since_hello_;
-  next_heartbeat_ = clock::now() + interval_;
   return true;
 }
 
@@ -262,8 +263,15 @@ void peer_link::tick(clock::time_point now) {
     return;
   }
   if (now >= next_heartbeat_) {
+    // Every interval, whatever else is sent: on the socket the broker
+    // welcomed, it says what we read, and the broker forgets what it kept
+    // of that (a replaced socket's reads are told by the read report).
     proto::Envelope env;
-    env.mutable_heartbeat();
+    auto& beat = *env.mutable_heartbeat();
+    if (welcomed_ && !replaced_since_welcome_ && welcome_hello_ != 0) {
+      beat.mutable_peer_read()->set_hello(welcome_hello_);
+      beat.mutable_peer_read()->set_read_to(read_to_);
+    }
     send(env);
     next_heartbeat_ = now + interval_;
   }

@@ -177,6 +177,7 @@ class peer_link {
   // new socket's Hello is answered with both (Heartbeat.read).
   std::uint64_t read_to_ = 0;
   std::uint64_t read_tail_ = 0;
+  std::uint64_t welcome_hello_ = 0;  // the Hello the last Welcome answered; with read_to_ in each heartbeat
   bool replaced_since_welcome_ = false;
   broker_received received_by_broker_;
   link_position read_by_broker_;

@@ -105,7 +105,7 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     add_worker({workers::echo_service(1)}, "w1");
   }
 
-  enum class stall_at { never, before_hello, before_report };
+  enum class stall_at { never, before_hello, before_report, reads_slowly };
   void peer_back_on_a_new_socket(stall_at stall);
 
   worker_options options_for(std::string id, std::size_t threads = 0) const {
@@ -878,6 +878,18 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
   }
   ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "emit") == 5.0; }));
   std::this_thread::sleep_for(100ms);  // the other three are in the old socket, unread
+  if (stall == stall_at::reads_slowly) {
+    // The gateway reads no more for longer than an interval, its heartbeats
+    // saying what it read: the broker keeps the rest until it is read.
+    auto until = std::chrono::steady_clock::now() + 2 * heartbeat_ + 500ms;
+    while (std::chrono::steady_clock::now() < until) {
+      Envelope beat;
+      beat.mutable_heartbeat()->mutable_peer_read()->set_hello(1);
+      beat.mutable_heartbeat()->mutable_peer_read()->set_read_to(first->welcome().sent() + read);
+      old_socket->send(beat);
+      std::this_thread::sleep_for(300ms);
+    }
+  }
   old_socket.reset();
   peer new_socket{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
   if (stall == stall_at::before_hello) {
@@ -920,6 +932,14 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
 }
 
 TEST_P(BrokerTest, APeerBackOnANewSocketGetsAgainWhatItsOldOneLost) { peer_back_on_a_new_socket(stall_at::never); }
+
+// What the broker sent a gateway that reads slowly is kept until the
+// gateway's heartbeats say it read it, however old (up to --kept-sent):
+// kept for a heartbeat interval only, the three emits it had not read when
+// it replaced its socket would be lost.
+TEST_P(BrokerTest, APeerThatReadsSlowlyGetsAgainWhatItsOldSocketLost) {
+  peer_back_on_a_new_socket(stall_at::reads_slowly);
+}
 
 TEST_P(BrokerTest, AStallBeforeThePeersNewSocketLosesNothing) {
   if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
@@ -2491,6 +2511,64 @@ TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
   ASSERT_TRUE(got) << "the reply never came";
   EXPECT_EQ(taken.size(), 1u);
   EXPECT_EQ(env.kind_case(), Envelope::KIND_NOT_SET) << "the heartbeat read before the reply is still in the envelope";
+}
+
+// Heartbeats both ways say what was read. The link's go every interval,
+// however much else it sends, and say how far it read in the broker's count
+// (the Welcome's `sent`, then each message but a Welcome); the broker's say
+// how much of what the link sent after its Hello it read.
+TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
+  zmq::context_t ctx;
+  zmq::socket_t broker{ctx, zmq::socket_type::router};
+  broker.bind("inproc://fake-broker-reads");
+  broker.set(zmq::sockopt::rcvtimeo, 3000);
+  core::peer_link_options o;
+  o.endpoint = "inproc://fake-broker-reads";
+  o.id = "gw-r";
+  o.role = proto::ROLE_GATEWAY;
+  core::peer_link link{ctx, o};
+  zmq::message_t who, message;
+  ASSERT_TRUE(broker.recv(who));
+  ASSERT_TRUE(broker.recv(message));
+  auto hello = proto::decode(message.to_string_view());
+  ASSERT_TRUE(hello && hello->has_hello());
+  auto send = [&](const Envelope& env) {
+    broker.send(zmq::buffer(who.to_string_view()), zmq::send_flags::sndmore);
+    broker.send(core::message_of(env), zmq::send_flags::none);
+  };
+  Envelope welcome;
+  welcome.mutable_welcome()->set_incarnation(7);
+  welcome.mutable_welcome()->set_hello(hello->hello().hello());
+  welcome.mutable_welcome()->set_sent(10);
+  welcome.mutable_welcome()->set_heartbeat_interval_ms(50);
+  send(welcome);
+  Envelope beat;
+  beat.mutable_heartbeat()->mutable_broker_read()->set_hello(hello->hello().hello());
+  beat.mutable_heartbeat()->mutable_broker_read()->set_count(2);
+  send(beat);
+  for (int i = 0; i < 3; ++i) {
+    Envelope reply;
+    reply.mutable_reply()->set_id("gw-r:" + std::to_string(i));
+    send(reply);
+  }
+  std::optional<Envelope> read_report;
+  auto until = std::chrono::steady_clock::now() + 3s;
+  while (!read_report && std::chrono::steady_clock::now() < until) {
+    while (link.receive()) {
+    }
+    link.send_bytes(proto::encode(emit_envelope("gw-other.s", "e", "[]")));  // never idle
+    if (auto now = std::chrono::steady_clock::now(); now >= link.next_tick()) link.tick(now);
+    if (broker.recv(who, zmq::recv_flags::dontwait)) {
+      ASSERT_TRUE(broker.recv(message));
+      auto env = proto::decode(message.to_string_view());
+      if (env && env->has_heartbeat() && env->heartbeat().has_peer_read()) read_report = env;
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_TRUE(read_report) << "no heartbeat said what the link read";
+  EXPECT_EQ(read_report->heartbeat().peer_read().hello(), hello->hello().hello());
+  EXPECT_EQ(read_report->heartbeat().peer_read().read_to(), 10u + 4u) << "the heartbeat and three replies after 10";
+  EXPECT_EQ(link.read_by_broker(), (core::link_position{hello->hello().hello(), 2}));
 }
 
 // A broker played by the test: a ROUTER on inproc that one worker "wd"

@@ -784,6 +784,33 @@ class ForgetReadTest(FakeBrokerTest):
         self.assertTrue(eventually(lambda: self.worker.stats().kept_notice_bytes == 0, WAIT), self.worker.stats())
 
 
+class HeartbeatSaysWhatWasReadTest(FakeBrokerTest):
+    """The link's heartbeats say how far it read what the broker sent, in the
+    broker's count (Welcome.sent, then every message but a Welcome), after
+    the Welcome to which Hello (Heartbeat.peer_read): the broker forgets
+    what it kept of that."""
+
+    def service(self):
+        return Service("svc", capacity=1)
+
+    def test_the_heartbeat_says_how_far_the_link_read(self):
+        self.broker.welcome(self.worker, 200, sent=5)  # the worker's liveness: 0.6 s
+        for _ in range(2):
+            env = pb.Envelope()
+            env.heartbeat.SetInParent()
+            self.broker.send(env)
+        deadline = time.monotonic() + WAIT
+        said = []  # (hello, read_to) of each heartbeat; one may come before the two were read
+        while (not said or said[-1][1] < 5 + 2) and time.monotonic() < deadline:
+            _, data = self.broker.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            if env.WhichOneof("kind") == "heartbeat" and env.heartbeat.HasField("peer_read"):
+                said.append((env.heartbeat.peer_read.hello, env.heartbeat.peer_read.read_to))
+        self.assertTrue(said, "no heartbeat said what the link read")
+        self.assertEqual(said[-1], (1, 5 + 2))
+
+
 class HoldUntilWelcomeTest(FakeBrokerTest):
     """What a worker's handlers send while its link waits for the Welcome of
     a new socket waits in the outbox: the Welcome names what died in the

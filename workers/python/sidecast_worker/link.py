@@ -94,6 +94,7 @@ class PeerLink:
         # Welcome to a new socket's Hello is answered with both (Heartbeat.read).
         self._read_to = 0
         self._read_tail = 0
+        self._welcome_hello = 0  # the Hello the last Welcome answered; with _read_to in each heartbeat
         self._replaced_since_welcome = False
         self._welcomed_before = False  # by any broker
         # In every Hello, with the socket's number: a Hello again on the same
@@ -159,6 +160,7 @@ class PeerLink:
         self.welcomed = False
         now = time.monotonic()
         self._broker_expiry = now + self.interval * self.liveness
+        self._next_heartbeat = now + self.interval
         self._send_hello()
 
     def _send_hello(self):
@@ -241,6 +243,7 @@ class PeerLink:
                         report.heartbeat.read.tail = self._read_tail
                         self.send(report)
                 self._read_to, self._read_tail = w.sent, 0
+                self._welcome_hello = w.hello
                 self._replaced_since_welcome = False
                 continue
             if kind == "drain":
@@ -272,7 +275,6 @@ class PeerLink:
             self.send_dropped += 1
             return False
         self.sent_since_hello += 1
-        self._next_heartbeat = time.monotonic() + self.interval
         return True
 
     def tick(self, now):
@@ -293,8 +295,14 @@ class PeerLink:
             self._connect()
             return
         if now >= self._next_heartbeat:
+            # Every interval, whatever else is sent: on the socket the broker
+            # welcomed, it says what we read, and the broker forgets what it
+            # kept of that (a replaced socket's reads go in the read report).
             env = pb.Envelope()
             env.heartbeat.SetInParent()
+            if self.welcomed and not self._replaced_since_welcome and self._welcome_hello:
+                env.heartbeat.peer_read.hello = self._welcome_hello
+                env.heartbeat.peer_read.read_to = self._read_to
             self.send(env)
             self._next_heartbeat = now + self.interval
 
