@@ -159,13 +159,19 @@ void take_lost(kept_sends& kept, const broker_received& received, bool held_too,
 
 /// After a heartbeat said what the broker read (peer_link::read_by_broker()):
 /// forgets the oldest kept messages among those, which can no longer die in
-/// a socket the link replaces. Only those sent after that Hello: one sent
-/// before it may be named lost by the Welcome that answered it, if the
-/// application has not acted on that Welcome yet (take_lost() settles
-/// those, and then these go at the next call).
-inline void forget_read(kept_sends& kept, const link_position& read) {
-  kept.forget_while(
-      [&](const kept_sends::entry& e) { return e.where.epoch == read.epoch && e.where.sent <= read.sent; });
+/// a socket the link replaces, and those sent before Hello `settled_below`
+/// (peer_link::welcomed_hello(): the one the last Welcome answered, which
+/// the application has acted on), which no Welcome can name lost any more:
+/// take_lost() sent them again or let them go, or that Welcome came from a
+/// broker that never knew them (a new one, or one that had dropped the
+/// link). A message sent after the last Welcome's Hello but before the
+/// heartbeat's may still be named lost by a Welcome not acted on yet: it
+/// stays, and so does everything behind it.
+inline void forget_read(kept_sends& kept, const link_position& read, std::uint64_t settled_below) {
+  kept.forget_while([&](const kept_sends::entry& e) {
+    return (e.where.epoch < settled_below && !e.where.is_held()) ||
+           (e.where.epoch == read.epoch && e.where.sent <= read.sent);
+  });
 }
 
 }  // namespace sidecast::core

@@ -146,6 +146,10 @@ class peer_link {
   /// (Heartbeat.broker_read; only goes up). What an application keeps of
   /// those can no longer die in a socket the link replaces (forget_read()).
   link_position read_by_broker() const { return read_by_broker_; }
+  /// The number of the Hello the last Welcome answered (0: none yet). What
+  /// was sent before it is settled once the application has acted on that
+  /// Welcome (take_lost()): see forget_read().
+  std::uint64_t welcomed_hello() const { return welcome_hello_; }
   const peer_link_stats& stats() const { return stats_; }
   const peer_link_options& options() const { return options_; }
 

@@ -804,7 +804,7 @@ void bridge::resend_lost() {
 
 void bridge::forget_read() {
   broker_read_ = link_->read_by_broker();
-  core::forget_read(notices_, broker_read_);
+  core::forget_read(notices_, broker_read_, link_->welcomed_hello());
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
 }
 

@@ -880,7 +880,12 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
   std::this_thread::sleep_for(100ms);  // the other three are in the old socket, unread
   if (stall == stall_at::reads_slowly) {
     // The gateway reads no more for longer than an interval, its heartbeats
-    // saying what it read: the broker keeps the rest until it is read.
+    // saying what it read: the broker keeps the rest until it is read. One
+    // about a Hello the broker did not welcome last says nothing.
+    Envelope stale;
+    stale.mutable_heartbeat()->mutable_peer_read()->set_hello(2);
+    stale.mutable_heartbeat()->mutable_peer_read()->set_read_to(1000);
+    old_socket->send(stale);
     auto until = std::chrono::steady_clock::now() + 2 * heartbeat_ + 500ms;
     while (std::chrono::steady_clock::now() < until) {
       Envelope beat;
@@ -889,6 +894,10 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
       old_socket->send(beat);
       std::this_thread::sleep_for(300ms);
     }
+    // What it read is forgotten: three emits of the five are kept.
+    auto one = proto::encode(emit_envelope("g1.s", "e", "[0]")).size();
+    EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_kept_sent_bytes") == 3.0 * one; }))
+        << metric("sidecast_broker_kept_sent_bytes").value_or(-1) << " bytes kept, one emit " << one;
   }
   old_socket.reset();
   peer new_socket{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
@@ -2369,6 +2378,39 @@ TEST(GatewayLink, TheOneWayMessagesTheBrokerSaysItReadAreForgotten) {
       << rig.metrics.kept_notice_bytes.Value() << " bytes kept, the last notice's " << one;
   heartbeat(hello->hello().hello(), at[2]);
   EXPECT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() == 0; }));
+}
+
+// A broker that restarted welcomes the gateway's next Hello: what the old
+// one never confirmed reading no Welcome can name lost any more, and it is
+// forgotten with the new broker's first heartbeat (it would otherwise stay
+// at the head of the ring, and keep everything behind it too).
+TEST(GatewayLink, AfterABrokerRestartWhatTheOldOneNeverConfirmedIsForgotten) {
+  bridge_rig rig{"gwR"};
+  auto welcome = [&](const Envelope& hello, std::uint64_t incarnation) {
+    Envelope env;
+    env.mutable_welcome()->set_incarnation(incarnation);
+    env.mutable_welcome()->set_hello(hello.hello().hello());
+    rig.to_bridge(env);
+  };
+  auto first = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(first);
+  welcome(*first, 7);
+  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  for (int n = 0; n < 3; ++n) ASSERT_TRUE(rig.bridge->send(emit_envelope("gwOther.s1", "n", "[]")));
+  ASSERT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() > 0; }));
+  // The new broker does not know the gateway: it says so, and the link says Hello again.
+  Envelope refused;
+  refused.mutable_error()->set_code(proto::NOT_REGISTERED);
+  rig.to_bridge(refused);
+  auto second = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(second);
+  welcome(*second, 8);
+  Envelope beat;
+  beat.mutable_heartbeat()->mutable_broker_read()->set_hello(second->hello().hello());
+  beat.mutable_heartbeat()->mutable_broker_read()->set_count(0);
+  rig.to_bridge(beat);
+  EXPECT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() == 0; }))
+      << rig.metrics.kept_notice_bytes.Value() << " bytes still kept";
 }
 
 // The bridge's own deadlines (the broker silent): each request gets its

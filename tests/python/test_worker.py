@@ -783,6 +783,26 @@ class ForgetReadTest(FakeBrokerTest):
         self.heartbeat(1, number_of[4])
         self.assertTrue(eventually(lambda: self.worker.stats().kept_notice_bytes == 0, WAIT), self.worker.stats())
 
+    def test_after_a_broker_restart_what_the_old_one_never_confirmed_is_forgotten(self):
+        """A new broker welcomes the worker's next Hello: what the old one
+        never confirmed reading no Welcome can name lost any more, and goes
+        with the new broker's first heartbeat."""
+        self.broker.welcome(self.worker, 5000, incarnation=7)
+        env = pb.Envelope()
+        env.request.id, env.request.service, env.request.event = "c:1", "svc", "work"
+        env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
+        env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
+        self.broker.send(env)
+        while self.broker.next().WhichOneof("kind") != "reply":
+            pass
+        self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "the emits were not kept")
+        refused = pb.Envelope()
+        refused.error.code = pb.NOT_REGISTERED
+        self.broker.send(refused)  # the new broker: the link says Hello again
+        self.broker.welcome(self.worker, 5000, incarnation=8)
+        self.heartbeat(2, 0)
+        self.assertTrue(eventually(lambda: self.worker.stats().kept_notice_bytes == 0, WAIT), self.worker.stats())
+
 
 class HeartbeatSaysWhatWasReadTest(FakeBrokerTest):
     """The link's heartbeats say how far it read what the broker sent, in the

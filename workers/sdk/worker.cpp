@@ -784,7 +784,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // can no longer die in a socket the link replaces (core::forget_read()).
   void forget_read() {
     read_seen = io->link.read_by_broker();
-    core::forget_read(notices, read_seen);
+    core::forget_read(notices, read_seen, io->link.welcomed_hello());
     kept_notice_bytes.store(notices.bytes(), std::memory_order_relaxed);
   }
 

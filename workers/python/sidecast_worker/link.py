@@ -94,7 +94,10 @@ class PeerLink:
         # Welcome to a new socket's Hello is answered with both (Heartbeat.read).
         self._read_to = 0
         self._read_tail = 0
-        self._welcome_hello = 0  # the Hello the last Welcome answered; with _read_to in each heartbeat
+        # The number of the Hello the last Welcome answered (0: none yet),
+        # with _read_to in each heartbeat. What was sent before it is settled
+        # once the application has acted on that Welcome (resend_lost).
+        self.welcomed_hello = 0
         self._replaced_since_welcome = False
         self._welcomed_before = False  # by any broker
         # In every Hello, with the socket's number: a Hello again on the same
@@ -243,7 +246,7 @@ class PeerLink:
                         report.heartbeat.read.tail = self._read_tail
                         self.send(report)
                 self._read_to, self._read_tail = w.sent, 0
-                self._welcome_hello = w.hello
+                self.welcomed_hello = w.hello
                 self._replaced_since_welcome = False
                 continue
             if kind == "drain":
@@ -300,8 +303,8 @@ class PeerLink:
             # kept of that (a replaced socket's reads go in the read report).
             env = pb.Envelope()
             env.heartbeat.SetInParent()
-            if self.welcomed and not self._replaced_since_welcome and self._welcome_hello:
-                env.heartbeat.peer_read.hello = self._welcome_hello
+            if self.welcomed and not self._replaced_since_welcome and self.welcomed_hello:
+                env.heartbeat.peer_read.hello = self.welcomed_hello
                 env.heartbeat.peer_read.read_to = self._read_to
             self.send(env)
             self._next_heartbeat = now + self.interval

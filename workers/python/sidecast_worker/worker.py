@@ -475,7 +475,7 @@ class _Core:
                     seen_read = None  # what waited behind those the Welcome settled
                 if link.read_by_broker != seen_read:
                     seen_read = link.read_by_broker
-                    self.forget_read(seen_read)
+                    self.forget_read(seen_read, link.welcomed_hello)
                 self.flush(link, pub)
                 now = time.monotonic()
                 if now >= link.next_tick():
@@ -593,15 +593,23 @@ class _Core:
             if self.send_notice(link, data):
                 self.count("notices_resent")
 
-    def forget_read(self, read):
+    def forget_read(self, read, settled_below):
         """A broker heartbeat said it read up to message ``read[1]`` after
         Hello ``read[0]``: the kept one-way messages among those can no
-        longer die in a socket the link replaces. Only those sent after that
-        Hello: one sent before it may be named lost by the Welcome that
-        answered it, until resend_lost() acted on that."""
+        longer die in a socket the link replaces, nor can those sent before
+        Hello ``settled_below`` (the one the last Welcome answered, which
+        resend_lost() has acted on: it sent them again or let them go, or
+        that Welcome came from a broker that never knew them). One sent
+        after that Welcome's Hello but before the heartbeat's may still be
+        named lost by a Welcome not acted on yet: it stays, and so does
+        everything behind it."""
         hello, count = read
-        while self.notices and self.notices[0][0] == hello and self.notices[0][1] <= count:
-            self.notice_bytes -= len(self.notices.popleft()[2])
+        while self.notices:
+            epoch, sent, data = self.notices[0]
+            if not (epoch < settled_below or (epoch == hello and sent <= count)):
+                break
+            self.notice_bytes -= len(data)
+            self.notices.popleft()
 
     def next_timer(self):
         at = float("inf")
