@@ -690,13 +690,8 @@ class ProbeTest(FakeBrokerTest):
         self.fail("the probe was not answered")
 
 
-class ResendLostTest(FakeBrokerTest):
-    """A worker that found the broker silent replaces its socket; the
-    broker's Welcome on the new one says how much of what came after the
-    Hello before it read (Welcome.previous_hello, .received). The one-way
-    messages beyond that died in the old socket: the worker sends them
-    again, in order, and only them (answers go again through jobs sent
-    again, not here)."""
+class FiveEmitsTest(FakeBrokerTest):
+    """A worker whose job "work" emits 0..4 to its sid, then answers."""
 
     def service(self):
         svc = Service("svc", capacity=1)
@@ -709,14 +704,27 @@ class ResendLostTest(FakeBrokerTest):
 
         return svc
 
-    def test_what_the_broker_did_not_read_goes_again(self):
-        welcome = self.broker.welcome(self.worker, 200)  # the fake sends no heartbeat: a new socket after 0.6 s
-        self.assertEqual(welcome.welcome.hello, 1)
+    def work(self):
+        """Sends job c:1 (sid gwT.x)."""
         env = pb.Envelope()
         env.request.id, env.request.service, env.request.event = "c:1", "svc", "work"
         env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
         env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
         self.broker.send(env)
+
+
+class ResendLostTest(FiveEmitsTest):
+    """A worker that found the broker silent replaces its socket; the
+    broker's Welcome on the new one says how much of what came after the
+    Hello before it read (Welcome.previous_hello, .received). The one-way
+    messages beyond that died in the old socket: the worker sends them
+    again, in order, and only them (answers go again through jobs sent
+    again, not here)."""
+
+    def test_what_the_broker_did_not_read_goes_again(self):
+        welcome = self.broker.welcome(self.worker, 200)  # the fake sends no heartbeat: a new socket after 0.6 s
+        self.assertEqual(welcome.welcome.hello, 1)
+        self.work()
         hello, number_of = self.broker.until_hello()
         self.assertEqual(hello.hello, 2, "a new socket's Hello")
         self.assertEqual(sorted(number_of), [0, 1, 2, 3, 4])
@@ -735,22 +743,11 @@ class ResendLostTest(FakeBrokerTest):
         self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "those sent again are kept again")
 
 
-class ForgetReadTest(FakeBrokerTest):
+class ForgetReadTest(FiveEmitsTest):
     """The broker's heartbeats say how much of what the link sent after its
     Hello it read (Heartbeat.broker_read): the worker forgets the one-way
     messages it kept among those, and keeps the rest. Without it they stay
     until a Welcome on a new socket."""
-
-    def service(self):
-        svc = Service("svc", capacity=1)
-
-        @svc.on("work")
-        def work(req):
-            for i in range(5):
-                req.emit("n", i)
-            return "done"
-
-        return svc
 
     def heartbeat(self, hello, count):
         env = pb.Envelope()
@@ -759,11 +756,7 @@ class ForgetReadTest(FakeBrokerTest):
 
     def test_what_the_broker_read_is_forgotten(self):
         self.broker.welcome(self.worker, 5000)  # no heartbeats from the fake within the test
-        env = pb.Envelope()
-        env.request.id, env.request.service, env.request.event = "c:1", "svc", "work"
-        env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
-        env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
-        self.broker.send(env)
+        self.work()
         number_of, after_hello = {}, 0  # as the broker counts, heartbeats too
         while "reply" not in number_of:
             _, data = self.broker.router.recv_multipart()
@@ -788,11 +781,7 @@ class ForgetReadTest(FakeBrokerTest):
         never confirmed reading no Welcome can name lost any more, and goes
         with the new broker's first heartbeat."""
         self.broker.welcome(self.worker, 5000, incarnation=7)
-        env = pb.Envelope()
-        env.request.id, env.request.service, env.request.event = "c:1", "svc", "work"
-        env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
-        env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
-        self.broker.send(env)
+        self.work()
         while self.broker.next().WhichOneof("kind") != "reply":
             pass
         self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "the emits were not kept")
