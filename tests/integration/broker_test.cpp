@@ -2411,6 +2411,12 @@ TEST(GatewayLink, AfterABrokerRestartWhatTheOldOneNeverConfirmedIsForgotten) {
   rig.to_bridge(beat);
   EXPECT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() == 0; }))
       << rig.metrics.kept_notice_bytes.Value() << " bytes still kept";
+  // What it sends the new broker is kept until that one says it read it.
+  ASSERT_TRUE(rig.bridge->send(emit_envelope("gwOther.s1", "n", "[]")));
+  EXPECT_TRUE(eventually([&] { return rig.metrics.kept_notice_bytes.Value() > 0; }));
+  rig.to_bridge(beat);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_GT(rig.metrics.kept_notice_bytes.Value(), 0) << "forgotten before the broker read it";
 }
 
 // The bridge's own deadlines (the broker silent): each request gets its
