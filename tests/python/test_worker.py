@@ -800,7 +800,16 @@ class HeartbeatSaysWhatWasReadTest(FakeBrokerTest):
     what it kept of that."""
 
     def service(self):
-        return Service("svc", capacity=1)
+        svc = Service("svc", capacity=1)
+
+        @svc.on("busy")
+        def busy(req):
+            for i in range(100):  # an emit every 10 ms for a second
+                req.emit("n", i)
+                time.sleep(0.01)
+            return "done"
+
+        return svc
 
     def test_the_heartbeat_says_how_far_the_link_read(self):
         self.broker.welcome(self.worker, 200, sent=5)  # the worker's liveness: 0.6 s
@@ -818,6 +827,35 @@ class HeartbeatSaysWhatWasReadTest(FakeBrokerTest):
                 said.append((env.heartbeat.peer_read.hello, env.heartbeat.peer_read.read_to))
         self.assertTrue(said, "no heartbeat said what the link read")
         self.assertEqual(said[-1], (1, 5 + 2))
+
+    def test_a_link_that_never_idles_still_says_it(self):
+        """Heartbeats go every interval, however much else the link sends."""
+        self.broker.welcome(self.worker, 200)  # the worker's liveness: 0.6 s
+        env = pb.Envelope()
+        env.request.id, env.request.service, env.request.event = "c:1", "svc", "busy"
+        env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
+        env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
+        self.broker.send(env)
+        beats, emits, beat_at = 0, 0, 0.0
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            if time.monotonic() >= beat_at:  # the fake broker's: the worker keeps its socket
+                beat = pb.Envelope()
+                beat.heartbeat.SetInParent()
+                self.broker.send(beat)
+                beat_at = time.monotonic() + 0.1
+            if not self.broker.router.poll(20):
+                continue
+            _, data = self.broker.router.recv_multipart()
+            env = pb.Envelope()
+            env.ParseFromString(data)
+            kind = env.WhichOneof("kind")
+            if kind == "reply":
+                break
+            emits += kind == "emit"
+            beats += kind == "heartbeat" and env.heartbeat.HasField("peer_read")
+        self.assertEqual(emits, 100)
+        self.assertGreaterEqual(beats, 3, "heartbeats waited for the link to idle")
 
 
 class HoldUntilWelcomeTest(FakeBrokerTest):
