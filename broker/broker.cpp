@@ -587,7 +587,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       // instead, a job it still runs would run twice.
       bool new_socket = hello.connection() > known.connection;
       clear_suspicion(routing_id, "hello");
-      bool drains = welcome(routing_id, hello, &known);
+      bool drains = welcome(routing_id, hello, &known, new_socket && hello.hello() != 0);
       if (new_socket && hello.hello() != 0) {
         // What we sent it before this Welcome may have died in the socket
         // it replaced (libzmq dropped what that pipe held when the new one
@@ -662,7 +662,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
 // Welcome says how much of what the link sent since then came: what its
 // replaced socket held when the new one took the peer's id died there
 // (libzmq drops what the old pipe held, or gives it another id).
-bool broker::welcome(const std::string& to, const proto::Hello& hello, const peer* before) {
+bool broker::welcome(const std::string& to, const proto::Hello& hello, const peer* before, bool marks_resent) {
   bool drains = hello.role() == proto::ROLE_WORKER && hello.draining();
   if (drains) table_.drain_worker(to);  // idempotent
   Envelope env;
@@ -678,6 +678,7 @@ bool broker::welcome(const std::string& to, const proto::Hello& hello, const pee
     w->set_previous_hello(before->hello);
     w->set_received(before->received);
   }
+  w->set_marks_resent(marks_resent);  // send_unread() ends with the mark
   // On the connection the Hello came on, before anything kept for the peer
   // (what the broker keeps of what it sent it must not be forgotten by
   // sending that first: send_unread() may still need it).
@@ -1186,12 +1187,18 @@ void broker::send_unread(const std::string& to, const proto::ReadReport& read) {
     if (e.where.number > read.read_to() && e.where.number + read.tail() <= p.welcomed_at)
       lost.push_back(std::move(e.message));
   });
-  if (lost.empty()) return;
-  spdlog::warn("{}: {} messages sent to it died in a socket it replaced; sending them again", to, lost.size());
+  if (!lost.empty())
+    spdlog::warn("{}: {} messages sent to it died in a socket it replaced; sending them again", to, lost.size());
   for (auto& message : lost) {
     if (send_to(to, message) == sent::ok) metrics_->sent_again.Increment();
     else drop(drop_reason::unreachable, to);
   }
+  // The Welcome said this comes (marks_resent): what the peer read on its
+  // new socket before the Welcome, newer than all of the above, waits for it.
+  Envelope mark;
+  mark.mutable_heartbeat()->set_resent(true);
+  auto message = core::message_of(mark);
+  if (send_to(to, message) != sent::ok) drop(drop_reason::unreachable, to);
 }
 
 // A peer that says what it read (Heartbeat.peer_read) keeps all it has not

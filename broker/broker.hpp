@@ -188,7 +188,8 @@ class broker {
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
   void send_error(const std::string& to, proto::Code code, std::string message, std::string id = {});
-  bool welcome(const std::string& to, const proto::Hello& hello, const peer* before = nullptr);
+  bool welcome(const std::string& to, const proto::Hello& hello, const peer* before = nullptr,
+               bool marks_resent = false);
   void send_report(const std::string& to, proto::DeliveryReport::Status status, std::string sid,
                    std::string ref, std::string detail);
   void send_report(undelivered&& r);

@@ -105,6 +105,7 @@ int peer_link::fd() const {
 }
 
 bool peer_link::has_input() {
+  if (!released_.empty()) return true;
   if (is_local_) return local_ && local_->has_input();
   return (socket_.get(zmq::sockopt::events) & ZMQ_POLLIN) != 0;
 }
@@ -114,19 +115,30 @@ bool peer_link::receive_into(proto::Envelope& env) { return receive_into(env, {}
 bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std::string_view)>& take) {
   for (;;) {
     zmq::message_t msg;
-    bool got = is_local_ ? local_ && local_->receive(msg) : socket_.recv(msg, zmq::recv_flags::dontwait).has_value();
-    if (!got) return false;
-    // Extra frames are not part of protocol v1: drain and drop them.
     bool extra = false;
-    while (!is_local_ && msg.more()) {  // a local:// message is always one frame
-      extra = true;
-      if (!socket_.recv(msg, zmq::recv_flags::dontwait)) break;
-    }
     auto now = clock::now();
-    heard_from_broker(now);
-    if (proto::kind_of(msg.to_string_view()) != proto::Envelope::kWelcome) {
-      if (replaced_since_welcome_) ++read_tail_;
-      else ++read_to_;
+    if (!released_.empty()) {
+      // The tail, once what was sent again came (hold_tail()).
+      msg = std::move(released_.front());
+      released_.pop_front();
+    } else {
+      bool got = is_local_ ? local_ && local_->receive(msg) : socket_.recv(msg, zmq::recv_flags::dontwait).has_value();
+      if (!got) return false;
+      // Extra frames are not part of protocol v1: drain and drop them.
+      while (!is_local_ && msg.more()) {  // a local:// message is always one frame
+        extra = true;
+        if (!socket_.recv(msg, zmq::recv_flags::dontwait)) break;
+      }
+      heard_from_broker(now);
+      auto kind = proto::kind_of(msg.to_string_view());
+      if (kind != proto::Envelope::kWelcome) {
+        if (replaced_since_welcome_) ++read_tail_;
+        else ++read_to_;
+      }
+      if (!extra && hold_tail(kind)) {
+        tail_.push_back(std::move(msg));
+        continue;
+      }
     }
     if (!extra && take && take(msg.to_string_view())) {
       // What `env` may hold from a heartbeat read before is not this message.
@@ -142,12 +154,14 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
       case proto::Envelope::kHeartbeat: {
         // The broker stalled and asks which connection we are on: this one.
         if (env.heartbeat().probe() != 0) send(env);
+        if (env.heartbeat().resent() && awaiting_resent_) release_tail();  // what died came again
         const auto& read = env.heartbeat().broker_read();
         read_by_broker_ = std::max(read_by_broker_, link_position{read.hello(), read.count()});
         continue;
       }
       case proto::Envelope::kWelcome: {
         const auto& w = env.welcome();
+        bool awaiting_resent = false;
         if (w.heartbeat_interval_ms() > 0) interval_ = std::chrono::milliseconds(w.heartbeat_interval_ms());
         if (w.heartbeat_liveness() > 0) liveness_ = w.heartbeat_liveness();
         // The broker's interval wins; a heartbeat planned with a longer local
@@ -178,8 +192,12 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
             read->set_read_to(read_to_);
             read->set_tail(read_tail_);
             send(report);
+            awaiting_resent = w.marks_resent();
           }
         }
+        // The tail waits for what is sent again, or goes now if nothing is.
+        if (awaiting_resent) awaiting_resent_ = true;
+        else release_tail();
         read_to_ = w.sent();
         read_tail_ = 0;
         welcome_hello_ = w.hello();
@@ -209,6 +227,32 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         return true;
     }
   }
+}
+
+// What the link reads on a new socket before its Welcome (the tail) is the
+// newest the broker sent; older messages that died in the replaced socket
+// may be sent again after the Welcome. So the tail's application messages
+// wait (up to rcvhwm of them; link messages are handled at once), across
+// further replacements, until the broker marks the end of what it sent
+// again, or a Welcome says nothing will be.
+bool peer_link::hold_tail(proto::Envelope::KindCase kind) const {
+  if (!replaced_since_welcome_ || tail_.size() >= static_cast<std::size_t>(options_.rcvhwm)) return false;
+  switch (kind) {
+    case proto::Envelope::kWelcome:
+    case proto::Envelope::kHeartbeat:
+    case proto::Envelope::kDrain:
+    case proto::Envelope::kError:
+    case proto::Envelope::KIND_NOT_SET: return false;  // the link's own, or malformed: handled now
+    default: return true;
+  }
+}
+
+void peer_link::release_tail() {
+  awaiting_resent_ = false;
+  if (tail_.empty()) return;
+  // Ahead of anything read after it; after what was released before.
+  for (auto& m : tail_) released_.push_back(std::move(m));
+  tail_.clear();
 }
 
 std::uint64_t draw_incarnation() {

@@ -8,6 +8,7 @@
 // A "local://NAME" endpoint connects to a broker of the same process through
 // core/local_link.hpp instead of a DEALER socket; everything else is the same.
 #include <chrono>
+#include <deque>
 #include <memory>
 #include <cstdint>
 #include <functional>
@@ -158,6 +159,8 @@ class peer_link {
   void start();
   void send_hello();
   void heard_from_broker(clock::time_point now);
+  bool hold_tail(proto::Envelope::KindCase kind) const;
+  void release_tail();
 
   zmq::context_t& context_;
   peer_link_options options_;
@@ -183,6 +186,12 @@ class peer_link {
   std::uint64_t read_tail_ = 0;
   std::uint64_t welcome_hello_ = 0;  // the Hello the last Welcome answered; with read_to_ in each heartbeat
   bool replaced_since_welcome_ = false;
+  // The tail's application messages, held until the broker's Heartbeat.resent
+  // (awaiting_resent_) or a Welcome that promises none; then released_, which
+  // receive_into() hands out before reading on.
+  std::deque<zmq::message_t> tail_;
+  std::deque<zmq::message_t> released_;
+  bool awaiting_resent_ = false;
   broker_received received_by_broker_;
   link_position read_by_broker_;
   std::chrono::milliseconds interval_;

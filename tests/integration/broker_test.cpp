@@ -923,14 +923,27 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
     pause_io([&] { std::this_thread::sleep_for(2 * heartbeat_ + 500ms); });  // past the next tick by more than an interval
     EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_stalls_total") == 1.0; }));
   }
+  EXPECT_TRUE(second->welcome().marks_resent());
   Envelope report;
   report.mutable_heartbeat()->mutable_read()->set_read_to(first->welcome().sent() + read);
   new_socket.send(report);
-  for (int i = 2; i < 6; ++i) {
-    auto env = new_socket.next(Envelope::kEmit, 3s);
-    ASSERT_TRUE(env) << "emit " << i << " never came";
-    got.push_back(env->emit().args());
+  // What is sent again, then the mark of its end (Heartbeat.resent), then
+  // what waited: the tail a link read before the Welcome waits for the mark.
+  std::size_t resent_before_mark = 0;
+  bool marked = false;
+  auto until = std::chrono::steady_clock::now() + 3s;
+  while ((got.size() < 6 || !marked) && std::chrono::steady_clock::now() < until) {
+    auto env = new_socket.receive_any(100ms);
+    if (!env) continue;
+    if (env->has_heartbeat() && env->heartbeat().resent()) {
+      EXPECT_FALSE(marked) << "marked twice";
+      marked = true;
+      resent_before_mark = got.size() - 2;
+    }
+    if (env->has_emit()) got.push_back(env->emit().args());
   }
+  EXPECT_TRUE(marked) << "the end of what was sent again was not marked";
+  EXPECT_GE(resent_before_mark, 3u) << "marked before all that was sent again";
   EXPECT_EQ(got, (std::vector<std::string>{"[0]", "[1]", "[2]", "[3]", "[4]", "[5]"}));
   EXPECT_FALSE(new_socket.next(Envelope::kEmit, 200ms)) << "one came twice";
   // Emit 5 too, held before the Hello, when it went into the old socket's
@@ -2617,6 +2630,83 @@ TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
   EXPECT_EQ(read_report->heartbeat().peer_read().hello(), hello->hello().hello());
   EXPECT_EQ(read_report->heartbeat().peer_read().read_to(), 10u + 4u) << "the heartbeat and three replies after 10";
   EXPECT_EQ(link.read_by_broker(), (core::link_position{hello->hello().hello(), 2}));
+}
+
+// What the link reads on its new socket before the Welcome (the tail) is
+// the newest the broker sent: it waits until the broker has sent again what
+// died in the old socket and marked the end of it (Heartbeat.resent), so
+// that the application reads it all in the order the broker sent it.
+// Without the wait: tail, resent, after.
+TEST(PeerLink, TheTailWaitsForWhatIsSentAgain) {
+  zmq::context_t ctx;
+  zmq::socket_t broker{ctx, zmq::socket_type::router};
+  broker.set(zmq::sockopt::router_handover, 1);  // as the real broker's: a new socket takes the id
+  broker.bind("inproc://fake-broker-tail");
+  broker.set(zmq::sockopt::rcvtimeo, 3000);
+  core::peer_link_options o;
+  o.endpoint = "inproc://fake-broker-tail";
+  o.id = "gw-t";
+  o.role = proto::ROLE_GATEWAY;
+  core::peer_link link{ctx, o};
+  zmq::message_t who, message;
+  auto next_hello = [&]() -> std::optional<Envelope> {
+    while (broker.recv(who)) {
+      if (!broker.recv(message)) break;
+      if (auto env = proto::decode(message.to_string_view()); env && env->has_hello()) return env;
+    }
+    return std::nullopt;
+  };
+  auto send = [&](const Envelope& env) {
+    broker.send(zmq::buffer(who.to_string_view()), zmq::send_flags::sndmore);
+    broker.send(core::message_of(env), zmq::send_flags::none);
+  };
+  auto reply = [](std::string id) {
+    Envelope env;
+    env.mutable_reply()->set_id(std::move(id));
+    return env;
+  };
+  std::vector<std::string> read;  // by the application, in order
+  auto pump = [&](std::chrono::milliseconds for_) {
+    auto until = std::chrono::steady_clock::now() + for_;
+    while (std::chrono::steady_clock::now() < until) {
+      while (auto env = link.receive())
+        if (env->has_reply()) read.push_back(env->reply().id());
+      if (auto now = std::chrono::steady_clock::now(); now >= link.next_tick()) link.tick(now);
+      std::this_thread::sleep_for(2ms);
+    }
+  };
+  auto first = next_hello();
+  ASSERT_TRUE(first);
+  Envelope welcome;
+  auto& w = *welcome.mutable_welcome();
+  w.set_incarnation(7);
+  w.set_hello(first->hello().hello());
+  w.set_heartbeat_interval_ms(50);
+  w.set_heartbeat_liveness(3);
+  send(welcome);
+  pump(20ms);
+  ASSERT_TRUE(link.welcomed());
+  // Silent past the link's liveness (150 ms): it replaces its socket, once.
+  pump(220ms);
+  auto second = next_hello();
+  ASSERT_TRUE(second) << "the link never replaced its socket";
+  ASSERT_EQ(link.stats().reconnects, 1u);
+  send(reply("tail"));  // on the new socket, before the Welcome
+  pump(20ms);
+  EXPECT_TRUE(read.empty()) << "the tail was not held";
+  w.set_hello(second->hello().hello());
+  w.set_previous_hello(first->hello().hello());
+  w.set_sent(10);
+  w.set_marks_resent(true);
+  send(welcome);
+  send(reply("resent"));  // what the report named as lost
+  pump(20ms);
+  Envelope mark;
+  mark.mutable_heartbeat()->set_resent(true);
+  send(mark);
+  send(reply("after"));
+  pump(20ms);
+  EXPECT_EQ(read, (std::vector<std::string>{"resent", "tail", "after"}));
 }
 
 // A broker played by the test: a ROUTER on inproc that one worker "wd"

@@ -858,6 +858,41 @@ class HeartbeatSaysWhatWasReadTest(FakeBrokerTest):
         self.assertGreaterEqual(beats, 3, "heartbeats waited for the link to idle")
 
 
+class TailWaitsForWhatIsSentAgainTest(FakeBrokerTest):
+    """What the link reads on its new socket before the Welcome (the tail) is
+    the newest the broker sent: it waits until the broker has sent again
+    what died in the old socket and marked the end of it
+    (Heartbeat.resent). Without the wait the jobs run tail first."""
+
+    def service(self):
+        self.ran = []
+        svc = Service("svc", capacity=1)
+
+        @svc.on("work")
+        def work(req):
+            self.ran.append(req.id)
+            return "done"
+
+        return svc
+
+    def test_the_tail_runs_after_what_is_sent_again(self):
+        welcome = self.broker.welcome(self.worker, 200, incarnation=7)  # the fake sends no heartbeat: a new socket after 0.6 s
+        hello, _ = self.broker.until_hello()
+        self.assertEqual(hello.hello, 2, "a new socket's Hello")
+        self.job("tail", "[]", 1)  # on the new socket, before the Welcome
+        time.sleep(0.05)
+        self.assertEqual(self.ran, [], "the tail was not held")
+        welcome.welcome.previous_hello, welcome.welcome.hello, welcome.welcome.marks_resent = 1, 2, True
+        self.broker.send(welcome)
+        self.job("resent", "[]", 1)
+        mark = pb.Envelope()
+        mark.heartbeat.resent = True
+        self.broker.send(mark)
+        self.job("after", "[]", 1)
+        self.assertTrue(eventually(lambda: len(self.ran) == 3, WAIT), self.ran)
+        self.assertEqual(self.ran, ["resent", "tail", "after"])
+
+
 class HoldUntilWelcomeTest(FakeBrokerTest):
     """What a worker's handlers send while its link waits for the Welcome of
     a new socket waits in the outbox: the Welcome names what died in the

@@ -5,6 +5,7 @@ restarted broker and announces itself again. It owns no thread: the owning
 loop polls ``socket``, calls ``receive()`` while it returns messages, and
 calls ``tick()`` at ``next_tick()``. Only the thread that made it may use it.
 """
+import collections
 import logging
 import secrets
 import time
@@ -99,6 +100,14 @@ class PeerLink:
         # once the application has acted on that Welcome (resend_lost).
         self.welcomed_hello = 0
         self._replaced_since_welcome = False
+        # The tail's application messages (read on a new socket before its
+        # Welcome, the newest the broker sent), held until the broker's
+        # Heartbeat.resent marks the end of what died and is sent again, or a
+        # Welcome promises none (see _hold_tail); then _released, handed out
+        # before anything read after.
+        self._tail = collections.deque()
+        self._released = collections.deque()
+        self._awaiting_resent = False
         self._welcomed_before = False  # by any broker
         # In every Hello, with the socket's number: a Hello again on the same
         # socket keeps what the broker dispatched here (docs/protocol.md).
@@ -188,6 +197,8 @@ class PeerLink:
         Heartbeat, Welcome and Error NOT_REGISTERED are handled here.
         """
         while True:
+            if self._released:
+                return self._released.popleft()
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -212,15 +223,21 @@ class PeerLink:
                     log.warning("peer link: dropped a malformed message from the broker")
                 continue
             kind = env.WhichOneof("kind")
+            if self._hold_tail(kind):
+                self._tail.append(env)
+                continue
             if kind == "heartbeat":
                 # The broker stalled and asks which connection we are on: this one.
                 if env.heartbeat.probe:
                     self.send(env)
+                if env.heartbeat.resent and self._awaiting_resent:
+                    self._release_tail()  # what died came again
                 read = env.heartbeat.broker_read
                 self.read_by_broker = max(self.read_by_broker, (read.hello, read.count))
                 continue
             if kind == "welcome":
                 w = env.welcome
+                awaiting_resent = False
                 if w.heartbeat_interval_ms > 0:
                     self.interval = w.heartbeat_interval_ms / 1000.0
                 if w.heartbeat_liveness > 0:
@@ -245,6 +262,12 @@ class PeerLink:
                         report.heartbeat.read.read_to = self._read_to
                         report.heartbeat.read.tail = self._read_tail
                         self.send(report)
+                        awaiting_resent = w.marks_resent
+                # The tail waits for what is sent again, or goes now if nothing is.
+                if awaiting_resent:
+                    self._awaiting_resent = True
+                else:
+                    self._release_tail()
                 self._read_to, self._read_tail = w.sent, 0
                 self.welcomed_hello = w.hello
                 self._replaced_since_welcome = False
@@ -266,6 +289,28 @@ class PeerLink:
                 if self._log_limit.allow():
                     log.warning("broker error %s: %s", code_name(env.error.code), env.error.message)
             return env
+
+    def _hold_tail(self, kind):
+        """What the link reads on a new socket before its Welcome (the tail)
+        is the newest the broker sent; older messages that died in the
+        replaced socket may be sent again after the Welcome. So the tail's
+        application messages wait (up to hwm of them; link messages are
+        handled at once), across further replacements, until the broker
+        marks the end of what it sent again, or a Welcome says nothing will
+        be."""
+        return (self._replaced_since_welcome and len(self._tail) < self.hwm
+                and kind not in ("welcome", "heartbeat", "drain", "error"))
+
+    @property
+    def has_released(self):
+        """Messages wait in the link itself (the tail, released): receive()
+        hands them out without the socket's saying so."""
+        return bool(self._released)
+
+    def _release_tail(self):
+        self._awaiting_resent = False
+        self._released.extend(self._tail)
+        self._tail.clear()
 
     def send(self, env):
         return self.send_bytes(env.SerializeToString())

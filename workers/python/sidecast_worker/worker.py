@@ -451,7 +451,7 @@ class _Core:
                     poller.register(self.wake.fd, zmq.POLLIN)
                 now = time.monotonic()
                 wake_at = min(link.next_tick(), self.next_timer())
-                timeout_ms = max(0, int((wake_at - now) * 1000)) + 1
+                timeout_ms = 0 if link.has_released else max(0, int((wake_at - now) * 1000)) + 1
                 try:
                     ready = dict(poller.poll(timeout_ms))
                 except zmq.ZMQError as e:
