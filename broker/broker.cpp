@@ -1162,6 +1162,16 @@ void broker::check_stall(clock::time_point now) {
 
 // The peer answered the probe, or said Hello: what waited for it goes now.
 void broker::trust(const std::string& who, const char* how) {
+  auto s = suspects_.find(who);
+  if (s != suspects_.end() && s->second.probe == 0) {
+    // The wait for a read report ends (what died was sent again, or no
+    // report came): the Welcome said this mark comes (marks_resent), and
+    // what the peer read on its new socket before the Welcome waits for it.
+    Envelope mark;
+    mark.mutable_heartbeat()->set_resent(true);
+    auto message = core::message_of(mark);
+    if (send_to(who, message) != sent::ok) drop(drop_reason::unreachable, who);
+  }
   if (clear_suspicion(who, how) && !parked_.empty()) unpark(who);
 }
 
@@ -1193,12 +1203,6 @@ void broker::send_unread(const std::string& to, const proto::ReadReport& read) {
     if (send_to(to, message) == sent::ok) metrics_->sent_again.Increment();
     else drop(drop_reason::unreachable, to);
   }
-  // The Welcome said this comes (marks_resent): what the peer read on its
-  // new socket before the Welcome, newer than all of the above, waits for it.
-  Envelope mark;
-  mark.mutable_heartbeat()->set_resent(true);
-  auto message = core::message_of(mark);
-  if (send_to(to, message) != sent::ok) drop(drop_reason::unreachable, to);
 }
 
 // A peer that says what it read (Heartbeat.peer_read) keeps all it has not

@@ -196,8 +196,12 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
           }
         }
         // The tail waits for what is sent again, or goes now if nothing is.
-        if (awaiting_resent) awaiting_resent_ = true;
-        else release_tail();
+        if (awaiting_resent) {
+          awaiting_resent_ = true;
+          resent_due_ = now + interval_ * liveness_;  // then it goes anyway (tick())
+        } else {
+          release_tail();
+        }
         read_to_ = w.sent();
         read_tail_ = 0;
         welcome_hello_ = w.hello();
@@ -306,6 +310,7 @@ void peer_link::tick(clock::time_point now) {
     connect();
     return;
   }
+  if (awaiting_resent_ && now >= resent_due_) release_tail();  // the mark never came: the tail goes now
   if (now >= next_heartbeat_) {
     // Every interval, whatever else is sent: on the socket the broker
     // welcomed, it says what we read, and the broker forgets what it kept

@@ -955,6 +955,39 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
 
 TEST_P(BrokerTest, APeerBackOnANewSocketGetsAgainWhatItsOldOneLost) { peer_back_on_a_new_socket(stall_at::never); }
 
+// A peer welcomed on a new socket that never says what it read (its report
+// lost, or its thread stopped) still gets the mark the Welcome promised,
+// once the broker stops waiting for the report: what the link held for it
+// is not held for ever.
+TEST_P(BrokerTest, AReadReportThatNeverComesStillGetsItsMark) {
+  heartbeat_ = 1s;
+  start();
+  auto old_socket = std::make_unique<peer>(ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY);
+  old_socket->send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 1));
+  ASSERT_TRUE(old_socket->next(Envelope::kWelcome, 3s));
+  old_socket.reset();
+  peer new_socket{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
+  new_socket.send(numbered_hello(proto::ROLE_GATEWAY, "g1", 1, 2));
+  auto welcome = new_socket.next(Envelope::kWelcome, 3s);
+  ASSERT_TRUE(welcome);
+  EXPECT_TRUE(welcome->welcome().marks_resent());
+  bool marked = false;
+  auto until = std::chrono::steady_clock::now() + 3 * heartbeat_ + 2s;
+  auto beat_at = std::chrono::steady_clock::now();
+  while (!marked && std::chrono::steady_clock::now() < until) {
+    if (std::chrono::steady_clock::now() >= beat_at) {  // alive, but no report
+      Envelope beat;
+      beat.mutable_heartbeat();
+      new_socket.send(beat);
+      beat_at += 300ms;
+    }
+    auto env = new_socket.receive_any(50ms);
+    marked = env && env->has_heartbeat() && env->heartbeat().resent();
+  }
+  EXPECT_TRUE(marked) << "no mark after the wait for the report ended";
+  EXPECT_EQ(metric("sidecast_broker_read_reports_total", "outcome", "unanswered"), 1.0);
+}
+
 // What the broker sent a gateway that reads slowly is kept until the
 // gateway's heartbeats say it read it, however old (up to --kept-sent):
 // kept for a heartbeat interval only, the three emits it had not read when
@@ -2632,12 +2665,11 @@ TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
   EXPECT_EQ(link.read_by_broker(), (core::link_position{hello->hello().hello(), 2}));
 }
 
-// What the link reads on its new socket before the Welcome (the tail) is
-// the newest the broker sent: it waits until the broker has sent again what
-// died in the old socket and marked the end of it (Heartbeat.resent), so
-// that the application reads it all in the order the broker sent it.
-// Without the wait: tail, resent, after.
-TEST(PeerLink, TheTailWaitsForWhatIsSentAgain) {
+// A link welcomed, then on a new socket (the broker silent past its
+// liveness), reads "tail" before the new Welcome (which promises a mark),
+// "resent" after it, then, with `mark`, the broker's mark, then "after".
+// Without the mark the fake broker's heartbeats keep the link for 250 ms.
+void tail_then_resent(bool mark, std::vector<std::string>& read) {
   zmq::context_t ctx;
   zmq::socket_t broker{ctx, zmq::socket_type::router};
   broker.set(zmq::sockopt::router_handover, 1);  // as the real broker's: a new socket takes the id
@@ -2665,10 +2697,16 @@ TEST(PeerLink, TheTailWaitsForWhatIsSentAgain) {
     env.mutable_reply()->set_id(std::move(id));
     return env;
   };
-  std::vector<std::string> read;  // by the application, in order
-  auto pump = [&](std::chrono::milliseconds for_) {
+  auto pump = [&](std::chrono::milliseconds for_, bool beat = false) {
     auto until = std::chrono::steady_clock::now() + for_;
+    auto beat_at = std::chrono::steady_clock::now();
     while (std::chrono::steady_clock::now() < until) {
+      if (beat && std::chrono::steady_clock::now() >= beat_at) {
+        Envelope heartbeat;
+        heartbeat.mutable_heartbeat();
+        send(heartbeat);
+        beat_at += 40ms;
+      }
       while (auto env = link.receive())
         if (env->has_reply()) read.push_back(env->reply().id());
       if (auto now = std::chrono::steady_clock::now(); now >= link.next_tick()) link.tick(now);
@@ -2701,12 +2739,34 @@ TEST(PeerLink, TheTailWaitsForWhatIsSentAgain) {
   send(welcome);
   send(reply("resent"));  // what the report named as lost
   pump(20ms);
-  Envelope mark;
-  mark.mutable_heartbeat()->set_resent(true);
-  send(mark);
+  if (!mark) {
+    pump(250ms, true);
+    return;
+  }
+  Envelope marked;
+  marked.mutable_heartbeat()->set_resent(true);
+  send(marked);
   send(reply("after"));
   pump(20ms);
+}
+
+// What the link reads on its new socket before the Welcome (the tail) is
+// the newest the broker sent: it waits until the broker has sent again what
+// died in the old socket and marked the end of it (Heartbeat.resent), so
+// that the application reads it all in the order the broker sent it.
+// Without the wait: tail, resent, after.
+TEST(PeerLink, TheTailWaitsForWhatIsSentAgain) {
+  std::vector<std::string> read;  // by the application, in order
+  ASSERT_NO_FATAL_FAILURE(tail_then_resent(true, read));
   EXPECT_EQ(read, (std::vector<std::string>{"resent", "tail", "after"}));
+}
+
+// A mark that never comes (a broker that lost the link's report): the tail
+// goes a liveness after the Welcome.
+TEST(PeerLink, TheTailGoesWithoutAMarkAfterALiveness) {
+  std::vector<std::string> read;
+  ASSERT_NO_FATAL_FAILURE(tail_then_resent(false, read));
+  EXPECT_EQ(read, (std::vector<std::string>{"resent", "tail"}));
 }
 
 // A broker played by the test: a ROUTER on inproc that one worker "wd"

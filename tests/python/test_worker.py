@@ -875,7 +875,9 @@ class TailWaitsForWhatIsSentAgainTest(FakeBrokerTest):
 
         return svc
 
-    def test_the_tail_runs_after_what_is_sent_again(self):
+    def tail_then_resent(self):
+        """Job "tail" on the worker's new socket before its Welcome (which
+        promises a mark), then "resent" after it."""
         welcome = self.broker.welcome(self.worker, 200, incarnation=7)  # the fake sends no heartbeat: a new socket after 0.6 s
         hello, _ = self.broker.until_hello()
         self.assertEqual(hello.hello, 2, "a new socket's Hello")
@@ -885,6 +887,19 @@ class TailWaitsForWhatIsSentAgainTest(FakeBrokerTest):
         welcome.welcome.previous_hello, welcome.welcome.hello, welcome.welcome.marks_resent = 1, 2, True
         self.broker.send(welcome)
         self.job("resent", "[]", 1)
+
+    def test_without_a_mark_the_tail_runs_after_a_liveness(self):
+        self.tail_then_resent()
+        beat = pb.Envelope()
+        beat.heartbeat.SetInParent()
+        for _ in range(8):  # 0.8 s, past the 0.6 s liveness; the worker keeps its socket
+            self.broker.send(beat)
+            time.sleep(0.1)
+        self.assertTrue(eventually(lambda: len(self.ran) == 2, WAIT), self.ran)
+        self.assertEqual(self.ran, ["resent", "tail"])
+
+    def test_the_tail_runs_after_what_is_sent_again(self):
+        self.tail_then_resent()
         mark = pb.Envelope()
         mark.heartbeat.resent = True
         self.broker.send(mark)

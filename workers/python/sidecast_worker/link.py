@@ -108,6 +108,7 @@ class PeerLink:
         self._tail = collections.deque()
         self._released = collections.deque()
         self._awaiting_resent = False
+        self._resent_due = 0.0
         self._welcomed_before = False  # by any broker
         # In every Hello, with the socket's number: a Hello again on the same
         # socket keeps what the broker dispatched here (docs/protocol.md).
@@ -266,6 +267,7 @@ class PeerLink:
                 # The tail waits for what is sent again, or goes now if nothing is.
                 if awaiting_resent:
                     self._awaiting_resent = True
+                    self._resent_due = now + self.interval * self.liveness  # then it goes anyway (tick)
                 else:
                     self._release_tail()
                 self._read_to, self._read_tail = w.sent, 0
@@ -342,6 +344,8 @@ class PeerLink:
             self.reconnects += 1
             self._connect()
             return
+        if self._awaiting_resent and now >= self._resent_due:
+            self._release_tail()  # the mark never came: the tail goes now
         if now >= self._next_heartbeat:
             # Every interval, whatever else is sent: on the socket the broker
             # welcomed, it says what we read, and the broker forgets what it
