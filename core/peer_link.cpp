@@ -22,6 +22,10 @@ void peer_link::connect() {
   // broker's Welcome may fail moves up to the new socket's Hello.
   unwelcomed_from_ = 0;
   if (incarnation_ != 0) replaced_since_welcome_ = true;  // what it reads from now on is the tail
+  // A mark promised on the socket replaced now would end what that socket
+  // was sent again, not what this one will be: the tail waits for the next
+  // Welcome, which decides.
+  awaiting_resent_ = false;
   if (is_local_) {
     local_.reset();  // a new connection under the same id replaces the old one at the broker
     local_ = local_dealer::connect(options_.endpoint, options_.id, options_.sndhwm, options_.rcvhwm);
@@ -236,7 +240,8 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
 // What the link reads on a new socket before its Welcome (the tail) is the
 // newest the broker sent; older messages that died in the replaced socket
 // may be sent again after the Welcome. So the tail's application messages
-// wait (up to rcvhwm of them; link messages are handled at once), across
+// wait (up to rcvhwm of them; link messages are handled at once, but for
+// a Drain confirmation, which must not overtake the jobs before it), across
 // further replacements, until the broker marks the end of what it sent
 // again, or a Welcome says nothing will be.
 bool peer_link::hold_tail(proto::Envelope::KindCase kind) const {
@@ -244,7 +249,6 @@ bool peer_link::hold_tail(proto::Envelope::KindCase kind) const {
   switch (kind) {
     case proto::Envelope::kWelcome:
     case proto::Envelope::kHeartbeat:
-    case proto::Envelope::kDrain:
     case proto::Envelope::kError:
     case proto::Envelope::KIND_NOT_SET: return false;  // the link's own, or malformed: handled now
     default: return true;
@@ -326,6 +330,9 @@ void peer_link::tick(clock::time_point now) {
   }
 }
 
-clock::time_point peer_link::next_tick() const { return std::min(broker_expiry_, next_heartbeat_); }
+clock::time_point peer_link::next_tick() const {
+  auto at = std::min(broker_expiry_, next_heartbeat_);
+  return awaiting_resent_ ? std::min(at, resent_due_) : at;
+}
 
 }  // namespace sidecast::core

@@ -2,7 +2,8 @@
 // The DEALER side of the broker protocol, shared by gateways and workers:
 // announces the peer (Hello), keeps heartbeats both ways, notices a dead or
 // restarted broker and re-announces. It owns no thread: the owning loop
-// waits on fd() (asking has_input() before it blocks, as for ZMQ_FD), calls
+// waits on fd() (asking has_input() before it blocks, as for ZMQ_FD, and
+// after tick(), which may hand out messages the link held), calls
 // receive() while it returns messages, and calls tick() at next_tick().
 //
 // A "local://NAME" endpoint connects to a broker of the same process through

@@ -985,7 +985,7 @@ TEST_P(BrokerTest, AReadReportThatNeverComesStillGetsItsMark) {
     marked = env && env->has_heartbeat() && env->heartbeat().resent();
   }
   EXPECT_TRUE(marked) << "no mark after the wait for the report ended";
-  EXPECT_EQ(metric("sidecast_broker_read_reports_total", "outcome", "unanswered"), 1.0);
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_read_reports_total", "outcome", "unanswered") == 1.0; }));
 }
 
 // What the broker sent a gateway that reads slowly is kept until the
@@ -2667,9 +2667,14 @@ TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
 
 // A link welcomed, then on a new socket (the broker silent past its
 // liveness), reads "tail" before the new Welcome (which promises a mark),
-// "resent" after it, then, with `mark`, the broker's mark, then "after".
-// Without the mark the fake broker's heartbeats keep the link for 250 ms.
-void tail_then_resent(bool mark, std::vector<std::string>& read) {
+// "resent" after it; then
+// - mark: the broker's mark, then "after";
+// - no_mark: nothing but the fake broker's heartbeats for 250 ms;
+// - replaced_again: silence, so that the link replaces that socket too
+//   (its tail must wait on), then a Welcome to the third socket, the mark
+//   and "after".
+enum class tail_end { mark, no_mark, replaced_again };
+void tail_then_resent(tail_end end, std::vector<std::string>& read) {
   zmq::context_t ctx;
   zmq::socket_t broker{ctx, zmq::socket_type::router};
   broker.set(zmq::sockopt::router_handover, 1);  // as the real broker's: a new socket takes the id
@@ -2739,9 +2744,19 @@ void tail_then_resent(bool mark, std::vector<std::string>& read) {
   send(welcome);
   send(reply("resent"));  // what the report named as lost
   pump(20ms);
-  if (!mark) {
+  if (end == tail_end::no_mark) {
     pump(250ms, true);
     return;
+  }
+  if (end == tail_end::replaced_again) {
+    pump(220ms);  // silent past the liveness: a third socket, and the mark's wait would end
+    auto third = next_hello();
+    ASSERT_TRUE(third) << "the link never replaced its second socket";
+    pump(80ms);
+    EXPECT_EQ(read, (std::vector<std::string>{"resent"})) << "the tail went before the third socket's Welcome";
+    w.set_hello(third->hello().hello());
+    w.set_previous_hello(second->hello().hello());
+    send(welcome);
   }
   Envelope marked;
   marked.mutable_heartbeat()->set_resent(true);
@@ -2757,7 +2772,15 @@ void tail_then_resent(bool mark, std::vector<std::string>& read) {
 // Without the wait: tail, resent, after.
 TEST(PeerLink, TheTailWaitsForWhatIsSentAgain) {
   std::vector<std::string> read;  // by the application, in order
-  ASSERT_NO_FATAL_FAILURE(tail_then_resent(true, read));
+  ASSERT_NO_FATAL_FAILURE(tail_then_resent(tail_end::mark, read));
+  EXPECT_EQ(read, (std::vector<std::string>{"resent", "tail", "after"}));
+}
+
+// Replaced again while it waits for the mark: the tail waits on, for the
+// mark that ends what is sent again to the newest socket.
+TEST(PeerLink, TheTailWaitsAcrossAnotherReplacement) {
+  std::vector<std::string> read;
+  ASSERT_NO_FATAL_FAILURE(tail_then_resent(tail_end::replaced_again, read));
   EXPECT_EQ(read, (std::vector<std::string>{"resent", "tail", "after"}));
 }
 
@@ -2765,7 +2788,7 @@ TEST(PeerLink, TheTailWaitsForWhatIsSentAgain) {
 // goes a liveness after the Welcome.
 TEST(PeerLink, TheTailGoesWithoutAMarkAfterALiveness) {
   std::vector<std::string> read;
-  ASSERT_NO_FATAL_FAILURE(tail_then_resent(false, read));
+  ASSERT_NO_FATAL_FAILURE(tail_then_resent(tail_end::no_mark, read));
   EXPECT_EQ(read, (std::vector<std::string>{"resent", "tail"}));
 }
 

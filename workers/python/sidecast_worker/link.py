@@ -161,6 +161,9 @@ class PeerLink:
         # A fresh socket: whatever the old one still queued dies with it.
         if self._welcomed_before:  # what it reads from now on is the tail
             self._replaced_since_welcome = True
+        # A mark promised on the socket replaced now would end what that
+        # socket was sent again: the tail waits for the next Welcome.
+        self._awaiting_resent = False
         self.close()
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.peer_id.encode())
@@ -199,7 +202,12 @@ class PeerLink:
         """
         while True:
             if self._released:
-                return self._released.popleft()
+                env = self._released.popleft()
+                if env.WhichOneof("kind") != "drain":
+                    return env
+                if self.draining:  # held in the tail behind the jobs it confirms
+                    self.drain_confirmed = True
+                continue
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -297,11 +305,12 @@ class PeerLink:
         is the newest the broker sent; older messages that died in the
         replaced socket may be sent again after the Welcome. So the tail's
         application messages wait (up to hwm of them; link messages are
-        handled at once), across further replacements, until the broker
-        marks the end of what it sent again, or a Welcome says nothing will
-        be."""
+        handled at once, but for a Drain confirmation, which must not
+        overtake the jobs before it), across further replacements, until
+        the broker marks the end of what it sent again, or a Welcome says
+        nothing will be."""
         return (self._replaced_since_welcome and len(self._tail) < self.hwm
-                and kind not in ("welcome", "heartbeat", "drain", "error"))
+                and kind not in ("welcome", "heartbeat", "error"))
 
     @property
     def has_released(self):
@@ -359,5 +368,6 @@ class PeerLink:
             self._next_heartbeat = now + self.interval
 
     def next_tick(self):
-        return min(self._broker_expiry, self._next_heartbeat)
+        at = min(self._broker_expiry, self._next_heartbeat)
+        return min(at, self._resent_due) if self._awaiting_resent else at
 
