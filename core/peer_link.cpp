@@ -202,7 +202,9 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         // The tail waits for what is sent again, or goes now if nothing is.
         if (awaiting_resent) {
           awaiting_resent_ = true;
-          resent_due_ = now + interval_ * liveness_;  // then it goes anyway (tick())
+          // Then it goes anyway (tick()): the broker's mark comes within about
+          // a liveness, and a broker silent that long is replaced first.
+          resent_due_ = now + 2 * interval_ * liveness_;
         } else {
           release_tail();
         }

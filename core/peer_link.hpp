@@ -193,7 +193,7 @@ class peer_link {
   std::deque<zmq::message_t> tail_;
   std::deque<zmq::message_t> released_;
   bool awaiting_resent_ = false;
-  clock::time_point resent_due_{};  // a liveness after the Welcome: the tail goes then without the mark
+  clock::time_point resent_due_{};  // two livenesses after the Welcome: the tail goes then without the mark
   broker_received received_by_broker_;
   link_position read_by_broker_;
   std::chrono::milliseconds interval_;

@@ -888,11 +888,11 @@ class TailWaitsForWhatIsSentAgainTest(FakeBrokerTest):
         self.broker.send(welcome)
         self.job("resent", "[]", 1)
 
-    def test_without_a_mark_the_tail_runs_after_a_liveness(self):
+    def test_without_a_mark_the_tail_runs_in_the_end(self):
         self.tail_then_resent()
         beat = pb.Envelope()
         beat.heartbeat.SetInParent()
-        for _ in range(8):  # 0.8 s, past the 0.6 s liveness; the worker keeps its socket
+        for _ in range(15):  # 1.5 s, past two livenesses (1.2 s); the worker keeps its socket
             self.broker.send(beat)
             time.sleep(0.1)
         self.assertTrue(eventually(lambda: len(self.ran) == 2, WAIT), self.ran)

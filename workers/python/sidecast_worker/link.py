@@ -275,7 +275,9 @@ class PeerLink:
                 # The tail waits for what is sent again, or goes now if nothing is.
                 if awaiting_resent:
                     self._awaiting_resent = True
-                    self._resent_due = now + self.interval * self.liveness  # then it goes anyway (tick)
+                    # Then it goes anyway (tick): the broker's mark comes within
+                    # about a liveness, and a broker silent that long is replaced first.
+                    self._resent_due = now + 2 * self.interval * self.liveness
                 else:
                     self._release_tail()
                 self._read_to, self._read_tail = w.sent, 0
