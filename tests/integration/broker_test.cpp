@@ -2565,23 +2565,54 @@ constexpr link_mode link_modes[] = {{"inproc://router", false}, {"local://router
 // A message `take` accepts leaves the envelope empty, even when a heartbeat
 // was parsed into it on the way: before, the caller saw the heartbeat again
 // and logged it as unexpected (once a second under load).
-TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
-  zmq::context_t ctx;
-  zmq::socket_t broker{ctx, zmq::socket_type::router};
-  broker.bind("inproc://fake-broker");
-  core::peer_link_options o;
-  o.endpoint = "inproc://fake-broker";
-  o.id = "gw-t";
-  o.role = proto::ROLE_GATEWAY;
-  core::peer_link link{ctx, o};
-  zmq::message_t who, hello;
-  broker.set(zmq::sockopt::rcvtimeo, 3000);
-  ASSERT_TRUE(broker.recv(who));
-  ASSERT_TRUE(broker.recv(hello));
-  auto send = [&](const Envelope& env) {
+// A peer_link (a gateway's) and the broker the test plays for it: a ROUTER
+// that gives a new socket the link's id, as the real broker's does.
+struct link_with_fake_broker {
+  explicit link_with_fake_broker(const std::string& endpoint)
+      : broker{ctx, zmq::socket_type::router}, link{(bind(endpoint), ctx), options(endpoint)} {}  // bound first
+  static core::peer_link_options options(const std::string& endpoint) {
+    core::peer_link_options o;
+    o.endpoint = endpoint;
+    o.id = "gw-t";
+    o.role = proto::ROLE_GATEWAY;
+    return o;
+  }
+  void bind(const std::string& endpoint) {
+    broker.set(zmq::sockopt::router_handover, 1);
+    broker.set(zmq::sockopt::rcvtimeo, 3000);
+    broker.bind(endpoint);
+  }
+  /// The link's next Hello (what comes before it is dropped), or nothing within 3 s.
+  std::optional<Envelope> next_hello() {
+    zmq::message_t message;
+    while (broker.recv(who)) {
+      if (!broker.recv(message)) break;
+      if (auto env = proto::decode(message.to_string_view()); env && env->has_hello()) return env;
+    }
+    return std::nullopt;
+  }
+  /// Next message from the link, if one waits (no wait).
+  std::optional<Envelope> from_link() {
+    zmq::message_t message;
+    if (!broker.recv(who, zmq::recv_flags::dontwait) || !broker.recv(message)) return std::nullopt;
+    return proto::decode(message.to_string_view());
+  }
+  void send(const Envelope& env) {
     broker.send(zmq::buffer(who.to_string_view()), zmq::send_flags::sndmore);
     broker.send(core::message_of(env), zmq::send_flags::none);
-  };
+  }
+
+  zmq::context_t ctx;
+  zmq::socket_t broker;
+  core::peer_link link;
+  zmq::message_t who;  // the link's routing id, from its last message
+};
+
+TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
+  link_with_fake_broker fake{"inproc://fake-broker"};
+  auto& link = fake.link;
+  ASSERT_TRUE(fake.next_hello());
+  auto send = [&](const Envelope& env) { fake.send(env); };
   Envelope beat;
   beat.mutable_heartbeat();
   Envelope reply;
@@ -2612,24 +2643,11 @@ TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
 // (the Welcome's `sent`, then each message but a Welcome); the broker's say
 // how much of what the link sent after its Hello it read.
 TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
-  zmq::context_t ctx;
-  zmq::socket_t broker{ctx, zmq::socket_type::router};
-  broker.bind("inproc://fake-broker-reads");
-  broker.set(zmq::sockopt::rcvtimeo, 3000);
-  core::peer_link_options o;
-  o.endpoint = "inproc://fake-broker-reads";
-  o.id = "gw-r";
-  o.role = proto::ROLE_GATEWAY;
-  core::peer_link link{ctx, o};
-  zmq::message_t who, message;
-  ASSERT_TRUE(broker.recv(who));
-  ASSERT_TRUE(broker.recv(message));
-  auto hello = proto::decode(message.to_string_view());
-  ASSERT_TRUE(hello && hello->has_hello());
-  auto send = [&](const Envelope& env) {
-    broker.send(zmq::buffer(who.to_string_view()), zmq::send_flags::sndmore);
-    broker.send(core::message_of(env), zmq::send_flags::none);
-  };
+  link_with_fake_broker fake{"inproc://fake-broker-reads"};
+  auto& link = fake.link;
+  auto hello = fake.next_hello();
+  ASSERT_TRUE(hello);
+  auto send = [&](const Envelope& env) { fake.send(env); };
   Envelope welcome;
   welcome.mutable_welcome()->set_incarnation(7);
   welcome.mutable_welcome()->set_hello(hello->hello().hello());
@@ -2652,11 +2670,7 @@ TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
     }
     link.send_bytes(proto::encode(emit_envelope("gw-other.s", "e", "[]")));  // never idle
     if (auto now = std::chrono::steady_clock::now(); now >= link.next_tick()) link.tick(now);
-    if (broker.recv(who, zmq::recv_flags::dontwait)) {
-      ASSERT_TRUE(broker.recv(message));
-      auto env = proto::decode(message.to_string_view());
-      if (env && env->has_heartbeat() && env->heartbeat().has_peer_read()) read_report = env;
-    }
+    if (auto env = fake.from_link(); env && env->has_heartbeat() && env->heartbeat().has_peer_read()) read_report = env;
     std::this_thread::sleep_for(5ms);
   }
   ASSERT_TRUE(read_report) << "no heartbeat said what the link read";
@@ -2675,28 +2689,10 @@ TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
 //   and "after".
 enum class tail_end { mark, no_mark, replaced_again };
 void tail_then_resent(tail_end end, std::vector<std::string>& read) {
-  zmq::context_t ctx;
-  zmq::socket_t broker{ctx, zmq::socket_type::router};
-  broker.set(zmq::sockopt::router_handover, 1);  // as the real broker's: a new socket takes the id
-  broker.bind("inproc://fake-broker-tail");
-  broker.set(zmq::sockopt::rcvtimeo, 3000);
-  core::peer_link_options o;
-  o.endpoint = "inproc://fake-broker-tail";
-  o.id = "gw-t";
-  o.role = proto::ROLE_GATEWAY;
-  core::peer_link link{ctx, o};
-  zmq::message_t who, message;
-  auto next_hello = [&]() -> std::optional<Envelope> {
-    while (broker.recv(who)) {
-      if (!broker.recv(message)) break;
-      if (auto env = proto::decode(message.to_string_view()); env && env->has_hello()) return env;
-    }
-    return std::nullopt;
-  };
-  auto send = [&](const Envelope& env) {
-    broker.send(zmq::buffer(who.to_string_view()), zmq::send_flags::sndmore);
-    broker.send(core::message_of(env), zmq::send_flags::none);
-  };
+  link_with_fake_broker fake{"inproc://fake-broker-tail"};
+  auto& link = fake.link;
+  auto next_hello = [&] { return fake.next_hello(); };
+  auto send = [&](const Envelope& env) { fake.send(env); };
   auto reply = [](std::string id) {
     Envelope env;
     env.mutable_reply()->set_id(std::move(id));
