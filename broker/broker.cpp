@@ -23,7 +23,7 @@ constexpr const char* outcome_names[] = {"dispatched", "ok",          "error",  
 constexpr const char* drop_reason_names[] = {"malformed",   "unknown_peer",  "not_allowed", "bad_hello",
                                              "foreign_id",  "foreign_sid",   "duplicate",   "not_holder",
                                              "not_requester", "unroutable",  "hwm",         "unreachable",
-                                             "curve_refused", "service_limit"};
+                                             "curve_refused", "service_limit", "standby"};
 
 outcome outcome_of(proto::Code code) {
   switch (code) {
@@ -77,6 +77,14 @@ struct broker::metrics {
                              "away was not counted against the peers")},
         events{
             core::counter(r, "sidecast_broker_events_total", "Room and broadcast events forwarded from XSUB to XPUB")},
+        pair_state{core::gauges(r, "sidecast_broker_pair_state",
+                                "Of a broker pair (--pair): 1 for the state this broker is in (primary and backup: "
+                                "starting, undecided; active; passive), 0 for the others")},
+        pair_term{core::gauge(r, "sidecast_broker_pair_term",
+                              "Of a broker pair: the term of this broker's last activation (0: never active)")},
+        pair_activations{core::counter(r, "sidecast_broker_pair_activations_total",
+                                       "Of a broker pair: times this broker became active (at start, or taking "
+                                       "over from the other)")},
         queue_depth{core::gauges(r, "sidecast_broker_queue_depth", "Requests waiting for a worker, by service")},
         workers{core::gauges(r, "sidecast_broker_workers", "Live workers that take new requests, by service")},
         draining{core::gauges(r, "sidecast_broker_draining_workers",
@@ -127,6 +135,9 @@ struct broker::metrics {
   prometheus::Gauge& kept_sent_bytes;
   prometheus::Counter& stalls;
   prometheus::Counter& events;
+  prometheus::Family<prometheus::Gauge>& pair_state;
+  prometheus::Gauge& pair_term;
+  prometheus::Counter& pair_activations;
   prometheus::Family<prometheus::Gauge>& queue_depth;
   prometheus::Family<prometheus::Gauge>& workers;
   prometheus::Family<prometheus::Gauge>& draining;
@@ -178,7 +189,10 @@ broker::~broker() = default;
 void broker::bind() {
   if (!config_.curve_secret.empty()) {
     // The ZAP handler first: CURVE handshakes ask it about every peer.
-    zap_ = std::make_unique<core::zap_handler>(context_, config_.curve_allow);
+    auto allowed = config_.curve_allow;
+    // A pair's two brokers share the key pair: the other's pair SUB comes with it.
+    if (!config_.pair_role.empty()) allowed.push_back(core::curve_public_of(config_.curve_secret));
+    zap_ = std::make_unique<core::zap_handler>(context_, allowed);
     for (auto* s : {&router_, &xsub_, &xpub_}) core::apply_server(*s, config_.curve_secret);
     spdlog::info("CURVE on: {} allowed peer keys; broker public key {}", config_.curve_allow.size(),
                  core::curve_public_of(config_.curve_secret));
@@ -197,14 +211,36 @@ void broker::bind() {
   xsub_.set(zmq::sockopt::maxmsgsize, config_.max_message_bytes);
   xsub_.bind(config_.xsub_endpoint);
   // Publishers send everything to the broker; gateways' subscriptions are
-  // applied here, at the XPUB, so a join takes effect after one hop.
-  const char subscribe_all = 1;
-  xsub_.send(zmq::buffer(&subscribe_all, 1));
+  // applied here, at the XPUB, so a join takes effect after one hop. A
+  // pair's broker subscribes while it is active only: publishers connected
+  // to both send the other nothing (their PUB filters).
+  if (config_.pair_role.empty()) subscribe_events(true);
   xpub_.set(zmq::sockopt::sndhwm, config_.sndhwm);
   xpub_.set(zmq::sockopt::linger, 0);
   xpub_.set(zmq::sockopt::maxmsgsize, config_.max_message_bytes);  // subscriptions
   xpub_.bind(config_.xpub_endpoint);
   if (!config_.local_endpoint.empty()) local_ = std::make_unique<core::local_router>(config_.local_endpoint);
+  if (!config_.pair_role.empty()) {
+    pair_pub_ = zmq::socket_t{context_, zmq::socket_type::pub};
+    pair_pub_.set(zmq::sockopt::linger, 0);
+    pair_pub_.set(zmq::sockopt::sndhwm, 16);  // a state older than the next is worth nothing
+    if (!config_.curve_secret.empty()) core::apply_server(pair_pub_, config_.curve_secret);
+    pair_pub_.bind(config_.pair_bind);
+    pair_sub_ = zmq::socket_t{context_, zmq::socket_type::sub};
+    pair_sub_.set(zmq::sockopt::linger, 0);
+    pair_sub_.set(zmq::sockopt::rcvhwm, 16);
+    pair_sub_.set(zmq::sockopt::maxmsgsize, std::int64_t{4096});
+    if (!config_.curve_secret.empty()) {
+      // The two share one key pair (gateways and workers know one broker
+      // key), and each admits its own public key: the other's SUB.
+      core::apply(pair_sub_, core::curve_client{config_.curve_secret, core::curve_public_of(config_.curve_secret)});
+    }
+    pair_sub_.set(zmq::sockopt::subscribe, "");
+    pair_sub_.connect(config_.pair_connect);
+    pair_.emplace(config_.pair_role == "primary", config_.heartbeat_interval, clock::now());
+    spdlog::info("broker {} is the {} of a pair: state on {}, the other's from {}", config_.id, config_.pair_role,
+                 config_.pair_bind, config_.pair_connect);
+  }
   spdlog::info("broker {} listening: router {}, xsub {}, xpub {}{}{}", config_.id, config_.router_endpoint,
                config_.xsub_endpoint, config_.xpub_endpoint, local_ ? ", local " : "", config_.local_endpoint);
 }
@@ -260,10 +296,18 @@ void broker::publish_status(clock::time_point now) {
                                     {"workers", table_.workers(name)},
                                     {"draining", table_.draining_workers(name)},
                                     {"queued", table_.queued(name)}});
-  auto text = json::serialize(json::object{{"broker", config_.id},
-                                           {"in_flight", table_.in_flight()},
-                                           {"peers", std::move(peers)},
-                                           {"services", std::move(services)}});
+  json::object status{{"broker", config_.id},
+                      {"in_flight", table_.in_flight()},
+                      {"peers", std::move(peers)},
+                      {"services", std::move(services)}};
+  if (pair_) {
+    status["pair"] = json::object{{"role", config_.pair_role},
+                                  {"state", name_of(pair_->current())},
+                                  {"term", pair_->term()},
+                                  {"other_heard_ms_ago", millis(now - (pair_->peer_expiry() -
+                                                                       2 * config_.heartbeat_interval))}};
+  }
+  auto text = json::serialize(status);
   std::lock_guard lock{status_mutex_};
   status_ = std::move(text);
 }
@@ -281,6 +325,7 @@ void broker::open_input() {
   wake_in_ = input_.add(wakeup_.fd());
   if (zap_) zap_in_ = input_.add(zap_->socket());
   if (local_) local_in_ = input_.add(local_->fd(), [this] { return local_->has_input(); });
+  if (pair_) pair_in_ = input_.add(pair_sub_);
   next_tick_ = clock::now();
   now_ = next_tick_;
 }
@@ -341,6 +386,7 @@ void broker::after_wait() {
   }
   if (input_.ready(wake_in_)) wakeup_.drain();
   if (zap_ && input_.ready(zap_in_) && !zap_->handle()) metrics_->drop(drop_reason::curve_refused).Increment();
+  if (pair_ && input_.ready(pair_in_)) receive_pair();  // before peers: the other's state decides for them
   bool received = false;
   if (input_.ready(router_in_)) {
     receive_router();
@@ -398,6 +444,7 @@ void broker::receive_local() {
 
 void broker::on_router_message(std::string_view routing_id_view, zmq::message_t& payload) {
   ++stats_.received;
+  if (pair_ && !pair_->active() && !serve_as_pair(routing_id_view)) return;
   auto bytes = payload.to_string_view();
   // Requests and replies, nearly all the traffic, are routed from a peek at
   // their wire bytes; the rest is parsed on an arena whose first block is a
@@ -1136,6 +1183,108 @@ void broker::remove_peer(const std::string& routing_id) {
 // Heartbeat with a number it sends back at once), and what we send it is
 // parked until the answer or its Hello comes: either comes on the
 // connection that reaches it.
+// --- A broker pair (pair.hpp) ---
+
+void broker::subscribe_events(bool on) {
+  const char all = on ? 1 : 0;  // XSUB: 1 subscribes, 0 unsubscribes, the topic follows (none: all)
+  xsub_.send(zmq::buffer(&all, 1));
+}
+
+bool broker::serve_as_pair(std::string_view routing_id) {
+  pair_fsm::change c;
+  if (pair_->on_client(now_, c)) {
+    on_pair_change(c);
+    return true;
+  }
+  // Told at once, rather than left to find this broker silent: a link that
+  // knows the other goes there (Error STANDBY). Not a made-up id: nobody
+  // reads that pipe (see on_router_message).
+  if (!routing_id.empty() && routing_id.front() != '\0')
+    send_error(std::string{routing_id}, proto::STANDBY,
+               "broker " + config_.id + " is the pair's " + std::string{name_of(pair_->current())} +
+                   " broker: the other one serves");
+  drop(drop_reason::standby, routing_id);
+  return false;
+}
+
+void broker::send_pair_state() {
+  proto::PairState state;
+  switch (pair_->current()) {
+    case pair_fsm::state::primary: state.set_state(proto::PairState::PRIMARY); break;
+    case pair_fsm::state::backup: state.set_state(proto::PairState::BACKUP); break;
+    case pair_fsm::state::active: state.set_state(proto::PairState::ACTIVE); break;
+    case pair_fsm::state::passive: state.set_state(proto::PairState::PASSIVE); break;
+  }
+  state.set_term(pair_->term());
+  state.set_broker_id(config_.id);
+  zmq::message_t message{state.ByteSizeLong()};
+  state.SerializeWithCachedSizesToArray(static_cast<std::uint8_t*>(message.data()));
+  pair_pub_.send(message, zmq::send_flags::dontwait);  // PUB never blocks; a full pipe drops it
+  for (auto s : {pair_fsm::state::primary, pair_fsm::state::backup, pair_fsm::state::active,
+                 pair_fsm::state::passive})
+    metrics_->pair_state.Add({{"state", std::string{name_of(s)}}}).Set(pair_->current() == s ? 1 : 0);
+  metrics_->pair_term.Set(static_cast<double>(pair_->term()));
+}
+
+void broker::receive_pair() {
+  for (std::size_t i = 0; i < config_.batch; ++i) {
+    zmq::message_t message;
+    if (!pair_sub_.recv(message, zmq::recv_flags::dontwait)) return;
+    proto::PairState state;
+    if (message.more() || !state.ParseFromArray(message.data(), static_cast<int>(message.size()))) {
+      while (message.more() && pair_sub_.recv(message, zmq::recv_flags::dontwait)) {
+      }
+      drop(drop_reason::malformed, "pair state");
+      continue;
+    }
+    pair_fsm::state theirs;
+    switch (state.state()) {
+      case proto::PairState::PRIMARY: theirs = pair_fsm::state::primary; break;
+      case proto::PairState::BACKUP: theirs = pair_fsm::state::backup; break;
+      case proto::PairState::ACTIVE: theirs = pair_fsm::state::active; break;
+      case proto::PairState::PASSIVE: theirs = pair_fsm::state::passive; break;
+      default: drop(drop_reason::malformed, "pair state"); continue;
+    }
+    on_pair_change(pair_->on_peer(theirs, state.term(), now_));
+  }
+}
+
+void broker::on_pair_change(const pair_fsm::change& c) {
+  if (!c) return;
+  if (!c.changed) {  // about the pair's configuration
+    if (log_limit_.allow()) spdlog::error("broker pair: {}", c.why);
+    return;
+  }
+  if (c.activated || c.stepped_down) spdlog::warn("broker pair: {} (term {})", c.why, pair_->term());
+  else spdlog::info("broker pair: {}", c.why);
+  if (c.activated) {
+    // What peers sent the other is not here: they learn so from the new
+    // incarnation in the Welcome (requests it held end BROKER_LOST).
+    incarnation_ = core::draw_incarnation();
+    metrics_->pair_activations.Increment();
+    subscribe_events(true);
+  }
+  if (c.stepped_down) {
+    subscribe_events(false);
+    forget_everything();
+  }
+  send_pair_state();  // the other hears at once, not at the next tick
+  publish_status(now_);
+}
+
+void broker::forget_everything() {
+  for (const auto& [id, p] : peers_)
+    send_error(id, proto::STANDBY, "broker " + config_.id + " stepped down: the other one of the pair serves");
+  spdlog::warn("broker pair: forgetting {} peers and {} requests", peers_.size(), table_.in_flight());
+  for (const auto& service : table_.services()) metrics_->forget(service);
+  table_ = service_table{config_.limits};
+  peers_.clear();
+  parked_.clear();
+  parked_count_ = 0;
+  metrics_->parked.Set(0);
+  suspects_.clear();
+}
+
 void broker::check_stall(clock::time_point now) {
   auto late = now - next_tick_;
   if (next_tick_ == clock::time_point{} || late <= config_.heartbeat_interval) return;
@@ -1235,6 +1384,7 @@ void broker::forget_old_sends(clock::time_point now) {
 }
 
 void broker::tick(clock::time_point now) {
+  if (pair_) send_pair_state();
   metrics_->dispatch_batch.flush();
   metrics_->request_batch.flush();
   if (!suspects_.empty()) {

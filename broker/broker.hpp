@@ -14,11 +14,13 @@
 #include <string>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
 #include <zmq.hpp>
 
+#include "broker/pair.hpp"
 #include "broker/service_table.hpp"
 #include "core/curve.hpp"
 #include "core/input_reactor.hpp"
@@ -54,6 +56,13 @@ struct broker_config {
   // (send_unread()). 0: none.
   std::size_t kept_sent = 4096;
   std::size_t kept_sent_bytes = 1 << 20;
+  // A broker pair (pair.hpp, docs/deployment.md "A broker pair"): "primary"
+  // or "backup"; empty: a broker alone. Its state goes out on a PUB bound
+  // at `pair_bind`, the other's comes on a SUB connected to `pair_connect`.
+  // With CURVE the two share one key pair (curve_secret).
+  std::string pair_role;
+  std::string pair_bind;
+  std::string pair_connect;
   std::string curve_secret;               // set: CURVE on every socket, only `curve_allow` keys admitted
   std::vector<std::string> curve_allow;   // Z85 public keys of gateways and workers
 };
@@ -139,6 +148,17 @@ class broker {
   void on_router_message(std::string_view routing_id, zmq::message_t& payload);
   void on_hello(const std::string& routing_id, const proto::Hello& hello, clock::time_point now);
   void check_stall(clock::time_point now);
+  /// Of a pair, not active: whether the message from `routing_id` is
+  /// served (it may make this broker active); if not, the peer is told
+  /// to go to the other (Error STANDBY).
+  bool serve_as_pair(std::string_view routing_id);
+  void receive_pair();
+  void subscribe_events(bool on);
+  void send_pair_state();
+  void on_pair_change(const pair_fsm::change& c);
+  /// Stepping down: every peer is told to go to the other broker, and
+  /// all this broker held is forgotten (they count it lost there).
+  void forget_everything();
   void trust(const std::string& who, const char* how);
   /// Ends the suspicion of `who`, counted by `how`; false when it had none.
   bool clear_suspicion(const std::string& who, const char* how);
@@ -210,6 +230,7 @@ class broker {
     unreachable,
     curve_refused,
     service_limit,
+    standby,
     count
   };
   void drop(drop_reason reason, std::string_view detail);
@@ -224,7 +245,10 @@ class broker {
   std::unique_ptr<core::local_router> local_;  // config_.local_endpoint's connections
   core::input_wait input_;  // the loop's wait on the sockets above
   std::unique_ptr<core::input_reactor> reactor_;  // run_on() only
-  std::size_t router_in_ = 0, xsub_in_ = 0, xpub_in_ = 0, wake_in_ = 0, zap_in_ = 0, local_in_ = 0;
+  std::optional<pair_fsm> pair_;  // config_.pair_role set
+  zmq::socket_t pair_pub_;
+  zmq::socket_t pair_sub_;
+  std::size_t router_in_ = 0, xsub_in_ = 0, xpub_in_ = 0, wake_in_ = 0, zap_in_ = 0, local_in_ = 0, pair_in_ = 0;
   std::atomic<bool> stopping_{false};
   std::atomic<std::int64_t> last_turn_ns_{0};
 
@@ -262,9 +286,10 @@ class broker {
   // start time keeps a restarted broker of the same id from repeating an id
   // a worker may still hold.
   std::string owed_prefix_;
-  // Drawn at start, never 0, sent in every Welcome: a peer that meets a new
-  // one knows what it sent this broker's predecessor is gone.
-  const std::uint64_t incarnation_;
+  // Drawn at start (and at each activation of a pair's broker), never 0,
+  // sent in every Welcome: a peer that meets a new one knows what it sent
+  // this broker's predecessor (or the other of the pair) is gone.
+  std::uint64_t incarnation_;
   std::uint64_t next_owed_ = 0;
   broker_stats stats_;
   core::log_limiter log_limit_;

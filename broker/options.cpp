@@ -43,6 +43,19 @@ void add_options(CLI::App& app, broker_config& c) {
       ->capture_default_str();
   app.add_option("--kept-sent-bytes", c.kept_sent_bytes, "Bytes those kept messages may hold, per peer")
       ->capture_default_str();
+  auto* pair = app.add_option("--pair", c.pair_role,
+                              "This broker's place in a primary/backup pair (Binary Star): primary or backup. "
+                              "Gateways and workers given both (--broker, --backup-broker) use the active one and "
+                              "move to the other when it goes silent; there is no fail-back. With CURVE, both brokers take "
+                              "the same --curve-secret")
+                   ->check(CLI::IsMember({"primary", "backup"}));
+  auto* pair_bind = app.add_option("--pair-bind", c.pair_bind,
+                                   "PUB endpoint this broker of a pair says its state on, every heartbeat interval");
+  auto* pair_connect =
+      app.add_option("--pair-connect", c.pair_connect, "The other broker's --pair-bind endpoint");
+  pair->needs(pair_bind)->needs(pair_connect);
+  pair_bind->needs(pair);
+  pair_connect->needs(pair);
   app.add_option("--curve-secret", c.curve_secret,
                  "Broker's CURVE secret key (Z85): encrypts every socket and admits only --curve-allow keys");
   app.add_option("--curve-allow", c.curve_allow, "Public key (Z85) of a gateway or worker allowed in (repeatable)");

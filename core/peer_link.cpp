@@ -14,6 +14,8 @@ peer_link::peer_link(zmq::context_t& context, peer_link_options options)
       own_incarnation_{draw_incarnation()},
       interval_{options_.heartbeat_interval},
       liveness_{options_.heartbeat_liveness} {
+  if (is_local_endpoint(options_.backup_endpoint))
+    throw std::invalid_argument("a broker pair's backup cannot be local://: " + options_.backup_endpoint);
   connect();
 }
 
@@ -40,7 +42,7 @@ void peer_link::connect() {
   socket_.set(zmq::sockopt::sndhwm, options_.sndhwm);
   socket_.set(zmq::sockopt::rcvhwm, options_.rcvhwm);
   apply(socket_, options_.curve);
-  socket_.connect(options_.endpoint);
+  socket_.connect(endpoint());
   start();
 }
 
@@ -51,6 +53,7 @@ void peer_link::hook(ring_hook h) {
 
 void peer_link::start() {
   welcomed_ = false;
+  standby_ = false;
   auto now = clock::now();
   broker_expiry_ = now + interval_ * liveness_;
   next_heartbeat_ = now + interval_;
@@ -94,7 +97,7 @@ void peer_link::goodbye(std::chrono::milliseconds linger) {
 }
 
 void peer_link::heard_from_broker(clock::time_point now) {
-  broker_expiry_ = now + interval_ * liveness_;
+  broker_expiry_ = standby_ ? standby_expiry_ : now + interval_ * liveness_;
 }
 
 std::optional<proto::Envelope> peer_link::receive() {
@@ -172,7 +175,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         // one would come too late for the broker's liveness check.
         next_heartbeat_ = std::min(next_heartbeat_, now + interval_);
         heard_from_broker(now);
-        if (!welcomed_) spdlog::info("connected to broker {} at {}", w.broker_id(), options_.endpoint);
+        if (!welcomed_) spdlog::info("connected to broker {} at {}", w.broker_id(), endpoint());
         welcomed_ = true;
         // A broker that is not the one before: what we sent that one before
         // our first Hello to this one is gone with it. (A broker of a build
@@ -223,6 +226,20 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         // A broker of a build before Drain refuses it (BAD_REQUEST), in
         // order on the pipe, as a later broker confirms it.
         if (draining_ && !drain_confirmed_ && env.error().code() == proto::BAD_REQUEST) drain_confirmed_ = true;
+        if (env.error().code() == proto::STANDBY) {
+          // The standby of a pair (or one that stepped down): the other
+          // serves. Moved to after an interval, not at once, so that two
+          // brokers that both refuse (the pair deciding) are not
+          // alternated in a loop.
+          if (!standby_) {
+            standby_ = true;
+            standby_expiry_ = now + interval_;
+            welcomed_ = false;
+            if (log_limit_.allow()) spdlog::info("broker at {}: {}", endpoint(), env.error().message());
+          }
+          broker_expiry_ = standby_expiry_;
+          continue;
+        }
         if (env.error().code() == proto::NOT_REGISTERED) {
           // The broker restarted and the connection came back by itself.
           welcomed_ = false;
@@ -311,7 +328,13 @@ void peer_link::tick(clock::time_point now) {
     broker_expiry_ = std::clamp(broker_expiry_ + late, now + interval_, now + interval_ * liveness_);
   }
   if (now >= broker_expiry_) {
-    if (welcomed_) spdlog::warn("broker at {} went silent; reconnecting", options_.endpoint);
+    const auto& from = endpoint();
+    if (!options_.backup_endpoint.empty()) on_backup_ = !on_backup_;
+    if (standby_)
+      spdlog::info("broker at {} is a standby; trying {}", from, endpoint());
+    else if (welcomed_ || !options_.backup_endpoint.empty())
+      spdlog::warn("broker at {} went silent; {} {}", from,
+                   options_.backup_endpoint.empty() ? "reconnecting to" : "trying", endpoint());
     ++stats_.reconnects;
     connect();
     return;

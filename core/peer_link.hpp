@@ -31,6 +31,11 @@ using clock = std::chrono::steady_clock;
 
 struct peer_link_options {
   std::string endpoint;  // the broker's ROUTER endpoint, or its local:// name
+  // The other broker of a primary/backup pair (docs/deployment.md, "A broker
+  // pair"; not local://): the link moves between the two when the one it is
+  // on goes silent for its liveness, or says it is the standby (Error
+  // STANDBY; then after an interval). Empty: one broker.
+  std::string backup_endpoint;
   std::string id;        // routing id, sid prefix for gateways; valid_peer_id()
   proto::Role role = proto::ROLE_WORKER;
   std::vector<std::pair<std::string, unsigned>> services;  // workers: name, capacity
@@ -154,6 +159,8 @@ class peer_link {
   std::uint64_t welcomed_hello() const { return welcome_hello_; }
   const peer_link_stats& stats() const { return stats_; }
   const peer_link_options& options() const { return options_; }
+  /// The endpoint the link is on now: options().endpoint or its backup_endpoint.
+  const std::string& endpoint() const { return on_backup_ ? options_.backup_endpoint : options_.endpoint; }
 
  private:
   void connect();
@@ -199,6 +206,11 @@ class peer_link {
   std::chrono::milliseconds interval_;
   unsigned liveness_;
   clock::time_point broker_expiry_;
+  bool on_backup_ = false;  // connected to options_.backup_endpoint
+  // The broker said it is a pair's standby (Error STANDBY): the link moves
+  // on at `standby_expiry_`, whatever else that broker sends.
+  bool standby_ = false;
+  clock::time_point standby_expiry_{};
   clock::time_point next_heartbeat_;
   peer_link_stats stats_;
   log_limiter log_limit_;

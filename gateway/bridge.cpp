@@ -375,6 +375,7 @@ void bridge::open() {
   try {
     core::peer_link_options lo;
     lo.endpoint = config_.broker;
+    lo.backup_endpoint = config_.backup_broker;
     lo.id = id_;
     lo.role = proto::ROLE_GATEWAY;
     lo.heartbeat_interval = config_.heartbeat_interval;
@@ -393,6 +394,9 @@ void bridge::open() {
     sub_->set(zmq::sockopt::rcvhwm, config_.hwm);
     core::apply(*sub_, lo.curve);
     sub_->connect(config_.events);
+    // Of a pair, only the active broker publishes (and only to it do the
+    // workers send): subscribed at both, the gateway hears whichever it is.
+    if (!config_.backup_events.empty()) sub_->connect(config_.backup_events);
     timer_.emplace(*ex_);
   } catch (const std::exception& e) {
     spdlog::critical("gateway bridge failed: {}", e.what());

@@ -31,6 +31,11 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--http", c.http, "HOST:PORT to serve HTTP and WebSocket on")->capture_default_str();
   app.add_option("--broker", c.broker, "Broker ROUTER endpoint")->capture_default_str();
   app.add_option("--events", c.events, "Broker XPUB endpoint (room events)")->capture_default_str();
+  auto* backup = app.add_option("--backup-broker", c.backup_broker,
+                                "The other broker of a primary/backup pair (its ROUTER): the gateway uses the "
+                                "active one of the two");
+  app.add_option("--backup-events", c.backup_events, "The other broker's XPUB endpoint")->needs(backup);
+  backup->needs("--backup-events");
   app.add_option("--threads", c.threads, "I/O threads, one io_context each (0: cores)")->capture_default_str();
   app.add_option("--io-uring", c.io_uring,
                  "Make the reads and writes of WebSocket connections that are ready together in one io_uring_enter "

@@ -22,6 +22,8 @@ struct gateway_config {
   std::string http = "127.0.0.1:8080";            // HOST:PORT to listen on
   std::string broker = "tcp://127.0.0.1:7700";    // the broker's ROUTER
   std::string events = "tcp://127.0.0.1:7702";    // the broker's XPUB
+  std::string backup_broker;                      // a broker pair's other ROUTER (empty: one broker)
+  std::string backup_events;                      // its XPUB
   unsigned threads = 0;                           // io_context threads; 0: cores
   bool io_uring = true;                           // batch WebSocket reads and writes through io_uring when the kernel allows
   std::chrono::milliseconds ping_interval{25000};

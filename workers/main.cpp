@@ -27,6 +27,11 @@ int main(int argc, char** argv) {
   app.add_option("--id", options.id, "Worker id (default w-<host>-<pid>)");
   app.add_option("--broker", options.broker, "Broker ROUTER endpoint")->capture_default_str();
   app.add_option("--publish", options.publish, "Broker XSUB endpoint for room events")->capture_default_str();
+  auto* backup = app.add_option("--backup-broker", options.backup_broker,
+                                "The other broker of a primary/backup pair (its ROUTER): the worker uses the "
+                                "active one of the two");
+  app.add_option("--backup-publish", options.backup_publish, "The other broker's XSUB endpoint")->needs(backup);
+  backup->needs("--backup-publish");
   core::add_millis(app, "--heartbeat-interval", options.heartbeat_interval,
                    "Heartbeat interval until the broker's Welcome, ms");
   app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();

@@ -399,5 +399,183 @@ TEST(Processes, WorkerMetricsAndHealth) {
   EXPECT_EQ(scrape(worker_http, "sidecast_worker_connected"), 0.0);
 }
 
+
+// --- A broker pair (Binary Star: broker/pair.hpp, docs/deployment.md) ---
+
+struct pair_ports {
+  ports primary, backup;
+  int primary_pair = free_port(), backup_pair = free_port();
+};
+
+std::vector<std::string> pair_broker_args(const pair_ports& pp, bool primary) {
+  const auto& mine = primary ? pp.primary : pp.backup;
+  auto args = broker_args(mine);
+  args.insert(args.end(), {"--id", primary ? "primary" : "backup", "--pair", primary ? "primary" : "backup",
+                           "--pair-bind", mine.endpoint(primary ? pp.primary_pair : pp.backup_pair),
+                           "--pair-connect", mine.endpoint(primary ? pp.backup_pair : pp.primary_pair)});
+  return args;
+}
+
+std::vector<std::string> pair_worker_args(const pair_ports& pp, const std::string& id) {
+  auto args = worker_args(pp.primary, id);
+  args.insert(args.end(), {"--backup-broker", pp.backup.endpoint(pp.backup.router), "--backup-publish",
+                           pp.backup.endpoint(pp.backup.xsub)});
+  return args;
+}
+
+// The broker's /status "pair" object: {"role", "state", "term", ...}; null
+// when it does not answer.
+boost::json::value pair_status(int http_port) {
+  auto [code, body] = http_get(http_port, "/status");
+  if (code != 200) return nullptr;
+  boost::system::error_code ec;
+  auto v = boost::json::parse(body, ec);
+  if (ec || !v.is_object() || !v.as_object().contains("pair")) return nullptr;
+  return v.as_object().at("pair");
+}
+
+bool pair_state_is(int http_port, std::string_view state) {
+  auto p = pair_status(http_port);
+  return p.is_object() && p.as_object().at("state").as_string() == state;
+}
+
+std::uint64_t pair_term(int http_port) {
+  auto p = pair_status(http_port);
+  return p.is_object() ? p.as_object().at("term").to_number<std::uint64_t>() : 0;
+}
+
+// A client on a link that knows both brokers of the pair, driven by the test.
+class pair_client {
+ public:
+  pair_client(zmq::context_t& ctx, const pair_ports& pp) : link_{ctx, options(pp)} {}
+
+  /// One echo request through whichever broker the link is on; its reply,
+  /// or nullopt after a second (sent to a standby, or one that died).
+  std::optional<proto::Reply> echo() {
+    Envelope env;
+    auto* r = env.mutable_request();
+    auto id = "c1:" + std::to_string(++next_);
+    r->set_id(id);
+    r->set_service("echo");
+    r->set_event("echo");
+    r->set_args("[" + std::to_string(next_) + "]");
+    r->set_wants_reply(true);
+    r->set_timeout_ms(1000);
+    link_.send(env);
+    auto until = std::chrono::steady_clock::now() + 1s;
+    while (std::chrono::steady_clock::now() < until) {
+      if (auto now = std::chrono::steady_clock::now(); now >= link_.next_tick()) link_.tick(now);
+      while (auto got = link_.receive())
+        if (got->has_reply() && got->reply().id() == id) return got->reply();
+      std::this_thread::sleep_for(5ms);
+    }
+    return std::nullopt;
+  }
+  /// True once an echo comes back OK, within `limit`.
+  bool served(std::chrono::milliseconds limit) {
+    return eventually([&] {
+      auto r = echo();
+      return r && r->code() == proto::OK;
+    }, limit);
+  }
+  const core::peer_link& link() const { return link_; }
+
+ private:
+  static core::peer_link_options options(const pair_ports& pp) {
+    core::peer_link_options o;
+    o.endpoint = pp.primary.endpoint(pp.primary.router);
+    o.backup_endpoint = pp.backup.endpoint(pp.backup.router);
+    o.id = "c1";
+    o.role = proto::ROLE_CLIENT;
+    o.heartbeat_interval = 100ms;
+    return o;
+  }
+  core::peer_link link_;
+  int next_ = 0;
+};
+
+// A raw peer's Hello to a broker that does not serve: Error STANDBY.
+bool refuses_as_standby(zmq::context_t& ctx, const ports& p) {
+  peer raw{ctx, p.endpoint(p.router), "raw"};
+  raw.send_hello();
+  auto got = raw.next(Envelope::kError, 2s);
+  return got && got->error().code() == proto::STANDBY;
+}
+
+TEST(Processes, ABrokerPairFailsOverToTheBackupAndTheOldPrimaryComesBackPassive) {
+  pair_ports pp;
+  auto primary = std::make_unique<child>("sidecast-broker", pair_broker_args(pp, true));
+  child backup{"sidecast-broker", pair_broker_args(pp, false)};
+  child worker{"sidecast-worker", pair_worker_args(pp, "wp")};
+  zmq::context_t ctx{1};
+  pair_client client{ctx, pp};
+  ASSERT_TRUE(client.served(10s)) << "the pair never served";
+  EXPECT_EQ(client.link().endpoint(), pp.primary.endpoint(pp.primary.router));
+  EXPECT_TRUE(pair_state_is(pp.primary.http, "active"));
+  EXPECT_EQ(pair_term(pp.primary.http), 1u);
+  ASSERT_TRUE(eventually([&] { return pair_state_is(pp.backup.http, "passive"); }));
+  EXPECT_TRUE(refuses_as_standby(ctx, pp.backup)) << "the passive backup took a peer";
+
+  primary->kill(SIGKILL);
+  // The worker and the client find the primary silent after their liveness
+  // (3 × 100 ms), the backup has not heard it for two intervals: failover.
+  ASSERT_TRUE(client.served(15s)) << "no failover to the backup";
+  EXPECT_EQ(client.link().endpoint(), pp.backup.endpoint(pp.backup.router));
+  EXPECT_TRUE(pair_state_is(pp.backup.http, "active"));
+  EXPECT_EQ(pair_term(pp.backup.http), 2u);
+  EXPECT_EQ(scrape(pp.backup.http, "sidecast_broker_pair_activations_total"), 1.0);
+
+  // No fail-back: the primary, restarted, hears an active backup and waits.
+  primary = std::make_unique<child>("sidecast-broker", pair_broker_args(pp, true));
+  ASSERT_TRUE(eventually([&] { return pair_state_is(pp.primary.http, "passive"); }, 10s));
+  EXPECT_TRUE(refuses_as_standby(ctx, pp.primary)) << "the restarted primary took a peer";
+  EXPECT_TRUE(client.served(5s));
+  EXPECT_EQ(client.link().endpoint(), pp.backup.endpoint(pp.backup.router));
+  EXPECT_GE(scrape(pp.primary.http, "sidecast_broker_dropped_total{reason=\"standby\"}").value_or(0), 1.0);
+  EXPECT_EQ(backup.kill(SIGTERM), 0);
+  EXPECT_EQ(primary->kill(SIGTERM), 0);
+}
+
+// The active broker stopped (SIGSTOP: a paused VM, a partition) long enough
+// for the backup to take over, then resumed: two active brokers. The one
+// activated earlier (a lower term) steps down and tells its peers to go;
+// the pair serves on through the backup.
+TEST(Processes, AStalledActiveBrokerOfAPairStepsDownWhenItResumes) {
+  pair_ports pp;
+  child primary{"sidecast-broker", pair_broker_args(pp, true)};
+  child backup{"sidecast-broker", pair_broker_args(pp, false)};
+  child worker{"sidecast-worker", pair_worker_args(pp, "ws")};
+  zmq::context_t ctx{1};
+  pair_client client{ctx, pp};
+  ASSERT_TRUE(client.served(10s)) << "the pair never served";
+  ASSERT_EQ(::kill(primary.pid(), SIGSTOP), 0);
+  ASSERT_TRUE(client.served(15s)) << "no failover to the backup";
+  EXPECT_EQ(pair_term(pp.backup.http), 2u);
+  ASSERT_EQ(::kill(primary.pid(), SIGCONT), 0);
+  ASSERT_TRUE(eventually([&] { return pair_state_is(pp.primary.http, "passive"); }, 10s))
+      << "the resumed primary did not step down";
+  EXPECT_TRUE(pair_state_is(pp.backup.http, "active"));
+  EXPECT_TRUE(refuses_as_standby(ctx, pp.primary));
+  EXPECT_TRUE(client.served(5s));
+  EXPECT_EQ(client.link().endpoint(), pp.backup.endpoint(pp.backup.router));
+  EXPECT_EQ(backup.kill(SIGTERM), 0);
+  EXPECT_EQ(primary.kill(SIGTERM), 0);
+}
+
+// A backup that never heard an active primary never serves: started alone,
+// it refuses every peer, however long it waits (no split brain at start).
+TEST(Processes, ABackupThatNeverHeardThePrimaryServesNobody) {
+  pair_ports pp;
+  child backup{"sidecast-broker", pair_broker_args(pp, false)};
+  zmq::context_t ctx{1};
+  std::this_thread::sleep_for(500ms);  // past two of its 100 ms intervals
+  EXPECT_TRUE(refuses_as_standby(ctx, pp.backup));
+  EXPECT_TRUE(pair_state_is(pp.backup.http, "backup"));
+  // The primary comes: it is active within its first intervals, the backup passive.
+  child primary{"sidecast-broker", pair_broker_args(pp, true)};
+  EXPECT_TRUE(eventually([&] { return pair_state_is(pp.primary.http, "active"); }));
+  EXPECT_TRUE(eventually([&] { return pair_state_is(pp.backup.http, "passive"); }));
+}
+
 }  // namespace
 }  // namespace sidecast::test

@@ -19,7 +19,7 @@ import unittest
 
 import zmq
 
-from harness import WAIT, Broker, Peer, eventually, http_get
+from harness import WAIT, Broker, Peer, eventually, free_ports, http_get
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import Code, Service, Worker, namespace_topic, room_topic
 
@@ -1446,6 +1446,104 @@ class CurveTest(BrokerTest):
         w = Worker(self.broker.router, self.broker.xsub, worker_id="plain").add(Service("sealed"))
         self.workers.append(w.start())
         self.assertFalse(w.wait_connected(1.0))
+
+
+class BrokerPairTest(unittest.TestCase):
+    """A primary/backup broker pair (docs/deployment.md, "A broker pair"):
+    the worker knows both, uses the active one, and moves when it dies; its
+    room emits follow, since only the active broker subscribes to them."""
+
+    def setUp(self):
+        self.ctx = zmq.Context()
+        primary_pair, backup_pair = free_ports(2)
+
+        def pair(role, mine, other):
+            return ["--id", role, "--pair", role, "--pair-bind", f"tcp://127.0.0.1:{mine}",
+                    "--pair-connect", f"tcp://127.0.0.1:{other}"]
+        self.primary = Broker(200, extra=pair("primary", primary_pair, backup_pair))
+        self.backup = Broker(200, extra=pair("backup", backup_pair, primary_pair))
+        self.workers, self.peers = [], []
+        self.addCleanup(self.cleanup)
+
+    def cleanup(self):
+        for w in self.workers:
+            w.stop()
+        for p in self.peers:
+            p.close()
+        self.ctx.term()
+        failed = not getattr(self._outcome, "success", True)
+        for b in (self.primary, self.backup):
+            if failed:
+                print(f"--- broker output ({self.id()}):\n{b.process.output()}")
+            b.cleanup()
+
+    def peer(self, broker, peer_id, role=pb.ROLE_CLIENT):
+        p = Peer(self.ctx, broker.router, peer_id, role)
+        self.peers.append(p)
+        return p
+
+    def served_at(self, broker, peer_id):
+        """A client welcomed by ``broker`` whose echo the worker answers, within WAIT."""
+        c = self.peer(broker, peer_id)
+
+        def echo():
+            if not c.registered and not c.hello(0.5):
+                return False
+            reply = c.call("t", "echo", "[1]", timeout_ms=500)
+            return reply is not None and reply.code == pb.OK
+        return c if eventually(echo, WAIT * 2) else None
+
+    def test_the_worker_moves_to_the_backup_and_its_room_emits_follow(self):
+        svc = Service("t", capacity=2)
+        svc.on("echo", lambda req: req.reply(*req.args))
+        svc.on("say", lambda req: req.emit_to_room("lobby", "said", req.args[0]))
+        w = Worker(self.primary.router, self.primary.xsub, worker_id="pyp",
+                   backup_broker=self.backup.router, backup_publish=self.backup.xsub)
+        w.add(svc)
+        self.workers.append(w.start())
+        self.assertTrue(w.wait_connected(WAIT))
+        self.assertIsNotNone(self.served_at(self.primary, "c1"), "the primary did not serve")
+
+        # The passive backup refuses a peer, and says so.
+        refused = self.peer(self.backup, "c2")
+        self.assertFalse(refused.hello(0.5))
+        self.assertIsNotNone(refused.next("error", 0.1, lambda e: e.error.code == Code.STANDBY))
+
+        # A gateway's SUB subscribed at both brokers, as a gateway's is.
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, room_topic("/", "lobby"))
+        sub.connect(self.primary.xpub)
+        sub.connect(self.backup.xpub)
+        self.addCleanup(sub.close, 0)
+
+        def said(client, text):
+            """True once `text` comes over the SUB, the say sent again until then."""
+            def once():
+                client.submit("t", "say", json.dumps([text]), sid=f"{client.id}.x", wants_reply=False)
+                while sub.poll(100, zmq.POLLIN):
+                    topic, body = sub.recv_multipart()
+                    env = pb.Envelope()
+                    env.ParseFromString(body)
+                    if args_of(env.emit) == [text]:
+                        return True
+                return False
+            return eventually(once, WAIT)
+
+        gw = self.peer(self.primary, "gwP", pb.ROLE_GATEWAY)
+        self.assertTrue(gw.hello())
+        self.assertTrue(said(gw, "before"), "a room emit did not come through the primary")
+        self.assertEqual(self.backup.metric("sidecast_broker_events_total") or 0, 0,
+                         "the passive backup was sent the worker's emits")
+
+        self.primary.kill()
+        c3 = self.served_at(self.backup, "c3")
+        self.assertIsNotNone(c3, "the worker did not move to the backup")
+        gw2 = self.peer(self.backup, "gwB", pb.ROLE_GATEWAY)
+        self.assertTrue(gw2.hello())
+        self.assertTrue(said(gw2, "after"), "a room emit did not come through the backup")
+        status = json.loads(http_get(self.backup.http_port, "/status")[1])
+        self.assertEqual((status["pair"]["state"], status["pair"]["term"]), ("active", 2))
 
 
 if __name__ == "__main__":

@@ -601,6 +601,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   void open_io() {
     core::peer_link_options lo;
     lo.endpoint = options.broker;
+    lo.backup_endpoint = options.backup_broker;
     lo.id = options.id;
     lo.role = proto::ROLE_WORKER;
     lo.heartbeat_interval = options.heartbeat_interval;
@@ -614,6 +615,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     pub.set(zmq::sockopt::sndhwm, options.hwm);
     core::apply(pub, lo.curve);
     if (!options.publish.empty()) pub.connect(options.publish);
+    // Of a pair, only the active broker subscribes: the PUB sends the other nothing.
+    if (!options.backup_publish.empty()) pub.connect(options.backup_publish);
     io->take = [this](std::string_view bytes) { return take_request(bytes); };
   }
 

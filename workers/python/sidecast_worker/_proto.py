@@ -34,6 +34,7 @@ class Code(enum.IntEnum):
     INTERNAL = 9
     CANCELLED = 10
     BROKER_LOST = 11
+    STANDBY = 12
 
 
 def code_of(value):

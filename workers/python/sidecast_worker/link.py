@@ -63,9 +63,17 @@ class BrokerReceived(NamedTuple):
 
 class PeerLink:
     def __init__(self, context, endpoint, peer_id, role=pb.ROLE_WORKER, services=(),
-                 heartbeat_interval=1.0, heartbeat_liveness=3, hwm=100000, curve=(None, None)):
+                 heartbeat_interval=1.0, heartbeat_liveness=3, hwm=100000, curve=(None, None),
+                 backup_endpoint=None):
         self.context = context
-        self.endpoint = endpoint
+        # The other broker of a primary/backup pair, if any: the link moves
+        # between the two when the one it is on goes silent for its
+        # liveness, or says it is the standby (Error STANDBY; then after an
+        # interval). `endpoint` is the one it is on.
+        self.endpoints = [endpoint] + ([backup_endpoint] if backup_endpoint else [])
+        self._at = 0
+        self._standby = False
+        self._standby_expiry = 0.0
         self.peer_id = peer_id
         self.role = role
         self.services = list(services)  # (name, capacity)
@@ -121,6 +129,11 @@ class PeerLink:
         self._connect()
 
     @property
+    def endpoint(self):
+        """The broker endpoint the link is on now."""
+        return self.endpoints[self._at]
+
+    @property
     def holding(self):
         """True from when the link replaces a socket a broker had welcomed
         until the broker welcomes the new one. What died in the old socket
@@ -174,6 +187,7 @@ class PeerLink:
         sock.connect(self.endpoint)
         self.socket = sock
         self.welcomed = False
+        self._standby = False
         now = time.monotonic()
         self._broker_expiry = now + self.interval * self.liveness
         self._next_heartbeat = now + self.interval
@@ -213,7 +227,7 @@ class PeerLink:
             except zmq.Again:
                 return None
             now = time.monotonic()
-            self._broker_expiry = now + self.interval * self.liveness
+            self._broker_expiry = self._standby_expiry if self._standby else now + self.interval * self.liveness
             if frames[0][:1] != b"\x12":  # every message but a Welcome (field 2, its tag 0x12) counts
                 if self._replaced_since_welcome:
                     self._read_tail += 1
@@ -293,6 +307,19 @@ class PeerLink:
                 # order on the pipe, as a later broker confirms it.
                 if self.draining and not self.drain_confirmed and env.error.code == Code.BAD_REQUEST:
                     self.drain_confirmed = True
+                if env.error.code == Code.STANDBY:
+                    # The standby of a pair (or one that stepped down): the
+                    # other serves. Moved to after an interval, not at once,
+                    # so that two brokers that both refuse (the pair
+                    # deciding) are not alternated in a loop.
+                    if not self._standby:
+                        self._standby = True
+                        self._standby_expiry = now + self.interval
+                        self.welcomed = False
+                        if self._log_limit.allow():
+                            log.info("broker at %s: %s", self.endpoint, env.error.message)
+                    self._broker_expiry = self._standby_expiry
+                    continue
                 if env.error.code == Code.NOT_REGISTERED:
                     # The broker restarted and the connection came back by itself.
                     self.welcomed = False
@@ -350,8 +377,13 @@ class PeerLink:
             self._broker_expiry = min(max(self._broker_expiry + late, now + self.interval),
                                       now + self.interval * self.liveness)
         if now >= self._broker_expiry:
-            if self.welcomed:
-                log.warning("broker at %s went silent; reconnecting", self.endpoint)
+            before = self.endpoint
+            self._at = (self._at + 1) % len(self.endpoints)
+            if self._standby:
+                log.info("broker at %s is a standby; trying %s", before, self.endpoint)
+            elif self.welcomed or len(self.endpoints) > 1:
+                log.warning("broker at %s went silent; %s %s", before,
+                            "trying" if len(self.endpoints) > 1 else "reconnecting to", self.endpoint)
             self.reconnects += 1
             self._connect()
             return

@@ -120,12 +120,13 @@ class _Core:
     def __init__(self, broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                  threads, outbox_limit, outbox_wait, pending_acks_limit, hwm, default_timeout,
                  curve, context, queue_limit, kept_replies, kept_reply_bytes, kept_notices,
-                 kept_notice_bytes):
+                 kept_notice_bytes, backup=(None, None)):
         self.worker_id = worker_id or codec.default_worker_id()
         if not codec.valid_peer_id(self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r} must be 1-64 bytes without '.' or ':'")
         self.broker = broker
         self.publish_endpoint = publish
+        self.backup_broker, self.backup_publish = backup  # a broker pair's other ROUTER and XSUB
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_liveness = heartbeat_liveness
         self.threads = threads
@@ -435,13 +436,16 @@ class _Core:
         try:
             link = PeerLink(self.context, self.broker, self.worker_id, pb.ROLE_WORKER,
                             [(s.name, s.capacity) for s in self.services.values()],
-                            self.heartbeat_interval, self.heartbeat_liveness, self.hwm, self.curve)
+                            self.heartbeat_interval, self.heartbeat_liveness, self.hwm, self.curve,
+                            backup_endpoint=self.backup_broker)
             pub = self.context.socket(zmq.PUB)
             pub.setsockopt(zmq.LINGER, 0)
             pub.setsockopt(zmq.SNDHWM, self.hwm)
             apply_curve(pub, *self.curve)
             if self.publish_endpoint:
                 pub.connect(self.publish_endpoint)
+            if self.backup_publish:  # of a pair, only the active broker subscribes: the other gets nothing
+                pub.connect(self.backup_publish)
             poller, polled, seen_reconnects, seen_received, seen_read = None, None, 0, 0, (0, 0)
             while not self.stopping.is_set():
                 if link.socket is not polled:
@@ -808,6 +812,9 @@ class Worker:
     (emits to a sid, joins, leaves; at most ``kept_notice_bytes`` bytes) are
     kept too: those that died in a socket this worker replaced go again
     once the broker says what it read; 0: none kept. ``context``: a zmq.Context to share (inproc).
+    ``backup_broker`` and ``backup_publish``: the other broker of a
+    primary/backup pair (its ROUTER and XSUB endpoints); the worker uses
+    whichever of the two is active (docs/deployment.md, "A broker pair").
     """
 
     def __init__(self, broker="tcp://127.0.0.1:7700", publish="tcp://127.0.0.1:7701", *,
@@ -815,13 +822,16 @@ class Worker:
                  outbox_limit=10000, outbox_wait=5.0, pending_acks_limit=10000, hwm=100000,
                  default_timeout=30.0, curve_secret=None, curve_server_key=None, context=None,
                  queue_limit=10000, kept_replies=1024, kept_reply_bytes=4 << 20,
-                 kept_notices=16384, kept_notice_bytes=8 << 20):
+                 kept_notices=16384, kept_notice_bytes=8 << 20, backup_broker=None, backup_publish=None):
         if queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
+        if bool(backup_broker) != bool(backup_publish):
+            raise ValueError("backup_broker and backup_publish go together (a broker pair's other ROUTER and XSUB)")
         self._core = _Core(broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
                            threads, outbox_limit, outbox_wait, pending_acks_limit, hwm,
                            default_timeout, (curve_secret, curve_server_key), context, queue_limit,
-                           kept_replies, kept_reply_bytes, kept_notices, kept_notice_bytes)
+                           kept_replies, kept_reply_bytes, kept_notices, kept_notice_bytes,
+                           (backup_broker, backup_publish))
 
     def __repr__(self):
         return f"<Worker {self.id} services={sorted(self._core.services)} connected={self.connected}>"

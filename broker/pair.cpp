@@ -1,0 +1,81 @@
+#include "broker/pair.hpp"
+
+#include <algorithm>
+
+namespace sidecast::broker {
+
+pair_fsm::pair_fsm(bool primary, clock::duration interval, clock::time_point now)
+    : primary_{primary},
+      interval_{interval},
+      state_{primary ? state::primary : state::backup},
+      peer_expiry_{now + 2 * interval} {}
+
+pair_fsm::change pair_fsm::activate(const char* why) {
+  term_ = std::max(term_, peer_term_) + 1;
+  state_ = state::active;
+  change c;
+  c.changed = c.activated = true;
+  c.why = why;
+  return c;
+}
+
+pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock::time_point now) {
+  peer_expiry_ = now + 2 * interval_;
+  peer_term_ = std::max(peer_term_, their_term);
+  change c;
+  auto go_passive = [&](const char* why) {
+    c.stepped_down = state_ == state::active;
+    c.changed = true;
+    state_ = state::passive;
+    c.why = why;
+  };
+  switch (state_) {
+    case state::primary:
+      if (theirs == state::backup) return activate("the backup is up: active");
+      if (theirs == state::active) go_passive("the backup is active: passive");
+      else if (theirs == state::primary) c.why = "the other broker is a primary too: check --pair on both";
+      break;
+    case state::backup:
+      if (theirs == state::active) go_passive("the primary is active: passive");
+      else if (theirs == state::backup) c.why = "the other broker is a backup too: check --pair on both";
+      break;
+    case state::active:
+      // Two active brokers: the later activation stays, the primary on a tie.
+      if (theirs == state::active && (term_ < their_term || (term_ == their_term && !primary_)))
+        go_passive("the other broker is active with a later term: passive");
+      break;
+    case state::passive:
+      if (theirs == state::primary || theirs == state::backup) return activate("the other broker restarted: active");
+      if (theirs == state::passive && primary_) return activate("both brokers were passive: the primary is active");
+      break;
+  }
+  return c;
+}
+
+bool pair_fsm::on_client(clock::time_point now, change& c) {
+  switch (state_) {
+    case state::active: return true;
+    case state::backup: return false;  // never before it has heard an active primary
+    case state::primary:
+      if (now < peer_expiry_) return false;
+      c = activate("no backup heard: active alone");
+      return true;
+    case state::passive:
+      if (now < peer_expiry_) return false;
+      c = activate("the active broker went silent and a peer came: failover, active");
+      return true;
+  }
+  return false;
+}
+
+std::string_view name_of(pair_fsm::state s) {
+  switch (s) {
+    case pair_fsm::state::primary: return "primary";
+    case pair_fsm::state::backup: return "backup";
+    case pair_fsm::state::active: return "active";
+    case pair_fsm::state::passive: return "passive";
+  }
+  return "?";
+}
+
+}  // namespace sidecast::broker

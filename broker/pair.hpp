@@ -1,0 +1,78 @@
+#pragma once
+// The state machine of a broker pair: Binary Star (ZeroMQ guide, chapter 4),
+// the two brokers of a primary/backup pair telling each other their state
+// every heartbeat interval, gateways and workers connected to the one that
+// is active and moving to the other when it goes silent.
+//
+// As in the guide: a broker starts as primary or backup; the primary becomes
+// active when it hears the backup (or hears nobody and a peer comes), the
+// backup passive when it hears an active primary; a passive broker refuses
+// peers while it hears the other, and becomes active when a peer comes after
+// the other has been silent for two intervals (failover: it takes both the
+// other's silence and a peer that left it), or at once when the other
+// restarts. The backup never becomes active before it has heard the primary
+// once. There is no fail-back: a failed primary restarts passive.
+//
+// Unlike the guide, two active brokers (the active one was stopped long
+// enough for the other to take over, then resumed; or the pair's own link
+// was cut while peers reached both) do not abort: each activation takes a
+// term above any it has heard, and the broker with the lower term (the
+// backup on a tie) steps down to passive. The peers that took over moved to
+// the later one; the earlier one's are told to move (Error STANDBY).
+//
+// Pure logic: the broker feeds it what it hears and reads its decisions.
+#include <chrono>
+#include <cstdint>
+#include <string_view>
+
+namespace sidecast::broker {
+
+class pair_fsm {
+ public:
+  using clock = std::chrono::steady_clock;
+  enum class state { primary, backup, active, passive };
+
+  /// `interval`: the pair's heartbeat interval; the other is silent after
+  /// two. Starts at `now`: a primary waits that long for the backup to
+  /// speak before it serves alone (a restarted primary must not serve
+  /// while the backup is active).
+  pair_fsm(bool primary, clock::duration interval, clock::time_point now);
+
+  state current() const { return state_; }
+  bool active() const { return state_ == state::active; }
+  bool is_primary() const { return primary_; }
+  std::uint64_t term() const { return term_; }
+
+  /// What changed, for the broker to act on and log.
+  struct change {
+    bool changed = false;       // the state changed (else `why` is about the pair's configuration)
+    bool activated = false;     // now active (was not)
+    bool stepped_down = false;  // was active, now passive: its peers must move
+    const char* why = "";       // for the log; empty: nothing to say
+    explicit operator bool() const { return *why != '\0'; }
+  };
+
+  /// The other broker's state message.
+  change on_peer(state theirs, std::uint64_t their_term, clock::time_point now);
+  /// A message from a gateway or worker: serve it (true, and `c` says
+  /// whether that made this broker active) or refuse it (false).
+  bool on_client(clock::time_point now, change& c);
+
+  /// When the other was last heard (or the start), plus two intervals.
+  clock::time_point peer_expiry() const { return peer_expiry_; }
+
+ private:
+  change activate(const char* why);
+
+  const bool primary_;
+  const clock::duration interval_;
+  state state_;
+  std::uint64_t term_ = 0;       // this broker's, set at its last activation
+  std::uint64_t peer_term_ = 0;  // the highest the other has said
+  bool heard_ = false;           // the other has spoken at least once
+  clock::time_point peer_expiry_;
+};
+
+std::string_view name_of(pair_fsm::state s);
+
+}  // namespace sidecast::broker

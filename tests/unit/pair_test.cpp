@@ -1,0 +1,145 @@
+// The broker pair's state machine (broker/pair.hpp), table-driven: Binary
+// Star's transitions, and the terms that settle two active brokers.
+#include <gtest/gtest.h>
+
+#include "broker/pair.hpp"
+
+namespace sidecast::broker {
+namespace {
+
+using state = pair_fsm::state;
+using namespace std::chrono_literals;
+constexpr auto interval = 1000ms;
+const auto t0 = pair_fsm::clock::time_point{} + 1h;
+
+// A step: the other says `theirs` (with its term) at t0 + `at`, or, with
+// `client`, a peer comes then. Then this broker is in `then`.
+struct step {
+  std::chrono::milliseconds at;
+  bool client;
+  state theirs;
+  std::uint64_t their_term;
+  state then;
+  bool served = false;  // a peer's message: whether it is served
+};
+
+struct scenario {
+  const char* name;
+  bool primary;
+  std::vector<step> steps;
+};
+
+void run(const scenario& s) {
+  pair_fsm fsm{s.primary, interval, t0};
+  for (std::size_t i = 0; i < s.steps.size(); ++i) {
+    const auto& st = s.steps[i];
+    SCOPED_TRACE(std::string{s.name} + ", step " + std::to_string(i));
+    if (st.client) {
+      pair_fsm::change c;
+      bool was_active = fsm.active();
+      EXPECT_EQ(fsm.on_client(t0 + st.at, c), st.served);
+      EXPECT_EQ(c.activated, !was_active && st.then == state::active);
+    } else {
+      fsm.on_peer(st.theirs, st.their_term, t0 + st.at);
+    }
+    EXPECT_EQ(name_of(fsm.current()), name_of(st.then));
+  }
+}
+
+TEST(PairFsm, BinaryStarTransitions) {
+  const scenario all[] = {
+      {"the primary meets the backup and serves",
+       true,
+       {{0ms, true, {}, 0, state::primary, false},  // a peer before the backup could speak: refused
+        {100ms, false, state::backup, 0, state::active},
+        {200ms, true, {}, 0, state::active, true}}},
+      {"a primary alone serves once the backup had time to speak",
+       true,
+       {{1999ms, true, {}, 0, state::primary, false}, {2000ms, true, {}, 0, state::active, true}}},
+      {"a restarted primary finds the backup active and goes passive",
+       true,
+       {{100ms, false, state::active, 3, state::passive}, {200ms, true, {}, 0, state::passive, false}}},
+      {"the backup refuses peers until it has heard an active primary, whatever the silence",
+       false,
+       {{0ms, true, {}, 0, state::backup, false},
+        {60s, true, {}, 0, state::backup, false},
+        {61s, false, state::primary, 0, state::backup},
+        {62s, false, state::active, 1, state::passive}}},
+      {"failover: the passive backup takes over when the primary is silent and a peer comes",
+       false,
+       {{0ms, false, state::active, 1, state::passive},
+        {1000ms, false, state::active, 1, state::passive},
+        {2999ms, true, {}, 0, state::passive, false},  // heard 1999 ms ago: still alive
+        {3000ms, true, {}, 0, state::active, true}}},  // silent two intervals, and a peer came
+      {"silence alone does not make the backup active",
+       false,
+       {{0ms, false, state::active, 1, state::passive}, {10s, false, state::passive, 0, state::passive}}},
+      {"a passive broker takes over at once when the other restarts",
+       true,
+       {{0ms, false, state::active, 4, state::passive}, {5s, false, state::backup, 0, state::active}}},
+      {"a passive backup takes over when the primary restarts (no fail-back)",
+       false,
+       {{0ms, false, state::active, 1, state::passive}, {5s, false, state::primary, 0, state::active}}},
+      {"two passive: the primary takes over",
+       true,
+       {{0ms, false, state::active, 2, state::passive}, {5s, false, state::passive, 0, state::active}}},
+      {"two passive: the backup waits for the primary",
+       false,
+       {{0ms, false, state::active, 2, state::passive}, {5s, false, state::passive, 0, state::passive}}},
+      {"two active: the one with the lower term steps down (a stalled primary that resumes)",
+       true,
+       {{0ms, false, state::backup, 0, state::active},     // term 1
+        {60s, false, state::active, 2, state::passive}}},  // the backup took over with term 2
+      {"two active: the later term stays",
+       false,
+       {{0ms, false, state::active, 1, state::passive},
+        {5s, true, {}, 0, state::active, true},          // failover: term 2
+        {6s, false, state::active, 1, state::active}}},  // the old primary resumes with 1: it steps down
+      {"two active with the same term: the primary stays",
+       true,
+       {{0ms, false, state::backup, 0, state::active}, {1s, false, state::active, 1, state::active}}},
+      {"two active with the same term: the backup steps down",
+       false,
+       {{0ms, false, state::active, 0, state::passive},
+        {5s, true, {}, 0, state::active, true},  // term 1
+        {6s, false, state::active, 1, state::passive}}},
+      {"two primaries (misconfigured) never serve while they hear each other",
+       true,
+       {{0ms, false, state::primary, 0, state::primary},
+        {1500ms, false, state::primary, 0, state::primary},
+        {3000ms, true, {}, 0, state::primary, false}}},
+  };
+  for (const auto& s : all) run(s);
+}
+
+TEST(PairFsm, EachActivationTakesATermAboveAnyHeard) {
+  pair_fsm fsm{false, interval, t0};
+  fsm.on_peer(state::active, 7, t0);
+  EXPECT_EQ(fsm.term(), 0u);
+  pair_fsm::change c;
+  ASSERT_TRUE(fsm.on_client(t0 + 2 * interval, c));
+  EXPECT_TRUE(c.activated);
+  EXPECT_FALSE(c.stepped_down);
+  EXPECT_EQ(fsm.term(), 8u);
+  // Stepping down says so; the term stays until the next activation.
+  auto down = fsm.on_peer(state::active, 9, t0 + 3 * interval);
+  EXPECT_TRUE(down.stepped_down);
+  EXPECT_FALSE(down.activated);
+  EXPECT_EQ(fsm.term(), 8u);
+  auto up = fsm.on_peer(state::primary, 0, t0 + 10 * interval);
+  EXPECT_TRUE(up.activated);
+  EXPECT_EQ(fsm.term(), 10u);
+}
+
+TEST(PairFsm, AMisconfiguredPairSaysSoWithoutChangingState) {
+  pair_fsm fsm{false, interval, t0};
+  auto c = fsm.on_peer(state::backup, 0, t0);
+  EXPECT_TRUE(bool(c));
+  EXPECT_FALSE(c.changed);
+  EXPECT_FALSE(c.activated);
+  EXPECT_FALSE(c.stepped_down);
+  EXPECT_EQ(fsm.current(), state::backup);
+}
+
+}  // namespace
+}  // namespace sidecast::broker
