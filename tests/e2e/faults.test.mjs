@@ -213,6 +213,49 @@ test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds
   for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
 });
 
+// A primary/backup broker pair (docs/deployment.md, "A broker pair"): the
+// gateway and the worker know both brokers; the primary dies and the
+// backup takes over. Clients keep their connections, their rooms and their
+// events; what the primary held when it died is answered broker_lost.
+test("broker pair: the active broker killed, clients stay connected and are served through the backup, rooms too", async () => {
+  const [pr, px, pp, br, bx, bp, pPair, bPair, http, bHttp] = freePorts(10);
+  const ep = (port) => `tcp://127.0.0.1:${port}`;
+  const broker = (role, ports, mine, other, admin) =>
+    run("sidecast-broker", ["--id", role, "--router", ep(ports[0]), "--xsub", ep(ports[1]), "--xpub", ep(ports[2]),
+                            "--http", admin, "--heartbeat-interval", "200", "--pair", role,
+                            "--pair-bind", ep(mine), "--pair-connect", ep(other)]);
+  const primary = broker("primary", [pr, px, pp], pPair, bPair, "");
+  const backup = broker("backup", [br, bx, bp], bPair, pPair, `127.0.0.1:${bHttp}`);
+  const worker = run("sidecast-worker", ["--service", "demo", "--id", "wpair", "--broker", ep(pr), "--publish", ep(px),
+                                         "--backup-broker", ep(br), "--backup-publish", ep(bx)]);
+  const gateway = run("sidecast-gateway", ["--http", `127.0.0.1:${http}`, "--broker", ep(pr), "--events", ep(pp),
+                                           "--backup-broker", ep(br), "--backup-events", ep(bp), "--route", "/=demo"]);
+  const url = `http://127.0.0.1:${http}`;
+  assert.ok(await until(() => healthy(url)), "gateway healthy");
+  const a = await connect(url);
+  const b = await connect(url);
+  let disconnects = 0;
+  for (const c of [a, b]) c.on("disconnect", () => disconnects++);
+  const echoes = (c, v) => c.timeout(2000).emitWithAck("echo", v).then((r) => r === v, () => false);
+  assert.ok(await until(() => echoes(a, "first"), 10000), "served through the primary");
+  for (const c of [a, b]) assert.equal(await c.timeout(5000).emitWithAck("join", "pair-room"), "pair-room");
+  const heard = [];
+  b.on("said", (m) => heard.push(m.text));
+  const said = (text) => until(async () => { a.emit("say", { room: "pair-room", text }); await sleep(200); return heard.includes(text); }, 10000);
+  assert.ok(await said("before"), "a room event through the primary");
+
+  primary.kill("SIGKILL");
+  await primary.exited;
+  assert.ok(await until(() => echoes(a, "after"), 20000), "served through the backup");
+  assert.ok(await said("after"), "a room event through the backup: the gateway is subscribed there too");
+  assert.equal(disconnects, 0, "a failover does not drop client connections");
+  const status = await fetch(`http://127.0.0.1:${bHttp}/status`).then((r) => r.json());
+  assert.deepEqual([status.pair.state, status.pair.term], ["active", 2]);
+  assert.equal(await metric(url, "sidecast_gateway_broker_restarts_total"), 1, "the backup is a new broker to the gateway");
+  for (const c of [a, b]) c.close();
+  for (const p of [gateway, worker, backup]) p.kill("SIGKILL");
+});
+
 test("gateway SIGTERM: clients see their transport close (and would reconnect elsewhere); exit within the drain bound", async () => {
   const s = await stack({ workers: 1, gatewayArgs: ["--drain-timeout", "2000"] });
   const polling = await connect(s.url, { transports: ["polling"], reconnection: false });
