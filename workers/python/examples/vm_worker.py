@@ -142,6 +142,10 @@ def main(argv=None):
                    help="broker ROUTER endpoint (default %(default)s)")
     p.add_argument("--publish", default=env("SIDECAST_PUBLISH", "tcp://127.0.0.1:7701"),
                    help="broker XSUB endpoint for room events (default %(default)s)")
+    p.add_argument("--backup-broker", default=env("SIDECAST_BACKUP_BROKER"),
+                   help="the other broker of a primary/backup pair (its ROUTER endpoint)")
+    p.add_argument("--backup-publish", default=env("SIDECAST_BACKUP_PUBLISH"),
+                   help="the other broker's XSUB endpoint")
     p.add_argument("--id", default=env("SIDECAST_ID"), help="worker id (default w-<host>-<pid>)")
     p.add_argument("--capacity", type=int, default=16, help="open_vm/cancel_vm run at once")
     p.add_argument("--launch-ms", type=int, default=4000, help="time one VM takes to launch, ms")
@@ -157,10 +161,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.failure_rate <= 1:
         p.error("--failure-rate must be between 0 and 1")
+    if bool(args.backup_broker) != bool(args.backup_publish):
+        p.error("--backup-broker and --backup-publish go together")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s [vm-worker] %(message)s")
     worker = Worker(args.broker, args.publish, worker_id=args.id,
-                    heartbeat_interval=args.heartbeat_interval / 1000.0)
+                    heartbeat_interval=args.heartbeat_interval / 1000.0,
+                    backup_broker=args.backup_broker, backup_publish=args.backup_publish)
     worker.add(vm_service(args.capacity, args.launch_ms / 1000.0, args.failure_rate, args.max_count))
     logging.info("worker %s serving vm via %s", worker.id, args.broker)
     worker.run(drain_timeout=args.drain_ms / 1000.0)
