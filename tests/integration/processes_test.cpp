@@ -447,7 +447,8 @@ std::uint64_t pair_term(int http_port) {
 // A client on a link that knows both brokers of the pair, driven by the test.
 class pair_client {
  public:
-  pair_client(zmq::context_t& ctx, const pair_ports& pp) : link_{ctx, options(pp)} {}
+  pair_client(zmq::context_t& ctx, const pair_ports& pp, const core::curve_client& curve = {})
+      : link_{ctx, options(pp, curve)} {}
 
   /// One echo request through whichever broker the link is on; its reply,
   /// or nullopt after a second (sent to a standby, or one that died).
@@ -481,8 +482,9 @@ class pair_client {
   const core::peer_link& link() const { return link_; }
 
  private:
-  static core::peer_link_options options(const pair_ports& pp) {
+  static core::peer_link_options options(const pair_ports& pp, const core::curve_client& curve) {
     core::peer_link_options o;
+    o.curve = curve;
     o.endpoint = pp.primary.endpoint(pp.primary.router);
     o.backup_endpoint = pp.backup.endpoint(pp.backup.router);
     o.id = "c1";
@@ -493,6 +495,35 @@ class pair_client {
   core::peer_link link_;
   int next_ = 0;
 };
+
+// With CURVE the two brokers share one key pair, and each admits its own
+// public key for the other's pair socket: the pair forms, and fails over,
+// with only the listed gateways and workers let in.
+TEST(Processes, ABrokerPairWithCurveSharesOneKeyPair) {
+  pair_ports pp;
+  auto [broker_public, broker_secret] = core::curve_keypair();
+  auto [worker_public, worker_secret] = core::curve_keypair();
+  auto [client_public, client_secret] = core::curve_keypair();
+  auto with_curve = [&](std::vector<std::string> args) {
+    args.insert(args.end(), {"--curve-secret", broker_secret, "--curve-allow", worker_public, "--curve-allow",
+                             client_public});
+    return args;
+  };
+  auto primary = std::make_unique<child>("sidecast-broker", with_curve(pair_broker_args(pp, true)));
+  child backup{"sidecast-broker", with_curve(pair_broker_args(pp, false))};
+  auto worker_args = pair_worker_args(pp, "wc");
+  worker_args.insert(worker_args.end(), {"--curve-secret", worker_secret, "--curve-server-key", broker_public});
+  child worker{"sidecast-worker", worker_args};
+  zmq::context_t ctx{1};
+  pair_client client{ctx, pp, {client_secret, broker_public}};
+  ASSERT_TRUE(client.served(10s)) << "the pair never served";
+  ASSERT_TRUE(eventually([&] { return pair_state_is(pp.backup.http, "passive"); }))
+      << "the backup never heard the primary over CURVE";
+  primary->kill(SIGKILL);
+  ASSERT_TRUE(client.served(15s)) << "no failover to the backup";
+  EXPECT_TRUE(pair_state_is(pp.backup.http, "active"));
+  EXPECT_EQ(scrape(pp.backup.http, "sidecast_broker_dropped_total{reason=\"curve_refused\"}").value_or(0), 0.0);
+}
 
 // A raw peer's Hello to a broker that does not serve: Error STANDBY.
 bool refuses_as_standby(zmq::context_t& ctx, const ports& p) {
