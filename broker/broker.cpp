@@ -237,7 +237,10 @@ void broker::bind() {
     }
     pair_sub_.set(zmq::sockopt::subscribe, "");
     pair_sub_.connect(config_.pair_connect);
-    pair_.emplace(config_.pair_role == "primary", config_.heartbeat_interval, clock::now());
+    // The other counts as silent after a liveness, as a peer does: a
+    // tick late by up to an interval is not a stall, and must not look
+    // like a dead broker.
+    pair_.emplace(config_.pair_role == "primary", liveness_window(), clock::now());
     spdlog::info("broker {} is the {} of a pair: state on {}, the other's from {}", config_.id, config_.pair_role,
                  config_.pair_bind, config_.pair_connect);
   }
@@ -304,8 +307,7 @@ void broker::publish_status(clock::time_point now) {
     status["pair"] = json::object{{"role", config_.pair_role},
                                   {"state", name_of(pair_->current())},
                                   {"term", pair_->term()},
-                                  {"other_heard_ms_ago", millis(now - (pair_->peer_expiry() -
-                                                                       2 * config_.heartbeat_interval))}};
+                                  {"other_heard_ms_ago", millis(now - (pair_->peer_expiry() - pair_->silence()))}};
   }
   auto text = json::serialize(status);
   std::lock_guard lock{status_mutex_};
@@ -444,7 +446,6 @@ void broker::receive_local() {
 
 void broker::on_router_message(std::string_view routing_id_view, zmq::message_t& payload) {
   ++stats_.received;
-  if (pair_ && !pair_->active() && !serve_as_pair(routing_id_view)) return;
   auto bytes = payload.to_string_view();
   // Requests and replies, nearly all the traffic, are routed from a peek at
   // their wire bytes; the rest is parsed on an arena whose first block is a
@@ -461,6 +462,13 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
       return;
     }
     kind = env->kind_case();
+  }
+  if (pair_ && !pair_->active()) {
+    // A job is named, so that its requester knows it did not run here.
+    std::string_view job;
+    if (kind == Envelope::kRequest) job = env ? std::string_view{env->request().id()} : head.id;
+    else if (kind == Envelope::kLifecycle) job = env ? std::string_view{env->lifecycle().id()} : head.id;
+    if (!serve_as_pair(routing_id_view, job)) return;
   }
   auto*& kind_counter = metrics_->by_kind.at(static_cast<std::size_t>(kind));
   if (!kind_counter) kind_counter = &metrics_->received.Add({{"kind", std::string{proto::kind_name(kind)}}});
@@ -994,6 +1002,10 @@ void broker::publish(const proto::Emit& emit, std::string_view payload) {
 }
 
 void broker::forward_events() {
+  // A pair's broker that does not serve forwards nothing: what publishers
+  // sent it before it unsubscribed (while it was stopped, say, and the
+  // other took over) would reach the gateways late, or twice.
+  const bool forward = !pair_ || pair_->active();
   for (std::size_t i = 0; i < config_.batch; ++i) {
     zmq::message_t topic;
     if (!xsub_.recv(topic, zmq::recv_flags::dontwait)) return;
@@ -1008,6 +1020,10 @@ void broker::forward_events() {
       while (xsub_.recv(extra, zmq::recv_flags::dontwait) && extra.more()) {
       }
       drop(drop_reason::malformed, "event with extra frames");
+      continue;
+    }
+    if (!forward) {
+      drop(drop_reason::standby, "event");
       continue;
     }
     // XPUB never blocks: a subscriber over its HWM loses the event.
@@ -1190,7 +1206,7 @@ void broker::subscribe_events(bool on) {
   xsub_.send(zmq::buffer(&all, 1));
 }
 
-bool broker::serve_as_pair(std::string_view routing_id) {
+bool broker::serve_as_pair(std::string_view routing_id, std::string_view job) {
   pair_fsm::change c;
   if (pair_->on_client(now_, c)) {
     on_pair_change(c);
@@ -1202,7 +1218,8 @@ bool broker::serve_as_pair(std::string_view routing_id) {
   if (!routing_id.empty() && routing_id.front() != '\0')
     send_error(std::string{routing_id}, proto::STANDBY,
                "broker " + config_.id + " is the pair's " + std::string{name_of(pair_->current())} +
-                   " broker: the other one serves");
+                   " broker: the other one serves",
+               std::string{job});
   drop(drop_reason::standby, routing_id);
   return false;
 }
@@ -1263,9 +1280,11 @@ void broker::on_pair_change(const pair_fsm::change& c) {
     incarnation_ = core::draw_incarnation();
     metrics_->pair_activations.Increment();
     subscribe_events(true);
+    input_.used(xsub_in_);  // a send: ask the socket before the next wait
   }
   if (c.stepped_down) {
     subscribe_events(false);
+    input_.used(xsub_in_);
     forget_everything();
   }
   send_pair_state();  // the other hears at once, not at the next tick
@@ -1273,9 +1292,16 @@ void broker::on_pair_change(const pair_fsm::change& c) {
 }
 
 void broker::forget_everything() {
-  for (const auto& [id, p] : peers_)
-    send_error(id, proto::STANDBY, "broker " + config_.id + " stepped down: the other one of the pair serves");
   spdlog::warn("broker pair: forgetting {} peers and {} requests", peers_.size(), table_.in_flight());
+  // Straight to each peer's connection (not parked, not held for a suspect):
+  // what it would wait for is forgotten below.
+  Envelope standby;
+  standby.mutable_error()->set_code(proto::STANDBY);
+  standby.mutable_error()->set_message("broker " + config_.id + " stepped down: the other one of the pair serves");
+  for (const auto& [id, p] : peers_) {
+    auto message = core::message_of(standby);
+    send_to(id, message);
+  }
   for (const auto& service : table_.services()) metrics_->forget(service);
   table_ = service_table{config_.limits};
   peers_.clear();
@@ -1292,6 +1318,7 @@ void broker::check_stall(clock::time_point now) {
   for (auto& [to, kept] : parked_)
     for (auto& k : kept) k.since = std::min(k.since + late, now);
   next_tick_ = now;  // the tick is due, and not late
+  if (pair_) pair_->away(late, now);  // nor was the other broker silent meanwhile
   metrics_->stalls.Increment();
   spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats; probing them",
                std::chrono::duration_cast<std::chrono::milliseconds>(late).count());

@@ -4,11 +4,15 @@
 
 namespace sidecast::broker {
 
-pair_fsm::pair_fsm(bool primary, clock::duration interval, clock::time_point now)
+pair_fsm::pair_fsm(bool primary, clock::duration silence, clock::time_point now)
     : primary_{primary},
-      interval_{interval},
+      silence_{silence},
       state_{primary ? state::primary : state::backup},
-      peer_expiry_{now + 2 * interval} {}
+      peer_expiry_{now + silence} {}
+
+void pair_fsm::away(clock::duration late, clock::time_point now) {
+  peer_expiry_ = std::min(peer_expiry_ + late, now + silence_);
+}
 
 pair_fsm::change pair_fsm::activate(const char* why) {
   term_ = std::max(term_, peer_term_) + 1;
@@ -20,7 +24,7 @@ pair_fsm::change pair_fsm::activate(const char* why) {
 }
 
 pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock::time_point now) {
-  peer_expiry_ = now + 2 * interval_;
+  peer_expiry_ = now + silence_;
   peer_term_ = std::max(peer_term_, their_term);
   change c;
   auto go_passive = [&](const char* why) {

@@ -8,7 +8,7 @@
 // active when it hears the backup (or hears nobody and a peer comes), the
 // backup passive when it hears an active primary; a passive broker refuses
 // peers while it hears the other, and becomes active when a peer comes after
-// the other has been silent for two intervals (failover: it takes both the
+// the other has been silent for a while (failover: it takes both the
 // other's silence and a peer that left it), or at once when the other
 // restarts. The backup never becomes active before it has heard the primary
 // once. There is no fail-back: a failed primary restarts passive.
@@ -32,11 +32,12 @@ class pair_fsm {
   using clock = std::chrono::steady_clock;
   enum class state { primary, backup, active, passive };
 
-  /// `interval`: the pair's heartbeat interval; the other is silent after
-  /// two. Starts at `now`: a primary waits that long for the backup to
-  /// speak before it serves alone (a restarted primary must not serve
-  /// while the backup is active).
-  pair_fsm(bool primary, clock::duration interval, clock::time_point now);
+  /// `silence`: how long after its last state the other counts as silent
+  /// (the broker gives its peers' liveness: a heartbeat interval times
+  /// the liveness). Starts at `now`: a primary waits that long for the
+  /// backup to speak before it serves alone (a restarted primary must not
+  /// serve while the backup is active).
+  pair_fsm(bool primary, clock::duration silence, clock::time_point now);
 
   state current() const { return state_; }
   bool active() const { return state_ == state::active; }
@@ -58,18 +59,22 @@ class pair_fsm {
   /// whether that made this broker active) or refuse it (false).
   bool on_client(clock::time_point now, change& c);
 
-  /// When the other was last heard (or the start), plus two intervals.
+  /// This broker's own thread did not run for `late` (a stall): that time
+  /// is not the other's silence (as it is not its peers', broker::check_stall).
+  void away(clock::duration late, clock::time_point now);
+
+  /// When the other was last heard (or the start), plus the silence.
   clock::time_point peer_expiry() const { return peer_expiry_; }
+  clock::duration silence() const { return silence_; }
 
  private:
   change activate(const char* why);
 
   const bool primary_;
-  const clock::duration interval_;
+  const clock::duration silence_;
   state state_;
   std::uint64_t term_ = 0;       // this broker's, set at its last activation
   std::uint64_t peer_term_ = 0;  // the highest the other has said
-  bool heard_ = false;           // the other has spoken at least once
   clock::time_point peer_expiry_;
 };
 

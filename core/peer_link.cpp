@@ -14,8 +14,9 @@ peer_link::peer_link(zmq::context_t& context, peer_link_options options)
       own_incarnation_{draw_incarnation()},
       interval_{options_.heartbeat_interval},
       liveness_{options_.heartbeat_liveness} {
-  if (is_local_endpoint(options_.backup_endpoint))
-    throw std::invalid_argument("a broker pair's backup cannot be local://: " + options_.backup_endpoint);
+  if (!options_.backup_endpoint.empty() && (is_local_ || is_local_endpoint(options_.backup_endpoint)))
+    throw std::invalid_argument("a broker pair is not local://: " + options_.endpoint + ", " +
+                                options_.backup_endpoint);
   connect();
 }
 
@@ -171,6 +172,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         bool awaiting_resent = false;
         if (w.heartbeat_interval_ms() > 0) interval_ = std::chrono::milliseconds(w.heartbeat_interval_ms());
         if (w.heartbeat_liveness() > 0) liveness_ = w.heartbeat_liveness();
+        standby_ = false;  // it serves after all (the pair decided)
         // The broker's interval wins; a heartbeat planned with a longer local
         // one would come too late for the broker's liveness check.
         next_heartbeat_ = std::min(next_heartbeat_, now + interval_);
@@ -228,19 +230,26 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         if (draining_ && !drain_confirmed_ && env.error().code() == proto::BAD_REQUEST) drain_confirmed_ = true;
         if (env.error().code() == proto::STANDBY) {
           // The standby of a pair (or one that stepped down): the other
-          // serves. Moved to after an interval, not at once, so that two
-          // brokers that both refuse (the pair deciding) are not
-          // alternated in a loop.
+          // serves, or is dead and this one has not seen it yet. The link
+          // stays a liveness, heartbeating: a standby whose other broker
+          // died takes over at one of those (and says NOT_REGISTERED). Not
+          // at once either way: two brokers that both refuse while the pair
+          // decides are not alternated in a loop.
           if (!standby_) {
             standby_ = true;
-            standby_expiry_ = now + interval_;
+            standby_expiry_ = now + interval_ * liveness_;
             welcomed_ = false;
             if (log_limit_.allow()) spdlog::info("broker at {}: {}", endpoint(), env.error().message());
           }
           broker_expiry_ = standby_expiry_;
-          continue;
+          if (env.error().id().empty()) continue;
+          return true;  // a job it refused: it did not run, the application answers it
         }
         if (env.error().code() == proto::NOT_REGISTERED) {
+          if (standby_) {  // a standby that took over
+            standby_ = false;
+            heard_from_broker(now);
+          }
           // The broker restarted and the connection came back by itself.
           welcomed_ = false;
           send_hello();

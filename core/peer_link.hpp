@@ -32,9 +32,9 @@ using clock = std::chrono::steady_clock;
 struct peer_link_options {
   std::string endpoint;  // the broker's ROUTER endpoint, or its local:// name
   // The other broker of a primary/backup pair (docs/deployment.md, "A broker
-  // pair"; not local://): the link moves between the two when the one it is
-  // on goes silent for its liveness, or says it is the standby (Error
-  // STANDBY; then after an interval). Empty: one broker.
+  // pair"; neither may be local://): the link moves between the two when
+  // the one it is on goes silent for its liveness, or keeps saying it is the
+  // standby (Error STANDBY) for a liveness. Empty: one broker.
   std::string backup_endpoint;
   std::string id;        // routing id, sid prefix for gateways; valid_peer_id()
   proto::Role role = proto::ROLE_WORKER;
@@ -161,6 +161,9 @@ class peer_link {
   const peer_link_options& options() const { return options_; }
   /// The endpoint the link is on now: options().endpoint or its backup_endpoint.
   const std::string& endpoint() const { return on_backup_ ? options_.backup_endpoint : options_.endpoint; }
+  /// On the backup_endpoint. The events sockets of a gateway or worker
+  /// follow: they connect to the events endpoint of the broker the link is on.
+  bool on_backup() const { return on_backup_; }
 
  private:
   void connect();
@@ -208,7 +211,9 @@ class peer_link {
   clock::time_point broker_expiry_;
   bool on_backup_ = false;  // connected to options_.backup_endpoint
   // The broker said it is a pair's standby (Error STANDBY): the link moves
-  // on at `standby_expiry_`, whatever else that broker sends.
+  // on at `standby_expiry_` (a liveness later; the heartbeats meanwhile let
+  // a standby whose other broker died take over), unless that broker
+  // welcomes it first.
   bool standby_ = false;
   clock::time_point standby_expiry_{};
   clock::time_point next_heartbeat_;

@@ -393,10 +393,7 @@ void bridge::open() {
     sub_->set(zmq::sockopt::linger, 0);
     sub_->set(zmq::sockopt::rcvhwm, config_.hwm);
     core::apply(*sub_, lo.curve);
-    sub_->connect(config_.events);
-    // Of a pair, only the active broker publishes (and only to it do the
-    // workers send): subscribed at both, the gateway hears whichever it is.
-    if (!config_.backup_events.empty()) sub_->connect(config_.backup_events);
+    sub_->connect(config_.events);  // of a broker pair: follow_link() moves it
     timer_.emplace(*ex_);
   } catch (const std::exception& e) {
     spdlog::critical("gateway bridge failed: {}", e.what());
@@ -460,6 +457,7 @@ void bridge::pump() {
     link_->tick(now);  // heartbeats, or a new socket
     link_watch_.dirty = true;
   }
+  if (link_->on_backup() != events_on_backup_) follow_link();
   welcomed_ = link_->welcomed();
   metrics_.broker_connected.Set(welcomed_ ? 1 : 0);
   expire(now);
@@ -598,6 +596,16 @@ void bridge::on_broker(Envelope& env) {
             it->second.out.where.epoch = link_->epoch();
             it->second.out.message.rebuild();  // nor is it sent again (resend_lost)
           }
+      // The standby of a broker pair refused it: it did not run anywhere,
+      // and the client hears so now (it may send it again), not at the
+      // deadline, nor as BROKER_LOST ("may have run") later.
+      if (env.error().code() == proto::STANDBY)
+        if (auto seq = own_seq(env.error().id()))
+          if (auto it = pending_.find(*seq); it != pending_.end()) {
+            auto p = std::move(it->second);
+            pending_.erase(it);  // its deadline entry finds nothing when it comes
+            reply_to(std::move(p), {proto::UNAVAILABLE, "the broker it reached is a standby; the request did not run"});
+          }
       return;
     case Envelope::kReport: return;
     default:
@@ -700,6 +708,19 @@ void bridge::expire(clock::time_point now) {
     forwards_.rehash(0);
     deadlines_.shrink_to_fit();
   }
+}
+
+// Of a broker pair: the events socket subscribes at the broker the link is
+// on (only the active one publishes), and leaves the other, so that one
+// that stopped and comes back delivers nothing late.
+void bridge::follow_link() {
+  const auto& from = events_on_backup_ ? config_.backup_events : config_.events;
+  events_on_backup_ = link_->on_backup();
+  const auto& to = events_on_backup_ ? config_.backup_events : config_.events;
+  if (from.empty() || to.empty()) return;
+  sub_->disconnect(from);
+  sub_->connect(to);  // the SUB sends its subscriptions along
+  sub_watch_.dirty = true;
 }
 
 // The broker that held a request is gone and its answer will never come (a

@@ -23,9 +23,15 @@ source "$here/lib.sh"
 # The next number for PREFIX: never one a part that ran had (remove.sh),
 # so a gateway's sids or a worker's jobs are never taken for a newcomer's.
 next_number() { echo $(( $(grep -c "^$1[0-9]" "$run_dir/names" 2>/dev/null || true) + 1 )); }
+# Of a broker pair (up.sh --pair), every gateway and worker knows both brokers.
+backup_worker=() backup_gateway=()
+if [[ ${PAIR:-0} == 1 ]]; then
+  backup_worker=(--backup-broker "$BACKUP_ROUTER" --backup-publish "$BACKUP_XSUB")
+  backup_gateway=(--backup-broker "$BACKUP_ROUTER" --backup-events "$BACKUP_XPUB")
+fi
 worker() { # NAME SERVICE...
   local name=$1; shift
-  local args=()
+  local args=("${backup_worker[@]}")
   for s in "$@"; do args+=(--service "$s"); done
   start "$name" "$BIN/sidecast-worker" "${args[@]}" --id "$name" --broker "$ROUTER" --publish "$XSUB" \
     --chat-db "$run_dir/chat.db" --vm-launch-ms "$VM_LAUNCH_MS" --vm-failure-rate "$VM_FAILURE_RATE"
@@ -35,7 +41,7 @@ case "$part" in
   gateway)
     id=gw$(next_number gw) gport=$(free_ports 1)
     start "$id" "$BIN/sidecast-gateway" --gateway-id "$id" --http "127.0.0.1:$gport" --broker "$ROUTER" \
-      --events "$XPUB" --api-key "$API_KEY" --proxy-protocol-from 127.0.0.1
+      --events "$XPUB" --api-key "$API_KEY" --proxy-protocol-from 127.0.0.1 "${backup_gateway[@]}"
     wait_healthy "http://127.0.0.1:$gport/healthz" "$id" || exit 1
     echo "$id $gport" >> "$run_dir/gateways"
     if (( reload )); then start_balancer; fi

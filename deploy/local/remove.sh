@@ -24,7 +24,7 @@ done
 source "$run_dir/env"
 # shellcheck source=lib.sh
 source "$here/lib.sh"
-[[ $name != broker ]] || { echo "remove.sh: the broker is not removed (down.sh stops everything)" >&2; exit 2; }
+[[ $name != broker && $name != broker-b ]] || { echo "remove.sh: the broker is not removed (down.sh stops everything)" >&2; exit 2; }
 pid=$(awk -v n="$name" '$1 == n {print $2}' "$run_dir/pids")
 [[ -n $pid ]] || { echo "remove.sh: no running part named $name in $run_dir" >&2; exit 1; }
 

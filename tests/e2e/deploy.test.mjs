@@ -256,3 +256,30 @@ test("with a balancer that ignores the sid, gateways relayed foreign sids", { sk
   }
   assert.ok(forwarded > 0, "polling requests reached gateways that do not own their sid");
 });
+
+// Last: it leaves the topology on the backup broker. up.sh --pair started
+// the brokers as a primary/backup pair; every gateway and worker knows both.
+test("a broker pair: the primary killed, gateways and workers move to the backup, clients are served on", { skip: env.PAIR !== "1" }, async () => {
+  const [a, b] = await onTwoGateways("/");
+  for (const s of [a, b]) assert.equal(await ack(s, "join", "pair-room"), "pair-room");
+  const backup = async () => (await (await fetch(`http://${env.BACKUP_HTTP}/status`)).json()).pair;
+  assert.equal((await backup()).state, "passive", "the backup heard the primary active");
+  const line = readFileSync(`${runDir}/pids`, "utf8").split("\n").find((l) => l.startsWith("broker "));
+  process.kill(Number(line.split(" ")[1]), "SIGKILL");
+  const echoes = (s, v) => s.timeout(2000).emitWithAck("echo", v).then((r) => r === v, () => false);
+  for (const s of [a, b]) {
+    let ok = false;
+    for (let i = 0; i < 40 && !(ok = await echoes(s, "after")); i++) await sleep(250);
+    assert.ok(ok, `${owner(s)} serves through the backup`);
+  }
+  // A room across the two gateways, through the backup's XSUB and XPUB.
+  const heard = [];
+  b.on("said", (m) => heard.push(m.text));
+  for (let i = 0; i < 50 && !heard.includes("after failover"); i++) {
+    a.emit("say", { room: "pair-room", text: "after failover" });
+    await sleep(100);
+  }
+  assert.ok(heard.includes("after failover"), "a room event crossed the gateways through the backup");
+  assert.ok(a.connected && b.connected, "no client was disconnected");
+  assert.equal((await backup()).state, "active");
+});

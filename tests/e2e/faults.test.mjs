@@ -243,6 +243,9 @@ test("broker pair: the active broker killed, clients stay connected and are serv
   b.on("said", (m) => heard.push(m.text));
   const said = (text) => until(async () => { a.emit("say", { room: "pair-room", text }); await sleep(200); return heard.includes(text); }, 10000);
   assert.ok(await said("before"), "a room event through the primary");
+  // (A backup that never heard the primary active never takes over.)
+  const backupState = () => fetch(`http://127.0.0.1:${bHttp}/status`).then((r) => r.json()).then((s) => s.pair.state, () => null);
+  assert.ok(await until(async () => (await backupState()) === "passive"), "the backup heard the primary");
 
   primary.kill("SIGKILL");
   await primary.exited;

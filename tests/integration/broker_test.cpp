@@ -2788,6 +2788,128 @@ TEST(PeerLink, TheTailGoesWithoutAMarkInTheEnd) {
   EXPECT_EQ(read, (std::vector<std::string>{"resent", "tail"}));
 }
 
+// The two brokers of a pair, played by the test: ROUTERs on inproc, and a
+// link that knows both (50 ms heartbeats, liveness 3), driven by hand.
+struct link_with_fake_pair {
+  zmq::context_t ctx;
+  zmq::socket_t a{ctx, zmq::socket_type::router}, b{ctx, zmq::socket_type::router};
+  std::optional<core::peer_link> link;
+  link_with_fake_pair() {
+    a.bind("inproc://pair-a");
+    b.bind("inproc://pair-b");
+    core::peer_link_options o;
+    o.endpoint = "inproc://pair-a";
+    o.backup_endpoint = "inproc://pair-b";
+    o.id = "gw-p";
+    o.role = proto::ROLE_GATEWAY;
+    o.heartbeat_interval = 50ms;
+    link.emplace(ctx, o);
+  }
+  /// The next message `broker` got from the link, if one waits.
+  static std::optional<Envelope> from_link(zmq::socket_t& broker) {
+    zmq::message_t who, message;
+    if (!broker.recv(who, zmq::recv_flags::dontwait) || !broker.recv(message)) return std::nullopt;
+    return proto::decode(message.to_string_view());
+  }
+  static void send(zmq::socket_t& broker, const Envelope& env) {
+    broker.send(zmq::buffer(std::string_view{"gw-p"}), zmq::send_flags::sndmore);
+    broker.send(core::message_of(env), zmq::send_flags::none);
+  }
+  static Envelope error(proto::Code code, const std::string& id = {}) {
+    Envelope env;
+    env.mutable_error()->set_code(code);
+    env.mutable_error()->set_id(id);
+    return env;
+  }
+  /// What the link hands the application, and its heartbeats, for `d`.
+  std::vector<Envelope> run_for(std::chrono::milliseconds d) {
+    std::vector<Envelope> got;
+    for (auto until = std::chrono::steady_clock::now() + d; std::chrono::steady_clock::now() < until;) {
+      while (auto env = link->receive()) got.push_back(std::move(*env));
+      if (auto now = std::chrono::steady_clock::now(); now >= link->next_tick()) link->tick(now);
+      std::this_thread::sleep_for(2ms);
+    }
+    return got;
+  }
+};
+
+// A standby of a pair refuses the link's Hello and its request (which it
+// hands back to the application: it did not run). The link stays a
+// liveness, heartbeating (a standby whose other broker died would take
+// over at one of those), then moves to the other broker.
+TEST(PeerLink, AStandbyKeepsTheLinkForALivenessThenItMoves) {
+  link_with_fake_pair pair;
+  auto& link = *pair.link;
+  std::optional<Envelope> hello;
+  ASSERT_TRUE(eventually([&] { return (hello = pair.from_link(pair.a)).has_value(); }));
+  ASSERT_TRUE(hello->has_hello());
+  Envelope request;
+  request.mutable_request()->set_id("gw-p:1");
+  ASSERT_TRUE(link.send(request));
+  pair.send(pair.a, pair.error(proto::STANDBY));
+  pair.send(pair.a, pair.error(proto::STANDBY, "gw-p:1"));
+  auto refused_at = std::chrono::steady_clock::now();
+  auto got = pair.run_for(100ms);  // under the liveness (150 ms)
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].error().code(), proto::STANDBY);
+  EXPECT_EQ(got[0].error().id(), "gw-p:1");
+  EXPECT_EQ(link.endpoint(), "inproc://pair-a");
+  EXPECT_FALSE(link.on_backup());
+  std::size_t beats = 0;
+  while (auto env = pair.from_link(pair.a)) beats += env->has_heartbeat();
+  EXPECT_GE(beats, 1u) << "the link went quiet at the standby";
+  std::optional<Envelope> at_b;
+  ASSERT_TRUE(eventually([&] {
+    pair.run_for(5ms);
+    return (at_b = pair.from_link(pair.b)).has_value();
+  }, 2s)) << "the link never moved to the other broker";
+  EXPECT_GE(std::chrono::steady_clock::now() - refused_at, 150ms);
+  EXPECT_TRUE(at_b->has_hello());
+  EXPECT_EQ(link.endpoint(), "inproc://pair-b");
+  EXPECT_TRUE(link.on_backup());
+}
+
+// The standby takes over while the link waits there (its other broker
+// died): it answers a heartbeat NOT_REGISTERED, the link says Hello and is
+// welcomed, and stays, however long ago the STANDBY was.
+TEST(PeerLink, AStandbyThatTakesOverKeepsTheLink) {
+  link_with_fake_pair pair;
+  auto& link = *pair.link;
+  ASSERT_TRUE(eventually([&] { return pair.from_link(pair.a).has_value(); }));
+  pair.send(pair.a, pair.error(proto::STANDBY));
+  pair.run_for(60ms);
+  while (pair.from_link(pair.a)) {
+  }
+  pair.send(pair.a, pair.error(proto::NOT_REGISTERED));
+  std::optional<Envelope> hello;
+  ASSERT_TRUE(eventually([&] {
+    pair.run_for(5ms);
+    while (auto env = pair.from_link(pair.a))
+      if (env->has_hello()) hello = env;
+    return hello.has_value();
+  })) << "no Hello after NOT_REGISTERED";
+  Envelope welcome;
+  auto* w = welcome.mutable_welcome();
+  w->set_protocol_version(proto::protocol_version);
+  w->set_heartbeat_interval_ms(50);
+  w->set_heartbeat_liveness(3);
+  w->set_broker_id("a");
+  w->set_incarnation(7);
+  w->set_hello(hello->hello().hello());
+  pair.send(pair.a, welcome);
+  // Four livenesses, the broker heartbeating each interval.
+  Envelope beat;
+  beat.mutable_heartbeat();
+  for (int i = 0; i < 12; ++i) {
+    pair.run_for(50ms);
+    pair.send(pair.a, beat);
+  }
+  EXPECT_TRUE(link.welcomed());
+  EXPECT_EQ(link.endpoint(), "inproc://pair-a") << "the link left a broker that welcomed it";
+  EXPECT_FALSE(pair.from_link(pair.b).has_value());
+  EXPECT_EQ(link.stats().reconnects, 0u);
+}
+
 // A broker played by the test: a ROUTER on inproc that one worker "wd"
 // connects to, for what the real broker's timing cannot make certain.
 struct fake_broker {

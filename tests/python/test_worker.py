@@ -1504,7 +1504,10 @@ class BrokerPairTest(unittest.TestCase):
         self.assertTrue(w.wait_connected(WAIT))
         self.assertIsNotNone(self.served_at(self.primary, "c1"), "the primary did not serve")
 
-        # The passive backup refuses a peer, and says so.
+        # The passive backup refuses a peer, and says so. (Passive: it has
+        # heard the primary active; a backup that never did never takes over.)
+        self.assertTrue(eventually(
+            lambda: json.loads(http_get(self.backup.http_port, "/status")[1])["pair"]["state"] == "passive"))
         refused = self.peer(self.backup, "c2")
         self.assertFalse(refused.hello(0.5))
         self.assertIsNotNone(refused.next("error", 0.1, lambda e: e.error.code == Code.STANDBY))
@@ -1545,6 +1548,60 @@ class BrokerPairTest(unittest.TestCase):
         status = json.loads(http_get(self.backup.http_port, "/status")[1])
         self.assertEqual((status["pair"]["state"], status["pair"]["term"]), ("active", 2))
 
+
+    def test_a_resumed_primary_has_no_event_of_the_worker_to_deliver_late(self):
+        """The active primary stops (SIGSTOP), the backup takes over, the
+        primary resumes, sees the backup active and steps down. The worker's
+        PUB left the primary when its link did, so what it published since
+        (on the backup) never reached the primary: a gateway still
+        subscribed there would get none of it late, and one on the backup
+        gets each event once."""
+        svc = Service("t", capacity=2)
+        svc.on("echo", lambda req: req.reply(*req.args))
+        w = Worker(self.primary.router, self.primary.xsub, worker_id="pys",
+                   backup_broker=self.backup.router, backup_publish=self.backup.xsub)
+        w.add(svc)
+        self.workers.append(w.start())
+        self.assertTrue(w.wait_connected(WAIT))
+        self.assertIsNotNone(self.served_at(self.primary, "c1"))
+        self.assertTrue(eventually(
+            lambda: json.loads(http_get(self.backup.http_port, "/status")[1])["pair"]["state"] == "passive"))
+
+        def sub_at(broker):
+            sub = self.ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, room_topic("/", "lobby"))
+            sub.connect(broker.xpub)
+            self.addCleanup(sub.close, 0)
+            return sub
+
+        def texts(sub, duration):
+            got, until = [], time.monotonic() + duration
+            while (left := until - time.monotonic()) > 0:
+                if sub.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    env = pb.Envelope()
+                    env.ParseFromString(sub.recv_multipart()[1])
+                    got.append(args_of(env.emit)[0])
+            return got
+
+        at_primary = sub_at(self.primary)
+        self.primary.process.signal(signal.SIGSTOP)
+        try:
+            self.assertIsNotNone(self.served_at(self.backup, "c3"), "no failover to the backup")
+            at_backup = sub_at(self.backup)
+            self.assertTrue(eventually(lambda: w.emit_to_room("lobby", "said", "probe") and
+                                       "probe" in texts(at_backup, 0.1)), "no event through the backup")
+            for i in range(20):
+                w.emit_to_room("lobby", "said", f"moved-{i}")
+        finally:
+            self.primary.process.signal(signal.SIGCONT)
+        self.assertTrue(eventually(
+            lambda: json.loads(http_get(self.primary.http_port, "/status")[1])["pair"]["state"] == "passive"),
+            "the resumed primary did not step down")
+        late = [t for t in texts(at_primary, 1.0) if t.startswith("moved-")]
+        self.assertEqual(late, [], "the resumed primary delivered what the worker published after it moved")
+        moved = [t for t in texts(at_backup, 0.5) if t.startswith("moved-")]
+        self.assertEqual(moved, [f"moved-{i}" for i in range(20)])
 
 if __name__ == "__main__":
     unittest.main()

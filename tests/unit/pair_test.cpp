@@ -10,6 +10,7 @@ namespace {
 using state = pair_fsm::state;
 using namespace std::chrono_literals;
 constexpr auto interval = 1000ms;
+constexpr auto silence = 2 * interval;  // after which the other counts as silent
 const auto t0 = pair_fsm::clock::time_point{} + 1h;
 
 // A step: the other says `theirs` (with its term) at t0 + `at`, or, with
@@ -30,7 +31,7 @@ struct scenario {
 };
 
 void run(const scenario& s) {
-  pair_fsm fsm{s.primary, interval, t0};
+  pair_fsm fsm{s.primary, silence, t0};
   for (std::size_t i = 0; i < s.steps.size(); ++i) {
     const auto& st = s.steps[i];
     SCOPED_TRACE(std::string{s.name} + ", step " + std::to_string(i));
@@ -40,7 +41,10 @@ void run(const scenario& s) {
       EXPECT_EQ(fsm.on_client(t0 + st.at, c), st.served);
       EXPECT_EQ(c.activated, !was_active && st.then == state::active);
     } else {
-      fsm.on_peer(st.theirs, st.their_term, t0 + st.at);
+      bool was_active = fsm.active();
+      auto c = fsm.on_peer(st.theirs, st.their_term, t0 + st.at);
+      EXPECT_EQ(c.activated, !was_active && st.then == state::active);
+      EXPECT_EQ(c.stepped_down, was_active && st.then == state::passive);
     }
     EXPECT_EQ(name_of(fsm.current()), name_of(st.then));
   }
@@ -113,7 +117,7 @@ TEST(PairFsm, BinaryStarTransitions) {
 }
 
 TEST(PairFsm, EachActivationTakesATermAboveAnyHeard) {
-  pair_fsm fsm{false, interval, t0};
+  pair_fsm fsm{false, silence, t0};
   fsm.on_peer(state::active, 7, t0);
   EXPECT_EQ(fsm.term(), 0u);
   pair_fsm::change c;
@@ -131,8 +135,21 @@ TEST(PairFsm, EachActivationTakesATermAboveAnyHeard) {
   EXPECT_EQ(fsm.term(), 10u);
 }
 
+// The broker's own stall is not the other's silence: a passive broker that
+// did not run for a while gives the other the time it was away.
+TEST(PairFsm, TimeAwayIsNotTheOthersSilence) {
+  pair_fsm fsm{false, silence, t0};
+  fsm.on_peer(state::active, 1, t0);
+  fsm.away(5s, t0 + 5s);  // stalled from t0 to t0 + 5 s
+  pair_fsm::change c;
+  EXPECT_FALSE(fsm.on_client(t0 + 5s, c)) << "the active one was not silent: this broker was away";
+  EXPECT_FALSE(fsm.on_client(t0 + 5s + silence - 1ms, c));
+  EXPECT_TRUE(fsm.on_client(t0 + 5s + silence, c));
+  EXPECT_TRUE(c.activated);
+}
+
 TEST(PairFsm, AMisconfiguredPairSaysSoWithoutChangingState) {
-  pair_fsm fsm{false, interval, t0};
+  pair_fsm fsm{false, silence, t0};
   auto c = fsm.on_peer(state::backup, 0, t0);
   EXPECT_TRUE(bool(c));
   EXPECT_FALSE(c.changed);

@@ -594,6 +594,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     core::input_wait input;
     std::size_t wake_in = 0;
     std::optional<std::uint64_t> input_for;  // the link's reconnect count when input was set up
+    bool pub_on_backup = false;  // pub is connected to options.backup_publish (follow_link())
     std::unique_ptr<core::input_reactor> reactor;  // start_on() only; goes first
   };
   static constexpr std::size_t link_index = 0;  // the link's place in io->input
@@ -614,9 +615,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     pub.set(zmq::sockopt::linger, 0);
     pub.set(zmq::sockopt::sndhwm, options.hwm);
     core::apply(pub, lo.curve);
-    if (!options.publish.empty()) pub.connect(options.publish);
-    // Of a pair, only the active broker subscribes: the PUB sends the other nothing.
-    if (!options.backup_publish.empty()) pub.connect(options.backup_publish);
+    if (!options.publish.empty()) pub.connect(options.publish);  // of a broker pair: follow_link() moves it
     io->take = [this](std::string_view bytes) { return take_request(bytes); };
   }
 
@@ -680,6 +679,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       link.tick(now);
       unasked = true;
     }
+    if (link.on_backup() != o.pub_on_backup) follow_link();
     // A send after that recv may have taken the command that announces new
     // input: ask the socket before blocking. Otherwise its descriptor will tell.
     if (unasked) o.input.used(link_index);
@@ -691,6 +691,19 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
     expire_acks(now);
+  }
+
+  // Of a broker pair: the PUB publishes to the broker the link is on (only
+  // the active one takes events), and leaves the other, so that one that
+  // stopped and comes back has nothing of ours to deliver late.
+  void follow_link() {
+    auto& o = *io;
+    const auto& from = o.pub_on_backup ? options.backup_publish : options.publish;
+    o.pub_on_backup = o.link.on_backup();
+    const auto& to = o.pub_on_backup ? options.backup_publish : options.publish;
+    if (from.empty() || to.empty()) return;
+    o.pub.disconnect(from);
+    o.pub.connect(to);
   }
 
   // Sends what the handlers queued (send_queued), after what died in a

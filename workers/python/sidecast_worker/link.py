@@ -68,8 +68,8 @@ class PeerLink:
         self.context = context
         # The other broker of a primary/backup pair, if any: the link moves
         # between the two when the one it is on goes silent for its
-        # liveness, or says it is the standby (Error STANDBY; then after an
-        # interval). `endpoint` is the one it is on.
+        # liveness, or keeps saying it is the standby (Error STANDBY) for a
+        # liveness. `endpoint` is the one it is on.
         self.endpoints = [endpoint] + ([backup_endpoint] if backup_endpoint else [])
         self._at = 0
         self._standby = False
@@ -132,6 +132,12 @@ class PeerLink:
     def endpoint(self):
         """The broker endpoint the link is on now."""
         return self.endpoints[self._at]
+
+    @property
+    def on_backup(self):
+        """On the backup endpoint: a worker's PUB follows (the events
+        endpoint of the broker the link is on)."""
+        return self._at == 1
 
     @property
     def holding(self):
@@ -265,6 +271,7 @@ class PeerLink:
                     self.interval = w.heartbeat_interval_ms / 1000.0
                 if w.heartbeat_liveness > 0:
                     self.liveness = w.heartbeat_liveness
+                self._standby = False  # it serves after all (the pair decided)
                 self._broker_expiry = now + self.interval * self.liveness
                 # The next heartbeat was planned with the interval we had
                 # before: a broker with a shorter one must not wait for it.
@@ -309,18 +316,26 @@ class PeerLink:
                     self.drain_confirmed = True
                 if env.error.code == Code.STANDBY:
                     # The standby of a pair (or one that stepped down): the
-                    # other serves. Moved to after an interval, not at once,
-                    # so that two brokers that both refuse (the pair
-                    # deciding) are not alternated in a loop.
+                    # other serves, or is dead and this one has not seen it
+                    # yet. The link stays a liveness, heartbeating: a standby
+                    # whose other broker died takes over at one of those (and
+                    # says NOT_REGISTERED). Not at once either way: two
+                    # brokers that both refuse while the pair decides are
+                    # not alternated in a loop.
                     if not self._standby:
                         self._standby = True
-                        self._standby_expiry = now + self.interval
+                        self._standby_expiry = now + self.interval * self.liveness
                         self.welcomed = False
                         if self._log_limit.allow():
                             log.info("broker at %s: %s", self.endpoint, env.error.message)
                     self._broker_expiry = self._standby_expiry
-                    continue
+                    if not env.error.id:
+                        continue
+                    return env  # a job it refused: it did not run
                 if env.error.code == Code.NOT_REGISTERED:
+                    if self._standby:  # a standby that took over
+                        self._standby = False
+                        self._broker_expiry = now + self.interval * self.liveness
                     # The broker restarted and the connection came back by itself.
                     self.welcomed = False
                     self._send_hello()

@@ -444,8 +444,10 @@ class _Core:
             apply_curve(pub, *self.curve)
             if self.publish_endpoint:
                 pub.connect(self.publish_endpoint)
-            if self.backup_publish:  # of a pair, only the active broker subscribes: the other gets nothing
-                pub.connect(self.backup_publish)
+            # Of a broker pair, the PUB publishes to the broker the link is on
+            # (only the active one takes events), and leaves the other, so that
+            # one that stopped and comes back has nothing of ours to deliver late.
+            pub_on_backup = False
             poller, polled, seen_reconnects, seen_received, seen_read = None, None, 0, 0, (0, 0)
             while not self.stopping.is_set():
                 if link.socket is not polled:
@@ -493,6 +495,10 @@ class _Core:
                     with self.in_flight_lock:
                         self.drain_settled = True
                         self.in_flight_lock.notify_all()
+                if link.on_backup != pub_on_backup and self.publish_endpoint and self.backup_publish:
+                    pub.disconnect(self.backup_publish if pub_on_backup else self.publish_endpoint)
+                    pub_on_backup = link.on_backup
+                    pub.connect(self.backup_publish if pub_on_backup else self.publish_endpoint)
                 if link.reconnects != seen_reconnects:
                     self.count("reconnects", link.reconnects - seen_reconnects)
                     seen_reconnects = link.reconnects
