@@ -2048,5 +2048,41 @@ class WorkerArgsTest(unittest.TestCase):
         self.assertGreaterEqual(dropped(self.http_port, "bad_args") - before, 2)
 
 
+class StandbyRefusalTest(unittest.TestCase):
+    """A gateway whose broker is a pair's standby (here a backup that never
+    heard a primary: it refuses every peer, docs/protocol.md "Broker
+    pairs"). Each request it refuses comes back named (Error STANDBY with
+    the job's id): the client hears at once that it did not run, not at its
+    deadline, nor later as BROKER_LOST ("may have run")."""
+
+    def setUp(self):
+        self.broker = Broker(heartbeat_interval_ms=500, extra=[
+            "--pair", "backup", "--pair-bind", f"tcp://127.0.0.1:{free_port()}",
+            "--pair-connect", f"tcp://127.0.0.1:{free_port()}"])
+        self.http_port = free_port()
+        self.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
+                                "--http", f"127.0.0.1:{self.http_port}", "--broker", self.broker.router,
+                                "--events", self.broker.xpub, "--gateway-id", "gwS", "--route", "/held=held",
+                                "--request-timeout", "20000", "--threads", "1", "--log-level", "warn"], "gateway")
+        self.addCleanup(self.cleanup)
+        # Not healthy (no broker welcomed it), but it serves.
+        self.assertTrue(eventually(lambda: http_get(self.http_port, "/healthz")[0] != 0, 10))
+
+    def cleanup(self):
+        for p in (self.gateway, self.broker.process):
+            p.stop()
+            p.cleanup()
+
+    def test_a_request_the_standby_refused_is_answered_at_once(self):
+        import websocket  # python3-websocket
+        started = time.monotonic()
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/held", timeout=15)
+        self.addCleanup(ws.close)
+        frame = json.loads(ws.recv())  # within the 15 s; the deadline would answer after 21
+        self.assertEqual(frame["event"], "connect_error", frame)
+        self.assertIn("UNAVAILABLE", frame["data"]["message"])
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertGreaterEqual(self.broker.metric("sidecast_broker_dropped_total", reason="standby"), 1)
+
 if __name__ == "__main__":
     unittest.main()
