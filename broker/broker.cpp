@@ -221,6 +221,9 @@ void broker::bind() {
   xpub_.bind(config_.xpub_endpoint);
   if (!config_.local_endpoint.empty()) local_ = std::make_unique<core::local_router>(config_.local_endpoint);
   if (!config_.pair_role.empty()) {
+    if (config_.heartbeat_liveness < 2)
+      throw std::runtime_error("a broker pair needs --heartbeat-liveness 2 or more: with 1, a tick an interval "
+                               "late looks like a dead broker");
     pair_pub_ = zmq::socket_t{context_, zmq::socket_type::pub};
     pair_pub_.set(zmq::sockopt::linger, 0);
     pair_pub_.set(zmq::sockopt::sndhwm, 16);  // a state older than the next is worth nothing
@@ -468,6 +471,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     std::string_view job;
     if (kind == Envelope::kRequest) job = env ? std::string_view{env->request().id()} : head.id;
     else if (kind == Envelope::kLifecycle) job = env ? std::string_view{env->lifecycle().id()} : head.id;
+    else if (kind == Envelope::kForward) job = env->forward().id();
     if (!serve_as_pair(routing_id_view, job)) return;
   }
   auto*& kind_counter = metrics_->by_kind.at(static_cast<std::size_t>(kind));
@@ -1005,7 +1009,7 @@ void broker::forward_events() {
   // A pair's broker that does not serve forwards nothing: what publishers
   // sent it before it unsubscribed (while it was stopped, say, and the
   // other took over) would reach the gateways late, or twice.
-  const bool forward = !pair_ || pair_->active();
+  const bool forward = !pair_ || (pair_->active() && !events_doubtful_);
   for (std::size_t i = 0; i < config_.batch; ++i) {
     zmq::message_t topic;
     if (!xsub_.recv(topic, zmq::recv_flags::dontwait)) return;
@@ -1215,11 +1219,23 @@ bool broker::serve_as_pair(std::string_view routing_id, std::string_view job) {
   // Told at once, rather than left to find this broker silent: a link that
   // knows the other goes there (Error STANDBY). Not a made-up id: nobody
   // reads that pipe (see on_router_message).
-  if (!routing_id.empty() && routing_id.front() != '\0')
-    send_error(std::string{routing_id}, proto::STANDBY,
-               "broker " + config_.id + " is the pair's " + std::string{name_of(pair_->current())} +
-                   " broker: the other one serves",
-               std::string{job});
+  if (!routing_id.empty() && routing_id.front() != '\0') {
+    Envelope env;
+    auto& e = *env.mutable_error();
+    e.set_code(proto::STANDBY);
+    e.set_message("broker " + config_.id + " is the pair's " + std::string{name_of(pair_->current())} +
+                  " broker: the other one serves");
+    e.set_id(std::string{job});
+    // When it could take over: not while the other is heard (its state
+    // comes every interval, a tick may be an interval late), nor ever for
+    // a backup that has not heard an active primary.
+    auto heard_ago = now_ - (pair_->peer_expiry() - pair_->silence());
+    if (pair_->current() != pair_fsm::state::backup && heard_ago >= 2 * config_.heartbeat_interval) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(pair_->peer_expiry() - now_).count();
+      e.set_takeover_ms(static_cast<std::uint32_t>(std::max<std::int64_t>(left, 1)));
+    }
+    send(routing_id, env);
+  }
   drop(drop_reason::standby, routing_id);
   return false;
 }
@@ -1262,6 +1278,7 @@ void broker::receive_pair() {
       case proto::PairState::PASSIVE: theirs = pair_fsm::state::passive; break;
       default: drop(drop_reason::malformed, "pair state"); continue;
     }
+    events_doubtful_ = false;  // it said where it stands: stepped down below, or still active
     on_pair_change(pair_->on_peer(theirs, state.term(), now_));
   }
 }
@@ -1318,7 +1335,13 @@ void broker::check_stall(clock::time_point now) {
   for (auto& [to, kept] : parked_)
     for (auto& k : kept) k.since = std::min(k.since + late, now);
   next_tick_ = now;  // the tick is due, and not late
-  if (pair_) pair_->away(late, now);  // nor was the other broker silent meanwhile
+  if (pair_) {
+    pair_->away(late, now);  // nor was the other broker silent meanwhile
+    // What publishers sent while this one was stopped may have gone to the
+    // other too, had it taken over: none goes out until the other is heard
+    // (or its silence runs out: then this one is alone).
+    events_doubtful_ = pair_->active();
+  }
   metrics_->stalls.Increment();
   spdlog::warn("the broker's thread stalled for {} ms: not counted against its peers' heartbeats; probing them",
                std::chrono::duration_cast<std::chrono::milliseconds>(late).count());
@@ -1411,7 +1434,10 @@ void broker::forget_old_sends(clock::time_point now) {
 }
 
 void broker::tick(clock::time_point now) {
-  if (pair_) send_pair_state();
+  if (pair_) {
+    send_pair_state();
+    if (events_doubtful_ && now >= pair_->peer_expiry()) events_doubtful_ = false;  // alone
+  }
   metrics_->dispatch_batch.flush();
   metrics_->request_batch.flush();
   if (!suspects_.empty()) {

@@ -247,6 +247,7 @@ class broker {
   core::input_wait input_;  // the loop's wait on the sockets above
   std::unique_ptr<core::input_reactor> reactor_;  // run_on() only
   std::optional<pair_fsm> pair_;  // config_.pair_role set
+  bool events_doubtful_ = false;  // active, after a stall of its own, and the other not heard since
   zmq::socket_t pair_pub_;
   zmq::socket_t pair_sub_;
   std::size_t router_in_ = 0, xsub_in_ = 0, xpub_in_ = 0, wake_in_ = 0, zap_in_ = 0, local_in_ = 0, pair_in_ = 0;

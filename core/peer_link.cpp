@@ -173,6 +173,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         if (w.heartbeat_interval_ms() > 0) interval_ = std::chrono::milliseconds(w.heartbeat_interval_ms());
         if (w.heartbeat_liveness() > 0) liveness_ = w.heartbeat_liveness();
         standby_ = false;  // it serves after all (the pair decided)
+        refused_since_welcome_ = false;
         // The broker's interval wins; a heartbeat planned with a longer local
         // one would come too late for the broker's liveness check.
         next_heartbeat_ = std::min(next_heartbeat_, now + interval_);
@@ -230,16 +231,27 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         if (draining_ && !drain_confirmed_ && env.error().code() == proto::BAD_REQUEST) drain_confirmed_ = true;
         if (env.error().code() == proto::STANDBY) {
           // The standby of a pair (or one that stepped down): the other
-          // serves, or is dead and this one has not seen it yet. The link
-          // stays a liveness, heartbeating: a standby whose other broker
-          // died takes over at one of those (and says NOT_REGISTERED). Not
-          // at once either way: two brokers that both refuse while the pair
-          // decides are not alternated in a loop.
-          if (!standby_) {
-            standby_ = true;
-            standby_expiry_ = now + interval_ * liveness_;
-            welcomed_ = false;
-            if (log_limit_.allow()) spdlog::info("broker at {}: {}", endpoint(), env.error().message());
+          // serves, or is dead and this one has not seen it yet. In the
+          // second case the link stays, heartbeating: the standby takes over
+          // at one of those (and says NOT_REGISTERED). Not at once either
+          // way: two brokers that both refuse while the pair decides are not
+          // alternated in a loop.
+          // How long: until the standby may take over (it says; a liveness
+          // at most), or an interval when it will not soon (the other is
+          // heard: go there).
+          {
+            auto takeover = std::chrono::milliseconds(env.error().takeover_ms());
+            auto wait = takeover.count() == 0 ? interval_
+                                              : std::min<clock::duration>(interval_ * liveness_, takeover + interval_);
+            refused_since_welcome_ = true;
+            if (!standby_) {
+              standby_ = true;
+              standby_expiry_ = now + wait;
+              welcomed_ = false;
+              if (log_limit_.allow()) spdlog::info("broker at {}: {}", endpoint(), env.error().message());
+            } else {
+              standby_expiry_ = std::min(standby_expiry_, now + wait);
+            }
           }
           broker_expiry_ = standby_expiry_;
           if (env.error().id().empty()) continue;

@@ -124,7 +124,9 @@ class peer_link {
   /// old socket is known only then (received_by_broker()), and goes again
   /// first: an application that wants its messages to arrive in the order
   /// it sent them holds them back meanwhile, and sends them after those.
-  bool holding() const { return replaced_since_welcome_; }
+  /// Also true from a broker pair's STANDBY (what is sent there is refused)
+  /// until a broker welcomes the link: held, it goes to whichever does.
+  bool holding() const { return replaced_since_welcome_ || refused_since_welcome_; }
 
   /// Hellos sent so far: what the link sends now reaches the broker after
   /// Hello number epoch(). An application that keeps what it sent until it
@@ -216,6 +218,7 @@ class peer_link {
   // welcomes it first.
   bool standby_ = false;
   clock::time_point standby_expiry_{};
+  bool refused_since_welcome_ = false;  // a STANDBY came after the last Welcome (holding())
   clock::time_point next_heartbeat_;
   peer_link_stats stats_;
   log_limiter log_limit_;

@@ -393,7 +393,11 @@ void bridge::open() {
     sub_->set(zmq::sockopt::linger, 0);
     sub_->set(zmq::sockopt::rcvhwm, config_.hwm);
     core::apply(*sub_, lo.curve);
-    sub_->connect(config_.events);  // of a broker pair: follow_link() moves it
+    sub_->connect(config_.events);
+    // Of a broker pair, only the active broker publishes (one that does not
+    // serve forwards nothing): subscribed at both, the gateway hears
+    // whichever it is from the moment it takes over.
+    if (!config_.backup_events.empty()) sub_->connect(config_.backup_events);
     timer_.emplace(*ex_);
   } catch (const std::exception& e) {
     spdlog::critical("gateway bridge failed: {}", e.what());
@@ -457,7 +461,6 @@ void bridge::pump() {
     link_->tick(now);  // heartbeats, or a new socket
     link_watch_.dirty = true;
   }
-  if (link_->on_backup() != events_on_backup_) follow_link();
   welcomed_ = link_->welcomed();
   metrics_.broker_connected.Set(welcomed_ ? 1 : 0);
   expire(now);
@@ -596,16 +599,13 @@ void bridge::on_broker(Envelope& env) {
             it->second.out.where.epoch = link_->epoch();
             it->second.out.message.rebuild();  // nor is it sent again (resend_lost)
           }
-      // The standby of a broker pair refused it: it did not run anywhere,
-      // and the client hears so now (it may send it again), not at the
-      // deadline, nor as BROKER_LOST ("may have run") later.
+      // The standby of a broker pair refused it: it did not run anywhere.
+      // It is held, as what is sent while the link is on a standby is, and
+      // goes to whichever broker welcomes the link next (within its
+      // deadline); past --hwm held, the client hears at once that it did not
+      // run, not at the deadline, nor as BROKER_LOST ("may have run") later.
       if (env.error().code() == proto::STANDBY)
-        if (auto seq = own_seq(env.error().id()))
-          if (auto it = pending_.find(*seq); it != pending_.end()) {
-            auto p = std::move(it->second);
-            pending_.erase(it);  // its deadline entry finds nothing when it comes
-            reply_to(std::move(p), {proto::UNAVAILABLE, "the broker it reached is a standby; the request did not run"});
-          }
+        if (auto seq = own_seq(env.error().id())) refused_by_standby(*seq);
       return;
     case Envelope::kReport: return;
     default:
@@ -710,17 +710,23 @@ void bridge::expire(clock::time_point now) {
   }
 }
 
-// Of a broker pair: the events socket subscribes at the broker the link is
-// on (only the active one publishes), and leaves the other, so that one
-// that stopped and comes back delivers nothing late.
-void bridge::follow_link() {
-  const auto& from = events_on_backup_ ? config_.backup_events : config_.events;
-  events_on_backup_ = link_->on_backup();
-  const auto& to = events_on_backup_ ? config_.backup_events : config_.events;
-  if (from.empty() || to.empty()) return;
-  sub_->disconnect(from);
-  sub_->connect(to);  // the SUB sends its subscriptions along
-  sub_watch_.dirty = true;
+void bridge::refused_by_standby(std::uint64_t seq) {
+  auto hold_again = [&](sent_message& out) {
+    if (!out.message.size() || !link_->holding() || held_ >= static_cast<std::uint64_t>(config_.hwm)) return false;
+    out.where = core::link_position::held(++held_);
+    metrics_.held.Set(static_cast<double>(held_));
+    return true;
+  };
+  if (auto it = pending_.find(seq); it != pending_.end()) {
+    if (hold_again(it->second.out)) return;
+    auto p = std::move(it->second);
+    pending_.erase(it);  // its deadline entry finds nothing when it comes
+    reply_to(std::move(p), {proto::UNAVAILABLE, "the broker it reached is a standby; the request did not run"});
+  } else if (auto f = forwards_.find(seq); f != forwards_.end()) {
+    if (hold_again(f->second.out)) return;
+    f->second.slot->complete(forward_failed(503, f->second.api));
+    forwards_.erase(f);
+  }
 }
 
 // The broker that held a request is gone and its answer will never come (a

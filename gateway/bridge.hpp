@@ -207,7 +207,9 @@ class bridge {
   void on_control(const proto::Control& control);
   void deliver_emit(proto::Emit& emit);  // moves its strings out
   void reply_to(pending p, reply_data reply);
-  void follow_link();
+  /// A broker pair's standby refused request or forward `seq` (it did not
+  /// run): held to go again after the next Welcome, or failed now.
+  void refused_by_standby(std::uint64_t seq);
   /// "<our id>:<seq>" in base 36, as next_id() makes them.
   std::string id_of(std::uint64_t seq) const;
   /// n of an id "<our id>:<n>" (every id id_of() made); nothing for any other.
@@ -277,7 +279,6 @@ class bridge {
   bool timer_pending_ = false;
   bool pump_posted_ = false;
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
-  bool events_on_backup_ = false;      // sub_ is connected to config_.backup_events (follow_link())
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
   core::link_position broker_read_;    // the link's read_by_broker(), as last acted on
   std::uint64_t held_ = 0;  // messages held since resend_lost() last sent them (hold())

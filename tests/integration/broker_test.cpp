@@ -2815,10 +2815,11 @@ struct link_with_fake_pair {
     broker.send(zmq::buffer(std::string_view{"gw-p"}), zmq::send_flags::sndmore);
     broker.send(core::message_of(env), zmq::send_flags::none);
   }
-  static Envelope error(proto::Code code, const std::string& id = {}) {
+  static Envelope error(proto::Code code, const std::string& id = {}, std::uint32_t takeover_ms = 0) {
     Envelope env;
     env.mutable_error()->set_code(code);
     env.mutable_error()->set_id(id);
+    env.mutable_error()->set_takeover_ms(takeover_ms);
     return env;
   }
   /// What the link hands the application, and its heartbeats, for `d`.
@@ -2834,10 +2835,11 @@ struct link_with_fake_pair {
 };
 
 // A standby of a pair refuses the link's Hello and its request (which it
-// hands back to the application: it did not run). The link stays a
-// liveness, heartbeating (a standby whose other broker died would take
-// over at one of those), then moves to the other broker.
-TEST(PeerLink, AStandbyKeepsTheLinkForALivenessThenItMoves) {
+// hands back to the application: it did not run), and says it may take
+// over in 100 ms (the other has gone silent). The link stays until then
+// and an interval more (150 ms, its liveness at most), heartbeating (a
+// standby that takes over would at one of those), then moves to the other.
+TEST(PeerLink, AStandbyThatMayTakeOverKeepsTheLinkUntilThenThenItMoves) {
   link_with_fake_pair pair;
   auto& link = *pair.link;
   std::optional<Envelope> hello;
@@ -2846,8 +2848,8 @@ TEST(PeerLink, AStandbyKeepsTheLinkForALivenessThenItMoves) {
   Envelope request;
   request.mutable_request()->set_id("gw-p:1");
   ASSERT_TRUE(link.send(request));
-  pair.send(pair.a, pair.error(proto::STANDBY));
-  pair.send(pair.a, pair.error(proto::STANDBY, "gw-p:1"));
+  pair.send(pair.a, pair.error(proto::STANDBY, {}, 100));
+  pair.send(pair.a, pair.error(proto::STANDBY, "gw-p:1", 100));
   auto refused_at = std::chrono::steady_clock::now();
   auto got = pair.run_for(100ms);  // under the liveness (150 ms)
   ASSERT_EQ(got.size(), 1u);
@@ -2869,6 +2871,27 @@ TEST(PeerLink, AStandbyKeepsTheLinkForALivenessThenItMoves) {
   EXPECT_TRUE(link.on_backup());
 }
 
+// A standby that will not take over soon (it hears the other, or never
+// heard an active primary) says so (takeover_ms 0): the link goes to the
+// other after an interval, not a liveness.
+TEST(PeerLink, AStandbyThatHearsTheOtherSendsTheLinkThereAfterAnInterval) {
+  link_with_fake_pair pair;
+  auto& link = *pair.link;
+  ASSERT_TRUE(eventually([&] { return pair.from_link(pair.a).has_value(); }));
+  pair.send(pair.a, pair.error(proto::STANDBY));
+  auto refused_at = std::chrono::steady_clock::now();
+  std::optional<Envelope> at_b;
+  ASSERT_TRUE(eventually([&] {
+    pair.run_for(2ms);
+    return (at_b = pair.from_link(pair.b)).has_value();
+  }, 2s)) << "the link never moved to the other broker";
+  auto waited = std::chrono::steady_clock::now() - refused_at;
+  EXPECT_GE(waited, 50ms);
+  EXPECT_TRUE(at_b->has_hello());
+  EXPECT_TRUE(link.on_backup());
+  EXPECT_TRUE(link.holding()) << "refused, and no broker has welcomed it since";
+}
+
 // The standby takes over while the link waits there (its other broker
 // died): it answers a heartbeat NOT_REGISTERED, the link says Hello and is
 // welcomed, and stays, however long ago the STANDBY was.
@@ -2876,8 +2899,9 @@ TEST(PeerLink, AStandbyThatTakesOverKeepsTheLink) {
   link_with_fake_pair pair;
   auto& link = *pair.link;
   ASSERT_TRUE(eventually([&] { return pair.from_link(pair.a).has_value(); }));
-  pair.send(pair.a, pair.error(proto::STANDBY));
+  pair.send(pair.a, pair.error(proto::STANDBY, {}, 100));
   pair.run_for(60ms);
+  EXPECT_TRUE(link.holding()) << "what the application sends now would be refused";
   while (pair.from_link(pair.a)) {
   }
   pair.send(pair.a, pair.error(proto::NOT_REGISTERED));
@@ -2905,6 +2929,7 @@ TEST(PeerLink, AStandbyThatTakesOverKeepsTheLink) {
     pair.send(pair.a, beat);
   }
   EXPECT_TRUE(link.welcomed());
+  EXPECT_FALSE(link.holding());
   EXPECT_EQ(link.endpoint(), "inproc://pair-a") << "the link left a broker that welcomed it";
   EXPECT_FALSE(pair.from_link(pair.b).has_value());
   EXPECT_EQ(link.stats().reconnects, 0u);

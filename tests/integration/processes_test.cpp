@@ -598,6 +598,34 @@ TEST(Processes, AStalledActiveBrokerOfAPairStepsDownWhenItResumes) {
   EXPECT_EQ(primary.kill(SIGTERM), 0);
 }
 
+// What wakes a standby is any message from a peer once the active broker
+// has been silent for a liveness, a heartbeat as well as a Hello: a link
+// that waits at the standby heartbeats there, and is asked to say Hello.
+TEST(Processes, AHeartbeatAtTheStandbyAfterTheSilenceMakesItTakeOver) {
+  pair_ports pp;
+  child primary{"sidecast-broker", pair_broker_args(pp, true)};
+  child backup{"sidecast-broker", pair_broker_args(pp, false)};
+  ASSERT_TRUE(eventually([&] { return pair_state_is(pp.backup.http, "passive"); }));
+  ASSERT_EQ(::kill(primary.pid(), SIGSTOP), 0);
+  zmq::context_t ctx{1};
+  peer raw{ctx, pp.backup.endpoint(pp.backup.router), "raw"};
+  raw.send_hello();
+  auto refused = raw.next(Envelope::kError, 2s);
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->error().code(), proto::STANDBY);
+  EXPECT_EQ(refused->error().takeover_ms(), 0u) << "the primary was heard just now: go there";
+  std::this_thread::sleep_for(800ms);  // past the backup's liveness (3 × 200 ms) without the primary
+  Envelope beat;
+  beat.mutable_heartbeat();
+  raw.send(beat);
+  auto asked = raw.next(Envelope::kError, 2s);
+  ASSERT_TRUE(asked);
+  EXPECT_EQ(asked->error().code(), proto::NOT_REGISTERED) << asked->DebugString();
+  EXPECT_TRUE(raw.hello());
+  EXPECT_TRUE(pair_state_is(pp.backup.http, "active"));
+  ::kill(primary.pid(), SIGCONT);
+}
+
 // A backup that never heard an active primary never serves: started alone,
 // it refuses every peer, however long it waits (no split brain at start).
 TEST(Processes, ABackupThatNeverHeardThePrimaryServesNobody) {

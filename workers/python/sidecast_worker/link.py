@@ -74,6 +74,7 @@ class PeerLink:
         self._at = 0
         self._standby = False
         self._standby_expiry = 0.0
+        self._refused_since_welcome = False  # a STANDBY came after the last Welcome (holding)
         self.peer_id = peer_id
         self.role = role
         self.services = list(services)  # (name, capacity)
@@ -145,8 +146,10 @@ class PeerLink:
         until the broker welcomes the new one. What died in the old socket
         is known only then (``received_by_broker``) and goes again first: an
         application that wants its messages to arrive in the order it sent
-        them holds them back meanwhile, and sends them after those."""
-        return self._replaced_since_welcome
+        them holds them back meanwhile, and sends them after those. Also true
+        from a broker pair's STANDBY (what is sent there is refused) until a
+        broker welcomes the link: held, it goes to whichever does."""
+        return self._replaced_since_welcome or self._refused_since_welcome
 
     def close(self, linger=0):
         """Closes the socket; what it still queues gets ``linger`` seconds to leave."""
@@ -272,6 +275,7 @@ class PeerLink:
                 if w.heartbeat_liveness > 0:
                     self.liveness = w.heartbeat_liveness
                 self._standby = False  # it serves after all (the pair decided)
+                self._refused_since_welcome = False
                 self._broker_expiry = now + self.interval * self.liveness
                 # The next heartbeat was planned with the interval we had
                 # before: a broker with a shorter one must not wait for it.
@@ -317,17 +321,24 @@ class PeerLink:
                 if env.error.code == Code.STANDBY:
                     # The standby of a pair (or one that stepped down): the
                     # other serves, or is dead and this one has not seen it
-                    # yet. The link stays a liveness, heartbeating: a standby
-                    # whose other broker died takes over at one of those (and
-                    # says NOT_REGISTERED). Not at once either way: two
-                    # brokers that both refuse while the pair decides are
-                    # not alternated in a loop.
+                    # yet. In the second case the link stays, heartbeating:
+                    # the standby takes over at one of those (and says
+                    # NOT_REGISTERED); how long, it says (takeover_ms; a
+                    # liveness at most). Else an interval, then the other.
+                    # Not at once either way: two brokers that both refuse
+                    # while the pair decides are not alternated in a loop.
+                    takeover = env.error.takeover_ms / 1000.0
+                    wait = (min(self.interval * self.liveness, takeover + self.interval) if takeover
+                            else self.interval)
+                    self._refused_since_welcome = True
                     if not self._standby:
                         self._standby = True
-                        self._standby_expiry = now + self.interval * self.liveness
+                        self._standby_expiry = now + wait
                         self.welcomed = False
                         if self._log_limit.allow():
                             log.info("broker at %s: %s", self.endpoint, env.error.message)
+                    else:
+                        self._standby_expiry = min(self._standby_expiry, now + wait)
                     self._broker_expiry = self._standby_expiry
                     if not env.error.id:
                         continue
