@@ -178,6 +178,13 @@ class Broker:
         self.process.cleanup()
 
 
+def pair_args(role, mine, other):
+    """sidecast-broker flags for one broker of a pair ("primary" or "backup")
+    whose pair PUB binds 127.0.0.1:``mine`` and hears the other's on ``other``."""
+    return ["--id", role, "--pair", role, "--pair-bind", f"tcp://127.0.0.1:{mine}",
+            "--pair-connect", f"tcp://127.0.0.1:{other}"]
+
+
 class Peer:
     """A DEALER peer of the broker (client or fake gateway), driven by the test.
 

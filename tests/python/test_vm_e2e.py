@@ -28,7 +28,7 @@ import socketio
 import zmq
 
 from harness import (BIN, EXAMPLES, PYTHON, WAIT, Broker, Peer, Process, eventually, free_port, free_ports,
-                     http_get, metric, pb, python_env)
+                     http_get, metric, pair_args, pb, python_env)
 
 API_KEY = "e2e-key"
 LAUNCH_MS = 1000
@@ -2059,14 +2059,10 @@ class StandbyHoldTest(unittest.TestCase):
     def setUp(self):
         from sidecast_worker import Service, Worker
         primary_pair, backup_pair = free_ports(2)
-
-        def pair(role, mine, other):
-            return ["--id", role, "--pair", role, "--pair-bind", f"tcp://127.0.0.1:{mine}",
-                    "--pair-connect", f"tcp://127.0.0.1:{other}"]
         self.primary_ports = tuple(free_ports(4))
-        self.primary_args = pair("primary", primary_pair, backup_pair)
+        self.primary_args = pair_args("primary", primary_pair, backup_pair)
         self.primary = None
-        self.backup = Broker(heartbeat_interval_ms=200, extra=pair("backup", backup_pair, primary_pair))
+        self.backup = Broker(heartbeat_interval_ms=200, extra=pair_args("backup", backup_pair, primary_pair))
         primary_router, primary_xsub, primary_xpub = (f"tcp://127.0.0.1:{p}" for p in self.primary_ports[:3])
         self.http_port = free_port()
         # The backup first: the gateway and the worker start on it.

@@ -19,7 +19,7 @@ import unittest
 
 import zmq
 
-from harness import WAIT, Broker, Peer, eventually, free_ports, http_get
+from harness import WAIT, Broker, Peer, eventually, free_ports, http_get, pair_args
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import Code, Service, Worker, namespace_topic, room_topic
 
@@ -1448,7 +1448,7 @@ class CurveTest(BrokerTest):
         self.assertFalse(w.wait_connected(1.0))
 
 
-class BrokerPairTest(unittest.TestCase):
+class BrokerPairTest(BrokerTest):
     """A primary/backup broker pair (docs/deployment.md, "A broker pair"):
     the worker knows both, uses the active one, and moves when it dies; its
     room emits follow, since only the active broker subscribes to them."""
@@ -1456,35 +1456,20 @@ class BrokerPairTest(unittest.TestCase):
     def setUp(self):
         self.ctx = zmq.Context()
         primary_pair, backup_pair = free_ports(2)
-
-        def pair(role, mine, other):
-            return ["--id", role, "--pair", role, "--pair-bind", f"tcp://127.0.0.1:{mine}",
-                    "--pair-connect", f"tcp://127.0.0.1:{other}"]
-        self.primary = Broker(200, extra=pair("primary", primary_pair, backup_pair))
-        self.backup = Broker(200, extra=pair("backup", backup_pair, primary_pair))
-        self.workers, self.peers = [], []
+        self.primary = Broker(self.heartbeat_ms, extra=pair_args("primary", primary_pair, backup_pair))
+        self.backup = Broker(self.heartbeat_ms, extra=pair_args("backup", backup_pair, primary_pair))
+        self.broker = self.primary
+        self.workers, self.peers, self.brokers = [], [], [self.primary, self.backup]
         self.addCleanup(self.cleanup)
 
-    def cleanup(self):
-        for w in self.workers:
-            w.stop()
-        for p in self.peers:
-            p.close()
-        self.ctx.term()
-        failed = not getattr(self._outcome, "success", True)
-        for b in (self.primary, self.backup):
-            if failed:
-                print(f"--- broker output ({self.id()}):\n{b.process.output()}")
-            b.cleanup()
-
-    def peer(self, broker, peer_id, role=pb.ROLE_CLIENT):
+    def peer_at(self, broker, peer_id, role=pb.ROLE_CLIENT):
         p = Peer(self.ctx, broker.router, peer_id, role)
         self.peers.append(p)
         return p
 
     def served_at(self, broker, peer_id):
         """A client welcomed by ``broker`` whose echo the worker answers, within WAIT."""
-        c = self.peer(broker, peer_id)
+        c = self.peer_at(broker, peer_id)
 
         def echo():
             if not c.registered and not c.hello(0.5):
@@ -1508,7 +1493,7 @@ class BrokerPairTest(unittest.TestCase):
         # heard the primary active; a backup that never did never takes over.)
         self.assertTrue(eventually(
             lambda: json.loads(http_get(self.backup.http_port, "/status")[1])["pair"]["state"] == "passive"))
-        refused = self.peer(self.backup, "c2")
+        refused = self.peer_at(self.backup, "c2")
         self.assertFalse(refused.hello(0.5))
         self.assertIsNotNone(refused.next("error", 0.1, lambda e: e.error.code == Code.STANDBY))
 
@@ -1533,7 +1518,7 @@ class BrokerPairTest(unittest.TestCase):
                 return False
             return eventually(once, WAIT)
 
-        gw = self.peer(self.primary, "gwP", pb.ROLE_GATEWAY)
+        gw = self.peer_at(self.primary, "gwP", pb.ROLE_GATEWAY)
         self.assertTrue(gw.hello())
         self.assertTrue(said(gw, "before"), "a room emit did not come through the primary")
         self.assertEqual(self.backup.metric("sidecast_broker_events_total") or 0, 0,
@@ -1542,7 +1527,7 @@ class BrokerPairTest(unittest.TestCase):
         self.primary.kill()
         c3 = self.served_at(self.backup, "c3")
         self.assertIsNotNone(c3, "the worker did not move to the backup")
-        gw2 = self.peer(self.backup, "gwB", pb.ROLE_GATEWAY)
+        gw2 = self.peer_at(self.backup, "gwB", pb.ROLE_GATEWAY)
         self.assertTrue(gw2.hello())
         self.assertTrue(said(gw2, "after"), "a room emit did not come through the backup")
         status = json.loads(http_get(self.backup.http_port, "/status")[1])
