@@ -212,8 +212,8 @@ void broker::bind() {
   xsub_.bind(config_.xsub_endpoint);
   // Publishers send everything to the broker; gateways' subscriptions are
   // applied here, at the XPUB, so a join takes effect after one hop. A
-  // pair's broker subscribes while it is active only: publishers connected
-  // to both send the other nothing (their PUB filters).
+  // pair's broker subscribes while it is active only: a publisher that
+  // still reaches the other sends it nothing (its PUB filters).
   if (config_.pair_role.empty()) subscribe_events(true);
   xpub_.set(zmq::sockopt::sndhwm, config_.sndhwm);
   xpub_.set(zmq::sockopt::linger, 0);
@@ -1262,7 +1262,10 @@ void broker::send_pair_state() {
 void broker::receive_pair() {
   for (std::size_t i = 0; i < config_.batch; ++i) {
     zmq::message_t message;
-    if (!pair_sub_.recv(message, zmq::recv_flags::dontwait)) return;
+    if (!pair_sub_.recv(message, zmq::recv_flags::dontwait)) {
+      input_.drained(pair_in_);  // its descriptor announces the next one
+      return;
+    }
     proto::PairState state;
     if (message.more() || !state.ParseFromArray(message.data(), static_cast<int>(message.size()))) {
       while (message.more() && pair_sub_.recv(message, zmq::recv_flags::dontwait)) {

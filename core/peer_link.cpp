@@ -231,31 +231,27 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         if (draining_ && !drain_confirmed_ && env.error().code() == proto::BAD_REQUEST) drain_confirmed_ = true;
         if (env.error().code() == proto::STANDBY) {
           // The standby of a pair (or one that stepped down): the other
-          // serves, or is dead and this one has not seen it yet. In the
-          // second case the link stays, heartbeating: the standby takes over
-          // at one of those (and says NOT_REGISTERED). Not at once either
-          // way: two brokers that both refuse while the pair decides are not
-          // alternated in a loop.
-          // How long: until the standby may take over (it says; a liveness
-          // at most), or an interval when it will not soon (the other is
-          // heard: go there).
-          {
-            auto takeover = std::chrono::milliseconds(env.error().takeover_ms());
-            auto wait = takeover.count() == 0 ? interval_
-                                              : std::min<clock::duration>(interval_ * liveness_, takeover + interval_);
-            refused_since_welcome_ = true;
-            if (!standby_) {
-              standby_ = true;
-              standby_expiry_ = now + wait;
-              welcomed_ = false;
-              if (log_limit_.allow()) spdlog::info("broker at {}: {}", endpoint(), env.error().message());
-            } else {
-              standby_expiry_ = std::min(standby_expiry_, now + wait);
-            }
+          // serves (it says takeover_ms 0: go there after an interval), or
+          // is dead and this one has not seen it yet (it says when it may
+          // take over: the link stays until then, heartbeating, a liveness
+          // at most, and the standby takes over at one of those heartbeats
+          // and says NOT_REGISTERED). Never at once: two brokers that both
+          // refuse while the pair decides are not alternated in a loop.
+          auto takeover = std::chrono::milliseconds(env.error().takeover_ms());
+          auto wait = takeover.count() == 0 ? interval_
+                                            : std::min<clock::duration>(interval_ * liveness_, takeover + interval_);
+          refused_since_welcome_ = true;  // holding(): what is sent now waits for a Welcome
+          if (!standby_) {
+            standby_ = true;
+            standby_expiry_ = now + wait;
+            welcomed_ = false;
+            if (log_limit_.allow()) spdlog::info("broker at {}: {}", endpoint(), env.error().message());
+          } else {
+            standby_expiry_ = std::min(standby_expiry_, now + wait);
           }
           broker_expiry_ = standby_expiry_;
           if (env.error().id().empty()) continue;
-          return true;  // a job it refused: it did not run, the application answers it
+          return true;  // a job it refused (it did not run): the application sends it again
         }
         if (env.error().code() == proto::NOT_REGISTERED) {
           if (standby_) {  // a standby that took over
