@@ -1,8 +1,8 @@
 // The soak driver (see bench/soak). Clients on every namespace do echo with
 // acks, room chat and VM launches; a worker is killed and replaced every
 // minute, the broker is stopped past its peers' liveness (SIGSTOP, 4.5 s)
-// once a quarter of the way and restarted once half-way. Bounded in time
-// and count.
+// once a quarter of the way and restarted once half-way (of a broker pair,
+// whichever is active then: two failovers). Bounded in time and count.
 import { execFileSync, spawn } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -17,7 +17,29 @@ const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { retu
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 // What the processes counted of the stall and the restart (their /metrics).
 const httpOf = (pid) => { try { return readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0").find((a, i, all) => all[i - 1] === "--http"); } catch { return undefined; } };
-const brokerHttp = /^BROKER_HTTP=(.*)$/m.exec(readFileSync(`${runDir}/env`, "utf8"))?.[1];
+const env = Object.fromEntries(readFileSync(`${runDir}/env`, "utf8").trim().split("\n").map((l) => l.split("=")));
+const pair = env.PAIR === "1";
+const brokers = pair ? { broker: env.BROKER_HTTP, "broker-b": env.BACKUP_HTTP } : { broker: env.BROKER_HTTP };
+// The broker that serves: of a pair, the one whose /status says active.
+async function activeBroker() {
+  if (!pair) return "broker";
+  for (const [name, hostPort] of Object.entries(brokers)) {
+    try {
+      if ((await (await fetch(`http://${hostPort}/status`)).json()).pair?.state === "active") return name;
+    } catch { /* a broker that is down */ }
+  }
+  return "broker";
+}
+function brokerArgs(name) {
+  const args = name === "broker"
+    ? ["--id", "broker", "--router", env.ROUTER, "--xsub", env.XSUB, "--xpub", env.XPUB, "--http", env.BROKER_HTTP]
+    : ["--id", "broker-b", "--router", env.BACKUP_ROUTER, "--xsub", env.BACKUP_XSUB, "--xpub", env.BACKUP_XPUB,
+       "--http", env.BACKUP_HTTP];
+  if (!pair) return args.slice(2);
+  return [...args, "--pair", name === "broker" ? "primary" : "backup",
+          "--pair-bind", name === "broker" ? env.PAIR_PRIMARY : env.PAIR_BACKUP,
+          "--pair-connect", name === "broker" ? env.PAIR_BACKUP : env.PAIR_PRIMARY];
+}
 async function counted(hostPort, names) {
   if (!hostPort) return "?";
   try {
@@ -65,9 +87,10 @@ async function traffic(c, i) {
     await sleep(100);
   }
 }
-const watched = ["broker", "gw1", "gw2"];
+const watched = [...Object.keys(brokers), "gw1", "gw2"];
 const sample = () => Object.fromEntries(watched.map((n) => [n, rss(pids()[n])]));
 let stallCounts = "no stall";
+const hit = [];  // which broker the stall and the kill hit
 async function chaos() {
   const restartAt = Date.now() + (end - Date.now()) / 2;
   const stallAt = Date.now() + (end - Date.now()) / 4;
@@ -84,21 +107,23 @@ async function chaos() {
       // Past the liveness (3 × 1 s): gateways and workers replace their
       // sockets and come back as the same peers; no job may run twice.
       stalled = true;
-      process.kill(p.broker, "SIGSTOP");
+      const name = await activeBroker();
+      hit.push(`stalled ${name}`);
+      process.kill(p[name], "SIGSTOP");
       await sleep(4500);
-      process.kill(p.broker, "SIGCONT");
+      process.kill(p[name], "SIGCONT");
       await sleep(5000);
-      stallCounts = await counted(brokerHttp, ["sidecast_broker_stalls_total", "sidecast_broker_probes_total",
-                                              "sidecast_broker_peer_reconnects_total"]);
+      stallCounts = await counted(brokers[name], ["sidecast_broker_stalls_total", "sidecast_broker_probes_total",
+                                                  "sidecast_broker_peer_reconnects_total"]);
     } else if (!restarted && Date.now() >= restartAt) {
       restarted = true;
-      process.kill(p.broker, "SIGKILL");
+      const name = await activeBroker();
+      hit.push(`killed and restarted ${name}`);
+      process.kill(p[name], "SIGKILL");
       await sleep(500);
-      const env = Object.fromEntries(readFileSync(`${runDir}/env`, "utf8").trim().split("\n").map((l) => l.split("=")));
-      const b = spawn(`${env.BIN}/sidecast-broker`, ["--router", env.ROUTER, "--xsub", env.XSUB, "--xpub", env.XPUB, "--http", env.BROKER_HTTP],
-                      { detached: true, stdio: "ignore" });
+      const b = spawn(`${env.BIN}/sidecast-broker`, brokerArgs(name), { detached: true, stdio: "ignore" });
       b.unref();
-      execFileSync("sh", ["-c", `sed -i 's/^broker .*/broker ${b.pid}/' ${runDir}/pids`]);
+      execFileSync("sh", ["-c", `sed -i 's/^${name} .*/${name} ${b.pid}/' ${runDir}/pids`]);
     }
   }
   return { kills, restarted, stalled };
@@ -116,12 +141,17 @@ const after = sample();
 const crashed = watched.filter((n) => !alive(pids()[n]));
 for (const c of clients) { c.s.close(); c.v.close(); }
 
-const recovery = [`broker, 5 s after the stall: ${stallCounts}`];
+const recovery = [`the broker stalled, 5 s after: ${stallCounts}`];
+if (pair) {
+  recovery.push(hit.join("; "));
+  for (const [name, hostPort] of Object.entries(brokers))
+    recovery.push(`${name}: ${await counted(hostPort, ["sidecast_broker_pair_term", "sidecast_broker_pair_activations_total"])}`);
+}
 for (const g of ["gw1", "gw2"])
-  recovery.push(`${g}: ${await counted(httpOf(pids()[g]), ["sidecast_gateway_requests_resent_total", "sidecast_gateway_notices_resent_total", "sidecast_gateway_broker_lost_total"])}`);
+  recovery.push(`${g}: ${await counted(httpOf(pids()[g]), ["sidecast_gateway_requests_resent_total", "sidecast_gateway_notices_resent_total", "sidecast_gateway_broker_lost_total", "sidecast_gateway_broker_restarts_total"])}`);
 
 const row = (n) => `${n.padEnd(8)} ${String(before[n]).padStart(8)} KB -> ${String(after[n]).padStart(8)} KB`;
-console.log(`\nsoak: ${minutes} min, ${clientCount} clients, ${chaosResult.kills} worker kills, broker stalled: ${chaosResult.stalled}, restarted: ${chaosResult.restarted}`);
+console.log(`\nsoak: ${minutes} min, ${clientCount} clients, ${chaosResult.kills} worker kills, broker stalled: ${chaosResult.stalled}, restarted: ${chaosResult.restarted}${pair ? " (a broker pair)" : ""}`);
 const pending = stats.asked - stats.answered - stats.errors - stats.unanswered;
 stats.unanswered += pending;
 console.log(`events with ack: ${stats.asked}; answered ${stats.answered}, error acks ${stats.errors}, unanswered ${stats.unanswered}, answered twice ${stats.duplicates}`);
