@@ -163,8 +163,9 @@ void gateway::start() {
   for (auto& ctx : contexts_) {
     threads_.emplace_back([&ctx] { run_logging_errors(*ctx, "gateway I/O thread"); });
   }
-  spdlog::info("gateway {} serving http://{}:{} with {} threads, broker {}", config_.id, hp->host, port_,
-               config_.threads, config_.broker);
+  spdlog::info("gateway {} serving http://{}:{} with {} threads, broker {}{}{}", config_.id, hp->host, port_,
+               config_.threads, config_.broker, config_.backup_broker.empty() ? "" : " (backup ",
+               config_.backup_broker.empty() ? "" : config_.backup_broker + ")");
 }
 
 void gateway::do_accept() {
