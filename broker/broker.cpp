@@ -466,14 +466,16 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     }
     kind = env->kind_case();
   }
-  if (pair_ && !pair_->active()) {
-    // A job is named, so that its requester knows it did not run here.
-    std::string_view job;
-    if (kind == Envelope::kRequest) job = env ? std::string_view{env->request().id()} : head.id;
-    else if (kind == Envelope::kLifecycle) job = env ? std::string_view{env->lifecycle().id()} : head.id;
-    else if (kind == Envelope::kForward) job = env->forward().id();
-    if (!serve_as_pair(routing_id_view, job)) return;
-  }
+  // The id of a Request, Lifecycle or HttpForward (parsed or peeked), for
+  // the errors that name the job.
+  auto job_id = [&]() -> std::string_view {
+    if (kind == Envelope::kForward) return env->forward().id();
+    if (kind != Envelope::kRequest && kind != Envelope::kLifecycle) return {};
+    if (!env) return head.id;
+    return kind == Envelope::kRequest ? env->request().id() : env->lifecycle().id();
+  };
+  // A job is named, so that its requester knows it did not run here.
+  if (pair_ && !pair_->active() && !serve_as_pair(routing_id_view, job_id())) return;
   auto*& kind_counter = metrics_->by_kind.at(static_cast<std::size_t>(kind));
   if (!kind_counter) kind_counter = &metrics_->received.Add({{"kind", std::string{proto::kind_name(kind)}}});
   kind_counter->Increment();
@@ -505,10 +507,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
       drop(drop_reason::unknown_peer, routing_id);
       return;
     }
-    auto job_id = env ? (kind == Envelope::kRequest ? std::string_view{env->request().id()}
-                                                    : std::string_view{env->lifecycle().id()})
-                      : head.id;
-    send_error(routing_id, proto::NOT_REGISTERED, "send Hello first", std::string{job_id});
+    send_error(routing_id, proto::NOT_REGISTERED, "send Hello first", std::string{job_id()});
   } else {
     it->second.expiry = now + liveness_window();
     ++it->second.received;
@@ -1205,6 +1204,11 @@ void broker::remove_peer(const std::string& routing_id) {
 // connection that reaches it.
 // --- A broker pair (pair.hpp) ---
 
+static_assert(static_cast<int>(pair_fsm::state::primary) == proto::PairState::PRIMARY &&
+              static_cast<int>(pair_fsm::state::backup) == proto::PairState::BACKUP &&
+              static_cast<int>(pair_fsm::state::active) == proto::PairState::ACTIVE &&
+              static_cast<int>(pair_fsm::state::passive) == proto::PairState::PASSIVE);
+
 void broker::subscribe_events(bool on) {
   const char all = on ? 1 : 0;  // XSUB: 1 subscribes, 0 unsubscribes, the topic follows (none: all)
   xsub_.send(zmq::buffer(&all, 1));
@@ -1220,12 +1224,11 @@ bool broker::serve_as_pair(std::string_view routing_id, std::string_view job) {
   // knows the other goes there (Error STANDBY). Not a made-up id: nobody
   // reads that pipe (see on_router_message).
   if (!routing_id.empty() && routing_id.front() != '\0') {
-    Envelope env;
+    auto env = error_of(proto::STANDBY,
+                        "broker " + config_.id + " is the pair's " + std::string{name_of(pair_->current())} +
+                            " broker: the other one serves",
+                        std::string{job});
     auto& e = *env.mutable_error();
-    e.set_code(proto::STANDBY);
-    e.set_message("broker " + config_.id + " is the pair's " + std::string{name_of(pair_->current())} +
-                  " broker: the other one serves");
-    e.set_id(std::string{job});
     // When it could take over: not while the other is heard (its state
     // comes every interval, a tick may be an interval late), nor ever for
     // a backup that has not heard an active primary.
@@ -1242,12 +1245,7 @@ bool broker::serve_as_pair(std::string_view routing_id, std::string_view job) {
 
 void broker::send_pair_state() {
   proto::PairState state;
-  switch (pair_->current()) {
-    case pair_fsm::state::primary: state.set_state(proto::PairState::PRIMARY); break;
-    case pair_fsm::state::backup: state.set_state(proto::PairState::BACKUP); break;
-    case pair_fsm::state::active: state.set_state(proto::PairState::ACTIVE); break;
-    case pair_fsm::state::passive: state.set_state(proto::PairState::PASSIVE); break;
-  }
+  state.set_state(static_cast<proto::PairState::State>(pair_->current()));
   state.set_term(pair_->term());
   state.set_broker_id(config_.id);
   zmq::message_t message{state.ByteSizeLong()};
@@ -1273,14 +1271,11 @@ void broker::receive_pair() {
       drop(drop_reason::malformed, "pair state");
       continue;
     }
-    pair_fsm::state theirs;
-    switch (state.state()) {
-      case proto::PairState::PRIMARY: theirs = pair_fsm::state::primary; break;
-      case proto::PairState::BACKUP: theirs = pair_fsm::state::backup; break;
-      case proto::PairState::ACTIVE: theirs = pair_fsm::state::active; break;
-      case proto::PairState::PASSIVE: theirs = pair_fsm::state::passive; break;
-      default: drop(drop_reason::malformed, "pair state"); continue;
+    if (state.state() < proto::PairState::PRIMARY || state.state() > proto::PairState::PASSIVE) {
+      drop(drop_reason::malformed, "pair state");
+      continue;
     }
+    auto theirs = static_cast<pair_fsm::state>(state.state());
     events_doubtful_ = false;  // it said where it stands: stepped down below, or still active
     on_pair_change(pair_->on_peer(theirs, state.term(), now_));
   }
@@ -1315,9 +1310,7 @@ void broker::forget_everything() {
   spdlog::warn("broker pair: forgetting {} peers and {} requests", peers_.size(), table_.in_flight());
   // Straight to each peer's connection (not parked, not held for a suspect):
   // what it would wait for is forgotten below.
-  Envelope standby;
-  standby.mutable_error()->set_code(proto::STANDBY);
-  standby.mutable_error()->set_message("broker " + config_.id + " stepped down: the other one of the pair serves");
+  auto standby = error_of(proto::STANDBY, "broker " + config_.id + " stepped down: the other one of the pair serves");
   for (const auto& [id, p] : peers_) {
     auto message = core::message_of(standby);
     send_to(id, message);
@@ -1558,12 +1551,16 @@ void broker::send_reply(const std::string& to, const std::string& id, proto::Cod
   send(to, env);
 }
 
-void broker::send_error(const std::string& to, proto::Code code, std::string message, std::string id) {
+Envelope broker::error_of(proto::Code code, std::string message, std::string id) {
   Envelope env;
   env.mutable_error()->set_code(code);
   env.mutable_error()->set_message(std::move(message));
   env.mutable_error()->set_id(std::move(id));
-  send(to, env);
+  return env;
+}
+
+void broker::send_error(const std::string& to, proto::Code code, std::string message, std::string id) {
+  send(to, error_of(code, std::move(message), std::move(id)));
 }
 
 void broker::send_report(undelivered&& r) {

@@ -208,6 +208,7 @@ class broker {
   sent send_to(std::string_view routing_id, zmq::message_t& payload);
   bool send(std::string_view routing_id, const proto::Envelope& env);
   void send_reply(const std::string& to, const std::string& id, proto::Code code, std::string message);
+  static proto::Envelope error_of(proto::Code code, std::string message, std::string id = {});
   void send_error(const std::string& to, proto::Code code, std::string message, std::string id = {});
   bool welcome(const std::string& to, const proto::Hello& hello, const peer* before = nullptr,
                bool marks_resent = false);

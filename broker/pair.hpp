@@ -30,7 +30,8 @@ namespace sidecast::broker {
 class pair_fsm {
  public:
   using clock = std::chrono::steady_clock;
-  enum class state { primary, backup, active, passive };
+  // Numbered as PairState.State on the wire (broker.cpp checks).
+  enum class state { primary = 1, backup = 2, active = 3, passive = 4 };
 
   /// `silence`: how long after its last state the other counts as silent
   /// (the broker gives its peers' liveness: a heartbeat interval times

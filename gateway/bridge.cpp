@@ -312,12 +312,21 @@ bool bridge::holding() const {
   return link_->holding() || held_ > 0 || link_->received_by_broker().count != broker_received_;
 }
 
+bool bridge::may_hold() const {
+  return holding() && held_ < static_cast<std::uint64_t>(config_.hwm);  // past --hwm: at once
+}
+
 bool bridge::hold(zmq::message_t& message, sent_message& out) {
-  if (!holding() || held_ >= static_cast<std::uint64_t>(config_.hwm)) return false;  // past --hwm: at once
+  if (!may_hold()) return false;
   out.message = std::move(message);
+  hold_kept(out);
+  return true;
+}
+
+// `out` (its message kept) goes with the held ones, after those held before.
+void bridge::hold_kept(sent_message& out) {
   out.where = core::link_position::held(++held_);
   metrics_.held.Set(static_cast<double>(held_));
-  return true;
 }
 
 bool bridge::link_full() {
@@ -712,9 +721,8 @@ void bridge::expire(clock::time_point now) {
 
 void bridge::refused_by_standby(std::uint64_t seq) {
   auto hold_again = [&](sent_message& out) {
-    if (!out.message.size() || !link_->holding() || held_ >= static_cast<std::uint64_t>(config_.hwm)) return false;
-    out.where = core::link_position::held(++held_);
-    metrics_.held.Set(static_cast<double>(held_));
+    if (!out.message.size() || !may_hold()) return false;
+    hold_kept(out);
     return true;
   };
   if (auto it = pending_.find(seq); it != pending_.end()) {

@@ -247,7 +247,9 @@ class bridge {
   /// of going: in `out`, as held(n), up to --hwm of them. True when it
   /// took `message` so.
   bool holding() const;
+  bool may_hold() const;  // holding(), and fewer than --hwm held
   bool hold(zmq::message_t& message, sent_message& out);
+  void hold_kept(sent_message& out);
   /// Sends `message` (or, `may_hold`, holds it), keeping a copy and where
   /// it went in `out`. What resend_lost() sends is never held.
   bool send_kept(zmq::message_t&& message, sent_message& out, bool may_hold = true);
