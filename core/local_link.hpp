@@ -44,7 +44,9 @@ using ring_hook = std::shared_ptr<const std::function<void()>>;
 /// A wake-up that producers ring only when the consumer asked for one: the
 /// consumer arms it, then looks at its queues one last time, then waits on
 /// fd() (or, hooked, for its hook to be called). Any number of producers,
-/// one consumer.
+/// one consumer. What the last look finds need not be a reason to look
+/// again: the consumer may take it and wait (the router takes a departed
+/// dealer that way); a ring after the arm still wakes it.
 class doorbell {
  public:
   int fd() const { return bell_.fd(); }
@@ -58,10 +60,12 @@ class doorbell {
   void hook(ring_hook h);
 
  private:
-  enum : int { armed, rung, hooked };  // rung: fd() was written
-  wakeup bell_;
+  enum : int { armed, rung, hooked };  // rung: fd() was written, or is about to be
+  // Counting: each ring's write is read back by exactly one read, so a ring
+  // that sets `rung` after the consumer's arm keeps its write (see arm()).
+  wakeup bell_{wakeup::mode::counting};
   std::atomic<int> state_{armed};  // a new consumer has not looked yet: the first ring wakes it
-  bool owed_ = false;  // consumer only: a ring's write may not have landed yet
+  unsigned owed_ = 0;              // consumer only: rings it took `rung` from whose writes it has not read
   // Not std::atomic<std::shared_ptr>: libstdc++ 12's load unlocks with a
   // relaxed order, which ThreadSanitizer rightly reports as a race.
   std::mutex hook_mutex_;

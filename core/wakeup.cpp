@@ -9,7 +9,7 @@
 
 namespace sidecast::core {
 
-wakeup::wakeup() : fd_{::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)} {
+wakeup::wakeup(mode m) : fd_{::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC | (m == mode::counting ? EFD_SEMAPHORE : 0))} {
   if (fd_ < 0) throw std::system_error(errno, std::generic_category(), "eventfd");
 }
 

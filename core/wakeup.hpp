@@ -5,7 +5,10 @@ namespace sidecast::core {
 
 class wakeup {
  public:
-  wakeup();
+  /// coalescing: one drain() takes every signal so far. counting: one
+  /// drain() takes one signal; fd() stays readable while any is left.
+  enum class mode { coalescing, counting };
+  explicit wakeup(mode m = mode::coalescing);
   ~wakeup();
   wakeup(const wakeup&) = delete;
   wakeup& operator=(const wakeup&) = delete;
