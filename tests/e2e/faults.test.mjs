@@ -112,6 +112,13 @@ async function metric(url, series) {
   return line === undefined ? undefined : Number(line.slice(series.length + 1));
 }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// The lines of a /metrics page whose series start with one of `prefixes`,
+// but those at 0: for a failure's message, so that a rare one says where
+// messages went.
+async function series(url, prefixes) {
+  const body = await (await fetch(`${url}/metrics`)).text();
+  return body.split("\n").filter((l) => prefixes.some((p) => l.startsWith(p)) && !l.endsWith(" 0")).join("; ");
+}
 
 // The broker that held the request is gone, and so is any answer to it: the
 // gateway says so when the new broker welcomes it, rather than with TIMEOUT
@@ -180,7 +187,16 @@ test("broker stalled (SIGSTOP) past the heartbeat liveness: the request it holds
   await sleep(3500);
   s.broker.kill("SIGCONT");
   assert.deepEqual(await Promise.all(during), [...Array(50).keys()], "every request sent during the stall answered");
-  assert.ok(await until(() => news.length >= 50, 5000), `published during the stall: ${news.length} of 50 came`);
+  if (!await until(() => news.length >= 50, 5000)) {
+    // Seen once in about ten CI runs (26 of 50, the gateway having sent 5
+    // again), never here in 24 runs, with 50 or 200 publishes.
+    const broker = await series(s.brokerUrl, ["sidecast_broker_dropped_total", "sidecast_broker_parked_total",
+                                              "sidecast_broker_read_reports_total", "sidecast_broker_probes_total",
+                                              "sidecast_broker_sent_again_total", "sidecast_broker_peer_reconnects"]);
+    const gateway = await series(s.url, ["sidecast_gateway_dropped_total", "sidecast_gateway_requests_resent",
+                                         "sidecast_gateway_notices_resent", "sidecast_gateway_broker_link_held"]);
+    assert.fail(`published during the stall: ${news.length} of 50 came (${news}); broker: ${broker}; gateway: ${gateway}`);
+  }
   assert.deepEqual(news, [...Array(50).keys()], "in order, once each");
   console.log(`sent again by the gateway: ${await metric(s.url, "sidecast_gateway_requests_resent_total")} requests, ` +
               `${await metric(s.url, "sidecast_gateway_notices_resent_total")} notices`);
