@@ -129,10 +129,20 @@ async function chaos() {
   return { kills, restarted, stalled };
 }
 
-// Memory is compared from a third of the run on: by then the bounded
-// buffers (recovery replay: --recovery-buffer events per /vm socket) are full.
+// Memory is compared from 40% of the run on: by then the bounded buffers
+// (recovery replay: --recovery-buffer events per /vm socket) are full.
+// A series of ten samples besides: growth that levels off is buffers and
+// the allocator warming up; growth that keeps its pace is a leak.
 let before;
-const sampler = (async () => { await sleep((minutes * 60000) / 3); before = sample(); })();
+const series = [];
+const sampler = (async () => {
+  const step = (minutes * 60000) / 10, start = end - minutes * 60000;
+  for (let k = 1; k <= 10; k++) {
+    await sleep(Math.max(0, start + k * step - Date.now() - 1000));  // the last a second before the end
+    series.push(sample());
+    if (k === 4) before = series.at(-1);  // 40% in
+  }
+})();
 const [chaosResult] = await Promise.all([chaos(), ...clients.map(traffic), sampler]);
 // Answers still on their way: a request lost with the broker's state is
 // answered by the gateway's own deadline (--request-timeout, 30 s, + 1 s).
@@ -159,7 +169,9 @@ if (stats.errors) console.log(`error acks by error: ${JSON.stringify(errorKinds)
 console.log(`room messages received: ${stats.said}; vm launches asked: ${stats.vmAsked}, results: ${stats.vmDone}`);
 console.log(`client disconnects: ${JSON.stringify(disconnects)}`);
 console.log("counted:\n" + recovery.join("\n"));
-console.log("RSS (a third into the run -> end):\n" + watched.map(row).join("\n"));
+console.log("RSS (40% into the run -> end):\n" + watched.map(row).join("\n"));
+console.log(`RSS every ${(minutes * 6).toFixed(1)} s (KB):\n` +
+            watched.map((n) => `${n.padEnd(8)} ${series.map((s) => s[n]).join(" ")}`).join("\n"));
 const grew = watched.filter((n) => after[n] > before[n] * 1.25 + 2048);
 // A launch runs once: a second run (a job run twice) would bring a second result.
 const vmTwice = stats.vmDone > stats.vmAsked;
