@@ -94,15 +94,18 @@ const hit = [];  // which broker the stall and the kill hit
 async function chaos() {
   const restartAt = Date.now() + (end - Date.now()) / 2;
   const stallAt = Date.now() + (end - Date.now()) / 4;
-  let restarted = false, stalled = false, kills = 0;
+  let restarted = false, stalled = false, kills = 0, round = 0;
   const every = Math.min(60000, (minutes * 60000) / 6);
   while (Date.now() < end - 15000) {
     await sleep(every);
     if (Date.now() >= end - 15000) break;
     const p = pids();
-    const victim = ["vm1", "vm2", "worker-demo"][kills % 3];
-    if (p[victim] && alive(p[victim])) { process.kill(p[victim], "SIGKILL"); kills++; }
-    execFileSync(`${deploy}/add.sh`, [victim.startsWith("vm") ? "vm" : "worker-demo", "--run-dir", runDir]);
+    // vm, vm, worker-demo in turn; of the vm workers the oldest alive (each
+    // replacement is vm<next number>).
+    const kind = ["vm", "vm", "worker-demo"][round++ % 3];
+    const victim = Object.keys(p).find((n) => (kind === "vm" ? /^vm\d+$/.test(n) : n === kind) && alive(p[n]));
+    if (victim) { process.kill(p[victim], "SIGKILL"); kills++; }
+    execFileSync(`${deploy}/add.sh`, [kind, "--run-dir", runDir]);
     if (!stalled && Date.now() >= stallAt) {
       // Past the liveness (3 × 1 s): gateways and workers replace their
       // sockets and come back as the same peers; no job may run twice.
