@@ -474,8 +474,15 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     if (!env) return head.id;
     return kind == Envelope::kRequest ? env->request().id() : env->lifecycle().id();
   };
-  // A job is named, so that its requester knows it did not run here.
-  if (pair_ && !pair_->active() && !serve_as_pair(routing_id_view, job_id())) return;
+  // A job is named, so that its requester knows it did not run here; a
+  // one-way message comes back whole, for its sender to send again.
+  if (pair_ && !pair_->active()) {
+    // (A Lifecycle too: a DISCONNECT notice is one; a CONNECT its gateway
+    // finds by its id. And a Reply: a client's ack to a worker's emit.)
+    bool one_way = kind == Envelope::kEmit || kind == Envelope::kControl || kind == Envelope::kReport ||
+                   kind == Envelope::kLifecycle || kind == Envelope::kReply || kind == Envelope::kAnswer;
+    if (!serve_as_pair(routing_id_view, job_id(), one_way ? bytes : std::string_view{})) return;
+  }
   auto*& kind_counter = metrics_->by_kind.at(static_cast<std::size_t>(kind));
   if (!kind_counter) kind_counter = &metrics_->received.Add({{"kind", std::string{proto::kind_name(kind)}}});
   kind_counter->Increment();
@@ -1214,7 +1221,7 @@ void broker::subscribe_events(bool on) {
   xsub_.send(zmq::buffer(&all, 1));
 }
 
-bool broker::serve_as_pair(std::string_view routing_id, std::string_view job) {
+bool broker::serve_as_pair(std::string_view routing_id, std::string_view job, std::string_view refused) {
   pair_fsm::change c;
   if (pair_->on_client(now_, c)) {
     on_pair_change(c);
@@ -1229,6 +1236,7 @@ bool broker::serve_as_pair(std::string_view routing_id, std::string_view job) {
                             " broker: the other one serves",
                         std::string{job});
     auto& e = *env.mutable_error();
+    if (!refused.empty()) e.set_refused(std::string{refused});
     // When it could take over: not while the other is heard (its state
     // comes every interval, a tick may be an interval late), nor ever for
     // a backup that has not heard an active primary.

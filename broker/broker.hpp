@@ -151,8 +151,9 @@ class broker {
   /// Of a pair, not active: whether the message from `routing_id` is
   /// served (it may make this broker active); if not, the peer is told
   /// to go to the other (Error STANDBY, naming `job`, a Request's or
-  /// Lifecycle's id: it did not run).
-  bool serve_as_pair(std::string_view routing_id, std::string_view job);
+  /// Lifecycle's id: it did not run; or giving back `refused`, a one-way
+  /// message, whole).
+  bool serve_as_pair(std::string_view routing_id, std::string_view job, std::string_view refused);
   void receive_pair();
   void subscribe_events(bool on);
   void send_pair_state();

@@ -250,8 +250,8 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
             standby_expiry_ = std::min(standby_expiry_, now + wait);
           }
           broker_expiry_ = standby_expiry_;
-          if (env.error().id().empty()) continue;
-          return true;  // a job it refused (it did not run): the application sends it again
+          if (env.error().id().empty() && env.error().refused().empty()) continue;
+          return true;  // a job or a one-way message it refused (neither acted): the application sends it again
         }
         if (env.error().code() == proto::NOT_REGISTERED) {
           if (standby_) {  // a standby that took over

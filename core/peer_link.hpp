@@ -73,7 +73,9 @@ class peer_link {
   bool has_input();
 
   /// Next message for the application, or nullopt when none is waiting.
-  /// Welcome, Heartbeat and registration errors are handled here.
+  /// Welcome, Heartbeat and registration errors are handled here. A pair's
+  /// STANDBY comes through when it names a job or gives back a one-way
+  /// message (Error.refused): neither acted, the application sends it again.
   std::optional<proto::Envelope> receive();
   /// The same, parsed into `env` (which may live on an arena); false when
   /// none is waiting.

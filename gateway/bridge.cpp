@@ -613,8 +613,15 @@ void bridge::on_broker(Envelope& env) {
       // goes to whichever broker welcomes the link next (within its
       // deadline); past --hwm held, the client hears at once that it did not
       // run, not at the deadline, nor as BROKER_LOST ("may have run") later.
-      if (env.error().code() == proto::STANDBY)
-        if (auto seq = own_seq(env.error().id())) refused_by_standby(*seq);
+      // A one-way message (a publish's Emit, a delivery report, a DISCONNECT
+      // notice) comes back whole, and is sent again the same way.
+      if (env.error().code() == proto::STANDBY) {
+        auto seq = own_seq(env.error().id());
+        if (!(seq && refused_by_standby(*seq)) && !env.error().refused().empty()) {
+          const auto& refused = env.error().refused();
+          send_notice(zmq::message_t{refused.data(), refused.size()});
+        }
+      }
       return;
     case Envelope::kReport: return;
     default:
@@ -719,22 +726,26 @@ void bridge::expire(clock::time_point now) {
   }
 }
 
-void bridge::refused_by_standby(std::uint64_t seq) {
+bool bridge::refused_by_standby(std::uint64_t seq) {
   auto hold_again = [&](sent_message& out) {
     if (!out.message.size() || !may_hold()) return false;
     hold_kept(out);
     return true;
   };
   if (auto it = pending_.find(seq); it != pending_.end()) {
-    if (hold_again(it->second.out)) return;
+    if (hold_again(it->second.out)) return true;
     auto p = std::move(it->second);
     pending_.erase(it);  // its deadline entry finds nothing when it comes
     reply_to(std::move(p), {proto::UNAVAILABLE, "the broker it reached is a standby; the request did not run"});
-  } else if (auto f = forwards_.find(seq); f != forwards_.end()) {
-    if (hold_again(f->second.out)) return;
+    return true;
+  }
+  if (auto f = forwards_.find(seq); f != forwards_.end()) {
+    if (hold_again(f->second.out)) return true;
     f->second.slot->complete(forward_failed(503, f->second.api));
     forwards_.erase(f);
+    return true;
   }
+  return false;  // not awaiting an answer: a notice
 }
 
 // The broker that held a request is gone and its answer will never come (a

@@ -208,8 +208,9 @@ class bridge {
   void deliver_emit(proto::Emit& emit);  // moves its strings out
   void reply_to(pending p, reply_data reply);
   /// A broker pair's standby refused request or forward `seq` (it did not
-  /// run): held to go again after the next Welcome, or failed now.
-  void refused_by_standby(std::uint64_t seq);
+  /// run): held to go again after the next Welcome, or failed now. False
+  /// when no request or forward `seq` awaits an answer.
+  bool refused_by_standby(std::uint64_t seq);
   /// "<our id>:<seq>" in base 36, as next_id() makes them.
   std::string id_of(std::uint64_t seq) const;
   /// n of an id "<our id>:<n>" (every id id_of() made); nothing for any other.

@@ -2377,6 +2377,44 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
   EXPECT_EQ(rig.metrics.held.Value(), 0);
 }
 
+// A pair's broker that stepped down while an emit was on its way gives it
+// back (Error STANDBY with `refused`): the bridge holds it and sends it
+// again to the broker that welcomes the link next. Without that it was
+// lost: the Welcome below says nothing died in a replaced socket.
+TEST(GatewayLink, AOneWayMessageAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
+  bridge_rig rig{"gwS", std::nullopt, false, [](gateway::gateway_config& c) { c.heartbeat_interval = 100ms; }};
+  auto welcome = [&](const proto::Hello& hello) {
+    Envelope env;
+    auto* w = env.mutable_welcome();
+    w->set_broker_id("test");
+    w->set_incarnation(7);
+    w->set_heartbeat_interval_ms(100);
+    w->set_heartbeat_liveness(3);
+    w->set_hello(hello.hello());
+    rig.to_bridge(env);
+  };
+  auto first = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(first);
+  welcome(first->hello());
+  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  ASSERT_TRUE(rig.bridge->send(emit_envelope("gwOther.s1", "n", "[1]")));
+  auto emit = rig.next_from_bridge(Envelope::kEmit);
+  ASSERT_TRUE(emit);
+  Envelope refused;
+  refused.mutable_error()->set_code(proto::STANDBY);
+  refused.mutable_error()->set_refused(emit->SerializeAsString());
+  rig.to_bridge(refused);
+  ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 1; }, 2s)) << "the emit given back was not held";
+  // After an interval the link tries again (one broker here: the same, on
+  // a new connection), and once welcomed the emit goes there.
+  auto second = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(second);
+  welcome(second->hello());
+  auto again = rig.next_from_bridge(Envelope::kEmit);
+  ASSERT_TRUE(again) << "the emit the standby gave back was lost";
+  EXPECT_EQ(again->SerializeAsString(), emit->SerializeAsString());
+}
+
 // The broker's heartbeats say how much of what the gateway sent since its
 // Hello it read: the one-way messages kept among that are forgotten (they
 // can no longer die in a socket the link replaces), the rest stay. Without
@@ -2892,6 +2930,23 @@ TEST(PeerLink, AStandbyThatHearsTheOtherSendsTheLinkThereAfterAnInterval) {
   EXPECT_TRUE(link.holding()) << "refused, and no broker has welcomed it since";
 }
 
+// A one-way message the standby refused comes back whole (Error.refused):
+// the link hands it to the application, which sends it again; a STANDBY
+// that names nothing (the Hello's) stays the link's own.
+TEST(PeerLink, AOneWayMessageAStandbyRefusedGoesBackToTheApplication) {
+  link_with_fake_pair pair;
+  ASSERT_TRUE(eventually([&] { return pair.from_link(pair.a).has_value(); }));
+  auto refused = pair.error(proto::STANDBY);
+  refused.mutable_error()->set_refused("an emit's bytes");
+  pair.send(pair.a, pair.error(proto::STANDBY));
+  pair.send(pair.a, refused);
+  auto got = pair.run_for(30ms);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].error().code(), proto::STANDBY);
+  EXPECT_EQ(got[0].error().refused(), "an emit's bytes");
+  EXPECT_TRUE(pair.link->holding()) << "what the application sends again waits for a Welcome";
+}
+
 // The standby takes over while the link waits there (its other broker
 // died): it answers a heartbeat NOT_REGISTERED, the link says Hello and is
 // welcomed, and stays, however long ago the STANDBY was.
@@ -3036,6 +3091,47 @@ TEST(WorkerDrain, AJobDispatchedBeforeTheBrokerReadTheDrainIsRunThere) {
   ASSERT_TRUE(bye && bye->has_goodbye()) << (bye ? proto::kind_name(*bye) : "nothing");
   ASSERT_EQ(drained.wait_for(3s), std::future_status::ready);
   EXPECT_TRUE(drained.get());
+}
+
+// A pair's broker that stepped down while a worker's emit was on its way
+// gives it back (Error STANDBY with `refused`): the worker holds it and
+// sends it again to the broker that welcomes it next.
+TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
+  fake_broker broker{"fake-broker-standby"};
+  worker w{broker.options, &broker.ctx};
+  w.add(service{"svc", 1}.on("work", [](request req) {
+    req.emit("n", "[1]");
+    req.reply("[]");
+  }));
+  w.start();
+  broker.welcome(w, 200ms);
+  broker.job("c:1", "[]", 1);
+  std::optional<Envelope> emit;
+  for (int i = 0; i < 4 && !emit; ++i)
+    if (auto env = broker.next(); env && env->has_emit()) emit = env;
+  ASSERT_TRUE(emit) << "no emit from the worker";
+  Envelope refused;
+  refused.mutable_error()->set_code(proto::STANDBY);
+  refused.mutable_error()->set_refused(emit->SerializeAsString());
+  broker.send(refused);
+  // After an interval the link tries again (one broker here: the same, on
+  // a new socket), and once welcomed the emit goes there.
+  std::optional<Envelope> hello;
+  for (int i = 0; i < 4 && !hello; ++i)
+    if (auto env = broker.next(); env && env->has_hello()) hello = env;
+  ASSERT_TRUE(hello) << "the worker never said Hello again";
+  Envelope welcome;
+  welcome.mutable_welcome()->set_protocol_version(proto::protocol_version);
+  welcome.mutable_welcome()->set_heartbeat_interval_ms(200);
+  welcome.mutable_welcome()->set_heartbeat_liveness(3);
+  welcome.mutable_welcome()->set_hello(hello->hello().hello());
+  broker.send(welcome);
+  std::optional<Envelope> again;
+  for (int i = 0; i < 4 && !again; ++i)
+    if (auto env = broker.next(); env && env->has_emit()) again = env;
+  ASSERT_TRUE(again) << "the emit the standby gave back was lost";
+  EXPECT_EQ(again->SerializeAsString(), emit->SerializeAsString());
+  w.stop();
 }
 
 // Against a broker of a build before Drain (it refuses it: BAD_REQUEST),

@@ -957,6 +957,44 @@ class HoldUntilWelcomeTest(FakeBrokerTest):
         self.assertEqual(self.worker.stats().held, 0)
 
 
+class StandbyGivesBackTest(FakeBrokerTest):
+    """A pair's standby gives back a one-way message it did not act on
+    (Error STANDBY with `refused`: the broker stepped down while the emit
+    was on its way): the worker holds it, and sends it again to the broker
+    that welcomes it next, rather than losing it."""
+
+    def service(self):
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: (req.emit("n", 1), req.reply("done")))
+        return svc
+
+    def next_of(self, kinds):
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            env = self.broker.next()
+            if env.WhichOneof("kind") in kinds:
+                return env
+        self.fail(f"no {kinds} from the worker")
+
+    def test_a_refused_emit_goes_again_after_the_next_welcome(self):
+        self.broker.welcome(self.worker, 200)
+        self.job("c:1", "[]", 1)
+        emit = self.next_of({"emit"})
+        self.next_of({"reply"})
+        refused = pb.Envelope()
+        refused.error.code = int(Code.STANDBY)
+        refused.error.message = "stepped down"
+        refused.error.refused = emit.SerializeToString()
+        self.broker.send(refused)
+        self.assertTrue(eventually(lambda: self.worker.stats().held == 1, WAIT), self.worker.stats())
+        # After an interval the link tries again (here the same endpoint, on
+        # a new socket): welcomed, the emit goes there.
+        self.broker.welcome(self.worker, 200)
+        again = self.next_of({"emit"})
+        self.assertEqual(again.SerializeToString(), emit.SerializeToString())
+        self.assertEqual(self.worker.stats().held, 0)
+
+
 class ReadReportTest(FakeBrokerTest):
     """After a Welcome to a new socket's Hello the link says what it read
     of what the broker sent it (Heartbeat.read), counted from the last
@@ -1496,6 +1534,17 @@ class BrokerPairTest(BrokerTest):
         refused = self.peer_at(self.backup, "c2")
         self.assertFalse(refused.hello(0.5))
         self.assertIsNotNone(refused.next("error", 0.1, lambda e: e.error.code == Code.STANDBY))
+        # A one-way message comes back whole, for its sender to send again
+        # where it is served (a request is named by its id instead).
+        emit = pb.Envelope()
+        emit.emit.room = "lobby"
+        emit.emit.event = "said"
+        emit.emit.args = b'["refused"]'
+        refused.send(emit)
+        back = refused.next("error", WAIT, lambda e: e.error.code == Code.STANDBY)
+        self.assertIsNotNone(back)
+        self.assertEqual(back.error.refused, emit.SerializeToString())
+        self.assertEqual(back.error.id, "")
 
         # A gateway's SUB subscribed at both brokers, as a gateway's is.
         sub = self.ctx.socket(zmq.SUB)

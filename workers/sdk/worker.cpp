@@ -884,7 +884,20 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         pool.post([cb = std::move(cb), r = env.report()] { (*cb)(r); });
         break;
       }
-      case Envelope::kError: break;  // the link logged it
+      case Envelope::kError:
+        // A pair's standby gives back a one-way message (an emit, a control,
+        // a report) it did not act on: held, it goes to whichever broker
+        // welcomes the link next, as what is sent meanwhile does.
+        if (env.error().code() == proto::STANDBY && !env.error().refused().empty()) {
+          const auto& refused = env.error().refused();
+          if (held_out.size() < static_cast<std::size_t>(options.hwm)) {
+            held_out.push_back({{}, zmq::message_t{refused.data(), refused.size()}});
+            n_held.store(held_out.size(), std::memory_order_relaxed);
+          } else {
+            ++n_dropped;
+          }
+        }
+        break;  // else the link logged it
       default:
         if (log_limit.allow()) spdlog::warn("unexpected {} from the broker", proto::kind_name(env));
         break;

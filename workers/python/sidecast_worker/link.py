@@ -340,9 +340,9 @@ class PeerLink:
                     else:
                         self._standby_expiry = min(self._standby_expiry, now + wait)
                     self._broker_expiry = self._standby_expiry
-                    if not env.error.id:
+                    if not env.error.id and not env.error.refused:
                         continue
-                    return env  # a job it refused: it did not run
+                    return env  # a job or a one-way message it refused: neither acted
                 if env.error.code == Code.NOT_REGISTERED:
                     if self._standby:  # a standby that took over
                         self._standby = False

@@ -668,7 +668,14 @@ class _Core:
         elif kind == "report":
             self.on_report(env.report)
         elif kind == "error":
-            pass  # the link logged it
+            # A pair's standby gives back a one-way message (an emit, a
+            # control, a report) it did not act on: held, it goes to
+            # whichever broker welcomes the link next (else the link logged it).
+            if env.error.code == Code.STANDBY and env.error.refused:
+                if len(self.held) < self.hwm:
+                    self.held.append((None, bytes(env.error.refused), True))
+                else:
+                    self.count("outbox_dropped")
         elif self.log_limit.allow():
             log.warning("unexpected %s from the broker", kind)
 
