@@ -613,14 +613,12 @@ void bridge::on_broker(Envelope& env) {
       // goes to whichever broker welcomes the link next (within its
       // deadline); past --hwm held, the client hears at once that it did not
       // run, not at the deadline, nor as BROKER_LOST ("may have run") later.
-      // A one-way message (a publish's Emit, a delivery report, a DISCONNECT
-      // notice) comes back whole, and is sent again the same way.
+      // A one-way message (a publish's Emit, a delivery report, a client's
+      // ack, a DISCONNECT notice) comes back whole, and is held the same way.
       if (env.error().code() == proto::STANDBY) {
         auto seq = own_seq(env.error().id());
-        if (!(seq && refused_by_standby(*seq)) && !env.error().refused().empty()) {
-          const auto& refused = env.error().refused();
-          send_notice(zmq::message_t{refused.data(), refused.size()});
-        }
+        if (seq && refused_by_standby(*seq)) return;
+        if (!env.error().refused().empty()) given_back(env.error().refused(), seq.has_value());
       }
       return;
     case Envelope::kReport: return;
@@ -746,6 +744,29 @@ bool bridge::refused_by_standby(std::uint64_t seq) {
     return true;
   }
   return false;  // not awaiting an answer: a notice
+}
+
+// A pair's standby gave back a one-way message it did not act on. Held, it
+// goes to the broker that welcomes the link next; never sent now, since the
+// link is still on the broker that gave it back (it would come back again).
+// One that names one of our ids and awaits no answer is a DISCONNECT notice
+// or a CONNECT that has ended (timed out, or lost with a broker): only the
+// notice goes again, since a CONNECT's client was told it failed.
+void bridge::given_back(const std::string& refused, bool names_ours) {
+  if (names_ours) {
+    Envelope env;
+    if (!env.ParseFromString(refused) || !env.has_lifecycle() || env.lifecycle().kind() != proto::Lifecycle::DISCONNECT)
+      return;
+  }
+  auto held = [](const sent_message& e) { return !e.where.is_held(); };
+  if (!may_hold() || !notices_.make_room(refused.size(), held)) {
+    // Past --hwm held, or no room kept for notices: lost, as one sent to a
+    // broker that died.
+    metrics_.broker_link_full.Increment();
+    if (log_limit_.allow()) spdlog::warn("gateway bridge: no room to hold a message the standby gave back; dropped");
+    return;
+  }
+  send_notice(zmq::message_t{refused.data(), refused.size()});
 }
 
 // The broker that held a request is gone and its answer will never come (a

@@ -211,6 +211,10 @@ class bridge {
   /// run): held to go again after the next Welcome, or failed now. False
   /// when no request or forward `seq` awaits an answer.
   bool refused_by_standby(std::uint64_t seq);
+  /// A one-way message a pair's standby gave back (Error.refused): held to
+  /// go after the next Welcome, or dropped (counted) when it cannot be.
+  /// `names_ours`: it named one of our ids that awaits no answer.
+  void given_back(const std::string& refused, bool names_ours);
   /// "<our id>:<seq>" in base 36, as next_id() makes them.
   std::string id_of(std::uint64_t seq) const;
   /// n of an id "<our id>:<n>" (every id id_of() made); nothing for any other.

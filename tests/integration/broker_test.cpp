@@ -2380,23 +2380,33 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
   EXPECT_EQ(rig.metrics.held.Value(), 0);
 }
 
+// Welcomes the rig's link (heartbeats every `interval_ms`), has the
+// gateway send an emit, and gives it back as a pair's standby that stepped
+// down would (Error STANDBY, `refused`). The emit, or nothing.
+std::optional<Envelope> given_back_emit(bridge_rig& rig, std::uint32_t interval_ms) {
+  auto hello = rig.next_from_bridge(Envelope::kHello);
+  if (!hello) return std::nullopt;
+  rig.welcome(hello->hello(), interval_ms);
+  if (!eventually([&] { return rig.bridge->connected(); }) ||
+      !rig.bridge->send(emit_envelope("gwOther.s1", "n", "[1]")))
+    return std::nullopt;
+  auto emit = rig.next_from_bridge(Envelope::kEmit);
+  if (!emit) return std::nullopt;
+  Envelope refused;
+  refused.mutable_error()->set_code(proto::STANDBY);
+  refused.mutable_error()->set_refused(emit->SerializeAsString());
+  rig.to_bridge(refused);
+  return emit;
+}
+
 // A pair's broker that stepped down while an emit was on its way gives it
 // back (Error STANDBY with `refused`): the bridge holds it and sends it
 // again to the broker that welcomes the link next. Without that it was
 // lost: the Welcome below says nothing died in a replaced socket.
 TEST(GatewayLink, AOneWayMessageAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   bridge_rig rig{"gwS", std::nullopt, false, [](gateway::gateway_config& c) { c.heartbeat_interval = 100ms; }};
-  auto first = rig.next_from_bridge(Envelope::kHello);
-  ASSERT_TRUE(first);
-  rig.welcome(first->hello(), 100);
-  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
-  ASSERT_TRUE(rig.bridge->send(emit_envelope("gwOther.s1", "n", "[1]")));
-  auto emit = rig.next_from_bridge(Envelope::kEmit);
+  auto emit = given_back_emit(rig, 100);
   ASSERT_TRUE(emit);
-  Envelope refused;
-  refused.mutable_error()->set_code(proto::STANDBY);
-  refused.mutable_error()->set_refused(emit->SerializeAsString());
-  rig.to_bridge(refused);
   ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 1; }, 2s)) << "the emit given back was not held";
   // After an interval the link tries again (one broker here: the same, on
   // a new connection), and once welcomed the emit goes there.
@@ -2406,6 +2416,22 @@ TEST(GatewayLink, AOneWayMessageAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   auto again = rig.next_from_bridge(Envelope::kEmit);
   ASSERT_TRUE(again) << "the emit the standby gave back was lost";
   EXPECT_EQ(again->SerializeAsString(), emit->SerializeAsString());
+}
+
+// Given back by a standby, a one-way message the gateway cannot hold (here
+// it keeps no notices) is dropped and counted, not sent at once: the link
+// is still on the standby, which would give it back again, and again.
+TEST(GatewayLink, AGivenBackMessageThatCannotBeHeldIsDroppedNotSentBack) {
+  bridge_rig rig{"gwN", std::nullopt, false, [](gateway::gateway_config& c) { c.kept_notices = 0; }};
+  auto emit = given_back_emit(rig, 60000);
+  ASSERT_TRUE(emit);
+  ASSERT_TRUE(eventually([&] { return rig.metrics.broker_link_full.Value() == 1; }, 2s));
+  auto until = std::chrono::steady_clock::now() + 300ms;
+  while (std::chrono::steady_clock::now() < until) {
+    auto env = rig.from_bridge();
+    ASSERT_FALSE(env && env->has_emit()) << "sent back to the standby that gave it back";
+    std::this_thread::sleep_for(5ms);
+  }
 }
 
 // The broker's heartbeats say how much of what the gateway sent since its

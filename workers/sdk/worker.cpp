@@ -887,8 +887,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       case Envelope::kError:
         // A pair's standby gives back a one-way message (an emit, a control,
         // a report) it did not act on: held, it goes to whichever broker
-        // welcomes the link next, as what is sent meanwhile does.
-        if (env.error().code() == proto::STANDBY && !env.error().refused().empty()) {
+        // welcomes the link next, as what is sent meanwhile does. Not a job's
+        // answer: no other broker holds that job (a broker that has it sends
+        // it again, and the kept answer goes then).
+        if (env.error().code() == proto::STANDBY && !env.error().refused().empty() &&
+            proto::kind_of(env.error().refused()) != Envelope::kReply) {
           const auto& refused = env.error().refused();
           if (held_out.size() < static_cast<std::size_t>(options.hwm)) {
             held_out.push_back({{}, zmq::message_t{refused.data(), refused.size()}});

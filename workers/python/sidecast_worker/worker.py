@@ -114,6 +114,16 @@ class _Wakeup:
             os.close(fd)
 
 
+def is_reply(data):
+    """True when ``data`` is an envelope holding a Reply."""
+    env = pb.Envelope()
+    try:
+        env.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError: not a Reply either
+        return False
+    return env.WhichOneof("kind") == "reply"
+
+
 class _Core:
     """State shared by the I/O thread, the handler threads and the Worker facade."""
 
@@ -670,8 +680,10 @@ class _Core:
         elif kind == "error":
             # A pair's standby gives back a one-way message (an emit, a
             # control, a report) it did not act on: held, it goes to
-            # whichever broker welcomes the link next (else the link logged it).
-            if env.error.code == Code.STANDBY and env.error.refused:
+            # whichever broker welcomes the link next (else the link logged
+            # it). Not a job's answer: no other broker holds that job (one
+            # that has it sends it again, and the kept answer goes then).
+            if env.error.code == Code.STANDBY and env.error.refused and not is_reply(env.error.refused):
                 if len(self.held) < self.hwm:
                     self.held.append((None, bytes(env.error.refused), True))
                 else:
