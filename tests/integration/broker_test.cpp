@@ -2408,6 +2408,23 @@ TEST(GatewayLink, AOneWayMessageAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   auto emit = given_back_emit(rig, 100);
   ASSERT_TRUE(emit);
   ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 1; }, 2s)) << "the emit given back was not held";
+  // A CONNECT of ours that no longer awaits an answer (it ended: its client
+  // was told) is not sent again; a DISCONNECT notice of ours is.
+  auto lifecycle = [&](proto::Lifecycle::Kind kind) {
+    Envelope env;
+    env.mutable_lifecycle()->set_kind(kind);
+    env.mutable_lifecycle()->set_id(rig.bridge->next_id());
+    env.mutable_lifecycle()->set_sid("gwS.s1");
+    Envelope refused;
+    refused.mutable_error()->set_code(proto::STANDBY);
+    refused.mutable_error()->set_id(env.lifecycle().id());
+    refused.mutable_error()->set_refused(env.SerializeAsString());
+    rig.to_bridge(refused);
+    return env;
+  };
+  lifecycle(proto::Lifecycle::CONNECT);
+  auto notice = lifecycle(proto::Lifecycle::DISCONNECT);
+  ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 2; }, 2s)) << "the notice was not held";
   // After an interval the link tries again (one broker here: the same, on
   // a new connection), and once welcomed the emit goes there.
   auto second = rig.next_from_bridge(Envelope::kHello);
@@ -2416,6 +2433,10 @@ TEST(GatewayLink, AOneWayMessageAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   auto again = rig.next_from_bridge(Envelope::kEmit);
   ASSERT_TRUE(again) << "the emit the standby gave back was lost";
   EXPECT_EQ(again->SerializeAsString(), emit->SerializeAsString());
+  auto next = rig.next_from_bridge(Envelope::kLifecycle);
+  ASSERT_TRUE(next) << "the DISCONNECT notice the standby gave back was lost";
+  EXPECT_EQ(next->SerializeAsString(), notice.SerializeAsString()) << "the ended CONNECT went again";
+  EXPECT_EQ(rig.metrics.held.Value(), 0);
 }
 
 // Given back by a standby, a one-way message the gateway cannot hold (here
@@ -3129,15 +3150,19 @@ TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   ASSERT_TRUE(emit && emit->has_emit()) << (emit ? proto::kind_name(*emit) : "nothing");
   auto reply = broker.next();
   ASSERT_TRUE(reply && reply->has_reply()) << (reply ? proto::kind_name(*reply) : "nothing");
-  Envelope refused;
-  refused.mutable_error()->set_code(proto::STANDBY);
-  refused.mutable_error()->set_refused(emit->SerializeAsString());
-  broker.send(refused);
+  // Both given back, the job's answer first: it is not sent again (no other
+  // broker holds the job), so the emit is the first to go after the Welcome.
+  for (const auto* given : {&*reply, &*emit}) {
+    Envelope refused;
+    refused.mutable_error()->set_code(proto::STANDBY);
+    refused.mutable_error()->set_refused(given->SerializeAsString());
+    broker.send(refused);
+  }
   // After an interval the link tries again (one broker here: the same, on
   // a new socket), and once welcomed the emit goes there.
   broker.welcome(w, 200ms);
   auto again = broker.next();
-  ASSERT_TRUE(again && again->has_emit()) << "the emit the standby gave back was lost";
+  ASSERT_TRUE(again && again->has_emit()) << (again ? proto::kind_name(*again) : "nothing");
   EXPECT_EQ(again->SerializeAsString(), emit->SerializeAsString());
   w.stop();
 }

@@ -2,9 +2,6 @@
 // broker relies on (ids, handover, bounds, unreachable peers, a router that
 // goes away), and, across real threads, that a waiter sleeping on fd() is
 // woken for every message: a lost wake-up shows as a wait that times out.
-#include "core/local_link.hpp"
-
-#include <gtest/gtest.h>
 #include <poll.h>
 
 #include <algorithm>
@@ -19,6 +16,10 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <gtest/gtest.h>
+
+#include "core/local_link.hpp"
 
 namespace {
 

@@ -980,17 +980,20 @@ class StandbyGivesBackTest(FakeBrokerTest):
         self.broker.welcome(self.worker, 200)
         self.job("c:1", "[]", 1)
         emit = self.next_of({"emit"})
-        self.next_of({"reply"})
-        refused = pb.Envelope()
-        refused.error.code = int(Code.STANDBY)
-        refused.error.message = "stepped down"
-        refused.error.refused = emit.SerializeToString()
-        self.broker.send(refused)
+        reply = self.next_of({"reply"})
+        # Both given back, the job's answer first: it is not sent again (no
+        # other broker holds the job), so only the emit is held.
+        for given in (reply, emit):
+            refused = pb.Envelope()
+            refused.error.code = int(Code.STANDBY)
+            refused.error.message = "stepped down"
+            refused.error.refused = given.SerializeToString()
+            self.broker.send(refused)
         self.assertTrue(eventually(lambda: self.worker.stats().held == 1, WAIT), self.worker.stats())
         # After an interval the link tries again (here the same endpoint, on
-        # a new socket): welcomed, the emit goes there.
+        # a new socket): welcomed, the emit goes there, and it goes first.
         self.broker.welcome(self.worker, 200)
-        again = self.next_of({"emit"})
+        again = self.next_of({"emit", "reply"})
         self.assertEqual(again.SerializeToString(), emit.SerializeToString())
         self.assertEqual(self.worker.stats().held, 0)
 
