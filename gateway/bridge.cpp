@@ -323,9 +323,16 @@ bool bridge::hold(zmq::message_t& message, sent_message& out) {
   return true;
 }
 
-// `out` (its message kept) goes with the held ones, after those held before.
-void bridge::hold_kept(sent_message& out) {
-  out.where = core::link_position::held(++held_);
+// Everything held was held after what a standby gives back was sent: the
+// link holds from the standby's first STANDBY on, and the standby gives back
+// what it read in the order it read it. So a message given back goes ahead
+// of all those held for another reason, behind those given back before it:
+// they go (resend_lost(), send_held()) in the order the gateway first sent
+// them.
+void bridge::hold_kept(sent_message& out, bool given_back) {
+  constexpr std::uint64_t after_given_back = std::uint64_t{1} << 62;
+  ++held_;
+  out.where = core::link_position::held(given_back ? ++given_back_ : after_given_back + held_);
   metrics_.held.Set(static_cast<double>(held_));
 }
 
@@ -727,7 +734,7 @@ void bridge::expire(clock::time_point now) {
 bool bridge::refused_by_standby(std::uint64_t seq) {
   auto hold_again = [&](sent_message& out) {
     if (!out.message.size() || !may_hold()) return false;
-    hold_kept(out);
+    hold_kept(out, true);
     return true;
   };
   if (auto it = pending_.find(seq); it != pending_.end()) {
@@ -747,7 +754,8 @@ bool bridge::refused_by_standby(std::uint64_t seq) {
 }
 
 // A pair's standby gave back a one-way message it did not act on. Held, it
-// goes to the broker that welcomes the link next; never sent now, since the
+// goes to the broker that welcomes the link next, ahead of what was held
+// since the standby refused (hold_kept()); never sent now, since the
 // link is still on the broker that gave it back (it would come back again).
 // One that names one of our ids and awaits no answer is a DISCONNECT notice
 // or a CONNECT that has ended (timed out, or lost with a broker): only the
@@ -766,7 +774,11 @@ void bridge::given_back(const std::string& refused, bool names_ours) {
     if (log_limit_.allow()) spdlog::warn("gateway bridge: no room to hold a message the standby gave back; dropped");
     return;
   }
-  send_notice(zmq::message_t{refused.data(), refused.size()});
+  sent_message out;
+  out.message = zmq::message_t{refused.data(), refused.size()};
+  hold_kept(out, true);
+  notices_.push(std::move(out));
+  metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
 }
 
 // The broker that held a request is gone and its answer will never come (a
@@ -820,7 +832,7 @@ void bridge::resend_lost() {
   const bool release = !link_->holding();  // else the link replaced its socket again: the held ones wait on
   auto again = [&](const core::link_position& at) { return received.lost(at) || (release && at.is_held()); };
   if (release) {
-    held_ = 0;
+    held_ = given_back_ = 0;
     metrics_.held.Set(0);
   }
   enum class kind { request, forward, notice };
@@ -889,7 +901,7 @@ void bridge::send_held() {
   core::take_lost(notices_, {}, true, [&](sent_message&& n) { held.emplace_back(n.where, std::move(n.message)); });
   std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& [at, message] : held) link_->send_message(std::move(message));
-  held_ = 0;
+  held_ = given_back_ = 0;
 }
 
 bool bridge::live(time_point at, std::uint64_t seq) const {

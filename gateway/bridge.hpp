@@ -254,7 +254,10 @@ class bridge {
   bool holding() const;
   bool may_hold() const;  // holding(), and fewer than --hwm held
   bool hold(zmq::message_t& message, sent_message& out);
-  void hold_kept(sent_message& out);
+  /// `out` (its message kept) joins the held ones: after those held before
+  /// it; or, `given_back` by a standby, ahead of every one held for any
+  /// other reason and after those given back before it (see given_back()).
+  void hold_kept(sent_message& out, bool given_back = false);
   /// Sends `message` (or, `may_hold`, holds it), keeping a copy and where
   /// it went in `out`. What resend_lost() sends is never held.
   bool send_kept(zmq::message_t&& message, sent_message& out, bool may_hold = true);
@@ -289,6 +292,7 @@ class bridge {
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
   core::link_position broker_read_;    // the link's read_by_broker(), as last acted on
   std::uint64_t held_ = 0;  // messages held since resend_lost() last sent them (hold())
+  std::uint64_t given_back_ = 0;  // of those, the ones a standby gave back (hold_kept())
   core::kept_sends notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)
   watch link_watch_, sub_watch_;
   std::shared_ptr<core::ring_poster> poster_;  // the link's local:// doorbell hook

@@ -2455,6 +2455,68 @@ TEST(GatewayLink, AGivenBackMessageThatCannotBeHeldIsDroppedNotSentBack) {
   }
 }
 
+// A pair's broker that stepped down gives back what it read after that, in
+// the order it read it, which is the order the gateway sent it; by then the
+// gateway holds what it sent since the first STANDBY. What is given back
+// goes ahead of that to the broker that welcomes the link next, so the
+// services see one gateway's messages in the order it sent them (a CONNECT
+// before its DISCONNECT, an emit before the next). Held after, it went last.
+TEST(GatewayLink, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
+  bridge_rig rig{"gwG", std::nullopt, false, [](gateway::gateway_config& c) { c.heartbeat_interval = 100ms; }};
+  auto notice = [&](int n) { return emit_envelope("gwOther.s1", "n", "[" + std::to_string(n) + "]"); };
+  auto name = [](const Envelope& env) {
+    return env.has_request() ? "request " + env.request().id() : "notice " + env.emit().args();
+  };
+  auto next_sent = [&]() -> std::optional<Envelope> {  // the next emit or request, within 5 s
+    for (auto until = std::chrono::steady_clock::now() + 5s; std::chrono::steady_clock::now() < until;) {
+      auto env = rig.from_bridge();
+      if (!env) std::this_thread::sleep_for(1ms);
+      else if (env->has_emit() || env->has_request()) return env;
+    }
+    return std::nullopt;
+  };
+  auto hello = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(hello);
+  rig.welcome(hello->hello(), 100);
+  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  ASSERT_TRUE(rig.bridge->send(notice(1)));
+  ASSERT_TRUE(rig.ask(1, 30s));
+  ASSERT_TRUE(rig.bridge->send(notice(2)));
+  std::vector<Envelope> read;
+  while (read.size() < 3)
+    if (auto env = next_sent()) read.push_back(*env);
+    else FAIL() << "the gateway sent " << read.size() << " of its 3 messages";
+
+  Envelope standby;
+  standby.mutable_error()->set_code(proto::STANDBY);
+  standby.mutable_error()->set_takeover_ms(5000);  // the link tries again after 3 intervals
+  rig.to_bridge(standby);
+  ASSERT_TRUE(eventually([&] { return !rig.bridge->connected(); }, 2s)) << "the STANDBY was not seen";
+  ASSERT_TRUE(rig.ask(2, 30s));
+  ASSERT_TRUE(rig.bridge->send(notice(3)));
+  ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 2; }, 2s)) << "what came after was not held";
+  for (const auto& env : read) {  // a request is given back by its id, a one-way message whole
+    Envelope refused;
+    refused.mutable_error()->set_code(proto::STANDBY);
+    refused.mutable_error()->set_takeover_ms(5000);
+    if (env.has_request()) refused.mutable_error()->set_id(env.request().id());
+    else refused.mutable_error()->set_refused(env.SerializeAsString());
+    rig.to_bridge(refused);
+  }
+  ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 5; }, 2s)) << "what was given back was not held";
+
+  auto second = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(second);
+  rig.welcome(second->hello(), 100);
+  std::vector<std::string> order;
+  while (order.size() < 5)
+    if (auto env = next_sent()) order.push_back(name(*env));
+    else break;
+  EXPECT_EQ(order, (std::vector<std::string>{"notice [1]", "request gwG:1", "notice [2]", "request gwG:2",
+                                             "notice [3]"}));
+  EXPECT_EQ(rig.metrics.held.Value(), 0);
+}
+
 // The broker's heartbeats say how much of what the gateway sent since its
 // Hello it read: the one-way messages kept among that are forgotten (they
 // can no longer die in a socket the link replaces), the rest stay. Without
@@ -3164,6 +3226,47 @@ TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   auto again = broker.next();
   ASSERT_TRUE(again && again->has_emit()) << (again ? proto::kind_name(*again) : "nothing");
   EXPECT_EQ(again->SerializeAsString(), emit->SerializeAsString());
+  w.stop();
+}
+
+// What a standby gives back was sent before the worker held anything (it
+// holds from the standby's first STANDBY on): it goes ahead of what was
+// held, so the next broker gets the worker's messages in the order it sent
+// them (a job's progress before its result). Held after, it went last.
+TEST(WorkerStandby, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
+  fake_broker broker{"fake-broker-standby-order"};
+  worker w{broker.options, &broker.ctx};
+  std::atomic<bool> go_on{false};
+  w.add(service{"svc", 1}.on("work", [&](request req) {
+    req.emit("n", "[1]");
+    eventually([&] { return go_on.load(); }, 5s);
+    req.emit("n", "[2]");
+    req.reply("[]");
+  }));
+  w.start();
+  broker.welcome(w, 200ms);
+  broker.job("c:1", "[]", 1);
+  auto first = broker.next();
+  ASSERT_TRUE(first && first->has_emit()) << (first ? proto::kind_name(*first) : "nothing");
+  Envelope standby;
+  standby.mutable_error()->set_code(proto::STANDBY);
+  standby.mutable_error()->set_takeover_ms(5000);  // the link tries again after 3 intervals
+  broker.send(standby);
+  ASSERT_TRUE(eventually([&] { return !w.connected(); }, 2s)) << "the STANDBY was not seen";
+  go_on = true;  // the second emit and the answer are held
+  ASSERT_TRUE(eventually([&] { return w.stats().held == 2; }, 2s)) << "what came after was not held";
+  Envelope refused = standby;
+  refused.mutable_error()->set_refused(first->SerializeAsString());
+  broker.send(refused);
+  ASSERT_TRUE(eventually([&] { return w.stats().held == 3; }, 2s)) << "what was given back was not held";
+
+  broker.welcome(w, 200ms);
+  std::vector<std::string> order;
+  while (order.size() < 3)
+    if (auto env = broker.next(); env && env->has_emit()) order.push_back("emit " + env->emit().args());
+    else if (env && env->has_reply()) order.push_back("reply " + env->reply().id());
+    else if (!env) break;
+  EXPECT_EQ(order, (std::vector<std::string>{"emit [1]", "emit [2]", "reply c:1"}));
   w.stop();
 }
 

@@ -964,8 +964,18 @@ class StandbyGivesBackTest(FakeBrokerTest):
     that welcomes it next, rather than losing it."""
 
     def service(self):
+        self.go_on = threading.Event()
+        self.addCleanup(self.go_on.set)
         svc = Service("svc", capacity=1)
-        svc.on("work", lambda req: (req.emit("n", 1), req.reply("done")))
+
+        @svc.on("work")
+        def work(req):
+            req.emit("n", 1)
+            if req.args == ["wait"]:
+                self.go_on.wait(WAIT)
+                req.emit("n", 2)
+            req.reply("done")
+
         return svc
 
     def next_of(self, kinds):
@@ -996,6 +1006,32 @@ class StandbyGivesBackTest(FakeBrokerTest):
         again = self.next_of({"emit", "reply"})
         self.assertEqual(again.SerializeToString(), emit.SerializeToString())
         self.assertEqual(self.worker.stats().held, 0)
+
+    def test_what_is_given_back_goes_ahead_of_what_was_held_after_it(self):
+        """The worker holds from the standby's first STANDBY on, and what the
+        standby gives back was sent before that: it goes first, so the next
+        broker gets the worker's messages in the order it sent them (a job's
+        progress before its result). Held after, it went last."""
+        self.broker.welcome(self.worker, 200)
+        self.job("c:1", '["wait"]', 1)
+        first = self.next_of({"emit"})
+        standby = pb.Envelope()
+        standby.error.code = int(Code.STANDBY)
+        standby.error.message = "stepped down"
+        standby.error.takeover_ms = 5000  # the link tries again after 3 intervals
+        self.broker.send(standby)
+        self.assertTrue(eventually(lambda: not self.worker.connected, WAIT), "the STANDBY was not seen")
+        self.go_on.set()  # the second emit and the answer are held
+        self.assertTrue(eventually(lambda: self.worker.stats().held == 2, WAIT), self.worker.stats())
+        standby.error.refused = first.SerializeToString()
+        self.broker.send(standby)
+        self.assertTrue(eventually(lambda: self.worker.stats().held == 3, WAIT), self.worker.stats())
+        self.broker.welcome(self.worker, 200)
+        order = []
+        for _ in range(3):
+            env = self.next_of({"emit", "reply"})
+            order.append(f"emit {args_of(env.emit)}" if env.HasField("emit") else f"reply {env.reply.id}")
+        self.assertEqual(order, ["emit [1]", "emit [2]", "reply c:1"])
 
 
 class ReadReportTest(FakeBrokerTest):

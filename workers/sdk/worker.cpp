@@ -258,6 +258,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::link_position read_seen;
   bool holding = false;  // what the handlers queue waits for the link's Welcome (see send_in_order)
   std::vector<outgoing> held_out;  // ... here
+  std::size_t held_given_back = 0;  // the first of held_out, given back by a standby (on_broker)
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -732,6 +733,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (!holding && !held_out.empty()) {
       for (auto& out : held_out) on_link = send_one(out) || on_link;
       held_out.clear();
+      held_given_back = 0;
       if (held_out.capacity() > 1024) held_out = std::vector<outgoing>{};
     }
     for (auto& out : o.batch) {
@@ -887,14 +889,18 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       case Envelope::kError:
         // A pair's standby gives back a one-way message (an emit, a control,
         // a report) it did not act on: held, it goes to whichever broker
-        // welcomes the link next, as what is sent meanwhile does. Not a job's
-        // answer: no other broker holds that job (a broker that has it sends
-        // it again, and the kept answer goes then).
+        // welcomes the link next. It was sent before anything held now (the
+        // link holds from the standby's first STANDBY on), and the standby
+        // gives back in the order it read: it goes ahead of what is held,
+        // behind what it gave back before, so the order the worker sent in
+        // holds. Not a job's answer: no other broker holds that job (a
+        // broker that has it sends it again, and the kept answer goes then).
         if (env.error().code() == proto::STANDBY && !env.error().refused().empty() &&
             proto::kind_of(env.error().refused()) != Envelope::kReply) {
           const auto& refused = env.error().refused();
           if (held_out.size() < static_cast<std::size_t>(options.hwm)) {
-            held_out.push_back({{}, zmq::message_t{refused.data(), refused.size()}});
+            held_out.insert(held_out.begin() + static_cast<std::ptrdiff_t>(held_given_back++),
+                            outgoing{{}, zmq::message_t{refused.data(), refused.size()}});
             n_held.store(held_out.size(), std::memory_order_relaxed);
           } else {
             ++n_dropped;

@@ -166,8 +166,10 @@ class _Core:
         self.services = {}
         self.outbox = queue.Queue(maxsize=outbox_limit)
         # What the handlers queued while the link waited for the broker's
-        # Welcome of a new socket (see flush): I/O thread only.
+        # Welcome of a new socket (see flush), the first held_given_back of
+        # it given back by a standby (see on_broker): I/O thread only.
         self.held = []
+        self.held_given_back = 0
         self.wake = _Wakeup()
         self.io_thread = None
         self.pool = None
@@ -550,7 +552,7 @@ class _Core:
         worker stops, and everything goes."""
         holding = link.holding and not last
         if not holding and self.held:
-            held, self.held = self.held, []
+            held, self.held, self.held_given_back = self.held, [], 0
             for item in held:
                 self.send_one(link, pub, *item)
         for _ in range(self.outbox_limit):
@@ -681,11 +683,16 @@ class _Core:
             # A pair's standby gives back a one-way message (an emit, a
             # control, a report) it did not act on: held, it goes to
             # whichever broker welcomes the link next (else the link logged
-            # it). Not a job's answer: no other broker holds that job (one
-            # that has it sends it again, and the kept answer goes then).
+            # it). It was sent before anything held now (the link holds from
+            # the standby's first STANDBY on), and the standby gives back in
+            # the order it read: it goes ahead of what is held, behind what
+            # it gave back before, so the order the worker sent in holds.
+            # Not a job's answer: no other broker holds that job (one that
+            # has it sends it again, and the kept answer goes then).
             if env.error.code == Code.STANDBY and env.error.refused and not is_reply(env.error.refused):
                 if len(self.held) < self.hwm:
-                    self.held.append((None, bytes(env.error.refused), True))
+                    self.held.insert(self.held_given_back, (None, bytes(env.error.refused), True))
+                    self.held_given_back += 1
                 else:
                     self.count("outbox_dropped")
         elif self.log_limit.allow():
