@@ -3159,6 +3159,17 @@ struct fake_broker {
     send(env);
     ASSERT_TRUE(eventually([&] { return w.connected(); }));
   }
+
+  // Starts `w`, welcomes it (heartbeats every 200 ms), sends it job "c:1"
+  // and returns what it sends next, which the caller expects to be an emit.
+  std::optional<Envelope> first_of_a_job(worker& w) {
+    w.start();
+    welcome(w, 200ms);
+    job("c:1", "[]", 1);
+    auto env = next();
+    EXPECT_TRUE(env && env->has_emit()) << (env ? proto::kind_name(*env) : "nothing");
+    return env && env->has_emit() ? env : std::nullopt;
+  }
 };
 
 // A worker that drains with nothing running must still take a job the
@@ -3205,11 +3216,8 @@ TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
     req.emit("n", "[1]");
     req.reply("[]");
   }));
-  w.start();
-  broker.welcome(w, 200ms);
-  broker.job("c:1", "[]", 1);
-  auto emit = broker.next();
-  ASSERT_TRUE(emit && emit->has_emit()) << (emit ? proto::kind_name(*emit) : "nothing");
+  auto emit = broker.first_of_a_job(w);
+  ASSERT_TRUE(emit);
   auto reply = broker.next();
   ASSERT_TRUE(reply && reply->has_reply()) << (reply ? proto::kind_name(*reply) : "nothing");
   // Both given back, the job's answer first: it is not sent again (no other
@@ -3243,11 +3251,8 @@ TEST(WorkerStandby, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
     req.emit("n", "[2]");
     req.reply("[]");
   }));
-  w.start();
-  broker.welcome(w, 200ms);
-  broker.job("c:1", "[]", 1);
-  auto first = broker.next();
-  ASSERT_TRUE(first && first->has_emit()) << (first ? proto::kind_name(*first) : "nothing");
+  auto first = broker.first_of_a_job(w);
+  ASSERT_TRUE(first);
   Envelope standby;
   standby.mutable_error()->set_code(proto::STANDBY);
   standby.mutable_error()->set_takeover_ms(5000);  // the link tries again after 3 intervals
