@@ -90,6 +90,15 @@ std::optional<http_answer> unknown_key(const json::object& body, std::initialize
   return std::nullopt;
 }
 
+constexpr std::string_view kSockets = "/api/v1/sockets/";
+
+std::optional<proto::Control::Action> socket_action(std::string_view action) {
+  if (action == "join") return proto::Control::JOIN;
+  if (action == "leave") return proto::Control::LEAVE;
+  if (action == "disconnect") return proto::Control::DISCONNECT;
+  return std::nullopt;
+}
+
 std::optional<json::object> parse_object(std::string_view body) {
   if (body.empty()) return json::object{};
   boost::system::error_code ec;
@@ -395,6 +404,18 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     if (req.method() != http::verb::post) co_return not_allowed("POST", "use POST");
     co_return publish(req);
   }
+  if (path.starts_with(kSockets)) {
+    if (auto refused = refuse_key(req)) co_return *refused;
+    auto [sid, action] = session_path(path.substr(kSockets.size() - 1));
+    if (!socket_action(action)) co_return error(404, "no such action");
+    if (req.method() != http::verb::post) co_return not_allowed("POST", "use POST");
+    // Another gateway's socket: its owner applies it, through the broker.
+    if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
+      co_return co_await relay(req, std::string{sid}, action);
+    auto slot = std::make_shared<reply_slot>(ex);
+    control_socket(sid, action, req.body(), [slot](http_answer a) { slot->complete(std::move(a)); });
+    co_return co_await slot->wait();
+  }
   if (!path.starts_with(prefix)) co_return error(404, "no such endpoint");
   auto rest = path.substr(prefix.size());
   if (rest.empty() || rest == "/") {
@@ -492,6 +513,11 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
   auto target = boost::urls::parse_origin_form(f.target());
   constexpr std::string_view prefix = "/api/v1/sessions/";
   std::string path = target ? target->path() : std::string{};
+  if (path.starts_with(kSockets)) {  // the relaying gateway checked the key and the method
+    auto [sid, action] = session_path(std::string_view{path}.substr(kSockets.size() - 1));
+    if (sid != f.sid() || f.method() != "POST") return answer(error(400, "a relayed request for no socket"));
+    return control_socket(sid, action, f.body(), std::move(answer));
+  }
   if (!path.starts_with(prefix)) return answer(error(400, "a relayed request for no API session"));
   auto [sid, action] = session_path(std::string_view{path}.substr(prefix.size() - 1));
   if (sid != f.sid()) return answer(error(400, "a relayed request for no API session"));
@@ -570,15 +596,20 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
   co_return co_await slot->wait();
 }
 
-http_answer api::publish(const http::request<http::string_body>& req) {
+std::optional<http_answer> api::refuse_key(const request& req) const {
   const auto& keys = gw_.config().api_keys;
-  if (keys.empty()) return error(403, "the publish API is disabled: no --api-key configured");
+  if (keys.empty()) return error(403, "the publish and sockets APIs are disabled: no --api-key configured");
   std::string_view given = req[http::field::authorization];
   if (given.starts_with("Bearer ")) given.remove_prefix(7);
   else given = req["X-API-Key"];
   bool ok = false;
   for (const auto& k : keys) ok |= same_key(given, k);
   if (!ok) return error(401, "missing or wrong API key");
+  return std::nullopt;
+}
+
+http_answer api::publish(const http::request<http::string_body>& req) {
+  if (auto refused = refuse_key(req)) return *refused;
   auto body = parse_object(req.body());
   if (!body) return error(400, "body must be a JSON object");
   auto* event = body->if_contains("event");
@@ -625,6 +656,36 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   if (!gw_.link().send(env)) return error(503, kGatewayBusy);
   gw_.metrics().api_in.Increment();
   return json_answer(202, json::object{{"ok", true}});
+}
+
+// A worker's Control, from HTTP: the socket joins or leaves a room, or is
+// disconnected, and the answer says it is done (a publish to the room after
+// it reaches the socket) or why not.
+void api::control_socket(std::string_view sid, std::string_view action, std::string_view body_text,
+                         std::function<void(http_answer)> answer) {
+  auto what = socket_action(action);
+  if (!what) return answer(error(404, "no such action"));
+  auto body = parse_object(body_text);
+  if (!body) return answer(error(400, "body must be a JSON object"));
+  proto::Control c;
+  c.set_action(*what);
+  c.set_sid(std::string{sid});
+  if (*what == proto::Control::DISCONNECT) {
+    if (auto refused = unknown_key(*body, {})) return answer(std::move(*refused));
+  } else {
+    if (auto refused = unknown_key(*body, {"room"})) return answer(std::move(*refused));
+    auto* room = body->if_contains("room");
+    if (!room || !room->is_string() || room->as_string().empty())
+      return answer(error(400, "room must be a non-empty string"));
+    c.set_room(std::string{room->as_string()});
+  }
+  auto done = [answer](proto::DeliveryReport::Status status, std::string_view detail) {
+    if (status == proto::DeliveryReport::DELIVERED) return answer(json_answer(200, json::object{{"ok", true}}));
+    if (status == proto::DeliveryReport::CLIENT_GONE) return answer(error(404, "unknown sid"));
+    answer(error(detail == kThreadBehind ? 503 : 409, detail));
+  };
+  if (!gw_.link().control(std::move(c), std::move(done))) return answer(error(503, kGatewayBusy));
+  gw_.metrics().api_in.Increment();
 }
 
 }  // namespace sidecast::gateway

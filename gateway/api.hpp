@@ -5,8 +5,11 @@
 //   GET    /api/v1/sessions/{sid}/events?timeout=MS   long-poll -> {"events":[...]}
 //   DELETE /api/v1/sessions/{sid}
 //   POST   /api/v1/publish  (API key)           {"nsp","event","data","sid"|"room"|"broadcast","except"}
+//   POST   /api/v1/sockets/{sid}/join|leave (API key)  {"room"}
+//   POST   /api/v1/sockets/{sid}/disconnect (API key)
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 
@@ -36,8 +39,9 @@ class api {
   std::shared_ptr<api_session> find(const std::string& sid);
 
   /// Bridge thread: serves a request a peer gateway relayed (an HttpForward
-  /// with a target) for one of this gateway's sessions; `answer` gets the
-  /// answer, on the session's thread.
+  /// with a target) for one of this gateway's sessions, on the session's
+  /// thread, or sockets (it checked the API key), on the bridge's; `answer`
+  /// gets the answer there.
   void serve_forwarded(proto::HttpForward f, std::function<void(http_answer)> answer);
   /// The client of the long-poll `target` left (http_session): a peer
   /// gateway's session hears so (GONE) and keeps its events for the next
@@ -47,7 +51,14 @@ class api {
  private:
   using request = boost::beast::http::request<boost::beast::http::string_body>;
 
+  /// The API key publish and sockets take: an answer refusing the request
+  /// when it has none, or a wrong one.
+  std::optional<http_answer> refuse_key(const request& req) const;
   http_answer publish(const request& req);
+  /// /api/v1/sockets/{sid}/{action} for one of this gateway's sockets (of
+  /// any kind), with the request's body: `answer` gets 200 once it is done.
+  void control_socket(std::string_view sid, std::string_view action, std::string_view body,
+                      std::function<void(http_answer)> answer);
   // "/{sid}[/{action}]" -> (sid, action).
   static std::pair<std::string_view, std::string_view> session_path(std::string_view rest);
   boost::asio::awaitable<http_answer> relay(request& req, std::string sid, std::string_view action);

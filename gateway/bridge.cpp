@@ -258,7 +258,6 @@ namespace {
 constexpr auto later = [](const auto& a, const auto& b) { return a.first > b.first; };
 constexpr std::size_t shrink_above = 4096;  // deadline entries an idle bridge keeps room for
 // Why a delivery to a session's thread was refused (--max-thread-backlog).
-constexpr std::string_view kThreadBehind = "the gateway thread of the socket is behind";
 
 }  // namespace
 
@@ -986,19 +985,29 @@ void bridge::deliver_emit(proto::Emit& emit) {
 }
 
 void bridge::on_control(const proto::Control& control) {
+  auto [status, detail] = apply_control(control);
+  if (status != proto::DeliveryReport::DELIVERED)
+    report(control.origin(), status, control.sid(), control.ref(), detail);
+}
+
+bool bridge::control(proto::Control control,
+                     std::function<void(proto::DeliveryReport::Status, std::string_view detail)> done) {
+  return post([this, control = std::move(control), done = std::move(done)] {
+    auto [status, detail] = apply_control(control);
+    done(status, detail);
+  });
+}
+
+std::pair<proto::DeliveryReport::Status, std::string_view> bridge::apply_control(const proto::Control& control) {
+  using status = proto::DeliveryReport;
   auto it = members_.find(control.sid());
-  if (it == members_.end()) {
-    report(control.origin(), proto::DeliveryReport::CLIENT_GONE, control.sid(), control.ref());
-    return;
-  }
+  if (it == members_.end()) return {status::CLIENT_GONE, {}};
   auto& m = it->second;
   // A worker's control names the namespace it means (an empty one: the
   // socket's own), as its emits do: a socket of another is not its to move.
   if (!control.nsp().empty() && control.nsp() != m.nsp) {
     metrics_.bad_event.Increment();
-    report(control.origin(), proto::DeliveryReport::REJECTED, control.sid(), control.ref(),
-           "not the namespace of the socket");
-    return;
+    return {status::REJECTED, "not the namespace of the socket"};
   }
   switch (control.action()) {
     case proto::Control::JOIN: {
@@ -1006,13 +1015,12 @@ void bridge::on_control(const proto::Control& control) {
       if (std::find(m.topics.begin(), m.topics.end(), topic) == m.topics.end()) {
         if (m.topics.size() >= config_.max_rooms) {
           metrics_.room_limit.Increment();
-          report(control.origin(), proto::DeliveryReport::REJECTED, control.sid(), control.ref());
-          return;
+          return {status::REJECTED, "the socket is in --max-rooms rooms"};
         }
         m.topics.push_back(topic);
         add_to_topic(topic, control.sid());
       }
-      return;
+      return {status::DELIVERED, {}};
     }
     case proto::Control::LEAVE: {
       auto topic = proto::room_topic(m.nsp, control.room());
@@ -1021,19 +1029,18 @@ void bridge::on_control(const proto::Control& control) {
         m.topics.erase(pos);
         remove_from_topic(topic, control.sid());
       }
-      return;
+      return {status::DELIVERED, {}};
     }
     case proto::Control::DISCONNECT: {
       auto sink = m.sink.lock();
       if (!sink) {
         metrics_.client_gone.Increment();
-        report(control.origin(), proto::DeliveryReport::CLIENT_GONE, control.sid(), control.ref());
-      } else if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); })) {
-        report(control.origin(), proto::DeliveryReport::REJECTED, control.sid(), control.ref(), kThreadBehind);
+        return {status::CLIENT_GONE, {}};
       }
-      return;
+      if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); })) return {status::REJECTED, kThreadBehind};
+      return {status::DELIVERED, {}};
     }
-    default: return;
+    default: return {status::REJECTED, "no such action"};
   }
 }
 

@@ -46,6 +46,9 @@ class peer_link;
 
 namespace sidecast::gateway {
 
+/// Why a message for a socket was refused: its thread is past --max-thread-backlog.
+inline constexpr std::string_view kThreadBehind = "the gateway thread of the socket is behind";
+
 struct bridge_commands;  // names the spare blocks of bridge::post
 
 // A command posted to the bridge, whose operation Asio makes from blocks
@@ -110,6 +113,13 @@ class bridge {
   /// another gateway's sid through the broker; the owner's answer (or a
   /// timeout) completes `slot`.
   bool forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout);
+  /// Applies `control` (join, leave or disconnect) to one of this gateway's
+  /// sockets on the bridge thread, as a worker's Control is applied, and
+  /// calls `done` there with what became of it: DELIVERED, or the status a
+  /// worker's report would carry (CLIENT_GONE, REJECTED) and why. False
+  /// when --bridge-queue is full (`done` is not called).
+  bool control(proto::Control control,
+               std::function<void(proto::DeliveryReport::Status, std::string_view detail)> done);
   /// Serves forwarded requests for our own sids (set before start()); the
   /// handler runs on the bridge thread and must not block.
   void on_forward(std::function<void(proto::HttpForward)> handler) { forward_handler_ = std::move(handler); }
@@ -236,6 +246,9 @@ class bridge {
   // report() from a sink's thread (at once when that is the bridge's own).
   void report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
                    std::string_view detail);
+  /// A Control for one of our sockets, applied: DELIVERED, or the failure
+  /// a report says and why (on_control(), control()).
+  std::pair<proto::DeliveryReport::Status, std::string_view> apply_control(const proto::Control& control);
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
               const std::string& ref, std::string_view detail = {});
   void expire(std::chrono::steady_clock::time_point now);

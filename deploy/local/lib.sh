@@ -39,10 +39,11 @@ CFG
     if [[ $BALANCER == sid ]]; then
       cat <<'CFG'
   # A sid is "<gateway id>.<random>": requests for a sid go to its gateway
-  # (an HTTP API session's sid is in the path: /api/v1/sessions/<sid>/...);
+  # (an HTTP API session's sid, or a socket's the sockets API acts on, is in
+  # the path: /api/v1/sessions/<sid>/..., /api/v1/sockets/<sid>/...);
   # handshakes (no sid) are spread round-robin.
   acl has_sid url_param(sid) -m found
-  acl api_sid path_beg /api/v1/sessions/
+  acl api_sid path_beg /api/v1/sessions/ /api/v1/sockets/
   use_backend gw_%[url_param(sid),field(1,.)] if has_sid
   use_backend gw_%[path,field(5,/),field(1,.)] if api_sid
 CFG

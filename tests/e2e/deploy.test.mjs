@@ -90,6 +90,58 @@ test("the publish API on one gateway reaches a sid held by another", async () =>
   await got;
 });
 
+// The sockets API: what a worker's Control does, from any backend over HTTP.
+async function socketsApi(base, sid, action, body) {
+  const res = await fetch(`${base}/api/v1/sockets/${sid}/${action}`, {
+    method: "POST", headers: { Authorization: `Bearer ${env.API_KEY}` },
+    body: body === undefined ? undefined : JSON.stringify(body) });
+  return { status: res.status, body: await res.json() };
+}
+
+test("the sockets API on any gateway moves a client held by one into and out of a room, and disconnects it", async () => {
+  const [a] = await onTwoGateways("/");
+  const sid = a.id;
+  const all = Object.entries(gateways());
+  const home = all.find(([id]) => id === owner(a))[1];
+  const other = all.find(([id]) => id !== owner(a))[1];
+  const ok = { status: 200, body: { ok: true } };
+  // A room it stays in: events published to it after one to a room it
+  // left (by the same gateway, so in order) show that one will not come.
+  const stay = "stay" + Date.now();
+  assert.deepEqual(await socketsApi(home, sid, "join", { room: stay }), ok);
+  for (const [base, n] of [[home, 1], [other, 2]]) {  // the owner's own, then relayed through the broker
+    const room = `ops${n}-${Date.now()}`;
+    assert.deepEqual(await socketsApi(base, sid, "join", { room }), ok);
+    // Answered once done: a publish right after reaches it.
+    const got = next(a, "news", (m) => m.n === n);
+    await publish(home, { room, event: "news", data: { n } });
+    await got;
+    assert.deepEqual(await socketsApi(base, sid, "leave", { room }), ok);
+    const seen = [];
+    const record = (m) => seen.push(m.n);
+    a.on("news", record);
+    const barrier = next(a, "news", (m) => m.n === 100 + n);
+    await publish(home, { room, event: "news", data: { n: -n } });
+    await publish(home, { room: stay, event: "news", data: { n: 100 + n } });
+    await barrier;
+    a.off("news", record);
+    assert.deepEqual(seen, [100 + n], "an event for the room it left came");
+  }
+  const gone = new Promise((resolve) => a.once("disconnect", resolve));
+  assert.deepEqual(await socketsApi(other, sid, "disconnect"), ok);
+  assert.equal(await gone, "io server disconnect");
+  // Then unknown, to its owner and through the other.
+  for (const base of [home, other]) {
+    let answer;
+    for (let i = 0; i < 50; i++) {  // the owner forgets it as the socket closes
+      answer = await socketsApi(base, sid, "join", { room: stay });
+      if (answer.status === 404) break;
+      await sleep(100);
+    }
+    assert.deepEqual(answer, { status: 404, body: { error: "unknown sid" } }, base);
+  }
+});
+
 // The plain HTTP API: a session lives on one gateway, its sid in the path.
 async function api(base, method, path, body, signal) {
   const res = await fetch(`${base}/api/v1/sessions${path}`, {

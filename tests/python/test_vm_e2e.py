@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 import unittest
+import urllib.error
 import urllib.parse
 import warnings
 
@@ -209,13 +210,18 @@ class VmEndToEndTest(VmStack):
         ack = self.call("open_vm", {"count": 0})
         self.assertEqual(ack, {"error": "bad_request", "message": "count must be 1..20"})
 
-    def test_django_publish_example_reaches_the_sid(self):
+    def django_example(self):
+        """examples/django_publish.py, set to this stack's gateway and key."""
         os.environ["SIDECAST_GATEWAY"] = self.url
         os.environ["SIDECAST_API_KEY"] = API_KEY
         spec = importlib.util.spec_from_file_location("django_publish",
                                                       os.path.join(EXAMPLES, "django_publish.py"))
         example = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(example)
+        return example
+
+    def test_django_publish_example_reaches_the_sid(self):
+        example = self.django_example()
         sid = self.sio.get_sid(namespace="/vm")
         self.assertTrue(sid.startswith("gwE."), sid)
         status = example.publish({"sid": sid, "nsp": "/vm", "event": "report_ready",
@@ -225,15 +231,23 @@ class VmEndToEndTest(VmStack):
         self.assertEqual([data for _, name, data in events if name == "report_ready"],
                          [{"url": "/reports/7"}])
 
+    def test_django_example_puts_a_sid_in_a_room(self):
+        # A publish to the room right after the join's answer reaches it.
+        example = self.django_example()
+        sid = self.sio.get_sid(namespace="/vm")
+        self.assertEqual(example.sockets(sid, "join", {"room": "user:7"}), 200)
+        self.assertEqual(example.publish({"room": "user:7", "nsp": "/vm", "event": "report_ready",
+                                          "data": {"url": "/r/9"}}), 202)
+        events = self.events.wait(lambda ev: Events.count(ev, "report_ready") == 1, "report_ready")
+        self.assertEqual([data for _, name, data in events if name == "report_ready"], [{"url": "/r/9"}])
+        with self.assertRaises(urllib.error.HTTPError) as gone:
+            example.sockets(sid.split(".")[0] + ".nosuchsocket", "join", {"room": "user:7"})
+        self.assertEqual(gone.exception.code, 404)
+
     def test_a_publish_to_a_sid_needs_no_namespace(self):
         # The sid's gateway knows its namespace ("/vm" here); before, the
         # publish defaulted to "/" and the event was dropped after its 202.
-        os.environ["SIDECAST_GATEWAY"] = self.url
-        os.environ["SIDECAST_API_KEY"] = API_KEY
-        spec = importlib.util.spec_from_file_location("django_publish",
-                                                      os.path.join(EXAMPLES, "django_publish.py"))
-        example = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(example)
+        example = self.django_example()
         sid = self.sio.get_sid(namespace="/vm")
         self.assertEqual(example.publish({"sid": sid, "event": "report_ready", "data": {"url": "/r/8"}}), 202)
         events = self.events.wait(lambda ev: Events.count(ev, "report_ready") == 1, "report_ready")

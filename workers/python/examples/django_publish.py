@@ -1,12 +1,16 @@
-"""Emit to one Socket.IO client from a Django view, through the gateway's publish API.
+"""Emit to one Socket.IO client from a Django view, through the gateway's publish API,
+and put a client in a room (Flask-SocketIO's join_room(room, sid=sid)) through its
+sockets API.
 
-No worker needed: any backend can POST /api/v1/publish (docs/gateway.md).
+No worker needed: any backend can POST /api/v1/publish and /api/v1/sockets/
+(docs/gateway.md).
 Standard library only; settings come from the environment here to keep the
 example self-contained (SIDECAST_GATEWAY=http://127.0.0.1:8080,
 SIDECAST_API_KEY=<a key given to sidecast-gateway --api-key>).
 """
 import json
 import os
+import urllib.parse
 import urllib.request
 
 GATEWAY = os.environ.get("SIDECAST_GATEWAY", "http://127.0.0.1:8080")
@@ -22,6 +26,16 @@ def publish(message, timeout=5):
         return resp.status  # 202: the gateway queued it
 
 
+def sockets(sid, action, body=None, timeout=5):
+    """POSTs /api/v1/sockets/{sid}/{action} (join, leave, disconnect); answered once done."""
+    req = urllib.request.Request(
+        f"{GATEWAY}/api/v1/sockets/{urllib.parse.quote(sid, safe='')}/{action}",
+        data=json.dumps(body or {}).encode(), method="POST",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # raises HTTPError: 404 unknown sid, ...
+        return resp.status  # 200: done; a publish to the room from now on reaches the socket
+
+
 def report_ready(request, sid):
     """A Django view: tell the browser whose Socket.IO sid is in the URL that its report is ready."""
     from django.http import JsonResponse  # imported here so this file runs without Django
@@ -30,3 +44,14 @@ def report_ready(request, sid):
     status = publish({"sid": sid, "event": "report_ready",
                       "data": {"url": f"/reports/{request.GET.get('id', '')}"}})
     return JsonResponse({"queued": status == 202})
+
+
+def logged_in(request, sid):
+    """A Django view, after a login: the user's Socket.IO socket joins the room
+    "user:<id>", which every later notice for that user is published to."""
+    from django.http import JsonResponse
+
+    room = f"user:{request.user.id}"
+    sockets(sid, "join", {"room": room})
+    publish({"room": room, "event": "welcome", "data": {"user": request.user.username}})
+    return JsonResponse({"room": room})
