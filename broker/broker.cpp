@@ -385,6 +385,7 @@ void broker::after_wait() {
   // deadline finds the job expired (the requester was told `timeout`),
   // even when this thread woke late, or was stopped, with both waiting.
   now_ = clock::now();
+  subscriptions_applied_ = false;
   check_stall(now_);
   if (auto d = table_.next_deadline(); d && *d <= now_) {
     for (const auto& f : table_.expire(now_)) fail(f);
@@ -1004,6 +1005,7 @@ void broker::publish(const proto::Emit& emit, std::string_view payload) {
     drop(drop_reason::malformed, "emit without a target");
     return;
   }
+  apply_subscriptions();
   xpub_.send(zmq::buffer(topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
   xpub_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
   input_.used(xpub_in_);
@@ -1036,6 +1038,7 @@ void broker::forward_events() {
       drop(drop_reason::standby, "event");
       continue;
     }
+    apply_subscriptions();
     // XPUB never blocks: a subscriber over its HWM loses the event.
     xpub_.send(topic, zmq::send_flags::sndmore | zmq::send_flags::dontwait);
     xpub_.send(body, zmq::send_flags::dontwait);
@@ -1043,6 +1046,19 @@ void broker::forward_events() {
     ++stats_.events;
     metrics_->events.Increment();
   }
+}
+
+// libzmq applies the subscriptions that reached the XPUB when it processes
+// the socket's commands, which a send skips while the socket was used in
+// the last millisecond or so: under load, an event published right after a
+// gateway's subscription to its room reached this process (the sockets
+// API's join answered, say) would be filtered out. Asking for the socket's
+// events processes them without that throttle: once per turn that
+// publishes (one mailbox check).
+void broker::apply_subscriptions() {
+  if (subscriptions_applied_) return;
+  (void)xpub_.get(zmq::sockopt::events);
+  subscriptions_applied_ = true;
 }
 
 void broker::drain_subscriptions() {

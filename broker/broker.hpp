@@ -173,6 +173,7 @@ class broker {
   void publish(const proto::Emit& emit, std::string_view payload);
   void forward_events();
   void drain_subscriptions();
+  void apply_subscriptions();  // before a turn's first publish (see there)
   void dispatch(clock::time_point now);
   void fail(const failure& f);
   void answer(const std::string& requester, const std::string& worker, std::string_view id, zmq::message_t& payload);
@@ -249,6 +250,7 @@ class broker {
   core::input_wait input_;  // the loop's wait on the sockets above
   std::unique_ptr<core::input_reactor> reactor_;  // run_on() only
   std::optional<pair_fsm> pair_;  // config_.pair_role set
+  bool subscriptions_applied_ = false;  // this turn (apply_subscriptions())
   bool events_doubtful_ = false;  // active, after a stall of its own, and the other not heard since
   zmq::socket_t pair_pub_;
   zmq::socket_t pair_sub_;

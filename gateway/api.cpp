@@ -91,6 +91,7 @@ std::optional<http_answer> unknown_key(const json::object& body, std::initialize
 }
 
 constexpr std::string_view kSockets = "/api/v1/sockets/";
+constexpr std::string_view kApiOff = "the publish and sockets APIs are disabled: no --api-key configured";
 
 std::optional<proto::Control::Action> socket_action(std::string_view action) {
   if (action == "join") return proto::Control::JOIN;
@@ -407,13 +408,15 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
   if (path.starts_with(kSockets)) {
     if (auto refused = refuse_key(req)) co_return *refused;
     auto [sid, action] = session_path(path.substr(kSockets.size() - 1));
-    if (!socket_action(action)) co_return error(404, "no such action");
-    if (req.method() != http::verb::post) co_return not_allowed("POST", "use POST");
-    // Another gateway's socket: its owner applies it, through the broker.
+    if (!action.empty() && !socket_action(action)) co_return error(404, "no such action");
+    // The socket itself is read (GET), an action on it is taken (POST).
+    if (req.method() != (action.empty() ? http::verb::get : http::verb::post))
+      co_return action.empty() ? not_allowed("GET", "use GET") : not_allowed("POST", "use POST");
+    // Another gateway's socket: its owner serves it, through the broker.
     if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
       co_return co_await relay(req, std::string{sid}, action);
     auto slot = std::make_shared<reply_slot>(ex);
-    control_socket(sid, action, req.body(), [slot](http_answer a) { slot->complete(std::move(a)); });
+    serve_socket(sid, action, req.body(), [slot](http_answer a) { slot->complete(std::move(a)); });
     co_return co_await slot->wait();
   }
   if (!path.starts_with(prefix)) co_return error(404, "no such endpoint");
@@ -514,9 +517,12 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
   constexpr std::string_view prefix = "/api/v1/sessions/";
   std::string path = target ? target->path() : std::string{};
   if (path.starts_with(kSockets)) {  // the relaying gateway checked the key and the method
+    // (One with no key has the API off: it takes no sockets request, relayed or not.)
+    if (gw_.config().api_keys.empty()) return answer(error(403, kApiOff));
     auto [sid, action] = session_path(std::string_view{path}.substr(kSockets.size() - 1));
-    if (sid != f.sid() || f.method() != "POST") return answer(error(400, "a relayed request for no socket"));
-    return control_socket(sid, action, f.body(), std::move(answer));
+    if (sid != f.sid() || f.method() != (action.empty() ? "GET" : "POST"))
+      return answer(error(400, "a relayed request for no socket"));
+    return serve_socket(sid, action, f.body(), std::move(answer));
   }
   if (!path.starts_with(prefix)) return answer(error(400, "a relayed request for no API session"));
   auto [sid, action] = session_path(std::string_view{path}.substr(prefix.size() - 1));
@@ -598,7 +604,7 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
 
 std::optional<http_answer> api::refuse_key(const request& req) const {
   const auto& keys = gw_.config().api_keys;
-  if (keys.empty()) return error(403, "the publish and sockets APIs are disabled: no --api-key configured");
+  if (keys.empty()) return error(403, kApiOff);
   std::string_view given = req[http::field::authorization];
   if (given.starts_with("Bearer ")) given.remove_prefix(7);
   else given = req["X-API-Key"];
@@ -658,11 +664,22 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   return json_answer(202, json::object{{"ok", true}});
 }
 
-// A worker's Control, from HTTP: the socket joins or leaves a room, or is
-// disconnected, and the answer says it is done (a publish to the room after
-// it reaches the socket) or why not.
-void api::control_socket(std::string_view sid, std::string_view action, std::string_view body_text,
-                         std::function<void(http_answer)> answer) {
+// No action: the socket's namespace and rooms. Else a worker's Control,
+// from HTTP: the socket joins or leaves a room, or is disconnected, and the
+// answer says it is done (a publish to the room after it reaches the
+// socket) or why not.
+void api::serve_socket(std::string_view sid, std::string_view action, std::string_view body_text,
+                       std::function<void(http_answer)> answer) {
+  if (action.empty()) {
+    auto described = gw_.link().describe(std::string{sid}, [answer, sid = std::string{sid}](auto info) {
+      if (!info) return answer(error(404, "unknown sid"));
+      json::array rooms;
+      for (auto& room : info->rooms) rooms.emplace_back(std::move(room));
+      answer(json_answer(200, json::object{{"sid", sid}, {"nsp", info->nsp}, {"rooms", std::move(rooms)}}));
+    });
+    if (!described) answer(error(503, kGatewayBusy));
+    return;
+  }
   auto what = socket_action(action);
   if (!what) return answer(error(404, "no such action"));
   auto body = parse_object(body_text);

@@ -5,6 +5,7 @@
 //   GET    /api/v1/sessions/{sid}/events?timeout=MS   long-poll -> {"events":[...]}
 //   DELETE /api/v1/sessions/{sid}
 //   POST   /api/v1/publish  (API key)           {"nsp","event","data","sid"|"room"|"broadcast","except"}
+//   GET    /api/v1/sockets/{sid}            (API key)  -> {"sid","nsp","rooms"}
 //   POST   /api/v1/sockets/{sid}/join|leave (API key)  {"room"}
 //   POST   /api/v1/sockets/{sid}/disconnect (API key)
 #include <memory>
@@ -55,10 +56,11 @@ class api {
   /// when it has none, or a wrong one.
   std::optional<http_answer> refuse_key(const request& req) const;
   http_answer publish(const request& req);
-  /// /api/v1/sockets/{sid}/{action} for one of this gateway's sockets (of
-  /// any kind), with the request's body: `answer` gets 200 once it is done.
-  void control_socket(std::string_view sid, std::string_view action, std::string_view body,
-                      std::function<void(http_answer)> answer);
+  /// /api/v1/sockets/{sid}[/{action}] for one of this gateway's sockets (of
+  /// any kind), with the request's body: `answer` gets the socket (no
+  /// action), or 200 once the action is done.
+  void serve_socket(std::string_view sid, std::string_view action, std::string_view body,
+                    std::function<void(http_answer)> answer);
   // "/{sid}[/{action}]" -> (sid, action).
   static std::pair<std::string_view, std::string_view> session_path(std::string_view rest);
   boost::asio::awaitable<http_answer> relay(request& req, std::string sid, std::string_view action);

@@ -998,6 +998,18 @@ bool bridge::control(proto::Control control,
   });
 }
 
+bool bridge::describe(std::string sid, std::function<void(std::optional<socket_info>)> done) {
+  return post([this, sid = std::move(sid), done = std::move(done)] {
+    auto it = members_.find(sid);
+    if (it == members_.end() || it->second.sink.expired()) return done(std::nullopt);
+    const auto& m = it->second;
+    socket_info info{m.nsp, {}};
+    const auto skip = proto::room_topic(m.nsp, "").size() - 1;  // the topic's "r<nsp>\0"; a NUL ends it
+    for (const auto& topic : m.topics) info.rooms.push_back(topic.substr(skip, topic.size() - skip - 1));
+    done(std::move(info));
+  });
+}
+
 std::pair<proto::DeliveryReport::Status, std::string_view> bridge::apply_control(const proto::Control& control) {
   using status = proto::DeliveryReport;
   auto it = members_.find(control.sid());

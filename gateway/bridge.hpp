@@ -21,6 +21,7 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
@@ -120,6 +121,15 @@ class bridge {
   /// when --bridge-queue is full (`done` is not called).
   bool control(proto::Control control,
                std::function<void(proto::DeliveryReport::Status, std::string_view detail)> done);
+  /// One of this gateway's sockets as the bridge knows it (describe()).
+  struct socket_info {
+    std::string nsp;
+    std::vector<std::string> rooms;  // in the order it joined them
+  };
+  /// Calls `done` on the bridge thread with what it knows of `sid`
+  /// (nothing: not a socket of this gateway). False when --bridge-queue is
+  /// full (`done` is not called).
+  bool describe(std::string sid, std::function<void(std::optional<socket_info>)> done);
   /// Serves forwarded requests for our own sids (set before start()); the
   /// handler runs on the bridge thread and must not block.
   void on_forward(std::function<void(proto::HttpForward)> handler) { forward_handler_ = std::move(handler); }

@@ -462,6 +462,13 @@ class HttpApiErrors(unittest.TestCase):
         self.assertEqual(ask("move", {"room": "r"}), (404, "no such action"))
         status, _, res = request("GET", f"/api/v1/sockets/{sid}/join", None, headers)
         self.assertEqual((status, res.getheader("Allow")), (405, "POST"))
+        # The socket itself: its namespace and rooms (GET only).
+        status, text, _ = request("GET", f"/api/v1/sockets/{sid}", None, headers)
+        self.assertEqual((status, json.loads(text)), (200, {"sid": sid, "nsp": "/", "rooms": ["r"]}))
+        status, _, res = request("POST", f"/api/v1/sockets/{sid}", b"{}", headers)
+        self.assertEqual((status, res.getheader("Allow")), (405, "GET"))
+        self.assertEqual(request("GET", f"/api/v1/sockets/{sid}", None, {})[0], 401)
+        self.assertEqual(request("GET", f"/api/v1/sockets/{ours}.nosuchsocket", None, headers)[0], 404)
         for action, body, why in (("join", b"[1]", "body must be a JSON object"),
                                   ("join", b"{", "body must be a JSON object"),
                                   ("join", {}, "room must be a non-empty string"),

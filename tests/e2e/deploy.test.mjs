@@ -92,8 +92,8 @@ test("the publish API on one gateway reaches a sid held by another", async () =>
 
 // The sockets API: what a worker's Control does, from any backend over HTTP.
 async function socketsApi(base, sid, action, body) {
-  const res = await fetch(`${base}/api/v1/sockets/${sid}/${action}`, {
-    method: "POST", headers: { Authorization: `Bearer ${env.API_KEY}` },
+  const res = await fetch(`${base}/api/v1/sockets/${sid}${action ? "/" + action : ""}`, {
+    method: action ? "POST" : "GET", headers: { Authorization: `Bearer ${env.API_KEY}` },
     body: body === undefined ? undefined : JSON.stringify(body) });
   return { status: res.status, body: await res.json() };
 }
@@ -112,6 +112,7 @@ test("the sockets API on any gateway moves a client held by one into and out of 
   for (const [base, n] of [[home, 1], [other, 2]]) {  // the owner's own, then relayed through the broker
     const room = `ops${n}-${Date.now()}`;
     assert.deepEqual(await socketsApi(base, sid, "join", { room }), ok);
+    assert.deepEqual(await socketsApi(base, sid), { status: 200, body: { sid, nsp: "/", rooms: [stay, room] } });
     // Answered once done: a publish right after reaches it.
     const got = next(a, "news", (m) => m.n === n);
     await publish(home, { room, event: "news", data: { n } });
