@@ -2477,7 +2477,9 @@ TEST(GatewayLink, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
   };
   auto hello = rig.next_from_bridge(Envelope::kHello);
   ASSERT_TRUE(hello);
-  rig.welcome(hello->hello(), 100);
+  // Heartbeats every 500 ms: the test plays a broker that sends none, and
+  // has 1.5 s from here to its last give-back.
+  rig.welcome(hello->hello(), 500);
   ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
   ASSERT_TRUE(rig.bridge->send(notice(1)));
   ASSERT_TRUE(rig.ask(1, 30s));
@@ -3160,11 +3162,12 @@ struct fake_broker {
     ASSERT_TRUE(eventually([&] { return w.connected(); }));
   }
 
-  // Starts `w`, welcomes it (heartbeats every 200 ms), sends it job "c:1"
-  // and returns what it sends next, which the caller expects to be an emit.
+  // Starts `w`, welcomes it (heartbeats every 500 ms: the fake sends none,
+  // so the test has 1.5 s from here), sends it job "c:1" and returns what
+  // it sends next, which the caller expects to be an emit.
   std::optional<Envelope> first_of_a_job(worker& w) {
     w.start();
-    welcome(w, 200ms);
+    welcome(w, 500ms);
     job("c:1", "[]", 1);
     auto env = next();
     EXPECT_TRUE(env && env->has_emit()) << (env ? proto::kind_name(*env) : "nothing");
@@ -3247,31 +3250,51 @@ TEST(WorkerStandby, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
   std::atomic<bool> go_on{false};
   w.add(service{"svc", 1}.on("work", [&](request req) {
     req.emit("n", "[1]");
-    eventually([&] { return go_on.load(); }, 5s);
     req.emit("n", "[2]");
+    eventually([&] { return go_on.load(); }, 5s);
+    req.emit("n", "[3]");
     req.reply("[]");
   }));
+  std::vector<Envelope> read;  // by the broker that steps down
   auto first = broker.first_of_a_job(w);
   ASSERT_TRUE(first);
+  read.push_back(*first);
+  auto second = broker.next();
+  ASSERT_TRUE(second && second->has_emit()) << (second ? proto::kind_name(*second) : "nothing");
+  read.push_back(*second);
   Envelope standby;
   standby.mutable_error()->set_code(proto::STANDBY);
   standby.mutable_error()->set_takeover_ms(5000);  // the link tries again after 3 intervals
   broker.send(standby);
   ASSERT_TRUE(eventually([&] { return !w.connected(); }, 2s)) << "the STANDBY was not seen";
-  go_on = true;  // the second emit and the answer are held
+  go_on = true;  // the third emit and the answer are held
   ASSERT_TRUE(eventually([&] { return w.stats().held == 2; }, 2s)) << "what came after was not held";
-  Envelope refused = standby;
-  refused.mutable_error()->set_refused(first->SerializeAsString());
-  broker.send(refused);
-  ASSERT_TRUE(eventually([&] { return w.stats().held == 3; }, 2s)) << "what was given back was not held";
+  auto give_back = [&](const Envelope& env) {
+    Envelope refused = standby;
+    refused.mutable_error()->set_refused(env.SerializeAsString());
+    broker.send(refused);
+  };
+  for (const auto& env : read) give_back(env);
+  ASSERT_TRUE(eventually([&] { return w.stats().held == 4; }, 2s)) << "what was given back was not held";
 
-  broker.welcome(w, 200ms);
-  std::vector<std::string> order;
-  while (order.size() < 3)
-    if (auto env = broker.next(); env && env->has_emit()) order.push_back("emit " + env->emit().args());
-    else if (env && env->has_reply()) order.push_back("reply " + env->reply().id());
-    else if (!env) break;
-  EXPECT_EQ(order, (std::vector<std::string>{"emit [1]", "emit [2]", "reply c:1"}));
+  auto order = [&](std::size_t n) {
+    std::vector<std::string> got;
+    while (got.size() < n)
+      if (auto env = broker.next(); env && env->has_emit()) got.push_back("emit " + env->emit().args());
+      else if (env && env->has_reply()) got.push_back("reply " + env->reply().id());
+      else if (!env) break;
+    return got;
+  };
+  broker.welcome(w, 500ms);
+  EXPECT_EQ(order(4), (std::vector<std::string>{"emit [1]", "emit [2]", "emit [3]", "reply c:1"}));
+  // A second step-down, with nothing held: what it gives back goes first
+  // again.
+  broker.send(standby);
+  ASSERT_TRUE(eventually([&] { return !w.connected(); }, 2s));
+  give_back(*second);
+  ASSERT_TRUE(eventually([&] { return w.stats().held == 1; }, 2s));
+  broker.welcome(w, 500ms);
+  EXPECT_EQ(order(1), (std::vector<std::string>{"emit [2]"}));
   w.stop();
 }
 

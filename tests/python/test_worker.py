@@ -972,8 +972,9 @@ class StandbyGivesBackTest(FakeBrokerTest):
         def work(req):
             req.emit("n", 1)
             if req.args == ["wait"]:
-                self.go_on.wait(WAIT)
                 req.emit("n", 2)
+                self.go_on.wait(WAIT)
+                req.emit("n", 3)
             req.reply("done")
 
         return svc
@@ -1009,29 +1010,48 @@ class StandbyGivesBackTest(FakeBrokerTest):
 
     def test_what_is_given_back_goes_ahead_of_what_was_held_after_it(self):
         """The worker holds from the standby's first STANDBY on, and what the
-        standby gives back was sent before that: it goes first, so the next
-        broker gets the worker's messages in the order it sent them (a job's
-        progress before its result). Held after, it went last."""
-        self.broker.welcome(self.worker, 200)
+        standby gives back was sent before that: it goes first, in its order,
+        so the next broker gets the worker's messages in the order it sent
+        them (a job's progress before its result). Held after, it went last."""
+        # Heartbeats every 500 ms: the fake sends none, and the test has 1.5 s
+        # from here to its last give-back.
+        self.broker.welcome(self.worker, 500)
         self.job("c:1", '["wait"]', 1)
-        first = self.next_of({"emit"})
+        read = [self.next_of({"emit"}), self.next_of({"emit"})]
         standby = pb.Envelope()
         standby.error.code = int(Code.STANDBY)
         standby.error.message = "stepped down"
         standby.error.takeover_ms = 5000  # the link tries again after 3 intervals
         self.broker.send(standby)
         self.assertTrue(eventually(lambda: not self.worker.connected, WAIT), "the STANDBY was not seen")
-        self.go_on.set()  # the second emit and the answer are held
+        self.go_on.set()  # the third emit and the answer are held
         self.assertTrue(eventually(lambda: self.worker.stats().held == 2, WAIT), self.worker.stats())
-        standby.error.refused = first.SerializeToString()
+
+        def give_back(env):
+            refused = pb.Envelope()
+            refused.CopyFrom(standby)
+            refused.error.refused = env.SerializeToString()
+            self.broker.send(refused)
+
+        def order(n):
+            got = []
+            for _ in range(n):
+                env = self.next_of({"emit", "reply"})
+                got.append(f"emit {args_of(env.emit)}" if env.HasField("emit") else f"reply {env.reply.id}")
+            return got
+
+        for env in read:
+            give_back(env)
+        self.assertTrue(eventually(lambda: self.worker.stats().held == 4, WAIT), self.worker.stats())
+        self.broker.welcome(self.worker, 500)
+        self.assertEqual(order(4), ["emit [1]", "emit [2]", "emit [3]", "reply c:1"])
+        # A second step-down, with nothing held: what it gives back goes first again.
         self.broker.send(standby)
-        self.assertTrue(eventually(lambda: self.worker.stats().held == 3, WAIT), self.worker.stats())
-        self.broker.welcome(self.worker, 200)
-        order = []
-        for _ in range(3):
-            env = self.next_of({"emit", "reply"})
-            order.append(f"emit {args_of(env.emit)}" if env.HasField("emit") else f"reply {env.reply.id}")
-        self.assertEqual(order, ["emit [1]", "emit [2]", "reply c:1"])
+        self.assertTrue(eventually(lambda: not self.worker.connected, WAIT))
+        give_back(read[1])
+        self.assertTrue(eventually(lambda: self.worker.stats().held == 1, WAIT), self.worker.stats())
+        self.broker.welcome(self.worker, 500)
+        self.assertEqual(order(1), ["emit [2]"])
 
 
 class ReadReportTest(FakeBrokerTest):

@@ -258,7 +258,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::link_position read_seen;
   bool holding = false;  // what the handlers queue waits for the link's Welcome (see send_in_order)
   std::vector<outgoing> held_out;  // ... here
-  std::size_t held_given_back = 0;  // the first of held_out, given back by a standby (on_broker)
+  std::vector<outgoing> given_back;  // held too: what a standby gave back (on_message), to go ahead of held_out
   static constexpr std::size_t max_spare_fields = 1024;
   static constexpr std::size_t max_spare_bytes = 16 * 1024;
 
@@ -730,21 +730,25 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& out : io_replies) o.batch.push_back(std::move(out));
     io_replies.clear();
     bool on_link = false;
-    if (!holding && !held_out.empty()) {
-      for (auto& out : held_out) on_link = send_one(out) || on_link;
-      held_out.clear();
-      held_given_back = 0;
-      if (held_out.capacity() > 1024) held_out = std::vector<outgoing>{};
+    if (!holding) {
+      for (auto* held : {&given_back, &held_out}) {
+        for (auto& out : *held) on_link = send_one(out) || on_link;
+        held->clear();
+        if (held->capacity() > 1024) *held = std::vector<outgoing>{};
+      }
     }
     for (auto& out : o.batch) {
-      if (holding && held_out.size() < static_cast<std::size_t>(options.hwm)) held_out.push_back(std::move(out));
+      if (holding && may_hold()) held_out.push_back(std::move(out));
       else on_link = send_one(out) || on_link;
     }
-    n_held.store(held_out.size(), std::memory_order_relaxed);
+    n_held.store(held_out.size() + given_back.size(), std::memory_order_relaxed);
     o.batch.clear();
     if (o.batch.capacity() > 1024) o.batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
     return on_link;
   }
+
+  // Fewer than worker_options::hwm held (held_out and given_back).
+  bool may_hold() const { return held_out.size() + given_back.size() < static_cast<std::size_t>(options.hwm); }
 
   // True when it went on the link (else to the PUB socket).
   bool send_one(outgoing& out) {
@@ -898,10 +902,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         if (env.error().code() == proto::STANDBY && !env.error().refused().empty() &&
             proto::kind_of(env.error().refused()) != Envelope::kReply) {
           const auto& refused = env.error().refused();
-          if (held_out.size() < static_cast<std::size_t>(options.hwm)) {
-            held_out.insert(held_out.begin() + static_cast<std::ptrdiff_t>(held_given_back++),
-                            outgoing{{}, zmq::message_t{refused.data(), refused.size()}});
-            n_held.store(held_out.size(), std::memory_order_relaxed);
+          if (may_hold()) {
+            given_back.push_back({{}, zmq::message_t{refused.data(), refused.size()}});
+            n_held.store(held_out.size() + given_back.size(), std::memory_order_relaxed);
           } else {
             ++n_dropped;
           }

@@ -166,10 +166,10 @@ class _Core:
         self.services = {}
         self.outbox = queue.Queue(maxsize=outbox_limit)
         # What the handlers queued while the link waited for the broker's
-        # Welcome of a new socket (see flush), the first held_given_back of
-        # it given back by a standby (see on_broker): I/O thread only.
+        # Welcome of a new socket (see flush), and what a standby gave back
+        # meanwhile (see on_message), which goes ahead of it: I/O thread only.
         self.held = []
-        self.held_given_back = 0
+        self.given_back = []
         self.wake = _Wakeup()
         self.io_thread = None
         self.pool = None
@@ -551,8 +551,8 @@ class _Core:
         up to ``hwm`` messages, past which it goes at once. ``last``: the
         worker stops, and everything goes."""
         holding = link.holding and not last
-        if not holding and self.held:
-            held, self.held, self.held_given_back = self.held, [], 0
+        if not holding and (self.given_back or self.held):
+            held, self.given_back, self.held = self.given_back + self.held, [], []
             for item in held:
                 self.send_one(link, pub, *item)
         for _ in range(self.outbox_limit):
@@ -560,10 +560,14 @@ class _Core:
                 item = self.outbox.get_nowait()
             except queue.Empty:
                 return
-            if holding and len(self.held) < self.hwm:
+            if holding and self.held_count() < self.hwm:
                 self.held.append(item)
             else:
                 self.send_one(link, pub, *item)
+
+    def held_count(self):
+        """Messages held (``held`` and ``given_back``): at most ``hwm``."""
+        return len(self.held) + len(self.given_back)
 
     def send_one(self, link, pub, topic, data, notice):
         if topic is None:
@@ -690,9 +694,8 @@ class _Core:
             # Not a job's answer: no other broker holds that job (one that
             # has it sends it again, and the kept answer goes then).
             if env.error.code == Code.STANDBY and env.error.refused and not is_reply(env.error.refused):
-                if len(self.held) < self.hwm:
-                    self.held.insert(self.held_given_back, (None, bytes(env.error.refused), True))
-                    self.held_given_back += 1
+                if self.held_count() < self.hwm:
+                    self.given_back.append((None, bytes(env.error.refused), True))
                 else:
                     self.count("outbox_dropped")
         elif self.log_limit.allow():
@@ -895,7 +898,7 @@ class Worker:
         with self._core.stats_lock:
             return WorkerStats(**self._core.counts, running=running, draining=self._core.drain_asked,
                                kept_bytes=self._core.kept_bytes,
-                               kept_notice_bytes=self._core.notice_bytes, held=len(self._core.held))
+                               kept_notice_bytes=self._core.notice_bytes, held=self._core.held_count())
 
     def add(self, service):
         """Adds a service (before start() only); returns the worker."""
