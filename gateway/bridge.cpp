@@ -257,7 +257,6 @@ namespace {
 
 constexpr auto later = [](const auto& a, const auto& b) { return a.first > b.first; };
 constexpr std::size_t shrink_above = 4096;  // deadline entries an idle bridge keeps room for
-// Why a delivery to a session's thread was refused (--max-thread-backlog).
 
 }  // namespace
 
