@@ -90,6 +90,13 @@ std::optional<http_answer> unknown_key(const json::object& body, std::initialize
   return std::nullopt;
 }
 
+// How long a relayed API session request may wait for the owner's answer:
+// a long-poll up to its 60 s, an emit for its ack up to --request-timeout.
+// (A sockets request waits --request-timeout: the owner answers at once.)
+std::chrono::milliseconds relay_timeout(const gateway_config& c) {
+  return std::max<std::chrono::milliseconds>(std::chrono::seconds(60), c.request_timeout) + std::chrono::seconds(5);
+}
+
 constexpr std::string_view kSockets = "/api/v1/sockets/";
 constexpr std::string_view kApiOff = "the publish and sockets APIs are disabled: no --api-key configured";
 
@@ -414,7 +421,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
       co_return action.empty() ? not_allowed("GET", "use GET") : not_allowed("POST", "use POST");
     // Another gateway's socket: its owner serves it, through the broker.
     if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
-      co_return co_await relay(req, std::string{sid}, action);
+      co_return co_await relay(req, std::string{sid}, action, gw_.config().request_timeout);
     auto slot = std::make_shared<reply_slot>(ex);
     serve_socket(sid, action, req.body(), [slot](http_answer a) { slot->complete(std::move(a)); });
     co_return co_await slot->wait();
@@ -462,7 +469,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
   // Another gateway's session (a balancer that does not route by the
   // path): ask the owner through the broker and relay its answer.
   if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
-    co_return co_await relay(req, std::string{sid}, action);
+    co_return co_await relay(req, std::string{sid}, action, relay_timeout(gw_.config()));
   co_return co_await on_session(req, sid, action, params);
 }
 
@@ -476,18 +483,8 @@ std::pair<std::string_view, std::string_view> api::session_path(std::string_view
   return {sid, action};
 }
 
-namespace {
-
-// How long a relayed request may wait for the owner's answer: a long-poll
-// up to its 60 s, an emit for its ack up to --request-timeout.
-std::chrono::milliseconds relay_timeout(const gateway_config& c) {
-  return std::max<std::chrono::milliseconds>(std::chrono::seconds(60), c.request_timeout) + std::chrono::seconds(5);
-}
-
-}  // namespace
-
 asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, std::string sid,
-                                        std::string_view action) {
+                                        std::string_view action, std::chrono::milliseconds timeout) {
   const char* method = req.method() == http::verb::get      ? "GET"
                        : req.method() == http::verb::post   ? "POST"
                        : req.method() == http::verb::delete_ ? "DELETE"
@@ -499,7 +496,7 @@ asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, s
   f.set_target(std::string{req.target()});
   f.set_body(std::move(req.body()));
   auto slot = std::make_shared<reply_slot>(co_await asio::this_coro::executor);
-  if (!gw_.link().forward(std::move(f), slot, relay_timeout(gw_.config()))) co_return error(503, kGatewayBusy);
+  if (!gw_.link().forward(std::move(f), slot, timeout)) co_return error(503, kGatewayBusy);
   gw_.metrics().forwarded.Increment();
   co_return co_await slot->wait();
 }

@@ -8,6 +8,7 @@
 //   GET    /api/v1/sockets/{sid}            (API key)  -> {"sid","nsp","rooms"}
 //   POST   /api/v1/sockets/{sid}/join|leave (API key)  {"room"}
 //   POST   /api/v1/sockets/{sid}/disconnect (API key)
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -63,7 +64,10 @@ class api {
                     std::function<void(http_answer)> answer);
   // "/{sid}[/{action}]" -> (sid, action).
   static std::pair<std::string_view, std::string_view> session_path(std::string_view rest);
-  boost::asio::awaitable<http_answer> relay(request& req, std::string sid, std::string_view action);
+  /// Asks the gateway that owns `sid` through the broker; its answer, or
+  /// 504 after `timeout`.
+  boost::asio::awaitable<http_answer> relay(request& req, std::string sid, std::string_view action,
+                                            std::chrono::milliseconds timeout);
   boost::asio::awaitable<void> serve_relayed(proto::HttpForward f, std::function<void(http_answer)> answer);
   boost::asio::awaitable<http_answer> on_session(request& req, std::string_view sid, std::string_view action,
                                                  const boost::urls::params_view& params);
