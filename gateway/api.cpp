@@ -100,6 +100,9 @@ std::chrono::milliseconds relay_timeout(const gateway_config& c) {
 constexpr std::string_view kSockets = "/api/v1/sockets/";
 constexpr std::string_view kApiOff = "the publish and sockets APIs are disabled: no --api-key configured";
 
+// The socket itself is read (GET), an action on it is taken (POST).
+std::string_view socket_method(std::string_view action) { return action.empty() ? "GET" : "POST"; }
+
 std::optional<proto::Control::Action> socket_action(std::string_view action) {
   if (action == "join") return proto::Control::JOIN;
   if (action == "leave") return proto::Control::LEAVE;
@@ -416,9 +419,8 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     if (auto refused = refuse_key(req)) co_return *refused;
     auto [sid, action] = session_path(path.substr(kSockets.size() - 1));
     if (!action.empty() && !socket_action(action)) co_return error(404, "no such action");
-    // The socket itself is read (GET), an action on it is taken (POST).
-    if (req.method() != (action.empty() ? http::verb::get : http::verb::post))
-      co_return action.empty() ? not_allowed("GET", "use GET") : not_allowed("POST", "use POST");
+    if (auto method = socket_method(action); req.method_string() != method)
+      co_return not_allowed(method, "use " + std::string{method});
     // Another gateway's socket: its owner serves it, through the broker.
     if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
       co_return co_await relay(req, std::string{sid}, action, gw_.config().request_timeout);
@@ -517,7 +519,7 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
     // (One with no key has the API off: it takes no sockets request, relayed or not.)
     if (gw_.config().api_keys.empty()) return answer(error(403, kApiOff));
     auto [sid, action] = session_path(std::string_view{path}.substr(kSockets.size() - 1));
-    if (sid != f.sid() || f.method() != (action.empty() ? "GET" : "POST"))
+    if (sid != f.sid() || f.method() != socket_method(action))
       return answer(error(400, "a relayed request for no socket"));
     return serve_socket(sid, action, f.body(), std::move(answer));
   }

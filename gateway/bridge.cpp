@@ -1003,8 +1003,7 @@ bool bridge::describe(std::string sid, std::function<void(std::optional<socket_i
     if (it == members_.end() || it->second.sink.expired()) return done(std::nullopt);
     const auto& m = it->second;
     socket_info info{m.nsp, {}};
-    const auto skip = proto::room_topic(m.nsp, "").size() - 1;  // the topic's "r<nsp>\0"; a NUL ends it
-    for (const auto& topic : m.topics) info.rooms.push_back(topic.substr(skip, topic.size() - skip - 1));
+    for (const auto& topic : m.topics) info.rooms.emplace_back(proto::room_of_topic(topic, m.nsp));
     done(std::move(info));
   });
 }

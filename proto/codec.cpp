@@ -305,6 +305,12 @@ std::string room_topic(std::string_view nsp, std::string_view room) {
   return t;
 }
 
+std::string_view room_of_topic(std::string_view topic, std::string_view nsp) {
+  topic.remove_prefix(std::min(topic.size(), nsp.size() + 2));  // 'r', nsp, '\0'
+  if (!topic.empty()) topic.remove_suffix(1);                    // '\0'
+  return topic;
+}
+
 std::string namespace_topic(std::string_view nsp) {
   std::string t;
   t.reserve(nsp.size() + 2);

@@ -125,6 +125,8 @@ std::string_view kind_name(Envelope::KindCase kind);
 /// PUB/SUB topics. A topic ends with '\0' so that subscribing to one room
 /// never matches a room whose name merely starts with it.
 std::string room_topic(std::string_view nsp, std::string_view room);
+/// The room of `topic`, a room_topic() of namespace `nsp`.
+std::string_view room_of_topic(std::string_view topic, std::string_view nsp);
 std::string namespace_topic(std::string_view nsp);
 /// The topic an Emit travels under; empty for addressed (sid) emits.
 std::string topic_for(const Emit& emit);

@@ -309,6 +309,13 @@ TEST(Topics, RoomTopicsDoNotPrefixEachOther) {
   EXPECT_NE(a.rfind(n, 0), 0u) << "a namespace broadcast is not a room event";
 }
 
+TEST(Topics, ARoomTopicGivesBackItsRoom) {
+  using namespace std::literals;
+  for (auto room : {"room"sv, ""sv, "a\0b"sv, "user:42"sv})
+    EXPECT_EQ(room_of_topic(room_topic("/chat", room), "/chat"), room);
+  EXPECT_EQ(room_of_topic(room_topic("/", "lobby"), "/"), "lobby");
+}
+
 TEST(Topics, TopicForEmit) {
   Emit e;
   e.set_nsp("/");

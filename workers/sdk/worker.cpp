@@ -730,7 +730,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& out : io_replies) o.batch.push_back(std::move(out));
     io_replies.clear();
     bool on_link = false;
-    if (!holding) {
+    if (!holding && (!given_back.empty() || !held_out.empty())) {
       for (auto* held : {&given_back, &held_out}) {
         for (auto& out : *held) on_link = send_one(out) || on_link;
         held->clear();
@@ -741,7 +741,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       if (holding && may_hold()) held_out.push_back(std::move(out));
       else on_link = send_one(out) || on_link;
     }
-    n_held.store(held_out.size() + given_back.size(), std::memory_order_relaxed);
+    count_held();
     o.batch.clear();
     if (o.batch.capacity() > 1024) o.batch = std::vector<outgoing>{};  // a burst leaves no large buffer behind
     return on_link;
@@ -749,6 +749,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   // Fewer than worker_options::hwm held (held_out and given_back).
   bool may_hold() const { return held_out.size() + given_back.size() < static_cast<std::size_t>(options.hwm); }
+  void count_held() { n_held.store(held_out.size() + given_back.size(), std::memory_order_relaxed); }
 
   // True when it went on the link (else to the PUB socket).
   bool send_one(outgoing& out) {
@@ -904,7 +905,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
           const auto& refused = env.error().refused();
           if (may_hold()) {
             given_back.push_back({{}, zmq::message_t{refused.data(), refused.size()}});
-            n_held.store(held_out.size() + given_back.size(), std::memory_order_relaxed);
+            count_held();
           } else {
             ++n_dropped;
           }
