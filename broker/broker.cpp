@@ -610,7 +610,7 @@ bool broker::allowed(proto::Role role, Envelope::KindCase kind) const {
     case Envelope::kForward:
     case Envelope::kAnswer: return role == proto::ROLE_GATEWAY;
     case Envelope::kEmit: return role == proto::ROLE_WORKER || role == proto::ROLE_GATEWAY;
-    case Envelope::kControl: return role == proto::ROLE_WORKER;
+    case Envelope::kControl: return role == proto::ROLE_WORKER || role == proto::ROLE_GATEWAY;
     default: return false;  // Welcome and Error only flow from the broker
   }
 }
@@ -972,13 +972,17 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
   if (env.has_emit()) {
     const auto& e = env.emit();
     if (e.to_case() != proto::Emit::kSid) {
-      publish(e, payload);
+      publish(proto::topic_for(e), payload, "emit without a target");
       return;
     }
     sid = e.sid();
     origin = e.origin().empty() ? routing_id : e.origin();
     ref = e.ref();
   } else if (env.has_control()) {
+    if (env.control().to_case() != proto::Control::kSid) {
+      publish(proto::topic_for(env.control()), payload, "room-wide control without a namespace");
+      return;
+    }
     sid = env.control().sid();
     origin = env.control().origin().empty() ? routing_id : env.control().origin();
     ref = env.control().ref();
@@ -999,10 +1003,9 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
   send_report(std::move(report));
 }
 
-void broker::publish(const proto::Emit& emit, std::string_view payload) {
-  auto topic = proto::topic_for(emit);
+void broker::publish(const std::string& topic, std::string_view payload, const char* no_topic) {
   if (topic.empty()) {
-    drop(drop_reason::malformed, "emit without a target");
+    drop(drop_reason::malformed, no_topic);
     return;
   }
   apply_subscriptions();

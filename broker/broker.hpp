@@ -170,7 +170,10 @@ class broker {
   void owe_disconnect(const std::string& worker, std::string_view connect_id, const zmq::message_t& connect);
   void on_addressed(const std::string& routing_id, const proto::Envelope& env, std::string_view payload);
   void on_cancel(const std::string& routing_id, const proto::Cancel& cancel);
-  void publish(const proto::Emit& emit, std::string_view payload);
+  /// A room or namespace Emit, or a room-wide Control, that came over the
+  /// ROUTER (from a gateway's publish API, say), onto the XPUB under
+  /// `topic`; an empty topic is dropped as malformed, with `no_topic`.
+  void publish(const std::string& topic, std::string_view payload, const char* no_topic);
   void forward_events();
   void drain_subscriptions();
   void apply_subscriptions();  // before a turn's first publish (see there)

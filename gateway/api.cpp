@@ -98,7 +98,39 @@ std::chrono::milliseconds relay_timeout(const gateway_config& c) {
 }
 
 constexpr std::string_view kSockets = "/api/v1/sockets/";
-constexpr std::string_view kApiOff = "the publish and sockets APIs are disabled: no --api-key configured";
+constexpr std::string_view kRooms = "/api/v1/rooms/";
+constexpr std::string_view kApiOff = "the publish, sockets and rooms APIs are disabled: no --api-key configured";
+
+// Whom a publish or a rooms request is for: exactly one of "sid" (a
+// publish only), "room" and "broadcast" (every socket of the namespace).
+struct publish_target {
+  std::string sid, room;
+  bool broadcast = false;
+  std::optional<http_answer> refused;
+};
+
+publish_target target_of(const json::object& body, bool sid_allowed) {
+  publish_target t;
+  auto* sid = sid_allowed ? body.if_contains("sid") : nullptr;
+  auto* room = body.if_contains("room");
+  auto* all = body.if_contains("broadcast");
+  if ((sid != nullptr) + (room != nullptr) + (all != nullptr) != 1)
+    t.refused = error(400, sid_allowed ? "give exactly one of sid, room, broadcast" : "give exactly one of room, broadcast");
+  else if (sid && sid->is_string()) t.sid = sid->as_string();
+  else if (room && room->is_string()) t.room = room->as_string();
+  else if (all && all->is_bool() && all->as_bool()) t.broadcast = true;
+  else t.refused = error(400, sid_allowed ? "sid and room are strings, broadcast is true" : "room is a string, broadcast is true");
+  return t;
+}
+
+// The namespace a publish or a rooms request names ("nsp"), `fallback` when
+// it names none; nothing when it is not one.
+std::optional<std::string> namespace_of(const json::object& body, std::string fallback) {
+  auto* n = body.if_contains("nsp");
+  if (!n) return fallback;
+  if (!n->is_string() || !socketio::valid_namespace(n->as_string())) return std::nullopt;
+  return std::string{n->as_string()};
+}
 
 // The socket itself is read (GET), an action on it is taken (POST).
 std::string_view socket_method(std::string_view action) { return action.empty() ? "GET" : "POST"; }
@@ -415,6 +447,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     if (req.method() != http::verb::post) co_return not_allowed("POST", "use POST");
     co_return publish(req);
   }
+  if (path.starts_with(kRooms)) co_return rooms(req, path.substr(kRooms.size()));
   if (path.starts_with(kSockets)) {
     if (auto refused = refuse_key(req)) co_return *refused;
     auto [sid, action] = session_path(path.substr(kSockets.size() - 1));
@@ -626,12 +659,9 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   auto* e = env.mutable_emit();
   // A sid's own namespace when none is given (its gateway knows it), "/"
   // for a room or a broadcast.
-  std::string nsp = body->contains("sid") ? "" : "/";
-  if (auto* n = body->if_contains("nsp")) {
-    if (!n->is_string() || !socketio::valid_namespace(n->as_string())) return error(400, "bad nsp");
-    nsp = std::string{n->as_string()};
-  }
-  e->set_nsp(nsp);
+  auto nsp = namespace_of(*body, body->contains("sid") ? "" : "/");
+  if (!nsp) return error(400, "bad nsp");
+  e->set_nsp(std::move(*nsp));
   e->set_event(std::string{event->as_string()});
   if (auto* args = body->if_contains("args")) {
     if (!args->is_array()) return error(400, "args must be an array");
@@ -641,15 +671,11 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   } else {
     e->set_args("[]");
   }
-  auto* sid = body->if_contains("sid");
-  auto* room = body->if_contains("room");
-  auto* all = body->if_contains("broadcast");
-  if ((sid != nullptr) + (room != nullptr) + (all != nullptr) != 1)
-    return error(400, "give exactly one of sid, room, broadcast");
-  if (sid && sid->is_string()) e->set_sid(std::string{sid->as_string()});
-  else if (room && room->is_string()) e->set_room(std::string{room->as_string()});
-  else if (all && all->is_bool() && all->as_bool()) e->set_broadcast(true);
-  else return error(400, "sid and room are strings, broadcast is true");
+  auto to = target_of(*body, true);
+  if (to.refused) return std::move(*to.refused);
+  if (!to.sid.empty()) e->set_sid(std::move(to.sid));
+  else if (to.broadcast) e->set_broadcast(true);
+  else e->set_room(std::move(to.room));
   if (auto* except = body->if_contains("except")) {
     if (!except->is_array()) return error(400, "except must be an array of sids");
     for (const auto& s : except->as_array()) {
@@ -658,6 +684,44 @@ http_answer api::publish(const http::request<http::string_body>& req) {
     }
   }
   e->set_origin(gw_.link().id());
+  if (!gw_.link().send(env)) return error(503, kGatewayBusy);
+  gw_.metrics().api_in.Increment();
+  return json_answer(202, json::object{{"ok", true}});
+}
+
+// A room-wide Control (every socket of the namespace in a room, or all of
+// them, joins or leaves a room, or is disconnected), published as a room
+// publish is: each gateway applies it to the members it has when it
+// arrives, after the events published before it. 202: on its way.
+http_answer api::rooms(const request& req, std::string_view action) {
+  if (auto refused = refuse_key(req)) return *refused;
+  auto what = socket_action(action);
+  if (!what) return error(404, "no such action");
+  if (req.method() != http::verb::post) return not_allowed("POST", "use POST");
+  auto body = parse_object(req.body());
+  if (!body) return error(400, "body must be a JSON object");
+  std::string_view named = *what == proto::Control::JOIN ? "join" : *what == proto::Control::LEAVE ? "leave" : "";
+  auto unknown = named.empty() ? unknown_key(*body, {"nsp", "room", "broadcast"})
+                               : unknown_key(*body, {"nsp", "room", "broadcast", named});
+  if (unknown) return std::move(*unknown);
+  auto nsp = namespace_of(*body, "/");
+  if (!nsp) return error(400, "bad nsp");
+  auto to = target_of(*body, false);
+  if (to.refused) return std::move(*to.refused);
+  proto::Envelope env;
+  auto* c = env.mutable_control();
+  c->set_action(*what);
+  c->set_nsp(std::move(*nsp));
+  if (!named.empty()) {
+    // A leave that names no room: the room itself (everyone leaves it).
+    auto* room = body->if_contains(named);
+    if (!room && *what == proto::Control::LEAVE && !to.broadcast) c->set_room(to.room);
+    else if (room && room->is_string() && !room->as_string().empty()) c->set_room(std::string{room->as_string()});
+    else return error(400, std::string{named} + " must be a non-empty string");
+  }
+  if (to.broadcast) c->set_in_namespace(true);
+  else c->set_in_room(std::move(to.room));
+  c->set_origin(gw_.link().id());
   if (!gw_.link().send(env)) return error(503, kGatewayBusy);
   gw_.metrics().api_in.Increment();
   return json_answer(202, json::object{{"ok", true}});
@@ -695,10 +759,18 @@ void api::serve_socket(std::string_view sid, std::string_view action, std::strin
       return answer(error(400, "room must be a non-empty string"));
     c.set_room(std::string{room->as_string()});
   }
-  auto done = [answer](proto::DeliveryReport::Status status, std::string_view detail) {
-    if (status == proto::DeliveryReport::DELIVERED) return answer(json_answer(200, json::object{{"ok", true}}));
-    if (status == proto::DeliveryReport::CLIENT_GONE) return answer(error(404, "unknown sid"));
-    answer(error(detail == kThreadBehind ? 503 : 409, detail));
+  auto done = [answer](control_outcome outcome) {
+    switch (outcome) {
+      case control_outcome::applied: return answer(json_answer(200, json::object{{"ok", true}}));
+      case control_outcome::unknown_sid: return answer(error(404, "unknown sid"));
+      case control_outcome::room_limit: return answer(error(409, report_of(outcome).second));
+      case control_outcome::thread_behind: return answer(error(503, report_of(outcome).second));
+      // Not from here: the API's Control names no namespace, and its action
+      // was checked above.
+      case control_outcome::other_namespace:
+      case control_outcome::no_such_action: break;
+    }
+    answer(error(500, report_of(outcome).second));
   };
   if (!gw_.link().control(std::move(c), std::move(done))) return answer(error(503, kGatewayBusy));
   gw_.metrics().api_in.Increment();

@@ -53,10 +53,12 @@ class api {
  private:
   using request = boost::beast::http::request<boost::beast::http::string_body>;
 
-  /// The API key publish and sockets take: an answer refusing the request
+  /// The API key publish, sockets and rooms take: an answer refusing the request
   /// when it has none, or a wrong one.
   std::optional<http_answer> refuse_key(const request& req) const;
   http_answer publish(const request& req);
+  /// POST /api/v1/rooms/{action}: a room-wide join, leave or disconnect.
+  http_answer rooms(const request& req, std::string_view action);
   /// /api/v1/sockets/{sid}[/{action}] for one of this gateway's sockets (of
   /// any kind), with the request's body: `answer` gets the socket (no
   /// action), or 200 once the action is done.

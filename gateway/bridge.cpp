@@ -983,18 +983,27 @@ void bridge::deliver_emit(proto::Emit& emit) {
   });
 }
 
+std::pair<proto::DeliveryReport::Status, std::string_view> report_of(control_outcome outcome) {
+  using status = proto::DeliveryReport;
+  switch (outcome) {
+    case control_outcome::applied: return {status::DELIVERED, {}};
+    case control_outcome::unknown_sid: return {status::CLIENT_GONE, {}};
+    case control_outcome::other_namespace: return {status::REJECTED, "not the namespace of the socket"};
+    case control_outcome::room_limit: return {status::REJECTED, "the socket is in --max-rooms rooms"};
+    case control_outcome::thread_behind: return {status::REJECTED, kThreadBehind};
+    case control_outcome::no_such_action: return {status::REJECTED, "no such action"};
+  }
+  return {status::REJECTED, "no such action"};
+}
+
 void bridge::on_control(const proto::Control& control) {
-  auto [status, detail] = apply_control(control);
+  auto [status, detail] = report_of(apply_control(control));
   if (status != proto::DeliveryReport::DELIVERED)
     report(control.origin(), status, control.sid(), control.ref(), detail);
 }
 
-bool bridge::control(proto::Control control,
-                     std::function<void(proto::DeliveryReport::Status, std::string_view detail)> done) {
-  return post([this, control = std::move(control), done = std::move(done)] {
-    auto [status, detail] = apply_control(control);
-    done(status, detail);
-  });
+bool bridge::control(proto::Control control, std::function<void(control_outcome)> done) {
+  return post([this, control = std::move(control), done = std::move(done)] { done(apply_control(control)); });
 }
 
 bool bridge::describe(std::string sid, std::function<void(std::optional<socket_info>)> done) {
@@ -1008,16 +1017,15 @@ bool bridge::describe(std::string sid, std::function<void(std::optional<socket_i
   });
 }
 
-std::pair<proto::DeliveryReport::Status, std::string_view> bridge::apply_control(const proto::Control& control) {
-  using status = proto::DeliveryReport;
+control_outcome bridge::apply_control(const proto::Control& control) {
   auto it = members_.find(control.sid());
-  if (it == members_.end()) return {status::CLIENT_GONE, {}};
+  if (it == members_.end()) return control_outcome::unknown_sid;
   auto& m = it->second;
   // A worker's control names the namespace it means (an empty one: the
   // socket's own), as its emits do: a socket of another is not its to move.
   if (!control.nsp().empty() && control.nsp() != m.nsp) {
     metrics_.bad_event.Increment();
-    return {status::REJECTED, "not the namespace of the socket"};
+    return control_outcome::other_namespace;
   }
   switch (control.action()) {
     case proto::Control::JOIN: {
@@ -1025,12 +1033,12 @@ std::pair<proto::DeliveryReport::Status, std::string_view> bridge::apply_control
       if (std::find(m.topics.begin(), m.topics.end(), topic) == m.topics.end()) {
         if (m.topics.size() >= config_.max_rooms) {
           metrics_.room_limit.Increment();
-          return {status::REJECTED, "the socket is in --max-rooms rooms"};
+          return control_outcome::room_limit;
         }
         m.topics.push_back(topic);
         add_to_topic(topic, control.sid());
       }
-      return {status::DELIVERED, {}};
+      return control_outcome::applied;
     }
     case proto::Control::LEAVE: {
       auto topic = proto::room_topic(m.nsp, control.room());
@@ -1039,18 +1047,18 @@ std::pair<proto::DeliveryReport::Status, std::string_view> bridge::apply_control
         m.topics.erase(pos);
         remove_from_topic(topic, control.sid());
       }
-      return {status::DELIVERED, {}};
+      return control_outcome::applied;
     }
     case proto::Control::DISCONNECT: {
       auto sink = m.sink.lock();
       if (!sink) {
         metrics_.client_gone.Increment();
-        return {status::CLIENT_GONE, {}};
+        return control_outcome::unknown_sid;
       }
-      if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); })) return {status::REJECTED, kThreadBehind};
-      return {status::DELIVERED, {}};
+      if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); })) return control_outcome::thread_behind;
+      return control_outcome::applied;
     }
-    default: return {status::REJECTED, "no such action"};
+    default: return control_outcome::no_such_action;
   }
 }
 
@@ -1058,6 +1066,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
   auto members = topics_.find(std::string{topic});
   if (members == topics_.end()) return;
   auto env = proto::decode(body);
+  if (env && env->has_control()) return on_room_control(topic, members->second, env->control());
   if (!env || !env->has_emit()) {
     if (log_limit_.allow()) spdlog::warn("bridge: malformed room event dropped");
     return;
@@ -1100,6 +1109,29 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
       for (const auto& s : sinks) (void)s->deliver(ev, {});  // a drop is counted there
     }, n);  // refused: counted (thread_backlog), as a slow consumer's frames are
   }
+}
+
+void bridge::on_room_control(std::string_view topic, const std::unordered_set<std::string>& members,
+                             const proto::Control& control) {
+  if (topic != proto::topic_for(control)) {
+    metrics_.bad_event.Increment();
+    if (log_limit_.allow())
+      spdlog::warn("bridge: room-wide control on topic {} is not for that topic: dropped", printable(topic));
+    return;
+  }
+  // Each member as if a worker had named it: the same rules, limits and
+  // counters (a join past --max-rooms is not applied, and counted). A copy
+  // of the members: a leave of this very room changes the set.
+  proto::Control one;
+  one.set_action(control.action());
+  one.set_nsp(control.nsp());
+  one.set_room(control.room());
+  std::vector<std::string> sids(members.begin(), members.end());
+  for (auto& sid : sids) {
+    one.set_sid(std::move(sid));
+    (void)apply_control(one);
+  }
+  metrics_.room_controls.Increment();
 }
 
 void bridge::add_to_topic(const std::string& topic, const std::string& sid) {

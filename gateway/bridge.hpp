@@ -50,6 +50,21 @@ namespace sidecast::gateway {
 /// Why a message for a socket was refused: its thread is past --max-thread-backlog.
 inline constexpr std::string_view kThreadBehind = "the gateway thread of the socket is behind";
 
+/// What a Control (join, leave, disconnect) for one of this gateway's
+/// sockets came to (bridge::control()).
+enum class control_outcome {
+  applied,          // done: a publish to the room after it reaches the socket
+  unknown_sid,      // no such socket here (any more)
+  other_namespace,  // a worker's Control named a namespace the socket is not in
+  room_limit,       // a join past --max-rooms: not applied
+  thread_behind,    // a disconnect for a socket whose thread is past --max-thread-backlog
+  no_such_action,
+};
+
+/// The delivery report a worker gets for an outcome other than `applied`
+/// (DELIVERED for it), and the report's detail.
+std::pair<proto::DeliveryReport::Status, std::string_view> report_of(control_outcome outcome);
+
 struct bridge_commands;  // names the spare blocks of bridge::post
 
 // A command posted to the bridge, whose operation Asio makes from blocks
@@ -116,11 +131,9 @@ class bridge {
   bool forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout);
   /// Applies `control` (join, leave or disconnect) to one of this gateway's
   /// sockets on the bridge thread, as a worker's Control is applied, and
-  /// calls `done` there with what became of it: DELIVERED, or the status a
-  /// worker's report would carry (CLIENT_GONE, REJECTED) and why. False
-  /// when --bridge-queue is full (`done` is not called).
-  bool control(proto::Control control,
-               std::function<void(proto::DeliveryReport::Status, std::string_view detail)> done);
+  /// calls `done` there with what it came to. False when --bridge-queue is
+  /// full (`done` is not called).
+  bool control(proto::Control control, std::function<void(control_outcome)> done);
   /// One of this gateway's sockets as the bridge knows it (describe()).
   struct socket_info {
     std::string nsp;
@@ -250,15 +263,18 @@ class bridge {
   // counted and logged; empty if none.
   std::string_view event_fault(const proto::Emit& emit, std::string_view emit_nsp, std::string_view nsp,
                                std::string_view about);
+  /// A room-wide Control (published on `topic`, whose local members are
+  /// `members`): applied to each of them.
+  void on_room_control(std::string_view topic, const std::unordered_set<std::string>& members,
+                       const proto::Control& control);
   void add_to_topic(const std::string& topic, const std::string& sid);
   void remove_from_topic(const std::string& topic, const std::string& sid);
   void send_now(const proto::Envelope& env);  // bridge thread: straight onto the broker link
   // report() from a sink's thread (at once when that is the bridge's own).
   void report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
                    std::string_view detail);
-  /// A Control for one of our sockets, applied: DELIVERED, or the failure
-  /// a report says and why (on_control(), control()).
-  std::pair<proto::DeliveryReport::Status, std::string_view> apply_control(const proto::Control& control);
+  /// A Control for one of our sockets, applied (on_control(), control()).
+  control_outcome apply_control(const proto::Control& control);
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
               const std::string& ref, std::string_view detail = {});
   void expire(std::chrono::steady_clock::time_point now);

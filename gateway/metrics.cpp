@@ -47,6 +47,8 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       bad_proxy_header{dropped.Add({{"reason", "bad_proxy_header"}})},
       forwarded{core::counter(r, "sidecast_gateway_forwarded_total",
                               "Polling and HTTP API requests for another gateway's sid, relayed through the broker")},
+      room_controls{core::counter(r, "sidecast_gateway_room_controls_total",
+                                  "Room-wide joins, leaves and disconnects applied to this gateway's members")},
       recovered{core::counter(r, "sidecast_gateway_recovered_total",
                               "Sockets recovered after a dropped transport (connection-state recovery)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",

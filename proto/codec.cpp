@@ -328,6 +328,15 @@ std::string topic_for(const Emit& emit) {
   }
 }
 
+std::string topic_for(const Control& control) {
+  if (control.nsp().empty()) return {};  // names no namespace: no gateway has it
+  switch (control.to_case()) {
+    case Control::kInRoom: return room_topic(control.nsp(), control.in_room());
+    case Control::kInNamespace: return namespace_topic(control.nsp());
+    default: return {};
+  }
+}
+
 bool valid_peer_id(std::string_view id) {
   return !id.empty() && id.size() <= 64 && id.find_first_of(".:\0"sv) == std::string_view::npos;
 }

@@ -143,6 +143,41 @@ test("the sockets API on any gateway moves a client held by one into and out of 
   }
 });
 
+// The rooms API: a whole room, whichever gateways its members are on.
+async function roomsApi(base, action, body) {
+  const res = await fetch(`${base}/api/v1/rooms/${action}`, {
+    method: "POST", headers: { Authorization: `Bearer ${env.API_KEY}` }, body: JSON.stringify(body) });
+  return { status: res.status, body: await res.json() };
+}
+
+test("the rooms API moves, closes and disconnects a room whose members are on two gateways", async () => {
+  const [a, b] = await onTwoGateways("/");
+  const room = "g" + Date.now(), next_room = "h" + Date.now();
+  await ack(a, "join", room);
+  await ack(b, "join", room);
+  const accepted = { status: 202, body: { ok: true } };
+  // Each socket's rooms, read through the sockets API (relayed to its owner).
+  const roomsBecome = async (rooms) => {
+    let got;
+    for (let i = 0; i < 50; i++) {
+      got = await Promise.all([a, b].map(async (s) => (await socketsApi(url, s.id)).body.rooms));
+      if (got.every((r) => JSON.stringify(r) === JSON.stringify(rooms))) return;
+      await sleep(100);
+    }
+    assert.deepEqual(got, [rooms, rooms]);
+  };
+  assert.deepEqual(await roomsApi(url, "join", { room, join: next_room }), accepted);
+  await roomsBecome([room, next_room]);
+  const got = [next(a, "news", (m) => m.n === 1), next(b, "news", (m) => m.n === 1)];
+  await publish(url, { room: next_room, event: "news", data: { n: 1 } });
+  await Promise.all(got);
+  assert.deepEqual(await roomsApi(url, "leave", { room }), accepted);  // close it
+  await roomsBecome([next_room]);
+  const gone = [a, b].map((s) => new Promise((resolve) => s.once("disconnect", resolve)));
+  assert.deepEqual(await roomsApi(url, "disconnect", { room: next_room }), accepted);
+  assert.deepEqual(await Promise.all(gone), ["io server disconnect", "io server disconnect"]);
+});
+
 // The plain HTTP API: a session lives on one gateway, its sid in the path.
 async function api(base, method, path, body, signal) {
   const res = await fetch(`${base}/api/v1/sessions${path}`, {

@@ -2052,6 +2052,115 @@ TEST_P(BrokerTest, APeerThatSaidNoHelloIsAskedToAndItsRequestsAreStillServed) {
   EXPECT_EQ(reply->reply().args(), R"(["still served"])");
 }
 
+// A room-wide Control a gateway sends over the ROUTER (its rooms API) is
+// published on the room's topic, as a room publish is, behind the gateway's
+// publish before it; one naming no namespace has no topic and is dropped as
+// malformed; a client may send neither.
+TEST_P(BrokerTest, ARoomWideControlIsPublishedOnItsTopic) {
+  start();
+  zmq::socket_t sub{ctx_, zmq::socket_type::sub};
+  sub.connect("inproc://xpub");
+  sub.set(zmq::sockopt::subscribe, proto::room_topic("/", "r"));
+  peer gateway{ctx_, "inproc://router", "gwR", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  Envelope emit;
+  emit.mutable_emit()->set_nsp("/");
+  emit.mutable_emit()->set_room("r");
+  emit.mutable_emit()->set_event("last");
+  emit.mutable_emit()->set_args("[]");
+  Envelope close;
+  close.mutable_control()->set_action(proto::Control::LEAVE);
+  close.mutable_control()->set_nsp("/");
+  close.mutable_control()->set_in_room("r");
+  close.mutable_control()->set_room("r");
+  close.mutable_control()->set_origin("gwR");
+  // The subscription travels asynchronously: send both until they arrive.
+  std::vector<std::pair<std::string, Envelope>> got;
+  ASSERT_TRUE(eventually(
+      [&] {
+        gateway.send(emit);
+        gateway.send(close);
+        zmq::message_t topic, body;
+        while (got.size() < 2 && sub.recv(topic, zmq::recv_flags::dontwait)) {
+          if (!topic.more() || !sub.recv(body)) return false;
+          auto env = proto::decode(body.to_string_view());
+          if (!env) return false;
+          got.emplace_back(topic.to_string(), *env);
+        }
+        if (got.size() < 2) got.clear();  // a pair cut by the subscription: again
+        std::this_thread::sleep_for(10ms);
+        return got.size() == 2;
+      },
+      5s));
+  EXPECT_EQ(got[0].first, proto::room_topic("/", "r"));
+  EXPECT_TRUE(got[0].second.has_emit()) << "the publish before it came after it";
+  EXPECT_EQ(got[1].first, proto::room_topic("/", "r"));
+  ASSERT_TRUE(got[1].second.has_control());
+  EXPECT_EQ(got[1].second.control().in_room(), "r");
+  EXPECT_EQ(got[1].second.control().action(), proto::Control::LEAVE);
+
+  auto malformed = metric("sidecast_broker_dropped_total", "reason", "malformed").value_or(0);
+  close.mutable_control()->clear_nsp();
+  gateway.send(close);
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_dropped_total", "reason", "malformed") == malformed + 1; }))
+      << "a room-wide control with no namespace was not dropped";
+
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  close.mutable_control()->set_nsp("/");
+  client.send(close);
+  auto error = client.next(Envelope::kError, 5s);
+  ASSERT_TRUE(error) << "a client's room-wide control was taken";
+  EXPECT_EQ(error->error().code(), proto::BAD_REQUEST);
+}
+
+// The SDK's room-wide controls go out on its PUB socket, each on the topic
+// of the room (or namespace) it is for, behind the worker's room emit before
+// them; one that names no namespace is not sent.
+TEST_P(BrokerTest, AWorkersRoomWideControlsArePublishedBehindItsRoomEmits) {
+  start();
+  zmq::socket_t sub{ctx_, zmq::socket_type::sub};
+  sub.connect("inproc://xpub");
+  sub.set(zmq::sockopt::subscribe, "");
+  auto& w = add_worker({workers::echo_service(1)}, "w1");
+  // The subscription travels asynchronously: probe until one arrives.
+  zmq::message_t topic, body;
+  ASSERT_TRUE(eventually([&] {
+    w.emit_to_room("/", "probe", "p", "[]");
+    return sub.recv(topic, zmq::recv_flags::dontwait) && sub.recv(body);
+  }, 5s));
+  std::this_thread::sleep_for(50ms);
+  while (sub.recv(topic, zmq::recv_flags::dontwait)) (void)sub.recv(body);
+
+  ASSERT_TRUE(w.emit_to_room("/chat", "r", "last", "[]"));
+  ASSERT_TRUE(w.sockets_join("/chat", std::string{"r"}, "s"));
+  ASSERT_TRUE(w.sockets_leave("/chat", std::nullopt, "t"));
+  ASSERT_TRUE(w.close_room("/chat", "r"));
+  ASSERT_TRUE(w.disconnect_sockets("/chat", std::string{"s"}));
+  EXPECT_FALSE(w.sockets_join("", std::string{"r"}, "s")) << "a room-wide control with no namespace was sent";
+  std::vector<std::string> got;
+  while (got.size() < 5) {
+    zmq::pollitem_t item{sub.handle(), 0, ZMQ_POLLIN, 0};
+    if (zmq::poll(&item, 1, 5000ms) == 0) break;
+    ASSERT_TRUE(sub.recv(topic) && topic.more() && sub.recv(body));
+    auto env = proto::decode(body.to_string_view());
+    ASSERT_TRUE(env);
+    std::string line = topic.to_string() == proto::room_topic("/chat", "r")   ? "r: "
+                       : topic.to_string() == proto::room_topic("/chat", "s") ? "s: "
+                       : topic.to_string() == proto::namespace_topic("/chat") ? "nsp: "
+                                                                               : "? ";
+    if (env->has_emit()) line += "emit " + env->emit().event();
+    if (env->has_control()) {
+      const auto& c = env->control();
+      line += proto::Control::Action_Name(c.action()) + " " + c.room() + " from " + c.origin();
+      EXPECT_EQ(proto::topic_for(c), topic.to_string());
+    }
+    got.push_back(line);
+  }
+  EXPECT_EQ(got, (std::vector<std::string>{"r: emit last", "r: JOIN s from w1", "nsp: LEAVE t from w1",
+                                           "r: LEAVE r from w1", "s: DISCONNECT  from w1"}));
+}
+
 // A worker's answer whose requester went away (here a client that closed
 // its socket) goes nowhere; the worker learns so from a delivery report
 // naming the request.
@@ -2655,6 +2764,169 @@ TEST(GatewayLink, DeadlinesComeInTheirOrderAndAnsweredRequestsNeverTimeOut) {
                 {2, proto::TIMEOUT}, {3, proto::TIMEOUT}, {1, proto::TIMEOUT}}));
   EXPECT_EQ(cancels, (std::vector<std::string>{"gwD:2be", "gwD:2bf", "gwD:2bd"}))
       << "each timeout is cancelled at the broker";
+}
+
+// Applies a Control (from the sockets API) through `rig`'s bridge: what
+// it came to, or nothing when the bridge refused it or never answered.
+std::optional<gateway::control_outcome> apply_control(bridge_rig& rig, proto::Control::Action action,
+                                                      const std::string& sid, const std::string& room = {}) {
+  proto::Control c;
+  c.set_action(action);
+  c.set_sid(sid);
+  c.set_room(room);
+  auto done = std::make_shared<std::promise<gateway::control_outcome>>();
+  auto outcome = done->get_future();
+  if (!rig.bridge->control(std::move(c), [done](gateway::control_outcome o) { done->set_value(o); }))
+    return std::nullopt;
+  if (outcome.wait_for(5s) != std::future_status::ready) return std::nullopt;
+  return outcome.get();
+}
+
+// A socket's rooms as its bridge describes them, or nothing for a sid it
+// does not know.
+std::optional<std::vector<std::string>> rooms_of(bridge_rig& rig, const std::string& sid) {
+  auto done = std::make_shared<std::promise<std::optional<std::vector<std::string>>>>();
+  auto rooms = done->get_future();
+  bool asked = rig.bridge->describe(sid, [done](std::optional<gateway::bridge::socket_info> info) {
+    done->set_value(info ? std::optional{info->rooms} : std::nullopt);
+  });
+  EXPECT_TRUE(asked);
+  EXPECT_EQ(rooms.wait_for(5s), std::future_status::ready);
+  return rooms.get();
+}
+
+// What the sockets API maps to HTTP (200, 404, 409, 503, api.cpp): each
+// outcome of a join, a leave and a disconnect, from the bridge itself.
+TEST(GatewayLink, AControlSaysWhatItCameTo) {
+  using gateway::control_outcome;
+  using proto::Control;
+  bridge_rig rig{"gwC", std::nullopt, false, [](gateway::gateway_config& c) { c.max_rooms = 2; }};
+  rig.attach("gwC.s1");
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "a"), control_outcome::applied);
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "a"), control_outcome::applied) << "already in it";
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "b"), control_outcome::applied);
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "c"), control_outcome::room_limit);
+  EXPECT_EQ(rig.metrics.room_limit.Value(), 1);
+  EXPECT_EQ(rooms_of(rig, "gwC.s1"), (std::vector<std::string>{"a", "b"})) << "the join past the limit was applied";
+  EXPECT_EQ(apply_control(rig, Control::LEAVE, "gwC.s1", "a"), control_outcome::applied);
+  EXPECT_EQ(apply_control(rig, Control::LEAVE, "gwC.s1", "a"), control_outcome::applied) << "not in it: no error";
+  EXPECT_EQ(rooms_of(rig, "gwC.s1"), (std::vector<std::string>{"b"}));
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "c"), control_outcome::applied) << "room again below the limit";
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.nobody", "a"), control_outcome::unknown_sid);
+  EXPECT_EQ(rooms_of(rig, "gwC.nobody"), std::nullopt);
+  EXPECT_EQ(apply_control(rig, static_cast<Control::Action>(99), "gwC.s1"), control_outcome::no_such_action);
+  EXPECT_EQ(apply_control(rig, Control::DISCONNECT, "gwC.s1"), control_outcome::applied);
+  EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"disconnect"}; }));
+  EXPECT_EQ(rig.metrics.thread_backlog.Value(), 0);
+}
+
+// A disconnect for a socket whose I/O thread is past --max-thread-backlog
+// (0 here: every posting to another thread is refused) is not applied: the
+// sockets API answers it 503, a worker's Control gets a REJECTED report
+// saying why, and the socket stays. So does a worker's Control naming a
+// namespace the socket is not in.
+TEST(GatewayLink, AControlThatCannotBeAppliedIsRefusedWithItsReason) {
+  using gateway::control_outcome;
+  using proto::Control;
+  bridge_rig rig{"gwB", std::nullopt, false, [](gateway::gateway_config& c) { c.max_thread_backlog = 0; }};
+  auto hello = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(hello);
+  rig.welcome(hello->hello(), 60000);
+  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  rig.attach("gwB.s1");
+  EXPECT_EQ(apply_control(rig, Control::DISCONNECT, "gwB.s1"), control_outcome::thread_behind);
+  EXPECT_EQ(rig.metrics.thread_backlog.Value(), 1);
+
+  auto from_worker = [&](Control::Action action, const std::string& nsp, const std::string& ref) {
+    Envelope env;
+    auto* c = env.mutable_control();
+    c->set_action(action);
+    c->set_sid("gwB.s1");
+    c->set_nsp(nsp);
+    c->set_room("r");
+    c->set_origin("w1");
+    c->set_ref(ref);
+    rig.to_bridge(env);
+    return rig.next_from_bridge(Envelope::kReport);
+  };
+  auto report = from_worker(Control::DISCONNECT, "", "d1");
+  ASSERT_TRUE(report) << "the worker was not told";
+  EXPECT_EQ(report->report().status(), proto::DeliveryReport::REJECTED);
+  EXPECT_EQ(report->report().detail(), gateway::kThreadBehind);
+  EXPECT_EQ(report->report().to(), "w1");
+  EXPECT_EQ(report->report().ref(), "d1");
+  report = from_worker(Control::JOIN, "/other", "j1");
+  ASSERT_TRUE(report);
+  EXPECT_EQ(report->report().status(), proto::DeliveryReport::REJECTED);
+  EXPECT_EQ(report->report().detail(), "not the namespace of the socket");
+  EXPECT_EQ(report->report().ref(), "j1");
+  EXPECT_EQ(rig.metrics.bad_event.Value(), 1);
+  EXPECT_EQ(rooms_of(rig, "gwB.s1"), std::vector<std::string>{}) << "the join for another namespace was applied";
+  EXPECT_TRUE(rig.sink->seen().empty()) << "the socket was disconnected";
+}
+
+// A room-wide Control, published on a room's (or the namespace's) topic as
+// a room emit is: the bridge applies it to every member it has there, each
+// as if a worker had named it. One whose topic is not its own is dropped.
+TEST(GatewayLink, ARoomWideControlReachesEveryMemberOfTheRoom) {
+  using gateway::control_outcome;
+  using proto::Control;
+  bridge_rig rig{"gwR"};
+  zmq::socket_t pub{rig.ctx, zmq::socket_type::xpub};
+  pub.set(zmq::sockopt::xpub_verbose, 1);
+  pub.bind(rig.config.events);
+  rig.attach("gwR.s1");
+  rig.attach("gwR.s2");
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwR.s1", "a"), control_outcome::applied);
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwR.s2", "a"), control_outcome::applied);
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwR.s2", "b"), control_outcome::applied);
+  // The bridge's subscriptions to both rooms and the namespace reach us.
+  std::set<std::string> subscribed;
+  const std::set<std::string> wanted{proto::room_topic("/", "a"), proto::room_topic("/", "b"), proto::namespace_topic("/")};
+  ASSERT_TRUE(eventually([&] {
+    zmq::message_t m;
+    while (pub.recv(m, zmq::recv_flags::dontwait))
+      if (m.size() > 1 && m.data<char>()[0] == 1) subscribed.insert(std::string{m.to_string_view().substr(1)});
+    return std::includes(subscribed.begin(), subscribed.end(), wanted.begin(), wanted.end());
+  }, 5s)) << "the bridge did not subscribe";
+
+  auto publish = [&](const std::string& topic, Control::Action action, std::optional<std::string> in_room,
+                     const std::string& room = {}) {
+    Envelope env;
+    auto* c = env.mutable_control();
+    c->set_action(action);
+    c->set_nsp("/");
+    c->set_room(room);
+    if (in_room) c->set_in_room(*in_room);
+    else c->set_in_namespace(true);
+    auto body = proto::encode(env);
+    pub.send(zmq::buffer(topic), zmq::send_flags::sndmore);
+    pub.send(zmq::buffer(body));
+  };
+  auto rooms_are = [&](const std::string& sid, std::vector<std::string> rooms) {
+    return eventually([&] { return rooms_of(rig, sid) == rooms; }, 5s);
+  };
+  // Everyone in a joins c.
+  publish(proto::room_topic("/", "a"), Control::JOIN, "a", "c");
+  EXPECT_TRUE(rooms_are("gwR.s1", {"a", "c"}));
+  EXPECT_TRUE(rooms_are("gwR.s2", {"a", "b", "c"}));
+  // Close a: everyone in it leaves it.
+  publish(proto::room_topic("/", "a"), Control::LEAVE, "a", "a");
+  EXPECT_TRUE(rooms_are("gwR.s1", {"c"}));
+  EXPECT_TRUE(rooms_are("gwR.s2", {"b", "c"}));
+  // Not its own topic (a control for room a, on room c's): dropped.
+  publish(proto::room_topic("/", "c"), Control::JOIN, "a", "x");
+  EXPECT_TRUE(eventually([&] { return rig.metrics.bad_event.Value() == 1; }));
+  // Every socket of the namespace joins "all".
+  publish(proto::namespace_topic("/"), Control::JOIN, std::nullopt, "all");
+  EXPECT_TRUE(rooms_are("gwR.s1", {"c", "all"}));
+  EXPECT_TRUE(rooms_are("gwR.s2", {"b", "c", "all"})) << "the control on the wrong topic was applied";
+  // Disconnect everyone in b: s2 only.
+  publish(proto::room_topic("/", "b"), Control::DISCONNECT, "b");
+  EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"disconnect"}; }));
+  EXPECT_EQ(rig.metrics.room_controls.Value(), 4);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(rig.sink->seen().size(), 1u) << "a socket not in the room was disconnected";
 }
 
 // Emits for a sid and the reply to its request reach the sink in the order

@@ -28,6 +28,12 @@ class TopicTest(unittest.TestCase):
         self.assertEqual(codec.topic_for(pb.Emit(nsp="/a")), b"")
 
 
+    def test_topic_for_a_room_wide_control(self):
+        self.assertEqual(codec.topic_for(pb.Control(nsp="/a", in_room="r")), b"r/a\0r\0")
+        self.assertEqual(codec.topic_for(pb.Control(nsp="/a", in_namespace=True)), b"n/a\0")
+        self.assertEqual(codec.topic_for(pb.Control(nsp="/a", sid="gw.x")), b"")
+
+
 class IdTest(unittest.TestCase):
     def test_valid_peer_id(self):
         for good in ("w1", "gw-A_b", "x" * 64):

@@ -1313,6 +1313,142 @@ class GatewayBusyTest(InProcessWorkerTest):
         self.assertGreater(dropped(port, "bridge_full"), before, "the queue was not full: the test proves nothing")
 
 
+class RoomWideControlTest(InProcessWorkerTest):
+    """Room-wide joins, leaves and disconnects (Socket.IO's
+    io.in(room).socketsJoin() and the like, Flask-SocketIO's close_room()):
+    from the Python SDK over the PUB socket, and from the gateway's rooms API
+    over the broker. Real python-socketio clients; each socket's rooms read
+    with the sockets API."""
+
+    gateway_id = "gwW"
+    gateway_args = ("--api-key", API_KEY)
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("rw", capacity=8)
+
+        @svc.on("enter")
+        def enter(req):
+            req.join(req.args[0])
+            req.reply(True)
+
+        @svc.on("move")  # everyone in args[0] joins args[1]
+        def move(req):
+            req.reply(req.sockets_join(req.args[1], in_room=req.args[0]))
+
+        @svc.on("close")
+        def close(req):
+            req.reply(req.close_room(req.args[0]))
+
+        @svc.on("kick")  # a last word to the room, then everyone in it goes
+        def kick(req):
+            req.reply(req.emit_to_room(req.args[0], "last", req.args[0]) and
+                      req.disconnect_sockets(in_room=req.args[0]))
+
+        return svc
+
+    def api(self, method, path, body=None, key=API_KEY):
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        c.request(method, f"/api/v1{path}", body=data, headers=headers)
+        res = c.getresponse()
+        text = res.read()
+        return res.status, json.loads(text) if text else None
+
+    def client(self, room):
+        sio = socketio.Client(reconnection=False)
+        events = []
+        sio.on("last", lambda room: events.append(("last", room)), namespace="/rw")
+        sio.on("disconnect", lambda *a: events.append(("disconnect",)), namespace="/rw")
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/rw"], transports=["websocket"],
+                    wait_timeout=WAIT)
+        self.addCleanup(sio.disconnect)
+        self.assertIs(sio.call("enter", room, namespace="/rw", timeout=WAIT), True)
+        return sio, sio.get_sid(namespace="/rw"), events
+
+    def rooms(self, sid):
+        status, body = self.api("GET", f"/sockets/{sid}")
+        return body["rooms"] if status == 200 else status
+
+    def rooms_become(self, expected):
+        """Every sid's rooms, as the sockets API reads them, become ``expected``."""
+        ok = eventually(lambda: all(self.rooms(sid) == rooms for sid, rooms in expected.items()))
+        self.assertTrue(ok, {sid: self.rooms(sid) for sid in expected})
+
+    def test_a_worker_and_the_rooms_api_move_whole_rooms(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        a, sid_a, _ = self.client("r")
+        _, sid_b, _ = self.client("r")
+        _, sid_c, _ = self.client("other")
+        before = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_controls_total") or 0
+        # From a handler: everyone in r joins s; c is not in r.
+        self.assertIs(a.call("move", ("r", "s"), namespace="/rw", timeout=WAIT), True)
+        self.rooms_become({sid_a: ["r", "s"], sid_b: ["r", "s"], sid_c: ["other"]})
+        # From the worker, outside any request: close r.
+        self.assertTrue(self.worker.close_room("r", nsp="/rw"))
+        self.rooms_become({sid_a: ["s"], sid_b: ["s"], sid_c: ["other"]})
+        # From the rooms API: everyone in s joins t, every socket of /rw joins
+        # all, then t is closed.
+        self.assertEqual(self.api("POST", "/rooms/join", {"nsp": "/rw", "room": "s", "join": "t"}), (202, {"ok": True}))
+        self.assertEqual(self.api("POST", "/rooms/join", {"nsp": "/rw", "broadcast": True, "join": "all"}),
+                         (202, {"ok": True}))
+        self.rooms_become({sid_a: ["s", "t", "all"], sid_b: ["s", "t", "all"], sid_c: ["other", "all"]})
+        self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/rw", "room": "t"}), (202, {"ok": True}))
+        self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/rw", "room": "all", "leave": "other"}),
+                         (202, {"ok": True}))
+        self.rooms_become({sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"]})
+        # Another namespace's room of the same name is another room.
+        self.assertEqual(self.api("POST", "/rooms/leave", {"room": "all"}), (202, {"ok": True}))
+        time.sleep(0.2)
+        self.rooms_become({sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"]})
+        after = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_controls_total")
+        self.assertEqual(after - before, 6)
+
+    def test_a_room_hears_its_last_word_before_it_is_disconnected(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        _, sid_a, events_a = self.client("doomed")
+        _, sid_b, events_b = self.client("doomed")
+        c, sid_c, events_c = self.client("spared")
+        # Asked by c, which is not in the room: the ack of one in it would race
+        # its disconnect (the ack is routed, the disconnect published).
+        self.assertIs(c.call("kick", "doomed", namespace="/rw", timeout=WAIT), True)
+        for events in (events_a, events_b):
+            self.assertTrue(eventually(lambda: ("disconnect",) in events), events)
+            self.assertEqual(events, [("last", "doomed"), ("disconnect",)], "the emit before it came after it")
+        self.assertEqual(self.api("GET", f"/sockets/{sid_a}")[0], 404)
+        self.assertEqual(self.api("GET", f"/sockets/{sid_b}")[0], 404)
+        self.assertEqual(self.rooms(sid_c), ["spared"])
+        self.assertEqual(events_c, [])
+        # The rooms API disconnects every socket of the namespace.
+        self.assertEqual(self.api("POST", "/rooms/disconnect", {"nsp": "/rw", "broadcast": True}), (202, {"ok": True}))
+        self.assertTrue(eventually(lambda: events_c == [("disconnect",)]), events_c)
+        self.assertTrue(eventually(lambda: self.api("GET", f"/sockets/{sid_c}")[0] == 404))
+
+    def test_the_rooms_api_refuses_what_it_cannot_do(self):
+        for body, why in ((b"[1]", "body must be a JSON object"),
+                          ({"join": "x"}, "give exactly one of room, broadcast"),
+                          ({"room": "r", "broadcast": True, "join": "x"}, "give exactly one of room, broadcast"),
+                          ({"sid": "gwW.x", "join": "x"}, "unknown key: sid"),
+                          ({"room": 7, "join": "x"}, "room is a string, broadcast is true"),
+                          ({"broadcast": False, "join": "x"}, "room is a string, broadcast is true"),
+                          ({"room": "r", "nsp": "rw", "join": "x"}, "bad nsp"),
+                          ({"room": "r"}, "join must be a non-empty string"),
+                          ({"room": "r", "join": ""}, "join must be a non-empty string"),
+                          ({"room": "r", "leave": "x"}, "unknown key: leave")):
+            self.assertEqual(self.api("POST", "/rooms/join", body), (400, {"error": why}), body)
+        self.assertEqual(self.api("POST", "/rooms/leave", {"broadcast": True}),
+                         (400, {"error": "leave must be a non-empty string"}))
+        self.assertEqual(self.api("POST", "/rooms/disconnect", {"room": "r", "join": "x"}),
+                         (400, {"error": "unknown key: join"}))
+        self.assertEqual(self.api("POST", "/rooms/move", {"room": "r"}), (404, {"error": "no such action"}))
+        self.assertEqual(self.api("GET", "/rooms/join")[0], 405)
+        self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x"}, key=None)[0], 401)
+        self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x"}, key="wrong")[0], 401)
+
+
 class ApiPollingTest(InProcessWorkerTest):
     """HTTP API long-polls: --api-session-ttl counts from the end of the last
     poll (a client that keeps polling, each poll longer than the TTL, keeps

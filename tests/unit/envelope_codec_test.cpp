@@ -327,6 +327,19 @@ TEST(Topics, TopicForEmit) {
   EXPECT_EQ(topic_for(e), namespace_topic("/"));
 }
 
+TEST(Topics, TopicForControl) {
+  Control c;
+  c.set_nsp("/chat");
+  c.set_sid("gw1.abc");
+  EXPECT_EQ(topic_for(c), "") << "a sid's control is routed, not published";
+  c.set_in_room("r");
+  EXPECT_EQ(topic_for(c), room_topic("/chat", "r"));
+  c.set_in_namespace(true);
+  EXPECT_EQ(topic_for(c), namespace_topic("/chat"));
+  c.clear_nsp();
+  EXPECT_EQ(topic_for(c), "") << "no namespace, no topic";
+}
+
 TEST(Ids, OwnersAndValidity) {
   EXPECT_EQ(sid_owner("gw1.Xy_z"), "gw1");
   EXPECT_EQ(sid_owner("noprefix"), "");

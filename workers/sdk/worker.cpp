@@ -361,6 +361,30 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     return enqueue({.topic = proto::topic_for(*e), .envelope = core::message_of(env)});
   }
 
+  // A room-wide Control: published on the room's (or the namespace's)
+  // topic, behind this worker's room emits.
+  bool publish_control(proto::Control::Action action, const std::string& nsp, const std::string* in_room,
+                       const std::string& room) {
+    if (!all_utf8({nsp, room, in_room ? std::string_view{*in_room} : std::string_view{}},
+                  "a room-wide join, leave or disconnect"))
+      return false;
+    if (nsp.empty()) {
+      std::lock_guard lock{text_log_mutex};
+      if (text_log_limit.allow())
+        spdlog::warn("worker {}: a room-wide join, leave or disconnect names no namespace: not sent", options.id);
+      return false;
+    }
+    Envelope env;
+    auto* c = env.mutable_control();
+    c->set_action(action);
+    c->set_nsp(nsp);
+    c->set_room(room);
+    if (in_room) c->set_in_room(*in_room);
+    else c->set_in_namespace(true);
+    c->set_origin(options.id);
+    return enqueue({.topic = proto::topic_for(*c), .envelope = core::message_of(env)});
+  }
+
   proto::Emit make_emit(const std::string& nsp, std::string event, std::string args,
                         sidecast::attachments att) {
     proto::Emit e;
@@ -1270,6 +1294,17 @@ bool request::disconnect() {
   return state_->core->control(proto::Control::DISCONNECT, state_->f->nsp, state_->f->sid, {});
 }
 
+bool request::sockets_join(const std::optional<std::string>& in_room, const std::string& room) {
+  return state_->core->publish_control(proto::Control::JOIN, state_->f->nsp, in_room ? &*in_room : nullptr, room);
+}
+bool request::sockets_leave(const std::optional<std::string>& in_room, const std::string& room) {
+  return state_->core->publish_control(proto::Control::LEAVE, state_->f->nsp, in_room ? &*in_room : nullptr, room);
+}
+bool request::disconnect_sockets(const std::optional<std::string>& in_room) {
+  return state_->core->publish_control(proto::Control::DISCONNECT, state_->f->nsp, in_room ? &*in_room : nullptr, {});
+}
+bool request::close_room(const std::string& room) { return sockets_leave(room, room); }
+
 bool request::emit_to_room(const std::string& room, std::string event, std::string args_json,
                            std::vector<std::string> except_sids, sidecast::attachments att) {
   return state_->core->publish_to(state_->f->nsp, &room, std::move(event), std::move(args_json),
@@ -1361,6 +1396,18 @@ bool worker::leave(const std::string& nsp, const std::string& sid, const std::st
 bool worker::disconnect(const std::string& nsp, const std::string& sid) {
   return core_->control(proto::Control::DISCONNECT, nsp, sid, {});
 }
+
+bool worker::sockets_join(const std::string& nsp, const std::optional<std::string>& in_room, const std::string& room) {
+  return core_->publish_control(proto::Control::JOIN, nsp, in_room ? &*in_room : nullptr, room);
+}
+bool worker::sockets_leave(const std::string& nsp, const std::optional<std::string>& in_room,
+                           const std::string& room) {
+  return core_->publish_control(proto::Control::LEAVE, nsp, in_room ? &*in_room : nullptr, room);
+}
+bool worker::disconnect_sockets(const std::string& nsp, const std::optional<std::string>& in_room) {
+  return core_->publish_control(proto::Control::DISCONNECT, nsp, in_room ? &*in_room : nullptr, {});
+}
+bool worker::close_room(const std::string& nsp, const std::string& room) { return sockets_leave(nsp, room, room); }
 
 void worker::on_report(std::function<void(const proto::DeliveryReport&)> callback) {
   auto cb = callback ? std::make_shared<const detail::worker_core::report_fn>(std::move(callback)) : nullptr;

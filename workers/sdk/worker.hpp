@@ -155,6 +155,12 @@ class request {
   /// Emits to every socket of this namespace.
   bool broadcast(std::string event, std::string args_json, std::vector<std::string> except_sids = {},
                  sidecast::attachments att = {});
+  /// Room-wide, in this namespace, as worker::sockets_join() and the rest:
+  /// every socket in `in_room` (std::nullopt: every socket of the namespace).
+  bool sockets_join(const std::optional<std::string>& in_room, const std::string& room);
+  bool sockets_leave(const std::optional<std::string>& in_room, const std::string& room);
+  bool disconnect_sockets(const std::optional<std::string>& in_room);
+  bool close_room(const std::string& room);
 
  private:
   friend class worker;
@@ -282,6 +288,17 @@ class worker {
   bool join(const std::string& nsp, const std::string& sid, const std::string& room);
   bool leave(const std::string& nsp, const std::string& sid, const std::string& room);
   bool disconnect(const std::string& nsp, const std::string& sid);
+  // Room-wide, on every gateway (Socket.IO's io.in(room).socketsJoin(),
+  // socketsLeave(), disconnectSockets()): every socket of namespace `nsp`
+  // in room `in_room` (std::nullopt: every socket of `nsp`) joins or leaves
+  // `room`, or is disconnected from `nsp`. Published as a room emit is:
+  // behind this worker's room emits, applied by each gateway to the members
+  // it has when it arrives; no delivery report.
+  bool sockets_join(const std::string& nsp, const std::optional<std::string>& in_room, const std::string& room);
+  bool sockets_leave(const std::string& nsp, const std::optional<std::string>& in_room, const std::string& room);
+  bool disconnect_sockets(const std::string& nsp, const std::optional<std::string>& in_room);
+  /// Every socket in `room` leaves it (Flask-SocketIO's close_room()).
+  bool close_room(const std::string& nsp, const std::string& room);
 
   /// Called (on a handler thread) for every delivery report: failures always,
   /// successes only for emits that asked for them. A reply the broker could

@@ -24,13 +24,15 @@ def namespace_topic(nsp):
     return b"n" + nsp.encode() + b"\0"
 
 
-def topic_for(emit):
-    """The topic an Emit travels under; empty for addressed (sid) emits."""
-    target = emit.WhichOneof("to")
-    if target == "room":
-        return room_topic(emit.nsp, emit.room)
-    if target == "broadcast":
-        return namespace_topic(emit.nsp)
+def topic_for(msg):
+    """The topic an Emit, or a room-wide Control, travels under; empty for
+    one addressed to a sid. (A Control must name its namespace: the worker
+    sends none that does not, as the broker would drop it.)"""
+    target = msg.WhichOneof("to")
+    if target in ("room", "in_room"):
+        return room_topic(msg.nsp, getattr(msg, target))
+    if target in ("broadcast", "in_namespace"):
+        return namespace_topic(msg.nsp)
     return b""
 
 

@@ -215,6 +215,25 @@ class Request:
         """Disconnects the asking socket from this namespace."""
         return self._core.control(pb.Control.DISCONNECT, self.nsp, self.sid, "")
 
+    def sockets_join(self, room, in_room=None):
+        """Every socket of this namespace in ``in_room`` (None: all of them)
+        joins ``room``, on every gateway (Worker.sockets_join)."""
+        return self._core.publish_control(pb.Control.JOIN, self.nsp, in_room, room)
+
+    def sockets_leave(self, room, in_room=None):
+        """Every socket of this namespace in ``in_room`` (None: all of them)
+        leaves ``room``."""
+        return self._core.publish_control(pb.Control.LEAVE, self.nsp, in_room, room)
+
+    def disconnect_sockets(self, in_room=None):
+        """Every socket of this namespace in ``in_room`` (None: all of them)
+        is disconnected from it."""
+        return self._core.publish_control(pb.Control.DISCONNECT, self.nsp, in_room)
+
+    def close_room(self, room):
+        """Every socket in ``room`` (of this namespace) leaves it."""
+        return self._core.publish_control(pb.Control.LEAVE, self.nsp, room, room)
+
     def emit_to_room(self, room, event, *args, except_sids=()):
         """Emits to every socket in a room of this namespace."""
         return self._core.publish(self.nsp, room, event, args, except_sids)

@@ -259,6 +259,25 @@ class _Core:
         e.except_sids.extend(except_sids)
         return self.enqueue(codec.topic_for(e), env.SerializeToString())
 
+    def publish_control(self, action, nsp, in_room, room=""):
+        """A room-wide Control (in_room None: the whole namespace), over the
+        PUB socket, behind this worker's room emits."""
+        if not nsp:
+            log.warning("worker %s: a room-wide join, leave or disconnect names no namespace: not sent",
+                        self.worker_id)
+            return False
+        env = pb.Envelope()
+        c = env.control
+        c.action = action
+        c.nsp = nsp
+        c.room = room
+        if in_room is None:
+            c.in_namespace = True
+        else:
+            c.in_room = in_room
+        c.origin = self.worker_id
+        return self.enqueue(codec.topic_for(c), env.SerializeToString())
+
     def control(self, action, nsp, sid, room, ref=""):
         env = pb.Envelope()
         c = env.control
@@ -995,3 +1014,25 @@ class Worker:
 
     def disconnect(self, sid, nsp="/"):
         return self._core.control(pb.Control.DISCONNECT, nsp, sid, "")
+
+    # Room-wide, on every gateway (Socket.IO's io.in(room).socketsJoin(),
+    # socketsLeave(), disconnectSockets()): every socket of ``nsp`` in room
+    # ``in_room`` (None: every socket of ``nsp``). Published as a room emit
+    # is: behind this worker's room emits, applied by each gateway to the
+    # members it has when it arrives; no delivery report.
+
+    def sockets_join(self, room, in_room=None, nsp="/"):
+        """Every socket in ``in_room`` joins ``room``."""
+        return self._core.publish_control(pb.Control.JOIN, nsp, in_room, room)
+
+    def sockets_leave(self, room, in_room=None, nsp="/"):
+        """Every socket in ``in_room`` leaves ``room``."""
+        return self._core.publish_control(pb.Control.LEAVE, nsp, in_room, room)
+
+    def disconnect_sockets(self, in_room=None, nsp="/"):
+        """Every socket in ``in_room`` is disconnected from ``nsp``."""
+        return self._core.publish_control(pb.Control.DISCONNECT, nsp, in_room)
+
+    def close_room(self, room, nsp="/"):
+        """Every socket in ``room`` leaves it (Flask-SocketIO's close_room)."""
+        return self._core.publish_control(pb.Control.LEAVE, nsp, room, room)
