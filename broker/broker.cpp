@@ -979,7 +979,7 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
     origin = e.origin().empty() ? routing_id : e.origin();
     ref = e.ref();
   } else if (env.has_control()) {
-    if (env.control().to_case() != proto::Control::kSid) {
+    if (auto to = env.control().to_case(); to == proto::Control::kInRoom || to == proto::Control::kInNamespace) {
       publish(proto::topic_for(env.control()), payload, "room-wide control without a namespace");
       return;
     }

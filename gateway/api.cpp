@@ -104,8 +104,8 @@ constexpr std::string_view kApiOff = "the publish, sockets and rooms APIs are di
 // Whom a publish or a rooms request is for: exactly one of "sid" (a
 // publish only), "room" and "broadcast" (every socket of the namespace).
 struct publish_target {
-  std::string sid, room;
-  bool broadcast = false;
+  enum { sid, room, broadcast } kind = broadcast;
+  std::string name;  // the sid or the room
   std::optional<http_answer> refused;
 };
 
@@ -114,12 +114,17 @@ publish_target target_of(const json::object& body, bool sid_allowed) {
   auto* sid = sid_allowed ? body.if_contains("sid") : nullptr;
   auto* room = body.if_contains("room");
   auto* all = body.if_contains("broadcast");
-  if ((sid != nullptr) + (room != nullptr) + (all != nullptr) != 1)
+  if ((sid != nullptr) + (room != nullptr) + (all != nullptr) != 1) {
     t.refused = error(400, sid_allowed ? "give exactly one of sid, room, broadcast" : "give exactly one of room, broadcast");
-  else if (sid && sid->is_string()) t.sid = sid->as_string();
-  else if (room && room->is_string()) t.room = room->as_string();
-  else if (all && all->is_bool() && all->as_bool()) t.broadcast = true;
-  else t.refused = error(400, sid_allowed ? "sid and room are strings, broadcast is true" : "room is a string, broadcast is true");
+  } else if (sid && sid->is_string()) {
+    t.kind = publish_target::sid;
+    t.name = sid->as_string();
+  } else if (room && room->is_string()) {
+    t.kind = publish_target::room;
+    t.name = room->as_string();
+  } else if (!all || !all->is_bool() || !all->as_bool()) {
+    t.refused = error(400, sid_allowed ? "sid and room are strings, broadcast is true" : "room is a string, broadcast is true");
+  }
   return t;
 }
 
@@ -673,9 +678,9 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   }
   auto to = target_of(*body, true);
   if (to.refused) return std::move(*to.refused);
-  if (!to.sid.empty()) e->set_sid(std::move(to.sid));
-  else if (to.broadcast) e->set_broadcast(true);
-  else e->set_room(std::move(to.room));
+  if (to.kind == publish_target::sid) e->set_sid(std::move(to.name));
+  else if (to.kind == publish_target::room) e->set_room(std::move(to.name));
+  else e->set_broadcast(true);
   if (auto* except = body->if_contains("except")) {
     if (!except->is_array()) return error(400, "except must be an array of sids");
     for (const auto& s : except->as_array()) {
@@ -708,6 +713,8 @@ http_answer api::rooms(const request& req, std::string_view action) {
   if (!nsp) return error(400, "bad nsp");
   auto to = target_of(*body, false);
   if (to.refused) return std::move(*to.refused);
+  bool in_room = to.kind == publish_target::room;
+  if (in_room && to.name.empty()) return error(400, "room must be a non-empty string");
   proto::Envelope env;
   auto* c = env.mutable_control();
   c->set_action(*what);
@@ -715,12 +722,15 @@ http_answer api::rooms(const request& req, std::string_view action) {
   if (!named.empty()) {
     // A leave that names no room: the room itself (everyone leaves it).
     auto* room = body->if_contains(named);
-    if (!room && *what == proto::Control::LEAVE && !to.broadcast) c->set_room(to.room);
+    if (!room && *what == proto::Control::LEAVE && in_room) c->set_room(to.name);
     else if (room && room->is_string() && !room->as_string().empty()) c->set_room(std::string{room->as_string()});
     else return error(400, std::string{named} + " must be a non-empty string");
+    // Refused by every gateway, member by member: say so now.
+    if (*what == proto::Control::JOIN && c->room().size() > gw_.config().max_room_bytes)
+      return error(400, report_of(control_outcome::long_room).second);
   }
-  if (to.broadcast) c->set_in_namespace(true);
-  else c->set_in_room(std::move(to.room));
+  if (in_room) c->set_in_room(std::move(to.name));
+  else c->set_in_namespace(true);
   c->set_origin(gw_.link().id());
   if (!gw_.link().send(env)) return error(503, kGatewayBusy);
   gw_.metrics().api_in.Increment();
@@ -764,6 +774,7 @@ void api::serve_socket(std::string_view sid, std::string_view action, std::strin
       case control_outcome::applied: return answer(json_answer(200, json::object{{"ok", true}}));
       case control_outcome::unknown_sid: return answer(error(404, "unknown sid"));
       case control_outcome::room_limit: return answer(error(409, report_of(outcome).second));
+      case control_outcome::long_room: return answer(error(400, report_of(outcome).second));
       case control_outcome::thread_behind: return answer(error(503, report_of(outcome).second));
       // Not from here: the API's Control names no namespace, and its action
       // was checked above.

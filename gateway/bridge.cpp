@@ -990,6 +990,7 @@ std::pair<proto::DeliveryReport::Status, std::string_view> report_of(control_out
     case control_outcome::unknown_sid: return {status::CLIENT_GONE, {}};
     case control_outcome::other_namespace: return {status::REJECTED, "not the namespace of the socket"};
     case control_outcome::room_limit: return {status::REJECTED, "the socket is in --max-rooms rooms"};
+    case control_outcome::long_room: return {status::REJECTED, "the room's name is longer than --max-room-bytes"};
     case control_outcome::thread_behind: return {status::REJECTED, kThreadBehind};
     case control_outcome::no_such_action: return {status::REJECTED, "no such action"};
   }
@@ -1017,7 +1018,7 @@ bool bridge::describe(std::string sid, std::function<void(std::optional<socket_i
   });
 }
 
-control_outcome bridge::apply_control(const proto::Control& control) {
+control_outcome bridge::apply_control(const proto::Control& control, bool owed) {
   auto it = members_.find(control.sid());
   if (it == members_.end()) return control_outcome::unknown_sid;
   auto& m = it->second;
@@ -1029,6 +1030,10 @@ control_outcome bridge::apply_control(const proto::Control& control) {
   }
   switch (control.action()) {
     case proto::Control::JOIN: {
+      if (control.room().size() > config_.max_room_bytes) {
+        metrics_.long_room.Increment();
+        return control_outcome::long_room;
+      }
       auto topic = proto::room_topic(m.nsp, control.room());
       if (std::find(m.topics.begin(), m.topics.end(), topic) == m.topics.end()) {
         if (m.topics.size() >= config_.max_rooms) {
@@ -1055,7 +1060,9 @@ control_outcome bridge::apply_control(const proto::Control& control) {
         metrics_.client_gone.Increment();
         return control_outcome::unknown_sid;
       }
-      if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); })) return control_outcome::thread_behind;
+      auto kind = owed ? thread_backlog::kind::owed : thread_backlog::kind::sheddable;
+      if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); }, 1, kind))
+        return control_outcome::thread_behind;
       return control_outcome::applied;
     }
     default: return control_outcome::no_such_action;
@@ -1119,9 +1126,12 @@ void bridge::on_room_control(std::string_view topic, const std::unordered_set<st
       spdlog::warn("bridge: room-wide control on topic {} is not for that topic: dropped", printable(topic));
     return;
   }
+  metrics_.room_controls.Increment();
   // Each member as if a worker had named it: the same rules, limits and
-  // counters (a join past --max-rooms is not applied, and counted). A copy
-  // of the members: a leave of this very room changes the set.
+  // counters (a join past --max-rooms is not applied, and counted), but a
+  // disconnect is owed to every member, not shed at --max-thread-backlog
+  // half way through the room. A copy of the members: a leave of this very
+  // room changes the set.
   proto::Control one;
   one.set_action(control.action());
   one.set_nsp(control.nsp());
@@ -1129,9 +1139,8 @@ void bridge::on_room_control(std::string_view topic, const std::unordered_set<st
   std::vector<std::string> sids(members.begin(), members.end());
   for (auto& sid : sids) {
     one.set_sid(std::move(sid));
-    (void)apply_control(one);
+    (void)apply_control(one, true);
   }
-  metrics_.room_controls.Increment();
 }
 
 void bridge::add_to_topic(const std::string& topic, const std::string& sid) {

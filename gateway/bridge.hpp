@@ -57,6 +57,7 @@ enum class control_outcome {
   unknown_sid,      // no such socket here (any more)
   other_namespace,  // a worker's Control named a namespace the socket is not in
   room_limit,       // a join past --max-rooms: not applied
+  long_room,        // a join of a room named longer than --max-room-bytes: not applied
   thread_behind,    // a disconnect for a socket whose thread is past --max-thread-backlog
   no_such_action,
 };
@@ -274,7 +275,10 @@ class bridge {
   void report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,
                    std::string_view detail);
   /// A Control for one of our sockets, applied (on_control(), control()).
-  control_outcome apply_control(const proto::Control& control);
+  /// A disconnect is refused when the socket's thread is past
+  /// --max-thread-backlog, unless `owed` (a room-wide one: bounded by the
+  /// members it names, and not to be half done).
+  control_outcome apply_control(const proto::Control& control, bool owed = false);
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
               const std::string& ref, std::string_view detail = {});
   void expire(std::chrono::steady_clock::time_point now);

@@ -65,6 +65,11 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->check(at_least_one);
   app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str()
       ->check(at_least_one);
+  app.add_option("--max-room-bytes", c.max_room_bytes,
+                 "Longest room name a socket may join (each member keeps a copy; a room-wide join gives one to every "
+                 "member)")
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str()
       ->check(at_least_one);
   app.add_option("--max-polling-sessions", c.max_polling_sessions,

@@ -34,6 +34,7 @@ struct gateway_config {
   std::size_t max_attachments = 10;               // binary attachments per packet
   std::size_t max_namespaces = 32;                // namespaces one connection may join
   std::size_t max_rooms = 256;                    // rooms one socket may be in
+  std::size_t max_room_bytes = 1024;              // the name of a room a socket joins
   std::size_t max_pending_acks = 1024;            // events of a connection waiting for their ack (/ws: reply)
   std::size_t max_awaited_acks = 1024;            // workers' emits to a socket waiting for the client's ack
   std::size_t max_connections = 50000;            // open TCP connections

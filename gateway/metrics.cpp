@@ -39,6 +39,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       replay_overflow{dropped.Add({{"reason", "replay_overflow"}})},
       rate_limited{dropped.Add({{"reason", "rate_limited"}})},
       room_limit{dropped.Add({{"reason", "room_limit"}})},
+      long_room{dropped.Add({{"reason", "long_room"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},
       bad_args{dropped.Add({{"reason", "bad_args"}})},
       bad_answer{dropped.Add({{"reason", "bad_answer"}})},

@@ -44,6 +44,7 @@ struct gateway_metrics {
   prometheus::Counter& replay_overflow;  // events past --recovery-buffer a client may not have seen
   prometheus::Counter& rate_limited;
   prometheus::Counter& room_limit;
+  prometheus::Counter& long_room;  // joins of a room named longer than --max-room-bytes
   prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces
   prometheus::Counter& bad_args;   // a worker's event or answer args that are not JSON
   prometheus::Counter& bad_answer;  // a peer gateway's HttpAnswer with a status or content type not written (502)

@@ -332,7 +332,7 @@ std::string topic_for(const Control& control) {
   if (control.nsp().empty()) return {};  // names no namespace: no gateway has it
   switch (control.to_case()) {
     case Control::kInRoom: return room_topic(control.nsp(), control.in_room());
-    case Control::kInNamespace: return namespace_topic(control.nsp());
+    case Control::kInNamespace: return control.in_namespace() ? namespace_topic(control.nsp()) : std::string{};
     default: return {};
   }
 }

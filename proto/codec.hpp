@@ -130,8 +130,8 @@ std::string_view room_of_topic(std::string_view topic, std::string_view nsp);
 std::string namespace_topic(std::string_view nsp);
 /// The topic an Emit travels under; empty for addressed (sid) emits.
 std::string topic_for(const Emit& emit);
-/// The topic a room-wide Control travels under; empty for a sid's, and
-/// for one that names no namespace.
+/// The topic a room-wide Control travels under; empty for a sid's, for
+/// one that names no namespace, and for `in_namespace` false.
 std::string topic_for(const Control& control);
 
 /// Peer ids and sids: a sid is "<gateway id>.<random>", a request or ack id is

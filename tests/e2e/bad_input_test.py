@@ -475,6 +475,7 @@ class HttpApiErrors(unittest.TestCase):
                                   ("join", {"room": ""}, "room must be a non-empty string"),
                                   ("leave", {"room": 7}, "room must be a non-empty string"),
                                   ("join", {"room": "r", "nsp": "/"}, "unknown key: nsp"),
+                                  ("join", {"room": "x" * 1025}, "the room's name is longer than --max-room-bytes"),
                                   ("disconnect", {"room": "r"}, "unknown key: room")):
             self.assertEqual(ask(action, body), (400, why), (action, body))
         # A sid of ours that is not, and one of a gateway that is not there

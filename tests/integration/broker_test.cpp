@@ -2074,24 +2074,29 @@ TEST_P(BrokerTest, ARoomWideControlIsPublishedOnItsTopic) {
   close.mutable_control()->set_in_room("r");
   close.mutable_control()->set_room("r");
   close.mutable_control()->set_origin("gwR");
-  // The subscription travels asynchronously: send both until they arrive.
+  // The subscription travels asynchronously: publish to the room until one
+  // arrives, then read whatever else of those probes does.
+  zmq::message_t topic, body;
+  ASSERT_TRUE(eventually([&] {
+    gateway.send(emit);
+    std::this_thread::sleep_for(10ms);
+    return sub.recv(topic, zmq::recv_flags::dontwait) && sub.recv(body);
+  }, 5s));
+  std::this_thread::sleep_for(100ms);
+  while (sub.recv(topic, zmq::recv_flags::dontwait)) (void)sub.recv(body);
+  // Subscribed: the publish, then the control, in that order.
+  gateway.send(emit);
+  gateway.send(close);
   std::vector<std::pair<std::string, Envelope>> got;
-  ASSERT_TRUE(eventually(
-      [&] {
-        gateway.send(emit);
-        gateway.send(close);
-        zmq::message_t topic, body;
-        while (got.size() < 2 && sub.recv(topic, zmq::recv_flags::dontwait)) {
-          if (!topic.more() || !sub.recv(body)) return false;
-          auto env = proto::decode(body.to_string_view());
-          if (!env) return false;
-          got.emplace_back(topic.to_string(), *env);
-        }
-        if (got.size() < 2) got.clear();  // a pair cut by the subscription: again
-        std::this_thread::sleep_for(10ms);
-        return got.size() == 2;
-      },
-      5s));
+  while (got.size() < 2) {
+    zmq::pollitem_t item{sub.handle(), 0, ZMQ_POLLIN, 0};
+    if (zmq::poll(&item, 1, 5000ms) == 0) break;
+    ASSERT_TRUE(sub.recv(topic) && topic.more() && sub.recv(body));
+    auto env = proto::decode(body.to_string_view());
+    ASSERT_TRUE(env);
+    got.emplace_back(topic.to_string(), *env);
+  }
+  ASSERT_EQ(got.size(), 2u) << "the publish and the control were not both published";
   EXPECT_EQ(got[0].first, proto::room_topic("/", "r"));
   EXPECT_TRUE(got[0].second.has_emit()) << "the publish before it came after it";
   EXPECT_EQ(got[1].first, proto::room_topic("/", "r"));
@@ -2123,26 +2128,27 @@ TEST_P(BrokerTest, AWorkersRoomWideControlsArePublishedBehindItsRoomEmits) {
   sub.connect("inproc://xpub");
   sub.set(zmq::sockopt::subscribe, "");
   auto& w = add_worker({workers::echo_service(1)}, "w1");
-  // The subscription travels asynchronously: probe until one arrives.
+  // The subscription travels asynchronously: probe until one arrives (the
+  // probes, on a topic of their own, are skipped below).
+  const auto probe = proto::room_topic("/", "probe");
   zmq::message_t topic, body;
   ASSERT_TRUE(eventually([&] {
     w.emit_to_room("/", "probe", "p", "[]");
     return sub.recv(topic, zmq::recv_flags::dontwait) && sub.recv(body);
   }, 5s));
-  std::this_thread::sleep_for(50ms);
-  while (sub.recv(topic, zmq::recv_flags::dontwait)) (void)sub.recv(body);
 
   ASSERT_TRUE(w.emit_to_room("/chat", "r", "last", "[]"));
-  ASSERT_TRUE(w.sockets_join("/chat", std::string{"r"}, "s"));
-  ASSERT_TRUE(w.sockets_leave("/chat", std::nullopt, "t"));
+  ASSERT_TRUE(w.sockets_join("/chat", "s", std::string{"r"}));
+  ASSERT_TRUE(w.sockets_leave("/chat", "t", std::nullopt));
   ASSERT_TRUE(w.close_room("/chat", "r"));
   ASSERT_TRUE(w.disconnect_sockets("/chat", std::string{"s"}));
-  EXPECT_FALSE(w.sockets_join("", std::string{"r"}, "s")) << "a room-wide control with no namespace was sent";
+  EXPECT_FALSE(w.sockets_join("", "s", std::string{"r"})) << "a room-wide control with no namespace was sent";
   std::vector<std::string> got;
   while (got.size() < 5) {
     zmq::pollitem_t item{sub.handle(), 0, ZMQ_POLLIN, 0};
     if (zmq::poll(&item, 1, 5000ms) == 0) break;
     ASSERT_TRUE(sub.recv(topic) && topic.more() && sub.recv(body));
+    if (topic.to_string() == probe) continue;
     auto env = proto::decode(body.to_string_view());
     ASSERT_TRUE(env);
     std::string line = topic.to_string() == proto::room_topic("/chat", "r")   ? "r: "
@@ -2800,8 +2806,15 @@ std::optional<std::vector<std::string>> rooms_of(bridge_rig& rig, const std::str
 TEST(GatewayLink, AControlSaysWhatItCameTo) {
   using gateway::control_outcome;
   using proto::Control;
-  bridge_rig rig{"gwC", std::nullopt, false, [](gateway::gateway_config& c) { c.max_rooms = 2; }};
+  bridge_rig rig{"gwC", std::nullopt, false, [](gateway::gateway_config& c) {
+                   c.max_rooms = 2;
+                   c.max_room_bytes = 8;
+                 }};
   rig.attach("gwC.s1");
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "123456789"), control_outcome::long_room);
+  EXPECT_EQ(rig.metrics.long_room.Value(), 1);
+  EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "12345678"), control_outcome::applied) << "8 bytes is not too long";
+  EXPECT_EQ(apply_control(rig, Control::LEAVE, "gwC.s1", "12345678"), control_outcome::applied);
   EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "a"), control_outcome::applied);
   EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "a"), control_outcome::applied) << "already in it";
   EXPECT_EQ(apply_control(rig, Control::JOIN, "gwC.s1", "b"), control_outcome::applied);
@@ -2867,11 +2880,14 @@ TEST(GatewayLink, AControlThatCannotBeAppliedIsRefusedWithItsReason) {
 
 // A room-wide Control, published on a room's (or the namespace's) topic as
 // a room emit is: the bridge applies it to every member it has there, each
-// as if a worker had named it. One whose topic is not its own is dropped.
+// as if a worker had named it, and a disconnect even past
+// --max-thread-backlog. One whose topic is not its own is dropped.
 TEST(GatewayLink, ARoomWideControlReachesEveryMemberOfTheRoom) {
   using gateway::control_outcome;
   using proto::Control;
-  bridge_rig rig{"gwR"};
+  // --max-thread-backlog 0: a disconnect for one sid would be refused (the
+  // test below); a room-wide one is owed to every member.
+  bridge_rig rig{"gwR", std::nullopt, false, [](gateway::gateway_config& c) { c.max_thread_backlog = 0; }};
   zmq::socket_t pub{rig.ctx, zmq::socket_type::xpub};
   pub.set(zmq::sockopt::xpub_verbose, 1);
   pub.bind(rig.config.events);

@@ -32,6 +32,7 @@ class TopicTest(unittest.TestCase):
         self.assertEqual(codec.topic_for(pb.Control(nsp="/a", in_room="r")), b"r/a\0r\0")
         self.assertEqual(codec.topic_for(pb.Control(nsp="/a", in_namespace=True)), b"n/a\0")
         self.assertEqual(codec.topic_for(pb.Control(nsp="/a", sid="gw.x")), b"")
+        self.assertEqual(codec.topic_for(pb.Control(nsp="/a", in_namespace=False)), b"")
 
 
 class IdTest(unittest.TestCase):

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.parse
 import warnings
 
+import engineio.packet
 import socketio
 import zmq
 
@@ -1321,7 +1322,7 @@ class RoomWideControlTest(InProcessWorkerTest):
     with the sockets API."""
 
     gateway_id = "gwW"
-    gateway_args = ("--api-key", API_KEY)
+    gateway_args = ("--api-key", API_KEY, "--route", "/other=rw", "--max-room-bytes", "16")
 
     @classmethod
     def service(cls):
@@ -1358,16 +1359,28 @@ class RoomWideControlTest(InProcessWorkerTest):
         text = res.read()
         return res.status, json.loads(text) if text else None
 
-    def client(self, room):
+    def client(self, room, nsp="/rw"):
+        """A client of ``nsp`` in ``room``: (client, sid, the events it handled,
+        the Socket.IO packets it read, in the order it read them). The
+        client runs each handler on a thread of its own, so only the second
+        list has the order they came in."""
         sio = socketio.Client(reconnection=False)
-        events = []
-        sio.on("last", lambda room: events.append(("last", room)), namespace="/rw")
-        sio.on("disconnect", lambda *a: events.append(("disconnect",)), namespace="/rw")
-        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=["/rw"], transports=["websocket"],
+        events, wire = [], []
+        sio.on("last", lambda room: events.append(("last", room)), namespace=nsp)
+        sio.on("disconnect", lambda *a: events.append(("disconnect",)), namespace=nsp)
+        receive = sio.eio._receive_packet  # on the read loop's thread, in order
+
+        def recording(pkt):
+            if pkt.packet_type == engineio.packet.MESSAGE:
+                wire.append(pkt.data)
+            return receive(pkt)
+
+        sio.eio._receive_packet = recording
+        sio.connect(f"http://127.0.0.1:{self.http_port}", namespaces=[nsp], transports=["websocket"],
                     wait_timeout=WAIT)
         self.addCleanup(sio.disconnect)
-        self.assertIs(sio.call("enter", room, namespace="/rw", timeout=WAIT), True)
-        return sio, sio.get_sid(namespace="/rw"), events
+        self.assertIs(sio.call("enter", room, namespace=nsp, timeout=WAIT), True)
+        return sio, sio.get_sid(namespace=nsp), events, wire
 
     def rooms(self, sid):
         status, body = self.api("GET", f"/sockets/{sid}")
@@ -1380,9 +1393,11 @@ class RoomWideControlTest(InProcessWorkerTest):
 
     def test_a_worker_and_the_rooms_api_move_whole_rooms(self):
         warnings.simplefilter("ignore", ResourceWarning)
-        a, sid_a, _ = self.client("r")
-        _, sid_b, _ = self.client("r")
-        _, sid_c, _ = self.client("other")
+        a, sid_a, _, _ = self.client("r")
+        _, sid_b, _, _ = self.client("r")
+        _, sid_c, _, _ = self.client("other")
+        # The same room name in another namespace is another room.
+        _, sid_d, _, _ = self.client("all", nsp="/other")
         before = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_controls_total") or 0
         # From a handler: everyone in r joins s; c is not in r.
         self.assertIs(a.call("move", ("r", "s"), namespace="/rw", timeout=WAIT), True)
@@ -1399,25 +1414,26 @@ class RoomWideControlTest(InProcessWorkerTest):
         self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/rw", "room": "t"}), (202, {"ok": True}))
         self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/rw", "room": "all", "leave": "other"}),
                          (202, {"ok": True}))
-        self.rooms_become({sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"]})
-        # Another namespace's room of the same name is another room.
-        self.assertEqual(self.api("POST", "/rooms/leave", {"room": "all"}), (202, {"ok": True}))
-        time.sleep(0.2)
+        self.rooms_become({sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"], sid_d: ["all"]})
+        # Close /other's room "all": /rw's stays.
+        self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/other", "room": "all"}), (202, {"ok": True}))
+        self.rooms_become({sid_d: []})
         self.rooms_become({sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"]})
         after = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_controls_total")
-        self.assertEqual(after - before, 6)
+        self.assertEqual(after - before, 7)
 
     def test_a_room_hears_its_last_word_before_it_is_disconnected(self):
         warnings.simplefilter("ignore", ResourceWarning)
-        _, sid_a, events_a = self.client("doomed")
-        _, sid_b, events_b = self.client("doomed")
-        c, sid_c, events_c = self.client("spared")
+        _, sid_a, events_a, wire_a = self.client("doomed")
+        _, sid_b, events_b, wire_b = self.client("doomed")
+        c, sid_c, events_c, _ = self.client("spared")
         # Asked by c, which is not in the room: the ack of one in it would race
         # its disconnect (the ack is routed, the disconnect published).
         self.assertIs(c.call("kick", "doomed", namespace="/rw", timeout=WAIT), True)
-        for events in (events_a, events_b):
+        for events, wire in ((events_a, wire_a), (events_b, wire_b)):
             self.assertTrue(eventually(lambda: ("disconnect",) in events), events)
-            self.assertEqual(events, [("last", "doomed"), ("disconnect",)], "the emit before it came after it")
+            self.assertIn(("last", "doomed"), events)
+            self.assertEqual(wire[-2:], ['2/rw,["last","doomed"]', "1/rw,"], "the emit before it came after it")
         self.assertEqual(self.api("GET", f"/sockets/{sid_a}")[0], 404)
         self.assertEqual(self.api("GET", f"/sockets/{sid_b}")[0], 404)
         self.assertEqual(self.rooms(sid_c), ["spared"])
@@ -1441,6 +1457,12 @@ class RoomWideControlTest(InProcessWorkerTest):
             self.assertEqual(self.api("POST", "/rooms/join", body), (400, {"error": why}), body)
         self.assertEqual(self.api("POST", "/rooms/leave", {"broadcast": True}),
                          (400, {"error": "leave must be a non-empty string"}))
+        self.assertEqual(self.api("POST", "/rooms/leave", {"room": ""}),
+                         (400, {"error": "room must be a non-empty string"}))
+        # --max-room-bytes 16: every gateway would refuse each member's join.
+        self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x" * 17}),
+                         (400, {"error": "the room's name is longer than --max-room-bytes"}))
+        self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x" * 16}), (202, {"ok": True}))
         self.assertEqual(self.api("POST", "/rooms/disconnect", {"room": "r", "join": "x"}),
                          (400, {"error": "unknown key: join"}))
         self.assertEqual(self.api("POST", "/rooms/move", {"room": "r"}), (404, {"error": "no such action"}))

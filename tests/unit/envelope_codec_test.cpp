@@ -336,6 +336,9 @@ TEST(Topics, TopicForControl) {
   EXPECT_EQ(topic_for(c), room_topic("/chat", "r"));
   c.set_in_namespace(true);
   EXPECT_EQ(topic_for(c), namespace_topic("/chat"));
+  c.set_in_namespace(false);
+  EXPECT_EQ(topic_for(c), "") << "in_namespace false names no one";
+  c.set_in_namespace(true);
   c.clear_nsp();
   EXPECT_EQ(topic_for(c), "") << "no namespace, no topic";
 }

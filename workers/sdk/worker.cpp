@@ -1294,10 +1294,10 @@ bool request::disconnect() {
   return state_->core->control(proto::Control::DISCONNECT, state_->f->nsp, state_->f->sid, {});
 }
 
-bool request::sockets_join(const std::optional<std::string>& in_room, const std::string& room) {
+bool request::sockets_join(const std::string& room, const std::optional<std::string>& in_room) {
   return state_->core->publish_control(proto::Control::JOIN, state_->f->nsp, in_room ? &*in_room : nullptr, room);
 }
-bool request::sockets_leave(const std::optional<std::string>& in_room, const std::string& room) {
+bool request::sockets_leave(const std::string& room, const std::optional<std::string>& in_room) {
   return state_->core->publish_control(proto::Control::LEAVE, state_->f->nsp, in_room ? &*in_room : nullptr, room);
 }
 bool request::disconnect_sockets(const std::optional<std::string>& in_room) {
@@ -1397,11 +1397,11 @@ bool worker::disconnect(const std::string& nsp, const std::string& sid) {
   return core_->control(proto::Control::DISCONNECT, nsp, sid, {});
 }
 
-bool worker::sockets_join(const std::string& nsp, const std::optional<std::string>& in_room, const std::string& room) {
+bool worker::sockets_join(const std::string& nsp, const std::string& room, const std::optional<std::string>& in_room) {
   return core_->publish_control(proto::Control::JOIN, nsp, in_room ? &*in_room : nullptr, room);
 }
-bool worker::sockets_leave(const std::string& nsp, const std::optional<std::string>& in_room,
-                           const std::string& room) {
+bool worker::sockets_leave(const std::string& nsp, const std::string& room,
+                           const std::optional<std::string>& in_room) {
   return core_->publish_control(proto::Control::LEAVE, nsp, in_room ? &*in_room : nullptr, room);
 }
 bool worker::disconnect_sockets(const std::string& nsp, const std::optional<std::string>& in_room) {

@@ -157,8 +157,8 @@ class request {
                  sidecast::attachments att = {});
   /// Room-wide, in this namespace, as worker::sockets_join() and the rest:
   /// every socket in `in_room` (std::nullopt: every socket of the namespace).
-  bool sockets_join(const std::optional<std::string>& in_room, const std::string& room);
-  bool sockets_leave(const std::optional<std::string>& in_room, const std::string& room);
+  bool sockets_join(const std::string& room, const std::optional<std::string>& in_room);
+  bool sockets_leave(const std::string& room, const std::optional<std::string>& in_room);
   bool disconnect_sockets(const std::optional<std::string>& in_room);
   bool close_room(const std::string& room);
 
@@ -293,9 +293,10 @@ class worker {
   // in room `in_room` (std::nullopt: every socket of `nsp`) joins or leaves
   // `room`, or is disconnected from `nsp`. Published as a room emit is:
   // behind this worker's room emits, applied by each gateway to the members
-  // it has when it arrives; no delivery report.
-  bool sockets_join(const std::string& nsp, const std::optional<std::string>& in_room, const std::string& room);
-  bool sockets_leave(const std::string& nsp, const std::optional<std::string>& in_room, const std::string& room);
+  // it has when it arrives; no delivery report. (The room comes before the
+  // optional `in_room`, as in the Python SDK.)
+  bool sockets_join(const std::string& nsp, const std::string& room, const std::optional<std::string>& in_room);
+  bool sockets_leave(const std::string& nsp, const std::string& room, const std::optional<std::string>& in_room);
   bool disconnect_sockets(const std::string& nsp, const std::optional<std::string>& in_room);
   /// Every socket in `room` leaves it (Flask-SocketIO's close_room()).
   bool close_room(const std::string& nsp, const std::string& room);

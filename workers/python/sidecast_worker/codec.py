@@ -31,7 +31,7 @@ def topic_for(msg):
     target = msg.WhichOneof("to")
     if target in ("room", "in_room"):
         return room_topic(msg.nsp, getattr(msg, target))
-    if target in ("broadcast", "in_namespace"):
+    if target == "broadcast" or (target == "in_namespace" and msg.in_namespace):
         return namespace_topic(msg.nsp)
     return b""
 
