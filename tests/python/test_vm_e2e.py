@@ -23,6 +23,7 @@ import time
 import unittest
 import urllib.error
 import urllib.parse
+import urllib.request
 import warnings
 
 import engineio.packet
@@ -244,6 +245,15 @@ class VmEndToEndTest(VmStack):
         with self.assertRaises(urllib.error.HTTPError) as gone:
             example.sockets(sid.split(".")[0] + ".nosuchsocket", "join", {"room": "user:7"})
         self.assertEqual(gone.exception.code, 404)
+        # Closing the room (the rooms API): the socket leaves it, and stays.
+        self.assertEqual(example.rooms("leave", {"room": "user:7", "nsp": "/vm"}), 202)
+
+        def rooms_of_sid():
+            req = urllib.request.Request(f"{self.url}/api/v1/sockets/{sid}",
+                                         headers={"Authorization": f"Bearer {API_KEY}"})
+            with urllib.request.urlopen(req, timeout=WAIT) as resp:
+                return json.loads(resp.read())["rooms"]
+        self.assertTrue(eventually(lambda: rooms_of_sid() == []), rooms_of_sid())
 
     def test_a_publish_to_a_sid_needs_no_namespace(self):
         # The sid's gateway knows its namespace ("/vm" here); before, the

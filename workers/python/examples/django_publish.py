@@ -1,9 +1,10 @@
 """Emit to one Socket.IO client from a Django view, through the gateway's publish API,
-and put a client in a room (Flask-SocketIO's join_room(room, sid=sid)) through its
-sockets API.
+put a client in a room (Flask-SocketIO's join_room(room, sid=sid)) through its
+sockets API, and close a whole room (Flask-SocketIO's close_room(room)) through
+its rooms API.
 
-No worker needed: any backend can POST /api/v1/publish and /api/v1/sockets/
-(docs/gateway.md).
+No worker needed: any backend can POST /api/v1/publish, /api/v1/sockets/ and
+/api/v1/rooms/ (docs/gateway.md).
 Standard library only; settings come from the environment here to keep the
 example self-contained (SIDECAST_GATEWAY=http://127.0.0.1:8080,
 SIDECAST_API_KEY=<a key given to sidecast-gateway --api-key>).
@@ -36,6 +37,16 @@ def sockets(sid, action, body=None, timeout=5):
         return resp.status  # 200: done; a publish to the room from now on reaches the socket
 
 
+def rooms(action, body, timeout=5):
+    """POSTs /api/v1/rooms/{action} (join, leave, disconnect) for every socket in a
+    room ({"room": ...}) or a namespace ({"broadcast": true}) on every gateway."""
+    req = urllib.request.Request(
+        f"{GATEWAY}/api/v1/rooms/{action}", data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # raises HTTPError on 4xx/5xx
+        return resp.status  # 202: on its way to every gateway with a member, after earlier room publishes
+
+
 def report_ready(request, sid):
     """A Django view: tell the browser whose Socket.IO sid is in the URL that its report is ready."""
     from django.http import JsonResponse  # imported here so this file runs without Django
@@ -55,3 +66,14 @@ def logged_in(request, sid):
     sockets(sid, "join", {"room": room})
     publish({"room": room, "event": "welcome", "data": {"user": request.user.username}})
     return JsonResponse({"room": room})
+
+
+def game_over(request, game_id):
+    """A Django view: the game's last word to its room, then the room is closed
+    (everyone in it leaves it; the sockets stay connected)."""
+    from django.http import JsonResponse
+
+    room = f"game:{game_id}"
+    publish({"room": room, "nsp": "/", "event": "game_over", "data": {"game": game_id}})
+    rooms("leave", {"room": room, "nsp": "/"})  # published behind the game_over: it arrives first
+    return JsonResponse({"closed": room})
