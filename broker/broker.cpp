@@ -980,7 +980,7 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
     ref = e.ref();
   } else if (env.has_control()) {
     if (auto to = env.control().to_case(); to == proto::Control::kInRoom || to == proto::Control::kInNamespace) {
-      publish(proto::topic_for(env.control()), payload, "room-wide control without a namespace");
+      publish(proto::topic_for(env.control()), payload, "room-wide control that names no one");
       return;
     }
     sid = env.control().sid();

@@ -104,7 +104,7 @@ constexpr std::string_view kApiOff = "the publish, sockets and rooms APIs are di
 // Whom a publish or a rooms request is for: exactly one of "sid" (a
 // publish only), "room" and "broadcast" (every socket of the namespace).
 struct publish_target {
-  enum { sid, room, broadcast } kind = broadcast;
+  enum { none, sid, room, broadcast } kind = none;
   std::string name;  // the sid or the room
   std::optional<http_answer> refused;
 };
@@ -122,7 +122,9 @@ publish_target target_of(const json::object& body, bool sid_allowed) {
   } else if (room && room->is_string()) {
     t.kind = publish_target::room;
     t.name = room->as_string();
-  } else if (!all || !all->is_bool() || !all->as_bool()) {
+  } else if (all && all->is_bool() && all->as_bool()) {
+    t.kind = publish_target::broadcast;
+  } else {
     t.refused = error(400, sid_allowed ? "sid and room are strings, broadcast is true" : "room is a string, broadcast is true");
   }
   return t;

@@ -166,8 +166,10 @@ void bridge::end_command() {
 bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink, std::function<void()> after) {
   return post([this, sid = std::move(sid), nsp = std::move(nsp), sink = std::move(sink), after = std::move(after)]() mutable {
     if (auto it = members_.find(sid); it != members_.end()) {
-      // A recovered socket takes the sid over, rooms and all.
+      // A recovered socket takes the sid over, rooms and all (a disconnect
+      // posted to the one it replaces did not reach it).
       it->second.sink = std::move(sink);
+      it->second.disconnecting = false;
     } else {
       auto topic = proto::namespace_topic(nsp);
       members_[sid] = member{std::move(sink), std::move(nsp), {}};
@@ -1060,9 +1062,11 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
         metrics_.client_gone.Increment();
         return control_outcome::unknown_sid;
       }
+      if (m.disconnecting) return control_outcome::applied;
       auto kind = owed ? thread_backlog::kind::owed : thread_backlog::kind::sheddable;
       if (!to_sink(sink->executor(), [sink] { sink->deliver_disconnect(); }, 1, kind))
         return control_outcome::thread_behind;
+      m.disconnecting = true;
       return control_outcome::applied;
     }
     default: return control_outcome::no_such_action;

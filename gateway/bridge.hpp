@@ -179,6 +179,9 @@ class bridge {
     std::weak_ptr<client_sink> sink;
     std::string nsp;
     std::vector<std::string> topics;  // rooms joined (topic form)
+    // A disconnect is on its way to the socket's thread: another is done
+    // already (one posting per member, however many disconnects name it).
+    bool disconnecting = false;
   };
   using time_point = std::chrono::steady_clock::time_point;
   // What was sent to the broker: a copy sharing the bytes sent (empty: never
@@ -276,8 +279,9 @@ class bridge {
                    std::string_view detail);
   /// A Control for one of our sockets, applied (on_control(), control()).
   /// A disconnect is refused when the socket's thread is past
-  /// --max-thread-backlog, unless `owed` (a room-wide one: bounded by the
-  /// members it names, and not to be half done).
+  /// --max-thread-backlog, unless `owed` (a room-wide one: not to be half
+  /// done, and bounded by the members: one posting each, see
+  /// member::disconnecting).
   control_outcome apply_control(const proto::Control& control, bool owed = false);
   void report(const std::string& to, proto::DeliveryReport::Status status, const std::string& sid,
               const std::string& ref, std::string_view detail = {});

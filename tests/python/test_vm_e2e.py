@@ -1421,16 +1421,27 @@ class RoomWideControlTest(InProcessWorkerTest):
         self.assertEqual(self.api("POST", "/rooms/join", {"nsp": "/rw", "broadcast": True, "join": "all"}),
                          (202, {"ok": True}))
         self.rooms_become({sid_a: ["s", "t", "all"], sid_b: ["s", "t", "all"], sid_c: ["other", "all"]})
-        self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/rw", "room": "t"}), (202, {"ok": True}))
-        self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/rw", "room": "all", "leave": "other"}),
-                         (202, {"ok": True}))
-        self.rooms_become({sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"], sid_d: ["all"]})
+        # Rooms t and all are new to the gateway: its subscriptions to them
+        # travel to the broker as the joins are applied, and a control sent
+        # in that instant could miss them (docs/gateway.md). A leave may be
+        # sent again: until it shows.
+        expected = {sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"], sid_d: ["all"]}
+
+        rounds = []
+
+        def left():
+            rounds.append(1)
+            for body in ({"nsp": "/rw", "room": "t"}, {"nsp": "/rw", "room": "all", "leave": "other"}):
+                self.assertEqual(self.api("POST", "/rooms/leave", body), (202, {"ok": True}))
+            return eventually(lambda: all(self.rooms(sid) == rooms for sid, rooms in expected.items()), 1)
+        self.assertTrue(eventually(left), {sid: self.rooms(sid) for sid in expected})
         # Close /other's room "all": /rw's stays.
         self.assertEqual(self.api("POST", "/rooms/leave", {"nsp": "/other", "room": "all"}), (202, {"ok": True}))
         self.rooms_become({sid_d: []})
         self.rooms_become({sid_a: ["s", "all"], sid_b: ["s", "all"], sid_c: ["all"]})
         after = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_controls_total")
-        self.assertEqual(after - before, 7)
+        # 5 controls, and the two leaves of each round that reached the gateway.
+        self.assertTrue(7 <= after - before <= 5 + 2 * len(rounds), (after - before, len(rounds)))
 
     def test_a_room_hears_its_last_word_before_it_is_disconnected(self):
         warnings.simplefilter("ignore", ResourceWarning)
@@ -1441,8 +1452,8 @@ class RoomWideControlTest(InProcessWorkerTest):
         # its disconnect (the ack is routed, the disconnect published).
         self.assertIs(c.call("kick", "doomed", namespace="/rw", timeout=WAIT), True)
         for events, wire in ((events_a, wire_a), (events_b, wire_b)):
-            self.assertTrue(eventually(lambda: ("disconnect",) in events), events)
-            self.assertIn(("last", "doomed"), events)
+            # (Each handler runs on a thread of its own: either may be last.)
+            self.assertTrue(eventually(lambda: ("disconnect",) in events and ("last", "doomed") in events), events)
             self.assertEqual(wire[-2:], ['2/rw,["last","doomed"]', "1/rw,"], "the emit before it came after it")
         self.assertEqual(self.api("GET", f"/sockets/{sid_a}")[0], 404)
         self.assertEqual(self.api("GET", f"/sockets/{sid_b}")[0], 404)

@@ -75,5 +75,8 @@ def game_over(request, game_id):
 
     room = f"game:{game_id}"
     publish({"room": room, "nsp": "/", "event": "game_over", "data": {"game": game_id}})
-    rooms("leave", {"room": room, "nsp": "/"})  # published behind the game_over: it arrives first
+    # Published behind the game_over, so that arrives first: when both reach the
+    # same gateway. Behind a balancer that spreads requests (no sticky
+    # sessions), point SIDECAST_GATEWAY at one gateway for pairs like this.
+    rooms("leave", {"room": room, "nsp": "/"})
     return JsonResponse({"closed": room})
