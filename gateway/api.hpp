@@ -8,6 +8,7 @@
 //   GET    /api/v1/sockets/{sid}            (API key)  -> {"sid","nsp","rooms"}
 //   POST   /api/v1/sockets/{sid}/join|leave (API key)  {"room"}
 //   POST   /api/v1/sockets/{sid}/disconnect (API key)
+//   POST   /api/v1/rooms/join|leave|disconnect (API key)  {"nsp","room"|"broadcast","join"|"leave"} -> 202
 #include <chrono>
 #include <memory>
 #include <mutex>

@@ -33,6 +33,7 @@ class TopicTest(unittest.TestCase):
         self.assertEqual(codec.topic_for(pb.Control(nsp="/a", in_namespace=True)), b"n/a\0")
         self.assertEqual(codec.topic_for(pb.Control(nsp="/a", sid="gw.x")), b"")
         self.assertEqual(codec.topic_for(pb.Control(nsp="/a", in_namespace=False)), b"")
+        self.assertEqual(codec.topic_for(pb.Control(in_room="r")), b"", "no namespace, no topic")
 
 
 class IdTest(unittest.TestCase):

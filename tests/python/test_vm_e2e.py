@@ -1413,6 +1413,7 @@ class RoomWideControlTest(InProcessWorkerTest):
         self.assertIs(a.call("move", ("r", "s"), namespace="/rw", timeout=WAIT), True)
         self.rooms_become({sid_a: ["r", "s"], sid_b: ["r", "s"], sid_c: ["other"]})
         # From the worker, outside any request: close r.
+        self.assertFalse(self.worker.close_room("r", nsp=""), "a room-wide control with no namespace was sent")
         self.assertTrue(self.worker.close_room("r", nsp="/rw"))
         self.rooms_become({sid_a: ["s"], sid_b: ["s"], sid_c: ["other"]})
         # From the rooms API: everyone in s joins t, every socket of /rw joins

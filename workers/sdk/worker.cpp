@@ -363,17 +363,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   // A room-wide Control: published on the room's (or the namespace's)
   // topic, behind this worker's room emits.
-  bool publish_control(proto::Control::Action action, const std::string& nsp, const std::string* in_room,
-                       const std::string& room) {
-    if (!all_utf8({nsp, room, in_room ? std::string_view{*in_room} : std::string_view{}},
-                  "a room-wide join, leave or disconnect"))
-      return false;
-    if (nsp.empty()) {
-      std::lock_guard lock{text_log_mutex};
-      if (text_log_limit.allow())
-        spdlog::warn("worker {}: a room-wide join, leave or disconnect names no namespace: not sent", options.id);
-      return false;
-    }
+  bool publish_control(proto::Control::Action action, const std::string& nsp,
+                       const std::optional<std::string>& in_room, const std::string& room) {
+    if (!all_utf8({nsp, room, in_room.value_or("")}, "a room-wide join, leave or disconnect")) return false;
     Envelope env;
     auto* c = env.mutable_control();
     c->set_action(action);
@@ -382,7 +374,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (in_room) c->set_in_room(*in_room);
     else c->set_in_namespace(true);
     c->set_origin(options.id);
-    return enqueue({.topic = proto::topic_for(*c), .envelope = core::message_of(env)});
+    auto topic = proto::topic_for(*c);
+    if (topic.empty()) {  // no namespace: the broker would drop it
+      std::lock_guard lock{text_log_mutex};
+      if (text_log_limit.allow())
+        spdlog::warn("worker {}: a room-wide join, leave or disconnect names no namespace: not sent", options.id);
+      return false;
+    }
+    return enqueue({.topic = std::move(topic), .envelope = core::message_of(env)});
   }
 
   proto::Emit make_emit(const std::string& nsp, std::string event, std::string args,
@@ -1295,13 +1294,13 @@ bool request::disconnect() {
 }
 
 bool request::sockets_join(const std::string& room, const std::optional<std::string>& in_room) {
-  return state_->core->publish_control(proto::Control::JOIN, state_->f->nsp, in_room ? &*in_room : nullptr, room);
+  return state_->core->publish_control(proto::Control::JOIN, state_->f->nsp, in_room, room);
 }
 bool request::sockets_leave(const std::string& room, const std::optional<std::string>& in_room) {
-  return state_->core->publish_control(proto::Control::LEAVE, state_->f->nsp, in_room ? &*in_room : nullptr, room);
+  return state_->core->publish_control(proto::Control::LEAVE, state_->f->nsp, in_room, room);
 }
 bool request::disconnect_sockets(const std::optional<std::string>& in_room) {
-  return state_->core->publish_control(proto::Control::DISCONNECT, state_->f->nsp, in_room ? &*in_room : nullptr, {});
+  return state_->core->publish_control(proto::Control::DISCONNECT, state_->f->nsp, in_room, {});
 }
 bool request::close_room(const std::string& room) { return sockets_leave(room, room); }
 
@@ -1398,14 +1397,14 @@ bool worker::disconnect(const std::string& nsp, const std::string& sid) {
 }
 
 bool worker::sockets_join(const std::string& nsp, const std::string& room, const std::optional<std::string>& in_room) {
-  return core_->publish_control(proto::Control::JOIN, nsp, in_room ? &*in_room : nullptr, room);
+  return core_->publish_control(proto::Control::JOIN, nsp, in_room, room);
 }
 bool worker::sockets_leave(const std::string& nsp, const std::string& room,
                            const std::optional<std::string>& in_room) {
-  return core_->publish_control(proto::Control::LEAVE, nsp, in_room ? &*in_room : nullptr, room);
+  return core_->publish_control(proto::Control::LEAVE, nsp, in_room, room);
 }
 bool worker::disconnect_sockets(const std::string& nsp, const std::optional<std::string>& in_room) {
-  return core_->publish_control(proto::Control::DISCONNECT, nsp, in_room ? &*in_room : nullptr, {});
+  return core_->publish_control(proto::Control::DISCONNECT, nsp, in_room, {});
 }
 bool worker::close_room(const std::string& nsp, const std::string& room) { return sockets_leave(nsp, room, room); }
 

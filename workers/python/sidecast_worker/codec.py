@@ -26,9 +26,11 @@ def namespace_topic(nsp):
 
 def topic_for(msg):
     """The topic an Emit, or a room-wide Control, travels under; empty for
-    one addressed to a sid. (A Control must name its namespace: the worker
-    sends none that does not, as the broker would drop it.)"""
+    one addressed to a sid, and for a Control that names no namespace (as
+    proto/codec.cpp's topic_for: the broker would drop it)."""
     target = msg.WhichOneof("to")
+    if target in ("in_room", "in_namespace") and not msg.nsp:
+        return b""
     if target in ("room", "in_room"):
         return room_topic(msg.nsp, getattr(msg, target))
     if target == "broadcast" or (target == "in_namespace" and msg.in_namespace):

@@ -262,10 +262,6 @@ class _Core:
     def publish_control(self, action, nsp, in_room, room=""):
         """A room-wide Control (in_room None: the whole namespace), over the
         PUB socket, behind this worker's room emits."""
-        if not nsp:
-            log.warning("worker %s: a room-wide join, leave or disconnect names no namespace: not sent",
-                        self.worker_id)
-            return False
         env = pb.Envelope()
         c = env.control
         c.action = action
@@ -276,7 +272,12 @@ class _Core:
         else:
             c.in_room = in_room
         c.origin = self.worker_id
-        return self.enqueue(codec.topic_for(c), env.SerializeToString())
+        topic = codec.topic_for(c)
+        if not topic:  # no namespace: the broker would drop it
+            log.warning("worker %s: a room-wide join, leave or disconnect names no namespace: not sent",
+                        self.worker_id)
+            return False
+        return self.enqueue(topic, env.SerializeToString())
 
     def control(self, action, nsp, sid, room, ref=""):
         env = pb.Envelope()
