@@ -1075,7 +1075,12 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
 
 void bridge::on_event(std::string_view topic, std::string_view body) {
   auto members = topics_.find(std::string{topic});
-  if (members == topics_.end()) return;
+  if (members == topics_.end()) {
+    // A room with no local member, heard through a namespace-wide
+    // subscription (or one on its way out).
+    metrics_.unheard.Increment();
+    return;
+  }
   auto env = proto::decode(body);
   if (env && env->has_control()) return on_room_control(topic, members->second, env->control());
   if (!env || !env->has_emit()) {
@@ -1149,11 +1154,7 @@ void bridge::on_room_control(std::string_view topic, const std::unordered_set<st
 
 void bridge::add_to_topic(const std::string& topic, const std::string& sid) {
   auto& set = topics_[topic];
-  if (set.empty()) {
-    sub_->set(zmq::sockopt::subscribe, topic);
-    sub_watch_.dirty = true;
-    if (topic.front() == 'r') metrics_.rooms.Increment();
-  }
+  if (set.empty()) subscribe(topic, true);
   set.insert(sid);
 }
 
@@ -1162,11 +1163,27 @@ void bridge::remove_from_topic(const std::string& topic, const std::string& sid)
   if (it == topics_.end()) return;
   it->second.erase(sid);
   if (it->second.empty()) {
-    sub_->set(zmq::sockopt::unsubscribe, topic);
-    sub_watch_.dirty = true;
-    if (topic.front() == 'r') metrics_.rooms.Decrement();
+    subscribe(topic, false);
     topics_.erase(it);
   }
+}
+
+void bridge::subscribe(const std::string& topic, bool on) {
+  auto set = [this, on](const std::string& t) {
+    if (on) sub_->set(zmq::sockopt::subscribe, t);
+    else sub_->set(zmq::sockopt::unsubscribe, t);
+  };
+  bool room = topic.front() == 'r';
+  if (room) {
+    if (on) metrics_.rooms.Increment();
+    else metrics_.rooms.Decrement();
+  }
+  if (!room || config_.subscriptions == room_subscriptions::each_room) set(topic);
+  // A namespace's first local socket: every room of it from now on, so that
+  // no join has a subscription still to make (--room-subscriptions).
+  if (!room && config_.subscriptions == room_subscriptions::whole_namespace)
+    set(proto::rooms_prefix(std::string_view{topic}.substr(1, topic.size() - 2)));
+  sub_watch_.dirty = true;
 }
 
 Envelope ack_refusal(std::string ack_id, proto::Code code, std::string message) {

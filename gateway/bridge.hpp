@@ -273,6 +273,10 @@ class bridge {
                        const proto::Control& control);
   void add_to_topic(const std::string& topic, const std::string& sid);
   void remove_from_topic(const std::string& topic, const std::string& sid);
+  /// Subscribes the SUB to `topic` (a local socket is the first in it) or
+  /// unsubscribes it (the last left), as --room-subscriptions says: a room
+  /// is subscribed to by itself or through its namespace's rooms_prefix().
+  void subscribe(const std::string& topic, bool on);
   void send_now(const proto::Envelope& env);  // bridge thread: straight onto the broker link
   // report() from a sink's thread (at once when that is the bridge's own).
   void report_from(proto::DeliveryReport::Status status, std::string to, std::string sid, std::string ref,

@@ -1,6 +1,7 @@
 #include "gateway/config.hpp"
 
 #include <limits>
+#include <map>
 #include <stdexcept>
 
 #include "core/config.hpp"
@@ -70,6 +71,16 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "member)")
       ->capture_default_str()
       ->check(at_least_one);
+  app.add_option("--room-subscriptions", c.subscriptions,
+                 "Room events to ask the broker for: `namespace`, every room of each namespace with a local socket "
+                 "(an event sent right after a join always reaches the new member); `room`, only the rooms with a "
+                 "local member (less traffic when rooms are spread over many gateways, but an event published as a "
+                 "join makes a room new to this gateway can miss it)")
+      ->transform(CLI::CheckedTransformer(
+          std::map<std::string, room_subscriptions>{{"namespace", room_subscriptions::whole_namespace},
+                                                    {"room", room_subscriptions::each_room}}))
+      ->option_text("namespace|room")
+      ->default_str("namespace");
   app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str()
       ->check(at_least_one);
   app.add_option("--max-polling-sessions", c.max_polling_sessions,

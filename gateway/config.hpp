@@ -11,6 +11,18 @@
 
 namespace sidecast::gateway {
 
+/// Which room events the gateway asks the broker for (--room-subscriptions).
+enum class room_subscriptions {
+  // Every room of each namespace it has a socket in: an event published
+  // right after a join reaches the new member, whoever sent the join.
+  whole_namespace,
+  // Only the rooms its sockets are in: less traffic to a gateway when rooms
+  // are spread over many gateways, but a room event can miss a gateway
+  // whose subscription to the room is still on its way (after a join that
+  // made the room new to it).
+  each_room,
+};
+
 /// A namespace served by a service.
 struct route {
   std::string nsp;
@@ -35,6 +47,7 @@ struct gateway_config {
   std::size_t max_namespaces = 32;                // namespaces one connection may join
   std::size_t max_rooms = 256;                    // rooms one socket may be in
   std::size_t max_room_bytes = 1024;              // the name of a room a socket joins
+  room_subscriptions subscriptions = room_subscriptions::whole_namespace;  // room events asked of the broker
   std::size_t max_pending_acks = 1024;            // events of a connection waiting for their ack (/ws: reply)
   std::size_t max_awaited_acks = 1024;            // workers' emits to a socket waiting for the client's ack
   std::size_t max_connections = 50000;            // open TCP connections

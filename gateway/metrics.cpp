@@ -50,6 +50,10 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                               "Polling and HTTP API requests for another gateway's sid, relayed through the broker")},
       room_controls{core::counter(r, "sidecast_gateway_room_controls_total",
                                   "Room-wide joins, leaves and disconnects applied to this gateway's members")},
+      unheard{core::counter(r, "sidecast_gateway_room_events_unheard_total",
+                            "Room events and room-wide controls for a room with no local member, dropped (what "
+                            "--room-subscriptions namespace costs: every room of a namespace reaches every gateway "
+                            "with a socket in it)")},
       recovered{core::counter(r, "sidecast_gateway_recovered_total",
                               "Sockets recovered after a dropped transport (connection-state recovery)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",

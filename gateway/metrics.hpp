@@ -53,6 +53,7 @@ struct gateway_metrics {
   prometheus::Counter& bad_proxy_header;  // a trusted balancer's connection with a malformed PROXY header
   prometheus::Counter& forwarded;
   prometheus::Counter& room_controls;  // room-wide Controls applied (each to every local member)
+  prometheus::Counter& unheard;  // room events for a room with no local member (--room-subscriptions namespace)
   prometheus::Counter& recovered;
   prometheus::Gauge& replay_events;  // kept for connection-state recovery
   prometheus::Histogram& ack_latency;

@@ -294,12 +294,17 @@ std::string_view kind_name(Envelope::KindCase kind) {
   return "none";
 }
 
-std::string room_topic(std::string_view nsp, std::string_view room) {
+std::string rooms_prefix(std::string_view nsp) {
   std::string t;
-  t.reserve(nsp.size() + room.size() + 3);
+  t.reserve(nsp.size() + 2);
   t += 'r';
   t += nsp;
   t += '\0';
+  return t;
+}
+
+std::string room_topic(std::string_view nsp, std::string_view room) {
+  auto t = rooms_prefix(nsp);
   t += room;
   t += '\0';
   return t;

@@ -128,6 +128,9 @@ std::string room_topic(std::string_view nsp, std::string_view room);
 /// The room of `topic`, a room_topic() of namespace `nsp`.
 std::string_view room_of_topic(std::string_view topic, std::string_view nsp);
 std::string namespace_topic(std::string_view nsp);
+/// The prefix every room_topic() of `nsp` starts with: a SUB subscribed to it
+/// hears every room of the namespace (and no room of another).
+std::string rooms_prefix(std::string_view nsp);
 /// The topic an Emit travels under; empty for addressed (sid) emits.
 std::string topic_for(const Emit& emit);
 /// The topic a room-wide Control travels under; empty for a sid's, for

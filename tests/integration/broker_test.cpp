@@ -2891,32 +2891,108 @@ TEST(GatewayLink, AControlThatCannotBeAppliedIsRefusedWithItsReason) {
 // a room emit is: the bridge applies it to every member it has there, each
 // as if a worker had named it, and a disconnect even past
 // --max-thread-backlog. One whose topic is not its own is dropped.
+// The broker's XPUB, played by a test: it follows the bridge's subscriptions
+// and publishes to it.
+struct events_xpub {
+  explicit events_xpub(bridge_rig& rig) : socket{rig.ctx, zmq::socket_type::xpub} {
+    socket.set(zmq::sockopt::xpub_verbose, 1);
+    socket.bind(rig.config.events);
+  }
+  /// Whether the topics the bridge is subscribed to come to be exactly
+  /// `wanted` within 5 s (an event on a topic before that is not sent at all).
+  bool subscriptions_become(const std::set<std::string>& wanted) {
+    return eventually([&] {
+      zmq::message_t m;
+      while (socket.recv(m, zmq::recv_flags::dontwait)) {
+        if (m.size() == 0) continue;
+        std::string topic{m.to_string_view().substr(1)};
+        if (m.data<char>()[0] == 1) subscribed.insert(topic);
+        else subscribed.erase(topic);
+      }
+      return subscribed == wanted;
+    }, 5s);
+  }
+  void publish(const std::string& topic, const Envelope& env) {
+    auto body = proto::encode(env);
+    socket.send(zmq::buffer(topic), zmq::send_flags::sndmore);
+    socket.send(zmq::buffer(body));
+  }
+  /// An Emit of `event` to `room` of namespace "/", on the room's topic.
+  void publish_to_room(const std::string& room, const std::string& event) {
+    Envelope env;
+    auto* e = env.mutable_emit();
+    e->set_room(room);
+    e->set_nsp("/");
+    e->set_event(event);
+    e->set_args("[]");
+    publish(proto::room_topic("/", room), env);
+  }
+
+  zmq::socket_t socket;
+  std::set<std::string> subscribed;
+};
+
+// Socket.IO's `socket.join(room); io.to(room).emit(...)` from a worker: the
+// join takes the ROUTER, the emit the PUB, and the emit reaches the broker
+// first. With --room-subscriptions namespace (the default) the gateway asked
+// for every room of the namespace when its first socket came, so the emit
+// finds the new member whatever the order; a room it has no member in is
+// dropped there, and counted.
+TEST(GatewayLink, ARoomEventSentRightAfterAJoinReachesTheNewMember) {
+  using proto::Control;
+  bridge_rig rig{"gwN"};
+  events_xpub pub{rig};
+  rig.attach("gwN.s1");
+  ASSERT_TRUE(pub.subscriptions_become({proto::namespace_topic("/"), proto::rooms_prefix("/")}))
+      << "the bridge did not subscribe to the namespace and its rooms";
+  pub.publish_to_room("x", "before");
+  EXPECT_TRUE(eventually([&] { return rig.metrics.unheard.Value() == 1; })) << "a room with no member";
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwN.s1", "x"), gateway::control_outcome::applied);
+  pub.publish_to_room("x", "after");  // at once: no subscription to wait for
+  EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"event after"}; }));
+  EXPECT_TRUE(pub.subscriptions_become({proto::namespace_topic("/"), proto::rooms_prefix("/")}))
+      << "a join subscribed to its room as well";
+  ASSERT_EQ(apply_control(rig, Control::LEAVE, "gwN.s1", "x"), gateway::control_outcome::applied);
+  pub.publish_to_room("x", "left");
+  EXPECT_TRUE(eventually([&] { return rig.metrics.unheard.Value() == 2; }));
+  rig.bridge->detach("gwN.s1");
+  EXPECT_TRUE(pub.subscriptions_become({})) << "the namespace's last socket left, its subscriptions stayed";
+  EXPECT_EQ(rig.sink->seen(), std::vector<std::string>{"event after"});
+}
+
+// --room-subscriptions room: the bridge subscribes to a room while it has a
+// member in it, and to nothing else of the namespace's rooms.
+TEST(GatewayLink, WithRoomSubscriptionsTheBridgeAsksOnlyForItsOwnRooms) {
+  using proto::Control;
+  bridge_rig rig{"gwM", std::nullopt, false,
+                 [](gateway::gateway_config& c) { c.subscriptions = gateway::room_subscriptions::each_room; }};
+  events_xpub pub{rig};
+  rig.attach("gwM.s1");
+  auto ns = proto::namespace_topic("/");
+  ASSERT_TRUE(pub.subscriptions_become({ns}));
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwM.s1", "x"), gateway::control_outcome::applied);
+  ASSERT_TRUE(pub.subscriptions_become({ns, proto::room_topic("/", "x")}));
+  pub.publish_to_room("x", "in x");
+  EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"event in x"}; }));
+  ASSERT_EQ(apply_control(rig, Control::LEAVE, "gwM.s1", "x"), gateway::control_outcome::applied);
+  EXPECT_TRUE(pub.subscriptions_become({ns}));
+  rig.bridge->detach("gwM.s1");
+  EXPECT_TRUE(pub.subscriptions_become({}));
+}
+
 TEST(GatewayLink, ARoomWideControlReachesEveryMemberOfTheRoom) {
   using gateway::control_outcome;
   using proto::Control;
   // --max-thread-backlog 0: a disconnect for one sid would be refused (the
   // test below); a room-wide one is owed to every member.
   bridge_rig rig{"gwR", std::nullopt, false, [](gateway::gateway_config& c) { c.max_thread_backlog = 0; }};
-  zmq::socket_t pub{rig.ctx, zmq::socket_type::xpub};
-  pub.set(zmq::sockopt::xpub_verbose, 1);
-  pub.bind(rig.config.events);
+  events_xpub pub{rig};
   rig.attach("gwR.s1");
   rig.attach("gwR.s2");
   ASSERT_EQ(apply_control(rig, Control::JOIN, "gwR.s1", "a"), control_outcome::applied);
   ASSERT_EQ(apply_control(rig, Control::JOIN, "gwR.s2", "a"), control_outcome::applied);
   ASSERT_EQ(apply_control(rig, Control::JOIN, "gwR.s2", "b"), control_outcome::applied);
-  // Whether the bridge's subscriptions to `wanted` have reached us (an
-  // event on a topic before that is not sent at all).
-  std::set<std::string> subscribed;
-  auto subscribed_to = [&](std::set<std::string> wanted) {
-    return eventually([&] {
-      zmq::message_t m;
-      while (pub.recv(m, zmq::recv_flags::dontwait))
-        if (m.size() > 1 && m.data<char>()[0] == 1) subscribed.insert(std::string{m.to_string_view().substr(1)});
-      return std::includes(subscribed.begin(), subscribed.end(), wanted.begin(), wanted.end());
-    }, 5s);
-  };
-  ASSERT_TRUE(subscribed_to({proto::room_topic("/", "a"), proto::room_topic("/", "b"), proto::namespace_topic("/")}))
+  ASSERT_TRUE(pub.subscriptions_become({proto::rooms_prefix("/"), proto::namespace_topic("/")}))
       << "the bridge did not subscribe";
 
   auto publish = [&](const std::string& topic, Control::Action action, std::optional<std::string> in_room,
@@ -2928,9 +3004,7 @@ TEST(GatewayLink, ARoomWideControlReachesEveryMemberOfTheRoom) {
     c->set_room(room);
     if (in_room) c->set_in_room(*in_room);
     else c->set_in_namespace(true);
-    auto body = proto::encode(env);
-    pub.send(zmq::buffer(topic), zmq::send_flags::sndmore);
-    pub.send(zmq::buffer(body));
+    pub.publish(topic, env);
   };
   auto rooms_are = [&](const std::string& sid, std::vector<std::string> rooms) {
     return eventually([&] { return rooms_of(rig, sid) == rooms; }, 5s);
@@ -2943,15 +3017,16 @@ TEST(GatewayLink, ARoomWideControlReachesEveryMemberOfTheRoom) {
   publish(proto::room_topic("/", "a"), Control::LEAVE, "a", "a");
   EXPECT_TRUE(rooms_are("gwR.s1", {"c"}));
   EXPECT_TRUE(rooms_are("gwR.s2", {"b", "c"}));
-  // Not its own topic (a control for room a, on room c's, which the
-  // bridge subscribed to when its sockets joined c): dropped.
-  ASSERT_TRUE(subscribed_to({proto::room_topic("/", "c")}));
+  // Not its own topic (a control for room a, on room c's): dropped.
   publish(proto::room_topic("/", "c"), Control::JOIN, "a", "x");
   EXPECT_TRUE(eventually([&] { return rig.metrics.bad_event.Value() == 1; }));
+  // A room no local socket is in: dropped, as any event for it.
+  publish(proto::room_topic("/", "a"), Control::JOIN, "a", "y");
+  EXPECT_TRUE(eventually([&] { return rig.metrics.unheard.Value() == 1; }));
   // Every socket of the namespace joins "all".
   publish(proto::namespace_topic("/"), Control::JOIN, std::nullopt, "all");
   EXPECT_TRUE(rooms_are("gwR.s1", {"c", "all"}));
-  EXPECT_TRUE(rooms_are("gwR.s2", {"b", "c", "all"})) << "the control on the wrong topic was applied";
+  EXPECT_TRUE(rooms_are("gwR.s2", {"b", "c", "all"})) << "a control on the wrong topic or for no member was applied";
   // Disconnect everyone in b: s2 only, once however many times it is asked
   // (the sink here stays a member: a real socket leaves when it has it).
   for (int i = 0; i < 3; ++i) publish(proto::room_topic("/", "b"), Control::DISCONNECT, "b");

@@ -309,6 +309,15 @@ TEST(Topics, RoomTopicsDoNotPrefixEachOther) {
   EXPECT_NE(a.rfind(n, 0), 0u) << "a namespace broadcast is not a room event";
 }
 
+TEST(Topics, ANamespacesRoomsPrefixMatchesItsRoomsOnly) {
+  auto every = rooms_prefix("/chat");
+  for (auto room : {"room", "", "user:42"}) EXPECT_EQ(room_topic("/chat", room).rfind(every, 0), 0u) << room;
+  EXPECT_NE(room_topic("/chatter", "room").rfind(every, 0), 0u) << "another namespace's room";
+  EXPECT_EQ(room_topic("/", "chat").rfind(rooms_prefix("/"), 0), 0u);
+  EXPECT_NE(room_topic("/chat", "room").rfind(rooms_prefix("/"), 0), 0u) << "/chat's rooms are not /'s";
+  EXPECT_NE(namespace_topic("/chat").rfind(every, 0), 0u) << "a namespace broadcast is not a room event";
+}
+
 TEST(Topics, ARoomTopicGivesBackItsRoom) {
   using namespace std::literals;
   for (auto room : {"room"sv, ""sv, "a\0b"sv, "user:42"sv})
