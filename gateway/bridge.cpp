@@ -171,9 +171,8 @@ bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink>
       it->second.sink = std::move(sink);
       it->second.disconnecting = false;
     } else {
-      auto topic = proto::namespace_topic(nsp);
-      members_[sid] = member{std::move(sink), std::move(nsp), {}};
-      add_to_topic(topic, sid);
+      auto& entry = *members_.try_emplace(std::move(sid), member{std::move(sink), std::move(nsp), {}}).first;
+      add_to_topic(proto::namespace_topic(entry.second.nsp), entry);
       members_count_.store(members_.size(), std::memory_order_relaxed);
     }
     if (after) after();
@@ -185,8 +184,8 @@ void bridge::detach(std::string sid) {
       [this, sid = std::move(sid)] {
         auto it = members_.find(sid);
         if (it == members_.end()) return;
-        for (const auto& topic : it->second.topics) remove_from_topic(topic, sid);
-        remove_from_topic(proto::namespace_topic(it->second.nsp), sid);
+        for (const auto* topic : it->second.topics) remove_from_topic(*topic, *it);
+        remove_from_topic(proto::namespace_topic(it->second.nsp), *it);
         members_.erase(it);
         members_count_.store(members_.size(), std::memory_order_relaxed);
       },
@@ -1015,7 +1014,7 @@ bool bridge::describe(std::string sid, std::function<void(std::optional<socket_i
     if (it == members_.end() || it->second.sink.expired()) return done(std::nullopt);
     const auto& m = it->second;
     socket_info info{m.nsp, {}};
-    for (const auto& topic : m.topics) info.rooms.emplace_back(proto::room_of_topic(topic, m.nsp));
+    for (const auto* topic : m.topics) info.rooms.emplace_back(proto::room_of_topic(*topic, m.nsp));
     done(std::move(info));
   });
 }
@@ -1037,22 +1036,20 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
         return control_outcome::long_room;
       }
       auto topic = proto::room_topic(m.nsp, control.room());
-      if (std::find(m.topics.begin(), m.topics.end(), topic) == m.topics.end()) {
-        if (m.topics.size() >= config_.max_rooms) {
-          metrics_.room_limit.Increment();
-          return control_outcome::room_limit;
-        }
-        m.topics.push_back(topic);
-        add_to_topic(topic, control.sid());
+      if (auto t = topics_.find(topic); t != topics_.end() && t->second.contains(&*it))
+        return control_outcome::applied;  // in it already
+      if (m.topics.size() >= config_.max_rooms) {
+        metrics_.room_limit.Increment();
+        return control_outcome::room_limit;
       }
+      m.topics.push_back(add_to_topic(std::move(topic), *it));
       return control_outcome::applied;
     }
     case proto::Control::LEAVE: {
-      auto topic = proto::room_topic(m.nsp, control.room());
-      auto pos = std::find(m.topics.begin(), m.topics.end(), topic);
-      if (pos != m.topics.end()) {
-        m.topics.erase(pos);
-        remove_from_topic(topic, control.sid());
+      auto t = topics_.find(proto::room_topic(m.nsp, control.room()));
+      if (t != topics_.end() && t->second.contains(&*it)) {
+        std::erase(m.topics, &t->first);
+        remove_from_topic(t->first, *it);
       }
       return control_outcome::applied;
     }
@@ -1101,11 +1098,9 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
   // One post per executor (I/O thread), not per member.
   std::vector<std::pair<io_executor, std::vector<std::shared_ptr<client_sink>>>> groups;
-  for (const auto& sid : members->second) {
-    if (except.contains(sid)) continue;
-    auto m = members_.find(sid);
-    if (m == members_.end()) continue;
-    auto sink = m->second.sink.lock();
+  for (const auto* who : members->second) {
+    if (!except.empty() && except.contains(who->first)) continue;
+    auto sink = who->second.sink.lock();
     if (!sink) continue;
     auto ex = sink->executor();
     auto g = std::find_if(groups.begin(), groups.end(), [&](const auto& grp) { return grp.first == ex; });
@@ -1127,7 +1122,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
   }
 }
 
-void bridge::on_room_control(std::string_view topic, const std::unordered_set<std::string>& members,
+void bridge::on_room_control(std::string_view topic, const std::unordered_set<member_entry*>& members,
                              const proto::Control& control) {
   if (topic != proto::topic_for(control)) {
     metrics_.bad_event.Increment();
@@ -1145,26 +1140,29 @@ void bridge::on_room_control(std::string_view topic, const std::unordered_set<st
   one.set_action(control.action());
   one.set_nsp(control.nsp());
   one.set_room(control.room());
-  std::vector<std::string> sids(members.begin(), members.end());
+  std::vector<std::string> sids;
+  sids.reserve(members.size());
+  for (const auto* who : members) sids.push_back(who->first);
   for (auto& sid : sids) {
     one.set_sid(std::move(sid));
     (void)apply_control(one, true);
   }
 }
 
-void bridge::add_to_topic(const std::string& topic, const std::string& sid) {
-  auto& set = topics_[topic];
-  if (set.empty()) subscribe(topic, true);
-  set.insert(sid);
+const std::string* bridge::add_to_topic(std::string topic, member_entry& who) {
+  auto& [name, members] = *topics_.try_emplace(std::move(topic)).first;
+  if (members.empty()) subscribe(name, true);
+  members.insert(&who);
+  return &name;
 }
 
-void bridge::remove_from_topic(const std::string& topic, const std::string& sid) {
+void bridge::remove_from_topic(const std::string& topic, member_entry& who) {
   auto it = topics_.find(topic);
   if (it == topics_.end()) return;
-  it->second.erase(sid);
+  it->second.erase(&who);
   if (it->second.empty()) {
     subscribe(topic, false);
-    topics_.erase(it);
+    topics_.erase(it);  // `topic` may be its key: not used after this
   }
 }
 

@@ -178,11 +178,14 @@ class bridge {
   struct member {
     std::weak_ptr<client_sink> sink;
     std::string nsp;
-    std::vector<std::string> topics;  // rooms joined (topic form)
+    // The rooms joined: their topics, as keys of topics_ (one copy of a
+    // room's name, however many local members it has).
+    std::vector<const std::string*> topics;
     // A disconnect is on its way to the socket's thread: another is done
     // already (one posting per member, however many disconnects name it).
     bool disconnecting = false;
   };
+  using member_entry = std::pair<const std::string, member>;  // of members_: its address is stable
   using time_point = std::chrono::steady_clock::time_point;
   // What was sent to the broker: a copy sharing the bytes sent (empty: never
   // sent again), and where on the link it went (its epoch, or the one at
@@ -269,10 +272,14 @@ class bridge {
                                std::string_view about);
   /// A room-wide Control (published on `topic`, whose local members are
   /// `members`): applied to each of them.
-  void on_room_control(std::string_view topic, const std::unordered_set<std::string>& members,
+  void on_room_control(std::string_view topic, const std::unordered_set<member_entry*>& members,
                        const proto::Control& control);
-  void add_to_topic(const std::string& topic, const std::string& sid);
-  void remove_from_topic(const std::string& topic, const std::string& sid);
+  /// Makes `who` a local member of `topic`, subscribing to it when it is
+  /// the first: the topics_ key, which lives while the topic has members.
+  const std::string* add_to_topic(std::string topic, member_entry& who);
+  /// `who` leaves `topic` (which may be the topics_ key itself: not used
+  /// after the last member leaves).
+  void remove_from_topic(const std::string& topic, member_entry& who);
   /// Subscribes the SUB to `topic` (a local socket is the first in it) or
   /// unsubscribes it (the last left), as --room-subscriptions says: a room
   /// is subscribed to by itself or through its namespace's rooms_prefix().
@@ -353,7 +360,9 @@ class bridge {
   const std::function<bool(std::string_view)> take_reply_ = [this](std::string_view bytes) { return take_reply(bytes); };
   std::unique_ptr<zmq::socket_t> sub_;
   std::unordered_map<std::string, member> members_;
-  std::unordered_map<std::string, std::unordered_set<std::string>> topics_;  // topic -> local sids
+  // topic -> its local members, pointing into members_ (a member leaves
+  // every topic before its entry is erased): no sid copied per room.
+  std::unordered_map<std::string, std::unordered_set<member_entry*>> topics_;
   // Requests and forwards awaiting answers, by the n of their ids: neither a
   // request nor its answer allocates here.
   boost::unordered_flat_map<std::uint64_t, pending> pending_;

@@ -67,8 +67,8 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str()
       ->check(at_least_one);
   app.add_option("--max-room-bytes", c.max_room_bytes,
-                 "Longest room name a socket may join (each member keeps a copy; a room-wide join gives one to every "
-                 "member)")
+                 "Longest room name a socket may join (the gateway keeps each room's name once, however many "
+                 "members it has)")
       ->capture_default_str()
       ->check(at_least_one);
   app.add_option("--room-subscriptions", c.subscriptions,
