@@ -29,6 +29,7 @@
 #include "core/local_link.hpp"
 #include "core/log.hpp"
 #include "core/metrics.hpp"
+#include "core/string_hash.hpp"
 #include "core/wakeup.hpp"
 
 namespace sidecast::broker {
@@ -263,11 +264,7 @@ class broker {
 
   service_table table_;
   // Looked up by string_view too (send_to): no key copies.
-  struct id_hash {
-    using is_transparent = void;
-    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
-  };
-  std::unordered_map<std::string, peer, id_hash, std::equal_to<>> peers_;
+  std::unordered_map<std::string, peer, core::string_hash, std::equal_to<>> peers_;
   struct parked_message {
     zmq::message_t payload;
     clock::time_point since;

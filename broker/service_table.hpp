@@ -21,6 +21,7 @@
 
 #include <zmq.hpp>
 
+#include "core/string_hash.hpp"
 #include "proto/codec.hpp"
 
 namespace sidecast::broker {
@@ -265,11 +266,7 @@ class service_table {
   std::vector<slot> slots_;
   std::vector<std::uint32_t> free_slots_;
   // Looked up by string_view: no key copies on the hot path.
-  struct name_hash {
-    using is_transparent = void;
-    std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
-  };
-  using name_map = boost::unordered_flat_map<std::string, std::uint32_t, name_hash, std::equal_to<>>;
+  using name_map = boost::unordered_flat_map<std::string, std::uint32_t, core::string_hash, std::equal_to<>>;
   name_map ids_;  // job id -> slot
   std::vector<service_entry> services_;
   name_map service_ids_;                    // the live services' indices

@@ -1071,7 +1071,7 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
 }
 
 void bridge::on_event(std::string_view topic, std::string_view body) {
-  auto members = topics_.find(std::string{topic});
+  auto members = topics_.find(topic);
   if (members == topics_.end()) {
     // A room with no local member, heard through a namespace-wide
     // subscription (or one on its way out).

@@ -7,7 +7,7 @@
 // Sessions hand it commands by posting (bounded in number); it hands
 // deliveries back by posting onto each sink's executor (bounded in number
 // per thread, thread_backlog.hpp). It also owns the
-// gateway's view of who is where: sid -> sink, room -> local sids, and
+// gateway's view of who is where: sid -> sink and rooms, room -> local members, and
 // requests awaiting replies.
 #include <array>
 #include <atomic>
@@ -32,6 +32,7 @@
 
 #include "core/input_reactor.hpp"
 #include "core/kept_ring.hpp"
+#include "core/string_hash.hpp"
 #include "core/log.hpp"
 #include "core/thread_spares.hpp"
 #include "gateway/config.hpp"
@@ -362,7 +363,7 @@ class bridge {
   std::unordered_map<std::string, member> members_;
   // topic -> its local members, pointing into members_ (a member leaves
   // every topic before its entry is erased): no sid copied per room.
-  std::unordered_map<std::string, std::unordered_set<member_entry*>> topics_;
+  std::unordered_map<std::string, std::unordered_set<member_entry*>, core::string_hash, std::equal_to<>> topics_;
   // Requests and forwards awaiting answers, by the n of their ids: neither a
   // request nor its answer allocates here.
   boost::unordered_flat_map<std::uint64_t, pending> pending_;

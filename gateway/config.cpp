@@ -73,7 +73,7 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->check(at_least_one);
   app.add_option("--room-subscriptions", c.subscriptions,
                  "Room events to ask the broker for: `namespace`, every room of each namespace with a local socket "
-                 "(an event sent right after a join always reaches the new member); `room`, only the rooms with a "
+                 "(an event sent right after a join finds the new member unless it overtakes the join on its way); `room`, only the rooms with a "
                  "local member (less traffic when rooms are spread over many gateways, but an event published as a "
                  "join makes a room new to this gateway can miss it)")
       ->transform(CLI::CheckedTransformer(

@@ -14,7 +14,8 @@ namespace sidecast::gateway {
 /// Which room events the gateway asks the broker for (--room-subscriptions).
 enum class room_subscriptions {
   // Every room of each namespace it has a socket in: an event published
-  // right after a join reaches the new member, whoever sent the join.
+  // right after a join needs no subscription of the room's to reach the
+  // new member (docs/protocol.md, Topics, says what order is left).
   whole_namespace,
   // Only the rooms its sockets are in: less traffic to a gateway when rooms
   // are spread over many gateways, but a room event can miss a gateway

@@ -51,9 +51,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       room_controls{core::counter(r, "sidecast_gateway_room_controls_total",
                                   "Room-wide joins, leaves and disconnects applied to this gateway's members")},
       unheard{core::counter(r, "sidecast_gateway_room_events_unheard_total",
-                            "Room events and room-wide controls for a room with no local member, dropped (what "
-                            "--room-subscriptions namespace costs: every room of a namespace reaches every gateway "
-                            "with a socket in it)")},
+                            "Room events and room-wide controls for a room with no local member, dropped (with "
+                            "--room-subscriptions namespace every room of a namespace reaches every gateway with a "
+                            "socket in it; with room, those on a subscription on its way out)")},
       recovered{core::counter(r, "sidecast_gateway_recovered_total",
                               "Sockets recovered after a dropped transport (connection-state recovery)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",

@@ -2330,10 +2330,10 @@ struct bridge_rig {
     session_thread.join();
   }
 
-  /// Attaches the sink as `sid` and waits until the bridge has it.
-  void attach(const std::string& sid) {
+  /// Attaches the sink as `sid` (of `nsp`) and waits until the bridge has it.
+  void attach(const std::string& sid, const std::string& nsp = "/") {
     std::promise<void> attached;
-    ASSERT_TRUE(bridge->attach(sid, "/", sink, [&attached] { attached.set_value(); }));
+    ASSERT_TRUE(bridge->attach(sid, nsp, sink, [&attached] { attached.set_value(); }));
     ASSERT_EQ(attached.get_future().wait_for(5s), std::future_status::ready);
   }
 
@@ -2950,8 +2950,13 @@ TEST(GatewayLink, ARoomEventSentRightAfterAJoinReachesTheNewMember) {
   ASSERT_EQ(apply_control(rig, Control::JOIN, "gwN.s1", "x"), gateway::control_outcome::applied);
   pub.publish_to_room("x", "after");  // at once: no subscription to wait for
   EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"event after"}; }));
-  EXPECT_TRUE(pub.subscriptions_become({proto::namespace_topic("/"), proto::rooms_prefix("/")}))
+  // The join subscribed to nothing: a socket of another namespace makes
+  // the bridge subscribe twice more, behind whatever the join would have.
+  rig.attach("gwN.s2", "/other");
+  EXPECT_TRUE(pub.subscriptions_become({proto::namespace_topic("/"), proto::rooms_prefix("/"),
+                                        proto::namespace_topic("/other"), proto::rooms_prefix("/other")}))
       << "a join subscribed to its room as well";
+  rig.bridge->detach("gwN.s2");
   ASSERT_EQ(apply_control(rig, Control::LEAVE, "gwN.s1", "x"), gateway::control_outcome::applied);
   pub.publish_to_room("x", "left");
   EXPECT_TRUE(eventually([&] { return rig.metrics.unheard.Value() == 2; }));
@@ -2961,22 +2966,38 @@ TEST(GatewayLink, ARoomEventSentRightAfterAJoinReachesTheNewMember) {
 }
 
 // --room-subscriptions room: the bridge subscribes to a room while it has a
-// member in it, and to nothing else of the namespace's rooms.
+// member in it (however many), and to nothing else of the namespace's
+// rooms; a room-wide control reaches the members on the room's own topic.
 TEST(GatewayLink, WithRoomSubscriptionsTheBridgeAsksOnlyForItsOwnRooms) {
   using proto::Control;
   bridge_rig rig{"gwM", std::nullopt, false,
                  [](gateway::gateway_config& c) { c.subscriptions = gateway::room_subscriptions::each_room; }};
   events_xpub pub{rig};
   rig.attach("gwM.s1");
+  rig.attach("gwM.s2");
   auto ns = proto::namespace_topic("/");
   ASSERT_TRUE(pub.subscriptions_become({ns}));
   ASSERT_EQ(apply_control(rig, Control::JOIN, "gwM.s1", "x"), gateway::control_outcome::applied);
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwM.s2", "x"), gateway::control_outcome::applied);
   ASSERT_TRUE(pub.subscriptions_become({ns, proto::room_topic("/", "x")}));
-  pub.publish_to_room("x", "in x");
-  EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"event in x"}; }));
+  EXPECT_EQ(rig.metrics.rooms.Value(), 1);
+  pub.publish_to_room("x", "in x");  // one sink for both members: twice
+  EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"event in x", "event in x"}; }));
   ASSERT_EQ(apply_control(rig, Control::LEAVE, "gwM.s1", "x"), gateway::control_outcome::applied);
-  EXPECT_TRUE(pub.subscriptions_become({ns}));
-  rig.bridge->detach("gwM.s1");
+  rig.attach("gwM.s3", "/other");  // behind an unsubscription the leave should not have made
+  EXPECT_TRUE(pub.subscriptions_become({ns, proto::room_topic("/", "x"), proto::namespace_topic("/other")}))
+      << "a member's leave unsubscribed its room, or a socket subscribed to every room of /other";
+  // Close x, room-wide: the last member leaves it, and the room goes.
+  Envelope close;
+  close.mutable_control()->set_action(Control::LEAVE);
+  close.mutable_control()->set_nsp("/");
+  close.mutable_control()->set_room("x");
+  close.mutable_control()->set_in_room("x");
+  pub.publish(proto::room_topic("/", "x"), close);
+  EXPECT_TRUE(pub.subscriptions_become({ns, proto::namespace_topic("/other")}));
+  EXPECT_EQ(rooms_of(rig, "gwM.s2"), std::vector<std::string>{});
+  EXPECT_EQ(rig.metrics.rooms.Value(), 0);
+  for (const auto* sid : {"gwM.s1", "gwM.s2", "gwM.s3"}) rig.bridge->detach(sid);
   EXPECT_TRUE(pub.subscriptions_become({}));
 }
 

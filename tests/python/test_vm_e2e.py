@@ -1343,7 +1343,7 @@ class JoinThenEmitTest(InProcessWorkerTest):
 
     gateway_id = "gwJ"
     gateway_args = ("--api-key", API_KEY)
-    rooms = 20
+    rooms = 10
 
     @classmethod
     def service(cls):
