@@ -18,6 +18,7 @@ import queue
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 import unittest
@@ -1331,7 +1332,48 @@ class GatewayBusyTest(InProcessWorkerTest):
         self.assertGreater(dropped(port, "bridge_full"), before, "the queue was not full: the test proves nothing")
 
 
-class JoinThenEmitTest(InProcessWorkerTest):
+class JoinRooms(InProcessWorkerTest):
+    """Service "jr": ``enter`` joins the asking socket to a room and emits
+    "welcome" to the room at once; and ways to read the gateway (no tests)."""
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("jr", capacity=8)
+
+        @svc.on("enter")
+        def enter(req):
+            req.reply(req.join(req.args[0]) and req.emit_to_room(req.args[0], "welcome", req.args[0]))
+
+        return svc
+
+    def api_post(self, path, body):
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("POST", f"/api/v1{path}", body=json.dumps(body).encode(),
+                  headers={"Authorization": f"Bearer {API_KEY}"})
+        res = c.getresponse()
+        return res.status, res.read()
+
+    def unheard(self):
+        return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_events_unheard_total")
+
+    def unheard_after_a_publish_to_a_room_with_no_member(self):
+        """How many more room events the gateway dropped for want of a member
+        after a publish to room "nobody", counted once a publish to a room its
+        socket is in (sent behind it, on the same path) has come."""
+        sio, welcomes = queued_client(self, "/jr", "welcome")
+        self.assertIs(sio.call("enter", "probe", namespace="/jr", timeout=WAIT), True)
+        self.assertEqual(welcomes.get(timeout=WAIT), "probe")
+        before = self.unheard()
+        for room in ("nobody", "probe"):
+            self.assertEqual(self.api_post("/publish", {"room": room, "nsp": "/jr", "event": "welcome", "data": room})[0],
+                             202)
+        self.assertEqual(welcomes.get(timeout=WAIT), "probe")
+        return self.unheard() - before
+
+
+class JoinThenEmitTest(JoinRooms):
     """Flask-SocketIO's ``join_room(room); emit(..., to=room)`` and Socket.IO's
     ``socket.join(room); io.to(room).emit(...)``: a handler joins the asking
     socket to a room new to the gateway and emits to the room at once. The
@@ -1344,17 +1386,6 @@ class JoinThenEmitTest(InProcessWorkerTest):
     gateway_id = "gwJ"
     gateway_args = ("--api-key", API_KEY)
     rooms = 10
-
-    @classmethod
-    def service(cls):
-        from sidecast_worker import Service
-        svc = Service("jr", capacity=8)
-
-        @svc.on("enter")
-        def enter(req):
-            req.reply(req.join(req.args[0]) and req.emit_to_room(req.args[0], "welcome", req.args[0]))
-
-        return svc
 
     def welcomed(self, welcomes, expected):
         got = []
@@ -1372,27 +1403,40 @@ class JoinThenEmitTest(InProcessWorkerTest):
         for room in names:
             self.assertIs(sio.call("enter", room, namespace="/jr", timeout=WAIT), True)
         self.welcomed(welcomes, names)
-        unheard = metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_events_unheard_total")
-        self.assertEqual(unheard, 0)
 
     def test_a_publish_right_after_the_sockets_apis_join_reaches_the_socket(self):
         warnings.simplefilter("ignore", ResourceWarning)
         sio, welcomes = queued_client(self, "/jr", "welcome")
         sid = sio.get_sid(namespace="/jr")
         names = [f"api-{i}" for i in range(self.rooms)]
-
-        def post(path, body):
-            c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
-            self.addCleanup(c.close)
-            c.request("POST", f"/api/v1{path}", body=json.dumps(body).encode(),
-                      headers={"Authorization": f"Bearer {API_KEY}"})
-            res = c.getresponse()
-            return res.status, res.read()
-
         for room in names:
-            self.assertEqual(post(f"/sockets/{sid}/join", {"room": room})[0], 200)
-            self.assertEqual(post("/publish", {"room": room, "nsp": "/jr", "event": "welcome", "data": room})[0], 202)
+            self.assertEqual(self.api_post(f"/sockets/{sid}/join", {"room": room})[0], 200)
+            self.assertEqual(self.api_post("/publish", {"room": room, "nsp": "/jr", "event": "welcome", "data": room})[0],
+                             202)
         self.welcomed(welcomes, names)
+
+    def test_every_room_of_the_namespace_reaches_the_gateway(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        self.assertEqual(self.unheard_after_a_publish_to_a_room_with_no_member(), 1)
+
+
+class PerRoomSubscriptionsTest(JoinRooms):
+    """``--room-subscriptions room``: the broker sends the gateway only the
+    rooms its sockets are in. (Its join-then-emit window is not tested: it
+    loses most such emits, which is why it is not the default.)"""
+
+    gateway_id = "gwJr"
+    gateway_args = ("--api-key", API_KEY, "--room-subscriptions", "room")
+
+    def test_a_room_with_no_member_does_not_reach_the_gateway(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        self.assertEqual(self.unheard_after_a_publish_to_a_room_with_no_member(), 0)
+
+    def test_a_value_that_is_no_mode_is_refused(self):
+        run = subprocess.run([os.path.join(BIN, "sidecast-gateway"), "--room-subscriptions", "rooms"],
+                             capture_output=True, text=True, timeout=WAIT)
+        self.assertNotEqual(run.returncode, 0)
+        self.assertIn("--room-subscriptions", run.stderr)
 
 
 class RoomWideControlTest(InProcessWorkerTest):
