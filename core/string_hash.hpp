@@ -9,7 +9,9 @@ namespace sidecast::core {
 
 struct string_hash {
   using is_transparent = void;
-  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+  // Not noexcept: libstdc++'s unordered containers then keep each node's
+  // hash (a long key is not hashed again on a rehash or a miss in its bucket).
+  std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
 };
 
 }  // namespace sidecast::core

@@ -2936,8 +2936,10 @@ struct events_xpub {
 // join takes the ROUTER, the emit the PUB, and the emit reaches the broker
 // first. With --room-subscriptions namespace (the default) the gateway asked
 // for every room of the namespace when its first socket came, so the emit
-// finds the new member whatever the order; a room it has no member in is
-// dropped there, and counted.
+// needs no subscription of the room's: applied after the join (here, at
+// once), it finds the new member. A room it has no member in is dropped
+// there, and counted. (Which of the two the gateway reads first, over its two
+// connections, is not this test's: docs/protocol.md, Topics.)
 TEST(GatewayLink, ARoomEventSentRightAfterAJoinReachesTheNewMember) {
   using proto::Control;
   bridge_rig rig{"gwN"};

@@ -1358,18 +1358,40 @@ class JoinRooms(InProcessWorkerTest):
     def unheard(self):
         return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_events_unheard_total")
 
+    def publish_welcome(self, room, data):
+        body = {"room": room, "nsp": "/jr", "event": "welcome", "data": data}
+        self.assertEqual(self.api_post("/publish", body)[0], 202)
+
+    def welcome_comes(self, welcomes, data, timeout=WAIT):
+        """Whether a welcome carrying ``data`` comes within ``timeout`` (any
+        other is passed over)."""
+        until = time.monotonic() + timeout
+        while (left := until - time.monotonic()) > 0:
+            try:
+                if welcomes.get(timeout=left) == data:
+                    return True
+            except queue.Empty:
+                break
+        return False
+
     def unheard_after_a_publish_to_a_room_with_no_member(self):
         """How many more room events the gateway dropped for want of a member
         after a publish to room "nobody", counted once a publish to a room its
         socket is in (sent behind it, on the same path) has come."""
         sio, welcomes = queued_client(self, "/jr", "welcome")
         self.assertIs(sio.call("enter", "probe", namespace="/jr", timeout=WAIT), True)
-        self.assertEqual(welcomes.get(timeout=WAIT), "probe")
+        # The room is subscribed to when a publish to it comes (with
+        # --room-subscriptions room, the enter's own emit is most often lost).
+        for n in range(50):
+            self.publish_welcome("probe", f"try-{n}")
+            if self.welcome_comes(welcomes, f"try-{n}", 0.2):
+                break
+        else:
+            self.fail("no publish to the socket's room reached it")
         before = self.unheard()
-        for room in ("nobody", "probe"):
-            self.assertEqual(self.api_post("/publish", {"room": room, "nsp": "/jr", "event": "welcome", "data": room})[0],
-                             202)
-        self.assertEqual(welcomes.get(timeout=WAIT), "probe")
+        self.publish_welcome("nobody", "nobody")
+        self.publish_welcome("probe", "last")
+        self.assertTrue(self.welcome_comes(welcomes, "last"))
         return self.unheard() - before
 
 
@@ -1380,8 +1402,10 @@ class JoinThenEmitTest(JoinRooms):
     join travels over the broker's ROUTER, the emit over PUB/SUB, and the
     emit reaches the broker first; the gateway's default
     ``--room-subscriptions namespace`` asked for every room of the
-    namespace when the socket came, so none is lost. The same through the
-    sockets API and the publish API."""
+    namespace when the socket came, so the emit finds the member whenever it
+    does not overtake the join on the way (the two take different
+    connections: docs/protocol.md, Topics). The same through the sockets API
+    and the publish API."""
 
     gateway_id = "gwJ"
     gateway_args = ("--api-key", API_KEY)
