@@ -1122,7 +1122,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
   }
 }
 
-void bridge::on_room_control(std::string_view topic, const std::unordered_set<member_entry*>& members,
+void bridge::on_room_control(std::string_view topic, const members_of_topic& members,
                              const proto::Control& control) {
   if (topic != proto::topic_for(control)) {
     metrics_.bad_event.Increment();

@@ -27,6 +27,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/unordered/unordered_flat_map.hpp>
+#include <boost/unordered/unordered_flat_set.hpp>
 #include <spdlog/spdlog.h>
 #include <zmq.hpp>
 
@@ -187,6 +188,8 @@ class bridge {
     bool disconnecting = false;
   };
   using member_entry = std::pair<const std::string, member>;  // of members_: its address is stable
+  // A room's local members: open addressing, so a broadcast walks one array.
+  using members_of_topic = boost::unordered_flat_set<member_entry*>;
   using time_point = std::chrono::steady_clock::time_point;
   // What was sent to the broker: a copy sharing the bytes sent (empty: never
   // sent again), and where on the link it went (its epoch, or the one at
@@ -273,7 +276,7 @@ class bridge {
                                std::string_view about);
   /// A room-wide Control (published on `topic`, whose local members are
   /// `members`): applied to each of them.
-  void on_room_control(std::string_view topic, const std::unordered_set<member_entry*>& members,
+  void on_room_control(std::string_view topic, const members_of_topic& members,
                        const proto::Control& control);
   /// Makes `who` a local member of `topic`, subscribing to it when it is
   /// the first: the topics_ key, which lives while the topic has members.
@@ -363,7 +366,7 @@ class bridge {
   std::unordered_map<std::string, member> members_;
   // topic -> its local members, pointing into members_ (a member leaves
   // every topic before its entry is erased): no sid copied per room.
-  std::unordered_map<std::string, std::unordered_set<member_entry*>, core::string_hash, std::equal_to<>> topics_;
+  std::unordered_map<std::string, members_of_topic, core::string_hash, std::equal_to<>> topics_;
   // Requests and forwards awaiting answers, by the n of their ids: neither a
   // request nor its answer allocates here.
   boost::unordered_flat_map<std::uint64_t, pending> pending_;
