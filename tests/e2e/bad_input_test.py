@@ -7,6 +7,7 @@ Run with tests/e2e/stack -- /usr/bin/python3 tests/e2e/bad_input_test.py
 Debian's python3-websocket."""
 import http.client
 import json
+import math
 import os
 import socket
 import time
@@ -633,6 +634,7 @@ class Limits(unittest.TestCase):
         sid = json.loads(body)["sid"]
         conn = http.client.HTTPConnection(HOST, PORT, timeout=5)  # one keep-alive connection, quicker
         statuses = []
+        start = time.monotonic()
         for i in range(300):
             conn.request("POST", f"/api/v1/sessions/{sid}/emit", body=json.dumps({"event": "echo", "data": i}))
             res = conn.getresponse()
@@ -640,10 +642,14 @@ class Limits(unittest.TestCase):
             statuses.append(res.status)
             if res.status == 429:
                 self.assertEqual(json.loads(answer), {"error": "rate limited: too many events"})
+        elapsed = time.monotonic() - start
         conn.close()
-        # As for a Socket.IO connection: the burst (200) passes, most of the rest not.
+        # As for a Socket.IO connection: the burst (200) passes, and past it
+        # only what the bucket refilled (100/s) while the requests went, so
+        # on a slow machine (a TSan build) fewer are refused, never more pass.
         self.assertNotIn(429, statuses[:190], "the burst passes")
-        self.assertGreaterEqual(statuses.count(429), 50)
+        refilled = math.ceil(100 * elapsed) + 1
+        self.assertGreaterEqual(statuses.count(429), 100 - refilled, f"300 emits in {elapsed:.2f} s")
         self.assertEqual(set(statuses), {202, 429})
         request("DELETE", f"/api/v1/sessions/{sid}")
 
