@@ -33,8 +33,8 @@
 
 #include "core/input_reactor.hpp"
 #include "core/kept_ring.hpp"
-#include "core/string_hash.hpp"
 #include "core/log.hpp"
+#include "core/string_hash.hpp"
 #include "core/thread_spares.hpp"
 #include "gateway/config.hpp"
 #include "gateway/io.hpp"

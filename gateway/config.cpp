@@ -73,9 +73,9 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->check(at_least_one);
   app.add_option("--room-subscriptions", c.subscriptions,
                  "Room events to ask the broker for: `namespace`, every room of each namespace with a local socket "
-                 "(an event sent right after a join finds the new member unless it overtakes the join on its way); `room`, only the rooms with a "
-                 "local member (less traffic when rooms are spread over many gateways, but an event published as a "
-                 "join makes a room new to this gateway can miss it)")
+                 "(an event sent right after a join finds the new member unless it overtakes the join on its way); "
+                 "`room`, only the rooms with a local member (less traffic when rooms are spread over many gateways, "
+                 "but an event published as a join makes a room new to this gateway can miss it)")
       ->transform(CLI::CheckedTransformer(
           std::map<std::string, room_subscriptions>{{"namespace", room_subscriptions::whole_namespace},
                                                     {"room", room_subscriptions::each_room}}))

@@ -2887,10 +2887,6 @@ TEST(GatewayLink, AControlThatCannotBeAppliedIsRefusedWithItsReason) {
   EXPECT_TRUE(rig.sink->seen().empty()) << "the socket was disconnected";
 }
 
-// A room-wide Control, published on a room's (or the namespace's) topic as
-// a room emit is: the bridge applies it to every member it has there, each
-// as if a worker had named it, and a disconnect even past
-// --max-thread-backlog. One whose topic is not its own is dropped.
 // The broker's XPUB, played by a test: it follows the bridge's subscriptions
 // and publishes to it.
 struct events_xpub {
@@ -2916,6 +2912,19 @@ struct events_xpub {
     auto body = proto::encode(env);
     socket.send(zmq::buffer(topic), zmq::send_flags::sndmore);
     socket.send(zmq::buffer(body));
+  }
+  /// A room-wide Control of namespace "/": for everyone in `in_room`, or
+  /// (nothing) every socket of the namespace; on `topic`.
+  void publish_control(const std::string& topic, proto::Control::Action action,
+                       const std::optional<std::string>& in_room, const std::string& room = {}) {
+    Envelope env;
+    auto* c = env.mutable_control();
+    c->set_action(action);
+    c->set_nsp("/");
+    c->set_room(room);
+    if (in_room) c->set_in_room(*in_room);
+    else c->set_in_namespace(true);
+    publish(topic, env);
   }
   /// An Emit of `event` to `room` of namespace "/", on the room's topic.
   void publish_to_room(const std::string& room, const std::string& event) {
@@ -2990,12 +2999,7 @@ TEST(GatewayLink, WithRoomSubscriptionsTheBridgeAsksOnlyForItsOwnRooms) {
   EXPECT_TRUE(pub.subscriptions_become({ns, proto::room_topic("/", "x"), proto::namespace_topic("/other")}))
       << "a member's leave unsubscribed its room, or a socket subscribed to every room of /other";
   // Close x, room-wide: the last member leaves it, and the room goes.
-  Envelope close;
-  close.mutable_control()->set_action(Control::LEAVE);
-  close.mutable_control()->set_nsp("/");
-  close.mutable_control()->set_room("x");
-  close.mutable_control()->set_in_room("x");
-  pub.publish(proto::room_topic("/", "x"), close);
+  pub.publish_control(proto::room_topic("/", "x"), Control::LEAVE, "x", "x");
   EXPECT_TRUE(pub.subscriptions_become({ns, proto::namespace_topic("/other")}));
   EXPECT_EQ(rooms_of(rig, "gwM.s2"), std::vector<std::string>{});
   EXPECT_EQ(rig.metrics.rooms.Value(), 0);
@@ -3003,6 +3007,10 @@ TEST(GatewayLink, WithRoomSubscriptionsTheBridgeAsksOnlyForItsOwnRooms) {
   EXPECT_TRUE(pub.subscriptions_become({}));
 }
 
+// A room-wide Control, published on a room's (or the namespace's) topic as
+// a room emit is: the bridge applies it to every member it has there, each
+// as if a worker had named it, and a disconnect even past
+// --max-thread-backlog. One whose topic is not its own is dropped.
 TEST(GatewayLink, ARoomWideControlReachesEveryMemberOfTheRoom) {
   using gateway::control_outcome;
   using proto::Control;
@@ -3018,41 +3026,30 @@ TEST(GatewayLink, ARoomWideControlReachesEveryMemberOfTheRoom) {
   ASSERT_TRUE(pub.subscriptions_become({proto::rooms_prefix("/"), proto::namespace_topic("/")}))
       << "the bridge did not subscribe";
 
-  auto publish = [&](const std::string& topic, Control::Action action, std::optional<std::string> in_room,
-                     const std::string& room = {}) {
-    Envelope env;
-    auto* c = env.mutable_control();
-    c->set_action(action);
-    c->set_nsp("/");
-    c->set_room(room);
-    if (in_room) c->set_in_room(*in_room);
-    else c->set_in_namespace(true);
-    pub.publish(topic, env);
-  };
   auto rooms_are = [&](const std::string& sid, std::vector<std::string> rooms) {
     return eventually([&] { return rooms_of(rig, sid) == rooms; }, 5s);
   };
   // Everyone in a joins c.
-  publish(proto::room_topic("/", "a"), Control::JOIN, "a", "c");
+  pub.publish_control(proto::room_topic("/", "a"), Control::JOIN, "a", "c");
   EXPECT_TRUE(rooms_are("gwR.s1", {"a", "c"}));
   EXPECT_TRUE(rooms_are("gwR.s2", {"a", "b", "c"}));
   // Close a: everyone in it leaves it.
-  publish(proto::room_topic("/", "a"), Control::LEAVE, "a", "a");
+  pub.publish_control(proto::room_topic("/", "a"), Control::LEAVE, "a", "a");
   EXPECT_TRUE(rooms_are("gwR.s1", {"c"}));
   EXPECT_TRUE(rooms_are("gwR.s2", {"b", "c"}));
   // Not its own topic (a control for room a, on room c's): dropped.
-  publish(proto::room_topic("/", "c"), Control::JOIN, "a", "x");
+  pub.publish_control(proto::room_topic("/", "c"), Control::JOIN, "a", "x");
   EXPECT_TRUE(eventually([&] { return rig.metrics.bad_event.Value() == 1; }));
   // A room no local socket is in: dropped, as any event for it.
-  publish(proto::room_topic("/", "a"), Control::JOIN, "a", "y");
+  pub.publish_control(proto::room_topic("/", "a"), Control::JOIN, "a", "y");
   EXPECT_TRUE(eventually([&] { return rig.metrics.unheard.Value() == 1; }));
   // Every socket of the namespace joins "all".
-  publish(proto::namespace_topic("/"), Control::JOIN, std::nullopt, "all");
+  pub.publish_control(proto::namespace_topic("/"), Control::JOIN, std::nullopt, "all");
   EXPECT_TRUE(rooms_are("gwR.s1", {"c", "all"}));
   EXPECT_TRUE(rooms_are("gwR.s2", {"b", "c", "all"})) << "a control on the wrong topic or for no member was applied";
   // Disconnect everyone in b: s2 only, once however many times it is asked
   // (the sink here stays a member: a real socket leaves when it has it).
-  for (int i = 0; i < 3; ++i) publish(proto::room_topic("/", "b"), Control::DISCONNECT, "b");
+  for (int i = 0; i < 3; ++i) pub.publish_control(proto::room_topic("/", "b"), Control::DISCONNECT, "b");
   EXPECT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"disconnect"}; }));
   EXPECT_TRUE(eventually([&] { return rig.metrics.room_controls.Value() == 6; }));
   std::this_thread::sleep_for(50ms);

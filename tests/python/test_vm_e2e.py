@@ -350,6 +350,17 @@ class InProcessWorkerTest(unittest.TestCase):
             p.stop()
             p.cleanup()
 
+    def api(self, method, path, body=None, key=API_KEY):
+        """(status, the JSON answer or None) of the gateway's /api/v1``path``."""
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        c.request(method, f"/api/v1{path}", body=data, headers=headers)
+        res = c.getresponse()
+        text = res.read()
+        return res.status, json.loads(text) if text else None
+
 
 class ExceptSidsEndToEndTest(InProcessWorkerTest):
     """Room and namespace emits that leave some sockets out (``except_sids``):
@@ -1347,20 +1358,12 @@ class JoinRooms(InProcessWorkerTest):
 
         return svc
 
-    def api_post(self, path, body):
-        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
-        self.addCleanup(c.close)
-        c.request("POST", f"/api/v1{path}", body=json.dumps(body).encode(),
-                  headers={"Authorization": f"Bearer {API_KEY}"})
-        res = c.getresponse()
-        return res.status, res.read()
-
     def unheard(self):
         return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_events_unheard_total")
 
     def publish_welcome(self, room, data):
         body = {"room": room, "nsp": "/jr", "event": "welcome", "data": data}
-        self.assertEqual(self.api_post("/publish", body)[0], 202)
+        self.assertEqual(self.api("POST", "/publish", body)[0], 202)
 
     def welcome_comes(self, welcomes, data, timeout=WAIT):
         """Whether a welcome carrying ``data`` comes within ``timeout`` (any
@@ -1434,9 +1437,8 @@ class JoinThenEmitTest(JoinRooms):
         sid = sio.get_sid(namespace="/jr")
         names = [f"api-{i}" for i in range(self.rooms)]
         for room in names:
-            self.assertEqual(self.api_post(f"/sockets/{sid}/join", {"room": room})[0], 200)
-            self.assertEqual(self.api_post("/publish", {"room": room, "nsp": "/jr", "event": "welcome", "data": room})[0],
-                             202)
+            self.assertEqual(self.api("POST", f"/sockets/{sid}/join", {"room": room})[0], 200)
+            self.publish_welcome(room, room)
         self.welcomed(welcomes, names)
 
     def test_every_room_of_the_namespace_reaches_the_gateway(self):
@@ -1497,16 +1499,6 @@ class RoomWideControlTest(InProcessWorkerTest):
                       req.disconnect_sockets(in_room=req.args[0]))
 
         return svc
-
-    def api(self, method, path, body=None, key=API_KEY):
-        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
-        self.addCleanup(c.close)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        c.request(method, f"/api/v1{path}", body=data, headers=headers)
-        res = c.getresponse()
-        text = res.read()
-        return res.status, json.loads(text) if text else None
 
     def client(self, room, nsp="/rw"):
         """A client of ``nsp`` in ``room``: (client, sid, the events it handled,
