@@ -77,6 +77,10 @@ struct broker::metrics {
                              "away was not counted against the peers")},
         events{
             core::counter(r, "sidecast_broker_events_total", "Room and broadcast events forwarded from XSUB to XPUB")},
+        streams_taken_over{core::counter(
+            r, "sidecast_broker_event_streams_taken_over_total",
+            "Events whose topic took the counter (--event-streams) another topic held: its subscribers start "
+            "counting that topic's lost events again from there")},
         pair_state{core::gauges(r, "sidecast_broker_pair_state",
                                 "Of a broker pair (--pair): 1 for the state this broker is in (primary and backup: "
                                 "starting, undecided; active; passive), 0 for the others")},
@@ -135,6 +139,7 @@ struct broker::metrics {
   prometheus::Gauge& kept_sent_bytes;
   prometheus::Counter& stalls;
   prometheus::Counter& events;
+  prometheus::Counter& streams_taken_over;
   prometheus::Family<prometheus::Gauge>& pair_state;
   prometheus::Gauge& pair_term;
   prometheus::Counter& pair_activations;
@@ -182,7 +187,8 @@ broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr
                                       std::chrono::system_clock::now().time_since_epoch())
                                       .count()) +
                    ":"},
-      incarnation_{core::draw_incarnation()} {}
+      incarnation_{core::draw_incarnation()},
+      streams_{config_.event_streams, core::draw_incarnation()} {}
 
 broker::~broker() = default;
 
@@ -1008,9 +1014,24 @@ void broker::publish(const std::string& topic, std::string_view payload, const c
     drop(drop_reason::malformed, no_topic);
     return;
   }
+  zmq::message_t t{topic.data(), topic.size()};
+  zmq::message_t body{payload.data(), payload.size()};
+  send_event(t, body);
+}
+
+void broker::send_event(zmq::message_t& topic, zmq::message_t& body) {
   apply_subscriptions();
-  xpub_.send(zmq::buffer(topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-  xpub_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+  std::array<char, proto::event_stamp_bytes> stamp;
+  proto::encode_stamp(streams_.next(topic.to_string_view()), stamp);
+  if (streams_.taken_over() != streams_taken_over_) {
+    metrics_->streams_taken_over.Increment(static_cast<double>(streams_.taken_over() - streams_taken_over_));
+    streams_taken_over_ = streams_.taken_over();
+  }
+  // XPUB never blocks: a subscriber over its HWM loses the event (and
+  // finds the gap in the stamps).
+  xpub_.send(topic, zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+  xpub_.send(body, zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+  xpub_.send(zmq::buffer(stamp), zmq::send_flags::dontwait);
   input_.used(xpub_in_);
   ++stats_.events;
   metrics_->events.Increment();
@@ -1041,13 +1062,7 @@ void broker::forward_events() {
       drop(drop_reason::standby, "event");
       continue;
     }
-    apply_subscriptions();
-    // XPUB never blocks: a subscriber over its HWM loses the event.
-    xpub_.send(topic, zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-    xpub_.send(body, zmq::send_flags::dontwait);
-    input_.used(xpub_in_);
-    ++stats_.events;
-    metrics_->events.Increment();
+    send_event(topic, body);
   }
 }
 
@@ -1320,6 +1335,8 @@ void broker::on_pair_change(const pair_fsm::change& c) {
     // What peers sent the other is not here: they learn so from the new
     // incarnation in the Welcome (requests it held end BROKER_LOST).
     incarnation_ = core::draw_incarnation();
+    streams_ = event_streams{config_.event_streams, core::draw_incarnation()};
+    streams_taken_over_ = 0;
     metrics_->pair_activations.Increment();
     subscribe_events(true);
     input_.used(xsub_in_);  // a send: ask the socket before the next wait

@@ -20,6 +20,7 @@
 
 #include <zmq.hpp>
 
+#include "broker/event_streams.hpp"
 #include "broker/pair.hpp"
 #include "broker/service_table.hpp"
 #include "core/curve.hpp"
@@ -57,6 +58,9 @@ struct broker_config {
   // (send_unread()). 0: none.
   std::size_t kept_sent = 4096;
   std::size_t kept_sent_bytes = 1 << 20;
+  // Counters numbering the events published on each topic (event_streams.hpp):
+  // gateways count by them what the XPUB and their SUB dropped.
+  std::size_t event_streams = 65536;
   // A broker pair (pair.hpp, docs/deployment.md "A broker pair"): "primary"
   // or "backup"; empty: a broker alone. Its state goes out on a PUB bound
   // at `pair_bind`, the other's comes on a SUB connected to `pair_connect`.
@@ -176,6 +180,8 @@ class broker {
   /// `topic`; an empty topic is dropped as malformed, with `no_topic`.
   void publish(const std::string& topic, std::string_view payload, const char* no_topic);
   void forward_events();
+  /// Sends one event on the XPUB: its topic, its envelope, and its stamp.
+  void send_event(zmq::message_t& topic, zmq::message_t& body);
   void drain_subscriptions();
   void apply_subscriptions();  // before a turn's first publish (see there)
   void dispatch(clock::time_point now);
@@ -296,6 +302,10 @@ class broker {
   // sent in every Welcome: a peer that meets a new one knows what it sent
   // this broker's predecessor (or the other of the pair) is gone.
   std::uint64_t incarnation_;
+  // The events' numbers (a new table with each incarnation: the streams of
+  // a broker that stepped down and came back are not continued).
+  event_streams streams_;
+  std::uint64_t streams_taken_over_ = 0;  // streams_.taken_over() as last counted
   std::uint64_t next_owed_ = 0;
   broker_stats stats_;
   core::log_limiter log_limit_;

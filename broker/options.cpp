@@ -43,6 +43,12 @@ void add_options(CLI::App& app, broker_config& c) {
       ->capture_default_str();
   app.add_option("--kept-sent-bytes", c.kept_sent_bytes, "Bytes those kept messages may hold, per peer")
       ->capture_default_str();
+  app.add_option("--event-streams", c.event_streams,
+                 "Counters numbering each topic's events, by which gateways count the events they lost (a "
+                 "topic hashes to one; another topic taking it restarts the count, and loses nothing). "
+                 "Rounded up to a power of two; 24 bytes each")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 24));
   auto* pair = app.add_option("--pair", c.pair_role,
                               "This broker's place in a primary/backup pair (Binary Star): primary or backup. "
                               "Gateways and workers given both (--broker, --backup-broker) use the active one and "

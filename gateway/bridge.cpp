@@ -465,10 +465,23 @@ void bridge::pump() {
   if (link_->received_by_broker().count != broker_received_ || (held_ > 0 && !link_->holding())) resend_lost();
   if (link_->read_by_broker() != broker_read_) forget_read();
   more = drain(sub_watch_, [this] {
-    zmq::message_t topic, body;
+    zmq::message_t topic, body, stamp, extra;
     if (!sub_->recv(topic, zmq::recv_flags::dontwait)) return false;
-    if (topic.more() && sub_->recv(body, zmq::recv_flags::dontwait))
-      on_event(topic.to_string_view(), body.to_string_view());
+    // The topic, the envelope and its stamp (a broker before the stamps
+    // sends none); a message is whole or not there at all.
+    if (!topic.more() || !sub_->recv(body, zmq::recv_flags::dontwait)) return true;
+    bool stamped = body.more() && sub_->recv(stamp, zmq::recv_flags::dontwait);
+    bool extras = false;
+    for (auto* last = stamped ? &stamp : &body; last->more() && sub_->recv(extra, zmq::recv_flags::dontwait);
+         last = &extra)
+      extras = true;
+    if (extras) {
+      metrics_.bad_event.Increment();
+      if (log_limit_.allow()) spdlog::warn("bridge: event with extra frames dropped");
+      return true;
+    }
+    on_event(topic.to_string_view(), body.to_string_view(),
+             stamped ? proto::decode_stamp(stamp.to_string_view()) : std::nullopt);
     return true;
   }) || more;
   auto now = clock::now();
@@ -1036,7 +1049,7 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
         return control_outcome::long_room;
       }
       auto topic = proto::room_topic(m.nsp, control.room());
-      if (auto t = topics_.find(topic); t != topics_.end() && t->second.contains(&*it))
+      if (auto t = topics_.find(topic); t != topics_.end() && t->second.members.contains(&*it))
         return control_outcome::applied;  // in it already
       if (m.topics.size() >= config_.max_rooms) {
         metrics_.room_limit.Increment();
@@ -1047,7 +1060,7 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
     }
     case proto::Control::LEAVE: {
       auto t = topics_.find(proto::room_topic(m.nsp, control.room()));
-      if (t != topics_.end() && t->second.contains(&*it)) {
+      if (t != topics_.end() && t->second.members.contains(&*it)) {
         std::erase(m.topics, &t->first);
         remove_from_topic(t->first, *it);
       }
@@ -1070,16 +1083,26 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
   }
 }
 
-void bridge::on_event(std::string_view topic, std::string_view body) {
-  auto members = topics_.find(topic);
-  if (members == topics_.end()) {
+void bridge::on_event(std::string_view topic, std::string_view body, std::optional<proto::event_stamp> stamp) {
+  auto local = topics_.find(topic);
+  if (local == topics_.end()) {
     // A room with no local member, heard through a namespace-wide
     // subscription (or one on its way out).
     metrics_.unheard.Increment();
     return;
   }
+  metrics_.events_heard.Increment();
+  if (stamp) {
+    if (auto missed = local->second.heard.missed_before(*stamp); missed > 0) {
+      metrics_.events_lost.Increment(static_cast<double>(missed));
+      if (log_limit_.allow())
+        spdlog::warn("bridge: {} events on topic {} lost on the way from the broker (its XPUB or our SUB past "
+                     "--hwm, or a reconnect)", missed, printable(topic));
+    }
+  }
+  const auto& members = local->second.members;
   auto env = proto::decode(body);
-  if (env && env->has_control()) return on_room_control(topic, members->second, env->control());
+  if (env && env->has_control()) return on_room_control(topic, members, env->control());
   if (!env || !env->has_emit()) {
     if (log_limit_.allow()) spdlog::warn("bridge: malformed room event dropped");
     return;
@@ -1098,7 +1121,7 @@ void bridge::on_event(std::string_view topic, std::string_view body) {
       std::vector<std::string>(emit.attachments().begin(), emit.attachments().end()), ++offset_);
   // One post per executor (I/O thread), not per member.
   std::vector<std::pair<io_executor, std::vector<std::shared_ptr<client_sink>>>> groups;
-  for (const auto* who : members->second) {
+  for (const auto* who : members) {
     if (!except.empty() && except.contains(who->first)) continue;
     auto sink = who->second.sink.lock();
     if (!sink) continue;
@@ -1150,17 +1173,17 @@ void bridge::on_room_control(std::string_view topic, const members_of_topic& mem
 }
 
 const std::string* bridge::add_to_topic(std::string topic, member_entry& who) {
-  auto& [name, members] = *topics_.try_emplace(std::move(topic)).first;
-  if (members.empty()) subscribe(name, true);
-  members.insert(&who);
+  auto& [name, local] = *topics_.try_emplace(std::move(topic)).first;
+  if (local.members.empty()) subscribe(name, true);
+  local.members.insert(&who);
   return &name;
 }
 
 void bridge::remove_from_topic(const std::string& topic, member_entry& who) {
   auto it = topics_.find(topic);
   if (it == topics_.end()) return;
-  it->second.erase(&who);
-  if (it->second.empty()) {
+  it->second.members.erase(&who);
+  if (it->second.members.empty()) {
     subscribe(topic, false);
     topics_.erase(it);  // `topic` may be its key: not used after this
   }

@@ -42,6 +42,7 @@
 #include "gateway/reply_slot.hpp"
 #include "gateway/sink.hpp"
 #include "gateway/thread_backlog.hpp"
+#include "proto/codec.hpp"
 
 namespace sidecast::core {
 class peer_link;
@@ -190,6 +191,12 @@ class bridge {
   using member_entry = std::pair<const std::string, member>;  // of members_: its address is stable
   // A room's local members: open addressing, so a broadcast walks one array.
   using members_of_topic = boost::unordered_flat_set<member_entry*>;
+  // A room or namespace with local members: who they are, and how far its
+  // events were heard (a gap in their numbers is events lost on the way).
+  struct local_topic {
+    members_of_topic members;
+    proto::heard_stream heard;
+  };
   using time_point = std::chrono::steady_clock::time_point;
   // What was sent to the broker: a copy sharing the bytes sent (empty: never
   // sent again), and where on the link it went (its epoch, or the one at
@@ -247,7 +254,9 @@ class bridge {
   /// parsed_reply_ (false leaves the bytes to the link's parser).
   bool take_reply(std::string_view bytes);
   void on_reply(proto::Reply& r);
-  void on_event(std::string_view topic, std::string_view body);
+  /// An event from the broker's XPUB; `stamp` its number (none from a
+  /// broker before the stamps, or a stamp that does not parse).
+  void on_event(std::string_view topic, std::string_view body, std::optional<proto::event_stamp> stamp);
   void on_control(const proto::Control& control);
   void deliver_emit(proto::Emit& emit);  // moves its strings out
   void reply_to(pending p, reply_data reply);
@@ -366,7 +375,7 @@ class bridge {
   std::unordered_map<std::string, member> members_;
   // topic -> its local members, pointing into members_ (a member leaves
   // every topic before its entry is erased): no sid copied per room.
-  std::unordered_map<std::string, members_of_topic, core::string_hash, std::equal_to<>> topics_;
+  std::unordered_map<std::string, local_topic, core::string_hash, std::equal_to<>> topics_;
   // Requests and forwards awaiting answers, by the n of their ids: neither a
   // request nor its answer allocates here.
   boost::unordered_flat_map<std::uint64_t, pending> pending_;

@@ -54,6 +54,13 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                             "Room events and room-wide controls for a room with no local member, dropped (with "
                             "--room-subscriptions namespace every room of a namespace reaches every gateway with a "
                             "socket in it; with room, those on a subscription on its way out)")},
+      events_heard{core::counter(r, "sidecast_gateway_events_heard_total",
+                                 "Room and broadcast events (and room-wide controls) from the broker for rooms "
+                                 "and namespaces with local members")},
+      events_lost{core::counter(r, "sidecast_gateway_events_lost_total",
+                                "Room and broadcast events for topics with local members that the broker "
+                                "published but never reached this gateway: the gaps in their numbers (the "
+                                "broker's XPUB queue or this gateway's SUB past --hwm, or a reconnect)")},
       recovered{core::counter(r, "sidecast_gateway_recovered_total",
                               "Sockets recovered after a dropped transport (connection-state recovery)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",

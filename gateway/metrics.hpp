@@ -54,6 +54,8 @@ struct gateway_metrics {
   prometheus::Counter& forwarded;
   prometheus::Counter& room_controls;  // room-wide Controls applied (each to every local member)
   prometheus::Counter& unheard;  // room events for a room with no local member (--room-subscriptions namespace)
+  prometheus::Counter& events_heard;  // room and broadcast events for topics with local members
+  prometheus::Counter& events_lost;   // gaps in the broker's event stamps (proto::event_stamp)
   prometheus::Counter& recovered;
   prometheus::Gauge& replay_events;  // kept for connection-state recovery
   prometheus::Histogram& ack_latency;

@@ -325,6 +325,42 @@ std::string namespace_topic(std::string_view nsp) {
   return t;
 }
 
+namespace {
+
+void put_le64(std::uint64_t v, char* out) {
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((v >> (8 * i)) & 0xff);
+}
+
+std::uint64_t get_le64(const char* in) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= std::uint64_t{static_cast<unsigned char>(in[i])} << (8 * i);
+  return v;
+}
+
+}  // namespace
+
+void encode_stamp(const event_stamp& stamp, std::span<char, event_stamp_bytes> out) {
+  put_le64(stamp.stream, out.data());
+  put_le64(stamp.seq, out.data() + 8);
+}
+
+std::optional<event_stamp> decode_stamp(std::string_view bytes) {
+  if (bytes.size() != event_stamp_bytes) return std::nullopt;
+  event_stamp stamp{get_le64(bytes.data()), get_le64(bytes.data() + 8)};
+  if (stamp.stream == 0) return std::nullopt;
+  return stamp;
+}
+
+std::uint64_t heard_stream::missed_before(const event_stamp& stamp) {
+  // The same stream, further on: the numbers between were lost. Anything
+  // else (another stream, or a number not past the last, which one XPUB
+  // pipe never delivers) starts counting again from this event.
+  std::uint64_t missed = 0;
+  if (stamp.stream == last_.stream && stamp.seq > last_.seq) missed = stamp.seq - last_.seq - 1;
+  last_ = stamp;
+  return missed;
+}
+
 std::string topic_for(const Emit& emit) {
   switch (emit.to_case()) {
     case Emit::kRoom: return room_topic(emit.nsp(), emit.room());

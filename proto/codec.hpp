@@ -137,6 +137,35 @@ std::string topic_for(const Emit& emit);
 /// one that names no namespace, and for `in_namespace` false.
 std::string topic_for(const Control& control);
 
+/// The third frame of every event the broker's XPUB sends, after the topic
+/// and the envelope: which stream of the topic it belongs to and its number
+/// in it. The broker numbers each topic's events 1, 2, 3, ... in the order
+/// it publishes them; a gateway that hears a topic's events 5 and 8 of one
+/// stream lost 6 and 7 on the way (the XPUB's or its SUB's high-water mark,
+/// or a reconnect). A new stream (a restarted broker, the other broker of a
+/// pair, a topic that lost its counter to another) starts over and counts
+/// nothing. 16 bytes: the stream, then the number, little-endian.
+struct event_stamp {
+  std::uint64_t stream = 0;  // never 0 on the wire
+  std::uint64_t seq = 0;
+};
+inline constexpr std::size_t event_stamp_bytes = 16;
+void encode_stamp(const event_stamp& stamp, std::span<char, event_stamp_bytes> out);
+/// nullopt unless `bytes` is 16 bytes naming a stream other than 0.
+std::optional<event_stamp> decode_stamp(std::string_view bytes);
+
+/// What a subscriber keeps for one topic to find the events it lost.
+class heard_stream {
+ public:
+  /// Takes the stamp of an event just heard; returns how many events of
+  /// its stream came between the last one heard and this one (0 for the
+  /// first of a stream: nothing is known before it).
+  std::uint64_t missed_before(const event_stamp& stamp);
+
+ private:
+  event_stamp last_;
+};
+
 /// Peer ids and sids: a sid is "<gateway id>.<random>", a request or ack id is
 /// "<peer id>:<n>". Ids are non-empty and contain neither '.' nor ':'.
 bool valid_peer_id(std::string_view id);

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <future>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <optional>
@@ -33,6 +34,25 @@ struct link_mode {
   std::string_view endpoint;  // where SDK workers and gateways connect
   bool shared_thread;         // the broker and the workers' I/O on one io_context thread
 };
+
+// One event off the broker's XPUB: [topic][envelope][stamp]. Nothing if none
+// comes within `wait`, or if what comes is not those three frames.
+struct published {
+  std::string topic;
+  Envelope env;
+  proto::event_stamp stamp;
+};
+std::optional<published> receive_published(zmq::socket_t& sub, std::chrono::milliseconds wait) {
+  zmq::pollitem_t item{sub.handle(), 0, ZMQ_POLLIN, 0};
+  if (zmq::poll(&item, 1, wait) == 0) return std::nullopt;
+  zmq::message_t topic, body, stamp;
+  if (!sub.recv(topic) || !topic.more() || !sub.recv(body) || !body.more() || !sub.recv(stamp) || stamp.more())
+    return std::nullopt;
+  auto env = proto::decode(body.to_string_view());
+  auto s = proto::decode_stamp(stamp.to_string_view());
+  if (!env || !s) return std::nullopt;
+  return published{topic.to_string(), std::move(*env), *s};
+}
 
 class BrokerTest : public ::testing::TestWithParam<link_mode> {
  protected:
@@ -118,6 +138,22 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     return o;
   }
 
+  /// The topic subscribed_to_everything() probes on.
+  static std::string probe_topic() { return proto::room_topic("/", "probe"); }
+  /// A SUB of the broker's XPUB, subscribed to every topic, once a probe
+  /// `w` publishes (on probe_topic(), which a test skips) came through it:
+  /// the subscription travels asynchronously. Empty if none came in 5 s.
+  std::optional<zmq::socket_t> subscribed_to_everything(worker& w) {
+    zmq::socket_t sub{ctx_, zmq::socket_type::sub};
+    sub.connect("inproc://xpub");
+    sub.set(zmq::sockopt::subscribe, "");
+    if (!eventually([&] {
+          w.emit_to_room("/", "probe", "p", "[]");
+          return receive_published(sub, 0ms).has_value();
+        }, 5s))
+      return std::nullopt;
+    return sub;
+  }
   worker& add_worker(std::vector<service> services, std::string id, std::size_t threads = 0) {
     return add_worker(std::move(services), options_for(std::move(id), threads));
   }
@@ -1404,21 +1440,19 @@ TEST_P(GatewayPathTest, SayReachesRoomSubscribersOverPubSub) {
   auto topic = proto::room_topic("/", "room1");
   sub.set(zmq::sockopt::subscribe, topic);
   // The subscription travels asynchronously: retry until one arrives.
-  zmq::message_t got_topic, body;
+  std::optional<published> got;
   bool received = eventually(
       [&] {
         request("say", R"([{"room":"room1","text":"hi"}])");
-        zmq::pollitem_t item{sub.handle(), 0, ZMQ_POLLIN, 0};
-        zmq::poll(&item, 1, 100ms);
-        return (item.revents & ZMQ_POLLIN) && sub.recv(got_topic) && sub.recv(body);
+        got = receive_published(sub, 100ms);
+        return got.has_value();
       },
       5s);
   ASSERT_TRUE(received);
-  EXPECT_EQ(got_topic.to_string(), topic);
-  auto env = proto::decode(body.to_string_view());
-  ASSERT_TRUE(env && env->has_emit());
-  EXPECT_EQ(env->emit().event(), "said");
-  EXPECT_EQ(env->emit().args(), R"([{"room":"room1","text":"hi","from":"gwT.s1"}])");
+  EXPECT_EQ(got->topic, topic);
+  ASSERT_TRUE(got->env.has_emit());
+  EXPECT_EQ(got->env.emit().event(), "said");
+  EXPECT_EQ(got->env.emit().args(), R"([{"room":"room1","text":"hi","from":"gwT.s1"}])");
   auto ack = gateway_->next(Envelope::kReply, 5s);
   ASSERT_TRUE(ack);
   EXPECT_EQ(ack->reply().args(), "[true]");
@@ -2056,14 +2090,10 @@ TEST_P(BrokerTest, APeerThatSaidNoHelloIsAskedToAndItsRequestsAreStillServed) {
 // on `skip` (a test's probes); nothing after 5 s or for anything malformed.
 std::optional<std::pair<std::string, Envelope>> next_published(zmq::socket_t& sub, const std::string& skip) {
   for (;;) {
-    zmq::pollitem_t item{sub.handle(), 0, ZMQ_POLLIN, 0};
-    if (zmq::poll(&item, 1, 5000ms) == 0) return std::nullopt;
-    zmq::message_t topic, body;
-    if (!sub.recv(topic) || !topic.more() || !sub.recv(body)) return std::nullopt;
-    if (topic.to_string() == skip) continue;
-    auto env = proto::decode(body.to_string_view());
-    if (!env) return std::nullopt;
-    return std::pair{topic.to_string(), std::move(*env)};
+    auto p = receive_published(sub, 5000ms);
+    if (!p) return std::nullopt;
+    if (p->topic == skip) continue;
+    return std::pair{std::move(p->topic), std::move(p->env)};
   }
 }
 
@@ -2095,11 +2125,9 @@ TEST_P(BrokerTest, ARoomWideControlIsPublishedOnItsTopic) {
   sub.set(zmq::sockopt::subscribe, probe_topic);
   Envelope probe = emit;
   probe.mutable_emit()->set_room("probe");
-  zmq::message_t topic, body;
   ASSERT_TRUE(eventually([&] {
     gateway.send(probe);
-    std::this_thread::sleep_for(10ms);
-    return sub.recv(topic, zmq::recv_flags::dontwait) && sub.recv(body);
+    return receive_published(sub, 10ms).has_value();
   }, 5s));
   // Subscribed: the publish, then the control, in that order.
   gateway.send(emit);
@@ -2136,18 +2164,11 @@ TEST_P(BrokerTest, ARoomWideControlIsPublishedOnItsTopic) {
 // them; one that names no namespace is not sent.
 TEST_P(BrokerTest, AWorkersRoomWideControlsArePublishedBehindItsRoomEmits) {
   start();
-  zmq::socket_t sub{ctx_, zmq::socket_type::sub};
-  sub.connect("inproc://xpub");
-  sub.set(zmq::sockopt::subscribe, "");
   auto& w = add_worker({workers::echo_service(1)}, "w1");
-  // The subscription travels asynchronously: probe until one arrives (the
-  // probes, on a topic of their own, are skipped below).
-  const auto probe = proto::room_topic("/", "probe");
-  zmq::message_t topic, body;
-  ASSERT_TRUE(eventually([&] {
-    w.emit_to_room("/", "probe", "p", "[]");
-    return sub.recv(topic, zmq::recv_flags::dontwait) && sub.recv(body);
-  }, 5s));
+  auto subscribed = subscribed_to_everything(w);
+  ASSERT_TRUE(subscribed);
+  auto& sub = *subscribed;
+  const auto probe = probe_topic();  // skipped below
 
   ASSERT_TRUE(w.emit_to_room("/chat", "r", "last", "[]"));
   ASSERT_TRUE(w.sockets_join("/chat", "s", std::string{"r"}));
@@ -2174,6 +2195,59 @@ TEST_P(BrokerTest, AWorkersRoomWideControlsArePublishedBehindItsRoomEmits) {
   }
   EXPECT_EQ(got, (std::vector<std::string>{"r: emit last", "r: JOIN s from w1", "nsp: LEAVE t from w1",
                                            "r: LEAVE r from w1", "s: DISCONNECT  from w1"}));
+}
+
+// Every event on the XPUB carries a stamp (proto::event_stamp): each
+// topic's events are numbered one by one in a stream of the topic's own,
+// whether a worker published them on the XSUB or a gateway over the
+// ROUTER; a gateway finds the ones it lost in the gaps.
+TEST_P(BrokerTest, EachTopicsEventsAreNumberedInAStreamOfItsOwn) {
+  start();
+  auto& w = add_worker({workers::echo_service(1)}, "w1");
+  auto subscribed = subscribed_to_everything(w);
+  ASSERT_TRUE(subscribed);
+  auto& sub = *subscribed;
+  const auto probe = probe_topic();  // skipped below
+  peer gateway{ctx_, "inproc://router", "gwS", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway.hello());
+  for (const auto* room : {"a", "b", "a", "b", "a"}) ASSERT_TRUE(w.emit_to_room("/", room, "e", "[]"));
+  // The worker's PUB and the gateway's ROUTER are two connections: the
+  // gateway's goes once the worker's five are out.
+  std::vector<published> got;
+  while (got.size() < 5)
+    if (auto p = receive_published(sub, 5000ms)) {
+      if (p->topic != probe) got.push_back(std::move(*p));
+    } else {
+      break;
+    }
+  ASSERT_EQ(got.size(), 5u);
+  Envelope emit;
+  emit.mutable_emit()->set_nsp("/");
+  emit.mutable_emit()->set_room("a");
+  emit.mutable_emit()->set_event("from the gateway");
+  emit.mutable_emit()->set_args("[]");
+  gateway.send(emit);
+  for (auto p = receive_published(sub, 5000ms); p; p = receive_published(sub, 5000ms))
+    if (p->topic != probe) {
+      got.push_back(std::move(*p));
+      break;
+    }
+  ASSERT_EQ(got.size(), 6u) << "the gateway's publish was not published";
+
+  std::map<std::string, std::vector<proto::event_stamp>> by_topic;
+  for (const auto& p : got) by_topic[p.topic].push_back(p.stamp);
+  const auto a = proto::room_topic("/", "a"), b = proto::room_topic("/", "b");
+  ASSERT_EQ(by_topic[a].size(), 4u);
+  ASSERT_EQ(by_topic[b].size(), 2u);
+  for (const auto& [topic, stamps] : by_topic)
+    for (std::size_t i = 1; i < stamps.size(); ++i) {
+      auto name = topic.substr(1, topic.size() - 2);
+      EXPECT_EQ(stamps[i].stream, stamps[0].stream) << "room " << name.back();
+      EXPECT_EQ(stamps[i].seq, stamps[i - 1].seq + 1) << "the " << i << "th of room " << name.back();
+    }
+  EXPECT_NE(by_topic[a][0].stream, by_topic[b][0].stream);
+  EXPECT_EQ(by_topic[b][0].seq, 1u) << "b's first event";
+  EXPECT_EQ(got.back().env.emit().event(), "from the gateway");
 }
 
 // A worker's answer whose requester went away (here a client that closed
@@ -2908,10 +2982,18 @@ struct events_xpub {
       return subscribed == wanted;
     }, 5s);
   }
-  void publish(const std::string& topic, const Envelope& env) {
+  /// [topic][env], and the stamp if one is given (a broker's events have one).
+  void publish(const std::string& topic, const Envelope& env, std::optional<proto::event_stamp> stamp = {}) {
     auto body = proto::encode(env);
     socket.send(zmq::buffer(topic), zmq::send_flags::sndmore);
-    socket.send(zmq::buffer(body));
+    if (!stamp) {
+      socket.send(zmq::buffer(body));
+      return;
+    }
+    std::array<char, proto::event_stamp_bytes> bytes;
+    proto::encode_stamp(*stamp, bytes);
+    socket.send(zmq::buffer(body), zmq::send_flags::sndmore);
+    socket.send(zmq::buffer(bytes));
   }
   /// A room-wide Control of namespace "/": for everyone in `in_room`, or
   /// (nothing) every socket of the namespace; on `topic`.
@@ -2927,14 +3009,15 @@ struct events_xpub {
     publish(topic, env);
   }
   /// An Emit of `event` to `room` of namespace "/", on the room's topic.
-  void publish_to_room(const std::string& room, const std::string& event) {
+  void publish_to_room(const std::string& room, const std::string& event,
+                       std::optional<proto::event_stamp> stamp = {}) {
     Envelope env;
     auto* e = env.mutable_emit();
     e->set_room(room);
     e->set_nsp("/");
     e->set_event(event);
     e->set_args("[]");
-    publish(proto::room_topic("/", room), env);
+    publish(proto::room_topic("/", room), env, stamp);
   }
 
   zmq::socket_t socket;
@@ -2974,6 +3057,52 @@ TEST(GatewayLink, ARoomEventSentRightAfterAJoinReachesTheNewMember) {
   rig.bridge->detach("gwN.s1");
   EXPECT_TRUE(pub.subscriptions_become({})) << "the namespace's last socket left, its subscriptions stayed";
   EXPECT_EQ(rig.sink->seen(), std::vector<std::string>{"event after"});
+}
+
+// The broker numbers each topic's events (proto::event_stamp): the bridge
+// counts the gaps in a stream as events lost on the way (past the XPUB's
+// or its SUB's --hwm), and counts nothing across a new stream, for a room
+// with no local member, or for an event with no stamp. An event with more
+// frames than a stamp is dropped, and the next one is read whole.
+TEST(GatewayLink, TheBridgeCountsTheEventsLostOnTheWayToIt) {
+  using proto::Control;
+  bridge_rig rig{"gwL"};
+  events_xpub pub{rig};
+  rig.attach("gwL.s1");
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwL.s1", "x"), gateway::control_outcome::applied);
+  ASSERT_TRUE(pub.subscriptions_become({proto::rooms_prefix("/"), proto::namespace_topic("/")}));
+  const auto x = proto::room_topic("/", "x");
+  auto seen = [&](std::size_t n) { return eventually([&] { return rig.sink->seen().size() == n; }); };
+  pub.publish_to_room("x", "1", proto::event_stamp{9, 4});  // the first heard: no gap before it
+  pub.publish_to_room("x", "2", proto::event_stamp{9, 5});
+  pub.publish_to_room("x", "3", proto::event_stamp{9, 8});  // 6 and 7 lost
+  ASSERT_TRUE(seen(3));
+  EXPECT_EQ(rig.metrics.events_lost.Value(), 2);
+  pub.publish_to_room("x", "4", proto::event_stamp{10, 3});  // another broker's stream
+  pub.publish_to_room("x", "5");                             // a broker before the stamps
+  pub.publish_to_room("nobody", "-", proto::event_stamp{11, 1});
+  pub.publish_to_room("nobody", "-", proto::event_stamp{11, 9});  // no member: not counted
+  // Four frames: dropped as a bad event, and the next event read whole.
+  std::array<char, proto::event_stamp_bytes> stamp;
+  proto::encode_stamp({10, 4}, stamp);
+  pub.socket.send(zmq::buffer(x), zmq::send_flags::sndmore);
+  pub.socket.send(zmq::str_buffer("junk"), zmq::send_flags::sndmore);
+  pub.socket.send(zmq::buffer(stamp), zmq::send_flags::sndmore);
+  pub.socket.send(zmq::str_buffer("one too many"));
+  pub.publish_to_room("x", "6", proto::event_stamp{10, 6});  // 4 and 5 lost
+  ASSERT_TRUE(seen(6));
+  EXPECT_EQ(rig.sink->seen(), (std::vector<std::string>{"event 1", "event 2", "event 3", "event 4", "event 5",
+                                                        "event 6"}));
+  EXPECT_EQ(rig.metrics.events_lost.Value(), 4);
+  EXPECT_EQ(rig.metrics.events_heard.Value(), 6);
+  EXPECT_EQ(rig.metrics.unheard.Value(), 2);
+  EXPECT_EQ(rig.metrics.bad_event.Value(), 1);
+  // A room the gateway left and joined again starts over.
+  ASSERT_EQ(apply_control(rig, Control::LEAVE, "gwL.s1", "x"), gateway::control_outcome::applied);
+  ASSERT_EQ(apply_control(rig, Control::JOIN, "gwL.s1", "x"), gateway::control_outcome::applied);
+  pub.publish_to_room("x", "7", proto::event_stamp{10, 20});
+  ASSERT_TRUE(seen(7));
+  EXPECT_EQ(rig.metrics.events_lost.Value(), 4);
 }
 
 // --room-subscriptions room: the bridge subscribes to a room while it has a

@@ -311,6 +311,7 @@ class InProcessWorkerTest(unittest.TestCase):
     gateway_id = "gwP"
     gateway_threads = 1
     gateway_args = ()
+    broker_args = ()
     worker_count = 1  # more: cls.workers, each serving a service of its own call of service()
 
     @classmethod
@@ -320,7 +321,7 @@ class InProcessWorkerTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         from sidecast_worker import Worker
-        cls.broker = Broker(heartbeat_interval_ms=500)
+        cls.broker = Broker(heartbeat_interval_ms=500, extra=cls.broker_args)
         cls.http_port = free_port()
         svc = cls.service()
         cls.gateway = Process([os.path.join(BIN, "sidecast-gateway"),
@@ -1463,6 +1464,108 @@ class PerRoomSubscriptionsTest(JoinRooms):
                              capture_output=True, text=True, timeout=WAIT)
         self.assertNotEqual(run.returncode, 0)
         self.assertIn("--room-subscriptions", run.stderr)
+
+
+class EventsLostTest(InProcessWorkerTest):
+    """Events lost between the broker and a gateway are counted, not silent.
+    The gateway stops (SIGSTOP) while 64 KB events flood a room of its
+    namespace that it has no member in, small ones to a room its client is in
+    mixed in; the kernel's buffers fill, then the broker's XPUB queue for it
+    (--hwm 64), and libzmq drops what comes after without a word. The broker
+    numbers each room's events, and the gateway, running again, counts the
+    gaps: every event to the client's room published after the first it
+    heard either reaches the client or is counted lost."""
+
+    gateway_id = "gwE"
+    gateway_args = ("--hwm", "64")
+    broker_args = ("--hwm", "64")
+    floods = 1200  # 64 KB each: far past what loopback TCP buffers hold
+    every = 10     # one event to the client's room per this many floods
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("lossy")
+
+        @svc.on("enter")
+        def enter(req):
+            req.reply(req.join(req.args[0]))
+
+        return svc
+
+    def gateway_metric(self, name):
+        return metric(http_get(self.http_port, "/metrics")[1], name) or 0
+
+    def test_events_lost_on_the_way_to_a_gateway_are_counted(self):
+        warnings.simplefilter("ignore", ResourceWarning)
+        sio, notes = queued_client(self, "/lossy", "note")
+        self.assertIs(sio.call("enter", "watched", namespace="/lossy", timeout=WAIT), True)
+        pub = zmq.Context.instance().socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, 0)  # the test's own queue loses nothing
+        pub.connect(self.broker.xsub)
+        self.addCleanup(pub.close)
+
+        def emit(room, data):
+            env = pb.Envelope()
+            env.emit.nsp, env.emit.room, env.emit.event = "/lossy", room, "note"
+            env.emit.args = json.dumps([data]).encode()
+            pub.send_multipart([f"r/lossy\0{room}\0".encode(), env.SerializeToString()])
+
+        # Until the gateway has heard one: counting starts there.
+        for n in range(100):
+            emit("watched", f"probe-{n}")
+            try:
+                notes.get(timeout=0.1)
+                break
+            except queue.Empty:
+                pass
+        else:
+            self.fail("no event to the client's room reached it")
+        time.sleep(0.3)
+        while not notes.empty():
+            notes.get_nowait()
+        lost_before = self.gateway_metric("sidecast_gateway_events_lost_total")
+        published_before = self.broker.metric("sidecast_broker_events_total")
+        flood = "x" * 65536
+        sent = []
+        self.gateway.signal(signal.SIGSTOP)
+        try:
+            for n in range(self.floods):
+                emit("nobody", flood)
+                if n % self.every == 0:
+                    sent.append(f"w-{n}")
+                    emit("watched", sent[-1])
+            total = self.floods + len(sent)
+            self.assertTrue(eventually(
+                lambda: self.broker.metric("sidecast_broker_events_total") - published_before >= total, WAIT),
+                "the broker did not publish every event")
+        finally:
+            self.gateway.signal(signal.SIGCONT)
+        lost = lambda: self.gateway_metric("sidecast_gateway_events_lost_total") - lost_before
+        got = []
+        # A lost event shows as a gap before the next one heard: send more
+        # until one comes (the gateway catches up meanwhile), to close the
+        # count. Those that do not come are lost too.
+        for n in range(100):
+            sent.append(f"last-{n}")
+            emit("watched", sent[-1])
+            try:
+                got.append(notes.get(timeout=0.1))
+                if got[-1].startswith("last-"):
+                    break
+            except queue.Empty:
+                pass
+        else:
+            self.fail("the gateway heard nothing after it ran again")
+        time.sleep(0.3)
+        while not notes.empty():
+            got.append(notes.get_nowait())
+        print(f"\n{len(sent)} sent to the client's room: {len(got)} arrived, {lost()} counted lost", end=" ")
+        self.assertGreater(lost(), 0, "nothing was lost: the test's premise failed (larger TCP buffers?)")
+        self.assertEqual(len(got) + lost(), len(sent), f"{len(got)} arrived, {lost()} counted lost")
+        self.assertEqual(got, [d for d in sent if d in set(got)], "out of order")
+        self.assertTrue(sio.connected)
 
 
 class RoomWideControlTest(InProcessWorkerTest):

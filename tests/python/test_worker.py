@@ -13,6 +13,7 @@ the sids "gwT.*". Every wait is bounded.
 import json
 import queue
 import signal
+import struct
 import threading
 import time
 import unittest
@@ -1321,7 +1322,12 @@ class PublishTest(BrokerTest):
             send()
             if sub.poll(100, zmq.POLLIN):
                 frames = sub.recv_multipart()
-                self.assertEqual(len(frames), 2, frames)
+                # [topic][envelope][stamp]: the broker numbers each topic's
+                # events (16 bytes: stream, number; docs/protocol.md).
+                self.assertEqual(len(frames), 3, frames)
+                stream, number = struct.unpack("<QQ", frames[2])
+                self.assertNotEqual(stream, 0)
+                self.assertGreater(number, 0)
                 env = pb.Envelope()
                 env.ParseFromString(frames[1])
                 return frames[0], env
@@ -1618,7 +1624,7 @@ class BrokerPairTest(BrokerTest):
             def once():
                 client.submit("t", "say", json.dumps([text]), sid=f"{client.id}.x", wants_reply=False)
                 while sub.poll(100, zmq.POLLIN):
-                    topic, body = sub.recv_multipart()
+                    topic, body, _ = sub.recv_multipart()
                     env = pb.Envelope()
                     env.ParseFromString(body)
                     if args_of(env.emit) == [text]:

@@ -1,3 +1,4 @@
+#include <array>
 #include <random>
 #include <string>
 #include <vector>
@@ -350,6 +351,55 @@ TEST(Topics, TopicForControl) {
   c.set_in_namespace(true);
   c.clear_nsp();
   EXPECT_EQ(topic_for(c), "") << "no namespace, no topic";
+}
+
+TEST(EventStamps, SixteenBytesThereAndBack) {
+  std::array<char, event_stamp_bytes> bytes{};
+  encode_stamp({0x0102030405060708, 42}, bytes);
+  EXPECT_EQ(bytes[0], 0x08) << "little-endian";
+  auto back = decode_stamp({bytes.data(), bytes.size()});
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->stream, 0x0102030405060708u);
+  EXPECT_EQ(back->seq, 42u);
+  encode_stamp({~std::uint64_t{0}, ~std::uint64_t{0}}, bytes);
+  back = decode_stamp({bytes.data(), bytes.size()});
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->seq, ~std::uint64_t{0});
+}
+
+TEST(EventStamps, AnythingElseIsNoStamp) {
+  std::array<char, event_stamp_bytes> bytes{};
+  encode_stamp({0, 7}, bytes);
+  EXPECT_FALSE(decode_stamp({bytes.data(), bytes.size()})) << "stream 0 is none";
+  encode_stamp({1, 7}, bytes);
+  EXPECT_FALSE(decode_stamp({bytes.data(), 15}));
+  EXPECT_FALSE(decode_stamp(std::string(17, 'x')));
+  EXPECT_FALSE(decode_stamp(""));
+}
+
+// Table-driven: the stamps a subscriber hears for one topic, one after the
+// other, and the events it finds lost before each.
+TEST(EventStamps, AHeardStreamCountsTheGapsOfOneStream) {
+  struct heard {
+    event_stamp stamp;
+    std::uint64_t missed;
+    const char* why;
+  };
+  const heard cases[] = {
+      {{7, 5}, 0, "the first heard: nothing known before it"},
+      {{7, 6}, 0, "the next"},
+      {{7, 9}, 2, "7 and 8 lost"},
+      {{7, 10}, 0, "the next again"},
+      {{8, 1}, 0, "a new stream (another broker, a restart) starts over"},
+      {{8, 1000}, 998, "a long gap"},
+      {{7, 11}, 0, "back on the old stream: starts over, counts nothing"},
+      {{7, 11}, 0, "a repeat is not a gap"},
+      {{7, 3}, 0, "nor a step back"},
+      {{7, 4}, 0, "from which it counts on"},
+      {{7, 6}, 1, "5 lost"},
+  };
+  heard_stream stream;
+  for (const auto& c : cases) EXPECT_EQ(stream.missed_before(c.stamp), c.missed) << c.why;
 }
 
 TEST(Ids, OwnersAndValidity) {
