@@ -71,14 +71,18 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "members it has)")
       ->capture_default_str()
       ->check(at_least_one);
-  app.add_option("--room-subscriptions", c.subscriptions,
-                 "Room events to ask the broker for: `namespace`, every room of each namespace with a local socket "
-                 "(an event sent right after a join finds the new member unless it overtakes the join on its way); "
-                 "`room`, only the rooms with a local member (less traffic when rooms are spread over many gateways, "
-                 "but an event published as a join makes a room new to this gateway can miss it)")
-      ->transform(CLI::CheckedTransformer(
-          std::map<std::string, room_subscriptions>{{"namespace", room_subscriptions::whole_namespace},
-                                                    {"room", room_subscriptions::each_room}}))
+  // A string checked by name: CheckedTransformer would take the enum's
+  // numbers ("0", "1") too.
+  app.add_option_function<std::string>(
+         "--room-subscriptions",
+         [&c](const std::string& v) {
+           c.subscriptions = v == "room" ? room_subscriptions::each_room : room_subscriptions::whole_namespace;
+         },
+         "Room events to ask the broker for: `namespace`, every room of each namespace with a local socket "
+         "(an event sent right after a join finds the new member unless it overtakes the join on its way); "
+         "`room`, only the rooms with a local member (less traffic when rooms are spread over many gateways, "
+         "but an event published as a join makes a room new to this gateway can miss it)")
+      ->check(CLI::IsMember({"namespace", "room"}))
       ->option_text("namespace|room")
       ->default_str("namespace");
   app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str()

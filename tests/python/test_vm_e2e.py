@@ -1460,10 +1460,11 @@ class PerRoomSubscriptionsTest(JoinRooms):
         self.assertEqual(self.unheard_after_a_publish_to_a_room_with_no_member(), 0)
 
     def test_a_value_that_is_no_mode_is_refused(self):
-        run = subprocess.run([os.path.join(BIN, "sidecast-gateway"), "--room-subscriptions", "rooms"],
-                             capture_output=True, text=True, timeout=WAIT)
-        self.assertNotEqual(run.returncode, 0)
-        self.assertIn("--room-subscriptions", run.stderr)
+        for value in ("rooms", "0", "1", ""):  # the modes' numbers are no names
+            run = subprocess.run([os.path.join(BIN, "sidecast-gateway"), "--room-subscriptions", value],
+                                 capture_output=True, text=True, timeout=WAIT)
+            self.assertNotEqual(run.returncode, 0, value)
+            self.assertIn("--room-subscriptions", run.stderr)
 
 
 class EventsLostTest(InProcessWorkerTest):
