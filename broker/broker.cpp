@@ -1335,8 +1335,7 @@ void broker::on_pair_change(const pair_fsm::change& c) {
     // What peers sent the other is not here: they learn so from the new
     // incarnation in the Welcome (requests it held end BROKER_LOST).
     incarnation_ = core::draw_incarnation();
-    streams_ = event_streams{config_.event_streams, core::draw_incarnation()};
-    streams_taken_over_ = 0;
+    streams_.reset(core::draw_incarnation());
     metrics_->pair_activations.Increment();
     subscribe_events(true);
     input_.used(xsub_in_);  // a send: ask the socket before the next wait

@@ -302,8 +302,8 @@ class broker {
   // sent in every Welcome: a peer that meets a new one knows what it sent
   // this broker's predecessor (or the other of the pair) is gone.
   std::uint64_t incarnation_;
-  // The events' numbers (a new table with each incarnation: the streams of
-  // a broker that stepped down and came back are not continued).
+  // The events' numbers (reset with each incarnation: the streams of a
+  // broker that stepped down and came back are not continued).
   event_streams streams_;
   std::uint64_t streams_taken_over_ = 0;  // streams_.taken_over() as last counted
   std::uint64_t next_owed_ = 0;

@@ -1,12 +1,19 @@
 #include "broker/event_streams.hpp"
 
+#include <algorithm>
 #include <bit>
 #include <functional>
 
 namespace sidecast::broker {
 
 event_streams::event_streams(std::size_t slots, std::uint64_t first_stream)
-    : slots_(std::bit_ceil(slots < 1 ? std::size_t{1} : slots)), next_stream_{first_stream} {}
+    : slots_(std::bit_ceil(std::max(slots, ways))), next_stream_{first_stream} {}
+
+void event_streams::reset(std::uint64_t first_stream) {
+  std::fill(slots_.begin(), slots_.end(), slot{});
+  next_stream_ = first_stream;
+  clock_ = 0;
+}
 
 std::uint64_t event_streams::new_stream() {
   if (next_stream_ == 0) ++next_stream_;
@@ -15,12 +22,25 @@ std::uint64_t event_streams::new_stream() {
 
 proto::event_stamp event_streams::next(std::string_view topic) {
   const std::uint64_t fingerprint = std::hash<std::string_view>{}(topic);
-  auto& s = slots_[fingerprint & (slots_.size() - 1)];
-  if (s.stream == 0 || s.fingerprint != fingerprint) {
-    if (s.stream != 0) ++taken_over_;
-    s = slot{fingerprint, new_stream(), 0};
+  // The set: `ways` neighbouring slots (one or two cache lines).
+  auto* set = &slots_[(fingerprint * ways) & (slots_.size() - 1)];
+  slot* s = nullptr;
+  slot* oldest = set;
+  for (std::size_t i = 0; i < ways; ++i) {
+    auto& candidate = set[i];
+    if (candidate.stream != 0 && candidate.fingerprint == fingerprint) {
+      s = &candidate;
+      break;
+    }
+    if (candidate.used < oldest->used) oldest = &candidate;  // an unused slot's is 0: taken first
   }
-  return {s.stream, ++s.seq};
+  if (!s) {
+    s = oldest;
+    if (s->stream != 0) ++taken_over_;
+    *s = slot{fingerprint, new_stream(), 0, 0};
+  }
+  s->used = ++clock_;
+  return {s->stream, ++s->seq};
 }
 
 }  // namespace sidecast::broker

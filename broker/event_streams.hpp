@@ -1,14 +1,16 @@
 #pragma once
 // Numbers the events the broker publishes, per topic (proto::event_stamp),
-// so that a gateway can count the ones its XPUB pipe or its SUB dropped:
-// libzmq drops them at a high-water mark without a word.
+// so that a gateway can count the ones its XPUB queue dropped: libzmq drops
+// them at a high-water mark without a word.
 //
 // A fixed table of counters (--event-streams), not one per topic ever
-// seen: a topic hashes to a slot, and keeps its counter there while no
-// other topic takes the slot. One that does starts a new stream, and so
-// does the first topic when it comes back: its subscribers start counting
-// again from that event, and count nothing lost (taken_over() counts
-// these). The memory is the table's whatever the number of rooms.
+// seen: a topic hashes to a set of four slots and keeps its counter in one
+// of them while it is among the set's four most recently published topics.
+// A fifth takes the least recently used slot and starts a new stream, and
+// so does the topic it took it from when it comes back: its subscribers
+// start counting again from that event and count nothing lost across the
+// change (taken_over() counts these). The memory is the table's, 32 bytes
+// a slot, whatever the number of rooms.
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -20,14 +22,19 @@ namespace sidecast::broker {
 
 class event_streams {
  public:
-  /// `slots` is rounded up to a power of two (at least 1). Stream ids are
-  /// handed out from `first_stream` up (skipping 0): a random one, so that
-  /// a restarted broker, or the other broker of a pair, starts streams its
-  /// gateways have not heard.
+  static constexpr std::size_t ways = 4;
+
+  /// `slots` is rounded up to a power of two, at least `ways`. Stream ids
+  /// are handed out from `first_stream` up (skipping 0): a random one, so
+  /// that a restarted broker, or the other broker of a pair, starts streams
+  /// its gateways have not heard.
   event_streams(std::size_t slots, std::uint64_t first_stream);
 
   /// The stamp of `topic`'s next event.
   proto::event_stamp next(std::string_view topic);
+  /// Forgets every topic (in place: no allocation); new streams from
+  /// `first_stream`.
+  void reset(std::uint64_t first_stream);
 
   std::size_t slots() const { return slots_.size(); }
   /// Times a topic took a slot that held another topic's counter.
@@ -38,11 +45,13 @@ class event_streams {
     std::uint64_t fingerprint = 0;  // the topic's hash
     std::uint64_t stream = 0;       // 0: never used
     std::uint64_t seq = 0;
+    std::uint64_t used = 0;         // the table's clock at its last event
   };
   std::uint64_t new_stream();
 
   std::vector<slot> slots_;
   std::uint64_t next_stream_;
+  std::uint64_t clock_ = 0;
   std::uint64_t taken_over_ = 0;
 };
 

@@ -44,9 +44,10 @@ void add_options(CLI::App& app, broker_config& c) {
   app.add_option("--kept-sent-bytes", c.kept_sent_bytes, "Bytes those kept messages may hold, per peer")
       ->capture_default_str();
   app.add_option("--event-streams", c.event_streams,
-                 "Counters numbering each topic's events, by which gateways count the events they lost (a "
-                 "topic hashes to one; another topic taking it restarts the count, and loses nothing). "
-                 "Rounded up to a power of two; 24 bytes each")
+                 "Counters numbering each topic's events, by which gateways count the events they lost: a topic "
+                 "hashes to a set of four, and keeps one while it is among the set's four last published (a "
+                 "fifth takes the oldest: both topics' counts restart, and no event is lost). A few times the "
+                 "rooms and namespaces active at once; rounded up to a power of two, 32 bytes each")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 24));
   auto* pair = app.add_option("--pair", c.pair_role,

@@ -31,6 +31,12 @@ std::string printable(std::string_view s) {
   return out;
 }
 
+// How long after the SUB's last unsubscription a topic that comes may still
+// be brought events from before it: far longer than the gateway takes to
+// read what the broker's queue and the kernel hold for it, unless it is so
+// far behind that it loses events anyway.
+constexpr std::chrono::seconds resubscription_window{5};
+
 }  // namespace
 
 namespace asio = boost::asio;
@@ -480,8 +486,12 @@ void bridge::pump() {
       if (log_limit_.allow()) spdlog::warn("bridge: event with extra frames dropped");
       return true;
     }
-    on_event(topic.to_string_view(), body.to_string_view(),
-             stamped ? proto::decode_stamp(stamp.to_string_view()) : std::nullopt);
+    std::optional<proto::event_stamp> number;
+    if (stamped && !(number = proto::decode_stamp(stamp.to_string_view()))) {
+      metrics_.bad_event.Increment();  // delivered all the same, its loss not counted
+      if (log_limit_.allow()) spdlog::warn("bridge: event with a malformed stamp ({} bytes)", stamp.size());
+    }
+    on_event(topic.to_string_view(), body.to_string_view(), number);
     return true;
   }) || more;
   auto now = clock::now();
@@ -1094,10 +1104,17 @@ void bridge::on_event(std::string_view topic, std::string_view body, std::option
   metrics_.events_heard.Increment();
   if (stamp) {
     if (auto missed = local->second.heard.missed_before(*stamp); missed > 0) {
-      metrics_.events_lost.Increment(static_cast<double>(missed));
-      if (log_limit_.allow())
-        spdlog::warn("bridge: {} events on topic {} lost on the way from the broker (its XPUB or our SUB past "
-                     "--hwm, or a reconnect)", missed, printable(topic));
+      auto& forgive = local->second.forgive_until;
+      // A topic subscribed again soon after an unsubscription may still
+      // bring events from before it, then a gap: those published while it
+      // was not subscribed, not lost. Its first gap then is not counted.
+      if (forgive == time_point{} || std::chrono::steady_clock::now() >= forgive) {
+        metrics_.events_lost.Increment(static_cast<double>(missed));
+        if (log_limit_.allow())
+          spdlog::warn("bridge: {} events on topic {} lost on the way from the broker (its XPUB queue for us "
+                       "past --hwm, or a reconnect)", missed, printable(topic));
+      }
+      forgive = {};
     }
   }
   const auto& members = local->second.members;
@@ -1173,7 +1190,12 @@ void bridge::on_room_control(std::string_view topic, const members_of_topic& mem
 }
 
 const std::string* bridge::add_to_topic(std::string topic, member_entry& who) {
-  auto& [name, local] = *topics_.try_emplace(std::move(topic)).first;
+  auto [it, added] = topics_.try_emplace(std::move(topic));
+  auto& [name, local] = *it;
+  if (added && last_unsubscribed_ != time_point{}) {
+    auto now = std::chrono::steady_clock::now();
+    if (now - last_unsubscribed_ < resubscription_window) local.forgive_until = now + resubscription_window;
+  }
   if (local.members.empty()) subscribe(name, true);
   local.members.insert(&who);
   return &name;
@@ -1191,8 +1213,12 @@ void bridge::remove_from_topic(const std::string& topic, member_entry& who) {
 
 void bridge::subscribe(const std::string& topic, bool on) {
   auto set = [this, on](const std::string& t) {
-    if (on) sub_->set(zmq::sockopt::subscribe, t);
-    else sub_->set(zmq::sockopt::unsubscribe, t);
+    if (on) {
+      sub_->set(zmq::sockopt::subscribe, t);
+      return;
+    }
+    sub_->set(zmq::sockopt::unsubscribe, t);
+    last_unsubscribed_ = std::chrono::steady_clock::now();
   };
   bool room = topic.front() == 'r';
   if (room) {

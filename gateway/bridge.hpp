@@ -196,6 +196,9 @@ class bridge {
   struct local_topic {
     members_of_topic members;
     proto::heard_stream heard;
+    // Set when the topic came while an unsubscription was recent: its first
+    // gap before then may be the time it was not subscribed (on_event()).
+    std::chrono::steady_clock::time_point forgive_until{};
   };
   using time_point = std::chrono::steady_clock::time_point;
   // What was sent to the broker: a copy sharing the bytes sent (empty: never
@@ -376,6 +379,7 @@ class bridge {
   // topic -> its local members, pointing into members_ (a member leaves
   // every topic before its entry is erased): no sid copied per room.
   std::unordered_map<std::string, local_topic, core::string_hash, std::equal_to<>> topics_;
+  std::chrono::steady_clock::time_point last_unsubscribed_{};  // the SUB's last unsubscription
   // Requests and forwards awaiting answers, by the n of their ids: neither a
   // request nor its answer allocates here.
   boost::unordered_flat_map<std::uint64_t, pending> pending_;

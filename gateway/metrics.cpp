@@ -60,7 +60,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       events_lost{core::counter(r, "sidecast_gateway_events_lost_total",
                                 "Room and broadcast events for topics with local members that the broker "
                                 "published but never reached this gateway: the gaps in their numbers (the "
-                                "broker's XPUB queue or this gateway's SUB past --hwm, or a reconnect)")},
+                                "broker's XPUB queue for this gateway past its --hwm, or a reconnect)")},
       recovered{core::counter(r, "sidecast_gateway_recovered_total",
                               "Sockets recovered after a dropped transport (connection-state recovery)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",

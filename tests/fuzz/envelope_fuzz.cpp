@@ -8,6 +8,7 @@
 // its own (request_body), the gateway a Reply's (reply_body): each must
 // accept exactly what the full parse does, the same. The hand-written encoders (encode_request, encode_reply) must
 // write what protobuf writes for the same fields.
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -44,6 +45,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (peeked.kind != Envelope::KIND_NOT_SET) {
     if (!full) __builtin_trap();  // peek accepted what the parser refuses
     check_same(peeked, proto::head_of(*full));
+  }
+
+  // The third frame of an XPUB event: a stamp exactly when 16 bytes name a
+  // stream, and the same stamp again once encoded.
+  if (const auto stamp = proto::decode_stamp(in)) {
+    if (size != proto::event_stamp_bytes || stamp->stream == 0) __builtin_trap();
+    std::array<char, proto::event_stamp_bytes> again;
+    proto::encode_stamp(*stamp, again);
+    if (std::string_view(again.data(), again.size()) != in) __builtin_trap();
+  } else if (size == proto::event_stamp_bytes && std::any_of(data, data + 8, [](auto b) { return b != 0; })) {
+    __builtin_trap();  // 16 bytes with a stream refused
   }
 
   alignas(16) static std::array<char, 4096> block;

@@ -1480,7 +1480,6 @@ class EventsLostTest(InProcessWorkerTest):
     gateway_id = "gwE"
     gateway_args = ("--hwm", "64")
     broker_args = ("--hwm", "64")
-    floods = 1200  # 64 KB each: far past what loopback TCP buffers hold
     every = 10     # one event to the client's room per this many floods
 
     @classmethod
@@ -1513,55 +1512,53 @@ class EventsLostTest(InProcessWorkerTest):
             env.emit.args = json.dumps([data]).encode()
             pub.send_multipart([f"r/lossy\0{room}\0".encode(), env.SerializeToString()])
 
+        def until_the_last_comes(prefix, got):
+            """Sends ``prefix-n`` events to the client's room, waiting up to
+            half a second for each, until the last one sent is the last that
+            came (every event before it either came or left a gap the gateway
+            counted), adding what comes to ``got``. Returns the names sent."""
+            sent = []
+            for n in range(100):
+                sent.append(f"{prefix}-{n}")
+                emit("watched", sent[-1])
+                until = time.monotonic() + 0.5
+                while (left := until - time.monotonic()) > 0 and not (got and got[-1] == sent[-1]):
+                    try:
+                        got.append(notes.get(timeout=left))
+                    except queue.Empty:
+                        break
+                if got and got[-1] == sent[-1]:
+                    return sent
+            self.fail(f"the last {prefix} event sent never came")
+
         # Until the gateway has heard one: counting starts there.
-        for n in range(100):
-            emit("watched", f"probe-{n}")
-            try:
-                notes.get(timeout=0.1)
-                break
-            except queue.Empty:
-                pass
-        else:
-            self.fail("no event to the client's room reached it")
-        time.sleep(0.3)
-        while not notes.empty():
-            notes.get_nowait()
+        until_the_last_comes("probe", [])
         lost_before = self.gateway_metric("sidecast_gateway_events_lost_total")
         published_before = self.broker.metric("sidecast_broker_events_total")
         flood = "x" * 65536
+        # Twice what the two ends' TCP buffers may grow to, and 1,200 at least.
+        most = sum(int(open(f"/proc/sys/net/ipv4/tcp_{m}").read().split()[2]) for m in ("rmem", "wmem"))
+        floods = max(1200, 2 * most // len(flood))
         sent = []
         self.gateway.signal(signal.SIGSTOP)
         try:
-            for n in range(self.floods):
+            for n in range(floods):
                 emit("nobody", flood)
                 if n % self.every == 0:
                     sent.append(f"w-{n}")
                     emit("watched", sent[-1])
-            total = self.floods + len(sent)
+            total = floods + len(sent)
             self.assertTrue(eventually(
                 lambda: self.broker.metric("sidecast_broker_events_total") - published_before >= total, WAIT),
                 "the broker did not publish every event")
         finally:
             self.gateway.signal(signal.SIGCONT)
         lost = lambda: self.gateway_metric("sidecast_gateway_events_lost_total") - lost_before
-        got = []
         # A lost event shows as a gap before the next one heard: send more
-        # until one comes (the gateway catches up meanwhile), to close the
-        # count. Those that do not come are lost too.
-        for n in range(100):
-            sent.append(f"last-{n}")
-            emit("watched", sent[-1])
-            try:
-                got.append(notes.get(timeout=0.1))
-                if got[-1].startswith("last-"):
-                    break
-            except queue.Empty:
-                pass
-        else:
-            self.fail("the gateway heard nothing after it ran again")
-        time.sleep(0.3)
-        while not notes.empty():
-            got.append(notes.get_nowait())
+        # until the last one sent comes (the gateway catches up meanwhile),
+        # which closes the count. Those of them that do not come are lost too.
+        got = []
+        sent += until_the_last_comes("last", got)
         print(f"\n{len(sent)} sent to the client's room: {len(got)} arrived, {lost()} counted lost", end=" ")
         self.assertGreater(lost(), 0, "nothing was lost: the test's premise failed (larger TCP buffers?)")
         self.assertEqual(len(got) + lost(), len(sent), f"{len(got)} arrived, {lost()} counted lost")

@@ -1,6 +1,7 @@
 // The broker's per-topic event counters (broker/event_streams.hpp): each
 // topic numbered 1, 2, 3, ... in a stream of its own; a topic that takes a
-// slot from another starts a new stream, as does the other coming back.
+// slot from another (the least recently used of its set of four) starts a
+// new stream, as does the other coming back.
 #include <cstdint>
 #include <set>
 #include <string>
@@ -30,24 +31,48 @@ TEST(EventStreams, EachTopicIsNumberedInAStreamOfItsOwn) {
   EXPECT_EQ(streams.taken_over(), 0u);
 }
 
-TEST(EventStreams, ATopicThatTakesASlotStartsANewStreamAndSoDoesTheOneItTookItFrom) {
-  event_streams streams{1, 100};  // one slot: every topic shares it
-  auto a1 = streams.next("ra");
-  auto a2 = streams.next("ra");
-  auto b1 = streams.next("rb");
-  auto a3 = streams.next("ra");
-  EXPECT_EQ(a2.seq, 2u);
-  EXPECT_EQ(b1.seq, 1u);
-  EXPECT_NE(b1.stream, a1.stream);
-  EXPECT_EQ(a3.seq, 1u) << "a's count starts over";
-  EXPECT_NE(a3.stream, a1.stream) << "in a stream its subscribers have not heard: they count no gap";
-  EXPECT_NE(a3.stream, b1.stream);
-  EXPECT_EQ(streams.taken_over(), 2u);
+// The smallest table is one set of four: every topic shares it.
+TEST(EventStreams, FourTopicsShareASetAndKeepTheirCounts) {
+  event_streams streams{1, 100};
+  ASSERT_EQ(streams.slots(), event_streams::ways);
+  for (int round = 1; round <= 3; ++round)
+    for (const auto* topic : {"ra", "rb", "rc", "rd"}) EXPECT_EQ(streams.next(topic).seq, std::uint64_t(round)) << topic;
+  EXPECT_EQ(streams.taken_over(), 0u);
 }
 
-TEST(EventStreams, TheSlotsAreAPowerOfTwo) {
-  EXPECT_EQ(event_streams(0, 1).slots(), 1u);
-  EXPECT_EQ(event_streams(1, 1).slots(), 1u);
+TEST(EventStreams, AFifthTopicTakesTheLeastRecentlyUsedSlotAndBothStartNewStreams) {
+  event_streams streams{1, 100};
+  auto a1 = streams.next("ra");
+  for (const auto* topic : {"rb", "rc", "rd"}) (void)streams.next(topic);
+  (void)streams.next("ra");  // a is used again: b is now the least recent
+  auto e1 = streams.next("re");
+  EXPECT_EQ(e1.seq, 1u);
+  EXPECT_EQ(streams.taken_over(), 1u);
+  EXPECT_EQ(streams.next("ra").seq, 3u) << "a kept its slot";
+  EXPECT_EQ(streams.next("rc").seq, 2u);
+  auto b = streams.next("rb");  // takes d's, the least recent now
+  EXPECT_EQ(b.seq, 1u) << "b's count starts over";
+  EXPECT_NE(b.stream, a1.stream);
+  EXPECT_NE(b.stream, e1.stream);
+  EXPECT_EQ(streams.taken_over(), 2u);
+  EXPECT_EQ(streams.next("rd").seq, 1u) << "d lost its slot to b";
+}
+
+TEST(EventStreams, AResetForgetsEveryTopicAndStartsStreamsAnew) {
+  event_streams streams{64, 100};
+  auto before = streams.next("ra");
+  (void)streams.next("ra");
+  streams.reset(5000);
+  auto after = streams.next("ra");
+  EXPECT_EQ(after.seq, 1u);
+  EXPECT_EQ(after.stream, 5000u);
+  EXPECT_NE(after.stream, before.stream);
+  EXPECT_EQ(streams.slots(), 64u);
+}
+
+TEST(EventStreams, TheSlotsAreAPowerOfTwoOfAtLeastOneSet) {
+  EXPECT_EQ(event_streams(0, 1).slots(), 4u);
+  EXPECT_EQ(event_streams(1, 1).slots(), 4u);
   EXPECT_EQ(event_streams(1000, 1).slots(), 1024u);
   EXPECT_EQ(event_streams(65536, 1).slots(), 65536u);
 }
@@ -62,6 +87,13 @@ TEST(EventStreams, NoStreamIsZero) {
     seen.insert(s.stream);
   }
   EXPECT_EQ(seen.size(), 8u) << "every new stream is a new id, across the wrap";
+}
+
+// Many topics in a table a few times larger: each keeps its own count.
+TEST(EventStreams, TopicsFewerThanTheSlotsKeepTheirCounts) {
+  event_streams streams{4096, 1};
+  for (int round = 1; round <= 3; ++round)
+    for (int t = 0; t < 200; ++t) ASSERT_EQ(streams.next("r" + std::to_string(t)).seq, std::uint64_t(round)) << t;
 }
 
 }  // namespace
