@@ -1619,15 +1619,19 @@ class BrokerPairTest(BrokerTest):
         sub.connect(self.backup.xpub)
         self.addCleanup(sub.close, 0)
 
+        streams = []
+
         def said(client, text):
-            """True once `text` comes over the SUB, the say sent again until then."""
+            """True once `text` comes over the SUB, the say sent again until
+            then; its stamp's stream goes to `streams`."""
             def once():
                 client.submit("t", "say", json.dumps([text]), sid=f"{client.id}.x", wants_reply=False)
                 while sub.poll(100, zmq.POLLIN):
-                    topic, body, _ = sub.recv_multipart()
+                    topic, body, stamp = sub.recv_multipart()
                     env = pb.Envelope()
                     env.ParseFromString(body)
                     if args_of(env.emit) == [text]:
+                        streams.append(struct.unpack("<QQ", stamp)[0])
                         return True
                 return False
             return eventually(once, WAIT)
@@ -1644,6 +1648,9 @@ class BrokerPairTest(BrokerTest):
         gw2 = self.peer_at(self.backup, "gwB", pb.ROLE_GATEWAY)
         self.assertTrue(gw2.hello())
         self.assertTrue(said(gw2, "after"), "a room emit did not come through the backup")
+        # The backup numbers the room's events in a stream of its own: a
+        # gateway counts no gap across the failover (docs/protocol.md).
+        self.assertNotEqual(streams[0], streams[1])
         status = json.loads(http_get(self.backup.http_port, "/status")[1])
         self.assertEqual((status["pair"]["state"], status["pair"]["term"]), ("active", 2))
 
