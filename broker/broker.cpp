@@ -188,7 +188,7 @@ broker::broker(broker_config config, zmq::context_t& context, core::registry_ptr
                                       .count()) +
                    ":"},
       incarnation_{core::draw_incarnation()},
-      streams_{config_.event_streams, core::draw_incarnation()} {}
+      streams_{config_.event_streams, core::draw_incarnation(), core::draw_incarnation()} {}
 
 broker::~broker() = default;
 
@@ -1335,7 +1335,7 @@ void broker::on_pair_change(const pair_fsm::change& c) {
     // What peers sent the other is not here: they learn so from the new
     // incarnation in the Welcome (requests it held end BROKER_LOST).
     incarnation_ = core::draw_incarnation();
-    streams_.reset(core::draw_incarnation());
+    streams_.reset(core::draw_incarnation(), core::draw_incarnation());
     metrics_->pair_activations.Increment();
     subscribe_events(true);
     input_.used(xsub_in_);  // a send: ask the socket before the next wait

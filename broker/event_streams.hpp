@@ -27,14 +27,15 @@ class event_streams {
   /// `slots` is rounded up to a power of two, at least `ways`. Stream ids
   /// are handed out from `first_stream` up (skipping 0): a random one, so
   /// that a restarted broker, or the other broker of a pair, starts streams
-  /// its gateways have not heard.
-  event_streams(std::size_t slots, std::uint64_t first_stream);
+  /// its gateways have not heard. `seed` (random) picks which topics share
+  /// a set: room names cannot be chosen to crowd one topic's set.
+  event_streams(std::size_t slots, std::uint64_t first_stream, std::uint64_t seed);
 
   /// The stamp of `topic`'s next event.
   proto::event_stamp next(std::string_view topic);
   /// Forgets every topic (in place: no allocation); new streams from
-  /// `first_stream`.
-  void reset(std::uint64_t first_stream);
+  /// `first_stream`, sets by `seed`.
+  void reset(std::uint64_t first_stream, std::uint64_t seed);
 
   std::size_t slots() const { return slots_.size(); }
   /// Times a topic took a slot that held another topic's counter.
@@ -50,6 +51,8 @@ class event_streams {
   std::uint64_t new_stream();
 
   std::vector<slot> slots_;
+  std::uint64_t multiplier_;  // odd: a topic's set is the top bits of its hash times this
+  int set_bits_;              // log2 of the number of sets
   std::uint64_t next_stream_;
   std::uint64_t clock_ = 0;
   std::uint64_t taken_over_ = 0;

@@ -488,8 +488,11 @@ void bridge::pump() {
     }
     std::optional<proto::event_stamp> number;
     if (stamped && !(number = proto::decode_stamp(stamp.to_string_view()))) {
-      metrics_.bad_event.Increment();  // delivered all the same, its loss not counted
-      if (log_limit_.allow()) spdlog::warn("bridge: event with a malformed stamp ({} bytes)", stamp.size());
+      // Malformed, as an event of more frames: dropped (the next one heard
+      // counts it lost, as it is).
+      metrics_.bad_event.Increment();
+      if (log_limit_.allow()) spdlog::warn("bridge: event with a malformed stamp ({} bytes) dropped", stamp.size());
+      return true;
     }
     on_event(topic.to_string_view(), body.to_string_view(), number);
     return true;
@@ -1108,7 +1111,7 @@ void bridge::on_event(std::string_view topic, std::string_view body, std::option
       // A topic subscribed again soon after an unsubscription may still
       // bring events from before it, then a gap: those published while it
       // was not subscribed, not lost. Its first gap then is not counted.
-      if (forgive == time_point{} || std::chrono::steady_clock::now() >= forgive) {
+      if (forgive == time_point{} || clock::now() >= forgive) {
         metrics_.events_lost.Increment(static_cast<double>(missed));
         if (log_limit_.allow())
           spdlog::warn("bridge: {} events on topic {} lost on the way from the broker (its XPUB queue for us "
@@ -1192,9 +1195,16 @@ void bridge::on_room_control(std::string_view topic, const members_of_topic& mem
 const std::string* bridge::add_to_topic(std::string topic, member_entry& who) {
   auto [it, added] = topics_.try_emplace(std::move(topic));
   auto& [name, local] = *it;
-  if (added && last_unsubscribed_ != time_point{}) {
-    auto now = std::chrono::steady_clock::now();
-    if (now - last_unsubscribed_ < resubscription_window) local.forgive_until = now + resubscription_window;
+  if (added && !unsubscribed_.empty()) {
+    // The filter that lets the topic's events in: with namespace-wide
+    // subscriptions a room's is its namespace's rooms prefix ("r<nsp>\0").
+    std::string_view filter = name;
+    if (name.front() == 'r' && config_.subscriptions == room_subscriptions::whole_namespace)
+      filter = filter.substr(0, filter.find('\0') + 1);
+    auto gone = unsubscribed_.find(filter);
+    auto now = clock::now();
+    if (gone != unsubscribed_.end() && now - gone->second < resubscription_window)
+      local.forgive_until = now + resubscription_window;
   }
   if (local.members.empty()) subscribe(name, true);
   local.members.insert(&who);
@@ -1218,7 +1228,12 @@ void bridge::subscribe(const std::string& topic, bool on) {
       return;
     }
     sub_->set(zmq::sockopt::unsubscribe, t);
-    last_unsubscribed_ = std::chrono::steady_clock::now();
+    auto now = clock::now();
+    if (now - unsubscribed_pruned_ >= resubscription_window) {
+      boost::unordered::erase_if(unsubscribed_, [&](const auto& u) { return now - u.second >= resubscription_window; });
+      unsubscribed_pruned_ = now;
+    }
+    unsubscribed_.insert_or_assign(t, now);
   };
   bool room = topic.front() == 'r';
   if (room) {

@@ -379,7 +379,11 @@ class bridge {
   // topic -> its local members, pointing into members_ (a member leaves
   // every topic before its entry is erased): no sid copied per room.
   std::unordered_map<std::string, local_topic, core::string_hash, std::equal_to<>> topics_;
-  std::chrono::steady_clock::time_point last_unsubscribed_{};  // the SUB's last unsubscription
+  // The SUB's unsubscriptions of the last few seconds, by filter: a topic
+  // whose filter was among them may still be brought events from before
+  // (add_to_topic()). Pruned of those older than the window as more come.
+  boost::unordered_flat_map<std::string, time_point, core::string_hash, std::equal_to<>> unsubscribed_;
+  time_point unsubscribed_pruned_{};
   // Requests and forwards awaiting answers, by the n of their ids: neither a
   // request nor its answer allocates here.
   boost::unordered_flat_map<std::uint64_t, pending> pending_;

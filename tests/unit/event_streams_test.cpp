@@ -14,7 +14,7 @@ namespace sidecast::broker {
 namespace {
 
 TEST(EventStreams, EachTopicIsNumberedInAStreamOfItsOwn) {
-  event_streams streams{1024, 100};
+  event_streams streams{1024, 100, 7};
   auto a1 = streams.next("ra");
   auto b1 = streams.next("rb");
   auto a2 = streams.next("ra");
@@ -33,7 +33,7 @@ TEST(EventStreams, EachTopicIsNumberedInAStreamOfItsOwn) {
 
 // The smallest table is one set of four: every topic shares it.
 TEST(EventStreams, FourTopicsShareASetAndKeepTheirCounts) {
-  event_streams streams{1, 100};
+  event_streams streams{1, 100, 7};
   ASSERT_EQ(streams.slots(), event_streams::ways);
   for (int round = 1; round <= 3; ++round)
     for (const auto* topic : {"ra", "rb", "rc", "rd"}) EXPECT_EQ(streams.next(topic).seq, std::uint64_t(round)) << topic;
@@ -41,7 +41,7 @@ TEST(EventStreams, FourTopicsShareASetAndKeepTheirCounts) {
 }
 
 TEST(EventStreams, AFifthTopicTakesTheLeastRecentlyUsedSlotAndBothStartNewStreams) {
-  event_streams streams{1, 100};
+  event_streams streams{1, 100, 7};
   auto a1 = streams.next("ra");
   for (const auto* topic : {"rb", "rc", "rd"}) (void)streams.next(topic);
   (void)streams.next("ra");  // a is used again: b is now the least recent
@@ -59,10 +59,10 @@ TEST(EventStreams, AFifthTopicTakesTheLeastRecentlyUsedSlotAndBothStartNewStream
 }
 
 TEST(EventStreams, AResetForgetsEveryTopicAndStartsStreamsAnew) {
-  event_streams streams{64, 100};
+  event_streams streams{64, 100, 7};
   auto before = streams.next("ra");
   (void)streams.next("ra");
-  streams.reset(5000);
+  streams.reset(5000, 11);
   auto after = streams.next("ra");
   EXPECT_EQ(after.seq, 1u);
   EXPECT_EQ(after.stream, 5000u);
@@ -71,15 +71,15 @@ TEST(EventStreams, AResetForgetsEveryTopicAndStartsStreamsAnew) {
 }
 
 TEST(EventStreams, TheSlotsAreAPowerOfTwoOfAtLeastOneSet) {
-  EXPECT_EQ(event_streams(0, 1).slots(), 4u);
-  EXPECT_EQ(event_streams(1, 1).slots(), 4u);
-  EXPECT_EQ(event_streams(1000, 1).slots(), 1024u);
-  EXPECT_EQ(event_streams(65536, 1).slots(), 65536u);
+  EXPECT_EQ(event_streams(0, 1, 7).slots(), 4u);
+  EXPECT_EQ(event_streams(1, 1, 7).slots(), 4u);
+  EXPECT_EQ(event_streams(1000, 1, 7).slots(), 1024u);
+  EXPECT_EQ(event_streams(65536, 1, 7).slots(), 65536u);
 }
 
 TEST(EventStreams, NoStreamIsZero) {
   // Stream 0 means none on the wire (proto::decode_stamp).
-  event_streams streams{4, ~std::uint64_t{0}};
+  event_streams streams{4, ~std::uint64_t{0}, 7};
   std::set<std::uint64_t> seen;
   for (int i = 0; i < 8; ++i) {
     auto s = streams.next("r" + std::to_string(i));
@@ -91,7 +91,7 @@ TEST(EventStreams, NoStreamIsZero) {
 
 // Many topics in a table a few times larger: each keeps its own count.
 TEST(EventStreams, TopicsFewerThanTheSlotsKeepTheirCounts) {
-  event_streams streams{4096, 1};
+  event_streams streams{4096, 1, 7};
   for (int round = 1; round <= 3; ++round)
     for (int t = 0; t < 200; ++t) ASSERT_EQ(streams.next("r" + std::to_string(t)).seq, std::uint64_t(round)) << t;
 }
