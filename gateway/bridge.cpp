@@ -31,10 +31,10 @@ std::string printable(std::string_view s) {
   return out;
 }
 
-// How long after the SUB's last unsubscription a topic that comes may still
-// be brought events from before it: far longer than the gateway takes to
-// read what the broker's queue and the kernel hold for it, unless it is so
-// far behind that it loses events anyway.
+// How long after the SUB unsubscribed a filter a topic that comes under it
+// again may still be brought events from before: far longer than the
+// gateway takes to read what the broker's queue and the kernel hold for it,
+// unless it is so far behind that it loses events anyway.
 constexpr std::chrono::seconds resubscription_window{5};
 
 }  // namespace
