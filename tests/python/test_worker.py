@@ -1681,16 +1681,22 @@ class BrokerPairTest(BrokerTest):
             self.addCleanup(sub.close, 0)
             return sub
 
+        streams = {}  # text -> the stream its stamp named
+
         def texts(sub, duration):
             got, until = [], time.monotonic() + duration
             while (left := until - time.monotonic()) > 0:
                 if sub.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    _, body, stamp = sub.recv_multipart()
                     env = pb.Envelope()
-                    env.ParseFromString(sub.recv_multipart()[1])
+                    env.ParseFromString(body)
                     got.append(args_of(env.emit)[0])
+                    streams[got[-1]] = struct.unpack("<QQ", stamp)[0]
             return got
 
         at_primary = sub_at(self.primary)
+        self.assertTrue(eventually(lambda: w.emit_to_room("lobby", "said", "first") and
+                                   "first" in texts(at_primary, 0.1)), "no event through the primary")
         self.primary.process.signal(signal.SIGSTOP)
         try:
             self.assertIsNotNone(self.served_at(self.backup, "c3"), "no failover to the backup")
@@ -1708,6 +1714,16 @@ class BrokerPairTest(BrokerTest):
         self.assertEqual(late, [], "the resumed primary delivered what the worker published after it moved")
         moved = [t for t in texts(at_backup, 0.5) if t.startswith("moved-")]
         self.assertEqual(moved, [f"moved-{i}" for i in range(20)])
+
+        # The backup dies: the primary, passive since it resumed, takes over
+        # again, and numbers the room's events in a new stream, not on from
+        # its first activation's (a gateway would count what the backup
+        # published meanwhile as lost).
+        self.backup.kill()
+        self.assertIsNotNone(self.served_at(self.primary, "c4"), "the primary did not take over again")
+        self.assertTrue(eventually(lambda: w.emit_to_room("lobby", "said", "again") and
+                                   "again" in texts(at_primary, 0.1)), "no event through the primary again")
+        self.assertNotEqual(streams["again"], streams["first"])
 
 if __name__ == "__main__":
     unittest.main()
