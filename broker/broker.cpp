@@ -1388,8 +1388,14 @@ void broker::check_stall(clock::time_point now) {
     auto& s = suspects_[id];
     // One that was welcomed on a new socket and has yet to say what it read
     // stays waiting for that: its report comes on the socket the Welcome
-    // went to (or its Hello, should it have replaced that one too).
-    if (s.probe == 0 && s.since != clock::time_point{}) continue;
+    // went to (or its Hello, should it have replaced that one too). The
+    // time away is not counted against that wait either: ended now, at the
+    // tick this turn, the report would come after it and be ignored, and
+    // what died in the peer's old socket never be sent again.
+    if (s.probe == 0 && s.since != clock::time_point{}) {
+      s.since = std::min(s.since + late, now);
+      continue;
+    }
     s = {++next_probe_, now};
     Envelope probe;
     probe.mutable_heartbeat()->set_probe(s.probe);

@@ -956,7 +956,11 @@ void BrokerTest::peer_back_on_a_new_socket(stall_at stall) {
   }
   EXPECT_FALSE(new_socket.next(Envelope::kEmit, 200ms)) << "sent before the gateway said what it read";
   if (stall == stall_at::before_report) {
-    pause_io([&] { std::this_thread::sleep_for(2 * heartbeat_ + 500ms); });  // past the next tick by more than an interval
+    // Past the next tick by more than an interval, and past the peers'
+    // liveness: the time away counts neither against their heartbeats nor
+    // against the wait for this report (which would otherwise end at once,
+    // unanswered, and the report that comes after it be ignored).
+    pause_io([&] { std::this_thread::sleep_for(3 * heartbeat_ + 500ms); });
     EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_stalls_total") == 1.0; }));
   }
   EXPECT_TRUE(second->welcome().marks_resent());
