@@ -1022,11 +1022,9 @@ void broker::publish(const std::string& topic, std::string_view payload, const c
 void broker::send_event(zmq::message_t& topic, zmq::message_t& body) {
   apply_subscriptions();
   std::array<char, proto::event_stamp_bytes> stamp;
-  proto::encode_stamp(streams_.next(topic.to_string_view()), stamp);
-  if (streams_.taken_over() != streams_taken_over_) {
-    metrics_->streams_taken_over.Increment(static_cast<double>(streams_.taken_over() - streams_taken_over_));
-    streams_taken_over_ = streams_.taken_over();
-  }
+  auto numbered = streams_.next(topic.to_string_view());
+  proto::encode_stamp(numbered.stamp, stamp);
+  if (numbered.took_over) metrics_->streams_taken_over.Increment();
   // XPUB never blocks: a subscriber over its HWM loses the event (and
   // finds the gap in the stamps).
   xpub_.send(topic, zmq::send_flags::sndmore | zmq::send_flags::dontwait);

@@ -305,7 +305,6 @@ class broker {
   // The events' numbers (reset with each incarnation: the streams of a
   // broker that stepped down and came back are not continued).
   event_streams streams_;
-  std::uint64_t streams_taken_over_ = 0;  // streams_.taken_over() as last counted
   std::uint64_t next_owed_ = 0;
   broker_stats stats_;
   core::log_limiter log_limit_;

@@ -24,7 +24,7 @@ std::uint64_t event_streams::new_stream() {
   return next_stream_++;
 }
 
-proto::event_stamp event_streams::next(std::string_view topic) {
+event_streams::numbered event_streams::next(std::string_view topic) {
   const std::uint64_t fingerprint = std::hash<std::string_view>{}(topic);
   // The set: `ways` neighbouring slots (one or two cache lines), chosen by
   // the top bits of the hash times a random odd number (multiplicative
@@ -41,13 +41,15 @@ proto::event_stamp event_streams::next(std::string_view topic) {
     }
     if (candidate.used < oldest->used) oldest = &candidate;  // an unused slot's is 0: taken first
   }
+  bool took_over = false;
   if (!s) {
     s = oldest;
-    if (s->stream != 0) ++taken_over_;
+    took_over = s->stream != 0;
+    taken_over_ += took_over;
     *s = slot{fingerprint, new_stream(), 0, 0};
   }
   s->used = ++clock_;
-  return {s->stream, ++s->seq};
+  return {{s->stream, ++s->seq}, took_over};
 }
 
 }  // namespace sidecast::broker

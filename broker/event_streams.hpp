@@ -31,8 +31,12 @@ class event_streams {
   /// a set: room names cannot be chosen to crowd one topic's set.
   event_streams(std::size_t slots, std::uint64_t first_stream, std::uint64_t seed);
 
+  struct numbered {
+    proto::event_stamp stamp;
+    bool took_over;  // `topic` took the slot of another topic's counter
+  };
   /// The stamp of `topic`'s next event.
-  proto::event_stamp next(std::string_view topic);
+  numbered next(std::string_view topic);
   /// Forgets every topic (in place: no allocation); new streams from
   /// `first_stream`, sets by `seed`.
   void reset(std::uint64_t first_stream, std::uint64_t seed);

@@ -54,6 +54,19 @@ std::optional<published> receive_published(zmq::socket_t& sub, std::chrono::mill
   return published{topic.to_string(), std::move(*env), *s};
 }
 
+// The topic tests probe on until their subscription is in place (skipped
+// by next_published()).
+std::string probe_topic() { return proto::room_topic("/", "probe"); }
+
+// The next event published to `sub` within 5 s, skipping those on `skip`
+// (a test's probes); nothing after 5 s or for anything malformed.
+std::optional<published> next_published(zmq::socket_t& sub, const std::string& skip = probe_topic()) {
+  for (;;) {
+    auto p = receive_published(sub, 5000ms);
+    if (!p || p->topic != skip) return p;
+  }
+}
+
 class BrokerTest : public ::testing::TestWithParam<link_mode> {
  protected:
   static std::string link() { return std::string{GetParam().endpoint}; }
@@ -138,11 +151,10 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     return o;
   }
 
-  /// The topic subscribed_to_everything() probes on.
-  static std::string probe_topic() { return proto::room_topic("/", "probe"); }
   /// A SUB of the broker's XPUB, subscribed to every topic, once a probe
-  /// `w` publishes (on probe_topic(), which a test skips) came through it:
-  /// the subscription travels asynchronously. Empty if none came in 5 s.
+  /// `w` publishes (on probe_topic(), which next_published() skips) came
+  /// through it: the subscription travels asynchronously. Empty if none
+  /// came in 5 s.
   std::optional<zmq::socket_t> subscribed_to_everything(worker& w) {
     zmq::socket_t sub{ctx_, zmq::socket_type::sub};
     sub.connect("inproc://xpub");
@@ -2090,17 +2102,6 @@ TEST_P(BrokerTest, APeerThatSaidNoHelloIsAskedToAndItsRequestsAreStillServed) {
   EXPECT_EQ(reply->reply().args(), R"(["still served"])");
 }
 
-// The next [topic][envelope] published to `sub` within 5 s, skipping those
-// on `skip` (a test's probes); nothing after 5 s or for anything malformed.
-std::optional<std::pair<std::string, Envelope>> next_published(zmq::socket_t& sub, const std::string& skip) {
-  for (;;) {
-    auto p = receive_published(sub, 5000ms);
-    if (!p) return std::nullopt;
-    if (p->topic == skip) continue;
-    return std::pair{std::move(p->topic), std::move(p->env)};
-  }
-}
-
 // A room-wide Control a gateway sends over the ROUTER (its rooms API) is
 // published on the room's topic, as a room publish is, behind the gateway's
 // publish before it; one naming no namespace has no topic and is dropped as
@@ -2125,8 +2126,7 @@ TEST_P(BrokerTest, ARoomWideControlIsPublishedOnItsTopic) {
   close.mutable_control()->set_origin("gwR");
   // The subscription travels asynchronously: publish to a probe room (on a
   // topic of its own, skipped below) until one arrives.
-  const auto probe_topic = proto::room_topic("/", "probe");
-  sub.set(zmq::sockopt::subscribe, probe_topic);
+  sub.set(zmq::sockopt::subscribe, probe_topic());
   Envelope probe = emit;
   probe.mutable_emit()->set_room("probe");
   ASSERT_TRUE(eventually([&] {
@@ -2136,17 +2136,17 @@ TEST_P(BrokerTest, ARoomWideControlIsPublishedOnItsTopic) {
   // Subscribed: the publish, then the control, in that order.
   gateway.send(emit);
   gateway.send(close);
-  std::vector<std::pair<std::string, Envelope>> got;
+  std::vector<published> got;
   while (got.size() < 2)
-    if (auto p = next_published(sub, probe_topic)) got.push_back(std::move(*p));
+    if (auto p = next_published(sub)) got.push_back(std::move(*p));
     else break;
   ASSERT_EQ(got.size(), 2u) << "the publish and the control were not both published";
-  EXPECT_EQ(got[0].first, proto::room_topic("/", "r"));
-  EXPECT_TRUE(got[0].second.has_emit()) << "the publish before it came after it";
-  EXPECT_EQ(got[1].first, proto::room_topic("/", "r"));
-  ASSERT_TRUE(got[1].second.has_control());
-  EXPECT_EQ(got[1].second.control().in_room(), "r");
-  EXPECT_EQ(got[1].second.control().action(), proto::Control::LEAVE);
+  EXPECT_EQ(got[0].topic, proto::room_topic("/", "r"));
+  EXPECT_TRUE(got[0].env.has_emit()) << "the publish before it came after it";
+  EXPECT_EQ(got[1].topic, proto::room_topic("/", "r"));
+  ASSERT_TRUE(got[1].env.has_control());
+  EXPECT_EQ(got[1].env.control().in_room(), "r");
+  EXPECT_EQ(got[1].env.control().action(), proto::Control::LEAVE);
 
   auto malformed = metric("sidecast_broker_dropped_total", "reason", "malformed").value_or(0);
   close.mutable_control()->clear_nsp();
@@ -2172,7 +2172,6 @@ TEST_P(BrokerTest, AWorkersRoomWideControlsArePublishedBehindItsRoomEmits) {
   auto subscribed = subscribed_to_everything(w);
   ASSERT_TRUE(subscribed);
   auto& sub = *subscribed;
-  const auto probe = probe_topic();  // skipped below
 
   ASSERT_TRUE(w.emit_to_room("/chat", "r", "last", "[]"));
   ASSERT_TRUE(w.sockets_join("/chat", "s", std::string{"r"}));
@@ -2182,9 +2181,10 @@ TEST_P(BrokerTest, AWorkersRoomWideControlsArePublishedBehindItsRoomEmits) {
   EXPECT_FALSE(w.sockets_join("", "s", std::string{"r"})) << "a room-wide control with no namespace was sent";
   std::vector<std::string> got;
   while (got.size() < 5) {
-    auto p = next_published(sub, probe);
+    auto p = next_published(sub);
     if (!p) break;
-    const auto& [at, env] = *p;
+    const auto& at = p->topic;
+    const auto& env = p->env;
     std::string line = at == proto::room_topic("/chat", "r")   ? "r: "
                        : at == proto::room_topic("/chat", "s") ? "s: "
                        : at == proto::namespace_topic("/chat") ? "nsp: "
@@ -2211,7 +2211,6 @@ TEST_P(BrokerTest, EachTopicsEventsAreNumberedInAStreamOfItsOwn) {
   auto subscribed = subscribed_to_everything(w);
   ASSERT_TRUE(subscribed);
   auto& sub = *subscribed;
-  const auto probe = probe_topic();  // skipped below
   peer gateway{ctx_, "inproc://router", "gwS", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gateway.hello());
   for (const auto* room : {"a", "b", "a", "b", "a"}) ASSERT_TRUE(w.emit_to_room("/", room, "e", "[]"));
@@ -2219,11 +2218,8 @@ TEST_P(BrokerTest, EachTopicsEventsAreNumberedInAStreamOfItsOwn) {
   // gateway's goes once the worker's five are out.
   std::vector<published> got;
   while (got.size() < 5)
-    if (auto p = receive_published(sub, 5000ms)) {
-      if (p->topic != probe) got.push_back(std::move(*p));
-    } else {
-      break;
-    }
+    if (auto p = next_published(sub)) got.push_back(std::move(*p));
+    else break;
   ASSERT_EQ(got.size(), 5u);
   Envelope emit;
   emit.mutable_emit()->set_nsp("/");
@@ -2231,11 +2227,7 @@ TEST_P(BrokerTest, EachTopicsEventsAreNumberedInAStreamOfItsOwn) {
   emit.mutable_emit()->set_event("from the gateway");
   emit.mutable_emit()->set_args("[]");
   gateway.send(emit);
-  for (auto p = receive_published(sub, 5000ms); p; p = receive_published(sub, 5000ms))
-    if (p->topic != probe) {
-      got.push_back(std::move(*p));
-      break;
-    }
+  if (auto p = next_published(sub)) got.push_back(std::move(*p));
   ASSERT_EQ(got.size(), 6u) << "the gateway's publish was not published";
 
   std::map<std::string, std::vector<proto::event_stamp>> by_topic;

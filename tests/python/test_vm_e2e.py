@@ -351,6 +351,10 @@ class InProcessWorkerTest(unittest.TestCase):
             p.stop()
             p.cleanup()
 
+    def gateway_metric(self, name, **labels):
+        """The gateway's sample of ``name`` (with ``labels``), 0 while it has none."""
+        return metric(http_get(self.http_port, "/metrics")[1], name, **labels) or 0
+
     def api(self, method, path, body=None, key=API_KEY):
         """(status, the JSON answer or None) of the gateway's /api/v1``path``."""
         c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
@@ -1360,7 +1364,7 @@ class JoinRooms(InProcessWorkerTest):
         return svc
 
     def unheard(self):
-        return metric(http_get(self.http_port, "/metrics")[1], "sidecast_gateway_room_events_unheard_total")
+        return self.gateway_metric("sidecast_gateway_room_events_unheard_total")
 
     def publish_welcome(self, room, data):
         body = {"room": room, "nsp": "/jr", "event": "welcome", "data": data}
@@ -1492,9 +1496,6 @@ class EventsLostTest(InProcessWorkerTest):
             req.reply(req.join(req.args[0]))
 
         return svc
-
-    def gateway_metric(self, name):
-        return metric(http_get(self.http_port, "/metrics")[1], name) or 0
 
     def test_events_lost_on_the_way_to_a_gateway_are_counted(self):
         warnings.simplefilter("ignore", ResourceWarning)

@@ -15,11 +15,11 @@ namespace {
 
 TEST(EventStreams, EachTopicIsNumberedInAStreamOfItsOwn) {
   event_streams streams{1024, 100, 7};
-  auto a1 = streams.next("ra");
-  auto b1 = streams.next("rb");
-  auto a2 = streams.next("ra");
-  auto a3 = streams.next("ra");
-  auto b2 = streams.next("rb");
+  auto a1 = streams.next("ra").stamp;
+  auto b1 = streams.next("rb").stamp;
+  auto a2 = streams.next("ra").stamp;
+  auto a3 = streams.next("ra").stamp;
+  auto b2 = streams.next("rb").stamp;
   EXPECT_EQ(a1.seq, 1u);
   EXPECT_EQ(a2.seq, 2u);
   EXPECT_EQ(a3.seq, 3u);
@@ -36,34 +36,37 @@ TEST(EventStreams, FourTopicsShareASetAndKeepTheirCounts) {
   event_streams streams{1, 100, 7};
   ASSERT_EQ(streams.slots(), event_streams::ways);
   for (int round = 1; round <= 3; ++round)
-    for (const auto* topic : {"ra", "rb", "rc", "rd"}) EXPECT_EQ(streams.next(topic).seq, std::uint64_t(round)) << topic;
+    for (const auto* topic : {"ra", "rb", "rc", "rd"})
+      EXPECT_EQ(streams.next(topic).stamp.seq, std::uint64_t(round)) << topic;
   EXPECT_EQ(streams.taken_over(), 0u);
 }
 
 TEST(EventStreams, AFifthTopicTakesTheLeastRecentlyUsedSlotAndBothStartNewStreams) {
   event_streams streams{1, 100, 7};
-  auto a1 = streams.next("ra");
+  auto a1 = streams.next("ra").stamp;
   for (const auto* topic : {"rb", "rc", "rd"}) (void)streams.next(topic);
   (void)streams.next("ra");  // a is used again: b is now the least recent
-  auto e1 = streams.next("re");
+  auto e = streams.next("re");
+  EXPECT_TRUE(e.took_over);
+  auto e1 = e.stamp;
   EXPECT_EQ(e1.seq, 1u);
   EXPECT_EQ(streams.taken_over(), 1u);
-  EXPECT_EQ(streams.next("ra").seq, 3u) << "a kept its slot";
-  EXPECT_EQ(streams.next("rc").seq, 2u);
-  auto b = streams.next("rb");  // takes d's, the least recent now
+  EXPECT_EQ(streams.next("ra").stamp.seq, 3u) << "a kept its slot";
+  EXPECT_EQ(streams.next("rc").stamp.seq, 2u);
+  auto b = streams.next("rb").stamp;  // takes d's, the least recent now
   EXPECT_EQ(b.seq, 1u) << "b's count starts over";
   EXPECT_NE(b.stream, a1.stream);
   EXPECT_NE(b.stream, e1.stream);
   EXPECT_EQ(streams.taken_over(), 2u);
-  EXPECT_EQ(streams.next("rd").seq, 1u) << "d lost its slot to b";
+  EXPECT_EQ(streams.next("rd").stamp.seq, 1u) << "d lost its slot to b";
 }
 
 TEST(EventStreams, AResetForgetsEveryTopicAndStartsStreamsAnew) {
   event_streams streams{64, 100, 7};
-  auto before = streams.next("ra");
+  auto before = streams.next("ra").stamp;
   (void)streams.next("ra");
   streams.reset(5000, 11);
-  auto after = streams.next("ra");
+  auto after = streams.next("ra").stamp;
   EXPECT_EQ(after.seq, 1u);
   EXPECT_EQ(after.stream, 5000u);
   EXPECT_NE(after.stream, before.stream);
@@ -82,7 +85,7 @@ TEST(EventStreams, NoStreamIsZero) {
   event_streams streams{4, ~std::uint64_t{0}, 7};
   std::set<std::uint64_t> seen;
   for (int i = 0; i < 8; ++i) {
-    auto s = streams.next("r" + std::to_string(i));
+    auto s = streams.next("r" + std::to_string(i)).stamp;
     EXPECT_NE(s.stream, 0u);
     seen.insert(s.stream);
   }
@@ -93,7 +96,7 @@ TEST(EventStreams, NoStreamIsZero) {
 TEST(EventStreams, TopicsFewerThanTheSlotsKeepTheirCounts) {
   event_streams streams{4096, 1, 7};
   for (int round = 1; round <= 3; ++round)
-    for (int t = 0; t < 200; ++t) ASSERT_EQ(streams.next("r" + std::to_string(t)).seq, std::uint64_t(round)) << t;
+    for (int t = 0; t < 200; ++t) ASSERT_EQ(streams.next("r" + std::to_string(t)).stamp.seq, std::uint64_t(round)) << t;
 }
 
 }  // namespace
