@@ -59,7 +59,7 @@ struct broker_config {
   std::size_t kept_sent = 4096;
   std::size_t kept_sent_bytes = 1 << 20;
   // Counters numbering the events published on each topic (event_streams.hpp):
-  // gateways count by them what the XPUB and their SUB dropped.
+  // gateways count by them what the XPUB dropped for them.
   std::size_t event_streams = 65536;
   // A broker pair (pair.hpp, docs/deployment.md "A broker pair"): "primary"
   // or "backup"; empty: a broker alone. Its state goes out on a PUB bound

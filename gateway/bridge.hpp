@@ -196,8 +196,9 @@ class bridge {
   struct local_topic {
     members_of_topic members;
     proto::heard_stream heard;
-    // Set when the topic came while an unsubscription was recent: its first
-    // gap before then may be the time it was not subscribed (on_event()).
+    // Set when the topic came while its filter's unsubscription was recent:
+    // its first gap before then may be the time it was not subscribed
+    // (add_to_topic(), on_event()).
     std::chrono::steady_clock::time_point forgive_until{};
   };
   using time_point = std::chrono::steady_clock::time_point;
@@ -258,7 +259,7 @@ class bridge {
   bool take_reply(std::string_view bytes);
   void on_reply(proto::Reply& r);
   /// An event from the broker's XPUB; `stamp` its number (none from a
-  /// broker before the stamps, or a stamp that does not parse).
+  /// broker before the stamps).
   void on_event(std::string_view topic, std::string_view body, std::optional<proto::event_stamp> stamp);
   void on_control(const proto::Control& control);
   void deliver_emit(proto::Emit& emit);  // moves its strings out
