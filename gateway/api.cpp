@@ -116,16 +116,18 @@ publish_target target_of(const json::object& body, bool sid_allowed) {
   auto* all = body.if_contains("broadcast");
   if ((sid != nullptr) + (room != nullptr) + (all != nullptr) != 1) {
     t.refused = error(400, sid_allowed ? "give exactly one of sid, room, broadcast" : "give exactly one of room, broadcast");
-  } else if (sid && sid->is_string()) {
+  } else if (sid && sid->is_string() && !sid->as_string().empty()) {
     t.kind = publish_target::sid;
     t.name = sid->as_string();
-  } else if (room && room->is_string()) {
+  } else if (room && room->is_string() && !room->as_string().empty()) {
+    // (The sockets API joins no room named "", so none has a member from it.)
     t.kind = publish_target::room;
     t.name = room->as_string();
   } else if (all && all->is_bool() && all->as_bool()) {
     t.kind = publish_target::broadcast;
   } else {
-    t.refused = error(400, sid_allowed ? "sid and room are strings, broadcast is true" : "room is a string, broadcast is true");
+    t.refused = error(400, sid_allowed ? "sid and room are non-empty strings, broadcast is true"
+                                       : "room is a non-empty string, broadcast is true");
   }
   return t;
 }
@@ -716,7 +718,6 @@ http_answer api::rooms(const request& req, std::string_view action) {
   auto to = target_of(*body, false);
   if (to.refused) return std::move(*to.refused);
   bool in_room = to.kind == publish_target::room;
-  if (in_room && to.name.empty()) return error(400, "room must be a non-empty string");
   proto::Envelope env;
   auto* c = env.mutable_control();
   c->set_action(*what);

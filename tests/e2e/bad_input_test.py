@@ -438,6 +438,12 @@ class HttpApiErrors(unittest.TestCase):
                      json.dumps({"event": "connect", "broadcast": True}).encode(),
                      json.dumps({"event": 7, "broadcast": True}).encode()]:
             self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 400, body)
+        # No socket can be joined to a room named "" from HTTP, and no sid is "".
+        for target in ({"room": ""}, {"sid": ""}):
+            body = json.dumps({"event": "x", **target}).encode()
+            status, text, _ = request("POST", "/api/v1/publish", body, headers)
+            self.assertEqual((status, json.loads(text)),
+                             (400, {"error": "sid and room are non-empty strings, broadcast is true"}), body)
 
     def test_the_sockets_api(self):
         """POST /api/v1/sockets/{sid}/join|leave|disconnect, on an API

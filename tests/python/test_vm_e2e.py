@@ -1704,8 +1704,8 @@ class RoomWideControlTest(InProcessWorkerTest):
                           ({"join": "x"}, "give exactly one of room, broadcast"),
                           ({"room": "r", "broadcast": True, "join": "x"}, "give exactly one of room, broadcast"),
                           ({"sid": "gwW.x", "join": "x"}, "unknown key: sid"),
-                          ({"room": 7, "join": "x"}, "room is a string, broadcast is true"),
-                          ({"broadcast": False, "join": "x"}, "room is a string, broadcast is true"),
+                          ({"room": 7, "join": "x"}, "room is a non-empty string, broadcast is true"),
+                          ({"broadcast": False, "join": "x"}, "room is a non-empty string, broadcast is true"),
                           ({"room": "r", "nsp": "rw", "join": "x"}, "bad nsp"),
                           ({"room": "r"}, "join must be a non-empty string"),
                           ({"room": "r", "join": ""}, "join must be a non-empty string"),
@@ -1714,7 +1714,7 @@ class RoomWideControlTest(InProcessWorkerTest):
         self.assertEqual(self.api("POST", "/rooms/leave", {"broadcast": True}),
                          (400, {"error": "leave must be a non-empty string"}))
         self.assertEqual(self.api("POST", "/rooms/leave", {"room": ""}),
-                         (400, {"error": "room must be a non-empty string"}))
+                         (400, {"error": "room is a non-empty string, broadcast is true"}))
         # --max-room-bytes 16: every gateway would refuse each member's join.
         self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x" * 17}),
                          (400, {"error": "the room's name is longer than --max-room-bytes"}))
