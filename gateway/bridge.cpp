@@ -77,11 +77,13 @@ const std::string& outbound_event::ws_frame() const {
 
 // ---- bridge ----
 
-bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics)
+bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics,
+               std::uint64_t first_id)
     : config_{config},
       context_{context},
       metrics_{metrics},
       id_{config.id},
+      next_id_{first_id},
       backlog_{config.max_thread_backlog, metrics.thread_backlog},
       notices_{config.kept_notices, config.kept_notice_bytes} {}
 

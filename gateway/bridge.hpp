@@ -89,7 +89,9 @@ proto::Envelope ack_refusal(std::string ack_id, proto::Code code, std::string me
 
 class bridge {
  public:
-  bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics);
+  /// Request ids are "<config.id>:<n>", n counting up from first_id + 1.
+  bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics,
+         std::uint64_t first_id = 0);
   ~bridge();
   bridge(const bridge&) = delete;
   bridge& operator=(const bridge&) = delete;

@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/config.hpp"
+#include "core/peer_link.hpp"
 #include "gateway/api.hpp"
 #include "gateway/client_socket.hpp"
 #include "gateway/eio_session.hpp"
@@ -48,7 +49,8 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
       limits_{config_.max_connections, config_.max_connections_per_ip},
       polling_sessions_{config_.max_polling_sessions, config_.max_polling_sessions_per_ip},
       tokens_{token_keys(config_)} {
-  if (config_.id.empty()) config_.id = "gw-" + random_token(6);
+  bool drawn_id = config_.id.empty();
+  if (drawn_id) config_.id = "gw-" + random_token(6);
   std::replace(config_.id.begin(), config_.id.end(), '_', '-');
   if (!proto::valid_peer_id(config_.id))
     throw std::invalid_argument("gateway id '" + config_.id + "' must be 1-64 characters without '.' or ':'");
@@ -56,7 +58,14 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   if (auto proxies = network_set::parse(config_.proxy_protocol_from)) proxies_ = std::move(*proxies);
   else throw std::invalid_argument("--proxy-protocol-from takes addresses and networks (10.0.0.0/8)");
   if (config_.threads == 0) config_.threads = std::max(1u, std::thread::hardware_concurrency());
-  bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_);
+  // Request ids are "<gateway id>:<n>" and must not repeat from one start
+  // to the next: the broker may still hold a job of the last start's (a
+  // new request of its id would be dropped as its duplicate, and the old
+  // answer given to it), and a worker keeps its last answers to send again.
+  // A drawn id is new at each start; under a pinned one n starts at a
+  // random point below 2^48 (ten base-36 digits: "gw1:" and n stay within
+  // std::string's 15 inline bytes).
+  bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_, drawn_id ? 0 : core::draw_incarnation() >> 16);
   api_ = std::make_unique<class api>(*this);
   bridge_->on_forward([this](proto::HttpForward f) { serve_forwarded(std::move(f)); });
   bridge_->on_failure([this](const std::string& why) {

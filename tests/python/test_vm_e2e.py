@@ -1727,6 +1727,69 @@ class RoomWideControlTest(InProcessWorkerTest):
         self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x"}, key="wrong")[0], 401)
 
 
+class RestartedGatewayTest(InProcessWorkerTest):
+    """A gateway restarted under its pinned id does not number its requests
+    as the last start did: a job of that start's, still running at the
+    worker, neither swallows the new start's request of its number as a
+    duplicate nor gives it its answer. (Before, both starts counted from 1:
+    the new gwR:2 was dropped at the broker, and the old gwR:2's answer came
+    to it when the worker finished.)"""
+
+    gateway_id = "gwR"
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("restart", capacity=8)
+        cls.waiting = threading.Event()
+
+        @svc.on("wait")
+        def wait(req):
+            cls.waiting.set()
+            req.sleep(3.0)
+            req.reply(*req.args)
+
+        @svc.on("echo")
+        def echo(req):
+            req.reply(*req.args)
+
+        return svc
+
+    def emit(self, sid, event, data, timeout=WAIT):
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
+        try:
+            c.request("POST", f"/api/v1/sessions/{sid}/emit",
+                      body=json.dumps({"event": event, "data": data, "ack": True}))
+            res = c.getresponse()
+            return res.status, json.loads(res.read())
+        finally:
+            c.close()
+
+    def session(self):
+        self.assertTrue(eventually(lambda: http_get(self.http_port, "/healthz")[0] == 200, WAIT))
+        status, created = self.api("POST", "/sessions", {"nsp": "/restart"}, key=None)
+        self.assertEqual(status, 201, created)
+        return created["sid"]
+
+    def test_a_restarted_gateway_gets_its_own_answers(self):
+        old = self.session()
+        def abandoned():
+            try:
+                self.emit(old, "wait", "the last start's", timeout=WAIT * 2)
+            except OSError:
+                pass  # its gateway was killed under it
+        t = threading.Thread(target=abandoned, daemon=True)
+        t.start()
+        self.assertTrue(self.waiting.wait(WAIT))
+        # The same gateway again (same id, same port), as a supervisor would.
+        first = self.gateway
+        first.kill()
+        self.addCleanup(first.cleanup)
+        type(self).gateway = Process(first.argv, "gateway-again")
+        self.assertEqual(self.emit(self.session(), "echo", "this start's"), (200, {"data": "this start's"}))
+        t.join(WAIT * 2)
+
+
 class ApiPollingTest(InProcessWorkerTest):
     """HTTP API long-polls: --api-session-ttl counts from the end of the last
     poll (a client that keeps polling, each poll longer than the TTL, keeps

@@ -264,7 +264,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   // Shared between threads.
   std::mutex acks_mutex;  // guards acks/ack_deadlines registration from handler threads
-  std::atomic<std::uint64_t> next_ack{0};
+  // Ack ids are "<worker id>:<n>", n from a random point below 2^48 at each
+  // start: a client's ack to an emit of an earlier start under the same id
+  // (pinned, or the same host and pid: pid 1 in a container) must not
+  // answer one of this start's.
+  std::atomic<std::uint64_t> next_ack{core::draw_incarnation() >> 16};
   using report_fn = std::function<void(const proto::DeliveryReport&)>;
   std::mutex text_log_mutex;  // handlers on any thread log through one limiter
   core::log_limiter text_log_limit;

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import queue
+import secrets
 import signal
 import sys
 import threading
@@ -192,7 +193,10 @@ class _Core:
         self.acks = {}  # ack id -> (Future, callback)
         self.ack_heap = []  # heap of (deadline, ack id)
         self.acks_lock = threading.Lock()
-        self.next_ack = itertools.count(1)
+        # Ack ids "<worker id>:<n>" from a random point at each start: a
+        # client's ack to an emit of an earlier start under the same id must
+        # not answer one of this start's (as the C++ SDK).
+        self.next_ack = itertools.count(secrets.randbits(48) + 1)
         self.report_callback = None
         self.backlog = 0  # report callbacks waiting for a handler thread
         self.waiting = 0  # requests waiting for a handler thread (bound: queue_limit)
