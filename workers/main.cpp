@@ -35,8 +35,10 @@ int main(int argc, char** argv) {
   core::add_millis(app, "--heartbeat-interval", options.heartbeat_interval,
                    "Heartbeat interval until the broker's Welcome, ms");
   app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();
-  app.add_option("--outbox-limit", options.outbox_limit, "Messages handlers may queue for sending")
-      ->capture_default_str();
+  app.add_option("--outbox-limit", options.outbox_limit,
+                 "Messages handlers may queue for sending (their replies never wait for room)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--queue-limit", options.queue_limit,
                  "Requests that may wait for a handler thread; past it a request is answered BUSY")
       ->capture_default_str()

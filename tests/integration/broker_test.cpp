@@ -453,6 +453,37 @@ TEST_P(BrokerTest, AQuickHandlersReplyIsNeverDroppedForAFullOutbox) {
   EXPECT_EQ(w.stats().outbox_dropped, 3u) << "one broadcast of each turn had no room";
 }
 
+// A pool handler's reply is never dropped for a full outbox either: four
+// threads keep an outbox of two full of broadcasts (which wait no time for
+// room, and are dropped), so the replies find it full too and go beside it.
+// Before, such a reply was dropped: the broker kept the service's only
+// credit for good, and every call after it ended UNAVAILABLE.
+TEST_P(BrokerTest, APoolHandlersReplyIsNeverDroppedForAFullOutbox) {
+  start();
+  auto o = options_for("w-full");
+  o.outbox_limit = 2;
+  o.outbox_wait = 0ms;
+  auto& w = add_worker({service{"full", 1}.on("go", [](request req) { req.reply(req.args_text()); })}, o);
+  ASSERT_TRUE(w.connected());
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> floods;
+  for (int t = 0; t < 4; ++t)
+    floods.emplace_back([&] {
+      for (int i = 0; i < 10'000'000 && !stop; ++i) w.broadcast("/", "spam", "[1]");
+    });
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  std::vector<std::string> answers;
+  for (int i = 0; i < 20; ++i) {
+    auto reply = client.call("full", "go", "[" + std::to_string(i) + "]", 2s);
+    answers.push_back(!reply ? "none" : reply->code() != proto::OK ? reply->message() : reply->args());
+  }
+  stop = true;
+  for (auto& t : floods) t.join();
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(answers[i], "[" + std::to_string(i) + "]") << "call " << i;
+  EXPECT_GT(w.stats().outbox_dropped, 0u) << "the outbox was never full: the test tested nothing";
+}
+
 // The worker makes a request's cancel token only when the handler first asks
 // for it: a Cancel that came before must still be there when it does.
 TEST_P(BrokerTest, ACancelBeforeTheHandlerAsksIsStillSeen) {

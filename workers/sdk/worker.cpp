@@ -243,6 +243,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::log_limiter log_limit;
   proto::Request parsed;  // requests are parsed into it (see take_request)
   std::vector<outgoing> io_replies;  // replies made here while the outbox was full (see enqueue)
+  // Replies handler threads made while the outbox was full (see enqueue):
+  // never refused, so not bounded by the outbox; each request is answered
+  // at most twice (an early ack and the reply), so by what runs at once.
+  std::mutex pool_replies_mutex;
+  std::vector<outgoing> pool_replies;
   bool io_queued = false;  // the I/O thread queued something in this turn (see io_turn)
   struct io_objects;
   std::unique_ptr<io_objects> io;  // the loop's sockets: see io_loop
@@ -325,6 +330,16 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       // it in the same turn: bounded by what the turn read (at most 1,024
       // messages, each answered at most twice: an early ack and the reply).
       io_replies.push_back(std::move(out));
+      return true;
+    }
+    if (reply) {
+      // A handler thread's: it waits beside the full outbox too, and goes
+      // after what the outbox held when it came (send_queued), so after
+      // the handler's own emits. Dropped, its request's credit would be
+      // lost at the broker for good.
+      std::lock_guard lock{pool_replies_mutex};
+      pool_replies.push_back(std::move(out));
+      wake.signal();
       return true;
     }
     if (!on_io_thread && outbox.push_wait(std::move(out), options.outbox_wait)) {
@@ -449,10 +464,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     zmq::message_t reply{proto::encoded_size(r)};
     proto::encode_reply(r, static_cast<char*>(reply.data()));
     if (!partial) ++n_replies;
-    // A reply must not be lost to a full outbox: it also frees the credit.
-    if (!enqueue({.envelope = std::move(reply), .answer = true, .keep = true}) && !stopping) {
-      spdlog::error("outbox full: reply for {} dropped", st.f->id);
-    }
+    // Never refused for a full outbox (enqueue): it also frees the credit.
+    enqueue({.envelope = std::move(reply), .answer = true, .keep = true});
     if (!partial) st.replied = true;
     return true;
   }
@@ -753,9 +766,18 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   bool send_queued() {
     auto& o = *io;
     io_queued = false;
+    // The replies beside the full outbox are taken before it is drained:
+    // each came after its handler's emits, which are then in the outbox.
+    std::vector<outgoing> replies;
+    {
+      std::lock_guard lock{pool_replies_mutex};
+      replies.swap(pool_replies);
+    }
     outbox.drain(o.batch);
-    for (auto& out : io_replies) o.batch.push_back(std::move(out));
-    io_replies.clear();
+    for (auto* beside : {&io_replies, &replies}) {
+      for (auto& out : *beside) o.batch.push_back(std::move(out));
+      beside->clear();
+    }
     bool on_link = false;
     if (!holding && (!given_back.empty() || !held_out.empty())) {
       for (auto* held : {&given_back, &held_out}) {

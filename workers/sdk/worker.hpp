@@ -43,9 +43,10 @@ struct worker_options {
   std::chrono::milliseconds heartbeat_interval{1000};
   unsigned heartbeat_liveness = 3;
   std::size_t threads = 0;          // handler threads; 0: the total capacity, at most 256
-  std::size_t outbox_limit = 10000; // messages handlers may queue for the I/O thread
+  std::size_t outbox_limit = 10000; // messages handlers may queue for the I/O thread (replies: no bound, see below)
   std::size_t queue_limit = 10000;  // requests waiting for a handler thread; past it answered BUSY
-  std::chrono::milliseconds outbox_wait{5000};  // a handler waits this long for room, then drops
+  std::chrono::milliseconds outbox_wait{5000};  // a handler's emit waits this long for room, then is dropped;
+                                                // a reply never waits nor is dropped (it frees the broker's credit)
   std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack
   int hwm = 100000;  // the broker link's queue each way, the PUB socket's, and what is held for a Welcome
   // Answers kept after they are sent, at most this many and bytes (0: none):

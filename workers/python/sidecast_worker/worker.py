@@ -166,6 +166,11 @@ class _Core:
 
         self.services = {}
         self.outbox = queue.Queue(maxsize=outbox_limit)
+        # Answers that found the outbox full: never refused (each frees a
+        # credit at the broker), so bounded by the requests running, each
+        # answered at most twice. Taken before the outbox is drained (flush).
+        self.answers_beside = []
+        self.answers_lock = threading.Lock()
         # What the handlers queued while the link waited for the broker's
         # Welcome of a new socket (see flush), and what a standby gave back
         # meanwhile (see on_message), which goes ahead of it: I/O thread only.
@@ -218,7 +223,14 @@ class _Core:
         if self.stopping.is_set() or self.io_failure is not None:
             return False
         try:
-            if threading.current_thread() is self.io_thread:
+            if topic is None and not notice:
+                # An answer never waits for room, nor is dropped.
+                try:
+                    self.outbox.put_nowait((topic, data, notice))
+                except queue.Full:
+                    with self.answers_lock:
+                        self.answers_beside.append((topic, data, notice))
+            elif threading.current_thread() is self.io_thread:
                 # The I/O thread drains the outbox, so it must never wait for room.
                 self.outbox.put_nowait((topic, data, notice))
             else:
@@ -312,12 +324,11 @@ class _Core:
         r.attachments.extend(attachments)
         r.silent = silent
         r.partial = partial
-        # A reply must not be lost to a full outbox: it also frees the capacity.
+        # Never refused for a full outbox (enqueue): it also frees the capacity.
         # Queued before the request leaves in_flight: a drain() woken by that
         # stops the worker, whose last flush must find the reply there.
         data = env.SerializeToString()
-        if not self.enqueue(None, data) and not self.stopping.is_set():
-            log.error("outbox full: reply for %s dropped", req.id)
+        self.enqueue(None, data)
         # Kept before the request leaves in_flight: a job sent again finds it
         # in one or the other (had_before).
         self.keep_reply(req.id, data)
@@ -579,15 +590,24 @@ class _Core:
             held, self.given_back, self.held = self.given_back + self.held, [], []
             for item in held:
                 self.send_one(link, pub, *item)
+        # Each answer beside the outbox came after its handler's emits,
+        # which are in the outbox by then: taken first, sent after them.
+        with self.answers_lock:
+            beside, self.answers_beside = self.answers_beside, []
         for _ in range(self.outbox_limit):
             try:
                 item = self.outbox.get_nowait()
             except queue.Empty:
-                return
-            if holding and self.held_count() < self.hwm:
-                self.held.append(item)
-            else:
-                self.send_one(link, pub, *item)
+                break
+            self.hold_or_send(link, pub, holding, item)
+        for item in beside:
+            self.hold_or_send(link, pub, holding, item)
+
+    def hold_or_send(self, link, pub, holding, item):
+        if holding and self.held_count() < self.hwm:
+            self.held.append(item)
+        else:
+            self.send_one(link, pub, *item)
 
     def held_count(self):
         """Messages held (``held`` and ``given_back``): at most ``hwm``."""
@@ -861,7 +881,8 @@ class Worker:
     the handler pool size (0: the total capacity, at most 256). Handlers
     queue what they send in an outbox of ``outbox_limit`` messages; a
     handler finding it full waits ``outbox_wait`` seconds, then the message
-    is dropped and counted. At most ``queue_limit`` requests wait for a
+    is dropped and counted (an emit; an answer never waits nor is dropped: it
+    frees the request's capacity at the broker). At most ``queue_limit`` requests wait for a
     handler thread; one past it is answered ``BUSY`` at once and counted
     (``requests_refused``). The last ``kept_replies`` answers sent (at most
     ``kept_reply_bytes`` bytes) are kept: a job the broker sends again after
@@ -884,6 +905,8 @@ class Worker:
                  kept_notices=16384, kept_notice_bytes=8 << 20, backup_broker=None, backup_publish=None):
         if queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
+        if outbox_limit < 1:
+            raise ValueError("outbox_limit must be at least 1")
         if bool(backup_broker) != bool(backup_publish):
             raise ValueError("backup_broker and backup_publish go together (a broker pair's other ROUTER and XSUB)")
         self._core = _Core(broker, publish, worker_id, heartbeat_interval, heartbeat_liveness,
