@@ -1004,7 +1004,13 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
                      gateway.empty() ? "sid has no gateway prefix" : "no live gateway " + gateway};
   if (!gateway.empty() && it != peers_.end() && it->second.role == proto::ROLE_GATEWAY) {
     zmq::message_t message{payload.data(), payload.size()};
-    if (deliver(gateway, message, report) == sent::ok) return;
+    auto result = deliver(gateway, message, report);
+    if (result == sent::ok) return;
+    if (result == sent::full) {
+      // A live gateway, behind: not gone (as answer() says of a requester).
+      report.status = proto::DeliveryReport::REJECTED;
+      report.detail = "the pipe to gateway " + gateway + " is full";
+    }
   }
   send_report(std::move(report));
 }

@@ -383,6 +383,64 @@ TEST_P(BrokerTest, DeadlineAnswersTimeoutAndCancelsTheHandler) {
   EXPECT_TRUE(eventually([&] { return saw_cancel.load(); })) << "the worker never saw the Cancel";
 }
 
+// A handler that throws what is not a std::exception is answered INTERNAL
+// like one that throws one: before, on the I/O thread (a quick handler) it
+// ended the process, and on the pool its request was answered OK.
+TEST_P(BrokerTest, AHandlerThatThrowsANonExceptionIsAnsweredInternal) {
+  start();
+  auto& w = add_worker({service{"odd", 1}.on_quick("quick", [](request) { throw 7; }).on("pool", [](request) {
+    throw 7;
+  })},
+                       "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  for (const char* event : {"quick", "pool", "quick"}) {
+    auto reply = client.call("odd", event, "[]", 5s);
+    ASSERT_TRUE(reply) << event;
+    EXPECT_EQ(reply->code(), proto::INTERNAL) << event;
+    EXPECT_EQ(reply->message(), "the handler threw something other than a std::exception");
+  }
+  EXPECT_EQ(w.stats().handler_errors, 3u);
+}
+
+// The cancel token follows its request. A copy taken before an early ack()
+// sees the deadline lifted, as the request's own token does (before, ack()
+// made the token anew in place: a copy still expired at the old deadline,
+// and a thread reading the handler's reference raced with it). A sleep of
+// any length ends at the deadline (before, now + milliseconds::max()
+// overflowed: sleep_for returned at once, true, and a loop on it spun).
+TEST_P(BrokerTest, TheCancelTokenFollowsItsRequest) {
+  start();
+  std::promise<std::pair<bool, bool>> forever;  // what sleep_for said; whether it ended before the deadline
+  std::promise<std::pair<bool, bool>> copied;   // the same, of the copy, 600 ms past a deadline of 300
+  add_worker({service{"tok", 2}
+                  .on("forever",
+                      [&](request req) {
+                        auto deadline = req.cancel().deadline();
+                        bool slept = req.cancel().sleep_for(std::chrono::milliseconds::max());
+                        forever.set_value({slept, std::chrono::steady_clock::now() < deadline});
+                      })
+                  .on("copy",
+                      [&](request req) {
+                        cancel_token copy = req.cancel();
+                        req.ack("[\"early\"]");
+                        bool slept = copy.sleep_for(600ms);
+                        copied.set_value({slept, copy.cancelled()});
+                        req.reply();
+                      })},
+             "w1");
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto slept = forever.get_future();
+  client.submit("tok", "forever", "[]", 300ms);
+  ASSERT_EQ(slept.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(slept.get(), std::make_pair(false, false)) << "slept forever: not cancelled, or woke before the deadline";
+  auto copy = copied.get_future();
+  client.submit("tok", "copy", "[]", 300ms);
+  ASSERT_EQ(copy.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(copy.get(), std::make_pair(true, false)) << "the copy still kept the deadline ack() lifted";
+}
+
 // A handler's error whose text is not UTF-8 (an exception's what() may hold
 // any bytes) still reaches the requester as INTERNAL: a Reply's message is a
 // protobuf string, which the broker would refuse, leaving the client to time out.
@@ -2043,6 +2101,44 @@ TEST_P(GatewayPathTest, CallMeBackRoundTripsThroughTheClientAck) {
   EXPECT_EQ(reply->reply().args(), R"(["pong"])");
   ASSERT_EQ(reply->reply().attachments_size(), 1);
   EXPECT_EQ(reply->reply().attachments(0), std::string("\0\xff", 2));
+}
+
+// An Emit for a sid of a live gateway whose pipe is full is REJECTED, not
+// GATEWAY_GONE "no live gateway": the gateway is there, behind (before, the
+// report said it was gone).
+TEST_P(BrokerTest, AnEmitToAGatewayWhosePipeIsFullIsRejectedNotGone) {
+  broker::broker_config config;
+  config.sndhwm = 4;
+  start(config);
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  peer w{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  ASSERT_TRUE(w.hello({{"raw", 1}}));
+  // gwT reads nothing: its pipe (the broker's 4 and its socket's 1,000)
+  // cannot take 3,000.
+  for (int i = 0; i < 3000; ++i) w.send(emit_envelope("gwT.s1", "e", "[" + std::to_string(i) + "]"));
+  auto report = w.next(Envelope::kReport, 5s);
+  ASSERT_TRUE(report);
+  EXPECT_EQ(report->report().status(), proto::DeliveryReport::REJECTED);
+  EXPECT_EQ(report->report().detail(), "the pipe to gateway gwT is full");
+}
+
+// Past --pending-acks-limit emit_with_ack is refused: call-me-back then
+// answers BUSY at once (before, its request was answered silently, and the
+// client waited for an ack that never came).
+TEST_P(BrokerTest, CallMeBackAnswersBusyWhenNoMoreAcksMayWait) {
+  start();
+  auto o = options_for("demo1");
+  o.pending_acks_limit = 0;
+  add_worker({workers::demo_service(8)}, o);
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto id = gw.submit("demo", "call-me-back", R"(["ping"])", 5s, "gwT.s1");
+  auto reply = gw.next(Envelope::kReply, 5s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->reply().id(), id);
+  EXPECT_EQ(reply->reply().code(), proto::BUSY);
+  EXPECT_EQ(reply->reply().message(), "too many callbacks await their client's ack");
 }
 
 // A gateway answers for a client that cannot ack (its socket ended, or its

@@ -116,6 +116,7 @@ class RequestReplyTest(BrokerTest):
         svc.on("surrogate-reply", lambda req: req.reply("x\udcff"))
         svc.on("refuse", lambda req: req.fail(Code.REFUSED, "not you"))
         svc.on("twice", lambda req: [req.reply(1), req.reply(2)])
+        svc.on("nan", lambda req: req.reply(float("nan")))
         return svc
 
     def test_echo_reply(self):
@@ -165,6 +166,13 @@ class RequestReplyTest(BrokerTest):
         self.assertEqual((reply.code, reply.message), (pb.INTERNAL, "bad ? byte"))
         reply = c.call("t", "surrogate-reply", timeout_ms=2000)
         self.assertEqual((reply.code, reply.message), (pb.INTERNAL, "the handler's answer is not valid UTF-8"))
+
+    def test_an_answer_that_is_not_json_is_an_internal_error(self):
+        # NaN is no JSON: json.dumps would write it, and no client could read it.
+        self.start_worker(self.service())
+        reply = self.peer().call("t", "nan", "[]")
+        self.assertEqual(reply.code, pb.INTERNAL)
+        self.assertIn("JSON", reply.message)
 
     def test_exactly_one_final_reply(self):
         self.start_worker(self.service())
@@ -1326,6 +1334,18 @@ class GatewayTrafficTest(BrokerTest):
         self.assertEqual((r.code, json.loads(r.args)), (pb.OK, {}))  # no hook: accepted
         gw.lifecycle("life", pb.Lifecycle.DISCONNECT, "gwT.a", reason="client namespace disconnect")
         self.assertEqual(disconnects.get(), ("disconnect", "gwT.a", "client namespace disconnect"))
+
+    def test_a_connect_hook_returning_false_refuses(self):
+        # As in Flask-SocketIO; before, False accepted the socket with the
+        # data false: an auth check written that way let everyone in.
+        svc = Service("gate", capacity=2)
+        svc.on_connect(lambda req: req.auth.get("token") == "ok")
+        self.start_worker(svc)
+        gw = self.gateway("gwT")
+        r = gw.reply_to(gw.lifecycle("gate", pb.Lifecycle.CONNECT, "gwT.a", auth=b'{"token":"bad"}')).reply
+        self.assertEqual((r.code, r.message), (pb.REFUSED, "refused"))
+        r = gw.reply_to(gw.lifecycle("gate", pb.Lifecycle.CONNECT, "gwT.b", auth=b'{"token":"ok"}')).reply
+        self.assertEqual((r.code, json.loads(r.args)), (pb.OK, {}))
 
     def test_delivery_report_for_a_gone_gateway(self):
         reports = Recorder()

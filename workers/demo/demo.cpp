@@ -61,13 +61,16 @@ void say(request req) {
 void call_me_back(request req) {
   auto left = std::chrono::duration_cast<std::chrono::milliseconds>(req.cancel().deadline() -
                                                                     std::chrono::steady_clock::now());
-  req.emit_with_ack(
+  bool sent = req.emit_with_ack(
       "callback", req.args_text(), req.attachments(),
       [req](ack_result ack) mutable {
         if (ack.code == proto::OK) req.reply(std::move(ack.args), std::move(ack.attachments));
         else req.fail(ack.code, "the client did not ack the callback: " + ack.message);
       },
       std::max(left, std::chrono::milliseconds(1)));
+  // Refused (--pending-acks-limit emits await their acks already): no ack
+  // will come, so the event is answered now, not silently.
+  if (!sent) req.fail(proto::BUSY, "too many callbacks await their client's ack");
 }
 
 void bye(request req) { req.disconnect(); }

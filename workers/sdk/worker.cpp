@@ -101,7 +101,8 @@ struct request_state {
     if (!token_) {
       stop_ = std::stop_source{};
       if (cancel_asked_) stop_.request_stop();
-      token_.emplace(stop_.get_token(), deadline_);
+      shared_deadline_ = std::make_shared<std::atomic<clock::rep>>(deadline_.time_since_epoch().count());
+      token_.emplace(stop_.get_token(), shared_deadline_);
     }
     return *token_;
   }
@@ -113,7 +114,7 @@ struct request_state {
   void set_deadline(clock::time_point at) {
     std::lock_guard lock{cancel_mutex};
     deadline_ = at;
-    if (token_) token_.emplace(stop_.get_token(), at);
+    if (shared_deadline_) shared_deadline_->store(at.time_since_epoch().count());
   }
 
   ~request_state();
@@ -121,6 +122,7 @@ struct request_state {
  private:
   std::mutex cancel_mutex;
   clock::time_point deadline_;
+  std::shared_ptr<std::atomic<clock::rep>> shared_deadline_;  // the token's (and its copies'), once made
   bool cancel_asked_ = false;
   std::stop_source stop_{std::nostopstate};
   std::optional<cancel_token> token_;
@@ -1149,6 +1151,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     } catch (const std::exception& e) {
       ++n_errors;
       req.fail(proto::INTERNAL, e.what());
+    } catch (...) {
+      // Not a std::exception: on the I/O thread (a quick handler) it would
+      // end the process; on the pool, the request would be answered OK.
+      ++n_errors;
+      req.fail(proto::INTERNAL, "the handler threw something other than a std::exception");
     }
   }
 
@@ -1241,14 +1248,19 @@ request_state::~request_state() {
 // ---- cancel_token ----
 
 bool cancel_token::cancelled() const {
-  return stop_.stop_requested() || std::chrono::steady_clock::now() >= deadline_;
+  return stop_.stop_requested() || clock::now() >= deadline();
 }
 
 bool cancel_token::sleep_for(std::chrono::milliseconds d) const {
   std::mutex m;
   std::condition_variable_any cv;
   std::unique_lock lock{m};
-  auto until = std::min(std::chrono::steady_clock::now() + d, deadline_);
+  // now + d saturated: a "forever" d would overflow the clock (and spin).
+  auto now = clock::now();
+  auto deadline = this->deadline();
+  auto left = deadline > now ? std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now)
+                             : std::chrono::milliseconds::zero();
+  auto until = d >= left ? deadline : now + d;
   cv.wait_until(lock, stop_, until, [] { return false; });
   return !cancelled();
 }

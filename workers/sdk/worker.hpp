@@ -13,6 +13,7 @@
 // still learns that the worker is free.
 #include <chrono>
 #include <functional>
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <stop_token>
@@ -67,21 +68,26 @@ struct worker_options {
 };
 
 /// Fires when the broker cancels a request (deadline passed, requester gave
-/// up) or the worker stops. Long handlers poll it or sleep on it.
+/// up) or the worker stops. Long handlers poll it or sleep on it. Copies may
+/// go to other threads: each sees the request's deadline as it is now (an
+/// early ack() lifts it).
 class cancel_token {
  public:
-  cancel_token(std::stop_token stop, std::chrono::steady_clock::time_point deadline)
-      : stop_{std::move(stop)}, deadline_{deadline} {}
+  using clock = std::chrono::steady_clock;
+  /// The deadline (a clock::rep) is the request's, shared: it moves for every copy.
+  cancel_token(std::stop_token stop, std::shared_ptr<const std::atomic<clock::rep>> deadline)
+      : stop_{std::move(stop)}, deadline_{std::move(deadline)} {}
 
   bool cancelled() const;
-  /// Sleeps up to `d`; returns false if cancelled (or the deadline passed) first.
+  /// Sleeps up to `d` (any length: milliseconds::max() sleeps until
+  /// cancelled); returns false if cancelled (or the deadline passed) first.
   bool sleep_for(std::chrono::milliseconds d) const;
-  std::chrono::steady_clock::time_point deadline() const { return deadline_; }
+  clock::time_point deadline() const { return clock::time_point{clock::duration{deadline_->load()}}; }
   const std::stop_token& stop_token() const { return stop_; }
 
  private:
   std::stop_token stop_;
-  std::chrono::steady_clock::time_point deadline_;
+  std::shared_ptr<const std::atomic<clock::rep>> deadline_;
 };
 
 /// The result of a client's ack to emit_with_ack.

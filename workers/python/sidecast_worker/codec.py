@@ -122,4 +122,4 @@ def parse_json(text, default):
 
 def dumps(value):
     """Compact UTF-8 JSON, the form every other Sidecast component sends."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -40,7 +40,11 @@ class Service:
         return self._register(handler, lambda h: self._events.__setitem__(event, h))
 
     def on_connect(self, handler=None):
-        """Connect hook: returning (or ``req.accept()``) accepts, ``req.refuse(msg)`` refuses."""
+        """Connect hook: returning (or ``req.accept()``) accepts, ``req.refuse(msg)`` refuses.
+
+        Returning ``False`` refuses too (connect_error "refused"), as in
+        Flask-SocketIO; ``True`` or ``None`` accepts; an object accepts with
+        it as the connect's data (``{"user": "ann"}`` names the user)."""
         return self._register(handler, lambda h: setattr(self, "_on_connect", h))
 
     def on_disconnect(self, handler=None):

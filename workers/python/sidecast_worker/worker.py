@@ -385,7 +385,12 @@ class _Core:
         try:
             result = handler(req)
             if result is not None and not req.answered and not req._acked:
-                req.reply(result)
+                if req.kind == CONNECT and isinstance(result, bool):
+                    # As in Flask-SocketIO: a connect hook's False refuses
+                    # (never "accepted, with data false"), True accepts.
+                    req.accept() if result else req.refuse()
+                else:
+                    req.reply(result)
         except Exception as e:
             self.count("handler_errors")
             if self.log_limit.allow():
