@@ -41,7 +41,8 @@ void client_socket::begin_connect() {
       deliver_reply(0, refusal("invalid token: " + claims.error()));
       return;
     }
-    user_ = std::move(claims->subject);
+    user_ = claims->subject;
+    token_subject_ = std::move(claims->subject);
   }
   // Not sent for a sid the bridge could not take: the service would
   // accept a socket no emit or broadcast reaches.

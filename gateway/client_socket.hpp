@@ -33,6 +33,9 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   const std::string& service() const { return service_; }
   const std::string& auth() const { return auth_; }
   const std::string& user() const { return user_; }
+  /// The `sub` of the JWT its connect carried (empty without --jwt-*): a
+  /// recovery of this socket must carry a valid token of the same subject.
+  const std::string& token_subject() const { return token_subject_; }
   bool connected() const { return state_ == state::connected; }
   bool closed() const { return state_ == state::closed; }
 
@@ -57,9 +60,10 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   /// This socket took over a sid its service had accepted (connection-state
   /// recovery): however it ends, even before it is marked connected, the
   /// service gets the DISCONNECT the old socket no longer sends.
-  void took_over(std::string user) {
+  void took_over(const client_socket& old) {
     owes_disconnect_ = true;
-    user_ = std::move(user);  // who the service accepted (no new connect hook runs)
+    user_ = old.user_;  // who the service accepted (no new connect hook runs)
+    token_subject_ = old.token_subject_;
   }
   /// A Lifecycle DISCONNECT of this socket for its service.
   proto::Envelope disconnect_notice(const std::string& reason) const;
@@ -101,6 +105,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   io_executor ex_;  // smaller than any_io_executor (gateway/io.hpp)
   std::string nsp_, service_, auth_, sid_;
   std::string user_;  // from the JWT's sub, or the connect hook's {"user"}
+  std::string token_subject_;  // see token_subject()
   state state_ = state::connecting;
   bool owes_disconnect_ = false;  // see took_over()
   bool connect_pending_ = false;  // its CONNECT went to the service, unanswered yet

@@ -143,7 +143,7 @@ class sio_socket : public client_socket {
   /// bridge moves the sid here, then `old` hands its events over.
   void recover(std::shared_ptr<sio_socket> old, std::uint64_t offset) {
     recovering_ = true;
-    took_over(old->user());  // set when old connected, never changed since
+    took_over(*old);  // its user was set when old connected, never changed since
     std::weak_ptr<sio_socket> self = std::static_pointer_cast<sio_socket>(shared_from_this());
     bool queued = gw_.link().attach(sid(), nsp(), self, [old, self, offset] {
       // On the bridge thread, after the swap: every delivery to `old` was
@@ -834,12 +834,24 @@ void eio_session::on_connect(socketio::packet p) {
     const json::object* o = !ec && auth.is_object() ? &auth.as_object() : nullptr;
     auto* pid = o ? o->if_contains("pid") : nullptr;
     auto* offset = o ? o->if_contains("offset") : nullptr;
-    if (pid && pid->is_string() && offset && offset->is_string()) {
+    // With --jwt-*, a recovery is a connect like any other: a valid token
+    // of the kept socket's subject, or a fresh connect (refused with the
+    // token's reason). A pid alone would be a bearer credential that
+    // outlives the token it was issued under.
+    std::optional<std::string> subject;
+    if (gw_.tokens().enabled()) {
+      auto* token = o ? o->if_contains("token") : nullptr;
+      if (token && token->is_string())
+        if (auto claims = gw_.tokens().verify(token->as_string(), std::chrono::system_clock::now()))
+          subject = std::move(claims->subject);
+    }
+    if (pid && pid->is_string() && offset && offset->is_string() && (subject || !gw_.tokens().enabled())) {
       std::uint64_t seen = 0;
       auto text = std::string_view{offset->as_string()};
       auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), seen);
       auto old = err == std::errc{} && end == text.data() + text.size()
-                     ? std::static_pointer_cast<sio_socket>(gw_.unpark(std::string{pid->as_string()}, p.nsp))
+                     ? std::static_pointer_cast<sio_socket>(
+                           gw_.unpark(std::string{pid->as_string()}, p.nsp, subject ? &*subject : nullptr))
                      : nullptr;
       if (old) {
         auto fresh = std::make_shared<sio_socket>(shared_from_this(), p.nsp, old->service(), old->auth(), old->sid(),

@@ -328,10 +328,12 @@ void gateway::park(const std::string& pid, std::shared_ptr<client_socket> socket
   parked_[pid] = std::move(socket);
 }
 
-std::shared_ptr<client_socket> gateway::unpark(const std::string& pid, std::string_view nsp) {
+std::shared_ptr<client_socket> gateway::unpark(const std::string& pid, std::string_view nsp,
+                                               const std::string* token_subject) {
   std::lock_guard lock{parked_mutex_};
   auto it = parked_.find(pid);
   if (it == parked_.end() || (!nsp.empty() && it->second->nsp() != nsp)) return nullptr;
+  if (token_subject && it->second->token_subject() != *token_subject) return nullptr;
   auto socket = std::move(it->second);
   parked_.erase(it);
   return socket;

@@ -100,7 +100,9 @@ class gateway {
   /// Takes a parked socket; nullptr when unknown or already taken/expired.
   /// With `nsp`, only one in that namespace (one look: a socket of another
   /// namespace is never out of the table, where its expiry would miss it).
-  std::shared_ptr<client_socket> unpark(const std::string& pid, std::string_view nsp = {});
+  /// With `token_subject`, only one whose connect's token had that subject.
+  std::shared_ptr<client_socket> unpark(const std::string& pid, std::string_view nsp = {},
+                                        const std::string* token_subject = nullptr);
   bool recovery_for(const std::string& nsp) const;
 
  private:

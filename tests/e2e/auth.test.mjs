@@ -58,3 +58,44 @@ test("a good token: connected, and the user travels with every request", async (
   assert.equal(who.user, "ann");
   assert.equal(who.sid, s.id);
 });
+
+// A recovery (Socket.IO connection-state recovery, /vm keeps sockets) is a
+// connect like any other: it carries a valid token, of the kept socket's
+// user, or it is not a recovery. Before, a pid alone recovered the socket
+// with no token at all, and after the token had expired: a bearer
+// credential that outlived it.
+test("a recovery needs a valid token of the same user", async () => {
+  let auth = { token: token({ sub: "ann", exp: inAMinute() }) };
+  const s = io(`${url}/vm`, { transports: ["websocket"], auth: (cb) => cb(auth), forceNew: true,
+                              reconnectionDelay: 50, reconnectionDelayMax: 50 });
+  sockets.push(s);
+  const next = (event) => new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`no ${event}`)), 5000);
+    s.once(event, (e) => { clearTimeout(t); resolve(e); });
+  });
+  await next("connect");
+  const sid = s.id, pid = s._pid;  // (socket.io-client keeps the pid it reconnects with there)
+  assert.ok(pid, "the gateway keeps /vm sockets for recovery");
+  const drop = () => { s.io.engine.close(); };  // the client reconnects by itself, with {pid, offset}
+
+  auth = {};  // no token: refused with the token's reason, not recovered
+  drop();
+  assert.equal((await next("connect_error")).message, "authentication required: auth.token");
+
+  auth = { token: token({ sub: "bob", exp: inAMinute() }) };  // another user: a fresh socket
+  s.connect();
+  await next("connect");
+  assert.equal(s.recovered, false);
+  assert.notEqual(s.id, sid);
+  s.close();
+
+  // ann's socket is still kept: her own new token recovers it.
+  const again = io(`${url}/vm`, { transports: ["websocket"], forceNew: true, reconnection: false,
+                                  auth: { token: token({ sub: "ann", exp: inAMinute() }), pid, offset: "0" } });
+  sockets.push(again);
+  await new Promise((resolve, reject) => {
+    again.once("connect", resolve);
+    again.once("connect_error", (e) => reject(e));
+  });
+  assert.equal(again.id, sid, "ann's kept socket, recovered");
+});
