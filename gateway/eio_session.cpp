@@ -104,6 +104,8 @@ class sio_socket : public client_socket {
 
   /// Connected in a namespace with recovery: worth keeping when the transport drops.
   bool recoverable() const { return recoverable_ && connected() && !detached_; }
+  /// Connected, or taking over a socket that was (connection-state recovery).
+  bool joined() const { return connected() || recovering_; }
   const std::string& pid() const { return pid_; }
 
   /// The transport is gone: keep the sid, its rooms and what it is sent
@@ -512,8 +514,15 @@ eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::stri
 void eio_session::expect_connect() {
   if (echo_) return;  // a bare Engine.IO session has no namespaces
   connect_timer_.expires_after(gw_.config().connect_timeout);
+  // As Socket.IO's connectTimeout: a namespace must be joined by then, not
+  // only asked for. A session whose every connect was refused (a bad token,
+  // a hook's no) would otherwise stay as long as it answers pings, holding
+  // its places under the limits.
   connect_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
-    if (!ec && !self->closed_ && self->sockets_.empty()) self->close("connect timeout");
+    if (ec || self->closed_) return;
+    for (const auto& [nsp, socket] : self->sockets_)
+      if (socket->joined()) return;
+    self->close("connect timeout");
   });
 }
 
@@ -814,6 +823,14 @@ void eio_session::on_connect(socketio::packet p) {
   socketio::packet refusal;
   refusal.type = socketio::packet_type::connect_error;
   refusal.nsp = p.nsp;
+  // A CONNECT costs what an event does (a token's check, a hook's request,
+  // a refusal written): it takes from the same bucket.
+  if (!events_.take()) {
+    gw_.metrics().rate_limited.Increment();
+    refusal.data = R"({"message":"rate limited: too many connects"})";
+    send_socketio(refusal);
+    return;
+  }
   const auto* service = gw_.service_for(p.nsp);
   if (!service) {
     refusal.data = R"({"message":"Invalid namespace"})";
@@ -857,7 +874,6 @@ void eio_session::on_connect(socketio::packet p) {
         auto fresh = std::make_shared<sio_socket>(shared_from_this(), p.nsp, old->service(), old->auth(), old->sid(),
                                                   old->pid());
         sockets_.emplace(p.nsp, fresh);
-        connect_timer_.cancel();
         fresh->recover(std::move(old), seen);
         return;
       }
@@ -865,7 +881,6 @@ void eio_session::on_connect(socketio::packet p) {
   }
   auto socket = std::make_shared<sio_socket>(shared_from_this(), p.nsp, *service, p.data.empty() ? "{}" : p.data);
   sockets_.emplace(p.nsp, socket);
-  connect_timer_.cancel();  // a namespace joined: the connect timeout is over
   socket->begin_connect();
 }
 

@@ -610,6 +610,17 @@ class ConnectTimeout(unittest.TestCase):
         time.sleep(3.5)
         assert_session_gone(self, sid)
 
+    def test_a_connection_whose_connects_were_all_refused_is_closed(self):
+        # Asking is not joining (as Socket.IO's connectTimeout): before, the
+        # first CONNECT ended the timeout, and a refused session stayed as
+        # long as it answered pings, holding its places under the limits.
+        sid = handshake()
+        post(sid, "40/forbidden,")
+        status, body, _ = poll(sid)
+        self.assertEqual((status, body), (200, '44/forbidden,{"message":"forbidden"}'))
+        time.sleep(3.5)
+        assert_session_gone(self, sid)
+
 
 class Limits(unittest.TestCase):
     def test_events_over_the_rate_get_an_error_ack_in_order(self):
@@ -633,6 +644,21 @@ class Limits(unittest.TestCase):
         # of the rest is refused.
         self.assertGreaterEqual(min(refused, default=0), 190, "the burst passes")
         self.assertGreaterEqual(len(refused), 50)
+
+    def test_connects_over_the_rate_are_refused(self):
+        # A CONNECT takes from the events' bucket too: each costs a lookup
+        # and a refusal here (with --jwt-*, a token's check).
+        sid = handshake()
+        post(sid, SEP.join("40/nowhere," for _ in range(300)))
+        answers = []
+        deadline = time.time() + 10
+        while len(answers) < 300 and time.time() < deadline:
+            status, body, _ = poll(sid)
+            answers += [json.loads(p[len("44/nowhere,"):])["message"] for p in body.split(SEP) if p.startswith("44")]
+        self.assertEqual(len(answers), 300)
+        self.assertEqual(answers[:190], ["Invalid namespace"] * 190, "the burst passes")
+        self.assertGreaterEqual(answers.count("rate limited: too many connects"), 50)
+        self.assertEqual(set(answers), {"Invalid namespace", "rate limited: too many connects"})
 
     def test_api_emits_over_the_rate_get_429(self):
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
