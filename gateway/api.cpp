@@ -154,7 +154,11 @@ std::optional<proto::Control::Action> socket_action(std::string_view action) {
 std::optional<json::object> parse_object(std::string_view body) {
   if (body.empty()) return json::object{};
   boost::system::error_code ec;
-  auto v = json::parse(body, ec);
+  // As deep as Socket.IO's and /ws's arguments may be (Boost.JSON's own
+  // default is 32): the body's object takes the place of their array.
+  json::parse_options opts;
+  opts.max_depth = socketio::max_json_depth;
+  auto v = json::parse(body, ec, {}, opts);
   if (ec || !v.is_object()) return std::nullopt;
   return std::move(v.as_object());
 }
@@ -410,12 +414,14 @@ class api_session : public client_socket {
     if (poll_) flush();
   }
 
+  // Due a ttl after the client was last seen (it checked every ttl/2: up to
+  // 1.5 ttl); while a poll waits, a ttl from now (the poll's end is seen).
   void schedule_expiry() {
     auto ttl = gw_.config().api_session_ttl;
-    ttl_timer_.expires_after(ttl / 2);
+    ttl_timer_.expires_at(poll_ ? clock::now() + ttl : last_seen_ + ttl);
     ttl_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this()), ttl](boost::system::error_code ec) {
       if (ec || self->closed()) return;
-      if (!self->poll_ && clock::now() - self->last_seen_ > ttl) return self->close("api session expired");
+      if (!self->poll_ && clock::now() - self->last_seen_ >= ttl) return self->close("api session expired");
       self->schedule_expiry();
     });
   }

@@ -93,6 +93,14 @@ bool origin_allowed(const gateway_config& c, const request& req) {
   return !host.empty() && origin_authority(origin) == host;
 }
 
+// A refused origin is counted, and logged at most so often: it is a
+// peer's input, as free to send as any other.
+void note_refused_origin(gateway& gw, const request& req, std::string_view what) {
+  gw.metrics().refused_origin.Increment();
+  static thread_local core::log_limiter log_limit;
+  if (log_limit.allow()) spdlog::warn("refused {}origin {}", what, std::string_view{req[http::field::origin]});
+}
+
 void add_cors(const request& req, response& res) {
   auto origin = req[http::field::origin];
   if (origin.empty()) return;
@@ -214,9 +222,7 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
   bool api = path.starts_with("/api/v1/");
   bool cors = eio || api;
   if (cors && !origin_allowed(gw.config(), req)) {
-    gw.metrics().refused_origin.Increment();
-    static thread_local core::log_limiter log_limit;
-    if (log_limit.allow()) spdlog::warn("refused origin {}", std::string_view{req[http::field::origin]});
+    note_refused_origin(gw, req, "");
     co_return make_response(req, eio ? eio_error(engineio::error_code::forbidden, 403)
                                      : http_answer{403, "application/json", R"({"error":"origin not allowed"})"});
   }
@@ -281,8 +287,7 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
   if (!plain && !echo && path != "/socket.io/" && path != "/socket.io")
     return http_answer{404, "text/plain", "not found\n"};
   if (!origin_allowed(gw.config(), req)) {
-    gw.metrics().refused_origin.Increment();
-    spdlog::warn("refused WebSocket origin {}", std::string_view{req[http::field::origin]});
+    note_refused_origin(gw, req, "WebSocket ");
     return eio_error(engineio::error_code::forbidden, 403);
   }
   auto params = target->params();

@@ -548,6 +548,12 @@ class HttpApiErrors(unittest.TestCase):
         self.assertEqual(ask("POST", "/api/v1/sessionsXYZ/emit", {"event": "x"}), (404, "no such endpoint"))
         big = json.dumps({"event": "echo", "data": "x" * 2_000_000}).encode()
         self.assertEqual(ask("POST", f"/api/v1/sessions/{sid}/emit", big), (413, "payload too large"))
+        # As deep as Socket.IO's and /ws's arguments may go (64 with the body's
+        # object), no deeper; it stopped at Boost.JSON's default of 32.
+        deep = lambda n: json.dumps({"event": "echo", "data": json.loads("[" * n + "]" * n), "ack": True}).encode()
+        status, text, _ = request("POST", f"/api/v1/sessions/{sid}/emit", deep(63))
+        self.assertEqual((status, json.loads(text)), (200, {"data": json.loads("[" * 63 + "]" * 63)}))
+        self.assertEqual(ask("POST", f"/api/v1/sessions/{sid}/emit", deep(64)), (400, "body must be a JSON object"))
         request("DELETE", f"/api/v1/sessions/{sid}")
 
     def test_api_poll_timeout_must_be_milliseconds(self):

@@ -1879,6 +1879,19 @@ class ApiPollingTest(InProcessWorkerTest):
                 self.assertEqual(json.loads(res.read()), {"events": []})
             time.sleep(0.6)  # an expiry check (every TTL/2) falls between the polls
 
+    def test_a_session_not_polled_for_its_ttl_is_closed_then(self):
+        # A ttl (1 s) after its last poll, not up to 1.5 ttl (it was checked
+        # every ttl/2 from its start: alive at 1.3 s).
+        import urllib.error
+        import urllib.request
+        url, sid = self.open_session()
+        with urllib.request.urlopen(f"{url}/{sid}/events?timeout=0", timeout=WAIT) as res:
+            self.assertEqual(json.loads(res.read()), {"events": []})
+        time.sleep(1.3)
+        with self.assertRaises(urllib.error.HTTPError) as gone:
+            urllib.request.urlopen(f"{url}/{sid}/events?timeout=0", timeout=WAIT)
+        self.assertIn(gone.exception.code, (404, 410))  # forgotten, or closed with events kept
+
     def test_a_client_that_pipelines_and_half_closes_is_answered(self):
         # Its poll and the request after it, sent at once, then FIN: it
         # has not left, it waits for both answers.
