@@ -298,12 +298,9 @@ class api_session : public client_socket {
     if (closed()) return drop_event({}, "the session is closed");
     // Events from the connect hook wait in the same buffer: the client
     // polls once it has its 201, and finds them first.
-    if (events_.size() >= gw_.config().api_buffer) {
-      // A client that stopped polling loses the oldest events, counted.
-      gw_.metrics().api_overflow.Increment();
-      events_.pop_front();
-    }
     events_.push_back(std::shared_ptr<const std::string>(event, &event->ws_frame()));
+    buffered_bytes_ += events_.back()->size();
+    trim();
     if (poll_) flush();
     return nullptr;
   }
@@ -375,24 +372,50 @@ class api_session : public client_socket {
 
   // Events no poll will take: each counted (undelivered).
   void drop_buffered(const char* why) {
-    for (; !events_.empty(); events_.pop_front()) drop_event({}, why);
+    for (; !events_.empty(); pop_event()) drop_event({}, why);
   }
 
-  // The waiting poll takes every buffered event: counted as sent once its
-  // answer is taken; given back (in front, in order) when the poll was
-  // abandoned, its client gone (http_session.cpp).
+  void pop_event() {
+    buffered_bytes_ -= events_.front()->size();
+    events_.pop_front();
+  }
+
+  // At most --api-buffer events and --outbound-bytes bytes wait (as much as
+  // a Socket.IO connection may have queued): a client that stopped polling
+  // loses the oldest, counted.
+  void trim() {
+    const auto& c = gw_.config();
+    for (; !events_.empty() && (events_.size() > c.api_buffer || buffered_bytes_ > c.outbound_bytes); pop_event())
+      gw_.metrics().api_overflow.Increment();
+  }
+
+  // The waiting poll takes the buffered events, as many as fit in
+  // --max-payload (at least one; the rest wait for the next poll, which is
+  // answered at once): counted as sent once its answer is taken; given back
+  // (in front, in order) when the poll was abandoned, its client gone
+  // (http_session.cpp). A closed session's last answer takes them all.
   void flush() {
     touch();  // --api-session-ttl counts from the end of the last poll
+    bool last = !ended_.empty();  // the closed session's last answer
+    std::size_t n = 0, size = 0;
+    for (; n < events_.size(); ++n) {
+      auto more = events_[n]->size() + (n ? 1 : 0);
+      if (n && !last && size + more > gw_.config().max_payload) break;
+      size += more;
+    }
     std::string events;
-    for (std::size_t i = 0; i < events_.size(); ++i) {
+    events.reserve(size);
+    std::deque<std::shared_ptr<const std::string>> sent;
+    for (std::size_t i = 0; i < n; ++i) {
       if (i) events += ',';
-      events += *events_[i];
+      events += *events_.front();
+      sent.push_back(events_.front());
+      pop_event();
     }
     poll_timer_.cancel();
     std::function<void(bool)> taken;
-    bool last = !ended_.empty();  // the closed session's last answer
-    if (!events_.empty() || last)
-      taken = [self = std::static_pointer_cast<api_session>(shared_from_this()), sent = std::exchange(events_, {}), last](bool ok) mutable {
+    if (!sent.empty() || last)
+      taken = [self = std::static_pointer_cast<api_session>(shared_from_this()), sent = std::move(sent), last](bool ok) mutable {
         asio::post(self->executor(), [self, sent = std::move(sent), ok, last]() mutable { self->after_poll(std::move(sent), ok, last); });
       };
     auto answer = ended_.empty() ? http_answer{200, "application/json", "{\"events\":[" + events + "]}"} : closed_answer(events);
@@ -408,9 +431,10 @@ class api_session : public client_socket {
       }
       return;
     }
+    for (const auto& e : sent) buffered_bytes_ += e->size();
     events_.insert(events_.begin(), std::make_move_iterator(sent.begin()), std::make_move_iterator(sent.end()));
     if (closed() && ended_.empty()) return drop_buffered("the session is closed");
-    for (; events_.size() > gw_.config().api_buffer; events_.pop_front()) gw_.metrics().api_overflow.Increment();
+    trim();
     if (poll_) flush();
   }
 
@@ -430,6 +454,7 @@ class api_session : public client_socket {
   token_bucket rate_;  // --events-per-second, --events-burst
   std::shared_ptr<reply_slot> created_, poll_;
   std::deque<std::shared_ptr<const std::string>> events_;
+  std::size_t buffered_bytes_ = 0;  // of events_ (trim())
   std::unordered_map<std::uint64_t, std::shared_ptr<reply_slot>> acks_;
   std::uint64_t next_tag_ = 0;
   clock::time_point last_seen_{};

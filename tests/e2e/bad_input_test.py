@@ -403,6 +403,26 @@ class WebSocketErrors(unittest.TestCase):
 
 
 class HttpApiErrors(unittest.TestCase):
+    def test_a_poll_answer_is_no_larger_than_max_payload(self):
+        # Three events of 600 KB wait (--max-payload is 1,000,000): each
+        # poll takes what fits, at least one, and the next poll the rest
+        # at once. One answer took them all before (270 MB in a review).
+        status, text, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
+        sid = json.loads(text)["sid"]
+        self.addCleanup(request, "DELETE", f"/api/v1/sessions/{sid}")
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        for i in range(3):
+            body = json.dumps({"sid": sid, "event": "big", "data": f"{i}" + "x" * 600_000}).encode()
+            self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 202)
+        got = []
+        deadline = time.time() + 10
+        while len(got) < 3 and time.time() < deadline:
+            status, text, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout=1000")
+            self.assertEqual(status, 200)
+            self.assertLessEqual(len(text), 1_000_000 + 64)  # the events, and {"events":[...]} around them
+            got += [e["data"][:1] for e in json.loads(text)["events"]]  # each event's number
+        self.assertEqual(got, ["0", "1", "2"])
+
     def test_publish_needs_the_key(self):
         body = json.dumps({"broadcast": True, "event": "x"}).encode()
         self.assertEqual(request("POST", "/api/v1/publish", body)[0], 401)

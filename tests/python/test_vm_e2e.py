@@ -1924,6 +1924,37 @@ class ApiPollingTest(InProcessWorkerTest):
         self.assertEqual([(e["event"], e["data"]) for e in events], [("late", 1)], "the abandoned poll took it")
 
 
+class ApiBufferBytesTest(InProcessWorkerTest):
+    """What an HTTP API session that does not poll keeps is bounded in bytes
+    too (--outbound-bytes, as a Socket.IO connection's queue), not only in
+    events (--api-buffer): five events of 400 KB against 1.5 MB keep the
+    last three, the two oldest counted api_buffer_full. (Before, 300 events
+    of 0.9 MB took a gateway from 20 to 549 MB.)"""
+
+    gateway_id = "gwU"
+    gateway_args = ("--outbound-bytes", "1500000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        return Service("buf", capacity=1)
+
+    def test_what_waits_for_a_poll_is_bounded_in_bytes(self):
+        status, created = self.api("POST", "/sessions", {"nsp": "/buf"}, key=None)
+        self.assertEqual(status, 201, created)
+        sid = created["sid"]
+        for i in range(5):
+            self.assertTrue(self.worker.emit_to_sid(sid, "big", f"{i}" + "x" * 400_000, nsp="/buf"))
+        overflow = lambda: self.gateway_metric("sidecast_gateway_dropped_total", reason="api_buffer_full")
+        self.assertTrue(eventually(lambda: overflow() == 2, WAIT), overflow())
+        got = []
+        for _ in range(3):  # --max-payload (1 MB) takes two an answer
+            status, answer = self.api("GET", f"/sessions/{sid}/events?timeout=0", key=None)
+            self.assertEqual(status, 200)
+            got += [e["data"][:1] for e in answer["events"]]  # each event's number
+        self.assertEqual(got, ["2", "3", "4"])
+
+
 class ApiClosedSessionTest(InProcessWorkerTest):
     """An HTTP API session its worker disconnects keeps what its client had
     not polled: the next poll gets it with a 410 (so does a poll waiting
