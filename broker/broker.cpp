@@ -818,6 +818,14 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
       // A retransmission of a request still in progress: the first answers.
       drop(drop_reason::duplicate, work.id);
       break;
+    case service_table::admit::id_in_use:
+      // A retry of a request that ended (TIMEOUT, CANCELLED: answered) while
+      // its worker still runs it: no first is left to answer, so this one
+      // is, at once; the id is free again once the worker answers.
+      drop(drop_reason::duplicate, work.id);
+      if (work.wants_reply)
+        send_reply(routing_id, work.id, proto::BUSY, "an earlier request of this id ended but its worker still runs it");
+      break;
     case service_table::admit::no_service:
       // A name past --max-services: no series is made for it either.
       drop(drop_reason::service_limit, work.service);
@@ -1122,7 +1130,13 @@ void broker::fail(const failure& f) {
   if (!f.work.wants_reply) return;
   std::string message;
   switch (f.code) {
-    case proto::UNAVAILABLE: message = "no worker for service " + f.work.service; break;
+    case proto::UNAVAILABLE:
+      // Waited its whole deadline in the queue: for want of any worker, or
+      // behind busy ones (an operator reading the second as the first
+      // would look for a dead service, not a saturated one).
+      message = table_.workers(f.work.service) == 0 ? "no worker for service " + f.work.service
+                                                    : "no worker of service " + f.work.service + " was free in time";
+      break;
     case proto::TIMEOUT: message = "deadline passed"; break;
     case proto::WORKER_LOST: message = "worker lost " + std::to_string(f.work.attempt) + " times"; break;
     default: message = proto::Code_Name(f.code); break;

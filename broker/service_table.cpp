@@ -205,7 +205,8 @@ void service_table::heap_erase(std::uint32_t s) {
 // ---- the operations ----
 
 service_table::admit service_table::submit(job&& work) {
-  if (ids_.contains(work.id)) return admit::duplicate;
+  if (auto it = ids_.find(work.id); it != ids_.end())
+    return slots_[it->second].state == slot_state::orphaned ? admit::id_in_use : admit::duplicate;
   auto service = service_index(work.service);
   if (service == none) return admit::no_service;
   auto& svc = services_[service];

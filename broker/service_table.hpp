@@ -83,10 +83,11 @@ class service_table {
  public:
   explicit service_table(table_limits limits) : limits_{limits} {}
 
-  enum class admit { queued, busy, duplicate, no_service };
+  enum class admit { queued, busy, duplicate, id_in_use, no_service };
   /// Queues a job; `busy` when its service's queue is full, `duplicate` when
-  /// a job with the same id is queued or held (even one that expired or was
-  /// cancelled, while its worker still works on it), `no_service` when it
+  /// a job with the same id is queued or held, `id_in_use` when one of that
+  /// id ended (expired or was cancelled: it was answered) while its worker
+  /// still works on it, `no_service` when it
   /// names a service the table does not know and max_services are known.
   admit submit(job&& work);  // moves from `work` only when queued
 

@@ -42,7 +42,7 @@ using P = std::vector<std::pair<std::string, std::string>>;
 // Each case is a script of operations on one table, each with the answer
 // it must give (`run` below says what an operation writes):
 //   worker W SVC N     add_worker                  "" | no_service | "evicted NAME[ ID:CODE ...]"
-//   submit ID [SVC] [TIMEOUT_MS]  (svc, 10000)     queued | busy | duplicate | no_service
+//   submit ID [SVC] [TIMEOUT_MS]  (svc, 10000)     queued | busy | duplicate | id_in_use | no_service
 //   dispatch           "W:ID ..." in order (":ID#2": its second attempt)
 //   complete ID W      job (it ended) | held (a job W held, already over) | none
 //   cancel ID          queued | held by W | none
@@ -104,6 +104,7 @@ std::string run(service_table& t, const std::string& op) {
       case service_table::admit::queued: return "queued";
       case service_table::admit::busy: return "busy";
       case service_table::admit::duplicate: return "duplicate";
+      case service_table::admit::id_in_use: return "id_in_use";
       case service_table::admit::no_service: return "no_service";
     }
   }
@@ -199,6 +200,14 @@ const std::vector<table_case>& cases() {
            {"dispatch", "w1:a w1:b"}, {"drain w1", "ok"},
            {"expire 500", "b:TIMEOUT@w1"}, {"held w1", "2"},  // b's credit is held until w1 answers
            {"worker w2 svc 1", ""}, {"drop w1", ""}, {"dispatch", "w2:a#2"}}},
+      // A retry of an id whose job ended (answered TIMEOUT) while its
+      // worker still runs it is told so (the broker answers it BUSY), not
+      // dropped as the duplicate of a job still to answer; once the worker
+      // answers, the id is free.
+      {"an ended job's id is in use until its worker answers", {}, {
+           {"worker w1 svc 2", ""}, {"submit a svc 500", "queued"}, {"dispatch", "w1:a"},
+           {"submit a", "duplicate"}, {"expire 500", "a:TIMEOUT@w1"},
+           {"submit a", "id_in_use"}, {"complete a w1", "held"}, {"submit a", "queued"}}},
       {"re-registering changes the capacity", {}, {
            {"worker w1 svc 1", ""}, {"worker w1 svc 3", ""}, {"workers svc", "1"},
            {"submit a", "queued"}, {"submit b", "queued"}, {"submit c", "queued"},
