@@ -40,8 +40,14 @@ class database {
     // cannot vouch for: they start afresh (clients join again); history stays.
     exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
     exec("CREATE TABLE IF NOT EXISTS presence (sid TEXT NOT NULL, room TEXT NOT NULL, PRIMARY KEY (sid, room))");
+    // Sockets that disconnected, for ten minutes: a join or nick of one
+    // that a handler thread runs after its disconnect (they run on the
+    // pool, in no set order) is refused, not left as a ghost member.
+    exec("CREATE TABLE IF NOT EXISTS gone (sid TEXT PRIMARY KEY, at INTEGER NOT NULL)");
+    exec("CREATE INDEX IF NOT EXISTS gone_at ON gone(at)");
     exec("DELETE FROM presence");
     exec("DELETE FROM nicks");
+    exec("DELETE FROM gone");
   }
   ~database() { sqlite3_close(db_); }
   database(const database&) = delete;
@@ -98,6 +104,15 @@ class database {
   sqlite3* db_ = nullptr;
 };
 
+constexpr std::int64_t gone_kept_ms = 10 * 60 * 1000;
+constexpr const char* kGone = "the socket has disconnected";
+
+bool is_gone(database& db, const std::string& sid) {
+  auto s = db.prepare("SELECT 1 FROM gone WHERE sid = ?");
+  s.bind(1, sid);
+  return s.step();
+}
+
 std::string nick_of(database& db, const std::string& sid) {
   auto s = db.prepare("SELECT nick FROM nicks WHERE sid = ?");
   s.bind(1, sid);
@@ -153,6 +168,7 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             if (!name) return (void)req.fail(proto::BAD_REQUEST, "a nickname is 1-32 characters");
             {
               std::lock_guard lock{db->mutex};
+              if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
               db->prepare("INSERT INTO nicks(sid, nick) VALUES(?, ?) ON CONFLICT(sid) DO UPDATE SET nick = excluded.nick")
                   .bind(1, req.sid())
                   .bind(2, *name)
@@ -167,6 +183,7 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             json::array messages, members;
             {
               std::lock_guard lock{db->mutex};
+              if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
               db->prepare("INSERT OR IGNORE INTO presence(sid, room) VALUES(?, ?)").bind(1, req.sid()).bind(2, *room).step();
               auto s = db->prepare(
                   "SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
@@ -236,6 +253,9 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
         while (s.step()) rooms.push_back(s.text(0));
         db->prepare("DELETE FROM presence WHERE sid = ?").bind(1, req.sid()).step();
         db->prepare("DELETE FROM nicks WHERE sid = ?").bind(1, req.sid()).step();
+        auto now = now_ms();
+        db->prepare("INSERT OR REPLACE INTO gone(sid, at) VALUES(?, ?)").bind(1, req.sid()).bind(2, now).step();
+        db->prepare("DELETE FROM gone WHERE at < ?").bind(1, now - gone_kept_ms).step();
         for (const auto& room : rooms) announce_presence(req, *db, room);
       });
 }
