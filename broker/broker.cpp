@@ -558,11 +558,15 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     case Envelope::kControl:
     case Envelope::kReport: on_addressed(routing_id, *env, bytes); break;
     case Envelope::kCancel: on_cancel(routing_id, env->cancel()); break;
-    case Envelope::kDrain:
+    case Envelope::kDrain: {
+      // Logged (and its jobs counted, a scan of the table) once a drain: a
+      // worker may send Drain again, as often as it likes.
+      bool first = !table_.draining(routing_id);
       table_.drain_worker(routing_id);
-      spdlog::info("worker {} is draining ({} requests held)", routing_id, table_.held_by(routing_id));
+      if (first) spdlog::info("worker {} is draining ({} requests held)", routing_id, table_.held_by(routing_id));
       confirm_drain(routing_id);
       break;
+    }
     case Envelope::kGoodbye:
       spdlog::info("{} {} said goodbye", proto::Role_Name(role), routing_id);
       remove_peer(routing_id);
@@ -637,6 +641,13 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       hello.role() != proto::ROLE_CLIENT) {
     send_error(routing_id, proto::BAD_REQUEST, "unknown role");
     drop(drop_reason::bad_hello, "bad role");
+    return;
+  }
+  if (static_cast<std::size_t>(hello.services_size()) > config_.limits.max_services) {
+    // More than the table may know at once: each name past it would be
+    // looked for again (a Hello of a million names held the loop 1.6 s).
+    send_error(routing_id, proto::BAD_REQUEST, "a Hello names at most --max-services services");
+    drop(drop_reason::bad_hello, "too many services");
     return;
   }
   auto existing = peers_.find(routing_id);

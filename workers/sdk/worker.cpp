@@ -90,6 +90,11 @@ struct request_state {
   bool wants_reply = true;
   unsigned attempt = 1;
   std::atomic<bool> answered{false};
+  // Held from deciding an answer to queueing it: an ack and the reply made
+  // on two threads reach the outbox in the order they were decided (the
+  // final one first would end the job at the broker, which would then drop
+  // the ack, and the client get nothing).
+  std::mutex answer_mutex;
   std::atomic<bool> acked{false};  // answered early; the final reply is silent
   std::atomic<bool> replied{false};  // the final reply is in the outbox (see had_before)
 
@@ -445,6 +450,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // is sent (proto::encode_reply): nothing is copied on the way.
   bool answer(request_state& st, proto::Code code, std::string_view message, std::string_view args,
               std::span<const std::string> att, bool silent, bool partial = false) {
+    std::lock_guard order{st.answer_mutex};
     if (partial ? (st.answered || st.acked.exchange(true)) : st.answered.exchange(true)) return false;
     if (!partial && st.acked) {
       // The requester has its answer: this only frees the capacity.

@@ -157,6 +157,9 @@ class Request:
         return True
 
     def _answer(self, code, message, args_json, attachments, silent, partial=False):
+        # Queued under the lock too: an ack and the reply made on two threads
+        # reach the outbox in the order they were decided (the final one
+        # first would end the job at the broker, which would drop the ack).
         with self._lock:
             if self._answered or (partial and self._acked):
                 return False
@@ -167,7 +170,7 @@ class Request:
                 if self._acked:
                     # The requester has its answer: this only frees the capacity.
                     code, message, args_json, attachments, silent = Code.OK, "", "[]", [], True
-        return self._core.send_reply(self, code, message, args_json, attachments, silent, partial)
+            return self._core.send_reply(self, code, message, args_json, attachments, silent, partial)
 
     def _finish(self):
         """The handler returned: give the default answer if none was given."""
