@@ -214,8 +214,10 @@ class api_session : public client_socket {
     }
   }
 
-  void poll(std::chrono::milliseconds timeout, std::shared_ptr<reply_slot> answer) {
+  /// `relay`: the id of the peer gateway's forward this poll came in (empty: ours).
+  void poll(std::chrono::milliseconds timeout, std::shared_ptr<reply_slot> answer, std::string relay = {}) {
     touch();
+    poll_relay_ = std::move(relay);
     if (!ended_.empty()) {  // its last answer: what it had not polled, with a 410
       if (poll_) std::exchange(poll_, nullptr)->complete(closed_answer());
       poll_ = std::move(answer);
@@ -237,12 +239,22 @@ class api_session : public client_socket {
     });
   }
 
-  /// The client of its waiting poll left on a peer gateway that relayed the
-  /// poll: the poll is answered empty (no one reads it), its events wait.
-  void poll_gone() {
-    if (!poll_) return;
-    poll_timer_.cancel();
-    std::exchange(poll_, nullptr)->complete(json_answer(200, json::object{{"events", json::array{}}}));
+  /// The client of the poll a peer gateway relayed in forward `relay` left
+  /// there (empty, from an earlier build: of the waiting poll). Still
+  /// waiting, that poll is answered empty (no one reads it); answered
+  /// already, too late to be written there, what it took comes back, in
+  /// front. A newer poll is left be.
+  void poll_gone(const std::string& relay) {
+    if (relay.empty() || relay == poll_relay_) {
+      if (!poll_) return;
+      poll_timer_.cancel();
+      std::exchange(poll_, nullptr)->complete(json_answer(200, json::object{{"events", json::array{}}}));
+      return;
+    }
+    if (relay != lent_relay_) return;
+    lent_relay_.clear();
+    gw_.metrics().api_given_back.Increment(static_cast<double>(lent_.size()));
+    after_poll(std::exchange(lent_, {}), false, false);
   }
 
   /// Its place under the session limits, given back when it closes.
@@ -413,6 +425,14 @@ class api_session : public client_socket {
       pop_event();
     }
     poll_timer_.cancel();
+    // Relayed, the answer may still find its client gone at the peer: the
+    // last such answer is kept, lent, from now (a GONE naming it can come
+    // before its taking is told here), until the next one or the session's
+    // end: at most one poll's answer, --max-payload (poll_gone()).
+    if (auto relay = std::exchange(poll_relay_, {}); !relay.empty() && !sent.empty() && !last) {
+      lent_relay_ = std::move(relay);
+      lent_ = sent;
+    }
     std::function<void(bool)> taken;
     if (!sent.empty() || last)
       taken = [self = std::static_pointer_cast<api_session>(shared_from_this()), sent = std::move(sent), last](bool ok) mutable {
@@ -455,6 +475,9 @@ class api_session : public client_socket {
   std::shared_ptr<reply_slot> created_, poll_;
   std::deque<std::shared_ptr<const std::string>> events_;
   std::size_t buffered_bytes_ = 0;  // of events_ (trim())
+  std::string poll_relay_;          // the waiting poll's forward, if a peer gateway relayed it
+  std::string lent_relay_;          // the last answer a relayed poll took (flush())
+  std::deque<std::shared_ptr<const std::string>> lent_;
   std::unordered_map<std::uint64_t, std::shared_ptr<reply_slot>> acks_;
   std::uint64_t next_tag_ = 0;
   clock::time_point last_seen_{};
@@ -566,22 +589,25 @@ asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, s
                                                              : nullptr;
   if (!method) co_return wrong_method(action);  // answered here: the owner takes none of the others either
   proto::HttpForward f;
-  f.set_sid(std::move(sid));
+  f.set_id(gw_.link().next_id());
+  f.set_sid(sid);
   f.set_method(method);
   f.set_target(std::string{req.target()});
   f.set_body(std::move(req.body()));
+  auto id = f.id();
   auto slot = std::make_shared<reply_slot>(co_await asio::this_coro::executor);
   if (!gw_.link().forward(std::move(f), slot, timeout)) co_return error(503, kGatewayBusy);
   gw_.metrics().forwarded.Increment();
-  co_return co_await slot->wait();
-}
-
-void api::poll_abandoned(std::string_view target) {
-  auto path = target.substr(0, target.find('?'));
-  constexpr std::string_view prefix = "/api/v1/sessions";
-  if (!path.starts_with(prefix) || path.size() == prefix.size()) return;
-  // Ours keeps its events by itself: the poll's answer is not taken.
-  gw_.report_gone(session_path(path.substr(prefix.size())).first, std::string{target});
+  auto answer = co_await slot->wait();
+  auto state = co_await asio::this_coro::cancellation_state;
+  if (state.cancelled() != asio::cancellation_type::none && action == "events") {
+    // Its client left (http_session.cpp): the owner is told which poll, so
+    // that it ends that one if it still waits, and takes back what it
+    // answered if that answer came too late to be written. (An API
+    // session of ours keeps its events by itself.)
+    gw_.report_gone(sid, std::string{req.target()}, std::move(id));
+  }
+  co_return answer;
 }
 
 void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)> answer) {
@@ -606,7 +632,7 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
   auto ex = session->executor();
   auto served = gw_.link().hand_to(io_executor_of(ex), [this, ex, session, f = std::move(f), answer]() mutable {
     if (f.method() == "GONE") {  // the relaying gateway's client left its poll
-      session->poll_gone();
+      session->poll_gone(f.gone());
       return answer({200, "text/plain; charset=UTF-8", "ok"});
     }
     asio::co_spawn(ex, serve_relayed(std::move(f), answer), [answer](std::exception_ptr e) {
@@ -625,11 +651,12 @@ asio::awaitable<void> api::serve_relayed(proto::HttpForward f, std::function<voi
   const std::string path = target->path();
   auto [sid, action] = session_path(std::string_view{path}.substr(std::string_view{"/api/v1/sessions"}.size()));
   auto params = target->params();
-  answer(co_await on_session(req, sid, action, params));
+  answer(co_await on_session(req, sid, action, params, f.id()));
 }
 
 asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& req, std::string_view sid_text,
-                                             std::string_view action, const boost::urls::params_view& params) {
+                                             std::string_view action, const boost::urls::params_view& params,
+                                             std::string relay) {
   auto ex = co_await asio::this_coro::executor;
   auto session = find(std::string{sid_text});
   if (!session) co_return error(404, "unknown sid");
@@ -667,7 +694,9 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
         co_return error(400, "timeout must be milliseconds");
       timeout = std::chrono::milliseconds(std::clamp(ms, 0L, 60000L));
     }
-    asio::post(session->executor(), [session, slot, timeout] { session->poll(timeout, slot); });
+    asio::post(session->executor(), [session, slot, timeout, relay = std::move(relay)]() mutable {
+      session->poll(timeout, slot, std::move(relay));
+    });
   } else {
     co_return wrong_method(action);
   }

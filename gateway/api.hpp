@@ -46,10 +46,6 @@ class api {
   /// thread, or sockets (it checked the API key), on the bridge's; `answer`
   /// gets the answer there.
   void serve_forwarded(proto::HttpForward f, std::function<void(http_answer)> answer);
-  /// The client of the long-poll `target` left (http_session): a peer
-  /// gateway's session hears so (GONE) and keeps its events for the next
-  /// poll, as one of ours does by itself (the poll's answer is not taken).
-  void poll_abandoned(std::string_view target);
 
  private:
   using request = boost::beast::http::request<boost::beast::http::string_body>;
@@ -72,8 +68,9 @@ class api {
   boost::asio::awaitable<http_answer> relay(request& req, std::string sid, std::string_view action,
                                             std::chrono::milliseconds timeout);
   boost::asio::awaitable<void> serve_relayed(proto::HttpForward f, std::function<void(http_answer)> answer);
+  /// `relay`: the id of the peer gateway's forward it came in (empty: ours).
   boost::asio::awaitable<http_answer> on_session(request& req, std::string_view sid, std::string_view action,
-                                                 const boost::urls::params_view& params);
+                                                 const boost::urls::params_view& params, std::string relay = {});
 
   gateway& gw_;
   std::mutex mutex_;

@@ -377,8 +377,16 @@ bool writable_answer(std::uint32_t status, std::string_view content_type, std::s
 }  // namespace
 
 bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout) {
-  auto seq = ++next_id_;
-  request.set_id(id_of(seq));
+  std::uint64_t seq = 0;
+  if (request.id().empty()) {
+    seq = ++next_id_;
+    request.set_id(id_of(seq));
+  } else if (auto own = own_seq(request.id())) {
+    seq = *own;  // the caller's, from next_id()
+  } else {
+    spdlog::error("gateway bridge: forward id {} was not made by next_id(); not sent", request.id());
+    return false;
+  }
   bool api = !request.target().empty();
   Envelope env;
   *env.mutable_forward() = std::move(request);

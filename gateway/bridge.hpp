@@ -134,6 +134,7 @@ class bridge {
   /// Forwards a polling (or HTTP API: `request.target()` set) request for
   /// another gateway's sid through the broker; the owner's answer (or a
   /// timeout) completes `slot`.
+  /// Its id is the request's when set (from next_id()), else one made here.
   bool forward(proto::HttpForward request, std::shared_ptr<reply_slot> slot, std::chrono::milliseconds timeout);
   /// Applies `control` (join, leave or disconnect) to one of this gateway's
   /// sockets on the bridge thread, as a worker's Control is applied, and

@@ -514,14 +514,19 @@ eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::stri
 void eio_session::expect_connect() {
   if (echo_) return;  // a bare Engine.IO session has no namespaces
   connect_timer_.expires_after(gw_.config().connect_timeout);
-  // As Socket.IO's connectTimeout: a namespace must be joined by then, not
-  // only asked for. A session whose every connect was refused (a bad token,
-  // a hook's no) would otherwise stay as long as it answers pings, holding
-  // its places under the limits.
+  // A namespace must be joined by then, not only asked for: a session whose
+  // every connect was refused (a bad token, a hook's no) would otherwise
+  // stay as long as it answers pings, holding its places under the limits.
+  // A connect still waiting for its answer (a slow hook, a worker that is
+  // being replaced) is given the time again.
   connect_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
     if (ec || self->closed_) return;
-    for (const auto& [nsp, socket] : self->sockets_)
+    bool waiting = false;
+    for (const auto& [nsp, socket] : self->sockets_) {
       if (socket->joined()) return;
+      waiting = true;
+    }
+    if (waiting) return self->expect_connect();
     self->close("connect timeout");
   });
 }

@@ -82,12 +82,13 @@ std::optional<std::string> gateway::failure() const {
   return failure_;
 }
 
-bool gateway::report_gone(std::string_view sid, std::string target) {
+bool gateway::report_gone(std::string_view sid, std::string target, std::string forward) {
   if (auto owner = proto::sid_owner(sid); owner.empty() || owner == config_.id) return false;
   proto::HttpForward f;
   f.set_sid(std::string{sid});
   f.set_method("GONE");
   f.set_target(std::move(target));
+  f.set_gone(std::move(forward));
   auto ignored = std::make_shared<reply_slot>(contexts_.front()->get_executor(), [](http_answer) {});
   bridge_->forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
   return true;

@@ -89,8 +89,9 @@ class gateway {
   void poll_abandoned(const std::string& sid);
   /// For a sid of another gateway (else false): tells it, through the
   /// broker, that the client of the long-poll it relayed left (an
-  /// HttpForward with method GONE; `target`: an API request's).
-  bool report_gone(std::string_view sid, std::string target = {});
+  /// HttpForward with method GONE; `target`: an API request's, `forward`:
+  /// the id of the forward of that request).
+  bool report_gone(std::string_view sid, std::string target = {}, std::string forward = {});
   std::size_t session_count();
 
   boost::asio::io_context& next_context();

@@ -500,13 +500,10 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
       stream.socket().cancel(ignored);  // the watch's receive, the only operation on it now
       if (watch->left) {
         // Gone: the poll's slot was abandoned. An API session keeps its
-        // events for the next poll; an Engine.IO session ends. Either,
-        // when a peer gateway owns it, hears so from this one.
-        if (poll == long_poll::engine_io) {
+        // events for the next poll (a peer gateway that owns it hears so
+        // from api::relay); an Engine.IO session ends, here or on its owner.
+        if (poll == long_poll::engine_io)
           if (auto sid = query_sid(req)) gw.poll_abandoned(*sid);
-        } else {
-          gw.api().poll_abandoned(req.target());
-        }
         co_return;
       }
     }

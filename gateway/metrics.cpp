@@ -61,6 +61,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                                 "Room and broadcast events for topics with local members that the broker "
                                 "published but never reached this gateway: the gaps in their numbers (the "
                                 "broker's XPUB queue for this gateway past its --hwm, or a reconnect)")},
+      api_given_back{core::counter(r, "sidecast_gateway_api_events_given_back_total",
+                                   "Events an API session's poll relayed by a peer gateway took, whose client had "
+                                   "left there: kept, in front, for its next poll")},
       recovered{core::counter(r, "sidecast_gateway_recovered_total",
                               "Sockets recovered after a dropped transport (connection-state recovery)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",

@@ -56,6 +56,7 @@ struct gateway_metrics {
   prometheus::Counter& unheard;  // room events for a room with no local member (--room-subscriptions namespace)
   prometheus::Counter& events_heard;  // room and broadcast events for topics with local members
   prometheus::Counter& events_lost;   // gaps in the broker's event stamps (proto::event_stamp)
+  prometheus::Counter& api_given_back;  // events a relayed API poll took that its client never got, given back
   prometheus::Counter& recovered;
   prometheus::Gauge& replay_events;  // kept for connection-state recovery
   prometheus::Histogram& ack_latency;
