@@ -719,6 +719,11 @@ http_answer api::publish(const http::request<http::string_body>& req) {
   if (auto refused = refuse_key(req)) return *refused;
   auto body = parse_object(req.body());
   if (!body) return error(400, "body must be a JSON object");
+  // A misspelt key ("room" as "rooms", "except" as "exclude") would be
+  // ignored: the event would go where it was not meant to.
+  if (auto refused = unknown_key(*body, {"event", "data", "args", "sid", "room", "broadcast", "nsp", "except"}))
+    return *refused;
+  if (body->contains("data") && body->contains("args")) return error(400, "give data or args, not both");
   auto* event = body->if_contains("event");
   // A reserved name (connect, disconnect, ...) would be dropped by every
   // gateway as bad_event after a 202: say so now.

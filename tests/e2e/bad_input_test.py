@@ -458,6 +458,10 @@ class HttpApiErrors(unittest.TestCase):
                      json.dumps({"event": "connect", "broadcast": True}).encode(),
                      json.dumps({"event": 7, "broadcast": True}).encode()]:
             self.assertEqual(request("POST", "/api/v1/publish", body, headers)[0], 400, body)
+        for body, why in (({"event": "x", "room": "r", "exclude": ["a"]}, "unknown key: exclude"),
+                          ({"event": "x", "room": "r", "data": 1, "args": [2]}, "give data or args, not both")):
+            status, text, _ = request("POST", "/api/v1/publish", json.dumps(body).encode(), headers)
+            self.assertEqual((status, json.loads(text)), (400, {"error": why}), body)
         # No socket can be joined to a room named "" from HTTP, and no sid is "".
         for target in ({"room": ""}, {"sid": ""}):
             body = json.dumps({"event": "x", **target}).encode()
