@@ -120,6 +120,9 @@ test("chat: bad input is refused, not fatal", async () => {
   assert.equal((await ack(a, "say", { room: "x".repeat(65), text: "hi" })).error, "bad_request");
   assert.equal((await ack(a, "join", "x".repeat(65))).error, "bad_request");
   assert.equal((await ack(a, "nick", "fine")).nick, "fine");
+  // The limits count characters, as the clients are told, not UTF-8 bytes.
+  assert.equal((await ack(a, "nick", "ж".repeat(32))).nick, "ж".repeat(32));
+  assert.equal((await ack(a, "nick", "ж".repeat(33))).error, "bad_request");
 });
 
 // Records a socket's vm events from now on. Progress may arrive before the

@@ -1,5 +1,6 @@
 #include "workers/chat/chat.hpp"
 
+#include <algorithm>
 #include <sqlite3.h>
 
 #include <chrono>
@@ -137,11 +138,21 @@ void announce_presence(request& req, database& db, const std::string& room) {
   req.emit_to_room(room, "presence", json::serialize(json::array{json::object{{"room", room}, {"members", members_of(db, room)}}}));
 }
 
+// Characters (code points) of UTF-8 text, as the limits the clients are
+// told are counted: a 32-character Cyrillic nickname is 64 bytes.
+std::size_t characters(std::string_view utf8) {
+  return static_cast<std::size_t>(
+      std::count_if(utf8.begin(), utf8.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; }));
+}
+
+// 1 to `limit` characters.
+bool fits(std::string_view s, std::size_t limit) { return !s.empty() && characters(s) <= limit; }
+
 // The first argument as a bounded, non-empty string.
 std::optional<std::string> string_arg(const json::array& args, std::size_t limit) {
   if (args.empty() || !args[0].is_string()) return std::nullopt;
   std::string s{args[0].as_string()};
-  if (s.empty() || s.size() > limit) return std::nullopt;
+  if (!fits(s, limit)) return std::nullopt;
   return s;
 }
 
@@ -218,8 +229,8 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             const json::object* msg = !args.empty() && args[0].is_object() ? &args[0].as_object() : nullptr;
             auto* room = msg ? msg->if_contains("room") : nullptr;
             auto* text = msg ? msg->if_contains("text") : nullptr;
-            if (!room || !room->is_string() || room->as_string().empty() || room->as_string().size() > max_room ||
-                !text || !text->is_string() || text->as_string().empty() || text->as_string().size() > max_text)
+            if (!room || !room->is_string() || !fits(room->as_string(), max_room) || !text || !text->is_string() ||
+                !fits(text->as_string(), max_text))
               return (void)req.fail(proto::BAD_REQUEST,
                                     "say needs {room, text}: a room of 1-64 characters, 1-2000 characters of text");
             std::string r{room->as_string()}, t{text->as_string()};
