@@ -217,6 +217,14 @@ class api_session : public client_socket {
   /// `relay`: the id of the peer gateway's forward this poll came in (empty: ours).
   void poll(std::chrono::milliseconds timeout, std::shared_ptr<reply_slot> answer, std::string relay = {}) {
     touch();
+    if (!relay.empty()) {
+      // Its client left before the poll got here (the GONE took fewer hops):
+      // no one reads its answer.
+      if (auto it = std::find(gone_relays_.begin(), gone_relays_.end(), relay); it != gone_relays_.end()) {
+        gone_relays_.erase(it);
+        return answer->complete(json_answer(200, json::object{{"events", json::array{}}}));
+      }
+    }
     poll_relay_ = std::move(relay);
     if (!ended_.empty()) {  // its last answer: what it had not polled, with a 410
       if (poll_) std::exchange(poll_, nullptr)->complete(closed_answer());
@@ -251,7 +259,13 @@ class api_session : public client_socket {
       std::exchange(poll_, nullptr)->complete(json_answer(200, json::object{{"events", json::array{}}}));
       return;
     }
-    if (relay != lent_relay_) return;
+    if (relay != lent_relay_) {
+      // Not here yet: the poll may still come (poll()). A few are kept: a
+      // client polls one at a time.
+      if (gone_relays_.size() >= 8) gone_relays_.pop_front();
+      gone_relays_.push_back(relay);
+      return;
+    }
     lent_relay_.clear();
     gw_.metrics().api_given_back.Increment(static_cast<double>(lent_.size()));
     after_poll(std::exchange(lent_, {}), false, false);
@@ -478,6 +492,7 @@ class api_session : public client_socket {
   std::string poll_relay_;          // the waiting poll's forward, if a peer gateway relayed it
   std::string lent_relay_;          // the last answer a relayed poll took (flush())
   std::deque<std::shared_ptr<const std::string>> lent_;
+  std::deque<std::string> gone_relays_;  // GONEs of relayed polls that had not come yet (poll_gone())
   std::unordered_map<std::uint64_t, std::shared_ptr<reply_slot>> acks_;
   std::uint64_t next_tag_ = 0;
   clock::time_point last_seen_{};

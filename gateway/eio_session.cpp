@@ -828,6 +828,7 @@ void eio_session::on_connect(socketio::packet p) {
   socketio::packet refusal;
   refusal.type = socketio::packet_type::connect_error;
   refusal.nsp = p.nsp;
+  if (sockets_.contains(p.nsp)) return;  // already connected (or connecting) there: ignored, as ever
   // A CONNECT costs what an event does (a token's check, a hook's request,
   // a refusal written): it takes from the same bucket.
   if (!events_.take()) {
@@ -842,7 +843,6 @@ void eio_session::on_connect(socketio::packet p) {
     send_socketio(refusal);
     return;
   }
-  if (sockets_.contains(p.nsp)) return;  // already connected (or connecting) there
   if (sockets_.size() >= gw_.config().max_namespaces) {
     gw_.metrics().namespace_limit.Increment();
     refusal.data = R"({"message":"Too many namespaces"})";

@@ -63,9 +63,11 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   // new request of its id would be dropped as its duplicate, and the old
   // answer given to it), and a worker keeps its last answers to send again.
   // A drawn id is new at each start; under a pinned one n starts at a
-  // random point below 2^48 (ten base-36 digits: "gw1:" and n stay within
-  // std::string's 15 inline bytes).
-  bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_, drawn_id ? 0 : core::draw_incarnation() >> 16);
+  // random point below 2^40 (eight base-36 digits: an id of up to six
+  // characters, its colon and n stay within std::string's 15 inline bytes;
+  // a new start's ids meet an old one's still held with a chance of about
+  // the requests of a minute over 2^40).
+  bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_, drawn_id ? 0 : core::draw_incarnation() >> 24);
   api_ = std::make_unique<class api>(*this);
   bridge_->on_forward([this](proto::HttpForward f) { serve_forwarded(std::move(f)); });
   bridge_->on_failure([this](const std::string& why) {

@@ -275,6 +275,9 @@ class CapacityTest(BrokerTest):
         # for good, and every call after it would end UNAVAILABLE.
         svc = Service("o", capacity=1)
         svc.on("go", lambda req: req.reply(req.args[0]))
+        # Answered twice (an ack, then the silent reply): the ack must still
+        # go first, or the broker ends the job on the reply and drops it.
+        svc.on("early", lambda req: [req.ack(req.args[0]), req.reply()])
         w = self.start_worker(svc, outbox_limit=2, outbox_wait=0.0)
         stop = threading.Event()
 
@@ -288,7 +291,12 @@ class CapacityTest(BrokerTest):
             t.start()
         try:
             c = self.peer()
-            answers = [c.call("o", "go", f"[{i}]", timeout_ms=2000) for i in range(20)]
+            def ask(i):  # the early ack is the answer of "early" (its reply is silent)
+                if i % 2 == 0:
+                    return c.call("o", "go", f"[{i}]", timeout_ms=2000)
+                env = c.reply_to(c.submit("o", "early", f"[{i}]", timeout_ms=2000), 4.0, final=False)
+                return env.reply if env is not None else None
+            answers = [ask(i) for i in range(20)]
         finally:
             stop.set()
             for t in floods:

@@ -192,19 +192,20 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             auto room = string_arg(req.args(), max_room);
             if (!room) return (void)req.fail(proto::BAD_REQUEST, "a room is 1-64 characters");
             json::array messages, members;
-            {
-              std::lock_guard lock{db->mutex};
-              if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
-              db->prepare("INSERT OR IGNORE INTO presence(sid, room) VALUES(?, ?)").bind(1, req.sid()).bind(2, *room).step();
-              auto s = db->prepare(
-                  "SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
-                  "ORDER BY id");
-              s.bind(1, *room).bind(2, static_cast<std::int64_t>(history));
-              while (s.step())
-                messages.push_back(json::object{{"id", s.integer(0)}, {"room", *room}, {"nick", s.text(1)},
-                                                {"text", s.text(2)}, {"ts", s.integer(3)}});
-              members = members_of(*db, *room);
-            }
+            // Held to the presence event: a disconnect's own presence, made
+            // under the lock, then comes after this one, never before it with
+            // this one's list (the gone socket in it) the last the room sees.
+            std::lock_guard lock{db->mutex};
+            if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
+            db->prepare("INSERT OR IGNORE INTO presence(sid, room) VALUES(?, ?)").bind(1, req.sid()).bind(2, *room).step();
+            auto s = db->prepare(
+                "SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
+                "ORDER BY id");
+            s.bind(1, *room).bind(2, static_cast<std::int64_t>(history));
+            while (s.step())
+              messages.push_back(json::object{{"id", s.integer(0)}, {"room", *room}, {"nick", s.text(1)},
+                                              {"text", s.text(2)}, {"ts", s.integer(3)}});
+            members = members_of(*db, *room);
             req.join(*room);
             req.emit("history", json::serialize(json::array{json::object{{"room", *room}, {"messages", messages}}}));
             req.emit_to_room(*room, "presence",

@@ -68,9 +68,10 @@ void call_me_back(request req) {
         else req.fail(ack.code, "the client did not ack the callback: " + ack.message);
       },
       std::max(left, std::chrono::milliseconds(1)));
-  // Refused (--pending-acks-limit emits await their acks already): no ack
-  // will come, so the event is answered now, not silently.
-  if (!sent) req.fail(proto::BUSY, "too many callbacks await their client's ack");
+  // Refused (--pending-acks-limit emits await their acks already, the
+  // outbox is full, the worker stops): no ack will come, so the event is
+  // answered now, not silently.
+  if (!sent) req.fail(proto::BUSY, "the callback could not be sent");
 }
 
 void bye(request req) { req.disconnect(); }

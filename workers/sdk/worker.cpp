@@ -249,12 +249,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::size_t sweep_at = 1024;
   core::log_limiter log_limit;
   proto::Request parsed;  // requests are parsed into it (see take_request)
-  std::vector<outgoing> io_replies;  // replies made here while the outbox was full (see enqueue)
-  // Replies handler threads made while the outbox was full (see enqueue):
+  // Answers made while the outbox was full, on any thread (see enqueue):
   // never refused, so not bounded by the outbox; each request is answered
   // at most twice (an early ack and the reply), so by what runs at once.
-  std::mutex pool_replies_mutex;
-  std::vector<outgoing> pool_replies;
+  std::mutex beside_mutex;
+  std::vector<outgoing> beside;
   bool io_queued = false;  // the I/O thread queued something in this turn (see io_turn)
   struct io_objects;
   std::unique_ptr<io_objects> io;  // the loop's sockets: see io_loop
@@ -327,26 +326,19 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // wake itself: it drains the outbox before it polls again.
     bool on_io_thread = turning == this;
     if (on_io_thread) io_queued = true;  // the turn sends it after the message it answers
-    if (outbox.try_push(std::move(out))) {
+    if (reply) {
+      // Never waits, never dropped (its request's credit at the broker):
+      // past a full outbox it waits beside it, as every answer after it
+      // does until the lane is taken (answers leave in the order they came:
+      // an early ack before its reply), and goes after what the outbox held
+      // then (send_queued), so after its handler's own emits.
+      std::lock_guard lock{beside_mutex};
+      if (!beside.empty() || !outbox.try_push(std::move(out))) beside.push_back(std::move(out));
       if (!on_io_thread) wake.signal();
       return true;
     }
-    if (on_io_thread && reply) {
-      // A quick handler's reply (or a default one, when the I/O thread let go
-      // of a request last) waits beside the full outbox and is drained with
-      // it in the same turn: bounded by what the turn read (at most 1,024
-      // messages, each answered at most twice: an early ack and the reply).
-      io_replies.push_back(std::move(out));
-      return true;
-    }
-    if (reply) {
-      // A handler thread's: it waits beside the full outbox too, and goes
-      // after what the outbox held when it came (send_queued), so after
-      // the handler's own emits. Dropped, its request's credit would be
-      // lost at the broker for good.
-      std::lock_guard lock{pool_replies_mutex};
-      pool_replies.push_back(std::move(out));
-      wake.signal();
+    if (outbox.try_push(std::move(out))) {
+      if (!on_io_thread) wake.signal();
       return true;
     }
     if (!on_io_thread && outbox.push_wait(std::move(out), options.outbox_wait)) {
@@ -768,24 +760,22 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   }
 
   // Sends what waits in the outbox (the pool's messages, and the I/O
-  // thread's own) and in io_replies, after what was held; while `holding`,
+  // thread's own) and beside it, after what was held; while `holding`,
   // holds it instead, up to worker_options::hwm messages (the link's own
   // queue bound), past which it goes at once. True when it sent on the link.
   bool send_queued() {
     auto& o = *io;
     io_queued = false;
-    // The replies beside the full outbox are taken before it is drained:
-    // each came after its handler's emits, which are then in the outbox.
-    std::vector<outgoing> replies;
+    // The answers beside the full outbox are taken with what it holds, at
+    // once for enqueue (the lock): each came after its handler's emits, in
+    // the outbox then, and before any answer the outbox takes after.
+    std::vector<outgoing> answers;
     {
-      std::lock_guard lock{pool_replies_mutex};
-      replies.swap(pool_replies);
+      std::lock_guard lock{beside_mutex};
+      answers.swap(beside);
+      outbox.drain(o.batch);
     }
-    outbox.drain(o.batch);
-    for (auto* beside : {&io_replies, &replies}) {
-      for (auto& out : *beside) o.batch.push_back(std::move(out));
-      beside->clear();
-    }
+    for (auto& out : answers) o.batch.push_back(std::move(out));
     bool on_link = false;
     if (!holding && (!given_back.empty() || !held_out.empty())) {
       for (auto* held : {&given_back, &held_out}) {

@@ -190,8 +190,9 @@ class service {
   /// request; a quick handler that blocks stalls the whole worker, heartbeats
   /// included, and it must not call worker::stop(). Its emit_with_ack
   /// callbacks still run on the pool. Its replies never wait for room in the
-  /// outbox (--outbox-limit): when pool handlers have filled it, they are
-  /// dropped and counted, as any I/O-thread send is.
+  /// outbox (--outbox-limit), nor are dropped: past a full outbox they wait
+  /// beside it, as every thread's answers do. Its other sends past a full
+  /// outbox are dropped and counted, as any I/O-thread send is.
   service& on_quick(std::string event, handler h);
   /// Connect hook: reply() accepts (default), fail(REFUSED, msg) refuses.
   service& on_connect(handler h);

@@ -224,12 +224,18 @@ class _Core:
             return False
         try:
             if topic is None and not notice:
-                # An answer never waits for room, nor is dropped.
-                try:
-                    self.outbox.put_nowait((topic, data, notice))
-                except queue.Full:
-                    with self.answers_lock:
+                # An answer never waits for room, nor is dropped. Past a full
+                # outbox it waits beside it, as every answer after it does
+                # until flush takes them (answers leave in the order they
+                # came: an early ack before its reply).
+                with self.answers_lock:
+                    if self.answers_beside:
                         self.answers_beside.append((topic, data, notice))
+                    else:
+                        try:
+                            self.outbox.put_nowait((topic, data, notice))
+                        except queue.Full:
+                            self.answers_beside.append((topic, data, notice))
             elif threading.current_thread() is self.io_thread:
                 # The I/O thread drains the outbox, so it must never wait for room.
                 self.outbox.put_nowait((topic, data, notice))
@@ -595,17 +601,18 @@ class _Core:
             held, self.given_back, self.held = self.given_back + self.held, [], []
             for item in held:
                 self.send_one(link, pub, *item)
-        # Each answer beside the outbox came after its handler's emits,
-        # which are in the outbox by then: taken first, sent after them.
+        # The answers beside the outbox are taken with what it holds, at
+        # once for enqueue (the lock): each came after its handler's emits,
+        # in the outbox then, and before any answer the outbox takes after.
+        taken = []
         with self.answers_lock:
             beside, self.answers_beside = self.answers_beside, []
-        for _ in range(self.outbox_limit):
-            try:
-                item = self.outbox.get_nowait()
-            except queue.Empty:
-                break
-            self.hold_or_send(link, pub, holding, item)
-        for item in beside:
+            for _ in range(self.outbox_limit):
+                try:
+                    taken.append(self.outbox.get_nowait())
+                except queue.Empty:
+                    break
+        for item in taken + beside:
             self.hold_or_send(link, pub, holding, item)
 
     def hold_or_send(self, link, pub, holding, item):
