@@ -319,8 +319,12 @@ std::vector<failure> service_table::remove_worker(const std::string& worker) {
     e.worker = none;
     if (e.work.answered || e.work.owed) {
       // Answered: its requester has its answer, nothing to retry or report.
-      // Owed: the state it would undo went with its worker.
-      take_slot(s);
+      // Owed: the state it would undo went with its worker. Either still
+      // ends (worker_lost in the metrics, as every dispatch has one end),
+      // with no reply to send.
+      auto work = take_slot(s);
+      work.wants_reply = false;
+      failed.push_back({std::move(work), proto::WORKER_LOST, {}});
     } else if (e.work.attempt >= limits_.max_attempts) {
       failed.push_back({take_slot(s), proto::WORKER_LOST, {}});
     } else {

@@ -122,7 +122,9 @@ class service_table {
   std::vector<std::string> prune();
 
   /// Forgets a worker. Jobs it held go back to the front of their queues
-  /// (attempts left) or come back as worker_lost failures.
+  /// (attempts left) or come back as worker_lost failures; so do those
+  /// answered early and the broker's owed DISCONNECTs, with wants_reply
+  /// false (nobody awaits a reply: they are only counted).
   std::vector<failure> remove_worker(const std::string& worker);
 
   /// The jobs `worker` holds and has not answered, oldest first, each

@@ -317,7 +317,16 @@ TEST(ServiceTable, EarlyAnswerKeepsCapacityDropsDeadlineAndRetry) {
   EXPECT_EQ(t.answer_early("long", "w1"), nullptr) << "once";
   EXPECT_TRUE(t.expire(t0 + 5s).empty()) << "no deadline once answered";
   EXPECT_TRUE(t.dispatch().empty()) << "capacity stays taken";
-  EXPECT_TRUE(t.remove_worker("w1").empty()) << "answered work is not retried or reported";
+  {
+    // Answered work is not retried nor answered again: it only ends
+    // (worker_lost in the metrics, every dispatch having one end).
+    auto ended = t.remove_worker("w1");
+    ASSERT_EQ(ended.size(), 1u);
+    EXPECT_EQ(ended[0].work.id, "long");
+    EXPECT_EQ(ended[0].code, proto::WORKER_LOST);
+    EXPECT_FALSE(ended[0].work.wants_reply) << "its requester has its answer";
+    EXPECT_TRUE(ended[0].worker.empty()) << "no Cancel to a worker that is gone";
+  }
   EXPECT_EQ(t.queued("svc"), 1u);
   t.add_worker("w2", "svc", 1);
   EXPECT_EQ(pairs(t.dispatch()), (P{{"w2", "next"}}));
@@ -415,7 +424,12 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   d4.owed = true;
   ASSERT_TRUE(t.hand_over("c4", "w4", std::move(d4)));
   EXPECT_EQ(t.in_flight(), 1u);
-  EXPECT_TRUE(t.remove_worker("w4").empty()) << "dropped, not failed to a requester";
+  {
+    auto ended = t.remove_worker("w4");  // dropped, not failed to a requester: only counted
+    ASSERT_EQ(ended.size(), 1u);
+    EXPECT_EQ(ended[0].work.id, "d4");
+    EXPECT_FALSE(ended[0].work.wants_reply);
+  }
   EXPECT_EQ(t.in_flight(), 0u);
   EXPECT_EQ(t.queued("svc"), 0u);
   EXPECT_TRUE(t.dispatch().empty()) << "nothing is left to dispatch";
