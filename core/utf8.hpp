@@ -3,6 +3,7 @@
 // nothing past U+10FFFF. What protobuf requires of proto3 strings, RFC 6455
 // of text frames and Socket.IO of namespace names. Header-only, so the
 // envelope codec and the gateway's codecs share it without linking more.
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string_view>
@@ -46,6 +47,14 @@ inline bool valid_utf8(std::string_view s) noexcept {
     p += n + 1;
   }
   return true;
+}
+
+// Code points of valid UTF-8 text: the bytes that start one (every byte
+// but the 10xxxxxx continuations). What a limit told in characters counts.
+inline std::size_t code_points(std::string_view s) noexcept {
+  std::size_t n = 0;
+  for (char c : s) n += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  return n;
 }
 
 }  // namespace sidecast::core

@@ -151,6 +151,9 @@ std::optional<proto::Control::Action> socket_action(std::string_view action) {
   return std::nullopt;
 }
 
+// A poll's answer that takes nothing (replaced, or its client gone).
+http_answer no_events() { return json_answer(200, json::object{{"events", json::array{}}}); }
+
 std::optional<json::object> parse_object(std::string_view body) {
   if (body.empty()) return json::object{};
   boost::system::error_code ec;
@@ -222,7 +225,7 @@ class api_session : public client_socket {
       // no one reads its answer.
       if (auto it = std::find(gone_relays_.begin(), gone_relays_.end(), relay); it != gone_relays_.end()) {
         gone_relays_.erase(it);
-        return answer->complete(json_answer(200, json::object{{"events", json::array{}}}));
+        return answer->complete(no_events());
       }
     }
     poll_relay_ = std::move(relay);
@@ -235,7 +238,7 @@ class api_session : public client_socket {
       answer->complete(error(404, "unknown sid"));
       return;
     }
-    if (poll_) std::exchange(poll_, nullptr)->complete(json_answer(200, json::object{{"events", json::array{}}}));
+    if (poll_) std::exchange(poll_, nullptr)->complete(no_events());
     poll_ = std::move(answer);
     if (!events_.empty()) return flush();
     poll_timer_.expires_after(timeout);
@@ -256,7 +259,7 @@ class api_session : public client_socket {
     if (relay.empty() || relay == poll_relay_) {
       if (!poll_) return;
       poll_timer_.cancel();
-      std::exchange(poll_, nullptr)->complete(json_answer(200, json::object{{"events", json::array{}}}));
+      std::exchange(poll_, nullptr)->complete(no_events());
       return;
     }
     if (relay != lent_relay_) {

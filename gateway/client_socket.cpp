@@ -27,18 +27,10 @@ constexpr const char* kLeftWhileConnecting = "the client left before its connect
 void client_socket::begin_connect() {
   if (gw_.tokens().enabled()) {
     // The gateway checks the token itself; the service only sees verified users.
-    boost::system::error_code ec;
-    auto auth = boost::json::parse(auth_, ec);
-    auto* token = !ec && auth.is_object() ? auth.as_object().if_contains("token") : nullptr;
-    if (!token || !token->is_string()) {
-      gw_.metrics().bad_token.Increment();
-      deliver_reply(0, refusal("authentication required: auth.token"));
-      return;
-    }
-    auto claims = gw_.tokens().verify(token->as_string(), std::chrono::system_clock::now());
+    auto claims = gw_.tokens().verify_auth(auth_, std::chrono::system_clock::now());
     if (!claims) {
       gw_.metrics().bad_token.Increment();
-      deliver_reply(0, refusal("invalid token: " + claims.error()));
+      deliver_reply(0, refusal(claims.error()));
       return;
     }
     user_ = claims->subject;

@@ -861,12 +861,9 @@ void eio_session::on_connect(socketio::packet p) {
     // token's reason). A pid alone would be a bearer credential that
     // outlives the token it was issued under.
     std::optional<std::string> subject;
-    if (gw_.tokens().enabled()) {
-      auto* token = o ? o->if_contains("token") : nullptr;
-      if (token && token->is_string())
-        if (auto claims = gw_.tokens().verify(token->as_string(), std::chrono::system_clock::now()))
-          subject = std::move(claims->subject);
-    }
+    if (gw_.tokens().enabled())
+      if (auto claims = gw_.tokens().verify_auth(p.data, std::chrono::system_clock::now()))
+        subject = std::move(claims->subject);
     if (pid && pid->is_string() && offset && offset->is_string() && (subject || !gw_.tokens().enabled())) {
       std::uint64_t seen = 0;
       auto text = std::string_view{offset->as_string()};

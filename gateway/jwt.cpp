@@ -113,6 +113,17 @@ verifier::~verifier() = default;
 verifier::verifier(verifier&&) noexcept = default;
 verifier& verifier::operator=(verifier&&) noexcept = default;
 
+boost::system::result<claims, std::string> verifier::verify_auth(std::string_view auth,
+                                                                 std::chrono::system_clock::time_point now) const {
+  boost::system::error_code ec;
+  auto value = boost::json::parse(auth, ec);
+  auto* token = !ec && value.is_object() ? value.as_object().if_contains("token") : nullptr;
+  if (!token || !token->is_string()) return fail("authentication required: auth.token");
+  auto checked = verify(token->as_string(), now);
+  if (!checked) return fail("invalid token: " + checked.error());
+  return checked;
+}
+
 boost::system::result<claims, std::string> verifier::verify(std::string_view token,
                                                             std::chrono::system_clock::time_point now,
                                                             std::chrono::seconds leeway) const {

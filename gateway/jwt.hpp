@@ -40,6 +40,11 @@ class verifier {
   boost::system::result<claims, std::string> verify(std::string_view token,
                                                     std::chrono::system_clock::time_point now,
                                                     std::chrono::seconds leeway = std::chrono::seconds(30)) const;
+  /// The same for the token a connect's auth payload carries ({"token":
+  /// "..."}, as text): the error is the client's connect_error message,
+  /// "authentication required: auth.token" when there is none.
+  boost::system::result<claims, std::string> verify_auth(std::string_view auth,
+                                                         std::chrono::system_clock::time_point now) const;
 
  private:
   struct pkey;

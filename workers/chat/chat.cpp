@@ -1,6 +1,5 @@
 #include "workers/chat/chat.hpp"
 
-#include <algorithm>
 #include <sqlite3.h>
 
 #include <chrono>
@@ -11,6 +10,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/metrics.hpp"
+#include "core/utf8.hpp"
 
 namespace sidecast::workers {
 namespace json = boost::json;
@@ -138,15 +138,9 @@ void announce_presence(request& req, database& db, const std::string& room) {
   req.emit_to_room(room, "presence", json::serialize(json::array{json::object{{"room", room}, {"members", members_of(db, room)}}}));
 }
 
-// Characters (code points) of UTF-8 text, as the limits the clients are
-// told are counted: a 32-character Cyrillic nickname is 64 bytes.
-std::size_t characters(std::string_view utf8) {
-  return static_cast<std::size_t>(
-      std::count_if(utf8.begin(), utf8.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; }));
-}
-
-// 1 to `limit` characters.
-bool fits(std::string_view s, std::size_t limit) { return !s.empty() && characters(s) <= limit; }
+// 1 to `limit` characters, as the limits the clients are told count them
+// (a 32-character Cyrillic nickname is 64 bytes).
+bool fits(std::string_view s, std::size_t limit) { return !s.empty() && core::code_points(s) <= limit; }
 
 // The first argument as a bounded, non-empty string.
 std::optional<std::string> string_arg(const json::array& args, std::size_t limit) {
