@@ -67,6 +67,10 @@ struct broker::metrics {
         sent_again{
             core::counter(r, "sidecast_broker_sent_again_total",
                           "Messages sent again to a peer whose read report said they died in a socket it replaced")},
+        answers_recalled{
+            core::counter(r, "sidecast_broker_answers_recalled_total",
+                          "Final answers asked of a worker back on a new socket again (Recall): of jobs it answered "
+                          "early or that ended while it held them, which may have died in the socket it replaced")},
         kept_sent_bytes{
             core::gauge(r, "sidecast_broker_kept_sent_bytes",
                         "Bytes of the messages sent to peers that they have not said they read (to a peer "
@@ -136,6 +140,7 @@ struct broker::metrics {
   prometheus::Family<prometheus::Counter>& probes;
   prometheus::Family<prometheus::Counter>& read_reports;
   prometheus::Counter& sent_again;
+  prometheus::Counter& answers_recalled;
   prometheus::Gauge& kept_sent_bytes;
   prometheus::Counter& stalls;
   prometheus::Counter& events;
@@ -162,7 +167,9 @@ struct broker::metrics {
     return all;
   }
   drop_counters drops = make_drops(dropped);
-  std::array<prometheus::Counter*, Envelope::kGoodbye + 1> by_kind{};
+  // By the kinds this build knows (an unknown one is malformed before it
+  // is counted here: the parse leaves it KIND_NOT_SET).
+  std::array<prometheus::Counter*, Envelope::kRecall + 1> by_kind{};
 };
 
 namespace {
@@ -693,6 +700,20 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
             dispatch(now);
             return;
           }
+        }
+        // The jobs it holds that are not sent again, whose final answers
+        // may have died in the old socket: without them their capacity
+        // would never come back.
+        if (auto owed = table_.owed_answers(routing_id); !owed.empty()) {
+          Envelope recall;
+          for (auto& id : owed) recall.mutable_recall()->add_ids(std::move(id));
+          if (!send(routing_id, recall)) {
+            spdlog::warn("worker {} unreachable; dropping it", routing_id);
+            remove_peer(routing_id);
+            dispatch(now);
+            return;
+          }
+          metrics_->answers_recalled.Increment(static_cast<double>(owed.size()));
         }
       }
       if (drains) confirm_drain(routing_id);  // after its jobs: none comes after it
@@ -1585,13 +1606,14 @@ broker::sent broker::send_to(std::string_view routing_id, zmq::message_t& payloa
   }
   input_.used(router_in_);  // every send on the ROUTER comes here
   // Each message to a registered peer is counted, and kept a while unless
-  // it is a job (sent again by resend_held) or says nothing (send_unread()).
+  // it is a job (sent again by resend_held), a Recall (made again at each
+  // new socket) or says nothing (send_unread()).
   auto kind = proto::kind_of(payload.to_string_view());
   peer* to = nullptr;
   if (kind != Envelope::kWelcome)
     if (auto it = peers_.find(routing_id); it != peers_.end()) to = &it->second;
   bool keep = to && config_.kept_sent > 0 && kind != Envelope::kHeartbeat && kind != Envelope::kRequest &&
-              kind != Envelope::kLifecycle;
+              kind != Envelope::kLifecycle && kind != Envelope::kRecall;
   sent_kept kept;
   if (keep) kept.message.copy(payload);  // the bytes are shared: no copy, no allocation
   try {

@@ -354,6 +354,21 @@ std::vector<job*> service_table::resend_held(const std::string& worker) {
   return again;
 }
 
+std::vector<std::string> service_table::owed_answers(const std::string& worker) const {
+  std::vector<std::string> ids;
+  auto wit = worker_ids_.find(worker);
+  if (wit == worker_ids_.end()) return ids;
+  std::vector<std::uint32_t> owed;
+  for (std::uint32_t s = 0; s < slots_.size(); ++s) {
+    const auto& e = slots_[s];
+    if (e.worker != wit->second) continue;
+    if ((e.state == slot_state::held && e.work.answered) || e.state == slot_state::orphaned) owed.push_back(s);
+  }
+  std::sort(owed.begin(), owed.end(), [&](std::uint32_t a, std::uint32_t b) { return slots_[a].seq < slots_[b].seq; });
+  for (auto s : owed) ids.push_back(slots_[s].work.id);
+  return ids;
+}
+
 const std::vector<assignment>& service_table::dispatch() {
   assigned_.clear();
   dispatch_due_ = false;

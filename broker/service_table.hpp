@@ -135,6 +135,13 @@ class service_table {
   /// the ids they hold or answered, see docs/protocol.md). Valid until the
   /// next call that changes the table.
   std::vector<job*> resend_held(const std::string& worker);
+  /// The ids of the jobs `worker` holds whose final answer is owed but which
+  /// resend_held does not send again: answered early, or ended (expired,
+  /// cancelled) while it held them. Their final answer may have died in a
+  /// socket the worker replaced; the worker is asked for it again (Recall,
+  /// docs/protocol.md "Answers owed"), else their capacity is never given
+  /// back. Oldest first.
+  std::vector<std::string> owed_answers(const std::string& worker) const;
 
   bool has_worker(const std::string& worker) const { return worker_ids_.contains(worker); }
   bool knows(std::string_view service) const { return service_ids_.contains(service); }

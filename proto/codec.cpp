@@ -289,6 +289,7 @@ std::string_view kind_name(Envelope::KindCase kind) {
     case Envelope::kAnswer: return "answer";
     case Envelope::kDrain: return "drain";
     case Envelope::kGoodbye: return "goodbye";
+    case Envelope::kRecall: return "recall";
     case Envelope::KIND_NOT_SET: break;
   }
   return "none";

@@ -658,6 +658,29 @@ TEST_P(BrokerTest, WorkersSeeTheAttemptAndTheTimeoutTheBrokerEnforces) {
 
 // `worker` (link incarnation 77, first socket) serves "raw" (capacity 1)
 // and holds `client`'s job (args [1]), whose id is put in `id`.
+// Plays a gateway's link on a raw peer for up to `limit`: heartbeats every
+// 100 ms, and probes answered as a peer_link answers them. `take` sees each
+// message (and nullptr between them) and says when to stop; returns its last
+// word.
+template <typename F>
+bool serve_raw_gateway(peer& gw, std::chrono::milliseconds limit, F take) {
+  auto until = std::chrono::steady_clock::now() + limit;
+  auto beat_at = std::chrono::steady_clock::now();
+  while (!take(nullptr) && std::chrono::steady_clock::now() < until) {
+    if (std::chrono::steady_clock::now() >= beat_at) {
+      Envelope beat;
+      beat.mutable_heartbeat();
+      gw.send(beat);
+      beat_at += 100ms;
+    }
+    auto env = gw.receive_any(20ms);
+    if (!env) continue;
+    if (env->has_heartbeat() && env->heartbeat().probe() != 0) gw.send(*env);
+    take(&*env);
+  }
+  return take(nullptr);
+}
+
 void holds_a_job(peer& worker, peer& client, std::string& id) {
   ASSERT_TRUE(worker.hello({{"raw", 1}}, 77, 0));
   ASSERT_TRUE(client.hello());
@@ -955,24 +978,14 @@ TEST_P(BrokerTest, AWorkerSendsAgainTheEmitsItsReplacedSocketLost) {
   bool replied = false;
   std::size_t emits_before_reply = 0;
   auto take = [&](std::chrono::milliseconds limit, std::size_t until_count) {
-    auto until = std::chrono::steady_clock::now() + limit;
-    auto beat_at = std::chrono::steady_clock::now();
-    while ((got.size() < until_count || (until_count == 30 && !replied)) && std::chrono::steady_clock::now() < until) {
-      if (std::chrono::steady_clock::now() >= beat_at) {  // the raw gateway's heartbeats
-        Envelope beat;
-        beat.mutable_heartbeat();
-        gw.send(beat);
-        beat_at += 100ms;
-      }
-      auto env = gw.receive_any(20ms);
-      if (!env) continue;
-      if (env->has_heartbeat() && env->heartbeat().probe() != 0) gw.send(*env);  // as a peer_link answers it
-      if (env->has_emit()) got.push_back(std::stoi(env->emit().args().substr(1)));
-      if (env->has_reply() && !replied) {
+    serve_raw_gateway(gw, limit, [&](const Envelope* env) {
+      if (env && env->has_emit()) got.push_back(std::stoi(env->emit().args().substr(1)));
+      if (env && env->has_reply() && !replied) {
         replied = true;
         emits_before_reply = got.size();
       }
-    }
+      return got.size() >= until_count && (until_count != 30 || replied);
+    });
   };
   take(5s, 10);
   ASSERT_EQ(got.size(), 10u);
@@ -1158,6 +1171,118 @@ TEST_P(BrokerTest, AStallBeforeThePeersNewSocketLosesNothing) {
 TEST_P(BrokerTest, AStallWhileWaitingForAReadReportLosesNothing) {
   if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
   peer_back_on_a_new_socket(stall_at::before_report);
+}
+
+// A worker back on a new socket owes the final answers of the jobs it holds
+// that the broker does not send again: one it answered early (the client
+// has its ack) and one that timed out while it ran. Those answers may have
+// died in the old socket, and each keeps a capacity credit until it comes:
+// the broker asks for them again (Recall), oldest first, and the answers
+// give the capacity back. Without the Recall a worker whose final answer
+// died lost that capacity for good.
+TEST_P(BrokerTest, AWorkerBackOnANewSocketIsAskedAgainForTheAnswersItOwes) {
+  heartbeat_ = 1s;
+  start();
+  peer w{ctx_, "inproc://router", "w-owes", proto::ROLE_WORKER};
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(w.hello({{"raw", 2}}, 77, 0));
+  ASSERT_TRUE(client.hello());
+  auto acked = client.submit("raw", "x", "[1]", 10s);
+  ASSERT_TRUE(w.next(Envelope::kRequest, 3s));
+  auto expired = client.submit("raw", "x", "[2]", 300ms);
+  ASSERT_TRUE(w.next(Envelope::kRequest, 3s));
+  Envelope early;
+  early.mutable_reply()->set_id(acked);
+  early.mutable_reply()->set_partial(true);
+  w.send(early);
+  auto ack = client.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(ack);
+  EXPECT_EQ(ack->reply().id(), acked);
+  auto timeout = client.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(timeout);
+  EXPECT_EQ(timeout->reply().code(), proto::TIMEOUT);
+  ASSERT_TRUE(w.next(Envelope::kCancel, 3s));
+
+  ASSERT_TRUE(w.hello({{"raw", 2}}, 77, 1));
+  auto recall = w.next(Envelope::kRecall, 3s);
+  ASSERT_TRUE(recall) << "the answers owed were not asked for again";
+  EXPECT_EQ(std::vector<std::string>(recall->recall().ids().begin(), recall->recall().ids().end()),
+            (std::vector<std::string>{acked, expired}));
+  EXPECT_FALSE(w.next(Envelope::kRequest, 200ms)) << "a job answered or ended was sent again";
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_answers_recalled_total") == 2.0; }));
+
+  // The capacity is held until the answers come...
+  auto third = client.submit("raw", "x", "[3]", 10s);
+  auto fourth = client.submit("raw", "x", "[4]", 10s);
+  EXPECT_FALSE(w.next(Envelope::kRequest, 200ms));
+  // ... and they give it back: both new jobs go to the worker.
+  w.reply(acked);
+  w.reply(expired);
+  auto got_third = w.next(Envelope::kRequest, 3s);
+  auto got_fourth = w.next(Envelope::kRequest, 3s);
+  ASSERT_TRUE(got_third && got_fourth) << "the answers did not give the capacity back";
+  EXPECT_EQ(got_third->request().id(), third);
+  EXPECT_EQ(got_fourth->request().id(), fourth);
+  // The ack's client heard nothing more: its job's final answer is silent.
+  EXPECT_FALSE(client.next(Envelope::kReply, 200ms));
+}
+
+// The Recall with a real worker: its job acks at once and gives its final,
+// silent answer while the broker's thread is stalled, into the socket the
+// worker then replaces (no heartbeat came for its liveness), where it dies.
+// The Recall after the new socket's Welcome brings it again, and the
+// worker's one capacity serves the next job. Before the Recall that job
+// waited in vain: "no worker of service ack-late was free in time".
+TEST_P(BrokerTest, AnAcksFinalAnswerThatDiedInAReplacedSocketGivesTheCapacityBack) {
+  if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
+  heartbeat_ = 300ms;
+  start();
+  peer gw{ctx_, "inproc://router", "gwR", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  std::promise<void> stalled;
+  auto stalled_seen = stalled.get_future().share();
+  std::atomic<int> finished{0};
+  service late{"ack-late", 1};
+  late.on("go", [&, stalled_seen](request req) {
+    req.ack("[\"early\"]");
+    if (req.args_text() == "[\"first\"]") stalled_seen.wait_for(10s);
+    req.reply();  // silent: the requester has its answer; this frees the capacity
+    ++finished;
+  });
+  auto o = options_for("wR");
+  o.broker = "inproc://router";  // a socket of its own, on a thread of its own: it runs while the broker is held
+  auto w = std::make_unique<worker>(o, &ctx_);
+  w->add(std::move(late));
+  w->start();
+  ASSERT_TRUE(eventually([&] { return w->connected(); }));
+
+  auto pump = [&](std::chrono::milliseconds limit, auto done) { return serve_raw_gateway(gw, limit, done); };
+  auto first = gw.submit("ack-late", "go", "[\"first\"]", 20s, "gwR.s1");
+  bool acked = false;
+  ASSERT_TRUE(pump(5s, [&](const Envelope* env) {
+    if (env && env->has_reply() && env->reply().id() == first && env->reply().partial()) acked = true;
+    return acked;
+  }));
+  bool reconnected = false;
+  pause_io([&] {
+    stalled.set_value();  // the final answer goes into the socket the broker does not read
+    reconnected = eventually([&] { return w->stats().reconnects >= 1; }, 5s);
+  });
+  ASSERT_TRUE(reconnected) << "the worker never found the broker silent";
+  EXPECT_TRUE(eventually([&] { return finished == 1; }, 5s));
+
+  auto second = gw.submit("ack-late", "go", "[\"second\"]", 5s, "gwR.s2");
+  std::optional<proto::Reply> answer;
+  pump(8s, [&](const Envelope* env) {
+    if (env && env->has_reply() && env->reply().id() == second && !answer) answer = env->reply();
+    return answer.has_value();
+  });
+  ASSERT_TRUE(answer) << "no answer to the second job";
+  EXPECT_EQ(answer->code(), proto::OK) << answer->message();
+  EXPECT_TRUE(answer->partial());
+  EXPECT_GE(w->stats().recalled, 1u);
+  EXPECT_GE(metric("sidecast_broker_answers_recalled_total").value_or(0), 1.0);
+  w->stop();
 }
 
 // Sending a job again on a new socket is not a dispatch: it leaves the job
@@ -4137,6 +4262,61 @@ TEST(WorkerJobsAgain, AJobSentAgainRunsOnce) {
   EXPECT_EQ(broker.answer(), (answer{"c:2", "[\"c:2\"]"}));
   EXPECT_EQ(ran(), (std::vector<std::string>{"c:1", "c:2", "c:3", "c:4", "c:5", "c:2"}));
   EXPECT_EQ(w.stats().jobs_again, 2u);
+}
+
+// A Recall asks again for the final answers of jobs the broker does not
+// send again. Each id gets exactly one answer: one still running answers
+// when it ends (here: after a Cancel, which does not make it look gone);
+// one answered gets its kept final answer (not its early one); one never
+// seen here gets a silent CANCELLED, which gives its capacity back.
+TEST(WorkerJobsAgain, ARecallGetsEachOwedFinalAnswerOnce) {
+  fake_broker broker{"fake-broker-recall"};
+  worker w{broker.options, &broker.ctx};
+  std::atomic<bool> release{false};
+  w.add(service{"svc", 4}.on("work", [&](request req) {
+    if (req.args_text() == "[\"hold\"]") {
+      eventually([&] { return release.load(); }, 5s);
+      req.reply("[\"held\"]");
+    } else {
+      req.ack("[\"early\"]");
+      req.reply("[\"final\"]");
+    }
+  }));
+  w.start();
+  broker.welcome(w);
+  broker.job("c:run", "[\"hold\"]", 1);
+  broker.job("c:acked", "[]", 1);
+  for (int i = 0; i < 2; ++i) {  // its early answer, then its silent final one
+    auto env = broker.next();
+    ASSERT_TRUE(env && env->has_reply());
+    EXPECT_EQ(env->reply().id(), "c:acked");
+    EXPECT_EQ(env->reply().partial(), i == 0);
+  }
+  Envelope cancel;
+  cancel.mutable_cancel()->set_id("c:run");
+  cancel.mutable_cancel()->set_reason(proto::TIMEOUT);
+  broker.send(cancel);
+
+  Envelope recall;
+  for (const char* id : {"c:run", "c:acked", "c:never"}) recall.mutable_recall()->add_ids(id);
+  broker.send(recall);
+  auto again = broker.next();
+  ASSERT_TRUE(again && again->has_reply());
+  EXPECT_EQ(again->reply().id(), "c:acked");
+  EXPECT_FALSE(again->reply().partial()) << "the early answer went again, not the final one";
+  auto unknown = broker.next();
+  ASSERT_TRUE(unknown && unknown->has_reply());
+  EXPECT_EQ(unknown->reply().id(), "c:never");
+  EXPECT_EQ(unknown->reply().code(), proto::CANCELLED);
+  EXPECT_TRUE(unknown->reply().silent());
+  release = true;
+  auto last = broker.next();
+  ASSERT_TRUE(last && last->has_reply());
+  EXPECT_EQ(last->reply().id(), "c:run") << "the job still running was answered for it";
+  auto stats = w.stats();
+  EXPECT_EQ(stats.recalled, 3u);
+  EXPECT_EQ(stats.replies_resent, 1u);
+  w.stop();
 }
 
 // Kept answers go again oldest first, whatever their places in the ring:

@@ -1186,6 +1186,59 @@ class JobsAgainTest(JobsAgainBase):
         self.assertGreater(stats.kept_bytes, 0)
 
 
+class RecallTest(FakeBrokerTest):
+    """A Recall asks again for the final answers of jobs the broker does not
+    send again (answered early, or ended while held). Each id gets exactly
+    one answer: one still running answers when it ends (a Cancel does not
+    make it look gone); one answered gets its kept final answer, not its
+    early one; one never seen here gets a silent CANCELLED, which gives its
+    capacity back."""
+
+    def service(self):
+        self.release = threading.Event()
+        self.addCleanup(self.release.set)
+        svc = Service("svc", capacity=4)
+
+        @svc.on("work")
+        def work(req):
+            if req.args == ["hold"]:
+                self.release.wait(WAIT)
+                return "held"
+            req.ack("early")
+            return "final"
+
+        return svc
+
+    def reply(self):
+        env = self.broker.next()
+        self.assertEqual(env.WhichOneof("kind"), "reply", env)
+        return env.reply
+
+    def test_each_owed_final_answer_comes_once(self):
+        self.broker.welcome(self.worker, 1000)
+        self.job("c:run", '["hold"]', 1)
+        self.job("c:acked", "[]", 1)
+        early, final = self.reply(), self.reply()
+        self.assertEqual((early.id, early.partial, final.id, final.partial),
+                         ("c:acked", True, "c:acked", False))
+        cancel = pb.Envelope()
+        cancel.cancel.id, cancel.cancel.reason = "c:run", pb.TIMEOUT
+        self.broker.send(cancel)
+        recall = pb.Envelope()
+        recall.recall.ids.extend(["c:run", "c:acked", "c:never"])
+        self.broker.send(recall)
+        again = self.reply()
+        self.assertEqual((again.id, again.partial), ("c:acked", False),
+                         "the early answer went again, not the final one")
+        unknown = self.reply()
+        self.assertEqual((unknown.id, unknown.code, unknown.silent), ("c:never", pb.CANCELLED, True))
+        self.release.set()
+        last = self.reply()
+        self.assertEqual(last.id, "c:run", "the job still running was answered for it")
+        stats = self.worker.stats()
+        self.assertEqual((stats.recalled, stats.replies_resent), (3, 1))
+
+
 class KeptAnswersBoundTest(JobsAgainBase):
     """At most kept_replies answers are kept, the last ones."""
     worker_options = {"kept_replies": 2}

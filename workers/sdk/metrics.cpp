@@ -34,6 +34,9 @@ worker_metrics::worker_metrics(prometheus::Registry& r)
                           "Jobs the broker sent again (after a new socket) that this worker held or answered: "
                           "not run again")},
       replies_resent_{counter(r, "sidecast_worker_replies_resent_total", "Kept answers sent again for those")},
+      recalled_{counter(r, "sidecast_worker_answers_recalled_total",
+                        "Final answers the broker asked for again after a new socket (Recall): jobs answered "
+                        "early or ended while held here, whose answer may have died in the old socket")},
       kept_bytes_{gauge(r, "sidecast_worker_kept_reply_bytes",
                         "Bytes of the answers kept to be sent again (bounded by --kept-reply-bytes)")},
       notices_resent_{counter(r, "sidecast_worker_notices_resent_total",
@@ -61,6 +64,7 @@ void worker_metrics::refresh(const worker& w) {
   advance(requests_refused_, now.requests_refused, seen_.requests_refused);
   advance(jobs_again_, now.jobs_again, seen_.jobs_again);
   advance(replies_resent_, now.replies_resent, seen_.replies_resent);
+  advance(recalled_, now.recalled, seen_.recalled);
   advance(notices_resent_, now.notices_resent, seen_.notices_resent);
   kept_bytes_.Set(static_cast<double>(now.kept_bytes));
   kept_notice_bytes_.Set(static_cast<double>(now.kept_notice_bytes));

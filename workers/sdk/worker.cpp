@@ -287,7 +287,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::shared_ptr<const report_fn> report_callback;
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0}, n_jobs_again{0}, n_replies_resent{0},
-      kept_bytes{0}, n_notices_resent{0}, kept_notice_bytes{0}, n_held{0};  // the last four: written by the I/O thread only
+      kept_bytes{0}, n_notices_resent{0}, kept_notice_bytes{0}, n_held{0},
+      n_recalled{0};  // the last five: written by the I/O thread only
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
@@ -917,11 +918,15 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       case Envelope::kCancel: {
         auto it = in_flight.find(env.cancel().id());
         if (it == in_flight.end()) break;
-        if (auto st = it->second.lock()) st->cancel();
-        ++n_cancels;
-        in_flight.erase(it);
+        // The entry stays while the handler runs (it expires when the
+        // request is done with): a Recall must see that it still runs.
+        if (auto st = it->second.lock()) {
+          st->cancel();
+          ++n_cancels;
+        }
         break;
       }
+      case Envelope::kRecall: on_recall(env.recall()); break;
       case Envelope::kReply: on_ack(env.reply()); break;
       case Envelope::kReport: {
         std::shared_ptr<const report_fn> cb;
@@ -1043,6 +1048,43 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       spdlog::info("worker {}: {} came again; {}", options.id, id,
                    running ? "it still runs here" : "its answer went again");
     return true;
+  }
+
+  // After this worker came back on a new socket, the broker asks again for
+  // the final answers of jobs it holds here but does not send again
+  // (answered early, or ended while held): they may have died in the old
+  // socket, and each keeps capacity until its answer comes. One that still
+  // runs answers when it ends. One answered here gets its kept final answer
+  // again. One this worker knows nothing of (never received, or its answer
+  // is no longer kept) is answered CANCELLED, silently: the broker only
+  // gives its capacity back (docs/protocol.md "Answers owed").
+  void on_recall(const proto::Recall& recall) {
+    send_in_order();  // answers queued and not yet sent are kept as they are sent
+    for (const auto& id : recall.ids()) {
+      ++n_recalled;
+      if (auto it = in_flight.find(id); it != in_flight.end())
+        if (auto st = it->second.lock(); st && !st->replied) continue;
+      zmq::message_t* last = nullptr;
+      kept.for_each([&](auto& k) {
+        auto peeked = proto::peek(k.message.to_string_view());
+        if (peeked.id == id && !peeked.partial) last = &k.message;
+      });
+      zmq::message_t again;
+      if (last) {
+        again.copy(*last);
+        ++n_replies_resent;
+      } else {
+        const proto::reply_fields r{.id = id,
+                                    .code = proto::CANCELLED,
+                                    .message = "this worker holds no answer for the job",
+                                    .silent = true};
+        again.rebuild(proto::encoded_size(r));
+        proto::encode_reply(r, static_cast<char*>(again.data()));
+      }
+      enqueue({.envelope = std::move(again), .answer = true});
+    }
+    if (log_limit.allow())
+      spdlog::info("worker {}: the broker asked again for {} answers", options.id, recall.ids_size());
   }
 
   void on_request(proto::Request& r) {
@@ -1464,7 +1506,7 @@ worker_stats worker::stats() const {
           core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
           core_->drain_asked.load(), core_->n_jobs_again, core_->n_replies_resent,
           core_->kept_bytes.load(),    core_->n_notices_resent,   core_->kept_notice_bytes.load(),
-          core_->n_held.load()};
+          core_->n_held.load(),        core_->n_recalled};
 }
 
 }  // namespace sidecast

@@ -238,6 +238,7 @@ struct worker_stats {
   std::uint64_t notices_resent = 0;     // one-way messages that died in a replaced socket, sent again
   std::uint64_t kept_notice_bytes = 0;  // what the kept one-way messages hold now (kept_notice_bytes bounds it)
   std::uint64_t held = 0;  // messages held until the broker welcomes a new socket (hwm bounds it)
+  std::uint64_t recalled = 0;  // final answers the broker asked for again (Recall; the kept ones count in replies_resent)
 };
 
 class worker {

@@ -82,6 +82,7 @@ class WorkerStats:
     notices_resent: int = 0  # one-way messages that died in a replaced socket, sent again
     kept_notice_bytes: int = 0  # what the kept one-way messages hold now (kept_notice_bytes bounds it)
     held: int = 0  # messages held until the broker welcomes a new socket (hwm bounds it)
+    recalled: int = 0  # final answers the broker asked for again (Recall; the kept ones count in replies_resent)
 
 
 class _Wakeup:
@@ -123,6 +124,13 @@ def is_reply(data):
     except Exception:  # protobuf's DecodeError: not a Reply either
         return False
     return env.WhichOneof("kind") == "reply"
+
+
+def is_partial_reply(data):
+    """True when ``data`` is an envelope holding an early answer (an ack)."""
+    env = pb.Envelope()
+    env.ParseFromString(data)
+    return env.WhichOneof("kind") == "reply" and env.reply.partial
 
 
 class _Core:
@@ -735,6 +743,8 @@ class _Core:
                 self.count("cancels")
                 reason = code_of(env.cancel.reason)
                 req._cancel(reason if reason != Code.OK else Code.CANCELLED)
+        elif kind == "recall":
+            self.on_recall(env.recall.ids)
         elif kind == "reply":
             self.on_ack(env.reply)
         elif kind == "report":
@@ -789,6 +799,38 @@ class _Core:
             log.info("worker %s: %s came again; %s", self.worker_id, request_id,
                      "it still runs here" if running else "its answer went again")
         return True
+
+    def on_recall(self, ids):
+        """After this worker came back on a new socket, the broker asks again
+        for the final answers of jobs it holds here but does not send again
+        (answered early, or ended while held): they may have died in the old
+        socket, and each keeps capacity until its answer comes. One still
+        running answers when it ends; one answered here gets its kept final
+        answer again; one unknown here (never received, or its answer no
+        longer kept) is answered CANCELLED, silently: the broker only gives
+        its capacity back (docs/protocol.md "Answers owed")."""
+        for request_id in ids:
+            self.count("recalled")
+            # A reply is kept before its request leaves in_flight: one of
+            # the two finds it.
+            with self.in_flight_lock:
+                if request_id in self.in_flight:
+                    continue
+            with self.kept_lock:
+                kept = [data for rid, data in self.kept if rid == request_id]
+            final = next((data for data in reversed(kept) if not is_partial_reply(data)), None)
+            if final is not None:
+                self.count("replies_resent")
+            else:
+                env = pb.Envelope()
+                env.reply.id = request_id
+                env.reply.code = int(Code.CANCELLED)
+                env.reply.message = "this worker holds no answer for the job"
+                env.reply.silent = True
+                final = env.SerializeToString()
+            self.enqueue(None, final)
+        if self.log_limit.allow():
+            log.info("worker %s: the broker asked again for %d answers", self.worker_id, len(ids))
 
     def on_request(self, env, kind):
         body = env.request if kind == "request" else env.lifecycle
