@@ -2,13 +2,13 @@
 
 #include <fstream>
 #include <iterator>
-#include <random>
 
 #include <boost/asio/detached.hpp>
 #include <spdlog/spdlog.h>
 
 #include "core/config.hpp"
 #include "core/peer_link.hpp"
+#include "core/random.hpp"
 #include "gateway/api.hpp"
 #include "gateway/client_socket.hpp"
 #include "gateway/eio_session.hpp"
@@ -31,14 +31,6 @@ jwt::keys token_keys(const gateway_config& c) {
   return k;
 }
 
-std::string random_token(std::size_t n) {
-  static constexpr char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  thread_local std::mt19937_64 rng{std::random_device{}()};
-  std::string out(n, ' ');
-  for (auto& c : out) c = alphabet[rng() % 64];
-  return out;
-}
-
 }  // namespace
 
 gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_ptr registry)
@@ -50,7 +42,7 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
       polling_sessions_{config_.max_polling_sessions, config_.max_polling_sessions_per_ip},
       tokens_{token_keys(config_)} {
   bool drawn_id = config_.id.empty();
-  if (drawn_id) config_.id = "gw-" + random_token(6);
+  if (drawn_id) config_.id = "gw-" + core::random_token(6);
   std::replace(config_.id.begin(), config_.id.end(), '_', '-');
   if (!proto::valid_peer_id(config_.id))
     throw std::invalid_argument("gateway id '" + config_.id + "' must be 1-64 characters without '.' or ':'");
@@ -303,7 +295,12 @@ const std::string* gateway::service_for(const std::string& nsp) const {
   return nullptr;
 }
 
-std::string gateway::new_sid() { return config_.id + "." + random_token(20); }
+// 22 characters: 132 bits from the kernel's secure generator. A sid is a
+// credential (an Engine.IO session's, an API session's path) and a pid
+// recovers a socket: a client that saw many must not guess the next (a
+// seeded Mersenne Twister, as before, gives its state away after a few
+// hundred).
+std::string gateway::new_sid() { return config_.id + "." + core::random_token(22); }
 
 void gateway::add_session(const std::string& sid, std::weak_ptr<eio_session> session) {
   std::lock_guard lock{sessions_mutex_};
