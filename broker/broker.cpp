@@ -596,9 +596,10 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
         } else if (!api) {  // Engine.IO's answer
           a->set_status(400);
           a->set_body(R"({"code":1,"message":"Session ID unknown"})");
-        } else {  // the HTTP API's
+        } else {  // the HTTP API's: a session's (by its key) or a socket's
           a->set_status(404);
-          a->set_body(R"({"error":"unknown sid"})");
+          a->set_body(env->forward().target().starts_with("/api/v1/sessions/") ? R"({"error":"unknown session"})"
+                                                                               : R"({"error":"unknown sid"})");
         }
         send(routing_id, gone);
       }

@@ -99,6 +99,7 @@ std::chrono::milliseconds relay_timeout(const gateway_config& c) {
 
 constexpr std::string_view kSockets = "/api/v1/sockets/";
 constexpr std::string_view kRooms = "/api/v1/rooms/";
+constexpr std::string_view kUnknownSession = "unknown session";
 constexpr std::string_view kApiOff = "the publish, sockets and rooms APIs are disabled: no --api-key configured";
 
 // Whom a publish or a rooms request is for: exactly one of "sid" (a
@@ -173,9 +174,18 @@ class api_session : public client_socket {
  public:
   api_session(gateway& gw, asio::any_io_executor ex, std::string nsp, std::string service, std::string auth)
       : client_socket{gw, ex, std::move(nsp), std::move(service), std::move(auth)},
+        key_{gw.new_sid()},
         poll_timer_{ex},
         ttl_timer_{ex},
         rate_{gw.config().events_per_second, gw.config().events_burst} {}
+
+  /// What its client names it by in the paths (/api/v1/sessions/{key}):
+  /// a secret of the client's, drawn as a sid is (the gateway's id, then 132
+  /// random bits), and not its socket's sid, which workers see and hand on
+  /// (the demo's `said` carries it to a whole room): a sid in the path made
+  /// any client that learnt it able to emit as the session, take its events
+  /// and close it.
+  const std::string& key() const { return key_; }
 
   void start(std::shared_ptr<reply_slot> created) {
     created_ = std::move(created);
@@ -187,7 +197,7 @@ class api_session : public client_socket {
   void emit(std::string event, std::string data, bool ack, std::shared_ptr<reply_slot> answer) {
     touch();
     if (!connected()) {
-      answer->complete(ended_.empty() ? error(404, "unknown sid") : closed_answer());
+      answer->complete(ended_.empty() ? error(404, kUnknownSession) : closed_answer());
       return;
     }
     gw_.metrics().api_in.Increment();
@@ -235,7 +245,7 @@ class api_session : public client_socket {
       return flush();
     }
     if (!connected()) {
-      answer->complete(error(404, "unknown sid"));
+      answer->complete(error(404, kUnknownSession));
       return;
     }
     if (poll_) std::exchange(poll_, nullptr)->complete(no_events());
@@ -355,7 +365,7 @@ class api_session : public client_socket {
     // Its connect hook disconnected it: connected, so its service gets the
     // DISCONNECT; the POST gets 410 (fail_open), its events are dropped.
     if (kick_held()) return close("server namespace disconnect");
-    std::exchange(created_, nullptr)->complete(json_answer(201, json::object{{"sid", sid()}, {"nsp", nsp()}}));
+    std::exchange(created_, nullptr)->complete(json_answer(201, json::object{{"session", key_}, {"sid", sid()}, {"nsp", nsp()}}));
     schedule_expiry();
   }
 
@@ -381,7 +391,7 @@ class api_session : public client_socket {
 
   void forget() {
     place_.reset();
-    gw_.api().remove(sid());
+    gw_.api().remove(key_);
   }
 
   // A closed session's answer: 410, why, and to a poll the events it had
@@ -487,6 +497,7 @@ class api_session : public client_socket {
     });
   }
 
+  const std::string key_;
   asio::steady_timer poll_timer_, ttl_timer_;
   token_bucket rate_;  // --events-per-second, --events-burst
   std::shared_ptr<reply_slot> created_, poll_;
@@ -573,7 +584,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     session->hold(std::move(place));
     {
       std::lock_guard lock{mutex_};
-      sessions_[session->sid()] = session;
+      sessions_[session->key()] = session;
     }
     auto slot = std::make_shared<reply_slot>(ex);
     session->start(slot);
@@ -646,7 +657,7 @@ void api::serve_forwarded(proto::HttpForward f, std::function<void(http_answer)>
   const auto& m = f.method();
   if (m != "GET" && m != "POST" && m != "DELETE" && m != "GONE") return answer(wrong_method(action));  // relay() sends none of these
   auto session = find(f.sid());
-  if (!session) return answer(error(404, "unknown sid"));
+  if (!session) return answer(error(404, kUnknownSession));
   auto ex = session->executor();
   auto served = gw_.link().hand_to(io_executor_of(ex), [this, ex, session, f = std::move(f), answer]() mutable {
     if (f.method() == "GONE") {  // the relaying gateway's client left its poll
@@ -677,7 +688,7 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
                                              std::string relay) {
   auto ex = co_await asio::this_coro::executor;
   auto session = find(std::string{sid_text});
-  if (!session) co_return error(404, "unknown sid");
+  if (!session) co_return error(404, kUnknownSession);
   auto slot = std::make_shared<reply_slot>(ex);
   if (action.empty() && req.method() == http::verb::delete_) {
     asio::post(session->executor(), [session, slot] {

@@ -1,9 +1,10 @@
 #pragma once
 // The plain HTTP API under /api/v1/ (docs/http-api.md):
-//   POST   /api/v1/sessions                     {"nsp","auth"} -> {"sid"}
-//   POST   /api/v1/sessions/{sid}/emit          {"event","data","ack"}
-//   GET    /api/v1/sessions/{sid}/events?timeout=MS   long-poll -> {"events":[...]}
-//   DELETE /api/v1/sessions/{sid}
+//   POST   /api/v1/sessions                     {"nsp","auth"} -> {"session","sid","nsp"}
+//   POST   /api/v1/sessions/{session}/emit      {"event","data","ack"}
+//   GET    /api/v1/sessions/{session}/events?timeout=MS   long-poll -> {"events":[...]}
+//   DELETE /api/v1/sessions/{session}
+// (`session`: the client's secret key of it, not the socket's sid)
 //   POST   /api/v1/publish  (API key)           {"nsp","event","data","sid"|"room"|"broadcast","except"}
 //   GET    /api/v1/sockets/{sid}            (API key)  -> {"sid","nsp","rooms"}
 //   POST   /api/v1/sockets/{sid}/join|leave (API key)  {"room"}

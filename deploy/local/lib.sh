@@ -40,7 +40,7 @@ CFG
       cat <<'CFG'
   # A sid is "<gateway id>.<random>": requests for a sid go to its gateway
   # (an HTTP API session's sid, or a socket's the sockets API acts on, is in
-  # the path: /api/v1/sessions/<sid>/..., /api/v1/sockets/<sid>/...);
+  # the path: /api/v1/sessions/<session key>/..., /api/v1/sockets/<sid>/...);
   # handshakes (no sid) are spread round-robin.
   acl has_sid url_param(sid) -m found
   acl api_sid path_beg /api/v1/sessions/ /api/v1/sockets/

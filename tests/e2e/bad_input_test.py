@@ -287,7 +287,7 @@ class HttpErrors(unittest.TestCase):
         for _ in range(50):
             status, answer, _ = request("POST", "/api/v1/sessions", body, source=source)
             self.assertEqual(status, 201, answer)
-            sids.append(json.loads(answer)["sid"])
+            sids.append(json.loads(answer)["session"])
         before = metric_value("sidecast_gateway_dropped_total", 'reason="session_limit"')
         status, answer, _ = request("POST", "/api/v1/sessions", body, source=source)
         self.assertEqual((status, json.loads(answer)), (503, {"error": "too many sessions"}))
@@ -408,8 +408,8 @@ class HttpApiErrors(unittest.TestCase):
         # poll takes what fits, at least one, and the next poll the rest
         # at once. One answer took them all before (270 MB in a review).
         status, text, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
-        sid = json.loads(text)["sid"]
-        self.addCleanup(request, "DELETE", f"/api/v1/sessions/{sid}")
+        sid, key = (json.loads(text)[k] for k in ("sid", "session"))
+        self.addCleanup(request, "DELETE", f"/api/v1/sessions/{key}")
         headers = {"Authorization": f"Bearer {API_KEY}"}
         for i in range(3):
             body = json.dumps({"sid": sid, "event": "big", "data": f"{i}" + "x" * 600_000}).encode()
@@ -417,7 +417,7 @@ class HttpApiErrors(unittest.TestCase):
         got = []
         deadline = time.time() + 10
         while len(got) < 3 and time.time() < deadline:
-            status, text, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout=1000")
+            status, text, _ = request("GET", f"/api/v1/sessions/{key}/events?timeout=1000")
             self.assertEqual(status, 200)
             self.assertLessEqual(len(text), 1_000_000 + 64)  # the events, and {"events":[...]} around them
             got += [e["data"][:1] for e in json.loads(text)["events"]]  # each event's number
@@ -434,7 +434,7 @@ class HttpApiErrors(unittest.TestCase):
         # tests/e2e/CMakeLists.txt starts this gateway with --api-buffer 4.
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
         self.assertEqual(status, 201, body)
-        sid = json.loads(body)["sid"]
+        sid, key = (json.loads(body)[k] for k in ("sid", "session"))
         before = metric_value("sidecast_gateway_dropped_total", 'reason="api_buffer_full"')
         headers = {"Authorization": f"Bearer {API_KEY}"}
         for i in range(10):
@@ -444,12 +444,12 @@ class HttpApiErrors(unittest.TestCase):
         while time.time() < deadline and metric_value("sidecast_gateway_dropped_total",
                                                       'reason="api_buffer_full"') < before + 6:
             time.sleep(0.05)
-        status, body, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout=0")
+        status, body, _ = request("GET", f"/api/v1/sessions/{key}/events?timeout=0")
         self.assertEqual(status, 200, body)
         notes = [e["data"] for e in json.loads(body)["events"] if e["event"] == "note"]
         self.assertEqual(notes, [6, 7, 8, 9], "the oldest give way")
         self.assertEqual(metric_value("sidecast_gateway_dropped_total", 'reason="api_buffer_full"'), before + 6)
-        request("DELETE", f"/api/v1/sessions/{sid}")
+        request("DELETE", f"/api/v1/sessions/{key}")
 
     def test_bad_publish_bodies(self):
         headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -474,7 +474,7 @@ class HttpApiErrors(unittest.TestCase):
         session (any socket is the same to it): each refusal says why, and
         what is done is done before the answer."""
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
-        sid = json.loads(body)["sid"]
+        sid, key = (json.loads(body)[k] for k in ("sid", "session"))
         ours = sid.split(".")[0]
         headers = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -484,7 +484,7 @@ class HttpApiErrors(unittest.TestCase):
             return status, json.loads(text).get("error", json.loads(text))
 
         def events():
-            status, text, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout=0")
+            status, text, _ = request("GET", f"/api/v1/sessions/{key}/events?timeout=0")
             return status, json.loads(text)
 
         self.assertEqual(ask("join", {"room": "r"}, h={})[0], 401)
@@ -563,7 +563,7 @@ class HttpApiErrors(unittest.TestCase):
                           ({"namespace": "/"}, "unknown key: namespace")):
             self.assertEqual(ask("POST", "/api/v1/sessions", body), (400, why), body)
         status, text, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
-        sid = json.loads(text)["sid"]
+        sid = json.loads(text)["session"]
         for body, why in (({"data": 1}, "event must be a non-reserved string"),
                           ({"event": "connect"}, "event must be a non-reserved string"),
                           ({"event": "echo", "args": [1, 2]}, "unknown key: args"),
@@ -580,9 +580,29 @@ class HttpApiErrors(unittest.TestCase):
         self.assertEqual(ask("POST", f"/api/v1/sessions/{sid}/emit", deep(64)), (400, "body must be a JSON object"))
         request("DELETE", f"/api/v1/sessions/{sid}")
 
+    def test_an_api_sessions_socket_sid_does_not_open_it(self):
+        """The sid workers see (and hand on: the demo's `said` tells a whole
+        room) is not the session's key: with the sid in the path anyone who
+        learnt it could emit as the session, take its events and close it."""
+        status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
+        self.assertEqual(status, 201, body)
+        opened = json.loads(body)
+        sid, key = opened["sid"], opened["session"]
+        self.addCleanup(request, "DELETE", f"/api/v1/sessions/{key}")
+        self.assertNotEqual(sid, key)
+        self.assertEqual(sid.split(".")[0], key.split(".")[0], "the key names its gateway, for the balancer")
+        self.assertGreaterEqual(len(key.split(".", 1)[1]), 22, "fewer than 132 random bits")
+        for method, path, data in (("POST", f"/api/v1/sessions/{sid}/emit", b'{"event":"echo"}'),
+                                   ("GET", f"/api/v1/sessions/{sid}/events?timeout=0", None),
+                                   ("DELETE", f"/api/v1/sessions/{sid}", None)):
+            status, text, _ = request(method, path, data)
+            self.assertEqual((status, json.loads(text)), (404, {"error": "unknown session"}), method)
+        self.assertEqual(request("GET", f"/api/v1/sessions/{key}/events?timeout=0")[0], 200,
+                         "the sid's refusals closed the session")
+
     def test_api_poll_timeout_must_be_milliseconds(self):
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
-        sid = json.loads(body)["sid"]
+        sid = json.loads(body)["session"]
         for bad in ("soon", "10abc", "", "-"):
             status, body, _ = request("GET", f"/api/v1/sessions/{sid}/events?timeout={bad}")
             self.assertEqual((status, json.loads(body)), (400, {"error": "timeout must be milliseconds"}), bad)
@@ -693,7 +713,7 @@ class Limits(unittest.TestCase):
     def test_api_emits_over_the_rate_get_429(self):
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/"}).encode())
         self.assertEqual(status, 201, body)
-        sid = json.loads(body)["sid"]
+        sid = json.loads(body)["session"]
         conn = http.client.HTTPConnection(HOST, PORT, timeout=5)  # one keep-alive connection, quicker
         statuses = []
         start = time.monotonic()

@@ -178,7 +178,7 @@ test("the rooms API moves, closes and disconnects a room whose members are on tw
   assert.deepEqual(await Promise.all(gone), ["io server disconnect", "io server disconnect"]);
 });
 
-// The plain HTTP API: a session lives on one gateway, its sid in the path.
+// The plain HTTP API: a session lives on one gateway, its key in the path.
 async function api(base, method, path, body, signal) {
   const res = await fetch(`${base}/api/v1/sessions${path}`, {
     method, body: body === undefined ? undefined : JSON.stringify(body), signal });
@@ -190,8 +190,13 @@ test("an HTTP API session is served whichever gateway a request reaches", async 
   const [[homeId, home], [, other]] = Object.entries(gateways());
   const opened = await api(home, "POST", "", { nsp: "/" });
   assert.equal(opened.status, 201, JSON.stringify(opened.body));
-  const sid = opened.body.sid;
+  // The path takes the session's key, which names its gateway; the socket's
+  // sid (what workers see) opens nothing.
+  const sid = opened.body.session;
   assert.equal(sid.split(".")[0], homeId);
+  assert.notEqual(sid, opened.body.sid);
+  assert.deepEqual(await api(other, "GET", `/${opened.body.sid}/events?timeout=0`),
+                   { status: 404, body: { error: "unknown session" } });
   // The other gateway relays to the owner; the balancer routes by the path
   // (or, round-robin, reaches either).
   for (const base of [other, url, url, url]) {
@@ -223,11 +228,11 @@ test("an HTTP API session is served whichever gateway a request reaches", async 
                      [405, allow, { error: "no such action for this method" }], `${method} ${path} at ${base}`);
   }
   assert.equal((await api(other, "DELETE", `/${sid}`)).status, 204);
-  assert.deepEqual(await api(home, "GET", `/${sid}/events?timeout=0`), { status: 404, body: { error: "unknown sid" } });
+  assert.deepEqual(await api(home, "GET", `/${sid}/events?timeout=0`), { status: 404, body: { error: "unknown session" } });
   const stranger = await api(other, "GET", `/${homeId}.nosuchsession/events?timeout=0`);
-  assert.deepEqual(stranger, { status: 404, body: { error: "unknown sid" } });
+  assert.deepEqual(stranger, { status: 404, body: { error: "unknown session" } });
   const noGateway = await api(other, "GET", `/gw99.nosuchsession/events?timeout=0`);
-  assert.deepEqual(noGateway, { status: 404, body: { error: "unknown sid" } });
+  assert.deepEqual(noGateway, { status: 404, body: { error: "unknown session" } });
 });
 
 test("open_vm: served by either vm worker, progress and result to the asking client only", async () => {

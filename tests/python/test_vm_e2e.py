@@ -509,7 +509,7 @@ class ExceptSidsEndToEndTest(InProcessWorkerTest):
 
         status, created = post("/api/v1/sessions", {"nsp": "/ex"})
         self.assertEqual(status, 201, created)
-        status, _ = post(f"/api/v1/sessions/{created['sid']}/emit", {"event": "ask", "ack": True})
+        status, _ = post(f"/api/v1/sessions/{created['session']}/emit", {"event": "ask", "ack": True})
         self.assertEqual(status, 200)
         # The worker's emit_with_ack has a 30 s timeout; the answer is at once.
         self.assertEqual(self.asked.get(timeout=WAIT), "BAD_REQUEST")
@@ -1769,7 +1769,7 @@ class RestartedGatewayTest(InProcessWorkerTest):
         self.assertTrue(eventually(lambda: http_get(self.http_port, "/healthz")[0] == 200, WAIT))
         status, created = self.api("POST", "/sessions", {"nsp": "/restart"}, key=None)
         self.assertEqual(status, 201, created)
-        return created["sid"]
+        return created["session"]
 
     def test_a_restarted_gateway_gets_its_own_answers(self):
         old = self.session()
@@ -1812,7 +1812,7 @@ class ApiPollingTest(InProcessWorkerTest):
         status, headers, body = self.ask("POST", "", {"Origin": "http://app.example"}, '{"nsp":"/ttl"}')
         self.assertEqual(status, 201, body)
         self.assertEqual(headers.get("Access-Control-Allow-Origin"), "http://app.example")
-        sid = json.loads(body)["sid"]
+        sid = json.loads(body)["session"]
         status, headers, _ = self.ask("OPTIONS", f"/{sid}", {
             "Origin": "http://app.example", "Access-Control-Request-Method": "DELETE"})
         self.assertEqual(status, 204)
@@ -1847,8 +1847,8 @@ class ApiPollingTest(InProcessWorkerTest):
         value = '{"n": 12345678901234567890123, "f": 1.10, "z": 0e3081}'
         status, _, body = self.ask("POST", "", {}, '{"nsp": "/ttl", "auth": {"raw": 1.0E1}}')
         self.assertEqual(status, 201, body)
-        sid = json.loads(body)["sid"]
-        status, _, body = self.ask("POST", f"/{sid}/emit", {}, '{"event": "raw", "ack": true, "data": ' + value + "}")
+        sid, key = (json.loads(body)[k] for k in ("sid", "session"))
+        status, _, body = self.ask("POST", f"/{key}/emit", {}, '{"event": "raw", "ack": true, "data": ' + value + "}")
         self.assertEqual((status, json.loads(body)), (200, {"data": True}))
         self.assertEqual(self.texts, ['{"raw": 1.0E1}', "[" + value + "]"])
         # The publish API's data and args reach a client as written too.
@@ -1859,17 +1859,19 @@ class ApiPollingTest(InProcessWorkerTest):
                       headers={"Authorization": "Bearer k"})
             res = c.getresponse()
             self.assertEqual(res.status, 202, res.read())
-            status, _, body = self.ask("GET", f"/{sid}/events?timeout=2000", {})
+            status, _, body = self.ask("GET", f"/{key}/events?timeout=2000", {})
             self.assertIn(value.encode(), body, field)
         self.assertIn(b"2.50", body)
-        self.ask("DELETE", f"/{sid}", {})
+        self.ask("DELETE", f"/{key}", {})
 
-    def open_session(self):
+    def open_session(self, with_sid=False):
+        """The sessions' URL and the new session's key (and its socket's sid)."""
         import urllib.request
         url = f"http://127.0.0.1:{self.http_port}/api/v1/sessions"
         req = urllib.request.Request(url, data=json.dumps({"nsp": "/ttl"}).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=WAIT) as res:
-            return url, json.loads(res.read())["sid"]
+            opened = json.loads(res.read())
+        return (url, opened["session"], opened["sid"]) if with_sid else (url, opened["session"])
 
     def test_a_session_polled_past_its_ttl_is_kept(self):
         import urllib.request
@@ -1909,9 +1911,9 @@ class ApiPollingTest(InProcessWorkerTest):
 
     def test_a_poll_whose_client_left_takes_no_events(self):
         import urllib.request
-        url, sid = self.open_session()
+        url, key, sid = self.open_session(with_sid=True)
         gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
-        gone.sendall(f"GET /api/v1/sessions/{sid}/events?timeout=900 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        gone.sendall(f"GET /api/v1/sessions/{key}/events?timeout=900 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         time.sleep(0.2)
         # Gives up while the poll waits, with a reset (SO_LINGER 0), as a crashed client's kernel does.
         gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1919,7 +1921,7 @@ class ApiPollingTest(InProcessWorkerTest):
         time.sleep(0.2)
         self.worker.emit_to_sid(sid, "late", 1, nsp="/ttl")
         time.sleep(0.3)
-        with urllib.request.urlopen(f"{url}/{sid}/events?timeout=3000", timeout=WAIT) as res:
+        with urllib.request.urlopen(f"{url}/{key}/events?timeout=3000", timeout=WAIT) as res:
             events = json.loads(res.read())["events"]
         self.assertEqual([(e["event"], e["data"]) for e in events], [("late", 1)], "the abandoned poll took it")
 
@@ -1942,14 +1944,14 @@ class ApiBufferBytesTest(InProcessWorkerTest):
     def test_what_waits_for_a_poll_is_bounded_in_bytes(self):
         status, created = self.api("POST", "/sessions", {"nsp": "/buf"}, key=None)
         self.assertEqual(status, 201, created)
-        sid = created["sid"]
+        sid, key = created["sid"], created["session"]
         for i in range(5):
             self.assertTrue(self.worker.emit_to_sid(sid, "big", f"{i}" + "x" * 400_000, nsp="/buf"))
         overflow = lambda: self.gateway_metric("sidecast_gateway_dropped_total", reason="api_buffer_full")
         self.assertTrue(eventually(lambda: overflow() == 2, WAIT), overflow())
         got = []
         for _ in range(3):  # --max-payload (1 MB) takes two an answer
-            status, answer = self.api("GET", f"/sessions/{sid}/events?timeout=0", key=None)
+            status, answer = self.api("GET", f"/sessions/{key}/events?timeout=0", key=None)
             self.assertEqual(status, 200)
             got += [e["data"][:1] for e in answer["events"]]  # each event's number
         self.assertEqual(got, ["2", "3", "4"])
@@ -1996,15 +1998,15 @@ class RelayedPollTest(InProcessWorkerTest):
         peer = self.peer_gateway()
         status, created = self.api("POST", "/sessions", {"nsp": "/relay"}, key=None)
         self.assertEqual(status, 201, created)
-        sid = created["sid"]
+        sid, key = created["sid"], created["session"]
         # The peer relays it (the sid is gwO's): proof it reaches the owner.
-        s = self.poll_there(peer, sid)
+        s = self.poll_there(peer, key)
         self.assertTrue(self.worker.emit_to_sid(sid, "n", -1, nsp="/relay"))
         self.assertIn(b'"data":-1', s.recv(65536))
         s.close()
         lost = []
         for i in range(30):
-            s = self.poll_there(peer, sid)
+            s = self.poll_there(peer, key)
             time.sleep(0.05)  # waiting at the owner
             self.assertTrue(self.worker.emit_to_sid(sid, "n", i, nsp="/relay"))
             # Gone at once, with a reset (SO_LINGER 0), as the answer is on its way.
@@ -2013,7 +2015,7 @@ class RelayedPollTest(InProcessWorkerTest):
             got = []
             deadline = time.time() + WAIT
             while i not in got and time.time() < deadline:
-                got += self.events_here(sid, 1000)
+                got += self.events_here(key, 1000)
             if i not in got:
                 lost.append(i)
         given_back = self.gateway_metric("sidecast_gateway_api_events_given_back_total")
@@ -2025,7 +2027,7 @@ class RelayedPollTest(InProcessWorkerTest):
     def test_a_gone_leaves_a_newer_poll_be(self):
         peer = self.peer_gateway()
         status, created = self.api("POST", "/sessions", {"nsp": "/relay"}, key=None)
-        sid = created["sid"]
+        sid = created["session"]
         s = self.poll_there(peer, sid)
         time.sleep(0.1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -2068,7 +2070,7 @@ class ApiClosedSessionTest(InProcessWorkerTest):
     def closed_session(self):
         status, opened = self.call("POST", "", {"nsp": "/closing"})
         self.assertEqual(status, 201)
-        sid = opened["sid"]
+        sid = opened["session"]
         self.assertEqual(self.call("POST", f"/{sid}/emit", {"event": "leave_me"})[0], 202)
         self.assertTrue(eventually(lambda: self.call("POST", f"/{sid}/emit", {"event": "x"})[0] == 410, WAIT),
                         "the worker's disconnect never closed the session")
@@ -2080,11 +2082,11 @@ class ApiClosedSessionTest(InProcessWorkerTest):
         self.assertEqual(status, 410)
         self.assertEqual((body["error"], body["reason"]), ("session closed", "server namespace disconnect"))
         self.assertEqual([(e["event"], e["data"]) for e in body["events"]], [("last", {"n": 1})])
-        self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0"), (404, {"error": "unknown sid"}))
+        self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0"), (404, {"error": "unknown session"}))
 
     def test_a_poll_waiting_when_the_worker_disconnects_gets_the_410(self):
         status, opened = self.call("POST", "", {"nsp": "/closing"})
-        sid = opened["sid"]
+        sid = opened["session"]
         self.assertEqual(self.call("GET", f"/{sid}/events?timeout=0"), (200, {"events": []}))
         answers = queue.Queue()
         threading.Thread(target=lambda: answers.put(self.call("GET", f"/{sid}/events?timeout=5000")),
@@ -2166,7 +2168,7 @@ class DrainTest(InProcessWorkerTest):
         url = f"http://{base}/api/v1/sessions"
         req = urllib.request.Request(url, data=json.dumps({"nsp": "/drain"}).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=WAIT) as res:
-            api_sid = json.loads(res.read())["sid"]
+            api_sid = json.loads(res.read())["session"]
         sids.append(self.accepted.get(timeout=WAIT))
         polled = queue.Queue()
 
@@ -2327,7 +2329,7 @@ class EarlyEventsEndToEndTest(InProcessWorkerTest):
         req = urllib.request.Request(url, data=json.dumps({"nsp": "/early"}).encode(), method="POST")
         with urllib.request.urlopen(req, timeout=WAIT) as res:
             self.assertEqual(res.status, 201)
-            sid = json.loads(res.read())["sid"]
+            sid = json.loads(res.read())["session"]
         self.assertEqual(self.acks.get(timeout=WAIT).code.name, "BAD_REQUEST")
         return f"{url}/{sid}"
 
