@@ -230,7 +230,7 @@ void broker::bind() {
   if (config_.pair_role.empty()) subscribe_events(true);
   xpub_.set(zmq::sockopt::sndhwm, config_.sndhwm);
   xpub_.set(zmq::sockopt::linger, 0);
-  xpub_.set(zmq::sockopt::maxmsgsize, config_.max_message_bytes);  // subscriptions
+  xpub_.set(zmq::sockopt::maxmsgsize, config_.max_subscription_bytes);  // what a peer sends it: subscriptions
   xpub_.bind(config_.xpub_endpoint);
   if (!config_.local_endpoint.empty()) local_ = std::make_unique<core::local_router>(config_.local_endpoint);
   if (!config_.pair_role.empty()) {
@@ -240,6 +240,9 @@ void broker::bind() {
     pair_pub_ = zmq::socket_t{context_, zmq::socket_type::pub};
     pair_pub_.set(zmq::sockopt::linger, 0);
     pair_pub_.set(zmq::sockopt::sndhwm, 16);  // a state older than the next is worth nothing
+    // All it takes in is the other's subscription to everything (one byte):
+    // a long one from anyone who connects would cost ~32 bytes a byte.
+    pair_pub_.set(zmq::sockopt::maxmsgsize, std::int64_t{64});
     if (!config_.curve_secret.empty()) core::apply_server(pair_pub_, config_.curve_secret);
     pair_pub_.bind(config_.pair_bind);
     pair_sub_ = zmq::socket_t{context_, zmq::socket_type::sub};

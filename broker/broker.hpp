@@ -49,6 +49,10 @@ struct broker_config {
   int sndhwm = 100000;  // per peer, messages
   int rcvhwm = 100000;
   std::int64_t max_message_bytes = 16 << 20;  // larger: libzmq drops the peer's connection
+  // One subscription a gateway sends the XPUB: a topic (a namespace's, a
+  // room's). libzmq keeps each in a trie of about 32 bytes per byte, so
+  // this bounds what one costs (their number: whoever may connect; CURVE).
+  std::int64_t max_subscription_bytes = 8192;
   std::size_t batch = 1024;  // messages handled per socket per loop turn
   std::size_t max_parked = 10000;  // messages kept for registered peers without a connection (see park())
   // What was sent to each peer over the ROUTER and it has not said it read

@@ -71,6 +71,13 @@ void add_options(CLI::App& app, broker_config& c) {
                  "peer's connection (tcp and ipc)")
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t{1024}, std::int64_t{1} << 31));
+  app.add_option("--max-subscription-bytes", c.max_subscription_bytes,
+                 "Longest subscription (an event topic: a namespace or a room, with its prefix) a peer of the "
+                 "XPUB may send; a longer one makes libzmq drop that peer's connection (libzmq keeps each in a "
+                 "trie of about 32 bytes per byte). At least the gateways' --max-room-bytes plus their longest "
+                 "namespace and 3")
+      ->capture_default_str()
+      ->check(CLI::Range(std::int64_t{64}, std::int64_t{1} << 24));
   app.add_option("--hwm", c.sndhwm, "Send/receive high-water mark per peer, messages")
       ->capture_default_str()
       ->each([&c](const std::string&) { c.rcvhwm = c.sndhwm; });
