@@ -5,12 +5,14 @@ No sockets, no threads beyond the caller's, no sleeps.
 
     PYTHONPATH=<build>/python:workers/python /usr/bin/python3 tests/python/test_sdk_unit.py -v
 """
+import heapq
 import json
 import time
 import unittest
 
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import CONNECT, DISCONNECT, EVENT, Code, Request, Service, Worker, codec
+from sidecast_worker import worker as worker_module
 
 
 class TopicTest(unittest.TestCase):
@@ -229,6 +231,23 @@ class ServiceTest(unittest.TestCase):
         svc.on("x", handler)
         with self.assertRaises(TypeError):
             Worker().add(svc)
+
+
+class CompactHeapTest(unittest.TestCase):
+    """worker.compact_heap: a deadline heap whose entries are settled early
+    is rebuilt from the live ones past twice as many plus COMPACT_FLOOR."""
+
+    def test_rebuilt_past_the_bound_with_the_live_entries_only(self):
+        live = {3, 500, 1000}
+        heap = []
+        for n in range(2 * len(live) + worker_module.COMPACT_FLOOR):
+            heapq.heappush(heap, (n % 97, n))
+            worker_module.compact_heap(heap, len(live), lambda entry: entry[1] in live)
+        self.assertEqual(len(heap), 2 * len(live) + worker_module.COMPACT_FLOOR, "rebuilt before the bound")
+        heapq.heappush(heap, (0, -1))
+        worker_module.compact_heap(heap, len(live), lambda entry: entry[1] in live)
+        self.assertEqual(sorted(n for _, n in heap), sorted(live))
+        self.assertEqual([heapq.heappop(heap)[1] for _ in range(3)], [3, 500, 1000], "not a heap")
 
 
 if __name__ == "__main__":

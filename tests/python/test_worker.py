@@ -773,8 +773,11 @@ class ResendLostTest(FiveEmitsTest):
     again, in order, and only them (answers go again through jobs sent
     again, not here)."""
 
+    incarnation = 0  # the fake broker's (0: a build before incarnations)
+
     def test_what_the_broker_did_not_read_goes_again(self):
-        welcome = self.broker.welcome(self.worker, 200)  # the fake sends no heartbeat: a new socket after 0.6 s
+        # The fake sends no heartbeat: a new socket after 0.6 s.
+        welcome = self.broker.welcome(self.worker, 200, incarnation=self.incarnation)
         self.assertEqual(welcome.welcome.hello, 1)
         self.work()
         hello, number_of = self.broker.until_hello()
@@ -793,6 +796,115 @@ class ResendLostTest(FiveEmitsTest):
         self.assertEqual(again, [2, 3, 4])
         self.assertTrue(eventually(lambda: self.worker.stats().notices_resent == 3, WAIT), self.worker.stats())
         self.assertGreater(self.worker.stats().kept_notice_bytes, 0, "those sent again are kept again")
+
+
+class ResendLostSameIncarnationTest(ResendLostTest):
+    """The same, from a broker that says its incarnation: its second Welcome
+    is of the same one, the broker that knew the link."""
+    incarnation = 7
+
+
+class ResendOnlyToTheSameBrokerTest(FiveEmitsTest):
+    """Welcome.previous_hello and .received say what the broker that welcomed
+    the link last read (as core/peer_link.cpp: only a Welcome of that
+    broker's incarnation counts). A Welcome of another incarnation names
+    nothing lost, whatever those fields say: what it calls unread may have
+    gone to another broker (a pair's other one), and sent again it would be
+    emitted twice."""
+
+    def welcome_hello(self, hello, incarnation, interval_ms=5000, previous_hello=0, received=0):
+        """Welcomes ``hello`` (read already) as broker ``incarnation``."""
+        env = pb.Envelope()
+        w = env.welcome
+        w.protocol_version, w.heartbeat_interval_ms, w.heartbeat_liveness = hello.protocol_version, interval_ms, 3
+        w.hello, w.incarnation, w.previous_hello, w.received = hello.hello, incarnation, previous_hello, received
+        self.broker.send(env)
+
+    def run_job(self, request_id):
+        """Sends job ``request_id`` (it emits 0..4), and returns the first
+        argument of every emit the worker sends until the job's reply."""
+        env = pb.Envelope()
+        env.request.id, env.request.service, env.request.event = request_id, "svc", "work"
+        env.request.sid, env.request.nsp, env.request.args = "gwT.x", "/", b"[]"
+        env.request.wants_reply, env.request.timeout_ms, env.request.attempt = True, 5000, 1
+        self.broker.send(env)
+        emitted = []
+        while True:
+            got = self.broker.next()
+            if got.WhichOneof("kind") == "emit":
+                emitted.append(args_of(got.emit)[0])
+            elif got.WhichOneof("kind") == "reply" and got.reply.id == request_id:
+                return emitted
+
+    def test_another_incarnation_names_nothing_lost(self):
+        self.broker.welcome(self.worker, 200, incarnation=7)  # no heartbeats: a new socket after 0.6 s
+        self.work()
+        hello, number_of = self.broker.until_hello()
+        self.assertEqual((hello.hello, sorted(number_of)), (2, [0, 1, 2, 3, 4]))
+        # Another broker, whose fields would say emits 2, 3 and 4 died.
+        self.welcome_hello(hello, 8, previous_hello=1, received=number_of[1])
+        # What goes again would go ahead of the next job's emits.
+        self.assertEqual(self.run_job("c:2"), [0, 1, 2, 3, 4], "emits the other broker never had went again")
+        self.assertEqual(self.worker.stats().notices_resent, 0)
+
+    def test_back_on_the_broker_before_what_went_to_the_other_is_not_sent_again(self):
+        """A pair split: the link goes from broker 7 to broker 8, sends it
+        emits, then back to 7, which still holds it: 7's Welcome says what it
+        read after Hello 1, so what went after Hello 2 (to 8) would count as
+        died. Broker 8 welcomed last: 7 is another incarnation, and nothing
+        goes again."""
+        self.broker.welcome(self.worker, 200, incarnation=7)  # no heartbeats: a new socket after 0.6 s
+        self.work()
+        hello, first = self.broker.until_hello()
+        self.assertEqual((hello.hello, sorted(first)), (2, [0, 1, 2, 3, 4]))
+        self.welcome_hello(hello, 8, interval_ms=200)  # a broker that never knew the link
+        self.assertEqual(self.run_job("c:2"), [0, 1, 2, 3, 4])
+        hello, _ = self.broker.until_hello()
+        self.assertEqual(hello.hello, 3)
+        # Broker 7 read everything up to Hello 2: only what went to 8 is beyond.
+        self.welcome_hello(hello, 7, previous_hello=1, received=first[4])
+        self.assertEqual(self.run_job("c:3"), [0, 1, 2, 3, 4], "emits broker 8 had went again to 7")
+        self.assertEqual(self.worker.stats().notices_resent, 0)
+
+
+class AckDeadlinesBoundTest(FakeBrokerTest):
+    """A client's ack takes its emit out of the awaited ones at once; the
+    deadline it leaves in the heap goes at a rebuild, so the heap stays
+    bounded by the acks awaited (pending_acks_limit), not by the ack rate
+    times the timeout."""
+    limit = 500
+    worker_options = {"pending_acks_limit": limit}
+
+    def service(self):
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: "ran")
+        return svc
+
+    def test_acked_emits_leave_the_deadline_heap(self):
+        self.broker.welcome(self.worker, 10000)
+        core = self.worker._core
+        # One never acked, awaited through every rebuild: its deadline stays.
+        slow = core.emit_with_ack("/", "gwT.slow", "q", ["slow"], 4.0, None)
+        self.assertIsNotNone(slow)
+        self.assertEqual(self.broker.next().emit.sid, "gwT.slow")
+        largest, total = 0, 0
+        for _ in range(20):
+            batch = [core.emit_with_ack("/", "gwT.x", "q", [i], 60.0, None) for i in range(self.limit - 1)]
+            self.assertNotIn(None, batch, "refused: acks awaited past the limit")
+            largest = max(largest, len(core.ack_heap))
+            for _ in batch:  # every ack at once
+                emit = self.broker.next().emit
+                answer = pb.Envelope()
+                answer.reply.id, answer.reply.args = emit.ack_id, b"[]"
+                self.broker.send(answer)
+            for future in batch:
+                self.assertEqual(future.result(WAIT).code, Code.OK)
+            total += len(batch)
+        self.assertGreater(total, 4 * self.limit)
+        # Rebuilt past twice the awaited plus 1024 (worker.COMPACT_FLOOR): 2024 here, against about 10000.
+        self.assertLessEqual(largest, 5 * self.limit, "the heap grew with the acks that came")
+        self.assertEqual(slow.result(WAIT).code, Code.TIMEOUT, "a rebuild lost an awaited ack's deadline")
+        self.assertEqual(self.worker.stats().acks_refused, 0)
 
 
 class ForgetReadTest(FiveEmitsTest):

@@ -47,7 +47,8 @@ def apply_curve(sock, secret_key, server_key):
 
 class BrokerReceived(NamedTuple):
     """What the broker said it read of what this link sent before the Hello
-    it last welcomed (Welcome.previous_hello, .received): a message sent
+    it last welcomed (Welcome.previous_hello, .received; taken only from a
+    Welcome of the incarnation that welcomed the link before): a message sent
     after Hello ``previous`` beyond the first ``received``, or after a Hello
     between ``previous`` and ``current``, died in a socket the link replaced
     and may be sent again. ``count`` goes up with each such Welcome."""
@@ -89,6 +90,11 @@ class PeerLink:
         # every job it dispatched here before has arrived, and none follows.
         self.drain_confirmed = False
         self.broker_id = ""
+        # The incarnation of the broker that welcomed this link last (0: none
+        # yet, or only brokers of a build before incarnations). A Welcome's
+        # previous_hello and received speak of what that broker read: they
+        # count only from the same incarnation (see receive()).
+        self.broker_incarnation = 0
         self.reconnects = 0   # sockets replaced after broker silence
         self.hellos = 0  # Hellos sent: what the link sends now follows Hello number `hellos`
         self.sent_since_hello = 0  # a message sent now is number sent_since_hello + 1 after it
@@ -284,9 +290,20 @@ class PeerLink:
                     log.info("connected to broker %s at %s", w.broker_id, self.endpoint)
                 self.broker_id = w.broker_id
                 self.welcomed = self._welcomed_before = True
-                if w.previous_hello:
-                    # The broker knew this link: what it did not read died in
-                    # a replaced socket.
+                # previous_hello and received count only from the broker that
+                # welcomed this link last (its incarnation), as in
+                # core/peer_link.cpp. Another one (a restarted broker, the
+                # other of a pair, or the first again after the other
+                # welcomed the link) says nothing of what went elsewhere: what
+                # it names unread may have reached the broker between, and
+                # sent again it would act twice. So nothing is named lost. A
+                # broker of a build before incarnations sends 0: nothing is
+                # known, its counts are taken.
+                if w.incarnation != 0 and w.incarnation != self.broker_incarnation:
+                    self.broker_incarnation = w.incarnation
+                elif w.previous_hello:
+                    # The same broker, which knew this link: what it did not
+                    # read died in a replaced socket.
                     self.received_by_broker = BrokerReceived(
                         self.received_by_broker.count + 1, w.previous_hello, w.received, w.hello)
                     if self._replaced_since_welcome:

@@ -35,6 +35,22 @@ log = logging.getLogger("sidecast_worker")
 # link is closed: a broker that is gone costs stop() that long.
 GOODBYE_LINGER = 0.5
 
+# A deadline heap is rebuilt from its live entries once it holds more than
+# twice as many as are live plus this many (see compact_heap).
+COMPACT_FLOOR = 1024
+
+
+def compact_heap(heap, live, keep):
+    """A heap of deadlines whose items are settled before their deadline
+    (a request answered, an emit acked) keeps their entries until then: it
+    would grow with the rate times the timeout, not with what is live. Once
+    it holds more than ``2 * live + COMPACT_FLOOR`` entries it is rebuilt,
+    in place, from those ``keep(entry)`` says are live; a rebuild leaves at
+    most ``live``, so its cost spreads over the many pushes before the next."""
+    if len(heap) > 2 * live + COMPACT_FLOOR:
+        heap[:] = [entry for entry in heap if keep(entry)]
+        heapq.heapify(heap)
+
 
 @dataclass(frozen=True)
 class AckResult:
@@ -204,7 +220,7 @@ class _Core:
         self.deadlines = []  # heap of (deadline, seq, Request): I/O thread only
         self.seq = itertools.count()
         self.acks = {}  # ack id -> (Future, callback)
-        self.ack_heap = []  # heap of (deadline, ack id)
+        self.ack_heap = []  # heap of (deadline, ack id), under acks_lock; acked ones stay until compact_heap
         self.acks_lock = threading.Lock()
         # Ack ids "<worker id>:<n>" from a random point at each start: a
         # client's ack to an emit of an earlier start under the same id must
@@ -366,6 +382,8 @@ class _Core:
             ack_id = f"{self.worker_id}:{next(self.next_ack)}"
             self.acks[ack_id] = (future, callback)
             heapq.heappush(self.ack_heap, (time.monotonic() + timeout, ack_id))
+            # An ack that comes (on_ack) leaves its entry here until its deadline.
+            compact_heap(self.ack_heap, len(self.acks), lambda entry: entry[1] in self.acks)
         if not self.emit_to_sid(nsp, sid, event, args, ack_id=ack_id):
             with self.acks_lock:
                 taken = self.acks.pop(ack_id, None)
@@ -881,10 +899,8 @@ class _Core:
             self.in_flight[req.id] = req
             live = len(self.in_flight)
         heapq.heappush(self.deadlines, (req._deadline, next(self.seq), req))
-        if len(self.deadlines) > 2 * live + 1024:
-            # Answered requests leave entries behind until their deadline.
-            self.deadlines = [d for d in self.deadlines if not d[2].answered]
-            heapq.heapify(self.deadlines)
+        # Answered requests leave entries behind until their deadline.
+        compact_heap(self.deadlines, live, lambda entry: not entry[2].answered)
         if not self.submit(self.run_handler, handler, req):
             with self.stats_lock:
                 self.waiting -= 1
