@@ -525,9 +525,17 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     }
     // A peer we do not know: most likely the broker restarted. Ask it to
     // announce itself; requests are still served so nothing is lost.
-    // A job is named, so that the peer knows this broker holds it.
+    // A job is named, so that the peer knows this broker holds it. What is
+    // not served comes back to be sent again after the Welcome, as a pair's
+    // standby gives it back: a forward by its id, a one-way message (an
+    // emit, a control, a report, a client's ack, an HTTP answer) whole;
+    // dropped here, a restart lost every one sent before the peer's Hello.
     if (kind != Envelope::kRequest && kind != Envelope::kLifecycle) {
-      send_error(routing_id, proto::NOT_REGISTERED, "send Hello first");
+      auto refusal = error_of(proto::NOT_REGISTERED, "send Hello first", std::string{job_id()});
+      bool one_way = kind == Envelope::kEmit || kind == Envelope::kControl || kind == Envelope::kReport ||
+                     kind == Envelope::kReply || kind == Envelope::kAnswer;
+      if (one_way) refusal.mutable_error()->set_refused(std::string{bytes});
+      send(routing_id, refusal);
       drop(drop_reason::unknown_peer, routing_id);
       return;
     }

@@ -259,10 +259,14 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
             heard_from_broker(now);
           }
           // The broker restarted and the connection came back by itself.
+          // What is sent until the Welcome waits (holding()), to go after
+          // what the new broker gives back (Error.refused, or a forward's
+          // id): it refused all that, sent before this Hello.
           welcomed_ = false;
+          refused_since_welcome_ = true;
           send_hello();
-          if (env.error().id().empty()) continue;
-          return true;  // a job the new broker took: the application keeps it
+          if (env.error().id().empty() && env.error().refused().empty()) continue;
+          return true;  // a job it took (the application keeps it), or one it gave back (sent again)
         }
         if (log_limit_.allow())
           spdlog::warn("broker error {}: {}", proto::Code_Name(env.error().code()), env.error().message());

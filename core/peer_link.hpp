@@ -76,6 +76,8 @@ class peer_link {
   /// Welcome, Heartbeat and registration errors are handled here. A pair's
   /// STANDBY comes through when it names a job or gives back a one-way
   /// message (Error.refused): neither acted, the application sends it again.
+  /// So does a restarted broker's NOT_REGISTERED that names a job (a
+  /// request it took; a forward it did not) or gives one back.
   std::optional<proto::Envelope> receive();
   /// The same, parsed into `env` (which may live on an arena); false when
   /// none is waiting.
@@ -127,7 +129,9 @@ class peer_link {
   /// first: an application that wants its messages to arrive in the order
   /// it sent them holds them back meanwhile, and sends them after those.
   /// Also true from a broker pair's STANDBY (what is sent there is refused)
-  /// until a broker welcomes the link: held, it goes to whichever does.
+  /// until a broker welcomes the link: held, it goes to whichever does; and
+  /// from a restarted broker's NOT_REGISTERED until its Welcome: what it
+  /// gives back (refused before the Hello) goes first.
   bool holding() const { return replaced_since_welcome_ || refused_since_welcome_; }
 
   /// Hellos sent so far: what the link sends now reaches the broker after
@@ -220,7 +224,7 @@ class peer_link {
   // welcomes it first.
   bool standby_ = false;
   clock::time_point standby_expiry_{};
-  bool refused_since_welcome_ = false;  // a STANDBY came after the last Welcome (holding())
+  bool refused_since_welcome_ = false;  // a STANDBY or NOT_REGISTERED came after the last Welcome (holding())
   clock::time_point next_heartbeat_;
   peer_link_stats stats_;
   log_limiter log_limit_;

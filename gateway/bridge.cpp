@@ -644,12 +644,19 @@ void bridge::on_broker(Envelope& env) {
     case Envelope::kControl: on_control(env.control()); return;
     case Envelope::kError:
       // A new broker took this request before our Hello: it is not lost.
-      if (env.error().code() == proto::NOT_REGISTERED)
-        if (auto seq = own_seq(env.error().id()))
+      // A forward it did not take, nor a one-way message (given back
+      // whole): each is held, and goes after its Welcome, in order.
+      if (env.error().code() == proto::NOT_REGISTERED) {
+        if (auto seq = own_seq(env.error().id())) {
           if (auto it = pending_.find(*seq); it != pending_.end()) {
             it->second.out.where.epoch = link_->epoch();
             it->second.out.message.rebuild();  // nor is it sent again (resend_lost)
+          } else if (forwards_.contains(*seq)) {
+            refused_by_broker(*seq);
           }
+        }
+        if (!env.error().refused().empty()) given_back(env.error().refused(), false);
+      }
       // The standby of a broker pair refused it: it did not run anywhere.
       // It is held, as what is sent while the link is on a standby is, and
       // goes to whichever broker welcomes the link next (within its
@@ -659,7 +666,7 @@ void bridge::on_broker(Envelope& env) {
       // ack, a DISCONNECT notice) comes back whole, and is held the same way.
       if (env.error().code() == proto::STANDBY) {
         auto seq = own_seq(env.error().id());
-        if (seq && refused_by_standby(*seq)) return;
+        if (seq && refused_by_broker(*seq)) return;
         if (!env.error().refused().empty()) given_back(env.error().refused(), seq.has_value());
       }
       return;
@@ -766,7 +773,10 @@ void bridge::expire(clock::time_point now) {
   }
 }
 
-bool bridge::refused_by_standby(std::uint64_t seq) {
+// A request or forward a broker did not take (a pair's standby; a forward
+// a restarted broker got before our Hello): held again, to go to the broker
+// that welcomes the link next.
+bool bridge::refused_by_broker(std::uint64_t seq) {
   auto hold_again = [&](sent_message& out) {
     if (!out.message.size() || !may_hold()) return false;
     hold_kept(out, true);
@@ -788,10 +798,11 @@ bool bridge::refused_by_standby(std::uint64_t seq) {
   return false;  // not awaiting an answer: a notice
 }
 
-// A pair's standby gave back a one-way message it did not act on. Held, it
-// goes to the broker that welcomes the link next, ahead of what was held
-// since the standby refused (hold_kept()); never sent now, since the
-// link is still on the broker that gave it back (it would come back again).
+// A pair's standby, or a restarted broker before our Hello, gave back a
+// one-way message it did not act on. Held, it goes to the broker that
+// welcomes the link next, ahead of what was held since the refusal
+// (hold_kept()); never sent now, since the link is still on the broker that
+// gave it back (it would come back again).
 // One that names one of our ids and awaits no answer is a DISCONNECT notice
 // or a CONNECT that has ended (timed out, or lost with a broker): only the
 // notice goes again, since a CONNECT's client was told it failed.
@@ -806,7 +817,7 @@ void bridge::given_back(const std::string& refused, bool names_ours) {
     // Past --hwm held, or no room kept for notices: lost, as one sent to a
     // broker that died.
     metrics_.broker_link_full.Increment();
-    if (log_limit_.allow()) spdlog::warn("gateway bridge: no room to hold a message the standby gave back; dropped");
+    if (log_limit_.allow()) spdlog::warn("gateway bridge: no room to hold a message the broker gave back; dropped");
     return;
   }
   sent_message out;

@@ -270,7 +270,7 @@ class bridge {
   /// A broker pair's standby refused request or forward `seq` (it did not
   /// run): held to go again after the next Welcome, or failed now. False
   /// when no request or forward `seq` awaits an answer.
-  bool refused_by_standby(std::uint64_t seq);
+  bool refused_by_broker(std::uint64_t seq);
   /// A one-way message a pair's standby gave back (Error.refused): held to
   /// go after the next Welcome, or dropped (counted) when it cannot be.
   /// `names_ours`: it named one of our ids that awaits no answer.

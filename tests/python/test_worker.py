@@ -1172,6 +1172,25 @@ class StandbyGivesBackTest(FakeBrokerTest):
         self.assertEqual(again.SerializeToString(), emit.SerializeToString())
         self.assertEqual(self.worker.stats().held, 0)
 
+    def test_an_emit_a_restarted_broker_gave_back_goes_after_its_welcome(self):
+        """A restarted broker gives back what it read before the worker's
+        Hello (NOT_REGISTERED with `refused`); dropped, as before, a job's
+        progress across a broker restart was lost."""
+        self.broker.welcome(self.worker, 200)
+        self.job("c:1", "[]", 1)
+        emit = self.next_of({"emit"})
+        self.next_of({"reply"})
+        refused = pb.Envelope()
+        refused.error.code = int(Code.NOT_REGISTERED)
+        refused.error.message = "send Hello first"
+        refused.error.refused = emit.SerializeToString()
+        self.broker.send(refused)
+        self.assertTrue(eventually(lambda: self.worker.stats().held == 1, WAIT), self.worker.stats())
+        self.broker.welcome(self.worker, 200)  # the Hello the NOT_REGISTERED asked for
+        again = self.next_of({"emit", "reply"})
+        self.assertEqual(again.SerializeToString(), emit.SerializeToString())
+        self.assertEqual(self.worker.stats().held, 0)
+
     def test_what_is_given_back_goes_ahead_of_what_was_held_after_it(self):
         """The worker holds from the standby's first STANDBY on, and what the
         standby gives back was sent before that: it goes first, in its order,

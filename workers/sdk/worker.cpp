@@ -944,15 +944,17 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         break;
       }
       case Envelope::kError:
-        // A pair's standby gives back a one-way message (an emit, a control,
-        // a report) it did not act on: held, it goes to whichever broker
-        // welcomes the link next. It was sent before anything held now (the
-        // link holds from the standby's first STANDBY on), and the standby
-        // gives back in the order it read: it goes ahead of what is held,
-        // behind what it gave back before, so the order the worker sent in
-        // holds. Not a job's answer: no other broker holds that job (a
-        // broker that has it sends it again, and the kept answer goes then).
-        if (env.error().code() == proto::STANDBY && !env.error().refused().empty() &&
+        // A pair's standby, or a restarted broker before our Hello, gives
+        // back a one-way message (an emit, a control, a report) it did not
+        // act on: held, it goes to whichever broker welcomes the link next.
+        // It was sent before anything held now (the link holds from the
+        // first refusal on), and the broker gives back in the order it
+        // read: it goes ahead of what is held, behind what it gave back
+        // before, so the order the worker sent in holds. Not a job's answer:
+        // no other broker holds that job (a broker that has it sends it
+        // again, and the kept answer goes then).
+        if ((env.error().code() == proto::STANDBY || env.error().code() == proto::NOT_REGISTERED) &&
+            !env.error().refused().empty() &&
             proto::kind_of(env.error().refused()) != Envelope::kReply) {
           const auto& refused = env.error().refused();
           if (may_hold()) {

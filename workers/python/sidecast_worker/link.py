@@ -75,7 +75,7 @@ class PeerLink:
         self._at = 0
         self._standby = False
         self._standby_expiry = 0.0
-        self._refused_since_welcome = False  # a STANDBY came after the last Welcome (holding)
+        self._refused_since_welcome = False  # a STANDBY or NOT_REGISTERED came after the last Welcome (holding)
         self.peer_id = peer_id
         self.role = role
         self.services = list(services)  # (name, capacity)
@@ -364,10 +364,16 @@ class PeerLink:
                     if self._standby:  # a standby that took over
                         self._standby = False
                         self._broker_expiry = now + self.interval * self.liveness
-                    # The broker restarted and the connection came back by itself.
+                    # The broker restarted and the connection came back by
+                    # itself. What is sent until its Welcome waits (holding),
+                    # to go after what it gives back (Error.refused: refused
+                    # before this Hello).
                     self.welcomed = False
+                    self._refused_since_welcome = True
                     self._send_hello()
-                    continue
+                    if not env.error.refused:
+                        continue
+                    return env  # a one-way message it gave back: sent again after the Welcome
                 if self._log_limit.allow():
                     log.warning("broker error %s: %s", code_name(env.error.code), env.error.message)
             return env

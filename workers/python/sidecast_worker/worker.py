@@ -768,8 +768,9 @@ class _Core:
         elif kind == "report":
             self.on_report(env.report)
         elif kind == "error":
-            # A pair's standby gives back a one-way message (an emit, a
-            # control, a report) it did not act on: held, it goes to
+            # A pair's standby, or a restarted broker before our Hello,
+            # gives back a one-way message (an emit, a control, a report) it
+            # did not act on: held, it goes to
             # whichever broker welcomes the link next (else the link logged
             # it). It was sent before anything held now (the link holds from
             # the standby's first STANDBY on), and the standby gives back in
@@ -777,7 +778,8 @@ class _Core:
             # it gave back before, so the order the worker sent in holds.
             # Not a job's answer: no other broker holds that job (one that
             # has it sends it again, and the kept answer goes then).
-            if env.error.code == Code.STANDBY and env.error.refused and not is_reply(env.error.refused):
+            if (env.error.code in (Code.STANDBY, Code.NOT_REGISTERED) and env.error.refused
+                    and not is_reply(env.error.refused)):
                 if self.held_count() < self.hwm:
                     self.given_back.append((None, bytes(env.error.refused), True))
                 else:
