@@ -128,8 +128,11 @@ int main(int argc, char** argv) {
   bool own_threads = false;
   gateway::add_options(*demo, config);
   // The demo's gateway reaches its own broker in the process: the flags
-  // for another broker's endpoints and CURVE keys have nothing to set.
-  for (const char* name : {"--broker", "--events", "--curve-secret", "--curve-server-key"})
+  // for another broker's endpoints (a pair's backup too: with local:// it
+  // failed at start, with --link inproc it pointed the gateway at an
+  // outside broker) and CURVE keys have nothing to set.
+  for (const char* name : {"--broker", "--events", "--backup-broker", "--backup-events", "--curve-secret",
+                           "--curve-server-key"})
     demo->remove_option(demo->get_option(name));
   workers::add_options(*demo, builtin);
   demo->add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();

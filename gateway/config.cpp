@@ -52,8 +52,9 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--max-attachments", c.max_attachments, "Binary attachments per Socket.IO packet")
       ->capture_default_str();
   app.add_option("--max-pending-acks", c.max_pending_acks,
-                 "Events of one connection that may wait for their ack (/ws: their reply); past it an event is "
-                 "answered busy at once")
+                 "Events of one socket (a Socket.IO namespace socket, a /ws connection, an API session) that may "
+                 "wait for their ack (/ws: their reply); past it an event is answered busy, in its place among "
+                 "the acks")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 20));
   app.add_option("--max-awaited-acks", c.max_awaited_acks,

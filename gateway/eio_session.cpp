@@ -961,6 +961,7 @@ void eio_session::after_ping() {
   ping_timer_.expires_after(gw_.config().ping_timeout);
   ping_timer_.async_wait(exact([self = shared_from_this()](boost::system::error_code ec) {
     if (ec || self->closed_ || !self->awaiting_pong_) return;
+    self->gw_.metrics().ping_timeouts.Increment();
     self->close("ping timeout");
   }));
 }

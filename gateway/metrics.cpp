@@ -66,6 +66,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                                    "left there: kept, in front, for its next poll")},
       recovered{core::counter(r, "sidecast_gateway_recovered_total",
                               "Sockets recovered after a dropped transport (connection-state recovery)")},
+      ping_timeouts{core::counter(r, "sidecast_gateway_ping_timeouts_total",
+                                  "Connections closed because their client answered no ping within --ping-timeout "
+                                  "(Engine.IO sessions and /ws connections)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",
                                 "Events kept for connection-state recovery that the clients may not have seen (bound "
                                 "per socket: --recovery-buffer)")},

@@ -58,6 +58,7 @@ struct gateway_metrics {
   prometheus::Counter& events_lost;   // gaps in the broker's event stamps (proto::event_stamp)
   prometheus::Counter& api_given_back;  // events a relayed API poll took that its client never got, given back
   prometheus::Counter& recovered;
+  prometheus::Counter& ping_timeouts;  // connections closed: no pong (or any frame) within --ping-timeout
   prometheus::Gauge& replay_events;  // kept for connection-state recovery
   prometheus::Histogram& ack_latency;
   prometheus::Gauge& rooms;

@@ -547,6 +547,7 @@ std::optional<std::size_t> ws_conn::parse(char* data, std::size_t size) {
     if (avail - h.size < h.length) break;  // the rest of the frame is still on its way
     char* payload = data + pos + h.size;
     unmask(payload, h.length, h.mask);
+    ++frames_in_;
     if (!on_frame(h.op, h.fin, payload, h.length)) return std::nullopt;
     pos += h.size + h.length;
   }
@@ -638,6 +639,8 @@ bool ws_conn::send(frames message) {
   asio::post(ex_, [self = shared_from_this(), message = std::move(message)]() mutable { self->enqueue_all(message); });
   return true;
 }
+
+bool ws_conn::send_ping() { return enqueue(shared_bytes{}, ws_frame::ping) && !closing_; }
 
 bool ws_conn::enqueue_all(frames& message) {
   if (finished_ || closing_) return false;

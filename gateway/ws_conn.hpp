@@ -121,6 +121,13 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   bool send(frames message);
   /// Thread-safe. Sends what is queued, then a close frame, then closes.
   void close();
+  /// On the connection's thread: queues a ping frame (RFC 6455 §5.5.2),
+  /// which a live client answers with a pong. False if it could not be
+  /// queued (closing, or dropped as a slow consumer).
+  bool send_ping();
+  /// On the connection's thread: frames read so far, control frames (a
+  /// pong) included. An owner that pinged sees it move when the peer lives.
+  std::uint64_t frames_in() const { return frames_in_; }
 
   boost::asio::any_io_executor executor() { return ex_; }
 
@@ -208,6 +215,7 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   std::size_t head_ = 0;
   std::size_t head_written_ = 0;  // bytes of queue_[head_] already written
   std::size_t queued_bytes_ = 0;
+  std::uint64_t frames_in_ = 0;
   std::unique_ptr<timer> linger_;  // bounds the close handshake (made when it starts)
 
   bool accepted_ = false;      // the upgrade handshake is done: frames may go

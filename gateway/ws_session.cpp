@@ -14,12 +14,35 @@ ws_session::ws_session(gateway& gw, std::shared_ptr<ws_conn> ws, std::string nsp
                        std::string auth)
     : client_socket{gw, ws->executor(), std::move(nsp), std::move(service), std::move(auth)},
       ws_{std::move(ws)},
+      keepalive_{ws_->executor()},
       events_{gw.config().events_per_second, gw.config().events_burst} {}
 
 void ws_session::start() {
   started_ = true;
   gw_.metrics().plain_ws.Increment();
   begin_connect();
+  keep_alive();
+}
+
+void ws_session::keep_alive() {
+  keepalive_.expires_after(gw_.config().ping_interval);
+  keepalive_.async_wait([self = std::static_pointer_cast<ws_session>(shared_from_this())](boost::system::error_code ec) {
+    if (ec || self->closed()) return;
+    auto before = self->ws_->frames_in();
+    if (self->ws_->send_ping()) self->await_pong(before);
+  });
+}
+
+void ws_session::await_pong(std::uint64_t frames_before) {
+  keepalive_.expires_after(gw_.config().ping_timeout);
+  keepalive_.async_wait([self = std::static_pointer_cast<ws_session>(shared_from_this()),
+                         frames_before](boost::system::error_code ec) {
+    if (ec || self->closed()) return;
+    if (self->ws_->frames_in() != frames_before) return self->keep_alive();
+    self->gw_.metrics().ping_timeouts.Increment();
+    self->end("ping timeout");
+    self->ws_->close();
+  });
 }
 
 void ws_session::send_text(std::string text) {
@@ -34,23 +57,27 @@ void ws_session::send_error(std::string_view id_json, std::string message) {
 void ws_session::on_message(std::string data, bool binary) {
   if (closed()) return;
   gw_.metrics().ws_in.Increment();
+  // Every frame takes from --events-per-second, a refused one too: an
+  // error is answered only while the bucket lasts, so a client that sends
+  // garbage cannot make the gateway write a frame for each of its own.
+  bool allowed = events_.take();
+  if (!allowed) gw_.metrics().rate_limited.Increment();
   if (binary) {
-    send_error({}, "binary frames are not supported on /ws");
+    if (allowed) send_error({}, "binary frames are not supported on /ws");
     return;
   }
   auto f = ws_json::decode(data);
   if (!f) {
     gw_.metrics().bad_packet.Increment();
-    send_error({}, "bad frame: " + f.error().message());
+    if (allowed) send_error({}, "bad frame: " + f.error().message());
+    return;
+  }
+  if (!allowed) {
+    send_error(f->id.value_or(""), "rate limited: too many events");
     return;
   }
   if (!connected()) {
     send_error(f->id.value_or(""), "not connected yet");
-    return;
-  }
-  if (!events_.take()) {
-    gw_.metrics().rate_limited.Increment();
-    send_error(f->id.value_or(""), "rate limited: too many events");
     return;
   }
   if (f->nsp && *f->nsp != nsp()) {
@@ -118,7 +145,10 @@ void ws_session::on_connect_answer(reply_data reply) {
   release_early();
 }
 
-void ws_session::on_end() { drop_early("the client is gone"); }
+void ws_session::on_end() {
+  keepalive_.cancel();  // it holds the session
+  drop_early("the client is gone");
+}
 
 void ws_session::on_reply(std::uint64_t tag, reply_data reply) {
   auto it = ids_.find(tag);
@@ -129,7 +159,9 @@ void ws_session::on_reply(std::uint64_t tag, reply_data reply) {
     send_text(ws_json::encode_reply(id, {}, proto::Code_Name(reply.code) + ": " + reply.message));
     return;
   }
-  if (reply.silent) return;
+  // A handler that gave no answer: the client asked for a reply, and /ws
+  // has no ack timeout of its own, so it gets one without data.
+  if (reply.silent) return send_text(ws_json::encode_reply(id, {}));
   send_text(ws_json::encode_reply(id, ws_json::data_from_args(reply.args)));
 }
 

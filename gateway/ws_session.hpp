@@ -6,6 +6,8 @@
 #include <string>
 #include <unordered_map>
 
+#include <boost/asio/steady_timer.hpp>
+
 #include "gateway/client_socket.hpp"
 #include "gateway/limits.hpp"
 #include "gateway/ws_conn.hpp"
@@ -33,8 +35,14 @@ class ws_session : public client_socket {
  private:
   void send_text(std::string text);
   void send_error(std::string_view id_json, std::string message);
+  // Every --ping-interval a ping; a client that sends nothing (no pong, no
+  // frame) within --ping-timeout after it is gone (a NAT that forgot it, a
+  // network that went away without a FIN) and its connection is closed.
+  void keep_alive();
+  void await_pong(std::uint64_t frames_before);
 
   std::shared_ptr<ws_conn> ws_;
+  boost::asio::steady_timer keepalive_;
   token_bucket events_;
   std::uint64_t next_tag_ = 0;
   std::unordered_map<std::uint64_t, std::string> ids_;  // tag -> the client's id (JSON text)

@@ -396,6 +396,27 @@ class WebSocketErrors(unittest.TestCase):
         self.assertGreaterEqual(min(limited, default=0), 190, "the burst passes")
         self.assertGreaterEqual(len(limited), 50)
 
+    def test_plain_ws_bad_frames_take_from_the_rate_too(self):
+        # Each refused frame took nothing from the bucket and got an error
+        # frame: a client sending garbage had the gateway parse and write
+        # one for each of its own, at any rate. Past the bucket (100/s, a
+        # burst of 200) they are dropped unanswered.
+        ws = websocket.create_connection(f"ws://{HOST}:{PORT}/ws", timeout=5)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        for _ in range(600):
+            ws.send("not json")
+        ws.send(json.dumps({"event": "echo", "data": 1, "id": "last"}))
+        errors = 0
+        while True:
+            frame = json.loads(ws.recv())
+            if frame.get("id") == "last":
+                break
+            self.assertTrue(frame["error"].startswith("bad frame"), frame)
+            errors += 1
+        ws.close()
+        self.assertGreaterEqual(errors, 150, "the burst is answered")
+        self.assertLess(errors, 450, "every bad frame was answered")
+
     def test_plain_ws_unknown_namespace(self):
         with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
             websocket.create_connection(f"ws://{HOST}:{PORT}/ws?nsp=/nope", timeout=5)

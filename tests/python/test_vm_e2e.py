@@ -1926,6 +1926,66 @@ class ApiPollingTest(InProcessWorkerTest):
         self.assertEqual([(e["event"], e["data"]) for e in events], [("late", 1)], "the abandoned poll took it")
 
 
+class WsKeepAliveTest(InProcessWorkerTest):
+    """A /ws connection is pinged every --ping-interval; one whose client
+    sends nothing within --ping-timeout after (no pong: a NAT forgot it, a
+    network went away without a FIN) is closed, counted in
+    sidecast_gateway_ping_timeouts_total, and its service hears it leave.
+    Before, nothing was ever sent to an idle /ws client: a dead one kept
+    its socket, its rooms and its place under the connection limits until
+    a write failed (minutes), and a balancer's tunnel timeout cut live ones.
+    Also: an event whose handler gives no answer gets a reply without data,
+    since /ws has no ack timeout of its own."""
+
+    gateway_id = "gwK"
+    gateway_args = ("--ping-interval", "300", "--ping-timeout", "300")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("alive", capacity=4)
+        cls.left = queue.Queue()
+
+        @svc.on_disconnect
+        def left(req):
+            cls.left.put(req.sid)
+
+        @svc.on("quiet")
+        def quiet(req):
+            return None  # no answer
+
+        return svc
+
+    def connect(self):
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/alive", timeout=WAIT)
+        self.addCleanup(ws.close)
+        hello = json.loads(ws.recv())
+        self.assertEqual(hello["event"], "connect", hello)
+        return ws, hello["data"]["sid"]
+
+    def test_a_client_that_answers_no_ping_is_closed(self):
+        import websocket  # python3-websocket
+        live, live_sid = self.connect()
+        dead, dead_sid = self.connect()
+        # The live one reads (websocket-client answers each ping as it
+        # reads); the dead one reads nothing for 1.5 s: ping intervals
+        # of 0.3 s, timeouts of 0.3 s.
+        live.settimeout(0.05)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            try:
+                live.recv()
+            except websocket.WebSocketTimeoutException:
+                pass
+        self.assertEqual(self.left.get(timeout=WAIT), dead_sid, "the silent client was not closed")
+        self.assertTrue(self.left.empty(), "the client that answered pings was closed too")
+        self.assertGreaterEqual(self.gateway_metric("sidecast_gateway_ping_timeouts_total"), 1)
+        live.settimeout(WAIT)
+        live.send(json.dumps({"event": "quiet", "id": 5}))
+        self.assertEqual(json.loads(live.recv()), {"id": 5}, "no reply for an event answered silently")
+
+
 class ApiBufferBytesTest(InProcessWorkerTest):
     """What an HTTP API session that does not poll keeps is bounded in bytes
     too (--outbound-bytes, as a Socket.IO connection's queue), not only in
