@@ -51,6 +51,9 @@ struct broker::metrics {
         reconnects{core::counter(r, "sidecast_broker_peer_reconnects_total",
                                  "Hellos from a live peer on a new socket (it heard nothing from the broker for its "
                                  "liveness): it keeps what it held; a worker gets its jobs again")},
+        forwards{core::gauge(r, "sidecast_broker_forwards_in_flight",
+                             "HTTP requests relayed between gateways awaiting their answer, remembered so that "
+                             "their askers hear at once when the owner gateway is lost (bounded by --max-forwards)")},
         parked{core::gauge(r, "sidecast_broker_parked_messages",
                            "Answers and events kept for live peers whose connection is gone for the moment (bounded by "
                            "--max-parked)")},
@@ -67,6 +70,9 @@ struct broker::metrics {
         sent_again{
             core::counter(r, "sidecast_broker_sent_again_total",
                           "Messages sent again to a peer whose read report said they died in a socket it replaced")},
+        capacity_clamped{core::counter(r, "sidecast_broker_capacity_clamped_total",
+                                       "Services in workers' Hellos whose capacity was past --max-capacity "
+                                       "(taken as --max-capacity)")},
         answers_recalled{
             core::counter(r, "sidecast_broker_answers_recalled_total",
                           "Final answers asked of a worker back on a new socket again (Recall): of jobs it answered "
@@ -135,11 +141,13 @@ struct broker::metrics {
   prometheus::Family<prometheus::Counter>& reports;
   prometheus::Counter& owed_disconnects;
   prometheus::Counter& reconnects;
+  prometheus::Gauge& forwards;
   prometheus::Gauge& parked;
   prometheus::Family<prometheus::Counter>& unparked;
   prometheus::Family<prometheus::Counter>& probes;
   prometheus::Family<prometheus::Counter>& read_reports;
   prometheus::Counter& sent_again;
+  prometheus::Counter& capacity_clamped;
   prometheus::Counter& answers_recalled;
   prometheus::Gauge& kept_sent_bytes;
   prometheus::Counter& stalls;
@@ -240,9 +248,11 @@ void broker::bind() {
     pair_pub_ = zmq::socket_t{context_, zmq::socket_type::pub};
     pair_pub_.set(zmq::sockopt::linger, 0);
     pair_pub_.set(zmq::sockopt::sndhwm, 16);  // a state older than the next is worth nothing
-    // All it takes in is the other's subscription to everything (one byte):
-    // a long one from anyone who connects would cost ~32 bytes a byte.
-    pair_pub_.set(zmq::sockopt::maxmsgsize, std::int64_t{64});
+    // All it takes in is the other's subscription to everything (one byte)
+    // and, with CURVE, its handshake (a few hundred bytes, which this bound
+    // applies to as well): a long subscription from anyone who connects
+    // would cost ~32 bytes a byte.
+    pair_pub_.set(zmq::sockopt::maxmsgsize, std::int64_t{4096});
     if (!config_.curve_secret.empty()) core::apply_server(pair_pub_, config_.curve_secret);
     pair_pub_.bind(config_.pair_bind);
     pair_sub_ = zmq::socket_t{context_, zmq::socket_type::sub};
@@ -592,31 +602,25 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
       break;
     case Envelope::kForward: {
       // To the gateway that owns the sid; if it is gone, the asker hears so.
-      auto owner = std::string{proto::sid_owner(env->forward().sid())};
+      const auto& f = env->forward();
+      auto owner = std::string{proto::sid_owner(f.sid())};
       auto gw = peers_.find(owner);
       bool known = !owner.empty() && gw != peers_.end() && gw->second.role == proto::ROLE_GATEWAY;
+      bool api = !f.target().empty(), session = f.target().starts_with("/api/v1/sessions/");
       if (!known || !send(owner, bytes)) {
-        Envelope gone;
-        auto* a = gone.mutable_answer();
-        a->set_id(env->forward().id());
-        a->set_content_type("application/json");
-        bool api = !env->forward().target().empty();
-        if (known) {  // its pipe is full: the session lives on, the request is refused
-          a->set_status(503);
-          a->set_body(api ? R"({"error":"gateway busy"})" : R"({"code":3,"message":"Bad request"})");
-        } else if (!api) {  // Engine.IO's answer
-          a->set_status(400);
-          a->set_body(R"({"code":1,"message":"Session ID unknown"})");
-        } else {  // the HTTP API's: a session's (by its key) or a socket's
-          a->set_status(404);
-          a->set_body(env->forward().target().starts_with("/api/v1/sessions/") ? R"({"error":"unknown session"})"
-                                                                               : R"({"error":"unknown sid"})");
-        }
-        send(routing_id, gone);
+        send(routing_id, forward_refused(f.id(), api, session, known));
+        break;
       }
+      // A GONE is not answered (its client left); past the bound a forward
+      // goes untracked, and waits out its relay deadline if its owner dies.
+      if (f.method() != "GONE" && forwards_.size() < config_.max_forwards)
+        forwards_.insert_or_assign(f.id(), forward_route{routing_id, owner, api, session, now});
+      metrics_->forwards.Set(static_cast<double>(forwards_.size()));
       break;
     }
     case Envelope::kAnswer: {
+      if (!forwards_.empty() && forwards_.erase(env->answer().id()))
+        metrics_->forwards.Set(static_cast<double>(forwards_.size()));
       auto owner = std::string{proto::id_owner(env->answer().id())};
       if (owner.empty() || !peers_.contains(owner) || !send(owner, bytes)) drop(drop_reason::unroutable, "http answer");
       break;
@@ -752,6 +756,12 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     for (const auto* sp : order) {
       const auto& s = *sp;
       if (s.name().empty()) continue;
+      if (s.capacity() > config_.limits.max_capacity) {
+        metrics_->capacity_clamped.Increment();
+        if (log_limit_.allow())
+          spdlog::warn("worker {} announced capacity {} for {}: taken as --max-capacity {}", routing_id,
+                       s.capacity(), s.name(), config_.limits.max_capacity);
+      }
       service_table::eviction evicted;
       if (!table_.add_worker(routing_id, s.name(), s.capacity(), &evicted)) {
         // Every known service has a worker: this one is not served here
@@ -1289,7 +1299,42 @@ void broker::remove_peer(const std::string& routing_id) {
   if (role == proto::ROLE_WORKER) {
     for (const auto& f : table_.remove_worker(routing_id)) fail(f);
   }
+  if (role == proto::ROLE_GATEWAY && !forwards_.empty()) {
+    // What was relayed to it will not be answered: each asker hears now
+    // what it would hear of a session no live gateway owns. What it asked
+    // is answered to nobody.
+    std::vector<std::pair<std::string, forward_route>> lost;
+    for (auto f = forwards_.begin(); f != forwards_.end();) {
+      bool owned = f->second.owner == routing_id;
+      if (!owned && f->second.asker != routing_id) {
+        ++f;
+        continue;
+      }
+      if (owned) lost.emplace_back(f->first, std::move(f->second));
+      f = forwards_.erase(f);
+    }
+    for (const auto& [id, route] : lost) send(route.asker, forward_refused(id, route.api, route.session, false));
+    metrics_->forwards.Set(static_cast<double>(forwards_.size()));
+  }
   spdlog::info("{} {} left", proto::Role_Name(role), routing_id);
+}
+
+Envelope broker::forward_refused(std::string_view forward_id, bool api, bool session, bool busy) const {
+  Envelope env;
+  auto* a = env.mutable_answer();
+  a->set_id(std::string{forward_id});
+  a->set_content_type("application/json");
+  if (busy) {  // the owner's pipe is full: the session lives on, the request is refused
+    a->set_status(503);
+    a->set_body(api ? R"({"error":"gateway busy"})" : R"({"code":3,"message":"Bad request"})");
+  } else if (!api) {  // Engine.IO's answer
+    a->set_status(400);
+    a->set_body(R"({"code":1,"message":"Session ID unknown"})");
+  } else {  // the HTTP API's: a session's (by its key) or a socket's
+    a->set_status(404);
+    a->set_body(session ? R"({"error":"unknown session"})" : R"({"error":"unknown sid"})");
+  }
+  return env;
 }
 
 // At the start of each turn: this thread did not run for more than a
@@ -1377,6 +1422,13 @@ void broker::receive_pair() {
     }
     if (state.state() < proto::PairState::PRIMARY || state.state() > proto::PairState::PASSIVE) {
       drop(drop_reason::malformed, "pair state");
+      continue;
+    }
+    if (state.broker_id() == config_.id) {
+      // Its own state: --pair-connect names this broker's --pair-bind.
+      drop(drop_reason::malformed, "pair state of this broker's own id");
+      if (log_limit_.allow())
+        spdlog::error("broker pair: heard its own state (id {}): --pair-connect must name the other broker", config_.id);
       continue;
     }
     auto theirs = static_cast<pair_fsm::state>(state.state());
@@ -1541,6 +1593,13 @@ void broker::forget_old_sends(clock::time_point now) {
 }
 
 void broker::tick(clock::time_point now) {
+  if (!forwards_.empty() && now - forward_sweep_ >= std::chrono::seconds(10)) {
+    // An owner that never answers (a build before it answered every one):
+    // past any relay's deadline the entry only takes room.
+    forward_sweep_ = now;
+    std::erase_if(forwards_, [&](const auto& f) { return now - f.second.since > config_.max_timeout + std::chrono::minutes(1); });
+    metrics_->forwards.Set(static_cast<double>(forwards_.size()));
+  }
   if (pair_) {
     send_pair_state();
     if (events_doubtful_ && now >= pair_->peer_expiry()) events_doubtful_ = false;  // alone

@@ -55,6 +55,10 @@ struct broker_config {
   std::int64_t max_subscription_bytes = 8192;
   std::size_t batch = 1024;  // messages handled per socket per loop turn
   std::size_t max_parked = 10000;  // messages kept for registered peers without a connection (see park())
+  // HTTP requests relayed between gateways (HttpForward) whose answer has
+  // not come: remembered so that, when the owner gateway is lost, each asker
+  // hears at once instead of at its relay deadline (up to 65 s).
+  std::size_t max_forwards = 65536;
   // What was sent to each peer over the ROUTER and it has not said it read
   // (Heartbeat.peer_read; from a peer that does not say, what was sent in
   // its last heartbeat interval), at most this many messages and bytes per
@@ -211,6 +215,10 @@ class broker {
   void report_parked(const std::string& to);
   bool send_job(std::string_view worker, job& work, clock::time_point now);
   void remove_peer(const std::string& routing_id);
+  // The answer to a forward whose owner gateway is not there (or, `busy`,
+  // whose pipe is full): what the owner would answer for a session it does
+  // not have.
+  proto::Envelope forward_refused(std::string_view forward_id, bool api, bool session, bool busy) const;
   void tick(clock::time_point now);
   void publish_status(clock::time_point now);
   bool allowed(proto::Role role, proto::Envelope::KindCase kind) const;
@@ -281,6 +289,13 @@ class broker {
     undelivered report;
   };
   std::unordered_map<std::string, std::deque<parked_message>> parked_;  // see park()
+  struct forward_route {
+    std::string asker, owner;
+    bool api = false, session = false;  // an HTTP API request; of a session (else a socket's)
+    clock::time_point since;
+  };
+  std::unordered_map<std::string, forward_route> forwards_;  // by forward id, until answered (max_forwards)
+  clock::time_point forward_sweep_{};
   std::size_t parked_count_ = 0;
   struct suspicion {
     std::uint64_t probe;  // 0: waits for the peer's Heartbeat.read (see on_hello)

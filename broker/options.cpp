@@ -27,6 +27,11 @@ void add_options(CLI::App& app, broker_config& c) {
                  "has served are forgotten when no request for them waits")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1000000}));
+  app.add_option("--max-capacity", c.limits.max_capacity,
+                 "Jobs one worker may hold of one service at once: a larger capacity in its Hello is taken as "
+                 "this (logged; sidecast_broker_capacity_clamped_total)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 10000000u));
   app.add_option("--max-attempts", c.limits.max_attempts,
                  "Dispatches of one request before 'worker_lost'")
       ->capture_default_str()
@@ -35,6 +40,11 @@ void add_options(CLI::App& app, broker_config& c) {
                  "Answers and events kept for live peers whose connection is gone for the moment (they are "
                  "replacing it), until they are back or their heartbeat liveness runs out; past it, such a "
                  "message is reported undelivered at once")
+      ->capture_default_str();
+  app.add_option("--max-forwards", c.max_forwards,
+                 "HTTP requests relayed between gateways remembered until answered, so that when the owner "
+                 "gateway is lost each asker hears at once; past it a relayed request waits out its relay "
+                 "deadline if its owner dies")
       ->capture_default_str();
   app.add_option("--kept-sent", c.kept_sent,
                  "Messages sent to each peer kept until its heartbeats say it read them (from a peer that does "

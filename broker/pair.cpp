@@ -15,6 +15,7 @@ void pair_fsm::away(clock::duration late, clock::time_point now) {
 }
 
 pair_fsm::change pair_fsm::activate(const char* why) {
+  outranked_since_.reset();
   term_ = std::max(term_, peer_term_) + 1;
   state_ = state::active;
   change c;
@@ -24,9 +25,17 @@ pair_fsm::change pair_fsm::activate(const char* why) {
 }
 
 pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock::time_point now) {
+  change c;
+  // Terms grow by one per activation, and the two brokers' stay close. One
+  // far past ours is not the other's (a forged or corrupt state: whoever
+  // answers at --pair-connect without CURVE); taken, it would depose this
+  // broker, and at 2^64 - 1 make its next term wrap to 0.
+  if (their_term > std::max(term_, peer_term_) + max_term_step) {
+    c.why = "the other broker says a term far past this one's: ignored (check --pair-connect; use CURVE)";
+    return c;
+  }
   peer_expiry_ = now + silence_;
   peer_term_ = std::max(peer_term_, their_term);
-  change c;
   auto go_passive = [&](const char* why) {
     c.stepped_down = state_ == state::active;
     c.changed = true;
@@ -45,8 +54,20 @@ pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock
       break;
     case state::active:
       // Two active brokers: the later activation stays, the primary on a tie.
-      if (theirs == state::active && (term_ < their_term || (term_ == their_term && !primary_)))
+      if (theirs == state::active && (term_ < their_term || (term_ == their_term && !primary_))) {
+        outranked_since_.reset();
         go_passive("the other broker is active with a later term: passive");
+      } else if (theirs == state::active) {
+        // It steps down when it hears this one, within an interval. Still
+        // active a silence later, it does not hear this one: both serve
+        // (a split that does not heal), and only this broker can tell.
+        if (!outranked_since_) outranked_since_ = now;
+        else if (now - *outranked_since_ > silence_)
+          c.why = "the other broker stays active with an earlier term: it does not hear this one "
+                  "(check its --pair-connect and this one's --pair-bind); both serve";
+      } else {
+        outranked_since_.reset();
+      }
       break;
     case state::passive:
       if (theirs == state::primary || theirs == state::backup) return activate("the other broker restarted: active");

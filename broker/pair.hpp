@@ -23,6 +23,7 @@
 // Pure logic: the broker feeds it what it hears and reads its decisions.
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 namespace sidecast::broker {
@@ -64,6 +65,10 @@ class pair_fsm {
   /// is not the other's silence (as it is not its peers', broker::check_stall).
   void away(clock::duration late, clock::time_point now);
 
+  /// How far past this pair's terms a term the other says may be: each
+  /// activation adds one, so a larger jump is not the other's (ignored).
+  static constexpr std::uint64_t max_term_step = std::uint64_t{1} << 32;
+
   /// When the other was last heard (or the start), plus the silence.
   clock::time_point peer_expiry() const { return peer_expiry_; }
   clock::duration silence() const { return silence_; }
@@ -77,6 +82,10 @@ class pair_fsm {
   std::uint64_t term_ = 0;       // this broker's, set at its last activation
   std::uint64_t peer_term_ = 0;  // the highest the other has said
   clock::time_point peer_expiry_;
+  // While active: since when the other has said it is active with an
+  // earlier term (it should step down on hearing this one; still active a
+  // silence later, it does not hear this one: a link broken one way).
+  std::optional<clock::time_point> outranked_since_;
 };
 
 std::string_view name_of(pair_fsm::state s);

@@ -224,7 +224,7 @@ service_table::admit service_table::submit(job&& work) {
 
 bool service_table::add_worker(const std::string& worker, const std::string& service, unsigned capacity,
                                eviction* evicted) {
-  capacity = std::max(capacity, 1u);
+  capacity = std::clamp(capacity, 1u, std::max(limits_.max_capacity, 1u));
   auto si = service_index(service);
   if (si == none) {
     eviction room;

@@ -77,6 +77,11 @@ struct table_limits {
   std::size_t queue_limit = 10000;  // waiting jobs per service
   unsigned max_attempts = 3;        // dispatches before worker_lost
   std::size_t max_services = 1024;  // services known at once (see prune())
+  // Jobs one worker may hold of one service: a larger announced capacity
+  // is taken as this. Each job it holds keeps its request (and one that
+  // ended keeps its slot until the worker answers), so a worker that
+  // announced millions and never answered held that many.
+  unsigned max_capacity = 10000;
 };
 
 class service_table {

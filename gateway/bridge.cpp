@@ -330,6 +330,13 @@ bool bridge::hold(zmq::message_t& message, sent_message& out) {
   return true;
 }
 
+// A held request or forward that expired: it no longer takes a place
+// under --hwm, nor counts as held.
+void bridge::unhold() {
+  if (held_ > 0) --held_;
+  metrics_.held.Set(static_cast<double>(held_));
+}
+
 // Everything held was held after what a standby gives back was sent: the
 // link holds from the standby's first STANDBY on, and the standby gives back
 // what it read in the order it read it. So a message given back goes ahead
@@ -339,7 +346,7 @@ bool bridge::hold(zmq::message_t& message, sent_message& out) {
 void bridge::hold_kept(sent_message& out, bool given_back) {
   constexpr std::uint64_t after_given_back = std::uint64_t{1} << 62;
   ++held_;
-  out.where = core::link_position::held(given_back ? ++given_back_ : after_given_back + held_);
+  out.where = core::link_position::held(given_back ? ++given_back_ : after_given_back + ++held_seq_);
   metrics_.held.Set(static_cast<double>(held_));
 }
 
@@ -740,6 +747,7 @@ void bridge::expire(clock::time_point now) {
     auto [at, seq] = deadlines_.back();
     deadlines_.pop_back();
     if (auto f = forwards_.find(seq); f != forwards_.end() && f->second.deadline == at) {
+      if (f->second.out.where.is_held()) unhold();
       f->second.slot->complete(forward_failed(504, f->second.api));
       forwards_.erase(f);
       continue;
@@ -750,6 +758,7 @@ void bridge::expire(clock::time_point now) {
     pending_.erase(it);
     auto id = id_of(seq);
     bool sent = !p.out.where.is_held();  // else it never went, and goes nowhere now
+    if (!sent) unhold();
     reply_to(std::move(p), {proto::TIMEOUT, "no answer from the broker"});
     if (!sent) continue;
     Envelope cancel;
@@ -878,7 +887,7 @@ void bridge::resend_lost() {
   const bool release = !link_->holding();  // else the link replaced its socket again: the held ones wait on
   auto again = [&](const core::link_position& at) { return received.lost(at) || (release && at.is_held()); };
   if (release) {
-    held_ = given_back_ = 0;
+    held_ = held_seq_ = given_back_ = 0;
     metrics_.held.Set(0);
   }
   enum class kind { request, forward, notice };
@@ -947,7 +956,7 @@ void bridge::send_held() {
   core::take_lost(notices_, {}, true, [&](sent_message&& n) { held.emplace_back(n.where, std::move(n.message)); });
   std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& [at, message] : held) link_->send_message(std::move(message));
-  held_ = given_back_ = 0;
+  held_ = held_seq_ = given_back_ = 0;
 }
 
 bool bridge::live(time_point at, std::uint64_t seq) const {

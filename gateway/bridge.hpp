@@ -335,6 +335,7 @@ class bridge {
   /// `out` (its message kept) joins the held ones: after those held before
   /// it; or, `given_back` by a standby, ahead of every one held for any
   /// other reason and after those given back before it (see given_back()).
+  void unhold();
   void hold_kept(sent_message& out, bool given_back = false);
   /// Sends `message` (or, `may_hold`, holds it), keeping a copy and where
   /// it went in `out`. What resend_lost() sends is never held.
@@ -369,7 +370,8 @@ class bridge {
   std::uint64_t broker_restarts_ = 0;  // the link's count, as last acted on
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
   core::link_position broker_read_;    // the link's read_by_broker(), as last acted on
-  std::uint64_t held_ = 0;  // messages held since resend_lost() last sent them (hold())
+  std::uint64_t held_ = 0;  // messages held since resend_lost() last sent them (hold()), less those that expired
+  std::uint64_t held_seq_ = 0;  // numbers them in the order held (held_ goes down as they expire)
   std::uint64_t given_back_ = 0;  // of those, the ones a standby gave back (hold_kept())
   core::kept_sends notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)
   watch link_watch_, sub_watch_;

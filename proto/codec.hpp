@@ -47,14 +47,19 @@ struct hot_envelope {
 /// KIND_NOT_SET: hand it to decode_into, which has the last word.
 hot_envelope peek(std::string_view bytes);
 
-/// The kind of an envelope from its first byte (each kind's tag is one
-/// byte), without parsing it: KIND_NOT_SET when that byte is no kind's tag.
-/// Only a guess for bytes no parser has checked.
+/// The kind of an envelope from its tag (one byte for kinds 1-15, two for
+/// the later ones), without parsing it: KIND_NOT_SET when the bytes start
+/// with no kind's tag. Only a guess for bytes no parser has checked.
+inline constexpr unsigned last_kind = Envelope::kRecall;  // the highest field number of Envelope.kind
 inline Envelope::KindCase kind_of(std::string_view bytes) {
   if (bytes.empty()) return Envelope::KIND_NOT_SET;
-  auto tag = static_cast<unsigned char>(bytes.front());
+  unsigned tag = static_cast<unsigned char>(bytes[0]);
+  if (tag & 0x80) {  // a two-byte tag: field 16 and up
+    if (bytes.size() < 2 || (static_cast<unsigned char>(bytes[1]) & 0x80)) return Envelope::KIND_NOT_SET;
+    tag = (tag & 0x7f) | (static_cast<unsigned>(static_cast<unsigned char>(bytes[1])) << 7);
+  }
   unsigned field = tag >> 3;
-  if ((tag & 7) != 2 || field == 0 || field > 15) return Envelope::KIND_NOT_SET;
+  if ((tag & 7) != 2 || field == 0 || field > last_kind) return Envelope::KIND_NOT_SET;
   return static_cast<Envelope::KindCase>(field);
 }
 

@@ -705,6 +705,56 @@ void expect_answer_passed_on(peer& worker, peer& requester, const std::string& i
 // so the job it holds stays with it; run elsewhere too, it would run twice.
 // A Hello from a new socket of the link (after the broker's silence) is a
 // peer that may have lost what was on its way: its job goes out again.
+// An HTTP request one gateway relays to another (HttpForward) whose owner
+// is lost before it answers: the asker hears at once what it hears of a
+// session no live gateway owns (Engine.IO 400 code 1, the API's 404),
+// not at its relay deadline (50 s for a poll, 65 s for the API). One the
+// owner answered is not answered again.
+TEST_P(BrokerTest, ARelayedRequestWhoseOwnerIsLostIsAnsweredAtOnce) {
+  heartbeat_ = 1s;
+  start();
+  peer asker{ctx_, "inproc://router", "gwA", proto::ROLE_GATEWAY};
+  peer owner{ctx_, "inproc://router", "gwB", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(asker.hello());
+  ASSERT_TRUE(owner.hello());
+  auto forward = [&](const std::string& id, const std::string& target) {
+    Envelope env;
+    auto* f = env.mutable_forward();
+    f->set_id(id);
+    f->set_sid(target.empty() ? "gwB.eio" : "gwB.key");
+    f->set_method("GET");
+    f->set_target(target);
+    asker.send(env);
+    auto got = owner.next(Envelope::kForward, 3s);
+    return got && got->forward().id() == id;
+  };
+  ASSERT_TRUE(forward("gwA:1", ""));
+  ASSERT_TRUE(forward("gwA:2", "/api/v1/sessions/gwB.key/events"));
+  ASSERT_TRUE(forward("gwA:3", ""));
+  Envelope answered;
+  answered.mutable_answer()->set_id("gwA:3");
+  answered.mutable_answer()->set_status(200);
+  answered.mutable_answer()->set_content_type("text/plain; charset=UTF-8");
+  answered.mutable_answer()->set_body("6");
+  owner.send(answered);
+  auto first = asker.next(Envelope::kAnswer, 3s);
+  ASSERT_TRUE(first);
+  EXPECT_EQ(first->answer().id(), "gwA:3");
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_forwards_in_flight") == 2.0; }));
+
+  Envelope bye;
+  bye.mutable_goodbye();
+  owner.send(bye);
+  std::map<std::string, std::pair<unsigned, std::string>> got;
+  for (int i = 0; i < 2; ++i)
+    if (auto a = asker.next(Envelope::kAnswer, 3s)) got[a->answer().id()] = {a->answer().status(), a->answer().body()};
+  EXPECT_EQ(got, (std::map<std::string, std::pair<unsigned, std::string>>{
+                     {"gwA:1", {400, R"({"code":1,"message":"Session ID unknown"})"}},
+                     {"gwA:2", {404, R"({"error":"unknown session"})"}}}));
+  EXPECT_FALSE(asker.next(Envelope::kAnswer, 200ms)) << "the answered forward was answered again";
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_forwards_in_flight") == 0.0; }));
+}
+
 TEST_P(BrokerTest, AHelloAgainOnTheSameSocketKeepsTheWorkersJobs) {
   // The raw peers send no heartbeats: at 100 ms (a liveness of 300 ms) the
   // 300 ms wait below dropped them both on a loaded host (seen once).
@@ -2398,6 +2448,29 @@ TEST_P(GatewayPathTest, AnAckTheGatewayAnswersForTheClientCarriesItsReason) {
 // that runs after its socket's DISCONNECT is refused, not left in the room
 // as a ghost member until the worker restarts (300 join + disconnect pairs
 // left 6 in a review).
+// A socket is in at most --chat-max-rooms chat rooms: a join past it is
+// refused (a client naming room after room grew the presence table without
+// end); a join of a room it is in already still answers.
+TEST_P(BrokerTest, AChatSocketJoinsAtMostMaxRooms) {
+  start();
+  workers::chat_options options;
+  options.database = ":memory:";
+  options.max_rooms = 2;
+  add_worker({workers::chat_service(4, options)}, "chat1");
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto join = [&](const std::string& room) {
+    auto id = gw.submit("chat", "join", "[\"" + room + "\"]", 5s, "gwT.many");
+    std::optional<Envelope> got;
+    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+    return got ? got->reply().code() : proto::Code{-1};
+  };
+  EXPECT_EQ(join("a"), proto::OK);
+  EXPECT_EQ(join("b"), proto::OK);
+  EXPECT_EQ(join("c"), proto::REFUSED) << "a third room";
+  EXPECT_EQ(join("a"), proto::OK) << "a room it is in already";
+}
+
 TEST_P(BrokerTest, AChatJoinAfterItsSocketsDisconnectLeavesNoGhost) {
   start();
   workers::chat_options options;
@@ -3146,6 +3219,27 @@ TEST(GatewayLink, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
   EXPECT_EQ(order, (std::vector<std::string>{"notice [1]", "request gwG:1", "notice [2]", "request gwG:2",
                                              "notice [3]"}));
   EXPECT_EQ(rig.metrics.held.Value(), 0);
+}
+
+// A held request that reaches its deadline is answered TIMEOUT and never
+// sent: it no longer counts as held, nor takes a place under --hwm (it did,
+// until the link was welcomed again: in a long outage dead entries filled
+// --hwm and new requests were refused early).
+TEST(GatewayLink, AHeldRequestThatExpiresIsNoLongerHeld) {
+  bridge_rig rig{"gwE", std::nullopt, false, [](gateway::gateway_config& c) { c.heartbeat_interval = 100ms; }};
+  auto hello = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(hello);
+  rig.welcome(hello->hello(), 500);
+  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  Envelope standby;
+  standby.mutable_error()->set_code(proto::STANDBY);
+  standby.mutable_error()->set_takeover_ms(5000);
+  rig.to_bridge(standby);
+  ASSERT_TRUE(eventually([&] { return !rig.bridge->connected(); }, 2s)) << "the STANDBY was not seen";
+  ASSERT_TRUE(rig.ask(1, 200ms));
+  ASSERT_TRUE(rig.ask(2, 30s));
+  ASSERT_TRUE(eventually([&] { return rig.metrics.held.Value() == 2; }, 2s)) << "nothing was held";
+  EXPECT_TRUE(eventually([&] { return rig.metrics.held.Value() == 1; }, 2s)) << "the expired request still counts";
 }
 
 // The broker's heartbeats say how much of what the gateway sent since its

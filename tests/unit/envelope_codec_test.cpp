@@ -35,21 +35,26 @@ TEST(EnvelopeCodec, RoundTripsEveryKind) {
   }
 }
 
-// kind_of reads the kind from the first byte: every kind's field number
-// must fit a one-byte tag, and an empty message of each kind is read right.
-TEST(EnvelopePeek, KindOfReadsEveryKindFromItsFirstByte) {
+// kind_of reads the kind from its tag (one byte for kinds 1-15, two after):
+// every kind's field number is at most last_kind, and an empty message of
+// each kind is read right.
+TEST(EnvelopePeek, KindOfReadsEveryKindFromItsTag) {
   const auto* kinds = Envelope::descriptor()->FindOneofByName("kind");
   ASSERT_TRUE(kinds);
   for (int i = 0; i < kinds->field_count(); ++i) {
     const auto* field = kinds->field(i);
-    ASSERT_LE(field->number(), 15) << field->name() << ": a kind past 15 needs a two-byte tag";
+    ASSERT_LE(field->number(), static_cast<int>(last_kind)) << field->name() << ": past proto::last_kind";
+    ASSERT_LE(field->number(), 2047) << field->name() << ": a kind past 2047 needs a three-byte tag";
     Envelope env;
     env.GetReflection()->MutableMessage(&env, field);
     EXPECT_EQ(kind_of(encode(env)), env.kind_case()) << field->name();
   }
   EXPECT_EQ(kind_of(""), Envelope::KIND_NOT_SET);
   EXPECT_EQ(kind_of("\x08"), Envelope::KIND_NOT_SET);  // field 1 as a varint: not a kind
-  EXPECT_EQ(kind_of("\x82"), Envelope::KIND_NOT_SET);  // field 16's first byte
+  EXPECT_EQ(kind_of("\x82"), Envelope::KIND_NOT_SET);  // field 16's first byte alone
+  EXPECT_EQ(kind_of("\x82\x01"), Envelope::kRecall);
+  EXPECT_EQ(kind_of(std::string_view{"\x8a\x01", 2}), Envelope::KIND_NOT_SET);  // field 17: no kind
+  EXPECT_EQ(kind_of("\x82\x81"), Envelope::KIND_NOT_SET);  // a third byte would follow
 }
 
 TEST(EnvelopeCodec, PayloadBytesPassUntouched) {

@@ -148,6 +148,41 @@ TEST(PairFsm, TimeAwayIsNotTheOthersSilence) {
   EXPECT_TRUE(c.activated);
 }
 
+// A term far past the pair's is not the other's (forged, or corrupt):
+// ignored, it neither deposes this broker nor makes its next term wrap.
+TEST(PairFsm, ATermFarPastThePairsIsIgnored) {
+  pair_fsm fsm{true, silence, t0};
+  fsm.on_peer(state::backup, 0, t0);  // the backup is up: active, term 1
+  ASSERT_TRUE(fsm.active());
+  auto forged = fsm.on_peer(state::active, ~std::uint64_t{0}, t0 + interval);
+  EXPECT_TRUE(bool(forged)) << "it says so";
+  EXPECT_FALSE(forged.changed);
+  EXPECT_TRUE(fsm.active()) << "deposed by a forged term";
+  auto real = fsm.on_peer(state::active, 2, t0 + 2 * interval);
+  EXPECT_TRUE(real.stepped_down) << "a real later term still wins";
+  auto up = fsm.on_peer(state::primary, 0, t0 + 10 * interval);
+  EXPECT_TRUE(up.activated);
+  EXPECT_EQ(fsm.term(), 3u) << "the forged term counted";
+}
+
+// Two active brokers: the one with the earlier term steps down when it
+// hears the other. One that stays active a silence later does not hear this
+// one (the pair's link broken one way: both serve, and never heal): this
+// broker says so, and only then.
+TEST(PairFsm, AnOutrankedBrokerThatStaysActiveIsReported) {
+  pair_fsm fsm{false, silence, t0};
+  fsm.on_peer(state::active, 1, t0);
+  pair_fsm::change c;
+  ASSERT_TRUE(fsm.on_client(t0 + silence, c));  // failover: active, term 2
+  EXPECT_FALSE(bool(fsm.on_peer(state::active, 1, t0 + silence + interval))) << "it may not have heard yet";
+  EXPECT_FALSE(bool(fsm.on_peer(state::active, 1, t0 + 2 * silence)));
+  auto stuck = fsm.on_peer(state::active, 1, t0 + 3 * silence + interval);
+  EXPECT_TRUE(bool(stuck)) << "a link broken one way went unreported";
+  EXPECT_FALSE(stuck.changed);
+  EXPECT_TRUE(fsm.active());
+  EXPECT_FALSE(bool(fsm.on_peer(state::passive, 1, t0 + 4 * silence))) << "it stepped down at last";
+}
+
 TEST(PairFsm, AMisconfiguredPairSaysSoWithoutChangingState) {
   pair_fsm fsm{false, silence, t0};
   auto c = fsm.on_peer(state::backup, 0, t0);

@@ -304,6 +304,20 @@ TEST(ServiceTable, RequesterOfNamesTheAskerWhileTheJobLives) {
   EXPECT_EQ(t.requester_of("a"), "") << "answered";
 }
 
+// A worker holds at most --max-capacity jobs of a service, whatever its
+// Hello announced: each held job keeps its request.
+TEST(ServiceTable, AnnouncedCapacityIsBoundedByMaxCapacity) {
+  table_limits limits;
+  limits.max_capacity = 2;
+  service_table t{limits};
+  t.add_worker("w1", "svc", 1000000);
+  for (const char* id : {"a", "b", "c"}) t.submit(make_job(id));
+  EXPECT_EQ(t.dispatch().size(), 2u);
+  EXPECT_EQ(t.queued("svc"), 1u) << "the third waits for a free slot";
+  EXPECT_TRUE(t.complete("a", "w1"));
+  EXPECT_EQ(pairs(t.dispatch()), (P{{"w1", "c"}}));
+}
+
 TEST(ServiceTable, EarlyAnswerKeepsCapacityDropsDeadlineAndRetry) {
   service_table t{{}};
   t.add_worker("w1", "svc", 1);

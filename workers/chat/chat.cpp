@@ -163,7 +163,12 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
   if (metrics)
     pruned = &core::counter(*metrics, "sidecast_chat_messages_pruned_total",
                             "Chat messages deleted to keep --chat-keep per room and --chat-keep-total in all");
+  prometheus::Counter* refused_joins = nullptr;
+  if (metrics)
+    refused_joins = &core::counter(*metrics, "sidecast_chat_joins_refused_total",
+                                   "Chat joins refused: the socket was in --chat-max-rooms rooms already");
   auto history = options.history;
+  auto max_rooms = static_cast<std::int64_t>(options.max_rooms);
   auto keep_per_room = static_cast<std::int64_t>(options.keep_per_room);
   auto keep_total = options.keep_total;
   return service{"chat", capacity}
@@ -182,7 +187,7 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             req.reply(json::serialize(json::array{json::object{{"nick", *name}}}));
           })
       .on("join",
-          [db, history](request req) {
+          [db, history, max_rooms, refused_joins](request req) {
             auto room = string_arg(req.args(), max_room);
             if (!room) return (void)req.fail(proto::BAD_REQUEST, "a room is 1-64 characters");
             json::array messages, members;
@@ -191,6 +196,17 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             // this one's list (the gone socket in it) the last the room sees.
             std::lock_guard lock{db->mutex};
             if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
+            // A presence row per room the socket names, bounded: past it a
+            // client naming room after room grew the table without end (the
+            // gateway's --max-rooms refuses the join there, but this table
+            // had kept the row, and the socket showed in the room's list).
+            auto in = db->prepare("SELECT count(*), sum(room = ?) FROM presence WHERE sid = ?");
+            in.bind(1, *room).bind(2, req.sid());
+            in.step();
+            if (in.integer(0) >= max_rooms && in.integer(1) == 0) {
+              if (refused_joins) refused_joins->Increment();
+              return (void)req.fail(proto::REFUSED, "in too many rooms (at most " + std::to_string(max_rooms) + ")");
+            }
             db->prepare("INSERT OR IGNORE INTO presence(sid, room) VALUES(?, ?)").bind(1, req.sid()).bind(2, *room).step();
             auto s = db->prepare(
                 "SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "

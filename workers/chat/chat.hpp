@@ -25,11 +25,13 @@ struct chat_options {
   unsigned history = 25;                      // messages sent on join
   unsigned keep_per_room = 1000;              // older messages of a room are deleted as new ones come
   std::int64_t keep_total = 1000000;          // and the oldest of all past this many
+  unsigned max_rooms = 256;                   // rooms one socket may be in (presence rows per socket)
 };
 
 /// Opens (and creates) the database; throws std::runtime_error when it cannot.
 /// With a registry, counts the messages deleted to keep the bounds there
-/// (sidecast_chat_messages_pruned_total).
+/// (sidecast_chat_messages_pruned_total) and the joins refused past
+/// max_rooms (sidecast_chat_joins_refused_total).
 service chat_service(unsigned capacity, chat_options options, std::shared_ptr<prometheus::Registry> metrics = {});
 
 }  // namespace sidecast::workers

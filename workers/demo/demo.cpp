@@ -135,6 +135,11 @@ void add_options(CLI::App& app, builtin_options& o) {
   app.add_option("--chat-keep-total", o.chat.keep_total, "Messages kept in all chat rooms; the oldest are deleted")
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40));
+  app.add_option("--chat-max-rooms", o.chat.max_rooms,
+                 "Chat rooms one socket may be in; a join past it is refused (keep it at most the gateways' "
+                 "--max-rooms)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1000000u));
   core::add_millis(app, "--vm-launch-ms", o.vm.launch_time, "Time one simulated VM takes to launch, ms");
   app.add_option("--vm-failure-rate", o.vm.failure_rate, "Chance that a simulated VM fails (0-1)")
       ->capture_default_str()
