@@ -953,7 +953,10 @@ void broker::on_reply(const std::string& routing_id, const proto::hot_envelope& 
   if (done) {
     ++stats_.replies;
     if (!done->answered) metrics_->request_batch.observe(seconds_since(done->received, now_));
-    metrics_->count(done->service, outcome_of(reply.code)).Increment();
+    // Answered early, the job's outcome is its ack's: its final answer only
+    // frees the capacity (OK from the SDKs; CANCELLED for a Recall the
+    // worker had no answer for).
+    metrics_->count(done->service, outcome_of(done->answered ? proto::OK : reply.code)).Increment();
     if (done->wants_reply && !done->answered) answer(done->requester, routing_id, reply.id, payload);
     return;
   }
@@ -1477,6 +1480,8 @@ void broker::forget_everything() {
   peers_.clear();
   parked_.clear();
   parked_count_ = 0;
+  forwards_.clear();  // their askers are told STANDBY with the rest, and relay elsewhere
+  metrics_->forwards.Set(0);
   metrics_->parked.Set(0);
   suspects_.clear();
 }

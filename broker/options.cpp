@@ -87,7 +87,7 @@ void add_options(CLI::App& app, broker_config& c) {
                  "trie of about 32 bytes per byte). At least the gateways' --max-room-bytes plus their longest "
                  "namespace and 3")
       ->capture_default_str()
-      ->check(CLI::Range(std::int64_t{64}, std::int64_t{1} << 24));
+      ->check(CLI::Range(std::int64_t{1024}, std::int64_t{1} << 24));  // below, CURVE's handshake would not pass
   app.add_option("--hwm", c.sndhwm, "Send/receive high-water mark per peer, messages")
       ->capture_default_str()
       ->each([&c](const std::string&) { c.rcvhwm = c.sndhwm; });

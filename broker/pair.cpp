@@ -30,7 +30,7 @@ pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock
   // far past ours is not the other's (a forged or corrupt state: whoever
   // answers at --pair-connect without CURVE); taken, it would depose this
   // broker, and at 2^64 - 1 make its next term wrap to 0.
-  if (their_term > std::max(term_, peer_term_) + max_term_step) {
+  if (auto base = std::max(term_, peer_term_); their_term > base && their_term - base > max_term_step) {
     c.why = "the other broker says a term far past this one's: ignored (check --pair-connect; use CURVE)";
     return c;
   }

@@ -21,24 +21,29 @@ void ws_session::start() {
   started_ = true;
   gw_.metrics().plain_ws.Increment();
   begin_connect();
-  keep_alive();
+  // Not for a connect refused at once (a bad token, a full bridge): the
+  // timer would keep the closed session, and its connection, a whole interval.
+  if (!closed()) keep_alive(std::chrono::steady_clock::now() + gw_.config().ping_interval);
 }
 
-void ws_session::keep_alive() {
-  keepalive_.expires_after(gw_.config().ping_interval);
+// A ping at `ping_at`; its pong (or any frame) awaited --ping-timeout; the
+// next ping an interval after this one, whatever the pong's time.
+void ws_session::keep_alive(std::chrono::steady_clock::time_point ping_at) {
+  keepalive_.expires_at(ping_at);
   keepalive_.async_wait([self = std::static_pointer_cast<ws_session>(shared_from_this())](boost::system::error_code ec) {
     if (ec || self->closed()) return;
     auto before = self->ws_->frames_in();
-    if (self->ws_->send_ping()) self->await_pong(before);
+    auto sent = std::chrono::steady_clock::now();
+    if (self->ws_->send_ping()) self->await_pong(before, sent);
   });
 }
 
-void ws_session::await_pong(std::uint64_t frames_before) {
-  keepalive_.expires_after(gw_.config().ping_timeout);
-  keepalive_.async_wait([self = std::static_pointer_cast<ws_session>(shared_from_this()),
-                         frames_before](boost::system::error_code ec) {
+void ws_session::await_pong(std::uint64_t frames_before, std::chrono::steady_clock::time_point sent) {
+  keepalive_.expires_at(sent + gw_.config().ping_timeout);
+  keepalive_.async_wait([self = std::static_pointer_cast<ws_session>(shared_from_this()), frames_before,
+                         sent](boost::system::error_code ec) {
     if (ec || self->closed()) return;
-    if (self->ws_->frames_in() != frames_before) return self->keep_alive();
+    if (self->ws_->frames_in() != frames_before) return self->keep_alive(sent + self->gw_.config().ping_interval);
     self->gw_.metrics().ping_timeouts.Increment();
     self->end("ping timeout");
     self->ws_->close();
@@ -73,7 +78,10 @@ void ws_session::on_message(std::string data, bool binary) {
     return;
   }
   if (!allowed) {
-    send_error(f->id.value_or(""), "rate limited: too many events");
+    // Answered only when it asked for a reply: one without an id has no
+    // answer to wait for, and writing one for each would let garbage-like
+    // traffic have the gateway write a frame per frame.
+    if (f->id) send_error(*f->id, "rate limited: too many events");
     return;
   }
   if (!connected()) {
@@ -102,6 +110,7 @@ void ws_session::on_message(std::string data, bool binary) {
 }
 
 void ws_session::on_closed() {
+  keepalive_.cancel();  // also when the session had ended already (a refused connect): it holds the session
   // ws_conn reports its end exactly once, whoever closed it (also a
   // handshake Beast refused: then the session never started).
   if (started_) gw_.metrics().plain_ws.Decrement();
@@ -134,6 +143,7 @@ void ws_session::shut_down() {
 
 void ws_session::on_connect_answer(reply_data reply) {
   if (reply.code != proto::OK) {
+    keepalive_.cancel();
     send_text(ws_json::encode_event("connect_error",
                                     json::serialize(json::object{{"message", connect_error_message(reply)}}), nsp()));
     drop_early("the client's connect was refused");

@@ -2,6 +2,7 @@
 // The plain `/ws` face: one WebSocket, one namespace (`?nsp=`, default "/"),
 // JSON frames as in gateway/codec/README.md. For clients without a Socket.IO
 // library. Binary attachments are not carried (JSON only).
+#include <chrono>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -38,8 +39,8 @@ class ws_session : public client_socket {
   // Every --ping-interval a ping; a client that sends nothing (no pong, no
   // frame) within --ping-timeout after it is gone (a NAT that forgot it, a
   // network that went away without a FIN) and its connection is closed.
-  void keep_alive();
-  void await_pong(std::uint64_t frames_before);
+  void keep_alive(std::chrono::steady_clock::time_point ping_at);
+  void await_pong(std::uint64_t frames_before, std::chrono::steady_clock::time_point sent);
 
   std::shared_ptr<ws_conn> ws_;
   boost::asio::steady_timer keepalive_;
