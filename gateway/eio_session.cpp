@@ -322,6 +322,7 @@ class sio_socket : public client_socket {
       return give_up("the client's connect was refused");
     }
     mark_connected();
+    eio->joined_namespace();
     p.type = socketio::packet_type::connect;
     json::object answer{{"sid", sid()}};
     if (recoverable_) answer["pid"] = pid_;
@@ -876,6 +877,7 @@ void eio_session::on_connect(socketio::packet p) {
         auto fresh = std::make_shared<sio_socket>(shared_from_this(), p.nsp, old->service(), old->auth(), old->sid(),
                                                   old->pid());
         sockets_.emplace(p.nsp, fresh);
+        joined_namespace();  // a recovering socket counts as joined
         fresh->recover(std::move(old), seen);
         return;
       }
@@ -887,6 +889,8 @@ void eio_session::on_connect(socketio::packet p) {
 }
 
 void eio_session::forget(const std::string& nsp) { sockets_.erase(nsp); }
+
+void eio_session::joined_namespace() { connect_timer_.cancel(); }
 
 bool eio_session::send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments) {
   // Encoded into a buffer the thread keeps, then copied into the frame's

@@ -59,6 +59,10 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   bool send(frames message);
   bool send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments = {});
   void forget(const std::string& nsp);
+  /// A namespace was joined (its connect accepted, or a socket recovered):
+  /// the connect timeout is over. Its timer cancelled, not left pending:
+  /// a wait kept per idle connection cost ~0.5 KB of each (2.6 -> 3.1 KB).
+  void joined_namespace();
   void close(const char* reason);
   gateway& gw() { return gw_; }
   /// Sends so far (each send() counts one); on a pong the sockets learn
