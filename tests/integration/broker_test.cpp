@@ -4310,11 +4310,12 @@ TEST(WorkerDrain, AJobDispatchedBeforeTheBrokerReadTheDrainIsRunThere) {
   EXPECT_TRUE(drained.get());
 }
 
-// A pair's broker that stepped down while a worker's emit was on its way
-// gives it back (Error STANDBY with `refused`): the worker holds it and
-// sends it again to the broker that welcomes it next.
-TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
-  fake_broker broker{"fake-broker-standby"};
+// A worker's job emits then answers; the broker gives back what `codes`
+// name (Error `code` with `refused`), the answer first when `with_reply`:
+// the emit goes again after the next Welcome, and is the first thing to go
+// (an answer is never sent again: no other broker holds its job).
+void an_emit_given_back_goes_again(const std::string& name, proto::Code code, bool with_reply) {
+  fake_broker broker{name};
   worker w{broker.options, &broker.ctx};
   w.add(service{"svc", 1}.on("work", [](request req) {
     req.emit("n", "[1]");
@@ -4324,16 +4325,16 @@ TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   ASSERT_TRUE(emit);
   auto reply = broker.next();
   ASSERT_TRUE(reply && reply->has_reply()) << (reply ? proto::kind_name(*reply) : "nothing");
-  // Both given back, the job's answer first: it is not sent again (no other
-  // broker holds the job), so the emit is the first to go after the Welcome.
-  for (const auto* given : {&*reply, &*emit}) {
+  std::vector<const Envelope*> given{&*emit};
+  if (with_reply) given.insert(given.begin(), &*reply);
+  for (const auto* g : given) {
     Envelope refused;
-    refused.mutable_error()->set_code(proto::STANDBY);
-    refused.mutable_error()->set_refused(given->SerializeAsString());
+    refused.mutable_error()->set_code(code);
+    refused.mutable_error()->set_refused(g->SerializeAsString());
     broker.send(refused);
   }
-  // After an interval the link tries again (one broker here: the same, on
-  // a new socket), and once welcomed the emit goes there.
+  // STANDBY: after an interval the link tries again (one broker here: the
+  // same, on a new socket). NOT_REGISTERED: it says Hello at once.
   broker.welcome(w, 200ms);
   auto again = broker.next();
   ASSERT_TRUE(again && again->has_emit()) << (again ? proto::kind_name(*again) : "nothing");
@@ -4341,30 +4342,20 @@ TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
   w.stop();
 }
 
+// A pair's broker that stepped down while a worker's emit was on its way
+// gives it back (Error STANDBY with `refused`): the worker holds it and
+// sends it again to the broker that welcomes it next.
+TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
+  an_emit_given_back_goes_again("fake-broker-standby", proto::STANDBY, true);
+}
+
 // A restarted broker gives back an emit it read before the worker's Hello
 // (NOT_REGISTERED with `refused`): the worker says Hello and sends the emit
 // again after the new broker's Welcome. Dropped, as before, a job's
-// progress emitted across a broker restart was lost.
+// progress emitted across a broker restart was lost. (One NOT_REGISTERED
+// only: each asks for a Hello, and the fake broker welcomes one.)
 TEST(WorkerStandby, AnEmitARestartedBrokerGaveBackGoesAgainAfterItsWelcome) {
-  fake_broker broker{"fake-broker-restarted"};
-  worker w{broker.options, &broker.ctx};
-  w.add(service{"svc", 1}.on("work", [](request req) {
-    req.emit("n", "[1]");
-    req.reply("[]");
-  }));
-  auto emit = broker.first_of_a_job(w);
-  ASSERT_TRUE(emit);
-  auto reply = broker.next();
-  ASSERT_TRUE(reply && reply->has_reply());
-  Envelope refused;
-  refused.mutable_error()->set_code(proto::NOT_REGISTERED);
-  refused.mutable_error()->set_refused(emit->SerializeAsString());
-  broker.send(refused);
-  broker.welcome(w, 200ms);  // takes the Hello the NOT_REGISTERED asked for
-  auto again = broker.next();
-  ASSERT_TRUE(again && again->has_emit()) << (again ? proto::kind_name(*again) : "nothing");
-  EXPECT_EQ(again->SerializeAsString(), emit->SerializeAsString());
-  w.stop();
+  an_emit_given_back_goes_again("fake-broker-restarted", proto::NOT_REGISTERED, false);
 }
 
 // What a standby gives back was sent before the worker held anything (it
