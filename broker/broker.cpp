@@ -707,30 +707,12 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       known.expiry = now + liveness_window();
       known.hello = hello.hello();
       known.received = 0;
-      if (new_socket && hello.role() == proto::ROLE_WORKER) {
-        for (job* work : table_.resend_held(routing_id)) {
-          if (!send_job(routing_id, *work, now)) {
-            // Full: lost as any worker whose pipe fails.
-            spdlog::warn("worker {} unreachable; dropping it", routing_id);
-            remove_peer(routing_id);
-            dispatch(now);
-            return;
-          }
-        }
-        // The jobs it holds that are not sent again, whose final answers
-        // may have died in the old socket: without them their capacity
-        // would never come back.
-        if (auto owed = table_.owed_answers(routing_id); !owed.empty()) {
-          Envelope recall;
-          for (auto& id : owed) recall.mutable_recall()->add_ids(std::move(id));
-          if (!send(routing_id, recall)) {
-            spdlog::warn("worker {} unreachable; dropping it", routing_id);
-            remove_peer(routing_id);
-            dispatch(now);
-            return;
-          }
-          metrics_->answers_recalled.Increment(static_cast<double>(owed.size()));
-        }
+      if (new_socket && hello.role() == proto::ROLE_WORKER && !send_held_again(routing_id, now)) {
+        // Full: lost as any worker whose pipe fails.
+        spdlog::warn("worker {} unreachable; dropping it", routing_id);
+        remove_peer(routing_id);
+        dispatch(now);
+        return;
       }
       if (drains) confirm_drain(routing_id);  // after its jobs: none comes after it
       if (new_socket) {
@@ -779,6 +761,22 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
                hello.services_size());
   dispatch(now);
+}
+
+// A worker back on a new socket: the jobs it holds go again (it may have
+// lost them in the old one), then a Recall of those that do not, whose
+// final answers may have died there: without them their capacity would
+// never come back. False when its pipe took not all of it.
+bool broker::send_held_again(const std::string& worker, clock::time_point now) {
+  for (job* work : table_.resend_held(worker))
+    if (!send_job(worker, *work, now)) return false;
+  auto owed = table_.owed_answers(worker);
+  if (owed.empty()) return true;
+  Envelope recall;
+  for (auto& id : owed) recall.mutable_recall()->add_ids(std::move(id));
+  if (!send(worker, recall)) return false;
+  metrics_->answers_recalled.Increment(static_cast<double>(owed.size()));
+  return true;
 }
 
 // A worker whose Hello says it drains (re-announced after a restart of

@@ -215,6 +215,7 @@ class broker {
   void report_parked(const std::string& to);
   bool send_job(std::string_view worker, job& work, clock::time_point now);
   void remove_peer(const std::string& routing_id);
+  bool send_held_again(const std::string& worker, clock::time_point now);
   // The answer to a forward whose owner gateway is not there (or, `busy`,
   // whose pipe is full): what the owner would answer for a session it does
   // not have.

@@ -132,21 +132,14 @@ class _Wakeup:
             os.close(fd)
 
 
-def is_reply(data):
-    """True when ``data`` is an envelope holding a Reply."""
+def reply_in(data):
+    """The Reply ``data`` holds as an envelope, or None."""
     env = pb.Envelope()
     try:
         env.ParseFromString(data)
     except Exception:  # protobuf's DecodeError: not a Reply either
-        return False
-    return env.WhichOneof("kind") == "reply"
-
-
-def is_partial_reply(data):
-    """True when ``data`` is an envelope holding an early answer (an ack)."""
-    env = pb.Envelope()
-    env.ParseFromString(data)
-    return env.WhichOneof("kind") == "reply" and env.reply.partial
+        return None
+    return env.reply if env.WhichOneof("kind") == "reply" else None
 
 
 class _Core:
@@ -779,7 +772,7 @@ class _Core:
             # Not a job's answer: no other broker holds that job (one that
             # has it sends it again, and the kept answer goes then).
             if (env.error.code in (Code.STANDBY, Code.NOT_REGISTERED) and env.error.refused
-                    and not is_reply(env.error.refused)):
+                    and reply_in(env.error.refused) is None):
                 if self.held_count() < self.hwm:
                     self.given_back.append((None, bytes(env.error.refused), True))
                 else:
@@ -838,7 +831,7 @@ class _Core:
                     continue
             with self.kept_lock:
                 kept = [data for rid, data in self.kept if rid == request_id]
-            final = next((data for data in reversed(kept) if not is_partial_reply(data)), None)
+            final = next((data for data in reversed(kept) if not reply_in(data).partial), None)
             if final is not None:
                 self.count("replies_resent")
             else:
