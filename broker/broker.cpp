@@ -57,6 +57,8 @@ struct broker::metrics {
         parked{core::gauge(r, "sidecast_broker_parked_messages",
                            "Answers and events kept for live peers whose connection is gone for the moment (bounded by "
                            "--max-parked)")},
+        parked_bytes{core::gauge(r, "sidecast_broker_parked_bytes",
+                                 "What the parked messages hold (bounded by --max-parked-bytes)")},
         unparked{core::counters(r, "sidecast_broker_parked_total",
                                 "Messages kept for a peer without a connection, by outcome: delivered when it came "
                                 "back, or reported undelivered")},
@@ -143,6 +145,7 @@ struct broker::metrics {
   prometheus::Counter& reconnects;
   prometheus::Gauge& forwards;
   prometheus::Gauge& parked;
+  prometheus::Gauge& parked_bytes;
   prometheus::Family<prometheus::Counter>& unparked;
   prometheus::Family<prometheus::Counter>& probes;
   prometheus::Family<prometheus::Counter>& read_reports;
@@ -1243,11 +1246,21 @@ broker::sent broker::deliver(std::string_view to, zmq::message_t& payload, const
 }
 
 bool broker::park(const std::string& to, zmq::message_t& payload, const undelivered& report) {
-  if (parked_count_ >= config_.max_parked || !peers_.contains(to)) return false;
+  if (parked_count_ >= config_.max_parked || payload.size() > config_.max_parked_bytes - parked_bytes_ ||
+      !peers_.contains(to))
+    return false;
+  auto size = payload.size();
   parked_[to].push_back({std::move(payload), now_, report});
-  ++parked_count_;
-  metrics_->parked.Set(static_cast<double>(parked_count_));
+  count_parked(1, size);
   return true;
+}
+
+// parked_count_ and parked_bytes_ moved by a message kept (+) or gone (-), and their gauges.
+void broker::count_parked(std::ptrdiff_t messages, std::ptrdiff_t bytes) {
+  parked_count_ += static_cast<std::size_t>(messages);
+  parked_bytes_ += static_cast<std::size_t>(bytes);
+  metrics_->parked.Set(static_cast<double>(parked_count_));
+  metrics_->parked_bytes.Set(static_cast<double>(parked_bytes_));
 }
 
 // A message came from the peer: its connection is back. What was kept for
@@ -1256,14 +1269,16 @@ void broker::unpark(const std::string& to) {
   auto it = parked_.find(to);
   if (it == parked_.end() || suspects_.contains(to)) return;
   auto& kept = it->second;
-  std::size_t sent_now = 0;
-  while (!kept.empty() && send_to(to, kept.front().payload) == sent::ok) {
+  std::size_t sent_now = 0, bytes = 0;
+  while (!kept.empty()) {
+    auto size = kept.front().payload.size();  // sent, the payload is empty
+    if (send_to(to, kept.front().payload) != sent::ok) break;
     kept.pop_front();
     ++sent_now;
+    bytes += size;
   }
-  parked_count_ -= sent_now;
+  count_parked(-static_cast<std::ptrdiff_t>(sent_now), -static_cast<std::ptrdiff_t>(bytes));
   metrics_->unparked.Add({{"outcome", "delivered"}}).Increment(static_cast<double>(sent_now));
-  metrics_->parked.Set(static_cast<double>(parked_count_));
   if (kept.empty()) parked_.erase(it);  // else its pipe is full, or gone again: the rest waits
   if (sent_now) spdlog::info("{}: {} messages kept while it had no connection delivered", to, sent_now);
 }
@@ -1281,8 +1296,9 @@ void broker::report_parked(const std::string& to) {
   if (it == parked_.end()) return;
   auto kept = std::move(it->second);
   parked_.erase(it);
-  parked_count_ -= kept.size();
-  metrics_->parked.Set(static_cast<double>(parked_count_));
+  std::size_t bytes = 0;
+  for (const auto& k : kept) bytes += k.payload.size();
+  count_parked(-static_cast<std::ptrdiff_t>(kept.size()), -static_cast<std::ptrdiff_t>(bytes));
   metrics_->unparked.Add({{"outcome", "reported"}}).Increment(static_cast<double>(kept.size()));
   for (auto& k : kept) {
     drop(drop_reason::unreachable, to);
@@ -1477,10 +1493,9 @@ void broker::forget_everything() {
   table_ = service_table{config_.limits};
   peers_.clear();
   parked_.clear();
-  parked_count_ = 0;
+  count_parked(-static_cast<std::ptrdiff_t>(parked_count_), -static_cast<std::ptrdiff_t>(parked_bytes_));
   forwards_.clear();  // their askers are told STANDBY with the rest, and relay elsewhere
   metrics_->forwards.Set(0);
-  metrics_->parked.Set(0);
   suspects_.clear();
 }
 

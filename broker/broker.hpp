@@ -55,6 +55,7 @@ struct broker_config {
   std::int64_t max_subscription_bytes = 8192;
   std::size_t batch = 1024;  // messages handled per socket per loop turn
   std::size_t max_parked = 10000;  // messages kept for registered peers without a connection (see park())
+  std::size_t max_parked_bytes = 64 << 20;  // ... and their bytes
   // HTTP requests relayed between gateways (HttpForward) whose answer has
   // not come: remembered so that, when the owner gateway is lost, each asker
   // hears at once instead of at its relay deadline (up to 65 s).
@@ -201,6 +202,7 @@ class broker {
   /// it (then sends what was kept, in order), or until its liveness runs
   /// out or it is dropped (then tells `report.to`, as if sent to nobody).
   /// False, `payload` left, when the peer is not registered or max_parked
+  /// (or max_parked_bytes)
   /// messages are kept.
   struct undelivered {
     std::string to;  // who hears the DeliveryReport
@@ -208,6 +210,7 @@ class broker {
     std::string sid, ref, detail;
   };
   bool park(const std::string& to, zmq::message_t& payload, const undelivered& report);
+  void count_parked(std::ptrdiff_t messages, std::ptrdiff_t bytes);
   enum class sent { ok, full, gone };
   sent deliver(std::string_view to, zmq::message_t& payload, const undelivered& report);
   void unpark(const std::string& to);
@@ -298,6 +301,7 @@ class broker {
   std::unordered_map<std::string, forward_route> forwards_;  // by forward id, until answered (max_forwards)
   clock::time_point forward_sweep_{};
   std::size_t parked_count_ = 0;
+  std::size_t parked_bytes_ = 0;
   struct suspicion {
     std::uint64_t probe;  // 0: waits for the peer's Heartbeat.read (see on_hello)
     clock::time_point since;

@@ -14,9 +14,11 @@ int main(int argc, char** argv) {
   CLI::App app{"sidecast-broker: routes requests to workers and events to gateways"};
   broker::broker_config config;
   std::string http = "127.0.0.1:7780";
+  std::size_t admin_max_connections = 64;
   std::string log_level = "info";
   broker::add_options(app, config);
   app.add_option("--http", http, "HOST:PORT for /metrics and /healthz (empty: off)")->capture_default_str();
+  core::add_admin_max_connections(app, admin_max_connections);
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   core::finish_app(app);
   if (auto code = core::parse(app, argc, argv)) return *code;
@@ -31,7 +33,7 @@ int main(int argc, char** argv) {
     b.bind();
     core::admin_http admin{registry, [&b] { return b.healthy(); }, {}, [&b] { return b.status(); }};
     if (!http.empty()) {
-      admin.start(http);
+      admin.start(http, admin_max_connections);
       spdlog::info("metrics on http://{}:{}/metrics, status on /status", core::parse_host_port(http)->host,
                    admin.port());
     }

@@ -41,6 +41,7 @@ void add_options(CLI::App& app, broker_config& c) {
                  "replacing it), until they are back or their heartbeat liveness runs out; past it, such a "
                  "message is reported undelivered at once")
       ->capture_default_str();
+  app.add_option("--max-parked-bytes", c.max_parked_bytes, "... and their bytes at most")->capture_default_str();
   app.add_option("--max-forwards", c.max_forwards,
                  "HTTP requests relayed between gateways remembered until answered, so that when the owner "
                  "gateway is lost each asker hears at once; past it a relayed request waits out its relay "

@@ -8,6 +8,7 @@
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
 #include <boost/beast/http.hpp>
+#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
 #include "core/config.hpp"
@@ -20,15 +21,23 @@ using tcp = asio::ip::tcp;
 
 namespace {
 
-// What the server answers with, shared by its connections.
+// What the server answers with, shared by its connections, and their count.
 struct pages {
   registry_ptr registry;
   std::function<bool()> healthy;
   std::function<void()> refresh;
   std::function<std::string()> status;
+  prometheus::Gauge& connections;
+  prometheus::Counter& refused;
+  std::size_t max_connections;
 };
 
 asio::awaitable<void> serve(tcp::socket socket, std::shared_ptr<const pages> p) {
+  p->connections.Increment();
+  struct counted {
+    prometheus::Gauge& g;
+    ~counted() { g.Decrement(); }
+  } counted{p->connections};
   beast::tcp_stream stream{std::move(socket)};
   beast::flat_buffer buffer;
   for (;;) {
@@ -73,22 +82,42 @@ asio::awaitable<void> accept_loop(tcp::acceptor acceptor, std::shared_ptr<const 
     auto [ec, socket] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
     if (ec == asio::error::operation_aborted) co_return;
     if (ec) continue;
+    // The gauge is this thread's own count: every connection starts and
+    // ends on it.
+    if (p->connections.Value() >= static_cast<double>(p->max_connections)) {
+      p->refused.Increment();
+      boost::system::error_code ignored;
+      socket.close(ignored);
+      continue;
+    }
     asio::co_spawn(acceptor.get_executor(), serve(std::move(socket), p), asio::detached);
   }
 }
 
 }  // namespace
 
+CLI::Option* add_admin_max_connections(CLI::App& app, std::size_t& target) {
+  return app.add_option("--admin-max-connections", target,
+                        "Connections to the /metrics and /healthz port at once; past it a new one is closed")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 16));
+}
+
 admin_http::admin_http(registry_ptr registry, std::function<bool()> healthy, std::function<void()> refresh,
                        std::function<std::string()> status)
     : registry_{std::move(registry)},
       healthy_{std::move(healthy)},
       refresh_{std::move(refresh)},
-      status_{std::move(status)} {}
+      status_{std::move(status)},
+      connections_{gauge(*registry_, "sidecast_admin_connections",
+                         "Open connections to the /metrics and /healthz port")},
+      refused_{counter(*registry_, "sidecast_admin_connections_refused_total",
+                       "Connections to the /metrics and /healthz port closed at once: --admin-max-connections "
+                       "already open")} {}
 
 admin_http::~admin_http() { stop(); }
 
-void admin_http::start(const std::string& listen) {
+void admin_http::start(const std::string& listen, std::size_t max_connections) {
   auto hp = parse_host_port(listen);
   if (!hp) throw std::invalid_argument("bad HTTP address '" + listen + "' (want HOST:PORT)");
   tcp::endpoint endpoint{asio::ip::make_address(hp->host), hp->port};
@@ -98,7 +127,9 @@ void admin_http::start(const std::string& listen) {
   acceptor.bind(endpoint);
   acceptor.listen();
   port_ = acceptor.local_endpoint().port();
-  asio::co_spawn(io_, accept_loop(std::move(acceptor), std::make_shared<const pages>(pages{registry_, healthy_, refresh_, status_})),
+  asio::co_spawn(io_, accept_loop(std::move(acceptor), std::make_shared<const pages>(pages{registry_, healthy_, refresh_, status_,
+                                                                                 connections_, refused_,
+                                                                                 max_connections})),
                  asio::detached);
   thread_ = std::thread([this] {
     try {

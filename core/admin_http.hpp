@@ -1,8 +1,12 @@
 #pragma once
 // A small HTTP server on its own thread for the operator: /metrics (the
 // Prometheus registry) and /healthz. Used by processes whose main loop is not
-// an Asio loop (the broker, the workers).
+// an Asio loop (the broker, the workers). At most --admin-max-connections
+// connections at once: past it a new one is closed at once (counted), so a
+// flood of them cannot take the file descriptors the process's ZeroMQ
+// sockets need.
 #include <atomic>
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <string>
@@ -14,7 +18,15 @@
 
 #include "core/metrics.hpp"
 
+namespace CLI {
+class App;
+class Option;
+}  // namespace CLI
+
 namespace sidecast::core {
+
+/// The --admin-max-connections flag, for each process that serves one.
+CLI::Option* add_admin_max_connections(CLI::App& app, std::size_t& target);
 
 class admin_http {
  public:
@@ -28,9 +40,10 @@ class admin_http {
   admin_http(const admin_http&) = delete;
   admin_http& operator=(const admin_http&) = delete;
 
-  /// Binds "host:port" (port 0 picks one) and starts the thread. Throws on a
-  /// bad address or a failed bind: a start-up error.
-  void start(const std::string& listen);
+  /// Binds "host:port" (port 0 picks one) and starts the thread, serving at
+  /// most `max_connections` at once. Throws on a bad address or a failed
+  /// bind: a start-up error.
+  void start(const std::string& listen, std::size_t max_connections = 64);
   void stop();
   unsigned short port() const { return port_; }
 
@@ -39,6 +52,8 @@ class admin_http {
   std::function<bool()> healthy_;
   std::function<void()> refresh_;
   std::function<std::string()> status_;
+  prometheus::Gauge& connections_;
+  prometheus::Counter& refused_;
   boost::asio::io_context io_{1};
   std::thread thread_;
   unsigned short port_ = 0;

@@ -85,7 +85,8 @@ bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_me
       id_{config.id},
       next_id_{first_id},
       backlog_{config.max_thread_backlog, metrics.thread_backlog},
-      notices_{config.kept_notices, config.kept_notice_bytes} {}
+      notices_{config.kept_notices, config.kept_notice_bytes},
+      unsubscribed_{resubscription_window, config.max_recent_unsubscriptions} {}
 
 bridge::~bridge() { stop(); }
 
@@ -1231,10 +1232,8 @@ const std::string* bridge::add_to_topic(std::string topic, member_entry& who) {
     std::string_view filter = name;
     if (name.front() == 'r' && config_.subscriptions == room_subscriptions::whole_namespace)
       filter = filter.substr(0, filter.find('\0') + 1);
-    auto gone = unsubscribed_.find(filter);
     auto now = clock::now();
-    if (gone != unsubscribed_.end() && now - gone->second < resubscription_window)
-      local.forgive_until = now + resubscription_window;
+    if (unsubscribed_.seen(filter, now)) local.forgive_until = now + resubscription_window;
   }
   if (local.members.empty()) subscribe(name, true);
   local.members.insert(&who);
@@ -1258,12 +1257,8 @@ void bridge::subscribe(const std::string& topic, bool on) {
       return;
     }
     sub_->set(zmq::sockopt::unsubscribe, t);
-    auto now = clock::now();
-    if (now - unsubscribed_pruned_ >= resubscription_window) {
-      boost::unordered::erase_if(unsubscribed_, [&](const auto& u) { return now - u.second >= resubscription_window; });
-      unsubscribed_pruned_ = now;
-    }
-    unsubscribed_.insert_or_assign(t, now);
+    if (!unsubscribed_.remember(t, clock::now())) metrics_.unsubscriptions_forgotten.Increment();
+    metrics_.recent_unsubscriptions.Set(static_cast<double>(unsubscribed_.size()));
   };
   bool room = topic.front() == 'r';
   if (room) {

@@ -34,6 +34,7 @@
 #include "core/input_reactor.hpp"
 #include "core/kept_ring.hpp"
 #include "core/log.hpp"
+#include "core/recent_keys.hpp"
 #include "core/string_hash.hpp"
 #include "core/thread_spares.hpp"
 #include "gateway/config.hpp"
@@ -387,9 +388,8 @@ class bridge {
   std::unordered_map<std::string, local_topic, core::string_hash, std::equal_to<>> topics_;
   // The SUB's unsubscriptions of the last few seconds, by filter: a topic
   // whose filter was among them may still be brought events from before
-  // (add_to_topic()). Pruned of those older than the window as more come.
-  boost::unordered_flat_map<std::string, time_point, core::string_hash, std::equal_to<>> unsubscribed_;
-  time_point unsubscribed_pruned_{};
+  // (add_to_topic()). At most --max-recent-unsubscriptions of them.
+  core::recent_keys unsubscribed_;
   // Requests and forwards awaiting answers, by the n of their ids: neither a
   // request nor its answer allocates here.
   boost::unordered_flat_map<std::uint64_t, pending> pending_;

@@ -86,6 +86,11 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->check(CLI::IsMember({"namespace", "room"}))
       ->option_text("namespace|room")
       ->default_str("namespace");
+  app.add_option("--max-recent-unsubscriptions", c.max_recent_unsubscriptions,
+                 "Room and namespace unsubscriptions of the last 5 s remembered, so that a gap in a topic's events "
+                 "soon after it is subscribed again is not counted lost; past it the oldest is forgotten")
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--max-connections", c.max_connections, "Open TCP connections, in all")->capture_default_str()
       ->check(at_least_one);
   app.add_option("--max-polling-sessions", c.max_polling_sessions,

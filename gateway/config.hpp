@@ -49,6 +49,7 @@ struct gateway_config {
   std::size_t max_rooms = 256;                    // rooms one socket may be in
   std::size_t max_room_bytes = 1024;              // the name of a room a socket joins
   room_subscriptions subscriptions = room_subscriptions::whole_namespace;  // room events asked of the broker
+  std::size_t max_recent_unsubscriptions = 65536; // the SUB's unsubscriptions of the last 5 s, remembered
   std::size_t max_pending_acks = 1024;            // events of a connection waiting for their ack (/ws: reply)
   std::size_t max_awaited_acks = 1024;            // workers' emits to a socket waiting for the client's ack
   std::size_t max_connections = 50000;            // open TCP connections

@@ -61,6 +61,13 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
                                 "Room and broadcast events for topics with local members that the broker "
                                 "published but never reached this gateway: the gaps in their numbers (the "
                                 "broker's XPUB queue for this gateway past its --hwm, or a reconnect)")},
+      recent_unsubscriptions{core::gauge(r, "sidecast_gateway_recent_unsubscriptions",
+                                         "Room and namespace unsubscriptions of the last 5 s that the gateway "
+                                         "remembers (--max-recent-unsubscriptions)")},
+      unsubscriptions_forgotten{core::counter(r, "sidecast_gateway_unsubscriptions_forgotten_total",
+                                              "Unsubscriptions forgotten within their 5 s to keep "
+                                              "--max-recent-unsubscriptions: a gap in such a topic's events soon "
+                                              "after it is subscribed again is then counted lost")},
       api_given_back{core::counter(r, "sidecast_gateway_api_events_given_back_total",
                                    "Events an API session's poll relayed by a peer gateway took, whose client had "
                                    "left there: kept, in front, for its next poll")},

@@ -56,6 +56,8 @@ struct gateway_metrics {
   prometheus::Counter& unheard;  // room events for a room with no local member (--room-subscriptions namespace)
   prometheus::Counter& events_heard;  // room and broadcast events for topics with local members
   prometheus::Counter& events_lost;   // gaps in the broker's event stamps (proto::event_stamp)
+  prometheus::Gauge& recent_unsubscriptions;  // kept by the bridge (--max-recent-unsubscriptions)
+  prometheus::Counter& unsubscriptions_forgotten;  // ... forgotten within their 5 s to make room
   prometheus::Counter& api_given_back;  // events a relayed API poll took that its client never got, given back
   prometheus::Counter& recovered;
   prometheus::Counter& ping_timeouts;  // connections closed: no pong (or any frame) within --ping-timeout

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   workers::builtin_options builtin;
   std::string log_level = "info";
   std::string http;
+  std::size_t admin_max_connections = 64;
   std::string names;
   std::chrono::milliseconds drain_timeout{10000};
   for (const auto& [name, factory] : workers::builtin_services()) names += (names.empty() ? "" : ", ") + name;
@@ -70,6 +71,7 @@ int main(int argc, char** argv) {
   app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
   app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--http", http, "Serve /metrics and /healthz on HOST:PORT (empty: not at all)")->capture_default_str();
+  core::add_admin_max_connections(app, admin_max_connections);
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();
   core::finish_app(app);
   if (auto code = core::parse(app, argc, argv)) return *code;
@@ -117,7 +119,7 @@ int main(int argc, char** argv) {
     // /healthz: 200 while the broker has welcomed this worker.
     core::admin_http admin{registry, [&w] { return w.connected(); }, [&] { metrics.refresh(w); }};
     if (!http.empty()) {
-      admin.start(http);
+      admin.start(http, admin_max_connections);
       spdlog::info("metrics on http://{}:{}/metrics", core::parse_host_port(http)->host, admin.port());
     }
     spdlog::info("worker {} serving {} via {}", w.id(), fmt::join(services, ", "), options.broker);

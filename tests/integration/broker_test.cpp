@@ -1480,6 +1480,42 @@ TEST_P(BrokerTest, APeerWithoutAConnectionForAMomentGetsWhatCameMeanwhile) {
   EXPECT_EQ(report->report().sid(), "gwP.s1");
 }
 
+// What is parked is bounded in bytes too (--max-parked-bytes): a message
+// past it is reported undelivered at once, while a smaller one that fits
+// is still kept and delivered.
+TEST_P(BrokerTest, ParkedMessagesAreBoundedInBytes) {
+  heartbeat_ = 1s;
+  broker::broker_config config;
+  config.max_parked_bytes = 4096;
+  start(config);
+  peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  ASSERT_TRUE(worker_peer.hello({{"raw", 1}}));
+  auto gw = std::make_unique<peer>(ctx_, "inproc://router", "gwB", proto::ROLE_GATEWAY);
+  ASSERT_TRUE(gw->hello());
+  gw.reset();  // its connection is gone; it is still registered
+  std::this_thread::sleep_for(200ms);
+
+  auto emit_to = [&](const std::string& event, std::size_t arg_bytes) {
+    auto env = emit_envelope("gwB.s1", event, "[\"" + std::string(arg_bytes, 'x') + "\"]");
+    env.mutable_emit()->set_ref(event);
+    worker_peer.send(env);
+  };
+  emit_to("small", 100);
+  emit_to("large", 5000);
+  auto report = worker_peer.next(Envelope::kReport, 2s);
+  ASSERT_TRUE(report) << "the large one was not reported at once";
+  EXPECT_EQ(report->report().ref(), "large");
+  EXPECT_EQ(report->report().status(), proto::DeliveryReport::GATEWAY_GONE);
+
+  gw = std::make_unique<peer>(ctx_, "inproc://router", "gwB", proto::ROLE_GATEWAY);
+  Envelope beat;
+  beat.mutable_heartbeat();
+  gw->send(beat);
+  auto kept = gw->receive(3s);
+  ASSERT_TRUE(kept && kept->has_emit()) << (kept ? proto::kind_name(*kept) : "nothing");
+  EXPECT_EQ(kept->emit().event(), "small");
+}
+
 TEST_P(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
   start();
   peer client{ctx_, "inproc://router", "c1"};

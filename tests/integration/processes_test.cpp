@@ -333,6 +333,40 @@ TEST(Processes, BrokerMetricsAndHealth) {
   EXPECT_EQ(http_get(p.http, "/nope").first, 404);
 }
 
+// The admin port holds at most --admin-max-connections at once: one more is
+// closed at once and counted, and the port serves again once one goes.
+TEST(Processes, TheAdminPortHoldsItsBoundOfConnections) {
+  ports p;
+  auto args = broker_args(p);
+  args.insert(args.end(), {"--admin-max-connections", "2"});
+  child broker{"sidecast-broker", args};
+  ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 200; }));
+  auto open_idle = [&] {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<std::uint16_t>(p.http));
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    return fd;
+  };
+  int first = open_idle();
+  int second = open_idle();
+  // The two are counted once the server has accepted them: until then a GET
+  // may still get in.
+  ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 0; }))
+      << "a third connection was served";
+  ::close(first);
+  std::optional<double> refused;
+  ASSERT_TRUE(eventually([&] {
+    refused = scrape(p.http, "sidecast_admin_connections_refused_total");
+    return refused.has_value();
+  }));
+  EXPECT_GE(*refused, 1.0);
+  EXPECT_EQ(scrape(p.http, "sidecast_admin_connections"), 2.0) << "the idle one and this GET";
+  ::close(second);
+}
+
 // A gateway and a worker that stop say Goodbye, and the broker forgets them
 // (not after their heartbeats are missed: 6 s here, 2 s x 3).
 TEST(Processes, PeersThatStopAreForgottenAtOnce) {
