@@ -6,6 +6,7 @@
 #include "core/admin_http.hpp"
 #include "core/config.hpp"
 #include "core/log.hpp"
+#include "core/open_files.hpp"
 #include "core/signals.hpp"
 
 int main(int argc, char** argv) {
@@ -26,6 +27,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());
     return 2;
   }
+  core::raise_open_files_limit();  // a connection per peer, and the admin port's
   try {
     zmq::context_t context{1};
     auto registry = std::make_shared<prometheus::Registry>();

@@ -4,6 +4,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/core/tcp_stream.hpp>
@@ -72,6 +73,7 @@ asio::awaitable<void> serve(tcp::socket socket, std::shared_ptr<const pages> p) 
       res.body() = "not found\n";
     }
     res.prepare_payload();
+    if (req.method() == http::verb::head) res.body().clear();  // its Content-Length stays: what a GET would get
     auto [wec, wn] = co_await http::async_write(stream, res, asio::as_tuple(asio::use_awaitable));
     if (wec || !res.keep_alive()) co_return;
   }
@@ -81,7 +83,13 @@ asio::awaitable<void> accept_loop(tcp::acceptor acceptor, std::shared_ptr<const 
   for (;;) {
     auto [ec, socket] = co_await acceptor.async_accept(asio::as_tuple(asio::use_awaitable));
     if (ec == asio::error::operation_aborted) co_return;
-    if (ec) continue;
+    if (ec) {
+      // Out of descriptors (EMFILE) or memory: the connection stays in the
+      // listen queue and the next accept fails at once. A pause, not a spin.
+      asio::steady_timer pause{acceptor.get_executor(), std::chrono::milliseconds(100)};
+      co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
+      continue;
+    }
     // The gauge is this thread's own count: every connection starts and
     // ends on it.
     if (p->connections.Value() >= static_cast<double>(p->max_connections)) {

@@ -7,6 +7,8 @@
 #include <spdlog/spdlog.h>
 
 #include "core/config.hpp"
+#include "core/log.hpp"
+#include "core/open_files.hpp"
 #include "core/peer_link.hpp"
 #include "core/random.hpp"
 #include "gateway/api.hpp"
@@ -160,6 +162,12 @@ void gateway::start() {
   acceptor_->bind(endpoint);
   acceptor_->listen(asio::socket_base::max_listen_connections);
   port_ = acceptor_->local_endpoint().port();
+  accept_pause_.emplace(*contexts_.front());
+  // A descriptor per connection, a few more per thread and ZeroMQ socket.
+  if (auto open_files = core::raise_open_files_limit(); open_files < config_.max_connections + 64)
+    spdlog::warn("gateway: the process may open {} files, fewer than --max-connections {} and some 64 more: "
+                 "past them new connections wait in the listen queue (raise the limit: ulimit -n, LimitNOFILE=)",
+                 open_files, config_.max_connections);
   // One I/O thread: the bridge shares it (no thread hop between a session and the broker link).
   bridge_->start(config_.threads == 1 ? contexts_.front().get() : nullptr);
   if (attach_) attach_(*contexts_.front());
@@ -197,8 +205,20 @@ void gateway::do_accept() {
       }
       socket.set_option(asio::ip::tcp::no_delay(true));
       serve_http(*this, std::move(socket), std::move(slot));
+      do_accept();
+      return;
     }
-    do_accept();
+    if (!acceptor_->is_open()) return;  // closed by drain() or stop()
+    // Out of descriptors (EMFILE, ENFILE) or memory: the connection stays
+    // in the listen queue and the next accept fails at once. A pause, not
+    // a spin that takes the I/O thread from every other connection.
+    metrics_.accept_failed.Increment();
+    thread_local core::log_limiter log_limit;
+    if (log_limit.allow()) spdlog::warn("gateway: accept failed: {}; accepting again in 100 ms", ec.message());
+    accept_pause_->expires_after(std::chrono::milliseconds(100));
+    accept_pause_->async_wait([this](boost::system::error_code wait_ec) {
+      if (!wait_ec && acceptor_->is_open()) do_accept();
+    });
   });
 }
 
@@ -225,6 +245,7 @@ void gateway::stop() {
     parked_.clear();
   }
   acceptor_.reset();
+  accept_pause_.reset();
   guards_.clear();
   if (detach_) {
     detach_();

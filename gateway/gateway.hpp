@@ -17,6 +17,7 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <zmq.hpp>
 
 #include "core/metrics.hpp"
@@ -124,6 +125,7 @@ class gateway {
   std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
   std::vector<std::thread> threads_;
   std::optional<boost::asio::ip::tcp::acceptor> acceptor_;
+  std::optional<boost::asio::steady_timer> accept_pause_;  // after a failed accept (out of descriptors)
   std::atomic<std::size_t> next_context_{0};
   unsigned short port_ = 0;
   std::atomic<bool> draining_{false};

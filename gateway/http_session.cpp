@@ -75,6 +75,21 @@ std::optional<std::string> read_file(const std::string& path) {
   return std::string{std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
+// read_file(), of a file whose real path (symbolic links followed) is
+// under `root`'s: a link in the served directory that leads out of it
+// serves nothing.
+std::optional<std::string> read_file_beneath(const std::string& root, const std::string& path) {
+  if (path.find('\0') != std::string::npos) return std::nullopt;  // it would name a shorter path
+  std::error_code ec;
+  auto base = std::filesystem::canonical(root, ec);
+  if (ec) return std::nullopt;
+  auto real = std::filesystem::canonical(path, ec);
+  if (ec) return std::nullopt;
+  auto inside = real.lexically_relative(base);
+  if (inside.empty() || *inside.begin() == "..") return std::nullopt;
+  return read_file(real.string());
+}
+
 // The Origin's "host[:port]" part, or empty when it has none.
 std::string_view origin_authority(std::string_view origin) {
   auto scheme = origin.find("://");
@@ -98,7 +113,7 @@ bool origin_allowed(const gateway_config& c, const request& req) {
 void note_refused_origin(gateway& gw, const request& req, std::string_view what) {
   gw.metrics().refused_origin.Increment();
   static thread_local core::log_limiter log_limit;
-  if (log_limit.allow()) spdlog::warn("refused {}origin {}", what, std::string_view{req[http::field::origin]});
+  if (log_limit.allow()) spdlog::warn("refused {}origin {}", what, core::printable(req[http::field::origin]));
 }
 
 void add_cors(const request& req, response& res) {
@@ -202,11 +217,12 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path) {
     if (!body) co_return http_answer{404, "text/plain", "client file missing\n"};
     co_return http_answer{200, "application/javascript; charset=UTF-8", std::move(*body)};
   }
-  if (c.static_dir.empty() || path.find("..") != std::string_view::npos || path.find('\\') != std::string_view::npos)
+  // No segment that starts with a dot: not "..", nor a hidden file (.git, .env).
+  if (c.static_dir.empty() || path.find("/.") != std::string_view::npos || path.find('\\') != std::string_view::npos)
     co_return http_answer{404, "text/plain", "not found\n"};
   std::string file = c.static_dir + std::string{path};
   if (path.ends_with('/')) file += "index.html";
-  auto body = read_file(file);
+  auto body = read_file_beneath(c.static_dir, file);
   if (!body) co_return http_answer{404, "text/plain", "not found\n"};
   co_return http_answer{200, std::string{content_type_for(file)}, std::move(*body)};
 }
@@ -363,6 +379,8 @@ std::optional<http_answer> refusal_for(const beast::error_code& ec, std::string_
     return std::nullopt;
   metrics.bad_http.Increment();
   if (ec == http::error::header_limit) return http_answer{431, "text/plain", "request header fields too large\n"};
+  if (ec == http::error::buffer_overflow)
+    return http_answer{400, "text/plain", "bad request: a chunk's size line or trailer is too long\n"};
   return http_answer{400, "text/plain", "bad request: " + ec.message() + "\n"};
 }
 
@@ -440,14 +458,21 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
   }
 }
 
+// What a connection's read buffer holds past --max-header-bytes: a read's
+// worth (Beast reads up to 64 KiB at a time) of body or pipelined requests.
+constexpr std::size_t read_slack = 64 * 1024;
+
 asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shared_ptr<void> slot,
                             std::shared_ptr<connection_watch> watch, std::string named_peer, std::string pending) {
   boost::system::error_code peer_ec;
   const auto peer = named_peer.empty() ? socket.remote_endpoint(peer_ec).address().to_string() : std::move(named_peer);
   beast::tcp_stream stream{std::move(socket)};
-  beast::flat_buffer buffer;
-  buffer.commit(asio::buffer_copy(buffer.prepare(pending.size()), asio::buffer(pending)));
   const auto& c = gw.config();
+  // Bounded: the parser takes a body's bytes out of it as they come, but
+  // keeps a chunk's size line or a trailer until its end, and limits
+  // neither (a chunk extension of a gigabyte would all be kept here).
+  beast::flat_buffer buffer{c.max_header_bytes + read_slack};
+  buffer.commit(asio::buffer_copy(buffer.prepare(pending.size()), asio::buffer(pending)));
   for (;;) {
     http::request_parser<http::string_body> parser;
     parser.header_limit(static_cast<std::uint32_t>(c.max_header_bytes));
@@ -455,6 +480,8 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     stream.expires_after(c.idle_timeout);
     beast::error_code ec;
     std::tie(ec, std::ignore) = co_await http::async_read_header(stream, buffer, parser, use);
+    if (!ec && !parser.chunked() && parser.get().count(http::field::transfer_encoding) > 0)
+      ec = http::error::bad_transfer_encoding;  // RFC 9112 6.3: its body's length cannot be told
     if (!ec && !parser.is_done() && beast::iequals(parser.get()[http::field::expect], "100-continue")) {
       // A client that waits to be told to send its body (curl does for
       // more than 1 KB): told at once, rather than left to its own timeout.

@@ -31,6 +31,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       client_gone{dropped.Add({{"reason", "client_gone"}})},
       api_overflow{dropped.Add({{"reason", "api_buffer_full"}})},
       connection_limit{dropped.Add({{"reason", "connection_limit"}})},
+      accept_failed{core::counter(r, "sidecast_gateway_accept_failures_total",
+                                  "Accepts that failed (the process out of file descriptors, or memory): the "
+                                  "gateway waits 100 ms before accepting again")},
       session_limit{dropped.Add({{"reason", "session_limit"}})},
       bad_http{dropped.Add({{"reason", "bad_http"}})},
       bad_frame{dropped.Add({{"reason", "bad_frame"}})},

@@ -36,6 +36,7 @@ struct gateway_metrics {
   prometheus::Counter& client_gone;
   prometheus::Counter& api_overflow;
   prometheus::Counter& connection_limit;
+  prometheus::Counter& accept_failed;  // accepts that failed (out of descriptors): paused 100 ms
   prometheus::Counter& session_limit;  // polling handshakes over --max-polling-sessions(-per-ip)
   prometheus::Counter& bad_http;     // requests that are not HTTP/1.1 we can parse, or too large a header
   prometheus::Counter& bad_frame;    // WebSocket frames against RFC 6455 (close 1002) or text not UTF-8 (1007)

@@ -189,6 +189,47 @@ class HttpErrors(unittest.TestCase):
                 closed = True
         self.assertTrue(closed, "the connection was still open after 8 s of trickling")
 
+    def test_a_transfer_encoding_not_ending_in_chunked_gets_400(self):
+        # RFC 9112 6.3: the body's length cannot be told. Read as no body,
+        # its bytes were taken for the next request (smuggled past a proxy
+        # that reads them as this one's body).
+        for coding in (b"identity", b"chunked, identity", b"xchunked"):
+            answer = self.raw(b"POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding +
+                              b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(answer, "HTTP/1.1 400 Bad Request", coding)
+
+    def test_a_chunk_extension_cannot_grow_without_end(self):
+        # Beast limits neither a chunk's size line nor a trailer: kept until
+        # its CRLF, one of a gigabyte grew the gateway by as much. Now
+        # --max-header-bytes (16 KiB) and a read's worth bound it.
+        for opening in (b"2;a=", b"0\r\nX-Trailer: "):
+            with socket.create_connection((HOST, PORT), timeout=5) as s:
+                s.sendall(b"POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                          opening)
+                sent, answer = 0, b""
+                try:
+                    while sent < 4 << 20 and not answer:
+                        s.sendall(b"b" * 65536)
+                        sent += 65536
+                        s.setblocking(False)
+                        try:
+                            answer = s.recv(4096)
+                        except BlockingIOError:
+                            pass
+                        s.setblocking(True)
+                except OSError:
+                    pass  # closed while we wrote: read what it answered
+                s.settimeout(5)
+                try:
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                except OSError:
+                    pass
+            # Unbounded, the gateway took all 4 MiB and never answered (its
+            # idle timeout closed the connection in silence).
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400"), (opening, sent, answer[:80]))
+        self.assertTrue(echo_works())
+
     def test_too_large_a_header_gets_431(self):
         big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
         self.assertEqual(self.raw(big), "HTTP/1.1 431 Request Header Fields Too Large")
@@ -672,6 +713,17 @@ class StaticFiles(unittest.TestCase):
         self.assertEqual(request("GET", "/.")[0], 404)
         self.assertEqual(request("GET", "/index.html%00.js")[0], 404)
         self.assertEqual(request("GET", "/index.html")[0], 200)
+
+    def test_nothing_hidden_nor_outside_the_directory_is_served(self):
+        # tests/e2e/static: a dotfile, links that lead out of the directory
+        # (to a file, and to its parent), and one that stays inside.
+        self.assertEqual(request("GET", "/.env")[0], 404)
+        self.assertEqual(request("GET", "/%2eenv")[0], 404)
+        self.assertEqual(request("GET", "/outside.py")[0], 404)
+        self.assertEqual(request("GET", "/up/bad_input_test.py")[0], 404)
+        status, body, _ = request("GET", "/inside.html")
+        self.assertEqual(status, 200)
+        self.assertIn("bad_input_test's static directory", body)
 
 
 class ConnectTimeout(unittest.TestCase):
