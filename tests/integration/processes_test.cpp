@@ -1,7 +1,11 @@
 // Faults that need real processes: a worker SIGKILLed mid-request and a
 // broker killed and restarted. The binaries run over tcp loopback; the test
 // plays the client.
+#include <sys/resource.h>
+
 #include <algorithm>
+#include <cstring>
+#include <filesystem>
 #include <csignal>
 #include <map>
 #include <memory>
@@ -365,6 +369,43 @@ TEST(Processes, TheAdminPortHoldsItsBoundOfConnections) {
   EXPECT_GE(*refused, 1.0);
   EXPECT_EQ(scrape(p.http, "sidecast_admin_connections"), 2.0) << "the idle one and this GET";
   ::close(second);
+}
+
+// Out of file descriptors, an accept fails and the connection stays in the
+// listen queue: the gateway counts it and pauses, then serves again once
+// descriptors are free (it used to retry at once, at 100% CPU, unlogged).
+TEST(Processes, AGatewayOutOfDescriptorsPausesAndServesAgain) {
+  ports p;
+  int gw_http = free_port();
+  child gw{"sidecast-gateway",
+           {"--http", "127.0.0.1:" + std::to_string(gw_http), "--broker", p.endpoint(p.router), "--events",
+            p.endpoint(p.xpub), "--threads", "1", "--log-level", "error"}};
+  ASSERT_TRUE(eventually([&] { return http_get(gw_http, "/metrics").first == 200; }));
+  // Its open files now, and room for a few more: lowered from outside,
+  // after the gateway raised its own limit at start.
+  std::size_t open_files = 0;
+  for ([[maybe_unused]] const auto& fd : std::filesystem::directory_iterator("/proc/" + std::to_string(gw.pid()) + "/fd"))
+    ++open_files;
+  rlimit tight{open_files + 4, open_files + 4};
+  ASSERT_EQ(::prlimit(gw.pid(), RLIMIT_NOFILE, &tight, nullptr), 0) << std::strerror(errno);
+  std::vector<int> held;
+  for (int i = 0; i < 16; ++i) {
+    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<std::uint16_t>(gw_http));
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    held.push_back(fd);
+  }
+  std::this_thread::sleep_for(500ms);  // the accepts that fail, meanwhile
+  for (int fd : held) ::close(fd);
+  std::optional<double> failed;
+  ASSERT_TRUE(eventually([&] {
+    failed = scrape(gw_http, "sidecast_gateway_accept_failures_total");
+    return failed.has_value();
+  })) << "the gateway serves no more";
+  EXPECT_GE(*failed, 1.0);
 }
 
 // A gateway and a worker that stop say Goodbye, and the broker forgets them
