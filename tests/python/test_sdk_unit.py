@@ -101,9 +101,12 @@ class FakeCore:
         self.replies = []
         self.sent = []
 
-    def send_reply(self, req, code, message, args_json, attachments, silent, partial):
-        self.replies.append({"code": code, "message": message, "args": json.loads(args_json),
-                             "attachments": list(attachments), "silent": silent, "partial": partial})
+    def build_reply(self, req, code, message, args_json, attachments, silent, partial):
+        return {"code": code, "message": message, "args": json.loads(args_json),
+                "attachments": list(attachments), "silent": silent, "partial": partial}
+
+    def send_reply(self, req, reply, partial):
+        self.replies.append(reply)
         return True
 
     def emit_to_sid(self, *a, **kw):
@@ -195,6 +198,97 @@ class RequestTest(unittest.TestCase):
         self.assertFalse(req.sleep(5))
         self.assertEqual(req.cancel_reason, Code.TIMEOUT)
         self.assertTrue(req.cancelled.is_set())
+
+
+class AnswerOnTheCoreTest(unittest.TestCase):
+    """Answers through the worker's own _Core, not started: what it sends
+    stays in its outbox. An answer either goes (and the request leaves
+    in_flight: its capacity at the broker comes back) or raises and leaves
+    the request unanswered; never answered with nothing sent."""
+
+    def setUp(self):
+        worker = Worker(worker_id="w1")
+        self.addCleanup(worker.stop)
+        self.core = worker._core
+
+    def request(self, rid, kind=EVENT):
+        req = Request(self.core, kind, rid, "svc", deadline=time.monotonic() + 30.0)
+        with self.core.in_flight_lock:
+            self.core.in_flight[rid] = req
+        return req
+
+    def sent(self):
+        replies = []
+        while not self.core.outbox.empty():
+            r = worker_module.reply_in(self.core.outbox.get_nowait()[1])
+            replies.append((r.id, Code(r.code), r.message, r.silent, r.partial))
+        return replies
+
+    def test_a_message_that_is_not_text_is_sent_as_text(self):
+        self.assertTrue(self.request("c:1").fail(Code.BAD_REQUEST, ValueError("count must be 1..20")))
+        self.assertTrue(self.request("c:2", CONNECT).refuse({"why": "banned"}))
+        self.assertTrue(self.request("c:3").fail(Code.BAD_REQUEST, b"bad \xff"))
+        self.assertEqual(self.sent(), [("c:1", Code.BAD_REQUEST, "count must be 1..20", False, False),
+                                       ("c:2", Code.REFUSED, "{'why': 'banned'}", False, False),
+                                       ("c:3", Code.BAD_REQUEST, "bad \ufffd", False, False)])
+        self.assertEqual(self.core.in_flight, {}, "an answered request still holds its capacity")
+
+    def test_an_answer_that_cannot_be_built_leaves_the_request_unanswered(self):
+        req = self.request("c:1")
+        real = self.core.build_reply
+
+        def broken(*args):
+            raise RuntimeError("cannot build")
+        self.core.build_reply = broken
+        with self.assertRaises(RuntimeError):
+            req.fail(Code.BAD_REQUEST, "no")
+        with self.assertRaises(RuntimeError):
+            req.ack()
+        self.core.build_reply = real
+        self.assertFalse(req.answered)
+        self.assertIsNotNone(req.deadline, "counted as acked")
+        self.assertEqual(self.sent(), [])
+        self.assertIn("c:1", self.core.in_flight)
+        # No JSON: raises before anything is decided, too.
+        with self.assertRaises(TypeError):
+            req.ack(object())
+        with self.assertRaises(ValueError):
+            req.reply(float("nan"))
+        self.assertTrue(req.fail(Code.BAD_REQUEST, "no"))
+        self.assertEqual(self.sent(), [("c:1", Code.BAD_REQUEST, "no", False, False)])
+        self.assertEqual(self.core.in_flight, {})
+
+    def test_a_handler_raising_any_base_exception_answers_internal(self):
+        for n, (exc, message) in enumerate([(SystemExit(3), "SystemExit: 3"),
+                                            (KeyboardInterrupt(), "KeyboardInterrupt"),
+                                            (ValueError("bad"), "bad")]):
+            req = self.request(f"c:{n}")
+
+            def handler(_req, exc=exc):
+                raise exc
+            with self.core.stats_lock:
+                self.core.waiting += 1
+            with self.assertLogs("sidecast_worker", "ERROR"):  # logged, not only answered
+                try:
+                    self.core.run_handler(handler, req)
+                except BaseException as e:  # the old code let it out (a KeyboardInterrupt would end the run)
+                    self.fail(f"run_handler let {e!r} out")
+            self.assertEqual(self.sent(), [(f"c:{n}", Code.INTERNAL, message, False, False)], exc)
+        self.assertEqual(self.core.counts["handler_errors"], 3)
+        self.assertEqual(self.core.in_flight, {})
+
+    def test_an_emit_with_ack_of_no_json_awaits_no_ack(self):
+        req = self.request("c:1")
+        results = []
+        with self.assertRaises(TypeError):
+            req.emit_with_ack("ask", object(), callback=results.append)
+        with self.assertRaises(ValueError):
+            req.emit_with_ack("ask", float("nan"))
+        self.assertEqual((self.core.acks, self.core.ack_heap), ({}, []), "an ack awaited for an emit never sent")
+        self.assertTrue(self.core.outbox.empty())
+        future = req.emit_with_ack("ask", 1)
+        self.assertIsNotNone(future)
+        self.assertEqual(len(self.core.acks), 1)
 
 
 class ServiceTest(unittest.TestCase):

@@ -14,6 +14,7 @@ import json
 import queue
 import signal
 import struct
+import sys
 import threading
 import time
 import unittest
@@ -173,6 +174,40 @@ class RequestReplyTest(BrokerTest):
         reply = self.peer().call("t", "nan", "[]")
         self.assertEqual(reply.code, pb.INTERNAL)
         self.assertIn("JSON", reply.message)
+
+    def test_an_error_message_that_is_not_text_is_sent_as_text(self):
+        # fail() with an exception as its message: it goes as str(exception).
+        # It used to raise with the request counted answered and nothing sent:
+        # the requester got TIMEOUT and the broker never got the credit back.
+        svc = Service("f", capacity=1)
+        svc.on("fail", lambda req: req.fail(Code.BAD_REQUEST, ValueError("count must be 1..20")))
+        svc.on("echo", lambda req: req.reply(*req.args))
+        w = self.start_worker(svc)
+        c = self.peer()
+        for _ in range(2):  # the second finds the only credit back
+            reply = c.call("f", "fail", "[]", timeout_ms=1000)
+            self.assertEqual((reply.code, reply.message), (pb.BAD_REQUEST, "count must be 1..20"))
+        self.assertEqual(args_of(c.call("f", "echo", "[7]", timeout_ms=1000)), [7])
+        self.assertTrue(eventually(lambda: w.stats().running == 0))
+        self.assertEqual(w.stats().handler_errors, 0)
+
+    def test_a_handler_raising_any_base_exception_answers_internal(self):
+        # As the C++ SDK: not only Exception. The one handler thread lives on.
+        svc = Service("x", capacity=1)
+
+        def interrupt(req):
+            raise KeyboardInterrupt
+        svc.on("exit", lambda req: sys.exit(3))
+        svc.on("interrupt", interrupt)
+        svc.on("echo", lambda req: req.reply(*req.args))
+        w = self.start_worker(svc, threads=1)
+        c = self.peer()
+        reply = c.call("x", "exit", timeout_ms=1000)
+        self.assertEqual((reply.code, reply.message, reply.silent), (pb.INTERNAL, "SystemExit: 3", False))
+        reply = c.call("x", "interrupt", timeout_ms=1000)
+        self.assertEqual((reply.code, reply.message, reply.silent), (pb.INTERNAL, "KeyboardInterrupt", False))
+        self.assertEqual(args_of(c.call("x", "echo", "[7]", timeout_ms=1000)), [7])
+        self.assertEqual(w.stats().handler_errors, 2)
 
     def test_exactly_one_final_reply(self):
         self.start_worker(self.service())

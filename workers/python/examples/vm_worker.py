@@ -6,7 +6,7 @@ with a result. Simulated, with a configurable launch time and failure rate;
 the shape is what matters: ack at once, progress events, a final
 vm_response, cancellation, failures reported rather than swallowed.
 
-  open_vm {count, name} (ack)  -> ack {task_id}
+  open_vm {count, name} (ack)  -> ack {task_id}    name: at most 64 characters
     vm_progress {task_id, vm, state, percent}   state: queued, provisioning,
                                                  booting, running, failed, cancelled
     vm_response {task_id, data: [{vm, state, ip?}], failed, cancelled, worker}
@@ -28,6 +28,7 @@ from sidecast_worker import Code, Service, Worker
 
 STEPS = 10  # progress events per VM, 10% each
 SLICE = 0.05  # seconds: how quickly a cancel_vm takes effect
+MAX_NAME = 64  # characters of open_vm's name
 
 
 def state_at(step):
@@ -62,6 +63,11 @@ def vm_service(capacity=16, launch_time=4.0, failure_rate=0.1, max_count=20):
             name = spec["name"]
         if not 1 <= count <= max_count:
             req.fail(Code.BAD_REQUEST, f"count must be 1..{max_count}")
+            return
+        # Every progress event and the final answer carry it (count times):
+        # bounded, as in workers/vm/vm.cpp.
+        if len(name) > MAX_NAME:
+            req.fail(Code.BAD_REQUEST, f"name must be at most {MAX_NAME} characters")
             return
         task_id = "t-" + secrets.token_hex(6)
         task = Task(req.sid)
@@ -155,7 +161,8 @@ def main(argv=None):
                    help="heartbeat interval until the broker's Welcome, ms")
     p.add_argument("--drain-ms", type=int, default=int(env("SIDECAST_DRAIN_MS", "60000")),
                    help="on SIGTERM or SIGINT: take no new work, give launches under way this long "
-                        "to finish, then stop (what still runs goes to another worker), ms")
+                        "to finish, then stop: a launch still running is cancelled there (no vm_response "
+                        "reaches its socket), and no other worker runs it again: it was acked, ms")
     p.add_argument("--log-level", default=env("SIDECAST_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)

@@ -10,6 +10,20 @@ CONNECT = "connect"
 DISCONNECT = "disconnect"
 
 
+def as_text(message):
+    """An answer's message as text: a str as it is, bytes decoded (invalid
+    UTF-8 replaced), anything else (an exception, a dict...) by ``str()``;
+    never raises (a ``__str__`` that does gives the type's name)."""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return bytes(message).decode("utf-8", "replace")
+    try:
+        return str(message)
+    except Exception:
+        return type(message).__name__
+
+
 class Request:
     """An event (or a connect / disconnect) for a service, handed to its handler.
 
@@ -131,8 +145,10 @@ class Request:
         return self._answer(Code.OK, "", args_json, att, silent=False)
 
     def fail(self, code, message=""):
-        """Answers with an error (``Code.REFUSED`` refuses a connect with ``message``)."""
-        return self._answer(Code(code), message, "[]", [], silent=False)
+        """Answers with an error (``Code.REFUSED`` refuses a connect with ``message``).
+        ``message`` that is not a str is sent as text (``as_text``: an exception
+        as ``str(exception)``)."""
+        return self._answer(Code(code), as_text(message), "[]", [], silent=False)
 
     def accept(self, data=None):
         """Accepts a connect; ``data`` (an object) may name the user: ``{"user": "ann"}``."""
@@ -163,14 +179,20 @@ class Request:
         with self._lock:
             if self._answered or (partial and self._acked):
                 return False
+            if not partial and self._acked:
+                # The requester has its answer: this only frees the capacity.
+                code, message, args_json, attachments, silent = Code.OK, "", "[]", [], True
+            # Built before the request counts as answered: an answer that
+            # cannot be built raises here and leaves the request unanswered
+            # (a handler's exception then answers INTERNAL, a return the
+            # silent default), never answered with nothing sent, which would
+            # keep its capacity at the broker for good.
+            reply = self._core.build_reply(self, code, message, args_json, attachments, silent, partial)
             if partial:
                 self._acked = True
             else:
                 self._answered = True
-                if self._acked:
-                    # The requester has its answer: this only frees the capacity.
-                    code, message, args_json, attachments, silent = Code.OK, "", "[]", [], True
-            return self._core.send_reply(self, code, message, args_json, attachments, silent, partial)
+            return self._core.send_reply(self, reply, partial)
 
     def _finish(self):
         """The handler returned: give the default answer if none was given."""

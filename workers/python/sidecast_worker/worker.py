@@ -26,7 +26,7 @@ import zmq
 from . import codec
 from ._proto import Code, code_of, pb
 from .link import PeerLink, RateLimitedLog, apply_curve
-from .request import CONNECT, DISCONNECT, EVENT, Request
+from .request import CONNECT, DISCONNECT, EVENT, Request, as_text
 from .service import Service
 
 log = logging.getLogger("sidecast_worker")
@@ -329,7 +329,10 @@ class _Core:
         c.ref = ref
         return self.send(env)
 
-    def send_reply(self, req, code, message, args_json, attachments, silent, partial):
+    def build_reply(self, req, code, message, args_json, attachments, silent, partial):
+        """An answer to ``req`` as the bytes of its Reply envelope. May raise;
+        nothing is sent or changed here (Request._answer builds the answer
+        before it counts the request answered, then send_reply sends it)."""
         env = pb.Envelope()
         r = env.reply
         r.id = req.id
@@ -337,7 +340,7 @@ class _Core:
         # Text that UTF-8 cannot carry (a lone surrogate, as in a str made with
         # surrogateescape) must not stop the answer: it frees the capacity,
         # and the requester would wait for its deadline.
-        r.message = message.encode("utf-8", "replace").decode("utf-8")
+        r.message = as_text(message).encode("utf-8", "replace").decode("utf-8")
         try:
             r.args = args_json.encode() if isinstance(args_json, str) else args_json
         except UnicodeEncodeError:
@@ -347,25 +350,38 @@ class _Core:
         r.attachments.extend(attachments)
         r.silent = silent
         r.partial = partial
-        # Never refused for a full outbox (enqueue): it also frees the capacity.
-        # Queued before the request leaves in_flight: a drain() woken by that
-        # stops the worker, whose last flush must find the reply there.
-        data = env.SerializeToString()
-        self.enqueue(None, data)
-        # Kept before the request leaves in_flight: a job sent again finds it
-        # in one or the other (had_before).
-        self.keep_reply(req.id, data)
-        if not partial:
-            self.count("replies")
-            with self.in_flight_lock:
-                if self.in_flight.get(req.id) is req:
-                    del self.in_flight[req.id]
-                    if not self.in_flight:
-                        self.in_flight_lock.notify_all()
+        return env.SerializeToString()
+
+    def send_reply(self, req, data, partial):
+        """Sends an answer build_reply made; a final one takes ``req`` out of in_flight."""
+        try:
+            # Never refused for a full outbox (enqueue): it also frees the capacity.
+            # Queued before the request leaves in_flight: a drain() woken by that
+            # stops the worker, whose last flush must find the reply there.
+            self.enqueue(None, data)
+            # Kept before the request leaves in_flight: a job sent again finds it
+            # in one or the other (had_before).
+            self.keep_reply(req.id, data)
+        finally:
+            # Even if that raised: the request is answered now, and one left
+            # in in_flight would hold a drain() for its whole timeout.
+            if not partial:
+                self.count("replies")
+                with self.in_flight_lock:
+                    if self.in_flight.get(req.id) is req:
+                        del self.in_flight[req.id]
+                        if not self.in_flight:
+                            self.in_flight_lock.notify_all()
         return True
 
     def emit_with_ack(self, nsp, sid, event, args, timeout, callback):
         future = concurrent.futures.Future()
+        # Built before the ack is awaited: arguments that are no JSON raise
+        # here, and leave no ack awaited (it would hold a pending_acks_limit
+        # place, then call the callback TIMEOUT, for an emit never sent).
+        env = pb.Envelope()
+        e = self.make_emit(env, nsp, event, args)
+        e.sid = sid
         with self.acks_lock:
             if self.stopping.is_set():
                 return None
@@ -377,7 +393,8 @@ class _Core:
             heapq.heappush(self.ack_heap, (time.monotonic() + timeout, ack_id))
             # An ack that comes (on_ack) leaves its entry here until its deadline.
             compact_heap(self.ack_heap, len(self.acks), lambda entry: entry[1] in self.acks)
-        if not self.emit_to_sid(nsp, sid, event, args, ack_id=ack_id):
+        e.ack_id = ack_id
+        if not self.send(env):
             with self.acks_lock:
                 taken = self.acks.pop(ack_id, None)
             if taken is not None:
@@ -399,7 +416,7 @@ class _Core:
         self.local.in_pool = True
         try:
             fn(*args)
-        except Exception:
+        except BaseException:  # SystemExit too: the pool would drop it unsaid
             log.exception("sidecast worker callback failed")
 
     def run_handler(self, handler, req):
@@ -416,11 +433,19 @@ class _Core:
                     req.accept() if result else req.refuse()
                 else:
                     req.reply(result)
-        except Exception as e:
+        except BaseException as e:
+            # Anything a handler raises answers INTERNAL, as in the C++ SDK:
+            # SystemExit and KeyboardInterrupt too (sys.exit() in a handler).
+            # Not raised again: on a pool thread it would only vanish into a
+            # future no one reads (it never stops the process), and the
+            # thread serves the next request.
             self.count("handler_errors")
             if self.log_limit.allow():
                 log.exception("handler for %s/%s (%s) failed", req.service, req.event, req.id)
-            req.fail(Code.INTERNAL, str(e) or type(e).__name__)
+            text = as_text(e)
+            if not isinstance(e, Exception):
+                text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+            req.fail(Code.INTERNAL, text or type(e).__name__)
         finally:
             req._finish()
 
