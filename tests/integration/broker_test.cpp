@@ -27,6 +27,7 @@
 #include "tests/integration/harness.hpp"
 #include "workers/chat/chat.hpp"
 #include "workers/demo/demo.hpp"
+#include "workers/vm/vm.hpp"
 
 namespace sidecast::test {
 namespace {
@@ -2540,6 +2541,47 @@ TEST_P(BrokerTest, AChatJoinAfterItsSocketsDisconnectLeavesNoGhost) {
   while ((joined = gw.receive_any(5s)) && !joined->has_reply()) {}
   ASSERT_TRUE(joined);
   EXPECT_EQ(joined->reply().args(), R"([{"room":"r","members":["guest-live"]}])");
+}
+
+// A vm task whose socket disconnects ends at once (cancelled) and gives its
+// capacity back, rather than run its launch out for nobody; a name longer
+// than 64 characters is refused (each progress event carries it).
+TEST_P(BrokerTest, AVmTaskEndsWhenItsSocketDisconnects) {
+  start();
+  workers::vm_options options;
+  options.launch_time = 30s;
+  options.failure_rate = 0;
+  add_worker({workers::vm_service(2, options)}, "vm1");
+  peer gw{ctx_, "inproc://router", "gwV", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto answer_to = [&](const std::string& id) {
+    std::optional<Envelope> got;
+    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+    return got;
+  };
+  auto refused = answer_to(gw.submit("vm", "open_vm", "[{\"name\":\"" + std::string(65, 'n') + "\"}]", 5s, "gwV.s1"));
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->reply().code(), proto::BAD_REQUEST);
+  EXPECT_EQ(refused->reply().message(), "name must be at most 64 characters");
+  std::string sixty_four;
+  for (int i = 0; i < 64; ++i) sixty_four += "\u00e9";  // 64 characters, 128 bytes
+  auto acked = answer_to(gw.submit("vm", "open_vm", "[{\"name\":\"" + sixty_four + "\"}]", 5s, "gwV.s1"));
+  ASSERT_TRUE(acked);
+  ASSERT_EQ(acked->reply().code(), proto::OK) << acked->reply().message();
+  ASSERT_TRUE(acked->reply().partial()) << "the ack of a launch that runs on";
+
+  Envelope gone;
+  auto* l = gone.mutable_lifecycle();
+  l->set_kind(proto::Lifecycle::DISCONNECT);
+  l->set_id("gwV:d1");
+  l->set_service("vm");
+  l->set_sid("gwV.s1");
+  l->set_nsp("/vm");
+  gw.send(gone);
+  std::optional<Envelope> result;
+  while ((result = gw.receive_any(5s)) && !(result->has_emit() && result->emit().event() == "vm_response")) {}
+  ASSERT_TRUE(result) << "the task ran on after its socket was gone";
+  EXPECT_NE(result->emit().args().find(R"("cancelled":true)"), std::string::npos) << result->emit().args();
 }
 
 TEST_P(GatewayPathTest, ConnectToForbiddenIsRefused) {

@@ -1,5 +1,6 @@
 #include "workers/vm/vm.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <random>
@@ -13,6 +14,16 @@ namespace json = boost::json;
 namespace {
 
 constexpr int steps = 10;  // progress events per VM, 10% each
+// A VM's name, in characters: each progress event carries it (and the
+// final answer once per VM), so a long one would be sent a few hundred times.
+constexpr std::size_t max_name_chars = 64;
+
+// Characters of UTF-8 text (the gateway has checked it is UTF-8): bytes
+// that do not continue a sequence.
+std::size_t characters(std::string_view text) {
+  return static_cast<std::size_t>(
+      std::count_if(text.begin(), text.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; }));
+}
 
 struct task {
   std::string owner;  // the sid that launched it: only it may cancel
@@ -51,6 +62,10 @@ void open_vm(request req, const vm_options& options, registry& reg) {
   }
   if (count < 1 || count > static_cast<std::int64_t>(options.max_count)) {
     req.fail(proto::BAD_REQUEST, "count must be 1.." + std::to_string(options.max_count));
+    return;
+  }
+  if (characters(name) > max_name_chars) {
+    req.fail(proto::BAD_REQUEST, "name must be at most " + std::to_string(max_name_chars) + " characters");
     return;
   }
   auto id = random_id(rng);
@@ -146,7 +161,14 @@ service vm_service(unsigned capacity, vm_options options) {
   auto reg = std::make_shared<registry>();
   return service{"vm", capacity}
       .on("open_vm", [options, reg](request r) { open_vm(std::move(r), options, *reg); })
-      .on("cancel_vm", [reg](request r) { cancel_vm(std::move(r), *reg); });
+      .on("cancel_vm", [reg](request r) { cancel_vm(std::move(r), *reg); })
+      // A socket that is gone reads no progress: its tasks (on this worker)
+      // end, and give their capacity back.
+      .on_disconnect([reg](request r) {
+        std::lock_guard lock{reg->mutex};
+        for (auto& [id, t] : reg->tasks)
+          if (t->owner == r.sid()) t->cancelled = true;
+      });
 }
 
 }  // namespace sidecast::workers
