@@ -6,8 +6,11 @@
 // worker::start_on: `sidecast demo --threads 1`). The test's own raw peers
 // always use the ROUTER, so the later runs mix both kinds of connection in
 // one broker.
+#include <sqlite3.h>
+
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <future>
 #include <map>
 #include <mutex>
@@ -1850,6 +1853,18 @@ class GatewayPathTest : public BrokerTest {
   std::unique_ptr<peer> gateway_;
 };
 
+// Arguments as deep as the gateway lets through (64) reach the handler as
+// they are: the SDK read those deeper than 32 as [] (a bad_request).
+TEST_P(GatewayPathTest, ArgumentsNestedAsDeepAsTheGatewayAllowsAreRead) {
+  std::string text = std::string(60, '[') + std::string(60, ']');
+  auto id = request("say", R"([{"room":"deep","text":)" + text + "}]");
+  std::optional<Envelope> got;
+  while ((got = gateway_->receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->reply().code(), proto::OK) << got->reply().message();
+  EXPECT_EQ(got->reply().args(), "[true]");
+}
+
 TEST_P(GatewayPathTest, JoinControlArrivesBeforeTheAck) {
   auto id = request("join", R"(["room1"])");
   auto first = gateway_->receive(5s);
@@ -2509,6 +2524,69 @@ TEST_P(BrokerTest, AChatSocketJoinsAtMostMaxRooms) {
   EXPECT_EQ(join("b"), proto::OK);
   EXPECT_EQ(join("c"), proto::REFUSED) << "a third room";
   EXPECT_EQ(join("a"), proto::OK) << "a room it is in already";
+}
+
+// A database another process holds locked past the busy timeout answers
+// BUSY (try again), not INTERNAL with SQLite's words; the say then goes
+// through once the lock is let go.
+TEST_P(BrokerTest, AChatDatabaseLockedElsewhereAnswersBusy) {
+  start();
+  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-busy-" + std::to_string(::getpid()) + ".db");
+  std::filesystem::remove(path);
+  workers::chat_options options;
+  options.database = path.string();
+  options.busy_timeout = 200ms;
+  add_worker({workers::chat_service(2, options)}, "chat1");
+  sqlite3* other = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &other), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), SQLITE_OK);
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto say = [&] {
+    auto id = gw.submit("chat", "say", R"([{"room":"r","text":"hi"}])", 5s, "gwT.s1");
+    std::optional<Envelope> got;
+    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+    return got;
+  };
+  auto busy = say();
+  ASSERT_TRUE(busy);
+  EXPECT_EQ(busy->reply().code(), proto::BUSY);
+  EXPECT_TRUE(busy->reply().message().starts_with("the chat database is busy: try again")) << busy->reply().message();
+  ASSERT_EQ(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(other);
+  auto stored = say();
+  ASSERT_TRUE(stored);
+  EXPECT_EQ(stored->reply().code(), proto::OK) << stored->reply().message();
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+}
+
+// A leave of a room the socket is not in changes no one's list: no
+// presence event for that room (a client could make any room hear one).
+TEST_P(BrokerTest, AChatLeaveOfARoomNotJoinedAnnouncesNothing) {
+  start();
+  workers::chat_options options;
+  options.database = ":memory:";
+  auto& w = add_worker({workers::chat_service(2, options)}, "chat1");
+  auto sub = subscribed_to_everything(w);
+  ASSERT_TRUE(sub);
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto ask = [&](const char* event, const char* room) {
+    auto id = gw.submit("chat", event, std::string{"[\""} + room + "\"]", 5s, "gwT.s1");
+    std::optional<Envelope> got;
+    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+    ASSERT_TRUE(got);
+    EXPECT_EQ(got->reply().code(), proto::OK) << event << " " << room;
+  };
+  ask("join", "a");
+  auto joined = next_published(*sub);
+  ASSERT_TRUE(joined);
+  EXPECT_EQ(joined->topic, proto::room_topic("/", "a"));
+  ask("leave", "b");
+  ask("leave", "a");
+  auto next = next_published(*sub);
+  ASSERT_TRUE(next);
+  EXPECT_EQ(next->topic, proto::room_topic("/", "a")) << "the leave of room b was announced there";
 }
 
 TEST_P(BrokerTest, AChatJoinAfterItsSocketsDisconnectLeavesNoGhost) {

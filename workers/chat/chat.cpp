@@ -19,18 +19,27 @@ namespace {
 
 constexpr std::size_t max_text = 2000, max_name = 32, max_room = 64;
 
+// A database that stayed locked (by another process) past its busy
+// timeout is answered BUSY, to try again, not INTERNAL.
+[[noreturn]] void throw_sqlite(sqlite3* db, int rc) {
+  std::string why = std::string{"sqlite: "} + sqlite3_errmsg(db);
+  if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED)
+    throw answer_error{proto::BUSY, "the chat database is busy: try again (" + why + ")"};
+  throw std::runtime_error(why);
+}
+
 // One connection in serialized mode shared by the handler threads; the
 // statements it runs are short.
 class database {
  public:
-  explicit database(const std::string& path) {
+  database(const std::string& path, std::chrono::milliseconds busy_timeout) {
     if (sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
                         nullptr) != SQLITE_OK) {
       std::string why = db_ ? sqlite3_errmsg(db_) : "out of memory";
       sqlite3_close(db_);
       throw std::runtime_error("chat database " + path + ": " + why);
     }
-    sqlite3_busy_timeout(db_, 5000);
+    sqlite3_busy_timeout(db_, static_cast<int>(busy_timeout.count()));
     exec("PRAGMA journal_mode=WAL");
     exec("PRAGMA synchronous=NORMAL");
     exec(R"(CREATE TABLE IF NOT EXISTS messages (
@@ -41,6 +50,8 @@ class database {
     // cannot vouch for: they start afresh (clients join again); history stays.
     exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
     exec("CREATE TABLE IF NOT EXISTS presence (sid TEXT NOT NULL, room TEXT NOT NULL, PRIMARY KEY (sid, room))");
+    // A room's members (members_of) without a scan of every socket's rows.
+    exec("CREATE INDEX IF NOT EXISTS presence_room ON presence(room)");
     // Sockets that disconnected, for ten minutes: a join or nick of one
     // that a handler thread runs after its disconnect (they run on the
     // pool, in no set order) is refused, not left as a ghost member.
@@ -55,20 +66,14 @@ class database {
   database& operator=(const database&) = delete;
 
   void exec(const char* sql) {
-    char* error = nullptr;
-    if (sqlite3_exec(db_, sql, nullptr, nullptr, &error) != SQLITE_OK) {
-      std::string why = error ? error : "unknown error";
-      sqlite3_free(error);
-      throw std::runtime_error(std::string{"sqlite: "} + why);
-    }
+    if (int rc = sqlite3_exec(db_, sql, nullptr, nullptr, nullptr); rc != SQLITE_OK) throw_sqlite(db_, rc);
   }
 
   // A prepared statement with text/int binds and row access.
   class statement {
    public:
     statement(sqlite3* db, const char* sql) {
-      if (sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr) != SQLITE_OK)
-        throw std::runtime_error(std::string{"sqlite: "} + sqlite3_errmsg(db));
+      if (int rc = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr); rc != SQLITE_OK) throw_sqlite(db, rc);
     }
     ~statement() { sqlite3_finalize(stmt_); }
     statement& bind(int i, const std::string& v) {
@@ -82,7 +87,7 @@ class database {
     bool step() {
       int rc = sqlite3_step(stmt_);
       if (rc == SQLITE_ROW) return true;
-      if (rc != SQLITE_DONE) throw std::runtime_error(std::string{"sqlite: "} + sqlite3_errmsg(sqlite3_db_handle(stmt_)));
+      if (rc != SQLITE_DONE) throw_sqlite(sqlite3_db_handle(stmt_), rc);
       return false;
     }
     std::string text(int col) {
@@ -96,6 +101,27 @@ class database {
   };
 
   statement prepare(const char* sql) { return statement{db_, sql}; }
+
+  // Statements that stand or fall together: committed by commit(), rolled
+  // back if it is never called (an exception on the way).
+  class transaction {
+   public:
+    explicit transaction(database& db) : db_{db} { db_.exec("BEGIN IMMEDIATE"); }
+    ~transaction() {
+      if (!done_) sqlite3_exec(db_.db_, "ROLLBACK", nullptr, nullptr, nullptr);
+    }
+    transaction(const transaction&) = delete;
+    transaction& operator=(const transaction&) = delete;
+    void commit() {
+      db_.exec("COMMIT");
+      done_ = true;
+    }
+
+   private:
+    database& db_;
+    bool done_ = false;
+  };
+
   std::int64_t last_id() { return sqlite3_last_insert_rowid(db_); }
   std::int64_t changes() { return sqlite3_changes(db_); }  // rows the last statement deleted (or changed)
   // Serializes multi-statement operations (insert then read the row id).
@@ -158,7 +184,7 @@ std::int64_t now_ms() {
 }  // namespace
 
 service chat_service(unsigned capacity, chat_options options, std::shared_ptr<prometheus::Registry> metrics) {
-  auto db = std::make_shared<database>(options.database);
+  auto db = std::make_shared<database>(options.database, options.busy_timeout);
   prometheus::Counter* pruned = nullptr;  // owned by `metrics`, which the lambdas keep
   if (metrics)
     pruned = &core::counter(*metrics, "sidecast_chat_messages_pruned_total",
@@ -230,7 +256,9 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             {
               std::lock_guard lock{db->mutex};
               db->prepare("DELETE FROM presence WHERE sid = ? AND room = ?").bind(1, req.sid()).bind(2, *room).step();
-              announce_presence(req, *db, *room);
+              // A leave of a room it was not in changes no one's list: no
+              // presence event (a client could make any room hear one).
+              if (db->changes() > 0) announce_presence(req, *db, *room);
             }
             req.reply(json::serialize(json::array{json::object{{"room", *room}}}));
           })
@@ -249,6 +277,10 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             std::string nick;
             {
               std::lock_guard lock{db->mutex};
+              // The message and the pruning it calls for, or none of it:
+              // a message stored but answered with an error would be sent
+              // again by a client that retries.
+              database::transaction tx{*db};
               nick = nick_of(*db, req.sid());
               db->prepare("INSERT INTO messages(room, nick, sid, text, ts) VALUES(?, ?, ?, ?, ?)")
                   .bind(1, r).bind(2, nick).bind(3, req.sid()).bind(4, t).bind(5, ts).step();
@@ -261,6 +293,7 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
               auto gone = db->changes();
               db->prepare("DELETE FROM messages WHERE id <= ?").bind(1, id - keep_total).step();
               gone += db->changes();
+              tx.commit();
               if (pruned && gone > 0) pruned->Increment(static_cast<double>(gone));
             }
             req.emit_to_room(r, "message", json::serialize(json::array{json::object{

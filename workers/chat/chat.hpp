@@ -9,8 +9,9 @@
 //                                   ack {room, members}
 //   say {room, text} (ack)       -> message {id, room, nick, text, ts} to the room,
 //                                   ack {id}
-//   leave (room) (ack)           -> presence to the room, ack {room}
+//   leave (room) (ack)           -> presence to the room (if the socket was in it), ack {room}
 //   (disconnect)                 -> presence to every room the socket was in
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -26,6 +27,7 @@ struct chat_options {
   unsigned keep_per_room = 1000;              // older messages of a room are deleted as new ones come
   std::int64_t keep_total = 1000000;          // and the oldest of all past this many
   unsigned max_rooms = 256;                   // rooms one socket may be in (presence rows per socket)
+  std::chrono::milliseconds busy_timeout{5000};  // a statement waits this long for a lock, then answers BUSY
 };
 
 /// Opens (and creates) the database; throws std::runtime_error when it cannot.

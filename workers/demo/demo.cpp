@@ -140,6 +140,9 @@ void add_options(CLI::App& app, builtin_options& o) {
                  "--max-rooms)")
       ->capture_default_str()
       ->check(CLI::Range(1u, 1000000u));
+  core::add_millis(app, "--chat-busy-timeout", o.chat.busy_timeout,
+                   "How long a chat statement waits for the database's lock (another process's), ms; then the "
+                   "event is answered busy");
   core::add_millis(app, "--vm-launch-ms", o.vm.launch_time, "Time one simulated VM takes to launch, ms");
   app.add_option("--vm-failure-rate", o.vm.failure_rate, "Chance that a simulated VM fails (0-1)")
       ->capture_default_str()

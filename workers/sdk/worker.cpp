@@ -1188,6 +1188,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     request req{std::move(st)};
     try {
       h(req);
+    } catch (const answer_error& e) {
+      req.fail(e.code, e.what());  // an answer the handler chose, not an error of its own
     } catch (const std::exception& e) {
       ++n_errors;
       req.fail(proto::INTERNAL, e.what());
@@ -1324,7 +1326,11 @@ const std::string& request::worker_id() const { return state_->core->options.id;
 
 boost::json::array request::args() const {
   boost::system::error_code ec;
-  auto v = boost::json::parse(state_->f->args, ec);
+  // As deep as the gateway lets through (socketio::max_json_depth): Boost's
+  // default of 32 made valid arguments nested 33 to 64 deep read as [].
+  boost::json::parse_options deep;
+  deep.max_depth = 64;
+  auto v = boost::json::parse(state_->f->args, ec, {}, deep);
   if (ec || !v.is_array()) return {};
   return std::move(v.as_array());
 }

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <stop_token>
 #include <string>
 #include <string_view>
@@ -103,6 +104,15 @@ namespace detail {
 struct request_state;
 struct worker_core;
 }  // namespace detail
+
+/// Thrown by a handler that has not answered: the request is answered with
+/// `code` and the message (a handler's other exceptions answer INTERNAL).
+/// For a failure the client should hear as what it is, such as BUSY for a
+/// resource that is locked for the moment.
+struct answer_error : std::runtime_error {
+  answer_error(proto::Code c, const std::string& message) : std::runtime_error{message}, code{c} {}
+  proto::Code code;
+};
 
 class request {
  public:
