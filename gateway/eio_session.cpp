@@ -116,6 +116,7 @@ class sio_socket : public client_socket {
   void detach(std::array<std::shared_ptr<void>, 2> places) {
     detached_ = true;
     places_ = std::move(places);
+    release_held();
     eio_.reset();
     gw_.park(pid_, std::static_pointer_cast<client_socket>(shared_from_this()));
     expire_at(clock::now() + gw_.config().recovery_window);
@@ -205,6 +206,7 @@ class sio_socket : public client_socket {
 
   void on_end() override {
     places_ = {};
+    release_held();
     give_up("the client is gone");
     // Ended while it took a parked socket over: what came meanwhile never
     // reaches the client.
@@ -335,7 +337,15 @@ class sio_socket : public client_socket {
     if (acks_.empty() || tag < acks_.front().tag) return;
     auto index = tag - acks_.front().tag;
     if (index >= acks_.size()) return;
-    acks_[index].reply = std::move(reply);
+    auto& entry = acks_[index];
+    entry.reply = std::move(reply);
+    if (index > 0) {
+      // Behind an event still unanswered: kept, and counted, until it goes.
+      entry.held = entry.reply->args.size() + entry.reply->message.size();
+      for (const auto& a : entry.reply->attachments) entry.held += a.size();
+      held_bytes_ += entry.held;
+      if (auto eio = eio_.lock(); eio && !eio->hold_replies(entry.held)) return;  // closed: a slow consumer
+    }
     flush_acks();
   }
 
@@ -345,7 +355,15 @@ class sio_socket : public client_socket {
     std::uint64_t client_id;
     std::optional<reply_data> reply;
     clock::time_point sent;
+    std::size_t held = 0;  // its reply's bytes counted in held_bytes_ (eio_session::hold_replies)
   };
+
+  // The replies kept in line no longer count against the session's bound.
+  void release_held() {
+    if (auto eio = eio_.lock()) eio->release_replies(held_bytes_);
+    held_bytes_ = 0;
+    for (auto& entry : acks_) entry.held = 0;
+  }
 
   static reply_data failure(proto::Code code, std::string message) { return {code, std::move(message)}; }
 
@@ -355,6 +373,10 @@ class sio_socket : public client_socket {
     while (!acks_.empty() && acks_.front().reply) {
       auto entry = std::move(acks_.front());
       acks_.pop_front();
+      if (entry.held) {
+        held_bytes_ -= entry.held;
+        if (eio) eio->release_replies(entry.held);
+      }
       if (!eio) continue;
       auto& reply = *entry.reply;
       gw_.metrics().ack_latency.Observe(std::chrono::duration<double>(clock::now() - entry.sent).count());
@@ -481,6 +503,7 @@ class sio_socket : public client_socket {
   }
 
   std::weak_ptr<eio_session> eio_;
+  std::size_t held_bytes_ = 0;  // of the replies in acks_ kept behind an unanswered event
   bool recoverable_;
   std::string pid_;
   timer expiry_;
@@ -923,6 +946,15 @@ bool eio_session::send(frames message) {
   }
   if (pending_get_ && !probed_) flush_poll();
   return true;
+}
+
+bool eio_session::hold_replies(std::size_t bytes) {
+  if (closed_) return false;
+  held_replies_ += bytes;
+  if (held_replies_ + buffered_bytes_ <= gw_.config().outbound_bytes) return true;
+  gw_.metrics().slow_consumer.Increment();
+  close("slow consumer");
+  return false;
 }
 
 void eio_session::flush_poll() {

@@ -3,6 +3,7 @@
 // multiplexed on it. It lives on one io_context; HTTP requests and WebSocket
 // frames that reach other threads are posted to it. Transports: polling,
 // WebSocket, and the upgrade from the first to the second with nothing lost.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <deque>
@@ -59,6 +60,13 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   bool send(frames message);
   bool send_socketio(const socketio::packet& p, const std::vector<std::string>& attachments = {});
   void forget(const std::string& nsp);
+  /// Bytes of replies a socket keeps until the acks before them have gone
+  /// (acks leave in the order their events came): bounded with what waits
+  /// for the client, by --outbound-bytes. False, the session closed as a
+  /// slow consumer, past it: a client that leaves one event unanswered (its
+  /// own callback unacked) and streams more would have them all kept.
+  bool hold_replies(std::size_t bytes);
+  void release_replies(std::size_t bytes) { held_replies_ -= std::min(bytes, held_replies_); }
   /// A namespace was joined (its connect accepted, or a socket recovered):
   /// the connect timeout is over. Its timer cancelled, not left pending:
   /// a wait kept per idle connection cost ~0.5 KB of each (2.6 -> 3.1 KB).
@@ -95,6 +103,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   std::shared_ptr<reply_slot> pending_get_;
   boost::container::devector<frame> buffer_;        // polling, or while upgrading
   std::size_t buffered_bytes_ = 0;
+  std::size_t held_replies_ = 0;  // hold_replies()
   timer ping_timer_;
   bool awaiting_pong_ = false;
   std::uint64_t sent_ = 0;

@@ -341,6 +341,30 @@ class HttpErrors(unittest.TestCase):
             request("DELETE", f"/api/v1/sessions/{sid}")
 
 
+class RepliesInLine(unittest.TestCase):
+    def test_replies_kept_behind_an_unanswered_event_are_bounded(self):
+        # Acks leave in the order their events came: behind an event whose
+        # answer waits for the client itself (call-me-back, its callback
+        # never acked) every later reply is kept. They count against
+        # --outbound-bytes (8 MiB) with what waits for the client: a dozen
+        # echoes of 900 KB close the session as a slow consumer. Before,
+        # all were kept (a review's 200 held 180 MB for the request timeout).
+        before = metric_value("sidecast_gateway_dropped_total", 'reason="slow_consumer"')
+        sid = connected_session()
+        self.assertEqual(post(sid, '420["call-me-back","x"]')[0], 200)
+        big = "x" * 900_000
+        for i in range(1, 13):
+            if post(sid, f'42{i}["echo","{big}"]')[0] != 200:
+                break  # closed already
+        deadline = time.time() + 5
+        while time.time() < deadline and metric_value("sidecast_gateway_dropped_total",
+                                                      'reason="slow_consumer"') == before:
+            time.sleep(0.05)
+        self.assertEqual(metric_value("sidecast_gateway_dropped_total", 'reason="slow_consumer"'), before + 1)
+        assert_session_gone(self, sid)
+        self.assertTrue(echo_works())
+
+
 class SocketIoErrors(unittest.TestCase):
     def closes(self, payload):
         sid = connected_session()
