@@ -102,6 +102,9 @@ struct broker::metrics {
                                        "Of a broker pair: times this broker became active (at start, or taking "
                                        "over from the other)")},
         queue_depth{core::gauges(r, "sidecast_broker_queue_depth", "Requests waiting for a worker, by service")},
+        queued_bytes{core::gauge(r, "sidecast_broker_queued_bytes",
+                                 "Bytes of the requests waiting for a worker, every service's (bounded by "
+                                 "--queue-bytes)")},
         workers{core::gauges(r, "sidecast_broker_workers", "Live workers that take new requests, by service")},
         draining{core::gauges(r, "sidecast_broker_draining_workers",
                               "Live workers that are stopping (Drain): they finish what they hold, take nothing new")},
@@ -160,6 +163,7 @@ struct broker::metrics {
   prometheus::Gauge& pair_term;
   prometheus::Counter& pair_activations;
   prometheus::Family<prometheus::Gauge>& queue_depth;
+  prometheus::Gauge& queued_bytes;
   prometheus::Family<prometheus::Gauge>& workers;
   prometheus::Family<prometheus::Gauge>& draining;
   prometheus::Family<prometheus::Gauge>& peers;
@@ -1667,6 +1671,7 @@ void broker::tick(clock::time_point now) {
     metrics_->draining.Add({{"service", service}}).Set(static_cast<double>(table_.draining_workers(service)));
   }
   metrics_->in_flight.Set(static_cast<double>(table_.in_flight()));
+  metrics_->queued_bytes.Set(static_cast<double>(table_.waiting_bytes()));
   publish_status(now);
   if (auto n = log_limit_.take_suppressed()) spdlog::warn("{} log lines suppressed", n);
   next_tick_ = now + config_.heartbeat_interval;

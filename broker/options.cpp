@@ -22,6 +22,11 @@ void add_options(CLI::App& app, broker_config& c) {
                  "Waiting requests per service before new ones get 'busy'")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{10000000}));
+  app.add_option("--queue-bytes", c.limits.queue_bytes,
+                 "Bytes of the waiting requests of all services together before new ones get 'busy' (a request "
+                 "may be up to --max-message-bytes, and wait up to --max-timeout)")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1} << 16, std::size_t{1} << 40));
   app.add_option("--max-services", c.limits.max_services,
                  "Services known at once; a request naming another gets 'unavailable' at once. Names no worker "
                  "has served are forgotten when no request for them waits")

@@ -126,6 +126,7 @@ void service_table::push_back(service_entry& svc, std::uint32_t s) {
   (svc.tail == none ? svc.head : slots_[svc.tail].next) = s;
   svc.tail = s;
   ++svc.waiting;
+  count_waiting(e);
   e.state = slot_state::queued;
   dispatch_due_ = true;
 }
@@ -137,6 +138,7 @@ void service_table::push_front(service_entry& svc, std::uint32_t s) {
   (svc.head == none ? svc.tail : slots_[svc.head].prev) = s;
   svc.head = s;
   ++svc.waiting;
+  count_waiting(e);
   e.state = slot_state::queued;
   dispatch_due_ = true;
 }
@@ -148,6 +150,13 @@ void service_table::unlink(std::uint32_t s) {
   (e.next == none ? svc.tail : slots_[e.next].prev) = e.prev;
   e.prev = e.next = none;
   --svc.waiting;
+  waiting_bytes_ -= e.queued_bytes;
+  e.queued_bytes = 0;
+}
+
+void service_table::count_waiting(slot& e) {
+  e.queued_bytes = e.work.payload.size();
+  waiting_bytes_ += e.queued_bytes;
 }
 
 // ---- the deadline heap: a binary min-heap of slots that know their place ----
@@ -210,7 +219,8 @@ service_table::admit service_table::submit(job&& work) {
   auto service = service_index(work.service);
   if (service == none) return admit::no_service;
   auto& svc = services_[service];
-  if (svc.waiting >= limits_.queue_limit) return admit::busy;
+  if (svc.waiting >= limits_.queue_limit || waiting_bytes_ + work.payload.size() > limits_.queue_bytes)
+    return admit::busy;
   auto s = new_slot();
   ids_.emplace(work.id, s);
   auto& e = slots_[s];

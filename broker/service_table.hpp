@@ -75,6 +75,7 @@ struct failure {
 
 struct table_limits {
   std::size_t queue_limit = 10000;  // waiting jobs per service
+  std::size_t queue_bytes = 256 << 20;  // bytes of the waiting jobs of every service together
   unsigned max_attempts = 3;        // dispatches before worker_lost
   std::size_t max_services = 1024;  // services known at once (see prune())
   // Jobs one worker may hold of one service: a larger announced capacity
@@ -89,7 +90,8 @@ class service_table {
   explicit service_table(table_limits limits) : limits_{limits} {}
 
   enum class admit { queued, busy, duplicate, id_in_use, no_service };
-  /// Queues a job; `busy` when its service's queue is full, `duplicate` when
+  /// Queues a job; `busy` when its service's queue is full (or the waiting
+  /// jobs of all services hold queue_bytes), `duplicate` when
   /// a job with the same id is queued or held, `id_in_use` when one of that
   /// id ended (expired or was cancelled: it was answered) while its worker
   /// still works on it, `no_service` when it
@@ -205,6 +207,8 @@ class service_table {
   std::size_t queued(const std::string& service) const;
   std::size_t in_flight() const { return held_count_; }
   std::size_t waiting() const;
+  /// Bytes of the waiting jobs' envelopes, every service's (limits queue_bytes).
+  std::size_t waiting_bytes() const { return waiting_bytes_; }
   /// Workers that take its jobs (draining ones do not).
   std::size_t workers(const std::string& service) const;
   std::size_t draining_workers(const std::string& service) const;
@@ -230,6 +234,7 @@ class service_table {
     std::uint32_t prev = none, next = none;  // queue links (queued)
     std::uint32_t heap_pos = none;           // in deadlines_, or none
     std::uint64_t seq = 0;                   // arrival order
+    std::size_t queued_bytes = 0;            // counted in waiting_bytes_ while queued
   };
   struct service_entry {
     std::string name;
@@ -264,6 +269,7 @@ class service_table {
   void push_back(service_entry& svc, std::uint32_t s);
   void push_front(service_entry& svc, std::uint32_t s);
   void unlink(std::uint32_t s);
+  void count_waiting(slot& e);
   void release(std::uint32_t worker, std::uint32_t service);
   std::uint32_t find(std::string_view id) const;
   // The slot of the ended CONNECT `id` that `worker` held, or none.
@@ -294,6 +300,7 @@ class service_table {
   std::size_t held_count_ = 0;
   std::size_t ended_connects_ = 0;
   std::uint64_t submitted_ = 0;
+  std::size_t waiting_bytes_ = 0;
   bool dispatch_due_ = false;
 };
 

@@ -451,6 +451,32 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
 }
 
 // The deadline heap and the queues against a plain model: random deadlines,
+// The waiting jobs of every service together hold at most queue_bytes: one
+// more is busy at once, whatever its service; a dispatched job's bytes no
+// longer count, and a retried one (back at the front) is never refused.
+TEST(ServiceTable, WaitingJobsAreBoundedInBytesAcrossServices) {
+  service_table t{{.queue_limit = 100, .queue_bytes = 10}};
+  auto sized = [](std::string id, std::string service, std::size_t bytes) {
+    auto j = make_job(std::move(id), std::move(service));
+    j.payload = zmq::message_t{std::string(bytes, 'x')};
+    return j;
+  };
+  EXPECT_EQ(t.submit(sized("a", "one", 4)), service_table::admit::queued);
+  EXPECT_EQ(t.submit(sized("b", "two", 4)), service_table::admit::queued);
+  EXPECT_EQ(t.waiting_bytes(), 8u);
+  EXPECT_EQ(t.submit(sized("c", "three", 3)), service_table::admit::busy);
+  EXPECT_EQ(t.submit(sized("d", "one", 2)), service_table::admit::queued) << "exactly at the bound";
+  t.add_worker("w1", "one", 2);
+  ASSERT_EQ(t.dispatch().size(), 2u);
+  EXPECT_EQ(t.waiting_bytes(), 4u);
+  EXPECT_EQ(t.submit(sized("c", "three", 3)), service_table::admit::queued);
+  EXPECT_EQ(t.waiting_bytes(), 7u);
+  // w1's two jobs go back to the front of their queue: 13 bytes wait now.
+  (void)t.remove_worker("w1");
+  EXPECT_EQ(t.waiting_bytes(), 13u);
+  EXPECT_EQ(t.submit(sized("e", "two", 1)), service_table::admit::busy);
+}
+
 // cancels in the middle of queues and held jobs answered early; every job
 // that still had a deadline expires exactly once, in deadline order.
 TEST(ServiceTable, DeadlinesExpireInOrderThroughCancelsAndEarlyAnswers) {
