@@ -35,6 +35,8 @@ defaults
   option http-server-close
 frontend sidecast
   bind 127.0.0.1:$PORT
+  # Operators' pages stay on the private network: each gateway's own port.
+  http-request deny if { path /metrics }
 CFG
     if [[ $BALANCER == sid ]]; then
       cat <<'CFG'
