@@ -67,7 +67,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 10000000));
   core::add_millis(app, "--drain-timeout", drain_timeout,
                    "On SIGTERM or SIGINT: take no new requests, give those running this long to finish, then stop "
-                   "(what still runs goes to another worker), ms");
+                   "(what still runs goes to another worker, unless it was acked already: an acked job, such as a "
+                   "VM launch, is not run again, and its client hears no more of it), ms");
   app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
   app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--http", http, "Serve /metrics and /healthz on HOST:PORT (empty: not at all)")->capture_default_str();

@@ -321,7 +321,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // An answer (out.answer) is never dropped: it also frees the request's
   // credit at the broker.
   bool enqueue(outgoing out) {
-    if (stopping) return false;
+    if (stopping) {
+      ++n_dropped;  // a handler still running as the worker stops: counted, not lost in silence
+      return false;
+    }
     const bool reply = out.answer;
     // The I/O thread drains the outbox, so it must never wait for room, nor
     // wake itself: it drains the outbox before it polls again.
