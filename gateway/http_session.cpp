@@ -1,5 +1,6 @@
 #include "gateway/http_session.hpp"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -116,9 +117,20 @@ void note_refused_origin(gateway& gw, const request& req, std::string_view what)
   if (log_limit.allow()) spdlog::warn("refused {}origin {}", what, core::printable(req[http::field::origin]));
 }
 
-void add_cors(const request& req, response& res) {
+// A listed origin (or the gateway's own) is named, with credentials; one
+// allowed only by `--cors-origin '*'` gets a literal "*" and none (as the
+// Node server's `origin: "*"`): every site's pages may read the answers,
+// but never with the cookies or credentials a proxy in front may rely on.
+void add_cors(const gateway_config& c, const request& req, response& res) {
   auto origin = req[http::field::origin];
   if (origin.empty()) return;
+  auto host = req[http::field::host];
+  bool named = std::find(c.cors_origins.begin(), c.cors_origins.end(), origin) != c.cors_origins.end() ||
+               (!host.empty() && origin_authority(origin) == host);
+  if (!named) {
+    res.set(http::field::access_control_allow_origin, "*");
+    return;
+  }
   res.set(http::field::access_control_allow_origin, origin);
   res.set(http::field::access_control_allow_credentials, "true");
   res.set(http::field::vary, "Origin");
@@ -244,7 +256,7 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
   }
   if (cors && req.method() == http::verb::options) {
     auto res = make_response(req, {204, "text/plain", ""});
-    add_cors(req, res);
+    add_cors(gw.config(), req, res);
     res.set(http::field::access_control_allow_methods, eio ? "GET, POST, OPTIONS" : "GET, POST, DELETE, OPTIONS");
     auto asked = req[http::field::access_control_request_headers];
     res.set(http::field::access_control_allow_headers, asked.empty() ? "content-type" : asked);
@@ -269,7 +281,7 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
     answer = {405, "text/plain", "method not allowed\n", "GET, HEAD"};
   }
   auto res = make_response(req, answer);
-  if (cors) add_cors(req, res);
+  if (cors) add_cors(gw.config(), req, res);
   co_return res;
 }
 

@@ -1790,6 +1790,42 @@ class RestartedGatewayTest(InProcessWorkerTest):
         t.join(WAIT * 2)
 
 
+class CorsWildcardTest(InProcessWorkerTest):
+    """--cors-origin '*' lets any page read the answers, but names no origin
+    and allows no credentials (a cookie-authenticated proxy in front would
+    otherwise answer any site in its visitors' names); an origin listed by
+    name still gets both."""
+
+    gateway_id = "gwC"
+    gateway_args = ("--cors-origin", "*", "--cors-origin", "http://app.example")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        return Service("cw", capacity=1)
+
+    def headers_for(self, origin, method="GET"):
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request(method, "/socket.io/?EIO=4&transport=polling", headers={"Origin": origin})
+        res = c.getresponse()
+        res.read()
+        return res.status, dict(res.getheaders())
+
+    def test_any_origin_gets_a_wildcard_without_credentials(self):
+        for method in ("GET", "OPTIONS"):
+            status, headers = self.headers_for("https://evil.example", method)
+            self.assertIn(status, (200, 204), method)
+            self.assertEqual(headers.get("Access-Control-Allow-Origin"), "*", method)
+            self.assertNotIn("Access-Control-Allow-Credentials", headers, method)
+
+    def test_an_origin_listed_by_name_gets_it_with_credentials(self):
+        status, headers = self.headers_for("http://app.example")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.get("Access-Control-Allow-Origin"), "http://app.example")
+        self.assertEqual(headers.get("Access-Control-Allow-Credentials"), "true")
+
+
 class ApiPollingTest(InProcessWorkerTest):
     """HTTP API long-polls: --api-session-ttl counts from the end of the last
     poll (a client that keeps polling, each poll longer than the TTL, keeps
