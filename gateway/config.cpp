@@ -165,6 +165,10 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "HS256 secret: every connect must carry auth.token, a JWT signed with it (its sub is the user)");
   app.add_option("--jwt-public-key", c.jwt_public_key, "RS256: PEM file with the public key that signs connect tokens")
       ->check(CLI::ExistingFile);
+  app.add_option("--jwt-audience", c.jwt_audience, "A connect token's aud must name this (empty: not checked)");
+  app.add_option("--jwt-issuer", c.jwt_issuer, "A connect token's iss must be this (empty: not checked)");
+  app.add_flag("--jwt-allow-no-exp", c.jwt_allow_no_exp,
+               "Accept connect tokens without exp (by default refused: such a token never expires)");
   app.add_option("--api-key", c.api_keys, "Key accepted by POST /api/v1/publish (repeatable)");
   core::add_millis(app, "--api-session-ttl", c.api_session_ttl, "Close API sessions not polled for, ms");
   app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str()

@@ -78,6 +78,9 @@ struct gateway_config {
   std::vector<std::string> recovery = {"/vm", "/chat"};  // namespaces with connection-state recovery
   std::chrono::milliseconds recovery_window{120000};    // how long a dropped socket waits to be recovered
   std::size_t recovery_buffer = 1000;                   // events kept per socket for replay
+  std::string jwt_audience;                       // non-empty: a token's "aud" must name it
+  std::string jwt_issuer;                         // non-empty: a token's "iss" must be it
+  bool jwt_allow_no_exp = false;                  // accept tokens without "exp" (they never expire)
   std::vector<std::string> api_keys;              // keys accepted by POST /api/v1/publish
   std::string curve_secret;                       // this gateway's CURVE secret key (Z85)
   std::string curve_server_key;                   // the broker's CURVE public key (Z85)

@@ -25,6 +25,13 @@ namespace {
 jwt::keys token_keys(const gateway_config& c) {
   jwt::keys k;
   k.hs256_secret = c.jwt_secret;
+  k.audience = c.jwt_audience;
+  k.issuer = c.jwt_issuer;
+  k.require_exp = !c.jwt_allow_no_exp;
+  // RFC 7518 3.2: an HS256 key at least as long as the hash (32 bytes); a
+  // short one can be guessed offline from any token a client holds.
+  if (!c.jwt_secret.empty() && c.jwt_secret.size() < 32)
+    spdlog::warn("--jwt-secret is {} bytes: use at least 32 random bytes (RFC 7518 3.2)", c.jwt_secret.size());
   if (!c.jwt_public_key.empty()) {
     std::ifstream f{c.jwt_public_key};
     if (!f) throw std::invalid_argument("cannot read --jwt-public-key " + c.jwt_public_key);

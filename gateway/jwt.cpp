@@ -6,6 +6,7 @@
 #include <openssl/hmac.h>
 #include <openssl/pem.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -165,8 +166,21 @@ boost::system::result<claims, std::string> verifier::verify(std::string_view tok
   auto exp = date_claim(*payload, "exp", bad_date);
   auto nbf = date_claim(*payload, "nbf", bad_date);
   if (bad_date) return fail("exp or nbf is not a date");
+  if (!exp && keys_.require_exp) return fail("token has no exp");
   if (exp && seconds > *exp + leeway.count()) return fail("token expired");
   if (nbf && seconds + leeway.count() < *nbf) return fail("token not valid yet");
+  if (!keys_.audience.empty()) {
+    // RFC 7519 4.1.3: one string, or an array of them.
+    auto* aud = payload->if_contains("aud");
+    auto names = [&](const boost::json::value& v) { return v.is_string() && v.as_string() == keys_.audience; };
+    bool ours = aud && (names(*aud) || (aud->is_array() && std::any_of(aud->as_array().begin(),
+                                                                         aud->as_array().end(), names)));
+    if (!ours) return fail("token is not for this audience");
+  }
+  if (!keys_.issuer.empty()) {
+    auto* iss = payload->if_contains("iss");
+    if (!iss || !iss->is_string() || iss->as_string() != keys_.issuer) return fail("token's issuer is not accepted");
+  }
   auto* sub = payload->if_contains("sub");
   if (!sub || !sub->is_string() || sub->as_string().empty()) return fail("token has no subject");
   return claims{std::string{sub->as_string()}, std::move(*payload_text)};

@@ -15,6 +15,9 @@ namespace sidecast::gateway::jwt {
 struct keys {
   std::string hs256_secret;     // empty: HS256 not accepted
   std::string rs256_public_pem; // empty: RS256 not accepted
+  std::string audience;         // non-empty: "aud" must be it (or an array holding it)
+  std::string issuer;           // non-empty: "iss" must be it
+  bool require_exp = true;      // a token without "exp" is refused (it would never expire)
   bool any() const { return !hs256_secret.empty() || !rs256_public_pem.empty(); }
 };
 
@@ -35,7 +38,9 @@ class verifier {
   bool enabled() const { return keys_.any(); }
 
   /// Checks the signature (the header's alg must be one we accept: never
-  /// "none"), "exp" and "nbf" (with `leeway`), and that "sub" is a string.
+  /// "none"), "exp" (required unless keys::require_exp is off) and "nbf"
+  /// (with `leeway`), "aud" and "iss" when the keys name them, and that
+  /// "sub" is a string.
   /// The error says why, for the client's connect_error.
   boost::system::result<claims, std::string> verify(std::string_view token,
                                                     std::chrono::system_clock::time_point now,

@@ -48,7 +48,10 @@ TEST(Jwt, Hs256AcceptsGoodTokensOnly) {
   const bad cases[] = {
       {"wrong secret", hs256(header, R"({"sub":"ann"})", "guess"), "bad signature"},
       {"expired", hs256(header, R"({"sub":"ann","exp":1799999000})", "s3cret"), "token expired"},
-      {"not yet", hs256(header, R"({"sub":"ann","nbf":1800001000})", "s3cret"), "token not valid yet"},
+      {"not yet", hs256(header, R"({"sub":"ann","exp":1800002000,"nbf":1800001000})", "s3cret"),
+       "token not valid yet"},
+      // Without exp a stolen token would never expire.
+      {"no exp", hs256(header, R"({"sub":"ann"})", "s3cret"), "token has no exp"},
       {"no subject", hs256(header, R"({"exp":1800000100})", "s3cret"), "token has no subject"},
       {"alg none", base64url_encode(R"({"alg":"none"})") + "." + base64url_encode(R"({"sub":"ann"})") + ".",
        "algorithm not accepted: none"},
@@ -77,6 +80,38 @@ TEST(Jwt, Hs256AcceptsGoodTokensOnly) {
       << "30 s of leeway for clock skew";
 }
 
+// --jwt-audience and --jwt-issuer: a token minted for another service with
+// the same key is refused; --jwt-allow-no-exp takes one without exp.
+TEST(Jwt, AudienceIssuerAndExpAreThePolicysToSet) {
+  const std::string header = R"({"alg":"HS256","typ":"JWT"})";
+  verifier v{{.hs256_secret = "s3cret", .audience = "sidecast", .issuer = "https://auth.example"}};
+  auto token = [&](const char* payload) { return hs256(header, payload, "s3cret"); };
+  EXPECT_TRUE(v.verify(token(R"({"sub":"a","exp":1800000100,"aud":"sidecast","iss":"https://auth.example"})"), now));
+  EXPECT_TRUE(v.verify(
+      token(R"({"sub":"a","exp":1800000100,"aud":["billing","sidecast"],"iss":"https://auth.example"})"), now))
+      << "aud may be an array";
+  struct bad {
+    const char* payload;
+    const char* why;
+  };
+  for (const auto& [payload, why] : {
+           bad{R"({"sub":"a","exp":1800000100,"iss":"https://auth.example"})", "token is not for this audience"},
+           bad{R"({"sub":"a","exp":1800000100,"aud":"billing","iss":"https://auth.example"})",
+               "token is not for this audience"},
+           bad{R"({"sub":"a","exp":1800000100,"aud":["billing"],"iss":"https://auth.example"})",
+               "token is not for this audience"},
+           bad{R"({"sub":"a","exp":1800000100,"aud":"sidecast"})", "token's issuer is not accepted"},
+           bad{R"({"sub":"a","exp":1800000100,"aud":"sidecast","iss":"https://evil.example"})",
+               "token's issuer is not accepted"},
+       }) {
+    auto r = v.verify(token(payload), now);
+    ASSERT_FALSE(r) << payload;
+    EXPECT_EQ(r.error(), why) << payload;
+  }
+  verifier lax{{.hs256_secret = "s3cret", .require_exp = false}};
+  EXPECT_TRUE(lax.verify(token(R"({"sub":"a"})"), now));
+}
+
 TEST(Jwt, Rs256WithAPemPublicKey) {
   EVP_PKEY* key = EVP_RSA_gen(2048);
   ASSERT_NE(key, nullptr);
@@ -87,7 +122,8 @@ TEST(Jwt, Rs256WithAPemPublicKey) {
   std::string pem(pem_data, static_cast<std::size_t>(pem_len));
   BIO_free(bio);
 
-  auto signed_part = base64url_encode(R"({"alg":"RS256"})") + "." + base64url_encode(R"({"sub":"bob"})");
+  auto signed_part =
+      base64url_encode(R"({"alg":"RS256"})") + "." + base64url_encode(R"({"sub":"bob","exp":1800000100})");
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
   EVP_DigestSignInit(ctx, nullptr, EVP_sha256(), nullptr, key);
   size_t sig_len = 0;
