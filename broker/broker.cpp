@@ -23,7 +23,7 @@ constexpr const char* outcome_names[] = {"dispatched", "ok",          "error",  
 constexpr const char* drop_reason_names[] = {"malformed",   "unknown_peer",  "not_allowed", "bad_hello",
                                              "foreign_id",  "foreign_sid",   "duplicate",   "not_holder",
                                              "not_requester", "unroutable",  "hwm",         "unreachable",
-                                             "curve_refused", "service_limit", "standby"};
+                                             "curve_refused", "service_limit", "standby",   "peer_limit"};
 
 outcome outcome_of(proto::Code code) {
   switch (code) {
@@ -731,6 +731,11 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     // A peer announcing itself again otherwise lost its state (a restart
     // under the same id): whatever it held goes elsewhere.
     remove_peer(routing_id);
+  }
+  if (peers_.size() >= config_.max_peers) {
+    send_error(routing_id, proto::BUSY, "the broker has --max-peers peers registered");
+    drop(drop_reason::peer_limit, routing_id);
+    return;
   }
   auto& added = peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
                                           hello.incarnation(), hello.connection(), hello.hello()};

@@ -60,6 +60,10 @@ struct broker_config {
   // not come: remembered so that, when the owner gateway is lost, each asker
   // hears at once instead of at its relay deadline (up to 65 s).
   std::size_t max_forwards = 65536;
+  // Registered peers (gateways, workers, clients) at once: each keeps its
+  // entry and a ring of what was sent to it (--kept-sent-bytes) until its
+  // liveness runs out. Past it a new peer's Hello is refused.
+  std::size_t max_peers = 10000;
   // What was sent to each peer over the ROUTER and it has not said it read
   // (Heartbeat.peer_read; from a peer that does not say, what was sent in
   // its last heartbeat interval), at most this many messages and bytes per
@@ -261,6 +265,7 @@ class broker {
     curve_refused,
     service_limit,
     standby,
+    peer_limit,
     count
   };
   void drop(drop_reason reason, std::string_view detail);

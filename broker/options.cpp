@@ -52,6 +52,11 @@ void add_options(CLI::App& app, broker_config& c) {
                  "gateway is lost each asker hears at once; past it a relayed request waits out its relay "
                  "deadline if its owner dies")
       ->capture_default_str();
+  app.add_option("--max-peers", c.max_peers,
+                 "Registered peers (gateways, workers, clients) at once; a new one's Hello past it is refused "
+                 "(BUSY), counted as dropped peer_limit")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{10000000}));
   app.add_option("--kept-sent", c.kept_sent,
                  "Messages sent to each peer kept until its heartbeats say it read them (from a peer that does "
                  "not say, those of its last heartbeat interval), so that those that die in a socket the peer "

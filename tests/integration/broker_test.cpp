@@ -1556,6 +1556,26 @@ TEST_P(BrokerTest, FullQueueAnswersBusyAtOnce) {
   EXPECT_EQ(env->reply().code(), proto::BUSY);
 }
 
+// Registered peers are bounded (--max-peers): a new one's Hello past it is
+// refused BUSY, counted; a peer that leaves makes room.
+TEST_P(BrokerTest, PeersAreBounded) {
+  broker::broker_config config;
+  config.max_peers = 2;
+  start(config);
+  peer c1{ctx_, "inproc://router", "c1"}, c2{ctx_, "inproc://router", "c2"}, c3{ctx_, "inproc://router", "c3"};
+  ASSERT_TRUE(c1.hello());
+  ASSERT_TRUE(c2.hello());
+  c3.send_hello();
+  auto refused = c3.next(Envelope::kError, 3s);
+  ASSERT_TRUE(refused) << "the third peer was not refused";
+  EXPECT_EQ(refused->error().code(), proto::BUSY);
+  EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "peer_limit"), 1.0);
+  Envelope bye;
+  bye.mutable_goodbye();
+  c1.send(bye);
+  EXPECT_TRUE(eventually([&] { return c3.hello(300ms); })) << "no room after a peer left";
+}
+
 // Made-up service names cannot fill the broker: past --max-services a new
 // name is answered UNAVAILABLE at once, and names no worker served are
 // forgotten, with their metric series, once no request for them waits.
