@@ -159,6 +159,10 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--recovery-buffer", c.recovery_buffer, "Events kept per recoverable socket for replay")
       ->capture_default_str()
       ->check(at_least_one);
+  app.add_option("--recovery-buffer-bytes", c.recovery_buffer_bytes,
+                 "... and their bytes at most (an event several sockets keep counts in each)")
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--curve-secret", c.curve_secret, "This gateway's CURVE secret key (Z85)");
   app.add_option("--curve-server-key", c.curve_server_key, "The broker's CURVE public key (Z85)");
   app.add_option("--jwt-secret", c.jwt_secret,

@@ -78,6 +78,7 @@ struct gateway_config {
   std::vector<std::string> recovery = {"/vm", "/chat"};  // namespaces with connection-state recovery
   std::chrono::milliseconds recovery_window{120000};    // how long a dropped socket waits to be recovered
   std::size_t recovery_buffer = 1000;                   // events kept per socket for replay
+  std::size_t recovery_buffer_bytes = 1 << 20;          // ... and their bytes at most
   std::string jwt_audience;                       // non-empty: a token's "aud" must name it
   std::string jwt_issuer;                         // non-empty: a token's "iss" must be it
   bool jwt_allow_no_exp = false;                  // accept tokens without "exp" (they never expire)

@@ -43,13 +43,16 @@ class replay_buffer {
     while (!events_.empty() && events_.front().seq <= confirmed) pop();
     if (events_.empty()) events_ = {};  // an idle socket keeps no block
   }
-  /// `away`: the client's transport is gone, so what gives way is lost to
-  /// it unless it comes back (counted); on a live socket it was most likely
-  /// received, and only a recovery from before it would not be whole.
-  void push(replay_entry e, std::size_t limit, bool away) {
+  /// At most `limit` events and `limit_bytes` of them (an event another
+  /// socket keeps too counts in each). `away`: the client's transport is
+  /// gone, so what gives way is lost to it unless it comes back (counted);
+  /// on a live socket it was most likely received, and only a recovery
+  /// from before it would not be whole.
+  void push(replay_entry e, std::size_t limit, std::size_t limit_bytes, bool away) {
+    bytes_ += size_of(*e.ev);
     events_.push_back(std::move(e));
     held_.Increment();
-    if (events_.size() > limit) {
+    while (!events_.empty() && (events_.size() > limit || bytes_ > limit_bytes)) {
       // The client may not have seen it: a recovery from before it is no
       // longer whole (see lost()).
       if (away) overflow_.Increment();
@@ -59,6 +62,7 @@ class replay_buffer {
   }
   boost::container::devector<replay_entry> take() {
     held_.Decrement(static_cast<double>(events_.size()));
+    bytes_ = 0;
     return std::exchange(events_, {});
   }
   /// The offset of the newest event given up unconfirmed (0: none): a client
@@ -66,13 +70,20 @@ class replay_buffer {
   std::uint64_t lost() const { return lost_; }
 
  private:
+  static std::size_t size_of(const outbound_event& ev) {
+    std::size_t n = ev.event().size() + ev.args().size();
+    for (const auto& a : ev.attachments()) n += a.size();
+    return n;
+  }
   void pop() {
+    bytes_ -= size_of(*events_.front().ev);
     events_.pop_front();
     held_.Decrement();
   }
   prometheus::Gauge& held_;
   prometheus::Counter& overflow_;
   boost::container::devector<replay_entry> events_;
+  std::size_t bytes_ = 0;  // size_of() each of events_
   std::uint64_t lost_ = 0;
 };
 
@@ -413,7 +424,9 @@ class sio_socket : public client_socket {
   void remember(const std::shared_ptr<const outbound_event>& ev, const eio_session* eio) {
     // The frame about to be sent gets number sent() + 1; on a closed
     // session sent() stops, so nothing recorded after it is ever confirmed.
-    replay_.push(replay_entry{eio ? eio->sent() + 1 : std::uint64_t(-1), ev}, gw_.config().recovery_buffer, !eio);
+    const auto& c = gw_.config();
+    replay_.push(replay_entry{eio ? eio->sent() + 1 : std::uint64_t(-1), ev}, c.recovery_buffer, c.recovery_buffer_bytes,
+                 !eio);
   }
 
   // Parked until `until`: then, if it is still in the table, it ends.

@@ -2543,6 +2543,32 @@ class RecoveryBufferEndToEndTest(RecoveryTest):
             ws.recv()
 
 
+class RecoveryBufferBytesTest(RecoveryTest):
+    """--recovery-buffer-bytes (3000 here) bounds what a socket keeps for
+    replay in bytes, as --recovery-buffer does in events: large events to a
+    client that is away give way sooner, and counted, and the client is
+    told it did not recover."""
+
+    gateway_id = "gwB"
+    gateway_args = ("--recovery", "/rec", "--recovery-buffer-bytes", "3000", "--ping-interval", "60000")
+
+    def test_large_events_give_way_past_the_bytes(self):
+        ws, hello = self.connect()
+        self.worker.emit_to_sid(hello["sid"], "n", 0, nsp="/rec")
+        n, offset = self.event(ws)
+        self.drop_transport(ws)
+        before = dropped(self.http_port, "replay_overflow")
+        for i in range(1, 6):
+            self.worker.emit_to_sid(hello["sid"], "big", "x" * 1000, nsp="/rec")
+        # 3000 bytes hold two of them: event 0 and the first three give way.
+        self.assertTrue(eventually(lambda: dropped(self.http_port, "replay_overflow") == before + 4),
+                        dropped(self.http_port, "replay_overflow") - before)
+        ws, again = self.connect({"pid": hello["pid"], "offset": offset})
+        self.addCleanup(ws.close)
+        self.assertEqual(again["sid"], hello["sid"])
+        self.assertNotEqual(again["pid"], hello["pid"], "told it recovered, with events lost")
+
+
 class RecoveryEdgesTest(RecoveryTest):
     """What a recovery does with an emit awaiting the client's ack, with a
     worker's disconnect of a parked socket, and with an event it could not
