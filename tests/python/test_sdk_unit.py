@@ -290,6 +290,14 @@ class AnswerOnTheCoreTest(unittest.TestCase):
         self.assertIsNotNone(future)
         self.assertEqual(len(self.core.acks), 1)
 
+    def test_stop_before_start_answers_an_awaited_ack_cancelled(self):
+        # No pool yet to run its callback on: stop() raised AttributeError.
+        results = []
+        future = self.request("c:1").emit_with_ack("ask", 1, callback=results.append)
+        self.core.stop()
+        self.assertEqual(future.result(0).code, Code.CANCELLED)
+        self.assertEqual([r.code for r in results], [Code.CANCELLED])
+
 
 class ServiceTest(unittest.TestCase):
     def test_registration(self):

@@ -406,6 +406,14 @@ class _Core:
     # ---- the handler pool ----
 
     def submit(self, fn, *args):
+        if self.pool is None:
+            # Never started (stop() answering an ack awaited before start()):
+            # no pool to run it on, so here, as the pool would, errors logged.
+            try:
+                fn(*args)
+            except BaseException:
+                log.exception("sidecast worker callback failed")
+            return True
         try:
             self.pool.submit(self.in_pool, fn, *args)
             return True
