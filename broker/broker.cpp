@@ -733,8 +733,8 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     remove_peer(routing_id);
   }
   if (peers_.size() >= config_.max_peers) {
+    drop(drop_reason::peer_limit, routing_id);  // counted before the peer can hear of it
     send_error(routing_id, proto::BUSY, "the broker has --max-peers peers registered");
-    drop(drop_reason::peer_limit, routing_id);
     return;
   }
   auto& added = peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,

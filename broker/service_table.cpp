@@ -219,7 +219,12 @@ service_table::admit service_table::submit(job&& work) {
   auto service = service_index(work.service);
   if (service == none) return admit::no_service;
   auto& svc = services_[service];
-  if (svc.waiting >= limits_.queue_limit || waiting_bytes_ + work.payload.size() > limits_.queue_bytes)
+  // The bytes bound holds back only a service that has jobs waiting
+  // already: one saturated service's backlog does not make every other
+  // (whose job would go to a worker now) busy. Past it by at most one job
+  // per service.
+  if (svc.waiting >= limits_.queue_limit ||
+      (svc.waiting > 0 && waiting_bytes_ + work.payload.size() > limits_.queue_bytes))
     return admit::busy;
   auto s = new_slot();
   ids_.emplace(work.id, s);

@@ -40,7 +40,9 @@ asio::awaitable<void> serve(tcp::socket socket, std::shared_ptr<const pages> p) 
     ~counted() { g.Decrement(); }
   } counted{p->connections};
   beast::tcp_stream stream{std::move(socket)};
-  beast::flat_buffer buffer;
+  // Bounded: Beast keeps a chunk's size line or a trailer until its end,
+  // and limits neither (the header limit below covers only the header).
+  beast::flat_buffer buffer{8 * 1024 + 64 * 1024};
   for (;;) {
     http::request_parser<http::empty_body> parser;
     parser.header_limit(8 * 1024);

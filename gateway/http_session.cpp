@@ -229,8 +229,11 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path) {
     if (!body) co_return http_answer{404, "text/plain", "client file missing\n"};
     co_return http_answer{200, "application/javascript; charset=UTF-8", std::move(*body)};
   }
-  // No segment that starts with a dot: not "..", nor a hidden file (.git, .env).
-  if (c.static_dir.empty() || path.find("/.") != std::string_view::npos || path.find('\\') != std::string_view::npos)
+  // No segment that starts with a dot: not "..", nor a hidden file (.git,
+  // .env); but /.well-known/ (RFC 8615: ACME challenges, security.txt).
+  constexpr std::string_view well_known = "/.well-known/";
+  auto rest = path.starts_with(well_known) ? path.substr(well_known.size() - 1) : path;
+  if (c.static_dir.empty() || rest.find("/.") != std::string_view::npos || path.find('\\') != std::string_view::npos)
     co_return http_answer{404, "text/plain", "not found\n"};
   std::string file = c.static_dir + std::string{path};
   if (path.ends_with('/')) file += "index.html";

@@ -36,7 +36,8 @@ defaults
 frontend sidecast
   bind 127.0.0.1:$PORT
   # Operators' pages stay on the private network: each gateway's own port.
-  http-request deny if { path /metrics }
+  # Decoded first: the gateway decodes the path (/%6detrics is /metrics).
+  http-request deny if { path,url_dec -m beg /metrics }
 CFG
     if [[ $BALANCER == sid ]]; then
       cat <<'CFG'

@@ -748,6 +748,10 @@ class StaticFiles(unittest.TestCase):
         status, body, _ = request("GET", "/inside.html")
         self.assertEqual(status, 200)
         self.assertIn("bad_input_test's static directory", body)
+        # RFC 8615's /.well-known/ is served; a dot segment past it is not.
+        status, body, _ = request("GET", "/.well-known/security.txt")
+        self.assertEqual((status, body.startswith("Contact:")), (200, True))
+        self.assertEqual(request("GET", "/.well-known/../.env")[0], 404)
 
 
 class ConnectTimeout(unittest.TestCase):

@@ -61,6 +61,15 @@ async function publish(base, body) {
   assert.equal(res.status, 202, await res.text());
 }
 
+test("the balancer keeps /metrics from clients, however the path is written", async () => {
+  // Each gateway still serves it on its own port (the private network).
+  for (const path of ["/metrics", "/%6detrics", "/%6Detrics", "/metrics?x=1"]) {
+    assert.equal((await fetch(`${url}${path}`)).status, 403, path);
+  }
+  const [direct] = Object.values(gateways());
+  assert.equal((await fetch(`${direct}/metrics`)).status, 200);
+});
+
 test("two clients on different gateways share a room", async () => {
   const [a, b] = await onTwoGateways("/");
   const room = "x" + Date.now();

@@ -451,9 +451,13 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
 }
 
 // The deadline heap and the queues against a plain model: random deadlines,
-// The waiting jobs of every service together hold at most queue_bytes: one
-// more is busy at once, whatever its service; a dispatched job's bytes no
-// longer count, and a retried one (back at the front) is never refused.
+// The waiting jobs of every service together hold at most queue_bytes: a
+// job for a service that has jobs waiting already is busy past it; one for
+// a service with none waiting is taken (it is for a worker now, or the
+// first of its queue: past the bound by at most one job per service), so a
+// saturated service's backlog does not make the others busy. A dispatched
+// job's bytes no longer count; a retried one (back at the front) is never
+// refused.
 TEST(ServiceTable, WaitingJobsAreBoundedInBytesAcrossServices) {
   service_table t{{.queue_limit = 100, .queue_bytes = 10}};
   auto sized = [](std::string id, std::string service, std::size_t bytes) {
@@ -462,19 +466,22 @@ TEST(ServiceTable, WaitingJobsAreBoundedInBytesAcrossServices) {
     return j;
   };
   EXPECT_EQ(t.submit(sized("a", "one", 4)), service_table::admit::queued);
-  EXPECT_EQ(t.submit(sized("b", "two", 4)), service_table::admit::queued);
+  EXPECT_EQ(t.submit(sized("b", "one", 4)), service_table::admit::queued);
   EXPECT_EQ(t.waiting_bytes(), 8u);
-  EXPECT_EQ(t.submit(sized("c", "three", 3)), service_table::admit::busy);
+  EXPECT_EQ(t.submit(sized("c", "one", 3)), service_table::admit::busy);
   EXPECT_EQ(t.submit(sized("d", "one", 2)), service_table::admit::queued) << "exactly at the bound";
+  EXPECT_EQ(t.submit(sized("e", "two", 5)), service_table::admit::queued) << "another service's first job";
+  EXPECT_EQ(t.submit(sized("f", "two", 1)), service_table::admit::busy) << "its second, past the bound";
+  EXPECT_EQ(t.waiting_bytes(), 15u);
   t.add_worker("w1", "one", 2);
   ASSERT_EQ(t.dispatch().size(), 2u);
-  EXPECT_EQ(t.waiting_bytes(), 4u);
-  EXPECT_EQ(t.submit(sized("c", "three", 3)), service_table::admit::queued);
   EXPECT_EQ(t.waiting_bytes(), 7u);
-  // w1's two jobs go back to the front of their queue: 13 bytes wait now.
+  EXPECT_EQ(t.submit(sized("c", "one", 3)), service_table::admit::queued);
+  EXPECT_EQ(t.waiting_bytes(), 10u);
+  // w1's two jobs go back to the front of their queue: 18 bytes wait now.
   (void)t.remove_worker("w1");
-  EXPECT_EQ(t.waiting_bytes(), 13u);
-  EXPECT_EQ(t.submit(sized("e", "two", 1)), service_table::admit::busy);
+  EXPECT_EQ(t.waiting_bytes(), 18u);
+  EXPECT_EQ(t.submit(sized("g", "one", 1)), service_table::admit::busy);
 }
 
 // cancels in the middle of queues and held jobs answered early; every job
