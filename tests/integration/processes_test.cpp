@@ -371,6 +371,35 @@ TEST(Processes, TheAdminPortHoldsItsBoundOfConnections) {
   ::close(second);
 }
 
+// The admin port's read buffer is bounded: a chunk's size line that never
+// ends (Beast limits neither it nor a trailer) closes the connection, where
+// it was all kept (a review's 300 MiB grew the broker by as much).
+TEST(Processes, TheAdminPortKeepsNoEndlessChunkLine) {
+  ports p;
+  child broker{"sidecast-broker", broker_args(p)};
+  ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 200; }));
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<std::uint16_t>(p.http));
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  std::string start = "POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2;a=";
+  ASSERT_EQ(::send(fd, start.data(), start.size(), MSG_NOSIGNAL), static_cast<ssize_t>(start.size()));
+  timeval five{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &five, sizeof five);
+  const std::string block(64 * 1024, 'b');
+  std::size_t sent = 0;
+  while (sent < (32u << 20)) {
+    auto n = ::send(fd, block.data(), block.size(), MSG_NOSIGNAL);
+    if (n <= 0) break;  // closed by the broker (or a full window for 5 s)
+    sent += static_cast<std::size_t>(n);
+  }
+  ::close(fd);
+  EXPECT_LT(sent, 32u << 20) << "the broker took 32 MiB of one chunk line";
+  EXPECT_EQ(http_get(p.http, "/healthz").first, 200);
+}
+
 // Out of file descriptors, an accept fails and the connection stays in the
 // listen queue: the gateway counts it and pauses, then serves again once
 // descriptors are free (it used to retry at once, at 100% CPU, unlogged).
