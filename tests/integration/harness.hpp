@@ -71,8 +71,8 @@ inline int free_port() {
   throw std::runtime_error("no free port below the ephemeral range");
 }
 
-/// GET http://127.0.0.1:port/path with a plain socket; returns status and body.
-inline std::pair<int, std::string> http_get(int port, const std::string& path) {
+/// A plain TCP connection to 127.0.0.1:port; -1 if it cannot be made.
+inline int connect_to(int port) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -80,8 +80,15 @@ inline std::pair<int, std::string> http_get(int port, const std::string& path) {
   addr.sin_port = htons(static_cast<std::uint16_t>(port));
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
     ::close(fd);
-    return {0, {}};
+    return -1;
   }
+  return fd;
+}
+
+/// GET http://127.0.0.1:port/path with a plain socket; returns status and body.
+inline std::pair<int, std::string> http_get(int port, const std::string& path) {
+  int fd = connect_to(port);
+  if (fd < 0) return {0, {}};
   std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
   [[maybe_unused]] auto sent = ::write(fd, req.data(), req.size());
   std::string response;

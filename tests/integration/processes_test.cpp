@@ -345,17 +345,10 @@ TEST(Processes, TheAdminPortHoldsItsBoundOfConnections) {
   args.insert(args.end(), {"--admin-max-connections", "2"});
   child broker{"sidecast-broker", args};
   ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 200; }));
-  auto open_idle = [&] {
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(static_cast<std::uint16_t>(p.http));
-    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-    return fd;
-  };
-  int first = open_idle();
-  int second = open_idle();
+  int first = connect_to(p.http);
+  int second = connect_to(p.http);
+  ASSERT_GE(first, 0);
+  ASSERT_GE(second, 0);
   // The two are counted once the server has accepted them: until then a GET
   // may still get in.
   ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 0; }))
@@ -378,12 +371,8 @@ TEST(Processes, TheAdminPortKeepsNoEndlessChunkLine) {
   ports p;
   child broker{"sidecast-broker", broker_args(p)};
   ASSERT_TRUE(eventually([&] { return http_get(p.http, "/healthz").first == 200; }));
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<std::uint16_t>(p.http));
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  int fd = connect_to(p.http);
+  ASSERT_GE(fd, 0);
   std::string start = "POST /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2;a=";
   ASSERT_EQ(::send(fd, start.data(), start.size(), MSG_NOSIGNAL), static_cast<ssize_t>(start.size()));
   timeval five{5, 0};
@@ -420,12 +409,8 @@ TEST(Processes, AGatewayOutOfDescriptorsPausesAndServesAgain) {
   std::vector<int> held;
   auto start = std::chrono::steady_clock::now();
   for (int i = 0; i < 16; ++i) {
-    int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(static_cast<std::uint16_t>(gw_http));
-    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    int fd = connect_to(gw_http);
+    ASSERT_GE(fd, 0);
     held.push_back(fd);
   }
   std::this_thread::sleep_for(500ms);  // the accepts that fail, meanwhile
