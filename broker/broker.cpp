@@ -1260,14 +1260,14 @@ bool broker::park(const std::string& to, zmq::message_t& payload, const undelive
     return false;
   auto size = payload.size();
   parked_[to].push_back({std::move(payload), now_, report});
-  count_parked(1, size);
+  set_parked(parked_count_ + 1, parked_bytes_ + size);
   return true;
 }
 
-// parked_count_ and parked_bytes_ moved by a message kept (+) or gone (-), and their gauges.
-void broker::count_parked(std::ptrdiff_t messages, std::ptrdiff_t bytes) {
-  parked_count_ += static_cast<std::size_t>(messages);
-  parked_bytes_ += static_cast<std::size_t>(bytes);
+// What is parked now, in messages and bytes, and their gauges.
+void broker::set_parked(std::size_t messages, std::size_t bytes) {
+  parked_count_ = messages;
+  parked_bytes_ = bytes;
   metrics_->parked.Set(static_cast<double>(parked_count_));
   metrics_->parked_bytes.Set(static_cast<double>(parked_bytes_));
 }
@@ -1286,7 +1286,7 @@ void broker::unpark(const std::string& to) {
     ++sent_now;
     bytes += size;
   }
-  count_parked(-static_cast<std::ptrdiff_t>(sent_now), -static_cast<std::ptrdiff_t>(bytes));
+  set_parked(parked_count_ - sent_now, parked_bytes_ - bytes);
   metrics_->unparked.Add({{"outcome", "delivered"}}).Increment(static_cast<double>(sent_now));
   if (kept.empty()) parked_.erase(it);  // else its pipe is full, or gone again: the rest waits
   if (sent_now) spdlog::info("{}: {} messages kept while it had no connection delivered", to, sent_now);
@@ -1307,7 +1307,7 @@ void broker::report_parked(const std::string& to) {
   parked_.erase(it);
   std::size_t bytes = 0;
   for (const auto& k : kept) bytes += k.payload.size();
-  count_parked(-static_cast<std::ptrdiff_t>(kept.size()), -static_cast<std::ptrdiff_t>(bytes));
+  set_parked(parked_count_ - kept.size(), parked_bytes_ - bytes);
   metrics_->unparked.Add({{"outcome", "reported"}}).Increment(static_cast<double>(kept.size()));
   for (auto& k : kept) {
     drop(drop_reason::unreachable, to);
@@ -1502,7 +1502,7 @@ void broker::forget_everything() {
   table_ = service_table{config_.limits};
   peers_.clear();
   parked_.clear();
-  count_parked(-static_cast<std::ptrdiff_t>(parked_count_), -static_cast<std::ptrdiff_t>(parked_bytes_));
+  set_parked(0, 0);
   forwards_.clear();  // their askers are told STANDBY with the rest, and relay elsewhere
   metrics_->forwards.Set(0);
   suspects_.clear();

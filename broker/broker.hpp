@@ -206,15 +206,14 @@ class broker {
   /// it (then sends what was kept, in order), or until its liveness runs
   /// out or it is dropped (then tells `report.to`, as if sent to nobody).
   /// False, `payload` left, when the peer is not registered or max_parked
-  /// (or max_parked_bytes)
-  /// messages are kept.
+  /// messages (or max_parked_bytes) are kept.
   struct undelivered {
     std::string to;  // who hears the DeliveryReport
     proto::DeliveryReport::Status status;
     std::string sid, ref, detail;
   };
   bool park(const std::string& to, zmq::message_t& payload, const undelivered& report);
-  void count_parked(std::ptrdiff_t messages, std::ptrdiff_t bytes);
+  void set_parked(std::size_t messages, std::size_t bytes);
   enum class sent { ok, full, gone };
   sent deliver(std::string_view to, zmq::message_t& payload, const undelivered& report);
   void unpark(const std::string& to);

@@ -1,5 +1,7 @@
 #include "core/admin_http.hpp"
 
+#include <cstdint>
+
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -40,12 +42,13 @@ asio::awaitable<void> serve(tcp::socket socket, std::shared_ptr<const pages> p) 
     ~counted() { g.Decrement(); }
   } counted{p->connections};
   beast::tcp_stream stream{std::move(socket)};
+  constexpr std::uint32_t header_limit = 8 * 1024;
   // Bounded: Beast keeps a chunk's size line or a trailer until its end,
-  // and limits neither (the header limit below covers only the header).
-  beast::flat_buffer buffer{8 * 1024 + 64 * 1024};
+  // and limits neither (header_limit covers only the header).
+  beast::flat_buffer buffer{header_limit + 64 * 1024};
   for (;;) {
     http::request_parser<http::empty_body> parser;
-    parser.header_limit(8 * 1024);
+    parser.header_limit(header_limit);
     stream.expires_after(std::chrono::seconds(30));
     auto [ec, n] = co_await http::async_read(stream, buffer, parser,
                                              asio::as_tuple(asio::use_awaitable));

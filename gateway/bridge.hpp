@@ -336,8 +336,9 @@ class bridge {
   /// `out` (its message kept) joins the held ones: after those held before
   /// it; or, `given_back` by a standby, ahead of every one held for any
   /// other reason and after those given back before it (see given_back()).
-  void unhold();
   void hold_kept(sent_message& out, bool given_back = false);
+  /// A held request or forward expired: one fewer held.
+  void unhold();
   /// Sends `message` (or, `may_hold`, holds it), keeping a copy and where
   /// it went in `out`. What resend_lost() sends is never held.
   bool send_kept(zmq::message_t&& message, sent_message& out, bool may_hold = true);

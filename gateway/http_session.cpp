@@ -97,16 +97,20 @@ std::string_view origin_authority(std::string_view origin) {
   return scheme == std::string_view::npos ? std::string_view{} : origin.substr(scheme + 3);
 }
 
-// Browsers send Origin; a request without one (curl, Node, Python clients)
-// is allowed. Same origin (the Origin's host equals the Host we were reached
-// on) is allowed; others only when configured.
-bool origin_allowed(const gateway_config& c, const request& req) {
+// A browser's Origin that is the gateway's own (its host equals the Host
+// we were reached on) or listed by name in --cors-origin.
+bool origin_named(const gateway_config& c, const request& req) {
   auto origin = req[http::field::origin];
-  if (origin.empty()) return true;
-  for (const auto& allowed : c.cors_origins)
-    if (allowed == "*" || allowed == origin) return true;
   auto host = req[http::field::host];
-  return !host.empty() && origin_authority(origin) == host;
+  return std::find(c.cors_origins.begin(), c.cors_origins.end(), origin) != c.cors_origins.end() ||
+         (!host.empty() && origin_authority(origin) == host);
+}
+
+// Browsers send Origin; a request without one (curl, Node, Python clients)
+// is allowed. A named origin is allowed; any other only with '*'.
+bool origin_allowed(const gateway_config& c, const request& req) {
+  if (req[http::field::origin].empty() || origin_named(c, req)) return true;
+  return std::find(c.cors_origins.begin(), c.cors_origins.end(), "*") != c.cors_origins.end();
 }
 
 // A refused origin is counted, and logged at most so often: it is a
@@ -124,10 +128,7 @@ void note_refused_origin(gateway& gw, const request& req, std::string_view what)
 void add_cors(const gateway_config& c, const request& req, response& res) {
   auto origin = req[http::field::origin];
   if (origin.empty()) return;
-  auto host = req[http::field::host];
-  bool named = std::find(c.cors_origins.begin(), c.cors_origins.end(), origin) != c.cors_origins.end() ||
-               (!host.empty() && origin_authority(origin) == host);
-  if (!named) {
+  if (!origin_named(c, req)) {
     res.set(http::field::access_control_allow_origin, "*");
     return;
   }

@@ -3096,6 +3096,14 @@ struct bridge_rig {
     w->set_received(received);
     to_bridge(env);
   }
+  /// Takes the link's Hello, welcomes it (heartbeats every `interval_ms`)
+  /// and waits until the bridge is connected; false if any step fails.
+  bool connect(std::uint32_t interval_ms) {
+    auto hello = next_from_bridge(Envelope::kHello);
+    if (!hello) return false;
+    welcome(hello->hello(), interval_ms);
+    return eventually([&] { return bridge->connected(); });
+  }
   /// Answers request `id` ("[1]"), as its worker would.
   void answer(std::string id) {
     Envelope env;
@@ -3228,12 +3236,7 @@ TEST(GatewayLink, WhatWaitsForTheNewSocketsWelcomeGoesAfterWhatDiedInTheOld) {
 // gateway send an emit, and gives it back as a pair's standby that stepped
 // down would (Error STANDBY, `refused`). The emit, or nothing.
 std::optional<Envelope> given_back_emit(bridge_rig& rig, std::uint32_t interval_ms) {
-  auto hello = rig.next_from_bridge(Envelope::kHello);
-  if (!hello) return std::nullopt;
-  rig.welcome(hello->hello(), interval_ms);
-  if (!eventually([&] { return rig.bridge->connected(); }) ||
-      !rig.bridge->send(emit_envelope("gwOther.s1", "n", "[1]")))
-    return std::nullopt;
+  if (!rig.connect(interval_ms) || !rig.bridge->send(emit_envelope("gwOther.s1", "n", "[1]"))) return std::nullopt;
   auto emit = rig.next_from_bridge(Envelope::kEmit);
   if (!emit) return std::nullopt;
   Envelope refused;
@@ -3291,10 +3294,7 @@ TEST(GatewayLink, AOneWayMessageAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
 // emit sent before the Hello (a review: 20 publishes of 20).
 TEST(GatewayLink, WhatARestartedBrokerGivesBackGoesAfterItsWelcomeInOrder) {
   bridge_rig rig{"gwR", std::nullopt, false, [](gateway::gateway_config& c) { c.heartbeat_interval = 100ms; }};
-  auto hello = rig.next_from_bridge(Envelope::kHello);
-  ASSERT_TRUE(hello);
-  rig.welcome(hello->hello(), 500);
-  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  ASSERT_TRUE(rig.connect(500));
   ASSERT_TRUE(rig.bridge->send(emit_envelope("gwOther.s1", "n", "[1]")));
   auto first = rig.next_from_bridge(Envelope::kEmit);
   ASSERT_TRUE(first);
@@ -3356,12 +3356,9 @@ TEST(GatewayLink, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
     }
     return std::nullopt;
   };
-  auto hello = rig.next_from_bridge(Envelope::kHello);
-  ASSERT_TRUE(hello);
   // Heartbeats every 500 ms: the test plays a broker that sends none, and
   // has 1.5 s from here to its last give-back.
-  rig.welcome(hello->hello(), 500);
-  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  ASSERT_TRUE(rig.connect(500));
   ASSERT_TRUE(rig.bridge->send(notice(1)));
   ASSERT_TRUE(rig.ask(1, 30s));
   ASSERT_TRUE(rig.bridge->send(notice(2)));
@@ -3406,10 +3403,7 @@ TEST(GatewayLink, WhatAStandbyGivesBackGoesAheadOfWhatWasHeldAfterIt) {
 // --hwm and new requests were refused early).
 TEST(GatewayLink, AHeldRequestThatExpiresIsNoLongerHeld) {
   bridge_rig rig{"gwE", std::nullopt, false, [](gateway::gateway_config& c) { c.heartbeat_interval = 100ms; }};
-  auto hello = rig.next_from_bridge(Envelope::kHello);
-  ASSERT_TRUE(hello);
-  rig.welcome(hello->hello(), 500);
-  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  ASSERT_TRUE(rig.connect(500));
   Envelope standby;
   standby.mutable_error()->set_code(proto::STANDBY);
   standby.mutable_error()->set_takeover_ms(5000);
@@ -3629,10 +3623,7 @@ TEST(GatewayLink, AControlThatCannotBeAppliedIsRefusedWithItsReason) {
   using gateway::control_outcome;
   using proto::Control;
   bridge_rig rig{"gwB", std::nullopt, false, [](gateway::gateway_config& c) { c.max_thread_backlog = 0; }};
-  auto hello = rig.next_from_bridge(Envelope::kHello);
-  ASSERT_TRUE(hello);
-  rig.welcome(hello->hello(), 60000);
-  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  ASSERT_TRUE(rig.connect(60000));
   rig.attach("gwB.s1");
   EXPECT_EQ(apply_control(rig, Control::DISCONNECT, "gwB.s1"), control_outcome::thread_behind);
   EXPECT_EQ(rig.metrics.thread_backlog.Value(), 1);

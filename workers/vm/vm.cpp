@@ -1,12 +1,13 @@
 #include "workers/vm/vm.hpp"
 
-#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <random>
 #include <unordered_map>
 
 #include <boost/json.hpp>
+
+#include "core/utf8.hpp"
 
 namespace sidecast::workers {
 namespace json = boost::json;
@@ -17,13 +18,6 @@ constexpr int steps = 10;  // progress events per VM, 10% each
 // A VM's name, in characters: each progress event carries it (and the
 // final answer once per VM), so a long one would be sent a few hundred times.
 constexpr std::size_t max_name_chars = 64;
-
-// Characters of UTF-8 text (the gateway has checked it is UTF-8): bytes
-// that do not continue a sequence.
-std::size_t characters(std::string_view text) {
-  return static_cast<std::size_t>(
-      std::count_if(text.begin(), text.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; }));
-}
 
 struct task {
   std::string owner;  // the sid that launched it: only it may cancel
@@ -64,7 +58,7 @@ void open_vm(request req, const vm_options& options, registry& reg) {
     req.fail(proto::BAD_REQUEST, "count must be 1.." + std::to_string(options.max_count));
     return;
   }
-  if (characters(name) > max_name_chars) {
+  if (core::code_points(name) > max_name_chars) {
     req.fail(proto::BAD_REQUEST, "name must be at most " + std::to_string(max_name_chars) + " characters");
     return;
   }
