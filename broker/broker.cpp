@@ -48,6 +48,13 @@ struct broker::metrics {
         owed_disconnects{
             core::counter(r, "sidecast_broker_owed_disconnects_total",
                           "DISCONNECTs sent to a worker whose connect hook accepted after its CONNECT ended")},
+        gateways_gone{core::counters(r, "sidecast_broker_gateways_gone_total",
+                                     "Gateways announced gone to every worker (GatewayGone), by reason: silent past "
+                                     "--gateway-gone-after, said goodbye, restarted under the same id, or replaced "
+                                     "its sid prefix")},
+        gone_pending{core::gauge(r, "sidecast_broker_gateways_gone_pending",
+                                 "Gateways lost to silence whose announcement waits for --gateway-gone-after "
+                                 "(bounded by --max-peers)")},
         reconnects{core::counter(r, "sidecast_broker_peer_reconnects_total",
                                  "Hellos from a live peer on a new socket (it heard nothing from the broker for its "
                                  "liveness): it keeps what it held; a worker gets its jobs again")},
@@ -145,6 +152,8 @@ struct broker::metrics {
   prometheus::Family<prometheus::Counter>& dropped;
   prometheus::Family<prometheus::Counter>& reports;
   prometheus::Counter& owed_disconnects;
+  prometheus::Family<prometheus::Counter>& gateways_gone;
+  prometheus::Gauge& gone_pending;
   prometheus::Counter& reconnects;
   prometheus::Gauge& forwards;
   prometheus::Gauge& parked;
@@ -184,7 +193,7 @@ struct broker::metrics {
   drop_counters drops = make_drops(dropped);
   // By the kinds this build knows (an unknown one is malformed before it
   // is counted here: the parse leaves it KIND_NOT_SET).
-  std::array<prometheus::Counter*, Envelope::kRecall + 1> by_kind{};
+  std::array<prometheus::Counter*, proto::last_kind + 1> by_kind{};
 };
 
 namespace {
@@ -604,7 +613,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
     }
     case Envelope::kGoodbye:
       spdlog::info("{} {} said goodbye", proto::Role_Name(role), routing_id);
-      remove_peer(routing_id);
+      remove_peer(routing_id, leaving::goodbye);
       dispatch(now);  // what it held, to the others
       break;
     case Envelope::kForward: {
@@ -680,10 +689,25 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     drop(drop_reason::bad_hello, "too many services");
     return;
   }
+  if (!hello.sid_prefix().empty() &&
+      (hello.role() != proto::ROLE_GATEWAY || !proto::valid_sid_prefix(hello.id(), hello.sid_prefix()))) {
+    send_error(routing_id, proto::BAD_REQUEST,
+               "a sid_prefix is a gateway's: its id, '.', and 1 to 32 of [A-Za-z0-9_-]");
+    drop(drop_reason::bad_hello, "bad sid prefix");
+    return;
+  }
+  if (hello.role() == proto::ROLE_GATEWAY) settle_gone(routing_id, hello.sid_prefix());
   auto existing = peers_.find(routing_id);
   if (existing != peers_.end()) {
     auto& known = existing->second;
     if (hello.incarnation() != 0 && hello.incarnation() == known.incarnation && hello.role() == known.role) {
+      if (known.sid_prefix != hello.sid_prefix()) {
+        // A gateway told its prefix was announced gone (Welcome.prefix_gone)
+        // ended its sockets and took a new one; the old one, if it was not
+        // announced yet, is announced now: none of its sockets is left.
+        auto old = std::exchange(known.sid_prefix, hello.sid_prefix());
+        if (!old.empty() && !announced_gone_.seen(old, now)) announce_gone(routing_id, old, "replaced");
+      }
       // The same link, alive, holding what it held: it stays registered.
       if (hello.connection() < known.connection) {
         // From a socket the link has replaced since: the newer Hello counts.
@@ -729,8 +753,11 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       return;
     }
     // A peer announcing itself again otherwise lost its state (a restart
-    // under the same id): whatever it held goes elsewhere.
-    remove_peer(routing_id);
+    // under the same id): whatever it held goes elsewhere, and a gateway's
+    // sockets are gone.
+    auto old = known.sid_prefix;
+    remove_peer(routing_id, leaving::replaced);
+    if (!old.empty() && old != hello.sid_prefix()) announce_gone(routing_id, old, "restarted");
   }
   if (peers_.size() >= config_.max_peers) {
     drop(drop_reason::peer_limit, routing_id);  // counted before the peer can hear of it
@@ -740,6 +767,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   auto& added = peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
                                           hello.incarnation(), hello.connection(), hello.hello()};
   added.kept = core::kept_ring<sent_at>{config_.kept_sent, config_.kept_sent_bytes};
+  added.sid_prefix = hello.sid_prefix();
   if (hello.role() == proto::ROLE_WORKER) {
     // The services the table knows first: once this worker serves them, a
     // new one of its own cannot take their place (make_room takes only
@@ -815,6 +843,9 @@ bool broker::welcome(const std::string& to, const proto::Hello& hello, const pee
     w->set_received(before->received);
   }
   w->set_marks_resent(marks_resent);  // send_unread() ends with the mark
+  if (hello.role() == proto::ROLE_GATEWAY && !hello.sid_prefix().empty() &&
+      announced_gone_.seen(hello.sid_prefix(), now_))
+    w->set_prefix_gone(true);  // it ends its sockets and comes again with a new prefix
   // On the connection the Hello came on, before anything kept for the peer
   // (what the broker keeps of what it sent it must not be forgotten by
   // sending that first: send_unread() may still need it).
@@ -1315,10 +1346,11 @@ void broker::report_parked(const std::string& to) {
   }
 }
 
-void broker::remove_peer(const std::string& routing_id) {
+void broker::remove_peer(const std::string& routing_id, leaving how) {
   auto it = peers_.find(routing_id);
   if (it == peers_.end()) return;
   auto role = it->second.role;
+  auto sid_prefix = std::move(it->second.sid_prefix);
   peers_.erase(it);
   suspects_.erase(routing_id);
   report_parked(routing_id);
@@ -1343,6 +1375,71 @@ void broker::remove_peer(const std::string& routing_id) {
     metrics_->forwards.Set(static_cast<double>(forwards_.size()));
   }
   spdlog::info("{} {} left", proto::Role_Name(role), routing_id);
+  if (role != proto::ROLE_GATEWAY || sid_prefix.empty() || how == leaving::replaced) return;
+  if (how == leaving::goodbye || config_.gateway_gone_after.count() == 0) {
+    announce_gone(routing_id, sid_prefix, how == leaving::goodbye ? "goodbye" : "silent");
+    return;
+  }
+  if (pending_gone_.size() >= config_.max_peers) {
+    // Full (many gateways lost at once): the one due first goes now.
+    auto first = std::min_element(pending_gone_.begin(), pending_gone_.end(),
+                                  [](const auto& a, const auto& b) { return a.second.due < b.second.due; });
+    auto [gateway, gone] = std::move(*first);
+    pending_gone_.erase(first);
+    announce_gone(gateway, gone.sid_prefix, "silent");
+  }
+  pending_gone_.insert_or_assign(routing_id, gone_gateway{std::move(sid_prefix), now_ + config_.gateway_gone_after});
+  metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
+}
+
+// A gateway's Hello: if it was lost to silence and is back with the prefix
+// it left with, it still has its sockets: nothing is announced. With
+// another, it is a new process under the same id (or one that ended its
+// sockets): the old prefix is announced now.
+void broker::settle_gone(const std::string& gateway, const std::string& prefix) {
+  auto it = pending_gone_.find(gateway);
+  if (it == pending_gone_.end()) return;
+  auto left = std::move(it->second.sid_prefix);
+  pending_gone_.erase(it);
+  metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
+  if (left != prefix) announce_gone(gateway, left, "restarted");
+  else spdlog::info("gateway {} is back before its sockets were announced gone", gateway);
+}
+
+void broker::announce_due_gone(clock::time_point now) {
+  std::vector<std::pair<std::string, std::string>> due;
+  for (auto it = pending_gone_.begin(); it != pending_gone_.end();) {
+    if (now < it->second.due) {
+      ++it;
+      continue;
+    }
+    due.emplace_back(it->first, std::move(it->second.sid_prefix));
+    it = pending_gone_.erase(it);
+  }
+  if (due.empty()) return;
+  metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
+  for (const auto& [gateway, prefix] : due) announce_gone(gateway, prefix, "silent");
+}
+
+// Every worker hears it (each may keep something per socket: a service's
+// workers may share a database, and all of them run the hook, which must
+// not mind a socket it does not know). A worker not registered now (one
+// restarting) does not: a restarted worker starts afresh anyway.
+void broker::announce_gone(const std::string& gateway, const std::string& prefix, const char* reason) {
+  Envelope env;
+  auto* g = env.mutable_gateway_gone();
+  g->set_gateway(gateway);
+  g->set_sid_prefix(prefix);
+  g->set_reason(reason);
+  auto bytes = env.SerializeAsString();
+  std::vector<std::string> workers;
+  for (const auto& [id, p] : peers_)
+    if (p.role == proto::ROLE_WORKER) workers.push_back(id);
+  for (const auto& w : workers) send(w, bytes);
+  announced_gone_.remember(prefix, now_);
+  metrics_->gateways_gone.Add({{"reason", reason}}).Increment();
+  spdlog::warn("gateway {} is gone ({}): told {} workers that the sockets {}* are gone", gateway, reason,
+               workers.size(), prefix);
 }
 
 Envelope broker::forward_refused(std::string_view forward_id, bool api, bool session, bool busy) const {
@@ -1504,6 +1601,8 @@ void broker::forget_everything() {
   parked_.clear();
   set_parked(0, 0);
   forwards_.clear();  // their askers are told STANDBY with the rest, and relay elsewhere
+  pending_gone_.clear();  // announced by no one: the other broker never knew them
+  metrics_->gone_pending.Set(0);
   metrics_->forwards.Set(0);
   suspects_.clear();
 }
@@ -1642,6 +1741,7 @@ void broker::tick(clock::time_point now) {
     for (const auto& who : quiet) trust(who, "unanswered");
   }
   if (!parked_.empty()) expire_parked(now);
+  if (!pending_gone_.empty()) announce_due_gone(now);
   forget_old_sends(now);
   std::vector<std::string> dead;
   for (const auto& [routing_id, p] : peers_) {

@@ -30,6 +30,7 @@
 #include "core/local_link.hpp"
 #include "core/log.hpp"
 #include "core/metrics.hpp"
+#include "core/recent_keys.hpp"
 #include "core/string_hash.hpp"
 #include "core/wakeup.hpp"
 
@@ -64,6 +65,11 @@ struct broker_config {
   // entry and a ring of what was sent to it (--kept-sent-bytes) until its
   // liveness runs out. Past it a new peer's Hello is refused.
   std::size_t max_peers = 10000;
+  // A gateway silent past its liveness is dropped; past this much more
+  // silence (it did not come back with the same sid prefix) every worker
+  // hears that its sockets are gone (GatewayGone, docs/protocol.md "A
+  // gateway lost"). 0: as soon as it is dropped.
+  std::chrono::milliseconds gateway_gone_after{30000};
   // What was sent to each peer over the ROUTER and it has not said it read
   // (Heartbeat.peer_read; from a peer that does not say, what was sent in
   // its last heartbeat interval), at most this many messages and bytes per
@@ -146,6 +152,7 @@ class broker {
     std::uint64_t welcomed_at = 0;  // `sent` at the Welcome that waits for its Heartbeat.read
     core::kept_ring<sent_at> kept;  // the last of those (config kept_sent), see send_unread()
     bool reports_reads = false;     // its heartbeats say what it read: kept until then (forget_read_sends())
+    std::string sid_prefix;         // a gateway's (Hello.sid_prefix); empty: its loss is announced to no one
   };
   struct metrics;
   void send_unread(const std::string& to, const proto::ReadReport& read);
@@ -220,7 +227,17 @@ class broker {
   void expire_parked(clock::time_point now);
   void report_parked(const std::string& to);
   bool send_job(std::string_view worker, job& work, clock::time_point now);
-  void remove_peer(const std::string& routing_id);
+  // How a peer left: a gateway lost to silence is announced gone later
+  // (pending_gone_), one that said Goodbye at once; one that came back as
+  // another process under its id is announced by on_hello.
+  enum class leaving { lost, goodbye, replaced };
+  void remove_peer(const std::string& routing_id, leaving how = leaving::lost);
+  /// Tells every worker that the sockets of `prefix` are gone (GatewayGone).
+  void announce_gone(const std::string& gateway, const std::string& prefix, const char* reason);
+  /// What a gateway's Hello means for its announcement: one back with the
+  /// prefix it left with is not announced; a new prefix announces the old.
+  void settle_gone(const std::string& gateway, const std::string& prefix);
+  void announce_due_gone(clock::time_point now);
   bool send_held_again(const std::string& worker, clock::time_point now);
   // The answer to a forward whose owner gateway is not there (or, `busy`,
   // whose pipe is full): what the owner would answer for a session it does
@@ -304,6 +321,17 @@ class broker {
   };
   std::unordered_map<std::string, forward_route> forwards_;  // by forward id, until answered (max_forwards)
   clock::time_point forward_sweep_{};
+  // Gateways lost to silence, by id, to be announced gone when `due` comes
+  // unless they are back first (at most max_peers: past it the one due
+  // first is announced at once).
+  struct gone_gateway {
+    std::string sid_prefix;
+    clock::time_point due;
+  };
+  std::unordered_map<std::string, gone_gateway> pending_gone_;
+  // Prefixes announced gone (a day, at most max_peers): a gateway that
+  // comes back with one is told so in its Welcome (prefix_gone).
+  core::recent_keys announced_gone_{std::chrono::hours(24), config_.max_peers};
   std::size_t parked_count_ = 0;
   std::size_t parked_bytes_ = 0;
   struct suspicion {

@@ -57,6 +57,12 @@ void add_options(CLI::App& app, broker_config& c) {
                  "(BUSY), counted as dropped peer_limit")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{10000000}));
+  core::add_millis(app, "--gateway-gone-after", c.gateway_gone_after,
+                   "A gateway silent past its heartbeat liveness is dropped; silent this much longer (not back "
+                   "with the same sid prefix), every worker is told its sockets are gone (GatewayGone), so that "
+                   "services forget them. A gateway back after that ends its sockets, and its clients reconnect "
+                   "(0: at once when dropped)",
+                   0);
   app.add_option("--kept-sent", c.kept_sent,
                  "Messages sent to each peer kept until its heartbeats say it read them (from a peer that does "
                  "not say, those of its last heartbeat interval), so that those that die in a socket the peer "

@@ -154,12 +154,12 @@ std::optional<int> parse(CLI::App& app, int argc, char** argv) {
 }
 
 CLI::Option* add_millis(CLI::App& app, const std::string& name, std::chrono::milliseconds& target,
-                        const std::string& help) {
+                        const std::string& help, std::int64_t least) {
   return app
       .add_option_function<std::int64_t>(
           name, [&target](std::int64_t ms) { target = std::chrono::milliseconds(ms); }, help)
       ->default_str(std::to_string(target.count()))
-      ->check(CLI::Range(std::int64_t{1}, std::int64_t{86400000}));
+      ->check(CLI::Range(least, std::int64_t{86400000}));
 }
 
 std::optional<host_port> parse_host_port(const std::string& text) {

@@ -27,9 +27,10 @@ void finish_app(CLI::App& app);
 /// (--help, or a usage error already printed).
 std::optional<int> parse(CLI::App& app, int argc, char** argv);
 
-/// Adds an option taking milliseconds into a std::chrono field.
+/// Adds an option taking milliseconds into a std::chrono field, from
+/// `least` (1 unless 0 means something) to a day.
 CLI::Option* add_millis(CLI::App& app, const std::string& name, std::chrono::milliseconds& target,
-                        const std::string& help);
+                        const std::string& help, std::int64_t least = 1);
 
 /// Splits "host:port" (port required). Returns nullopt when malformed.
 struct host_port {

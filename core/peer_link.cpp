@@ -66,6 +66,7 @@ void peer_link::send_hello() {
   auto* hello = env.mutable_hello();
   hello->set_role(options_.role);
   hello->set_id(options_.id);
+  hello->set_sid_prefix(options_.sid_prefix);
   hello->set_protocol_version(proto::protocol_version);
   for (const auto& [name, capacity] : options_.services) {
     auto* s = hello->add_services();
@@ -80,6 +81,11 @@ void peer_link::send_hello() {
   if (unwelcomed_from_ == 0) unwelcomed_from_ = stats_.hellos;
   send(env);
   sent_since_hello_ = 0;  // the broker counts what comes after it
+}
+
+void peer_link::renew_sid_prefix(std::string prefix) {
+  options_.sid_prefix = std::move(prefix);
+  send_hello();
 }
 
 void peer_link::drain() {
@@ -217,6 +223,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         read_to_ = w.sent();
         read_tail_ = 0;
         welcome_hello_ = w.hello();
+        if (w.prefix_gone()) ++prefixes_gone_;
         replaced_since_welcome_ = false;
         unwelcomed_from_ = 0;
         continue;

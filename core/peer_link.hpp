@@ -37,6 +37,7 @@ struct peer_link_options {
   // standby (Error STANDBY) for a liveness. Empty: one broker.
   std::string backup_endpoint;
   std::string id;        // routing id, sid prefix for gateways; valid_peer_id()
+  std::string sid_prefix;  // gateways: Hello.sid_prefix, see renew_sid_prefix()
   proto::Role role = proto::ROLE_WORKER;
   std::vector<std::pair<std::string, unsigned>> services;  // workers: name, capacity
   std::chrono::milliseconds heartbeat_interval{1000};      // until the broker's Welcome
@@ -140,6 +141,12 @@ class peer_link {
   std::uint64_t epoch() const { return stats_.hellos; }
   /// Counts the brokers met after the first: a Welcome of a new incarnation.
   std::uint64_t broker_restarts() const { return broker_restarts_; }
+  /// Counts the Welcomes that said the broker announced our sid prefix gone
+  /// (Welcome.prefix_gone): the gateway ends its sockets and renews it.
+  std::uint64_t prefixes_gone() const { return prefixes_gone_; }
+  /// A gateway's new sid prefix: said at once in a Hello again (on the same
+  /// socket: nothing sent before it is lost), and in every Hello after.
+  void renew_sid_prefix(std::string prefix);
   /// At the last of those: what was sent at an epoch below this went to the
   /// broker that is gone (or died in a socket the link replaced), and
   /// nobody answers it, except a job the new broker named in Error
@@ -195,6 +202,7 @@ class peer_link {
   std::uint64_t unwelcomed_from_ = 0;  // epoch of the first Hello since the last Welcome, or of the
                                        // current socket's, if later; 0: none
   std::uint64_t broker_restarts_ = 0;
+  std::uint64_t prefixes_gone_ = 0;
   std::uint64_t lost_below_ = 0;
   std::uint64_t sent_since_hello_ = 0;
   // What this link read of what the broker sent it, in the broker's count

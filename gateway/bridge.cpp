@@ -78,11 +78,12 @@ const std::string& outbound_event::ws_frame() const {
 // ---- bridge ----
 
 bridge::bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics,
-               std::uint64_t first_id)
+               std::uint64_t first_id, std::string sid_prefix)
     : config_{config},
       context_{context},
       metrics_{metrics},
       id_{config.id},
+      sid_prefix_{std::move(sid_prefix)},
       next_id_{first_id},
       backlog_{config.max_thread_backlog, metrics.thread_backlog},
       notices_{config.kept_notices, config.kept_notice_bytes},
@@ -201,11 +202,11 @@ void bridge::detach(std::string sid) {
       true);
 }
 
-void bridge::shut_down_all() {
+void bridge::shut_down_all(std::string prefix) {
   post(
-      [this] {
+      [this, prefix = std::move(prefix)] {
         for (auto& [sid, m] : members_)
-          if (auto sink = m.sink.lock())
+          if (auto sink = m.sink.lock(); sink && sid.starts_with(prefix))
             to_sink(sink->executor(), [sink] { sink->shut_down(); }, 1, thread_backlog::kind::owed);
       },
       true);
@@ -416,6 +417,7 @@ void bridge::open() {
     lo.endpoint = config_.broker;
     lo.backup_endpoint = config_.backup_broker;
     lo.id = id_;
+    lo.sid_prefix = sid_prefix_;
     lo.role = proto::ROLE_GATEWAY;
     lo.heartbeat_interval = config_.heartbeat_interval;
     lo.sndhwm = lo.rcvhwm = config_.hwm;
@@ -486,6 +488,7 @@ void bridge::pump() {
     return true;
   });
   if (link_->broker_restarts() != broker_restarts_) fail_lost_to_restart();
+  if (link_->prefixes_gone() != prefixes_gone_) renew_sid_prefix();
   if (link_->received_by_broker().count != broker_received_ || (held_ > 0 && !link_->holding())) resend_lost();
   if (link_->read_by_broker() != broker_read_) forget_read();
   more = drain(sub_watch_, [this] {
@@ -869,6 +872,20 @@ void bridge::fail_lost_to_restart() {
     }
     reply_to(std::move(p), {proto::BROKER_LOST, "the broker restarted before it answered; the request may have run"});
   }
+}
+
+// The broker told every worker that the sockets of our sid prefix are gone
+// (we were silent past its --gateway-gone-after, and came back): their
+// services have forgotten them. They end here too (their clients reconnect
+// and start afresh), and sids from now on begin with a new prefix, which
+// the link says at once, so the broker announces nothing of them.
+void bridge::renew_sid_prefix() {
+  prefixes_gone_ = link_->prefixes_gone();
+  if (!prefix_gone_handler_) return;
+  metrics_.prefixes_gone.Increment();
+  sid_prefix_ = prefix_gone_handler_(sid_prefix_);
+  link_->renew_sid_prefix(sid_prefix_);
+  link_watch_.dirty = true;
 }
 
 // The broker (the same one) welcomed a new socket of the link and said how

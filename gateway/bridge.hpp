@@ -91,8 +91,9 @@ proto::Envelope ack_refusal(std::string ack_id, proto::Code code, std::string me
 class bridge {
  public:
   /// Request ids are "<config.id>:<n>", n counting up from first_id + 1.
+  /// `sid_prefix`: what the gateway's sids begin with now (Hello.sid_prefix).
   bridge(const gateway_config& config, zmq::context_t& context, gateway_metrics& metrics,
-         std::uint64_t first_id = 0);
+         std::uint64_t first_id = 0, std::string sid_prefix = {});
   ~bridge();
   bridge(const bridge&) = delete;
   bridge& operator=(const bridge&) = delete;
@@ -157,6 +158,12 @@ class bridge {
   /// Called (on the bridge thread) when its sockets cannot be made, e.g.
   /// an endpoint libzmq refuses: the bridge then serves nothing.
   void on_failure(std::function<void(const std::string&)> handler) { failure_handler_ = std::move(handler); }
+  /// Called (on the bridge thread) when the broker says it announced the
+  /// sid prefix gone (Welcome.prefix_gone): the handler ends the sockets
+  /// of that prefix and returns the new one, which the link says at once.
+  void on_prefix_gone(std::function<std::string(const std::string&)> handler) {
+    prefix_gone_handler_ = std::move(handler);
+  }
   /// Bridge thread (a forward handler): posts `handler` to a session's
   /// thread under that thread's --max-thread-backlog; false when refused.
   template <typename Handler>
@@ -164,8 +171,9 @@ class bridge {
     return backlog_.post(ex, std::forward<Handler>(handler));
   }
 
-  /// gateway::drain: every attached sink's shut_down(), on its thread.
-  void shut_down_all();
+  /// gateway::drain: every attached sink's shut_down(), on its thread;
+  /// with a `prefix`, only those whose sid begins with it.
+  void shut_down_all(std::string prefix = {});
   /// Sids attached (any thread; the bridge thread's count after its last command).
   std::size_t members() const { return members_count_.load(std::memory_order_relaxed); }
   /// CONNECTs sent and not yet answered (any thread): a drain waits for
@@ -320,6 +328,7 @@ class bridge {
   void expire(std::chrono::steady_clock::time_point now);
   /// A new broker welcomed us: what its predecessor held ends now.
   void fail_lost_to_restart();
+  void renew_sid_prefix();
   /// Sends again what died in a socket the link replaced, then what was
   /// held (hold()) once the link no longer holds.
   void resend_lost();
@@ -352,6 +361,8 @@ class bridge {
   zmq::context_t& context_;
   gateway_metrics& metrics_;
   std::string id_;
+  std::string sid_prefix_;  // bridge thread (after start())
+  std::uint64_t prefixes_gone_ = 0;  // the link's count, as last acted on
   std::atomic<std::uint64_t> next_id_{0};
   std::uint64_t offset_ = 0;  // bridge thread: offsets of outbound events
   std::atomic<std::size_t> members_count_{0};  // members_.size(), for members()
@@ -397,6 +408,7 @@ class bridge {
   boost::unordered_flat_map<std::uint64_t, pending_forward> forwards_;
   std::function<void(proto::HttpForward)> forward_handler_;
   std::function<void(const std::string&)> failure_handler_;
+  std::function<std::string(const std::string&)> prefix_gone_handler_;
   // Their deadlines, a min-heap (earliest first). An answered entry stays
   // until its time comes (it then finds nothing, or a later deadline), and
   // compact_deadlines() keeps those to about as many as the live ones.

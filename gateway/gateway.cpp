@@ -22,6 +22,9 @@ namespace asio = boost::asio;
 
 namespace {
 
+// Characters of the sid prefix's tag (new_sid()): 48 random bits.
+constexpr std::size_t sid_tag_chars = 8;
+
 jwt::keys token_keys(const gateway_config& c) {
   jwt::keys k;
   k.hs256_secret = c.jwt_secret;
@@ -68,9 +71,12 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   // characters, its colon and n stay within std::string's 15 inline bytes;
   // a new start's ids meet an old one's still held with a chance of about
   // the requests of a minute over 2^40).
-  bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_, drawn_id ? 0 : core::draw_incarnation() >> 24);
+  sid_prefix_ = config_.id + "." + core::random_token(sid_tag_chars);
+  bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_, drawn_id ? 0 : core::draw_incarnation() >> 24,
+                                           sid_prefix_);
   api_ = std::make_unique<class api>(*this);
   bridge_->on_forward([this](proto::HttpForward f) { serve_forwarded(std::move(f)); });
+  bridge_->on_prefix_gone([this](const std::string& old) { return renew_sid_prefix(old); });
   bridge_->on_failure([this](const std::string& why) {
     {
       std::lock_guard lock{failure_mutex_};
@@ -300,19 +306,37 @@ void gateway::drain(std::chrono::milliseconds limit) {
   stop();
 }
 
-void gateway::close_all() {
+void gateway::close_all(const std::string& prefix, const char* reason) {
   std::vector<std::shared_ptr<eio_session>> open;
   {
     std::lock_guard lock{sessions_mutex_};
     for (auto& [sid, weak] : sessions_)
-      if (auto s = weak.lock()) open.push_back(std::move(s));
+      if (auto s = weak.lock(); s && sid.starts_with(prefix)) open.push_back(std::move(s));
   }
   // A closed transport (not a Socket.IO disconnect) makes clients reconnect,
   // through the balancer, to another gateway.
-  for (auto& s : open) asio::post(s->executor(), [s] { s->close("server shutting down"); });
+  for (auto& s : open) asio::post(s->executor(), [s, reason] { s->close(reason); });
   // Then every other socket: /ws connections, API sessions (their polls get
   // 410) and sockets parked for recovery; each service gets its DISCONNECT.
-  bridge_->shut_down_all();
+  bridge_->shut_down_all(prefix);
+}
+
+// On the bridge thread: the broker told the workers that the sockets of
+// `old` are gone (Welcome.prefix_gone). New sids take a new prefix first,
+// then every socket of the old one ends (its client reconnects and starts
+// afresh; a session opened meanwhile has the new one and stays).
+std::string gateway::renew_sid_prefix(const std::string& old) {
+  std::string renewed;
+  {
+    std::lock_guard lock{sid_prefix_mutex_};
+    sid_prefix_ = config_.id + "." + core::random_token(sid_tag_chars);
+    renewed = sid_prefix_;
+  }
+  spdlog::warn("the broker announced the sockets of {} gone (this gateway was silent too long): ending them; "
+               "new sids begin {}",
+               old, renewed);
+  close_all(old, "the broker announced this gateway gone");
+  return renewed;
 }
 
 bool gateway::healthy() const { return !draining_ && bridge_->connected(); }
@@ -328,7 +352,13 @@ const std::string* gateway::service_for(const std::string& nsp) const {
 // recovers a socket: a client that saw many must not guess the next (a
 // seeded Mersenne Twister, as before, gives its state away after a few
 // hundred).
-std::string gateway::new_sid() { return config_.id + "." + core::random_token(22); }
+// The prefix's tag (sid_tag_chars) tells one start of a gateway from
+// another under a pinned --gateway-id: what the broker announces gone
+// (GatewayGone) names one start's sockets, never the next one's.
+std::string gateway::new_sid() {
+  std::lock_guard lock{sid_prefix_mutex_};
+  return sid_prefix_ + core::random_token(22);
+}
 
 void gateway::add_session(const std::string& sid, std::weak_ptr<eio_session> session) {
   std::lock_guard lock{sessions_mutex_};

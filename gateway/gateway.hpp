@@ -77,7 +77,9 @@ class gateway {
 
   /// The service for a namespace, or nullptr when it has no route.
   const std::string* service_for(const std::string& nsp) const;
-  /// A fresh "<gateway id>.<random>" id.
+  /// A fresh "<sid prefix><random>" id; the prefix is "<gateway id>.<tag>",
+  /// the tag drawn at start and again when the broker announced the
+  /// gateway's sockets gone (renew_sid_prefix()).
   std::string new_sid();
 
   // Engine.IO sessions by sid (any thread).
@@ -109,7 +111,10 @@ class gateway {
 
  private:
   void do_accept();
-  void close_all();  // drain(): every session and socket is told to end
+  // drain(): every session and socket is told to end; with a `prefix`,
+  // those whose sid begins with it.
+  void close_all(const std::string& prefix = {}, const char* reason = "server shutting down");
+  std::string renew_sid_prefix(const std::string& old);
   void serve_forwarded(proto::HttpForward request);
 
   gateway_config config_;
@@ -129,6 +134,8 @@ class gateway {
   std::atomic<std::size_t> next_context_{0};
   unsigned short port_ = 0;
   std::atomic<bool> draining_{false};
+  mutable std::mutex sid_prefix_mutex_;
+  std::string sid_prefix_;  // new_sid()
   connection_limits limits_;
   network_set proxies_;  // --proxy-protocol-from
   connection_limits polling_sessions_;  // sessions from a polling handshake (they outlive its connection)

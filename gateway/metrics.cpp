@@ -88,6 +88,10 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
           core::gauge(r, "sidecast_gateway_broker_connected", "1 while the broker has welcomed this gateway")},
       broker_restarts{core::counter(r, "sidecast_gateway_broker_restarts_total",
                                     "Welcomes from a broker other than the one before (a restarted broker)")},
+      prefixes_gone{core::counter(r, "sidecast_gateway_prefixes_gone_total",
+                                  "Welcomes that said the broker had announced this gateway's sockets gone (it was "
+                                  "silent past the broker's --gateway-gone-after): its sockets ended and its sids "
+                                  "took a new prefix")},
       broker_lost{core::counter(r, "sidecast_gateway_broker_lost_total",
                                 "Requests the previous broker held when a new one welcomed this gateway, "
                                 "answered BROKER_LOST at once rather than at their deadline")},

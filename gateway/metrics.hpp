@@ -67,6 +67,7 @@ struct gateway_metrics {
   prometheus::Gauge& rooms;
   prometheus::Gauge& broker_connected;
   prometheus::Counter& broker_restarts;  // a Welcome from a broker other than the one before
+  prometheus::Counter& prefixes_gone;    // a Welcome saying the broker announced our sockets gone
   prometheus::Counter& broker_lost;      // requests that broker held, answered BROKER_LOST at once
   prometheus::Counter& resent;           // requests that died in a replaced socket, sent again
   prometheus::Counter& notices_resent;   // one-way messages that did, sent again

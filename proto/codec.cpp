@@ -290,6 +290,7 @@ std::string_view kind_name(Envelope::KindCase kind) {
     case Envelope::kDrain: return "drain";
     case Envelope::kGoodbye: return "goodbye";
     case Envelope::kRecall: return "recall";
+    case Envelope::kGatewayGone: return "gateway_gone";
     case Envelope::KIND_NOT_SET: break;
   }
   return "none";
@@ -381,6 +382,14 @@ std::string topic_for(const Control& control) {
 
 bool valid_peer_id(std::string_view id) {
   return !id.empty() && id.size() <= 64 && id.find_first_of(".:\0"sv) == std::string_view::npos;
+}
+
+bool valid_sid_prefix(std::string_view id, std::string_view prefix) {
+  if (!prefix.starts_with(id) || prefix.size() <= id.size() + 1 || prefix[id.size()] != '.') return false;
+  auto tag = prefix.substr(id.size() + 1);
+  return tag.size() <= 32 && std::all_of(tag.begin(), tag.end(), [](char c) {
+           return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+         });
 }
 
 std::string_view sid_owner(std::string_view sid) {

@@ -50,7 +50,7 @@ hot_envelope peek(std::string_view bytes);
 /// The kind of an envelope from its tag (one byte for kinds 1-15, two for
 /// the later ones), without parsing it: KIND_NOT_SET when the bytes start
 /// with no kind's tag. Only a guess for bytes no parser has checked.
-inline constexpr unsigned last_kind = Envelope::kRecall;  // the highest field number of Envelope.kind
+inline constexpr unsigned last_kind = Envelope::kGatewayGone;  // the highest field number of Envelope.kind
 inline Envelope::KindCase kind_of(std::string_view bytes) {
   if (bytes.empty()) return Envelope::KIND_NOT_SET;
   unsigned tag = static_cast<unsigned char>(bytes[0]);
@@ -174,6 +174,10 @@ class heard_stream {
 /// Peer ids and sids: a sid is "<gateway id>.<random>", a request or ack id is
 /// "<peer id>:<n>". Ids are non-empty and contain neither '.' nor ':'.
 bool valid_peer_id(std::string_view id);
+/// A gateway's Hello.sid_prefix: "<id>.<tag>", the tag 1 to 32 of
+/// [A-Za-z0-9_-] (what core::random_token draws). Every sid it issues then
+/// begins with it.
+bool valid_sid_prefix(std::string_view id, std::string_view prefix);
 /// The gateway id that owns a sid, or empty if the sid has no prefix.
 std::string_view sid_owner(std::string_view sid);
 /// The peer id that issued a request or ack id, or empty.

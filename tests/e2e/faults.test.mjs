@@ -1,9 +1,12 @@
 // Faults, and what a client sees through each: a worker killed mid-request,
-// the broker killed and restarted, a gateway stopped with SIGTERM. Every
-// process is started here (SIDECAST_BIN) on free loopback ports.
+// the broker killed and restarted, a gateway stopped with SIGTERM, killed or
+// stalled. Every process is started here (SIDECAST_BIN) on free loopback ports.
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { io } from "socket.io-client";
 
 const bin = process.env.SIDECAST_BIN;
@@ -309,6 +312,87 @@ test("gateway killed: clients see the transport close and reconnect when a gatew
   assert.equal(await c.timeout(5000).emitWithAck("echo", "back"), "back");
   c.close();
   for (const p of [s.gateway, s.broker, ...s.workers]) p.kill("SIGKILL");
+});
+
+// A broker, a chat worker and two gateways (gwA, gwB): what a room hears
+// when one gateway is lost. Heartbeats every 300 ms: the broker drops a
+// silent gateway after 0.9 s, and announces it gone `goneAfter` ms later.
+async function chatStack(goneAfter) {
+  const [router, xsub, xpub, httpA, httpB] = freePorts(5);
+  const dir = mkdtempSync(join(tmpdir(), "sidecast-gone-"));
+  const s = {
+    router: `tcp://127.0.0.1:${router}`, xsub: `tcp://127.0.0.1:${xsub}`, xpub: `tcp://127.0.0.1:${xpub}`,
+    urlA: `http://127.0.0.1:${httpA}`, urlB: `http://127.0.0.1:${httpB}`,
+  };
+  s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", "",
+                                     "--heartbeat-interval", "300", "--gateway-gone-after", String(goneAfter)]);
+  s.chat = run("sidecast-worker", ["--service", "chat", "--chat-db", join(dir, "chat.db"), "--broker", s.router,
+                                   "--publish", s.xsub]);
+  const gateway = (id, url) => run("sidecast-gateway", ["--http", new URL(url).host, "--broker", s.router,
+                                                        "--events", s.xpub, "--gateway-id", id, "--route", "/chat=chat"]);
+  s.gatewayA = gateway("gwA", s.urlA);
+  s.gatewayB = gateway("gwB", s.urlB);
+  assert.ok(await until(() => healthy(s.urlA)) && await until(() => healthy(s.urlB)), "gateways healthy");
+  s.stop = () => {
+    for (const p of [s.gatewayA, s.gatewayB, s.chat, s.broker]) p.kill("SIGKILL");
+    rmSync(dir, { recursive: true, force: true });
+  };
+  return s;
+}
+// Resolves with the next `event` payload that satisfies `pred`, or fails after `ms`.
+function next(socket, event, pred = () => true, ms = 8000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { socket.off(event, on); reject(new Error(`no such ${event} within ${ms} ms`)); }, ms);
+    const on = (payload) => { if (pred(payload)) { clearTimeout(timer); socket.off(event, on); resolve(payload); } };
+    socket.on(event, on);
+  });
+}
+const ack = (socket, ...args) => socket.timeout(8000).emitWithAck(...args);
+// ann on gateway A and bob on gateway B, both in one room.
+async function annAndBob(s, annOptions = { reconnection: false }) {
+  const room = "r" + Date.now();
+  const ann = await connect(s.urlA + "/chat", annOptions);
+  const bob = await connect(s.urlB + "/chat", { reconnection: false });
+  await ack(ann, "nick", "ann");
+  await ack(bob, "nick", "bob");
+  await ack(ann, "join", room);
+  assert.deepEqual((await ack(bob, "join", room)).members, ["ann", "bob"]);
+  return { room, ann, bob };
+}
+// What a sid's gateway drew when it started (or renewed): "<id>.<8 characters>".
+const sidPrefix = (sid) => sid.slice(0, sid.indexOf(".") + 9);
+
+test("gateway killed: the broker announces it gone, and its sockets leave the chat rooms they were in", async () => {
+  const s = await chatStack(500);
+  const { bob } = await annAndBob(s);
+  const left = next(bob, "presence", (p) => !p.members.includes("ann"));
+  s.gatewayA.kill("SIGKILL");
+  // No DISCONNECT ever comes for ann: without the announcement she would
+  // stay in the room's list for good.
+  assert.deepEqual((await left).members, ["bob"]);
+  s.stop();
+});
+
+test("gateway stalled past the broker's grace: announced gone, then on its return it ends its sockets, whose clients reconnect under a new prefix and join again", async () => {
+  const s = await chatStack(0);
+  const { room, ann, bob } = await annAndBob(s, { reconnectionDelay: 200, reconnectionDelayMax: 500 });
+  const firstId = ann.id;
+  const left = next(bob, "presence", (p) => !p.members.includes("ann"));
+  s.gatewayA.kill("SIGSTOP");
+  assert.deepEqual((await left).members, ["bob"], "announced gone while it was silent");
+  const reason = once(ann, "disconnect");
+  const back = once(ann, "connect");
+  s.gatewayA.kill("SIGCONT");
+  // The workers forgot ann's socket: the gateway ends it rather than serve
+  // a socket no service knows, with a transport close, so the client comes back.
+  assert.equal(await reason, "transport close");
+  await back;
+  assert.notEqual(sidPrefix(ann.id), sidPrefix(firstId), "sids of the gateway's return take a new prefix");
+  await ack(ann, "nick", "ann");
+  const joined = next(bob, "presence", (p) => p.members.includes("ann"));
+  assert.deepEqual((await ack(ann, "join", room)).members, ["ann", "bob"], "not refused as a socket that is gone");
+  assert.deepEqual((await joined).members, ["ann", "bob"]);
+  s.stop();
 });
 
 function once(socket, event) {

@@ -72,6 +72,26 @@ std::optional<published> next_published(zmq::socket_t& sub, const std::string& s
   }
 }
 
+// What a service's on_gateway_gone hook heard, from any thread.
+struct gone_log {
+  std::mutex m;
+  std::vector<std::tuple<std::string, std::string, std::string>> heard;  // gateway, prefix, reason
+  gone_hook hook() {
+    return [this](const gateway_gone& g) {
+      std::lock_guard lock{m};
+      heard.emplace_back(g.gateway(), g.sid_prefix(), g.reason());
+    };
+  }
+  std::size_t size() {
+    std::lock_guard lock{m};
+    return heard.size();
+  }
+  std::tuple<std::string, std::string, std::string> at(std::size_t i) {
+    std::lock_guard lock{m};
+    return heard.at(i);
+  }
+};
+
 class BrokerTest : public ::testing::TestWithParam<link_mode> {
  protected:
   static std::string link() { return std::string{GetParam().endpoint}; }
@@ -141,6 +161,24 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     config.limits.max_services = 2;
     start(config);
     add_worker({workers::echo_service(1)}, "w1");
+  }
+
+  // A broker whose --gateway-gone-after is `after`, and a worker w1 whose
+  // service tells `log` what its on_gateway_gone hook hears.
+  void start_with_gone_log(std::chrono::milliseconds after, gone_log& log) {
+    broker::broker_config config;
+    config.gateway_gone_after = after;
+    start(config);
+    add_worker({service{"one", 1}.on_gateway_gone(log.hook())}, "w1");
+  }
+
+  // A broker, and a worker vm1 whose launches take 30 s and never fail.
+  void start_with_slow_vm() {
+    start();
+    workers::vm_options options;
+    options.launch_time = 30s;
+    options.failure_rate = 0;
+    add_worker({workers::vm_service(2, options)}, "vm1");
   }
 
   enum class stall_at { never, before_hello, before_report, reads_slowly };
@@ -1576,6 +1614,130 @@ TEST_P(BrokerTest, PeersAreBounded) {
   EXPECT_TRUE(eventually([&] { return c3.hello(300ms); })) << "no room after a peer left";
 }
 
+// --- A gateway lost (GatewayGone, docs/protocol.md "A gateway lost") ---
+
+// A raw gateway's Hello with a sid prefix (a peer_link's: its incarnation,
+// and which socket of the link); its Welcome, or nothing within 3 s.
+std::optional<proto::Welcome> gateway_hello(peer& gw, const std::string& prefix, std::uint64_t incarnation,
+                                            std::uint64_t connection = 0) {
+  Envelope env;
+  auto* h = env.mutable_hello();
+  h->set_role(proto::ROLE_GATEWAY);
+  h->set_id(gw.id());
+  h->set_protocol_version(proto::protocol_version);
+  h->set_incarnation(incarnation);
+  h->set_connection(connection);
+  h->set_sid_prefix(prefix);
+  gw.send(env);
+  auto w = gw.next(Envelope::kWelcome, 3s);
+  if (!w) return std::nullopt;
+  return w->welcome();
+}
+
+// A gateway that goes silent is dropped after its liveness and, past
+// --gateway-gone-after more, every worker hears that its sockets are gone
+// (each service with a hook runs it: no DISCONNECT will come for them).
+TEST_P(BrokerTest, ASilentGatewayIsAnnouncedGoneToEveryWorker) {
+  gone_log one, two;
+  start_with_gone_log(200ms, one);
+  auto& w2 = add_worker({service{"two", 1}.on_gateway_gone(two.hook())}, "w2");
+  peer gw{ctx_, "inproc://router", "gwS", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwS.tag1", 7));
+  // Silent from here: no heartbeat.
+  ASSERT_TRUE(eventually([&] { return one.size() == 1 && two.size() == 1; }, 5s)) << "a worker did not hear";
+  for (auto* log : {&one, &two}) EXPECT_EQ(log->at(0), std::make_tuple("gwS", "gwS.tag1", "silent"));
+  EXPECT_EQ(metric("sidecast_broker_gateways_gone_total", "reason", "silent"), 1.0);
+  EXPECT_EQ(metric("sidecast_broker_gateways_gone_pending"), 0.0);
+  EXPECT_EQ(w2.stats().gateways_gone, 1u);
+}
+
+// Back before its grace ran out, with the prefix it left with, a gateway
+// still has its sockets: nothing is announced. Its Goodbye later is
+// announced at once (the drain ended every socket it could, but a service
+// need not wait to learn that none is left).
+TEST_P(BrokerTest, AGatewayBackWithItsPrefixInTimeIsNotAnnounced) {
+  gone_log log;
+  start_with_gone_log(60s, log);
+  peer gw{ctx_, "inproc://router", "gwB", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwB.tag1", 7));
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_gateways_gone_pending") == 1.0; }, 5s))
+      << "the silent gateway was not dropped";
+  auto welcome = gateway_hello(gw, "gwB.tag1", 7, 1);  // a new socket of the same link
+  ASSERT_TRUE(welcome);
+  EXPECT_FALSE(welcome->prefix_gone());
+  EXPECT_EQ(metric("sidecast_broker_gateways_gone_pending"), 0.0);
+  Envelope bye;
+  bye.mutable_goodbye();
+  gw.send(bye);
+  ASSERT_TRUE(eventually([&] { return log.size() == 1; }, 5s)) << "the goodbye was not announced";
+  EXPECT_EQ(log.at(0), std::make_tuple("gwB", "gwB.tag1", "goodbye"));
+  EXPECT_FALSE(metric("sidecast_broker_gateways_gone_total", "reason", "silent").value_or(0));
+}
+
+// A gateway restarted under its pinned id (a new link, a new prefix): the
+// last start's sockets are gone at once, and only theirs.
+TEST_P(BrokerTest, AGatewayRestartedUnderItsIdIsAnnouncedAtOnce) {
+  gone_log log;
+  start_with_gone_log(30s, log);  // not what announces it
+  peer gw{ctx_, "inproc://router", "gwR", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwR.first", 1));
+  ASSERT_TRUE(gateway_hello(gw, "gwR.second", 2));
+  ASSERT_TRUE(eventually([&] { return log.size() == 1; }, 5s));
+  EXPECT_EQ(log.at(0), std::make_tuple("gwR", "gwR.first", "restarted"));
+}
+
+// Announced while it was silent, a gateway that comes back is told so in
+// its Welcome: the workers forgot its sockets, so it ends them and says
+// Hello with a new prefix, which is not announced again.
+TEST_P(BrokerTest, AGatewayBackAfterItsAnnouncementIsToldToEndItsSockets) {
+  gone_log log;
+  start_with_gone_log(0ms, log);
+  peer gw{ctx_, "inproc://router", "gwF", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwF.old", 7));
+  ASSERT_TRUE(eventually([&] { return log.size() == 1; }, 5s)) << "not announced when dropped";
+  auto back = gateway_hello(gw, "gwF.old", 7, 1);
+  ASSERT_TRUE(back);
+  EXPECT_TRUE(back->prefix_gone());
+  auto renewed = gateway_hello(gw, "gwF.new", 7, 1);  // a Hello again on the same socket
+  ASSERT_TRUE(renewed);
+  EXPECT_FALSE(renewed->prefix_gone());
+  // Still registered, and its heartbeats keep it so: nothing more is announced.
+  for (int i = 0; i < 5; ++i) {
+    Envelope beat;
+    beat.mutable_heartbeat();
+    gw.send(beat);
+    std::this_thread::sleep_for(heartbeat_);
+  }
+  EXPECT_EQ(log.size(), 1u);
+  EXPECT_EQ(metric("sidecast_broker_gateways_gone_total", "reason", "replaced").value_or(0), 0.0);
+}
+
+// A sid prefix is a gateway's own: "<its id>.<tag>". Another gateway's, or
+// one a worker or client gives, is refused: announced gone, it would make
+// services forget sockets that are not its own.
+TEST_P(BrokerTest, ASidPrefixThatIsNotTheGatewaysOwnIsRefused) {
+  start();
+  for (auto [role, id, prefix] : {std::tuple{proto::ROLE_GATEWAY, "gwP", "gwQ.tag"},
+                                  std::tuple{proto::ROLE_GATEWAY, "gwP", "gwP."},
+                                  std::tuple{proto::ROLE_GATEWAY, "gwP", "gwP.a b"},
+                                  std::tuple{proto::ROLE_GATEWAY, "gwP", "gwP.123456789012345678901234567890123"},
+                                  std::tuple{proto::ROLE_WORKER, "wP", "wP.tag"}}) {
+    peer p{ctx_, "inproc://router", id, role};
+    Envelope env;
+    auto* h = env.mutable_hello();
+    h->set_role(role);
+    h->set_id(id);
+    h->set_protocol_version(proto::protocol_version);
+    h->set_sid_prefix(prefix);
+    p.send(env);
+    auto refused = p.next(Envelope::kError, 3s);
+    ASSERT_TRUE(refused) << prefix;
+    EXPECT_EQ(refused->error().code(), proto::BAD_REQUEST) << prefix;
+  }
+  // Counted just after the answer goes.
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_dropped_total", "reason", "bad_hello") == 5.0; }));
+}
+
 // Made-up service names cannot fill the broker: past --max-services a new
 // name is answered UNAVAILABLE at once, and names no worker served are
 // forgotten, with their metric series, once no request for them waits.
@@ -2641,15 +2803,18 @@ TEST_P(BrokerTest, AChatJoinAfterItsSocketsDisconnectLeavesNoGhost) {
   EXPECT_EQ(joined->reply().args(), R"([{"room":"r","members":["guest-live"]}])");
 }
 
+// The next vm_response a raw gateway gets within 5 s of the one before.
+std::optional<Envelope> next_vm_response(peer& gw) {
+  std::optional<Envelope> got;
+  while ((got = gw.receive_any(5s)) && !(got->has_emit() && got->emit().event() == "vm_response")) {}
+  return got;
+}
+
 // A vm task whose socket disconnects ends at once (cancelled) and gives its
 // capacity back, rather than run its launch out for nobody; a name longer
 // than 64 characters is refused (each progress event carries it).
 TEST_P(BrokerTest, AVmTaskEndsWhenItsSocketDisconnects) {
-  start();
-  workers::vm_options options;
-  options.launch_time = 30s;
-  options.failure_rate = 0;
-  add_worker({workers::vm_service(2, options)}, "vm1");
+  start_with_slow_vm();
   peer gw{ctx_, "inproc://router", "gwV", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gw.hello());
   auto answer_to = [&](const std::string& id) {
@@ -2676,9 +2841,28 @@ TEST_P(BrokerTest, AVmTaskEndsWhenItsSocketDisconnects) {
   l->set_sid("gwV.s1");
   l->set_nsp("/vm");
   gw.send(gone);
-  std::optional<Envelope> result;
-  while ((result = gw.receive_any(5s)) && !(result->has_emit() && result->emit().event() == "vm_response")) {}
+  auto result = next_vm_response(gw);
   ASSERT_TRUE(result) << "the task ran on after its socket was gone";
+  EXPECT_NE(result->emit().args().find(R"("cancelled":true)"), std::string::npos) << result->emit().args();
+}
+
+// The tasks of every socket of a gateway announced gone end, as a
+// DISCONNECT ends one socket's: no DISCONNECT comes for those.
+TEST_P(BrokerTest, AVmTaskEndsWhenItsGatewayIsAnnouncedGone) {
+  start_with_slow_vm();
+  peer gw{ctx_, "inproc://router", "gwV", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwV.first", 1));
+  auto id = gw.submit("vm", "open_vm", R"([{"name":"mine"}])", 5s, "gwV.firstSOCKET");
+  std::optional<Envelope> got;
+  while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  ASSERT_TRUE(got);
+  ASSERT_EQ(got->reply().code(), proto::OK) << got->reply().message();
+  // The same id, restarted: the first start's sockets are gone. The
+  // cancelled task's result goes to its sid, routed to the gateway of that id.
+  ASSERT_TRUE(gateway_hello(gw, "gwV.second", 2));
+  auto result = next_vm_response(gw);
+  ASSERT_TRUE(result) << "the task ran on after its gateway was announced gone";
+  EXPECT_EQ(result->emit().sid(), "gwV.firstSOCKET");
   EXPECT_NE(result->emit().args().find(R"("cancelled":true)"), std::string::npos) << result->emit().args();
 }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/python3
-"""Unit tests of the Python worker SDK: codecs and the request's answer rules.
+"""Unit tests of the Python worker SDK: codecs, the request's answer rules, and
+what a gateway-gone hook gets.
 
 No sockets, no threads beyond the caller's, no sleeps.
 
@@ -11,7 +12,7 @@ import time
 import unittest
 
 from sidecast.v1 import envelope_pb2 as pb
-from sidecast_worker import CONNECT, DISCONNECT, EVENT, Code, Request, Service, Worker, codec
+from sidecast_worker import CONNECT, DISCONNECT, EVENT, Code, GatewayGone, Request, Service, Worker, codec
 from sidecast_worker import worker as worker_module
 
 
@@ -299,6 +300,66 @@ class AnswerOnTheCoreTest(unittest.TestCase):
         self.assertEqual([r.code for r in results], [Code.CANCELLED])
 
 
+class GatewayGoneOnTheCoreTest(unittest.TestCase):
+    """A GatewayGone envelope through the worker's own _Core, not started:
+    with no pool yet, the hooks run on the caller's thread, and what they
+    send stays in the outbox."""
+
+    def setUp(self):
+        self.calls = []
+        svc = Service("a")
+        svc.on_gateway_gone(self.calls.append)
+        self.worker = Worker(worker_id="w1").add(svc).add(Service("plain"))
+        self.addCleanup(self.worker.stop)
+        self.core = self.worker._core
+
+    def announce(self, sid_prefix, reason="silent", gateway="gw1"):
+        env = pb.Envelope()
+        env.gateway_gone.gateway, env.gateway_gone.sid_prefix, env.gateway_gone.reason = gateway, sid_prefix, reason
+        self.core.on_message(env)
+
+    def test_the_hook_gets_the_gateway_its_prefix_and_why(self):
+        with self.assertNoLogs("sidecast_worker", "WARNING"):  # not an "unexpected" kind any more
+            self.announce("gw1.Xy12_-Qz", "replaced")
+        self.assertEqual([(g.gateway, g.sid_prefix, g.reason) for g in self.calls],
+                         [("gw1", "gw1.Xy12_-Qz", "replaced")])
+        self.assertEqual(self.worker.stats().gateways_gone, 1)
+
+    def test_a_prefix_that_would_own_other_gateways_sids_is_ignored(self):
+        for prefix in ("", "gw1", "gw1."):
+            with self.assertLogs("sidecast_worker", "WARNING"):
+                self.announce(prefix)
+        self.assertEqual((self.calls, self.worker.stats().gateways_gone), ([], 0))
+
+    def test_a_hook_that_raises_anything_is_counted_not_raised(self):
+        def fail(gone):
+            raise SystemExit(3)
+        self.core.services["a"].on_gateway_gone(fail)
+        with self.assertLogs("sidecast_worker", "ERROR"):
+            self.announce("gw1.a")
+        stats = self.worker.stats()
+        self.assertEqual((stats.handler_errors, stats.gateways_gone), (1, 1))
+
+    def test_emit_to_room_publishes_as_the_worker_does(self):
+        self.core.services["a"].on_gateway_gone(
+            lambda gone: gone.emit_to_room("lobby", "left", gone.sid_prefix, nsp="/chat", except_sids=["gw2.x"]))
+        self.announce("gw1.a")
+        topic, data, notice = self.core.outbox.get_nowait()
+        env = pb.Envelope()
+        env.ParseFromString(data)
+        self.assertEqual((topic, notice), (b"r/chat\0lobby\0", False))
+        e = env.emit
+        self.assertEqual((e.room, e.nsp, e.event, json.loads(e.args), list(e.except_sids), e.origin),
+                         ("lobby", "/chat", "left", ["gw1.a"], ["gw2.x"], "w1"))
+
+    def test_owns_is_a_prefix_match(self):
+        gone = GatewayGone(self.core, "gw1", "gw1.ab", "silent")
+        self.assertTrue(gone.owns("gw1.abXYZ"))
+        self.assertFalse(gone.owns("gw1.aXYZ"))
+        self.assertFalse(gone.owns("gw10.abXYZ"))
+        self.assertFalse(gone.owns(""))
+
+
 class ServiceTest(unittest.TestCase):
     def test_registration(self):
         svc = Service("s", capacity=2)
@@ -318,6 +379,14 @@ class ServiceTest(unittest.TestCase):
         self.assertIs(hook, svc)
         self.assertIsNotNone(svc.handler_for(CONNECT, "connect"))
 
+        def forget(gone):
+            pass
+
+        self.assertIs(svc.on_gateway_gone(forget), svc)
+        self.assertIs(svc._on_gateway_gone, forget)
+        self.assertIs(svc.on_gateway_gone()(print), print)
+        self.assertIs(svc._on_gateway_gone, print)
+
     def test_bad_services(self):
         with self.assertRaises(ValueError):
             Service("s", capacity=0)
@@ -333,6 +402,9 @@ class ServiceTest(unittest.TestCase):
         svc.on("x", handler)
         with self.assertRaises(TypeError):
             Worker().add(svc)
+        hook = Service("s").on_gateway_gone(handler)
+        with self.assertRaises(TypeError):
+            Worker().add(hook)
 
 
 class CompactHeapTest(unittest.TestCase):

@@ -1420,6 +1420,140 @@ class KeptAnswersBoundTest(JobsAgainBase):
         self.assertEqual(self.worker.stats().jobs_again, 0)
 
 
+class GatewayGoneTest(FakeBrokerTest):
+    """The broker announces a gateway lost with all its sockets (GatewayGone):
+    no DISCONNECT will come for them, so each service's on_gateway_gone hook
+    runs, on the pool, with what it needs to forget them. One handler thread
+    (capacity 1): the hook and the jobs run in the order they came."""
+
+    def service(self):
+        self.gone = Recorder()
+        self.then = None  # what the hook does after it records its call
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: "ran")
+
+        @svc.on_gateway_gone
+        def forget(gone):
+            self.gone.put(gone)
+            if self.then is not None:
+                self.then(gone)
+
+        return svc
+
+    def announce(self, sid_prefix, reason="silent", gateway="gwT"):
+        env = pb.Envelope()
+        g = env.gateway_gone
+        g.gateway, g.sid_prefix, g.reason = gateway, sid_prefix, reason
+        self.broker.send(env)
+
+    def test_the_hook_hears_which_sockets_are_gone(self):
+        self.broker.welcome(self.worker, 10000)
+        self.announce("gwT.Xy12_-Qz", "restarted")
+        gone = self.gone.get("the hook's call")
+        self.assertEqual((gone.gateway, gone.sid_prefix, gone.reason), ("gwT", "gwT.Xy12_-Qz", "restarted"))
+        self.assertTrue(gone.owns("gwT.Xy12_-QzAbCdEfGh"))
+        self.assertFalse(gone.owns("gwT.Other00AbCdEfGh"), "a sid of the gateway's new prefix")
+        self.assertFalse(gone.owns("gwU.Xy12_-QzAbCdEfGh"))
+        self.assertEqual(self.worker.stats().gateways_gone, 1)
+
+    def test_a_prefix_that_names_no_gateways_sockets_is_ignored(self):
+        # "" would own every sid: a hook that forgets by it would forget all.
+        self.broker.welcome(self.worker, 10000)
+        with self.assertLogs("sidecast_worker", "WARNING") as logs:
+            for prefix in ("", "gwT", "gwT."):
+                self.announce(prefix)
+            self.announce("gwT.ok", "goodbye")
+            # Had one of them reached the hook, it would have come first.
+            self.assertEqual(self.gone.get("the hook's call").sid_prefix, "gwT.ok")
+        self.assertEqual(sum("no sid prefix" in line for line in logs.output), 3, logs.output)
+        self.assertEqual(self.worker.stats().gateways_gone, 1)
+
+    def test_a_hook_that_raises_is_counted_and_the_worker_serves_on(self):
+        def fail(gone):
+            raise RuntimeError("the hook failed")
+        self.then = fail
+        self.broker.welcome(self.worker, 10000)
+        with self.assertLogs("sidecast_worker", "ERROR") as logs:
+            self.announce("gwT.a")
+            self.job("c:1", "[]", 1)
+            reply = self.broker.next()
+        self.assertEqual(reply.WhichOneof("kind"), "reply")
+        self.assertEqual((reply.reply.id, reply.reply.code, args_of(reply.reply)), ("c:1", pb.OK, ["ran"]))
+        self.assertIn("on_gateway_gone", "\n".join(logs.output))
+        self.assertEqual((self.worker.stats().handler_errors, self.worker.stats().gateways_gone), (1, 1))
+
+    def test_the_hook_tells_a_room_who_left(self):
+        self.then = lambda gone: gone.emit_to_room("lobby", "left", gone.sid_prefix, nsp="/chat",
+                                                   except_sids=["gwU.x"])
+        self.broker.welcome(self.worker, 10000)
+        self.broker.xsub.send(b"\x01")  # subscribes to every topic
+        # The subscription reaches the worker's PUB in its own time: until
+        # it does, what the PUB sends is dropped, so the announcement goes
+        # again until an emit arrives.
+        until = time.monotonic() + WAIT
+        while not self.broker.xsub.poll(100, zmq.POLLIN):
+            self.assertLess(time.monotonic(), until, "no room emit reached the broker's XSUB")
+            self.announce("gwT.a")
+        topic, data = self.broker.xsub.recv_multipart()
+        env = pb.Envelope()
+        env.ParseFromString(data)
+        self.assertEqual(topic, room_topic("/chat", "lobby"))
+        e = env.emit
+        self.assertEqual((e.room, e.nsp, e.event, e.origin, list(e.except_sids), args_of(e)),
+                         ("lobby", "/chat", "left", "wd", ["gwU.x"], ["gwT.a"]))
+
+
+class GatewayGoneFromTheBrokerTest(BrokerTest):
+    """The real broker announces a gateway that said Goodbye to the workers,
+    and a room emit from the hook reaches the broker's subscribers."""
+
+    def test_a_gateway_that_says_goodbye_is_announced(self):
+        seen = Recorder()
+        svc = Service("chat", capacity=2)
+
+        @svc.on_gateway_gone
+        def forget(gone):
+            seen.put((gone.gateway, gone.sid_prefix, gone.reason))
+            gone.emit_to_room("lobby", "left", gone.sid_prefix, nsp="/chat")
+
+        w = self.start_worker(svc)
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, room_topic("/chat", "lobby"))
+        sub.connect(self.broker.xpub)
+        self.addCleanup(sub.close, 0)
+        # The subscription takes a moment to reach the worker: the worker's
+        # own room emits go until one arrives, then the hook's takes that path.
+        until = time.monotonic() + WAIT
+        while True:
+            w.emit_to_room("lobby", "probe", nsp="/chat")
+            if sub.poll(100, zmq.POLLIN):
+                break
+            self.assertLess(time.monotonic(), until, "no room emit reached the subscriber")
+        gw = Peer(self.ctx, self.broker.router, "gwG", pb.ROLE_GATEWAY)
+        self.peers.append(gw)
+        hello = pb.Envelope()
+        hello.hello.role, hello.hello.id, hello.hello.protocol_version = pb.ROLE_GATEWAY, "gwG", 1
+        hello.hello.sid_prefix = "gwG.t1"
+        gw.send(hello)
+        self.assertIsNotNone(gw.next("welcome"), "no Welcome for the gateway")
+        goodbye = pb.Envelope()
+        goodbye.goodbye.SetInParent()
+        gw.send(goodbye)
+        self.assertEqual(seen.get("the hook's call"), ("gwG", "gwG.t1", "goodbye"))
+        self.assertEqual(w.stats().gateways_gone, 1)
+        until = time.monotonic() + WAIT
+        while True:
+            self.assertTrue(sub.poll(max(0, int((until - time.monotonic()) * 1000)), zmq.POLLIN),
+                            "the hook's room emit did not arrive")
+            env = pb.Envelope()
+            env.ParseFromString(sub.recv_multipart()[1])
+            if env.emit.event == "left":
+                break
+        self.assertEqual((env.emit.room, env.emit.nsp, args_of(env.emit), env.emit.origin),
+                         ("lobby", "/chat", ["gwG.t1"], "pyw"))
+
+
 class GatewayTrafficTest(BrokerTest):
     def test_early_ack_then_progress_to_the_sid(self):
         done = Recorder()

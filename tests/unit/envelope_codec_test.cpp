@@ -53,7 +53,8 @@ TEST(EnvelopePeek, KindOfReadsEveryKindFromItsTag) {
   EXPECT_EQ(kind_of("\x08"), Envelope::KIND_NOT_SET);  // field 1 as a varint: not a kind
   EXPECT_EQ(kind_of("\x82"), Envelope::KIND_NOT_SET);  // field 16's first byte alone
   EXPECT_EQ(kind_of("\x82\x01"), Envelope::kRecall);
-  EXPECT_EQ(kind_of(std::string_view{"\x8a\x01", 2}), Envelope::KIND_NOT_SET);  // field 17: no kind
+  EXPECT_EQ(kind_of(std::string_view{"\x8a\x01", 2}), Envelope::kGatewayGone);
+  EXPECT_EQ(kind_of(std::string_view{"\x92\x01", 2}), Envelope::KIND_NOT_SET);  // field 18: no kind
   EXPECT_EQ(kind_of("\x82\x81"), Envelope::KIND_NOT_SET);  // a third byte would follow
 }
 

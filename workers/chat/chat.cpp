@@ -49,7 +49,9 @@ class database {
     // Presence and nicknames describe live sockets, which a restarted worker
     // cannot vouch for: they start afresh (clients join again); history stays.
     exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
-    exec("CREATE TABLE IF NOT EXISTS presence (sid TEXT NOT NULL, room TEXT NOT NULL, PRIMARY KEY (sid, room))");
+    exec("CREATE TABLE IF NOT EXISTS presence (sid TEXT NOT NULL, room TEXT NOT NULL, nsp TEXT NOT NULL DEFAULT '/', "
+         "PRIMARY KEY (sid, room))");
+    if (!has_column("presence", "nsp")) exec("ALTER TABLE presence ADD COLUMN nsp TEXT NOT NULL DEFAULT '/'");  // a database of an earlier build
     // A room's members (members_of) without a scan of every socket's rows.
     exec("CREATE INDEX IF NOT EXISTS presence_room ON presence(room)");
     // Sockets that disconnected, for ten minutes: a join or nick of one
@@ -57,9 +59,13 @@ class database {
     // pool, in no set order) is refused, not left as a ghost member.
     exec("CREATE TABLE IF NOT EXISTS gone (sid TEXT PRIMARY KEY, at INTEGER NOT NULL)");
     exec("CREATE INDEX IF NOT EXISTS gone_at ON gone(at)");
+    // The same for every socket of a gateway the broker announced gone
+    // (on_gateway_gone): by its sid prefix.
+    exec("CREATE TABLE IF NOT EXISTS gone_prefixes (prefix TEXT PRIMARY KEY, at INTEGER NOT NULL)");
     exec("DELETE FROM presence");
     exec("DELETE FROM nicks");
     exec("DELETE FROM gone");
+    exec("DELETE FROM gone_prefixes");
   }
   ~database() { sqlite3_close(db_); }
   database(const database&) = delete;
@@ -67,6 +73,9 @@ class database {
 
   void exec(const char* sql) {
     if (int rc = sqlite3_exec(db_, sql, nullptr, nullptr, nullptr); rc != SQLITE_OK) throw_sqlite(db_, rc);
+  }
+  bool has_column(const std::string& table, const std::string& column) {
+    return prepare("SELECT 1 FROM pragma_table_info(?) WHERE name = ?").bind(1, table).bind(2, column).step();
   }
 
   // A prepared statement with text/int binds and row access.
@@ -137,7 +146,18 @@ constexpr const char* kGone = "the socket has disconnected";
 bool is_gone(database& db, const std::string& sid) {
   auto s = db.prepare("SELECT 1 FROM gone WHERE sid = ?");
   s.bind(1, sid);
-  return s.step();
+  if (s.step()) return true;
+  auto p = db.prepare("SELECT 1 FROM gone_prefixes WHERE substr(?, 1, length(prefix)) = prefix");
+  p.bind(1, sid);
+  return p.step();
+}
+
+// The first string past every one that begins with `prefix` (a sid prefix:
+// ASCII, so its last byte has a successor): sids of a gateway are the range
+// [prefix, prefix_end(prefix)), which the tables' sid keys answer without a scan.
+std::string prefix_end(std::string prefix) {
+  ++prefix.back();
+  return prefix;
 }
 
 std::string nick_of(database& db, const std::string& sid) {
@@ -233,7 +253,11 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
               if (refused_joins) refused_joins->Increment();
               return (void)req.fail(proto::REFUSED, "in too many rooms (at most " + std::to_string(max_rooms) + ")");
             }
-            db->prepare("INSERT OR IGNORE INTO presence(sid, room) VALUES(?, ?)").bind(1, req.sid()).bind(2, *room).step();
+            db->prepare("INSERT OR IGNORE INTO presence(sid, room, nsp) VALUES(?, ?, ?)")
+                .bind(1, req.sid())
+                .bind(2, *room)
+                .bind(3, req.nsp())
+                .step();
             auto s = db->prepare(
                 "SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
                 "ORDER BY id");
@@ -312,6 +336,28 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
         db->prepare("INSERT OR REPLACE INTO gone(sid, at) VALUES(?, ?)").bind(1, req.sid()).bind(2, now).step();
         db->prepare("DELETE FROM gone WHERE at < ?").bind(1, now - gone_kept_ms).step();
         for (const auto& room : rooms) announce_presence(req, *db, room);
+      })
+      .on_gateway_gone([db](const gateway_gone& g) {
+        // Its sockets will never disconnect here: they leave every room at
+        // once, and the rooms they were in hear the new member lists.
+        auto end = prefix_end(g.sid_prefix());
+        std::vector<std::pair<std::string, std::string>> rooms;  // nsp, room
+        std::lock_guard lock{db->mutex};
+        {
+          database::transaction tx{*db};
+          auto s = db->prepare("SELECT DISTINCT nsp, room FROM presence WHERE sid >= ? AND sid < ?");
+          s.bind(1, g.sid_prefix()).bind(2, end);
+          while (s.step()) rooms.emplace_back(s.text(0), s.text(1));
+          db->prepare("DELETE FROM presence WHERE sid >= ? AND sid < ?").bind(1, g.sid_prefix()).bind(2, end).step();
+          db->prepare("DELETE FROM nicks WHERE sid >= ? AND sid < ?").bind(1, g.sid_prefix()).bind(2, end).step();
+          auto now = now_ms();
+          db->prepare("INSERT OR REPLACE INTO gone_prefixes(prefix, at) VALUES(?, ?)").bind(1, g.sid_prefix()).bind(2, now).step();
+          db->prepare("DELETE FROM gone_prefixes WHERE at < ?").bind(1, now - gone_kept_ms).step();
+          tx.commit();
+        }
+        for (const auto& [nsp, room] : rooms)
+          g.emit_to_room(nsp, room, "presence",
+                         json::serialize(json::array{json::object{{"room", room}, {"members", members_of(*db, room)}}}));
       });
 }
 

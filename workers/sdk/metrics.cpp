@@ -37,6 +37,9 @@ worker_metrics::worker_metrics(prometheus::Registry& r)
       recalled_{counter(r, "sidecast_worker_answers_recalled_total",
                         "Final answers the broker asked for again after a new socket (Recall): jobs answered "
                         "early or ended while held here, whose answer may have died in the old socket")},
+      gateways_gone_{counter(r, "sidecast_worker_gateways_gone_total",
+                             "Gateways the broker announced gone (GatewayGone): their sockets' state was handed "
+                             "to each service's on_gateway_gone hook")},
       kept_bytes_{gauge(r, "sidecast_worker_kept_reply_bytes",
                         "Bytes of the answers kept to be sent again (bounded by --kept-reply-bytes)")},
       notices_resent_{counter(r, "sidecast_worker_notices_resent_total",
@@ -65,6 +68,7 @@ void worker_metrics::refresh(const worker& w) {
   advance(jobs_again_, now.jobs_again, seen_.jobs_again);
   advance(replies_resent_, now.replies_resent, seen_.replies_resent);
   advance(recalled_, now.recalled, seen_.recalled);
+  advance(gateways_gone_, now.gateways_gone, seen_.gateways_gone);
   advance(notices_resent_, now.notices_resent, seen_.notices_resent);
   kept_bytes_.Set(static_cast<double>(now.kept_bytes));
   kept_notice_bytes_.Set(static_cast<double>(now.kept_notice_bytes));

@@ -34,6 +34,7 @@ class worker_metrics {
   prometheus::Counter& jobs_again_;
   prometheus::Counter& replies_resent_;
   prometheus::Counter& recalled_;
+  prometheus::Counter& gateways_gone_;
   prometheus::Gauge& kept_bytes_;
   prometheus::Counter& notices_resent_;
   prometheus::Gauge& kept_notice_bytes_;

@@ -288,7 +288,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0}, n_jobs_again{0}, n_replies_resent{0},
       kept_bytes{0}, n_notices_resent{0}, kept_notice_bytes{0}, n_held{0},
-      n_recalled{0};  // the last five: written by the I/O thread only
+      n_recalled{0}, n_gateways_gone{0};  // the last six: written by the I/O thread only
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
@@ -930,6 +930,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
         break;
       }
       case Envelope::kRecall: on_recall(env.recall()); break;
+      case Envelope::kGatewayGone: on_gateway_gone(*env.mutable_gateway_gone()); break;
       case Envelope::kReply: on_ack(env.reply()); break;
       case Envelope::kReport: {
         std::shared_ptr<const report_fn> cb;
@@ -1187,6 +1188,38 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     });
   }
 
+  // Each service's hook, on the pool: a gateway's sockets are gone. Not
+  // bounded by the outbox: at most one per gateway the broker lost. A
+  // prefix that names no gateway's sockets (no '.', ending in one) is not
+  // passed on: "" would own every sid.
+  void on_gateway_gone(proto::GatewayGone& g) {
+    auto dot = g.sid_prefix().find('.');
+    if (dot == std::string::npos || g.sid_prefix().back() == '.') {
+      if (log_limit.allow()) spdlog::warn("a GatewayGone with no sid prefix ignored");
+      return;
+    }
+    ++n_gateways_gone;
+    spdlog::info("gateway {} is gone ({}): its sockets {}* are forgotten", core::printable(g.gateway()),
+                 core::printable(g.reason()), core::printable(g.sid_prefix()));
+    auto gone = std::make_shared<const gateway_gone>(
+        gateway_gone{shared_from_this(), std::move(*g.mutable_gateway()), std::move(*g.mutable_sid_prefix()),
+                     std::move(*g.mutable_reason())});
+    for (const auto& s : services) {
+      if (!s.on_gateway_gone_) continue;
+      pool.post([this, hook = &s.on_gateway_gone_, gone] {
+        try {
+          (*hook)(*gone);
+        } catch (const std::exception& e) {
+          ++n_errors;
+          std::lock_guard lock{text_log_mutex};
+          if (text_log_limit.allow()) spdlog::error("on_gateway_gone of {}: {}", gone->gateway(), e.what());
+        } catch (...) {
+          ++n_errors;
+        }
+      });
+    }
+  }
+
   void run_handler(const handler& h, std::shared_ptr<request_state> st) {
     request req{std::move(st)};
     try {
@@ -1423,6 +1456,15 @@ service& service::on_disconnect(handler h) {
   on_disconnect_ = std::move(h);
   return *this;
 }
+service& service::on_gateway_gone(gone_hook h) {
+  on_gateway_gone_ = std::move(h);
+  return *this;
+}
+
+bool gateway_gone::emit_to_room(const std::string& nsp, const std::string& room, std::string event,
+                                std::string args_json) const {
+  return core_->publish_to(nsp, &room, std::move(event), std::move(args_json), {}, {});
+}
 
 // ---- worker ----
 
@@ -1517,7 +1559,7 @@ worker_stats worker::stats() const {
           core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
           core_->drain_asked.load(), core_->n_jobs_again, core_->n_replies_resent,
           core_->kept_bytes.load(),    core_->n_notices_resent,   core_->kept_notice_bytes.load(),
-          core_->n_held.load(),        core_->n_recalled};
+          core_->n_held.load(),        core_->n_recalled,         core_->n_gateways_gone};
 }
 
 }  // namespace sidecast

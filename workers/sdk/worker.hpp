@@ -188,6 +188,39 @@ class request {
 
 using handler = std::function<void(request)>;
 
+/// A gateway the broker gave up on (GatewayGone, docs/protocol.md "A gateway
+/// lost"): it crashed, or was cut off past the broker's
+/// --gateway-gone-after. Every socket whose sid begins with sid_prefix() is
+/// gone, and no DISCONNECT will come for any of them: a service forgets
+/// what it keeps per socket. Every worker hears it, whether or not it
+/// served those sockets, so the hook must not mind sids it never saw.
+class gateway_gone {
+ public:
+  const std::string& gateway() const { return gateway_; }
+  const std::string& sid_prefix() const { return sid_prefix_; }
+  /// "silent" (lost to silence), "goodbye" (drained and stopped),
+  /// "restarted" (back as a new process under its id), "replaced" (it
+  /// ended its sockets and took a new prefix).
+  const std::string& reason() const { return reason_; }
+  /// True for a sid of that gateway's sockets.
+  bool owns(std::string_view sid) const { return sid.starts_with(sid_prefix_); }
+  /// Emits to every socket in `room` of namespace `nsp` (to say who left),
+  /// as worker::emit_to_room does.
+  bool emit_to_room(const std::string& nsp, const std::string& room, std::string event, std::string args_json) const;
+
+ private:
+  friend struct detail::worker_core;
+  gateway_gone(std::shared_ptr<detail::worker_core> core, std::string gateway, std::string sid_prefix,
+               std::string reason)
+      : core_{std::move(core)},
+        gateway_{std::move(gateway)},
+        sid_prefix_{std::move(sid_prefix)},
+        reason_{std::move(reason)} {}
+  std::shared_ptr<detail::worker_core> core_;
+  std::string gateway_, sid_prefix_, reason_;
+};
+using gone_hook = std::function<void(const gateway_gone&)>;
+
 class service {
  public:
   explicit service(std::string name, unsigned capacity = 16);
@@ -214,6 +247,11 @@ class service {
   /// answered in time"), which the broker sends once the accept reached it.
   /// A late refusal is followed by nothing.
   service& on_disconnect(handler h);
+  /// A gateway is lost with all its sockets (see gateway_gone): runs on the
+  /// pool, once per announcement, on every worker of the service, without
+  /// taking capacity; never dropped (at most one per gateway lost). What it
+  /// throws is logged and counted as a handler error.
+  service& on_gateway_gone(gone_hook h);
 
   const std::string& name() const { return name_; }
   unsigned capacity() const { return capacity_; }
@@ -229,6 +267,7 @@ class service {
   std::unordered_map<std::string, event_handler> events_;
   handler on_connect_;
   handler on_disconnect_;
+  gone_hook on_gateway_gone_;
 };
 
 struct worker_stats {
@@ -249,6 +288,7 @@ struct worker_stats {
   std::uint64_t kept_notice_bytes = 0;  // what the kept one-way messages hold now (kept_notice_bytes bounds it)
   std::uint64_t held = 0;  // messages held until the broker welcomes a new socket (hwm bounds it)
   std::uint64_t recalled = 0;  // final answers the broker asked for again (Recall; the kept ones count in replies_resent)
+  std::uint64_t gateways_gone = 0;  // GatewayGone announcements heard
 };
 
 class worker {

@@ -162,6 +162,13 @@ service vm_service(unsigned capacity, vm_options options) {
         std::lock_guard lock{reg->mutex};
         for (auto& [id, t] : reg->tasks)
           if (t->owner == r.sid()) t->cancelled = true;
+      })
+      // So are the tasks of every socket of a gateway the broker lost: no
+      // DISCONNECT comes for those.
+      .on_gateway_gone([reg](const gateway_gone& g) {
+        std::lock_guard lock{reg->mutex};
+        for (auto& [id, t] : reg->tasks)
+          if (g.owns(t->owner)) t->cancelled = true;
       });
 }
 

@@ -138,6 +138,19 @@ def vm_service(capacity=16, launch_time=4.0, failure_rate=0.1, max_count=20):
                 found = True
         req.reply({"task_id": task_id, "cancelled": found})
 
+    def cancel_tasks_of(owned):
+        with lock:
+            for task in tasks.values():
+                if owned(task.owner):
+                    task.cancelled.set()
+
+    # A socket that is gone reads no progress: its tasks (on this worker)
+    # end, and give their capacity back.
+    svc.on_disconnect(lambda req: cancel_tasks_of(lambda sid: sid == req.sid))
+    # So are the tasks of every socket of a gateway the broker lost: no
+    # DISCONNECT comes for those.
+    svc.on_gateway_gone(lambda gone: cancel_tasks_of(gone.owns))
+
     return svc
 
 

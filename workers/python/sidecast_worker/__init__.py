@@ -15,11 +15,11 @@ workers/sdk/. See workers/python/README.md.
 """
 from ._proto import PROTOCOL_VERSION, Code
 from .codec import namespace_topic, room_topic
-from .request import CONNECT, DISCONNECT, EVENT, Request
+from .request import CONNECT, DISCONNECT, EVENT, GatewayGone, Request
 from .service import Service
 from .worker import AckResult, DeliveryReport, Worker, WorkerStats
 
 __all__ = [
-    "AckResult", "CONNECT", "Code", "DISCONNECT", "DeliveryReport", "EVENT", "PROTOCOL_VERSION",
-    "Request", "Service", "Worker", "WorkerStats", "namespace_topic", "room_topic",
+    "AckResult", "CONNECT", "Code", "DISCONNECT", "DeliveryReport", "EVENT", "GatewayGone",
+    "PROTOCOL_VERSION", "Request", "Service", "Worker", "WorkerStats", "namespace_topic", "room_topic",
 ]

@@ -1,4 +1,4 @@
-"""One request as its handler sees it."""
+"""What a handler sees: one request, or a gateway lost with its sockets."""
 import threading
 import time
 
@@ -266,3 +266,38 @@ class Request:
     def broadcast(self, event, *args, except_sids=()):
         """Emits to every socket of this namespace."""
         return self._core.publish(self.nsp, None, event, args, except_sids)
+
+
+class GatewayGone:
+    """A gateway the broker lost, with every socket it had, handed to each
+    service's ``on_gateway_gone`` hook.
+
+    No DISCONNECT will come for any of those sockets: the service forgets
+    what it keeps for them. Every worker hears it, whether or not it served
+    those sockets, so the hook must not mind sids it never saw.
+
+    ``gateway`` is its id; every sid of its sockets begins with
+    ``sid_prefix`` (``owns(sid)``). ``reason``: "silent" (lost to silence),
+    "goodbye" (drained and stopped), "restarted" (back as a new process
+    under its id) or "replaced" (it ended its sockets and took a new prefix).
+    """
+
+    __slots__ = ("gateway", "sid_prefix", "reason", "_core")
+
+    def __init__(self, core, gateway, sid_prefix, reason):
+        self._core = core
+        self.gateway = gateway
+        self.sid_prefix = sid_prefix
+        self.reason = reason
+
+    def __repr__(self):
+        return f"<GatewayGone {self.gateway} {self.reason} sids={self.sid_prefix!r}*>"
+
+    def owns(self, sid):
+        """True for a sid of that gateway's sockets."""
+        return sid.startswith(self.sid_prefix)
+
+    def emit_to_room(self, room, event, *args, nsp="/", except_sids=()):
+        """Emits to every socket in a room of ``nsp`` (to say who left), as
+        Worker.emit_to_room does."""
+        return self._core.publish(nsp, room, event, args, except_sids)

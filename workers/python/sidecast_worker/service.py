@@ -27,6 +27,7 @@ class Service:
         self._events = {}
         self._on_connect = None
         self._on_disconnect = None
+        self._on_gateway_gone = None
 
     def __repr__(self):
         return f"<Service {self.name} capacity={self.capacity} events={sorted(self._events)}>"
@@ -50,6 +51,16 @@ class Service:
     def on_disconnect(self, handler=None):
         """Disconnect notice: ``req.reason`` says why; no answer reaches anyone."""
         return self._register(handler, lambda h: setattr(self, "_on_disconnect", h))
+
+    def on_gateway_gone(self, handler=None):
+        """A gateway is lost with all its sockets: ``handler(GatewayGone)``.
+
+        No DISCONNECT comes for those sockets, so the hook forgets what the
+        service keeps for each (``gone.owns(sid)``). It runs on the pool,
+        once per announcement, on every worker of the service, without
+        taking capacity, and is never dropped (at most one per gateway
+        lost). What it raises is logged and counted in ``handler_errors``."""
+        return self._register(handler, lambda h: setattr(self, "_on_gateway_gone", h))
 
     def _register(self, handler, store):
         if handler is None:

@@ -26,7 +26,7 @@ import zmq
 from . import codec
 from ._proto import Code, code_of, pb
 from .link import PeerLink, RateLimitedLog, apply_curve
-from .request import CONNECT, DISCONNECT, EVENT, Request, as_text
+from .request import CONNECT, DISCONNECT, EVENT, GatewayGone, Request, as_text
 from .service import Service
 
 log = logging.getLogger("sidecast_worker")
@@ -99,6 +99,7 @@ class WorkerStats:
     kept_notice_bytes: int = 0  # what the kept one-way messages hold now (kept_notice_bytes bounds it)
     held: int = 0  # messages held until the broker welcomes a new socket (hwm bounds it)
     recalled: int = 0  # final answers the broker asked for again (Recall; the kept ones count in replies_resent)
+    gateways_gone: int = 0  # GatewayGone announcements taken (one naming no sid prefix is ignored, not counted)
 
 
 class _Wakeup:
@@ -793,6 +794,8 @@ class _Core:
             self.on_ack(env.reply)
         elif kind == "report":
             self.on_report(env.report)
+        elif kind == "gateway_gone":
+            self.on_gateway_gone(env.gateway_gone)
         elif kind == "error":
             # A pair's standby, or a restarted broker before our Hello,
             # gives back a one-way message (an emit, a control, a report) it
@@ -965,6 +968,36 @@ class _Core:
             self.backlog -= 1
         callback(report)
 
+    def on_gateway_gone(self, gone):
+        """Each service's hook, on the pool: a gateway's sockets are gone.
+        Not bounded by the outbox, as reports are: the broker announces at
+        most one per gateway it lost, and a hook left out would leave that
+        gateway's sockets behind for good. A prefix that names no gateway's
+        sockets (no '.', or ending in one) is not passed on: "" would own every
+        sid."""
+        prefix = gone.sid_prefix
+        if "." not in prefix or prefix.endswith("."):
+            if self.log_limit.allow():
+                log.warning("worker %s: a GatewayGone with no sid prefix ignored", self.worker_id)
+            return
+        self.count("gateways_gone")
+        log.info("worker %s: gateway %s is gone (%s): its sockets %s* are forgotten",
+                 self.worker_id, gone.gateway, gone.reason, prefix)
+        event = GatewayGone(self, gone.gateway, prefix, gone.reason)
+        for service in self.services.values():
+            if service._on_gateway_gone is not None:
+                self.submit(self.run_gone_hook, service._on_gateway_gone, event)
+
+    def run_gone_hook(self, hook, gone):
+        try:
+            hook(gone)
+        except BaseException:
+            # As a handler's exception: logged and counted, not raised again
+            # (the pool thread serves on; there is no request to answer).
+            self.count("handler_errors")
+            if self.log_limit.allow():
+                log.exception("on_gateway_gone of gateway %s failed", gone.gateway)
+
 
 class Worker:
     """Serves one or more services behind a Sidecast broker.
@@ -1051,7 +1084,8 @@ class Worker:
             raise RuntimeError("Worker.add after start()")
         if not isinstance(service, Service):
             raise TypeError("Worker.add takes a Service")
-        for handler in [*service._events.values(), service._on_connect, service._on_disconnect]:
+        for handler in [*service._events.values(), service._on_connect, service._on_disconnect,
+                        service._on_gateway_gone]:
             if handler is not None and inspect.iscoroutinefunction(handler):
                 raise TypeError(f"{handler.__qualname__}: handlers are plain functions, not async def")
         self._core.services[service.name] = service
