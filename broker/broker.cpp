@@ -541,6 +541,11 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   proto::Role role = proto::ROLE_CLIENT;
   if (it == peers_.end()) {
     if (kind == Envelope::kGoodbye) return;  // gone already (dropped, or the broker restarted)
+    if (auto g = pending_gone_.find(routing_id); g != pending_gone_.end())
+      // A gateway lost to silence is back (its heartbeat, or what it sent
+      // before its Hello): the Hello follows our NOT_REGISTERED, a round
+      // trip later. Its announcement waits for it at least a liveness.
+      g->second.due = std::max(g->second.due, now_ + liveness_window());
     if (!routing_id.empty() && routing_id.front() == '\0') {
       // An id libzmq made up: a pipe it renamed when a peer's new socket
       // took the peer's id (what the old socket held; the peer sends it
@@ -696,23 +701,22 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     drop(drop_reason::bad_hello, "bad sid prefix");
     return;
   }
-  if (hello.role() == proto::ROLE_GATEWAY) settle_gone(routing_id, hello.sid_prefix());
   auto existing = peers_.find(routing_id);
   if (existing != peers_.end()) {
     auto& known = existing->second;
     if (hello.incarnation() != 0 && hello.incarnation() == known.incarnation && hello.role() == known.role) {
+      // The same link, alive, holding what it held: it stays registered.
+      if (hello.connection() < known.connection) {
+        // From a socket the link has replaced since: the newer Hello counts.
+        drop(drop_reason::duplicate, "a Hello from a replaced socket");
+        return;
+      }
       if (known.sid_prefix != hello.sid_prefix()) {
         // A gateway told its prefix was announced gone (Welcome.prefix_gone)
         // ended its sockets and took a new one; the old one, if it was not
         // announced yet, is announced now: none of its sockets is left.
         auto old = std::exchange(known.sid_prefix, hello.sid_prefix());
         if (!old.empty() && !announced_gone_.seen(old, now)) announce_gone(routing_id, old, "replaced");
-      }
-      // The same link, alive, holding what it held: it stays registered.
-      if (hello.connection() < known.connection) {
-        // From a socket the link has replaced since: the newer Hello counts.
-        drop(drop_reason::duplicate, "a Hello from a replaced socket");
-        return;
       }
       // On the same socket, it answered several NOT_REGISTERED at once
       // (sent before its first Hello came), or Hellos crossed: nothing was
@@ -762,8 +766,9 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
   if (peers_.size() >= config_.max_peers) {
     drop(drop_reason::peer_limit, routing_id);  // counted before the peer can hear of it
     send_error(routing_id, proto::BUSY, "the broker has --max-peers peers registered");
-    return;
+    return;  // a gateway lost to silence stays due to be announced
   }
+  if (hello.role() == proto::ROLE_GATEWAY) settle_gone(routing_id, hello.sid_prefix());
   auto& added = peers_[routing_id] = peer{hello.role(), now + liveness_window(), now,
                                           hello.incarnation(), hello.connection(), hello.hello()};
   added.kept = core::kept_ring<sent_at>{config_.kept_sent, config_.kept_sent_bytes};
@@ -798,6 +803,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     }
   }
   if (welcome(routing_id, hello)) confirm_drain(routing_id);
+  if (hello.role() == proto::ROLE_WORKER) replay_gone(routing_id);
   spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
                hello.services_size());
   dispatch(now);
@@ -1392,6 +1398,28 @@ void broker::remove_peer(const std::string& routing_id, leaving how) {
   metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
 }
 
+std::string broker::gone_message(const std::string& prefix, const char* reason) {
+  Envelope env;
+  auto* g = env.mutable_gateway_gone();
+  g->set_gateway(std::string{proto::sid_owner(prefix)});
+  g->set_sid_prefix(prefix);
+  g->set_reason(reason);
+  return env.SerializeAsString();
+}
+
+// A worker that registers hears again what was announced in the last
+// replayed_gone (10 minutes): one that was dropped meanwhile (a pause, a
+// partition) and came back keeping its state missed it, and a hook must
+// not mind sids it does not know, so the others lose nothing by it.
+void broker::replay_gone(const std::string& worker) {
+  std::size_t n = 0;
+  announced_gone_.for_each_since(now_ - replayed_gone, [&](const std::string& prefix) {
+    send(worker, gone_message(prefix, "replayed"));
+    ++n;
+  });
+  if (n > 0) spdlog::info("worker {} heard again the {} gateways announced gone in the last 10 minutes", worker, n);
+}
+
 // A gateway's Hello: if it was lost to silence and is back with the prefix
 // it left with, it still has its sockets: nothing is announced. With
 // another, it is a new process under the same id (or one that ended its
@@ -1426,12 +1454,7 @@ void broker::announce_due_gone(clock::time_point now) {
 // not mind a socket it does not know). A worker not registered now (one
 // restarting) does not: a restarted worker starts afresh anyway.
 void broker::announce_gone(const std::string& gateway, const std::string& prefix, const char* reason) {
-  Envelope env;
-  auto* g = env.mutable_gateway_gone();
-  g->set_gateway(gateway);
-  g->set_sid_prefix(prefix);
-  g->set_reason(reason);
-  auto bytes = env.SerializeAsString();
+  auto bytes = gone_message(prefix, reason);
   std::vector<std::string> workers;
   for (const auto& [id, p] : peers_)
     if (p.role == proto::ROLE_WORKER) workers.push_back(id);
@@ -1613,6 +1636,8 @@ void broker::check_stall(clock::time_point now) {
   for (auto& [id, p] : peers_) p.expiry = std::min(p.expiry + late, now + liveness_window());
   for (auto& [to, kept] : parked_)
     for (auto& k : kept) k.since = std::min(k.since + late, now);
+  // Nor against a lost gateway's grace: its Hello may wait unread.
+  for (auto& [id, g] : pending_gone_) g.due = std::min(g.due + late, now + config_.gateway_gone_after);
   next_tick_ = now;  // the tick is due, and not late
   if (pair_) {
     pair_->away(late, now);  // nor was the other broker silent meanwhile

@@ -238,6 +238,9 @@ class broker {
   /// prefix it left with is not announced; a new prefix announces the old.
   void settle_gone(const std::string& gateway, const std::string& prefix);
   void announce_due_gone(clock::time_point now);
+  std::string gone_message(const std::string& prefix, const char* reason);
+  void replay_gone(const std::string& worker);
+  static constexpr std::chrono::minutes replayed_gone{10};
   bool send_held_again(const std::string& worker, clock::time_point now);
   // The answer to a forward whose owner gateway is not there (or, `busy`,
   // whose pipe is full): what the owner would answer for a session it does

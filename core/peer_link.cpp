@@ -86,6 +86,7 @@ void peer_link::send_hello() {
 void peer_link::renew_sid_prefix(std::string prefix) {
   options_.sid_prefix = std::move(prefix);
   send_hello();
+  renewed_at_hello_ = stats_.hellos;
 }
 
 void peer_link::drain() {
@@ -223,7 +224,9 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         read_to_ = w.sent();
         read_tail_ = 0;
         welcome_hello_ = w.hello();
-        if (w.prefix_gone()) ++prefixes_gone_;
+        // A Welcome to a Hello sent before the last renewal (Hellos that
+        // crossed) speaks of a prefix already renewed.
+        if (w.prefix_gone() && w.hello() >= renewed_at_hello_) ++prefixes_gone_;
         replaced_since_welcome_ = false;
         unwelcomed_from_ = 0;
         continue;

@@ -203,6 +203,7 @@ class peer_link {
                                        // current socket's, if later; 0: none
   std::uint64_t broker_restarts_ = 0;
   std::uint64_t prefixes_gone_ = 0;
+  std::uint64_t renewed_at_hello_ = 0;  // the Hello that said the last renewed prefix
   std::uint64_t lost_below_ = 0;
   std::uint64_t sent_since_hello_ = 0;
   // What this link read of what the broker sent it, in the broker's count

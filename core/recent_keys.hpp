@@ -7,6 +7,7 @@
 // older sighting is skipped when its turn comes), so the bound counts
 // sightings: memory stays within `max_count` keys however they repeat.
 // Not thread-safe.
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -46,6 +47,16 @@ class recent_keys {
     auto it = at_.find(key);
     if (it == at_.end() || now - it->second.when >= window_) return std::nullopt;
     return it->second.when;
+  }
+
+  /// Calls `f(key)` for each key last seen at `since` or later (and still
+  /// within the window), oldest first.
+  template <typename F>
+  void for_each_since(time_point since, F&& f) const {
+    // The sightings are in time order: the first at `since` is found by halves.
+    auto from = std::partition_point(order_.begin(), order_.end(), [&](const in_order& o) { return o.when < since; });
+    for (auto o = from; o != order_.end(); ++o)
+      if (auto it = at_.find(o->key); it != at_.end() && it->second.seq == o->seq) f(o->key);
   }
 
   /// Forgets what is past the window.

@@ -175,6 +175,12 @@ void bridge::end_command() {
 
 bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink> sink, std::function<void()> after) {
   return post([this, sid = std::move(sid), nsp = std::move(nsp), sink = std::move(sink), after = std::move(after)]() mutable {
+    // A sid drawn under a prefix the broker has announced gone (the
+    // gateway renewed it between the draw and this command, after its
+    // sweep of the old prefix's sockets): the services have forgotten it,
+    // so it ends as the rest of its prefix did.
+    bool stale = !sid_prefix_.empty() && !sid.starts_with(sid_prefix_);
+    auto stale_sink = stale ? sink.lock() : nullptr;
     if (auto it = members_.find(sid); it != members_.end()) {
       // A recovered socket takes the sid over, rooms and all (a disconnect
       // posted to the one it replaces did not reach it).
@@ -186,6 +192,8 @@ bool bridge::attach(std::string sid, std::string nsp, std::weak_ptr<client_sink>
       members_count_.store(members_.size(), std::memory_order_relaxed);
     }
     if (after) after();
+    if (stale_sink)
+      to_sink(stale_sink->executor(), [stale_sink] { stale_sink->shut_down(); }, 1, thread_backlog::kind::owed);
   });
 }
 

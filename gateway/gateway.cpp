@@ -59,6 +59,7 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   if (!proto::valid_peer_id(config_.id))
     throw std::invalid_argument("gateway id '" + config_.id + "' must be 1-64 characters without '.' or ':'");
   routes_ = parse_routes(config_.routes);
+  sid_prefix_ = config_.id + "." + core::random_token(sid_tag_chars);
   if (auto proxies = network_set::parse(config_.proxy_protocol_from)) proxies_ = std::move(*proxies);
   else throw std::invalid_argument("--proxy-protocol-from takes addresses and networks (10.0.0.0/8)");
   if (config_.threads == 0) config_.threads = std::max(1u, std::thread::hardware_concurrency());
@@ -71,7 +72,6 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
   // characters, its colon and n stay within std::string's 15 inline bytes;
   // a new start's ids meet an old one's still held with a chance of about
   // the requests of a minute over 2^40).
-  sid_prefix_ = config_.id + "." + core::random_token(sid_tag_chars);
   bridge_ = std::make_unique<class bridge>(config_, zmq_, metrics_, drawn_id ? 0 : core::draw_incarnation() >> 24,
                                            sid_prefix_);
   api_ = std::make_unique<class api>(*this);

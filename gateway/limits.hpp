@@ -94,11 +94,28 @@ class token_bucket {
 
 /// Counts open connections; admit() hands out a slot that gives itself back
 /// when the last owner drops it (the HTTP session, then its WebSocket).
+/// What a per-address limit counts an address under: an IPv4 address (an
+/// IPv4-mapped IPv6 one too) as itself, an IPv6 address by its /64, which
+/// is what one host or site is given (counted one by one, a client with a
+/// /64 would have 2^64 budgets). Anything else as it is written.
+inline std::string address_key(const std::string& address) {
+  boost::system::error_code ec;
+  auto a = boost::asio::ip::make_address(address, ec);
+  if (ec) return address;
+  if (a.is_v6() && a.to_v6().is_v4_mapped())
+    return boost::asio::ip::make_address_v4(boost::asio::ip::v4_mapped, a.to_v6()).to_string();
+  if (a.is_v4()) return a.to_v4().to_string();
+  return boost::asio::ip::make_network_v6(a.to_v6(), 64).canonical().to_string();
+}
+
 class connection_limits {
  public:
   connection_limits(std::size_t total, std::size_t per_address) : total_{total}, per_address_{per_address} {}
 
-  std::shared_ptr<void> admit(const std::string& address) {
+  /// A place for a connection (or session) from `client`, counted under
+  /// address_key(client); released when the last copy goes. Null when full.
+  std::shared_ptr<void> admit(const std::string& client) {
+    auto address = address_key(client);
     std::lock_guard lock{mutex_};
     auto& mine = by_address_[address];
     if (open_ >= total_ || mine >= per_address_) {

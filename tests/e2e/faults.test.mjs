@@ -315,8 +315,8 @@ test("gateway killed: clients see the transport close and reconnect when a gatew
 });
 
 // A broker, a chat worker and two gateways (gwA, gwB): what a room hears
-// when one gateway is lost. Heartbeats every 300 ms: the broker drops a
-// silent gateway after 0.9 s, and announces it gone `goneAfter` ms later.
+// when one gateway is lost. Heartbeats every 500 ms: the broker drops a
+// silent gateway after 1.5 s, and announces it gone `goneAfter` ms later.
 async function chatStack(goneAfter) {
   const [router, xsub, xpub, httpA, httpB] = freePorts(5);
   const dir = mkdtempSync(join(tmpdir(), "sidecast-gone-"));
@@ -325,7 +325,7 @@ async function chatStack(goneAfter) {
     urlA: `http://127.0.0.1:${httpA}`, urlB: `http://127.0.0.1:${httpB}`,
   };
   s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", "",
-                                     "--heartbeat-interval", "300", "--gateway-gone-after", String(goneAfter)]);
+                                     "--heartbeat-interval", "500", "--gateway-gone-after", String(goneAfter)]);
   s.chat = run("sidecast-worker", ["--service", "chat", "--chat-db", join(dir, "chat.db"), "--broker", s.router,
                                    "--publish", s.xsub]);
   const gateway = (id, url) => run("sidecast-gateway", ["--http", new URL(url).host, "--broker", s.router,
@@ -364,35 +364,41 @@ const sidPrefix = (sid) => sid.slice(0, sid.indexOf(".") + 9);
 
 test("gateway killed: the broker announces it gone, and its sockets leave the chat rooms they were in", async () => {
   const s = await chatStack(500);
-  const { bob } = await annAndBob(s);
-  const left = next(bob, "presence", (p) => !p.members.includes("ann"));
-  s.gatewayA.kill("SIGKILL");
-  // No DISCONNECT ever comes for ann: without the announcement she would
-  // stay in the room's list for good.
-  assert.deepEqual((await left).members, ["bob"]);
-  s.stop();
+  try {
+    const { bob } = await annAndBob(s);
+    const left = next(bob, "presence", (p) => !p.members.includes("ann"));
+    s.gatewayA.kill("SIGKILL");
+    // No DISCONNECT ever comes for ann: without the announcement she would
+    // stay in the room's list for good.
+    assert.deepEqual((await left).members, ["bob"]);
+  } finally {
+    s.stop();
+  }
 });
 
 test("gateway stalled past the broker's grace: announced gone, then on its return it ends its sockets, whose clients reconnect under a new prefix and join again", async () => {
   const s = await chatStack(0);
-  const { room, ann, bob } = await annAndBob(s, { reconnectionDelay: 200, reconnectionDelayMax: 500 });
-  const firstId = ann.id;
-  const left = next(bob, "presence", (p) => !p.members.includes("ann"));
-  s.gatewayA.kill("SIGSTOP");
-  assert.deepEqual((await left).members, ["bob"], "announced gone while it was silent");
-  const reason = once(ann, "disconnect");
-  const back = once(ann, "connect");
-  s.gatewayA.kill("SIGCONT");
-  // The workers forgot ann's socket: the gateway ends it rather than serve
-  // a socket no service knows, with a transport close, so the client comes back.
-  assert.equal(await reason, "transport close");
-  await back;
-  assert.notEqual(sidPrefix(ann.id), sidPrefix(firstId), "sids of the gateway's return take a new prefix");
-  await ack(ann, "nick", "ann");
-  const joined = next(bob, "presence", (p) => p.members.includes("ann"));
-  assert.deepEqual((await ack(ann, "join", room)).members, ["ann", "bob"], "not refused as a socket that is gone");
-  assert.deepEqual((await joined).members, ["ann", "bob"]);
-  s.stop();
+  try {
+    const { room, ann, bob } = await annAndBob(s, { reconnectionDelay: 200, reconnectionDelayMax: 500 });
+    const firstId = ann.id;
+    const left = next(bob, "presence", (p) => !p.members.includes("ann"));
+    s.gatewayA.kill("SIGSTOP");
+    assert.deepEqual((await left).members, ["bob"], "announced gone while it was silent");
+    const reason = once(ann, "disconnect");
+    const back = once(ann, "connect");
+    s.gatewayA.kill("SIGCONT");
+    // The workers forgot ann's socket: the gateway ends it rather than serve
+    // a socket no service knows, with a transport close, so the client comes back.
+    assert.equal(await reason, "transport close");
+    await back;
+    assert.notEqual(sidPrefix(ann.id), sidPrefix(firstId), "sids of the gateway's return take a new prefix");
+    await ack(ann, "nick", "ann");
+    const joined = next(bob, "presence", (p) => p.members.includes("ann"));
+    assert.deepEqual((await ack(ann, "join", room)).members, ["ann", "bob"], "not refused as a socket that is gone");
+    assert.deepEqual((await joined).members, ["ann", "bob"]);
+  } finally {
+    s.stop();
+  }
 });
 
 function once(socket, event) {

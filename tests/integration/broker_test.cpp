@@ -92,6 +92,23 @@ struct gone_log {
   }
 };
 
+// The value of `registry`'s metric `family` with the label `key`=`value`
+// (gauge or counter), or of its series without labels if `key` is empty;
+// nullopt while it has no such series.
+std::optional<double> metric_value(prometheus::Registry& registry, const std::string& family,
+                                   const std::string& key = {}, const std::string& value = {}) {
+  for (const auto& f : registry.Collect()) {
+    if (f.name != family) continue;
+    for (const auto& m : f.metric) {
+      bool match = key.empty() ? m.label.empty() : std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
+        return l.name == key && l.value == value;
+      });
+      if (match) return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+    }
+  }
+  return std::nullopt;
+}
+
 class BrokerTest : public ::testing::TestWithParam<link_mode> {
  protected:
   static std::string link() { return std::string{GetParam().endpoint}; }
@@ -227,21 +244,10 @@ class BrokerTest : public ::testing::TestWithParam<link_mode> {
     return *raw;
   }
 
-  // The value of the broker's metric `family` with the label `key`=`value`
-  // (gauge or counter), or of its series without labels if `key` is empty;
-  // nullopt while it has no such series.
+  // The broker's metric (metric_value()).
   std::optional<double> metric(const std::string& family, const std::string& key = {},
                                const std::string& value = {}) const {
-    for (const auto& f : registry_->Collect()) {
-      if (f.name != family) continue;
-      for (const auto& m : f.metric) {
-        bool match = key.empty() ? m.label.empty() : std::any_of(m.label.begin(), m.label.end(), [&](const auto& l) {
-          return l.name == key && l.value == value;
-        });
-        if (match) return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
-      }
-    }
-    return std::nullopt;
+    return metric_value(*registry_, family, key, value);
   }
 
   std::chrono::milliseconds heartbeat_ = 100ms;  // broker and workers
@@ -1656,6 +1662,7 @@ TEST_P(BrokerTest, ASilentGatewayIsAnnouncedGoneToEveryWorker) {
 // announced at once (the drain ended every socket it could, but a service
 // need not wait to learn that none is left).
 TEST_P(BrokerTest, AGatewayBackWithItsPrefixInTimeIsNotAnnounced) {
+  heartbeat_ = 300ms;  // the Goodbye comes well within the liveness after the Welcome
   gone_log log;
   start_with_gone_log(60s, log);
   peer gw{ctx_, "inproc://router", "gwB", proto::ROLE_GATEWAY};
@@ -1690,6 +1697,7 @@ TEST_P(BrokerTest, AGatewayRestartedUnderItsIdIsAnnouncedAtOnce) {
 // its Welcome: the workers forgot its sockets, so it ends them and says
 // Hello with a new prefix, which is not announced again.
 TEST_P(BrokerTest, AGatewayBackAfterItsAnnouncementIsToldToEndItsSockets) {
+  heartbeat_ = 300ms;  // a liveness of 900 ms: the heartbeats below keep it, however the host schedules
   gone_log log;
   start_with_gone_log(0ms, log);
   peer gw{ctx_, "inproc://router", "gwF", proto::ROLE_GATEWAY};
@@ -1702,14 +1710,63 @@ TEST_P(BrokerTest, AGatewayBackAfterItsAnnouncementIsToldToEndItsSockets) {
   ASSERT_TRUE(renewed);
   EXPECT_FALSE(renewed->prefix_gone());
   // Still registered, and its heartbeats keep it so: nothing more is announced.
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < 15; ++i) {
     Envelope beat;
     beat.mutable_heartbeat();
     gw.send(beat);
-    std::this_thread::sleep_for(heartbeat_);
+    std::this_thread::sleep_for(100ms);
   }
   EXPECT_EQ(log.size(), 1u);
   EXPECT_EQ(metric("sidecast_broker_gateways_gone_total", "reason", "replaced").value_or(0), 0.0);
+}
+
+// A worker that registers hears again what was announced in the last 10
+// minutes: one dropped meanwhile (a pause, a partition) that came back
+// keeping its state would have missed it.
+TEST_P(BrokerTest, AWorkerThatRegistersHearsTheLastMinutesAnnouncementsAgain) {
+  gone_log log, late;
+  start_with_gone_log(30s, log);
+  peer gw{ctx_, "inproc://router", "gwA", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwA.one", 1));
+  ASSERT_TRUE(gateway_hello(gw, "gwA.two", 2));  // restarted: gwA.one is gone
+  ASSERT_TRUE(eventually([&] { return log.size() == 1; }, 5s));
+  add_worker({service{"late", 1}.on_gateway_gone(late.hook())}, "w2");
+  ASSERT_TRUE(eventually([&] { return late.size() == 1; }, 5s)) << "the worker that came later never heard";
+  EXPECT_EQ(late.at(0), std::make_tuple("gwA", "gwA.one", "replayed"));
+}
+
+// The broker's own stall does not count against a lost gateway's grace,
+// and a gateway that speaks again before its Hello (its heartbeat, which
+// gets NOT_REGISTERED) has a liveness more for the Hello to come: a
+// gateway back in time is not announced because the broker was not
+// running to read it.
+TEST_P(BrokerTest, ItsOwnStallDoesNotCountAgainstALostGatewaysGrace) {
+  if (!shared_thread()) GTEST_SKIP() << "the broker's thread is held only when it shares the test's";
+  heartbeat_ = 200ms;  // a liveness of 600 ms
+  gone_log log;
+  start_with_gone_log(500ms, log);
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwT.tag", 7));
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_gateways_gone_pending") == 1.0; }, 5s))
+      << "the silent gateway was not dropped";
+  pause_io([&] {
+    std::this_thread::sleep_for(1s);  // past the grace
+    Envelope beat;
+    beat.mutable_heartbeat();
+    gw.send(beat);  // back, before its Hello
+  });
+  auto refused = gw.next(Envelope::kError, 3s);
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->error().code(), proto::NOT_REGISTERED);
+  // The Hello a round trip later, after the broker's next tick, as over a
+  // network: with the grace run out while the broker stood, that tick
+  // announced it.
+  std::this_thread::sleep_for(250ms);
+  auto welcome = gateway_hello(gw, "gwT.tag", 7, 1);
+  ASSERT_TRUE(welcome);
+  EXPECT_FALSE(welcome->prefix_gone());
+  EXPECT_EQ(log.size(), 0u);
+  EXPECT_EQ(metric("sidecast_broker_gateways_gone_pending"), 0.0);
 }
 
 // A sid prefix is a gateway's own: "<its id>.<tag>". Another gateway's, or
@@ -3184,6 +3241,10 @@ class reply_keeper : public gateway::client_sink {
     std::lock_guard lock{mutex_};
     seen_.push_back("disconnect");
   }
+  void shut_down() override {
+    std::lock_guard lock{mutex_};
+    seen_.push_back("shut down");
+  }
   std::vector<std::pair<std::uint64_t, proto::Code>> replies() {
     std::lock_guard lock{mutex_};
     return replies_;
@@ -3208,8 +3269,10 @@ class reply_keeper : public gateway::client_sink {
 // sessions' thread, as it does with --threads 1.
 struct bridge_rig {
   // `tune` changes the gateway's configuration before the bridge starts.
+  // `sid_prefix` and `renew`: the gateway's (bridge::on_prefix_gone).
   explicit bridge_rig(const std::string& id, std::optional<int> hwm = std::nullopt, bool on_shared = false,
-                      const std::function<void(gateway::gateway_config&)>& tune = {})
+                      const std::function<void(gateway::gateway_config&)>& tune = {}, std::string sid_prefix = {},
+                      std::function<std::string(const std::string&)> renew = {})
       : broker_end{"local://" + id + "-broker"}, shared{on_shared} {
     config.id = id;
     config.broker = "local://" + id + "-broker";
@@ -3217,7 +3280,8 @@ struct bridge_rig {
     if (hwm) config.hwm = *hwm;
     config.heartbeat_interval = 60s;  // the link sends no heartbeat, and waits for none
     if (tune) tune(config);
-    bridge.emplace(config, ctx, metrics);
+    bridge.emplace(config, ctx, metrics, 0, std::move(sid_prefix));
+    if (renew) bridge->on_prefix_gone(std::move(renew));
     bridge->start(shared ? &sessions : nullptr);
     session_thread = std::thread{[this] { sessions.run(); }};
   }
@@ -3268,9 +3332,10 @@ struct bridge_rig {
   /// Welcomes the link's `hello` as broker "test" (incarnation 7), saying
   /// it read `received` messages after Hello `previous_hello` (0: none).
   void welcome(const proto::Hello& hello, std::uint32_t interval_ms, std::uint64_t previous_hello = 0,
-               std::uint64_t received = 0, std::uint64_t incarnation = 7) {
+               std::uint64_t received = 0, std::uint64_t incarnation = 7, bool prefix_gone = false) {
     Envelope env;
     auto* w = env.mutable_welcome();
+    w->set_prefix_gone(prefix_gone);
     w->set_broker_id("test");
     w->set_incarnation(incarnation);
     w->set_heartbeat_interval_ms(interval_ms);
@@ -3322,6 +3387,36 @@ struct bridge_rig {
   bool shared;
   std::string bridge_peer;  // the bridge's connection, as from_bridge() last saw it
 };
+
+// Welcomed with prefix_gone (the broker announced its sockets gone while
+// it was silent), the bridge has the gateway renew its sid prefix, says
+// Hello again at once with the new one, and a socket still attaching under
+// the old prefix (drawn before the renewal, attached after the sweep) is
+// ended as the rest of its prefix was.
+TEST(GatewayLink, APrefixAnnouncedGoneIsRenewedAndItsLateSocketsEnded) {
+  std::promise<std::string> renewed_from;
+  bridge_rig rig{"gwN", std::nullopt, false, {}, "gwN.old", [&](const std::string& old) {
+                   renewed_from.set_value(old);
+                   return std::string{"gwN.new"};
+                 }};
+  auto hello = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(hello);
+  EXPECT_EQ(hello->hello().sid_prefix(), "gwN.old");
+  rig.welcome(hello->hello(), 60000, 0, 0, 7, true);
+  auto future = renewed_from.get_future();
+  ASSERT_EQ(future.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(future.get(), "gwN.old");
+  auto again = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(again) << "no Hello with the new prefix";
+  EXPECT_EQ(again->hello().sid_prefix(), "gwN.new");
+  EXPECT_EQ(again->hello().incarnation(), hello->hello().incarnation()) << "the same link, on the same socket";
+  EXPECT_EQ(again->hello().connection(), hello->hello().connection());
+  EXPECT_EQ(metric_value(*rig.registry, "sidecast_gateway_prefixes_gone_total"), 1.0);
+  rig.attach("gwN.newS1");
+  rig.attach("gwN.oldS2");  // a socket of the old prefix, late
+  ASSERT_TRUE(eventually([&] { return rig.sink->seen() == std::vector<std::string>{"shut down"}; }))
+      << "the late socket of the old prefix was not ended (or the new one was)";
+}
 
 // A broker that takes the gateway's connection and then never reads: once
 // --hwm messages wait on the link, a request is answered BUSY at once (not

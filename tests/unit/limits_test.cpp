@@ -50,6 +50,26 @@ TEST(ConnectionLimits, TotalAndPerAddress) {
 }
 
 // An io_context nobody runs yet stands for an I/O thread that is behind.
+// An IPv6 client is counted by its /64: one host (or site) has the whole
+// /64, and counted address by address it would have 2^64 budgets.
+TEST(ConnectionLimits, IPv6AddressesCountByTheirSlash64) {
+  connection_limits l{100, 2};
+  auto a = l.admit("2001:db8:1:2::1");
+  auto b = l.admit("2001:db8:1:2:ffff:ffff:ffff:fffe");
+  ASSERT_TRUE(a && b);
+  EXPECT_FALSE(l.admit("2001:db8:1:2:abcd::9")) << "a third address of the same /64";
+  EXPECT_TRUE(l.admit("2001:db8:1:3::1")) << "the next /64 has its own budget";
+  EXPECT_EQ(address_key("2001:db8:1:2:abcd::9"), "2001:db8:1:2::/64");
+  // IPv4, mapped or not, is one address; what does not parse is its text.
+  EXPECT_EQ(address_key("::ffff:192.0.2.7"), "192.0.2.7");
+  EXPECT_EQ(address_key("192.0.2.7"), "192.0.2.7");
+  EXPECT_EQ(address_key("unix"), "unix");
+  auto v4 = l.admit("192.0.2.7");
+  auto mapped = l.admit("::ffff:192.0.2.7");
+  ASSERT_TRUE(v4 && mapped);
+  EXPECT_FALSE(l.admit("192.0.2.7")) << "a mapped address counts as its IPv4 one";
+}
+
 TEST(ThreadBacklog, RefusesPastTheBoundUntilTheThreadCatchesUp) {
   prometheus::Registry registry;
   auto& refused = prometheus::BuildCounter().Name("refused").Register(registry).Add({});

@@ -2,6 +2,9 @@
 // bound forgets.
 #include "core/recent_keys.hpp"
 
+#include <string>
+#include <vector>
+
 #include <gtest/gtest.h>
 
 namespace {
@@ -60,6 +63,23 @@ TEST(RecentKeys, ACountOfZeroKeepsNothing) {
   recent_keys recent{5s, 0};
   EXPECT_FALSE(recent.remember("a", t0));
   EXPECT_TRUE(recent.empty());
+}
+
+// What was seen since a time, each key once (at its last sighting), oldest
+// first: the broker sends a worker that registers the last minutes'
+// announcements this way.
+TEST(RecentKeys, TheKeysSeenSinceATimeComeOnceEachOldestFirst) {
+  recent_keys keys{10s, 100};
+  keys.remember("a", t0);
+  keys.remember("b", t0 + 1s);
+  keys.remember("c", t0 + 2s);
+  keys.remember("a", t0 + 3s);  // seen again: now the newest
+  std::vector<std::string> seen;
+  keys.for_each_since(t0 + 1s, [&](const std::string& k) { seen.push_back(k); });
+  EXPECT_EQ(seen, (std::vector<std::string>{"b", "c", "a"}));
+  seen.clear();
+  keys.for_each_since(t0 + 2500ms, [&](const std::string& k) { seen.push_back(k); });
+  EXPECT_EQ(seen, (std::vector<std::string>{"a"}));
 }
 
 }  // namespace

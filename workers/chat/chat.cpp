@@ -51,7 +51,7 @@ class database {
     exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
     exec("CREATE TABLE IF NOT EXISTS presence (sid TEXT NOT NULL, room TEXT NOT NULL, nsp TEXT NOT NULL DEFAULT '/', "
          "PRIMARY KEY (sid, room))");
-    if (!has_column("presence", "nsp")) exec("ALTER TABLE presence ADD COLUMN nsp TEXT NOT NULL DEFAULT '/'");  // a database of an earlier build
+    add_column("presence", "nsp", "TEXT NOT NULL DEFAULT '/'");  // to a database of an earlier build
     // A room's members (members_of) without a scan of every socket's rows.
     exec("CREATE INDEX IF NOT EXISTS presence_room ON presence(room)");
     // Sockets that disconnected, for ten minutes: a join or nick of one
@@ -76,6 +76,15 @@ class database {
   }
   bool has_column(const std::string& table, const std::string& column) {
     return prepare("SELECT 1 FROM pragma_table_info(?) WHERE name = ?").bind(1, table).bind(2, column).step();
+  }
+  // Unless the table has it. Two workers of a shared database may both
+  // start on one of an earlier build: the one that lost the race finds the
+  // column there.
+  void add_column(const std::string& table, const std::string& column, const std::string& type) {
+    if (has_column(table, column)) return;
+    auto sql = "ALTER TABLE " + table + " ADD COLUMN " + column + " " + type;
+    if (int rc = sqlite3_exec(db_, sql.c_str(), nullptr, nullptr, nullptr); rc != SQLITE_OK && !has_column(table, column))
+      throw_sqlite(db_, rc);
   }
 
   // A prepared statement with text/int binds and row access.

@@ -200,7 +200,8 @@ class gateway_gone {
   const std::string& sid_prefix() const { return sid_prefix_; }
   /// "silent" (lost to silence), "goodbye" (drained and stopped),
   /// "restarted" (back as a new process under its id), "replaced" (it
-  /// ended its sockets and took a new prefix).
+  /// ended its sockets and took a new prefix), "replayed" (announced in the
+  /// last 10 minutes, sent again as this worker registered).
   const std::string& reason() const { return reason_; }
   /// True for a sid of that gateway's sockets.
   bool owns(std::string_view sid) const { return sid.starts_with(sid_prefix_); }
@@ -249,7 +250,9 @@ class service {
   service& on_disconnect(handler h);
   /// A gateway is lost with all its sockets (see gateway_gone): runs on the
   /// pool, once per announcement, on every worker of the service, without
-  /// taking capacity; never dropped (at most one per gateway lost). What it
+  /// taking capacity; the outbox bound does not apply (at most one per
+  /// gateway lost, and the last 10 minutes' again when the worker
+  /// registers: the hook must not mind a prefix it forgot already). What it
   /// throws is logged and counted as a handler error.
   service& on_gateway_gone(gone_hook h);
 

@@ -279,7 +279,9 @@ class GatewayGone:
     ``gateway`` is its id; every sid of its sockets begins with
     ``sid_prefix`` (``owns(sid)``). ``reason``: "silent" (lost to silence),
     "goodbye" (drained and stopped), "restarted" (back as a new process
-    under its id) or "replaced" (it ended its sockets and took a new prefix).
+    under its id), "replaced" (it ended its sockets and took a new prefix)
+    or "replayed" (announced in the last 10 minutes, sent again as this
+    worker registered).
     """
 
     __slots__ = ("gateway", "sid_prefix", "reason", "_core")

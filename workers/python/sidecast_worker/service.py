@@ -58,8 +58,10 @@ class Service:
         No DISCONNECT comes for those sockets, so the hook forgets what the
         service keeps for each (``gone.owns(sid)``). It runs on the pool,
         once per announcement, on every worker of the service, without
-        taking capacity, and is never dropped (at most one per gateway
-        lost). What it raises is logged and counted in ``handler_errors``."""
+        taking capacity, past the outbox bound (at most one per gateway
+        lost, and the last 10 minutes' again as the worker registers: the
+        hook must not mind a prefix it forgot already). What it raises is
+        logged and counted in ``handler_errors``."""
         return self._register(handler, lambda h: setattr(self, "_on_gateway_gone", h))
 
     def _register(self, handler, store):
