@@ -849,6 +849,7 @@ bool broker::welcome(const std::string& to, const proto::Hello& hello, const pee
     w->set_received(before->received);
   }
   w->set_marks_resent(marks_resent);  // send_unread() ends with the mark
+  w->set_max_message_bytes(static_cast<std::uint64_t>(std::max<std::int64_t>(config_.max_message_bytes, 0)));
   if (hello.role() == proto::ROLE_GATEWAY && !hello.sid_prefix().empty() &&
       announced_gone_.seen(hello.sid_prefix(), now_))
     w->set_prefix_gone(true);  // it ends its sockets and comes again with a new prefix

@@ -224,6 +224,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         read_to_ = w.sent();
         read_tail_ = 0;
         welcome_hello_ = w.hello();
+        max_message_bytes_ = w.max_message_bytes();
         // A Welcome to a Hello sent before the last renewal (Hellos that
         // crossed) speaks of a prefix already renewed.
         if (w.prefix_gone() && w.hello() >= renewed_at_hello_) ++prefixes_gone_;

@@ -144,6 +144,9 @@ class peer_link {
   /// Counts the Welcomes that said the broker announced our sid prefix gone
   /// (Welcome.prefix_gone): the gateway ends its sockets and renews it.
   std::uint64_t prefixes_gone() const { return prefixes_gone_; }
+  /// The largest message the broker said it takes (Welcome.max_message_bytes);
+  /// 0 until a Welcome says.
+  std::uint64_t max_message_bytes() const { return max_message_bytes_; }
   /// A gateway's new sid prefix: said at once in a Hello again (on the same
   /// socket: nothing sent before it is lost), and in every Hello after.
   void renew_sid_prefix(std::string prefix);
@@ -203,6 +206,7 @@ class peer_link {
                                        // current socket's, if later; 0: none
   std::uint64_t broker_restarts_ = 0;
   std::uint64_t prefixes_gone_ = 0;
+  std::uint64_t max_message_bytes_ = 0;
   std::uint64_t renewed_at_hello_ = 0;  // the Hello that said the last renewed prefix
   std::uint64_t lost_below_ = 0;
   std::uint64_t sent_since_hello_ = 0;

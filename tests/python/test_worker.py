@@ -751,6 +751,39 @@ class DrainConfirmationTest(FakeBrokerTest):
         self.assertTrue(drained.get(timeout=WAIT), "it waited for a confirmation that cannot come")
 
 
+class MaxMessageBytesTest(FakeBrokerTest):
+    """A message larger than the broker takes (Welcome.max_message_bytes, its
+    --max-message-bytes) would cost the worker its connection over tcp, and
+    every message in flight on it: an answer that large goes as INTERNAL,
+    and an emit that large is dropped, counted. The worker keeps serving."""
+
+    def service(self):
+        svc = Service("svc", capacity=2)
+
+        @svc.on("work")
+        def work(req):
+            if req.args[0] == "big":
+                return "x" * 8000
+            if req.args[0] == "emit":
+                req.emit("huge", "x" * 8000)
+            return "small"
+
+        return svc
+
+    def test_a_large_answer_goes_as_an_error_and_a_large_emit_is_dropped(self):
+        self.broker.welcome(self.worker, 1000, max_message_bytes=4096)
+        self.job("c:1", '["big"]', 1)
+        reply = self.broker.next()
+        self.assertEqual((reply.WhichOneof("kind"), reply.reply.id, reply.reply.code), ("reply", "c:1", pb.INTERNAL))
+        self.assertIn("more than the broker takes (4096)", reply.reply.message)
+        dropped = self.worker.stats().outbox_dropped
+        self.job("c:2", '["emit"]', 1)
+        reply = self.broker.next()
+        self.assertEqual(reply.WhichOneof("kind"), "reply", "the large emit went out")
+        self.assertEqual((reply.reply.id, reply.reply.code, args_of(reply.reply)), ("c:2", pb.OK, ["small"]))
+        self.assertEqual(self.worker.stats().outbox_dropped, dropped + 1)
+
+
 class ProbeTest(FakeBrokerTest):
     """After a stall of its own thread the broker sends a peer nothing until
     the peer shows which connection it is on: the link answers its probe (a

@@ -805,6 +805,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // True when it went on the link (else to the PUB socket).
   bool send_one(outgoing& out) {
     auto& o = *io;
+    if (auto limit = o.link.max_message_bytes(); limit != 0 && out.envelope.size() > limit && !shrink(out, limit))
+      return false;
     if (!out.topic.empty()) {
       o.pub.send(zmq::buffer(out.topic), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
       o.pub.send(out.envelope, zmq::send_flags::dontwait);
@@ -816,6 +818,36 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     if (out.keep) keep_reply(out.envelope);
     if (!o.link.send_message(std::move(out.envelope))) ++n_dropped;
+    return true;
+  }
+
+  // A message larger than the broker takes (Welcome.max_message_bytes)
+  // would cost the worker its connection, and every message in flight on
+  // it. An answer goes as an error instead (its client hears why, and the
+  // broker gets the capacity back); anything else is dropped, counted.
+  // False when nothing is to be sent.
+  bool shrink(outgoing& out, std::uint64_t limit) {
+    auto size = out.envelope.size();
+    if (log_limit.allow())
+      spdlog::error("worker {}: a message of {} bytes is more than the broker takes ({}, its --max-message-bytes): {}",
+                    options.id, size, limit, out.answer ? "answered INTERNAL instead" : "dropped");
+    if (!out.answer) {
+      ++n_dropped;
+      return false;
+    }
+    Envelope env;
+    if (!env.ParseFromArray(out.envelope.data(), static_cast<int>(size)) || !env.has_reply()) {
+      ++n_dropped;  // cannot happen: every answer is a Reply this SDK made
+      return false;
+    }
+    auto& r = *env.mutable_reply();
+    r.set_code(proto::INTERNAL);
+    r.set_message("the answer is " + std::to_string(size) + " bytes, more than the broker takes (" +
+                  std::to_string(limit) + ")");
+    r.set_args("[]");
+    r.clear_attachments();
+    r.set_silent(false);
+    out.envelope = core::message_of(env);
     return true;
   }
 

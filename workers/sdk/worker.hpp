@@ -45,7 +45,12 @@ struct worker_options {
   std::chrono::milliseconds heartbeat_interval{1000};
   unsigned heartbeat_liveness = 3;
   std::size_t threads = 0;          // handler threads; 0: the total capacity, at most 256
-  std::size_t outbox_limit = 10000; // messages handlers may queue for the I/O thread (replies: no bound, see below)
+  // Messages handlers may queue for the I/O thread (replies: no bound, see
+  // below). One larger than the broker takes (its --max-message-bytes, said
+  // in its Welcome) is not sent, since it would cost the worker its
+  // connection and all in flight on it: an answer goes as INTERNAL, anything
+  // else is dropped and counted in outbox_dropped.
+  std::size_t outbox_limit = 10000;
   std::size_t queue_limit = 10000;  // requests waiting for a handler thread; past it answered BUSY
   std::chrono::milliseconds outbox_wait{5000};  // a handler's emit waits this long for room, then is dropped;
                                                 // a reply never waits nor is dropped (it frees the broker's credit)

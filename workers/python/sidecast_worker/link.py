@@ -114,6 +114,9 @@ class PeerLink:
         # with _read_to in each heartbeat. What was sent before it is settled
         # once the application has acted on that Welcome (resend_lost).
         self.welcomed_hello = 0
+        # The largest message the broker takes (Welcome.max_message_bytes; 0:
+        # not said): a larger one would cost the link its connection.
+        self.max_message_bytes = 0
         self._replaced_since_welcome = False
         # The tail's application messages (read on a new socket before its
         # Welcome, the newest the broker sent), held until the broker's
@@ -324,6 +327,7 @@ class PeerLink:
                     self._release_tail()
                 self._read_to, self._read_tail = w.sent, 0
                 self.welcomed_hello = w.hello
+                self.max_message_bytes = w.max_message_bytes
                 self._replaced_since_welcome = False
                 continue
             if kind == "drain":

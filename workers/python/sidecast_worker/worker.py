@@ -679,6 +679,11 @@ class _Core:
         return len(self.held) + len(self.given_back)
 
     def send_one(self, link, pub, topic, data, notice):
+        if link.max_message_bytes and len(data) > link.max_message_bytes:
+            data = self.shrink(data, link.max_message_bytes, topic is None and not notice)
+            if data is None:
+                self.count("outbox_dropped")
+                return
         if topic is None:
             if notice:
                 self.send_notice(link, data)
@@ -689,6 +694,29 @@ class _Core:
                 pub.send_multipart([topic, data], zmq.NOBLOCK)
             except zmq.Again:
                 self.count("outbox_dropped")
+
+    def shrink(self, data, limit, answer):
+        """A message larger than the broker takes would cost the worker its
+        connection, and every message in flight on it. An answer goes as an
+        INTERNAL error instead (its client hears why, and the broker gets
+        the capacity back); anything else is dropped (None), counted."""
+        if self.log_limit.allow():
+            log.error("worker %s: a message of %d bytes is more than the broker takes (%d, its "
+                      "--max-message-bytes): %s", self.worker_id, len(data), limit,
+                      "answered INTERNAL instead" if answer else "dropped")
+        if not answer:
+            return None
+        env = pb.Envelope()
+        env.ParseFromString(data)
+        if env.WhichOneof("kind") != "reply":
+            return None  # cannot happen: every answer is a Reply this SDK made
+        r = env.reply
+        r.code = int(Code.INTERNAL)
+        r.message = f"the answer is {len(data)} bytes, more than the broker takes ({limit})"
+        r.args = b"[]"
+        del r.attachments[:]
+        r.silent = False
+        return env.SerializeToString()
 
     def send_notice(self, link, data):
         """Sends a one-way message, kept (at most ``kept_notices`` of them
