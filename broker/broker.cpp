@@ -540,7 +540,18 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
   auto it = peers_.find(routing_id);
   proto::Role role = proto::ROLE_CLIENT;
   if (it == peers_.end()) {
-    if (kind == Envelope::kGoodbye) return;  // gone already (dropped, or the broker restarted)
+    if (kind == Envelope::kGoodbye) {
+      // Gone already (dropped, or the broker restarted). Dropped for its
+      // silence and due to be announced, it is announced now: it is not
+      // coming back with those sockets.
+      if (auto g = pending_gone_.find(routing_id); g != pending_gone_.end()) {
+        auto prefix = std::move(g->second.sid_prefix);
+        pending_gone_.erase(g);
+        metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
+        announce_gone(routing_id, prefix, "goodbye");
+      }
+      return;
+    }
     if (auto g = pending_gone_.find(routing_id); g != pending_gone_.end())
       // A gateway lost to silence is back (its heartbeat, or what it sent
       // before its Hello): the Hello follows our NOT_REGISTERED, a round
@@ -802,8 +813,9 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
       metrics_->forget(evicted.name);
     }
   }
-  if (welcome(routing_id, hello)) confirm_drain(routing_id);
+  bool drains = welcome(routing_id, hello);
   if (hello.role() == proto::ROLE_WORKER) replay_gone(routing_id);
+  if (drains) confirm_drain(routing_id);  // last: nothing follows it
   spdlog::info("{} {} joined ({} services)", proto::Role_Name(hello.role()), routing_id,
                hello.services_size());
   dispatch(now);
@@ -849,7 +861,7 @@ bool broker::welcome(const std::string& to, const proto::Hello& hello, const pee
     w->set_received(before->received);
   }
   w->set_marks_resent(marks_resent);  // send_unread() ends with the mark
-  w->set_max_message_bytes(static_cast<std::uint64_t>(std::max<std::int64_t>(config_.max_message_bytes, 0)));
+  w->set_max_message_bytes(max_message_said());
   if (hello.role() == proto::ROLE_GATEWAY && !hello.sid_prefix().empty() &&
       announced_gone_.seen(hello.sid_prefix(), now_))
     w->set_prefix_gone(true);  // it ends its sockets and comes again with a new prefix
@@ -1399,6 +1411,14 @@ void broker::remove_peer(const std::string& routing_id, leaving how) {
   metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
 }
 
+// What the Welcome says a peer may send: --max-message-bytes, less what
+// CURVE adds to each frame on the wire (33 bytes in libzmq 4.3; 64 kept),
+// which libzmq counts against the bound too.
+std::uint64_t broker::max_message_said() const {
+  auto margin = config_.curve_secret.empty() ? 0 : 64;
+  return static_cast<std::uint64_t>(std::max<std::int64_t>(config_.max_message_bytes - margin, 1));
+}
+
 std::string broker::gone_message(const std::string& prefix, const char* reason) {
   Envelope env;
   auto* g = env.mutable_gateway_gone();
@@ -1413,12 +1433,15 @@ std::string broker::gone_message(const std::string& prefix, const char* reason) 
 // partition) and came back keeping its state missed it, and a hook must
 // not mind sids it does not know, so the others lose nothing by it.
 void broker::replay_gone(const std::string& worker) {
-  std::size_t n = 0;
-  announced_gone_.for_each_since(now_ - replayed_gone, [&](const std::string& prefix) {
-    send(worker, gone_message(prefix, "replayed"));
-    ++n;
-  });
-  if (n > 0) spdlog::info("worker {} heard again the {} gateways announced gone in the last 10 minutes", worker, n);
+  std::vector<std::string> prefixes;
+  announced_gone_.for_each_since(now_ - replayed_gone, [&](const std::string& prefix) { prefixes.push_back(prefix); });
+  // The newest max_replayed_gone at most: a gateway in a crash loop under a
+  // pinned id makes one a start.
+  auto from = prefixes.size() > max_replayed_gone ? prefixes.size() - max_replayed_gone : 0;
+  for (auto i = from; i < prefixes.size(); ++i) send(worker, gone_message(prefixes[i], "replayed"));
+  if (from < prefixes.size())
+    spdlog::info("worker {} heard again the {} gateways announced gone in the last 10 minutes", worker,
+                 prefixes.size() - from);
 }
 
 // A gateway's Hello: if it was lost to silence and is back with the prefix

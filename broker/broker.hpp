@@ -241,6 +241,8 @@ class broker {
   std::string gone_message(const std::string& prefix, const char* reason);
   void replay_gone(const std::string& worker);
   static constexpr std::chrono::minutes replayed_gone{10};
+  static constexpr std::size_t max_replayed_gone = 1024;
+  std::uint64_t max_message_said() const;
   bool send_held_again(const std::string& worker, clock::time_point now);
   // The answer to a forward whose owner gateway is not there (or, `busy`,
   // whose pipe is full): what the owner would answer for a session it does

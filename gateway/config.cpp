@@ -108,6 +108,13 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--max-connections-per-ip", c.max_connections_per_ip, "Open TCP connections from one address")
       ->capture_default_str()
       ->check(at_least_one);
+  app.add_option("--per-ip-ipv6-prefix", c.per_ip_ipv6_prefix,
+                 "The per-address limits (--max-connections-per-ip, --max-polling-sessions-per-ip) count a global "
+                 "IPv6 client by its network of this length, what one host or site is given (128: each address; "
+                 "unique-local, link-local and NAT64 64:ff9b::/96 clients are counted by their whole address, the "
+                 "last as the IPv4 one it carries)")
+      ->capture_default_str()
+      ->check(CLI::Range(16u, 128u));
   app.add_option("--proxy-protocol-from", c.proxy_protocol_from,
                  "Balancers (addresses or networks: 10.0.0.1, 10.0.0.0/8, fd00::/8) whose connections may start with "
                  "a PROXY protocol header, v1 or v2 (haproxy: send-proxy, send-proxy-v2): the per-address limits then "

@@ -54,6 +54,7 @@ struct gateway_config {
   std::size_t max_awaited_acks = 1024;            // workers' emits to a socket waiting for the client's ack
   std::size_t max_connections = 50000;            // open TCP connections
   std::size_t max_connections_per_ip = 1000;      // open TCP connections from one address
+  unsigned per_ip_ipv6_prefix = 64;               // the per-address limits count a global IPv6 client by this prefix
   // Balancers (addresses or networks) whose connections may start with a
   // PROXY protocol header (send-proxy / send-proxy-v2): the client it names
   // is the address the per-address limits count. Empty: none.

@@ -50,8 +50,8 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
       zmq_{context},
       registry_{std::move(registry)},
       metrics_{*registry_},
-      limits_{config_.max_connections, config_.max_connections_per_ip},
-      polling_sessions_{config_.max_polling_sessions, config_.max_polling_sessions_per_ip},
+      limits_{config_.max_connections, config_.max_connections_per_ip, config_.per_ip_ipv6_prefix},
+      polling_sessions_{config_.max_polling_sessions, config_.max_polling_sessions_per_ip, config_.per_ip_ipv6_prefix},
       tokens_{token_keys(config_)} {
   bool drawn_id = config_.id.empty();
   if (drawn_id) config_.id = "gw-" + core::random_token(6);

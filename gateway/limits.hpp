@@ -3,6 +3,7 @@
 // connections in all and per address, and the balancers trusted to name a
 // connection's client.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -92,30 +93,43 @@ class token_bucket {
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
 
-/// Counts open connections; admit() hands out a slot that gives itself back
-/// when the last owner drops it (the HTTP session, then its WebSocket).
-/// What a per-address limit counts an address under: an IPv4 address (an
-/// IPv4-mapped IPv6 one too) as itself, an IPv6 address by its /64, which
-/// is what one host or site is given (counted one by one, a client with a
-/// /64 would have 2^64 budgets). Anything else as it is written.
-inline std::string address_key(const std::string& address) {
+/// What a per-address limit counts an address under. A global IPv6
+/// address by its network of `ipv6_prefix` bits (64: what one host or site
+/// is given; counted one by one, a client with a /64 would have 2^64
+/// budgets). An IPv4 address as itself, and so an IPv4-mapped one, and a
+/// NAT64 one (64:ff9b::/96, which carries the IPv4 client of a translator:
+/// by its prefix, every IPv4 client would share one budget). Unique-local
+/// and link-local IPv6 addresses (a local network's, where many clients
+/// share one /64) by the whole address. Anything else as it is written.
+inline std::string address_key(const std::string& address, unsigned ipv6_prefix = 64) {
+  namespace ip = boost::asio::ip;
   boost::system::error_code ec;
-  auto a = boost::asio::ip::make_address(address, ec);
+  auto a = ip::make_address(address, ec);
   if (ec) return address;
-  if (a.is_v6() && a.to_v6().is_v4_mapped())
-    return boost::asio::ip::make_address_v4(boost::asio::ip::v4_mapped, a.to_v6()).to_string();
   if (a.is_v4()) return a.to_v4().to_string();
-  return boost::asio::ip::make_network_v6(a.to_v6(), 64).canonical().to_string();
+  auto v6 = a.to_v6();
+  if (v6.is_v4_mapped()) return ip::make_address_v4(ip::v4_mapped, v6).to_string();
+  auto bytes = v6.to_bytes();
+  static constexpr std::array<unsigned char, 12> nat64{0x00, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0};
+  if (std::equal(nat64.begin(), nat64.end(), bytes.begin()))
+    return ip::address_v4{{bytes[12], bytes[13], bytes[14], bytes[15]}}.to_string();
+  bool local = (bytes[0] & 0xfe) == 0xfc || v6.is_link_local();  // fc00::/7, fe80::/10
+  if (local || ipv6_prefix >= 128) return v6.to_string();
+  return ip::make_network_v6(v6, static_cast<unsigned short>(ipv6_prefix)).canonical().to_string();
 }
 
+/// Counts open connections (or sessions), in all and per address_key();
+/// admit() hands out a slot that gives itself back when the last owner
+/// drops it (the HTTP session, then its WebSocket).
 class connection_limits {
  public:
-  connection_limits(std::size_t total, std::size_t per_address) : total_{total}, per_address_{per_address} {}
+  connection_limits(std::size_t total, std::size_t per_address, unsigned ipv6_prefix = 64)
+      : total_{total}, per_address_{per_address}, ipv6_prefix_{ipv6_prefix} {}
 
   /// A place for a connection (or session) from `client`, counted under
   /// address_key(client); released when the last copy goes. Null when full.
   std::shared_ptr<void> admit(const std::string& client) {
-    auto address = address_key(client);
+    auto address = address_key(client, ipv6_prefix_);
     std::lock_guard lock{mutex_};
     auto& mine = by_address_[address];
     if (open_ >= total_ || mine >= per_address_) {
@@ -141,6 +155,7 @@ class connection_limits {
 
   std::mutex mutex_;
   std::size_t total_, per_address_, open_ = 0;
+  unsigned ipv6_prefix_;
   std::unordered_map<std::string, std::size_t> by_address_;
 };
 

@@ -1664,6 +1664,15 @@ TEST_P(BrokerTest, AnAnswerLargerThanTheBrokerTakesGoesAsAnError) {
                                 [](request req) {
                                   req.emit_to_room("r", "huge", "[\"" + std::string(8000, 'x') + "\"]");
                                   req.reply("[\"small\"]");
+                                })
+                            .on("ack",
+                                [](request req) {
+                                  // Its callback hears at once, not at its 30 s timeout.
+                                  req.emit_with_ack("huge", "[\"" + std::string(8000, 'x') + "\"]", {},
+                                                    [req](ack_result r) mutable {
+                                                      req.reply(boost::json::array{static_cast<int>(r.code), r.message});
+                                                    },
+                                                    30s);
                                 })},
                        "w1");
   peer client{ctx_, "inproc://router", "c1"};
@@ -1678,6 +1687,11 @@ TEST_P(BrokerTest, AnAnswerLargerThanTheBrokerTakesGoesAsAnError) {
   EXPECT_EQ(small->code(), proto::OK);
   EXPECT_EQ(small->args(), "[\"small\"]");
   EXPECT_TRUE(eventually([&] { return w.stats().outbox_dropped == dropped + 1; })) << "the large emit was not counted";
+  auto acked = client.call("big", "ack", "[]");
+  ASSERT_TRUE(acked);
+  EXPECT_EQ(acked->code(), proto::OK);
+  EXPECT_NE(acked->args().find(std::to_string(proto::INTERNAL) + ",\"the emit is "), std::string::npos) << acked->args();
+  EXPECT_NE(acked->args().find("more than the broker takes (4096)"), std::string::npos) << acked->args();
   EXPECT_EQ(w.stats().reconnects, 0u);
 }
 
@@ -1720,6 +1734,21 @@ TEST_P(BrokerTest, AGatewayBackWithItsPrefixInTimeIsNotAnnounced) {
   ASSERT_TRUE(eventually([&] { return log.size() == 1; }, 5s)) << "the goodbye was not announced";
   EXPECT_EQ(log.at(0), std::make_tuple("gwB", "gwB.tag1", "goodbye"));
   EXPECT_FALSE(metric("sidecast_broker_gateways_gone_total", "reason", "silent").value_or(0));
+}
+
+// A gateway dropped for its silence that says Goodbye before it says Hello
+// is not coming back with its sockets: announced at once, not at its grace.
+TEST_P(BrokerTest, AGoodbyeFromAGatewayDroppedInSilenceIsAnnouncedAtOnce) {
+  gone_log log;
+  start_with_gone_log(60s, log);
+  peer gw{ctx_, "inproc://router", "gwG", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(dropped_in_silence(gw, "gwG.tag"));
+  Envelope bye;
+  bye.mutable_goodbye();
+  gw.send(bye);
+  ASSERT_TRUE(eventually([&] { return log.size() == 1; }, 5s));
+  EXPECT_EQ(log.at(0), std::make_tuple("gwG", "gwG.tag", "goodbye"));
+  EXPECT_EQ(metric("sidecast_broker_gateways_gone_pending"), 0.0);
 }
 
 // A gateway restarted under its pinned id (a new link, a new prefix): the

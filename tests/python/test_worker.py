@@ -766,6 +766,9 @@ class MaxMessageBytesTest(FakeBrokerTest):
                 return "x" * 8000
             if req.args[0] == "emit":
                 req.emit("huge", "x" * 8000)
+            if req.args[0] == "emit_with_ack":
+                acked = req.emit_with_ack("huge", "x" * 8000, timeout=30)
+                return acked.result(WAIT).message
             return "small"
 
         return svc
@@ -782,6 +785,11 @@ class MaxMessageBytesTest(FakeBrokerTest):
         self.assertEqual(reply.WhichOneof("kind"), "reply", "the large emit went out")
         self.assertEqual((reply.reply.id, reply.reply.code, args_of(reply.reply)), ("c:2", pb.OK, ["small"]))
         self.assertEqual(self.worker.stats().outbox_dropped, dropped + 1)
+        # An emit_with_ack that large: its callback hears at once, not at its 30 s timeout.
+        self.job("c:3", '["emit_with_ack"]', 1)
+        reply = self.broker.next()
+        self.assertEqual((reply.WhichOneof("kind"), reply.reply.id, reply.reply.code), ("reply", "c:3", pb.OK))
+        self.assertIn("more than the broker takes (4096)", args_of(reply.reply)[0])
 
 
 class ProbeTest(FakeBrokerTest):

@@ -49,7 +49,6 @@ TEST(ConnectionLimits, TotalAndPerAddress) {
   EXPECT_TRUE(l.admit("10.0.0.1"));
 }
 
-// An io_context nobody runs yet stands for an I/O thread that is behind.
 // An IPv6 client is counted by its /64: one host (or site) has the whole
 // /64, and counted address by address it would have 2^64 budgets.
 TEST(ConnectionLimits, IPv6AddressesCountByTheirSlash64) {
@@ -70,6 +69,23 @@ TEST(ConnectionLimits, IPv6AddressesCountByTheirSlash64) {
   EXPECT_FALSE(l.admit("192.0.2.7")) << "a mapped address counts as its IPv4 one";
 }
 
+// Where many clients share a /64 as a matter of course, each address counts
+// alone: a NAT64 translator's clients (by the IPv4 one each carries), a
+// local network's (unique-local, link-local), and any with
+// --per-ip-ipv6-prefix 128.
+TEST(ConnectionLimits, SharedIPv6NetworksCountEachAddress) {
+  EXPECT_EQ(address_key("64:ff9b::c000:207"), "192.0.2.7");
+  EXPECT_EQ(address_key("64:ff9b::c000:208"), "192.0.2.8");
+  EXPECT_EQ(address_key("fd00:1:2:3::5"), "fd00:1:2:3::5");
+  EXPECT_EQ(address_key("fe80::1"), "fe80::1");
+  EXPECT_EQ(address_key("2001:db8:1:2::1", 128), "2001:db8:1:2::1");
+  EXPECT_EQ(address_key("2001:db8:1:2::1", 48), "2001:db8:1::/48");
+  connection_limits l{100, 1, 128};
+  auto a = l.admit("2001:db8:1:2::1");
+  EXPECT_TRUE(a && l.admit("2001:db8:1:2::2"));
+}
+
+// An io_context nobody runs yet stands for an I/O thread that is behind.
 TEST(ThreadBacklog, RefusesPastTheBoundUntilTheThreadCatchesUp) {
   prometheus::Registry registry;
   auto& refused = prometheus::BuildCounter().Name("refused").Register(registry).Add({});

@@ -831,12 +831,23 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     if (log_limit.allow())
       spdlog::error("worker {}: a message of {} bytes is more than the broker takes ({}, its --max-message-bytes): {}",
                     options.id, size, limit, out.answer ? "answered INTERNAL instead" : "dropped");
+    Envelope env;
+    bool read = env.ParseFromArray(out.envelope.data(), static_cast<int>(size));
     if (!out.answer) {
       ++n_dropped;
+      // An emit_with_ack's callback hears so now, not at its timeout.
+      if (read && env.has_emit() && !env.emit().ack_id().empty()) {
+        proto::Reply refused;
+        refused.set_id(env.emit().ack_id());
+        refused.set_code(proto::INTERNAL);
+        refused.set_message("the emit is " + std::to_string(size) + " bytes, more than the broker takes (" +
+                            std::to_string(limit) + ")");
+        refused.set_args("[]");
+        on_ack(refused);
+      }
       return false;
     }
-    Envelope env;
-    if (!env.ParseFromArray(out.envelope.data(), static_cast<int>(size)) || !env.has_reply()) {
+    if (!read || !env.has_reply()) {
       ++n_dropped;  // cannot happen: every answer is a Reply this SDK made
       return false;
     }

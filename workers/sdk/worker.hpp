@@ -163,8 +163,10 @@ class request {
   /// Emits to the socket that asked.
   bool emit(std::string event, std::string args_json, sidecast::attachments att = {});
   /// Emits to the asking socket and calls `on_ack` (on a handler thread) with
-  /// the client's ack, with TIMEOUT after `timeout`, or with CANCELLED when
-  /// the worker stops first. False (and no call) once the worker is stopping.
+  /// the client's ack, with TIMEOUT after `timeout`, with CANCELLED when
+  /// the worker stops first, or with INTERNAL at once when the emit is
+  /// larger than the broker takes (not sent). False (and no call) once the
+  /// worker is stopping.
   bool emit_with_ack(std::string event, std::string args_json, sidecast::attachments att,
                      std::function<void(ack_result)> on_ack, std::chrono::milliseconds timeout);
   bool join(std::string room);

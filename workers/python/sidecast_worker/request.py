@@ -221,7 +221,9 @@ class Request:
 
         Returns a ``concurrent.futures.Future`` of an ``AckResult`` (code
         Code.OK with the client's ``args``, Code.TIMEOUT after ``timeout``
-        seconds, or Code.CANCELLED when the worker stops first), or None if
+        seconds, Code.CANCELLED when the worker stops first, or
+        Code.INTERNAL at once when the emit is larger than the broker
+        takes and is not sent), or None if
         it could not be sent or the worker is stopping. ``callback``,
         if given, is called with the AckResult on a handler thread. The
         future is resolved on the I/O thread (CANCELLED: on the thread that

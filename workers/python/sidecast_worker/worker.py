@@ -704,11 +704,17 @@ class _Core:
             log.error("worker %s: a message of %d bytes is more than the broker takes (%d, its "
                       "--max-message-bytes): %s", self.worker_id, len(data), limit,
                       "answered INTERNAL instead" if answer else "dropped")
-        if not answer:
-            return None
         env = pb.Envelope()
         env.ParseFromString(data)
-        if env.WhichOneof("kind") != "reply":
+        kind = env.WhichOneof("kind")
+        if not answer:
+            if kind == "emit" and env.emit.ack_id:
+                # An emit_with_ack's callback hears so now, not at its timeout.
+                refused = pb.Reply(id=env.emit.ack_id, code=int(Code.INTERNAL), args=b"[]",
+                                   message=f"the emit is {len(data)} bytes, more than the broker takes ({limit})")
+                self.on_ack(refused)
+            return None
+        if kind != "reply":
             return None  # cannot happen: every answer is a Reply this SDK made
         r = env.reply
         r.code = int(Code.INTERNAL)
@@ -716,7 +722,13 @@ class _Core:
         r.args = b"[]"
         del r.attachments[:]
         r.silent = False
-        return env.SerializeToString()
+        smaller = env.SerializeToString()
+        if len(data) > self.kept_reply_bytes:
+            # Too large to be kept (keep_reply): the error is, so that a job
+            # sent again gets it instead of running again. (A kept original
+            # is made this error again when it goes.)
+            self.keep_reply(r.id, smaller)
+        return smaller
 
     def send_notice(self, link, data):
         """Sends a one-way message, kept (at most ``kept_notices`` of them
