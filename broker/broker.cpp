@@ -1475,8 +1475,8 @@ void broker::announce_due_gone(clock::time_point now) {
 
 // Every worker hears it (each may keep something per socket: a service's
 // workers may share a database, and all of them run the hook, which must
-// not mind a socket it does not know). A worker not registered now (one
-// restarting) does not: a restarted worker starts afresh anyway.
+// not mind a socket it does not know). A worker not registered now hears
+// it when it registers, within 10 minutes (replay_gone).
 void broker::announce_gone(const std::string& gateway, const std::string& prefix, const char* reason) {
   auto bytes = gone_message(prefix, reason);
   std::vector<std::string> workers;
