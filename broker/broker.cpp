@@ -544,12 +544,7 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
       // Gone already (dropped, or the broker restarted). Dropped for its
       // silence and due to be announced, it is announced now: it is not
       // coming back with those sockets.
-      if (auto g = pending_gone_.find(routing_id); g != pending_gone_.end()) {
-        auto prefix = std::move(g->second.sid_prefix);
-        pending_gone_.erase(g);
-        metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
-        announce_gone(routing_id, prefix, "goodbye");
-      }
+      if (auto prefix = take_pending_gone(routing_id)) announce_gone(*prefix, "goodbye");
       return;
     }
     if (auto g = pending_gone_.find(routing_id); g != pending_gone_.end())
@@ -727,7 +722,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
         // ended its sockets and took a new one; the old one, if it was not
         // announced yet, is announced now: none of its sockets is left.
         auto old = std::exchange(known.sid_prefix, hello.sid_prefix());
-        if (!old.empty() && !announced_gone_.seen(old, now)) announce_gone(routing_id, old, "replaced");
+        if (!old.empty() && !announced_gone_.seen(old, now)) announce_gone(old, "replaced");
       }
       // On the same socket, it answered several NOT_REGISTERED at once
       // (sent before its first Hello came), or Hellos crossed: nothing was
@@ -772,7 +767,7 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     // sockets are gone.
     auto old = known.sid_prefix;
     remove_peer(routing_id, leaving::replaced);
-    if (!old.empty() && old != hello.sid_prefix()) announce_gone(routing_id, old, "restarted");
+    if (!old.empty() && old != hello.sid_prefix()) announce_gone(old, "restarted");
   }
   if (peers_.size() >= config_.max_peers) {
     drop(drop_reason::peer_limit, routing_id);  // counted before the peer can hear of it
@@ -1396,16 +1391,14 @@ void broker::remove_peer(const std::string& routing_id, leaving how) {
   spdlog::info("{} {} left", proto::Role_Name(role), routing_id);
   if (role != proto::ROLE_GATEWAY || sid_prefix.empty() || how == leaving::replaced) return;
   if (how == leaving::goodbye || config_.gateway_gone_after.count() == 0) {
-    announce_gone(routing_id, sid_prefix, how == leaving::goodbye ? "goodbye" : "silent");
+    announce_gone(sid_prefix, how == leaving::goodbye ? "goodbye" : "silent");
     return;
   }
   if (pending_gone_.size() >= config_.max_peers) {
     // Full (many gateways lost at once): the one due first goes now.
     auto first = std::min_element(pending_gone_.begin(), pending_gone_.end(),
                                   [](const auto& a, const auto& b) { return a.second.due < b.second.due; });
-    auto [gateway, gone] = std::move(*first);
-    pending_gone_.erase(first);
-    announce_gone(gateway, gone.sid_prefix, "silent");
+    announce_gone(*take_pending_gone(first->first), "silent");
   }
   pending_gone_.insert_or_assign(routing_id, gone_gateway{std::move(sid_prefix), now_ + config_.gateway_gone_after});
   metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
@@ -1449,35 +1442,34 @@ void broker::replay_gone(const std::string& worker) {
 // another, it is a new process under the same id (or one that ended its
 // sockets): the old prefix is announced now.
 void broker::settle_gone(const std::string& gateway, const std::string& prefix) {
-  auto it = pending_gone_.find(gateway);
-  if (it == pending_gone_.end()) return;
-  auto left = std::move(it->second.sid_prefix);
-  pending_gone_.erase(it);
-  metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
-  if (left != prefix) announce_gone(gateway, left, "restarted");
+  auto left = take_pending_gone(gateway);
+  if (!left) return;
+  if (*left != prefix) announce_gone(*left, "restarted");
   else spdlog::info("gateway {} is back before its sockets were announced gone", gateway);
 }
 
-void broker::announce_due_gone(clock::time_point now) {
-  std::vector<std::pair<std::string, std::string>> due;
-  for (auto it = pending_gone_.begin(); it != pending_gone_.end();) {
-    if (now < it->second.due) {
-      ++it;
-      continue;
-    }
-    due.emplace_back(it->first, std::move(it->second.sid_prefix));
-    it = pending_gone_.erase(it);
-  }
-  if (due.empty()) return;
+// The prefix of a gateway whose announcement waits, no longer waiting.
+std::optional<std::string> broker::take_pending_gone(const std::string& gateway) {
+  auto it = pending_gone_.find(gateway);
+  if (it == pending_gone_.end()) return std::nullopt;
+  auto prefix = std::move(it->second.sid_prefix);
+  pending_gone_.erase(it);
   metrics_->gone_pending.Set(static_cast<double>(pending_gone_.size()));
-  for (const auto& [gateway, prefix] : due) announce_gone(gateway, prefix, "silent");
+  return prefix;
+}
+
+void broker::announce_due_gone(clock::time_point now) {
+  std::vector<std::string> due;
+  for (const auto& [gateway, g] : pending_gone_)
+    if (now >= g.due) due.push_back(gateway);
+  for (const auto& gateway : due) announce_gone(*take_pending_gone(gateway), "silent");
 }
 
 // Every worker hears it (each may keep something per socket: a service's
 // workers may share a database, and all of them run the hook, which must
 // not mind a socket it does not know). A worker not registered now hears
 // it when it registers, within 10 minutes (replay_gone).
-void broker::announce_gone(const std::string& gateway, const std::string& prefix, const char* reason) {
+void broker::announce_gone(const std::string& prefix, const char* reason) {
   auto bytes = gone_message(prefix, reason);
   std::vector<std::string> workers;
   for (const auto& [id, p] : peers_)
@@ -1485,8 +1477,8 @@ void broker::announce_gone(const std::string& gateway, const std::string& prefix
   for (const auto& w : workers) send(w, bytes);
   announced_gone_.remember(prefix, now_);
   metrics_->gateways_gone.Add({{"reason", reason}}).Increment();
-  spdlog::warn("gateway {} is gone ({}): told {} workers that the sockets {}* are gone", gateway, reason,
-               workers.size(), prefix);
+  spdlog::warn("gateway {} is gone ({}): told {} workers that the sockets {}* are gone", proto::sid_owner(prefix),
+               reason, workers.size(), prefix);
 }
 
 Envelope broker::forward_refused(std::string_view forward_id, bool api, bool session, bool busy) const {

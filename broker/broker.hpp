@@ -233,7 +233,8 @@ class broker {
   enum class leaving { lost, goodbye, replaced };
   void remove_peer(const std::string& routing_id, leaving how = leaving::lost);
   /// Tells every worker that the sockets of `prefix` are gone (GatewayGone).
-  void announce_gone(const std::string& gateway, const std::string& prefix, const char* reason);
+  void announce_gone(const std::string& prefix, const char* reason);
+  std::optional<std::string> take_pending_gone(const std::string& gateway);
   /// What a gateway's Hello means for its announcement: one back with the
   /// prefix it left with is not announced; a new prefix announces the old.
   void settle_gone(const std::string& gateway, const std::string& prefix);

@@ -189,8 +189,13 @@ json::array members_of(database& db, const std::string& room) {
   return out;
 }
 
+// A presence event's (and a join's answer's) arguments: the room's members.
+std::string presence_args(const std::string& room, json::array members) {
+  return json::serialize(json::array{json::object{{"room", room}, {"members", std::move(members)}}});
+}
+
 void announce_presence(request& req, database& db, const std::string& room) {
-  req.emit_to_room(room, "presence", json::serialize(json::array{json::object{{"room", room}, {"members", members_of(db, room)}}}));
+  req.emit_to_room(room, "presence", presence_args(room, members_of(db, room)));
 }
 
 // 1 to `limit` characters, as the limits the clients are told count them
@@ -277,9 +282,9 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             members = members_of(*db, *room);
             req.join(*room);
             req.emit("history", json::serialize(json::array{json::object{{"room", *room}, {"messages", messages}}}));
-            req.emit_to_room(*room, "presence",
-                             json::serialize(json::array{json::object{{"room", *room}, {"members", members}}}));
-            req.reply(json::serialize(json::array{json::object{{"room", *room}, {"members", members}}}));
+            auto args = presence_args(*room, std::move(members));
+            req.emit_to_room(*room, "presence", args);
+            req.reply(args);
           })
       .on("leave",
           [db](request req) {
@@ -365,8 +370,7 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
           tx.commit();
         }
         for (const auto& [nsp, room] : rooms)
-          g.emit_to_room(nsp, room, "presence",
-                         json::serialize(json::array{json::object{{"room", room}, {"members", members_of(*db, room)}}}));
+          g.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db, room)));
       });
 }
 
