@@ -175,6 +175,9 @@ class peer_link {
   /// was sent before it is settled once the application has acted on that
   /// Welcome (take_lost()): see forget_read().
   std::uint64_t welcomed_hello() const { return welcome_hello_; }
+  /// The heartbeat interval and liveness in force (the broker's Welcome says them).
+  std::chrono::milliseconds heartbeat_interval() const { return interval_; }
+  unsigned heartbeat_liveness() const { return liveness_; }
   const peer_link_stats& stats() const { return stats_; }
   const peer_link_options& options() const { return options_; }
   /// The endpoint the link is on now: options().endpoint or its backup_endpoint.

@@ -1082,7 +1082,8 @@ std::pair<proto::DeliveryReport::Status, std::string_view> report_of(control_out
 
 void bridge::on_control(const proto::Control& control) {
   auto [status, detail] = report_of(apply_control(control));
-  if (status != proto::DeliveryReport::DELIVERED)
+  // A CHECK asks for the report whatever it says.
+  if (status != proto::DeliveryReport::DELIVERED || control.action() == proto::Control::CHECK)
     report(control.origin(), status, control.sid(), control.ref(), detail);
 }
 
@@ -1148,6 +1149,14 @@ control_outcome bridge::apply_control(const proto::Control& control, bool owed) 
       m.disconnecting = true;
       return control_outcome::applied;
     }
+    case proto::Control::CHECK:
+      // Is the socket here? Applied when it is (DELIVERED), whether or not
+      // its disconnect is under way: its DISCONNECT then reaches the service.
+      if (m.sink.expired()) {
+        metrics_.client_gone.Increment();
+        return control_outcome::unknown_sid;
+      }
+      return control_outcome::applied;
     default: return control_outcome::no_such_action;
   }
 }

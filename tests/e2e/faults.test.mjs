@@ -317,19 +317,25 @@ test("gateway killed: clients see the transport close and reconnect when a gatew
 // A broker, a chat worker and two gateways (gwA, gwB): what a room hears
 // when one gateway is lost. Heartbeats every 500 ms: the broker drops a
 // silent gateway after 1.5 s, and announces it gone `goneAfter` ms later.
-async function chatStack(goneAfter) {
-  const [router, xsub, xpub, httpA, httpB] = freePorts(5);
+// `gatewayArgs`: more flags for both gateways. s.startChat(): the chat
+// worker again, on the same database, serving /metrics on s.chatUrl.
+async function chatStack(goneAfter, gatewayArgs = []) {
+  const [router, xsub, xpub, httpA, httpB, chatHttp] = freePorts(6);
   const dir = mkdtempSync(join(tmpdir(), "sidecast-gone-"));
   const s = {
     router: `tcp://127.0.0.1:${router}`, xsub: `tcp://127.0.0.1:${xsub}`, xpub: `tcp://127.0.0.1:${xpub}`,
-    urlA: `http://127.0.0.1:${httpA}`, urlB: `http://127.0.0.1:${httpB}`,
+    urlA: `http://127.0.0.1:${httpA}`, urlB: `http://127.0.0.1:${httpB}`, chatUrl: `http://127.0.0.1:${chatHttp}`,
   };
   s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", "",
                                      "--heartbeat-interval", "500", "--gateway-gone-after", String(goneAfter)]);
-  s.chat = run("sidecast-worker", ["--service", "chat", "--chat-db", join(dir, "chat.db"), "--broker", s.router,
-                                   "--publish", s.xsub]);
+  s.startChat = () => {
+    s.chat = run("sidecast-worker", ["--service", "chat", "--chat-db", join(dir, "chat.db"), "--broker", s.router,
+                                     "--publish", s.xsub, "--http", new URL(s.chatUrl).host]);
+  };
+  s.startChat();
   const gateway = (id, url) => run("sidecast-gateway", ["--http", new URL(url).host, "--broker", s.router,
-                                                        "--events", s.xpub, "--gateway-id", id, "--route", "/chat=chat"]);
+                                                        "--events", s.xpub, "--gateway-id", id, "--route", "/chat=chat",
+                                                        ...gatewayArgs]);
   s.gatewayA = gateway("gwA", s.urlA);
   s.gatewayB = gateway("gwB", s.urlB);
   assert.ok(await until(() => healthy(s.urlA)) && await until(() => healthy(s.urlB)), "gateways healthy");
@@ -396,6 +402,35 @@ test("gateway stalled past the broker's grace: announced gone, then on its retur
     const joined = next(bob, "presence", (p) => p.members.includes("ann"));
     assert.deepEqual((await ack(ann, "join", room)).members, ["ann", "bob"], "not refused as a socket that is gone");
     assert.deepEqual((await joined).members, ["ann", "bob"]);
+  } finally {
+    s.stop();
+  }
+});
+
+test("chat worker restarted: users still connected stay in the rooms' lists, and one who left while no chat worker ran leaves them", async () => {
+  // A DISCONNECT waits at the broker for a chat worker at most a second.
+  const s = await chatStack(30000, ["--request-timeout", "1000"]);
+  try {
+    const { room, ann, bob } = await annAndBob(s);
+    s.chat.kill("SIGKILL");
+    await s.chat.exited;
+    bob.close();  // its DISCONNECT expires at the broker: no chat worker to take it
+    await new Promise((r) => setTimeout(r, 1500));
+    const left = next(ann, "presence", (p) => p.room === room);
+    s.startChat();
+    // The new worker checks each socket its database names with its
+    // gateway: ann's is there, bob's is not. (It forgot them all before,
+    // and ann was missing from the room's list until she joined again.)
+    assert.deepEqual((await left).members, ["ann"]);
+    const checked = async () => {
+      const text = await fetch(`${s.chatUrl}/metrics`).then((r) => r.text(), () => "");
+      const found = (what) => Number(text.match(new RegExp(`sidecast_chat_sockets_checked_total\\{found="${what}"\\} (\\S+)`))?.[1]);
+      return found("present") === 1 && found("gone") === 1;
+    };
+    assert.ok(await until(checked), "the worker checked ann's socket (present) and bob's (gone)");
+    const carol = await connect(s.urlB + "/chat", { reconnection: false });
+    await ack(carol, "nick", "carol");
+    assert.deepEqual((await ack(carol, "join", room)).members, ["ann", "carol"]);
   } finally {
     s.stop();
   }

@@ -2928,6 +2928,95 @@ TEST_P(BrokerTest, AChatJoinAfterItsSocketsDisconnectLeavesNoGhost) {
   EXPECT_EQ(joined->reply().args(), R"([{"room":"r","members":["guest-live"]}])");
 }
 
+// A chat worker that starts on a database another worker keeps (or it kept
+// itself before a restart) checks each socket named there with its gateway,
+// rather than forget them all (as it did: a second worker of a shared
+// database emptied every room's list): one still connected stays in its
+// rooms; one whose DISCONNECT was lost (it ended while no chat worker ran)
+// leaves them, they hear it, and it is refused as gone from then on.
+TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways) {
+  start();
+  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-check-" + std::to_string(::getpid()) + ".db");
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  workers::chat_options options;
+  options.database = path.string();
+  (void)workers::chat_service(1, options);  // makes the tables
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  auto sql = [&](const char* statement) {
+    char* error = nullptr;
+    EXPECT_EQ(sqlite3_exec(db, statement, nullptr, nullptr, &error), SQLITE_OK) << (error ? error : "");
+    sqlite3_free(error);
+  };
+  // What an earlier worker left: ann and dan in room r, nia with a nickname only.
+  sql("INSERT INTO nicks(sid, nick) VALUES ('gwT.ann', 'ann'), ('gwT.dan', 'dan'), ('gwT.nia', 'nia')");
+  sql("INSERT INTO presence(sid, room, nsp) VALUES ('gwT.ann', 'r', '/'), ('gwT.dan', 'r', '/')");
+
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto registry = std::make_shared<prometheus::Registry>();
+  auto& w = add_worker({workers::chat_service(4, options, registry)}, "chat1");
+  auto sub = subscribed_to_everything(w);
+  ASSERT_TRUE(sub);
+  // The raw gateway heartbeats while it waits: the checks come twice the
+  // heartbeat liveness after the worker's Welcome, past the gateway's own.
+  Envelope beat;
+  beat.mutable_heartbeat();
+  auto next_control = [&]() -> std::optional<Envelope> {
+    for (auto end = std::chrono::steady_clock::now() + 5s; std::chrono::steady_clock::now() < end;) {
+      gw.send(beat);
+      if (auto env = gw.receive_any(50ms); env && env->has_control()) return env;
+    }
+    return std::nullopt;
+  };
+  std::set<std::string> checked;
+  for (int i = 0; i < 3; ++i) {
+    auto c = next_control();
+    ASSERT_TRUE(c) << "the worker checked " << checked.size() << " sockets of 3";
+    EXPECT_EQ(c->control().action(), proto::Control::CHECK);
+    checked.insert(c->control().sid());
+    Envelope r;  // as the gateway answers: ann is here, dan and nia are not
+    auto* report = r.mutable_report();
+    report->set_status(c->control().sid() == "gwT.ann" ? proto::DeliveryReport::DELIVERED
+                                                       : proto::DeliveryReport::CLIENT_GONE);
+    report->set_sid(c->control().sid());
+    report->set_ref(c->control().ref());
+    report->set_to(c->control().origin());
+    gw.send(r);
+  }
+  EXPECT_EQ(checked, (std::set<std::string>{"gwT.ann", "gwT.dan", "gwT.nia"}));
+  auto left = next_published(*sub);
+  ASSERT_TRUE(left) << "room r did not hear that dan left";
+  EXPECT_EQ(left->topic, proto::room_topic("/", "r"));
+  EXPECT_EQ(left->env.emit().args(), R"([{"room":"r","members":["ann"]}])");
+  ASSERT_TRUE(eventually([&] {
+    return metric_value(*registry, "sidecast_chat_sockets_checked_total", "found", "gone") == 2.0;
+  }));
+  EXPECT_EQ(metric_value(*registry, "sidecast_chat_sockets_checked_total", "found", "present"), 1.0);
+
+  auto ask = [&](const std::string& sid) {
+    gw.send(beat);
+    auto id = gw.submit("chat", "join", R"(["r"])", 5s, sid);
+    std::optional<Envelope> got;
+    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+    return got;
+  };
+  auto dan = ask("gwT.dan");
+  ASSERT_TRUE(dan);
+  EXPECT_EQ(dan->reply().code(), proto::REFUSED);
+  EXPECT_EQ(dan->reply().message(), "the socket has disconnected");
+  auto carl = ask("gwT.carl");
+  ASSERT_TRUE(carl);
+  EXPECT_EQ(carl->reply().args(), R"([{"room":"r","members":["guest-carl","ann"]}])");  // by nickname: none first
+  sqlite3_stmt* st = nullptr;
+  ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT count(*) FROM nicks WHERE sid = 'gwT.nia'", -1, &st, nullptr), SQLITE_OK);
+  ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
+  EXPECT_EQ(sqlite3_column_int(st, 0), 0) << "the nickname of a socket gone is kept";
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+}
+
 // The next vm_response a raw gateway gets within 5 s of the one before.
 std::optional<Envelope> next_vm_response(peer& gw) {
   std::optional<Envelope> got;
@@ -3272,6 +3361,17 @@ TEST_P(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
   }));
   EXPECT_EQ(reports[0].status(), proto::DeliveryReport::CLIENT_GONE) << "the gateway is there, the client is not";
   EXPECT_EQ(reports[0].sid(), "gwR.nobody-here");
+  // A check says the same (the socket there: e2e_workers' chat test), and
+  // the broker answers one for a gateway it does not know.
+  std::promise<socket_state> gone, no_gateway;
+  ASSERT_TRUE(w.check_socket("", "gwR.nobody-here", [&](socket_state s) { gone.set_value(s); }));
+  ASSERT_TRUE(w.check_socket("", "gwX.nobody", [&](socket_state s) { no_gateway.set_value(s); }));
+  auto checked = gone.get_future();
+  ASSERT_EQ(checked.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(checked.get(), socket_state::gone);
+  auto unknown_gateway = no_gateway.get_future();
+  ASSERT_EQ(unknown_gateway.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(unknown_gateway.get(), socket_state::no_gateway);
   gw.stop();
 }
 
@@ -4764,12 +4864,14 @@ struct fake_broker {
   }
 
   // Takes the worker's Hello and welcomes it: heartbeats every `interval`
-  // (the fake sends none; the worker gives up on it after three).
-  void welcome(worker& w, std::chrono::milliseconds interval = 1s) {
+  // (the fake sends none; the worker gives up on it after three), as the
+  // broker `incarnation` (0: one that does not say).
+  void welcome(worker& w, std::chrono::milliseconds interval = 1s, std::uint64_t incarnation = 0) {
     auto hello = next();
     ASSERT_TRUE(hello && hello->has_hello());
     EXPECT_FALSE(hello->hello().draining());
     Envelope env;
+    env.mutable_welcome()->set_incarnation(incarnation);
     env.mutable_welcome()->set_protocol_version(proto::protocol_version);
     env.mutable_welcome()->set_heartbeat_interval_ms(static_cast<std::uint32_t>(interval.count()));
     env.mutable_welcome()->set_heartbeat_liveness(3);
@@ -5094,6 +5196,116 @@ TEST(WorkerJobsAgain, KeptAnswersGoAgainOldestFirst) {
   ASSERT_TRUE(second && second->has_reply());
   EXPECT_FALSE(second->reply().partial());
   EXPECT_EQ(w.stats().replies_resent, 2u);
+}
+
+// A service's welcome hook runs at the worker's first Welcome, and again at
+// one from a broker it had not met (a restart: the DISCONNECTs the old one
+// held are lost), not at a Welcome of the same broker.
+TEST(WorkerWelcome, TheHookRunsAtTheFirstWelcomeAndAtEachBrokerMetAfter) {
+  fake_broker broker{"fake-broker-welcome"};
+  worker w{broker.options, &broker.ctx};
+  std::mutex m;
+  std::vector<bool> heard;  // first() of each welcome the hook heard
+  w.add(service{"svc", 1}.on_welcome([&](const welcome& wel) {
+    std::lock_guard lock{m};
+    heard.push_back(wel.first());
+  }));
+  auto seen = [&] {
+    std::lock_guard lock{m};
+    return heard;
+  };
+  // Heartbeats every 200 ms: the hook runs 2 × 3 × 200 ms after a Welcome.
+  auto beating_until = [&](auto done, std::chrono::milliseconds limit = 3s) {
+    for (auto end = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < end;) {
+      if (done()) return true;
+      Envelope beat;
+      beat.mutable_heartbeat();
+      broker.send(beat);
+      std::this_thread::sleep_for(50ms);
+    }
+    return done();
+  };
+  w.start();
+  auto welcomed = std::chrono::steady_clock::now();
+  broker.welcome(w, 200ms, 7);
+  ASSERT_TRUE(beating_until([&] { return seen().size() == 1; }));
+  EXPECT_GE(std::chrono::steady_clock::now() - welcomed, 1s) << "the hook did not wait for the gateways' Hellos";
+  auto not_registered = [&] {
+    Envelope env;
+    env.mutable_error()->set_code(proto::NOT_REGISTERED);
+    broker.send(env);
+  };
+  not_registered();  // the same broker asks for a Hello again
+  broker.welcome(w, 200ms, 7);
+  beating_until([] { return false; }, 1500ms);
+  EXPECT_EQ(seen().size(), 1u) << "the hook ran again for the same broker's Welcome";
+  not_registered();  // a new one
+  broker.welcome(w, 200ms, 8);
+  ASSERT_TRUE(beating_until([&] { return seen().size() == 2; }));
+  beating_until([] { return false; }, 1500ms);  // no third
+  EXPECT_EQ(seen(), (std::vector<bool>{true, false}));
+  w.stop();
+}
+
+// check_socket sends a Control CHECK whose delivery report, matched by its
+// ref, says what became of the socket; no report in time reads unknown.
+// These reports do not reach on_report().
+TEST(WorkerCheckSocket, EachReportSettlesItsCheckAndSilenceReadsUnknown) {
+  fake_broker broker{"fake-broker-check"};
+  worker w{broker.options, &broker.ctx};
+  w.add(service{"svc", 1});
+  std::atomic<int> reported{0};
+  w.on_report([&](const proto::DeliveryReport&) { ++reported; });
+  w.start();
+  broker.welcome(w, 1s, 7);
+  std::mutex m;
+  std::map<std::string, socket_state> found;
+  auto check = [&](const std::string& sid, std::chrono::milliseconds timeout) {
+    return w.check_socket("/chat", sid, [&, sid](socket_state st) {
+      std::lock_guard lock{m};
+      found[sid] = st;
+    }, timeout);
+  };
+  using status = proto::DeliveryReport;
+  const std::vector<std::pair<std::string, status::Status>> answers{
+      {"gw.here", status::DELIVERED}, {"gw.left", status::CLIENT_GONE},
+      {"nogw.x", status::GATEWAY_GONE}, {"gw.other", status::REJECTED}};
+  for (const auto& [sid, st] : answers) {
+    ASSERT_TRUE(check(sid, 5s));
+    auto c = broker.next();
+    ASSERT_TRUE(c && c->has_control()) << (c ? proto::kind_name(*c) : "nothing");
+    EXPECT_EQ(c->control().action(), proto::Control::CHECK);
+    EXPECT_EQ(c->control().sid(), sid);
+    EXPECT_EQ(c->control().nsp(), "/chat");
+    EXPECT_EQ(c->control().origin(), "wd");
+    ASSERT_FALSE(c->control().ref().empty());
+    Envelope r;
+    r.mutable_report()->set_status(st);
+    r.mutable_report()->set_sid(sid);
+    r.mutable_report()->set_ref(c->control().ref());
+    r.mutable_report()->set_to("wd");
+    broker.send(r);
+  }
+  ASSERT_TRUE(check("gw.silent", 200ms));
+  ASSERT_TRUE(broker.next());  // its Control, never answered
+  ASSERT_TRUE(eventually([&] {
+    std::lock_guard lock{m};
+    return found.size() == 5;
+  }, 3s));
+  EXPECT_EQ(found["gw.here"], socket_state::present);
+  EXPECT_EQ(found["gw.left"], socket_state::gone);
+  EXPECT_EQ(found["nogw.x"], socket_state::no_gateway);
+  EXPECT_EQ(found["gw.other"], socket_state::unknown);
+  EXPECT_EQ(found["gw.silent"], socket_state::unknown);
+  EXPECT_EQ(reported, 0) << "a check's report went to on_report too";
+  // A report that settles no check still goes there.
+  Envelope stray;
+  stray.mutable_report()->set_status(status::CLIENT_GONE);
+  stray.mutable_report()->set_sid("gw.y");
+  stray.mutable_report()->set_to("wd");
+  broker.send(stray);
+  EXPECT_TRUE(eventually([&] { return reported == 1; }, 2s));
+  w.stop();
 }
 
 INSTANTIATE_TEST_SUITE_P(Links, BrokerTest, ::testing::ValuesIn(link_modes), link_name);

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Unit tests of the Python worker SDK: codecs, the request's answer rules, and
-what a gateway-gone hook gets.
+"""Unit tests of the Python worker SDK: codecs, the request's answer rules,
+what a gateway-gone hook gets, and socket checks.
 
 No sockets, no threads beyond the caller's, no sleeps.
 
@@ -12,7 +12,8 @@ import time
 import unittest
 
 from sidecast.v1 import envelope_pb2 as pb
-from sidecast_worker import CONNECT, DISCONNECT, EVENT, Code, GatewayGone, Request, Service, Worker, codec
+from sidecast_worker import (CONNECT, DISCONNECT, EVENT, Code, GatewayGone, Request, Service, SocketState, Welcome,
+                             Worker, codec)
 from sidecast_worker import worker as worker_module
 
 
@@ -360,6 +361,80 @@ class GatewayGoneOnTheCoreTest(unittest.TestCase):
         self.assertFalse(gone.owns(""))
 
 
+class CheckSocketOnTheCoreTest(unittest.TestCase):
+    """Socket checks and the welcome hook's object through the worker's own
+    _Core, not started: with no pool yet, callbacks run on the caller's
+    thread, and what is sent stays in the outbox."""
+
+    def setUp(self):
+        self.worker = Worker(worker_id="w1").add(Service("a"))
+        self.addCleanup(self.worker.stop)
+        self.core = self.worker._core
+        self.reports = []
+        self.worker.on_report(self.reports.append)
+
+    def sent(self):
+        topic, data, notice = self.core.outbox.get_nowait()
+        env = pb.Envelope()
+        env.ParseFromString(data)
+        return topic, env, notice
+
+    def report(self, status, ref, sid="gw1.a"):
+        env = pb.Envelope()
+        env.report.status, env.report.sid, env.report.ref, env.report.to = status, sid, ref, "w1"
+        self.core.on_message(env)
+
+    def test_a_check_is_a_control_whose_report_settles_it(self):
+        found = []
+        self.assertTrue(self.worker.check_socket("/chat", "gw1.a", found.append))
+        topic, env, notice = self.sent()
+        c = env.control
+        self.assertEqual((topic, notice), (None, True), "not a one-way message on the broker link")
+        self.assertEqual((c.action, c.nsp, c.sid, c.origin, c.room), (pb.Control.CHECK, "/chat", "gw1.a", "w1", ""))
+        self.assertTrue(c.ref.startswith("w1:"), c.ref)
+        self.assertIn(c.ref, self.core.acks)
+        self.report(pb.DeliveryReport.CLIENT_GONE, c.ref)
+        self.assertEqual((found, self.reports, self.core.acks), ([SocketState.GONE], [], {}))
+
+    def test_each_status_reads_as_a_state(self):
+        self.assertEqual({name: worker_module.state_of(number) for name, number in pb.DeliveryReport.Status.items()},
+                         {"STATUS_UNSPECIFIED": SocketState.UNKNOWN, "DELIVERED": SocketState.PRESENT,
+                          "CLIENT_GONE": SocketState.GONE, "GATEWAY_GONE": SocketState.NO_GATEWAY,
+                          "REJECTED": SocketState.UNKNOWN, "REQUESTER_GONE": SocketState.UNKNOWN})
+        self.assertEqual(SocketState.NO_GATEWAY, "no_gateway")
+        self.assertEqual(f"{SocketState.PRESENT}", "present")
+
+    def test_a_check_needs_a_callback_and_awaits_nothing_without(self):
+        with self.assertRaises(TypeError):
+            self.worker.check_socket("/", "gw1.a", None)
+        self.assertEqual((self.core.acks, self.core.ack_heap), ({}, []))
+        self.assertTrue(self.core.outbox.empty())
+
+    def test_stop_settles_an_awaited_check_unknown_and_refuses_later_ones(self):
+        found = []
+        self.assertTrue(self.worker.check_socket("/", "gw1.a", found.append))
+        self.core.stop()
+        self.assertEqual(found, [SocketState.UNKNOWN])
+        self.assertFalse(self.worker.check_socket("/", "gw1.b", found.append))
+        self.assertEqual(found, [SocketState.UNKNOWN])
+
+    def test_the_welcome_checks_and_emits_to_a_room_as_the_worker_does(self):
+        found = []
+        welcome = Welcome(self.core, True)
+        self.assertTrue(welcome.first)
+        self.assertTrue(welcome.check_socket("", "gw1.a", found.append, timeout=5.0))
+        _, env, _ = self.sent()
+        self.assertEqual((env.control.action, env.control.nsp, env.control.sid), (pb.Control.CHECK, "", "gw1.a"))
+        self.report(pb.DeliveryReport.DELIVERED, env.control.ref)
+        self.assertEqual(found, [SocketState.PRESENT])
+        self.assertTrue(welcome.emit_to_room("lobby", "back", 1, nsp="/chat", except_sids=["gw2.x"]))
+        topic, env, notice = self.sent()
+        self.assertEqual((topic, notice), (b"r/chat\0lobby\0", False))
+        e = env.emit
+        self.assertEqual((e.room, e.nsp, e.event, json.loads(e.args), list(e.except_sids), e.origin),
+                         ("lobby", "/chat", "back", [1], ["gw2.x"], "w1"))
+
+
 class ServiceTest(unittest.TestCase):
     def test_registration(self):
         svc = Service("s", capacity=2)
@@ -386,6 +461,10 @@ class ServiceTest(unittest.TestCase):
         self.assertIs(svc._on_gateway_gone, forget)
         self.assertIs(svc.on_gateway_gone()(print), print)
         self.assertIs(svc._on_gateway_gone, print)
+        self.assertIs(svc.on_welcome(forget), svc)
+        self.assertIs(svc._on_welcome, forget)
+        self.assertIs(svc.on_welcome()(print), print)
+        self.assertIs(svc._on_welcome, print)
 
     def test_bad_services(self):
         with self.assertRaises(ValueError):
@@ -405,6 +484,8 @@ class ServiceTest(unittest.TestCase):
         hook = Service("s").on_gateway_gone(handler)
         with self.assertRaises(TypeError):
             Worker().add(hook)
+        with self.assertRaises(TypeError):
+            Worker().add(Service("s").on_welcome(handler))
 
 
 class CompactHeapTest(unittest.TestCase):

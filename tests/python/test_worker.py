@@ -23,7 +23,7 @@ import zmq
 
 from harness import WAIT, Broker, Peer, eventually, free_ports, http_get, pair_args
 from sidecast.v1 import envelope_pb2 as pb
-from sidecast_worker import Code, Service, Worker, namespace_topic, room_topic
+from sidecast_worker import Code, Service, SocketState, Worker, namespace_topic, room_topic
 
 
 def args_of(msg):
@@ -1593,6 +1593,243 @@ class GatewayGoneFromTheBrokerTest(BrokerTest):
                 break
         self.assertEqual((env.emit.room, env.emit.nsp, args_of(env.emit), env.emit.origin),
                          ("lobby", "/chat", ["gwG.t1"], "pyw"))
+
+
+class WelcomeHookTest(FakeBrokerTest):
+    """A service's on_welcome hook runs at the worker's first Welcome, and
+    again at one from a broker it had not met (another incarnation: the
+    DISCONNECTs the old one held are lost), not at a Welcome of the same
+    broker; twice the heartbeat liveness (interval x liveness, as the
+    Welcome says them) after it, and once for several within that delay.
+    The fake broker heartbeats while the test waits: the hook runs only
+    while a broker welcomes the link."""
+    interval_ms, liveness = 250, 2  # the Welcome's: the hook runs 1 s after it (the worker's own: 6 s)
+
+    def service(self):
+        self.heard = Recorder()  # (welcome.first, when) of each call
+        self.then = None  # what the hook does after it records its call
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: "ran")
+
+        @svc.on_welcome
+        def welcomed(welcome):
+            self.heard.put((welcome.first, time.monotonic()))
+            if self.then is not None:
+                self.then(welcome)
+
+        return svc
+
+    @property
+    def delay(self):
+        return 2 * self.liveness * self.interval_ms / 1000.0
+
+    def welcome(self, incarnation):
+        """Welcomes the worker's next Hello as broker ``incarnation``; returns
+        the time just before it was sent."""
+        sent = time.monotonic()
+        self.broker.welcome(self.worker, self.interval_ms, incarnation=incarnation,
+                            heartbeat_liveness=self.liveness)
+        return sent
+
+    def hello_again(self):
+        """Error NOT_REGISTERED: the worker sends Hello again on its socket."""
+        env = pb.Envelope()
+        env.error.code = pb.NOT_REGISTERED
+        self.broker.send(env)
+
+    def beating(self, seconds):
+        """Heartbeats to the worker for ``seconds`` (it would find the fake
+        broker silent after a liveness, and wait for a new Welcome)."""
+        until = time.monotonic() + seconds
+        beat = pb.Envelope()
+        beat.heartbeat.SetInParent()
+        while time.monotonic() < until:
+            self.broker.send(beat)
+            time.sleep(0.05)
+
+    def next_call(self, limit):
+        """The hook's next call within ``limit`` seconds of heartbeats, or None."""
+        until = time.monotonic() + limit
+        while time.monotonic() < until:
+            try:
+                return self.heard.q.get_nowait()
+            except queue.Empty:
+                self.beating(0.05)
+        return None
+
+    def test_the_hook_runs_at_the_first_welcome_and_at_each_broker_met_after(self):
+        sent = self.welcome(7)
+        first = self.next_call(self.delay + 2)
+        self.assertIsNotNone(first, "no call after the first Welcome")
+        self.assertTrue(first[0], "welcome.first of the first Welcome")
+        self.assertGreaterEqual(first[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
+        # The same broker asks for a Hello again: no call.
+        self.hello_again()
+        self.welcome(7)
+        self.assertIsNone(self.next_call(self.delay + 1), "a Welcome of the same broker ran the hook")
+        # A broker this worker had not met: a call, after the delay again.
+        self.hello_again()
+        sent = self.welcome(8)
+        again = self.next_call(self.delay + 2)
+        self.assertIsNotNone(again, "no call after a new broker's Welcome")
+        self.assertFalse(again[0], "welcome.first of a later Welcome")
+        self.assertGreaterEqual(again[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
+        self.assertIsNone(self.next_call(self.delay + 1), "a third call")
+        self.assertEqual(self.worker.stats().handler_errors, 0)
+
+    def test_welcomes_within_the_delay_give_one_call(self):
+        self.welcome(7)
+        self.beating(self.delay / 4)
+        self.hello_again()
+        sent = self.welcome(8)  # before the first Welcome's call was due
+        call = self.next_call(self.delay + 2)
+        self.assertIsNotNone(call, "no call")
+        self.assertTrue(call[0], "the first Welcome's call lost its first")
+        self.assertGreaterEqual(call[1] - sent, self.delay, "not counted from the last Welcome")
+        self.assertIsNone(self.next_call(self.delay + 1), "a second call")
+
+    def test_the_hook_checks_a_socket_and_a_hook_that_raises_is_counted(self):
+        states = Recorder()
+
+        def check(welcome):
+            self.assertTrue(welcome.check_socket("/chat", "gwT.a", states.put, timeout=WAIT))
+            raise RuntimeError("the hook failed")
+
+        self.then = check
+        with self.assertLogs("sidecast_worker", "ERROR") as logs:
+            self.welcome(7)
+            self.assertIsNotNone(self.next_call(self.delay + 2), "no call")
+            c = self.broker.next()
+        self.assertIn("on_welcome", "\n".join(logs.output))
+        self.assertEqual((c.WhichOneof("kind"), c.control.action, c.control.sid, c.control.nsp, c.control.origin),
+                         ("control", pb.Control.CHECK, "gwT.a", "/chat", "wd"))
+        report = pb.Envelope()
+        r = report.report
+        r.status, r.sid, r.ref, r.to = pb.DeliveryReport.DELIVERED, "gwT.a", c.control.ref, "wd"
+        self.broker.send(report)
+        self.assertEqual(states.get("the check's answer"), SocketState.PRESENT)
+        # The job after it still runs: the thread served on.
+        self.job("c:1", "[]", 1)
+        reply = self.broker.next()
+        self.assertEqual((reply.reply.id, args_of(reply.reply)), ("c:1", ["ran"]))
+        self.assertEqual(self.worker.stats().handler_errors, 1)
+
+
+class CheckSocketTest(FakeBrokerTest):
+    """check_socket sends a Control CHECK whose delivery report, matched by
+    its ref, says what became of the socket; a REJECTED one, or none in
+    time, reads unknown. These reports do not reach on_report. One handler
+    thread: callbacks run in the order their reports came."""
+
+    def service(self):
+        return Service("svc", capacity=1)
+
+    def setUp(self):
+        super().setUp()
+        self.reports = Recorder()
+        self.worker.on_report(self.reports.put)
+        self.broker.welcome(self.worker, 10000)
+
+    def report(self, status, sid, ref):
+        env = pb.Envelope()
+        r = env.report
+        r.status, r.sid, r.ref, r.to = status, sid, ref, "wd"
+        self.broker.send(env)
+
+    def check(self, sid, found, timeout=WAIT):
+        """Checks ``sid`` (its state goes to ``found``); returns its Control."""
+        self.assertTrue(self.worker.check_socket("/chat", sid, lambda state: found.put((sid, state)), timeout))
+        c = self.broker.next()
+        self.assertEqual(c.WhichOneof("kind"), "control")
+        return c.control
+
+    def test_each_report_settles_its_check_and_silence_reads_unknown(self):
+        found = Recorder()
+        answers = [("gwT.here", pb.DeliveryReport.DELIVERED, SocketState.PRESENT),
+                   ("gwT.left", pb.DeliveryReport.CLIENT_GONE, SocketState.GONE),
+                   ("nogw.x", pb.DeliveryReport.GATEWAY_GONE, SocketState.NO_GATEWAY),
+                   ("gwT.other", pb.DeliveryReport.REJECTED, SocketState.UNKNOWN)]
+        controls = [self.check(sid, found) for sid, _, _ in answers]
+        for c, (sid, _, _) in zip(controls, answers):
+            self.assertEqual((c.action, c.sid, c.nsp, c.origin), (pb.Control.CHECK, sid, "/chat", "wd"))
+        refs = [c.ref for c in controls]
+        self.assertNotIn("", refs)
+        self.assertEqual(len(set(refs)), len(refs), "two checks under one ref")
+        # Answered in another order than asked: each by its ref.
+        for c, (sid, status, _) in reversed(list(zip(controls, answers))):
+            self.report(status, sid, c.ref)
+        self.assertEqual([found.get("a check's answer") for _ in answers],
+                         [(sid, state) for sid, _, state in reversed(answers)])
+        asked = time.monotonic()
+        self.check("gwT.silent", found, timeout=0.3)  # never answered
+        self.assertEqual(found.get("the silent check's answer"), ("gwT.silent", SocketState.UNKNOWN))
+        self.assertGreaterEqual(time.monotonic() - asked, 0.3, "settled before its timeout")
+        # A report that settles no check goes to on_report, the first there:
+        # none of the checks' went before it.
+        self.report(pb.DeliveryReport.CLIENT_GONE, "gwT.y", "mine")
+        stray = self.reports.get("the report that settles no check")
+        self.assertEqual((stray.status, stray.sid, stray.ref), ("CLIENT_GONE", "gwT.y", "mine"))
+        self.assertTrue(self.reports.empty_for(0.2))
+        self.assertTrue(found.empty_for(0.2), "a check answered twice")
+
+    def test_a_report_for_an_awaited_ack_is_not_taken_for_a_check(self):
+        # An emit_with_ack's id is no check's ref: its report goes to on_report.
+        future = self.worker._core.emit_with_ack("/chat", "gwT.z", "ask", [], WAIT, None)
+        ack_id = self.broker.next().emit.ack_id
+        self.report(pb.DeliveryReport.CLIENT_GONE, "gwT.z", ack_id)
+        self.assertEqual(self.reports.get("the report").ref, ack_id)
+        self.assertFalse(future.done())
+
+
+class CheckSocketRefusedTest(FakeBrokerTest):
+    """Checks count against pending_acks_limit with the acks: past it
+    check_socket returns False and never calls back (acks_refused). One
+    awaited when the worker stops hears unknown; after, it is refused."""
+    worker_options = {"pending_acks_limit": 2}
+
+    def service(self):
+        return Service("svc", capacity=1)
+
+    def test_past_the_limit_and_after_a_stop_a_check_is_refused(self):
+        self.broker.welcome(self.worker, 10000)
+        found = Recorder()
+        self.assertIsNotNone(self.worker._core.emit_with_ack("/", "gwT.a", "ask", [], WAIT, None))
+        self.assertTrue(self.worker.check_socket("/", "gwT.b", found.put))
+        self.assertFalse(self.worker.check_socket("/", "gwT.c", found.put), "awaited past the limit")
+        self.assertEqual(self.worker.stats().acks_refused, 1)
+        kinds = [self.broker.next().WhichOneof("kind") for _ in range(2)]
+        self.assertEqual(kinds, ["emit", "control"])
+        self.assertTrue(found.empty_for(0.2), "a refused check called back")
+        self.worker.stop()
+        self.assertEqual(found.get("the awaited check's answer"), SocketState.UNKNOWN)
+        self.assertTrue(found.empty_for(0.2), "the refused check called back")
+        self.assertFalse(self.worker.check_socket("/", "gwT.d", found.put), "a check after stop()")
+
+
+class CheckSocketThroughTheBrokerTest(BrokerTest):
+    """The real broker carries a check to the sid's gateway (a fake one
+    here), and that gateway's report back; it answers GATEWAY_GONE itself
+    for a sid no live gateway has."""
+
+    def test_the_gateway_or_the_broker_answers(self):
+        found, reports = Recorder(), Recorder()
+        w = self.start_worker(Service("plain"))
+        w.on_report(reports.put)
+        gw = self.gateway("gwT")
+        for sid, status in (("gwT.here", pb.DeliveryReport.DELIVERED), ("gwT.left", pb.DeliveryReport.CLIENT_GONE)):
+            self.assertTrue(w.check_socket("/chat", sid, found.put))
+            c = gw.next("control")
+            self.assertIsNotNone(c, "the check did not reach the gateway")
+            self.assertEqual((c.control.action, c.control.sid, c.control.nsp, c.control.origin),
+                             (pb.Control.CHECK, sid, "/chat", "pyw"))
+            answer = pb.Envelope()
+            r = answer.report
+            r.status, r.sid, r.ref, r.to = status, sid, c.control.ref, c.control.origin
+            gw.send(answer)
+        self.assertEqual([found.get("a check's answer") for _ in range(2)], [SocketState.PRESENT, SocketState.GONE])
+        self.assertTrue(w.check_socket("/chat", "gwGone.x", found.put))
+        self.assertEqual(found.get("the broker's answer"), SocketState.NO_GATEWAY)
+        self.assertTrue(reports.empty_for(0.3), "a check's report went to on_report")
 
 
 class GatewayTrafficTest(BrokerTest):

@@ -2,9 +2,12 @@
 
 #include <sqlite3.h>
 
+#include <atomic>
 #include <chrono>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
+#include <vector>
 
 #include <boost/json.hpp>
 #include <spdlog/spdlog.h>
@@ -46,8 +49,8 @@ class database {
               id INTEGER PRIMARY KEY AUTOINCREMENT, room TEXT NOT NULL, nick TEXT NOT NULL,
               sid TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL))");
     exec("CREATE INDEX IF NOT EXISTS messages_room ON messages(room, id)");
-    // Presence and nicknames describe live sockets, which a restarted worker
-    // cannot vouch for: they start afresh (clients join again); history stays.
+    // Presence and nicknames describe live sockets: kept across a restart,
+    // and checked with their gateways at each Welcome (see sweep).
     exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
     exec("CREATE TABLE IF NOT EXISTS presence (sid TEXT NOT NULL, room TEXT NOT NULL, nsp TEXT NOT NULL DEFAULT '/', "
          "PRIMARY KEY (sid, room))");
@@ -62,10 +65,6 @@ class database {
     // The same for every socket of a gateway the broker announced gone
     // (on_gateway_gone): by its sid prefix.
     exec("CREATE TABLE IF NOT EXISTS gone_prefixes (prefix TEXT PRIMARY KEY, at INTEGER NOT NULL)");
-    exec("DELETE FROM presence");
-    exec("DELETE FROM nicks");
-    exec("DELETE FROM gone");
-    exec("DELETE FROM gone_prefixes");
   }
   ~database() { sqlite3_close(db_); }
   database(const database&) = delete;
@@ -94,6 +93,8 @@ class database {
       if (int rc = sqlite3_prepare_v2(db, sql, -1, &stmt_, nullptr); rc != SQLITE_OK) throw_sqlite(db, rc);
     }
     ~statement() { sqlite3_finalize(stmt_); }
+    statement(const statement&) = delete;  // one finalize (prepare() returns it in place)
+    statement& operator=(const statement&) = delete;
     statement& bind(int i, const std::string& v) {
       sqlite3_bind_text(stmt_, i, v.data(), static_cast<int>(v.size()), SQLITE_TRANSIENT);
       return *this;
@@ -119,6 +120,7 @@ class database {
   };
 
   statement prepare(const char* sql) { return statement{db_, sql}; }
+  statement prepare(const std::string& sql) { return statement{db_, sql.c_str()}; }
 
   // Statements that stand or fall together: committed by commit(), rolled
   // back if it is never called (an exception on the way).
@@ -150,6 +152,11 @@ class database {
 };
 
 constexpr std::int64_t gone_kept_ms = 10 * 60 * 1000;
+
+std::int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
 constexpr const char* kGone = "the socket has disconnected";
 
 bool is_gone(database& db, const std::string& sid) {
@@ -198,6 +205,35 @@ void announce_presence(request& req, database& db, const std::string& room) {
   req.emit_to_room(room, "presence", presence_args(room, members_of(db, room)));
 }
 
+using rooms_of_sockets = std::vector<std::pair<std::string, std::string>>;  // nsp, room
+
+// The sockets `where` names (a condition on `sid` with the parameters
+// `params`) leave every room and lose their nicknames. Returns the rooms
+// they were in, each once.
+rooms_of_sockets forget_sockets(database& db, const std::string& where, const std::vector<std::string>& params) {
+  auto run = [&](const std::string& sql, auto&& each_row) {
+    auto s = db.prepare(sql);
+    for (std::size_t i = 0; i < params.size(); ++i) s.bind(static_cast<int>(i + 1), params[i]);
+    while (s.step()) each_row(s);
+  };
+  rooms_of_sockets rooms;
+  run("SELECT DISTINCT nsp, room FROM presence WHERE " + where,
+      [&](database::statement& s) { rooms.emplace_back(s.text(0), s.text(1)); });
+  run("DELETE FROM presence WHERE " + where, [](database::statement&) {});
+  run("DELETE FROM nicks WHERE " + where, [](database::statement&) {});
+  return rooms;
+}
+
+// Socket `sid` is gone: it leaves its rooms, and a late join or nick of it
+// is refused for gone_kept_ms. Returns its rooms.
+rooms_of_sockets forget_gone(database& db, const std::string& sid) {
+  auto rooms = forget_sockets(db, "sid = ?", {sid});
+  auto now = now_ms();
+  db.prepare("INSERT OR REPLACE INTO gone(sid, at) VALUES(?, ?)").bind(1, sid).bind(2, now).step();
+  db.prepare("DELETE FROM gone WHERE at < ?").bind(1, now - gone_kept_ms).step();
+  return rooms;
+}
+
 // 1 to `limit` characters, as the limits the clients are told count them
 // (a 32-character Cyrillic nickname is 64 bytes).
 bool fits(std::string_view s, std::size_t limit) { return !s.empty() && core::code_points(s) <= limit; }
@@ -210,10 +246,86 @@ std::optional<std::string> string_arg(const json::array& args, std::size_t limit
   return s;
 }
 
-std::int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+// What a sweep found of each socket it checked (the metric's label values).
+struct sweep_counts {
+  prometheus::Counter *present, *gone, *no_gateway, *unknown;
+  prometheus::Counter* of(socket_state state) const {
+    switch (state) {
+      case socket_state::present: return present;
+      case socket_state::gone: return gone;
+      case socket_state::no_gateway: return no_gateway;
+      case socket_state::unknown: return unknown;
+    }
+    return unknown;
+  }
+};
+
+// After a Welcome: every socket the presence and nickname tables name is
+// checked with its gateway (worker::check_socket), kBatch at a time in sid
+// order, so that memory and the checks in flight stay bounded whatever the
+// tables hold. A socket its gateway does not have leaves its rooms, as at a
+// disconnect (its DISCONNECT was lost: it ended while no chat worker ran, or
+// the broker that held it died), and its rooms hear it. One whose sid no
+// live gateway owns leaves too, without being remembered as gone: just
+// after a broker restart its gateway may not be back yet, and its socket
+// may join again. An unknown answer keeps the rows.
+class sweep : public std::enable_shared_from_this<sweep> {
+ public:
+  static constexpr std::int64_t kBatch = 256;
+
+  sweep(std::shared_ptr<database> db, welcome w, std::optional<sweep_counts> counts)
+      : db_{std::move(db)}, welcome_{std::move(w)}, counts_{counts} {}
+
+  void next() {
+    std::vector<std::string> sids;
+    {
+      std::lock_guard lock{db_->mutex};
+      auto s = db_->prepare("SELECT sid FROM presence WHERE sid > ?1 UNION SELECT sid FROM nicks WHERE sid > ?1 "
+                            "ORDER BY 1 LIMIT ?2");
+      s.bind(1, cursor_).bind(2, kBatch);
+      while (s.step()) sids.push_back(s.text(0));
+    }
+    if (sids.empty() || stopped_) return finish();
+    cursor_ = sids.back();
+    checked_ += sids.size();
+    in_flight_ = sids.size();
+    for (const auto& sid : sids) {
+      auto self = shared_from_this();
+      if (!welcome_.check_socket("", sid, [self, sid](socket_state state) { self->settled(sid, state); })) {
+        stopped_ = true;  // the outbox stayed full, or the worker stops: the rest stays as it is
+        settled(sid, socket_state::unknown);
+      }
+    }
+  }
+
+ private:
+  void settled(const std::string& sid, socket_state state) {
+    if (counts_) counts_->of(state)->Increment();
+    if (state == socket_state::gone || state == socket_state::no_gateway) {
+      std::lock_guard lock{db_->mutex};
+      auto rooms = state == socket_state::gone ? forget_gone(*db_, sid) : forget_sockets(*db_, "sid = ?", {sid});
+      ++forgotten_;
+      for (const auto& [nsp, room] : rooms)
+        welcome_.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db_, room)));
+    }
+    if (--in_flight_ == 0) next();
+  }
+
+  void finish() {
+    if (checked_ > 0)
+      spdlog::info("chat: checked {} sockets with their gateways after the broker's Welcome: {} gone, forgotten{}",
+                   checked_, forgotten_.load(), stopped_ ? " (stopped early: the outbox stayed full)" : "");
+  }
+
+  std::shared_ptr<database> db_;
+  welcome welcome_;
+  std::optional<sweep_counts> counts_;
+  std::string cursor_;                   // the last sid of the batch checked last
+  std::size_t checked_ = 0;              // next() only, which one batch's last answer calls
+  std::atomic<std::size_t> in_flight_{0};
+  std::atomic<std::size_t> forgotten_{0};
+  std::atomic<bool> stopped_{false};
+};
 
 }  // namespace
 
@@ -227,6 +339,14 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
   if (metrics)
     refused_joins = &core::counter(*metrics, "sidecast_chat_joins_refused_total",
                                    "Chat joins refused: the socket was in --chat-max-rooms rooms already");
+  std::optional<sweep_counts> checked;
+  if (metrics) {
+    auto& f = core::counters(*metrics, "sidecast_chat_sockets_checked_total",
+                             "Sockets of the presence and nickname tables checked with their gateways after a "
+                             "Welcome, by what was found (gone and no_gateway: forgotten)");
+    checked = sweep_counts{&f.Add({{"found", "present"}}), &f.Add({{"found", "gone"}}),
+                           &f.Add({{"found", "no_gateway"}}), &f.Add({{"found", "unknown"}})};
+  }
   auto history = options.history;
   auto max_rooms = static_cast<std::int64_t>(options.max_rooms);
   auto keep_per_room = static_cast<std::int64_t>(options.keep_per_room);
@@ -339,31 +459,17 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             req.reply(json::serialize(json::array{json::object{{"id", id}}}));
           })
       .on_disconnect([db](request req) {
-        std::vector<std::string> rooms;
         std::lock_guard lock{db->mutex};
-        auto s = db->prepare("SELECT room FROM presence WHERE sid = ?");
-        s.bind(1, req.sid());
-        while (s.step()) rooms.push_back(s.text(0));
-        db->prepare("DELETE FROM presence WHERE sid = ?").bind(1, req.sid()).step();
-        db->prepare("DELETE FROM nicks WHERE sid = ?").bind(1, req.sid()).step();
-        auto now = now_ms();
-        db->prepare("INSERT OR REPLACE INTO gone(sid, at) VALUES(?, ?)").bind(1, req.sid()).bind(2, now).step();
-        db->prepare("DELETE FROM gone WHERE at < ?").bind(1, now - gone_kept_ms).step();
-        for (const auto& room : rooms) announce_presence(req, *db, room);
+        for (const auto& [nsp, room] : forget_gone(*db, req.sid())) announce_presence(req, *db, room);
       })
       .on_gateway_gone([db](const gateway_gone& g) {
         // Its sockets will never disconnect here: they leave every room at
         // once, and the rooms they were in hear the new member lists.
-        auto end = prefix_end(g.sid_prefix());
-        std::vector<std::pair<std::string, std::string>> rooms;  // nsp, room
+        rooms_of_sockets rooms;
         std::lock_guard lock{db->mutex};
         {
           database::transaction tx{*db};
-          auto s = db->prepare("SELECT DISTINCT nsp, room FROM presence WHERE sid >= ? AND sid < ?");
-          s.bind(1, g.sid_prefix()).bind(2, end);
-          while (s.step()) rooms.emplace_back(s.text(0), s.text(1));
-          db->prepare("DELETE FROM presence WHERE sid >= ? AND sid < ?").bind(1, g.sid_prefix()).bind(2, end).step();
-          db->prepare("DELETE FROM nicks WHERE sid >= ? AND sid < ?").bind(1, g.sid_prefix()).bind(2, end).step();
+          rooms = forget_sockets(*db, "sid >= ? AND sid < ?", {g.sid_prefix(), prefix_end(g.sid_prefix())});
           auto now = now_ms();
           db->prepare("INSERT OR REPLACE INTO gone_prefixes(prefix, at) VALUES(?, ?)").bind(1, g.sid_prefix()).bind(2, now).step();
           db->prepare("DELETE FROM gone_prefixes WHERE at < ?").bind(1, now - gone_kept_ms).step();
@@ -371,7 +477,8 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
         }
         for (const auto& [nsp, room] : rooms)
           g.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db, room)));
-      });
+      })
+      .on_welcome([db, checked](const welcome& w) { std::make_shared<sweep>(db, w, checked)->next(); });
 }
 
 }  // namespace sidecast::workers

@@ -11,6 +11,9 @@
 //                                   ack {id}
 //   leave (room) (ack)           -> presence to the room (if the socket was in it), ack {room}
 //   (disconnect)                 -> presence to every room the socket was in
+//   (its gateway lost)           -> the same for every socket of that gateway
+//   (the broker's Welcome)       -> each socket the tables name is checked with its
+//                                   gateway (worker::check_socket); those gone leave
 #include <chrono>
 #include <memory>
 #include <string>
@@ -33,7 +36,8 @@ struct chat_options {
 /// Opens (and creates) the database; throws std::runtime_error when it cannot.
 /// With a registry, counts the messages deleted to keep the bounds there
 /// (sidecast_chat_messages_pruned_total) and the joins refused past
-/// max_rooms (sidecast_chat_joins_refused_total).
+/// max_rooms (sidecast_chat_joins_refused_total), and the sockets checked
+/// after a Welcome (sidecast_chat_sockets_checked_total{found}).
 service chat_service(unsigned capacity, chat_options options, std::shared_ptr<prometheus::Registry> metrics = {});
 
 }  // namespace sidecast::workers

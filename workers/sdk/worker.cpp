@@ -42,11 +42,23 @@ struct outgoing {
   bool keep = false;        // a handler's answer: kept once sent (see had_before)
 };
 
-// A pending emit_with_ack.
+// A pending emit_with_ack (callback), or check_socket (check: settled by
+// the delivery report its Control asks for, whose ref is this entry's id).
 struct pending_ack {
   std::function<void(ack_result)> callback;
   clock::time_point deadline;
+  check_hook check;
 };
+
+// What a check_socket's report says.
+socket_state state_of(proto::DeliveryReport::Status status) {
+  switch (status) {
+    case proto::DeliveryReport::DELIVERED: return socket_state::present;
+    case proto::DeliveryReport::CLIENT_GONE: return socket_state::gone;
+    case proto::DeliveryReport::GATEWAY_GONE: return socket_state::no_gateway;
+    default: return socket_state::unknown;  // REJECTED: another namespace, a full pipe, an older gateway
+  }
+}
 
 // Memory for request states (each with its shared_ptr control block, one
 // block): blocks freed on a worker's I/O thread are kept there for its next
@@ -268,6 +280,10 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::uint64_t received_seen = 0;
   core::link_position read_seen;
   bool holding = false;  // what the handlers queue waits for the link's Welcome (see send_in_order)
+  bool ever_welcomed = false;              // a Welcome came since start (on_welcomed)
+  std::uint64_t broker_restarts_seen = 0;  // the link's broker_restarts() at the last on_welcomed
+  std::optional<clock::time_point> welcome_due;  // when the welcome hooks run (run_welcome_hooks)
+  bool welcome_first = false;                    // ... for the first Welcome
   std::vector<outgoing> held_out;  // ... here
   std::vector<outgoing> given_back;  // held too: what a standby gave back (on_message), to go ahead of held_out
   static constexpr std::size_t max_spare_fields = 1024;
@@ -672,6 +688,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       std::lock_guard lock{acks_mutex};
       if (!ack_deadlines.empty()) wake_at = std::min(wake_at, ack_deadlines.begin()->first);
     }
+    if (welcome_due && o.link.welcomed()) wake_at = std::min(wake_at, *welcome_due);  // unwelcomed: not yet
     // First turn, or the link made a new socket (which may sit at the
     // old one's address, its descriptor at the old number).
     if (o.input_for != o.link.stats().reconnects) {
@@ -729,6 +746,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // input: ask the socket before blocking. Otherwise its descriptor will tell.
     if (unasked) o.input.used(link_index);
     welcomed = link.welcomed();
+    if (welcomed && (!ever_welcomed || link.broker_restarts() != broker_restarts_seen)) on_welcomed(now);
+    run_welcome_hooks(now);
     if (link.draining() && !drain_settled && (link.drain_confirmed() || !link.welcomed())) {
       drain_settled = true;
       std::lock_guard lock{lifecycle_mutex};
@@ -945,15 +964,14 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // CANCELLED on the pool (which runs what it holds before it stops), and
     // let go of the requests they captured, which hold this core. Kept, they
     // made a cycle that outlived the worker.
-    std::vector<std::function<void(ack_result)>> awaited;
+    std::vector<pending_ack> awaited;
     {
       std::lock_guard lock{acks_mutex};
-      for (auto& [id, a] : acks) awaited.push_back(std::move(a.callback));
+      for (auto& [id, a] : acks) awaited.push_back(std::move(a));
       acks.clear();
       ack_deadlines.clear();
     }
-    for (auto& cb : awaited)
-      pool.post([cb = std::move(cb)] { cb(ack_result{proto::CANCELLED, "[]", {}, "the worker stopped"}); });
+    for (auto& a : awaited) settle(std::move(a), ack_result{proto::CANCELLED, "[]", {}, "the worker stopped"});
     io_thread_id = std::thread::id{};  // a later thread may get this id
   }
 
@@ -976,6 +994,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       case Envelope::kGatewayGone: on_gateway_gone(*env.mutable_gateway_gone()); break;
       case Envelope::kReply: on_ack(env.reply()); break;
       case Envelope::kReport: {
+        // A check_socket's answer settles it, and goes nowhere else.
+        if (!env.report().ref().empty())
+          if (auto check = take_ack(env.report().ref(), true)) {
+            settle(std::move(*check), {}, state_of(env.report().status()));
+            break;
+          }
         std::shared_ptr<const report_fn> cb;
         {
           std::lock_guard lock{report_mutex};
@@ -1247,15 +1271,41 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     auto gone = std::make_shared<const gateway_gone>(
         gateway_gone{shared_from_this(), std::move(*g.mutable_gateway()), std::move(*g.mutable_sid_prefix()),
                      std::move(*g.mutable_reason())});
+    post_hooks(&service::on_gateway_gone_, std::move(gone), "on_gateway_gone");
+  }
+
+  // At the first Welcome, and at one from another broker than the one that
+  // welcomed it last (the DISCONNECTs the old one held are lost): each service's welcome hook
+  // runs on the pool twice the heartbeat liveness later, once the gateways
+  // have had time to say Hello to a broker that just started (until they
+  // do, it answers a check of their sockets GATEWAY_GONE).
+  void on_welcomed(clock::time_point now) {
+    welcome_first = welcome_first || !ever_welcomed;
+    ever_welcomed = true;
+    broker_restarts_seen = io->link.broker_restarts();
+    welcome_due = now + 2 * io->link.heartbeat_liveness() * io->link.heartbeat_interval();
+  }
+  void run_welcome_hooks(clock::time_point now) {
+    if (!welcome_due || now < *welcome_due || !welcomed) return;
+    welcome_due.reset();
+    post_hooks(&service::on_welcome_, std::make_shared<const welcome>(welcome{shared_from_this(), welcome_first}),
+               "on_welcome");
+    welcome_first = false;
+  }
+
+  // Runs hook `member` of every service that has one with `arg`, on the
+  // pool, taking no capacity: what it throws is logged and counted.
+  template <class Hook, class Arg>
+  void post_hooks(Hook service::*member, std::shared_ptr<const Arg> arg, const char* what) {
     for (const auto& s : services) {
-      if (!s.on_gateway_gone_) continue;
-      pool.post([this, hook = &s.on_gateway_gone_, gone] {
+      if (!(s.*member)) continue;
+      pool.post([this, hook = &(s.*member), arg, what] {
         try {
-          (*hook)(*gone);
+          (*hook)(*arg);
         } catch (const std::exception& e) {
           ++n_errors;
           std::lock_guard lock{text_log_mutex};
-          if (text_log_limit.allow()) spdlog::error("on_gateway_gone of {}: {}", gone->gateway(), e.what());
+          if (text_log_limit.allow()) spdlog::error("worker {}: {} threw: {}", options.id, what, e.what());
         } catch (...) {
           ++n_errors;
         }
@@ -1293,10 +1343,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // The awaited ack `id`, no longer awaited; nothing if it was not (answered,
   // timed out, cancelled). Its deadline entry is found by its time, not by a
   // scan of every deadline.
-  std::optional<pending_ack> take_ack(const std::string& id) {
+  // `check`: only a check_socket's (a report's ref), not an ack's.
+  std::optional<pending_ack> take_ack(const std::string& id, bool check = false) {
     std::lock_guard lock{acks_mutex};
     auto it = acks.find(id);
-    if (it == acks.end()) return std::nullopt;
+    if (it == acks.end() || (check && !it->second.check)) return std::nullopt;
     auto [first, last] = ack_deadlines.equal_range(it->second.deadline);
     for (auto d = first; d != last; ++d)
       if (d->second == id) {
@@ -1308,6 +1359,13 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     return ack;
   }
 
+  // Runs what awaited `a` on the pool: an ack's callback with `result`, a
+  // check's with `state`.
+  void settle(pending_ack a, ack_result result, socket_state state = socket_state::unknown) {
+    if (a.check) pool.post([cb = std::move(a.check), state] { cb(state); });
+    else pool.post([cb = std::move(a.callback), result = std::move(result)]() mutable { cb(std::move(result)); });
+  }
+
   void on_ack(const proto::Reply& reply) {
     auto ack = take_ack(reply.id());
     if (!ack) return;  // late: already timed out
@@ -1316,28 +1374,45 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     result.args = reply.args();
     result.attachments.assign(reply.attachments().begin(), reply.attachments().end());
     result.message = reply.message();
-    pool.post([cb = std::move(ack->callback), result = std::move(result)]() mutable { cb(std::move(result)); });
+    settle(std::move(*ack), std::move(result));
   }
 
   void expire_acks(clock::time_point now) {
-    std::vector<std::function<void(ack_result)>> expired;
+    std::vector<pending_ack> expired;
     {
       std::lock_guard lock{acks_mutex};
       while (!ack_deadlines.empty() && ack_deadlines.begin()->first <= now) {
         auto it = acks.find(ack_deadlines.begin()->second);
         if (it != acks.end()) {
-          expired.push_back(std::move(it->second.callback));
+          expired.push_back(std::move(it->second));
           acks.erase(it);
         }
         ack_deadlines.erase(ack_deadlines.begin());
       }
     }
-    for (auto& cb : expired) {
-      pool.post([cb = std::move(cb)] { cb(ack_result{proto::TIMEOUT, "[]", {}, "no ack in time"}); });
-    }
+    for (auto& a : expired) settle(std::move(a), ack_result{proto::TIMEOUT, "[]", {}, "no ack in time"});
   }
 
-  std::optional<std::string> register_ack(std::function<void(ack_result)> cb, std::chrono::milliseconds timeout) {
+  // A Control CHECK for `sid`, its ref the id of a pending entry that its
+  // report settles (or its timeout, or a stop).
+  bool check_socket(const std::string& nsp, const std::string& sid, check_hook done,
+                    std::chrono::milliseconds timeout) {
+    if (!done || !all_utf8({nsp, sid}, "a socket check")) return false;
+    auto ref = register_ack({}, timeout, std::move(done));
+    if (!ref) return false;
+    Envelope env;
+    auto* c = env.mutable_control();
+    c->set_action(proto::Control::CHECK);
+    c->set_nsp(nsp);
+    c->set_sid(sid);
+    c->set_origin(options.id);
+    c->set_ref(*ref);
+    if (send(env)) return true;
+    return !take_ack(*ref);  // not sent: false, and no call, unless a stop() already settled it
+  }
+
+  std::optional<std::string> register_ack(std::function<void(ack_result)> cb, std::chrono::milliseconds timeout,
+                                          check_hook check = {}) {
     std::lock_guard lock{acks_mutex};
     if (stopping) return std::nullopt;
     if (acks.size() >= options.pending_acks_limit) {
@@ -1346,7 +1421,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     auto id = options.id + ":" + std::to_string(++next_ack);
     auto deadline = clock::now() + timeout;
-    acks.emplace(id, pending_ack{std::move(cb), deadline});
+    acks.emplace(id, pending_ack{std::move(cb), deadline, std::move(check)});
     ack_deadlines.emplace(deadline, id);
     return id;
   }
@@ -1503,6 +1578,20 @@ service& service::on_gateway_gone(gone_hook h) {
   on_gateway_gone_ = std::move(h);
   return *this;
 }
+service& service::on_welcome(welcome_hook h) {
+  on_welcome_ = std::move(h);
+  return *this;
+}
+
+bool welcome::check_socket(const std::string& nsp, const std::string& sid, check_hook done,
+                           std::chrono::milliseconds timeout) const {
+  return core_->check_socket(nsp, sid, std::move(done), timeout);
+}
+
+bool welcome::emit_to_room(const std::string& nsp, const std::string& room, std::string event,
+                           std::string args_json) const {
+  return core_->publish_to(nsp, &room, std::move(event), std::move(args_json), {}, {});
+}
 
 bool gateway_gone::emit_to_room(const std::string& nsp, const std::string& room, std::string event,
                                 std::string args_json) const {
@@ -1579,6 +1668,10 @@ bool worker::disconnect_sockets(const std::string& nsp, const std::optional<std:
   return core_->publish_control(proto::Control::DISCONNECT, nsp, in_room, {});
 }
 bool worker::close_room(const std::string& nsp, const std::string& room) { return sockets_leave(nsp, room, room); }
+bool worker::check_socket(const std::string& nsp, const std::string& sid, check_hook done,
+                          std::chrono::milliseconds timeout) {
+  return core_->check_socket(nsp, sid, std::move(done), timeout);
+}
 
 void worker::on_report(std::function<void(const proto::DeliveryReport&)> callback) {
   auto cb = callback ? std::make_shared<const detail::worker_core::report_fn>(std::move(callback)) : nullptr;

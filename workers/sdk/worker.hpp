@@ -54,7 +54,7 @@ struct worker_options {
   std::size_t queue_limit = 10000;  // requests waiting for a handler thread; past it answered BUSY
   std::chrono::milliseconds outbox_wait{5000};  // a handler's emit waits this long for room, then is dropped;
                                                 // a reply never waits nor is dropped (it frees the broker's credit)
-  std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack
+  std::size_t pending_acks_limit = 10000;       // emits waiting for a client's ack, and socket checks awaited
   int hwm = 100000;  // the broker link's queue each way, the PUB socket's, and what is held for a Welcome
   // Answers kept after they are sent, at most this many and bytes (0: none):
   // a job the broker sends again (it came back on a new socket, see
@@ -229,6 +229,44 @@ class gateway_gone {
 };
 using gone_hook = std::function<void(const gateway_gone&)>;
 
+/// What worker::check_socket() learned of a socket.
+enum class socket_state {
+  present,     // its gateway has it
+  gone,        // its gateway has no such socket (it disconnected): it never comes back
+  no_gateway,  // no live gateway has its sid's prefix: its gateway is lost, or, just
+               // after a broker restart, not back yet
+  unknown,     // no answer in time (lost on the way, or a gateway of an earlier build)
+};
+using check_hook = std::function<void(socket_state)>;
+
+/// The broker welcomed this worker: at its start, and again from another
+/// broker than the one that welcomed it last (one that restarted, or the
+/// other of a pair). What a
+/// service keeps per socket may be stale then: a socket that ended while no
+/// worker of the service ran (or while the broker that held its DISCONNECT
+/// died) sends no DISCONNECT again. The hook checks the sockets it keeps
+/// (check_socket) and forgets those gone. It runs twice the heartbeat
+/// liveness (interval × liveness) after the Welcome: gateways say Hello to
+/// a broker that just started within that, and until one does, the broker
+/// answers a check of its sockets no_gateway.
+class welcome {
+ public:
+  /// The first Welcome this worker had since it started.
+  bool first() const { return first_; }
+  /// As worker::check_socket.
+  bool check_socket(const std::string& nsp, const std::string& sid, check_hook done,
+                    std::chrono::milliseconds timeout = std::chrono::seconds{10}) const;
+  /// As worker::emit_to_room.
+  bool emit_to_room(const std::string& nsp, const std::string& room, std::string event, std::string args_json) const;
+
+ private:
+  friend struct detail::worker_core;
+  welcome(std::shared_ptr<detail::worker_core> core, bool first) : core_{std::move(core)}, first_{first} {}
+  std::shared_ptr<detail::worker_core> core_;
+  bool first_;
+};
+using welcome_hook = std::function<void(const welcome&)>;
+
 class service {
  public:
   explicit service(std::string name, unsigned capacity = 16);
@@ -262,6 +300,11 @@ class service {
   /// registers: the hook must not mind a prefix it forgot already). What it
   /// throws is logged and counted as a handler error.
   service& on_gateway_gone(gone_hook h);
+  /// The broker welcomed this worker (see welcome): runs on the pool, once
+  /// per such Welcome (twice the heartbeat liveness later; once for several
+  /// within that), without taking capacity. What it throws is logged and
+  /// counted as a handler error.
+  service& on_welcome(welcome_hook h);
 
   const std::string& name() const { return name_; }
   unsigned capacity() const { return capacity_; }
@@ -278,6 +321,7 @@ class service {
   handler on_connect_;
   handler on_disconnect_;
   gone_hook on_gateway_gone_;
+  welcome_hook on_welcome_;
 };
 
 struct worker_stats {
@@ -287,7 +331,7 @@ struct worker_stats {
   std::uint64_t outbox_dropped = 0;
   std::uint64_t handler_errors = 0;
   std::uint64_t reconnects = 0;
-  std::uint64_t acks_refused = 0;  // emit_with_ack calls refused: pending_acks_limit emits awaited their ack
+  std::uint64_t acks_refused = 0;  // emit_with_ack and check_socket calls refused: pending_acks_limit awaited
   std::uint64_t requests_refused = 0;  // answered BUSY: queue_limit requests already waited for a handler thread
   std::uint64_t running = 0;  // requests taken and not done with (a handler, or an answer, still holds them)
   bool draining = false;      // drain() has begun
@@ -369,6 +413,17 @@ class worker {
   bool disconnect_sockets(const std::string& nsp, const std::optional<std::string>& in_room);
   /// Every socket in `room` leaves it (Flask-SocketIO's close_room()).
   bool close_room(const std::string& nsp, const std::string& room);
+  /// Asks the gateway of socket `sid` whether it still has it (a Control
+  /// CHECK, answered by a delivery report): `done` runs on a handler thread
+  /// with what it said, or with socket_state::unknown after `timeout` or when
+  /// the worker stops first. `nsp` may be empty (the socket's own); a socket
+  /// of another namespace than a named one reads unknown. False (and no
+  /// call) for an empty `done`, when the outbox stayed full,
+  /// pending_acks_limit acks and checks are awaited already, or the worker
+  /// is stopping. on_report() does not see these reports (one that comes
+  /// after its check's timeout, it does).
+  bool check_socket(const std::string& nsp, const std::string& sid, check_hook done,
+                    std::chrono::milliseconds timeout = std::chrono::seconds{10});
 
   /// Called (on a handler thread) for every delivery report: failures always,
   /// successes only for emits that asked for them. A reply the broker could

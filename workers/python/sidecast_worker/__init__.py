@@ -15,11 +15,12 @@ workers/sdk/. See workers/python/README.md.
 """
 from ._proto import PROTOCOL_VERSION, Code
 from .codec import namespace_topic, room_topic
-from .request import CONNECT, DISCONNECT, EVENT, GatewayGone, Request
+from .request import CONNECT, DISCONNECT, EVENT, GatewayGone, Request, SocketState, Welcome
 from .service import Service
 from .worker import AckResult, DeliveryReport, Worker, WorkerStats
 
 __all__ = [
     "AckResult", "CONNECT", "Code", "DISCONNECT", "DeliveryReport", "EVENT", "GatewayGone",
-    "PROTOCOL_VERSION", "Request", "Service", "Worker", "WorkerStats", "namespace_topic", "room_topic",
+    "PROTOCOL_VERSION", "Request", "Service", "SocketState", "Welcome", "Worker", "WorkerStats",
+    "namespace_topic", "room_topic",
 ]

@@ -95,6 +95,9 @@ class PeerLink:
         # previous_hello and received speak of what that broker read: they
         # count only from the same incarnation (see receive()).
         self.broker_incarnation = 0
+        # Counts the brokers met after the first: a Welcome of another
+        # incarnation than the last one's (core/peer_link's broker_restarts).
+        self.broker_restarts = 0
         self.reconnects = 0   # sockets replaced after broker silence
         self.hellos = 0  # Hellos sent: what the link sends now follows Hello number `hellos`
         self.sent_since_hello = 0  # a message sent now is number sent_since_hello + 1 after it
@@ -303,6 +306,8 @@ class PeerLink:
                 # broker of a build before incarnations sends 0: nothing is
                 # known, its counts are taken.
                 if w.incarnation != 0 and w.incarnation != self.broker_incarnation:
+                    if self.broker_incarnation != 0:
+                        self.broker_restarts += 1
                     self.broker_incarnation = w.incarnation
                 elif w.previous_hello:
                     # The same broker, which knew this link: what it did not

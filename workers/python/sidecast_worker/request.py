@@ -1,4 +1,5 @@
-"""What a handler sees: one request, or a gateway lost with its sockets."""
+"""What a handler sees: one request, a gateway lost with its sockets, or a Welcome."""
+import enum
 import threading
 import time
 
@@ -304,4 +305,58 @@ class GatewayGone:
     def emit_to_room(self, room, event, *args, nsp="/", except_sids=()):
         """Emits to every socket in a room of ``nsp`` (to say who left), as
         Worker.emit_to_room does."""
+        return self._core.publish(nsp, room, event, args, except_sids)
+
+
+class SocketState(str, enum.Enum):
+    """What ``check_socket`` learned of a socket (a ``str``:
+    ``SocketState.GONE == "gone"``)."""
+
+    #: Its gateway has it.
+    PRESENT = "present"
+    #: Its gateway has no such socket (it disconnected): it never comes back.
+    GONE = "gone"
+    #: No live gateway has its sid's prefix: its gateway is lost, or, just
+    #: after a broker restart, not back yet.
+    NO_GATEWAY = "no_gateway"
+    #: No answer in time (lost on the way, or a gateway of an earlier build),
+    #: a refusal (a socket of another namespace than the one named), or the
+    #: worker stopped first.
+    UNKNOWN = "unknown"
+
+    def __str__(self):
+        return self.value
+
+
+class Welcome:
+    """The broker welcomed this worker, handed to each service's
+    ``on_welcome`` hook: at its first Welcome, and at each from a broker it
+    had not met before (one that restarted, or the other of a pair).
+
+    What a service keeps per socket may be stale then: a socket that ended
+    while no worker of the service ran (or while the broker that held its
+    DISCONNECT died) sends no DISCONNECT again. The hook checks the sockets
+    it keeps (``check_socket``) and forgets those gone. It runs twice the
+    heartbeat liveness (interval x liveness) after the Welcome: gateways
+    say Hello to a broker that just started within that, and until one
+    does, the broker answers a check of its sockets ``NO_GATEWAY``.
+
+    ``first`` is True for the first Welcome this worker had since it started.
+    """
+
+    __slots__ = ("first", "_core")
+
+    def __init__(self, core, first):
+        self._core = core
+        self.first = first
+
+    def __repr__(self):
+        return f"<Welcome first={self.first}>"
+
+    def check_socket(self, nsp, sid, callback, timeout=10.0):
+        """As Worker.check_socket."""
+        return self._core.check_socket(nsp, sid, callback, timeout)
+
+    def emit_to_room(self, room, event, *args, nsp="/", except_sids=()):
+        """Emits to every socket in a room of ``nsp``, as Worker.emit_to_room does."""
         return self._core.publish(nsp, room, event, args, except_sids)

@@ -28,6 +28,7 @@ class Service:
         self._on_connect = None
         self._on_disconnect = None
         self._on_gateway_gone = None
+        self._on_welcome = None
 
     def __repr__(self):
         return f"<Service {self.name} capacity={self.capacity} events={sorted(self._events)}>"
@@ -63,6 +64,22 @@ class Service:
         hook must not mind a prefix it forgot already). What it raises is
         logged and counted in ``handler_errors``."""
         return self._register(handler, lambda h: setattr(self, "_on_gateway_gone", h))
+
+    def on_welcome(self, handler=None):
+        """The broker welcomed this worker: ``handler(Welcome)``.
+
+        At the worker's first Welcome, and at each from a broker it had not
+        met (one that restarted, or the other of a pair: the DISCONNECTs
+        the old one held are lost), what the service keeps per socket may
+        name sockets that are gone; the hook checks them
+        (``welcome.check_socket``) and forgets those gone. It runs on the
+        pool twice the heartbeat liveness (interval x liveness, as the
+        broker's Welcome says them) after the Welcome, once the gateways
+        have had time to say Hello to a broker that just started: once per
+        such Welcome, once for several within that delay, without taking
+        capacity. ``welcome.first`` is True for the first. What it raises
+        is logged and counted in ``handler_errors``."""
+        return self._register(handler, lambda h: setattr(self, "_on_welcome", h))
 
     def _register(self, handler, store):
         if handler is None:

@@ -26,7 +26,7 @@ import zmq
 from . import codec
 from ._proto import Code, code_of, pb
 from .link import PeerLink, RateLimitedLog, apply_curve
-from .request import CONNECT, DISCONNECT, EVENT, GatewayGone, Request, as_text
+from .request import CONNECT, DISCONNECT, EVENT, GatewayGone, Request, SocketState, Welcome, as_text
 from .service import Service
 
 log = logging.getLogger("sidecast_worker")
@@ -88,7 +88,7 @@ class WorkerStats:
     outbox_dropped: int = 0
     handler_errors: int = 0
     reconnects: int = 0
-    acks_refused: int = 0  # emit_with_ack calls refused: pending_acks_limit emits awaited their ack
+    acks_refused: int = 0  # emit_with_ack and check_socket calls refused: pending_acks_limit awaited already
     requests_refused: int = 0  # answered BUSY: queue_limit requests already waited for a handler thread
     jobs_again: int = 0  # jobs the broker sent again (after a new socket) that were held or answered here: not run again
     replies_resent: int = 0  # kept answers sent again for those
@@ -131,6 +131,28 @@ class _Wakeup:
         # be reused by another file before a late signal() wrote to it.
         for fd in {getattr(self, "fd", None), getattr(self, "_write_fd", None)} - {None}:
             os.close(fd)
+
+
+class _Check:
+    """A check_socket awaited (an entry of _Core.acks, beside the
+    emit_with_ack ones): settled by the delivery report its Control asks
+    for, whose ref is the entry's id, or as unknown at its timeout or stop."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback):
+        self.callback = callback
+
+
+def state_of(status):
+    """What a check_socket's report says of the socket."""
+    if status == pb.DeliveryReport.DELIVERED:
+        return SocketState.PRESENT
+    if status == pb.DeliveryReport.CLIENT_GONE:
+        return SocketState.GONE
+    if status == pb.DeliveryReport.GATEWAY_GONE:
+        return SocketState.NO_GATEWAY
+    return SocketState.UNKNOWN  # REJECTED: another namespace, a full pipe, a gateway of an earlier build
 
 
 def reply_in(data):
@@ -213,7 +235,7 @@ class _Core:
         self.drain_settled = False
         self.deadlines = []  # heap of (deadline, seq, Request): I/O thread only
         self.seq = itertools.count()
-        self.acks = {}  # ack id -> (Future, callback)
+        self.acks = {}  # ack id -> (Future, callback) of an emit_with_ack, or a _Check
         self.ack_heap = []  # heap of (deadline, ack id), under acks_lock; acked ones stay until compact_heap
         self.acks_lock = threading.Lock()
         # Ack ids "<worker id>:<n>" from a random point at each start: a
@@ -227,6 +249,13 @@ class _Core:
         self.counts = dict.fromkeys(set(WorkerStats.__dataclass_fields__)
                                     - {"running", "draining", "kept_bytes", "kept_notice_bytes", "held"}, 0)
         self.log_limit = RateLimitedLog()
+        # The welcome hooks (see on_welcomed), I/O thread only: a Welcome came
+        # since start; the link's broker_restarts at the last one acted on;
+        # when the hooks run (None: not due); and whether for the first Welcome.
+        self.ever_welcomed = False
+        self.broker_restarts_seen = 0
+        self.welcome_due = None
+        self.welcome_first = False
 
     def count(self, what, n=1):
         with self.stats_lock:
@@ -383,17 +412,9 @@ class _Core:
         env = pb.Envelope()
         e = self.make_emit(env, nsp, event, args)
         e.sid = sid
-        with self.acks_lock:
-            if self.stopping.is_set():
-                return None
-            if len(self.acks) >= self.pending_acks_limit:
-                self.count("acks_refused")
-                return None
-            ack_id = f"{self.worker_id}:{next(self.next_ack)}"
-            self.acks[ack_id] = (future, callback)
-            heapq.heappush(self.ack_heap, (time.monotonic() + timeout, ack_id))
-            # An ack that comes (on_ack) leaves its entry here until its deadline.
-            compact_heap(self.ack_heap, len(self.acks), lambda entry: entry[1] in self.acks)
+        ack_id = self.register_ack((future, callback), timeout)
+        if ack_id is None:
+            return None
         e.ack_id = ack_id
         if not self.send(env):
             with self.acks_lock:
@@ -403,6 +424,48 @@ class _Core:
             # A stop() (or the deadline) answered it meanwhile: the callback
             # runs, so the caller must get the future, not "not sent".
         return future
+
+    def register_ack(self, entry, timeout):
+        """Awaits ``entry`` (an emit_with_ack's (Future, callback), or a
+        _Check) for ``timeout`` seconds under a new id, returned; None when
+        the worker is stopping or pending_acks_limit are awaited already."""
+        with self.acks_lock:
+            if self.stopping.is_set():
+                return None
+            if len(self.acks) >= self.pending_acks_limit:
+                self.count("acks_refused")
+                return None
+            ack_id = f"{self.worker_id}:{next(self.next_ack)}"
+            self.acks[ack_id] = entry
+            heapq.heappush(self.ack_heap, (time.monotonic() + timeout, ack_id))
+            # An ack that comes (on_ack) leaves its entry here until its deadline.
+            compact_heap(self.ack_heap, len(self.acks), lambda item: item[1] in self.acks)
+        return ack_id
+
+    def check_socket(self, nsp, sid, callback, timeout):
+        """A Control CHECK for ``sid``, its ref the id of an awaited _Check
+        that its delivery report settles (or its timeout, or a stop)."""
+        if not callable(callback):
+            raise TypeError("check_socket needs a callback")
+        # Built before the check is awaited: what protobuf refuses raises
+        # here, and leaves nothing awaited.
+        env = pb.Envelope()
+        c = env.control
+        c.action = pb.Control.CHECK
+        c.nsp = nsp
+        c.sid = sid
+        c.origin = self.worker_id
+        ref = self.register_ack(_Check(callback), timeout)
+        if ref is None:
+            return False
+        c.ref = ref
+        if self.send(env):
+            return True
+        with self.acks_lock:
+            taken = self.acks.pop(ref, None)
+        # Not sent: False, and no call, unless a stop() (or the timeout)
+        # settled it meanwhile: the callback runs then.
+        return taken is None
 
     # ---- the handler pool ----
 
@@ -528,10 +591,11 @@ class _Core:
         # which runs what it holds before it stops), as in the C++ SDK.
         # emit_with_ack refuses from here on (it looks at self.stopping
         # under this lock).
+        # A socket check still awaited hears SocketState.UNKNOWN.
         with self.acks_lock:
             pending, self.acks, self.ack_heap = self.acks, {}, []
-        for future, callback in pending.values():
-            self.resolve_ack(future, callback, AckResult(Code.CANCELLED, message="the worker stopped"))
+        for entry in pending.values():
+            self.settle(entry, AckResult(Code.CANCELLED, message="the worker stopped"))
         if self.pool is not None:
             # Handlers were told (req.cancelled); those not yet started never
             # start (run_handler). Wait for the rest unless one is the caller.
@@ -568,6 +632,10 @@ class _Core:
                     poller.register(self.wake.fd, zmq.POLLIN)
                 now = time.monotonic()
                 wake_at = min(link.next_tick(), self.next_timer())
+                if self.welcome_due is not None and link.welcomed:
+                    # Not while no broker welcomes the link: a due time
+                    # passed then would make the loop spin until one does.
+                    wake_at = min(wake_at, self.welcome_due)
                 timeout_ms = 0 if link.has_released else max(0, int((wake_at - now) * 1000)) + 1
                 try:
                     ready = dict(poller.poll(timeout_ms))
@@ -599,8 +667,11 @@ class _Core:
                     link.tick(now)
                 if link.welcomed:
                     self.connected.set()
+                    if not self.ever_welcomed or link.broker_restarts != self.broker_restarts_seen:
+                        self.on_welcomed(link, now)
                 else:
                     self.connected.clear()
+                self.run_welcome_hooks(link, now)
                 if (link.draining and not self.drain_settled
                         and (link.drain_confirmed or not link.welcomed)):
                     with self.in_flight_lock:
@@ -808,8 +879,16 @@ class _Core:
                 entry = self.acks.pop(ack_id, None)
                 if entry is not None:
                     expired.append(entry)
-        for future, callback in expired:
-            self.resolve_ack(future, callback, AckResult(Code.TIMEOUT, message="no ack in time"))
+        for entry in expired:
+            self.settle(entry, AckResult(Code.TIMEOUT, message="no ack in time"))
+
+    def settle(self, entry, result, state=SocketState.UNKNOWN):
+        """Ends what was awaited: an emit_with_ack's future and callback with
+        ``result``, a socket check's callback (on the pool) with ``state``."""
+        if isinstance(entry, _Check):
+            self.submit(entry.callback, state)
+        else:
+            self.resolve_ack(*entry, result)
 
     def resolve_ack(self, future, callback, result):
         if future.set_running_or_notify_cancel():
@@ -986,9 +1065,20 @@ class _Core:
         attachments = list(reply.attachments)
         result = AckResult(code_of(reply.code), codec.unpack_args(args_json, attachments), args_json,
                            attachments, reply.message)
-        self.resolve_ack(*entry, result)
+        self.settle(entry, result)
 
     def on_report(self, report):
+        # A check_socket's answer settles it, and goes nowhere else.
+        if report.ref:
+            with self.acks_lock:
+                check = self.acks.get(report.ref)
+                if isinstance(check, _Check):
+                    del self.acks[report.ref]  # its deadline entry goes at expiry or a rebuild
+                else:
+                    check = None
+            if check is not None:
+                self.settle(check, None, state_of(report.status))
+                return
         callback = self.report_callback
         if callback is None:
             return
@@ -1024,19 +1114,48 @@ class _Core:
         log.info("worker %s: gateway %s is gone (%s): its sockets %s* are forgotten",
                  self.worker_id, gone.gateway, gone.reason, prefix)
         event = GatewayGone(self, gone.gateway, prefix, gone.reason)
-        for service in self.services.values():
-            if service._on_gateway_gone is not None:
-                self.submit(self.run_gone_hook, service._on_gateway_gone, event)
+        self.post_hooks("_on_gateway_gone", event, f"on_gateway_gone of gateway {gone.gateway}")
 
-    def run_gone_hook(self, hook, gone):
+    def on_welcomed(self, link, now):
+        """At the first Welcome, and at one from a broker this worker had not
+        met (another incarnation: the DISCONNECTs the old one held are
+        lost), each service's welcome hook runs on the pool twice the
+        heartbeat liveness later, once the gateways have had time to say
+        Hello to a broker that just started (until they do, it answers a
+        check of their sockets GATEWAY_GONE). Several within that delay
+        give one run, at the last one's time. I/O thread only."""
+        self.welcome_first = self.welcome_first or not self.ever_welcomed
+        self.ever_welcomed = True
+        self.broker_restarts_seen = link.broker_restarts
+        self.welcome_due = now + 2 * link.liveness * link.interval
+
+    def run_welcome_hooks(self, link, now):
+        """The welcome hooks, once they are due and a broker welcomes the
+        link (one due while none does waits for the next Welcome)."""
+        if self.welcome_due is None or now < self.welcome_due or not link.welcomed:
+            return
+        self.welcome_due = None
+        welcome = Welcome(self, self.welcome_first)
+        self.welcome_first = False
+        self.post_hooks("_on_welcome", welcome, f"on_welcome of worker {self.worker_id}")
+
+    def post_hooks(self, attribute, arg, what):
+        """Runs hook ``attribute`` of every service that has one with ``arg``,
+        on the pool, taking no capacity."""
+        for service in self.services.values():
+            hook = getattr(service, attribute)
+            if hook is not None:
+                self.submit(self.run_hook, hook, arg, what)
+
+    def run_hook(self, hook, arg, what):
         try:
-            hook(gone)
+            hook(arg)
         except BaseException:
             # As a handler's exception: logged and counted, not raised again
             # (the pool thread serves on; there is no request to answer).
             self.count("handler_errors")
             if self.log_limit.allow():
-                log.exception("on_gateway_gone of gateway %s failed", gone.gateway)
+                log.exception("%s failed", what)
 
 
 class Worker:
@@ -1125,7 +1244,7 @@ class Worker:
         if not isinstance(service, Service):
             raise TypeError("Worker.add takes a Service")
         for handler in [*service._events.values(), service._on_connect, service._on_disconnect,
-                        service._on_gateway_gone]:
+                        service._on_gateway_gone, service._on_welcome]:
             if handler is not None and inspect.iscoroutinefunction(handler):
                 raise TypeError(f"{handler.__qualname__}: handlers are plain functions, not async def")
         self._core.services[service.name] = service
@@ -1236,3 +1355,16 @@ class Worker:
     def close_room(self, room, nsp="/"):
         """Every socket in ``room`` leaves it (Flask-SocketIO's close_room)."""
         return self._core.publish_control(pb.Control.LEAVE, nsp, room, room)
+
+    def check_socket(self, nsp, sid, callback, timeout=10.0):
+        """Asks the gateway of socket ``sid`` whether it still has it (a
+        Control CHECK, answered by a delivery report): ``callback(state)``
+        runs on a handler thread with a SocketState, PRESENT, GONE or
+        NO_GATEWAY as the report said, or UNKNOWN after ``timeout`` seconds
+        or when the worker stops first. ``nsp`` may be "" (the socket's
+        own); a socket of another namespace than a named one reads UNKNOWN.
+        False (and no call) when the outbox stayed full, pending_acks_limit
+        acks and checks are awaited already (counted in ``acks_refused``),
+        or the worker is stopping. on_report does not see these reports.
+        Thread-safe."""
+        return self._core.check_socket(nsp, sid, callback, timeout)
