@@ -9,6 +9,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
+#include <boost/beast/core/string.hpp>
 #include <boost/beast/http/field.hpp>
 #include <boost/json.hpp>
 #include <boost/url/parse.hpp>
@@ -158,11 +159,9 @@ http_answer no_events() { return json_answer(200, json::object{{"events", json::
 std::optional<json::object> parse_object(std::string_view body) {
   if (body.empty()) return json::object{};
   boost::system::error_code ec;
-  // As deep as Socket.IO's and /ws's arguments may be (Boost.JSON's own
-  // default is 32): the body's object takes the place of their array.
-  json::parse_options opts;
-  opts.max_depth = socketio::max_json_depth;
-  auto v = json::parse(body, ec, {}, opts);
+  // As deep as Socket.IO's and /ws's arguments may be: the body's object
+  // takes the place of their array.
+  auto v = socketio::parse_json(body, ec);
   if (ec || !v.is_object()) return std::nullopt;
   return std::move(v.as_object());
 }
@@ -547,7 +546,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     if (auto method = socket_method(action); req.method_string() != method)
       co_return not_allowed(method, "use " + std::string{method});
     // Another gateway's socket: its owner serves it, through the broker.
-    if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
+    if (!gw_.owner_elsewhere(sid).empty())
       co_return co_await relay(req, std::string{sid}, action, gw_.config().request_timeout);
     auto slot = std::make_shared<reply_slot>(ex);
     serve_socket(sid, action, req.body(), [slot](http_answer a) { slot->complete(std::move(a)); });
@@ -595,7 +594,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
   auto [sid, action] = session_path(rest);
   // Another gateway's session (a balancer that does not route by the
   // path): ask the owner through the broker and relay its answer.
-  if (auto owner = proto::sid_owner(sid); !owner.empty() && owner != gw_.config().id)
+  if (!gw_.owner_elsewhere(sid).empty())
     co_return co_await relay(req, std::string{sid}, action, relay_timeout(gw_.config()));
   co_return co_await on_session(req, sid, action, params);
 }
@@ -735,9 +734,12 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
 std::optional<http_answer> api::refuse_key(const request& req) const {
   const auto& keys = gw_.config().api_keys;
   if (keys.empty()) return error(403, kApiOff);
+  // The scheme is case-insensitive (RFC 9110, 11.1), spaces after it are not part of the key.
   std::string_view given = req[http::field::authorization];
-  if (given.starts_with("Bearer ")) given.remove_prefix(7);
-  else given = req["X-API-Key"];
+  if (given.size() > 6 && boost::beast::iequals(given.substr(0, 6), "Bearer") && (given[6] == ' ' || given[6] == '\t'))
+    given.remove_prefix(std::min(given.size(), given.find_first_not_of(" \t", 6)));
+  else
+    given = req["X-API-Key"];
   bool ok = false;
   for (const auto& k : keys) ok |= same_key(given, k);
   if (!ok) return error(401, "missing or wrong API key");

@@ -11,6 +11,7 @@
 #include "core/open_files.hpp"
 #include "core/peer_link.hpp"
 #include "core/random.hpp"
+#include "core/utf8.hpp"
 #include "gateway/api.hpp"
 #include "gateway/client_socket.hpp"
 #include "gateway/eio_session.hpp"
@@ -91,8 +92,14 @@ std::optional<std::string> gateway::failure() const {
   return failure_;
 }
 
+std::string_view gateway::owner_elsewhere(std::string_view sid) const {
+  auto owner = proto::sid_owner(sid);
+  if (owner == config_.id || !proto::valid_peer_id(owner) || !core::valid_utf8(sid)) return {};
+  return owner;
+}
+
 bool gateway::report_gone(std::string_view sid, std::string target, std::string forward) {
-  if (auto owner = proto::sid_owner(sid); owner.empty() || owner == config_.id) return false;
+  if (owner_elsewhere(sid).empty()) return false;
   proto::HttpForward f;
   f.set_sid(std::string{sid});
   f.set_method("GONE");

@@ -95,6 +95,11 @@ class gateway {
   /// HttpForward with method GONE; `target`: an API request's, `forward`:
   /// the id of the forward of that request).
   bool report_gone(std::string_view sid, std::string target = {}, std::string forward = {});
+  /// The gateway that owns `sid` when it is another one, whose requests for
+  /// it go through the broker (HttpForward); empty for a sid of this one, of
+  /// no gateway, or that no gateway could have issued (not UTF-8, an owner
+  /// that is no peer id): those are served here, as unknown.
+  std::string_view owner_elsewhere(std::string_view sid) const;
   std::size_t session_count();
 
   boost::asio::io_context& next_context();

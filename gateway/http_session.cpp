@@ -24,6 +24,7 @@
 #include "gateway/api.hpp"
 #include "gateway/codec/engineio.hpp"
 #include "gateway/codec/proxy_protocol.hpp"
+#include "gateway/codec/socketio.hpp"
 #include "gateway/eio_session.hpp"
 #include "gateway/gateway.hpp"
 #include "gateway/ws_session.hpp"
@@ -191,7 +192,7 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
     co_return co_await slot->wait();
   }
   auto ex = co_await asio::this_coro::executor;
-  if (auto owner = proto::sid_owner(*sid); !owner.empty() && owner != gw.config().id) {
+  if (!gw.owner_elsewhere(*sid).empty()) {
     // Another gateway's session (a balancer that ignores the sid): ask the
     // owner through the broker and relay its answer.
     if (req.method() != http::verb::get && req.method() != http::verb::post)
@@ -295,7 +296,7 @@ std::optional<http_answer> upgrade_plain(gateway& gw, beast::tcp_stream& stream,
   const auto* service = gw.service_for(nsp);
   if (!service) return http_answer{404, "application/json", R"({"message":"Invalid namespace"})"};
   boost::system::error_code ec;
-  auto parsed = boost::json::parse(auth, ec);
+  auto parsed = socketio::parse_json(auth, ec);
   if (ec || !parsed.is_object()) return http_answer{400, "application/json", R"({"message":"auth must be a JSON object"})"};
   auto ws = std::make_shared<ws_conn>(std::move(stream), limits, gw.metrics(), std::move(slot));
   auto session = std::make_shared<ws_session>(gw, ws, std::move(nsp), *service, std::move(auth));

@@ -12,6 +12,8 @@
 
 #include <boost/json.hpp>
 
+#include "gateway/codec/socketio.hpp"
+
 namespace sidecast::gateway::jwt {
 
 namespace json = boost::json;
@@ -117,8 +119,9 @@ verifier& verifier::operator=(verifier&&) noexcept = default;
 boost::system::result<claims, std::string> verifier::verify_auth(std::string_view auth,
                                                                  std::chrono::system_clock::time_point now) const {
   boost::system::error_code ec;
-  auto value = boost::json::parse(auth, ec);
-  auto* token = !ec && value.is_object() ? value.as_object().if_contains("token") : nullptr;
+  auto value = socketio::parse_json(auth, ec);
+  if (ec || !value.is_object()) return fail("auth is not a JSON object");
+  auto* token = value.as_object().if_contains("token");
   if (!token || !token->is_string()) return fail("authentication required: auth.token");
   auto checked = verify(token->as_string(), now);
   if (!checked) return fail("invalid token: " + checked.error());

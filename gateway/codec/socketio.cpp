@@ -464,6 +464,10 @@ struct null_handler {
 
 }  // namespace
 
+json::value parse_json(std::string_view text, boost::system::error_code& ec) {
+  return json::parse(text, ec, {}, payload_parse_options());
+}
+
 bool valid_args(std::string_view args) noexcept {
   if (skip_space(args, 0) == args.size()) return true;
   try {

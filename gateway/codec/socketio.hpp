@@ -73,6 +73,10 @@ boost::system::error_code make_error_code(error e) noexcept;
 // Nesting limit for payload JSON (objects and arrays).
 inline constexpr std::size_t max_json_depth = 64;
 
+// JSON from a client or a worker parsed as deep as payloads may nest
+// (max_json_depth; Boost.JSON's own default is 32): a body, an auth object.
+boost::json::value parse_json(std::string_view text, boost::system::error_code& ec);
+
 // `max_attachments` bounds the `<n>-` count of binary packets; a larger count
 // is error::too_many_attachments. Rules on the payload follow the reference
 // parser, made stricter where noted in gateway/codec/README.md: CONNECT

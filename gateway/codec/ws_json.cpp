@@ -189,7 +189,8 @@ std::string data_from_args(std::string_view text) {
   // The args were validated as a JSON array (socketio::valid_args): the one
   // argument's text is handed on as it is, not parsed and written again.
   std::size_t i = skip_space(text, 0);
-  if (i >= text.size() || text[i] != '[') return std::string{text};
+  if (i >= text.size()) return {};  // none at all (valid_args lets blank text through): as []
+  if (text[i] != '[') return std::string{text};
   i = skip_space(text, i + 1);
   if (i < text.size() && text[i] == ']') return {};
   const std::size_t end = value_end(text, i);

@@ -482,6 +482,20 @@ class WebSocketErrors(unittest.TestCase):
         self.assertGreaterEqual(errors, 150, "the burst is answered")
         self.assertLess(errors, 450, "every bad frame was answered")
 
+    def test_plain_ws_auth_as_deep_as_payloads_is_taken(self):
+        # Boost's default depth (32) refused it: "auth must be a JSON object".
+        deep = 1
+        for _ in range(40):
+            deep = [deep]
+        auth = urllib.parse.quote(json.dumps({"deep": deep}))
+        ws = websocket.create_connection(f"ws://{HOST}:{PORT}/ws?nsp=/&auth={auth}", timeout=5)
+        try:
+            self.assertEqual(json.loads(ws.recv())["event"], "connect")
+            ws.send(json.dumps({"event": "echo", "data": "deep", "id": 1}))
+            self.assertEqual(json.loads(ws.recv()), {"id": 1, "data": "deep"})
+        finally:
+            ws.close()
+
     def test_plain_ws_unknown_namespace(self):
         with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
             websocket.create_connection(f"ws://{HOST}:{PORT}/ws?nsp=/nope", timeout=5)
@@ -515,6 +529,10 @@ class HttpApiErrors(unittest.TestCase):
         self.assertEqual(request("POST", "/api/v1/publish", body, {"Authorization": "Bearer wrong"})[0], 401)
         status, _, _ = request("POST", "/api/v1/publish", body, {"Authorization": f"Bearer {API_KEY}"})
         self.assertEqual(status, 202)
+        # The scheme is case-insensitive (RFC 9110, 11.1); spaces after it are not the key's.
+        for given in (f"bearer {API_KEY}", f"BEARER   {API_KEY}"):
+            self.assertEqual(request("POST", "/api/v1/publish", body, {"Authorization": given})[0], 202, given)
+        self.assertEqual(request("POST", "/api/v1/publish", body, {"Authorization": f"Bearerx {API_KEY}"})[0], 401)
 
     def test_an_api_session_that_stops_polling_keeps_its_newest_events(self):
         # tests/e2e/CMakeLists.txt starts this gateway with --api-buffer 4.
@@ -709,6 +727,19 @@ class HttpApiErrors(unittest.TestCase):
     def test_unknown_sid(self):
         self.assertEqual(request("GET", "/api/v1/sessions/gw.nope/events?timeout=10")[0], 404)
         self.assertEqual(request("POST", "/api/v1/sessions/gw.nope/emit", b'{"event":"x"}')[0], 404)
+
+    def test_a_sid_no_gateway_could_have_issued_is_unknown_at_once(self):
+        # Not UTF-8 once decoded: relayed to "another gateway", the broker
+        # dropped it as malformed and the client got 504 after up to 65 s
+        # (and the logs a protobuf error each time). Within request()'s 5 s now.
+        key = {"Authorization": f"Bearer {API_KEY}"}
+        for method, path, body, headers in (("GET", "/api/v1/sessions/%FF.abc/events?timeout=10", None, {}),
+                                            ("POST", "/api/v1/sessions/%FF.x/emit", b'{"event":"x"}', {}),
+                                            ("GET", "/api/v1/sockets/%C0%AF.x", None, key)):
+            status, body, _ = request(method, path, body, headers)
+            self.assertEqual(status, 404, f"{method} {path}: {body}")
+        status, body, _ = poll("%FF.x")
+        self.assertEqual((status, json.loads(body)), (400, {"code": 1, "message": "Session ID unknown"}))
 
     def test_refused_and_unrouted_namespaces(self):
         status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"nsp": "/forbidden"}).encode())

@@ -82,6 +82,24 @@ TEST(Jwt, Hs256AcceptsGoodTokensOnly) {
 
 // --jwt-audience and --jwt-issuer: a token minted for another service with
 // the same key is refused; --jwt-allow-no-exp takes one without exp.
+// The auth object is read as deep as payloads may nest (64), not Boost's
+// 32: a valid token beside a field nested 40 deep was "authentication
+// required: auth.token". Auth that is no JSON object says so.
+TEST(Jwt, AuthIsReadAsDeepAsPayloads) {
+  verifier v{{.hs256_secret = "s3cret"}};
+  auto token = hs256(R"({"alg":"HS256","typ":"JWT"})", R"({"sub":"ann","exp":1800000100})", "s3cret");
+  auto auth = R"({"token":")" + token + R"(","deep":)" + std::string(40, '[') + std::string(40, ']') + "}";
+  auto checked = v.verify_auth(auth, now);
+  ASSERT_TRUE(checked) << checked.error();
+  EXPECT_EQ(checked->subject, "ann");
+  auto broken = v.verify_auth("{\"token\":", now);
+  ASSERT_FALSE(broken);
+  EXPECT_EQ(broken.error(), "auth is not a JSON object");
+  auto none = v.verify_auth("{}", now);
+  ASSERT_FALSE(none);
+  EXPECT_EQ(none.error(), "authentication required: auth.token");
+}
+
 TEST(Jwt, AudienceIssuerAndExpAreThePolicysToSet) {
   const std::string header = R"({"alg":"HS256","typ":"JWT"})";
   verifier v{{.hs256_secret = "s3cret", .audience = "sidecast", .issuer = "https://auth.example"}};

@@ -254,4 +254,7 @@ TEST(ws_json, data_from_args_hands_on_the_arguments_text) {
   EXPECT_EQ(ws::data_from_args("[1, 2.50]"), "[1, 2.50]") << "several: the array";
   EXPECT_EQ(ws::data_from_args(R"({"a":1})"), R"({"a":1})") << "not an array: unchanged";
   EXPECT_EQ(ws::data_from_args(""), "");
+  // Blank args pass socketio::valid_args: as none, not as " " (which made
+  // {"data": } on /ws and the HTTP API, and broke a whole poll's body).
+  EXPECT_EQ(ws::data_from_args(" \t\r\n"), "");
 }
