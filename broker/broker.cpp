@@ -1122,7 +1122,12 @@ void broker::on_addressed(const std::string& routing_id, const Envelope& env, st
   auto it = peers_.find(gateway);
   undelivered report{origin, proto::DeliveryReport::GATEWAY_GONE, sid, ref,
                      gateway.empty() ? "sid has no gateway prefix" : "no live gateway " + gateway};
-  if (!gateway.empty() && it != peers_.end() && it->second.role == proto::ROLE_GATEWAY) {
+  if (pending_gone_.contains(gateway)) {
+    // Dropped for silence, in its grace (--gateway-gone-after): it may come
+    // back with its sockets. Not gone, as far as anyone knows yet.
+    report.status = proto::DeliveryReport::REJECTED;
+    report.detail = "gateway " + gateway + " is silent: announced gone unless it returns in time";
+  } else if (!gateway.empty() && it != peers_.end() && it->second.role == proto::ROLE_GATEWAY) {
     zmq::message_t message{payload.data(), payload.size()};
     auto result = deliver(gateway, message, report);
     if (result == sent::ok) return;

@@ -187,6 +187,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         heard_from_broker(now);
         if (!welcomed_) spdlog::info("connected to broker {} at {}", w.broker_id(), endpoint());
         welcomed_ = true;
+        if (w.previous_hello() == 0) ++fresh_welcomes_;
         // A broker that is not the one before: what we sent that one before
         // our first Hello to this one is gone with it. (A broker of a build
         // before incarnations sends 0: nothing is known.)

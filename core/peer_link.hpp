@@ -141,6 +141,11 @@ class peer_link {
   std::uint64_t epoch() const { return stats_.hellos; }
   /// Counts the brokers met after the first: a Welcome of a new incarnation.
   std::uint64_t broker_restarts() const { return broker_restarts_; }
+  /// Counts the Welcomes from a broker that did not know this link
+  /// (Welcome.previous_hello 0): the first, a restarted broker's, the other
+  /// of a pair's, and one from a broker that had dropped the link. What it
+  /// held for this peer, or for the peer's service, may be lost.
+  std::uint64_t fresh_welcomes() const { return fresh_welcomes_; }
   /// Counts the Welcomes that said the broker announced our sid prefix gone
   /// (Welcome.prefix_gone): the gateway ends its sockets and renews it.
   std::uint64_t prefixes_gone() const { return prefixes_gone_; }
@@ -208,6 +213,7 @@ class peer_link {
   std::uint64_t unwelcomed_from_ = 0;  // epoch of the first Hello since the last Welcome, or of the
                                        // current socket's, if later; 0: none
   std::uint64_t broker_restarts_ = 0;
+  std::uint64_t fresh_welcomes_ = 0;
   std::uint64_t prefixes_gone_ = 0;
   std::uint64_t max_message_bytes_ = 0;
   std::uint64_t renewed_at_hello_ = 0;  // the Hello that said the last renewed prefix

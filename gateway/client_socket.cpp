@@ -6,6 +6,7 @@
 #include <boost/json.hpp>
 
 #include "core/thread_spares.hpp"
+#include "gateway/codec/socketio.hpp"
 
 namespace sidecast::gateway {
 
@@ -167,7 +168,7 @@ void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
 
 std::string user_named_by(std::string_view connect_answer) {
   boost::system::error_code ec;
-  auto data = boost::json::parse(connect_answer, ec);
+  auto data = socketio::parse_json(connect_answer, ec);
   if (ec || !data.is_object()) return {};
   auto* u = data.as_object().if_contains("user");
   return u && u->is_string() ? std::string{u->as_string()} : std::string{};

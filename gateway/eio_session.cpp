@@ -889,7 +889,7 @@ void eio_session::on_connect(socketio::packet p) {
   if (gw_.recovery_for(p.nsp) && !p.data.empty()) {
     // A client coming back with {pid, offset} (connection-state recovery).
     boost::system::error_code ec;
-    auto auth = json::parse(p.data, ec);
+    auto auth = socketio::parse_json(p.data, ec);
     const json::object* o = !ec && auth.is_object() ? &auth.as_object() : nullptr;
     auto* pid = o ? o->if_contains("pid") : nullptr;
     auto* offset = o ? o->if_contains("offset") : nullptr;

@@ -110,6 +110,22 @@ struct gone_log {
   }
 };
 
+// The delivery reports a worker's on_report hears, from any thread.
+struct report_log {
+  std::mutex m;
+  std::vector<proto::DeliveryReport> heard;
+  void attach(worker& w) {
+    w.on_report([this](const proto::DeliveryReport& r) {
+      std::lock_guard lock{m};
+      heard.push_back(r);
+    });
+  }
+  std::vector<proto::DeliveryReport> all() {
+    std::lock_guard lock{m};
+    return heard;
+  }
+};
+
 // The value of `registry`'s metric `family` with the label `key`=`value`
 // (gauge or counter), or of its series without labels if `key` is empty;
 // nullopt while it has no such series.
@@ -1751,6 +1767,31 @@ TEST_P(BrokerTest, AGoodbyeFromAGatewayDroppedInSilenceIsAnnouncedAtOnce) {
   EXPECT_EQ(metric("sidecast_broker_gateways_gone_pending"), 0.0);
 }
 
+// A gateway dropped for its silence may still come back with its sockets
+// within its grace: until it is announced, traffic for its sids is
+// REJECTED ("silent"), not GATEWAY_GONE, and a check of one reads unknown
+// (a chat that read no_gateway forgot its users, who never joined again).
+TEST_P(BrokerTest, AGatewayInItsGraceIsNotReportedGone) {
+  gone_log log;
+  start_with_gone_log(60s, log);
+  report_log reports;
+  auto& w = *workers_.front();
+  reports.attach(w);
+  peer gw{ctx_, "inproc://router", "gwP", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(dropped_in_silence(gw, "gwP.tag"));
+  ASSERT_TRUE(w.emit_to_sid("/", "gwP.tagSOCKET", "n", "[]"));
+  std::promise<socket_state> checked;
+  ASSERT_TRUE(w.check_socket("", "gwP.tagSOCKET", [&](socket_state s) { checked.set_value(s); }));
+  auto state = checked.get_future();
+  ASSERT_EQ(state.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(state.get(), socket_state::unknown);
+  ASSERT_TRUE(eventually([&] { return !reports.all().empty(); }));
+  auto report = reports.all().front();
+  EXPECT_EQ(report.status(), proto::DeliveryReport::REJECTED);
+  EXPECT_EQ(report.detail(), "gateway gwP is silent: announced gone unless it returns in time");
+  EXPECT_EQ(log.size(), 0u);
+}
+
 // A gateway restarted under its pinned id (a new link, a new prefix): the
 // last start's sockets are gone at once, and only theirs.
 TEST_P(BrokerTest, AGatewayRestartedUnderItsIdIsAnnouncedAtOnce) {
@@ -2935,6 +2976,10 @@ TEST_P(BrokerTest, AChatJoinAfterItsSocketsDisconnectLeavesNoGhost) {
 // rooms; one whose DISCONNECT was lost (it ended while no chat worker ran)
 // leaves them, they hear it, and it is refused as gone from then on.
 TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways) {
+  // The raw gateway beats only while it waits for the checks (next_control):
+  // a liveness of 3 s covers the rest on a loaded machine. The checks come
+  // 6 s after the worker's Welcome.
+  heartbeat_ = 1s;
   start();
   auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-check-" + std::to_string(::getpid()) + ".db");
   for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
@@ -2951,6 +2996,12 @@ TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways)
   // What an earlier worker left: ann and dan in room r, nia with a nickname only.
   sql("INSERT INTO nicks(sid, nick) VALUES ('gwT.ann', 'ann'), ('gwT.dan', 'dan'), ('gwT.nia', 'nia')");
   sql("INSERT INTO presence(sid, room, nsp) VALUES ('gwT.ann', 'r', '/'), ('gwT.dan', 'r', '/')");
+  // gwT announced gone a minute ago by a broker it did not come back to
+  // (its sockets, found present, lift that), and a socket gone 11 minutes
+  // ago (refused no more).
+  const char* now_ms = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+  sql((std::string{"INSERT INTO gone_prefixes(prefix, at) VALUES ('gwT.', "} + now_ms + " - 60000)").c_str());
+  sql((std::string{"INSERT INTO gone(sid, at) VALUES ('gwT.old', "} + now_ms + " - 660000)").c_str());
 
   peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gw.hello());
@@ -2963,7 +3014,7 @@ TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways)
   Envelope beat;
   beat.mutable_heartbeat();
   auto next_control = [&]() -> std::optional<Envelope> {
-    for (auto end = std::chrono::steady_clock::now() + 5s; std::chrono::steady_clock::now() < end;) {
+    for (auto end = std::chrono::steady_clock::now() + 15s; std::chrono::steady_clock::now() < end;) {
       gw.send(beat);
       if (auto env = gw.receive_any(50ms); env && env->has_control()) return env;
     }
@@ -3007,7 +3058,11 @@ TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways)
   EXPECT_EQ(dan->reply().message(), "the socket has disconnected");
   auto carl = ask("gwT.carl");
   ASSERT_TRUE(carl);
+  EXPECT_EQ(carl->reply().code(), proto::OK) << carl->reply().message();
   EXPECT_EQ(carl->reply().args(), R"([{"room":"r","members":["guest-carl","ann"]}])");  // by nickname: none first
+  auto old = ask("gwT.old");
+  ASSERT_TRUE(old);
+  EXPECT_EQ(old->reply().code(), proto::OK) << "gone 11 minutes ago, and still refused";
   sqlite3_stmt* st = nullptr;
   ASSERT_EQ(sqlite3_prepare_v2(db, "SELECT count(*) FROM nicks WHERE sid = 'gwT.nia'", -1, &st, nullptr), SQLITE_OK);
   ASSERT_EQ(sqlite3_step(st), SQLITE_ROW);
@@ -3096,23 +3151,15 @@ TEST_P(GatewayPathTest, ConnectToForbiddenIsRefused) {
 }
 
 TEST_P(GatewayPathTest, EmitToAGoneGatewayIsReportedToTheWorker) {
-  std::mutex m;
-  std::vector<proto::DeliveryReport> reports;
+  report_log reports;
   auto& w = *workers_.front();
-  w.on_report([&](const proto::DeliveryReport& r) {
-    std::lock_guard lock{m};
-    reports.push_back(r);
-  });
+  reports.attach(w);
   ASSERT_TRUE(w.emit_to_sid("/", "nogw.abc", "vm_response", "[1]"));
   ASSERT_TRUE(w.join("/", "nogw.def", "room1"));  // a Control takes the same road
-  ASSERT_TRUE(eventually([&] {
-    std::lock_guard lock{m};
-    return reports.size() == 2;
-  }));
+  ASSERT_TRUE(eventually([&] { return reports.all().size() == 2; }));
   // Reports reach the callback on the worker's handler threads, in no set order.
-  std::lock_guard lock{m};
   std::set<std::string> sids;
-  for (const auto& r : reports) {
+  for (const auto& r : reports.all()) {
     EXPECT_EQ(r.status(), proto::DeliveryReport::GATEWAY_GONE) << r.sid();
     sids.insert(r.sid());
   }
@@ -3308,12 +3355,8 @@ TEST_P(BrokerTest, AnAnswerForAGoneRequesterIsReportedToTheWorker) {
                                                 req.reply(R"(["late"])");
                                               })},
                        "w1");
-  std::mutex m;
-  std::vector<proto::DeliveryReport> reports;
-  w.on_report([&](const proto::DeliveryReport& r) {
-    std::lock_guard lock{m};
-    reports.push_back(r);
-  });
+  report_log reports;
+  reports.attach(w);
   auto clients = [this] { return metric("sidecast_broker_peers", "role", "ROLE_CLIENT"); };
   std::string id;
   {
@@ -3325,26 +3368,19 @@ TEST_P(BrokerTest, AnAnswerForAGoneRequesterIsReportedToTheWorker) {
   }
   ASSERT_TRUE(eventually([&] { return clients() == 0.0; }, 5s)) << "the broker kept a silent client";
   go = true;
-  ASSERT_TRUE(eventually([&] {
-    std::lock_guard lock{m};
-    return !reports.empty();
-  })) << "the answer was dropped in silence";
-  std::lock_guard lock{m};
-  EXPECT_EQ(reports[0].status(), proto::DeliveryReport::REQUESTER_GONE);
-  EXPECT_EQ(reports[0].ref(), id);
-  EXPECT_EQ(reports[0].detail(), "requester c1 is gone");
+  ASSERT_TRUE(eventually([&] { return !reports.all().empty(); })) << "the answer was dropped in silence";
+  auto report = reports.all().front();
+  EXPECT_EQ(report.status(), proto::DeliveryReport::REQUESTER_GONE);
+  EXPECT_EQ(report.ref(), id);
+  EXPECT_EQ(report.detail(), "requester c1 is gone");
   EXPECT_EQ(metric("sidecast_broker_delivery_reports_total", "status", "REQUESTER_GONE"), 1.0);
 }
 
 TEST_P(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
   start();
-  std::mutex m;
-  std::vector<proto::DeliveryReport> reports;
+  report_log reports;
   auto& w = add_worker({workers::demo_service(1)}, "wr");
-  w.on_report([&](const proto::DeliveryReport& r) {
-    std::lock_guard lock{m};
-    reports.push_back(r);
-  });
+  reports.attach(w);
   gateway::gateway_config gc;
   gc.id = "gwR";
   gc.http = "127.0.0.1:0";
@@ -3355,13 +3391,11 @@ TEST_P(BrokerTest, ARealGatewayReportsAClientThatIsGone) {
   gw.start();
   ASSERT_TRUE(eventually([&] { return gw.healthy(); }));
   ASSERT_TRUE(w.emit_to_sid("/", "gwR.nobody-here", "vm_response", "[1]", {}, true));
-  ASSERT_TRUE(eventually([&] {
-    std::lock_guard lock{m};
-    return !reports.empty();
-  }));
-  EXPECT_EQ(reports[0].status(), proto::DeliveryReport::CLIENT_GONE) << "the gateway is there, the client is not";
-  EXPECT_EQ(reports[0].sid(), "gwR.nobody-here");
-  // A check says the same (the socket there: e2e_workers' chat test), and
+  ASSERT_TRUE(eventually([&] { return !reports.all().empty(); }));
+  auto report = reports.all().front();
+  EXPECT_EQ(report.status(), proto::DeliveryReport::CLIENT_GONE) << "the gateway is there, the client is not";
+  EXPECT_EQ(report.sid(), "gwR.nobody-here");
+  // A check says the same (a socket that is there: e2e_faults "chat worker restarted"), and
   // the broker answers one for a gateway it does not know.
   std::promise<socket_state> gone, no_gateway;
   ASSERT_TRUE(w.check_socket("", "gwR.nobody-here", [&](socket_state s) { gone.set_value(s); }));
@@ -4842,6 +4876,25 @@ struct fake_broker {
     router.send(core::message_of(env), zmq::send_flags::none);
   }
 
+  // The same as next(), within `limit`, heartbeating the worker every 50 ms
+  // meanwhile: for waits longer than its liveness.
+  std::optional<Envelope> next_beating(std::chrono::milliseconds limit) {
+    Envelope beat;
+    beat.mutable_heartbeat();
+    for (auto end = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < end;) {
+      send(beat);
+      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds{50});
+      zmq::message_t who, payload;
+      while (router.recv(who, zmq::recv_flags::dontwait) && router.recv(payload)) {
+        Envelope env;
+        if (!proto::decode_into(payload.to_string_view(), env)) return std::nullopt;
+        if (!env.has_heartbeat()) return env;
+      }
+    }
+    return std::nullopt;
+  }
+
   // A Request for "svc" / "work", dispatched the `attempt`th time.
   void job(const std::string& id, const std::string& args, unsigned attempt) {
     Envelope env;
@@ -4865,13 +4918,16 @@ struct fake_broker {
 
   // Takes the worker's Hello and welcomes it: heartbeats every `interval`
   // (the fake sends none; the worker gives up on it after three), as the
-  // broker `incarnation` (0: one that does not say).
-  void welcome(worker& w, std::chrono::milliseconds interval = 1s, std::uint64_t incarnation = 0) {
+  // broker `incarnation` (0: one that does not say), which knew the link
+  // before its Hello number `previous_hello` (0: did not know it).
+  void welcome(worker& w, std::chrono::milliseconds interval = 1s, std::uint64_t incarnation = 0,
+               std::uint64_t previous_hello = 0) {
     auto hello = next();
     ASSERT_TRUE(hello && hello->has_hello());
     EXPECT_FALSE(hello->hello().draining());
     Envelope env;
     env.mutable_welcome()->set_incarnation(incarnation);
+    env.mutable_welcome()->set_previous_hello(previous_hello);
     env.mutable_welcome()->set_protocol_version(proto::protocol_version);
     env.mutable_welcome()->set_heartbeat_interval_ms(static_cast<std::uint32_t>(interval.count()));
     env.mutable_welcome()->set_heartbeat_liveness(3);
@@ -5198,9 +5254,11 @@ TEST(WorkerJobsAgain, KeptAnswersGoAgainOldestFirst) {
   EXPECT_EQ(w.stats().replies_resent, 2u);
 }
 
-// A service's welcome hook runs at the worker's first Welcome, and again at
-// one from a broker it had not met (a restart: the DISCONNECTs the old one
-// held are lost), not at a Welcome of the same broker.
+// A service's welcome hook runs at each Welcome from a broker that did not
+// know the worker's link (Welcome.previous_hello 0): the first, one that
+// had dropped the worker (the DISCONNECTs queued for its service may have
+// expired meanwhile), a restarted one (those it held are lost); not at a
+// Welcome of a broker that knew the link (a replaced socket).
 TEST(WorkerWelcome, TheHookRunsAtTheFirstWelcomeAndAtEachBrokerMetAfter) {
   fake_broker broker{"fake-broker-welcome"};
   worker w{broker.options, &broker.ctx};
@@ -5235,15 +5293,78 @@ TEST(WorkerWelcome, TheHookRunsAtTheFirstWelcomeAndAtEachBrokerMetAfter) {
     env.mutable_error()->set_code(proto::NOT_REGISTERED);
     broker.send(env);
   };
-  not_registered();  // the same broker asks for a Hello again
-  broker.welcome(w, 200ms, 7);
+  not_registered();  // a Hello again, which the broker knew: nothing is lost
+  broker.welcome(w, 200ms, 7, 1);
   beating_until([] { return false; }, 1500ms);
-  EXPECT_EQ(seen().size(), 1u) << "the hook ran again for the same broker's Welcome";
+  EXPECT_EQ(seen().size(), 1u) << "the hook ran for the Welcome of a broker that knew the link";
+  not_registered();  // the same broker, which had dropped the worker
+  broker.welcome(w, 200ms, 7);
+  ASSERT_TRUE(beating_until([&] { return seen().size() == 2; }));
   not_registered();  // a new one
   broker.welcome(w, 200ms, 8);
-  ASSERT_TRUE(beating_until([&] { return seen().size() == 2; }));
-  beating_until([] { return false; }, 1500ms);  // no third
-  EXPECT_EQ(seen(), (std::vector<bool>{true, false}));
+  ASSERT_TRUE(beating_until([&] { return seen().size() == 3; }));
+  beating_until([] { return false; }, 1500ms);  // no fourth
+  EXPECT_EQ(seen(), (std::vector<bool>{true, false, false}));
+  w.stop();
+}
+
+// A vm task whose socket ended while the broker that held its DISCONNECT
+// died runs on for nobody: after the new broker's Welcome the worker checks
+// each socket with a task, and ends the tasks of one its gateway no longer
+// has (one that is there keeps running).
+TEST(WorkerWelcome, AVmTaskWhoseSocketEndedWithTheOldBrokerEnds) {
+  fake_broker broker{"fake-broker-vm"};
+  worker w{broker.options, &broker.ctx};
+  workers::vm_options options;
+  options.launch_time = 30s;
+  options.failure_rate = 0;
+  w.add(workers::vm_service(2, options));
+  w.start();
+  broker.welcome(w, 200ms, 7);
+  Envelope job;
+  auto* r = job.mutable_request();
+  r->set_id("c:1");
+  r->set_service("vm");
+  r->set_event("open_vm");
+  r->set_sid("gw.s1");
+  r->set_nsp("/vm");
+  r->set_args(R"([{"name":"x"}])");
+  r->set_wants_reply(true);
+  r->set_timeout_ms(5000);
+  r->set_attempt(1);
+  broker.send(job);
+  auto next_check = [&]() -> std::optional<Envelope> {
+    for (;;) {
+      auto env = broker.next_beating(5s);
+      if (!env || env->has_control()) return env;
+      EXPECT_FALSE(env->has_emit() && env->emit().event() == "vm_response") << "ended: " << env->emit().args();
+    }
+  };
+  auto answer = [&](const Envelope& check, proto::DeliveryReport::Status status) {
+    EXPECT_EQ(check.control().action(), proto::Control::CHECK);
+    EXPECT_EQ(check.control().sid(), "gw.s1");
+    Envelope report;
+    report.mutable_report()->set_status(status);
+    report.mutable_report()->set_sid(check.control().sid());
+    report.mutable_report()->set_ref(check.control().ref());
+    report.mutable_report()->set_to(check.control().origin());
+    broker.send(report);
+  };
+  auto first = next_check();  // after the first Welcome: the socket is there
+  ASSERT_TRUE(first);
+  answer(*first, proto::DeliveryReport::DELIVERED);
+  Envelope not_registered;
+  not_registered.mutable_error()->set_code(proto::NOT_REGISTERED);
+  broker.send(not_registered);
+  broker.welcome(w, 200ms, 8);  // a new broker: the socket is gone
+  auto second = next_check();
+  ASSERT_TRUE(second);
+  answer(*second, proto::DeliveryReport::CLIENT_GONE);
+  std::optional<Envelope> ended;
+  while ((ended = broker.next_beating(5s)) && !(ended->has_emit() && ended->emit().event() == "vm_response")) {}
+  ASSERT_TRUE(ended) << "the task ran on for a socket that is gone";
+  EXPECT_EQ(ended->emit().sid(), "gw.s1");
+  EXPECT_NE(ended->emit().args().find(R"("cancelled":true)"), std::string::npos) << ended->emit().args();
   w.stop();
 }
 

@@ -10,7 +10,10 @@ the sids "gwT.*". Every wait is bounded.
     PYTHONPATH=<build>/python:workers/python SIDECAST_BIN=<build>/bin \\
         /usr/bin/python3 tests/python/test_worker.py -v
 """
+import concurrent.futures
+import importlib.util
 import json
+import os
 import queue
 import signal
 import struct
@@ -21,7 +24,7 @@ import unittest
 
 import zmq
 
-from harness import WAIT, Broker, Peer, eventually, free_ports, http_get, pair_args
+from harness import EXAMPLES, WAIT, Broker, Peer, eventually, free_ports, http_get, pair_args
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import Code, Service, SocketState, Worker, namespace_topic, room_topic
 
@@ -1595,29 +1598,11 @@ class GatewayGoneFromTheBrokerTest(BrokerTest):
                          ("lobby", "/chat", ["gwG.t1"], "pyw"))
 
 
-class WelcomeHookTest(FakeBrokerTest):
-    """A service's on_welcome hook runs at the worker's first Welcome, and
-    again at one from a broker it had not met (another incarnation: the
-    DISCONNECTs the old one held are lost), not at a Welcome of the same
-    broker; twice the heartbeat liveness (interval x liveness, as the
-    Welcome says them) after it, and once for several within that delay.
-    The fake broker heartbeats while the test waits: the hook runs only
-    while a broker welcomes the link."""
+class WelcomingBrokerTest(FakeBrokerTest):
+    """A fake broker that welcomes the worker with a short heartbeat
+    interval and liveness (the welcome hooks run 1 s after a Welcome),
+    and heartbeats while the test waits."""
     interval_ms, liveness = 250, 2  # the Welcome's: the hook runs 1 s after it (the worker's own: 6 s)
-
-    def service(self):
-        self.heard = Recorder()  # (welcome.first, when) of each call
-        self.then = None  # what the hook does after it records its call
-        svc = Service("svc", capacity=1)
-        svc.on("work", lambda req: "ran")
-
-        @svc.on_welcome
-        def welcomed(welcome):
-            self.heard.put((welcome.first, time.monotonic()))
-            if self.then is not None:
-                self.then(welcome)
-
-        return svc
 
     @property
     def delay(self):
@@ -1630,6 +1615,15 @@ class WelcomeHookTest(FakeBrokerTest):
         self.broker.welcome(self.worker, self.interval_ms, incarnation=incarnation,
                             heartbeat_liveness=self.liveness)
         return sent
+
+    def welcome_hello(self, hello, incarnation, previous_hello):
+        """Welcomes ``hello`` (read already) as broker ``incarnation``."""
+        env = pb.Envelope()
+        w = env.welcome
+        w.protocol_version, w.heartbeat_interval_ms, w.heartbeat_liveness = \
+            hello.protocol_version, self.interval_ms, self.liveness
+        w.hello, w.incarnation, w.previous_hello = hello.hello, incarnation, previous_hello
+        self.broker.send(env)
 
     def hello_again(self):
         """Error NOT_REGISTERED: the worker sends Hello again on its socket."""
@@ -1647,6 +1641,33 @@ class WelcomeHookTest(FakeBrokerTest):
             self.broker.send(beat)
             time.sleep(0.05)
 
+
+class WelcomeHookTest(WelcomingBrokerTest):
+    """A service's on_welcome hook runs at each Welcome from a broker that
+    did not know the worker's link (previous_hello 0): the first, one from a
+    broker it had not met (another incarnation: the DISCONNECTs the old one
+    held are lost), and one from the same broker after it had dropped the
+    worker (NOT_REGISTERED: what it queued for the worker meanwhile may have
+    expired); not at a Welcome from a broker that knew the link (a replaced
+    socket: previous_hello not 0). Twice the heartbeat liveness (interval x
+    liveness, as the Welcome says them) after it, and once for several
+    within that delay. The fake broker heartbeats while the test waits: the
+    hook runs only while a broker welcomes the link."""
+
+    def service(self):
+        self.heard = Recorder()  # (welcome.first, when) of each call
+        self.then = None  # what the hook does after it records its call
+        svc = Service("svc", capacity=1)
+        svc.on("work", lambda req: "ran")
+
+        @svc.on_welcome
+        def welcomed(welcome):
+            self.heard.put((welcome.first, time.monotonic()))
+            if self.then is not None:
+                self.then(welcome)
+
+        return svc
+
     def next_call(self, limit):
         """The hook's next call within ``limit`` seconds of heartbeats, or None."""
         until = time.monotonic() + limit
@@ -1657,25 +1678,41 @@ class WelcomeHookTest(FakeBrokerTest):
                 self.beating(0.05)
         return None
 
-    def test_the_hook_runs_at_the_first_welcome_and_at_each_broker_met_after(self):
+    def test_the_hook_runs_at_each_welcome_of_a_broker_that_did_not_know_the_link(self):
         sent = self.welcome(7)
         first = self.next_call(self.delay + 2)
         self.assertIsNotNone(first, "no call after the first Welcome")
         self.assertTrue(first[0], "welcome.first of the first Welcome")
         self.assertGreaterEqual(first[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
-        # The same broker asks for a Hello again: no call.
+        # The same broker had dropped the worker: NOT_REGISTERED, and its
+        # Welcome to the Hello again says previous_hello 0. A call.
         self.hello_again()
-        self.welcome(7)
-        self.assertIsNone(self.next_call(self.delay + 1), "a Welcome of the same broker ran the hook")
+        sent = self.welcome(7)
+        again = self.next_call(self.delay + 2)
+        self.assertIsNotNone(again, "no call after the Welcome of a broker that had dropped the worker")
+        self.assertFalse(again[0], "welcome.first of a later Welcome")
+        self.assertGreaterEqual(again[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
         # A broker this worker had not met: a call, after the delay again.
         self.hello_again()
         sent = self.welcome(8)
-        again = self.next_call(self.delay + 2)
-        self.assertIsNotNone(again, "no call after a new broker's Welcome")
-        self.assertFalse(again[0], "welcome.first of a later Welcome")
-        self.assertGreaterEqual(again[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
-        self.assertIsNone(self.next_call(self.delay + 1), "a third call")
+        third = self.next_call(self.delay + 2)
+        self.assertIsNotNone(third, "no call after a new broker's Welcome")
+        self.assertFalse(third[0], "welcome.first of a later Welcome")
+        self.assertGreaterEqual(third[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
+        self.assertIsNone(self.next_call(self.delay + 1), "a fourth call")
         self.assertEqual(self.worker.stats().handler_errors, 0)
+
+    def test_a_welcome_of_a_broker_that_knew_the_link_runs_nothing(self):
+        self.welcome(7)
+        self.assertIsNotNone(self.next_call(self.delay + 2), "no call after the first Welcome")
+        # The fake goes silent: after a liveness the worker replaces its
+        # socket, and the broker, which knew the link, says what it read
+        # after Hello 1.
+        hello, _ = self.broker.until_hello()
+        self.assertEqual(hello.hello, 2, "a new socket's Hello")
+        self.welcome_hello(hello, 7, previous_hello=1)
+        self.assertIsNone(self.next_call(self.delay + 1), "a Welcome of a broker that knew the link ran the hook")
+        self.assertTrue(self.worker.connected, "the worker did not take the Welcome")
 
     def test_welcomes_within_the_delay_give_one_call(self):
         self.welcome(7)
@@ -1713,6 +1750,73 @@ class WelcomeHookTest(FakeBrokerTest):
         reply = self.broker.next()
         self.assertEqual((reply.reply.id, args_of(reply.reply)), ("c:1", ["ran"]))
         self.assertEqual(self.worker.stats().handler_errors, 1)
+
+
+class VmExampleWelcomeTest(WelcomingBrokerTest):
+    """The vm example (examples/vm_worker.py) checks the socket of each task
+    it runs after a Welcome from a broker that did not know its link: the
+    tasks of a socket whose gateway does not have it, or that no gateway
+    has, end (vm_response, cancelled), as they would at its DISCONNECT,
+    which died with the broker that held it; one whose socket is there
+    runs on."""
+
+    def service(self):
+        spec = importlib.util.spec_from_file_location("vm_worker", os.path.join(EXAMPLES, "vm_worker.py"))
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+        return example.vm_service(capacity=4, launch_time=60.0, failure_rate=0)
+
+    def beating_until(self, accept, what, limit=WAIT):
+        """The worker's next message that ``accept`` takes, read while
+        heartbeating (the fake broker must not go silent)."""
+        beat = pb.Envelope()
+        beat.heartbeat.SetInParent()
+        until = time.monotonic() + limit
+        while time.monotonic() < until:
+            self.broker.send(beat)
+            if self.broker.router.poll(50):
+                _, data = self.broker.router.recv_multipart()
+                env = pb.Envelope()
+                env.ParseFromString(data)
+                if accept(env):
+                    return env
+        raise AssertionError(f"no {what} within {limit} s")
+
+    def open_vm(self, sid):
+        env = pb.Envelope()
+        r = env.request
+        r.id, r.service, r.event, r.sid, r.nsp = f"c:{sid}", "vm", "open_vm", sid, "/vm"
+        r.args, r.wants_reply, r.timeout_ms, r.attempt = b'[{"count": 1}]', True, 60000, 1
+        self.broker.send(env)
+        ack = self.beating_until(lambda env: env.WhichOneof("kind") == "reply", "ack")
+        self.assertEqual((ack.reply.id, ack.reply.partial), (f"c:{sid}", True), ack)
+
+    def test_the_tasks_of_a_socket_that_is_gone_end(self):
+        self.welcome(7)
+        self.beating(self.delay + 0.3)  # the first Welcome's hook: no task yet, nothing checked
+        sids = ["gwT.gone", "gwT.here", "gwX.nogw"]
+        for sid in sids:
+            self.open_vm(sid)
+        self.hello_again()
+        self.welcome(8)  # a broker that did not know the worker
+        is_check = lambda env: env.WhichOneof("kind") == "control"  # noqa: E731
+        checks = [self.beating_until(is_check, "check", self.delay + 2).control for _ in sids]
+        self.assertEqual(sorted(c.sid for c in checks), sids)
+        self.assertEqual({(c.action, c.nsp, c.origin) for c in checks}, {(pb.Control.CHECK, "", "wd")})
+        status = {"gwT.gone": pb.DeliveryReport.CLIENT_GONE, "gwT.here": pb.DeliveryReport.DELIVERED,
+                  "gwX.nogw": pb.DeliveryReport.GATEWAY_GONE}
+        for c in checks:
+            env = pb.Envelope()
+            env.report.status, env.report.sid, env.report.ref, env.report.to = status[c.sid], c.sid, c.ref, "wd"
+            self.broker.send(env)
+        ended = {}
+        is_response = lambda env: env.WhichOneof("kind") == "emit" and env.emit.event == "vm_response"  # noqa: E731
+        while len(ended) < 2:
+            e = self.beating_until(is_response, "vm_response").emit
+            ended[e.sid] = args_of(e)[0]["cancelled"]
+        self.assertEqual(ended, {"gwT.gone": True, "gwX.nogw": True})
+        with self.assertRaises(AssertionError, msg="the task of a socket that is there ended"):
+            self.beating_until(is_response, "vm_response", 0.5)
 
 
 class CheckSocketTest(FakeBrokerTest):
@@ -1804,6 +1908,44 @@ class CheckSocketRefusedTest(FakeBrokerTest):
         self.assertEqual(found.get("the awaited check's answer"), SocketState.UNKNOWN)
         self.assertTrue(found.empty_for(0.2), "the refused check called back")
         self.assertFalse(self.worker.check_socket("/", "gwT.d", found.put), "a check after stop()")
+
+
+class AwaitedAtAnIoFailureTest(FakeBrokerTest):
+    """An I/O thread that fails (no stop()) answers what was awaited at
+    once, an ack CANCELLED and a check UNKNOWN: no report, ack or deadline
+    can settle them now. From then on nothing more is awaited: a check or
+    an emit with an ack is refused, and leaves no entry behind."""
+
+    def service(self):
+        return Service("svc", capacity=1)
+
+    def test_what_was_awaited_is_answered_and_nothing_more_is_awaited(self):
+        self.broker.welcome(self.worker, 10000)
+        core = self.worker._core
+        found, acked = Recorder(), Recorder()
+        self.assertTrue(self.worker.check_socket("/", "gwT.a", found.put, timeout=60))
+        future = core.emit_with_ack("/", "gwT.b", "ask", [], 60, acked.put)
+        self.assertIsNotNone(future)
+        self.assertEqual(sorted(self.broker.next().WhichOneof("kind") for _ in range(2)), ["control", "emit"])
+
+        def fail(now):
+            raise RuntimeError("the I/O loop failed")
+
+        with self.assertLogs("sidecast_worker", "CRITICAL"):
+            core.expire = fail  # the loop calls it each turn
+            core.wake.signal()
+            core.io_thread.join(WAIT)
+        self.assertFalse(core.io_thread.is_alive(), "the I/O thread did not end")
+        self.assertFalse(core.stopping.is_set())
+        self.assertEqual(found.get("the awaited check's answer"), SocketState.UNKNOWN)
+        self.assertEqual(acked.get("the awaited ack's callback").code, Code.CANCELLED)
+        self.assertEqual(future.result(WAIT).code, Code.CANCELLED)
+        self.assertFalse(self.worker.check_socket("/", "gwT.c", found.put), "a check after the I/O thread ended")
+        self.assertIsNone(core.emit_with_ack("/", "gwT.d", "ask", [], 60, None), "an ack after it")
+        # Awaited, an entry would never expire.
+        self.assertIsNone(core.register_ack((concurrent.futures.Future(), None), 60))
+        self.assertEqual(core.acks, {})
+        self.assertTrue(found.empty_for(0.2), "a refused check called back")
 
 
 class CheckSocketThroughTheBrokerTest(BrokerTest):

@@ -12,6 +12,7 @@
 #include <boost/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "core/log.hpp"
 #include "core/metrics.hpp"
 #include "core/utf8.hpp"
 
@@ -159,12 +160,16 @@ std::int64_t now_ms() {
 }
 constexpr const char* kGone = "the socket has disconnected";
 
+// Gone within gone_kept_ms (older rows wait for the next insert's prune:
+// past that they refuse nothing, or a gateway announced by one broker that
+// came back to another would have its users refused until then).
 bool is_gone(database& db, const std::string& sid) {
-  auto s = db.prepare("SELECT 1 FROM gone WHERE sid = ?");
-  s.bind(1, sid);
+  auto since = now_ms() - gone_kept_ms;
+  auto s = db.prepare("SELECT 1 FROM gone WHERE sid = ? AND at >= ?");
+  s.bind(1, sid).bind(2, since);
   if (s.step()) return true;
-  auto p = db.prepare("SELECT 1 FROM gone_prefixes WHERE substr(?, 1, length(prefix)) = prefix");
-  p.bind(1, sid);
+  auto p = db.prepare("SELECT 1 FROM gone_prefixes WHERE substr(?, 1, length(prefix)) = prefix AND at >= ?");
+  p.bind(1, sid).bind(2, since);
   return p.step();
 }
 
@@ -278,12 +283,15 @@ class sweep : public std::enable_shared_from_this<sweep> {
 
   void next() {
     std::vector<std::string> sids;
-    {
+    try {
       std::lock_guard lock{db_->mutex};
       auto s = db_->prepare("SELECT sid FROM presence WHERE sid > ?1 UNION SELECT sid FROM nicks WHERE sid > ?1 "
                             "ORDER BY 1 LIMIT ?2");
       s.bind(1, cursor_).bind(2, kBatch);
       while (s.step()) sids.push_back(s.text(0));
+    } catch (const std::exception& e) {  // the database locked past its busy timeout, say
+      spdlog::warn("chat: the check of its sockets stopped: {}", e.what());
+      stopped_ = true;
     }
     if (sids.empty() || stopped_) return finish();
     cursor_ = sids.back();
@@ -291,30 +299,52 @@ class sweep : public std::enable_shared_from_this<sweep> {
     in_flight_ = sids.size();
     for (const auto& sid : sids) {
       auto self = shared_from_this();
-      if (!welcome_.check_socket("", sid, [self, sid](socket_state state) { self->settled(sid, state); })) {
-        stopped_ = true;  // the outbox stayed full, or the worker stops: the rest stays as it is
-        settled(sid, socket_state::unknown);
-      }
+      if (!stopped_ && welcome_.check_socket("", sid, [self, sid](socket_state state) { self->settled(sid, state); }))
+        continue;
+      // Refused: this one and the rest stay as they are.
+      if (!stopped_.exchange(true))
+        spdlog::warn("chat: a socket check was not sent (the outbox stayed full, --pending-acks-limit checks were "
+                     "awaited, or the worker stops): the sockets not checked yet stay in their rooms");
+      settled(sid, socket_state::unknown);
     }
   }
 
  private:
   void settled(const std::string& sid, socket_state state) {
-    if (counts_) counts_->of(state)->Increment();
-    if (state == socket_state::gone || state == socket_state::no_gateway) {
-      std::lock_guard lock{db_->mutex};
-      auto rooms = state == socket_state::gone ? forget_gone(*db_, sid) : forget_sockets(*db_, "sid = ?", {sid});
-      ++forgotten_;
-      for (const auto& [nsp, room] : rooms)
-        welcome_.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db_, room)));
+    if (state == socket_state::present) {
+      // Here after all: a gateway announced gone by one broker that came
+      // back to another (no Welcome told it to renew its prefix) keeps its
+      // sockets; a join of one is not refused.
+      try {
+        std::lock_guard lock{db_->mutex};
+        auto covered = "substr(?, 1, length(prefix)) = prefix";
+        auto s = db_->prepare(std::string{"SELECT 1 FROM gone_prefixes WHERE "} + covered);
+        if (s.bind(1, sid).step())
+          db_->prepare(std::string{"DELETE FROM gone_prefixes WHERE "} + covered).bind(1, sid).step();
+      } catch (const std::exception&) {  // kept: it lapses in gone_kept_ms
+      }
     }
+    if (state == socket_state::gone || state == socket_state::no_gateway) {
+      try {
+        std::lock_guard lock{db_->mutex};
+        auto rooms = state == socket_state::gone ? forget_gone(*db_, sid) : forget_sockets(*db_, "sid = ?", {sid});
+        ++forgotten_;
+        for (const auto& [nsp, room] : rooms)
+          welcome_.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db_, room)));
+      } catch (const std::exception& e) {  // kept, as an unknown one: the batch goes on
+        state = socket_state::unknown;
+        std::lock_guard lock{db_->mutex};
+        if (log_limit_.allow()) spdlog::warn("chat: socket {} not forgotten: {}", sid, e.what());
+      }
+    }
+    if (counts_) counts_->of(state)->Increment();
     if (--in_flight_ == 0) next();
   }
 
   void finish() {
     if (checked_ > 0)
       spdlog::info("chat: checked {} sockets with their gateways after the broker's Welcome: {} gone, forgotten{}",
-                   checked_, forgotten_.load(), stopped_ ? " (stopped early: the outbox stayed full)" : "");
+                   checked_, forgotten_.load(), stopped_ ? " (stopped early: see the warnings before)" : "");
   }
 
   std::shared_ptr<database> db_;
@@ -325,6 +355,7 @@ class sweep : public std::enable_shared_from_this<sweep> {
   std::atomic<std::size_t> in_flight_{0};
   std::atomic<std::size_t> forgotten_{0};
   std::atomic<bool> stopped_{false};
+  core::log_limiter log_limit_;  // under db_->mutex
 };
 
 }  // namespace

@@ -281,7 +281,9 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   core::link_position read_seen;
   bool holding = false;  // what the handlers queue waits for the link's Welcome (see send_in_order)
   bool ever_welcomed = false;              // a Welcome came since start (on_welcomed)
-  std::uint64_t broker_restarts_seen = 0;  // the link's broker_restarts() at the last on_welcomed
+  std::uint64_t fresh_welcomes_seen = 0;   // the link's fresh_welcomes() at the last on_welcomed
+  std::uint64_t broker_restarts_seen = 0;  // and its broker_restarts() (a broker of another
+                                           // incarnation that knew the link: the other of a pair)
   std::optional<clock::time_point> welcome_due;  // when the welcome hooks run (run_welcome_hooks)
   bool welcome_first = false;                    // ... for the first Welcome
   std::vector<outgoing> held_out;  // ... here
@@ -291,6 +293,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   // Shared between threads.
   std::mutex acks_mutex;  // guards acks/ack_deadlines registration from handler threads
+  bool io_closed = false;  // under acks_mutex: the I/O loop is gone (stop, or a failure): nothing more is awaited
   // Ack ids are "<worker id>:<n>", n from a random point below 2^48 at each
   // start: a client's ack to an emit of an earlier start under the same id
   // (pinned, or the same host and pid: pid 1 in a container) must not
@@ -746,7 +749,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     // input: ask the socket before blocking. Otherwise its descriptor will tell.
     if (unasked) o.input.used(link_index);
     welcomed = link.welcomed();
-    if (welcomed && (!ever_welcomed || link.broker_restarts() != broker_restarts_seen)) on_welcomed(now);
+    if (welcomed && (link.fresh_welcomes() != fresh_welcomes_seen || link.broker_restarts() != broker_restarts_seen))
+      on_welcomed(now);
     run_welcome_hooks(now);
     if (link.draining() && !drain_settled && (link.drain_confirmed() || !link.welcomed())) {
       drain_settled = true;
@@ -970,6 +974,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       for (auto& [id, a] : acks) awaited.push_back(std::move(a));
       acks.clear();
       ack_deadlines.clear();
+      io_closed = true;  // none awaited from now on: nothing would expire them
     }
     for (auto& a : awaited) settle(std::move(a), ack_result{proto::CANCELLED, "[]", {}, "the worker stopped"});
     io_thread_id = std::thread::id{};  // a later thread may get this id
@@ -1274,14 +1279,18 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     post_hooks(&service::on_gateway_gone_, std::move(gone), "on_gateway_gone");
   }
 
-  // At the first Welcome, and at one from another broker than the one that
-  // welcomed it last (the DISCONNECTs the old one held are lost): each service's welcome hook
+  // At each Welcome from a broker that did not know this worker's link (the
+  // first; a restarted broker's, the other of a pair's, one that had dropped
+  // the worker: the DISCONNECTs held for it, or queued for its services
+  // meanwhile, may be lost), and from one of another incarnation than the
+  // last (the other of a pair, which knew the link): each service's welcome hook
   // runs on the pool twice the heartbeat liveness later, once the gateways
   // have had time to say Hello to a broker that just started (until they
   // do, it answers a check of their sockets GATEWAY_GONE).
   void on_welcomed(clock::time_point now) {
     welcome_first = welcome_first || !ever_welcomed;
     ever_welcomed = true;
+    fresh_welcomes_seen = io->link.fresh_welcomes();
     broker_restarts_seen = io->link.broker_restarts();
     welcome_due = now + 2 * io->link.heartbeat_liveness() * io->link.heartbeat_interval();
   }
@@ -1414,7 +1423,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::optional<std::string> register_ack(std::function<void(ack_result)> cb, std::chrono::milliseconds timeout,
                                           check_hook check = {}) {
     std::lock_guard lock{acks_mutex};
-    if (stopping) return std::nullopt;
+    if (stopping || io_closed) return std::nullopt;
     if (acks.size() >= options.pending_acks_limit) {
       n_acks_refused.fetch_add(1, std::memory_order_relaxed);
       return std::nullopt;

@@ -234,14 +234,15 @@ enum class socket_state {
   present,     // its gateway has it
   gone,        // its gateway has no such socket (it disconnected): it never comes back
   no_gateway,  // no live gateway has its sid's prefix: its gateway is lost, or, just
-               // after a broker restart, not back yet
+               // after a broker restart, not back yet (one the broker dropped for
+               // silence, in its --gateway-gone-after grace, reads unknown)
   unknown,     // no answer in time (lost on the way, or a gateway of an earlier build)
 };
 using check_hook = std::function<void(socket_state)>;
 
-/// The broker welcomed this worker: at its start, and again from another
-/// broker than the one that welcomed it last (one that restarted, or the
-/// other of a pair). What a
+/// A broker that did not know this worker's link welcomed it
+/// (Welcome.previous_hello 0): at its start, and again from a broker that
+/// restarted, the other of a pair, or one that had dropped the worker. What a
 /// service keeps per socket may be stale then: a socket that ended while no
 /// worker of the service ran (or while the broker that held its DISCONNECT
 /// died) sends no DISCONNECT again. The hook checks the sockets it keeps

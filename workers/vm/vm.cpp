@@ -3,6 +3,7 @@
 #include <atomic>
 #include <mutex>
 #include <random>
+#include <set>
 #include <unordered_map>
 
 #include <boost/json.hpp>
@@ -169,6 +170,24 @@ service vm_service(unsigned capacity, vm_options options) {
         std::lock_guard lock{reg->mutex};
         for (auto& [id, t] : reg->tasks)
           if (g.owns(t->owner)) t->cancelled = true;
+      })
+      // And of a socket whose DISCONNECT died with the broker that held it:
+      // after a Welcome from a broker that did not know this worker (see
+      // service::on_welcome), each socket with a task is checked.
+      .on_welcome([reg](const welcome& w) {
+        std::set<std::string> owners;
+        {
+          std::lock_guard lock{reg->mutex};
+          for (const auto& [id, t] : reg->tasks)
+            if (!t->cancelled) owners.insert(t->owner);
+        }
+        for (const auto& sid : owners)
+          w.check_socket("", sid, [reg, sid](socket_state state) {
+            if (state != socket_state::gone && state != socket_state::no_gateway) return;
+            std::lock_guard lock{reg->mutex};
+            for (auto& [id, t] : reg->tasks)
+              if (t->owner == sid) t->cancelled = true;
+          });
       });
 }
 

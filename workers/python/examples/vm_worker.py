@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 
-from sidecast_worker import Code, Service, Worker
+from sidecast_worker import Code, Service, SocketState, Worker
 
 STEPS = 10  # progress events per VM, 10% each
 SLICE = 0.05  # seconds: how quickly a cancel_vm takes effect
@@ -150,6 +150,20 @@ def vm_service(capacity=16, launch_time=4.0, failure_rate=0.1, max_count=20):
     # So are the tasks of every socket of a gateway the broker lost: no
     # DISCONNECT comes for those.
     svc.on_gateway_gone(lambda gone: cancel_tasks_of(gone.owns))
+
+    # And of a socket whose DISCONNECT died with the broker that held it (or
+    # expired there while that broker had dropped this worker): after a
+    # Welcome from a broker that did not know this worker (a new one, or one
+    # that had dropped it), each socket with a task is checked.
+    @svc.on_welcome
+    def check_owners(welcome):
+        with lock:
+            owners = {task.owner for task in tasks.values() if not task.cancelled.is_set()}
+        for sid in owners:
+            def settled(state, sid=sid):
+                if state in (SocketState.GONE, SocketState.NO_GATEWAY):
+                    cancel_tasks_of(lambda owner: owner == sid)
+            welcome.check_socket("", sid, settled)
 
     return svc
 

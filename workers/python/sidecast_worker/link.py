@@ -98,6 +98,12 @@ class PeerLink:
         # Counts the brokers met after the first: a Welcome of another
         # incarnation than the last one's (core/peer_link's broker_restarts).
         self.broker_restarts = 0
+        # Counts the Welcomes from a broker that did not know this link
+        # (Welcome.previous_hello 0): the first, a restarted broker's, the
+        # other of a pair's, and one from a broker that had dropped the link
+        # (after its NOT_REGISTERED). What it held for this peer, or for the
+        # peer's services, may be lost (core/peer_link's fresh_welcomes).
+        self.fresh_welcomes = 0
         self.reconnects = 0   # sockets replaced after broker silence
         self.hellos = 0  # Hellos sent: what the link sends now follows Hello number `hellos`
         self.sent_since_hello = 0  # a message sent now is number sent_since_hello + 1 after it
@@ -296,6 +302,8 @@ class PeerLink:
                     log.info("connected to broker %s at %s", w.broker_id, self.endpoint)
                 self.broker_id = w.broker_id
                 self.welcomed = self._welcomed_before = True
+                if w.previous_hello == 0:
+                    self.fresh_welcomes += 1
                 # previous_hello and received count only from the broker that
                 # welcomed this link last (its incarnation), as in
                 # core/peer_link.cpp. Another one (a restarted broker, the

@@ -317,11 +317,13 @@ class SocketState(str, enum.Enum):
     #: Its gateway has no such socket (it disconnected): it never comes back.
     GONE = "gone"
     #: No live gateway has its sid's prefix: its gateway is lost, or, just
-    #: after a broker restart, not back yet.
+    #: after a broker restart, not back yet. (One the broker dropped for its
+    #: silence, still in its --gateway-gone-after grace, reads UNKNOWN.)
     NO_GATEWAY = "no_gateway"
     #: No answer in time (lost on the way, or a gateway of an earlier build),
-    #: a refusal (a socket of another namespace than the one named), or the
-    #: worker stopped first.
+    #: a refusal (a socket of another namespace than the one named, or of a
+    #: gateway in its grace), or the worker stopped first (or its I/O
+    #: thread failed).
     UNKNOWN = "unknown"
 
     def __str__(self):
@@ -330,13 +332,17 @@ class SocketState(str, enum.Enum):
 
 class Welcome:
     """The broker welcomed this worker, handed to each service's
-    ``on_welcome`` hook: at its first Welcome, and at each from a broker it
-    had not met before (one that restarted, or the other of a pair).
+    ``on_welcome`` hook: at each Welcome from a broker that did not know
+    this worker's link (Welcome.previous_hello 0): its first, and one from
+    a broker that restarted, the other of a pair, or one that had dropped
+    the worker (it answered NOT_REGISTERED). Not at a Welcome on a socket
+    the worker replaced, of a broker that knew it.
 
     What a service keeps per socket may be stale then: a socket that ended
-    while no worker of the service ran (or while the broker that held its
-    DISCONNECT died) sends no DISCONNECT again. The hook checks the sockets
-    it keeps (``check_socket``) and forgets those gone. It runs twice the
+    while no worker of the service ran, or whose DISCONNECT died with the
+    broker that held it (or expired there while the broker had dropped the
+    worker), sends no DISCONNECT again. The hook checks the sockets it
+    keeps (``check_socket``) and forgets those gone. It runs twice the
     heartbeat liveness (interval x liveness) after the Welcome: gateways
     say Hello to a broker that just started within that, and until one
     does, the broker answers a check of its sockets ``NO_GATEWAY``.

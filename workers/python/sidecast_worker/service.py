@@ -68,17 +68,20 @@ class Service:
     def on_welcome(self, handler=None):
         """The broker welcomed this worker: ``handler(Welcome)``.
 
-        At the worker's first Welcome, and at each from a broker it had not
-        met (one that restarted, or the other of a pair: the DISCONNECTs
-        the old one held are lost), what the service keeps per socket may
-        name sockets that are gone; the hook checks them
-        (``welcome.check_socket``) and forgets those gone. It runs on the
-        pool twice the heartbeat liveness (interval x liveness, as the
-        broker's Welcome says them) after the Welcome, once the gateways
-        have had time to say Hello to a broker that just started: once per
-        such Welcome, once for several within that delay, without taking
-        capacity. ``welcome.first`` is True for the first. What it raises
-        is logged and counted in ``handler_errors``."""
+        At each Welcome from a broker that did not know the worker's link
+        (Welcome.previous_hello 0): the worker's first, and one from a
+        broker that restarted, the other of a pair, or one that had
+        dropped the worker (NOT_REGISTERED; the DISCONNECTs the broker
+        held, or queued for the service meanwhile, may be lost), what the
+        service keeps per socket may name sockets that are gone; the hook
+        checks them (``welcome.check_socket``) and forgets those gone. It
+        runs on the pool twice the heartbeat liveness (interval x
+        liveness, as the broker's Welcome says them) after the Welcome,
+        once the gateways have had time to say Hello to a broker that just
+        started: once per such Welcome, once for several within that
+        delay, without taking capacity. A Welcome on a socket the worker replaced, from a broker
+        that knew its link, runs nothing. ``welcome.first`` is True for the
+        first. What it raises is logged and counted in ``handler_errors``."""
         return self._register(handler, lambda h: setattr(self, "_on_welcome", h))
 
     def _register(self, handler, store):

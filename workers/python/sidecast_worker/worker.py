@@ -238,6 +238,9 @@ class _Core:
         self.acks = {}  # ack id -> (Future, callback) of an emit_with_ack, or a _Check
         self.ack_heap = []  # heap of (deadline, ack id), under acks_lock; acked ones stay until compact_heap
         self.acks_lock = threading.Lock()
+        # Under acks_lock: the I/O loop has ended (stop, or a failure), and
+        # nothing would expire an entry of acks: none is awaited any more.
+        self.io_closed = False
         # Ack ids "<worker id>:<n>" from a random point at each start: a
         # client's ack to an emit of an earlier start under the same id must
         # not answer one of this start's (as the C++ SDK).
@@ -250,10 +253,11 @@ class _Core:
                                     - {"running", "draining", "kept_bytes", "kept_notice_bytes", "held"}, 0)
         self.log_limit = RateLimitedLog()
         # The welcome hooks (see on_welcomed), I/O thread only: a Welcome came
-        # since start; the link's broker_restarts at the last one acted on;
+        # since start; the link's fresh_welcomes at the last one acted on;
         # when the hooks run (None: not due); and whether for the first Welcome.
         self.ever_welcomed = False
-        self.broker_restarts_seen = 0
+        self.fresh_welcomes_seen = 0
+        self.broker_restarts_seen = 0  # and its broker_restarts
         self.welcome_due = None
         self.welcome_first = False
 
@@ -428,9 +432,10 @@ class _Core:
     def register_ack(self, entry, timeout):
         """Awaits ``entry`` (an emit_with_ack's (Future, callback), or a
         _Check) for ``timeout`` seconds under a new id, returned; None when
-        the worker is stopping or pending_acks_limit are awaited already."""
+        the worker is stopping, its I/O loop has ended (nothing would expire
+        it), or pending_acks_limit are awaited already."""
         with self.acks_lock:
-            if self.stopping.is_set():
+            if self.stopping.is_set() or self.io_closed:
                 return None
             if len(self.acks) >= self.pending_acks_limit:
                 self.count("acks_refused")
@@ -667,7 +672,8 @@ class _Core:
                     link.tick(now)
                 if link.welcomed:
                     self.connected.set()
-                    if not self.ever_welcomed or link.broker_restarts != self.broker_restarts_seen:
+                    if (link.fresh_welcomes != self.fresh_welcomes_seen
+                            or link.broker_restarts != self.broker_restarts_seen):
                         self.on_welcomed(link, now)
                 else:
                     self.connected.clear()
@@ -704,6 +710,20 @@ class _Core:
             if pub is not None:
                 pub.close(linger=0)
             self.cancel_in_flight()
+            self.close_acks()
+
+    def close_acks(self):
+        """The I/O loop has ended: no ack or report comes now, and no
+        deadline expires. From here on nothing more is awaited (register_ack
+        refuses). At a stop(), stop() answers what was awaited; at a failure
+        (no stop()), it is answered here: Code.CANCELLED, a check UNKNOWN."""
+        with self.acks_lock:
+            self.io_closed = True
+            if self.stopping.is_set():
+                return  # stop() answers them, on its own thread
+            pending, self.acks, self.ack_heap = self.acks, {}, []
+        for entry in pending.values():
+            self.settle(entry, AckResult(Code.CANCELLED, message="the worker stopped: its I/O thread failed"))
 
     def cancel_in_flight(self):
         """Whatever still runs learns that the worker is going away."""
@@ -1117,15 +1137,19 @@ class _Core:
         self.post_hooks("_on_gateway_gone", event, f"on_gateway_gone of gateway {gone.gateway}")
 
     def on_welcomed(self, link, now):
-        """At the first Welcome, and at one from a broker this worker had not
-        met (another incarnation: the DISCONNECTs the old one held are
-        lost), each service's welcome hook runs on the pool twice the
+        """At each Welcome from a broker that did not know this worker's link
+        (Welcome.previous_hello 0: the first; a restarted broker's, the
+        other of a pair's, one that had dropped the worker: the DISCONNECTs
+        held for it, or queued for its services meanwhile, may be lost;
+        not one on a replaced socket of a link the broker knew), each
+        service's welcome hook runs on the pool twice the
         heartbeat liveness later, once the gateways have had time to say
         Hello to a broker that just started (until they do, it answers a
         check of their sockets GATEWAY_GONE). Several within that delay
         give one run, at the last one's time. I/O thread only."""
         self.welcome_first = self.welcome_first or not self.ever_welcomed
         self.ever_welcomed = True
+        self.fresh_welcomes_seen = link.fresh_welcomes
         self.broker_restarts_seen = link.broker_restarts
         self.welcome_due = now + 2 * link.liveness * link.interval
 
@@ -1361,10 +1385,11 @@ class Worker:
         Control CHECK, answered by a delivery report): ``callback(state)``
         runs on a handler thread with a SocketState, PRESENT, GONE or
         NO_GATEWAY as the report said, or UNKNOWN after ``timeout`` seconds
-        or when the worker stops first. ``nsp`` may be "" (the socket's
-        own); a socket of another namespace than a named one reads UNKNOWN.
-        False (and no call) when the outbox stayed full, pending_acks_limit
-        acks and checks are awaited already (counted in ``acks_refused``),
-        or the worker is stopping. on_report does not see these reports.
+        or when the worker stops first (or its I/O thread fails). ``nsp``
+        may be "" (the socket's own); a socket of another namespace than a
+        named one reads UNKNOWN. False (and no call) when the outbox stayed
+        full, pending_acks_limit acks and checks are awaited already
+        (counted in ``acks_refused``), or the worker is stopping or its I/O
+        thread has ended. on_report does not see these reports.
         Thread-safe."""
         return self._core.check_socket(nsp, sid, callback, timeout)
