@@ -2908,6 +2908,46 @@ TEST_P(BrokerTest, AChatDatabaseLockedElsewhereAnswersBusy) {
   for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
+// A gateway's announcement comes once: a chat database another process
+// holds locked when it comes is tried again (three times, each waiting its
+// busy timeout), not given up at the first BUSY, which left the gateway's
+// users in every room's list.
+TEST_P(BrokerTest, AChatForgetsALostGatewaysSocketsOnceItsDatabaseIsFree) {
+  start();
+  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-gone-busy-" + std::to_string(::getpid()) + ".db");
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  workers::chat_options options;
+  options.database = path.string();
+  options.busy_timeout = 200ms;
+  add_worker({workers::chat_service(2, options)}, "chat1");
+  peer gw{ctx_, "inproc://router", "gwL", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gateway_hello(gw, "gwL.first", 1));
+  auto id = gw.submit("chat", "join", R"(["r"])", 5s, "gwL.firstANN");
+  std::optional<Envelope> got;
+  while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  ASSERT_TRUE(got);
+  ASSERT_EQ(got->reply().code(), proto::OK) << got->reply().message();
+  sqlite3* other = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &other), SQLITE_OK);
+  auto presence_rows = [&] {
+    sqlite3_stmt* st = nullptr;
+    int n = -1;
+    if (sqlite3_prepare_v2(other, "SELECT count(*) FROM presence", -1, &st, nullptr) == SQLITE_OK &&
+        sqlite3_step(st) == SQLITE_ROW)
+      n = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    return n;
+  };
+  ASSERT_EQ(presence_rows(), 1);
+  ASSERT_EQ(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), SQLITE_OK);
+  ASSERT_TRUE(gateway_hello(gw, "gwL.second", 2));  // restarted: "gwL.first" is announced gone
+  std::this_thread::sleep_for(500ms);  // past the first attempt's 200 ms
+  ASSERT_EQ(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
+  EXPECT_TRUE(eventually([&] { return presence_rows() == 0; }, 5s)) << "the lost gateway's socket is still in room r";
+  sqlite3_close(other);
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+}
+
 // A leave of a room the socket is not in changes no one's list: no
 // presence event for that room (a client could make any room hear one).
 TEST_P(BrokerTest, AChatLeaveOfARoomNotJoinedAnnouncesNothing) {

@@ -495,19 +495,34 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
       })
       .on_gateway_gone([db](const gateway_gone& g) {
         // Its sockets will never disconnect here: they leave every room at
-        // once, and the rooms they were in hear the new member lists.
-        rooms_of_sockets rooms;
-        std::lock_guard lock{db->mutex};
-        {
-          database::transaction tx{*db};
-          rooms = forget_sockets(*db, "sid >= ? AND sid < ?", {g.sid_prefix(), prefix_end(g.sid_prefix())});
-          auto now = now_ms();
-          db->prepare("INSERT OR REPLACE INTO gone_prefixes(prefix, at) VALUES(?, ?)").bind(1, g.sid_prefix()).bind(2, now).step();
-          db->prepare("DELETE FROM gone_prefixes WHERE at < ?").bind(1, now - gone_kept_ms).step();
-          tx.commit();
+        // once, and the rooms they were in hear the new member lists. The
+        // announcement comes once: a database another process holds past
+        // its busy timeout is tried three times (lost, its users would stay
+        // in the lists until a Welcome's check).
+        for (int attempt = 1;; ++attempt) {
+          try {
+            rooms_of_sockets rooms;
+            std::lock_guard lock{db->mutex};
+            {
+              database::transaction tx{*db};
+              rooms = forget_sockets(*db, "sid >= ? AND sid < ?", {g.sid_prefix(), prefix_end(g.sid_prefix())});
+              auto now = now_ms();
+              db->prepare("INSERT OR REPLACE INTO gone_prefixes(prefix, at) VALUES(?, ?)")
+                  .bind(1, g.sid_prefix())
+                  .bind(2, now)
+                  .step();
+              db->prepare("DELETE FROM gone_prefixes WHERE at < ?").bind(1, now - gone_kept_ms).step();
+              tx.commit();
+            }
+            for (const auto& [nsp, room] : rooms)
+              g.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db, room)));
+            return;
+          } catch (const answer_error& e) {
+            if (e.code != proto::BUSY || attempt == 3) throw;
+            spdlog::warn("chat: the sockets of gateway {} are not forgotten yet ({}): trying again", g.gateway(),
+                         e.what());
+          }
         }
-        for (const auto& [nsp, room] : rooms)
-          g.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db, room)));
       })
       .on_welcome([db, checked](const welcome& w) { std::make_shared<sweep>(db, w, checked)->next(); });
 }

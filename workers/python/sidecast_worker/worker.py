@@ -1141,8 +1141,9 @@ class _Core:
         (Welcome.previous_hello 0: the first; a restarted broker's, the
         other of a pair's, one that had dropped the worker: the DISCONNECTs
         held for it, or queued for its services meanwhile, may be lost;
-        not one on a replaced socket of a link the broker knew), each
-        service's welcome hook runs on the pool twice the
+        not one on a replaced socket of a link the same broker knew), and
+        from one of another incarnation than the last (the other of a pair,
+        even one that knew the link), each service's welcome hook runs on the pool twice the
         heartbeat liveness later, once the gateways have had time to say
         Hello to a broker that just started (until they do, it answers a
         check of their sockets GATEWAY_GONE). Several within that delay
