@@ -568,6 +568,10 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
     if (auto* a = body->if_contains("auth")) {
       if (!a->is_object()) co_return error(400, "auth must be an object");
       auth = codec_detail::member_text(req.body(), "auth");  // as sent, not rewritten
+      if (auth.size() > gw_.config().max_auth_bytes) {
+        gw_.metrics().long_auth.Increment();
+        co_return error(400, "auth too large (--max-auth-bytes)");
+      }
     }
     const auto* service = gw_.service_for(nsp);
     if (!service) co_return error(404, "Invalid namespace");

@@ -532,6 +532,7 @@ void bridge::pump() {
     link_watch_.dirty = true;
   }
   welcomed_ = link_->welcomed();
+  max_message_bytes_.store(link_->max_message_bytes(), std::memory_order_relaxed);
   metrics_.broker_connected.Set(welcomed_ ? 1 : 0);
   expire(now);
   if (more) return schedule_pump();

@@ -185,6 +185,9 @@ class bridge {
   std::string next_id();
   const std::string& id() const { return id_; }
   bool connected() const { return welcomed_; }
+  /// The largest message the broker said it takes (Welcome.max_message_bytes;
+  /// 0: not said yet). Any thread.
+  std::uint64_t max_message_bytes() const { return max_message_bytes_.load(std::memory_order_relaxed); }
 
  private:
   /// The link refused a message: counted, logged; false.
@@ -374,6 +377,7 @@ class bridge {
   std::optional<io_executor> ex_;
   std::atomic<bool> stopped_{false};
   std::atomic<bool> welcomed_{false};
+  std::atomic<std::uint64_t> max_message_bytes_{0};
 
   // Bridge executor only.
   std::optional<timer> timer_;

@@ -77,7 +77,20 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
                                 .attempt = 1,
                                 .user = user_,
                                 .auth = auth_};
-  zmq::message_t message{proto::encoded_size(r)};
+  auto size = proto::encoded_size(r);
+  if (auto limit = gw_.link().max_message_bytes(); limit != 0 && size > limit) {
+    // Larger than the broker takes (its --max-message-bytes): sent, it would
+    // cost the gateway's link its connection and all in flight on it.
+    // Answered at once; an event that wants no answer is dropped, counted.
+    gw_.metrics().too_large.Increment();
+    if (tag != 0)
+      on_reply(tag, reply_data{.code = proto::BAD_REQUEST,
+                               .message = "the event is " + std::to_string(size) +
+                                          " bytes with its socket's auth, more than the broker takes (" +
+                                          std::to_string(limit) + ")"});
+    return true;
+  }
+  zmq::message_t message{size};
   proto::encode_request(r, static_cast<char*>(message.data()));
   core::string_spares::give(std::move(args));  // usually the client's frame, from ws_conn
   if (tag == 0) return gw_.link().send(std::move(message));

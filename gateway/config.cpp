@@ -65,6 +65,11 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--max-namespaces", c.max_namespaces, "Namespaces one connection may join")
       ->capture_default_str()
       ->check(at_least_one);
+  app.add_option("--max-auth-bytes", c.max_auth_bytes,
+                 "Largest auth a socket may connect with (a Socket.IO CONNECT's, /ws's auth=, an API session's): "
+                 "kept for the socket's life and sent with each of its events")
+      ->capture_default_str()
+      ->check(at_least_one);
   app.add_option("--max-rooms", c.max_rooms, "Rooms one socket may be in")->capture_default_str()
       ->check(at_least_one);
   app.add_option("--max-room-bytes", c.max_room_bytes,

@@ -46,6 +46,7 @@ struct gateway_config {
   std::size_t max_payload = 1000000;              // maxHttpBufferSize: POST body and WS frame bytes
   std::size_t max_attachments = 10;               // binary attachments per packet
   std::size_t max_namespaces = 32;                // namespaces one connection may join
+  std::size_t max_auth_bytes = 8192;              // a CONNECT's auth (kept per socket, sent with each event)
   std::size_t max_rooms = 256;                    // rooms one socket may be in
   std::size_t max_room_bytes = 1024;              // the name of a room a socket joins
   room_subscriptions subscriptions = room_subscriptions::whole_namespace;  // room events asked of the broker

@@ -886,6 +886,15 @@ void eio_session::on_connect(socketio::packet p) {
     send_socketio(refusal);
     return;
   }
+  // Kept for the socket's life and sent with each of its events: bounded
+  // well below --max-payload (a 900 KB auth made each 20-byte event cost
+  // 900 KB at the gateway, the broker and the worker).
+  if (p.data.size() > gw_.config().max_auth_bytes) {
+    gw_.metrics().long_auth.Increment();
+    refusal.data = R"j({"message":"auth too large (--max-auth-bytes)"})j";
+    send_socketio(refusal);
+    return;
+  }
   if (gw_.recovery_for(p.nsp) && !p.data.empty()) {
     // A client coming back with {pid, offset} (connection-state recovery).
     boost::system::error_code ec;

@@ -295,6 +295,10 @@ std::optional<http_answer> upgrade_plain(gateway& gw, beast::tcp_stream& stream,
                                          std::string auth, const ws_limits& limits, std::shared_ptr<void> slot) {
   const auto* service = gw.service_for(nsp);
   if (!service) return http_answer{404, "application/json", R"({"message":"Invalid namespace"})"};
+  if (auth.size() > gw.config().max_auth_bytes) {
+    gw.metrics().long_auth.Increment();
+    return http_answer{400, "application/json", R"j({"message":"auth too large (--max-auth-bytes)"})j"};
+  }
   boost::system::error_code ec;
   auto parsed = socketio::parse_json(auth, ec);
   if (ec || !parsed.is_object()) return http_answer{400, "application/json", R"({"message":"auth must be a JSON object"})"};

@@ -44,6 +44,8 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       room_limit{dropped.Add({{"reason", "room_limit"}})},
       long_room{dropped.Add({{"reason", "long_room"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},
+      long_auth{dropped.Add({{"reason", "long_auth"}})},
+      too_large{dropped.Add({{"reason", "too_large"}})},
       bad_args{dropped.Add({{"reason", "bad_args"}})},
       bad_answer{dropped.Add({{"reason", "bad_answer"}})},
       bad_event{dropped.Add({{"reason", "bad_event"}})},

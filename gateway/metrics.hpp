@@ -47,6 +47,8 @@ struct gateway_metrics {
   prometheus::Counter& room_limit;
   prometheus::Counter& long_room;  // joins of a room named longer than --max-room-bytes
   prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces
+  prometheus::Counter& long_auth;  // connects with an auth longer than --max-auth-bytes
+  prometheus::Counter& too_large;  // client events larger than the broker takes (its --max-message-bytes)
   prometheus::Counter& bad_args;   // a worker's event or answer args that are not JSON
   prometheus::Counter& bad_answer;  // a peer gateway's HttpAnswer with a status or content type not written (502)
   prometheus::Counter& bad_event;  // a worker's event with a reserved name or for another namespace

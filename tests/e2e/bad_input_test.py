@@ -496,6 +496,25 @@ class WebSocketErrors(unittest.TestCase):
         finally:
             ws.close()
 
+    def test_an_auth_past_max_auth_bytes_is_refused(self):
+        # tests/e2e/CMakeLists.txt leaves --max-auth-bytes at 8192. Kept per
+        # socket and sent with each event: a 900 KB one cost 900 KB an event.
+        before = metric_value("sidecast_gateway_dropped_total", 'reason="long_auth"')
+        big = json.dumps({"token": "x" * 9000})
+        sid = handshake()
+        self.assertEqual(post(sid, "40" + big)[0], 200)
+        status, body, _ = poll(sid)
+        self.assertEqual((status, body), (200, '44{"message":"auth too large (--max-auth-bytes)"}'))
+        self.assertEqual(post(sid, "40" + json.dumps({"token": "x" * 8000}))[0], 200)
+        status, body, _ = poll(sid)
+        self.assertTrue(body.startswith("40{"), body)
+        with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
+            websocket.create_connection(f"ws://{HOST}:{PORT}/ws?nsp=/&auth={urllib.parse.quote(big)}", timeout=5)
+        self.assertEqual(ctx.exception.status_code, 400)
+        status, body, _ = request("POST", "/api/v1/sessions", json.dumps({"auth": {"token": "x" * 9000}}).encode())
+        self.assertEqual((status, json.loads(body)), (400, {"error": "auth too large (--max-auth-bytes)"}))
+        self.assertEqual(metric_value("sidecast_gateway_dropped_total", 'reason="long_auth"'), before + 3)
+
     def test_plain_ws_unknown_namespace(self):
         with self.assertRaises(websocket.WebSocketBadStatusException) as ctx:
             websocket.create_connection(f"ws://{HOST}:{PORT}/ws?nsp=/nope", timeout=5)

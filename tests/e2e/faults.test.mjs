@@ -36,7 +36,7 @@ async function until(check, ms = 10000) {
 const healthy = (url) => fetch(`${url}/healthz`).then((r) => r.ok, () => false);
 
 // `admin`: the broker and the first worker serve /metrics too (s.brokerUrl, s.workerUrl).
-async function stack({ workers = 1, gatewayArgs = [], workerArgs = [], admin = false } = {}) {
+async function stack({ workers = 1, gatewayArgs = [], workerArgs = [], brokerArgs = [], admin = false } = {}) {
   const [router, xsub, xpub, http, brokerHttp, workerHttp] = freePorts(6);
   const s = {
     router: `tcp://127.0.0.1:${router}`, xsub: `tcp://127.0.0.1:${xsub}`, xpub: `tcp://127.0.0.1:${xpub}`,
@@ -44,7 +44,7 @@ async function stack({ workers = 1, gatewayArgs = [], workerArgs = [], admin = f
     brokerUrl: `http://127.0.0.1:${brokerHttp}`, workerUrl: `http://127.0.0.1:${workerHttp}`,
   };
   const brokerAdmin = admin ? `127.0.0.1:${brokerHttp}` : "";
-  s.startBroker = () => { s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", brokerAdmin]); };
+  s.startBroker = () => { s.broker = run("sidecast-broker", ["--router", s.router, "--xsub", s.xsub, "--xpub", s.xpub, "--http", brokerAdmin, ...brokerArgs]); };
   s.startBroker();
   for (let i = 0; i < workers; i++)
     s.workers.push(run("sidecast-worker", ["--service", "demo", "--service", "echo", "--capacity", "1", "--id", `w${i}`,
@@ -319,6 +319,26 @@ test("gateway killed: clients see the transport close and reconnect when a gatew
 // silent gateway after 1.5 s, and announces it gone `goneAfter` ms later.
 // `gatewayArgs`: more flags for both gateways. s.startChat(): the chat
 // worker again, on the same database, serving /metrics on s.chatUrl.
+test("an event larger than the broker takes is answered at once, and the gateway's link keeps serving", async () => {
+  // Over tcp a message past the broker's --max-message-bytes costs the
+  // sender its connection and all in flight on it; the client waited out
+  // its deadline for an answer that could not come.
+  const s = await stack({ brokerArgs: ["--max-message-bytes", "20000"], gatewayArgs: ["--max-payload", "100000"] });
+  try {
+    const c = await connect(s.url);
+    const started = Date.now();
+    const refused = await c.timeout(8000).emitWithAck("echo", "x".repeat(50000));
+    assert.equal(refused.error, "bad_request");
+    assert.match(refused.message, /^the event is \d+ bytes with its socket's auth, more than the broker takes \(\d+\)$/);
+    assert.ok(Date.now() - started < 2000, "answered at once, not at a deadline");
+    assert.equal(await c.timeout(8000).emitWithAck("echo", "small"), "small");
+  } finally {
+    s.broker.kill("SIGKILL");
+    s.gateway.kill("SIGKILL");
+    for (const w of s.workers) w.kill("SIGKILL");
+  }
+});
+
 async function chatStack(goneAfter, gatewayArgs = []) {
   const [router, xsub, xpub, httpA, httpB, chatHttp] = freePorts(6);
   const dir = mkdtempSync(join(tmpdir(), "sidecast-gone-"));
