@@ -26,6 +26,48 @@ constexpr std::size_t skip_space(std::string_view s, std::size_t pos) noexcept {
   return pos;
 }
 
+constexpr bool is_hex(char c) noexcept {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+// The text Boost.JSON is given to validate: `text` itself, or, when it has
+// a lone surrogate escape (\uD800-\uDFFF not in a high-low pair), a copy in
+// `scratch` with each such escape written \uFFFD. Boost.JSON 1.81 refuses
+// one, which JSON.stringify writes for a string cut inside an emoji and
+// Node's JSON.parse takes: the connection closed on it. The copy has the
+// same length, so positions found in it hold in `text`, which is what is
+// handed on.
+inline std::string_view surrogates_tolerated(std::string_view text, std::string& scratch) {
+  // A \uDXXX escape at `at`, high (D800-DBFF) or low (DC00-DFFF).
+  auto surrogate_at = [&text](std::size_t at, bool high) {
+    if (at + 6 > text.size() || text[at] != '\\' || text[at + 1] != 'u' || (text[at + 2] != 'd' && text[at + 2] != 'D') ||
+        !is_hex(text[at + 4]) || !is_hex(text[at + 5]))
+      return false;
+    char n = text[at + 3];
+    if (n >= 'a' && n <= 'f') n = static_cast<char>(n - 'a' + 'A');
+    return high ? (n == '8' || n == '9' || n == 'A' || n == 'B') : (n >= 'C' && n <= 'F');
+  };
+  bool copied = false;
+  for (std::size_t at = text.find("\\u"); at != npos; at = text.find("\\u", at + 1)) {
+    // An escape only after an even run of backslashes (\\u is a backslash, then u).
+    std::size_t run = 0;
+    while (run < at && text[at - 1 - run] == '\\') ++run;
+    if (run % 2 != 0) continue;
+    if (surrogate_at(at, true) && surrogate_at(at + 6, false)) {
+      at += 6;  // a pair: as it is
+      continue;
+    }
+    if (!surrogate_at(at, true) && !surrogate_at(at, false)) continue;
+    if (!copied) {
+      scratch.assign(text);
+      text = scratch;
+      copied = true;
+    }
+    scratch.replace(at + 2, 4, "FFFD");
+  }
+  return text;
+}
+
 // `pos` is at an opening quote; returns the position just past the closing
 // quote, or npos.
 constexpr std::size_t string_end(std::string_view s, std::size_t pos) noexcept {

@@ -252,7 +252,9 @@ boost::system::result<std::pair<packet, std::size_t>> decode_header(std::string_
   std::array<unsigned char, 4096> buffer;
   json::monotonic_resource resource(buffer.data(), buffer.size());
   boost::system::error_code ec;
-  const json::value v = json::parse(json::string_view(payload.data(), payload.size()), ec,
+  std::string scratch;
+  const auto checked = surrogates_tolerated(payload, scratch);
+  const json::value v = json::parse(json::string_view(checked.data(), checked.size()), ec,
                                     &resource, payload_parse_options());
   if (ec) {
     return error::invalid_json;
@@ -465,7 +467,8 @@ struct null_handler {
 }  // namespace
 
 json::value parse_json(std::string_view text, boost::system::error_code& ec) {
-  return json::parse(text, ec, {}, payload_parse_options());
+  std::string scratch;
+  return json::parse(surrogates_tolerated(text, scratch), ec, {}, payload_parse_options());
 }
 
 bool valid_args(std::string_view args) noexcept {
@@ -473,6 +476,8 @@ bool valid_args(std::string_view args) noexcept {
   try {
     json::basic_parser<null_handler> parser(payload_parse_options());
     boost::system::error_code ec;
+    std::string scratch;
+    args = surrogates_tolerated(args, scratch);
     const std::size_t used = parser.write_some(false, args.data(), args.size(), ec);
     return !ec && used == args.size();
   } catch (...) {  // the parser's depth stack could not grow

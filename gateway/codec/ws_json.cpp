@@ -93,8 +93,10 @@ boost::system::result<client_frame> decode(std::string_view text) {
   json::parse_options opts;
   opts.max_depth = socketio::max_json_depth;
   boost::system::error_code ec;
+  std::string scratch;
+  const auto checked = surrogates_tolerated(text, scratch);
   const json::value v =
-      json::parse(json::string_view(text.data(), text.size()), ec, &resource, opts);
+      json::parse(json::string_view(checked.data(), checked.size()), ec, &resource, opts);
   if (ec) {
     return error::invalid_json;
   }

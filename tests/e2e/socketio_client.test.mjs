@@ -422,6 +422,17 @@ describe("one connection", () => {
     assert.equal(disconnected, false);
   });
 
+  test("a string cut inside an emoji (a lone surrogate, as JSON.stringify writes it) is echoed, and the connection stays", { timeout: TEST_MS }, async (t) => {
+    // Boost.JSON refuses the escape "\ud83d" alone; Node takes it. The gateway closed the connection.
+    const s = await open(t, "/");
+    let disconnected = false;
+    s.on("disconnect", () => { disconnected = true; });
+    const cut = "cut: " + "\u{1F600}".slice(0, 1);
+    assert.equal(await s.timeout(WAIT_MS).emitWithAck("echo", cut), cut);
+    assert.equal(await s.timeout(WAIT_MS).emitWithAck("echo", "after"), "after");
+    assert.equal(disconnected, false);
+  });
+
   test("acks keep the order across echo, echo-bin and whoami", { timeout: TEST_MS }, async (t) => {
     const s = await open(t, "/custom");
     const order = [];

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "gateway/codec/engineio.hpp"
+#include "gateway/codec/json_scan.hpp"
 
 namespace sio = sidecast::gateway::socketio;
 namespace json = boost::json;
@@ -592,6 +593,34 @@ TEST(socketio, valid_args_takes_blank_text_and_one_complete_json_value) {
   std::string deep(sio::max_json_depth, '[');
   deep += std::string(sio::max_json_depth, ']');
   EXPECT_TRUE(sio::valid_args(deep));
+}
+
+// JSON.stringify writes a lone surrogate escape for a string cut inside an
+// emoji, and Node's JSON.parse takes it; Boost.JSON 1.81 does not, and the
+// gateway closed the connection. Taken now, whole, and handed on as sent.
+TEST(socketio, lone_surrogate_escapes_are_taken_and_handed_on_as_sent) {
+  for (std::string wire : {R"(2["echo","cut: \ud83d"])", R"(2["echo","\udc00 first"])",
+                           R"(2["echo","\uD83D\uDE00 a pair"])", R"(21["echo",{"k":"\ud800"}])"}) {
+    auto p = sio::decode(wire, max_attachments);
+    ASSERT_TRUE(p) << wire;
+    EXPECT_TRUE(wire.ends_with(p->data)) << wire;
+    EXPECT_TRUE(sio::valid_args(p->data)) << p->data;
+  }
+  EXPECT_TRUE(sio::valid_args(R"(["\ud83d"])"));
+  boost::system::error_code ec;
+  auto v = sio::parse_json(R"({"token":"\udfff"})", ec);
+  EXPECT_FALSE(ec);
+  EXPECT_TRUE(v.is_object());
+  // Still refused: a broken escape, and an escaped backslash before a
+  // "u" that is not an escape at all, inside an invalid value.
+  EXPECT_FALSE(sio::decode(R"(2["echo","\ud83"])", max_attachments));
+  EXPECT_FALSE(sio::valid_args(R"(["\\ud83d)"));
+  std::string scratch;
+  EXPECT_EQ(sidecast::gateway::codec_detail::surrogates_tolerated(R"(["\\ud83d"])", scratch), R"(["\\ud83d"])") << "not an escape";
+  EXPECT_EQ(sidecast::gateway::codec_detail::surrogates_tolerated(R"(["\\\ud83d"])", scratch), R"(["\\\uFFFD"])");
+  EXPECT_EQ(sidecast::gateway::codec_detail::surrogates_tolerated(R"(["\ud83d\ude00\udc00"])", scratch),
+            R"(["\ud83d\ude00\uFFFD"])")
+      << "a pair as it is, the lone low after it replaced";
 }
 
 TEST(socketio, valid_args_refuses_what_would_break_a_packet) {

@@ -157,6 +157,12 @@ TEST(ws_json, every_short_input_is_handled) {
 // ---------------------------------------------------------------------------
 // Encoding.
 
+TEST(ws_json, a_lone_surrogate_escape_is_taken) {
+  const auto f = ws::decode(R"({"event":"echo","data":"cut: \ud83d","id":1})");
+  ASSERT_TRUE(f) << f.error().message();
+  EXPECT_EQ(f->data, R"("cut: \ud83d")");
+}
+
 TEST(ws_json, encode_event) {
   EXPECT_EQ(ws::encode_event("chat", R"({"text":"hi"})"), R"({"event":"chat","data":{"text":"hi"}})");
   EXPECT_EQ(ws::encode_event("chat", ""), R"({"event":"chat"})");
