@@ -44,6 +44,9 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->capture_default_str();
   core::add_millis(app, "--ping-interval", c.ping_interval, "Engine.IO ping interval, ms");
   core::add_millis(app, "--ping-timeout", c.ping_timeout, "Engine.IO ping timeout, ms");
+  core::add_millis(app, "--upgrade-timeout", c.upgrade_timeout,
+                   "A polling session's WebSocket probe that has not upgraded by then (no \"5\") is closed, and "
+                   "polling delivers again (Engine.IO's upgradeTimeout), ms");
   core::add_millis(app, "--connect-timeout", c.connect_timeout,
                    "Close a connection that has joined no namespace after this long, ms (as Socket.IO's connectTimeout)");
   core::add_millis(app, "--gateway-heartbeat", c.heartbeat_interval, "Heartbeat to the broker until its Welcome, ms");

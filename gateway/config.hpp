@@ -42,6 +42,7 @@ struct gateway_config {
   std::chrono::milliseconds ping_interval{25000};
   std::chrono::milliseconds ping_timeout{20000};
   std::chrono::milliseconds connect_timeout{45000};  // an Engine.IO session that joins no namespace by then is closed
+  std::chrono::milliseconds upgrade_timeout{10000};  // a WebSocket probe not upgraded by then is dropped, polling goes on
   std::chrono::milliseconds heartbeat_interval{1000};  // to the broker, until its Welcome
   std::size_t max_payload = 1000000;              // maxHttpBufferSize: POST body and WS frame bytes
   std::size_t max_attachments = 10;               // binary attachments per packet

@@ -546,6 +546,7 @@ eio_session::eio_session(gateway& gw, boost::asio::any_io_executor ex, std::stri
       events_{gw.config().events_per_second, gw.config().events_burst},
       echo_{echo},
       grace_timer_{ex_},
+      upgrade_timer_{ex_},
       connect_timer_{ex_} {}
 
 void eio_session::expect_connect() {
@@ -667,6 +668,24 @@ void eio_session::upgrade(std::shared_ptr<ws_conn> ws) {
     return;
   }
   probe_ = std::move(ws);
+  // A probe whose "3probe" never reaches its client (a proxy that buffers)
+  // would hold polling's deliveries for good: dropped after the timeout.
+  upgrade_timer_.expires_after(gw_.config().upgrade_timeout);
+  upgrade_timer_.async_wait([self = shared_from_this(), probe = probe_.get()](boost::system::error_code ec) {
+    if (ec || self->closed_ || self->probe_.get() != probe) return;
+    probe->close();
+    self->drop_probe();
+  });
+}
+
+// The upgrade failed (the probe closed, timed out or sent something other
+// than the upgrade's packets): polling carries on, and delivers what waited.
+void eio_session::drop_probe() {
+  upgrade_timer_.cancel();
+  probe_.reset();
+  probed_ = false;
+  upgrade_started_ = false;
+  if (!buffer_.empty() && pending_get_) flush_poll();
 }
 
 void eio_session::on_ws_message(const ws_conn* from, std::string data, bool binary) {
@@ -682,6 +701,7 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
     }
     if (!binary && data == "5" && probed_) {
       // The upgrade is complete: what waited for polling goes on the socket.
+      upgrade_timer_.cancel();
       ws_ = std::move(probe_);
       transport_ = transport::websocket;
       gw_.metrics().polling.Decrement();
@@ -698,8 +718,11 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
       if (!pending.empty()) ws_->send(std::move(pending));
       return;
     }
+    // Only the probe fails, as in the reference server: the session polls on.
     gw_.metrics().bad_packet.Increment();
-    close("bad upgrade");
+    auto probe = probe_;
+    drop_probe();
+    probe->close();
     return;
   }
   if (!ws_ || from != ws_.get()) return;
@@ -719,11 +742,7 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
 
 void eio_session::on_ws_closed(const ws_conn* from) {
   if (probe_ && from == probe_.get()) {
-    // A failed upgrade: polling carries on.
-    probe_.reset();
-    probed_ = false;
-    upgrade_started_ = false;
-    if (!buffer_.empty() && pending_get_) flush_poll();
+    drop_probe();  // a failed upgrade: polling carries on
     return;
   }
   if (ws_ && from == ws_.get()) close("transport close");
@@ -1029,6 +1048,7 @@ void eio_session::close(const char* reason) {
   closed_ = true;
   ping_timer_.cancel();
   grace_timer_.cancel();
+  upgrade_timer_.cancel();
   connect_timer_.cancel();
   if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "1"});
   for (auto& [nsp, socket] : std::exchange(sockets_, {})) {

@@ -87,6 +87,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   void send_text(std::string_view text);
   void flush_poll();
   void hold_get(std::shared_ptr<reply_slot> get);
+  void drop_probe();
   void schedule_ping();
   void expect_connect();
   void after_ping();
@@ -119,6 +120,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   bool client_closing_ = false;           // a close packet came with no GET to answer
   std::shared_ptr<reply_slot> held_get_;  // a GET that came during an upgrade
   timer grace_timer_;
+  timer upgrade_timer_;  // --upgrade-timeout for probe_
   timer connect_timer_;  // no namespace joined in time: close
 };
 

@@ -435,6 +435,43 @@ class WebSocketErrors(unittest.TestCase):
         self.assertEqual(first.recv(), "3probe", "the first one is unaffected")
         first.close()
 
+    def probe(self, sid):
+        ws = websocket.create_connection(f"ws://{HOST}:{PORT}/socket.io/?EIO=4&transport=websocket&sid={sid}",
+                                         timeout=5)
+        ws.send("2probe")
+        self.assertEqual(ws.recv(), "3probe")
+        return ws
+
+    def polled_until(self, sid, packet, seconds=5):
+        """Polls ``sid`` until ``packet`` comes, at most ``seconds``; every poll answered 200."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            status, body, _ = poll(sid)
+            self.assertEqual(status, 200, body)
+            if packet in body.split(SEP):
+                return True
+        return False
+
+    def test_a_bad_probe_frame_fails_the_upgrade_not_the_session(self):
+        # As the reference server: only the probe is closed. The whole
+        # session was, and the next poll got 400 "Session ID unknown".
+        sid = connected_session()
+        ws = self.probe(sid)
+        ws.send('42["echo","x"]')
+        ws.close()
+        post(sid, '421["echo","still polling"]')
+        self.assertTrue(self.polled_until(sid, '431["still polling"]'))
+
+    def test_a_probe_that_never_upgrades_is_dropped_at_the_upgrade_timeout(self):
+        # tests/e2e/CMakeLists.txt starts this gateway with --upgrade-timeout
+        # 1000. A probe whose "3probe" never reached its client (a buffering
+        # proxy) held every delivery on polling until the session's ping timeout.
+        sid = connected_session()
+        ws = self.probe(sid)  # then silent
+        post(sid, '421["echo","held"]')
+        self.assertTrue(self.polled_until(sid, '431["held"]'))
+        ws.close()
+
     def test_plain_ws_bad_frames_get_errors_and_keep_the_connection(self):
         ws = websocket.create_connection(f"ws://{HOST}:{PORT}/ws", timeout=5)
         self.assertEqual(json.loads(ws.recv())["event"], "connect")
