@@ -1678,27 +1678,23 @@ class WelcomeHookTest(WelcomingBrokerTest):
                 self.beating(0.05)
         return None
 
+    def assert_called_after_welcome(self, incarnation, first, what):
+        """Welcomes the worker as broker ``incarnation``; the hook runs once, after the delay."""
+        sent = self.welcome(incarnation)
+        call = self.next_call(self.delay + 2)
+        self.assertIsNotNone(call, f"no call after {what}")
+        self.assertEqual(call[0], first, f"welcome.first after {what}")
+        self.assertGreaterEqual(call[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
+
     def test_the_hook_runs_at_each_welcome_of_a_broker_that_did_not_know_the_link(self):
-        sent = self.welcome(7)
-        first = self.next_call(self.delay + 2)
-        self.assertIsNotNone(first, "no call after the first Welcome")
-        self.assertTrue(first[0], "welcome.first of the first Welcome")
-        self.assertGreaterEqual(first[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
+        self.assert_called_after_welcome(7, True, "the first Welcome")
         # The same broker had dropped the worker: NOT_REGISTERED, and its
         # Welcome to the Hello again says previous_hello 0. A call.
         self.hello_again()
-        sent = self.welcome(7)
-        again = self.next_call(self.delay + 2)
-        self.assertIsNotNone(again, "no call after the Welcome of a broker that had dropped the worker")
-        self.assertFalse(again[0], "welcome.first of a later Welcome")
-        self.assertGreaterEqual(again[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
+        self.assert_called_after_welcome(7, False, "the Welcome of a broker that had dropped the worker")
         # A broker this worker had not met: a call, after the delay again.
         self.hello_again()
-        sent = self.welcome(8)
-        third = self.next_call(self.delay + 2)
-        self.assertIsNotNone(third, "no call after a new broker's Welcome")
-        self.assertFalse(third[0], "welcome.first of a later Welcome")
-        self.assertGreaterEqual(third[1] - sent, self.delay, "the hook did not wait for the gateways' Hellos")
+        self.assert_called_after_welcome(8, False, "a new broker's Welcome")
         self.assertIsNone(self.next_call(self.delay + 1), "a fourth call")
         self.assertEqual(self.worker.stats().handler_errors, 0)
 
