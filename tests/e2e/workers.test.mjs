@@ -79,6 +79,35 @@ test("chat: history on join, presence, live messages", async () => {
   assert.deepEqual((await left).members, ["ann"], "a disconnect updates presence");
 });
 
+// One chat worker serves /chat and /lobby (this file's stack routes both to
+// it): a room of one name in each is two rooms, with their own members,
+// history and messages, as Socket.IO's rooms are.
+test("chat: a room is its namespace's", async () => {
+  const room = "shared" + Date.now();
+  const a = await connect("/chat");
+  await ack(a, "nick", "ann");
+  await ack(a, "join", room);
+  await ack(a, "say", { room, text: "in chat" });
+  const b = await connect("/lobby");
+  await ack(b, "nick", "bob");
+  const bHistory = next(b, "history");
+  const joined = await ack(b, "join", room);
+  assert.deepEqual(joined.members, ["bob"], "/chat's member is not in /lobby's room");
+  assert.deepEqual((await bHistory).messages, [], "/chat's message is not in /lobby's history");
+  const heard = [];
+  a.on("message", (m) => heard.push(m.text));
+  await ack(b, "say", { room, text: "in lobby" });
+  const c = await connect("/chat");
+  const cHistory = next(c, "history");
+  const cJoined = await ack(c, "join", room);
+  assert.deepEqual(cJoined.members.length, 2);
+  assert.deepEqual((await cHistory).messages.map((m) => m.text), ["in chat"]);
+  const after = next(a, "message", (m) => m.text === "after");
+  await ack(c, "say", { room, text: "after" });
+  await after;
+  assert.deepEqual(heard, ["after"], "/chat heard /lobby's message");
+});
+
 // The rows the chat worker keeps for a room, read from its SQLite file.
 function storedMessages(room) {
   const r = spawnSync("/usr/bin/python3", ["-c",

@@ -19,6 +19,7 @@
 #include <set>
 #include <thread>
 
+#include <boost/json.hpp>
 #include <gtest/gtest.h>
 #include <prometheus/registry.h>
 
@@ -2945,6 +2946,70 @@ TEST_P(BrokerTest, AChatForgetsALostGatewaysSocketsOnceItsDatabaseIsFree) {
   ASSERT_EQ(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
   EXPECT_TRUE(eventually([&] { return presence_rows() == 0; }, 5s)) << "the lost gateway's socket is still in room r";
   sqlite3_close(other);
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+}
+
+// A room is its namespace's: with one chat worker serving two namespaces,
+// a room of one name has two member lists and two histories. A database of
+// an earlier build (messages with no namespace) keeps its messages, shown
+// in their room in every namespace.
+TEST_P(BrokerTest, AChatRoomIsItsNamespaces) {
+  start();
+  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-nsp-" + std::to_string(::getpid()) + ".db");
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  {
+    sqlite3* old = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &old), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(old,
+                           "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, room TEXT NOT NULL, "
+                           "nick TEXT NOT NULL, sid TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL);"
+                           "INSERT INTO messages(room, nick, sid, text, ts) VALUES('r', 'old', 'x.y', 'legacy', 1);",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(old);
+  }
+  workers::chat_options options;
+  options.database = path.string();
+  add_worker({workers::chat_service(4, options)}, "chat1");
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  // Asks and waits for the reply; the history the socket was sent on the way.
+  struct answer {
+    std::string reply, history;
+  };
+  auto ask = [&](const std::string& sid, const std::string& nsp, const char* event, const std::string& args) {
+    auto id = gw.submit("chat", event, args, 5s, sid, nsp);
+    answer out;
+    std::optional<Envelope> got;
+    while ((got = gw.receive_any(5s))) {
+      if (got->has_emit() && got->emit().sid() == sid && got->emit().event() == "history")
+        out.history = got->emit().args();
+      if (got->has_reply() && got->reply().id() == id) {
+        EXPECT_EQ(got->reply().code(), proto::OK) << event << ": " << got->reply().message();
+        out.reply = got->reply().args();
+        break;
+      }
+    }
+    return out;
+  };
+  auto texts = [](const std::string& history) {
+    std::vector<std::string> out;
+    auto parsed = boost::json::parse(history);
+    for (const auto& m : parsed.at(0).at("messages").as_array())
+      out.emplace_back(m.at("text").as_string());
+    return out;
+  };
+  auto a = ask("gwT.aaaa", "/a", "join", R"(["r"])");
+  EXPECT_EQ(a.reply, R"([{"room":"r","members":["guest-aaaa"]}])");
+  EXPECT_EQ(texts(a.history), std::vector<std::string>{"legacy"});
+  ask("gwT.aaaa", "/a", "say", R"([{"room":"r","text":"in a"}])");
+  auto b = ask("gwT.bbbb", "/b", "join", R"(["r"])");
+  EXPECT_EQ(b.reply, R"([{"room":"r","members":["guest-bbbb"]}])") << "room r of /a is not /b's";
+  EXPECT_EQ(texts(b.history), std::vector<std::string>{"legacy"}) << "/a's message shown in /b";
+  ask("gwT.bbbb", "/b", "say", R"([{"room":"r","text":"in b"}])");
+  auto c = ask("gwT.cccc", "/a", "join", R"(["r"])");
+  EXPECT_EQ(c.reply, R"([{"room":"r","members":["guest-aaaa","guest-cccc"]}])");
+  EXPECT_EQ(texts(c.history), (std::vector<std::string>{"legacy", "in a"}));
   for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 

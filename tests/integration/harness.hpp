@@ -198,7 +198,8 @@ class peer {
   }
 
   std::string submit(const std::string& service, const std::string& event, const std::string& args,
-                     std::chrono::milliseconds timeout = 5s, const std::string& sid = {}) {
+                     std::chrono::milliseconds timeout = 5s, const std::string& sid = {},
+                     const std::string& nsp = "/") {
     auto id = id_ + ":" + std::to_string(++next_id_);
     Envelope env;
     auto* r = env.mutable_request();
@@ -207,7 +208,7 @@ class peer {
     r->set_event(event);
     r->set_args(args);
     r->set_sid(sid);
-    r->set_nsp("/");
+    r->set_nsp(nsp);
     r->set_wants_reply(true);
     r->set_timeout_ms(static_cast<std::uint32_t>(timeout.count()));
     send(env);

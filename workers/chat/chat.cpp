@@ -46,9 +46,15 @@ class database {
     sqlite3_busy_timeout(db_, static_cast<int>(busy_timeout.count()));
     exec("PRAGMA journal_mode=WAL");
     exec("PRAGMA synchronous=NORMAL");
+    // A room is a namespace's (as Socket.IO's rooms are): its history and
+    // members are those of the socket's namespace, when one chat worker
+    // serves several (--route /a=chat --route /b=chat).
     exec(R"(CREATE TABLE IF NOT EXISTS messages (
               id INTEGER PRIMARY KEY AUTOINCREMENT, room TEXT NOT NULL, nick TEXT NOT NULL,
-              sid TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL))");
+              sid TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL, nsp TEXT NOT NULL DEFAULT ''))");
+    // Messages stored by an earlier build, which did not keep the namespace,
+    // have nsp '' and belong to their room in every namespace (legacy_nsp).
+    add_column("messages", "nsp", "TEXT NOT NULL DEFAULT ''");
     exec("CREATE INDEX IF NOT EXISTS messages_room ON messages(room, id)");
     // Presence and nicknames describe live sockets: kept across a restart,
     // and checked with their gateways at each Welcome (see sweep).
@@ -57,7 +63,8 @@ class database {
          "PRIMARY KEY (sid, room))");
     add_column("presence", "nsp", "TEXT NOT NULL DEFAULT '/'");  // to a database of an earlier build
     // A room's members (members_of) without a scan of every socket's rows.
-    exec("CREATE INDEX IF NOT EXISTS presence_room ON presence(room)");
+    exec("DROP INDEX IF EXISTS presence_room");  // an earlier build's, on the room alone
+    exec("CREATE INDEX IF NOT EXISTS presence_nsp_room ON presence(nsp, room)");
     // Sockets that disconnected, for ten minutes: a join or nick of one
     // that a handler thread runs after its disconnect (they run on the
     // pool, in no set order) is refused, not left as a ghost member.
@@ -187,11 +194,12 @@ std::string nick_of(database& db, const std::string& sid) {
   return s.step() ? s.text(0) : "guest-" + sid.substr(sid.size() > 4 ? sid.size() - 4 : 0);
 }
 
-json::array members_of(database& db, const std::string& room) {
+// The members of `room` in namespace `nsp`.
+json::array members_of(database& db, const std::string& nsp, const std::string& room) {
   auto s = db.prepare(
-      "SELECT p.sid, coalesce(n.nick, '') FROM presence p LEFT JOIN nicks n ON n.sid = p.sid WHERE p.room = ? "
-      "ORDER BY 2");
-  s.bind(1, room);
+      "SELECT p.sid, coalesce(n.nick, '') FROM presence p LEFT JOIN nicks n ON n.sid = p.sid "
+      "WHERE p.nsp = ? AND p.room = ? ORDER BY 2");
+  s.bind(1, nsp).bind(2, room);
   json::array out;
   while (s.step()) {
     auto sid = s.text(0);
@@ -207,8 +215,12 @@ std::string presence_args(const std::string& room, json::array members) {
 }
 
 void announce_presence(request& req, database& db, const std::string& room) {
-  req.emit_to_room(room, "presence", presence_args(room, members_of(db, room)));
+  req.emit_to_room(room, "presence", presence_args(room, members_of(db, req.nsp(), room)));
 }
+
+// The messages of a room as namespace `nsp` sees it: its own, and those an
+// earlier build stored without a namespace.
+constexpr const char* kRoomMessages = "room = ?1 AND nsp IN (?2, '')";
 
 using rooms_of_sockets = std::vector<std::pair<std::string, std::string>>;  // nsp, room
 
@@ -330,7 +342,7 @@ class sweep : public std::enable_shared_from_this<sweep> {
         auto rooms = state == socket_state::gone ? forget_gone(*db_, sid) : forget_sockets(*db_, "sid = ?", {sid});
         ++forgotten_;
         for (const auto& [nsp, room] : rooms)
-          welcome_.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db_, room)));
+          welcome_.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db_, nsp, room)));
       } catch (const std::exception& e) {  // kept, as an unknown one: the batch goes on
         state = socket_state::unknown;
         std::lock_guard lock{db_->mutex};
@@ -423,14 +435,13 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
                 .bind(2, *room)
                 .bind(3, req.nsp())
                 .step();
-            auto s = db->prepare(
-                "SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?) "
-                "ORDER BY id");
-            s.bind(1, *room).bind(2, static_cast<std::int64_t>(history));
+            auto s = db->prepare(std::string{"SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE "} +
+                                 kRoomMessages + " ORDER BY id DESC LIMIT ?3) ORDER BY id");
+            s.bind(1, *room).bind(2, req.nsp()).bind(3, static_cast<std::int64_t>(history));
             while (s.step())
               messages.push_back(json::object{{"id", s.integer(0)}, {"room", *room}, {"nick", s.text(1)},
                                               {"text", s.text(2)}, {"ts", s.integer(3)}});
-            members = members_of(*db, *room);
+            members = members_of(*db, req.nsp(), *room);
             req.join(*room);
             req.emit("history", json::serialize(json::array{json::object{{"room", *room}, {"messages", messages}}}));
             auto args = presence_args(*room, std::move(members));
@@ -471,14 +482,15 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
               // again by a client that retries.
               database::transaction tx{*db};
               nick = nick_of(*db, req.sid());
-              db->prepare("INSERT INTO messages(room, nick, sid, text, ts) VALUES(?, ?, ?, ?, ?)")
-                  .bind(1, r).bind(2, nick).bind(3, req.sid()).bind(4, t).bind(5, ts).step();
+              db->prepare("INSERT INTO messages(room, nick, sid, text, ts, nsp) VALUES(?, ?, ?, ?, ?, ?)")
+                  .bind(1, r).bind(2, nick).bind(3, req.sid()).bind(4, t).bind(5, ts).bind(6, req.nsp()).step();
               id = db->last_id();
               // Bounded history: the room's newest keep_per_room, and ids
               // grow by one, so the newest keep_total of all.
-              db->prepare("DELETE FROM messages WHERE room = ? AND id <= (SELECT id FROM messages WHERE room = ? "
-                          "ORDER BY id DESC LIMIT 1 OFFSET ?)")
-                  .bind(1, r).bind(2, r).bind(3, keep_per_room).step();
+              db->prepare(std::string{"DELETE FROM messages WHERE "} + kRoomMessages +
+                          " AND id <= (SELECT id FROM messages WHERE " + kRoomMessages +
+                          " ORDER BY id DESC LIMIT 1 OFFSET ?3)")
+                  .bind(1, r).bind(2, req.nsp()).bind(3, keep_per_room).step();
               auto gone = db->changes();
               db->prepare("DELETE FROM messages WHERE id <= ?").bind(1, id - keep_total).step();
               gone += db->changes();
@@ -515,7 +527,7 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
               tx.commit();
             }
             for (const auto& [nsp, room] : rooms)
-              g.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db, room)));
+              g.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db, nsp, room)));
             return;
           } catch (const answer_error& e) {
             if (e.code != proto::BUSY || attempt == 3) throw;
