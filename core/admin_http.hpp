@@ -2,9 +2,11 @@
 // A small HTTP server on its own thread for the operator: /metrics (the
 // Prometheus registry) and /healthz. Used by processes whose main loop is not
 // an Asio loop (the broker, the workers). At most --admin-max-connections
-// connections at once: past it a new one is closed at once (counted), so a
-// flood of them cannot take the file descriptors the process's ZeroMQ
-// sockets need.
+// connections at once, so a flood of them cannot take the file descriptors
+// the process's ZeroMQ sockets need: past it a new one takes the place of
+// the oldest idle one (counted), so idle connections held open by a peer
+// cannot keep a health check out; with every one answering a request the
+// new one is closed at once (counted).
 #include <atomic>
 #include <cstddef>
 #include <functional>
@@ -54,6 +56,7 @@ class admin_http {
   std::function<std::string()> status_;
   prometheus::Gauge& connections_;
   prometheus::Counter& refused_;
+  prometheus::Counter& evicted_;
   boost::asio::io_context io_{1};
   std::thread thread_;
   unsigned short port_ = 0;

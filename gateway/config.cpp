@@ -19,6 +19,11 @@ std::vector<route> parse_routes(const std::vector<std::string>& entries) {
     route r{e.substr(0, eq), e.substr(eq + 1)};
     if (!socketio::valid_namespace(r.nsp))
       throw std::invalid_argument("route '" + e + "': bad namespace");
+    // A list given as one value (SIDECAST_ROUTE="/=demo,/chat=chat" is one
+    // entry: a list in the environment is written [a,b]).
+    if (r.service.find_first_of(",= \t") != std::string::npos)
+      throw std::invalid_argument("route '" + e + "': a service name has no ',', '=' or space (several routes "
+                                  "from SIDECAST_ROUTE are written [/=demo,/chat=chat])");
     out.push_back(std::move(r));
   }
   return out;
@@ -92,7 +97,7 @@ void add_options(CLI::App& app, gateway_config& c) {
          "`room`, only the rooms with a local member (less traffic when rooms are spread over many gateways, "
          "but an event published as a join makes a room new to this gateway can miss it)")
       ->check(CLI::IsMember({"namespace", "room"}))
-      ->option_text("namespace|room")
+      ->option_text("namespace|room [namespace] (Env:SIDECAST_ROOM_SUBSCRIPTIONS)")
       ->default_str("namespace");
   app.add_option("--max-recent-unsubscriptions", c.max_recent_unsubscriptions,
                  "Room and namespace unsubscriptions of the last 5 s remembered, so that a gap in a topic's events "
@@ -188,7 +193,8 @@ void add_options(CLI::App& app, gateway_config& c) {
   app.add_option("--jwt-issuer", c.jwt_issuer, "A connect token's iss must be this (empty: not checked)");
   app.add_flag("--jwt-allow-no-exp", c.jwt_allow_no_exp,
                "Accept connect tokens without exp (by default refused: such a token never expires)");
-  app.add_option("--api-key", c.api_keys, "Key accepted by POST /api/v1/publish (repeatable)");
+  app.add_option("--api-key", c.api_keys,
+                 "Key of the server-side API: publish, sockets and rooms (repeatable; none: those are off)");
   core::add_millis(app, "--api-session-ttl", c.api_session_ttl, "Close API sessions not polled for, ms");
   app.add_option("--api-buffer", c.api_buffer, "Events buffered per API session")->capture_default_str()
       ->check(at_least_one);

@@ -39,6 +39,7 @@ for b in sidecast-broker sidecast-gateway sidecast-worker; do
   [[ -x $bin/$b ]] || { echo "up.sh: $bin/$b missing: build first (cmake --build build)" >&2; exit 1; }
 done
 command -v haproxy >/dev/null || { echo "up.sh: haproxy missing (apt-get install haproxy)" >&2; exit 1; }
+[[ -x /usr/bin/python3 ]] || { echo "up.sh: /usr/bin/python3 missing (apt-get install python3): it picks free ports and checks health" >&2; exit 1; }
 if [[ -f $run_dir/pids ]]; then echo "up.sh: $run_dir holds a running topology; run down.sh first" >&2; exit 1; fi
 mkdir -p "$run_dir"
 : > "$run_dir/pids"

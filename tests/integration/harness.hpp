@@ -85,16 +85,24 @@ inline int connect_to(int port) {
   return fd;
 }
 
-/// GET http://127.0.0.1:port/path with a plain socket; returns status and body.
-inline std::pair<int, std::string> http_get(int port, const std::string& path) {
+/// Writes `request` to 127.0.0.1:port on a new connection and reads until
+/// the server closes it (at most 10 s); "" if it cannot connect.
+inline std::string http_raw(int port, const std::string& request) {
   int fd = connect_to(port);
-  if (fd < 0) return {0, {}};
-  std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-  [[maybe_unused]] auto sent = ::write(fd, req.data(), req.size());
+  if (fd < 0) return {};
+  timeval ten{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &ten, sizeof ten);
+  [[maybe_unused]] auto sent = ::write(fd, request.data(), request.size());
   std::string response;
   char buf[4096];
   for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) response.append(buf, static_cast<std::size_t>(n));
   ::close(fd);
+  return response;
+}
+
+/// GET http://127.0.0.1:port/path with a plain socket; returns status and body.
+inline std::pair<int, std::string> http_get(int port, const std::string& path) {
+  auto response = http_raw(port, "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
   if (response.size() < 12) return {0, {}};
   auto body = response.find("\r\n\r\n");
   return {std::stoi(response.substr(9, 3)), body == std::string::npos ? "" : response.substr(body + 4)};

@@ -70,6 +70,25 @@ TEST(Config, FlagsEnvAndTomlInOrderOfPrecedence) {
   EXPECT_EQ(list, (std::vector<std::string>{"a", "b"}));
 }
 
+// A flag that repeats takes a list from its variable in brackets (what
+// docs/deployment.md tells); without them the value is one entry.
+TEST(Config, AListFromTheEnvironmentIsWrittenInBrackets) {
+  for (auto [value, want] : {std::pair<const char*, std::vector<std::string>>{"[/=demo,/chat=chat]", {"/=demo", "/chat=chat"}},
+                             {"/=demo,/chat=chat", {"/=demo,/chat=chat"}}}) {
+    std::vector<std::string> routes;
+    CLI::App app{"test"};
+    app.add_option("--route", routes);
+    finish_app(app);
+    ::setenv("SIDECAST_ROUTE", value, 1);
+    args a{{"prog"}};
+    auto argv = a.argv();
+    auto code = parse(app, static_cast<int>(argv.size()), argv.data());
+    ::unsetenv("SIDECAST_ROUTE");
+    ASSERT_FALSE(code);
+    EXPECT_EQ(routes, want) << value;
+  }
+}
+
 // An empty SIDECAST_ variable (compose's ${UNSET}) sets nothing in CLI11;
 // it must not take the file's value away either.
 TEST(Config, AnEmptyVariableLeavesTheFilesValue) {

@@ -2,6 +2,7 @@
 
 #include <prometheus/registry.h>
 
+#include "gateway/config.hpp"
 #include "gateway/limits.hpp"
 #include "gateway/thread_backlog.hpp"
 
@@ -9,6 +10,15 @@ namespace sidecast::gateway {
 namespace {
 
 using namespace std::chrono_literals;
+
+// A route list given as one value (SIDECAST_ROUTE without brackets) is
+// refused at start, not read as a service named "demo,/chat=chat".
+TEST(Routes, AServiceNameWithACommaOrEqualsIsRefused) {
+  EXPECT_EQ(parse_routes({"/=demo", "/chat=chat"}).size(), 2u);
+  EXPECT_THROW(parse_routes({"/=demo,/chat=chat"}), std::invalid_argument);
+  EXPECT_THROW(parse_routes({"/=a b"}), std::invalid_argument);
+  EXPECT_THROW(parse_routes({"chat"}), std::invalid_argument);
+}
 
 TEST(TokenBucket, BurstThenRate) {
   token_bucket b{10, 3};

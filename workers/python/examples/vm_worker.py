@@ -190,14 +190,16 @@ def main(argv=None):
                    help="on SIGTERM or SIGINT: take no new work, give launches under way this long "
                         "to finish, then stop: a launch still running is cancelled there (no vm_response "
                         "reaches its socket), and no other worker runs it again: it was acked, ms")
-    p.add_argument("--log-level", default=env("SIDECAST_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    # The C++ binaries' names too: one SIDECAST_LOG_LEVEL may serve both.
+    levels = {"trace": "DEBUG", "debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING",
+              "error": "ERROR", "critical": "CRITICAL", "off": "CRITICAL"}
+    p.add_argument("--log-level", default=env("SIDECAST_LOG_LEVEL", "info"), choices=sorted(levels))
     args = p.parse_args(argv)
     if not 0 <= args.failure_rate <= 1:
         p.error("--failure-rate must be between 0 and 1")
     if bool(args.backup_broker) != bool(args.backup_publish):
         p.error("--backup-broker and --backup-publish go together")
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=levels[args.log_level],
                         format="%(asctime)s %(levelname)s [vm-worker] %(message)s")
     worker = Worker(args.broker, args.publish, worker_id=args.id,
                     heartbeat_interval=args.heartbeat_interval / 1000.0,
