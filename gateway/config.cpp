@@ -202,6 +202,11 @@ void add_options(CLI::App& app, gateway_config& c) {
                "Also serve a bare Engine.IO endpoint at /engine.io/ that echoes every message (for the official "
                "engine.io-protocol test suite)");
   app.add_option("--static-dir", c.static_dir, "Directory served at / (the demo page)");
+  app.add_option("--max-static-bytes", c.max_static_bytes,
+                 "Largest file served from --static-dir (and --client-js), read whole on the I/O thread; a larger "
+                 "one gets 403 (serve large assets from a CDN or a web server)")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 30));
   app.add_option("--client-js", c.client_js, "socket.io.min.js served at /socket.io/socket.io.min.js");
 }
 

@@ -94,6 +94,7 @@ struct gateway_config {
   std::size_t api_buffer = 1024;                  // events buffered per API session
   bool engineio_echo = false;                     // serve a bare Engine.IO echo at /engine.io/ (conformance tests)
   std::string static_dir;                         // files served at / (the demo page)
+  std::size_t max_static_bytes = 4 << 20;         // a larger file there (or --client-js) is not served: 403
   std::string client_js;                          // socket.io.min.js served at /socket.io/
 };
 

@@ -1,6 +1,7 @@
 #include "gateway/http_session.hpp"
 
 #include <algorithm>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -56,31 +57,58 @@ http_answer shutting_down() {
 std::string_view content_type_for(std::string_view path) {
   auto dot = path.rfind('.');
   auto ext = dot == std::string_view::npos ? std::string_view{} : path.substr(dot);
-  if (ext == ".html") return "text/html; charset=UTF-8";
-  if (ext == ".js") return "application/javascript; charset=UTF-8";
-  if (ext == ".css") return "text/css; charset=UTF-8";
-  if (ext == ".json") return "application/json";
-  if (ext == ".png") return "image/png";
-  if (ext == ".svg") return "image/svg+xml";
-  if (ext == ".ico") return "image/x-icon";
+  static constexpr std::pair<std::string_view, std::string_view> types[] = {
+      {".html", "text/html; charset=UTF-8"},      {".htm", "text/html; charset=UTF-8"},
+      {".js", "text/javascript; charset=UTF-8"},  {".mjs", "text/javascript; charset=UTF-8"},
+      {".css", "text/css; charset=UTF-8"},        {".json", "application/json"},
+      {".map", "application/json"},               {".txt", "text/plain; charset=UTF-8"},
+      {".wasm", "application/wasm"},              {".png", "image/png"},
+      {".jpg", "image/jpeg"},                     {".jpeg", "image/jpeg"},
+      {".gif", "image/gif"},                      {".webp", "image/webp"},
+      {".avif", "image/avif"},                    {".svg", "image/svg+xml"},
+      {".ico", "image/x-icon"},                   {".woff", "font/woff"},
+      {".woff2", "font/woff2"},                   {".ttf", "font/ttf"},
+      {".otf", "font/otf"},                       {".pdf", "application/pdf"},
+      {".xml", "application/xml"},                {".webmanifest", "application/manifest+json"},
+  };
+  for (const auto& [e, type] : types)
+    if (beast::iequals(ext, e)) return type;
   return "application/octet-stream";
 }
 
-// A regular file's contents; nullopt for anything else (a directory, a
-// FIFO that would block the thread, a device) or a path with a NUL (which
-// would name a shorter path than the one checked).
-std::optional<std::string> read_file(const std::string& path) {
+// What a static file's GET (or HEAD) gets: its contents, or, past
+// --max-static-bytes, a refusal. Read on the I/O thread, so bounded: a
+// file of hundreds of megabytes held every connection of the thread while
+// it was read, and a copy of it per request.
+struct file_answer {
+  std::string body;
+  bool too_large = false;
+};
+
+// A regular file's contents (for a HEAD, its size in blanks: the body is
+// dropped, the Content-Length kept); nullopt for anything else (a
+// directory, a FIFO that would block the thread, a device) or a path with a
+// NUL (which would name a shorter path than the one checked).
+std::optional<file_answer> read_file(const std::string& path, std::size_t limit, bool head) {
   std::error_code ec;
   if (path.find('\0') != std::string::npos || !std::filesystem::is_regular_file(path, ec)) return std::nullopt;
-  std::ifstream f{path, std::ios::binary};
+  std::ifstream f{path, std::ios::binary | std::ios::ate};
   if (!f) return std::nullopt;
-  return std::string{std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  auto size = static_cast<std::size_t>(f.tellg());
+  if (size > limit) return file_answer{{}, true};
+  file_answer out;
+  out.body.resize(size);
+  if (head) return out;
+  f.seekg(0);
+  if (!f.read(out.body.data(), static_cast<std::streamsize>(size))) return std::nullopt;
+  return out;
 }
 
 // read_file(), of a file whose real path (symbolic links followed) is
 // under `root`'s: a link in the served directory that leads out of it
 // serves nothing.
-std::optional<std::string> read_file_beneath(const std::string& root, const std::string& path) {
+std::optional<file_answer> read_file_beneath(const std::string& root, const std::string& path, std::size_t limit,
+                                             bool head) {
   if (path.find('\0') != std::string::npos) return std::nullopt;  // it would name a shorter path
   std::error_code ec;
   auto base = std::filesystem::canonical(root, ec);
@@ -89,7 +117,7 @@ std::optional<std::string> read_file_beneath(const std::string& root, const std:
   if (ec) return std::nullopt;
   auto inside = real.lexically_relative(base);
   if (inside.empty() || *inside.begin() == "..") return std::nullopt;
-  return read_file(real.string());
+  return read_file(real.string(), limit, head);
 }
 
 // The Origin's "host[:port]" part, or empty when it has none.
@@ -138,14 +166,32 @@ void add_cors(const gateway_config& c, const request& req, response& res) {
   res.set(http::field::vary, "Origin");
 }
 
-response make_response(const request& req, const http_answer& a) {
+// The Date header's value (RFC 9110 6.6.1), made once a second per thread.
+const std::string& http_date() {
+  thread_local std::time_t made = 0;
+  thread_local std::string text;
+  auto now = std::time(nullptr);
+  if (now != made) {
+    std::tm tm{};
+    ::gmtime_r(&now, &tm);
+    char buf[64];
+    text.assign(buf, std::strftime(buf, sizeof buf, "%a, %d %b %Y %H:%M:%S GMT", &tm));
+    made = now;
+  }
+  return text;
+}
+
+response make_response(const request& req, http_answer a) {
   response res{static_cast<http::status>(a.status), req.version()};
   res.set(http::field::server, "sidecast");
-  res.set(http::field::content_type, a.content_type);
+  res.set(http::field::date, http_date());
   res.set(http::field::cache_control, "no-store");
+  res.set("X-Content-Type-Options", "nosniff");
   if (!a.allow.empty()) res.set(http::field::allow, a.allow);
   res.keep_alive(req.keep_alive());
-  res.body() = a.body;
+  if (a.status == 204) return res;  // no body, so no Content-Type or Content-Length (RFC 9110 8.6, 15.3.5)
+  res.set(http::field::content_type, a.content_type);
+  res.body() = std::move(a.body);
   res.prepare_payload();
   return res;
 }
@@ -223,13 +269,19 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
   co_return co_await slot->wait();
 }
 
-asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path) {
+http_answer file_too_large(gateway& gw) {
+  gw.metrics().static_too_large.Increment();
+  return {403, "text/plain", "the file is larger than the gateway serves (--max-static-bytes)\n"};
+}
+
+asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path, bool head) {
   const auto& c = gw.config();
   if (path == "/socket.io/socket.io.min.js" || path == "/socket.io/socket.io.js") {
     if (c.client_js.empty()) co_return http_answer{404, "text/plain", "no client configured (--client-js)\n"};
-    auto body = read_file(c.client_js);
-    if (!body) co_return http_answer{404, "text/plain", "client file missing\n"};
-    co_return http_answer{200, "application/javascript; charset=UTF-8", std::move(*body)};
+    auto file = read_file(c.client_js, c.max_static_bytes, head);
+    if (!file) co_return http_answer{404, "text/plain", "client file missing\n"};
+    if (file->too_large) co_return file_too_large(gw);
+    co_return http_answer{200, "text/javascript; charset=UTF-8", std::move(file->body)};
   }
   // No segment that starts with a dot: not "..", nor a hidden file (.git,
   // .env); but /.well-known/ (RFC 8615: ACME challenges, security.txt).
@@ -239,13 +291,15 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path) {
     co_return http_answer{404, "text/plain", "not found\n"};
   std::string file = c.static_dir + std::string{path};
   if (path.ends_with('/')) file += "index.html";
-  auto body = read_file_beneath(c.static_dir, file);
-  if (!body) co_return http_answer{404, "text/plain", "not found\n"};
-  co_return http_answer{200, std::string{content_type_for(file)}, std::move(*body)};
+  auto found = read_file_beneath(c.static_dir, file, c.max_static_bytes, head);
+  if (!found) co_return http_answer{404, "text/plain", "not found\n"};
+  if (found->too_large) co_return file_too_large(gw);
+  co_return http_answer{200, std::string{content_type_for(file)}, std::move(found->body)};
 }
 
 asio::awaitable<response> handle(gateway& gw, request& req, const std::string& peer) {
   auto target = urls::parse_origin_form(req.target());
+  if (!target) target = urls::parse_absolute_uri(req.target());  // RFC 9112 3.2.2: as sent to a proxy
   if (!target) co_return make_response(req, {400, "text/plain", "bad request target\n"});
   auto path = std::string{target->path()};
   bool echo = gw.config().engineio_echo && (path == "/engine.io/" || path == "/engine.io");
@@ -275,17 +329,17 @@ asio::awaitable<response> handle(gateway& gw, request& req, const std::string& p
   } else if (path.starts_with("/api/v1/")) {
     auto params = target->params();
     answer = co_await gw.api().handle(req, path, params, peer);
+  } else if (req.method() != http::verb::get && req.method() != http::verb::head) {
+    answer = {405, "text/plain", "method not allowed\n", "GET, HEAD"};
   } else if (path == "/metrics") {
     answer = {200, "text/plain; version=0.0.4", core::serialize(*gw.registry())};
   } else if (path == "/healthz") {
     bool ok = gw.healthy();
     answer = {ok ? 200u : 503u, "text/plain", ok ? "ok\n" : "broker not connected\n"};
-  } else if (req.method() == http::verb::get || req.method() == http::verb::head) {
-    answer = co_await static_file(gw, path);
   } else {
-    answer = {405, "text/plain", "method not allowed\n", "GET, HEAD"};
+    answer = co_await static_file(gw, path, req.method() == http::verb::head);
   }
-  auto res = make_response(req, answer);
+  auto res = make_response(req, std::move(answer));
   if (cors) add_cors(gw.config(), req, res);
   co_return res;
 }
@@ -389,6 +443,26 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
 // error format for its paths, else Engine.IO's), too large a header (431),
 // not HTTP we can parse (400: a bad start line, header, chunk). Nothing for
 // success, for a client that went away, or for a timeout.
+// A request whose framing the gateway cannot trust (RFC 9112), refused and
+// its connection closed: a Transfer-Encoding not ending in chunked (6.3: its
+// body's length cannot be told; read as no body, its bytes would be taken
+// for the next request, smuggled past a proxy that reads them as this one's
+// body) or in HTTP/1.0 (6.1); a coding before chunked (6.1: 501, as the
+// gateway decodes none: a gzip body was read as plain); an HTTP/1.1
+// request without one Host (3.2).
+std::optional<http_answer> framing_refusal(const request& req, bool chunked) {
+  if (req.count(http::field::transfer_encoding) > 0) {
+    if (!chunked || req.version() < 11)
+      return http_answer{400, "text/plain", "bad request: a Transfer-Encoding the gateway cannot frame\n"};
+    auto coding = req[http::field::transfer_encoding];  // Beast trims the spaces around a value
+    if (coding.find(',') != beast::string_view::npos || !beast::iequals(coding, "chunked"))
+      return http_answer{501, "text/plain", "transfer coding not implemented: only chunked\n"};
+  }
+  if (req.version() >= 11 && req.count(http::field::host) != 1)
+    return http_answer{400, "text/plain", "bad request: an HTTP/1.1 request names one Host\n"};
+  return std::nullopt;
+}
+
 std::optional<http_answer> refusal_for(const beast::error_code& ec, std::string_view target, gateway_metrics& metrics) {
   if (ec == http::error::body_limit) {
     metrics.oversize.Increment();
@@ -501,21 +575,29 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     stream.expires_after(c.idle_timeout);
     beast::error_code ec;
     std::tie(ec, std::ignore) = co_await http::async_read_header(stream, buffer, parser, use);
-    if (!ec && !parser.chunked() && parser.get().count(http::field::transfer_encoding) > 0)
-      ec = http::error::bad_transfer_encoding;  // RFC 9112 6.3: its body's length cannot be told
-    if (!ec && !parser.is_done() && beast::iequals(parser.get()[http::field::expect], "100-continue")) {
+    std::optional<http_answer> framing;
+    if (!ec) framing = framing_refusal(parser.get(), parser.chunked());
+    if (!ec && !framing && !parser.is_done() && parser.get().version() >= 11 &&
+        beast::iequals(parser.get()[http::field::expect], "100-continue")) {
       // A client that waits to be told to send its body (curl does for
       // more than 1 KB): told at once, rather than left to its own timeout.
       // (A body past --max-payload was refused with the header: 413.)
       http::response<http::empty_body> go_on{http::status::continue_, 11};
       std::tie(ec, std::ignore) = co_await http::async_write(stream, go_on, use);
     }
-    if (!ec && !parser.is_done()) std::tie(ec, std::ignore) = co_await http::async_read(stream, buffer, parser, use);
+    if (!ec && !framing && !parser.is_done())
+      std::tie(ec, std::ignore) = co_await http::async_read(stream, buffer, parser, use);
     std::string_view target{parser.get().target()};  // what the start line named (empty before it)
-    if (auto refusal = refusal_for(ec, target, gw.metrics())) {
+    if (framing) gw.metrics().bad_http.Increment();
+    if (auto refusal = framing ? framing : refusal_for(ec, target, gw.metrics())) {
+      // The header as far as it was read: its Origin, for a page allowed to
+      // read this gateway's answers (a 413 without CORS headers reads as a
+      // network error in its browser).
+      const auto& partial = parser.get();
       request req;
       req.version(11);
-      auto res = make_response(req, *refusal);
+      auto res = make_response(req, std::move(*refusal));
+      if (!partial[http::field::origin].empty() && origin_allowed(c, partial)) add_cors(c, partial, res);
       res.keep_alive(false);
       co_await http::async_write(stream, res, use);
       co_await linger(stream, ec == http::error::body_limit ? c.max_payload : c.max_header_bytes);

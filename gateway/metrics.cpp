@@ -45,6 +45,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       long_room{dropped.Add({{"reason", "long_room"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},
       long_auth{dropped.Add({{"reason", "long_auth"}})},
+      static_too_large{dropped.Add({{"reason", "static_too_large"}})},
       too_large{dropped.Add({{"reason", "too_large"}})},
       bad_args{dropped.Add({{"reason", "bad_args"}})},
       bad_answer{dropped.Add({{"reason", "bad_answer"}})},

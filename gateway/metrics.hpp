@@ -48,6 +48,7 @@ struct gateway_metrics {
   prometheus::Counter& long_room;  // joins of a room named longer than --max-room-bytes
   prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces
   prometheus::Counter& long_auth;  // connects with an auth longer than --max-auth-bytes
+  prometheus::Counter& static_too_large;  // static files not served: past --max-static-bytes
   prometheus::Counter& too_large;  // client events larger than the broker takes (its --max-message-bytes)
   prometheus::Counter& bad_args;   // a worker's event or answer args that are not JSON
   prometheus::Counter& bad_answer;  // a peer gateway's HttpAnswer with a status or content type not written (502)

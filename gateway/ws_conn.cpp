@@ -435,6 +435,8 @@ void ws_conn::accept(beast::http::request<beast::http::string_body> request, mes
   timeouts.idle_timeout = websocket::stream_base::none();
   timeouts.keep_alive_pings = false;
   handshake->set_option(timeouts);
+  handshake->set_option(websocket::stream_base::decorator(
+      [](websocket::response_type& res) { res.set(beast::http::field::server, "sidecast"); }));
   handshake->async_accept(request, [self = shared_from_this(), handshake](beast::error_code ec) {
     self->on_accepted(ec);
   });

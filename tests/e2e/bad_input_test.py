@@ -230,6 +230,78 @@ class HttpErrors(unittest.TestCase):
             self.assertTrue(answer.startswith(b"HTTP/1.1 400"), (opening, sent, answer[:80]))
         self.assertTrue(echo_works())
 
+    def raw_full(self, data):
+        with socket.create_connection((HOST, PORT), timeout=5) as s:
+            s.sendall(data)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        return answer.decode("latin-1")
+
+    def test_a_coding_before_chunked_gets_501_and_framing_it_cannot_trust_400(self):
+        # RFC 9112 6.1: the gateway decodes no coding but chunked (a gzip
+        # body was read as plain JSON); Transfer-Encoding in HTTP/1.0 cannot
+        # be trusted; an HTTP/1.1 request names exactly one Host (3.2).
+        # Each closes its connection: the request after it is not read.
+        after = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        answer = self.raw_full(b"POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                               b"0\r\n\r\n" + after)
+        self.assertTrue(answer.startswith("HTTP/1.1 501 "), answer[:80])
+        self.assertEqual(answer.count("HTTP/1.1 "), 1, "the pipelined request was answered")
+        for opening in (b"POST /api/v1/sessions HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"2\r\n{}\r\n0\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\n\r\n",
+                        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"):
+            answer = self.raw_full(opening + after)
+            self.assertTrue(answer.startswith("HTTP/1.1 400 ") or answer.startswith("HTTP/1.0 400 "),
+                            (opening, answer[:80]))
+            self.assertEqual(answer.count(" 200 OK"), 0, (opening, "the pipelined request was answered"))
+        # HTTP/1.0 without Host is fine (haproxy's httpchk sends it so).
+        self.assertIn(" 200 ", self.raw_full(b"GET /healthz HTTP/1.0\r\n\r\n").split("\r\n")[0])
+
+    def test_an_http_1_0_client_is_not_told_100_continue(self):
+        # RFC 9110 15.2: a 1xx is never sent to an HTTP/1.0 client.
+        with socket.create_connection((HOST, PORT), timeout=5) as s:
+            s.sendall(b"POST /api/v1/sessions HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            s.settimeout(0.5)
+            with self.assertRaises(socket.timeout):
+                s.recv(4096)
+
+    def test_answers_carry_date_and_nosniff_and_a_204_no_length(self):
+        status, _, res = request("GET", "/healthz")
+        self.assertEqual(status, 200)
+        self.assertTrue(res.getheader("Date", "").endswith(" GMT"), res.getheader("Date"))
+        self.assertEqual(res.getheader("X-Content-Type-Options"), "nosniff")
+        answer = self.raw_full(b"OPTIONS /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n"
+                               b"Origin: http://x\r\nConnection: close\r\n\r\n")
+        head = answer.split("\r\n\r\n")[0]
+        self.assertTrue(head.startswith("HTTP/1.1 204 "), head)
+        self.assertNotIn("\r\nContent-Length:", head)
+        self.assertNotIn("\r\nContent-Type:", head)
+
+    def test_only_get_and_head_of_metrics_and_healthz(self):
+        for method in ("POST", "DELETE"):
+            status, _, res = request(method, "/healthz")
+            self.assertEqual((status, res.getheader("Allow")), (405, "GET, HEAD"), method)
+
+    def test_an_absolute_form_target_is_served(self):
+        # RFC 9112 3.2.2: what a client speaking to a proxy sends.
+        answer = self.raw_full(b"GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith("HTTP/1.1 200 "), answer[:80])
+        answer = self.raw_full(b"GET http://x" + eio("EIO=4&transport=polling").encode() +
+                               b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith("HTTP/1.1 200 ") and '"sid"' in answer, answer[:200])
+
+    def test_a_refused_body_carries_cors_for_an_allowed_origin(self):
+        # A 413 without Access-Control-Allow-Origin reads as a network
+        # error in the page's browser, not as "too large".
+        with socket.create_connection((HOST, PORT), timeout=5) as s:
+            s.sendall(b"POST /api/v1/sessions HTTP/1.1\r\nHost: 127.0.0.1:" + str(PORT).encode() +
+                      b"\r\nOrigin: http://127.0.0.1:" + str(PORT).encode() + b"\r\nContent-Length: 50000000\r\n\r\n")
+            head = s.recv(4096).decode("latin-1")
+        self.assertTrue(head.startswith("HTTP/1.1 413"), head[:80])
+        self.assertIn("Access-Control-Allow-Origin: http://127.0.0.1:", head)
+
     def test_too_large_a_header_gets_431(self):
         big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
         self.assertEqual(self.raw(big), "HTTP/1.1 431 Request Header Fields Too Large")
@@ -824,6 +896,23 @@ class StaticFiles(unittest.TestCase):
         self.assertEqual(request("GET", "/.")[0], 404)
         self.assertEqual(request("GET", "/index.html%00.js")[0], 404)
         self.assertEqual(request("GET", "/index.html")[0], 200)
+
+    def test_a_file_past_max_static_bytes_is_not_served(self):
+        # tests/e2e/CMakeLists.txt: --max-static-bytes 65536 (the client
+        # bundle, 47 KB, is served). Read whole on the I/O thread, a file of
+        # hundreds of megabytes held the thread's every connection while it
+        # was read.
+        large = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "large.txt")
+        with open(large, "w") as f:
+            f.write("x" * 65537)
+        self.addCleanup(os.remove, large)
+        before = metric_value("sidecast_gateway_dropped_total", 'reason="static_too_large"')
+        for method in ("GET", "HEAD"):
+            self.assertEqual(request(method, "/large.txt")[0], 403, method)
+        self.assertEqual(metric_value("sidecast_gateway_dropped_total", 'reason="static_too_large"'), before + 2)
+        status, _, res = request("HEAD", "/index.html")
+        self.assertEqual((status, res.getheader("Content-Length")), (200, "141"))
+        self.assertEqual(request("GET", "/index.html")[2].getheader("Content-Type"), "text/html; charset=UTF-8")
 
     def test_nothing_hidden_nor_outside_the_directory_is_served(self):
         # tests/e2e/static: a dotfile, links that lead out of the directory
