@@ -345,7 +345,7 @@ class api_session : public client_socket {
 
   void deliver_disconnect() override {
     if (!connected()) return hold_kick();  // from the connect hook: applied with its answer
-    close("server namespace disconnect", true);
+    close(kick_reason(), true);
   }
 
   // Its waiting poll (or its next) gets 410 and what it had not polled:
@@ -363,7 +363,7 @@ class api_session : public client_socket {
     mark_connected();
     // Its connect hook disconnected it: connected, so its service gets the
     // DISCONNECT; the POST gets 410 (fail_open), its events are dropped.
-    if (kick_held()) return close("server namespace disconnect");
+    if (kick_held()) return close(kick_reason());
     std::exchange(created_, nullptr)->complete(json_answer(201, json::object{{"session", key_}, {"sid", sid()}, {"nsp", nsp()}}));
     schedule_expiry();
   }

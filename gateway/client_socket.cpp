@@ -36,6 +36,7 @@ void client_socket::begin_connect() {
     }
     user_ = claims->subject;
     token_subject_ = std::move(claims->subject);
+    if (claims->exp) arm_expiry(*claims->exp);
   }
   // Not sent for a sid the bridge could not take: the service would
   // accept a socket no emit or broadcast reaches.
@@ -97,10 +98,26 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
   return gw_.link().request(id, std::move(message), weak_from_this(), tag, gw_.config().request_timeout);
 }
 
+void client_socket::arm_expiry(std::int64_t exp) {
+  if (!gw_.config().jwt_end_at_exp) return;
+  auto ends = std::chrono::system_clock::time_point{std::chrono::seconds(exp) + gw_.tokens().leeway()};
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(ends - std::chrono::system_clock::now());
+  if (!token_timer_) token_timer_ = std::make_unique<timer>(ex_);
+  token_timer_->expires_after(std::max(left, std::chrono::milliseconds(0)) + std::chrono::milliseconds(1));
+  token_timer_->async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+    auto self = weak.lock();
+    if (ec || !self || self->closed()) return;
+    self->gw_.metrics().tokens_expired.Increment();
+    self->kick_reason_ = "token expired";
+    self->deliver_disconnect();
+  });
+}
+
 void client_socket::end(const std::string& reason) {
   if (state_ == state::closed) return;
   bool was_connected = state_ == state::connected || owes_disconnect_;
   state_ = state::closed;
+  if (token_timer_) token_timer_->cancel();
   gw_.link().detach(sid_);
   on_end();
   // Ended while its connect hook ran: if the service accepts it, it is

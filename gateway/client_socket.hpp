@@ -51,6 +51,12 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
 
   void deliver_reply(std::uint64_t tag, reply_data reply) final;
 
+  /// With --jwt-end-at-exp: the socket ends as by a worker's disconnect
+  /// (deliver_disconnect, kick_reason() "token expired") once the token
+  /// its connect carried expires (`exp` + --jwt-leeway). A recovered
+  /// socket is armed with its new token's.
+  void arm_expiry(std::int64_t exp);
+
  protected:
   virtual void on_connect_answer(reply_data reply) = 0;
   /// After end(): the socket is closed (it may add what it still held).
@@ -65,6 +71,8 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
     user_ = old.user_;  // who the service accepted (no new connect hook runs)
     token_subject_ = old.token_subject_;
   }
+  /// Why a server-side disconnect ends it: a worker's, or its token's expiry.
+  const char* kick_reason() const { return kick_reason_; }
   /// A Lifecycle DISCONNECT of this socket for its service.
   proto::Envelope disconnect_notice(const std::string& reason) const;
   /// A worker's disconnect is held (hold_kick) until the connect's answer.
@@ -73,7 +81,10 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   /// client's, with `code` now rather than at the worker's timeout.
   void refuse_ack(std::string ack_id, proto::Code code, std::string message);
   /// Ends the socket without a word to anyone: another object took it over.
-  void hand_off() { state_ = state::closed; }
+  void hand_off() {
+    state_ = state::closed;
+    if (token_timer_) token_timer_->cancel();
+  }
   /// An event this socket cannot take: counted (`undelivered`); its ack, if
   /// it wanted one, refused to its worker now with `why`. Returns `why`
   /// (what deliver() returns for it).
@@ -110,6 +121,8 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   bool owes_disconnect_ = false;  // see took_over()
   bool connect_pending_ = false;  // its CONNECT went to the service, unanswered yet
   bool kick_pending_ = false;     // see hold_kick()
+  const char* kick_reason_ = "server namespace disconnect";
+  std::unique_ptr<timer> token_timer_;  // see arm_expiry(); only with --jwt-end-at-exp
   std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;  // event, ack id
   std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
 };

@@ -191,6 +191,13 @@ void add_options(CLI::App& app, gateway_config& c) {
       ->check(CLI::ExistingFile);
   app.add_option("--jwt-audience", c.jwt_audience, "A connect token's aud must name this (empty: not checked)");
   app.add_option("--jwt-issuer", c.jwt_issuer, "A connect token's iss must be this (empty: not checked)");
+  app.add_option_function<std::int64_t>(
+         "--jwt-leeway", [&c](std::int64_t s) { c.jwt_leeway = std::chrono::seconds(s); },
+         "Clock skew allowed on a token's exp and nbf, seconds [30]")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{3600}));
+  app.add_flag("--jwt-end-at-exp", c.jwt_end_at_exp,
+               "End a socket when its connect token expires (exp + --jwt-leeway): a server disconnect, the "
+               "service told 'token expired'; the client connects again with a fresh token");
   app.add_flag("--jwt-allow-no-exp", c.jwt_allow_no_exp,
                "Accept connect tokens without exp (by default refused: such a token never expires)");
   app.add_option("--api-key", c.api_keys,

@@ -85,6 +85,8 @@ struct gateway_config {
   std::string jwt_audience;                       // non-empty: a token's "aud" must name it
   std::string jwt_issuer;                         // non-empty: a token's "iss" must be it
   bool jwt_allow_no_exp = false;                  // accept tokens without "exp" (they never expire)
+  std::chrono::seconds jwt_leeway{30};            // clock skew allowed on "exp" and "nbf"
+  bool jwt_end_at_exp = false;                    // end a socket when its connect token expires
   std::vector<std::string> api_keys;              // keys accepted by POST /api/v1/publish
   std::string curve_secret;                       // this gateway's CURVE secret key (Z85)
   std::string curve_server_key;                   // the broker's CURVE public key (Z85)

@@ -141,7 +141,7 @@ class sio_socket : public client_socket {
     gw_.park(pid_, std::static_pointer_cast<client_socket>(shared_from_this()));
     boost::asio::post(executor(), [self = std::static_pointer_cast<sio_socket>(shared_from_this())] {
       if (self->closed()) return;
-      if (self->kicked_) return self->end_parked("server namespace disconnect");
+      if (self->kicked_) return self->end_parked(self->kick_reason());
       // The gateway began to stop meanwhile: it keeps nothing for recovery.
       if (self->gw_.draining()) return self->end_parked("server shutting down");
       if (!self->expiry_set_) self->expire_at(self->parked_until_);
@@ -304,7 +304,7 @@ class sio_socket : public client_socket {
       // of the table, it is being recovered on another thread: the socket
       // that takes over (or this one, put back) is kicked instead.
       kicked_ = true;
-      end_parked("server namespace disconnect");
+      end_parked(kick_reason());
       return;
     }
     if (!connected()) {
@@ -316,7 +316,7 @@ class sio_socket : public client_socket {
       p.type = socketio::packet_type::disconnect;
       p.nsp = nsp();
       eio->send_socketio(p);
-      end("server namespace disconnect");
+      end(kick_reason());
       eio->forget(nsp());
     }
   }
@@ -926,9 +926,12 @@ void eio_session::on_connect(socketio::packet p) {
     // token's reason). A pid alone would be a bearer credential that
     // outlives the token it was issued under.
     std::optional<std::string> subject;
+    std::optional<std::int64_t> token_exp;
     if (gw_.tokens().enabled())
-      if (auto claims = gw_.tokens().verify_auth(p.data, std::chrono::system_clock::now()))
+      if (auto claims = gw_.tokens().verify_auth(p.data, std::chrono::system_clock::now())) {
         subject = std::move(claims->subject);
+        token_exp = claims->exp;
+      }
     if (pid && pid->is_string() && offset && offset->is_string() && (subject || !gw_.tokens().enabled())) {
       std::uint64_t seen = 0;
       auto text = std::string_view{offset->as_string()};
@@ -943,6 +946,7 @@ void eio_session::on_connect(socketio::packet p) {
         sockets_.emplace(p.nsp, fresh);
         joined_namespace();  // a recovering socket counts as joined
         fresh->recover(std::move(old), seen);
+        if (token_exp) fresh->arm_expiry(*token_exp);  // the new token's: the old one's ended with it
         return;
       }
     }

@@ -32,6 +32,7 @@ jwt::keys token_keys(const gateway_config& c) {
   k.audience = c.jwt_audience;
   k.issuer = c.jwt_issuer;
   k.require_exp = !c.jwt_allow_no_exp;
+  k.leeway = c.jwt_leeway;
   // RFC 7518 3.2: an HS256 key at least as long as the hash (32 bytes); a
   // short one can be guessed offline from any token a client holds.
   if (!c.jwt_secret.empty() && c.jwt_secret.size() < 32)

@@ -123,7 +123,7 @@ boost::system::result<claims, std::string> verifier::verify_auth(std::string_vie
   if (ec || !value.is_object()) return fail("auth is not a JSON object");
   auto* token = value.as_object().if_contains("token");
   if (!token || !token->is_string()) return fail("authentication required: auth.token");
-  auto checked = verify(token->as_string(), now);
+  auto checked = verify(token->as_string(), now, keys_.leeway);
   if (!checked) return fail("invalid token: " + checked.error());
   return checked;
 }
@@ -186,7 +186,7 @@ boost::system::result<claims, std::string> verifier::verify(std::string_view tok
   }
   auto* sub = payload->if_contains("sub");
   if (!sub || !sub->is_string() || sub->as_string().empty()) return fail("token has no subject");
-  return claims{std::string{sub->as_string()}, std::move(*payload_text)};
+  return claims{std::string{sub->as_string()}, std::move(*payload_text), exp};
 }
 
 }  // namespace sidecast::gateway::jwt

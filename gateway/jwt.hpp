@@ -3,6 +3,7 @@
 // HS256 with a shared secret, RS256 with a PEM public key, both through
 // OpenSSL. Pure apart from the key objects: the caller passes `now`.
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -18,12 +19,14 @@ struct keys {
   std::string audience;         // non-empty: "aud" must be it (or an array holding it)
   std::string issuer;           // non-empty: "iss" must be it
   bool require_exp = true;      // a token without "exp" is refused (it would never expire)
+  std::chrono::seconds leeway{30};  // clock skew allowed on "exp" and "nbf" (verify_auth)
   bool any() const { return !hs256_secret.empty() || !rs256_public_pem.empty(); }
 };
 
 struct claims {
   std::string subject;  // "sub": the user id that travels with every request
   std::string payload;  // the payload JSON, as sent
+  std::optional<std::int64_t> exp;  // "exp", seconds since the epoch
 };
 
 /// A verifier holds the parsed public key; build it once at start-up.
@@ -36,6 +39,7 @@ class verifier {
   verifier& operator=(verifier&&) noexcept;
 
   bool enabled() const { return keys_.any(); }
+  std::chrono::seconds leeway() const { return keys_.leeway; }
 
   /// Checks the signature (the header's alg must be one we accept: never
   /// "none"), "exp" (required unless keys::require_exp is off) and "nbf"
@@ -45,8 +49,8 @@ class verifier {
   boost::system::result<claims, std::string> verify(std::string_view token,
                                                     std::chrono::system_clock::time_point now,
                                                     std::chrono::seconds leeway = std::chrono::seconds(30)) const;
-  /// The same for the token a connect's auth payload carries ({"token":
-  /// "..."}, as text): the error is the client's connect_error message,
+  /// The same, with the keys' leeway, for the token a connect's auth
+  /// payload carries ({"token": "..."}, as text): the error is the client's connect_error message,
   /// "authentication required: auth.token" when there is none.
   boost::system::result<claims, std::string> verify_auth(std::string_view auth,
                                                          std::chrono::system_clock::time_point now) const;

@@ -82,6 +82,8 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       ping_timeouts{core::counter(r, "sidecast_gateway_ping_timeouts_total",
                                   "Connections closed because their client answered no ping within --ping-timeout "
                                   "(Engine.IO sessions and /ws connections)")},
+      tokens_expired{core::counter(r, "sidecast_gateway_tokens_expired_total",
+                                   "Sockets ended because the token their connect carried expired (--jwt-end-at-exp)")},
       replay_events{core::gauge(r, "sidecast_gateway_replay_events",
                                 "Events kept for connection-state recovery that the clients may not have seen (bound "
                                 "per socket: --recovery-buffer)")},

@@ -65,6 +65,7 @@ struct gateway_metrics {
   prometheus::Counter& api_given_back;  // events a relayed API poll took that its client never got, given back
   prometheus::Counter& recovered;
   prometheus::Counter& ping_timeouts;  // connections closed: no pong (or any frame) within --ping-timeout
+  prometheus::Counter& tokens_expired;  // sockets ended at their token's exp (--jwt-end-at-exp)
   prometheus::Gauge& replay_events;  // kept for connection-state recovery
   prometheus::Histogram& ack_latency;
   prometheus::Gauge& rooms;

@@ -130,8 +130,8 @@ const char* ws_session::deliver(std::shared_ptr<const outbound_event> event, std
 
 void ws_session::deliver_disconnect() {
   if (!connected()) return hold_kick();
-  send_text(ws_json::encode_event("disconnect", R"("server namespace disconnect")", nsp()));
-  end("server namespace disconnect");
+  send_text(ws_json::encode_event("disconnect", json::serialize(json::string{kick_reason()}), nsp()));
+  end(kick_reason());
   ws_->close();
 }
 

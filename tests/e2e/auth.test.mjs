@@ -4,6 +4,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
 import { io } from "socket.io-client";
+import WebSocket from "ws";
 
 const url = process.env.SIDECAST_URL;
 const secret = process.env.SIDECAST_JWT_SECRET;
@@ -98,4 +99,50 @@ test("a recovery needs a valid token of the same user", async () => {
     again.once("connect_error", (e) => reject(e));
   });
   assert.equal(again.id, sid, "ann's kept socket, recovered");
+});
+
+// sidecast_gateway_tokens_expired_total from the gateway's /metrics.
+async function tokensExpired() {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const m = text.match(/^sidecast_gateway_tokens_expired_total (\S+)$/m);
+  return m ? Number(m[1]) : 0;
+}
+
+// This stack runs with --jwt-end-at-exp --jwt-leeway 1: a socket ends when
+// the token it connected with expires (exp + 1 s), as a server disconnect;
+// the page connects again with a fresh token. Before, a socket outlived its
+// token for as long as its transport lasted.
+test("--jwt-end-at-exp: a socket ends when its token expires, and connects again with a fresh one", async () => {
+  const before = await tokensExpired();
+  const soon = () => Math.floor(Date.now() / 1000) + 1;
+  const lasting = (await attempt({ token: token({ sub: "bob", exp: inAMinute() }) })).s;
+  let auth = { token: token({ sub: "ann", exp: soon() }) };
+  const s = io(url, { transports: ["websocket"], auth: (cb) => cb(auth), forceNew: true, reconnection: false });
+  sockets.push(s);
+  await new Promise((resolve, reject) => { s.once("connect", resolve); s.once("connect_error", reject); });
+  const reason = await new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error("still connected 6 s on")), 6000);
+    s.once("disconnect", (r) => { clearTimeout(t); resolve(r); });
+  });
+  assert.equal(reason, "io server disconnect");
+  assert.equal(await tokensExpired(), before + 1);
+  assert.ok(lasting.connected, "a socket whose token lasts was ended too");
+  assert.equal((await lasting.timeout(5000).emitWithAck("whoami")).user, "bob");
+
+  auth = { token: token({ sub: "ann", exp: inAMinute() }) };
+  s.connect();
+  await new Promise((resolve, reject) => { s.once("connect", resolve); s.once("connect_error", reject); });
+  assert.equal((await s.timeout(5000).emitWithAck("whoami")).user, "ann");
+
+  // /ws: a disconnect event naming the reason, then the close.
+  const ws = new WebSocket(`${url.replace("http", "ws")}/ws?auth=${encodeURIComponent(JSON.stringify({
+    token: token({ sub: "cy", exp: soon() }) }))}`);
+  const frames = [];
+  ws.on("message", (m) => frames.push(JSON.parse(String(m))));
+  await new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error("/ws still open 6 s on")), 6000);
+    ws.on("close", () => { clearTimeout(t); resolve(); });
+  });
+  assert.deepEqual(frames.find((f) => f.event === "disconnect")?.data, "token expired");
+  assert.equal(await tokensExpired(), before + 2);
 });

@@ -100,6 +100,21 @@ TEST(Jwt, AuthIsReadAsDeepAsPayloads) {
   EXPECT_EQ(none.error(), "authentication required: auth.token");
 }
 
+// The connect's auth is checked with the keys' leeway (--jwt-leeway), and
+// the claims carry exp for --jwt-end-at-exp.
+TEST(Jwt, AuthTakesTheKeysLeewayAndGivesExp) {
+  auto token = hs256(R"({"alg":"HS256","typ":"JWT"})", R"({"sub":"ann","exp":1799999990})", "s3cret");
+  auto auth = R"({"token":")" + token + R"("})";
+  verifier lenient{{.hs256_secret = "s3cret"}};  // 30 s by default
+  auto checked = lenient.verify_auth(auth, now);
+  ASSERT_TRUE(checked) << checked.error();
+  EXPECT_EQ(checked->exp, 1799999990);
+  verifier strict{{.hs256_secret = "s3cret", .leeway = std::chrono::seconds(5)}};
+  auto late = strict.verify_auth(auth, now);
+  ASSERT_FALSE(late);
+  EXPECT_EQ(late.error(), "invalid token: token expired");
+}
+
 TEST(Jwt, AudienceIssuerAndExpAreThePolicysToSet) {
   const std::string header = R"({"alg":"HS256","typ":"JWT"})";
   verifier v{{.hs256_secret = "s3cret", .audience = "sidecast", .issuer = "https://auth.example"}};
