@@ -1,5 +1,6 @@
 #include "core/admin_http.hpp"
 
+#include <array>
 #include <cstdint>
 #include <list>
 #include <optional>
@@ -145,8 +146,23 @@ asio::awaitable<void> serve(tcp::socket socket, std::shared_ptr<const pages> p) 
     stream.expires_after(std::chrono::seconds(30));
     auto [ec, n] = co_await http::async_read(stream, buffer, parser, asio::as_tuple(asio::use_awaitable));
     if (ec) {
-      if (auto res = refusal(ec); res && stream.socket().is_open())
-        co_await http::async_write(stream, *res, asio::as_tuple(asio::use_awaitable));
+      if (auto res = refusal(ec); res && stream.socket().is_open()) {
+        auto [wec, wn] = co_await http::async_write(stream, *res, asio::as_tuple(asio::use_awaitable));
+        if (!wec) {
+          // Closed with the rest of the request unread, the kernel would
+          // send a reset, which can destroy the answer on its way: a half
+          // close, then at most 64 KiB or 2 s of what is still coming.
+          boost::system::error_code ignored;
+          stream.socket().shutdown(tcp::socket::shutdown_send, ignored);
+          stream.expires_after(std::chrono::seconds(2));
+          std::array<char, 4096> sink;
+          for (std::size_t drained = 0; drained < 64 * 1024;) {
+            auto [rec, got] = co_await stream.async_read_some(asio::buffer(sink), asio::as_tuple(asio::use_awaitable));
+            if (rec) break;
+            drained += got;
+          }
+        }
+      }
       co_return;
     }
     self->busy = true;
@@ -189,7 +205,8 @@ asio::awaitable<void> accept_loop(tcp::acceptor acceptor, std::shared_ptr<const 
 
 CLI::Option* add_admin_max_connections(CLI::App& app, std::size_t& target) {
   return app.add_option("--admin-max-connections", target,
-                        "Connections to the /metrics and /healthz port at once; past it a new one is closed")
+                        "Connections to the /metrics and /healthz port at once; past it a new one takes the oldest "
+                        "idle one's place (closed at once when every one is answering a request)")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 16));
 }

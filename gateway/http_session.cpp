@@ -82,11 +82,11 @@ std::string_view content_type_for(std::string_view path) {
 // it was read, and a copy of it per request.
 struct file_answer {
   std::string body;
+  std::uint64_t size = 0;
   bool too_large = false;
 };
 
-// A regular file's contents (for a HEAD, its size in blanks: the body is
-// dropped, the Content-Length kept); nullopt for anything else (a
+// A regular file's contents (for a HEAD only its size); nullopt for anything else (a
 // directory, a FIFO that would block the thread, a device) or a path with a
 // NUL (which would name a shorter path than the one checked).
 std::optional<file_answer> read_file(const std::string& path, std::size_t limit, bool head) {
@@ -95,10 +95,11 @@ std::optional<file_answer> read_file(const std::string& path, std::size_t limit,
   std::ifstream f{path, std::ios::binary | std::ios::ate};
   if (!f) return std::nullopt;
   auto size = static_cast<std::size_t>(f.tellg());
-  if (size > limit) return file_answer{{}, true};
+  if (size > limit) return file_answer{.too_large = true};
   file_answer out;
-  out.body.resize(size);
+  out.size = size;
   if (head) return out;
+  out.body.resize(size);
   f.seekg(0);
   if (!f.read(out.body.data(), static_cast<std::streamsize>(size))) return std::nullopt;
   return out;
@@ -191,6 +192,10 @@ response make_response(const request& req, http_answer a) {
   res.keep_alive(req.keep_alive());
   if (a.status == 204) return res;  // no body, so no Content-Type or Content-Length (RFC 9110 8.6, 15.3.5)
   res.set(http::field::content_type, a.content_type);
+  if (a.head_length) {
+    res.content_length(*a.head_length);  // what the GET would carry
+    return res;
+  }
   res.body() = std::move(a.body);
   res.prepare_payload();
   return res;
@@ -281,7 +286,9 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path, boo
     auto file = read_file(c.client_js, c.max_static_bytes, head);
     if (!file) co_return http_answer{404, "text/plain", "client file missing\n"};
     if (file->too_large) co_return file_too_large(gw);
-    co_return http_answer{200, "text/javascript; charset=UTF-8", std::move(file->body)};
+    http_answer a{200, "text/javascript; charset=UTF-8", std::move(file->body)};
+    if (head) a.head_length = file->size;
+    co_return a;
   }
   // No segment that starts with a dot: not "..", nor a hidden file (.git,
   // .env); but /.well-known/ (RFC 8615: ACME challenges, security.txt).
@@ -294,12 +301,13 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path, boo
   auto found = read_file_beneath(c.static_dir, file, c.max_static_bytes, head);
   if (!found) co_return http_answer{404, "text/plain", "not found\n"};
   if (found->too_large) co_return file_too_large(gw);
-  co_return http_answer{200, std::string{content_type_for(file)}, std::move(found->body)};
+  http_answer a{200, std::string{content_type_for(file)}, std::move(found->body)};
+  if (head) a.head_length = found->size;
+  co_return a;
 }
 
 asio::awaitable<response> handle(gateway& gw, request& req, const std::string& peer) {
-  auto target = urls::parse_origin_form(req.target());
-  if (!target) target = urls::parse_absolute_uri(req.target());  // RFC 9112 3.2.2: as sent to a proxy
+  auto target = urls::parse_origin_form(req.target());  // absolute form was rewritten (origin_form)
   if (!target) co_return make_response(req, {400, "text/plain", "bad request target\n"});
   auto path = std::string{target->path()};
   bool echo = gw.config().engineio_echo && (path == "/engine.io/" || path == "/engine.io");
@@ -451,6 +459,11 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
 // gateway decodes none: a gzip body was read as plain); an HTTP/1.1
 // request without one Host (3.2).
 std::optional<http_answer> framing_refusal(const request& req, bool chunked) {
+  // Two Hosts are refused in any version (3.2): which one names the
+  // target depends on who reads it. A missing one in HTTP/1.1 is taken:
+  // haproxy's `option httpchk GET /healthz HTTP/1.1` sends none.
+  if (req.count(http::field::host) > 1)
+    return http_answer{400, "text/plain", "bad request: more than one Host\n"};
   if (req.count(http::field::transfer_encoding) > 0) {
     if (!chunked || req.version() < 11)
       return http_answer{400, "text/plain", "bad request: a Transfer-Encoding the gateway cannot frame\n"};
@@ -458,9 +471,30 @@ std::optional<http_answer> framing_refusal(const request& req, bool chunked) {
     if (coding.find(',') != beast::string_view::npos || !beast::iequals(coding, "chunked"))
       return http_answer{501, "text/plain", "transfer coding not implemented: only chunked\n"};
   }
-  if (req.version() >= 11 && req.count(http::field::host) != 1)
-    return http_answer{400, "text/plain", "bad request: an HTTP/1.1 request names one Host\n"};
   return std::nullopt;
+}
+
+// A target in absolute form (RFC 9112 3.2.2: what a client speaking to a
+// proxy sends) rewritten in origin form, so that every path below (the
+// static files' dot-segment rule, upgrades, relayed API requests, the
+// long-poll watch) reads one form. Only http(s) or ws(s) with an
+// authority; a path that does not start with '/' is refused (`http:.env`
+// would name a hidden file).
+bool origin_form(request& req) {
+  auto target = req.target();
+  if (target.starts_with('/') || target == "*") return true;
+  auto uri = urls::parse_absolute_uri(target);
+  if (!uri || !uri->has_authority()) return false;
+  auto scheme = uri->scheme_id();
+  if (scheme != urls::scheme::http && scheme != urls::scheme::https && scheme != urls::scheme::ws &&
+      scheme != urls::scheme::wss)
+    return false;
+  auto path = uri->encoded_path();
+  if (!path.empty() && !path.starts_with('/')) return false;
+  std::string rewritten = path.empty() ? std::string{"/"} : std::string{path};
+  if (uri->has_query()) rewritten += "?" + std::string{uri->encoded_query()};
+  req.target(rewritten);
+  return true;
 }
 
 std::optional<http_answer> refusal_for(const beast::error_code& ec, std::string_view target, gateway_metrics& metrics) {
@@ -577,6 +611,8 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     std::tie(ec, std::ignore) = co_await http::async_read_header(stream, buffer, parser, use);
     std::optional<http_answer> framing;
     if (!ec) framing = framing_refusal(parser.get(), parser.chunked());
+    if (!ec && !framing && !origin_form(parser.get()))
+      framing = http_answer{400, "text/plain", "bad request target\n"};
     if (!ec && !framing && !parser.is_done() && parser.get().version() >= 11 &&
         beast::iequals(parser.get()[http::field::expect], "100-continue")) {
       // A client that waits to be told to send its body (curl does for
@@ -612,7 +648,8 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
       auto res = make_response(req, *refused);
       res.keep_alive(false);
       stream.expires_after(c.idle_timeout);
-      co_await http::async_write(stream, res, use);
+      auto [wec, wn] = co_await http::async_write(stream, res, use);
+      if (!wec) co_await linger(stream, c.max_header_bytes);
       co_return;
     }
     // Not when the client pipelined a request after this one (in `buffer`,
@@ -644,7 +681,14 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     // as an idle connection does.
     stream.expires_after(c.idle_timeout);
     auto [wec, wn] = co_await http::async_write(stream, res, use);
-    if (wec || !res.keep_alive()) co_return;
+    if (wec) co_return;
+    if (!res.keep_alive()) {
+      // Closed at once, with a pipelined request unread, the kernel would
+      // send a reset, which can destroy this answer on its way to the
+      // client (RFC 9112 9.6): a half close, what is still coming dropped.
+      co_await linger(stream, c.max_header_bytes);
+      co_return;
+    }
   }
 }
 

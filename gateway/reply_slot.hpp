@@ -4,6 +4,7 @@
 // complete() wins; it is thread-safe. A wait() that is cancelled (the
 // client left while its poll waited, see http_session.cpp) abandons the
 // slot: an answer that comes later is refused, and its giver told.
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -23,6 +24,7 @@ struct http_answer {
   std::string content_type = "text/plain; charset=UTF-8";
   std::string body;
   std::string allow = {};  // a 405's Allow header: the methods the resource takes
+  std::optional<std::uint64_t> head_length = {};  // a HEAD's Content-Length (the body left empty)
 };
 
 class reply_slot : public std::enable_shared_from_this<reply_slot> {

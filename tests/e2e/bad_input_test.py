@@ -241,7 +241,7 @@ class HttpErrors(unittest.TestCase):
     def test_a_coding_before_chunked_gets_501_and_framing_it_cannot_trust_400(self):
         # RFC 9112 6.1: the gateway decodes no coding but chunked (a gzip
         # body was read as plain JSON); Transfer-Encoding in HTTP/1.0 cannot
-        # be trusted; an HTTP/1.1 request names exactly one Host (3.2).
+        # be trusted; two Hosts are refused in any version (3.2).
         # Each closes its connection: the request after it is not read.
         after = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         answer = self.raw_full(b"POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
@@ -250,14 +250,16 @@ class HttpErrors(unittest.TestCase):
         self.assertEqual(answer.count("HTTP/1.1 "), 1, "the pipelined request was answered")
         for opening in (b"POST /api/v1/sessions HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
                         b"2\r\n{}\r\n0\r\n\r\n",
-                        b"GET /healthz HTTP/1.1\r\n\r\n",
-                        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"):
+                        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                        b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n"):
             answer = self.raw_full(opening + after)
             self.assertTrue(answer.startswith("HTTP/1.1 400 ") or answer.startswith("HTTP/1.0 400 "),
                             (opening, answer[:80]))
             self.assertEqual(answer.count(" 200 OK"), 0, (opening, "the pipelined request was answered"))
-        # HTTP/1.0 without Host is fine (haproxy's httpchk sends it so).
-        self.assertIn(" 200 ", self.raw_full(b"GET /healthz HTTP/1.0\r\n\r\n").split("\r\n")[0])
+        # No Host is taken: haproxy's httpchk sends none, in 1.0 or 1.1.
+        for version in (b"1.0", b"1.1"):
+            answer = self.raw_full(b"GET /healthz HTTP/" + version + b"\r\nConnection: close\r\n\r\n")
+            self.assertIn(" 200 ", answer.split("\r\n")[0], version)
 
     def test_an_http_1_0_client_is_not_told_100_continue(self):
         # RFC 9110 15.2: a 1xx is never sent to an HTTP/1.0 client.
@@ -291,6 +293,17 @@ class HttpErrors(unittest.TestCase):
         answer = self.raw_full(b"GET http://x" + eio("EIO=4&transport=polling").encode() +
                                b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertTrue(answer.startswith("HTTP/1.1 200 ") and '"sid"' in answer, answer[:200])
+        # Read as its path: the static files' rules hold (a path without
+        # its '/', `http:.env`, named the hidden file past them).
+        for target in (b"http:.env", b"http://x/.env", b"a:index.html", b"http:/healthz"):
+            answer = self.raw_full(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertTrue(answer.startswith("HTTP/1.1 400 ") or answer.startswith("HTTP/1.1 404 "),
+                            (target, answer[:80]))
+        # A WebSocket upgrade in absolute form.
+        with socket.create_connection((HOST, PORT), timeout=5) as s:
+            s.sendall(b"GET ws://x/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            self.assertTrue(s.recv(4096).startswith(b"HTTP/1.1 101 "))
 
     def test_a_refused_body_carries_cors_for_an_allowed_origin(self):
         # A 413 without Access-Control-Allow-Origin reads as a network

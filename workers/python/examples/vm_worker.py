@@ -193,12 +193,17 @@ def main(argv=None):
     # The C++ binaries' names too: one SIDECAST_LOG_LEVEL may serve both.
     levels = {"trace": "DEBUG", "debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING",
               "error": "ERROR", "critical": "CRITICAL", "off": "CRITICAL"}
-    p.add_argument("--log-level", default=env("SIDECAST_LOG_LEVEL", "info"), choices=sorted(levels))
+    p.add_argument("--log-level", default=env("SIDECAST_LOG_LEVEL", "info").lower(), type=str.lower,
+                   choices=sorted(levels))
     args = p.parse_args(argv)
+    if args.log_level not in levels:  # a default from the environment is not checked by argparse
+        p.error(f"--log-level (or SIDECAST_LOG_LEVEL) must be one of {', '.join(sorted(levels))}")
     if not 0 <= args.failure_rate <= 1:
         p.error("--failure-rate must be between 0 and 1")
     if bool(args.backup_broker) != bool(args.backup_publish):
         p.error("--backup-broker and --backup-publish go together")
+    if args.log_level == "off":
+        logging.disable(logging.CRITICAL)
     logging.basicConfig(level=levels[args.log_level],
                         format="%(asctime)s %(levelname)s [vm-worker] %(message)s")
     worker = Worker(args.broker, args.publish, worker_id=args.id,
