@@ -108,7 +108,7 @@ void client_socket::arm_expiry(std::int64_t exp) {
     auto self = weak.lock();
     if (ec || !self || self->closed()) return;
     self->gw_.metrics().tokens_expired.Increment();
-    self->kick_reason_ = "token expired";
+    self->token_expired_ = true;
     self->deliver_disconnect();
   });
 }

@@ -72,7 +72,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
     token_subject_ = old.token_subject_;
   }
   /// Why a server-side disconnect ends it: a worker's, or its token's expiry.
-  const char* kick_reason() const { return kick_reason_; }
+  const char* kick_reason() const { return token_expired_ ? "token expired" : "server namespace disconnect"; }
   /// A Lifecycle DISCONNECT of this socket for its service.
   proto::Envelope disconnect_notice(const std::string& reason) const;
   /// A worker's disconnect is held (hold_kick) until the connect's answer.
@@ -121,7 +121,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   bool owes_disconnect_ = false;  // see took_over()
   bool connect_pending_ = false;  // its CONNECT went to the service, unanswered yet
   bool kick_pending_ = false;     // see hold_kick()
-  const char* kick_reason_ = "server namespace disconnect";
+  bool token_expired_ = false;    // see arm_expiry() (a bool: beside the others, it costs no byte)
   std::unique_ptr<timer> token_timer_;  // see arm_expiry(); only with --jwt-end-at-exp
   std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;  // event, ack id
   std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
