@@ -159,13 +159,18 @@ class HttpErrors(unittest.TestCase):
     """What is not HTTP the gateway can parse gets a status in words, then the
     connection closes; a session a handshake opens counts against a bound."""
 
-    def raw(self, data):
+    def raw_full(self, data):
+        """Everything the gateway answers `data` with, until it closes."""
         with socket.create_connection((HOST, PORT), timeout=5) as s:
             s.sendall(data)
             answer = b""
             while chunk := s.recv(65536):
                 answer += chunk
-        return answer.split(b"\r\n", 1)[0].decode()
+        return answer.decode("latin-1")
+
+    def raw(self, data):
+        """The status line of the answer to `data`."""
+        return self.raw_full(data).split("\r\n", 1)[0]
 
     def test_a_request_that_is_not_http_gets_400(self):
         self.assertEqual(self.raw(b"BOGUS\r\n\r\n"), "HTTP/1.1 400 Bad Request")
@@ -229,14 +234,6 @@ class HttpErrors(unittest.TestCase):
             # idle timeout closed the connection in silence).
             self.assertTrue(answer.startswith(b"HTTP/1.1 400"), (opening, sent, answer[:80]))
         self.assertTrue(echo_works())
-
-    def raw_full(self, data):
-        with socket.create_connection((HOST, PORT), timeout=5) as s:
-            s.sendall(data)
-            answer = b""
-            while chunk := s.recv(65536):
-                answer += chunk
-        return answer.decode("latin-1")
 
     def test_a_coding_before_chunked_gets_501_and_framing_it_cannot_trust_400(self):
         # RFC 9112 6.1: the gateway decodes no coding but chunked (a gzip
