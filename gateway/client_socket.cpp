@@ -100,17 +100,23 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
 
 void client_socket::arm_expiry(std::int64_t exp) {
   if (!gw_.config().jwt_end_at_exp) return;
-  auto ends = std::chrono::system_clock::time_point{std::chrono::seconds(exp) + gw_.tokens().leeway()};
-  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(ends - std::chrono::system_clock::now());
+  // In whole seconds: exp may be up to 2^40 s away (the verifier's bound),
+  // past what a time_point in nanoseconds holds. A token that lasts past
+  // the horizon is not timed (the process will not run that long).
+  constexpr std::int64_t horizon = std::int64_t{10} * 366 * 24 * 3600;
+  auto now = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch());
+  auto left = exp + gw_.tokens().leeway().count() - now.count();
+  if (left > horizon) return;
   if (!token_timer_) token_timer_ = std::make_unique<timer>(ex_);
-  token_timer_->expires_after(std::max(left, std::chrono::milliseconds(0)) + std::chrono::milliseconds(1));
-  token_timer_->async_wait([weak = weak_from_this()](boost::system::error_code ec) {
+  // exp is a whole second: past it, not at it (a second's rounding).
+  token_timer_->expires_after(std::chrono::seconds(std::max<std::int64_t>(left, 0)) + std::chrono::milliseconds(1));
+  token_timer_->async_wait(exact([weak = weak_from_this()](boost::system::error_code ec) {
     auto self = weak.lock();
     if (ec || !self || self->closed()) return;
     self->gw_.metrics().tokens_expired.Increment();
     self->token_expired_ = true;
-    self->deliver_disconnect();
-  });
+    self->on_token_expired();
+  }));
 }
 
 void client_socket::end(const std::string& reason) {

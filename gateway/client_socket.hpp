@@ -71,6 +71,10 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
     user_ = old.user_;  // who the service accepted (no new connect hook runs)
     token_subject_ = old.token_subject_;
   }
+  /// Its token expired (arm_expiry): ends it as a worker's disconnect does.
+  /// A socket parked for recovery overrides it (its expiry is not a
+  /// worker's kick, which the socket recovering it would inherit).
+  virtual void on_token_expired() { deliver_disconnect(); }
   /// Why a server-side disconnect ends it: a worker's, or its token's expiry.
   const char* kick_reason() const { return token_expired_ ? "token expired" : "server namespace disconnect"; }
   /// A Lifecycle DISCONNECT of this socket for its service.

@@ -298,6 +298,14 @@ class sio_socket : public client_socket {
     if (detached_) end_parked("server shutting down");  // no client can come back to it now
   }
 
+  void on_token_expired() override {
+    // Parked: it ends (no recovery into it); taken out of the table by a
+    // recovery on another thread, the socket recovering it has a token of
+    // its own and its own timer: nothing is handed on.
+    if (detached_) return end_parked(kick_reason());
+    client_socket::on_token_expired();
+  }
+
   void deliver_disconnect() override {
     if (detached_) {
       // Parked: the worker's kick ends it now (no recovery into it). Out
@@ -496,9 +504,10 @@ class sio_socket : public client_socket {
         send_shared(*eio, e.ev);
       }
     }
-    if (handed.kicked) {
-      // A worker disconnected the sid while this socket took it over: the
-      // client is disconnected as a live socket would be.
+    if (handed.kicked || kick_held()) {
+      // A worker disconnected the sid while this socket took it over (or
+      // this socket's own token expired meanwhile: held, as it was not
+      // connected): the client is disconnected as a live socket would be.
       gw_.metrics().undelivered.Increment(static_cast<double>(pending_.size()));
       pending_ = {};
       return deliver_disconnect();

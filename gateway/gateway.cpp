@@ -33,6 +33,9 @@ jwt::keys token_keys(const gateway_config& c) {
   k.issuer = c.jwt_issuer;
   k.require_exp = !c.jwt_allow_no_exp;
   k.leeway = c.jwt_leeway;
+  if (c.jwt_end_at_exp && c.jwt_secret.empty() && c.jwt_public_key.empty())
+    throw std::invalid_argument("--jwt-end-at-exp needs --jwt-secret or --jwt-public-key: it ends sockets at their "
+                                "token's exp");
   // RFC 7518 3.2: an HS256 key at least as long as the hash (32 bytes); a
   // short one can be guessed offline from any token a client holds.
   if (!c.jwt_secret.empty() && c.jwt_secret.size() < 32)

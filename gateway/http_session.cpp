@@ -456,8 +456,7 @@ std::optional<http_answer> upgrade(gateway& gw, beast::tcp_stream& stream, reque
 // body's length cannot be told; read as no body, its bytes would be taken
 // for the next request, smuggled past a proxy that reads them as this one's
 // body) or in HTTP/1.0 (6.1); a coding before chunked (6.1: 501, as the
-// gateway decodes none: a gzip body was read as plain); an HTTP/1.1
-// request without one Host (3.2).
+// gateway decodes none: a gzip body was read as plain); two Hosts (3.2).
 std::optional<http_answer> framing_refusal(const request& req, bool chunked) {
   // Two Hosts are refused in any version (3.2): which one names the
   // target depends on who reads it. A missing one in HTTP/1.1 is taken:
@@ -482,7 +481,7 @@ std::optional<http_answer> framing_refusal(const request& req, bool chunked) {
 // would name a hidden file).
 bool origin_form(request& req) {
   auto target = req.target();
-  if (target.starts_with('/') || target == "*") return true;
+  if (target.starts_with('/')) return true;
   auto uri = urls::parse_absolute_uri(target);
   if (!uri || !uri->has_authority()) return false;
   auto scheme = uri->scheme_id();
@@ -569,17 +568,21 @@ void watch_departure(asio::ip::tcp::socket& socket, const std::shared_ptr<connec
                        });
 }
 
-// After refusing a request whose body is still arriving: stop sending and
-// read (and discard) a bounded amount, so closing does not reset the
-// connection before the client has read the answer.
-asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget) {
+// After refusing a request whose body is still arriving, or answering one
+// with Connection: close: stop sending and read (and discard) a bounded
+// amount for at most `wait`, so closing does not reset the connection
+// before the client has read the answer.
+asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget,
+                             std::chrono::milliseconds wait = std::chrono::seconds(2)) {
   boost::system::error_code ignored;
   stream.socket().shutdown(asio::ip::tcp::socket::shutdown_send, ignored);
-  std::array<char, 16384> sink;
+  // What is read is dropped: one buffer per thread, not one per lingering
+  // connection's coroutine frame (each read fills it on this thread).
+  thread_local std::array<char, 16384> sink;
   std::size_t drained = 0;
   // One deadline for all of it: a client trickling bytes cannot hold the
   // connection (and its place under the limits) longer.
-  stream.expires_after(std::chrono::seconds(2));
+  stream.expires_after(wait);
   while (drained < 2 * budget) {
     auto [ec, n] = co_await stream.async_read_some(asio::buffer(sink), use);
     if (ec) break;
@@ -649,7 +652,7 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
       res.keep_alive(false);
       stream.expires_after(c.idle_timeout);
       auto [wec, wn] = co_await http::async_write(stream, res, use);
-      if (!wec) co_await linger(stream, c.max_header_bytes);
+      if (!wec) co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
       co_return;
     }
     // Not when the client pipelined a request after this one (in `buffer`,
@@ -685,8 +688,10 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     if (!res.keep_alive()) {
       // Closed at once, with a pipelined request unread, the kernel would
       // send a reset, which can destroy this answer on its way to the
-      // client (RFC 9112 9.6): a half close, what is still coming dropped.
-      co_await linger(stream, c.max_header_bytes);
+      // client (RFC 9112 9.6): a half close, what is still coming dropped
+      // (for at most 500 ms: the connection holds its places under the
+      // limits until then).
+      co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
       co_return;
     }
   }

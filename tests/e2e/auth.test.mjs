@@ -116,6 +116,8 @@ test("--jwt-end-at-exp: a socket ends when its token expires, and connects again
   const before = await tokensExpired();
   const soon = () => Math.floor(Date.now() / 1000) + 1;
   const lasting = (await attempt({ token: token({ sub: "bob", exp: inAMinute() }) })).s;
+  // 9999-12-31: past what a time_point in nanoseconds holds (it ended at once).
+  const forever = (await attempt({ token: token({ sub: "dee", exp: 253402300799 }) })).s;
   let auth = { token: token({ sub: "ann", exp: soon() }) };
   const s = io(url, { transports: ["websocket"], auth: (cb) => cb(auth), forceNew: true, reconnection: false });
   sockets.push(s);
@@ -127,6 +129,7 @@ test("--jwt-end-at-exp: a socket ends when its token expires, and connects again
   assert.equal(reason, "io server disconnect");
   assert.equal(await tokensExpired(), before + 1);
   assert.ok(lasting.connected, "a socket whose token lasts was ended too");
+  assert.ok(forever.connected, "a socket whose token expires in 9999 was ended");
   assert.equal((await lasting.timeout(5000).emitWithAck("whoami")).user, "bob");
 
   auth = { token: token({ sub: "ann", exp: inAMinute() }) };
