@@ -88,7 +88,17 @@ int run_demo(gateway::gateway_config gw_config, const workers::builtin_options& 
     w.start();
   }
   gw.on_failure(core::terminate_signals::interrupt);
-  gw.start();
+  try {
+    gw.start();
+  } catch (...) {
+    // Its port taken, say: the broker's thread and the worker's stop
+    // before the error is reported (a joinable thread left to the unwinding
+    // ended the process with abort, status 134, and no word of why).
+    w.stop();
+    b.stop();
+    if (broker_thread.joinable()) broker_thread.join();
+    throw;
+  }
 
   auto hp = core::parse_host_port(gw_config.http);
   spdlog::info("broker  : running in-process ({}), {}", broker_endpoint,

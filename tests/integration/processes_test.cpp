@@ -313,6 +313,28 @@ TEST(Processes, AnEndpointThatCannotBeUsedEndsTheProcess) {
   }
 }
 
+// `sidecast demo` whose HTTP port is taken ends with status 1 and says why;
+// it aborted (status 134, "terminate called without an active exception")
+// with the broker's thread still running as the error unwound.
+TEST(Processes, ADemoWhosePortIsTakenSaysSoAndExits) {
+  int taken = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(::bind(taken, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(::listen(taken, 1), 0);
+  ASSERT_EQ(::getsockname(taken, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  auto http = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
+  for (const char* threads : {"1", "2"}) {
+    child demo{"sidecast", {"demo", "--http", http, "--threads", threads, "--chat-db", ":memory:", "--log-level", "off"}};
+    auto status = demo.wait_exit(10s);
+    ASSERT_TRUE(status) << "still running with --threads " << threads;
+    EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << "--threads " << threads << ": wait status " << *status;
+  }
+  ::close(taken);
+}
+
 TEST(Processes, BrokerMetricsAndHealth) {
   ports p;
   child broker{"sidecast-broker", broker_args(p)};
