@@ -590,6 +590,13 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget,
   }
 }
 
+// Bytes the client sent that the gateway has not read: in its buffer, or
+// waiting in the kernel (closing over those sends a reset, not a FIN).
+bool unread(beast::tcp_stream& stream, const beast::flat_buffer& buffer) {
+  boost::system::error_code ec;
+  return buffer.size() > 0 || stream.socket().available(ec) > 0;
+}
+
 // What a connection's read buffer holds past --max-header-bytes: a read's
 // worth (Beast reads up to 64 KiB at a time) of body or pipelined requests.
 constexpr std::size_t read_slack = 64 * 1024;
@@ -652,7 +659,7 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
       res.keep_alive(false);
       stream.expires_after(c.idle_timeout);
       auto [wec, wn] = co_await http::async_write(stream, res, use);
-      if (!wec) co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
+      if (!wec && unread(stream, buffer)) co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
       co_return;
     }
     // Not when the client pipelined a request after this one (in `buffer`,
@@ -686,12 +693,13 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     auto [wec, wn] = co_await http::async_write(stream, res, use);
     if (wec) co_return;
     if (!res.keep_alive()) {
-      // Closed at once, with a pipelined request unread, the kernel would
+      // Closed at once with a pipelined request unread, the kernel would
       // send a reset, which can destroy this answer on its way to the
-      // client (RFC 9112 9.6): a half close, what is still coming dropped
-      // (for at most 500 ms: the connection holds its places under the
-      // limits until then).
-      co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
+      // client (RFC 9112 9.6): then a half close, what is still coming
+      // dropped for at most 500 ms. Only then: a lingering connection holds
+      // its places under the limits, and a client that reads its answer
+      // and goes would find its place still taken by its last connection.
+      if (unread(stream, buffer)) co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
       co_return;
     }
   }
