@@ -274,9 +274,16 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
   co_return co_await slot->wait();
 }
 
-http_answer file_too_large(gateway& gw) {
-  gw.metrics().static_too_large.Increment();
-  return {403, "text/plain", "the file is larger than the gateway serves (--max-static-bytes)\n"};
+// A file found: refused past --max-static-bytes, else its answer (a HEAD's
+// with the length alone).
+http_answer file_served(gateway& gw, file_answer file, std::string content_type, bool head) {
+  if (file.too_large) {
+    gw.metrics().static_too_large.Increment();
+    return {403, "text/plain", "the file is larger than the gateway serves (--max-static-bytes)\n"};
+  }
+  http_answer a{200, std::move(content_type), std::move(file.body)};
+  if (head) a.head_length = file.size;
+  return a;
 }
 
 asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path, bool head) {
@@ -285,10 +292,7 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path, boo
     if (c.client_js.empty()) co_return http_answer{404, "text/plain", "no client configured (--client-js)\n"};
     auto file = read_file(c.client_js, c.max_static_bytes, head);
     if (!file) co_return http_answer{404, "text/plain", "client file missing\n"};
-    if (file->too_large) co_return file_too_large(gw);
-    http_answer a{200, "text/javascript; charset=UTF-8", std::move(file->body)};
-    if (head) a.head_length = file->size;
-    co_return a;
+    co_return file_served(gw, std::move(*file), "text/javascript; charset=UTF-8", head);
   }
   // No segment that starts with a dot: not "..", nor a hidden file (.git,
   // .env); but /.well-known/ (RFC 8615: ACME challenges, security.txt).
@@ -300,10 +304,7 @@ asio::awaitable<http_answer> static_file(gateway& gw, std::string_view path, boo
   if (path.ends_with('/')) file += "index.html";
   auto found = read_file_beneath(c.static_dir, file, c.max_static_bytes, head);
   if (!found) co_return http_answer{404, "text/plain", "not found\n"};
-  if (found->too_large) co_return file_too_large(gw);
-  http_answer a{200, std::string{content_type_for(file)}, std::move(found->body)};
-  if (head) a.head_length = found->size;
-  co_return a;
+  co_return file_served(gw, std::move(*found), std::string{content_type_for(file)}, head);
 }
 
 asio::awaitable<response> handle(gateway& gw, request& req, const std::string& peer) {
@@ -468,7 +469,7 @@ std::optional<http_answer> framing_refusal(const request& req, bool chunked) {
       return http_answer{400, "text/plain", "bad request: a Transfer-Encoding the gateway cannot frame\n"};
     auto coding = req[http::field::transfer_encoding];  // Beast trims the spaces around a value
     if (coding.find(',') != beast::string_view::npos || !beast::iequals(coding, "chunked"))
-      return http_answer{501, "text/plain", "transfer coding not implemented: only chunked\n"};
+      return http_answer{501, "text/plain", "the gateway decodes no transfer coding but chunked\n"};
   }
   return std::nullopt;
 }
@@ -590,11 +591,17 @@ asio::awaitable<void> linger(beast::tcp_stream& stream, std::size_t budget,
   }
 }
 
-// Bytes the client sent that the gateway has not read: in its buffer, or
-// waiting in the kernel (closing over those sends a reset, not a FIN).
-bool unread(beast::tcp_stream& stream, const beast::flat_buffer& buffer) {
+// Before closing after an answer: closed at once with bytes of the client's
+// unread (in the buffer, or waiting in the kernel), the kernel would send a
+// reset, which can destroy the answer on its way (RFC 9112 9.6); then a
+// half close, what is still coming dropped for at most 500 ms. Only then:
+// a lingering connection holds its places under the limits, and a client
+// that reads its answer and goes would find its place still taken.
+asio::awaitable<void> close_after_answer(beast::tcp_stream& stream, const beast::flat_buffer& buffer,
+                                         std::size_t budget) {
   boost::system::error_code ec;
-  return buffer.size() > 0 || stream.socket().available(ec) > 0;
+  if (buffer.size() > 0 || stream.socket().available(ec) > 0)
+    co_await linger(stream, budget, std::chrono::milliseconds(500));
 }
 
 // What a connection's read buffer holds past --max-header-bytes: a read's
@@ -659,7 +666,7 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
       res.keep_alive(false);
       stream.expires_after(c.idle_timeout);
       auto [wec, wn] = co_await http::async_write(stream, res, use);
-      if (!wec && unread(stream, buffer)) co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
+      if (!wec) co_await close_after_answer(stream, buffer, c.max_header_bytes);
       co_return;
     }
     // Not when the client pipelined a request after this one (in `buffer`,
@@ -693,13 +700,7 @@ asio::awaitable<void> serve(gateway& gw, asio::ip::tcp::socket socket, std::shar
     auto [wec, wn] = co_await http::async_write(stream, res, use);
     if (wec) co_return;
     if (!res.keep_alive()) {
-      // Closed at once with a pipelined request unread, the kernel would
-      // send a reset, which can destroy this answer on its way to the
-      // client (RFC 9112 9.6): then a half close, what is still coming
-      // dropped for at most 500 ms. Only then: a lingering connection holds
-      // its places under the limits, and a client that reads its answer
-      // and goes would find its place still taken by its last connection.
-      if (unread(stream, buffer)) co_await linger(stream, c.max_header_bytes, std::chrono::milliseconds(500));
+      co_await close_after_answer(stream, buffer, c.max_header_bytes);
       co_return;
     }
   }
