@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
+#include <condition_variable>
 #include <future>
 #include <map>
 #include <mutex>
@@ -5001,7 +5002,8 @@ struct fake_broker {
   }
 
   // A Request for "svc" / "work", dispatched the `attempt`th time.
-  void job(const std::string& id, const std::string& args, unsigned attempt) {
+  void job(const std::string& id, const std::string& args, unsigned attempt,
+           std::chrono::milliseconds timeout = 5000ms) {
     Envelope env;
     auto* r = env.mutable_request();
     r->set_id(id);
@@ -5009,7 +5011,7 @@ struct fake_broker {
     r->set_event("work");
     r->set_args(args);
     r->set_wants_reply(true);
-    r->set_timeout_ms(5000);
+    r->set_timeout_ms(static_cast<std::uint32_t>(timeout.count()));
     r->set_attempt(attempt);
     send(env);
   }
@@ -5269,6 +5271,52 @@ TEST(WorkerJobsAgain, AJobSentAgainRunsOnce) {
   EXPECT_EQ(broker.answer(), (answer{"c:2", "[\"c:2\"]"}));
   EXPECT_EQ(ran(), (std::vector<std::string>{"c:1", "c:2", "c:3", "c:4", "c:5", "c:2"}));
   EXPECT_EQ(w.stats().jobs_again, 2u);
+}
+
+// A request's deadline fires its cancel token on the worker even when no
+// Cancel comes (this fake broker sends none, as a broker that died or
+// restarted would not), and a request whose deadline passed while it waited
+// for the one handler thread is answered TIMEOUT without running: its
+// client has had its TIMEOUT, and a chat message stored then would be
+// stored again when the client retried.
+TEST(WorkerDeadlines, APassedDeadlineFiresTheTokenAndAWaitingRequestDoesNotRun) {
+  fake_broker broker{"fake-broker-deadlines"};
+  broker.options.threads = 1;
+  worker w{broker.options, &broker.ctx};
+  std::mutex mutex;
+  std::vector<std::string> runs;
+  std::atomic<bool> fired{false};
+  w.add(service{"svc", 4}.on("work", [&](request req) {
+    {
+      std::lock_guard lock{mutex};
+      runs.push_back(req.id());
+    }
+    if (req.args_text() != "[\"hold\"]") return;
+    std::mutex m;
+    std::condition_variable_any cv;
+    std::unique_lock lock{m};
+    cv.wait_for(lock, req.cancel().stop_token(), 5s, [] { return false; });
+    fired = req.cancel().stop_token().stop_requested();
+  }));
+  w.start();
+  broker.welcome(w);
+  auto started = std::chrono::steady_clock::now();
+  broker.job("c:1", "[\"hold\"]", 1, 300ms);
+  broker.job("c:2", "[]", 1, 300ms);
+  auto first = broker.next();
+  ASSERT_TRUE(first && first->has_reply());
+  EXPECT_EQ(first->reply().id(), "c:1");
+  EXPECT_TRUE(fired.load()) << "the handler's wait on the stop token ended only at its own 5 s";
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 3s);
+  auto second = broker.next();
+  ASSERT_TRUE(second && second->has_reply());
+  EXPECT_EQ(second->reply().id(), "c:2");
+  EXPECT_EQ(second->reply().code(), proto::TIMEOUT);
+  {
+    std::lock_guard lock{mutex};
+    EXPECT_EQ(runs, std::vector<std::string>{"c:1"}) << "a request past its deadline ran";
+  }
+  EXPECT_EQ(w.stats().requests_expired, 1u);
 }
 
 // A Recall asks again for the final answers of jobs the broker does not

@@ -471,6 +471,66 @@ class CancelTest(BrokerTest):
         self.assertEqual(seen.get("the handler's cancellation"), (True, Code.CANCELLED))
         self.assertFalse(w.connected)
 
+    def test_stop_cancels_a_handler_that_already_replied(self):
+        # A handler that answers, then keeps working until cancelled (progress
+        # emits after its reply): stop() used to wait for it for good, since
+        # only requests not yet answered were cancelled.
+        seen = Recorder()
+        svc = Service("r", capacity=1)
+
+        @svc.on("work")
+        def work(req):
+            req.reply("done")
+            seen.put("replied")
+            seen.put(req.cancelled.wait(WAIT))
+
+        w = self.start_worker(svc)
+        c = self.peer()
+        reply = c.call("r", "work", timeout_ms=10000)
+        self.assertIsNotNone(reply)
+        self.assertEqual(reply.code, pb.OK)
+        self.assertEqual(seen.get(), "replied")
+        started = time.monotonic()
+        w.stop()
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertTrue(seen.get("the handler's cancellation"), "the handler was never cancelled")
+
+    def test_a_request_past_its_deadline_while_queued_does_not_run(self):
+        # One handler thread, held by a long job: a request that waits behind
+        # it past its deadline is answered TIMEOUT (by the broker) and is not
+        # run when the thread frees: its client was told it failed.
+        seen, go = Recorder(), threading.Event()
+        svc = Service("q", capacity=2)
+
+        @svc.on("work")
+        def work(req):
+            seen.put(req.args)
+            if req.args == ["hold"]:
+                go.wait(WAIT)
+            req.reply("ran")
+
+        w = self.start_worker(svc, threads=1)
+        c = self.peer()
+        c.submit("q", "work", '["hold"]', timeout_ms=10000)
+        self.assertEqual(seen.get(), ["hold"])
+        reply = c.call("q", "work", '["late"]', timeout_ms=300)
+        self.assertIsNotNone(reply)
+        self.assertEqual(reply.code, pb.TIMEOUT)
+        go.set()
+        self.assertTrue(eventually(lambda: w.stats().requests_expired == 1))
+        self.assertTrue(seen.empty_for(0.3), "the request past its deadline ran")
+
+    def test_an_ack_timeout_that_is_no_number_is_refused_and_holds_no_place(self):
+        w = Worker(self.broker.router, self.broker.xsub, worker_id="acks", pending_acks_limit=2)
+        try:
+            for timeout in (None, -1, float("nan"), "5"):
+                with self.assertRaises(ValueError):
+                    w.check_socket("/", "gw.x", lambda state: None, timeout=timeout)
+            self.assertEqual(len(w._core.acks), 0)
+            self.assertEqual(w.stats().acks_refused, 0)
+        finally:
+            w.stop()
+
     def test_stop_from_an_ack_done_callback_tells_running_handlers(self):
         # A done-callback runs on the I/O thread; a stop() there used to wait
         # for the other handler's deadline (10 s), which only the I/O loop's
@@ -605,6 +665,42 @@ class DrainTest(BrokerTest):
         self.assertIsNotNone(reply, "the held request did not go to the other worker at once")
         self.assertEqual((reply.reply.code, args_of(reply.reply)), (pb.OK, ["pyB", 2]))
         self.assertLess(time.monotonic() - started, 2.5)
+
+    def test_a_second_signal_ends_the_process_even_if_a_handler_ignores_its_cancellation(self):
+        # Worker.run() in a process of its own, its handler deaf to
+        # req.cancelled: the first SIGTERM drains (up to 30 s), the second
+        # stops, and past STOP_GRACE the process ends without the handler.
+        script = f"""
+import time
+from sidecast_worker import Service, Worker
+svc = Service("deaf", capacity=1)
+@svc.on("work")
+def work(req):
+    print("running", flush=True)
+    time.sleep(60)
+w = Worker({self.broker.router!r}, {self.broker.xsub!r}, worker_id="deaf")
+w.add(svc)
+w.run(drain_timeout=30)
+"""
+        import subprocess
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        c = self.peer()
+        held = c.submit("deaf", "work", "[]", timeout_ms=60000)
+        self.assertEqual(proc.stdout.readline().strip(), "running")
+        proc.send_signal(signal.SIGTERM)
+        self.assertTrue(eventually(lambda: self.broker.metric(
+            "sidecast_broker_draining_workers", service="deaf") == 1, WAIT))
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            self.fail("a second SIGTERM did not end the process")
+        self.assertEqual(code, 128 + signal.SIGTERM)
+        self.assertLess(time.monotonic() - started, Worker.STOP_GRACE + 2)
+        self.assertIsNone(c.reply_to(held, timeout=0.2), "the job was answered by a worker that never finished it")
 
     def test_drain_from_a_handler_is_refused(self):
         refused = queue.Queue()

@@ -30,6 +30,7 @@ worker_metrics::worker_metrics(prometheus::Registry& r)
       outbox_dropped_{dropped(r, "outbox_full")},
       acks_refused_{dropped(r, "pending_acks")},
       requests_refused_{dropped(r, "queue_full")},
+      requests_expired_{dropped(r, "expired_waiting")},
       jobs_again_{counter(r, "sidecast_worker_jobs_again_total",
                           "Jobs the broker sent again (after a new socket) that this worker held or answered: "
                           "not run again")},
@@ -65,6 +66,7 @@ void worker_metrics::refresh(const worker& w) {
   advance(outbox_dropped_, now.outbox_dropped, seen_.outbox_dropped);
   advance(acks_refused_, now.acks_refused, seen_.acks_refused);
   advance(requests_refused_, now.requests_refused, seen_.requests_refused);
+  advance(requests_expired_, now.requests_expired, seen_.requests_expired);
   advance(jobs_again_, now.jobs_again, seen_.jobs_again);
   advance(replies_resent_, now.replies_resent, seen_.replies_resent);
   advance(recalled_, now.recalled, seen_.recalled);

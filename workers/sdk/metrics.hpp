@@ -31,6 +31,7 @@ class worker_metrics {
   prometheus::Counter& outbox_dropped_;
   prometheus::Counter& acks_refused_;
   prometheus::Counter& requests_refused_;
+  prometheus::Counter& requests_expired_;
   prometheus::Counter& jobs_again_;
   prometheus::Counter& replies_resent_;
   prometheus::Counter& recalled_;

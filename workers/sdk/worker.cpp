@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <condition_variable>
@@ -133,6 +134,18 @@ struct request_state {
     deadline_ = at;
     if (shared_deadline_) shared_deadline_->store(at.time_since_epoch().count());
   }
+  clock::time_point deadline() {
+    std::lock_guard lock{cancel_mutex};
+    return deadline_;
+  }
+  // Why a request that waited for a handler thread is not to run: cancelled
+  // meanwhile, or past its deadline (the requester has had its TIMEOUT).
+  std::optional<proto::Code> over(clock::time_point now) {
+    std::lock_guard lock{cancel_mutex};
+    if (now >= deadline_) return proto::TIMEOUT;  // its deadline also fires cancel()
+    if (cancel_asked_) return proto::CANCELLED;
+    return std::nullopt;
+  }
 
   ~request_state();
 
@@ -256,6 +269,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   // it takes (their deadlines), its heartbeats and its ack expiry.
   clock::time_point turn_now{};
   std::unordered_map<std::string, std::weak_ptr<request_state>> in_flight;
+  // The tracked requests by deadline, soonest first (a heap; I/O thread
+  // only): fire_deadlines(). Bounded as in_flight is, swept the same way.
+  using deadline_entry = std::pair<clock::time_point, std::weak_ptr<request_state>>;
+  std::vector<deadline_entry> deadlines;
+  std::size_t deadlines_sweep_at = 1024;
   std::unordered_map<std::string, pending_ack> acks;
   std::multimap<clock::time_point, std::string> ack_deadlines;
   std::size_t sweep_at = 1024;
@@ -307,7 +325,8 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
   std::atomic<std::uint64_t> n_requests{0}, n_replies{0}, n_cancels{0}, n_dropped{0}, n_errors{0},
       n_reconnects{0}, n_acks_refused{0}, n_requests_refused{0}, n_jobs_again{0}, n_replies_resent{0},
       kept_bytes{0}, n_notices_resent{0}, kept_notice_bytes{0}, n_held{0},
-      n_recalled{0}, n_gateways_gone{0};  // the last six: written by the I/O thread only
+      n_recalled{0}, n_gateways_gone{0},  // the six before this line: written by the I/O thread only
+      n_requests_expired{0};
   // Requests posted to the pool, not yet started (the pool's queue also
   // holds ack and report callbacks, which have bounds of their own).
   std::atomic<std::size_t> requests_waiting{0};
@@ -691,6 +710,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       std::lock_guard lock{acks_mutex};
       if (!ack_deadlines.empty()) wake_at = std::min(wake_at, ack_deadlines.begin()->first);
     }
+    if (!deadlines.empty()) wake_at = std::min(wake_at, deadlines.front().first);
     if (welcome_due && o.link.welcomed()) wake_at = std::min(wake_at, *welcome_due);  // unwelcomed: not yet
     // First turn, or the link made a new socket (which may sit at the
     // old one's address, its descriptor at the old number).
@@ -759,6 +779,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
     n_reconnects.store(link.stats().reconnects, std::memory_order_relaxed);  // for stats()
     expire_acks(now);
+    fire_deadlines(now);
   }
 
   // Of a broker pair: the PUB publishes to the broker the link is on (only
@@ -964,6 +985,7 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     for (auto& [id, weak] : in_flight)
       if (auto st = weak.lock()) st->cancel();
     in_flight.clear();
+    deadlines.clear();
     // Client acks still awaited will not come now: their callbacks hear
     // CANCELLED on the pool (which runs what it holds before it stops), and
     // let go of the requests they captured, which hold this core. Kept, they
@@ -1256,6 +1278,22 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     pool.post([this, h, st = std::move(st)]() mutable {
       requests_waiting.fetch_sub(1, std::memory_order_relaxed);
       if (stopping) return;  // queued when the worker stopped: the request is cancelled
+      // Cancelled, or past its deadline, while it waited for a thread (a
+      // pool busy with longer jobs, or with callbacks the broker's credits
+      // do not count): its requester has had its answer, and a handler run
+      // now would act on a request the client was told failed (a chat
+      // message stored after its TIMEOUT, sent again, stored twice). A
+      // DISCONNECT always runs: it is the service's cleanup.
+      if (st->type != request::kind::disconnect) {
+        if (auto code = st->over(clock::now())) {
+          ++n_requests_expired;
+          answer(*st, *code,
+                 *code == proto::TIMEOUT ? "the deadline passed before a handler thread was free"
+                                         : "cancelled before a handler thread was free",
+                 "[]", {}, false);
+          return;
+        }
+      }
       run_handler(*h, std::move(st));
     });
   }
@@ -1339,8 +1377,17 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     }
   }
 
-  // Lets a Cancel find the request while it runs (I/O thread only).
+  // Lets a Cancel find the request while it runs, and its deadline fire
+  // its cancel token (I/O thread only).
   void track(const std::shared_ptr<request_state>& st) {
+    deadlines.emplace_back(st->deadline(), st);
+    std::push_heap(deadlines.begin(), deadlines.end(), later_deadline);
+    if (deadlines.size() > deadlines_sweep_at) {
+      // Answered requests leave their entries until their deadline.
+      std::erase_if(deadlines, [](const auto& d) { return d.second.expired(); });
+      std::make_heap(deadlines.begin(), deadlines.end(), later_deadline);
+      deadlines_sweep_at = std::max<std::size_t>(1024, 2 * deadlines.size());
+    }
     in_flight[st->f->id] = st;
     if (in_flight.size() > sweep_at) {
       // Answered requests leave only expired weak pointers behind.
@@ -1386,6 +1433,20 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
     settle(std::move(*ack), std::move(result));
   }
 
+  // A request's deadline fires its cancel token here, as the broker's
+  // Cancel would: a handler waiting on cancel().stop_token() wakes even when
+  // no Cancel comes (the broker gone or restarted meanwhile). An early ack()
+  // lifted the deadline: no fire then.
+  static bool later_deadline(const deadline_entry& a, const deadline_entry& b) { return a.first > b.first; }
+  void fire_deadlines(clock::time_point now) {
+    while (!deadlines.empty() && deadlines.front().first <= now) {
+      std::pop_heap(deadlines.begin(), deadlines.end(), later_deadline);
+      auto st = deadlines.back().second.lock();
+      deadlines.pop_back();
+      if (st && !st->answered && st->deadline() <= now) st->cancel();
+    }
+  }
+
   void expire_acks(clock::time_point now) {
     std::vector<pending_ack> expired;
     {
@@ -1429,7 +1490,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       return std::nullopt;
     }
     auto id = options.id + ":" + std::to_string(++next_ack);
-    auto deadline = clock::now() + timeout;
+    // now + timeout saturated: a "forever" timeout (milliseconds::max())
+    // overflows the clock's nanoseconds, and expired at once.
+    auto now = clock::now();
+    auto deadline = timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(clock::time_point::max() - now)
+                        ? clock::time_point::max()
+                        : now + timeout;
     acks.emplace(id, pending_ack{std::move(cb), deadline, std::move(check)});
     ack_deadlines.emplace(deadline, id);
     return id;
@@ -1704,7 +1770,8 @@ worker_stats worker::stats() const {
           core_->n_acks_refused, core_->n_requests_refused, core_->live_requests.load(),
           core_->drain_asked.load(), core_->n_jobs_again, core_->n_replies_resent,
           core_->kept_bytes.load(),    core_->n_notices_resent,   core_->kept_notice_bytes.load(),
-          core_->n_held.load(),        core_->n_recalled,         core_->n_gateways_gone};
+          core_->n_held.load(),        core_->n_recalled,         core_->n_gateways_gone,
+          core_->n_requests_expired};
 }
 
 }  // namespace sidecast

@@ -74,7 +74,9 @@ struct worker_options {
 };
 
 /// Fires when the broker cancels a request (deadline passed, requester gave
-/// up) or the worker stops. Long handlers poll it or sleep on it. Copies may
+/// up), when its deadline passes (the worker's I/O thread fires it itself,
+/// for a broker that sends no Cancel), or when the worker stops. Long
+/// handlers poll it, sleep on it or wait on stop_token(). Copies may
 /// go to other threads: each sees the request's deadline as it is now (an
 /// early ack() lifts it).
 class cancel_token {
@@ -344,6 +346,7 @@ struct worker_stats {
   std::uint64_t held = 0;  // messages held until the broker welcomes a new socket (hwm bounds it)
   std::uint64_t recalled = 0;  // final answers the broker asked for again (Recall; the kept ones count in replies_resent)
   std::uint64_t gateways_gone = 0;  // GatewayGone announcements heard
+  std::uint64_t requests_expired = 0;  // cancelled or past their deadline while they waited for a thread: not run
 };
 
 class worker {

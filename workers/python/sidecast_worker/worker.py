@@ -100,6 +100,7 @@ class WorkerStats:
     held: int = 0  # messages held until the broker welcomes a new socket (hwm bounds it)
     recalled: int = 0  # final answers the broker asked for again (Recall; the kept ones count in replies_resent)
     gateways_gone: int = 0  # GatewayGone announcements taken (one naming no sid prefix is ignored, not counted)
+    requests_expired: int = 0  # cancelled or past their deadline while they waited for a handler thread: not run
 
 
 class _Wakeup:
@@ -229,6 +230,9 @@ class _Core:
 
         self.in_flight = {}  # request id -> Request, until its final answer
         self.in_flight_lock = threading.Condition()  # notified when in_flight empties (drain)
+        # Requests whose handler runs (pool threads, under in_flight_lock):
+        # stop() cancels them even after they answered.
+        self.running = set()
         self.drain_asked = False  # the I/O thread tells the broker (PeerLink.drain)
         # The broker confirmed the Drain, or there is no broker to send more:
         # nothing new will arrive. Set by the I/O thread, under in_flight_lock.
@@ -433,7 +437,11 @@ class _Core:
         """Awaits ``entry`` (an emit_with_ack's (Future, callback), or a
         _Check) for ``timeout`` seconds under a new id, returned; None when
         the worker is stopping, its I/O loop has ended (nothing would expire
-        it), or pending_acks_limit are awaited already."""
+        it), or pending_acks_limit are awaited already. A timeout that is
+        no number of seconds >= 0 raises (before anything is awaited: an
+        entry awaited with no deadline would hold its place for good)."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
         with self.acks_lock:
             if self.stopping.is_set() or self.io_closed:
                 return None
@@ -501,6 +509,28 @@ class _Core:
             self.waiting -= 1
         if self.stopping.is_set():
             return  # queued when the worker stopped: the request is cancelled
+        # Cancelled, or past its deadline, while it waited for a thread (a
+        # pool busy with longer jobs, or with callbacks the broker's credits
+        # do not count): its requester has had its answer, and a handler run
+        # now would act on a request the client was told failed. A
+        # DISCONNECT always runs: it is the service's cleanup.
+        if req.kind != DISCONNECT:
+            deadline = req._deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                code, why = Code.TIMEOUT, "the deadline passed before a handler thread was free"
+            elif req.cancelled.is_set():
+                code, why = Code.CANCELLED, "cancelled before a handler thread was free"
+            else:
+                code = None
+            if code is not None:
+                self.count("requests_expired")
+                req._cancel(code)
+                req.fail(code, why)
+                return
+        with self.in_flight_lock:
+            # Running: a stop() cancels it even after it replied (the reply
+            # takes it out of in_flight, and the pool's shutdown waits for it).
+            self.running.add(req)
         try:
             result = handler(req)
             if result is not None and not req.answered and not req._acked:
@@ -524,6 +554,8 @@ class _Core:
                 text = f"{type(e).__name__}: {text}" if text else type(e).__name__
             req.fail(Code.INTERNAL, text or type(e).__name__)
         finally:
+            with self.in_flight_lock:
+                self.running.discard(req)
             req._finish()
 
     # ---- lifecycle ----
@@ -726,9 +758,11 @@ class _Core:
             self.settle(entry, AckResult(Code.CANCELLED, message="the worker stopped: its I/O thread failed"))
 
     def cancel_in_flight(self):
-        """Whatever still runs learns that the worker is going away."""
+        """Whatever still runs learns that the worker is going away: the
+        requests not finally answered, and the handlers still running after
+        they answered."""
         with self.in_flight_lock:
-            running, self.in_flight = list(self.in_flight.values()), {}
+            running, self.in_flight = list(self.in_flight.values()) + list(self.running), {}
             self.in_flight_lock.notify_all()
         for req in running:
             req._cancel(Code.CANCELLED)
@@ -1298,7 +1332,10 @@ class Worker:
         """start(), then blocks until stop(). From the main thread, SIGINT or
         SIGTERM drains (``drain(drain_timeout)``) and then stops; a signal while a
         drain runs (the first signal's, or one the application started) stops at
-        once."""
+        once: what runs is cancelled, and if a handler has not returned
+        ``STOP_GRACE`` seconds later the process ends without it
+        (``os._exit``), as ``sidecast-worker`` does: a handler that ignores
+        ``req.cancelled`` would otherwise hold it for as long as it runs."""
         self._drain_timeout = drain_timeout
         if not self._core.started:
             self.start()
@@ -1319,11 +1356,22 @@ class Worker:
         # Not from the signal handler itself: drain() waits and stop() joins threads.
         if self._core.drain_asked:  # a second signal: no more waiting
             log.info("signal %d: stopping now", signum)
+            threading.Thread(target=self._exit_if_held, args=(signum,), name="sidecast-exit", daemon=True).start()
             threading.Thread(target=self.stop, name="sidecast-stop").start()
             return
         log.info("signal %d: draining (up to %s s), then stopping", signum, self._drain_timeout)
         self._core.drain_asked = True
         threading.Thread(target=self.drain, args=(self._drain_timeout,), name="sidecast-drain").start()
+
+    STOP_GRACE = 2.0
+
+    def _exit_if_held(self, signum):
+        # The broker has had the Goodbye by then, and sends the jobs to
+        # another worker.
+        if not self._core.stopped.wait(self.STOP_GRACE):
+            log.critical("handlers still running %s s after a second signal: exiting", self.STOP_GRACE)
+            logging.shutdown()
+            os._exit(128 + signum)
 
     def on_report(self, callback=None):
         """Calls ``callback(DeliveryReport)`` on a handler thread for every delivery
