@@ -65,6 +65,11 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "the acks")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 20));
+  app.add_option("--max-early-frames", c.max_early_frames,
+                 "Frames a /ws client sends before its connect is answered that wait for the answer (a client "
+                 "that sends at once on open); past it a frame is answered 'not connected yet'")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 16));
   app.add_option("--max-awaited-acks", c.max_awaited_acks,
                  "Workers' emits to one Socket.IO socket that may wait for the client's ack; past it the oldest "
                  "is answered TIMEOUT to its worker")

@@ -53,6 +53,7 @@ struct gateway_config {
   room_subscriptions subscriptions = room_subscriptions::whole_namespace;  // room events asked of the broker
   std::size_t max_recent_unsubscriptions = 65536; // the SUB's unsubscriptions of the last 5 s, remembered
   std::size_t max_pending_acks = 1024;            // events of a connection waiting for their ack (/ws: reply)
+  std::size_t max_early_frames = 64;              // /ws frames held while the connect hook runs
   std::size_t max_awaited_acks = 1024;            // workers' emits to a socket waiting for the client's ack
   std::size_t max_connections = 50000;            // open TCP connections
   std::size_t max_connections_per_ip = 1000;      // open TCP connections from one address

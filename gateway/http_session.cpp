@@ -189,6 +189,9 @@ response make_response(const request& req, http_answer a) {
   res.set(http::field::cache_control, "no-store");
   res.set("X-Content-Type-Options", "nosniff");
   if (!a.allow.empty()) res.set(http::field::allow, a.allow);
+  // RFC 9110, 15.5.2: a 401 names the scheme that would do (the API key
+  // as a bearer token; X-API-Key does too).
+  if (a.status == 401) res.set(http::field::www_authenticate, R"(Bearer realm="sidecast")");
   res.keep_alive(req.keep_alive());
   if (a.status == 204) return res;  // no body, so no Content-Type or Content-Length (RFC 9110 8.6, 15.3.5)
   res.set(http::field::content_type, a.content_type);
@@ -524,11 +527,13 @@ enum class long_poll { none, api, engine_io };
 
 long_poll long_poll_of(const request& req) {
   if (req.method() != http::verb::get) return long_poll::none;
-  std::string_view target = req.target();
-  auto path = target.substr(0, target.find('?'));
+  // Decoded, as handle() routes it: ".../event%73" is served as a poll.
+  auto target = urls::parse_origin_form(req.target());
+  if (!target) return long_poll::none;
+  std::string path = target->path();  // an Engine.IO poll's fits the string itself (no allocation)
   if (path.starts_with("/api/v1/sessions/")) return path.ends_with("/events") ? long_poll::api : long_poll::none;
   bool eio = path == "/socket.io/" || path == "/socket.io" || path == "/engine.io/" || path == "/engine.io";
-  return eio && target.find("sid=", path.size()) != std::string_view::npos ? long_poll::engine_io : long_poll::none;
+  return eio && target->params().contains("sid") ? long_poll::engine_io : long_poll::none;
 }
 
 // The sid an Engine.IO request names, or nullopt.

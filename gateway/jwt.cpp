@@ -145,6 +145,9 @@ boost::system::result<claims, std::string> verifier::verify(std::string_view tok
   if (!header || !payload) return fail("malformed token");
   auto* alg = header->if_contains("alg");
   if (!alg || !alg->is_string()) return fail("token has no alg");
+  // RFC 7515, 4.1.11: a token whose header names extensions the recipient
+  // must understand is refused when it does not; this one understands none.
+  if (header->contains("crit")) return fail("token has a crit header (no extension is understood)");
 
   if (alg->as_string() == "HS256" && !keys_.hs256_secret.empty()) {
     unsigned char mac[EVP_MAX_MD_SIZE];

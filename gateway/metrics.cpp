@@ -41,6 +41,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       undelivered{dropped.Add({{"reason", "undelivered"}})},
       replay_overflow{dropped.Add({{"reason", "replay_overflow"}})},
       rate_limited{dropped.Add({{"reason", "rate_limited"}})},
+      early_frames{dropped.Add({{"reason", "early_frames"}})},
       room_limit{dropped.Add({{"reason", "room_limit"}})},
       long_room{dropped.Add({{"reason", "long_room"}})},
       namespace_limit{dropped.Add({{"reason", "namespace_limit"}})},

@@ -44,6 +44,7 @@ struct gateway_metrics {
   prometheus::Counter& undelivered;  // worker events a socket could not take (connecting, recovering, acks full, gone)
   prometheus::Counter& replay_overflow;  // events past --recovery-buffer a client may not have seen
   prometheus::Counter& rate_limited;
+  prometheus::Counter& early_frames;  // /ws frames refused before the connect answer: --max-early-frames held
   prometheus::Counter& room_limit;
   prometheus::Counter& long_room;  // joins of a room named longer than --max-room-bytes
   prometheus::Counter& namespace_limit;  // CONNECTs past --max-namespaces

@@ -85,25 +85,36 @@ void ws_session::on_message(std::string data, bool binary) {
     return;
   }
   if (!connected()) {
-    send_error(f->id.value_or(""), "not connected yet");
+    // The connect hook runs: a client that sends as soon as its socket
+    // opens is not refused for it. Its frames wait, in order, up to a bound.
+    if (early_in_.size() < gw_.config().max_early_frames) {
+      early_in_.push_back(std::move(*f));
+      return;
+    }
+    gw_.metrics().early_frames.Increment();
+    send_error(f->id.value_or(""), "not connected yet: too many frames before the connect was answered");
     return;
   }
-  if (f->nsp && *f->nsp != nsp()) {
-    send_error(f->id.value_or(""), "this connection serves namespace " + nsp());
+  handle(std::move(*f));
+}
+
+void ws_session::handle(ws_json::client_frame f) {
+  if (f.nsp && *f.nsp != nsp()) {
+    send_error(f.id.value_or(""), "this connection serves namespace " + nsp());
     return;
   }
-  std::string args = f->data.empty() ? "[]" : "[" + f->data + "]";
+  std::string args = f.data.empty() ? "[]" : "[" + f.data + "]";
   std::uint64_t tag = 0;
-  if (f->id) {
+  if (f.id) {
     if (ids_.size() >= gw_.config().max_pending_acks) {
       gw_.metrics().ack_limit.Increment();
-      send_error(*f->id, "too many requests waiting for a reply");
+      send_error(*f.id, "too many requests waiting for a reply");
       return;
     }
     tag = ++next_tag_;
-    ids_.emplace(tag, *f->id);
+    ids_.emplace(tag, *f.id);
   }
-  if (!send_event(std::move(f->event), std::move(args), {}, tag) && tag) {
+  if (!send_event(std::move(f.event), std::move(args), {}, tag) && tag) {
     send_error(ids_[tag], std::string{kGatewayBusy});
     ids_.erase(tag);
   }
@@ -147,16 +158,25 @@ void ws_session::on_connect_answer(reply_data reply) {
     send_text(ws_json::encode_event("connect_error",
                                     json::serialize(json::object{{"message", connect_error_message(reply)}}), nsp()));
     drop_early("the client's connect was refused");
+    early_in_.clear();  // the connection closes: no answer would reach it
     ws_->close();
     return;
   }
   mark_connected();
   send_text(ws_json::encode_event("connect", json::serialize(json::object{{"sid", sid()}}), nsp()));
   release_early();
+  // The client's own frames after what the worker sent meanwhile: their
+  // events reach the service after its connect hook, as they were sent.
+  auto held = std::exchange(early_in_, {});
+  for (auto& f : held) {
+    if (closed()) break;  // a kick the hook sent, applied with the answer
+    handle(std::move(f));
+  }
 }
 
 void ws_session::on_end() {
   keepalive_.cancel();  // it holds the session
+  early_in_.clear();
   drop_early("the client is gone");
 }
 

@@ -6,10 +6,12 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <boost/asio/steady_timer.hpp>
 
 #include "gateway/client_socket.hpp"
+#include "gateway/codec/ws_json.hpp"
 #include "gateway/limits.hpp"
 #include "gateway/ws_conn.hpp"
 
@@ -36,6 +38,8 @@ class ws_session : public client_socket {
  private:
   void send_text(std::string text);
   void send_error(std::string_view id_json, std::string message);
+  // A frame of the connected session, past its rate limit.
+  void handle(ws_json::client_frame f);
   // Every --ping-interval a ping; a client that sends nothing (no pong, no
   // frame) within --ping-timeout after it is gone (a NAT that forgot it, a
   // network that went away without a FIN) and its connection is closed.
@@ -47,6 +51,9 @@ class ws_session : public client_socket {
   token_bucket events_;
   std::uint64_t next_tag_ = 0;
   std::unordered_map<std::uint64_t, std::string> ids_;  // tag -> the client's id (JSON text)
+  // Frames sent before the connect was answered (--max-early-frames):
+  // handled in order once it is accepted.
+  std::vector<ws_json::client_frame> early_in_;
   bool started_ = false;  // the handshake succeeded and the connect was asked
 };
 

@@ -1725,6 +1725,12 @@ class RoomWideControlTest(InProcessWorkerTest):
         self.assertEqual(self.api("GET", "/rooms/join")[0], 405)
         self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x"}, key=None)[0], 401)
         self.assertEqual(self.api("POST", "/rooms/join", {"room": "r", "join": "x"}, key="wrong")[0], 401)
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("POST", "/api/v1/rooms/join", body=b"{}")
+        res = c.getresponse()
+        res.read()
+        self.assertEqual((res.status, res.getheader("WWW-Authenticate")), (401, 'Bearer realm="sidecast"'))
 
 
 class RestartedGatewayTest(InProcessWorkerTest):
@@ -1946,20 +1952,26 @@ class ApiPollingTest(InProcessWorkerTest):
         self.assertIn(b'{"events":[]}', got)
 
     def test_a_poll_whose_client_left_takes_no_events(self):
+        # Its path percent-encoded too: it is served as a poll (the path is
+        # routed decoded), so it must be watched as one.
         import urllib.request
-        url, key, sid = self.open_session(with_sid=True)
-        gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
-        gone.sendall(f"GET /api/v1/sessions/{key}/events?timeout=900 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        time.sleep(0.2)
-        # Gives up while the poll waits, with a reset (SO_LINGER 0), as a crashed client's kernel does.
-        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        gone.close()
-        time.sleep(0.2)
-        self.worker.emit_to_sid(sid, "late", 1, nsp="/ttl")
-        time.sleep(0.3)
-        with urllib.request.urlopen(f"{url}/{key}/events?timeout=3000", timeout=WAIT) as res:
-            events = json.loads(res.read())["events"]
-        self.assertEqual([(e["event"], e["data"]) for e in events], [("late", 1)], "the abandoned poll took it")
+        for action in ("events", "event%73"):
+            with self.subTest(path=action):
+                url, key, sid = self.open_session(with_sid=True)
+                gone = socket.create_connection(("127.0.0.1", self.http_port), timeout=WAIT)
+                gone.sendall(f"GET /api/v1/sessions/{key}/{action}?timeout=900 HTTP/1.1\r\nHost: x\r\n\r\n"
+                             .encode())
+                time.sleep(0.2)
+                # Gives up while the poll waits, with a reset (SO_LINGER 0), as a crashed client's kernel does.
+                gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                gone.close()
+                time.sleep(0.2)
+                self.worker.emit_to_sid(sid, "late", 1, nsp="/ttl")
+                time.sleep(0.3)
+                with urllib.request.urlopen(f"{url}/{key}/events?timeout=3000", timeout=WAIT) as res:
+                    events = json.loads(res.read())["events"]
+                self.assertEqual([(e["event"], e["data"]) for e in events], [("late", 1)],
+                                 "the abandoned poll took it")
 
 
 class WsKeepAliveTest(InProcessWorkerTest):
@@ -2352,6 +2364,51 @@ class DrainRefusesNewSessionsTest(InProcessWorkerTest):
         self.assertEqual(self.gateway.proc.returncode, 0)
         for c in keep:
             c.close()
+
+
+class EarlyClientFramesTest(InProcessWorkerTest):
+    """Frames a /ws client sends as soon as its socket opens, while the
+    connect hook still runs, wait for its answer and are then handled in
+    order; past --max-early-frames (3 here) a frame is refused at once."""
+
+    gateway_id = "gwE"
+    gateway_args = ("--max-early-frames", "3")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("ef", capacity=4)
+        cls.go = threading.Event()
+        cls.seen = queue.Queue()
+
+        @svc.on_connect
+        def hello(req):
+            cls.go.wait(WAIT)
+
+        @svc.on("say")
+        def say(req):
+            cls.seen.put(req.args[0])
+            return req.args[0] * 10
+
+        return svc
+
+    def test_frames_sent_before_the_connect_answer_wait_for_it(self):
+        import websocket  # python3-websocket
+        before = dropped(self.http_port, "early_frames")
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/ef", timeout=WAIT)
+        self.addCleanup(ws.close)
+        for i in range(1, 5):
+            ws.send(json.dumps({"event": "say", "data": i, "id": i}))
+        refused = json.loads(ws.recv())
+        self.assertEqual(refused["id"], 4)
+        self.assertIn("not connected yet", refused["error"])
+        self.assertTrue(self.seen.empty(), "a frame reached the service before its connect was answered")
+        self.go.set()
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        self.assertEqual([json.loads(ws.recv()) for _ in range(3)],
+                         [{"id": i, "data": i * 10} for i in range(1, 4)])
+        self.assertEqual([self.seen.get(timeout=WAIT) for _ in range(3)], [1, 2, 3])
+        self.assertEqual(dropped(self.http_port, "early_frames"), before + 1)
 
 
 class EarlyEventsEndToEndTest(InProcessWorkerTest):

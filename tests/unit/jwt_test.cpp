@@ -70,6 +70,9 @@ TEST(Jwt, Hs256AcceptsGoodTokensOnly) {
       {"exp past INT64_MAX", hs256(header, R"({"sub":"ann","exp":18446744073709551615})", "s3cret"),
        "exp or nbf is not a date"},
       {"nbf very negative", hs256(header, R"({"sub":"ann","nbf":-1e19})", "s3cret"), "exp or nbf is not a date"},
+      // RFC 7515, 4.1.11: an extension the recipient must understand, and does not.
+      {"crit", hs256(R"({"alg":"HS256","crit":["x"],"x":1})", R"({"sub":"ann","exp":1800000100})", "s3cret"),
+       "token has a crit header (no extension is understood)"},
   };
   for (const auto& c : cases) {
     auto r = v.verify(c.token, now);
