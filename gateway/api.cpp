@@ -309,8 +309,13 @@ class api_session : public client_socket {
       return drop_buffered("the session is closed");  // never polled
     }
     // Still in the api's table, and under the session limits, until its
-    // client has had its last answer.
+    // client has had its last answer; a drain waits for that answer while
+    // it carries events.
     ended_ = reason;
+    if (!events_.empty()) {
+      owes_ = true;
+      gw_.api().owe(true);
+    }
     gw_.metrics().api_sessions.Decrement();
     ttl_timer_.expires_after(gw_.config().api_session_ttl);
     ttl_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this())](boost::system::error_code ec) {
@@ -390,6 +395,7 @@ class api_session : public client_socket {
 
   void forget() {
     place_.reset();
+    if (std::exchange(owes_, false)) gw_.api().owe(false);
     gw_.api().remove(key_);
   }
 
@@ -511,6 +517,7 @@ class api_session : public client_socket {
   clock::time_point last_seen_{};
   std::shared_ptr<void> place_;
   std::string ended_;  // why the server closed it, while its client has not had its last answer
+  bool owes_ = false;  // closed with events its client has not had: counted in api::owing()
 };
 
 void api::remove(const std::string& sid) {

@@ -10,6 +10,7 @@
 //   POST   /api/v1/sockets/{sid}/join|leave (API key)  {"room"}
 //   POST   /api/v1/sockets/{sid}/disconnect (API key)
 //   POST   /api/v1/rooms/join|leave|disconnect (API key)  {"nsp","room"|"broadcast","join"|"leave"} -> 202
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <mutex>
@@ -41,6 +42,14 @@ class api {
 
   void remove(const std::string& sid);
   std::shared_ptr<api_session> find(const std::string& sid);
+  /// Sessions the server closed (a drain, their worker) whose client has
+  /// not had the events they kept: its next poll, here or relayed from a
+  /// peer gateway, gets them with the 410. A drain waits for them.
+  std::size_t owing() const { return owing_.load(std::memory_order_relaxed); }
+  void owe(bool more) {
+    if (more) owing_.fetch_add(1, std::memory_order_relaxed);
+    else owing_.fetch_sub(1, std::memory_order_relaxed);
+  }
 
   /// Bridge thread: serves a request a peer gateway relayed (an HttpForward
   /// with a target) for one of this gateway's sessions, on the session's
@@ -76,6 +85,7 @@ class api {
   gateway& gw_;
   std::mutex mutex_;
   std::unordered_map<std::string, std::weak_ptr<api_session>> sessions_;
+  std::atomic<std::size_t> owing_{0};
 };
 
 }  // namespace sidecast::gateway

@@ -293,11 +293,14 @@ void gateway::drain(std::chrono::milliseconds limit) {
   spdlog::info("draining {} sessions and {} sockets (up to {} ms)", session_count(), bridge_->members(), limit.count());
   auto until = std::chrono::steady_clock::now() + limit;
   // Every socket, its CONNECT still in its service's hook included, until
-  // its service has its DISCONNECT; and the WebSockets' close handshakes
-  // (up to 2 s each after their close).
+  // its service has its DISCONNECT; the WebSockets' close handshakes (up to
+  // 2 s each after their close); and the API sessions it closed with events
+  // their clients had not polled, until their next poll takes them (on a
+  // connection the client kept, or relayed by a peer gateway: the listener
+  // is closed).
   auto busy = [this] {
     return session_count() > 0 || bridge_->members() > 0 || bridge_->connects_awaited() > 0 ||
-           metrics_.websockets_open.load(std::memory_order_relaxed) > 0;
+           metrics_.websockets_open.load(std::memory_order_relaxed) > 0 || api_->owing() > 0;
   };
   // Swept again while they last: one that began as the drain did (a request
   // already past its check, a recovery already under way) is closed too.
@@ -310,8 +313,8 @@ void gateway::drain(std::chrono::milliseconds limit) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   if (busy())
-    spdlog::warn("drain: {} sessions, {} sockets and {} connects left at the deadline", session_count(),
-                 bridge_->members(), bridge_->connects_awaited());
+    spdlog::warn("drain: {} sessions, {} sockets, {} connects and {} API sessions' last events left at the deadline",
+                 session_count(), bridge_->members(), bridge_->connects_awaited(), api_->owing());
   // Let the last close frames and poll answers leave.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   stop();

@@ -2301,6 +2301,49 @@ class DrainTest(InProcessWorkerTest):
         sio.disconnect()
 
 
+class DrainKeepsUnpolledEventsTest(InProcessWorkerTest):
+    """A drain closes an API session that has events its client has not
+    polled (none waiting at SIGTERM): the gateway stays until the client's
+    next poll, on a connection it kept, takes them with the 410. (Before, it
+    exited as soon as the sockets were disconnected, and the events went
+    with it.) It exits then, not at --drain-timeout."""
+
+    gateway_id = "gwV"
+    gateway_args = ("--drain-timeout", "8000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        return Service("unpolled", capacity=4)
+
+    def test_the_next_poll_gets_the_events_and_the_gateway_exits_then(self):
+        import http.client
+        import urllib.request
+        url = f"http://127.0.0.1:{self.http_port}/api/v1/sessions"
+        req = urllib.request.Request(url, data=json.dumps({"nsp": "/unpolled"}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=WAIT) as res:
+            opened = json.loads(res.read())
+        self.worker.emit_to_sid(opened["sid"], "kept", 7, nsp="/unpolled")
+        kept = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(kept.close)
+        kept.request("GET", "/healthz")
+        self.assertEqual(kept.getresponse().read(), b"ok\n")
+        time.sleep(0.3)  # the event is in the session's buffer
+        self.gateway.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        self.assertIsNone(self.gateway.proc.poll(), "the gateway left with the session's events")
+        kept.request("GET", f"/api/v1/sessions/{opened['session']}/events?timeout=0")
+        res = kept.getresponse()
+        self.assertEqual((res.status, res.getheader("Connection")), (410, "close"))
+        body = json.loads(res.read())
+        self.assertEqual((body["reason"], [(e["event"], e["data"]) for e in body["events"]]),
+                         ("server shutting down", [("kept", 7)]))
+        answered = time.monotonic()
+        self.gateway.proc.wait(WAIT)
+        self.assertEqual(self.gateway.proc.returncode, 0)
+        self.assertLess(time.monotonic() - answered, 3, "it waited for its --drain-timeout")
+
+
 class DrainRefusesNewSessionsTest(InProcessWorkerTest):
     """While it drains, a gateway opens nothing new on the connections it
     still has (keep-alive HTTP): an Engine.IO handshake and an API session
