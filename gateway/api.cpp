@@ -379,7 +379,7 @@ class api_session : public client_socket {
     auto slot = std::move(it->second);
     acks_.erase(it);
     if (reply.code != proto::OK) return slot->complete(failure(reply));
-    auto data = ws_json::data_from_args(reply.args);
+    auto data = ws_json::data_from_args(ws_json::with_attachments(std::move(reply.args), reply.attachments));
     slot->complete({200, "application/json", data.empty() ? "{}" : "{\"data\":" + data + "}"});
   }
 

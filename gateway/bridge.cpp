@@ -69,7 +69,10 @@ const std::string& outbound_event::socketio_frame(bool with_offset) const {
 
 const std::string& outbound_event::ws_frame() const {
   std::call_once(ws_once_, [this] {
-    auto data = ws_json::data_from_args(args_);
+    // Its attachments (a Socket.IO client gets them as binary frames) in
+    // the JSON itself, base64.
+    std::string inlined = attachments_.empty() ? std::string{} : ws_json::inline_attachments(args_, attachments_);
+    auto data = ws_json::data_from_args(attachments_.empty() ? std::string_view{args_} : std::string_view{inlined});
     ws_ = ws_json::encode_event(event_, data, nsp_);
   });
   return ws_;

@@ -192,7 +192,7 @@ void ws_session::on_reply(std::uint64_t tag, reply_data reply) {
   // A handler that gave no answer: the client asked for a reply, and /ws
   // has no ack timeout of its own, so it gets one without data.
   if (reply.silent) return send_text(ws_json::encode_reply(id, {}));
-  send_text(ws_json::encode_reply(id, ws_json::data_from_args(reply.args)));
+  send_text(ws_json::encode_reply(id, ws_json::data_from_args(ws_json::with_attachments(std::move(reply.args), reply.attachments))));
 }
 
 }  // namespace sidecast::gateway

@@ -7,6 +7,7 @@
 #include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
+#include "gateway/codec/engineio.hpp"
 #include "gateway/codec/error_category.hpp"
 #include "gateway/codec/json_scan.hpp"
 #include "gateway/codec/socketio.hpp"
@@ -184,6 +185,47 @@ std::string encode_reply(std::string_view id_json, std::string_view data_json,
     out += quote(*error_message);
   }
   out += '}';
+  return out;
+}
+
+std::string inline_attachments(std::string_view text, std::span<const std::string> attachments) {
+  // A placeholder is short: an object longer than this is walked into, not
+  // parsed (so each byte is looked at a bounded number of times).
+  constexpr std::size_t longest_placeholder = 96;
+  std::string out;
+  out.reserve(text.size() + attachments.size() * 16);
+  std::size_t i = 0;
+  while (i < text.size()) {
+    char c = text[i];
+    if (c == '"') {  // a string, as it is: no '{' in it is an object
+      auto end = string_end(text, i);
+      if (end == npos) break;
+      out.append(text.substr(i, end - i));
+      i = end;
+      continue;
+    }
+    if (c == '{') {
+      auto end = value_end(text, i);
+      if (end != npos && end - i <= longest_placeholder) {
+        boost::system::error_code ec;
+        auto v = json::parse(text.substr(i, end - i), ec);
+        const auto* o = ec ? nullptr : v.if_object();
+        const auto* flag = o ? o->if_contains("_placeholder") : nullptr;
+        const auto* num = o ? o->if_contains("num") : nullptr;
+        if (flag && flag->is_bool() && flag->get_bool() && num && num->is_int64() && num->get_int64() >= 0 &&
+            static_cast<std::uint64_t>(num->get_int64()) < attachments.size()) {
+          out += R"({"_base64":")";
+          out += engineio::base64_encode(attachments[static_cast<std::size_t>(num->get_int64())]);
+          out += "\"}";
+          i = end;
+          continue;
+        }
+      }
+    }
+    out += c;
+    ++i;
+  }
+  if (i < text.size()) out.append(text.substr(i));
   return out;
 }
 

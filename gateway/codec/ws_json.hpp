@@ -7,6 +7,7 @@
 #pragma once
 
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -60,6 +61,17 @@ std::string encode_event(std::string_view event, std::string_view data_json,
 // empty (no "data"), several as the array itself. Text that is not a JSON
 // array is returned unchanged. `args_array_json` must be valid JSON.
 std::string data_from_args(std::string_view args_array_json);
+
+// What the JSON faces (/ws, the HTTP API) carry of binary attachments: in
+// `args_json` (a worker's event or answer), each Socket.IO placeholder
+// {"_placeholder":true,"num":N} whose attachment is there becomes
+// {"_base64":"<attachment N, standard base64>"}; every other byte is kept
+// as it is. `args_json` must be valid JSON.
+std::string inline_attachments(std::string_view args_json, std::span<const std::string> attachments);
+// `args_json` itself when there are no attachments.
+inline std::string with_attachments(std::string args_json, std::span<const std::string> attachments) {
+  return attachments.empty() ? args_json : inline_attachments(args_json, attachments);
+}
 
 // Reply to a frame that carried an id: {"id":<id_json>,"data":<data_json>,
 // "error":"..."}. "data" is left out when empty, "error" when absent; an empty

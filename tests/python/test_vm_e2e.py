@@ -2409,6 +2409,50 @@ class DrainRefusesNewSessionsTest(InProcessWorkerTest):
             c.close()
 
 
+class BinaryOnJsonFacesTest(InProcessWorkerTest):
+    """A worker's binary attachments reach the JSON faces as base64 in place
+    of their placeholders: {"_base64": "..."} (a Socket.IO client gets them
+    as binary). Before, a /ws or API client got {"_placeholder": true,
+    "num": 0} and no bytes."""
+
+    gateway_id = "gwB"
+    gateway_args = ("--api-key", "k")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("bin", capacity=4)
+
+        @svc.on("blob")
+        def blob(req):
+            req.emit("blob", {"payload": b"\x01\x02\x03", "n": 1})
+            return {"b": b"\xff\x00"}
+
+        return svc
+
+    def test_ws_and_api_clients_get_the_bytes_in_base64(self):
+        import urllib.request
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/bin", timeout=WAIT)
+        self.addCleanup(ws.close)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        ws.send(json.dumps({"event": "blob", "id": 1}))
+        got = sorted((json.loads(ws.recv()) for _ in range(2)), key=lambda m: "id" in m)
+        self.assertEqual(got, [{"event": "blob", "data": {"payload": {"_base64": "AQID"}, "n": 1}, "nsp": "/bin"},
+                               {"id": 1, "data": {"b": {"_base64": "/wA="}}}])
+        url = f"http://127.0.0.1:{self.http_port}/api/v1/sessions"
+        req = urllib.request.Request(url, data=json.dumps({"nsp": "/bin"}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=WAIT) as res:
+            key = json.loads(res.read())["session"]
+        req = urllib.request.Request(f"{url}/{key}/emit", data=json.dumps({"event": "blob", "ack": True}).encode(),
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=WAIT) as res:
+            self.assertEqual(json.loads(res.read()), {"data": {"b": {"_base64": "/wA="}}})
+        with urllib.request.urlopen(f"{url}/{key}/events?timeout=2000", timeout=WAIT) as res:
+            events = json.loads(res.read())["events"]
+        self.assertEqual(events, [{"event": "blob", "data": {"payload": {"_base64": "AQID"}, "n": 1}, "nsp": "/bin"}])
+
+
 class EarlyClientFramesTest(InProcessWorkerTest):
     """Frames a /ws client sends as soon as its socket opens, while the
     connect hook still runs, wait for its answer and are then handled in

@@ -9,6 +9,7 @@
 
 #include <ostream>
 #include <string>
+#include <vector>
 
 namespace ws = sidecast::gateway::ws_json;
 namespace json = boost::json;
@@ -263,4 +264,29 @@ TEST(ws_json, data_from_args_hands_on_the_arguments_text) {
   // Blank args pass socketio::valid_args: as none, not as " " (which made
   // {"data": } on /ws and the HTTP API, and broke a whole poll's body).
   EXPECT_EQ(ws::data_from_args(" \t\r\n"), "");
+}
+
+// A worker's binary attachments reach a /ws or API client as base64 in the
+// JSON, where a Socket.IO client gets binary frames; the rest of the text,
+// a placeholder-like string or a big number included, is left as it is.
+TEST(ws_json, attachments_are_inlined_as_base64) {
+  const std::vector<std::string> two{std::string("\x01\x02\x03", 3), std::string("\xff\x00", 2)};
+  EXPECT_EQ(ws::inline_attachments(R"([{"payload":{"_placeholder":true,"num":0},"n":12345678901234567890123}])", two),
+            R"([{"payload":{"_base64":"AQID"},"n":12345678901234567890123}])");
+  EXPECT_EQ(ws::inline_attachments(R"([{ "num" : 1, "_placeholder" : true }, 1.10])", two),
+            R"([{"_base64":"/wA="}, 1.10])");
+  // Not placeholders: a string that reads like one, num past the
+  // attachments, _placeholder false, a placeholder in a larger object.
+  const std::string kept[] = {
+      R"(["{\"_placeholder\":true,\"num\":0}"])",
+      R"([{"_placeholder":true,"num":2}])",
+      R"([{"_placeholder":false,"num":0}])",
+      R"([{"_placeholder":true,"num":-1}])",
+  };
+  for (const auto& text : kept) EXPECT_EQ(ws::inline_attachments(text, two), text);
+  EXPECT_EQ(ws::inline_attachments(R"([{"_placeholder":true,"num":0,"x":"a"}])", two), R"([{"_base64":"AQID"}])")
+      << "every placeholder member goes: the object is the attachment's place";
+  EXPECT_EQ(ws::with_attachments("[1]", {}), "[1]");
+  EXPECT_EQ(ws::data_from_args(ws::with_attachments(R"([{"_placeholder":true,"num":1}])", two)),
+            R"({"_base64":"/wA="})");
 }
