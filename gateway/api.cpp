@@ -3,6 +3,7 @@
 #include <charconv>
 #include <deque>
 #include <optional>
+#include <unordered_set>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -156,13 +157,26 @@ std::optional<proto::Control::Action> socket_action(std::string_view action) {
 // A poll's answer that takes nothing (replaced, or its client gone).
 http_answer no_events() { return json_answer(200, json::object{{"events", json::array{}}}); }
 
-std::optional<json::object> parse_object(std::string_view body) {
+// The body as a JSON object, or the 400 that says why it is not one.
+boost::system::result<json::object, http_answer> parse_object(std::string_view body) {
+  auto refuse = [](std::string why) { return boost::system::result<json::object, http_answer>{
+                                          boost::system::in_place_error, error(400, why)}; };
   if (body.empty()) return json::object{};
   boost::system::error_code ec;
   // As deep as Socket.IO's and /ws's arguments may be: the body's object
   // takes the place of their array.
   auto v = socketio::parse_json(body, ec);
-  if (ec || !v.is_object()) return std::nullopt;
+  if (ec) return refuse("body is not JSON (" + ec.message() + "; UTF-8, at most 64 levels deep)");
+  if (!v.is_object()) return refuse("body must be a JSON object");
+  // A key given twice: which was meant? (/ws refuses it too.)
+  std::unordered_set<std::string> keys;
+  std::string twice;
+  codec_detail::for_each_member(body, [&](std::string_view key, std::size_t, std::size_t) {
+    if (keys.emplace(key).second) return true;
+    twice = key;
+    return false;
+  });
+  if (!twice.empty()) return refuse("duplicate key: " + json::serialize(json::string{twice}));
   return std::move(v.as_object());
 }
 
@@ -564,7 +578,7 @@ asio::awaitable<http_answer> api::handle(http::request<http::string_body>& req, 
   if (rest.empty() || rest == "/") {
     if (req.method() != http::verb::post) co_return not_allowed("POST", "use POST");
     auto body = parse_object(req.body());
-    if (!body) co_return error(400, "body must be a JSON object");
+    if (!body) co_return body.error();
     if (auto refused = unknown_key(*body, {"nsp", "auth"})) co_return *refused;
     std::string nsp = "/";
     if (auto* n = body->if_contains("nsp")) {
@@ -707,7 +721,7 @@ asio::awaitable<http_answer> api::on_session(http::request<http::string_body>& r
     });
   } else if (action == "emit" && req.method() == http::verb::post) {
     auto body = parse_object(req.body());
-    if (!body) co_return error(400, "body must be a JSON object");
+    if (!body) co_return body.error();
     if (auto refused = unknown_key(*body, {"event", "data", "ack"})) co_return *refused;
     auto* event = body->if_contains("event");
     if (!event || !event->is_string() || socketio::is_reserved_event(event->as_string()))
@@ -760,7 +774,7 @@ std::optional<http_answer> api::refuse_key(const request& req) const {
 http_answer api::publish(const http::request<http::string_body>& req) {
   if (auto refused = refuse_key(req)) return *refused;
   auto body = parse_object(req.body());
-  if (!body) return error(400, "body must be a JSON object");
+  if (!body) return body.error();
   // A misspelt key ("room" as "rooms", "except" as "exclude") would be
   // ignored: the event would go where it was not meant to.
   if (auto refused = unknown_key(*body, {"event", "data", "args", "sid", "room", "broadcast", "nsp", "except"}))
@@ -815,7 +829,7 @@ http_answer api::rooms(const request& req, std::string_view action) {
   if (!what) return error(404, "no such action");
   if (req.method() != http::verb::post) return not_allowed("POST", "use POST");
   auto body = parse_object(req.body());
-  if (!body) return error(400, "body must be a JSON object");
+  if (!body) return body.error();
   std::string_view named = *what == proto::Control::JOIN ? "join" : *what == proto::Control::LEAVE ? "leave" : "";
   auto unknown = named.empty() ? unknown_key(*body, {"nsp", "room", "broadcast"})
                                : unknown_key(*body, {"nsp", "room", "broadcast", named});
@@ -866,7 +880,7 @@ void api::serve_socket(std::string_view sid, std::string_view action, std::strin
   auto what = socket_action(action);
   if (!what) return answer(error(404, "no such action"));
   auto body = parse_object(body_text);
-  if (!body) return answer(error(400, "body must be a JSON object"));
+  if (!body) return answer(body.error());
   proto::Control c;
   c.set_action(*what);
   c.set_sid(std::string{sid});

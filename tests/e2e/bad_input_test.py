@@ -743,7 +743,7 @@ class HttpApiErrors(unittest.TestCase):
         self.assertEqual(request("GET", f"/api/v1/sockets/{sid}", None, {})[0], 401)
         self.assertEqual(request("GET", f"/api/v1/sockets/{ours}.nosuchsocket", None, headers)[0], 404)
         for action, body, why in (("join", b"[1]", "body must be a JSON object"),
-                                  ("join", b"{", "body must be a JSON object"),
+                                  ("join", b"{", "body is not JSON (incomplete JSON; UTF-8, at most 64 levels deep)"),
                                   ("join", {}, "room must be a non-empty string"),
                                   ("join", {"room": ""}, "room must be a non-empty string"),
                                   ("leave", {"room": 7}, "room must be a non-empty string"),
@@ -800,7 +800,11 @@ class HttpApiErrors(unittest.TestCase):
         def ask(method, path, body):
             status, text, _ = request(method, path, body if isinstance(body, bytes) else json.dumps(body).encode())
             return status, json.loads(text).get("error")
-        for body, why in ((b"[1]", "body must be a JSON object"), (b"{", "body must be a JSON object"),
+        not_json = "body is not JSON ({}; UTF-8, at most 64 levels deep)".format
+        for body, why in ((b"[1]", "body must be a JSON object"), (b"{", not_json("incomplete JSON")),
+                          (b'\xef\xbb\xbf{"nsp": "/"}', not_json("syntax error")),  # a byte order mark
+                          (b'{"nsp": "/\xff"}', not_json("syntax error")),  # not UTF-8
+                          (b'{"nsp": "/", "n\\u0073p": "/chat"}', 'duplicate key: "nsp"'),  # which one?
                           ({"nsp": 7}, "bad nsp"), ({"nsp": "/", "auth": "x"}, "auth must be an object"),
                           ({"namespace": "/"}, "unknown key: namespace")):
             self.assertEqual(ask("POST", "/api/v1/sessions", body), (400, why), body)
@@ -819,7 +823,7 @@ class HttpApiErrors(unittest.TestCase):
         deep = lambda n: json.dumps({"event": "echo", "data": json.loads("[" * n + "]" * n), "ack": True}).encode()
         status, text, _ = request("POST", f"/api/v1/sessions/{sid}/emit", deep(63))
         self.assertEqual((status, json.loads(text)), (200, {"data": json.loads("[" * 63 + "]" * 63)}))
-        self.assertEqual(ask("POST", f"/api/v1/sessions/{sid}/emit", deep(64)), (400, "body must be a JSON object"))
+        self.assertEqual(ask("POST", f"/api/v1/sessions/{sid}/emit", deep(64)), (400, not_json("too deep")))
         request("DELETE", f"/api/v1/sessions/{sid}")
 
     def test_an_api_sessions_socket_sid_does_not_open_it(self):
