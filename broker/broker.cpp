@@ -116,7 +116,9 @@ struct broker::metrics {
         draining{core::gauges(r, "sidecast_broker_draining_workers",
                               "Live workers that are stopping (Drain): they finish what they hold, take nothing new")},
         peers{core::gauges(r, "sidecast_broker_peers", "Live peers, by role")},
-        in_flight{core::gauge(r, "sidecast_broker_in_flight", "Requests held by workers")},
+        in_flight{core::gauge(r, "sidecast_broker_in_flight",
+                              "Requests held by workers, those that ended while held included (each keeps its "
+                              "worker's slot until the worker answers)")},
         dispatch_latency{core::latency_histogram(r, "sidecast_broker_dispatch_seconds",
                                                  "Time from a request's arrival to its dispatch to a worker")},
         request_latency{core::latency_histogram(r, "sidecast_broker_request_seconds",
@@ -700,6 +702,14 @@ void broker::on_hello(const std::string& routing_id, const proto::Hello& hello, 
     drop(drop_reason::bad_hello, "too many services");
     return;
   }
+  for (const auto& s : hello.services()) {
+    if (s.name().size() > config_.max_service_bytes) {
+      send_error(routing_id, proto::BAD_REQUEST,
+                 "a service name is at most " + std::to_string(config_.max_service_bytes) + " bytes (--max-service-bytes)");
+      drop(drop_reason::service_limit, "a Hello naming a service of " + std::to_string(s.name().size()) + " bytes");
+      return;
+    }
+  }
   if (!hello.sid_prefix().empty() &&
       (hello.role() != proto::ROLE_GATEWAY || !proto::valid_sid_prefix(hello.id(), hello.sid_prefix()))) {
     send_error(routing_id, proto::BAD_REQUEST,
@@ -884,6 +894,13 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
   if (head.id.empty() || head.service.empty()) {
     if (!head.id.empty()) send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST, "request without a service");
     drop(drop_reason::malformed, "request without id or service");
+    return;
+  }
+  if (head.service.size() > config_.max_service_bytes) {
+    if (head.wants_reply)
+      send_reply(routing_id, std::string{head.id}, proto::BAD_REQUEST,
+                 "a service name is at most " + std::to_string(config_.max_service_bytes) + " bytes (--max-service-bytes)");
+    drop(drop_reason::service_limit, "a request naming a service of " + std::to_string(head.service.size()) + " bytes");
     return;
   }
   if (proto::id_owner(head.id) != routing_id) {
@@ -1270,10 +1287,13 @@ void broker::fail(const failure& f) {
 void broker::answer(const std::string& requester, const std::string& worker, std::string_view id,
                     zmq::message_t& payload) {
   // `id` points into `payload`, which send_to() leaves as it was unless it sent it.
-  if (parked_.empty() && suspects_.empty() && send_to(requester, payload) == sent::ok) return;  // the hot path
+  auto result = parked_.empty() && suspects_.empty() ? send_to(requester, payload) : sent::gone;  // the hot path
+  if (result == sent::ok) return;
   undelivered report{worker, proto::DeliveryReport::REQUESTER_GONE, {}, std::string{id},
                      "requester " + requester + " is gone"};
-  auto result = deliver(requester, payload, report);
+  // A full pipe was tried (and counted) once; a connection gone, or none
+  // tried yet, is deliver()'s to park or report.
+  if (result != sent::full) result = deliver(requester, payload, report);
   if (result == sent::ok) return;
   if (result == sent::full) {
     report.status = proto::DeliveryReport::REJECTED;
@@ -1305,11 +1325,21 @@ broker::sent broker::deliver(std::string_view to, zmq::message_t& payload, const
 }
 
 bool broker::park(const std::string& to, zmq::message_t& payload, const undelivered& report) {
-  if (parked_count_ >= config_.max_parked || payload.size() > config_.max_parked_bytes - parked_bytes_ ||
+  // A job, or a heartbeat, for a peer whose connection is in doubt is kept
+  // past max_parked: refused, the job cost its worker (dropped as
+  // unreachable, its other jobs run again elsewhere while it still ran
+  // them) and a heartbeat's cost nothing but filled the bound for what can
+  // be reported. Both are bounded elsewhere: a worker holds at most its
+  // capacity of jobs (whose bytes the table keeps anyway), a peer gets a
+  // heartbeat a tick, and what is kept goes at the peer's liveness.
+  auto kind = proto::kind_of(payload.to_string_view());
+  bool bounded = kind != Envelope::kRequest && kind != Envelope::kLifecycle && kind != Envelope::kHeartbeat;
+  if ((bounded && parked_bounded_ >= config_.max_parked) || payload.size() > config_.max_parked_bytes - parked_bytes_ ||
       !peers_.contains(to))
     return false;
   auto size = payload.size();
-  parked_[to].push_back({std::move(payload), now_, report});
+  parked_[to].push_back({std::move(payload), now_, report, bounded});
+  parked_bounded_ += bounded;
   set_parked(parked_count_ + 1, parked_bytes_ + size);
   return true;
 }
@@ -1332,6 +1362,7 @@ void broker::unpark(const std::string& to) {
   while (!kept.empty()) {
     auto size = kept.front().payload.size();  // sent, the payload is empty
     if (send_to(to, kept.front().payload) != sent::ok) break;
+    parked_bounded_ -= kept.front().bounded;
     kept.pop_front();
     ++sent_now;
     bytes += size;
@@ -1356,7 +1387,10 @@ void broker::report_parked(const std::string& to) {
   auto kept = std::move(it->second);
   parked_.erase(it);
   std::size_t bytes = 0;
-  for (const auto& k : kept) bytes += k.payload.size();
+  for (const auto& k : kept) {
+    bytes += k.payload.size();
+    parked_bounded_ -= k.bounded;
+  }
   set_parked(parked_count_ - kept.size(), parked_bytes_ - bytes);
   metrics_->unparked.Add({{"outcome", "reported"}}).Increment(static_cast<double>(kept.size()));
   for (auto& k : kept) {
@@ -1643,6 +1677,7 @@ void broker::forget_everything() {
   table_ = service_table{config_.limits};
   peers_.clear();
   parked_.clear();
+  parked_bounded_ = 0;
   set_parked(0, 0);
   forwards_.clear();  // their askers are told STANDBY with the rest, and relay elsewhere
   pending_gone_.clear();  // announced by no one: the other broker never knew them
@@ -1821,7 +1856,7 @@ void broker::tick(clock::time_point now) {
     metrics_->workers.Add({{"service", service}}).Set(static_cast<double>(table_.workers(service)));
     metrics_->draining.Add({{"service", service}}).Set(static_cast<double>(table_.draining_workers(service)));
   }
-  metrics_->in_flight.Set(static_cast<double>(table_.in_flight()));
+  metrics_->in_flight.Set(static_cast<double>(table_.held_slots()));
   metrics_->queued_bytes.Set(static_cast<double>(table_.waiting_bytes()));
   publish_status(now);
   if (auto n = log_limit_.take_suppressed()) spdlog::warn("{} log lines suppressed", n);

@@ -47,6 +47,10 @@ struct broker_config {
   std::chrono::milliseconds default_timeout{30000};  // requests that name none
   std::chrono::milliseconds max_timeout{3600000};
   table_limits limits;
+  // The longest service name a request or a Hello may carry: each name is a
+  // label of the broker's metrics series and a key of its maps (a 1 MiB
+  // name made 3 MiB of /metrics while its request waited).
+  std::size_t max_service_bytes = 128;
   int sndhwm = 100000;  // per peer, messages
   int rcvhwm = 100000;
   std::int64_t max_message_bytes = 16 << 20;  // larger: libzmq drops the peer's connection
@@ -213,7 +217,8 @@ class broker {
   /// it (then sends what was kept, in order), or until its liveness runs
   /// out or it is dropped (then tells `report.to`, as if sent to nobody).
   /// False, `payload` left, when the peer is not registered or max_parked
-  /// messages (or max_parked_bytes) are kept.
+  /// messages (or max_parked_bytes) are kept. Jobs and heartbeats are kept
+  /// past max_parked: see park().
   struct undelivered {
     std::string to;  // who hears the DeliveryReport
     proto::DeliveryReport::Status status;
@@ -318,6 +323,7 @@ class broker {
     zmq::message_t payload;
     clock::time_point since;
     undelivered report;
+    bool bounded = true;  // counts under max_parked (see park())
   };
   std::unordered_map<std::string, std::deque<parked_message>> parked_;  // see park()
   struct forward_route {
@@ -339,6 +345,7 @@ class broker {
   // comes back with one is told so in its Welcome (prefix_gone).
   core::recent_keys announced_gone_{std::chrono::hours(24), config_.max_peers};
   std::size_t parked_count_ = 0;
+  std::size_t parked_bounded_ = 0;  // of parked_count_, those max_parked bounds (park())
   std::size_t parked_bytes_ = 0;
   struct suspicion {
     std::uint64_t probe;  // 0: waits for the peer's Heartbeat.read (see on_hello)

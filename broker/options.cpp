@@ -32,6 +32,11 @@ void add_options(CLI::App& app, broker_config& c) {
                  "has served are forgotten when no request for them waits")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1000000}));
+  app.add_option("--max-service-bytes", c.max_service_bytes,
+                 "Longest service name a request or a worker's Hello may carry (each is a label of the broker's "
+                 "metrics); a longer one is refused BAD_REQUEST, counted as dropped service_limit")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{4096}));
   app.add_option("--max-capacity", c.limits.max_capacity,
                  "Jobs one worker may hold of one service at once: a larger capacity in its Hello is taken as "
                  "this (logged; sidecast_broker_capacity_clamped_total)")

@@ -92,7 +92,10 @@ std::uint32_t service_table::new_slot() {
 
 job service_table::take_slot(std::uint32_t s) {
   auto& e = slots_[s];
-  if (e.state == slot_state::orphaned && e.work.connect) --ended_connects_;
+  if (e.state == slot_state::orphaned) {
+    --orphaned_count_;
+    if (e.work.connect) --ended_connects_;
+  }
   if (e.heap_pos != none) heap_erase(s);
   ids_.erase(e.work.id);
   job work = std::move(e.work);
@@ -106,6 +109,7 @@ job service_table::take_slot(std::uint32_t s) {
 job service_table::orphan(std::uint32_t s) {
   auto& e = slots_[s];
   e.state = slot_state::orphaned;
+  ++orphaned_count_;
   job work = std::move(e.work);
   e.work = job{};
   e.work.id = work.id;  // the slot keeps the id until the worker answers

@@ -206,6 +206,9 @@ class service_table {
   // Figures for metrics and tests.
   std::size_t queued(const std::string& service) const;
   std::size_t in_flight() const { return held_count_; }
+  /// What workers hold: in_flight() and the jobs that ended while held,
+  /// whose answers their workers still owe (each takes a slot of capacity).
+  std::size_t held_slots() const { return held_count_ + orphaned_count_; }
   std::size_t waiting() const;
   /// Bytes of the waiting jobs' envelopes, every service's (limits queue_bytes).
   std::size_t waiting_bytes() const { return waiting_bytes_; }
@@ -298,6 +301,7 @@ class service_table {
   std::vector<std::uint32_t> deadlines_;
   std::vector<assignment> assigned_;
   std::size_t held_count_ = 0;
+  std::size_t orphaned_count_ = 0;  // slots in state orphaned
   std::size_t ended_connects_ = 0;
   std::uint64_t submitted_ = 0;
   std::size_t waiting_bytes_ = 0;

@@ -1612,6 +1612,37 @@ TEST_P(BrokerTest, ParkedMessagesAreBoundedInBytes) {
   EXPECT_EQ(kept->emit().event(), "small");
 }
 
+// Jobs for a worker without its connection for the moment are kept past
+// --max-parked (1 here): refused, the second job dropped the worker as
+// unreachable, and its first job ran again elsewhere while it still ran it.
+TEST_P(BrokerTest, JobsAndHeartbeatsKeptForAStalledWorkerDoNotCostIt) {
+  heartbeat_ = 1s;
+  broker::broker_config config;
+  config.max_parked = 1;
+  start(config);
+  auto w = std::make_unique<peer>(ctx_, "inproc://router", "w-away", proto::ROLE_WORKER);
+  ASSERT_TRUE(w->hello({{"away", 3}}));
+  w.reset();  // its connection is gone; it is still registered
+  std::this_thread::sleep_for(200ms);
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  std::set<std::string> ids;
+  for (int i = 0; i < 3; ++i) ids.insert(client.submit("away", "x", "[]", 5s));
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "unreachable"), 0.0) << "the worker was dropped";
+  w = std::make_unique<peer>(ctx_, "inproc://router", "w-away", proto::ROLE_WORKER);
+  Envelope beat;
+  beat.mutable_heartbeat();
+  w->send(beat);
+  std::set<std::string> got;
+  while (got.size() < 3) {
+    auto job = w->next(Envelope::kRequest, 3s);
+    if (!job) break;
+    got.insert(job->request().id());
+  }
+  EXPECT_EQ(got, ids) << "the jobs kept for it did not all come";
+}
+
 TEST_P(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
   start();
   peer client{ctx_, "inproc://router", "c1"};
@@ -2003,6 +2034,31 @@ TEST_P(BrokerTest, AHelloOfMoreServicesThanTheTableMayKnowIsRefused) {
   EXPECT_EQ(metric("sidecast_broker_workers", "service", "a"), std::nullopt);
   peer ok{ctx_, "inproc://router", "w-two", proto::ROLE_WORKER};
   EXPECT_TRUE(ok.hello({{"a", 1}, {"b", 1}}));
+}
+
+// A service name is a label of the broker's series and a key of its maps:
+// one longer than --max-service-bytes is refused, in a request (a 1 MiB
+// name made 3 MiB of /metrics while it waited, and a scrape of eight such
+// held the loop 1.5 s) and in a worker's Hello.
+TEST_P(BrokerTest, AServiceNameLongerThanTheBoundIsRefused) {
+  broker::broker_config config;
+  config.max_service_bytes = 8;
+  start(config);
+  peer client{ctx_, "inproc://router", "c-long"};
+  ASSERT_TRUE(client.hello());
+  auto reply = client.call("a-longer-name", "x", "[]", 2s);
+  ASSERT_TRUE(reply);
+  EXPECT_EQ(reply->code(), proto::BAD_REQUEST);
+  EXPECT_EQ(reply->message(), "a service name is at most 8 bytes (--max-service-bytes)");
+  EXPECT_EQ(metric("sidecast_broker_queue_depth", "service", "a-longer-name"), std::nullopt) << "a series was made";
+  peer w{ctx_, "inproc://router", "w-long", proto::ROLE_WORKER};
+  w.send_hello({{"ok", 1}, {"a-longer-name", 1}});
+  auto refusal = w.next(Envelope::kError, 2s);
+  ASSERT_TRUE(refusal);
+  EXPECT_EQ(refusal->error().code(), proto::BAD_REQUEST);
+  EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "service_limit"), 2.0);
+  peer ok{ctx_, "inproc://router", "w-short", proto::ROLE_WORKER};
+  EXPECT_TRUE(ok.hello({{"8-bytes!", 1}}));
 }
 
 TEST_P(BrokerTest, GarbageFromARawPeerIsCountedAndOthersAreServed) {

@@ -406,10 +406,14 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_EQ(t.in_flight(), 0u);
 
   // A request that ends while held keeps nothing for a late answer.
+  auto slots = t.held_slots();
   t.submit(make_job("r2", "svc", 1s));
   t.dispatch();
   EXPECT_EQ(failures(t.expire(t0 + 3s)), "r2:TIMEOUT@w2");
   EXPECT_EQ(t.late_connect("r2", "w2"), nullptr);
+  // Ended, it still takes w2's slot until w2 answers: held, not in flight.
+  EXPECT_EQ(t.in_flight(), 0u);
+  EXPECT_EQ(t.held_slots(), slots + 1);
   EXPECT_EQ(t.ended_connects(), 0u);
 
   // A new worker of capacity 1 takes a CONNECT `id` that then times out
