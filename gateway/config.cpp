@@ -55,10 +55,14 @@ void add_options(CLI::App& app, gateway_config& c) {
   core::add_millis(app, "--connect-timeout", c.connect_timeout,
                    "Close a connection that has joined no namespace after this long, ms (as Socket.IO's connectTimeout)");
   core::add_millis(app, "--gateway-heartbeat", c.heartbeat_interval, "Heartbeat to the broker until its Welcome, ms");
-  app.add_option("--max-payload", c.max_payload, "Largest POST body / WebSocket frame, bytes (maxHttpBufferSize)")
-      ->capture_default_str();
+  app.add_option("--max-payload", c.max_payload,
+                 "Largest POST body / WebSocket frame, bytes (maxHttpBufferSize); each binary attachment is at "
+                 "most this too")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 30));
   app.add_option("--max-attachments", c.max_attachments, "Binary attachments per Socket.IO packet")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{0}, std::size_t{1024}));
   app.add_option("--max-pending-acks", c.max_pending_acks,
                  "Events of one socket (a Socket.IO namespace socket, a /ws connection, an API session) that may "
                  "wait for their ack (/ws: their reply); past it an event is answered busy, in its place among "

@@ -801,7 +801,12 @@ void eio_session::on_packet(engineio::packet p) {
         return;
       }
       // No GET to release yet: one may be on its way on another connection
-      // (sent before the close). Give it a moment, then close anyway.
+      // (sent before the close). Give it a moment, then close anyway. The
+      // sockets go now: parked for recovery, a client that reconnects
+      // within the moment finds them (it got a new sid, and the old socket
+      // stayed parked for the whole --recovery-window, still a member of
+      // its rooms, its service never told it left).
+      release_sockets("client close");
       client_closing_ = true;
       grace_timer_.expires_after(std::chrono::milliseconds(200));
       grace_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
@@ -830,8 +835,14 @@ void eio_session::on_socketio(std::string&& text) {
     return;
   }
   if (p->type == socketio::packet_type::binary_event || p->type == socketio::packet_type::binary_ack) {
-    if (!assembler_)
-      assembler_ = std::make_unique<socketio::binary_assembler>(gw_.config().max_attachments, gw_.config().max_payload);
+    if (!assembler_) {
+      // Each attachment is a message of its own, bounded by --max-payload
+      // (a WebSocket frame, or the POST that carries it), as the reference
+      // server bounds each (maxHttpBufferSize): two 600 KB buffers in one
+      // emit are taken there. Bounding their sum by it closed the connection.
+      const auto& c = gw_.config();
+      assembler_ = std::make_unique<socketio::binary_assembler>(c.max_attachments, c.max_attachments * c.max_payload);
+    }
     auto started = assembler_->start(std::move(*p));
     if (!started) {
       gw_.metrics().bad_packet.Increment();
@@ -1056,6 +1067,15 @@ void eio_session::after_ping() {
   }));
 }
 
+// Each namespace socket parked for recovery if it may be, else ended.
+void eio_session::release_sockets(const char* reason) {
+  for (auto& [nsp, socket] : std::exchange(sockets_, {})) {
+    if (socket->recoverable() && !gw_.draining())  // a stopping gateway keeps nothing for recovery
+      socket->detach({slot_, ws_ ? ws_->place() : nullptr});
+    else socket->end(reason);
+  }
+}
+
 void eio_session::close(const char* reason) {
   if (closed_) return;
   closed_ = true;
@@ -1064,11 +1084,7 @@ void eio_session::close(const char* reason) {
   upgrade_timer_.cancel();
   connect_timer_.cancel();
   if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "1"});
-  for (auto& [nsp, socket] : std::exchange(sockets_, {})) {
-    if (socket->recoverable() && !gw_.draining())  // a stopping gateway keeps nothing for recovery
-      socket->detach({slot_, ws_ ? ws_->place() : nullptr});
-    else socket->end(reason);
-  }
+  release_sockets(reason);
   gw_.remove_session(sid_);
   if (transport_ == transport::websocket) {
     gw_.metrics().websocket.Decrement();

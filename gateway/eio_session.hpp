@@ -78,6 +78,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   std::uint64_t sent() const { return sent_; }
 
  private:
+  void release_sockets(const char* reason);
   enum class transport { polling, websocket };
 
   void on_packet(engineio::packet p);

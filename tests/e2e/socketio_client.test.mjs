@@ -258,6 +258,14 @@ describe("echo", () => {
     assert.deepEqual(normalize(await call(socket, "echo-bin", ...args)), normalize(args));
   });
 
+  // Each attachment is a WebSocket message of its own, bounded by
+  // --max-payload (1 MB) alone, as the reference server bounds each: two of
+  // 600 KB in one emit closed the connection when their sum was bounded.
+  test("echo-bin: attachments larger together than --max-payload", { timeout: TEST_MS, skip: mode !== "websocket" && "one POST carries them all over polling" }, async () => {
+    const args = [bytes(600 * 1000, 8), bytes(600 * 1000, 9)];
+    assert.deepEqual(normalize(await call(socket, "echo-bin", ...args)), normalize(args));
+  });
+
   test("echo-bin: a binary as the only argument", { timeout: TEST_MS }, async () => {
     const args = [Buffer.from("\u{1F600} not text, bytes")];
     assert.deepEqual(normalize(await call(socket, "echo-bin", ...args)), normalize(args));

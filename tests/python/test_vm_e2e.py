@@ -2770,6 +2770,32 @@ class RecoveryEdgesTest(RecoveryTest):
         self.addCleanup(ws.close)
         self.assertNotEqual(again["sid"], hello["sid"], "recovered into a socket its worker disconnected")
 
+    def test_a_polling_client_that_closes_and_reconnects_at_once_recovers(self):
+        # Its close packet comes with no GET pending (under traffic, the GET
+        # is on its way back): the socket is parked at once, so a reconnect
+        # within the moment the session waits for a late GET finds it. (It
+        # got a new sid, and the old socket stayed parked for the whole
+        # recovery window, its service never told it left.)
+        import requests
+        base = f"http://127.0.0.1:{self.http_port}/socket.io/?EIO=4&transport=polling"
+
+        def handshake():
+            return json.loads(requests.get(base, timeout=WAIT).text[1:])["sid"]
+
+        def post(sid, body):
+            self.assertEqual(requests.post(f"{base}&sid={sid}", data=body.encode(), timeout=WAIT).text, "ok")
+
+        eio = handshake()
+        post(eio, "40/rec,")
+        hello = json.loads(requests.get(f"{base}&sid={eio}", timeout=WAIT).text[len("40/rec,"):])
+        post(eio, "1")  # no GET waits
+        again_eio = handshake()
+        post(again_eio, "40/rec," + json.dumps({"pid": hello["pid"], "offset": "0"}))
+        answer = requests.get(f"{base}&sid={again_eio}", timeout=WAIT).text
+        self.assertTrue(answer.startswith("40/rec,"), answer)
+        self.assertEqual(json.loads(answer[len("40/rec,"):]), hello, "not recovered")
+        post(again_eio, "1")
+
     def test_an_event_dropped_while_away_means_no_recovery(self):
         ws, hello = self.connect()
         self.drop_transport(ws)
