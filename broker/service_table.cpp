@@ -468,6 +468,7 @@ bool service_table::hand_over(std::string_view id, std::string_view worker, job&
   auto& e = slots_[s];
   ids_.erase(e.work.id);
   --ended_connects_;
+  --orphaned_count_;  // held again, by its DISCONNECT
   e.work = std::move(next);
   e.work.attempt = 1;
   ids_.emplace(e.work.id, s);

@@ -307,6 +307,9 @@ class api_session : public client_socket {
   /// forgotten. Closed by its client or its TTL, it is forgotten at once.
   void close(const std::string& reason, bool keep_unpolled = false) {
     if (closed()) return;
+    // Owed before end() lets the socket go: a drain that saw it gone and
+    // nothing owed in between would stop the gateway with these events.
+    if (keep_unpolled && !created_) owe_events();
     end(reason);
     ttl_timer_.cancel();
     for (auto& [tag, slot] : std::exchange(acks_, {})) slot->complete(error(410, "session closed"));
@@ -326,10 +329,6 @@ class api_session : public client_socket {
     // client has had its last answer; a drain waits for that answer while
     // it carries events.
     ended_ = reason;
-    if (!events_.empty()) {
-      owes_ = true;
-      gw_.api().owe(true);
-    }
     gw_.metrics().api_sessions.Decrement();
     ttl_timer_.expires_after(gw_.config().api_session_ttl);
     ttl_timer_.async_wait([self = std::static_pointer_cast<api_session>(shared_from_this())](boost::system::error_code ec) {
@@ -405,6 +404,14 @@ class api_session : public client_socket {
   void release() {
     gw_.metrics().api_sessions.Decrement();
     forget();
+  }
+
+  // Closed by the server with events its client has not had: a drain waits
+  // for its next poll (api::owing()).
+  void owe_events() {
+    if (owes_ || events_.empty()) return;
+    owes_ = true;
+    gw_.api().owe(true);
   }
 
   void forget() {
@@ -500,6 +507,7 @@ class api_session : public client_socket {
     for (const auto& e : sent) buffered_bytes_ += e->size();
     events_.insert(events_.begin(), std::make_move_iterator(sent.begin()), std::make_move_iterator(sent.end()));
     if (closed() && ended_.empty()) return drop_buffered("the session is closed");
+    if (!ended_.empty()) owe_events();  // back from an answer its client never got
     trim();
     if (poll_) flush();
   }

@@ -86,8 +86,13 @@ void ws_session::on_message(std::string data, bool binary) {
   }
   if (!connected()) {
     // The connect hook runs: a client that sends as soon as its socket
-    // opens is not refused for it. Its frames wait, in order, up to a bound.
-    if (early_in_.size() < gw_.config().max_early_frames) {
+    // opens is not refused for it. Its frames wait, in order, up to a bound
+    // in frames and one in bytes (one frame's worth, --max-payload: the
+    // token bucket does not bound what a slow hook lets pile up).
+    auto bytes = f->event.size() + f->data.size() + f->id.value_or("").size();
+    if (early_in_.size() < gw_.config().max_early_frames &&
+        bytes <= gw_.config().max_payload - std::min(early_in_bytes_, gw_.config().max_payload)) {
+      early_in_bytes_ += bytes;
       early_in_.push_back(std::move(*f));
       return;
     }
@@ -159,6 +164,7 @@ void ws_session::on_connect_answer(reply_data reply) {
                                     json::serialize(json::object{{"message", connect_error_message(reply)}}), nsp()));
     drop_early("the client's connect was refused");
     early_in_.clear();  // the connection closes: no answer would reach it
+    early_in_bytes_ = 0;
     ws_->close();
     return;
   }
@@ -168,6 +174,7 @@ void ws_session::on_connect_answer(reply_data reply) {
   // The client's own frames after what the worker sent meanwhile: their
   // events reach the service after its connect hook, as they were sent.
   auto held = std::exchange(early_in_, {});
+  early_in_bytes_ = 0;
   for (auto& f : held) {
     if (closed()) break;  // a kick the hook sent, applied with the answer
     handle(std::move(f));
@@ -177,6 +184,7 @@ void ws_session::on_connect_answer(reply_data reply) {
 void ws_session::on_end() {
   keepalive_.cancel();  // it holds the session
   early_in_.clear();
+  early_in_bytes_ = 0;
   drop_early("the client is gone");
 }
 

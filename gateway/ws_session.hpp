@@ -54,6 +54,7 @@ class ws_session : public client_socket {
   // Frames sent before the connect was answered (--max-early-frames):
   // handled in order once it is accepted.
   std::vector<ws_json::client_frame> early_in_;
+  std::size_t early_in_bytes_ = 0;  // their event names and data (at most --max-payload)
   bool started_ = false;  // the handshake succeeded and the connect was asked
 };
 

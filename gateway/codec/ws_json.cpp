@@ -190,7 +190,8 @@ std::string encode_reply(std::string_view id_json, std::string_view data_json,
 
 std::string inline_attachments(std::string_view text, std::span<const std::string> attachments) {
   // A placeholder is short: an object longer than this is walked into, not
-  // parsed (so each byte is looked at a bounded number of times).
+  // parsed. (Each '{' still measures its object: O(size x depth), depth at
+  // most 64; only a worker's message with attachments comes here.)
   constexpr std::size_t longest_placeholder = 96;
   std::string out;
   out.reserve(text.size() + attachments.size() * 16);

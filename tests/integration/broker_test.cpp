@@ -1643,6 +1643,28 @@ TEST_P(BrokerTest, JobsAndHeartbeatsKeptForAStalledWorkerDoNotCostIt) {
   EXPECT_EQ(got, ids) << "the jobs kept for it did not all come";
 }
 
+// Nor do the broker's heartbeats to a peer without its connection: one a
+// tick filled --max-parked (1 here), and an emit for that gateway's socket
+// was then reported at once instead of kept.
+TEST_P(BrokerTest, HeartbeatsKeptForAPeerTakeNoPlaceUnderTheBound) {
+  heartbeat_ = 500ms;  // the gateway's liveness: 1.5 s from its Hello
+  broker::broker_config config;
+  config.max_parked = 1;
+  start(config);
+  peer worker_peer{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  ASSERT_TRUE(worker_peer.hello({{"raw", 1}}));
+  auto gw = std::make_unique<peer>(ctx_, "inproc://router", "gwH", proto::ROLE_GATEWAY);
+  ASSERT_TRUE(gw->hello());
+  gw.reset();  // its connection is gone; it is still registered
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_parked_messages") >= 1.0; }, 1s))
+      << "no heartbeat was kept for it";
+  auto env = emit_envelope("gwH.s1", "e", "[1]");
+  env.mutable_emit()->set_ref("e");
+  worker_peer.send(env);
+  EXPECT_FALSE(worker_peer.next(Envelope::kReport, 200ms)) << "reported at once: a heartbeat took its place";
+  EXPECT_GE(metric("sidecast_broker_parked_messages").value_or(0), 2.0) << "the heartbeats and the emit";
+}
+
 TEST_P(BrokerTest, NoWorkerAnswersUnavailableAtTheDeadline) {
   start();
   peer client{ctx_, "inproc://router", "c1"};

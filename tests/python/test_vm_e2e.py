@@ -2456,10 +2456,11 @@ class BinaryOnJsonFacesTest(InProcessWorkerTest):
 class EarlyClientFramesTest(InProcessWorkerTest):
     """Frames a /ws client sends as soon as its socket opens, while the
     connect hook still runs, wait for its answer and are then handled in
-    order; past --max-early-frames (3 here) a frame is refused at once."""
+    order; past --max-early-frames (3 here), or past --max-payload bytes of
+    them (1000 here), a frame is refused at once."""
 
     gateway_id = "gwE"
-    gateway_args = ("--max-early-frames", "3")
+    gateway_args = ("--max-early-frames", "3", "--max-payload", "1000")
 
     @classmethod
     def service(cls):
@@ -2481,6 +2482,7 @@ class EarlyClientFramesTest(InProcessWorkerTest):
 
     def test_frames_sent_before_the_connect_answer_wait_for_it(self):
         import websocket  # python3-websocket
+        self.go.clear()
         before = dropped(self.http_port, "early_frames")
         ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/ef", timeout=WAIT)
         self.addCleanup(ws.close)
@@ -2495,6 +2497,24 @@ class EarlyClientFramesTest(InProcessWorkerTest):
         self.assertEqual([json.loads(ws.recv()) for _ in range(3)],
                          [{"id": i, "data": i * 10} for i in range(1, 4)])
         self.assertEqual([self.seen.get(timeout=WAIT) for _ in range(3)], [1, 2, 3])
+        self.assertEqual(dropped(self.http_port, "early_frames"), before + 1)
+
+    def test_what_they_hold_is_bounded_in_bytes_too(self):
+        import websocket  # python3-websocket
+        self.go.clear()
+        before = dropped(self.http_port, "early_frames")
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/ef", timeout=WAIT)
+        self.addCleanup(ws.close)
+        text = "x" * 400  # two fit under --max-payload 1000, three do not
+        for i in range(1, 4):
+            ws.send(json.dumps({"event": "say", "data": text, "id": i}))
+        refused = json.loads(ws.recv())
+        self.assertEqual(refused["id"], 3)
+        self.assertIn("not connected yet", refused["error"])
+        self.go.set()
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        self.assertEqual([json.loads(ws.recv())["id"] for _ in range(2)], [1, 2])
+        self.assertEqual([self.seen.get(timeout=WAIT) for _ in range(2)], [text, text])
         self.assertEqual(dropped(self.http_port, "early_frames"), before + 1)
 
 

@@ -523,7 +523,7 @@ class CancelTest(BrokerTest):
     def test_an_ack_timeout_that_is_no_number_is_refused_and_holds_no_place(self):
         w = Worker(self.broker.router, self.broker.xsub, worker_id="acks", pending_acks_limit=2)
         try:
-            for timeout in (None, -1, float("nan"), "5"):
+            for timeout in (None, -1, float("nan"), float("inf"), "5"):
                 with self.assertRaises(ValueError):
                     w.check_socket("/", "gw.x", lambda state: None, timeout=timeout)
             self.assertEqual(len(w._core.acks), 0)

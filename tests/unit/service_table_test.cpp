@@ -381,6 +381,7 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_EQ(t.ended_connects(), 1u);
   EXPECT_FALSE(t.complete("c1", "w1")) << "the connect's id is gone";
   EXPECT_EQ(t.in_flight(), 1u);
+  EXPECT_EQ(t.held_slots(), 2u) << "d1 held by w1, and c2 ended while w2 holds it";
   t.submit(make_job("next", "svc", 10s));
   EXPECT_TRUE(t.dispatch().empty()) << "w1's capacity stays taken, w2's by its ended connect";
   EXPECT_EQ(t.next_deadline(), t0 + 5s);
@@ -406,6 +407,7 @@ TEST(ServiceTable, ALateConnectIsHandedOverToItsDisconnectOnTheSameWorker) {
   EXPECT_EQ(t.in_flight(), 0u);
 
   // A request that ends while held keeps nothing for a late answer.
+  EXPECT_EQ(t.held_slots(), 0u) << "a handed-over CONNECT's slot still counted as ended";
   auto slots = t.held_slots();
   t.submit(make_job("r2", "svc", 1s));
   t.dispatch();

@@ -710,6 +710,11 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
       std::lock_guard lock{acks_mutex};
       if (!ack_deadlines.empty()) wake_at = std::min(wake_at, ack_deadlines.begin()->first);
     }
+    // Those of requests already done with go first: no wake-up for them.
+    while (!deadlines.empty() && deadlines.front().second.expired()) {
+      std::pop_heap(deadlines.begin(), deadlines.end(), later_deadline);
+      deadlines.pop_back();
+    }
     if (!deadlines.empty()) wake_at = std::min(wake_at, deadlines.front().first);
     if (welcome_due && o.link.welcomed()) wake_at = std::min(wake_at, *welcome_due);  // unwelcomed: not yet
     // First turn, or the link made a new socket (which may sit at the

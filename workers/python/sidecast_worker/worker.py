@@ -12,6 +12,8 @@ import heapq
 import inspect
 import itertools
 import logging
+import math
+import numbers
 import os
 import queue
 import secrets
@@ -438,10 +440,11 @@ class _Core:
         _Check) for ``timeout`` seconds under a new id, returned; None when
         the worker is stopping, its I/O loop has ended (nothing would expire
         it), or pending_acks_limit are awaited already. A timeout that is
-        no number of seconds >= 0 raises (before anything is awaited: an
-        entry awaited with no deadline would hold its place for good)."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+        no finite number of seconds >= 0 raises (before anything is awaited:
+        an entry awaited with no deadline would hold its place for good)."""
+        if (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                or not math.isfinite(timeout) or timeout < 0):
+            raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
         with self.acks_lock:
             if self.stopping.is_set() or self.io_closed:
                 return None
@@ -1334,7 +1337,7 @@ class Worker:
         drain runs (the first signal's, or one the application started) stops at
         once: what runs is cancelled, and if a handler has not returned
         ``STOP_GRACE`` seconds later the process ends without it
-        (``os._exit``), as ``sidecast-worker`` does: a handler that ignores
+        (``os._exit(128 + signal)``): a handler that ignores
         ``req.cancelled`` would otherwise hold it for as long as it runs."""
         self._drain_timeout = drain_timeout
         if not self._core.started:
