@@ -702,6 +702,26 @@ w.run(drain_timeout=30)
         self.assertLess(time.monotonic() - started, Worker.STOP_GRACE + 2)
         self.assertIsNone(c.reply_to(held, timeout=0.2), "the job was answered by a worker that never finished it")
 
+    def test_a_drain_waits_for_a_handler_that_runs_on_after_its_reply(self):
+        # As the C++ SDK's drain (which counts the handles still held): the
+        # handler's work after its final answer is not cut by the stop().
+        seen = Recorder()
+        svc = Service("after", capacity=1)
+
+        @svc.on("work")
+        def work(req):
+            req.reply("done")
+            time.sleep(0.5)
+            seen.put(req.cancelled.is_set())
+
+        w = self.start_worker(svc, worker_id="pyAfter")
+        c = self.peer()
+        self.assertEqual(c.call("after", "work", timeout_ms=5000).code, pb.OK)
+        started = time.monotonic()
+        self.assertTrue(w.drain(5))
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        self.assertFalse(seen.get("the handler's end"), "cancelled before it ended")
+
     def test_drain_from_a_handler_is_refused(self):
         refused = queue.Queue()
         svc = Service("selfish", capacity=1)

@@ -559,6 +559,8 @@ class _Core:
         finally:
             with self.in_flight_lock:
                 self.running.discard(req)
+                if not self.running:
+                    self.in_flight_lock.notify_all()  # a drain may wait for it
             req._finish()
 
     # ---- lifecycle ----
@@ -592,14 +594,16 @@ class _Core:
         self.wake.signal()  # the I/O thread sends the Drain
         # Done when nothing runs and nothing more can come: a job the broker
         # dispatched just before it read the Drain may still be on its way.
-        # (Not connected: not started, or no broker now.)
+        # (Not connected: not started, or no broker now.) A handler that
+        # runs on after its final answer (progress, cleanup) runs too, as
+        # in the C++ SDK.
         def done():
-            return not self.in_flight and (self.drain_settled or not self.connected.is_set())
+            return not self.in_flight and not self.running and (self.drain_settled or not self.connected.is_set())
         with self.in_flight_lock:
             settled = self.in_flight_lock.wait_for(
                 lambda: done() or self.stopping.is_set() or self.io_failure is not None, timeout)
-            idle = not self.in_flight
-            left = len(self.in_flight)
+            idle = not self.in_flight and not self.running
+            left = len(self.running | set(self.in_flight.values()))
         if not idle:
             log.warning("worker %s: drain timed out with %d requests running; they are cancelled",
                         self.worker_id, left)
