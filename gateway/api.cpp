@@ -542,6 +542,24 @@ class api_session : public client_socket {
   bool owes_ = false;  // closed with events its client has not had: counted in api::owing()
 };
 
+void api::end_relayed_polls() {
+  std::vector<std::pair<std::string, relayed_poll>> waiting;
+  {
+    std::lock_guard lock{mutex_};
+    for (auto& [id, poll] : relayed_polls_) waiting.emplace_back(id, poll);
+  }
+  for (auto& [id, poll] : waiting) {
+    auto slot = poll.slot.lock();
+    if (!slot) continue;
+    // The owner hears that this poll's client left, as when it does: it
+    // answers the poll empty if it still waits, or takes back what it
+    // answered; the client gets an empty answer now, and polls again
+    // through the balancer, elsewhere.
+    gw_.report_gone(poll.sid, poll.target, id);
+    slot->complete(no_events());
+  }
+}
+
 void api::remove(const std::string& sid) {
   std::lock_guard lock{mutex_};
   sessions_.erase(sid);
@@ -657,6 +675,21 @@ asio::awaitable<http_answer> api::relay(http::request<http::string_body>& req, s
   f.set_body(std::move(req.body()));
   auto id = f.id();
   auto slot = std::make_shared<reply_slot>(co_await asio::this_coro::executor);
+  // A relayed poll is known to the drain (end_relayed_polls()) while it waits.
+  struct registration {
+    api* self;
+    std::string id;
+    ~registration() {
+      if (!self) return;
+      std::lock_guard lock{self->mutex_};
+      self->relayed_polls_.erase(id);
+    }
+  } registered{nullptr, id};
+  if (action == "events") {
+    std::lock_guard lock{mutex_};
+    relayed_polls_.emplace(id, relayed_poll{sid, std::string{req.target()}, slot});
+    registered.self = this;
+  }
   if (!gw_.link().forward(std::move(f), slot, timeout)) co_return error(503, kGatewayBusy);
   gw_.metrics().forwarded.Increment();
   auto answer = co_await slot->wait();

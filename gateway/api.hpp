@@ -46,6 +46,12 @@ class api {
   /// not had the events they kept: its next poll, here or relayed from a
   /// peer gateway, gets them with the 410. A drain waits for them.
   std::size_t owing() const { return owing_.load(std::memory_order_relaxed); }
+  /// A drain: each API poll this gateway relays for a client of its own is
+  /// answered empty now, and its owner told that the client left (GONE), so
+  /// that the owner keeps its events for the client's next poll elsewhere.
+  /// Stopped with them waiting, the owner's next event went into a poll no
+  /// one would read.
+  void end_relayed_polls();
   void owe(bool more) {
     if (more) owing_.fetch_add(1, std::memory_order_relaxed);
     else owing_.fetch_sub(1, std::memory_order_relaxed);
@@ -86,6 +92,13 @@ class api {
   std::mutex mutex_;
   std::unordered_map<std::string, std::weak_ptr<api_session>> sessions_;
   std::atomic<std::size_t> owing_{0};
+  // The API polls this gateway relays to their owners, while they wait, by
+  // the forward's id (under mutex_).
+  struct relayed_poll {
+    std::string sid, target;
+    std::weak_ptr<reply_slot> slot;
+  };
+  std::unordered_map<std::string, relayed_poll> relayed_polls_;
 };
 
 }  // namespace sidecast::gateway

@@ -291,6 +291,7 @@ void gateway::drain(std::chrono::milliseconds limit) {
     acceptor_->close(ignored);
   });
   spdlog::info("draining {} sessions and {} sockets (up to {} ms)", session_count(), bridge_->members(), limit.count());
+  api_->end_relayed_polls();  // a gateway with no client of its own may still relay polls
   auto until = std::chrono::steady_clock::now() + limit;
   // Every socket, its CONNECT still in its service's hook included, until
   // its service has its DISCONNECT; the WebSockets' close handshakes (up to
@@ -308,6 +309,7 @@ void gateway::drain(std::chrono::milliseconds limit) {
   while (busy() && std::chrono::steady_clock::now() < until) {
     if (std::chrono::steady_clock::now() >= next_sweep) {
       close_all();
+      api_->end_relayed_polls();
       next_sweep += std::chrono::milliseconds(250);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

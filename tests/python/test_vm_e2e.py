@@ -2089,6 +2089,7 @@ class RelayedPollTest(InProcessWorkerTest):
         self.addCleanup(gw.cleanup)
         self.addCleanup(gw.stop)
         self.assertTrue(eventually(lambda: http_get(port, "/healthz")[0] == 200, WAIT), gw.output())
+        self.peer_process = gw
         return port
 
     def poll_there(self, port, sid):
@@ -2101,6 +2102,31 @@ class RelayedPollTest(InProcessWorkerTest):
         status, answer = self.api("GET", f"/sessions/{sid}/events?timeout={timeout_ms}", key=None)
         self.assertEqual(status, 200, answer)
         return [e["data"] for e in answer["events"]]
+
+    def test_a_relayed_poll_at_its_gateways_drain_loses_nothing(self):
+        # The relaying gateway drains (a rolling restart behind a balancer
+        # that ignores the sid): it answers its client's poll empty and tells
+        # the owner the poll's client left. Before, it stopped with the poll
+        # waiting, and the owner's next event went into it, lost.
+        peer = self.peer_gateway()
+        status, created = self.api("POST", "/sessions", {"nsp": "/relay"}, key=None)
+        self.assertEqual(status, 201, created)
+        sid, key = created["sid"], created["session"]
+        s = self.poll_there(peer, key)
+        self.addCleanup(s.close)
+        time.sleep(0.3)  # waiting at the owner
+        self.peer_process.signal(signal.SIGTERM)
+        answer = s.recv(65536)
+        self.assertIn(b"200 OK", answer)
+        self.assertIn(b'{"events":[]}', answer)
+        self.peer_process.proc.wait(WAIT)
+        self.assertEqual(self.peer_process.proc.returncode, 0)
+        self.assertTrue(self.worker.emit_to_sid(sid, "n", 7, nsp="/relay"))
+        got = []
+        deadline = time.time() + WAIT
+        while 7 not in got and time.time() < deadline:
+            got += self.events_here(key, 1000)
+        self.assertIn(7, got, "the event went into the drained gateway's poll")
 
     def test_a_relayed_poll_whose_client_left_loses_nothing(self):
         peer = self.peer_gateway()
