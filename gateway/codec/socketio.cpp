@@ -342,6 +342,10 @@ void encode_to(std::string& out, const packet& p) {
   out += p.data;
 }
 
+std::optional<std::uint64_t> placeholder_index(const json::object& o) {
+  return is_placeholder(o) ? placeholder_num(o) : std::nullopt;
+}
+
 bool has_placeholders(const json::value& v) {
   return !for_each_placeholder(v, [](const json::object&) { return false; });
 }

@@ -107,6 +107,9 @@ bool is_reserved_event(std::string_view name) noexcept;
 // nullopt if one of them has no integral, non-negative "num". A payload is
 // consistent with n attachments when its placeholders carry num 0..n-1, each
 // exactly once (what every encoder produces).
+// The attachment a placeholder object stands for: its "num", when `o` is a
+// placeholder with a valid one.
+std::optional<std::uint64_t> placeholder_index(const boost::json::object& o);
 bool has_placeholders(const boost::json::value& v);
 std::optional<std::size_t> count_placeholders(const boost::json::value& v);
 bool placeholders_consistent(const boost::json::value& v, std::size_t attachments);

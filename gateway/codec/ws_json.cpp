@@ -211,12 +211,10 @@ std::string inline_attachments(std::string_view text, std::span<const std::strin
         boost::system::error_code ec;
         auto v = json::parse(text.substr(i, end - i), ec);
         const auto* o = ec ? nullptr : v.if_object();
-        const auto* flag = o ? o->if_contains("_placeholder") : nullptr;
-        const auto* num = o ? o->if_contains("num") : nullptr;
-        if (flag && flag->is_bool() && flag->get_bool() && num && num->is_int64() && num->get_int64() >= 0 &&
-            static_cast<std::uint64_t>(num->get_int64()) < attachments.size()) {
+        auto num = o ? socketio::placeholder_index(*o) : std::nullopt;
+        if (num && *num < attachments.size()) {
           out += R"({"_base64":")";
-          out += engineio::base64_encode(attachments[static_cast<std::size_t>(num->get_int64())]);
+          out += engineio::base64_encode(attachments[static_cast<std::size_t>(*num)]);
           out += "\"}";
           i = end;
           continue;
