@@ -947,8 +947,9 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
     case service_table::admit::id_in_use:
       // A retry of a request that ended (TIMEOUT, CANCELLED: answered) while
       // its worker still runs it: no first is left to answer, so this one
-      // is, at once; the id is free again once the worker answers.
-      drop(drop_reason::duplicate, work.id);
+      // is, at once; the id is free again once the worker answers. Counted
+      // as busy (it was answered), not as a duplicate drop.
+      metrics_->count(work.service, outcome::busy).Increment();
       if (work.wants_reply)
         send_reply(routing_id, work.id, proto::BUSY, "an earlier request of this id ended but its worker still runs it");
       break;

@@ -932,6 +932,60 @@ TEST_P(BrokerTest, ADrainingWorkerBackOnANewSocketGetsItsJobsBeforeTheDrain) {
   expect_answer_passed_on(w, client, id);
 }
 
+// A retry of a request whose job ended (TIMEOUT) while its worker still
+// runs it is answered BUSY at once, counted as a busy request (it was
+// answered), not as a dropped duplicate; once the worker answers, the id is
+// free and the next retry runs.
+TEST_P(BrokerTest, ARetryOfAnIdItsWorkerStillRunsIsAnsweredBusy) {
+  heartbeat_ = 1s;
+  start();
+  peer w{ctx_, "inproc://router", "w-r", proto::ROLE_WORKER};
+  ASSERT_TRUE(w.hello({{"raw", 1}}));
+  peer client{ctx_, "inproc://router", "c1"};
+  ASSERT_TRUE(client.hello());
+  auto id = client.submit("raw", "x", "[1]", 200ms);
+  ASSERT_TRUE(w.next(Envelope::kRequest, 3s));
+  auto timeout = client.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(timeout);
+  EXPECT_EQ(timeout->reply().code(), proto::TIMEOUT);
+  Envelope retry;
+  auto* r = retry.mutable_request();
+  r->set_id(id);
+  r->set_service("raw");
+  r->set_event("x");
+  r->set_args("[1]");
+  r->set_wants_reply(true);
+  r->set_timeout_ms(3000);
+  client.send(retry);
+  auto busy = client.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(busy);
+  EXPECT_EQ(busy->reply().id(), id);
+  EXPECT_EQ(busy->reply().code(), proto::BUSY);
+  EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_requests_total", "outcome", "busy") == 1.0; }))
+      << "requests_total{busy}: " << metric("sidecast_broker_requests_total", "outcome", "busy").value_or(-1);
+  EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "duplicate"), 0.0);
+  w.reply(id, "[1]");  // the worker ends the first run: the id is free again
+  // The two peers' messages reach the broker in no set order: a retry read
+  // before the worker's answer is BUSY again.
+  std::optional<Envelope> again;
+  for (int i = 0; i < 30 && !again; ++i) {
+    client.send(retry);
+    again = w.next(Envelope::kRequest, 100ms);
+    if (!again) {
+      auto refused = client.next(Envelope::kReply, 1s);
+      ASSERT_TRUE(refused);
+      ASSERT_EQ(refused->reply().code(), proto::BUSY);
+    }
+  }
+  ASSERT_TRUE(again) << "the retry after the worker's answer did not run";
+  EXPECT_EQ(again->request().id(), id);
+  w.reply(id, "[2]");
+  auto done = client.next(Envelope::kReply, 3s);
+  ASSERT_TRUE(done);
+  EXPECT_EQ(done->reply().code(), proto::OK);
+  EXPECT_EQ(done->reply().args(), "[2]");
+}
+
 // The broker's own thread stalled (here: the shared thread held for 0.5 s,
 // with a liveness of 0.3 s): a gateway may have replaced its socket
 // meanwhile, and what is sent to it before its new socket takes its id
