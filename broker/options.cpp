@@ -1,11 +1,17 @@
 #include "broker/options.hpp"
 
 #include "core/config.hpp"
+#include "proto/codec.hpp"
 
 namespace sidecast::broker {
 
 void add_options(CLI::App& app, broker_config& c) {
-  app.add_option("--id", c.id, "Broker id (in logs and Welcome)")->capture_default_str();
+  app.add_option("--id", c.id, "Broker id (in logs and Welcome; 1-64 characters without '.' or ':')")
+      ->capture_default_str()
+      ->check([](const std::string& id) {
+        // It prefixes the ids of the broker's own messages (DISCONNECT notices: "<id>:<n>").
+        return proto::valid_peer_id(id) ? std::string{} : "a broker id is 1-64 characters without '.' or ':'";
+      });
   app.add_option("--router", c.router_endpoint, "ROUTER endpoint for gateways, workers and clients")
       ->capture_default_str();
   app.add_option("--xsub", c.xsub_endpoint, "XSUB endpoint workers publish room events to")
@@ -97,7 +103,10 @@ void add_options(CLI::App& app, broker_config& c) {
   pair_connect->needs(pair);
   app.add_option("--curve-secret", c.curve_secret,
                  "Broker's CURVE secret key (Z85): encrypts every socket and admits only --curve-allow keys");
-  app.add_option("--curve-allow", c.curve_allow, "Public key (Z85) of a gateway or worker allowed in (repeatable)");
+  // Keys to admit without a secret would be ignored: the broker would run
+  // in plain text and admit anyone.
+  app.add_option("--curve-allow", c.curve_allow, "Public key (Z85) of a gateway or worker allowed in (repeatable)")
+      ->needs("--curve-secret");
   app.add_option("--max-message-bytes", c.max_message_bytes,
                  "Largest message a peer may send (ROUTER, XSUB, XPUB); a larger one makes libzmq drop that "
                  "peer's connection (tcp and ipc)")
@@ -110,9 +119,13 @@ void add_options(CLI::App& app, broker_config& c) {
                  "namespace and 3")
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t{1024}, std::int64_t{1} << 24));  // below, CURVE's handshake would not pass
-  app.add_option("--hwm", c.sndhwm, "Send/receive high-water mark per peer, messages")
-      ->capture_default_str()
-      ->each([&c](const std::string&) { c.rcvhwm = c.sndhwm; });
+  // Both directions: an each() callback ran before the value was stored,
+  // and copied the default into the receive limits.
+  app.add_option_function<int>(
+         "--hwm", [&c](int hwm) { c.sndhwm = c.rcvhwm = hwm; },
+         "Send/receive high-water mark per peer, messages (libzmq's 0, no limit, is not taken)")
+      ->default_str(std::to_string(c.sndhwm))
+      ->check(CLI::Range(1, 10000000));
 }
 
 }  // namespace sidecast::broker

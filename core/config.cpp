@@ -3,10 +3,12 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -21,9 +23,11 @@ std::string scalar_text(const toml::node& node) {
   if (auto b = node.value_exact<bool>()) return *b ? "true" : "false";
   if (auto i = node.value_exact<std::int64_t>()) return std::to_string(*i);
   if (auto d = node.value_exact<double>()) {
-    std::ostringstream out;
-    out << *d;
-    return out.str();
+    // Every digit (the shortest text that reads back the same): a stream's
+    // six significant digits made 1234567.0 read as 1.23457e+06.
+    std::array<char, 64> text;
+    auto [end, ec] = std::to_chars(text.data(), text.data() + text.size(), *d);
+    return ec == std::errc{} ? std::string(text.data(), end) : std::string{"nan"};
   }
   // Dates and times: their TOML text.
   std::ostringstream out;
@@ -55,6 +59,36 @@ void flatten(const toml::table& table, std::vector<std::string>& parents,
     }
     items.push_back(std::move(item));
   }
+}
+
+// CLI11 2.1 reads integers with strtoull/strtoll in base 0 and checks
+// neither sign nor overflow: "-1" and 99999999999999999999 became 2^64-1
+// for an unsigned count, "010" was 8 and "0x100" 256. Every integer option
+// takes decimal digits only (a '-' where the type is signed), without
+// leading zeros, within its type's 64 bits; ranges are checked after.
+CLI::Validator decimal_integer(bool is_signed) {
+  return CLI::Validator(
+      [is_signed](std::string& text) -> std::string {
+        std::string_view digits = text;
+        if (is_signed && digits.starts_with('-')) digits.remove_prefix(1);
+        bool decimal = !digits.empty() && std::all_of(digits.begin(), digits.end(), [](unsigned char c) {
+          return c >= '0' && c <= '9';
+        });
+        if (!decimal || (digits.size() > 1 && digits.front() == '0'))
+          return "'" + text + "' is not " + (is_signed ? "an integer" : "a non-negative integer") +
+                 " (decimal digits, no leading zeros)";
+        std::errc ec;
+        if (is_signed) {
+          std::int64_t value;
+          ec = std::from_chars(text.data(), text.data() + text.size(), value).ec;
+        } else {
+          std::uint64_t value;
+          ec = std::from_chars(text.data(), text.data() + text.size(), value).ec;
+        }
+        if (ec != std::errc{}) return "'" + text + "' is out of range";
+        return {};
+      },
+      "", "decimal");
 }
 
 std::string env_name(std::string long_name) {
@@ -111,7 +145,8 @@ void finish_app(CLI::App& app) {
   // Before any thread starts (threads inherit the policy of their creator).
   app.add_flag_function(
       "--sched-batch",
-      [](std::int64_t) {
+      [](std::int64_t on) {
+        if (on <= 0) return;  // --sched-batch=false (CLI11 passes -1), SIDECAST_SCHED_BATCH=0
         sched_param param{};
         if (::sched_setscheduler(0, SCHED_BATCH, &param) != 0)
           std::fprintf(stderr, "--sched-batch: %s (running as before)\n", std::strerror(errno));
@@ -120,6 +155,10 @@ void finish_app(CLI::App& app) {
       "a message crosses (HTTP, bridge, broker, worker) each take a batch per turn instead of one message. "
       "About 2x the acks per CPU second when they share a core; rare latency outliers of one scheduler tick");
   for (CLI::Option* opt : app.get_options()) {
+    // The type's name, without its validators' descriptions ("UINT:INT in [1 - 10]").
+    auto type = opt->get_type_name();
+    type.resize(std::min(type.size(), type.find(':')));
+    if (type == "INT" || type == "UINT") opt->check(decimal_integer(type == "INT"));
     if (opt->get_lnames().empty() || !opt->get_envname().empty()) continue;
     const auto& name = opt->get_lnames().front();
     if (name == "help") continue;
@@ -134,8 +173,19 @@ void finish_app(CLI::App& app) {
 }
 
 std::optional<int> parse(CLI::App& app, int argc, char** argv) {
+  // CLI11 2.1 reads a main app's config file before the environment, so a
+  // file named only by SIDECAST_CONFIG was never read (a subcommand's is
+  // read below, after both): it is given as --config unless that is.
+  std::vector<const char*> args(argv, argv + argc);
+  const char* config_env = std::getenv("SIDECAST_CONFIG");
+  if (auto* config = app.get_config_ptr(); config != nullptr && config_env != nullptr && *config_env != '\0') {
+    bool given = std::any_of(args.begin() + std::min(argc, 1), args.end(), [](std::string_view a) {
+      return a == "--config" || a.starts_with("--config=");
+    });
+    if (!given) args.insert(args.begin() + std::min(argc, 1), {"--config", config_env});
+  }
   try {
-    app.parse(argc, argv);
+    app.parse(static_cast<int>(args.size()), args.data());
     // CLI11 2.1 reads --config for the main app only. A subcommand's own
     // (`sidecast demo --config FILE`) is read here, with the same rules:
     // what flags and the environment gave is kept, unknown keys are errors.
@@ -148,9 +198,30 @@ std::optional<int> parse(CLI::App& app, int argc, char** argv) {
       sub->parse_from_stream(file);
     }
   } catch (const CLI::ParseError& e) {
+    // CLI11 words an unknown key as if the file did not parse.
+    constexpr std::string_view extras = "INI was not able to parse ";
+    if (std::string_view what = e.what(); what.starts_with(extras)) {
+      std::fprintf(stderr, "config file: no flag --%s (a key is a long flag without its dashes)\n",
+                   std::string{what.substr(extras.size())}.c_str());
+      return e.get_exit_code();
+    }
     return app.exit(e);
   }
   return std::nullopt;
+}
+
+CLI::Validator finite_range(double least, double most) {
+  return CLI::Validator(
+      [least, most](std::string& text) -> std::string {
+        double value = 0;
+        auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+        if (ec != std::errc{} || end != text.data() + text.size() || !std::isfinite(value))
+          return "'" + text + "' is not a number";
+        if (value < least || value > most)
+          return "'" + text + "' is not in [" + CLI::detail::to_string(least) + " - " + CLI::detail::to_string(most) + "]";
+        return {};
+      },
+      "in [" + CLI::detail::to_string(least) + " - " + CLI::detail::to_string(most) + "]", "finite_range");
 }
 
 CLI::Option* add_millis(CLI::App& app, const std::string& name, std::chrono::milliseconds& target,

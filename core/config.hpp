@@ -27,6 +27,10 @@ void finish_app(CLI::App& app);
 /// (--help, or a usage error already printed).
 std::optional<int> parse(CLI::App& app, int argc, char** argv);
 
+/// A number from `least` to `most`; NaN and infinities are refused (a
+/// CLI::Range lets NaN through: every comparison with it is false).
+CLI::Validator finite_range(double least, double most);
+
 /// Adds an option taking milliseconds into a std::chrono field, from
 /// `least` (1 unless 0 means something) to a day.
 CLI::Option* add_millis(CLI::App& app, const std::string& name, std::chrono::milliseconds& target,

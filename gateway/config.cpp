@@ -33,7 +33,7 @@ void add_options(CLI::App& app, gateway_config& c) {
   // A count limit of 0 would refuse everything (or, for --api-buffer, drop
   // from an empty queue): each must be at least 1.
   const auto at_least_one = CLI::Range(std::size_t{1}, std::numeric_limits<std::size_t>::max());
-  app.add_option("--gateway-id", c.id, "Gateway id, the prefix of every sid it issues (default gw-<random>)");
+  app.add_option("--gateway-id", c.id, "Gateway id, the prefix of every sid it issues (default gw-<random>; '_' becomes '-')");
   app.add_option("--http", c.http, "HOST:PORT to serve HTTP and WebSocket on")->capture_default_str();
   app.add_option("--broker", c.broker, "Broker ROUTER endpoint")->capture_default_str();
   app.add_option("--events", c.events, "Broker XPUB endpoint (room events)")->capture_default_str();
@@ -42,7 +42,9 @@ void add_options(CLI::App& app, gateway_config& c) {
                                 "active one of the two");
   app.add_option("--backup-events", c.backup_events, "The other broker's XPUB endpoint")->needs(backup);
   backup->needs("--backup-events");
-  app.add_option("--threads", c.threads, "I/O threads, one io_context each (0: cores)")->capture_default_str();
+  app.add_option("--threads", c.threads, "I/O threads, one io_context each (0: cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(0u, 1024u));
   app.add_option("--io-uring", c.io_uring,
                  "Make the reads and writes of WebSocket connections that are ready together in one io_uring_enter "
                  "(falls back to one system call each where the kernel or a seccomp profile forbids io_uring)")
@@ -146,9 +148,10 @@ void add_options(CLI::App& app, gateway_config& c) {
       });
   app.add_option("--events-per-second", c.events_per_second,
                  "Client events per connection per second, sustained (token bucket; 0: no limit)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(core::finite_range(0, 1e9));
   app.add_option("--events-burst", c.events_burst, "Client events per connection in a burst")->capture_default_str()
-      ->check(at_least_one);
+      ->check(core::finite_range(1, 1e9));
   app.add_option("--outbound-messages", c.outbound_messages,
                  "Frames queued for one connection before it is dropped as too slow")
       ->capture_default_str()
@@ -192,8 +195,11 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "... and their bytes at most (an event several sockets keep counts in each)")
       ->capture_default_str()
       ->check(at_least_one);
-  app.add_option("--curve-secret", c.curve_secret, "This gateway's CURVE secret key (Z85)");
-  app.add_option("--curve-server-key", c.curve_server_key, "The broker's CURVE public key (Z85)");
+  // One without the other would be ignored: plain text, silently.
+  auto* curve_secret = app.add_option("--curve-secret", c.curve_secret, "This gateway's CURVE secret key (Z85)");
+  app.add_option("--curve-server-key", c.curve_server_key, "The broker's CURVE public key (Z85)")
+      ->needs(curve_secret);
+  curve_secret->needs("--curve-server-key");
   app.add_option("--jwt-secret", c.jwt_secret,
                  "HS256 secret: every connect must carry auth.token, a JWT signed with it (its sub is the user)");
   app.add_option("--jwt-public-key", c.jwt_public_key, "RS256: PEM file with the public key that signs connect tokens")

@@ -35,7 +35,9 @@ int main(int argc, char** argv) {
   backup->needs("--backup-publish");
   core::add_millis(app, "--heartbeat-interval", options.heartbeat_interval,
                    "Heartbeat interval until the broker's Welcome, ms");
-  app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")->capture_default_str();
+  app.add_option("--threads", options.threads, "Handler threads (0: total capacity)")
+      ->capture_default_str()
+      ->check(CLI::Range(0u, 1024u));
   app.add_option("--outbox-limit", options.outbox_limit,
                  "Messages handlers may queue for sending (their replies never wait for room)")
       ->capture_default_str()
@@ -48,7 +50,8 @@ int main(int argc, char** argv) {
                    "How long a handler that finds the outbox full waits for room before the message is dropped, ms");
   app.add_option("--pending-acks-limit", options.pending_acks_limit,
                  "Emits that may wait for a client's ack at once; emit_with_ack past it is refused")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--kept-replies", options.kept_replies,
                  "Answers kept after they are sent, so that a job the broker sends again after a reconnect is "
                  "answered again instead of run twice (0: none)")
@@ -69,8 +72,11 @@ int main(int argc, char** argv) {
                    "On SIGTERM or SIGINT: take no new requests, give those running this long to finish, then stop "
                    "(what still runs goes to another worker, unless it was acked already: an acked job, such as a "
                    "VM launch, is not run again, and its client hears no more of it), ms");
-  app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
-  app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)");
+  // One without the other would be ignored: plain text, silently.
+  auto* curve_secret = app.add_option("--curve-secret", options.curve_secret, "This worker's CURVE secret key (Z85)");
+  app.add_option("--curve-server-key", options.curve_server_key, "The broker's CURVE public key (Z85)")
+      ->needs(curve_secret);
+  curve_secret->needs("--curve-server-key");
   app.add_option("--http", http, "Serve /metrics and /healthz on HOST:PORT (empty: not at all)")->capture_default_str();
   core::add_admin_max_connections(app, admin_max_connections);
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")->capture_default_str();

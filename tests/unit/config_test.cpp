@@ -1,5 +1,6 @@
 #include <sched.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <fstream>
 #include <optional>
@@ -157,6 +158,116 @@ TEST(Config, SchedBatchSetsThePolicyOfTheCallingThread) {
   EXPECT_EQ(inherited, SCHED_BATCH);
   sched_param param{};
   ::sched_setscheduler(0, SCHED_OTHER, &param);  // as the other tests expect
+}
+
+// --sched-batch=false, SIDECAST_SCHED_BATCH=0, sched-batch = false: off
+// (the flag's callback took any value as on).
+TEST(Config, SchedBatchFalseLeavesThePolicyAlone) {
+  ASSERT_EQ(::sched_getscheduler(0), SCHED_OTHER);
+  auto path = toml_file("sidecast-sched-false.toml", "sched-batch = false\n");
+  for (auto way : {"flag", "env", "file"}) {
+    CLI::App app{"test"};
+    finish_app(app);
+    args a{{"prog"}};
+    if (std::string_view{way} == "flag") a.items.push_back("--sched-batch=false");
+    if (std::string_view{way} == "env") ::setenv("SIDECAST_SCHED_BATCH", "0", 1);
+    if (std::string_view{way} == "file") a.items.insert(a.items.end(), {"--config", path});
+    auto argv = a.argv();
+    auto code = parse(app, static_cast<int>(argv.size()), argv.data());
+    ::unsetenv("SIDECAST_SCHED_BATCH");
+    ASSERT_FALSE(code) << way;
+    EXPECT_EQ(::sched_getscheduler(0), SCHED_OTHER) << way;
+    sched_param param{};
+    ::sched_setscheduler(0, SCHED_OTHER, &param);
+  }
+}
+
+// Integers are decimal and within their type, from a flag, a variable or
+// the file: CLI11 2.1 alone took "-1" and 99999999999999999999 as 2^64-1
+// for an unsigned count, "010" as 8 and "0x100" as 256.
+TEST(Config, IntegersAreDecimalAndInRange) {
+  auto parse_count = [](std::vector<std::string> extra, const char* env = nullptr) {
+    std::size_t count = 7;
+    int signed_value = 0;
+    CLI::App app{"test"};
+    app.add_option("--count", count);
+    app.add_option("--offset", signed_value);
+    finish_app(app);
+    if (env) ::setenv("SIDECAST_COUNT", env, 1);
+    args a{{"prog"}};
+    a.items.insert(a.items.end(), extra.begin(), extra.end());
+    auto argv = a.argv();
+    auto code = parse(app, static_cast<int>(argv.size()), argv.data());
+    ::unsetenv("SIDECAST_COUNT");
+    return std::pair{code, count};
+  };
+  for (const char* bad : {"-1", "99999999999999999999", "18446744073709551616", "010", "0x100", "+5", " 5", "5x", ""}) {
+    auto [code, count] = parse_count({"--count", bad});
+    EXPECT_TRUE(code) << "'" << bad << "' was taken as " << count;
+  }
+  EXPECT_TRUE(parse_count({}, "-1").first) << "from the environment";
+  EXPECT_TRUE(parse_count({"--config", toml_file("sidecast-negative.toml", "count = -1\n")}).first) << "from a file";
+  for (auto [good, want] : {std::pair<const char*, std::size_t>{"0", 0}, {"10", 10}, {"18446744073709551615", SIZE_MAX}}) {
+    auto [code, count] = parse_count({"--count", good});
+    EXPECT_FALSE(code) << good;
+    EXPECT_EQ(count, want) << good;
+  }
+  EXPECT_FALSE(parse_count({"--offset", "-3"}).first) << "a signed option takes a sign";
+  EXPECT_TRUE(parse_count({"--offset", "-03"}).first);
+}
+
+// A decimal number in the file keeps every digit (six significant digits
+// made 1234567.0 read as 1.23457e+06), and NaN is no number in range.
+TEST(Config, DecimalsKeepTheirDigitsAndNaNIsRefused) {
+  double rate = 0;
+  CLI::App app{"test"};
+  app.add_option("--rate", rate)->check(finite_range(0, 1e9));
+  finish_app(app);
+  args a{{"prog", "--config", toml_file("sidecast-decimal.toml", "rate = 1234567.5\n")}};
+  auto argv = a.argv();
+  ASSERT_FALSE(parse(app, static_cast<int>(argv.size()), argv.data()));
+  EXPECT_EQ(rate, 1234567.5);
+  for (const char* bad : {"nan", "inf", "-1", "1e10", "x"}) {
+    CLI::App again{"test"};
+    again.add_option("--rate", rate)->check(finite_range(0, 1e9));
+    finish_app(again);
+    args b{{"prog", "--rate", bad}};
+    auto argv_b = b.argv();
+    EXPECT_TRUE(parse(again, static_cast<int>(argv_b.size()), argv_b.data())) << bad;
+  }
+}
+
+// SIDECAST_CONFIG names the file when --config is not given (CLI11 2.1
+// reads a main app's file before the environment, so it never was); a
+// --config on the command line wins, and a missing file is an error.
+TEST(Config, SidecastConfigNamesTheFile) {
+  auto from_env = toml_file("sidecast-env-config.toml", "ping-interval = 333\n");
+  auto given = toml_file("sidecast-given-config.toml", "ping-interval = 444\n");
+  auto run = [](std::vector<std::string> extra, const std::string& env) {
+    ping_parse out;
+    CLI::App app{"test"};
+    app.add_option("--ping-interval", out.ping);
+    finish_app(app);
+    ::setenv("SIDECAST_CONFIG", env.c_str(), 1);
+    args a{{"prog"}};
+    a.items.insert(a.items.end(), extra.begin(), extra.end());
+    auto argv = a.argv();
+    out.code = parse(app, static_cast<int>(argv.size()), argv.data());
+    ::unsetenv("SIDECAST_CONFIG");
+    return out;
+  };
+  auto got = run({}, from_env);
+  ASSERT_FALSE(got.code);
+  EXPECT_EQ(got.ping, 333);
+  got = run({"--config", given}, from_env);
+  ASSERT_FALSE(got.code);
+  EXPECT_EQ(got.ping, 444);
+  got = run({"--config=" + given}, from_env);
+  ASSERT_FALSE(got.code);
+  EXPECT_EQ(got.ping, 444);
+  got = run({}, std::string(::testing::TempDir()) + "/sidecast-no-such-config.toml");
+  ASSERT_TRUE(got.code) << "a missing file named by SIDECAST_CONFIG was ignored";
+  EXPECT_NE(*got.code, 0);
 }
 
 TEST(Config, HostPort) {

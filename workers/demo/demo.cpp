@@ -146,8 +146,10 @@ void add_options(CLI::App& app, builtin_options& o) {
   core::add_millis(app, "--vm-launch-ms", o.vm.launch_time, "Time one simulated VM takes to launch, ms");
   app.add_option("--vm-failure-rate", o.vm.failure_rate, "Chance that a simulated VM fails (0-1)")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1.0));
-  app.add_option("--vm-max-count", o.vm.max_count, "VMs one open_vm may ask for")->capture_default_str();
+      ->check(core::finite_range(0, 1));
+  app.add_option("--vm-max-count", o.vm.max_count, "VMs one open_vm may ask for")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100000u));
 }
 
 // The app the official socket.io-protocol test suite expects: on connect,
