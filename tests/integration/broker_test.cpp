@@ -3044,6 +3044,86 @@ TEST_P(BrokerTest, AChatDatabaseLockedElsewhereAnswersBusy) {
   for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
+// A join waits out another process's write up to the busy timeout, as a
+// say does: its read (the room count) turning into a write (the presence
+// row) outside a transaction was refused BUSY at once by SQLite while the
+// other process wrote (with two chat workers on one database, some joins
+// answered busy under light load).
+TEST_P(BrokerTest, AChatJoinWaitsForALockHeldElsewhere) {
+  start();
+  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-join-busy-" + std::to_string(::getpid()) + ".db");
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  workers::chat_options options;
+  options.database = path.string();
+  options.busy_timeout = 5s;
+  add_worker({workers::chat_service(2, options)}, "chat1");
+  sqlite3* other = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &other), SQLITE_OK);
+  ASSERT_EQ(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr), SQLITE_OK);
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto id = gw.submit("chat", "join", R"(["r"])", 10s, "gwT.j1");
+  std::this_thread::sleep_for(300ms);
+  ASSERT_EQ(sqlite3_exec(other, "COMMIT", nullptr, nullptr, nullptr), SQLITE_OK);
+  sqlite3_close(other);
+  std::optional<Envelope> got;
+  while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->reply().code(), proto::OK) << got->reply().message();
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+}
+
+// A say run again under its request id (its worker died after the commit,
+// before its answer reached the broker, which then gave the job to another
+// worker) finds the message it stored: stored once, answered with its id,
+// its event sent again with that id.
+TEST_P(BrokerTest, ASayRunAgainAfterItsWorkerDiedIsStoredOnce) {
+  start();
+  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-again-" + std::to_string(::getpid()) + ".db");
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  workers::chat_options options;
+  options.database = path.string();
+  add_worker({workers::chat_service(2, options)}, "chat1");
+  peer gw{ctx_, "inproc://router", "gwT", proto::ROLE_GATEWAY};
+  ASSERT_TRUE(gw.hello());
+  auto say = [&](const char* text) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id("gwT:77");
+    r->set_service("chat");
+    r->set_event("say");
+    r->set_args(std::string{R"([{"room":"r","text":")"} + text + R"("}])");
+    r->set_sid("gwT.s1");
+    r->set_nsp("/");
+    r->set_wants_reply(true);
+    r->set_timeout_ms(5000);
+    gw.send(env);
+    std::optional<Envelope> got;
+    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == "gwT:77")) {}
+    return got;
+  };
+  auto first = say("once");
+  ASSERT_TRUE(first);
+  ASSERT_EQ(first->reply().code(), proto::OK) << first->reply().message();
+  pause_io([&] { workers_.clear(); });  // chat1 ends; the broker forgets the answered job
+  add_worker({workers::chat_service(2, options)}, "chat2");
+  auto again = say("once");
+  ASSERT_TRUE(again);
+  ASSERT_EQ(again->reply().code(), proto::OK) << again->reply().message();
+  EXPECT_EQ(again->reply().args(), first->reply().args()) << "answered with another message's id";
+  sqlite3* db = nullptr;
+  ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+  sqlite3_stmt* st = nullptr;
+  int rows = -1;
+  if (sqlite3_prepare_v2(db, "SELECT count(*) FROM messages", -1, &st, nullptr) == SQLITE_OK &&
+      sqlite3_step(st) == SQLITE_ROW)
+    rows = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  EXPECT_EQ(rows, 1) << "the say run again stored its message twice";
+  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+}
+
 // A gateway's announcement comes once: a chat database another process
 // holds locked when it comes is tried again (three times, each waiting its
 // busy timeout), not given up at the first BUSY, which left the gateway's
@@ -3335,6 +3415,13 @@ TEST_P(BrokerTest, AVmTaskEndsWhenItsSocketDisconnects) {
   ASSERT_TRUE(refused);
   EXPECT_EQ(refused->reply().code(), proto::BAD_REQUEST);
   EXPECT_EQ(refused->reply().message(), "name must be at most 64 characters");
+  // A name that is no string, and arguments that are no JSON (a lone
+  // surrogate): refused, not launched as the default VM.
+  for (const char* args : {R"([{"name":7,"count":2}])", R"([{"name":"a\ud800","count":2}])"}) {
+    auto bad = answer_to(gw.submit("vm", "open_vm", args, 5s, "gwV.s1"));
+    ASSERT_TRUE(bad);
+    EXPECT_EQ(bad->reply().code(), proto::BAD_REQUEST) << args;
+  }
   std::string sixty_four;
   for (int i = 0; i < 64; ++i) sixty_four += "\u00e9";  // 64 characters, 128 bytes
   auto acked = answer_to(gw.submit("vm", "open_vm", "[{\"name\":\"" + sixty_four + "\"}]", 5s, "gwV.s1"));

@@ -225,6 +225,11 @@ class VmEndToEndTest(VmStack):
         ack = self.call("open_vm", {"count": 0})
         self.assertEqual(ack, {"error": "bad_request", "message": "count must be 1..20"})
 
+    def test_a_name_that_is_no_string_is_an_error_ack(self):
+        # It was replaced by "vm" and launched, as workers/vm/vm.cpp did.
+        ack = self.call("open_vm", {"count": 1, "name": 7})
+        self.assertEqual(ack, {"error": "bad_request", "message": "name must be a string of at most 64 characters"})
+
     def django_example(self):
         """examples/django_publish.py, set to this stack's gateway and key."""
         os.environ["SIDECAST_GATEWAY"] = self.url

@@ -56,6 +56,13 @@ class database {
     // have nsp '' and belong to their room in every namespace (legacy_nsp).
     add_column("messages", "nsp", "TEXT NOT NULL DEFAULT ''");
     exec("CREATE INDEX IF NOT EXISTS messages_room ON messages(room, id)");
+    // The request id of the say that stored a message: a say run again (its
+    // worker died after the commit, before its answer reached the broker,
+    // and the broker gave it to another worker) finds its message there
+    // instead of storing it twice. NULL in rows of earlier builds (NULLs
+    // are distinct under UNIQUE).
+    add_column("messages", "req_id", "TEXT");
+    exec("CREATE UNIQUE INDEX IF NOT EXISTS messages_req ON messages(req_id)");
     // Presence and nicknames describe live sockets: kept across a restart,
     // and checked with their gateways at each Welcome (see sweep).
     exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
@@ -242,12 +249,19 @@ rooms_of_sockets forget_sockets(database& db, const std::string& where, const st
 }
 
 // Socket `sid` is gone: it leaves its rooms, and a late join or nick of it
-// is refused for gone_kept_ms. Returns its rooms.
+// is refused for gone_kept_ms. Returns its rooms. One transaction, as a
+// join's check and insert are: with two chat workers on one database, a
+// join on one could otherwise read "not gone" before the other's DELETE
+// and insert its row after it (a ghost member); and a read that turns
+// into a write (the SELECT, then the DELETE) is refused BUSY at once when
+// another process writes, where BEGIN IMMEDIATE waits the busy timeout.
 rooms_of_sockets forget_gone(database& db, const std::string& sid) {
+  database::transaction tx{db};
   auto rooms = forget_sockets(db, "sid = ?", {sid});
   auto now = now_ms();
   db.prepare("INSERT OR REPLACE INTO gone(sid, at) VALUES(?, ?)").bind(1, sid).bind(2, now).step();
   db.prepare("DELETE FROM gone WHERE at < ?").bind(1, now - gone_kept_ms).step();
+  tx.commit();
   return rooms;
 }
 
@@ -329,17 +343,21 @@ class sweep : public std::enable_shared_from_this<sweep> {
       // sockets; a join of one is not refused.
       try {
         std::lock_guard lock{db_->mutex};
-        auto covered = "substr(?, 1, length(prefix)) = prefix";
-        auto s = db_->prepare(std::string{"SELECT 1 FROM gone_prefixes WHERE "} + covered);
-        if (s.bind(1, sid).step())
-          db_->prepare(std::string{"DELETE FROM gone_prefixes WHERE "} + covered).bind(1, sid).step();
+        db_->prepare("DELETE FROM gone_prefixes WHERE substr(?, 1, length(prefix)) = prefix").bind(1, sid).step();
       } catch (const std::exception&) {  // kept: it lapses in gone_kept_ms
       }
     }
     if (state == socket_state::gone || state == socket_state::no_gateway) {
       try {
         std::lock_guard lock{db_->mutex};
-        auto rooms = state == socket_state::gone ? forget_gone(*db_, sid) : forget_sockets(*db_, "sid = ?", {sid});
+        rooms_of_sockets rooms;
+        if (state == socket_state::gone) {
+          rooms = forget_gone(*db_, sid);
+        } else {
+          database::transaction tx{*db_};  // a read, then writes (see forget_gone)
+          rooms = forget_sockets(*db_, "sid = ?", {sid});
+          tx.commit();
+        }
         ++forgotten_;
         for (const auto& [nsp, room] : rooms)
           welcome_.emit_to_room(nsp, room, "presence", presence_args(room, members_of(*db_, nsp, room)));
@@ -401,11 +419,13 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             if (!name) return (void)req.fail(proto::BAD_REQUEST, "a nickname is 1-32 characters");
             {
               std::lock_guard lock{db->mutex};
+              database::transaction tx{*db};  // the check and the insert (see forget_gone)
               if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
               db->prepare("INSERT INTO nicks(sid, nick) VALUES(?, ?) ON CONFLICT(sid) DO UPDATE SET nick = excluded.nick")
                   .bind(1, req.sid())
                   .bind(2, *name)
                   .step();
+              tx.commit();
             }
             req.reply(json::serialize(json::array{json::object{{"nick", *name}}}));
           })
@@ -418,30 +438,47 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             // under the lock, then comes after this one, never before it with
             // this one's list (the gone socket in it) the last the room sees.
             std::lock_guard lock{db->mutex};
-            if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
-            // A presence row per room the socket names, bounded: past it a
-            // client naming room after room grew the table without end (the
-            // gateway's --max-rooms refuses the join there, but this table
-            // had kept the row, and the socket showed in the room's list).
-            auto in = db->prepare("SELECT count(*), sum(room = ?) FROM presence WHERE sid = ?");
-            in.bind(1, *room).bind(2, req.sid());
-            in.step();
-            if (in.integer(0) >= max_rooms && in.integer(1) == 0) {
-              if (refused_joins) refused_joins->Increment();
-              return (void)req.fail(proto::REFUSED, "in too many rooms (at most " + std::to_string(max_rooms) + ")");
+            {
+              // The gone check, the room count and the insert in one
+              // transaction (see forget_gone): across processes a join
+              // racing its socket's disconnect left a ghost member, and the
+              // count's read turning into the insert's write was answered
+              // BUSY at once while another process wrote, not after the
+              // busy timeout.
+              database::transaction tx{*db};
+              if (is_gone(*db, req.sid())) return (void)req.fail(proto::REFUSED, kGone);
+              // A presence row per room the socket names, bounded: past it a
+              // client naming room after room grew the table without end (the
+              // gateway's --max-rooms refuses the join there, but this table
+              // had kept the row, and the socket showed in the room's list).
+              std::int64_t rooms_in = 0, in_this = 0;
+              {
+                auto in = db->prepare("SELECT count(*), coalesce(sum(room = ?), 0) FROM presence WHERE sid = ?");
+                in.bind(1, *room).bind(2, req.sid());
+                in.step();
+                rooms_in = in.integer(0);
+                in_this = in.integer(1);
+              }
+              if (rooms_in >= max_rooms && in_this == 0) {
+                if (refused_joins) refused_joins->Increment();
+                return (void)req.fail(proto::REFUSED, "in too many rooms (at most " + std::to_string(max_rooms) + ")");
+              }
+              db->prepare("INSERT OR IGNORE INTO presence(sid, room, nsp) VALUES(?, ?, ?)")
+                  .bind(1, req.sid())
+                  .bind(2, *room)
+                  .bind(3, req.nsp())
+                  .step();
+              {
+                auto s = db->prepare(std::string{"SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE "} +
+                                     kRoomMessages + " ORDER BY id DESC LIMIT ?3) ORDER BY id");
+                s.bind(1, *room).bind(2, req.nsp()).bind(3, static_cast<std::int64_t>(history));
+                while (s.step())
+                  messages.push_back(json::object{{"id", s.integer(0)}, {"room", *room}, {"nick", s.text(1)},
+                                                  {"text", s.text(2)}, {"ts", s.integer(3)}});
+              }
+              members = members_of(*db, req.nsp(), *room);
+              tx.commit();
             }
-            db->prepare("INSERT OR IGNORE INTO presence(sid, room, nsp) VALUES(?, ?, ?)")
-                .bind(1, req.sid())
-                .bind(2, *room)
-                .bind(3, req.nsp())
-                .step();
-            auto s = db->prepare(std::string{"SELECT id, nick, text, ts FROM (SELECT * FROM messages WHERE "} +
-                                 kRoomMessages + " ORDER BY id DESC LIMIT ?3) ORDER BY id");
-            s.bind(1, *room).bind(2, req.nsp()).bind(3, static_cast<std::int64_t>(history));
-            while (s.step())
-              messages.push_back(json::object{{"id", s.integer(0)}, {"room", *room}, {"nick", s.text(1)},
-                                              {"text", s.text(2)}, {"ts", s.integer(3)}});
-            members = members_of(*db, req.nsp(), *room);
             req.join(*room);
             req.emit("history", json::serialize(json::array{json::object{{"room", *room}, {"messages", messages}}}));
             auto args = presence_args(*room, std::move(members));
@@ -475,6 +512,7 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
             std::string r{room->as_string()}, t{text->as_string()};
             std::int64_t id, ts = now_ms();
             std::string nick;
+            bool retried = false;
             {
               std::lock_guard lock{db->mutex};
               // The message and the pruning it calls for, or none of it:
@@ -482,9 +520,26 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
               // again by a client that retries.
               database::transaction tx{*db};
               nick = nick_of(*db, req.sid());
-              db->prepare("INSERT INTO messages(room, nick, sid, text, ts, nsp) VALUES(?, ?, ?, ?, ?, ?)")
-                  .bind(1, r).bind(2, nick).bind(3, req.sid()).bind(4, t).bind(5, ts).bind(6, req.nsp()).step();
-              id = db->last_id();
+              // Run before, up to its commit, by a worker that died before
+              // its answer was sent (the broker then gives the request, same
+              // id, to another worker): the message stored then is the
+              // answer, and its event goes out again (same id, which a
+              // client that saw the first drops).
+              {
+                auto stored = db->prepare("SELECT id, nick, ts FROM messages WHERE req_id = ?");
+                if (stored.bind(1, req.id()).step()) {
+                  id = stored.integer(0);
+                  nick = stored.text(1);
+                  ts = stored.integer(2);
+                  retried = true;
+                }
+              }
+              if (!retried) {
+                db->prepare("INSERT INTO messages(room, nick, sid, text, ts, nsp, req_id) VALUES(?, ?, ?, ?, ?, ?, ?)")
+                    .bind(1, r).bind(2, nick).bind(3, req.sid()).bind(4, t).bind(5, ts).bind(6, req.nsp())
+                    .bind(7, req.id()).step();
+                id = db->last_id();
+              }
               // Bounded history: the room's newest keep_per_room, and ids
               // grow by one, so the newest keep_total of all.
               db->prepare(std::string{"DELETE FROM messages WHERE "} + kRoomMessages +
@@ -496,9 +551,11 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
               gone += db->changes();
               tx.commit();
               if (pruned && gone > 0) pruned->Increment(static_cast<double>(gone));
+              // Under the lock: this worker's messages reach the room in the
+              // order of their ids (the order of its history).
+              req.emit_to_room(r, "message", json::serialize(json::array{json::object{
+                                                 {"id", id}, {"room", r}, {"nick", nick}, {"text", t}, {"ts", ts}}}));
             }
-            req.emit_to_room(r, "message", json::serialize(json::array{json::object{
-                                               {"id", id}, {"room", r}, {"nick", nick}, {"text", t}, {"ts", ts}}}));
             req.reply(json::serialize(json::array{json::object{{"id", id}}}));
           })
       .on_disconnect([db](request req) {

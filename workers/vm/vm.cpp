@@ -47,13 +47,28 @@ std::string random_id(std::mt19937_64& rng) {
 
 void open_vm(request req, const vm_options& options, registry& reg) {
   thread_local std::mt19937_64 rng{std::random_device{}()};
-  auto args = req.args();
+  // Arguments that do not parse (a lone surrogate, say) are refused: read
+  // as none (request::args()), they launched the default VM.
+  boost::system::error_code ec;
+  auto parsed = json::parse(req.args_text(), ec);
+  if (ec || !parsed.is_array()) {
+    req.fail(proto::BAD_REQUEST, "the arguments are not JSON");
+    return;
+  }
+  const auto& args = parsed.as_array();
   const json::object* spec = !args.empty() && args[0].is_object() ? &args[0].as_object() : nullptr;
   std::int64_t count = 1;
   std::string name = "vm";
   if (spec) {
     if (auto* c = spec->if_contains("count")) count = c->is_int64() ? c->as_int64() : -1;
-    if (auto* n = spec->if_contains("name"); n && n->is_string()) name = std::string{n->as_string()};
+    if (auto* n = spec->if_contains("name")) {
+      if (!n->is_string()) {
+        req.fail(proto::BAD_REQUEST, "name must be a string of at most " + std::to_string(max_name_chars) +
+                                         " characters");
+        return;
+      }
+      name = std::string{n->as_string()};
+    }
   }
   if (count < 1 || count > static_cast<std::int64_t>(options.max_count)) {
     req.fail(proto::BAD_REQUEST, "count must be 1.." + std::to_string(options.max_count));
@@ -113,6 +128,14 @@ void open_vm(request req, const vm_options& options, registry& reg) {
       progress(v);
     }
   }
+  {
+    // Ended: a cancel_vm from here on finds no task (cancelled: false); one
+    // that found it after the last look above said true, so the task ends
+    // cancelled, each VM in the state it reached.
+    std::lock_guard lock{reg.mutex};
+    reg.tasks.erase(id);
+    if (t->cancelled) cancelled = true;
+  }
   json::array data;
   int failed = 0;
   for (auto& v : vms) {
@@ -129,8 +152,6 @@ void open_vm(request req, const vm_options& options, registry& reg) {
   req.emit("vm_response", json::serialize(json::array{json::object{
                               {"task_id", id}, {"data", std::move(data)}, {"failed", failed}, {"cancelled", cancelled},
                               {"worker", req.worker_id()}}}));
-  std::lock_guard lock{reg.mutex};
-  reg.tasks.erase(id);
 }
 
 void cancel_vm(request req, registry& reg) {

@@ -59,8 +59,18 @@ def vm_service(capacity=16, launch_time=4.0, failure_rate=0.1, max_count=20):
         if "count" in spec:
             c = spec["count"]
             count = c if isinstance(c, int) and not isinstance(c, bool) else -1
-        if isinstance(spec.get("name"), str):
+        if "name" in spec:
             name = spec["name"]
+            # Not a string, or one that is not UTF-8 (a lone surrogate the
+            # client escaped): refused, as in workers/vm/vm.cpp (the second
+            # made every event of the task fail to encode after its ack).
+            try:
+                if not isinstance(name, str):
+                    raise TypeError
+                name.encode("utf-8")
+            except (TypeError, UnicodeEncodeError):
+                req.fail(Code.BAD_REQUEST, f"name must be a string of at most {MAX_NAME} characters")
+                return
         if not 1 <= count <= max_count:
             req.fail(Code.BAD_REQUEST, f"count must be 1..{max_count}")
             return
@@ -77,7 +87,7 @@ def vm_service(capacity=16, launch_time=4.0, failure_rate=0.1, max_count=20):
             req.ack({"task_id": task_id})
             launch(req, task_id, task, count, name)
         finally:
-            with lock:
+            with lock:  # launch() took it out already, unless it raised
                 tasks.pop(task_id, None)
 
     def launch(req, task_id, task, count, name):
@@ -113,6 +123,12 @@ def vm_service(capacity=16, launch_time=4.0, failure_rate=0.1, max_count=20):
                     v["done"] = step == STEPS
                 progress(v)
 
+        # Ended: a cancel_vm from here on finds no task (cancelled: false);
+        # one that found it after the last look above said true, so the
+        # task ends cancelled, each VM in the state it reached.
+        with lock:
+            tasks.pop(task_id, None)
+            cancelled = cancelled or task.cancelled.is_set()
         data, failed = [], 0
         for v in vms:
             if not v["done"]:
