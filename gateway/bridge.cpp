@@ -213,6 +213,28 @@ void bridge::detach(std::string sid) {
       true);
 }
 
+void bridge::cancel(std::vector<std::uint64_t> seqs) {
+  post(
+      [this, seqs = std::move(seqs)] {
+        for (auto seq : seqs) {
+          auto it = pending_.find(seq);
+          if (it == pending_.end() || it->second.if_gone) continue;  // answered (a CONNECT is never given up here)
+          bool sent = !it->second.out.where.is_held();  // else it never went, and goes nowhere now
+          pending_.erase(it);
+          metrics_.cancelled.Increment();
+          if (!sent) {
+            unhold();
+            continue;
+          }
+          Envelope cancel;
+          cancel.mutable_cancel()->set_id(id_of(seq));
+          cancel.mutable_cancel()->set_reason(proto::CANCELLED);
+          send_now(cancel);
+        }
+      },
+      true);
+}
+
 void bridge::shut_down_all(std::string prefix) {
   post(
       [this, prefix = std::move(prefix)] {

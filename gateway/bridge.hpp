@@ -116,6 +116,12 @@ class bridge {
   /// Forgets `sid` and its rooms; replies still on their way are dropped.
   /// Never refused: a sid left behind would keep its rooms subscribed.
   void detach(std::string sid);
+  /// Gives up requests `seqs` (from next_seq()) of a socket that ended
+  /// before their answers: a Cancel for each still awaited, so that one
+  /// still queued at the broker does not run, and a running handler sees
+  /// its cancel token. Never refused (bounded by the socket's
+  /// --max-pending-acks).
+  void cancel(std::vector<std::uint64_t> seqs);
   /// Sends a Request or a Lifecycle CONNECT; the Reply reaches
   /// sink->deliver_reply(tag, ...), or a TIMEOUT reply after `timeout` + 1 s.
   /// `if_gone` (a CONNECT's DISCONNECT notice) is sent instead when the
@@ -183,6 +189,10 @@ class bridge {
 
   /// A new request id "<gateway id>:<n>", n in base 36 (lower case).
   std::string next_id();
+  /// The n of the next id, which id_of(n) writes (a request's seq, for cancel()).
+  std::uint64_t next_seq() { return ++next_id_; }
+  /// "<our id>:<seq>" in base 36, as next_id() makes them.
+  std::string id_of(std::uint64_t seq) const;
   const std::string& id() const { return id_; }
   bool connected() const { return welcomed_; }
   /// The largest message the broker said it takes (Welcome.max_message_bytes;
@@ -287,8 +297,6 @@ class bridge {
   /// go after the next Welcome, or dropped (counted) when it cannot be.
   /// `names_ours`: it named one of our ids that awaits no answer.
   void given_back(const std::string& refused, bool names_ours);
-  /// "<our id>:<seq>" in base 36, as next_id() makes them.
-  std::string id_of(std::uint64_t seq) const;
   /// n of an id "<our id>:<n>" (every id id_of() made); nothing for any other.
   std::optional<std::uint64_t> own_seq(std::string_view id) const;
   void add_deadline(time_point at, std::uint64_t seq);

@@ -65,7 +65,8 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
                                std::uint64_t tag) {
   // Written straight into the message that is sent (proto::encode_request):
   // no string is copied on the way.
-  auto id = gw_.link().next_id();
+  auto seq = gw_.link().next_seq();
+  auto id = gw_.link().id_of(seq);
   const proto::request_fields r{.id = id,
                                 .service = service_,
                                 .sid = sid_,
@@ -95,7 +96,9 @@ bool client_socket::send_event(std::string event, std::string args, std::vector<
   proto::encode_request(r, static_cast<char*>(message.data()));
   core::string_spares::give(std::move(args));  // usually the client's frame, from ws_conn
   if (tag == 0) return gw_.link().send(std::move(message));
-  return gw_.link().request(id, std::move(message), weak_from_this(), tag, gw_.config().request_timeout);
+  if (!gw_.link().request(id, std::move(message), weak_from_this(), tag, gw_.config().request_timeout)) return false;
+  awaited_.emplace_back(tag, seq);
+  return true;
 }
 
 void client_socket::arm_expiry(std::int64_t exp) {
@@ -125,6 +128,19 @@ void client_socket::end(const std::string& reason) {
   state_ = state::closed;
   if (token_timer_) token_timer_->cancel();
   gw_.link().detach(sid_);
+  // Its events still awaiting their answers are given up at the broker:
+  // their client will not hear them, and one still queued behind a busy
+  // service would run for no one (a client that sent thousands and left
+  // held the service's queue for every other client until their deadlines).
+  // An event without an ack was never awaited: it runs, as a message sent
+  // before a close is delivered.
+  if (!awaited_.empty()) {
+    std::vector<std::uint64_t> seqs;
+    seqs.reserve(awaited_.size());
+    for (const auto& [tag, seq] : awaited_) seqs.push_back(seq);
+    awaited_ = {};
+    gw_.link().cancel(std::move(seqs));
+  }
   on_end();
   // Ended while its connect hook ran: if the service accepts it, it is
   // told then (deliver_reply, or the bridge once this socket is gone).
@@ -179,6 +195,9 @@ void client_socket::drop_early(const char* why) {
 
 void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (tag != 0) {
+    if (auto it = std::find_if(awaited_.begin(), awaited_.end(), [tag](const auto& a) { return a.first == tag; });
+        it != awaited_.end())
+      awaited_.erase(it);
     if (state_ != state::closed) on_reply(tag, std::move(reply));
     return;
   }

@@ -129,6 +129,10 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   std::unique_ptr<timer> token_timer_;  // see arm_expiry(); only with --jwt-end-at-exp
   std::vector<std::pair<std::shared_ptr<const outbound_event>, std::string>> early_;  // event, ack id
   std::size_t early_frames_ = 0;  // frames of early_: its events and their attachments
+  // The events sent that await their answer: (tag, the request's seq),
+  // given up at the broker when the socket ends (end()). In the order sent,
+  // so a reply usually finds its entry first.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> awaited_;
 };
 
 /// Why a client's event or connect is refused when the bridge's queue

@@ -55,6 +55,9 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       bad_proxy_header{dropped.Add({{"reason", "bad_proxy_header"}})},
       forwarded{core::counter(r, "sidecast_gateway_forwarded_total",
                               "Polling and HTTP API requests for another gateway's sid, relayed through the broker")},
+      cancelled{core::counter(r, "sidecast_gateway_requests_cancelled_total",
+                              "Client events awaiting their answer when their socket ended, cancelled at the broker "
+                              "(one still queued does not run; a running handler sees its cancel token)")},
       room_controls{core::counter(r, "sidecast_gateway_room_controls_total",
                                   "Room-wide joins, leaves and disconnects applied to this gateway's members")},
       unheard{core::counter(r, "sidecast_gateway_room_events_unheard_total",

@@ -57,6 +57,7 @@ struct gateway_metrics {
   prometheus::Counter& bad_token;
   prometheus::Counter& bad_proxy_header;  // a trusted balancer's connection with a malformed PROXY header
   prometheus::Counter& forwarded;
+  prometheus::Counter& cancelled;  // requests of sockets that ended before their answers (bridge::cancel)
   prometheus::Counter& room_controls;  // room-wide Controls applied (each to every local member)
   prometheus::Counter& unheard;  // room events for a room with no local member (--room-subscriptions namespace)
   prometheus::Counter& events_heard;  // room and broadcast events for topics with local members

@@ -817,6 +817,52 @@ class KickDuringConnectTest(InProcessWorkerTest):
         self.assertTrue(eventually(lambda: sid in self.left, WAIT), "the service never heard the session left")
 
 
+class CancelledAtEndTest(InProcessWorkerTest):
+    """A socket that ends gives up its events still awaiting their acks: the
+    one running sees its cancel token, those still queued at the broker do
+    not run, and the service is free for other clients at once. Before, a
+    client that sent many and left held the service's queue for everyone
+    until their deadlines (a second client's connect took 27 s)."""
+
+    gateway_id = "gwC"
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("slow", capacity=1)
+        cls.started, cls.cancelled = queue.Queue(), queue.Queue()
+
+        @svc.on("hold")
+        def hold(req):
+            cls.started.put(req.args[0])
+            if not req.sleep(20):
+                cls.cancelled.put(req.args[0])
+            req.reply("held")
+
+        @svc.on("echo")
+        def echo(req):
+            req.reply(req.args[0])
+
+        return svc
+
+    def test_the_events_of_a_socket_that_ends_are_cancelled(self):
+        before = self.gateway_metric("sidecast_gateway_requests_cancelled_total")
+        sio, _ = queued_client(self, "/slow", "none")
+        for i in range(5):  # one runs (capacity 1), four wait in the broker's queue
+            sio.emit("hold", i, namespace="/slow", callback=lambda *a: None)
+        self.assertEqual(self.started.get(timeout=WAIT), 0)
+        sio.disconnect()
+        self.assertEqual(self.cancelled.get(timeout=WAIT), 0, "the running handler was not cancelled")
+        self.assertTrue(eventually(
+            lambda: self.gateway_metric("sidecast_gateway_requests_cancelled_total") - before == 5, WAIT))
+        other, _ = queued_client(self, "/slow", "none")
+        # Behind the four holds it would wait 20 s each (call() raises at WAIT).
+        self.assertEqual(other.call("echo", "hi", namespace="/slow", timeout=WAIT), "hi")
+        time.sleep(0.5)  # a queued hold that ran would have started by now
+        ran = [self.started.get_nowait() for _ in range(self.started.qsize())]
+        self.assertEqual(ran, [], "cancelled events ran")
+
+
 class GoneClientTest(InProcessWorkerTest):
     """What a worker hears of a client that is gone: a socket whose client
     leaves while the connect hook runs is disconnected once the service
