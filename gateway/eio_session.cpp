@@ -835,6 +835,15 @@ void eio_session::on_socketio(std::string&& text) {
     return;
   }
   if (p->type == socketio::packet_type::binary_event || p->type == socketio::packet_type::binary_ack) {
+    // Only in a namespace the client has joined, as any event (see
+    // on_socketio_packet): without one, a client held up to
+    // --max-attachments x --max-payload here without any connect.
+    if (auto it = sockets_.find(p->nsp); it == sockets_.end() || !it->second->connected()) {
+      gw_.metrics().bad_packet.Increment();
+      close("parse error");
+      return;
+    }
+    partial_at_ping_ = false;
     if (!assembler_) {
       // Each attachment is a message of its own, bounded by --max-payload
       // (a WebSocket frame, or the POST that carries it), as the reference
@@ -1056,6 +1065,18 @@ void eio_session::schedule_ping() {
 }
 
 void eio_session::after_ping() {
+  // A binary packet still short of attachments a whole ping interval after
+  // the last ping found it so: its client holds what came of it (up to
+  // --max-attachments x --max-payload) while it answers pings. A client
+  // sends the attachments right after their packet.
+  if (assembler_ && assembler_->waiting()) {
+    if (partial_at_ping_) {
+      gw_.metrics().bad_packet.Increment();
+      close("parse error");
+      return;
+    }
+    partial_at_ping_ = true;
+  }
   ping_mark_ = sent_;
   send_text("2");
   awaiting_pong_ = true;

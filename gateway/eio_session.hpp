@@ -108,6 +108,7 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   std::size_t held_replies_ = 0;  // hold_replies()
   timer ping_timer_;
   bool awaiting_pong_ = false;
+  bool partial_at_ping_ = false;  // the binary packet being assembled was waiting at a ping already
   std::uint64_t sent_ = 0;
   std::uint64_t ping_mark_ = 0;  // sent_ when the last ping went out
   // Made for the first binary packet: most connections never send one.

@@ -562,6 +562,7 @@ bool ws_conn::on_frame(std::uint8_t op, bool fin, char* payload, std::size_t siz
     case binary: {
       if (!fin) {
         message_op_ = op;
+        ++fragmented_;
         message_.assign(payload, size);
         return true;
       }

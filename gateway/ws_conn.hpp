@@ -128,6 +128,11 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   /// On the connection's thread: frames read so far, control frames (a
   /// pong) included. An owner that pinged sees it move when the peer lives.
   std::uint64_t frames_in() const { return frames_in_; }
+  /// While a fragmented message is being assembled: the number of the
+  /// fragmented messages begun so far (this one's), else nothing.
+  std::optional<std::uint32_t> assembling() const {
+    return message_op_ ? std::optional<std::uint32_t>{fragmented_} : std::nullopt;
+  }
 
   boost::asio::any_io_executor executor() { return ex_; }
 
@@ -210,6 +215,7 @@ class ws_conn : public core::edge_watcher, public std::enable_shared_from_this<w
   std::string partial_;                // an incomplete frame, kept between reads
   std::string message_;                // fragments of a message being assembled
   std::optional<std::uint8_t> message_op_;  // its opcode while assembling
+  std::uint32_t fragmented_ = 0;            // fragmented messages begun (see assembling())
 
   std::vector<out_frame> queue_;  // [head_, end) not yet (fully) written
   std::size_t head_ = 0;

@@ -32,6 +32,18 @@ void ws_session::keep_alive(std::chrono::steady_clock::time_point ping_at) {
   keepalive_.expires_at(ping_at);
   keepalive_.async_wait([self = std::static_pointer_cast<ws_session>(shared_from_this())](boost::system::error_code ec) {
     if (ec || self->closed()) return;
+    // A fragmented message still unfinished a whole interval after the last
+    // ping found it so: every frame keeps the connection alive (pings
+    // too), and its fragments (up to --max-payload) would be held for good.
+    // A client sends a message's fragments one after the other.
+    auto partial = self->ws_->assembling();
+    if (partial && partial == self->partial_at_ping_) {
+      self->gw_.metrics().bad_frame.Increment();
+      self->end("message left unfinished");
+      self->ws_->close();
+      return;
+    }
+    self->partial_at_ping_ = partial;
     auto before = self->ws_->frames_in();
     auto sent = std::chrono::steady_clock::now();
     if (self->ws_->send_ping()) self->await_pong(before, sent);

@@ -56,6 +56,7 @@ class ws_session : public client_socket {
   std::vector<ws_json::client_frame> early_in_;
   std::size_t early_in_bytes_ = 0;  // their event names and data (at most --max-payload)
   bool started_ = false;  // the handshake succeeded and the connect was asked
+  std::optional<std::uint32_t> partial_at_ping_;  // ws_conn::assembling() at the last ping
 };
 
 }  // namespace sidecast::gateway

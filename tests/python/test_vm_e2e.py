@@ -863,6 +863,105 @@ class CancelledAtEndTest(InProcessWorkerTest):
         self.assertEqual(ran, [], "cancelled events ran")
 
 
+class UnfinishedMessagesTest(InProcessWorkerTest):
+    """What a client starts and never finishes is not held: a Socket.IO
+    binary packet is taken only in a namespace the client joined, and one
+    still short of attachments at two pings in a row ends its connection;
+    a /ws message left unfinished in fragments the same. Every frame (a
+    pong too) kept such a connection alive, holding what had come (up to
+    --max-attachments x --max-payload) for good."""
+
+    gateway_id = "gwU"
+    gateway_args = ("--ping-interval", "300", "--ping-timeout", "2000")
+
+    @classmethod
+    def service(cls):
+        from sidecast_worker import Service
+        svc = Service("unf", capacity=4)
+
+        @svc.on("echo")
+        def echo(req):
+            req.reply(*req.args)
+
+        return svc
+
+    def eio_websocket(self):
+        import websocket  # python3-websocket
+        ws = websocket.create_connection(
+            f"ws://127.0.0.1:{self.http_port}/socket.io/?EIO=4&transport=websocket", timeout=WAIT)
+        self.addCleanup(ws.close)
+        self.assertTrue(ws.recv().startswith("0{"))
+        return ws
+
+    def closed_within(self, ws, seconds, answer_pings=True):
+        """True when the gateway closes `ws` within `seconds` while the
+        client answers each Engine.IO ping."""
+        import websocket
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            # Short reads: python3-websocket answers WebSocket pings inside
+            # recv() and reads on, so a long timeout never ran out.
+            ws.settimeout(0.1)
+            try:
+                got = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except (websocket.WebSocketConnectionClosedException, ConnectionError, OSError):
+                return True
+            if got == "":
+                return True
+            if answer_pings and got == "2":
+                ws.send("3")
+        return False
+
+    def test_a_binary_packet_needs_a_joined_namespace(self):
+        before = dropped(self.http_port, "bad_packet")
+        ws = self.eio_websocket()
+        ws.send('451-/unf,["echo",{"_placeholder":true,"num":0}]')
+        self.assertTrue(self.closed_within(ws, WAIT), "a binary packet with no namespace joined was taken")
+        self.assertTrue(eventually(lambda: dropped(self.http_port, "bad_packet") > before))
+
+    def test_a_binary_packet_short_of_attachments_ends_its_connection(self):
+        ws = self.eio_websocket()
+        ws.send("40/unf,")
+        self.assertTrue(ws.recv().startswith("40/unf,{"))
+        ws.send('452-/unf,1["echo",{"_placeholder":true,"num":0},{"_placeholder":true,"num":1}]')
+        ws.send_binary(b"\x01" * 1000)  # the second never comes
+        # Two pings (300 ms apart) find it waiting; bounded well past that.
+        self.assertTrue(self.closed_within(ws, 3), "the unfinished packet was held while the client ponged")
+
+    def test_a_complete_binary_packet_still_goes_through(self):
+        ws = self.eio_websocket()
+        ws.send("40/unf,")
+        self.assertTrue(ws.recv().startswith("40/unf,{"))
+        ws.send('451-/unf,7["echo",{"_placeholder":true,"num":0}]')
+        ws.send_binary(b"\x02" * 10)
+        deadline = time.monotonic() + WAIT
+        got = ""
+        while time.monotonic() < deadline and not got.startswith("461-/unf,7"):
+            got = ws.recv()
+            if got == "2":
+                ws.send("3")
+        self.assertTrue(got.startswith("461-/unf,7"), got)
+        self.assertEqual(ws.recv(), b"\x02" * 10)
+
+    def test_a_ws_message_left_in_fragments_ends_its_connection(self):
+        import websocket
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/unf", timeout=WAIT)
+        self.addCleanup(ws.close)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        ws.send_frame(websocket.ABNF.create_frame('{"event":"echo","data":"', websocket.ABNF.OPCODE_TEXT, fin=0))
+        # The gateway's pings are answered by recv() (python3-websocket pongs).
+        self.assertTrue(self.closed_within(ws, 3, answer_pings=False), "the unfinished message was held")
+        # A message in fragments that ends is taken.
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.http_port}/ws?nsp=/unf", timeout=WAIT)
+        self.addCleanup(ws.close)
+        self.assertEqual(json.loads(ws.recv())["event"], "connect")
+        ws.send_frame(websocket.ABNF.create_frame('{"event":"echo","id":1,', websocket.ABNF.OPCODE_TEXT, fin=0))
+        ws.send_frame(websocket.ABNF.create_frame('"data":"x"}', websocket.ABNF.OPCODE_CONT, fin=1))
+        self.assertEqual(json.loads(ws.recv()), {"id": 1, "data": "x"})
+
+
 class GoneClientTest(InProcessWorkerTest):
     """What a worker hears of a client that is gone: a socket whose client
     leaves while the connect hook runs is disconnected once the service
