@@ -1566,7 +1566,7 @@ void broker::subscribe_events(bool on) {
 
 bool broker::serve_as_pair(std::string_view routing_id, std::string_view job, std::string_view refused) {
   pair_fsm::change c;
-  if (pair_->on_client(now_, c)) {
+  if (pair_->on_client(now_, pair_fsm::wall_clock::now(), c)) {
     on_pair_change(c);
     return true;
   }
@@ -1635,7 +1635,7 @@ void broker::receive_pair() {
     }
     auto theirs = static_cast<pair_fsm::state>(state.state());
     events_doubtful_ = false;  // it said where it stands: stepped down below, or still active
-    on_pair_change(pair_->on_peer(theirs, state.term(), now_));
+    on_pair_change(pair_->on_peer(theirs, state.term(), now_, pair_fsm::wall_clock::now()));
   }
 }
 
