@@ -5443,6 +5443,24 @@ TEST(WorkerStandby, AnEmitARestartedBrokerGaveBackGoesAgainAfterItsWelcome) {
   an_emit_given_back_goes_again("fake-broker-restarted", proto::NOT_REGISTERED, false);
 }
 
+// A worker given a pair's other broker and not its XSUB would follow a
+// failover with its link and not with its PUB (follow_link() needs both):
+// every room event it published after it would go to the old broker, and
+// be lost in silence. Refused at once, as the Python SDK refuses it.
+TEST(WorkerOptions, ABackupBrokerWithoutItsPublishEndpointIsRefused) {
+  zmq::context_t ctx{1};
+  worker_options only_broker;
+  only_broker.backup_broker = "tcp://127.0.0.1:1";
+  EXPECT_THROW((worker{only_broker, &ctx}), std::invalid_argument);
+  worker_options only_publish;
+  only_publish.backup_publish = "tcp://127.0.0.1:2";
+  EXPECT_THROW((worker{only_publish, &ctx}), std::invalid_argument);
+  worker_options both = only_broker;
+  both.backup_publish = only_publish.backup_publish;
+  EXPECT_NO_THROW((worker{both, &ctx}));
+  EXPECT_NO_THROW((worker{worker_options{}, &ctx}));
+}
+
 // What a standby gives back was sent before the worker held anything (it
 // holds from the standby's first STANDBY on): it goes ahead of what was
 // held, so the next broker gets the worker's messages in the order it sent
