@@ -75,7 +75,9 @@ struct broker::metrics {
         read_reports{
             core::counters(r, "sidecast_broker_read_reports_total",
                            "Peers back on a new socket, by whether they said what they read of what the broker sent "
-                           "before (read) or not within their liveness (unanswered); what they get waits until then")},
+                           "before (read), showed they read the Welcome and had nothing to say (none: welcomed by "
+                           "another broker since), or neither within their liveness (unanswered); what they get "
+                           "waits until then")},
         sent_again{
             core::counter(r, "sidecast_broker_sent_again_total",
                           "Messages sent again to a peer whose read report said they died in a socket it replaced")},
@@ -600,6 +602,16 @@ void broker::on_router_message(std::string_view routing_id_view, zmq::message_t&
         if (s->second.probe == 0 && beat.has_read()) {
           send_unread(routing_id, beat.read());
           trust(routing_id, "read");
+        } else if (s->second.probe == 0 && beat.has_peer_read() && it != peers_.end() &&
+                   beat.peer_read().hello() == it->second.hello) {
+          // It read our Welcome (it counts its reads from it), and would
+          // have sent its report first, on this same socket: it has none.
+          // A link welcomed by another broker since (the other of a pair)
+          // counted what it read in that one's numbers, which mean nothing
+          // here: what died in its old socket cannot be told, as when no
+          // report comes, but what waits need not wait a liveness for it.
+          trust(routing_id, "none");
+          forget_read_sends(routing_id, beat.peer_read());
         } else if (s->second.probe != 0 && beat.probe() == s->second.probe) {
           trust(routing_id, "answered");
         }
@@ -1566,7 +1578,7 @@ void broker::subscribe_events(bool on) {
 
 bool broker::serve_as_pair(std::string_view routing_id, std::string_view job, std::string_view refused) {
   pair_fsm::change c;
-  if (pair_->on_client(now_, c)) {
+  if (pair_->on_client(now_, pair_fsm::wall_clock::now(), c)) {
     on_pair_change(c);
     return true;
   }
@@ -1635,7 +1647,7 @@ void broker::receive_pair() {
     }
     auto theirs = static_cast<pair_fsm::state>(state.state());
     events_doubtful_ = false;  // it said where it stands: stepped down below, or still active
-    on_pair_change(pair_->on_peer(theirs, state.term(), now_));
+    on_pair_change(pair_->on_peer(theirs, state.term(), now_, pair_fsm::wall_clock::now()));
   }
 }
 
@@ -1845,7 +1857,18 @@ void broker::tick(clock::time_point now) {
       beat.mutable_broker_read()->set_hello(p.hello);
       beat.mutable_broker_read()->set_count(p.received);
     }
-    send(routing_id, core::message_of(hb));
+    // One we wait on for its read report is on the connection our Welcome
+    // went to: its heartbeat goes there now, as the link's own do, rather
+    // than wait with what must follow what is sent again. Held, a peer
+    // that never reports (a build before it) heard nothing for its
+    // liveness, found us silent and replaced its socket just as the wait
+    // ended. A heartbeat acts on nothing what waits says.
+    if (auto s = suspects_.find(routing_id); s != suspects_.end() && s->second.probe == 0) {
+      auto message = core::message_of(hb);
+      if (send_to(routing_id, message) != sent::ok) drop(drop_reason::unreachable, routing_id);
+    } else {
+      send(routing_id, core::message_of(hb));
+    }
     ++counts[std::min<std::size_t>(static_cast<std::size_t>(p.role), 3)];
   }
   for (auto role : {proto::ROLE_GATEWAY, proto::ROLE_WORKER, proto::ROLE_CLIENT}) {

@@ -14,9 +14,17 @@ void pair_fsm::away(clock::duration late, clock::time_point now) {
   peer_expiry_ = std::min(peer_expiry_ + late, now + silence_);
 }
 
-pair_fsm::change pair_fsm::activate(const char* why) {
+std::uint64_t pair_fsm::term_of(wall_clock::time_point wall) {
+  auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(wall.time_since_epoch()).count();
+  return ms > 0 ? static_cast<std::uint64_t>(ms) : 0;
+}
+
+pair_fsm::change pair_fsm::activate(const char* why, wall_clock::time_point wall) {
   outranked_since_.reset();
-  term_ = std::max(term_, peer_term_) + 1;
+  // Above any term heard, whatever the clock says (a clock stepped back, or
+  // behind the other's); and at least the clock, so that an activation
+  // that heard nothing (after a restart) outranks the earlier ones.
+  term_ = std::max({term_ + 1, peer_term_ + 1, term_of(wall)});
   state_ = state::active;
   change c;
   c.changed = c.activated = true;
@@ -24,13 +32,16 @@ pair_fsm::change pair_fsm::activate(const char* why) {
   return c;
 }
 
-pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock::time_point now) {
+pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock::time_point now,
+                                   wall_clock::time_point wall) {
   change c;
-  // Terms grow by one per activation, and the two brokers' stay close. One
-  // far past ours is not the other's (a forged or corrupt state: whoever
-  // answers at --pair-connect without CURVE); taken, it would depose this
-  // broker, and at 2^64 - 1 make its next term wrap to 0.
-  if (auto base = std::max(term_, peer_term_); their_term > base && their_term - base > max_term_step) {
+  // Terms are a clock's milliseconds or one past a term heard, and the two
+  // brokers' stay close. One far past ours and past this host's clock is
+  // not the other's (a forged or corrupt state: whoever answers at
+  // --pair-connect without CURVE); taken, it would depose this broker, and
+  // at 2^64 - 1 make its next term wrap to 0.
+  if (auto base = std::max({term_, peer_term_, term_of(wall)});
+      their_term > base && their_term - base > max_term_step) {
     c.why = "the other broker says a term far past this one's: ignored (check --pair-connect; use CURVE)";
     return c;
   }
@@ -44,7 +55,7 @@ pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock
   };
   switch (state_) {
     case state::primary:
-      if (theirs == state::backup) return activate("the backup is up: active");
+      if (theirs == state::backup) return activate("the backup is up: active", wall);
       if (theirs == state::active) go_passive("the backup is active: passive");
       else if (theirs == state::primary) c.why = "the other broker is a primary too: check --pair on both";
       break;
@@ -70,24 +81,25 @@ pair_fsm::change pair_fsm::on_peer(state theirs, std::uint64_t their_term, clock
       }
       break;
     case state::passive:
-      if (theirs == state::primary || theirs == state::backup) return activate("the other broker restarted: active");
-      if (theirs == state::passive && primary_) return activate("both brokers were passive: the primary is active");
+      if (theirs == state::primary || theirs == state::backup)
+        return activate("the other broker restarted: active", wall);
+      if (theirs == state::passive && primary_) return activate("both brokers were passive: the primary is active", wall);
       break;
   }
   return c;
 }
 
-bool pair_fsm::on_client(clock::time_point now, change& c) {
+bool pair_fsm::on_client(clock::time_point now, wall_clock::time_point wall, change& c) {
   switch (state_) {
     case state::active: return true;
     case state::backup: return false;  // never before it has heard an active primary
     case state::primary:
       if (now < peer_expiry_) return false;
-      c = activate("no backup heard: active alone");
+      c = activate("no backup heard: active alone", wall);
       return true;
     case state::passive:
       if (now < peer_expiry_) return false;
-      c = activate("the active broker went silent and a peer came: failover, active");
+      c = activate("the active broker went silent and a peer came: failover, active", wall);
       return true;
   }
   return false;

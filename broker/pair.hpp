@@ -20,6 +20,17 @@
 // backup on a tie) steps down to passive. The peers that took over moved to
 // the later one; the earlier one's are told to move (Error STANDBY).
 //
+// A term is also at least the wall clock's milliseconds at the activation.
+// A broker restarted while the other is stopped has heard no term (it
+// remembers none across the restart): counting from 0, it would activate
+// below the stopped one, which would win when it resumed, though its peers
+// had all moved and had their requests answered BROKER_LOST. By the clock
+// the later activation outranks the earlier one all the same, as long as
+// the two hosts' clocks agree to within the time between the activations:
+// at least about a liveness when one of them restarted (it waits that long
+// before it serves alone), and NTP keeps clocks within milliseconds. A
+// term heard is still outranked by one, whatever the clocks say.
+//
 // Pure logic: the broker feeds it what it hears and reads its decisions.
 #include <chrono>
 #include <cstdint>
@@ -31,6 +42,7 @@ namespace sidecast::broker {
 class pair_fsm {
  public:
   using clock = std::chrono::steady_clock;
+  using wall_clock = std::chrono::system_clock;  // only for terms (see above)
   // Numbered as PairState.State on the wire (broker.cpp checks).
   enum class state { primary = 1, backup = 2, active = 3, passive = 4 };
 
@@ -55,26 +67,32 @@ class pair_fsm {
     explicit operator bool() const { return *why != '\0'; }
   };
 
-  /// The other broker's state message.
-  change on_peer(state theirs, std::uint64_t their_term, clock::time_point now);
+  /// The other broker's state message. `wall`: the wall clock now, for the
+  /// term of an activation it causes.
+  change on_peer(state theirs, std::uint64_t their_term, clock::time_point now, wall_clock::time_point wall);
   /// A message from a gateway or worker: serve it (true, and `c` says
   /// whether that made this broker active) or refuse it (false).
-  bool on_client(clock::time_point now, change& c);
+  bool on_client(clock::time_point now, wall_clock::time_point wall, change& c);
 
   /// This broker's own thread did not run for `late` (a stall): that time
   /// is not the other's silence (as it is not its peers', broker::check_stall).
   void away(clock::duration late, clock::time_point now);
 
-  /// How far past this pair's terms a term the other says may be: each
-  /// activation adds one, so a larger jump is not the other's (ignored).
-  static constexpr std::uint64_t max_term_step = std::uint64_t{1} << 32;
+  /// How far past this pair's terms and this host's clock (in ms) a term
+  /// the other says may be: 2^42 ms is 139 years, so any clock set since
+  /// 1970 is within it, and 2^22 such steps to wrap a term past 2^64; a
+  /// larger jump is not the other's (ignored).
+  static constexpr std::uint64_t max_term_step = std::uint64_t{1} << 42;
+
+  /// The term of a wall clock reading: its milliseconds since 1970 (0 before).
+  static std::uint64_t term_of(wall_clock::time_point wall);
 
   /// When the other was last heard (or the start), plus the silence.
   clock::time_point peer_expiry() const { return peer_expiry_; }
   clock::duration silence() const { return silence_; }
 
  private:
-  change activate(const char* why);
+  change activate(const char* why, wall_clock::time_point wall);
 
   const bool primary_;
   const clock::duration silence_;

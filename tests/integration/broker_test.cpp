@@ -1390,6 +1390,91 @@ TEST_P(BrokerTest, AReadReportThatNeverComesStillGetsItsMark) {
   EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_read_reports_total", "outcome", "unanswered") == 1.0; }));
 }
 
+// While the broker waits for a peer's read report it holds back what it
+// sends the peer, but not its heartbeats: they go on the connection the
+// Welcome went to, as the link's own go at once. Held, a peer that never
+// reports (a build before reports) heard nothing for its liveness, found
+// the broker silent and replaced its socket, just as the wait ended.
+TEST_P(BrokerTest, TheBrokerHeartbeatsAPeerWhoseReadReportItAwaits) {
+  heartbeat_ = 1s;
+  start();
+  peer w{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  ASSERT_TRUE(w.hello({{"raw", 1}}));
+  auto old_socket = std::make_unique<peer>(ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY);
+  old_socket->send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 1));
+  ASSERT_TRUE(old_socket->next(Envelope::kWelcome, 3s));
+  old_socket.reset();
+  peer new_socket{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
+  new_socket.send(numbered_hello(proto::ROLE_GATEWAY, "g1", 1, 2));
+  ASSERT_TRUE(new_socket.next(Envelope::kWelcome, 3s));
+  auto welcomed = std::chrono::steady_clock::now();
+  w.send(emit_envelope("g1.s", "e", "[1]"));  // waits for the report
+  std::optional<std::chrono::steady_clock::duration> first_beat, mark, emit;
+  auto beat_at = welcomed;
+  while (!emit && std::chrono::steady_clock::now() < welcomed + 3 * heartbeat_ + 2s) {
+    if (std::chrono::steady_clock::now() >= beat_at) {  // alive, but no report, nor what it read
+      Envelope beat;
+      beat.mutable_heartbeat();
+      new_socket.send(beat);
+      w.send(beat);
+      beat_at += 300ms;
+    }
+    auto env = new_socket.receive_any(50ms);
+    if (!env) continue;
+    auto at = std::chrono::steady_clock::now() - welcomed;
+    if (env->has_heartbeat() && env->heartbeat().resent()) mark = at;
+    else if (env->has_heartbeat() && !first_beat) first_beat = at;
+    else if (env->has_emit()) emit = at;
+  }
+  ASSERT_TRUE(first_beat) << "no heartbeat while the broker waited for the report";
+  EXPECT_LT(*first_beat, heartbeat_ + 500ms) << "the heartbeats waited with the rest";
+  ASSERT_TRUE(mark && emit);
+  EXPECT_LT(*first_beat, *mark);
+  EXPECT_LT(*mark, *emit) << "what waited for the report went before its end";
+  EXPECT_EQ(metric("sidecast_broker_read_reports_total", "outcome", "unanswered"), 1.0);
+}
+
+// A link welcomed by another broker since this one last welcomed it (the
+// other of a pair, between two failovers) counts what it read in that
+// broker's numbers, and sends this one no read report. Its first heartbeat
+// after the Welcome says what it read from the Welcome on: it read the
+// Welcome, and its report, had it one, came first on that socket. So the
+// wait ends there, and what waited goes at once, not a liveness later.
+TEST_P(BrokerTest, APeerWelcomedByAnotherBrokerSinceIsNotKeptWaitingForItsReport) {
+  heartbeat_ = 1s;
+  start();
+  peer w{ctx_, "inproc://router", "w-raw", proto::ROLE_WORKER};
+  ASSERT_TRUE(w.hello({{"raw", 1}}));
+  auto old_socket = std::make_unique<peer>(ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY);
+  old_socket->send(numbered_hello(proto::ROLE_GATEWAY, "g1", 0, 1));
+  ASSERT_TRUE(old_socket->next(Envelope::kWelcome, 3s));
+  old_socket.reset();
+  peer new_socket{ctx_, "inproc://router", "g1", proto::ROLE_GATEWAY};
+  new_socket.send(numbered_hello(proto::ROLE_GATEWAY, "g1", 1, 2));
+  auto welcome = new_socket.next(Envelope::kWelcome, 3s);
+  ASSERT_TRUE(welcome);
+  ASSERT_NE(welcome->welcome().previous_hello(), 0u) << "the broker did not know the link: nothing to wait for";
+  auto welcomed = std::chrono::steady_clock::now();
+  w.send(emit_envelope("g1.s", "e", "[1]"));
+  ASSERT_TRUE(eventually([&] { return metric("sidecast_broker_messages_received_total", "kind", "emit") == 1.0; }));
+  Envelope beat;
+  beat.mutable_heartbeat()->mutable_peer_read()->set_hello(2);
+  beat.mutable_heartbeat()->mutable_peer_read()->set_read_to(welcome->welcome().sent());
+  new_socket.send(beat);
+  bool marked = false;
+  std::optional<Envelope> emit;
+  while (!emit && std::chrono::steady_clock::now() < welcomed + 3 * heartbeat_ + 2s) {
+    auto env = new_socket.receive_any(50ms);
+    if (env && env->has_heartbeat() && env->heartbeat().resent()) marked = true;
+    if (env && env->has_emit()) emit = env;
+  }
+  ASSERT_TRUE(emit) << "what waited never came";
+  EXPECT_LT(std::chrono::steady_clock::now() - welcomed, heartbeat_ + 500ms) << "it waited out the liveness";
+  EXPECT_TRUE(marked) << "the mark the Welcome promised did not come first";
+  EXPECT_EQ(metric("sidecast_broker_read_reports_total", "outcome", "none"), 1.0);
+  EXPECT_EQ(metric("sidecast_broker_read_reports_total", "outcome", "unanswered").value_or(0), 0.0);
+}
+
 // What the broker sent a gateway that reads slowly is kept until the
 // gateway's heartbeats say it read it, however old (up to --kept-sent):
 // kept for a heartbeat interval only, the three emits it had not read when
@@ -5356,6 +5441,24 @@ TEST(WorkerStandby, AnEmitAStandbyGaveBackGoesAgainAfterTheNextWelcome) {
 // only: each asks for a Hello, and the fake broker welcomes one.)
 TEST(WorkerStandby, AnEmitARestartedBrokerGaveBackGoesAgainAfterItsWelcome) {
   an_emit_given_back_goes_again("fake-broker-restarted", proto::NOT_REGISTERED, false);
+}
+
+// A worker given a pair's other broker and not its XSUB would follow a
+// failover with its link and not with its PUB (follow_link() needs both):
+// every room event it published after it would go to the old broker, and
+// be lost in silence. Refused at once, as the Python SDK refuses it.
+TEST(WorkerOptions, ABackupBrokerWithoutItsPublishEndpointIsRefused) {
+  zmq::context_t ctx{1};
+  worker_options only_broker;
+  only_broker.backup_broker = "tcp://127.0.0.1:1";
+  EXPECT_THROW((worker{only_broker, &ctx}), std::invalid_argument);
+  worker_options only_publish;
+  only_publish.backup_publish = "tcp://127.0.0.1:2";
+  EXPECT_THROW((worker{only_publish, &ctx}), std::invalid_argument);
+  worker_options both = only_broker;
+  both.backup_publish = only_publish.backup_publish;
+  EXPECT_NO_THROW((worker{both, &ctx}));
+  EXPECT_NO_THROW((worker{worker_options{}, &ctx}));
 }
 
 // What a standby gives back was sent before the worker held anything (it

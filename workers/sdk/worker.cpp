@@ -343,6 +343,12 @@ struct worker_core : std::enable_shared_from_this<worker_core> {
 
   explicit worker_core(worker_options o, zmq::context_t* ctx)
       : options{std::move(o)}, context{ctx}, outbox{options.outbox_limit} {
+    // The PUB follows the link to the broker it is on (follow_link()): with
+    // a backup broker and not its XSUB, it would stay with the old broker
+    // after a failover, and every room event published to it be lost.
+    if (options.backup_broker.empty() != options.backup_publish.empty())
+      throw std::invalid_argument(
+          "worker_options: backup_broker and backup_publish go together (a broker pair's other ROUTER and XSUB)");
     if (!context) {
       own_context = std::make_unique<zmq::context_t>(1);
       context = own_context.get();

@@ -41,7 +41,7 @@ struct worker_options {
   std::string broker = "tcp://127.0.0.1:7700";    // the broker's ROUTER
   std::string publish = "tcp://127.0.0.1:7701";   // the broker's XSUB (room events)
   std::string backup_broker;   // a broker pair's other ROUTER (empty: one broker)
-  std::string backup_publish;  // its XSUB
+  std::string backup_publish;  // its XSUB: set both or neither (else the constructor throws std::invalid_argument)
   std::chrono::milliseconds heartbeat_interval{1000};
   unsigned heartbeat_liveness = 3;
   std::size_t threads = 0;          // handler threads; 0: the total capacity, at most 256
