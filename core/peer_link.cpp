@@ -1,6 +1,7 @@
 #include "core/peer_link.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <random>
 
 #include <spdlog/spdlog.h>
@@ -369,7 +370,20 @@ void peer_link::tick(clock::time_point now) {
       spdlog::warn("broker at {} went silent; {} {}", from,
                    options_.backup_endpoint.empty() ? "reconnecting to" : "trying", endpoint());
     ++stats_.reconnects;
-    connect();
+    try {
+      connect();
+    } catch (const zmq::error_t& e) {
+      // Out of descriptors or memory for the new socket (EMFILE while a
+      // gateway's clients hold them all): not this link's end. It keeps
+      // the old socket and tries again an interval on; thrown, it left the
+      // caller's loop unarmed and came back at each of its turns (two a
+      // client event, each logged).
+      if (e.num() != EMFILE && e.num() != ENFILE && e.num() != ENOMEM && e.num() != ENOBUFS) throw;
+      if (log_limit_.allow())
+        spdlog::error("peer link: no new socket to the broker ({}): trying again in {} ms", e.what(),
+                      std::chrono::duration_cast<std::chrono::milliseconds>(interval_).count());
+      broker_expiry_ = now + interval_;
+    }
     return;
   }
   if (awaiting_resent_ && now >= resent_due_) release_tail();  // the mark never came: the tail goes now

@@ -166,12 +166,13 @@ void gateway::serve_forwarded(proto::HttpForward f) {
 }
 
 void run_logging_errors(asio::io_context& context, const char* what) {
+  core::log_limiter log_limit;  // a failure at each turn must not flood the log
   for (;;) {
     try {
       context.run();
       return;
     } catch (const std::exception& e) {
-      spdlog::error("{}: {}", what, e.what());
+      if (log_limit.allow()) spdlog::error("{}: {}", what, e.what());
     }
   }
 }
@@ -244,8 +245,16 @@ void gateway::do_accept() {
     // in the listen queue and the next accept fails at once. A pause, not
     // a spin that takes the I/O thread from every other connection.
     metrics_.accept_failed.Increment();
-    thread_local core::log_limiter log_limit;
-    if (log_limit.allow()) spdlog::warn("gateway: accept failed: {}; accepting again in 100 ms", ec.message());
+    // A line a minute at most: out of descriptors, it fails every 100 ms
+    // for as long as that lasts (counted in accept_failures_total).
+    thread_local core::log_limiter log_limit{1};
+    thread_local auto next_line = std::chrono::steady_clock::time_point{};
+    if (auto now = std::chrono::steady_clock::now(); now >= next_line && log_limit.allow()) {
+      next_line = now + std::chrono::minutes(1);
+      spdlog::warn("gateway: accept failed: {}; accepting again every 100 ms (said once a minute; "
+                   "sidecast_gateway_accept_failures_total counts each)",
+                   ec.message());
+    }
     accept_pause_->expires_after(std::chrono::milliseconds(100));
     accept_pause_->async_wait([this](boost::system::error_code wait_ec) {
       if (!wait_ec && acceptor_->is_open()) do_accept();

@@ -6,6 +6,7 @@
 // worker::start_on: `sidecast demo --threads 1`). The test's own raw peers
 // always use the ROUTER, so the later runs mix both kinds of connection in
 // one broker.
+#include <sys/resource.h>
 #include <sqlite3.h>
 
 #include <algorithm>
@@ -4945,6 +4946,44 @@ TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
 // however much else it sends, and say how far it read in the broker's count
 // (the Welcome's `sent`, then each message but a Welcome); the broker's say
 // how much of what the link sent after its Hello it read.
+// Out of descriptors when the broker's silence calls for a new socket (a
+// gateway whose clients hold them all): the link keeps its old socket and
+// tries again an interval on, instead of throwing out of tick() (which
+// left the gateway's bridge unarmed and logging at each turn); with
+// descriptors back, it reconnects and says Hello.
+TEST(PeerLink, OutOfDescriptorsAtAReconnectItTriesAgainLater) {
+  link_with_fake_broker fake{"inproc://fake-broker-emfile"};
+  auto& link = fake.link;
+  ASSERT_TRUE(fake.next_hello());
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  std::vector<int> held;
+  {
+    // A low limit, then every descriptor under it taken.
+    rlimit low = saved;
+    low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, 1024);
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    for (int fd; held.size() < 2048 && (fd = ::dup(0)) >= 0;) held.push_back(fd);
+  }
+  auto reconnects = link.stats().reconnects;
+  auto now = link.next_tick();
+  // Ticks at their times (a later one would read as a stall of our own).
+  for (int i = 0; i < 20 && link.stats().reconnects == reconnects; ++i) {
+    now = link.next_tick();
+    EXPECT_NO_THROW(link.tick(now));
+  }
+  for (int fd : held) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  EXPECT_GT(link.stats().reconnects, reconnects) << "the link never found the broker silent";
+  // Descriptors back: the next try makes its socket and says Hello.
+  auto before = link.stats().reconnects;
+  for (int i = 0; i < 20 && link.stats().reconnects == before; ++i) {
+    now = link.next_tick();
+    EXPECT_NO_THROW(link.tick(now));
+  }
+  EXPECT_TRUE(fake.next_hello()) << "no Hello after descriptors were back";
+}
+
 TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
   link_with_fake_broker fake{"inproc://fake-broker-reads"};
   auto& link = fake.link;
