@@ -638,6 +638,11 @@ void eio_session::poll_abandoned() {
   close("poll connection closed prematurely");
 }
 
+void eio_session::release_poll() {
+  if (closed_ || !pending_get_) return;
+  std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+}
+
 void eio_session::hold_get(std::shared_ptr<reply_slot> get) {
   if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
   held_get_ = std::move(get);

@@ -50,6 +50,10 @@ class eio_session : public std::enable_shared_from_this<eio_session> {
   /// session ends, as the reference server's does. Not while it upgrades:
   /// its WebSocket carries on.
   void poll_abandoned();
+  /// The gateway relaying this session's GET drains (an HttpForward
+  /// RELEASE): the GET waiting here is answered now, a noop, so its
+  /// client polls again elsewhere; the session goes on.
+  void release_poll();
   void post(std::string body, std::shared_ptr<reply_slot> answer);
   void upgrade(std::shared_ptr<ws_conn> ws);
   void on_ws_message(const ws_conn* from, std::string data, bool binary);

@@ -121,6 +121,37 @@ bool gateway::report_gone(std::string_view sid, std::string target, std::string 
   return true;
 }
 
+std::shared_ptr<void> gateway::relaying_get(const std::string& sid) {
+  std::list<std::pair<std::string, bool>>::iterator it;
+  {
+    std::lock_guard lock{relayed_gets_mutex_};
+    it = relayed_gets_.emplace(relayed_gets_.end(), sid, false);
+  }
+  return std::shared_ptr<void>(nullptr, [this, it](void*) {
+    std::lock_guard lock{relayed_gets_mutex_};
+    relayed_gets_.erase(it);
+  });
+}
+
+std::size_t gateway::release_relayed_gets() {
+  std::vector<std::string> asked;
+  std::size_t waiting = 0;
+  {
+    std::lock_guard lock{relayed_gets_mutex_};
+    waiting = relayed_gets_.size();
+    for (auto& [sid, released] : relayed_gets_)
+      if (!std::exchange(released, true)) asked.push_back(sid);
+  }
+  for (auto& sid : asked) {
+    proto::HttpForward f;
+    f.set_sid(std::move(sid));
+    f.set_method("RELEASE");
+    auto ignored = std::make_shared<reply_slot>(contexts_.front()->get_executor(), [](http_answer) {});
+    bridge_->forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
+  }
+  return waiting;
+}
+
 void gateway::poll_abandoned(const std::string& sid) {
   if (report_gone(sid)) return;
   if (auto session = find_session(sid)) asio::post(session->executor(), [session] { session->poll_abandoned(); });
@@ -146,7 +177,7 @@ void gateway::serve_forwarded(proto::HttpForward f) {
     return;
   }
   const auto& method = f.method();
-  if (method != "GET" && method != "POST" && method != "GONE") {
+  if (method != "GET" && method != "POST" && method != "GONE" && method != "RELEASE") {
     answer({400, "application/json", R"({"code":3,"message":"Bad request"})"});
     return;
   }
@@ -156,6 +187,9 @@ void gateway::serve_forwarded(proto::HttpForward f) {
       session->post(std::move(*f.mutable_body()), slot);
     } else if (f.method() == "GET") {
       session->poll(slot);
+    } else if (f.method() == "RELEASE") {  // the asking gateway drains: its GET is answered now
+      session->release_poll();
+      slot->complete({200, "text/plain; charset=UTF-8", "ok"});
     } else {  // GONE: the asking gateway's client left its GET
       session->poll_abandoned();
       slot->complete({200, "text/plain; charset=UTF-8", "ok"});
@@ -308,6 +342,7 @@ void gateway::drain(std::chrono::milliseconds limit) {
   });
   spdlog::info("draining {} sessions and {} sockets (up to {} ms)", session_count(), bridge_->members(), limit.count());
   api_->end_relayed_polls();  // a gateway with no client of its own may still relay polls
+  release_relayed_gets();
   auto until = std::chrono::steady_clock::now() + limit;
   // Every socket, its CONNECT still in its service's hook included, until
   // its service has its DISCONNECT; the WebSockets' close handshakes (up to
@@ -315,9 +350,12 @@ void gateway::drain(std::chrono::milliseconds limit) {
   // their clients had not polled, until their next poll takes them (on a
   // connection the client kept, or relayed by a peer gateway: the listener
   // is closed).
+  // And the Engine.IO GETs it relays for other gateways' sessions, until
+  // their owners answer them (release_relayed_gets()).
   auto busy = [this] {
     return session_count() > 0 || bridge_->members() > 0 || bridge_->connects_awaited() > 0 ||
-           metrics_.websockets_open.load(std::memory_order_relaxed) > 0 || api_->owing() > 0;
+           metrics_.websockets_open.load(std::memory_order_relaxed) > 0 || api_->owing() > 0 ||
+           release_relayed_gets() > 0;
   };
   // Swept again while they last: one that began as the drain did (a request
   // already past its check, a recovery already under way) is closed too.

@@ -4,6 +4,7 @@
 // object is the only state shared by sessions (like Beast's shared_state):
 // config, routes, metrics, the bridge and the Engine.IO sid registry.
 #include <atomic>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -95,6 +96,16 @@ class gateway {
   /// HttpForward with method GONE; `target`: an API request's, `forward`:
   /// the id of the forward of that request).
   bool report_gone(std::string_view sid, std::string target = {}, std::string forward = {});
+  /// An Engine.IO polling GET this gateway relays to the owner of `sid`
+  /// (another gateway), known while it waits: a drain asks the owner to
+  /// answer it now (release_relayed_gets()) rather than cut it. Returns
+  /// what ends the registration when it goes.
+  std::shared_ptr<void> relaying_get(const std::string& sid);
+  /// gateway::drain: each relayed GET not asked yet is released by its
+  /// owner (an HttpForward with method RELEASE: it answers the GET now, a
+  /// noop if it has nothing), so its client polls again, through the
+  /// balancer, elsewhere, and its session goes on. Returns those waiting.
+  std::size_t release_relayed_gets();
   /// The gateway that owns `sid` when it is another one, whose requests for
   /// it go through the broker (HttpForward); empty for a sid of this one, of
   /// no gateway, or that no gateway could have issued (not UTF-8, an owner
@@ -154,6 +165,10 @@ class gateway {
   std::unordered_map<std::string, std::shared_ptr<client_socket>> parked_;
   std::mutex sessions_mutex_;
   std::unordered_map<std::string, std::weak_ptr<eio_session>> sessions_;
+  // relaying_get(): each relayed GET's sid, and whether its owner was asked
+  // to release it.
+  std::mutex relayed_gets_mutex_;
+  std::list<std::pair<std::string, bool>> relayed_gets_;
 };
 
 }  // namespace sidecast::gateway

@@ -257,6 +257,9 @@ asio::awaitable<http_answer> engine_io(gateway& gw, request& req, const urls::pa
     f.set_body(std::move(req.body()));
     auto slot = std::make_shared<reply_slot>(ex);
     const auto& c = gw.config();
+    // A GET waits for the owner's events: a drain here asks the owner to
+    // answer it now, and waits for that answer (gateway::drain).
+    auto relaying = req.method() == http::verb::get ? gw.relaying_get(*sid) : nullptr;
     if (!gw.link().forward(std::move(f), slot, c.ping_interval + c.ping_timeout + std::chrono::seconds(5)))
       co_return http_answer{503, "application/json", R"({"code":3,"message":"Bad request"})"};
     gw.metrics().forwarded.Increment();

@@ -2278,6 +2278,46 @@ class RelayedPollTest(InProcessWorkerTest):
             got += self.events_here(key, 1000)
         self.assertIn(7, got, "the event went into the drained gateway's poll")
 
+    def test_a_relayed_engine_io_get_at_its_gateways_drain_is_released(self):
+        # The relaying gateway drains: it asks the owner to answer the GET
+        # it relays (a noop: nothing waits), passes that on, and the session
+        # goes on; the client polls again elsewhere. Before, the GET was cut
+        # with the gateway, and the owner ended the session (its GET's
+        # client left).
+        peer = self.peer_gateway()
+        base = "/socket.io/?EIO=4&transport=polling"
+        status, body = http_get(self.http_port, base)
+        self.assertEqual(status, 200, body)
+        eio_sid = json.loads(body[1:])["sid"]
+        c = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=WAIT)
+        self.addCleanup(c.close)
+        c.request("POST", f"{base}&sid={eio_sid}", body=b"40/relay,")
+        self.assertEqual(c.getresponse().read(), b"ok")
+        status, body = http_get(self.http_port, f"{base}&sid={eio_sid}")
+        self.assertTrue(body.startswith("40/relay,{"), body)
+        sid = json.loads(body[len("40/relay,"):])["sid"]
+        s = socket.create_connection(("127.0.0.1", peer), timeout=WAIT)
+        self.addCleanup(s.close)
+        s.sendall(f"GET {base}&sid={eio_sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.3)  # waiting at the owner
+        self.peer_process.signal(signal.SIGTERM)
+        answer = b""
+        while b"\r\n\r\n6" not in answer:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        self.assertIn(b"200 OK", answer, "the relayed GET was cut")
+        self.assertIn(b"\r\n\r\n6", answer)
+        self.assertIn(b"Connection: close", answer)
+        self.peer_process.proc.wait(WAIT)
+        self.assertEqual(self.peer_process.proc.returncode, 0)
+        # The session goes on: its next GET, here, gets what comes next.
+        self.assertTrue(self.worker.emit_to_sid(sid, "n", 7, nsp="/relay"))
+        status, body = http_get(self.http_port, f"{base}&sid={eio_sid}", timeout=WAIT)
+        self.assertEqual(status, 200, body)
+        self.assertIn('42/relay,["n",7]', body.split("\x1e"))
+
     def test_a_relayed_poll_whose_client_left_loses_nothing(self):
         peer = self.peer_gateway()
         status, created = self.api("POST", "/sessions", {"nsp": "/relay"}, key=None)
