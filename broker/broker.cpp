@@ -960,8 +960,9 @@ void broker::on_job(const std::string& routing_id, const proto::hot_envelope& he
       // A retry of a request that ended (TIMEOUT, CANCELLED: answered) while
       // its worker still runs it: no first is left to answer, so this one
       // is, at once; the id is free again once the worker answers. Counted
-      // as busy (it was answered), not as a duplicate drop.
-      metrics_->count(work.service, outcome::busy).Increment();
+      // as busy (it was answered), not as a duplicate drop, under the
+      // service of the job that holds the id (submit() says which).
+      if (!work.service.empty()) metrics_->count(work.service, outcome::busy).Increment();
       if (work.wants_reply)
         send_reply(routing_id, work.id, proto::BUSY, "an earlier request of this id ended but its worker still runs it");
       break;

@@ -218,8 +218,14 @@ void service_table::heap_erase(std::uint32_t s) {
 // ---- the operations ----
 
 service_table::admit service_table::submit(job&& work) {
-  if (auto it = ids_.find(work.id); it != ids_.end())
-    return slots_[it->second].state == slot_state::orphaned ? admit::id_in_use : admit::duplicate;
+  if (auto it = ids_.find(work.id); it != ids_.end()) {
+    const auto& e = slots_[it->second];
+    if (e.state != slot_state::orphaned) return admit::duplicate;
+    // Counted under the service of the job that holds the id, not a name
+    // the retry says (which could make a metric series of anything).
+    work.service = services_[e.service].name;
+    return admit::id_in_use;
+  }
   auto service = service_index(work.service);
   if (service == none) return admit::no_service;
   auto& svc = services_[service];

@@ -96,6 +96,7 @@ class service_table {
   /// id ended (expired or was cancelled: it was answered) while its worker
   /// still works on it, `no_service` when it
   /// names a service the table does not know and max_services are known.
+  /// (`id_in_use` sets work.service to that job's service.)
   admit submit(job&& work);  // moves from `work` only when queued
 
   /// A service forgotten to make room for a worker's (see add_worker).

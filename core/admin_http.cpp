@@ -230,7 +230,9 @@ admin_http::~admin_http() { stop(); }
 
 void admin_http::start(const std::string& listen, std::size_t max_connections) {
   auto hp = parse_host_port(listen);
-  if (!hp) throw std::invalid_argument("bad HTTP address '" + listen + "' (want HOST:PORT)");
+  if (!hp)
+    throw std::invalid_argument("bad --http '" + listen +
+                                "' (want a numeric address and a port: 127.0.0.1:7780, [::1]:7780, :7780)");
   tcp::endpoint endpoint{asio::ip::make_address(hp->host), hp->port};
   tcp::acceptor acceptor{io_};
   acceptor.open(endpoint.protocol());

@@ -1,5 +1,6 @@
 #include "core/config.hpp"
 
+#include <arpa/inet.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -241,6 +242,14 @@ std::optional<host_port> parse_host_port(const std::string& text) {
   if (hp.host.size() >= 2 && hp.host.front() == '[' && hp.host.back() == ']')
     hp.host = hp.host.substr(1, hp.host.size() - 2);
   if (hp.host.empty()) hp.host = "0.0.0.0";
+  // A numeric address (the listeners do not resolve names): "localhost" is
+  // taken as 127.0.0.1, any other name refused here, with the flag named by
+  // the caller, rather than as "Invalid argument" when it binds.
+  if (hp.host == "localhost") hp.host = "127.0.0.1";
+  std::array<unsigned char, 16> ignored;
+  if (::inet_pton(AF_INET, hp.host.c_str(), ignored.data()) != 1 &&
+      ::inet_pton(AF_INET6, hp.host.c_str(), ignored.data()) != 1)
+    return std::nullopt;
   unsigned port = 0;
   const char* first = text.data() + colon + 1;
   const char* last = text.data() + text.size();

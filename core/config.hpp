@@ -36,7 +36,9 @@ CLI::Validator finite_range(double least, double most);
 CLI::Option* add_millis(CLI::App& app, const std::string& name, std::chrono::milliseconds& target,
                         const std::string& help, std::int64_t least = 1);
 
-/// Splits "host:port" (port required). Returns nullopt when malformed.
+/// Splits "host:port" (port required; the host a numeric IPv4 or IPv6
+/// address, "[::1]" too, "localhost" for 127.0.0.1, empty for 0.0.0.0).
+/// Returns nullopt when malformed.
 struct host_port {
   std::string host;
   unsigned short port = 0;

@@ -22,6 +22,18 @@ peer_link::peer_link(zmq::context_t& context, peer_link_options options)
 }
 
 void peer_link::connect() {
+  // The new socket first: out of descriptors, it throws before anything
+  // of this link has changed (tick() then keeps the old socket as it was).
+  zmq::socket_t fresh;
+  if (!is_local_) {
+    fresh = zmq::socket_t{context_, zmq::socket_type::dealer};
+    fresh.set(zmq::sockopt::routing_id, options_.id);
+    fresh.set(zmq::sockopt::linger, 0);
+    fresh.set(zmq::sockopt::sndhwm, options_.sndhwm);
+    fresh.set(zmq::sockopt::rcvhwm, options_.rcvhwm);
+    apply(fresh, options_.curve);
+    fresh.connect(endpoint());
+  }
   // What the socket replaced held died with it: the line of what a new
   // broker's Welcome may fail moves up to the new socket's Hello.
   unwelcomed_from_ = 0;
@@ -38,13 +50,7 @@ void peer_link::connect() {
     start();
     return;
   }
-  socket_ = zmq::socket_t{context_, zmq::socket_type::dealer};
-  socket_.set(zmq::sockopt::routing_id, options_.id);
-  socket_.set(zmq::sockopt::linger, 0);
-  socket_.set(zmq::sockopt::sndhwm, options_.sndhwm);
-  socket_.set(zmq::sockopt::rcvhwm, options_.rcvhwm);
-  apply(socket_, options_.curve);
-  socket_.connect(endpoint());
+  socket_ = std::move(fresh);
   start();
 }
 
@@ -363,27 +369,32 @@ void peer_link::tick(clock::time_point now) {
   }
   if (now >= broker_expiry_) {
     const auto& from = endpoint();
-    if (!options_.backup_endpoint.empty()) on_backup_ = !on_backup_;
-    if (standby_)
-      spdlog::info("broker at {} is a standby; trying {}", from, endpoint());
-    else if (welcomed_ || !options_.backup_endpoint.empty())
-      spdlog::warn("broker at {} went silent; {} {}", from,
-                   options_.backup_endpoint.empty() ? "reconnecting to" : "trying", endpoint());
-    ++stats_.reconnects;
+    bool moves = !options_.backup_endpoint.empty();
+    bool was_standby = standby_, was_welcomed = welcomed_;  // start() clears them
+    if (moves) on_backup_ = !on_backup_;
+    ++stats_.reconnects;  // the new socket's number, in its Hello
     try {
       connect();
     } catch (const zmq::error_t& e) {
       // Out of descriptors or memory for the new socket (EMFILE while a
       // gateway's clients hold them all): not this link's end. It keeps
-      // the old socket and tries again an interval on; thrown, it left the
-      // caller's loop unarmed and came back at each of its turns (two a
-      // client event, each logged).
+      // its socket and state as they were (connect() changed nothing) and
+      // tries again an interval on; thrown, it left the caller's loop
+      // unarmed and came back at each of its turns (two a client event,
+      // each logged).
       if (e.num() != EMFILE && e.num() != ENFILE && e.num() != ENOMEM && e.num() != ENOBUFS) throw;
+      if (moves) on_backup_ = !on_backup_;
+      --stats_.reconnects;
       if (log_limit_.allow())
         spdlog::error("peer link: no new socket to the broker ({}): trying again in {} ms", e.what(),
                       std::chrono::duration_cast<std::chrono::milliseconds>(interval_).count());
       broker_expiry_ = now + interval_;
+      return;
     }
+    if (was_standby)
+      spdlog::info("broker at {} is a standby; trying {}", from, endpoint());
+    else if (was_welcomed || moves)
+      spdlog::warn("broker at {} went silent; {} {}", from, moves ? "trying" : "reconnecting to", endpoint());
     return;
   }
   if (awaiting_resent_ && now >= resent_due_) release_tail();  // the mark never came: the tail goes now

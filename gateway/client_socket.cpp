@@ -134,17 +134,20 @@ void client_socket::end(const std::string& reason) {
   // held the service's queue for every other client until their deadlines).
   // An event without an ack was never awaited: it runs, as a message sent
   // before a close is delivered.
-  if (!awaited_.empty()) {
-    std::vector<std::uint64_t> seqs;
-    seqs.reserve(awaited_.size());
-    for (const auto& [tag, seq] : awaited_) seqs.push_back(seq);
-    awaited_ = {};
-    gw_.link().cancel(std::move(seqs));
-  }
+  give_up_awaited();
   on_end();
   // Ended while its connect hook ran: if the service accepts it, it is
   // told then (deliver_reply, or the bridge once this socket is gone).
   if (was_connected) gw_.link().send_owed(disconnect_notice(reason));
+}
+
+void client_socket::give_up_awaited() {
+  if (awaited_.empty()) return;
+  std::vector<std::uint64_t> seqs;
+  seqs.reserve(awaited_.size());
+  for (const auto& [tag, seq] : awaited_) seqs.push_back(seq);
+  awaited_ = {};
+  gw_.link().cancel(std::move(seqs));
 }
 
 proto::Envelope client_socket::disconnect_notice(const std::string& reason) const {
@@ -195,9 +198,13 @@ void client_socket::drop_early(const char* why) {
 
 void client_socket::deliver_reply(std::uint64_t tag, reply_data reply) {
   if (tag != 0) {
-    if (auto it = std::find_if(awaited_.begin(), awaited_.end(), [tag](const auto& a) { return a.first == tag; });
-        it != awaited_.end())
+    // Answers come mostly in the order asked: the front, taken in O(1).
+    if (!awaited_.empty() && awaited_.front().first == tag) {
+      awaited_.pop_front();
+    } else if (auto it = std::find_if(awaited_.begin(), awaited_.end(), [tag](const auto& a) { return a.first == tag; });
+               it != awaited_.end()) {
       awaited_.erase(it);
+    }
     if (state_ != state::closed) on_reply(tag, std::move(reply));
     return;
   }

@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include <boost/container/devector.hpp>
+
 #include "gateway/gateway.hpp"
 #include "gateway/io.hpp"
 #include "gateway/sink.hpp"
@@ -88,6 +90,7 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   void hand_off() {
     state_ = state::closed;
     if (token_timer_) token_timer_->cancel();
+    give_up_awaited();  // their answers would reach no one: the new socket has no place for them
   }
   /// An event this socket cannot take: counted (`undelivered`); its ack, if
   /// it wanted one, refused to its worker now with `why`. Returns `why`
@@ -132,7 +135,9 @@ class client_socket : public client_sink, public std::enable_shared_from_this<cl
   // The events sent that await their answer: (tag, the request's seq),
   // given up at the broker when the socket ends (end()). In the order sent,
   // so a reply usually finds its entry first.
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> awaited_;
+  boost::container::devector<std::pair<std::uint64_t, std::uint64_t>> awaited_;
+  // Cancels at the broker the events of awaited_ (end(), hand_off()).
+  void give_up_awaited();
 };
 
 /// Why a client's event or connect is refused when the bridge's queue

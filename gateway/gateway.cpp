@@ -215,7 +215,9 @@ gateway::~gateway() { stop(); }
 
 void gateway::start() {
   auto hp = core::parse_host_port(config_.http);
-  if (!hp) throw std::invalid_argument("bad --http '" + config_.http + "' (want HOST:PORT)");
+  if (!hp)
+    throw std::invalid_argument("bad --http '" + config_.http +
+                                "' (want a numeric address and a port: 127.0.0.1:8080, [::1]:8080, :8080)");
   for (unsigned i = 0; i < config_.threads; ++i) {
     contexts_.push_back(std::make_unique<asio::io_context>(1));
     guards_.push_back(asio::make_work_guard(*contexts_.back()));

@@ -6,6 +6,7 @@
 // worker::start_on: `sidecast demo --threads 1`). The test's own raw peers
 // always use the ROUTER, so the later runs mix both kinds of connection in
 // one broker.
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <sqlite3.h>
 
@@ -952,7 +953,7 @@ TEST_P(BrokerTest, ARetryOfAnIdItsWorkerStillRunsIsAnsweredBusy) {
   Envelope retry;
   auto* r = retry.mutable_request();
   r->set_id(id);
-  r->set_service("raw");
+  r->set_service("not-a-service");  // counted under the job's own service, raw
   r->set_event("x");
   r->set_args("[1]");
   r->set_wants_reply(true);
@@ -964,8 +965,11 @@ TEST_P(BrokerTest, ARetryOfAnIdItsWorkerStillRunsIsAnsweredBusy) {
   EXPECT_EQ(busy->reply().code(), proto::BUSY);
   EXPECT_TRUE(eventually([&] { return metric("sidecast_broker_requests_total", "outcome", "busy") == 1.0; }))
       << "requests_total{busy}: " << metric("sidecast_broker_requests_total", "outcome", "busy").value_or(-1);
+  EXPECT_EQ(metric("sidecast_broker_requests_total", "service", "not-a-service"), std::nullopt)
+      << "a series for the name the retry said";
   EXPECT_EQ(metric("sidecast_broker_dropped_total", "reason", "duplicate"), 0.0);
   w.reply(id, "[1]");  // the worker ends the first run: the id is free again
+  r->set_service("raw");
   // The two peers' messages reach the broker in no set order: a retry read
   // before the worker's answer is BUSY again.
   std::optional<Envelope> again;
@@ -4942,15 +4946,11 @@ TEST(PeerLink, AMessageTakenUnparsedLeavesNoHeartbeatBehind) {
   EXPECT_EQ(env.kind_case(), Envelope::KIND_NOT_SET) << "the heartbeat read before the reply is still in the envelope";
 }
 
-// Heartbeats both ways say what was read. The link's go every interval,
-// however much else it sends, and say how far it read in the broker's count
-// (the Welcome's `sent`, then each message but a Welcome); the broker's say
-// how much of what the link sent after its Hello it read.
 // Out of descriptors when the broker's silence calls for a new socket (a
-// gateway whose clients hold them all): the link keeps its old socket and
-// tries again an interval on, instead of throwing out of tick() (which
-// left the gateway's bridge unarmed and logging at each turn); with
-// descriptors back, it reconnects and says Hello.
+// gateway whose clients hold them all): the link keeps its socket and its
+// state as they were and tries again an interval on, instead of throwing
+// out of tick() (which left the gateway's bridge unarmed and logging at
+// each turn); with descriptors back, it reconnects and says Hello.
 TEST(PeerLink, OutOfDescriptorsAtAReconnectItTriesAgainLater) {
   link_with_fake_broker fake{"inproc://fake-broker-emfile"};
   auto& link = fake.link;
@@ -4958,32 +4958,49 @@ TEST(PeerLink, OutOfDescriptorsAtAReconnectItTriesAgainLater) {
   rlimit saved{};
   ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
   std::vector<int> held;
+  int last_errno = 0;
   {
     // A low limit, then every descriptor under it taken.
     rlimit low = saved;
     low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, 1024);
     ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-    for (int fd; held.size() < 2048 && (fd = ::dup(0)) >= 0;) held.push_back(fd);
+    for (int fd; held.size() < 2048;) {
+      if ((fd = ::open("/dev/null", O_RDONLY)) < 0) {
+        last_errno = errno;
+        break;
+      }
+      held.push_back(fd);
+    }
   }
   auto reconnects = link.stats().reconnects;
-  auto now = link.next_tick();
-  // Ticks at their times (a later one would read as a stall of our own).
-  for (int i = 0; i < 20 && link.stats().reconnects == reconnects; ++i) {
-    now = link.next_tick();
-    EXPECT_NO_THROW(link.tick(now));
+  // Ticks at their times (a later one would read as a stall of our own),
+  // past the broker's liveness: each try fails and changes nothing.
+  auto until = link.next_tick() + 5s;
+  bool threw = false;
+  for (int i = 0; i < 20 && link.next_tick() < until; ++i) {
+    try {
+      link.tick(link.next_tick());
+    } catch (const std::exception&) {
+      threw = true;
+      break;
+    }
   }
+  auto during = link.stats().reconnects;
   for (int fd : held) ::close(fd);
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
-  EXPECT_GT(link.stats().reconnects, reconnects) << "the link never found the broker silent";
+  ASSERT_EQ(last_errno, EMFILE) << "the descriptors were not used up";
+  EXPECT_FALSE(threw) << "tick() threw out of descriptors";
+  EXPECT_EQ(during, reconnects) << "a socket that could not be made was counted as a reconnect";
   // Descriptors back: the next try makes its socket and says Hello.
-  auto before = link.stats().reconnects;
-  for (int i = 0; i < 20 && link.stats().reconnects == before; ++i) {
-    now = link.next_tick();
-    EXPECT_NO_THROW(link.tick(now));
-  }
+  for (int i = 0; i < 20 && link.stats().reconnects == during; ++i) EXPECT_NO_THROW(link.tick(link.next_tick()));
+  EXPECT_GT(link.stats().reconnects, during);
   EXPECT_TRUE(fake.next_hello()) << "no Hello after descriptors were back";
 }
 
+// Heartbeats both ways say what was read. The link's go every interval,
+// however much else it sends, and say how far it read in the broker's count
+// (the Welcome's `sent`, then each message but a Welcome); the broker's say
+// how much of what the link sent after its Hello it read.
 TEST(PeerLink, EachHeartbeatSaysWhatWasRead) {
   link_with_fake_broker fake{"inproc://fake-broker-reads"};
   auto& link = fake.link;

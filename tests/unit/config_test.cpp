@@ -278,8 +278,11 @@ TEST(Config, HostPort) {
   EXPECT_EQ(parse_host_port(":9")->host, "0.0.0.0");
   EXPECT_EQ(parse_host_port("[::1]:9")->host, "::1");
   EXPECT_FALSE(parse_host_port("nohost"));
-  EXPECT_FALSE(parse_host_port("h:99999"));
-  EXPECT_FALSE(parse_host_port("h:12x"));
+  EXPECT_EQ(parse_host_port("localhost:9")->host, "127.0.0.1");
+  EXPECT_FALSE(parse_host_port("example.com:9")) << "a name the listener would not resolve";
+  EXPECT_FALSE(parse_host_port("300.1.1.1:9"));
+  EXPECT_FALSE(parse_host_port("127.0.0.1:99999"));
+  EXPECT_FALSE(parse_host_port("127.0.0.1:12x"));
 }
 
 }  // namespace

@@ -31,10 +31,19 @@
   // ---- chat ----
   let room = null;
   $("nick").value = localStorage.getItem("sidecast-nick") || "guest" + Math.floor(Math.random() * 1000);
+  // Message ids shown: a say run again (its chat worker died after storing
+  // it) sends its message again, with the same id, and it shows once.
+  const shown = new Set();
   const addMessage = (m) => {
+    if (shown.has(m.id)) return;
+    shown.add(m.id);
     const li = el("li");
+    li.dataset.id = m.id;
     li.append(el("span", "time", new Date(m.ts).toLocaleTimeString()), el("span", "from", m.nick), document.createTextNode(m.text));
-    $("messages").append(li);
+    // In id order, as the history is: with several chat workers, live
+    // messages may arrive out of it.
+    const later = [...$("messages").children].find((c) => c.dataset.id && Number(c.dataset.id) > m.id);
+    $("messages").insertBefore(li, later || null);
     $("messages").scrollTop = $("messages").scrollHeight;
   };
   const system = (text) => { $("messages").append(el("li", "system", text)); };
@@ -49,6 +58,7 @@
     if (room && room !== next) await chat.emitWithAck("leave", room);
     room = next;
     $("messages").replaceChildren();
+    shown.clear();
     const joined = await chat.emitWithAck("join", room);
     showMembers(joined.members);
     $("text").disabled = $("send").disabled = false;

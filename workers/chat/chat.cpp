@@ -59,10 +59,13 @@ class database {
     // The request id of the say that stored a message: a say run again (its
     // worker died after the commit, before its answer reached the broker,
     // and the broker gave it to another worker) finds its message there
-    // instead of storing it twice. NULL in rows of earlier builds (NULLs
-    // are distinct under UNIQUE).
+    // instead of storing it twice. With the socket's sid: a gateway under
+    // a pinned id draws its request ids anew at each start, and one may
+    // meet an id of a message kept from an earlier start; a sid carries
+    // 132 random bits. NULL in rows of earlier builds (NULLs are distinct
+    // under UNIQUE).
     add_column("messages", "req_id", "TEXT");
-    exec("CREATE UNIQUE INDEX IF NOT EXISTS messages_req ON messages(req_id)");
+    exec("CREATE UNIQUE INDEX IF NOT EXISTS messages_sid_req ON messages(sid, req_id)");
     // Presence and nicknames describe live sockets: kept across a restart,
     // and checked with their gateways at each Welcome (see sweep).
     exec("CREATE TABLE IF NOT EXISTS nicks (sid TEXT PRIMARY KEY, nick TEXT NOT NULL)");
@@ -526,8 +529,8 @@ service chat_service(unsigned capacity, chat_options options, std::shared_ptr<pr
               // answer, and its event goes out again (same id, which a
               // client that saw the first drops).
               {
-                auto stored = db->prepare("SELECT id, nick, ts FROM messages WHERE req_id = ?");
-                if (stored.bind(1, req.id()).step()) {
+                auto stored = db->prepare("SELECT id, nick, ts FROM messages WHERE sid = ? AND req_id = ?");
+                if (stored.bind(1, req.sid()).bind(2, req.id()).step()) {
                   id = stored.integer(0);
                   nick = stored.text(1);
                   ts = stored.integer(2);
