@@ -147,6 +147,24 @@ std::optional<double> metric_value(prometheus::Registry& registry, const std::st
   return std::nullopt;
 }
 
+// A chat database file of the test's own, with none left from an earlier
+// run; its files (the WAL and shared memory too) go with it, whatever the
+// test's end.
+struct temp_chat_db {
+  explicit temp_chat_db(const std::string& name)
+      : path{std::filesystem::temp_directory_path() /
+             ("sidecast-chat-" + name + "-" + std::to_string(::getpid()) + ".db")} {
+    remove();
+  }
+  ~temp_chat_db() { remove(); }
+  temp_chat_db(const temp_chat_db&) = delete;
+  temp_chat_db& operator=(const temp_chat_db&) = delete;
+  void remove() const {
+    for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  }
+  std::filesystem::path path;
+};
+
 class BrokerTest : public ::testing::TestWithParam<link_mode> {
  protected:
   static std::string link() { return std::string{GetParam().endpoint}; }
@@ -3105,8 +3123,8 @@ TEST_P(BrokerTest, AChatSocketJoinsAtMostMaxRooms) {
 // through once the lock is let go.
 TEST_P(BrokerTest, AChatDatabaseLockedElsewhereAnswersBusy) {
   start();
-  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-busy-" + std::to_string(::getpid()) + ".db");
-  std::filesystem::remove(path);
+  temp_chat_db db_file{"busy"};
+  const auto& path = db_file.path;
   workers::chat_options options;
   options.database = path.string();
   options.busy_timeout = 200ms;
@@ -3131,7 +3149,6 @@ TEST_P(BrokerTest, AChatDatabaseLockedElsewhereAnswersBusy) {
   auto stored = say();
   ASSERT_TRUE(stored);
   EXPECT_EQ(stored->reply().code(), proto::OK) << stored->reply().message();
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
 // A join waits out another process's write up to the busy timeout, as a
@@ -3141,8 +3158,8 @@ TEST_P(BrokerTest, AChatDatabaseLockedElsewhereAnswersBusy) {
 // answered busy under light load).
 TEST_P(BrokerTest, AChatJoinWaitsForALockHeldElsewhere) {
   start();
-  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-join-busy-" + std::to_string(::getpid()) + ".db");
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  temp_chat_db db_file{"join-busy"};
+  const auto& path = db_file.path;
   workers::chat_options options;
   options.database = path.string();
   options.busy_timeout = 5s;
@@ -3160,7 +3177,6 @@ TEST_P(BrokerTest, AChatJoinWaitsForALockHeldElsewhere) {
   while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
   ASSERT_TRUE(got);
   EXPECT_EQ(got->reply().code(), proto::OK) << got->reply().message();
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
 // A say run again under its request id (its worker died after the commit,
@@ -3169,8 +3185,8 @@ TEST_P(BrokerTest, AChatJoinWaitsForALockHeldElsewhere) {
 // its event sent again with that id.
 TEST_P(BrokerTest, ASayRunAgainAfterItsWorkerDiedIsStoredOnce) {
   start();
-  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-again-" + std::to_string(::getpid()) + ".db");
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  temp_chat_db db_file{"again"};
+  const auto& path = db_file.path;
   workers::chat_options options;
   options.database = path.string();
   add_worker({workers::chat_service(2, options)}, "chat1");
@@ -3211,7 +3227,6 @@ TEST_P(BrokerTest, ASayRunAgainAfterItsWorkerDiedIsStoredOnce) {
   sqlite3_finalize(st);
   sqlite3_close(db);
   EXPECT_EQ(rows, 1) << "the say run again stored its message twice";
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
 // A gateway's announcement comes once: a chat database another process
@@ -3220,8 +3235,8 @@ TEST_P(BrokerTest, ASayRunAgainAfterItsWorkerDiedIsStoredOnce) {
 // users in every room's list.
 TEST_P(BrokerTest, AChatForgetsALostGatewaysSocketsOnceItsDatabaseIsFree) {
   start();
-  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-gone-busy-" + std::to_string(::getpid()) + ".db");
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  temp_chat_db db_file{"gone-busy"};
+  const auto& path = db_file.path;
   workers::chat_options options;
   options.database = path.string();
   options.busy_timeout = 200ms;
@@ -3251,7 +3266,6 @@ TEST_P(BrokerTest, AChatForgetsALostGatewaysSocketsOnceItsDatabaseIsFree) {
   ASSERT_EQ(sqlite3_exec(other, "ROLLBACK", nullptr, nullptr, nullptr), SQLITE_OK);
   EXPECT_TRUE(eventually([&] { return presence_rows() == 0; }, 5s)) << "the lost gateway's socket is still in room r";
   sqlite3_close(other);
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
 // A room is its namespace's: with one chat worker serving two namespaces,
@@ -3260,8 +3274,8 @@ TEST_P(BrokerTest, AChatForgetsALostGatewaysSocketsOnceItsDatabaseIsFree) {
 // in their room in every namespace.
 TEST_P(BrokerTest, AChatRoomIsItsNamespaces) {
   start();
-  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-nsp-" + std::to_string(::getpid()) + ".db");
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  temp_chat_db db_file{"nsp"};
+  const auto& path = db_file.path;
   {
     sqlite3* old = nullptr;
     ASSERT_EQ(sqlite3_open(path.c_str(), &old), SQLITE_OK);
@@ -3315,7 +3329,6 @@ TEST_P(BrokerTest, AChatRoomIsItsNamespaces) {
   auto c = ask("gwT.cccc", "/a", "join", R"(["r"])");
   EXPECT_EQ(c.reply, R"([{"room":"r","members":["guest-aaaa","guest-cccc"]}])");
   EXPECT_EQ(texts(c.history), (std::vector<std::string>{"legacy", "in a"}));
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
 // A leave of a room the socket is not in changes no one's list: no
@@ -3391,8 +3404,8 @@ TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways)
   // 6 s after the worker's Welcome.
   heartbeat_ = 1s;
   start();
-  auto path = std::filesystem::temp_directory_path() / ("sidecast-chat-check-" + std::to_string(::getpid()) + ".db");
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
+  temp_chat_db db_file{"check"};
+  const auto& path = db_file.path;
   workers::chat_options options;
   options.database = path.string();
   (void)workers::chat_service(1, options);  // makes the tables
@@ -3479,7 +3492,6 @@ TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways)
   EXPECT_EQ(sqlite3_column_int(st, 0), 0) << "the nickname of a socket gone is kept";
   sqlite3_finalize(st);
   sqlite3_close(db);
-  for (const char* suffix : {"", "-wal", "-shm"}) std::filesystem::remove(path.string() + suffix);
 }
 
 // The next vm_response a raw gateway gets within 5 s of the one before.
