@@ -133,12 +133,15 @@ std::shared_ptr<void> gateway::relaying_get(const std::string& sid) {
   });
 }
 
-std::size_t gateway::release_relayed_gets() {
+std::size_t gateway::relayed_gets() const {
+  std::lock_guard lock{relayed_gets_mutex_};
+  return relayed_gets_.size();
+}
+
+void gateway::release_relayed_gets() {
   std::vector<std::string> asked;
-  std::size_t waiting = 0;
   {
     std::lock_guard lock{relayed_gets_mutex_};
-    waiting = relayed_gets_.size();
     for (auto& [sid, released] : relayed_gets_)
       if (!std::exchange(released, true)) asked.push_back(sid);
   }
@@ -149,7 +152,6 @@ std::size_t gateway::release_relayed_gets() {
     auto ignored = std::make_shared<reply_slot>(contexts_.front()->get_executor(), [](http_answer) {});
     bridge_->forward(std::move(f), std::move(ignored), std::chrono::seconds(5));
   }
-  return waiting;
 }
 
 void gateway::poll_abandoned(const std::string& sid) {
@@ -357,7 +359,7 @@ void gateway::drain(std::chrono::milliseconds limit) {
   auto busy = [this] {
     return session_count() > 0 || bridge_->members() > 0 || bridge_->connects_awaited() > 0 ||
            metrics_.websockets_open.load(std::memory_order_relaxed) > 0 || api_->owing() > 0 ||
-           release_relayed_gets() > 0;
+           relayed_gets() > 0;
   };
   // Swept again while they last: one that began as the drain did (a request
   // already past its check, a recovery already under way) is closed too.
@@ -366,6 +368,7 @@ void gateway::drain(std::chrono::milliseconds limit) {
     if (std::chrono::steady_clock::now() >= next_sweep) {
       close_all();
       api_->end_relayed_polls();
+      release_relayed_gets();  // one relayed since
       next_sweep += std::chrono::milliseconds(250);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

@@ -104,8 +104,10 @@ class gateway {
   /// gateway::drain: each relayed GET not asked yet is released by its
   /// owner (an HttpForward with method RELEASE: it answers the GET now, a
   /// noop if it has nothing), so its client polls again, through the
-  /// balancer, elsewhere, and its session goes on. Returns those waiting.
-  std::size_t release_relayed_gets();
+  /// balancer, elsewhere, and its session goes on.
+  void release_relayed_gets();
+  /// Relayed GETs waiting for their owners' answers (any thread).
+  std::size_t relayed_gets() const;
   /// The gateway that owns `sid` when it is another one, whose requests for
   /// it go through the broker (HttpForward); empty for a sid of this one, of
   /// no gateway, or that no gateway could have issued (not UTF-8, an owner
@@ -167,7 +169,7 @@ class gateway {
   std::unordered_map<std::string, std::weak_ptr<eio_session>> sessions_;
   // relaying_get(): each relayed GET's sid, and whether its owner was asked
   // to release it.
-  std::mutex relayed_gets_mutex_;
+  mutable std::mutex relayed_gets_mutex_;
   std::list<std::pair<std::string, bool>> relayed_gets_;
 };
 

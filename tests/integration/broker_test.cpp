@@ -2450,8 +2450,7 @@ class GatewayPathTest : public BrokerTest {
 TEST_P(GatewayPathTest, ArgumentsNestedAsDeepAsTheGatewayAllowsAreRead) {
   std::string text = std::string(60, '[') + std::string(60, ']');
   auto id = request("say", R"([{"room":"deep","text":)" + text + "}]");
-  std::optional<Envelope> got;
-  while ((got = gateway_->receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  auto got = gateway_->reply_to(id);
   ASSERT_TRUE(got);
   EXPECT_EQ(got->reply().code(), proto::OK) << got->reply().message();
   EXPECT_EQ(got->reply().args(), "[true]");
@@ -3108,8 +3107,7 @@ TEST_P(BrokerTest, AChatSocketJoinsAtMostMaxRooms) {
   ASSERT_TRUE(gw.hello());
   auto join = [&](const std::string& room) {
     auto id = gw.submit("chat", "join", "[\"" + room + "\"]", 5s, "gwT.many");
-    std::optional<Envelope> got;
-    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+    auto got = gw.reply_to(id);
     return got ? got->reply().code() : proto::Code{-1};
   };
   EXPECT_EQ(join("a"), proto::OK);
@@ -3136,9 +3134,7 @@ TEST_P(BrokerTest, AChatDatabaseLockedElsewhereAnswersBusy) {
   ASSERT_TRUE(gw.hello());
   auto say = [&] {
     auto id = gw.submit("chat", "say", R"([{"room":"r","text":"hi"}])", 5s, "gwT.s1");
-    std::optional<Envelope> got;
-    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
-    return got;
+    return gw.reply_to(id);
   };
   auto busy = say();
   ASSERT_TRUE(busy);
@@ -3173,8 +3169,7 @@ TEST_P(BrokerTest, AChatJoinWaitsForALockHeldElsewhere) {
   std::this_thread::sleep_for(300ms);
   ASSERT_EQ(sqlite3_exec(other, "COMMIT", nullptr, nullptr, nullptr), SQLITE_OK);
   sqlite3_close(other);
-  std::optional<Envelope> got;
-  while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  auto got = gw.reply_to(id);
   ASSERT_TRUE(got);
   EXPECT_EQ(got->reply().code(), proto::OK) << got->reply().message();
 }
@@ -3204,9 +3199,7 @@ TEST_P(BrokerTest, ASayRunAgainAfterItsWorkerDiedIsStoredOnce) {
     r->set_wants_reply(true);
     r->set_timeout_ms(5000);
     gw.send(env);
-    std::optional<Envelope> got;
-    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == "gwT:77")) {}
-    return got;
+    return gw.reply_to("gwT:77");
   };
   auto first = say("once");
   ASSERT_TRUE(first);
@@ -3244,8 +3237,7 @@ TEST_P(BrokerTest, AChatForgetsALostGatewaysSocketsOnceItsDatabaseIsFree) {
   peer gw{ctx_, "inproc://router", "gwL", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gateway_hello(gw, "gwL.first", 1));
   auto id = gw.submit("chat", "join", R"(["r"])", 5s, "gwL.firstANN");
-  std::optional<Envelope> got;
-  while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  auto got = gw.reply_to(id);
   ASSERT_TRUE(got);
   ASSERT_EQ(got->reply().code(), proto::OK) << got->reply().message();
   sqlite3* other = nullptr;
@@ -3344,8 +3336,7 @@ TEST_P(BrokerTest, AChatLeaveOfARoomNotJoinedAnnouncesNothing) {
   ASSERT_TRUE(gw.hello());
   auto ask = [&](const char* event, const char* room) {
     auto id = gw.submit("chat", event, std::string{"[\""} + room + "\"]", 5s, "gwT.s1");
-    std::optional<Envelope> got;
-    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+    auto got = gw.reply_to(id);
     ASSERT_TRUE(got);
     EXPECT_EQ(got->reply().code(), proto::OK) << event << " " << room;
   };
@@ -3471,9 +3462,7 @@ TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways)
   auto ask = [&](const std::string& sid) {
     gw.send(beat);
     auto id = gw.submit("chat", "join", R"(["r"])", 5s, sid);
-    std::optional<Envelope> got;
-    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
-    return got;
+    return gw.reply_to(id);
   };
   auto dan = ask("gwT.dan");
   ASSERT_TRUE(dan);
@@ -3508,25 +3497,20 @@ TEST_P(BrokerTest, AVmTaskEndsWhenItsSocketDisconnects) {
   start_with_slow_vm();
   peer gw{ctx_, "inproc://router", "gwV", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gw.hello());
-  auto answer_to = [&](const std::string& id) {
-    std::optional<Envelope> got;
-    while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
-    return got;
-  };
-  auto refused = answer_to(gw.submit("vm", "open_vm", "[{\"name\":\"" + std::string(65, 'n') + "\"}]", 5s, "gwV.s1"));
+  auto refused = gw.reply_to(gw.submit("vm", "open_vm", "[{\"name\":\"" + std::string(65, 'n') + "\"}]", 5s, "gwV.s1"));
   ASSERT_TRUE(refused);
   EXPECT_EQ(refused->reply().code(), proto::BAD_REQUEST);
   EXPECT_EQ(refused->reply().message(), "name must be at most 64 characters");
   // A name that is no string, and arguments that are no JSON (a lone
   // surrogate): refused, not launched as the default VM.
   for (const char* args : {R"([{"name":7,"count":2}])", R"([{"name":"a\ud800","count":2}])"}) {
-    auto bad = answer_to(gw.submit("vm", "open_vm", args, 5s, "gwV.s1"));
+    auto bad = gw.reply_to(gw.submit("vm", "open_vm", args, 5s, "gwV.s1"));
     ASSERT_TRUE(bad);
     EXPECT_EQ(bad->reply().code(), proto::BAD_REQUEST) << args;
   }
   std::string sixty_four;
   for (int i = 0; i < 64; ++i) sixty_four += "\u00e9";  // 64 characters, 128 bytes
-  auto acked = answer_to(gw.submit("vm", "open_vm", "[{\"name\":\"" + sixty_four + "\"}]", 5s, "gwV.s1"));
+  auto acked = gw.reply_to(gw.submit("vm", "open_vm", "[{\"name\":\"" + sixty_four + "\"}]", 5s, "gwV.s1"));
   ASSERT_TRUE(acked);
   ASSERT_EQ(acked->reply().code(), proto::OK) << acked->reply().message();
   ASSERT_TRUE(acked->reply().partial()) << "the ack of a launch that runs on";
@@ -3551,8 +3535,7 @@ TEST_P(BrokerTest, AVmTaskEndsWhenItsGatewayIsAnnouncedGone) {
   peer gw{ctx_, "inproc://router", "gwV", proto::ROLE_GATEWAY};
   ASSERT_TRUE(gateway_hello(gw, "gwV.first", 1));
   auto id = gw.submit("vm", "open_vm", R"([{"name":"mine"}])", 5s, "gwV.firstSOCKET");
-  std::optional<Envelope> got;
-  while ((got = gw.receive_any(5s)) && !(got->has_reply() && got->reply().id() == id)) {}
+  auto got = gw.reply_to(id);
   ASSERT_TRUE(got);
   ASSERT_EQ(got->reply().code(), proto::OK) << got->reply().message();
   // The same id, restarted: the first start's sockets are gone. The

@@ -185,6 +185,14 @@ class peer {
     }
   }
 
+  /// The Reply to request `id`, skipping anything else, or nullopt when
+  /// `limit` passes with nothing at all.
+  std::optional<Envelope> reply_to(const std::string& id, std::chrono::milliseconds limit = 5s) {
+    std::optional<Envelope> got;
+    while ((got = receive_any(limit)) && !(got->has_reply() && got->reply().id() == id)) {}
+    return got;
+  }
+
   /// Next envelope, heartbeats too (receive() skips them), or nullopt after `limit`.
   std::optional<Envelope> receive_any(std::chrono::milliseconds limit) {
     zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};

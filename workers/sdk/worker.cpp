@@ -1564,14 +1564,16 @@ unsigned request::attempt() const { return state_->attempt; }
 const cancel_token& request::cancel() const { return state_->token(); }
 const std::string& request::worker_id() const { return state_->core->options.id; }
 
-boost::json::array request::args() const {
+boost::json::array request::args() const { return parsed_args().value_or(boost::json::array{}); }
+
+std::optional<boost::json::array> request::parsed_args() const {
   boost::system::error_code ec;
   // As deep as the gateway lets through (socketio::max_json_depth): Boost's
   // default of 32 made valid arguments nested 33 to 64 deep read as [].
   boost::json::parse_options deep;
   deep.max_depth = 64;
   auto v = boost::json::parse(state_->f->args, ec, {}, deep);
-  if (ec || !v.is_array()) return {};
+  if (ec || !v.is_array()) return std::nullopt;
   return std::move(v.as_array());
 }
 

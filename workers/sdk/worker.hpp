@@ -136,6 +136,10 @@ class request {
   const std::string& args_text() const;
   /// The arguments parsed; an empty array if they are not a JSON array.
   boost::json::array args() const;
+  /// The same, but nothing when they are not a JSON array (a lone surrogate
+  /// escaped, say): for a handler that must refuse such arguments rather
+  /// than read them as none.
+  std::optional<boost::json::array> parsed_args() const;
   /// The socket's CONNECT auth payload (JSON text; "{}" when none).
   const std::string& auth_text() const;
   const sidecast::attachments& attachments() const;

@@ -49,13 +49,12 @@ void open_vm(request req, const vm_options& options, registry& reg) {
   thread_local std::mt19937_64 rng{std::random_device{}()};
   // Arguments that do not parse (a lone surrogate, say) are refused: read
   // as none (request::args()), they launched the default VM.
-  boost::system::error_code ec;
-  auto parsed = json::parse(req.args_text(), ec);
-  if (ec || !parsed.is_array()) {
+  auto parsed = req.parsed_args();
+  if (!parsed) {
     req.fail(proto::BAD_REQUEST, "the arguments are not JSON");
     return;
   }
-  const auto& args = parsed.as_array();
+  const auto& args = *parsed;
   const json::object* spec = !args.empty() && args[0].is_object() ? &args[0].as_object() : nullptr;
   std::int64_t count = 1;
   std::string name = "vm";
