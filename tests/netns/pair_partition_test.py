@@ -17,7 +17,7 @@ import urllib.request
 import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from harness import BIN, Process, eventually  # noqa: E402
+from harness import BIN, Process, eventually, main  # noqa: E402
 from sidecast.v1 import envelope_pb2 as pb  # noqa: E402
 from sidecast_worker.link import PeerLink  # noqa: E402
 
@@ -161,4 +161,4 @@ class PairPartitionTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    unittest.main()
+    main()

@@ -14,6 +14,7 @@ import re
 import subprocess
 import tempfile
 import time
+import unittest
 import urllib.error
 import urllib.request
 
@@ -37,6 +38,40 @@ def eventually(condition, timeout=WAIT, interval=0.01):
         if value or time.monotonic() >= until:
             return value
         time.sleep(interval)
+
+
+class ImmediateResult(unittest.TextTestResult):
+    """Prints each error's or failure's traceback as it happens, next to the
+    test's name, as well as in the summary: CI logs may keep only the start
+    and end of a long run's output, and a traceback that only the summary
+    held was lost with its middle."""
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._print_now("ERROR", test, err)
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._print_now("FAIL", test, err)
+
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            self._print_now("FAIL" if issubclass(err[0], test.failureException) else "ERROR", subtest, err)
+
+    def _print_now(self, kind, test, err):
+        self.stream.writeln(f"\n{kind} at once: {test.id()}")
+        self.stream.writeln(self._exc_info_to_string(err, test).rstrip())
+        self.stream.flush()
+
+
+class ImmediateRunner(unittest.TextTestRunner):
+    resultclass = ImmediateResult
+
+
+def main():
+    """unittest.main() whose runner prints tracebacks as they happen (ImmediateResult)."""
+    unittest.main(testRunner=ImmediateRunner)
 
 
 def _load_free_ports():
@@ -135,15 +170,23 @@ class Broker:
     """sidecast-broker on free ports."""
 
     def __init__(self, heartbeat_interval_ms=200, ports=None, extra=()):
-        self.router_port, self.xsub_port, self.xpub_port, self.http_port = \
-            ports or tuple(free_ports(4))
-        self.router = f"tcp://127.0.0.1:{self.router_port}"
-        self.xsub = f"tcp://127.0.0.1:{self.xsub_port}"
-        self.xpub = f"tcp://127.0.0.1:{self.xpub_port}"
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.extra = list(extra)
         self.process = None
-        self.start()
+        for attempt in range(3):
+            self.router_port, self.xsub_port, self.xpub_port, self.http_port = \
+                ports or tuple(free_ports(4))
+            self.router = f"tcp://127.0.0.1:{self.router_port}"
+            self.xsub = f"tcp://127.0.0.1:{self.xsub_port}"
+            self.xpub = f"tcp://127.0.0.1:{self.xpub_port}"
+            try:
+                self.start()
+                return
+            except PortTaken:
+                # Another test of a parallel ctest bound a port between
+                # free_ports() and our bind: pick others, unless they were given.
+                if ports or attempt == 2:
+                    raise
 
     @property
     def ports(self):
@@ -155,8 +198,12 @@ class Broker:
                                 "--http", f"127.0.0.1:{self.http_port}",
                                 "--heartbeat-interval", str(self.heartbeat_interval_ms),
                                 "--log-level", "warn", *self.extra], "broker")
-        if not eventually(lambda: http_get(self.http_port, "/healthz")[0] == 200, 10):
-            raise RuntimeError("broker did not come up:\n" + self.process.output())
+        up = eventually(lambda: http_get(self.http_port, "/healthz")[0] == 200 or not self.process.running(), 10)
+        if not up or not self.process.running():
+            output = self.process.output()
+            self.process.cleanup()  # no broker left running behind a failed setUp
+            raise (PortTaken if "Address already in use" in output else RuntimeError)(
+                "broker did not come up:\n" + output)
 
     def metrics(self):
         return http_get(self.http_port, "/metrics")[1]
@@ -176,6 +223,10 @@ class Broker:
 
     def cleanup(self):
         self.process.cleanup()
+
+
+class PortTaken(RuntimeError):
+    """A child could not bind a port that free_ports() found free."""
 
 
 def pair_args(role, mine, other):

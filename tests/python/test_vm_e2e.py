@@ -32,7 +32,7 @@ import socketio
 import zmq
 
 from harness import (BIN, EXAMPLES, PYTHON, WAIT, Broker, Peer, Process, eventually, free_port, free_ports,
-                     http_get, metric, pair_args, pb, python_env)
+                     http_get, main, metric, pair_args, pb, python_env)
 
 API_KEY = "e2e-key"
 LAUNCH_MS = 1000
@@ -3262,4 +3262,4 @@ class StandbyHoldTest(unittest.TestCase):
         self.assertEqual(json.loads(ws.recv())["data"], ["after"])
 
 if __name__ == "__main__":
-    unittest.main()
+    main()

@@ -24,7 +24,7 @@ import unittest
 
 import zmq
 
-from harness import EXAMPLES, WAIT, Broker, Peer, eventually, free_ports, http_get, pair_args
+from harness import EXAMPLES, WAIT, Broker, Peer, eventually, free_ports, http_get, main, pair_args
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import Code, Service, SocketState, Worker, namespace_topic, room_topic
 
@@ -61,21 +61,29 @@ class BrokerTest(unittest.TestCase):
 
     def setUp(self):
         self.ctx = zmq.Context()
-        self.broker = Broker(self.heartbeat_ms)
-        self.workers, self.peers, self.brokers = [], [], [self.broker]
-        self.addCleanup(self.cleanup)
+        self.workers, self.peers, self.brokers = [], [], []
+        self.addCleanup(self.cleanup)  # first: a broker started below goes even if the next fails
+        self.broker = self.start_broker()
+
+    def start_broker(self, **options):
+        """A Broker (harness) at this test's heartbeat interval, stopped at cleanup."""
+        b = Broker(self.heartbeat_ms, **options)
+        self.brokers.append(b)
+        return b
 
     def cleanup(self):
-        for w in self.workers:
-            w.stop()
-        for p in self.peers:
-            p.close()
-        self.ctx.term()
-        failed = not getattr(self._outcome, "success", True)
-        for b in self.brokers:
-            if failed:
-                print(f"--- broker output ({self.id()}):\n{b.process.output()}")
-            b.cleanup()
+        try:
+            for w in self.workers:
+                w.stop()
+            for p in self.peers:
+                p.close()
+            self.ctx.term()
+        finally:  # the brokers go, and say what they logged, whatever failed above
+            failed = not getattr(self._outcome, "success", True)
+            for b in self.brokers:
+                if failed:
+                    print(f"--- broker output ({self.id()}):\n{b.process.output()}")
+                b.cleanup()
 
     def start_worker(self, *services, worker_id="pyw", **options):
         w = Worker(self.broker.router, self.broker.xsub, worker_id=worker_id, **options)
@@ -2328,8 +2336,7 @@ class ReconnectTest(BrokerTest):
 
     def restart_broker(self):
         self.broker.kill()
-        self.broker = Broker(self.heartbeat_ms, ports=self.broker.ports)
-        self.brokers.append(self.broker)
+        self.broker = self.start_broker(ports=self.broker.ports)
 
     def assert_serves(self, peer_id):
         c = self.peer(peer_id)
@@ -2466,8 +2473,7 @@ class BrokerSilenceTest(ReconnectTest):
         w = self.start_worker(self.echo_service())
         self.broker.kill()
         self.assertTrue(eventually(lambda: w.stats().reconnects >= 1, 3))
-        self.broker = Broker(self.heartbeat_ms, ports=self.broker.ports)
-        self.brokers.append(self.broker)
+        self.broker = self.start_broker(ports=self.broker.ports)
         self.assertTrue(eventually(lambda: self.broker.workers("echo") == 1, 5))
         self.assertTrue(w.wait_connected(WAIT))
         self.assert_serves("c2")
@@ -2477,12 +2483,12 @@ class CurveTest(BrokerTest):
     def setUp(self):
         broker_public, self.broker_secret = zmq.curve_keypair()
         self.server_key = broker_public.decode()
-        worker_public, self.worker_secret = zmq.curve_keypair()
-        self.ctx = zmq.Context()
-        self.broker = Broker(self.heartbeat_ms, extra=["--curve-secret", self.broker_secret.decode(),
-                                                       "--curve-allow", worker_public.decode()])
-        self.workers, self.peers, self.brokers = [], [], [self.broker]
-        self.addCleanup(self.cleanup)
+        self.worker_public, self.worker_secret = zmq.curve_keypair()
+        super().setUp()
+
+    def start_broker(self, **options):
+        return super().start_broker(extra=["--curve-secret", self.broker_secret.decode(),
+                                           "--curve-allow", self.worker_public.decode()], **options)
 
     def test_encrypted_worker_registers_and_publishes(self):
         w = self.start_worker(Service("sealed"), curve_secret=self.worker_secret.decode(),
@@ -2504,14 +2510,11 @@ class BrokerPairTest(BrokerTest):
     the worker knows both, uses the active one, and moves when it dies; its
     room emits follow, since only the active broker subscribes to them."""
 
-    def setUp(self):
-        self.ctx = zmq.Context()
+    def start_broker(self):
         primary_pair, backup_pair = free_ports(2)
-        self.primary = Broker(self.heartbeat_ms, extra=pair_args("primary", primary_pair, backup_pair))
-        self.backup = Broker(self.heartbeat_ms, extra=pair_args("backup", backup_pair, primary_pair))
-        self.broker = self.primary
-        self.workers, self.peers, self.brokers = [], [], [self.primary, self.backup]
-        self.addCleanup(self.cleanup)
+        self.primary = super().start_broker(extra=pair_args("primary", primary_pair, backup_pair))
+        self.backup = super().start_broker(extra=pair_args("backup", backup_pair, primary_pair))
+        return self.primary
 
     def peer_at(self, broker, peer_id, role=pb.ROLE_CLIENT):
         p = Peer(self.ctx, broker.router, peer_id, role)
@@ -2676,4 +2679,4 @@ class BrokerPairTest(BrokerTest):
         self.assertNotEqual(streams["again"], streams["first"])
 
 if __name__ == "__main__":
-    unittest.main()
+    main()
