@@ -65,6 +65,15 @@ class ImmediateResult(unittest.TextTestResult):
         self.stream.flush()
 
 
+def has_failed(case):
+    """Whether ``case`` (a running TestCase) has failed or errored so far; from
+    its cleanups too, where Python 3.11's ``case._outcome.success`` reads True
+    whatever happened before (each test part starts it anew)."""
+    result = case._outcome.result
+    return any(test is case or getattr(test, "test_case", None) is case
+               for test, _ in [*result.errors, *result.failures])
+
+
 class ImmediateRunner(unittest.TextTestRunner):
     resultclass = ImmediateResult
 

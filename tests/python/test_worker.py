@@ -24,7 +24,7 @@ import unittest
 
 import zmq
 
-from harness import EXAMPLES, WAIT, Broker, Peer, eventually, free_ports, http_get, main, pair_args
+from harness import EXAMPLES, WAIT, Broker, Peer, eventually, free_ports, has_failed, http_get, main, pair_args
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import Code, Service, SocketState, Worker, namespace_topic, room_topic
 
@@ -79,7 +79,7 @@ class BrokerTest(unittest.TestCase):
                 p.close()
             self.ctx.term()
         finally:  # the brokers go, and say what they logged, whatever failed above
-            failed = not getattr(self._outcome, "success", True)
+            failed = has_failed(self)
             for b in self.brokers:
                 if failed:
                     print(f"--- broker output ({self.id()}):\n{b.process.output()}")
