@@ -3389,6 +3389,68 @@ TEST_P(BrokerTest, AChatJoinAfterItsSocketsDisconnectLeavesNoGhost) {
 // database emptied every room's list): one still connected stays in its
 // rooms; one whose DISCONNECT was lost (it ended while no chat worker ran)
 // leaves them, they hear it, and it is refused as gone from then on.
+// What the chat worker says when its database cannot be used at start:
+// the file's name and why, not "sqlite: file is not a database" or, for a
+// file damaged past its header, INTERNAL answers event after event.
+TEST(ChatDatabase, AFileThatCannotServeIsRefusedAtStartByName) {
+  auto start_error = [](const std::filesystem::path& path) -> std::string {
+    workers::chat_options options;
+    options.database = path.string();
+    try {
+      (void)workers::chat_service(1, options);
+    } catch (const std::exception& e) {
+      return e.what();
+    }
+    return "";
+  };
+  temp_chat_db db_file{"damaged"};
+  const auto& path = db_file.path;
+  EXPECT_EQ(start_error(path), "") << "a new file is made";
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    char* error = nullptr;
+    EXPECT_EQ(sqlite3_exec(db,
+                           "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000) "
+                           "INSERT INTO messages(room, nick, sid, text, ts) "
+                           "SELECT 'r', 'ann', 'gwT.ann', printf('message %d of a history long enough', i), i FROM n",
+                           nullptr, nullptr, &error),
+              SQLITE_OK)
+        << (error ? error : "");
+    sqlite3_free(error);
+    sqlite3_close(db);  // the last connection: the WAL goes into the file
+  }
+  EXPECT_EQ(start_error(path), "") << "a sound file with a history is taken";
+  ASSERT_GT(std::filesystem::file_size(path), 20 * 4096u);
+
+  // Pages 11 to 15 overwritten, as a failing disk or a copy cut short and
+  // patched would leave them: the header still reads as SQLite's.
+  {
+    std::FILE* f = std::fopen(path.c_str(), "r+b");
+    ASSERT_NE(f, nullptr);
+    std::vector<char> junk(5 * 4096, '\x5a');
+    std::fseek(f, 10 * 4096, SEEK_SET);
+    std::fwrite(junk.data(), 1, junk.size(), f);
+    std::fclose(f);
+  }
+  auto damaged = start_error(path);
+  EXPECT_NE(damaged.find("chat database " + path.string() + ": the file is damaged"), std::string::npos) << damaged;
+  EXPECT_NE(damaged.find("quick_check"), std::string::npos) << damaged;
+
+  // Not a database at all: named too (it was "sqlite: file is not a database").
+  db_file.remove();
+  {
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    ASSERT_NE(f, nullptr);
+    std::fputs("these are someone's notes, not a database; ", f);
+    std::vector<char> more(8192, 'x');
+    std::fwrite(more.data(), 1, more.size(), f);
+    std::fclose(f);
+  }
+  auto not_a_database = start_error(path);
+  EXPECT_EQ(not_a_database, "chat database " + path.string() + ": sqlite: file is not a database");
+}
+
 TEST_P(BrokerTest, AChatWorkerChecksTheSocketsItsDatabaseNamesWithTheirGateways) {
   // The raw gateway beats only while it waits for the checks (next_control):
   // a liveness of 3 s covers the rest on a loaded machine. The checks come
