@@ -167,11 +167,12 @@ void take_lost(kept_sends& kept, const broker_received& received, bool held_too,
 /// link). A message sent after the last Welcome's Hello but before the
 /// heartbeat's may still be named lost by a Welcome not acted on yet: it
 /// stays, and so does everything behind it.
+inline bool read_or_settled(const link_position& where, const link_position& read, std::uint64_t settled_below) {
+  return (where.epoch < settled_below && !where.is_held()) || (where.epoch == read.epoch && where.sent <= read.sent);
+}
+
 inline void forget_read(kept_sends& kept, const link_position& read, std::uint64_t settled_below) {
-  kept.forget_while([&](const kept_sends::entry& e) {
-    return (e.where.epoch < settled_below && !e.where.is_held()) ||
-           (e.where.epoch == read.epoch && e.where.sent <= read.sent);
-  });
+  kept.forget_while([&](const kept_sends::entry& e) { return read_or_settled(e.where, read, settled_below); });
 }
 
 }  // namespace sidecast::core

@@ -88,6 +88,8 @@ void peer_link::send_hello() {
   if (unwelcomed_from_ == 0) unwelcomed_from_ = stats_.hellos;
   send(env);
   sent_since_hello_ = 0;  // the broker counts what comes after it
+  sent_bytes_ = read_bytes_ = 0;
+  checkpoints_.clear();
 }
 
 void peer_link::renew_sid_prefix(std::string prefix) {
@@ -179,6 +181,9 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         if (env.heartbeat().resent() && awaiting_resent_) release_tail();  // what died came again
         const auto& read = env.heartbeat().broker_read();
         read_by_broker_ = std::max(read_by_broker_, link_position{read.hello(), read.count()});
+        if (read_by_broker_.epoch == epoch())
+          for (; !checkpoints_.empty() && checkpoints_.front().first <= read_by_broker_.sent; checkpoints_.pop_front())
+            read_bytes_ = checkpoints_.front().second;
         continue;
       }
       case proto::Envelope::kWelcome: {
@@ -341,6 +346,7 @@ bool peer_link::send(const proto::Envelope& env) { return send_message(message_o
 bool peer_link::send_bytes(std::string_view bytes) { return send_message(zmq::message_t{bytes.data(), bytes.size()}); }
 
 bool peer_link::send_message(zmq::message_t&& message) {
+  auto size = message.size();
   bool sent = is_local_ ? local_ && local_->send(message)
                         : socket_.send(message, zmq::send_flags::dontwait).has_value();
   if (!sent) {
@@ -348,6 +354,10 @@ bool peer_link::send_message(zmq::message_t&& message) {
     return false;
   }
   ++sent_since_hello_;
+  sent_bytes_ += size;
+  if (sent_bytes_ - (checkpoints_.empty() ? read_bytes_ : checkpoints_.back().second) >= unread_grain &&
+      checkpoints_.size() < max_checkpoints)
+    checkpoints_.emplace_back(sent_since_hello_, sent_bytes_);
   return true;
 }
 

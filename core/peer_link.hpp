@@ -176,6 +176,14 @@ class peer_link {
   /// (Heartbeat.broker_read; only goes up). What an application keeps of
   /// those can no longer die in a socket the link replaces (forget_read()).
   link_position read_by_broker() const { return read_by_broker_; }
+  /// Bytes of the messages sent since the last Hello that the broker has
+  /// not said it read (read_by_broker()): what waits in the socket's queue
+  /// and the broker's, which a broker that stalls lets grow. Counted to
+  /// within `unread_grain` bytes (plus a message) over, and only ever over:
+  /// the broker's heartbeats say what it read every interval, so a
+  /// healthy link shows what it sent in about that time.
+  std::uint64_t unread_bytes() const { return sent_bytes_ - read_bytes_; }
+  static constexpr std::uint64_t unread_grain = 64 * 1024;
   /// The number of the Hello the last Welcome answered (0: none yet). What
   /// was sent before it is settled once the application has acted on that
   /// Welcome (take_lost()): see forget_read().
@@ -219,6 +227,14 @@ class peer_link {
   std::uint64_t renewed_at_hello_ = 0;  // the Hello that said the last renewed prefix
   std::uint64_t lost_below_ = 0;
   std::uint64_t sent_since_hello_ = 0;
+  // Bytes sent since the Hello, and those the broker read as far as the
+  // last checkpoint at or before its read report: a checkpoint (message
+  // number, bytes sent) is taken every unread_grain bytes, at most
+  // max_checkpoints of them (past that, unread_bytes() counts more over).
+  std::uint64_t sent_bytes_ = 0;
+  std::uint64_t read_bytes_ = 0;
+  std::deque<std::pair<std::uint64_t, std::uint64_t>> checkpoints_;
+  static constexpr std::size_t max_checkpoints = 8192;
   // What this link read of what the broker sent it, in the broker's count
   // (Welcome.sent): up to `read_to_` on the socket that read the last
   // Welcome, then `read_tail_` on sockets that replaced it. A Welcome to a

@@ -220,12 +220,10 @@ void bridge::cancel(std::vector<std::uint64_t> seqs) {
           auto it = pending_.find(seq);
           if (it == pending_.end() || it->second.if_gone) continue;  // answered (a CONNECT is never given up here)
           bool sent = !it->second.out.where.is_held();  // else it never went, and goes nowhere now
+          if (!sent) unhold(it->second.out.message.size());
           pending_.erase(it);
           metrics_.cancelled.Increment();
-          if (!sent) {
-            unhold();
-            continue;
-          }
+          if (!sent) continue;
           Envelope cancel;
           cancel.mutable_cancel()->set_id(id_of(seq));
           cancel.mutable_cancel()->set_reason(proto::CANCELLED);
@@ -267,6 +265,11 @@ bool bridge::request(std::string_view id, zmq::message_t message, std::weak_ptr<
   if (connect) connects_awaited_.fetch_add(1, std::memory_order_relaxed);
   bool queued = post([this, seq = *seq, message = std::move(message), sink = std::move(sink), tag, timeout,
                       if_gone = std::move(if_gone)]() mutable {
+    if (unread_full()) {
+      if (if_gone) connects_awaited_.fetch_sub(1, std::memory_order_relaxed);  // never sent
+      reply_to(pending{std::move(sink), tag, {}}, {proto::BUSY, "the broker is not reading what the gateway sends"});
+      return;
+    }
     sent_message out;
     if (!send_kept(std::move(message), out)) {
       // The broker is not taking what we send: say so now, as the broker
@@ -367,8 +370,9 @@ bool bridge::hold(zmq::message_t& message, sent_message& out) {
 
 // A held request or forward that expired: it no longer takes a place
 // under --hwm, nor counts as held.
-void bridge::unhold() {
+void bridge::unhold(std::size_t bytes) {
   if (held_ > 0) --held_;
+  held_bytes_ -= std::min<std::uint64_t>(held_bytes_, bytes);
   metrics_.held.Set(static_cast<double>(held_));
 }
 
@@ -381,8 +385,29 @@ void bridge::unhold() {
 void bridge::hold_kept(sent_message& out, bool given_back) {
   constexpr std::uint64_t after_given_back = std::uint64_t{1} << 62;
   ++held_;
+  held_bytes_ += out.message.size();
   out.where = core::link_position::held(given_back ? ++given_back_ : after_given_back + ++held_seq_);
   metrics_.held.Set(static_cast<double>(held_));
+}
+
+// A broker that stalls (stopped, swapping, its host paused) reads nothing,
+// and what the gateway sends it piles up in the link's queue, here: up to
+// --hwm messages, each up to --max-payload and more; and when the link
+// replaced its socket, what it holds for the new one's Welcome. Past
+// --max-unread-bytes of the two, requests and forwards are refused at
+// once; what nobody answers (acks, notices) still goes, under --hwm. What
+// died in a replaced socket is kept besides, to go again: up to about
+// twice the bound in all.
+bool bridge::unread_full() {
+  auto unread = link_->unread_bytes() + held_bytes_;
+  metrics_.unread_bytes.Set(static_cast<double>(unread));
+  if (unread <= config_.max_unread_bytes) return false;
+  metrics_.broker_unread.Increment();
+  if (log_limit_.allow())
+    spdlog::warn("gateway bridge: the broker has not read {} bytes sent to it (--max-unread-bytes {}); "
+                 "requests answered busy",
+                 unread, config_.max_unread_bytes);
+  return true;
 }
 
 bool bridge::link_full() {
@@ -434,7 +459,7 @@ bool bridge::forward(proto::HttpForward request, std::shared_ptr<reply_slot> slo
   *env.mutable_forward() = std::move(request);
   return post([this, seq, message = core::message_of(env), slot = std::move(slot), timeout, api]() mutable {
     sent_message out;
-    if (!send_kept(std::move(message), out)) {
+    if (unread_full() || !send_kept(std::move(message), out)) {
       slot->complete(forward_failed(503, api));
       return;
     }
@@ -785,7 +810,7 @@ void bridge::expire(clock::time_point now) {
     auto [at, seq] = deadlines_.back();
     deadlines_.pop_back();
     if (auto f = forwards_.find(seq); f != forwards_.end() && f->second.deadline == at) {
-      if (f->second.out.where.is_held()) unhold();
+      if (f->second.out.where.is_held()) unhold(f->second.out.message.size());
       f->second.slot->complete(forward_failed(504, f->second.api));
       forwards_.erase(f);
       continue;
@@ -796,7 +821,7 @@ void bridge::expire(clock::time_point now) {
     pending_.erase(it);
     auto id = id_of(seq);
     bool sent = !p.out.where.is_held();  // else it never went, and goes nowhere now
-    if (!sent) unhold();
+    if (!sent) unhold(p.out.message.size());
     reply_to(std::move(p), {proto::TIMEOUT, "no answer from the broker"});
     if (!sent) continue;
     Envelope cancel;
@@ -939,7 +964,7 @@ void bridge::resend_lost() {
   const bool release = !link_->holding();  // else the link replaced its socket again: the held ones wait on
   auto again = [&](const core::link_position& at) { return received.lost(at) || (release && at.is_held()); };
   if (release) {
-    held_ = held_seq_ = given_back_ = 0;
+    held_ = held_seq_ = given_back_ = held_bytes_ = 0;
     metrics_.held.Set(0);
   }
   enum class kind { request, forward, notice };
@@ -953,12 +978,17 @@ void bridge::resend_lost() {
   for (const auto& [seq, p] : pending_)
     if (p.out.message.size() && again(p.out.where)) lost.push_back({p.out.where, kind::request, seq, {}});
   for (const auto& [seq, f] : forwards_)
-    if (again(f.out.where)) lost.push_back({f.out.where, kind::forward, seq, {}});
+    if (f.out.message.size() && again(f.out.where)) lost.push_back({f.out.where, kind::forward, seq, {}});
   core::take_lost(notices_, received, release, [&](sent_message&& n) {
     lost.push_back({n.where, kind::notice, 0, std::move(n.message)});
   });
-  forget_read();  // what waited behind those the Welcome settled
-  if (lost.empty()) return;
+  // What the Welcome settled goes (forget_read()) once those it names lost
+  // have gone again: it lets go of the bytes of requests sent before its
+  // Hello, and those among them are sent again from their bytes.
+  if (lost.empty()) {
+    forget_read();
+    return;
+  }
   std::sort(lost.begin(), lost.end(), [](const auto& a, const auto& b) { return a.at < b.at; });
   if (auto died = std::count_if(lost.begin(), lost.end(), [](const auto& l) { return !l.at.is_held(); }))
     spdlog::warn("gateway bridge: {} messages died in the socket to the broker it replaced; sending them again",
@@ -989,13 +1019,29 @@ void bridge::resend_lost() {
       reply_to(std::move(p), {proto::BUSY, "the gateway's link to the broker is full"});
     }
   }
+  forget_read();
   link_watch_.dirty = true;
 }
 
 void bridge::forget_read() {
   broker_read_ = link_->read_by_broker();
-  core::forget_read(notices_, broker_read_, link_->welcomed_hello());
+  auto settled_below = link_->welcomed_hello();
+  core::forget_read(notices_, broker_read_, settled_below);
   metrics_.kept_notice_bytes.Set(static_cast<double>(notices_.bytes()));
+  // A request or forward the broker read cannot die in a socket the link
+  // replaces (a broker that restarts loses it whole: fail_lost_to_restart),
+  // so its bytes, kept to send it again, go now rather than with its
+  // answer: a slow service held each event's bytes here for as long as it
+  // ran (300 events of 900 KB waiting on a worker: 270 MB).
+  std::size_t kept = 0;
+  auto release = [&](sent_message& out) {
+    if (out.message.size() && core::read_or_settled(out.where, broker_read_, settled_below)) out.message.rebuild();
+    kept += out.message.size();
+  };
+  for (auto& [seq, p] : pending_) release(p.out);
+  for (auto& [seq, f] : forwards_) release(f.out);
+  metrics_.kept_request_bytes.Set(static_cast<double>(kept));
+  metrics_.unread_bytes.Set(static_cast<double>(link_->unread_bytes() + held_bytes_));
 }
 
 void bridge::send_held() {
@@ -1008,7 +1054,7 @@ void bridge::send_held() {
   core::take_lost(notices_, {}, true, [&](sent_message&& n) { held.emplace_back(n.where, std::move(n.message)); });
   std::sort(held.begin(), held.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& [at, message] : held) link_->send_message(std::move(message));
-  held_ = held_seq_ = given_back_ = 0;
+  held_ = held_seq_ = given_back_ = held_bytes_ = 0;
 }
 
 bool bridge::live(time_point at, std::uint64_t seq) const {

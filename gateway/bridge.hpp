@@ -202,6 +202,7 @@ class bridge {
  private:
   /// The link refused a message: counted, logged; false.
   bool link_full();
+  bool unread_full();  // past --max-unread-bytes: counted, logged
 
   struct member {
     std::weak_ptr<client_sink> sink;
@@ -358,7 +359,7 @@ class bridge {
   /// other reason and after those given back before it (see given_back()).
   void hold_kept(sent_message& out, bool given_back = false);
   /// A held request or forward expired: one fewer held.
-  void unhold();
+  void unhold(std::size_t bytes);
   /// Sends `message` (or, `may_hold`, holds it), keeping a copy and where
   /// it went in `out`. What resend_lost() sends is never held.
   bool send_kept(zmq::message_t&& message, sent_message& out, bool may_hold = true);
@@ -396,6 +397,7 @@ class bridge {
   std::uint64_t broker_received_ = 0;  // the link's received_by_broker().count, as last acted on
   core::link_position broker_read_;    // the link's read_by_broker(), as last acted on
   std::uint64_t held_ = 0;  // messages held since resend_lost() last sent them (hold()), less those that expired
+  std::uint64_t held_bytes_ = 0;  // their bytes (--max-unread-bytes counts them with the link's unread ones)
   std::uint64_t held_seq_ = 0;  // numbers them in the order held (held_ goes down as they expire)
   std::uint64_t given_back_ = 0;  // of those, the ones a standby gave back (hold_kept())
   core::kept_sends notices_;  // the last one-way messages sent (--kept-notices, --kept-notice-bytes)

@@ -177,6 +177,12 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "socket it replaces; 0: none kept")
       ->capture_default_str();
   app.add_option("--kept-notice-bytes", c.kept_notice_bytes, "... and their bytes at most")->capture_default_str();
+  app.add_option("--max-unread-bytes", c.max_unread_bytes,
+                 "Bytes sent to the broker that it has not said it read (its heartbeats say, each interval); past "
+                 "it an event or connect is answered busy at once, so that a stalled broker cannot pile them up "
+                 "here. Also caps what the gateway sends it per heartbeat interval")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1} << 16, std::size_t{1} << 40));
   app.add_option("--hwm", c.hwm, "High-water mark of the broker link (each way) and the events socket, messages")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));

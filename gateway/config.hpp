@@ -77,6 +77,7 @@ struct gateway_config {
   int hwm = 100000;                               // messages queued each way on the broker link and the events SUB
   std::size_t kept_notices = 16384;               // one-way messages to the broker kept (bridge::send_notice)
   std::size_t kept_notice_bytes = 8 << 20;        // ... and their bytes at most
+  std::size_t max_unread_bytes = 128 << 20;       // sent to the broker and not yet read by it, before requests get busy
   std::vector<std::string> cors_origins;          // allowed browser origins besides same-origin; "*": any
   std::vector<std::string> routes = {"/=demo", "/custom=demo", "/forbidden=demo", "/chat=chat", "/vm=vm"};  // NSP=SERVICE
   std::vector<std::string> recovery = {"/vm", "/chat"};  // namespaces with connection-state recovery

@@ -25,6 +25,7 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       bridge_full{dropped.Add({{"reason", "bridge_full"}})},
       thread_backlog{dropped.Add({{"reason", "thread_backlog"}})},
       broker_link_full{dropped.Add({{"reason", "broker_link_full"}})},
+      broker_unread{dropped.Add({{"reason", "broker_unread"}})},
       bad_packet{dropped.Add({{"reason", "bad_packet"}})},
       refused_origin{dropped.Add({{"reason", "refused_origin"}})},
       oversize{dropped.Add({{"reason", "oversize"}})},
@@ -114,6 +115,13 @@ gateway_metrics::gateway_metrics(prometheus::Registry& r)
       kept_notice_bytes{core::gauge(r, "sidecast_gateway_kept_notice_bytes",
                                     "Bytes of the one-way messages kept to send again should they die in a socket to "
                                     "the broker the gateway replaces (--kept-notices, --kept-notice-bytes)")},
+      unread_bytes{core::gauge(r, "sidecast_gateway_broker_unread_bytes",
+                               "Bytes sent to the broker on the link's current socket that its heartbeats have not "
+                               "said it read, to within 64 KiB over (--max-unread-bytes)")},
+      kept_request_bytes{core::gauge(r, "sidecast_gateway_kept_request_bytes",
+                                     "Bytes of requests and forwards awaiting their answer that the gateway keeps to "
+                                     "send again should they die in a socket to the broker it replaces (those the "
+                                     "broker has not said it read), as of the broker's last read report")},
       held{core::gauge(r, "sidecast_gateway_broker_link_held",
                        "Messages to the broker held back while its link waits for the Welcome of a new socket, to go "
                        "after those that died in the old one (at most --hwm)")},

@@ -30,6 +30,7 @@ struct gateway_metrics {
   prometheus::Counter& bridge_full;
   prometheus::Counter& thread_backlog;  // deliveries refused: --max-thread-backlog waiting for that I/O thread
   prometheus::Counter& broker_link_full;
+  prometheus::Counter& broker_unread;  // refused past --max-unread-bytes
   prometheus::Counter& bad_packet;
   prometheus::Counter& refused_origin;
   prometheus::Counter& oversize;
@@ -78,6 +79,8 @@ struct gateway_metrics {
   prometheus::Counter& resent;           // requests that died in a replaced socket, sent again
   prometheus::Counter& notices_resent;   // one-way messages that did, sent again
   prometheus::Gauge& kept_notice_bytes;  // one-way messages kept for that (--kept-notice-bytes)
+  prometheus::Gauge& unread_bytes;       // sent to the broker, not yet read by it (--max-unread-bytes)
+  prometheus::Gauge& kept_request_bytes; // requests and forwards kept to send again, as of the last read report
   prometheus::Gauge& held;               // messages held until those go (bridge::hold)
   prometheus::Counter& io_uring_batches;  // WebSocket reads or writes made together in one io_uring_enter
   prometheus::Counter& io_uring_calls;    // ... and the socket calls in them

@@ -4124,6 +4124,61 @@ TEST(GatewayLink, AFullBrokerLinkAnswersBusyAtOnce) {
   EXPECT_EQ(rig.metrics.broker_link_full.Value(), 3);
 }
 
+// A broker that takes the gateway's connection and stops reading (a
+// stalled process): the gateway holds what it sent, so past
+// --max-unread-bytes of it a request is answered BUSY at once, counted,
+// rather than piled up to --hwm messages of any size (one /ws client sent
+// 500 events of 900 KB to a stopped broker: 448 MB here). Once the broker's
+// heartbeat says it read them, requests go again, and the bytes kept of
+// those it read are let go though their answers have not come.
+TEST(GatewayLink, ABrokerThatStopsReadingIsSentAtMostMaxUnreadBytes) {
+  bridge_rig rig{"gwU", std::nullopt, false, [](gateway::gateway_config& c) { c.max_unread_bytes = 1 << 20; }};
+  auto hello = rig.next_from_bridge(Envelope::kHello);
+  ASSERT_TRUE(hello);
+  rig.welcome(hello->hello(), 60000);
+  ASSERT_TRUE(eventually([&] { return rig.bridge->connected(); }));
+  const std::string big = "[\"" + std::string(200'000, 'x') + "\"]";
+  auto ask = [&](std::uint64_t tag) {
+    Envelope env;
+    auto* r = env.mutable_request();
+    r->set_id(rig.bridge->next_id());
+    r->set_service("demo");
+    r->set_sid("gwU.s1");
+    r->set_event("echo");
+    r->set_args(big);
+    r->set_wants_reply(true);
+    return rig.bridge->request(env, rig.sink, tag, 30s);
+  };
+  // 200 KB each: five go (1 MB), the sixth too (1,000,xxx bytes unread is
+  // not past 1 MiB), the rest are refused.
+  for (std::uint64_t tag = 1; tag <= 9; ++tag) ASSERT_TRUE(ask(tag));
+  std::vector<std::pair<std::uint64_t, proto::Code>> busy{{7, proto::BUSY}, {8, proto::BUSY}, {9, proto::BUSY}};
+  ASSERT_TRUE(eventually([&] { return rig.sink->replies() == busy; }, 5s)) << rig.sink->replies().size() << " replies";
+  EXPECT_EQ(rig.metrics.broker_unread.Value(), 3);
+  EXPECT_GT(metric_value(*rig.registry, "sidecast_gateway_broker_unread_bytes").value_or(0), 1 << 20);
+
+  // The broker reads on: what it took, then a heartbeat saying so.
+  int read = 0;
+  while (auto env = rig.from_bridge()) {
+    ++read;
+    ASSERT_TRUE(env->has_request()) << env->ShortDebugString().substr(0, 200);
+  }
+  EXPECT_EQ(read, 6);
+  Envelope beat;
+  beat.mutable_heartbeat()->mutable_broker_read()->set_hello(hello->hello().hello());
+  beat.mutable_heartbeat()->mutable_broker_read()->set_count(read);
+  rig.to_bridge(beat);
+  EXPECT_TRUE(eventually([&] { return metric_value(*rig.registry, "sidecast_gateway_broker_unread_bytes") == 0.0; }))
+      << "unread: " << metric_value(*rig.registry, "sidecast_gateway_broker_unread_bytes").value_or(-1);
+  EXPECT_EQ(metric_value(*rig.registry, "sidecast_gateway_kept_request_bytes"), 0.0)
+      << "the six requests the broker read, still awaiting their answers, kept their bytes here";
+  ASSERT_TRUE(ask(10));
+  auto again = rig.next_from_bridge(Envelope::kRequest);
+  ASSERT_TRUE(again) << "a request after the read report was not sent";
+  EXPECT_EQ(again->request().args().size(), big.size());
+  EXPECT_EQ(rig.sink->replies(), busy) << "no answer but the three refused";
+}
+
 // The broker went silent past the link's liveness, and the link replaced
 // its socket. What the gateway sends then waits (bridge::hold) until the
 // broker welcomes the new socket: the Welcome names what died in the old

@@ -429,11 +429,14 @@ TEST_P(WsConn, PingsFromAClientThatDoesNotReadAreBoundedToo) {
   echo_server server{ws_limits{.queue_messages = 100, .queue_bytes = 64 << 20}, GetParam()};
   raw_client c{server.port()};
   // 90 × 100 KB: more than the kernel buffers, so the server's queue holds
-  // frames it cannot write; then pings, whose pongs join that queue.
+  // frames it cannot write; then pings, whose pongs join that queue. The
+  // kernel may take 4 MB and more of the flood (tcp_wmem's maximum, grown
+  // to as the server writes): 50 pings were not enough where it took half,
+  // 150 are past the bound with or without the flood's frames.
   c.write(raw_client::make(text, "flood 90 100000"));
   std::this_thread::sleep_for(100ms);
   std::string pings;
-  for (int i = 0; i < 50; ++i) pings += raw_client::make(ping, "");
+  for (int i = 0; i < 150; ++i) pings += raw_client::make(ping, "");
   c.write(pings);
   EXPECT_TRUE(test::eventually([&] { return server.closes() == 1; }));
   EXPECT_EQ(server.metrics().slow_consumer.Value(), 1);
