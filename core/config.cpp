@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -173,6 +174,57 @@ void finish_app(CLI::App& app) {
   app.allow_config_extras(CLI::config_extras_mode::error);
 }
 
+namespace {
+
+// Edits between a and b: a letter inserted, deleted, changed, or two
+// neighbours swapped (the optimal string alignment distance).
+std::size_t edits(std::string_view a, std::string_view b) {
+  std::vector<std::vector<std::size_t>> d(a.size() + 1, std::vector<std::size_t>(b.size() + 1));
+  for (std::size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
+  for (std::size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i)
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      std::size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  return d[a.size()][b.size()];
+}
+
+void env_names(const CLI::App& app, std::vector<std::pair<std::string, std::string>>& out) {
+  for (const CLI::Option* opt : app.get_options())
+    if (!opt->get_envname().empty()) out.emplace_back(opt->get_envname(), opt->get_name());
+  for (const CLI::App* sub : app.get_subcommands({})) env_names(*sub, out);
+}
+
+}  // namespace
+
+std::vector<std::string> near_miss_warnings(const CLI::App& app, const std::vector<std::string>& names) {
+  std::vector<std::pair<std::string, std::string>> known;  // (variable, option)
+  env_names(app, known);
+  constexpr std::string_view prefix = "SIDECAST_";
+  const auto& path = app.get_name();  // argv[0], once parsed
+  auto program = path.substr(path.find_last_of('/') + 1);
+  std::vector<std::string> warnings;
+  for (const auto& name : names) {
+    if (!name.starts_with(prefix)) continue;
+    if (std::any_of(known.begin(), known.end(), [&](const auto& k) { return k.first == name; })) continue;
+    std::string_view rest = std::string_view{name}.substr(prefix.size());
+    std::size_t allowed = rest.size() >= 8 ? 2 : 1;
+    const std::pair<std::string, std::string>* best = nullptr;
+    std::size_t best_edits = allowed + 1;
+    for (const auto& k : known)
+      if (auto e = edits(rest, std::string_view{k.first}.substr(prefix.size())); e < best_edits) {
+        best_edits = e;
+        best = &k;
+      }
+    if (best != nullptr)
+      warnings.push_back(name + " is set, but " + program + " has no such variable: not " + best->first +
+                         " (" + best->second + ")? It is ignored");
+  }
+  return warnings;
+}
+
 std::optional<int> parse(CLI::App& app, int argc, char** argv) {
   // CLI11 2.1 reads a main app's config file before the environment, so a
   // file named only by SIDECAST_CONFIG was never read (a subcommand's is
@@ -198,6 +250,10 @@ std::optional<int> parse(CLI::App& app, int argc, char** argv) {
       if (!file) throw CLI::FileError::Missing(path);
       sub->parse_from_stream(file);
     }
+    std::vector<std::string> set;
+    for (char** e = environ; e != nullptr && *e != nullptr; ++e)
+      if (std::string_view entry{*e}; entry.starts_with("SIDECAST_")) set.emplace_back(entry.substr(0, entry.find('=')));
+    for (const auto& warning : near_miss_warnings(app, set)) std::fprintf(stderr, "warning: %s\n", warning.c_str());
   } catch (const CLI::ParseError& e) {
     // CLI11 words an unknown key as if the file did not parse.
     constexpr std::string_view extras = "INI was not able to parse ";

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -24,8 +25,19 @@ class toml_config : public CLI::Config {
 void finish_app(CLI::App& app);
 
 /// Parses argv; returns an exit code when the program should stop now
-/// (--help, or a usage error already printed).
+/// (--help, or a usage error already printed). Warns on stderr of each
+/// SIDECAST_* variable set that is a near miss of one of the app's
+/// (near_miss_warnings()).
 std::optional<int> parse(CLI::App& app, int argc, char** argv);
+
+/// For each name in `names` ("SIDECAST_..." variables set) that is none of
+/// the variables of `app`'s options (and its subcommands') but one or two
+/// edits from one (a letter left out, added, changed, or two swapped; one
+/// edit for a name of under 8 letters), a warning naming both: it would
+/// otherwise be ignored in silence, its option left at its default. Other
+/// names are left alone: a deployment may set one environment for several
+/// programs, each taking its own.
+std::vector<std::string> near_miss_warnings(const CLI::App& app, const std::vector<std::string>& names);
 
 /// A number from `least` to `most`; NaN and infinities are refused (a
 /// CLI::Range lets NaN through: every comparison with it is false).

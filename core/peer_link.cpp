@@ -89,6 +89,7 @@ void peer_link::send_hello() {
   send(env);
   sent_since_hello_ = 0;  // the broker counts what comes after it
   sent_bytes_ = read_bytes_ = 0;
+  reads_reported_ = false;
   checkpoints_.clear();
 }
 
@@ -181,6 +182,7 @@ bool peer_link::receive_into(proto::Envelope& env, const std::function<bool(std:
         if (env.heartbeat().resent() && awaiting_resent_) release_tail();  // what died came again
         const auto& read = env.heartbeat().broker_read();
         read_by_broker_ = std::max(read_by_broker_, link_position{read.hello(), read.count()});
+        if (read.hello() == epoch()) reads_reported_ = true;
         if (read_by_broker_.epoch == epoch())
           for (; !checkpoints_.empty() && checkpoints_.front().first <= read_by_broker_.sent; checkpoints_.pop_front())
             read_bytes_ = checkpoints_.front().second;

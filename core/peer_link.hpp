@@ -181,8 +181,11 @@ class peer_link {
   /// and the broker's, which a broker that stalls lets grow. Counted to
   /// within `unread_grain` bytes (plus a message) over, and only ever over:
   /// the broker's heartbeats say what it read every interval, so a
-  /// healthy link shows what it sent in about that time.
-  std::uint64_t unread_bytes() const { return sent_bytes_ - read_bytes_; }
+  /// healthy link shows what it sent in about that time. 0 until a
+  /// heartbeat on this socket says what the broker read: a broker of a
+  /// build before Heartbeat.broker_read never does, and what it reads
+  /// cannot be told from what it does not.
+  std::uint64_t unread_bytes() const { return reads_reported_ ? sent_bytes_ - read_bytes_ : 0; }
   static constexpr std::uint64_t unread_grain = 64 * 1024;
   /// The number of the Hello the last Welcome answered (0: none yet). What
   /// was sent before it is settled once the application has acted on that
@@ -233,6 +236,7 @@ class peer_link {
   // max_checkpoints of them (past that, unread_bytes() counts more over).
   std::uint64_t sent_bytes_ = 0;
   std::uint64_t read_bytes_ = 0;
+  bool reads_reported_ = false;  // a heartbeat since the Hello said what the broker read
   std::deque<std::pair<std::uint64_t, std::uint64_t>> checkpoints_;
   static constexpr std::size_t max_checkpoints = 8192;
   // What this link read of what the broker sent it, in the broker's count

@@ -64,9 +64,12 @@ gateway::gateway(gateway_config config, zmq::context_t& context, core::registry_
     // '_' becomes '-' (compose v1's container names, project_gw_1, taken
     // as ids): said, since a balancer routing by the sid's prefix needs the
     // id it sees in the sids (haproxy: backend gw_<id>).
+    // A drawn one (random_token's alphabet has '_') is nobody's to route by.
     auto given = config_.id;
     std::replace(config_.id.begin(), config_.id.end(), '_', '-');
-    spdlog::warn("gateway id '{}' is used as '{}': '_' becomes '-' (route sids to '{}')", given, config_.id, config_.id);
+    if (!drawn_id)
+      spdlog::warn("gateway id '{}' is used as '{}': '_' becomes '-' (route sids to '{}')", given, config_.id,
+                   config_.id);
   }
   if (!proto::valid_peer_id(config_.id))
     throw std::invalid_argument("gateway id '" + config_.id + "' must be 1-64 characters without '.' or ':'");

@@ -270,6 +270,42 @@ TEST(Config, SidecastConfigNamesTheFile) {
   EXPECT_NE(*got.code, 0);
 }
 
+// A SIDECAST_* variable one or two edits from one of the program's is
+// warned of (it would be ignored, its option left at its default); one of
+// another program's, far from every one of this one's, is not: compose
+// files give several programs one environment.
+TEST(Config, AVariableThatNearlyNamesAnOptionIsWarnedOf) {
+  CLI::App app{"t", "sidecast-test"};
+  std::size_t payload = 0;
+  std::string id, broker;
+  app.add_option("--max-payload", payload);
+  app.add_option("--id", id);
+  app.add_option("--broker", broker);
+  auto* sub = app.add_subcommand("demo");
+  std::string route;
+  sub->add_option("--route", route);
+  core::finish_app(*sub);
+  core::finish_app(app);
+  auto warnings = core::near_miss_warnings(
+      app, {"SIDECAST_MAX_PAYLAOD", "SIDECAST_MAX_PAYLOAD", "SIDECAST_MAX_PAYLOADS", "SIDECAST_HEALTH_URL",
+            "SIDECAST_BACKUP_BROKER", "SIDECAST_IP", "SIDECAST_BROKR", "SIDECAST_ROUT", "SIDECAST_CONFGI",
+            "SIDECAST_MAX_PAYL", "OTHER_BROKR"});
+  EXPECT_EQ(warnings,
+            (std::vector<std::string>{
+                "SIDECAST_MAX_PAYLAOD is set, but sidecast-test has no such variable: not SIDECAST_MAX_PAYLOAD "
+                "(--max-payload)? It is ignored",
+                "SIDECAST_MAX_PAYLOADS is set, but sidecast-test has no such variable: not SIDECAST_MAX_PAYLOAD "
+                "(--max-payload)? It is ignored",
+                "SIDECAST_IP is set, but sidecast-test has no such variable: not SIDECAST_ID (--id)? It is ignored",
+                "SIDECAST_BROKR is set, but sidecast-test has no such variable: not SIDECAST_BROKER (--broker)? It is "
+                "ignored",
+                "SIDECAST_ROUT is set, but sidecast-test has no such variable: not SIDECAST_ROUTE (--route)? It is "
+                "ignored",
+                "SIDECAST_CONFGI is set, but sidecast-test has no such variable: not SIDECAST_CONFIG (--config)? It "
+                "is ignored",
+            }));
+}
+
 TEST(Config, HostPort) {
   auto hp = parse_host_port("127.0.0.1:8080");
   ASSERT_TRUE(hp);
