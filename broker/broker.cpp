@@ -259,6 +259,17 @@ void broker::bind() {
   xpub_.set(zmq::sockopt::sndhwm, config_.sndhwm);
   xpub_.set(zmq::sockopt::linger, 0);
   xpub_.set(zmq::sockopt::maxmsgsize, config_.max_subscription_bytes);  // what a peer sends it: subscriptions
+  // ZMTP pings on each gateway's connection, answered by its libzmq I/O
+  // thread: a gateway whose process has stopped (SIGSTOP, a paused VM)
+  // leaves its TCP connection open, and every event for it piled up in its
+  // queue here until --hwm of them (400 broadcasts of 500 KB: 200 MB, and
+  // 100000 of any size were taken). Unanswered for a liveness, the
+  // connection is dropped with its queue; the gateway's SUB reconnects when
+  // it runs again and counts the events it lost (events_lost_total). A
+  // gateway that reads slowly still answers: --hwm bounds it.
+  xpub_.set(zmq::sockopt::heartbeat_ivl, static_cast<int>(config_.heartbeat_interval.count()));
+  xpub_.set(zmq::sockopt::heartbeat_timeout,
+            static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(liveness_window()).count()));
   xpub_.bind(config_.xpub_endpoint);
   if (!config_.local_endpoint.empty()) local_ = std::make_unique<core::local_router>(config_.local_endpoint);
   if (!config_.pair_role.empty()) {

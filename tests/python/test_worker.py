@@ -10,6 +10,7 @@ the sids "gwT.*". Every wait is bounded.
     PYTHONPATH=<build>/python:workers/python SIDECAST_BIN=<build>/bin \\
         /usr/bin/python3 tests/python/test_worker.py -v
 """
+import collections
 import concurrent.futures
 import importlib.util
 import json
@@ -2503,6 +2504,65 @@ class CurveTest(BrokerTest):
         w = Worker(self.broker.router, self.broker.xsub, worker_id="plain").add(Service("sealed"))
         self.workers.append(w.start())
         self.assertFalse(w.wait_connected(1.0))
+
+
+class StoppedSubscriberTest(BrokerTest):
+    """A gateway whose process stopped (SIGSTOP, a paused VM) keeps its TCP
+    connection to the broker's XPUB open: every event for it piled up in
+    its queue at the broker, up to --hwm events of any size (400 broadcasts
+    of 500 KB: 200 MB). The broker's ZMTP pings, which a stopped process
+    does not answer, now drop that connection after a heartbeat liveness,
+    with its queue; the subscriber reconnects when it runs again."""
+
+    SUB = (
+        "import sys, zmq\n"
+        "s = zmq.Context().socket(zmq.SUB)\n"
+        "s.setsockopt(zmq.SUBSCRIBE, b'')\n"
+        "s.connect(sys.argv[1])\n"
+        "while True:\n"
+        "    frames = s.recv_multipart()\n"
+        "    body = b''.join(frames)\n"
+        "    print('last' if b'last' in body else 'big' if b'big' in body else 'other', flush=True)\n"
+    )
+
+    def test_a_stopped_subscribers_queue_goes_with_its_connection(self):
+        import subprocess
+        w = self.start_worker(Service("pub"))
+        sub = subprocess.Popen([sys.executable, "-c", self.SUB, self.broker.xpub], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: (sub.send_signal(signal.SIGCONT), sub.kill(), sub.wait(), sub.stdout.close()))
+        # Subscribed once an event reaches it.
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line.strip()) for line in sub.stdout], daemon=True).start()
+
+        seen = collections.Counter()
+
+        def heard(word, timeout):
+            until = time.monotonic() + timeout
+            while time.monotonic() < until:
+                w.broadcast(word, 1)
+                try:
+                    while True:
+                        line = lines.get(timeout=0.1)
+                        seen[line] += 1
+                        if line == word:
+                            return True
+                except queue.Empty:
+                    pass
+            return False
+        self.assertTrue(heard("other", WAIT), "the subscriber never heard an event")
+
+        sub.send_signal(signal.SIGSTOP)
+        # 200 events of 100 KB over 2 s, past the liveness of 600 ms: far
+        # more than the kernel's socket buffers hold.
+        payload = "x" * 100_000
+        for _ in range(200):
+            self.assertTrue(w.broadcast("big", payload))
+            time.sleep(0.01)
+        sub.send_signal(signal.SIGCONT)
+        self.assertTrue(heard("last", WAIT), "the subscriber heard nothing after it ran again")
+        print(f"heard {seen['big']} of the 200 events published while it was stopped")
+        self.assertLess(seen["big"], 200, "the broker kept every event for a stopped subscriber")
 
 
 class BrokerPairTest(BrokerTest):
