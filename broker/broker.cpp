@@ -266,7 +266,10 @@ void broker::bind() {
   // 100000 of any size were taken). Unanswered for a liveness, the
   // connection is dropped with its queue; the gateway's SUB reconnects when
   // it runs again and counts the events it lost (events_lost_total). A
-  // gateway that reads slowly still answers: --hwm bounds it.
+  // gateway that only reads slowly answers, unless its SUB has fallen
+  // --hwm events behind: libzmq then stops reading the connection, pings
+  // and all, until it is down to half, and the gateway is dropped the same
+  // way if that takes a liveness (it was losing events already).
   xpub_.set(zmq::sockopt::heartbeat_ivl, static_cast<int>(config_.heartbeat_interval.count()));
   xpub_.set(zmq::sockopt::heartbeat_timeout,
             static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(liveness_window()).count()));

@@ -199,6 +199,12 @@ void env_names(const CLI::App& app, std::vector<std::pair<std::string, std::stri
 
 }  // namespace
 
+// Variables of one Sidecast program that are near misses of another's:
+// an environment shared by both (compose's anchors) sets them on purpose.
+// Python ConfigVariablesTest finds every such pair among the three
+// programs' --help and checks that it is listed here.
+constexpr std::array<std::string_view, 2> shared_near_misses = {"SIDECAST_ROUTE", "SIDECAST_ROUTER"};
+
 std::vector<std::string> near_miss_warnings(const CLI::App& app, const std::vector<std::string>& names) {
   std::vector<std::pair<std::string, std::string>> known;  // (variable, option)
   env_names(app, known);
@@ -209,6 +215,7 @@ std::vector<std::string> near_miss_warnings(const CLI::App& app, const std::vect
   for (const auto& name : names) {
     if (!name.starts_with(prefix)) continue;
     if (std::any_of(known.begin(), known.end(), [&](const auto& k) { return k.first == name; })) continue;
+    if (std::find(shared_near_misses.begin(), shared_near_misses.end(), name) != shared_near_misses.end()) continue;
     std::string_view rest = std::string_view{name}.substr(prefix.size());
     std::size_t allowed = rest.size() >= 8 ? 2 : 1;
     const std::pair<std::string, std::string>* best = nullptr;

@@ -238,7 +238,7 @@ class peer_link {
   std::uint64_t read_bytes_ = 0;
   bool reads_reported_ = false;  // a heartbeat since the Hello said what the broker read
   std::deque<std::pair<std::uint64_t, std::uint64_t>> checkpoints_;
-  static constexpr std::size_t max_checkpoints = 8192;
+  static constexpr std::size_t max_checkpoints = 65536;  // 4 GiB at the grain: the gateway's bound at most
   // What this link read of what the broker sent it, in the broker's count
   // (Welcome.sent): up to `read_to_` on the socket that read the last
   // Welcome, then `read_tail_` on sockets that replaced it. A Welcome to a

@@ -182,7 +182,7 @@ void add_options(CLI::App& app, gateway_config& c) {
                  "it an event or connect is answered busy at once, so that a stalled broker cannot pile them up "
                  "here. Also caps what the gateway sends it per heartbeat interval")
       ->capture_default_str()
-      ->check(CLI::Range(std::size_t{1} << 16, std::size_t{1} << 40));
+      ->check(CLI::Range(std::size_t{1} << 16, std::size_t{1} << 32));  // what the link's checkpoints cover
   app.add_option("--hwm", c.hwm, "High-water mark of the broker link (each way) and the events socket, messages")
       ->capture_default_str()
       ->check(CLI::Range(1, 10000000));

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import queue
+import re
 import signal
 import struct
 import sys
@@ -25,7 +26,8 @@ import unittest
 
 import zmq
 
-from harness import EXAMPLES, WAIT, Broker, Peer, eventually, free_ports, has_failed, http_get, main, pair_args
+from harness import (BIN, EXAMPLES, WAIT, Broker, Peer, Process, eventually, free_ports, has_failed, http_get, main,
+                     pair_args)
 from sidecast.v1 import envelope_pb2 as pb
 from sidecast_worker import Code, Service, SocketState, Worker, namespace_topic, room_topic
 
@@ -2504,6 +2506,62 @@ class CurveTest(BrokerTest):
         w = Worker(self.broker.router, self.broker.xsub, worker_id="plain").add(Service("sealed"))
         self.workers.append(w.start())
         self.assertFalse(w.wait_connected(1.0))
+
+
+def edits(a, b):
+    """Optimal string alignment distance, as core/config.cpp's edits()."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+class ConfigVariablesTest(unittest.TestCase):
+    """A SIDECAST_* variable one or two edits from one of a program's is
+    warned of at start (core::near_miss_warnings), unless it is another
+    Sidecast program's: one environment may serve several."""
+
+    PROGRAMS = ("sidecast-broker", "sidecast-gateway", "sidecast-worker")
+    SHARED_NEAR_MISSES = {"SIDECAST_ROUTE", "SIDECAST_ROUTER"}  # core/config.cpp's shared_near_misses
+
+    @staticmethod
+    def variables(program):
+        import subprocess
+        out = subprocess.run([os.path.join(BIN, program), "--help"], capture_output=True, text=True).stdout
+        return set(re.findall(r"Env:(SIDECAST_[A-Z0-9_]+)", out))
+
+    def test_every_near_miss_between_programs_is_listed(self):
+        names = {p: self.variables(p) for p in self.PROGRAMS}
+        for p, own in names.items():
+            self.assertIn("SIDECAST_LOG_LEVEL", own, f"{p} --help lists no variables")
+        near = set()
+        for p, own in names.items():
+            for other in set().union(*(v for q, v in names.items() if q != p)) - own:
+                rest = other[len("SIDECAST_"):]
+                allowed = 2 if len(rest) >= 8 else 1
+                if any(0 < edits(rest, mine[len("SIDECAST_"):]) <= allowed for mine in own):
+                    near.add(other)
+        self.assertEqual(near, self.SHARED_NEAR_MISSES,
+                         "a program's variable is a near miss of another's: add it to core/config.cpp's "
+                         "shared_near_misses, or it is warned of in an environment both share")
+
+    def test_a_misspelt_variable_is_warned_of_and_another_programs_is_not(self):
+        env = dict(os.environ, SIDECAST_HEARTBEAT_INTERVALL="500", SIDECAST_ROUTE="[/=demo]",
+                   SIDECAST_BACKUP_EVENTS="tcp://127.0.0.1:1")
+        b = Broker(extra=[])
+        b.stop()
+        p = Process([os.path.join(BIN, "sidecast-broker"), "--router", b.router, "--xsub", b.xsub, "--xpub", b.xpub,
+                     "--http", ""], "broker-env", env=env)
+        self.addCleanup(p.cleanup)
+        self.assertTrue(eventually(lambda: "listening" in p.output(), WAIT), p.output())
+        out = p.output()
+        self.assertIn("warning: SIDECAST_HEARTBEAT_INTERVALL is set, but sidecast-broker has no such variable: "
+                      "not SIDECAST_HEARTBEAT_INTERVAL (--heartbeat-interval)? It is ignored", out)
+        self.assertNotIn("SIDECAST_ROUTE ", out)
+        self.assertNotIn("SIDECAST_BACKUP_EVENTS", out)
 
 
 class StoppedSubscriberTest(BrokerTest):
