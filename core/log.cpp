@@ -37,11 +37,11 @@ std::string printable(std::string_view text, std::size_t max) {
 
 bool log_limiter::allow() {
   auto now = std::chrono::steady_clock::now();
-  if (now - window_ >= std::chrono::seconds(1)) {
+  if (now - window_ >= window_length_) {
     window_ = now;
     used_ = 0;
   }
-  if (used_ < per_second_) {
+  if (used_ < lines_) {
     ++used_;
     return true;
   }

@@ -17,11 +17,13 @@ bool init_logging(const std::string& level, const std::string& component);
 /// into an operator's terminal), at most `max` bytes of it, then "...".
 std::string printable(std::string_view text, std::size_t max = 128);
 
-/// Allows up to `per_second` lines per second; counts what it suppressed.
+/// Allows up to `lines` lines per window; counts what it suppressed.
 /// Not thread-safe: one per thread or per component loop.
 class log_limiter {
  public:
-  explicit log_limiter(unsigned per_second = 10) : per_second_{per_second} {}
+  /// At most `lines` lines per `window` (10 a second by default).
+  explicit log_limiter(unsigned lines = 10, std::chrono::steady_clock::duration window = std::chrono::seconds(1))
+      : lines_{lines}, window_length_{window} {}
 
   /// True when a line may be written now.
   bool allow();
@@ -29,7 +31,8 @@ class log_limiter {
   std::uint64_t take_suppressed();
 
  private:
-  unsigned per_second_;
+  unsigned lines_;
+  std::chrono::steady_clock::duration window_length_;
   unsigned used_ = 0;
   std::uint64_t suppressed_ = 0;
   std::chrono::steady_clock::time_point window_{};

@@ -16,6 +16,9 @@ using clock = std::chrono::steady_clock;
 
 namespace {
 
+// A polling GET answered with a noop packet: its client polls again.
+http_answer noop_answer() { return {200, "text/plain; charset=UTF-8", "6"}; }
+
 // Reply args must be a JSON array for an ACK; anything else is wrapped.
 std::string as_array(std::string&& args) {
   auto first = args.find_first_not_of(" \t\r\n");
@@ -618,7 +621,7 @@ void eio_session::poll(std::shared_ptr<reply_slot> get) {
   }
   if (client_closing_) {
     // The client closed on another connection that overtook this GET.
-    get->complete({200, "text/plain; charset=UTF-8", "6"});
+    get->complete(noop_answer());
     close("client close");
     return;
   }
@@ -640,15 +643,15 @@ void eio_session::poll_abandoned() {
 
 void eio_session::release_poll() {
   if (closed_ || !pending_get_) return;
-  std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+  std::exchange(pending_get_, nullptr)->complete(noop_answer());
 }
 
 void eio_session::hold_get(std::shared_ptr<reply_slot> get) {
-  if (held_get_) std::exchange(held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+  if (held_get_) std::exchange(held_get_, nullptr)->complete(noop_answer());
   held_get_ = std::move(get);
   grace_timer_.expires_after(std::chrono::milliseconds(50));
   grace_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
-    if (!ec && self->held_get_) std::exchange(self->held_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+    if (!ec && self->held_get_) std::exchange(self->held_get_, nullptr)->complete(noop_answer());
   });
 }
 
@@ -720,7 +723,7 @@ void eio_session::on_ws_message(const ws_conn* from, std::string data, bool bina
       transport_ = transport::websocket;
       gw_.metrics().polling.Decrement();
       gw_.metrics().websocket.Increment();
-      if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+      if (pending_get_) std::exchange(pending_get_, nullptr)->complete(noop_answer());
       if (held_get_) {
         grace_timer_.cancel();
         std::exchange(held_get_, nullptr)
@@ -801,7 +804,7 @@ void eio_session::on_packet(engineio::packet p) {
       return;
     case engineio::packet_type::close:
       if (pending_get_ || transport_ == transport::websocket) {
-        if (pending_get_) std::exchange(pending_get_, nullptr)->complete({200, "text/plain; charset=UTF-8", "6"});
+        if (pending_get_) std::exchange(pending_get_, nullptr)->complete(noop_answer());
         close("client close");
         return;
       }

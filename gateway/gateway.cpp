@@ -288,10 +288,8 @@ void gateway::do_accept() {
     metrics_.accept_failed.Increment();
     // A line a minute at most: out of descriptors, it fails every 100 ms
     // for as long as that lasts (counted in accept_failures_total).
-    thread_local core::log_limiter log_limit{1};
-    thread_local auto next_line = std::chrono::steady_clock::time_point{};
-    if (auto now = std::chrono::steady_clock::now(); now >= next_line && log_limit.allow()) {
-      next_line = now + std::chrono::minutes(1);
+    thread_local core::log_limiter log_limit{1, std::chrono::minutes(1)};
+    if (log_limit.allow()) {
       spdlog::warn("gateway: accept failed: {}; accepting again every 100 ms (said once a minute; "
                    "sidecast_gateway_accept_failures_total counts each)",
                    ec.message());
